@@ -1,0 +1,17 @@
+"""pagedllm: a high-throughput LLM inference engine with a paged KV cache."""
+from pagedllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
+
+
+def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free of import cycles
+    if name == "LLM":
+        from pagedllm.llm import LLM
+        return LLM
+    if name in ("RequestOutput", "CompletionOutput"):
+        from pagedllm import outputs
+        return getattr(outputs, name)
+    if name == "EngineConfig":
+        from pagedllm.config import EngineConfig
+        return EngineConfig
+    raise AttributeError(name)
