@@ -1,0 +1,179 @@
+"""Continuous batching with a token budget: no prefill or decode phases, only computed tokens catching up.
+
+Each step: running requests first (oldest first), then waiting ones in FCFS order, until the budget
+(max_num_batched_tokens) or max_num_seqs runs out. A prompt larger than what is left of the budget runs in
+chunks over several steps. When allocate_slots finds no room, the newest running request is preempted by
+recompute: its blocks are freed (its full blocks stay in the prefix cache) and it goes back to the front
+of the waiting queue.
+"""
+from collections import deque
+
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
+                                    SchedulerOutput)
+from pagedllm.metrics import SchedulerStats
+from pagedllm.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
+        self.kv = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished_req_ids: set[str] = set()
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0      # prompt tokens computed (prefix hits excluded)
+        self.num_generation_tokens = 0
+        self._sent_to_runner: set[str] = set()   # requests the runner holds with their current blocks
+
+    # ---- requests in and out -------------------------------------------------------------------------
+    def add_request(self, request: Request):
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, req_ids, status: RequestStatus):
+        """End requests from outside a step (abort, stop string); frees their blocks at once."""
+        for req_id in req_ids:
+            req = self.requests.get(req_id)
+            if req is None or req.status.finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._free(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        num_preemptions_before = self.num_preemptions
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            new_blocks = self._allocate_or_preempt(req, num_new)
+            if new_blocks is None:        # req itself was preempted: nothing after it is left to schedule
+                break
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            self._to_runner(req, new_blocks, new_reqs, cached_reqs)
+            i += 1
+
+        # Admitting new work right after preempting would only preempt again.
+        preempted = self.num_preemptions > num_preemptions_before
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            hit_blocks, num_hit = self.kv.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit, budget)
+            new_blocks = self.kv.allocate_slots(req, num_new, hit_blocks, num_hit)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            self.kv.record_prefix_lookup(req, num_hit)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            self._to_runner(req, new_blocks, new_reqs, cached_reqs)
+
+        out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
+                              self.finished_req_ids)
+        self.finished_req_ids = set()
+        return out
+
+    def _allocate_or_preempt(self, req: Request, num_new: int):
+        """allocate_slots for a running request, preempting the newest running ones until it fits.
+        Returns None when `req` itself had to be preempted."""
+        while True:
+            new_blocks = self.kv.allocate_slots(req, num_new)
+            if new_blocks is not None:
+                return new_blocks
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is req:
+                return None
+
+    def _preempt(self, req: Request):
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._sent_to_runner.discard(req.request_id)
+        self.waiting.appendleft(req)
+
+    def _to_runner(self, req: Request, new_blocks, new_reqs: list, cached_reqs: list):
+        if req.request_id in self._sent_to_runner:
+            cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
+                                                 req.num_computed_tokens))
+        else:
+            self._sent_to_runner.add(req.request_id)
+            new_reqs.append(NewRequestData(req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
+                                           req.sampling_params, self.kv.get_block_ids(req.request_id),
+                                           req.num_computed_tokens))
+
+    # ---- after the step: the only place a request changes ----------------------------------------------
+    def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs = []
+        for req_id, num_tokens in sched.num_scheduled_tokens.items():
+            req = self.requests.get(req_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue   # finished or preempted meanwhile
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                self.num_prompt_tokens += min(num_tokens, req.num_prompt_tokens - req.num_computed_tokens)
+            req.num_computed_tokens += num_tokens
+            token = out.sampled_token_ids.get(req_id)
+            prompt_logprobs = out.prompt_logprobs.get(req_id)
+            if token is None and prompt_logprobs is None:
+                continue   # a prompt chunk that did not reach the end
+            new_ids = []
+            if token is not None:
+                req.append_output_token_id(token)
+                self.num_generation_tokens += 1
+                new_ids = [token]
+                self._check_stop(req, token)
+            outputs.append(EngineCoreOutput(req_id, new_ids, out.logprobs.get(req_id), prompt_logprobs,
+                                            req.status.finish_reason, req.stop_reason,
+                                            max(req.num_cached_tokens, 0)))
+            if req.status.finished:
+                self.running.remove(req)
+                self._free(req)
+        return outputs
+
+    def _check_stop(self, req: Request, token: int):
+        params = req.sampling_params
+        if req.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token if token in params.stop_token_ids else None
+        elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+
+    def _free(self, req: Request):
+        self.kv.free(req)
+        self._sent_to_runner.discard(req.request_id)
+        self.finished_req_ids.add(req.request_id)
+        del self.requests[req.request_id]
+
+    def make_stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            num_blocks_total=self.kv.pool.num_blocks, num_blocks_free=self.kv.num_free_blocks,
+            kv_cache_usage=self.kv.usage(), prefix_cache_queries=self.kv.prefix_stats.queries,
+            prefix_cache_hits=self.kv.prefix_stats.hits, num_preemptions=self.num_preemptions,
+            num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens)

@@ -1,0 +1,158 @@
+"""Scheduler on fake sizes without a model: a fake runner samples token 7 for every request that reaches
+the end of its known tokens."""
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.messages import ModelRunnerOutput
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.request import Request, RequestStatus
+from pagedllm.sampling_params import SamplingParams
+
+BS = 4
+
+
+def make_scheduler(num_blocks=64, max_num_seqs=8, budget=64, max_model_len=256, caching=True):
+    kv = KVCacheManager(num_blocks, BS, caching)
+    return Scheduler(kv, max_num_seqs, budget, max_model_len)
+
+
+def add(sched, req_id, prompt_len, max_tokens=4, first_token=0, **params):
+    params.setdefault("ignore_eos", True)
+    req = Request(req_id, list(range(first_token, first_token + prompt_len)), SamplingParams(**params),
+                  max_tokens, BS)
+    sched.add_request(req)
+    return req
+
+
+def fake_runner(sched_out, token=7):
+    out = ModelRunnerOutput()
+    for req_id, n in sched_out.num_scheduled_tokens.items():
+        req = SCHED.requests[req_id]
+        if req.num_computed_tokens + n == req.num_tokens:
+            out.sampled_token_ids[req_id] = token
+    return out
+
+
+SCHED = None
+
+
+def step(sched):
+    global SCHED
+    SCHED = sched
+    out = sched.schedule()
+    return out, sched.update_from_output(out, fake_runner(out))
+
+
+def run_to_end(sched, max_steps=1000):
+    outs = []
+    for _ in range(max_steps):
+        if not sched.has_unfinished_requests():
+            return outs
+        outs.append(step(sched))
+    raise AssertionError("did not finish")
+
+
+def test_budget_is_filled_running_first_then_fcfs_with_chunking():
+    sched = make_scheduler(budget=10)
+    add(sched, "a", 6)
+    add(sched, "b", 7, first_token=100)
+    out, _ = step(sched)
+    assert out.num_scheduled_tokens == {"a": 6, "b": 4}           # b's prompt is chunked
+    assert [r.req_id for r in out.new_reqs] == ["a", "b"]
+    out, core = step(sched)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 3}           # a decodes, b finishes its prompt
+    assert [c.req_id for c in core] == ["a", "b"]
+    assert [c.req_id for c in out.cached_reqs] == ["a", "b"] and not out.new_reqs
+
+
+def test_max_num_seqs_caps_running():
+    sched = make_scheduler(max_num_seqs=2)
+    for i in range(3):
+        add(sched, f"r{i}", 4, first_token=100 * i)
+    out, _ = step(sched)
+    assert list(out.num_scheduled_tokens) == ["r0", "r1"] and len(sched.waiting) == 1
+
+
+def test_finish_by_length_frees_blocks_and_reports_to_runner():
+    sched = make_scheduler()
+    add(sched, "a", 5, max_tokens=3)
+    outs = run_to_end(sched)
+    finals = [c for _, core in outs for c in core if c.finish_reason]
+    assert finals[0].finish_reason == "length" and finals[0].req_id == "a"
+    assert sched.kv.num_free_blocks == 64
+    assert "a" in sched.schedule().finished_req_ids
+
+
+def test_stop_token_and_min_tokens():
+    sched = make_scheduler()
+    add(sched, "a", 5, max_tokens=10, stop_token_ids=[7], min_tokens=2)
+    params = sched.requests["a"].sampling_params
+    params.all_stop_token_ids = {7}
+    outs = run_to_end(sched)
+    tokens = [t for _, core in outs for c in core for t in c.new_token_ids]
+    assert tokens == [7, 7]                      # first 7 ignored (min_tokens=2), second stops
+    last = outs[-1][1][0]
+    assert last.finish_reason == "stop" and last.stop_reason == 7
+
+
+def test_preemption_recomputes_newest_and_everything_finishes_without_leaks():
+    # 6 blocks of 4 = 24 slots; three requests of 8 prompt + 8 output need 12 blocks together.
+    sched = make_scheduler(num_blocks=6, budget=64)
+    reqs = [add(sched, f"r{i}", 8, max_tokens=8, first_token=100 * i) for i in range(3)]
+    outs = run_to_end(sched)
+    assert sched.num_preemptions > 0
+    assert all(r.status == RequestStatus.FINISHED_LENGTH and r.num_output_tokens == 8 for r in reqs)
+    assert sched.kv.num_free_blocks == 6
+    # A preempted request comes back as a new request for the runner, with all its known tokens.
+    resumed = [n for o, _ in outs for n in o.new_reqs if len(n.token_ids) > 8]
+    assert resumed and all(n.num_prompt_tokens == 8 for n in resumed)
+
+
+def test_preempted_request_goes_to_front_of_waiting_and_newest_is_victim():
+    sched = make_scheduler(num_blocks=4, budget=64)
+    add(sched, "old", 7, max_tokens=20)
+    add(sched, "new", 7, max_tokens=20, first_token=100)
+    step(sched)          # both prefilled: 2 blocks each, all 4 used
+    add(sched, "later", 3, first_token=200)
+    for _ in range(3):
+        step(sched)
+    assert sched.requests["new"].num_preemptions >= 1
+    assert sched.requests["old"].num_preemptions == 0
+    assert sched.waiting[0].request_id == "new"
+
+
+def test_prefix_hit_skips_computed_tokens():
+    sched = make_scheduler()
+    add(sched, "a", 10, max_tokens=1)
+    run_to_end(sched)
+    add(sched, "b", 10, max_tokens=1)
+    out, _ = step(sched)
+    assert out.num_scheduled_tokens == {"b": 2}             # 8 tokens (2 blocks) from the cache
+    assert out.new_reqs[0].num_computed_tokens == 8
+    stats = sched.make_stats()
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (20, 8)
+
+
+def test_siblings_in_one_step_share_prompt_blocks():
+    sched = make_scheduler()
+    add(sched, "p#0", 10)
+    add(sched, "p#1", 10)
+    out, _ = step(sched)
+    assert out.num_scheduled_tokens == {"p#0": 10, "p#1": 2}
+    ids0, ids1 = sched.kv.get_block_ids("p#0"), sched.kv.get_block_ids("p#1")
+    assert ids0[:2] == ids1[:2] and ids0[2] != ids1[2]
+    assert sched.kv.num_free_blocks == 64 - 4
+
+
+def test_abort_waiting_and_running_frees_everything():
+    sched = make_scheduler(max_num_seqs=1)
+    add(sched, "a", 6, max_tokens=50)
+    add(sched, "b", 6, first_token=100)
+    step(sched)
+    sched.finish_requests(["a", "b"], RequestStatus.FINISHED_ABORTED)
+    assert not sched.has_unfinished_requests() and sched.kv.num_free_blocks == 64
+    assert sched.schedule().finished_req_ids == {"a", "b"}
+
+
+def test_empty_schedule_when_nothing_to_do():
+    sched = make_scheduler()
+    out = sched.schedule()
+    assert out.is_empty and out.num_scheduled_tokens == {}
