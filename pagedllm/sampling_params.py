@@ -48,6 +48,8 @@ class SamplingParams:
         _require(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                  f"<= max_tokens ({self.max_tokens})", self.min_tokens)
         _require(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings", self.stop)
+        # Stop strings are matched on text; without detokenization they would be silently ignored.
+        _require(self.detokenize or not self.stop, "stop", "empty when detokenize is False", self.stop)
         _require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                  "a list of non-negative token ids", self.stop_token_ids)
         for name in ("logprobs", "prompt_logprobs"):

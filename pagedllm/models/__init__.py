@@ -1,0 +1,24 @@
+"""Model registry: HF architecture name -> our class."""
+from pagedllm.models.llama import LlamaForCausalLM, head_dim
+from pagedllm.models.qwen2 import Qwen2ForCausalLM
+from pagedllm.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,   # same graph; sliding-window configs are refused by the class
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def get_model_class(architectures: list[str] | None):
+    for arch in architectures or []:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(f"unsupported model architectures {architectures}; supported: {sorted(MODEL_REGISTRY)}")
+
+
+def model_dims(hf_config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim): what the KV cache needs to know of a model."""
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    return hf_config.num_hidden_layers, num_kv_heads, head_dim(hf_config)

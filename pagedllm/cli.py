@@ -1,0 +1,71 @@
+"""`pagedllm generate`: engine flags are generated from EngineConfig's fields (names as vLLM's)."""
+import argparse
+import logging
+import sys
+import types
+import typing
+
+from pagedllm.config import config_fields
+
+
+def add_engine_args(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("engine")
+    for name, ftype, default, meta in config_fields():
+        flag = "--" + name.replace("_", "-")
+        if ftype is bool or ftype == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+            continue
+        group.add_argument(flag, type=_scalar_type(ftype), default=default, choices=meta.get("choices"),
+                           help=f"{meta['help']} (default: {default})")
+
+
+def _scalar_type(ftype):
+    """int | None -> int, etc."""
+    if isinstance(ftype, (types.UnionType, typing._UnionGenericAlias)):
+        ftype = next(a for a in typing.get_args(ftype) if a is not type(None))
+    return ftype
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name, *_ in config_fields()}
+
+
+def _generate(args):
+    from pagedllm import LLM, SamplingParams
+    llm = LLM(**engine_kwargs(args))
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            min_p=args.min_p, seed=args.sampling_seed, max_tokens=args.max_tokens,
+                            stop=args.stop, ignore_eos=args.ignore_eos)
+    for out in llm.generate(args.prompts, params, use_tqdm=len(args.prompts) > 1):
+        for c in out.outputs:
+            print(out.prompt + c.text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: LLM inference with a paged KV cache")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete prompts offline and print prompt + completion")
+    gen.add_argument("prompts", nargs="*", default=["Once upon a time"], help="prompt texts")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default here)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--log-level", default="WARNING")
+    add_engine_args(gen)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _generate(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""OutputProcessor: the one per-step loop over outputs: detokenize, stop strings, RequestOutput.
+
+A user request with n > 1 runs as n child requests in the scheduler (ids "<request_id>#<i>"); their
+outputs are gathered back into one RequestOutput here.
+"""
+import enum
+import time
+from dataclasses import dataclass, field
+
+from pagedllm.core.messages import EngineCoreOutput, TokenLogprobs
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+
+class OutputKind(enum.Enum):
+    FINAL = enum.auto()        # one RequestOutput when every sequence has finished (LLM.generate)
+    CUMULATIVE = enum.auto()   # every step: the full text so far
+    DELTA = enum.auto()        # every step: only what is new (streaming)
+
+
+@dataclass
+class _Sequence:
+    """One child request: one CompletionOutput."""
+    index: int
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_sent_tokens: int = 0
+    finish_sent: bool = False
+
+
+@dataclass
+class _ParentRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    kind: OutputKind
+    metrics: RequestMetrics
+    seqs: list[_Sequence]
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+
+def child_request_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.parents: dict[str, _ParentRequest] = {}
+        self.child_to_parent: dict[str, tuple[_ParentRequest, _Sequence]] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, kind: OutputKind, arrival_time: float):
+        seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
+                          logprobs=[] if params.logprobs is not None else None,
+                          cumulative_logprob=0.0 if params.logprobs is not None else None)
+                for i in range(params.n)]
+        parent = _ParentRequest(request_id, prompt, prompt_token_ids, params, kind,
+                                RequestMetrics(arrival_time), seqs)
+        self.parents[request_id] = parent
+        for s in seqs:
+            self.child_to_parent[child_request_id(request_id, s.index, params.n)] = (parent, s)
+
+    def child_ids(self, request_id: str) -> list[str]:
+        parent = self.parents.get(request_id)
+        return [] if parent is None else [child_request_id(request_id, s.index, len(parent.seqs))
+                                          for s in parent.seqs]
+
+    def abort(self, request_id: str):
+        for child in self.child_ids(request_id):
+            self.child_to_parent.pop(child, None)
+        self.parents.pop(request_id, None)
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the RequestOutputs to deliver, and the child ids that a stop string finished (the
+        scheduler must free them)."""
+        now = time.time()
+        updated: dict[str, _ParentRequest] = {}
+        stopped: list[str] = []
+        for out in outputs:
+            entry = self.child_to_parent.get(out.req_id)
+            if entry is None:
+                continue
+            parent, seq = entry
+            if self._update_sequence(parent, seq, out, now):
+                stopped.append(out.req_id)
+            updated[parent.request_id] = parent
+        results = []
+        for parent in updated.values():
+            ro = self._make_output(parent)
+            if ro is not None:
+                results.append(ro)
+            if parent.finished:
+                parent.metrics.finished_time = now
+                self.abort(parent.request_id)
+        return results, stopped
+
+    def _update_sequence(self, parent: _ParentRequest, seq: _Sequence, out: EngineCoreOutput,
+                         now: float) -> bool:
+        """Returns True when a stop string ended the sequence."""
+        if out.prompt_logprobs is not None:
+            parent.prompt_logprobs = [None] + [self._position(p) for p in out.prompt_logprobs]
+        parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+        if out.new_token_ids:
+            if parent.metrics.first_token_time is None:
+                parent.metrics.first_token_time = now
+            parent.metrics.last_token_time = now
+            seq.token_ids.extend(out.new_token_ids)
+            if out.logprobs is not None and seq.logprobs is not None:
+                seq.logprobs.append(self._position(out.logprobs))
+                seq.cumulative_logprob += out.logprobs.logprobs[0]
+        # An EOS or stop token id that ended the sequence is not part of its text.
+        stop_str = (seq.detokenizer.update(out.new_token_ids, len(seq.token_ids), out.finish_reason == "stop")
+                    if out.new_token_ids else None)
+        seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
+        if stop_str is not None and out.finish_reason is None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_str
+            return True
+        return False
+
+    def _position(self, lp: TokenLogprobs) -> PositionLogprobs:
+        entry = {}
+        for rank, (tid, value) in enumerate(zip(lp.token_ids, lp.logprobs)):
+            if tid not in entry:   # the chosen token comes first; it may also be among the top-N
+                entry[tid] = Logprob(value, lp.rank if rank == 0 else rank, self.tokenizer.decode([tid]))
+        return entry
+
+    def _make_output(self, parent: _ParentRequest) -> RequestOutput | None:
+        if parent.kind == OutputKind.FINAL and not parent.finished:
+            return None
+        delta = parent.kind == OutputKind.DELTA
+        completions = [self._completion(s, delta) for s in parent.seqs if not (delta and s.finish_sent)]
+        if delta:   # only sequences with something new
+            completions = [c for c in completions if c.token_ids or c.text or c.finish_reason]
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
+                             completions, parent.finished, parent.metrics, parent.num_cached_tokens)
+
+    def _completion(self, seq: _Sequence, delta: bool) -> CompletionOutput:
+        finished = seq.finish_reason is not None
+        text = seq.detokenizer.get_next_output_text(finished, delta)
+        start = seq.num_sent_tokens if delta else 0
+        seq.num_sent_tokens = len(seq.token_ids)
+        seq.finish_sent = finished
+        logprobs = seq.logprobs[start:] if seq.logprobs is not None else None
+        return CompletionOutput(seq.index, text, seq.token_ids[start:], seq.cumulative_logprob, logprobs,
+                                seq.finish_reason, seq.stop_reason)

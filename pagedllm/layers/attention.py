@@ -1,0 +1,30 @@
+"""The attention layer: store this step's K/V in the paged cache, then attend through it."""
+import torch
+from torch import nn
+
+from pagedllm.attention import get_attention_backend
+from pagedllm.attention.metadata import get_forward_context
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.backend = None   # picked on first call, from the device the KV cache lives on
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (T, Hq*D), k and v (T, Hkv*D), already rotated -> (T, Hq*D)."""
+        ctx = get_forward_context()
+        kv_cache = ctx.kv_caches[self.layer_idx]
+        meta = ctx.attn_metadata
+        if self.backend is None:
+            self.backend = get_attention_backend(kv_cache.device)
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        self.backend.write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = self.backend.paged_attention(q, kv_cache, meta, self.scale)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -1,0 +1,29 @@
+"""RMSNorm with HF's exact arithmetic and vLLM's fused-residual convention."""
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x (..., hidden) -> normed x; with residual, x + residual is normed and also returned as the new residual.
+
+        Folding the residual add into the norm lets a decoder layer pass (hidden, residual) along:
+            hidden, residual = norm(hidden, residual)   # residual <- hidden + residual
+        """
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # Same op order as transformers' LlamaRMSNorm, so float32 outputs match bit for bit.
+        input_dtype = x.dtype
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * x.to(input_dtype)

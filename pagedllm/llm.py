@@ -1,0 +1,104 @@
+"""LLM: the offline, batch entry point."""
+import itertools
+import time
+
+from tqdm.auto import tqdm
+
+from pagedllm.config import DEMO_MODEL, EngineConfig
+from pagedllm.engine.engine import Engine
+from pagedllm.engine.output_processor import OutputKind
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+# A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
+Prompt = str | list[int] | dict
+
+
+class LLM:
+    def __init__(self, model: str = DEMO_MODEL, **engine_args):
+        self.engine = Engine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs come back in input order."""
+        prompts = _as_prompt_list(prompts)
+        params = _params_per_prompt(sampling_params, len(prompts))
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(str(next(self._ids)))
+                self.engine.add_request(ids[-1], _prompt_value(prompt), p, OutputKind.FINAL)
+        except Exception:
+            self.engine.abort_request(ids)   # all or nothing: no half-added batch left in the engine
+            raise
+        finished = self._run(len(prompts), use_tqdm)
+        return [finished[i] for i in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.get_tokenizer()
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template: pass chat_template=... or use generate()")
+        prompts = [tokenizer.apply_chat_template(c, chat_template=chat_template, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+                   for c in conversations]
+        # The template already holds any BOS token: encode without adding special tokens again.
+        token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(token_ids, sampling_params, use_tqdm)
+
+    def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=total, desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        start, num_in, num_out = time.perf_counter(), 0, 0
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if not out.finished:
+                    continue
+                finished[out.request_id] = out
+                num_in += len(out.prompt_token_ids)
+                num_out += sum(len(c.token_ids) for c in out.outputs)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix_str(f"input: {num_in / elapsed:.1f} toks/s, output: {num_out / elapsed:.1f} toks/s")
+                bar.update(1)
+        bar.close()
+        return finished
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]   # one prompt of token ids
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, token ids, a dict or a list of those, got {type(prompts)}")
+    return list(prompts)
+
+
+def _prompt_value(prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        raise ValueError("a dict prompt needs a 'prompt' or a 'prompt_token_ids' key")
+    if isinstance(prompt, (str, list)):
+        return prompt
+    raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt)}")
+
+
+def _params_per_prompt(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts: give one, or one per prompt")
+    return list(params)

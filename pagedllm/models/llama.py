@@ -1,0 +1,190 @@
+"""Llama (also Mistral), over a flat batch of tokens from many requests and the paged KV cache.
+
+Parameter names are HF's except two fused projections, stacked along the output dim:
+    qkv_proj.weight     = [q_proj; k_proj; v_proj]     rows: Hq*D | Hkv*D | Hkv*D
+    gate_up_proj.weight = [gate_proj; up_proj]         rows: I | I
+Each fused nn.Linear carries `shard_sizes`; load_weights copies an HF shard into its row range.
+Qwen2 (qkv bias) and Qwen3 (per-head q/k norm) are this model with a class flag switched on.
+"""
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.attention import Attention
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
+
+# HF shard name -> (our fused module, shard index)
+_STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_UNSTACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _fused_linear(in_features: int, shard_sizes: tuple[int, ...], bias: bool) -> nn.Linear:
+    linear = nn.Linear(in_features, sum(shard_sizes), bias=bias)
+    linear.shard_sizes = shard_sizes
+    return linear
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden, inter, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
+        self.gate_up_proj = _fused_linear(hidden, (inter, inter), bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))     # (T, C) -> (T, 2I) -> (T, I) -> (T, C)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim(config)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = _fused_linear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
+        self.qk_norm = qk_norm
+        if qk_norm:   # Qwen3: RMSNorm over each head's D features, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.rotary_emb = rotary_emb   # one table shared by all layers
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)       # (T, Hq, D)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)    # (T, Hkv, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q.flatten(1), k.flatten(1), v)              # (T, Hq*D)
+        return self.o_proj(out)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """The residual stream rides along un-normed: each norm adds the previous sublayer's output to it."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(head_dim(config), config.max_position_embeddings, rope_parameters(config))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, qk_norm) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None         # (T, C)
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias: bool | None = None   # None: config.attention_bias
+    qk_norm: bool = False
+
+    def __init__(self, config):
+        super().__init__()
+        _check_supported(config)
+        self.config = config
+        qkv_bias = self.qkv_bias if self.qkv_bias is not None else getattr(config, "attention_bias", False)
+        self.model = LlamaModel(config, qkv_bias, self.qk_norm)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions (T,): a flat batch of many requests' tokens -> hidden states (T, C)."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states).float()                     # (N, C) -> (N, vocab)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named checkpoint tensors into our (partly fused) parameters; every parameter must be hit."""
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            if "rotary_emb." in name or (self.tied and name == "lm_head.weight"):
+                continue
+            dest = self._destination(name, params)
+            if dest.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                                 f"{type(self).__name__} expects {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(self._checkpoint_names(params) - loaded)
+        if missing:
+            raise ValueError(f"{len(missing)} parameters not found in the checkpoint: {missing[:8]}")
+
+    def _destination(self, name: str, params: dict) -> torch.Tensor:
+        """The parameter (or row range of a fused one) that HF tensor `name` fills."""
+        module_name, shard, attr = _split_name(name)
+        if shard not in _STACKED:
+            if name not in params:
+                raise ValueError(f"unexpected weight {name!r} in the checkpoint of {type(self).__name__}")
+            return params[name]
+        fused, index = _STACKED[shard]
+        target = f"{module_name}.{fused}.{attr}"
+        if target not in params:
+            raise ValueError(f"unexpected weight {name!r} in the checkpoint of {type(self).__name__}")
+        sizes = self.get_submodule(f"{module_name}.{fused}").shard_sizes
+        return params[target].narrow(0, sum(sizes[:index]), sizes[index])
+
+    def _checkpoint_names(self, params: dict) -> set[str]:
+        """HF names the checkpoint must provide: our names, fused ones expanded into their shards."""
+        names = set()
+        for name in params:
+            module_name, fused, attr = _split_name(name)
+            shards = _UNSTACKED.get(fused, (fused,))
+            names.update(".".join(filter(None, (module_name, s, attr))) for s in shards)
+        return names
+
+
+def _split_name(name: str) -> tuple[str, str, str]:
+    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn', 'q_proj', 'weight')."""
+    module_path, _, attr = name.rpartition(".")
+    parent, _, leaf = module_path.rpartition(".")
+    return parent, leaf, attr
+
+
+def _check_supported(config) -> None:
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) \
+            and window < config.max_position_embeddings:
+        raise NotImplementedError(f"sliding window not supported (sliding_window={window} < "
+                                  f"max_position_embeddings={config.max_position_embeddings})")
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise NotImplementedError(f"hidden_act {act!r} not supported (only 'silu')")

@@ -1,0 +1,79 @@
+"""Build a model on its device and dtype, then fill it from safetensors (or with dummy random weights)."""
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.models import get_model_class
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.device,
+               load_format: str = "auto") -> nn.Module:
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"load_format must be one of ('auto', 'safetensors', 'dummy'), got {load_format!r}")
+    _require(Path(model_dir) / "config.json", "the model's HF config")
+    model = _build(get_model_class(hf_config.architectures), hf_config, dtype, torch.device(device))
+    if load_format == "dummy":
+        _init_dummy(model)
+    else:
+        model.load_weights(_iter_safetensors(Path(model_dir), dtype, device))
+    return model.eval().requires_grad_(False)
+
+
+def _build(model_cls, hf_config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    # Parameters are created where they will live, in their final dtype: no float32 CPU copy first.
+    with _default_dtype(dtype), device:
+        return model_cls(hf_config)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def _iter_safetensors(model_dir: Path, dtype: torch.dtype, device) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in _safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name).to(device=device, dtype=dtype)
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / _INDEX
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for shard in shards:
+            _require(model_dir / shard, f"a weight shard listed in {index}")
+        return [model_dir / shard for shard in shards]
+    return [_require(model_dir / _SINGLE, f"weights: {_SINGLE} or {_INDEX} with its shards")]
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: expected {what}")
+    return path
+
+
+@torch.no_grad()
+def _init_dummy(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of the right shapes, like vLLM's dummy format: U(-1e-3, 1e-3), norms 1 + U(-1e-3, 1e-3).
+    One generator per tensor, seeded in order, so the values do not depend on what else ran."""
+    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    for i, (_, param) in enumerate(model.named_parameters()):
+        gen = torch.Generator(device=param.device).manual_seed(seed + i)
+        param.uniform_(-1e-3, 1e-3, generator=gen)
+        if id(param) in norm_weights:
+            param.add_(1.0)

@@ -1,0 +1,169 @@
+"""Turns the last-position logits of a batch into next tokens (vLLM v1's order and semantics).
+
+    logits (N, V) ─┬─ log_softmax ─────────────────────────────────────────► raw logprobs (if asked)
+                   └─ banned ids → -inf ─┬─ argmax ──────────────────────► greedy rows
+                                         └─ / temperature → min_p → top-k → top-p
+                                            → softmax → argmax(probs / q), q ~ Exp(1) ──► other rows
+
+Everything is batched tensor work; the only per-row Python is one exponential draw per seeded row, from
+that request's own generator, so a seeded request's tokens do not depend on its batch neighbours.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagedllm.sampling_params import _GREEDY_EPS, SamplingParams
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor                 # (N,) float32; rows below _GREEDY_EPS are greedy
+    top_k: torch.Tensor | None                # (N,) int64, 0 = off; None when no row uses top-k
+    top_p: torch.Tensor | None                # (N,) float32, 1.0 = off; None when unused
+    min_p: torch.Tensor | None                # (N,) float32, 0 = off; None when unused
+    generators: dict[int, torch.Generator]    # row -> the request's own generator (seeded, non-greedy rows)
+    all_greedy: bool
+    max_num_logprobs: int | None              # None: no row asked for logprobs
+    banned_token_ids: list[list[int]] | None  # per row: ids masked to -inf (EOS/stop ids before min_tokens)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
+              banned_token_ids: list[list[int]], device) -> "SamplingMetadata":
+        # Greedy rows ignore top-k/p and min-p, so they neither switch the filters on nor draw randomness.
+        sampled = [not p.greedy for p in params]
+        top_k = [p.top_k if s else 0 for p, s in zip(params, sampled)]
+        top_p = [p.top_p if s else 1.0 for p, s in zip(params, sampled)]
+        min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
+        num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_k=_tensor_if(any(k > 0 for k in top_k), top_k, torch.int64, device),
+            top_p=_tensor_if(any(p < 1.0 for p in top_p), top_p, torch.float32, device),
+            min_p=_tensor_if(any(m > 0.0 for m in min_p), min_p, torch.float32, device),
+            generators={i: g for i, (g, s) in enumerate(zip(generators, sampled)) if g is not None and s},
+            all_greedy=not any(sampled),
+            max_num_logprobs=max(num_logprobs) if num_logprobs else None,
+            banned_token_ids=banned_token_ids if any(banned_token_ids) else None,
+        )
+
+
+def _tensor_if(used: bool, values: list, dtype: torch.dtype, device) -> torch.Tensor | None:
+    return torch.tensor(values, dtype=dtype, device=device) if used else None
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor           # (N,) int64
+    logprob_token_ids: torch.Tensor | None    # (N, 1 + K) int64: column 0 = sampled token, then the top-K ids
+    logprobs: torch.Tensor | None             # (N, 1 + K) float32, matching logprob_token_ids
+    sampled_token_ranks: torch.Tensor | None  # (N,) int64: rank of the sampled token, 1 = most likely
+
+
+class Sampler(nn.Module):
+    def forward(self, logits: torch.Tensor, meta: SamplingMetadata,
+                generator: torch.Generator | None = None) -> SamplerOutput:
+        """generator: the engine's global generator for unseeded rows (None = torch's default)."""
+        logits = logits.float()
+        # Raw logprobs: the model's distribution, before bans and temperature (vLLM's default).
+        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        if meta.banned_token_ids is not None:
+            logits = ban_tokens(logits, meta.banned_token_ids)
+        greedy = logits.argmax(dim=-1)
+        if meta.all_greedy:
+            sampled = greedy
+        else:
+            random = self.sample(logits, meta, generator)
+            sampled = torch.where(meta.temperature < _GREEDY_EPS, greedy, random)
+        if raw_logprobs is None:
+            return SamplerOutput(sampled, None, None, None)
+        return SamplerOutput(sampled, *gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs))
+
+    @staticmethod
+    def sample(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator | None) -> torch.Tensor:
+        """Random draw for every row (greedy rows get a throwaway value that the caller discards)."""
+        logits = apply_temperature(logits, meta.temperature)  # a new tensor: the masks below work in place
+        if meta.min_p is not None:
+            logits = apply_min_p(logits, meta.min_p)
+        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+        return exponential_race(logits.softmax(dim=-1), meta.generators, generator)
+
+
+def ban_tokens(logits: torch.Tensor, banned_token_ids: list[list[int]]) -> torch.Tensor:
+    """Out of place: the caller's logits (and the raw logprobs taken from them) stay untouched."""
+    rows = [i for i, ids in enumerate(banned_token_ids) for _ in ids]
+    cols = [t for ids in banned_token_ids for t in ids]
+    index = torch.tensor([rows, cols], dtype=torch.int64).to(logits.device, non_blocking=True)
+    return logits.index_put((index[0], index[1]), torch.tensor(-float("inf"), device=logits.device))
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    # Greedy rows (temperature ~ 0) divide by 1 instead of 0; their draw is discarded anyway.
+    temperature = torch.where(temperature < _GREEDY_EPS, 1.0, temperature)
+    return logits / temperature.unsqueeze(1)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """In place: drop tokens with p < min_p * p_max over the full distribution.
+    p / p_max = exp(logit - max_logit), so the test runs in log space without a softmax; min_p = 0 gives
+    log(0) = -inf, which masks nothing."""
+    max_logit = logits.amax(dim=-1, keepdim=True)
+    threshold = max_logit + torch.log(min_p).unsqueeze(1)
+    return logits.masked_fill_(logits < threshold, -float("inf"))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+    """Keep each row's k most likely tokens (k <= 0: all), then the smallest set of those whose cumulative
+    probability reaches p (the top token always stays). Ties with the k-th value are kept. In place when
+    only k is given; otherwise returns a new tensor."""
+    if p is None:
+        return logits if k is None else apply_top_k_only(logits, k)
+    # Ascending sort: top-p drops the longest low-probability prefix whose mass is <= 1 - p.
+    #   sorted:  [ low ........................................ high ]
+    #   cumsum:  [ <= 1-p: dropped        |  kept: mass >= p         ]
+    logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+    vocab_size = logits.shape[-1]
+    if k is not None:
+        k = torch.where((k <= 0) | (k > vocab_size), vocab_size, k)
+        kth_value = logits_sort.gather(1, (vocab_size - k).unsqueeze(1))
+        logits_sort.masked_fill_(logits_sort < kth_value, -float("inf"))
+    cumprobs = logits_sort.softmax(dim=-1).cumsum_(dim=-1)
+    drop = cumprobs <= 1 - p.unsqueeze(1)
+    drop[:, -1] = False
+    logits_sort.masked_fill_(drop, -float("inf"))
+    return logits_sort.scatter(dim=-1, index=logits_idx, src=logits_sort)
+
+
+def apply_top_k_only(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """In place. topk(max k) instead of a full sort: much cheaper when k is small against V."""
+    vocab_size = logits.shape[-1]
+    off = (k <= 0) | (k >= vocab_size)
+    k = k.masked_fill(off, 1)
+    max_k = int(k.max())  # one host sync; topk needs a Python int
+    kth_value = logits.topk(max_k, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    kth_value.masked_fill_(off.unsqueeze(1), -float("inf"))
+    return logits.masked_fill_(logits < kth_value, -float("inf"))
+
+
+def exponential_race(probs: torch.Tensor, row_generators: dict[int, torch.Generator],
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i (Gumbel-max without the logs)
+    and needs no host sync, unlike torch.multinomial. Seeded rows draw q from their own generator, so
+    their samples depend on nothing but that generator's state."""
+    q = torch.empty_like(probs).exponential_(generator=generator)
+    for row, row_generator in row_generators.items():
+        q[row].exponential_(generator=row_generator)
+    # q = 0 would turn masked tokens' 0 / 0 into NaN, which argmax would pick.
+    q.clamp_min_(torch.finfo(q.dtype).tiny)
+    return probs.div_(q).argmax(dim=-1)
+
+
+def gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor, num_logprobs: int):
+    """-> (token ids (N, 1+K), logprobs (N, 1+K), ranks (N,)); column 0 is the sampled token.
+    Rank = how many tokens are at least as likely as the sampled one (vLLM's convention: 1 = top)."""
+    sampled = sampled.unsqueeze(1)
+    sampled_logprobs = logprobs.gather(1, sampled)
+    ranks = (logprobs >= sampled_logprobs).sum(dim=-1)
+    top_logprobs, top_ids = logprobs.topk(num_logprobs, dim=-1)
+    token_ids = torch.cat((sampled, top_ids), dim=1)
+    return token_ids, torch.cat((sampled_logprobs, top_logprobs), dim=1), ranks

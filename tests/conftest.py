@@ -1,0 +1,70 @@
+"""Shared test helpers: tiny random HF model directories (weights, config, tokenizer) built on the fly.
+
+`make_tiny_model` is importable (`from conftest import make_tiny_model`: pytest puts tests/ on sys.path);
+`tiny_model_dirs` builds one of each kind per session.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "pagedllm" / "demo" / "stories260k"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+# Large enough init that logits are peaky: greedy argmax has a clear margin, so exact-match tests are stable.
+_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-5,
+             initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+_ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    # head_dim != hidden / heads, as in real Qwen3 checkpoints
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+}
+
+
+def make_tiny_model(path, arch: str = "llama", tie_word_embeddings: bool = False, seed: int = 0,
+                    max_shard_size: str | None = None, **overrides) -> str:
+    """Save a tiny random float32 transformers model, with the demo tokenizer, as a complete HF model dir."""
+    import transformers
+    config_name, model_name, arch_defaults = _ARCHS[arch]
+    config = getattr(transformers, config_name)(
+        **{**_BASE, **arch_defaults, **overrides}, tie_word_embeddings=tie_word_embeddings)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_name)(config).float()
+        _perturb_ones_and_zeros(model, std=config.initializer_range)
+    path = Path(path)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    for name in TOKENIZER_FILES:
+        shutil.copy(DEMO_DIR / name, path / name)
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return str(path)
+
+
+@torch.no_grad()
+def _perturb_ones_and_zeros(model, std: float) -> None:
+    # HF inits norms to 1 and biases to 0: a loader that skipped them would still pass. Make them all distinct.
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.normal_(0.0, std)
+        elif "norm" in name:
+            param.normal_(1.0, std)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
+    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    specs = {
+        "llama": dict(arch="llama"),
+        "llama_tied": dict(arch="llama", tie_word_embeddings=True, seed=1),
+        "qwen2": dict(arch="qwen2", seed=2),
+        "qwen3": dict(arch="qwen3", seed=3),
+        "llama3_rope": dict(arch="llama", seed=4, rope_parameters=llama3),
+    }
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: make_tiny_model(root / name, **spec) for name, spec in specs.items()}

@@ -1,0 +1,160 @@
+"""The shipped real model (stories260k): CLI, text, stop conditions, streaming, errors, chat, stats."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import DEMO_MODEL
+from pagedllm.engine.output_processor import OutputKind
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(log_stats_interval=0)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return (AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32),
+            AutoTokenizer.from_pretrained(DEMO_MODEL))
+
+
+def hf_greedy_text(hf, prompt, max_new):
+    model, tok = hf
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new, do_sample=False)[0, ids.shape[1]:]
+    return out.tolist(), tok.decode(out, skip_special_tokens=True)
+
+
+def test_cli_generate_default_prompt_matches_transformers(hf):
+    proc = subprocess.run([sys.executable, "-m", "pagedllm.cli", "generate"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    _, text = hf_greedy_text(hf, "Once upon a time", 64)
+    assert text.startswith(", there was a little girl named Lily")
+    assert proc.stdout.strip() == "Once upon a time" + text
+
+
+@pytest.mark.parametrize("prompt", ["Once upon a time", "Lily and Tom went to the park to", "The little dog was"])
+def test_greedy_text_matches_transformers(llm, hf, prompt):
+    ids, text = hf_greedy_text(hf, prompt, 40)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ids
+    assert out.outputs[0].text.strip() == text.strip()
+    assert out.prompt == prompt and out.prompt_token_ids == hf[1](prompt).input_ids
+
+
+def test_stop_strings_trim_and_finish(llm):
+    base = SamplingParams(temperature=0, max_tokens=40)
+    full = llm.generate("Once upon a time", base, use_tqdm=False)[0].outputs[0].text
+    out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=40, stop=["Lily"]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == full[:full.index("Lily")] and out.finish_reason == "stop" and out.stop_reason == "Lily"
+    out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=40, stop=["Lily"],
+                                                          include_stop_str_in_output=True), use_tqdm=False)[0]
+    assert out.outputs[0].text == full[:full.index("Lily") + 4]
+    assert llm.engine.get_stats().num_blocks_free == llm.engine.get_stats().num_blocks_total
+
+
+def test_stop_token_ids_max_tokens_min_tokens_ignore_eos(llm, hf):
+    ids, _ = hf_greedy_text(hf, "Once upon a time", 20)
+    out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[ids[5]]),
+                       use_tqdm=False)[0].outputs[0]
+    first = ids.index(ids[5])
+    assert out.token_ids == ids[:first + 1] and out.finish_reason == "stop" and out.stop_reason == ids[5]
+    out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=7), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 7 and out.outputs[0].finish_reason == "length"
+    # Greedy from BOS ends its story with BOS (id 1, an EOS of generation_config) after 346 tokens.
+    natural = llm.generate("", SamplingParams(temperature=0, max_tokens=400), use_tqdm=False)[0].outputs[0]
+    assert natural.finish_reason == "stop" and natural.token_ids[-1] in (1, 2)
+    n = len(natural.token_ids)
+    longer = llm.generate("", SamplingParams(temperature=0, max_tokens=n + 5, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0]
+    assert len(longer.token_ids) == n + 5 and longer.token_ids[:n - 1] == natural.token_ids[:n - 1]
+    held = llm.generate("", SamplingParams(temperature=0, max_tokens=n + 5, min_tokens=n + 2),
+                        use_tqdm=False)[0].outputs[0]
+    assert len(held.token_ids) >= n + 2 and not (set(held.token_ids[:n + 1]) & {1, 2})
+
+
+def test_streamed_deltas_concatenate_to_final_text(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=50, n=2)
+    engine.add_request("s", "Once upon a time", params, OutputKind.DELTA)
+    texts, tokens, final = {0: "", 1: ""}, {0: [], 1: []}, None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            for c in out.outputs:
+                texts[c.index] += c.text
+                tokens[c.index] += c.token_ids
+            final = out
+    assert final.finished
+    ref = llm.generate("Once upon a time", SamplingParams(temperature=0.8, seed=3, max_tokens=50, n=2),
+                       use_tqdm=False)[0]
+    for c in ref.outputs:
+        assert texts[c.index] == c.text and tokens[c.index] == c.token_ids
+
+
+def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(llm):
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([1] * 500, SamplingParams(max_tokens=50), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompt_token_ids must be integers in \[0, 512\)"):
+        llm.generate([[1, 2, 3], [1, 9999]], use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], use_tqdm=False)
+    with pytest.raises(ValueError, match="top_p"):
+        llm.generate("hi", SamplingParams(top_p=2.0), use_tqdm=False)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate("hi", SamplingParams(stop_token_ids=[600]), use_tqdm=False)
+    with pytest.raises(ValueError, match="sampling_params has 2 entries for 3 prompts"):
+        llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    # The engine still works afterwards.
+    assert llm.generate("Once", SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_request_that_can_never_fit_the_kv_cache_is_rejected():
+    llm = LLM(num_gpu_blocks_override=4, log_stats_interval=0)     # 64 slots
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.generate("Once upon a time", SamplingParams(max_tokens=100), use_tqdm=False)
+    assert llm.generate("Once upon a time", SamplingParams(max_tokens=20), use_tqdm=False)[0].outputs[0].text
+
+
+def test_bad_model_dir_and_engine_args(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LLM(str(tmp_path))
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(block_size=3)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(max_model_len=100000)
+
+
+def test_chat_uses_the_template(llm):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    out = llm.chat([{"role": "user", "content": "Once upon a time"}], SamplingParams(temperature=0, max_tokens=10),
+                   chat_template=template, use_tqdm=False)[0]
+    ref = llm.generate(llm.get_tokenizer().encode("Once upon a time", add_special_tokens=False),
+                       SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    with pytest.raises(ValueError, match="chat template"):
+        llm.chat([{"role": "user", "content": "hi"}])
+
+
+def test_engine_stats_count_tokens_and_cache(llm):
+    before = llm.engine.get_stats()
+    llm.generate(["Once upon a time there was", "Once upon a time there was"],
+                 SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    after = llm.engine.get_stats()
+    assert after.num_generation_tokens - before.num_generation_tokens == 10
+    assert after.num_prompt_tokens > before.num_prompt_tokens
+    assert after.prefix_cache_queries > before.prefix_cache_queries
+    assert (after.num_running, after.num_waiting, after.num_blocks_used) == (0, 0, 0)
+
+
+def test_stats_are_logged_periodically(caplog):
+    llm = LLM(log_stats_interval=1e-9)
+    with caplog.at_level("INFO", logger="pagedllm"):
+        llm.generate(["Once"] * 3, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert any("KV blocks used" in r.getMessage() for r in caplog.records)

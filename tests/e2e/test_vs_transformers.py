@@ -1,0 +1,182 @@
+"""pagedllm against transformers on tiny random models, float32: greedy tokens identical, logprobs within 1e-4,
+under chunked prefill, prefix caching on and off, preemption, and mixed greedy/sampled batches."""
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedllm import LLM, SamplingParams
+
+MAX_NEW = 20
+LOGPROB_TOL = 1e-4
+
+
+def make_prompts():
+    rng = np.random.default_rng(0)
+    lengths = [1, 5, 16, 17, 31, 48, 70, 100, 9]
+    prompts = [rng.integers(3, 512, size=n).tolist() for n in lengths]
+    shared = rng.integers(3, 512, size=40).tolist()       # two prompts with a common 40-token prefix
+    prompts += [shared + [7, 8, 9], shared + [10, 11]]
+    return prompts
+
+
+PROMPTS = make_prompts()
+
+
+def hf_greedy(model_dir, prompts, max_new=MAX_NEW):
+    """Per prompt (no padding): generated ids and the log-softmax of each chosen token."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    results = []
+    for p in prompts:
+        g = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True, pad_token_id=0)
+        ids = g.sequences[0, len(p):].tolist()
+        lps = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(g.logits, ids)]
+        results.append((ids, lps))
+    return results
+
+
+_hf_cache = {}
+
+
+def reference(model_dir):
+    if model_dir not in _hf_cache:
+        _hf_cache[model_dir] = hf_greedy(model_dir, PROMPTS)
+    return _hf_cache[model_dir]
+
+
+def check_greedy_matches(outputs, ref, only=None):
+    for i, (out, (ids, lps)) in enumerate(zip(outputs, ref)):
+        if only is not None and i not in only:
+            continue
+        comp = out.outputs[0]
+        assert comp.token_ids == ids, f"prompt {i}: {comp.token_ids} != {ids}"
+        got = [next(iter(pos.values())).logprob for pos in comp.logprobs]
+        np.testing.assert_allclose(got, lps, atol=LOGPROB_TOL, rtol=0)
+        assert next(iter(comp.logprobs[0])) == ids[0]     # the chosen token comes first
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope"])
+def test_greedy_matches_transformers(tiny_model_dirs, name):
+    llm = LLM(tiny_model_dirs[name], log_stats_interval=0)
+    check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(tiny_model_dirs[name]))
+
+
+@pytest.mark.parametrize("budget", [16, 32])
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_chunked_prefill_and_prefix_caching(tiny_model_dirs, budget, prefix_caching):
+    d = tiny_model_dirs["qwen3"]
+    llm = LLM(d, max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching, log_stats_interval=0)
+    check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(d))
+    stats = llm.engine.get_stats()
+    assert (stats.prefix_cache_hits > 0) == prefix_caching    # the shared 40-token prefix
+    assert stats.num_blocks_free == stats.num_blocks_total
+
+
+def test_prefix_cache_hits_across_generate_calls(tiny_model_dirs):
+    d = tiny_model_dirs["llama"]
+    llm = LLM(d, log_stats_interval=0)
+    llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    hits_before = llm.engine.get_stats().prefix_cache_hits
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)      # everything is cached now
+    check_greedy_matches(outputs, reference(d))
+    assert llm.engine.get_stats().prefix_cache_hits - hits_before >= sum((len(p) - 1) // 16 * 16 for p in PROMPTS)
+    assert outputs[7].num_cached_tokens == 96
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_preemption_keeps_outputs_exact(tiny_model_dirs, prefix_caching):
+    d = tiny_model_dirs["llama"]
+    # 14 blocks of 16 slots: the longest request alone needs 8; all 11 together need ~35.
+    llm = LLM(d, num_gpu_blocks_override=14, enable_prefix_caching=prefix_caching, log_stats_interval=0)
+    check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(d))
+    stats = llm.engine.get_stats()
+    assert stats.num_preemptions > 0
+    assert stats.num_blocks_free == stats.num_blocks_total
+
+
+def test_mixed_greedy_and_sampled_batch(tiny_model_dirs):
+    d = tiny_model_dirs["qwen2"]
+    llm = LLM(d, max_num_batched_tokens=32, log_stats_interval=0)
+    params = [GREEDY if i % 2 == 0 else SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=i,
+                                                        max_tokens=MAX_NEW, logprobs=0)
+              for i in range(len(PROMPTS))]
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    check_greedy_matches(outputs, reference(d), only=range(0, len(PROMPTS), 2))
+    sampled = [outputs[i].outputs[0].token_ids for i in range(1, len(PROMPTS), 2)]
+    assert all(len(s) == MAX_NEW or s[-1] == 2 for s in sampled)
+    greedy_of_sampled = [reference(d)[i][0] for i in range(1, len(PROMPTS), 2)]
+    assert sampled != greedy_of_sampled
+
+
+def test_seeded_sampling_is_independent_of_batch(tiny_model_dirs):
+    d = tiny_model_dirs["llama"]
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=MAX_NEW, ignore_eos=True)
+    alone = LLM(d, log_stats_interval=0).generate([PROMPTS[4]], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    llm = LLM(d, max_num_batched_tokens=24, seed=7, log_stats_interval=0)
+    others = [SamplingParams(temperature=1.0, max_tokens=MAX_NEW), SamplingParams(temperature=0.7, seed=5)]
+    batch = llm.generate(PROMPTS[:4] + [PROMPTS[4]] + PROMPTS[5:7],
+                         [others[0], others[1], GREEDY, others[0], seeded, others[1], others[0]], use_tqdm=False)
+    assert batch[4].outputs[0].token_ids == alone
+    again = llm.generate([PROMPTS[4]], SamplingParams(temperature=1.0, seed=1235, max_tokens=MAX_NEW,
+                                                      ignore_eos=True), use_tqdm=False)
+    assert again[0].outputs[0].token_ids != alone
+
+
+def test_parallel_sampling_shares_prompt_blocks(tiny_model_dirs):
+    d = tiny_model_dirs["llama"]
+    llm = LLM(d, log_stats_interval=0)
+    prompt = PROMPTS[6][:40]                                     # 2 full blocks + 8 tokens
+    params = SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=8, ignore_eos=True)
+    llm.engine.add_request("p", prompt, params)
+    llm.engine.step()                                            # prefill all four, first tokens sampled
+    stats = llm.engine.get_stats()
+    assert stats.num_blocks_used == 2 + 4                        # shared full blocks + one tail each (not 12)
+    assert stats.num_prompt_tokens == 40 + 3 * 8                 # the full blocks were computed once
+    outputs = []
+    while llm.engine.has_unfinished_requests():
+        outputs += llm.engine.step()
+    (out,) = outputs
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3] and all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1    # seeds differ per sequence
+    assert llm.engine.get_stats().num_blocks_free == stats.num_blocks_total
+
+
+def test_prompt_logprobs_match_transformers(tiny_model_dirs):
+    d = tiny_model_dirs["qwen3"]
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    prompt = PROMPTS[7]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    llm = LLM(d, max_num_batched_tokens=32, log_stats_interval=0)
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=3), use_tqdm=False)[0]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        assert len(entry) in (3, 4)
+        assert abs(entry[prompt[pos]].logprob - ref[pos - 1, prompt[pos]].item()) < LOGPROB_TOL
+        top = ref[pos - 1].topk(3)
+        for rank, (lp, tid) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+            assert abs(entry[tid].logprob - lp) < LOGPROB_TOL
+
+
+def test_top_logprobs_match_transformers(tiny_model_dirs):
+    d = tiny_model_dirs["llama_tied"]
+    (ids, _), = hf_greedy(d, [PROMPTS[3]], max_new=4)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([PROMPTS[3] + ids])).logits[0].float(), -1)
+    out = LLM(d, log_stats_interval=0).generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=4,
+                                                                            logprobs=5), use_tqdm=False)[0]
+    comp = out.outputs[0]
+    assert comp.token_ids == ids
+    for step, pos in enumerate(comp.logprobs):
+        ref = full[len(PROMPTS[3]) - 1 + step]
+        top = ref.topk(5)
+        assert [lp.rank for lp in pos.values()][0] == 1
+        for tid, lp in zip(top.indices.tolist(), top.values.tolist()):
+            assert abs(pos[tid].logprob - lp) < LOGPROB_TOL
+    assert abs(comp.cumulative_logprob - sum(next(iter(p.values())).logprob for p in comp.logprobs)) < 1e-5

@@ -1,0 +1,221 @@
+import pytest
+import torch
+
+from pagedllm.sample.sampler import (Sampler, SamplingMetadata, apply_min_p, apply_top_k_top_p)
+from pagedllm.sampling_params import SamplingParams
+
+V = 64
+
+
+def make_meta(params, generators=None, banned=None) -> SamplingMetadata:
+    n = len(params)
+    return SamplingMetadata.build(params, generators or [None] * n, banned or [[] for _ in range(n)], "cpu")
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_logits(n: int, vocab: int = V, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, vocab, generator=seeded(seed)) * 2
+
+
+# ---- reference masks: one row at a time, float64, straight from the definitions -------------------------
+
+def ref_top_k(row: torch.Tensor, k: int) -> set[int]:
+    if k <= 0 or k >= row.numel():
+        return set(range(row.numel()))
+    return set(row.topk(k).indices.tolist())
+
+
+def ref_top_p(row: torch.Tensor, keep: set[int], p: float) -> set[int]:
+    """Among `keep` (renormalised), the smallest most-likely set whose probability reaches p."""
+    ids = sorted(keep, key=lambda i: -row[i].item())
+    probs = torch.softmax(row[ids].double(), dim=0)
+    cum, kept = 0.0, []
+    for i, prob in zip(ids, probs.tolist()):
+        kept.append(i)
+        cum += prob
+        if cum >= p:
+            break
+    return set(kept)
+
+
+def ref_min_p(row: torch.Tensor, min_p: float) -> set[int]:
+    probs = torch.softmax(row.double(), dim=0)
+    return set(torch.nonzero(probs >= min_p * probs.max()).flatten().tolist())
+
+
+def kept(masked: torch.Tensor) -> list[set[int]]:
+    return [set(torch.nonzero(~torch.isinf(r)).flatten().tolist()) for r in masked]
+
+
+TOP_K = [0, 1, 5, 17, V, V + 10, 3, 40]
+TOP_P = [1.0, 0.9, 0.5, 0.1, 1e-6, 0.75, 0.99, 0.3]
+MIN_P = [0.0, 0.1, 0.5, 1.0, 1e-4, 0.05, 0.3, 0.9]
+
+
+def test_top_k_matches_reference():
+    logits = random_logits(len(TOP_K))
+    k = torch.tensor(TOP_K)
+    expected = [ref_top_k(r, kk) for r, kk in zip(logits, TOP_K)]
+    assert kept(apply_top_k_top_p(logits.clone(), k, None)) == expected  # topk-only path
+    assert kept(apply_top_k_top_p(logits.clone(), k, torch.ones(len(TOP_K)))) == expected  # sort path
+
+
+def test_top_p_matches_reference():
+    logits = random_logits(len(TOP_P), seed=1)
+    got = kept(apply_top_k_top_p(logits.clone(), None, torch.tensor(TOP_P)))
+    assert got == [ref_top_p(r, set(range(V)), p) for r, p in zip(logits, TOP_P)]
+    assert all(len(s) >= 1 for s in got)
+    assert len(got[4]) == 1  # a tiny top_p still keeps the top token
+
+
+def test_top_k_then_top_p_matches_reference():
+    logits = random_logits(len(TOP_K), seed=2)
+    got = kept(apply_top_k_top_p(logits.clone(), torch.tensor(TOP_K), torch.tensor(TOP_P)))
+    assert got == [ref_top_p(r, ref_top_k(r, k), p) for r, k, p in zip(logits, TOP_K, TOP_P)]
+
+
+def test_min_p_matches_reference():
+    logits = random_logits(len(MIN_P), seed=3)
+    got = kept(apply_min_p(logits.clone(), torch.tensor(MIN_P)))
+    assert got == [ref_min_p(r, m) for r, m in zip(logits, MIN_P)]
+    assert got[0] == set(range(V)) and len(got[3]) == 1
+
+
+def test_build_leaves_unused_filters_off():
+    params = [SamplingParams(temperature=0, top_k=5, top_p=0.5, min_p=0.1, logprobs=2), SamplingParams(seed=3)]
+    meta = make_meta(params, generators=[seeded(1), seeded(3)])
+    # A greedy row's filters and generator are irrelevant, so they switch nothing on.
+    assert meta.top_k is None and meta.top_p is None and meta.min_p is None
+    assert list(meta.generators) == [1] and not meta.all_greedy and meta.max_num_logprobs == 2
+    assert meta.banned_token_ids is None
+    meta = make_meta([SamplingParams(top_k=5), SamplingParams(top_p=0.5, logprobs=0)], banned=[[1], []])
+    assert meta.top_k.tolist() == [5, 0] and meta.top_p.tolist() == [1.0, 0.5] and meta.min_p is None
+    assert meta.max_num_logprobs == 0 and meta.banned_token_ids == [[1], []]
+    assert make_meta([SamplingParams(temperature=0)]).all_greedy
+
+
+def test_all_greedy_is_argmax_and_leaves_logits_untouched():
+    logits = random_logits(6)
+    before = logits.clone()
+    out = Sampler()(logits, make_meta([SamplingParams(temperature=0)] * 6))
+    assert torch.equal(out.sampled_token_ids, logits.argmax(-1))
+    assert out.logprobs is None and out.logprob_token_ids is None and out.sampled_token_ranks is None
+    assert torch.equal(logits, before)
+
+
+def test_mixed_greedy_and_sampled_batch():
+    logits = random_logits(6, seed=4)
+    before = logits.clone()
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams(top_k=3, temperature=2.0),
+              SamplingParams(temperature=0, top_k=3), SamplingParams(min_p=1.0), SamplingParams(top_p=1e-6)]
+    for step in range(20):
+        out = Sampler()(logits, make_meta(params), generator=seeded(step))
+        ids = out.sampled_token_ids.tolist()
+        argmax = logits.argmax(-1).tolist()
+        # Greedy rows and rows whose filters leave one token are argmax; top-3 stays in the top 3.
+        assert [ids[i] for i in (0, 1, 3, 4, 5)] == [argmax[i] for i in (0, 1, 3, 4, 5)]
+        assert ids[2] in ref_top_k(logits[2], 3)
+    assert torch.equal(logits, before)
+
+
+def test_banned_ids_are_never_sampled():
+    logits = random_logits(1, vocab=8, seed=5).repeat(2000, 1)
+    top2 = logits[0].topk(2).indices.tolist()
+    params = [SamplingParams(temperature=0)] + [SamplingParams()] * 1999
+    out = Sampler()(logits, make_meta(params, banned=[top2] * 2000), generator=seeded(0))
+    ids = out.sampled_token_ids
+    assert ids[0].item() == logits[0].topk(3).indices[2].item()  # greedy falls to the third
+    assert not torch.isin(ids, torch.tensor(top2)).any()
+    assert len(set(ids.tolist())) == 6  # and every other token still occurs
+
+
+def _run_seeded(seed_row: int, batch_params, batch_seeds, steps=6, vocab=1000):
+    """Carry each row's generator across steps like the engine does; return the tokens of seed_row."""
+    generators = [None if s is None else seeded(s) for s in batch_seeds]
+    tokens = []
+    for step in range(steps):
+        logits = random_logits(len(batch_params), vocab, seed=1000 + step + 17 * len(batch_params))
+        logits[seed_row] = random_logits(1, vocab, seed=step)[0]  # the request's own history
+        meta = make_meta(batch_params, generators)
+        out = Sampler()(logits, meta, generator=seeded(step + 99 * len(batch_params)))
+        tokens.append(out.sampled_token_ids[seed_row].item())
+    return tokens
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    mine = SamplingParams(seed=42, temperature=1.5, top_p=0.95)
+    alone = _run_seeded(0, [mine], [42])
+    params = [SamplingParams(seed=7), SamplingParams(), SamplingParams(temperature=0), mine, SamplingParams(seed=9)]
+    in_batch = _run_seeded(3, params, [7, None, None, 42, 9])
+    assert alone == in_batch
+    assert len(set(alone)) > 1  # really random draws, not a degenerate distribution
+    other_seed = _run_seeded(0, [SamplingParams(seed=43, temperature=1.5, top_p=0.95)], [43])
+    assert other_seed != alone
+
+
+def _chi_square(ids: torch.Tensor, probs: torch.Tensor) -> float:
+    counts = torch.bincount(ids, minlength=probs.numel()).double()
+    expected = probs.double() * ids.numel()
+    return (((counts - expected) ** 2) / expected).sum().item()
+
+
+# chi-square with 4 degrees of freedom: P(X > 23.5) ~ 1e-4; the seeds are fixed so this cannot flake.
+CHI2_4DOF = 23.5
+
+
+def test_sampling_frequencies_match_softmax_over_temperature():
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -2.0]])
+    n, t = 20000, 0.7
+    out = Sampler()(logits.repeat(n, 1), make_meta([SamplingParams(temperature=t)] * n), generator=seeded(0))
+    assert _chi_square(out.sampled_token_ids, torch.softmax(logits[0] / t, -1)) < CHI2_4DOF
+
+
+def test_seeded_sampling_frequencies_match_filtered_softmax():
+    """Every row with its own generator (the per-row path), top-k = 4 renormalising the distribution."""
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -2.0, -3.0]])
+    n = 4000
+    meta = make_meta([SamplingParams(temperature=1.3, top_k=4)] * n, generators=[seeded(s) for s in range(n)])
+    ids = Sampler()(logits.repeat(n, 1), meta).sampled_token_ids
+    assert ids.max().item() <= 3
+    probs = torch.softmax(logits[0, :4] / 1.3, -1)
+    assert _chi_square(ids, probs) < 16.3  # 3 dof, P ~ 1e-3
+
+
+def test_logprobs_are_raw_log_softmax_with_sampled_first_and_ranks():
+    logits = random_logits(5, seed=6)
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(logprobs=1, temperature=5.0),
+              SamplingParams(), SamplingParams(top_k=2, logprobs=0), SamplingParams(temperature=0, logprobs=3)]
+    banned = [[], [], [], [], logits[4].topk(2).indices.tolist()]  # row 4: its greedy pick has rank 3
+    out = Sampler()(logits, make_meta(params, banned=banned), generator=seeded(0))
+    raw = torch.log_softmax(logits, dim=-1)
+    sampled = out.sampled_token_ids
+    assert out.logprob_token_ids.shape == (5, 4) and out.logprobs.shape == (5, 4)
+    assert torch.equal(out.logprob_token_ids[:, 0], sampled)
+    assert torch.allclose(out.logprobs[:, 0], raw.gather(1, sampled[:, None])[:, 0])
+    top = raw.topk(3, dim=-1)
+    assert torch.equal(out.logprob_token_ids[:, 1:], top.indices)
+    assert torch.allclose(out.logprobs[:, 1:], top.values)
+    order = raw.argsort(dim=-1, descending=True)
+    ranks = [order[i].tolist().index(sampled[i].item()) + 1 for i in range(5)]
+    assert out.sampled_token_ranks.tolist() == ranks
+    assert ranks[0] == 1 and ranks[4] == 3 and ranks[3] in (1, 2)
+    # Greedy logprobs are exactly what transformers reports: log_softmax of the logits.
+    assert torch.equal(out.logprobs[0, 0], raw[0].max())
+
+
+def test_top_k_beyond_vocab_and_tiny_vocab():
+    logits = random_logits(3, vocab=2, seed=7)
+    params = [SamplingParams(top_k=5), SamplingParams(top_k=5, top_p=0.5), SamplingParams(min_p=0.5, logprobs=2)]
+    out = Sampler()(logits, make_meta(params), generator=seeded(0))
+    assert out.sampled_token_ids.shape == (3,) and out.logprobs.shape == (3, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits_are_upcast(dtype):
+    logits = random_logits(2, seed=8).to(dtype)
+    out = Sampler()(logits, make_meta([SamplingParams(temperature=0, logprobs=1), SamplingParams(logprobs=1)]))
+    assert out.logprobs.dtype == torch.float32 and out.sampled_token_ids.dtype == torch.int64
+    assert out.sampled_token_ids[0].item() == logits[0].float().argmax().item()

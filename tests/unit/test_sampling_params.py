@@ -1,0 +1,64 @@
+import re
+
+import pytest
+
+from pagedllm.sampling_params import SamplingParams
+
+# (kwargs, field named in the message, the allowed range it must state)
+INVALID = [
+    (dict(n=0), "n", "an integer >= 1"),
+    (dict(n=1.5), "n", "an integer >= 1"),
+    (dict(temperature=-1), "temperature", ">= 0"),
+    (dict(temperature=float("nan")), "temperature", ">= 0"),
+    (dict(top_p=0), "top_p", "in (0, 1]"),
+    (dict(top_p=1.5), "top_p", "in (0, 1]"),
+    (dict(top_k=-2), "top_k", "-1, 0 (all) or a positive integer"),
+    (dict(top_k=2.5), "top_k", "-1, 0 (all) or a positive integer"),
+    (dict(min_p=2), "min_p", "in [0, 1]"),
+    (dict(min_p=-0.1), "min_p", "in [0, 1]"),
+    (dict(seed=1.5), "seed", "an integer or None"),
+    (dict(max_tokens=0), "max_tokens", "an integer >= 1 or None"),
+    (dict(min_tokens=-1), "min_tokens", ">= 0"),
+    (dict(min_tokens=5, max_tokens=3), "min_tokens", "<= max_tokens (3)"),
+    (dict(stop=[""]), "stop", "a list of non-empty strings"),
+    (dict(stop=""), "stop", "a list of non-empty strings"),
+    (dict(stop=["a", 3]), "stop", "a list of non-empty strings"),
+    (dict(stop=["end"], detokenize=False), "stop", "empty when detokenize is False"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids", "a list of non-negative token ids"),
+    (dict(logprobs=-1), "logprobs", "None or an integer >= 0"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs", "None or an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("kwargs, name, allowed", INVALID, ids=[str(k) for k, _, _ in INVALID])
+def test_invalid_values_raise_naming_field_and_range(kwargs, name, allowed):
+    with pytest.raises(ValueError, match=re.escape(f"SamplingParams.{name} must be {allowed}, got ")):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, name, allowed", [
+    (dict(stop_token_ids=[5, 512]), "stop_token_ids", "< vocab size 512"),
+    (dict(logprobs=21), "logprobs", "<= 20"),
+    (dict(prompt_logprobs=100), "prompt_logprobs", "<= 20"),
+])
+def test_validate_vocab_rejects_values_the_model_cannot_serve(kwargs, name, allowed):
+    params = SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match=re.escape(f"SamplingParams.{name} must be {allowed}, got ")):
+        params.validate_vocab(vocab_size=512)
+
+
+def test_validate_vocab_accepts_values_in_range():
+    SamplingParams(stop_token_ids=[0, 511], logprobs=20, prompt_logprobs=0).validate_vocab(vocab_size=512)
+    SamplingParams(logprobs=30).validate_vocab(vocab_size=512, max_logprobs=30)
+
+
+def test_defaults_and_normalisation():
+    p = SamplingParams()
+    assert (p.n, p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens) == (1, 1.0, 1.0, 0, 0.0, 16)
+    assert p.stop == [] and p.stop_token_ids == [] and not p.greedy
+    assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1e-6).greedy
+    assert SamplingParams(max_tokens=None, min_tokens=1000).min_tokens == 1000
+    SamplingParams(top_p=1.0, min_p=1.0, min_tokens=3, max_tokens=3, logprobs=0, seed=0)
