@@ -20,6 +20,7 @@ _BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 _ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 128}),
     # head_dim != hidden / heads, as in real Qwen3 checkpoints
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
 }

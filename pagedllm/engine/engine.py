@@ -13,6 +13,7 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer
 from pagedllm.metrics import SchedulerStats, StatsLogger
+from pagedllm.models import sliding_window
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import Request, RequestStatus
 from pagedllm.runner.model_runner import ModelRunner
@@ -134,10 +135,12 @@ def _resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
 
 
 def _resolve_max_model_len(max_model_len: int | None, hf_config) -> int:
-    limit = hf_config.max_position_embeddings
+    limit, what = hf_config.max_position_embeddings, "max_position_embeddings"
+    window = sliding_window(hf_config)
+    if window is not None:   # sliding-window attention is not implemented: stay inside one window
+        limit, what = window, "sliding_window (sliding-window attention is not supported beyond it)"
     if max_model_len is None:
         return limit
     if max_model_len > limit:
-        raise ValueError(f"max_model_len ({max_model_len}) must be at most the model's "
-                         f"max_position_embeddings ({limit})")
+        raise ValueError(f"max_model_len ({max_model_len}) must be at most the model's {what} ({limit})")
     return max_model_len

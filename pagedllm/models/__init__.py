@@ -5,7 +5,7 @@ from pagedllm.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,   # same graph; sliding-window configs are refused by the class
+    "MistralForCausalLM": LlamaForCausalLM,   # same graph; the engine caps max_model_len at the sliding window
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
@@ -22,3 +22,12 @@ def model_dims(hf_config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim): what the KV cache needs to know of a model."""
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     return hf_config.num_hidden_layers, num_kv_heads, head_dim(hf_config)
+
+
+def sliding_window(hf_config) -> int | None:
+    """The attention window when it is shorter than the model's context, else None. Within the window,
+    sliding-window attention equals full attention, so the engine caps max_model_len there."""
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None or not getattr(hf_config, "use_sliding_window", True):
+        return None
+    return window if window < hf_config.max_position_embeddings else None

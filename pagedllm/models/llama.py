@@ -180,11 +180,6 @@ def _split_name(name: str) -> tuple[str, str, str]:
 
 
 def _check_supported(config) -> None:
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True) \
-            and window < config.max_position_embeddings:
-        raise NotImplementedError(f"sliding window not supported (sliding_window={window} < "
-                                  f"max_position_embeddings={config.max_position_embeddings})")
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise NotImplementedError(f"hidden_act {act!r} not supported (only 'silu')")

@@ -180,3 +180,14 @@ def test_top_logprobs_match_transformers(tiny_model_dirs):
         for tid, lp in zip(top.indices.tolist(), top.values.tolist()):
             assert abs(pos[tid].logprob - lp) < LOGPROB_TOL
     assert abs(comp.cumulative_logprob - sum(next(iter(p.values())).logprob for p in comp.logprobs)) < 1e-5
+
+
+def test_mistral_sliding_window_caps_max_model_len(tmp_path):
+    from conftest import make_tiny_model
+    d = make_tiny_model(tmp_path / "mistral", arch="mistral", seed=5)
+    llm = LLM(d, log_stats_interval=0)
+    assert llm.engine.max_model_len == 128          # inside one window, full attention is exact
+    prompts = [p for p in PROMPTS if len(p) + MAX_NEW <= 128]
+    check_greedy_matches(llm.generate(prompts, GREEDY, use_tqdm=False), hf_greedy(d, prompts))
+    with pytest.raises(ValueError, match="sliding_window"):
+        LLM(d, max_model_len=200)

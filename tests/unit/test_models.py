@@ -146,16 +146,6 @@ def test_unsupported_architecture():
         get_model_class(["GPT2LMHeadModel"])
 
 
-def test_sliding_window_refused():
-    from transformers import MistralConfig
-    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=512, sliding_window=128, max_position_embeddings=512)
-    with pytest.raises(NotImplementedError, match="sliding window not supported"):
-        get_model_class(["MistralForCausalLM"])(config)
-    config.sliding_window = None
-    get_model_class(["MistralForCausalLM"])(config)
-
-
 def test_unsupported_rope_type():
     from transformers import LlamaConfig
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
