@@ -22,16 +22,36 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q (num_tokens, num_q_heads, head_dim) -> out of the same shape and dtype, request by request."""
+    """q (num_tokens, num_q_heads, head_dim) -> out of the same shape and dtype.
+
+    Decode rows (one query token) run together, a bounded group at a time; prefill chunks one by one."""
     out = torch.empty_like(q)
-    starts = meta.query_start_loc_cpu
-    for i, seq_len in enumerate(meta.seq_lens_cpu):
+    starts, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    decode = [i for i in range(meta.num_reqs) if starts[i + 1] - starts[i] == 1]
+    for group in _bounded_groups(decode, seq_lens):
+        rows = torch.tensor([starts[i] for i in group], device=q.device)
+        lens = torch.tensor([seq_lens[i] for i in group], device=q.device)
+        tables = meta.block_tables[torch.tensor(group, device=q.device)]
+        out[rows] = _attend_decode(q[rows], kv_cache, tables, lens, max(seq_lens[i] for i in group), scale)
+    for i, seq_len in enumerate(seq_lens):
         start, end = starts[i], starts[i + 1]
-        if end == start:
-            continue
-        k, v = _gather_kv(kv_cache, meta.block_tables[i], seq_len)
-        out[start:end] = _attend(q[start:end], k, v, scale)
+        if end - start > 1:
+            k, v = _gather_kv(kv_cache, meta.block_tables[i], seq_len)
+            out[start:end] = _attend(q[start:end], k, v, scale)
     return out
+
+
+def _bounded_groups(rows: list[int], seq_lens: list[int], max_tokens: int = 1 << 16):
+    """Split rows so that one group's padded K/V gather holds at most ~max_tokens tokens."""
+    group, longest = [], 0
+    for i in rows:
+        longest = max(longest, seq_lens[i])
+        if group and longest * (len(group) + 1) > max_tokens:
+            yield group
+            group, longest = [], seq_lens[i]
+        group.append(i)
+    if group:
+        yield group
 
 
 def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
@@ -43,6 +63,21 @@ def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
     return kv[0], kv[1]
 
 
+def _attend_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                   max_seq_len: int, scale: float) -> torch.Tensor:
+    """B decode rows: q (B, Hq, D); each sees its first seq_lens[b] tokens (padded to max_seq_len, masked)."""
+    batch, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    num_blocks = (max_seq_len + block_size - 1) // block_size
+    kv = kv_cache[:, block_tables[:, :num_blocks].long()].flatten(2, 3)      # (2, B, S, Hkv, D)
+    k, v = (x.float().transpose(1, 2) for x in kv)                          # (B, Hkv, S, D)
+    # GQA without copying K/V: the group's query heads become the query axis of their kv head.
+    qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]   # (B, S)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """One request: q (L, Hq, D) are the last L of the S tokens whose k, v (S, Hkv, D) are given.
 
@@ -51,14 +86,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
         q0     x x x x . .      (S = 6, L = 2)
         q1     x x x x x x
     """
-    query_len, num_q_heads, _ = q.shape
+    query_len, num_q_heads, head_dim = q.shape
     seq_len, num_kv_heads, _ = k.shape
     group = num_q_heads // num_kv_heads                       # GQA: q head h reads kv head h // group
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
     q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
     mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]   # (L, S)
     # float32 softmax for half inputs: bf16 accumulation drifts visibly over long contexts.
-    qf, kf, vf = (x.float().transpose(0, 1) for x in (q, k, v))  # (H, L|S, D)
-    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1).to(q.dtype)                     # (L, Hq, D)
+    # GQA without copying K/V: (L, Hkv, group, D) -> (Hkv, group * L, D), the mask tiled per group.
+    qf = q.float().view(query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    qf = qf.reshape(num_kv_heads, group * query_len, head_dim)
+    kf, vf = (x.float().transpose(0, 1) for x in (k, v))     # (Hkv, S, D)
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask.repeat(group, 1), scale=scale)
+    out = out.view(num_kv_heads, group, query_len, head_dim).permute(2, 0, 1, 3)
+    return out.reshape(query_len, num_q_heads, head_dim).to(q.dtype)

@@ -97,3 +97,13 @@ def test_write_kv_rejects_non_contiguous_cache():
 def test_cpu_backend_is_torch():
     from pagedllm.attention import torch_backend
     assert get_attention_backend(torch.device("cpu")) is torch_backend
+
+
+def test_decode_rows_in_small_groups_give_the_same_result(monkeypatch):
+    from pagedllm.attention import torch_backend
+    assert list(torch_backend._bounded_groups([0, 1, 2, 3], [10, 30, 5, 40], max_tokens=64)) == [[0, 1], [2], [3]]
+    q, kv_cache, meta, _ = _make_batch(4, 2, torch.float32)
+    whole = paged_attention(q, kv_cache, meta, 0.3)
+    groups = torch_backend._bounded_groups
+    monkeypatch.setattr(torch_backend, "_bounded_groups", lambda rows, lens: groups(rows, lens, max_tokens=1))
+    torch.testing.assert_close(paged_attention(q, kv_cache, meta, 0.3), whole, atol=1e-6, rtol=1e-6)
