@@ -69,3 +69,12 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
     }
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: make_tiny_model(root / name, **spec) for name, spec in specs.items()}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -13,7 +13,7 @@ from pagedllm.engine.output_processor import OutputKind
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(log_stats_interval=0)
+    return LLM(dtype="float32", log_stats_interval=0)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(llm):
 
 
 def test_request_that_can_never_fit_the_kv_cache_is_rejected():
-    llm = LLM(num_gpu_blocks_override=4, log_stats_interval=0)     # 64 slots
+    llm = LLM(dtype="float32", num_gpu_blocks_override=4, log_stats_interval=0)     # 64 slots
     with pytest.raises(ValueError, match="KV blocks"):
         llm.generate("Once upon a time", SamplingParams(max_tokens=100), use_tqdm=False)
     assert llm.generate("Once upon a time", SamplingParams(max_tokens=20), use_tqdm=False)[0].outputs[0].text
@@ -154,7 +154,7 @@ def test_engine_stats_count_tokens_and_cache(llm):
 
 
 def test_stats_are_logged_periodically(caplog):
-    llm = LLM(log_stats_interval=1e-9)
+    llm = LLM(dtype="float32", log_stats_interval=1e-9)
     with caplog.at_level("INFO", logger="pagedllm"):
         llm.generate(["Once"] * 3, SamplingParams(max_tokens=4), use_tqdm=False)
     assert any("KV blocks used" in r.getMessage() for r in caplog.records)

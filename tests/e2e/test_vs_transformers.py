@@ -61,7 +61,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0)
 
 @pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope"])
 def test_greedy_matches_transformers(tiny_model_dirs, name):
-    llm = LLM(tiny_model_dirs[name], log_stats_interval=0)
+    llm = LLM(tiny_model_dirs[name], dtype="float32", log_stats_interval=0)
     check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(tiny_model_dirs[name]))
 
 
@@ -69,7 +69,7 @@ def test_greedy_matches_transformers(tiny_model_dirs, name):
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_chunked_prefill_and_prefix_caching(tiny_model_dirs, budget, prefix_caching):
     d = tiny_model_dirs["qwen3"]
-    llm = LLM(d, max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching, log_stats_interval=0)
+    llm = LLM(d, dtype="float32", max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching, log_stats_interval=0)
     check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(d))
     stats = llm.engine.get_stats()
     assert (stats.prefix_cache_hits > 0) == prefix_caching    # the shared 40-token prefix
@@ -78,7 +78,7 @@ def test_chunked_prefill_and_prefix_caching(tiny_model_dirs, budget, prefix_cach
 
 def test_prefix_cache_hits_across_generate_calls(tiny_model_dirs):
     d = tiny_model_dirs["llama"]
-    llm = LLM(d, log_stats_interval=0)
+    llm = LLM(d, dtype="float32", log_stats_interval=0)
     llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     hits_before = llm.engine.get_stats().prefix_cache_hits
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)      # everything is cached now
@@ -91,7 +91,7 @@ def test_prefix_cache_hits_across_generate_calls(tiny_model_dirs):
 def test_preemption_keeps_outputs_exact(tiny_model_dirs, prefix_caching):
     d = tiny_model_dirs["llama"]
     # 14 blocks of 16 slots: the longest request alone needs 8; all 11 together need ~35.
-    llm = LLM(d, num_gpu_blocks_override=14, enable_prefix_caching=prefix_caching, log_stats_interval=0)
+    llm = LLM(d, dtype="float32", num_gpu_blocks_override=14, enable_prefix_caching=prefix_caching, log_stats_interval=0)
     check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(d))
     stats = llm.engine.get_stats()
     assert stats.num_preemptions > 0
@@ -100,7 +100,7 @@ def test_preemption_keeps_outputs_exact(tiny_model_dirs, prefix_caching):
 
 def test_mixed_greedy_and_sampled_batch(tiny_model_dirs):
     d = tiny_model_dirs["qwen2"]
-    llm = LLM(d, max_num_batched_tokens=32, log_stats_interval=0)
+    llm = LLM(d, dtype="float32", max_num_batched_tokens=32, log_stats_interval=0)
     params = [GREEDY if i % 2 == 0 else SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=i,
                                                         max_tokens=MAX_NEW, logprobs=0)
               for i in range(len(PROMPTS))]
@@ -115,8 +115,8 @@ def test_mixed_greedy_and_sampled_batch(tiny_model_dirs):
 def test_seeded_sampling_is_independent_of_batch(tiny_model_dirs):
     d = tiny_model_dirs["llama"]
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=MAX_NEW, ignore_eos=True)
-    alone = LLM(d, log_stats_interval=0).generate([PROMPTS[4]], seeded, use_tqdm=False)[0].outputs[0].token_ids
-    llm = LLM(d, max_num_batched_tokens=24, seed=7, log_stats_interval=0)
+    alone = LLM(d, dtype="float32", log_stats_interval=0).generate([PROMPTS[4]], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    llm = LLM(d, dtype="float32", max_num_batched_tokens=24, seed=7, log_stats_interval=0)
     others = [SamplingParams(temperature=1.0, max_tokens=MAX_NEW), SamplingParams(temperature=0.7, seed=5)]
     batch = llm.generate(PROMPTS[:4] + [PROMPTS[4]] + PROMPTS[5:7],
                          [others[0], others[1], GREEDY, others[0], seeded, others[1], others[0]], use_tqdm=False)
@@ -128,7 +128,7 @@ def test_seeded_sampling_is_independent_of_batch(tiny_model_dirs):
 
 def test_parallel_sampling_shares_prompt_blocks(tiny_model_dirs):
     d = tiny_model_dirs["llama"]
-    llm = LLM(d, log_stats_interval=0)
+    llm = LLM(d, dtype="float32", log_stats_interval=0)
     prompt = PROMPTS[6][:40]                                     # 2 full blocks + 8 tokens
     params = SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=8, ignore_eos=True)
     llm.engine.add_request("p", prompt, params)
@@ -151,7 +151,7 @@ def test_prompt_logprobs_match_transformers(tiny_model_dirs):
     prompt = PROMPTS[7]
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
-    llm = LLM(d, max_num_batched_tokens=32, log_stats_interval=0)
+    llm = LLM(d, dtype="float32", max_num_batched_tokens=32, log_stats_interval=0)
     out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=3), use_tqdm=False)[0]
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
     for pos in range(1, len(prompt)):
@@ -169,7 +169,7 @@ def test_top_logprobs_match_transformers(tiny_model_dirs):
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     with torch.no_grad():
         full = torch.log_softmax(model(torch.tensor([PROMPTS[3] + ids])).logits[0].float(), -1)
-    out = LLM(d, log_stats_interval=0).generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=4,
+    out = LLM(d, dtype="float32", log_stats_interval=0).generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=4,
                                                                             logprobs=5), use_tqdm=False)[0]
     comp = out.outputs[0]
     assert comp.token_ids == ids
@@ -185,9 +185,9 @@ def test_top_logprobs_match_transformers(tiny_model_dirs):
 def test_mistral_sliding_window_caps_max_model_len(tmp_path):
     from conftest import make_tiny_model
     d = make_tiny_model(tmp_path / "mistral", arch="mistral", seed=5)
-    llm = LLM(d, log_stats_interval=0)
+    llm = LLM(d, dtype="float32", log_stats_interval=0)
     assert llm.engine.max_model_len == 128          # inside one window, full attention is exact
     prompts = [p for p in PROMPTS if len(p) + MAX_NEW <= 128]
     check_greedy_matches(llm.generate(prompts, GREEDY, use_tqdm=False), hf_greedy(d, prompts))
     with pytest.raises(ValueError, match="sliding_window"):
-        LLM(d, max_model_len=200)
+        LLM(d, dtype="float32", max_model_len=200)

@@ -1,0 +1,33 @@
+"""The benchmark workloads of shared/benchmarks.md, built exactly as specified (numpy default_rng)."""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Workload:
+    name: str
+    model_config: str            # folder name under shared/model-configs
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+
+def build(name: str) -> Workload:
+    if name == "W1":
+        return _random_lengths("W1", "Qwen--Qwen3-0.6B", 256, (100, 1024), (100, 1024))
+    if name == "W2":
+        return _random_lengths("W2", "meta-llama--Llama-3.1-8B-Instruct", 1000, (256, 2048), (64, 512))
+    if name == "W3":
+        rng = np.random.default_rng(0)
+        prefixes = [rng.integers(0, 10000, size=2000).tolist() for _ in range(8)]
+        prompts = [prefixes[i % 8] + rng.integers(0, 10000, size=100).tolist() for i in range(512)]
+        return Workload("W3", "meta-llama--Llama-3.1-8B-Instruct", prompts, [64] * 512)
+    raise ValueError(f"workload must be W1, W2 or W3, got {name!r}")
+
+
+def _random_lengths(name, model_config, n, in_range, out_range) -> Workload:
+    rng = np.random.default_rng(0)
+    input_lens = rng.integers(in_range[0], in_range[1] + 1, size=n)
+    output_lens = rng.integers(out_range[0], out_range[1] + 1, size=n)
+    prompts = [rng.integers(0, 10000, size=int(k)).tolist() for k in input_lens]
+    return Workload(name, model_config, prompts, [int(x) for x in output_lens])
