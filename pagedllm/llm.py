@@ -1,5 +1,6 @@
 """LLM: the offline, batch entry point."""
 import itertools
+import numbers
 import time
 
 from tqdm.auto import tqdm
@@ -36,8 +37,16 @@ class LLM:
         except Exception:
             self.engine.abort_request(ids)   # all or nothing: no half-added batch left in the engine
             raise
-        finished = self._run(len(prompts), use_tqdm)
+        try:
+            finished = self._run(len(prompts), use_tqdm)
+        except BaseException:   # e.g. Ctrl-C: leave no request of this batch running in the engine
+            self.engine.abort_request(ids)
+            raise
         return [finished[i] for i in ids]
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (False while requests hold blocks)."""
+        return self.engine.kv_cache_manager.reset_prefix_cache()
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -75,7 +84,7 @@ class LLM:
 def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
-    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+    if isinstance(prompts, list) and prompts and all(isinstance(t, numbers.Integral) for t in prompts):
         return [prompts]   # one prompt of token ids
     if not isinstance(prompts, (list, tuple)):
         raise TypeError(f"prompts must be a string, token ids, a dict or a list of those, got {type(prompts)}")

@@ -1,6 +1,7 @@
 """Engine: requests in, one step at a time, RequestOutputs out."""
 import dataclasses
 import logging
+import numbers
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class Engine:
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
-        prompt_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
+        prompt_ids = self.tokenizer.encode(prompt) if text is not None else _token_ids(prompt)
         self._validate_prompt(prompt_ids)
         params.validate_vocab(self.vocab_size)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
@@ -109,6 +110,11 @@ class Engine:
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()
+
+
+def _token_ids(prompt) -> list:
+    """Plain ints (numpy integers accepted); anything else is left for _validate_prompt to reject."""
+    return [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in prompt]
 
 
 def _load_hf_config(model: str):

@@ -158,3 +158,18 @@ def test_stats_are_logged_periodically(caplog):
     with caplog.at_level("INFO", logger="pagedllm"):
         llm.generate(["Once"] * 3, SamplingParams(max_tokens=4), use_tqdm=False)
     assert any("KV blocks used" in r.getMessage() for r in caplog.records)
+
+
+def test_numpy_token_ids_and_reset_prefix_cache(llm):
+    import numpy as np
+    ids = np.array(llm.get_tokenizer().encode("Once upon a time"))
+    a = llm.generate(ids.tolist(), SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
+    b = llm.generate(list(ids), SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate([[1, 2.5]], use_tqdm=False)
+    long_prompt = llm.get_tokenizer().encode("Once upon a time " * 10)
+    llm.generate(long_prompt, SamplingParams(max_tokens=1), use_tqdm=False)
+    assert llm.generate(long_prompt, SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens > 0
+    assert llm.reset_prefix_cache()
+    assert llm.generate(long_prompt, SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens == 0
