@@ -30,7 +30,8 @@ class EngineConfig:
     max_model_len: int | None = _f(None, "longest prompt + output (default: the model's max_position_embeddings)")
     max_num_seqs: int = _f(256, "most requests running in one step")
     max_num_batched_tokens: int = _f(8192, "token budget of one step; longer prompts are prefilled in chunks")
-    enable_prefix_caching: bool = _f(True, "reuse the KV of cached full blocks across requests")
+    enable_prefix_caching: bool = _f(True, "reuse the KV of cached full blocks across requests (off: the n "
+                                           "sequences of one request still share their prompt's blocks)")
     kv_cache_memory: int | None = _f(None, "bytes of KV cache (default on CPU: enough for max_num_seqs "
                                            "full-length requests, at most 4 GiB)")
     num_gpu_blocks_override: int | None = _f(None, "exact number of KV blocks (tests, debugging)")

@@ -28,7 +28,8 @@ class Request:
     """Progress is one counter: num_computed_tokens catches up with num_tokens (prompt + outputs)."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 max_tokens: int, block_size: int, arrival_time: float | None = None):
+                 max_tokens: int, block_size: int, arrival_time: float | None = None,
+                 cache_salt: str | None = None):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
@@ -41,6 +42,7 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
+        self.cache_salt = cache_salt     # in the first block's extra keys: only equal salts share blocks
         self.block_hashes: list[BlockHash] = []
         self._update_block_hashes()
 
@@ -69,4 +71,5 @@ class Request:
         bs = self.block_size
         for i in range(len(self.block_hashes), self.num_tokens // bs):
             parent = self.block_hashes[-1] if self.block_hashes else None
-            self.block_hashes.append(hash_block_tokens(parent, self.all_token_ids[i * bs:(i + 1) * bs]))
+            extra = (self.cache_salt,) if i == 0 and self.cache_salt is not None else None
+            self.block_hashes.append(hash_block_tokens(parent, self.all_token_ids[i * bs:(i + 1) * bs], extra))

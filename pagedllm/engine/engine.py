@@ -36,8 +36,8 @@ class Engine:
         self.eos_token_ids = load_eos_token_ids(config.model, self.tokenizer)
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.hf_config, self.device, self.dtype, self.max_model_len)
-        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
-                                               config.enable_prefix_caching)
+        # Always hashed: with prefix caching off, a per-request salt limits sharing to the n siblings.
+        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size, enable_caching=True)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -51,7 +51,8 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     kind: OutputKind = OutputKind.FINAL, arrival_time: float | None = None):
         """Validates and queues a request; a request that can never run is a ValueError here."""
-        if request_id in self.output_processor.parents:
+        child_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
+        if request_id in self.output_processor.parents or any(c in self.scheduler.requests for c in child_ids):
             raise ValueError(f"request_id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         prompt_ids = self.tokenizer.encode(prompt) if text is not None else _token_ids(prompt)
@@ -63,12 +64,13 @@ class Engine:
                                      (set() if params.ignore_eos else self.eos_token_ids))
         arrival_time = time.time() if arrival_time is None else arrival_time
         self.output_processor.add_request(request_id, text, prompt_ids, params, kind, arrival_time)
-        for i in range(params.n):
-            # Siblings share the prompt's blocks through the prefix cache; seeded siblings differ by index.
+        salt = None if self.config.enable_prefix_caching else request_id
+        for i, child_id in enumerate(child_ids):
+            # Siblings share the prompt's blocks through the block hashes; seeded siblings differ by index.
             child_params = params if params.n == 1 else dataclasses.replace(
                 params, n=1, seed=None if params.seed is None else params.seed + i)
-            self.scheduler.add_request(Request(child_request_id(request_id, i, params.n), prompt_ids,
-                                               child_params, max_tokens, self.config.block_size, arrival_time))
+            self.scheduler.add_request(Request(child_id, prompt_ids, child_params, max_tokens,
+                                               self.config.block_size, arrival_time, salt))
 
     def _validate_prompt(self, prompt_ids: list[int]):
         if not prompt_ids:

@@ -173,3 +173,15 @@ def test_numpy_token_ids_and_reset_prefix_cache(llm):
     assert llm.generate(long_prompt, SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens > 0
     assert llm.reset_prefix_cache()
     assert llm.generate(long_prompt, SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens == 0
+
+
+def test_request_ids_must_be_unique(llm):
+    engine = llm.engine
+    engine.add_request("a#0", [1, 5, 6], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", [1, 5, 6], SamplingParams(n=2, max_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a#0", [1, 5, 6], SamplingParams(max_tokens=2))
+    engine.abort_request("a#0")
+    assert not engine.has_unfinished_requests()
+    assert engine.get_stats().num_blocks_used == 0

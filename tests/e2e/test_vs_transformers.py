@@ -126,9 +126,10 @@ def test_seeded_sampling_is_independent_of_batch(tiny_model_dirs):
     assert again[0].outputs[0].token_ids != alone
 
 
-def test_parallel_sampling_shares_prompt_blocks(tiny_model_dirs):
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_parallel_sampling_shares_prompt_blocks(tiny_model_dirs, prefix_caching):
     d = tiny_model_dirs["llama"]
-    llm = LLM(d, dtype="float32", log_stats_interval=0)
+    llm = LLM(d, dtype="float32", enable_prefix_caching=prefix_caching, log_stats_interval=0)
     prompt = PROMPTS[6][:40]                                     # 2 full blocks + 8 tokens
     params = SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=8, ignore_eos=True)
     llm.engine.add_request("p", prompt, params)
@@ -143,6 +144,9 @@ def test_parallel_sampling_shares_prompt_blocks(tiny_model_dirs):
     assert [c.index for c in out.outputs] == [0, 1, 2, 3] and all(len(c.token_ids) == 8 for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1    # seeds differ per sequence
     assert llm.engine.get_stats().num_blocks_free == stats.num_blocks_total
+    # Another request with the same prompt reuses those blocks only when prefix caching is on.
+    again = llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert again.num_cached_tokens == (32 if prefix_caching else 0)
 
 
 def test_prompt_logprobs_match_transformers(tiny_model_dirs):

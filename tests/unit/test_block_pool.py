@@ -168,3 +168,11 @@ def test_same_prefix_in_two_blocks_keeps_one_in_map():
     kv.free(a)
     kv.free(b)
     assert kv.num_free_blocks == 8
+
+
+def test_cache_salt_separates_prefixes_and_chains_through():
+    def hashes(salt):
+        return Request("x", list(range(12)), SamplingParams(), 4, BS, cache_salt=salt).block_hashes
+    assert hashes(None) == hashes(None) and hashes("a") == hashes("a")
+    assert all(x != y for x, y in zip(hashes("a"), hashes("b")))    # the first block's salt reaches every hash
+    assert all(x != y for x, y in zip(hashes("a"), hashes(None)))
