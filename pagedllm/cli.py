@@ -21,7 +21,7 @@ def add_engine_args(parser: argparse.ArgumentParser):
 
 def _scalar_type(ftype):
     """int | None -> int, etc."""
-    if isinstance(ftype, (types.UnionType, typing._UnionGenericAlias)):
+    if isinstance(ftype, types.UnionType):
         ftype = next(a for a in typing.get_args(ftype) if a is not type(None))
     return ftype
 
