@@ -1,6 +1,7 @@
 """Engine statistics: counts the scheduler keeps, and the periodic log line."""
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 logger = logging.getLogger("pagedllm")
@@ -36,10 +37,11 @@ class StatsLogger:
         self._last_time = time.monotonic()
         self._last: SchedulerStats | None = None
 
-    def maybe_log(self, stats: SchedulerStats):
+    def maybe_log(self, get_stats: Callable[[], SchedulerStats]):
         now = time.monotonic()
         if self.interval <= 0 or now - self._last_time < self.interval:
             return
+        stats = get_stats()
         dt = now - self._last_time
         prev_prompt = self._last.num_prompt_tokens if self._last else 0
         prev_gen = self._last.num_generation_tokens if self._last else 0

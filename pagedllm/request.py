@@ -58,10 +58,6 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.all_token_ids) - len(self.prompt_token_ids)
 
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[len(self.prompt_token_ids):]
-
     def append_output_token_id(self, token_id: int):
         self.all_token_ids.append(token_id)
         self._update_block_hashes()

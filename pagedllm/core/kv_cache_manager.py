@@ -16,10 +16,12 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+    """Every full block is hashed. Prefix caching "off" is a per-request salt in the hashes (see Request),
+    so this class has no off switch."""
+
+    def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
-        self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.pool = BlockPool(num_blocks)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}   # leading blocks of a request already named by hash
         self.prefix_stats = PrefixCacheStats()
@@ -37,7 +39,7 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The longest run of leading full blocks whose hashes are cached, and the tokens they hold.
         Capped at num_tokens - 1: the last known token is always recomputed, since its logits are needed."""
-        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+        if request.sampling_params.prompt_logprobs is not None:
             return [], 0   # prompt logprobs need every prompt position computed
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks = []
@@ -50,9 +52,8 @@ class KVCacheManager:
 
     def record_prefix_lookup(self, request: Request, num_hit_tokens: int):
         """Counted once per admission (a request that waits is looked up again next step)."""
-        if self.enable_caching:
-            self.prefix_stats.queries += request.num_tokens
-            self.prefix_stats.hits += num_hit_tokens
+        self.prefix_stats.queries += request.num_tokens
+        self.prefix_stats.hits += num_hit_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[KVCacheBlock] = (),
@@ -82,8 +83,7 @@ class KVCacheManager:
         blocks.extend(new_computed_blocks)
         new_blocks = self.pool.get_new_blocks(max(num_new_blocks, 0))
         blocks.extend(new_blocks)
-        if self.enable_caching:
-            self._cache_full_blocks(request, blocks, num_total)
+        self._cache_full_blocks(request, blocks, num_total)
         return new_blocks
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int):

@@ -29,7 +29,6 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0      # prompt tokens computed (prefix hits excluded)
         self.num_generation_tokens = 0
-        self._sent_to_runner: set[str] = set()   # requests the runner holds with their current blocks
 
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request):
@@ -69,7 +68,9 @@ class Scheduler:
                 break
             num_scheduled[req.request_id] = num_new
             budget -= num_new
-            self._to_runner(req, new_blocks, new_reqs, cached_reqs)
+            # Scheduled in an earlier step, so the runner holds it: only the diff.
+            cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
+                                                 req.num_computed_tokens))
             i += 1
 
         # Admitting new work right after preempting would only preempt again.
@@ -90,7 +91,10 @@ class Scheduler:
             self.running.append(req)
             num_scheduled[req.request_id] = num_new
             budget -= num_new
-            self._to_runner(req, new_blocks, new_reqs, cached_reqs)
+            # First scheduled, or resumed after preemption: the runner gets it in full.
+            new_reqs.append(NewRequestData(req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
+                                           req.sampling_params, self.kv.get_block_ids(req.request_id),
+                                           req.num_computed_tokens))
 
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
                               self.finished_req_ids)
@@ -115,18 +119,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self._sent_to_runner.discard(req.request_id)
         self.waiting.appendleft(req)
-
-    def _to_runner(self, req: Request, new_blocks, new_reqs: list, cached_reqs: list):
-        if req.request_id in self._sent_to_runner:
-            cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
-                                                 req.num_computed_tokens))
-        else:
-            self._sent_to_runner.add(req.request_id)
-            new_reqs.append(NewRequestData(req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
-                                           req.sampling_params, self.kv.get_block_ids(req.request_id),
-                                           req.num_computed_tokens))
 
     # ---- after the step: the only place a request changes ----------------------------------------------
     def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
@@ -166,7 +159,6 @@ class Scheduler:
 
     def _free(self, req: Request):
         self.kv.free(req)
-        self._sent_to_runner.discard(req.request_id)
         self.finished_req_ids.add(req.request_id)
         del self.requests[req.request_id]
 

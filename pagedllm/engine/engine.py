@@ -36,8 +36,7 @@ class Engine:
         self.eos_token_ids = load_eos_token_ids(config.model, self.tokenizer)
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.hf_config, self.device, self.dtype, self.max_model_len)
-        # Always hashed: with prefix caching off, a per-request salt limits sharing to the n siblings.
-        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size, enable_caching=True)
+        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -59,11 +58,11 @@ class Engine:
         self._validate_prompt(prompt_ids)
         params.validate_vocab(self.vocab_size)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
-        params = dataclasses.replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
-                                     all_stop_token_ids=set(params.stop_token_ids) |
+        params = dataclasses.replace(params, all_stop_token_ids=set(params.stop_token_ids) |
                                      (set() if params.ignore_eos else self.eos_token_ids))
         arrival_time = time.time() if arrival_time is None else arrival_time
         self.output_processor.add_request(request_id, text, prompt_ids, params, kind, arrival_time)
+        # Prefix caching off: a salt keeps other requests out of this one's blocks, but not its n siblings.
         salt = None if self.config.enable_prefix_caching else request_id
         for i, child_id in enumerate(child_ids):
             # Siblings share the prompt's blocks through the block hashes; seeded siblings differ by index.
@@ -107,7 +106,7 @@ class Engine:
         core_outputs = self.scheduler.update_from_output(sched_out, runner_out)
         outputs, stopped = self.output_processor.process(core_outputs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        self.stats_logger.maybe_log(self.get_stats())
+        self.stats_logger.maybe_log(self.get_stats)
         return outputs
 
     def get_stats(self) -> SchedulerStats:

@@ -38,7 +38,6 @@ class _ParentRequest:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
     kind: OutputKind
     metrics: RequestMetrics
     seqs: list[_Sequence]
@@ -66,8 +65,7 @@ class OutputProcessor:
                           logprobs=[] if params.logprobs is not None else None,
                           cumulative_logprob=0.0 if params.logprobs is not None else None)
                 for i in range(params.n)]
-        parent = _ParentRequest(request_id, prompt, prompt_token_ids, params, kind,
-                                RequestMetrics(arrival_time), seqs)
+        parent = _ParentRequest(request_id, prompt, prompt_token_ids, kind, RequestMetrics(arrival_time), seqs)
         self.parents[request_id] = parent
         for s in seqs:
             self.child_to_parent[child_request_id(request_id, s.index, params.n)] = (parent, s)

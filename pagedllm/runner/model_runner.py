@@ -55,13 +55,14 @@ class ModelRunner:
         for req_id in sched.finished_req_ids:
             self.states.pop(req_id, None)
         for new in sched.new_reqs:
-            prev = self.states.get(new.req_id)   # resumed after preemption: keep generator and prompt logprobs
-            state = RunnerRequestState(new.req_id, list(new.token_ids), new.num_prompt_tokens,
-                                       new.sampling_params, list(new.block_ids), new.num_computed_tokens,
-                                       prev.generator if prev else self._make_generator(new.sampling_params))
-            if prev:
-                state.prompt_logprobs, state.prompt_logprobs_sent = prev.prompt_logprobs, prev.prompt_logprobs_sent
-            self.states[new.req_id] = state
+            state = self.states.get(new.req_id)
+            if state is None:
+                self.states[new.req_id] = RunnerRequestState(
+                    new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
+                    list(new.block_ids), new.num_computed_tokens, self._make_generator(new.sampling_params))
+            else:   # resumed after preemption: same generator and prompt logprobs, new blocks
+                state.token_ids, state.block_ids = list(new.token_ids), list(new.block_ids)
+                state.num_computed_tokens = new.num_computed_tokens
         for cached in sched.cached_reqs:
             state = self.states[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)

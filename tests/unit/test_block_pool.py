@@ -29,7 +29,7 @@ def test_free_queue_append_remove_popleft_in_o1_order():
 
 
 def test_pool_ref_counts_and_lazy_eviction():
-    pool = BlockPool(4, enable_caching=True)
+    pool = BlockPool(4)
     a, b = pool.get_new_blocks(2)
     assert (a.ref_cnt, b.ref_cnt, pool.num_free_blocks) == (1, 1, 2)
     pool.cache_full_blocks([a], [b"h-a"])
@@ -51,7 +51,7 @@ def test_pool_ref_counts_and_lazy_eviction():
 
 
 def test_touching_a_free_cached_block_takes_it_out_of_the_free_queue():
-    pool = BlockPool(3, enable_caching=True)
+    pool = BlockPool(3)
     (a,) = pool.get_new_blocks(1)
     pool.cache_full_blocks([a], [b"x"])
     pool.free_blocks([a])
@@ -133,15 +133,12 @@ def test_prefix_hit_survives_free_until_evicted_lru():
     assert kv.pool.get_cached_block(b.block_hashes[0]) is not None
 
 
-def test_prompt_logprobs_disable_prefix_hits_and_caching_off():
+def test_prompt_logprobs_disable_prefix_hits():
     kv = KVCacheManager(num_blocks=8, block_size=BS)
     a = make_request("a", range(9))
     kv.allocate_slots(a, 9)
     assert kv.get_computed_blocks(make_request("b", range(9), prompt_logprobs=1)) == ([], 0)
-    off = KVCacheManager(num_blocks=8, block_size=BS, enable_caching=False)
-    off.allocate_slots(a, 9)
-    assert off.get_computed_blocks(make_request("c", range(9))) == ([], 0)
-    assert off.pool.cached_blocks == {}
+    assert kv.get_computed_blocks(make_request("c", range(9)))[1] == 8
 
 
 def test_allocation_counts_free_cached_hits_as_used():
@@ -171,8 +168,16 @@ def test_same_prefix_in_two_blocks_keeps_one_in_map():
 
 
 def test_cache_salt_separates_prefixes_and_chains_through():
+    """Prefix caching off = a salt per user request: other requests miss, equal salts (siblings) hit."""
+    def request(salt):
+        return Request("x", list(range(12)), SamplingParams(), 4, BS, cache_salt=salt)
+
     def hashes(salt):
-        return Request("x", list(range(12)), SamplingParams(), 4, BS, cache_salt=salt).block_hashes
+        return request(salt).block_hashes
     assert hashes(None) == hashes(None) and hashes("a") == hashes("a")
     assert all(x != y for x, y in zip(hashes("a"), hashes("b")))    # the first block's salt reaches every hash
     assert all(x != y for x, y in zip(hashes("a"), hashes(None)))
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    kv.allocate_slots(request("a"), 12)
+    assert kv.get_computed_blocks(request("b"))[1] == 0 and kv.get_computed_blocks(request(None))[1] == 0
+    assert kv.get_computed_blocks(request("a"))[1] == 8

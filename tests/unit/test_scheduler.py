@@ -9,8 +9,8 @@ from pagedllm.sampling_params import SamplingParams
 BS = 4
 
 
-def make_scheduler(num_blocks=64, max_num_seqs=8, budget=64, max_model_len=256, caching=True):
-    kv = KVCacheManager(num_blocks, BS, caching)
+def make_scheduler(num_blocks=64, max_num_seqs=8, budget=64, max_model_len=256):
+    kv = KVCacheManager(num_blocks, BS)
     return Scheduler(kv, max_num_seqs, budget, max_model_len)
 
 
@@ -22,23 +22,18 @@ def add(sched, req_id, prompt_len, max_tokens=4, first_token=0, **params):
     return req
 
 
-def fake_runner(sched_out, token=7):
+def fake_runner(sched, sched_out, token=7):
     out = ModelRunnerOutput()
     for req_id, n in sched_out.num_scheduled_tokens.items():
-        req = SCHED.requests[req_id]
+        req = sched.requests[req_id]
         if req.num_computed_tokens + n == req.num_tokens:
             out.sampled_token_ids[req_id] = token
     return out
 
 
-SCHED = None
-
-
 def step(sched):
-    global SCHED
-    SCHED = sched
     out = sched.schedule()
-    return out, sched.update_from_output(out, fake_runner(out))
+    return out, sched.update_from_output(out, fake_runner(sched, out))
 
 
 def run_to_end(sched, max_steps=1000):
