@@ -10,6 +10,7 @@ from transformers import AutoConfig
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
+from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer
@@ -41,6 +42,7 @@ class Engine:
                                    self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats_logger = StatsLogger(config.log_stats_interval)
+        self._unprocessed: list[EngineCoreOutput] = []   # the last step's results, processed in the next
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,
                     Path(config.model).name, self.device, str(self.dtype).removeprefix("torch."),
@@ -97,15 +99,18 @@ class Engine:
             self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._unprocessed)
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches step N, then turns step N-1's results into RequestOutputs while the GPU
+        runs N. A stop string found there ends its request before N+1 is scheduled; the token N computed
+        for it is dropped (update_from_output skips finished requests)."""
         sched_out = self.scheduler.schedule()
-        runner_out = self.runner.execute(sched_out)
-        core_outputs = self.scheduler.update_from_output(sched_out, runner_out)
-        outputs, stopped = self.output_processor.process(core_outputs)
+        pending = self.runner.execute_async(sched_out)
+        outputs, stopped = self.output_processor.process(self._unprocessed)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self._unprocessed = self.scheduler.update_from_output(sched_out, pending.result())
         self.stats_logger.maybe_log(self.get_stats)
         return outputs
 
