@@ -8,6 +8,7 @@ the previous step, overlapping the GPU), wait (host blocked on the sampled ids: 
 """
 import argparse
 import json
+import logging
 import sys
 import time
 from collections import defaultdict
@@ -49,6 +50,7 @@ def main():
     parser.add_argument("--limit", type=int, default=None)
     add_engine_args(parser)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     w = workloads.build(args.workload)
     prompts, out_lens = w.prompts[:args.limit], w.output_lens[:args.limit]
     llm = LLM(**engine_kwargs(args))
