@@ -30,6 +30,8 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     num_tokens, num_kv_heads, head_dim = k.shape
     if k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("write_kv: k and v need a contiguous head_dim")
+    if num_tokens == 0:
+        return
     reshape_and_cache_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -47,6 +49,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     if num_q_heads % num_kv_heads or q.stride(2) != 1 or head_dim != k_cache.shape[3]:
         raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit the KV cache {tuple(kv_cache.shape)}")
     out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
     scale_log2 = scale * 1.4426950408889634        # exp(x) = exp2(x * log2(e))
     _decode(q, out, k_cache, v_cache, meta, scale_log2)
     if meta.max_query_len > 1:
