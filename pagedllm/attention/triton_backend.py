@@ -21,6 +21,7 @@ from pagedllm.attention.metadata import AttentionMetadata
 
 PARTITION = 512        # decode segment length in tokens (rows up to PARTITION * MAX_SEGMENTS tokens)
 MAX_SEGMENTS = 32      # more context than that: longer segments, never more of them
+PROGRAMS_PER_SM = 8    # decode spreads a row's segments over programs until about this many per SM
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -141,9 +142,11 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-@functools.cache
 def _target_programs(device: torch.device) -> int:
     """Decode programs that fill the GPU: a few per SM (the interpreter on CPU: a handful)."""
-    if device.type != "cuda":
-        return 8
-    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return PROGRAMS_PER_SM * _num_sms(device) if device.type == "cuda" else 8
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
