@@ -114,6 +114,16 @@ def sweep_configs(batch, kind, scale, fig):
         setattr(triton_backend, name, original)
     best = min(results)
     print(f"  best {name[1:]} {best[1]}: {best[0] * 1e3:.1f} us")
+    if kind == "decode":
+        default = triton_backend.PROGRAMS_PER_SM
+        try:
+            for per_sm in (2, 4, 16, 32):
+                triton_backend.PROGRAMS_PER_SM = per_sm
+                ms = do_bench(lambda: triton_backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale),
+                              return_mode="median")
+                print(f"    PROGRAMS_PER_SM={per_sm}: {ms * 1e3:8.1f} us  {fig(ms)}")
+        finally:
+            triton_backend.PROGRAMS_PER_SM = default
 
 
 def main():

@@ -21,6 +21,7 @@ from pagedllm.attention.metadata import AttentionMetadata
 
 PARTITION = 512        # decode segment length in tokens (rows up to PARTITION * MAX_SEGMENTS tokens)
 MAX_SEGMENTS = 32      # more context than that: longer segments, never more of them
+PROGRAMS_PER_SM = 8    # decode spreads a row's segments over programs until about this many per SM
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -30,6 +31,8 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     num_tokens, num_kv_heads, head_dim = k.shape
     if k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("write_kv: k and v need a contiguous head_dim")
+    if num_tokens == 0:
+        return
     reshape_and_cache_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -47,6 +50,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     if num_q_heads % num_kv_heads or q.stride(2) != 1 or head_dim != k_cache.shape[3]:
         raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit the KV cache {tuple(kv_cache.shape)}")
     out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
     scale_log2 = scale * 1.4426950408889634        # exp(x) = exp2(x * log2(e))
     _decode(q, out, k_cache, v_cache, meta, scale_log2)
     if meta.max_query_len > 1:
@@ -137,9 +142,11 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-@functools.cache
 def _target_programs(device: torch.device) -> int:
     """Decode programs that fill the GPU: a few per SM (the interpreter on CPU: a handful)."""
-    if device.type != "cuda":
-        return 8
-    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return PROGRAMS_PER_SM * _num_sms(device) if device.type == "cuda" else 8
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

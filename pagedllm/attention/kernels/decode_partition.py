@@ -23,7 +23,8 @@ def segment_len(seq_len, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr, TI
     return tl.maximum(spread, PARTITION)
 
 
-@triton.jit
+# num_splits unspecialised: one binary for every split count, so the count cannot change a result.
+@triton.jit(do_not_specialize=["num_splits"])
 def decode_partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,

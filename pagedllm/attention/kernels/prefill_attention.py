@@ -62,7 +62,9 @@ def prefill_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    q_block, kv_head = tl.program_id(0), tl.program_id(1)
+    # Highest q block first: the last blocks of a request see the most keys, so they start early and
+    # the short ones fill the tail.
+    q_block, kv_head = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     req = _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + req)
     query_len = tl.load(query_start_loc_ptr + req + 1) - q_start
