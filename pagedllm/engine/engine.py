@@ -112,6 +112,10 @@ class Engine:
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()
 
+    def reset_peak_stats(self):
+        """Restart the peak KV usage figures of get_stats() (the benchmark calls it after its warm-up)."""
+        self.scheduler.kv_peak.reset()
+
 
 def _token_ids(prompt) -> list:
     """Plain ints (numpy integers accepted); anything else is left for _validate_prompt to reject."""
