@@ -28,8 +28,8 @@ class Engine:
         start = time.perf_counter()
         self.config = config
         self.hf_config = _load_hf_config(config.model)
-        self.device = _resolve_device(config.device)
-        self.dtype = _resolve_dtype(config.dtype, self.hf_config, self.device)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = _resolve_max_model_len(config.max_model_len, self.hf_config)
         self.vocab_size = self.hf_config.vocab_size
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -129,13 +129,13 @@ def _load_hf_config(model: str):
     return AutoConfig.from_pretrained(model)
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cpu":
