@@ -93,12 +93,10 @@ class KVCacheManager:
         new_blocks = self.pool.get_new_blocks(max(num_new_blocks, 0))
         blocks.extend(new_blocks)
         self._cache_full_blocks(request, blocks, num_total)
-        self._set_empty_slots(request.request_id, len(blocks) * self.block_size - num_total)
+        num_empty = len(blocks) * self.block_size - num_total   # inline: once per scheduled request
+        self.num_empty_slots += num_empty - self.req_to_empty_slots.get(request.request_id, 0)
+        self.req_to_empty_slots[request.request_id] = num_empty
         return new_blocks
-
-    def _set_empty_slots(self, request_id: str, num_empty: int):
-        self.num_empty_slots += num_empty - self.req_to_empty_slots.get(request_id, 0)
-        self.req_to_empty_slots[request_id] = num_empty
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int):
         start = self.num_cached_blocks.get(request.request_id, 0)
