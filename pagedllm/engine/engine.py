@@ -29,8 +29,8 @@ class Engine:
         start = time.perf_counter()
         self.config = config
         self.hf_config = _load_hf_config(config.model)
-        self.device = _resolve_device(config.device)
-        self.dtype = _resolve_dtype(config.dtype, self.hf_config, self.device)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = _resolve_max_model_len(config.max_model_len, self.hf_config)
         self.vocab_size = self.hf_config.vocab_size
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -117,6 +117,10 @@ class Engine:
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()
 
+    def reset_peak_stats(self):
+        """Restart the peak KV usage figures of get_stats() (the benchmark calls it after its warm-up)."""
+        self.scheduler.kv_peak.reset()
+
 
 def _token_ids(prompt) -> list:
     """Plain ints (numpy integers accepted); anything else is left for _validate_prompt to reject."""
@@ -130,13 +134,13 @@ def _load_hf_config(model: str):
     return AutoConfig.from_pretrained(model)
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cpu":
