@@ -9,17 +9,13 @@ the previous step, overlapping the GPU), wait (host blocked on the sampled ids: 
 import argparse
 import json
 import logging
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import workloads  # noqa: E402
-
-from pagedllm import LLM, SamplingParams  # noqa: E402
-from pagedllm.cli import add_engine_args, engine_kwargs  # noqa: E402
-from pagedllm.request import RequestStatus  # noqa: E402
+from pagedllm import LLM, SamplingParams
+from pagedllm.bench import workloads
+from pagedllm.cli import add_engine_args, engine_kwargs
+from pagedllm.request import RequestStatus
 
 
 def timed_step(engine, totals, counts):

@@ -97,8 +97,9 @@ def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: floa
     group = num_q_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_m, tile_n, num_warps, num_stages = _prefill_config(q.dtype, head_dim)
-    # Tile rows = BLOCK_Q tokens x group_pad heads; short queries get fewer tokens (>= 16 rows for tl.dot).
-    block_q = max(1, 16 // group_pad, min(block_m // group_pad, triton.next_power_of_2(meta.max_query_len)))
+    # Tile rows = BLOCK_Q tokens x group_pad heads (>= 16 rows for tl.dot). One BLOCK_Q per model and
+    # dtype, not one per max_query_len: each new value would compile a kernel in the middle of a run.
+    block_q = max(1, 16 // group_pad, block_m // group_pad)
     # Request i's q blocks are numbered from query_start_loc[i] // block_q + i, so all of them fit below
     # num_tokens // block_q + num_reqs (ceil(n / b) <= n // b + 1); numbers in the gaps return at once.
     num_q_blocks = num_tokens // block_q + num_reqs

@@ -53,7 +53,8 @@ def _attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_he
     return acc, m_new, l_i
 
 
-@triton.jit
+# num_reqs changes every step: specializing on it (== 1, % 16) would compile new variants mid-run.
+@triton.jit(do_not_specialize=["num_reqs"])
 def prefill_attention_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     num_reqs, scale_log2,
