@@ -59,16 +59,19 @@ def _count_replays(graphs):
     return count
 
 
-def test_bf16_greedy_mostly_matches_float32_cpu(tiny_model_dirs):
-    d = tiny_model_dirs["llama"]
+def test_bf16_greedy_mostly_matches_float32_cpu():
+    """The shipped real model (random weights have near-ties everywhere): bf16 on GPU keeps at least 95% of
+    the first 32 greedy tokens of float32 on CPU (tokens before the first divergence, summed over prompts)."""
+    prompts = ["Once upon a time", "The little dog", "Lily wanted to", "One day, a big", "Tom and Sam went to the",
+               "She looked at the sky and", "The cat sat", "There was a"]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    ref = LLM(d, device="cpu", log_stats_interval=0).generate(PROMPTS, params, use_tqdm=False)
-    bf16 = LLM(d, device="cuda", dtype="bfloat16", log_stats_interval=0).generate(PROMPTS, params, use_tqdm=False)
+    ref = LLM(device="cpu", dtype="float32", log_stats_interval=0).generate(prompts, params, use_tqdm=False)
+    bf16 = LLM(device="cuda", dtype="bfloat16", log_stats_interval=0).generate(prompts, params, use_tqdm=False)
     same = 0
     for a, b in zip(ref, bf16):
         x, y = a.outputs[0].token_ids, b.outputs[0].token_ids
-        same += next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x))   # tokens before a divergence
-    assert same / (32 * len(PROMPTS)) >= 0.95
+        same += next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x))
+    assert same / (32 * len(prompts)) >= 0.95
 
 
 def test_kv_cache_sized_from_gpu_memory_utilization(tiny_model_dirs):
