@@ -38,6 +38,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device).manual_seed(config.seed)   # requests without a seed
         self.states: dict[str, RunnerRequestState] = {}
+        self._sampling_key: tuple[str, ...] | None = None
+        self._sampling_cache: SamplingMetadata | None = None
         self.tables = BlockTables(cdiv(max_model_len, self.block_size))
         max_reqs = config.max_num_seqs
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_reqs), max_reqs,
@@ -132,9 +134,17 @@ class ModelRunner:
         return torch.Generator(self.device).manual_seed(params.seed)
 
     def _sampling_metadata(self, rows: list[RunnerRequestState]) -> SamplingMetadata:
+        """Rebuilt only when the rows change: consecutive decode steps usually sample the same requests.
+        Rows under min_tokens ban ids for a number of steps, so their metadata is never reused."""
+        key = tuple(r.req_id for r in rows)
+        if key == self._sampling_key:
+            return self._sampling_cache
         banned = [list(r.params.all_stop_token_ids) if len(r.token_ids) - r.num_prompt_tokens < r.params.min_tokens
                   else [] for r in rows]
-        return SamplingMetadata.build([r.params for r in rows], [r.generator for r in rows], banned, self.device)
+        meta = SamplingMetadata.build([r.params for r in rows], [r.generator for r in rows], banned, self.device)
+        reusable = not any(r.params.min_tokens for r in rows)
+        self._sampling_key, self._sampling_cache = (key, meta) if reusable else (None, None)
+        return meta
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs, reqs: list[RunnerRequestState],
                          out: ModelRunnerOutput):
