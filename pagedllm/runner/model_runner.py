@@ -10,6 +10,7 @@ from pagedllm.models import model_dims
 from pagedllm.models.loader import load_model
 from pagedllm.runner.input_batch import RunnerRequestState, StepInputs, build_step_inputs
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block, determine_num_blocks
+from pagedllm.runner.kv_offload import KVOffload
 from pagedllm.sample.sampler import Sampler, SamplingMetadata, gather_logprobs
 
 logger = logging.getLogger("pagedllm")
@@ -30,6 +31,9 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB); %.1fx concurrency at max_model_len %d",
                     self.num_blocks, self.block_size, self.num_blocks * block_bytes / 2**20,
                     self.num_blocks * self.block_size / max_model_len, max_model_len)
+        # CPU pool and disk tier below the KV cache (None: preemption recomputes, no CPU tier)
+        self.kv_offload = KVOffload(config, hf_config, self.kv_caches, block_bytes) \
+            if config.kv_tiers_enabled else None
         self.sampler = Sampler()
         self.generator = torch.Generator(device).manual_seed(config.seed)   # requests without a seed
         self.states: dict[str, RunnerRequestState] = {}
@@ -38,6 +42,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(sched)
         out = ModelRunnerOutput()
+        if self.kv_offload is not None:   # block copies between tiers, before the forward reads the blocks
+            out.kv_transfer = self.kv_offload.execute(sched.kv_transfers)
         if sched.is_empty:
             return out
         reqs = [self.states[req_id] for req_id in sched.num_scheduled_tokens]
