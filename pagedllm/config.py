@@ -39,7 +39,7 @@ class EngineConfig:
     log_stats_interval: float = _f(10.0, "seconds between engine statistics log lines; 0 turns them off")
     preemption_mode: str = _f("recompute", "what happens to a preempted request's KV: recompute it later, "
                                            "swap it to CPU memory (swap_space), or offload its full blocks to "
-                                           "the CPU and disk tiers (needs kv_disk_dir)", choices=_PREEMPTION_MODES)
+                                           "the disk tier (needs kv_disk_dir)", choices=_PREEMPTION_MODES)
     swap_space: float = _f(4.0, "GiB of CPU memory for the blocks of swapped-out requests (preemption_mode swap)")
     cpu_offload_gb: float = _f(0.0, "GiB of CPU memory for the CPU tier of the prefix cache: full blocks evicted "
                                     "from the GPU keep their KV there (LRU); 0 = off")

@@ -25,10 +25,11 @@ class CachedRequestData:
 
 @dataclass
 class DiskOp:
-    """Write the block held by CPU slot `cpu_slot` to the disk tier as `block_hash`, or delete that file
-    (cpu_slot None). Applied in list order: a delete that makes room comes before the write it makes room for."""
+    """Write a block to the disk tier as `block_hash`, from a CPU slot or a GPU block; with neither, delete
+    that file. Applied in list order: a delete that makes room comes before the write it makes room for."""
     block_hash: bytes
-    cpu_slot: int | None
+    cpu_slot: int | None = None
+    gpu_block: int | None = None
 
 
 @dataclass

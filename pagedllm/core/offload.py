@@ -5,7 +5,8 @@ moves the bytes (runner/kv_offload.py) in the order its docstring states.
         ▲                        │                                          │
         └─── load, on a hit ─────┘ ◄── read + verify, the step before ──────┘
     preempted request ── swap ──► swap pool (swap_space) ── swap in when it resumes ──► GPU blocks
-                      ── offload ─► CPU tier + disk write; it resumes through the tiered prefix lookup
+                      ── offload ─► disk tier; it resumes through the tiered prefix lookup
+    a GPU block evicted while every CPU tier slot is pinned by this step goes straight to disk
 
 The CPU slots are one id space: swap slots [0, num_swap_slots), tier slots after them. Both pools are
 BlockPools: a tier slot is a cached block (hash -> slot, LRU free queue); a swap slot belongs to one request.
@@ -109,33 +110,28 @@ class KVOffloadManager:
         self._step_pins: list[KVCacheBlock] = []        # tier slots this step's copies touch
         self._step_swap_frees: list[KVCacheBlock] = []  # swap slots read by this step's swap-ins
         self._reading: list[tuple[BlockHash, KVCacheBlock]] = []   # disk reads of this step
-        self._offloaded: list[KVCacheBlock] = []        # offloaded this step: written to disk next step
-        self._prev_offloaded: list[KVCacheBlock] = []
         self._read_req_ids: set[str] = set()            # waited once for disk reads
         self._last_fallback_log = float("-inf")
         if self.disk is not None:
-            self.ops.disk_ops += [DiskOp(h, None) for h in self.disk.shrink()]   # kv_disk_gb was lowered
+            self.ops.disk_ops += [DiskOp(h) for h in self.disk.shrink()]   # kv_disk_gb was lowered
 
     # ---- GPU evictions and preemptions: KV leaving the GPU -------------------------------------------------
     def on_gpu_evict(self, block: KVCacheBlock, block_hash: BlockHash):
         """A cached GPU block is reused: keep its KV in the CPU tier (copied before this step's forward)."""
-        if self.store_evicted:
-            self._store_in_cpu(block.block_id, block_hash)
+        if not self.store_evicted or self._store_in_cpu(block.block_id, block_hash) is not None:
+            return
+        if self.disk is not None and block_hash not in self.disk:
+            self._write_to_disk(block_hash, gpu_block=block.block_id)
 
     def preempt(self, req: Request, blocks: list[KVCacheBlock]):
         """Called before the request's GPU blocks are freed; its computed tokens' KV is still in them."""
         num_computed = req.num_computed_tokens
         if self.preemption_mode == "swap" and num_computed > 0:
             self._swap_out(req, blocks[:-(-num_computed // self.block_size)], num_computed)
-        elif self.preemption_mode == "offload":
+        elif self.preemption_mode == "offload":   # full blocks only: the partial one is recomputed
             for block, h in zip(blocks[:num_computed // self.block_size], req.block_hashes):
-                slot = self._store_in_cpu(block.block_id, h)
-                if slot is None:
-                    self._log_fallback("the CPU tier has no free slot to offload through")
-                    return
                 if h not in self.disk:
-                    self.cpu_pool.touch([slot])   # written to disk next step, once the copy has landed
-                    self._offloaded.append(slot)
+                    self._write_to_disk(h, gpu_block=block.block_id)
 
     def _swap_out(self, req: Request, blocks: list[KVCacheBlock], num_computed: int):
         stats = self.stats["swap"]
@@ -167,11 +163,11 @@ class KVOffloadManager:
     def _spill_to_disk(self, slot: KVCacheBlock, h: BlockHash):
         """The CPU tier evicts `slot`: its bytes go to disk (snapshot taken before this step reuses it)."""
         if self.disk is not None and h not in self.disk:
-            self._write_to_disk(slot, h)
+            self._write_to_disk(h, cpu_slot=self._slot_id(slot))
 
-    def _write_to_disk(self, slot: KVCacheBlock, h: BlockHash):
-        self.ops.disk_ops += [DiskOp(old, None) for old in self.disk.add(h)]
-        self.ops.disk_ops.append(DiskOp(h, self._slot_id(slot)))
+    def _write_to_disk(self, h: BlockHash, cpu_slot: int | None = None, gpu_block: int | None = None):
+        self.ops.disk_ops += [DiskOp(old) for old in self.disk.add(h)]
+        self.ops.disk_ops.append(DiskOp(h, cpu_slot, gpu_block))
         self.stats["disk"].bytes_stored += self.block_bytes
 
     # ---- waiting requests: lookups below the GPU ------------------------------------------------------------
@@ -247,11 +243,6 @@ class KVOffloadManager:
     # ---- the step's transfers, and their results ----------------------------------------------------------------
     def take_ops(self) -> KVTransfers:
         """The copies decided this step; unpins what they touch (later steps are ordered after them)."""
-        for slot in self._prev_offloaded:   # copied to the CPU last step: their bytes have landed
-            if slot.block_hash not in self.disk:
-                self._write_to_disk(slot, slot.block_hash)
-        self._step_pins += self._prev_offloaded
-        self._prev_offloaded, self._offloaded = self._offloaded, []
         ops, self.ops = self.ops, KVTransfers()
         self.cpu_pool.free_blocks(reversed(self._step_pins))
         self.swap_pool.free_blocks(self._step_swap_frees)

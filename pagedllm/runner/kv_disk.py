@@ -55,6 +55,25 @@ def model_identity(model_dir: str, hf_config, dtype, block_size: int, load_forma
     return h.digest()
 
 
+class PendingPayload:
+    """A block's bytes that a device copy is still producing: the writer thread waits for them."""
+
+    def __init__(self):
+        self.array: np.ndarray | None = None
+        self._filled = threading.Event()
+        self._copy_done = None   # e.g. a torch.cuda.Event recorded after the copy into `array`
+
+    def fill(self, array: np.ndarray, copy_done=None):
+        self.array, self._copy_done = array, copy_done
+        self._filled.set()
+
+    def wait(self) -> np.ndarray:
+        self._filled.wait()
+        if self._copy_done is not None:
+            self._copy_done.synchronize()
+        return self.array
+
+
 class _Files:
     """The directory and its bookkeeping shared with the writer thread (which must not keep the DiskStore
     alive: dropping the store is what stops the thread)."""
@@ -131,7 +150,7 @@ class DiskStore:
         return [h for _, h in sorted(found)], num_removed
 
     # ---- writes and deletes: queued, done in order by one thread --------------------------------------------
-    def write(self, block_hash: bytes, payload: np.ndarray):
+    def write(self, block_hash: bytes, payload: np.ndarray | PendingPayload):
         """payload: a private copy of the block's bytes (uint8), owned by the writer from now on."""
         self._enqueue(block_hash, payload)
 
@@ -198,6 +217,9 @@ def _write_loop(jobs: queue.Queue, files: _Files):
         block_hash, payload = job
         start = time.perf_counter()
         try:
+            if isinstance(payload, PendingPayload):
+                payload = payload.wait()
+                start = time.perf_counter()
             if payload is None:
                 _remove(files.path(block_hash))
             else:

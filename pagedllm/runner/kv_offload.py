@@ -6,16 +6,18 @@ contiguous, exactly the payload of a disk block file. Slots [0, num_swap_slots) 
 rest the CPU tier of the prefix cache (core/offload.py keeps their bookkeeping).
 
 One step's KVTransfers, in this order, so that every read sees the bytes the scheduler meant:
-  1. if the host touches slots (2, 3): wait for the copy stream's earlier copies into them
-  2. disk ops in list order: a write snapshots its slot now (before 4 may reuse it); a delete is queued
-  3. disk reads into their slots, verified (the blocks are loaded to the GPU by a later step)
-  4. gather the GPU blocks leaving (swap out, CPU tier stores) before this step's forward overwrites them;
-     the forward waits for the gather only, so the device -> host copies into the slots overlap it
+  1. if the host touches slots (2, 4): wait for the copy stream's earlier copies into and out of them
+  2. disk ops, queued to the writer thread in list order: a write from a CPU slot snapshots it now (3 may
+     reuse the slot); a write from a GPU block gets its bytes in 3; a delete is just queued
+  3. gather the GPU blocks leaving (swap out, CPU tier stores, disk writes) before this step's forward
+     overwrites them; the forward waits for the gather only: the device -> host copies overlap it
+  4. disk reads into their slots, verified (a later step loads them; a read of a block written in 3
+     waits for that write)
   5. copy loaded slots (swap in, CPU tier hits) into their new GPU blocks; the forward waits for them
-On CUDA, 4 and 5 run on a copy stream of their own, after the work already queued on the compute stream.
+On CUDA, 3 and 5 run on a copy stream of their own, after the work already queued on the compute stream.
 """
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.core.messages import DiskOp, KVTransferResult, KVTransfers
 from pagedllm.core.offload import TierSizes
-from pagedllm.runner.kv_disk import DiskStore, model_identity
+from pagedllm.runner.kv_disk import DiskStore, PendingPayload, model_identity
 
 
 def get_kv_from_block(kv_caches: list[torch.Tensor], block_ids) -> torch.Tensor:
@@ -80,16 +82,17 @@ class KVOffload:
         result = KVTransferResult()
         if self.stream is not None and (t.disk_ops or t.disk_reads):
             self.stream.synchronize()
-        if t.disk_ops:
-            self._disk_ops(t.disk_ops)
+        to_disk = self._queue_disk_ops(t.disk_ops)
+        if t.swap_out or t.cpu_store or to_disk:
+            self._store(t, to_disk)
         if t.disk_reads:
             start = time.perf_counter()
             result.failed_reads = self.disk.read_many([(h, self._slot_bytes(s)) for h, s in t.disk_reads])
             result.load_seconds["disk"] = time.perf_counter() - start
+        if t.swap_in or t.cpu_load:
+            self._load(t)
         if self.disk is not None:
             result.store_seconds["disk"] = self.disk.take_write_seconds()
-        if t.swap_out or t.cpu_store or t.swap_in or t.cpu_load:
-            self._copy(t)
         self._read_timings(result)
         return result
 
@@ -98,45 +101,70 @@ class KVOffload:
         if self.disk is not None:
             self.disk.flush()
 
-    # ---- disk -------------------------------------------------------------------------------------------------
-    def _disk_ops(self, ops: list[DiskOp]):
+    def _queue_disk_ops(self, ops: list[DiskOp]) -> list[tuple[int, PendingPayload]]:
+        """Phase 2; returns the writes whose bytes come from GPU blocks, for phase 3."""
+        to_disk = []
         for op in ops:
-            if op.cpu_slot is None:
-                self.disk.delete(op.block_hash)
-            else:
+            if op.cpu_slot is not None:
                 self.disk.write(op.block_hash, self._slot_bytes(op.cpu_slot).copy())
+            elif op.gpu_block is not None:
+                to_disk.append((op.gpu_block, PendingPayload()))
+                self.disk.write(op.block_hash, to_disk[-1][1])
+            else:
+                self.disk.delete(op.block_hash)
+        return to_disk
 
     def _slot_bytes(self, slot: int) -> np.ndarray:
         return self.pool[slot].view(-1).view(torch.uint8).numpy()
 
-    # ---- GPU <-> CPU pool --------------------------------------------------------------------------------------
-    def _copy(self, t: KVTransfers):
-        main = torch.cuda.current_stream(self.stream.device) if self.stream is not None else None
-        if main is not None:
-            self.stream.wait_stream(main)   # after the forward that wrote the blocks, or last read them
-        with torch.cuda.stream(self.stream) if main is not None else nullcontext():
-            leaving = [(tier, pairs, get_kv_from_block(self.kv_caches, [b for b, _ in pairs]))
-                       for tier, pairs in (("swap", t.swap_out), ("cpu", t.cpu_store)) if pairs]
-            gathered = self._record()
-            for tier, pairs, kv in leaving:
+    # ---- GPU <-> CPU ----------------------------------------------------------------------------------------
+    def _store(self, t: KVTransfers, to_disk: list[tuple[int, PendingPayload]]):
+        groups = [(tier, pairs) for tier, pairs in (("swap", t.swap_out), ("cpu", t.cpu_store)) if pairs]
+        with self._on_copy_stream() as forward_waits_for:
+            leaving = [get_kv_from_block(self.kv_caches, [b for b, _ in pairs]) for _, pairs in groups]
+            disk_kv = get_kv_from_block(self.kv_caches, [b for b, _ in to_disk]) if to_disk else None
+            forward_waits_for.append(self._record())
+            for (tier, pairs), kv in zip(groups, leaving):
                 with self._timed(tier, "store"):
                     for i, slot, n in _runs([s for _, s in pairs]):
                         self.pool[slot:slot + n].copy_(kv[i:i + n], non_blocking=True)
+            if to_disk:
+                host = torch.empty((len(to_disk), self.pool[0].numel()), dtype=self.pool.dtype,
+                                   pin_memory=self.stream is not None)
+                host.copy_(disk_kv.view(len(to_disk), -1), non_blocking=True)
+                copied = self._record()
+                for i, (_, payload) in enumerate(to_disk):
+                    payload.fill(host[i].view(torch.uint8).numpy(), copied)
+
+    def _load(self, t: KVTransfers):
+        with self._on_copy_stream() as forward_waits_for:
             for tier, pairs in (("swap", t.swap_in), ("cpu", t.cpu_load)):
                 if pairs:
                     with self._timed(tier, "load"):
-                        self._load(pairs)
-            loaded = self._record()
-        if main is not None:
-            main.wait_event(gathered)
-            main.wait_event(loaded)
+                        self._load_pairs(pairs)
+            forward_waits_for.append(self._record())
 
-    def _load(self, pairs: list[tuple[int, int]]):
+    def _load_pairs(self, pairs: list[tuple[int, int]]):
         cache = self.kv_caches[0]
         staging = torch.empty((len(pairs), *self.pool.shape[1:]), dtype=cache.dtype, device=cache.device)
         for i, slot, n in _runs([s for s, _ in pairs]):
             staging[i:i + n].copy_(self.pool[slot:slot + n], non_blocking=True)
         put_kv_into_block(self.kv_caches, [b for _, b in pairs], staging)
+
+    @contextmanager
+    def _on_copy_stream(self):
+        """On CUDA: the block runs on the copy stream after the work queued on the compute stream, which
+        then waits for the events the block lists (and for nothing else)."""
+        if self.stream is None:
+            yield []
+            return
+        main = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(main)
+        waits = []
+        with torch.cuda.stream(self.stream):
+            yield waits
+        for event in waits:
+            main.wait_event(event)
 
     # ---- timing: CUDA events on the copy stream, read back once they have completed ---------------------------
     def _record(self):

@@ -31,11 +31,13 @@ class SymbolicRunner:
 
     def execute(self, out) -> ModelRunnerOutput:
         t, result = out.kv_transfers, KVTransferResult()
-        for op in t.disk_ops:
-            if op.cpu_slot is None:
-                self.disk.pop(op.block_hash, None)
-            else:
+        for op in t.disk_ops:   # GPU blocks change only at the loads below: reading them here is the same
+            if op.cpu_slot is not None:
                 self.disk[op.block_hash] = list(self.cpu[op.cpu_slot])
+            elif op.gpu_block is not None:
+                self.disk[op.block_hash] = list(self.gpu[op.gpu_block])
+            else:
+                self.disk.pop(op.block_hash, None)
             self.max_disk_files = max(self.max_disk_files, len(self.disk))
         for h, slot in t.disk_reads:
             self.num_reads += 1
@@ -102,7 +104,7 @@ def assert_no_leaks(sched, offload, runner):
 
 @pytest.mark.parametrize("mode,num_swap,num_cpu,num_disk", [
     ("recompute", 0, 0, 0), ("swap", 64, 0, 0), ("swap", 6, 0, 0), ("swap", 64, 10, 0),
-    ("recompute", 0, 10, 0), ("recompute", 0, 3, 12), ("offload", 0, 10, 20), ("offload", 0, 4, 6)])
+    ("recompute", 0, 10, 0), ("recompute", 0, 3, 12), ("offload", 0, 10, 20), ("offload", 0, 4, 10)])
 def test_every_request_finds_its_kv_after_preemption_and_tier_loads(mode, num_swap, num_cpu, num_disk):
     rng = np.random.default_rng(1)
     prefixes = [rng.integers(3, 10_000, size=n).tolist() for n in (9, 13, 17, 11, 15, 19)]
