@@ -69,9 +69,6 @@ class DiskIndex:
     def __contains__(self, h: BlockHash) -> bool:
         return h in self.lru
 
-    def __len__(self) -> int:
-        return len(self.lru)
-
     def touch(self, h: BlockHash):
         self.lru.move_to_end(h)
 
@@ -99,10 +96,8 @@ class KVOffloadManager:
         self.cpu_pool = BlockPool(sizes.num_cpu_slots, on_evict=self._spill_to_disk)
         self.slot_offset = sizes.num_swap_slots     # CPU tier slot i is CPU pool slot slot_offset + i
         self.disk = DiskIndex(sizes.num_disk_blocks, sizes.disk_hashes) if sizes.num_disk_blocks else None
-        self.stats: dict[str, KVTierStats] = {}
-        for name, on in (("swap", sizes.num_swap_slots), ("cpu", sizes.num_cpu_slots), ("disk", self.disk is not None)):
-            if on:
-                self.stats[name] = KVTierStats()
+        tiers = {"swap": sizes.num_swap_slots > 0, "cpu": sizes.num_cpu_slots > 0, "disk": self.disk is not None}
+        self.stats = {name: KVTierStats() for name, on in tiers.items() if on}
         if self.disk is not None:
             self.stats["disk"].invalid = sizes.num_invalid_files
         self.swapped: dict[str, tuple[list[KVCacheBlock], int]] = {}   # req id -> swap slots, computed tokens
@@ -152,7 +147,7 @@ class KVOffloadManager:
             self.cpu_pool.free_blocks([slot])
             return slot
         if self.cpu_pool.num_free_blocks == 0:
-            return None            # every slot is pinned by this step: the block is dropped
+            return None            # every slot is pinned by this step
         slot = self.cpu_pool.get_new_blocks(1)[0]
         self.cpu_pool.cache_full_blocks([slot], [h])
         self.ops.cpu_store.append((gpu_block_id, self._slot_id(slot)))
@@ -162,7 +157,11 @@ class KVOffloadManager:
 
     def _spill_to_disk(self, slot: KVCacheBlock, h: BlockHash):
         """The CPU tier evicts `slot`: its bytes go to disk (snapshot taken before this step reuses it)."""
-        if self.disk is not None and h not in self.disk:
+        if self.disk is None:
+            return
+        if h in self.disk:
+            self.disk.touch(h)
+        else:
             self._write_to_disk(h, cpu_slot=self._slot_id(slot))
 
     def _write_to_disk(self, h: BlockHash, cpu_slot: int | None = None, gpu_block: int | None = None):

@@ -8,6 +8,7 @@ the wrong slot, a slot reused too early, or a disk write of stale bytes shows up
 import numpy as np
 import pytest
 
+from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.messages import KVTransferResult, ModelRunnerOutput
 from pagedllm.core.offload import KVOffloadManager, TierSizes
@@ -156,3 +157,16 @@ def test_disk_index_evicts_least_recently_used_first():
         assert disk.add(h) == []
     disk.touch(b"a")
     assert disk.add(b"d") == [b"b"] and list(disk.lru) == [b"c", b"a", b"d"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"preemption_mode": "drop"}, "preemption_mode must be one of"),
+    ({"preemption_mode": "swap", "swap_space": 0}, "swap_space must be > 0 GiB"),
+    ({"cpu_offload_gb": -1}, "cpu_offload_gb must be >= 0"),
+    ({"kv_disk_gb": 0}, "kv_disk_gb must be > 0"),
+    ({"preemption_mode": "offload"}, "kv_disk_dir must be set"),
+    ({"kv_disk_dir": "/tmp/x"}, "cpu_offload_gb must be > 0 GiB when kv_disk_dir is set"),
+])
+def test_config_names_the_kv_tier_field_and_its_limit(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)
