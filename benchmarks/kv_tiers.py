@@ -34,7 +34,8 @@ def main():
     parser.add_argument("--gpu-prefixes", type=int, default=2,
                         help="KV blocks for this many whole requests (prefix + suffix + output)")
     parser.add_argument("--cpu-tier-gb", type=float, default=4.0, help="cpu_offload_gb of the cpu run")
-    parser.add_argument("--disk-run-cpu-gb", type=float, default=0.5, help="cpu_offload_gb of the disk run")
+    parser.add_argument("--disk-run-cpu-gb", type=float, default=1.0,
+                        help="cpu_offload_gb of the disk run: ~4 prefixes, less than the 8 that cycle")
     parser.add_argument("--disk-dir", default=None, help="kv_disk_dir of the disk run (default: a temp dir)")
     add_engine_args(parser)
     args = parser.parse_args()

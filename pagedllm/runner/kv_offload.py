@@ -119,7 +119,9 @@ class KVOffload:
 
     # ---- GPU <-> CPU ----------------------------------------------------------------------------------------
     def _store(self, t: KVTransfers, to_disk: list[tuple[int, PendingPayload]]):
-        groups = [(tier, pairs) for tier, pairs in (("swap", t.swap_out), ("cpu", t.cpu_store)) if pairs]
+        # Sorted by slot: consecutive slots make one copy each (a prefix is evicted tail first).
+        groups = [(tier, sorted(pairs, key=lambda p: p[1]))
+                  for tier, pairs in (("swap", t.swap_out), ("cpu", t.cpu_store)) if pairs]
         with self._on_copy_stream() as forward_waits_for:
             leaving = [get_kv_from_block(self.kv_caches, [b for b, _ in pairs]) for _, pairs in groups]
             disk_kv = get_kv_from_block(self.kv_caches, [b for b, _ in to_disk]) if to_disk else None
@@ -145,6 +147,7 @@ class KVOffload:
             forward_waits_for.append(self._record())
 
     def _load_pairs(self, pairs: list[tuple[int, int]]):
+        pairs = sorted(pairs)   # by slot: consecutive slots make one copy each
         cache = self.kv_caches[0]
         staging = torch.empty((len(pairs), *self.pool.shape[1:]), dtype=cache.dtype, device=cache.device)
         for i, slot, n in _runs([s for s, _ in pairs]):

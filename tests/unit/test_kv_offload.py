@@ -128,3 +128,8 @@ def test_model_identity_tells_dtype_block_size_and_weights_apart(model_dir):
     with open(weights, "r+b") as f:
         f.write(b"\1")
     assert first != model_identity(model_dir, hf_config, torch.float32, 16, "auto", "cpu")
+
+
+def test_consecutive_slots_are_copied_in_one_run():
+    from pagedllm.runner.kv_offload import _runs
+    assert _runs([4, 5, 6, 9, 10, 2]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1)]
