@@ -12,16 +12,13 @@ Files just written are usually still in the page cache: the disk figure is an up
 import argparse
 import gc
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 import torch
-from workloads import build as build_workload
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.bench.workloads import build as build_workload
 from pagedllm.cli import add_engine_args, engine_kwargs
 
 PREFIX_LEN, SUFFIX_LEN, OUTPUT_LEN = 2000, 100, 64

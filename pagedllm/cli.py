@@ -1,10 +1,12 @@
-"""`pagedllm generate`: engine flags are generated from EngineConfig's fields (names as vLLM's)."""
+"""`pagedllm generate` and `pagedllm bench throughput`: engine flags are generated from EngineConfig's fields
+(names as vLLM's)."""
 import argparse
 import logging
 import sys
 import types
 import typing
 
+from pagedllm.bench import throughput
 from pagedllm.config import config_fields
 
 
@@ -57,10 +59,19 @@ def main(argv=None):
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--log-level", default="WARNING")
     add_engine_args(gen)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    tput = bench.add_parser("throughput", help="offline throughput on a workload of shared/benchmarks.md; "
+                                               "prints one JSON line")
+    tput.add_argument("--log-level", default="WARNING")
+    throughput.add_args(tput)
+    add_engine_args(tput)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        _generate(args)
+        if args.command == "generate":
+            _generate(args)
+        else:
+            throughput.main(args, engine_kwargs(args))
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,9 +33,13 @@ class EngineConfig:
     max_num_batched_tokens: int = _f(8192, "token budget of one step; longer prompts are prefilled in chunks")
     enable_prefix_caching: bool = _f(True, "reuse the KV of cached full blocks across requests (off: the n "
                                            "sequences of one request still share their prompt's blocks)")
-    kv_cache_memory: int | None = _f(None, "bytes of KV cache (default on CPU: enough for max_num_seqs "
-                                           "full-length requests, at most 4 GiB)")
+    gpu_memory_utilization: float = _f(0.90, "share of the GPU's total memory this engine may use: weights, "
+                                              "activations (profiled) and the KV cache in what is left")
+    kv_cache_memory: int | None = _f(None, "bytes of KV cache, instead of sizing it from gpu_memory_utilization "
+                                           "(default on CPU: enough for max_num_seqs full-length requests, at "
+                                           "most 4 GiB)")
     num_gpu_blocks_override: int | None = _f(None, "exact number of KV blocks (tests, debugging)")
+    enforce_eager: bool = _f(False, "never use CUDA graphs (they replay decode-only steps)")
     log_stats_interval: float = _f(10.0, "seconds between engine statistics log lines; 0 turns them off")
     preemption_mode: str = _f("recompute", "what happens to a preempted request's KV: recompute it later, "
                                            "swap it to CPU memory (swap_space), or offload its full blocks to "
@@ -56,6 +60,8 @@ class EngineConfig:
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1", self.max_num_batched_tokens)
         _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", ">= 1",
                self.max_model_len)
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "in (0, 1]",
+               self.gpu_memory_utilization)
         _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "> 0 bytes",
                self.kv_cache_memory)
         _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,

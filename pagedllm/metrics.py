@@ -35,6 +35,10 @@ class SchedulerStats:
     num_preemptions: int           # cumulative
     num_prompt_tokens: int         # prompt tokens computed (cumulative; prefix hits excluded)
     num_generation_tokens: int     # cumulative
+    # KV accounting since start or Engine.reset_peak_stats() (definitions in core/kv_usage.py)
+    peak_blocks: int               # most KV blocks in use at the end of a step's scheduling
+    peak_running: int              # most requests running in one step
+    kv_waste_at_peak: float        # share of allocated KV slots holding no token, at peak_blocks
     kv_tiers: dict[str, KVTierStats] = field(default_factory=dict)   # tier name -> its stats (enabled tiers)
 
     @property

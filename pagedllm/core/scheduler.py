@@ -9,6 +9,7 @@ its KV is recomputed, or swapped / offloaded and loaded back (core/offload.py de
 from collections import deque
 
 from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.kv_usage import KVUsagePeak
 from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                     SchedulerOutput)
 from pagedllm.core.offload import KVOffloadManager
@@ -31,6 +32,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0      # prompt tokens computed (prefix hits excluded)
         self.num_generation_tokens = 0
+        self.kv_peak = KVUsagePeak(kv_cache_manager.block_size)
 
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request):
@@ -103,6 +105,7 @@ class Scheduler:
                                            req.sampling_params, self.kv.get_block_ids(req.request_id),
                                            req.num_computed_tokens))
 
+        self.kv_peak.observe(self.kv.num_used_blocks, self.kv.num_empty_slots, len(self.running))
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
                               self.finished_req_ids, self.offload.take_ops())
         self.finished_req_ids = set()
@@ -179,4 +182,5 @@ class Scheduler:
             kv_cache_usage=self.kv.usage(), prefix_cache_queries=self.kv.prefix_stats.queries,
             prefix_cache_hits=self.kv.prefix_stats.hits, num_preemptions=self.num_preemptions,
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
-            kv_tiers=self.offload.make_stats())
+            peak_blocks=self.kv_peak.peak_blocks, peak_running=self.kv_peak.peak_running,
+            kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats())

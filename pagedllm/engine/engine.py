@@ -10,6 +10,7 @@ from transformers import AutoConfig
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
+from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.core.offload import KVOffloadManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
@@ -29,8 +30,8 @@ class Engine:
         start = time.perf_counter()
         self.config = config
         self.hf_config = _load_hf_config(config.model)
-        self.device = _resolve_device(config.device)
-        self.dtype = _resolve_dtype(config.dtype, self.hf_config, self.device)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = _resolve_max_model_len(config.max_model_len, self.hf_config)
         self.vocab_size = self.hf_config.vocab_size
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -45,6 +46,7 @@ class Engine:
                                    self.max_model_len, offload)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats_logger = StatsLogger(config.log_stats_interval)
+        self._unprocessed: list[EngineCoreOutput] = []   # the last step's results, processed in the next
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,
                     Path(config.model).name, self.device, str(self.dtype).removeprefix("torch."),
@@ -101,20 +103,27 @@ class Engine:
             self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._unprocessed)
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches step N, then turns step N-1's results into RequestOutputs while the GPU
+        runs N. A stop string found there ends its request before N+1 is scheduled; the token N computed
+        for it is dropped (update_from_output skips finished requests)."""
         sched_out = self.scheduler.schedule()
-        runner_out = self.runner.execute(sched_out)
-        core_outputs = self.scheduler.update_from_output(sched_out, runner_out)
-        outputs, stopped = self.output_processor.process(core_outputs)
+        pending = self.runner.execute_async(sched_out)
+        outputs, stopped = self.output_processor.process(self._unprocessed)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self._unprocessed = self.scheduler.update_from_output(sched_out, pending.result())
         self.stats_logger.maybe_log(self.get_stats)
         return outputs
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()
+
+    def reset_peak_stats(self):
+        """Restart the peak KV usage figures of get_stats() (the benchmark calls it after its warm-up)."""
+        self.scheduler.kv_peak.reset()
 
 
 def _token_ids(prompt) -> list:
@@ -129,13 +138,13 @@ def _load_hf_config(model: str):
     return AutoConfig.from_pretrained(model)
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cpu":
