@@ -10,6 +10,7 @@ DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
+_PREEMPTION_MODES = ("recompute", "swap", "offload")
 
 
 def _f(default, help: str, **kw):
@@ -40,6 +41,15 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = _f(None, "exact number of KV blocks (tests, debugging)")
     enforce_eager: bool = _f(False, "never use CUDA graphs (they replay decode-only steps)")
     log_stats_interval: float = _f(10.0, "seconds between engine statistics log lines; 0 turns them off")
+    preemption_mode: str = _f("recompute", "what happens to a preempted request's KV: recompute it later, "
+                                           "swap it to CPU memory (swap_space), or offload its full blocks to "
+                                           "the disk tier (needs kv_disk_dir)", choices=_PREEMPTION_MODES)
+    swap_space: float = _f(4.0, "GiB of CPU memory for the blocks of swapped-out requests (preemption_mode swap)")
+    cpu_offload_gb: float = _f(0.0, "GiB of CPU memory for the CPU tier of the prefix cache: full blocks evicted "
+                                    "from the GPU keep their KV there (LRU); 0 = off")
+    kv_disk_dir: str | None = _f(None, "directory of the disk tier of the prefix cache (below the CPU tier, LRU); "
+                                       "it survives restarts; None = off")
+    kv_disk_gb: float = _f(16.0, "GiB the disk tier may use in kv_disk_dir (per model identity)")
 
     def __post_init__(self):
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
@@ -56,6 +66,24 @@ class EngineConfig:
                self.kv_cache_memory)
         _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
                "num_gpu_blocks_override", ">= 1", self.num_gpu_blocks_override)
+        self._check_kv_tiers()
+
+    def _check_kv_tiers(self):
+        _check(self.preemption_mode in _PREEMPTION_MODES, "preemption_mode", f"one of {_PREEMPTION_MODES}",
+               self.preemption_mode)
+        _check(self.swap_space > 0 if self.preemption_mode == "swap" else self.swap_space >= 0, "swap_space",
+               "> 0 GiB with preemption_mode swap (>= 0 otherwise)", self.swap_space)
+        _check(self.cpu_offload_gb >= 0, "cpu_offload_gb", ">= 0 GiB", self.cpu_offload_gb)
+        _check(self.kv_disk_gb > 0, "kv_disk_gb", "> 0 GiB", self.kv_disk_gb)
+        _check(self.kv_disk_dir is not None or self.preemption_mode != "offload", "kv_disk_dir",
+               "set with preemption_mode offload (blocks are offloaded to the disk tier)", self.kv_disk_dir)
+        _check(self.kv_disk_dir is None or self.cpu_offload_gb > 0, "cpu_offload_gb",
+               "> 0 GiB when kv_disk_dir is set (disk blocks are read and written through the CPU tier)",
+               self.cpu_offload_gb)
+
+    @property
+    def kv_tiers_enabled(self) -> bool:
+        return self.preemption_mode != "recompute" or self.cpu_offload_gb > 0
 
 
 def _check(ok: bool, name: str, limit: str, value):

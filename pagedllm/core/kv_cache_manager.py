@@ -19,9 +19,9 @@ class KVCacheManager:
     """Every full block is hashed. Prefix caching "off" is a per-request salt in the hashes (see Request),
     so this class has no off switch."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, on_evict=None):
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, on_evict)   # on_evict: the CPU tier keeps evicted blocks' KV
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}   # leading blocks of a request already named by hash
         self.prefix_stats = PrefixCacheStats()

@@ -11,6 +11,7 @@ from transformers import AutoConfig
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.messages import EngineCoreOutput
+from pagedllm.core.offload import KVOffloadManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer
@@ -37,9 +38,12 @@ class Engine:
         self.eos_token_ids = load_eos_token_ids(config.model, self.tokenizer)
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.hf_config, self.device, self.dtype, self.max_model_len)
-        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size)
+        offload = self.runner.kv_offload and KVOffloadManager(
+            config.block_size, config.preemption_mode, config.enable_prefix_caching, self.runner.kv_offload.sizes)
+        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
+                                               offload and offload.on_gpu_evict)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len)
+                                   self.max_model_len, offload)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats_logger = StatsLogger(config.log_stats_interval)
         self._unprocessed: list[EngineCoreOutput] = []   # the last step's results, processed in the next

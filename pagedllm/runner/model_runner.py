@@ -18,6 +18,7 @@ from pagedllm.models.loader import load_model
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequestState, StepInputs
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block, determine_num_blocks
+from pagedllm.runner.kv_offload import KVOffload
 from pagedllm.runner.memory_profile import profile_free_kv_bytes
 from pagedllm.sample.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
 from pagedllm.sampling_params import SamplingParams
@@ -58,6 +59,9 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); %.1fx concurrency at max_model_len %d",
                     self.num_blocks, self.block_size, self.num_blocks * block_bytes / 2**30,
                     self.num_blocks * self.block_size / max_model_len, max_model_len)
+        # CPU pool and disk tier below the KV cache (None: preemption recomputes, no CPU tier)
+        self.kv_offload = KVOffload(config, hf_config, self.kv_caches, block_bytes) \
+            if config.kv_tiers_enabled else None
         if self.graphs is not None:
             self.buffers.fill_padding()
             self.graphs.capture(self._graph_forward)
@@ -69,8 +73,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_async(self, sched: SchedulerOutput) -> "PendingOutput":
         self._update_states(sched)
+        # Block copies between the KV tiers, queued before the forward that reads the blocks.
+        transfer = self.kv_offload.execute(sched.kv_transfers) if self.kv_offload is not None else None
         if sched.is_empty:
-            return PendingOutput(ModelRunnerOutput(), [], None, None)
+            return PendingOutput(ModelRunnerOutput(kv_transfer=transfer), [], None, None)
         reqs = [self.states[req_id] for req_id in sched.num_scheduled_tokens]
         graph_size = self._graph_size(sched, len(reqs))
         inputs = self.buffers.build(reqs, list(sched.num_scheduled_tokens.values()), self.tables,
@@ -84,7 +90,7 @@ class ModelRunner:
         else:
             with set_forward_context(inputs.attn_metadata, self.kv_caches):
                 hidden = self.model(inputs.input_ids, inputs.positions)
-        out = ModelRunnerOutput()
+        out = ModelRunnerOutput(kv_transfer=transfer)
         if inputs.prompt_lp_rows:
             self._prompt_logprobs(hidden, inputs, reqs, out)
         if not rows:
