@@ -1,16 +1,21 @@
-"""`pagedllm generate`: engine flags are generated from EngineConfig's fields (names as vLLM's)."""
+"""`pagedllm generate | serve | bench serve`: engine and server flags are generated from the fields of
+EngineConfig and ServerConfig (names as vLLM's)."""
 import argparse
 import logging
 import sys
 import types
 import typing
 
-from pagedllm.config import config_fields
+from pagedllm.config import EngineConfig, ServerConfig, config_fields
 
 
 def add_engine_args(parser: argparse.ArgumentParser):
-    group = parser.add_argument_group("engine")
-    for name, ftype, default, meta in config_fields():
+    add_config_args(parser, EngineConfig, "engine")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
+    group = parser.add_argument_group(title)
+    for name, ftype, default, meta in config_fields(cls):
         flag = "--" + name.replace("_", "-")
         if ftype is bool or ftype == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
@@ -26,8 +31,8 @@ def _scalar_type(ftype):
     return ftype
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name, *_ in config_fields()}
+def engine_kwargs(args: argparse.Namespace, cls=EngineConfig) -> dict:
+    return {name: getattr(args, name) for name, *_ in config_fields(cls)}
 
 
 def _generate(args):
@@ -39,6 +44,27 @@ def _generate(args):
     for out in llm.generate(args.prompts, params, use_tqdm=len(args.prompts) > 1):
         for c in out.outputs:
             print(out.prompt + c.text)
+
+
+def _serve(args):
+    from pagedllm.server.api_server import serve
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    serve(EngineConfig(**engine_kwargs(args)), ServerConfig(**engine_kwargs(args, ServerConfig)))
+
+
+def _add_serve_parser(sub):
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="model directory (as --model)")
+    add_config_args(serve, ServerConfig, "server")
+    add_engine_args(serve)
+
+
+def _add_bench_parser(sub):
+    from pagedllm.bench import serve as bench_serve
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_serve.add_cli_args(bench_sub.add_parser("serve", help=bench_serve.__doc__.splitlines()[0]))
 
 
 def main(argv=None):
@@ -57,11 +83,20 @@ def main(argv=None):
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--log-level", default="WARNING")
     add_engine_args(gen)
+    _add_serve_parser(sub)
+    _add_bench_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = getattr(args, "log_level", "WARNING").upper()   # bench has no --log-level
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        _generate(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        if args.command == "generate":
+            _generate(args)
+        elif args.command == "serve":
+            _serve(args)
+        else:
+            from pagedllm.bench import serve as bench_serve
+            bench_serve.main(args)
+    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -37,13 +37,13 @@ class AsyncLLM:
         """max_waiting_queue_length: refuse new requests (QueueFullError) while this many sequences wait
         for their first step (None = no bound). on_step_stats: called with each step's request timings."""
         self.config = config
-        model = resolve_model(config)
+        model = resolve_model(config)   # the config's errors, before a process starts
+        self.core = CoreClient(config)
         self.max_model_len = model.max_model_len
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
-        self.core = CoreClient(config)   # blocks until the core process has its model and KV cache
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)   # while the core loads the model
         self.input_processor = InputProcessor(
             self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), model.hf_config.vocab_size,
-            self.max_model_len, config.block_size, self.core.num_blocks, config.enable_prefix_caching)
+            self.max_model_len, config.block_size, self.core.wait_ready(), config.enable_prefix_caching)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.on_step_stats = on_step_stats
@@ -54,12 +54,21 @@ class AsyncLLM:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- requests ----------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams,
+                    output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+        """Validates and queues the request now: raises ValueError for an invalid request, QueueFullError at
+        the waiting-queue bound. Returns the iterator of its outputs; leaving it early (break, cancel, a
+        closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
+        must abort() the request itself."""
+        return self._outputs(request_id, self._add_request(request_id, prompt, sampling_params, output_kind))
+
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
                        output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs until the finished one. Raises ValueError for an invalid request,
-        QueueFullError at the waiting-queue bound. Leaving early (break, cancel, a closed client) aborts
-        the request, which frees its KV blocks."""
-        q = self._add_request(request_id, prompt, sampling_params, output_kind)
+        """Yields the request's outputs as tokens arrive, until the finished one (see add_request)."""
+        async for out in self.add_request(request_id, prompt, sampling_params, output_kind):
+            yield out
+
+    async def _outputs(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:

@@ -72,7 +72,7 @@ def _handle(core, conn: Connection, msg: tuple) -> bool:
 
 
 class CoreClient:
-    """Starts the core process and waits until its KV cache is allocated (or raises its error)."""
+    """Starts the core process; wait_ready() returns once its KV cache is allocated (or raises its error)."""
 
     def __init__(self, config: EngineConfig):
         ctx = multiprocessing.get_context("spawn")
@@ -81,12 +81,12 @@ class CoreClient:
                                    args=(config, child_conn, logging.getLogger("pagedllm").getEffectiveLevel()))
         self.process.start()
         child_conn.close()
-        self.num_blocks = self._wait_ready()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="pagedllm-core-writer", daemon=True)
         self._writer.start()
 
-    def _wait_ready(self) -> int:
+    def wait_ready(self) -> int:
+        """The number of KV cache blocks, once the core has them."""
         while not self.conn.poll(0.5):
             if not self.process.is_alive():
                 raise RuntimeError(f"the engine core process died while starting (exit code "
