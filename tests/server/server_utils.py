@@ -80,6 +80,12 @@ def engine_metrics(server: Server) -> dict[str, float]:
     return values
 
 
+def finished(metrics: dict[str, float], reason: str) -> float:
+    """pagedllm:request_success_total for one finish reason (0 before the first)."""
+    return sum(v for k, v in metrics.items() if k.startswith("pagedllm:request_success_total")
+               and f'finished_reason="{reason}"' in k)
+
+
 def wait_all_blocks_free(server: Server, timeout: float = 15.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
