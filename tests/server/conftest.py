@@ -1,8 +1,8 @@
 """Real `pagedllm serve` processes on localhost, started once per session (in parallel), with a tiny model."""
 import pytest
 import torch
-from server_utils import (API_KEY, CHAT_TEMPLATE, MAX_MODEL_LEN, NUM_BLOCKS, Server, start_server, stop_server,
-                          wait_healthy)
+from server.server_utils import (API_KEY, CHAT_TEMPLATE, MAX_MODEL_LEN, NUM_BLOCKS, Server, start_server,
+                                 stop_server, wait_healthy)
 
 
 @pytest.fixture(scope="session")

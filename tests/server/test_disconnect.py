@@ -4,7 +4,7 @@ import socket
 import time
 
 import httpx
-from server_utils import MODEL_NAME, engine_metrics, finished, wait_all_blocks_free
+from server.server_utils import MODEL_NAME, engine_metrics, finished, wait_all_blocks_free
 
 LONG = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True}
 

@@ -4,7 +4,7 @@ import asyncio
 import httpx
 import openai
 import pytest
-from server_utils import MAX_MODEL_LEN, MODEL_NAME, wait_all_blocks_free
+from server.server_utils import MAX_MODEL_LEN, MODEL_NAME, wait_all_blocks_free
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]

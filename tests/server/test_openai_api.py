@@ -4,7 +4,7 @@ import asyncio
 import httpx
 import openai
 import pytest
-from server_utils import CHAT_TEMPLATE, MODEL_NAME, engine_metrics, wait_all_blocks_free
+from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, engine_metrics, wait_all_blocks_free
 
 from pagedllm import SamplingParams
 
