@@ -131,7 +131,8 @@ def _report(args, workload: str, model: str, prompts, results: list[RequestResul
     num_out = sum(r.num_output_tokens for r in ok)
     num_in = sum(len(p) for p, r in zip(prompts, results) if r.ok)
     tpots = [(r.latency - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
-    report = {"workload": workload, "model": model, "base_url": args.base_url, "request_rate": args.request_rate,
+    rate = "inf" if args.request_rate == float("inf") else args.request_rate   # JSON has no infinity
+    report = {"workload": workload, "model": model, "base_url": args.base_url, "request_rate": rate,
               "max_concurrency": args.max_concurrency, "requests": len(results), "completed": len(ok),
               "failed": len(results) - len(ok), "duration_s": round(duration, 2),
               "req_s": round(len(ok) / duration, 2), "output_tok_s": round(num_out / duration, 1),

@@ -1,22 +1,22 @@
 """Real `pagedllm serve` processes on localhost, started once per session (in parallel), with a tiny model."""
 import pytest
 import torch
-from server.server_utils import (API_KEY, CHAT_TEMPLATE, MAX_MODEL_LEN, NUM_BLOCKS, Server, start_server,
-                                 stop_server, wait_healthy)
+from server.server_utils import (API_KEY, CHAT_TEMPLATE, MAX_MODEL_LEN, NUM_BLOCKS, SMALL_API_KEY, Server,
+                                 start_server, stop_server, wait_healthy)
 
 
 @pytest.fixture(scope="session")
 def servers(tiny_model_dirs, tmp_path_factory):
-    """"main": API key via PAGEDLLM_API_KEY, a chat template; "small": one running sequence and a waiting
-    queue of one, for the 503. Both start at once: start-up is most of their cost."""
+    """"main": API key from PAGEDLLM_API_KEY, a chat template; "small": API key from --api-key, one running
+    sequence and a waiting queue of one, for the 503. Both start at once: start-up is most of their cost."""
     server_model_dir = tiny_model_dirs["llama"]
     logs = tmp_path_factory.mktemp("serve_logs")
     template = logs / "template.jinja"
     template.write_text(CHAT_TEMPLATE)
     started = {"main": start_server(server_model_dir, str(logs / "main.log"), API_KEY,
                                     "--chat-template", str(template)),
-               "small": start_server(server_model_dir, str(logs / "small.log"), None,
-                                     "--max-num-seqs", "1", "--max-waiting-queue-length", "1")}
+               "small": start_server(server_model_dir, str(logs / "small.log"), SMALL_API_KEY, "--api-key",
+                                     SMALL_API_KEY, "--max-num-seqs", "1", "--max-waiting-queue-length", "1")}
     try:
         for server in started.values():
             wait_healthy(server)

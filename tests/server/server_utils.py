@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import httpx
 
 API_KEY = "test-key"
+SMALL_API_KEY = "small-key"
 MODEL_NAME = "tiny"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -40,7 +41,7 @@ def start_server(model_dir: str, log_path: str, api_key: str | None, *flags: str
            "--served-model-name", MODEL_NAME, "--num-gpu-blocks-override", str(NUM_BLOCKS),
            "--max-model-len", str(MAX_MODEL_LEN), "--log-stats-interval", "0", "--log-level", "warning", *flags]
     # One torch thread: the server's two processes and the test process share two cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAGEDLLM_API_KEY": api_key or ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAGEDLLM_API_KEY": "" if "--api-key" in flags else (api_key or "")}
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))

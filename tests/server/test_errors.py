@@ -74,13 +74,16 @@ def test_unknown_model_is_404(server):
             model="no-such-model", prompt="a")
 
 
-def test_api_key_is_required_on_v1(server):
+def test_api_key_is_required_on_v1(server, servers):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": server.api_key}):
         for method, path in (("POST", COMPLETIONS), ("POST", CHAT), ("GET", "/v1/models")):
             r = httpx.request(method, server.url + path, json={"model": MODEL_NAME, "prompt": "a"}, headers=headers)
             _assert_error(r, 401, code="invalid_api_key")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    small = servers["small"]   # its key comes from --api-key
+    assert httpx.get(small.url + "/v1/models").status_code == 401
+    assert httpx.get(small.url + "/v1/models", headers=small.headers).status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200     # health and metrics stay open
     assert httpx.get(server.url + "/metrics").status_code == 200
 
@@ -97,7 +100,7 @@ def test_waiting_queue_over_its_bound_is_503_with_retry_after(servers):
     body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
 
     async def burst():
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, headers=server.headers) as client:
             return await asyncio.gather(*(client.post(COMPLETIONS, json=body) for _ in range(8)))
 
     responses = asyncio.run(burst())
