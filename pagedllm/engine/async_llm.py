@@ -5,6 +5,7 @@ in the API process's event loop and does the rest: tokenize and validate (InputP
 assemble RequestOutputs (OutputProcessor), and hand each one to the request's asyncio queue.
 """
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -60,7 +61,8 @@ class AsyncLLM:
         the waiting-queue bound. Returns the iterator of its outputs; leaving it early (break, cancel, a
         closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
         must abort() the request itself."""
-        return self._outputs(request_id, self._add_request(request_id, prompt, sampling_params, output_kind))
+        q = self._add_request(request_id, prompt, sampling_params, output_kind)
+        return self._outputs(request_id, q, output_kind)
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
                        output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
@@ -68,11 +70,15 @@ class AsyncLLM:
         async for out in self.add_request(request_id, prompt, sampling_params, output_kind):
             yield out
 
-    async def _outputs(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, request_id: str, q: asyncio.Queue, kind: OutputKind) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
                 out = await q.get()
+                while not q.empty() and not isinstance(out, BaseException):
+                    # A consumer that fell behind gets one output for several steps: less work per token
+                    # just when the API process is the bottleneck.
+                    out = _merge(out, q.get_nowait(), kind)
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
@@ -173,3 +179,18 @@ class AsyncLLM:
             if not fut.done():
                 fut.set_exception(error)
 
+
+def _merge(a: RequestOutput, b, kind: OutputKind):
+    """b came after a. DELTA outputs concatenate per sequence; the others are snapshots: b wins."""
+    if isinstance(b, BaseException) or kind != OutputKind.DELTA:
+        return b
+    merged = {c.index: c for c in a.outputs}
+    for c in b.outputs:
+        prev = merged.get(c.index)
+        if prev is None:
+            merged[c.index] = c
+            continue
+        logprobs = None if prev.logprobs is None else prev.logprobs + (c.logprobs or [])
+        merged[c.index] = dataclasses.replace(c, text=prev.text + c.text, token_ids=prev.token_ids + c.token_ids,
+                                              logprobs=logprobs)
+    return dataclasses.replace(b, outputs=sorted(merged.values(), key=lambda c: c.index))
