@@ -125,10 +125,6 @@ class AsyncLLM:
         self.core.send(("stats",))
         return await fut
 
-    @property
-    def num_waiting_sequences(self) -> int:
-        return len(self._unscheduled)
-
     def shutdown(self):
         if self._loop is not None and not self.dead:
             self._loop.remove_reader(self.core.conn.fileno())

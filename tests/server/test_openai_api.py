@@ -55,6 +55,24 @@ def test_completions_token_ids_list_prompts_stop_and_echo(client, offline_llm):
     assert any(c.finish_reason == "stop" for c in out.choices), "the stop string never matched: pick another"
 
 
+def test_streamed_list_of_prompts_with_echo_and_logprobs_equals_non_streamed(client, offline_llm):
+    kw = dict(model=MODEL_NAME, prompt=PROMPTS[:3], max_tokens=10, temperature=1.0, seed=11, n=2, echo=True,
+              logprobs=1)
+    full = client.completions.create(**kw)
+    texts, reasons, usage = _stream_text(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                                                    **kw))
+    assert sorted(texts) == [c.index for c in full.choices] == list(range(6))
+    assert [texts[c.index] for c in full.choices] == [c.text for c in full.choices]
+    assert all(c.text.startswith(PROMPTS[c.index // 2]) for c in full.choices)
+    assert [reasons[c.index] for c in full.choices] == [c.finish_reason for c in full.choices]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (full.usage.prompt_tokens, full.usage.completion_tokens)
+    for c in full.choices:   # echo + logprobs: the prompt's tokens first, the first one without a logprob
+        assert c.logprobs.token_logprobs[0] is None
+        num_prompt = len(offline_llm.get_tokenizer().encode(PROMPTS[c.index // 2]))
+        assert len(c.logprobs.token_logprobs) == len(c.logprobs.tokens) == num_prompt + 10
+        assert all(lp is not None for lp in c.logprobs.token_logprobs[1:])
+
+
 def test_completion_logprobs_match_offline(client, offline_llm):
     out = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=3)
     [ref] = offline_llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0, logprobs=3),
