@@ -4,7 +4,7 @@ import asyncio
 import httpx
 import openai
 import pytest
-from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, engine_metrics, wait_all_blocks_free
+from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, wait_all_blocks_free
 
 from pagedllm import SamplingParams
 
@@ -152,4 +152,4 @@ def test_200_concurrent_streams_match_offline_and_free_every_block(server, offli
     assert m["pagedllm:kv_cache_usage_perc"] == 0.0
     assert m["pagedllm:num_requests_running"] == 0 and m["pagedllm:num_requests_waiting"] == 0
     assert m["pagedllm:time_to_first_token_seconds_count"] >= 200
-    assert engine_metrics(server)["pagedllm:generation_tokens_total"] >= 200 * 12
+    assert m["pagedllm:generation_tokens_total"] >= sum(len(r.outputs[0].token_ids) for r in refs)
