@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from pagedllm.config import EngineConfig
+from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.engine.core_process import CoreClient
 from pagedllm.engine.engine import resolve_model
 from pagedllm.engine.input_processor import InputProcessor
@@ -142,7 +143,7 @@ class AsyncLLM:
             while self.core.conn.poll():
                 msg = self.core.conn.recv()
                 if msg[0] == "outputs":
-                    self._process_outputs(msg[1], msg[2])
+                    self._process_outputs([EngineCoreOutput(*row) for row in msg[1]], msg[2])
                 elif msg[0] == "stats":
                     fut = self._stats_waiters.popleft()
                     if not fut.done():

@@ -10,9 +10,10 @@ schedules, runs the model and sends token ids; the API process does everything e
       reader callback (event loop)  ◄──────────── pipe ◄──  ("outputs", [EngineCoreOutput], StepStats)
 
 Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], RequestStatus), ("stats",),
-("shutdown",) in; ("ready", num_blocks) or ("failed", message) once, then ("outputs", ...) and
-("stats", SchedulerStats) out, in order. The writer thread keeps the event loop from blocking on a full
-pipe (a burst of long prompts) while the core is itself blocked sending outputs: that would deadlock.
+("shutdown",) in; ("ready", num_blocks) or ("failed", message) once, then ("outputs", [EngineCoreOutput field
+values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thread keeps the event loop from
+blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending outputs: that would
+deadlock.
 """
 import logging
 import multiprocessing
@@ -49,7 +50,8 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
                 stats = StepStats()
                 outputs = core.step(stats)
                 if outputs or stats.first_scheduled_ids:
-                    conn.send(("outputs", outputs, stats))
+                    # Rows of field values pickle ~6x faster than dataclass objects (0.07 vs 0.4 ms for 256).
+                    conn.send(("outputs", [tuple(o.__dict__.values()) for o in outputs], stats))
                 stats_logger.maybe_log(core.get_stats)
     except (EOFError, BrokenPipeError):   # the API process is gone
         return
