@@ -1,11 +1,13 @@
-"""`pagedllm generate | serve | bench serve`: engine and server flags are generated from the fields of
-EngineConfig and ServerConfig (names as vLLM's)."""
+"""`pagedllm generate | serve | bench throughput | bench serve`: engine and server flags are generated from the
+fields of EngineConfig and ServerConfig (names as vLLM's)."""
 import argparse
 import logging
 import sys
 import types
 import typing
 
+from pagedllm.bench import serve as bench_serve
+from pagedllm.bench import throughput
 from pagedllm.config import EngineConfig, ServerConfig, config_fields
 
 
@@ -60,13 +62,6 @@ def _add_serve_parser(sub):
     add_engine_args(serve)
 
 
-def _add_bench_parser(sub):
-    from pagedllm.bench import serve as bench_serve
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    bench_serve.add_cli_args(bench_sub.add_parser("serve", help=bench_serve.__doc__.splitlines()[0]))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: LLM inference with a paged KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,17 +79,24 @@ def main(argv=None):
     gen.add_argument("--log-level", default="WARNING")
     add_engine_args(gen)
     _add_serve_parser(sub)
-    _add_bench_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    tput = bench.add_parser("throughput", help="offline throughput on a workload of shared/benchmarks.md; "
+                                               "prints one JSON line")
+    tput.add_argument("--log-level", default="WARNING")
+    throughput.add_args(tput)
+    add_engine_args(tput)
+    bench_serve.add_cli_args(bench.add_parser("serve", help=bench_serve.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    level = getattr(args, "log_level", "WARNING").upper()   # bench has no --log-level
+    level = getattr(args, "log_level", "WARNING").upper()   # bench serve has no --log-level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "generate":
             _generate(args)
         elif args.command == "serve":
             _serve(args)
+        elif args.bench == "throughput":
+            throughput.main(args, engine_kwargs(args))
         else:
-            from pagedllm.bench import serve as bench_serve
             bench_serve.main(args)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

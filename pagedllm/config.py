@@ -10,6 +10,7 @@ DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
+_PREEMPTION_MODES = ("recompute", "swap", "offload")
 
 
 def _f(default, help: str, **kw):
@@ -32,10 +33,23 @@ class EngineConfig:
     max_num_batched_tokens: int = _f(8192, "token budget of one step; longer prompts are prefilled in chunks")
     enable_prefix_caching: bool = _f(True, "reuse the KV of cached full blocks across requests (off: the n "
                                            "sequences of one request still share their prompt's blocks)")
-    kv_cache_memory: int | None = _f(None, "bytes of KV cache (default on CPU: enough for max_num_seqs "
-                                           "full-length requests, at most 4 GiB)")
+    gpu_memory_utilization: float = _f(0.90, "share of the GPU's total memory this engine may use: weights, "
+                                              "activations (profiled) and the KV cache in what is left")
+    kv_cache_memory: int | None = _f(None, "bytes of KV cache, instead of sizing it from gpu_memory_utilization "
+                                           "(default on CPU: enough for max_num_seqs full-length requests, at "
+                                           "most 4 GiB)")
     num_gpu_blocks_override: int | None = _f(None, "exact number of KV blocks (tests, debugging)")
+    enforce_eager: bool = _f(False, "never use CUDA graphs (they replay decode-only steps)")
     log_stats_interval: float = _f(10.0, "seconds between engine statistics log lines; 0 turns them off")
+    preemption_mode: str = _f("recompute", "what happens to a preempted request's KV: recompute it later, "
+                                           "swap it to CPU memory (swap_space), or offload its full blocks to "
+                                           "the disk tier (needs kv_disk_dir)", choices=_PREEMPTION_MODES)
+    swap_space: float = _f(4.0, "GiB of CPU memory for the blocks of swapped-out requests (preemption_mode swap)")
+    cpu_offload_gb: float = _f(0.0, "GiB of CPU memory for the CPU tier of the prefix cache: full blocks evicted "
+                                    "from the GPU keep their KV there (LRU); 0 = off")
+    kv_disk_dir: str | None = _f(None, "directory of the disk tier of the prefix cache (below the CPU tier, LRU); "
+                                       "it survives restarts; None = off")
+    kv_disk_gb: float = _f(16.0, "GiB the disk tier may use in kv_disk_dir (per model identity)")
 
     def __post_init__(self):
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
@@ -46,10 +60,30 @@ class EngineConfig:
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1", self.max_num_batched_tokens)
         _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", ">= 1",
                self.max_model_len)
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "in (0, 1]",
+               self.gpu_memory_utilization)
         _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "> 0 bytes",
                self.kv_cache_memory)
         _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
                "num_gpu_blocks_override", ">= 1", self.num_gpu_blocks_override)
+        self._check_kv_tiers()
+
+    def _check_kv_tiers(self):
+        _check(self.preemption_mode in _PREEMPTION_MODES, "preemption_mode", f"one of {_PREEMPTION_MODES}",
+               self.preemption_mode)
+        _check(self.swap_space > 0 if self.preemption_mode == "swap" else self.swap_space >= 0, "swap_space",
+               "> 0 GiB with preemption_mode swap (>= 0 otherwise)", self.swap_space)
+        _check(self.cpu_offload_gb >= 0, "cpu_offload_gb", ">= 0 GiB", self.cpu_offload_gb)
+        _check(self.kv_disk_gb > 0, "kv_disk_gb", "> 0 GiB", self.kv_disk_gb)
+        _check(self.kv_disk_dir is not None or self.preemption_mode != "offload", "kv_disk_dir",
+               "set with preemption_mode offload (blocks are offloaded to the disk tier)", self.kv_disk_dir)
+        _check(self.kv_disk_dir is None or self.cpu_offload_gb > 0, "cpu_offload_gb",
+               "> 0 GiB when kv_disk_dir is set (disk blocks are read and written through the CPU tier)",
+               self.cpu_offload_gb)
+
+    @property
+    def kv_tiers_enabled(self) -> bool:
+        return self.preemption_mode != "recompute" or self.cpu_offload_gb > 0
 
 
 @dataclass

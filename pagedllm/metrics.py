@@ -8,6 +8,22 @@ logger = logging.getLogger("pagedllm")
 
 
 @dataclass
+class KVTierStats:
+    """One tier of the KV hierarchy below the GPU ("swap", "cpu", "disk"); cumulative, counted in blocks."""
+    hits: int = 0            # blocks loaded from this tier instead of being recomputed
+    misses: int = 0          # lookups that went on past this tier (or swap-outs that found the pool full)
+    invalid: int = 0         # blocks found truncated, corrupt or foreign, removed (disk)
+    bytes_stored: int = 0
+    bytes_loaded: int = 0
+    store_seconds: float = 0.0   # transfer time into the tier (on CUDA: measured on the copy stream)
+    load_seconds: float = 0.0    # transfer time out of it into GPU blocks (disk: file reads)
+
+    @property
+    def load_gb_per_s(self) -> float:
+        return self.bytes_loaded / self.load_seconds / 1e9 if self.load_seconds else 0.0
+
+
+@dataclass
 class SchedulerStats:
     num_running: int
     num_waiting: int
@@ -19,6 +35,11 @@ class SchedulerStats:
     num_preemptions: int           # cumulative
     num_prompt_tokens: int         # prompt tokens computed (cumulative; prefix hits excluded)
     num_generation_tokens: int     # cumulative
+    # KV accounting since start or Engine.reset_peak_stats() (definitions in core/kv_usage.py)
+    peak_blocks: int               # most KV blocks in use at the end of a step's scheduling
+    peak_running: int              # most requests running in one step
+    kv_waste_at_peak: float        # share of allocated KV slots holding no token, at peak_blocks
+    kv_tiers: dict[str, KVTierStats] = field(default_factory=dict)   # tier name -> its stats (enabled tiers)
 
     @property
     def num_blocks_used(self) -> int:
@@ -70,4 +91,8 @@ class StatsLogger:
             (stats.num_prompt_tokens - prev_prompt) / dt, (stats.num_generation_tokens - prev_gen) / dt,
             stats.num_running, stats.num_waiting, stats.num_blocks_used, stats.num_blocks_total,
             100 * stats.kv_cache_usage, 100 * stats.prefix_cache_hit_rate, stats.num_preemptions)
+        for name, tier in stats.kv_tiers.items():
+            logger.info("KV tier %s: hits %d, misses %d, invalid %d, stored %.1f MiB, loaded %.1f MiB (%.1f GB/s)",
+                        name, tier.hits, tier.misses, tier.invalid, tier.bytes_stored / 2**20,
+                        tier.bytes_loaded / 2**20, tier.load_gb_per_s)
         self._last_time, self._last = now, stats

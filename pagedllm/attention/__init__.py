@@ -6,6 +6,9 @@ import torch
 
 
 def get_attention_backend(device: torch.device) -> ModuleType:
-    # A Triton backend with the same two functions takes CUDA once it exists; torch serves everything now.
+    """Triton kernels on CUDA; plain PyTorch (the reference) everywhere else."""
+    if torch.device(device).type == "cuda":
+        from pagedllm.attention import triton_backend
+        return triton_backend
     from pagedllm.attention import torch_backend
     return torch_backend

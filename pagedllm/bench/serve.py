@@ -12,22 +12,12 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-
-def build_workload(name: str):
-    """The workload builder's one import site (it moves from benchmarks/ into pagedllm/bench/)."""
-    try:
-        from pagedllm.bench.workloads import build
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-        from workloads import build
-    return build(name)
+from pagedllm.bench.workloads import WORKLOADS, build
 
 
 @dataclass
@@ -44,8 +34,8 @@ def add_cli_args(parser: argparse.ArgumentParser):
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     parser.add_argument("--endpoint", default="/v1/completions")
     parser.add_argument("--model", default=None, help="model name in the API (default: the server's first)")
-    parser.add_argument("--workload", default="W1", choices=["W1", "W2", "W3"])
-    parser.add_argument("--num-prompts", type=int, default=None, help="only the first N requests")
+    parser.add_argument("--workload", default="W1", choices=WORKLOADS, help="a workload of shared/benchmarks.md")
+    parser.add_argument("--num-requests", type=int, default=None, help="only the first N requests (quick runs)")
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
@@ -58,8 +48,8 @@ def main(args: argparse.Namespace):
 
 async def run(args: argparse.Namespace) -> dict:
     import aiohttp
-    w = build_workload(args.workload)
-    prompts, out_lens = w.prompts[:args.num_prompts], w.output_lens[:args.num_prompts]
+    w = build(args.workload)
+    prompts, out_lens = w.prompts[:args.num_requests], w.output_lens[:args.num_requests]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)

@@ -7,6 +7,7 @@ it out again (lazy eviction). The free queue's head is evicted first:
 
 Blocks with no hash hold nothing reusable and go to the front; cached ones go to the back.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pagedllm.core.block_hash import BlockHash
@@ -71,8 +72,9 @@ class FreeBlockQueue:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, on_evict: Callable[[KVCacheBlock, BlockHash], None] | None = None):
         self.num_blocks = num_blocks
+        self.on_evict = on_evict   # told of each cached block handed out again, before it is reused
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached_blocks: dict[BlockHash, KVCacheBlock] = {}
@@ -126,6 +128,8 @@ class BlockPool:
     def _evict(self, block: KVCacheBlock):
         if block.block_hash is not None:
             del self.cached_blocks[block.block_hash]
+            if self.on_evict is not None:
+                self.on_evict(block, block.block_hash)
             block.block_hash = None
 
     def reset_prefix_cache(self) -> bool:

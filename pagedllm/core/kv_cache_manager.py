@@ -19,16 +19,25 @@ class KVCacheManager:
     """Every full block is hashed. Prefix caching "off" is a per-request salt in the hashes (see Request),
     so this class has no off switch."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, on_evict=None):
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, on_evict)   # on_evict: the CPU tier keeps evicted blocks' KV
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}   # leading blocks of a request already named by hash
         self.prefix_stats = PrefixCacheStats()
+        # Slots in the requests' blocks that hold no token (see core/kv_usage.py), kept per request and in
+        # total. Only a request's last block can be partly empty, and it is never shared (only full blocks
+        # are hashed and hit), so summing per request counts each empty slot once.
+        self.num_empty_slots = 0
+        self.req_to_empty_slots: dict[str, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free_blocks
 
     def usage(self) -> float:
         return self.pool.usage()
@@ -84,6 +93,9 @@ class KVCacheManager:
         new_blocks = self.pool.get_new_blocks(max(num_new_blocks, 0))
         blocks.extend(new_blocks)
         self._cache_full_blocks(request, blocks, num_total)
+        num_empty = len(blocks) * self.block_size - num_total   # inline: once per scheduled request
+        self.num_empty_slots += num_empty - self.req_to_empty_slots.get(request.request_id, 0)
+        self.req_to_empty_slots[request.request_id] = num_empty
         return new_blocks
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int):
@@ -96,6 +108,7 @@ class KVCacheManager:
     def free(self, request: Request):
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
+        self.num_empty_slots -= self.req_to_empty_slots.pop(request.request_id, 0)
         self.pool.free_blocks(reversed(blocks))
 
     def reset_prefix_cache(self) -> bool:

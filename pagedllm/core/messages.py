@@ -24,12 +24,48 @@ class CachedRequestData:
 
 
 @dataclass
+class DiskOp:
+    """Write a block to the disk tier as `block_hash`, from a CPU slot or a GPU block; with neither, delete
+    that file. Applied in list order: a delete that makes room comes before the write it makes room for."""
+    block_hash: bytes
+    cpu_slot: int | None = None
+    gpu_block: int | None = None
+
+
+@dataclass
+class KVTransfers:
+    """Block copies between the KV tiers, decided by core/offload.py and done by the runner before the forward
+    (runner/kv_offload.py, which also states their order). GPU blocks and CPU slots are ids; swap and tier
+    slots are ranges of one CPU pool."""
+    swap_out: list[tuple[int, int]] = field(default_factory=list)    # (gpu block, cpu slot)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)     # (cpu slot, gpu block)
+    cpu_store: list[tuple[int, int]] = field(default_factory=list)   # (gpu block, cpu slot)
+    cpu_load: list[tuple[int, int]] = field(default_factory=list)    # (cpu slot, gpu block)
+    disk_ops: list[DiskOp] = field(default_factory=list)
+    disk_reads: list[tuple[bytes, int]] = field(default_factory=list)  # (block hash, cpu slot): read, verify
+
+    def __bool__(self) -> bool:
+        return bool(self.swap_out or self.swap_in or self.cpu_store or self.cpu_load or self.disk_ops
+                    or self.disk_reads)
+
+
+@dataclass
+class KVTransferResult:
+    """What the runner reports back: disk reads that failed (missing, truncated, corrupt or foreign file:
+    the slot holds nothing), and transfer times per tier finished since the last report."""
+    failed_reads: dict[bytes, str] = field(default_factory=dict)     # block hash -> reason
+    store_seconds: dict[str, float] = field(default_factory=dict)    # tier -> seconds
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class SchedulerOutput:
     new_reqs: list[NewRequestData]
     cached_reqs: list[CachedRequestData]
     num_scheduled_tokens: dict[str, int]         # req_id -> tokens run this step
     total_num_scheduled_tokens: int
     finished_req_ids: set[str]                   # ended since the last step: the runner drops their state
+    kv_transfers: KVTransfers = field(default_factory=KVTransfers)
 
     @property
     def is_empty(self) -> bool:
@@ -49,6 +85,7 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)   # only requests that reached the end
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # sent once, when complete
+    kv_transfer: KVTransferResult | None = None
 
 
 @dataclass

@@ -2,23 +2,26 @@
 
 Each step: running requests first (oldest first), then waiting ones in FCFS order, until the budget
 (max_num_batched_tokens) or max_num_seqs runs out. A prompt larger than what is left of the budget runs in
-chunks over several steps. When allocate_slots finds no room, the newest running request is preempted by
-recompute: its blocks are freed (its full blocks stay in the prefix cache) and it goes back to the front
-of the waiting queue.
+chunks over several steps. When allocate_slots finds no room, the newest running request is preempted: its
+blocks are freed (its full blocks stay in the prefix cache) and it goes back to the front of the waiting queue;
+its KV is recomputed, or swapped / offloaded and loaded back (core/offload.py decides, by preemption_mode).
 """
 from collections import deque
 
 from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.kv_usage import KVUsagePeak
 from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                     SchedulerOutput)
+from pagedllm.core.offload import KVOffloadManager
 from pagedllm.metrics import SchedulerStats
 from pagedllm.request import Request, RequestStatus
 
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, offload: KVOffloadManager | None = None):
         self.kv = kv_cache_manager
+        self.offload = offload or KVOffloadManager(kv_cache_manager.block_size)   # the tiers below the GPU
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -29,6 +32,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0      # prompt tokens computed (prefix hits excluded)
         self.num_generation_tokens = 0
+        self.kv_peak = KVUsagePeak(kv_cache_manager.block_size)
 
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request):
@@ -78,15 +82,20 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_hit, budget)
-            new_blocks = self.kv.allocate_slots(req, num_new, hit_blocks, num_hit)
+            load = self.offload.lookup(req, num_hit)    # blocks after the GPU hit, loaded from a lower tier
+            if load.wait:
+                break                                   # they are read from disk this step
+            num_new = min(req.num_tokens - num_hit - load.num_tokens, budget)
+            new_blocks = self.kv.allocate_slots(req, load.num_tokens + num_new, hit_blocks, num_hit)
             if new_blocks is None:
+                self.offload.cancel(load)
                 break
+            self.offload.commit(req, load, new_blocks)
             self.waiting.popleft()
             self.kv.record_prefix_lookup(req, num_hit)
             if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_hit
-            req.num_computed_tokens = num_hit
+                req.num_cached_tokens = num_hit + load.num_tokens
+            req.num_computed_tokens = num_hit + load.num_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             num_scheduled[req.request_id] = num_new
@@ -96,8 +105,9 @@ class Scheduler:
                                            req.sampling_params, self.kv.get_block_ids(req.request_id),
                                            req.num_computed_tokens))
 
+        self.kv_peak.observe(self.kv.num_used_blocks, self.kv.num_empty_slots, len(self.running))
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
-                              self.finished_req_ids)
+                              self.finished_req_ids, self.offload.take_ops())
         self.finished_req_ids = set()
         return out
 
@@ -114,6 +124,7 @@ class Scheduler:
                 return None
 
     def _preempt(self, req: Request):
+        self.offload.preempt(req, self.kv.req_to_blocks.get(req.request_id, []))
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -123,6 +134,7 @@ class Scheduler:
 
     # ---- after the step: the only place a request changes ----------------------------------------------
     def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        self.offload.update_from_output(out.kv_transfer)
         outputs = []
         for req_id, num_tokens in sched.num_scheduled_tokens.items():
             req = self.requests.get(req_id)
@@ -159,6 +171,7 @@ class Scheduler:
 
     def _free(self, req: Request):
         self.kv.free(req)
+        self.offload.free(req)
         self.finished_req_ids.add(req.request_id)
         del self.requests[req.request_id]
 
@@ -168,4 +181,6 @@ class Scheduler:
             num_blocks_total=self.kv.pool.num_blocks, num_blocks_free=self.kv.num_free_blocks,
             kv_cache_usage=self.kv.usage(), prefix_cache_queries=self.kv.prefix_stats.queries,
             prefix_cache_hits=self.kv.prefix_stats.hits, num_preemptions=self.num_preemptions,
-            num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens)
+            num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
+            peak_blocks=self.kv_peak.peak_blocks, peak_running=self.kv_peak.peak_running,
+            kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats())

@@ -12,10 +12,11 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.messages import EngineCoreOutput, SchedulerOutput
+from pagedllm.core.offload import KVOffloadManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.request import Request, RequestStatus
-from pagedllm.runner.model_runner import ModelRunner
+from pagedllm.runner.model_runner import ModelRunner, PendingOutput
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -36,9 +37,12 @@ class EngineCore:
         torch.manual_seed(config.seed)
         self.block_size = config.block_size
         self.runner = ModelRunner(config, hf_config, device, dtype, max_model_len)
-        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size)
+        offload = self.runner.kv_offload and KVOffloadManager(
+            config.block_size, config.preemption_mode, config.enable_prefix_caching, self.runner.kv_offload.sizes)
+        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
+                                               offload and offload.on_gpu_evict)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   max_model_len)
+                                   max_model_len, offload)
 
     def add_request(self, r: EngineCoreRequest):
         # The Request hashes the prompt's blocks: that work stays here, off the API process.
@@ -51,12 +55,16 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def step(self, stats: StepStats | None = None) -> list[EngineCoreOutput]:
+    def launch_step(self, stats: StepStats | None = None) -> tuple[SchedulerOutput, PendingOutput]:
+        """Schedules a step and launches it on the device; the caller may work while it runs."""
         sched_out = self.scheduler.schedule()
         if stats is not None:
             self._record_first_scheduled(sched_out, stats)
-        runner_out = self.runner.execute(sched_out)
-        return self.scheduler.update_from_output(sched_out, runner_out)
+        return sched_out, self.runner.execute_async(sched_out)
+
+    def finish_step(self, sched_out: SchedulerOutput, pending: PendingOutput) -> list[EngineCoreOutput]:
+        """Waits for the launched step and applies it to the requests."""
+        return self.scheduler.update_from_output(sched_out, pending.result())
 
     def _record_first_scheduled(self, sched_out: SchedulerOutput, stats: StepStats):
         now = time.time()
@@ -68,3 +76,6 @@ class EngineCore:
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()
+
+    def reset_peak_stats(self):
+        self.scheduler.kv_peak.reset()

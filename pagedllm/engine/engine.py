@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig
 
 from pagedllm.config import EngineConfig
+from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
@@ -32,8 +33,8 @@ class ResolvedModel:
 
 def resolve_model(config: EngineConfig) -> ResolvedModel:
     hf_config = _load_hf_config(config.model)
-    device = _resolve_device(config.device)
-    return ResolvedModel(hf_config, device, _resolve_dtype(config.dtype, hf_config, device),
+    device = resolve_device(config.device)
+    return ResolvedModel(hf_config, device, resolve_dtype(config.dtype, hf_config, device),
                          _resolve_max_model_len(config.max_model_len, hf_config))
 
 
@@ -52,6 +53,7 @@ class Engine:
             self.max_model_len, config.block_size, self.core.runner.num_blocks, config.enable_prefix_caching)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats_logger = StatsLogger(config.log_stats_interval)
+        self._unprocessed: list[EngineCoreOutput] = []   # the last step's results, processed in the next
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,
                     Path(config.model).name, self.device, str(self.dtype).removeprefix("torch."),
@@ -64,6 +66,10 @@ class Engine:
     @property
     def kv_cache_manager(self):
         return self.core.kv_cache_manager
+
+    @property
+    def scheduler(self):
+        return self.core.scheduler
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -85,17 +91,26 @@ class Engine:
             self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests()
+        return self.core.has_unfinished_requests() or bool(self._unprocessed)
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs, stopped = self.output_processor.process(self.core.step())
+        """Schedules and launches step N, then turns step N-1's results into RequestOutputs while the GPU
+        runs N. A stop string found there ends its request before N+1 is scheduled; the token N computed
+        for it is dropped (update_from_output skips finished requests)."""
+        sched_out, pending = self.core.launch_step()
+        outputs, stopped = self.output_processor.process(self._unprocessed)
         self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self._unprocessed = self.core.finish_step(sched_out, pending)
         self.stats_logger.maybe_log(self.get_stats)
         return outputs
 
     def get_stats(self) -> SchedulerStats:
         return self.core.get_stats()
+
+    def reset_peak_stats(self):
+        """Restart the peak KV usage figures of get_stats() (the benchmark calls it after its warm-up)."""
+        self.core.reset_peak_stats()
 
 
 def _load_hf_config(model: str):
@@ -105,13 +120,13 @@ def _load_hf_config(model: str):
     return AutoConfig.from_pretrained(model)
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cpu":

@@ -1,6 +1,8 @@
-"""RMSNorm with HF's exact arithmetic and vLLM's fused-residual convention."""
+"""RMSNorm with HF's exact arithmetic and vLLM's fused-residual convention; one Triton launch on CUDA."""
 import torch
 from torch import nn
+
+from pagedllm.layers.kernels.rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -15,6 +17,12 @@ class RMSNorm(nn.Module):
         Folding the residual add into the norm lets a decoder layer pass (hidden, residual) along:
             hidden, residual = norm(hidden, residual)   # residual <- hidden + residual
         """
+        if x.is_cuda:
+            return rms_norm(x, self.weight, self.variance_epsilon, residual)
+        return self.forward_native(x, residual)
+
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The torch code: the CPU path and the oracle of the fused kernel."""
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -13,6 +13,7 @@ from torch import nn
 
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
+from pagedllm.layers.kernels.qk_norm_rope import qk_norm_rope
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -61,15 +62,28 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.rotate_qk(positions, self.qkv_proj(x))
+        out = self.attn(q, k, v)                                    # (T, Hq*D)
+        return self.o_proj(out)
+
+    def rotate_qk(self, positions: torch.Tensor, qkv: torch.Tensor):
+        """qkv (T, (Hq + 2*Hkv) * D) -> q (T, Hq*D), k (T, Hkv*D) normed (qk_norm) and rotated, v (T, Hkv*D)."""
+        if not qkv.is_cuda:
+            return self.rotate_qk_native(positions, qkv)
+        norms = [(n.weight, n.variance_epsilon) for n in (self.q_norm, self.k_norm)] if self.qk_norm else [None, None]
+        return qk_norm_rope(qkv, positions, self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads,
+                            self.head_dim, *norms)
+
+    def rotate_qk_native(self, positions: torch.Tensor, qkv: torch.Tensor):
+        """The torch code: the CPU path and the oracle of the fused kernel."""
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)       # (T, Hq, D)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)    # (T, Hkv, D)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm.forward_native(q), self.k_norm.forward_native(k)
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.flatten(1), k.flatten(1), v)              # (T, Hq*D)
-        return self.o_proj(out)
+        return q.flatten(1), k.flatten(1), v
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,4 +1,9 @@
-"""The runner's per-request state, and the flat inputs of one step built from it."""
+"""The runner's per-request state, and the persistent buffers that one step's flat inputs are built in.
+
+Nothing is allocated per step: inputs are written into pinned host arrays, then copied without blocking
+into device tensors that live as long as the runner (CUDA graphs replay on the same tensors). Block tables
+are updated by diffs: a request's row in `BlockTables` only gains the blocks the scheduler added.
+"""
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +20,8 @@ class RunnerRequestState:
     token_ids: list[int]            # prompt + outputs; the runner appends what it samples
     num_prompt_tokens: int
     params: SamplingParams
-    block_ids: list[int]
+    row: int                        # this request's row in BlockTables
+    num_blocks: int
     num_computed_tokens: int
     generator: torch.Generator | None
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)   # collected over prompt chunks
@@ -26,62 +32,158 @@ class RunnerRequestState:
         return self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
 
 
+class BlockTables:
+    """Host block table of every request the runner holds: one row each, reused after the request ends."""
+
+    def __init__(self, max_blocks_per_req: int, num_rows: int = 64):
+        self.table = np.zeros((num_rows, max_blocks_per_req), dtype=np.int32)
+        self.free_rows = list(range(num_rows - 1, -1, -1))
+
+    def add(self, block_ids: list[int]) -> int:
+        if not self.free_rows:   # grow: rows are only ever handed out, so doubling keeps this rare
+            old = len(self.table)
+            self.table = np.concatenate([self.table, np.zeros_like(self.table)])
+            self.free_rows = list(range(2 * old - 1, old - 1, -1))
+        row = self.free_rows.pop()
+        self.table[row, :len(block_ids)] = block_ids
+        return row
+
+    def set(self, row: int, start: int, block_ids: list[int]):
+        self.table[row, start:start + len(block_ids)] = block_ids
+
+    def release(self, row: int):
+        self.free_rows.append(row)
+
+
 @dataclass
 class StepInputs:
-    input_ids: torch.Tensor                 # (T,)
+    input_ids: torch.Tensor                 # (T,) device; T includes decode padding
     positions: torch.Tensor                 # (T,)
     attn_metadata: AttentionMetadata
+    num_tokens: int                         # real tokens (T minus padding)
     sample_rows: list[int]                  # request rows whose last scheduled token reaches the end: they sample
     sample_token_index: torch.Tensor        # (len(sample_rows),) flat index of those last tokens
     prompt_lp_rows: list[tuple[int, int, int]]  # (row, first prompt position, count) scoring prompt tokens
 
 
-def build_step_inputs(reqs: list[RunnerRequestState], query_lens: list[int], block_size: int,
-                      device: torch.device) -> StepInputs:
-    """Request i runs tokens num_computed .. num_computed + query_lens[i] - 1 of its known tokens.
+class InputBuffers:
+    """Pinned host arrays and device tensors for at most max_tokens tokens of max_reqs requests."""
 
-    flat index:   0 1 2 | 3 | 4 5          query_start_loc = [0, 3, 4, 6]
-    positions:    5 6 7 | 9 | 0 1          = num_computed[i] + (index - query_start_loc[i])
-    slot:         block_table[i][pos // block_size] * block_size + pos % block_size
-    """
-    n = len(reqs)
-    q = np.asarray(query_lens, dtype=np.int64)
-    computed = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, n)
-    seq_lens = computed + q
-    qsl = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(q, out=qsl[1:])
-    total = int(qsl[-1])
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.device = device
+        self.max_blocks_per_req = max_blocks_per_req
 
-    input_ids: list[int] = []
-    for r, c, ql in zip(reqs, computed.tolist(), query_lens):
-        input_ids.extend(r.token_ids[c:c + ql])
-    req_idx = np.repeat(np.arange(n), q)
-    positions = np.arange(total) - qsl[req_idx] + computed[req_idx]
+        def pair(n: int, dtype: torch.dtype):
+            host = torch.zeros(n, dtype=dtype, pin_memory=pin)
+            return host, host.numpy(), torch.zeros(n, dtype=dtype, device=device)
 
-    max_blocks = max(len(r.block_ids) for r in reqs)
-    block_table = np.zeros((n, max_blocks), dtype=np.int64)
+        self.ids_h, self.ids_np, self.input_ids = pair(max_tokens, torch.int64)
+        self.pos_h, self.pos_np, self.positions = pair(max_tokens, torch.int64)
+        self.slot_h, self.slot_np, self.slot_mapping = pair(max_tokens, torch.int64)
+        self.qsl_h, self.qsl_np, self.query_start_loc = pair(max_reqs + 1, torch.int32)
+        self.len_h, self.len_np, self.seq_lens = pair(max_reqs, torch.int32)
+        self.sidx_h, self.sidx_np, self.sample_index = pair(max_reqs, torch.int64)
+        self.bt_h, self.bt_np, self.bt_staging = pair(max_reqs * max_blocks_per_req, torch.int32)
+        # Row i of the step's block table; columns past a request's blocks are stale and never read.
+        self.block_tables = torch.zeros((max_reqs, max_blocks_per_req), dtype=torch.int32, device=device)
+
+    def build(self, reqs: list[RunnerRequestState], query_lens: list[int], tables: BlockTables,
+              block_size: int, pad_to: int | None = None, max_seq_len_bound: int | None = None) -> StepInputs:
+        """Request i runs tokens num_computed .. num_computed + query_lens[i] - 1 of its known tokens.
+
+        flat index:   0 1 2 | 3 | 4 5          query_start_loc = [0, 3, 4, 6]
+        positions:    5 6 7 | 9 | 0 1          = num_computed[i] + (index - query_start_loc[i])
+        slot:         block_table[i][pos // block_size] * block_size + pos % block_size
+
+        pad_to (decode-only batches): extra rows of one token each with seq_len 0 and slot -1, so the batch
+        has the shape a CUDA graph was captured at. max_seq_len_bound then replaces the true maximum.
+        """
+        n = len(reqs)
+        q = np.asarray(query_lens, dtype=np.int64)
+        computed = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, n)
+        seq_lens = computed + q
+        total = int(q.sum())
+        rows = n if pad_to is None else pad_to
+        num_tokens = total if pad_to is None else total + pad_to - n
+
+        qsl = self.qsl_np[:rows + 1]
+        qsl[0] = 0
+        np.cumsum(q, out=qsl[1:n + 1])
+        qsl[n + 1:] = total + np.arange(1, rows - n + 1)
+        self.len_np[:n] = seq_lens
+        self.len_np[n:rows] = 0
+
+        ids = self.ids_np
+        if total == n:                         # decode only: one token each, no slicing
+            ids[:n] = [r.token_ids[c] for r, c in zip(reqs, computed.tolist())]
+        else:
+            k = 0
+            for r, c, ql in zip(reqs, computed.tolist(), query_lens):
+                ids[k:k + ql] = r.token_ids[c:c + ql]
+                k += ql
+        ids[total:num_tokens] = 0
+
+        req_idx = np.repeat(np.arange(n), q)
+        positions = self.pos_np[:total]
+        np.subtract(np.arange(total), qsl[req_idx], out=positions)
+        positions += computed[req_idx]
+        self.pos_np[total:num_tokens] = 0
+
+        max_blocks = max(r.num_blocks for r in reqs)
+        table_rows = np.fromiter((r.row for r in reqs), np.int64, n)
+        bt = self.bt_np[:n * max_blocks].reshape(n, max_blocks)
+        np.take(tables.table[:, :max_blocks], table_rows, axis=0, out=bt)
+        slots = self.slot_np[:total]
+        np.add(bt[req_idx, positions // block_size] * block_size, positions % block_size, out=slots)
+        self.slot_np[total:num_tokens] = -1
+
+        sample_rows = [i for i, r in enumerate(reqs) if seq_lens[i] == len(r.token_ids)]
+        self.sidx_np[:len(sample_rows)] = qsl[1:][sample_rows] - 1
+        prompt_lp_rows = _prompt_logprob_rows(reqs, computed, seq_lens)
+
+        self._copy(num_tokens, rows, n, max_blocks, len(sample_rows))
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:num_tokens], query_start_loc=self.query_start_loc[:rows + 1],
+            seq_lens=self.seq_lens[:rows], block_tables=self.block_tables[:rows],
+            max_query_len=int(q.max()),
+            max_seq_len=int(seq_lens.max()) if max_seq_len_bound is None else max_seq_len_bound,
+            query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=self.len_np[:rows].tolist())
+        return StepInputs(self.input_ids[:num_tokens], self.positions[:num_tokens], meta, total, sample_rows,
+                          self.sample_index[:len(sample_rows)], prompt_lp_rows)
+
+    def fill_padding(self):
+        """Every row padding (no KV written or read): the state graphs are captured in."""
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.zero_()
+        self.query_start_loc.copy_(torch.arange(len(self.query_start_loc), dtype=torch.int32))
+
+    def decode_metadata(self, size: int, max_seq_len_bound: int) -> AttentionMetadata:
+        """Metadata of a padded decode step of `size` rows over the persistent tensors (graph capture)."""
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size], query_start_loc=self.query_start_loc[:size + 1],
+            seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size], max_query_len=1,
+            max_seq_len=max_seq_len_bound, query_start_loc_cpu=list(range(size + 1)), seq_lens_cpu=[0] * size)
+
+    def _copy(self, num_tokens: int, rows: int, n: int, max_blocks: int, num_samples: int):
+        """Host -> device without blocking. The host arrays are rewritten only after the step's sampled ids
+        came back, which is after these copies ran (same stream)."""
+        for h, d, k in ((self.ids_h, self.input_ids, num_tokens), (self.pos_h, self.positions, num_tokens),
+                        (self.slot_h, self.slot_mapping, num_tokens), (self.qsl_h, self.query_start_loc, rows + 1),
+                        (self.len_h, self.seq_lens, rows), (self.sidx_h, self.sample_index, num_samples),
+                        (self.bt_h, self.bt_staging, n * max_blocks)):
+            d[:k].copy_(h[:k], non_blocking=True)
+        self.block_tables[:n, :max_blocks].copy_(self.bt_staging[:n * max_blocks].view(n, max_blocks))
+
+
+def _prompt_logprob_rows(reqs: list[RunnerRequestState], computed: np.ndarray, seq_lens: np.ndarray):
+    rows = []
     for i, r in enumerate(reqs):
-        block_table[i, :len(r.block_ids)] = r.block_ids
-    slots = block_table[req_idx, positions // block_size] * block_size + positions % block_size
-
-    sample_rows = [i for i, r in enumerate(reqs) if seq_lens[i] == len(r.token_ids)]
-    prompt_lp_rows = []
-    for i, r in enumerate(reqs):
+        if not r.wants_prompt_logprobs:
+            continue
         # Position p scores prompt token p + 1: positions up to num_prompt_tokens - 2.
         end = min(int(seq_lens[i]), r.num_prompt_tokens - 1)
         start = max(int(computed[i]), len(r.prompt_logprobs))
-        if r.wants_prompt_logprobs and end > start:
-            prompt_lp_rows.append((i, start, end - start))
-
-    def to_dev(a, dtype):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype, non_blocking=True)
-
-    meta = AttentionMetadata(
-        slot_mapping=to_dev(slots, torch.int64), query_start_loc=to_dev(qsl, torch.int32),
-        seq_lens=to_dev(seq_lens, torch.int32), block_tables=to_dev(block_table, torch.int32),
-        max_query_len=int(q.max()), max_seq_len=int(seq_lens.max()),
-        query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens.tolist())
-    return StepInputs(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
-        positions=to_dev(positions, torch.int64), attn_metadata=meta, sample_rows=sample_rows,
-        sample_token_index=to_dev(qsl[1:][sample_rows] - 1, torch.int64), prompt_lp_rows=prompt_lp_rows)
+        if end > start:
+            rows.append((i, start, end - start))
+    return rows

@@ -15,9 +15,10 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
     return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-def determine_num_blocks(config: EngineConfig, max_model_len: int, block_bytes: int) -> int:
-    """Explicit count, else kv_cache_memory bytes, else enough for max_num_seqs full-length requests
-    (at most 4 GiB). Sizing from measured free GPU memory belongs to the GPU path."""
+def determine_num_blocks(config: EngineConfig, max_model_len: int, block_bytes: int,
+                         profiled_free_bytes: int | None = None) -> int:
+    """Explicit count, else kv_cache_memory bytes, else (GPU) what memory profiling left free under
+    gpu_memory_utilization, else (CPU) enough for max_num_seqs full-length requests (at most 4 GiB)."""
     if config.num_gpu_blocks_override is not None:
         return config.num_gpu_blocks_override
     if config.kv_cache_memory is not None:
@@ -25,6 +26,14 @@ def determine_num_blocks(config: EngineConfig, max_model_len: int, block_bytes: 
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes is less than one KV block "
                              f"({block_bytes} bytes)")
+        return num_blocks
+    if profiled_free_bytes is not None:
+        num_blocks = profiled_free_bytes // block_bytes
+        if num_blocks * config.block_size < max_model_len:
+            raise ValueError(f"gpu_memory_utilization={config.gpu_memory_utilization} leaves "
+                             f"{max(profiled_free_bytes, 0) / 2**30:.2f} GiB for the KV cache, less than one "
+                             f"request of max_model_len={max_model_len} tokens needs: raise "
+                             f"gpu_memory_utilization or lower max_model_len")
         return num_blocks
     blocks_per_seq = -(-max_model_len // config.block_size)
     return max(1, min(config.max_num_seqs * blocks_per_seq, _CPU_DEFAULT_CAP // block_bytes))

@@ -1,16 +1,27 @@
-"""ModelRunner: turns a SchedulerOutput into one forward pass over the paged KV cache, and samples."""
+"""ModelRunner: turns a SchedulerOutput into one forward pass over the paged KV cache, and samples.
+
+execute_async() launches the step's device work and returns at once; PendingOutput.result() waits for the
+one device -> host copy of the sampled ids. The engine does its output processing in between, while the
+GPU runs.
+"""
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from pagedllm.attention.metadata import set_forward_context
 from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagedllm.models import model_dims
 from pagedllm.models.loader import load_model
-from pagedllm.runner.input_batch import RunnerRequestState, StepInputs, build_step_inputs
+from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
+from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequestState, StepInputs
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block, determine_num_blocks
-from pagedllm.sample.sampler import Sampler, SamplingMetadata, gather_logprobs
+from pagedllm.runner.kv_offload import KVOffload
+from pagedllm.runner.memory_profile import profile_free_kv_bytes
+from pagedllm.sample.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
+from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
 
@@ -21,51 +32,106 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.block_size = config.block_size
+        self.max_model_len = max_model_len
         self.model = load_model(config.model, hf_config, dtype, device, config.load_format)
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(hf_config)
-        block_bytes = bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, dtype)
-        self.num_blocks = determine_num_blocks(config, max_model_len, block_bytes)
-        self.kv_caches = allocate_kv_caches(self.num_layers, self.num_blocks, self.block_size,
-                                            self.num_kv_heads, self.head_dim, dtype, device)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB); %.1fx concurrency at max_model_len %d",
-                    self.num_blocks, self.block_size, self.num_blocks * block_bytes / 2**20,
-                    self.num_blocks * self.block_size / max_model_len, max_model_len)
+        self.dtype = dtype
         self.sampler = Sampler()
         self.generator = torch.Generator(device).manual_seed(config.seed)   # requests without a seed
         self.states: dict[str, RunnerRequestState] = {}
+        self._sampling_key: tuple[str, ...] | None = None
+        self._sampling_cache: SamplingMetadata | None = None
+        self.tables = BlockTables(cdiv(max_model_len, self.block_size))
+        max_reqs = config.max_num_seqs
+        self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_reqs), max_reqs,
+                                    cdiv(max_model_len, self.block_size), device)
+        self.sampled_host = torch.zeros(max_reqs, dtype=torch.int64, pin_memory=device.type == "cuda")
+        use_graphs = device.type == "cuda" and not config.enforce_eager
+        self.graphs = CudaGraphs(capture_sizes(max_reqs)) if use_graphs else None
+
+        block_bytes = bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, dtype)
+        profiled = None
+        if device.type == "cuda" and config.num_gpu_blocks_override is None and config.kv_cache_memory is None:
+            profiled = profile_free_kv_bytes(self._run_largest_step, config.gpu_memory_utilization, device)
+        self.num_blocks = determine_num_blocks(config, max_model_len, block_bytes, profiled)
+        self.kv_caches = allocate_kv_caches(self.num_layers, self.num_blocks, self.block_size,
+                                            self.num_kv_heads, self.head_dim, dtype, device)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); %.1fx concurrency at max_model_len %d",
+                    self.num_blocks, self.block_size, self.num_blocks * block_bytes / 2**30,
+                    self.num_blocks * self.block_size / max_model_len, max_model_len)
+        # CPU pool and disk tier below the KV cache (None: preemption recomputes, no CPU tier)
+        self.kv_offload = KVOffload(config, hf_config, self.kv_caches, block_bytes) \
+            if config.kv_tiers_enabled else None
+        if self.graphs is not None:
+            self.buffers.fill_padding()
+            self.graphs.capture(self._graph_forward)
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_async(sched).result()
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_async(self, sched: SchedulerOutput) -> "PendingOutput":
         self._update_states(sched)
-        out = ModelRunnerOutput()
+        # Block copies between the KV tiers, queued before the forward that reads the blocks.
+        transfer = self.kv_offload.execute(sched.kv_transfers) if self.kv_offload is not None else None
         if sched.is_empty:
-            return out
+            return PendingOutput(ModelRunnerOutput(kv_transfer=transfer), [], None, None)
         reqs = [self.states[req_id] for req_id in sched.num_scheduled_tokens]
-        inputs = build_step_inputs(reqs, list(sched.num_scheduled_tokens.values()), self.block_size,
-                                   self.device)
-        with set_forward_context(inputs.attn_metadata, self.kv_caches):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        graph_size = self._graph_size(sched, len(reqs))
+        inputs = self.buffers.build(reqs, list(sched.num_scheduled_tokens.values()), self.tables,
+                                    self.block_size, pad_to=graph_size,
+                                    max_seq_len_bound=None if graph_size is None else self.max_model_len)
+        rows = [reqs[i] for i in inputs.sample_rows]
+        # Sampling metadata first: its small host -> device copies then need not wait for the forward.
+        meta = self._sampling_metadata(rows) if rows else None
+        if graph_size is not None:
+            hidden = self.graphs.replay(graph_size)
+        else:
+            with set_forward_context(inputs.attn_metadata, self.kv_caches):
+                hidden = self.model(inputs.input_ids, inputs.positions)
+        out = ModelRunnerOutput(kv_transfer=transfer)
         if inputs.prompt_lp_rows:
             self._prompt_logprobs(hidden, inputs, reqs, out)
-        if inputs.sample_rows:
-            self._sample(hidden, inputs, reqs, out)
-        return out
+        if not rows:
+            return PendingOutput(out, [], None, None)
+        logits = self.model.compute_logits(hidden[inputs.sample_token_index])
+        result = self.sampler(logits, meta, self.generator)
+        host = self.sampled_host[:len(rows)]
+        host.copy_(result.sampled_token_ids, non_blocking=True)   # the one device -> host copy of the step
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return PendingOutput(out, rows, result, event, host)
+
+    def _graph_size(self, sched: SchedulerOutput, num_reqs: int) -> int | None:
+        if self.graphs is None or sched.total_num_scheduled_tokens != num_reqs:
+            return None   # not decode-only (every request one token): eager
+        return self.graphs.padded_size(num_reqs)
 
     def _update_states(self, sched: SchedulerOutput):
         for req_id in sched.finished_req_ids:
-            self.states.pop(req_id, None)
+            state = self.states.pop(req_id, None)
+            if state is not None:
+                self.tables.release(state.row)
         for new in sched.new_reqs:
             state = self.states.get(new.req_id)
             if state is None:
                 self.states[new.req_id] = RunnerRequestState(
                     new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-                    list(new.block_ids), new.num_computed_tokens, self._make_generator(new.sampling_params))
+                    self.tables.add(new.block_ids), len(new.block_ids), new.num_computed_tokens,
+                    self._make_generator(new.sampling_params))
             else:   # resumed after preemption: same generator and prompt logprobs, new blocks
-                state.token_ids, state.block_ids = list(new.token_ids), list(new.block_ids)
+                state.token_ids = list(new.token_ids)
+                self.tables.set(state.row, 0, new.block_ids)
+                state.num_blocks = len(new.block_ids)
                 state.num_computed_tokens = new.num_computed_tokens
         for cached in sched.cached_reqs:
             state = self.states[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
+            if cached.new_block_ids:
+                self.tables.set(state.row, state.num_blocks, cached.new_block_ids)
+                state.num_blocks += len(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     def _make_generator(self, params) -> torch.Generator | None:
@@ -73,24 +139,18 @@ class ModelRunner:
             return None
         return torch.Generator(self.device).manual_seed(params.seed)
 
-    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, reqs: list[RunnerRequestState],
-                out: ModelRunnerOutput):
-        rows = [reqs[i] for i in inputs.sample_rows]
-        logits = self.model.compute_logits(hidden[inputs.sample_token_index])
+    def _sampling_metadata(self, rows: list[RunnerRequestState]) -> SamplingMetadata:
+        """Rebuilt only when the rows change: consecutive decode steps usually sample the same requests.
+        Rows under min_tokens ban ids for a number of steps, so their metadata is never reused."""
+        key = tuple(r.req_id for r in rows)
+        if key == self._sampling_key:
+            return self._sampling_cache
         banned = [list(r.params.all_stop_token_ids) if len(r.token_ids) - r.num_prompt_tokens < r.params.min_tokens
                   else [] for r in rows]
         meta = SamplingMetadata.build([r.params for r in rows], [r.generator for r in rows], banned, self.device)
-        result = self.sampler(logits, meta, self.generator)
-        sampled = result.sampled_token_ids.tolist()   # the one device -> host copy of the step
-        lp_ids = result.logprob_token_ids.tolist() if result.logprob_token_ids is not None else None
-        lps = result.logprobs.tolist() if result.logprobs is not None else None
-        ranks = result.sampled_token_ranks.tolist() if result.sampled_token_ranks is not None else None
-        for j, (r, token) in enumerate(zip(rows, sampled)):
-            r.token_ids.append(token)
-            out.sampled_token_ids[r.req_id] = token
-            if r.params.logprobs is not None:
-                k = 1 + r.params.logprobs
-                out.logprobs[r.req_id] = TokenLogprobs(lp_ids[j][:k], lps[j][:k], ranks[j])
+        reusable = not any(r.params.min_tokens for r in rows)
+        self._sampling_key, self._sampling_cache = (key, meta) if reusable else (None, None)
+        return meta
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs, reqs: list[RunnerRequestState],
                          out: ModelRunnerOutput):
@@ -104,6 +164,69 @@ class ModelRunner:
             if len(r.prompt_logprobs) == r.num_prompt_tokens - 1:
                 out.prompt_logprobs[r.req_id] = r.prompt_logprobs
                 r.prompt_logprobs_sent = True
+
+    # ---- start-up: memory profile and CUDA graphs ---------------------------------------------------------
+    @torch.inference_mode()
+    def _run_largest_step(self) -> int:
+        """One step of max_num_batched_tokens fresh prompt tokens over as many requests as can run, all of
+        them sampling with top-k and top-p (the sampler's largest buffers), on a throwaway KV cache."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
+        num_reqs = max(cdiv(num_tokens, self.max_model_len), min(self.config.max_num_seqs, num_tokens))
+        lens = [num_tokens // num_reqs + (i < num_tokens % num_reqs) for i in range(num_reqs)]
+        tables = BlockTables(cdiv(self.max_model_len, self.block_size), num_reqs)
+        reqs, next_block = [], 0
+        for i, n in enumerate(lens):
+            blocks = list(range(next_block, next_block + cdiv(n, self.block_size)))
+            next_block += len(blocks)
+            reqs.append(RunnerRequestState(f"profile-{i}", [0] * n, n, SamplingParams(), tables.add(blocks),
+                                           len(blocks), 0, None))
+        kv_caches = allocate_kv_caches(self.num_layers, next_block, self.block_size, self.num_kv_heads,
+                                       self.head_dim, self.dtype, self.device)
+        inputs = self.buffers.build(reqs, lens, tables, self.block_size)
+        with set_forward_context(inputs.attn_metadata, kv_caches):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        logits = self.model.compute_logits(hidden[inputs.sample_token_index])
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20)
+        meta = SamplingMetadata.build([params] * num_reqs, [None] * num_reqs, [[]] * num_reqs, self.device)
+        self.sampler(logits, meta, self.generator)
+        return sum(kv.numel() * kv.element_size() for kv in kv_caches)
+
+    @torch.inference_mode()
+    def _graph_forward(self, size: int) -> torch.Tensor:
+        """The model on the first `size` rows of the persistent inputs, shaped as a padded decode step."""
+        b = self.buffers
+        meta = b.decode_metadata(size, self.max_model_len)
+        with set_forward_context(meta, self.kv_caches):
+            return self.model(b.input_ids[:size], b.positions[:size])
+
+
+@dataclass
+class PendingOutput:
+    """A launched step: result() waits for its sampled ids and hands them out."""
+    out: ModelRunnerOutput
+    rows: list[RunnerRequestState]
+    sampler_output: SamplerOutput | None
+    event: torch.cuda.Event | None
+    sampled_host: torch.Tensor | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if not self.rows:
+            return self.out
+        if self.event is not None:
+            self.event.synchronize()
+        sampled = self.sampled_host.tolist()
+        res, out = self.sampler_output, self.out
+        lp_ids = res.logprob_token_ids.tolist() if res.logprob_token_ids is not None else None
+        lps = res.logprobs.tolist() if res.logprobs is not None else None
+        ranks = res.sampled_token_ranks.tolist() if res.sampled_token_ranks is not None else None
+        for j, (r, token) in enumerate(zip(self.rows, sampled)):
+            r.token_ids.append(token)
+            out.sampled_token_ids[r.req_id] = token
+            if r.params.logprobs is not None:
+                k = 1 + r.params.logprobs
+                out.logprobs[r.req_id] = TokenLogprobs(lp_ids[j][:k], lps[j][:k], ranks[j])
+        self.rows = []   # hand out once
+        return out
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprobs]:

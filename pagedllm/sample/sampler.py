@@ -24,6 +24,8 @@ class SamplingMetadata:
     min_p: torch.Tensor | None                # (N,) float32, 0 = off; None when unused
     generators: dict[int, torch.Generator]    # row -> the request's own generator (seeded, non-greedy rows)
     all_greedy: bool
+    any_greedy: bool
+    all_temperature_one: bool                 # no row needs the division by temperature
     max_num_logprobs: int | None              # None: no row asked for logprobs
     banned_token_ids: list[list[int]] | None  # per row: ids masked to -inf (EOS/stop ids before min_tokens)
 
@@ -43,6 +45,8 @@ class SamplingMetadata:
             min_p=_tensor_if(any(m > 0.0 for m in min_p), min_p, torch.float32, device),
             generators={i: g for i, (g, s) in enumerate(zip(generators, sampled)) if g is not None and s},
             all_greedy=not any(sampled),
+            any_greedy=not all(sampled),
+            all_temperature_one=all(p.temperature == 1.0 for p in params),
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
             banned_token_ids=banned_token_ids if any(banned_token_ids) else None,
         )
@@ -69,12 +73,13 @@ class Sampler(nn.Module):
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         if meta.banned_token_ids is not None:
             logits = ban_tokens(logits, meta.banned_token_ids)
-        greedy = logits.argmax(dim=-1)
         if meta.all_greedy:
-            sampled = greedy
+            sampled = logits.argmax(dim=-1)
+        elif not meta.any_greedy:
+            sampled = self.sample(logits, meta, generator)
         else:
-            random = self.sample(logits, meta, generator)
-            sampled = torch.where(meta.temperature < _GREEDY_EPS, greedy, random)
+            greedy = logits.argmax(dim=-1)
+            sampled = torch.where(meta.temperature < _GREEDY_EPS, greedy, self.sample(logits, meta, generator))
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
         return SamplerOutput(sampled, *gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs))
@@ -82,6 +87,8 @@ class Sampler(nn.Module):
     @staticmethod
     def sample(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator | None) -> torch.Tensor:
         """Random draw for every row (greedy rows get a throwaway value that the caller discards)."""
+        if meta.all_temperature_one and meta.min_p is None and meta.top_k is None and meta.top_p is None:
+            return exponential_race(logits.softmax(dim=-1), meta.generators, generator)   # plain sampling
         logits = apply_temperature(logits, meta.temperature)  # a new tensor: the masks below work in place
         if meta.min_p is not None:
             logits = apply_min_p(logits, meta.min_p)

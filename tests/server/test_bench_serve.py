@@ -18,7 +18,7 @@ def test_bench_serve_one_json_line(server, monkeypatch, capsys, rate, concurrenc
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, size=int(k)).tolist() for k in rng.integers(4, 40, size=10)]
     out_lens = [int(x) for x in rng.integers(4, 16, size=10)]
-    monkeypatch.setattr(bench_serve, "build_workload", lambda name: SimpleNamespace(
+    monkeypatch.setattr(bench_serve, "build", lambda name: SimpleNamespace(
         name=name, prompts=prompts, output_lens=out_lens))
     argv = ["bench", "serve", "--base-url", server.url, "--workload", "W1", "--request-rate", rate,
             "--api-key", server.api_key] + (["--max-concurrency", concurrency] if concurrency else [])

@@ -1,11 +1,7 @@
 """The benchmark workloads match the checksums of shared/benchmarks.md."""
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-import workloads  # noqa: E402
+from pagedllm.bench import workloads
 
 
 @pytest.mark.parametrize("name,total_in,total_out,first", [

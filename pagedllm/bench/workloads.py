@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+WORKLOADS = ("W1", "W2", "W3")
+
 
 @dataclass
 class Workload:
@@ -22,7 +24,7 @@ def build(name: str) -> Workload:
         prefixes = [rng.integers(0, 10000, size=2000).tolist() for _ in range(8)]
         prompts = [prefixes[i % 8] + rng.integers(0, 10000, size=100).tolist() for i in range(512)]
         return Workload("W3", "meta-llama--Llama-3.1-8B-Instruct", prompts, [64] * 512)
-    raise ValueError(f"workload must be W1, W2 or W3, got {name!r}")
+    raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
 
 
 def _random_lengths(name, model_config, n, in_range, out_range) -> Workload:

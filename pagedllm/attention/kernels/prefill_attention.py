@@ -1,0 +1,109 @@
+"""Paged attention for rows with more than one query token: fresh prompts, and chunks whose earlier
+context already sits in the cache (chunked prefill, prefix-cache hits). Decode rows (one query token)
+return at once: decode_partition serves them.
+
+Grid (num_q_blocks, num_kv_heads). Each request's queries are cut into blocks of BLOCK_Q tokens; q block
+b of request i is program  query_start_loc[i] // BLOCK_Q + i + b,  so the program finds its request by a
+binary search over query_start_loc (no host-side list). A program's tile rows are its BLOCK_Q tokens times
+the query heads of one kv head, so each K/V tile is loaded once for the whole group:
+
+    row m = token (m // GROUP_PAD) of the block, query head kv_head * GROUP + (m % GROUP_PAD)
+
+Causal with offset: token j of a request with seq_len S and query_len L sees keys 0 .. S - L + j. Key
+tiles every row may see run unmasked; the tiles past the block's first token are masked; tiles past its
+last token are never loaded.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q: tl.constexpr):
+    """The last request i with query_start_loc[i] // BLOCK_Q + i <= q_block."""
+    lo, hi = 0, num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head, k_cache_ptr, v_cache_ptr,
+                 dims, dim_ok, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
+                 BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over keys tile_start .. tile_start + TILE_N - 1 (all valid unless MASKED)."""
+    keys = tile_start + tl.arange(0, TILE_N)
+    key_ok = keys < kv_stop
+    block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    kv_off = block * stride_c_block + (keys % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where((keys[None, :] < causal_end[:, None]) & key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))        # finite: key 0 is visible to every row in tile 0
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+# num_reqs changes every step: specializing on it (== 1, % 16) would compile new variants mid-run.
+@triton.jit(do_not_specialize=["num_reqs"])
+def prefill_attention_kernel(
+    q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    num_reqs, scale_log2,
+    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_bt,
+    stride_c_block, stride_c_slot, stride_c_head,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Highest q block first: the last blocks of a request see the most keys, so they start early and
+    # the short ones fill the tail.
+    q_block, kv_head = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
+    req = _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + req)
+    query_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    first = (q_block - (q_start // BLOCK_Q + req)) * BLOCK_Q      # first query token of this block
+    if query_len <= 1 or first >= query_len:
+        return
+    context_len = tl.load(seq_lens_ptr + req) - query_len
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    rows = tl.arange(0, BLOCK_M)
+    token, head = first + rows // GROUP_PAD, rows % GROUP_PAD
+    row_ok = (token < query_len) & (head < GROUP)
+    dims = tl.arange(0, HEAD_PAD)
+    dim_ok = dims < HEAD_DIM
+    q_head = kv_head * GROUP + head
+    q_off = (q_start + token).to(tl.int64) * stride_q_tok + q_head * stride_q_head
+    io_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(q_ptr + q_off[:, None] + dims[None, :], mask=io_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    table = block_tables_ptr + req.to(tl.int64) * stride_bt
+    causal_end = context_len + token + 1              # row m sees keys < causal_end[m]
+    last = tl.minimum(first + BLOCK_Q, query_len) - 1
+    kv_stop = context_len + last + 1                  # no row of the block sees a key past this
+    unmasked_end = (context_len + first + 1) // TILE_N * TILE_N   # every row sees all keys before this
+    for tile_start in range(0, unmasked_end, TILE_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head,
+                                     k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
+                                     stride_c_block, stride_c_slot, stride_c_head,
+                                     BLOCK_SIZE, TILE_N, False, PRECISION)
+    for tile_start in range(unmasked_end, kv_stop, TILE_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head,
+                                     k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
+                                     stride_c_block, stride_c_slot, stride_c_head,
+                                     BLOCK_SIZE, TILE_N, True, PRECISION)
+
+    out = acc / l_i[:, None]
+    o_off = (q_start + token).to(tl.int64) * stride_o_tok + q_head * stride_o_head
+    tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)

@@ -1,0 +1,28 @@
+"""Reshape-and-cache: copy each token's K and V (num_kv_heads x head_dim) into its cache slot.
+
+One program per token; slot -1 (padding, e.g. the unused rows of a CUDA-graph batch) returns at once, so
+padding costs no mask gather and no host sync.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def reshape_and_cache_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_c_block, stride_c_slot, stride_c_head,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_ELEMS: tl.constexpr, NUM_ELEMS_PAD: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    idx = tl.arange(0, NUM_ELEMS_PAD)            # flat (head, dim) index of one token
+    mask = idx < NUM_ELEMS
+    head, dim = idx // HEAD_DIM, idx % HEAD_DIM
+    dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot + head * stride_c_head + dim
+    k = tl.load(k_ptr + token * stride_k_tok + head * stride_k_head + dim, mask=mask)
+    v = tl.load(v_ptr + token * stride_v_tok + head * stride_v_head + dim, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)

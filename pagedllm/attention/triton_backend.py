@@ -1,0 +1,153 @@
+"""Paged attention in Triton: the CUDA path. Same two functions, same contract as torch_backend.
+
+One flat mixed batch, no host sync: kernels read only the device tensors of AttentionMetadata, and grid
+sizes depend only on tensor shapes and the host ints max_query_len / max_seq_len, which may be upper
+bounds (a CUDA graph is captured once and replayed with new data). Every query token is written by
+exactly one kernel:
+
+    rows with one query token (decode) -> decode_partition (split-KV over fixed segments) + decode_reduce
+    rows with more (prefill chunks)    -> prefill_attention (launched only when max_query_len > 1)
+"""
+import functools
+
+import torch
+import triton
+
+from pagedllm.attention.kernels.decode_partition import decode_partition_kernel
+from pagedllm.attention.kernels.decode_reduce import decode_reduce_kernel
+from pagedllm.attention.kernels.prefill_attention import prefill_attention_kernel
+from pagedllm.attention.kernels.reshape_and_cache import reshape_and_cache_kernel
+from pagedllm.attention.metadata import AttentionMetadata
+
+PARTITION = 512        # decode segment length in tokens (rows up to PARTITION * MAX_SEGMENTS tokens)
+MAX_SEGMENTS = 32      # more context than that: longer segments, never more of them
+PROGRAMS_PER_SM = 8    # decode spreads a row's segments over programs until about this many per SM
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store token i's K/V (num_tokens, num_kv_heads, head_dim) in slot slot_mapping[i]; slot -1 is padding."""
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _check_cache(k_cache)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("write_kv: k and v need a contiguous head_dim")
+    if num_tokens == 0:
+        return
+    reshape_and_cache_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, NUM_ELEMS=num_kv_heads * head_dim,
+        NUM_ELEMS_PAD=triton.next_power_of_2(num_kv_heads * head_dim))
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q (num_tokens, num_q_heads, head_dim) -> out of the same shape and dtype."""
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _check_cache(k_cache)
+    num_q_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    if num_q_heads % num_kv_heads or q.stride(2) != 1 or head_dim != k_cache.shape[3]:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit the KV cache {tuple(kv_cache.shape)}")
+    out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    scale_log2 = scale * 1.4426950408889634        # exp(x) = exp2(x * log2(e))
+    _decode(q, out, k_cache, v_cache, meta, scale_log2)
+    if meta.max_query_len > 1:
+        _prefill(q, out, k_cache, v_cache, meta, scale_log2)
+    return out
+
+
+def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float) -> None:
+    num_reqs = meta.seq_lens.shape[0]
+    num_q_heads, head_dim = q.shape[1:]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_q_heads // num_kv_heads
+    tile_n, num_warps, num_stages = _decode_config(q.dtype, head_dim)
+    # Scratch holds every segment a row up to max_seq_len can have; num_splits only spreads them over
+    # programs (enough of them to fill the GPU), so neither changes any row's result.
+    max_segments = min(MAX_SEGMENTS, triton.cdiv(max(meta.max_seq_len, 1), PARTITION))
+    num_splits = max(1, min(max_segments, triton.cdiv(_target_programs(q.device), num_reqs * num_kv_heads)))
+    part_out = torch.empty(num_reqs, num_q_heads, max_segments, head_dim, dtype=torch.float32, device=q.device)
+    part_max = torch.empty(num_reqs, num_q_heads, max_segments, dtype=torch.float32, device=q.device)
+    part_sum = torch.empty_like(part_max)
+    head_pad = _head_pad(head_dim)
+    decode_partition_kernel[(num_reqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        part_out, part_max, part_sum, scale_log2, num_splits,
+        q.stride(0), q.stride(1), meta.block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
+        GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
+        BLOCK_SIZE=block_size, TILE_N=tile_n, PARTITION=PARTITION, MAX_SEGMENTS=MAX_SEGMENTS,
+        PRECISION=_precision(q), num_warps=num_warps, num_stages=num_stages)
+    decode_reduce_kernel[(num_reqs, num_q_heads)](
+        out, part_out, part_max, part_sum, meta.seq_lens, meta.query_start_loc,
+        out.stride(0), out.stride(1),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
+        HEAD_DIM=head_dim, HEAD_PAD=head_pad, PARTITION=PARTITION, MAX_SEGMENTS=MAX_SEGMENTS, TILE_N=tile_n,
+        num_warps=1)
+
+
+def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float) -> None:
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_reqs = meta.seq_lens.shape[0]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_q_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_m, tile_n, num_warps, num_stages = _prefill_config(q.dtype, head_dim)
+    # Tile rows = BLOCK_Q tokens x group_pad heads (>= 16 rows for tl.dot). One BLOCK_Q per model and
+    # dtype, not one per max_query_len: each new value would compile a kernel in the middle of a run.
+    block_q = max(1, 16 // group_pad, block_m // group_pad)
+    # Request i's q blocks are numbered from query_start_loc[i] // block_q + i, so all of them fit below
+    # num_tokens // block_q + num_reqs (ceil(n / b) <= n // b + 1); numbers in the gaps return at once.
+    num_q_blocks = num_tokens // block_q + num_reqs
+    prefill_attention_kernel[(num_q_blocks, num_kv_heads)](
+        q, out, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        num_reqs, scale_log2,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim, HEAD_PAD=_head_pad(head_dim),
+        BLOCK_SIZE=block_size, TILE_N=tile_n, PRECISION=_precision(q), num_warps=num_warps, num_stages=num_stages)
+
+
+# Tile shapes, checked by compiling for sm_90 (no register spills) and by the benchmark on an H200.
+def _decode_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
+    """(TILE_N, num_warps, num_stages) of decode_partition."""
+    if dtype == torch.float32 or head_dim > 128:
+        return 32, 4, 2
+    return 64, 4, 2
+
+
+def _prefill_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
+    """(tile rows, TILE_N, num_warps, num_stages) of prefill_attention."""
+    if dtype == torch.float32:
+        return 16, 64, 4, 2      # true-fp32 dots run on FMA units: bigger tiles spill registers
+    if head_dim > 128:
+        return 64, 32, 4, 2
+    return 128, 64, 8, 3
+
+
+def _check_cache(k_cache: torch.Tensor) -> None:
+    if k_cache.stride(3) != 1:
+        raise ValueError("KV cache: head_dim must be contiguous (layout (2, num_blocks, block_size, Hkv, D))")
+
+
+def _head_pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))      # tl.dot needs K >= 16; extra dims are masked
+
+
+def _precision(q: torch.Tensor) -> str:
+    # float32 runs in true fp32 (so GPU greedy decoding matches the CPU path); tf32 would round inputs.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _target_programs(device: torch.device) -> int:
+    """Decode programs that fill the GPU: a few per SM (the interpreter on CPU: a handful)."""
+    return PROGRAMS_PER_SM * _num_sms(device) if device.type == "cuda" else 8
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,221 @@
+"""Block-level access to the paged KV cache, and the copies between it, the CPU pool and the disk tier.
+
+GPU layout, per layer: (2, num_blocks, block_size, num_kv_heads, head_dim). CPU pool (pinned on CUDA):
+(num_slots, num_layers, 2, block_size, num_kv_heads, head_dim): one slot holds one block of every layer,
+contiguous, exactly the payload of a disk block file. Slots [0, num_swap_slots) are the swap pool, the
+rest the CPU tier of the prefix cache (core/offload.py keeps their bookkeeping).
+
+One step's KVTransfers, in this order, so that every read sees the bytes the scheduler meant:
+  1. if the host touches slots (2, 4): wait for the copy stream's earlier copies into and out of them
+  2. disk ops, queued to the writer thread in list order: a write from a CPU slot snapshots it now (3 may
+     reuse the slot); a write from a GPU block gets its bytes in 3; a delete is just queued
+  3. gather the GPU blocks leaving (swap out, CPU tier stores, disk writes) before this step's forward
+     overwrites them; the forward waits for the gather only: the device -> host copies overlap it
+  4. disk reads into their slots, verified (a later step loads them; a read of a block written in 3
+     waits for that write)
+  5. copy loaded slots (swap in, CPU tier hits) into their new GPU blocks; the forward waits for them
+On CUDA, 3 and 5 run on a copy stream of their own, after the work already queued on the compute stream.
+"""
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.messages import DiskOp, KVTransferResult, KVTransfers
+from pagedllm.core.offload import TierSizes
+from pagedllm.runner.kv_disk import DiskStore, PendingPayload, model_identity
+
+
+def get_kv_from_block(kv_caches: list[torch.Tensor], block_ids) -> torch.Tensor:
+    """K and V of every layer for the given blocks, on the cache's device: (n, num_layers, 2, block_size,
+    num_kv_heads, head_dim) for a list or tensor of n ids, (num_layers, 2, ...) for one id."""
+    idx = _as_index(block_ids, kv_caches[0].device)
+    two, _, *block_shape = kv_caches[0].shape
+    out = torch.empty((idx.numel(), len(kv_caches), two, *block_shape), dtype=kv_caches[0].dtype,
+                      device=kv_caches[0].device)
+    for layer, kv in enumerate(kv_caches):
+        out[:, layer].copy_(kv.index_select(1, idx).transpose(0, 1))
+    return out[0] if isinstance(block_ids, int) else out
+
+
+def put_kv_into_block(kv_caches: list[torch.Tensor], block_ids, kv: torch.Tensor):
+    """The inverse of get_kv_from_block: kv (n, num_layers, 2, ...) on the cache's device into the blocks."""
+    idx = _as_index(block_ids, kv_caches[0].device)
+    kv = kv.unsqueeze(0) if isinstance(block_ids, int) else kv
+    for layer, cache in enumerate(kv_caches):
+        cache.index_copy_(1, idx, kv[:, layer].transpose(0, 1))
+
+
+def _as_index(block_ids, device) -> torch.Tensor:
+    if isinstance(block_ids, torch.Tensor):
+        return block_ids.to(device=device, dtype=torch.int64)
+    ids = [block_ids] if isinstance(block_ids, int) else list(block_ids)
+    return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+
+
+class KVOffload:
+    """The CPU pool, the disk store, and the copies of one step between them and the GPU KV cache."""
+
+    def __init__(self, config: EngineConfig, hf_config, kv_caches: list[torch.Tensor], block_bytes: int):
+        self.kv_caches = kv_caches
+        device = kv_caches[0].device
+        num_swap = _num_blocks(config.swap_space, block_bytes, "swap_space") \
+            if config.preemption_mode == "swap" else 0
+        num_cpu = _num_blocks(config.cpu_offload_gb, block_bytes, "cpu_offload_gb")
+        two, _, *block_shape = kv_caches[0].shape
+        self.pool = torch.empty((num_swap + num_cpu, len(kv_caches), two, *block_shape), dtype=kv_caches[0].dtype,
+                                pin_memory=device.type == "cuda")
+        self.sizes = TierSizes(block_bytes, num_swap, num_cpu)
+        self.disk = None
+        if config.kv_disk_dir is not None:
+            identity = model_identity(config.model, hf_config, kv_caches[0].dtype, config.block_size,
+                                      config.load_format, device.type)
+            self.disk = DiskStore(config.kv_disk_dir, identity, block_bytes)
+            self.sizes.num_disk_blocks = _num_blocks(config.kv_disk_gb, self.disk.file_bytes, "kv_disk_gb")
+            self.sizes.disk_hashes, self.sizes.num_invalid_files = self.disk.scan()
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._timings: list = []   # (tier, "store" | "load", start event, end event) not yet read back
+
+    def execute(self, t: KVTransfers) -> KVTransferResult:
+        result = KVTransferResult()
+        if self.stream is not None and (t.disk_ops or t.disk_reads):
+            self.stream.synchronize()
+        to_disk = self._queue_disk_ops(t.disk_ops)
+        if t.swap_out or t.cpu_store or to_disk:
+            self._store(t, to_disk)
+        if t.disk_reads:
+            start = time.perf_counter()
+            result.failed_reads = self.disk.read_many([(h, self._slot_bytes(s)) for h, s in t.disk_reads])
+            result.load_seconds["disk"] = time.perf_counter() - start
+        if t.swap_in or t.cpu_load:
+            self._load(t)
+        if self.disk is not None:
+            result.store_seconds["disk"] = self.disk.take_write_seconds()
+        self._read_timings(result)
+        return result
+
+    def flush(self):
+        """Wait for the queued disk writes (tests; a restart of the process keeps what is flushed)."""
+        if self.disk is not None:
+            self.disk.flush()
+
+    def _queue_disk_ops(self, ops: list[DiskOp]) -> list[tuple[int, PendingPayload]]:
+        """Phase 2; returns the writes whose bytes come from GPU blocks, for phase 3."""
+        to_disk = []
+        for op in ops:
+            if op.cpu_slot is not None:
+                self.disk.write(op.block_hash, self._slot_bytes(op.cpu_slot).copy())
+            elif op.gpu_block is not None:
+                to_disk.append((op.gpu_block, PendingPayload()))
+                self.disk.write(op.block_hash, to_disk[-1][1])
+            else:
+                self.disk.delete(op.block_hash)
+        return to_disk
+
+    def _slot_bytes(self, slot: int) -> np.ndarray:
+        return self.pool[slot].view(-1).view(torch.uint8).numpy()
+
+    # ---- GPU <-> CPU ----------------------------------------------------------------------------------------
+    def _store(self, t: KVTransfers, to_disk: list[tuple[int, PendingPayload]]):
+        # Sorted by slot: consecutive slots make one copy each (a prefix is evicted tail first).
+        groups = [(tier, sorted(pairs, key=lambda p: p[1]))
+                  for tier, pairs in (("swap", t.swap_out), ("cpu", t.cpu_store)) if pairs]
+        with self._on_copy_stream() as forward_waits_for:
+            leaving = [get_kv_from_block(self.kv_caches, [b for b, _ in pairs]) for _, pairs in groups]
+            disk_kv = get_kv_from_block(self.kv_caches, [b for b, _ in to_disk]) if to_disk else None
+            forward_waits_for.append(self._record())
+            for (tier, pairs), kv in zip(groups, leaving):
+                with self._timed(tier, "store"):
+                    for i, slot, n in _runs([s for _, s in pairs]):
+                        self.pool[slot:slot + n].copy_(kv[i:i + n], non_blocking=True)
+            if to_disk:
+                host = torch.empty((len(to_disk), self.pool[0].numel()), dtype=self.pool.dtype,
+                                   pin_memory=self.stream is not None)
+                host.copy_(disk_kv.view(len(to_disk), -1), non_blocking=True)
+                copied = self._record()
+                for i, (_, payload) in enumerate(to_disk):
+                    payload.fill(host[i].view(torch.uint8).numpy(), copied)
+
+    def _load(self, t: KVTransfers):
+        with self._on_copy_stream() as forward_waits_for:
+            for tier, pairs in (("swap", t.swap_in), ("cpu", t.cpu_load)):
+                if pairs:
+                    with self._timed(tier, "load"):
+                        self._load_pairs(pairs)
+            forward_waits_for.append(self._record())
+
+    def _load_pairs(self, pairs: list[tuple[int, int]]):
+        pairs = sorted(pairs)   # by slot: consecutive slots make one copy each
+        cache = self.kv_caches[0]
+        staging = torch.empty((len(pairs), *self.pool.shape[1:]), dtype=cache.dtype, device=cache.device)
+        for i, slot, n in _runs([s for s, _ in pairs]):
+            staging[i:i + n].copy_(self.pool[slot:slot + n], non_blocking=True)
+        put_kv_into_block(self.kv_caches, [b for _, b in pairs], staging)
+
+    @contextmanager
+    def _on_copy_stream(self):
+        """On CUDA: the block runs on the copy stream after the work queued on the compute stream, which
+        then waits for the events the block lists (and for nothing else)."""
+        if self.stream is None:
+            yield []
+            return
+        main = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(main)
+        waits = []
+        with torch.cuda.stream(self.stream):
+            yield waits
+        for event in waits:
+            main.wait_event(event)
+
+    # ---- timing: CUDA events on the copy stream, read back once they have completed ---------------------------
+    def _record(self):
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.stream)
+        return event
+
+    @contextmanager
+    def _timed(self, tier: str, kind: str):
+        if self.stream is None:
+            start = time.perf_counter()
+            yield
+            self._timings.append((tier, kind, time.perf_counter() - start, None))
+            return
+        start = self._record()
+        yield
+        self._timings.append((tier, kind, start, self._record()))
+
+    def _read_timings(self, result: KVTransferResult):
+        pending = []
+        for tier, kind, start, end in self._timings:
+            if end is None:
+                seconds = start
+            elif end.query():
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                pending.append((tier, kind, start, end))
+                continue
+            into = result.store_seconds if kind == "store" else result.load_seconds
+            into[tier] = into.get(tier, 0.0) + seconds
+        self._timings = pending
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(index into slots, first slot, length) of each run of consecutive slots: one copy per run."""
+    runs = []
+    for i, slot in enumerate(slots):
+        if runs and slot == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((i, slot, 1))
+    return runs
+
+
+def _num_blocks(gib: float, block_bytes: int, name: str) -> int:
+    num = int(gib * 2**30) // block_bytes
+    if gib > 0 and num < 1:
+        raise ValueError(f"{name}={gib} GiB holds no KV block ({block_bytes} bytes a block): raise {name}")
+    return num

@@ -1,0 +1,139 @@
+"""The KV hierarchy end to end on a tiny random Llama (float32, CPU): swap and offload preemption, the CPU and
+disk tiers of the prefix cache, a restart on the same kv_disk_dir, bad block files. Greedy tokens are compared
+with the plain engine (recompute, a KV cache that never preempts), itself checked against transformers in
+test_vs_transformers.py."""
+import numpy as np
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.request import Request
+
+BS = 8
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
+BLOCK_BYTES = 2 * 2 * BS * 2 * 16 * 4     # layers x K,V x block_size x kv_heads x head_dim x float32
+FILE_BYTES = 88 + BLOCK_BYTES             # + the block file's header
+
+
+def gib(num_blocks: int, block_bytes: int = BLOCK_BYTES) -> float:
+    return num_blocks * block_bytes / 2**30
+
+
+def tokens(llm: LLM, prompts) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+def plain(model_dir, prompts) -> list[list[int]]:
+    return tokens(LLM(model_dir, dtype="float32", log_stats_interval=0), prompts)
+
+
+def assert_no_leaks(llm: LLM):
+    engine = llm.engine
+    engine.runner.kv_offload.flush()
+    stats = engine.get_stats()
+    assert stats.num_blocks_free == stats.num_blocks_total
+    off = engine.scheduler.offload
+    assert off.swap_pool.num_free_blocks == off.swap_pool.num_blocks
+    assert off.cpu_pool.num_free_blocks == off.cpu_pool.num_blocks      # no slot left pinned
+    assert not off.swapped and not off._reading
+    if off.disk is not None:
+        on_disk = {p.name for p in engine.runner.kv_offload.disk.dir.iterdir()}
+        assert on_disk == {h.hex() + ".kvb" for h in off.disk.lru}
+
+
+def prompts_of(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 512, size=n).tolist() for n in lengths]
+
+
+@pytest.fixture
+def preempted_ids(monkeypatch):
+    ids = set()
+    preempt = Scheduler._preempt
+
+    def spy(self, req):
+        ids.add(req.request_id)
+        preempt(self, req)
+    monkeypatch.setattr(Scheduler, "_preempt", spy)
+    return ids
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap", "offload"])
+def test_preemption_modes_give_identical_greedy_outputs(tiny_model_dirs, tmp_path, preempted_ids, mode):
+    d = tiny_model_dirs["llama"]
+    prompts = prompts_of([30, 45, 20, 60, 33, 50])
+    # Prefix caching off: a resumed request cannot find its own blocks by hash, so it really loads them.
+    kw = {"dtype": "float32", "log_stats_interval": 0, "block_size": BS, "num_gpu_blocks_override": 14,
+          "enable_prefix_caching": False, "preemption_mode": mode}
+    if mode == "swap":
+        kw.update(swap_space=gib(64))
+    if mode == "offload":
+        kw.update(cpu_offload_gb=gib(4), kv_disk_dir=str(tmp_path))
+    llm = LLM(d, **kw)
+    assert tokens(llm, prompts) == plain(d, prompts)
+    # Every request but the first: the oldest running request is never the newest, so never preempted.
+    assert preempted_ids == {str(i) for i in range(1, len(prompts))}
+    tiers = llm.engine.get_stats().kv_tiers
+    if mode == "swap":
+        assert tiers["swap"].hits > 0 and tiers["swap"].misses == 0
+    if mode == "offload":
+        assert tiers["disk"].bytes_stored > 0 and tiers["cpu"].hits + tiers["disk"].hits > 0
+    if mode != "recompute":
+        assert_no_leaks(llm)
+
+
+def block_files(llm: LLM, prompt: list[int], num_blocks: int):
+    hashes = Request("x", prompt, GREEDY, 1, BS).block_hashes[:num_blocks]
+    return [llm.engine.runner.kv_offload.disk.files.path(h) for h in hashes]
+
+
+def test_disk_tier_survives_a_restart_and_bad_files_are_recomputed(tiny_model_dirs, tmp_path):
+    d = tiny_model_dirs["llama"]
+    prefix = prompts_of([80], seed=1)[0]                  # 10 full blocks
+    asks = [prefix + s for s in prompts_of([5, 7, 3], seed=2)]
+    expected = plain(d, asks)
+    # Disk hits are staged in the CPU tier: it holds the 10 blocks of the prefix.
+    kw = {"dtype": "float32", "log_stats_interval": 0, "block_size": BS, "num_gpu_blocks_override": 16,
+          "cpu_offload_gb": gib(10), "kv_disk_dir": str(tmp_path)}
+
+    first = LLM(d, **kw)
+    assert tokens(first, asks[:1]) == expected[:1]
+    tokens(first, prompts_of([60] * 4, seed=3))          # pushes the prefix out of the GPU and the CPU tier
+    assert_no_leaks(first)
+    files = block_files(first, prefix, 10)
+    assert all(f.exists() for f in files)
+
+    second = LLM(d, **kw)                                 # a new engine: only the disk holds the prefix
+    assert tokens(second, asks[1:2]) == expected[1:2]
+    disk = second.engine.get_stats().kv_tiers["disk"]
+    assert disk.hits == 10 and disk.misses == 0 and disk.bytes_loaded == 10 * BLOCK_BYTES
+    assert_no_leaks(second)
+
+    data = bytearray(files[2].read_bytes())               # corrupt block 2, truncate 5, delete 8
+    data[len(data) // 2] ^= 0x01
+    files[2].write_bytes(bytes(data))
+    files[5].write_bytes(files[5].read_bytes()[:-1])
+    files[8].unlink()
+    third = LLM(d, **kw)
+    assert tokens(third, asks[2:3]) == expected[2:3]
+    disk = third.engine.get_stats().kv_tiers["disk"]
+    assert disk.hits >= 2 and disk.misses == 1 and disk.invalid == 2   # truncated: at start; corrupt: on read
+    assert not files[2].exists() and not files[5].exists()
+    assert third.engine.get_stats().num_prompt_tokens == len(asks[2]) - 2 * BS   # all but blocks 0 and 1
+    assert_no_leaks(third)
+
+
+def test_disk_tier_never_exceeds_kv_disk_gb(tiny_model_dirs, tmp_path):
+    d = tiny_model_dirs["llama"]
+    prompts = prompts_of([40] * 8, seed=4)
+    llm = LLM(d, dtype="float32", log_stats_interval=0, block_size=BS, num_gpu_blocks_override=16,
+              cpu_offload_gb=gib(2), kv_disk_dir=str(tmp_path), kv_disk_gb=gib(6, FILE_BYTES))
+    disk_dir = llm.engine.runner.kv_offload.disk.dir
+    for i, p in enumerate(prompts):
+        llm.engine.add_request(str(i), p, GREEDY)
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+        assert sum(f.stat().st_size for f in disk_dir.iterdir()) <= 6 * FILE_BYTES
+    assert llm.engine.get_stats().kv_tiers["disk"].bytes_stored > 6 * BLOCK_BYTES   # it did evict
+    assert_no_leaks(llm)
+    assert len(list(disk_dir.iterdir())) == 6

@@ -1,0 +1,189 @@
+"""Random paged-attention batches and the checks of triton_backend against torch_backend.
+
+Shared by the GPU tests and by the Triton-interpreter run on CPU (`python tests/kernels/attention_cases.py`
+with TRITON_INTERPRET=1, which must be set before triton decorates the kernels, hence a process of its own).
+
+A batch is a list of rows (seq_len, query_len) in random order: decode (ctx + 1, 1), chunked prefill or
+prefix hit (ctx + L, L), fresh prompt (L, L), padding (0, 1) with slot -1. The cache is filled with noise,
+block tables are shuffled block ids, and table entries a row must not read point far outside the cache
+(the oracle gets a clean copy), so a stray read faults or shows up as a wrong answer.
+"""
+import random
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.attention import torch_backend
+from pagedllm.attention.metadata import AttentionMetadata
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
+POISON_BLOCK = 1 << 28
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor
+    k: torch.Tensor                   # this step's new K/V, (num_tokens, Hkv, D)
+    v: torch.Tensor
+    kv_cache: torch.Tensor            # context K/V already written; the new tokens not yet
+    meta: AttentionMetadata           # what the kernels get: poisoned unused table entries
+    ref_meta: AttentionMetadata       # what the oracle gets: unused entries 0
+    padding: torch.Tensor             # (num_tokens,) bool: the token belongs to a padding row
+
+
+def random_rows(rng: random.Random, num_rows: int, max_context: int, max_query: int,
+                kinds=("decode", "chunk", "fresh", "padding")) -> list[tuple[int, int]]:
+    rows = []
+    for _ in range(num_rows):
+        kind = rng.choice(kinds)
+        if kind == "decode":
+            rows.append((rng.randint(1, max_context) + 1, 1))
+        elif kind == "chunk":
+            query_len = rng.randint(2, max_query)
+            rows.append((rng.randint(1, max_context) + query_len, query_len))
+        elif kind == "fresh":
+            query_len = rng.randint(2, max_query)
+            rows.append((query_len, query_len))
+        else:
+            rows.append((0, 1))
+    return rows
+
+
+def make_batch(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=0,
+               max_seq_len_bound=None, num_blocks=None, max_blocks=None) -> Batch:
+    """max_seq_len_bound: an upper bound to pass as max_seq_len; num_blocks, max_blocks: fixed sizes of the
+    cache and of the block tables (as a CUDA graph's static buffers have), else just enough."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_row = [-(-seq_len // block_size) for seq_len, _ in rows]
+    num_blocks = num_blocks or sum(blocks_per_row) + 3
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    max_blocks = max_blocks or max(blocks_per_row) + 2
+    tables = torch.full((len(rows), max_blocks), POISON_BLOCK, dtype=torch.int32)
+    ref_tables = torch.zeros((len(rows), max_blocks), dtype=torch.int32)
+    slots, starts, padding = [], [0], []
+    for i, (seq_len, query_len) in enumerate(rows):
+        ids = torch.tensor([free.pop() for _ in range(blocks_per_row[i])], dtype=torch.int32)
+        tables[i, :len(ids)] = ref_tables[i, :len(ids)] = ids
+        if seq_len == 0:
+            slots.append(-1)
+        else:
+            pos = torch.arange(seq_len - query_len, seq_len)
+            slots.extend((ids.long()[pos // block_size] * block_size + pos % block_size).tolist())
+        starts.append(starts[-1] + query_len)
+        padding.extend([seq_len == 0] * query_len)
+    num_tokens = starts[-1]
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(num_tokens, num_q_heads, head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    seq_lens = [s for s, _ in rows]
+
+    def meta(block_tables):
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=block_tables.to(device), max_query_len=max(q for _, q in rows),
+            max_seq_len=max_seq_len_bound or max(seq_lens), query_start_loc_cpu=starts, seq_lens_cpu=seq_lens)
+
+    return Batch(q.to(device), k.to(device), v.to(device), cache.to(device), meta(tables), meta(ref_tables),
+                 torch.tensor(padding, device=device))
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def check_write_kv(batch: Batch, backend) -> None:
+    """Exact: new tokens land in their slots, padding slots (-1) leave the cache untouched."""
+    expected = batch.kv_cache.clone()
+    torch_backend.write_kv(expected, batch.k, batch.v, batch.meta.slot_mapping)
+    got = batch.kv_cache.clone()
+    backend.write_kv(got, batch.k, batch.v, batch.meta.slot_mapping)
+    assert torch.equal(got, expected), "write_kv differs from torch_backend.write_kv"
+
+
+def check_attention(batch: Batch, backend, scale=None) -> float:
+    """triton vs torch on the cache after this step's write; padding rows must come out as zeros."""
+    scale = scale or batch.q.shape[-1] ** -0.5
+    torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
+    ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale)
+    out = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale)
+    assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
+    assert torch.isfinite(out).all(), "non-finite attention output"
+    assert (out[batch.padding] == 0).all(), "padding rows must be zeros"
+    real = ~batch.padding
+    err = rel_error(out[real], ref[real])
+    assert err <= TOLERANCE[batch.q.dtype], f"relative error {err:.2e} > {TOLERANCE[batch.q.dtype]:.0e}"
+    return err
+
+
+def check_row_independent_of_batch(batch: Batch, backend, row: int) -> None:
+    """A decode row alone (with a looser max_seq_len) gives bit-identical output to the same row in the batch."""
+    scale = batch.q.shape[-1] ** -0.5
+    torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
+    full = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale)
+    m = batch.meta
+    start = m.query_start_loc_cpu[row]
+    assert m.query_start_loc_cpu[row + 1] - start == 1
+    alone = AttentionMetadata(
+        slot_mapping=m.slot_mapping[start:start + 1],
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=m.query_start_loc.device),
+        seq_lens=m.seq_lens[row:row + 1], block_tables=m.block_tables[row:row + 1], max_query_len=1,
+        max_seq_len=4 * m.max_seq_len, query_start_loc_cpu=[0, 1], seq_lens_cpu=[m.seq_lens_cpu[row]])
+    single = backend.paged_attention(batch.q[start:start + 1], batch.kv_cache, alone, scale)
+    assert torch.equal(single[0], full[start]), "a decode row's output depends on its batch"
+
+
+# Small shapes for the interpreter: every feature, each kernel path, in well under a minute on 2 cores.
+def interpreter_cases():
+    rng = random.Random(0)
+    for i, (hq, hkv, dim, bs, dtype) in enumerate([
+            (4, 2, 16, 16, torch.float32), (4, 4, 32, 32, torch.float16), (6, 2, 16, 64, torch.bfloat16),
+            (8, 1, 24, 16, torch.float32)]):
+        rows = random_rows(rng, 6, max_context=80, max_query=20)
+        rows += [(1, 1), (0, 1), (300, 1), (40, 7)]   # every kind at least once, one row of many segments
+        rng.shuffle(rows)
+        yield f"hq{hq}-hkv{hkv}-d{dim}-bs{bs}-{str(dtype)[6:]}", rows, (hq, hkv, dim, bs, dtype), i
+
+
+def _patch_interpreter() -> None:
+    """Two bugs of Triton 3.6's interpreter (not of the compiled kernels), fixed here for this process only:
+    a scalar loop bound goes through int(1-element array), which numpy >= 2.4 refuses (triton-lang/triton
+    #9171); tl.dot on bfloat16 multiplies the raw uint16 bits. Squeeze the one, upcast the other."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+    patch_tensor, create_dot = interpreter._patch_lang_tensor, interpreter.InterpreterBuilder.create_dot
+
+    def patched_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    def as_float32(x):
+        if x.dtype != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def patched_dot(self, a, b, d, *args):
+        return create_dot(self, as_float32(a), as_float32(b), d, *args)
+
+    interpreter._patch_lang_tensor = patched_tensor
+    interpreter.InterpreterBuilder.create_dot = patched_dot
+
+
+def run_interpreter() -> None:
+    from pagedllm.attention import triton_backend
+    _patch_interpreter()
+    # Tiny segments, so that a 300-token row exercises many segments and the "longer segments" regime.
+    triton_backend.PARTITION, triton_backend.MAX_SEGMENTS = 32, 4
+    for name, rows, (hq, hkv, dim, bs, dtype), seed in interpreter_cases():
+        batch = make_batch(rows, hq, hkv, dim, bs, dtype, "cpu", seed=seed)
+        check_write_kv(batch, triton_backend)
+        err = check_attention(batch, triton_backend)
+        decode_row = next(i for i, (s, q) in enumerate(rows) if q == 1 and s > 0)
+        check_row_independent_of_batch(batch, triton_backend, decode_row)
+        print(f"ok {name} rel_err={err:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    run_interpreter()

@@ -1,0 +1,153 @@
+"""The fused layer kernels (pagedllm/layers/kernels) against the torch code they replace, on fresh random inputs.
+
+Shared by the GPU tests and by the Triton-interpreter run on CPU (`python tests/kernels/fused_cases.py` with
+TRITON_INTERPRET=1, which must be set before triton decorates the kernels, hence a process of its own).
+
+Oracle: the layer's forward_native in float32 on the float32 copy of the same inputs and weights.
+float32 must match it to ~1e-6 relative; a half dtype may be off by no more than the torch code run in that
+dtype is (x 1.5, + 1e-5). Inputs are rows of wider NaN-filled buffers (a stray read shows up as NaN) and
+the allocator is filled with NaN before each call (best effort: an unwritten output shows up as NaN).
+"""
+from types import SimpleNamespace
+
+import torch
+
+from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.kernels.qk_norm_rope import qk_norm_rope
+from pagedllm.layers.kernels.rms_norm import rms_norm
+from pagedllm.layers.kernels.silu_and_mul import silu_and_mul
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.models.llama import LlamaAttention
+
+FLOAT32_TOLERANCE = 1e-6
+MAX_POSITION = 4096
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def check_close(name: str, out: torch.Tensor, half: torch.Tensor, ref: torch.Tensor) -> float:
+    """out: fused in dtype; half: torch code in dtype; ref: torch code in float32."""
+    assert out.shape == ref.shape and out.dtype == half.dtype, f"{name}: {out.shape} {out.dtype} vs {ref.shape}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite output"
+    err = rel_error(out, ref)
+    limit = FLOAT32_TOLERANCE if out.dtype == torch.float32 else 1.5 * rel_error(half, ref) + 1e-5
+    assert err <= limit, f"{name}: relative error {err:.2e} > {limit:.2e}"
+    return err
+
+
+def poisoned_rows(values: torch.Tensor, pad: int = 13) -> torch.Tensor:
+    """values (T, C) copied into the first C columns of a NaN-filled (T, C + pad) buffer."""
+    buf = torch.full((values.shape[0], values.shape[1] + pad), float("nan"), dtype=values.dtype, device=values.device)
+    buf[:, :values.shape[1]] = values
+    return buf[:, :values.shape[1]]
+
+
+def poison_allocator(device, num_bytes: int) -> None:
+    """Hand a few NaN-filled blocks of this size back to the allocator, for the next outputs to land in."""
+    blocks = [torch.full((num_bytes // 4 + 1,), float("nan"), device=device) for _ in range(4)]
+    del blocks
+
+
+def _randn(shape, dtype, device, gen, scale=1.0):
+    return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def check_rms_norm(num_tokens, hidden, dtype, with_residual, device, seed=0) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    x = poisoned_rows(_randn((num_tokens, hidden), dtype, device, gen, 3.0))
+    residual = poisoned_rows(_randn((num_tokens, hidden), dtype, device, gen)) if with_residual else None
+    norm = RMSNorm(hidden, eps=1e-6).to(device)
+    norm.weight.data = _randn((hidden,), dtype, device, gen, 0.2) + 1
+    ref_norm = RMSNorm(hidden, eps=1e-6).to(device)
+    ref_norm.weight.data = norm.weight.data.float()
+    args = (x,) if residual is None else (x, residual)
+    half, ref = norm.forward_native(*args), ref_norm.forward_native(*(a.float() for a in args))
+    poison_allocator(device, x.numel() * x.element_size())
+    out = rms_norm(x, norm.weight, norm.variance_epsilon, residual)
+    if residual is None:
+        return check_close("rms_norm", out, half, ref)
+    assert torch.equal(out[1], half[1]), "rms_norm: residual sum differs from x + residual"
+    return check_close("rms_norm", out[0], half[0], ref[0])
+
+
+@torch.no_grad()
+def check_silu_and_mul(num_tokens, inter, dtype, device, seed=0) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = poisoned_rows(_randn((num_tokens, 2 * inter), dtype, device, gen, 4.0))
+    half, ref = SiluAndMul().forward_native(gate_up), SiluAndMul().forward_native(gate_up.float())
+    poison_allocator(device, half.numel() * half.element_size())
+    return check_close("silu_and_mul", silu_and_mul(gate_up), half, ref)
+
+
+def make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device) -> LlamaAttention:
+    """A LlamaAttention whose projections go unused here (rotate_qk takes the qkv output)."""
+    config = SimpleNamespace(num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
+                             hidden_size=64, rms_norm_eps=1e-6, attention_bias=False)
+    rotary = RotaryEmbedding(head_dim, MAX_POSITION, {"rope_type": "default", "rope_theta": 1e6})
+    return LlamaAttention(config, 0, rotary, qkv_bias=False, qk_norm=qk_norm).to(device)
+
+
+@torch.no_grad()
+def check_qk_norm_rope(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, qk_norm, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    attn, ref_attn = (make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device) for _ in range(2))
+    if qk_norm:
+        for name in ("q_norm", "k_norm"):
+            weight = _randn((head_dim,), dtype, device, gen, 0.2) + 1
+            getattr(attn, name).weight.data, getattr(ref_attn, name).weight.data = weight, weight.float()
+    width = (num_q_heads + 2 * num_kv_heads) * head_dim
+    qkv = poisoned_rows(_randn((num_tokens, width), dtype, device, gen, 2.0))
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen).to(device)
+    half = attn.rotate_qk_native(positions, qkv)
+    ref = ref_attn.rotate_qk_native(positions, qkv.float())
+    poison_allocator(device, qkv.numel() * qkv.element_size())
+    norms = [(n.weight, n.variance_epsilon) for n in (attn.q_norm, attn.k_norm)] if qk_norm else [None, None]
+    q, k, v = qk_norm_rope(qkv, positions, attn.rotary_emb.cos_sin_cache, num_q_heads, num_kv_heads, head_dim,
+                           *norms)
+    assert torch.equal(v, half[2]), "qk_norm_rope: v must be qkv's v columns"
+    return max(check_close("q", q, half[0], ref[0]), check_close("k", k, half[1], ref[1]))
+
+
+# Small shapes for the interpreter: every kernel, dtype and switch, odd sizes, in seconds on 2 cores.
+def interpreter_cases():
+    for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16]):
+        yield f"rms_norm-{dtype}", lambda d=dtype, i=i: check_rms_norm(7, 96, d, False, "cpu", seed=i)
+        yield f"rms_norm+res-{dtype}", lambda d=dtype, i=i: check_rms_norm(5, 80, d, True, "cpu", seed=i)
+        yield f"silu_and_mul-{dtype}", lambda d=dtype, i=i: check_silu_and_mul(3, 1100, d, "cpu", seed=i)
+        yield f"qk_norm_rope-{dtype}", lambda d=dtype, i=i: check_qk_norm_rope(5, 4, 2, 32, d, True, "cpu", seed=i)
+        yield f"rope-{dtype}", lambda d=dtype, i=i: check_qk_norm_rope(3, 6, 2, 16, d, False, "cpu", seed=i)
+    yield "qk_norm_rope-d24", lambda: check_qk_norm_rope(2, 3, 1, 24, torch.float32, True, "cpu", seed=9)
+    yield "qk_norm_rope-d80-bf16", lambda: check_qk_norm_rope(3, 12, 4, 80, torch.bfloat16, True, "cpu", seed=10)
+
+
+def _patch_interpreter() -> None:
+    """A bug of Triton 3.6's interpreter (not of compiled kernels, where fptrunc rounds to nearest even), fixed
+    here for this process only: float32 -> bfloat16 casts truncate. Round to nearest even instead."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+    cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def patched_cast(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast_impl(self, src, dst_type)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
+        return interpreter.TensorHandle(rounded, tl.bfloat16)
+
+    interpreter.InterpreterBuilder.cast_impl = patched_cast
+
+
+def run_interpreter() -> None:
+    _patch_interpreter()
+    for name, check in interpreter_cases():
+        print(f"ok {name} rel_err={check():.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    run_interpreter()

@@ -1,0 +1,114 @@
+"""triton_backend against torch_backend: on CUDA (fresh random batches of every kind), and on CPU through
+the Triton interpreter in a subprocess (TRITON_INTERPRET is read when the kernels are decorated)."""
+import dataclasses
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from attention_cases import (
+    check_attention,
+    check_row_independent_of_batch,
+    check_write_kv,
+    make_batch,
+    random_rows,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HEADS = [(16, 8), (32, 8), (8, 8), (12, 4), (8, 1)]    # Qwen3-0.6B, Llama-3.1-8B, MHA, group 3, MQA
+
+
+def test_kernels_under_triton_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("attention_cases.py"))],
+                            check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok ") == 4, result.stdout
+
+
+def _triton():
+    from pagedllm.attention import triton_backend
+    return triton_backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (64, 32), (128, 64), (80, 16)])
+def test_mixed_batch_matches_torch(dtype, heads, head_dim, block_size):
+    rng = random.Random(hash((str(dtype), heads, head_dim, block_size)) & 0xFFFF)
+    rows = random_rows(rng, 24, max_context=700, max_query=150)
+    rows += [(1, 1), (0, 1), (2500, 1), (300, 300), (1200, 100)]   # each kind at least once
+    rng.shuffle(rows)
+    batch = make_batch(rows, *heads, head_dim, block_size, dtype, "cuda", seed=rng.randrange(1 << 16))
+    check_write_kv(batch, _triton())
+    check_attention(batch, _triton())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_decode_rows_split_kv(dtype):
+    """Few rows, long contexts: many segments, and rows longer than PARTITION * MAX_SEGMENTS."""
+    rows = [(33000, 1), (16385, 1), (513, 1), (0, 1), (70000, 1)]
+    batch = make_batch(rows, 16, 8, 128, 16, dtype, "cuda", seed=5)
+    check_attention(batch, _triton())
+    check_row_independent_of_batch(batch, _triton(), row=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_large_prefill_chunk(dtype):
+    rows = [(2048, 2048), (2100, 100), (4000, 1900), (1024, 1024), (600, 1), (2500, 2500)]
+    batch = make_batch(rows, 32, 8, 128, 16, dtype, "cuda", seed=6)
+    check_attention(batch, _triton())
+
+
+@pytest.mark.gpu
+def test_decode_row_does_not_depend_on_batch():
+    rng = random.Random(7)
+    rows = random_rows(rng, 200, max_context=3000, max_query=1, kinds=("decode", "padding"))
+    rows[0] = (1900, 1)
+    batch = make_batch(rows, 16, 8, 128, 16, torch.bfloat16, "cuda", seed=7)
+    check_row_independent_of_batch(batch, _triton(), row=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_rows", [1, 4, 64, 256])
+def test_cuda_graph_replay_is_bit_identical_to_eager(num_rows):
+    """A decode batch captured once with max_seq_len = max_model_len (an upper bound), replayed on new
+    data, equals eager with the exact max_seq_len, bit for bit; padding rows included."""
+    backend, rng, scale = _triton(), random.Random(num_rows), 128 ** -0.5
+    max_model_len, block_size = 8192, 16
+    batches_rows = []
+    for _ in range(3):
+        rows = random_rows(rng, num_rows, max_context=2000, max_query=1, kinds=("decode", "decode", "padding"))
+        rows[0] = (rng.randint(2, max_model_len), 1)
+        batches_rows.append(rows)
+    sizes = {"num_blocks": max(sum(-(-s // block_size) for s, _ in r) for r in batches_rows) + 3,
+             "max_blocks": max_model_len // block_size, "max_seq_len_bound": max_model_len}
+    batches = [make_batch(r, 16, 8, 128, block_size, torch.bfloat16, "cuda", seed=i, **sizes)
+               for i, r in enumerate(batches_rows)]
+    static = batches[0]
+    backend.write_kv(static.kv_cache, static.k, static.v, static.meta.slot_mapping)
+    backend.paged_attention(static.q, static.kv_cache, static.meta, scale)     # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        backend.write_kv(static.kv_cache, static.k, static.v, static.meta.slot_mapping)
+        graph_out = backend.paged_attention(static.q, static.kv_cache, static.meta, scale)
+    for new in batches[1:]:
+        for name in ("q", "k", "v", "kv_cache"):
+            getattr(static, name).copy_(getattr(new, name))
+        for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables"):
+            getattr(static.meta, name).copy_(getattr(new.meta, name))
+        graph.replay()
+        exact = dataclasses.replace(new.meta, max_seq_len=max(new.meta.seq_lens_cpu))
+        eager = backend.paged_attention(new.q, static.kv_cache, exact, scale)
+        assert torch.isfinite(graph_out).all()
+        assert (graph_out[new.padding] == 0).all()
+        assert torch.equal(graph_out, eager), "graph replay differs from eager"

@@ -1,0 +1,64 @@
+"""Persistent input buffers: the flat inputs of a step, block tables updated by diffs, decode padding."""
+import numpy as np
+import torch
+
+from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
+from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequestState
+from pagedllm.sampling_params import SamplingParams
+
+BS = 4
+
+
+def make_req(tables, name, token_ids, block_ids, computed):
+    return RunnerRequestState(name, token_ids, len(token_ids), SamplingParams(), tables.add(block_ids),
+                              len(block_ids), computed, None)
+
+
+def test_mixed_step_inputs():
+    tables = BlockTables(max_blocks_per_req=8, num_rows=1)   # forces the table to grow
+    a = make_req(tables, "a", list(range(100, 109)), [7, 3, 5], 6)    # 6 cached, runs 3 (positions 6..8)
+    b = make_req(tables, "b", [200, 201, 202], [9], 2)               # decode of position 2
+    c = make_req(tables, "c", [300, 301, 302, 303, 304], [2, 4], 0)  # prompt chunk: first 2 of 5
+    buf = InputBuffers(max_tokens=16, max_reqs=4, max_blocks_per_req=8, device=torch.device("cpu"))
+    inp = buf.build([a, b, c], [3, 1, 2], tables, BS)
+    assert inp.input_ids.tolist() == [106, 107, 108, 202, 300, 301]
+    assert inp.positions.tolist() == [6, 7, 8, 2, 0, 1]
+    assert inp.attn_metadata.slot_mapping.tolist() == [3 * BS + 2, 3 * BS + 3, 5 * BS + 0, 9 * BS + 2,
+                                                        2 * BS + 0, 2 * BS + 1]
+    assert inp.attn_metadata.query_start_loc.tolist() == [0, 3, 4, 6]
+    assert inp.attn_metadata.seq_lens.tolist() == [9, 3, 2]
+    bt = inp.attn_metadata.block_tables
+    assert bt[0, :3].tolist() == [7, 3, 5] and bt[1, :1].tolist() == [9] and bt[2, :2].tolist() == [2, 4]
+    assert inp.sample_rows == [0, 1]                  # c's chunk does not reach the end of its prompt
+    assert inp.sample_token_index.tolist() == [2, 3]
+
+
+def test_block_table_diffs_and_row_reuse():
+    tables = BlockTables(max_blocks_per_req=4, num_rows=2)
+    r0, r1 = tables.add([1, 2]), tables.add([3])
+    tables.set(r0, 2, [8])
+    assert tables.table[r0, :3].tolist() == [1, 2, 8]
+    tables.release(r0)
+    assert tables.add([5]) == r0
+    assert tables.table[r1, 0] == 3
+
+
+def test_padded_decode_rows_read_nothing():
+    tables = BlockTables(max_blocks_per_req=8)
+    reqs = [make_req(tables, str(i), [1] * (5 + i), [i, 10 + i], 4 + i) for i in range(3)]
+    buf = InputBuffers(max_tokens=8, max_reqs=8, max_blocks_per_req=8, device=torch.device("cpu"))
+    inp = buf.build(reqs, [1, 1, 1], tables, BS, pad_to=4, max_seq_len_bound=32)
+    meta = inp.attn_metadata
+    assert inp.input_ids.shape[0] == 4 and inp.num_tokens == 3
+    assert meta.slot_mapping.tolist()[3] == -1
+    assert meta.seq_lens.tolist() == [5, 6, 7, 0]
+    assert meta.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    assert meta.max_seq_len == 32 and meta.max_query_len == 1
+    assert np.array_equal(meta.block_tables[:3, :2].numpy(), [[0, 10], [1, 11], [2, 12]])
+
+
+def test_capture_sizes_cover_every_batch():
+    sizes = capture_sizes(100)
+    assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 100
+    graphs = CudaGraphs(sizes)
+    assert [graphs.padded_size(n) for n in (1, 3, 9, 97, 100, 101)] == [1, 4, 16, 100, 100, None]

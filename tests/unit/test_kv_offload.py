@@ -1,0 +1,135 @@
+"""Block-level KV access and the runner's copies between the KV cache, the CPU pool and the disk tier (CPU).
+The same code runs on CUDA with a copy stream; tests/gpu/test_kv_offload_cuda.py checks it there."""
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.messages import DiskOp, KVTransfers
+from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block
+from pagedllm.runner.kv_disk import DiskStore, model_identity
+from pagedllm.runner.kv_offload import KVOffload, get_kv_from_block, put_kv_into_block
+
+LAYERS, BLOCKS, BS, HEADS, DIM = 3, 10, 4, 2, 8
+
+
+def random_caches(device="cpu", dtype=torch.float32):
+    caches = allocate_kv_caches(LAYERS, BLOCKS, BS, HEADS, DIM, dtype, torch.device(device))
+    for c in caches:
+        c.normal_()
+    return caches
+
+
+def test_get_and_put_kv_of_blocks_round_trip():
+    caches = random_caches()
+    kv = get_kv_from_block(caches, [7, 2, 5])
+    assert kv.shape == (3, LAYERS, 2, BS, HEADS, DIM)
+    for i, b in enumerate([7, 2, 5]):
+        for layer in range(LAYERS):
+            assert torch.equal(kv[i, layer], caches[layer][:, b])
+    assert torch.equal(get_kv_from_block(caches, 2), kv[1])      # one block: no leading dimension
+    put_kv_into_block(caches, [0, 1, 9], kv)
+    assert torch.equal(get_kv_from_block(caches, [0, 1, 9]), kv)
+    put_kv_into_block(caches, 4, kv[0])
+    assert torch.equal(get_kv_from_block(caches, 4), kv[0])
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    LlamaConfig(hidden_size=HEADS * 2 * DIM, num_attention_heads=HEADS * 2, num_key_value_heads=HEADS,
+                num_hidden_layers=LAYERS, vocab_size=64).to_json_file(tmp_path / "config.json")
+    return str(tmp_path)
+
+
+def make_offload(model_dir, disk_dir=None):
+    caches = random_caches()
+    block_bytes = bytes_per_block(LAYERS, BS, HEADS, DIM, torch.float32)
+    config = EngineConfig(model=model_dir, block_size=BS, preemption_mode="swap", swap_space=4 * block_bytes / 2**30,
+                          cpu_offload_gb=4 * block_bytes / 2**30, kv_disk_dir=disk_dir, load_format="dummy")
+    hf_config = LlamaConfig.from_pretrained(model_dir)
+    return KVOffload(config, hf_config, caches, block_bytes), caches
+
+
+def test_swap_and_cpu_tier_copies_move_exact_blocks(model_dir):
+    off, caches = make_offload(model_dir)
+    assert (off.sizes.num_swap_slots, off.sizes.num_cpu_slots) == (4, 4)
+    before = get_kv_from_block(caches, [3, 5, 6]).clone()
+    stored = off.execute(KVTransfers(swap_out=[(3, 1), (5, 2)], cpu_store=[(6, 7)]))
+    for c in caches:
+        c.zero_()
+    result = off.execute(KVTransfers(swap_in=[(2, 0), (1, 9)], cpu_load=[(7, 4)]))
+    assert torch.equal(get_kv_from_block(caches, [9, 0, 4]), before)
+    assert set(stored.store_seconds) == {"swap", "cpu"} and set(result.load_seconds) == {"swap", "cpu"}
+
+
+def test_disk_write_then_verified_read_into_another_slot(model_dir, tmp_path):
+    off, _ = make_offload(model_dir, str(tmp_path / "disk"))
+    off.execute(KVTransfers(cpu_store=[(2, 5), (3, 6)]))
+    off.execute(KVTransfers(disk_ops=[DiskOp(b"a" * 32, 5), DiskOp(b"b" * 32, 6), DiskOp(b"b" * 32, None)]))
+    off.flush()
+    assert [p.name[:4] for p in off.disk.dir.iterdir()] == ["6161"]           # b was written, then deleted
+    result = off.execute(KVTransfers(disk_reads=[(b"a" * 32, 7), (b"b" * 32, 4)]))
+    assert result.failed_reads == {b"b" * 32: "missing"}
+    assert torch.equal(off.pool[7], off.pool[5])
+    assert result.load_seconds["disk"] > 0 and result.store_seconds["disk"] >= 0
+
+
+def write_block(store, h, fill):
+    payload = torch.full((store.block_bytes,), fill, dtype=torch.uint8).numpy()
+    store.write(h, payload)
+    store.flush()
+    return payload
+
+
+def read(store, h):
+    out = torch.zeros(store.block_bytes, dtype=torch.uint8).numpy()
+    return store.read_many([(h, out)]).get(h), out
+
+
+def test_disk_store_rejects_corrupt_truncated_and_foreign_files(tmp_path):
+    store = DiskStore(str(tmp_path), b"I" * 32, 64)
+    for i, h in enumerate([b"1" * 32, b"2" * 32, b"3" * 32, b"4" * 32]):
+        write_block(store, h, i + 1)
+    reason, out = read(store, b"1" * 32)
+    assert reason is None and (out == 1).all()
+
+    path = store.files.path(b"2" * 32)                  # flip one payload byte
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert read(store, b"2" * 32)[0] == "checksum mismatch" and not path.exists()
+
+    path = store.files.path(b"3" * 32)                  # a file of another model, under this model's name
+    other = DiskStore(str(tmp_path / "other"), b"J" * 32, 64)
+    write_block(other, b"3" * 32, 9)
+    os.replace(other.files.path(b"3" * 32), path)
+    assert read(store, b"3" * 32)[0].startswith("foreign") and not path.exists()
+
+    path = store.files.path(b"4" * 32)                  # truncated: found at start-up, removed
+    path.write_bytes(path.read_bytes()[:-5])
+    (store.dir / "junk.kvb.123.tmp").write_bytes(b"x")
+    hashes, num_removed = DiskStore(str(tmp_path), b"I" * 32, 64).scan()
+    assert hashes == [b"1" * 32] and num_removed == 2 and not path.exists()
+    assert read(store, b"4" * 32)[0] == "missing"
+
+
+def test_model_identity_tells_dtype_block_size_and_weights_apart(model_dir):
+    hf_config = LlamaConfig.from_pretrained(model_dir)
+    base = model_identity(model_dir, hf_config, torch.float32, 16, "dummy", "cpu")
+    assert base == model_identity(model_dir, hf_config, torch.float32, 16, "dummy", "cpu")
+    assert base != model_identity(model_dir, hf_config, torch.bfloat16, 16, "dummy", "cpu")
+    assert base != model_identity(model_dir, hf_config, torch.float32, 32, "dummy", "cpu")
+    weights = os.path.join(model_dir, "model.safetensors")
+    with open(weights, "wb") as f:
+        f.write(b"\0" * 100)
+    first = model_identity(model_dir, hf_config, torch.float32, 16, "auto", "cpu")
+    with open(weights, "r+b") as f:
+        f.write(b"\1")
+    assert first != model_identity(model_dir, hf_config, torch.float32, 16, "auto", "cpu")
+
+
+def test_consecutive_slots_are_copied_in_one_run():
+    from pagedllm.runner.kv_offload import _runs
+    assert _runs([4, 5, 6, 9, 10, 2]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1)]
