@@ -2,7 +2,8 @@
 
 The engine core (scheduler + model runner) runs in its own process (see core_process.py); this object lives
 in the API process's event loop and does the rest: tokenize and validate (InputProcessor), detokenize and
-assemble RequestOutputs (OutputProcessor), and hand each one to the request's asyncio queue.
+assemble RequestOutputs (OutputProcessor), and hand each one to the request's asyncio queue. The core process
+is spawned, so a script that builds an AsyncLLM needs the `if __name__ == "__main__":` guard.
 """
 import asyncio
 import dataclasses
