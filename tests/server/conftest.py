@@ -35,7 +35,7 @@ def server(servers) -> Server:
 def _offline_llm(tiny_model_dirs):
     from pagedllm import LLM
     return LLM(tiny_model_dirs["llama"], num_gpu_blocks_override=NUM_BLOCKS, max_model_len=MAX_MODEL_LEN,
-               log_stats_interval=0)
+               log_stats_interval=0, device="cpu")
 
 
 @pytest.fixture

@@ -39,7 +39,8 @@ def start_server(model_dir: str, log_path: str, api_key: str | None, *flags: str
     port = _free_port()
     cmd = [sys.executable, "-m", "pagedllm.cli", "serve", model_dir, "--port", str(port),
            "--served-model-name", MODEL_NAME, "--num-gpu-blocks-override", str(NUM_BLOCKS),
-           "--max-model-len", str(MAX_MODEL_LEN), "--log-stats-interval", "0", "--log-level", "warning", *flags]
+           "--max-model-len", str(MAX_MODEL_LEN), "--log-stats-interval", "0", "--log-level", "warning",
+           "--device", "cpu", *flags]   # float32 on CPU: the exact reference also on a GPU machine
     # One torch thread: the server's two processes and the test process share two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PAGEDLLM_API_KEY": "" if "--api-key" in flags else (api_key or "")}
     log = open(log_path, "w")
