@@ -26,7 +26,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     request_id = f"cmpl-{uuid.uuid4().hex}"
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind)
-    texts = [text if text is not None else ctx.tokenizer.decode(ids) for text, ids in prompts]
+    texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]
     if req.stream:
         num_prompt = sum(len(p[1]) for p in prompts)
         return StreamingResponse(_stream(ctx, req, request_id, texts, num_prompt, streams, ids),
