@@ -1,13 +1,18 @@
 """pagedllm: a high-throughput LLM inference engine with a paged KV cache."""
 from pagedllm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
 
 
 def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free of import cycles
     if name == "LLM":
         from pagedllm.llm import LLM
         return LLM
+    if name == "AsyncLLM":
+        from pagedllm.engine.async_llm import AsyncLLM
+        return AsyncLLM
     if name in ("RequestOutput", "CompletionOutput"):
         from pagedllm import outputs
         return getattr(outputs, name)

@@ -1,18 +1,23 @@
-"""`pagedllm generate` and `pagedllm bench throughput`: engine flags are generated from EngineConfig's fields
-(names as vLLM's)."""
+"""`pagedllm generate | serve | bench throughput | bench serve`: engine and server flags are generated from the
+fields of EngineConfig and ServerConfig (names as vLLM's)."""
 import argparse
 import logging
 import sys
 import types
 import typing
 
+from pagedllm.bench import serve as bench_serve
 from pagedllm.bench import throughput
-from pagedllm.config import config_fields
+from pagedllm.config import EngineConfig, ServerConfig, config_fields
 
 
 def add_engine_args(parser: argparse.ArgumentParser):
-    group = parser.add_argument_group("engine")
-    for name, ftype, default, meta in config_fields():
+    add_config_args(parser, EngineConfig, "engine")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
+    group = parser.add_argument_group(title)
+    for name, ftype, default, meta in config_fields(cls):
         flag = "--" + name.replace("_", "-")
         if ftype is bool or ftype == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
@@ -28,8 +33,8 @@ def _scalar_type(ftype):
     return ftype
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name, *_ in config_fields()}
+def engine_kwargs(args: argparse.Namespace, cls=EngineConfig) -> dict:
+    return {name: getattr(args, name) for name, *_ in config_fields(cls)}
 
 
 def _generate(args):
@@ -41,6 +46,20 @@ def _generate(args):
     for out in llm.generate(args.prompts, params, use_tqdm=len(args.prompts) > 1):
         for c in out.outputs:
             print(out.prompt + c.text)
+
+
+def _serve(args):
+    from pagedllm.server.api_server import serve
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    serve(EngineConfig(**engine_kwargs(args)), ServerConfig(**engine_kwargs(args, ServerConfig)))
+
+
+def _add_serve_parser(sub):
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="model directory (as --model)")
+    add_config_args(serve, ServerConfig, "server")
+    add_engine_args(serve)
 
 
 def main(argv=None):
@@ -59,20 +78,27 @@ def main(argv=None):
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--log-level", default="WARNING")
     add_engine_args(gen)
+    _add_serve_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tput = bench.add_parser("throughput", help="offline throughput on a workload of shared/benchmarks.md; "
                                                "prints one JSON line")
     tput.add_argument("--log-level", default="WARNING")
     throughput.add_args(tput)
     add_engine_args(tput)
+    bench_serve.add_cli_args(bench.add_parser("serve", help=bench_serve.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = getattr(args, "log_level", "WARNING").upper()   # bench serve has no --log-level
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "generate":
             _generate(args)
-        else:
+        elif args.command == "serve":
+            _serve(args)
+        elif args.bench == "throughput":
             throughput.main(args, engine_kwargs(args))
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        else:
+            bench_serve.main(args)
+    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

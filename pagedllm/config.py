@@ -86,11 +86,31 @@ class EngineConfig:
         return self.preemption_mode != "recompute" or self.cpu_offload_gb > 0
 
 
+@dataclass
+class ServerConfig:
+    """`pagedllm serve`: the HTTP side (engine flags come from EngineConfig)."""
+    host: str = _f("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = _f(8000, "port to listen on")
+    api_key: str | None = _f(None, "require `Authorization: Bearer KEY` on /v1 routes (default: the "
+                                   "PAGEDLLM_API_KEY environment variable; unset = no key)")
+    served_model_name: str | None = _f(None, "model name in the API (default: the model argument)")
+    chat_template: str | None = _f(None, "chat template (a file or the template text) when the tokenizer has "
+                                         "none, or to replace its own")
+    max_waiting_queue_length: int | None = _f(None, "refuse new requests with 503 while this many sequences "
+                                                    "wait for their first step (default: no bound)")
+    log_level: str = _f("info", "log level of pagedllm and uvicorn", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self):
+        _check(0 <= self.port < 65536, "port", "in [0, 65535]", self.port)
+        _check(self.max_waiting_queue_length is None or self.max_waiting_queue_length >= 1,
+               "max_waiting_queue_length", ">= 1", self.max_waiting_queue_length)
+
+
 def _check(ok: bool, name: str, limit: str, value):
     if not ok:
         raise ValueError(f"{name} must be {limit}, got {value!r}")
 
 
-def config_fields():
-    """(name, type, default, metadata) of every EngineConfig field, for the CLI."""
-    return [(f.name, f.type, f.default, f.metadata) for f in fields(EngineConfig)]
+def config_fields(cls=EngineConfig):
+    """(name, type, default, metadata) of every field of a config dataclass, for the CLI."""
+    return [(f.name, f.type, f.default, f.metadata) for f in fields(cls)]

@@ -50,6 +50,25 @@ class SchedulerStats:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
+@dataclass
+class FinishedRequestStats:
+    finish_reasons: list[str]      # one per sequence (n)
+    e2e_latency: float             # arrival to the last output, seconds
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+@dataclass
+class StepStats:
+    """Request-level timings of one step, for the server's histograms: the engine core records first
+    schedulings, the output processor latencies and finished requests."""
+    first_scheduled_ids: list[str] = field(default_factory=list)   # sequences (child ids)
+    queue_times: list[float] = field(default_factory=list)         # arrival to first scheduled, seconds
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    inter_token_latencies: list[float] = field(default_factory=list)
+    finished: list[FinishedRequestStats] = field(default_factory=list)
+
+
 class StatsLogger:
     """Logs throughput and cache state every `interval` seconds (0 = never)."""
 

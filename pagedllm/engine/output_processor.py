@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pagedllm.core.messages import EngineCoreOutput, TokenLogprobs
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.metrics import FinishedRequestStats, StepStats
 from pagedllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -80,9 +81,11 @@ class OutputProcessor:
             self.child_to_parent.pop(child, None)
         self.parents.pop(request_id, None)
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+    def process(self, outputs: list[EngineCoreOutput], stats: StepStats | None = None
+                ) -> tuple[list[RequestOutput], list[str]]:
         """Returns the RequestOutputs to deliver, and the child ids that a stop string finished (the
-        scheduler must free them)."""
+        scheduler must free them). Request latencies go into `stats` when one is given (the server's
+        metrics)."""
         now = time.time()
         updated: dict[str, _ParentRequest] = {}
         stopped: list[str] = []
@@ -91,6 +94,8 @@ class OutputProcessor:
             if entry is None:
                 continue
             parent, seq = entry
+            if stats is not None:
+                _record_latencies(parent.metrics, out, now, stats)
             if self._update_sequence(parent, seq, out, now):
                 stopped.append(out.req_id)
             updated[parent.request_id] = parent
@@ -101,6 +106,8 @@ class OutputProcessor:
                 results.append(ro)
             if parent.finished:
                 parent.metrics.finished_time = now
+                if stats is not None:
+                    stats.finished.append(_finished_stats(parent, now))
                 self.abort(parent.request_id)
         return results, stopped
 
@@ -153,3 +160,19 @@ class OutputProcessor:
         logprobs = seq.logprobs[start:] if seq.logprobs is not None else None
         return CompletionOutput(seq.index, text, seq.token_ids[start:], seq.cumulative_logprob, logprobs,
                                 seq.finish_reason, seq.stop_reason)
+
+
+def _record_latencies(metrics: RequestMetrics, out: EngineCoreOutput, now: float, stats: StepStats):
+    """Before the sequence is updated: time to first token, or the gap since the request's last token
+    (once per step for all n sequences)."""
+    if not out.new_token_ids:
+        return
+    if metrics.first_token_time is None:
+        stats.time_to_first_tokens.append(now - metrics.arrival_time)
+    elif metrics.last_token_time != now:
+        stats.inter_token_latencies.append(now - metrics.last_token_time)
+
+
+def _finished_stats(parent: _ParentRequest, now: float) -> FinishedRequestStats:
+    return FinishedRequestStats([s.finish_reason for s in parent.seqs], now - parent.metrics.arrival_time,
+                                len(parent.prompt_token_ids), sum(len(s.token_ids) for s in parent.seqs))

@@ -1,0 +1,138 @@
+"""Serving benchmark against any OpenAI-compatible server; prints one JSON line.
+
+    pagedllm bench serve --base-url http://127.0.0.1:8000 --workload W1 --request-rate 16 [--max-concurrency 64]
+
+Each request of the workload (shared/benchmarks.md) goes to /v1/completions as token ids, streamed, with
+temperature 1.0, top_p 1.0 and ignore_eos, so it generates exactly its output length. Arrivals are a Poisson
+process at --request-rate (inf: all at once); --max-concurrency bounds the requests in flight.
+TTFT: send to the first chunk with a choice; ITL: gaps between such chunks; TPOT: (latency - TTFT) / (output
+tokens - 1) per request; output tokens are the server's usage counts.
+"""
+import argparse
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pagedllm.bench.workloads import WORKLOADS, build
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    ttft: float = 0.0
+    latency: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    num_output_tokens: int = 0
+
+
+def add_cli_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--endpoint", default="/v1/completions")
+    parser.add_argument("--model", default=None, help="model name in the API (default: the server's first)")
+    parser.add_argument("--workload", default="W1", choices=WORKLOADS, help="a workload of shared/benchmarks.md")
+    parser.add_argument("--num-requests", type=int, default=None, help="only the first N requests (quick runs)")
+    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+
+
+def main(args: argparse.Namespace):
+    print(json.dumps(asyncio.run(run(args))))
+
+
+async def run(args: argparse.Namespace) -> dict:
+    import aiohttp
+    w = build(args.workload)
+    prompts, out_lens = w.prompts[:args.num_requests], w.output_lens[:args.num_requests]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    async with aiohttp.ClientSession(args.base_url, connector=connector, timeout=timeout, headers=headers) as s:
+        model = args.model or await _first_model(s)
+        await _request(s, args.endpoint, model, [1, 2, 3], 4)   # warm-up
+        start = time.perf_counter()
+        results = await _send_all(s, args, model, prompts, out_lens)
+        duration = time.perf_counter() - start
+    return _report(args, w.name, model, prompts, results, duration)
+
+
+async def _first_model(s) -> str:
+    async with s.get("/v1/models") as r:
+        r.raise_for_status()
+        return (await r.json())["data"][0]["id"]
+
+
+async def _send_all(s, args, model, prompts, out_lens) -> list[RequestResult]:
+    rng = np.random.default_rng(args.seed)
+    limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+
+    async def one(prompt, out_len):
+        if limit is None:
+            return await _request(s, args.endpoint, model, prompt, out_len)
+        async with limit:
+            return await _request(s, args.endpoint, model, prompt, out_len)
+
+    tasks = []
+    for prompt, out_len in zip(prompts, out_lens):
+        tasks.append(asyncio.create_task(one(prompt, out_len)))
+        if args.request_rate != float("inf"):
+            await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
+    return list(await asyncio.gather(*tasks))
+
+
+async def _request(s, endpoint, model, prompt, max_tokens) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    result, num_chunks = RequestResult(), 0
+    start = last = time.perf_counter()
+    try:
+        async with s.post(endpoint, json=body) as r:
+            if r.status != 200:
+                result.error = f"HTTP {r.status}: {(await r.text())[:200]}"
+                return result
+            async for line in r.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                now, chunk = time.perf_counter(), json.loads(line[6:])
+                if chunk.get("usage"):
+                    result.num_output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices"):
+                    if num_chunks == 0:
+                        result.ttft = now - start
+                    else:
+                        result.itls.append(now - last)
+                    num_chunks, last = num_chunks + 1, now
+        result.latency = time.perf_counter() - start
+        result.num_output_tokens = result.num_output_tokens or num_chunks
+        result.ok = num_chunks > 0
+    except Exception as e:
+        result.error = f"{type(e).__name__}: {e}"
+    return result
+
+
+def _report(args, workload: str, model: str, prompts, results: list[RequestResult], duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    num_out = sum(r.num_output_tokens for r in ok)
+    num_in = sum(len(p) for p, r in zip(prompts, results) if r.ok)
+    tpots = [(r.latency - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
+    rate = "inf" if args.request_rate == float("inf") else args.request_rate   # JSON has no infinity
+    report = {"workload": workload, "model": model, "base_url": args.base_url, "request_rate": rate,
+              "max_concurrency": args.max_concurrency, "requests": len(results), "completed": len(ok),
+              "failed": len(results) - len(ok), "duration_s": round(duration, 2),
+              "req_s": round(len(ok) / duration, 2), "output_tok_s": round(num_out / duration, 1),
+              "total_tok_s": round((num_in + num_out) / duration, 1), "output_tokens": num_out}
+    for name, values in (("ttft", [r.ttft for r in ok]), ("tpot", tpots),
+                         ("itl", [x for r in ok for x in r.itls])):
+        ms = np.array(values) * 1000 if values else np.array([np.nan])
+        report.update({f"{name}_ms_mean": round(float(ms.mean()), 2),
+                       f"{name}_ms_p50": round(float(np.percentile(ms, 50)), 2),
+                       f"{name}_ms_p99": round(float(np.percentile(ms, 99)), 2)})
+    if len(ok) < len(results):
+        report["first_error"] = next(r.error for r in results if not r.ok)
+    return report

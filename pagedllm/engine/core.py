@@ -1,0 +1,81 @@
+"""EngineCore: the scheduler and the model runner, token ids in and token ids out, one step at a time.
+
+It holds no tokenizer and no user-facing request state: `Engine` runs it in-process behind the input and
+output processors; `AsyncLLM` runs it in a process of its own (`core_process.py`) so that HTTP work in the
+API process never delays a step.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.messages import EngineCoreOutput, SchedulerOutput
+from pagedllm.core.offload import KVOffloadManager
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.metrics import SchedulerStats, StepStats
+from pagedllm.request import Request, RequestStatus
+from pagedllm.runner.model_runner import ModelRunner, PendingOutput
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineCoreRequest:
+    """One sequence to run (a child of a user request when n > 1), already tokenized and validated."""
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int
+    arrival_time: float
+    cache_salt: str | None
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int):
+        torch.manual_seed(config.seed)
+        self.block_size = config.block_size
+        self.runner = ModelRunner(config, hf_config, device, dtype, max_model_len)
+        offload = self.runner.kv_offload and KVOffloadManager(
+            config.block_size, config.preemption_mode, config.enable_prefix_caching, self.runner.kv_offload.sizes)
+        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
+                                               offload and offload.on_gpu_evict)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   max_model_len, offload)
+
+    def add_request(self, r: EngineCoreRequest):
+        # The Request hashes the prompt's blocks: that work stays here, off the API process.
+        self.scheduler.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params, r.max_tokens,
+                                           self.block_size, r.arrival_time, r.cache_salt))
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus):
+        self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def launch_step(self, stats: StepStats | None = None) -> tuple[SchedulerOutput, PendingOutput]:
+        """Schedules a step and launches it on the device; the caller may work while it runs."""
+        sched_out = self.scheduler.schedule()
+        if stats is not None:
+            self._record_first_scheduled(sched_out, stats)
+        return sched_out, self.runner.execute_async(sched_out)
+
+    def finish_step(self, sched_out: SchedulerOutput, pending: PendingOutput) -> list[EngineCoreOutput]:
+        """Waits for the launched step and applies it to the requests."""
+        return self.scheduler.update_from_output(sched_out, pending.result())
+
+    def _record_first_scheduled(self, sched_out: SchedulerOutput, stats: StepStats):
+        now = time.time()
+        for new in sched_out.new_reqs:
+            req = self.scheduler.requests[new.req_id]
+            if req.num_preemptions == 0:   # resumed requests come back as new ones too
+                stats.first_scheduled_ids.append(new.req_id)
+                stats.queue_times.append(now - req.arrival_time)
+
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.make_stats()
+
+    def reset_peak_stats(self):
+        self.scheduler.kv_peak.reset()

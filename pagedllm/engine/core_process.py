@@ -1,0 +1,127 @@
+"""The engine core in a process of its own, and the API process's handle on it.
+
+Why a process: the step loop is Python (scheduling, input building, kernel launches), and so is the
+server's HTTP work (parsing, tokenizing, detokenizing, JSON and SSE). In one process they would share the
+GIL, and every chunk sent to a client would be time taken from the next step. Here the core process only
+schedules, runs the model and sends token ids; the API process does everything else.
+
+    API process                                   core process (spawned: safe with CUDA and OpenMP)
+      CoreClient.send(msg)  ── writer thread ──►  pipe ──►  drained between steps
+      reader callback (event loop)  ◄──────────── pipe ◄──  ("outputs", [EngineCoreOutput], StepStats)
+
+Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], RequestStatus), ("stats",),
+("shutdown",) in; ("ready", num_blocks) or ("failed", message) once, then ("outputs", [EngineCoreOutput field
+values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thread keeps the event loop from
+blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending outputs: that would
+deadlock.
+"""
+import logging
+import multiprocessing
+import queue
+import threading
+from multiprocessing.connection import Connection
+
+from pagedllm.config import EngineConfig
+from pagedllm.metrics import StatsLogger, StepStats
+
+logger = logging.getLogger("pagedllm")
+
+
+def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
+    """The core process's main: build the engine core, then step while there is work."""
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (engine core): %(message)s")
+    try:
+        from pagedllm.engine.core import EngineCore
+        from pagedllm.engine.engine import resolve_model
+        model = resolve_model(config)
+        core = EngineCore(config, model.hf_config, model.device, model.dtype, model.max_model_len)
+    except Exception as e:   # reported to the API process, which exits with the message
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", core.runner.num_blocks))
+    stats_logger = StatsLogger(config.log_stats_interval)
+    unsent = None   # the last step's outputs: sent while the device runs the next one
+    try:
+        while True:
+            # Idle: block until a message comes. Busy: take what has arrived, then step.
+            while conn.poll(0 if core.has_unfinished_requests() or unsent else None):
+                if not _handle(core, conn, conn.recv()):
+                    return
+            if not core.has_unfinished_requests():
+                unsent = _send_outputs(conn, unsent)
+                continue
+            stats = StepStats()
+            sched_out, pending = core.launch_step(stats)
+            _send_outputs(conn, unsent)
+            unsent = (core.finish_step(sched_out, pending), stats)
+            stats_logger.maybe_log(core.get_stats)
+    except (EOFError, BrokenPipeError):   # the API process is gone
+        return
+
+
+def _send_outputs(conn: Connection, unsent: tuple | None) -> None:
+    if unsent is not None and (unsent[0] or unsent[1].first_scheduled_ids):
+        # Rows of field values pickle ~6x faster than dataclass objects (0.07 vs 0.4 ms for 256).
+        conn.send(("outputs", [tuple(o.__dict__.values()) for o in unsent[0]], unsent[1]))
+
+
+def _handle(core, conn: Connection, msg: tuple) -> bool:
+    kind = msg[0]
+    if kind == "add":
+        for request in msg[1]:
+            core.add_request(request)
+    elif kind == "finish":
+        core.finish_requests(msg[1], msg[2])
+    elif kind == "stats":
+        conn.send(("stats", core.get_stats()))
+    elif kind == "shutdown":
+        return False
+    else:
+        raise ValueError(f"unknown engine core message {kind!r}")
+    return True
+
+
+class CoreClient:
+    """Starts the core process; wait_ready() returns once its KV cache is allocated (or raises its error)."""
+
+    def __init__(self, config: EngineConfig):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=run_engine_core, name="pagedllm-engine-core", daemon=True,
+                                   args=(config, child_conn, logging.getLogger("pagedllm").getEffectiveLevel()))
+        self.process.start()
+        child_conn.close()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="pagedllm-core-writer", daemon=True)
+        self._writer.start()
+
+    def wait_ready(self) -> int:
+        """The number of KV cache blocks, once the core has them."""
+        while not self.conn.poll(0.5):
+            if not self.process.is_alive():
+                raise RuntimeError(f"the engine core process died while starting (exit code "
+                                   f"{self.process.exitcode}); see its log above")
+        kind, value = self.conn.recv()
+        if kind == "failed":
+            self.process.join()
+            raise ValueError(value)
+        return value
+
+    def send(self, msg: tuple):
+        self._outbox.put(msg)
+
+    def _write_loop(self):
+        while (msg := self._outbox.get()) is not None:
+            try:
+                self.conn.send(msg)
+            except (BrokenPipeError, OSError):
+                return
+
+    def shutdown(self):
+        self.send(("shutdown",))
+        self._outbox.put(None)
+        self._writer.join(timeout=5)
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+        self.conn.close()

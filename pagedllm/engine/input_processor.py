@@ -1,0 +1,81 @@
+"""InputProcessor: a user request where it enters: tokenize, validate, split into its n sequences.
+
+Runs where the user's call is (the offline Engine, or AsyncLLM's API process), so that a request that can
+never run is a ValueError at once and the engine core only ever sees valid token ids.
+"""
+import dataclasses
+import numbers
+import time
+from dataclasses import dataclass
+
+from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.engine.core import EngineCoreRequest
+from pagedllm.engine.output_processor import child_request_id
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class ProcessedRequest:
+    prompt: str | None                 # the text, when the prompt came as text
+    prompt_token_ids: list[int]
+    params: SamplingParams             # with the engine's stop token ids filled in
+    arrival_time: float
+    core_requests: list[EngineCoreRequest]   # one per sequence (n)
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: set[int], vocab_size: int, max_model_len: int,
+                 block_size: int, num_blocks: int, enable_prefix_caching: bool):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+
+    def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                arrival_time: float | None = None) -> ProcessedRequest:
+        """Raises ValueError, naming the field and the limit, for a request that can never run."""
+        text = prompt if isinstance(prompt, str) else None
+        prompt_ids = self.tokenizer.encode(prompt) if text is not None else _token_ids(prompt)
+        self._validate_prompt(prompt_ids)
+        params.validate_vocab(self.vocab_size)
+        max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
+        params = dataclasses.replace(params, all_stop_token_ids=set(params.stop_token_ids) |
+                                     (set() if params.ignore_eos else self.eos_token_ids))
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        # Prefix caching off: a salt keeps other requests out of this one's blocks, but not its n siblings.
+        salt = None if self.enable_prefix_caching else request_id
+        core_requests = []
+        for i in range(params.n):
+            # Siblings share the prompt's blocks through the block hashes; seeded siblings differ by index.
+            child_params = params if params.n == 1 else dataclasses.replace(
+                params, n=1, seed=None if params.seed is None else params.seed + i)
+            core_requests.append(EngineCoreRequest(child_request_id(request_id, i, params.n), prompt_ids,
+                                                   child_params, max_tokens, arrival_time, salt))
+        return ProcessedRequest(text, prompt_ids, params, arrival_time, core_requests)
+
+    def _validate_prompt(self, prompt_ids: list[int]):
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
+
+    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
+        if num_prompt + max_tokens > self.max_model_len or max_tokens < 1:
+            raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) must be at most "
+                             f"max_model_len ({self.max_model_len})")
+        blocks_needed = cdiv(num_prompt + max_tokens, self.block_size)
+        if blocks_needed > self.num_blocks:
+            raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) needs {blocks_needed} "
+                             f"KV blocks but the KV cache has only {self.num_blocks}: lower max_tokens "
+                             f"or raise kv_cache_memory")
+        return max_tokens
+
+
+def _token_ids(prompt) -> list:
+    """Plain ints (numpy integers accepted); anything else is left for _validate_prompt to reject."""
+    return [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in prompt]

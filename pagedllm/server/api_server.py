@@ -1,0 +1,116 @@
+"""`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over AsyncLLM."""
+import logging
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+import pagedllm
+from pagedllm.config import EngineConfig, ServerConfig
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.server.chat import create_chat_completion, render_chat
+from pagedllm.server.completions import create_completion
+from pagedllm.server.errors import APIError, install_error_handlers
+from pagedllm.server.metrics import ServerMetrics
+from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagedllm.server.serving import ServingContext
+
+logger = logging.getLogger("pagedllm")
+API_KEY_ENV = "PAGEDLLM_API_KEY"
+
+
+def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        ctx.engine.shutdown()
+
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+
+    @v1.post("/completions")
+    async def completions(req: CompletionRequest, raw_request: Request):
+        return await create_completion(ctx, req, raw_request)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw_request: Request):
+        return await create_chat_completion(ctx, req, raw_request)
+
+    @v1.get("/models")
+    async def models():
+        card = {"id": ctx.model_name, "object": "model", "created": int(time.time()), "owned_by": "pagedllm",
+                "root": ctx.engine.config.model, "max_model_len": ctx.engine.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    app.include_router(v1)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt", "invalid_value")
+        ids = (ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens) if req.prompt is not None
+               else render_chat(ctx, req.messages, req.add_generation_prompt))
+        return {"tokens": ids, "count": len(ids), "max_model_len": ctx.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        ctx.check_model(req.model)
+        vocab = len(ctx.tokenizer)
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[:5]}", "tokens", "invalid_value")
+        return {"prompt": ctx.tokenizer.decode(req.tokens)}
+
+    @app.get("/health")
+    async def health():
+        if ctx.engine.dead:
+            return JSONResponse({"error": "the engine core process has exited"}, status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": pagedllm.__version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        body = metrics.render(await ctx.engine.get_stats())
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _api_key_check(api_key: str | None):
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def check(request: Request):
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(given, expected):   # constant time: no key prefix leaks by timing
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", None, "invalid_api_key")
+    return check
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    if value is not None and Path(value).is_file():
+        return Path(value).read_text()
+    return value
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig):
+    import uvicorn
+    metrics = ServerMetrics(server_config.served_model_name or engine_config.model)
+    engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record)
+    ctx = ServingContext(engine, metrics.model_name, _read_chat_template(server_config.chat_template))
+    api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
+    app = build_app(ctx, metrics, api_key)
+    logger.info("serving %s at http://%s:%d (API key %s)", ctx.model_name, server_config.host, server_config.port,
+                "required" if api_key else "off")
+    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
+                timeout_keep_alive=30)

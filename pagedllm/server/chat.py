@@ -1,0 +1,97 @@
+"""POST /v1/chat/completions: messages through the chat template; choices, usage, SSE chunks out."""
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from pagedllm.engine.output_processor import OutputKind
+from pagedllm.outputs import CompletionOutput, Logprob
+from pagedllm.server.errors import APIError
+from pagedllm.server.protocol import ChatCompletionRequest, ChatMessage
+from pagedllm.server.serving import (DONE, ServingContext, abort_all, add_requests, final_outputs, merge, sse,
+                                     until_disconnect, usage)
+
+
+def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """Token ids of the conversation through the chat template (as LLM.chat)."""
+    if ctx.chat_template is None and not getattr(ctx.tokenizer, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template",
+                       "messages", "invalid_value")
+    try:
+        text = ctx.tokenizer.apply_chat_template([m.as_template_input() for m in messages],
+                                                 chat_template=ctx.chat_template, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+    except Exception as e:   # a template that rejects these messages (roles, order) raises here
+        raise APIError(400, f"the chat template failed on these messages: {e}", "messages", "invalid_value") from e
+    # The template already holds any BOS token: encode without adding special tokens again.
+    return ctx.tokenizer.encode(text, add_special_tokens=False)
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
+    ctx.check_model(req.model)
+    prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    ctx.check_context_length(len(prompt_ids), max_tokens, "messages")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
+    params = req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
+    streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind)
+    if req.stream:
+        return StreamingResponse(_stream(ctx, req, request_id, len(prompt_ids), streams, ids),
+                                 media_type="text/event-stream")
+    return await until_disconnect(raw_request, _full(ctx, req, request_id, streams, ids))
+
+
+async def _full(ctx, req: ChatCompletionRequest, request_id: str, streams, ids) -> dict:
+    try:
+        [out] = await final_outputs(streams)
+    finally:
+        abort_all(ctx.engine, ids)
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": _logprobs(req, c), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+               for c in out.outputs]
+    num_completion = sum(len(c.token_ids) for c in out.outputs)
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
+            "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion)}
+
+
+async def _stream(ctx, req: ChatCompletionRequest, request_id: str, num_prompt: int, streams, ids):
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": ctx.model_name}
+    num_completion = 0
+    try:
+        for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
+            yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        async for _, out in merge(streams):
+            for c in out.outputs:
+                num_completion += len(c.token_ids)
+                yield sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text},
+                                                "logprobs": _logprobs(req, c), "finish_reason": c.finish_reason,
+                                                "stop_reason": c.stop_reason}]})
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
+    except Exception as e:   # the status line is sent already: report in the stream
+        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    finally:
+        abort_all(ctx.engine, ids)
+    yield DONE
+
+
+def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
+    if not req.logprobs:
+        return None
+    n = req.top_logprobs or 0
+    content = []
+    for token_id, position in zip(c.token_ids, c.logprobs or []):
+        top = sorted((p for p in position.values() if p.rank is not None and p.rank <= n), key=lambda p: p.rank)
+        content.append({**_token(position[token_id]), "top_logprobs": [_token(p) for p in top[:n]]})
+    return {"content": content}
+
+
+def _token(p: Logprob) -> dict:
+    token = p.decoded_token or ""
+    return {"token": token, "logprob": p.logprob, "bytes": list(token.encode())}

@@ -1,0 +1,123 @@
+"""POST /v1/completions: prompts (text, token ids, or lists of either) in; choices, usage, SSE chunks out.
+
+Choice index = prompt index * n + sequence index, as OpenAI's.
+"""
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from pagedllm.engine.output_processor import OutputKind
+from pagedllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from pagedllm.server.errors import APIError
+from pagedllm.server.protocol import CompletionRequest
+from pagedllm.server.serving import (DONE, ServingContext, abort_all, add_requests, final_outputs, merge, sse,
+                                     until_disconnect, usage)
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_request: Request):
+    ctx.check_model(req.model)
+    prompts = _prompts(ctx, req.prompt)   # (text or None, token ids)
+    for _, ids in prompts:
+        ctx.check_context_length(len(ids), req.max_tokens, "max_tokens")
+    echo_logprobs = req.echo and req.logprobs is not None
+    params = req.to_sampling_params(req.max_tokens, req.logprobs, req.logprobs if echo_logprobs else None)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
+    streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind)
+    texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]
+    if req.stream:
+        num_prompt = sum(len(p[1]) for p in prompts)
+        return StreamingResponse(_stream(ctx, req, request_id, texts, num_prompt, streams, ids),
+                                 media_type="text/event-stream")
+    return await until_disconnect(raw_request, _full(ctx, req, request_id, texts, streams, ids))
+
+
+def _prompts(ctx: ServingContext, prompt) -> list[tuple[str | None, list[int]]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
+    return [(p, ctx.tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in prompt]
+
+
+async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], streams, ids) -> dict:
+    try:
+        outputs = await final_outputs(streams)
+    finally:
+        abort_all(ctx.engine, ids)
+    choices = []
+    for i, out in enumerate(outputs):
+        for c in out.outputs:
+            choices.append(_choice(req, i * req.n + c.index, texts[i], out, c, echo=req.echo, offset=0))
+    num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
+            "choices": choices, "usage": usage(num_prompt, num_completion)}
+
+
+async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, streams, ids):
+    created, num_completion = int(time.time()), 0
+    started: set[int] = set()
+    offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    try:
+        async for i, out in merge(streams):
+            for c in out.outputs:
+                index = i * req.n + c.index
+                echo = req.echo and index not in started
+                started.add(index)
+                choice = _choice(req, index, texts[i], out, c, echo, offsets.get(index, 0))
+                if choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
+                    offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
+                num_completion += len(c.token_ids)
+                yield sse({**head, "choices": [choice]})
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
+    except Exception as e:   # the status line is sent already: report in the stream
+        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    finally:
+        abort_all(ctx.engine, ids)
+    yield DONE
+
+
+def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOutput, c: CompletionOutput,
+            echo: bool, offset: int) -> dict:
+    logprobs = None
+    if req.logprobs is not None:
+        entries = _prompt_entries(out) if echo else []
+        entries += [_entry(lp, tid) for tid, lp in zip(c.token_ids, c.logprobs or [])]
+        logprobs = _completion_logprobs(entries, offset)
+    return {"index": index, "text": (prompt_text if echo else "") + c.text, "logprobs": logprobs,
+            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+def _entry(lp: PositionLogprobs | None, token_id: int) -> tuple[str, float | None, dict | None]:
+    if lp is None:   # the first prompt token has no logprob
+        return "", None, None
+    chosen = lp[token_id]
+    top: dict[str, float] = {}
+    for p in sorted(lp.values(), key=lambda p: p.rank or 0):   # tokens of the same text: the likeliest
+        top.setdefault(p.decoded_token, p.logprob)
+    return chosen.decoded_token, chosen.logprob, top
+
+
+def _prompt_entries(out: RequestOutput) -> list:
+    positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    return [_entry(lp, tid) for tid, lp in zip(out.prompt_token_ids, positions)]
+
+
+def _completion_logprobs(entries: list, offset: int) -> dict:
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for token, logprob, top in entries:
+        tokens.append(token)
+        token_logprobs.append(logprob)
+        top_logprobs.append(top)
+        text_offset.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+

@@ -1,0 +1,76 @@
+"""Prometheus metrics at /metrics, named as vLLM's with the `pagedllm:` prefix so its dashboards work.
+
+Engine state (running/waiting, KV-cache usage, prefix-cache and token counters, preemptions) is read from
+the core when scraped, so a scrape reflects every abort sent before it. Request latencies come from each
+step's StepStats as the API process handles it.
+"""
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pagedllm.metrics import SchedulerStats, StepStats
+
+# Seconds, roughly x2 apart: from GPU decode steps (ms) to long queues (minutes).
+_LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0,
+                    30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.stats: SchedulerStats | None = None
+        self.registry.register(_EngineCollector(self))
+        labels, r = ["model_name"], self.registry
+
+        def histogram(name, doc):
+            return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+        self.ttft = histogram("pagedllm:time_to_first_token_seconds", "Time to first token (arrival to first output).")
+        self.itl = histogram("pagedllm:inter_token_latency_seconds", "Time between a request's successive outputs.")
+        self.e2e = histogram("pagedllm:e2e_request_latency_seconds", "Arrival to the last output of a request.")
+        self.queue = histogram("pagedllm:request_queue_time_seconds", "Arrival to first scheduled (per sequence).")
+        self.success = Counter("pagedllm:request_success", "Finished sequences, by finish reason.",
+                               labels + ["finished_reason"], registry=r)
+
+    def record(self, step: StepStats):
+        for value in step.queue_times:
+            self.queue.observe(value)
+        for value in step.time_to_first_tokens:
+            self.ttft.observe(value)
+        for value in step.inter_token_latencies:
+            self.itl.observe(value)
+        for f in step.finished:
+            self.e2e.observe(f.e2e_latency)
+            for reason in f.finish_reasons:
+                self.success.labels(self.model_name, reason).inc()
+
+    def render(self, stats: SchedulerStats) -> bytes:
+        self.stats = stats
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """The core's counts, as gauges and counters, from the stats taken for this scrape."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        s, name = self.metrics.stats, self.metrics.model_name
+        if s is None:
+            return
+        gauges = [("num_requests_running", "Sequences in the running batch.", s.num_running),
+                  ("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
+                  ("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", s.kv_cache_usage)]
+        counters = [("prefix_cache_queries", "Tokens looked up in the prefix cache.", s.prefix_cache_queries),
+                    ("prefix_cache_hits", "Tokens found in the prefix cache.", s.prefix_cache_hits),
+                    ("num_preemptions", "Preemptions (recompute).", s.num_preemptions),
+                    ("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", s.num_prompt_tokens),
+                    ("generation_tokens", "Generated tokens.", s.num_generation_tokens)]
+        for metric, doc, value in gauges:
+            family = GaugeMetricFamily(f"pagedllm:{metric}", doc, labels=["model_name"])
+            family.add_metric([name], value)
+            yield family
+        for metric, doc, value in counters:
+            family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=["model_name"])
+            family.add_metric([name], value)
+            yield family

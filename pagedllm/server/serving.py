@@ -1,0 +1,136 @@
+"""Running parsed requests through AsyncLLM: shared checks, adding a request's prompts, merging their
+streams, server-sent events, and aborting on a closed connection.
+
+Invariant: every engine request a handler adds is aborted in a `finally` (a no-op once it has finished),
+so no error, cancellation or closed connection can leave KV blocks behind.
+"""
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.output_processor import OutputKind
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.server.errors import APIError
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class ServingContext:
+    engine: AsyncLLM
+    model_name: str
+    chat_template: str | None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def check_model(self, name: str | None):
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`).",
+                           "model", "model_not_found")
+
+    def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str):
+        """A prompt must leave room for max_tokens (or at least one token when max_tokens is unset)."""
+        limit = self.engine.max_model_len
+        if num_prompt_tokens + (max_tokens or 1) > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{num_prompt_tokens + (max_tokens or 0)} tokens ({num_prompt_tokens} in the "
+                                f"prompt, {max_tokens} for the completion). Reduce the prompt or max_tokens.",
+                           param, "context_length_exceeded")
+
+
+def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]], params: SamplingParams,
+                 kind: OutputKind) -> tuple[list[AsyncIterator[RequestOutput]], list[str]]:
+    """All prompts or none: when one is refused, the ones already added are aborted."""
+    streams, ids = [], []
+    try:
+        for i, prompt_ids in enumerate(prompts):
+            ids.append(f"{request_id}-{i}")
+            streams.append(engine.add_request(ids[-1], prompt_ids, params, kind))
+    except BaseException:
+        abort_all(engine, ids)
+        raise
+    return streams, ids
+
+
+def abort_all(engine: AsyncLLM, request_ids: list[str]):
+    for request_id in request_ids:
+        engine.abort(request_id)
+
+
+async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from several streams, as they come."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream):
+        try:
+            async for out in stream:
+                q.put_nowait((i, out))
+        except Exception as e:
+            q.put_nowait((i, e))
+        q.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await q.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def final_outputs(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    async def last(stream):
+        out = None
+        async for out in stream:
+            pass
+        return out
+    return list(await asyncio.gather(*(last(s) for s in streams)))
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+async def until_disconnect(raw_request: Request, work: Awaitable):
+    """Runs a non-streaming handler's work, cancelling it when the client goes away (streaming responses
+    get this from Starlette). The work's own finally then aborts its engine requests."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(raw_request))
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return Response(status_code=499)   # nobody is listening
+    return task.result()
+
+
+async def _wait_disconnect(raw_request: Request):
+    while (await raw_request.receive())["type"] != "http.disconnect":
+        pass

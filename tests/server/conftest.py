@@ -1,0 +1,48 @@
+"""Real `pagedllm serve` processes on localhost, started once per session (in parallel), with a tiny model."""
+import pytest
+import torch
+from server.server_utils import (API_KEY, CHAT_TEMPLATE, MAX_MODEL_LEN, NUM_BLOCKS, SMALL_API_KEY, Server,
+                                 start_server, stop_server, wait_healthy)
+
+
+@pytest.fixture(scope="session")
+def servers(tiny_model_dirs, tmp_path_factory):
+    """"main": API key from PAGEDLLM_API_KEY, a chat template; "small": API key from --api-key, one running
+    sequence and a waiting queue of one, for the 503. Both start at once: start-up is most of their cost."""
+    server_model_dir = tiny_model_dirs["llama"]
+    logs = tmp_path_factory.mktemp("serve_logs")
+    template = logs / "template.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    started = {"main": start_server(server_model_dir, str(logs / "main.log"), API_KEY,
+                                    "--chat-template", str(template)),
+               "small": start_server(server_model_dir, str(logs / "small.log"), SMALL_API_KEY, "--api-key",
+                                     SMALL_API_KEY, "--max-num-seqs", "1", "--max-waiting-queue-length", "1")}
+    try:
+        for server in started.values():
+            wait_healthy(server)
+        yield started
+    finally:
+        for server in started.values():
+            stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def server(servers) -> Server:
+    return servers["main"]
+
+
+@pytest.fixture(scope="session")
+def _offline_llm(tiny_model_dirs):
+    from pagedllm import LLM
+    return LLM(tiny_model_dirs["llama"], num_gpu_blocks_override=NUM_BLOCKS, max_model_len=MAX_MODEL_LEN,
+               log_stats_interval=0, device="cpu")
+
+
+@pytest.fixture
+def offline_llm(_offline_llm):
+    """The reference: offline LLM.generate on the same model, in this process, on one thread (the servers'
+    processes share the cores: more threads would only wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _offline_llm
+    torch.set_num_threads(threads)
