@@ -9,21 +9,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; shift
 PORT=${PORT:-8000}
+PY=${PYTHON:-python3}
+LOG=${SERVE_LOG:-serve.log}
 ENGINE_FLAGS=(--load-format dummy --max-model-len 4096 --log-stats-interval 0 "$@")
 
-python -m pagedllm.cli serve "$MODEL" --port "$PORT" --served-model-name model --log-level warning "${ENGINE_FLAGS[@]}" \
-    > serve.log 2>&1 &
+$PY -m pagedllm.cli serve "$MODEL" --port "$PORT" --served-model-name model --log-level warning "${ENGINE_FLAGS[@]}" \
+    > "$LOG" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
-until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
-    kill -0 $SERVER 2>/dev/null || { cat serve.log; exit 1; }
+until $PY -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/health')" 2> /dev/null; do
+    kill -0 $SERVER 2>/dev/null || { cat "$LOG"; exit 1; }
     sleep 1
 done
 for rate_args in "--request-rate inf" "--request-rate 16" "--request-rate inf --max-concurrency 64"; do
     # shellcheck disable=SC2086
-    python -m pagedllm.cli bench serve --base-url "http://127.0.0.1:$PORT" --workload W1 $rate_args \
+    $PY -m pagedllm.cli bench serve --base-url "http://127.0.0.1:$PORT" --workload W1 $rate_args \
         ${NUM_REQUESTS:+--num-requests $NUM_REQUESTS}
 done
 kill $SERVER && wait $SERVER 2>/dev/null || true   # free the GPU for the offline run
-python -m pagedllm.cli bench throughput --workload W1 --model "$MODEL" "${ENGINE_FLAGS[@]}" \
+$PY -m pagedllm.cli bench throughput --workload W1 --model "$MODEL" "${ENGINE_FLAGS[@]}" \
     ${NUM_REQUESTS:+--num-requests $NUM_REQUESTS}
