@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 LOG=${SERVE_LOG:-serve.log}
 ENGINE_FLAGS=(--load-format dummy --max-model-len 4096 --log-stats-interval 0 "$@")
 
-$PY -m pagedllm.cli serve "$MODEL" --port "$PORT" --served-model-name model --log-level warning "${ENGINE_FLAGS[@]}" \
+$PY -m pagedllm.cli serve "$MODEL" --port "$PORT" --served-model-name model --log-level "${LOG_LEVEL:-warning}" "${ENGINE_FLAGS[@]}" \
     > "$LOG" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
