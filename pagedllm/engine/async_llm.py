@@ -8,6 +8,7 @@ is spawned, so a script that builds an AsyncLLM needs the `if __name__ == "__mai
 import asyncio
 import dataclasses
 import logging
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
@@ -138,6 +139,10 @@ class AsyncLLM:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self.core.conn.fileno(), self._on_readable)
+            # The loop (libuv) switched the pipe to non-blocking mode, and the pipe is duplex: the writer
+            # thread's send would then fail with EAGAIN whenever the pipe is full (a burst of long prompts),
+            # and recv could fail inside a message. Blocking again; the loop only polls the fd for reading.
+            os.set_blocking(self.core.conn.fileno(), True)
 
     def _on_readable(self):
         try:

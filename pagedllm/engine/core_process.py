@@ -114,7 +114,9 @@ class CoreClient:
         while (msg := self._outbox.get()) is not None:
             try:
                 self.conn.send(msg)
-            except (BrokenPipeError, OSError):
+            except (BrokenPipeError, OSError) as e:   # the core is gone; anything else would lose messages
+                if self.process.is_alive():
+                    logger.error("cannot send to the engine core: %s", e)
                 return
 
     def shutdown(self):

@@ -153,3 +153,22 @@ def test_200_concurrent_streams_match_offline_and_free_every_block(server, offli
     assert m["pagedllm:num_requests_running"] == 0 and m["pagedllm:num_requests_waiting"] == 0
     assert m["pagedllm:time_to_first_token_seconds_count"] >= 200
     assert m["pagedllm:generation_tokens_total"] >= sum(len(r.outputs[0].token_ids) for r in refs)
+
+
+def test_burst_of_long_prompts_overfills_the_pipe_and_all_complete(server):
+    """256 prompts of 400 token ids at once: the requests sent to the engine core are larger than a pipe's
+    buffer, so the sender must wait for the core to read (it once failed with EAGAIN on the non-blocking
+    pipe and every later message was lost: the server hung)."""
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(400)] for i in range(256)]
+
+    async def run_all():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                     headers={"Authorization": f"Bearer {server.api_key}"},
+                                     limits=httpx.Limits(max_connections=300)) as client:
+            replies = await asyncio.gather(*(client.post("/v1/completions", json={
+                "model": MODEL_NAME, "prompt": p, "max_tokens": 2, "temperature": 0}) for p in prompts))
+            return [(r.status_code, r.json()["usage"]["completion_tokens"]) for r in replies]
+
+    assert asyncio.run(run_all()) == [(200, 2)] * 256
+    m = wait_all_blocks_free(server)
+    assert m["pagedllm:num_requests_running"] == 0 and m["pagedllm:num_requests_waiting"] == 0
