@@ -60,7 +60,6 @@ class StepInputs:
     input_ids: torch.Tensor                 # (T,) device; T includes decode padding
     positions: torch.Tensor                 # (T,)
     attn_metadata: AttentionMetadata
-    num_tokens: int                         # real tokens (T minus padding)
     sample_rows: list[int]                  # request rows whose last scheduled token reaches the end: they sample
     sample_token_index: torch.Tensor        # (len(sample_rows),) flat index of those last tokens
     prompt_lp_rows: list[tuple[int, int, int]]  # (row, first prompt position, count) scoring prompt tokens
@@ -149,7 +148,7 @@ class InputBuffers:
             max_query_len=int(q.max()),
             max_seq_len=int(seq_lens.max()) if max_seq_len_bound is None else max_seq_len_bound,
             query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=self.len_np[:rows].tolist())
-        return StepInputs(self.input_ids[:num_tokens], self.positions[:num_tokens], meta, total, sample_rows,
+        return StepInputs(self.input_ids[:num_tokens], self.positions[:num_tokens], meta, sample_rows,
                           self.sample_index[:len(sample_rows)], prompt_lp_rows)
 
     def fill_padding(self):

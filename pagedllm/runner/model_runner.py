@@ -67,9 +67,6 @@ class ModelRunner:
             self.graphs.capture(self._graph_forward)
 
     # ---- one step ------------------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_async(sched).result()
-
     @torch.inference_mode()
     def execute_async(self, sched: SchedulerOutput) -> "PendingOutput":
         self._update_states(sched)

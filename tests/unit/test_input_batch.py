@@ -49,7 +49,7 @@ def test_padded_decode_rows_read_nothing():
     buf = InputBuffers(max_tokens=8, max_reqs=8, max_blocks_per_req=8, device=torch.device("cpu"))
     inp = buf.build(reqs, [1, 1, 1], tables, BS, pad_to=4, max_seq_len_bound=32)
     meta = inp.attn_metadata
-    assert inp.input_ids.shape[0] == 4 and inp.num_tokens == 3
+    assert inp.input_ids.shape[0] == 4 and inp.sample_rows == [0, 1, 2]
     assert meta.slot_mapping.tolist()[3] == -1
     assert meta.seq_lens.tolist() == [5, 6, 7, 0]
     assert meta.query_start_loc.tolist() == [0, 1, 2, 3, 4]
