@@ -1,6 +1,7 @@
 """Prometheus metrics at /metrics, named as vLLM's with the `pagedllm:` prefix so its dashboards work.
 
-Engine state (running/waiting, KV-cache usage, prefix-cache and token counters, preemptions) is read from
+Engine state (running/waiting, KV-cache usage, prefix-cache and token counters, preemptions, and per KV
+tier below the GPU: hits, misses, bytes and transfer time) is read from
 the core when scraped, so a scrape reflects every abort sent before it. Request latencies come from each
 step's StepStats as the API process handles it.
 """
@@ -74,3 +75,24 @@ class _EngineCollector:
             family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=["model_name"])
             family.add_metric([name], value)
             yield family
+        yield from _tier_families(s, name)
+
+
+# KVTierStats field -> (metric, help); one sample per enabled tier (swap, cpu, disk), labelled `tier`.
+_TIER_METRICS = {"hits": ("kv_tier_hits", "KV blocks loaded from a tier below the GPU instead of recomputed."),
+                 "misses": ("kv_tier_misses", "Lookups that went on past a tier (swap: pool full)."),
+                 "invalid": ("kv_tier_invalid", "Truncated, corrupt or foreign blocks found and removed."),
+                 "bytes_stored": ("kv_tier_stored_bytes", "Bytes of KV written into a tier."),
+                 "bytes_loaded": ("kv_tier_loaded_bytes", "Bytes of KV loaded from a tier into GPU blocks."),
+                 "store_seconds": ("kv_tier_store_seconds", "Transfer time into a tier."),
+                 "load_seconds": ("kv_tier_load_seconds", "Transfer time out of a tier into GPU blocks.")}
+
+
+def _tier_families(s: SchedulerStats, model_name: str):
+    if not s.kv_tiers:
+        return
+    for field, (metric, doc) in _TIER_METRICS.items():
+        family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=["model_name", "tier"])
+        for tier, stats in s.kv_tiers.items():
+            family.add_metric([model_name, tier], getattr(stats, field))
+        yield family

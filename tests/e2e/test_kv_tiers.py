@@ -8,6 +8,7 @@ import pytest
 from pagedllm import LLM, SamplingParams
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.request import Request
+from pagedllm.server.metrics import ServerMetrics
 
 BS = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
@@ -121,6 +122,10 @@ def test_disk_tier_survives_a_restart_and_bad_files_are_recomputed(tiny_model_di
     assert not files[2].exists() and not files[5].exists()
     assert third.engine.get_stats().num_prompt_tokens == len(asks[2]) - 2 * BS   # all but blocks 0 and 1
     assert_no_leaks(third)
+    text = ServerMetrics("m").render(third.engine.get_stats()).decode()   # the same counts on /metrics
+    assert f'pagedllm:kv_tier_hits_total{{model_name="m",tier="disk"}} {float(disk.hits)}' in text
+    assert 'pagedllm:kv_tier_invalid_total{model_name="m",tier="disk"} 2.0' in text
+    assert 'pagedllm:kv_tier_loaded_bytes_total{model_name="m",tier="cpu"} ' in text
 
 
 def test_disk_tier_never_exceeds_kv_disk_gb(tiny_model_dirs, tmp_path):
