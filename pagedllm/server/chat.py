@@ -9,7 +9,7 @@ from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, Logprob
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import ChatCompletionRequest, ChatMessage
-from pagedllm.server.serving import (DONE, ServingContext, abort_all, add_requests, final_outputs, merge, sse,
+from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, merge, sse, sse_stream,
                                      until_disconnect, usage)
 
 
@@ -40,7 +40,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind)
     if req.stream:
-        return StreamingResponse(_stream(ctx, req, request_id, len(prompt_ids), streams, ids),
+        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, request_id, len(prompt_ids), streams)),
                                  media_type="text/event-stream")
     return await until_disconnect(raw_request, _full(ctx, req, request_id, streams, ids))
 
@@ -58,27 +58,21 @@ async def _full(ctx, req: ChatCompletionRequest, request_id: str, streams, ids) 
             "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion)}
 
 
-async def _stream(ctx, req: ChatCompletionRequest, request_id: str, num_prompt: int, streams, ids):
+async def _stream(ctx, req: ChatCompletionRequest, request_id: str, num_prompt: int, streams):
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": ctx.model_name}
     num_completion = 0
-    try:
-        for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
-            yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
-        async for _, out in merge(streams):
-            for c in out.outputs:
-                num_completion += len(c.token_ids)
-                yield sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text},
-                                                "logprobs": _logprobs(req, c), "finish_reason": c.finish_reason,
-                                                "stop_reason": c.stop_reason}]})
-        if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
-    except Exception as e:   # the status line is sent already: report in the stream
-        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-    finally:
-        abort_all(ctx.engine, ids)
-    yield DONE
+    for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
+        yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+    async for _, out in merge(streams):
+        for c in out.outputs:
+            num_completion += len(c.token_ids)
+            yield sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text},
+                                            "logprobs": _logprobs(req, c), "finish_reason": c.finish_reason,
+                                            "stop_reason": c.stop_reason}]})
+    if req.include_usage:
+        yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
 
 
 def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:

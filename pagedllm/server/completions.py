@@ -12,7 +12,7 @@ from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import CompletionRequest
-from pagedllm.server.serving import (DONE, ServingContext, abort_all, add_requests, final_outputs, merge, sse,
+from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, merge, sse, sse_stream,
                                      until_disconnect, usage)
 
 
@@ -29,7 +29,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]
     if req.stream:
         num_prompt = sum(len(p[1]) for p in prompts)
-        return StreamingResponse(_stream(ctx, req, request_id, texts, num_prompt, streams, ids),
+        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, request_id, texts, num_prompt, streams)),
                                  media_type="text/event-stream")
     return await until_disconnect(raw_request, _full(ctx, req, request_id, texts, streams, ids))
 
@@ -59,29 +59,23 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
             "choices": choices, "usage": usage(num_prompt, num_completion)}
 
 
-async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, streams, ids):
+async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, streams):
     created, num_completion = int(time.time()), 0
     started: set[int] = set()
     offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
     head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
-    try:
-        async for i, out in merge(streams):
-            for c in out.outputs:
-                index = i * req.n + c.index
-                echo = req.echo and index not in started
-                started.add(index)
-                choice = _choice(req, index, texts[i], out, c, echo, offsets.get(index, 0))
-                if choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
-                    offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
-                num_completion += len(c.token_ids)
-                yield sse({**head, "choices": [choice]})
-        if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
-    except Exception as e:   # the status line is sent already: report in the stream
-        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-    finally:
-        abort_all(ctx.engine, ids)
-    yield DONE
+    async for i, out in merge(streams):
+        for c in out.outputs:
+            index = i * req.n + c.index
+            echo = req.echo and index not in started
+            started.add(index)
+            choice = _choice(req, index, texts[i], out, c, echo, offsets.get(index, 0))
+            if choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
+                offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
+            num_completion += len(c.token_ids)
+            yield sse({**head, "choices": [choice]})
+    if req.include_usage:
+        yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
 
 
 def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOutput, c: CompletionOutput,

@@ -106,6 +106,19 @@ async def final_outputs(streams: list[AsyncIterator[RequestOutput]]) -> list[Req
     return list(await asyncio.gather(*(last(s) for s in streams)))
 
 
+async def sse_stream(engine: AsyncLLM, request_ids: list[str], chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """What every streamed response shares around its chunks: an error after the status line went out is
+    reported in the stream, the engine requests are aborted however the stream ends, then [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as e:
+        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    finally:
+        abort_all(engine, request_ids)
+    yield DONE
+
+
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
