@@ -15,6 +15,8 @@ output is bit-identical in any batch, eager or replayed from a CUDA graph.
 import triton
 import triton.language as tl
 
+from pagedllm.attention.kernels.attend_tile import attend_tile
+
 
 @triton.jit
 def segment_len(seq_len, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr, TILE_N: tl.constexpr):
@@ -62,23 +64,12 @@ def decode_partition_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-        for tile_start in range(kv_start, kv_end, TILE_N):
-            keys = tile_start + tl.arange(0, TILE_N)
-            key_ok = keys < kv_end
-            block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-            kv_off = block * stride_c_block + (keys % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
-            kv_mask = key_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2      # (BLOCK_M, TILE_N)
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))    # finite: every tile holds a valid key
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        seg_end = kv_end + tl.zeros([BLOCK_M], tl.int32)     # every row sees the whole segment
+        for tile_start in range(kv_start, kv_end, TILE_N):    # each tile holds a key: the max stays finite
+            acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, tile_start, kv_end, seg_end, table, kv_head,
+                                        k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
+                                        stride_c_block, stride_c_slot, stride_c_head,
+                                        BLOCK_SIZE, TILE_N, True, PRECISION)
         out_off = out_base + seg * stride_po_part
         tl.store(part_out_ptr + out_off[:, None] + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
         tl.store(part_max_ptr + stat_base + seg, m_i, mask=row_ok)

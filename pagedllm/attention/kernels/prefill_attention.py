@@ -16,6 +16,8 @@ last token are never loaded.
 import triton
 import triton.language as tl
 
+from pagedllm.attention.kernels.attend_tile import attend_tile
+
 
 @triton.jit
 def _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q: tl.constexpr):
@@ -28,29 +30,6 @@ def _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q: tl.constexpr)
         else:
             hi = mid
     return lo - 1
-
-
-@triton.jit
-def _attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head, k_cache_ptr, v_cache_ptr,
-                 dims, dim_ok, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
-                 BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step over keys tile_start .. tile_start + TILE_N - 1 (all valid unless MASKED)."""
-    keys = tile_start + tl.arange(0, TILE_N)
-    key_ok = keys < kv_stop
-    block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-    kv_off = block * stride_c_block + (keys % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
-    kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    if MASKED:
-        s = tl.where((keys[None, :] < causal_end[:, None]) & key_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))        # finite: key 0 is visible to every row in tile 0
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
 
 
 # num_reqs changes every step: specializing on it (== 1, % 16) would compile new variants mid-run.
@@ -93,13 +72,13 @@ def prefill_attention_kernel(
     last = tl.minimum(first + BLOCK_Q, query_len) - 1
     kv_stop = context_len + last + 1                  # no row of the block sees a key past this
     unmasked_end = (context_len + first + 1) // TILE_N * TILE_N   # every row sees all keys before this
-    for tile_start in range(0, unmasked_end, TILE_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head,
+    for tile_start in range(0, unmasked_end, TILE_N):     # key 0 is in the first tile: every row sees it
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head,
                                      k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head,
                                      BLOCK_SIZE, TILE_N, False, PRECISION)
     for tile_start in range(unmasked_end, kv_stop, TILE_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head,
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head,
                                      k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head,
                                      BLOCK_SIZE, TILE_N, True, PRECISION)

@@ -1,0 +1,33 @@
+"""The online-softmax step over one tile of paged keys, shared by the decode and prefill kernels.
+
+    keys of a tile:  t = tile_start .. tile_start + TILE_N - 1, in slot block_table[t // BLOCK_SIZE], t % BLOCK_SIZE
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head, k_cache_ptr, v_cache_ptr,
+                dims, dim_ok, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
+                BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over keys tile_start .. tile_start + TILE_N - 1 for the rows of q.
+
+    Keys at or past kv_stop are not loaded. MASKED: row m also drops keys at or past causal_end[m] (the
+    causal bound, or kv_stop itself); unmasked tiles must hold only keys every row sees. Every tile must leave
+    each row at least one visible key, so that the running max stays finite."""
+    keys = tile_start + tl.arange(0, TILE_N)
+    key_ok = keys < kv_stop
+    block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    kv_off = block * stride_c_block + (keys % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where((keys[None, :] < causal_end[:, None]) & key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
