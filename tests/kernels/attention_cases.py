@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from kernel_checks import rel_error
 
 from pagedllm.attention import torch_backend
 from pagedllm.attention.metadata import AttentionMetadata
@@ -87,10 +88,6 @@ def make_batch(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtype, dev
 
     return Batch(q.to(device), k.to(device), v.to(device), cache.to(device), meta(tables), meta(ref_tables),
                  torch.tensor(padding, device=device))
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def check_write_kv(batch: Batch, backend) -> None:

@@ -11,6 +11,7 @@ the allocator is filled with NaN before each call (best effort: an unwritten out
 from types import SimpleNamespace
 
 import torch
+from kernel_checks import rel_error
 
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.kernels.qk_norm_rope import qk_norm_rope
@@ -22,10 +23,6 @@ from pagedllm.models.llama import LlamaAttention
 
 FLOAT32_TOLERANCE = 1e-6
 MAX_POSITION = 4096
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def check_close(name: str, out: torch.Tensor, half: torch.Tensor, ref: torch.Tensor) -> float:

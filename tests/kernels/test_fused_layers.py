@@ -1,9 +1,5 @@
 """Fused RMSNorm(+residual), q/k norm + rotary, SiLU-and-mul against the torch code they replace: on CUDA,
 and on CPU through the Triton interpreter in a subprocess (TRITON_INTERPRET is read when kernels are decorated)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +10,7 @@ from fused_cases import (
     interpreter_cases,
     make_attention,
 )
+from kernel_checks import run_under_interpreter
 
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.kernels.qk_norm_rope import qk_norm_rope
@@ -21,18 +18,14 @@ from pagedllm.layers.kernels.rms_norm import rms_norm
 from pagedllm.layers.kernels.silu_and_mul import silu_and_mul
 from pagedllm.layers.norm import RMSNorm
 
-ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NUM_TOKENS = [1, 7, 256, 3000]
 
 
 def test_kernels_under_triton_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("fused_cases.py"))],
-                            check=False, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok ") == len(list(interpreter_cases())), result.stdout
+    stdout = run_under_interpreter("fused_cases.py", timeout=300)
+    assert stdout.count("ok ") == len(list(interpreter_cases())), stdout
 
 
 @pytest.mark.gpu

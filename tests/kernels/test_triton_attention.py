@@ -1,11 +1,7 @@
 """triton_backend against torch_backend: on CUDA (fresh random batches of every kind), and on CPU through
 the Triton interpreter in a subprocess (TRITON_INTERPRET is read when the kernels are decorated)."""
 import dataclasses
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,19 +12,16 @@ from attention_cases import (
     make_batch,
     random_rows,
 )
+from kernel_checks import run_under_interpreter
 
-ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEADS = [(16, 8), (32, 8), (8, 8), (12, 4), (8, 1)]    # Qwen3-0.6B, Llama-3.1-8B, MHA, group 3, MQA
 
 
 def test_kernels_under_triton_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("attention_cases.py"))],
-                            check=False, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok ") == 4, result.stdout
+    stdout = run_under_interpreter("attention_cases.py", timeout=600)
+    assert stdout.count("ok ") == 4, stdout
 
 
 def _triton():
