@@ -2,9 +2,10 @@
 
     python benchmarks/step_profile.py --workload W1 --model DIR --load-format dummy [--limit N] [engine flags]
 
-Phases: schedule (scheduler), launch (inputs + forward + sampler launches), process (output processing of
-the previous step, overlapping the GPU), wait (host blocked on the sampled ids: GPU time not hidden), update
-(scheduler.update_from_output). Decode-only steps are counted apart from steps that carry prompt tokens.
+Phases, in the order Engine.step runs them: schedule (step N+1, while step N runs), launch (N+1's inputs,
+forward and sampler launches), wait (host blocked on N's sampled ids: device time not hidden by the host),
+update (scheduler.update_from_output of N), process (output processing of N, while N+1 runs). Steps are
+counted by the kind of the step launched: decode-only apart from steps that carry prompt tokens.
 """
 import argparse
 import json
@@ -21,20 +22,28 @@ from pagedllm.request import RequestStatus
 def timed_step(engine, totals, counts):
     clock = time.perf_counter
     t0 = clock()
-    sched_out = engine.scheduler.schedule()
-    t1 = clock()
-    pending = engine.runner.execute_async(sched_out)
+    launched = None
+    if engine.scheduler.has_unfinished_requests():
+        sched_out = engine.scheduler.schedule()
+        t1 = clock()
+        launched = (sched_out, engine.runner.execute_async(sched_out))
     t2 = clock()
-    outputs, stopped = engine.output_processor.process(engine._unprocessed)
-    engine.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-    t3 = clock()
-    runner_out = pending.result()
-    t4 = clock()
-    engine._unprocessed = engine.scheduler.update_from_output(sched_out, runner_out)
+    outputs, t3, t4 = [], t2, t2
+    if engine._in_flight is not None:
+        runner_out = engine._in_flight[1].result()
+        t3 = clock()
+        core_outputs = engine.scheduler.update_from_output(engine._in_flight[0], runner_out)
+        t4 = clock()
+        outputs, stopped = engine.output_processor.process(core_outputs)
+        engine.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
     t5 = clock()
+    engine._in_flight = launched
+    if launched is None:
+        return outputs
+    sched_out = launched[0]
     kind = "decode" if sched_out.total_num_scheduled_tokens == len(sched_out.num_scheduled_tokens) else "mixed"
-    for name, dt in (("schedule", t1 - t0), ("launch", t2 - t1), ("process", t3 - t2), ("wait", t4 - t3),
-                     ("update", t5 - t4)):
+    for name, dt in (("schedule", t1 - t0), ("launch", t2 - t1), ("wait", t3 - t2), ("update", t4 - t3),
+                     ("process", t5 - t4)):
         totals[kind][name] += dt
     counts[kind] += 1
     return outputs

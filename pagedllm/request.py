@@ -25,7 +25,8 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    """Progress is one counter: num_computed_tokens catches up with num_tokens (prompt + outputs)."""
+    """Progress is one counter: num_computed_tokens catches up with num_tokens (prompt + outputs) plus the
+    tokens still being sampled (num_output_placeholders)."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  max_tokens: int, block_size: int, arrival_time: float | None = None,
@@ -37,7 +38,8 @@ class Request:
         self.block_size = block_size
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.all_token_ids: list[int] = list(prompt_token_ids)
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0     # counted when a step is scheduled, before it has run
+        self.num_output_placeholders = 0  # tokens being sampled by scheduled steps, not yet appended
         self.num_cached_tokens = -1      # prefix-cache hit at first scheduling; -1 = not scheduled yet
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING

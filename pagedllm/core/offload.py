@@ -104,7 +104,9 @@ class KVOffloadManager:
         self.ops = KVTransfers()
         self._step_pins: list[KVCacheBlock] = []        # tier slots this step's copies touch
         self._step_swap_frees: list[KVCacheBlock] = []  # swap slots read by this step's swap-ins
-        self._reading: list[tuple[BlockHash, KVCacheBlock]] = []   # disk reads of this step
+        # Disk reads not yet reported back, by CPU pool slot id: (hash, slot, request id). With steps
+        # pipelined, a step's reads are reported after the next step was scheduled.
+        self._reading: dict[int, tuple[BlockHash, KVCacheBlock, str]] = {}
         self._read_req_ids: set[str] = set()            # waited once for disk reads
         self._last_fallback_log = float("-inf")
         if self.disk is not None:
@@ -173,6 +175,8 @@ class KVOffloadManager:
     def lookup(self, req: Request, num_gpu_hit_tokens: int) -> TierHit:
         """The blocks after the GPU hit that a lower tier holds. Tier slots found are pinned: commit() or
         cancel() must follow."""
+        if any(r == req.request_id for _, _, r in self._reading.values()):
+            return TierHit([], 0, wait=True)   # its disk reads are not reported back yet
         if req.request_id in self.swapped:
             slots, num_computed = self.swapped[req.request_id]
             if num_gpu_hit_tokens >= num_computed:
@@ -204,7 +208,8 @@ class KVOffloadManager:
                 break
             self.disk.touch(h)
             reads.append((h, self.cpu_pool.get_new_blocks(1)[0]))
-        self._reading += reads
+        for h, slot in reads:
+            self._reading[self._slot_id(slot)] = (h, slot, req.request_id)
         self.ops.disk_reads += [(h, self._slot_id(slot)) for h, slot in reads]
         if reads:
             self._read_req_ids.add(req.request_id)
@@ -248,9 +253,11 @@ class KVOffloadManager:
         self._step_pins, self._step_swap_frees = [], []
         return ops
 
-    def update_from_output(self, result: KVTransferResult | None):
+    def update_from_output(self, ops: KVTransfers, result: KVTransferResult | None):
+        """`ops`: the step's transfers, as take_ops() gave them; `result`: what the runner reported."""
         result = result or KVTransferResult()
-        for h, slot in self._reading:
+        for _, slot_id in ops.disk_reads:
+            h, slot, _ = self._reading.pop(slot_id)
             reason = result.failed_reads.get(h)
             if reason is None:
                 self.cpu_pool.cache_full_blocks([slot], [h])
@@ -260,7 +267,6 @@ class KVOffloadManager:
                 self.stats["disk"].invalid += reason != "missing"
                 logger.warning("disk tier: block %s not loaded (%s); it is recomputed", h.hex()[:16], reason)
             self.cpu_pool.free_blocks([slot])
-        self._reading = []
         for tier, seconds in result.store_seconds.items():
             self.stats[tier].store_seconds += seconds
         for tier, seconds in result.load_seconds.items():

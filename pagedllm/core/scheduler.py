@@ -5,6 +5,12 @@ Each step: running requests first (oldest first), then waiting ones in FCFS orde
 chunks over several steps. When allocate_slots finds no room, the newest running request is preempted: its
 blocks are freed (its full blocks stay in the prefix cache) and it goes back to the front of the waiting queue;
 its KV is recomputed, or swapped / offloaded and loaded back (core/offload.py decides, by preemption_mode).
+
+Steps overlap (async scheduling): step N+1 is scheduled while step N runs, before N's sampled tokens are
+known. So num_computed_tokens advances when a step is scheduled, and a token being sampled is counted in
+num_output_placeholders until update_from_output appends it: a decode request's next step computes the
+placeholder's position, whose input id the runner takes from the device (see runner/input_batch.py). A
+request whose in-flight tokens already reach max_tokens or max_model_len is not scheduled again.
 """
 from collections import deque
 
@@ -66,21 +72,24 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            i += 1
+            if self._in_flight_reach_end(req):
+                continue
+            num_new = min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget)
             new_blocks = self._allocate_or_preempt(req, num_new)
             if new_blocks is None:        # req itself was preempted: nothing after it is left to schedule
                 break
-            num_scheduled[req.request_id] = num_new
-            budget -= num_new
             # Scheduled in an earlier step, so the runner holds it: only the diff.
             cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
                                                  req.num_computed_tokens))
-            i += 1
+            budget -= self._advance(req, num_new, num_scheduled)
 
         # Admitting new work right after preempting would only preempt again.
         preempted = self.num_preemptions > num_preemptions_before
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
+            if req.num_output_placeholders:
+                break                                   # preempted with a token in flight: resumes after it
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
             load = self.offload.lookup(req, num_hit)    # blocks after the GPU hit, loaded from a lower tier
             if load.wait:
@@ -98,18 +107,32 @@ class Scheduler:
             req.num_computed_tokens = num_hit + load.num_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            num_scheduled[req.request_id] = num_new
-            budget -= num_new
             # First scheduled, or resumed after preemption: the runner gets it in full.
             new_reqs.append(NewRequestData(req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
                                            req.sampling_params, self.kv.get_block_ids(req.request_id),
                                            req.num_computed_tokens))
+            budget -= self._advance(req, num_new, num_scheduled)
 
         self.kv_peak.observe(self.kv.num_used_blocks, self.kv.num_empty_slots, len(self.running))
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
                               self.finished_req_ids, self.offload.take_ops())
         self.finished_req_ids = set()
         return out
+
+    def _in_flight_reach_end(self, req: Request) -> bool:
+        """The tokens being sampled already end the request by length: another step would be wasted."""
+        n = req.num_output_placeholders
+        return n > 0 and (req.num_output_tokens + n >= req.max_tokens or req.num_tokens + n >= self.max_model_len)
+
+    def _advance(self, req: Request, num_new: int, num_scheduled: dict[str, int]) -> int:
+        """Counts the step's tokens as computed now; a step that reaches the end samples one more token."""
+        num_scheduled[req.request_id] = num_new
+        if req.num_computed_tokens < req.num_prompt_tokens:
+            self.num_prompt_tokens += min(num_new, req.num_prompt_tokens - req.num_computed_tokens)
+        req.num_computed_tokens += num_new
+        if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
+            req.num_output_placeholders += 1
+        return num_new
 
     def _allocate_or_preempt(self, req: Request, num_new: int):
         """allocate_slots for a running request, preempting the newest running ones until it fits.
@@ -134,21 +157,19 @@ class Scheduler:
 
     # ---- after the step: the only place a request changes ----------------------------------------------
     def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        self.offload.update_from_output(out.kv_transfer)
+        """Applies a step's sampled tokens. A request preempted by a later schedule() still gets its token
+        (it is waiting, with nothing computed, and recomputes it too); one finished meanwhile is gone."""
+        self.offload.update_from_output(sched.kv_transfers, out.kv_transfer)
         outputs = []
-        for req_id, num_tokens in sched.num_scheduled_tokens.items():
+        for req_id in sched.num_scheduled_tokens:
             req = self.requests.get(req_id)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue   # finished or preempted meanwhile
-            if req.num_computed_tokens < req.num_prompt_tokens:
-                self.num_prompt_tokens += min(num_tokens, req.num_prompt_tokens - req.num_computed_tokens)
-            req.num_computed_tokens += num_tokens
             token = out.sampled_token_ids.get(req_id)
             prompt_logprobs = out.prompt_logprobs.get(req_id)
-            if token is None and prompt_logprobs is None:
-                continue   # a prompt chunk that did not reach the end
-            new_ids = []
+            if req is None or (token is None and prompt_logprobs is None):
+                continue   # finished meanwhile, or a prompt chunk that did not reach the end
+            was_running, new_ids = req.status == RequestStatus.RUNNING, []
             if token is not None:
+                req.num_output_placeholders -= 1
                 req.append_output_token_id(token)
                 self.num_generation_tokens += 1
                 new_ids = [token]
@@ -157,7 +178,7 @@ class Scheduler:
                                             req.status.finish_reason, req.stop_reason,
                                             max(req.num_cached_tokens, 0)))
             if req.status.finished:
-                self.running.remove(req)
+                (self.running if was_running else self.waiting).remove(req)
                 self._free(req)
         return outputs
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig
 
 from pagedllm.config import EngineConfig
-from pagedllm.core.messages import EngineCoreOutput
+from pagedllm.core.messages import SchedulerOutput
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
@@ -17,6 +17,7 @@ from pagedllm.metrics import SchedulerStats, StatsLogger
 from pagedllm.models import sliding_window
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
+from pagedllm.runner.model_runner import PendingOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -53,7 +54,7 @@ class Engine:
             self.max_model_len, config.block_size, self.core.runner.num_blocks, config.enable_prefix_caching)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats_logger = StatsLogger(config.log_stats_interval)
-        self._unprocessed: list[EngineCoreOutput] = []   # the last step's results, processed in the next
+        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None   # launched, results not read
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,
                     Path(config.model).name, self.device, str(self.dtype).removeprefix("torch."),
@@ -91,17 +92,20 @@ class Engine:
             self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests() or bool(self._unprocessed)
+        return self.core.has_unfinished_requests() or self._in_flight is not None
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedules and launches step N, then turns step N-1's results into RequestOutputs while the GPU
-        runs N. A stop string found there ends its request before N+1 is scheduled; the token N computed
-        for it is dropped (update_from_output skips finished requests)."""
-        sched_out, pending = self.core.launch_step()
-        outputs, stopped = self.output_processor.process(self._unprocessed)
-        self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        self._unprocessed = self.core.finish_step(sched_out, pending)
+        """Schedules and launches step N+1, then waits for step N and turns its results into RequestOutputs
+        while the device runs N+1: the device never waits for the host between steps. A stop string found
+        in N's tokens ends its request before N+2 is scheduled; the token N+1 computes for it is dropped
+        (update_from_output skips finished requests)."""
+        launched = self.core.launch_step() if self.core.has_unfinished_requests() else None
+        outputs = []
+        if self._in_flight is not None:
+            outputs, stopped = self.output_processor.process(self.core.finish_step(*self._in_flight))
+            self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self._in_flight = launched
         self.stats_logger.maybe_log(self.get_stats)
         return outputs
 

@@ -17,7 +17,7 @@ from pagedllm.sampling_params import SamplingParams
 @dataclass
 class RunnerRequestState:
     req_id: str
-    token_ids: list[int]            # prompt + outputs; the runner appends what it samples
+    token_ids: list[int]            # prompt + outputs; the runner appends what it samples once it is back
     num_prompt_tokens: int
     params: SamplingParams
     row: int                        # this request's row in BlockTables
@@ -65,39 +65,71 @@ class StepInputs:
     prompt_lp_rows: list[tuple[int, int, int]]  # (row, first prompt position, count) scoring prompt tokens
 
 
+class _HostArrays:
+    """One set of pinned host arrays for a step's inputs (numpy views for building them)."""
+
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, pin: bool):
+        def array(n: int, dtype: torch.dtype):
+            t = torch.zeros(n, dtype=dtype, pin_memory=pin)
+            return t, t.numpy()
+
+        self.ids_h, self.ids = array(max_tokens, torch.int64)
+        self.pos_h, self.pos = array(max_tokens, torch.int64)
+        self.slot_h, self.slot = array(max_tokens, torch.int64)
+        self.qsl_h, self.qsl = array(max_reqs + 1, torch.int32)
+        self.len_h, self.len = array(max_reqs, torch.int32)
+        self.sidx_h, self.sidx = array(max_reqs, torch.int64)
+        self.bt_h, self.bt = array(max_reqs * max_blocks_per_req, torch.int32)
+        self.fix_h, self.fix = array(2 * max_reqs, torch.int64)   # pending tokens: flat index, then sample row
+
+
 class InputBuffers:
-    """Pinned host arrays and device tensors for at most max_tokens tokens of max_reqs requests."""
+    """Pinned host arrays and device tensors for at most max_tokens tokens of max_reqs requests.
+
+    The host arrays come in two sets, used by alternate steps: step N+1 is built while step N's copies may
+    still be queued behind step N-1 on the device; the set N+1 reuses was N-1's, whose copies are done once
+    N-1's sampled ids came back (which the engine waits for before building N+1)."""
 
     def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, device: torch.device):
         pin = device.type == "cuda"
         self.device = device
         self.max_blocks_per_req = max_blocks_per_req
+        self.max_reqs = max_reqs
+        self.hosts = [_HostArrays(max_tokens, max_reqs, max_blocks_per_req, pin) for _ in range(2)]
+        self.h = self.hosts[0]
 
-        def pair(n: int, dtype: torch.dtype):
-            host = torch.zeros(n, dtype=dtype, pin_memory=pin)
-            return host, host.numpy(), torch.zeros(n, dtype=dtype, device=device)
+        def zeros(n: int, dtype: torch.dtype):
+            return torch.zeros(n, dtype=dtype, device=device)
 
-        self.ids_h, self.ids_np, self.input_ids = pair(max_tokens, torch.int64)
-        self.pos_h, self.pos_np, self.positions = pair(max_tokens, torch.int64)
-        self.slot_h, self.slot_np, self.slot_mapping = pair(max_tokens, torch.int64)
-        self.qsl_h, self.qsl_np, self.query_start_loc = pair(max_reqs + 1, torch.int32)
-        self.len_h, self.len_np, self.seq_lens = pair(max_reqs, torch.int32)
-        self.sidx_h, self.sidx_np, self.sample_index = pair(max_reqs, torch.int64)
-        self.bt_h, self.bt_np, self.bt_staging = pair(max_reqs * max_blocks_per_req, torch.int32)
+        self.input_ids = zeros(max_tokens, torch.int64)
+        self.positions = zeros(max_tokens, torch.int64)
+        self.slot_mapping = zeros(max_tokens, torch.int64)
+        self.query_start_loc = zeros(max_reqs + 1, torch.int32)
+        self.seq_lens = zeros(max_reqs, torch.int32)
+        self.sample_index = zeros(max_reqs, torch.int64)
+        self.bt_staging = zeros(max_reqs * max_blocks_per_req, torch.int32)
+        self.fix = zeros(2 * max_reqs, torch.int64)
         # Row i of the step's block table; columns past a request's blocks are stale and never read.
         self.block_tables = torch.zeros((max_reqs, max_blocks_per_req), dtype=torch.int32, device=device)
 
     def build(self, reqs: list[RunnerRequestState], query_lens: list[int], tables: BlockTables,
-              block_size: int, pad_to: int | None = None, max_seq_len_bound: int | None = None) -> StepInputs:
-        """Request i runs tokens num_computed .. num_computed + query_lens[i] - 1 of its known tokens.
+              block_size: int, pad_to: int | None = None, max_seq_len_bound: int | None = None,
+              pending: dict[str, int] | None = None, prev_sampled: torch.Tensor | None = None) -> StepInputs:
+        """Request i runs tokens num_computed .. num_computed + query_lens[i] - 1 of its tokens.
 
         flat index:   0 1 2 | 3 | 4 5          query_start_loc = [0, 3, 4, 6]
         positions:    5 6 7 | 9 | 0 1          = num_computed[i] + (index - query_start_loc[i])
         slot:         block_table[i][pos // block_size] * block_size + pos % block_size
 
+        A request's last token may still be in flight: the previous step samples it. `pending` maps such a
+        request to its row in that step's `prev_sampled` (device), which is copied into input_ids here,
+        on the device, without waiting for it.
+
         pad_to (decode-only batches): extra rows of one token each with seq_len 0 and slot -1, so the batch
         has the shape a CUDA graph was captured at. max_seq_len_bound then replaces the true maximum.
         """
+        h = self.h = self.hosts[1] if self.h is self.hosts[0] else self.hosts[0]
+        pending = pending or {}
         n = len(reqs)
         q = np.asarray(query_lens, dtype=np.int64)
         computed = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, n)
@@ -106,48 +138,58 @@ class InputBuffers:
         rows = n if pad_to is None else pad_to
         num_tokens = total if pad_to is None else total + pad_to - n
 
-        qsl = self.qsl_np[:rows + 1]
+        qsl = h.qsl[:rows + 1]
         qsl[0] = 0
         np.cumsum(q, out=qsl[1:n + 1])
         qsl[n + 1:] = total + np.arange(1, rows - n + 1)
-        self.len_np[:n] = seq_lens
-        self.len_np[n:rows] = 0
+        h.len[:n] = seq_lens
+        h.len[n:rows] = 0
 
-        ids = self.ids_np
+        # Known ids from the host; an id still being sampled is 0 here and filled in on the device.
+        ids, cl = h.ids, computed.tolist()
         if total == n:                         # decode only: one token each, no slicing
-            ids[:n] = [r.token_ids[c] for r, c in zip(reqs, computed.tolist())]
+            ids[:n] = [r.token_ids[c] if c < len(r.token_ids) else 0 for r, c in zip(reqs, cl)]
+            in_flight = [i for i, (r, c) in enumerate(zip(reqs, cl)) if c >= len(r.token_ids)]
         else:
-            k = 0
-            for r, c, ql in zip(reqs, computed.tolist(), query_lens):
-                ids[k:k + ql] = r.token_ids[c:c + ql]
+            in_flight, k = [], 0
+            for i, (r, c, ql) in enumerate(zip(reqs, cl, query_lens)):
+                known = min(ql, len(r.token_ids) - c)   # only the last one can be in flight
+                ids[k:k + known] = r.token_ids[c:c + known]
+                if known < ql:
+                    ids[k + known] = 0
+                    in_flight.append(i)
                 k += ql
         ids[total:num_tokens] = 0
 
         req_idx = np.repeat(np.arange(n), q)
-        positions = self.pos_np[:total]
+        positions = h.pos[:total]
         np.subtract(np.arange(total), qsl[req_idx], out=positions)
         positions += computed[req_idx]
-        self.pos_np[total:num_tokens] = 0
+        h.pos[total:num_tokens] = 0
 
         max_blocks = max(r.num_blocks for r in reqs)
         table_rows = np.fromiter((r.row for r in reqs), np.int64, n)
-        bt = self.bt_np[:n * max_blocks].reshape(n, max_blocks)
+        bt = h.bt[:n * max_blocks].reshape(n, max_blocks)
         np.take(tables.table[:, :max_blocks], table_rows, axis=0, out=bt)
-        slots = self.slot_np[:total]
+        slots = h.slot[:total]
         np.add(bt[req_idx, positions // block_size] * block_size, positions % block_size, out=slots)
-        self.slot_np[total:num_tokens] = -1
+        h.slot[total:num_tokens] = -1
 
-        sample_rows = [i for i, r in enumerate(reqs) if seq_lens[i] == len(r.token_ids)]
-        self.sidx_np[:len(sample_rows)] = qsl[1:][sample_rows] - 1
+        # A row samples when this step reaches the end of its tokens, the one in flight included.
+        sample_rows = [i for i, r in enumerate(reqs) if seq_lens[i] >= len(r.token_ids)]
+        h.sidx[:len(sample_rows)] = qsl[1:][sample_rows] - 1
         prompt_lp_rows = _prompt_logprob_rows(reqs, computed, seq_lens)
 
-        self._copy(num_tokens, rows, n, max_blocks, len(sample_rows))
+        self._copy(h, num_tokens, rows, n, max_blocks, len(sample_rows))
+        if in_flight:
+            dst = (qsl[1:][in_flight] - 1).tolist()
+            self._fill_in_flight(h, dst, [pending[reqs[i].req_id] for i in in_flight], prev_sampled)
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:num_tokens], query_start_loc=self.query_start_loc[:rows + 1],
             seq_lens=self.seq_lens[:rows], block_tables=self.block_tables[:rows],
             max_query_len=int(q.max()),
             max_seq_len=int(seq_lens.max()) if max_seq_len_bound is None else max_seq_len_bound,
-            query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=self.len_np[:rows].tolist())
+            query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=h.len[:rows].tolist())
         return StepInputs(self.input_ids[:num_tokens], self.positions[:num_tokens], meta, sample_rows,
                           self.sample_index[:len(sample_rows)], prompt_lp_rows)
 
@@ -164,15 +206,24 @@ class InputBuffers:
             seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size], max_query_len=1,
             max_seq_len=max_seq_len_bound, query_start_loc_cpu=list(range(size + 1)), seq_lens_cpu=[0] * size)
 
-    def _copy(self, num_tokens: int, rows: int, n: int, max_blocks: int, num_samples: int):
-        """Host -> device without blocking. The host arrays are rewritten only after the step's sampled ids
-        came back, which is after these copies ran (same stream)."""
-        for h, d, k in ((self.ids_h, self.input_ids, num_tokens), (self.pos_h, self.positions, num_tokens),
-                        (self.slot_h, self.slot_mapping, num_tokens), (self.qsl_h, self.query_start_loc, rows + 1),
-                        (self.len_h, self.seq_lens, rows), (self.sidx_h, self.sample_index, num_samples),
-                        (self.bt_h, self.bt_staging, n * max_blocks)):
-            d[:k].copy_(h[:k], non_blocking=True)
+    def _copy(self, h: _HostArrays, num_tokens: int, rows: int, n: int, max_blocks: int, num_samples: int):
+        """Host -> device without blocking (see the class docstring for when `h` is written again)."""
+        for src, d, k in ((h.ids_h, self.input_ids, num_tokens), (h.pos_h, self.positions, num_tokens),
+                          (h.slot_h, self.slot_mapping, num_tokens), (h.qsl_h, self.query_start_loc, rows + 1),
+                          (h.len_h, self.seq_lens, rows), (h.sidx_h, self.sample_index, num_samples),
+                          (h.bt_h, self.bt_staging, n * max_blocks)):
+            d[:k].copy_(src[:k], non_blocking=True)
         self.block_tables[:n, :max_blocks].copy_(self.bt_staging[:n * max_blocks].view(n, max_blocks))
+
+    def _fill_in_flight(self, h: _HostArrays, dst: list[int], src: list[int], prev_sampled: torch.Tensor):
+        m = len(dst)
+        if dst == src == list(range(m)):     # steady decode: the same requests in the same order
+            self.input_ids[:m].copy_(prev_sampled[:m])
+            return
+        h.fix[:m], h.fix[m:2 * m] = dst, src
+        fix = self.fix[:2 * m]
+        fix.copy_(h.fix_h[:2 * m], non_blocking=True)
+        self.input_ids.index_copy_(0, fix[:m], prev_sampled.index_select(0, fix[m:]))
 
 
 def _prompt_logprob_rows(reqs: list[RunnerRequestState], computed: np.ndarray, seq_lens: np.ndarray):

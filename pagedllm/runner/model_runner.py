@@ -1,8 +1,9 @@
 """ModelRunner: turns a SchedulerOutput into one forward pass over the paged KV cache, and samples.
 
 execute_async() launches the step's device work and returns at once; PendingOutput.result() waits for the
-one device -> host copy of the sampled ids. The engine does its output processing in between, while the
-GPU runs.
+one device -> host copy of the sampled ids. The engine launches step N+1 before it asks for step N's result,
+so the device always has the next step queued: a token step N samples is step N+1's input straight from
+the device (`_in_flight`), and reaches the host (RunnerRequestState.token_ids) with N's result().
 """
 import logging
 from dataclasses import dataclass
@@ -45,7 +46,13 @@ class ModelRunner:
         max_reqs = config.max_num_seqs
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_reqs), max_reqs,
                                     cdiv(max_model_len, self.block_size), device)
-        self.sampled_host = torch.zeros(max_reqs, dtype=torch.int64, pin_memory=device.type == "cuda")
+        # Two, used by alternate steps: step N+1's copy is queued before step N's ids are read.
+        self.sampled_host = [torch.zeros(max_reqs, dtype=torch.int64, pin_memory=device.type == "cuda")
+                             for _ in range(2)]
+        self._num_launched = 0
+        # The last launched step's sampled ids on the device, and each sampling request's row in them.
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_ids: torch.Tensor | None = None
         use_graphs = device.type == "cuda" and not config.enforce_eager
         self.graphs = CudaGraphs(capture_sizes(max_reqs)) if use_graphs else None
 
@@ -73,15 +80,18 @@ class ModelRunner:
         # Block copies between the KV tiers, queued before the forward that reads the blocks.
         transfer = self.kv_offload.execute(sched.kv_transfers) if self.kv_offload is not None else None
         if sched.is_empty:
+            self._in_flight = {}
             return PendingOutput(ModelRunnerOutput(kv_transfer=transfer), [], None, None)
         reqs = [self.states[req_id] for req_id in sched.num_scheduled_tokens]
         graph_size = self._graph_size(sched, len(reqs))
         inputs = self.buffers.build(reqs, list(sched.num_scheduled_tokens.values()), self.tables,
                                     self.block_size, pad_to=graph_size,
-                                    max_seq_len_bound=None if graph_size is None else self.max_model_len)
+                                    max_seq_len_bound=None if graph_size is None else self.max_model_len,
+                                    pending=self._in_flight, prev_sampled=self._in_flight_ids)
         rows = [reqs[i] for i in inputs.sample_rows]
+        self._in_flight = {r.req_id: j for j, r in enumerate(rows)}
         # Sampling metadata first: its small host -> device copies then need not wait for the forward.
-        meta = self._sampling_metadata(rows) if rows else None
+        meta = self._sampling_metadata(rows, sched.num_scheduled_tokens) if rows else None
         if graph_size is not None:
             hidden = self.graphs.replay(graph_size)
         else:
@@ -94,7 +104,9 @@ class ModelRunner:
             return PendingOutput(out, [], None, None)
         logits = self.model.compute_logits(hidden[inputs.sample_token_index])
         result = self.sampler(logits, meta, self.generator)
-        host = self.sampled_host[:len(rows)]
+        self._in_flight_ids = result.sampled_token_ids
+        self._num_launched += 1
+        host = self.sampled_host[self._num_launched % 2][:len(rows)]
         host.copy_(result.sampled_token_ids, non_blocking=True)   # the one device -> host copy of the step
         event = None
         if self.device.type == "cuda":
@@ -136,13 +148,15 @@ class ModelRunner:
             return None
         return torch.Generator(self.device).manual_seed(params.seed)
 
-    def _sampling_metadata(self, rows: list[RunnerRequestState]) -> SamplingMetadata:
+    def _sampling_metadata(self, rows: list[RunnerRequestState], num_scheduled: dict[str, int]) -> SamplingMetadata:
         """Rebuilt only when the rows change: consecutive decode steps usually sample the same requests.
         Rows under min_tokens ban ids for a number of steps, so their metadata is never reused."""
         key = tuple(r.req_id for r in rows)
         if key == self._sampling_key:
             return self._sampling_cache
-        banned = [list(r.params.all_stop_token_ids) if len(r.token_ids) - r.num_prompt_tokens < r.params.min_tokens
+        # Outputs before the one sampled now (its input may still be in flight: not in token_ids yet).
+        banned = [list(r.params.all_stop_token_ids)
+                  if r.num_computed_tokens + num_scheduled[r.req_id] - r.num_prompt_tokens < r.params.min_tokens
                   else [] for r in rows]
         meta = SamplingMetadata.build([r.params for r in rows], [r.generator for r in rows], banned, self.device)
         reusable = not any(r.params.min_tokens for r in rows)

@@ -5,14 +5,16 @@
                                          └─ / temperature → min_p → top-k → top-p
                                             → softmax → argmax(probs / q), q ~ Exp(1) ──► other rows
 
-Everything is batched tensor work; the only per-row Python is one exponential draw per seeded row, from
-that request's own generator, so a seeded request's tokens do not depend on its batch neighbours.
+Everything is batched tensor work; the only per-row Python is one draw per seeded row, from that request's
+own generator, so a seeded request's tokens do not depend on its batch neighbours. On CUDA the random draw
+is one fused Gumbel-max kernel (gumbel_kernel.py) instead of the softmax and exponential race.
 """
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pagedllm.sample.gumbel_kernel import draw_seeds, gumbel_sample
 from pagedllm.sampling_params import _GREEDY_EPS, SamplingParams
 
 
@@ -20,6 +22,7 @@ from pagedllm.sampling_params import _GREEDY_EPS, SamplingParams
 class SamplingMetadata:
     temperature: torch.Tensor                 # (N,) float32; rows below _GREEDY_EPS are greedy
     top_k: torch.Tensor | None                # (N,) int64, 0 = off; None when no row uses top-k
+    max_top_k: int | None                     # the largest k asked for, known on the host: no device sync
     top_p: torch.Tensor | None                # (N,) float32, 1.0 = off; None when unused
     min_p: torch.Tensor | None                # (N,) float32, 0 = off; None when unused
     generators: dict[int, torch.Generator]    # row -> the request's own generator (seeded, non-greedy rows)
@@ -41,6 +44,7 @@ class SamplingMetadata:
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
             top_k=_tensor_if(any(k > 0 for k in top_k), top_k, torch.int64, device),
+            max_top_k=max(top_k) if any(k > 0 for k in top_k) else None,
             top_p=_tensor_if(any(p < 1.0 for p in top_p), top_p, torch.float32, device),
             min_p=_tensor_if(any(m > 0.0 for m in min_p), min_p, torch.float32, device),
             generators={i: g for i, (g, s) in enumerate(zip(generators, sampled)) if g is not None and s},
@@ -67,12 +71,12 @@ class SamplerOutput:
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata,
                 generator: torch.Generator | None = None) -> SamplerOutput:
-        """generator: the engine's global generator for unseeded rows (None = torch's default)."""
-        logits = logits.float()
+        """generator: the engine's global generator for unseeded rows (None = torch's default). Logits stay
+        in the model's dtype where that changes nothing (argmax, the fused CUDA draw); float32 elsewhere."""
         # Raw logprobs: the model's distribution, before bans and temperature (vLLM's default).
-        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        raw_logprobs = logits.float().log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         if meta.banned_token_ids is not None:
-            logits = ban_tokens(logits, meta.banned_token_ids)
+            logits = ban_tokens(logits.float(), meta.banned_token_ids)
         if meta.all_greedy:
             sampled = logits.argmax(dim=-1)
         elif not meta.any_greedy:
@@ -87,12 +91,19 @@ class Sampler(nn.Module):
     @staticmethod
     def sample(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator | None) -> torch.Tensor:
         """Random draw for every row (greedy rows get a throwaway value that the caller discards)."""
-        if meta.all_temperature_one and meta.min_p is None and meta.top_k is None and meta.top_p is None:
+        filtered = meta.min_p is not None or meta.top_k is not None or meta.top_p is not None
+        if logits.is_cuda and not filtered:   # plain sampling at any temperature: one pass, in the model's dtype
+            seeds = draw_seeds(logits.shape[0], meta.generators, generator, logits.device)
+            return gumbel_sample(logits, seeds, None if meta.all_temperature_one else meta.temperature)
+        logits = logits.float()
+        if not filtered and meta.all_temperature_one:
             return exponential_race(logits.softmax(dim=-1), meta.generators, generator)   # plain sampling
         logits = apply_temperature(logits, meta.temperature)  # a new tensor: the masks below work in place
         if meta.min_p is not None:
             logits = apply_min_p(logits, meta.min_p)
-        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, meta.max_top_k)
+        if logits.is_cuda:
+            return gumbel_sample(logits, draw_seeds(logits.shape[0], meta.generators, generator, logits.device))
         return exponential_race(logits.softmax(dim=-1), meta.generators, generator)
 
 
@@ -119,12 +130,13 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(logits < threshold, -float("inf"))
 
 
-def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None,
+                      max_k: int | None = None) -> torch.Tensor:
     """Keep each row's k most likely tokens (k <= 0: all), then the smallest set of those whose cumulative
     probability reaches p (the top token always stays). Ties with the k-th value are kept. In place when
-    only k is given; otherwise returns a new tensor."""
+    only k is given; otherwise returns a new tensor. max_k: max(k) if the caller knows it (else a sync)."""
     if p is None:
-        return logits if k is None else apply_top_k_only(logits, k)
+        return logits if k is None else apply_top_k_only(logits, k, max_k)
     # Ascending sort: top-p drops the longest low-probability prefix whose mass is <= 1 - p.
     #   sorted:  [ low ........................................ high ]
     #   cumsum:  [ <= 1-p: dropped        |  kept: mass >= p         ]
@@ -141,12 +153,13 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Ten
     return logits_sort.scatter(dim=-1, index=logits_idx, src=logits_sort)
 
 
-def apply_top_k_only(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def apply_top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: int | None = None) -> torch.Tensor:
     """In place. topk(max k) instead of a full sort: much cheaper when k is small against V."""
     vocab_size = logits.shape[-1]
     off = (k <= 0) | (k >= vocab_size)
     k = k.masked_fill(off, 1)
-    max_k = int(k.max())  # one host sync; topk needs a Python int
+    # topk needs a Python int: from the host when given, else one device sync
+    max_k = min(max_k, vocab_size) if max_k is not None else int(k.max())
     kth_value = logits.topk(max_k, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
     kth_value.masked_fill_(off.unsqueeze(1), -float("inf"))
     return logits.masked_fill_(logits < kth_value, -float("inf"))

@@ -98,6 +98,18 @@ def test_preemption_keeps_outputs_exact(tiny_model_dirs, prefix_caching):
     assert stats.num_blocks_free == stats.num_blocks_total
 
 
+def test_seeded_sampling_survives_preemption(tiny_model_dirs):
+    """A request preempted while its next token is still being sampled (steps overlap) keeps that token:
+    seeded outputs equal those of an engine that never preempts."""
+    d = tiny_model_dirs["llama"]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=MAX_NEW, ignore_eos=True) for i in range(len(PROMPTS))]
+    roomy = LLM(d, dtype="float32", log_stats_interval=0).generate(PROMPTS, params, use_tqdm=False)
+    tight = LLM(d, dtype="float32", num_gpu_blocks_override=14, log_stats_interval=0)
+    outputs = tight.generate(PROMPTS, params, use_tqdm=False)
+    assert tight.engine.get_stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in roomy]
+
+
 def test_mixed_greedy_and_sampled_batch(tiny_model_dirs):
     d = tiny_model_dirs["qwen2"]
     llm = LLM(d, dtype="float32", max_num_batched_tokens=32, log_stats_interval=0)

@@ -33,6 +33,22 @@ def test_mixed_step_inputs():
     assert inp.sample_token_index.tolist() == [2, 3]
 
 
+def test_tokens_in_flight_are_taken_from_the_previous_steps_samples():
+    """A decode row's input may be the token the previous step is still sampling: it is copied from that
+    step's device tensor, by the request's row there, in the same order or not."""
+    tables = BlockTables(max_blocks_per_req=4)
+    a = make_req(tables, "a", [1, 2, 3], [0], 3)         # runs position 3, whose token is in flight
+    b = make_req(tables, "b", [5, 6], [1], 1)            # runs position 1 (known) and 2 (in flight)
+    c = make_req(tables, "c", [7, 8, 9], [2], 2)         # runs position 2, known
+    buf = InputBuffers(max_tokens=16, max_reqs=4, max_blocks_per_req=4, device=torch.device("cpu"))
+    prev = torch.tensor([70, 80, 90])
+    inp = buf.build([a, b, c], [1, 2, 1], tables, BS, pending={"b": 0, "a": 2}, prev_sampled=prev)
+    assert inp.input_ids.tolist() == [90, 6, 70, 9]
+    assert inp.sample_rows == [0, 1, 2]
+    inp = buf.build([a, c], [1, 1], tables, BS, pending={"a": 0}, prev_sampled=prev)   # the same order
+    assert inp.input_ids.tolist() == [70, 9]
+
+
 def test_block_table_diffs_and_row_reuse():
     tables = BlockTables(max_blocks_per_req=4, num_rows=2)
     r0, r1 = tables.add([1, 2]), tables.add([3])

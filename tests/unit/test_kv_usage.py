@@ -22,7 +22,7 @@ def fake_runner(sched, sched_out):
     out = ModelRunnerOutput()
     for req_id, n in sched_out.num_scheduled_tokens.items():
         req = sched.requests[req_id]
-        if req.num_computed_tokens + n == req.num_tokens:
+        if req.num_computed_tokens == req.num_tokens:   # the step reached the end: it samples
             out.sampled_token_ids[req_id] = 7
     return out
 
@@ -68,12 +68,13 @@ def test_peak_is_the_step_with_most_blocks_and_reset_restarts_it():
     assert (stats.peak_blocks, stats.kv_waste_at_peak, stats.peak_running) == (1, 1 / 4, 1)
 
 
-def recount_empty_slots(sched, num_scheduled):
-    """From the definition: for each block in use, the slots no running request fills this step."""
+def recount_empty_slots(sched):
+    """From the definition: for each block in use, the slots no running request fills this step (its
+    num_computed_tokens counts the step's tokens once it is scheduled)."""
     bs = sched.kv.block_size
     filled: dict[int, int] = {}
     for req in sched.running:
-        num_tokens = req.num_computed_tokens + num_scheduled.get(req.request_id, 0)
+        num_tokens = req.num_computed_tokens
         for i, block in enumerate(sched.kv.req_to_blocks[req.request_id]):
             filled[block.block_id] = max(filled.get(block.block_id, 0), min(bs, max(num_tokens - i * bs, 0)))
     in_use = {b.block_id for b in sched.kv.pool.blocks if b.ref_cnt > 0}
@@ -93,7 +94,7 @@ def test_running_count_matches_recount_over_a_random_run():
         if sched.running and rng.random() < 0.05:
             sched.finish_requests([rng.choice(sched.running).request_id], RequestStatus.FINISHED_ABORTED)
         sched_out = sched.schedule()
-        assert sched.kv.num_empty_slots == recount_empty_slots(sched, sched_out.num_scheduled_tokens)
+        assert sched.kv.num_empty_slots == recount_empty_slots(sched)
         num_checked += bool(sched.running)
         sched.update_from_output(sched_out, fake_runner(sched, sched_out))
     assert not sched.has_unfinished_requests() and sched.kv.num_empty_slots == 0

@@ -29,6 +29,7 @@ class SymbolicRunner:
         self.corrupt_every = corrupt_every   # fail every n-th disk read, as a corrupt file would
         self.num_reads = 0
         self.rng = np.random.default_rng(seed)
+        self.in_flight: dict[str, int] = {}   # the last token sampled for each request
 
     def execute(self, out) -> ModelRunnerOutput:
         t, result = out.kv_transfers, KVTransferResult()
@@ -55,17 +56,20 @@ class SymbolicRunner:
         return self._forward(out, result)
 
     def _forward(self, out, result) -> ModelRunnerOutput:
+        """Steps are pipelined as in the engine: a request's last token may be the one the previous step
+        sampled, which the scheduler has not appended yet."""
         runner_out = ModelRunnerOutput(kv_transfer=result)
         for req_id, n in out.num_scheduled_tokens.items():
             req = self.sched.requests[req_id]
+            tokens = req.all_token_ids + ([self.in_flight[req_id]] if req.num_output_placeholders > 1 else [])
             blocks = self.sched.kv.get_block_ids(req_id)
-            computed = req.num_computed_tokens
+            computed = req.num_computed_tokens - n   # schedule() counted this step already
             held = [self.gpu[blocks[p // BS]][p % BS] for p in range(computed)]
-            assert held == req.all_token_ids[:computed], f"{req_id}: KV of its computed tokens is wrong"
+            assert held == tokens[:computed], f"{req_id}: KV of its computed tokens is wrong"
             for p in range(computed, computed + n):
-                self.gpu[blocks[p // BS]][p % BS] = req.all_token_ids[p]
-            if computed + n == req.num_tokens:
-                runner_out.sampled_token_ids[req_id] = int(self.rng.integers(3, 10_000))
+                self.gpu[blocks[p // BS]][p % BS] = tokens[p]
+            if computed + n == len(tokens):
+                runner_out.sampled_token_ids[req_id] = self.in_flight[req_id] = int(self.rng.integers(3, 10_000))
         return runner_out
 
 
@@ -85,11 +89,18 @@ def add_requests(sched, num, rng, shared_prefixes, max_tokens=12, start=0):
 
 
 def run(sched, runner, max_steps=3000):
+    """As the engine steps: step N+1 is scheduled and run before step N's tokens are applied."""
+    in_flight = None
     for _ in range(max_steps):
-        if not sched.has_unfinished_requests():
+        if not sched.has_unfinished_requests() and in_flight is None:
             return
-        out = sched.schedule()
-        sched.update_from_output(out, runner.execute(out))
+        launched = None
+        if sched.has_unfinished_requests():
+            out = sched.schedule()
+            launched = (out, runner.execute(out))
+        if in_flight is not None:
+            sched.update_from_output(*in_flight)
+        in_flight = launched
     raise AssertionError("did not finish")
 
 

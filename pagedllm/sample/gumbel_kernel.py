@@ -1,0 +1,75 @@
+"""Random sampling in one read of the logits (CUDA): argmax(logits / T + g), g ~ Gumbel(0, 1), draws token i
+with probability softmax(logits / T)_i (the Gumbel-max trick). The torch path (sampler.exponential_race)
+needs a float32 copy of the logits, a softmax and an (N, V) noise tensor: about ten passes over N x V.
+
+The noise is Philox keyed by one seed per row (tl.rand(seed, token id)), so a row's draw depends only on its
+seed, which the request's own generator (or the engine's) gives each step: seeded requests stay independent
+of their batch. Grid: (row, vocab chunk); each program keeps the best score of its chunk, and a small
+(N, chunks) argmax picks the winner.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from pagedllm.sampling_params import _GREEDY_EPS
+
+CHUNK = 8192   # vocab entries a program covers: 19 chunks of Qwen3's 151,936, ~5k programs at 256 rows
+BLOCK = 1024
+
+
+@triton.jit
+def gumbel_chunk_kernel(logits_ptr, stride, vocab_size, temperature_ptr, seed_ptr, best_score_ptr, best_id_ptr,
+                        num_chunks, greedy_eps, APPLY_TEMPERATURE: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    seed = tl.load(seed_ptr + row)
+    scale = 1.0
+    if APPLY_TEMPERATURE:
+        t = tl.load(temperature_ptr + row)
+        scale = 1.0 / tl.where(t < greedy_eps, 1.0, t)   # greedy rows: their draw is discarded anyway
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_id = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, CHUNK, BLOCK):
+        ids = chunk * CHUNK + start + lanes
+        mask = ids < vocab_size
+        x = tl.load(logits_ptr + row * stride + ids, mask=mask, other=float("-inf")).to(tl.float32)
+        u = tl.rand(seed, ids)                  # [0, 1); u = 0 gives -inf noise, never picked
+        score = x * scale - tl.log(-tl.log(u))
+        take = mask & (score > best)            # NaN scores are never taken
+        best = tl.where(take, score, best)
+        best_id = tl.where(take, ids, best_id)
+    score, lane = tl.max(best, axis=0, return_indices=True)
+    token = tl.sum(tl.where(lanes == lane, best_id, 0), axis=0)
+    tl.store(best_score_ptr + row * num_chunks + chunk, score)
+    tl.store(best_id_ptr + row * num_chunks + chunk, token)
+
+
+def gumbel_sample(logits: torch.Tensor, seeds: torch.Tensor, temperature: torch.Tensor | None = None,
+                  chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
+    """logits (N, V) any float dtype, seeds (N,) int64, temperature (N,) float32 or None (already applied)
+    -> (N,) int64 token ids. chunk, block: smaller for the Triton interpreter's tests."""
+    num_rows, vocab_size = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    num_chunks = triton.cdiv(vocab_size, chunk)
+    best_score = torch.empty((num_rows, num_chunks), dtype=torch.float32, device=logits.device)
+    best_id = torch.empty((num_rows, num_chunks), dtype=torch.int32, device=logits.device)
+    if num_rows == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    gumbel_chunk_kernel[(num_rows, num_chunks)](
+        logits, logits.stride(0), vocab_size, seeds if temperature is None else temperature, seeds,
+        best_score, best_id, num_chunks, _GREEDY_EPS, APPLY_TEMPERATURE=temperature is not None,
+        CHUNK=chunk, BLOCK=block, num_warps=4)
+    winner = best_score.argmax(dim=1, keepdim=True)
+    return best_id.gather(1, winner).squeeze(1).long()
+
+
+def draw_seeds(num_rows: int, row_generators: dict[int, torch.Generator], generator: torch.Generator | None,
+               device: torch.device) -> torch.Tensor:
+    """One Philox seed per row: seeded rows from their own generator, the others from the engine's."""
+    seeds = torch.randint(0, 2**62, (num_rows,), generator=generator, device=device)
+    for row, row_generator in row_generators.items():
+        torch.randint(0, 2**62, (1,), generator=row_generator, device=device, out=seeds[row:row + 1])
+    return seeds
