@@ -1,9 +1,10 @@
-"""Where a decode step's GPU time goes: torch.profiler over a few steps of W1 at full concurrency.
+"""Where a decode step's GPU time goes: torch.profiler over a few steps of a workload at full concurrency.
 
-    python benchmarks/gpu_profile.py --model DIR --load-format dummy --max-model-len 4096 [--steps 10]
+    python benchmarks/gpu_profile.py --model DIR --load-format dummy --max-model-len 4096 [--workload W3] [--steps 10]
 
-Adds all 256 W1 requests, steps until every prompt is prefilled (decode-only steps from then on), then
-profiles --steps steps and prints the kernels by total GPU time, plus the wall time per step.
+Adds all the workload's requests (W1 by default), steps until as many run as can and none is mid-prompt
+(decode-only steps from then on), then profiles --steps steps and prints the kernels by total GPU time,
+plus the wall time per step.
 """
 import argparse
 import time
@@ -18,17 +19,19 @@ from pagedllm.cli import add_engine_args, engine_kwargs
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--workload", default="W1", choices=["W1", "W2", "W3"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=30)
     add_engine_args(parser)
     args = parser.parse_args()
-    w = workloads.build("W1")
+    w = workloads.build(args.workload)
     llm = LLM(**engine_kwargs(args))
     engine = llm.engine
     for i, (p, n) in enumerate(zip(w.prompts, w.output_lens)):
         engine.add_request(str(i), p, SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n))
-    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                          for r in engine.scheduler.running):
+    sched = engine.scheduler
+    while ((sched.waiting and len(sched.running) < sched.max_num_seqs)
+           or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running)):
         engine.step()
     for _ in range(5):
         engine.step()

@@ -14,10 +14,14 @@ import torch
 logger = logging.getLogger("pagedllm")
 
 
+MAX_CAPTURE_SIZE = 512   # as vLLM: larger decode batches run eager, where launch overhead is a small share
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs (which is always one of them)."""
-    sizes = [1, 2, 4] + list(range(8, max_num_seqs, 8))
-    return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
+    """1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs (which is always one of them) or MAX_CAPTURE_SIZE."""
+    top = min(max_num_seqs, MAX_CAPTURE_SIZE)
+    sizes = [1, 2, 4] + list(range(8, top, 8))
+    return sorted({s for s in sizes if s < top} | {top})
 
 
 class CudaGraphs:

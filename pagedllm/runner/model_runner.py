@@ -21,7 +21,7 @@ from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequest
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block, determine_num_blocks
 from pagedllm.runner.kv_offload import KVOffload
 from pagedllm.runner.memory_profile import profile_free_kv_bytes
-from pagedllm.sample.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
+from pagedllm.sample.sampler import Sampler, SamplingMetadata, gather_logprobs, to_device
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -81,7 +81,7 @@ class ModelRunner:
         transfer = self.kv_offload.execute(sched.kv_transfers) if self.kv_offload is not None else None
         if sched.is_empty:
             self._in_flight = {}
-            return PendingOutput(ModelRunnerOutput(kv_transfer=transfer), [], None, None)
+            return PendingOutput(ModelRunnerOutput(kv_transfer=transfer), [])
         reqs = [self.states[req_id] for req_id in sched.num_scheduled_tokens]
         graph_size = self._graph_size(sched, len(reqs))
         inputs = self.buffers.build(reqs, list(sched.num_scheduled_tokens.values()), self.tables,
@@ -101,18 +101,22 @@ class ModelRunner:
         if inputs.prompt_lp_rows:
             self._prompt_logprobs(hidden, inputs, reqs, out)
         if not rows:
-            return PendingOutput(out, [], None, None)
+            return PendingOutput(out, [])
         logits = self.model.compute_logits(hidden[inputs.sample_token_index])
         result = self.sampler(logits, meta, self.generator)
         self._in_flight_ids = result.sampled_token_ids
         self._num_launched += 1
         host = self.sampled_host[self._num_launched % 2][:len(rows)]
         host.copy_(result.sampled_token_ids, non_blocking=True)   # the one device -> host copy of the step
+        logprobs = None
+        if result.logprobs is not None:   # copied now too: a blocking copy in result() would wait for N+1
+            logprobs = tuple(_to_host_async(t) for t in (result.logprob_token_ids, result.logprobs,
+                                                         result.sampled_token_ranks))
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return PendingOutput(out, rows, result, event, host)
+        return PendingOutput(out, rows, host, logprobs, event)
 
     def _graph_size(self, sched: SchedulerOutput, num_reqs: int) -> int | None:
         if self.graphs is None or sched.total_num_scheduled_tokens != num_reqs:
@@ -170,7 +174,7 @@ class ModelRunner:
             r = reqs[row]
             first = qsl[row] + start - r.num_computed_tokens
             logits = self.model.compute_logits(hidden[first:first + count])
-            targets = torch.tensor(r.token_ids[start + 1:start + 1 + count], device=logits.device)
+            targets = to_device(r.token_ids[start + 1:start + 1 + count], torch.int64, logits.device)
             r.prompt_logprobs.extend(token_logprobs(logits, targets, r.params.prompt_logprobs))
             if len(r.prompt_logprobs) == r.num_prompt_tokens - 1:
                 out.prompt_logprobs[r.req_id] = r.prompt_logprobs
@@ -216,20 +220,17 @@ class PendingOutput:
     """A launched step: result() waits for its sampled ids and hands them out."""
     out: ModelRunnerOutput
     rows: list[RunnerRequestState]
-    sampler_output: SamplerOutput | None
-    event: torch.cuda.Event | None
     sampled_host: torch.Tensor | None = None
+    logprobs_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # ids, logprobs, ranks
+    event: torch.cuda.Event | None = None
 
     def result(self) -> ModelRunnerOutput:
         if not self.rows:
             return self.out
         if self.event is not None:
             self.event.synchronize()
-        sampled = self.sampled_host.tolist()
-        res, out = self.sampler_output, self.out
-        lp_ids = res.logprob_token_ids.tolist() if res.logprob_token_ids is not None else None
-        lps = res.logprobs.tolist() if res.logprobs is not None else None
-        ranks = res.sampled_token_ranks.tolist() if res.sampled_token_ranks is not None else None
+        sampled, out = self.sampled_host.tolist(), self.out
+        lp_ids, lps, ranks = [t.tolist() for t in self.logprobs_host] if self.logprobs_host else (None,) * 3
         for j, (r, token) in enumerate(zip(self.rows, sampled)):
             r.token_ids.append(token)
             out.sampled_token_ids[r.req_id] = token
@@ -238,6 +239,13 @@ class PendingOutput:
                 out.logprobs[r.req_id] = TokenLogprobs(lp_ids[j][:k], lps[j][:k], ranks[j])
         self.rows = []   # hand out once
         return out
+
+
+def _to_host_async(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprobs]:

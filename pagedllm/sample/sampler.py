@@ -42,7 +42,7 @@ class SamplingMetadata:
         min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            temperature=to_device([p.temperature for p in params], torch.float32, device),
             top_k=_tensor_if(any(k > 0 for k in top_k), top_k, torch.int64, device),
             max_top_k=max(top_k) if any(k > 0 for k in top_k) else None,
             top_p=_tensor_if(any(p < 1.0 for p in top_p), top_p, torch.float32, device),
@@ -57,7 +57,16 @@ class SamplingMetadata:
 
 
 def _tensor_if(used: bool, values: list, dtype: torch.dtype, device) -> torch.Tensor | None:
-    return torch.tensor(values, dtype=dtype, device=device) if used else None
+    return to_device(values, dtype, device) if used else None
+
+
+def to_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host list on the device without a device sync: torch.tensor(..., device="cuda") copies from
+    pageable memory and then waits for the stream, which would stall the host behind the step in flight."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 @dataclass
@@ -111,8 +120,8 @@ def ban_tokens(logits: torch.Tensor, banned_token_ids: list[list[int]]) -> torch
     """Out of place: the caller's logits (and the raw logprobs taken from them) stay untouched."""
     rows = [i for i, ids in enumerate(banned_token_ids) for _ in ids]
     cols = [t for ids in banned_token_ids for t in ids]
-    index = torch.tensor([rows, cols], dtype=torch.int64).to(logits.device, non_blocking=True)
-    return logits.index_put((index[0], index[1]), torch.tensor(-float("inf"), device=logits.device))
+    index = to_device([rows, cols], torch.int64, logits.device)
+    return logits.index_put((index[0], index[1]), torch.full((), -float("inf"), device=logits.device))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
