@@ -3,7 +3,7 @@
 The CLI (`pagedllm.cli`) generates its flags from these fields; `help` in each field's metadata is the flag's
 help text. Flag names follow vLLM's where the meaning is the same.
 """
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
@@ -29,8 +29,11 @@ class EngineConfig:
     seed: int = _f(0, "seed of the global random state (requests without their own seed)")
     block_size: int = _f(16, "tokens per KV cache block")
     max_model_len: int | None = _f(None, "longest prompt + output (default: the model's max_position_embeddings)")
-    max_num_seqs: int = _f(256, "most requests running in one step")
-    max_num_batched_tokens: int = _f(8192, "token budget of one step; longer prompts are prefilled in chunks")
+    max_num_seqs: int | None = _f(None, "most requests running in one step (default, as vLLM: 1024 on a GPU of "
+                                        "70 GiB or more other than an A100, else 256)")
+    max_num_batched_tokens: int | None = _f(None, "token budget of one step; longer prompts are prefilled in "
+                                                  "chunks (default, as vLLM: 16384 offline and 8192 when serving "
+                                                  "on such a GPU, else 8192)")
     enable_prefix_caching: bool = _f(True, "reuse the KV of cached full blocks across requests (off: the n "
                                            "sequences of one request still share their prompt's blocks)")
     gpu_memory_utilization: float = _f(0.90, "share of the GPU's total memory this engine may use: weights, "
@@ -56,8 +59,9 @@ class EngineConfig:
         _check(self.load_format in _LOAD_FORMATS, "load_format", f"one of {_LOAD_FORMATS}", self.load_format)
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
                "a power of two from 1 to 128", self.block_size)
-        _check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
-        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1", self.max_num_batched_tokens)
+        _check(self.max_num_seqs is None or self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
+        _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+               ">= 1", self.max_num_batched_tokens)
         _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", ">= 1",
                self.max_model_len)
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "in (0, 1]",
@@ -80,6 +84,14 @@ class EngineConfig:
         _check(self.kv_disk_dir is None or self.cpu_offload_gb > 0, "cpu_offload_gb",
                "> 0 GiB when kv_disk_dir is set (disk blocks are read and written through the CPU tier)",
                self.cpu_offload_gb)
+
+    def with_batch_defaults(self, large_gpu: bool, serving: bool) -> "EngineConfig":
+        """max_num_seqs and max_num_batched_tokens left unset get vLLM's defaults for the machine: larger
+        batches on GPUs of 70 GiB or more (H100, H200), a smaller step budget when serving (latency)."""
+        seqs = 1024 if large_gpu else 256
+        tokens = (8192 if serving else 16384) if large_gpu else 8192
+        return replace(self, max_num_seqs=self.max_num_seqs or seqs,
+                       max_num_batched_tokens=self.max_num_batched_tokens or tokens)
 
     @property
     def kv_tiers_enabled(self) -> bool:

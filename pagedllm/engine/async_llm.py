@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pagedllm.config import EngineConfig
 from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.engine.core_process import CoreClient
-from pagedllm.engine.engine import resolve_model
+from pagedllm.engine.engine import is_large_gpu, resolve_model
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor
 from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer
@@ -40,8 +40,8 @@ class AsyncLLM:
                  on_step_stats: Callable[[StepStats], None] | None = None):
         """max_waiting_queue_length: refuse new requests (QueueFullError) while this many sequences wait
         for their first step (None = no bound). on_step_stats: called with each step's request timings."""
-        self.config = config
         model = resolve_model(config)   # the config's errors, before a process starts
+        self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=True)
         self.core = CoreClient(config)
         self.max_model_len = model.max_model_len
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)   # while the core loads the model

@@ -32,6 +32,14 @@ class ResolvedModel:
     max_model_len: int
 
 
+def is_large_gpu(device: torch.device) -> bool:
+    """vLLM's test for its larger batch defaults: 70 GiB or more of GPU memory, and not an A100."""
+    if device.type != "cuda":
+        return False
+    props = torch.cuda.get_device_properties(device)
+    return props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower()
+
+
 def resolve_model(config: EngineConfig) -> ResolvedModel:
     hf_config = _load_hf_config(config.model)
     device = resolve_device(config.device)
@@ -42,8 +50,8 @@ def resolve_model(config: EngineConfig) -> ResolvedModel:
 class Engine:
     def __init__(self, config: EngineConfig):
         start = time.perf_counter()
-        self.config = config
         model = resolve_model(config)
+        self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=False)
         self.hf_config, self.device, self.dtype = model.hf_config, model.device, model.dtype
         self.max_model_len = model.max_model_len
         self.vocab_size = self.hf_config.vocab_size
