@@ -2,9 +2,9 @@
 with probability softmax(logits / T)_i (the Gumbel-max trick). The torch path (sampler.exponential_race)
 needs a float32 copy of the logits, a softmax and an (N, V) noise tensor: about ten passes over N x V.
 
-The noise is Philox keyed by one seed per row (tl.rand(seed, token id)), so a row's draw depends only on its
-seed, which the request's own generator (or the engine's) gives each step: seeded requests stay independent
-of their batch. Grid: (row, vocab chunk); each program keeps the best score of its chunk, and a small
+The noise is Philox keyed by one seed per row (counters derived from the token id), so a row's draw depends
+only on its seed, which the request's own generator (or the engine's) gives each step: seeded requests stay
+independent of their batch. Grid: (row, vocab chunk); each program keeps the best score of its chunk, and a small
 (N, chunks) argmax picks the winner.
 """
 import torch
@@ -14,13 +14,25 @@ import triton.language as tl
 from pagedllm.sampling_params import _GREEDY_EPS
 
 CHUNK = 8192   # vocab entries a program covers: 19 chunks of Qwen3's 151,936, ~5k programs at 256 rows
-BLOCK = 1024
+BLOCK = 512    # ids per random word of a Philox call: 4 * BLOCK ids a step, CHUNK a multiple of that
+
+
+@triton.jit
+def _take_best(logits_row, ids, r, vocab_size, scale, best, best_id):
+    mask = ids < vocab_size
+    x = tl.load(logits_row + ids, mask=mask, other=float("-inf")).to(tl.float32)
+    u = tl.uint_to_uniform_float(r)                  # [0, 1); u = 0 gives -inf noise, never picked
+    score = x * scale - tl.log(-tl.log(u))
+    take = mask & (score > best)                     # NaN scores are never taken
+    return tl.where(take, score, best), tl.where(take, ids, best_id)
 
 
 @triton.jit
 def gumbel_chunk_kernel(logits_ptr, stride, vocab_size, temperature_ptr, seed_ptr, best_score_ptr, best_id_ptr,
                         num_chunks, greedy_eps, APPLY_TEMPERATURE: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCK: tl.constexpr):
+    """One Philox call gives four random words: each step covers 4 * BLOCK ids, the k-th BLOCK of them
+    taking the k-th word. Counters (the step's first id // 4, plus the lane) never repeat within a row."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     seed = tl.load(seed_ptr + row)
@@ -31,15 +43,14 @@ def gumbel_chunk_kernel(logits_ptr, stride, vocab_size, temperature_ptr, seed_pt
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_id = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, CHUNK, BLOCK):
-        ids = chunk * CHUNK + start + lanes
-        mask = ids < vocab_size
-        x = tl.load(logits_ptr + row * stride + ids, mask=mask, other=float("-inf")).to(tl.float32)
-        u = tl.rand(seed, ids)                  # [0, 1); u = 0 gives -inf noise, never picked
-        score = x * scale - tl.log(-tl.log(u))
-        take = mask & (score > best)            # NaN scores are never taken
-        best = tl.where(take, score, best)
-        best_id = tl.where(take, ids, best_id)
+    logits_row = logits_ptr + row * stride
+    for start in range(0, CHUNK, 4 * BLOCK):
+        first = chunk * CHUNK + start
+        r0, r1, r2, r3 = tl.randint4x(seed, first // 4 + lanes)
+        best, best_id = _take_best(logits_row, first + lanes, r0, vocab_size, scale, best, best_id)
+        best, best_id = _take_best(logits_row, first + BLOCK + lanes, r1, vocab_size, scale, best, best_id)
+        best, best_id = _take_best(logits_row, first + 2 * BLOCK + lanes, r2, vocab_size, scale, best, best_id)
+        best, best_id = _take_best(logits_row, first + 3 * BLOCK + lanes, r3, vocab_size, scale, best, best_id)
     score, lane = tl.max(best, axis=0, return_indices=True)
     token = tl.sum(tl.where(lanes == lane, best_id, 0), axis=0)
     tl.store(best_score_ptr + row * num_chunks + chunk, score)
@@ -49,7 +60,8 @@ def gumbel_chunk_kernel(logits_ptr, stride, vocab_size, temperature_ptr, seed_pt
 def gumbel_sample(logits: torch.Tensor, seeds: torch.Tensor, temperature: torch.Tensor | None = None,
                   chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
     """logits (N, V) any float dtype, seeds (N,) int64, temperature (N,) float32 or None (already applied)
-    -> (N,) int64 token ids. chunk, block: smaller for the Triton interpreter's tests."""
+    -> (N,) int64 token ids. chunk, block: smaller for the Triton interpreter's tests (chunk a multiple
+    of 4 * block)."""
     num_rows, vocab_size = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()

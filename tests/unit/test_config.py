@@ -5,8 +5,8 @@ from pagedllm.config import EngineConfig
 
 
 @pytest.mark.parametrize("large_gpu, serving, expected", [
-    (True, False, (1024, 16384)),    # H100/H200, offline LLM
-    (True, True, (1024, 8192)),      # H100/H200, serving
+    (True, False, (512, 16384)),    # H100/H200, offline LLM
+    (True, True, (512, 8192)),      # H100/H200, serving
     (False, False, (256, 8192)),     # CPU, A100, smaller GPUs
     (False, True, (256, 8192)),
 ])
