@@ -142,7 +142,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()                     # (N, C) -> (N, vocab)
+        # (N, C) -> (N, vocab) in the model dtype: the sampler reads it once (float32 only where it must)
+        return self.lm_head(hidden_states)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
