@@ -8,6 +8,7 @@ import pytest
 from pagedllm import LLM, SamplingParams
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.request import Request
+from pagedllm.runner import kv_offload
 from pagedllm.server.metrics import ServerMetrics
 
 BS = 8
@@ -59,8 +60,12 @@ def preempted_ids(monkeypatch):
     return ids
 
 
-@pytest.mark.parametrize("mode", ["recompute", "swap", "offload"])
-def test_preemption_modes_give_identical_greedy_outputs(tiny_model_dirs, tmp_path, preempted_ids, mode):
+@pytest.mark.parametrize("mode,chunk", [("recompute", None), ("swap", None), ("offload", None),
+                                        ("swap", 1), ("offload", 1)])
+def test_preemption_modes_give_identical_greedy_outputs(tiny_model_dirs, tmp_path, monkeypatch, preempted_ids,
+                                                        mode, chunk):
+    if chunk is not None:   # every tier copy one block at a time
+        monkeypatch.setattr(kv_offload, "COPY_CHUNK_BLOCKS", chunk)
     d = tiny_model_dirs["llama"]
     prompts = prompts_of([30, 45, 20, 60, 33, 50])
     # Prefix caching off: a resumed request cannot find its own blocks by hash, so it really loads them.
