@@ -114,6 +114,12 @@ class KVOffload:
         self._read_timings(result)
         return result
 
+    def clear_disk(self):
+        """reset_prefix_cache: delete this model's block files, after the disk ops already queued, so that a
+        restarted engine does not find them."""
+        if self.disk is not None:
+            self.disk.clear()
+
     def flush(self):
         """Wait for the queued disk writes (tests; a restart of the process keeps what is flushed)."""
         if self.disk is not None:

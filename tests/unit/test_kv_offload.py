@@ -153,6 +153,17 @@ def test_disk_store_rejects_corrupt_truncated_and_foreign_files(tmp_path):
     assert read(store, b"4" * 32)[0] == "missing"
 
 
+def test_disk_clear_deletes_this_models_files_in_queue_order(tmp_path):
+    store, other = DiskStore(str(tmp_path), b"I" * 32, 64), DiskStore(str(tmp_path), b"J" * 32, 64)
+    write_block(other, b"1" * 32, 1)
+    store.write(b"1" * 32, torch.ones(64, dtype=torch.uint8).numpy())   # queued before the clear: deleted
+    store.clear()
+    store.write(b"2" * 32, torch.ones(64, dtype=torch.uint8).numpy())   # queued after it: kept
+    store.flush()
+    assert [p.name[:2] for p in store.dir.iterdir()] == ["32"]
+    assert other.files.path(b"1" * 32).exists()
+
+
 def test_model_identity_tells_dtype_block_size_and_weights_apart(model_dir):
     hf_config = LlamaConfig.from_pretrained(model_dir)
     base = model_identity(model_dir, hf_config, torch.float32, 16, "dummy", "cpu")
