@@ -45,8 +45,8 @@ class LLM:
         return [finished[i] for i in ids]
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every cached prefix (False while requests hold blocks)."""
-        return self.engine.kv_cache_manager.reset_prefix_cache()
+        """Forget every cached prefix, in the GPU, CPU and disk tiers (False while requests hold blocks)."""
+        return self.engine.reset_prefix_cache()
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,

@@ -18,6 +18,7 @@ Invariants:
 - A request waits at most one step for disk reads; after that its lookup stops at the CPU tier.
 - The disk index never holds more than its capacity: evictions (deletes) are queued before the write they
   make room for.
+- reset_prefix_cache forgets the CPU tier and the disk tier (the swap pool holds requests' own KV: kept).
 """
 import logging
 import time
@@ -271,6 +272,18 @@ class KVOffloadManager:
             self.stats[tier].store_seconds += seconds
         for tier, seconds in result.load_seconds.items():
             self.stats[tier].load_seconds += seconds
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every block of the CPU tier and of the disk index; the runner deletes the block files
+        (KVOffload.clear_disk). Called between steps, when the copies each step decided are taken. False,
+        changing nothing, while a CPU tier slot is pinned: by a disk read not reported back yet (its result
+        would name the slot again), or by this step's copies. The swap pool is kept: it holds preempted
+        requests' own KV, which they resume from."""
+        if self._reading or not self.cpu_pool.reset_prefix_cache():
+            return False
+        if self.disk is not None:
+            self.disk.lru.clear()
+        return True
 
     # ---- requests ending, stats ---------------------------------------------------------------------------
     def free(self, req: Request):

@@ -74,6 +74,18 @@ class EngineCore:
                 stats.first_scheduled_ids.append(new.req_id)
                 stats.queue_times.append(now - req.arrival_time)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix: the GPU's, the CPU tier's, and the disk tier's (its files of this model
+        are deleted). The swap pool is kept: it holds preempted requests' own KV. Returns False, changing
+        nothing, while a request holds GPU blocks, or CPU tier slots are pinned (a disk read of a step whose
+        result is not applied yet)."""
+        if self.kv_cache_manager.num_used_blocks or not self.scheduler.offload.reset_prefix_cache():
+            return False
+        self.kv_cache_manager.reset_prefix_cache()   # no block in use: it succeeds
+        if self.runner.kv_offload is not None:
+            self.runner.kv_offload.clear_disk()
+        return True
+
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()
 

@@ -117,6 +117,10 @@ class Engine:
         self.stats_logger.maybe_log(self.get_stats)
         return outputs
 
+    def reset_prefix_cache(self) -> bool:
+        """See EngineCore.reset_prefix_cache: the GPU prefix cache and the CPU and disk tiers."""
+        return self.core.reset_prefix_cache()
+
     def get_stats(self) -> SchedulerStats:
         return self.core.get_stats()
 

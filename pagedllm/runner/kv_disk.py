@@ -7,7 +7,8 @@
 
 A file is written as <name>.<pid>.tmp and renamed, so a reader sees a whole file or none. A file that is
 truncated, fails its checksum, or names another model or another block is removed and reported, never
-loaded. One engine writes a directory at a time (a second one would count the same bytes against its limit).
+loaded. reset_prefix_cache deletes every block file of the model's directory, in the writer's queue order. One
+engine writes a directory at a time (a second one would count the same bytes against its limit).
 """
 import hashlib
 import json
@@ -33,6 +34,7 @@ _VERSION = 1
 _HEADER = struct.Struct("<8sI32s32sQI")   # magic, version, identity, block hash, payload bytes, crc32
 _SUFFIX = ".kvb"
 _SAMPLE = 1 << 20                         # bytes of each weight file hashed at 3 places (see model_identity)
+_ALL = b""                                # the "block hash" of a queued delete of every block file
 
 
 def model_identity(model_dir: str, hf_config, dtype, block_size: int, load_format: str, device_type: str) -> bytes:
@@ -157,6 +159,11 @@ class DiskStore:
     def delete(self, block_hash: bytes):
         self._enqueue(block_hash, None)
 
+    def clear(self):
+        """Delete every block file of this model identity (its directory only: other models' files stay),
+        after the writes and deletes queued before."""
+        self._enqueue(_ALL, None)
+
     def _enqueue(self, block_hash: bytes, payload):
         with self.files.cond:
             self.files.pending[block_hash] = self.files.pending.get(block_hash, 0) + 1
@@ -220,7 +227,10 @@ def _write_loop(jobs: queue.Queue, files: _Files):
             if isinstance(payload, PendingPayload):
                 payload = payload.wait()
                 start = time.perf_counter()
-            if payload is None:
+            if block_hash == _ALL:
+                for path in files.dir.glob("*" + _SUFFIX):
+                    _remove(path)
+            elif payload is None:
                 _remove(files.path(block_hash))
             else:
                 files.write(block_hash, payload)

@@ -10,11 +10,14 @@ One step's KVTransfers, in this order, so that every read sees the bytes the sch
   2. disk ops, queued to the writer thread in list order: a write from a CPU slot snapshots it now (3 may
      reuse the slot); a write from a GPU block gets its bytes in 3; a delete is just queued
   3. gather the GPU blocks leaving (swap out, CPU tier stores, disk writes) before this step's forward
-     overwrites them; the forward waits for the gather only: the device -> host copies overlap it
+     overwrites them; the forward waits for the gather only: the device -> host copies overlap it (all of
+     them when the step moves at most COPY_CHUNK_BLOCKS blocks; else those of the last chunk, see below)
   4. disk reads into their slots, verified (a later step loads them; a read of a block written in 3
      waits for that write)
   5. copy loaded slots (swap in, CPU tier hits) into their new GPU blocks; the forward waits for them
 On CUDA, 3 and 5 run on a copy stream of their own, after the work already queued on the compute stream.
+3 and 5 go through a GPU scratch buffer of at most COPY_CHUNK_BLOCKS blocks, chunk after chunk on the copy
+stream, so the memory they take outside the profiled step is bounded (the memory profile reserves it).
 """
 import time
 from contextlib import contextmanager
@@ -27,14 +30,29 @@ from pagedllm.core.messages import DiskOp, KVTransferResult, KVTransfers
 from pagedllm.core.offload import TierSizes
 from pagedllm.runner.kv_disk import DiskStore, PendingPayload, model_identity
 
+# Blocks per copy between the GPU KV cache and the CPU pool: the size of the copies' GPU scratch buffer, however
+# many blocks a step moves. At block_size 16 in bf16 a block is 2 MiB for Llama-3-8B (32 layers, 8 KV heads of
+# 128) and 5 MiB for Llama-3-70B (80 layers): 32 and 80 MiB, under 0.1% of an 80 GiB GPU. Larger chunks would
+# save little: a chunk's device <-> host copies are already tens of MiB (full PCIe speed) and its gather costs
+# 2 kernel launches a layer.
+COPY_CHUNK_BLOCKS = 16
 
-def get_kv_from_block(kv_caches: list[torch.Tensor], block_ids) -> torch.Tensor:
+
+def copy_scratch_bytes(block_bytes: int, num_layers: int) -> int:
+    """The most GPU memory the tier copies hold at once: one chunk, and the one layer of it that
+    get_kv_from_block selects before placing it."""
+    return -(-COPY_CHUNK_BLOCKS * block_bytes * (num_layers + 1) // num_layers)
+
+
+def get_kv_from_block(kv_caches: list[torch.Tensor], block_ids, out: torch.Tensor | None = None) -> torch.Tensor:
     """K and V of every layer for the given blocks, on the cache's device: (n, num_layers, 2, block_size,
-    num_kv_heads, head_dim) for a list or tensor of n ids, (num_layers, 2, ...) for one id."""
+    num_kv_heads, head_dim) for a list or tensor of n ids, (num_layers, 2, ...) for one id. `out`: a buffer of
+    that shape to fill (a chunk of the copies' scratch), else a new one."""
     idx = _as_index(block_ids, kv_caches[0].device)
     two, _, *block_shape = kv_caches[0].shape
-    out = torch.empty((idx.numel(), len(kv_caches), two, *block_shape), dtype=kv_caches[0].dtype,
-                      device=kv_caches[0].device)
+    if out is None:
+        out = torch.empty((idx.numel(), len(kv_caches), two, *block_shape), dtype=kv_caches[0].dtype,
+                          device=kv_caches[0].device)
     for layer, kv in enumerate(kv_caches):
         out[:, layer].copy_(kv.index_select(1, idx).transpose(0, 1))
     return out[0] if isinstance(block_ids, int) else out
@@ -96,6 +114,12 @@ class KVOffload:
         self._read_timings(result)
         return result
 
+    def clear_disk(self):
+        """reset_prefix_cache: delete this model's block files, after the disk ops already queued, so that a
+        restarted engine does not find them."""
+        if self.disk is not None:
+            self.disk.clear()
+
     def flush(self):
         """Wait for the queued disk writes (tests; a restart of the process keeps what is flushed)."""
         if self.disk is not None:
@@ -119,40 +143,54 @@ class KVOffload:
 
     # ---- GPU <-> CPU ----------------------------------------------------------------------------------------
     def _store(self, t: KVTransfers, to_disk: list[tuple[int, PendingPayload]]):
+        # (tier, chunk of (GPU block, destination)): a pool slot, or a row of `host` for the disk writes.
         # Sorted by slot: consecutive slots make one copy each (a prefix is evicted tail first).
-        groups = [(tier, sorted(pairs, key=lambda p: p[1]))
-                  for tier, pairs in (("swap", t.swap_out), ("cpu", t.cpu_store)) if pairs]
+        chunks = [(tier, c) for tier, pairs in (("swap", t.swap_out), ("cpu", t.cpu_store)) if pairs
+                  for c in _chunks(sorted(pairs, key=lambda p: p[1]))]
+        chunks += [("disk", c) for c in _chunks([(b, i) for i, (b, _) in enumerate(to_disk)])]
+        if to_disk:
+            host = torch.empty((len(to_disk), self.pool[0].numel()), dtype=self.pool.dtype,
+                               pin_memory=self.stream is not None)
         with self._on_copy_stream() as forward_waits_for:
-            leaving = [get_kv_from_block(self.kv_caches, [b for b, _ in pairs]) for _, pairs in groups]
-            disk_kv = get_kv_from_block(self.kv_caches, [b for b, _ in to_disk]) if to_disk else None
-            forward_waits_for.append(self._record())
-            for (tier, pairs), kv in zip(groups, leaving):
+            scratch = self._scratch(max(len(c) for _, c in chunks))
+            for k, (tier, chunk) in enumerate(chunks):
+                kv = get_kv_from_block(self.kv_caches, [b for b, _ in chunk], scratch[:len(chunk)])
+                if k == len(chunks) - 1:   # every block leaving is read: the forward may overwrite them
+                    forward_waits_for.append(self._record())
+                if tier == "disk":
+                    first = chunk[0][1]
+                    host[first:first + len(chunk)].copy_(kv.view(len(chunk), -1), non_blocking=True)
+                    continue
                 with self._timed(tier, "store"):
-                    for i, slot, n in _runs([s for _, s in pairs]):
+                    for i, slot, n in _runs([s for _, s in chunk]):
                         self.pool[slot:slot + n].copy_(kv[i:i + n], non_blocking=True)
             if to_disk:
-                host = torch.empty((len(to_disk), self.pool[0].numel()), dtype=self.pool.dtype,
-                                   pin_memory=self.stream is not None)
-                host.copy_(disk_kv.view(len(to_disk), -1), non_blocking=True)
                 copied = self._record()
                 for i, (_, payload) in enumerate(to_disk):
                     payload.fill(host[i].view(torch.uint8).numpy(), copied)
 
     def _load(self, t: KVTransfers):
         with self._on_copy_stream() as forward_waits_for:
+            staging = self._scratch(max(len(t.swap_in), len(t.cpu_load)))
             for tier, pairs in (("swap", t.swap_in), ("cpu", t.cpu_load)):
                 if pairs:
                     with self._timed(tier, "load"):
-                        self._load_pairs(pairs)
+                        self._load_pairs(pairs, staging)
             forward_waits_for.append(self._record())
 
-    def _load_pairs(self, pairs: list[tuple[int, int]]):
-        pairs = sorted(pairs)   # by slot: consecutive slots make one copy each
+    def _load_pairs(self, pairs: list[tuple[int, int]], staging: torch.Tensor):
+        for chunk in _chunks(sorted(pairs)):   # by slot: consecutive slots make one copy each
+            kv = staging[:len(chunk)]
+            for i, slot, n in _runs([s for s, _ in chunk]):
+                kv[i:i + n].copy_(self.pool[slot:slot + n], non_blocking=True)
+            put_kv_into_block(self.kv_caches, [b for _, b in chunk], kv)
+
+    def _scratch(self, num_blocks: int) -> torch.Tensor:
+        """The GPU buffer that the chunks of one call's copies pass through in turn. Allocated on the copy
+        stream: the caching allocator hands it out again only to work queued after these copies."""
         cache = self.kv_caches[0]
-        staging = torch.empty((len(pairs), *self.pool.shape[1:]), dtype=cache.dtype, device=cache.device)
-        for i, slot, n in _runs([s for s, _ in pairs]):
-            staging[i:i + n].copy_(self.pool[slot:slot + n], non_blocking=True)
-        put_kv_into_block(self.kv_caches, [b for _, b in pairs], staging)
+        return torch.empty((min(num_blocks, COPY_CHUNK_BLOCKS), *self.pool.shape[1:]), dtype=cache.dtype,
+                           device=cache.device)
 
     @contextmanager
     def _on_copy_stream(self):
@@ -201,6 +239,10 @@ class KVOffload:
             into = result.store_seconds if kind == "store" else result.load_seconds
             into[tier] = into.get(tier, 0.0) + seconds
         self._timings = pending
+
+
+def _chunks(pairs: list) -> list[list]:
+    return [pairs[i:i + COPY_CHUNK_BLOCKS] for i in range(0, len(pairs), COPY_CHUNK_BLOCKS)]
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int, int]]:

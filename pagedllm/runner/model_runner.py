@@ -19,7 +19,7 @@ from pagedllm.models.loader import load_model
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequestState, StepInputs
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block, determine_num_blocks
-from pagedllm.runner.kv_offload import KVOffload
+from pagedllm.runner.kv_offload import KVOffload, copy_scratch_bytes
 from pagedllm.runner.memory_profile import profile_free_kv_bytes
 from pagedllm.sample.sampler import Sampler, SamplingMetadata, gather_logprobs, to_device
 from pagedllm.sampling_params import SamplingParams
@@ -59,7 +59,8 @@ class ModelRunner:
         block_bytes = bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, dtype)
         profiled = None
         if device.type == "cuda" and config.num_gpu_blocks_override is None and config.kv_cache_memory is None:
-            profiled = profile_free_kv_bytes(self._run_largest_step, config.gpu_memory_utilization, device)
+            scratch = copy_scratch_bytes(block_bytes, self.num_layers) if config.kv_tiers_enabled else 0
+            profiled = profile_free_kv_bytes(self._run_largest_step, config.gpu_memory_utilization, device, scratch)
         self.num_blocks = determine_num_blocks(config, max_model_len, block_bytes, profiled)
         self.kv_caches = allocate_kv_caches(self.num_layers, self.num_blocks, self.block_size,
                                             self.num_kv_heads, self.head_dim, dtype, device)

@@ -8,6 +8,8 @@ import pytest
 from pagedllm import LLM, SamplingParams
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.request import Request
+from pagedllm.runner import kv_offload
+from pagedllm.runner.kv_disk import DiskStore
 from pagedllm.server.metrics import ServerMetrics
 
 BS = 8
@@ -59,8 +61,12 @@ def preempted_ids(monkeypatch):
     return ids
 
 
-@pytest.mark.parametrize("mode", ["recompute", "swap", "offload"])
-def test_preemption_modes_give_identical_greedy_outputs(tiny_model_dirs, tmp_path, preempted_ids, mode):
+@pytest.mark.parametrize("mode,chunk", [("recompute", None), ("swap", None), ("offload", None),
+                                        ("swap", 1), ("offload", 1)])
+def test_preemption_modes_give_identical_greedy_outputs(tiny_model_dirs, tmp_path, monkeypatch, preempted_ids,
+                                                        mode, chunk):
+    if chunk is not None:   # every tier copy one block at a time
+        monkeypatch.setattr(kv_offload, "COPY_CHUNK_BLOCKS", chunk)
     d = tiny_model_dirs["llama"]
     prompts = prompts_of([30, 45, 20, 60, 33, 50])
     # Prefix caching off: a resumed request cannot find its own blocks by hash, so it really loads them.
@@ -154,3 +160,60 @@ def test_disk_tier_never_exceeds_kv_disk_gb(tiny_model_dirs, tmp_path):
     assert llm.engine.get_stats().kv_tiers["disk"].bytes_stored > 6 * BLOCK_BYTES   # it did evict
     assert_no_leaks(llm)
     assert len(list(disk_dir.iterdir())) == 6
+
+
+def test_reset_prefix_cache_forgets_the_cpu_and_disk_tiers(tiny_model_dirs, tmp_path):
+    d = tiny_model_dirs["llama"]
+    prefix = prompts_of([80], seed=1)[0]                  # 10 full blocks
+    asks = [prefix + s for s in prompts_of([5, 7], seed=2)]
+    expected = plain(d, asks)
+    kw = {"dtype": "float32", "log_stats_interval": 0, "block_size": BS, "num_gpu_blocks_override": 16,
+          "cpu_offload_gb": gib(10), "kv_disk_dir": str(tmp_path)}
+    foreign = DiskStore(str(tmp_path), b"O" * 32, 64)     # another model identity in the same kv_disk_dir
+    foreign.write(b"f" * 32, np.ones(64, dtype=np.uint8))
+    foreign.flush()
+
+    llm = LLM(d, **kw)
+    engine, off = llm.engine, llm.engine.scheduler.offload
+    assert tokens(llm, asks[:1]) == expected[:1]
+    tokens(llm, prompts_of([60] * 4, seed=3))            # pushes the prefix out of the GPU and the CPU tier
+    prefix_hashes = Request("x", prefix, GREEDY, 1, BS).block_hashes[:10]
+
+    def disk_holds_the_prefix() -> bool:
+        return all(h in off.disk for h in prefix_hashes)
+    assert disk_holds_the_prefix() and off.cpu_pool.cached_blocks
+
+    # Steps are pipelined: after its first step, "r" waits for its disk reads, whose result is not applied
+    # yet. It holds no GPU block, but the reads pin CPU slots: no reset.
+    engine.add_request("r", asks[1], GREEDY)
+    engine.step()
+    assert off._reading and engine.get_stats().num_blocks_free == engine.get_stats().num_blocks_total
+    assert not llm.reset_prefix_cache() and disk_holds_the_prefix()
+    while not engine.scheduler.running:                  # admitted once the reads are applied
+        engine.step()
+    assert not llm.reset_prefix_cache()                  # a running request holds GPU blocks
+    assert disk_holds_the_prefix() and off.cpu_pool.cached_blocks   # nothing was forgotten
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.finished]
+    assert outputs[0].outputs[0].token_ids == expected[1]
+    before = engine.get_stats()
+    assert before.kv_tiers["disk"].hits == 10
+
+    assert llm.reset_prefix_cache()
+    engine.runner.kv_offload.flush()
+    assert not off.cpu_pool.cached_blocks and not off.disk.lru
+    assert not list(engine.runner.kv_offload.disk.dir.iterdir())   # no block file of this model is left
+    assert foreign.files.path(b"f" * 32).exists()                  # another model's stays
+    restarted = LLM(d, **kw)                                        # a new engine finds nothing on disk
+    assert not restarted.engine.scheduler.offload.disk.lru
+    del restarted
+
+    out = llm.generate(asks[1], GREEDY, use_tqdm=False)[0]        # the same prompt again: every tier misses
+    assert out.outputs[0].token_ids == expected[1] and out.num_cached_tokens == 0
+    after = engine.get_stats()
+    for tier in ("cpu", "disk"):
+        assert after.kv_tiers[tier].hits == before.kv_tiers[tier].hits
+        assert after.kv_tiers[tier].misses == before.kv_tiers[tier].misses + 1
+    assert after.num_prompt_tokens - before.num_prompt_tokens == len(asks[1])
+    assert_no_leaks(llm)

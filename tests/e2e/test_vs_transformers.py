@@ -69,7 +69,8 @@ def test_greedy_matches_transformers(tiny_model_dirs, name):
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_chunked_prefill_and_prefix_caching(tiny_model_dirs, budget, prefix_caching):
     d = tiny_model_dirs["qwen3"]
-    llm = LLM(d, dtype="float32", max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching, log_stats_interval=0)
+    llm = LLM(d, dtype="float32", max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching,
+              log_stats_interval=0)
     check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(d))
     stats = llm.engine.get_stats()
     assert (stats.prefix_cache_hits > 0) == prefix_caching    # the shared 40-token prefix
@@ -91,7 +92,8 @@ def test_prefix_cache_hits_across_generate_calls(tiny_model_dirs):
 def test_preemption_keeps_outputs_exact(tiny_model_dirs, prefix_caching):
     d = tiny_model_dirs["llama"]
     # 14 blocks of 16 slots: the longest request alone needs 8; all 11 together need ~35.
-    llm = LLM(d, dtype="float32", num_gpu_blocks_override=14, enable_prefix_caching=prefix_caching, log_stats_interval=0)
+    llm = LLM(d, dtype="float32", num_gpu_blocks_override=14, enable_prefix_caching=prefix_caching,
+              log_stats_interval=0)
     check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(d))
     stats = llm.engine.get_stats()
     assert stats.num_preemptions > 0
@@ -127,7 +129,8 @@ def test_mixed_greedy_and_sampled_batch(tiny_model_dirs):
 def test_seeded_sampling_is_independent_of_batch(tiny_model_dirs):
     d = tiny_model_dirs["llama"]
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=MAX_NEW, ignore_eos=True)
-    alone = LLM(d, dtype="float32", log_stats_interval=0).generate([PROMPTS[4]], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    alone = LLM(d, dtype="float32", log_stats_interval=0).generate([PROMPTS[4]], seeded, use_tqdm=False)
+    alone = alone[0].outputs[0].token_ids
     llm = LLM(d, dtype="float32", max_num_batched_tokens=24, seed=7, log_stats_interval=0)
     others = [SamplingParams(temperature=1.0, max_tokens=MAX_NEW), SamplingParams(temperature=0.7, seed=5)]
     batch = llm.generate(PROMPTS[:4] + [PROMPTS[4]] + PROMPTS[5:7],
@@ -185,8 +188,8 @@ def test_top_logprobs_match_transformers(tiny_model_dirs):
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     with torch.no_grad():
         full = torch.log_softmax(model(torch.tensor([PROMPTS[3] + ids])).logits[0].float(), -1)
-    out = LLM(d, dtype="float32", log_stats_interval=0).generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=4,
-                                                                            logprobs=5), use_tqdm=False)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=5)
+    out = LLM(d, dtype="float32", log_stats_interval=0).generate([PROMPTS[3]], params, use_tqdm=False)[0]
     comp = out.outputs[0]
     assert comp.token_ids == ids
     for step, pos in enumerate(comp.logprobs):

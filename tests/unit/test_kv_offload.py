@@ -10,6 +10,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.messages import DiskOp, KVTransfers
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block
 from pagedllm.runner.kv_disk import DiskStore, model_identity
+from pagedllm.runner import kv_offload
 from pagedllm.runner.kv_offload import KVOffload, get_kv_from_block, put_kv_into_block
 
 LAYERS, BLOCKS, BS, HEADS, DIM = 3, 10, 4, 2, 8
@@ -76,6 +77,43 @@ def test_disk_write_then_verified_read_into_another_slot(model_dir, tmp_path):
     assert result.load_seconds["disk"] > 0 and result.store_seconds["disk"] >= 0
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_copies_in_chunks_move_the_same_bytes_through_a_bounded_scratch(model_dir, tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(kv_offload, "COPY_CHUNK_BLOCKS", chunk)
+    largest = {"scratch": 0, "gather": 0, "scatter": 0}   # blocks
+    scratch, get, put = KVOffload._scratch, kv_offload.get_kv_from_block, kv_offload.put_kv_into_block
+
+    def spy(key, fn, n_of):
+        def wrapped(*args):
+            out = fn(*args)
+            largest[key] = max(largest[key], n_of(args, out))
+            return out
+        return wrapped
+    monkeypatch.setattr(KVOffload, "_scratch", spy("scratch", scratch, lambda a, out: out.shape[0]))
+    monkeypatch.setattr(kv_offload, "get_kv_from_block", spy("gather", get, lambda a, out: len(a[1])))
+    monkeypatch.setattr(kv_offload, "put_kv_into_block", spy("scatter", put, lambda a, out: len(a[1])))
+
+    torch.manual_seed(0)
+    off, caches = make_offload(model_dir, str(tmp_path / "disk"))
+    before = get_kv_from_block(caches, [9, 1, 2, 3, 4, 5, 6, 7]).clone()
+    # Slots out of order and not all consecutive; disk writes from GPU blocks share the scratch.
+    off.execute(KVTransfers(swap_out=[(9, 3), (1, 0), (2, 1), (3, 2)], cpu_store=[(4, 7), (5, 4), (6, 5), (7, 6)],
+                            disk_ops=[DiskOp(bytes([i]) * 32, gpu_block=b) for i, b in enumerate([1, 8, 0])]))
+    for c in caches:
+        c.zero_()
+    off.execute(KVTransfers(swap_in=[(3, 0), (0, 1), (1, 2), (2, 3)], cpu_load=[(7, 9), (4, 8), (5, 7), (6, 6)]))
+    assert torch.equal(get_kv_from_block(caches, [0, 1, 2, 3, 9, 8, 7, 6]), before)
+    off.flush()
+    assert torch.equal(torch.frombuffer(bytearray(off.disk.files.path(b"\0" * 32).read_bytes()[88:]),
+                                        dtype=torch.float32).view(before[1].shape), before[1])
+    bound = min(chunk, 4)   # no call moves more than 4 blocks of one tier
+    assert largest == {"scratch": bound, "gather": bound, "scatter": bound}
+
+
+def test_copy_scratch_bound_is_one_chunk_and_one_layer_of_it():
+    assert kv_offload.copy_scratch_bytes(2 << 20, 32) == kv_offload.COPY_CHUNK_BLOCKS * (2 << 20) * 33 // 32
+
+
 def write_block(store, h, fill):
     payload = torch.full((store.block_bytes,), fill, dtype=torch.uint8).numpy()
     store.write(h, payload)
@@ -113,6 +151,17 @@ def test_disk_store_rejects_corrupt_truncated_and_foreign_files(tmp_path):
     hashes, num_removed = DiskStore(str(tmp_path), b"I" * 32, 64).scan()
     assert hashes == [b"1" * 32] and num_removed == 2 and not path.exists()
     assert read(store, b"4" * 32)[0] == "missing"
+
+
+def test_disk_clear_deletes_this_models_files_in_queue_order(tmp_path):
+    store, other = DiskStore(str(tmp_path), b"I" * 32, 64), DiskStore(str(tmp_path), b"J" * 32, 64)
+    write_block(other, b"1" * 32, 1)
+    store.write(b"1" * 32, torch.ones(64, dtype=torch.uint8).numpy())   # queued before the clear: deleted
+    store.clear()
+    store.write(b"2" * 32, torch.ones(64, dtype=torch.uint8).numpy())   # queued after it: kept
+    store.flush()
+    assert [p.name[:2] for p in store.dir.iterdir()] == ["32"]
+    assert other.files.path(b"1" * 32).exists()
 
 
 def test_model_identity_tells_dtype_block_size_and_weights_apart(model_dir):

@@ -13,7 +13,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.messages import KVTransferResult, ModelRunnerOutput
 from pagedllm.core.offload import KVOffloadManager, TierSizes
 from pagedllm.core.scheduler import Scheduler
-from pagedllm.request import Request
+from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 
 BS = 4
@@ -160,6 +160,53 @@ def test_swap_pool_full_falls_back_to_recompute(caplog):
     assert sched.make_stats().kv_tiers["swap"].misses > 0
     assert sum("falls back to recompute" in r.message for r in caplog.records) == 1   # once a minute at most
     assert_no_leaks(sched, offload, runner)
+
+
+def test_reset_forgets_the_cpu_and_disk_tiers_but_keeps_swapped_kv():
+    rng = np.random.default_rng(4)
+    prefixes = [rng.integers(3, 10_000, size=n).tolist() for n in (17, 21, 25)]
+    sched, offload = make("swap", num_blocks=12, num_swap=64, num_cpu=4, num_disk=40)
+    runner = SymbolicRunner(sched, 12, 68)
+    add_requests(sched, 6, rng, prefixes)
+    run(sched, runner)
+    assert offload.cpu_pool.cached_blocks and offload.disk.lru
+    # Step (pipelined) until a preempted request waits in the swap pool, then abort the running ones.
+    add_requests(sched, 6, rng, prefixes, start=6)
+    in_flight = None
+    while not offload.swapped:
+        out = sched.schedule()
+        launched = (out, runner.execute(out))
+        if in_flight is not None:
+            sched.update_from_output(*in_flight)
+        in_flight = launched
+    sched.update_from_output(*in_flight)
+    sched.finish_requests([r.request_id for r in list(sched.running)], RequestStatus.FINISHED_ABORTED)
+    swapped = {req_id: list(slots) for req_id, (slots, _) in offload.swapped.items()}
+    assert sched.kv.num_used_blocks == 0 and not offload._reading
+
+    assert offload.reset_prefix_cache()
+    assert not offload.cpu_pool.cached_blocks and not offload.disk.lru
+    assert all(b.block_hash is None for b in offload.cpu_pool.blocks)
+    assert {req_id: list(slots) for req_id, (slots, _) in offload.swapped.items()} == swapped
+    runner.disk.clear()   # what KVOffload.clear_disk does to the files
+    hits = sched.make_stats().kv_tiers["swap"].hits
+    run(sched, runner)    # the swapped requests resume from their slots, with their KV checked
+    assert sched.make_stats().kv_tiers["swap"].hits > hits
+    assert_no_leaks(sched, offload, runner)
+
+
+def test_reset_is_refused_while_a_tier_slot_is_pinned():
+    rng = np.random.default_rng(5)
+    sched, offload = make("recompute", num_blocks=12, num_cpu=4, num_disk=40)
+    runner = SymbolicRunner(sched, 12, 4)
+    add_requests(sched, 8, rng, [rng.integers(3, 10_000, size=n).tolist() for n in (17, 21)])
+    run(sched, runner)
+    slot = next(iter(offload.cpu_pool.cached_blocks.values()))
+    offload.cpu_pool.touch([slot])   # pinned, as a lookup or a step's copy pins it
+    assert not offload.reset_prefix_cache()
+    assert slot.block_hash is not None and offload.disk.lru   # nothing was forgotten
+    offload.cpu_pool.free_blocks([slot])
+    assert offload.reset_prefix_cache() and slot.block_hash is None and not offload.disk.lru
 
 
 def test_disk_index_evicts_least_recently_used_first():
