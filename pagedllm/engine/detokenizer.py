@@ -13,6 +13,7 @@ While the window's text ends in U+FFFD (an incomplete multi-byte character) noth
 offsets stay, so the window grows until the character completes. Emitted text therefore always ends on a
 character boundary, which keeps the next window's start on one too.
 """
+from pagedllm.engine.tokenizer import raw_decoder
 from pagedllm.sampling_params import SamplingParams
 
 _CONTEXT_TOKENS = 5    # prompt tokens decoded in front of the first output token (its leading space)
@@ -34,6 +35,8 @@ class IncrementalDetokenizer:
         hide_stop = self.stop and not self.include_stop_str_in_output
         self.stop_buffer_length = max(len(s) for s in self.stop) - 1 if hide_stop else 0
         self._vocab_size = len(tokenizer)
+        # No clean-up: it rewrites spaces depending on what follows, so windows would not be prefix-stable.
+        self._decode = raw_decoder(tokenizer, self.skip_special_tokens)
         self._num_streamed_chars = 0
         # Only the decode window is kept, so prefix_offset is always 0: ids = window, read_offset splits it.
         self._ids = self._context_ids(prompt_token_ids) if self.enabled else []
@@ -93,11 +96,6 @@ class IncrementalDetokenizer:
         del self._ids[:self._read_offset]
         self._read_offset = len(self._ids)
         return new_text[len(prefix_text):]
-
-    def _decode(self, ids: list[int]) -> str:
-        # No clean-up: it rewrites spaces depending on what follows, so windows would not be prefix-stable.
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
-                                     clean_up_tokenization_spaces=False)
 
     def _check_stop_strings(self, check_from: int) -> str | None:
         """Search only text after check_from, plus len(stop) - 1 chars before it for a stop string that

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pagedllm.core.messages import EngineCoreOutput, TokenLogprobs
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.tokenizer import raw_decoder
 from pagedllm.metrics import FinishedRequestStats, StepStats
 from pagedllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -57,6 +58,9 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
 class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        # A logprob's token text: tokenizer.decode([id]), which cleans up spaces where the tokenizer says so.
+        self._decode_token = (tokenizer.decode if getattr(tokenizer, "clean_up_tokenization_spaces", False)
+                              else raw_decoder(tokenizer, skip_special_tokens=False))
         self.parents: dict[str, _ParentRequest] = {}
         self.child_to_parent: dict[str, tuple[_ParentRequest, _Sequence]] = {}
 
@@ -138,7 +142,7 @@ class OutputProcessor:
         entry = {}
         for rank, (tid, value) in enumerate(zip(lp.token_ids, lp.logprobs)):
             if tid not in entry:   # the chosen token comes first; it may also be among the top-N
-                entry[tid] = Logprob(value, lp.rank if rank == 0 else rank, self.tokenizer.decode([tid]))
+                entry[tid] = Logprob(value, lp.rank if rank == 0 else rank, self._decode_token([tid]))
         return entry
 
     def _make_output(self, parent: _ParentRequest) -> RequestOutput | None:

@@ -1,6 +1,8 @@
 """Loading the tokenizer and the set of token ids that end generation."""
 import json
 import os
+from collections.abc import Callable
+from functools import partial
 
 from transformers import AutoTokenizer
 
@@ -28,3 +30,21 @@ def load_eos_token_ids(model_dir: str, tokenizer) -> set[int]:
             value = json.load(f).get("eos_token_id")
         eos.update(int(t) for t in (value if isinstance(value, list) else [value]) if t is not None)
     return eos
+
+
+def raw_decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """ids -> tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False), for the
+    per-token paths (detokenization, logprob tokens). When the tokenizer's decode only forwards to its Rust
+    tokenizer (a fast tokenizer whose class overrides neither decode nor _decode), that decode is called
+    directly: transformers' wrapper (argument conversion, kwargs) costs twice the Rust decode of a few ids."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        forwards = (type(tokenizer).decode is PreTrainedTokenizerBase.decode
+                    and type(tokenizer)._decode is TokenizersBackend._decode)
+    except (ImportError, AttributeError):   # another transformers layout: take the general path
+        forwards = False
+    if forwards and backend is not None:
+        return partial(backend.decode, skip_special_tokens=skip_special_tokens)
+    return partial(tokenizer.decode, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)

@@ -9,8 +9,8 @@ from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, Logprob
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import ChatCompletionRequest, ChatMessage
-from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, merge, sse, sse_stream,
-                                     until_disconnect, usage)
+from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, json_str, json_value,
+                                     merge, sse, sse_prefix, sse_stream, until_disconnect, usage)
 
 
 def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
@@ -61,16 +61,18 @@ async def _full(ctx, req: ChatCompletionRequest, request_id: str, streams, ids) 
 async def _stream(ctx, req: ChatCompletionRequest, request_id: str, num_prompt: int, streams):
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": ctx.model_name}
-    num_completion = 0
+    prefix, num_completion = sse_prefix(head), 0
     for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
     async for _, out in merge(streams):
         for c in out.outputs:
             num_completion += len(c.token_ids)
-            yield sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text},
-                                            "logprobs": _logprobs(req, c), "finish_reason": c.finish_reason,
-                                            "stop_reason": c.stop_reason}]})
+            # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": ...,
+            #                            "finish_reason": ..., "stop_reason": ...}]}), by hand (serving.sse_prefix)
+            yield (f'{prefix}{{"index":{c.index},"delta":{{"content":{json_str(c.text)}}},'
+                   f'"logprobs":{json_value(_logprobs(req, c))},"finish_reason":{json_value(c.finish_reason)},'
+                   f'"stop_reason":{json_value(c.stop_reason)}}}]}}\n\n')
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
 

@@ -12,8 +12,8 @@ from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import CompletionRequest
-from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, merge, sse, sse_stream,
-                                     until_disconnect, usage)
+from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, json_str, json_value,
+                                     merge, sse, sse_prefix, sse_stream, until_disconnect, usage)
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_request: Request):
@@ -64,6 +64,7 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     started: set[int] = set()
     offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
     head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    prefix = sse_prefix(head)
     async for i, out in merge(streams):
         for c in out.outputs:
             index = i * req.n + c.index
@@ -73,7 +74,7 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
             if choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
             num_completion += len(c.token_ids)
-            yield sse({**head, "choices": [choice]})
+            yield f"{prefix}{_choice_json(choice)}]}}\n\n"   # sse({**head, "choices": [choice]})
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
 
@@ -87,6 +88,13 @@ def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOu
         logprobs = _completion_logprobs(entries, offset)
     return {"index": index, "text": (prompt_text if echo else "") + c.text, "logprobs": logprobs,
             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+def _choice_json(choice: dict) -> str:
+    """json.dumps of a _choice, compact (see serving.sse_prefix)."""
+    return (f'{{"index":{choice["index"]},"text":{json_str(choice["text"])},'
+            f'"logprobs":{json_value(choice["logprobs"])},"finish_reason":{json_value(choice["finish_reason"])},'
+            f'"stop_reason":{json_value(choice["stop_reason"])}}}')
 
 
 def _entry(lp: PositionLogprobs | None, token_id: int) -> tuple[str, float | None, dict | None]:

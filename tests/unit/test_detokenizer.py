@@ -4,7 +4,7 @@ import random
 import pytest
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
-from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer
+from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer, raw_decoder
 from pagedllm.sampling_params import SamplingParams
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "pagedllm", "demo", "stories260k")
@@ -201,6 +201,31 @@ def test_min_tokens_delays_stop_strings(tok):
     # The same holds when the tokens arrive in one update.
     d, _, matched = stream(tok, prompt, output, chunk=len(output), stop=["The"], min_tokens=first_end + 1)
     assert d.output_text == " upon a time there was a cat. The cat sat on the mat. "
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_raw_decoder_matches_the_tokenizers_decode(tok, skip_special_tokens):
+    """The detokenizer's direct Rust decode gives what tokenizer.decode gives, special tokens, invalid byte
+    runs and all; these tokenizers do take the direct path."""
+    decode = raw_decoder(tok, skip_special_tokens)
+    assert decode.func == tok._tokenizer.decode
+    rng = random.Random(2)
+    special = list(tok.all_special_ids)
+    for _ in range(300):
+        ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(tok))
+               for _ in range(rng.randint(0, 8))]
+        assert decode(ids) == tok.decode(ids, skip_special_tokens=skip_special_tokens,
+                                         clean_up_tokenization_spaces=False)
+
+
+def test_raw_decoder_keeps_an_overridden_decode():
+    class Shouting(type(load_tokenizer(DEMO))):
+        def decode(self, ids, **kwargs):
+            return super().decode(ids, **kwargs).upper()
+    tok = load_tokenizer(DEMO)
+    tok.__class__ = Shouting
+    ids = encode(tok, "Once upon a time")
+    assert raw_decoder(tok, True)(ids) == "ONCE UPON A TIME"
 
 
 # ---- tokenizer loading --------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""Streamed chunks are written by hand (serving.sse_prefix): every one must be the bytes sse() writes for the
+same dict, i.e. json.dumps with compact separators and ASCII escapes, keys in the same order."""
+import asyncio
+import json
+import math
+from types import SimpleNamespace
+
+from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedllm.server import chat, completions
+from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest
+from pagedllm.server.serving import json_value, sse, sse_prefix
+
+TEXTS = ["Once", ' "quoted" \\ back\\slash', "tab\there\nnewline\r\x00\x1f\x7f", "héllo 日本語 🙂 \u2028\ufffd", ""]
+
+
+def _lp(*pairs) -> dict:
+    return {tid: Logprob(value, rank, text) for tid, value, rank, text in pairs}
+
+
+def _outputs(n: int, logprobs: bool) -> list[RequestOutput]:
+    """A stream of DELTA outputs: every text kind, then the finishes (length, a stop string, a stop token id)."""
+    outs = []
+    lps = [_lp((5, -0.25, 1, "Once"), (6, -1.5, 2, ' "q"')), _lp((7, -math.inf, 3, "\n"), (8, 0.0, 1, "日")),
+           _lp((9, -1e-12, 1, "🙂"), (10, -3.0, 2, "\ufffd")), _lp((11, -2.5, 7, ""), (12, -0.1, 1, "x")),
+           _lp((13, -7.0, 1, "end"))]
+    for step, text in enumerate(TEXTS):
+        last = step == len(TEXTS) - 1
+        finish = [("length", None), ("stop", "end"), ("stop", 151645)]
+        comps = [CompletionOutput(i, text, [5 + 2 * step], -1.0, [lps[step]] if logprobs else None,
+                                  *(finish[i % 3] if last else (None, None)))
+                 for i in range(n)]
+        outs.append(RequestOutput("r", None, [1, 2, 3], None, comps, last, RequestMetrics(0.0)))
+    return outs
+
+
+async def _stream(outs):
+    for out in outs:
+        yield out
+
+
+def _chunks(gen) -> list[str]:
+    async def collect():
+        return [chunk async for chunk in gen]
+    return asyncio.run(collect())
+
+
+def _check(chunks: list[str]):
+    assert chunks
+    for chunk in chunks:
+        assert chunk.startswith("data: ") and chunk.endswith("\n\n")
+        obj = json.loads(chunk[len("data: "):])
+        assert chunk == sse(obj) == f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+CTX = SimpleNamespace(model_name="the-model")
+
+
+def test_completion_chunks_are_sses_bytes():
+    for n in (1, 3):
+        for logprobs in (None, 2):
+            for echo in (False, True):
+                req = CompletionRequest(prompt=[[1, 2, 3], [4]], n=n, logprobs=logprobs, echo=echo, stream=True,
+                                        stream_options={"include_usage": True})
+                streams = [_stream(_outputs(n, logprobs is not None)) for _ in range(2)]
+                chunks = _chunks(completions._stream(CTX, req, "cmpl-1", ["prompt \"text\" ü", ""], 4, streams))
+                _check(chunks)
+                assert len(chunks) == 2 * n * len(TEXTS) + 1   # each choice's chunks, then usage
+                first = json.loads(chunks[0][6:])
+                assert first["choices"][0]["text"] == ("prompt \"text\" ü" if echo else "") + TEXTS[0]
+                assert (first["choices"][0]["logprobs"] is None) == (logprobs is None)
+                choices = [json.loads(c[6:])["choices"][0] for c in chunks[:-1]]
+                finishes = [(c["finish_reason"], c["stop_reason"]) for c in choices if c["finish_reason"]]
+                expected = [("length", None), ("stop", "end"), ("stop", 151645)][:n] * 2
+                assert sorted(finishes, key=str) == sorted(expected, key=str)
+                assert sorted(c["index"] for c in choices) == sorted(list(range(2 * n)) * len(TEXTS))
+
+
+def test_chat_chunks_are_sses_bytes():
+    for n in (1, 3):
+        for logprobs in (False, True):
+            req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=n, logprobs=logprobs,
+                                        top_logprobs=1 if logprobs else None, stream=True,
+                                        stream_options={"include_usage": True})
+            chunks = _chunks(chat._stream(CTX, req, "chatcmpl-1", 3, [_stream(_outputs(n, logprobs))]))
+            _check(chunks)
+            assert len(chunks) == n + n * len(TEXTS) + 1   # role chunks, content chunks, usage
+            contents = [json.loads(c[6:])["choices"][0]["delta"]["content"] for c in chunks[n:n + len(TEXTS) * n:n]]
+            assert contents == TEXTS
+
+
+def test_head_prefix_and_values():
+    head = {"id": "cmpl-\"x\"", "object": "text_completion", "created": 17, "model": "m/ü"}
+    choice = {"index": 2, "text": "a"}
+    assert sse_prefix(head) + json.dumps(choice, separators=(",", ":")) + "]}\n\n" == sse({**head, "choices": [choice]})
+    for value in (None, "x\n\"ü", 0, -3, 151645, 1.5, -math.inf, math.nan, True, [1, None], {"a": [0.25]}):
+        assert json_value(value) == json.dumps(value, separators=(",", ":"))
