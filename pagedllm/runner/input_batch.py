@@ -80,7 +80,7 @@ class _HostArrays:
         self.len_h, self.len = array(max_reqs, torch.int32)
         self.sidx_h, self.sidx = array(max_reqs, torch.int64)
         self.bt_h, self.bt = array(max_reqs * max_blocks_per_req, torch.int32)
-        self.fix_h, self.fix = array(2 * max_reqs, torch.int64)   # pending tokens: flat index, then sample row
+        self.fix_h, self.fix = array(2 * max_reqs, torch.int64)   # in-flight ids: flat index, then sample row
 
 
 class InputBuffers:
@@ -114,22 +114,22 @@ class InputBuffers:
 
     def build(self, reqs: list[RunnerRequestState], query_lens: list[int], tables: BlockTables,
               block_size: int, pad_to: int | None = None, max_seq_len_bound: int | None = None,
-              pending: dict[str, int] | None = None, prev_sampled: torch.Tensor | None = None) -> StepInputs:
+              in_flight: dict[str, int] | None = None, in_flight_ids: torch.Tensor | None = None) -> StepInputs:
         """Request i runs tokens num_computed .. num_computed + query_lens[i] - 1 of its tokens.
 
         flat index:   0 1 2 | 3 | 4 5          query_start_loc = [0, 3, 4, 6]
         positions:    5 6 7 | 9 | 0 1          = num_computed[i] + (index - query_start_loc[i])
         slot:         block_table[i][pos // block_size] * block_size + pos % block_size
 
-        A request's last token may still be in flight: the previous step samples it. `pending` maps such a
-        request to its row in that step's `prev_sampled` (device), which is copied into input_ids here,
+        A request's last token may still be in flight: the previous step samples it. `in_flight` maps such a
+        request to its row in that step's `in_flight_ids` (device), which is copied into input_ids here,
         on the device, without waiting for it.
 
         pad_to (decode-only batches): extra rows of one token each with seq_len 0 and slot -1, so the batch
         has the shape a CUDA graph was captured at. max_seq_len_bound then replaces the true maximum.
         """
         h = self.h = self.hosts[1] if self.h is self.hosts[0] else self.hosts[0]
-        pending = pending or {}
+        in_flight = in_flight or {}
         n = len(reqs)
         q = np.asarray(query_lens, dtype=np.int64)
         computed = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, n)
@@ -149,15 +149,15 @@ class InputBuffers:
         ids, cl = h.ids, computed.tolist()
         if total == n:                         # decode only: one token each, no slicing
             ids[:n] = [r.token_ids[c] if c < len(r.token_ids) else 0 for r, c in zip(reqs, cl)]
-            in_flight = [i for i, (r, c) in enumerate(zip(reqs, cl)) if c >= len(r.token_ids)]
+            rows_in_flight = [i for i, (r, c) in enumerate(zip(reqs, cl)) if c >= len(r.token_ids)]
         else:
-            in_flight, k = [], 0
+            rows_in_flight, k = [], 0
             for i, (r, c, ql) in enumerate(zip(reqs, cl, query_lens)):
                 known = min(ql, len(r.token_ids) - c)   # only the last one can be in flight
                 ids[k:k + known] = r.token_ids[c:c + known]
                 if known < ql:
                     ids[k + known] = 0
-                    in_flight.append(i)
+                    rows_in_flight.append(i)
                 k += ql
         ids[total:num_tokens] = 0
 
@@ -181,9 +181,9 @@ class InputBuffers:
         prompt_lp_rows = _prompt_logprob_rows(reqs, computed, seq_lens)
 
         self._copy(h, num_tokens, rows, n, max_blocks, len(sample_rows))
-        if in_flight:
-            dst = (qsl[1:][in_flight] - 1).tolist()
-            self._fill_in_flight(h, dst, [pending[reqs[i].req_id] for i in in_flight], prev_sampled)
+        if rows_in_flight:
+            dst = (qsl[1:][rows_in_flight] - 1).tolist()
+            self._fill_in_flight(h, dst, [in_flight[reqs[i].req_id] for i in rows_in_flight], in_flight_ids)
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:num_tokens], query_start_loc=self.query_start_loc[:rows + 1],
             seq_lens=self.seq_lens[:rows], block_tables=self.block_tables[:rows],
@@ -215,15 +215,15 @@ class InputBuffers:
             d[:k].copy_(src[:k], non_blocking=True)
         self.block_tables[:n, :max_blocks].copy_(self.bt_staging[:n * max_blocks].view(n, max_blocks))
 
-    def _fill_in_flight(self, h: _HostArrays, dst: list[int], src: list[int], prev_sampled: torch.Tensor):
+    def _fill_in_flight(self, h: _HostArrays, dst: list[int], src: list[int], in_flight_ids: torch.Tensor):
         m = len(dst)
         if dst == src == list(range(m)):     # steady decode: the same requests in the same order
-            self.input_ids[:m].copy_(prev_sampled[:m])
+            self.input_ids[:m].copy_(in_flight_ids[:m])
             return
         h.fix[:m], h.fix[m:2 * m] = dst, src
         fix = self.fix[:2 * m]
         fix.copy_(h.fix_h[:2 * m], non_blocking=True)
-        self.input_ids.index_copy_(0, fix[:m], prev_sampled.index_select(0, fix[m:]))
+        self.input_ids.index_copy_(0, fix[:m], in_flight_ids.index_select(0, fix[m:]))
 
 
 def _prompt_logprob_rows(reqs: list[RunnerRequestState], computed: np.ndarray, seq_lens: np.ndarray):

@@ -88,7 +88,7 @@ class ModelRunner:
         inputs = self.buffers.build(reqs, list(sched.num_scheduled_tokens.values()), self.tables,
                                     self.block_size, pad_to=graph_size,
                                     max_seq_len_bound=None if graph_size is None else self.max_model_len,
-                                    pending=self._in_flight, prev_sampled=self._in_flight_ids)
+                                    in_flight=self._in_flight, in_flight_ids=self._in_flight_ids)
         rows = [reqs[i] for i in inputs.sample_rows]
         self._in_flight = {r.req_id: j for j, r in enumerate(rows)}
         # Sampling metadata first: its small host -> device copies then need not wait for the forward.

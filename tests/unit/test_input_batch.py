@@ -42,10 +42,10 @@ def test_tokens_in_flight_are_taken_from_the_previous_steps_samples():
     c = make_req(tables, "c", [7, 8, 9], [2], 2)         # runs position 2, known
     buf = InputBuffers(max_tokens=16, max_reqs=4, max_blocks_per_req=4, device=torch.device("cpu"))
     prev = torch.tensor([70, 80, 90])
-    inp = buf.build([a, b, c], [1, 2, 1], tables, BS, pending={"b": 0, "a": 2}, prev_sampled=prev)
+    inp = buf.build([a, b, c], [1, 2, 1], tables, BS, in_flight={"b": 0, "a": 2}, in_flight_ids=prev)
     assert inp.input_ids.tolist() == [90, 6, 70, 9]
     assert inp.sample_rows == [0, 1, 2]
-    inp = buf.build([a, c], [1, 1], tables, BS, pending={"a": 0}, prev_sampled=prev)   # the same order
+    inp = buf.build([a, c], [1, 1], tables, BS, in_flight={"a": 0}, in_flight_ids=prev)   # the same order
     assert inp.input_ids.tolist() == [70, 9]
 
 
