@@ -16,37 +16,51 @@ from collections import defaultdict
 from pagedllm import LLM, SamplingParams
 from pagedllm.bench import workloads
 from pagedllm.cli import add_engine_args, engine_kwargs
-from pagedllm.request import RequestStatus
+from pagedllm.runner.model_runner import PendingOutput
 
 
-def timed_step(engine, totals, counts):
+def instrument(engine, totals, counts):
+    """Times the phases of the real Engine.step by wrapping the calls it makes; each call's phases are
+    counted under the kind of the step it launched (calls that launch none are not counted)."""
     clock = time.perf_counter
-    t0 = clock()
-    launched = None
-    if engine.scheduler.has_unfinished_requests():
-        sched_out = engine.scheduler.schedule()
-        t1 = clock()
-        launched = (sched_out, engine.runner.execute_async(sched_out))
-    t2 = clock()
-    outputs, t3, t4 = [], t2, t2
-    if engine._in_flight is not None:
-        runner_out = engine._in_flight[1].result()
-        t3 = clock()
-        core_outputs = engine.scheduler.update_from_output(engine._in_flight[0], runner_out)
-        t4 = clock()
-        outputs, stopped = engine.output_processor.process(core_outputs)
-        engine.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-    t5 = clock()
-    engine._in_flight = launched
-    if launched is None:
+    phases = {}
+    launched_kind = []
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + clock() - t
+        return wrapper
+
+    schedule = engine.scheduler.schedule
+
+    def timed_schedule():
+        out = schedule()
+        decode = out.total_num_scheduled_tokens == len(out.num_scheduled_tokens)
+        launched_kind.append("decode" if decode else "mixed")
+        return out
+
+    engine.scheduler.schedule = timed("schedule", timed_schedule)
+    engine.runner.execute_async = timed("launch", engine.runner.execute_async)
+    PendingOutput.result = timed("wait", PendingOutput.result)
+    engine.scheduler.update_from_output = timed("update", engine.scheduler.update_from_output)
+    engine.output_processor.process = timed("process", engine.output_processor.process)
+    step = engine.step
+
+    def timed_step():
+        phases.clear()
+        launched_kind.clear()
+        outputs = step()
+        if launched_kind:
+            for name, dt in phases.items():
+                totals[launched_kind[0]][name] += dt
+            counts[launched_kind[0]] += 1
         return outputs
-    sched_out = launched[0]
-    kind = "decode" if sched_out.total_num_scheduled_tokens == len(sched_out.num_scheduled_tokens) else "mixed"
-    for name, dt in (("schedule", t1 - t0), ("launch", t2 - t1), ("wait", t3 - t2), ("update", t4 - t3),
-                     ("process", t5 - t4)):
-        totals[kind][name] += dt
-    counts[kind] += 1
-    return outputs
+
+    engine.step = timed_step
 
 
 def main():
@@ -63,7 +77,7 @@ def main():
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)
     totals = defaultdict(lambda: defaultdict(float))
     counts = defaultdict(int)
-    engine.step = lambda: timed_step(engine, totals, counts)
+    instrument(engine, totals, counts)
     params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for n in out_lens]
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)

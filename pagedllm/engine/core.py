@@ -43,6 +43,7 @@ class EngineCore:
                                                offload and offload.on_gpu_evict)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_model_len, offload)
+        self._in_flight: tuple[SchedulerOutput, PendingOutput, StepStats] | None = None   # launched, not read
 
     def add_request(self, r: EngineCoreRequest):
         # The Request hashes the prompt's blocks: that work stays here, off the API process.
@@ -53,18 +54,23 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
-    def launch_step(self, stats: StepStats | None = None) -> tuple[SchedulerOutput, PendingOutput]:
-        """Schedules a step and launches it on the device; the caller may work while it runs."""
-        sched_out = self.scheduler.schedule()
-        if stats is not None:
+    def step(self) -> tuple[list[EngineCoreOutput], StepStats] | None:
+        """Schedules and launches step N+1 (when there is work), then waits for step N and applies it to the
+        requests; returns N's outputs and timings (None when no step was in flight). The caller's work on
+        them overlaps N+1 on the device: the device never waits for the host between steps."""
+        launched = None
+        if self.scheduler.has_unfinished_requests():
+            stats = StepStats()
+            sched_out = self.scheduler.schedule()
             self._record_first_scheduled(sched_out, stats)
-        return sched_out, self.runner.execute_async(sched_out)
-
-    def finish_step(self, sched_out: SchedulerOutput, pending: PendingOutput) -> list[EngineCoreOutput]:
-        """Waits for the launched step and applies it to the requests."""
-        return self.scheduler.update_from_output(sched_out, pending.result())
+            launched = (sched_out, self.runner.execute_async(sched_out), stats)
+        done, self._in_flight = self._in_flight, launched
+        if done is None:
+            return None
+        sched_out, pending, stats = done
+        return self.scheduler.update_from_output(sched_out, pending.result()), stats
 
     def _record_first_scheduled(self, sched_out: SchedulerOutput, stats: StepStats):
         now = time.time()

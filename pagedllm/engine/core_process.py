@@ -40,21 +40,16 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
         return
     conn.send(("ready", core.runner.num_blocks))
     stats_logger = StatsLogger(config.log_stats_interval)
-    in_flight = None   # the launched step whose results are not read yet (sched_out, pending, stats)
     try:
         while True:
             # Idle: block until a message comes. Busy: take what has arrived, then step.
-            while conn.poll(0 if core.has_unfinished_requests() or in_flight else None):
+            while conn.poll(0 if core.has_unfinished_requests() else None):
                 if not _handle(core, conn, conn.recv()):
                     return
-            # Step N+1 is launched before step N's results are read and sent: the device has it queued.
-            launched = None
-            if core.has_unfinished_requests():
-                stats = StepStats()
-                launched = (*core.launch_step(stats), stats)
-            if in_flight is not None:
-                _send_outputs(conn, core.finish_step(in_flight[0], in_flight[1]), in_flight[2])
-            in_flight = launched
+            # Step N's outputs are sent while the device runs step N+1.
+            done = core.step()
+            if done is not None:
+                _send_outputs(conn, *done)
             stats_logger.maybe_log(core.get_stats)
     except (EOFError, BrokenPipeError):   # the API process is gone
         return

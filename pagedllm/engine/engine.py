@@ -8,7 +8,6 @@ import torch
 from transformers import AutoConfig
 
 from pagedllm.config import EngineConfig
-from pagedllm.core.messages import SchedulerOutput
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
@@ -17,7 +16,6 @@ from pagedllm.metrics import SchedulerStats, StatsLogger
 from pagedllm.models import sliding_window
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
-from pagedllm.runner.model_runner import PendingOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -62,7 +60,6 @@ class Engine:
             self.max_model_len, config.block_size, self.core.runner.num_blocks, config.enable_prefix_caching)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats_logger = StatsLogger(config.log_stats_interval)
-        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None   # launched, results not read
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,
                     Path(config.model).name, self.device, str(self.dtype).removeprefix("torch."),
@@ -100,20 +97,18 @@ class Engine:
             self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests() or self._in_flight is not None
+        return self.core.has_unfinished_requests()
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedules and launches step N+1, then waits for step N and turns its results into RequestOutputs
-        while the device runs N+1: the device never waits for the host between steps. A stop string found
-        in N's tokens ends its request before N+2 is scheduled; the token N+1 computes for it is dropped
-        (update_from_output skips finished requests)."""
-        launched = self.core.launch_step() if self.core.has_unfinished_requests() else None
+        """EngineCore.step (launch N+1, apply N), then N's results become RequestOutputs while the device runs
+        N+1. A stop string found in N's tokens ends its request before N+2 is scheduled; the token N+1
+        computes for it is dropped (update_from_output skips finished requests)."""
+        done = self.core.step()
         outputs = []
-        if self._in_flight is not None:
-            outputs, stopped = self.output_processor.process(self.core.finish_step(*self._in_flight))
+        if done is not None:
+            outputs, stopped = self.output_processor.process(done[0])
             self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        self._in_flight = launched
         self.stats_logger.maybe_log(self.get_stats)
         return outputs
 
