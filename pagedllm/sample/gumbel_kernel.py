@@ -63,13 +63,13 @@ def gumbel_sample(logits: torch.Tensor, seeds: torch.Tensor, temperature: torch.
     -> (N,) int64 token ids. chunk, block: smaller for the Triton interpreter's tests (chunk a multiple
     of 4 * block)."""
     num_rows, vocab_size = logits.shape
+    if num_rows == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     num_chunks = triton.cdiv(vocab_size, chunk)
     best_score = torch.empty((num_rows, num_chunks), dtype=torch.float32, device=logits.device)
     best_id = torch.empty((num_rows, num_chunks), dtype=torch.int32, device=logits.device)
-    if num_rows == 0:
-        return torch.empty(0, dtype=torch.int64, device=logits.device)
     gumbel_chunk_kernel[(num_rows, num_chunks)](
         logits, logits.stride(0), vocab_size, seeds if temperature is None else temperature, seeds,
         best_score, best_id, num_chunks, _GREEDY_EPS, APPLY_TEMPERATURE=temperature is not None,
