@@ -1,8 +1,19 @@
-"""CUDA graphs for decode-only steps: one graph per padded batch size, captured at start-up.
+"""CUDA graphs for every step up to a size: captured at start-up, one per padded token count and kind.
 
-A decode step of B requests runs at the smallest capture size >= B; the extra rows are padding (seq_len 0,
-slot -1) that attention skips. Every graph reads the runner's persistent input tensors and writes one
-static hidden-state tensor, so a replay is: write the inputs, replay, read the rows you need.
+Two kinds of graph, keyed by (num_tokens, mixed):
+- decode-only steps (one token a row) at 1, 2, 4, 8, 16, 24, ... rows: the batch is padded to the
+  smallest capture size; its rows run the decode kernels only.
+- mixed steps (some row has more tokens: prompts, chunks) at 16, 32, ... tokens, with every row the
+  runner has (max_num_seqs): they also run the prefill kernel. An eager launch of a whole model costs about
+  20 ms of host time (28 layers, H200 host), which a step of a few prompt tokens would wait for. Only up to
+  the size where the step's own device time hides that (mixed_graph_token_cap): beyond, graphs would only
+  add padding.
+Padding is rows with no tokens (seq_len 0) and tokens of no row (slot -1): attention reads and writes
+nothing for them, and their outputs are never read. Grid sizes depend only on those padded shapes (the
+kernels read the step's real lengths from the device), so one graph serves any batch that fits.
+
+Every graph reads the runner's persistent input tensors and writes one static hidden-state tensor, so a
+replay is: write the inputs, replay, read the rows you need.
 """
 import bisect
 import logging
@@ -14,46 +25,70 @@ import torch
 logger = logging.getLogger("pagedllm")
 
 
-MAX_CAPTURE_SIZE = 512   # as vLLM: larger decode batches run eager, where launch overhead is a small share
+MAX_CAPTURE_SIZE = 512         # as vLLM: larger decode batches run eager, where launch overhead is a small share
+MAX_MIXED_CAPTURE_SIZE = 8192  # bounds the graphs' memory pool for the smallest models
+MIXED_GRAPH_MAX_FLOP = 1e13    # ~20 ms of an H100's or H200's bf16 throughput: about an eager launch's host time
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs (which is always one of them) or MAX_CAPTURE_SIZE."""
+    """Decode batches: 1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs (which is always one of them) or
+    MAX_CAPTURE_SIZE."""
     top = min(max_num_seqs, MAX_CAPTURE_SIZE)
     sizes = [1, 2, 4] + list(range(8, top, 8))
     return sorted({s for s in sizes if s < top} | {top})
 
 
+def mixed_capture_sizes(max_num_batched_tokens: int) -> list[int]:
+    """Mixed steps: 16, 32, ... doubling to 512, then steps of a quarter of the power of two below, so
+    that padding adds at most 25% to a step; up to max_num_batched_tokens or MAX_MIXED_CAPTURE_SIZE."""
+    top = min(max_num_batched_tokens, MAX_MIXED_CAPTURE_SIZE)
+    sizes, s = [], 16
+    while s < top:
+        sizes.append(s)
+        s += s if s < 512 else 1 << (s.bit_length() - 3)
+    return sizes + [top] if top >= 16 else []
+
+
+def mixed_graph_token_cap(num_params: int) -> int:
+    """Mixed steps of more tokens than this take longer on the device (2 FLOP per parameter and token) than
+    their eager launch takes on the host, which async scheduling then hides behind the step before.
+    W2 (8B) lost 3% to graph padding without this cap; its cap is about 700 tokens, Qwen3-0.6B's 11,000."""
+    return int(MIXED_GRAPH_MAX_FLOP // (2 * max(num_params, 1)))
+
+
 class CudaGraphs:
-    def __init__(self, sizes: list[int]):
-        self.sizes = sorted(sizes)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+    def __init__(self, decode_sizes: list[int], mixed_sizes: list[int]):
+        self.sizes = {False: sorted(decode_sizes), True: sorted(mixed_sizes)}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
-    def padded_size(self, num_reqs: int) -> int | None:
-        """The capture size a decode batch of num_reqs runs at; None when it is too large for any graph."""
-        i = bisect.bisect_left(self.sizes, num_reqs)
-        return self.sizes[i] if i < len(self.sizes) else None
+    def padded_size(self, num_tokens: int, mixed: bool) -> int | None:
+        """The capture size a step of num_tokens runs at; None when it is too large for any graph."""
+        sizes = self.sizes[mixed]
+        i = bisect.bisect_left(sizes, num_tokens)
+        return sizes[i] if i < len(sizes) else None
 
-    def capture(self, forward: Callable[[int], torch.Tensor]):
-        """forward(size) runs the model on the first `size` rows of the persistent inputs. Largest first, so
-        the smaller graphs fit in the memory pool the largest one left."""
+    def capture(self, forward: Callable[[int, bool], torch.Tensor]):
+        """forward(num_tokens, mixed) runs the model on the persistent inputs, shaped as a padded step.
+        Largest first, so the smaller graphs fit in the memory pool the largest one left."""
         start = time.perf_counter()
         pool = None
-        for size in reversed(self.sizes):
-            forward(size)                      # warm-up: compiles kernels, sets up library handles
+        keys = [(n, mixed) for mixed, sizes in self.sizes.items() for n in sizes]
+        for key in sorted(keys, reverse=True):
+            forward(*key)                      # warm-up: compiles kernels, sets up library handles
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = forward(size)
+                out = forward(*key)
             pool = graph.pool()
-            self.graphs[size] = (graph, out)
+            self.graphs[key] = (graph, out)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
-        logger.info("captured %d CUDA graphs (decode batches of 1 to %d) in %.2f s", len(self.sizes),
-                    self.sizes[-1], self.capture_seconds)
+        logger.info("captured %d CUDA graphs (decode batches of 1 to %d rows, mixed steps of 16 to %d tokens) "
+                    "in %.2f s", len(keys), max(self.sizes[False], default=0), max(self.sizes[True], default=0),
+                    self.capture_seconds)
 
-    def replay(self, size: int) -> torch.Tensor:
-        graph, out = self.graphs[size]
+    def replay(self, num_tokens: int, mixed: bool) -> torch.Tensor:
+        graph, out = self.graphs[(num_tokens, mixed)]
         graph.replay()
         return out

@@ -113,7 +113,8 @@ class InputBuffers:
         self.block_tables = torch.zeros((max_reqs, max_blocks_per_req), dtype=torch.int32, device=device)
 
     def build(self, reqs: list[RunnerRequestState], query_lens: list[int], tables: BlockTables,
-              block_size: int, pad_to: int | None = None, max_seq_len_bound: int | None = None,
+              block_size: int, pad_tokens: int | None = None, pad_rows: int | None = None,
+              max_seq_len_bound: int | None = None,
               in_flight: dict[str, int] | None = None, in_flight_ids: torch.Tensor | None = None) -> StepInputs:
         """Request i runs tokens num_computed .. num_computed + query_lens[i] - 1 of its tokens.
 
@@ -125,8 +126,9 @@ class InputBuffers:
         request to its row in that step's `in_flight_ids` (device), which is copied into input_ids here,
         on the device, without waiting for it.
 
-        pad_to (decode-only batches): extra rows of one token each with seq_len 0 and slot -1, so the batch
-        has the shape a CUDA graph was captured at. max_seq_len_bound then replaces the true maximum.
+        pad_tokens, pad_rows: the shape a CUDA graph was captured at. Padding rows have no tokens and
+        seq_len 0; padding tokens belong to no row and have slot -1, so attention skips both.
+        max_seq_len_bound then replaces the true maximum.
         """
         h = self.h = self.hosts[1] if self.h is self.hosts[0] else self.hosts[0]
         in_flight = in_flight or {}
@@ -135,13 +137,13 @@ class InputBuffers:
         computed = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, n)
         seq_lens = computed + q
         total = int(q.sum())
-        rows = n if pad_to is None else pad_to
-        num_tokens = total if pad_to is None else total + pad_to - n
+        rows = n if pad_rows is None else pad_rows
+        num_tokens = total if pad_tokens is None else pad_tokens
 
         qsl = h.qsl[:rows + 1]
         qsl[0] = 0
         np.cumsum(q, out=qsl[1:n + 1])
-        qsl[n + 1:] = total + np.arange(1, rows - n + 1)
+        qsl[n + 1:] = total
         h.len[:n] = seq_lens
         h.len[n:rows] = 0
 
@@ -194,17 +196,19 @@ class InputBuffers:
                           self.sample_index[:len(sample_rows)], prompt_lp_rows)
 
     def fill_padding(self):
-        """Every row padding (no KV written or read): the state graphs are captured in."""
+        """Every row and token padding (no KV written or read): the state graphs are captured in."""
         self.slot_mapping.fill_(-1)
         self.seq_lens.zero_()
-        self.query_start_loc.copy_(torch.arange(len(self.query_start_loc), dtype=torch.int32))
+        self.query_start_loc.zero_()
 
-    def decode_metadata(self, size: int, max_seq_len_bound: int) -> AttentionMetadata:
-        """Metadata of a padded decode step of `size` rows over the persistent tensors (graph capture)."""
+    def graph_metadata(self, num_tokens: int, rows: int, mixed: bool, max_seq_len_bound: int) -> AttentionMetadata:
+        """Metadata of a padded step over the persistent tensors (graph capture). Mixed steps bound the
+        query length by num_tokens, which launches the prefill kernel."""
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size], query_start_loc=self.query_start_loc[:size + 1],
-            seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size], max_query_len=1,
-            max_seq_len=max_seq_len_bound, query_start_loc_cpu=list(range(size + 1)), seq_lens_cpu=[0] * size)
+            slot_mapping=self.slot_mapping[:num_tokens], query_start_loc=self.query_start_loc[:rows + 1],
+            seq_lens=self.seq_lens[:rows], block_tables=self.block_tables[:rows],
+            max_query_len=num_tokens if mixed else 1, max_seq_len=max_seq_len_bound,
+            query_start_loc_cpu=[0] * (rows + 1), seq_lens_cpu=[0] * rows)
 
     def _copy(self, h: _HostArrays, num_tokens: int, rows: int, n: int, max_blocks: int, num_samples: int):
         """Host -> device without blocking (see the class docstring for when `h` is written again)."""

@@ -16,7 +16,7 @@ from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagedllm.models import model_dims
 from pagedllm.models.loader import load_model
-from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
+from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_graph_token_cap
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequestState, StepInputs
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block, determine_num_blocks
 from pagedllm.runner.kv_offload import KVOffload, copy_scratch_bytes
@@ -54,7 +54,8 @@ class ModelRunner:
         self._in_flight: dict[str, int] = {}
         self._in_flight_ids: torch.Tensor | None = None
         use_graphs = device.type == "cuda" and not config.enforce_eager
-        self.graphs = CudaGraphs(capture_sizes(max_reqs)) if use_graphs else None
+        mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))
+        self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top)) if use_graphs else None
 
         block_bytes = bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, dtype)
         profiled = None
@@ -84,17 +85,18 @@ class ModelRunner:
             self._in_flight = {}
             return PendingOutput(ModelRunnerOutput(kv_transfer=transfer), [])
         reqs = [self.states[req_id] for req_id in sched.num_scheduled_tokens]
-        graph_size = self._graph_size(sched, len(reqs))
+        graph = self._graph_key(sched, len(reqs))
+        pad_tokens, pad_rows = (None, None) if graph is None else (graph[0], self._graph_rows(*graph))
         inputs = self.buffers.build(reqs, list(sched.num_scheduled_tokens.values()), self.tables,
-                                    self.block_size, pad_to=graph_size,
-                                    max_seq_len_bound=None if graph_size is None else self.max_model_len,
+                                    self.block_size, pad_tokens=pad_tokens, pad_rows=pad_rows,
+                                    max_seq_len_bound=None if graph is None else self.max_model_len,
                                     in_flight=self._in_flight, in_flight_ids=self._in_flight_ids)
         rows = [reqs[i] for i in inputs.sample_rows]
         self._in_flight = {r.req_id: j for j, r in enumerate(rows)}
         # Sampling metadata first: its small host -> device copies then need not wait for the forward.
         meta = self._sampling_metadata(rows, sched.num_scheduled_tokens) if rows else None
-        if graph_size is not None:
-            hidden = self.graphs.replay(graph_size)
+        if graph is not None:
+            hidden = self.graphs.replay(*graph)
         else:
             with set_forward_context(inputs.attn_metadata, self.kv_caches):
                 hidden = self.model(inputs.input_ids, inputs.positions)
@@ -119,10 +121,17 @@ class ModelRunner:
             event.record()
         return PendingOutput(out, rows, host, logprobs, event)
 
-    def _graph_size(self, sched: SchedulerOutput, num_reqs: int) -> int | None:
-        if self.graphs is None or sched.total_num_scheduled_tokens != num_reqs:
-            return None   # not decode-only (every request one token): eager
-        return self.graphs.padded_size(num_reqs)
+    def _graph_key(self, sched: SchedulerOutput, num_reqs: int) -> tuple[int, bool] | None:
+        """(padded num_tokens, mixed) of the graph this step replays; None: eager."""
+        if self.graphs is None:
+            return None
+        mixed = sched.total_num_scheduled_tokens != num_reqs    # decode-only: every request one token
+        size = self.graphs.padded_size(sched.total_num_scheduled_tokens, mixed)
+        return None if size is None else (size, mixed)
+
+    def _graph_rows(self, num_tokens: int, mixed: bool) -> int:
+        """Rows of a graph: every row the runner has for mixed steps, one a token for decode steps."""
+        return self.config.max_num_seqs if mixed else num_tokens
 
     def _update_states(self, sched: SchedulerOutput):
         for req_id in sched.finished_req_ids:
@@ -208,12 +217,12 @@ class ModelRunner:
         return sum(kv.numel() * kv.element_size() for kv in kv_caches)
 
     @torch.inference_mode()
-    def _graph_forward(self, size: int) -> torch.Tensor:
-        """The model on the first `size` rows of the persistent inputs, shaped as a padded decode step."""
+    def _graph_forward(self, num_tokens: int, mixed: bool) -> torch.Tensor:
+        """The model on the persistent inputs, shaped as a padded step of num_tokens."""
         b = self.buffers
-        meta = b.decode_metadata(size, self.max_model_len)
+        meta = b.graph_metadata(num_tokens, self._graph_rows(num_tokens, mixed), mixed, self.max_model_len)
         with set_forward_context(meta, self.kv_caches):
-            return self.model(b.input_ids[:size], b.positions[:size])
+            return self.model(b.input_ids[:num_tokens], b.positions[:num_tokens])
 
 
 @dataclass
@@ -240,6 +249,12 @@ class PendingOutput:
                 out.logprobs[r.req_id] = TokenLogprobs(lp_ids[j][:k], lps[j][:k], ranks[j])
         self.rows = []   # hand out once
         return out
+
+
+def _num_layer_params(model: torch.nn.Module) -> int:
+    """Parameters every token multiplies through: all but the embedding table (the logits are per sampled row)."""
+    return sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name
+               and "lm_head" not in name)
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:

@@ -32,29 +32,33 @@ PROMPTS = [[5 + (7 * i + j) % 400 for j in range(n)] for i, n in enumerate((1, 7
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model_dirs, dtype):
+@pytest.mark.parametrize("max_num_batched_tokens", [None, 48])   # 48: prompts in chunks, beside decode rows
+def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model_dirs, dtype, max_num_batched_tokens):
     d = tiny_model_dirs["qwen3"]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    eager = LLM(d, device="cuda", dtype=dtype, enforce_eager=True, log_stats_interval=0)
+    kwargs = dict(device="cuda", dtype=dtype, log_stats_interval=0, max_num_batched_tokens=max_num_batched_tokens)
+    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=32, ignore_eos=True)] * (len(PROMPTS) // 2)
+    eager = LLM(d, enforce_eager=True, **kwargs)
     assert eager.engine.runner.graphs is None
     want = [o.outputs[0].token_ids for o in eager.generate(PROMPTS, params, use_tqdm=False)]
     del eager
-    graphed = LLM(d, device="cuda", dtype=dtype, log_stats_interval=0)
+    graphed = LLM(d, **kwargs)
     graphs = graphed.engine.runner.graphs
-    assert graphs is not None and graphs.capture_seconds > 0 and len(graphs.graphs) == len(graphs.sizes)
+    assert graphs is not None and graphs.capture_seconds > 0
+    assert len(graphs.graphs) == sum(len(s) for s in graphs.sizes.values())
     replays = _count_replays(graphs)
     got = [o.outputs[0].token_ids for o in graphed.generate(PROMPTS, params, use_tqdm=False)]
-    assert replays[0] > 0
+    assert replays[False] > 0 and replays[True] > 0     # decode-only and mixed steps both replayed
     assert got == want
 
 
 def _count_replays(graphs):
-    count = [0]
+    count = {False: 0, True: 0}
     replay = graphs.replay
 
-    def counted(size):
-        count[0] += 1
-        return replay(size)
+    def counted(num_tokens, mixed):
+        count[mixed] += 1
+        return replay(num_tokens, mixed)
     graphs.replay = counted
     return count
 

@@ -131,6 +131,34 @@ def check_row_independent_of_batch(batch: Batch, backend, row: int) -> None:
     assert torch.equal(single[0], full[start]), "a decode row's output depends on its batch"
 
 
+def check_graph_padding(batch: Batch, backend, extra_rows: int = 3, extra_tokens: int = 5) -> None:
+    """Padded as the runner pads a step for a CUDA graph (rows with no tokens after the real ones, tokens of
+    no row with slot -1 after the real tokens, upper bounds for max_query_len and max_seq_len): every real
+    token's output is bit-identical, and the cache is unchanged past the real tokens' slots."""
+    scale = batch.q.shape[-1] ** -0.5
+    backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
+    want = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale)
+    m, num_tokens, dev = batch.meta, batch.q.shape[0], batch.q.device
+    total_tokens = num_tokens + extra_tokens
+
+    def pad(t, n, value):
+        return torch.cat([t, torch.full((n, *t.shape[1:]), value, dtype=t.dtype, device=dev)])
+
+    padded = AttentionMetadata(
+        slot_mapping=pad(m.slot_mapping, extra_tokens, -1),
+        query_start_loc=pad(m.query_start_loc, extra_rows, num_tokens),
+        seq_lens=pad(m.seq_lens, extra_rows, 0), block_tables=pad(m.block_tables, extra_rows, POISON_BLOCK),
+        max_query_len=total_tokens, max_seq_len=2 * m.max_seq_len,
+        query_start_loc_cpu=m.query_start_loc_cpu + [num_tokens] * extra_rows,
+        seq_lens_cpu=m.seq_lens_cpu + [0] * extra_rows)
+    cache = batch.kv_cache.clone()
+    backend.write_kv(batch.kv_cache, pad(batch.k, extra_tokens, 7.0), pad(batch.v, extra_tokens, 7.0),
+                     padded.slot_mapping)
+    assert torch.equal(cache, batch.kv_cache), "a padding token wrote to the cache"
+    got = backend.paged_attention(pad(batch.q, extra_tokens, 1.0), batch.kv_cache, padded, scale)
+    assert torch.equal(got[:num_tokens], want), "graph padding changed a real token's output"
+
+
 # Small shapes for the interpreter: every feature, each kernel path, in well under a minute on 2 cores.
 def interpreter_cases():
     rng = random.Random(0)
@@ -179,6 +207,7 @@ def run_interpreter() -> None:
         err = check_attention(batch, triton_backend)
         decode_row = next(i for i, (s, q) in enumerate(rows) if q == 1 and s > 0)
         check_row_independent_of_batch(batch, triton_backend, decode_row)
+        check_graph_padding(batch, triton_backend)
         print(f"ok {name} rel_err={err:.1e}", flush=True)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from attention_cases import (
     check_attention,
+    check_graph_padding,
     check_row_independent_of_batch,
     check_write_kv,
     make_batch,
@@ -41,6 +42,7 @@ def test_mixed_batch_matches_torch(dtype, heads, head_dim, block_size):
     batch = make_batch(rows, *heads, head_dim, block_size, dtype, "cuda", seed=rng.randrange(1 << 16))
     check_write_kv(batch, _triton())
     check_attention(batch, _triton())
+    check_graph_padding(batch, _triton())
 
 
 @pytest.mark.gpu

@@ -1,8 +1,8 @@
-"""Persistent input buffers: the flat inputs of a step, block tables updated by diffs, decode padding."""
+"""Persistent input buffers: the flat inputs of a step, block tables updated by diffs, graph padding."""
 import numpy as np
 import torch
 
-from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
+from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_graph_token_cap
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequestState
 from pagedllm.sampling_params import SamplingParams
 
@@ -63,18 +63,39 @@ def test_padded_decode_rows_read_nothing():
     tables = BlockTables(max_blocks_per_req=8)
     reqs = [make_req(tables, str(i), [1] * (5 + i), [i, 10 + i], 4 + i) for i in range(3)]
     buf = InputBuffers(max_tokens=8, max_reqs=8, max_blocks_per_req=8, device=torch.device("cpu"))
-    inp = buf.build(reqs, [1, 1, 1], tables, BS, pad_to=4, max_seq_len_bound=32)
+    inp = buf.build(reqs, [1, 1, 1], tables, BS, pad_tokens=4, pad_rows=4, max_seq_len_bound=32)
     meta = inp.attn_metadata
     assert inp.input_ids.shape[0] == 4 and inp.sample_rows == [0, 1, 2]
     assert meta.slot_mapping.tolist()[3] == -1
     assert meta.seq_lens.tolist() == [5, 6, 7, 0]
-    assert meta.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    assert meta.query_start_loc.tolist() == [0, 1, 2, 3, 3]     # the padding row has no token
     assert meta.max_seq_len == 32 and meta.max_query_len == 1
     assert np.array_equal(meta.block_tables[:3, :2].numpy(), [[0, 10], [1, 11], [2, 12]])
+
+
+def test_padded_mixed_step_keeps_real_tokens_first():
+    """A mixed step padded to a graph's shape: rows with no tokens, and tokens of no row with slot -1."""
+    tables = BlockTables(max_blocks_per_req=8)
+    a = make_req(tables, "a", list(range(10, 16)), [3, 4], 0)     # prompt of 6
+    b = make_req(tables, "b", [20, 21, 22], [5], 2)               # decode
+    buf = InputBuffers(max_tokens=16, max_reqs=5, max_blocks_per_req=8, device=torch.device("cpu"))
+    inp = buf.build([a, b], [6, 1], tables, BS, pad_tokens=16, pad_rows=5, max_seq_len_bound=64)
+    meta = inp.attn_metadata
+    assert inp.input_ids.tolist() == [10, 11, 12, 13, 14, 15, 22] + [0] * 9
+    assert meta.slot_mapping.tolist()[7:] == [-1] * 9
+    assert meta.query_start_loc.tolist() == [0, 6, 7, 7, 7, 7]
+    assert meta.seq_lens.tolist() == [6, 3, 0, 0, 0]
+    assert inp.sample_rows == [0, 1] and inp.sample_token_index.tolist() == [5, 6]
 
 
 def test_capture_sizes_cover_every_batch():
     sizes = capture_sizes(100)
     assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 100
-    graphs = CudaGraphs(sizes)
-    assert [graphs.padded_size(n) for n in (1, 3, 9, 97, 100, 101)] == [1, 4, 16, 100, 100, None]
+    mixed = mixed_capture_sizes(8192)
+    assert mixed[:6] == [16, 32, 64, 128, 256, 512] and mixed[-1] == 8192
+    assert all(b <= 1.25 * a for a, b in zip(mixed[5:], mixed[6:]))     # padding adds at most 25% above 512
+    assert mixed_capture_sizes(100)[-1] == 100 and mixed_capture_sizes(65536)[-1] == 8192
+    assert mixed_graph_token_cap(7_000_000_000) < 1024 and mixed_graph_token_cap(440_000_000) > 8192  # 8B, 0.6B
+    graphs = CudaGraphs(sizes, mixed)
+    assert [graphs.padded_size(n, False) for n in (1, 3, 9, 97, 100, 101)] == [1, 4, 16, 100, 100, None]
+    assert [graphs.padded_size(n, True) for n in (2, 17, 513, 8192, 8193)] == [16, 32, 640, 8192, None]
