@@ -15,6 +15,7 @@ values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thre
 blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending outputs: that would
 deadlock.
 """
+import gc
 import logging
 import multiprocessing
 import queue
@@ -38,6 +39,10 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
     except Exception as e:   # reported to the API process, which exits with the message
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
+    # The model, its graphs and the runner's buffers live as long as the process: out of the collector's
+    # view, so that a full collection while serving does not walk them.
+    gc.collect()
+    gc.freeze()
     conn.send(("ready", core.runner.num_blocks))
     stats_logger = StatsLogger(config.log_stats_interval)
     try:

@@ -1,4 +1,5 @@
 """`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over AsyncLLM."""
+import gc
 import logging
 import os
 import secrets
@@ -103,6 +104,13 @@ def _read_chat_template(value: str | None) -> str | None:
     return value
 
 
+def freeze_gc():
+    """Start-up's objects (modules, tokenizer, app) live as long as the process: moved out of the collector's
+    view, so that a full collection in the middle of serving does not walk them (vLLM does the same)."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(engine_config: EngineConfig, server_config: ServerConfig):
     import uvicorn
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model)
@@ -112,5 +120,6 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
     app = build_app(ctx, metrics, api_key)
     logger.info("serving %s at http://%s:%d (API key %s)", ctx.model_name, server_config.host, server_config.port,
                 "required" if api_key else "off")
+    freeze_gc()
     uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
                 timeout_keep_alive=30)
