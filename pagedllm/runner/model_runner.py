@@ -53,9 +53,10 @@ class ModelRunner:
         # The last launched step's sampled ids on the device, and each sampling request's row in them.
         self._in_flight: dict[str, int] = {}
         self._in_flight_ids: torch.Tensor | None = None
-        use_graphs = device.type == "cuda" and not config.enforce_eager
-        mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))
-        self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top)) if use_graphs else None
+        self.graphs = None
+        if device.type == "cuda" and not config.enforce_eager:
+            mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))
+            self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top))
 
         block_bytes = bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, dtype)
         profiled = None
