@@ -39,10 +39,7 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
     except Exception as e:   # reported to the API process, which exits with the message
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    # The model, its graphs and the runner's buffers live as long as the process: out of the collector's
-    # view, so that a full collection while serving does not walk them.
-    gc.collect()
-    gc.freeze()
+    freeze_gc()
     conn.send(("ready", core.runner.num_blocks))
     stats_logger = StatsLogger(config.log_stats_interval)
     try:
@@ -58,6 +55,14 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
             stats_logger.maybe_log(core.get_stats)
     except (EOFError, BrokenPipeError):   # the API process is gone
         return
+
+
+def freeze_gc():
+    """Start-up's objects (model, graphs, buffers; tokenizer and app in the API process) live as long as the
+    process: moved out of the collector's view, so that a full collection while serving does not walk them
+    (vLLM does the same)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _send_outputs(conn: Connection, outputs: list, stats: StepStats) -> None:

@@ -1,5 +1,4 @@
 """`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over AsyncLLM."""
-import gc
 import logging
 import os
 import secrets
@@ -13,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 import pagedllm
 from pagedllm.config import EngineConfig, ServerConfig
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.core_process import freeze_gc
 from pagedllm.server.chat import create_chat_completion, render_chat
 from pagedllm.server.completions import create_completion
 from pagedllm.server.errors import APIError, install_error_handlers
@@ -102,13 +102,6 @@ def _read_chat_template(value: str | None) -> str | None:
     if value is not None and Path(value).is_file():
         return Path(value).read_text()
     return value
-
-
-def freeze_gc():
-    """Start-up's objects (modules, tokenizer, app) live as long as the process: moved out of the collector's
-    view, so that a full collection in the middle of serving does not walk them (vLLM does the same)."""
-    gc.collect()
-    gc.freeze()
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig):
