@@ -140,10 +140,11 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None,
-                      max_k: int | None = None) -> torch.Tensor:
+                      max_k: int | None) -> torch.Tensor:
     """Keep each row's k most likely tokens (k <= 0: all), then the smallest set of those whose cumulative
     probability reaches p (the top token always stays). Ties with the k-th value are kept. In place when
-    only k is given; otherwise returns a new tensor. max_k: max(k) if the caller knows it (else a sync)."""
+    only k is given; otherwise returns a new tensor. max_k: max(k), from the host (reading it from k would
+    wait for the device)."""
     if p is None:
         return logits if k is None else apply_top_k_only(logits, k, max_k)
     # Ascending sort: top-p drops the longest low-probability prefix whose mass is <= 1 - p.
@@ -162,14 +163,12 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Ten
     return logits_sort.scatter(dim=-1, index=logits_idx, src=logits_sort)
 
 
-def apply_top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: int | None = None) -> torch.Tensor:
+def apply_top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tensor:
     """In place. topk(max k) instead of a full sort: much cheaper when k is small against V."""
     vocab_size = logits.shape[-1]
     off = (k <= 0) | (k >= vocab_size)
     k = k.masked_fill(off, 1)
-    # topk needs a Python int: from the host when given, else one device sync
-    max_k = min(max_k, vocab_size) if max_k is not None else int(k.max())
-    kth_value = logits.topk(max_k, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    kth_value = logits.topk(min(max(max_k, 1), vocab_size), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
     kth_value.masked_fill_(off.unsqueeze(1), -float("inf"))
     return logits.masked_fill_(logits < kth_value, -float("inf"))
 

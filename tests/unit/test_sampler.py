@@ -59,13 +59,17 @@ def test_top_k_matches_reference():
     logits = random_logits(len(TOP_K))
     k = torch.tensor(TOP_K)
     expected = [ref_top_k(r, kk) for r, kk in zip(logits, TOP_K)]
-    assert kept(apply_top_k_top_p(logits.clone(), k, None)) == expected  # topk-only path
-    assert kept(apply_top_k_top_p(logits.clone(), k, torch.ones(len(TOP_K)))) == expected  # sort path
+    max_k = max(TOP_K)
+    assert kept(apply_top_k_top_p(logits.clone(), k, None, max_k)) == expected  # topk-only path
+    assert kept(apply_top_k_top_p(logits.clone(), k, torch.ones(len(TOP_K)), max_k)) == expected  # sort path
+    small = [i for i, kk in enumerate(TOP_K) if kk < V]      # topk over 40 < V columns
+    got = kept(apply_top_k_top_p(logits[small].clone(), k[small], None, max(TOP_K[i] for i in small)))
+    assert got == [expected[i] for i in small]
 
 
 def test_top_p_matches_reference():
     logits = random_logits(len(TOP_P), seed=1)
-    got = kept(apply_top_k_top_p(logits.clone(), None, torch.tensor(TOP_P)))
+    got = kept(apply_top_k_top_p(logits.clone(), None, torch.tensor(TOP_P), None))
     assert got == [ref_top_p(r, set(range(V)), p) for r, p in zip(logits, TOP_P)]
     assert all(len(s) >= 1 for s in got)
     assert len(got[4]) == 1  # a tiny top_p still keeps the top token
@@ -73,7 +77,7 @@ def test_top_p_matches_reference():
 
 def test_top_k_then_top_p_matches_reference():
     logits = random_logits(len(TOP_K), seed=2)
-    got = kept(apply_top_k_top_p(logits.clone(), torch.tensor(TOP_K), torch.tensor(TOP_P)))
+    got = kept(apply_top_k_top_p(logits.clone(), torch.tensor(TOP_K), torch.tensor(TOP_P), max(TOP_K)))
     assert got == [ref_top_p(r, ref_top_k(r, k), p) for r, k, p in zip(logits, TOP_K, TOP_P)]
 
 
