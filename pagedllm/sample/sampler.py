@@ -101,7 +101,7 @@ class Sampler(nn.Module):
     def sample(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator | None) -> torch.Tensor:
         """Random draw for every row (greedy rows get a throwaway value that the caller discards)."""
         filtered = meta.min_p is not None or meta.top_k is not None or meta.top_p is not None
-        if logits.is_cuda and not filtered:   # plain sampling at any temperature: one pass, in the model's dtype
+        if logits.is_cuda and not filtered:   # plain sampling at any temperature: one pass over the logits
             seeds = draw_seeds(logits.shape[0], meta.generators, generator, logits.device)
             return gumbel_sample(logits, seeds, None if meta.all_temperature_one else meta.temperature)
         logits = logits.float()

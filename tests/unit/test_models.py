@@ -135,6 +135,19 @@ def test_bfloat16_load(tiny_model_dirs):
     assert torch.get_default_dtype() == torch.float32     # the loader restored it
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bfloat16_model_gives_float32_logits(tiny_model_dirs, device):
+    """Not bf16-rounded logits: those tie near-equal candidates, and greedy then leaves float32's path."""
+    model = _load(tiny_model_dirs["llama"], dtype=torch.bfloat16).to(device)
+    hidden = torch.randn(5, model.config.hidden_size, dtype=torch.bfloat16, device=device)
+    logits = model.compute_logits(hidden)
+    want = hidden.double() @ model.lm_head.weight.double().t()
+    assert logits.dtype == torch.float32 and logits.shape == (5, model.config.vocab_size)
+    assert (logits.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    bf16_rounded = model.lm_head(hidden).double()       # what a bf16 lm_head gives: ~3 significant digits
+    assert (bf16_rounded - want).abs().max().item() > 10 * (logits.double() - want).abs().max().item()
+
+
 def test_tied_lm_head_shares_embedding(tiny_model_dirs):
     tied, untied = _load(tiny_model_dirs["llama_tied"]), _load(tiny_model_dirs["llama"])
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
