@@ -12,8 +12,12 @@ Request i's queries are tokens query_start_loc[i]:query_start_loc[i+1]; they sit
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pagedllm.attention.shared_prefix import SharedPrefixPlan
 
 
 @dataclass
@@ -27,6 +31,8 @@ class AttentionMetadata:
     # Host copies, so that backends that loop over requests need no device->host sync.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Decode segments several rows share, read once for all of them (the Triton backend; others ignore it)
+    shared: "SharedPrefixPlan | None" = None
 
     @property
     def num_reqs(self) -> int:

@@ -6,6 +6,7 @@ bounds (a CUDA graph is captured once and replayed with new data). Every query t
 exactly one kernel:
 
     rows with one query token (decode) -> decode_partition (split-KV over fixed segments) + decode_reduce
+                                          (+ shared_prefix: segments many rows share, read once for all)
     rows with more (prefill chunks)    -> prefill_attention (launched only when max_query_len > 1)
 """
 import functools
@@ -17,6 +18,7 @@ from pagedllm.attention.kernels.decode_partition import decode_partition_kernel
 from pagedllm.attention.kernels.decode_reduce import decode_reduce_kernel
 from pagedllm.attention.kernels.prefill_attention import prefill_attention_kernel
 from pagedllm.attention.kernels.reshape_and_cache import reshape_and_cache_kernel
+from pagedllm.attention.kernels.shared_prefix import shared_prefix_kernel
 from pagedllm.attention.metadata import AttentionMetadata
 
 PARTITION = 512        # decode segment length in tokens (rows up to PARTITION * MAX_SEGMENTS tokens)
@@ -73,15 +75,30 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
     part_max = torch.empty(num_reqs, num_q_heads, max_segments, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     head_pad = _head_pad(head_dim)
+    shared = meta.shared
+    if shared is not None:
+        if PARTITION % tile_n:
+            raise ValueError(f"shared_prefix: PARTITION {PARTITION} is not a multiple of the tile {tile_n}")
+        group_pad = triton.next_power_of_2(group)
+        shared_prefix_kernel[(shared.items.shape[0], num_kv_heads)](
+            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, shared.items, shared.rows,
+            part_out, part_max, part_sum, scale_log2,
+            q.stride(0), q.stride(1), meta.block_tables.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
+            GROUP=group, GROUP_PAD=group_pad, ROWS=shared.rows_per_item, HEAD_DIM=head_dim, HEAD_PAD=head_pad,
+            BLOCK_SIZE=block_size, TILE_N=tile_n, PARTITION=PARTITION, PRECISION=_precision(q),
+            num_warps=4, num_stages=2)
     decode_partition_kernel[(num_reqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        meta.seq_lens if shared is None else shared.first_seg,   # not read without HAS_SHARED
         part_out, part_max, part_sum, scale_log2, num_splits,
         q.stride(0), q.stride(1), meta.block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
         BLOCK_SIZE=block_size, TILE_N=tile_n, PARTITION=PARTITION, MAX_SEGMENTS=MAX_SEGMENTS,
-        PRECISION=_precision(q), num_warps=num_warps, num_stages=num_stages)
+        PRECISION=_precision(q), HAS_SHARED=shared is not None, num_warps=num_warps, num_stages=num_stages)
     decode_reduce_kernel[(num_reqs, num_q_heads)](
         out, part_out, part_max, part_sum, meta.seq_lens, meta.query_start_loc,
         out.stride(0), out.stride(1),
@@ -113,6 +130,12 @@ def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: floa
 
 
 # Tile shapes, checked by compiling for sm_90 (no register spills) and by the benchmark on an H200.
+def shared_rows_per_item(dtype: torch.dtype, group: int) -> int:
+    """Requests a shared_prefix program serves: tile rows (requests x padded group) of 64, as the prefill
+    tiles; 16 in float32, whose true-fp32 dots run on FMA units."""
+    return max(1, (16 if dtype == torch.float32 else 64) // triton.next_power_of_2(group))
+
+
 def _decode_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
     """(TILE_N, num_warps, num_stages) of decode_partition."""
     if dtype == torch.float32 or head_dim > 128:

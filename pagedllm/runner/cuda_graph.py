@@ -1,8 +1,9 @@
 """CUDA graphs for every step up to a size: captured at start-up, one per padded token count and kind.
 
-Two kinds of graph, keyed by (num_tokens, mixed):
+Graphs are keyed by (num_tokens, mixed, shared):
 - decode-only steps (one token a row) at 1, 2, 4, 8, 16, 24, ... rows: the batch is padded to the
-  smallest capture size; its rows run the decode kernels only.
+  smallest capture size; its rows run the decode kernels only. Each size has a second graph (shared)
+  that also runs shared_prefix, for steps whose rows share prefix segments (attention/shared_prefix.py).
 - mixed steps (some row has more tokens: prompts, chunks) at 16, 32, ... tokens, with every row the
   runner has (max_num_seqs): they also run the prefill kernel. An eager launch of a whole model costs about
   20 ms of host time (28 layers, H200 host), which a step of a few prompt tokens would wait for. Only up to
@@ -58,9 +59,12 @@ def mixed_graph_token_cap(num_params: int) -> int:
 
 
 class CudaGraphs:
-    def __init__(self, decode_sizes: list[int], mixed_sizes: list[int]):
+    def __init__(self, decode_sizes: list[int], mixed_sizes: list[int], shared: bool = False):
+        """shared: also capture decode graphs with shared_prefix, at every decode size of 2 rows or more."""
         self.sizes = {False: sorted(decode_sizes), True: sorted(mixed_sizes)}
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.keys = [(n, mixed, False) for mixed, sizes in self.sizes.items() for n in sizes]
+        self.keys += [(n, False, True) for n in self.sizes[False] if shared and n >= 2]
+        self.graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
     def padded_size(self, num_tokens: int, mixed: bool) -> int | None:
@@ -69,13 +73,12 @@ class CudaGraphs:
         i = bisect.bisect_left(sizes, num_tokens)
         return sizes[i] if i < len(sizes) else None
 
-    def capture(self, forward: Callable[[int, bool], torch.Tensor]):
-        """forward(num_tokens, mixed) runs the model on the persistent inputs, shaped as a padded step.
-        Largest first, so the smaller graphs fit in the memory pool the largest one left."""
+    def capture(self, forward: Callable[[int, bool, bool], torch.Tensor]):
+        """forward(num_tokens, mixed, shared) runs the model on the persistent inputs, shaped as a padded
+        step. Largest first, so the smaller graphs fit in the memory pool the largest one left."""
         start = time.perf_counter()
         pool = None
-        keys = [(n, mixed) for mixed, sizes in self.sizes.items() for n in sizes]
-        for key in sorted(keys, reverse=True):
+        for key in sorted(self.keys, reverse=True):
             forward(*key)                      # warm-up: compiles kernels, sets up library handles
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -86,10 +89,10 @@ class CudaGraphs:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
         logger.info("captured %d CUDA graphs (decode batches of 1 to %d rows, mixed steps of 16 to %d tokens) "
-                    "in %.2f s", len(keys), max(self.sizes[False], default=0), max(self.sizes[True], default=0),
+                    "in %.2f s", len(self.keys), max(self.sizes[False], default=0), max(self.sizes[True], default=0),
                     self.capture_seconds)
 
-    def replay(self, num_tokens: int, mixed: bool) -> torch.Tensor:
-        graph, out = self.graphs[(num_tokens, mixed)]
+    def replay(self, num_tokens: int, mixed: bool, shared: bool = False) -> torch.Tensor:
+        graph, out = self.graphs[(num_tokens, mixed, shared)]
         graph.replay()
         return out

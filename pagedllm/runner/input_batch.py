@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.attention.shared_prefix import SharedPrefixPlan, max_items, plan_shared_prefix
 from pagedllm.core.messages import TokenLogprobs
 from pagedllm.sampling_params import SamplingParams
 
@@ -81,6 +82,10 @@ class _HostArrays:
         self.sidx_h, self.sidx = array(max_reqs, torch.int64)
         self.bt_h, self.bt = array(max_reqs * max_blocks_per_req, torch.int32)
         self.fix_h, self.fix = array(2 * max_reqs, torch.int64)   # in-flight ids: flat index, then sample row
+        self.first_seg_h, self.first_seg = array(max_reqs, torch.int32)       # shared decode segments
+        self.items_h, items = array(4 * max_items(max_reqs), torch.int32)
+        self.items = items.reshape(-1, 4)
+        self.shared_rows_h, self.shared_rows = array(max_reqs, torch.int32)
 
 
 class InputBuffers:
@@ -90,9 +95,12 @@ class InputBuffers:
     still be queued behind step N-1 on the device; the set N+1 reuses was N-1's, whose copies are done once
     N-1's sampled ids came back (which the engine waits for before building N+1)."""
 
-    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, device: torch.device):
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, device: torch.device,
+                 shared_rows_per_item: int = 0):
+        """shared_rows_per_item: rows of a shared_prefix item (the Triton backend's); 0: no shared segments."""
         pin = device.type == "cuda"
         self.device = device
+        self.shared_rows_per_item = shared_rows_per_item
         self.max_blocks_per_req = max_blocks_per_req
         self.max_reqs = max_reqs
         self.hosts = [_HostArrays(max_tokens, max_reqs, max_blocks_per_req, pin) for _ in range(2)]
@@ -109,13 +117,17 @@ class InputBuffers:
         self.sample_index = zeros(max_reqs, torch.int64)
         self.bt_staging = zeros(max_reqs * max_blocks_per_req, torch.int32)
         self.fix = zeros(2 * max_reqs, torch.int64)
+        self.first_seg = zeros(max_reqs, torch.int32)
+        self.shared_items = torch.zeros((max_items(max_reqs), 4), dtype=torch.int32, device=device)
+        self.shared_rows = zeros(max_reqs, torch.int32)
         # Row i of the step's block table; columns past a request's blocks are stale and never read.
         self.block_tables = torch.zeros((max_reqs, max_blocks_per_req), dtype=torch.int32, device=device)
 
     def build(self, reqs: list[RunnerRequestState], query_lens: list[int], tables: BlockTables,
               block_size: int, pad_tokens: int | None = None, pad_rows: int | None = None,
               max_seq_len_bound: int | None = None,
-              in_flight: dict[str, int] | None = None, in_flight_ids: torch.Tensor | None = None) -> StepInputs:
+              in_flight: dict[str, int] | None = None, in_flight_ids: torch.Tensor | None = None,
+              share: bool = False, share_grid: int | None = None) -> StepInputs:
         """Request i runs tokens num_computed .. num_computed + query_lens[i] - 1 of its tokens.
 
         flat index:   0 1 2 | 3 | 4 5          query_start_loc = [0, 3, 4, 6]
@@ -129,6 +141,9 @@ class InputBuffers:
         pad_tokens, pad_rows: the shape a CUDA graph was captured at. Padding rows have no tokens and
         seq_len 0; padding tokens belong to no row and have slot -1, so attention skips both.
         max_seq_len_bound then replaces the true maximum.
+
+        share: plan the decode segments rows share (attention/shared_prefix.py); share_grid: the item count
+        of the graph replayed (the rest padded with empty items), else the plan's own.
         """
         h = self.h = self.hosts[1] if self.h is self.hosts[0] else self.hosts[0]
         in_flight = in_flight or {}
@@ -183,6 +198,9 @@ class InputBuffers:
         prompt_lp_rows = _prompt_logprob_rows(reqs, computed, seq_lens)
 
         self._copy(h, num_tokens, rows, n, max_blocks, len(sample_rows))
+        shared = None
+        if share and self.shared_rows_per_item:
+            shared = self._plan_shared(h, bt, q, seq_lens, rows, block_size, share_grid)
         if rows_in_flight:
             dst = (qsl[1:][rows_in_flight] - 1).tolist()
             self._fill_in_flight(h, dst, [in_flight[reqs[i].req_id] for i in rows_in_flight], in_flight_ids)
@@ -191,24 +209,47 @@ class InputBuffers:
             seq_lens=self.seq_lens[:rows], block_tables=self.block_tables[:rows],
             max_query_len=int(q.max()),
             max_seq_len=int(seq_lens.max()) if max_seq_len_bound is None else max_seq_len_bound,
-            query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=h.len[:rows].tolist())
+            query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=h.len[:rows].tolist(), shared=shared)
         return StepInputs(self.input_ids[:num_tokens], self.positions[:num_tokens], meta, sample_rows,
                           self.sample_index[:len(sample_rows)], prompt_lp_rows)
+
+    def _plan_shared(self, h: _HostArrays, bt: np.ndarray, q: np.ndarray, seq_lens: np.ndarray, rows: int,
+                     block_size: int, grid: int | None) -> SharedPrefixPlan | None:
+        n = len(q)
+        cap = max_items(rows) if grid is None else grid
+        k = plan_shared_prefix(bt, q, seq_lens, block_size, self.shared_rows_per_item, cap,
+                               h.first_seg, h.items, h.shared_rows)
+        if k == 0:
+            return None
+        grid = k if grid is None else grid
+        h.first_seg[n:rows] = 0
+        h.items[k:grid] = 0                               # count 0: the graph's spare programs return
+        self.first_seg[:rows].copy_(h.first_seg_h[:rows], non_blocking=True)
+        self.shared_items[:grid].view(-1).copy_(h.items_h[:4 * grid], non_blocking=True)
+        self.shared_rows[:n].copy_(h.shared_rows_h[:n], non_blocking=True)
+        return SharedPrefixPlan(self.first_seg[:rows], self.shared_items[:grid], self.shared_rows,
+                                self.shared_rows_per_item)
 
     def fill_padding(self):
         """Every row and token padding (no KV written or read): the state graphs are captured in."""
         self.slot_mapping.fill_(-1)
         self.seq_lens.zero_()
         self.query_start_loc.zero_()
+        self.first_seg.zero_()
+        self.shared_items.zero_()
 
-    def graph_metadata(self, num_tokens: int, rows: int, mixed: bool, max_seq_len_bound: int) -> AttentionMetadata:
+    def graph_metadata(self, num_tokens: int, rows: int, mixed: bool, max_seq_len_bound: int,
+                       shared: bool = False) -> AttentionMetadata:
         """Metadata of a padded step over the persistent tensors (graph capture). Mixed steps bound the
-        query length by num_tokens, which launches the prefill kernel."""
+        query length by num_tokens, which launches the prefill kernel; `shared` decode steps also launch
+        shared_prefix over max_items(rows) items."""
+        plan = SharedPrefixPlan(self.first_seg[:rows], self.shared_items[:max_items(rows)], self.shared_rows,
+                                self.shared_rows_per_item) if shared else None
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:num_tokens], query_start_loc=self.query_start_loc[:rows + 1],
             seq_lens=self.seq_lens[:rows], block_tables=self.block_tables[:rows],
             max_query_len=num_tokens if mixed else 1, max_seq_len=max_seq_len_bound,
-            query_start_loc_cpu=[0] * (rows + 1), seq_lens_cpu=[0] * rows)
+            query_start_loc_cpu=[0] * (rows + 1), seq_lens_cpu=[0] * rows, shared=plan)
 
     def _copy(self, h: _HostArrays, num_tokens: int, rows: int, n: int, max_blocks: int, num_samples: int):
         """Host -> device without blocking (see the class docstring for when `h` is written again)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.attention.metadata import set_forward_context
+from pagedllm.attention.shared_prefix import max_items
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
@@ -44,8 +45,12 @@ class ModelRunner:
         self._sampling_cache: SamplingMetadata | None = None
         self.tables = BlockTables(cdiv(max_model_len, self.block_size))
         max_reqs = config.max_num_seqs
+        shared_rows_per_item = 0
+        if device.type == "cuda":   # the Triton backend reads segments many decode rows share once for all
+            from pagedllm.attention.triton_backend import shared_rows_per_item as rows_per_item
+            shared_rows_per_item = rows_per_item(dtype, hf_config.num_attention_heads // self.num_kv_heads)
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_reqs), max_reqs,
-                                    cdiv(max_model_len, self.block_size), device)
+                                    cdiv(max_model_len, self.block_size), device, shared_rows_per_item)
         # Two, used by alternate steps: step N+1's copy is queued before step N's ids are read.
         self.sampled_host = [torch.zeros(max_reqs, dtype=torch.int64, pin_memory=device.type == "cuda")
                              for _ in range(2)]
@@ -56,7 +61,7 @@ class ModelRunner:
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager:
             mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))
-            self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top))
+            self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top), shared=True)
 
         block_bytes = bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, dtype)
         profiled = None
@@ -88,16 +93,19 @@ class ModelRunner:
         reqs = [self.states[req_id] for req_id in sched.num_scheduled_tokens]
         graph = self._graph_key(sched, len(reqs))
         pad_tokens, pad_rows = (None, None) if graph is None else (graph[0], self._graph_rows(*graph))
+        # Shared decode segments: eager steps, and decode graphs (each size has a graph with them)
+        share_grid = None if graph is None else max_items(pad_rows)
         inputs = self.buffers.build(reqs, list(sched.num_scheduled_tokens.values()), self.tables,
                                     self.block_size, pad_tokens=pad_tokens, pad_rows=pad_rows,
                                     max_seq_len_bound=None if graph is None else self.max_model_len,
-                                    in_flight=self._in_flight, in_flight_ids=self._in_flight_ids)
+                                    in_flight=self._in_flight, in_flight_ids=self._in_flight_ids,
+                                    share=graph is None or not graph[1], share_grid=share_grid)
         rows = [reqs[i] for i in inputs.sample_rows]
         self._in_flight = {r.req_id: j for j, r in enumerate(rows)}
         # Sampling metadata first: its small host -> device copies then need not wait for the forward.
         meta = self._sampling_metadata(rows, sched.num_scheduled_tokens) if rows else None
         if graph is not None:
-            hidden = self.graphs.replay(*graph)
+            hidden = self.graphs.replay(*graph, inputs.attn_metadata.shared is not None)
         else:
             with set_forward_context(inputs.attn_metadata, self.kv_caches):
                 hidden = self.model(inputs.input_ids, inputs.positions)
@@ -218,10 +226,10 @@ class ModelRunner:
         return sum(kv.numel() * kv.element_size() for kv in kv_caches)
 
     @torch.inference_mode()
-    def _graph_forward(self, num_tokens: int, mixed: bool) -> torch.Tensor:
+    def _graph_forward(self, num_tokens: int, mixed: bool, shared: bool) -> torch.Tensor:
         """The model on the persistent inputs, shaped as a padded step of num_tokens."""
         b = self.buffers
-        meta = b.graph_metadata(num_tokens, self._graph_rows(num_tokens, mixed), mixed, self.max_model_len)
+        meta = b.graph_metadata(num_tokens, self._graph_rows(num_tokens, mixed), mixed, self.max_model_len, shared)
         with set_forward_context(meta, self.kv_caches):
             return self.model(b.input_ids[:num_tokens], b.positions[:num_tokens])
 

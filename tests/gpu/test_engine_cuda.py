@@ -53,14 +53,44 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model_dirs, dtype, max_n
 
 
 def _count_replays(graphs):
-    count = {False: 0, True: 0}
+    """Replays by kind: False decode-only, True mixed, "shared" decode with shared prefix segments."""
+    count = {False: 0, True: 0, "shared": 0}
     replay = graphs.replay
 
-    def counted(num_tokens, mixed):
-        count[mixed] += 1
-        return replay(num_tokens, mixed)
+    def counted(num_tokens, mixed, shared=False):
+        count["shared" if shared else mixed] += 1
+        return replay(num_tokens, mixed, shared)
     graphs.replay = counted
     return count
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shared_prefix_decode_gives_the_same_tokens(tmp_path, monkeypatch, dtype):
+    """Prompts behind one 1,100-token prefix (prefix-cache hits): decode reads the shared segments once for
+    all rows (graphs and eager). float32: the same greedy tokens as without it; bf16: graphs == eager."""
+    from conftest import make_tiny_model
+
+    from pagedllm.attention import triton_backend
+    d = make_tiny_model(tmp_path / "long", arch="qwen3", seed=5, max_position_embeddings=2048)
+    prefix = [5 + (11 * j) % 400 for j in range(1100)]
+    prompts = [prefix + [7 + i] * (3 + i) for i in range(12)] + [[9] * 700]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    kwargs = dict(device="cuda", dtype=dtype, log_stats_interval=0)
+
+    def run(**kw):
+        llm = LLM(d, **kwargs, **kw)
+        llm.generate(prompts[:1], params, use_tqdm=False)        # the prefix is cached from here on
+        count = _count_replays(llm.engine.runner.graphs) if llm.engine.runner.graphs else None
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], count
+
+    graphed, count = run()
+    assert count["shared"] > 0
+    eager, _ = run(enforce_eager=True)
+    assert graphed == eager
+    if dtype == "float32":
+        monkeypatch.setattr(triton_backend, "shared_rows_per_item", lambda dtype, group: 0)
+        per_row, count = run()
+        assert count["shared"] == 0 and per_row == graphed
 
 
 @pytest.mark.xfail(strict=False, reason="issue 3's 95% target is not met: 85.5% on an H200; transformers' own bf16 "

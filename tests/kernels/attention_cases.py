@@ -51,9 +51,10 @@ def random_rows(rng: random.Random, num_rows: int, max_context: int, max_query: 
 
 
 def make_batch(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=0,
-               max_seq_len_bound=None, num_blocks=None, max_blocks=None) -> Batch:
+               max_seq_len_bound=None, num_blocks=None, max_blocks=None, shared=()) -> Batch:
     """max_seq_len_bound: an upper bound to pass as max_seq_len; num_blocks, max_blocks: fixed sizes of the
-    cache and of the block tables (as a CUDA graph's static buffers have), else just enough."""
+    cache and of the block tables (as a CUDA graph's static buffers have), else just enough. shared:
+    (rows, n) pairs: those rows' first n blocks are the first row's (a prefix-cache hit), n blocks of context."""
     gen = torch.Generator().manual_seed(seed)
     blocks_per_row = [-(-seq_len // block_size) for seq_len, _ in rows]
     num_blocks = num_blocks or sum(blocks_per_row) + 3
@@ -61,9 +62,14 @@ def make_batch(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtype, dev
     max_blocks = max_blocks or max(blocks_per_row) + 2
     tables = torch.full((len(rows), max_blocks), POISON_BLOCK, dtype=torch.int32)
     ref_tables = torch.zeros((len(rows), max_blocks), dtype=torch.int32)
+    row_ids = [torch.tensor([free.pop() for _ in range(n)], dtype=torch.int32) for n in blocks_per_row]
+    for group, n in shared:
+        for i in group:
+            assert n * block_size <= rows[i][0] - rows[i][1], "shared blocks must hold context only"
+            row_ids[i][:n] = row_ids[group[0]][:n]
     slots, starts, padding = [], [0], []
     for i, (seq_len, query_len) in enumerate(rows):
-        ids = torch.tensor([free.pop() for _ in range(blocks_per_row[i])], dtype=torch.int32)
+        ids = row_ids[i]
         tables[i, :len(ids)] = ref_tables[i, :len(ids)] = ids
         if seq_len == 0:
             slots.append(-1)
@@ -159,6 +165,59 @@ def check_graph_padding(batch: Batch, backend, extra_rows: int = 3, extra_tokens
     assert torch.equal(got[:num_tokens], want), "graph padding changed a real token's output"
 
 
+def shared_prefix_plan(batch: Batch, block_size: int, grid: int | None = None):
+    """The runner's plan for the batch's decode rows, items padded with count-0 rows up to `grid`."""
+    import numpy as np
+
+    from pagedllm.attention.shared_prefix import SharedPrefixPlan, plan_shared_prefix
+    from pagedllm.attention.triton_backend import shared_rows_per_item
+    m, n = batch.meta, len(batch.meta.seq_lens_cpu)
+    num_q_heads, num_kv_heads = batch.q.shape[1], batch.kv_cache.shape[3]
+    per_item = shared_rows_per_item(batch.q.dtype, num_q_heads // num_kv_heads)
+    first_seg, items, rows = np.zeros(n, np.int32), np.zeros((4 * n, 4), np.int32), np.zeros(n, np.int32)
+    qsl = np.asarray(m.query_start_loc_cpu)
+    k = plan_shared_prefix(m.block_tables.cpu().numpy(), np.diff(qsl), np.asarray(m.seq_lens_cpu), block_size,
+                           per_item, len(items), first_seg, items, rows)
+    dev = batch.q.device
+    return SharedPrefixPlan(torch.from_numpy(first_seg).to(dev), torch.from_numpy(items[:grid or k]).to(dev),
+                            torch.from_numpy(rows).to(dev), per_item), k
+
+
+def check_shared_prefix(batch: Batch, backend, block_size: int) -> float:
+    """Rows sharing prefix blocks: with the plan (segments read once for a group) the output matches the
+    oracle, is close to the per-row path, and padding the items (a graph's grid) changes nothing."""
+    import dataclasses
+    scale = batch.q.shape[-1] ** -0.5
+    torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
+    ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale)
+    per_row = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale)
+    plan, num_items = shared_prefix_plan(batch, block_size)
+    assert num_items > 0, "no shared segment found"
+    got = backend.paged_attention(batch.q, batch.kv_cache, dataclasses.replace(batch.meta, shared=plan), scale)
+    assert torch.isfinite(got).all() and (got[batch.padding] == 0).all()
+    real = ~batch.padding
+    err = rel_error(got[real], ref[real])
+    assert err <= TOLERANCE[batch.q.dtype], f"shared prefix: relative error {err:.2e}"
+    assert rel_error(got[real], per_row[real]) <= TOLERANCE[batch.q.dtype]
+    padded, _ = shared_prefix_plan(batch, block_size, grid=num_items + 5)
+    again = backend.paged_attention(batch.q, batch.kv_cache, dataclasses.replace(batch.meta, shared=padded), scale)
+    assert torch.equal(again, got), "count-0 items changed the output"
+    return err
+
+
+def shared_prefix_rows(rng: random.Random, prefix: int, groups: int, per_group: int, block_size: int):
+    """Decode rows of `groups` prompts of `prefix` context tokens each, plus other rows; -> rows, shared."""
+    rows, shared = random_rows(rng, 5, max_context=3 * prefix, max_query=20), []
+    for _ in range(groups):
+        members = []
+        for _ in range(per_group):
+            members.append(len(rows))
+            rows.append((prefix + rng.randint(1, 40), 1))
+        shared.append((members, prefix // block_size))
+    rows.append((prefix + 5, 1))          # a lone row whose blocks are its own
+    return rows, shared
+
+
 # Small shapes for the interpreter: every feature, each kernel path, in well under a minute on 2 cores.
 def interpreter_cases():
     rng = random.Random(0)
@@ -200,7 +259,7 @@ def run_interpreter() -> None:
     from pagedllm.attention import triton_backend
     _patch_interpreter()
     # Tiny segments, so that a 300-token row exercises many segments and the "longer segments" regime.
-    triton_backend.PARTITION, triton_backend.MAX_SEGMENTS = 32, 4
+    triton_backend.PARTITION, triton_backend.MAX_SEGMENTS = 64, 4
     for name, rows, (hq, hkv, dim, bs, dtype), seed in interpreter_cases():
         batch = make_batch(rows, hq, hkv, dim, bs, dtype, "cpu", seed=seed)
         check_write_kv(batch, triton_backend)
@@ -208,6 +267,9 @@ def run_interpreter() -> None:
         decode_row = next(i for i, (s, q) in enumerate(rows) if q == 1 and s > 0)
         check_row_independent_of_batch(batch, triton_backend, decode_row)
         check_graph_padding(batch, triton_backend)
+        rows, shared = shared_prefix_rows(random.Random(seed), 2 * 64, groups=2, per_group=3, block_size=bs)
+        check_shared_prefix(make_batch(rows, hq, hkv, dim, bs, dtype, "cpu", seed=seed, shared=shared),
+                            triton_backend, bs)
         print(f"ok {name} rel_err={err:.1e}", flush=True)
 
 

@@ -9,9 +9,11 @@ from attention_cases import (
     check_attention,
     check_graph_padding,
     check_row_independent_of_batch,
+    check_shared_prefix,
     check_write_kv,
     make_batch,
     random_rows,
+    shared_prefix_rows,
 )
 from kernel_checks import run_under_interpreter
 
@@ -43,6 +45,17 @@ def test_mixed_batch_matches_torch(dtype, heads, head_dim, block_size):
     check_write_kv(batch, _triton())
     check_attention(batch, _triton())
     check_graph_padding(batch, _triton())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8), (8, 1)], ids=str)
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_shared_prefix_segments(dtype, heads, head_dim):
+    """Groups of decode rows behind 2,000-token prefixes (W3's shape), beside rows of every other kind."""
+    rows, shared = shared_prefix_rows(random.Random(11), 2000, groups=3, per_group=21, block_size=16)
+    batch = make_batch(rows, *heads, head_dim, 16, dtype, "cuda", seed=11, shared=shared)
+    check_shared_prefix(batch, _triton(), 16)
 
 
 @pytest.mark.gpu

@@ -2,6 +2,8 @@
 import numpy as np
 import torch
 
+from pagedllm.attention import triton_backend
+from pagedllm.attention.shared_prefix import plan_shared_prefix
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_graph_token_cap
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequestState
 from pagedllm.sampling_params import SamplingParams
@@ -99,3 +101,52 @@ def test_capture_sizes_cover_every_batch():
     graphs = CudaGraphs(sizes, mixed)
     assert [graphs.padded_size(n, False) for n in (1, 3, 9, 97, 100, 101)] == [1, 4, 16, 100, 100, None]
     assert [graphs.padded_size(n, True) for n in (2, 17, 513, 8192, 8193)] == [16, 32, 640, 8192, None]
+
+
+def _plan(tables, query_lens, seq_lens, rows_per_item=2, max_items=64, block_size=BS):
+    n = len(seq_lens)
+    first_seg, items, rows = np.zeros(n, np.int32), np.zeros((max_items, 4), np.int32), np.zeros(n, np.int32)
+    k = plan_shared_prefix(np.asarray(tables, np.int32), np.asarray(query_lens), np.asarray(seq_lens), block_size,
+                           rows_per_item, max_items, first_seg, items, rows)
+    return first_seg.tolist(), items[:k].tolist(), rows.tolist()
+
+
+def test_shared_prefix_plan(monkeypatch):
+    """Whole segments that a group's tables agree on, before every row's last token; decode rows only."""
+    monkeypatch.setattr(triton_backend, "PARTITION", 2 * BS)      # segments of 2 blocks
+    monkeypatch.setattr(triton_backend, "MAX_SEGMENTS", 8)
+    common = [50, 51, 52, 53, 54]
+    tables = [common + [60, 0], [70, 71, 72, 73, 0, 0, 0], common + [61, 0], common[:3] + [99, 62, 63, 0],
+              [70, 71, 72, 73, 74, 0, 0], common + [64, 0], [70, 71, 72, 73, 0, 0, 0]]
+    query_lens = [1, 1, 1, 1, 1, 1, 5]
+    seq_lens = [23, 13, 24, 27, 17, 22, 16]
+    first_seg, items, rows = _plan(tables, query_lens, seq_lens)
+    # rows 0, 2, 3, 5 start with block 50 and agree on 3 blocks (row 3 differs at the 4th): 1 segment;
+    # rows 1 and 4 agree on 4 blocks, but row 1's last token is at position 12, in its 4th block: 1 segment;
+    # row 6 is a prefill chunk.
+    assert first_seg == [1, 1, 1, 1, 1, 1, 0]
+    assert rows[:6] == [0, 2, 3, 5, 1, 4]
+    assert items == [[0, 0, 2, 0], [0, 2, 2, 0], [0, 4, 2, 1]]
+    # items past max_items: that group is left to decode_partition
+    first_seg, items, _ = _plan(tables, query_lens, seq_lens, max_items=2)
+    assert first_seg == [1, 0, 1, 1, 0, 1, 0] and len(items) == 2
+    # too long for PARTITION-token segments (8 segments of 2 blocks = 64 tokens): no plan
+    assert _plan(tables, query_lens, [65] * 7)[1] == []
+
+
+def test_build_plans_shared_segments_and_pads_the_graph_grid(monkeypatch):
+    monkeypatch.setattr(triton_backend, "PARTITION", 2 * BS)
+    tables = BlockTables(max_blocks_per_req=8)
+    reqs = [make_req(tables, str(i), [1] * (13 + i), [5, 6, 7, 10 + i], 12 + i) for i in range(3)]
+    buf = InputBuffers(max_tokens=8, max_reqs=4, max_blocks_per_req=8, device=torch.device("cpu"),
+                       shared_rows_per_item=2)
+    plan = buf.build(reqs, [1, 1, 1], tables, BS, share=True).attn_metadata.shared
+    assert plan.first_seg.tolist() == [1, 1, 1] and plan.rows_per_item == 2
+    assert plan.items.tolist() == [[0, 0, 2, 0], [0, 2, 1, 0]] and plan.rows[:3].tolist() == [0, 1, 2]
+    graph = buf.build(reqs, [1, 1, 1], tables, BS, pad_tokens=4, pad_rows=4, share=True, share_grid=6)
+    plan = graph.attn_metadata.shared
+    assert plan.first_seg.tolist() == [1, 1, 1, 0] and plan.items.shape == (6, 4)
+    assert plan.items[2:, 2].tolist() == [0] * 4                 # spare programs see count 0
+    assert buf.build(reqs, [1, 1, 1], tables, BS).attn_metadata.shared is None          # share off
+    lone = buf.build(reqs[:1], [1], tables, BS, share=True).attn_metadata.shared
+    assert lone is None

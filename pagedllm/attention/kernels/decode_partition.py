@@ -5,6 +5,8 @@ token, and only then: the query heads of kv head h against segments z, z + num_s
 For each segment it writes the unnormalised output and the softmax statistics (max, sum, in log2 units);
 decode_reduce merges the segments in order.
 
+With HAS_SHARED, segments below first_seg[r] are skipped: shared_prefix wrote them, once for many rows.
+
 A row's segments depend on its own seq_len alone (segment_len below: 512 tokens up to 16 segments, longer
 beyond), never on the batch, on num_splits or on the max_seq_len bound that sized the grid; so a row's
 output is bit-identical in any batch, eager or replayed from a CUDA graph.
@@ -28,7 +30,7 @@ def segment_len(seq_len, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr, TI
 # num_splits unspecialised: one binary for every split count, so the count cannot change a result.
 @triton.jit(do_not_specialize=["num_splits"])
 def decode_partition_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, first_seg_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
     scale_log2, num_splits,
     stride_q_tok, stride_q_head, stride_bt,
@@ -36,7 +38,7 @@ def decode_partition_kernel(
     stride_po_req, stride_po_head, stride_po_part, stride_pm_req, stride_pm_head,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr,
 ):
     req, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + req)
@@ -45,7 +47,10 @@ def decode_partition_kernel(
     seq_len = tl.load(seq_lens_ptr + req)
     seg_len = segment_len(seq_len, PARTITION, MAX_SEGMENTS, TILE_N)
     num_segs = tl.cdiv(seq_len, seg_len)
-    if split >= num_segs:
+    first = 0
+    if HAS_SHARED:
+        first = tl.load(first_seg_ptr + req)
+    if first + split >= num_segs:
         return
 
     rows = tl.arange(0, BLOCK_M)                      # query head within the group
@@ -58,7 +63,7 @@ def decode_partition_kernel(
     out_base = req.to(tl.int64) * stride_po_req + q_head * stride_po_head
     stat_base = req.to(tl.int64) * stride_pm_req + q_head * stride_pm_head
 
-    for seg in range(split, num_segs, num_splits):
+    for seg in range(first + split, num_segs, num_splits):
         kv_start = seg * seg_len
         kv_end = tl.minimum(kv_start + seg_len, seq_len)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
