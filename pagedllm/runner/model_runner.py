@@ -46,7 +46,8 @@ class ModelRunner:
         self.tables = BlockTables(cdiv(max_model_len, self.block_size))
         max_reqs = config.max_num_seqs
         shared_rows_per_item = 0
-        if device.type == "cuda":   # the Triton backend reads segments many decode rows share once for all
+        if device.type == "cuda" and not config.disable_cascade_attn:
+            # the Triton backend reads segments many decode rows share once for all (attention/shared_prefix.py)
             from pagedllm.attention.triton_backend import shared_rows_per_item as rows_per_item
             shared_rows_per_item = rows_per_item(dtype, hf_config.num_attention_heads // self.num_kv_heads)
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_reqs), max_reqs,
@@ -61,7 +62,8 @@ class ModelRunner:
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager:
             mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))
-            self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top), shared=True)
+            self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top),
+                                     shared=shared_rows_per_item > 0)
 
         block_bytes = bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, dtype)
         profiled = None
