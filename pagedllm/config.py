@@ -42,7 +42,7 @@ class EngineConfig:
                                            "(default on CPU: enough for max_num_seqs full-length requests, at "
                                            "most 4 GiB)")
     num_gpu_blocks_override: int | None = _f(None, "exact number of KV blocks (tests, debugging)")
-    enforce_eager: bool = _f(False, "never use CUDA graphs (they replay decode-only steps)")
+    enforce_eager: bool = _f(False, "never use CUDA graphs (they replay decode and small mixed steps)")
     disable_cascade_attn: bool = _f(False, "GPU decode reads each row's whole context itself, instead of reading "
                                     "the segments many rows share (a cached prompt) once for all of them")
     log_stats_interval: float = _f(10.0, "seconds between engine statistics log lines; 0 turns them off")

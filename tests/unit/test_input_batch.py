@@ -101,7 +101,7 @@ def test_capture_sizes_cover_every_batch():
     graphs = CudaGraphs(sizes, mixed)
     assert [graphs.padded_size(n, False) for n in (1, 3, 9, 97, 100, 101)] == [1, 4, 16, 100, 100, None]
     assert [graphs.padded_size(n, True) for n in (2, 17, 513, 8192, 8193)] == [16, 32, 640, 8192, None]
-    assert not any(shared for _, _, shared in graphs.keys)      # cascade off: no shared_prefix graphs to capture
+    assert sorted(graphs.keys) == sorted([(n, False, False) for n in sizes] + [(n, True, False) for n in mixed])
     shared = CudaGraphs(sizes, mixed, shared=True).keys
     assert sorted(n for n, mixed, s in shared if s) == [n for n in sizes if n >= 2]
 
