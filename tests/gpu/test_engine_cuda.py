@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.bench.agreement import PROMPTS as TEXT_PROMPTS, free_running, greedy, token_ids
 
 pytestmark = pytest.mark.gpu
 
@@ -102,23 +103,17 @@ def test_shared_prefix_decode_gives_the_same_tokens(tmp_path, dtype):
         assert count["shared"] == count["captured shared"] == 0 and per_row == graphed
 
 
-@pytest.mark.xfail(strict=False, reason="issue 3's 95% target is not met: 91.8% on an H200 (float32 logits); "
-                   "transformers' own bf16 gets 91.0% there; on 512 broad prompts float32 arithmetic on bf16-rounded "
-                   "weights reaches only 93.3%: near-ties of this 260k-parameter model decide it "
+@pytest.mark.xfail(strict=False, reason="issue 3's literal bf16 target (95% of tokens before the first "
+                   "divergence) is decided by near-ties of this fp32-trained 260k-parameter model: 91.8% on an H200, "
+                   "transformers' own bf16 91.0%; float32 arithmetic on bf16-rounded weights keeps only 93.3% of 512 "
+                   "broad prompts. tests/e2e/test_bf16_agreement.py checks what rounding may do, teacher-forced "
                    "(benchmarks/RESULTS.md)")
 def test_bf16_greedy_mostly_matches_float32_cpu():
     """The shipped real model (random weights have near-ties everywhere): bf16 on GPU keeps at least 95% of
     the first 32 greedy tokens of float32 on CPU (tokens before the first divergence, summed over prompts)."""
-    prompts = ["Once upon a time", "The little dog", "Lily wanted to", "One day, a big", "Tom and Sam went to the",
-               "She looked at the sky and", "The cat sat", "There was a"]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    ref = LLM(device="cpu", dtype="float32", log_stats_interval=0).generate(prompts, params, use_tqdm=False)
-    bf16 = LLM(device="cuda", dtype="bfloat16", log_stats_interval=0).generate(prompts, params, use_tqdm=False)
-    same = 0
-    for a, b in zip(ref, bf16):
-        x, y = a.outputs[0].token_ids, b.outputs[0].token_ids
-        same += next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x))
-    assert same / (32 * len(prompts)) >= 0.95
+    ref = token_ids(greedy(LLM(device="cpu", dtype="float32", log_stats_interval=0), TEXT_PROMPTS, 32))
+    bf16 = token_ids(greedy(LLM(device="cuda", dtype="bfloat16", log_stats_interval=0), TEXT_PROMPTS, 32))
+    assert free_running(ref, bf16) >= 0.95
 
 
 def test_kv_cache_sized_from_gpu_memory_utilization(tiny_model_dirs):
