@@ -41,7 +41,8 @@ def main():
     n, dev = args.max_tokens, args.device
 
     def engine(round_weights=False, **kw):
-        llm = LLM(args.model, log_stats_interval=0, **kw)
+        # a small fixed cache: several engines share the GPU, and a cache of the free memory would not let them
+        llm = LLM(args.model, log_stats_interval=0, num_gpu_blocks_override=2048, **kw)
         if round_weights:
             with torch.no_grad():
                 for p in llm.engine.runner.model.parameters():
