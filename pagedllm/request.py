@@ -2,7 +2,7 @@
 import enum
 import time
 
-from pagedllm.core.block_hash import BlockHash, hash_block_tokens
+from pagedllm.core.block_hash import BlockHash, hash_full_blocks
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -66,8 +66,9 @@ class Request:
 
     def _update_block_hashes(self):
         """Hash every newly full block; the chain makes each hash name the whole prefix before it."""
-        bs = self.block_size
-        for i in range(len(self.block_hashes), self.num_tokens // bs):
-            parent = self.block_hashes[-1] if self.block_hashes else None
-            extra = (self.cache_salt,) if i == 0 and self.cache_salt is not None else None
-            self.block_hashes.append(hash_block_tokens(parent, self.all_token_ids[i * bs:(i + 1) * bs], extra))
+        bs, done = self.block_size, len(self.block_hashes)
+        if (done + 1) * bs > self.num_tokens:
+            return    # a decode step that fills no block: most calls
+        parent = self.block_hashes[-1] if done else None
+        extra = (self.cache_salt,) if done == 0 and self.cache_salt is not None else None
+        self.block_hashes += hash_full_blocks(parent, self.all_token_ids[done * bs:], bs, extra)

@@ -102,6 +102,8 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(llm):
         llm.generate([1] * 500, SamplingParams(max_tokens=50), use_tqdm=False)
     with pytest.raises(ValueError, match=r"prompt_token_ids must be integers in \[0, 512\)"):
         llm.generate([[1, 2, 3], [1, 9999]], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompt_token_ids must be integers .* got \[True\]"):
+        llm.generate([[1, True]], use_tqdm=False)      # bool is an int subclass, not a token id
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], use_tqdm=False)
     with pytest.raises(ValueError, match="top_p"):

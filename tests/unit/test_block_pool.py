@@ -181,3 +181,21 @@ def test_cache_salt_separates_prefixes_and_chains_through():
     kv.allocate_slots(request("a"), 12)
     assert kv.get_computed_blocks(request("b"))[1] == 0 and kv.get_computed_blocks(request(None))[1] == 0
     assert kv.get_computed_blocks(request("a"))[1] == 8
+
+
+def test_block_hashes_are_sha256_of_the_chain_however_the_tokens_arrive():
+    """The definition, pinned (the disk tier keys files on these hashes across processes and versions): block i
+    is sha256(hash of block i-1, or b"root" | its tokens as int64 | repr of the salt on block 0)."""
+    import hashlib
+    from array import array
+    tokens = [7, 70000, 3, 2**40, 5, 6, 7, 8, 9, 10]
+    want, parent = [], b"root"
+    for i in range(len(tokens) // BS):
+        data = array("q", tokens[i * BS:(i + 1) * BS]).tobytes() + (repr(("s",)).encode() if i == 0 else b"")
+        parent = hashlib.sha256(parent + data).digest()
+        want.append(parent)
+    whole = Request("x", tokens, SamplingParams(), 4, BS, cache_salt="s")
+    grown = Request("y", tokens[:1], SamplingParams(), 12, BS, cache_salt="s")
+    for t in tokens[1:]:          # decode: one token at a time
+        grown.append_output_token_id(t)
+    assert whole.block_hashes == grown.block_hashes == want
