@@ -7,7 +7,7 @@ teacher-forced: each of the n positions predicted from float32's own prefix (pro
     once, and gives float32's logprob gap at each flip: a small gap is a near-tie, a large one a real error.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -32,9 +32,9 @@ BROAD_PROMPTS = [f"{s} {v}" for s in _SUBJECTS for v in _VERBS]
 
 @dataclass
 class ForcedAgreement:
-    share: float                                       # positions whose top token is float32's
-    gaps: list[float] = field(default_factory=list)    # float32 logprob(own token) - logprob(other's), per flip
-    logprob_error: float = 0.0                         # mean |other's - float32's logprob| of float32's token
+    share: float            # positions whose top token is float32's
+    gaps: list[float]       # float32 logprob(own token) - logprob(other's), per flip
+    logprob_error: float    # mean |other's - float32's logprob| of float32's token
 
 
 def greedy(llm, prompts, n: int) -> list[RequestOutput]:
