@@ -5,6 +5,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from pagedllm.chat_template import render_chat
 from pagedllm.config import DEMO_MODEL, EngineConfig
 from pagedllm.engine.engine import Engine
 from pagedllm.engine.output_processor import OutputKind
@@ -50,15 +51,17 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of them, through the chat template."""
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """One conversation (a list of OpenAI messages: {"role", "content"}, tool_calls, tool_call_id) or a list of
+        them, through the chat template (vLLM's options: continue_final_message continues the last message;
+        chat_template_kwargs are extra template variables)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template: pass chat_template=... or use generate()")
-        prompts = [tokenizer.apply_chat_template(c, chat_template=chat_template, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
-                   for c in conversations]
+        prompts = [render_chat(tokenizer, c, chat_template, add_generation_prompt, continue_final_message,
+                               chat_template_kwargs) for c in conversations]
         # The template already holds any BOS token: encode without adding special tokens again.
         token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_ids, sampling_params, use_tqdm)

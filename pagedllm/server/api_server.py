@@ -56,7 +56,7 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None) 
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt", "invalid_value")
         ids = (ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens) if req.prompt is not None
-               else render_chat(ctx, req.messages, req.add_generation_prompt))
+               else render_chat(ctx, req))
         return {"tokens": ids, "count": len(ids), "max_model_len": ctx.engine.max_model_len}
 
     @app.post("/detokenize")

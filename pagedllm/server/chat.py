@@ -5,44 +5,50 @@ import uuid
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from pagedllm import chat_template
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, Logprob
-from pagedllm.server.errors import APIError
-from pagedllm.server.protocol import ChatCompletionRequest, ChatMessage
+from pagedllm.server.completions import prompt_logprobs_json
+from pagedllm.server.errors import APIError, shorten
+from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
 from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, json_str, json_value,
                                      merge, sse, sse_prefix, sse_stream, until_disconnect, usage)
 
 
-def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    """Token ids of the conversation through the chat template (as LLM.chat)."""
+def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+    """Token ids of the request's messages through the chat template, with its options (as LLM.chat)."""
     if ctx.chat_template is None and not getattr(ctx.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template",
                        "messages", "invalid_value")
     try:
-        text = ctx.tokenizer.apply_chat_template([m.as_template_input() for m in messages],
-                                                 chat_template=ctx.chat_template, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
-    except Exception as e:   # a template that rejects these messages (roles, order) raises here
-        raise APIError(400, f"the chat template failed on these messages: {e}", "messages", "invalid_value") from e
-    # The template already holds any BOS token: encode without adding special tokens again.
-    return ctx.tokenizer.encode(text, add_special_tokens=False)
+        text = chat_template.render_chat(ctx.tokenizer, [m.as_template_input() for m in req.messages],
+                                         ctx.chat_template, req.add_generation_prompt, req.continue_final_message,
+                                         req.chat_template_kwargs)
+    except chat_template.ChatTemplateError as e:
+        raise APIError(400, shorten(str(e), 1000), e.param, "invalid_value") from e
+    # The template already holds any BOS token: no special tokens added again unless asked (vLLM's default).
+    return ctx.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
     ctx.check_model(req.model)
-    prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt)
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    ctx.check_context_length(len(prompt_ids), max_tokens, "messages")
+    prompt_ids = render_chat(ctx, req)
+    max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(req, max_tokens_param)
+    ctx.check_context_length(req.num_prompt_tokens(len(prompt_ids), ctx.engine.max_model_len), max_tokens,
+                             "messages", max_tokens_param)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
-    params = req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                    req.prompt_logprobs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind)
     if req.stream:
-        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, request_id, len(prompt_ids), streams)),
+        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, response_id, len(prompt_ids), streams)),
                                  media_type="text/event-stream")
-    return await until_disconnect(raw_request, _full(ctx, req, request_id, streams, ids))
+    return await until_disconnect(raw_request, _full(ctx, req, response_id, streams, ids))
 
 
 async def _full(ctx, req: ChatCompletionRequest, request_id: str, streams, ids) -> dict:
@@ -54,8 +60,11 @@ async def _full(ctx, req: ChatCompletionRequest, request_id: str, streams, ids) 
                 "logprobs": _logprobs(req, c), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                for c in out.outputs]
     num_completion = sum(len(c.token_ids) for c in out.outputs)
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
-            "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion)}
+    response = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
+                "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion)}
+    if req.prompt_logprobs is not None:   # vLLM's place: the response's, there is one prompt
+        response["prompt_logprobs"] = prompt_logprobs_json(out)
+    return response
 
 
 async def _stream(ctx, req: ChatCompletionRequest, request_id: str, num_prompt: int, streams):

@@ -18,30 +18,35 @@ from pagedllm.server.serving import (ServingContext, abort_all, add_requests, fi
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_request: Request):
     ctx.check_model(req.model)
-    prompts = _prompts(ctx, req.prompt)   # (text or None, token ids)
+    prompts = _prompts(ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
     for _, ids in prompts:
-        ctx.check_context_length(len(ids), req.max_tokens, "max_tokens")
-    echo_logprobs = req.echo and req.logprobs is not None
-    params = req.to_sampling_params(req.max_tokens, req.logprobs, req.logprobs if echo_logprobs else None)
+        ctx.check_context_length(req.num_prompt_tokens(len(ids), ctx.engine.max_model_len), req.max_tokens,
+                                 "prompt", "max_tokens")
+    prompt_logprobs = req.prompt_logprobs
+    if prompt_logprobs is None and req.echo and req.logprobs is not None:   # echo's prompt tokens need them
+        prompt_logprobs = req.logprobs
+    params = req.to_sampling_params(req.max_tokens, req.logprobs, prompt_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    response_id = f"cmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind)
     texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]
     if req.stream:
         num_prompt = sum(len(p[1]) for p in prompts)
-        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, request_id, texts, num_prompt, streams)),
-                                 media_type="text/event-stream")
-    return await until_disconnect(raw_request, _full(ctx, req, request_id, texts, streams, ids))
+        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt,
+                                                                     streams)), media_type="text/event-stream")
+    return await until_disconnect(raw_request, _full(ctx, req, response_id, texts, streams, ids))
 
 
-def _prompts(ctx: ServingContext, prompt) -> list[tuple[str | None, list[int]]]:
+def _prompts(ctx: ServingContext, prompt, add_special_tokens: bool) -> list[tuple[str | None, list[int]]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
-    return [(p, ctx.tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in prompt]
+    return [(p, ctx.tokenizer.encode(p, add_special_tokens=add_special_tokens)) if isinstance(p, str) else (None, p)
+            for p in prompt]
 
 
 async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], streams, ids) -> dict:
@@ -53,6 +58,8 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
     for i, out in enumerate(outputs):
         for c in out.outputs:
             choices.append(_choice(req, i * req.n + c.index, texts[i], out, c, echo=req.echo, offset=0))
+            if req.prompt_logprobs is not None:
+                choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out)
     num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
     num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
@@ -110,6 +117,15 @@ def _entry(lp: PositionLogprobs | None, token_id: int) -> tuple[str, float | Non
 def _prompt_entries(out: RequestOutput) -> list:
     positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
     return [_entry(lp, tid) for tid, lp in zip(out.prompt_token_ids, positions)]
+
+
+def prompt_logprobs_json(out: RequestOutput) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token (the first has none), token id -> logprob, rank, decoded token.
+    -inf becomes -9999.0, as vLLM's: JSON has no infinity."""
+    return [None if position is None else
+            {str(tid): {"logprob": max(p.logprob, -9999.0), "rank": p.rank, "decoded_token": p.decoded_token}
+             for tid, p in position.items()}
+            for position in out.prompt_logprobs or [None] * len(out.prompt_token_ids)]
 
 
 def _completion_logprobs(entries: list, offset: int) -> dict:

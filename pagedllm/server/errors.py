@@ -28,10 +28,22 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+MAX_ECHO_CHARS = 200   # of a value echoed in an error message
+
+
+def shorten(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """A value echoed in an error, cut short: a 5 MB stop string must not make a 5 MB response."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def bad_value(e: ValueError) -> APIError:
-    """A ValueError from SamplingParams or the engine: its message already names the field and the limit."""
-    match = re.match(r"SamplingParams\.(\w+)", str(e))
-    return APIError(400, str(e), param=match.group(1) if match else None, code="invalid_value")
+    """A ValueError from SamplingParams or the engine: its message already names the field and the limit
+    ("SamplingParams.<field> must be <limit>, got <value>"); the value is cut short."""
+    message = str(e)
+    match = re.match(r"SamplingParams\.(\w+)", message)
+    param = match.group(1) if match else "prompt" if message.startswith("prompt") else None
+    head, got, value = message.partition(", got ")
+    return APIError(400, shorten(head, 1000) + got + shorten(value), param, code="invalid_value")
 
 
 def install_error_handlers(app: FastAPI):
@@ -46,7 +58,7 @@ def install_error_handlers(app: FastAPI):
             return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error')}",
                                   None, "invalid_json")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
+        param = shorten(".".join(loc)) or None   # a path may hold a client's (unknown) key
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return error_response(400, message, param, "invalid_value")
 

@@ -1,25 +1,78 @@
 """The OpenAI request shapes (pydantic), and how each becomes SamplingParams.
 
-Types are checked here (a wrong type is a 400 naming the field); values are checked by SamplingParams and
-the engine, which name the field and the limit. Responses are plain dicts built in completions.py/chat.py.
+Every field a request may carry is declared here, with OpenAI's and vLLM's names, and each is one of:
+- honoured: it changes the output as OpenAI/vLLM define it (SamplingParams fields, chat template options);
+- a documented no-op: it cannot change the output (_NO_OPS below; README's Serve section lists them);
+- accepted only at its neutral value (one that changes nothing, as vLLM accepts), any other value a 400 naming
+  the field: features not implemented yet (structured output, tools, beam search), see `unsupported`.
+A field not declared is a 400 naming it ("Unrecognized request argument supplied: ..."), as OpenAI's.
+Types are checked here; values by SamplingParams and the engine, which name the field and the limit.
+Responses are plain dicts built in completions.py/chat.py.
 """
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.server.errors import APIError, shorten
 
-# OpenAI parameters this server does not implement: a request that sets them to anything but the
-# neutral value is refused rather than silently answered differently.
-_UNSUPPORTED = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None, "best_of": None,
-                "suffix": None, "tools": None, "response_format": None}
+# Accepted and without effect on the output (OpenAI's and vLLM's bookkeeping fields):
+#   user, metadata, store, service_tier, safety_identifier, prompt_cache_key: the client's labels;
+#   request_id: vLLM's, here it names the response (its id) and nothing else;
+#   stream_options without stream; parallel_tool_calls (tools are refused); priority 0 (the only priority).
+_NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "request_id",
+           "parallel_tool_calls")
+
+# Request fields passed to SamplingParams under the same name, and only when the client set them (None =
+# unset), so SamplingParams' defaults and the generation config's apply to the rest.
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                    "include_stop_str_in_output", "ignore_eos", "min_tokens", "skip_special_tokens",
+                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                    "allowed_token_ids", "bad_words", "truncate_prompt_tokens")
+
+# vLLM's neutral values of the fields issue 14's sampling part adds to SamplingParams. Until a field exists
+# there, its neutral value is dropped and any other value is a 400 (never a TypeError, never ignored).
+_NEUTRAL_SAMPLING = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                     "logit_bias": {}, "bad_words": []}
+
+_GUIDED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+           "guided_decoding_backend", "guided_whitespace_pattern")
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """Unknown fields are a 400 (pydantic's extra_forbidden names the field's path)."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Request(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, data):
+        # An APIError, not a ValueError: pydantic lets it through, so the 400 is OpenAI's and names the field.
+        if isinstance(data, dict):
+            for name in data:
+                if name not in cls.model_fields:
+                    raise APIError(400, f"Unrecognized request argument supplied: {shorten(str(name))}",
+                                   shorten(str(name)), "unrecognized_argument")
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, neutral, feature in self.unsupported():
+            if not neutral:
+                raise APIError(400, f"{name} is not supported yet ({feature})", name, "unsupported_parameter")
+        return self
+
+    def unsupported(self) -> list[tuple[str, bool, str]]:
+        """(field, whether its value is neutral, the feature it needs) for the fields not implemented yet."""
+        return []
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Request):
     """Fields that completions and chat share (names and meanings as OpenAI's and vLLM's)."""
     model: str | None = None
     n: int = 1
@@ -28,39 +81,83 @@ class _SamplingRequest(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None     # token id (a JSON key: a string) -> bias
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = None      # keep the prompt's last k tokens (-1: max_model_len)
+    prompt_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Not implemented yet: accepted only at their neutral values (unsupported()).
+    use_beam_search: bool = False
+    best_of: int | None = None
+    length_penalty: float = 1.0
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    spaces_between_special_tokens: bool = True
+    priority: int = 0
+    # Documented no-ops (_NO_OPS).
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    request_id: str | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported(cls, data):
-        if isinstance(data, dict):
-            for name, neutral in _UNSUPPORTED.items():
-                if data.get(name, neutral) not in (neutral, None):
-                    raise ValueError(f"{name} is not supported by this server")
-        return data
+    @model_validator(mode="after")
+    def _check_prompt_logprobs(self):
+        if self.prompt_logprobs is not None and self.stream:   # vLLM's rule: they come with the whole response
+            raise APIError(400, "prompt_logprobs are not available when stream is true", "prompt_logprobs",
+                           "invalid_value")
+        return self
+
+    def unsupported(self) -> list[tuple[str, bool, str]]:
+        structured = "structured output"
+        return [("use_beam_search", not self.use_beam_search, "beam search"),
+                ("best_of", self.best_of in (None, self.n), "best-of sampling: null or n"),
+                ("length_penalty", self.length_penalty == 1.0, "beam search"),
+                ("response_format", self.response_format in (None, {"type": "text"}), structured),
+                *[(name, getattr(self, name) is None, structured) for name in _GUIDED],
+                ("spaces_between_special_tokens", self.spaces_between_special_tokens, "detokenizer option"),
+                ("priority", self.priority == 0, "priority scheduling")]
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                           prompt_logprobs: int | None = None) -> SamplingParams:
-        """Unset fields keep SamplingParams' defaults; invalid values raise ValueError naming the field."""
-        names = ("temperature", "top_p", "top_k", "min_p")
-        given = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-        return SamplingParams(n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
-                              stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-                              include_stop_str_in_output=self.include_stop_str_in_output,
-                              skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs, **given)
+    def num_prompt_tokens(self, num_tokens: int, max_model_len: int) -> int:
+        """The prompt's length after truncate_prompt_tokens (vLLM's: the last k tokens; -1: max_model_len)."""
+        k = self.truncate_prompt_tokens
+        if k == -1:
+            return min(num_tokens, max_model_len)
+        return min(num_tokens, k) if k is not None and k >= 1 else num_tokens
+
+    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                           defaults: dict | None = None) -> SamplingParams:
+        """The fields the client set, over `defaults` (the generation config's), over SamplingParams' own;
+        invalid values raise ValueError naming the field."""
+        given = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
+        for name in [k for k in given if k not in SamplingParams.__dataclass_fields__]:
+            if given.pop(name) != _NEUTRAL_SAMPLING.get(name, ...):
+                raise APIError(400, f"{name} is not supported yet", name, "unsupported_parameter")
+        return SamplingParams(**{**(defaults or {}), **given, "n": self.n, "max_tokens": max_tokens,
+                                 "logprobs": logprobs, "prompt_logprobs": prompt_logprobs})
 
 
 class CompletionRequest(_SamplingRequest):
@@ -68,41 +165,108 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    add_special_tokens: bool = True    # vLLM's: BOS (etc.) added to text prompts
+    suffix: str | None = None
+
+    def unsupported(self) -> list[tuple[str, bool, str]]:
+        return [*super().unsupported(), ("suffix", not self.suffix, "fill-in-the-middle")]
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(_Strict):
+    name: str
+    arguments: str | dict[str, Any] | None = None    # OpenAI's: a JSON string
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None        # an assistant's calls, passed to the template
+    tool_call_id: str | None = None                 # a tool's answer: the call it answers
+    reasoning_content: str | None = None            # passed to templates that render it (vLLM's)
+    reasoning: str | None = None
+    # OpenAI's assistant-message fields a client sends back with a previous answer: annotations are a no-op,
+    # the others are accepted only as null.
+    annotations: list[Any] | None = None
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name in ("refusal", "audio", "function_call"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} in a message is not supported yet")
+        return self
 
     def as_template_input(self) -> dict:
-        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
-        message = {"role": self.role, "content": content or ""}
-        return message if self.name is None else {**message, "name": self.name}
+        """OpenAI's shape, as given (chat_template.template_message makes it what templates expect)."""
+        return self.model_dump(exclude_none=True, exclude={"annotations", "refusal", "audio", "function_call"})
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class _ChatTemplateOptions(_Request):
+    """How messages become a prompt: vLLM's chat template options (chat.render_chat)."""
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False      # the last message is continued: no generation prompt
+    chat_template_kwargs: dict[str, Any] | None = None   # extra template variables
+    add_special_tokens: bool = False          # on top of those the template writes (vLLM's default: none)
+
+
+class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    add_generation_prompt: bool = True
+    echo: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+
+    def unsupported(self) -> list[tuple[str, bool, str]]:
+        # tool_choice "auto" without tools chooses no tool: neutral.
+        return [*super().unsupported(), ("tools", not self.tools, "tool calling"),
+                ("tool_choice", self.tool_choice in (None, "none", "auto"), "tool calling"),
+                ("functions", not self.functions, "tool calling"),
+                ("function_call", self.function_call in (None, "none", "auto"), "tool calling"),
+                ("documents", not self.documents, "documents for RAG templates"),
+                ("chat_template", self.chat_template is None, "a request's own chat template"),
+                ("echo", not self.echo, "echo of the last message")]
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_ChatTemplateOptions):
+    """vLLM's /tokenize: a prompt, or messages through the chat template with the chat options."""
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None    # vLLM's defaults: true for a prompt, false for messages
+
+    @model_validator(mode="after")
+    def _chat_options_need_messages(self):
+        if self.prompt is not None:
+            for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs"):
+                if name in self.model_fields_set:
+                    raise APIError(400, f"{name} applies to messages, not to a prompt", name, "invalid_value")
+        if self.add_special_tokens is None:
+            self.add_special_tokens = self.prompt is not None
+        return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]

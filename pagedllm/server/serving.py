@@ -13,11 +13,12 @@ from json.encoder import encode_basestring_ascii
 from fastapi import Request
 from fastapi.responses import Response
 
+from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.server.errors import APIError
+from pagedllm.server.errors import APIError, shorten
 
 DONE = "data: [DONE]\n\n"
 
@@ -34,16 +35,28 @@ class ServingContext:
 
     def check_model(self, name: str | None):
         if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`).",
-                           "model", "model_not_found")
+            raise APIError(404, f"The model `{shorten(name)}` does not exist (this server serves "
+                                f"`{self.model_name}`).", "model", "model_not_found")
 
-    def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str):
-        """A prompt must leave room for max_tokens (or at least one token when max_tokens is unset)."""
-        limit = self.engine.max_model_len
-        if num_prompt_tokens + (max_tokens or 1) > limit:
+    def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str,
+                             max_tokens_param: str):
+        """A prompt must leave room for max_tokens (at least one token when max_tokens is unset) in the model's
+        context and in the KV cache. The error names the cause: the prompt when it alone leaves no room."""
+        limit, completion = self.engine.max_model_len, max_tokens or 1
+        if num_prompt_tokens + completion > limit:
+            param = prompt_param if num_prompt_tokens >= limit else max_tokens_param
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                f"{num_prompt_tokens + (max_tokens or 0)} tokens ({num_prompt_tokens} in the "
-                                f"prompt, {max_tokens} for the completion). Reduce the prompt or max_tokens.",
+                                f"{num_prompt_tokens + completion} tokens ({num_prompt_tokens} in the prompt, "
+                                f"{max_tokens or 'at least 1'} for the completion). Reduce `{param}`.",
+                           param, "context_length_exceeded")
+        # The KV cache must hold the whole sequence (the engine's check, InputProcessor._resolve_max_tokens).
+        block_size, num_blocks = self.engine.input_processor.block_size, self.engine.input_processor.num_blocks
+        total = num_prompt_tokens + (max_tokens or limit - num_prompt_tokens)
+        if cdiv(total, block_size) > num_blocks:
+            param = prompt_param if cdiv(num_prompt_tokens + 1, block_size) > num_blocks else max_tokens_param
+            raise APIError(400, f"The KV cache holds {num_blocks * block_size} tokens. However, you requested "
+                                f"{total} tokens ({num_prompt_tokens} in the prompt, {total - num_prompt_tokens} "
+                                f"for the completion{'' if max_tokens else ': set max_tokens'}). Reduce `{param}`.",
                            param, "context_length_exceeded")
 
 

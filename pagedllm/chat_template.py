@@ -1,0 +1,79 @@
+"""A conversation through a chat template, as vLLM renders it: OpenAI's message shapes in, prompt text out.
+
+LLM.chat and the server both render here, so the same conversation gives the same prompt offline and online.
+"""
+import inspect
+import json
+
+from transformers import PreTrainedTokenizerBase
+
+# apply_chat_template's own parameters (and the template's `messages`): not template variables, so
+# chat_template_kwargs may not set them (vLLM would drop them silently; here they are refused).
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+) | {"messages"}
+
+
+class ChatTemplateError(ValueError):
+    """A conversation or option the template cannot render; `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def render_chat(tokenizer, conversation: list[dict], chat_template: str | None = None,
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                chat_template_kwargs: dict | None = None) -> str:
+    """The prompt text of `conversation`. continue_final_message leaves the last message open (no end of turn,
+    no generation prompt) so the model continues it, as transformers and vLLM do."""
+    if add_generation_prompt and continue_final_message:
+        raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true: the first "
+                                "continues the last message, the second starts a new one", "continue_final_message")
+    kwargs = dict(chat_template_kwargs or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise ChatTemplateError(f"chat_template_kwargs may not set {reserved[0]!r}: it is not a template variable "
+                                f"(use the request field of that name where there is one)", "chat_template_kwargs")
+    messages = [template_message(m) for m in conversation]
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)
+    except Exception as e:   # a template that rejects these messages (roles, order) raises here
+        raise ChatTemplateError(f"the chat template failed on these messages: {e}", "messages") from e
+
+
+def template_message(message: dict) -> dict:
+    """One OpenAI message as templates expect it (vLLM's "string" content format): text parts joined by
+    newlines, null content as "", tool_calls kept with each call's `arguments` as a mapping when given as a
+    JSON object string (tool-use templates write `arguments | tojson`); other arguments stay as given."""
+    result = dict(message)
+    content = result.get("content")
+    if content is None:
+        result["content"] = ""
+    elif isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise ChatTemplateError("only text content parts ({'type': 'text', 'text': ...}) are supported",
+                                    "messages")
+        result["content"] = "\n".join(p["text"] for p in content)
+    if result.get("tool_calls") is not None:
+        calls = [{**c, "function": {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}}
+                 for c in result["tool_calls"]]
+        if calls:
+            result["tool_calls"] = calls
+        else:   # an empty list: the template's plain assistant path, as vLLM
+            del result["tool_calls"]
+    return result
+
+
+def _arguments(value):
+    if not value:
+        return {}
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        return parsed if isinstance(parsed, dict) else value
+    return value

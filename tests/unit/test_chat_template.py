@@ -1,0 +1,73 @@
+"""Conversations through a chat template (pagedllm/chat_template.py, shared by LLM.chat and the server):
+agent histories (tool calls, tool answers, content parts) reach the template in OpenAI's shapes, and the
+options continue_final_message / chat_template_kwargs render as vLLM's."""
+import pytest
+from conftest import DEMO_DIR
+
+from pagedllm.chat_template import ChatTemplateError, render_chat, template_message
+from pagedllm.engine.tokenizer import load_tokenizer
+
+# A tool-use template in the style of real ones (arguments written with tojson, tool answers by call id).
+TOOL_TEMPLATE = (
+    "{% if system_note is defined %}[{{ system_note }}]\n{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+    "{% if m.tool_calls is defined %}{% for c in m.tool_calls %}<call id={{ c.id }}>{{ c.function.name }}"
+    "{{ c.function.arguments | tojson }}</call>{% endfor %}{% endif %}"
+    "{% if m.tool_call_id is defined %}<for {{ m.tool_call_id }}>{% endif %}</{{ m.role }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+AGENT_HISTORY = [
+    {"role": "user", "content": [{"type": "text", "text": "Weather in"}, {"type": "text", "text": "Paris?"}]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(str(DEMO_DIR))
+
+
+def test_tool_calls_and_tool_answers_reach_the_template(tokenizer):
+    text = render_chat(tokenizer, AGENT_HISTORY, TOOL_TEMPLATE)
+    assert text == ("<user>Weather in\nParis?</user>\n"
+                    '<assistant><call id=call_1>get_weather{"city": "Paris"}</call></assistant>\n'
+                    "<tool>18C, sunny<for call_1></tool>\n"
+                    "<assistant>")
+
+
+def test_template_message_keeps_arguments_that_are_not_a_json_object():
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}
+    assert template_message({"role": "assistant", "tool_calls": [call]})["tool_calls"][0]["function"] == \
+        {"name": "f", "arguments": "not json"}
+    no_args = {"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}
+    assert template_message({"role": "assistant", "tool_calls": [no_args]})["tool_calls"][0]["function"] == \
+        {"name": "f", "arguments": {}}
+    assert "tool_calls" not in template_message({"role": "assistant", "content": "x", "tool_calls": []})
+
+
+def test_continue_final_message_and_template_kwargs(tokenizer):
+    conversation = [{"role": "user", "content": "Tell a story"}, {"role": "assistant", "content": "Once upon"}]
+    text = render_chat(tokenizer, conversation, TOOL_TEMPLATE, add_generation_prompt=False,
+                       continue_final_message=True, chat_template_kwargs={"system_note": "be brief"})
+    assert text == "[be brief]\n<user>Tell a story</user>\n<assistant>Once upon"
+    closed = render_chat(tokenizer, conversation, TOOL_TEMPLATE, add_generation_prompt=False)
+    assert closed == "<user>Tell a story</user>\n<assistant>Once upon</assistant>\n"
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(add_generation_prompt=True, continue_final_message=True), "continue_final_message"),
+    (dict(chat_template_kwargs={"tokenize": True}), "chat_template_kwargs"),
+    (dict(chat_template_kwargs={"messages": []}), "chat_template_kwargs"),
+])
+def test_refused_options_name_the_field(tokenizer, kwargs, param):
+    with pytest.raises(ChatTemplateError) as e:
+        render_chat(tokenizer, [{"role": "user", "content": "Hi"}], TOOL_TEMPLATE, **kwargs)
+    assert e.value.param == param
+
+
+def test_non_text_content_parts_are_refused(tokenizer):
+    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    with pytest.raises(ChatTemplateError, match="text content parts"):
+        render_chat(tokenizer, [message], TOOL_TEMPLATE)
