@@ -11,7 +11,13 @@ import httpx
 API_KEY = "test-key"
 SMALL_API_KEY = "small-key"
 MODEL_NAME = "tiny"
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+# Renders tool calls, tool answers and a template variable (`note`, from chat_template_kwargs) as tool-use
+# templates do, so tests can see them reach the template; plain conversations render as "role: content".
+CHAT_TEMPLATE = ("{% if note is defined %}[{{ note }}]\n{% endif %}"
+                 "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                 "{% if m.tool_calls is defined %}{% for c in m.tool_calls %} <call {{ c.id }}>{{ c.function.name }}"
+                 "{{ c.function.arguments | tojson }}</call>{% endfor %}{% endif %}"
+                 "{% if m.tool_call_id is defined %} <for {{ m.tool_call_id }}>{% endif %}{{ '\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 NUM_BLOCKS = 2048
 MAX_MODEL_LEN = 512

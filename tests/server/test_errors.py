@@ -1,10 +1,14 @@
 """Every error case returns its status and the OpenAI error shape, and leaves no request in the engine."""
 import asyncio
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 from server.server_utils import MAX_MODEL_LEN, MODEL_NAME, wait_all_blocks_free
+
+from pagedllm.server.errors import APIError
+from pagedllm.server.serving import ServingContext
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -29,10 +33,9 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None, code
     (COMPLETIONS, {"prompt": "a", "logprobs": 50}, "logprobs", "<= 20"),
     (COMPLETIONS, {"prompt": "a", "min_p": 2}, "min_p", "[0, 1]"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": "many"}, "max_tokens", "integer"),
-    (COMPLETIONS, {"prompt": [1, 2, 10**6]}, None, "prompt_token_ids"),
     (COMPLETIONS, {"prompt": []}, "prompt", "empty"),
     (COMPLETIONS, {"max_tokens": 4}, "prompt", "required"),
-    (COMPLETIONS, {"prompt": "a", "presence_penalty": 0.5}, None, "presence_penalty"),
+    (COMPLETIONS, {"prompt": [1, 2, 10**6]}, "prompt", "prompt_token_ids"),
     (CHAT, {"messages": MESSAGES, "temperature": -0.5}, "temperature", ">= 0"),
     (CHAT, {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs", "logprobs"),
     (CHAT, {"messages": []}, "messages", "at least 1"),
@@ -46,13 +49,42 @@ def test_invalid_values_are_400_naming_the_field(server, path, body, param, word
 
 @pytest.mark.parametrize("path,body,param", [
     (COMPLETIONS, {"prompt": "Once upon a time", "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
-    (COMPLETIONS, {"prompt": [5] * MAX_MODEL_LEN}, "max_tokens"),
+    (COMPLETIONS, {"prompt": [5] * MAX_MODEL_LEN}, "prompt"),
+    (COMPLETIONS, {"prompt": [5] * MAX_MODEL_LEN, "max_tokens": 4}, "prompt"),
     (CHAT, {"messages": [{"role": "user", "content": "a " * MAX_MODEL_LEN}]}, "messages"),
+    (CHAT, {"messages": MESSAGES, "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
+    (CHAT, {"messages": MESSAGES, "max_tokens": 4, "max_completion_tokens": MAX_MODEL_LEN}, "max_completion_tokens"),
 ])
-def test_prompt_plus_max_tokens_over_model_length_is_400(server, path, body, param):
+def test_prompt_plus_max_tokens_over_model_length_is_400_naming_the_cause(server, path, body, param):
     r = httpx.post(server.url + path, json={"model": MODEL_NAME, **body}, headers=server.headers)
     error = _assert_error(r, 400, param, "context_length_exceeded")
-    assert str(MAX_MODEL_LEN) in error["message"]
+    assert str(MAX_MODEL_LEN) in error["message"] and f"`{param}`" in error["message"]
+    assert "None" not in error["message"]
+
+
+def test_kv_cache_too_small_names_the_cause():
+    """The KV-capacity check of ServingContext, on a fake engine whose cache holds 8 blocks of 16 tokens."""
+    processor = SimpleNamespace(block_size=16, num_blocks=8)
+    ctx = ServingContext(SimpleNamespace(max_model_len=512, input_processor=processor), MODEL_NAME, None)
+    ctx.check_context_length(100, 28, "prompt", "max_tokens")   # 128 tokens: fits exactly
+    for num_prompt, max_tokens, param in ((100, 29, "max_tokens"), (100, None, "max_tokens"), (128, 1, "prompt"),
+                                          (200, 4, "prompt")):
+        with pytest.raises(APIError) as e:
+            ctx.check_context_length(num_prompt, max_tokens, "prompt", "max_tokens")
+        assert (e.value.param, e.value.code) == (param, "context_length_exceeded"), e.value.message
+        assert "128 tokens" in e.value.message
+
+
+def test_echoed_values_are_cut_short(server):
+    huge = "x" * 100_000
+    for path, body, param in ((COMPLETIONS, {"prompt": "a", "stop": ["", huge]}, "stop"),
+                              (COMPLETIONS, {"prompt": "a", huge: 1}, huge[:200] + "..."),
+                              (CHAT, {"messages": [{"role": "user", "content": "a", huge: 1}]}, None)):
+        r = httpx.post(server.url + path, json={"model": MODEL_NAME, **body}, headers=server.headers)
+        error = _assert_error(r, 400, param)
+        assert len(r.content) < 1500 and "..." in error["message"], r.text[:2000]
+    r = httpx.post(server.url + COMPLETIONS, json={"model": huge, "prompt": "a"}, headers=server.headers)
+    assert r.status_code == 404 and len(r.content) < 1500
 
 
 def test_malformed_body_is_400_and_the_engine_lives_on(server):

@@ -1,0 +1,186 @@
+"""Every request field takes effect, is a documented no-op, or is a 400 naming it (issue 14, part 3): unknown
+fields, neutral values, features not implemented yet, chat template options, tool messages, prompt_logprobs."""
+import httpx
+import pytest
+from server.server_utils import CHAT_TEMPLATE, MODEL_NAME
+
+from pagedllm import SamplingParams
+from pagedllm.server import protocol
+
+COMPLETIONS, CHAT, TOKENIZE = "/v1/completions", "/v1/chat/completions", "/tokenize"
+MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+PROMPT = "Once upon a time"
+
+
+def _post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, headers=server.headers, timeout=60)
+
+
+def _error(r: httpx.Response, param: str, code: str | None = None) -> dict:
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and set(error) == {"message", "type", "param", "code"}, error
+    assert code is None or error["code"] == code, error
+    return error
+
+
+@pytest.mark.parametrize("path,body,param", [
+    (COMPLETIONS, {"prompt": PROMPT, "nonexistent_param_xyz": 1}, "nonexistent_param_xyz"),
+    (CHAT, {"messages": MESSAGES, "nonexistent_param_xyz": None}, "nonexistent_param_xyz"),
+    (CHAT, {"messages": [{"role": "user", "content": "Hi", "colour": "red"}]}, "messages.0.colour"),
+    (COMPLETIONS, {"prompt": PROMPT, "stream": True, "stream_options": {"include_usage": True, "x": 1}},
+     "stream_options.x"),
+    (TOKENIZE, {"prompt": PROMPT, "return_everything": True}, "return_everything"),
+])
+def test_unknown_fields_are_400_naming_them(server, path, body, param):
+    error = _error(_post(server, path, {"model": MODEL_NAME, **body}), param)
+    assert param in error["message"]
+    if "." not in param:
+        assert error["message"] == f"Unrecognized request argument supplied: {param}"
+
+
+NEUTRAL = {"response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1, "use_beam_search": False,
+           "length_penalty": 1.0, "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+           "priority": 0, "spaces_between_special_tokens": True, "guided_json": None, "structured_outputs": None,
+           "stream_options": {"include_usage": False}, "user": "u1", "metadata": {"k": "v"}, "store": False,
+           "service_tier": "auto", "safety_identifier": "s", "prompt_cache_key": "p"}
+
+
+def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
+    assert set(protocol._NO_OPS) - {"parallel_tool_calls", "request_id"} <= set(NEUTRAL)
+    base = {"model": MODEL_NAME, "max_tokens": 12, "temperature": 0}
+    plain = _post(server, COMPLETIONS, {**base, "prompt": PROMPT}).json()
+    got = _post(server, COMPLETIONS, {**base, "prompt": PROMPT, "echo": False, "suffix": None,
+                                      "request_id": "abc", **NEUTRAL}).json()
+    assert got["choices"][0]["text"] == plain["choices"][0]["text"] and got["id"] == "cmpl-abc"
+    chat_plain = _post(server, CHAT, {**base, "messages": MESSAGES}).json()
+    chat = _post(server, CHAT, {**base, "messages": MESSAGES, **NEUTRAL, "tools": [], "tool_choice": "none",
+                                "parallel_tool_calls": True, "functions": None, "documents": None,
+                                "echo": False}).json()
+    assert chat["choices"][0]["message"]["content"] == chat_plain["choices"][0]["message"]["content"]
+    # "auto" with no tools chooses none; an assistant message sent back with OpenAI's null fields
+    history = [*MESSAGES, {"role": "assistant", "content": "Yes", "refusal": None, "annotations": [],
+                           "audio": None, "function_call": None, "tool_calls": None}, MESSAGES[0]]
+    assert _post(server, CHAT, {**base, "messages": history, "tool_choice": "auto"}).status_code == 200
+
+
+@pytest.mark.parametrize("path,body,param", [
+    (COMPLETIONS, {"use_beam_search": True}, "use_beam_search"),
+    (COMPLETIONS, {"best_of": 3}, "best_of"),
+    (COMPLETIONS, {"length_penalty": 0.5}, "length_penalty"),
+    (COMPLETIONS, {"response_format": {"type": "json_object"}}, "response_format"),
+    (COMPLETIONS, {"guided_regex": "[a-z]+"}, "guided_regex"),
+    (COMPLETIONS, {"guided_choice": ["yes", "no"]}, "guided_choice"),
+    (COMPLETIONS, {"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
+    (COMPLETIONS, {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+    (COMPLETIONS, {"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs"),
+    (COMPLETIONS, {"suffix": "the end"}, "suffix"),
+    (COMPLETIONS, {"priority": 1}, "priority"),
+    (CHAT, {"guided_json": {"type": "object"}}, "guided_json"),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     "response_format"),
+    (CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    (CHAT, {"tool_choice": "required"}, "tool_choice"),
+    (CHAT, {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    (CHAT, {"documents": [{"title": "t", "text": "x"}]}, "documents"),
+    (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),
+    (CHAT, {"echo": True}, "echo"),
+])
+def test_features_not_implemented_yet_are_400_naming_the_field(server, path, body, param):
+    prompt = {"prompt": PROMPT} if path == COMPLETIONS else {"messages": MESSAGES}
+    error = _error(_post(server, path, {"model": MODEL_NAME, **prompt, **body}), param, "unsupported_parameter")
+    assert "not supported yet" in error["message"]
+
+
+def _tokenize(server, messages, **options) -> list[int]:
+    r = _post(server, TOKENIZE, {"messages": messages, **options})
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def test_tool_calls_and_tool_answers_reach_the_template(server, offline_llm):
+    history = [{"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "now?"}]},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "18C"}]}]
+    expected = ('user: Weather\nnow?\nassistant:  <call call_1>get_weather{"city": "Paris"}</call>\n'
+                "tool: 18C <for call_1>\nassistant:")
+    tokenizer = offline_llm.get_tokenizer()
+    assert _tokenize(server, history) == tokenizer.encode(expected, add_special_tokens=False)
+    body = {"model": MODEL_NAME, "messages": history, "max_tokens": 8, "temperature": 0}
+    out = _post(server, CHAT, body).json()
+    [ref] = offline_llm.chat(history, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False,
+                             chat_template=CHAT_TEMPLATE)
+    assert out["choices"][0]["message"]["content"] == ref.outputs[0].text
+    assert out["usage"]["prompt_tokens"] == len(ref.prompt_token_ids) == len(_tokenize(server, history))
+
+
+def test_chat_template_kwargs_continue_final_message_add_generation_prompt(server, offline_llm):
+    tokenizer = offline_llm.get_tokenizer()
+    conversation = [*MESSAGES, {"role": "assistant", "content": "Once upon"}]
+    ids = _tokenize(server, conversation, add_generation_prompt=False, continue_final_message=True,
+                    chat_template_kwargs={"note": "short"})
+    assert ids == tokenizer.encode("[short]\nuser: Tell me a story\nassistant: Once upon", add_special_tokens=False)
+    assert _tokenize(server, MESSAGES, add_generation_prompt=False) == \
+        tokenizer.encode("user: Tell me a story\n", add_special_tokens=False)
+    assert _tokenize(server, MESSAGES, add_special_tokens=True)[0] == tokenizer.bos_token_id
+    options = dict(add_generation_prompt=False, continue_final_message=True, chat_template_kwargs={"note": "short"})
+    out = _post(server, CHAT, {"model": MODEL_NAME, "messages": conversation, "max_tokens": 10, "temperature": 0,
+                               **options}).json()
+    [ref] = offline_llm.chat(conversation, SamplingParams(max_tokens=10, temperature=0), use_tqdm=False,
+                             chat_template=CHAT_TEMPLATE, **options)
+    assert out["choices"][0]["message"]["content"] == ref.outputs[0].text
+    assert out["usage"]["prompt_tokens"] == len(ids) == len(ref.prompt_token_ids)
+    both = _post(server, CHAT, {"model": MODEL_NAME, "messages": conversation, "continue_final_message": True})
+    _error(both, "continue_final_message")
+    _error(_post(server, CHAT, {"model": MODEL_NAME, "messages": MESSAGES,
+                                "chat_template_kwargs": {"tokenize": True}}), "chat_template_kwargs")
+    _error(_post(server, TOKENIZE, {"prompt": PROMPT, "continue_final_message": True}), "continue_final_message")
+
+
+def _positions(prompt_logprobs: list) -> list:
+    """vLLM's JSON prompt_logprobs as (token id, logprob, rank, decoded token) per position."""
+    return [None if p is None else sorted((int(t), v["logprob"], v["rank"], v["decoded_token"]) for t, v in p.items())
+            for p in prompt_logprobs]
+
+
+def _offline_positions(ref) -> list:
+    return [None if p is None else sorted((t, lp.logprob, lp.rank, lp.decoded_token) for t, lp in p.items())
+            for p in ref.prompt_logprobs]
+
+
+def _assert_close(got: list, want: list):
+    assert len(got) == len(want) and got[0] is None and want[0] is None
+    for g, w in zip(got[1:], want[1:]):
+        assert [(t, r, d) for t, _, r, d in g] == [(t, r, d) for t, _, r, d in w]
+        assert [lp for _, lp, _, _ in g] == pytest.approx([lp for _, lp, _, _ in w], abs=1e-4)
+
+
+def test_prompt_logprobs_on_both_endpoints_match_offline(server, offline_llm):
+    params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=2)
+    out = _post(server, COMPLETIONS, {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4, "temperature": 0,
+                                      "prompt_logprobs": 2}).json()
+    [ref] = offline_llm.generate(PROMPT, params, use_tqdm=False)
+    assert len(ref.prompt_logprobs) == len(ref.prompt_token_ids) > 2
+    _assert_close(_positions(out["choices"][0]["prompt_logprobs"]), _offline_positions(ref))
+    assert out["choices"][0]["text"] == ref.outputs[0].text
+
+    chat = _post(server, CHAT, {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 4, "temperature": 0,
+                                "prompt_logprobs": 2}).json()
+    [ref] = offline_llm.chat(MESSAGES, params, use_tqdm=False, chat_template=CHAT_TEMPLATE)
+    _assert_close(_positions(chat["prompt_logprobs"]), _offline_positions(ref))
+    assert "prompt_logprobs" not in _post(server, CHAT, {"model": MODEL_NAME, "messages": MESSAGES,
+                                                         "max_tokens": 1}).json()
+    _error(_post(server, COMPLETIONS, {"model": MODEL_NAME, "prompt": PROMPT, "prompt_logprobs": 1, "stream": True}),
+           "prompt_logprobs")
+
+
+def test_add_special_tokens_on_completions(server, offline_llm):
+    tokenizer = offline_llm.get_tokenizer()
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    without = _post(server, COMPLETIONS, {**body, "add_special_tokens": False}).json()
+    ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+    assert ids != tokenizer.encode(PROMPT)   # the demo tokenizer adds BOS: the field must matter
+    [ref] = offline_llm.generate([ids], SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)
+    assert without["usage"]["prompt_tokens"] == len(ids)
+    assert without["choices"][0]["text"] == ref.outputs[0].text

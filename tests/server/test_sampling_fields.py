@@ -1,0 +1,85 @@
+"""vLLM's sampling fields on both endpoints (issue 14, part 3): the server's greedy output equals offline
+LLM.generate / LLM.chat with the same SamplingParams, and differs from the output without the field.
+
+Runs once SamplingParams has these fields (issue 14's sampling part); skipped before.
+"""
+import httpx
+import pytest
+from server.server_utils import CHAT_TEMPLATE, MODEL_NAME
+
+from pagedllm import SamplingParams
+
+if "repetition_penalty" not in SamplingParams.__dataclass_fields__:
+    pytest.skip("SamplingParams has no repetition_penalty yet (issue 14's sampling part)", allow_module_level=True)
+
+PROMPTS = ["Once upon a time", "The little dog was", "Tom and Lily went to the park", "One day, a cat"]
+MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+MAX_TOKENS = 24
+TOKEN = 100   # an ordinary token of the demo vocabulary (not BOS/EOS)
+
+
+def _complete(server, prompt, **fields) -> dict:
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60, json={
+        "model": MODEL_NAME, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _offline(offline_llm, prompt, **fields):
+    [ref] = offline_llm.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, **fields),
+                                 use_tqdm=False)
+    return ref.outputs[0]
+
+
+@pytest.mark.parametrize("fields", [
+    {"repetition_penalty": 1.8},
+    {"presence_penalty": 2.0},
+    {"frequency_penalty": 2.0},
+    {"repetition_penalty": 0.5, "frequency_penalty": -1.0},
+])
+def test_penalties_match_offline_and_take_effect(server, offline_llm, fields):
+    changed = False
+    for prompt in PROMPTS:
+        got = _complete(server, prompt, **fields)["choices"][0]["text"]
+        assert got == _offline(offline_llm, prompt, **fields).text
+        changed |= got != _complete(server, prompt)["choices"][0]["text"]
+    assert changed, f"{fields} changed no greedy output of {len(PROMPTS)} prompts"
+
+
+def test_logit_bias_and_allowed_token_ids(server, offline_llm):
+    for fields, allowed in (({"logit_bias": {str(TOKEN): 100.0}}, {TOKEN}),
+                            ({"allowed_token_ids": [TOKEN, TOKEN + 1]}, {TOKEN, TOKEN + 1})):
+        ref = _offline(offline_llm, PROMPTS[0], **fields)
+        assert set(ref.token_ids) <= allowed and len(ref.token_ids) == MAX_TOKENS
+        out = _complete(server, PROMPTS[0], **fields)
+        assert out["choices"][0]["text"] == ref.text
+        assert out["choices"][0]["text"] != _complete(server, PROMPTS[0])["choices"][0]["text"]
+
+
+def test_bad_words_ban_the_greedy_first_word(server, offline_llm):
+    plain = _offline(offline_llm, PROMPTS[0])
+    word = offline_llm.get_tokenizer().decode(plain.token_ids[:1]).strip()
+    assert word, "the first greedy token is blank: pick another prompt"
+    ref = _offline(offline_llm, PROMPTS[0], bad_words=[word])
+    assert ref.token_ids[0] != plain.token_ids[0]
+    assert _complete(server, PROMPTS[0], bad_words=[word])["choices"][0]["text"] == ref.text
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(server, offline_llm):
+    ids = offline_llm.get_tokenizer().encode(" ".join(PROMPTS))
+    out = _complete(server, ids, truncate_prompt_tokens=6)
+    assert out["usage"]["prompt_tokens"] == 6
+    assert out["choices"][0]["text"] == _offline(offline_llm, ids, truncate_prompt_tokens=6).text \
+        == _offline(offline_llm, ids[-6:]).text
+    assert out["choices"][0]["text"] != _complete(server, ids)["choices"][0]["text"]
+
+
+def test_chat_takes_the_same_fields(server, offline_llm):
+    fields = {"logit_bias": {str(TOKEN): 100.0}, "repetition_penalty": 1.3}
+    r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers, timeout=60, json={
+        "model": MODEL_NAME, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0, **fields})
+    assert r.status_code == 200, r.text
+    [ref] = offline_llm.chat(MESSAGES, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, **fields),
+                             use_tqdm=False, chat_template=CHAT_TEMPLATE)
+    assert r.json()["choices"][0]["message"]["content"] == ref.outputs[0].text
+    assert TOKEN in ref.outputs[0].token_ids
