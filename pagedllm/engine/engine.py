@@ -132,9 +132,23 @@ def _load_hf_config(model: str):
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N; a CUDA device that is not there is a ValueError (the CLI: exit code 2)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no GPU"
+            raise ValueError(f"--device {device} but no CUDA device is available ({why}); "
+                             f"use --device cpu (or auto)")
+        if (resolved.index or 0) >= count:
+            raise ValueError(f"--device {device} but only {count} CUDA device(s) are available "
+                             f"(cuda:0 to cuda:{count - 1})")
+    return resolved
 
 
 def resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
