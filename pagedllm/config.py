@@ -27,6 +27,10 @@ class EngineConfig:
     load_format: str = _f("auto", "auto/safetensors read the checkpoint; dummy = random weights",
                           choices=_LOAD_FORMATS)
     seed: int = _f(0, "seed of the global random state (requests without their own seed)")
+    generation_config: str = _f("auto", "sampling defaults (temperature, top_p, top_k, min_p, "
+                                        "repetition_penalty) for what requests leave unset: auto = the "
+                                        "model's generation_config.json, vllm = none, or a directory "
+                                        "holding a generation_config.json")
     block_size: int = _f(16, "tokens per KV cache block")
     max_model_len: int | None = _f(None, "longest prompt + output (default: the model's max_position_embeddings)")
     max_num_seqs: int | None = _f(None, "most requests running in one step (default: 512 on a GPU of 70 GiB or "

@@ -23,11 +23,18 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What sampling_params=None means: SamplingParams' defaults, overridden by the generation config's
+        (engine argument generation_config)."""
+        return SamplingParams(**self.engine.default_sampling_params)
+
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in input order."""
         prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
         ids = []
         try:
@@ -104,8 +111,6 @@ def _prompt_value(prompt: Prompt) -> str | list[int]:
 
 
 def _params_per_prompt(params, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     if len(params) != n:

@@ -9,6 +9,7 @@ from transformers import AutoConfig
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core import EngineCore
+from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer
@@ -59,6 +60,7 @@ class Engine:
             self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), self.vocab_size,
             self.max_model_len, config.block_size, self.core.runner.num_blocks, config.enable_prefix_caching)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.stats_logger = StatsLogger(config.log_stats_interval)
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,

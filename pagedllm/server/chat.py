@@ -35,7 +35,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.check_context_length(len(prompt_ids), max_tokens, "messages")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
-    params = req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                    defaults=ctx.engine.default_sampling_params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind)

@@ -22,7 +22,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     for _, ids in prompts:
         ctx.check_context_length(len(ids), req.max_tokens, "max_tokens")
     echo_logprobs = req.echo and req.logprobs is not None
-    params = req.to_sampling_params(req.max_tokens, req.logprobs, req.logprobs if echo_logprobs else None)
+    params = req.to_sampling_params(req.max_tokens, req.logprobs, req.logprobs if echo_logprobs else None,
+                                    defaults=ctx.engine.default_sampling_params)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind)

@@ -52,10 +52,11 @@ class _SamplingRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                           prompt_logprobs: int | None = None) -> SamplingParams:
-        """Unset fields keep SamplingParams' defaults; invalid values raise ValueError naming the field."""
+                           prompt_logprobs: int | None = None, defaults: dict | None = None) -> SamplingParams:
+        """Unset fields take defaults (the generation config's), else SamplingParams' own; invalid values
+        raise ValueError naming the field."""
         names = ("temperature", "top_p", "top_k", "min_p")
-        given = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        given = {**(defaults or {}), **{k: getattr(self, k) for k in names if getattr(self, k) is not None}}
         return SamplingParams(n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
                               stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                               include_stop_str_in_output=self.include_stop_str_in_output,
