@@ -21,6 +21,8 @@ def _f(default, help: str, **kw):
 class EngineConfig:
     model: str = _f(DEMO_MODEL, "model directory (HF layout: config.json, *.safetensors, tokenizer)")
     tokenizer: str | None = _f(None, "tokenizer directory (default: the model directory)")
+    skip_tokenizer_init: bool = _f(False, "load no tokenizer: prompts are token ids, outputs carry token ids "
+                                          "and empty text (offline; not with serve)")
     dtype: str = _f("auto", "weights and activations dtype; auto = the checkpoint's dtype on GPU, "
                             "float32 on CPU", choices=_DTYPES)
     device: str = _f("auto", "cpu, cuda or cuda:N; auto = cuda when available")

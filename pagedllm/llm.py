@@ -61,6 +61,8 @@ class LLM:
         """One conversation (a list of {"role", "content"}) or a list of them, through the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat() needs a tokenizer: skip_tokenizer_init is set (use generate() on token ids)")
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template: pass chat_template=... or use generate()")
         prompts = [tokenizer.apply_chat_template(c, chat_template=chat_template, tokenize=False,

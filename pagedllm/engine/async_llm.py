@@ -45,7 +45,8 @@ class AsyncLLM:
         self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=True)
         self.core = CoreClient(config)
         self.max_model_len = model.max_model_len
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)   # while the core loads the model
+        # while the core loads the model
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
         self.input_processor = InputProcessor(
             self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), model.hf_config.vocab_size,
             self.max_model_len, config.block_size, self.core.wait_ready(), config.enable_prefix_caching)

@@ -54,7 +54,7 @@ class Engine:
         self.hf_config, self.device, self.dtype = model.hf_config, model.device, model.dtype
         self.max_model_len = model.max_model_len
         self.vocab_size = self.hf_config.vocab_size
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
         self.core = EngineCore(config, self.hf_config, self.device, self.dtype, self.max_model_len)
         self.input_processor = InputProcessor(
             self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), self.vocab_size,

@@ -115,6 +115,9 @@ def _read_chat_template(value: str | None) -> str | None:
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig):
     import uvicorn
+    if engine_config.skip_tokenizer_init:
+        raise ValueError("skip_tokenizer_init: pagedllm serve needs a tokenizer (text prompts, chat, /tokenize); "
+                         "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
     chat_template = _read_chat_template(server_config.chat_template)   # before the model loads
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model)
     engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record)
