@@ -11,9 +11,9 @@ schedules, runs the model and sends token ids; the API process does everything e
 
 Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], RequestStatus), ("stats",),
 ("shutdown",) in; ("ready", num_blocks, startup info) or ("failed", message) once, then ("outputs",
-[EngineCoreOutput field values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thread keeps the event loop from
-blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending outputs: that would
-deadlock.
+[EngineCoreOutput field values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thread keeps
+the event loop from blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending
+outputs: that would deadlock.
 """
 import gc
 import logging
