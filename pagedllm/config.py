@@ -21,12 +21,18 @@ def _f(default, help: str, **kw):
 class EngineConfig:
     model: str = _f(DEMO_MODEL, "model directory (HF layout: config.json, *.safetensors, tokenizer)")
     tokenizer: str | None = _f(None, "tokenizer directory (default: the model directory)")
+    skip_tokenizer_init: bool = _f(False, "load no tokenizer: prompts are token ids, outputs carry token ids "
+                                          "and empty text (offline; not with serve)")
     dtype: str = _f("auto", "weights and activations dtype; auto = the checkpoint's dtype on GPU, "
                             "float32 on CPU", choices=_DTYPES)
     device: str = _f("auto", "cpu, cuda or cuda:N; auto = cuda when available")
     load_format: str = _f("auto", "auto/safetensors read the checkpoint; dummy = random weights",
                           choices=_LOAD_FORMATS)
     seed: int = _f(0, "seed of the global random state (requests without their own seed)")
+    generation_config: str = _f("auto", "sampling defaults (temperature, top_p, top_k, min_p, "
+                                        "repetition_penalty) for what requests leave unset: auto = the "
+                                        "model's generation_config.json, vllm = none, or a directory "
+                                        "holding a generation_config.json")
     block_size: int = _f(16, "tokens per KV cache block")
     max_model_len: int | None = _f(None, "longest prompt + output (default: the model's max_position_embeddings)")
     max_num_seqs: int | None = _f(None, "most requests running in one step (default: 512 on a GPU of 70 GiB or "

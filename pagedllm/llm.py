@@ -24,11 +24,18 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What sampling_params=None means: SamplingParams' defaults, overridden by the generation config's
+        (engine argument generation_config)."""
+        return SamplingParams(**self.engine.default_sampling_params)
+
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in input order."""
         prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
         ids = []
         try:
@@ -58,6 +65,8 @@ class LLM:
         chat_template_kwargs are extra template variables)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat() needs a tokenizer: skip_tokenizer_init is set (use generate() on token ids)")
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template: pass chat_template=... or use generate()")
         prompts = [render_chat(tokenizer, c, chat_template, add_generation_prompt, continue_final_message,
@@ -107,8 +116,6 @@ def _prompt_value(prompt: Prompt) -> str | list[int]:
 
 
 def _params_per_prompt(params, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     if len(params) != n:

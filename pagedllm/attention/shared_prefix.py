@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagedllm.attention import triton_backend
-
 
 def max_items(num_rows: int) -> int:
     """Items a step of num_rows rows may have (the grid of its CUDA graph): W3's 512 rows need 96."""
@@ -40,6 +38,7 @@ def plan_shared_prefix(block_tables: np.ndarray, query_lens: np.ndarray, seq_len
 
     Rows are grouped by their first block; a group shares the whole segments its rows' tables agree on,
     before every row's last token. Groups that would pass max_items items are left to decode_partition."""
+    from pagedllm.attention import triton_backend   # Triton, CUDA only; a lookup next to the numpy work below
     n = len(seq_lens)
     first_seg[:n] = 0
     partition, max_segments = triton_backend.PARTITION, triton_backend.MAX_SEGMENTS   # read now: tests shrink them

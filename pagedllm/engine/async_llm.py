@@ -16,6 +16,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.engine.core_process import CoreClient
 from pagedllm.engine.engine import is_large_gpu, resolve_model
+from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor
 from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer
@@ -44,11 +45,13 @@ class AsyncLLM:
         self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=True)
         self.core = CoreClient(config)
         self.max_model_len = model.max_model_len
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)   # while the core loads the model
+        # while the core loads the model
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
         self.input_processor = InputProcessor(
             self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), model.hf_config.vocab_size,
             self.max_model_len, config.block_size, self.core.wait_ready(), config.enable_prefix_caching)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.on_step_stats = on_step_stats
         self.dead = False

@@ -10,16 +10,17 @@ schedules, runs the model and sends token ids; the API process does everything e
       reader callback (event loop)  ◄──────────── pipe ◄──  ("outputs", [EngineCoreOutput], StepStats)
 
 Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], RequestStatus), ("stats",),
-("shutdown",) in; ("ready", num_blocks) or ("failed", message) once, then ("outputs", [EngineCoreOutput field
-values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thread keeps the event loop from
-blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending outputs: that would
-deadlock.
+("shutdown",) in; ("ready", num_blocks, startup info) or ("failed", message) once, then ("outputs",
+[EngineCoreOutput field values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thread keeps
+the event loop from blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending
+outputs: that would deadlock.
 """
 import gc
 import logging
 import multiprocessing
 import queue
 import threading
+import time
 from multiprocessing.connection import Connection
 
 from pagedllm.config import EngineConfig
@@ -31,6 +32,7 @@ logger = logging.getLogger("pagedllm")
 def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
     """The core process's main: build the engine core, then step while there is work."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (engine core): %(message)s")
+    start = time.perf_counter()
     try:
         from pagedllm.engine.core import EngineCore
         from pagedllm.engine.engine import resolve_model
@@ -40,7 +42,7 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     freeze_gc()
-    conn.send(("ready", core.runner.num_blocks))
+    conn.send(("ready", core.runner.num_blocks, _startup_info(config, core.runner, time.perf_counter() - start)))
     stats_logger = StatsLogger(config.log_stats_interval)
     try:
         while True:
@@ -63,6 +65,22 @@ def freeze_gc():
     (vLLM does the same)."""
     gc.collect()
     gc.freeze()
+
+
+def _startup_info(config: EngineConfig, runner, seconds: float) -> dict:
+    """What the API process logs once the core is ready (the serve log's start-up line)."""
+    return {"model": config.model, "device": str(runner.device), "dtype": str(runner.dtype).removeprefix("torch."),
+            "load_seconds": runner.load_seconds, "num_blocks": runner.num_blocks, "block_size": runner.block_size,
+            "capture_seconds": None if runner.graphs is None else runner.graphs.capture_seconds,
+            "startup_seconds": seconds}
+
+
+def _log_ready(info: dict):
+    graphs = ("no CUDA graphs" if info["capture_seconds"] is None
+              else f"CUDA graphs captured in {info['capture_seconds']:.1f} s")
+    logger.info("engine core ready in %.1f s: %s on %s (%s), weights loaded in %.1f s, %d KV blocks of %d tokens, "
+                "%s", info["startup_seconds"], info["model"], info["device"], info["dtype"], info["load_seconds"],
+                info["num_blocks"], info["block_size"], graphs)
 
 
 def _send_outputs(conn: Connection, outputs: list, stats: StepStats) -> None:
@@ -107,11 +125,12 @@ class CoreClient:
             if not self.process.is_alive():
                 raise RuntimeError(f"the engine core process died while starting (exit code "
                                    f"{self.process.exitcode}); see its log above")
-        kind, value = self.conn.recv()
-        if kind == "failed":
+        msg = self.conn.recv()
+        if msg[0] == "failed":
             self.process.join()
-            raise ValueError(value)
-        return value
+            raise ValueError(msg[1])
+        _log_ready(msg[2])
+        return msg[1]
 
     def send(self, msg: tuple):
         self._outbox.put(msg)

@@ -34,12 +34,15 @@ class IncrementalDetokenizer:
         # is included anyway there is nothing to hide (vLLM behaves the same).
         hide_stop = self.stop and not self.include_stop_str_in_output
         self.stop_buffer_length = max(len(s) for s in self.stop) - 1 if hide_stop else 0
+        self._num_streamed_chars = 0
+        self._ids, self._read_offset = [], 0
+        if not self.enabled:   # the tokenizer is not touched (skip_tokenizer_init: there is none)
+            return
         self._vocab_size = len(tokenizer)
         # No clean-up: it rewrites spaces depending on what follows, so windows would not be prefix-stable.
         self._decode = raw_decoder(tokenizer, self.skip_special_tokens)
-        self._num_streamed_chars = 0
         # Only the decode window is kept, so prefix_offset is always 0: ids = window, read_offset splits it.
-        self._ids = self._context_ids(prompt_token_ids) if self.enabled else []
+        self._ids = self._context_ids(prompt_token_ids)
         self._read_offset = len(self._ids)
 
     def _context_ids(self, prompt_token_ids: list[int]) -> list[int]:

@@ -9,6 +9,7 @@ from transformers import AutoConfig
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core import EngineCore
+from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer
@@ -53,12 +54,13 @@ class Engine:
         self.hf_config, self.device, self.dtype = model.hf_config, model.device, model.dtype
         self.max_model_len = model.max_model_len
         self.vocab_size = self.hf_config.vocab_size
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
         self.core = EngineCore(config, self.hf_config, self.device, self.dtype, self.max_model_len)
         self.input_processor = InputProcessor(
             self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), self.vocab_size,
             self.max_model_len, config.block_size, self.core.runner.num_blocks, config.enable_prefix_caching)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.stats_logger = StatsLogger(config.log_stats_interval)
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,
@@ -132,9 +134,23 @@ def _load_hf_config(model: str):
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N; a CUDA device that is not there is a ValueError (the CLI: exit code 2)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no GPU"
+            raise ValueError(f"--device {device} but no CUDA device is available ({why}); "
+                             f"use --device cpu (or auto)")
+        if (resolved.index or 0) >= count:
+            raise ValueError(f"--device {device} but only {count} CUDA device(s) are available "
+                             f"(cuda:0 to cuda:{count - 1})")
+    return resolved
 
 
 def resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:

@@ -38,6 +38,8 @@ class InputProcessor:
                 arrival_time: float | None = None) -> ProcessedRequest:
         """Raises ValueError, naming the field and the limit, for a request that can never run."""
         text = prompt if isinstance(prompt, str) else None
+        if self.tokenizer is None:
+            params = _without_tokenizer(prompt, params)
         prompt_ids = self._prompt_ids(prompt)
         params.validate_vocab(self.vocab_size)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
@@ -81,6 +83,17 @@ class InputProcessor:
                              f"KV blocks but the KV cache has only {self.num_blocks}: lower max_tokens "
                              f"or raise kv_cache_memory")
         return max_tokens
+
+
+def _without_tokenizer(prompt, params: SamplingParams) -> SamplingParams:
+    """skip_tokenizer_init: token-id prompts only, no stop strings (they are matched on text), no text out."""
+    if isinstance(prompt, str):
+        raise ValueError("prompt must be token ids when skip_tokenizer_init is set (there is no tokenizer), "
+                         "got text")
+    if params.stop:
+        raise ValueError(f"stop must be empty when skip_tokenizer_init is set (stop strings are matched on "
+                         f"text), got {len(params.stop)} stop string(s)")
+    return dataclasses.replace(params, detokenize=False)
 
 
 def _all_int(values: list) -> bool:

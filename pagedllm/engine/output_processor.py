@@ -58,9 +58,12 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
 class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        # A logprob's token text: tokenizer.decode([id]), which cleans up spaces where the tokenizer says so.
-        self._decode_token = (tokenizer.decode if getattr(tokenizer, "clean_up_tokenization_spaces", False)
-                              else raw_decoder(tokenizer, skip_special_tokens=False))
+        # A logprob's token text: tokenizer.decode([id]), which cleans up spaces where the tokenizer says so;
+        # None without a tokenizer (skip_tokenizer_init).
+        self._decode_token = (
+            (lambda ids: None) if tokenizer is None
+            else tokenizer.decode if getattr(tokenizer, "clean_up_tokenization_spaces", False)
+            else raw_decoder(tokenizer, skip_special_tokens=False))
         self.parents: dict[str, _ParentRequest] = {}
         self.child_to_parent: dict[str, tuple[_ParentRequest, _Sequence]] = {}
 

@@ -21,15 +21,23 @@ def load_tokenizer(path: str, **kwargs):
 
 
 def load_eos_token_ids(model_dir: str, tokenizer) -> set[int]:
-    """tokenizer.eos_token_id plus generation_config.json's eos_token_id (an int or a list), because chat
-    models often end turns with a token (e.g. <|eot_id|>) that only the generation config names."""
-    eos = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
-    path = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            value = json.load(f).get("eos_token_id")
-        eos.update(int(t) for t in (value if isinstance(value, list) else [value]) if t is not None)
-    return eos
+    """tokenizer.eos_token_id (config.json's without a tokenizer: skip_tokenizer_init) plus
+    generation_config.json's eos_token_id, because chat models often end turns with a token (e.g.
+    <|eot_id|>) that only the generation config names."""
+    if tokenizer is None:
+        eos = _json_token_ids(os.path.join(model_dir, "config.json"))
+    else:
+        eos = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
+    return eos | _json_token_ids(os.path.join(model_dir, "generation_config.json"))
+
+
+def _json_token_ids(path: str, key: str = "eos_token_id") -> set[int]:
+    """A JSON file's token id (an int or a list of them) under key; none when the file or key is missing."""
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as f:
+        value = json.load(f).get(key)
+    return {int(t) for t in (value if isinstance(value, list) else [value]) if t is not None}
 
 
 def raw_decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]:

@@ -3,7 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.layers.kernels.silu_and_mul import silu_and_mul
+from pagedllm.lazy_kernel import lazy_kernel
+
+silu_and_mul = lazy_kernel(globals(), "pagedllm.layers.kernels.silu_and_mul", "silu_and_mul")   # Triton, CUDA only
 
 
 class SiluAndMul(nn.Module):

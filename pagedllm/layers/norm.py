@@ -2,7 +2,9 @@
 import torch
 from torch import nn
 
-from pagedllm.layers.kernels.rms_norm import rms_norm
+from pagedllm.lazy_kernel import lazy_kernel
+
+rms_norm = lazy_kernel(globals(), "pagedllm.layers.kernels.rms_norm", "rms_norm")   # Triton, CUDA only
 
 
 class RMSNorm(nn.Module):

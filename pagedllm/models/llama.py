@@ -13,9 +13,11 @@ from torch import nn
 
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
-from pagedllm.layers.kernels.qk_norm_rope import qk_norm_rope
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
+from pagedllm.lazy_kernel import lazy_kernel
+
+qk_norm_rope = lazy_kernel(globals(), "pagedllm.layers.kernels.qk_norm_rope", "qk_norm_rope")   # Triton, CUDA only
 
 # HF shard name -> (our fused module, shard index)
 _STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),

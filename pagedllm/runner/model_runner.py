@@ -6,6 +6,7 @@ so the device always has the next step queued: a token step N samples is step N+
 the device (`_in_flight`), and reaches the host (RunnerRequestState.token_ids) with N's result().
 """
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,9 @@ class ModelRunner:
         self.device = device
         self.block_size = config.block_size
         self.max_model_len = max_model_len
+        start = time.perf_counter()
         self.model = load_model(config.model, hf_config, dtype, device, config.load_format)
+        self.load_seconds = time.perf_counter() - start
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(hf_config)
         self.dtype = dtype
         self.sampler = Sampler()

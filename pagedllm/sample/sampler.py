@@ -14,8 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pagedllm.sample.gumbel_kernel import draw_seeds, gumbel_sample
+from pagedllm.lazy_kernel import lazy_kernel
 from pagedllm.sampling_params import _GREEDY_EPS, SamplingParams
+
+draw_seeds = lazy_kernel(globals(), "pagedllm.sample.gumbel_kernel", "draw_seeds")         # Triton, CUDA only
+gumbel_sample = lazy_kernel(globals(), "pagedllm.sample.gumbel_kernel", "gumbel_sample")
 
 
 @dataclass

@@ -99,16 +99,29 @@ def _api_key_check(api_key: str | None):
 
 
 def _read_chat_template(value: str | None) -> str | None:
-    if value is not None and Path(value).is_file():
+    """--chat-template: a file, or the template text itself. A value with no Jinja tag that looks like a
+    path (a .jinja name, a path separator) and names no file is a typo, not a template."""
+    if value is None:
+        return None
+    if Path(value).is_file():
         return Path(value).read_text()
+    is_template = "{{" in value or "{%" in value
+    looks_like_path = value.endswith((".jinja", ".jinja2", ".j2")) or "/" in value or os.sep in value
+    if not is_template and looks_like_path:
+        raise FileNotFoundError(f"--chat-template {value!r}: no such file (give a template file or the "
+                                f"template text)")
     return value
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig):
     import uvicorn
+    if engine_config.skip_tokenizer_init:
+        raise ValueError("skip_tokenizer_init: pagedllm serve needs a tokenizer (text prompts, chat, /tokenize); "
+                         "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
+    chat_template = _read_chat_template(server_config.chat_template)   # before the model loads
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model)
     engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record)
-    ctx = ServingContext(engine, metrics.model_name, _read_chat_template(server_config.chat_template))
+    ctx = ServingContext(engine, metrics.model_name, chat_template)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
     app = build_app(ctx, metrics, api_key)
     logger.info("serving %s at http://%s:%d (API key %s)", ctx.model_name, server_config.host, server_config.port,

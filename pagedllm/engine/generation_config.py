@@ -1,0 +1,32 @@
+"""Sampling defaults from the model's generation_config.json, as vLLM's `--generation-config auto|vllm|DIR`.
+
+The defaults fill what a request leaves unset: LLM.generate / chat with sampling_params=None take them all
+(LLM.get_default_sampling_params()), a server request takes each one it does not give itself.
+"""
+import json
+import logging
+import os
+
+logger = logging.getLogger("pagedllm")
+
+DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def load_default_sampling_params(model_dir: str, generation_config: str) -> dict:
+    """auto: model_dir's generation_config.json; vllm: none; otherwise a directory holding the file.
+    Only the keys of DEFAULT_KEYS the file sets (not null) are taken; the log line says which."""
+    if generation_config == "vllm":
+        logger.info("sampling defaults: none (generation_config vllm)")
+        return {}
+    directory = model_dir if generation_config == "auto" else generation_config
+    path = os.path.join(directory, "generation_config.json")
+    if not os.path.isfile(path):
+        if generation_config != "auto":
+            raise FileNotFoundError(f"generation_config {generation_config!r} has no generation_config.json")
+        logger.info("sampling defaults: none (no generation_config.json in the model directory)")
+        return {}
+    with open(path) as f:
+        values = json.load(f)
+    defaults = {k: values[k] for k in DEFAULT_KEYS if values.get(k) is not None}
+    logger.info("sampling defaults from %s: %s", path, defaults or "none (it sets no sampling parameter)")
+    return defaults

@@ -1,0 +1,43 @@
+"""A server with a generation config (--generation-config DIR): its start-up log, and requests that leave
+sampling fields unset take the defaults."""
+import json
+
+import httpx
+import pytest
+from server.server_utils import MODEL_NAME, start_server, stop_server, wait_healthy
+
+from pagedllm import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def gen_server(tiny_model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen_server")
+    (root / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_k": 1}))
+    server = start_server(tiny_model_dirs["llama"], str(root / "serve.log"), None, "--log-level", "info",
+                          "--generation-config", str(root))
+    try:
+        wait_healthy(server)
+        yield server
+    finally:
+        stop_server(server)
+
+
+def test_startup_log(gen_server):
+    log = open(gen_server.log_path).read()
+    assert "sampling defaults from" in log and "{'temperature': 0.7, 'top_k': 1}" in log
+    line = next(x for x in log.splitlines() if "engine core ready in" in x)
+    assert " on cpu (float32), weights loaded in " in line and " KV blocks of 16 tokens, no CUDA graphs" in line
+
+
+def test_unset_fields_take_the_defaults(gen_server, offline_llm):
+    prompt = "Once upon a time"
+
+    def complete(**kw):
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 12, **kw}
+        return httpx.post(gen_server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    def offline(**kw):
+        return offline_llm.generate(prompt, SamplingParams(max_tokens=12, **kw), use_tqdm=False)[0].outputs[0].text
+
+    assert complete() == offline(temperature=0.0)                 # top_k 1 from the generation config
+    assert complete(top_k=0, seed=3) == offline(temperature=0.7, seed=3) != offline(temperature=0.0)

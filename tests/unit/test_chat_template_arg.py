@@ -1,0 +1,29 @@
+"""--chat-template: a file or the template text; a path-like value naming no file is an error."""
+import pytest
+
+from pagedllm.cli import main
+from pagedllm.server.api_server import _read_chat_template
+
+TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def test_file_and_text(tmp_path):
+    path = tmp_path / "chat.jinja"
+    path.write_text(TEMPLATE)
+    assert _read_chat_template(str(path)) == TEMPLATE
+    assert _read_chat_template(TEMPLATE) == TEMPLATE
+    assert _read_chat_template("{{ messages[0]['content'] }}/x.jinja") == "{{ messages[0]['content'] }}/x.jinja"
+    assert _read_chat_template(None) is None
+
+
+@pytest.mark.parametrize("value", ["missing.jinja", "templates/chat.txt", "chat.j2"])
+def test_missing_file_is_an_error(tmp_path, value):
+    with pytest.raises(FileNotFoundError, match="--chat-template .*: no such file"):
+        _read_chat_template(str(tmp_path / value) if "/" in value else value)
+
+
+def test_serve_exits_before_loading_the_model(tmp_path, capsys):
+    missing = str(tmp_path / "chat.jinja")
+    assert main(["serve", "--chat-template", missing]) == 2
+    assert capsys.readouterr().err == f"error: --chat-template {missing!r}: no such file (give a template file " \
+                                      f"or the template text)\n"

@@ -1,0 +1,79 @@
+"""generation_config.json sampling defaults (vLLM's --generation-config auto|vllm|DIR)."""
+import json
+import logging
+import shutil
+
+import pytest
+from conftest import DEMO_DIR
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.engine.generation_config import load_default_sampling_params
+from pagedllm.server.protocol import CompletionRequest
+
+GEN_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
+              "top_k": 20, "min_p": None, "repetition_penalty": 1.1, "max_new_tokens": 7}
+
+
+def _write(directory, values):
+    directory.mkdir(exist_ok=True)
+    (directory / "generation_config.json").write_text(json.dumps(values))
+    return str(directory)
+
+
+def test_auto_vllm_and_dir(tmp_path, caplog):
+    model = _write(tmp_path / "model", GEN_CONFIG)
+    other = _write(tmp_path / "other", {"temperature": 0.0, "min_p": 0.05})
+    with caplog.at_level(logging.INFO, logger="pagedllm"):
+        assert load_default_sampling_params(model, "auto") == {"temperature": 0.6, "top_p": 0.9, "top_k": 20,
+                                                               "repetition_penalty": 1.1}
+    assert "sampling defaults from" in caplog.text and "'temperature': 0.6" in caplog.text
+    assert load_default_sampling_params(model, other) == {"temperature": 0.0, "min_p": 0.05}
+    assert load_default_sampling_params(model, "vllm") == {}
+    assert load_default_sampling_params(str(tmp_path), "auto") == {}   # no file: no defaults
+    with pytest.raises(FileNotFoundError, match="generation_config .* has no generation_config.json"):
+        load_default_sampling_params(model, str(tmp_path))
+
+
+def test_demo_model_sets_no_sampling_defaults():
+    # the CLI's generate (explicit --temperature 0.0 ...) and LLM() on the demo behave as before
+    assert load_default_sampling_params(str(DEMO_DIR), "auto") == {}
+
+
+@pytest.fixture(scope="module")
+def greedy_by_default(tmp_path_factory):
+    """The demo model with a generation config that makes sampling greedy (top_k 1), and temperature 0.5."""
+    model = tmp_path_factory.mktemp("gen") / "demo"
+    shutil.copytree(DEMO_DIR, model)
+    _write(model, {"eos_token_id": [2, 1], "temperature": 0.5, "top_k": 1, "top_p": 0.8})
+    return LLM(str(model), max_model_len=64, log_stats_interval=0, seed=3)
+
+
+def test_llm_uses_the_defaults(greedy_by_default):
+    llm = greedy_by_default
+    assert llm.engine.default_sampling_params == {"temperature": 0.5, "top_k": 1, "top_p": 0.8}
+    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.5, top_k=1, top_p=0.8)
+    prompts = ["Once upon a time", "The little dog"]
+    greedy = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    sampled = llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=16, seed=1), use_tqdm=False)
+    default = llm.generate(prompts, use_tqdm=False)   # SamplingParams' max_tokens (16): only sampling changes
+    assert [o.outputs[0].token_ids for o in default] == [o.outputs[0].token_ids for o in greedy]
+    assert [o.outputs[0].token_ids for o in sampled] != [o.outputs[0].token_ids for o in greedy]
+
+
+def test_vllm_ignores_the_file(tmp_path):
+    model = tmp_path / "demo"
+    shutil.copytree(DEMO_DIR, model)
+    _write(model, {"temperature": 0.5, "top_k": 1})
+    llm = LLM(str(model), generation_config="vllm", max_model_len=64, log_stats_interval=0)
+    assert llm.engine.default_sampling_params == {}
+    assert llm.get_default_sampling_params() == SamplingParams()
+
+
+def test_server_request_fills_unset_fields_from_defaults():
+    defaults = {"temperature": 0.5, "top_k": 1, "top_p": 0.8}
+    unset = CompletionRequest(model="m", prompt="x").to_sampling_params(16, None, defaults=defaults)
+    assert (unset.temperature, unset.top_k, unset.top_p, unset.min_p) == (0.5, 1, 0.8, 0.0)
+    given = CompletionRequest(model="m", prompt="x", temperature=0.0, top_k=0).to_sampling_params(
+        16, None, defaults=defaults)
+    assert (given.temperature, given.top_k, given.top_p) == (0.0, 0, 0.8)
+    assert CompletionRequest(model="m", prompt="x").to_sampling_params(16, None) == SamplingParams(max_tokens=16)
