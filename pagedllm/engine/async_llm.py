@@ -47,7 +47,8 @@ class AsyncLLM:
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)   # while the core loads the model
         self.input_processor = InputProcessor(
             self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), model.hf_config.vocab_size,
-            self.max_model_len, config.block_size, self.core.wait_ready(), config.enable_prefix_caching)
+            self.max_model_len, config.block_size, self.core.wait_ready(), config.enable_prefix_caching,
+            config.max_num_seqs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.on_step_stats = on_step_stats
