@@ -240,7 +240,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _run_largest_step(self) -> int:
         """One step of max_num_batched_tokens fresh prompt tokens over as many requests as can run, all of
-        them sampling with top-k and top-p (the sampler's largest buffers), on a throwaway KV cache."""
+        them sampling with top-k, top-p and penalties (the sampler's largest buffers), on a throwaway KV cache."""
         num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
         num_reqs = max(cdiv(num_tokens, self.max_model_len), min(self.config.max_num_seqs, num_tokens))
         lens = [num_tokens // num_reqs + (i < num_tokens % num_reqs) for i in range(num_reqs)]
@@ -257,8 +257,12 @@ class ModelRunner:
         with set_forward_context(inputs.attn_metadata, kv_caches):
             hidden = self.model(inputs.input_ids, inputs.positions)
         logits = self.model.compute_logits(hidden[inputs.sample_token_index])
-        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20)
-        meta = SamplingMetadata.build([params] * num_reqs, [None] * num_reqs, [[]] * num_reqs, self.device)
+        params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20, repetition_penalty=1.1)] * num_reqs
+        # A throwaway penalty table as large as these rows' will be: its room stays free of KV blocks.
+        table = PenaltyTable(self.penalties.vocab_size, self.device)
+        penalties = Penalties.build(table, params, [table.slot(r.req_id, r.token_ids) for r in reqs], self.device)
+        processors = build_logits_processors(params, penalties, [None] * num_reqs, None, self.device)
+        meta = SamplingMetadata.build(params, [None] * num_reqs, [[]] * num_reqs, self.device, processors)
         self.sampler(logits, meta, self.generator)
         return sum(kv.numel() * kv.element_size() for kv in kv_caches)
 
