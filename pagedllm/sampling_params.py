@@ -46,8 +46,9 @@ class SamplingParams:
         if self.logit_bias is not None:
             self.logit_bias = _int_keys(self.logit_bias)
         for name in ("allowed_token_ids", "bad_words"):
-            if getattr(self, name) is not None:
-                setattr(self, name, list(getattr(self, name)))
+            value = getattr(self, name)
+            _require(value is None or isinstance(value, (list, tuple, set)), name, "None or a list", value)
+            setattr(self, name, None if value is None else list(value))
         self._validate()
 
     def _validate(self):

@@ -52,6 +52,8 @@ INVALID = [
     (dict(allowed_token_ids=[1, -1]), "allowed_token_ids", "None or a non-empty list of non-negative token ids"),
     (dict(bad_words=["ok", " "]), "bad_words", "a list of non-blank strings"),
     (dict(bad_words=[3]), "bad_words", "a list of non-blank strings"),
+    (dict(bad_words="word"), "bad_words", "None or a list"),
+    (dict(allowed_token_ids=5), "allowed_token_ids", "None or a list"),
     (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
     (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
 ]
