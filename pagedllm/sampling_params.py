@@ -1,12 +1,18 @@
 """Per-request sampling parameters, validated where they enter (field names and meanings as in vLLM)."""
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+# torch.Generator.manual_seed takes any integer in this range (negatives as their two's complement)
+SEED_MIN, SEED_END = -2**63, 2**64
 
 
 @dataclass
 class SamplingParams:
     n: int = 1                       # independent completions of the same prompt (prompt KV shared)
+    presence_penalty: float = 0.0    # subtracted once from each token already in the output
+    frequency_penalty: float = 0.0   # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # tokens in prompt or output: positive logits / p, negative * p
     temperature: float = 1.0         # 0 = greedy
     top_p: float = 1.0               # nucleus: keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0                   # keep the k most likely tokens; 0 or -1 = all
@@ -22,8 +28,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit (str keys, as JSON sends them)
+    allowed_token_ids: list[int] | None = None   # only these may be sampled
+    bad_words: list[str] | None = None           # never generated (tokenized by the engine)
+    truncate_prompt_tokens: int | None = None    # keep the prompt's last k tokens; -1 = max_model_len
     # Filled by the engine from the tokenizer / generation config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -32,16 +43,24 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias is not None:
+            self.logit_bias = _int_keys(self.logit_bias)
+        for name in ("allowed_token_ids", "bad_words"):
+            value = getattr(self, name)
+            _require(value is None or isinstance(value, (list, tuple, set)), name, "None or a list", value)
+            setattr(self, name, None if value is None else list(value))
         self._validate()
 
     def _validate(self):
-        _require(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1", self.n)
-        _require(self.temperature >= 0.0, "temperature", ">= 0", self.temperature)
-        _require(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
-        _require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "-1, 0 (all) or a positive integer",
-                 self.top_k)
-        _require(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
-        _require(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None", self.seed)
+        _require(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        _require(_finite(self.temperature) and self.temperature >= 0.0, "temperature", "a finite number >= 0",
+                 self.temperature)
+        _require(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
+        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", "-1, 0 (all) or a positive integer", self.top_k)
+        _require(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
+        _require(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed < SEED_END), "seed",
+                 "an integer in [-2**63, 2**64) or None", self.seed)
+        self._validate_penalties()
         _require(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                  "max_tokens", "an integer >= 1 or None", self.max_tokens)
         _require(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", ">= 0", self.min_tokens)
@@ -55,6 +74,28 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             _require(v is None or (isinstance(v, int) and v >= 0), name, "None or an integer >= 0", v)
+        t = self.truncate_prompt_tokens
+        _require(t is None or (_is_int(t) and (t >= 1 or t == -1)), "truncate_prompt_tokens",
+                 "an integer >= 1, -1 (max_model_len) or None", t)
+
+    def _validate_penalties(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _require(_finite(v) and -2.0 <= v <= 2.0, name, "in [-2, 2]", v)
+        _require(_finite(self.repetition_penalty) and self.repetition_penalty > 0.0, "repetition_penalty",
+                 "a finite number > 0", self.repetition_penalty)
+        _require(self.logit_bias is None or all(_finite(b) and -100.0 <= b <= 100.0
+                                                for b in self.logit_bias.values()),
+                 "logit_bias", "a map of token ids to biases in [-100, 100]", self.logit_bias)
+        _require(self.allowed_token_ids is None or (self.allowed_token_ids and all(
+            _is_int(t) and t >= 0 for t in self.allowed_token_ids)), "allowed_token_ids",
+                 "None or a non-empty list of non-negative token ids", self.allowed_token_ids)
+        _require(self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words),
+                 "bad_words", "a list of non-blank strings", self.bad_words)
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:
@@ -62,8 +103,11 @@ class SamplingParams:
 
     def validate_vocab(self, vocab_size: int, max_logprobs: int = 20):
         """Checks that need the model: token ids in the vocabulary, logprobs count within the limit."""
-        for t in self.stop_token_ids:
-            _require(t < vocab_size, "stop_token_ids", f"< vocab size {vocab_size}", t)
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            for t in getattr(self, name) or ():
+                _require(t < vocab_size, name, f"< vocab size {vocab_size}", t)
+        for t in self.logit_bias or ():
+            _require(t < vocab_size, "logit_bias", f"keyed by token ids < vocab size {vocab_size}", t)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             _require(v is None or v <= max_logprobs, name, f"<= {max_logprobs}", v)
@@ -71,4 +115,38 @@ class SamplingParams:
 
 def _require(ok: bool, name: str, allowed: str, value):
     if not ok:
-        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {_short(value)}")
+
+
+def _short(value) -> str:
+    """Errors echo the value, cut short: a 5 MB field must not make a 5 MB error."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    """A real number that is not inf or NaN (bool and huge ints, which overflow float, are not)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _int_keys(bias) -> dict:
+    """OpenAI's logit_bias arrives as JSON, so with str keys ("50256"): both forms become int token ids."""
+    _require(isinstance(bias, dict), "logit_bias", "a map of token ids to biases in [-100, 100]", bias)
+    out = {}
+    for k, v in bias.items():
+        try:
+            t = int(k) if _is_int(k) or (isinstance(k, str) and k.strip().lstrip("+-").isdigit()) else None
+        except ValueError:
+            t = None
+        _require(t is not None and t >= 0, "logit_bias", "keyed by non-negative token ids", k)
+        out[t] = v
+    return out

@@ -49,7 +49,8 @@ class AsyncLLM:
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
         self.input_processor = InputProcessor(
             self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), model.hf_config.vocab_size,
-            self.max_model_len, config.block_size, self.core.wait_ready(), config.enable_prefix_caching)
+            self.max_model_len, config.block_size, self.core.wait_ready(), config.enable_prefix_caching,
+            config.max_num_seqs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.max_waiting_queue_length = max_waiting_queue_length

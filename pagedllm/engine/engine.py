@@ -58,7 +58,8 @@ class Engine:
         self.core = EngineCore(config, self.hf_config, self.device, self.dtype, self.max_model_len)
         self.input_processor = InputProcessor(
             self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), self.vocab_size,
-            self.max_model_len, config.block_size, self.core.runner.num_blocks, config.enable_prefix_caching)
+            self.max_model_len, config.block_size, self.core.runner.num_blocks, config.enable_prefix_caching,
+            config.max_num_seqs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.stats_logger = StatsLogger(config.log_stats_interval)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.engine.core import EngineCoreRequest
 from pagedllm.engine.output_processor import child_request_id
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SEED_END, SamplingParams
 
 
 @dataclass
@@ -25,8 +25,10 @@ class ProcessedRequest:
 
 class InputProcessor:
     def __init__(self, tokenizer, eos_token_ids: set[int], vocab_size: int, max_model_len: int,
-                 block_size: int, num_blocks: int, enable_prefix_caching: bool):
+                 block_size: int, num_blocks: int, enable_prefix_caching: bool, max_num_seqs: int | None = None):
+        """max_num_seqs: the engine's bound, and so the largest n (None: no bound)."""
         self.tokenizer = tokenizer
+        self.max_num_seqs = max_num_seqs
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -37,22 +39,28 @@ class InputProcessor:
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                 arrival_time: float | None = None) -> ProcessedRequest:
         """Raises ValueError, naming the field and the limit, for a request that can never run."""
+        if self.max_num_seqs is not None and params.n > self.max_num_seqs:   # before any per-sequence work
+            raise ValueError(f"SamplingParams.n must be at most max_num_seqs ({self.max_num_seqs}), got {params.n}")
         text = prompt if isinstance(prompt, str) else None
         if self.tokenizer is None:
             params = _without_tokenizer(prompt, params)
-        prompt_ids = self._prompt_ids(prompt)
+        prompt_ids = self._truncate(self._prompt_ids(prompt), params.truncate_prompt_tokens)
         params.validate_vocab(self.vocab_size)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
-        params = dataclasses.replace(params, all_stop_token_ids=set(params.stop_token_ids) |
-                                     (set() if params.ignore_eos else self.eos_token_ids))
+        eos = set() if params.ignore_eos else self.eos_token_ids
+        params = dataclasses.replace(
+            params, all_stop_token_ids=set(params.stop_token_ids) | eos,
+            top_k=0 if params.top_k >= self.vocab_size else params.top_k,   # all: no int64 overflow on the device
+            bad_words_token_ids=self._bad_words_ids(params.bad_words))
         arrival_time = time.time() if arrival_time is None else arrival_time
         # Prefix caching off: a salt keeps other requests out of this one's blocks, but not its n siblings.
         salt = None if self.enable_prefix_caching else request_id
         core_requests = []
         for i in range(params.n):
-            # Siblings share the prompt's blocks through the block hashes; seeded siblings differ by index.
+            # Siblings share the prompt's blocks through the block hashes; seeded siblings differ by index
+            # (modulo 2**64: the same generator as seed + i, and always in manual_seed's range).
             child_params = params if params.n == 1 else dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else params.seed + i)
+                params, n=1, seed=None if params.seed is None else (params.seed + i) % SEED_END)
             core_requests.append(EngineCoreRequest(child_request_id(request_id, i, params.n), prompt_ids,
                                                    child_params, max_tokens, arrival_time, salt))
         return ProcessedRequest(text, prompt_ids, params, arrival_time, core_requests)
@@ -71,6 +79,29 @@ class InputProcessor:
             bad = [t for t in ids if not (type(t) is int and 0 <= t < self.vocab_size)]
             raise ValueError(f"prompt_token_ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
         return ids
+
+    def _truncate(self, ids: list[int], k: int | None) -> list[int]:
+        """truncate_prompt_tokens: keep the last k tokens (-1: max_model_len), before the length checks."""
+        if k is None:
+            return ids
+        return ids[-(self.max_model_len if k == -1 else k):]
+
+    def _bad_words_ids(self, bad_words: list[str] | None) -> list[list[int]]:
+        """Each word's tokens as vLLM finds them: the word alone, and after a space (mid-text) when that
+        gives other tokens of the same count. Token ids out of the vocabulary are an error."""
+        words = []
+        for word in bad_words or ():
+            alone = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if alone:
+                words.append(alone)
+            if spaced and (not alone or (spaced[0] != alone[0] and len(spaced) == len(alone))):
+                words.append(spaced)
+        bad = [t for ids in words for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.bad_words must tokenize to ids < vocab size {self.vocab_size}, "
+                             f"got {bad[:5]}")
+        return words
 
     def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt

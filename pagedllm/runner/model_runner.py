@@ -23,6 +23,8 @@ from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequest
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block, determine_num_blocks
 from pagedllm.runner.kv_offload import KVOffload, copy_scratch_bytes
 from pagedllm.runner.memory_profile import profile_free_kv_bytes
+from pagedllm.sample.logits_processors import build_logits_processors, uses_processors
+from pagedllm.sample.penalties import Penalties, PenaltyTable
 from pagedllm.sample.sampler import Sampler, SamplingMetadata, gather_logprobs, to_device
 from pagedllm.sampling_params import SamplingParams
 
@@ -46,6 +48,7 @@ class ModelRunner:
         self.states: dict[str, RunnerRequestState] = {}
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cache: SamplingMetadata | None = None
+        self.penalties = PenaltyTable(hf_config.vocab_size, device)   # token counts of penalised requests
         self.tables = BlockTables(cdiv(max_model_len, self.block_size))
         max_reqs = config.max_num_seqs
         shared_rows_per_item = 0
@@ -106,9 +109,9 @@ class ModelRunner:
                                     in_flight=self._in_flight, in_flight_ids=self._in_flight_ids,
                                     share=graph is None or not graph[1], share_grid=share_grid)
         rows = [reqs[i] for i in inputs.sample_rows]
-        self._in_flight = {r.req_id: j for j, r in enumerate(rows)}
+        prev_in_flight, self._in_flight = self._in_flight, {r.req_id: j for j, r in enumerate(rows)}
         # Sampling metadata first: its small host -> device copies then need not wait for the forward.
-        meta = self._sampling_metadata(rows, sched.num_scheduled_tokens) if rows else None
+        meta = self._sampling_metadata(rows, sched.num_scheduled_tokens, prev_in_flight) if rows else None
         if graph is not None:
             hidden = self.graphs.replay(*graph, inputs.attn_metadata.shared is not None)
         else:
@@ -122,6 +125,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.sample_token_index])
         result = self.sampler(logits, meta, self.generator)
         self._in_flight_ids = result.sampled_token_ids
+        if meta.processors is not None and meta.processors.penalties is not None:
+            penalties = meta.processors.penalties   # the next step's penalties count these tokens
+            self.penalties.record(penalties.slots, result.sampled_token_ids.index_select(0, penalties.rows))
         self._num_launched += 1
         host = self.sampled_host[self._num_launched % 2][:len(rows)]
         host.copy_(result.sampled_token_ids, non_blocking=True)   # the one device -> host copy of the step
@@ -152,6 +158,7 @@ class ModelRunner:
             state = self.states.pop(req_id, None)
             if state is not None:
                 self.tables.release(state.row)
+                self.penalties.release(req_id)
         for new in sched.new_reqs:
             state = self.states.get(new.req_id)
             if state is None:
@@ -176,9 +183,11 @@ class ModelRunner:
             return None
         return torch.Generator(self.device).manual_seed(params.seed)
 
-    def _sampling_metadata(self, rows: list[RunnerRequestState], num_scheduled: dict[str, int]) -> SamplingMetadata:
+    def _sampling_metadata(self, rows: list[RunnerRequestState], num_scheduled: dict[str, int],
+                           prev_in_flight: dict[str, int]) -> SamplingMetadata:
         """Rebuilt only when the rows change: consecutive decode steps usually sample the same requests.
-        Rows under min_tokens ban ids for a number of steps, so their metadata is never reused."""
+        Rows under min_tokens ban ids for a number of steps, and rows with multi-token bad words match the
+        output's tail, so their metadata is never reused. Penalties read their counts live from the table."""
         key = tuple(r.req_id for r in rows)
         if key == self._sampling_key:
             return self._sampling_cache
@@ -186,10 +195,36 @@ class ModelRunner:
         banned = [list(r.params.all_stop_token_ids)
                   if r.num_computed_tokens + num_scheduled[r.req_id] - r.num_prompt_tokens < r.params.min_tokens
                   else [] for r in rows]
-        meta = SamplingMetadata.build([r.params for r in rows], [r.generator for r in rows], banned, self.device)
-        reusable = not any(r.params.min_tokens for r in rows)
+        params = [r.params for r in rows]
+        processors = None
+        if any(uses_processors(p) for p in params):
+            processors = build_logits_processors(params, self._penalties(rows), self._recent_outputs(
+                rows, num_scheduled, prev_in_flight), self._in_flight_ids, self.device)
+        meta = SamplingMetadata.build(params, [r.generator for r in rows], banned, self.device, processors)
+        reusable = not any(p.min_tokens for p in params) and (processors is None or processors.reusable)
         self._sampling_key, self._sampling_cache = (key, meta) if reusable else (None, None)
         return meta
+
+    def _penalties(self, rows: list[RunnerRequestState]) -> Penalties | None:
+        slots = [self.penalties.slot(r.req_id, r.token_ids[:r.num_prompt_tokens]) if r.params.uses_penalties
+                 else None for r in rows]
+        return Penalties.build(self.penalties, [r.params for r in rows], slots, self.device)
+
+    @staticmethod
+    def _recent_outputs(rows: list[RunnerRequestState], num_scheduled: dict[str, int],
+                        prev_in_flight: dict[str, int]) -> list[tuple[list[int], int | None] | None]:
+        """For rows with multi-token bad words: (their last known output tokens, the row of their in-flight
+        token in the last step's sampled ids, or None when every output token is on the host)."""
+        out = []
+        for r in rows:
+            if not any(len(w) > 1 for w in r.params.bad_words_token_ids):
+                out.append(None)
+                continue
+            n = max(len(w) for w in r.params.bad_words_token_ids)
+            in_flight = r.num_computed_tokens + num_scheduled[r.req_id] > len(r.token_ids)
+            known = r.token_ids[max(r.num_prompt_tokens, len(r.token_ids) - n):]
+            out.append((known, prev_in_flight[r.req_id] if in_flight else None))
+        return out
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs, reqs: list[RunnerRequestState],
                          out: ModelRunnerOutput):
@@ -208,7 +243,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _run_largest_step(self) -> int:
         """One step of max_num_batched_tokens fresh prompt tokens over as many requests as can run, all of
-        them sampling with top-k and top-p (the sampler's largest buffers), on a throwaway KV cache."""
+        them sampling with top-k, top-p and penalties (the sampler's largest buffers), on a throwaway KV cache."""
         num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
         num_reqs = max(cdiv(num_tokens, self.max_model_len), min(self.config.max_num_seqs, num_tokens))
         lens = [num_tokens // num_reqs + (i < num_tokens % num_reqs) for i in range(num_reqs)]
@@ -225,8 +260,12 @@ class ModelRunner:
         with set_forward_context(inputs.attn_metadata, kv_caches):
             hidden = self.model(inputs.input_ids, inputs.positions)
         logits = self.model.compute_logits(hidden[inputs.sample_token_index])
-        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20)
-        meta = SamplingMetadata.build([params] * num_reqs, [None] * num_reqs, [[]] * num_reqs, self.device)
+        params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20, repetition_penalty=1.1)] * num_reqs
+        # A throwaway penalty table as large as these rows' will be: its room stays free of KV blocks.
+        table = PenaltyTable(self.penalties.vocab_size, self.device)
+        penalties = Penalties.build(table, params, [table.slot(r.req_id, r.token_ids) for r in reqs], self.device)
+        processors = build_logits_processors(params, penalties, [None] * num_reqs, None, self.device)
+        meta = SamplingMetadata.build(params, [None] * num_reqs, [[]] * num_reqs, self.device, processors)
         self.sampler(logits, meta, self.generator)
         return sum(kv.numel() * kv.element_size() for kv in kv_caches)
 

@@ -1,9 +1,12 @@
 """Turns the last-position logits of a batch into next tokens (vLLM v1's order and semantics).
 
     logits (N, V) ─┬─ log_softmax ─────────────────────────────────────────► raw logprobs (if asked)
-                   └─ banned ids → -inf ─┬─ argmax ──────────────────────► greedy rows
-                                         └─ / temperature → min_p → top-k → top-p
-                                            → softmax → argmax(probs / q), q ~ Exp(1) ──► other rows
+                   └─ processors ─┬─ argmax ─────────────────────────────► greedy rows
+                                  └─ / temperature → min_p → top-k → top-p
+                                     → softmax → argmax(probs / q), q ~ Exp(1) ──► other rows
+
+processors (logits_processors.py, vLLM v1's order): allowed_token_ids, bad_words, logit_bias, the min_tokens
+bans, penalties; skipped when no row uses any.
 
 Everything is batched tensor work; the only per-row Python is one draw per seeded row, from that request's
 own generator, so a seeded request's tokens do not depend on its batch neighbours. On CUDA the random draw
@@ -15,6 +18,8 @@ import torch
 from torch import nn
 
 from pagedllm.lazy_kernel import lazy_kernel
+from pagedllm.sample.host_copy import to_device
+from pagedllm.sample.logits_processors import LogitsProcessors, apply_logits_processors
 from pagedllm.sampling_params import _GREEDY_EPS, SamplingParams
 
 draw_seeds = lazy_kernel(globals(), "pagedllm.sample.gumbel_kernel", "draw_seeds")         # Triton, CUDA only
@@ -34,10 +39,12 @@ class SamplingMetadata:
     all_temperature_one: bool                 # no row needs the division by temperature
     max_num_logprobs: int | None              # None: no row asked for logprobs
     banned_token_ids: list[list[int]] | None  # per row: ids masked to -inf (EOS/stop ids before min_tokens)
+    processors: LogitsProcessors | None = None   # None: no row uses allowed ids, bad words, bias, penalties
 
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
-              banned_token_ids: list[list[int]], device) -> "SamplingMetadata":
+              banned_token_ids: list[list[int]], device,
+              processors: LogitsProcessors | None = None) -> "SamplingMetadata":
         # Greedy rows ignore top-k/p and min-p, so they neither switch the filters on nor draw randomness.
         sampled = [not p.greedy for p in params]
         top_k = [p.top_k if s else 0 for p, s in zip(params, sampled)]
@@ -56,20 +63,12 @@ class SamplingMetadata:
             all_temperature_one=all(p.temperature == 1.0 for p in params),
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
             banned_token_ids=banned_token_ids if any(banned_token_ids) else None,
+            processors=processors,
         )
 
 
 def _tensor_if(used: bool, values: list, dtype: torch.dtype, device) -> torch.Tensor | None:
     return to_device(values, dtype, device) if used else None
-
-
-def to_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
-    """A small host list on the device without a device sync: torch.tensor(..., device="cuda") copies from
-    pageable memory and then waits for the stream, which would stall the host behind the step in flight."""
-    t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 @dataclass
@@ -87,8 +86,8 @@ class Sampler(nn.Module):
         in the model's dtype where that changes nothing (argmax, the fused CUDA draw); float32 elsewhere."""
         # Raw logprobs: the model's distribution, before bans and temperature (vLLM's default).
         raw_logprobs = logits.float().log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
-        if meta.banned_token_ids is not None:
-            logits = ban_tokens(logits.float(), meta.banned_token_ids)
+        if meta.banned_token_ids is not None or meta.processors is not None:
+            logits = apply_logits_processors(logits, meta.processors, meta.banned_token_ids)
         if meta.all_greedy:
             sampled = logits.argmax(dim=-1)
         elif not meta.any_greedy:
@@ -117,14 +116,6 @@ class Sampler(nn.Module):
         if logits.is_cuda:
             return gumbel_sample(logits, draw_seeds(logits.shape[0], meta.generators, generator, logits.device))
         return exponential_race(logits.softmax(dim=-1), meta.generators, generator)
-
-
-def ban_tokens(logits: torch.Tensor, banned_token_ids: list[list[int]]) -> torch.Tensor:
-    """Out of place: the caller's logits (and the raw logprobs taken from them) stay untouched."""
-    rows = [i for i, ids in enumerate(banned_token_ids) for _ in ids]
-    cols = [t for ids in banned_token_ids for t in ids]
-    index = to_device([rows, cols], torch.int64, logits.device)
-    return logits.index_put((index[0], index[1]), torch.full((), -float("inf"), device=logits.device))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

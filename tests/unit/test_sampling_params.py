@@ -8,15 +8,15 @@ from pagedllm.sampling_params import SamplingParams
 INVALID = [
     (dict(n=0), "n", "an integer >= 1"),
     (dict(n=1.5), "n", "an integer >= 1"),
-    (dict(temperature=-1), "temperature", ">= 0"),
-    (dict(temperature=float("nan")), "temperature", ">= 0"),
+    (dict(temperature=-1), "temperature", "a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature", "a finite number >= 0"),
     (dict(top_p=0), "top_p", "in (0, 1]"),
     (dict(top_p=1.5), "top_p", "in (0, 1]"),
     (dict(top_k=-2), "top_k", "-1, 0 (all) or a positive integer"),
     (dict(top_k=2.5), "top_k", "-1, 0 (all) or a positive integer"),
     (dict(min_p=2), "min_p", "in [0, 1]"),
     (dict(min_p=-0.1), "min_p", "in [0, 1]"),
-    (dict(seed=1.5), "seed", "an integer or None"),
+    (dict(seed=1.5), "seed", "an integer in [-2**63, 2**64) or None"),
     (dict(max_tokens=0), "max_tokens", "an integer >= 1 or None"),
     (dict(min_tokens=-1), "min_tokens", ">= 0"),
     (dict(min_tokens=5, max_tokens=3), "min_tokens", "<= max_tokens (3)"),
@@ -27,6 +27,35 @@ INVALID = [
     (dict(stop_token_ids=[-1]), "stop_token_ids", "a list of non-negative token ids"),
     (dict(logprobs=-1), "logprobs", "None or an integer >= 0"),
     (dict(prompt_logprobs=-1), "prompt_logprobs", "None or an integer >= 0"),
+    # Beyond torch.Generator.manual_seed's range the engine core died ("Overflow when unpacking long long").
+    (dict(seed=2**64), "seed", "an integer in [-2**63, 2**64) or None"),
+    (dict(seed=-2**63 - 1), "seed", "an integer in [-2**63, 2**64) or None"),
+    (dict(seed=2**70, temperature=0), "seed", "an integer in [-2**63, 2**64) or None"),
+    (dict(top_k=True), "top_k", "-1, 0 (all) or a positive integer"),
+    (dict(temperature=float("inf")), "temperature", "a finite number >= 0"),
+    (dict(temperature=1e309), "temperature", "a finite number >= 0"),
+    (dict(temperature=10**400), "temperature", "a finite number >= 0"),
+    (dict(top_p=float("nan")), "top_p", "in (0, 1]"),
+    (dict(min_p=float("nan")), "min_p", "in [0, 1]"),
+    (dict(presence_penalty=2.5), "presence_penalty", "in [-2, 2]"),
+    (dict(presence_penalty=float("nan")), "presence_penalty", "in [-2, 2]"),
+    (dict(frequency_penalty=-2.01), "frequency_penalty", "in [-2, 2]"),
+    (dict(frequency_penalty=float("-inf")), "frequency_penalty", "in [-2, 2]"),
+    (dict(repetition_penalty=0), "repetition_penalty", "a finite number > 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty", "a finite number > 0"),
+    (dict(logit_bias={5: 101}), "logit_bias", "a map of token ids to biases in [-100, 100]"),
+    (dict(logit_bias={5: float("nan")}), "logit_bias", "a map of token ids to biases in [-100, 100]"),
+    (dict(logit_bias={"abc": 1}), "logit_bias", "keyed by non-negative token ids"),
+    (dict(logit_bias={-3: 1}), "logit_bias", "keyed by non-negative token ids"),
+    (dict(logit_bias=[1, 2]), "logit_bias", "a map of token ids to biases in [-100, 100]"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids", "None or a non-empty list of non-negative token ids"),
+    (dict(allowed_token_ids=[1, -1]), "allowed_token_ids", "None or a non-empty list of non-negative token ids"),
+    (dict(bad_words=["ok", " "]), "bad_words", "a list of non-blank strings"),
+    (dict(bad_words=[3]), "bad_words", "a list of non-blank strings"),
+    (dict(bad_words="word"), "bad_words", "None or a list"),
+    (dict(allowed_token_ids=5), "allowed_token_ids", "None or a list"),
+    (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
+    (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
 ]
 
 
@@ -40,6 +69,8 @@ def test_invalid_values_raise_naming_field_and_range(kwargs, name, allowed):
     (dict(stop_token_ids=[5, 512]), "stop_token_ids", "< vocab size 512"),
     (dict(logprobs=21), "logprobs", "<= 20"),
     (dict(prompt_logprobs=100), "prompt_logprobs", "<= 20"),
+    (dict(allowed_token_ids=[3, 512]), "allowed_token_ids", "< vocab size 512"),
+    (dict(logit_bias={"512": 1.0}), "logit_bias", "keyed by token ids < vocab size 512"),
 ])
 def test_validate_vocab_rejects_values_the_model_cannot_serve(kwargs, name, allowed):
     params = SamplingParams(**kwargs)
@@ -62,3 +93,22 @@ def test_defaults_and_normalisation():
     assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1e-6).greedy
     assert SamplingParams(max_tokens=None, min_tokens=1000).min_tokens == 1000
     SamplingParams(top_p=1.0, min_p=1.0, min_tokens=3, max_tokens=3, logprobs=0, seed=0)
+
+
+def test_seed_range_ends_and_new_field_defaults():
+    for seed in (-2**63, 2**64 - 1, 0):
+        assert SamplingParams(seed=seed).seed == seed
+    p = SamplingParams()
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert p.logit_bias is p.allowed_token_ids is p.bad_words is p.truncate_prompt_tokens is None
+    assert not p.uses_penalties and SamplingParams(repetition_penalty=1.1).uses_penalties
+
+
+def test_logit_bias_takes_json_string_keys():
+    assert SamplingParams(logit_bias={"50": -100, 7: 2.5, "+3": 1}).logit_bias == {50: -100, 7: 2.5, 3: 1}
+
+
+def test_error_echoes_long_values_cut_short():
+    with pytest.raises(ValueError) as e:
+        SamplingParams(stop=["x" * 100_000, ""])
+    assert len(str(e.value)) < 400

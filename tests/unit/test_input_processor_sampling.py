@@ -1,0 +1,85 @@
+"""Where requests enter: n bounded by max_num_seqs before any per-sequence work, seeds of n children kept in
+manual_seed's range, top_k above the vocabulary = all, truncate_prompt_tokens, bad words tokenized as vLLM does."""
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm import SamplingParams
+from pagedllm.engine.input_processor import InputProcessor
+from pagedllm.engine.tokenizer import load_tokenizer
+
+DEMO = Path(__file__).resolve().parents[2] / "pagedllm" / "demo" / "stories260k"
+PROMPT = list(range(3, 43))
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return InputProcessor(load_tokenizer(str(DEMO)), {2}, vocab_size=512, max_model_len=64, block_size=16,
+                          num_blocks=100, enable_prefix_caching=True, max_num_seqs=8)
+
+
+def test_n_above_max_num_seqs_is_refused_at_once(processor):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"SamplingParams.n must be at most max_num_seqs \(8\), got 1000000"):
+        processor.process("r", PROMPT, SamplingParams(n=1_000_000, max_tokens=4))
+    assert time.perf_counter() - start < 0.05
+    assert len(processor.process("r", PROMPT, SamplingParams(n=8, max_tokens=4)).core_requests) == 8
+
+
+def test_children_seeds_wrap_into_the_generator_range(processor):
+    children = processor.process("r", PROMPT, SamplingParams(n=3, seed=2**64 - 2, max_tokens=4)).core_requests
+    seeds = [c.sampling_params.seed for c in children]
+    assert seeds == [2**64 - 2, 2**64 - 1, 0]
+    for s in seeds:
+        torch.Generator().manual_seed(s)
+    # Wrapping keeps the generator seed + i would give: negatives are taken modulo 2**64 by torch too.
+    children = processor.process("r", PROMPT, SamplingParams(n=2, seed=-2**63, max_tokens=4)).core_requests
+    a, b = (torch.Generator().manual_seed(s) for s in (-2**63 + 1, children[1].sampling_params.seed))
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+
+
+def test_top_k_above_the_vocabulary_means_all(processor):
+    for k in (512, 2**63, 10**30):
+        assert processor.process("r", PROMPT, SamplingParams(top_k=k, max_tokens=4)).params.top_k == 0
+    assert processor.process("r", PROMPT, SamplingParams(top_k=511, max_tokens=4)).params.top_k == 511
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens_before_length_checks(processor):
+    long_prompt = list(range(3, 103))      # 100 tokens: longer than max_model_len 64
+    with pytest.raises(ValueError, match="max_model_len"):
+        processor.process("r", long_prompt, SamplingParams(max_tokens=4))
+    req = processor.process("r", long_prompt, SamplingParams(truncate_prompt_tokens=10, max_tokens=4))
+    assert req.prompt_token_ids == long_prompt[-10:]
+    assert req.core_requests[0].prompt_token_ids == long_prompt[-10:]
+    req = processor.process("r", list(range(3, 50)), SamplingParams(truncate_prompt_tokens=-1, max_tokens=None))
+    assert len(req.prompt_token_ids) == 47
+    assert processor.process("r", PROMPT, SamplingParams(truncate_prompt_tokens=500)).prompt_token_ids == PROMPT
+
+
+def test_bad_words_tokenized_alone_and_after_a_space(processor):
+    tok = processor.tokenizer
+    params = processor.process("r", PROMPT, SamplingParams(bad_words=["cat", " the dog"], max_tokens=4)).params
+    expected = []
+    for w in ("cat", "the dog"):
+        alone, spaced = tok.encode(w, add_special_tokens=False), tok.encode(" " + w, add_special_tokens=False)
+        expected.append(alone)
+        if spaced[0] != alone[0] and len(spaced) == len(alone):
+            expected.append(spaced)
+    assert params.bad_words_token_ids == expected and len(expected[1]) > 1
+
+
+class _SpaceMergingTokenizer:
+    """A word-initial space merges into the first character's token (as in GPT-2's byte BPE)."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if text.startswith(" "):
+            return [300 + ord(text[1]) % 200] + [ord(c) % 256 for c in text[2:]]
+        return [ord(c) % 256 for c in text]
+
+
+def test_bad_words_add_the_mid_text_form_when_a_space_changes_the_first_token():
+    p = InputProcessor(_SpaceMergingTokenizer(), {2}, 512, 64, 16, 100, True)
+    params = p.process("r", PROMPT, SamplingParams(bad_words=["ab", "  c"], max_tokens=4)).params
+    assert params.bad_words_token_ids == [[97, 98], [300 + 97, 98], [99], [300 + 99]]
