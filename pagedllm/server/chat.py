@@ -30,7 +30,7 @@ def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
     ctx.check_model(req.model)
-    prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt)
+    prompt_ids = await ctx.off_loop(render_chat, ctx, req.messages, req.add_generation_prompt)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     ctx.check_context_length(len(prompt_ids), max_tokens, "messages")
     if req.top_logprobs is not None and not req.logprobs:

@@ -18,7 +18,7 @@ from pagedllm.server.serving import (ServingContext, abort_all, add_requests, fi
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_request: Request):
     ctx.check_model(req.model)
-    prompts = _prompts(ctx, req.prompt)   # (text or None, token ids)
+    prompts = await ctx.off_loop(_prompts, ctx, req.prompt)   # (text or None, token ids)
     for _, ids in prompts:
         ctx.check_context_length(len(ids), req.max_tokens, "max_tokens")
     echo_logprobs = req.echo and req.logprobs is not None
