@@ -107,9 +107,21 @@ def _add_middleware(app: FastAPI, config: ServerConfig):
     """Outermost last: CORS wraps the body guard, so that its 413 and 400 reach browsers too."""
     app.add_middleware(RequestBodyGuard, max_bytes=config.max_request_body_bytes)
     if config.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins,
+        app.add_middleware(_CORSMiddleware, allow_origins=config.allowed_origins,
                            allow_methods=config.allowed_methods, allow_headers=config.allowed_headers,
                            allow_credentials=config.allow_credentials)
+
+
+class _CORSMiddleware(CORSMiddleware):
+    """Starlette's, with a refused preflight (its plain-text 400) in OpenAI's error shape."""
+
+    def preflight_response(self, request_headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return error_response(response.status_code, f"CORS preflight refused: {response.body.decode()}", None,
+                              "cors_refused", headers=headers)
 
 
 def _api_key_check(api_key: str | None):

@@ -45,7 +45,8 @@ class ServingContext:
 
     def check_model(self, name: str | None):
         if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`).",
+            shown = name if len(name) <= 100 else f"{name[:100]}..."   # a client's megabyte stays with it
+            raise APIError(404, f"The model `{shown}` does not exist (this server serves `{self.model_name}`).",
                            "model", "model_not_found")
 
     def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str):
