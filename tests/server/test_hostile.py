@@ -4,6 +4,7 @@ and short (no echo of what was sent), and afterwards the servers are healthy and
 Bodies are sent as `json.dumps` writes them: ASCII, a lone surrogate as the escape \\ud800, inf and nan as
 Infinity and NaN (Python's json reads them; JSON's 1e309 is also inf).
 """
+import asyncio
 import json
 
 import httpx
@@ -157,6 +158,25 @@ def test_hostile_request(servers, greedy_before, tally, server_name, method, pat
         assert is_openai_error(r), r.text[:1000]
         assert len(r.content) < 2000, f"{len(r.content)} bytes: {r.text[:300]}"   # no echo of what was sent
         assert param is None or r.json()["error"]["param"] == param, r.text[:1000]
+
+
+def test_health_answers_while_a_long_text_is_tokenized(server, offline_llm):
+    """The tokenizer runs on its own thread: /health keeps answering during a 1.9 MB /tokenize (~2 s of
+    tokenizing; on the event loop /health answered once, when it was over), and the ids are the same."""
+    text = "Once upon a time, there was a little girl named Lily. " * 35_000
+
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=120) as client:
+            big = asyncio.create_task(client.post(TOKENIZE, json={"model": MODEL_NAME, "prompt": text}))
+            answered = 0
+            while not big.done():
+                assert (await client.get("/health")).status_code == 200
+                answered += not big.done()
+                await asyncio.sleep(0.01)
+            return await big, answered
+    r, answered = asyncio.run(go())
+    assert r.status_code == 200 and r.json()["tokens"] == offline_llm.get_tokenizer().encode(text)
+    assert answered >= 10, answered
 
 
 def test_servers_healthy_and_unchanged_afterwards(servers, greedy_before, tally, capsys, tmp_path_factory):
