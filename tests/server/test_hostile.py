@@ -184,6 +184,8 @@ def test_servers_healthy_and_unchanged_afterwards(servers, greedy_before, tally,
         server = servers[name]
         assert httpx.get(server.url + "/health", verify=server.verify).status_code == 200
         assert _greedy(server) == text
+    with open(servers["edge"].log_path) as f:   # every hostile request was answered, none raised
+        assert "Traceback" not in f.read()
     summary = tally.summary()
     (tmp_path_factory.getbasetemp() / "hostile_table_summary.json").write_text(json.dumps(summary, indent=1))
     with capsys.disabled():
