@@ -1,6 +1,7 @@
 """`pagedllm generate | serve | bench throughput | bench serve`: engine and server flags are generated from the
 fields of EngineConfig and ServerConfig (names as vLLM's)."""
 import argparse
+import json
 import logging
 import sys
 import types
@@ -22,6 +23,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
         if ftype is bool or ftype == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
             continue
+        if typing.get_origin(ftype) is list:   # a JSON list, as vLLM takes them: --allowed-origins '["*"]'
+            group.add_argument(flag, type=_json_list, default=default,
+                               help=f"{meta['help']} (a JSON list; default: {json.dumps(default)})")
+            continue
         group.add_argument(flag, type=_scalar_type(ftype), default=default, choices=meta.get("choices"),
                            help=f"{meta['help']} (default: {default})")
 
@@ -31,6 +36,16 @@ def _scalar_type(ftype):
     if isinstance(ftype, types.UnionType):
         ftype = next(a for a in typing.get_args(ftype) if a is not type(None))
     return ftype
+
+
+def _json_list(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings such as '[\"*\"]', got {text!r}")
+    return value
 
 
 def engine_kwargs(args: argparse.Namespace, cls=EngineConfig) -> dict:

@@ -3,7 +3,7 @@
 The CLI (`pagedllm.cli`) generates its flags from these fields; `help` in each field's metadata is the flag's
 help text. Flag names follow vLLM's where the meaning is the same.
 """
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
@@ -14,6 +14,8 @@ _PREEMPTION_MODES = ("recompute", "swap", "offload")
 
 
 def _f(default, help: str, **kw):
+    if isinstance(default, list):   # mutable: each config gets its own copy
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -113,7 +115,8 @@ class ServerConfig:
     """`pagedllm serve`: the HTTP side (engine flags come from EngineConfig)."""
     host: str = _f("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = _f(8000, "port to listen on")
-    api_key: str | None = _f(None, "require `Authorization: Bearer KEY` on /v1 routes (default: the "
+    api_key: str | None = _f(None, "require `Authorization: Bearer KEY` on the routes that run the model "
+                                   "or the tokenizer (/v1/*, /tokenize, /detokenize; default: the "
                                    "PAGEDLLM_API_KEY environment variable; unset = no key)")
     served_model_name: str | None = _f(None, "model name in the API (default: the model argument)")
     chat_template: str | None = _f(None, "chat template (a file or the template text) when the tokenizer has "
@@ -121,11 +124,33 @@ class ServerConfig:
     max_waiting_queue_length: int | None = _f(None, "refuse new requests with 503 while this many sequences "
                                                     "wait for their first step (default: no bound)")
     log_level: str = _f("info", "log level of pagedllm and uvicorn", choices=("debug", "info", "warning", "error"))
+    max_request_body_bytes: int = _f(8 << 20, "refuse (413) request bodies larger than this; 8 MiB holds a "
+                                              "1M-token prompt as text or ~1M token ids as JSON")
+    # CORS, TLS and root path: vLLM's flags and formats (lists as JSON: --allowed-origins '["https://a.b"]').
+    allowed_origins: list[str] = _f([], "origins whose browser pages may call this server (CORS; \"*\": any). "
+                                        "vLLM allows any by default; here none (no CORS headers): any web page "
+                                        "the user visits could otherwise use a server on their machine")
+    allowed_methods: list[str] = _f(["*"], "methods allowed to those origins (CORS)")
+    allowed_headers: list[str] = _f(["*"], "request headers allowed to those origins (CORS)")
+    allow_credentials: bool = _f(False, "let those origins send credentials: cookies, Authorization (CORS)")
+    ssl_keyfile: str | None = _f(None, "TLS private key file (PEM); with ssl_certfile, the server speaks HTTPS")
+    ssl_certfile: str | None = _f(None, "TLS certificate file (PEM), with ssl_keyfile")
+    root_path: str | None = _f(None, "path prefix a proxy in front of the server adds (e.g. /llm): routes answer "
+                                     "with and without it, and /openapi.json names it")
 
     def __post_init__(self):
         _check(0 <= self.port < 65536, "port", "in [0, 65535]", self.port)
         _check(self.max_waiting_queue_length is None or self.max_waiting_queue_length >= 1,
                "max_waiting_queue_length", ">= 1", self.max_waiting_queue_length)
+        _check(self.max_request_body_bytes >= 1, "max_request_body_bytes", ">= 1", self.max_request_body_bytes)
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            _check(isinstance(value, list) and all(isinstance(v, str) for v in value), name,
+                   "a list of strings", value)
+        _check((self.ssl_keyfile is None) == (self.ssl_certfile is None), "ssl_keyfile",
+               "set together with ssl_certfile", self.ssl_keyfile)
+        _check(self.root_path is None or (self.root_path.startswith("/") and not self.root_path.endswith("/")),
+               "root_path", "a path that starts with / and does not end with /", self.root_path)
 
 
 def _check(ok: bool, name: str, limit: str, value):
@@ -135,4 +160,5 @@ def _check(ok: bool, name: str, limit: str, value):
 
 def config_fields(cls=EngineConfig):
     """(name, type, default, metadata) of every field of a config dataclass, for the CLI."""
-    return [(f.name, f.type, f.default, f.metadata) for f in fields(cls)]
+    return [(f.name, f.type, f.default_factory() if f.default is MISSING else f.default, f.metadata)
+            for f in fields(cls)]

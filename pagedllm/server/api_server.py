@@ -2,11 +2,13 @@
 import logging
 import os
 import secrets
+import ssl
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 import pagedllm
@@ -15,24 +17,29 @@ from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.core_process import freeze_gc
 from pagedllm.server.chat import create_chat_completion, render_chat
 from pagedllm.server.completions import create_completion
-from pagedllm.server.errors import APIError, install_error_handlers
+from pagedllm.server.errors import APIError, error_response, install_error_handlers
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagedllm.server.request_body import RequestBodyGuard
 from pagedllm.server.serving import ServingContext
 
 logger = logging.getLogger("pagedllm")
 API_KEY_ENV = "PAGEDLLM_API_KEY"
 
 
-def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None) -> FastAPI:
+def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig, api_key: str | None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        ctx.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         ctx.engine.shutdown()
 
-    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan, root_path=config.root_path or "")
     install_error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+    _add_middleware(app, config)
+    # The key guards every route that runs the model or the tokenizer; /health, /version, /metrics stay open.
+    keyed = [Depends(_api_key_check(api_key))]
+    v1 = APIRouter(prefix="/v1", dependencies=keyed)
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, raw_request: Request):
@@ -49,29 +56,12 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None) 
         return {"object": "list", "data": [card]}
 
     app.include_router(v1)
-
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
-        ctx.check_model(req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError(400, "give exactly one of prompt and messages", "prompt", "invalid_value")
-        ids = (ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens) if req.prompt is not None
-               else render_chat(ctx, req))
-        return {"tokens": ids, "count": len(ids), "max_model_len": ctx.engine.max_model_len}
-
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
-        ctx.check_model(req.model)
-        vocab = len(ctx.tokenizer)
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[:5]}", "tokens", "invalid_value")
-        return {"prompt": ctx.tokenizer.decode(req.tokens)}
+    app.include_router(_tokenizer_routes(ctx, keyed))
 
     @app.get("/health")
     async def health():
         if ctx.engine.dead:
-            return JSONResponse({"error": "the engine core process has exited"}, status_code=503)
+            return error_response(503, "the engine core process has exited", None, "engine_dead")
         return Response(status_code=200)
 
     @app.get("/version")
@@ -84,6 +74,54 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None) 
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def _tokenizer_routes(ctx: ServingContext, dependencies: list) -> APIRouter:
+    """/tokenize and /detokenize: the tokenizer runs on its thread (a long text takes seconds)."""
+    router = APIRouter(dependencies=dependencies)
+
+    @router.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt", "invalid_value")
+        ids = (await ctx.off_loop(ctx.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
+               if req.prompt is not None else
+               await ctx.off_loop(render_chat, ctx, req))
+        # JSONResponse: json.dumps in C; FastAPI's encoding of a returned dict walks the ids in Python (0.6 s
+        # on the loop for 500k ids)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": ctx.engine.max_model_len})
+
+    @router.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        ctx.check_model(req.model)
+        vocab = len(ctx.tokenizer)
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[:5]}", "tokens", "invalid_value")
+        return {"prompt": await ctx.off_loop(ctx.tokenizer.decode, req.tokens)}
+    return router
+
+
+def _add_middleware(app: FastAPI, config: ServerConfig):
+    """Outermost last: CORS wraps the body guard, so that its 413 and 400 reach browsers too."""
+    app.add_middleware(RequestBodyGuard, max_bytes=config.max_request_body_bytes)
+    if config.allowed_origins:
+        app.add_middleware(_CORSMiddleware, allow_origins=config.allowed_origins,
+                           allow_methods=config.allowed_methods, allow_headers=config.allowed_headers,
+                           allow_credentials=config.allow_credentials)
+
+
+class _CORSMiddleware(CORSMiddleware):
+    """Starlette's, with a refused preflight (its plain-text 400) in OpenAI's error shape."""
+
+    def preflight_response(self, request_headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return error_response(response.status_code, f"CORS preflight refused: {response.body.decode()}", None,
+                              "cors_refused", headers=headers)
 
 
 def _api_key_check(api_key: str | None):
@@ -113,19 +151,34 @@ def _read_chat_template(value: str | None) -> str | None:
     return value
 
 
+def _check_tls(config: ServerConfig):
+    """Load the key and certificate once before the engine starts: a wrong path or file is a clear error
+    here, not a uvicorn traceback after the model has loaded."""
+    if config.ssl_certfile is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    except OSError as e:   # ssl.SSLError is one
+        raise ValueError(f"ssl_certfile/ssl_keyfile: cannot load {config.ssl_certfile!r} with "
+                         f"{config.ssl_keyfile!r}: {e}") from e
+
+
 def serve(engine_config: EngineConfig, server_config: ServerConfig):
     import uvicorn
     if engine_config.skip_tokenizer_init:
         raise ValueError("skip_tokenizer_init: pagedllm serve needs a tokenizer (text prompts, chat, /tokenize); "
                          "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
     chat_template = _read_chat_template(server_config.chat_template)   # before the model loads
+    _check_tls(server_config)
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model)
     engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record)
     ctx = ServingContext(engine, metrics.model_name, chat_template)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
-    app = build_app(ctx, metrics, api_key)
-    logger.info("serving %s at http://%s:%d (API key %s)", ctx.model_name, server_config.host, server_config.port,
-                "required" if api_key else "off")
+    app = build_app(ctx, metrics, server_config, api_key)
+    scheme = "https" if server_config.ssl_certfile else "http"
+    logger.info("serving %s at %s://%s:%d%s (API key %s)", ctx.model_name, scheme, server_config.host,
+                server_config.port, server_config.root_path or "", "required" if api_key else "off")
     freeze_gc()
     uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
-                timeout_keep_alive=30)
+                timeout_keep_alive=30, ssl_keyfile=server_config.ssl_keyfile,
+                ssl_certfile=server_config.ssl_certfile)

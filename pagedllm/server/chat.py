@@ -32,7 +32,7 @@ def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeReques
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
     ctx.check_model(req.model)
-    prompt_ids = render_chat(ctx, req)
+    prompt_ids = await ctx.off_loop(render_chat, ctx, req)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = getattr(req, max_tokens_param)
     ctx.check_context_length(req.num_prompt_tokens(len(prompt_ids), ctx.engine.max_model_len), max_tokens,

@@ -18,7 +18,7 @@ from pagedllm.server.serving import (ServingContext, abort_all, add_requests, fi
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_request: Request):
     ctx.check_model(req.model)
-    prompts = _prompts(ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
+    prompts = await ctx.off_loop(_prompts, ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
     for _, ids in prompts:
         ctx.check_context_length(req.num_prompt_tokens(len(ids), ctx.engine.max_model_len), req.max_tokens,
                                  "prompt", "max_tokens")

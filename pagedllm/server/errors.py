@@ -1,17 +1,22 @@
 """Errors in the OpenAI shape: {"error": {"message", "type", "param", "code"}}, with the HTTP status.
 
-Every failure a client can cause ends here as a response; none reaches the engine core.
+Every failure a client can cause ends here as a response; none reaches the engine core. Every error response,
+whatever raised it (our checks, pydantic, Starlette's 404/405, a body that does not parse, a bug), has this
+shape: no handler leaves FastAPI's {"detail": ...} or a plain-text body.
 """
+import json
 import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from pagedllm.engine.async_llm import EngineDeadError, QueueFullError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           500: "server_error", 503: "server_overloaded"}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 RETRY_AFTER_SECONDS = 1
 
 
@@ -21,11 +26,18 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+class ErrorResponse(JSONResponse):
+    """JSON in ASCII: a message or param that quotes a client's lone surrogate (\\ud800) still encodes,
+    where JSONResponse's UTF-8 encoding would fail and turn the error into a 500."""
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+                   headers: dict | None = None) -> ErrorResponse:
     body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ErrorResponse(body, status_code=status, headers=headers)
 
 
 MAX_ECHO_CHARS = 200   # of a value echoed in an error message
@@ -75,3 +87,29 @@ def install_error_handlers(app: FastAPI):
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_: Request, e: EngineDeadError):
         return error_response(500, str(e), code="engine_dead")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, e: HTTPException):
+        """Starlette's and FastAPI's own: unknown route, wrong method, a body that does not parse."""
+        code = _HTTP_CODES.get(e.status_code, "invalid_json" if e.status_code == 400 else None)
+        return error_response(e.status_code, _http_error_message(e), None, code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):
+        # A bug, not the client's fault: a generic message (no internals); Starlette re-raises the exception
+        # after this response, and uvicorn logs it with its traceback.
+        return error_response(500, "internal server error", None, "internal_error")
+
+
+def _http_error_message(e: HTTPException) -> str:
+    """FastAPI says only "There was an error parsing the body": its cause says which error."""
+    cause = e.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON is nested too deeply"
+    if e.status_code == 404:
+        return "no such route (the API is under /v1: /v1/completions, /v1/chat/completions, /v1/models)"
+    if e.status_code == 405:
+        return f"this route takes only {(e.headers or {}).get('Allow', 'other methods')}"
+    return str(e.detail)

@@ -6,8 +6,10 @@ so no error, cancellation or closed connection can leave KV blocks behind.
 """
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from json.encoder import encode_basestring_ascii
 
 from fastapi import Request
@@ -28,10 +30,19 @@ class ServingContext:
     engine: AsyncLLM
     model_name: str
     chat_template: str | None
+    # One thread, as vLLM's: tokenizing a long text takes seconds (~0.7 s a MB), which on the event loop
+    # would stall every stream and /health; HF fast tokenizers release the GIL while they work.
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pagedllm-tokenizer"))
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    async def off_loop(self, fn: Callable, *args, **kwargs):
+        """fn(*args, **kwargs) on the tokenizer thread (tokenizing, the chat template, detokenizing a prompt).
+        Its results are the same as on the loop: one tokenizer, used with fixed settings."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, partial(fn, *args, **kwargs))
 
     def check_model(self, name: str | None):
         if name is not None and name != self.model_name:
@@ -179,6 +190,9 @@ async def until_disconnect(raw_request: Request, work: Awaitable):
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # cancel() only asks: the task is cancelled once it has run its finally (aborts), so wait for it.
+            # Reading task.cancelled() before that gives False, and task.result() raises InvalidStateError.
+            await asyncio.gather(task, return_exceptions=True)
     if task.cancelled():
         return Response(status_code=499)   # nobody is listening
     return task.result()

@@ -1,14 +1,17 @@
 """Real `pagedllm serve` processes on localhost, started once per session (in parallel), with a tiny model."""
 import pytest
 import torch
-from server.server_utils import (API_KEY, CHAT_TEMPLATE, MAX_MODEL_LEN, NUM_BLOCKS, SMALL_API_KEY, Server,
-                                 start_server, stop_server, wait_healthy)
+from server.server_utils import (API_KEY, CHAT_TEMPLATE, EDGE_API_KEY, EDGE_MAX_BODY, EDGE_MAX_MODEL_LEN,
+                                 EDGE_ORIGIN, EDGE_ROOT_PATH, MAX_MODEL_LEN, NUM_BLOCKS, SMALL_API_KEY, Server,
+                                 make_tls_cert, start_server, stop_server, wait_healthy)
 
 
 @pytest.fixture(scope="session")
 def servers(tiny_model_dirs, tmp_path_factory):
     """"main": API key from PAGEDLLM_API_KEY, a chat template; "small": API key from --api-key, one running
-    sequence and a waiting queue of one, for the 503. Both start at once: start-up is most of their cost."""
+    sequence and a waiting queue of one, for the 503; "edge": what faces hostile clients (HTTPS with a
+    self-signed certificate where openssl exists, CORS, a root path, a 1 MiB body limit, short requests for
+    the fuzzers). All start at once: start-up is most of their cost."""
     server_model_dir = tiny_model_dirs["llama"]
     logs = tmp_path_factory.mktemp("serve_logs")
     template = logs / "template.jinja"
@@ -16,7 +19,9 @@ def servers(tiny_model_dirs, tmp_path_factory):
     started = {"main": start_server(server_model_dir, str(logs / "main.log"), API_KEY,
                                     "--chat-template", str(template)),
                "small": start_server(server_model_dir, str(logs / "small.log"), SMALL_API_KEY, "--api-key",
-                                     SMALL_API_KEY, "--max-num-seqs", "1", "--max-waiting-queue-length", "1")}
+                                     SMALL_API_KEY, "--max-num-seqs", "1", "--max-waiting-queue-length", "1"),
+               "edge": start_server(server_model_dir, str(logs / "edge.log"), EDGE_API_KEY, *_edge_flags(logs),
+                                    "--chat-template", str(template))}
     try:
         for server in started.values():
             wait_healthy(server)
@@ -26,9 +31,22 @@ def servers(tiny_model_dirs, tmp_path_factory):
             stop_server(server)
 
 
+def _edge_flags(logs) -> list[str]:
+    tls = make_tls_cert(str(logs))
+    return ["--api-key", EDGE_API_KEY, "--max-num-seqs", "4", "--max-model-len", str(EDGE_MAX_MODEL_LEN),
+            "--max-request-body-bytes", str(EDGE_MAX_BODY), "--root-path", EDGE_ROOT_PATH,
+            "--allowed-origins", f'["{EDGE_ORIGIN}"]', "--allow-credentials",
+            *(["--ssl-keyfile", tls[0], "--ssl-certfile", tls[1]] if tls else [])]
+
+
 @pytest.fixture(scope="session")
 def server(servers) -> Server:
     return servers["main"]
+
+
+@pytest.fixture(scope="session")
+def edge(servers) -> Server:
+    return servers["edge"]
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,22 @@
 """Helpers of the server tests: starting `pagedllm serve`, reading /metrics."""
 import os
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
 API_KEY = "test-key"
 SMALL_API_KEY = "small-key"
+EDGE_API_KEY = "edge-key"
+EDGE_ORIGIN = "https://app.example"   # the edge server's CORS origin, root path, body limit, model length
+EDGE_ROOT_PATH = "/llm"
+EDGE_MAX_BODY = 1 << 20
+EDGE_MAX_MODEL_LEN = 64
 MODEL_NAME = "tiny"
 # Renders tool calls, tool answers and a template variable (`note`, from chat_template_kwargs) as tool-use
 # templates do, so tests can see them reach the template; plain conversations render as "role: content".
@@ -29,6 +36,12 @@ class Server:
     process: subprocess.Popen
     log_path: str
     api_key: str | None
+    ca_file: str | None = None   # an HTTPS server's self-signed certificate
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's verify= for this server."""
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
 
     @property
     def headers(self) -> dict:
@@ -39,6 +52,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_tls_cert(directory: str) -> tuple[str, str] | None:
+    """A self-signed certificate for 127.0.0.1 (key, cert), made with the openssl CLI; None without it."""
+    if shutil.which("openssl") is None:
+        return None
+    key, cert = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return key, cert
 
 
 def start_server(model_dir: str, log_path: str, api_key: str | None, *flags: str) -> Server:
@@ -52,6 +76,9 @@ def start_server(model_dir: str, log_path: str, api_key: str | None, *flags: str
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    if "--ssl-certfile" in flags:
+        cert = flags[flags.index("--ssl-certfile") + 1]
+        return Server(f"https://127.0.0.1:{port}", process, log_path, api_key, ca_file=cert)
     return Server(f"http://127.0.0.1:{port}", process, log_path, api_key)
 
 
@@ -61,7 +88,7 @@ def wait_healthy(server: Server, timeout: float = 180.0):
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited ({server.process.returncode}):\n{open(server.log_path).read()}")
         try:
-            if httpx.get(server.url + "/health", timeout=1.0).status_code == 200:
+            if httpx.get(server.url + "/health", timeout=1.0, verify=server.verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -103,3 +130,34 @@ def wait_all_blocks_free(server: Server, timeout: float = 15.0) -> dict[str, flo
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.05)
+
+
+def is_openai_error(r) -> bool:
+    """{"error": {"message": str, "type": str, "param": str | None, "code": str | None}} and nothing else."""
+    try:
+        body = r.json()
+    except ValueError:
+        return False
+    error = body.get("error") if isinstance(body, dict) and set(body) == {"error"} else None
+    return (isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
+            and isinstance(error["message"], str) and bool(error["message"]) and isinstance(error["type"], str)
+            and all(error[k] is None or isinstance(error[k], str) for k in ("param", "code")))
+
+
+@dataclass
+class Tally:
+    """What a fuzzer sent and got: requests, by status, 5xx, wrongly shaped errors (with examples)."""
+    name: str
+    by_status: dict = field(default_factory=dict)
+    bad: list = field(default_factory=list)
+
+    def record(self, status: int, shaped: bool, what: str):
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+        if status >= 500 or (status >= 400 and not shaped):
+            self.bad.append(f"{status} {'shaped' if shaped else 'NOT SHAPED'}: {what[:300]}")
+
+    def summary(self) -> dict:
+        return {"fuzzer": self.name, "requests": sum(self.by_status.values()),
+                "by_status": dict(sorted(self.by_status.items())),
+                "5xx": sum(n for s, n in self.by_status.items() if s >= 500),
+                "wrongly_shaped": sum("NOT SHAPED" in b for b in self.bad), "examples": self.bad[:10]}

@@ -1,5 +1,6 @@
 """A client that goes away aborts its request: its KV blocks are free again, as /metrics shows."""
 import json
+import os
 import socket
 import time
 
@@ -36,6 +37,7 @@ def test_non_streaming_client_disconnect_frees_blocks(server):
     """A non-streaming request sends nothing until it is done: open a raw socket, see the request run,
     then close the socket."""
     before = wait_all_blocks_free(server)
+    log_start = os.path.getsize(server.log_path)
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps(LONG).encode()
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
@@ -46,3 +48,7 @@ def test_non_streaming_client_disconnect_frees_blocks(server):
     after = wait_all_blocks_free(server)
     assert after["pagedllm:kv_cache_usage_perc"] == 0.0 and after["pagedllm:num_requests_running"] == 0
     assert finished(after, "length") == finished(before, "length")
+    with open(server.log_path) as f:   # the handler saw the disconnect and ended cleanly (was: InvalidStateError)
+        f.seek(log_start)
+        log = f.read()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log

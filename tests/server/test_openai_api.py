@@ -120,9 +120,9 @@ def test_models_tokenize_detokenize_health_version(server, offline_llm):
     models = httpx.get(server.url + "/v1/models", headers=h).json()
     assert models["data"][0]["id"] == MODEL_NAME and models["data"][0]["max_model_len"] == 512
     ids = offline_llm.get_tokenizer().encode(PROMPTS[2])
-    tok = httpx.post(server.url + "/tokenize", json={"prompt": PROMPTS[2]}).json()
+    tok = httpx.post(server.url + "/tokenize", json={"prompt": PROMPTS[2]}, headers=h).json()
     assert tok["tokens"] == ids and tok["count"] == len(ids)
-    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == \
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}, headers=h).json()["prompt"] == \
         offline_llm.get_tokenizer().decode(ids)
     assert httpx.get(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/version").json()["version"]

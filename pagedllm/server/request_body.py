@@ -1,0 +1,118 @@
+"""The request body where it enters, before any route sees it: bounded in size, and free of lone surrogates.
+
+A lone surrogate (the JSON escape \\ud800 without its pair) parses into a Python str that no UTF-8 codec,
+tokenizer or JSON response can encode; refused here, it cannot reach any place that takes text. JSON can
+carry one only as such an escape (raw UTF-8 bytes cannot encode a surrogate), so a body without the escape
+costs one regex scan in C; one with it (often an emoji's valid pair, as `json.dumps` writes it) is parsed
+once more to find the field.
+"""
+import json
+import re
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagedllm.server.errors import error_response
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class RequestBodyGuard:
+    """Pure ASGI middleware: reads the whole body (413 past max_bytes, before reading it when the
+    Content-Length says so), refuses lone surrogates (400 naming the field; 404 in `model`), then replays the
+    body to the app; later receive() calls (disconnect watching) go to the server as before."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            body = await _read_body(scope, receive, self.max_bytes)
+        except _Disconnected:
+            return
+        except _TooLarge:
+            message = (f"the request body is larger than this server's limit of {self.max_bytes} bytes "
+                       f"(--max-request-body-bytes)")
+            # Connection: close: the unread rest of the body must not be taken for the next request.
+            response = error_response(413, message, None, "request_too_large", headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        if _SURROGATE_ESCAPE.search(body) and (path := _lone_surrogate_path(body)) is not None:
+            return await _surrogate_response(path)(scope, receive, send)
+        await self.app(scope, _replay(body, receive), send)
+
+
+async def _read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+            raise _TooLarge
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise _TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return replay
+
+
+def _lone_surrogate_path(body: bytes) -> list[str] | None:
+    """The path (keys, list indices) of the first string or key holding a lone surrogate, or None. A body
+    that does not parse is left to the route, which answers it."""
+    try:
+        stack = [((), json.loads(body))]
+    except (ValueError, RecursionError):
+        return None
+    while stack:   # iterative: the JSON may be nested as deep as the parser allows
+        path, value = stack.pop()
+        if isinstance(value, str) and not _encodes(value):
+            return list(path)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodes(key):
+                    return [*path, key]
+                stack.append(((*path, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*path, str(i)), item) for i, item in enumerate(value))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _surrogate_response(path: list[str]):
+    param = ".".join(path) or None
+    if path == ["model"]:   # no served model has such a name
+        return error_response(404, "The model does not exist: its name holds a lone UTF-16 surrogate.",
+                              "model", "model_not_found")
+    return error_response(400, f"{param or 'the body'} holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                               f"escape without its pair), which is not text", param, "invalid_value")

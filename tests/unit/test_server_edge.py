@@ -1,0 +1,130 @@
+"""The server's edge in-process, without an engine: the request body guard, error shapes, the tokenizer
+thread, and the server flags the CLI generates (lists as JSON, as vLLM takes them)."""
+import asyncio
+import json
+import threading
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from pagedllm.cli import main as cli_main
+from pagedllm.config import ServerConfig
+from pagedllm.server.errors import install_error_handlers
+from pagedllm.server.request_body import RequestBodyGuard
+from pagedllm.server.serving import ServingContext
+
+MAX_BYTES = 1000
+
+
+def _app(max_bytes: int) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(RequestBodyGuard, max_bytes=max_bytes)
+
+    @app.post("/echo")
+    async def echo(body: dict):
+        return body
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("secret internals")
+    return app
+
+
+def _request(method: str, path: str, content=None, max_bytes: int = MAX_BYTES) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=_app(max_bytes), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, path, content=content, headers={"content-type": "application/json"})
+    return asyncio.run(go())
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def test_unexpected_exception_is_a_generic_500_in_openai_shape():
+    error = _error(_request("GET", "/boom"), 500)
+    assert error["code"] == "internal_error" and "secret" not in error["message"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"a": [1, {"b": "x\\ud800"}]}', "a.1.b"),
+    ('{"a": "\\udfff\\ud800"}', "a"),             # a low then a high surrogate: no pair
+    ('{"a": {"k\\ud83d": 1}}', "a.k\ud83d"),      # in a key
+])
+def test_a_lone_surrogate_is_400_naming_where_it_is(body, param):
+    error = _error(_request("POST", "/echo", body.encode()), 400)
+    assert error["param"] == param and "surrogate" in error["message"]
+
+
+def test_a_surrogate_in_model_is_404():
+    assert _error(_request("POST", "/echo", b'{"model": "\\udabc"}'), 404)["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('{"a": "\\ud83d\\ude00"}', {"a": "\U0001F600"}),   # a pair is text (json.dumps writes emoji so)
+    ('{"a": "\\\\ud800"}', {"a": "\\ud800"}),           # an escaped backslash, then "ud800": plain text
+])
+def test_surrogate_pairs_and_escaped_backslashes_pass(body, expected):
+    r = _request("POST", "/echo", body.encode())
+    assert r.status_code == 200 and r.json() == expected
+
+
+def test_a_body_over_the_limit_is_413_with_or_without_content_length():
+    body = json.dumps({"a": "x" * MAX_BYTES}).encode()
+
+    async def chunks():   # no Content-Length: sent chunked
+        yield body[:10]
+        yield body[10:]
+    for content in (body, chunks()):
+        error = _error(_request("POST", "/echo", content), 413)
+        assert error["code"] == "request_too_large" and str(MAX_BYTES) in error["message"]
+    assert _request("POST", "/echo", json.dumps({"a": "x" * (MAX_BYTES - 20)}).encode()).status_code == 200
+
+
+@pytest.mark.parametrize("method, path, content, status, words", [
+    ("GET", "/nope", None, 404, "no such route"),
+    ("DELETE", "/echo", None, 405, "POST"),
+    ("POST", "/echo", b'{"a": "\xff"}', 400, "UTF-8"),
+    ("POST", "/echo", b"[" * 50_000 + b"]" * 50_000, 400, "nested"),
+    ("POST", "/echo", b"{not json", 400, "JSON"),
+])
+def test_framework_errors_are_in_openai_shape(method, path, content, status, words):
+    assert words in _error(_request(method, path, content, max_bytes=1 << 20), status)["message"]
+
+
+def test_off_loop_runs_on_the_tokenizer_thread():
+    ctx = ServingContext(engine=None, model_name="m", chat_template=None)
+
+    async def go():
+        return await ctx.off_loop(threading.get_ident), threading.get_ident()
+    worker, loop = asyncio.run(go())
+    assert worker != loop
+    ctx.tokenizer_pool.shutdown()
+
+
+def test_cli_takes_server_lists_as_json(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("pagedllm.server.api_server.serve", lambda e, s: seen.setdefault("server", s))
+    assert cli_main(["serve", "--allowed-origins", '["https://a.example", "http://b"]', "--allowed-methods",
+                     '["GET"]', "--allow-credentials", "--root-path", "/llm", "--max-request-body-bytes", "5"]) == 0
+    config = seen["server"]
+    assert config.allowed_origins == ["https://a.example", "http://b"] and config.allowed_methods == ["GET"]
+    assert config.allowed_headers == ["*"] and config.allow_credentials and config.root_path == "/llm"
+    assert config.max_request_body_bytes == 5
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--allowed-origins", "https://a.example"])   # not JSON: argparse's usage error
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"ssl_keyfile": "k.pem"}, "ssl_keyfile"), ({"root_path": "llm"}, "root_path"),
+    ({"max_request_body_bytes": 0}, "max_request_body_bytes"), ({"allowed_origins": "*"}, "allowed_origins"),
+])
+def test_server_config_checks_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ServerConfig(**kwargs)
