@@ -35,6 +35,10 @@ class EngineDeadError(RuntimeError):
     """The engine core process has exited; no request can run any more."""
 
 
+class EngineGenerateError(RuntimeError):
+    """The engine core failed this request (its data raised there, or its step did); others run on."""
+
+
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_queue_length: int | None = None,
                  on_step_stats: Callable[[StepStats], None] | None = None):
@@ -159,13 +163,17 @@ class AsyncLLM:
 
     def _process_outputs(self, core_outputs, stats: StepStats):
         self._unscheduled.difference_update(stats.first_scheduled_ids)
-        outputs, stopped = self.output_processor.process(core_outputs, stats)
+        outputs, stopped, errors = self.output_processor.process(core_outputs, stats)
         if stopped:   # a stop string ended them: the core must free them
             self.core.send(("finish", stopped, RequestStatus.FINISHED_STOPPED))
         for out in outputs:
             q = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)
             if q is not None:
-                q.put_nowait(out)
+                error = errors.get(out.request_id)
+                q.put_nowait(out if error is None else EngineGenerateError(
+                    f"the engine failed request {out.request_id}: {error}"))
+        if errors:   # `stopped` has every sequence of a failed request: some failed before any step
+            self._unscheduled.difference_update(stopped)
         if self.on_step_stats is not None:
             self.on_step_stats(stats)
 
