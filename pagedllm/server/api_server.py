@@ -1,7 +1,14 @@
-"""`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over AsyncLLM."""
+"""`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over AsyncLLM.
+
+Faults: when the engine core process dies, the requests in flight fail and the server exits with code 1 (a
+supervisor restarts it, as vLLM's does); a stopped or hung core makes /health 503 (AsyncLLM's heartbeat). A
+SIGINT or SIGTERM stops it cleanly: requests finish or are aborted, the core is shut down, exit code 0.
+"""
 import logging
 import os
 import secrets
+import signal
+import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +34,7 @@ API_KEY_ENV = "PAGEDLLM_API_KEY"
 def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        ctx.engine.attach()   # watch the core from the start, not from the first request
         yield
         ctx.engine.shutdown()
 
@@ -72,6 +80,9 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None) 
     async def health():
         if ctx.engine.dead:
             return JSONResponse({"error": "the engine core process has exited"}, status_code=503)
+        if not ctx.engine.is_healthy():
+            return JSONResponse({"error": f"the engine core has not responded for "
+                                          f"{ctx.engine.heartbeat_timeout:g} s"}, status_code=503)
         return Response(status_code=200)
 
     @app.get("/version")
@@ -106,13 +117,35 @@ def _read_chat_template(value: str | None) -> str | None:
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig):
     import uvicorn
+
+    class Server(uvicorn.Server):
+        core_died = False
+
+        def handle_exit(self, sig, frame):   # a stop signal: the core's exit that follows is no fault
+            engine.closing = True
+            super().handle_exit(sig, frame)
+
+        def on_core_death(self):
+            self.core_died = self.should_exit = True
+
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model)
-    engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record)
+    engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
+                      heartbeat_timeout=server_config.engine_heartbeat_timeout,
+                      on_dead=lambda: server.on_core_death())
     ctx = ServingContext(engine, metrics.model_name, _read_chat_template(server_config.chat_template))
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
     app = build_app(ctx, metrics, api_key)
     logger.info("serving %s at http://%s:%d (API key %s)", ctx.model_name, server_config.host, server_config.port,
                 "required" if api_key else "off")
     freeze_gc()
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
-                timeout_keep_alive=30)
+    server = Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
+                                   log_level=server_config.log_level, timeout_keep_alive=30,
+                                   timeout_graceful_shutdown=10))
+    # uvicorn raises a stop signal again once it has shut down, to the handlers found at start: these
+    # ones make that a no-op, so a stop ends with exit code 0 and no KeyboardInterrupt traceback.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if server.core_died:
+        logger.error("exiting with code 1: the engine core process died")
+        sys.exit(1)
