@@ -208,7 +208,7 @@ class AsyncLLM:
     def _process_outputs(self, core_outputs, stats: StepStats):
         self._unscheduled.difference_update(stats.first_scheduled_ids)
         outputs, stopped, errors = self.output_processor.process(core_outputs, stats)
-        if stopped:   # a stop string ended them: the core must free them
+        if stopped:   # a stop string ended them, or a sibling failed: the core must free them
             self.core.send(("finish", stopped, RequestStatus.FINISHED_STOPPED))
         for out in outputs:
             q = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)
