@@ -133,15 +133,14 @@ class AsyncLLM:
                                  f"the bound is max_waiting_queue_length ({bound})")
 
     def _check_alive(self):
-        if self.dead:
-            raise EngineDeadError("the engine core process has exited")
-        if self._unresponsive():
-            raise EngineDeadError(f"the engine core has not responded for {self.heartbeat_timeout:g} s")
+        if not self.is_healthy():
+            raise EngineDeadError("the engine core process has exited" if self.dead else
+                                  f"the engine core has not responded for {self.heartbeat_timeout:g} s")
 
     def is_healthy(self) -> bool:
         """The core process is alive and sent something within heartbeat_timeout (what /health reports).
-        Messages already in the pipe count: a busy event loop may not have read them yet."""
-        if self._loop is not None and not self.dead:
+        Messages already in the pipe count: a busy (or not yet attached) event loop may not have read them."""
+        if self._unresponsive() and self._loop is not None and not self.dead:
             self._on_readable()
         return not self.dead and not self._unresponsive()
 
@@ -231,7 +230,7 @@ class AsyncLLM:
                 self._on_readable()   # what it sent before it exited, then the EOF
                 if not self.dead:
                     self._on_core_exit()
-            elif self._unresponsive() and (self._queues or self._stats_waiters):
+            elif (self._queues or self._stats_waiters) and not self.is_healthy() and not self.dead:
                 logger.error("the engine core has not responded for %.1f s: failing %d requests in flight",
                              time.monotonic() - self.last_heartbeat, len(self._queues))
                 self._fail_all(EngineDeadError(f"the engine core has not responded for "
