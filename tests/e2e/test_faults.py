@@ -2,6 +2,7 @@
 and the core carries on with consistent state (blocks freed and uncached, runner rows released)."""
 import asyncio
 import copy
+import dataclasses
 
 import pytest
 
@@ -80,15 +81,22 @@ def test_failed_step_fails_its_requests_and_the_core_carries_on(llm, reference, 
         return build(self, rows, num_scheduled)
 
     monkeypatch.setattr(type(runner), "_sampling_metadata", failing)
+    fail_step, in_flight_at_failure = engine.core._fail_step, []
+
+    def record_in_flight(sched_out, e):
+        in_flight_at_failure.append(engine.core._in_flight is not None)
+        return fail_step(sched_out, e)
+    monkeypatch.setattr(engine.core, "_fail_step", record_in_flight)
     # max_num_seqs 2: "short" and "long" run first; "poison" joins when "short" ends, in a step with "long".
-    engine.add_request("short", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    engine.add_request("short", PROMPTS[0], dataclasses.replace(_params(0), max_tokens=2))
     engine.add_request("long", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
     engine.add_request("poison", POISON_PROMPT, _params(2))
     engine.add_request("after", PROMPTS[3], _params(3))
     finished = {}
     while engine.has_unfinished_requests():
         finished.update((o.request_id, o) for o in engine.step() if o.finished)
-    assert finished["short"].outputs[0].finish_reason == "length"
+    assert in_flight_at_failure == [True]   # the step before the failed one was still to be read
+    assert finished["short"].outputs[0].token_ids == reference[0][:2]
     assert finished["poison"].outputs[0].finish_reason == "error"
     assert finished["long"].outputs[0].finish_reason == "error"   # in the failed step with poison
     assert finished["after"].outputs[0].token_ids == reference[3]
