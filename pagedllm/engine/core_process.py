@@ -11,11 +11,12 @@ schedules, runs the model and sends token ids; the API process does everything e
 
 Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], RequestStatus), ("stats",),
 ("shutdown",) in; ("ready", num_blocks) or ("failed", message) once, then ("outputs", [EngineCoreOutput field
-values], StepStats), ("stats", SchedulerStats) and ("heartbeat",) out, in order. The writer thread keeps the
-event loop from blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending
-outputs: that would deadlock.
+values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thread keeps the event loop from
+blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending outputs: that would
+deadlock.
 
-Faults: the core sends something at least every HEARTBEAT_INTERVAL between steps, idle or not, so the API
+Faults: the core sends something (a ("heartbeat",) when it has nothing else) at least every HEARTBEAT_INTERVAL
+between steps, idle or not, so the API
 process tells a stopped or hung core from a busy one (AsyncLLM.heartbeat_timeout). The core ignores SIGINT: a
 Ctrl-C reaches the whole terminal process group, and the API process stops the core itself through the pipe.
 The core's life is tied to the pipe: it returns when the API process is gone.
