@@ -15,11 +15,11 @@ values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thre
 blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending outputs: that would
 deadlock.
 
-Faults: the core sends something (a ("heartbeat",) when it has nothing else) at least every HEARTBEAT_INTERVAL
-between steps, idle or not, so the API
-process tells a stopped or hung core from a busy one (AsyncLLM.heartbeat_timeout). The core ignores SIGINT: a
-Ctrl-C reaches the whole terminal process group, and the API process stops the core itself through the pipe.
-The core's life is tied to the pipe: it returns when the API process is gone.
+Faults: the core sends something (("heartbeat",) when it has nothing else) at least every HEARTBEAT_INTERVAL
+between steps, idle or not, so the API process tells a stopped or hung core from a busy one
+(AsyncLLM.heartbeat_timeout). The core ignores SIGINT: a Ctrl-C reaches the whole terminal process group, and
+the API process stops the core itself through the pipe. The core's life is tied to the pipe: it returns when
+the API process is gone.
 """
 import gc
 import logging
