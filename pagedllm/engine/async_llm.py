@@ -228,8 +228,7 @@ class AsyncLLM:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             if not self.core.process.is_alive():
                 self._on_readable()   # what it sent before it exited, then the EOF
-                if not self.dead:
-                    self._on_core_exit()
+                self._on_core_exit()
             elif (self._queues or self._stats_waiters) and not self.is_healthy() and not self.dead:
                 logger.error("the engine core has not responded for %.1f s: failing %d requests in flight",
                              time.monotonic() - self.last_heartbeat, len(self._queues))
@@ -237,6 +236,9 @@ class AsyncLLM:
                                                f"{self.heartbeat_timeout:g} s"), abort=True)
 
     def _on_core_exit(self):
+        if self.dead:
+            return   # seen already (the pipe's EOF, or the watchdog)
+        self.core.process.join(timeout=1)   # the pipe closes as it dies: its exit code comes a moment later
         code = self.core.process.exitcode
         if self.closing:
             logger.info("the engine core process exited (code %s)", code)

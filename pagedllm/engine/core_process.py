@@ -138,6 +138,7 @@ class CoreClient:
             try:
                 self.conn.send(msg)
             except (BrokenPipeError, OSError) as e:   # the core is gone; anything else would lose messages
+                self.process.join(timeout=1)            # (AsyncLLM reports its death)
                 if self.process.is_alive():
                     logger.error("cannot send to the engine core: %s", e)
                 return

@@ -151,7 +151,7 @@ def test_killed_core_fails_streams_and_the_server_exits_non_zero(fault_servers):
         assert isinstance(events, httpx.TransportError) or "exited" in events[-1]["error"]["message"], events
     assert server.process.wait(timeout=10) == 1
     assert time.monotonic() - killed_at < 10
-    assert "engine core process exited unexpectedly" in Path(server.log_path).read_text()
+    assert "engine core process exited unexpectedly (code -9)" in Path(server.log_path).read_text()
 
 
 def test_sigterm_stops_cleanly(fault_servers):
