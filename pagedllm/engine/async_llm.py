@@ -144,6 +144,16 @@ class AsyncLLM:
             self._on_readable()
         return not self.dead and not self._unresponsive()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def fail_in_flight(self, reason: str):
+        """Every request in flight ends with EngineDeadError(reason) and is aborted (a server stopping)."""
+        if self._queues:
+            logger.info("%s: ending %d requests in flight", reason, len(self._queues))
+        self._fail_all(EngineDeadError(reason), abort=True)
+
     def _unresponsive(self) -> bool:
         return time.monotonic() - self.last_heartbeat > self.heartbeat_timeout
 

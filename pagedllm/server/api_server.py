@@ -2,7 +2,8 @@
 
 Faults: when the engine core process dies, the requests in flight fail and the server exits with code 1 (a
 supervisor restarts it, as vLLM's does); a stopped or hung core makes /health 503 (AsyncLLM's heartbeat). A
-SIGINT or SIGTERM stops it cleanly: requests finish or are aborted, the core is shut down, exit code 0.
+SIGINT or SIGTERM stops it cleanly: requests in flight finish (or end with an error after STOP_GRACE_SECONDS),
+the core is shut down, exit code 0.
 """
 import logging
 import os
@@ -29,6 +30,7 @@ from pagedllm.server.serving import ServingContext
 
 logger = logging.getLogger("pagedllm")
 API_KEY_ENV = "PAGEDLLM_API_KEY"
+STOP_GRACE_SECONDS = 5   # after a stop signal, for the requests in flight to finish
 
 
 def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None) -> FastAPI:
@@ -122,6 +124,12 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
         core_died = False
 
         def handle_exit(self, sig, frame):   # a stop signal: the core's exit that follows is no fault
+            if not engine.closing and engine.loop is not None:
+                # Requests in flight get STOP_GRACE_SECONDS to finish, then end with an error (before
+                # uvicorn's own timeout would cancel them with an error line).
+                engine.closing = True
+                engine.loop.call_soon_threadsafe(engine.loop.call_later, STOP_GRACE_SECONDS,
+                                                 engine.fail_in_flight, "the server is shutting down")
             engine.closing = True
             super().handle_exit(sig, frame)
 
@@ -140,7 +148,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
     freeze_gc()
     server = Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                    log_level=server_config.log_level, timeout_keep_alive=30,
-                                   timeout_graceful_shutdown=10))
+                                   timeout_graceful_shutdown=STOP_GRACE_SECONDS + 5))
     # uvicorn raises a stop signal again once it has shut down, to the handlers found at start: these
     # ones make that a no-op, so a stop ends with exit code 0 and no KeyboardInterrupt traceback.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,6 +13,8 @@ import pytest
 from server.inject_fault import INJECT_SEED
 from server.server_utils import MODEL_NAME, Server, start_server, stop_server, wait_healthy
 
+from pagedllm.server.api_server import STOP_GRACE_SECONDS
+
 HEARTBEAT_TIMEOUT = 2.0
 COMPLETIONS = "/v1/completions"
 PROMPTS = ["Once upon a time", "The little dog", "In a small town there", "She said"]
@@ -21,14 +23,15 @@ PROMPTS = ["Once upon a time", "The little dog", "In a small town there", "She s
 @pytest.fixture(scope="module")
 def fault_servers(tiny_model_dirs, tmp_path_factory):
     """Started at once (start-up is most of their cost): "inject" has a fault injected for seed INJECT_SEED,
-    "kill" has its core killed, "term" is stopped with SIGTERM."""
+    "kill" has its core killed, "term" is stopped with SIGTERM (its heartbeat timeout outlasts the stop's grace)."""
     logs = tmp_path_factory.mktemp("fault_logs")
     script = str(Path(__file__).with_name("inject_fault.py"))
     flags = ("--engine-heartbeat-timeout", str(HEARTBEAT_TIMEOUT))
     servers = {"inject": start_server(tiny_model_dirs["llama"], str(logs / "inject.log"), None, *flags,
                                       main=(script,)),
                "kill": start_server(tiny_model_dirs["llama"], str(logs / "kill.log"), None, *flags),
-               "term": start_server(tiny_model_dirs["llama"], str(logs / "term.log"), None, *flags)}
+               "term": start_server(tiny_model_dirs["llama"], str(logs / "term.log"), None,
+                                    "--engine-heartbeat-timeout", "30")}
     try:
         for server in servers.values():
             wait_healthy(server)
@@ -154,7 +157,30 @@ def test_killed_core_fails_streams_and_the_server_exits_non_zero(fault_servers):
     assert "engine core process exited unexpectedly (code -9)" in Path(server.log_path).read_text()
 
 
-def test_sigterm_stops_cleanly(fault_servers):
+def test_sigterm_stops_cleanly_ending_streams_in_flight(fault_servers):
+    """Streams that cannot finish (the core is stopped) end with an error event after the stop's grace period
+    (STOP_GRACE_SECONDS), then the server exits 0 with no error line."""
     server = fault_servers["term"]
     assert httpx.post(server.url + COMPLETIONS, json=_body(PROMPTS[0])).status_code == 200
-    _stop_and_check_clean(server, signal.SIGTERM)
+    core = _core_pid(server)
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as client:
+            streams = [asyncio.create_task(_stream_events(
+                client, server, _body(p, max_tokens=480, ignore_eos=True, temperature=1.0))) for p in PROMPTS]
+            await asyncio.sleep(0.3)
+            os.kill(core, signal.SIGSTOP)
+            offset = os.path.getsize(server.log_path)
+            server.process.send_signal(signal.SIGTERM)
+            try:
+                results = await asyncio.wait_for(asyncio.gather(*streams), STOP_GRACE_SECONDS + 5)
+            finally:
+                os.kill(core, signal.SIGCONT)
+            return results, offset
+
+    results, offset = asyncio.run(run())
+    for events in results:
+        assert "shutting down" in events[-1]["error"]["message"], events[-1]
+    assert server.process.wait(timeout=20) == 0
+    tail = Path(server.log_path).read_text()[offset:]
+    assert not any(word in tail for word in ("Traceback", "Error", "ERROR")), tail
