@@ -127,7 +127,6 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
             if not engine.closing and engine.loop is not None:
                 # Requests in flight get STOP_GRACE_SECONDS to finish, then end with an error (before
                 # uvicorn's own timeout would cancel them with an error line).
-                engine.closing = True
                 engine.loop.call_soon_threadsafe(engine.loop.call_later, STOP_GRACE_SECONDS,
                                                  engine.fail_in_flight, "the server is shutting down")
             engine.closing = True
@@ -149,8 +148,13 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
     server = Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                    log_level=server_config.log_level, timeout_keep_alive=30,
                                    timeout_graceful_shutdown=STOP_GRACE_SECONDS + 5))
-    # uvicorn raises a stop signal again once it has shut down, to the handlers found at start: these
-    # ones make that a no-op, so a stop ends with exit code 0 and no KeyboardInterrupt traceback.
+    _run(server)
+
+
+def _run(server):
+    """uvicorn raises a stop signal again once it has shut down, to the handlers found at start: these ones
+    make that a no-op, so a stop ends with exit code 0 and no KeyboardInterrupt traceback. A dead engine core
+    ends the process with code 1."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     server.run()
