@@ -122,7 +122,12 @@ class ServerConfig:
     chat_template: str | None = _f(None, "chat template (a file or the template text) when the tokenizer has "
                                          "none, or to replace its own")
     max_waiting_queue_length: int | None = _f(None, "refuse new requests with 503 while this many sequences "
-                                                    "wait for their first step (default: no bound)")
+                                                    "wait for their first step (a request counts its n; one "
+                                                    "with n above the bound is a 400) (default: no bound)")
+    engine_heartbeat_timeout: float = _f(5.0, "seconds without a sign of life from the engine core process "
+                                              "(it sends one at least every second between steps) after which "
+                                              "/health is 503 and requests in flight fail; raise it if one "
+                                              "step can take longer")
     log_level: str = _f("info", "log level of pagedllm and uvicorn", choices=("debug", "info", "warning", "error"))
     max_request_body_bytes: int = _f(8 << 20, "refuse (413) request bodies larger than this; 8 MiB holds a "
                                               "1M-token prompt as text or ~1M token ids as JSON")
@@ -151,6 +156,8 @@ class ServerConfig:
                "set together with ssl_certfile", self.ssl_keyfile)
         _check(self.root_path is None or (self.root_path.startswith("/") and not self.root_path.endswith("/")),
                "root_path", "a path that starts with / and does not end with /", self.root_path)
+        _check(self.engine_heartbeat_timeout >= 2, "engine_heartbeat_timeout", ">= 2 (seconds; the core sends "
+               "one every second)", self.engine_heartbeat_timeout)
 
 
 def _check(ok: bool, name: str, limit: str, value):

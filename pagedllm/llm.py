@@ -32,7 +32,9 @@ class LLM:
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Runs every prompt to completion; outputs come back in input order."""
+        """Runs every prompt to completion; outputs come back in input order. A request the engine core
+        fails (its own data raised there, or its step did; the log says why) comes back with
+        finish_reason "error" on its sequences, and the others as if it had not been there."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()

@@ -13,6 +13,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()   # EOS, a stop token id or a stop string
     FINISHED_LENGTH = enum.auto()    # max_tokens or max_model_len reached
     FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()     # its data raised inside the engine core, or its step failed
 
     @property
     def finished(self) -> bool:
@@ -21,7 +22,7 @@ class RequestStatus(enum.Enum):
     @property
     def finish_reason(self) -> str | None:
         return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+                RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}.get(self)
 
 
 class Request:

@@ -106,13 +106,18 @@ class BlockPool:
                 self.free_queue.remove(b)
             b.ref_cnt += 1
 
-    def free_blocks(self, ordered_blocks):
+    def free_blocks(self, ordered_blocks, uncache: bool = False):
         """Drop a reference; blocks reaching 0 become free. Callers pass a request's blocks tail first, so
-        the tail of a prefix is evicted before its head (heads are the more widely shared)."""
+        the tail of a prefix is evicted before its head (heads are the more widely shared). `uncache`:
+        blocks reaching 0 also lose their hash, unseen by on_evict (a failed step may not have written
+        them: their KV must never be found or stored)."""
         for b in ordered_blocks:
             b.ref_cnt -= 1
             assert b.ref_cnt >= 0, b
             if b.ref_cnt == 0:
+                if uncache and b.block_hash is not None:
+                    del self.cached_blocks[b.block_hash]
+                    b.block_hash = None
                 (self.free_queue.append if b.block_hash is not None else self.free_queue.appendleft)(b)
 
     def cache_full_blocks(self, blocks: list[KVCacheBlock], block_hashes: list[BlockHash]):

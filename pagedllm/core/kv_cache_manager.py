@@ -105,11 +105,12 @@ class KVCacheManager:
             self.pool.cache_full_blocks(blocks[start:end], request.block_hashes[start:end])
             self.num_cached_blocks[request.request_id] = end
 
-    def free(self, request: Request):
+    def free(self, request: Request, uncache: bool = False):
+        """uncache: the blocks no other request holds leave the prefix cache (see BlockPool.free_blocks)."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
         self.num_empty_slots -= self.req_to_empty_slots.pop(request.request_id, 0)
-        self.pool.free_blocks(reversed(blocks))
+        self.pool.free_blocks(reversed(blocks), uncache)
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

@@ -95,6 +95,7 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None
-    finish_reason: str | None = None     # "stop", "length", "abort"
+    finish_reason: str | None = None     # "stop", "length", "abort", "error"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    error: str | None = None             # finish_reason "error": what raised (type: message)

@@ -16,8 +16,8 @@ from collections import deque
 
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.kv_usage import KVUsagePeak
-from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
-                                    SchedulerOutput)
+from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, KVTransferResult, ModelRunnerOutput,
+                                    NewRequestData, SchedulerOutput)
 from pagedllm.core.offload import KVOffloadManager
 from pagedllm.metrics import SchedulerStats
 from pagedllm.request import Request, RequestStatus
@@ -57,6 +57,25 @@ class Scheduler:
                 self.waiting.remove(req)
             req.status = status
             self._free(req)
+
+    def fail_step(self, sched: SchedulerOutput, error: str) -> list[EngineCoreOutput]:
+        """A launched step raised: its requests end with an error, the others carry on. Their blocks leave
+        the prefix cache (the step may not have written them), its disk reads count as failed, and the
+        runner is told again of the requests finished before it (it may not have dropped them)."""
+        self.offload.update_from_output(sched.kv_transfers, KVTransferResult(
+            failed_reads={h: "its step failed" for h, _ in sched.kv_transfers.disk_reads}))
+        self.finished_req_ids |= sched.finished_req_ids
+        outputs = []
+        for req_id in sched.num_scheduled_tokens:
+            req = self.requests.get(req_id)
+            if req is None:
+                continue
+            (self.running if req.status == RequestStatus.RUNNING else self.waiting).remove(req)
+            req.status = RequestStatus.FINISHED_ERROR
+            self._free(req, uncache=True)
+            outputs.append(EngineCoreOutput(req_id, [], finish_reason="error", error=error,
+                                            num_cached_tokens=max(req.num_cached_tokens, 0)))
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -190,8 +209,8 @@ class Scheduler:
         elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             req.status = RequestStatus.FINISHED_LENGTH
 
-    def _free(self, req: Request):
-        self.kv.free(req)
+    def _free(self, req: Request, uncache: bool = False):
+        self.kv.free(req, uncache)
         self.offload.free(req)
         self.finished_req_ids.add(req.request_id)
         del self.requests[req.request_id]

@@ -9,12 +9,13 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.messages import EngineCoreOutput
-from pagedllm.engine.core_process import CoreClient
+from pagedllm.engine.core_process import HEARTBEAT_INTERVAL, CoreClient
 from pagedllm.engine.engine import is_large_gpu, resolve_model
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor
@@ -36,11 +37,19 @@ class EngineDeadError(RuntimeError):
     """The engine core process has exited; no request can run any more."""
 
 
+class EngineGenerateError(RuntimeError):
+    """The engine core failed this request (its data raised there, or its step did); others run on."""
+
+
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_queue_length: int | None = None,
-                 on_step_stats: Callable[[StepStats], None] | None = None):
+                 on_step_stats: Callable[[StepStats], None] | None = None, heartbeat_timeout: float = 5.0,
+                 on_dead: Callable[[], None] | None = None):
         """max_waiting_queue_length: refuse new requests (QueueFullError) while this many sequences wait
-        for their first step (None = no bound). on_step_stats: called with each step's request timings."""
+        for their first step (None = no bound). on_step_stats: called with each step's request timings.
+        heartbeat_timeout: seconds without a message from the core (it sends one at least every
+        HEARTBEAT_INTERVAL) after which it counts as hung: not healthy, requests in flight fail.
+        on_dead: called once when the core process has exited (the server exits then)."""
         model = resolve_model(config)   # the config's errors, before a process starts
         self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=True)
         self.core = CoreClient(config)
@@ -55,11 +64,17 @@ class AsyncLLM:
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.on_step_stats = on_step_stats
+        self.heartbeat_timeout = heartbeat_timeout
+        self.on_dead = on_dead
         self.dead = False
+        self.closing = False                          # shutting down: the core's exit is expected
+        self.last_heartbeat = time.monotonic()        # of the last message from the core
         self._queues: dict[str, asyncio.Queue] = {}
         self._unscheduled: set[str] = set()           # sequences not yet in any step: the waiting queue
         self._stats_waiters: deque[asyncio.Future] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._num_stale_stats = 0                     # replies still due to failed get_stats() calls
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams,
@@ -95,15 +110,11 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind) -> asyncio.Queue:
-        self._attach()
-        if self.dead:
-            raise EngineDeadError("the engine core process has exited")
+        self.attach()
+        self._check_alive()
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        bound = self.max_waiting_queue_length
-        if bound is not None and len(self._unscheduled) >= bound:
-            raise QueueFullError(f"{len(self._unscheduled)} sequences are waiting: the bound is "
-                                 f"max_waiting_queue_length ({bound})")
+        self._check_queue_bound(params.n)
         req = self.input_processor.process(request_id, prompt, params)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
@@ -111,6 +122,44 @@ class AsyncLLM:
         self._unscheduled.update(r.request_id for r in req.core_requests)
         self.core.send(("add", req.core_requests))
         return q
+
+    def _check_queue_bound(self, n: int):
+        """The bound counts sequences: a request's n all wait. One with more than the bound could never be
+        admitted however long it waited, so it is a 400 naming n, not a 503 to retry."""
+        bound = self.max_waiting_queue_length
+        if bound is None:
+            return
+        if n > bound:
+            raise ValueError(f"SamplingParams.n must be at most max_waiting_queue_length ({bound}) on this "
+                             f"server, got {n}")
+        if len(self._unscheduled) + n > bound:
+            raise QueueFullError(f"{len(self._unscheduled)} sequences are waiting and this request adds {n}: "
+                                 f"the bound is max_waiting_queue_length ({bound})")
+
+    def _check_alive(self):
+        if not self.is_healthy():
+            raise EngineDeadError("the engine core process has exited" if self.dead else
+                                  f"the engine core has not responded for {self.heartbeat_timeout:g} s")
+
+    def is_healthy(self) -> bool:
+        """The core process is alive and sent something within heartbeat_timeout (what /health reports).
+        Messages already in the pipe count: a busy (or not yet attached) event loop may not have read them."""
+        if self._unresponsive() and self._loop is not None and not self.dead:
+            self._on_readable()
+        return not self.dead and not self._unresponsive()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def fail_in_flight(self, reason: str):
+        """Every request in flight ends with EngineDeadError(reason) and is aborted (a server stopping)."""
+        if self._queues:
+            logger.info("%s: ending %d requests in flight", reason, len(self._queues))
+        self._fail_all(EngineDeadError(reason), abort=True)
+
+    def _unresponsive(self) -> bool:
+        return time.monotonic() - self.last_heartbeat > self.heartbeat_timeout
 
     def abort(self, request_id: str):
         """Ends the request; the core frees its blocks before its next step."""
@@ -124,25 +173,29 @@ class AsyncLLM:
 
     async def get_stats(self) -> SchedulerStats:
         """The core's counts, taken after every message sent before this call (aborts included)."""
-        self._attach()
-        if self.dead:
-            raise EngineDeadError("the engine core process has exited")
+        self.attach()
+        self._check_alive()
         fut = self._loop.create_future()
         self._stats_waiters.append(fut)
         self.core.send(("stats",))
         return await fut
 
     def shutdown(self):
+        self.closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._loop is not None and not self.dead:
             self._loop.remove_reader(self.core.conn.fileno())
         self.core.shutdown()
 
     # ---- outputs from the core ----------------------------------------------------------------------------
-    def _attach(self):
-        """Read the core's pipe from this event loop (bound on first use: the loop may not exist at init)."""
+    def attach(self):
+        """Read the core's pipe from this event loop, and watch the core (bound on first use, or by the server
+        at start-up: the loop may not exist at init)."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self.core.conn.fileno(), self._on_readable)
+            self._watchdog = self._loop.create_task(self._watch())
             # The loop (libuv) switched the pipe to non-blocking mode, and the pipe is duplex: the writer
             # thread's send would then fail with EAGAIN whenever the pipe is full (a burst of long prompts),
             # and recv could fail inside a message. Blocking again; the loop only polls the fd for reading.
@@ -152,9 +205,13 @@ class AsyncLLM:
         try:
             while self.core.conn.poll():
                 msg = self.core.conn.recv()
+                self.last_heartbeat = time.monotonic()   # any message: outputs, stats or a heartbeat
                 if msg[0] == "outputs":
                     self._process_outputs([EngineCoreOutput(*row) for row in msg[1]], msg[2])
                 elif msg[0] == "stats":
+                    if self._num_stale_stats:   # the reply to a call failed while the core was silent
+                        self._num_stale_stats -= 1
+                        continue
                     fut = self._stats_waiters.popleft()
                     if not fut.done():
                         fut.set_result(msg[1])
@@ -163,24 +220,58 @@ class AsyncLLM:
 
     def _process_outputs(self, core_outputs, stats: StepStats):
         self._unscheduled.difference_update(stats.first_scheduled_ids)
-        outputs, stopped = self.output_processor.process(core_outputs, stats)
-        if stopped:   # a stop string ended them: the core must free them
+        outputs, stopped, errors = self.output_processor.process(core_outputs, stats)
+        if stopped:   # a stop string ended them, or a sibling failed: the core must free them
             self.core.send(("finish", stopped, RequestStatus.FINISHED_STOPPED))
         for out in outputs:
             q = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)
             if q is not None:
-                q.put_nowait(out)
+                error = errors.get(out.request_id)
+                q.put_nowait(out if error is None else EngineGenerateError(
+                    f"the engine failed request {out.request_id}: {error}"))
+        if errors:   # `stopped` has every sequence of a failed request: some failed before any step
+            self._unscheduled.difference_update(stopped)
         if self.on_step_stats is not None:
             self.on_step_stats(stats)
 
+    async def _watch(self):
+        """Once a second: a core process that exited without closing the pipe is dead; one silent for
+        heartbeat_timeout (stopped, hung) fails the requests in flight, so no client waits for it forever.
+        It may recover (SIGCONT): they were aborted, and new requests are taken again once it speaks."""
+        while not self.dead:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            if not self.core.process.is_alive():
+                self._on_readable()   # what it sent before it exited, then the EOF
+                self._on_core_exit()
+            elif (self._queues or self._stats_waiters) and not self.is_healthy() and not self.dead:
+                logger.error("the engine core has not responded for %.1f s: failing %d requests in flight",
+                             time.monotonic() - self.last_heartbeat, len(self._queues))
+                self._fail_all(EngineDeadError(f"the engine core has not responded for "
+                                               f"{self.heartbeat_timeout:g} s"), abort=True)
+
     def _on_core_exit(self):
-        logger.error("the engine core process exited (code %s)", self.core.process.exitcode)
+        if self.dead:
+            return   # seen already (the pipe's EOF, or the watchdog)
+        self.core.process.join(timeout=1)   # the pipe closes as it dies: its exit code comes a moment later
+        code = self.core.process.exitcode
+        if self.closing:
+            logger.info("the engine core process exited (code %s)", code)
+        else:
+            logger.error("the engine core process exited unexpectedly (code %s): failing %d requests in flight",
+                         code, len(self._queues))
         self.dead = True
         self._loop.remove_reader(self.core.conn.fileno())
-        error = EngineDeadError("the engine core process has exited")
-        for q in self._queues.values():
+        self._fail_all(EngineDeadError("the engine core process has exited"), abort=False)
+        if self.on_dead is not None and not self.closing:
+            self.on_dead()
+
+    def _fail_all(self, error: Exception, abort: bool):
+        for request_id, q in list(self._queues.items()):
             q.put_nowait(error)
+            if abort:
+                self.abort(request_id)
         self._queues.clear()
+        self._num_stale_stats += len(self._stats_waiters)
         while self._stats_waiters:
             fut = self._stats_waiters.popleft()
             if not fut.done():

@@ -4,6 +4,7 @@ It holds no tokenizer and no user-facing request state: `Engine` runs it in-proc
 output processors; `AsyncLLM` runs it in a process of its own (`core_process.py`) so that HTTP work in the
 API process never delays a step.
 """
+import logging
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from pagedllm.request import Request, RequestStatus
 from pagedllm.runner.model_runner import ModelRunner, PendingOutput
 from pagedllm.sampling_params import SamplingParams
 
+logger = logging.getLogger("pagedllm")
 
 @dataclass
 class EngineCoreRequest:
@@ -44,33 +46,59 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_model_len, offload)
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepStats] | None = None   # launched, not read
+        self._failed: list[EngineCoreOutput] = []   # error outputs of requests failed outside a step
 
     def add_request(self, r: EngineCoreRequest):
-        # The Request hashes the prompt's blocks: that work stays here, off the API process.
-        self.scheduler.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params, r.max_tokens,
-                                           self.block_size, r.arrival_time, r.cache_salt))
+        """A request whose own data raises here (hashing its blocks, its generator) ends with an error
+        output at the next step(); nothing of it is left in the engine."""
+        try:
+            # The Request hashes the prompt's blocks: that work stays here, off the API process.
+            request = Request(r.request_id, r.prompt_token_ids, r.sampling_params, r.max_tokens,
+                              self.block_size, r.arrival_time, r.cache_salt)
+            self.runner.add_request(r.request_id, r.sampling_params)
+        except Exception as e:
+            logger.error("request %s failed as it entered the engine core: %s", r.request_id, _describe(e))
+            self._failed.append(EngineCoreOutput(r.request_id, [], finish_reason="error", error=_describe(e)))
+            return
+        self.scheduler.add_request(request)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus):
         self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None or bool(self._failed)
 
     def step(self) -> tuple[list[EngineCoreOutput], StepStats] | None:
         """Schedules and launches step N+1 (when there is work), then waits for step N and applies it to the
-        requests; returns N's outputs and timings (None when no step was in flight). The caller's work on
-        them overlaps N+1 on the device: the device never waits for the host between steps."""
+        requests; returns N's outputs and timings (None when there was nothing to report). The caller's
+        work on them overlaps N+1 on the device: the device never waits for the host between steps.
+
+        A launch that raises fails the requests of N+1 alone (error outputs, returned with N's); N is
+        still read. A device error (torch.AcceleratorError: the CUDA context is lost) and a failure
+        while reading N propagate: the core process ends and the API process with it."""
+        outputs, self._failed = self._failed, []
         launched = None
         if self.scheduler.has_unfinished_requests():
             stats = StepStats()
             sched_out = self.scheduler.schedule()
             self._record_first_scheduled(sched_out, stats)
-            launched = (sched_out, self.runner.execute_async(sched_out), stats)
+            try:
+                launched = (sched_out, self.runner.execute_async(sched_out), stats)
+            except torch.AcceleratorError:
+                raise
+            except Exception as e:
+                outputs += self._fail_step(sched_out, e)
         done, self._in_flight = self._in_flight, launched
         if done is None:
-            return None
+            return (outputs, StepStats()) if outputs else None
         sched_out, pending, stats = done
-        return self.scheduler.update_from_output(sched_out, pending.result()), stats
+        return outputs + self.scheduler.update_from_output(sched_out, pending.result()), stats
+
+    def _fail_step(self, sched_out: SchedulerOutput, e: Exception) -> list[EngineCoreOutput]:
+        logger.error("a step of %d requests failed; they end with an error, the others carry on",
+                     len(sched_out.num_scheduled_tokens), exc_info=e)
+        self.runner.reset_after_failed_step()
+        return self.scheduler.fail_step(sched_out, _describe(e))
 
     def _record_first_scheduled(self, sched_out: SchedulerOutput, stats: StepStats):
         now = time.time()
@@ -97,3 +125,9 @@ class EngineCore:
 
     def reset_peak_stats(self):
         self.scheduler.kv_peak.reset()
+
+
+def _describe(e: Exception) -> str:
+    """What a failed request's client is told: the exception, cut short (the log has the traceback)."""
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -14,11 +14,18 @@ Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], Reque
 [EngineCoreOutput field values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thread keeps
 the event loop from blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending
 outputs: that would deadlock.
+
+Faults: the core sends something (("heartbeat",) when it has nothing else) at least every HEARTBEAT_INTERVAL
+between steps, idle or not, so the API process tells a stopped or hung core from a busy one
+(AsyncLLM.heartbeat_timeout). The core ignores SIGINT: a Ctrl-C reaches the whole terminal process group, and
+the API process stops the core itself through the pipe. The core's life is tied to the pipe: it returns when
+the API process is gone.
 """
 import gc
 import logging
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -27,10 +34,12 @@ from pagedllm.config import EngineConfig
 from pagedllm.metrics import StatsLogger, StepStats
 
 logger = logging.getLogger("pagedllm")
+HEARTBEAT_INTERVAL = 1.0   # seconds: the most the core stays silent between steps
 
 
 def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
     """The core process's main: build the engine core, then step while there is work."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (engine core): %(message)s")
     start = time.perf_counter()
     try:
@@ -44,16 +53,21 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
     freeze_gc()
     conn.send(("ready", core.runner.num_blocks, _startup_info(config, core.runner, time.perf_counter() - start)))
     stats_logger = StatsLogger(config.log_stats_interval)
+    last_sent = time.monotonic()
     try:
         while True:
-            # Idle: block until a message comes. Busy: take what has arrived, then step.
-            while conn.poll(0 if core.has_unfinished_requests() else None):
+            # Idle: wait for a message (a heartbeat's time at most). Busy: take what has arrived, then step.
+            while conn.poll(0 if core.has_unfinished_requests() else HEARTBEAT_INTERVAL):
                 if not _handle(core, conn, conn.recv()):
                     return
             # Step N's outputs are sent while the device runs step N+1.
             done = core.step()
-            if done is not None:
-                _send_outputs(conn, *done)
+            now = time.monotonic()
+            if done is not None and _send_outputs(conn, *done):
+                last_sent = now
+            elif now - last_sent >= HEARTBEAT_INTERVAL:
+                conn.send(("heartbeat",))
+                last_sent = now
             stats_logger.maybe_log(core.get_stats)
     except (EOFError, BrokenPipeError):   # the API process is gone
         return
@@ -83,10 +97,12 @@ def _log_ready(info: dict):
                 info["num_blocks"], info["block_size"], graphs)
 
 
-def _send_outputs(conn: Connection, outputs: list, stats: StepStats) -> None:
-    if outputs or stats.first_scheduled_ids:
-        # Rows of field values pickle ~6x faster than dataclass objects (0.07 vs 0.4 ms for 256).
-        conn.send(("outputs", [tuple(o.__dict__.values()) for o in outputs], stats))
+def _send_outputs(conn: Connection, outputs: list, stats: StepStats) -> bool:
+    if not (outputs or stats.first_scheduled_ids):
+        return False
+    # Rows of field values pickle ~6x faster than dataclass objects (0.07 vs 0.4 ms for 256).
+    conn.send(("outputs", [tuple(o.__dict__.values()) for o in outputs], stats))
+    return True
 
 
 def _handle(core, conn: Connection, msg: tuple) -> bool:
@@ -140,6 +156,7 @@ class CoreClient:
             try:
                 self.conn.send(msg)
             except (BrokenPipeError, OSError) as e:   # the core is gone; anything else would lose messages
+                self.process.join(timeout=1)            # (AsyncLLM reports its death)
                 if self.process.is_alive():
                     logger.error("cannot send to the engine core: %s", e)
                 return

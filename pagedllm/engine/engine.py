@@ -106,11 +106,14 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """EngineCore.step (launch N+1, apply N), then N's results become RequestOutputs while the device runs
         N+1. A stop string found in N's tokens ends its request before N+2 is scheduled; the token N+1
-        computes for it is dropped (update_from_output skips finished requests)."""
+        computes for it is dropped (update_from_output skips finished requests).
+
+        A request the engine core failed (its data raised there, or its step did; the core logs why)
+        finishes here with finish_reason "error" on its sequences; the others are unaffected."""
         done = self.core.step()
         outputs = []
         if done is not None:
-            outputs, stopped = self.output_processor.process(done[0])
+            outputs, stopped, _ = self.output_processor.process(done[0])
             self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         self.stats_logger.maybe_log(self.get_stats)
         return outputs

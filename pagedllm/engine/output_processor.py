@@ -89,13 +89,16 @@ class OutputProcessor:
         self.parents.pop(request_id, None)
 
     def process(self, outputs: list[EngineCoreOutput], stats: StepStats | None = None
-                ) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the RequestOutputs to deliver, and the child ids that a stop string finished (the
-        scheduler must free them). Request latencies go into `stats` when one is given (the server's
-        metrics)."""
+                ) -> tuple[list[RequestOutput], list[str], dict[str, str]]:
+        """Returns the RequestOutputs to deliver; the child ids the scheduler must free (a stop string
+        finished them; every sequence of a failed request); and {request_id: error} of the requests the
+        engine core failed. A failed sequence fails its whole request: its unfinished siblings end with
+        "error" too.
+        Request latencies go into `stats` when one is given (the server's metrics)."""
         now = time.time()
         updated: dict[str, _ParentRequest] = {}
         stopped: list[str] = []
+        errors: dict[str, str] = {}
         for out in outputs:
             entry = self.child_to_parent.get(out.req_id)
             if entry is None:
@@ -105,6 +108,9 @@ class OutputProcessor:
                 _record_latencies(parent.metrics, out, now, stats)
             if self._update_sequence(parent, seq, out, now):
                 stopped.append(out.req_id)
+            if out.error is not None:
+                errors[parent.request_id] = out.error
+                stopped += self._fail_siblings(parent)
             updated[parent.request_id] = parent
         results = []
         for parent in updated.values():
@@ -116,7 +122,13 @@ class OutputProcessor:
                 if stats is not None:
                     stats.finished.append(_finished_stats(parent, now))
                 self.abort(parent.request_id)
-        return results, stopped
+        return results, stopped, errors
+
+    def _fail_siblings(self, parent: _ParentRequest) -> list[str]:
+        for s in parent.seqs:
+            if s.finish_reason is None:
+                s.finish_reason = "error"
+        return self.child_ids(parent.request_id)
 
     def _update_sequence(self, parent: _ParentRequest, seq: _Sequence, out: EngineCoreOutput,
                          now: float) -> bool:

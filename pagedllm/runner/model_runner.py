@@ -46,6 +46,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device).manual_seed(config.seed)   # requests without a seed
         self.states: dict[str, RunnerRequestState] = {}
+        self._admitted: dict[str, torch.Generator | None] = {}   # added, not scheduled yet: their generators
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cache: SamplingMetadata | None = None
         self.penalties = PenaltyTable(hf_config.vocab_size, device)   # token counts of penalised requests
@@ -89,12 +90,25 @@ class ModelRunner:
             self.buffers.fill_padding()
             self.graphs.capture(self._graph_forward)
 
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add_request(self, req_id: str, params: SamplingParams):
+        """Builds what depends on the request's own data (its generator) as it enters the engine core: data
+        that raises here fails this request alone (EngineCore.add_request), never a step of others."""
+        self._admitted[req_id] = self._make_generator(params)
+
+    def reset_after_failed_step(self):
+        """A launched step raised. Its requests are failed; the step before it is read next, so no input
+        id of a later step is taken from the device, and the sampling metadata is rebuilt."""
+        self._in_flight = {}
+        self._sampling_key = self._sampling_cache = None
+
     # ---- one step ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute_async(self, sched: SchedulerOutput) -> "PendingOutput":
-        self._update_states(sched)
-        # Block copies between the KV tiers, queued before the forward that reads the blocks.
+        # Block copies between the KV tiers first, queued before the forward that reads the blocks: a
+        # failure of the per-request work below cannot leave a preempted request's swap-out undone.
         transfer = self.kv_offload.execute(sched.kv_transfers) if self.kv_offload is not None else None
+        self._update_states(sched)
         if sched.is_empty:
             self._in_flight = {}
             return PendingOutput(ModelRunnerOutput(kv_transfer=transfer), [])
@@ -155,6 +169,7 @@ class ModelRunner:
 
     def _update_states(self, sched: SchedulerOutput):
         for req_id in sched.finished_req_ids:
+            self._admitted.pop(req_id, None)
             state = self.states.pop(req_id, None)
             if state is not None:
                 self.tables.release(state.row)
@@ -165,7 +180,7 @@ class ModelRunner:
                 self.states[new.req_id] = RunnerRequestState(
                     new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
                     self.tables.add(new.block_ids), len(new.block_ids), new.num_computed_tokens,
-                    self._make_generator(new.sampling_params))
+                    self._admitted.pop(new.req_id))
             else:   # resumed after preemption: same generator and prompt logprobs, new blocks
                 state.token_ids = list(new.token_ids)
                 self.tables.set(state.row, 0, new.block_ids)

@@ -1,8 +1,16 @@
-"""`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over AsyncLLM."""
+"""`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over AsyncLLM.
+
+Faults: when the engine core process dies, the requests in flight fail and the server exits with code 1 (a
+supervisor restarts it, as vLLM's does); a stopped or hung core makes /health 503 (AsyncLLM's heartbeat). A
+SIGINT or SIGTERM stops it cleanly: requests in flight finish (or end with an error after STOP_GRACE_SECONDS),
+the core is shut down, exit code 0.
+"""
 import logging
 import os
 import secrets
 import ssl
+import signal
+import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,11 +33,13 @@ from pagedllm.server.serving import ServingContext
 
 logger = logging.getLogger("pagedllm")
 API_KEY_ENV = "PAGEDLLM_API_KEY"
+STOP_GRACE_SECONDS = 5   # after a stop signal, for the requests in flight to finish
 
 
 def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig, api_key: str | None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        ctx.engine.attach()   # watch the core from the start, not from the first request
         yield
         ctx.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         ctx.engine.shutdown()
@@ -62,6 +72,9 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
     async def health():
         if ctx.engine.dead:
             return error_response(503, "the engine core process has exited", None, "engine_dead")
+        if not ctx.engine.is_healthy():
+            return error_response(503, f"the engine core has not responded for "
+                                       f"{ctx.engine.heartbeat_timeout:g} s", None, "engine_unresponsive")
         return Response(status_code=200)
 
     @app.get("/version")
@@ -170,8 +183,26 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
                          "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
     chat_template = _read_chat_template(server_config.chat_template)   # before the model loads
     _check_tls(server_config)
+
+    class Server(uvicorn.Server):
+        core_died = False
+
+        def handle_exit(self, sig, frame):   # a stop signal: the core's exit that follows is no fault
+            if not engine.closing and engine.loop is not None:
+                # Requests in flight get STOP_GRACE_SECONDS to finish, then end with an error (before
+                # uvicorn's own timeout would cancel them with an error line).
+                engine.loop.call_soon_threadsafe(engine.loop.call_later, STOP_GRACE_SECONDS,
+                                                 engine.fail_in_flight, "the server is shutting down")
+            engine.closing = True
+            super().handle_exit(sig, frame)
+
+        def on_core_death(self):
+            self.core_died = self.should_exit = True
+
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model)
-    engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record)
+    engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
+                      heartbeat_timeout=server_config.engine_heartbeat_timeout,
+                      on_dead=lambda: server.on_core_death())
     ctx = ServingContext(engine, metrics.model_name, chat_template)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
     app = build_app(ctx, metrics, server_config, api_key)
@@ -179,6 +210,20 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
     logger.info("serving %s at %s://%s:%d%s (API key %s)", ctx.model_name, scheme, server_config.host,
                 server_config.port, server_config.root_path or "", "required" if api_key else "off")
     freeze_gc()
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
-                timeout_keep_alive=30, ssl_keyfile=server_config.ssl_keyfile,
-                ssl_certfile=server_config.ssl_certfile)
+    server = Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
+                                   log_level=server_config.log_level, timeout_keep_alive=30,
+                                   timeout_graceful_shutdown=STOP_GRACE_SECONDS + 5,
+                                   ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile))
+    _run(server)
+
+
+def _run(server):
+    """uvicorn raises a stop signal again once it has shut down, to the handlers found at start: these ones
+    make that a no-op, so a stop ends with exit code 0 and no KeyboardInterrupt traceback. A dead engine core
+    ends the process with code 1."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if server.core_died:
+        logger.error("exiting with code 1: the engine core process died")
+        sys.exit(1)

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from pagedllm.engine.async_llm import EngineDeadError, QueueFullError
+from pagedllm.engine.async_llm import EngineDeadError, EngineGenerateError, QueueFullError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           500: "server_error", 503: "server_overloaded"}
@@ -87,6 +87,10 @@ def install_error_handlers(app: FastAPI):
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_: Request, e: EngineDeadError):
         return error_response(500, str(e), code="engine_dead")
+
+    @app.exception_handler(EngineGenerateError)
+    async def _engine_generate(_: Request, e: EngineGenerateError):   # this request only: the server lives on
+        return error_response(500, str(e), code="engine_error")
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, e: HTTPException):

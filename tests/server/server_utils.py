@@ -65,9 +65,11 @@ def make_tls_cert(directory: str) -> tuple[str, str] | None:
     return key, cert
 
 
-def start_server(model_dir: str, log_path: str, api_key: str | None, *flags: str) -> Server:
+def start_server(model_dir: str, log_path: str, api_key: str | None, *flags: str,
+                 main: tuple[str, ...] = ("-m", "pagedllm.cli")) -> Server:
+    """main: what python runs (the CLI, or a script that wraps it: tests/server/inject_fault.py)."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "pagedllm.cli", "serve", model_dir, "--port", str(port),
+    cmd = [sys.executable, *main, "serve", model_dir, "--port", str(port),
            "--served-model-name", MODEL_NAME, "--num-gpu-blocks-override", str(NUM_BLOCKS),
            "--max-model-len", str(MAX_MODEL_LEN), "--log-stats-interval", "0", "--log-level", "warning",
            "--device", "cpu", *flags]   # float32 on CPU: the exact reference also on a GPU machine

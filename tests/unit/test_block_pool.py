@@ -199,3 +199,22 @@ def test_block_hashes_are_sha256_of_the_chain_however_the_tokens_arrive():
     for t in tokens[1:]:          # decode: one token at a time
         grown.append_output_token_id(t)
     assert whole.block_hashes == grown.block_hashes == want
+
+
+def test_freeing_uncached_drops_unshared_blocks_from_the_prefix_cache():
+    """A failed step's blocks may never have been written: freed with uncache, a block no other request
+    holds loses its hash (never hit, never handed to on_evict for the CPU tier); a shared one keeps it."""
+    evicted = []
+    kv = KVCacheManager(8, BS, on_evict=lambda block, h: evicted.append(h))
+    a, b = make_request("a", range(9)), make_request("b", range(9))
+    kv.allocate_slots(a, 9)                        # blocks 0, 1 full and hashed, 2 partial
+    hit, num_hit = kv.get_computed_blocks(b)
+    assert num_hit == 8
+    kv.allocate_slots(b, 1, hit, num_hit)          # b shares a's two full blocks
+    kv.free(a, uncache=True)
+    assert kv.get_computed_blocks(make_request("c", range(9)))[1] == 8   # still held by b: still cached
+    kv.free(b, uncache=True)
+    assert kv.get_computed_blocks(make_request("c", range(9)))[1] == 0
+    assert not kv.pool.cached_blocks and kv.num_free_blocks == 8
+    kv.allocate_slots(make_request("d", range(100, 132)), 32)   # takes every block: nothing to evict
+    assert evicted == []

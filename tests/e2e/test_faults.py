@@ -1,0 +1,143 @@
+"""A request whose data raises inside the engine core fails alone; a step that raises fails its own requests,
+and the core carries on with consistent state (blocks freed and uncached, runner rows released)."""
+import asyncio
+import copy
+import dataclasses
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.engine.output_processor import OutputKind
+
+PROMPTS = [[1] + list(range(10 + 7 * i, 10 + 7 * i + 37)) for i in range(4)]   # 38 tokens: 2 full blocks
+POISON_PROMPT = [1] + list(range(300, 340))   # in no other request: no block of it is cached before
+
+
+def _params(i: int) -> SamplingParams:
+    """Greedy and seeded sampling: both give the same tokens whatever the batch."""
+    return SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True) if i % 2 else \
+        SamplingParams(temperature=1.0, seed=100 + i, max_tokens=12, ignore_eos=True)
+
+
+def inject_bad_seed(input_processor, request_id: str):
+    """Request `request_id` gets a seed past what the runner's generator takes, set after validation (as a
+    gap in the checks at the edge would let through): ModelRunner raises `Overflow when unpacking long long`
+    making its generator, inside the engine core."""
+    process = input_processor.process
+
+    def process_then_break(rid, *args):
+        req = process(rid, *args)
+        for r in req.core_requests if rid == request_id else []:
+            object.__setattr__(r.sampling_params, "seed", 2**70)
+        return req
+    input_processor.process = process_then_break
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dirs):
+    return LLM(tiny_model_dirs["llama"], num_gpu_blocks_override=64, max_model_len=256, max_num_seqs=2,
+               log_stats_interval=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    return [out.outputs[0].token_ids for out in llm.generate(PROMPTS, [_params(i) for i in range(4)],
+                                                              use_tqdm=False)]
+
+
+def _assert_idle(llm):
+    engine = llm.engine
+    assert engine.kv_cache_manager.num_used_blocks == 0
+    # The runner drops finished requests' rows with the next step: no other state is left.
+    pending_drop = engine.scheduler.finished_req_ids
+    assert set(engine.runner.states) <= pending_drop and set(engine.runner._admitted) <= pending_drop
+    assert not engine.has_unfinished_requests() and not engine.output_processor.parents
+
+
+def test_bad_request_data_fails_alone_offline(llm, reference, monkeypatch):
+    params = [_params(i) for i in range(4)]
+    bad = SamplingParams(temperature=1.0, seed=7, max_tokens=12, n=2)
+    first_id = int(next(llm._ids)) + 1   # LLM numbers its requests
+    monkeypatch.setattr(llm.engine, "input_processor", copy.copy(llm.engine.input_processor))
+    inject_bad_seed(llm.engine.input_processor, str(first_id + 2))
+    outs = llm.generate(PROMPTS[:2] + [PROMPTS[3]] + PROMPTS[2:], params[:2] + [bad] + params[2:], use_tqdm=False)
+    assert [c.finish_reason for c in outs[2].outputs] == ["error", "error"]
+    assert all(c.token_ids == [] for c in outs[2].outputs)
+    assert [o.outputs[0].token_ids for o in outs[:2] + outs[3:]] == reference
+    assert all(o.outputs[0].finish_reason == "length" for o in outs[:2] + outs[3:])
+    _assert_idle(llm)
+
+
+def test_failed_step_fails_its_requests_and_the_core_carries_on(llm, reference, monkeypatch):
+    """The step that first schedules "poison" raises before its forward: the requests of that step fail,
+    the step before it is still applied, the others run on unchanged. The poisoned step's blocks were
+    hashed at allocation but never written: they must not be found by the same prompt afterwards."""
+    engine, runner = llm.engine, llm.engine.runner
+    build = type(runner)._sampling_metadata
+
+    def failing(self, rows, *args):
+        if any(r.req_id == "poison" for r in rows):
+            raise RuntimeError("injected step failure")
+        return build(self, rows, *args)
+
+    monkeypatch.setattr(type(runner), "_sampling_metadata", failing)
+    fail_step, in_flight_at_failure = engine.core._fail_step, []
+
+    def record_in_flight(sched_out, e):
+        in_flight_at_failure.append(engine.core._in_flight is not None)
+        return fail_step(sched_out, e)
+    monkeypatch.setattr(engine.core, "_fail_step", record_in_flight)
+    # max_num_seqs 2: "short" and "long" run first; "poison" joins when "short" ends, in a step with "long".
+    engine.add_request("short", PROMPTS[0], dataclasses.replace(_params(0), max_tokens=2))
+    engine.add_request("long", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    engine.add_request("poison", POISON_PROMPT, _params(2))
+    engine.add_request("after", PROMPTS[3], _params(3))
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert in_flight_at_failure == [True]   # the step before the failed one was still to be read
+    assert finished["short"].outputs[0].token_ids == reference[0][:2]
+    assert finished["poison"].outputs[0].finish_reason == "error"
+    assert finished["long"].outputs[0].finish_reason == "error"   # in the failed step with poison
+    assert finished["after"].outputs[0].token_ids == reference[3]
+    _assert_idle(llm)
+    monkeypatch.undo()
+    outs = llm.generate(PROMPTS + [POISON_PROMPT], [_params(i) for i in range(4)] + [_params(2)], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs[:4]] == reference
+    assert llm.reset_prefix_cache()
+    assert llm.generate(POISON_PROMPT, _params(2), use_tqdm=False)[0].outputs[0].token_ids == \
+        outs[4].outputs[0].token_ids
+    _assert_idle(llm)
+
+
+def test_bad_request_data_fails_alone_async(tiny_model_dirs, reference):
+    """AsyncLLM (the core in its own process): the bad request's stream raises EngineGenerateError, the
+    others finish with the tokens they have without it, and the engine serves on."""
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
+
+    async def collect(engine, request_id, prompt, params):
+        out = None
+        async for out in engine.generate(prompt, params, request_id, OutputKind.FINAL):
+            pass
+        return out.outputs[0].token_ids
+
+    async def main():
+        engine = AsyncLLM(EngineConfig(tiny_model_dirs["llama"], num_gpu_blocks_override=64, max_model_len=256,
+                                       log_stats_interval=0, device="cpu"), heartbeat_timeout=2.0)
+        inject_bad_seed(engine.input_processor, "bad")
+        await asyncio.sleep(2.5)   # no loop read the pipe yet: its heartbeats still count (is_healthy)
+        try:
+            tasks = [collect(engine, f"r{i}", p, _params(i)) for i, p in enumerate(PROMPTS)]
+            tasks.insert(2, collect(engine, "bad", PROMPTS[1], SamplingParams(temperature=1.0, seed=3, n=2)))
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert isinstance(results[2], EngineGenerateError) and "Overflow" in str(results[2])
+            assert results[:2] + results[3:] == reference
+            assert not engine._unscheduled and not engine.output_processor.parents
+            assert await collect(engine, "again", PROMPTS[0], _params(0)) == reference[0]
+            stats = await engine.get_stats()
+            assert stats.num_running == stats.num_waiting == 0 and stats.num_blocks_free == stats.num_blocks_total
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
