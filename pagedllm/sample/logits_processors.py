@@ -100,7 +100,8 @@ def apply_logits_processors(logits: torch.Tensor, procs: LogitsProcessors | None
     if procs is not None and procs.allowed is not None:
         rows, index = procs.allowed
         disallowed = torch.ones((len(rows), logits.shape[1]), dtype=torch.bool, device=logits.device)
-        disallowed[index[0], index[1]] = False
+        # A device scalar: a Python False would be copied from the host, which waits for the device.
+        disallowed.index_put_((index[0], index[1]), torch.zeros((), dtype=torch.bool, device=logits.device))
         logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(disallowed, -float("inf")))
     if procs is not None:
         _apply_bad_words(logits, procs)

@@ -21,12 +21,13 @@ def run(device: str, logits: torch.Tensor):
     params[0].bad_words_token_ids = [[11], [3, 4, 9]]
     params[2].bad_words_token_ids = [[8, 8]]
     in_flight_ids = torch.tensor([4, 8], device=device)
+    record_slots = torch.tensor([0, 1], device=device)   # the test's own inputs: made before the sync check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         table = PenaltyTable(V, device)
         slots = [table.slot("a", [1, 2, 3]), None, table.slot("c", [7, 8])]
-        table.record(torch.tensor([0, 1], device=device), in_flight_ids)
+        table.record(record_slots, in_flight_ids)
         procs = build_logits_processors(params, Penalties.build(table, params, slots, device),
                                         [([3], 0), None, ([], 1)], in_flight_ids, device)
         out = apply_logits_processors(logits.to(device, non_blocking=True), procs, [[], [2], []])
