@@ -30,11 +30,6 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "s
                     "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
                     "allowed_token_ids", "bad_words", "truncate_prompt_tokens")
 
-# vLLM's neutral values of the fields issue 14's sampling part adds to SamplingParams. Until a field exists
-# there, its neutral value is dropped and any other value is a 400 (never a TypeError, never ignored).
-_NEUTRAL_SAMPLING = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-                     "logit_bias": {}, "bad_words": []}
-
 _GUIDED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
            "guided_decoding_backend", "guided_whitespace_pattern")
 
@@ -153,9 +148,6 @@ class _SamplingRequest(_Request):
         """The fields the client set, over `defaults` (the generation config's), over SamplingParams' own;
         invalid values raise ValueError naming the field."""
         given = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
-        for name in [k for k in given if k not in SamplingParams.__dataclass_fields__]:
-            if given.pop(name) != _NEUTRAL_SAMPLING.get(name, ...):
-                raise APIError(400, f"{name} is not supported yet", name, "unsupported_parameter")
         return SamplingParams(**{**(defaults or {}), **given, "n": self.n, "max_tokens": max_tokens,
                                  "logprobs": logprobs, "prompt_logprobs": prompt_logprobs})
 

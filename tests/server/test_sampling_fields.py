@@ -1,16 +1,11 @@
 """vLLM's sampling fields on both endpoints (issue 14, part 3): the server's greedy output equals offline
 LLM.generate / LLM.chat with the same SamplingParams, and differs from the output without the field.
-
-Runs once SamplingParams has these fields (issue 14's sampling part); skipped before.
 """
 import httpx
 import pytest
 from server.server_utils import CHAT_TEMPLATE, MODEL_NAME
 
 from pagedllm import SamplingParams
-
-if "repetition_penalty" not in SamplingParams.__dataclass_fields__:
-    pytest.skip("SamplingParams has no repetition_penalty yet (issue 14's sampling part)", allow_module_level=True)
 
 PROMPTS = ["Once upon a time", "The little dog was", "Tom and Lily went to the park", "One day, a cat"]
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
