@@ -124,10 +124,12 @@ class ServerConfig:
     max_waiting_queue_length: int | None = _f(None, "refuse new requests with 503 while this many sequences "
                                                     "wait for their first step (a request counts its n; one "
                                                     "with n above the bound is a 400) (default: no bound)")
-    engine_heartbeat_timeout: float = _f(5.0, "seconds without a sign of life from the engine core process "
-                                              "(it sends one at least every second between steps) after which "
-                                              "/health is 503 and requests in flight fail; raise it if one "
-                                              "step can take longer")
+    engine_heartbeat_timeout: float = _f(5.0, "seconds without a heartbeat from the engine core process (a "
+                                              "thread of it sends one every second, also during a step) after "
+                                              "which it counts as stopped: /health is 503, requests in flight fail")
+    engine_step_timeout: float = _f(60.0, "seconds one pass of the engine core's step loop may take (a long "
+                                          "prefill, a kernel compiling) before the core counts as hung, as "
+                                          "vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S: /health 503, requests fail")
     log_level: str = _f("info", "log level of pagedllm and uvicorn", choices=("debug", "info", "warning", "error"))
     max_request_body_bytes: int = _f(8 << 20, "refuse (413) request bodies larger than this; 8 MiB holds a "
                                               "1M-token prompt as text or ~1M token ids as JSON")
@@ -158,6 +160,7 @@ class ServerConfig:
                "root_path", "a path that starts with / and does not end with /", self.root_path)
         _check(self.engine_heartbeat_timeout >= 2, "engine_heartbeat_timeout", ">= 2 (seconds; the core sends "
                "one every second)", self.engine_heartbeat_timeout)
+        _check(self.engine_step_timeout >= 2, "engine_step_timeout", ">= 2 seconds", self.engine_step_timeout)
 
 
 def _check(ok: bool, name: str, limit: str, value):

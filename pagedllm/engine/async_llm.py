@@ -44,11 +44,13 @@ class EngineGenerateError(RuntimeError):
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_queue_length: int | None = None,
                  on_step_stats: Callable[[StepStats], None] | None = None, heartbeat_timeout: float = 5.0,
-                 on_dead: Callable[[], None] | None = None):
+                 step_timeout: float = 60.0, on_dead: Callable[[], None] | None = None):
         """max_waiting_queue_length: refuse new requests (QueueFullError) while this many sequences wait
         for their first step (None = no bound). on_step_stats: called with each step's request timings.
-        heartbeat_timeout: seconds without a message from the core (it sends one at least every
-        HEARTBEAT_INTERVAL) after which it counts as hung: not healthy, requests in flight fail.
+        heartbeat_timeout: seconds without a message from the core (its heartbeat thread sends one every
+        HEARTBEAT_INTERVAL) after which it counts as stopped; step_timeout: seconds one pass of its step loop
+        may take (a long prefill, a kernel compiling) before it counts as hung. Either way: not healthy,
+        requests in flight fail.
         on_dead: called once when the core process has exited (the server exits then)."""
         model = resolve_model(config)   # the config's errors, before a process starts
         self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=True)
@@ -65,10 +67,12 @@ class AsyncLLM:
         self.max_waiting_queue_length = max_waiting_queue_length
         self.on_step_stats = on_step_stats
         self.heartbeat_timeout = heartbeat_timeout
+        self.step_timeout = step_timeout
         self.on_dead = on_dead
         self.dead = False
         self.closing = False                          # shutting down: the core's exit is expected
         self.last_heartbeat = time.monotonic()        # of the last message from the core
+        self.core_stall = 0.0                         # its step loop's time in one pass, as of that message
         self._queues: dict[str, asyncio.Queue] = {}
         self._unscheduled: set[str] = set()           # sequences not yet in any step: the waiting queue
         self._stats_waiters: deque[asyncio.Future] = deque()
@@ -138,11 +142,11 @@ class AsyncLLM:
 
     def _check_alive(self):
         if not self.is_healthy():
-            raise EngineDeadError("the engine core process has exited" if self.dead else
-                                  f"the engine core has not responded for {self.heartbeat_timeout:g} s")
+            raise EngineDeadError("the engine core process has exited" if self.dead else self.unhealthy_reason())
 
     def is_healthy(self) -> bool:
-        """The core process is alive and sent something within heartbeat_timeout (what /health reports).
+        """The core process is alive, sent something within heartbeat_timeout, and its loop is not stuck past
+        step_timeout (what /health reports).
         Messages already in the pipe count: a busy (or not yet attached) event loop may not have read them."""
         if self._unresponsive() and self._loop is not None and not self.dead:
             self._on_readable()
@@ -159,7 +163,15 @@ class AsyncLLM:
         self._fail_all(EngineDeadError(reason), abort=True)
 
     def _unresponsive(self) -> bool:
-        return time.monotonic() - self.last_heartbeat > self.heartbeat_timeout
+        return self.unhealthy_reason() is not None
+
+    def unhealthy_reason(self) -> str | None:
+        """Why a living core counts as stopped or hung; None while it is not."""
+        if time.monotonic() - self.last_heartbeat > self.heartbeat_timeout:
+            return f"the engine core has not responded for {self.heartbeat_timeout:g} s"
+        if self.core_stall > self.step_timeout:
+            return f"the engine core's step has run for more than {self.step_timeout:g} s"
+        return None
 
     def abort(self, request_id: str):
         """Ends the request; the core frees its blocks before its next step."""
@@ -206,7 +218,10 @@ class AsyncLLM:
             while self.core.conn.poll():
                 msg = self.core.conn.recv()
                 self.last_heartbeat = time.monotonic()   # any message: outputs, stats or a heartbeat
-                if msg[0] == "outputs":
+                if msg[0] == "heartbeat":
+                    self.core_stall = msg[1]
+                elif msg[0] == "outputs":
+                    self.core_stall = 0.0
                     self._process_outputs([EngineCoreOutput(*row) for row in msg[1]], msg[2])
                 elif msg[0] == "stats":
                     if self._num_stale_stats:   # the reply to a call failed while the core was silent
@@ -236,7 +251,8 @@ class AsyncLLM:
 
     async def _watch(self):
         """Once a second: a core process that exited without closing the pipe is dead; one silent for
-        heartbeat_timeout (stopped, hung) fails the requests in flight, so no client waits for it forever.
+        heartbeat_timeout (stopped) or stuck in one pass of its loop for step_timeout (hung) fails the requests
+        in flight, so no client waits for it forever.
         It may recover (SIGCONT): they were aborted, and new requests are taken again once it speaks."""
         while not self.dead:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
@@ -244,10 +260,9 @@ class AsyncLLM:
                 self._on_readable()   # what it sent before it exited, then the EOF
                 self._on_core_exit()
             elif (self._queues or self._stats_waiters) and not self.is_healthy() and not self.dead:
-                logger.error("the engine core has not responded for %.1f s: failing %d requests in flight",
-                             time.monotonic() - self.last_heartbeat, len(self._queues))
-                self._fail_all(EngineDeadError(f"the engine core has not responded for "
-                                               f"{self.heartbeat_timeout:g} s"), abort=True)
+                reason = self.unhealthy_reason()
+                logger.error("%s: failing %d requests in flight", reason, len(self._queues))
+                self._fail_all(EngineDeadError(reason), abort=True)
 
     def _on_core_exit(self):
         if self.dead:

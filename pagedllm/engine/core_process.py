@@ -15,11 +15,12 @@ Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], Reque
 the event loop from blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending
 outputs: that would deadlock.
 
-Faults: the core sends something (("heartbeat",) when it has nothing else) at least every HEARTBEAT_INTERVAL
-between steps, idle or not, so the API process tells a stopped or hung core from a busy one
-(AsyncLLM.heartbeat_timeout). The core ignores SIGINT: a Ctrl-C reaches the whole terminal process group, and
-the API process stops the core itself through the pipe. The core's life is tied to the pipe: it returns when
-the API process is gone.
+Faults: once ready, a thread of the core process sends ("heartbeat", seconds since the step loop last came
+round) every HEARTBEAT_INTERVAL, whatever the loop is doing. A stopped or frozen process sends none; a long
+step (a large prefill, a kernel compiling) sends beats whose stall grows; the API process judges both
+(AsyncLLM.is_healthy: heartbeat_timeout for silence, step_timeout for a stall). The core ignores SIGINT: a
+Ctrl-C reaches the whole terminal process group, and the API process stops the core itself through the pipe.
+The core's life is tied to the pipe: it returns when the API process is gone.
 """
 import gc
 import logging
@@ -34,7 +35,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.metrics import StatsLogger, StepStats
 
 logger = logging.getLogger("pagedllm")
-HEARTBEAT_INTERVAL = 1.0   # seconds: the most the core stays silent between steps
+HEARTBEAT_INTERVAL = 1.0   # seconds between heartbeats of the core process
 
 
 def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
@@ -51,9 +52,10 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     freeze_gc()
+    conn = _SharedConn(conn)
     conn.send(("ready", core.runner.num_blocks, _startup_info(config, core.runner, time.perf_counter() - start)))
     stats_logger = StatsLogger(config.log_stats_interval)
-    last_sent = time.monotonic()
+    pulse = _Pulse(conn)
     try:
         while True:
             # Idle: wait for a message (a heartbeat's time at most). Busy: take what has arrived, then step.
@@ -62,15 +64,45 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
                     return
             # Step N's outputs are sent while the device runs step N+1.
             done = core.step()
-            now = time.monotonic()
-            if done is not None and _send_outputs(conn, *done):
-                last_sent = now
-            elif now - last_sent >= HEARTBEAT_INTERVAL:
-                conn.send(("heartbeat",))
-                last_sent = now
+            if done is not None:
+                _send_outputs(conn, *done)
             stats_logger.maybe_log(core.get_stats)
+            pulse.tick = time.monotonic()
     except (EOFError, BrokenPipeError):   # the API process is gone
         return
+
+
+class _SharedConn:
+    """The core's end of the pipe, shared by the step loop and the heartbeat thread: one send at a time."""
+
+    def __init__(self, conn: Connection):
+        self.conn, self.lock = conn, threading.Lock()
+
+    def send(self, msg: tuple):
+        with self.lock:
+            self.conn.send(msg)
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        return self.conn.poll(timeout)
+
+    def recv(self):
+        return self.conn.recv()
+
+
+class _Pulse:
+    """The heartbeat thread: every HEARTBEAT_INTERVAL, ("heartbeat", seconds since the loop set `tick`)."""
+
+    def __init__(self, conn: _SharedConn):
+        self.conn, self.tick = conn, time.monotonic()
+        threading.Thread(target=self._beat, name="pagedllm-core-heartbeat", daemon=True).start()
+
+    def _beat(self):
+        while True:
+            time.sleep(HEARTBEAT_INTERVAL)
+            try:
+                self.conn.send(("heartbeat", time.monotonic() - self.tick))
+            except OSError:   # the API process is gone; the loop ends on its own
+                return
 
 
 def freeze_gc():
@@ -97,15 +129,13 @@ def _log_ready(info: dict):
                 info["num_blocks"], info["block_size"], graphs)
 
 
-def _send_outputs(conn: Connection, outputs: list, stats: StepStats) -> bool:
-    if not (outputs or stats.first_scheduled_ids):
-        return False
-    # Rows of field values pickle ~6x faster than dataclass objects (0.07 vs 0.4 ms for 256).
-    conn.send(("outputs", [tuple(o.__dict__.values()) for o in outputs], stats))
-    return True
+def _send_outputs(conn: "_SharedConn", outputs: list, stats: StepStats):
+    if outputs or stats.first_scheduled_ids:
+        # Rows of field values pickle ~6x faster than dataclass objects (0.07 vs 0.4 ms for 256).
+        conn.send(("outputs", [tuple(o.__dict__.values()) for o in outputs], stats))
 
 
-def _handle(core, conn: Connection, msg: tuple) -> bool:
+def _handle(core, conn: _SharedConn, msg: tuple) -> bool:
     kind = msg[0]
     if kind == "add":
         for request in msg[1]:

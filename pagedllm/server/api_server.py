@@ -73,8 +73,7 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
         if ctx.engine.dead:
             return error_response(503, "the engine core process has exited", None, "engine_dead")
         if not ctx.engine.is_healthy():
-            return error_response(503, f"the engine core has not responded for "
-                                       f"{ctx.engine.heartbeat_timeout:g} s", None, "engine_unresponsive")
+            return error_response(503, ctx.engine.unhealthy_reason(), None, "engine_unresponsive")
         return Response(status_code=200)
 
     @app.get("/version")
@@ -202,6 +201,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model)
     engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
                       heartbeat_timeout=server_config.engine_heartbeat_timeout,
+                      step_timeout=server_config.engine_step_timeout,
                       on_dead=lambda: server.on_core_death())
     ctx = ServingContext(engine, metrics.model_name, chat_template)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server.inject_fault import INJECT_SEED
+from server.inject_fault import INJECT_SEED, SLOW_SEEDS
 from server.server_utils import MODEL_NAME, Server, start_server, stop_server, wait_healthy
 
 from pagedllm.server.api_server import STOP_GRACE_SECONDS
 
 HEARTBEAT_TIMEOUT = 2.0
+STEP_TIMEOUT = 6.0
 COMPLETIONS = "/v1/completions"
 PROMPTS = ["Once upon a time", "The little dog", "In a small town there", "She said"]
 
@@ -26,7 +27,7 @@ def fault_servers(tiny_model_dirs, tmp_path_factory):
     "kill" has its core killed, "term" is stopped with SIGTERM (its heartbeat timeout outlasts the stop's grace)."""
     logs = tmp_path_factory.mktemp("fault_logs")
     script = str(Path(__file__).with_name("inject_fault.py"))
-    flags = ("--engine-heartbeat-timeout", str(HEARTBEAT_TIMEOUT))
+    flags = ("--engine-heartbeat-timeout", str(HEARTBEAT_TIMEOUT), "--engine-step-timeout", str(STEP_TIMEOUT))
     servers = {"inject": start_server(tiny_model_dirs["llama"], str(logs / "inject.log"), None, *flags,
                                       main=(script,)),
                "kill": start_server(tiny_model_dirs["llama"], str(logs / "kill.log"), None, *flags),
@@ -106,6 +107,34 @@ def test_request_failing_in_core_fails_alone(fault_servers):
     assert all(r.status_code == 200 for r in good + alone)
     assert [r.json()["choices"][0]["text"] for r in good] == [r.json()["choices"][0]["text"] for r in alone]
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def _health_during(server: Server, body: dict, seconds: float) -> tuple[httpx.Response, list[int]]:
+    """Sends a completion and reads /health every 0.25 s while it runs (at most `seconds`)."""
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as client:
+            request = asyncio.create_task(client.post(server.url + COMPLETIONS, json=body))
+            statuses, start = [], time.monotonic()
+            while not request.done() and time.monotonic() - start < seconds:
+                statuses.append((await client.get(server.url + "/health")).status_code)
+                await asyncio.sleep(0.25)
+            return await request, statuses
+    return asyncio.run(run())
+
+
+def test_a_long_step_is_not_a_stopped_core_but_one_past_the_step_timeout_is_hung(fault_servers):
+    """The heartbeat comes from a thread of the core: a pass of its loop longer than the heartbeat timeout
+    (3.5 s > 2 s) keeps /health 200 and finishes; one past the step timeout (9 s > 6 s) makes /health 503 and
+    fails its request; the core then recovers."""
+    server = fault_servers["inject"]
+    slow, hung = sorted(SLOW_SEEDS, key=SLOW_SEEDS.get)
+    response, statuses = _health_during(server, _body(PROMPTS[0], seed=slow), 15)
+    assert response.status_code == 200 and set(statuses) == {200} and len(statuses) >= 10, statuses
+    response, statuses = _health_during(server, _body(PROMPTS[0], seed=hung), 15)
+    assert response.status_code == 500 and "more than 6 s" in response.json()["error"]["message"], response.text
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
+    wait_healthy(server, timeout=15)
+    assert httpx.post(server.url + COMPLETIONS, json=_body(PROMPTS[0])).status_code == 200
 
 
 def test_stopped_core_is_unhealthy_and_fails_requests_in_flight(fault_servers):
