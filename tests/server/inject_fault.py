@@ -9,7 +9,7 @@ from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.sampling_params import SamplingParams
 
 INJECT_SEED = 4242
-SLOW_SEEDS = {4300: 3.5, 4301: 9.0}
+SLOW_SEEDS = {4300: 3.5, 4301: 12.0}
 _process = InputProcessor.process
 
 

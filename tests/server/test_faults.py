@@ -124,16 +124,17 @@ def _health_during(server: Server, body: dict, seconds: float) -> tuple[httpx.Re
 
 def test_a_long_step_is_not_a_stopped_core_but_one_past_the_step_timeout_is_hung(fault_servers):
     """The heartbeat comes from a thread of the core: a pass of its loop longer than the heartbeat timeout
-    (3.5 s > 2 s) keeps /health 200 and finishes; one past the step timeout (9 s > 6 s) makes /health 503 and
+    (3.5 s > 2 s) keeps /health 200 and finishes; one past the step timeout (12 s > 6 s) makes /health 503 and
     fails its request; the core then recovers."""
     server = fault_servers["inject"]
     slow, hung = sorted(SLOW_SEEDS, key=SLOW_SEEDS.get)
     response, statuses = _health_during(server, _body(PROMPTS[0], seed=slow), 15)
     assert response.status_code == 200 and set(statuses) == {200} and len(statuses) >= 10, statuses
-    response, statuses = _health_during(server, _body(PROMPTS[0], seed=hung), 15)
+    response, statuses = _health_during(server, _body(PROMPTS[0], seed=hung), 20)
     assert response.status_code == 500 and "more than 6 s" in response.json()["error"]["message"], response.text
-    assert statuses[0] == 200 and statuses[-1] == 503, statuses
-    wait_healthy(server, timeout=15)
+    # failed within ~8 s of the 12 s: the core is still stuck, and /health says so
+    assert statuses[0] == 200 and httpx.get(server.url + "/health").status_code == 503, statuses
+    wait_healthy(server, timeout=20)
     assert httpx.post(server.url + COMPLETIONS, json=_body(PROMPTS[0])).status_code == 200
 
 
