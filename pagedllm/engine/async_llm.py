@@ -20,7 +20,7 @@ from pagedllm.engine.engine import is_large_gpu, resolve_model
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor
-from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer
+from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
@@ -56,12 +56,9 @@ class AsyncLLM:
         self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=True)
         self.core = CoreClient(config)
         self.max_model_len = model.max_model_len
-        # while the core loads the model
-        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
-        self.input_processor = InputProcessor(
-            self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), model.hf_config.vocab_size,
-            self.max_model_len, config.block_size, self.core.wait_ready(), config.enable_prefix_caching,
-            config.max_num_seqs)
+        self.tokenizer = load_engine_tokenizer(config)   # while the core loads the model
+        self.input_processor = InputProcessor.for_engine(config, self.tokenizer, model.hf_config.vocab_size,
+                                                         self.max_model_len, self.core.wait_ready())
         self.output_processor = OutputProcessor(self.tokenizer)
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.max_waiting_queue_length = max_waiting_queue_length
@@ -141,16 +138,28 @@ class AsyncLLM:
                                  f"the bound is max_waiting_queue_length ({bound})")
 
     def _check_alive(self):
-        if not self.is_healthy():
-            raise EngineDeadError("the engine core process has exited" if self.dead else self.unhealthy_reason())
+        reason = self.unhealthy_reason()
+        if reason is not None:
+            raise EngineDeadError(reason)
 
-    def is_healthy(self) -> bool:
-        """The core process is alive, sent something within heartbeat_timeout, and its loop is not stuck past
-        step_timeout (what /health reports).
+    def unhealthy_reason(self) -> str | None:
+        """None while the core is healthy (what /health reports); otherwise why not: its process exited, it
+        sent nothing for heartbeat_timeout (stopped), or one pass of its loop has run past step_timeout (hung).
         Messages already in the pipe count: a busy (or not yet attached) event loop may not have read them."""
-        if self._unresponsive() and self._loop is not None and not self.dead:
+        reason = self._judge()
+        if reason is not None and not self.dead and self._loop is not None:
             self._on_readable()
-        return not self.dead and not self._unresponsive()
+            reason = self._judge()
+        return reason
+
+    def _judge(self) -> str | None:
+        if self.dead:
+            return "the engine core process has exited"
+        if time.monotonic() - self.last_heartbeat > self.heartbeat_timeout:
+            return f"the engine core has not responded for {self.heartbeat_timeout:g} s"
+        if self.core_stall > self.step_timeout:
+            return f"the engine core's step has run for more than {self.step_timeout:g} s"
+        return None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -161,17 +170,6 @@ class AsyncLLM:
         if self._queues:
             logger.info("%s: ending %d requests in flight", reason, len(self._queues))
         self._fail_all(EngineDeadError(reason), abort=True)
-
-    def _unresponsive(self) -> bool:
-        return self.unhealthy_reason() is not None
-
-    def unhealthy_reason(self) -> str | None:
-        """Why a living core counts as stopped or hung; None while it is not."""
-        if time.monotonic() - self.last_heartbeat > self.heartbeat_timeout:
-            return f"the engine core has not responded for {self.heartbeat_timeout:g} s"
-        if self.core_stall > self.step_timeout:
-            return f"the engine core's step has run for more than {self.step_timeout:g} s"
-        return None
 
     def abort(self, request_id: str):
         """Ends the request; the core frees its blocks before its next step."""
@@ -259,8 +257,7 @@ class AsyncLLM:
             if not self.core.process.is_alive():
                 self._on_readable()   # what it sent before it exited, then the EOF
                 self._on_core_exit()
-            elif (self._queues or self._stats_waiters) and not self.is_healthy() and not self.dead:
-                reason = self.unhealthy_reason()
+            elif (self._queues or self._stats_waiters) and (reason := self.unhealthy_reason()) and not self.dead:
                 logger.error("%s: failing %d requests in flight", reason, len(self._queues))
                 self._fail_all(EngineDeadError(reason), abort=True)
 

@@ -18,7 +18,7 @@ outputs: that would deadlock.
 Faults: once ready, a thread of the core process sends ("heartbeat", seconds since the step loop last came
 round) every HEARTBEAT_INTERVAL, whatever the loop is doing. A stopped or frozen process sends none; a long
 step (a large prefill, a kernel compiling) sends beats whose stall grows; the API process judges both
-(AsyncLLM.is_healthy: heartbeat_timeout for silence, step_timeout for a stall). The core ignores SIGINT: a
+(AsyncLLM.unhealthy_reason: heartbeat_timeout for silence, step_timeout for a stall). The core ignores SIGINT: a
 Ctrl-C reaches the whole terminal process group, and the API process stops the core itself through the pipe.
 The core's life is tied to the pipe: it returns when the API process is gone.
 """

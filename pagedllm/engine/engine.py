@@ -12,7 +12,7 @@ from pagedllm.engine.core import EngineCore
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
-from pagedllm.engine.tokenizer import load_eos_token_ids, load_tokenizer
+from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.metrics import SchedulerStats, StatsLogger
 from pagedllm.models import sliding_window
 from pagedllm.outputs import RequestOutput
@@ -54,12 +54,10 @@ class Engine:
         self.hf_config, self.device, self.dtype = model.hf_config, model.device, model.dtype
         self.max_model_len = model.max_model_len
         self.vocab_size = self.hf_config.vocab_size
-        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
+        self.tokenizer = load_engine_tokenizer(config)
         self.core = EngineCore(config, self.hf_config, self.device, self.dtype, self.max_model_len)
-        self.input_processor = InputProcessor(
-            self.tokenizer, load_eos_token_ids(config.model, self.tokenizer), self.vocab_size,
-            self.max_model_len, config.block_size, self.core.runner.num_blocks, config.enable_prefix_caching,
-            config.max_num_seqs)
+        self.input_processor = InputProcessor.for_engine(config, self.tokenizer, self.vocab_size, self.max_model_len,
+                                                         self.core.runner.num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.stats_logger = StatsLogger(config.log_stats_interval)

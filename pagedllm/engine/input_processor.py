@@ -8,9 +8,9 @@ import numbers
 import time
 from dataclasses import dataclass
 
-from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.engine.core import EngineCoreRequest
 from pagedllm.engine.output_processor import child_request_id
+from pagedllm.engine.tokenizer import load_eos_token_ids
 from pagedllm.sampling_params import SEED_END, SamplingParams
 
 
@@ -32,9 +32,15 @@ class InputProcessor:
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
-        self.block_size = block_size
         self.num_blocks = num_blocks
+        self.max_kv_tokens = num_blocks * block_size   # the most one sequence can hold in the KV cache
         self.enable_prefix_caching = enable_prefix_caching
+
+    @classmethod
+    def for_engine(cls, config, tokenizer, vocab_size: int, max_model_len: int, num_blocks: int) -> "InputProcessor":
+        """The offline Engine's and AsyncLLM's: the checkpoint's EOS ids, the config's limits."""
+        return cls(tokenizer, load_eos_token_ids(config.model, tokenizer), vocab_size, max_model_len,
+                   config.block_size, num_blocks, config.enable_prefix_caching, config.max_num_seqs)
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                 arrival_time: float | None = None) -> ProcessedRequest:
@@ -44,7 +50,7 @@ class InputProcessor:
         text = prompt if isinstance(prompt, str) else None
         if self.tokenizer is None:
             params = _without_tokenizer(prompt, params)
-        prompt_ids = self._truncate(self._prompt_ids(prompt), params.truncate_prompt_tokens)
+        prompt_ids = truncate_prompt(self._prompt_ids(prompt), params.truncate_prompt_tokens, self.max_model_len)
         params.validate_vocab(self.vocab_size)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
         eos = set() if params.ignore_eos else self.eos_token_ids
@@ -80,12 +86,6 @@ class InputProcessor:
             raise ValueError(f"prompt_token_ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
         return ids
 
-    def _truncate(self, ids: list[int], k: int | None) -> list[int]:
-        """truncate_prompt_tokens: keep the last k tokens (-1: max_model_len), before the length checks."""
-        if k is None:
-            return ids
-        return ids[-(self.max_model_len if k == -1 else k):]
-
     def _bad_words_ids(self, bad_words: list[str] | None) -> list[list[int]]:
         """Each word's tokens as vLLM finds them: the word alone, and after a space (mid-text) when that
         gives other tokens of the same count. Token ids out of the vocabulary are an error."""
@@ -108,12 +108,19 @@ class InputProcessor:
         if num_prompt + max_tokens > self.max_model_len or max_tokens < 1:
             raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) must be at most "
                              f"max_model_len ({self.max_model_len})")
-        blocks_needed = cdiv(num_prompt + max_tokens, self.block_size)
-        if blocks_needed > self.num_blocks:
-            raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) needs {blocks_needed} "
-                             f"KV blocks but the KV cache has only {self.num_blocks}: lower max_tokens "
+        if num_prompt + max_tokens > self.max_kv_tokens:
+            raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) is more than the KV cache "
+                             f"holds ({self.num_blocks} KV blocks, {self.max_kv_tokens} tokens): lower max_tokens "
                              f"or raise kv_cache_memory")
         return max_tokens
+
+
+def truncate_prompt(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """truncate_prompt_tokens (vLLM's): the prompt's last k tokens, -1 = max_model_len. None, or a k that
+    SamplingParams refuses (the server checks lengths before it builds them), keeps them all."""
+    if k == -1:
+        k = max_model_len
+    return ids[-k:] if k is not None and k >= 1 else ids
 
 
 def _without_tokenizer(prompt, params: SamplingParams) -> SamplingParams:

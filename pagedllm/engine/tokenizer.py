@@ -20,23 +20,28 @@ def load_tokenizer(path: str, **kwargs):
         raise ValueError(f"could not load a tokenizer from {path!r}: {e}") from e
 
 
+def load_engine_tokenizer(config):
+    """The engine's tokenizer (config.tokenizer, else the model's); None with skip_tokenizer_init."""
+    return None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
+
+
 def load_eos_token_ids(model_dir: str, tokenizer) -> set[int]:
     """tokenizer.eos_token_id (config.json's without a tokenizer: skip_tokenizer_init) plus
     generation_config.json's eos_token_id, because chat models often end turns with a token (e.g.
     <|eot_id|>) that only the generation config names."""
     if tokenizer is None:
-        eos = _json_token_ids(os.path.join(model_dir, "config.json"))
+        eos = _eos_token_ids(os.path.join(model_dir, "config.json"))
     else:
         eos = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
-    return eos | _json_token_ids(os.path.join(model_dir, "generation_config.json"))
+    return eos | _eos_token_ids(os.path.join(model_dir, "generation_config.json"))
 
 
-def _json_token_ids(path: str, key: str = "eos_token_id") -> set[int]:
-    """A JSON file's token id (an int or a list of them) under key; none when the file or key is missing."""
+def _eos_token_ids(path: str) -> set[int]:
+    """A JSON file's eos_token_id (an int or a list of them); none when the file or key is missing."""
     if not os.path.isfile(path):
         return set()
     with open(path) as f:
-        value = json.load(f).get(key)
+        value = json.load(f).get("eos_token_id")
     return {int(t) for t in (value if isinstance(value, list) else [value]) if t is not None}
 
 

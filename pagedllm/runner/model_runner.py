@@ -221,7 +221,7 @@ class ModelRunner:
         return meta
 
     def _penalties(self, rows: list[RunnerRequestState]) -> Penalties | None:
-        slots = [self.penalties.slot(r.req_id, r.token_ids[:r.num_prompt_tokens]) if r.params.uses_penalties
+        slots = [self.penalties.slot(r.req_id, r.token_ids, r.num_prompt_tokens) if r.params.uses_penalties
                  else None for r in rows]
         return Penalties.build(self.penalties, [r.params for r in rows], slots, self.device)
 
@@ -275,10 +275,12 @@ class ModelRunner:
         with set_forward_context(inputs.attn_metadata, kv_caches):
             hidden = self.model(inputs.input_ids, inputs.positions)
         logits = self.model.compute_logits(hidden[inputs.sample_token_index])
-        params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20, repetition_penalty=1.1)] * num_reqs
+        params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20,
+                                 repetition_penalty=1.1)] * num_reqs
         # A throwaway penalty table as large as these rows' will be: its room stays free of KV blocks.
         table = PenaltyTable(self.penalties.vocab_size, self.device)
-        penalties = Penalties.build(table, params, [table.slot(r.req_id, r.token_ids) for r in reqs], self.device)
+        slots = [table.slot(r.req_id, r.token_ids, r.num_prompt_tokens) for r in reqs]
+        penalties = Penalties.build(table, params, slots, self.device)
         processors = build_logits_processors(params, penalties, [None] * num_reqs, None, self.device)
         meta = SamplingMetadata.build(params, [None] * num_reqs, [[]] * num_reqs, self.device, processors)
         self.sampler(logits, meta, self.generator)

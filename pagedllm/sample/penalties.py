@@ -26,9 +26,9 @@ class PenaltyTable:
         self.slots: dict[str, int] = {}
         self.free_slots: list[int] = []
 
-    def slot(self, req_id: str, prompt_ids: list[int]) -> int:
+    def slot(self, req_id: str, token_ids: list[int], num_prompt_tokens: int) -> int:
         """The request's slot; a new one (its prompt set, zero counts) on the request's first sampling step,
-        before it has any output."""
+        before it has any output. The prompt is read only then: metadata rebuilds of a batch ask again."""
         slot = self.slots.get(req_id)
         if slot is not None:
             return slot
@@ -36,7 +36,8 @@ class PenaltyTable:
             self._grow()
         slot = self.slots[req_id] = self.free_slots.pop()
         self.output_counts[slot].zero_()
-        self.prompt_mask[slot].zero_().index_fill_(0, to_device(prompt_ids, torch.int64, self.device), True)
+        prompt = to_device(token_ids[:num_prompt_tokens], torch.int64, self.device)
+        self.prompt_mask[slot].zero_().index_fill_(0, prompt, True)
         return slot
 
     def release(self, req_id: str):

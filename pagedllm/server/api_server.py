@@ -70,10 +70,9 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
 
     @app.get("/health")
     async def health():
-        if ctx.engine.dead:
-            return error_response(503, "the engine core process has exited", None, "engine_dead")
-        if not ctx.engine.is_healthy():
-            return error_response(503, ctx.engine.unhealthy_reason(), None, "engine_unresponsive")
+        reason = ctx.engine.unhealthy_reason()
+        if reason is not None:
+            return error_response(503, reason, None, "engine_dead" if ctx.engine.dead else "engine_unresponsive")
         return Response(status_code=200)
 
     @app.get("/version")

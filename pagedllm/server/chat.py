@@ -6,6 +6,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from pagedllm import chat_template
+from pagedllm.engine.input_processor import truncate_prompt
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, Logprob
 from pagedllm.server.completions import prompt_logprobs_json
@@ -35,8 +36,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     prompt_ids = await ctx.off_loop(render_chat, ctx, req)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = getattr(req, max_tokens_param)
-    ctx.check_context_length(req.num_prompt_tokens(len(prompt_ids), ctx.engine.max_model_len), max_tokens,
-                             "messages", max_tokens_param)
+    kept = truncate_prompt(prompt_ids, req.truncate_prompt_tokens, ctx.engine.max_model_len)
+    ctx.check_context_length(len(kept), max_tokens, "messages", max_tokens_param)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
     params = req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,

@@ -8,6 +8,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from pagedllm.engine.input_processor import truncate_prompt
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedllm.server.errors import APIError
@@ -20,8 +21,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     ctx.check_model(req.model)
     prompts = await ctx.off_loop(_prompts, ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
     for _, ids in prompts:
-        ctx.check_context_length(req.num_prompt_tokens(len(ids), ctx.engine.max_model_len), req.max_tokens,
-                                 "prompt", "max_tokens")
+        kept = truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len)
+        ctx.check_context_length(len(kept), req.max_tokens, "prompt", "max_tokens")
     prompt_logprobs = req.prompt_logprobs
     if prompt_logprobs is None and req.echo and req.logprobs is not None:   # echo's prompt tokens need them
         prompt_logprobs = req.logprobs

@@ -136,13 +136,6 @@ class _SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def num_prompt_tokens(self, num_tokens: int, max_model_len: int) -> int:
-        """The prompt's length after truncate_prompt_tokens (vLLM's: the last k tokens; -1: max_model_len)."""
-        k = self.truncate_prompt_tokens
-        if k == -1:
-            return min(num_tokens, max_model_len)
-        return min(num_tokens, k) if k is not None and k >= 1 else num_tokens
-
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                            defaults: dict | None = None) -> SamplingParams:
         """The fields the client set, over `defaults` (the generation config's), over SamplingParams' own;

@@ -15,7 +15,6 @@ from json.encoder import encode_basestring_ascii
 from fastapi import Request
 from fastapi.responses import Response
 
-from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import RequestOutput
@@ -60,12 +59,12 @@ class ServingContext:
                                 f"{num_prompt_tokens + completion} tokens ({num_prompt_tokens} in the prompt, "
                                 f"{max_tokens or 'at least 1'} for the completion). Reduce `{param}`.",
                            param, "context_length_exceeded")
-        # The KV cache must hold the whole sequence (the engine's check, InputProcessor._resolve_max_tokens).
-        block_size, num_blocks = self.engine.input_processor.block_size, self.engine.input_processor.num_blocks
+        # The KV cache must hold the whole sequence (the engine's own check, InputProcessor._resolve_max_tokens).
+        capacity = self.engine.input_processor.max_kv_tokens
         total = num_prompt_tokens + (max_tokens or limit - num_prompt_tokens)
-        if cdiv(total, block_size) > num_blocks:
-            param = prompt_param if cdiv(num_prompt_tokens + 1, block_size) > num_blocks else max_tokens_param
-            raise APIError(400, f"The KV cache holds {num_blocks * block_size} tokens. However, you requested "
+        if total > capacity:
+            param = prompt_param if num_prompt_tokens >= capacity else max_tokens_param
+            raise APIError(400, f"The KV cache holds {capacity} tokens. However, you requested "
                                 f"{total} tokens ({num_prompt_tokens} in the prompt, {total - num_prompt_tokens} "
                                 f"for the completion{'' if max_tokens else ': set max_tokens'}). Reduce `{param}`.",
                            param, "context_length_exceeded")

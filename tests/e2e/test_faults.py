@@ -126,7 +126,7 @@ def test_bad_request_data_fails_alone_async(tiny_model_dirs, reference):
         engine = AsyncLLM(EngineConfig(tiny_model_dirs["llama"], num_gpu_blocks_override=64, max_model_len=256,
                                        log_stats_interval=0, device="cpu"), heartbeat_timeout=2.0)
         inject_bad_seed(engine.input_processor, "bad")
-        await asyncio.sleep(2.5)   # no loop read the pipe yet: its heartbeats still count (is_healthy)
+        await asyncio.sleep(2.5)   # no loop read the pipe yet: its heartbeats still count (unhealthy_reason)
         try:
             tasks = [collect(engine, f"r{i}", p, _params(i)) for i, p in enumerate(PROMPTS)]
             tasks.insert(2, collect(engine, "bad", PROMPTS[1], SamplingParams(temperature=1.0, seed=3, n=2)))

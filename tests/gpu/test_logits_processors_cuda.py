@@ -26,7 +26,7 @@ def run(device: str, logits: torch.Tensor):
     torch.cuda.set_sync_debug_mode("error")
     try:
         table = PenaltyTable(V, device)
-        slots = [table.slot("a", [1, 2, 3]), None, table.slot("c", [7, 8])]
+        slots = [table.slot("a", [1, 2, 3], 3), None, table.slot("c", [7, 8], 2)]
         table.record(record_slots, in_flight_ids)
         procs = build_logits_processors(params, Penalties.build(table, params, slots, device),
                                         [([3], 0), None, ([], 1)], in_flight_ids, device)

@@ -64,7 +64,7 @@ def test_prompt_plus_max_tokens_over_model_length_is_400_naming_the_cause(server
 
 def test_kv_cache_too_small_names_the_cause():
     """The KV-capacity check of ServingContext, on a fake engine whose cache holds 8 blocks of 16 tokens."""
-    processor = SimpleNamespace(block_size=16, num_blocks=8)
+    processor = SimpleNamespace(max_kv_tokens=8 * 16)
     ctx = ServingContext(SimpleNamespace(max_model_len=512, input_processor=processor), MODEL_NAME, None)
     ctx.check_context_length(100, 28, "prompt", "max_tokens")   # 128 tokens: fits exactly
     for num_prompt, max_tokens, param in ((100, 29, "max_tokens"), (100, None, "max_tokens"), (128, 1, "prompt"),

@@ -72,6 +72,14 @@ async def _stream_events(client: httpx.AsyncClient, server: Server, body: dict) 
     return events
 
 
+async def _long_streams(client: httpx.AsyncClient, server: Server, max_tokens: int) -> list[asyncio.Task]:
+    """A sampled stream per prompt that outlasts the test's fault, given 0.3 s to send its first tokens."""
+    streams = [asyncio.create_task(_stream_events(
+        client, server, _body(p, max_tokens=max_tokens, ignore_eos=True, temperature=1.0))) for p in PROMPTS]
+    await asyncio.sleep(0.3)
+    return streams
+
+
 def _stop_and_check_clean(server: Server, sig: int):
     """A stop signal: exit code 0, and after it no traceback and no error line in the log."""
     offset = os.path.getsize(server.log_path)
@@ -172,9 +180,7 @@ def test_killed_core_fails_streams_and_the_server_exits_non_zero(fault_servers):
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
-            streams = [asyncio.create_task(_stream_events(
-                client, server, _body(p, max_tokens=400, ignore_eos=True, temperature=1.0))) for p in PROMPTS]
-            await asyncio.sleep(0.3)
+            streams = await _long_streams(client, server, max_tokens=400)
             os.kill(core, signal.SIGKILL)
             return await asyncio.wait_for(asyncio.gather(*streams, return_exceptions=True), 10)
 
@@ -196,9 +202,7 @@ def test_sigterm_stops_cleanly_ending_streams_in_flight(fault_servers):
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
-            streams = [asyncio.create_task(_stream_events(
-                client, server, _body(p, max_tokens=480, ignore_eos=True, temperature=1.0))) for p in PROMPTS]
-            await asyncio.sleep(0.3)
+            streams = await _long_streams(client, server, max_tokens=480)
             os.kill(core, signal.SIGSTOP)
             offset = os.path.getsize(server.log_path)
             server.process.send_signal(signal.SIGTERM)

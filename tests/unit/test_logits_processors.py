@@ -24,7 +24,7 @@ def random_ids(n: int, seed: int) -> list[int]:
 def penalised(params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]]) -> Penalties:
     """A table holding the rows' prompts and outputs the way the runner fills it: outputs recorded step by step."""
     table = PenaltyTable(V, "cpu")
-    slots = [table.slot(f"r{i}", prompts[i]) if p.uses_penalties else None for i, p in enumerate(params)]
+    slots = [table.slot(f"r{i}", prompts[i], len(prompts[i])) if p.uses_penalties else None for i, p in enumerate(params)]
     pen = Penalties.build(table, params, slots, "cpu")
     for step in range(max(map(len, outputs))):
         rows = [i for i, s in enumerate(slots) if s is not None and step < len(outputs[i])]
@@ -196,11 +196,11 @@ def test_rows_without_processors_build_none():
 
 def test_penalty_table_reuses_freed_slots_with_fresh_state():
     table = PenaltyTable(V, "cpu")
-    slots = [table.slot(f"r{i}", [i]) for i in range(5)]          # grows past its first 4 slots
+    slots = [table.slot(f"r{i}", [i], 1) for i in range(5)]          # grows past its first 4 slots
     assert sorted(slots) == list(range(5))
     table.record(torch.tensor(slots), torch.tensor([9] * 5))
     table.release("r2")
-    again = table.slot("new", [33])
+    again = table.slot("new", [33], 1)
     assert again == slots[2]
     assert table.output_counts[again].sum() == 0 and table.prompt_mask[again].nonzero().flatten().tolist() == [33]
     assert table.output_counts[slots[4], 9] == 1 and table.prompt_mask[slots[4], 4]
