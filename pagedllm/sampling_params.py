@@ -2,6 +2,8 @@
 import math
 from dataclasses import dataclass, field
 
+from pagedllm.structured_output.params import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
 # torch.Generator.manual_seed takes any integer in this range (negatives as their two's complement)
 SEED_MIN, SEED_END = -2**63, 2**64
@@ -32,6 +34,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None   # only these may be sampled
     bad_words: list[str] | None = None           # never generated (tokenized by the engine)
     truncate_prompt_tokens: int | None = None    # keep the prompt's last k tokens; -1 = max_model_len
+    structured_outputs: StructuredOutputsParams | None = None   # JSON schema, regex, choice, grammar, ...
     # Filled by the engine from the tokenizer / generation config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
@@ -49,6 +52,8 @@ class SamplingParams:
             value = getattr(self, name)
             _require(value is None or isinstance(value, (list, tuple, set)), name, "None or a list", value)
             setattr(self, name, None if value is None else list(value))
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         self._validate()
 
     def _validate(self):
