@@ -43,8 +43,10 @@ class InputProcessor:
                    config.block_size, num_blocks, config.enable_prefix_caching, config.max_num_seqs)
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                arrival_time: float | None = None) -> ProcessedRequest:
-        """Raises ValueError, naming the field and the limit, for a request that can never run."""
+                arrival_time: float | None = None, cache_salt: str | None = None) -> ProcessedRequest:
+        """Raises ValueError, naming the field and the limit, for a request that can never run.
+        cache_salt: only requests of the same salt share blocks (beam search: the beams of one search, even
+        with prefix caching off); None: the engine's rule below."""
         if self.max_num_seqs is not None and params.n > self.max_num_seqs:   # before any per-sequence work
             raise ValueError(f"SamplingParams.n must be at most max_num_seqs ({self.max_num_seqs}), got {params.n}")
         text = prompt if isinstance(prompt, str) else None
@@ -60,7 +62,7 @@ class InputProcessor:
             bad_words_token_ids=self._bad_words_ids(params.bad_words))
         arrival_time = time.time() if arrival_time is None else arrival_time
         # Prefix caching off: a salt keeps other requests out of this one's blocks, but not its n siblings.
-        salt = None if self.enable_prefix_caching else request_id
+        salt = cache_salt if cache_salt is not None else None if self.enable_prefix_caching else request_id
         core_requests = []
         for i in range(params.n):
             # Siblings share the prompt's blocks through the block hashes; seeded siblings differ by index
