@@ -115,7 +115,7 @@ class AsyncLLM:
         self._check_alive()
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self._check_queue_bound(params.n)
+        self._check_queue_bound(params.num_sequences)
         req = self.input_processor.process(request_id, prompt, params)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
@@ -131,7 +131,7 @@ class AsyncLLM:
         if bound is None:
             return
         if n > bound:
-            raise ValueError(f"SamplingParams.n must be at most max_waiting_queue_length ({bound}) on this "
+            raise ValueError(f"SamplingParams.n (best_of when set) must be at most max_waiting_queue_length ({bound}) on this "
                              f"server, got {n}")
         if len(self._unscheduled) + n > bound:
             raise QueueFullError(f"{len(self._unscheduled)} sequences are waiting and this request adds {n}: "

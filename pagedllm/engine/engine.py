@@ -83,7 +83,8 @@ class Engine:
                     kind: OutputKind = OutputKind.FINAL, arrival_time: float | None = None,
                     cache_salt: str | None = None):
         """Validates and queues a request; a request that can never run is a ValueError here."""
-        child_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
+        num_seqs = params.num_sequences
+        child_ids = [child_request_id(request_id, i, num_seqs) for i in range(num_seqs)]
         if (request_id in self.output_processor.parents
                 or any(c in self.core.scheduler.requests for c in child_ids)):
             raise ValueError(f"request_id {request_id!r} is already in use")
