@@ -184,3 +184,9 @@ def run_beam_search(instances: list[BeamSearchInstance], expand: Callable[[list[
 def unshared_blocks(instances: list[BeamSearchInstance], block_size: int) -> int:
     """Blocks this step's beam requests would hold with no sharing: each beam its own ceil(len / block_size)."""
     return sum(-(-len(p) // block_size) for inst in instances if not inst.done for p in inst.beam_prompts())
+
+
+def beam_cache_salt(search_id: str, enable_prefix_caching: bool) -> str | None:
+    """Beams share blocks through their hashes: with prefix caching on, as every request does (None); off,
+    through a salt of their own search, which no other request shares."""
+    return None if enable_prefix_caching else f"beam-{search_id}"

@@ -5,8 +5,9 @@ import time
 
 from tqdm.auto import tqdm
 
-from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSearchParams, check_length,
-                                  finish_text, run_beam_search, step_sampling_params, unshared_blocks)
+from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSearchParams, beam_cache_salt,
+                                  check_length, finish_text, run_beam_search, step_sampling_params,
+                                  unshared_blocks)
 from pagedllm.chat_template import render_chat
 from pagedllm.config import DEMO_MODEL, EngineConfig
 from pagedllm.engine.engine import Engine
@@ -69,14 +70,15 @@ class LLM:
             ids = engine.tokenizer.encode(value) if isinstance(value, str) else list(value)
             check_length(len(ids), params, engine.max_model_len)
             instances.append(BeamSearchInstance(ids, params, eos))
-        salt = f"beam-{next(self._ids)}"   # the beams of this search share blocks, prefix caching on or off
+        search_id = f"beam-{next(self._ids)}"
+        salt = beam_cache_salt(search_id, engine.config.enable_prefix_caching)
         engine.reset_peak_stats()
         unshared = 0
 
         def expand(beam_prompts: list[list[int]]):
             nonlocal unshared
             unshared = max(unshared, unshared_blocks(instances, engine.config.block_size))
-            return self._expand(beam_prompts, step_params, salt)
+            return self._expand(beam_prompts, step_params, search_id, salt)
         run_beam_search(instances, expand)
         self.last_beam_search_blocks = (engine.get_stats().peak_blocks, unshared)
         decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
@@ -88,9 +90,9 @@ class LLM:
             outputs.append(BeamSearchOutput(seqs))
         return outputs
 
-    def _expand(self, beam_prompts: list[list[int]], params: SamplingParams, salt: str):
+    def _expand(self, beam_prompts: list[list[int]], params: SamplingParams, search_id: str, salt: str | None):
         """One engine batch of 1-token requests: each beam prompt's top logprobs."""
-        ids = [f"{salt}-{next(self._ids)}" for _ in beam_prompts]
+        ids = [f"{search_id}-{next(self._ids)}" for _ in beam_prompts]
         try:
             for rid, prompt in zip(ids, beam_prompts):
                 self.engine.add_request(rid, prompt, params, OutputKind.FINAL, cache_salt=salt)
