@@ -60,13 +60,16 @@ class LLM:
     def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search, with transformers' selection rules (pagedllm/beam_search.py). Each step
         runs every live beam of every prompt as one batch of 1-token requests; beams share their prefix's
-        full blocks. `self.last_beam_search_blocks`: (peak KV blocks in use, peak blocks without sharing)."""
+        full blocks. `self.last_beam_search_blocks`: (peak KV blocks in use, peak blocks without sharing); the
+        engine's peak KV figures (get_stats) restart at each call."""
         engine = self.engine
         eos = engine.input_processor.eos_token_ids
         step_params = step_sampling_params(params, len(eos))
         instances = []
         for prompt in _as_prompt_list(prompts):
             value = _prompt_value(prompt)
+            if isinstance(value, str) and engine.tokenizer is None:
+                raise ValueError("prompt must be token ids when skip_tokenizer_init is set, got text")
             ids = engine.tokenizer.encode(value) if isinstance(value, str) else list(value)
             check_length(len(ids), params, engine.max_model_len)
             instances.append(BeamSearchInstance(ids, params, eos))

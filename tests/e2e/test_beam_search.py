@@ -70,6 +70,7 @@ def check(models, name, k, lp, ignore_eos=False):
     d, model, llm = models[name]
     params = BeamSearchParams(beam_width=k, max_tokens=MAX_NEW, length_penalty=lp, ignore_eos=ignore_eos)
     outputs = llm.beam_search(PROMPTS, params)   # all prompts batched
+    assert llm.engine.get_stats().peak_running > k   # one engine step ran the beams of several prompts
     finished_by_eos = 0
     for prompt, out in zip(PROMPTS, outputs):
         ref_ids, ref_scores = hf_beams(model, prompt, k, lp, ignore_eos)
