@@ -106,7 +106,7 @@ class BeamSearchInstance:
         candidates.sort(key=lambda c: -c.score)    # stable: ties keep beam order, then logprob order
         candidates = candidates[:self.num_candidates]
         hits = [c.token in self.eos_token_ids or t >= self.params.max_tokens for c in candidates]
-        self.running = [_extend(c) for c, hit in zip(candidates, hits) if not hit][:k]
+        self.running = [_extend(c) for c in [c for c, hit in zip(candidates, hits) if not hit][:k]]
         if self.improvable:
             new = [(c.score / t ** lp, _extend(c)) for c, hit in zip(candidates[:k], hits[:k]) if hit]
             self.finished = sorted(self.finished + new, key=lambda f: -f[0])[:k]
@@ -146,7 +146,7 @@ def step_sampling_params(params: BeamSearchParams, num_eos: int) -> SamplingPara
     """The 1-token request of one beam for one step."""
     num = candidates_per_step(params, num_eos)
     if num > MAX_LOGPROBS:
-        raise ValueError(f"BeamSearchParams.beam_width must be at most {MAX_LOGPROBS // max(2, 1 + num_eos)} "
+        raise ValueError(f"BeamSearchParams.beam_width must be at most {MAX_LOGPROBS // (num // params.beam_width)} "
                          f"(each step asks for {num} top logprobs per beam, at most {MAX_LOGPROBS}), "
                          f"got {params.beam_width}")
     return SamplingParams(max_tokens=1, logprobs=num, temperature=params.temperature, ignore_eos=True,
