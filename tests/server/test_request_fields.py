@@ -65,9 +65,6 @@ def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
 
 
 @pytest.mark.parametrize("path,body,param", [
-    (COMPLETIONS, {"use_beam_search": True}, "use_beam_search"),
-    (COMPLETIONS, {"best_of": 3}, "best_of"),
-    (COMPLETIONS, {"length_penalty": 0.5}, "length_penalty"),
     (COMPLETIONS, {"response_format": {"type": "json_object"}}, "response_format"),
     (COMPLETIONS, {"guided_regex": "[a-z]+"}, "guided_regex"),
     (COMPLETIONS, {"guided_choice": ["yes", "no"]}, "guided_choice"),
