@@ -31,7 +31,7 @@ class BeamSearchParams:
     beam_width: int
     max_tokens: int
     ignore_eos: bool = False
-    temperature: float = 0.0     # the 1-token requests' temperature; beams are chosen on the raw logprobs
+    temperature: float = 0.0     # vLLM's field; only 0: beams are chosen by the model's logprobs
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
 
@@ -44,7 +44,11 @@ class BeamSearchParams:
         if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool) \
                 or self.length_penalty != self.length_penalty or abs(self.length_penalty) == float("inf"):
             raise ValueError(f"BeamSearchParams.length_penalty must be a finite number, got {self.length_penalty!r}")
-        SamplingParams(temperature=self.temperature)   # the same check as a request's temperature
+        # Beams are chosen by the model's own logprobs (transformers' and vLLM v1's): a temperature would
+        # change nothing, so only 0 is accepted rather than silently ignored.
+        if self.temperature != 0:
+            raise ValueError(f"BeamSearchParams.temperature must be 0 (beams are chosen by the model's "
+                             f"logprobs), got {self.temperature!r}")
 
 
 @dataclass
@@ -149,7 +153,7 @@ def step_sampling_params(params: BeamSearchParams, num_eos: int) -> SamplingPara
         raise ValueError(f"BeamSearchParams.beam_width must be at most {MAX_LOGPROBS // (num // params.beam_width)} "
                          f"(each step asks for {num} top logprobs per beam, at most {MAX_LOGPROBS}), "
                          f"got {params.beam_width}")
-    return SamplingParams(max_tokens=1, logprobs=num, temperature=params.temperature, ignore_eos=True,
+    return SamplingParams(max_tokens=1, logprobs=num, temperature=0.0, ignore_eos=True,
                           detokenize=False)
 
 
