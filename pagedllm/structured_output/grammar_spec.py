@@ -71,6 +71,7 @@ def _json(p: StructuredOutputsParams):
         raise ValueError(f"{FIELD}.json must be a JSON schema object, got {type(schema).__name__}")
     if p.disable_additional_properties:
         schema = no_additional_properties(schema)
+    schema = json_safe_lengths(schema)
     return xgr.Grammar.from_json_schema(schema, any_whitespace=not p.disable_any_whitespace)
 
 
@@ -125,28 +126,45 @@ _SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "co
                "unevaluatedProperties", "unevaluatedItems", "additionalItems")
 
 
-def no_additional_properties(schema):
-    """A copy of schema with additionalProperties false on every object schema that leaves it unset
-    (vLLM's disable_additional_properties). Walks only the keywords that hold schemas."""
+def map_schemas(schema, fn):
+    """A copy of schema with fn applied to it and to every schema inside it (only keywords that hold schemas:
+    a property named "properties" is a name, not a keyword)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for key in _SCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: no_additional_properties(s) for name, s in out[key].items()}
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [no_additional_properties(s) for s in out[key]]
-    for key in _SUBSCHEMAS:
+            out[key] = {name: map_schemas(s, fn) for name, s in out[key].items()}
+    for key in _SCHEMA_LISTS + _SUBSCHEMAS:
         value = out.get(key)
-        out[key] = [no_additional_properties(s) for s in value] if isinstance(value, list) else \
-            no_additional_properties(value) if isinstance(value, dict) else value
-    for key in _SUBSCHEMAS:
-        if key not in schema:
-            out.pop(key)
-    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
+        if isinstance(value, list):
+            out[key] = [map_schemas(s, fn) for s in value]
+        elif isinstance(value, dict):
+            out[key] = map_schemas(value, fn)
+    return fn(out)
+
+
+def no_additional_properties(schema):
+    """vLLM's disable_additional_properties: additionalProperties false on every object schema leaving it unset."""
+    def close(s: dict) -> dict:
+        if (s.get("type") == "object" or "properties" in s) and "additionalProperties" not in s:
+            s["additionalProperties"] = False
+        return s
+    return map_schemas(schema, close)
+
+
+def json_safe_lengths(schema):
+    """xgrammar 0.2.9 writes a string with minLength/maxLength as [^"\\\r\n]{min,max}, which lets raw control
+    characters in: invalid JSON. The same bounds as a pattern over JSON's unescaped characters keep it valid."""
+    def bound(s: dict) -> dict:
+        if s.get("type") != "string" or "pattern" in s or "format" in s:
+            return s
+        if "minLength" not in s and "maxLength" not in s:
+            return s
+        low, high = s.pop("minLength", 0), s.pop("maxLength", "")
+        s["pattern"] = f'^[^"\\\\\\x00-\\x1f]{{{low},{high}}}$'
+        return s
+    return map_schemas(schema, bound)
 
 
 def _first_line(e: Exception) -> str:
