@@ -90,8 +90,9 @@ def install_error_handlers(app: FastAPI):
 
     @app.exception_handler(EngineGenerateError)
     async def _engine_generate(_: Request, e: EngineGenerateError):   # this request only: the server lives on
-        status = getattr(e, "status", 500)   # 400: the request's own fault (a constraint that did not compile)
-        return error_response(status, str(e), code="invalid_value" if status == 400 else "engine_error")
+        if e.status == 400:   # the request's own fault; serving.client_error names the field it came from
+            return error_response(400, str(e), "structured_outputs", "invalid_structured_output")
+        return error_response(500, str(e), code="engine_error")
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, e: HTTPException):

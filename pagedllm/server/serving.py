@@ -137,8 +137,8 @@ async def final_outputs(streams: list[AsyncIterator[RequestOutput]], param: str 
 def client_error(e: EngineGenerateError, param: str | None) -> Exception:
     """The engine's failure of a request the client caused (status 400: a constraint that did not compile, or
     not within the time limit) as a 400 naming the field that set it; any other stays a 500."""
-    if getattr(e, "status", 500) == 400:
-        return APIError(400, str(e), param, "invalid_value")
+    if e.status == 400:
+        return APIError(400, str(e), param or "structured_outputs", "invalid_structured_output")
     return e
 
 

@@ -24,9 +24,7 @@ class Connected:
 
 
 def compile_failure() -> EngineGenerateError:
-    e = EngineGenerateError("the grammar did not compile in 5 s")
-    e.status = 400
-    return e
+    return EngineGenerateError("the grammar did not compile in 5 s", status=400)
 
 
 async def failing(error):
