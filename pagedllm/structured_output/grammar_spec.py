@@ -154,17 +154,23 @@ def no_additional_properties(schema):
 
 
 def json_safe_lengths(schema):
-    """xgrammar 0.2.9 writes a string with minLength/maxLength as [^"\\\r\n]{min,max}, which lets raw control
-    characters in: invalid JSON. The same bounds as a pattern over JSON's unescaped characters keep it valid."""
+    """xgrammar 0.2.9 writes a string with minLength/maxLength as "any character but quote, backslash, CR, LF"
+    {min,max}: raw control characters get in (invalid JSON), and so do UTF-8 byte sequences of surrogates and
+    overlong forms (text that decodes to U+FFFD, more characters than maxLength). The same bounds as a pattern
+    over the characters JSON allows unescaped, named as code point ranges, keep the string valid."""
     def bound(s: dict) -> dict:
         if s.get("type") != "string" or "pattern" in s or "format" in s:
             return s
         if "minLength" not in s and "maxLength" not in s:
             return s
         low, high = s.pop("minLength", 0), s.pop("maxLength", "")
-        s["pattern"] = f'^[^"\\\\\\x00-\\x1f]{{{low},{high}}}$'
+        s["pattern"] = f"^{JSON_STRING_CHAR}{{{low},{high}}}$"
         return s
     return map_schemas(schema, bound)
+
+
+# A character JSON takes unescaped: U+0020..U+10FFFF but the quote, the backslash and the surrogates.
+JSON_STRING_CHAR = r"[ !#-\[\]-\uD7FF\uE000-\U0010FFFF]"
 
 
 def _first_line(e: Exception) -> str:

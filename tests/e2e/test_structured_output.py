@@ -17,17 +17,21 @@ from structured_output_schemas import CHECKERS, CHOICES, GRAMMARS, REGEXES, SCHE
 
 SEEDS = range(5)
 MAX_TOKENS = 128
-MIN_STOP_FRACTION = 0.6   # of constrained requests; measured on both models: see the test's message
+MIN_STOP_FRACTION = 0.8   # of constrained requests; measured: demo 240/260, tiny random 259/260
 FREE_PROMPTS = ["Once upon a time", "The little dog", "Tom and Lily went"]
 PROMPT = "Here is the answer:"
+ANY_WHITESPACE = ("string", "enum_mixed", "flat_object", "array_bounds", "one_of")
 
 
 def _cases() -> list[tuple[str, dict, object]]:
-    """(name, structured_outputs, check(text) -> bool)."""
-    cases = [(f"json:{name}", {"json": schema}, _json_checker(schema)) for name, schema in SCHEMAS.items()]
+    """(name, structured_outputs, check(text) -> bool). JSON without any whitespace between tokens: the demo model,
+    trained on stories, fills any room for whitespace with newlines until max_tokens (as small real models do:
+    vLLM's reason for disable_any_whitespace); a few schemas also run with any whitespace."""
+    cases = [(f"json:{name}", {"json": schema, "disable_any_whitespace": True}, _json_checker(schema, compact=True))
+             for name, schema in SCHEMAS.items()]
+    cases += [(f"json_any_ws:{name}", {"json": SCHEMAS[name]}, _json_checker(SCHEMAS[name]))
+              for name in ANY_WHITESPACE]
     cases.append(("json_object", {"json_object": True}, lambda t: isinstance(json.loads(t), dict)))
-    cases.append(("json:compact", {"json": SCHEMAS["flat_object"], "disable_any_whitespace": True},
-                  lambda t: _json_checker(SCHEMAS["flat_object"])(t) and "\n" not in t and "\t" not in t))
     cases += [(f"regex:{name}", {"regex": rx}, lambda t, rx=rx: re.fullmatch(rx, t) is not None)
               for name, rx in REGEXES.items()]
     cases += [(f"choice:{name}", {"choice": c}, lambda t, c=c: t in c) for name, c in CHOICES.items()]
@@ -35,10 +39,10 @@ def _cases() -> list[tuple[str, dict, object]]:
     return cases
 
 
-def _json_checker(schema: dict):
+def _json_checker(schema: dict, compact: bool = False):
     def check(text: str) -> bool:
         jsonschema.validate(json.loads(text), schema)   # formats are not checked (jsonschema's default)
-        return True
+        return not compact or not re.search(r"[\n\t\r]", text)   # raw ones: only whitespace (JSON escapes them)
     return check
 
 

@@ -80,9 +80,13 @@ def test_disable_additional_properties():
 
 
 def test_bounded_strings_stay_valid_json(compiler):
-    """xgrammar 0.2.9 lets raw control characters into strings with maxLength; build_grammar keeps them out."""
+    """xgrammar 0.2.9 lets raw control characters and non-UTF-8 bytes into strings with maxLength; build_grammar
+    keeps them out."""
     schema = {"type": "string", "minLength": 1, "maxLength": 3}
     assert not accepts(compiler, P(json=schema), '"a\x01"')
+    for raw in (b'"\xed\xa0\x80"', b'"\xe0\x80\x80"'):   # a surrogate, an overlong NUL: not UTF-8 text
+        assert not accepts(compiler, P(json=schema), raw)
+    assert accepts(compiler, P(json=schema), '"日本"')
     assert accepts(compiler, P(json=schema), '"abc"')
     assert not accepts(compiler, P(json=schema), '"abcd"')
     assert json_safe_lengths({"type": "string", "pattern": "x"}) == {"type": "string", "pattern": "x"}
