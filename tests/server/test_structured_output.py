@@ -2,17 +2,22 @@
 extra_body structured_outputs and guided_*) gives the offline answer under the same constraint, streamed or not;
 a bad constraint or two at once is a 400 naming the field, streamed or not, and the server runs on."""
 import json
+import time
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from server.server_utils import MODEL_NAME, wait_all_blocks_free
+from concurrent.futures import ThreadPoolExecutor
+
+from server.server_utils import MODEL_NAME, start_server, stop_server, wait_all_blocks_free, wait_healthy
 
 from pagedllm import SamplingParams
 
 SCHEMA = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}, "n": {
     "type": "integer", "minimum": 0, "maximum": 9}}, "required": ["colour", "n"]}
+SLOW_SCHEMA = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": i + 1} for i in range(30)},
+               "required": [f"p{i}" for i in range(30)]}
 MESSAGES = [{"role": "user", "content": "Pick a colour."}]
 KW = dict(model=MODEL_NAME, max_tokens=64, temperature=1.0)
 
@@ -91,3 +96,40 @@ def test_bad_constraints_are_400_naming_the_field(client, server, body, param, s
     wait_all_blocks_free(server)
     ok = client.chat.completions.create(messages=MESSAGES, extra_body={"guided_choice": ["a", "b"]}, **KW)
     assert ok.choices[0].message.content in ("a", "b")
+
+
+def test_a_compile_past_its_time_limit_is_a_400_while_other_requests_stream(tiny_model_dirs, tmp_path):
+    """A 1 ms compile limit: the first constraint waits for the tokenizer's grammar info (well over 1 ms), and a
+    30-property schema takes ~10 ms to compile, so the engine fails them; each comes back as a 400 naming the
+    field sent (streamed: before the status line), and a plain stream sent with them runs to the end."""
+    server = start_server(tiny_model_dirs["llama"], str(tmp_path / "serve.log"), None,
+                          "--structured-outputs-compile-timeout", "0.001")
+    try:
+        wait_healthy(server)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+        def constrained(stream: bool, extra: dict):
+            try:
+                out = client.completions.create(prompt="Once", stream=stream, extra_body=extra, **KW)
+                return list(out) if stream else out
+            except openai.BadRequestError as e:
+                return e
+
+        def plain():
+            return "".join(c.choices[0].text for c in client.completions.create(
+                prompt="Once upon a time", stream=True, **{**KW, "temperature": 0.0}))
+
+        with ThreadPoolExecutor(3) as pool:
+            free = pool.submit(plain)
+            time.sleep(0.05)
+            streamed = pool.submit(constrained, True, {"guided_regex": "[a-z]{1,3}"})
+            streamed.result(timeout=60)
+            full = pool.submit(constrained, False, {"structured_outputs": {"json": SLOW_SCHEMA}})
+            for future, param in ((streamed, "guided_regex"), (full, "structured_outputs")):
+                e = future.result(timeout=60)
+                assert isinstance(e, openai.BadRequestError), e
+                assert e.body["param"] == param and e.body["code"] == "invalid_structured_output", e.body
+                assert "compile" in e.body["message"], e.body
+            assert len(free.result(timeout=60)) > 0
+    finally:
+        stop_server(server)
