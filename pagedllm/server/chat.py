@@ -41,8 +41,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.check_context_length(len(kept), max_tokens, "messages", max_tokens_param)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
-    params = req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                    req.prompt_logprobs, defaults=ctx.engine.default_sampling_params)
+    params = (req.to_beam_search_params(max_tokens, ctx.engine.max_model_len) if req.use_beam_search else
+              req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                     req.prompt_logprobs, defaults=ctx.engine.default_sampling_params))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL

@@ -15,10 +15,12 @@ from json.encoder import encode_basestring_ascii
 from fastapi import Request
 from fastapi.responses import Response
 
+from pagedllm.beam_search import BeamSearchParams
 from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.server.beam_search import beam_search_stream, check_beam_search
 from pagedllm.server.errors import APIError, shorten
 
 DONE = "data: [DONE]\n\n"
@@ -70,9 +72,14 @@ class ServingContext:
                            param, "context_length_exceeded")
 
 
-def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]], params: SamplingParams,
+def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]],
+                 params: SamplingParams | BeamSearchParams,
                  kind: OutputKind) -> tuple[list[AsyncIterator[RequestOutput]], list[str]]:
-    """All prompts or none: when one is refused, the ones already added are aborted."""
+    """All prompts or none: when one is refused, the ones already added are aborted. BeamSearchParams: one
+    beam search per prompt, each a stream of one final output (its step requests are its own to abort)."""
+    if isinstance(params, BeamSearchParams):
+        check_beam_search(engine, params)
+        return [beam_search_stream(engine, f"{request_id}-{i}", p, params) for i, p in enumerate(prompts)], []
     streams, ids = [], []
     try:
         for i, prompt_ids in enumerate(prompts):

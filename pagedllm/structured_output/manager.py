@@ -91,6 +91,3 @@ class StructuredOutputManager:
         self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], self._bitmask,
                                                   [j for j, _ in rows])
         return self._bitmask
-
-    def shutdown(self):
-        self.pool.shutdown()

@@ -66,9 +66,6 @@ def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
 
 
 @pytest.mark.parametrize("path,body,param", [
-    (COMPLETIONS, {"use_beam_search": True}, "use_beam_search"),
-    (COMPLETIONS, {"best_of": 3}, "best_of"),
-    (COMPLETIONS, {"length_penalty": 0.5}, "length_penalty"),
     (COMPLETIONS, {"suffix": "the end"}, "suffix"),
     (COMPLETIONS, {"priority": 1}, "priority"),
     (CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
