@@ -16,8 +16,8 @@ from pagedllm import SamplingParams
 
 SCHEMA = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}, "n": {
     "type": "integer", "minimum": 0, "maximum": 9}}, "required": ["colour", "n"]}
-SLOW_SCHEMA = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": i + 1} for i in range(30)},
-               "required": [f"p{i}" for i in range(30)]}
+SLOW_SCHEMA = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": i + 1} for i in range(60)},
+               "required": [f"p{i}" for i in range(60)]}   # ~25 ms to compile for a 512-token vocabulary
 MESSAGES = [{"role": "user", "content": "Pick a colour."}]
 KW = dict(model=MODEL_NAME, max_tokens=64, temperature=1.0)
 
@@ -100,8 +100,9 @@ def test_bad_constraints_are_400_naming_the_field(client, server, body, param, s
 
 def test_a_compile_past_its_time_limit_is_a_400_while_other_requests_stream(tiny_model_dirs, tmp_path):
     """A 1 ms compile limit: the first constraint waits for the tokenizer's grammar info (well over 1 ms), and a
-    30-property schema takes ~10 ms to compile, so the engine fails them; each comes back as a 400 naming the
-    field sent (streamed: before the status line), and a plain stream sent with them runs to the end."""
+    60-property schema takes longer too, so the engine fails them; each comes back as a 400 naming the field sent
+    (streamed: before the status line), and a plain stream sent with them runs to the end. The engine checks the
+    limit at its steps (a compile done before the check is taken), so the plain stream keeps it stepping."""
     server = start_server(tiny_model_dirs["llama"], str(tmp_path / "serve.log"), None,
                           "--structured-outputs-compile-timeout", "0.001")
     try:
@@ -117,7 +118,8 @@ def test_a_compile_past_its_time_limit_is_a_400_while_other_requests_stream(tiny
 
         def plain():
             return "".join(c.choices[0].text for c in client.completions.create(
-                prompt="Once upon a time", stream=True, **{**KW, "temperature": 0.0}))
+                prompt="Once upon a time", stream=True, extra_body={"ignore_eos": True},
+                **{**KW, "temperature": 0.0, "max_tokens": 400}))
 
         with ThreadPoolExecutor(3) as pool:
             free = pool.submit(plain)
