@@ -12,6 +12,7 @@ from pagedllm.engine.core import EngineCoreRequest
 from pagedllm.engine.output_processor import child_request_id
 from pagedllm.engine.tokenizer import load_eos_token_ids
 from pagedllm.sampling_params import SEED_END, SamplingParams
+from pagedllm.structured_output.grammar_spec import validate as validate_structured_outputs
 
 
 @dataclass
@@ -57,6 +58,8 @@ class InputProcessor:
             params = _without_tokenizer(prompt, params)
         prompt_ids = truncate_prompt(self._prompt_ids(prompt), params.truncate_prompt_tokens, self.max_model_len)
         params.validate_vocab(self.vocab_size)
+        if params.structured_outputs is not None:   # a bad schema, regex or grammar: refused now, offline too
+            validate_structured_outputs(params.structured_outputs)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
         eos = set() if params.ignore_eos else self.eos_token_ids
         params = dataclasses.replace(

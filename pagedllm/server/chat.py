@@ -3,7 +3,7 @@ import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from pagedllm import chat_template
 from pagedllm.engine.input_processor import truncate_prompt
@@ -13,7 +13,8 @@ from pagedllm.server.completions import prompt_logprobs_json
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
 from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, json_str, json_value,
-                                     merge, sse, sse_prefix, sse_stream, until_disconnect, usage)
+                                     merge, open_stream, sse, sse_prefix, sse_stream, until_disconnect, usage)
+from pagedllm.server.structured_fields import constraint_field
 
 
 def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
@@ -48,14 +49,17 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind)
     if req.stream:
-        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, response_id, len(prompt_ids), streams)),
+        outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))
+        if isinstance(outputs, Response):   # the client left
+            return outputs
+        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, response_id, len(prompt_ids), outputs)),
                                  media_type="text/event-stream")
     return await until_disconnect(raw_request, _full(ctx, req, response_id, streams, ids))
 
 
 async def _full(ctx, req: ChatCompletionRequest, request_id: str, streams, ids) -> dict:
     try:
-        [out] = await final_outputs(streams)
+        [out] = await final_outputs(streams, constraint_field(req))
     finally:
         abort_all(ctx.engine, ids)
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -69,14 +73,14 @@ async def _full(ctx, req: ChatCompletionRequest, request_id: str, streams, ids) 
     return response
 
 
-async def _stream(ctx, req: ChatCompletionRequest, request_id: str, num_prompt: int, streams):
+async def _stream(ctx, req: ChatCompletionRequest, request_id: str, num_prompt: int, outputs):
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": ctx.model_name}
     prefix, num_completion = sse_prefix(head), 0
     for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
-    async for _, out in merge(streams):
+    async for _, out in outputs:
         for c in out.outputs:
             num_completion += len(c.token_ids)
             # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": ...,

@@ -4,9 +4,10 @@ Every field a request may carry is declared here, with OpenAI's and vLLM's names
 - honoured: it changes the output as OpenAI/vLLM define it (SamplingParams fields, chat template options);
 - a documented no-op: it cannot change the output (_NO_OPS below; README's Serve section lists them);
 - accepted only at its neutral value (one that changes nothing, as vLLM accepts), any other value a 400 naming
-  the field: features not implemented yet (structured output, tools), see `unsupported`.
+  the field: features not implemented yet (tools), see `unsupported`.
 Beam search (use_beam_search, n = beam width, length_penalty) takes BeamSearchParams' fields only: a sampling
 field it would not use is a 400 naming it (`_check_beam_search`).
+Structured output fields (response_format, structured_outputs, guided_*) are read by structured_fields.py.
 A field not declared is a 400 naming it ("Unrecognized request argument supplied: ..."), as OpenAI's.
 Types are checked here; values by SamplingParams and the engine, which name the field and the limit.
 Responses are plain dicts built in completions.py/chat.py.
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.errors import APIError, shorten
+from pagedllm.server.structured_fields import constraint_field, structured_outputs
 
 # Accepted and without effect on the output (OpenAI's and vLLM's bookkeeping fields):
 #   user, metadata, store, service_tier, safety_identifier, prompt_cache_key: the client's labels;
@@ -33,9 +35,6 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "s
                     "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "best_of")
 # What beam search uses besides n, max_tokens and length_penalty (vLLM's BeamSearchParams).
 _BEAM_FIELDS = ("temperature", "ignore_eos", "include_stop_str_in_output")
-
-_GUIDED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-           "guided_decoding_backend", "guided_whitespace_pattern")
 
 
 class _Strict(BaseModel):
@@ -99,7 +98,7 @@ class _SamplingRequest(_Request):
     use_beam_search: bool = False
     best_of: int | None = None
     length_penalty: float = 1.0
-    # Not implemented yet: accepted only at their neutral values (unsupported()).
+    # Structured output (structured_fields.py): at most one constraint.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -107,7 +106,8 @@ class _SamplingRequest(_Request):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
-    guided_whitespace_pattern: str | None = None
+    guided_whitespace_pattern: str | None = None    # only null: xgrammar takes no whitespace pattern
+    # Not implemented yet: accepted only at their neutral values (unsupported()).
     spaces_between_special_tokens: bool = True
     priority: int = 0
     # Documented no-ops (_NO_OPS).
@@ -127,10 +127,7 @@ class _SamplingRequest(_Request):
         return self
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
-        structured = "structured output"
-        return [("response_format", self.response_format in (None, {"type": "text"}), structured),
-                *[(name, getattr(self, name) is None, structured) for name in _GUIDED],
-                ("spaces_between_special_tokens", self.spaces_between_special_tokens, "detokenizer option"),
+        return [("spaces_between_special_tokens", self.spaces_between_special_tokens, "detokenizer option"),
                 ("priority", self.priority == 0, "priority scheduling")]
 
     @model_validator(mode="after")
@@ -141,8 +138,8 @@ class _SamplingRequest(_Request):
                                "invalid_value")
             return self
         unused = [*(f for f in _SAMPLING_FIELDS if f not in _BEAM_FIELDS), "logprobs", "top_logprobs",
-                  "prompt_logprobs", *_GUIDED, "response_format"]
-        for name in unused:
+                  "prompt_logprobs", constraint_field(self)]
+        for name in filter(None, unused):
             if getattr(self, name, None) not in (None, False):
                 raise APIError(400, f"{name} is not used by beam search (use_beam_search takes n as the beam "
                                     f"width, max_tokens, temperature, ignore_eos, include_stop_str_in_output "
@@ -166,8 +163,10 @@ class _SamplingRequest(_Request):
         """The fields the client set, over `defaults` (the generation config's), over SamplingParams' own;
         invalid values raise ValueError naming the field."""
         given = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
+        constraint, _ = structured_outputs(self)
         return SamplingParams(**{**(defaults or {}), **given, "n": self.n, "max_tokens": max_tokens,
-                                 "logprobs": logprobs, "prompt_logprobs": prompt_logprobs})
+                                 "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
+                                 "structured_outputs": constraint})
 
 
 class CompletionRequest(_SamplingRequest):
