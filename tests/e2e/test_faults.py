@@ -25,8 +25,8 @@ def inject_bad_seed(input_processor, request_id: str):
     making its generator, inside the engine core."""
     process = input_processor.process
 
-    def process_then_break(rid, *args):
-        req = process(rid, *args)
+    def process_then_break(rid, *args, **kwargs):
+        req = process(rid, *args, **kwargs)
         for r in req.core_requests if rid == request_id else []:
             object.__setattr__(r.sampling_params, "seed", 2**70)
         return req
