@@ -3,7 +3,7 @@
 Compiling a JSON schema against a 150k-token vocabulary takes 0.01 s to minutes (vLLM #54003: a nested oneOf).
 xgrammar releases the GIL while it compiles, so worker threads of the engine core compile while its step loop
 runs on; a request waits for its grammar in the waiting queue (the scheduler skips it) and the batch goes on.
-A compile that raises, or is not done `timeout` seconds after it was asked for, fails the requests that
+A compile that raises, or is not done `timeout` seconds after it started, fails the requests that
 wait for it (a client error: the constraint is the request's own); a timed-out compile keeps its worker busy
 until xgrammar returns (a thread cannot be stopped), but its result is cached like any other.
 """
@@ -71,13 +71,14 @@ class GrammarCompilePool:
         while True:
             params, future = self._jobs.get()
             try:
-                future.set_result(self._compile(params))
+                future.set_result(self._compile(params, future))
             except BaseException as e:   # the future carries it to the requests that wait
                 future.set_exception(e)
 
-    def _compile(self, params: StructuredOutputsParams):
-        start = time.perf_counter()
+    def _compile(self, params: StructuredOutputsParams, future: Future):
         compiler = self._get_compiler()
+        start = time.perf_counter()
+        future.started = time.monotonic()   # the time limit counts from here (manager.compile_deadline)
         try:
             compiled = compile_constraint(compiler, params)
         except Exception as e:   # xgrammar raises RuntimeError / ValueError / its own types on bad input

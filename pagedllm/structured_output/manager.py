@@ -22,7 +22,6 @@ class RequestGrammar:
     def __init__(self, future: Future, kind: str, timeout: float):
         self.future = future
         self.kind = kind
-        self.deadline = time.monotonic() + timeout
         self.timeout = timeout
         self.matcher = None       # once compiled
         self.error: str | None = None
@@ -39,7 +38,7 @@ class RequestGrammar:
                 self.matcher = xgr.GrammarMatcher(self.future.result())
                 return True
             self.error = str(e) if isinstance(e, ValueError) else f"structured_outputs.{self.kind}: {e!r}"
-        elif self.error is None and time.monotonic() > self.deadline:
+        elif self.error is None and time.monotonic() > compile_deadline(self.future, self.timeout):
             self.error = (f"structured_outputs.{self.kind} took longer than the time limit to compile "
                           f"({self.timeout:g} s, --structured-outputs-compile-timeout)")
         return False
@@ -65,6 +64,14 @@ class BitmaskStats:
         self.num_steps += 1
         self.fill_seconds += seconds
         self.num_hidden += forward_done is not None and not forward_done.query()
+
+
+def compile_deadline(future: Future, timeout: float) -> float:
+    """The limit counts from the compile's start (GrammarCompilePool sets `started`): the engine's one-time
+    set-up (xgrammar's import, the tokenizer's info) and a queue behind other compiles are not the constraint's
+    fault. Not started yet: no deadline."""
+    started = getattr(future, "started", None)
+    return float("inf") if started is None else started + timeout
 
 
 class StructuredOutputManager:
