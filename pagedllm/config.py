@@ -64,6 +64,10 @@ class EngineConfig:
     kv_disk_dir: str | None = _f(None, "directory of the disk tier of the prefix cache (below the CPU tier, LRU); "
                                        "it survives restarts; None = off")
     kv_disk_gb: float = _f(16.0, "GiB the disk tier may use in kv_disk_dir (per model identity)")
+    structured_outputs_compile_timeout: float = _f(30.0, "seconds a structured-output constraint (JSON schema, "
+                                                   "regex, grammar) may take to compile; past it the requests "
+                                                   "waiting for it fail with a 400, the engine runs on")
+    structured_outputs_compile_workers: int = _f(4, "threads that compile constraints off the step loop")
 
     def __post_init__(self):
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
@@ -81,6 +85,10 @@ class EngineConfig:
                self.kv_cache_memory)
         _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
                "num_gpu_blocks_override", ">= 1", self.num_gpu_blocks_override)
+        _check(self.structured_outputs_compile_timeout > 0, "structured_outputs_compile_timeout", "> 0 seconds",
+               self.structured_outputs_compile_timeout)
+        _check(self.structured_outputs_compile_workers >= 1, "structured_outputs_compile_workers", ">= 1",
+               self.structured_outputs_compile_workers)
         self._check_kv_tiers()
 
     def _check_kv_tiers(self):

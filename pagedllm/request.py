@@ -45,8 +45,10 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
+        self.error: str | None = None    # FINISHED_ERROR inside a step: why
         self.cache_salt = cache_salt     # in the first block's extra keys: only equal salts share blocks
         self.block_hashes: list[BlockHash] = []
+        self.grammar = None    # structured output: its RequestGrammar (structured_output/manager.py)
         self._update_block_hashes()
 
     @property

@@ -99,3 +99,4 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None             # finish_reason "error": what raised (type: message)
+    bad_request: bool = False            # the error is the request's own (a constraint that cannot compile)

@@ -35,6 +35,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished_req_ids: set[str] = set()
+        self.compiling: list[Request] = []   # waiting for their grammar (structured output) to compile
         self.num_preemptions = 0
         self.num_prompt_tokens = 0      # prompt tokens computed (prefix hits excluded)
         self.num_generation_tokens = 0
@@ -44,6 +45,26 @@ class Scheduler:
     def add_request(self, request: Request):
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.grammar is not None:
+            self.compiling.append(request)
+
+    def check_grammars(self) -> list[EngineCoreOutput]:
+        """Requests whose grammar has compiled may run from now on; those whose compile failed or passed its
+        time limit end with an error (a bad request: the constraint is the client's)."""
+        outputs, still = [], []
+        for req in self.compiling:
+            if req.status.finished or req.grammar.poll():
+                continue
+            if req.grammar.error is None:
+                still.append(req)
+                continue
+            self.waiting.remove(req)
+            req.status = RequestStatus.FINISHED_ERROR
+            self._free(req)
+            outputs.append(EngineCoreOutput(req.request_id, [], finish_reason="error", error=req.grammar.error,
+                                            bad_request=True))
+        self.compiling = still
+        return outputs
 
     def finish_requests(self, req_ids, status: RequestStatus):
         """End requests from outside a step (abort, stop string); frees their blocks at once."""
@@ -105,8 +126,12 @@ class Scheduler:
 
         # Admitting new work right after preempting would only preempt again.
         preempted = self.num_preemptions > num_preemptions_before
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            req = self.waiting[0]
+        i = 0   # the first waiting request not skipped
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[i]
+            if req.grammar is not None and req.grammar.matcher is None:
+                i += 1                                  # its grammar compiles: the requests after it go first
+                continue
             if req.num_output_placeholders:
                 break                                   # preempted with a token in flight: resumes after it
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
@@ -119,7 +144,7 @@ class Scheduler:
                 self.offload.cancel(load)
                 break
             self.offload.commit(req, load, new_blocks)
-            self.waiting.popleft()
+            del self.waiting[i]
             self.kv.record_prefix_lookup(req, num_hit)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit + load.num_tokens
@@ -195,7 +220,7 @@ class Scheduler:
                 self._check_stop(req, token)
             outputs.append(EngineCoreOutput(req_id, new_ids, out.logprobs.get(req_id), prompt_logprobs,
                                             req.status.finish_reason, req.stop_reason,
-                                            max(req.num_cached_tokens, 0)))
+                                            max(req.num_cached_tokens, 0), req.error))
             if req.status.finished:
                 (self.running if was_running else self.waiting).remove(req)
                 self._free(req)
@@ -203,9 +228,15 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int):
         params = req.sampling_params
-        if req.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
+        if req.grammar is not None and not req.grammar.accept(token):
+            # Sampled under its bitmask, a token is always accepted: this would be an engine bug.
+            req.status = RequestStatus.FINISHED_ERROR
+            req.error = f"token {token} was sampled against the request's grammar"
+        elif req.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
             req.status = RequestStatus.FINISHED_STOPPED
             req.stop_reason = token if token in params.stop_token_ids else None
+        elif req.grammar is not None and req.grammar.terminated:
+            req.status = RequestStatus.FINISHED_STOPPED   # its grammar ended (ignore_eos): nothing may follow
         elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             req.status = RequestStatus.FINISHED_LENGTH
 

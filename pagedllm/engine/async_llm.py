@@ -38,7 +38,12 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineGenerateError(RuntimeError):
-    """The engine core failed this request (its data raised there, or its step did); others run on."""
+    """The engine core failed this request (its data raised there, or its step did); others run on.
+    status 400: the request's own fault (a structured-output constraint that did not compile in time)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
 
 
 class AsyncLLM:
@@ -241,7 +246,7 @@ class AsyncLLM:
             if q is not None:
                 error = errors.get(out.request_id)
                 q.put_nowait(out if error is None else EngineGenerateError(
-                    f"the engine failed request {out.request_id}: {error}"))
+                    f"the engine failed request {out.request_id}: {error.error}", 400 if error.bad_request else 500))
         if errors:   # `stopped` has every sequence of a failed request: some failed before any step
             self._unscheduled.difference_update(stopped)
         if self.on_step_stats is not None:

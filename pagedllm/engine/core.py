@@ -18,7 +18,10 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.request import Request, RequestStatus
 from pagedllm.runner.model_runner import ModelRunner, PendingOutput
+from pagedllm.engine.tokenizer import load_engine_tokenizer, load_eos_token_ids
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.compiler import GrammarCompilePool
+from pagedllm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger("pagedllm")
 
@@ -46,6 +49,11 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_model_len, offload)
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepStats] | None = None   # launched, not read
+        self.structured = StructuredOutputManager(GrammarCompilePool(
+            lambda: load_engine_tokenizer(config), hf_config.vocab_size,
+            lambda tokenizer: load_eos_token_ids(config.model, tokenizer),
+            config.structured_outputs_compile_workers, config.structured_outputs_compile_timeout),
+            hf_config.vocab_size, self.runner.config.max_num_seqs, device)
         self._failed: list[EngineCoreOutput] = []   # error outputs of requests failed outside a step
 
     def add_request(self, r: EngineCoreRequest):
@@ -56,6 +64,8 @@ class EngineCore:
             request = Request(r.request_id, r.prompt_token_ids, r.sampling_params, r.max_tokens,
                               self.block_size, r.arrival_time, r.cache_salt)
             self.runner.add_request(r.request_id, r.sampling_params)
+            if r.sampling_params.structured_outputs is not None:   # compiles on a worker from now on
+                request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs)
         except Exception as e:
             logger.error("request %s failed as it entered the engine core: %s", r.request_id, _describe(e))
             self._failed.append(EngineCoreOutput(r.request_id, [], finish_reason="error", error=_describe(e)))
@@ -77,6 +87,8 @@ class EngineCore:
         still read. A device error (torch.AcceleratorError: the CUDA context is lost) and a failure
         while reading N propagate: the core process ends and the API process with it."""
         outputs, self._failed = self._failed, []
+        if self.scheduler.compiling:
+            outputs += self.scheduler.check_grammars()
         launched = None
         if self.scheduler.has_unfinished_requests():
             stats = StepStats()
@@ -89,10 +101,32 @@ class EngineCore:
             except Exception as e:
                 outputs += self._fail_step(sched_out, e)
         done, self._in_flight = self._in_flight, launched
+        if done is not None:
+            outputs += self.scheduler.update_from_output(done[0], done[1].result())
+        if launched is not None and launched[1].deferred is not None:
+            outputs += self._sample_constrained(*launched[:2])
         if done is None:
             return (outputs, StepStats()) if outputs else None
-        sched_out, pending, stats = done
-        return outputs + self.scheduler.update_from_output(sched_out, pending.result()), stats
+        return outputs, done[2]
+
+    def _sample_constrained(self, sched_out: SchedulerOutput, pending: PendingOutput) -> list[EngineCoreOutput]:
+        """A launched step with rows under a grammar: the step before it is applied now (its tokens advanced
+        the matchers), so their bitmask is filled while the device runs this step's forward, then it samples.
+        A request that ended meanwhile, or whose grammar is complete, samples unmasked (its token is dropped)."""
+        try:
+            rows = []
+            for j, r in enumerate(pending.rows):
+                req = self.scheduler.requests.get(r.req_id)
+                if req is not None and req.grammar is not None and not req.grammar.terminated:
+                    rows.append((j, req.grammar))
+            bitmask = self.structured.fill_bitmask(rows) if rows else None
+            self.runner.sample_constrained(pending, bitmask, [j for j, _ in rows])
+            return []
+        except torch.AcceleratorError:
+            raise
+        except Exception as e:
+            self._in_flight = None
+            return self._fail_step(sched_out, e)
 
     def _fail_step(self, sched_out: SchedulerOutput, e: Exception) -> list[EngineCoreOutput]:
         logger.error("a step of %d requests failed; they end with an error, the others carry on",

@@ -89,16 +89,16 @@ class OutputProcessor:
         self.parents.pop(request_id, None)
 
     def process(self, outputs: list[EngineCoreOutput], stats: StepStats | None = None
-                ) -> tuple[list[RequestOutput], list[str], dict[str, str]]:
+                ) -> tuple[list[RequestOutput], list[str], dict[str, EngineCoreOutput]]:
         """Returns the RequestOutputs to deliver; the child ids the scheduler must free (a stop string
-        finished them; every sequence of a failed request); and {request_id: error} of the requests the
-        engine core failed. A failed sequence fails its whole request: its unfinished siblings end with
+        finished them; every sequence of a failed request); and {request_id: the failed sequence's output}
+        of the requests the engine core failed. A failed sequence fails its whole request: its unfinished siblings end with
         "error" too.
         Request latencies go into `stats` when one is given (the server's metrics)."""
         now = time.time()
         updated: dict[str, _ParentRequest] = {}
         stopped: list[str] = []
-        errors: dict[str, str] = {}
+        errors: dict[str, EngineCoreOutput] = {}
         for out in outputs:
             entry = self.child_to_parent.get(out.req_id)
             if entry is None:
@@ -109,7 +109,7 @@ class OutputProcessor:
             if self._update_sequence(parent, seq, out, now):
                 stopped.append(out.req_id)
             if out.error is not None:
-                errors[parent.request_id] = out.error
+                errors[parent.request_id] = out
                 stopped += self._fail_siblings(parent)
             updated[parent.request_id] = parent
         results = []

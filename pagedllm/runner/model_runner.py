@@ -46,6 +46,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device).manual_seed(config.seed)   # requests without a seed
         self.states: dict[str, RunnerRequestState] = {}
+        self.constrained: set[str] = set()   # requests with structured_outputs: their steps sample deferred
         self._admitted: dict[str, torch.Generator | None] = {}   # added, not scheduled yet: their generators
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cache: SamplingMetadata | None = None
@@ -137,6 +138,26 @@ class ModelRunner:
         if not rows:
             return PendingOutput(out, [])
         logits = self.model.compute_logits(hidden[inputs.sample_token_index])
+        pending = PendingOutput(out, rows)
+        if self.constrained and any(r.req_id in self.constrained for r in rows):
+            # Its bitmask needs the tokens of the step in flight: the engine core applies that step, then
+            # sample_constrained() finishes this one while the device runs its forward.
+            pending.deferred = (logits, meta)
+            return pending
+        return self._sample(pending, logits, meta)
+
+    @torch.inference_mode()
+    def sample_constrained(self, pending: "PendingOutput", bitmask: torch.Tensor, mask_rows: list[int]):
+        """Samples a deferred step: host bitmask rows `mask_rows` (the step's sampled rows under a live
+        grammar) are copied over and applied to those rows' logits in one kernel, then the sampler runs."""
+        logits, meta = pending.deferred
+        pending.deferred = None
+        if mask_rows:
+            apply_bitmask(logits, bitmask[:max(mask_rows) + 1], mask_rows)
+        self._sample(pending, logits, meta)
+
+    def _sample(self, pending: "PendingOutput", logits: torch.Tensor, meta: SamplingMetadata) -> "PendingOutput":
+        rows = pending.rows
         result = self.sampler(logits, meta, self.generator)
         self._in_flight_ids = result.sampled_token_ids
         if meta.processors is not None and meta.processors.penalties is not None:
@@ -149,11 +170,11 @@ class ModelRunner:
         if result.logprobs is not None:   # copied now too: a blocking copy in result() would wait for N+1
             logprobs = tuple(_to_host_async(t) for t in (result.logprob_token_ids, result.logprobs,
                                                          result.sampled_token_ranks))
-        event = None
+        pending.sampled_host, pending.logprobs_host = host, logprobs
         if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return PendingOutput(out, rows, host, logprobs, event)
+            pending.event = torch.cuda.Event()
+            pending.event.record()
+        return pending
 
     def _graph_key(self, sched: SchedulerOutput, num_reqs: int) -> tuple[int, bool] | None:
         """(padded num_tokens, mixed) of the graph this step replays; None: eager."""
@@ -174,6 +195,7 @@ class ModelRunner:
             if state is not None:
                 self.tables.release(state.row)
                 self.penalties.release(req_id)
+                self.constrained.discard(req_id)
         for new in sched.new_reqs:
             state = self.states.get(new.req_id)
             if state is None:
@@ -181,6 +203,8 @@ class ModelRunner:
                     new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
                     self.tables.add(new.block_ids), len(new.block_ids), new.num_computed_tokens,
                     self._admitted.pop(new.req_id))
+                if new.sampling_params.structured_outputs is not None:
+                    self.constrained.add(new.req_id)
             else:   # resumed after preemption: same generator and prompt logprobs, new blocks
                 state.token_ids = list(new.token_ids)
                 self.tables.set(state.row, 0, new.block_ids)
@@ -303,6 +327,7 @@ class PendingOutput:
     sampled_host: torch.Tensor | None = None
     logprobs_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # ids, logprobs, ranks
     event: torch.cuda.Event | None = None
+    deferred: tuple[torch.Tensor, "SamplingMetadata"] | None = None   # logits, metadata: sampled later
 
     def result(self) -> ModelRunnerOutput:
         if not self.rows:
@@ -319,6 +344,19 @@ class PendingOutput:
                 out.logprobs[r.req_id] = TokenLogprobs(lp_ids[j][:k], lps[j][:k], ranks[j])
         self.rows = []   # hand out once
         return out
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask_host: torch.Tensor, rows: list[int]):
+    """Tokens a grammar forbids get -inf, in the given rows of logits (N, V); bitmask row j is logits row j.
+    On CUDA: one non-blocking copy of the bitmask and the rows, then xgrammar's Triton kernel."""
+    import xgrammar as xgr
+    if logits.is_cuda:
+        bitmask = bitmask_host.to(logits.device, non_blocking=True)
+        indices = to_device(rows, torch.int32, logits.device)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=indices, backend="triton")
+    else:   # xgrammar's C++ CPU kernel takes float32 only
+        xgr.apply_token_bitmask_inplace(logits, bitmask_host, indices=rows,
+                                        backend="cpu" if logits.dtype == torch.float32 else "torch_native")
 
 
 def _num_layer_params(model: torch.nn.Module) -> int:

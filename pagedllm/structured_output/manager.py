@@ -1,0 +1,80 @@
+"""Per-request grammar state and the step's token bitmask.
+
+Each constrained request holds a RequestGrammar: the future of its compiled grammar, then a matcher that
+Scheduler.update_from_output advances with every token the request keeps, so that the matcher always stands
+where the request's tokens end (preemption and resume change nothing: the tokens stay). Each step, after the
+step before it has been applied, StructuredOutputManager.fill_bitmask writes the allowed tokens of the rows
+that sample under a constraint into a host bitmask (xgrammar's batch fill, on several threads), while the
+device runs the step's forward; the runner copies it over and applies it before sampling.
+"""
+import os
+import time
+from concurrent.futures import Future
+
+import torch
+
+from pagedllm.structured_output.compiler import GrammarCompilePool
+from pagedllm.structured_output.params import StructuredOutputsParams
+
+
+class RequestGrammar:
+    def __init__(self, future: Future, kind: str, timeout: float):
+        self.future = future
+        self.kind = kind
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        self.matcher = None       # once compiled
+        self.error: str | None = None
+
+    def poll(self) -> bool:
+        """True once the grammar is compiled (the matcher is built then); False while it compiles, or when
+        it failed (self.error says why: a compile error, or no result within the time limit)."""
+        if self.matcher is not None:
+            return True
+        if self.error is None and self.future.done():
+            e = self.future.exception()
+            if e is None:
+                import xgrammar as xgr
+                self.matcher = xgr.GrammarMatcher(self.future.result())
+                return True
+            self.error = str(e) if isinstance(e, ValueError) else f"structured_outputs.{self.kind}: {e!r}"
+        elif self.error is None and time.monotonic() > self.deadline:
+            self.error = (f"structured_outputs.{self.kind} took longer than the time limit to compile "
+                          f"({self.timeout:g} s, --structured-outputs-compile-timeout)")
+        return False
+
+    def accept(self, token: int) -> bool:
+        return self.matcher.accept_token(token)
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar is complete and a stop token was accepted: nothing may follow."""
+        return self.matcher.is_terminated()
+
+
+class StructuredOutputManager:
+    def __init__(self, pool: GrammarCompilePool, vocab_size: int, max_num_seqs: int, device: torch.device):
+        self.pool = pool
+        self.vocab_size = vocab_size
+        self.max_num_seqs = max_num_seqs
+        self.device = device
+        self._bitmask: torch.Tensor | None = None   # host, one row per sampled row of a step
+        self._batch = None
+
+    def request_grammar(self, params: StructuredOutputsParams) -> RequestGrammar:
+        return RequestGrammar(self.pool.submit(params), params.kind, self.pool.timeout)
+
+    def fill_bitmask(self, rows: list[tuple[int, RequestGrammar]]) -> torch.Tensor:
+        """Writes the allowed tokens of each (sampled row, grammar) into that row of the host bitmask."""
+        import xgrammar as xgr
+        if self._bitmask is None:
+            words = (self.vocab_size + 31) // 32
+            self._bitmask = torch.empty(self.max_num_seqs, words, dtype=torch.int32,
+                                        pin_memory=self.device.type == "cuda")
+            self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
+        self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], self._bitmask,
+                                                  [j for j, _ in rows])
+        return self._bitmask
+
+    def shutdown(self):
+        self.pool.shutdown()

@@ -1,0 +1,87 @@
+"""Structured output in the engine: constrained rows sample under their grammar's bitmask in any batch, the
+matcher follows the tokens through preemption, chunked prefill, prefix caching and n > 1, and a constraint
+that does not compile in time fails its request alone. (The schema corpus is in test_structured_output.py.)"""
+import re
+import time
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+
+REGEX = r"(cat|dog)-[0-9]{2,4}\.(red|blue)"
+PROMPTS = ["Once upon a time", "The little dog was", "Lily and Tom went to the park and", "One day"]
+
+
+def _params(seed: int, **kw) -> SamplingParams:
+    kw.setdefault("max_tokens", 24)
+    return SamplingParams(temperature=1.0, seed=seed, structured_outputs={"regex": REGEX}, **kw)
+
+
+def _texts(outputs) -> list[list[str]]:
+    return [[c.text for c in o.outputs] for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", log_stats_interval=0)
+
+
+def test_regex_rows_mixed_with_plain_rows(llm):
+    """Constrained and unconstrained rows in one batch: every constrained output full-matches (stop), and the
+    plain greedy rows are what they are alone."""
+    plain = SamplingParams(temperature=0.0, max_tokens=20)
+    params = [_params(i) for i in range(6)] + [plain, plain]
+    prompts = [PROMPTS[i % 4] for i in range(6)] + PROMPTS[:2]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for o in outs[:6]:
+        assert o.outputs[0].finish_reason == "stop", o.outputs[0]
+        assert re.fullmatch(REGEX, o.outputs[0].text), o.outputs[0].text
+    alone = llm.generate(PROMPTS[:2], plain, use_tqdm=False)
+    assert _texts(outs[6:]) == _texts(alone)
+
+
+def test_seeded_constrained_output_is_the_same_alone_and_batched(llm):
+    batched = llm.generate(PROMPTS, [_params(7 + i) for i in range(4)], use_tqdm=False)
+    alone = [llm.generate([p], _params(7 + i), use_tqdm=False)[0] for i, p in enumerate(PROMPTS)]
+    assert _texts(batched) == _texts(alone)
+
+
+def test_preemption_chunked_prefill_prefix_caching_and_n(llm):
+    """A tight KV cache (preemptions: recompute) and a small token budget (chunked prompts), n = 3 siblings
+    sharing their prompt's blocks, prompts sharing prefixes: the same tokens as the roomy run."""
+    long_prompts = [p + " there was a big red ball that rolled down the hill" * 3 for p in PROMPTS]
+    params = [_params(100 + i, n=3, max_tokens=40) for i in range(4)]
+    roomy = llm.generate(long_prompts, params, use_tqdm=False)
+    tight = LLM(dtype="float32", log_stats_interval=0, num_gpu_blocks_override=14, max_num_batched_tokens=32,
+                max_num_seqs=6)
+    outs = tight.generate(long_prompts, params, use_tqdm=False)
+    assert tight.engine.get_stats().num_preemptions > 0
+    assert _texts(outs) == _texts(roomy)
+    for o in outs:
+        for c in o.outputs:
+            assert c.finish_reason == "stop" and re.fullmatch(REGEX, c.text), c
+
+
+def test_length_and_ignore_eos(llm):
+    """max_tokens first: finish_reason "length" (the text may be cut short). With ignore_eos the grammar's end
+    still ends the request: nothing may follow a complete match."""
+    cut = llm.generate(PROMPTS[:1], _params(1, max_tokens=2), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "length" and len(cut.token_ids) == 2
+    done = llm.generate(PROMPTS[:1], _params(1, ignore_eos=True, max_tokens=60), use_tqdm=False)[0].outputs[0]
+    assert done.finish_reason == "stop" and re.fullmatch(REGEX, done.text), done
+
+
+def test_compile_past_its_time_limit_fails_that_request_alone():
+    """The first compile builds the tokenizer's info (well over 1 ms): past the limit its requests end with an
+    error and the rest of the batch is unaffected. Once compiled, the cached grammar serves at once."""
+    llm = LLM(dtype="float32", log_stats_interval=0, structured_outputs_compile_timeout=0.001)
+    plain = SamplingParams(temperature=0.0, max_tokens=12)
+    outs = llm.generate(PROMPTS[:2], [_params(0), plain], use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "error"
+    assert outs[1].outputs[0].finish_reason == "length" and outs[1].outputs[0].text
+    future = next(iter(llm.engine.core.structured.pool._cache.values()))
+    deadline = time.time() + 30
+    while not future.done() and time.time() < deadline:
+        time.sleep(0.05)
+    again = llm.generate(PROMPTS[:1], _params(0), use_tqdm=False)[0].outputs[0]
+    assert again.finish_reason == "stop" and re.fullmatch(REGEX, again.text)
