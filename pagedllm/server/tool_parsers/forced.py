@@ -39,9 +39,11 @@ class NamedCallParser(ToolParser):
         if not self._started:
             self._start_call(self._name)
             self._started = True
+        text = self._ws + text
+        if not self._args_len:   # nothing out yet: leading whitespace is not part of the arguments
             text = text.lstrip()
-        kept = (self._ws + text).rstrip()
-        self._ws = (self._ws + text)[len(kept):]
+        kept = text.rstrip()
+        self._ws = text[len(kept):]
         self._arguments(kept)
         return self._take()
 
