@@ -34,9 +34,10 @@ class ToolPlan:
     def structured_outputs(self) -> StructuredOutputsParams | None:
         if self.choice == "named":
             tool = next(t for t in self.tools if t["function"]["name"] == self.name)
-            return StructuredOutputsParams(json=parameters_schema(tool))
+            return StructuredOutputsParams(json=parameters_schema(tool), disable_any_whitespace=True)
         if self.choice == "required":
-            return StructuredOutputsParams(json=required_schema(self.tools, self.max_calls is None))
+            return StructuredOutputsParams(json=required_schema(self.tools, self.max_calls is None),
+                                           disable_any_whitespace=True)
         return None
 
     def new_parser(self) -> ToolParser:

@@ -239,7 +239,7 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     top_logprobs: int | None = None
     echo: bool = False
     tools: list[ChatTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # default: auto with tools
+    tool_choice: str | NamedToolChoice | None = None   # none, auto, required, a function (default: auto with tools)
     parallel_tool_calls: bool | None = None   # false: at most one call (default: any number)
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -250,6 +250,10 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     def _check_tool_choice(self):
         """A choice that forces a call needs tools, and a named function must be one of them (vLLM's 400s)."""
         choice = self.tool_choice
+        if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+            raise APIError(400, f"tool_choice must be none, auto, required or {{\"type\": \"function\", "
+                                f"\"function\": {{\"name\": ...}}}}, got {shorten(choice)!r}", "tool_choice",
+                           "invalid_value")
         if choice in (None, "none", "auto"):   # "auto" without tools chooses none
             return self
         if not self.tools:

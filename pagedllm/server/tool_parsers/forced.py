@@ -4,11 +4,14 @@ JSON schema each one constrains the output to, and the parsers that read that ou
 - named function: the output is the arguments object itself (the function's `parameters` schema);
 - required: the output is [{"name": ..., "parameters": {...}}, ...] (at least one call; at most one when
   parallel_tool_calls is false), each item one of the tools.
+The JSON is generated without free whitespace (single spaces only, StructuredOutputsParams'
+disable_any_whitespace): with it a weak model can spend all of max_tokens on newlines inside the object.
 """
 from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser
 from pagedllm.server.tool_parsers.json_call import CallScanner
 
-NO_PARAMETERS = {"type": "object", "properties": {}}
+# A function declared without parameters takes none (OpenAI's reading): its arguments are {}.
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def parameters_schema(tool: dict) -> dict:
