@@ -178,3 +178,23 @@ def test_registry_matches_the_flag_choices():
     assert get_tool_parser("hermes") is HermesToolParser
     with pytest.raises(ValueError, match="tool_call_parser"):
         get_tool_parser("nope")
+
+
+BARE = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+@pytest.mark.parametrize("text,expected", [
+    (BARE, (None, [("get_weather", '{"city": "Paris"}')])),
+    ("\n" + BARE + "\n" + BARE.replace("Paris", "Oslo"),
+     (None, [("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Oslo"}')])),
+    (BARE + "\nIt is sunny.", ("It is sunny.", [("get_weather", '{"city": "Paris"}')])),
+    (BARE.replace("get_weather", "unknown"), (BARE.replace("get_weather", "unknown"), [])),
+    ('{"name": "get_weather", "arguments": {}, "x": 1}', ('{"name": "get_weather", "arguments": {}, "x": 1}', [])),
+    ("Sure: " + BARE, ("Sure: " + BARE, [])),
+    ('{"name": "get_weather", "argu', ('{"name": "get_weather", "argu', [])),
+])
+def test_hermes_bare_call_without_tags(text, expected):
+    """Qwen2.5-Coder-0.5B answers a bare call object: a call only at the start (or after a call), naming a tool."""
+    for chunks in splits(text):
+        assert summary(stream(HermesToolParser(tool_names=("get_weather",)), chunks)) == expected, chunks
+    assert HermesToolParser().parse_all(BARE) == (BARE, [])   # without the request's tool names: content

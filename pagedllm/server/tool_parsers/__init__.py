@@ -4,7 +4,7 @@ calls (tool_choice "required" or a named function) are in forced.py; base.py has
 from pagedllm.server.tool_parsers.base import DeltaMessage, ToolCallDelta, ToolParser
 from pagedllm.server.tool_parsers.hermes import HermesToolParser
 
-# name -> the parser's class, called with max_calls
+# name -> the parser's class, called with (max_calls, the request's tool names)
 TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser}
 
 

@@ -1,5 +1,11 @@
 """Hermes-style tool calls (Qwen2.5, Qwen3, Hermes): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-anywhere in the text, any number of them; the text around them is content."""
+anywhere in the text, any number of them; the text around them is content.
+
+Small models of these families often leave the tags out and answer a bare `{"name": ..., "arguments": ...}`
+(Qwen2.5-Coder-0.5B does, at temperature 0, for its own template's tool prompt). Such an object is a call when
+it opens the answer (or follows a call), has no keys but those two, and names one of the request's tools;
+otherwise it is content. Its arguments come in one delta, once the object has closed.
+"""
 from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser
 from pagedllm.server.tool_parsers.json_call import CallScanner
 
@@ -7,8 +13,11 @@ START, END = "<tool_call>", "</tool_call>"
 
 
 class HermesToolParser(ToolParser):
-    def __init__(self, max_calls: int | None = None):
+    def __init__(self, max_calls: int | None = None, tool_names: tuple[str, ...] = ()):
         super().__init__(max_calls)
+        self._tool_names = set(tool_names)
+        self._bare: CallScanner | None = None  # a bare object that may be a call
+        self._bare_ok = bool(tool_names)      # no content yet since the start or the last call
         self._buf = ""                        # text read but not yet placed
         self._call: CallScanner | None = None  # the body being read
         self._named = False                   # its name went out
@@ -21,6 +30,9 @@ class HermesToolParser(ToolParser):
         return self._take()
 
     def finish(self) -> DeltaMessage:
+        if self._bare is not None:   # never closed: not a call
+            self._content(self._bare.text + self._buf)
+            self._bare, self._buf = None, ""
         if self._call is not None and not self._closing:
             self._close_call("")
         elif self._call is None:
@@ -35,6 +47,8 @@ class HermesToolParser(ToolParser):
             return self._skip_to_end()
         if self._call is not None:
             return self._read_body()
+        if self._bare is not None or self._bare_ok:
+            return self._read_bare()
         i = self._buf.find(START)
         if i < 0:   # all but a possible start of a tag is content
             keep = _partial_suffix(self._buf, START)
@@ -66,6 +80,34 @@ class HermesToolParser(ToolParser):
             return True
         return False
 
+    def _read_bare(self) -> bool:
+        if self._bare is None:
+            text = self._buf.lstrip()
+            if not text:
+                return False
+            self._bare_ok = text[0] == "{"
+            if not self._bare_ok:
+                return True
+            self._buf, self._bare = text, CallScanner("arguments")
+        n = self._bare.feed(self._buf)
+        self._buf = self._buf[n:]
+        if not self._bare.done:
+            return False
+        call, self._bare = self._bare, None
+        if call.name in self._tool_names and set(call.keys) <= {"name", "arguments"}:
+            self._start_call(call.name)
+            self._arguments(call.take_arguments())
+            self._end_call()
+            self._bare_ok = True
+        else:
+            self._content(call.text)
+        return True
+
+    def _content(self, text: str):
+        if text.strip():
+            self._bare_ok = False
+        super()._content(text)
+
     def _skip_to_end(self) -> bool:
         """After the object: whitespace (or stray text, dropped) up to END."""
         i = self._buf.find(END)
@@ -87,6 +129,7 @@ class HermesToolParser(ToolParser):
             self._start_call(call.name)
         self._arguments(call.take_arguments())
         self._end_call()
+        self._bare_ok = bool(self._tool_names)
 
 
 def _partial_suffix(text: str, tag: str) -> int:

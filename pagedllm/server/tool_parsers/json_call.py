@@ -13,6 +13,7 @@ class CallScanner:
         self.args_key = args_key
         self.name: str | None = None
         self.done = False          # the object has closed
+        self.keys: list[str] = []  # the object's own keys, in order
         self.text = ""             # every character read (a body that names no function becomes content)
         self._depth = 0
         self._in_string = self._escape = False
@@ -53,6 +54,7 @@ class CallScanner:
                 self._in_string = False
                 if self._depth == 1 and self._expect == "key":
                     self._key_name, self._expect = _decode('"' + "".join(self._key)), "colon"
+                    self.keys.append(self._key_name)
             return
         if self._depth == 0:
             if ch == "{":
