@@ -19,7 +19,9 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "city name"}},
                    "required": ["city"]}}}]
-WEATHER = {"Paris": "18 degrees Celsius, sunny", "Tokyo": "25 degrees Celsius, raining"}
+WEATHER = {"Paris": '{"temperature_celsius": 18, "sky": "sunny"}',
+           "Tokyo": '{"temperature_celsius": 25, "sky": "rain"}'}
+TEMPERATURE = {"Paris": "18", "Tokyo": "25"}
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +36,9 @@ def client(tmp_path_factory):
         stop_server(server)
 
 
-def _ask(client, messages, stream: bool) -> dict:
+def _ask(client, messages, stream: bool, **options) -> dict:
     """The assistant message of one turn, as a dict to send back (streamed deltas assembled)."""
-    kw = {"model": MODEL_NAME, "messages": messages, "tools": TOOLS, "temperature": 0, "max_tokens": 120}
+    kw = {"model": MODEL_NAME, "messages": messages, "tools": TOOLS, "temperature": 0, "max_tokens": 60, **options}
     if not stream:
         choice = client.chat.completions.create(**kw).choices[0]
         calls = [c.model_dump(include={"id", "type", "function"}) for c in choice.message.tool_calls or []]
@@ -56,7 +58,9 @@ def _ask(client, messages, stream: bool) -> dict:
 
 
 def _turn(client, messages, question: str, city: str, stream: bool):
-    """The user asks, the model calls get_weather(city), gets the result, answers with it."""
+    """The user asks, the model calls get_weather(city), gets the result, answers with it. The answer is asked
+    with tool_choice "none" (tools still in the template): given "auto" after a tool result, this 0.5B model
+    (Q4_K_M, dequantized) only repeats its call, as transformers' generate does on the same prompt."""
     messages.append({"role": "user", "content": question})
     answer = _ask(client, messages, stream)
     assert answer.pop("finish_reason") == "tool_calls", answer
@@ -65,9 +69,9 @@ def _turn(client, messages, question: str, city: str, stream: bool):
     assert json.loads(call["function"]["arguments"]) == {"city": city}
     messages.append(answer)
     messages.append({"role": "tool", "tool_call_id": call["id"], "content": WEATHER[city]})
-    final = _ask(client, messages, stream)
-    assert final.pop("finish_reason") == "stop" and not final["tool_calls"], final
-    assert WEATHER[city].split()[0] in final["content"], final   # it read the tool's answer
+    final = _ask(client, messages, stream, tool_choice="none")
+    assert final.pop("finish_reason") in ("stop", "length") and not final["tool_calls"], final
+    assert TEMPERATURE[city] in final["content"], final   # it read the tool's answer
     messages.append({"role": "assistant", "content": final["content"]})
 
 
@@ -78,5 +82,5 @@ def test_agent_loop_calls_a_tool_and_answers_with_its_result(client):
     # The whole conversation (calls, tool results, answers) went back through the model's own template.
     from transformers import AutoTokenizer
     text = render_chat(AutoTokenizer.from_pretrained(QWEN_DIR), messages, tools=TOOLS)
-    assert text.count("<tool_call>") == 2 and text.count("<tool_response>") == 2
+    assert text.count('<tool_call>\n{"name": "get_weather"') == 2 and text.count("<tool_response>") == 2
     assert '"city": "Tokyo"' in text and WEATHER["Tokyo"] in text
