@@ -18,7 +18,10 @@ def servers(tiny_model_dirs, tmp_path_factory):
     template.write_text(CHAT_TEMPLATE)
     started = {"main": start_server(server_model_dir, str(logs / "main.log"), API_KEY,
                                     "--chat-template", str(template), "--enable-auto-tool-choice",
-                                    "--tool-call-parser", "hermes"),
+                                    "--tool-call-parser", "hermes",
+                                    # the first compile (xgrammar's tokenizer info) once passed 30 s while the
+                                    # three servers started on two shared cores
+                                    "--structured-outputs-compile-timeout", "120"),
                "small": start_server(server_model_dir, str(logs / "small.log"), SMALL_API_KEY, "--api-key",
                                      SMALL_API_KEY, "--max-num-seqs", "1", "--max-waiting-queue-length", "1"),
                "edge": start_server(server_model_dir, str(logs / "edge.log"), EDGE_API_KEY, *_edge_flags(logs),
