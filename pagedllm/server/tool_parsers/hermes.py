@@ -62,9 +62,10 @@ class HermesToolParser(ToolParser):
 
     def _read_body(self) -> bool:
         call = self._call
+        read = len(call.text)
         n = call.feed(self._buf)
         self._buf = self._buf[n:]
-        end = call.text.find(END) if not call.in_string else -1
+        end = call.text.find(END, max(0, read - len(END))) if not call.in_string else -1
         if end >= 0 and not call.done:   # the tag closed a body that is not a whole object
             self._buf = call.text[end + len(END):] + self._buf
             call.text = call.text[:end]

@@ -31,12 +31,14 @@ class CallScanner:
 
     def feed(self, text: str) -> int:
         """Reads text until the object closes; returns how many characters were read."""
+        n = len(text)
         for i, ch in enumerate(text):
-            self.text += ch
             self._char(ch)
             if self.done:
-                return i + 1
-        return len(text)
+                n = i + 1
+                break
+        self.text += text[:n]
+        return n
 
     def take_arguments(self) -> str:
         out = "".join(self._ready)
