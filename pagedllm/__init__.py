@@ -1,9 +1,10 @@
 """pagedllm: a high-throughput LLM inference engine with a paged KV cache."""
+from pagedllm.beam_search import BeamSearchParams
 from pagedllm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
 
 
 def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free of import cycles

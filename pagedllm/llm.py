@@ -5,6 +5,9 @@ import time
 
 from tqdm.auto import tqdm
 
+from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSearchParams, beam_cache_salt,
+                                  check_length, finish_text, run_beam_search, step_sampling_params,
+                                  unshared_blocks)
 from pagedllm.chat_template import render_chat
 from pagedllm.config import DEMO_MODEL, EngineConfig
 from pagedllm.engine.engine import Engine
@@ -53,6 +56,58 @@ class LLM:
             self.engine.abort_request(ids)
             raise
         return [finished[i] for i in ids]
+
+    def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search, with transformers' selection rules (pagedllm/beam_search.py). Each step
+        runs every live beam of every prompt as one batch of 1-token requests; beams share their prefix's
+        full blocks. `self.last_beam_search_blocks`: (peak KV blocks in use, peak blocks without sharing); the
+        engine's peak KV figures (get_stats) restart at each call."""
+        engine = self.engine
+        eos = engine.input_processor.eos_token_ids
+        step_params = step_sampling_params(params, len(eos))
+        instances = []
+        for prompt in _as_prompt_list(prompts):
+            value = _prompt_value(prompt)
+            if isinstance(value, str) and engine.tokenizer is None:
+                raise ValueError("prompt must be token ids when skip_tokenizer_init is set, got text")
+            ids = engine.tokenizer.encode(value) if isinstance(value, str) else list(value)
+            check_length(len(ids), params, engine.max_model_len)
+            instances.append(BeamSearchInstance(ids, params, eos))
+        search_id = f"beam-{next(self._ids)}"
+        salt = beam_cache_salt(search_id, engine.config.enable_prefix_caching)
+        engine.reset_peak_stats()
+        unshared = 0
+
+        def expand(beam_prompts: list[list[int]]):
+            nonlocal unshared
+            unshared = max(unshared, unshared_blocks(instances, engine.config.block_size))
+            return self._expand(beam_prompts, step_params, search_id, salt)
+        run_beam_search(instances, expand)
+        self.last_beam_search_blocks = (engine.get_stats().peak_blocks, unshared)
+        decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
+        outputs = []
+        for inst in instances:
+            seqs = inst.results()
+            for s in seqs:
+                s.text = finish_text(s, len(inst.prompt_token_ids), params, decode, with_prompt=True)
+            outputs.append(BeamSearchOutput(seqs))
+        return outputs
+
+    def _expand(self, beam_prompts: list[list[int]], params: SamplingParams, search_id: str, salt: str | None):
+        """One engine batch of 1-token requests: each beam prompt's top logprobs."""
+        ids = [f"{search_id}-{next(self._ids)}" for _ in beam_prompts]
+        try:
+            for rid, prompt in zip(ids, beam_prompts):
+                self.engine.add_request(rid, prompt, params, OutputKind.FINAL, cache_salt=salt)
+            finished = self._run(len(ids), use_tqdm=False)
+        except BaseException:
+            self.engine.abort_request(ids)
+            raise
+        outs = [finished[i].outputs[0] for i in ids]
+        bad = [o for o in outs if o.finish_reason == "error" or not o.logprobs]
+        if bad:
+            raise RuntimeError(f"beam search: an engine request failed ({bad[0].finish_reason})")
+        return [o.logprobs[0] for o in outs]
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix, in the GPU, CPU and disk tiers (False while requests hold blocks)."""

@@ -12,6 +12,7 @@ SEED_MIN, SEED_END = -2**63, 2**64
 @dataclass
 class SamplingParams:
     n: int = 1                       # independent completions of the same prompt (prompt KV shared)
+    best_of: int | None = None       # vLLM v0's: run best_of samples, return the n of highest cumulative logprob
     presence_penalty: float = 0.0    # subtracted once from each token already in the output
     frequency_penalty: float = 0.0   # subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # tokens in prompt or output: positive logits / p, negative * p
@@ -58,6 +59,8 @@ class SamplingParams:
 
     def _validate(self):
         _require(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        _require(self.best_of is None or (_is_int(self.best_of) and self.best_of >= self.n), "best_of",
+                 f"None or an integer >= n ({self.n})", self.best_of)
         _require(_finite(self.temperature) and self.temperature >= 0.0, "temperature", "a finite number >= 0",
                  self.temperature)
         _require(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
@@ -101,6 +104,11 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine runs: best_of of them when set, else n."""
+        return self.best_of or self.n
 
     @property
     def greedy(self) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pagedllm.bench.schemas import RUN_ON_SCHEMAS
 from pagedllm.bench.workloads import WORKLOADS, build
 
 
@@ -39,6 +40,9 @@ def add_cli_args(parser: argparse.ArgumentParser):
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    parser.add_argument("--json-schemas", action="store_true",
+                        help="constrain request i by JSON schema i %% 8 of bench/schemas.py (vLLM's "
+                             "structured_outputs field; answers can run to their max_tokens)")
     parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY") or os.environ.get("OPENAI_API_KEY"))
 
 
@@ -72,23 +76,24 @@ async def _send_all(s, args, model, prompts, out_lens) -> list[RequestResult]:
     rng = np.random.default_rng(args.seed)
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
-    async def one(prompt, out_len):
+    async def one(prompt, out_len, extra):
         if limit is None:
-            return await _request(s, args.endpoint, model, prompt, out_len)
+            return await _request(s, args.endpoint, model, prompt, out_len, extra)
         async with limit:
-            return await _request(s, args.endpoint, model, prompt, out_len)
+            return await _request(s, args.endpoint, model, prompt, out_len, extra)
 
     tasks = []
-    for prompt, out_len in zip(prompts, out_lens):
-        tasks.append(asyncio.create_task(one(prompt, out_len)))
+    for i, (prompt, out_len) in enumerate(zip(prompts, out_lens)):
+        extra = {"structured_outputs": {"json": RUN_ON_SCHEMAS[i % len(RUN_ON_SCHEMAS)]}} if args.json_schemas else {}
+        tasks.append(asyncio.create_task(one(prompt, out_len, extra)))
         if args.request_rate != float("inf"):
             await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
     return list(await asyncio.gather(*tasks))
 
 
-async def _request(s, endpoint, model, prompt, max_tokens) -> RequestResult:
+async def _request(s, endpoint, model, prompt, max_tokens, extra: dict | None = None) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     result, num_chunks = RequestResult(), 0
     start = last = time.perf_counter()
     try:
@@ -122,7 +127,7 @@ def _report(args, workload: str, model: str, prompts, results: list[RequestResul
     num_in = sum(len(p) for p, r in zip(prompts, results) if r.ok)
     tpots = [(r.latency - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
     rate = "inf" if args.request_rate == float("inf") else args.request_rate   # JSON has no infinity
-    report = {"workload": workload, "model": model, "base_url": args.base_url, "request_rate": rate,
+    report = {"workload": workload, "model": model, "json_schemas": args.json_schemas, "base_url": args.base_url, "request_rate": rate,
               "max_concurrency": args.max_concurrency, "requests": len(results), "completed": len(ok),
               "failed": len(results) - len(ok), "duration_s": round(duration, 2),
               "req_s": round(len(ok) / duration, 2), "output_tok_s": round(num_out / duration, 1),

@@ -84,12 +84,13 @@ class AsyncLLM:
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams,
-                    output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+                    output_kind: OutputKind = OutputKind.CUMULATIVE,
+                    cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Validates and queues the request now: raises ValueError for an invalid request, QueueFullError at
         the waiting-queue bound. Returns the iterator of its outputs; leaving it early (break, cancel, a
         closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
         must abort() the request itself."""
-        q = self._add_request(request_id, prompt, sampling_params, output_kind)
+        q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt)
         return self._outputs(request_id, q, output_kind)
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
@@ -115,13 +116,14 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
-    def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind) -> asyncio.Queue:
+    def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind,
+                     cache_salt: str | None = None) -> asyncio.Queue:
         self.attach()
         self._check_alive()
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self._check_queue_bound(params.n)
-        req = self.input_processor.process(request_id, prompt, params)
+        self._check_queue_bound(params.num_sequences)
+        req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
         q = self._queues[request_id] = asyncio.Queue()
@@ -136,7 +138,7 @@ class AsyncLLM:
         if bound is None:
             return
         if n > bound:
-            raise ValueError(f"SamplingParams.n must be at most max_waiting_queue_length ({bound}) on this "
+            raise ValueError(f"SamplingParams.n (best_of when set) must be at most max_waiting_queue_length ({bound}) on this "
                              f"server, got {n}")
         if len(self._unscheduled) + n > bound:
             raise QueueFullError(f"{len(self._unscheduled)} sequences are waiting and this request adds {n}: "

@@ -4,6 +4,7 @@ It holds no tokenizer and no user-facing request state: `Engine` runs it in-proc
 output processors; `AsyncLLM` runs it in a process of its own (`core_process.py`) so that HTTP work in the
 API process never delays a step.
 """
+import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
@@ -94,6 +95,8 @@ class EngineCore:
             stats = StepStats()
             sched_out = self.scheduler.schedule()
             self._record_first_scheduled(sched_out, stats)
+            if sched_out.is_empty and self._in_flight is None and self.scheduler.compiling:
+                self._wait_for_grammars()   # nothing runs but grammars compiling: do not spin on the GIL
             try:
                 launched = (sched_out, self.runner.execute_async(sched_out), stats)
             except torch.AcceleratorError:
@@ -109,6 +112,11 @@ class EngineCore:
             return (outputs, StepStats()) if outputs else None
         return outputs, done[2]
 
+    def _wait_for_grammars(self, seconds: float = 0.05):
+        """Blocks until a grammar compiles (or `seconds` pass: the core process reads its pipe between steps)."""
+        futures = [req.grammar.future for req in self.scheduler.compiling]
+        concurrent.futures.wait(futures, timeout=seconds, return_when=concurrent.futures.FIRST_COMPLETED)
+
     def _sample_constrained(self, sched_out: SchedulerOutput, pending: PendingOutput) -> list[EngineCoreOutput]:
         """A launched step with rows under a grammar: the step before it is applied now (its tokens advanced
         the matchers), so their bitmask is filled while the device runs this step's forward, then it samples.
@@ -119,7 +127,9 @@ class EngineCore:
                 req = self.scheduler.requests.get(r.req_id)
                 if req is not None and req.grammar is not None and not req.grammar.terminated:
                     rows.append((j, req.grammar))
+            start = time.perf_counter()
             bitmask = self.structured.fill_bitmask(rows) if rows else None
+            self.structured.stats.record(time.perf_counter() - start, pending.forward_done)
             self.runner.sample_constrained(pending, bitmask, [j for j, _ in rows])
             return []
         except torch.AcceleratorError:

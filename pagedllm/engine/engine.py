@@ -80,13 +80,15 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    kind: OutputKind = OutputKind.FINAL, arrival_time: float | None = None):
+                    kind: OutputKind = OutputKind.FINAL, arrival_time: float | None = None,
+                    cache_salt: str | None = None):
         """Validates and queues a request; a request that can never run is a ValueError here."""
-        child_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
+        num_seqs = params.num_sequences
+        child_ids = [child_request_id(request_id, i, num_seqs) for i in range(num_seqs)]
         if (request_id in self.output_processor.parents
                 or any(c in self.core.scheduler.requests for c in child_ids)):
             raise ValueError(f"request_id {request_id!r} is already in use")
-        req = self.input_processor.process(request_id, prompt, params, arrival_time)
+        req = self.input_processor.process(request_id, prompt, params, arrival_time, cache_salt)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
         for core_request in req.core_requests:

@@ -12,6 +12,7 @@ from pagedllm.engine.core import EngineCoreRequest
 from pagedllm.engine.output_processor import child_request_id
 from pagedllm.engine.tokenizer import load_eos_token_ids
 from pagedllm.sampling_params import SEED_END, SamplingParams
+from pagedllm.structured_output.grammar_spec import validate as validate_structured_outputs
 
 
 @dataclass
@@ -43,15 +44,22 @@ class InputProcessor:
                    config.block_size, num_blocks, config.enable_prefix_caching, config.max_num_seqs)
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                arrival_time: float | None = None) -> ProcessedRequest:
-        """Raises ValueError, naming the field and the limit, for a request that can never run."""
-        if self.max_num_seqs is not None and params.n > self.max_num_seqs:   # before any per-sequence work
-            raise ValueError(f"SamplingParams.n must be at most max_num_seqs ({self.max_num_seqs}), got {params.n}")
+                arrival_time: float | None = None, cache_salt: str | None = None) -> ProcessedRequest:
+        """Raises ValueError, naming the field and the limit, for a request that can never run.
+        cache_salt: only requests of the same salt share blocks (beam search: the beams of one search, even
+        with prefix caching off); None: the engine's rule below."""
+        num_seqs = params.num_sequences
+        if self.max_num_seqs is not None and num_seqs > self.max_num_seqs:   # before any per-sequence work
+            name = "n" if params.best_of is None else "best_of"
+            raise ValueError(f"SamplingParams.{name} must be at most max_num_seqs ({self.max_num_seqs}), "
+                             f"got {num_seqs}")
         text = prompt if isinstance(prompt, str) else None
         if self.tokenizer is None:
             params = _without_tokenizer(prompt, params)
         prompt_ids = truncate_prompt(self._prompt_ids(prompt), params.truncate_prompt_tokens, self.max_model_len)
         params.validate_vocab(self.vocab_size)
+        if params.structured_outputs is not None:   # a bad schema, regex or grammar: refused now, offline too
+            validate_structured_outputs(params.structured_outputs)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
         eos = set() if params.ignore_eos else self.eos_token_ids
         params = dataclasses.replace(
@@ -60,14 +68,16 @@ class InputProcessor:
             bad_words_token_ids=self._bad_words_ids(params.bad_words))
         arrival_time = time.time() if arrival_time is None else arrival_time
         # Prefix caching off: a salt keeps other requests out of this one's blocks, but not its n siblings.
-        salt = None if self.enable_prefix_caching else request_id
+        salt = cache_salt if cache_salt is not None else None if self.enable_prefix_caching else request_id
         core_requests = []
-        for i in range(params.n):
+        for i in range(num_seqs):
             # Siblings share the prompt's blocks through the block hashes; seeded siblings differ by index
             # (modulo 2**64: the same generator as seed + i, and always in manual_seed's range).
-            child_params = params if params.n == 1 else dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else (params.seed + i) % SEED_END)
-            core_requests.append(EngineCoreRequest(child_request_id(request_id, i, params.n), prompt_ids,
+            child_params = params if num_seqs == 1 else dataclasses.replace(
+                params, n=1, best_of=None, seed=None if params.seed is None else (params.seed + i) % SEED_END,
+                # best_of ranks by cumulative logprob: each sample's token logprob is needed
+                logprobs=0 if params.logprobs is None and num_seqs > params.n else params.logprobs)
+            core_requests.append(EngineCoreRequest(child_request_id(request_id, i, num_seqs), prompt_ids,
                                                    child_params, max_tokens, arrival_time, salt))
         return ProcessedRequest(text, prompt_ids, params, arrival_time, core_requests)
 

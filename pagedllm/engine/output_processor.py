@@ -45,6 +45,7 @@ class _ParentRequest:
     seqs: list[_Sequence]
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
+    num_returned: int | None = None   # best_of: return this many (n) of seqs, the highest cumulative logprob
 
     @property
     def finished(self) -> bool:
@@ -69,14 +70,17 @@ class OutputProcessor:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, kind: OutputKind, arrival_time: float):
+        num_seqs = params.num_sequences
+        ranked = num_seqs > params.n
         seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
                           logprobs=[] if params.logprobs is not None else None,
-                          cumulative_logprob=0.0 if params.logprobs is not None else None)
-                for i in range(params.n)]
-        parent = _ParentRequest(request_id, prompt, prompt_token_ids, kind, RequestMetrics(arrival_time), seqs)
+                          cumulative_logprob=0.0 if params.logprobs is not None or ranked else None)
+                for i in range(num_seqs)]
+        parent = _ParentRequest(request_id, prompt, prompt_token_ids, kind, RequestMetrics(arrival_time), seqs,
+                                num_returned=params.n if ranked else None)
         self.parents[request_id] = parent
         for s in seqs:
-            self.child_to_parent[child_request_id(request_id, s.index, params.n)] = (parent, s)
+            self.child_to_parent[child_request_id(request_id, s.index, num_seqs)] = (parent, s)
 
     def child_ids(self, request_id: str) -> list[str]:
         parent = self.parents.get(request_id)
@@ -141,9 +145,10 @@ class OutputProcessor:
                 parent.metrics.first_token_time = now
             parent.metrics.last_token_time = now
             seq.token_ids.extend(out.new_token_ids)
-            if out.logprobs is not None and seq.logprobs is not None:
-                seq.logprobs.append(self._position(out.logprobs))
+            if out.logprobs is not None and seq.cumulative_logprob is not None:
                 seq.cumulative_logprob += out.logprobs.logprobs[0]
+                if seq.logprobs is not None:
+                    seq.logprobs.append(self._position(out.logprobs))
         # An EOS or stop token id that ended the sequence is not part of its text.
         stop_str = (seq.detokenizer.update(out.new_token_ids, len(seq.token_ids), out.finish_reason == "stop")
                     if out.new_token_ids else None)
@@ -161,6 +166,8 @@ class OutputProcessor:
         return entry
 
     def _make_output(self, parent: _ParentRequest) -> RequestOutput | None:
+        if parent.num_returned is not None:
+            return self._best_of_output(parent)
         if parent.kind == OutputKind.FINAL and not parent.finished:
             return None
         delta = parent.kind == OutputKind.DELTA
@@ -169,6 +176,22 @@ class OutputProcessor:
             completions = [c for c in completions if c.token_ids or c.text or c.finish_reason]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
                              completions, parent.finished, parent.metrics, parent.num_cached_tokens)
+
+    def _best_of_output(self, parent: _ParentRequest) -> RequestOutput | None:
+        """best_of > n: once all have finished, the n of highest cumulative logprob, best first, as indexes
+        0..n-1 (which are best is known only at the end, so this comes once, whatever the output kind).
+        A failed request returns its first n: every one ends with "error"."""
+        if not parent.finished:
+            return None
+        seqs = parent.seqs
+        if not any(s.finish_reason == "error" for s in seqs):
+            seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)
+        seqs = seqs[:parent.num_returned]
+        completions = [self._completion(s, delta=False) for s in seqs]
+        for i, c in enumerate(completions):
+            c.index = i
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
+                             completions, True, parent.metrics, parent.num_cached_tokens)
 
     def _completion(self, seq: _Sequence, delta: bool) -> CompletionOutput:
         finished = seq.finish_reason is not None

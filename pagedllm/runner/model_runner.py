@@ -143,6 +143,9 @@ class ModelRunner:
             # Its bitmask needs the tokens of the step in flight: the engine core applies that step, then
             # sample_constrained() finishes this one while the device runs its forward.
             pending.deferred = (logits, meta)
+            if self.device.type == "cuda":   # lets the engine tell whether the bitmask fill was hidden
+                pending.forward_done = torch.cuda.Event()
+                pending.forward_done.record()
             return pending
         return self._sample(pending, logits, meta)
 
@@ -328,6 +331,7 @@ class PendingOutput:
     logprobs_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # ids, logprobs, ranks
     event: torch.cuda.Event | None = None
     deferred: tuple[torch.Tensor, "SamplingMetadata"] | None = None   # logits, metadata: sampled later
+    forward_done: torch.cuda.Event | None = None   # a deferred step's forward (CUDA)
 
     def result(self) -> ModelRunnerOutput:
         if not self.rows:

@@ -4,7 +4,7 @@ import uuid
 from dataclasses import replace
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from pagedllm import chat_template
 from pagedllm.engine.input_processor import truncate_prompt
@@ -16,7 +16,8 @@ from pagedllm.server.completions import prompt_logprobs_json
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
 from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, json_str, json_value,
-                                     merge, sse, sse_prefix, sse_stream, until_disconnect, usage)
+                                     merge, open_stream, sse, sse_prefix, sse_stream, until_disconnect, usage)
+from pagedllm.server.structured_fields import constraint_field
 
 
 def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
@@ -45,16 +46,23 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.check_context_length(len(kept), max_tokens, "messages", max_tokens_param)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
-    params = req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                    req.prompt_logprobs, defaults=ctx.engine.default_sampling_params)
-    params = _with_tool_constraint(params, plan)
+    if req.use_beam_search:
+        _refuse_tool_constraint(plan, "beam search does not take one")
+        params = req.to_beam_search_params(max_tokens, ctx.engine.max_model_len)
+    else:
+        params = _with_tool_constraint(req.to_sampling_params(
+            max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.prompt_logprobs,
+            defaults=ctx.engine.default_sampling_params), plan)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind)
     if req.stream:
+        outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), _constraint_field(req, plan))
+        if isinstance(outputs, Response):   # the client left
+            return outputs
         return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, plan, response_id, len(prompt_ids),
-                                                                         streams)),
+                                                                     outputs)),
                                  media_type="text/event-stream")
     return await until_disconnect(raw_request, _full(ctx, req, plan, response_id, streams, ids))
 
@@ -65,14 +73,24 @@ def _with_tool_constraint(params, plan: ToolPlan):
     if constraint is None:
         return params
     if params.structured_outputs is not None:
-        raise APIError(400, f"tool_choice {plan.choice} constrains the output itself: it cannot be combined with "
-                            "another structured output constraint", "tool_choice", "invalid_value")
+        _refuse_tool_constraint(plan, "it cannot be combined with another structured output constraint")
     return replace(params, structured_outputs=constraint)
+
+
+def _refuse_tool_constraint(plan: ToolPlan, why: str):
+    if plan.choice in ("required", "named"):
+        raise APIError(400, f"tool_choice {plan.choice} is enforced by structured output: {why}", "tool_choice",
+                       "invalid_value")
+
+
+def _constraint_field(req: ChatCompletionRequest, plan: ToolPlan) -> str | None:
+    """The param of a 400 from the engine's compile: a tool's parameters schema when tools set the constraint."""
+    return constraint_field(req) or ("tools" if plan.choice in ("required", "named") else None)
 
 
 async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, streams, ids) -> dict:
     try:
-        [out] = await final_outputs(streams)
+        [out] = await final_outputs(streams, _constraint_field(req, plan))
     finally:
         abort_all(ctx.engine, ids)
     choices = []
@@ -88,7 +106,7 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
     return response
 
 
-async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, num_prompt: int, streams):
+async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, num_prompt: int, outputs):
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": ctx.model_name}
     prefix, num_completion = sse_prefix(head), 0
@@ -96,7 +114,7 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
     parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
-    async for _, out in merge(streams):
+    async for _, out in outputs:
         for c in out.outputs:
             num_completion += len(c.token_ids)
             if parsers is not None:

@@ -6,7 +6,7 @@ import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from pagedllm.engine.input_processor import truncate_prompt
 from pagedllm.engine.output_processor import OutputKind
@@ -14,7 +14,8 @@ from pagedllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import CompletionRequest
 from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, json_str, json_value,
-                                     merge, sse, sse_prefix, sse_stream, until_disconnect, usage)
+                                     merge, open_stream, sse, sse_prefix, sse_stream, until_disconnect, usage)
+from pagedllm.server.structured_fields import constraint_field
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_request: Request):
@@ -26,17 +27,21 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     prompt_logprobs = req.prompt_logprobs
     if prompt_logprobs is None and req.echo and req.logprobs is not None:   # echo's prompt tokens need them
         prompt_logprobs = req.logprobs
-    params = req.to_sampling_params(req.max_tokens, req.logprobs, prompt_logprobs,
-                                    defaults=ctx.engine.default_sampling_params)
+    params = (req.to_beam_search_params(req.max_tokens, ctx.engine.max_model_len) if req.use_beam_search else
+              req.to_sampling_params(req.max_tokens, req.logprobs, prompt_logprobs,
+                                     defaults=ctx.engine.default_sampling_params))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     response_id = f"cmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind)
     texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]
     if req.stream:
+        outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))
+        if isinstance(outputs, Response):   # the client left
+            return outputs
         num_prompt = sum(len(p[1]) for p in prompts)
         return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt,
-                                                                     streams)), media_type="text/event-stream")
+                                                                     outputs)), media_type="text/event-stream")
     return await until_disconnect(raw_request, _full(ctx, req, response_id, texts, streams, ids))
 
 
@@ -53,7 +58,7 @@ def _prompts(ctx: ServingContext, prompt, add_special_tokens: bool) -> list[tupl
 
 async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], streams, ids) -> dict:
     try:
-        outputs = await final_outputs(streams)
+        outputs = await final_outputs(streams, constraint_field(req))
     finally:
         abort_all(ctx.engine, ids)
     choices = []
@@ -68,13 +73,13 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
             "choices": choices, "usage": usage(num_prompt, num_completion)}
 
 
-async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, streams):
+async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, outputs):
     created, num_completion = int(time.time()), 0
     started: set[int] = set()
     offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
     head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
     prefix = sse_prefix(head)
-    async for i, out in merge(streams):
+    async for i, out in outputs:
         for c in out.outputs:
             index = i * req.n + c.index
             echo = req.echo and index not in started

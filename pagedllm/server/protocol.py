@@ -4,7 +4,11 @@ Every field a request may carry is declared here, with OpenAI's and vLLM's names
 - honoured: it changes the output as OpenAI/vLLM define it (SamplingParams fields, chat template options);
 - a documented no-op: it cannot change the output (_NO_OPS below; README's Serve section lists them);
 - accepted only at its neutral value (one that changes nothing, as vLLM accepts), any other value a 400 naming
-  the field: features not implemented yet (structured output, beam search), see `unsupported`.
+  the field: features not implemented yet (the deprecated functions API), see `unsupported`.
+Beam search (use_beam_search, n = beam width, length_penalty) takes BeamSearchParams' fields only: a sampling
+field it would not use is a 400 naming it (`_check_beam_search`).
+Structured output fields (response_format, structured_outputs, guided_*) are read by structured_fields.py.
+Tools (tools, tool_choice, parallel_tool_calls) are checked here and planned by chat_tools.py.
 A field not declared is a 400 naming it ("Unrecognized request argument supplied: ..."), as OpenAI's.
 Types are checked here; values by SamplingParams and the engine, which name the field and the limit.
 Responses are plain dicts built in completions.py/chat.py.
@@ -15,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.errors import APIError, shorten
+from pagedllm.server.structured_fields import constraint_field, structured_outputs
 
 # Accepted and without effect on the output (OpenAI's and vLLM's bookkeeping fields):
 #   user, metadata, store, service_tier, safety_identifier, prompt_cache_key: the client's labels;
@@ -27,10 +32,9 @@ _NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "pr
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                     "include_stop_str_in_output", "ignore_eos", "min_tokens", "skip_special_tokens",
                     "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-                    "allowed_token_ids", "bad_words", "truncate_prompt_tokens")
-
-_GUIDED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-           "guided_decoding_backend", "guided_whitespace_pattern")
+                    "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "best_of")
+# What beam search uses besides n, max_tokens and length_penalty (vLLM's BeamSearchParams).
+_BEAM_FIELDS = ("temperature", "ignore_eos", "include_stop_str_in_output")
 
 
 class _Strict(BaseModel):
@@ -91,10 +95,10 @@ class _SamplingRequest(_Request):
     prompt_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Not implemented yet: accepted only at their neutral values (unsupported()).
     use_beam_search: bool = False
     best_of: int | None = None
     length_penalty: float = 1.0
+    # Structured output (structured_fields.py): at most one constraint.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -102,7 +106,8 @@ class _SamplingRequest(_Request):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
-    guided_whitespace_pattern: str | None = None
+    guided_whitespace_pattern: str | None = None    # only null: xgrammar takes no whitespace pattern
+    # Not implemented yet: accepted only at their neutral values (unsupported()).
     spaces_between_special_tokens: bool = True
     priority: int = 0
     # Documented no-ops (_NO_OPS).
@@ -122,14 +127,32 @@ class _SamplingRequest(_Request):
         return self
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
-        structured = "structured output"
-        return [("use_beam_search", not self.use_beam_search, "beam search"),
-                ("best_of", self.best_of in (None, self.n), "best-of sampling: null or n"),
-                ("length_penalty", self.length_penalty == 1.0, "beam search"),
-                ("response_format", self.response_format in (None, {"type": "text"}), structured),
-                *[(name, getattr(self, name) is None, structured) for name in _GUIDED],
-                ("spaces_between_special_tokens", self.spaces_between_special_tokens, "detokenizer option"),
+        return [("spaces_between_special_tokens", self.spaces_between_special_tokens, "detokenizer option"),
                 ("priority", self.priority == 0, "priority scheduling")]
+
+    @model_validator(mode="after")
+    def _check_beam_search(self):
+        if not self.use_beam_search:
+            if self.length_penalty != 1.0:
+                raise APIError(400, "length_penalty applies only with use_beam_search", "length_penalty",
+                               "invalid_value")
+            return self
+        unused = [*(f for f in _SAMPLING_FIELDS if f not in _BEAM_FIELDS), "logprobs", "top_logprobs",
+                  "prompt_logprobs", constraint_field(self)]
+        for name in filter(None, unused):
+            if getattr(self, name, None) not in (None, False):
+                raise APIError(400, f"{name} is not used by beam search (use_beam_search takes n as the beam "
+                                    f"width, max_tokens, temperature, ignore_eos, include_stop_str_in_output "
+                                    f"and length_penalty)", name, "invalid_value")
+        return self
+
+    def to_beam_search_params(self, max_tokens: int | None, max_model_len: int):
+        """max_tokens None: up to max_model_len (each prompt's search caps it at what its prompt leaves)."""
+        from pagedllm.beam_search import BeamSearchParams
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens or max_model_len,
+                                ignore_eos=bool(self.ignore_eos), temperature=self.temperature or 0.0,
+                                length_penalty=self.length_penalty,
+                                include_stop_str_in_output=bool(self.include_stop_str_in_output))
 
     @property
     def include_usage(self) -> bool:
@@ -140,8 +163,10 @@ class _SamplingRequest(_Request):
         """The fields the client set, over `defaults` (the generation config's), over SamplingParams' own;
         invalid values raise ValueError naming the field."""
         given = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
+        constraint, _ = structured_outputs(self)
         return SamplingParams(**{**(defaults or {}), **given, "n": self.n, "max_tokens": max_tokens,
-                                 "logprobs": logprobs, "prompt_logprobs": prompt_logprobs})
+                                 "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
+                                 "structured_outputs": constraint})
 
 
 class CompletionRequest(_SamplingRequest):

@@ -15,10 +15,12 @@ from json.encoder import encode_basestring_ascii
 from fastapi import Request
 from fastapi.responses import Response
 
-from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.beam_search import BeamSearchParams
+from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.server.beam_search import beam_search_stream, check_beam_search
 from pagedllm.server.errors import APIError, shorten
 
 DONE = "data: [DONE]\n\n"
@@ -72,9 +74,14 @@ class ServingContext:
                            param, "context_length_exceeded")
 
 
-def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]], params: SamplingParams,
+def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]],
+                 params: SamplingParams | BeamSearchParams,
                  kind: OutputKind) -> tuple[list[AsyncIterator[RequestOutput]], list[str]]:
-    """All prompts or none: when one is refused, the ones already added are aborted."""
+    """All prompts or none: when one is refused, the ones already added are aborted. BeamSearchParams: one
+    beam search per prompt, each a stream of one final output (its step requests are its own to abort)."""
+    if isinstance(params, BeamSearchParams):
+        check_beam_search(engine, params)
+        return [beam_search_stream(engine, f"{request_id}-{i}", p, params) for i, p in enumerate(prompts)], []
     streams, ids = [], []
     try:
         for i, prompt_ids in enumerate(prompts):
@@ -123,13 +130,56 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
             t.cancel()
 
 
-async def final_outputs(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+async def final_outputs(streams: list[AsyncIterator[RequestOutput]], param: str | None = None) -> list[RequestOutput]:
+    """The finished output of each stream. param: the field a 400 from the engine names (client_error)."""
     async def last(stream):
         out = None
         async for out in stream:
             pass
         return out
-    return list(await asyncio.gather(*(last(s) for s in streams)))
+    try:
+        return list(await asyncio.gather(*(last(s) for s in streams)))
+    except EngineGenerateError as e:
+        raise client_error(e, param) from e
+
+
+def client_error(e: EngineGenerateError, param: str | None) -> Exception:
+    """The engine's failure of a request the client caused (status 400: a constraint that did not compile, or
+    not within the time limit) as a 400 naming the field that set it; any other stays a 500."""
+    if e.status == 400:
+        return APIError(400, str(e), param or "structured_outputs", "invalid_structured_output")
+    return e
+
+
+async def open_stream(raw_request: Request, engine: AsyncLLM, request_ids: list[str],
+                      outputs: AsyncIterator[RequestOutput], param: str | None) -> AsyncIterator | Response:
+    """outputs with its first item awaited before a streamed response sends its status line: a request the
+    engine fails before any output (a constraint that does not compile) is still an HTTP error. A client that
+    leaves meanwhile gets 499 and its requests are aborted."""
+    async def first():
+        try:
+            return await _peek(outputs)
+        except EngineGenerateError as e:
+            abort_all(engine, request_ids)
+            raise client_error(e, param) from e
+        except BaseException:
+            abort_all(engine, request_ids)
+            raise
+    return await until_disconnect(raw_request, first())
+
+
+async def _peek(items: AsyncIterator) -> AsyncIterator:
+    try:
+        head = [await anext(items)]
+    except StopAsyncIteration:
+        head = []
+
+    async def chained():
+        for item in head:
+            yield item
+        async for item in items:
+            yield item
+    return chained()
 
 
 async def sse_stream(engine: AsyncLLM, request_ids: list[str], chunks: AsyncIterator[str]) -> AsyncIterator[str]:

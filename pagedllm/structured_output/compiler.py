@@ -70,8 +70,6 @@ class GrammarCompilePool:
     def _work(self):
         while True:
             params, future = self._jobs.get()
-            if params is None:
-                return
             try:
                 future.set_result(self._compile(params))
             except BaseException as e:   # the future carries it to the requests that wait
@@ -101,11 +99,6 @@ class GrammarCompilePool:
                                                           stop_token_ids=self.stop_ids or None)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             return self._compiler
-
-    def shutdown(self):
-        if self._jobs is not None:
-            for _ in range(self._max_workers):
-                self._jobs.put((None, None))
 
 
 def compile_constraint(compiler, params: StructuredOutputsParams):

@@ -1,22 +1,182 @@
-"""A constraint as an xgrammar Grammar (placeholder until the API branch lands its full version)."""
+"""A constraint (StructuredOutputsParams) as an xgrammar Grammar: what the compile pool compiles, and the check
+that refuses a bad schema, regex or grammar where the request enters (no tokenizer needed).
+
+xgrammar is imported inside the functions: the plain generate path never loads it.
+"""
 import json
+import re
+from collections import OrderedDict
 
 from pagedllm.structured_output.params import StructuredOutputsParams
 
+FIELD = "SamplingParams.structured_outputs"
+
 
 def build_grammar(p: StructuredOutputsParams):
+    """The xgrammar.Grammar of p's one constraint. Raises ValueError naming the field for one xgrammar refuses."""
+    kind = p.kind
+    try:
+        return _BUILDERS[kind](p)
+    except ValueError:
+        raise
+    except Exception as e:   # xgrammar's own errors (RuntimeError, InvalidJSONError, ...): the user's input
+        raise ValueError(f"{FIELD}.{kind} is invalid: {_first_line(e)}") from e
+
+
+def validate(p: StructuredOutputsParams) -> None:
+    """A constraint that cannot become a grammar is a ValueError now, before the request is queued. Constraints
+    seen valid are remembered by key (a bounded set): a schema sent with every request is parsed once."""
+    key = p.key()
+    if key in _valid:
+        _valid.move_to_end(key)
+        return
+    build_grammar(p)
+    _valid[key] = None
+    if len(_valid) > MAX_VALID_KEYS:
+        _valid.popitem(last=False)
+
+
+MAX_VALID_KEYS = 4096
+_valid: OrderedDict = OrderedDict()
+
+
+def choice_ebnf(choices: list[str]) -> str:
+    """root ::= "a" | "b" ...: each choice an EBNF string literal, escaped so quotes, backslashes, newlines and
+    any other character stand for themselves."""
+    return "root ::= " + " | ".join(_ebnf_literal(c) for c in choices)
+
+
+def _ebnf_literal(text: str) -> str:
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)   # xgrammar reads its EBNF as UTF-8: other characters are literal
+    return '"' + "".join(out) + '"'
+
+
+def _json(p: StructuredOutputsParams):
     import xgrammar as xgr
-    ws = not p.disable_any_whitespace
-    if p.json is not None:
-        schema = p.json if isinstance(p.json, str) else json.dumps(p.json)
-        return xgr.Grammar.from_json_schema(schema, any_whitespace=ws, strict_mode=p.disable_additional_properties)
-    if p.json_object:
-        return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=ws)
-    if p.regex is not None:
-        return xgr.Grammar.from_regex(p.regex)
-    if p.choice is not None:
-        return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in p.choice))
-    if p.grammar is not None:
-        return xgr.Grammar.from_ebnf(p.grammar)
-    tag = p.structural_tag if isinstance(p.structural_tag, str) else json.dumps(p.structural_tag)
-    return xgr.Grammar.from_structural_tag(tag)
+    schema = p.json
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{FIELD}.json is not valid JSON: {e}") from e
+    if not isinstance(schema, dict):
+        raise ValueError(f"{FIELD}.json must be a JSON schema object, got {type(schema).__name__}")
+    if p.disable_additional_properties:
+        schema = no_additional_properties(schema)
+    schema = json_safe_lengths(schema)
+    return xgr.Grammar.from_json_schema(schema, any_whitespace=not p.disable_any_whitespace)
+
+
+def _json_object(p: StructuredOutputsParams):
+    # xgrammar's builtin JSON grammar is any JSON value; json_object is an object only.
+    import xgrammar as xgr
+    return xgr.Grammar.from_json_schema({"type": "object"}, any_whitespace=not p.disable_any_whitespace,
+                                        strict_mode=False)
+
+
+def _regex(p: StructuredOutputsParams):
+    import xgrammar as xgr
+    return xgr.Grammar.from_regex(p.regex)
+
+
+def _choice(p: StructuredOutputsParams):
+    import xgrammar as xgr
+    return xgr.Grammar.from_ebnf(choice_ebnf(p.choice))
+
+
+def _grammar(p: StructuredOutputsParams):
+    import xgrammar as xgr
+    return xgr.Grammar.from_ebnf(p.grammar)
+
+
+def _structural_tag(p: StructuredOutputsParams):
+    """xgrammar's format ({"type": "structural_tag", "format": {...}}), or vLLM's older one
+    ({"structures": [{"begin", "schema", "end"}], "triggers": [...]})."""
+    import xgrammar as xgr
+    tag = p.structural_tag
+    if isinstance(tag, str):
+        try:
+            tag = json.loads(tag)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{FIELD}.structural_tag is not valid JSON: {e}") from e
+    if not isinstance(tag, dict):
+        raise ValueError(f"{FIELD}.structural_tag must be a JSON object, got {type(tag).__name__}")
+    if "structures" not in tag:
+        return xgr.Grammar.from_structural_tag(tag)
+    items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s.get("schema", {})), end=s["end"])
+             for s in tag["structures"]]
+    return xgr.Grammar.from_structural_tag(items, tag.get("triggers", []))
+
+
+_BUILDERS = {"json": _json, "json_object": _json_object, "regex": _regex, "choice": _choice,
+             "grammar": _grammar, "structural_tag": _structural_tag}
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+               "unevaluatedProperties", "unevaluatedItems", "additionalItems")
+
+
+def map_schemas(schema, fn):
+    """A copy of schema with fn applied to it and to every schema inside it (only keywords that hold schemas:
+    a property named "properties" is a name, not a keyword)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: map_schemas(s, fn) for name, s in out[key].items()}
+    for key in _SCHEMA_LISTS + _SUBSCHEMAS:
+        value = out.get(key)
+        if isinstance(value, list):
+            out[key] = [map_schemas(s, fn) for s in value]
+        elif isinstance(value, dict):
+            out[key] = map_schemas(value, fn)
+    return fn(out)
+
+
+def no_additional_properties(schema):
+    """vLLM's disable_additional_properties: additionalProperties false on every object schema leaving it unset."""
+    def close(s: dict) -> dict:
+        if (s.get("type") == "object" or "properties" in s) and "additionalProperties" not in s:
+            s["additionalProperties"] = False
+        return s
+    return map_schemas(schema, close)
+
+
+def json_safe_lengths(schema):
+    """xgrammar 0.2.9 writes a string with minLength/maxLength as "any character but quote, backslash, CR, LF"
+    {min,max}: raw control characters get in (invalid JSON), and so do UTF-8 byte sequences of surrogates and
+    overlong forms (text that decodes to U+FFFD, more characters than maxLength). The same bounds as a pattern
+    over the characters JSON allows unescaped, named as code point ranges, keep the string valid."""
+    def bound(s: dict) -> dict:
+        if s.get("type") != "string" or "pattern" in s or "format" in s:
+            return s
+        if "minLength" not in s and "maxLength" not in s:
+            return s
+        low, high = s.pop("minLength", 0), s.pop("maxLength", "")
+        s["pattern"] = f"^{JSON_STRING_CHAR}{{{low},{high}}}$"
+        return s
+    return map_schemas(schema, bound)
+
+
+# A character JSON takes unescaped: U+0020..U+10FFFF but the quote, the backslash and the surrogates.
+JSON_STRING_CHAR = r"[ !#-\[\]-\uD7FF\uE000-\U0010FFFF]"
+
+
+def _first_line(e: Exception) -> str:
+    """xgrammar's message without its log prefix ("[04:30:58] /project/cpp/x.cc:94: "), on one line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return _LOG_PREFIX.sub("", text)[:1000]
+
+
+_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")

@@ -10,6 +10,7 @@ device runs the step's forward; the runner copies it over and applies it before 
 import os
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 
@@ -52,6 +53,20 @@ class RequestGrammar:
         return self.matcher.is_terminated()
 
 
+@dataclass
+class BitmaskStats:
+    """Host time filling bitmasks, and the steps whose forward was still running when the fill ended (CUDA:
+    the fill was hidden behind the device)."""
+    num_steps: int = 0
+    fill_seconds: float = 0.0
+    num_hidden: int = 0
+
+    def record(self, seconds: float, forward_done) -> None:
+        self.num_steps += 1
+        self.fill_seconds += seconds
+        self.num_hidden += forward_done is not None and not forward_done.query()
+
+
 class StructuredOutputManager:
     def __init__(self, pool: GrammarCompilePool, vocab_size: int, max_num_seqs: int, device: torch.device):
         self.pool = pool
@@ -60,6 +75,7 @@ class StructuredOutputManager:
         self.device = device
         self._bitmask: torch.Tensor | None = None   # host, one row per sampled row of a step
         self._batch = None
+        self.stats = BitmaskStats()
 
     def request_grammar(self, params: StructuredOutputsParams) -> RequestGrammar:
         return RequestGrammar(self.pool.submit(params), params.kind, self.pool.timeout)
@@ -75,6 +91,3 @@ class StructuredOutputManager:
         self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], self._bitmask,
                                                   [j for j, _ in rows])
         return self._bitmask
-
-    def shutdown(self):
-        self.pool.shutdown()

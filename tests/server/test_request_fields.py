@@ -42,6 +42,7 @@ def test_unknown_fields_are_400_naming_them(server, path, body, param):
 NEUTRAL = {"response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1, "use_beam_search": False,
            "length_penalty": 1.0, "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
            "priority": 0, "spaces_between_special_tokens": True, "guided_json": None, "structured_outputs": None,
+           "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": None,
            "stream_options": {"include_usage": False}, "user": "u1", "metadata": {"k": "v"}, "store": False,
            "service_tier": "auto", "safety_identifier": "s", "prompt_cache_key": "p"}
 
@@ -65,20 +66,8 @@ def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
 
 
 @pytest.mark.parametrize("path,body,param", [
-    (COMPLETIONS, {"use_beam_search": True}, "use_beam_search"),
-    (COMPLETIONS, {"best_of": 3}, "best_of"),
-    (COMPLETIONS, {"length_penalty": 0.5}, "length_penalty"),
-    (COMPLETIONS, {"response_format": {"type": "json_object"}}, "response_format"),
-    (COMPLETIONS, {"guided_regex": "[a-z]+"}, "guided_regex"),
-    (COMPLETIONS, {"guided_choice": ["yes", "no"]}, "guided_choice"),
-    (COMPLETIONS, {"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
-    (COMPLETIONS, {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
-    (COMPLETIONS, {"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs"),
     (COMPLETIONS, {"suffix": "the end"}, "suffix"),
     (COMPLETIONS, {"priority": 1}, "priority"),
-    (CHAT, {"guided_json": {"type": "object"}}, "guided_json"),
-    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format"),
     (CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     (CHAT, {"function_call": {"name": "f"}}, "function_call"),
     (CHAT, {"documents": [{"title": "t", "text": "x"}]}, "documents"),

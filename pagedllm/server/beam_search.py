@@ -1,0 +1,60 @@
+"""Beam search behind the server (use_beam_search): one prompt's search on AsyncLLM, as a stream of one
+RequestOutput, so completions and chat treat it as any request (streamed: all at once at the end)."""
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+from pagedllm.beam_search import (BeamSearchInstance, BeamSearchParams, beam_cache_salt, finish_text,
+                                  step_sampling_params)
+from pagedllm.engine.output_processor import OutputKind
+from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedllm.server.errors import APIError
+
+
+def check_beam_search(engine, params: BeamSearchParams):
+    """At request time, naming the server's field: the beam width is n."""
+    try:
+        step_sampling_params(params, len(engine.input_processor.eos_token_ids))
+    except ValueError as e:
+        raise APIError(400, str(e).replace("BeamSearchParams.beam_width", "n (the beam width)"), "n",
+                       "invalid_value") from None
+
+
+async def beam_search_stream(engine, request_id: str, prompt_ids: list[int],
+                             params: BeamSearchParams) -> AsyncIterator[RequestOutput]:
+    """Each step adds every running beam as a 1-token request at once (the core batches them with everything
+    else in flight). Leaving early aborts the step's requests (AsyncLLM's streams do it when closed)."""
+    arrival = time.time()
+    params = dataclasses.replace(params, max_tokens=min(params.max_tokens, engine.max_model_len - len(prompt_ids)))
+    eos = engine.input_processor.eos_token_ids
+    step_params = step_sampling_params(params, len(eos))
+    salt = beam_cache_salt(request_id, engine.input_processor.enable_prefix_caching)
+    inst = BeamSearchInstance(prompt_ids, params, eos)
+    while not inst.done:
+        beams = inst.beam_prompts()
+        streams = [engine.add_request(f"{request_id}-{inst.num_generated}-{j}", beam, step_params,
+                                      OutputKind.FINAL, cache_salt=salt) for j, beam in enumerate(beams)]
+        outs = await asyncio.gather(*(_last(s) for s in streams))
+        inst.step([o.outputs[0].logprobs[0] for o in outs])
+    yield _request_output(engine, request_id, inst, params, arrival)
+
+
+async def _last(stream) -> RequestOutput:
+    out = None
+    async for out in stream:
+        pass
+    if out.outputs[0].finish_reason == "error" or not out.outputs[0].logprobs:
+        raise RuntimeError(f"beam search step failed: {out.outputs[0].finish_reason}")
+    return out
+
+
+def _request_output(engine, request_id: str, inst: BeamSearchInstance, params: BeamSearchParams,
+                    arrival: float) -> RequestOutput:
+    n = len(inst.prompt_token_ids)
+    decode = engine.tokenizer.decode
+    completions = [CompletionOutput(i, finish_text(s, n, params, decode, with_prompt=False), s.tokens[n:],
+                                    s.cum_logprob, None, s.finish_reason, s.stop_reason)
+                   for i, s in enumerate(inst.results())]
+    metrics = RequestMetrics(arrival, finished_time=time.time())
+    return RequestOutput(request_id, None, inst.prompt_token_ids, None, completions, True, metrics)

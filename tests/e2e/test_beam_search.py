@@ -1,0 +1,139 @@
+"""LLM.beam_search against transformers generate(num_beams=k, do_sample=False, length_penalty=lp) on tiny random
+float32 Llamas: the same sequences in the same order, the same scores within 1e-4, with EOS reachable (a model
+whose EOS ids include a likely token) and not, beam widths 1..4, batched prompts; and the blocks beams share."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from pagedllm import LLM, BeamSearchParams
+from pagedllm.bench.beam_blocks import beam_block_sharing
+
+TOL = 1e-4
+MAX_NEW = 12
+LIKELY_EOS = 111
+PROMPTS = [np.random.default_rng(1).integers(3, 512, size=n).tolist() for n in (3, 9, 20, 33)]
+
+
+def _make_eos_likely(d: str) -> str:
+    """Raise token LIKELY_EOS's logit by ~2 on average (along the mean final hidden state) and make it an EOS id
+    beside 2: beams then finish early, and both EOS ids count in transformers' candidates per step (3k)."""
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    x = torch.randint(3, 512, (8, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = model(x, output_hidden_states=True).hidden_states[-1].mean((0, 1))
+    f = next(Path(d).glob("*.safetensors"))
+    weights = load_file(f)
+    weights["lm_head.weight"][LIKELY_EOS] += 2.0 * h / h.dot(h)
+    save_file(weights, f, metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((Path(d) / name).read_text())
+        config["eos_token_id"] = [2, LIKELY_EOS]
+        (Path(d) / name).write_text(json.dumps(config))
+    return d
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("beam_models")
+    plain = make_tiny_model(root / "plain", arch="llama", seed=0)
+    eos = _make_eos_likely(make_tiny_model(root / "eos", arch="llama", seed=5))
+    return {name: (d, AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32),
+                   LLM(d, dtype="float32", log_stats_interval=0)) for name, d in (("plain", plain), ("eos", eos))}
+
+
+def hf_beams(model, prompt, k, lp, ignore_eos=False):
+    """(generated ids per returned sequence, fill value stripped; their scores)."""
+    config = model.generation_config
+    saved, config.eos_token_id = config.eos_token_id, None if ignore_eos else config.eos_token_id
+    try:
+        if k == 1:   # transformers runs greedy for num_beams=1: score its tokens ourselves
+            g = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=0,
+                               output_logits=True, return_dict_in_generate=True)
+            ids = g.sequences[0, len(prompt):].tolist()
+            cum = sum(torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(g.logits, ids))
+            return [ids], [cum / len(ids) ** lp]
+        g = model.generate(torch.tensor([prompt]), num_beams=k, num_return_sequences=k, do_sample=False,
+                           length_penalty=lp, max_new_tokens=MAX_NEW, pad_token_id=0, output_scores=True,
+                           return_dict_in_generate=True)
+    finally:
+        config.eos_token_id = saved
+    return [s[len(prompt):].tolist() for s in g.sequences], g.sequences_scores.tolist()
+
+
+def check(models, name, k, lp, ignore_eos=False):
+    d, model, llm = models[name]
+    params = BeamSearchParams(beam_width=k, max_tokens=MAX_NEW, length_penalty=lp, ignore_eos=ignore_eos)
+    outputs = llm.beam_search(PROMPTS, params)   # all prompts batched
+    assert llm.engine.get_stats().peak_running > k   # one engine step ran the beams of several prompts
+    finished_by_eos = 0
+    for prompt, out in zip(PROMPTS, outputs):
+        ref_ids, ref_scores = hf_beams(model, prompt, k, lp, ignore_eos)
+        assert len(out.sequences) == k
+        for seq, ref, ref_score in zip(out.sequences, ref_ids, ref_scores):
+            got = seq.tokens[len(prompt):]
+            assert seq.tokens[:len(prompt)] == prompt
+            # transformers pads shorter sequences with its fill value (the first EOS id here)
+            assert got == ref[:len(got)] and len(set(ref[len(got):])) <= 1, (prompt, got, ref)
+            assert abs(seq.score - ref_score) < TOL
+            assert abs(seq.cum_logprob - ref_score * len(got) ** lp) < TOL * len(got) ** max(lp, 0) + 1e-6
+            assert len(seq.logprobs) == len(got)
+            finished_by_eos += seq.finish_reason == "stop"
+            assert (seq.finish_reason == "stop") == (got[-1] in (2, LIKELY_EOS) and not ignore_eos)
+    return finished_by_eos
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("lp", [1.0, 0.0, 2.0, -0.5])
+def test_eos_reachable_matches_transformers(models, k, lp):
+    check(models, "eos", k, lp)
+
+
+def test_eos_reachable_finishes_early(models):
+    assert check(models, "eos", 4, 0.0) >= 4   # beams ended by EOS, the search stopped before max_tokens
+
+
+@pytest.mark.parametrize("k,lp", [(1, 1.0), (2, 1.0), (4, 1.0), (3, 2.0)])
+def test_plain_model_matches_transformers(models, k, lp):
+    check(models, "plain", k, lp)
+
+
+def test_ignore_eos_matches_transformers_without_eos(models):
+    check(models, "eos", 3, 1.0, ignore_eos=True)
+
+
+def test_beams_share_blocks(models):
+    """The prompt's full blocks are held once for all beams; only the beams' last blocks are their own."""
+    d, _, llm = models["plain"]
+    peak, unshared = beam_block_sharing(llm, beam_width=4, prompt_len=100, max_tokens=8)
+    assert peak < unshared and 1 - peak / unshared > 0.5, (peak, unshared)
+    stats = llm.engine.get_stats()
+    assert stats.num_blocks_free == stats.num_blocks_total
+
+
+def test_prefix_caching_off_same_beams_and_sharing(models):
+    d, model, _ = models["eos"]
+    llm = LLM(d, dtype="float32", log_stats_interval=0, enable_prefix_caching=False)
+    out = llm.beam_search(PROMPTS[2], BeamSearchParams(beam_width=3, max_tokens=MAX_NEW))[0]
+    ref_ids, ref_scores = hf_beams(model, PROMPTS[2], 3, 1.0)
+    assert [s.tokens[len(PROMPTS[2]):] for s in out.sequences] == [r[:len(s.tokens) - len(PROMPTS[2])]
+                                                                    for s, r in zip(out.sequences, ref_ids)]
+    peak, unshared = beam_block_sharing(llm, beam_width=4, prompt_len=100, max_tokens=8)
+    assert peak < unshared
+
+
+def test_beam_search_params_are_checked(models):
+    llm = models["plain"][2]
+    with pytest.raises(ValueError, match="beam_width"):
+        BeamSearchParams(beam_width=0, max_tokens=4)
+    with pytest.raises(ValueError, match="length_penalty"):
+        BeamSearchParams(beam_width=2, max_tokens=4, length_penalty=float("nan"))
+    with pytest.raises(ValueError, match="beam_width must be at most 10"):
+        llm.beam_search([[5, 6]], BeamSearchParams(beam_width=11, max_tokens=4))
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.beam_search([[5, 6]], BeamSearchParams(beam_width=2, max_tokens=10_000))

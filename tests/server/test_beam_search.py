@@ -1,0 +1,76 @@
+"""use_beam_search (n = beam width, length_penalty) and best_of through the openai client: the server's beams are
+LLM.beam_search's, best_of returns n choices; fields beam search would not use are 400s naming them."""
+import json
+
+import httpx
+import openai
+import pytest
+from server.server_utils import MODEL_NAME
+
+from pagedllm import BeamSearchParams
+
+PROMPT = "Once upon a time"
+MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
+
+
+def _expected(offline_llm, prompt_ids, k, lp, max_tokens):
+    out = offline_llm.beam_search([prompt_ids], BeamSearchParams(beam_width=k, max_tokens=max_tokens,
+                                                                 length_penalty=lp))[0]
+    tok = offline_llm.get_tokenizer()
+    n = len(prompt_ids)
+    return [(tok.decode(s.tokens[n:-1] if s.finish_reason == "stop" else s.tokens[n:]), s.finish_reason)
+            for s in out.sequences]
+
+
+@pytest.mark.parametrize("lp", [1.0, 0.5])
+def test_completions_beam_search_matches_offline(client, offline_llm, lp):
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, n=3, max_tokens=10,
+                                  extra_body={"use_beam_search": True, "length_penalty": lp})
+    ids = offline_llm.get_tokenizer().encode(PROMPT)
+    assert [(c.text, c.finish_reason) for c in r.choices] == _expected(offline_llm, ids, 3, lp, 10)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_chat_beam_search_and_stream(client, server, offline_llm):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, n=2, max_tokens=8,
+                                       extra_body={"use_beam_search": True})
+    ids = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}, headers=server.headers).json()["tokens"]
+    expected = _expected(offline_llm, ids, 2, 1.0, 8)
+    assert [(c.message.content, c.finish_reason) for c in r.choices] == expected
+    # streamed: the whole result at the end, in chunks of OpenAI's shape
+    texts = {}
+    for chunk in client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, n=2, max_tokens=8,
+                                                stream=True, extra_body={"use_beam_search": True}):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert [texts[0], texts[1]] == [t for t, _ in expected]
+
+
+def test_best_of_returns_n_choices(client):
+    r = client.completions.create(model=MODEL_NAME, prompt=[PROMPT, "Tom"], n=2, max_tokens=6, seed=3,
+                                  extra_body={"best_of": 4})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    streamed = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, n=1, max_tokens=6, seed=3,
+                                              stream=True, extra_body={"best_of": 3}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"length_penalty": 0.5}, "length_penalty"),                        # without use_beam_search
+    ({"use_beam_search": True, "top_p": 0.5}, "top_p"),
+    ({"use_beam_search": True, "logprobs": 2}, "logprobs"),
+    ({"use_beam_search": True, "stop": ["x"]}, "stop"),
+    ({"use_beam_search": True, "n": 11}, "n"),                          # 2 x 11 top logprobs > 20
+    ({"best_of": 1, "n": 2}, "best_of"),
+])
+def test_beam_and_best_of_errors_name_the_field(server, body, param):
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60,
+                   json={"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    assert json.loads(r.text)["error"]["param"] == param

@@ -1,0 +1,120 @@
+"""grammar_spec: each constraint as an xgrammar Grammar (what the engine compiles), and the ValueError naming the
+field for a constraint that cannot be one, where the request enters (no tokenizer, no engine)."""
+import json
+
+import pytest
+
+from pagedllm.engine.input_processor import InputProcessor
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.grammar_spec import (build_grammar, choice_ebnf, json_safe_lengths,
+                                                    no_additional_properties)
+from pagedllm.structured_output.params import StructuredOutputsParams as P
+from structured_output_schemas import CHOICES, GRAMMARS, REGEXES, SCHEMAS
+
+xgr = pytest.importorskip("xgrammar")
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    from transformers import AutoTokenizer
+
+    from pagedllm.config import DEMO_MODEL
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    return xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=512, stop_token_ids=[2]))
+
+
+def accepts(compiler, p: P, text: str) -> bool:
+    """Whether the grammar of p takes exactly text (all of it, and may end there)."""
+    matcher = xgr.GrammarMatcher(compiler.compile_grammar(build_grammar(p)))
+    # The stop token (2) is accepted only where the grammar may end.
+    return matcher.accept_string(text) and matcher.accept_token(2)
+
+
+def test_the_whole_corpus_builds():
+    for schema in SCHEMAS.values():
+        build_grammar(P(json=schema))
+        build_grammar(P(json=json.dumps(schema), disable_any_whitespace=True, disable_additional_properties=True))
+    for rx in REGEXES.values():
+        build_grammar(P(regex=rx))
+    for choices in CHOICES.values():
+        build_grammar(P(choice=choices))
+    for g in GRAMMARS.values():
+        build_grammar(P(grammar=g))
+
+
+def test_choices_are_escaped_literals(compiler):
+    tricky = CHOICES["tricky"] + ["", "a|b", "root ::= x", "\\n"]
+    assert choice_ebnf(['a"b']) == 'root ::= "a\\"b"'
+    p = P(choice=tricky)
+    for c in tricky:
+        assert accepts(compiler, p, c), c
+    for other in ['say "hi', "backslash", "two\\nlines", "two", "日本", "x"]:
+        assert not accepts(compiler, p, other), other
+
+
+def test_json_object_is_an_object_not_any_value(compiler):
+    p = P(json_object=True)
+    assert accepts(compiler, p, '{"a": [1, {"b": null}]}')
+    assert accepts(compiler, p, "{}")
+    for value in ("[1]", "1", '"s"', "null"):
+        assert not accepts(compiler, p, value), value
+
+
+def test_disable_any_whitespace(compiler):
+    schema = SCHEMAS["flat_object"]
+    loose, compact = P(json=schema), P(json=schema, disable_any_whitespace=True)
+    spaced = '{\n  "name" : "ab",\n  "age": 3\n}'
+    assert accepts(compiler, loose, spaced)
+    assert not accepts(compiler, compact, spaced)
+    assert accepts(compiler, compact, '{"name": "ab", "age": 3}')
+
+
+def test_disable_additional_properties():
+    schema = {"type": "object", "properties": {"properties": {"type": "object"}, "a": {
+        "type": "array", "items": {"type": "object", "additionalProperties": True}}}}
+    closed = no_additional_properties(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["properties"]["additionalProperties"] is False   # a property's name, not a keyword
+    assert closed["properties"]["a"]["items"]["additionalProperties"] is True   # set by the user: kept
+    assert "additionalProperties" not in schema                                  # the user's schema is not changed
+
+
+def test_bounded_strings_stay_valid_json(compiler):
+    """xgrammar 0.2.9 lets raw control characters and non-UTF-8 bytes into strings with maxLength; build_grammar
+    keeps them out."""
+    schema = {"type": "string", "minLength": 1, "maxLength": 3}
+    assert not accepts(compiler, P(json=schema), '"a\x01"')
+    for raw in (b'"\xed\xa0\x80"', b'"\xe0\x80\x80"'):   # a surrogate, an overlong NUL: not UTF-8 text
+        assert not accepts(compiler, P(json=schema), raw)
+    assert accepts(compiler, P(json=schema), '"日本"')
+    assert accepts(compiler, P(json=schema), '"abc"')
+    assert not accepts(compiler, P(json=schema), '"abcd"')
+    assert json_safe_lengths({"type": "string", "pattern": "x"}) == {"type": "string", "pattern": "x"}
+
+
+@pytest.mark.parametrize("p, field", [
+    (P(json='{"type": "objec"}'), "json"), (P(json="{"), "json"), (P(json="[1]"), "json"),
+    (P(json={"type": "string", "pattern": "(("}), "json"), (P(regex="a(b"), "regex"),
+    (P(grammar="root ::= undefined_rule"), "grammar"), (P(grammar="no rules"), "grammar"),
+    (P(structural_tag={"type": "nope"}), "structural_tag"), (P(structural_tag="{"), "structural_tag")])
+def test_invalid_constraint_is_a_value_error_naming_the_field(p, field):
+    with pytest.raises(ValueError, match=rf"^SamplingParams\.structured_outputs\.{field} ") as e:
+        build_grammar(p)
+    assert "/project/" not in str(e.value)   # xgrammar's log prefix is cut
+
+
+def test_structural_tag_formats():
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    build_grammar(P(structural_tag={"structures": [{"begin": "<f>", "schema": schema, "end": "</f>"}],
+                                    "triggers": ["<f>"]}))   # vLLM's older format
+    build_grammar(P(structural_tag={"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<f>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</f>"}}))
+
+
+def test_input_processor_refuses_a_bad_constraint_before_queueing():
+    processor = InputProcessor(None, set(), 512, 64, 16, 64, True)
+    good = SamplingParams(max_tokens=4, structured_outputs={"regex": "[0-9]+"})
+    assert processor.process("a", [1, 2, 3], good).core_requests
+    bad = SamplingParams(max_tokens=4, structured_outputs={"regex": "[0-9"})
+    with pytest.raises(ValueError, match=r"structured_outputs\.regex is invalid"):
+        processor.process("b", [1, 2, 3], bad)
