@@ -42,9 +42,7 @@ def _check_calls(calls, names=None, cut_short=False):
     for call in calls[:-1] if cut_short else calls:
         assert call.id.startswith("call_") and call.type == "function"
         assert names is None or call.function.name in names
-        # strict=False: xgrammar (0.2.9) lets a byte-fallback token of a control character (<0x10>) into a JSON
-        # string, which strict JSON refuses; the tiny model's tokenizer has such tokens.
-        jsonschema.validate(json.loads(call.function.arguments, strict=False), SCHEMAS[call.function.name])
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
 def _streamed(client, **kw):
