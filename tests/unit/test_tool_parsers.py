@@ -14,8 +14,8 @@ from pagedllm.server.tool_parsers.hermes import HermesToolParser
 # escapes, unicode, nested objects ending in "}}" (vLLM #15274), a call without arguments (#28806).
 HERMES_OUTPUTS = [
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
-    'Let me look that up.\n<tool_call>\n{"name": "search", "arguments": {"q": "a {b} \\"c\\" \\\\ é 🚀", '
-    '"filters": {"year": {"gte": 2020}}}}\n</tool_call>\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>',
+    ('Let me look that up.\n<tool_call>\n{"name": "search", "arguments": {"q": "a {b} \\"c\\" \\\\ é 🚀", '
+     '"filters": {"year": {"gte": 2020}}}}\n</tool_call>\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'),
     '<tool_call>\n{"name": "now"}\n</tool_call>',
     '<tool_call>{"arguments": {"list": [1, [2, {"x": "]"}]]}, "name": "late_name"}</tool_call>',
     "No tools needed: 2 < 3 and <tool is not a tag.",

@@ -14,4 +14,4 @@ def get_tool_parser(name: str) -> type[ToolParser]:
     return TOOL_PARSERS[name]
 
 
-__all__ = ["DeltaMessage", "ToolCallDelta", "ToolParser", "TOOL_PARSERS", "get_tool_parser"]
+__all__ = ["TOOL_PARSERS", "DeltaMessage", "ToolCallDelta", "ToolParser", "get_tool_parser"]
