@@ -24,9 +24,10 @@ class ChatTemplateError(ValueError):
 
 def render_chat(tokenizer, conversation: list[dict], chat_template: str | None = None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                chat_template_kwargs: dict | None = None) -> str:
+                chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> str:
     """The prompt text of `conversation`. continue_final_message leaves the last message open (no end of turn,
-    no generation prompt) so the model continues it, as transformers and vLLM do."""
+    no generation prompt) so the model continues it, as transformers and vLLM do. tools (OpenAI's
+    [{"type": "function", "function": {...}}]) go to the template, which describes them to the model."""
     if add_generation_prompt and continue_final_message:
         raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true: the first "
                                 "continues the last message, the second starts a new one", "continue_final_message")
@@ -39,7 +40,8 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
     try:
         return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message, **kwargs)
+                                             continue_final_message=continue_final_message, tools=tools or None,
+                                             **kwargs)
     except Exception as e:   # a template that rejects these messages (roles, order) raises here
         raise ChatTemplateError(f"the chat template failed on these messages: {e}", "messages") from e
 

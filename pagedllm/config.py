@@ -11,6 +11,7 @@ DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _PREEMPTION_MODES = ("recompute", "swap", "offload")
+TOOL_CALL_PARSERS = ("hermes",)   # server/tool_parsers' registry (tests hold them equal)
 
 
 def _f(default, help: str, **kw):
@@ -150,6 +151,11 @@ class ServerConfig:
     allow_credentials: bool = _f(False, "let those origins send credentials: cookies, Authorization (CORS)")
     ssl_keyfile: str | None = _f(None, "TLS private key file (PEM); with ssl_certfile, the server speaks HTTPS")
     ssl_certfile: str | None = _f(None, "TLS certificate file (PEM), with ssl_keyfile")
+    enable_auto_tool_choice: bool = _f(False, "let requests use tool_choice \"auto\" (the default when tools are "
+                                              "given): the model's text is read for calls by tool_call_parser")
+    tool_call_parser: str | None = _f(None, "how tool calls are read from the model's text (tool_choice auto): "
+                                            "hermes = <tool_call>{...}</tool_call> (Qwen2.5, Qwen3, Hermes)",
+                                      choices=TOOL_CALL_PARSERS)
     root_path: str | None = _f(None, "path prefix a proxy in front of the server adds (e.g. /llm): routes answer "
                                      "with and without it, and /openapi.json names it")
 
@@ -168,6 +174,10 @@ class ServerConfig:
                "root_path", "a path that starts with / and does not end with /", self.root_path)
         _check(self.engine_heartbeat_timeout >= 2, "engine_heartbeat_timeout", ">= 2 (seconds; the core sends "
                "one every second)", self.engine_heartbeat_timeout)
+        _check(self.tool_call_parser is not None or not self.enable_auto_tool_choice, "tool_call_parser",
+               "set with enable_auto_tool_choice (it reads the calls)", self.tool_call_parser)
+        _check(self.tool_call_parser in (None, *TOOL_CALL_PARSERS), "tool_call_parser",
+               f"one of {TOOL_CALL_PARSERS}", self.tool_call_parser)
         _check(self.engine_step_timeout >= 2, "engine_step_timeout", ">= 2 seconds", self.engine_step_timeout)
 
 

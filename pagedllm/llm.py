@@ -116,10 +116,11 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
         """One conversation (a list of OpenAI messages: {"role", "content"}, tool_calls, tool_call_id) or a list of
         them, through the chat template (vLLM's options: continue_final_message continues the last message;
-        chat_template_kwargs are extra template variables)."""
+        chat_template_kwargs are extra template variables; tools are described to the model by the template)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
@@ -127,7 +128,7 @@ class LLM:
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template: pass chat_template=... or use generate()")
         prompts = [render_chat(tokenizer, c, chat_template, add_generation_prompt, continue_final_message,
-                               chat_template_kwargs) for c in conversations]
+                               chat_template_kwargs, tools) for c in conversations]
         # The template already holds any BOS token: encode without adding special tokens again.
         token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_ids, sampling_params, use_tqdm)

@@ -202,7 +202,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
                       heartbeat_timeout=server_config.engine_heartbeat_timeout,
                       step_timeout=server_config.engine_step_timeout,
                       on_dead=lambda: server.on_core_death())
-    ctx = ServingContext(engine, metrics.model_name, chat_template)
+    ctx = ServingContext(engine, metrics.model_name, chat_template, server_config.tool_call_parser,
+                         server_config.enable_auto_tool_choice)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
     app = build_app(ctx, metrics, server_config, api_key)
     scheme = "https" if server_config.ssl_certfile else "http"

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages through the chat template; choices, usage, SSE chunks out."""
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -9,6 +10,8 @@ from pagedllm import chat_template
 from pagedllm.engine.input_processor import truncate_prompt
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, Logprob
+from pagedllm.server import chat_tools
+from pagedllm.server.chat_tools import ToolPlan
 from pagedllm.server.completions import prompt_logprobs_json
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
@@ -25,7 +28,8 @@ def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeReques
     try:
         text = chat_template.render_chat(ctx.tokenizer, [m.as_template_input() for m in req.messages],
                                          ctx.chat_template, req.add_generation_prompt, req.continue_final_message,
-                                         req.chat_template_kwargs)
+                                         req.chat_template_kwargs, [t.model_dump(exclude_none=True)
+                                                                    for t in getattr(req, "tools", None) or []])
     except chat_template.ChatTemplateError as e:
         raise APIError(400, shorten(str(e), 1000), e.param, "invalid_value") from e
     # The template already holds any BOS token: no special tokens added again unless asked (vLLM's default).
@@ -34,6 +38,7 @@ def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeReques
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
     ctx.check_model(req.model)
+    plan = chat_tools.plan_tools(req, ctx.tool_call_parser, ctx.enable_auto_tool_choice)
     prompt_ids = await ctx.off_loop(render_chat, ctx, req)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = getattr(req, max_tokens_param)
@@ -41,30 +46,58 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.check_context_length(len(kept), max_tokens, "messages", max_tokens_param)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
-    params = (req.to_beam_search_params(max_tokens, ctx.engine.max_model_len) if req.use_beam_search else
-              req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                     req.prompt_logprobs, defaults=ctx.engine.default_sampling_params))
+    if req.use_beam_search:
+        _refuse_tool_constraint(plan, "beam search does not take one")
+        params = req.to_beam_search_params(max_tokens, ctx.engine.max_model_len)
+    else:
+        params = _with_tool_constraint(req.to_sampling_params(
+            max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.prompt_logprobs,
+            defaults=ctx.engine.default_sampling_params), plan)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind)
     if req.stream:
-        outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))
+        outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), _constraint_field(req, plan))
         if isinstance(outputs, Response):   # the client left
             return outputs
-        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, response_id, len(prompt_ids), outputs)),
+        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, plan, response_id, len(prompt_ids),
+                                                                     outputs)),
                                  media_type="text/event-stream")
-    return await until_disconnect(raw_request, _full(ctx, req, response_id, streams, ids))
+    return await until_disconnect(raw_request, _full(ctx, req, plan, response_id, streams, ids))
 
 
-async def _full(ctx, req: ChatCompletionRequest, request_id: str, streams, ids) -> dict:
+def _with_tool_constraint(params, plan: ToolPlan):
+    """tool_choice required or a named function: the calls are enforced by structured output."""
+    constraint = plan.structured_outputs()
+    if constraint is None:
+        return params
+    if params.structured_outputs is not None:
+        _refuse_tool_constraint(plan, "it cannot be combined with another structured output constraint")
+    return replace(params, structured_outputs=constraint)
+
+
+def _refuse_tool_constraint(plan: ToolPlan, why: str):
+    if plan.choice in ("required", "named"):
+        raise APIError(400, f"tool_choice {plan.choice} is enforced by structured output: {why}", "tool_choice",
+                       "invalid_value")
+
+
+def _constraint_field(req: ChatCompletionRequest, plan: ToolPlan) -> str | None:
+    """The param of a 400 from the engine's compile: a tool's parameters schema when tools set the constraint."""
+    return constraint_field(req) or ("tools" if plan.choice in ("required", "named") else None)
+
+
+async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, streams, ids) -> dict:
     try:
-        [out] = await final_outputs(streams, constraint_field(req))
+        [out] = await final_outputs(streams, _constraint_field(req, plan))
     finally:
         abort_all(ctx.engine, ids)
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": _logprobs(req, c), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-               for c in out.outputs]
+    choices = []
+    for c in out.outputs:
+        message, finish_reason = chat_tools.message(plan, c)
+        choices.append({"index": c.index, "message": message, "logprobs": _logprobs(req, c),
+                        "finish_reason": finish_reason, "stop_reason": c.stop_reason})
     num_completion = sum(len(c.token_ids) for c in out.outputs)
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
                 "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion)}
@@ -73,16 +106,22 @@ async def _full(ctx, req: ChatCompletionRequest, request_id: str, streams, ids) 
     return response
 
 
-async def _stream(ctx, req: ChatCompletionRequest, request_id: str, num_prompt: int, outputs):
+async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, num_prompt: int, outputs):
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": ctx.model_name}
     prefix, num_completion = sse_prefix(head), 0
     for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
+    parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
     async for _, out in outputs:
         for c in out.outputs:
             num_completion += len(c.token_ids)
+            if parsers is not None:
+                chunk = _tool_chunk(req, parsers[c.index], c)
+                if chunk is not None:
+                    yield sse({**head, "choices": [chunk]})
+                continue
             # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": ...,
             #                            "finish_reason": ..., "stop_reason": ...}]}), by hand (serving.sse_prefix)
             yield (f'{prefix}{{"index":{c.index},"delta":{{"content":{json_str(c.text)}}},'
@@ -90,6 +129,17 @@ async def _stream(ctx, req: ChatCompletionRequest, request_id: str, num_prompt: 
                    f'"stop_reason":{json_value(c.stop_reason)}}}]}}\n\n')
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
+
+
+def _tool_chunk(req: ChatCompletionRequest, parser, c: CompletionOutput) -> dict | None:
+    """A choice's chunk when its text is read for tool calls; None when the parser holds it all back (a
+    possible tag, a call's name not yet complete) and there is nothing else to send."""
+    delta, finish_reason = chat_tools.stream_delta(parser, c)
+    logprobs = _logprobs(req, c)
+    if not delta and finish_reason is None and logprobs is None:
+        return None
+    return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": c.stop_reason}
 
 
 def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:

@@ -4,10 +4,11 @@ Every field a request may carry is declared here, with OpenAI's and vLLM's names
 - honoured: it changes the output as OpenAI/vLLM define it (SamplingParams fields, chat template options);
 - a documented no-op: it cannot change the output (_NO_OPS below; README's Serve section lists them);
 - accepted only at its neutral value (one that changes nothing, as vLLM accepts), any other value a 400 naming
-  the field: features not implemented yet (tools), see `unsupported`.
+  the field: features not implemented yet (the deprecated functions API), see `unsupported`.
 Beam search (use_beam_search, n = beam width, length_penalty) takes BeamSearchParams' fields only: a sampling
 field it would not use is a 400 naming it (`_check_beam_search`).
 Structured output fields (response_format, structured_outputs, guided_*) are read by structured_fields.py.
+Tools (tools, tool_choice, parallel_tool_calls) are checked here and planned by chat_tools.py.
 A field not declared is a 400 naming it ("Unrecognized request argument supplied: ..."), as OpenAI's.
 Types are checked here; values by SamplingParams and the engine, which name the field and the limit.
 Responses are plain dicts built in completions.py/chat.py.
@@ -23,9 +24,8 @@ from pagedllm.server.structured_fields import constraint_field, structured_outpu
 # Accepted and without effect on the output (OpenAI's and vLLM's bookkeeping fields):
 #   user, metadata, store, service_tier, safety_identifier, prompt_cache_key: the client's labels;
 #   request_id: vLLM's, here it names the response (its id) and nothing else;
-#   stream_options without stream; parallel_tool_calls (tools are refused); priority 0 (the only priority).
-_NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "request_id",
-           "parallel_tool_calls")
+#   stream_options without stream; priority 0 (the only priority).
+_NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "request_id")
 
 # Request fields passed to SamplingParams under the same name, and only when the client set them (None =
 # unset), so SamplingParams' defaults and the generation config's apply to the rest.
@@ -224,6 +224,29 @@ class ChatMessage(_Strict):
         return self.model_dump(exclude_none=True, exclude={"annotations", "refusal", "audio", "function_call"})
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None   # a JSON schema of the arguments
+    # OpenAI's: arguments follow the schema exactly. Enforced with tool_choice "required" or a named function
+    # (always, strict or not); with "auto" the text is the model's own, as in vLLM.
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class _ChatTemplateOptions(_Request):
     """How messages become a prompt: vLLM's chat template options (chat.render_chat)."""
     messages: list[ChatMessage] | None = None
@@ -240,20 +263,40 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     logprobs: bool = False
     top_logprobs: int | None = None
     echo: bool = False
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: str | NamedToolChoice | None = None   # none, auto, required, a function (default: auto with tools)
+    parallel_tool_calls: bool | None = None   # false: at most one call (default: any number)
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
     chat_template: str | None = None
 
+    @model_validator(mode="after")
+    def _check_tool_choice(self):
+        """A choice that forces a call needs tools, and a named function must be one of them (vLLM's 400s)."""
+        choice = self.tool_choice
+        if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+            raise APIError(400, f"tool_choice must be none, auto, required or {{\"type\": \"function\", "
+                                f"\"function\": {{\"name\": ...}}}}, got {shorten(choice)!r}", "tool_choice",
+                           "invalid_value")
+        if choice in (None, "none", "auto"):   # "auto" without tools chooses none
+            return self
+        if not self.tools:
+            raise APIError(400, "tool_choice other than none and auto needs tools", "tool_choice", "invalid_value")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names:
+            raise APIError(400, f"tool_choice names function {shorten(choice.function.name)!r}, which is not in "
+                                f"tools ({', '.join(self.tool_names)})", "tool_choice", "invalid_value")
+        return self
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t.function.name for t in self.tools or []]
+
     def unsupported(self) -> list[tuple[str, bool, str]]:
-        # tool_choice "auto" without tools chooses no tool: neutral.
-        return [*super().unsupported(), ("tools", not self.tools, "tool calling"),
-                ("tool_choice", self.tool_choice in (None, "none", "auto"), "tool calling"),
-                ("functions", not self.functions, "tool calling"),
-                ("function_call", self.function_call in (None, "none", "auto"), "tool calling"),
+        # The deprecated functions/function_call are refused, not mapped: tools/tool_choice say the same.
+        legacy = "the deprecated functions API: use tools and tool_choice"
+        return [*super().unsupported(), ("functions", not self.functions, legacy),
+                ("function_call", self.function_call in (None, "none", "auto"), legacy),
                 ("documents", not self.documents, "documents for RAG templates"),
                 ("chat_template", self.chat_template is None, "a request's own chat template"),
                 ("echo", not self.echo, "echo of the last message")]

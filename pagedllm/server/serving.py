@@ -31,6 +31,8 @@ class ServingContext:
     engine: AsyncLLM
     model_name: str
     chat_template: str | None
+    tool_call_parser: str | None = None     # --tool-call-parser, --enable-auto-tool-choice (chat_tools.py)
+    enable_auto_tool_choice: bool = False
     # One thread, as vLLM's: tokenizing a long text takes seconds (~0.7 s a MB), which on the event loop
     # would stall every stream and /health; HF fast tokenizers release the GIL while they work.
     tokenizer_pool: ThreadPoolExecutor = field(

@@ -48,7 +48,7 @@ NEUTRAL = {"response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1, 
 
 
 def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
-    assert set(protocol._NO_OPS) - {"parallel_tool_calls", "request_id"} <= set(NEUTRAL)
+    assert set(protocol._NO_OPS) - {"request_id"} <= set(NEUTRAL)
     base = {"model": MODEL_NAME, "max_tokens": 12, "temperature": 0}
     plain = _post(server, COMPLETIONS, {**base, "prompt": PROMPT}).json()
     got = _post(server, COMPLETIONS, {**base, "prompt": PROMPT, "echo": False, "suffix": None,
@@ -68,9 +68,8 @@ def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
 @pytest.mark.parametrize("path,body,param", [
     (COMPLETIONS, {"suffix": "the end"}, "suffix"),
     (COMPLETIONS, {"priority": 1}, "priority"),
-    (CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    (CHAT, {"tool_choice": "required"}, "tool_choice"),
-    (CHAT, {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    (CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    (CHAT, {"function_call": {"name": "f"}}, "function_call"),
     (CHAT, {"documents": [{"title": "t", "text": "x"}]}, "documents"),
     (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),
     (CHAT, {"echo": True}, "echo"),

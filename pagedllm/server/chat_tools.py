@@ -1,0 +1,83 @@
+"""Tool calling in chat completions (vLLM's semantics): what a request's tools and tool_choice make of its
+sampling, and how each choice's text becomes content and tool calls, streamed or not.
+
+- "none" (or no tools): the tools still reach the chat template; the text is plain content.
+- "auto" (the default with tools): needs --enable-auto-tool-choice and a --tool-call-parser; the model's free
+  text is read for calls by that parser.
+- "required" / a named function: enforced with structured output (forced.py's schemas), then read as calls.
+parallel_tool_calls false allows one call: the schema's maxItems, or the parser drops the calls after the first.
+finish_reason is "tool_calls" when a choice made calls and stopped on its own.
+"""
+from dataclasses import dataclass
+
+from pagedllm.outputs import CompletionOutput
+from pagedllm.server.errors import APIError
+from pagedllm.server.protocol import ChatCompletionRequest, NamedToolChoice
+from pagedllm.server.tool_parsers import ToolParser, get_tool_parser
+from pagedllm.server.tool_parsers.forced import (NamedCallParser, RequiredCallsParser, parameters_schema,
+                                                 required_schema)
+from pagedllm.structured_output.params import StructuredOutputsParams
+
+
+@dataclass
+class ToolPlan:
+    choice: str                       # none, auto, required, named
+    tools: list[dict]                 # OpenAI's shape, for the template
+    name: str | None = None           # the named function
+    parser: str | None = None         # auto: the parser's name
+    max_calls: int | None = None      # parallel_tool_calls false: 1
+
+    @property
+    def parses(self) -> bool:
+        return self.choice != "none"
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.choice == "named":
+            tool = next(t for t in self.tools if t["function"]["name"] == self.name)
+            return StructuredOutputsParams(json=parameters_schema(tool), disable_any_whitespace=True)
+        if self.choice == "required":
+            return StructuredOutputsParams(json=required_schema(self.tools, self.max_calls is None),
+                                           disable_any_whitespace=True)
+        return None
+
+    def new_parser(self) -> ToolParser:
+        if self.choice == "named":
+            return NamedCallParser(self.name)
+        if self.choice == "required":
+            return RequiredCallsParser(self.max_calls)
+        return get_tool_parser(self.parser)(self.max_calls, tuple(t["function"]["name"] for t in self.tools))
+
+
+def plan_tools(req: ChatCompletionRequest, tool_call_parser: str | None, enable_auto_tool_choice: bool) -> ToolPlan:
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    choice = req.tool_choice or ("auto" if tools else "none")
+    max_calls = 1 if req.parallel_tool_calls is False else None
+    if not tools or choice == "none":
+        return ToolPlan("none", tools)
+    if isinstance(choice, NamedToolChoice):
+        return ToolPlan("named", tools, name=choice.function.name, max_calls=1)
+    if choice == "auto" and not (enable_auto_tool_choice and tool_call_parser):
+        raise APIError(400, '"auto" tool choice (the default when tools are given) requires the server flags '
+                            "--enable-auto-tool-choice and --tool-call-parser; or set tool_choice to none, "
+                            "required or a named function", "tool_choice", "invalid_value")
+    return ToolPlan(choice, tools, parser=tool_call_parser, max_calls=max_calls)
+
+
+def message(plan: ToolPlan, c: CompletionOutput) -> tuple[dict, str | None]:
+    """A non-streamed choice's message and finish_reason."""
+    if not plan.parses:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    content, calls = plan.new_parser().parse_all(c.text)
+    return {"role": "assistant", "content": content, "tool_calls": calls}, finish_reason(len(calls), c)
+
+
+def stream_delta(parser: ToolParser, c: CompletionOutput) -> tuple[dict, str | None]:
+    """A streamed choice's delta for this output (what its parser could place) and finish_reason."""
+    delta = parser.feed(c.text)
+    if c.finish_reason is not None:
+        delta.add(parser.finish())
+    return delta.to_json(), finish_reason(parser.num_calls, c)
+
+
+def finish_reason(num_calls: int, c: CompletionOutput) -> str | None:
+    return "tool_calls" if num_calls and c.finish_reason == "stop" else c.finish_reason

@@ -1,0 +1,130 @@
+"""One JSON object {"name": ..., <arguments key>: ...} read incrementally, as a tool call.
+
+The arguments value is taken as the exact text the model wrote (from its first character to its last, no
+surrounding whitespace): an object's fragments are released as they arrive, so their concatenation is that
+text and parses whenever the model's did. Arguments given as a JSON string (some models quote them) are
+released decoded once complete; null gives none (the caller writes "{}").
+"""
+import json
+
+
+class CallScanner:
+    def __init__(self, args_key: str):
+        self.args_key = args_key
+        self.name: str | None = None
+        self.done = False          # the object has closed
+        self.keys: list[str] = []  # the object's own keys, in order
+        self.text = ""             # every character read (a body that names no function becomes content)
+        self._depth = 0
+        self._in_string = self._escape = False
+        self._expect = "object"    # at depth 1: key, colon, value, in_value
+        self._key: list[str] = []
+        self._key_name: str | None = None
+        self._value: list[str] = []
+        self._streamed = False     # the arguments value is an object/array: released as it comes
+        self._ws = ""              # whitespace inside it, released with the next other character
+        self._ready: list[str] = []
+
+    @property
+    def in_string(self) -> bool:
+        return self._in_string
+
+    def feed(self, text: str) -> int:
+        """Reads text until the object closes; returns how many characters were read."""
+        n = len(text)
+        for i, ch in enumerate(text):
+            self._char(ch)
+            if self.done:
+                n = i + 1
+                break
+        self.text += text[:n]
+        return n
+
+    def take_arguments(self) -> str:
+        out = "".join(self._ready)
+        self._ready.clear()
+        return out
+
+    def _char(self, ch: str):
+        if self._in_string:
+            self._add(ch)
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self._in_string = False
+                if self._depth == 1 and self._expect == "key":
+                    self._key_name, self._expect = _decode('"' + "".join(self._key)), "colon"
+                    self.keys.append(self._key_name)
+            return
+        if self._depth == 0:
+            if ch == "{":
+                self._depth, self._expect = 1, "key"
+            return
+        if self._depth == 1:
+            self._at_top(ch)
+            return
+        self._add(ch)
+        if ch == '"':
+            self._in_string = True
+        elif ch in "{[":
+            self._depth += 1
+        elif ch in "}]":
+            self._depth -= 1
+
+    def _at_top(self, ch: str):
+        """The object's own level: keys, colons, commas, scalar values and container starts."""
+        if self._expect == "key":
+            if ch == '"':
+                self._key, self._in_string = [], True
+            elif ch == "}":
+                self.done = True
+        elif self._expect == "colon":
+            if ch == ":":
+                self._expect, self._value, self._streamed, self._ws = "value", [], False, ""
+        elif self._expect == "value":
+            if not ch.isspace():
+                self._expect = "in_value"
+                self._streamed = self._key_name == self.args_key and ch in "{["
+                self._add(ch)
+                self._in_string = ch == '"'
+                self._depth += ch in "{["
+        elif ch in ",}":   # in_value: the value ends
+            self._end_value()
+            self._expect = "key"
+            self.done = ch == "}"
+        else:
+            self._add(ch)
+
+    def _add(self, ch: str):
+        if self._expect == "key":
+            self._key.append(ch)
+        elif not self._streamed:
+            self._value.append(ch)
+        elif ch.isspace():
+            self._ws += ch
+        else:
+            self._ready.append(self._ws + ch)
+            self._ws = ""
+
+    def _end_value(self):
+        if self._streamed:
+            self._ws = ""
+            return
+        raw = "".join(self._value).strip()
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if self._key_name == "name" and isinstance(value, str) and self.name is None:
+            self.name = value
+        elif self._key_name == self.args_key and value is not None:
+            self._ready.append(value if isinstance(value, str) else raw)
+
+
+def _decode(literal: str):
+    try:
+        return json.loads(literal)
+    except json.JSONDecodeError:
+        return literal

@@ -1,0 +1,76 @@
+"""tools / tool_choice / parallel_tool_calls as a request becomes sampling (no server): which choice, which
+constraint, which parser, which 400; the server flags."""
+import pytest
+
+from pagedllm.cli import add_config_args
+from pagedllm.config import ServerConfig
+from pagedllm.outputs import CompletionOutput
+from pagedllm.server.chat_tools import message, plan_tools
+from pagedllm.server.errors import APIError
+from pagedllm.server.protocol import ChatCompletionRequest
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _request(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=MESSAGES, **kw)
+
+
+def _plan(auto=True, **kw):
+    return plan_tools(_request(**kw), "hermes" if auto else None, auto)
+
+
+def test_choices_become_constraints_and_parsers():
+    assert _plan(tools=[TOOL]).choice == "auto"                     # the default with tools
+    assert _plan(tools=[TOOL]).structured_outputs() is None
+    assert _plan().choice == _plan(tool_choice="auto").choice == "none"   # no tools: nothing to call
+    assert _plan(tools=[TOOL], tool_choice="none").parses is False
+    named = _plan(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}})
+    assert named.structured_outputs().json == TOOL["function"]["parameters"]
+    required = _plan(tools=[TOOL], tool_choice="required", parallel_tool_calls=False).structured_outputs()
+    assert required.json["maxItems"] == 1 and required.json["minItems"] == 1
+    assert "maxItems" not in _plan(tools=[TOOL], tool_choice="required").structured_outputs().json
+
+
+def test_message_and_finish_reason():
+    out = CompletionOutput(index=0, text='<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>', token_ids=[],
+                           cumulative_logprob=None, logprobs=None, finish_reason="stop")
+    msg, finish = message(_plan(tools=[TOOL]), out)
+    assert finish == "tool_calls" and msg["content"] is None
+    assert msg["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    out.finish_reason = "length"
+    assert message(_plan(tools=[TOOL]), out)[1] == "length"
+    assert message(_plan(tools=[TOOL], tool_choice="none"), out)[0] == {"role": "assistant", "content": out.text}
+
+
+@pytest.mark.parametrize("kw", [
+    {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+    {"tool_choice": "required"},
+    {"tool_choice": {"type": "function", "function": {"name": "f"}}},
+    {"tools": [TOOL], "tool_choice": "always"},
+])
+def test_bad_choices_are_400_naming_tool_choice(kw):
+    with pytest.raises(APIError) as e:
+        _request(**kw)
+    assert e.value.param == "tool_choice"
+
+
+def test_auto_needs_the_flags():
+    with pytest.raises(APIError) as e:
+        _plan(auto=False, tools=[TOOL])
+    assert e.value.param == "tool_choice" and "--enable-auto-tool-choice" in str(e.value)
+    assert _plan(auto=False, tools=[TOOL], tool_choice="required").choice == "required"
+
+
+def test_server_flags():
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ServerConfig(enable_auto_tool_choice=True)
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ServerConfig(tool_call_parser="nope")
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, ServerConfig, "server")
+    args = parser.parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+    assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes"
