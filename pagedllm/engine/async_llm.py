@@ -122,7 +122,7 @@ class AsyncLLM:
         self._check_alive()
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self._check_queue_bound(params.num_sequences)
+        self._check_queue_bound(params.num_sequences, "n" if params.best_of is None else "best_of")
         req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
@@ -131,14 +131,14 @@ class AsyncLLM:
         self.core.send(("add", req.core_requests))
         return q
 
-    def _check_queue_bound(self, n: int):
+    def _check_queue_bound(self, n: int, name: str = "n"):
         """The bound counts sequences: a request's n all wait. One with more than the bound could never be
         admitted however long it waited, so it is a 400 naming n, not a 503 to retry."""
         bound = self.max_waiting_queue_length
         if bound is None:
             return
         if n > bound:
-            raise ValueError(f"SamplingParams.n (best_of when set) must be at most max_waiting_queue_length ({bound}) on this "
+            raise ValueError(f"SamplingParams.{name} must be at most max_waiting_queue_length ({bound}) on this "
                              f"server, got {n}")
         if len(self._unscheduled) + n > bound:
             raise QueueFullError(f"{len(self._unscheduled)} sequences are waiting and this request adds {n}: "

@@ -22,8 +22,8 @@ class SlowToLoad(SamplingParams):
         self.__dict__.update(state)
 
 
-def _process_then_break(self, request_id, prompt, params, *args):
-    req = _process(self, request_id, prompt, params, *args)
+def _process_then_break(self, request_id, prompt, params, *args, **kwargs):
+    req = _process(self, request_id, prompt, params, *args, **kwargs)
     if params.seed == INJECT_SEED:
         for r in req.core_requests:
             object.__setattr__(r.sampling_params, "seed", 2**70)

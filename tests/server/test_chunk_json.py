@@ -8,7 +8,8 @@ from types import SimpleNamespace
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.server import chat, completions
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest
-from pagedllm.server.serving import json_value, sse, sse_prefix
+from pagedllm.server.chat_tools import plan_tools
+from pagedllm.server.serving import json_value, merge, sse, sse_prefix
 
 TEXTS = ["Once", ' "quoted" \\ back\\slash', "tab\there\nnewline\r\x00\x1f\x7f", "héllo 日本語 🙂 \u2028\ufffd", ""]
 
@@ -62,7 +63,8 @@ def test_completion_chunks_are_sses_bytes():
                 req = CompletionRequest(prompt=[[1, 2, 3], [4]], n=n, logprobs=logprobs, echo=echo, stream=True,
                                         stream_options={"include_usage": True})
                 streams = [_stream(_outputs(n, logprobs is not None)) for _ in range(2)]
-                chunks = _chunks(completions._stream(CTX, req, "cmpl-1", ["prompt \"text\" ü", ""], 4, streams))
+                chunks = _chunks(completions._stream(CTX, req, "cmpl-1", ["prompt \"text\" ü", ""], 4,
+                                                     merge(streams)))
                 _check(chunks)
                 assert len(chunks) == 2 * n * len(TEXTS) + 1   # each choice's chunks, then usage
                 first = json.loads(chunks[0][6:])
@@ -81,7 +83,8 @@ def test_chat_chunks_are_sses_bytes():
             req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=n, logprobs=logprobs,
                                         top_logprobs=1 if logprobs else None, stream=True,
                                         stream_options={"include_usage": True})
-            chunks = _chunks(chat._stream(CTX, req, "chatcmpl-1", 3, [_stream(_outputs(n, logprobs))]))
+            chunks = _chunks(chat._stream(CTX, req, plan_tools(req, None, False), "chatcmpl-1", 3,
+                                          merge([_stream(_outputs(n, logprobs))])))
             _check(chunks)
             assert len(chunks) == n + n * len(TEXTS) + 1   # role chunks, content chunks, usage
             contents = [json.loads(c[6:])["choices"][0]["delta"]["content"] for c in chunks[n:n + len(TEXTS) * n:n]]

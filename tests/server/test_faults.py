@@ -62,10 +62,13 @@ def _body(prompt: str, **kw) -> dict:
 
 
 async def _stream_events(client: httpx.AsyncClient, server: Server, body: dict) -> list:
-    """The events of a streamed completion: choices' JSON, or the error event."""
+    """The events of a streamed completion: choices' JSON, or the error event; a stream that fails before its
+    first output is an HTTP error (its status line waits for that output): its body is the one event."""
     events = []
     async with client.stream("POST", server.url + COMPLETIONS, json={**body, "stream": True}) as r:
-        assert r.status_code == 200
+        if r.status_code != 200:
+            assert r.status_code == 500, r.status_code
+            return [json.loads(await r.aread())]
         async for line in r.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[6:]))
