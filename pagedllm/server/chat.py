@@ -17,7 +17,7 @@ from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
 from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, json_str, json_value,
                                      merge, open_stream, sse, sse_prefix, sse_stream, until_disconnect, usage)
-from pagedllm.server.structured_fields import constraint_field
+from pagedllm.server.structured_fields import checked_constraint, constraint_field
 
 
 def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
@@ -50,9 +50,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         _refuse_tool_constraint(plan, "beam search does not take one")
         params = req.to_beam_search_params(max_tokens, ctx.engine.max_model_len)
     else:
-        params = _with_tool_constraint(req.to_sampling_params(
+        # Off the event loop: a constraint is parsed here (up to ~1 s for a 100 kB schema), then remembered.
+        params = await ctx.off_loop(lambda: checked_constraint(_with_tool_constraint(req.to_sampling_params(
             max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.prompt_logprobs,
-            defaults=ctx.engine.default_sampling_params), plan)
+            defaults=ctx.engine.default_sampling_params), plan)))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL

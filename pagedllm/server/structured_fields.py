@@ -39,6 +39,14 @@ def structured_outputs(req) -> tuple[StructuredOutputsParams | None, str | None]
     return params, name
 
 
+def checked_constraint(params):
+    """params, its constraint (a tool call's schema too) parsed now: InputProcessor's check then finds it
+    remembered, so no parse runs on the event loop."""
+    if params.structured_outputs is not None:
+        validate(params.structured_outputs)
+    return params
+
+
 def constraint_field(req) -> str | None:
     """The field that set the request's constraint (the param of a 400 from the engine's compile)."""
     return next((name for name, _ in _sources(req)), None)

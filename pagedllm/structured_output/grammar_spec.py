@@ -61,18 +61,23 @@ def _ebnf_literal(text: str) -> str:
 
 def _json(p: StructuredOutputsParams):
     import xgrammar as xgr
-    schema = p.json
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{FIELD}.json is not valid JSON: {e}") from e
-    if not isinstance(schema, dict):
-        raise ValueError(f"{FIELD}.json must be a JSON schema object, got {type(schema).__name__}")
+    schema = _json_dict(p.json, "json", "a JSON schema object")
     if p.disable_additional_properties:
         schema = no_additional_properties(schema)
     schema = json_safe_lengths(schema)
     return xgr.Grammar.from_json_schema(schema, any_whitespace=not p.disable_any_whitespace)
+
+
+def _json_dict(value, name: str, what: str) -> dict:
+    """A dict, or JSON text of one; anything else a ValueError naming the field."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{FIELD}.{name} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{FIELD}.{name} must be {what}, got {type(value).__name__}")
+    return value
 
 
 def _json_object(p: StructuredOutputsParams):
@@ -101,14 +106,7 @@ def _structural_tag(p: StructuredOutputsParams):
     """xgrammar's format ({"type": "structural_tag", "format": {...}}), or vLLM's older one
     ({"structures": [{"begin", "schema", "end"}], "triggers": [...]})."""
     import xgrammar as xgr
-    tag = p.structural_tag
-    if isinstance(tag, str):
-        try:
-            tag = json.loads(tag)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{FIELD}.structural_tag is not valid JSON: {e}") from e
-    if not isinstance(tag, dict):
-        raise ValueError(f"{FIELD}.structural_tag must be a JSON object, got {type(tag).__name__}")
+    tag = _json_dict(p.structural_tag, "structural_tag", "a JSON object")
     if "structures" not in tag:
         return xgr.Grammar.from_structural_tag(tag)
     items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s.get("schema", {})), end=s["end"])
