@@ -54,6 +54,8 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
     freeze_gc()
     conn = _SharedConn(conn)
     conn.send(("ready", core.runner.num_blocks, _startup_info(config, core.runner, time.perf_counter() - start)))
+    if not config.skip_tokenizer_init:
+        core.structured.pool.warm_up()   # a server's first constrained request then pays only its compile
     stats_logger = StatsLogger(config.log_stats_interval)
     pulse = _Pulse(conn)
     try:

@@ -60,6 +60,15 @@ class GrammarCompilePool:
                 self._cache.popitem(last=False)
             return future
 
+    def warm_up(self):
+        """Builds the compiler (xgrammar's import, the tokenizer's info: ~2 s for a 150k vocabulary) on a worker
+        now, so the first constrained request of a server waits only for its own compile (a failure here is
+        met again, and reported, by that request's compile)."""
+        with self._lock:
+            if self._jobs is None:
+                self._start_workers()
+            self._jobs.put((None, Future()))
+
     def _start_workers(self):
         # Daemon threads, not a ThreadPoolExecutor: its workers are joined at exit, and a compile that
         # runs for minutes would hold the engine's exit that long.
@@ -71,7 +80,7 @@ class GrammarCompilePool:
         while True:
             params, future = self._jobs.get()
             try:
-                future.set_result(self._compile(params, future))
+                future.set_result(self._get_compiler() if params is None else self._compile(params, future))
             except BaseException as e:   # the future carries it to the requests that wait
                 future.set_exception(e)
 
