@@ -5,14 +5,14 @@ those steps whose forward was still running when the fill ended (hidden behind t
 
     python benchmarks/structured_cost.py MODEL_DIR [--num-requests N]   (MODEL_DIR: the Qwen3-0.6B config)
 """
-import argparse
 import dataclasses
 import json
 import time
 
-from pagedllm import LLM, SamplingParams
+from w1_variants import run_variant, w1_engine
+
+from pagedllm import SamplingParams
 from pagedllm.bench.schemas import RUN_ON_SCHEMAS
-from pagedllm.bench.workloads import build
 
 
 def _params(i: int, k: int, constrained: bool) -> SamplingParams:
@@ -21,33 +21,22 @@ def _params(i: int, k: int, constrained: bool) -> SamplingParams:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("--num-requests", type=int, default=256)
-    args = parser.parse_args()
-    w = build("W1")
-    prompts, lens = w.prompts[:args.num_requests], w.output_lens[:args.num_requests]
-    llm = LLM(args.model, load_format="dummy", max_model_len=4096, log_stats_interval=0)
+    llm, prompts, lens = w1_engine()
     start = time.perf_counter()   # warm-up: compiles the 8 schemas (first: the tokenizer's info too)
     llm.generate([list(range(1, 9))] * 8, [_params(i, 4, True) for i in range(8)], use_tqdm=False)
     print(json.dumps({"warmup_compile_s": round(time.perf_counter() - start, 2)}), flush=True)
     stats = llm.engine.core.structured.stats
     for variant, constrained in (("plain", False), ("constrained", True), ("plain again", False)):
         before = dataclasses.replace(stats)
-        params = [_params(i, k, constrained) for i, k in enumerate(lens)]
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        num_out = sum(len(o.outputs[0].token_ids) for o in outs)
-        line = {"variant": variant, "output_tok_s": round(num_out / seconds, 1), "output_tokens": num_out,
-                "seconds": round(seconds, 3),
-                "finish": {r: sum(o.outputs[0].finish_reason == r for o in outs) for r in ("length", "stop")}}
+        outs = run_variant(llm, variant, prompts, [_params(i, k, constrained) for i, k in enumerate(lens)],
+                           output_tokens=lambda outs: sum(len(o.outputs[0].token_ids) for o in outs))
         steps = stats.num_steps - before.num_steps
+        finish = {r: sum(o.outputs[0].finish_reason == r for o in outs) for r in ("length", "stop")}
         if steps:
-            line.update({"mask_steps": steps,
-                         "mask_fill_ms_per_step": round(1e3 * (stats.fill_seconds - before.fill_seconds) / steps, 3),
-                         "mask_fill_hidden_share": round((stats.num_hidden - before.num_hidden) / steps, 3)})
-        print(json.dumps(line), flush=True)
+            print(json.dumps({"variant": variant, "finish": finish, "mask_steps": steps,
+                              "mask_fill_ms_per_step": round(1e3 * (stats.fill_seconds - before.fill_seconds) / steps, 3),
+                              "mask_fill_hidden_share": round((stats.num_hidden - before.num_hidden) / steps, 3)}),
+                  flush=True)
 
 
 if __name__ == "__main__":
