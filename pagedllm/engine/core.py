@@ -145,7 +145,11 @@ class EngineCore:
             failed = self._sample_constrained(sched_out, pending)
             if failed:
                 return outputs + failed, stats
-        outputs += self.scheduler.update_from_output(sched_out, pending.result())
+        result = pending.result()
+        outputs += self.scheduler.update_from_output(sched_out, result)
+        for req_id, proposed in sched_out.spec_token_ids.items():
+            emitted = result.spec_token_ids.get(req_id, [None])
+            self.speculator.observe(req_id, len(proposed), len(emitted) - 1, req_id not in self.scheduler.requests)
         return outputs, stats
 
     def _wait_for_grammars(self, seconds: float = 0.05):

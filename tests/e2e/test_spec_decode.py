@@ -131,3 +131,13 @@ def test_draft_vocabulary_must_match(tmp_path, tiny_model_dirs):
     other = make_tiny_model(tmp_path / "v600", vocab_size=600)
     with pytest.raises(ValueError, match="vocabulary"):
         LLM(tiny_model_dirs["llama"], dtype="float32", log_stats_interval=0, speculative_config=draft(other))
+
+
+def test_rejected_proposals_back_off(tiny_model_dirs):
+    """Synthetic acceptance 0: every proposal fails, so requests stop proposing for longer and longer: far fewer
+    drafts than steps."""
+    d = tiny_model_dirs["llama"]
+    cfg = {**draft(d), "rejection_sample_method": "synthetic", "synthetic_acceptance_rate": 0.0}
+    outputs, stats = run(d, cfg, PROMPTS[:2], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    assert stats.spec_decode.num_accepted_tokens == 0
+    assert stats.spec_decode.num_drafts < 30   # of ~200 steps per request
