@@ -8,13 +8,14 @@ sequence's own last n tokens.
 
 n runs from max_n down to min_n; the first n with an occurrence wins, and of its occurrences the earliest.
 
-One search finds every n at once: the candidates are the ends e of earlier occurrences of the last min_n
-tokens (a vectorised compare over the whole sequence), and each candidate's match is then extended
-backwards to at most max_n. The longest match wins; among those that reach it, the earliest end.
+One pass finds every n: a mask of the positions where an earlier occurrence of the last n tokens ends is
+narrowed from n to n + 1 by one vectorised compare, until it is empty or n reaches max_n; the last
+non-empty mask at n >= min_n gives the longest n, and its first position the earliest occurrence.
 
 Converting a Python list to numpy costs ~35 ns a token (1 ms at 30,000), far more than the search, so each
 sequence's numpy copy is kept between calls and only its new tokens are converted (_TokenCache).
 """
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -44,52 +45,56 @@ def find_match_end(tokens: np.ndarray, min_n: int, max_n: int) -> int:
     num = len(tokens)
     if num <= min_n:
         return -1
-    # Occurrences of the last min_n tokens that end at e <= num - 2: compare all ends at once.
-    match = tokens[min_n - 1:num - 1] == tokens[num - 1]
-    for t in range(1, min_n):
-        match &= tokens[min_n - 1 - t:num - 1 - t] == tokens[num - 1 - t]
-    ends = np.flatnonzero(match) + (min_n - 1)
-    if len(ends) == 0:
-        return -1
-    # Extend each candidate backwards; a match stops at the sequence start or the first difference.
-    length = np.full(len(ends), min_n)
-    alive = np.ones(len(ends), dtype=bool)
-    for t in range(min_n, min(max_n, num - 1)):
-        starts = ends - t
-        alive &= starts >= 0
-        alive[alive] = tokens[starts[alive]] == tokens[num - 1 - t]
-        if not alive.any():
+    # ends[e]: the last t + 1 tokens also occur ending at e (e <= num - 2). Whole-array compares, not a
+    # candidate list: a frequent last token (a space, a newline) would make that list long.
+    ends = tokens[:num - 1] == tokens[num - 1]
+    best = int(ends.argmax()) if min_n == 1 and ends.any() else -1
+    for t in range(1, min(max_n, num - 1)):
+        ends[t:] &= tokens[:num - 1 - t] == tokens[num - 1 - t]
+        ends[:t] = False                     # an occurrence cannot start before the sequence
+        if not ends.any():
             break
-        length += alive
-    return int(ends[np.argmax(length)])   # argmax: the first (earliest) of the longest
+        if t + 1 >= min_n:
+            best = int(ends.argmax())        # the first True: the earliest occurrence of this length
+    return best
 
 
 @dataclass
 class _Entry:
     token_ids: list[int]   # the caller's list itself: holding it keeps id(token_ids) from being reused
     copy: list[int]        # its contents when last seen: the check that it only grew
-    array: np.ndarray      # a numpy copy with spare room; array[:len(copy)] is valid
+    array: np.ndarray      # int32 with spare room; array[:len(copy)] is valid
 
 
 class _TokenCache:
     """Each list's numpy copy, updated with the tokens appended since the last call. Keyed by id(list),
     safe because the entry holds the list (so the id cannot pass to a new object) and checks its contents
-    against a plain copy (list == list with the same int objects: ~2 ns a token, not ~35 for conversion).
-    Any other change (a truncation, an edit) rebuilds the entry. Least recently used entries go first."""
+    against a plain copy (list == list over the same int objects: ~2 ns a token, against ~35 to convert).
+    Any other change (a truncation, an edit) rebuilds the entry. Entries whose list nobody else holds any
+    more (a finished request) are dropped when a new list arrives; past max_entries, the least recent."""
 
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
         self.entries: OrderedDict[int, _Entry] = OrderedDict()
 
     def as_array(self, token_ids: list[int]) -> np.ndarray:
-        entry = self.entries.get(id(token_ids))
+        key = id(token_ids)
+        entry = self.entries.get(key)
+        if entry is None:
+            self._drop_dead()
         if entry is None or entry.token_ids is not token_ids or not _grew(entry, token_ids):
-            entry = _Entry(token_ids, list(token_ids), _to_array(token_ids, 2 * len(token_ids)))
-        self.entries[id(token_ids)] = entry
-        self.entries.move_to_end(id(token_ids))
+            entry = self.entries[key] = _Entry(token_ids, list(token_ids), _to_array(token_ids))
+        self.entries.move_to_end(key)
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
         return entry.array[:len(token_ids)]
+
+    def _drop_dead(self):
+        # getrefcount: the entry's reference plus the call's own argument. A miscount costs only speed:
+        # a live list dropped is rebuilt on its next call.
+        dead = [key for key, entry in self.entries.items() if sys.getrefcount(entry.token_ids) <= 2]
+        for key in dead:
+            del self.entries[key]
 
 
 def _grew(entry: _Entry, token_ids: list[int]) -> bool:
@@ -102,12 +107,12 @@ def _grew(entry: _Entry, token_ids: list[int]) -> bool:
     if entry.copy != token_ids:
         return False
     if len(token_ids) > len(entry.array):
-        entry.array = np.concatenate((entry.array[:old], np.empty(len(token_ids), entry.array.dtype)))
+        entry.array = np.concatenate((entry.array[:old], np.empty(len(token_ids), np.int32)))
     entry.array[old:len(token_ids)] = new
     return True
 
 
-def _to_array(token_ids: list[int], capacity: int) -> np.ndarray:
-    array = np.empty(max(capacity, 16), dtype=np.int64)
+def _to_array(token_ids: list[int]) -> np.ndarray:
+    array = np.empty(max(len(token_ids) * 3 // 2, 64), dtype=np.int32)   # spare room for appends
     array[:len(token_ids)] = token_ids
     return array

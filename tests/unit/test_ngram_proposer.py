@@ -99,3 +99,15 @@ def test_cache_evicts_least_recent():
     for ids in lists:
         assert proposer.propose(ids, 2) == ids[2:]
     assert len(proposer.cache.entries) == 2 and id(lists[0]) not in proposer.cache.entries
+
+
+def test_cache_drops_lists_nobody_holds():
+    proposer = NgramProposer(1, 2, 2)
+    finished = [1, 2, 1, 2]
+    assert proposer.propose(finished, 2) == [1, 2]
+    live = [3, 4, 3]
+    assert proposer.propose(live, 2) == [4, 3]
+    del finished                             # the request is gone: only the cache holds its list
+    other = [5, 5]
+    assert proposer.propose(other, 2) == [5]
+    assert list(proposer.cache.entries) == [id(live), id(other)]

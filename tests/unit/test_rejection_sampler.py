@@ -99,11 +99,12 @@ LOGITS = torch.tensor([[0.3, -0.5, 0.9, 0.1, -1.0, 0.6],    # position 0 (scores
 DRAFTS = [2, 3]
 
 
-def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """From the definitions, float64, one position: softmax(l / T), keep the top k, then the smallest
-    most-likely prefix whose probability reaches top_p."""
+def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                    min_p: float) -> torch.Tensor:
+    """From the definitions, float64, one position: softmax(l / T), drop p < min_p * max p, keep the top k,
+    then the smallest most-likely prefix whose probability reaches top_p."""
     probs = torch.softmax(logits.double() / temperature, dim=0)
-    order = probs.argsort(descending=True).tolist()
+    order = [i for i in probs.argsort(descending=True).tolist() if probs[i] >= min_p * probs.max()]
     keep = order[:top_k] if top_k > 0 else order
     kept_probs = probs[keep] / probs[keep].sum()
     cum, n = 0.0, 0
@@ -128,29 +129,31 @@ def chi_square_pvalue(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     return torch.special.gammaincc(dof / 2, stat / 2).item()
 
 
-def sample_many(temperature: float, top_k: int, top_p: float, seed: int):
+def sample_many(temperature: float, top_k: int, top_p: float, min_p: float, seed: int):
     logits = LOGITS.repeat(NUM_ROWS, 1)
-    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * NUM_ROWS
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)] * NUM_ROWS
     out = rejection_sample(logits, [2] * NUM_ROWS, torch.tensor(DRAFTS * NUM_ROWS), make_meta(params),
                            seeded(seed))
     return out.output_token_ids, out.num_emitted
 
 
-def pvalues(temperature: float, top_k: int, top_p: float, seed: int) -> tuple[float, float]:
+def pvalues(temperature: float, top_k: int, top_p: float, min_p: float, seed: int) -> tuple[float, float]:
     """p-values of: the first emitted token ~ p_0; the second, where draft 0 was accepted, ~ p_1."""
-    tokens, num_emitted = sample_many(temperature, top_k, top_p, seed)
-    p = [reference_probs(LOGITS[j], temperature, top_k, top_p) for j in range(2)]
+    tokens, num_emitted = sample_many(temperature, top_k, top_p, min_p, seed)
+    p = [reference_probs(LOGITS[j], temperature, top_k, top_p, min_p) for j in range(2)]
     second = tokens[num_emitted >= 2, 1]
     assert len(second) > NUM_ROWS // 10
     return chi_square_pvalue(tokens[:, 0], p[0]), chi_square_pvalue(second, p[1])
 
 
-SETTINGS = [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.7, 0, 1.0), (1.0, 4, 1.0), (1.0, 0, 0.7), (0.8, 5, 0.8)]
+# (temperature, top_k, top_p, min_p)
+SETTINGS = [(1.0, 0, 1.0, 0.0), (0.6, 0, 1.0, 0.0), (1.7, 0, 1.0, 0.0), (1.0, 4, 1.0, 0.0), (1.0, 0, 0.7, 0.0),
+            (1.0, 0, 1.0, 0.4), (0.8, 5, 0.8, 0.1)]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
-def test_emitted_tokens_follow_the_target(temperature, top_k, top_p):
-    for pvalue in pvalues(temperature, top_k, top_p, seed=1):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", SETTINGS)
+def test_emitted_tokens_follow_the_target(temperature, top_k, top_p, min_p):
+    for pvalue in pvalues(temperature, top_k, top_p, min_p, seed=1):
         assert pvalue > 1e-3
 
 
@@ -162,10 +165,10 @@ def _biased(monkeypatch, flaw: str):
 
 
 @pytest.mark.parametrize("flaw", ["recover from p", "always accept"])
-@pytest.mark.parametrize("temperature,top_k,top_p", [SETTINGS[0], SETTINGS[5]])
-def test_biased_sampler_fails_the_test(monkeypatch, flaw, temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [SETTINGS[0], SETTINGS[-1]])
+def test_biased_sampler_fails_the_test(monkeypatch, flaw, temperature, top_k, top_p, min_p):
     _biased(monkeypatch, flaw)
-    assert min(pvalues(temperature, top_k, top_p, seed=1)) < 1e-9
+    assert min(pvalues(temperature, top_k, top_p, min_p, seed=1)) < 1e-9
 
 
 # ---- seeds ---------------------------------------------------------------------------------------------------
