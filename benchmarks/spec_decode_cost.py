@@ -1,5 +1,7 @@
 """Host cost of the speculative-decoding pieces on CPU, µs per call (median of repeats):
-the n-gram proposer at 1k and 30k tokens, and the rejection sampler at R rows, s drafts, V = 152k.
+the n-gram proposer at 1k and 30k tokens (a list growing by one token a call, as in decoding; a new list
+each call; a numpy array), and the rejection sampler at R rows, s drafts, V = 152k, next to the plain
+Sampler drawing one token for each of the R rows.
 
     OMP_NUM_THREADS=1 python benchmarks/spec_decode_cost.py
 """
@@ -11,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from pagedllm.sample.sampler import SamplingMetadata
+from pagedllm.sample.sampler import Sampler, SamplingMetadata
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.ngram import NgramProposer
 from pagedllm.spec_decode.rejection_sampler import rejection_sample
@@ -56,7 +58,9 @@ def bench_rejection(num_rows: int, s: int, vocab: int = 152_000, repeats: int = 
                          ("top_p 0.9", SamplingParams(top_p=0.9)), ("top_k 50", SamplingParams(top_k=50))):
         meta = SamplingMetadata.build([params] * num_rows, [None] * num_rows, [[]] * num_rows, "cpu")
         us = median_us(lambda: rejection_sample(logits, [s] * num_rows, drafts, meta, None), repeats)
-        print(json.dumps(dict(bench="rejection", rows=num_rows, s=s, vocab=vocab, params=name, us=us)))
+        plain = median_us(lambda: Sampler()(logits[:num_rows], meta), repeats)   # one token a row, no drafts
+        print(json.dumps(dict(bench="rejection", rows=num_rows, s=s, vocab=vocab, params=name, us=us,
+                              us_plain_sampler=plain)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ tokens depend on nothing else in the batch.
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagedllm.sample.host_copy import to_device
@@ -32,7 +33,7 @@ class RejectionOutput:
 
 @dataclass
 class _Layout:
-    """Where each row's positions and drafts live in the flat inputs (device tensors, built on the host)."""
+    """Where each row's positions and drafts live in the flat inputs (device tensors)."""
     pos: torch.Tensor          # (R, max_s + 1): flat logits row of position j (past s_i: the bonus position)
     draft_idx: torch.Tensor    # (R, max_s): index into draft_token_ids (past s_i - 1: the last draft)
     num_draft: torch.Tensor    # (R,)
@@ -41,18 +42,18 @@ class _Layout:
 
     @classmethod
     def build(cls, num_draft: list[int], device) -> "_Layout":
+        """Built with numpy on the host (a Python loop over positions cost ~10 us a row; torch ops on the
+        device ~15 us each at R = 1), then sent in one copy."""
         assert num_draft and min(num_draft) >= 1, num_draft
-        max_s, pos, draft_idx, row_of_pos = max(num_draft), [], [], []
-        start = draft_start = 0
-        for row, s in enumerate(num_draft):
-            pos += [start + min(j, s) for j in range(max_s + 1)]
-            draft_idx += [draft_start + min(j, s - 1) for j in range(max_s)]
-            row_of_pos += [row] * (s + 1)
-            start, draft_start = start + s + 1, draft_start + s
-        flat = to_device(pos + draft_idx + num_draft + row_of_pos, torch.int64, device)   # one copy
-        r = len(num_draft)
-        pos, draft_idx, num_draft_t, row_of_pos = flat.split([len(pos), len(draft_idx), r, len(row_of_pos)])
-        return cls(pos.view(r, max_s + 1), draft_idx.view(r, max_s), num_draft_t, row_of_pos, max_s)
+        s = np.asarray(num_draft, dtype=np.int64)
+        r, max_s = len(s), int(s.max())
+        j = np.arange(max_s + 1)
+        pos = (np.cumsum(s + 1) - (s + 1))[:, None] + np.minimum(j, s[:, None])
+        draft_idx = (np.cumsum(s) - s)[:, None] + np.minimum(j[:-1], s[:, None] - 1)
+        row_of_pos = np.repeat(np.arange(r), s + 1)
+        flat = to_device(np.concatenate((pos.ravel(), draft_idx.ravel(), s, row_of_pos)), torch.int64, device)
+        pos, draft_idx, s, row_of_pos = flat.split([pos.size, draft_idx.size, r, row_of_pos.size])
+        return cls(pos.view(r, max_s + 1), draft_idx.view(r, max_s), s, row_of_pos, max_s)
 
 
 def rejection_sample(logits: torch.Tensor, num_draft: list[int], draft_token_ids: torch.Tensor,
