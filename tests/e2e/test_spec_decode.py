@@ -93,12 +93,13 @@ def test_synthetic_acceptance(tiny_model_dirs):
     d = tiny_model_dirs["llama"]
     cfg = {**draft(tiny_model_dirs["qwen2"]), "rejection_sample_method": "synthetic",
            "synthetic_acceptance_rates": [0.8, 0.64, 0.512, 0.4096]}
-    prompts = PROMPTS * 3
-    _, stats = run(d, cfg, prompts, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True), max_num_seqs=16)
+    _, stats = run(d, cfg, PROMPTS[:4], SamplingParams(temperature=0, max_tokens=150, ignore_eos=True))
     sd = stats.spec_decode
-    rate = sd.accepted_per_pos[0] / sd.num_drafts
-    assert 0.7 < rate < 0.9, rate
-    assert 2.5 < sd.mean_acceptance_length < 3.7
+    assert sd.num_drafts > 80
+    # whether a draft happens depends only on earlier ones (the back-off): each is accepted at the given rates
+    rates = [a / b for a, b in zip(sd.accepted_per_pos, [sd.num_drafts] + sd.accepted_per_pos)]
+    assert all(0.65 < r < 0.95 for r in rates), rates
+    assert 2.7 < sd.mean_acceptance_length < 3.7, sd
 
 
 def test_demo_model_exact():
