@@ -23,6 +23,9 @@ from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block
 from pagedllm.sample.host_copy import to_device
 
 
+_GRAPH_CATCH_UP = 3   # tokens a row below which catching up replays decode graphs
+
+
 @dataclass
 class _Row:
     """What InputBuffers.build reads of a request, for one pass of the draft."""
@@ -97,6 +100,14 @@ class DraftModel:
         """Feed each row's known tokens from its valid prefix up to (not including) the given position, in
         passes of at most max_num_batched_tokens tokens."""
         todo = [(r, self.valid.get(r.req_id, 0), end) for r, end in targets if self.valid.get(r.req_id, 0) < end]
+        # A few tokens a row (a fully accepted draft leaves one): decode-shaped passes that replay a graph,
+        # where one eager pass would cost the host a whole model's launches.
+        while todo and self.graphs is not None and max(end - start for _, start, end in todo) <= _GRAPH_CATCH_UP:
+            views = [_view(r, start) for r, start, _ in todo]
+            self._forward(views, [1] * len(views), tables, self.graphs.padded_size(len(views), False))
+            for r, start, _ in todo:
+                self.valid[r.req_id] = start + 1
+            todo = [(r, start + 1, end) for r, start, end in todo if start + 1 < end]
         while todo:
             budget, views, lens, rest = self.max_batch_tokens, [], [], []
             for r, start, end in todo:
