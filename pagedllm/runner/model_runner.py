@@ -169,7 +169,8 @@ class ModelRunner:
         pending = PendingOutput(out, rows)
         if verify is not None:
             qsl = inputs.attn_metadata.query_start_loc_cpu
-            index = [qsl[i + 1] - 1 for i in inputs.sample_rows if step_rows[i].req_id not in spec] + verify.logits_index
+            index = [qsl[i + 1] - 1 for i in inputs.sample_rows if step_rows[i].req_id not in spec]
+            index += verify.logits_index
             all_logits = self.model.compute_logits(hidden[to_device(index, torch.int64, self.device)])
             self._verify(pending, verify, all_logits[len(rows):], draft_ids)
             if not rows:

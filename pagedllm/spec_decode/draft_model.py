@@ -66,8 +66,8 @@ class DraftModel:
         self.valid.pop(req_id, None)
 
     @torch.inference_mode()
-    def propose(self, rows: list[RunnerRequestState], num_spec: list[int], catch_up: list[tuple[RunnerRequestState, int]],
-                tables: BlockTables) -> torch.Tensor:
+    def propose(self, rows: list[RunnerRequestState], num_spec: list[int],
+                catch_up: list[tuple[RunnerRequestState, int]], tables: BlockTables) -> torch.Tensor:
         """(len(rows), max(num_spec)) int64 on the device: row i's proposals in its first num_spec[i] columns.
         rows: requests whose last known token the target verifies after; catch_up: other rows of the step and
         the position their step reaches (prompt chunks), whose draft KV is brought along."""
