@@ -98,9 +98,11 @@ class Speculator:
 
 
 def _may_speculate(req: Request) -> bool:
-    """What its parameters allow (its step in flight aside)."""
+    """Its prompt is computed (chunks of a long prompt stay asynchronous) and its parameters allow it (its step
+    in flight aside)."""
     p = req.sampling_params
-    return req.grammar is None and not uses_processors(p) and req.num_output_tokens + 1 >= p.min_tokens
+    return (req.num_computed_tokens >= req.num_prompt_tokens and req.grammar is None and not uses_processors(p)
+            and req.num_output_tokens + 1 >= p.min_tokens)
 
 
 def _eligible(req: Request) -> bool:
