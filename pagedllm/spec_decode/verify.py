@@ -5,7 +5,7 @@ sampled, and the host gets every row's emitted tokens in one copy.
     row's tokens this step:   t(L-1)  d1  d2  ...  ds        (t(L-1): its last known token)
     logits at:                  p0    p1  p2  ...  ps        pj scores d(j+1); ps is the bonus position
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,7 +45,6 @@ class VerifyResult:
     num_emitted: torch.Tensor                # (R,)
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # per position: ids, lps, ranks
     draft_valid: dict[str, int] | None = None   # the draft model's valid prefixes, grown by what was fed back
-    emitted: dict[str, int] = field(default_factory=dict)
 
     def apply(self, out: ModelRunnerOutput):
         """Appends each row's emitted tokens to its state and the step's output."""
