@@ -79,14 +79,14 @@ def test_compile_past_its_time_limit_fails_that_request_alone(monkeypatch):
     real = compiler.compile_constraint
 
     def slow(c, params):
-        time.sleep(1.5)
+        time.sleep(3.0)
         return real(c, params)
     monkeypatch.setattr(compiler, "compile_constraint", slow)
     llm = LLM(dtype="float32", log_stats_interval=0, structured_outputs_compile_timeout=0.3)
     plain = SamplingParams(temperature=0.0, max_tokens=12)
     start = time.perf_counter()
     outs = llm.generate(PROMPTS[:2], [_params(0), plain], use_tqdm=False)
-    assert time.perf_counter() - start < 1.4    # the failure came at the limit, not after the compile
+    assert time.perf_counter() - start < 2.5    # the failure came at the limit, not after the compile
     assert outs[0].outputs[0].finish_reason == "error"
     assert outs[1].outputs[0].finish_reason == "length" and outs[1].outputs[0].text
     future = next(iter(llm.engine.core.structured.pool._cache.values()))
