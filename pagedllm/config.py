@@ -68,6 +68,11 @@ class EngineConfig:
                                                    "regex, grammar) may take to compile; past it the requests "
                                                    "waiting for it fail with a 400, the engine runs on")
     structured_outputs_compile_workers: int = _f(4, "threads that compile constraints off the step loop")
+    speculative_config: str | None = _f(None, "speculative decoding, a JSON object with vLLM's keys: method "
+                                        "(ngram or draft_model), num_speculative_tokens, prompt_lookup_min/max "
+                                        "(ngram), model (draft_model), rejection_sample_method (strict or "
+                                        "synthetic, with synthetic_acceptance_rate(s)), disable_by_batch_size, "
+                                        "max_step_tokens; None = off")
 
     def __post_init__(self):
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
@@ -90,6 +95,8 @@ class EngineConfig:
         _check(self.structured_outputs_compile_workers >= 1, "structured_outputs_compile_workers", ">= 1",
                self.structured_outputs_compile_workers)
         self._check_kv_tiers()
+        from pagedllm.spec_decode.config import SpeculativeConfig
+        self.speculative = SpeculativeConfig.parse(self.speculative_config)   # None: off
 
     def _check_kv_tiers(self):
         _check(self.preemption_mode in _PREEMPTION_MODES, "preemption_mode", f"one of {_PREEMPTION_MODES}",

@@ -24,6 +24,29 @@ class KVTierStats:
 
 
 @dataclass
+class SpecDecodeStats:
+    """Speculative decoding, cumulative (vLLM's counters): a draft is one row's proposals in one step."""
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)   # drafts whose position i was accepted
+
+    def record(self, num_draft: int, num_accepted: int):
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_pos) < num_draft:
+            self.accepted_per_pos += [0] * (num_draft - len(self.accepted_per_pos))
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verify step emits per row: the accepted proposals and the target's own token."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+@dataclass
 class SchedulerStats:
     num_running: int
     num_waiting: int
@@ -40,6 +63,7 @@ class SchedulerStats:
     peak_running: int              # most requests running in one step
     kv_waste_at_peak: float        # share of allocated KV slots holding no token, at peak_blocks
     kv_tiers: dict[str, KVTierStats] = field(default_factory=dict)   # tier name -> its stats (enabled tiers)
+    spec_decode: SpecDecodeStats | None = None   # None: speculative decoding is off
 
     @property
     def num_blocks_used(self) -> int:
@@ -91,6 +115,11 @@ class StatsLogger:
             (stats.num_prompt_tokens - prev_prompt) / dt, (stats.num_generation_tokens - prev_gen) / dt,
             stats.num_running, stats.num_waiting, stats.num_blocks_used, stats.num_blocks_total,
             100 * stats.kv_cache_usage, 100 * stats.prefix_cache_hit_rate, stats.num_preemptions)
+        if stats.spec_decode is not None and stats.spec_decode.num_drafts:
+            sd = stats.spec_decode
+            logger.info("speculative decoding: mean acceptance length %.2f, accepted %d of %d draft tokens, "
+                        "accepted per position %s", sd.mean_acceptance_length, sd.num_accepted_tokens,
+                        sd.num_draft_tokens, sd.accepted_per_pos)
         for name, tier in stats.kv_tiers.items():
             logger.info("KV tier %s: hits %d, misses %d, invalid %d, stored %.1f MiB, loaded %.1f MiB (%.1f GB/s)",
                         name, tier.hits, tier.misses, tier.invalid, tier.bytes_stored / 2**20,

@@ -66,6 +66,9 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str]                   # ended since the last step: the runner drops their state
     kv_transfers: KVTransfers = field(default_factory=KVTransfers)
+    # req_id -> proposed tokens, verified this step after the request's last token (speculative decoding; a
+    # draft model's are placeholders here, proposed on the device by the runner)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -83,7 +86,8 @@ class TokenLogprobs:
 @dataclass
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)   # only requests that reached the end
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # verified rows: accepted + 1 tokens
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)   # one per token sampled
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # sent once, when complete
     kv_transfer: KVTransferResult | None = None
 
@@ -93,7 +97,7 @@ class EngineCoreOutput:
     """What one step did to one request, for the output processor."""
     req_id: str
     new_token_ids: list[int]
-    logprobs: TokenLogprobs | None = None
+    logprobs: list[TokenLogprobs] | None = None   # one per new token
     prompt_logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None     # "stop", "length", "abort", "error"
     stop_reason: int | str | None = None

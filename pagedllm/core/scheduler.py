@@ -13,13 +13,14 @@ placeholder's position, whose input id the runner takes from the device (see run
 request whose in-flight tokens already reach max_tokens or max_model_len is not scheduled again.
 """
 from collections import deque
+from dataclasses import replace
 
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.kv_usage import KVUsagePeak
 from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, KVTransferResult, ModelRunnerOutput,
                                     NewRequestData, SchedulerOutput)
 from pagedllm.core.offload import KVOffloadManager
-from pagedllm.metrics import SchedulerStats
+from pagedllm.metrics import SchedulerStats, SpecDecodeStats
 from pagedllm.request import Request, RequestStatus
 
 
@@ -40,6 +41,7 @@ class Scheduler:
         self.num_prompt_tokens = 0      # prompt tokens computed (prefix hits excluded)
         self.num_generation_tokens = 0
         self.kv_peak = KVUsagePeak(kv_cache_manager.block_size)
+        self.spec_stats: SpecDecodeStats | None = None   # set when speculative decoding is on
 
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request):
@@ -102,7 +104,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- one step ------------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, spec: dict[str, list[int]] | None = None) -> SchedulerOutput:
+        """spec: proposed tokens of running requests (speculative decoding, a synchronous step: nothing in
+        flight); a request's are verified after its last token when they fit in the budget."""
+        spec = spec or {}
+        scheduled_spec: dict[str, list[int]] = {}
         budget = self.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
@@ -115,14 +121,19 @@ class Scheduler:
             i += 1
             if self._in_flight_reach_end(req):
                 continue
-            num_new = min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget)
+            num_new = req.num_tokens + req.num_output_placeholders - req.num_computed_tokens
+            proposed = spec.get(req.request_id, ())
+            if proposed and num_new + len(proposed) <= budget:
+                scheduled_spec[req.request_id] = proposed
+                num_new += len(proposed)
+            num_new = min(num_new, budget)
             new_blocks = self._allocate_or_preempt(req, num_new)
             if new_blocks is None:        # req itself was preempted: nothing after it is left to schedule
                 break
             # Scheduled in an earlier step, so the runner holds it: only the diff.
             cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
                                                  req.num_computed_tokens))
-            budget -= self._advance(req, num_new, num_scheduled)
+            budget -= self._advance(req, num_new, num_scheduled, len(scheduled_spec.get(req.request_id, ())))
 
         # Admitting new work right after preempting would only preempt again.
         preempted = self.num_preemptions > num_preemptions_before
@@ -158,8 +169,9 @@ class Scheduler:
             budget -= self._advance(req, num_new, num_scheduled)
 
         self.kv_peak.observe(self.kv.num_used_blocks, self.kv.num_empty_slots, len(self.running))
+        scheduled_spec = {r: ids for r, ids in scheduled_spec.items() if r in num_scheduled}   # not preempted
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
-                              self.finished_req_ids, self.offload.take_ops())
+                              self.finished_req_ids, self.offload.take_ops(), scheduled_spec)
         self.finished_req_ids = set()
         return out
 
@@ -168,13 +180,14 @@ class Scheduler:
         n = req.num_output_placeholders
         return n > 0 and (req.num_output_tokens + n >= req.max_tokens or req.num_tokens + n >= self.max_model_len)
 
-    def _advance(self, req: Request, num_new: int, num_scheduled: dict[str, int]) -> int:
-        """Counts the step's tokens as computed now; a step that reaches the end samples one more token."""
+    def _advance(self, req: Request, num_new: int, num_scheduled: dict[str, int], num_spec: int = 0) -> int:
+        """Counts the step's tokens as computed now; a step that reaches the end samples one more token.
+        Proposed tokens count too: update_from_output takes back those the verification rejects."""
         num_scheduled[req.request_id] = num_new
         if req.num_computed_tokens < req.num_prompt_tokens:
             self.num_prompt_tokens += min(num_new, req.num_prompt_tokens - req.num_computed_tokens)
         req.num_computed_tokens += num_new
-        if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
+        if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders + num_spec:
             req.num_output_placeholders += 1
         return num_new
 
@@ -208,17 +221,26 @@ class Scheduler:
         for req_id in sched.num_scheduled_tokens:
             req = self.requests.get(req_id)
             token = out.sampled_token_ids.get(req_id)
+            tokens = out.spec_token_ids.get(req_id) or ([token] if token is not None else [])
             prompt_logprobs = out.prompt_logprobs.get(req_id)
-            if req is None or (token is None and prompt_logprobs is None):
+            if req is None or (not tokens and prompt_logprobs is None):
                 continue   # finished meanwhile, or a prompt chunk that did not reach the end
             was_running, new_ids = req.status == RequestStatus.RUNNING, []
-            if token is not None:
+            if tokens:
                 req.num_output_placeholders -= 1
-                req.append_output_token_id(token)
-                self.num_generation_tokens += 1
-                new_ids = [token]
-                self._check_stop(req, token)
-            outputs.append(EngineCoreOutput(req_id, new_ids, out.logprobs.get(req_id), prompt_logprobs,
+                if req_id in sched.spec_token_ids:   # rejected proposals: their positions are computed again
+                    num_proposed, num_accepted = len(sched.spec_token_ids[req_id]), len(tokens) - 1
+                    req.num_computed_tokens -= num_proposed - num_accepted
+                    self.spec_stats.record(num_proposed, num_accepted)
+                for token in tokens:   # what follows a stop is dropped
+                    req.append_output_token_id(token)
+                    new_ids.append(token)
+                    self._check_stop(req, token)
+                    if req.status.finished:
+                        break
+                self.num_generation_tokens += len(new_ids)
+            logprobs = out.logprobs.get(req_id)
+            outputs.append(EngineCoreOutput(req_id, new_ids, logprobs and logprobs[:len(new_ids)], prompt_logprobs,
                                             req.status.finish_reason, req.stop_reason,
                                             max(req.num_cached_tokens, 0), req.error))
             if req.status.finished:
@@ -254,4 +276,6 @@ class Scheduler:
             prefix_cache_hits=self.kv.prefix_stats.hits, num_preemptions=self.num_preemptions,
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
             peak_blocks=self.kv_peak.peak_blocks, peak_running=self.kv_peak.peak_running,
-            kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats())
+            kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats(),
+            spec_decode=None if self.spec_stats is None else replace(self.spec_stats, accepted_per_pos=list(
+                self.spec_stats.accepted_per_pos)))

@@ -16,11 +16,12 @@ from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.messages import EngineCoreOutput, SchedulerOutput
 from pagedllm.core.offload import KVOffloadManager
 from pagedllm.core.scheduler import Scheduler
-from pagedllm.metrics import SchedulerStats, StepStats
+from pagedllm.metrics import SchedulerStats, SpecDecodeStats, StepStats
 from pagedllm.request import Request, RequestStatus
 from pagedllm.runner.model_runner import ModelRunner, PendingOutput
 from pagedllm.engine.tokenizer import load_engine_tokenizer, load_eos_token_ids
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.spec_decode.speculator import Speculator
 from pagedllm.structured_output.compiler import GrammarCompilePool
 from pagedllm.structured_output.manager import StructuredOutputManager
 
@@ -56,6 +57,10 @@ class EngineCore:
             config.structured_outputs_compile_workers, config.structured_outputs_compile_timeout),
             hf_config.vocab_size, self.runner.config.max_num_seqs, device)
         self._failed: list[EngineCoreOutput] = []   # error outputs of requests failed outside a step
+        self.speculator = None   # speculative decoding: which steps and rows propose (spec_decode/speculator.py)
+        if config.speculative is not None:
+            self.speculator = Speculator(config.speculative, max_model_len)
+            self.scheduler.spec_stats = SpecDecodeStats()
 
     def add_request(self, r: EngineCoreRequest):
         """A request whose own data raises here (hashing its blocks, its generator) ends with an error
@@ -90,6 +95,9 @@ class EngineCore:
         outputs, self._failed = self._failed, []
         if self.scheduler.compiling:
             outputs += self.scheduler.check_grammars()
+        if self.speculator is not None and self.speculator.wants_step(self.scheduler.running,
+                                                                      len(self.scheduler.waiting)):
+            return self._spec_step(outputs)
         launched = None
         if self.scheduler.has_unfinished_requests():
             stats = StepStats()
@@ -111,6 +119,38 @@ class EngineCore:
         if done is None:
             return (outputs, StepStats()) if outputs else None
         return outputs, done[2]
+
+    def _spec_step(self, outputs: list[EngineCoreOutput]) -> tuple[list[EngineCoreOutput], StepStats]:
+        """A synchronous step: the step in flight is applied first (proposals need its tokens), then this one
+        is scheduled with the proposals, launched and read at once."""
+        stats = StepStats()
+        done, self._in_flight = self._in_flight, None
+        if done is not None:
+            outputs += self.scheduler.update_from_output(done[0], done[1].result())
+            stats = done[2]
+        if not self.scheduler.has_unfinished_requests():
+            return outputs, stats
+        running = self.scheduler.running
+        sched_out = self.scheduler.schedule(self.speculator.propose(running) if running else None)
+        self._record_first_scheduled(sched_out, stats)
+        if sched_out.is_empty and self.scheduler.compiling:
+            self._wait_for_grammars()
+        try:
+            pending = self.runner.execute_async(sched_out)
+        except torch.AcceleratorError:
+            raise
+        except Exception as e:
+            return outputs + self._fail_step(sched_out, e), stats
+        if pending.deferred is not None:
+            failed = self._sample_constrained(sched_out, pending)
+            if failed:
+                return outputs + failed, stats
+        result = pending.result()
+        outputs += self.scheduler.update_from_output(sched_out, result)
+        for req_id, proposed in sched_out.spec_token_ids.items():
+            emitted = result.spec_token_ids.get(req_id, [None])
+            self.speculator.observe(req_id, len(proposed), len(emitted) - 1, req_id not in self.scheduler.requests)
+        return outputs, stats
 
     def _wait_for_grammars(self, seconds: float = 0.05):
         """Blocks until a grammar compiles (or `seconds` pass: the core process reads its pipe between steps)."""

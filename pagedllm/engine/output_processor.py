@@ -146,9 +146,10 @@ class OutputProcessor:
             parent.metrics.last_token_time = now
             seq.token_ids.extend(out.new_token_ids)
             if out.logprobs is not None and seq.cumulative_logprob is not None:
-                seq.cumulative_logprob += out.logprobs.logprobs[0]
-                if seq.logprobs is not None:
-                    seq.logprobs.append(self._position(out.logprobs))
+                for position in out.logprobs:
+                    seq.cumulative_logprob += position.logprobs[0]
+                    if seq.logprobs is not None:
+                        seq.logprobs.append(self._position(position))
         # An EOS or stop token id that ended the sequence is not part of its text.
         stop_str = (seq.detokenizer.update(out.new_token_ids, len(seq.token_ids), out.finish_reason == "stop")
                     if out.new_token_ids else None)

@@ -27,6 +27,9 @@ from pagedllm.sample.logits_processors import build_logits_processors, uses_proc
 from pagedllm.sample.penalties import Penalties, PenaltyTable
 from pagedllm.sample.sampler import Sampler, SamplingMetadata, gather_logprobs, to_device
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.spec_decode.draft_model import DraftModel
+from pagedllm.spec_decode.rejection_sampler import rejection_sample
+from pagedllm.spec_decode.verify import VerifyLayout, VerifyResult, position_logprobs
 
 logger = logging.getLogger("pagedllm")
 
@@ -67,6 +70,10 @@ class ModelRunner:
         # The last launched step's sampled ids on the device, and each sampling request's row in them.
         self._in_flight: dict[str, int] = {}
         self._in_flight_ids: torch.Tensor | None = None
+        self.spec_rates = config.speculative and config.speculative.conditional_rates()   # synthetic mode
+        self.draft = None   # speculative decoding's draft model: loaded before memory is profiled
+        if config.speculative is not None and config.speculative.method == "draft_model":
+            self.draft = DraftModel(config, hf_config, device, dtype, max_model_len)
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager:
             mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))
@@ -78,7 +85,9 @@ class ModelRunner:
         if device.type == "cuda" and config.num_gpu_blocks_override is None and config.kv_cache_memory is None:
             scratch = copy_scratch_bytes(block_bytes, self.num_layers) if config.kv_tiers_enabled else 0
             profiled = profile_free_kv_bytes(self._run_largest_step, config.gpu_memory_utilization, device, scratch)
-        self.num_blocks = determine_num_blocks(config, max_model_len, block_bytes, profiled)
+        # A block holds the draft model's KV of its tokens too
+        draft_bytes = self.draft.block_bytes if self.draft is not None else 0
+        self.num_blocks = determine_num_blocks(config, max_model_len, block_bytes + draft_bytes, profiled)
         self.kv_caches = allocate_kv_caches(self.num_layers, self.num_blocks, self.block_size,
                                             self.num_kv_heads, self.head_dim, dtype, device)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); %.1fx concurrency at max_model_len %d",
@@ -90,6 +99,8 @@ class ModelRunner:
         if self.graphs is not None:
             self.buffers.fill_padding()
             self.graphs.capture(self._graph_forward)
+        if self.draft is not None:
+            self.draft.allocate(self.num_blocks)
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, req_id: str, params: SamplingParams):
@@ -118,12 +129,24 @@ class ModelRunner:
         pad_tokens, pad_rows = (None, None) if graph is None else (graph[0], self._graph_rows(*graph))
         # Shared decode segments: eager steps, and decode graphs (each size has a graph with them)
         share_grid = None if graph is None else max_items(pad_rows)
-        inputs = self.buffers.build(reqs, list(sched.num_scheduled_tokens.values()), self.tables,
-                                    self.block_size, pad_tokens=pad_tokens, pad_rows=pad_rows,
-                                    max_seq_len_bound=None if graph is None else self.max_model_len,
-                                    in_flight=self._in_flight, in_flight_ids=self._in_flight_ids,
-                                    share=graph is None or not graph[1], share_grid=share_grid)
+        spec = sched.spec_token_ids   # proposals: inputs after each row's last token (a draft's filled below)
+        for req_id, ids in spec.items():
+            self.states[req_id].token_ids.extend(ids)
+        try:
+            inputs = self.buffers.build(reqs, list(sched.num_scheduled_tokens.values()), self.tables,
+                                        self.block_size, pad_tokens=pad_tokens, pad_rows=pad_rows,
+                                        max_seq_len_bound=None if graph is None else self.max_model_len,
+                                        in_flight=self._in_flight, in_flight_ids=self._in_flight_ids,
+                                        share=graph is None or not graph[1], share_grid=share_grid)
+        finally:
+            for req_id, ids in spec.items():
+                del self.states[req_id].token_ids[-len(ids):]
         rows = [reqs[i] for i in inputs.sample_rows]
+        verify = draft_ids = None
+        if spec:   # a synchronous step: every input id is on the host, nothing is taken from the device
+            verify = VerifyLayout.build(reqs, spec, inputs.attn_metadata.query_start_loc_cpu)
+            rows = [r for r in rows if r.req_id not in spec]
+            draft_ids = self._proposals(verify, spec, reqs, sched)
         prev_in_flight, self._in_flight = self._in_flight, {r.req_id: j for j, r in enumerate(rows)}
         # Sampling metadata first: its small host -> device copies then need not wait for the forward.
         meta = self._sampling_metadata(rows, sched.num_scheduled_tokens, prev_in_flight) if rows else None
@@ -135,10 +158,19 @@ class ModelRunner:
         out = ModelRunnerOutput(kv_transfer=transfer)
         if inputs.prompt_lp_rows:
             self._prompt_logprobs(hidden, inputs, reqs, out)
-        if not rows:
-            return PendingOutput(out, [])
-        logits = self.model.compute_logits(hidden[inputs.sample_token_index])
         pending = PendingOutput(out, rows)
+        if verify is not None:
+            qsl = inputs.attn_metadata.query_start_loc_cpu
+            index = [qsl[i + 1] - 1 for i in inputs.sample_rows if reqs[i].req_id not in spec] + verify.logits_index
+            all_logits = self.model.compute_logits(hidden[to_device(index, torch.int64, self.device)])
+            self._verify(pending, verify, all_logits[len(rows):], draft_ids)
+            if not rows:
+                return pending
+            logits = all_logits[:len(rows)]
+        elif not rows:
+            return pending
+        else:
+            logits = self.model.compute_logits(hidden[inputs.sample_token_index])
         if self.constrained and any(r.req_id in self.constrained for r in rows):
             # Its bitmask needs the tokens of the step in flight: the engine core applies that step, then
             # sample_constrained() finishes this one while the device runs its forward.
@@ -179,6 +211,37 @@ class ModelRunner:
             pending.event.record()
         return pending
 
+    def _proposals(self, verify: VerifyLayout, spec: dict[str, list[int]], reqs: list[RunnerRequestState],
+                   sched: SchedulerOutput) -> torch.Tensor:
+        """The step's proposals on the device, flat (sum s). A draft model proposes them now, before the
+        target's forward in the same stream, and they are written into the step's input ids."""
+        if self.draft is None:
+            return to_device([t for r in verify.rows for t in spec[r.req_id]], torch.int64, self.device)
+        catch_up = [(r, r.num_computed_tokens + sched.num_scheduled_tokens[r.req_id]) for r in reqs
+                    if r.req_id not in spec and sched.num_scheduled_tokens[r.req_id] > 1]   # prompt chunks
+        proposals = self.draft.propose(verify.rows, verify.num_spec, catch_up, self.tables)
+        rows = [i for i, s in enumerate(verify.num_spec) for _ in range(s)]
+        cols = [j for s in verify.num_spec for j in range(s)]
+        flat = proposals[to_device(rows, torch.int64, self.device), to_device(cols, torch.int64, self.device)]
+        self.buffers.input_ids.index_copy_(0, to_device(verify.draft_slots, torch.int64, self.device), flat)
+        return flat
+
+    def _verify(self, pending: "PendingOutput", verify: VerifyLayout, logits: torch.Tensor, draft_ids: torch.Tensor):
+        """Rejection sampling of the speculating rows; their results are copied to the host with the step's."""
+        params = [r.params for r in verify.rows]
+        meta = SamplingMetadata.build(params, [r.generator for r in verify.rows], [[]] * len(params), self.device)
+        res = rejection_sample(logits, verify.num_spec, draft_ids, meta, self.generator, self.spec_rates)
+        logprobs = None
+        num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        if num_logprobs:
+            logprobs = tuple(_to_host_async(t) for t in position_logprobs(
+                logits, res.output_token_ids, verify.num_spec, max(num_logprobs)))
+        pending.verify = VerifyResult(verify, _to_host_async(res.output_token_ids), _to_host_async(res.num_emitted),
+                                      logprobs, self.draft.valid if self.draft is not None else None)
+        if self.device.type == "cuda":   # the plain rows' sampling, if any, records a later one
+            pending.event = torch.cuda.Event()
+            pending.event.record()
+
     def _graph_key(self, sched: SchedulerOutput, num_reqs: int) -> tuple[int, bool] | None:
         """(padded num_tokens, mixed) of the graph this step replays; None: eager."""
         if self.graphs is None:
@@ -194,12 +257,16 @@ class ModelRunner:
     def _update_states(self, sched: SchedulerOutput):
         for req_id in sched.finished_req_ids:
             self._admitted.pop(req_id, None)
+            if self.draft is not None:
+                self.draft.forget(req_id)
             state = self.states.pop(req_id, None)
             if state is not None:
                 self.tables.release(state.row)
                 self.penalties.release(req_id)
                 self.constrained.discard(req_id)
         for new in sched.new_reqs:
+            if self.draft is not None:   # new, or resumed: its blocks hold no draft KV of it
+                self.draft.reset(new.req_id)
             state = self.states.get(new.req_id)
             if state is None:
                 self.states[new.req_id] = RunnerRequestState(
@@ -332,12 +399,18 @@ class PendingOutput:
     event: torch.cuda.Event | None = None
     deferred: tuple[torch.Tensor, "SamplingMetadata"] | None = None   # logits, metadata: sampled later
     forward_done: torch.cuda.Event | None = None   # a deferred step's forward (CUDA)
+    verify: VerifyResult | None = None   # speculating rows' results (speculative decoding)
 
     def result(self) -> ModelRunnerOutput:
-        if not self.rows:
+        if not self.rows and self.verify is None:
             return self.out
         if self.event is not None:
             self.event.synchronize()
+        if self.verify is not None:
+            self.verify.apply(self.out)
+            self.verify = None
+        if not self.rows:
+            return self.out
         sampled, out = self.sampled_host.tolist(), self.out
         lp_ids, lps, ranks = [t.tolist() for t in self.logprobs_host] if self.logprobs_host else (None,) * 3
         for j, (r, token) in enumerate(zip(self.rows, sampled)):
@@ -345,7 +418,7 @@ class PendingOutput:
             out.sampled_token_ids[r.req_id] = token
             if r.params.logprobs is not None:
                 k = 1 + r.params.logprobs
-                out.logprobs[r.req_id] = TokenLogprobs(lp_ids[j][:k], lps[j][:k], ranks[j])
+                out.logprobs[r.req_id] = [TokenLogprobs(lp_ids[j][:k], lps[j][:k], ranks[j])]
         self.rows = []   # hand out once
         return out
 

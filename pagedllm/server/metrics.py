@@ -76,6 +76,7 @@ class _EngineCollector:
             family.add_metric([name], value)
             yield family
         yield from _tier_families(s, name)
+        yield from _spec_decode_families(s, name)
 
 
 # KVTierStats field -> (metric, help); one sample per enabled tier (swap, cpu, disk), labelled `tier`.
@@ -96,3 +97,22 @@ def _tier_families(s: SchedulerStats, model_name: str):
         for tier, stats in s.kv_tiers.items():
             family.add_metric([model_name, tier], getattr(stats, field))
         yield family
+
+
+def _spec_decode_families(s: SchedulerStats, model_name: str):
+    """vLLM's spec_decode counters; accepted per position labelled `position` (0 = the first proposal)."""
+    sd = s.spec_decode
+    if sd is None:
+        return
+    for metric, doc, value in (
+            ("spec_decode_num_drafts", "Verified drafts (one row's proposals in one step).", sd.num_drafts),
+            ("spec_decode_num_draft_tokens", "Proposed tokens verified.", sd.num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Proposed tokens accepted.", sd.num_accepted_tokens)):
+        family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=["model_name"])
+        family.add_metric([model_name], value)
+        yield family
+    family = CounterMetricFamily("pagedllm:spec_decode_num_accepted_tokens_per_pos",
+                                 "Accepted proposals at each position.", labels=["model_name", "position"])
+    for position, value in enumerate(sd.accepted_per_pos):
+        family.add_metric([model_name, str(position)], value)
+    yield family

@@ -1,0 +1,151 @@
+"""The draft model of speculative decoding: a smaller checkpoint with the target's vocabulary proposes k tokens
+a row by greedy decoding, on the device, right before the target verifies them in the same step.
+
+Its KV cache has its own tensors but the target's block ids: the draft reads and writes the slots of the
+target's block tables, so no second allocator exists and a request's lookahead slots serve both. Its KV of a
+request is right only up to `valid[req_id]` positions, a prefix that it catches up from the known tokens when
+the request next speculates (a new or resumed request starts at 0: a prefix-cache hit or a swapped-in block
+holds the target's KV only). Of its proposals e1..es, e1..e(s-1) were fed back, so after the verification
+accepts a of them the prefix grows by min(a, s - 1) past the last known token.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.attention.metadata import set_forward_context
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.models import model_dims
+from pagedllm.models.loader import load_model
+from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
+from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequestState
+from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block
+from pagedllm.sample.host_copy import to_device
+
+
+@dataclass
+class _Row:
+    """What InputBuffers.build reads of a request, for one pass of the draft."""
+    req_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    num_blocks: int
+    row: int
+    wants_prompt_logprobs: bool = False
+
+
+class DraftModel:
+    def __init__(self, config: EngineConfig, target_hf_config, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int):
+        from transformers import AutoConfig
+        spec = config.speculative
+        self.hf_config = AutoConfig.from_pretrained(spec.model)
+        if self.hf_config.vocab_size != target_hf_config.vocab_size:
+            raise ValueError(f"speculative_config: model {spec.model!r} must have the target's vocabulary "
+                             f"({target_hf_config.vocab_size} tokens), got {self.hf_config.vocab_size}")
+        self.model = load_model(spec.model, self.hf_config, dtype, device, config.load_format)
+        self.num_layers, self.num_kv_heads, self.head_dim = model_dims(self.hf_config)
+        self.block_bytes = bytes_per_block(self.num_layers, config.block_size, self.num_kv_heads, self.head_dim,
+                                           dtype)
+        self.device, self.dtype, self.block_size = device, dtype, config.block_size
+        self.max_model_len = max_model_len
+        self.max_batch_tokens = config.max_num_batched_tokens
+        max_reqs = config.max_num_seqs
+        self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_reqs), max_reqs,
+                                    cdiv(max_model_len, config.block_size), device)
+        self.graphs = None
+        if device.type == "cuda" and not config.enforce_eager:   # the proposal passes: one token a row
+            self.graphs = CudaGraphs(capture_sizes(min(max_reqs, spec.disable_by_batch_size)), [])
+        self.kv_caches: list[torch.Tensor] = []
+        self.valid: dict[str, int] = {}   # req_id -> leading positions whose draft KV is right
+        self._copies: list[torch.cuda.Event] = []   # the last builds' host -> device copies (CUDA)
+
+    def allocate(self, num_blocks: int):
+        self.kv_caches = allocate_kv_caches(self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
+                                            self.head_dim, self.dtype, self.device)
+        if self.graphs is not None:
+            self.buffers.fill_padding()
+            self.graphs.capture(self._graph_forward)
+
+    def reset(self, req_id: str):
+        self.valid[req_id] = 0
+
+    def forget(self, req_id: str):
+        self.valid.pop(req_id, None)
+
+    @torch.inference_mode()
+    def propose(self, rows: list[RunnerRequestState], num_spec: list[int], catch_up: list[tuple[RunnerRequestState, int]],
+                tables: BlockTables) -> torch.Tensor:
+        """(len(rows), max(num_spec)) int64 on the device: row i's proposals in its first num_spec[i] columns.
+        rows: requests whose last known token the target verifies after; catch_up: other rows of the step and
+        the position their step reaches (prompt chunks), whose draft KV is brought along."""
+        self._catch_up([(r, len(r.token_ids) - 1) for r in rows] + catch_up, tables)
+        out = torch.zeros((len(rows), max(num_spec)), dtype=torch.int64, device=self.device)
+        prev, prev_rows = None, {}
+        for j in range(max(num_spec)):
+            live = [i for i, s in enumerate(num_spec) if s > j]
+            views = [_view(rows[i], len(rows[i].token_ids) - 1 + j) for i in live]
+            ids = self._forward_last(views, [1] * len(views), tables, in_flight={
+                v.req_id: prev_rows[i] for v, i in zip(views, live)} if j else None, in_flight_ids=prev)
+            out[to_device(live, torch.int64, self.device), j] = ids
+            prev, prev_rows = ids, {i: k for k, i in enumerate(live)}
+        for r in rows:
+            self.valid[r.req_id] = len(r.token_ids)   # fed up to the last known token (then e1..e(s-1))
+        return out
+
+    def _catch_up(self, targets: list[tuple[RunnerRequestState, int]], tables: BlockTables):
+        """Feed each row's known tokens from its valid prefix up to (not including) the given position, in
+        passes of at most max_num_batched_tokens tokens."""
+        todo = [(r, self.valid.get(r.req_id, 0), end) for r, end in targets if self.valid.get(r.req_id, 0) < end]
+        while todo:
+            budget, views, lens, rest = self.max_batch_tokens, [], [], []
+            for r, start, end in todo:
+                n = min(end - start, budget)
+                if n > 0:
+                    views.append(_view(r, start))
+                    lens.append(n)
+                    budget -= n
+                    self.valid[r.req_id] = start + n
+                if start + n < end:
+                    rest.append((r, start + n, end))
+            self._forward(views, lens, tables)
+            todo = rest
+
+    def _forward(self, views: list[_Row], lens: list[int], tables: BlockTables, graph_size: int | None = None,
+                 in_flight=None, in_flight_ids=None):
+        self._wait_for_host_arrays()
+        pad = graph_size
+        inputs = self.buffers.build(views, lens, tables, self.block_size, pad_tokens=pad, pad_rows=pad,
+                                    max_seq_len_bound=None if pad is None else self.max_model_len,
+                                    in_flight=in_flight, in_flight_ids=in_flight_ids)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._copies = (self._copies + [event])[-2:]
+        if pad is not None:
+            return self.graphs.replay(pad, False), inputs
+        with set_forward_context(inputs.attn_metadata, self.kv_caches):
+            return self.model(inputs.input_ids, inputs.positions), inputs
+
+    def _forward_last(self, views: list[_Row], lens: list[int], tables: BlockTables, in_flight,
+                      in_flight_ids) -> torch.Tensor:
+        """One token a row: the draft's greedy next token of each."""
+        size = None if self.graphs is None else self.graphs.padded_size(len(views), False)
+        hidden, inputs = self._forward(views, lens, tables, size, in_flight, in_flight_ids)
+        return self.model.compute_logits(hidden[inputs.sample_token_index]).argmax(dim=-1)
+
+    def _wait_for_host_arrays(self):
+        """InputBuffers alternates two pinned host sets: the one written next may still be copying (the
+        passes of a step are queued without waiting for the device)."""
+        if len(self._copies) == 2:
+            self._copies[0].synchronize()
+
+    def _graph_forward(self, num_tokens: int, mixed: bool, shared: bool) -> torch.Tensor:
+        b = self.buffers
+        meta = b.graph_metadata(num_tokens, num_tokens, False, self.max_model_len)
+        with set_forward_context(meta, self.kv_caches):
+            return self.model(b.input_ids[:num_tokens], b.positions[:num_tokens])
+
+
+def _view(r: RunnerRequestState, num_computed: int) -> _Row:
+    return _Row(r.req_id, r.token_ids, num_computed, r.num_blocks, r.row)

@@ -1,0 +1,144 @@
+"""Speculative decoding end to end on tiny float32 models: greedy tokens and logprobs identical to transformers and
+to the engine without speculation, for both proposers, under preemption and chunked prefill, with rows that may
+not speculate in the same steps; seeded sampling reproducible; no block leaks; config errors name the key."""
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import DEMO_MODEL
+from test_vs_transformers import GREEDY, MAX_NEW, PROMPTS, check_greedy_matches, reference
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def draft(model_dir: str, k: int = 4) -> dict:
+    return {"method": "draft_model", "model": model_dir, "num_speculative_tokens": k}
+
+
+def run(model_dir, spec, prompts=PROMPTS, params=GREEDY, **kw):
+    llm = LLM(model_dir, dtype="float32", log_stats_interval=0, speculative_config=spec, **kw)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    stats = llm.engine.get_stats()
+    assert stats.num_blocks_free == stats.num_blocks_total   # nothing leaked, rejected slots included
+    return outputs, stats
+
+
+def test_ngram_greedy_matches_transformers(tiny_model_dirs):
+    d = tiny_model_dirs["llama"]
+    outputs, stats = run(d, NGRAM, max_num_seqs=16)
+    check_greedy_matches(outputs, reference(d))
+    sd = stats.spec_decode
+    assert sd.num_drafts > 0 and 0 < sd.num_accepted_tokens <= sd.num_draft_tokens
+    assert sum(len(o.outputs[0].token_ids) for o in outputs) == stats.num_generation_tokens
+
+
+@pytest.mark.parametrize("draft_name", ["llama", "qwen2"])
+def test_draft_model_greedy_matches_transformers(tiny_model_dirs, draft_name):
+    """The target as its own draft accepts every proposal; another model rarely does: exact either way."""
+    d = tiny_model_dirs["llama"]
+    outputs, stats = run(d, draft(tiny_model_dirs[draft_name]), max_num_seqs=16)
+    check_greedy_matches(outputs, reference(d))
+    sd = stats.spec_decode
+    if draft_name == "llama":
+        assert sd.num_accepted_tokens == sd.num_draft_tokens > 0
+        assert sd.mean_acceptance_length > 4
+    else:
+        assert sd.num_accepted_tokens < sd.num_draft_tokens
+
+
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_exact_under_preemption_and_chunked_prefill(tiny_model_dirs, spec):
+    d = tiny_model_dirs["qwen2"]
+    cfg = NGRAM if spec == "ngram" else draft(tiny_model_dirs["qwen2"], 3)
+    outputs, stats = run(d, cfg, num_gpu_blocks_override=14, max_num_batched_tokens=32, max_num_seqs=16)
+    check_greedy_matches(outputs, reference(d))
+    assert stats.num_preemptions > 0 and stats.spec_decode.num_accepted_tokens > 0
+
+
+def test_rows_that_do_not_speculate_share_the_steps(tiny_model_dirs):
+    """Penalties, logit bias, min_tokens and stop ids in the same batch: each request's tokens equal those of
+    the engine without speculation."""
+    d = tiny_model_dirs["llama"]
+    params = [SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=MAX_NEW, repetition_penalty=1.3),
+              SamplingParams(temperature=0, max_tokens=MAX_NEW, logit_bias={5: 3.0}),
+              SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=7),
+              SamplingParams(temperature=0, max_tokens=MAX_NEW, stop_token_ids=[100, 200, 300])]
+    prompts = PROMPTS[:len(params)]
+    plain, _ = run(d, None, prompts, params)
+    for cfg in (NGRAM, draft(d)):
+        spec, stats = run(d, cfg, prompts, params)
+        assert stats.spec_decode.num_drafts > 0
+        for a, b in zip(plain, spec):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+        assert [list(p) for p in spec[0].outputs[0].logprobs] == [list(p) for p in plain[0].outputs[0].logprobs]
+
+
+def test_seeded_sampling_reproducible(tiny_model_dirs):
+    d = tiny_model_dirs["llama"]
+    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=MAX_NEW) for i in range(4)]
+    a, _ = run(d, draft(d), PROMPTS[:4], params)
+    b, _ = run(d, draft(d), PROMPTS[:4], params)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+
+
+def test_large_batches_do_not_speculate(tiny_model_dirs):
+    d = tiny_model_dirs["llama"]
+    _, stats = run(d, {**NGRAM, "disable_by_batch_size": 2}, max_num_seqs=16)
+    assert stats.spec_decode.num_drafts < 40   # only the tail, once few requests are left
+
+
+def test_synthetic_acceptance(tiny_model_dirs):
+    d = tiny_model_dirs["llama"]
+    cfg = {**draft(tiny_model_dirs["qwen2"]), "rejection_sample_method": "synthetic",
+           "synthetic_acceptance_rates": [0.8, 0.64, 0.512, 0.4096]}
+    _, stats = run(d, cfg, PROMPTS[:4], SamplingParams(temperature=0, max_tokens=150, ignore_eos=True))
+    sd = stats.spec_decode
+    assert sd.num_drafts > 80
+    # whether a draft happens depends only on earlier ones (the back-off): each is accepted at the given rates
+    rates = [a / b for a, b in zip(sd.accepted_per_pos, [sd.num_drafts] + sd.accepted_per_pos)]
+    assert all(0.65 < r < 0.95 for r in rates), rates
+    assert 2.7 < sd.mean_acceptance_length < 3.7, sd
+
+
+def test_demo_model_exact():
+    prompts = ["Once upon a time", "The little dog", "Lily and Ben went to the park. Lily and Ben"]
+    sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in LLM(dtype="float32", log_stats_interval=0).generate(
+        prompts, sp, use_tqdm=False)]
+    for cfg in (NGRAM, draft(DEMO_MODEL)):
+        llm = LLM(dtype="float32", log_stats_interval=0, speculative_config=cfg)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == plain
+
+
+@pytest.mark.parametrize("cfg, field", [
+    ({"method": "eagle", "num_speculative_tokens": 2}, "method"),
+    ({"method": "ngram"}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_mx": 3}, "prompt_lookup_mx"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "rejection_sample_method": "synthetic"},
+     "synthetic_acceptance_rate"),
+    ('{"method": "ngram", ', "JSON"),
+])
+def test_config_errors_name_the_key(cfg, field):
+    with pytest.raises(ValueError, match=field):
+        LLM(dtype="float32", log_stats_interval=0, speculative_config=cfg)
+
+
+def test_draft_vocabulary_must_match(tmp_path, tiny_model_dirs):
+    from conftest import make_tiny_model
+    other = make_tiny_model(tmp_path / "v600", vocab_size=600)
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLM(tiny_model_dirs["llama"], dtype="float32", log_stats_interval=0, speculative_config=draft(other))
+
+
+def test_rejected_proposals_back_off(tiny_model_dirs):
+    """Synthetic acceptance 0: every proposal fails, so requests stop proposing for longer and longer: far fewer
+    drafts than steps."""
+    d = tiny_model_dirs["llama"]
+    cfg = {**draft(d), "rejection_sample_method": "synthetic", "synthetic_acceptance_rate": 0.0}
+    outputs, stats = run(d, cfg, PROMPTS[:2], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    assert stats.spec_decode.num_accepted_tokens == 0
+    assert stats.spec_decode.num_drafts < 30   # of ~200 steps per request

@@ -1,0 +1,35 @@
+"""The "small" server speculates (n-gram): streamed and whole answers equal offline greedy decoding without
+speculation, logprobs included, and /metrics carries vLLM's spec_decode counters."""
+import json
+
+import httpx
+
+from pagedllm import SamplingParams
+from server.server_utils import MODEL_NAME, engine_metrics
+
+PROMPT = "Lily and Ben went to the park. Lily and Ben"
+
+
+def test_speculating_server_matches_offline(servers, offline_llm):
+    small = servers["small"]
+    ref = offline_llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1),
+                               use_tqdm=False)[0].outputs[0]
+    before = engine_metrics(small)
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+            "logprobs": 1}
+    whole = httpx.post(small.url + "/v1/completions", json=body, headers=small.headers, verify=small.verify,
+                       timeout=60).json()["choices"][0]
+    assert whole["text"] == ref.text
+    assert [round(x, 4) for x in whole["logprobs"]["token_logprobs"]] == \
+        [round(next(iter(p.values())).logprob, 4) for p in ref.logprobs]
+    text = ""
+    with httpx.stream("POST", small.url + "/v1/completions", json={**body, "stream": True}, headers=small.headers,
+                      verify=small.verify, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line[6:])["choices"][0]["text"]
+    assert text == ref.text
+    after = engine_metrics(small)
+    assert after["pagedllm:spec_decode_num_drafts_total"] > before.get("pagedllm:spec_decode_num_drafts_total", 0)
+    assert after["pagedllm:spec_decode_num_accepted_tokens_total"] <= after[
+        "pagedllm:spec_decode_num_draft_tokens_total"]
