@@ -1,18 +1,19 @@
 """Speculative decoding on CPU with a real model pair (issue 16): batch 1, greedy, 20 coding prompts.
 
     OMP_NUM_THREADS=2 python benchmarks/spec_decode_cpu.py [--configs off,ngram,draft_model] [--max-tokens 64]
-        [--limit N] [--target DIR] [--draft DIR] [--json PATH]
+        [--limit N] [--target DIR] [--draft DIR] [--json PATH] [--reference PATH]
 
 Per config: one engine (float32, no prefix caching, so each config starts cold in the same way), the prompts one at a
 time, each timed. Prints output tokens, wall seconds, ms per output token, speed-up against "off", mean acceptance
 length (1 + accepted / drafts), all and per kind (write / edit), and any prompt whose greedy tokens differ from "off".
+--json keeps every prompt's result; --reference takes "off" from such a file (configs run in separate processes).
 """
 import argparse
 import gc
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from spec_decode_prompts import PROMPTS
 
@@ -137,6 +138,13 @@ def report(run: ConfigRun, off: ConfigRun | None) -> dict:
     return out
 
 
+def load_run(path: str, name: str, limit: int) -> ConfigRun:
+    with open(path) as f:
+        d = json.load(f)["runs"][name]
+    results = [PromptResult(**{**r, "spec": tuple(r["spec"])}) for r in d["results"][:limit]]
+    return ConfigRun(name, d["load_seconds"], results)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="off,ngram,draft_model")
@@ -144,18 +152,20 @@ def main():
     parser.add_argument("--limit", type=int, default=len(PROMPTS), help="the first N prompts")
     parser.add_argument("--target", default=TARGET)
     parser.add_argument("--draft", default=DRAFT)
-    parser.add_argument("--json", help="also write every config's lines and per-prompt tokens here")
+    parser.add_argument("--json", help="also write every config's lines and per-prompt results here")
+    parser.add_argument("--reference", help="a --json file of an earlier run to take the \"off\" config from")
     args = parser.parse_args()
     prompts = PROMPTS[:args.limit]
     runs, lines = {}, []
+    if args.reference and "off" not in args.configs.split(","):
+        runs["off"] = load_run(args.reference, "off", len(prompts))
     for name in args.configs.split(","):   # one engine at a time: its memory goes before the next loads
         runs[name] = run_config(name, args, prompts)
         gc.collect()   # the step counter's closure makes a cycle through the engine
         lines.append(report(runs[name], runs.get("off")))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "lines": lines,
-                       "tokens": {n: [r.token_ids for r in run.results] for n, run in runs.items()}}, f)
+        if args.json:   # after each config: a run cut short keeps what it finished
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "lines": lines, "runs": {n: asdict(r) for n, r in runs.items()}}, f)
 
 
 if __name__ == "__main__":
