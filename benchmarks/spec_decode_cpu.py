@@ -6,7 +6,8 @@
 Per config: one engine (float32, no prefix caching, so each config starts cold in the same way), the prompts one at a
 time, each timed. Prints output tokens, wall seconds, ms per output token, speed-up against "off", mean acceptance
 length (1 + accepted / drafts), all and per kind (write / edit), and any prompt whose greedy tokens differ from "off".
---json keeps every prompt's result; --reference takes "off" from such a file (configs run in separate processes).
+--json keeps every prompt's result; --reference takes "off" from such a file (configs run in separate processes);
+--combine reports several such files with each prompt's fastest time (a shared machine's noise only adds time).
 """
 import argparse
 import gc
@@ -138,11 +139,27 @@ def report(run: ConfigRun, off: ConfigRun | None) -> dict:
     return out
 
 
-def load_run(path: str, name: str, limit: int) -> ConfigRun:
+def load_runs(path: str, limit: int) -> dict[str, ConfigRun]:
     with open(path) as f:
-        d = json.load(f)["runs"][name]
-    results = [PromptResult(**{**r, "spec": tuple(r["spec"])}) for r in d["results"][:limit]]
-    return ConfigRun(name, d["load_seconds"], results)
+        runs = json.load(f)["runs"]
+    return {name: ConfigRun(name, d["load_seconds"], [PromptResult(**{**r, "spec": tuple(r["spec"])})
+                                                      for r in d["results"][:limit]])
+            for name, d in runs.items()}
+
+
+def combine(paths: list[str], limit: int) -> dict[str, ConfigRun]:
+    """Each prompt's fastest time over several --json runs (the others' load on a shared machine only adds
+    time); its tokens and counters must be the same in all."""
+    files = [load_runs(p, limit) for p in paths]
+    runs = {}
+    for name in (n for n in files[0] if all(n in f for f in files)):
+        parts = [f[name] for f in files]
+        results = []
+        for rs in zip(*(r.results for r in parts)):
+            assert all(r.token_ids == rs[0].token_ids and r.spec == rs[0].spec for r in rs), name
+            results.append(min(rs, key=lambda r: r.seconds))
+        runs[name] = ConfigRun(name, min(r.load_seconds for r in parts), results)
+    return runs
 
 
 def main():
@@ -154,11 +171,18 @@ def main():
     parser.add_argument("--draft", default=DRAFT)
     parser.add_argument("--json", help="also write every config's lines and per-prompt results here")
     parser.add_argument("--reference", help="a --json file of an earlier run to take the \"off\" config from")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="run nothing: report these --json runs' "
+                        "configs with each prompt's fastest time")
     args = parser.parse_args()
     prompts = PROMPTS[:args.limit]
+    if args.combine:
+        runs = combine(args.combine, len(prompts))
+        for run in ([runs["off"]] if "off" in runs else []) + [r for n, r in runs.items() if n != "off"]:
+            report(run, runs.get("off"))
+        return
     runs, lines = {}, []
     if args.reference and "off" not in args.configs.split(","):
-        runs["off"] = load_run(args.reference, "off", len(prompts))
+        runs["off"] = load_runs(args.reference, len(prompts))["off"]
     for name in args.configs.split(","):   # one engine at a time: its memory goes before the next loads
         runs[name] = run_config(name, args, prompts)
         gc.collect()   # the step counter's closure makes a cycle through the engine
