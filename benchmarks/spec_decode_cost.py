@@ -54,7 +54,8 @@ def bench_ngram(repeats: int = 200):
 def bench_rejection(num_rows: int, s: int, vocab: int = 152_000, repeats: int = 30):
     logits = torch.randn(num_rows * (s + 1), vocab)
     drafts = torch.randint(vocab, (num_rows * s,))
-    for name, params in (("greedy", SamplingParams(temperature=0.0)), ("temperature 0.7", SamplingParams(temperature=0.7)),
+    for name, params in (("greedy", SamplingParams(temperature=0.0)),
+                         ("temperature 0.7", SamplingParams(temperature=0.7)),
                          ("top_p 0.9", SamplingParams(top_p=0.9)), ("top_k 50", SamplingParams(top_k=50))):
         meta = SamplingMetadata.build([params] * num_rows, [None] * num_rows, [[]] * num_rows, "cpu")
         us = median_us(lambda: rejection_sample(logits, [s] * num_rows, drafts, meta, None), repeats)

@@ -121,15 +121,13 @@ class EngineCore:
         return outputs, done[2]
 
     def _spec_step(self, outputs: list[EngineCoreOutput]) -> tuple[list[EngineCoreOutput], StepStats]:
-        """A synchronous step: the step in flight is applied first (proposals need its tokens), then this one
-        is scheduled with the proposals, launched and read at once."""
-        stats = StepStats()
+        """A synchronous step: scheduled with the proposals, launched and read at once. A step still in flight
+        is only read and returned by this call (proposals need its tokens; one call reports one step, so the
+        caller's stop strings end their requests before they are scheduled again)."""
         done, self._in_flight = self._in_flight, None
         if done is not None:
-            outputs += self.scheduler.update_from_output(done[0], done[1].result())
-            stats = done[2]
-        if not self.scheduler.has_unfinished_requests():
-            return outputs, stats
+            return outputs + self.scheduler.update_from_output(done[0], done[1].result()), done[2]
+        stats = StepStats()
         running = self.scheduler.running
         sched_out = self.scheduler.schedule(self.speculator.propose(running) if running else None)
         self._record_first_scheduled(sched_out, stats)

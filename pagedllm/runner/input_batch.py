@@ -33,6 +33,22 @@ class RunnerRequestState:
         return self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
 
 
+@dataclass
+class RowView:
+    """A row of a step that is not a whole request: one position of a verified request (each token its own
+    one-token row, so verification runs the decode kernels), or a pass of the draft model."""
+    req_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    num_blocks: int
+    row: int
+    wants_prompt_logprobs: bool = False
+
+    @classmethod
+    def of(cls, r: RunnerRequestState, num_computed: int) -> "RowView":
+        return cls(r.req_id, r.token_ids, num_computed, r.num_blocks, r.row)
+
+
 class BlockTables:
     """Host block table of every request the runner holds: one row each, reused after the request ends."""
 

@@ -7,6 +7,7 @@ the device (`_in_flight`), and reaches the host (RunnerRequestState.token_ids) w
 """
 import logging
 import time
+from itertools import accumulate
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from pagedllm.core.messages import ModelRunnerOutput, SchedulerOutput, TokenLogp
 from pagedllm.models import model_dims
 from pagedllm.models.loader import load_model
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_graph_token_cap
-from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequestState, StepInputs
+from pagedllm.runner.input_batch import BlockTables, InputBuffers, RowView, RunnerRequestState, StepInputs
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block, determine_num_blocks
 from pagedllm.runner.kv_offload import KVOffload, copy_scratch_bytes
 from pagedllm.runner.memory_profile import profile_free_kv_bytes
@@ -53,6 +54,8 @@ class ModelRunner:
         self._admitted: dict[str, torch.Generator | None] = {}   # added, not scheduled yet: their generators
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cache: SamplingMetadata | None = None
+        self._verify_key: tuple[str, ...] | None = None   # the speculating rows' metadata, reused likewise
+        self._verify_meta: SamplingMetadata | None = None
         self.penalties = PenaltyTable(hf_config.vocab_size, device)   # token counts of penalised requests
         self.tables = BlockTables(cdiv(max_model_len, self.block_size))
         max_reqs = config.max_num_seqs
@@ -61,7 +64,9 @@ class ModelRunner:
             # the Triton backend reads segments many decode rows share once for all (attention/shared_prefix.py)
             from pagedllm.attention.triton_backend import shared_rows_per_item as rows_per_item
             shared_rows_per_item = rows_per_item(dtype, hf_config.num_attention_heads // self.num_kv_heads)
-        self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_reqs), max_reqs,
+        # A verify step's proposals are rows of their own (_one_token_rows): at most max_step_tokens more
+        max_rows = max_reqs + (config.speculative.max_step_tokens if config.speculative else 0)
+        self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_rows), max_rows,
                                     cdiv(max_model_len, self.block_size), device, shared_rows_per_item)
         # Two, used by alternate steps: step N+1's copy is queued before step N's ids are read.
         self.sampled_host = [torch.zeros(max_reqs, dtype=torch.int64, pin_memory=device.type == "cuda")
@@ -112,7 +117,7 @@ class ModelRunner:
         """A launched step raised. Its requests are failed; the step before it is read next, so no input
         id of a later step is taken from the device, and the sampling metadata is rebuilt."""
         self._in_flight = {}
-        self._sampling_key = self._sampling_cache = None
+        self._sampling_key = self._sampling_cache = self._verify_key = self._verify_meta = None
 
     # ---- one step ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -125,15 +130,18 @@ class ModelRunner:
             self._in_flight = {}
             return PendingOutput(ModelRunnerOutput(kv_transfer=transfer), [])
         reqs = [self.states[req_id] for req_id in sched.num_scheduled_tokens]
-        graph = self._graph_key(sched, len(reqs))
+        spec = sched.spec_token_ids   # proposals: inputs after each row's last token (a draft's filled below)
+        step_rows, query_lens = reqs, list(sched.num_scheduled_tokens.values())
+        if spec:
+            step_rows, query_lens = _one_token_rows(reqs, query_lens, spec)
+        graph = self._graph_key(sched, len(step_rows))
         pad_tokens, pad_rows = (None, None) if graph is None else (graph[0], self._graph_rows(*graph))
         # Shared decode segments: eager steps, and decode graphs (each size has a graph with them)
         share_grid = None if graph is None else max_items(pad_rows)
-        spec = sched.spec_token_ids   # proposals: inputs after each row's last token (a draft's filled below)
         for req_id, ids in spec.items():
             self.states[req_id].token_ids.extend(ids)
         try:
-            inputs = self.buffers.build(reqs, list(sched.num_scheduled_tokens.values()), self.tables,
+            inputs = self.buffers.build(step_rows, query_lens, self.tables,
                                         self.block_size, pad_tokens=pad_tokens, pad_rows=pad_rows,
                                         max_seq_len_bound=None if graph is None else self.max_model_len,
                                         in_flight=self._in_flight, in_flight_ids=self._in_flight_ids,
@@ -141,10 +149,10 @@ class ModelRunner:
         finally:
             for req_id, ids in spec.items():
                 del self.states[req_id].token_ids[-len(ids):]
-        rows = [reqs[i] for i in inputs.sample_rows]
+        rows = [step_rows[i] for i in inputs.sample_rows]
         verify = draft_ids = None
         if spec:   # a synchronous step: every input id is on the host, nothing is taken from the device
-            verify = VerifyLayout.build(reqs, spec, inputs.attn_metadata.query_start_loc_cpu)
+            verify = VerifyLayout.build(reqs, spec, list(accumulate(sched.num_scheduled_tokens.values(), initial=0)))
             rows = [r for r in rows if r.req_id not in spec]
             draft_ids = self._proposals(verify, spec, reqs, sched)
         prev_in_flight, self._in_flight = self._in_flight, {r.req_id: j for j, r in enumerate(rows)}
@@ -157,11 +165,12 @@ class ModelRunner:
                 hidden = self.model(inputs.input_ids, inputs.positions)
         out = ModelRunnerOutput(kv_transfer=transfer)
         if inputs.prompt_lp_rows:
-            self._prompt_logprobs(hidden, inputs, reqs, out)
+            self._prompt_logprobs(hidden, inputs, step_rows, out)
         pending = PendingOutput(out, rows)
         if verify is not None:
             qsl = inputs.attn_metadata.query_start_loc_cpu
-            index = [qsl[i + 1] - 1 for i in inputs.sample_rows if reqs[i].req_id not in spec] + verify.logits_index
+            index = [qsl[i + 1] - 1 for i in inputs.sample_rows if step_rows[i].req_id not in spec]
+            index += verify.logits_index
             all_logits = self.model.compute_logits(hidden[to_device(index, torch.int64, self.device)])
             self._verify(pending, verify, all_logits[len(rows):], draft_ids)
             if not rows:
@@ -229,7 +238,12 @@ class ModelRunner:
     def _verify(self, pending: "PendingOutput", verify: VerifyLayout, logits: torch.Tensor, draft_ids: torch.Tensor):
         """Rejection sampling of the speculating rows; their results are copied to the host with the step's."""
         params = [r.params for r in verify.rows]
-        meta = SamplingMetadata.build(params, [r.generator for r in verify.rows], [[]] * len(params), self.device)
+        key = tuple(r.req_id for r in verify.rows)   # usually the same rows step after step
+        if key != self._verify_key:
+            self._verify_meta = SamplingMetadata.build(params, [r.generator for r in verify.rows], [[]] * len(params),
+                                                       self.device)
+            self._verify_key = key
+        meta = self._verify_meta
         res = rejection_sample(logits, verify.num_spec, draft_ids, meta, self.generator, self.spec_rates)
         logprobs = None
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
@@ -247,6 +261,8 @@ class ModelRunner:
         if self.graphs is None:
             return None
         mixed = sched.total_num_scheduled_tokens != num_reqs    # decode-only: every request one token
+        if mixed and num_reqs > self.config.max_num_seqs:
+            return None    # more rows than mixed graphs have: a verify step's one-token rows with prompt chunks
         size = self.graphs.padded_size(sched.total_num_scheduled_tokens, mixed)
         return None if size is None else (size, mixed)
 
@@ -421,6 +437,21 @@ class PendingOutput:
                 out.logprobs[r.req_id] = [TokenLogprobs(lp_ids[j][:k], lps[j][:k], ranks[j])]
         self.rows = []   # hand out once
         return out
+
+
+def _one_token_rows(reqs: list[RunnerRequestState], query_lens: list[int], spec: dict[str, list[int]]):
+    """A verified request's last token and proposals as one-token rows, each seeing the positions up to its
+    own (the K/V of all is written before any attention reads): a step of such rows runs the decode
+    kernels (split over the context) and decode graphs instead of the prefill kernel."""
+    rows, lens = [], []
+    for r, q in zip(reqs, query_lens):
+        if r.req_id in spec:
+            rows += [RowView.of(r, r.num_computed_tokens + j) for j in range(q)]
+            lens += [1] * q
+        else:
+            rows.append(r)
+            lens.append(q)
+    return rows, lens
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask_host: torch.Tensor, rows: list[int]):

@@ -8,8 +8,6 @@ the request next speculates (a new or resumed request starts at 0: a prefix-cach
 holds the target's KV only). Of its proposals e1..es, e1..e(s-1) were fed back, so after the verification
 accepts a of them the prefix grows by min(a, s - 1) past the last known token.
 """
-from dataclasses import dataclass
-
 import torch
 
 from pagedllm.attention.metadata import set_forward_context
@@ -18,20 +16,12 @@ from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.models import model_dims
 from pagedllm.models.loader import load_model
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
-from pagedllm.runner.input_batch import BlockTables, InputBuffers, RunnerRequestState
+from pagedllm.runner.input_batch import BlockTables, InputBuffers, RowView, RunnerRequestState
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block
 from pagedllm.sample.host_copy import to_device
 
 
-@dataclass
-class _Row:
-    """What InputBuffers.build reads of a request, for one pass of the draft."""
-    req_id: str
-    token_ids: list[int]
-    num_computed_tokens: int
-    num_blocks: int
-    row: int
-    wants_prompt_logprobs: bool = False
+_GRAPH_CATCH_UP = 3   # tokens a row up to which catching up replays a decode graph
 
 
 class DraftModel:
@@ -51,11 +41,13 @@ class DraftModel:
         self.max_model_len = max_model_len
         self.max_batch_tokens = config.max_num_batched_tokens
         max_reqs = config.max_num_seqs
-        self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_reqs), max_reqs,
+        max_rows = max_reqs + _GRAPH_CATCH_UP * min(max_reqs, spec.disable_by_batch_size)   # catch-up's rows
+        self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_rows), max_rows,
                                     cdiv(max_model_len, config.block_size), device)
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager:   # the proposal passes: one token a row
-            self.graphs = CudaGraphs(capture_sizes(min(max_reqs, spec.disable_by_batch_size)), [])
+            self.graphs = CudaGraphs(capture_sizes(min(max_reqs, spec.disable_by_batch_size) * (1 + _GRAPH_CATCH_UP)),
+                                     [])
         self.kv_caches: list[torch.Tensor] = []
         self.valid: dict[str, int] = {}   # req_id -> leading positions whose draft KV is right
         self._copies: list[torch.cuda.Event] = []   # the last builds' host -> device copies (CUDA)
@@ -74,8 +66,8 @@ class DraftModel:
         self.valid.pop(req_id, None)
 
     @torch.inference_mode()
-    def propose(self, rows: list[RunnerRequestState], num_spec: list[int], catch_up: list[tuple[RunnerRequestState, int]],
-                tables: BlockTables) -> torch.Tensor:
+    def propose(self, rows: list[RunnerRequestState], num_spec: list[int],
+                catch_up: list[tuple[RunnerRequestState, int]], tables: BlockTables) -> torch.Tensor:
         """(len(rows), max(num_spec)) int64 on the device: row i's proposals in its first num_spec[i] columns.
         rows: requests whose last known token the target verifies after; catch_up: other rows of the step and
         the position their step reaches (prompt chunks), whose draft KV is brought along."""
@@ -84,10 +76,13 @@ class DraftModel:
         prev, prev_rows = None, {}
         for j in range(max(num_spec)):
             live = [i for i, s in enumerate(num_spec) if s > j]
-            views = [_view(rows[i], len(rows[i].token_ids) - 1 + j) for i in live]
+            views = [RowView.of(rows[i], len(rows[i].token_ids) - 1 + j) for i in live]
             ids = self._forward_last(views, [1] * len(views), tables, in_flight={
                 v.req_id: prev_rows[i] for v, i in zip(views, live)} if j else None, in_flight_ids=prev)
-            out[to_device(live, torch.int64, self.device), j] = ids
+            if len(live) == len(rows):
+                out[:, j] = ids
+            else:
+                out[to_device(live, torch.int64, self.device), j] = ids
             prev, prev_rows = ids, {i: k for k, i in enumerate(live)}
         for r in rows:
             self.valid[r.req_id] = len(r.token_ids)   # fed up to the last known token (then e1..e(s-1))
@@ -97,12 +92,22 @@ class DraftModel:
         """Feed each row's known tokens from its valid prefix up to (not including) the given position, in
         passes of at most max_num_batched_tokens tokens."""
         todo = [(r, self.valid.get(r.req_id, 0), end) for r, end in targets if self.valid.get(r.req_id, 0) < end]
+        # A few tokens a row (a fully accepted draft leaves one): each token its own one-token row, a decode
+        # graph's pass, where an eager pass would cost the host a whole model's launches.
+        small = todo and self.graphs is not None and max(end - start for _, start, end in todo) <= _GRAPH_CATCH_UP
+        views = [RowView.of(r, p) for r, start, end in todo for p in range(start, end)] if small else []
+        size = self.graphs.padded_size(len(views), False) if small else None
+        if size is not None:
+            self._forward(views, [1] * len(views), tables, size)
+            for r, _, end in todo:
+                self.valid[r.req_id] = end
+            return
         while todo:
             budget, views, lens, rest = self.max_batch_tokens, [], [], []
             for r, start, end in todo:
                 n = min(end - start, budget)
                 if n > 0:
-                    views.append(_view(r, start))
+                    views.append(RowView.of(r, start))
                     lens.append(n)
                     budget -= n
                     self.valid[r.req_id] = start + n
@@ -111,7 +116,7 @@ class DraftModel:
             self._forward(views, lens, tables)
             todo = rest
 
-    def _forward(self, views: list[_Row], lens: list[int], tables: BlockTables, graph_size: int | None = None,
+    def _forward(self, views: list[RowView], lens: list[int], tables: BlockTables, graph_size: int | None = None,
                  in_flight=None, in_flight_ids=None):
         self._wait_for_host_arrays()
         pad = graph_size
@@ -127,7 +132,7 @@ class DraftModel:
         with set_forward_context(inputs.attn_metadata, self.kv_caches):
             return self.model(inputs.input_ids, inputs.positions), inputs
 
-    def _forward_last(self, views: list[_Row], lens: list[int], tables: BlockTables, in_flight,
+    def _forward_last(self, views: list[RowView], lens: list[int], tables: BlockTables, in_flight,
                       in_flight_ids) -> torch.Tensor:
         """One token a row: the draft's greedy next token of each."""
         size = None if self.graphs is None else self.graphs.padded_size(len(views), False)
@@ -147,5 +152,3 @@ class DraftModel:
             return self.model(b.input_ids[:num_tokens], b.positions[:num_tokens])
 
 
-def _view(r: RunnerRequestState, num_computed: int) -> _Row:
-    return _Row(r.req_id, r.token_ids, num_computed, r.num_blocks, r.row)

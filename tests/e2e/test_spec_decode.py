@@ -142,3 +142,49 @@ def test_rejected_proposals_back_off(tiny_model_dirs):
     outputs, stats = run(d, cfg, PROMPTS[:2], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
     assert stats.spec_decode.num_accepted_tokens == 0
     assert stats.spec_decode.num_drafts < 30   # of ~200 steps per request
+
+
+def test_stop_strings_and_structured_rows_on_the_demo_model():
+    """Stop strings cut the accepted tokens where plain decoding stops; a row under a regex (it never
+    speculates) decodes in the same steps as speculating rows, exactly as without speculation."""
+    import re
+    regex = r"(cat|dog)-[0-9]{2,4}\.(red|blue)"
+    prompts = ["Once upon a time", "The little dog", "Lily and Ben went to the park. Lily and Ben"]
+    plain_llm = LLM(dtype="float32", log_stats_interval=0)
+    free = plain_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=60), use_tqdm=False)
+    stops = [o.outputs[0].text[20:24] for o in free]   # a stop string inside each greedy answer
+    params = [SamplingParams(temperature=0, max_tokens=60, stop=[s]) for s in stops]
+    params.append(SamplingParams(temperature=0, max_tokens=30, structured_outputs={"regex": regex}))
+    prompts = prompts + ["One day"]
+    expected = plain_llm.generate(prompts, params, use_tqdm=False)
+    for cfg in (NGRAM, draft(DEMO_MODEL)):
+        llm = LLM(dtype="float32", log_stats_interval=0, speculative_config=cfg)
+        got = llm.generate(prompts, params, use_tqdm=False)
+        for a, b in zip(expected, got):
+            assert (a.outputs[0].text, a.outputs[0].finish_reason, a.outputs[0].stop_reason) == \
+                (b.outputs[0].text, b.outputs[0].finish_reason, b.outputs[0].stop_reason)
+        assert all(o.outputs[0].stop_reason == s for o, s in zip(got, stops))
+        assert re.fullmatch(regex, got[-1].outputs[0].text)
+        assert llm.engine.get_stats().spec_decode.num_accepted_tokens > 0
+
+
+def test_abort_mid_speculation_frees_everything(tiny_model_dirs):
+    d = tiny_model_dirs["llama"]
+    llm = LLM(d, dtype="float32", log_stats_interval=0, speculative_config=draft(d))
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", PROMPTS[i + 3], params)
+    for _ in range(6):
+        engine.step()
+    assert engine.get_stats().spec_decode.num_drafts > 0
+    engine.abort_request(["r1"])
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert set(finished) == {"r0", "r2"}
+    assert all(len(o.outputs[0].token_ids) == 200 for o in finished.values())
+    stats = engine.get_stats()
+    assert stats.num_blocks_free == stats.num_blocks_total

@@ -1,15 +1,18 @@
 """Real `pagedllm serve` processes on localhost, started once per session (in parallel), with a tiny model."""
+import json
+
 import pytest
 import torch
 from server.server_utils import (API_KEY, CHAT_TEMPLATE, EDGE_API_KEY, EDGE_MAX_BODY, EDGE_MAX_MODEL_LEN,
-                                 EDGE_ORIGIN, EDGE_ROOT_PATH, MAX_MODEL_LEN, NUM_BLOCKS, SMALL_API_KEY,
-                                 SMALL_SPEC_CONFIG, Server, make_tls_cert, start_server, stop_server, wait_healthy)
+                                 EDGE_ORIGIN, EDGE_ROOT_PATH, MAX_MODEL_LEN, NUM_BLOCKS, SMALL_API_KEY, Server,
+                                 make_tls_cert, start_server, stop_server, wait_healthy)
 
 
 @pytest.fixture(scope="session")
 def servers(tiny_model_dirs, tmp_path_factory):
     """"main": API key from PAGEDLLM_API_KEY, a chat template, tool_choice auto (hermes); "small": API key from --api-key, one running
-    sequence and a waiting queue of one, for the 503, and n-gram speculative decoding; "edge": what faces hostile clients (HTTPS with a
+    sequence and a waiting queue of one, for the 503, and speculative decoding (the model as its own draft:
+    every proposal accepted); "edge": what faces hostile clients (HTTPS with a
     self-signed certificate where openssl exists, CORS, a root path, a 1 MiB body limit, short requests for
     the fuzzers). All start at once: start-up is most of their cost."""
     server_model_dir = tiny_model_dirs["llama"]
@@ -24,7 +27,9 @@ def servers(tiny_model_dirs, tmp_path_factory):
                                     "--structured-outputs-compile-timeout", "120"),
                "small": start_server(server_model_dir, str(logs / "small.log"), SMALL_API_KEY, "--api-key",
                                      SMALL_API_KEY, "--max-num-seqs", "1", "--max-waiting-queue-length", "1",
-                                     "--speculative-config", SMALL_SPEC_CONFIG),
+                                     "--speculative-config", json.dumps(
+                                         {"method": "draft_model", "model": server_model_dir,
+                                          "num_speculative_tokens": 3})),
                "edge": start_server(server_model_dir, str(logs / "edge.log"), EDGE_API_KEY, *_edge_flags(logs),
                                     "--chat-template", str(template))}
     try:

@@ -12,7 +12,6 @@ import httpx
 
 API_KEY = "test-key"
 SMALL_API_KEY = "small-key"
-SMALL_SPEC_CONFIG = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
 EDGE_API_KEY = "edge-key"
 EDGE_ORIGIN = "https://app.example"   # the edge server's CORS origin, root path, body limit, model length
 EDGE_ROOT_PATH = "/llm"

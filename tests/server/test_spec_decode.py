@@ -1,5 +1,5 @@
-"""The "small" server speculates (n-gram): streamed and whole answers equal offline greedy decoding without
-speculation, logprobs included, and /metrics carries vLLM's spec_decode counters."""
+"""The "small" server speculates (a draft model): streamed and whole answers equal offline greedy decoding
+without speculation, logprobs included, and /metrics carries vLLM's spec_decode counters."""
 import json
 
 import httpx
@@ -20,8 +20,9 @@ def test_speculating_server_matches_offline(servers, offline_llm):
     whole = httpx.post(small.url + "/v1/completions", json=body, headers=small.headers, verify=small.verify,
                        timeout=60).json()["choices"][0]
     assert whole["text"] == ref.text
-    assert [round(x, 4) for x in whole["logprobs"]["token_logprobs"]] == \
-        [round(next(iter(p.values())).logprob, 4) for p in ref.logprobs]
+    expected = [next(iter(p.values())).logprob for p in ref.logprobs]
+    assert len(whole["logprobs"]["token_logprobs"]) == len(expected)
+    assert all(abs(a - b) <= 1e-4 for a, b in zip(whole["logprobs"]["token_logprobs"], expected))
     text = ""
     with httpx.stream("POST", small.url + "/v1/completions", json={**body, "stream": True}, headers=small.headers,
                       verify=small.verify, timeout=60) as r:
@@ -31,5 +32,6 @@ def test_speculating_server_matches_offline(servers, offline_llm):
     assert text == ref.text
     after = engine_metrics(small)
     assert after["pagedllm:spec_decode_num_drafts_total"] > before.get("pagedllm:spec_decode_num_drafts_total", 0)
-    assert after["pagedllm:spec_decode_num_accepted_tokens_total"] <= after[
-        "pagedllm:spec_decode_num_draft_tokens_total"]
+    # the model is its own draft: every proposal is accepted
+    assert after["pagedllm:spec_decode_num_accepted_tokens_total"] == after[
+        "pagedllm:spec_decode_num_draft_tokens_total"] > 0
