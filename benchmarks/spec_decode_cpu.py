@@ -142,18 +142,21 @@ def report(run: ConfigRun, off: ConfigRun | None) -> dict:
     return out
 
 
-def load_runs(path: str, limit: int) -> dict[str, ConfigRun]:
+def load_runs(path: str, idx: list[int]) -> dict[str, ConfigRun]:
+    """The runs of a --json file, at the prompts `idx` (indices into PROMPTS when the file has them all)."""
     with open(path) as f:
         runs = json.load(f)["runs"]
+    pick = (lambda rs: [rs[i] for i in idx]) if len(runs[next(iter(runs))]["results"]) == len(PROMPTS) \
+        else (lambda rs: rs[:len(idx)])
     return {name: ConfigRun(name, d["load_seconds"], [PromptResult(**{**r, "spec": tuple(r["spec"])})
-                                                      for r in d["results"][:limit]])
+                                                      for r in pick(d["results"])])
             for name, d in runs.items()}
 
 
-def combine(paths: list[str], limit: int) -> dict[str, ConfigRun]:
+def combine(paths: list[str], idx: list[int]) -> dict[str, ConfigRun]:
     """Each prompt's fastest time over several --json runs (the others' load on a shared machine only adds
     time); its tokens and counters must be the same in all."""
-    files = [load_runs(p, limit) for p in paths]
+    files = [load_runs(p, idx) for p in paths]
     runs = {}
     for name in (n for n in files[0] if all(n in f for f in files)):
         parts = [f[name] for f in files]
@@ -176,16 +179,18 @@ def main():
     parser.add_argument("--reference", help="a --json file of an earlier run to take the \"off\" config from")
     parser.add_argument("--combine", nargs="+", metavar="JSON", help="run nothing: report these --json runs' "
                         "configs with each prompt's fastest time")
+    parser.add_argument("--kinds", default="write,edit", help="only the prompts of these kinds")
     args = parser.parse_args()
-    prompts = PROMPTS[:args.limit]
+    idx = [i for i, p in enumerate(PROMPTS[:args.limit]) if p["kind"] in args.kinds.split(",")]
+    prompts = [PROMPTS[i] for i in idx]
     if args.combine:
-        runs = combine(args.combine, len(prompts))
+        runs = combine(args.combine, idx)
         for run in ([runs["off"]] if "off" in runs else []) + [r for n, r in runs.items() if n != "off"]:
             report(run, runs.get("off"))
         return
     runs, lines = {}, []
     if args.reference and "off" not in args.configs.split(","):
-        runs["off"] = load_runs(args.reference, len(prompts))["off"]
+        runs["off"] = load_runs(args.reference, idx)["off"]
     for name in args.configs.split(","):   # one engine at a time: its memory goes before the next loads
         runs[name] = run_config(name, args, prompts)
         gc.collect()   # the step counter's closure makes a cycle through the engine
