@@ -21,8 +21,8 @@ from spec_decode_prompts import PROMPTS
 
 # This checkout's pagedllm, not whatever an editable install points at (benchmarks/ is sys.path[0] here).
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from pagedllm import LLM, SamplingParams  # noqa: E402
-from pagedllm.chat_template import render_chat  # noqa: E402
+from pagedllm import LLM, SamplingParams
+from pagedllm.chat_template import render_chat
 
 TARGET = "/work/models/qwen2.5-coder-1.5b-instruct"
 DRAFT = "/work/models/qwen2.5-coder-0.5b-instruct"

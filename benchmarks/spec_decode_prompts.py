@@ -9,19 +9,19 @@ SYSTEM = {"role": "system", "content": "You are a helpful coding assistant. Answ
 
 WRITE_TASKS = [
     "Write a Python function `is_palindrome(s)` that ignores case and non-alphanumeric characters.",
-    "Write a JavaScript function `debounce(fn, ms)` that delays calls to fn until ms milliseconds have passed "
-    "without a new call.",
+    ("Write a JavaScript function `debounce(fn, ms)` that delays calls to fn until ms milliseconds have passed "
+     "without a new call."),
     "Write a Python function `flatten(nested)` that flattens an arbitrarily nested list of lists into one list.",
     "Write a JavaScript function `chunk(array, size)` that splits an array into arrays of at most `size` items.",
-    "Write a Python function `word_counts(text)` that returns a dict mapping each lowercase word to how often it "
-    "occurs.",
-    "Write a Python function `binary_search(items, target)` that returns the index of target in a sorted list, "
-    "or -1.",
+    ("Write a Python function `word_counts(text)` that returns a dict mapping each lowercase word to how often "
+     "it occurs."),
+    ("Write a Python function `binary_search(items, target)` that returns the index of target in a sorted list, "
+     "or -1."),
     "Write a JavaScript function `deepEqual(a, b)` that compares two plain objects or arrays recursively.",
     "Write a Python function `parse_duration(s)` that turns strings like '1h30m' or '45s' into a number of seconds.",
     "Write a JavaScript function `groupBy(items, keyFn)` that returns an object mapping each key to its items.",
-    "Write a Python class `LRUCache` with `get(key)` and `put(key, value)` and a fixed capacity, using "
-    "collections.OrderedDict.",
+    ("Write a Python class `LRUCache` with `get(key)` and `put(key, value)` and a fixed capacity, using "
+     "collections.OrderedDict."),
 ]
 
 _INVENTORY = '''\
