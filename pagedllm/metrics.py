@@ -40,6 +40,10 @@ class SpecDecodeStats:
         for i in range(num_accepted):
             self.accepted_per_pos[i] += 1
 
+    def snapshot(self) -> "SpecDecodeStats":
+        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                               list(self.accepted_per_pos))
+
     @property
     def mean_acceptance_length(self) -> float:
         """Tokens a verify step emits per row: the accepted proposals and the target's own token."""

@@ -85,8 +85,8 @@ class TokenLogprobs:
 
 @dataclass
 class ModelRunnerOutput:
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)   # only requests that reached the end
-    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # verified rows: accepted + 1 tokens
+    # only requests that reached the end: the token sampled, or a verified row's accepted proposals and one more
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)   # one per token sampled
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # sent once, when complete
     kv_transfer: KVTransferResult | None = None

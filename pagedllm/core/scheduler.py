@@ -13,14 +13,13 @@ placeholder's position, whose input id the runner takes from the device (see run
 request whose in-flight tokens already reach max_tokens or max_model_len is not scheduled again.
 """
 from collections import deque
-from dataclasses import replace
 
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.kv_usage import KVUsagePeak
 from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, KVTransferResult, ModelRunnerOutput,
                                     NewRequestData, SchedulerOutput)
 from pagedllm.core.offload import KVOffloadManager
-from pagedllm.metrics import SchedulerStats, SpecDecodeStats
+from pagedllm.metrics import SchedulerStats
 from pagedllm.request import Request, RequestStatus
 
 
@@ -41,7 +40,6 @@ class Scheduler:
         self.num_prompt_tokens = 0      # prompt tokens computed (prefix hits excluded)
         self.num_generation_tokens = 0
         self.kv_peak = KVUsagePeak(kv_cache_manager.block_size)
-        self.spec_stats: SpecDecodeStats | None = None   # set when speculative decoding is on
 
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request):
@@ -123,17 +121,18 @@ class Scheduler:
                 continue
             num_new = req.num_tokens + req.num_output_placeholders - req.num_computed_tokens
             proposed = spec.get(req.request_id, ())
-            if proposed and num_new + len(proposed) <= budget:
-                scheduled_spec[req.request_id] = proposed
-                num_new += len(proposed)
-            num_new = min(num_new, budget)
+            if num_new + len(proposed) > budget:
+                proposed = ()
+            num_new = min(num_new + len(proposed), budget)
             new_blocks = self._allocate_or_preempt(req, num_new)
             if new_blocks is None:        # req itself was preempted: nothing after it is left to schedule
                 break
+            if proposed:
+                scheduled_spec[req.request_id] = proposed
             # Scheduled in an earlier step, so the runner holds it: only the diff.
             cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
                                                  req.num_computed_tokens))
-            budget -= self._advance(req, num_new, num_scheduled, len(scheduled_spec.get(req.request_id, ())))
+            budget -= self._advance(req, num_new, num_scheduled, len(proposed))
 
         # Admitting new work right after preempting would only preempt again.
         preempted = self.num_preemptions > num_preemptions_before
@@ -169,7 +168,6 @@ class Scheduler:
             budget -= self._advance(req, num_new, num_scheduled)
 
         self.kv_peak.observe(self.kv.num_used_blocks, self.kv.num_empty_slots, len(self.running))
-        scheduled_spec = {r: ids for r, ids in scheduled_spec.items() if r in num_scheduled}   # not preempted
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
                               self.finished_req_ids, self.offload.take_ops(), scheduled_spec)
         self.finished_req_ids = set()
@@ -220,8 +218,7 @@ class Scheduler:
         outputs = []
         for req_id in sched.num_scheduled_tokens:
             req = self.requests.get(req_id)
-            token = out.sampled_token_ids.get(req_id)
-            tokens = out.spec_token_ids.get(req_id) or ([token] if token is not None else [])
+            tokens = out.sampled_token_ids.get(req_id)
             prompt_logprobs = out.prompt_logprobs.get(req_id)
             if req is None or (not tokens and prompt_logprobs is None):
                 continue   # finished meanwhile, or a prompt chunk that did not reach the end
@@ -229,9 +226,7 @@ class Scheduler:
             if tokens:
                 req.num_output_placeholders -= 1
                 if req_id in sched.spec_token_ids:   # rejected proposals: their positions are computed again
-                    num_proposed, num_accepted = len(sched.spec_token_ids[req_id]), len(tokens) - 1
-                    req.num_computed_tokens -= num_proposed - num_accepted
-                    self.spec_stats.record(num_proposed, num_accepted)
+                    req.num_computed_tokens -= len(sched.spec_token_ids[req_id]) - (len(tokens) - 1)
                 for token in tokens:   # what follows a stop is dropped
                     req.append_output_token_id(token)
                     new_ids.append(token)
@@ -276,6 +271,4 @@ class Scheduler:
             prefix_cache_hits=self.kv.prefix_stats.hits, num_preemptions=self.num_preemptions,
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
             peak_blocks=self.kv_peak.peak_blocks, peak_running=self.kv_peak.peak_running,
-            kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats(),
-            spec_decode=None if self.spec_stats is None else replace(self.spec_stats, accepted_per_pos=list(
-                self.spec_stats.accepted_per_pos)))
+            kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats())

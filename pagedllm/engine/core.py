@@ -16,7 +16,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.messages import EngineCoreOutput, SchedulerOutput
 from pagedllm.core.offload import KVOffloadManager
 from pagedllm.core.scheduler import Scheduler
-from pagedllm.metrics import SchedulerStats, SpecDecodeStats, StepStats
+from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.request import Request, RequestStatus
 from pagedllm.runner.model_runner import ModelRunner, PendingOutput
 from pagedllm.engine.tokenizer import load_engine_tokenizer, load_eos_token_ids
@@ -60,7 +60,6 @@ class EngineCore:
         self.speculator = None   # speculative decoding: which steps and rows propose (spec_decode/speculator.py)
         if config.speculative is not None:
             self.speculator = Speculator(config.speculative, max_model_len)
-            self.scheduler.spec_stats = SpecDecodeStats()
 
     def add_request(self, r: EngineCoreRequest):
         """A request whose own data raises here (hashing its blocks, its generator) ends with an error
@@ -100,17 +99,8 @@ class EngineCore:
             return self._spec_step(outputs)
         launched = None
         if self.scheduler.has_unfinished_requests():
-            stats = StepStats()
-            sched_out = self.scheduler.schedule()
-            self._record_first_scheduled(sched_out, stats)
-            if sched_out.is_empty and self._in_flight is None and self.scheduler.compiling:
-                self._wait_for_grammars()   # nothing runs but grammars compiling: do not spin on the GIL
-            try:
-                launched = (sched_out, self.runner.execute_async(sched_out), stats)
-            except torch.AcceleratorError:
-                raise
-            except Exception as e:
-                outputs += self._fail_step(sched_out, e)
+            launched, failed = self._launch()
+            outputs += failed
         done, self._in_flight = self._in_flight, launched
         if done is not None:
             outputs += self.scheduler.update_from_output(done[0], done[1].result())
@@ -120,6 +110,23 @@ class EngineCore:
             return (outputs, StepStats()) if outputs else None
         return outputs, done[2]
 
+    def _launch(self, spec: dict[str, list[int]] | None = None):
+        """Schedules a step (with proposals: a speculative one) and launches it: ((its SchedulerOutput, its
+        PendingOutput, its StepStats), []), or (None, the error outputs of its requests) when the launch raised."""
+        stats = StepStats()
+        sched_out = self.scheduler.schedule(spec)
+        if self.speculator is not None:
+            self.speculator.forget(sched_out.finished_req_ids)
+        self._record_first_scheduled(sched_out, stats)
+        if sched_out.is_empty and self._in_flight is None and self.scheduler.compiling:
+            self._wait_for_grammars()   # nothing runs but grammars compiling: do not spin on the GIL
+        try:
+            return (sched_out, self.runner.execute_async(sched_out), stats), []
+        except torch.AcceleratorError:
+            raise
+        except Exception as e:
+            return None, self._fail_step(sched_out, e)
+
     def _spec_step(self, outputs: list[EngineCoreOutput]) -> tuple[list[EngineCoreOutput], StepStats]:
         """A synchronous step: scheduled with the proposals, launched and read at once. A step still in flight
         is only read and returned by this call (proposals need its tokens; one call reports one step, so the
@@ -127,18 +134,10 @@ class EngineCore:
         done, self._in_flight = self._in_flight, None
         if done is not None:
             return outputs + self.scheduler.update_from_output(done[0], done[1].result()), done[2]
-        stats = StepStats()
-        running = self.scheduler.running
-        sched_out = self.scheduler.schedule(self.speculator.propose(running) if running else None)
-        self._record_first_scheduled(sched_out, stats)
-        if sched_out.is_empty and self.scheduler.compiling:
-            self._wait_for_grammars()
-        try:
-            pending = self.runner.execute_async(sched_out)
-        except torch.AcceleratorError:
-            raise
-        except Exception as e:
-            return outputs + self._fail_step(sched_out, e), stats
+        launched, failed = self._launch(self.speculator.propose(self.scheduler.running))
+        if launched is None:
+            return outputs + failed, StepStats()
+        sched_out, pending, stats = launched
         if pending.deferred is not None:
             failed = self._sample_constrained(sched_out, pending)
             if failed:
@@ -146,8 +145,7 @@ class EngineCore:
         result = pending.result()
         outputs += self.scheduler.update_from_output(sched_out, result)
         for req_id, proposed in sched_out.spec_token_ids.items():
-            emitted = result.spec_token_ids.get(req_id, [None])
-            self.speculator.observe(req_id, len(proposed), len(emitted) - 1, req_id not in self.scheduler.requests)
+            self.speculator.observe(req_id, len(proposed), len(result.sampled_token_ids[req_id]) - 1)
         return outputs, stats
 
     def _wait_for_grammars(self, seconds: float = 0.05):
@@ -203,7 +201,10 @@ class EngineCore:
         return True
 
     def get_stats(self) -> SchedulerStats:
-        return self.scheduler.make_stats()
+        stats = self.scheduler.make_stats()
+        if self.speculator is not None:
+            stats.spec_decode = self.speculator.stats.snapshot()
+        return stats
 
     def reset_peak_stats(self):
         self.scheduler.kv_peak.reset()

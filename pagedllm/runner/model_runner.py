@@ -54,8 +54,6 @@ class ModelRunner:
         self._admitted: dict[str, torch.Generator | None] = {}   # added, not scheduled yet: their generators
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cache: SamplingMetadata | None = None
-        self._verify_key: tuple[str, ...] | None = None   # the speculating rows' metadata, reused likewise
-        self._verify_meta: SamplingMetadata | None = None
         self.penalties = PenaltyTable(hf_config.vocab_size, device)   # token counts of penalised requests
         self.tables = BlockTables(cdiv(max_model_len, self.block_size))
         max_reqs = config.max_num_seqs
@@ -117,7 +115,7 @@ class ModelRunner:
         """A launched step raised. Its requests are failed; the step before it is read next, so no input
         id of a later step is taken from the device, and the sampling metadata is rebuilt."""
         self._in_flight = {}
-        self._sampling_key = self._sampling_cache = self._verify_key = self._verify_meta = None
+        self._sampling_key = self._sampling_cache = None
 
     # ---- one step ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -149,11 +147,12 @@ class ModelRunner:
         finally:
             for req_id, ids in spec.items():
                 del self.states[req_id].token_ids[-len(ids):]
-        rows = [step_rows[i] for i in inputs.sample_rows]
+        # Rows that sample one token (a verified request's last one-token row samples through the verify below)
+        sample_rows = [i for i in inputs.sample_rows if step_rows[i].req_id not in spec] if spec else inputs.sample_rows
+        rows = [step_rows[i] for i in sample_rows]
         verify = draft_ids = None
         if spec:   # a synchronous step: every input id is on the host, nothing is taken from the device
             verify = VerifyLayout.build(reqs, spec, list(accumulate(sched.num_scheduled_tokens.values(), initial=0)))
-            rows = [r for r in rows if r.req_id not in spec]
             draft_ids = self._proposals(verify, spec, reqs, sched)
         prev_in_flight, self._in_flight = self._in_flight, {r.req_id: j for j, r in enumerate(rows)}
         # Sampling metadata first: its small host -> device copies then need not wait for the forward.
@@ -169,10 +168,9 @@ class ModelRunner:
         pending = PendingOutput(out, rows)
         if verify is not None:
             qsl = inputs.attn_metadata.query_start_loc_cpu
-            index = [qsl[i + 1] - 1 for i in inputs.sample_rows if step_rows[i].req_id not in spec]
-            index += verify.logits_index
+            index = [qsl[i + 1] - 1 for i in sample_rows] + verify.logits_index
             all_logits = self.model.compute_logits(hidden[to_device(index, torch.int64, self.device)])
-            self._verify(pending, verify, all_logits[len(rows):], draft_ids)
+            self._verify(pending, verify, all_logits[len(rows):], draft_ids, sched.num_scheduled_tokens)
             if not rows:
                 return pending
             logits = all_logits[:len(rows)]
@@ -235,15 +233,12 @@ class ModelRunner:
         self.buffers.input_ids.index_copy_(0, to_device(verify.draft_slots, torch.int64, self.device), flat)
         return flat
 
-    def _verify(self, pending: "PendingOutput", verify: VerifyLayout, logits: torch.Tensor, draft_ids: torch.Tensor):
-        """Rejection sampling of the speculating rows; their results are copied to the host with the step's."""
+    def _verify(self, pending: "PendingOutput", verify: VerifyLayout, logits: torch.Tensor, draft_ids: torch.Tensor,
+                num_scheduled: dict[str, int]):
+        """Rejection sampling of the speculating rows; their results are copied to the host with the step's.
+        Their metadata has no processors or bans (spec_decode/speculator.py: such rows do not speculate)."""
         params = [r.params for r in verify.rows]
-        key = tuple(r.req_id for r in verify.rows)   # usually the same rows step after step
-        if key != self._verify_key:
-            self._verify_meta = SamplingMetadata.build(params, [r.generator for r in verify.rows], [[]] * len(params),
-                                                       self.device)
-            self._verify_key = key
-        meta = self._verify_meta
+        meta = self._sampling_metadata(verify.rows, num_scheduled, {})
         res = rejection_sample(logits, verify.num_spec, draft_ids, meta, self.generator, self.spec_rates)
         logprobs = None
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
@@ -431,7 +426,7 @@ class PendingOutput:
         lp_ids, lps, ranks = [t.tolist() for t in self.logprobs_host] if self.logprobs_host else (None,) * 3
         for j, (r, token) in enumerate(zip(self.rows, sampled)):
             r.token_ids.append(token)
-            out.sampled_token_ids[r.req_id] = token
+            out.sampled_token_ids[r.req_id] = [token]
             if r.params.logprobs is not None:
                 k = 1 + r.params.logprobs
                 out.logprobs[r.req_id] = [TokenLogprobs(lp_ids[j][:k], lps[j][:k], ranks[j])]

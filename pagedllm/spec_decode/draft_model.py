@@ -21,7 +21,7 @@ from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block
 from pagedllm.sample.host_copy import to_device
 
 
-_GRAPH_CATCH_UP = 3   # tokens a row up to which catching up replays a decode graph
+_GRAPH_CATCH_UP = 3   # unfed tokens a row (before its last) that the first proposal pass takes along
 
 
 class DraftModel:
@@ -41,7 +41,7 @@ class DraftModel:
         self.max_model_len = max_model_len
         self.max_batch_tokens = config.max_num_batched_tokens
         max_reqs = config.max_num_seqs
-        max_rows = max_reqs + _GRAPH_CATCH_UP * min(max_reqs, spec.disable_by_batch_size)   # catch-up's rows
+        max_rows = max_reqs + _GRAPH_CATCH_UP * min(max_reqs, spec.disable_by_batch_size)   # first pass's rows
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_rows), max_rows,
                                     cdiv(max_model_len, config.block_size), device)
         self.graphs = None
@@ -70,14 +70,24 @@ class DraftModel:
                 catch_up: list[tuple[RunnerRequestState, int]], tables: BlockTables) -> torch.Tensor:
         """(len(rows), max(num_spec)) int64 on the device: row i's proposals in its first num_spec[i] columns.
         rows: requests whose last known token the target verifies after; catch_up: other rows of the step and
-        the position their step reaches (prompt chunks), whose draft KV is brought along."""
-        self._catch_up([(r, len(r.token_ids) - 1) for r in rows] + catch_up, tables)
+        the position their step reaches (prompt chunks), whose draft KV is brought along.
+
+        The first pass feeds each row's tokens from its valid prefix to its last known token, each a one-token
+        row (a fully accepted draft leaves two: the last proposal and the target's token), and proposes e1 from
+        the last; each later pass feeds the proposal before. Longer gaps are caught up first (_catch_up)."""
+        far = [(r, len(r.token_ids) - 1) for r in rows
+               if len(r.token_ids) - 1 - self.valid.get(r.req_id, 0) > _GRAPH_CATCH_UP]
+        self._catch_up(far + catch_up, tables)
         out = torch.zeros((len(rows), max(num_spec)), dtype=torch.int64, device=self.device)
         prev, prev_rows = None, {}
         for j in range(max(num_spec)):
             live = [i for i, s in enumerate(num_spec) if s > j]
-            views = [RowView.of(rows[i], len(rows[i].token_ids) - 1 + j) for i in live]
-            ids = self._forward_last(views, [1] * len(views), tables, in_flight={
+            if j == 0:
+                views = [RowView.of(rows[i], p) for i in live
+                         for p in range(self.valid.get(rows[i].req_id, 0), len(rows[i].token_ids))]
+            else:
+                views = [RowView.of(rows[i], len(rows[i].token_ids) - 1 + j) for i in live]
+            ids = self._forward_last(views, tables, in_flight={
                 v.req_id: prev_rows[i] for v, i in zip(views, live)} if j else None, in_flight_ids=prev)
             if len(live) == len(rows):
                 out[:, j] = ids
@@ -90,18 +100,8 @@ class DraftModel:
 
     def _catch_up(self, targets: list[tuple[RunnerRequestState, int]], tables: BlockTables):
         """Feed each row's known tokens from its valid prefix up to (not including) the given position, in
-        passes of at most max_num_batched_tokens tokens."""
+        eager passes of at most max_num_batched_tokens tokens."""
         todo = [(r, self.valid.get(r.req_id, 0), end) for r, end in targets if self.valid.get(r.req_id, 0) < end]
-        # A few tokens a row (a fully accepted draft leaves one): each token its own one-token row, a decode
-        # graph's pass, where an eager pass would cost the host a whole model's launches.
-        small = todo and self.graphs is not None and max(end - start for _, start, end in todo) <= _GRAPH_CATCH_UP
-        views = [RowView.of(r, p) for r, start, end in todo for p in range(start, end)] if small else []
-        size = self.graphs.padded_size(len(views), False) if small else None
-        if size is not None:
-            self._forward(views, [1] * len(views), tables, size)
-            for r, _, end in todo:
-                self.valid[r.req_id] = end
-            return
         while todo:
             budget, views, lens, rest = self.max_batch_tokens, [], [], []
             for r, start, end in todo:
@@ -132,11 +132,10 @@ class DraftModel:
         with set_forward_context(inputs.attn_metadata, self.kv_caches):
             return self.model(inputs.input_ids, inputs.positions), inputs
 
-    def _forward_last(self, views: list[RowView], lens: list[int], tables: BlockTables, in_flight,
-                      in_flight_ids) -> torch.Tensor:
-        """One token a row: the draft's greedy next token of each."""
+    def _forward_last(self, views: list[RowView], tables: BlockTables, in_flight, in_flight_ids) -> torch.Tensor:
+        """One-token rows (a decode graph's pass): the draft's greedy next token after each request's last."""
         size = None if self.graphs is None else self.graphs.padded_size(len(views), False)
-        hidden, inputs = self._forward(views, lens, tables, size, in_flight, in_flight_ids)
+        hidden, inputs = self._forward(views, [1] * len(views), tables, size, in_flight, in_flight_ids)
         return self.model.compute_logits(hidden[inputs.sample_token_index]).argmax(dim=-1)
 
     def _wait_for_host_arrays(self):

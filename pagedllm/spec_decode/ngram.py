@@ -13,28 +13,24 @@ narrowed from n to n + 1 by one vectorised compare, until it is empty or n reach
 non-empty mask at n >= min_n gives the longest n, and its first position the earliest occurrence.
 
 Converting a Python list to numpy costs ~35 ns a token (1 ms at 30,000), far more than the search, so each
-sequence's numpy copy is kept between calls and only its new tokens are converted (_TokenCache).
+request's numpy copy is kept between steps and only its new tokens are converted (TokenArrays: a request's
+tokens only grow).
 """
-import sys
-from collections import OrderedDict
-from dataclasses import dataclass
-
 import numpy as np
 
 
 class NgramProposer:
-    def __init__(self, min_n: int, max_n: int, k: int, max_cached: int = 256):
+    def __init__(self, min_n: int, max_n: int, k: int):
         assert 1 <= min_n <= max_n and k >= 1, (min_n, max_n, k)
         self.min_n, self.max_n, self.k = min_n, max_n, k
-        self.cache = _TokenCache(max_cached)
 
-    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
-        """token_ids: the request's prompt and output tokens (a list, or a 1-D numpy int array: no copy);
-        max_tokens: the most tokens the caller can take (e.g. what is left of max_tokens)."""
+    def propose(self, tokens: np.ndarray | list[int], max_tokens: int) -> list[int]:
+        """tokens: the request's prompt and output tokens (a 1-D numpy int array, e.g. from TokenArrays, or a
+        list); max_tokens: the most tokens the caller can take (e.g. what is left of max_tokens)."""
         num_tokens = min(self.k, max_tokens)
-        if num_tokens <= 0 or len(token_ids) <= self.min_n:
+        if num_tokens <= 0 or len(tokens) <= self.min_n:
             return []
-        tokens = token_ids if isinstance(token_ids, np.ndarray) else self.cache.as_array(token_ids)
+        tokens = np.asarray(tokens)
         end = find_match_end(tokens, self.min_n, self.max_n)
         return [] if end < 0 else tokens[end + 1:end + 1 + num_tokens].tolist()
 
@@ -59,60 +55,24 @@ def find_match_end(tokens: np.ndarray, min_n: int, max_n: int) -> int:
     return best
 
 
-@dataclass
-class _Entry:
-    token_ids: list[int]   # the caller's list itself: holding it keeps id(token_ids) from being reused
-    copy: list[int]        # its contents when last seen: the check that it only grew
-    array: np.ndarray      # int32 with spare room; array[:len(copy)] is valid
+class TokenArrays:
+    """Each request's tokens as an int32 numpy array with spare room, kept between steps; a request's tokens
+    only grow, so a call converts only those appended since the last. forget() drops finished requests."""
 
+    def __init__(self):
+        self.arrays: dict[str, tuple[np.ndarray, int]] = {}   # req_id -> (array, tokens valid in it)
 
-class _TokenCache:
-    """Each list's numpy copy, updated with the tokens appended since the last call. Keyed by id(list),
-    safe because the entry holds the list (so the id cannot pass to a new object) and checks its contents
-    against a plain copy (list == list over the same int objects: ~2 ns a token, against ~35 to convert).
-    Any other change (a truncation, an edit) rebuilds the entry. Entries whose list nobody else holds any
-    more (a finished request) are dropped when a new list arrives; past max_entries, the least recent."""
+    def get(self, req_id: str, token_ids: list[int]) -> np.ndarray:
+        array, num = self.arrays.get(req_id, (None, 0))
+        if array is None or len(token_ids) > len(array):
+            grown = np.empty(max(len(token_ids) * 3 // 2, 64), dtype=np.int32)
+            if array is not None:
+                grown[:num] = array[:num]
+            array = grown
+        array[num:len(token_ids)] = token_ids[num:]
+        self.arrays[req_id] = (array, len(token_ids))
+        return array[:len(token_ids)]
 
-    def __init__(self, max_entries: int):
-        self.max_entries = max_entries
-        self.entries: OrderedDict[int, _Entry] = OrderedDict()
-
-    def as_array(self, token_ids: list[int]) -> np.ndarray:
-        key = id(token_ids)
-        entry = self.entries.get(key)
-        if entry is None:
-            self._drop_dead()
-        if entry is None or entry.token_ids is not token_ids or not _grew(entry, token_ids):
-            entry = self.entries[key] = _Entry(token_ids, list(token_ids), _to_array(token_ids))
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.max_entries:
-            self.entries.popitem(last=False)
-        return entry.array[:len(token_ids)]
-
-    def _drop_dead(self):
-        # getrefcount: the entry's reference plus the call's own argument. A miscount costs only speed:
-        # a live list dropped is rebuilt on its next call.
-        dead = [key for key, entry in self.entries.items() if sys.getrefcount(entry.token_ids) <= 2]
-        for key in dead:
-            del self.entries[key]
-
-
-def _grew(entry: _Entry, token_ids: list[int]) -> bool:
-    """Appends the new tokens to the entry when token_ids is its old contents plus new tokens."""
-    old = len(entry.copy)
-    if len(token_ids) < old:
-        return False
-    new = token_ids[old:]
-    entry.copy.extend(new)
-    if entry.copy != token_ids:
-        return False
-    if len(token_ids) > len(entry.array):
-        entry.array = np.concatenate((entry.array[:old], np.empty(len(token_ids), np.int32)))
-    entry.array[old:len(token_ids)] = new
-    return True
-
-
-def _to_array(token_ids: list[int]) -> np.ndarray:
-    array = np.empty(max(len(token_ids) * 3 // 2, 64), dtype=np.int32)   # spare room for appends
-    array[:len(token_ids)] = token_ids
-    return array
+    def forget(self, req_ids):
+        for req_id in req_ids:
+            self.arrays.pop(req_id, None)

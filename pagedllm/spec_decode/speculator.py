@@ -19,10 +19,11 @@ steps without proposals, so every request gets exactly what it asked for.
 """
 from dataclasses import dataclass
 
+from pagedllm.metrics import SpecDecodeStats
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sample.logits_processors import uses_processors
 from pagedllm.spec_decode.config import SpeculativeConfig
-from pagedllm.spec_decode.ngram import NgramProposer
+from pagedllm.spec_decode.ngram import NgramProposer, TokenArrays
 
 
 MIN_ACCEPTED = 0.5    # accepted proposals a draft, on average, below which a request backs off
@@ -42,12 +43,14 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig, max_model_len: int):
         self.config = config
         self.max_model_len = max_model_len
+        self.stats = SpecDecodeStats()
         self.num_steps = 0
         self.tracks: dict[str, _Track] = {}
-        self.ngram = None
+        self.ngram = self.tokens = None
         if config.method == "ngram":
             self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max,
                                        config.num_speculative_tokens)
+            self.tokens = TokenArrays()
 
     def wants_step(self, running: list[Request], num_waiting: int) -> bool:
         """Whether this step may speculate (the caller then finishes the step in flight first)."""
@@ -56,11 +59,37 @@ class Speculator:
             return False
         return any(self._due(r) and _may_speculate(r) for r in running)
 
-    def observe(self, req_id: str, num_proposed: int, num_accepted: int, finished: bool):
-        """A verified draft's outcome: updates the request's average and its back-off."""
-        if finished:
+    def propose(self, running: list[Request]) -> dict[str, list[int]]:
+        """req_id -> proposed tokens of this step (a draft model's: placeholders of the right length)."""
+        spec = {}
+        k = min(self.config.num_speculative_tokens, self.config.max_step_tokens // max(len(running), 1) - 1)
+        if k <= 0:
+            return spec
+        for req in running:
+            room = min(k, req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
+            if room <= 0 or not self._due(req) or not _eligible(req):
+                continue
+            if self.ngram is None:
+                spec[req.request_id] = [0] * room
+            elif ids := self.ngram.propose(self.tokens.get(req.request_id, req.all_token_ids), room):
+                spec[req.request_id] = ids
+            else:   # nothing to propose costs like a rejected draft: the step was made synchronous for it
+                self._back_off(req.request_id, 0)
+        return spec
+
+    def observe(self, req_id: str, num_proposed: int, num_accepted: int):
+        """A verified draft's outcome: the counters, the request's average and its back-off."""
+        self.stats.record(num_proposed, num_accepted)
+        self._back_off(req_id, num_accepted)
+
+    def forget(self, req_ids):
+        """Requests that ended (a step's finished ids): their averages and token arrays go."""
+        for req_id in req_ids:
             self.tracks.pop(req_id, None)
-            return
+        if self.tokens is not None:
+            self.tokens.forget(req_ids)
+
+    def _back_off(self, req_id: str, num_accepted: int):
         t = self.tracks.get(req_id)
         if t is None:
             t = self.tracks[req_id] = _Track(float(num_accepted))
@@ -75,26 +104,6 @@ class Speculator:
     def _due(self, req: Request) -> bool:
         t = self.tracks.get(req.request_id)
         return t is None or self.num_steps >= t.resume_at
-
-    def propose(self, running: list[Request]) -> dict[str, list[int]]:
-        """req_id -> proposed tokens of this step (a draft model's: placeholders of the right length)."""
-        k = min(self.config.num_speculative_tokens, self.config.max_step_tokens // len(running) - 1)
-        spec = {}
-        if k <= 0:
-            return spec
-        for req in running:
-            room = min(k, req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
-            if room <= 0 or not self._due(req) or not _eligible(req):
-                continue
-            ids = [0] * room if self.ngram is None else self.ngram.propose(req.all_token_ids, room)
-            if ids:
-                spec[req.request_id] = ids
-            else:   # nothing to propose costs like a rejected draft: the step was made synchronous for it
-                self.observe(req.request_id, 0, 0, False)
-        if len(self.tracks) > 2 * len(running) + 64:   # requests that ended in steps without speculation
-            ids = {r.request_id for r in running}
-            self.tracks = {i: t for i, t in self.tracks.items() if i in ids}
-        return spec
 
 
 def _may_speculate(req: Request) -> bool:

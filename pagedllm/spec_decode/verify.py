@@ -54,7 +54,7 @@ class VerifyResult:
         for r, s, row, n in zip(self.layout.rows, self.layout.num_spec, tokens, counts):
             emitted = row[:n]
             r.token_ids.extend(emitted)
-            out.spec_token_ids[r.req_id] = emitted
+            out.sampled_token_ids[r.req_id] = emitted
             if lp is not None and r.params.logprobs is not None:
                 k = 1 + r.params.logprobs
                 out.logprobs[r.req_id] = [TokenLogprobs(lp[0][offset + j][:k], lp[1][offset + j][:k], lp[2][offset + j])

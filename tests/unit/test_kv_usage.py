@@ -23,7 +23,7 @@ def fake_runner(sched, sched_out):
     for req_id, n in sched_out.num_scheduled_tokens.items():
         req = sched.requests[req_id]
         if req.num_computed_tokens == req.num_tokens:   # the step reached the end: it samples
-            out.sampled_token_ids[req_id] = 7
+            out.sampled_token_ids[req_id] = [7]
     return out
 
 

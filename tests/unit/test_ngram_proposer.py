@@ -3,7 +3,7 @@ import random
 import numpy as np
 import pytest
 
-from pagedllm.spec_decode.ngram import NgramProposer
+from pagedllm.spec_decode.ngram import NgramProposer, TokenArrays
 
 
 def reference(token_ids: list[int], min_n: int, max_n: int, k: int, max_tokens: int) -> list[int]:
@@ -77,37 +77,23 @@ def test_matches_reference_on_random_sequences(min_n, max_n):
         assert proposer.propose(ids, max_tokens) == reference(ids, min_n, max_n, 3, max_tokens), ids
 
 
-def test_cache_follows_appends_and_edits():
-    """The same list object grows, is truncated and edited in place: proposals always match a fresh
-    computation (the cache never answers for stale contents)."""
+def test_token_arrays_follow_appends():
+    """A request's tokens grow step by step (past the array's spare room too): proposals from its kept array
+    always match a fresh computation."""
     rng = random.Random(0)
-    proposer = NgramProposer(1, 3, 4)
+    proposer, arrays = NgramProposer(1, 3, 4), TokenArrays()
     ids: list[int] = []
-    for step in range(400):
-        if step % 37 == 36:
-            del ids[-rng.randrange(1, 5):]
-        elif step % 23 == 22 and ids:
-            ids[rng.randrange(len(ids))] = rng.randrange(5)
-        else:
-            ids.append(rng.randrange(5))
-        assert proposer.propose(ids, 4) == reference(ids, 1, 3, 4, 4)
+    for _ in range(400):
+        ids += [rng.randrange(5) for _ in range(rng.randrange(1, 4))]
+        tokens = arrays.get("r", ids)
+        assert tokens.tolist() == ids
+        assert proposer.propose(tokens, 4) == reference(ids, 1, 3, 4, 4)
 
 
-def test_cache_evicts_least_recent():
-    proposer = NgramProposer(1, 2, 2, max_cached=2)
-    lists = [[i, 1, i, 1] for i in range(3)]
-    for ids in lists:
-        assert proposer.propose(ids, 2) == ids[2:]
-    assert len(proposer.cache.entries) == 2 and id(lists[0]) not in proposer.cache.entries
-
-
-def test_cache_drops_lists_nobody_holds():
-    proposer = NgramProposer(1, 2, 2)
-    finished = [1, 2, 1, 2]
-    assert proposer.propose(finished, 2) == [1, 2]
-    live = [3, 4, 3]
-    assert proposer.propose(live, 2) == [4, 3]
-    del finished                             # the request is gone: only the cache holds its list
-    other = [5, 5]
-    assert proposer.propose(other, 2) == [5]
-    assert list(proposer.cache.entries) == [id(live), id(other)]
+def test_token_arrays_forget_finished_requests():
+    arrays = TokenArrays()
+    arrays.get("a", [1, 2, 3])
+    arrays.get("b", [4, 5])
+    arrays.forget(["a", "gone"])
+    assert list(arrays.arrays) == ["b"]
+    assert arrays.get("a", [7, 8]).tolist() == [7, 8]   # a new request under the id starts afresh

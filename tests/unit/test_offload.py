@@ -69,7 +69,8 @@ class SymbolicRunner:
             for p in range(computed, computed + n):
                 self.gpu[blocks[p // BS]][p % BS] = tokens[p]
             if computed + n == len(tokens):
-                runner_out.sampled_token_ids[req_id] = self.in_flight[req_id] = int(self.rng.integers(3, 10_000))
+                self.in_flight[req_id] = int(self.rng.integers(3, 10_000))
+                runner_out.sampled_token_ids[req_id] = [self.in_flight[req_id]]
         return runner_out
 
 

@@ -51,16 +51,28 @@ def test_back_off_doubles_and_recovers():
     r = make(0)
     waits = []
     for _ in range(3):
-        s.observe("0", 3, 0, False)      # rejected
+        s.observe("0", 3, 0)             # rejected
         steps = 0
         while not s.wants_step([r], 0):
             steps += 1
         waits.append(steps)
     assert waits == [1, 3, 7]            # due again after 2, 4, 8 steps (the call that says yes counts)
-    s.observe("0", 3, 3, False)          # accepted: the next draft is due at once
+    s.observe("0", 3, 3)                 # accepted: the next draft is due at once
     assert s.wants_step([r], 0)
-    s.observe("0", 3, 0, True)           # finished: forgotten
+    assert (s.stats.num_drafts, s.stats.num_draft_tokens, s.stats.num_accepted_tokens) == (4, 12, 3)
+    assert s.stats.accepted_per_pos == [1, 1, 1]
+    s.forget(["0"])                      # finished: forgotten
     assert "0" not in s.tracks
+
+
+def test_finished_requests_leave_nothing_behind():
+    s = speculator()
+    r = make(0)
+    assert s.propose([r]) == {"0": [8, 9, 5]}
+    s.observe("0", 3, 1)
+    assert "0" in s.tracks and "0" in s.tokens.arrays
+    s.forget({"0"})
+    assert not s.tracks and not s.tokens.arrays
 
 
 def test_a_lookup_that_finds_nothing_backs_off():
