@@ -8,12 +8,14 @@ exactly one kernel:
     rows with one query token (decode) -> decode_partition (split-KV over fixed segments) + decode_reduce
                                           (+ shared_prefix: segments many rows share, read once for all)
     rows with more (prefill chunks)    -> prefill_attention (launched only when max_query_len > 1)
+    rows of LONG_QUERY_LEN+ new tokens -> cudnn_prefill, in eager steps on Hopper (prefill_attention skips them)
 """
 import functools
 
 import torch
 import triton
 
+from pagedllm.attention import cudnn_prefill
 from pagedllm.attention.kernels.decode_partition import decode_partition_kernel
 from pagedllm.attention.kernels.decode_reduce import decode_reduce_kernel
 from pagedllm.attention.kernels.prefill_attention import prefill_attention_kernel
@@ -57,7 +59,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     scale_log2 = scale * 1.4426950408889634        # exp(x) = exp2(x * log2(e))
     _decode(q, out, k_cache, v_cache, meta, scale_log2)
     if meta.max_query_len > 1:
-        _prefill(q, out, k_cache, v_cache, meta, scale_log2)
+        long_query_len = cudnn_prefill.threshold(q, meta)
+        _prefill(q, out, k_cache, v_cache, meta, scale_log2, long_query_len)
+        if long_query_len < cudnn_prefill.NEVER:
+            cudnn_prefill.attend(q, out, kv_cache, meta, scale, long_query_len)
     return out
 
 
@@ -107,7 +112,7 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
         num_warps=1)
 
 
-def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float) -> None:
+def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float, long_query_len: int) -> None:
     num_tokens, num_q_heads, head_dim = q.shape
     num_reqs = meta.seq_lens.shape[0]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -122,7 +127,7 @@ def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: floa
     num_q_blocks = num_tokens // block_q + num_reqs
     prefill_attention_kernel[(num_q_blocks, num_kv_heads)](
         q, out, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        num_reqs, scale_log2,
+        num_reqs, long_query_len, scale_log2,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim, HEAD_PAD=_head_pad(head_dim),

@@ -120,3 +120,23 @@ def test_cuda_graph_replay_is_bit_identical_to_eager(num_rows):
         assert torch.isfinite(graph_out).all()
         assert (graph_out[new.padding] == 0).all()
         assert torch.equal(graph_out, eager), "graph replay differs from eager"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8), (8, 1)], ids=str)
+@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (64, 32)])
+def test_long_prompt_rows_through_cudnn(dtype, heads, head_dim, block_size, monkeypatch):
+    """Rows of LONG_QUERY_LEN+ new tokens go to cuDNN on Hopper: fresh prompts, chunks after cached context,
+    odd lengths, beside rows the Triton kernels keep (shorter chunks, decode, padding)."""
+    from pagedllm.attention import cudnn_prefill
+    if not cudnn_prefill._cudnn_on_hopper(torch.device("cuda")):
+        pytest.skip("the cuDNN prefill path runs on sm_90 only")
+    calls = []
+    real = cudnn_prefill._cudnn
+    monkeypatch.setattr(cudnn_prefill, "_cudnn", lambda *a, **kw: calls.append(kw["causal"]) or real(*a, **kw))
+    long = cudnn_prefill.LONG_QUERY_LEN
+    rows = [(long + 5, long + 5), (5003, long), (9000, 2 * long + 77), (300, 300), (2500, 1), (1200, 100), (0, 1)]
+    batch = make_batch(rows, *heads, head_dim, block_size, dtype, "cuda", seed=7)
+    check_attention(batch, _triton())
+    assert sorted(calls) == [False, False, True, True, True]    # one fresh row, two with context

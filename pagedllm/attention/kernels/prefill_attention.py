@@ -2,6 +2,8 @@
 context already sits in the cache (chunked prefill, prefix-cache hits). Decode rows (one query token)
 return at once: decode_partition serves them.
 
+Rows of long_query_len or more new tokens return too: cudnn_prefill serves them.
+
 Grid (num_q_blocks, num_kv_heads). Each request's queries are cut into blocks of BLOCK_Q tokens; q block
 b of request i is program  query_start_loc[i] // BLOCK_Q + i + b,  so the program finds its request by a
 binary search over query_start_loc (no host-side list). A program's tile rows are its BLOCK_Q tokens times
@@ -33,10 +35,10 @@ def _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q: tl.constexpr)
 
 
 # num_reqs changes every step: specializing on it (== 1, % 16) would compile new variants mid-run.
-@triton.jit(do_not_specialize=["num_reqs"])
+@triton.jit(do_not_specialize=["num_reqs", "long_query_len"])
 def prefill_attention_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    num_reqs, scale_log2,
+    num_reqs, long_query_len, scale_log2,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_bt,
     stride_c_block, stride_c_slot, stride_c_head,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -49,7 +51,7 @@ def prefill_attention_kernel(
     q_start = tl.load(query_start_loc_ptr + req)
     query_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     first = (q_block - (q_start // BLOCK_Q + req)) * BLOCK_Q      # first query token of this block
-    if query_len <= 1 or first >= query_len:
+    if query_len <= 1 or query_len >= long_query_len or first >= query_len:
         return
     context_len = tl.load(seq_lens_ptr + req) - query_len
 

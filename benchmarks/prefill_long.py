@@ -1,0 +1,182 @@
+"""Long-context prefill attention on one GPU: TFLOP/s by context length against the bf16 roofline.
+
+    PYTHONPATH=$PWD python3 benchmarks/prefill_long.py [--probe]
+
+Rows are fresh causal prompts of 4k-32k tokens and chunks of a long prompt whose context is already cached
+(W4's shape: 8,192 new tokens after 24,576 cached). Each line: a method, its median time (triton.testing.do_bench,
+CUDA events), attention TFLOP/s (causal: only visible (query, key) pairs count) and the share of the dense bf16
+peak, and its relative error against pagedllm's Triton kernel. --probe also times library kernels on
+contiguous or gathered K/V (PyTorch's SDPA backends and its varlen flash / cuDNN ops) to pick a path.
+"""
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
+from attention_cases import make_batch, rel_error
+
+from pagedllm.attention import triton_backend
+
+PEAK_TFLOPS = 989.0      # H100/H200 SXM dense bf16 tensor-core peak
+
+
+def cases():
+    """(name, rows (seq_len, query_len), Hq, Hkv, head_dim)."""
+    yield "fresh 512 x 16 Qwen3-0.6B", [(512, 512)] * 16, 16, 8, 128
+    yield "fresh 1k x 16 Qwen3-0.6B", [(1024, 1024)] * 16, 16, 8, 128
+    yield "fresh 2k x 8 Qwen3-0.6B", [(2048, 2048)] * 8, 16, 8, 128
+    yield "chunk 1k after 15k x 4 Qwen3-0.6B", [(16384, 1024)] * 4, 16, 8, 128
+    for n in (4096, 8192, 16384, 32768):
+        yield f"fresh {n // 1024}k Qwen3-0.6B", [(n, n)] * max(1, 16384 // n), 16, 8, 128
+    yield "chunk 8k after 24k Qwen3-0.6B", [(32768, 8192)], 16, 8, 128
+    yield "chunk 2k after 28k Qwen3-0.6B", [(30720, 2048)] * 4, 16, 8, 128
+    yield "fresh 16k Llama-8B", [(16384, 16384)], 32, 8, 128
+    yield "chunk 8k after 24k Llama-8B", [(32768, 8192)], 32, 8, 128
+    yield "fresh 16k hd64", [(16384, 16384)], 32, 8, 64
+
+
+def attention_flops(rows, hq, head_dim) -> float:
+    pairs = sum(q * (s - q) + q * (q + 1) / 2 for s, q in rows)
+    return 4 * pairs * head_dim * hq
+
+
+def gathered_kv(batch, rows):
+    """Each row's whole K/V (context from the cache + this step's), packed (total, Hkv, D), and cu_seqlens."""
+    block_size = batch.kv_cache.shape[2]
+    slots = []
+    for i, (seq_len, _) in enumerate(rows):
+        pos = torch.arange(seq_len, device="cuda")
+        slots.append(batch.ref_meta.block_tables[i].long()[pos // block_size] * block_size + pos % block_size)
+    slots = torch.cat(slots)
+    hkv, d = batch.kv_cache.shape[3:]
+    k_flat, v_flat = (batch.kv_cache[j].view(-1, hkv, d) for j in (0, 1))
+    cu_k = torch.tensor([0] + [s for s, _ in rows], device="cuda").cumsum(0).to(torch.int32)
+    return (lambda: (k_flat.index_select(0, slots), v_flat.index_select(0, slots))), cu_k
+
+
+def probe(batch, rows, hq, hkv, scale, ref, report):
+    q = batch.q
+    fresh = all(s == ql for s, ql in rows)
+    cu_q = batch.meta.query_start_loc
+    max_q, max_k = max(ql for _, ql in rows), max(s for s, _ in rows)
+    gather, cu_k = gathered_kv(batch, rows)
+    k, v = gather()
+    report("gather K/V (index_select)", gather, None)
+    starts = batch.meta.query_start_loc_cpu
+
+    if fresh:
+        def sdpa(backend, gqa):
+            def run():
+                outs = []
+                with torch.nn.attention.sdpa_kernel(backend):
+                    for i in range(len(rows)):
+                        sl = slice(starts[i], starts[i + 1])
+                        qi, ki, vi = (x[sl].transpose(0, 1)[None] for x in (q, k, v))
+                        if not gqa:
+                            ki, vi = (x.repeat_interleave(hq // hkv, dim=1) for x in (ki, vi))
+                        outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
+                                                                   enable_gqa=gqa)[0].transpose(0, 1))
+                return torch.cat(outs)
+            return run
+        B = torch.nn.attention.SDPBackend
+        report("sdpa flash, gqa", sdpa(B.FLASH_ATTENTION, True), ref)
+        report("sdpa cudnn, gqa", sdpa(B.CUDNN_ATTENTION, True), ref)
+
+    def fa2_varlen():
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                       scale=scale)[0]
+    report("aten flash varlen (FA2), gathered", fa2_varlen, ref)
+
+    def cudnn_varlen(kk, vv):
+        def run():
+            return torch.ops.aten._cudnn_attention_forward(q, kk, vv, None, cu_q, cu_k, max_q, max_k, False,
+                                                           0.0, True, False, scale=scale)[0]
+        return run
+    if fresh:
+        report("aten cudnn varlen, gathered", cudnn_varlen(k, v), ref)
+
+
+def plan_builds():
+    """cuDNN builds an execution plan per new shape: the first call of a shape against the next."""
+    from pagedllm.attention.cudnn_prefill import _cudnn
+    for causal in (True, False):
+        for n in (1000, 3000, 5000, 7000, 9001):
+            q = torch.randn(n, 16, 128, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(n + 2000 * (not causal), 8, 128, device="cuda", dtype=torch.bfloat16)
+            times = []
+            for _ in range(2):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                _cudnn(q, k, k, 0.1, causal=causal, need_lse=True)
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t) * 1e3)
+            print(f"cudnn plan causal={causal} L={n}: first {times[0]:.1f} ms, second {times[1]:.2f} ms")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--probe", action="store_true", help="also time library kernels")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}")
+    if args.probe:
+        for op in ("_flash_attention_forward", "_cudnn_attention_forward"):
+            schema = getattr(torch.ops.aten, op).default._schema if hasattr(torch.ops.aten, op) else "absent"
+            print(f"{op}: {str(schema)[:300]}")
+        for impl in torch.nn.attention.list_flash_attention_impls():
+            try:
+                torch.nn.attention.activate_flash_attention_impl(impl)
+                print(f"flash impl {impl}: activated")
+            except Exception as e:
+                print(f"flash impl {impl}: {repr(e)[:120]}")
+        plan_builds()
+    for name, rows, hq, hkv, head_dim in cases():
+        batch = make_batch(rows, hq, hkv, head_dim, 16, torch.bfloat16, "cuda", seed=0)
+        scale = head_dim ** -0.5
+        triton_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
+        flops = attention_flops(rows, hq, head_dim)
+        print(f"\n{name}: {batch.q.shape[0]} query tokens, {flops / 1e12:.2f} TFLOP")
+
+        def report(label, fn, ref):
+            try:
+                out = fn()
+                ms = do_bench(fn, warmup=5, rep=40, return_mode="median")
+            except Exception as e:
+                msg = traceback.format_exception_only(e)[-1].strip()
+                print(f"  {label:36s} failed: {msg[:160]}")
+                return None
+            err = f"err {rel_error(out, ref):.1e}" if ref is not None else ""
+            tf = flops / ms / 1e9
+            print(f"  {label:36s} {ms * 1e3:9.0f} us {tf:6.0f} TFLOP/s ({tf / PEAK_TFLOPS:4.0%})  {err}")
+            return out
+
+        def ours(q=batch.q):
+            return triton_backend.paged_attention(q, batch.kv_cache, batch.meta, scale)
+        os.environ["PAGEDLLM_CUDNN_PREFILL"] = "0"
+        ref = report("triton kernel only", ours, None)
+        os.environ["PAGEDLLM_CUDNN_PREFILL"] = "1"
+        report("pagedllm (cuDNN for long rows)", ours, ref)
+        if args.probe:
+            # q as the model has it: a view of the fused qkv projection's output
+            qkv = torch.cat([batch.q.flatten(1), batch.k.flatten(1), batch.v.flatten(1)], dim=1)
+            report("pagedllm, q a view of qkv", lambda: ours(qkv[:, :hq * head_dim].view_as(batch.q)), ref)
+            original = triton_backend._prefill_config
+            os.environ["PAGEDLLM_CUDNN_PREFILL"] = "0"
+            for config in ((128, 128, 8, 2),):
+                triton_backend._prefill_config = lambda dtype, hd, c=config: c
+                report(f"triton kernel only {config}", ours, ref)
+            triton_backend._prefill_config = original
+            os.environ["PAGEDLLM_CUDNN_PREFILL"] = "1"
+            probe(batch, rows, hq, hkv, scale, ref, report)
+        batch = None
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
