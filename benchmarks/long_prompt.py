@@ -29,7 +29,7 @@ def run_prompt(engine_args: dict, prompt: list[int], max_tokens: int) -> dict:
     start = time.perf_counter()
     llm = LLM(**engine_args)
     startup = time.perf_counter() - start
-    llm.generate([[1000, 1001, 1002]], SamplingParams(max_tokens=2), use_tqdm=False)   # warm-up
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)   # warm-up
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
     start = time.perf_counter()
     out = llm.generate([prompt], params, use_tqdm=False)[0]

@@ -53,7 +53,7 @@ def main():
         start = time.perf_counter()
         llm = LLM(**{**base, "cpu_offload_gb": tier_gb})
         startup = time.perf_counter() - start
-        llm.generate([[1000, 1001, 1002]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
         pool = llm.engine.runner.kv_offload.pool if mode == "cpu" else None
         chunks = [kv_offload.COPY_CHUNK_BLOCKS] + ([args.ab_chunk] if mode == "cpu" and args.ab_chunk else [])
         for k, chunk in enumerate(chunks):
