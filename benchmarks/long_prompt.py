@@ -62,7 +62,7 @@ def main():
         if mode not in ("graphs", "eager"):
             raise SystemExit(f"--modes: graphs or eager, got {mode!r}")
         r = run_prompt({**engine_kwargs(args), "enforce_eager": mode == "eager"}, prompt, args.output)
-        print(json.dumps({k: v for k, v in r.items() if k != "output_ids"}), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("output_ids", "seconds")}), flush=True)
         runs.append(r)
     ids = [r["output_ids"] for r in runs]
     print(json.dumps({"metric": "long_prompt", "device": torch.cuda.get_device_name() if torch.cuda.is_available()

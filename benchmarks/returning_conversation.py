@@ -8,8 +8,9 @@ it they are recomputed. One JSON line per returning turn, then a summary line:
 
     python benchmarks/returning_conversation.py --model .device/models/meta-llama--Llama-3.1-8B-Instruct
 
-The tier engine runs a second conversation (other seeds) with the tier copies in chunks of --ab-chunk blocks
-(runner/kv_offload.COPY_CHUNK_BLOCKS) to compare the load bandwidth in the same process. Weights are dummy.
+The tier engine then runs one more conversation (other seeds) for each --ab setting of runner/kv_offload
+(OVERLAP_LOADS=0: loads after the step's stores on one stream; COPY_CHUNK_BLOCKS=16: the old chunk), to compare
+in the same process. Weights are dummy; max_num_seqs 16 (one request at a time: fewer graphs to capture).
 Figures: load GB/s = bytes of KV loaded / copy-stream time of the loads (pinned host -> GPU scratch -> blocks).
 The returning step also stores the blocks it evicts (other traffic's) to the CPU tier before its loads, on
 the same copy stream: stored_blocks and store_s show that part.
@@ -38,8 +39,8 @@ def main():
                         help="GPU KV blocks (default: one returning conversation + 1/16)")
     parser.add_argument("--cpu-tier-gb", type=float, default=8.0, help="cpu_offload_gb of the tier run")
     parser.add_argument("--modes", default="cpu,recompute")
-    parser.add_argument("--ab-chunk", type=int, default=16, help="COPY_CHUNK_BLOCKS of a second tier "
-                        "conversation (0: none)")
+    parser.add_argument("--ab", default="OVERLAP_LOADS=0,COPY_CHUNK_BLOCKS=16",
+                        help="kv_offload settings, each for one more tier conversation ('': none)")
     add_engine_args(parser)
     parser.set_defaults(load_format="dummy", max_model_len=32768, max_num_seqs=16)
     args = parser.parse_args()
@@ -47,7 +48,7 @@ def main():
     gpu_blocks = args.gpu_blocks or -(-total // args.block_size) * 17 // 16
     num_others = gpu_blocks * args.block_size // args.other_len + 1     # their blocks pass the cache's
     base = {**engine_kwargs(args), "num_gpu_blocks_override": gpu_blocks}
-    results = {}
+    results, pool_info = {}, None
     for mode in args.modes.split(","):
         tier_gb = args.cpu_tier_gb if mode == "cpu" else 0.0
         start = time.perf_counter()
@@ -55,21 +56,26 @@ def main():
         startup = time.perf_counter() - start
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
         pool = llm.engine.runner.kv_offload.pool if mode == "cpu" else None
-        chunks = [kv_offload.COPY_CHUNK_BLOCKS] + ([args.ab_chunk] if mode == "cpu" and args.ab_chunk else [])
-        for k, chunk in enumerate(chunks):
-            kv_offload.COPY_CHUNK_BLOCKS = chunk
-            r = {"mode": mode, "copy_chunk_blocks": chunk if mode == "cpu" else None,
-                 **converse(llm, args, seed=10 * k, num_others=num_others), "startup_s": round(startup, 1)}
-            print(json.dumps({key: v for key, v in r.items() if key != "output_head"}), flush=True)
+        settings = [""] + ([a for a in args.ab.split(",") if a] if mode == "cpu" else [])
+        for k, setting in enumerate(settings):
+            defaults = {name: getattr(kv_offload, name) for name in ("OVERLAP_LOADS", "COPY_CHUNK_BLOCKS")}
+            if setting:
+                name, value = setting.split("=")
+                setattr(kv_offload, name, type(defaults[name])(int(value)))
+            r = {"mode": mode, "ab": setting or None, **converse(llm, args, seed=10 * k, num_others=num_others),
+                 "startup_s": round(startup, 1)}
+            for name, value in defaults.items():
+                setattr(kv_offload, name, value)
+            print(json.dumps({key: v for key, v in r.items() if key not in ("output_head", "turn_s", "load_gb")}),
+                  flush=True)
             results[(mode, k)] = r
         if pool is not None:
-            results["pool"] = {"pinned": pool.is_pinned(), "gib": round(pool.numel() * pool.element_size() / 2**30, 2)}
-        kv_offload.COPY_CHUNK_BLOCKS = chunks[0]
+            pool_info = {"pinned": pool.is_pinned(), "gib": round(pool.numel() * pool.element_size() / 2**30, 2)}
         del llm, pool
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    summarize(results, args, gpu_blocks)
+    summarize(results, args, gpu_blocks, pool_info)
 
 
 def token_ids(n: int, seed: int) -> list[int]:
@@ -108,7 +114,7 @@ def converse(llm: LLM, args, seed: int, num_others: int) -> dict:
     return r
 
 
-def summarize(results: dict, args, gpu_blocks: int):
+def summarize(results: dict, args, gpu_blocks: int, pool_info: dict | None):
     tier, rec = results.get(("cpu", 0)), results.get(("recompute", 0))
     line = {"metric": "returning_conversation", "device": torch.cuda.get_device_name()
             if torch.cuda.is_available() else "cpu", "prompt_tokens": args.history + args.answer + args.new,
@@ -119,10 +125,10 @@ def summarize(results: dict, args, gpu_blocks: int):
                     same_first_tokens=tier["output_head"] == rec["output_head"])
     if tier:
         line.update(tier_hit_blocks=tier["tier_hit_blocks"], load_gb_s=tier["load_gb_s"], target_load_gb_s=20,
-                    cpu_pool=results["pool"])
-    ab = results.get(("cpu", 1))
+                    cpu_pool=pool_info)
+    ab = [r for (mode, k), r in results.items() if mode == "cpu" and k > 0]
     if ab:
-        line.update(ab_chunk=ab["copy_chunk_blocks"], ab_load_gb_s=ab["load_gb_s"], ab_ttft_s=ab["ttft_s"])
+        line["ab"] = {r["ab"]: [r["ttft_s"], r["load_gb_s"]] for r in ab}   # ttft_s, load_gb_s
     print(json.dumps(line), flush=True)
 
 
