@@ -35,6 +35,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.messages import DiskOp, KVTransferResult, KVTransfers
 from pagedllm.core.offload import TierSizes
 from pagedllm.runner.kv_disk import DiskStore, PendingPayload, model_identity
+from pagedllm.sample.host_copy import to_device
 
 # Blocks per copy between the GPU KV cache and the CPU pool: the size of the copies' GPU scratch buffer, however
 # many blocks a step moves. At block_size 16 in bf16 a block is 2 MiB for Llama-3-8B (32 layers, 8 KV heads of
@@ -79,7 +80,7 @@ def _as_index(block_ids, device) -> torch.Tensor:
     if isinstance(block_ids, torch.Tensor):
         return block_ids.to(device=device, dtype=torch.int64)
     ids = [block_ids] if isinstance(block_ids, int) else list(block_ids)
-    return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+    return to_device(ids, torch.int64, device)   # from pinned memory: a pageable copy waits for the stream
 
 
 class KVOffload:
