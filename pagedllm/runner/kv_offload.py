@@ -41,9 +41,10 @@ from pagedllm.sample.host_copy import to_device
 # many blocks a step moves. At block_size 16 in bf16 a block is 2 MiB for Llama-3-8B (32 layers, 8 KV heads of
 # 128) and 5 MiB for Llama-3-70B (80 layers): 128 and 320 MiB, under 0.3% of an H200. Each chunk costs the host
 # 1-2 launches a layer (the gather or scatter of each layer's K/V), ~0.5 ms of Python at 32 layers, about what
-# 16 blocks' 32 MiB take over PCIe: at 16 blocks the copy stream waited for the host (W3's CPU-tier loads:
-# 48.6 GB/s with one copy a step, 39.9 with 16-block chunks, H200). 64 blocks make the copies the longer part.
-# A returning 30k-token conversation loads ~1,900 blocks in one step (benchmarks/returning_conversation.py).
+# 16 blocks' 32 MiB take over PCIe, and each chunk's block indices came from pageable memory, whose copy waits
+# for the stream (now pinned): W3's CPU-tier loads ran at 48.6 GB/s with one copy a step and 39.9 with 16-block
+# chunks (H200). 64 blocks make the copies the longer part. A returning 30k-token conversation loads ~1,900
+# blocks in one step (benchmarks/returning_conversation.py).
 COPY_CHUNK_BLOCKS = 64
 OVERLAP_LOADS = True   # loads on their own stream, overlapping the same step's stores (see the docstring)
 
