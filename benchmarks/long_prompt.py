@@ -1,5 +1,6 @@
 """A context to the model's limit (issue 17, part 2): one --prompt-len prompt (random ids, seeded), greedy,
---output tokens, with CUDA graphs and without (enforce_eager), one engine after the other in this process.
+--output tokens, with CUDA graphs and without (enforce_eager), one engine after the other, each in a process of
+its own (spawned: the second finds the GPU as the first did; --same-process to run them here).
 One JSON line per run (time to first token from the engine's metrics, decode time per token), then a summary
 with the output token ids and whether both runs gave the same ones.
 
@@ -11,6 +12,7 @@ gpu_memory_utilization leaves after the profiled step, so the run also shows tha
 import argparse
 import gc
 import json
+import multiprocessing
 import time
 
 import numpy as np
@@ -53,6 +55,7 @@ def main():
     parser.add_argument("--output", type=int, default=32)
     parser.add_argument("--prompt-seed", type=int, default=0)
     parser.add_argument("--modes", default="graphs,eager", help="graphs: CUDA graphs on; eager: enforce_eager")
+    parser.add_argument("--same-process", action="store_true", help="run the engines in this process")
     add_engine_args(parser)
     parser.set_defaults(load_format="dummy", max_model_len=131072, max_num_seqs=16)
     args = parser.parse_args()
@@ -61,7 +64,12 @@ def main():
     for mode in args.modes.split(","):
         if mode not in ("graphs", "eager"):
             raise SystemExit(f"--modes: graphs or eager, got {mode!r}")
-        r = run_prompt({**engine_kwargs(args), "enforce_eager": mode == "eager"}, prompt, args.output)
+        run_args = ({**engine_kwargs(args), "enforce_eager": mode == "eager"}, prompt, args.output)
+        if args.same_process:
+            r = run_prompt(*run_args)
+        else:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                r = pool.apply(run_prompt, run_args)
         print(json.dumps({k: v for k, v in r.items() if k not in ("output_ids", "seconds")}), flush=True)
         runs.append(r)
     ids = [r["output_ids"] for r in runs]
