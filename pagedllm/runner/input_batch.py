@@ -205,7 +205,10 @@ class InputBuffers:
         bt = h.bt[:n * max_blocks].reshape(n, max_blocks)
         np.take(tables.table[:, :max_blocks], table_rows, axis=0, out=bt)
         slots = h.slot[:total]
-        np.add(bt[req_idx, positions // block_size] * block_size, positions % block_size, out=slots)
+        # Block ids are int32 (the device tables'); the slot is int64: block_id * block_size passes 2^31
+        # once a cache holds 2^31 token slots (int32 times a Python int stays int32 in NumPy and wraps).
+        np.add(bt[req_idx, positions // block_size].astype(np.int64) * block_size, positions % block_size,
+               out=slots)
         h.slot[total:num_tokens] = -1
 
         # A row samples when this step reaches the end of its tokens, the one in flight included.

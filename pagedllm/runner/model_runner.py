@@ -34,6 +34,8 @@ from pagedllm.spec_decode.verify import VerifyLayout, VerifyResult, position_log
 
 logger = logging.getLogger("pagedllm")
 
+PROMPT_LOGPROBS_ROWS = 1024   # prompt positions whose logits are computed at once (~0.5 GB at 128k vocab)
+
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype,
@@ -352,9 +354,13 @@ class ModelRunner:
         for row, start, count in inputs.prompt_lp_rows:
             r = reqs[row]
             first = qsl[row] + start - r.num_computed_tokens
-            logits = self.model.compute_logits(hidden[first:first + count])
-            targets = to_device(r.token_ids[start + 1:start + 1 + count], torch.int64, logits.device)
-            r.prompt_logprobs.extend(token_logprobs(logits, targets, r.params.prompt_logprobs))
+            # A few rows of float32 logits at a time: a whole chunk's (16,384 x 128,256) would be 8.4 GB, twice
+            # with the log-softmax, which the start-up profile does not reserve.
+            for i in range(0, count, PROMPT_LOGPROBS_ROWS):
+                n = min(PROMPT_LOGPROBS_ROWS, count - i)
+                logits = self.model.compute_logits(hidden[first + i:first + i + n])
+                targets = to_device(r.token_ids[start + i + 1:start + i + 1 + n], torch.int64, logits.device)
+                r.prompt_logprobs.extend(token_logprobs(logits, targets, r.params.prompt_logprobs))
             if len(r.prompt_logprobs) == r.num_prompt_tokens - 1:
                 out.prompt_logprobs[r.req_id] = r.prompt_logprobs
                 r.prompt_logprobs_sent = True

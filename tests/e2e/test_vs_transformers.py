@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.runner import model_runner
 
 MAX_NEW = 20
 LOGPROB_TOL = 1e-4
@@ -164,7 +165,10 @@ def test_parallel_sampling_shares_prompt_blocks(tiny_model_dirs, prefix_caching)
     assert again.num_cached_tokens == (32 if prefix_caching else 0)
 
 
-def test_prompt_logprobs_match_transformers(tiny_model_dirs):
+@pytest.mark.parametrize("rows", [None, 5], ids=["whole-chunks", "logits-5-rows-at-a-time"])
+def test_prompt_logprobs_match_transformers(tiny_model_dirs, monkeypatch, rows):
+    if rows is not None:
+        monkeypatch.setattr(model_runner, "PROMPT_LOGPROBS_ROWS", rows)
     d = tiny_model_dirs["qwen3"]
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     prompt = PROMPTS[7]

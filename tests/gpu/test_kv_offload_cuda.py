@@ -57,3 +57,34 @@ def test_preemption_modes_on_cuda_match_recompute(tiny_model_dirs, tmp_path, mod
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
     stats = llm.engine.get_stats()
     assert stats.num_preemptions > 0 and sum(t.hits for t in stats.kv_tiers.values()) > 0
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_one_step_storing_and_loading_the_same_blocks(tmp_path, monkeypatch, overlap):
+    """A returning conversation's step: its loads go into the very GPU blocks its stores evict (a permutation
+    of them), and one load reads a slot this step stores into. Many chunks, loads on their own stream."""
+    from pagedllm.runner import kv_offload
+    monkeypatch.setattr(kv_offload, "COPY_CHUNK_BLOCKS", 8)
+    monkeypatch.setattr(kv_offload, "OVERLAP_LOADS", overlap)
+    layers, blocks, bs, heads, dim, n = 4, 300, 16, 8, 128, 200
+    caches = allocate_kv_caches(layers, blocks, bs, heads, dim, torch.bfloat16, torch.device("cuda"))
+    for c in caches:
+        c.normal_()
+    block_bytes = bytes_per_block(layers, bs, heads, dim, torch.bfloat16)
+    LlamaConfig(hidden_size=heads * 2 * dim, num_attention_heads=heads * 2, num_key_value_heads=heads,
+                num_hidden_layers=layers).to_json_file(tmp_path / "config.json")
+    config = EngineConfig(model=str(tmp_path), block_size=bs, cpu_offload_gb=(2 * n + 8) * block_bytes / 2**30,
+                          load_format="dummy")
+    off = KVOffload(config, LlamaConfig.from_pretrained(tmp_path), caches, block_bytes)
+    off.pool[:n].normal_()                                 # the history, stored in earlier steps
+    gen = torch.Generator().manual_seed(0)
+    evicted = torch.randperm(blocks, generator=gen)[:n].tolist()
+    other = next(b for b in range(blocks) if b not in evicted)
+    target = [evicted[i] for i in torch.randperm(n, generator=gen).tolist()]
+    gpu_before, pool_before = get_kv_from_block(caches, evicted).clone(), off.pool[:n].clone()
+    off.execute(KVTransfers(cpu_store=[(b, n + i) for i, b in enumerate(evicted)],
+                            cpu_load=[(i, b) for i, b in enumerate(target)] + [(n + 7, other)]))
+    torch.cuda.synchronize()
+    assert torch.equal(off.pool[n:2 * n].cuda(), gpu_before)          # stores read the blocks before the loads
+    assert torch.equal(get_kv_from_block(caches, target), pool_before.cuda())
+    assert torch.equal(get_kv_from_block(caches, other), gpu_before[7])   # a slot stored, then loaded

@@ -153,3 +153,16 @@ def test_build_plans_shared_segments_and_pads_the_graph_grid(monkeypatch):
     assert buf.build(reqs, [1, 1, 1], tables, BS).attn_metadata.shared is None          # share off
     lone = buf.build(reqs[:1], [1], tables, BS, share=True).attn_metadata.shared
     assert lone is None
+
+
+def test_slots_past_int32_with_large_block_ids():
+    """A slot is block_id * block_size + offset in int64: block ids near the top of int32 give slots past
+    2^31 (a cache of more than 2^31 token slots), which int32 arithmetic would wrap to negative (padding)."""
+    tables = BlockTables(max_blocks_per_req=4, num_rows=2)
+    big = (1 << 31) // 16 + 5                              # slot ~2^31 + 80 at block size 16
+    a = make_req(tables, "a", list(range(40)), [big, 2**31 - 1, 7], 10)     # runs positions 10..29
+    buf = InputBuffers(max_tokens=32, max_reqs=2, max_blocks_per_req=4, device=torch.device("cpu"))
+    inp = buf.build([a], [20], tables, 16)
+    expected = [big * 16 + p for p in range(10, 16)] + [(2**31 - 1) * 16 + p - 16 for p in range(16, 30)]
+    assert inp.attn_metadata.slot_mapping.tolist() == expected
+    assert inp.positions.tolist() == list(range(10, 30))

@@ -14,7 +14,7 @@ def reshape_and_cache_kernel(
     stride_c_block, stride_c_slot, stride_c_head,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_ELEMS: tl.constexpr, NUM_ELEMS_PAD: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)      # token * stride passes 2^31 for wide models at 100k+ tokens a step
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
         return
