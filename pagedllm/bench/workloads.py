@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WORKLOADS = ("W1", "W2", "W3")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W4-prefill")
 
 
 @dataclass
@@ -24,6 +24,10 @@ def build(name: str) -> Workload:
         prefixes = [rng.integers(0, 10000, size=2000).tolist() for _ in range(8)]
         prompts = [prefixes[i % 8] + rng.integers(0, 10000, size=100).tolist() for i in range(512)]
         return Workload("W3", "meta-llama--Llama-3.1-8B-Instruct", prompts, [64] * 512)
+    if name in ("W4", "W4-prefill"):          # long context: run with max_model_len 32768
+        rng = np.random.default_rng(1)
+        prompts = [rng.integers(0, 10000, size=30000).tolist() for _ in range(32)]
+        return Workload(name, "Qwen--Qwen3-0.6B", prompts, [256 if name == "W4" else 1] * 32)
     raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
 
 
