@@ -6,7 +6,6 @@ assemble RequestOutputs (OutputProcessor), and hand each one to the request's as
 is spawned, so a script that builds an AsyncLLM needs the `if __name__ == "__main__":` guard.
 """
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -49,14 +48,16 @@ class EngineGenerateError(RuntimeError):
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_queue_length: int | None = None,
                  on_step_stats: Callable[[StepStats], None] | None = None, heartbeat_timeout: float = 5.0,
-                 step_timeout: float = 60.0, on_dead: Callable[[], None] | None = None):
+                 step_timeout: float = 60.0, on_dead: Callable[[], None] | None = None, stream_interval: int = 1):
         """max_waiting_queue_length: refuse new requests (QueueFullError) while this many sequences wait
         for their first step (None = no bound). on_step_stats: called with each step's request timings.
         heartbeat_timeout: seconds without a message from the core (its heartbeat thread sends one every
         HEARTBEAT_INTERVAL) after which it counts as stopped; step_timeout: seconds one pass of its step loop
         may take (a long prefill, a kernel compiling) before it counts as hung. Either way: not healthy,
         requests in flight fail.
-        on_dead: called once when the core process has exited (the server exits then)."""
+        on_dead: called once when the core process has exited (the server exits then).
+        stream_interval: a streamed (DELTA or CUMULATIVE) request's outputs come every this many tokens (the
+        first token and the finish at once); 1: one output per step."""
         model = resolve_model(config)   # the config's errors, before a process starts
         self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=True)
         self.core = CoreClient(config)
@@ -64,7 +65,7 @@ class AsyncLLM:
         self.tokenizer = load_engine_tokenizer(config)   # while the core loads the model
         self.input_processor = InputProcessor.for_engine(config, self.tokenizer, model.hf_config.vocab_size,
                                                          self.max_model_len, self.core.wait_ready())
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer, stream_interval)
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.on_step_stats = on_step_stats
@@ -91,7 +92,7 @@ class AsyncLLM:
         closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
         must abort() the request itself."""
         q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt)
-        return self._outputs(request_id, q, output_kind)
+        return self._outputs(request_id, q)
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
                        output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
@@ -99,15 +100,13 @@ class AsyncLLM:
         async for out in self.add_request(request_id, prompt, sampling_params, output_kind):
             yield out
 
-    async def _outputs(self, request_id: str, q: asyncio.Queue, kind: OutputKind) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
+                # One output per step, never merged: a stream's chunk carries one step's tokens
+                # (--stream-interval N buffers N tokens in the output processor instead).
                 out = await q.get()
-                while not q.empty() and not isinstance(out, BaseException):
-                    # A consumer that fell behind gets one output for several steps: less work per token
-                    # just when the API process is the bottleneck.
-                    out = _merge(out, q.get_nowait(), kind)
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
@@ -296,18 +295,3 @@ class AsyncLLM:
             if not fut.done():
                 fut.set_exception(error)
 
-
-def _merge(a: RequestOutput, b, kind: OutputKind):
-    """b came after a. DELTA outputs concatenate per sequence; the others are snapshots: b wins."""
-    if isinstance(b, BaseException) or kind != OutputKind.DELTA:
-        return b
-    merged = {c.index: c for c in a.outputs}
-    for c in b.outputs:
-        prev = merged.get(c.index)
-        if prev is None:
-            merged[c.index] = c
-            continue
-        logprobs = None if prev.logprobs is None else prev.logprobs + (c.logprobs or [])
-        merged[c.index] = dataclasses.replace(c, text=prev.text + c.text, token_ids=prev.token_ids + c.token_ids,
-                                              logprobs=logprobs)
-    return dataclasses.replace(b, outputs=sorted(merged.values(), key=lambda c: c.index))

@@ -57,8 +57,11 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, stream_interval: int = 1):
+        """stream_interval: a DELTA or CUMULATIVE request's output comes once this many new tokens have
+        gathered (vLLM's --stream-interval), the first token and the finish at once; 1 = every step."""
         self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
         # A logprob's token text: tokenizer.decode([id]), which cleans up spaces where the tokenizer says so;
         # None without a tokenizer (skip_tokenizer_init).
         self._decode_token = (
@@ -172,11 +175,20 @@ class OutputProcessor:
         if parent.kind == OutputKind.FINAL and not parent.finished:
             return None
         delta = parent.kind == OutputKind.DELTA
-        completions = [self._completion(s, delta) for s in parent.seqs if not (delta and s.finish_sent)]
+        if self.stream_interval > 1 and not any(self._due(s) for s in parent.seqs):
+            return None
+        completions = [self._completion(s, delta) for s in parent.seqs
+                       if not (delta and (s.finish_sent or not self._due(s)))]
         if delta:   # only sequences with something new
             completions = [c for c in completions if c.token_ids or c.text or c.finish_reason]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
                              completions, parent.finished, parent.metrics, parent.num_cached_tokens)
+
+    def _due(self, seq: _Sequence) -> bool:
+        """Whether the sequence's new tokens go out now: always with stream_interval 1; else its first token
+        (time to first token is not delayed), every stream_interval tokens, and its finish."""
+        return (seq.finish_reason is not None or seq.num_sent_tokens == 0
+                or len(seq.token_ids) - seq.num_sent_tokens >= self.stream_interval)
 
     def _best_of_output(self, parent: _ParentRequest) -> RequestOutput | None:
         """best_of > n: once all have finished, the n of highest cumulative logprob, best first, as indexes

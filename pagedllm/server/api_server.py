@@ -201,7 +201,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
     engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
                       heartbeat_timeout=server_config.engine_heartbeat_timeout,
                       step_timeout=server_config.engine_step_timeout,
-                      on_dead=lambda: server.on_core_death())
+                      on_dead=lambda: server.on_core_death(), stream_interval=server_config.stream_interval)
     ctx = ServingContext(engine, metrics.model_name, chat_template, server_config.tool_call_parser,
                          server_config.enable_auto_tool_choice)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
