@@ -76,12 +76,14 @@ class AsyncLLM:
         self.closing = False                          # shutting down: the core's exit is expected
         self.last_heartbeat = time.monotonic()        # of the last message from the core
         self.core_stall = 0.0                         # its step loop's time in one pass, as of that message
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, OutputQueue] = {}
         self._unscheduled: set[str] = set()           # sequences not yet in any step: the waiting queue
         self._stats_waiters: deque[asyncio.Future] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.Task | None = None
         self._num_stale_stats = 0                     # replies still due to failed get_stats() calls
+        self._steps: deque[tuple] = deque()           # ("outputs", rows, StepStats) read, not yet processed
+        self._step_scheduled = False                  # _process_next_step is due on the event loop
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams,
@@ -100,7 +102,7 @@ class AsyncLLM:
         async for out in self.add_request(request_id, prompt, sampling_params, output_kind):
             yield out
 
-    async def _outputs(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, request_id: str, q: "OutputQueue") -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -116,7 +118,7 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind,
-                     cache_salt: str | None = None) -> asyncio.Queue:
+                     cache_salt: str | None = None) -> "OutputQueue":
         self.attach()
         self._check_alive()
         if request_id in self.output_processor.parents:
@@ -125,7 +127,7 @@ class AsyncLLM:
         req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
-        q = self._queues[request_id] = asyncio.Queue()
+        q = self._queues[request_id] = OutputQueue()
         self._unscheduled.update(r.request_id for r in req.core_requests)
         self.core.send(("add", req.core_requests))
         return q
@@ -226,7 +228,7 @@ class AsyncLLM:
                     self.core_stall = msg[1]
                 elif msg[0] == "outputs":
                     self.core_stall = 0.0
-                    self._process_outputs([EngineCoreOutput(*row) for row in msg[1]], msg[2])
+                    self._steps.append(msg)
                 elif msg[0] == "stats":
                     if self._num_stale_stats:   # the reply to a call failed while the core was silent
                         self._num_stale_stats -= 1
@@ -236,6 +238,25 @@ class AsyncLLM:
                         fut.set_result(msg[1])
         except (EOFError, OSError):
             self._on_core_exit()
+            return
+        if self._steps and not self._step_scheduled:
+            self._process_next_step()
+
+    def _process_next_step(self):
+        """One step's outputs, then the event loop's turn: the streams write that step's chunks before the
+        next step is processed. The pipe itself is read empty at once (_on_readable), so a core that runs
+        ahead of this process never blocks on a full pipe; a lagging API process sends every step's chunk
+        late by the same amount instead of several steps' chunks in one burst."""
+        self._step_scheduled = False
+        if not self._steps:
+            return
+        msg = self._steps.popleft()
+        try:
+            self._process_outputs([EngineCoreOutput(*row) for row in msg[1]], msg[2])
+        finally:
+            if self._steps:
+                self._step_scheduled = True
+                self._loop.call_soon(self._process_next_step)
 
     def _process_outputs(self, core_outputs, stats: StepStats):
         self._unscheduled.difference_update(stats.first_scheduled_ids)
@@ -270,6 +291,8 @@ class AsyncLLM:
     def _on_core_exit(self):
         if self.dead:
             return   # seen already (the pipe's EOF, or the watchdog)
+        while self._steps:   # what it sent before it exited reaches the streams first
+            self._process_next_step()
         self.core.process.join(timeout=1)   # the pipe closes as it dies: its exit code comes a moment later
         code = self.core.process.exitcode
         if self.closing:
@@ -295,3 +318,28 @@ class AsyncLLM:
             if not fut.done():
                 fut.set_exception(error)
 
+
+class OutputQueue:
+    """One request's outputs (or the error that ends it), in order, for its one consumer: asyncio.Queue's
+    put_nowait and get without its bound and its many-consumer bookkeeping (this runs once a step a stream)."""
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: deque = deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item):
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self):
+        items = self.items
+        while not items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return items.popleft()
