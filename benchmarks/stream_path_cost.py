@@ -100,6 +100,18 @@ async def _until_disconnect_stub(raw_request, work):   # open_stream's disconnec
     return await work
 
 
+def _server_gc():
+    """The garbage collector as `pagedllm serve` sets it up (frozen start-up objects, its thresholds)."""
+    import gc
+
+    from pagedllm.engine.core_process import freeze_gc
+    from pagedllm.server import api_server
+    freeze_gc()
+    threshold = getattr(api_server, "API_GC_THRESHOLD", None)   # since 2026-12-03
+    if threshold is not None:
+        gc.set_threshold(threshold, 10, 10)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tokenizer")
@@ -111,6 +123,7 @@ def main():
     serving.until_disconnect = _until_disconnect_stub
     tokenizer = load_tokenizer(args.tokenizer)
     ids = tokenizer.encode(_TEXT * 4, add_special_tokens=False)
+    _server_gc()
     try:
         import uvloop
         run = uvloop.run
