@@ -198,8 +198,8 @@ class OutputProcessor:
     def _due(self, seq: _Sequence) -> bool:
         """Whether the sequence's new tokens go out now: always with stream_interval 1; else its first token
         (time to first token is not delayed), every stream_interval tokens, and its finish."""
-        return (seq.finish_reason is not None or seq.num_sent_tokens == 0
-                or len(seq.token_ids) - seq.num_sent_tokens >= self.stream_interval)
+        return not seq.finish_sent and (seq.finish_reason is not None or seq.num_sent_tokens == 0
+                                         or len(seq.token_ids) - seq.num_sent_tokens >= self.stream_interval)
 
     def _best_of_output(self, parent: _ParentRequest, finished: bool) -> RequestOutput | None:
         """best_of > n: once all have finished, the n of highest cumulative logprob, best first, as indexes

@@ -54,3 +54,13 @@ def test_interval_with_n_sequences(kind):
         assert [len(c.token_ids) for c in final.outputs] == [5, 5]
     else:
         assert sum(len(o.outputs[0].token_ids) for o in outs if o is not None) == 5
+
+
+def test_a_finished_sibling_does_not_make_the_others_due():
+    op = OutputProcessor(None, 4)
+    op.add_request("r", None, [1, 2], SamplingParams(n=2, max_tokens=99, detokenize=False), OutputKind.DELTA,
+                   time.time())
+    first, _, _ = op.process([EngineCoreOutput("r#0", [5], finish_reason="length"), EngineCoreOutput("r#1", [6])])
+    assert [(c.index, c.finish_reason) for c in first[0].outputs] == [(0, "length"), (1, None)]
+    later, _, _ = op.process([EngineCoreOutput("r#1", [7])])
+    assert later == []   # sequence 1 has 1 new token of 4; sequence 0 has nothing new
