@@ -50,7 +50,7 @@ def add_cli_args(parser: argparse.ArgumentParser):
                         help="random: lengths uniform in len * [1 - r, 1 + r] (0: exactly len)")
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times (and of the random workload)")
     parser.add_argument("--json-schemas", action="store_true",
                         help="constrain request i by JSON schema i %% 8 of bench/schemas.py (vLLM's "
                              "structured_outputs field; answers can run to their max_tokens)")
