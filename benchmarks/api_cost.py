@@ -8,6 +8,12 @@ its CPU use (1.0 = a saturated core), tokens per chunk (> 1 when the API process
 steps). --py-spy FILE also records a profile of the API process over the run (speedscope or raw by suffix).
 
     python benchmarks/api_cost.py .bench/tiny-qwen3 [--concurrency 60 --num-requests 240 --max-tokens 256]
+    python benchmarks/api_cost.py QWEN3_CONFIG_DIR --fake-core 15 --concurrency 300 --num-requests 300 \
+        --prompt-len 512 --max-tokens 128      # the API process alone at a GPU's event rate
+
+--fake-core STEP_MS: the engine core is benchmarks/fake_core.py's (no model: one token per request every
+STEP_MS, 0 = as fast as it can), so any model directory with a tokenizer and config.json will do. The
+client then also reports the gaps between chunks (ITL, ms) and tokens per chunk, as bench serve does.
 
 MODEL: a tiny random model with a real tokenizer, e.g. Qwen3-0.6B's tokenizer files and config.json with
 hidden_size 64, intermediate_size 128, 2 layers, 4 heads, 2 KV heads, head_dim 16. On a small CPU the full
@@ -33,25 +39,30 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def load(args) -> tuple[int, int, int]:
-    """Returns (completion tokens, chunks with a choice, failed requests)."""
+    """Returns (completion tokens, chunks with a choice, failed requests, gaps between a stream's chunks)."""
     import aiohttp
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 10000, size=args.prompt_len).tolist() for _ in range(args.num_requests)]
     totals = [0, 0, 0]
     pending = iter(prompts)
+    gaps = []
 
     async def worker(s):
         for prompt in pending:
             body = {"model": "model", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             async with s.post("/v1/completions", json=body) as r:
-                usage = None
+                usage, last = None, None
                 async for line in r.content:   # light parsing: the client shares the machine
                     if line.startswith(b'data: {"id"'):
                         if b'"usage"' in line:
                             usage = json.loads(line[6:])["usage"]
                         else:
                             totals[1] += 1
+                            now = time.perf_counter()
+                            if last is not None:
+                                gaps.append(now - last)
+                            last = now
                 if r.status != 200 or usage is None:
                     totals[2] += 1
                 else:
@@ -60,7 +71,7 @@ async def load(args) -> tuple[int, int, int]:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(args.base_url, connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
         await asyncio.gather(*(worker(s) for _ in range(args.concurrency)))
-    return tuple(totals)
+    return (*totals, gaps)
 
 
 def main():
@@ -74,12 +85,18 @@ def main():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--py-spy", default=None, help="record the API process into this file")
     p.add_argument("--py-spy-rate", type=int, default=250)
+    p.add_argument("--fake-core", type=float, default=None, metavar="STEP_MS",
+                   help="serve with benchmarks/fake_core.py's engine core, a step every STEP_MS")
+    p.add_argument("--serve-args", default="", help="more serve flags (e.g. '--stream-interval 4')")
     args = p.parse_args()
     args.base_url = f"http://127.0.0.1:{args.port}"
-    server = subprocess.Popen([sys.executable, "-m", "pagedllm.cli", "serve", args.model, "--port", str(args.port),
+    main_args = (["-m", "pagedllm.cli"] if args.fake_core is None else
+                 [os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_core.py")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAKE_STEP_MS": str(args.fake_core or 0)}   # no OpenMP spinning
+    server = subprocess.Popen([sys.executable, *main_args, "serve", args.model, "--port", str(args.port),
                                "--served-model-name", "model", "--log-level", "warning", "--load-format", "dummy",
-                               "--max-model-len", "4096", "--log-stats-interval", "0"],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})   # no OpenMP spinning against the API
+                               "--max-model-len", "4096", "--log-stats-interval", "0", *args.serve_args.split()],
+                              env=env)
     spy = None
     try:
         while True:
@@ -101,7 +118,7 @@ def main():
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
         cpu0, t0 = cpu_seconds(server.pid), time.perf_counter()
-        tokens, chunks, failed = asyncio.run(load(args))
+        tokens, chunks, failed, gaps = asyncio.run(load(args))
         cpu, wall = cpu_seconds(server.pid) - cpu0, time.perf_counter() - t0
     finally:
         if spy is not None:
@@ -114,7 +131,13 @@ def main():
                       "tok_s": round(tokens / wall), "api_cpu_s": round(cpu, 2), "api_cpu_use": round(cpu / wall, 2),
                       "api_us_per_token": round(cpu / tokens * 1e6, 1),
                       "api_us_per_chunk": round(cpu / chunks * 1e6, 1),
-                      "tokens_per_chunk": round(tokens / chunks, 2)}))
+                      "tokens_per_chunk": round(tokens / chunks, 2), **_gap_stats(gaps)}))
+
+
+def _gap_stats(gaps: list[float]) -> dict:
+    ms = np.array(gaps or [np.nan]) * 1e3
+    return {"itl_ms_mean": round(float(ms.mean()), 2), "itl_ms_p50": round(float(np.percentile(ms, 50)), 2),
+            "itl_ms_p99": round(float(np.percentile(ms, 99)), 2)}
 
 
 if __name__ == "__main__":

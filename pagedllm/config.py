@@ -146,6 +146,8 @@ class ServerConfig:
     engine_step_timeout: float = _f(60.0, "seconds one pass of the engine core's step loop may take (a long "
                                           "prefill, a kernel compiling) before the core counts as hung, as "
                                           "vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S: /health 503, requests fail")
+    stream_interval: int = _f(1, "streamed responses send a chunk every this many tokens (the first token and the "
+                                 "last at once); 1: a chunk for each engine step, as it ends (vLLM's)")
     log_level: str = _f("info", "log level of pagedllm and uvicorn", choices=("debug", "info", "warning", "error"))
     max_request_body_bytes: int = _f(8 << 20, "refuse (413) request bodies larger than this; 8 MiB holds a "
                                               "1M-token prompt as text or ~1M token ids as JSON")
@@ -186,6 +188,8 @@ class ServerConfig:
         _check(self.tool_call_parser in (None, *TOOL_CALL_PARSERS), "tool_call_parser",
                f"one of {TOOL_CALL_PARSERS}", self.tool_call_parser)
         _check(self.engine_step_timeout >= 2, "engine_step_timeout", ">= 2 seconds", self.engine_step_timeout)
+        _check(isinstance(self.stream_interval, int) and self.stream_interval >= 1, "stream_interval",
+               "an integer >= 1 (tokens per streamed chunk)", self.stream_interval)
 
 
 def _check(ok: bool, name: str, limit: str, value):

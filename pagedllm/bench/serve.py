@@ -1,12 +1,16 @@
 """Serving benchmark against any OpenAI-compatible server; prints one JSON line.
 
     pagedllm bench serve --base-url http://127.0.0.1:8000 --workload W1 --request-rate 16 [--max-concurrency 64]
+    pagedllm bench serve --workload random --random-input-len 512 --random-output-len 128 --num-prompts 300
 
 Each request of the workload (shared/benchmarks.md) goes to /v1/completions as token ids, streamed, with
 temperature 1.0, top_p 1.0 and ignore_eos, so it generates exactly its output length. Arrivals are a Poisson
 process at --request-rate (inf: all at once); --max-concurrency bounds the requests in flight.
-TTFT: send to the first chunk with a choice; ITL: gaps between such chunks; TPOT: (latency - TTFT) / (output
-tokens - 1) per request; output tokens are the server's usage counts.
+TTFT: send to the first chunk with a choice; ITL: gaps between consecutive such chunks of a request, as vLLM's
+client counts them (a chunk that carries several tokens is one gap); TPOT: (latency - TTFT) / (output tokens -
+1) per request; output tokens are the server's usage counts. Tokens per chunk: all output tokens / all chunks
+with a choice (mean), and the largest and 99th percentile of that ratio per request (a stream's chunks are not
+counted one by one: that would need logprobs).
 """
 import argparse
 import asyncio
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pagedllm.bench.schemas import RUN_ON_SCHEMAS
-from pagedllm.bench.workloads import WORKLOADS, build
+from pagedllm.bench.workloads import WORKLOADS, build, random_workload
 
 
 @dataclass
@@ -29,17 +33,24 @@ class RequestResult:
     latency: float = 0.0
     itls: list[float] = field(default_factory=list)
     num_output_tokens: int = 0
+    num_chunks: int = 0          # chunks with a choice
 
 
 def add_cli_args(parser: argparse.ArgumentParser):
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     parser.add_argument("--endpoint", default="/v1/completions")
     parser.add_argument("--model", default=None, help="model name in the API (default: the server's first)")
-    parser.add_argument("--workload", default="W1", choices=WORKLOADS, help="a workload of shared/benchmarks.md")
-    parser.add_argument("--num-requests", type=int, default=None, help="only the first N requests (quick runs)")
+    parser.add_argument("--workload", default="W1", choices=(*WORKLOADS, "random"),
+                        help="a workload of shared/benchmarks.md, or random (vLLM's random dataset: --random-*)")
+    parser.add_argument("--num-requests", "--num-prompts", type=int, default=None,
+                        help="only the first N requests (quick runs); random: how many (default 1000)")
+    parser.add_argument("--random-input-len", type=int, default=1024, help="random: prompt tokens")
+    parser.add_argument("--random-output-len", type=int, default=128, help="random: output tokens")
+    parser.add_argument("--random-range-ratio", type=float, default=0.0,
+                        help="random: lengths uniform in len * [1 - r, 1 + r] (0: exactly len)")
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times (and of the random workload)")
     parser.add_argument("--json-schemas", action="store_true",
                         help="constrain request i by JSON schema i %% 8 of bench/schemas.py (vLLM's "
                              "structured_outputs field; answers can run to their max_tokens)")
@@ -52,7 +63,7 @@ def main(args: argparse.Namespace):
 
 async def run(args: argparse.Namespace) -> dict:
     import aiohttp
-    w = build(args.workload)
+    w = _workload(args)
     prompts, out_lens = w.prompts[:args.num_requests], w.output_lens[:args.num_requests]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
@@ -64,6 +75,13 @@ async def run(args: argparse.Namespace) -> dict:
         results = await _send_all(s, args, model, prompts, out_lens)
         duration = time.perf_counter() - start
     return _report(args, w.name, model, prompts, results, duration)
+
+
+def _workload(args: argparse.Namespace):
+    if args.workload != "random":
+        return build(args.workload)
+    return random_workload(args.num_requests or 1000, args.random_input_len, args.random_output_len,
+                           args.random_range_ratio, args.seed)
 
 
 async def _first_model(s) -> str:
@@ -115,6 +133,7 @@ async def _request(s, endpoint, model, prompt, max_tokens, extra: dict | None = 
                     num_chunks, last = num_chunks + 1, now
         result.latency = time.perf_counter() - start
         result.num_output_tokens = result.num_output_tokens or num_chunks
+        result.num_chunks = num_chunks
         result.ok = num_chunks > 0
     except Exception as e:
         result.error = f"{type(e).__name__}: {e}"
@@ -138,6 +157,19 @@ def _report(args, workload: str, model: str, prompts, results: list[RequestResul
         report.update({f"{name}_ms_mean": round(float(ms.mean()), 2),
                        f"{name}_ms_p50": round(float(np.percentile(ms, 50)), 2),
                        f"{name}_ms_p99": round(float(np.percentile(ms, 99)), 2)})
+    report["itl_ms_max"] = round(max((x for r in ok for x in r.itls), default=0.0) * 1000, 2)
+    report.update(_chunk_stats(ok))
     if len(ok) < len(results):
         report["first_error"] = next(r.error for r in results if not r.ok)
     return report
+
+
+def _chunk_stats(ok: list[RequestResult]) -> dict:
+    """Tokens per chunk with a choice: over all chunks, and the spread of each request's own mean."""
+    chunks = sum(r.num_chunks for r in ok)
+    per_request = [r.num_output_tokens / r.num_chunks for r in ok if r.num_chunks]
+    if not chunks or not per_request:
+        return {"chunks": chunks}
+    return {"chunks": chunks, "tokens_per_chunk_mean": round(sum(r.num_output_tokens for r in ok) / chunks, 3),
+            "tokens_per_chunk_request_p99": round(float(np.percentile(per_request, 99)), 3),
+            "tokens_per_chunk_request_max": round(max(per_request), 3)}

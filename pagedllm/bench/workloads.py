@@ -1,4 +1,5 @@
-"""The benchmark workloads of shared/benchmarks.md, built exactly as specified (numpy default_rng)."""
+"""The benchmark workloads of shared/benchmarks.md, built exactly as specified (numpy default_rng), and vLLM's
+"random" dataset shape (fixed or ranged input/output lengths of random token ids) for `bench serve`."""
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +32,20 @@ def build(name: str) -> Workload:
     raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
 
 
-def _random_lengths(name, model_config, n, in_range, out_range) -> Workload:
-    rng = np.random.default_rng(0)
+def random_workload(num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0,
+                    seed: int = 0) -> Workload:
+    """vLLM's `--dataset-name random`: lengths uniform in [len * (1 - range_ratio), len * (1 + range_ratio)]
+    (exactly len by default), token ids uniform in [0, 10000) as W1-W3's (sent as ids, not text)."""
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"random_range_ratio must be in [0, 1), got {range_ratio}")
+
+    def bounds(n):
+        return max(int(n * (1 - range_ratio)), 1), max(int(n * (1 + range_ratio)), 1)
+    return _random_lengths("random", "Qwen--Qwen3-0.6B", num_prompts, bounds(input_len), bounds(output_len), seed)
+
+
+def _random_lengths(name, model_config, n, in_range, out_range, seed: int = 0) -> Workload:
+    rng = np.random.default_rng(seed)
     input_lens = rng.integers(in_range[0], in_range[1] + 1, size=n)
     output_lens = rng.integers(out_range[0], out_range[1] + 1, size=n)
     prompts = [rng.integers(0, 10000, size=int(k)).tolist() for k in input_lens]

@@ -6,7 +6,6 @@ assemble RequestOutputs (OutputProcessor), and hand each one to the request's as
 is spawned, so a script that builds an AsyncLLM needs the `if __name__ == "__main__":` guard.
 """
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -49,14 +48,16 @@ class EngineGenerateError(RuntimeError):
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_queue_length: int | None = None,
                  on_step_stats: Callable[[StepStats], None] | None = None, heartbeat_timeout: float = 5.0,
-                 step_timeout: float = 60.0, on_dead: Callable[[], None] | None = None):
+                 step_timeout: float = 60.0, on_dead: Callable[[], None] | None = None, stream_interval: int = 1):
         """max_waiting_queue_length: refuse new requests (QueueFullError) while this many sequences wait
         for their first step (None = no bound). on_step_stats: called with each step's request timings.
         heartbeat_timeout: seconds without a message from the core (its heartbeat thread sends one every
         HEARTBEAT_INTERVAL) after which it counts as stopped; step_timeout: seconds one pass of its step loop
         may take (a long prefill, a kernel compiling) before it counts as hung. Either way: not healthy,
         requests in flight fail.
-        on_dead: called once when the core process has exited (the server exits then)."""
+        on_dead: called once when the core process has exited (the server exits then).
+        stream_interval: a streamed (DELTA or CUMULATIVE) request's outputs come every this many tokens (the
+        first token and the finish at once); 1: one output per step."""
         model = resolve_model(config)   # the config's errors, before a process starts
         self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=True)
         self.core = CoreClient(config)
@@ -64,7 +65,7 @@ class AsyncLLM:
         self.tokenizer = load_engine_tokenizer(config)   # while the core loads the model
         self.input_processor = InputProcessor.for_engine(config, self.tokenizer, model.hf_config.vocab_size,
                                                          self.max_model_len, self.core.wait_ready())
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer, stream_interval)
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.on_step_stats = on_step_stats
@@ -75,12 +76,14 @@ class AsyncLLM:
         self.closing = False                          # shutting down: the core's exit is expected
         self.last_heartbeat = time.monotonic()        # of the last message from the core
         self.core_stall = 0.0                         # its step loop's time in one pass, as of that message
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, OutputQueue] = {}
         self._unscheduled: set[str] = set()           # sequences not yet in any step: the waiting queue
         self._stats_waiters: deque[asyncio.Future] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.Task | None = None
         self._num_stale_stats = 0                     # replies still due to failed get_stats() calls
+        self._steps: deque[tuple] = deque()           # ("outputs", rows, StepStats) read, not yet processed
+        self._step_scheduled = False                  # _process_next_step is due on the event loop
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams,
@@ -91,7 +94,7 @@ class AsyncLLM:
         closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
         must abort() the request itself."""
         q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt)
-        return self._outputs(request_id, q, output_kind)
+        return self._outputs(request_id, q)
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
                        output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
@@ -99,15 +102,13 @@ class AsyncLLM:
         async for out in self.add_request(request_id, prompt, sampling_params, output_kind):
             yield out
 
-    async def _outputs(self, request_id: str, q: asyncio.Queue, kind: OutputKind) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, request_id: str, q: "OutputQueue") -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
+                # One output per step, never merged: a stream's chunk carries one step's tokens
+                # (--stream-interval N buffers N tokens in the output processor instead).
                 out = await q.get()
-                while not q.empty() and not isinstance(out, BaseException):
-                    # A consumer that fell behind gets one output for several steps: less work per token
-                    # just when the API process is the bottleneck.
-                    out = _merge(out, q.get_nowait(), kind)
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
@@ -117,7 +118,7 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind,
-                     cache_salt: str | None = None) -> asyncio.Queue:
+                     cache_salt: str | None = None) -> "OutputQueue":
         self.attach()
         self._check_alive()
         if request_id in self.output_processor.parents:
@@ -126,7 +127,7 @@ class AsyncLLM:
         req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
-        q = self._queues[request_id] = asyncio.Queue()
+        q = self._queues[request_id] = OutputQueue()
         self._unscheduled.update(r.request_id for r in req.core_requests)
         self.core.send(("add", req.core_requests))
         return q
@@ -227,7 +228,7 @@ class AsyncLLM:
                     self.core_stall = msg[1]
                 elif msg[0] == "outputs":
                     self.core_stall = 0.0
-                    self._process_outputs([EngineCoreOutput(*row) for row in msg[1]], msg[2])
+                    self._steps.append(msg)
                 elif msg[0] == "stats":
                     if self._num_stale_stats:   # the reply to a call failed while the core was silent
                         self._num_stale_stats -= 1
@@ -237,6 +238,25 @@ class AsyncLLM:
                         fut.set_result(msg[1])
         except (EOFError, OSError):
             self._on_core_exit()
+            return
+        if self._steps and not self._step_scheduled:
+            self._process_next_step()
+
+    def _process_next_step(self):
+        """One step's outputs, then the event loop's turn: the streams write that step's chunks before the
+        next step is processed. The pipe itself is read empty at once (_on_readable), so a core that runs
+        ahead of this process never blocks on a full pipe; a lagging API process sends every step's chunk
+        late by the same amount instead of several steps' chunks in one burst."""
+        self._step_scheduled = False
+        if not self._steps:
+            return
+        msg = self._steps.popleft()
+        try:
+            self._process_outputs([EngineCoreOutput(*row) for row in msg[1]], msg[2])
+        finally:
+            if self._steps:
+                self._step_scheduled = True
+                self._loop.call_soon(self._process_next_step)
 
     def _process_outputs(self, core_outputs, stats: StepStats):
         self._unscheduled.difference_update(stats.first_scheduled_ids)
@@ -271,6 +291,8 @@ class AsyncLLM:
     def _on_core_exit(self):
         if self.dead:
             return   # seen already (the pipe's EOF, or the watchdog)
+        while self._steps:   # what it sent before it exited reaches the streams first
+            self._process_next_step()
         self.core.process.join(timeout=1)   # the pipe closes as it dies: its exit code comes a moment later
         code = self.core.process.exitcode
         if self.closing:
@@ -297,17 +319,27 @@ class AsyncLLM:
                 fut.set_exception(error)
 
 
-def _merge(a: RequestOutput, b, kind: OutputKind):
-    """b came after a. DELTA outputs concatenate per sequence; the others are snapshots: b wins."""
-    if isinstance(b, BaseException) or kind != OutputKind.DELTA:
-        return b
-    merged = {c.index: c for c in a.outputs}
-    for c in b.outputs:
-        prev = merged.get(c.index)
-        if prev is None:
-            merged[c.index] = c
-            continue
-        logprobs = None if prev.logprobs is None else prev.logprobs + (c.logprobs or [])
-        merged[c.index] = dataclasses.replace(c, text=prev.text + c.text, token_ids=prev.token_ids + c.token_ids,
-                                              logprobs=logprobs)
-    return dataclasses.replace(b, outputs=sorted(merged.values(), key=lambda c: c.index))
+class OutputQueue:
+    """One request's outputs (or the error that ends it), in order, for its one consumer: asyncio.Queue's
+    put_nowait and get without its bound and its many-consumer bookkeeping (this runs once a step a stream)."""
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: deque = deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item):
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self):
+        items = self.items
+        while not items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return items.popleft()

@@ -49,7 +49,10 @@ class _ParentRequest:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.seqs)
+        seqs = self.seqs
+        if len(seqs) == 1:   # the common case, once per step per request
+            return seqs[0].finish_reason is not None
+        return all(s.finish_reason is not None for s in seqs)
 
 
 def child_request_id(request_id: str, index: int, n: int) -> str:
@@ -57,8 +60,11 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, stream_interval: int = 1):
+        """stream_interval: a DELTA or CUMULATIVE request's output comes once this many new tokens have
+        gathered (vLLM's --stream-interval), the first token and the finish at once; 1 = every step."""
         self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
         # A logprob's token text: tokenizer.decode([id]), which cleans up spaces where the tokenizer says so;
         # None without a tokenizer (skip_tokenizer_init).
         self._decode_token = (
@@ -118,10 +124,11 @@ class OutputProcessor:
             updated[parent.request_id] = parent
         results = []
         for parent in updated.values():
-            ro = self._make_output(parent)
+            finished = parent.finished
+            ro = self._make_output(parent, finished)
             if ro is not None:
                 results.append(ro)
-            if parent.finished:
+            if finished:
                 parent.metrics.finished_time = now
                 if stats is not None:
                     stats.finished.append(_finished_stats(parent, now))
@@ -166,23 +173,39 @@ class OutputProcessor:
                 entry[tid] = Logprob(value, lp.rank if rank == 0 else rank, self._decode_token([tid]))
         return entry
 
-    def _make_output(self, parent: _ParentRequest) -> RequestOutput | None:
+    def _make_output(self, parent: _ParentRequest, finished: bool) -> RequestOutput | None:
         if parent.num_returned is not None:
-            return self._best_of_output(parent)
-        if parent.kind == OutputKind.FINAL and not parent.finished:
+            return self._best_of_output(parent, finished)
+        kind = parent.kind
+        if kind is OutputKind.FINAL and not finished:
             return None
-        delta = parent.kind == OutputKind.DELTA
-        completions = [self._completion(s, delta) for s in parent.seqs if not (delta and s.finish_sent)]
-        if delta:   # only sequences with something new
-            completions = [c for c in completions if c.token_ids or c.text or c.finish_reason]
+        seqs = parent.seqs
+        if self.stream_interval > 1 and not any(self._due(s) for s in seqs):
+            return None
+        if kind is OutputKind.DELTA:   # only sequences with something new
+            completions = []
+            for s in seqs:
+                if s.finish_sent or (self.stream_interval > 1 and not self._due(s)):
+                    continue
+                c = self._completion(s, True)
+                if c.token_ids or c.text or c.finish_reason:
+                    completions.append(c)
+        else:
+            completions = [self._completion(s, False) for s in seqs]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
-                             completions, parent.finished, parent.metrics, parent.num_cached_tokens)
+                             completions, finished, parent.metrics, parent.num_cached_tokens)
 
-    def _best_of_output(self, parent: _ParentRequest) -> RequestOutput | None:
+    def _due(self, seq: _Sequence) -> bool:
+        """Whether the sequence's new tokens go out now: always with stream_interval 1; else its first token
+        (time to first token is not delayed), every stream_interval tokens, and its finish."""
+        return not seq.finish_sent and (seq.finish_reason is not None or seq.num_sent_tokens == 0
+                                         or len(seq.token_ids) - seq.num_sent_tokens >= self.stream_interval)
+
+    def _best_of_output(self, parent: _ParentRequest, finished: bool) -> RequestOutput | None:
         """best_of > n: once all have finished, the n of highest cumulative logprob, best first, as indexes
         0..n-1 (which are best is known only at the end, so this comes once, whatever the output kind).
         A failed request returns its first n: every one ends with "error"."""
-        if not parent.finished:
+        if not finished:
             return None
         seqs = parent.seqs
         if not any(s.finish_reason == "error" for s in seqs):

@@ -5,6 +5,7 @@ supervisor restarts it, as vLLM's does); a stopped or hung core makes /health 50
 SIGINT or SIGTERM stops it cleanly: requests in flight finish (or end with an error after STOP_GRACE_SECONDS),
 the core is shut down, exit code 0.
 """
+import gc
 import logging
 import os
 import secrets
@@ -34,6 +35,12 @@ from pagedllm.server.serving import ServingContext
 logger = logging.getLogger("pagedllm")
 API_KEY_ENV = "PAGEDLLM_API_KEY"
 STOP_GRACE_SECONDS = 5   # after a stop signal, for the requests in flight to finish
+# Young-generation size of the garbage collector (CPython's default: 700 allocations). A stream allocates a few
+# containers per token event (outputs, chunks, frames) and its request holds prompt-sized lists that each
+# collection of an older generation walks: with 300 streams the default ran ~40 young collections and ~10
+# middle ones a second (1-17 ms each) and full ones of up to 170 ms, ~20% of the API process's CPU; at 20,000
+# a young collection comes every few seconds (benchmarks/api_cost.py --fake-core, traced with benchmarks/trace).
+API_GC_THRESHOLD = 20_000
 
 
 def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig, api_key: str | None) -> FastAPI:
@@ -201,7 +208,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
     engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
                       heartbeat_timeout=server_config.engine_heartbeat_timeout,
                       step_timeout=server_config.engine_step_timeout,
-                      on_dead=lambda: server.on_core_death())
+                      on_dead=lambda: server.on_core_death(), stream_interval=server_config.stream_interval)
     ctx = ServingContext(engine, metrics.model_name, chat_template, server_config.tool_call_parser,
                          server_config.enable_auto_tool_choice)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
@@ -210,6 +217,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
     logger.info("serving %s at %s://%s:%d%s (API key %s)", ctx.model_name, scheme, server_config.host,
                 server_config.port, server_config.root_path or "", "required" if api_key else "off")
     freeze_gc()
+    gc.set_threshold(API_GC_THRESHOLD, 10, 10)
     server = Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                    log_level=server_config.log_level, timeout_keep_alive=30,
                                    timeout_graceful_shutdown=STOP_GRACE_SECONDS + 5,

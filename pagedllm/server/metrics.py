@@ -5,6 +5,9 @@ tier below the GPU: hits, misses, bytes and transfer time) is read from
 the core when scraped, so a scrape reflects every abort sent before it. Request latencies come from each
 step's StepStats as the API process handles it.
 """
+import bisect
+import collections
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -33,12 +36,9 @@ class ServerMetrics:
                                labels + ["finished_reason"], registry=r)
 
     def record(self, step: StepStats):
-        for value in step.queue_times:
-            self.queue.observe(value)
-        for value in step.time_to_first_tokens:
-            self.ttft.observe(value)
-        for value in step.inter_token_latencies:
-            self.itl.observe(value)
+        observe_all(self.queue, step.queue_times)
+        observe_all(self.ttft, step.time_to_first_tokens)
+        observe_all(self.itl, step.inter_token_latencies)   # one a streaming request, every step
         for f in step.finished:
             self.e2e.observe(f.e2e_latency)
             for reason in f.finish_reasons:
@@ -47,6 +47,20 @@ class ServerMetrics:
     def render(self, stats: SchedulerStats) -> bytes:
         self.stats = stats
         return generate_latest(self.registry)
+
+
+def observe_all(histogram, values: list[float]):
+    """histogram.observe(v) for each v, bucket counts added once per step: observe() takes a lock and walks the
+    bounds in Python for each value (~3 us; 300 streams at a 10 ms step are 30,000 a second)."""
+    bounds, buckets, total = getattr(histogram, "_upper_bounds", None), getattr(histogram, "_buckets", None), \
+        getattr(histogram, "_sum", None)
+    if len(values) < 4 or bounds is None or buckets is None or total is None:   # another prometheus_client
+        for value in values:
+            histogram.observe(value)
+        return
+    for i, count in collections.Counter(bisect.bisect_left(bounds, v) for v in values).items():
+        buckets[i].inc(count)   # bisect_left: the first bound >= v, observe()'s `amount <= bound`
+    total.inc(sum(values))
 
 
 class _EngineCollector:
