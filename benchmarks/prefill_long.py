@@ -123,7 +123,10 @@ def plan_builds():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", action="store_true", help="also time library kernels")
+    parser.add_argument("--plans", action="store_true", help="time cuDNN's plan builds for new shapes, then stop")
     args = parser.parse_args()
+    if args.plans:
+        return plan_builds()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}")
     if args.probe:
         for op in ("_flash_attention_forward", "_cudnn_attention_forward"):
