@@ -11,7 +11,14 @@ pipelines). So a row with at least LONG_QUERY_LEN new tokens, in a step that run
 
 cuDNN aligns the causal mask top-left, which is right only for the square part; hence two calls. The Triton
 prefill kernel skips these rows (it reads the same threshold). Steps inside CUDA graphs keep the Triton kernels
-(the routing is a host decision; graphs replay one). PAGEDLLM_CUDNN_PREFILL=0 turns the path off (A/B runs).
+(the routing is a host decision; graphs replay one).
+
+Off unless PAGEDLLM_CUDNN_PREFILL=1. cuDNN builds an execution plan for every new (query, key) shape: 55-70 ms
+each on the H200 (1.3 s for the first), and a chunked long prompt brings new shapes nearly every step. W4-prefill
+took 12.65 s with this path against 11.60 s without (W4: 20.4 against 18.3), though each call runs at 560-610
+TFLOP/s once planned. Shorter rows lose even when planned (host cost per call: fresh 4k prompts 205 TFLOP/s
+against the Triton kernel's 310; it wins from 8k fresh, or 2k new tokens after 28k cached). Next: pad queries
+and split the context into a few fixed key lengths so that plans repeat.
 """
 import functools
 import os
@@ -75,7 +82,7 @@ def _merge(out, a, lse_a, b, lse_b) -> None:
 
 def _usable(q: torch.Tensor) -> bool:
     return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
-            and os.environ.get("PAGEDLLM_CUDNN_PREFILL", "1") != "0" and _cudnn_on_hopper(q.device))
+            and os.environ.get("PAGEDLLM_CUDNN_PREFILL", "0") == "1" and _cudnn_on_hopper(q.device))
 
 
 @functools.cache
