@@ -9,8 +9,8 @@ it they are recomputed. One JSON line per returning turn, then a summary line:
     python benchmarks/returning_conversation.py --model .device/models/meta-llama--Llama-3.1-8B-Instruct
 
 The tier engine then runs one more conversation (other seeds) for each --ab setting of runner/kv_offload
-(OVERLAP_LOADS=0: loads after the step's stores on one stream; COPY_CHUNK_BLOCKS=16: the old chunk), to compare
-in the same process. Weights are dummy; max_num_seqs 16 (one request at a time: fewer graphs to capture).
+(COPY_CHUNK_BLOCKS=16: the old chunk), to compare in the same process. Weights are dummy; max_num_seqs 16
+(one request at a time: fewer graphs to capture).
 Figures: load GB/s = bytes of KV loaded / copy-stream time of the loads (pinned host -> GPU scratch -> blocks).
 The returning step also stores the blocks it evicts (other traffic's) to the CPU tier before its loads, on
 the same copy stream: stored_blocks and store_s show that part.
@@ -39,7 +39,7 @@ def main():
                         help="GPU KV blocks (default: one returning conversation + 1/16)")
     parser.add_argument("--cpu-tier-gb", type=float, default=8.0, help="cpu_offload_gb of the tier run")
     parser.add_argument("--modes", default="cpu,recompute")
-    parser.add_argument("--ab", default="OVERLAP_LOADS=0,COPY_CHUNK_BLOCKS=16",
+    parser.add_argument("--ab", default="COPY_CHUNK_BLOCKS=16",
                         help="kv_offload settings, each for one more tier conversation ('': none)")
     add_engine_args(parser)
     parser.set_defaults(load_format="dummy", max_model_len=32768, max_num_seqs=16)
@@ -58,7 +58,7 @@ def main():
         pool = llm.engine.runner.kv_offload.pool if mode == "cpu" else None
         settings = [""] + ([a for a in args.ab.split(",") if a] if mode == "cpu" else [])
         for k, setting in enumerate(settings):
-            defaults = {name: getattr(kv_offload, name) for name in ("OVERLAP_LOADS", "COPY_CHUNK_BLOCKS")}
+            defaults = {name: getattr(kv_offload, name) for name in ("COPY_CHUNK_BLOCKS",)}
             if setting:
                 name, value = setting.split("=")
                 setattr(kv_offload, name, type(defaults[name])(int(value)))

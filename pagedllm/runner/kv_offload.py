@@ -15,18 +15,12 @@ One step's KVTransfers, in this order, so that every read sees the bytes the sch
   4. disk reads into their slots, verified (a later step loads them; a read of a block written in 3
      waits for that write)
   5. copy loaded slots (swap in, CPU tier hits) into their new GPU blocks; the forward waits for them
-On CUDA, 3 runs on a store stream and 5 on a load stream, after the work already queued on the compute stream
-and on each other (earlier steps). Each goes through a GPU scratch buffer of at most COPY_CHUNK_BLOCKS blocks,
-chunk after chunk, so the memory they take outside the profiled step is bounded (the memory profile reserves
-both). Within a step, 5 waits only for what it must: a loaded chunk's GPU blocks for the gather of the stores
-that read them (the blocks a step loads into are usually the ones it evicts), its slots for the host copy of the
-stores that wrote them. The stores are ordered as the loads will overwrite their blocks, so device -> host and
-host -> device copies run at once (PCIe is full duplex): a returning conversation evicts about as much as it
-loads. OVERLAP_LOADS = False puts 5 on the store stream, after 3 (A/B: benchmarks/returning_conversation.py).
+On CUDA, 3 and 5 run on a copy stream of their own, after the work already queued on the compute stream.
+3 and 5 go through a GPU scratch buffer of at most COPY_CHUNK_BLOCKS blocks, chunk after chunk on the copy
+stream, so the memory they take outside the profiled step is bounded (the memory profile reserves it).
 """
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,19 +34,15 @@ from pagedllm.sample.host_copy import to_device
 # Blocks per copy between the GPU KV cache and the CPU pool: the size of the copies' GPU scratch buffer, however
 # many blocks a step moves. At block_size 16 in bf16 a block is 2 MiB for Llama-3-8B (32 layers, 8 KV heads of
 # 128) and 5 MiB for Llama-3-70B (80 layers): 128 and 320 MiB, under 0.3% of an H200. Each chunk costs the host
-# 1-2 launches a layer (the gather or scatter of each layer's K/V), ~0.5 ms of Python at 32 layers, about what
-# 16 blocks' 32 MiB take over PCIe, and each chunk's block indices came from pageable memory, whose copy waits
-# for the stream (now pinned): W3's CPU-tier loads ran at 48.6 GB/s with one copy a step and 39.9 with 16-block
-# chunks (H200). 64 blocks make the copies the longer part. A returning 30k-token conversation loads ~1,900
-# blocks in one step (benchmarks/returning_conversation.py).
+# 1-2 launches a layer: a returning 30k-token conversation (1,878 blocks loaded in one step) came back in 0.294 s
+# at 42.1 GB/s with 16-block chunks, 0.233 s at 48.0 GB/s with 64 (H200, benchmarks/returning_conversation.py).
 COPY_CHUNK_BLOCKS = 64
-OVERLAP_LOADS = True   # loads on their own stream, overlapping the same step's stores (see the docstring)
 
 
 def copy_scratch_bytes(block_bytes: int, num_layers: int) -> int:
-    """The most GPU memory the tier copies hold at once: one chunk for the stores and one for the loads, and
-    the one layer of a chunk that get_kv_from_block selects before placing it."""
-    return -(-COPY_CHUNK_BLOCKS * block_bytes * (2 * num_layers + 1) // num_layers)
+    """The most GPU memory the tier copies hold at once: one chunk, and the one layer of it that
+    get_kv_from_block selects before placing it."""
+    return -(-COPY_CHUNK_BLOCKS * block_bytes * (num_layers + 1) // num_layers)
 
 
 def get_kv_from_block(kv_caches: list[torch.Tensor], block_ids, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,31 +94,22 @@ class KVOffload:
             self.disk = DiskStore(config.kv_disk_dir, identity, block_bytes)
             self.sizes.num_disk_blocks = _num_blocks(config.kv_disk_gb, self.disk.file_bytes, "kv_disk_gb")
             self.sizes.disk_hashes, self.sizes.num_invalid_files = self.disk.scan()
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None        # stores, disk
-        self.load_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._timings: list = []   # (tier, "store" | "load", start event, end event) not yet read back
 
     def execute(self, t: KVTransfers) -> KVTransferResult:
         result = KVTransferResult()
-        if self.stream is not None:
-            if t.disk_ops or t.disk_reads:
-                self.stream.synchronize()
-                self.load_stream.synchronize()
-            # Earlier steps' copies first: a slot a load read may be stored into now, a stored slot loaded.
-            self.stream.wait_stream(self.load_stream)
-            self.load_stream.wait_stream(self.stream)
+        if self.stream is not None and (t.disk_ops or t.disk_reads):
+            self.stream.synchronize()
         to_disk = self._queue_disk_ops(t.disk_ops)
-        loads = [("swap", sorted(t.swap_in)), ("cpu", sorted(t.cpu_load))]   # by slot: one copy per run
-        stores = StoreEvents()
         if t.swap_out or t.cpu_store or to_disk:
-            rank = {b: i for i, (_, b) in enumerate(p for _, pairs in loads for p in pairs)}
-            stores = self._store(t, to_disk, rank)
+            self._store(t, to_disk)
         if t.disk_reads:
             start = time.perf_counter()
             result.failed_reads = self.disk.read_many([(h, self._slot_bytes(s)) for h, s in t.disk_reads])
             result.load_seconds["disk"] = time.perf_counter() - start
         if t.swap_in or t.cpu_load:
-            self._load(loads, stores)
+            self._load(t)
         if self.disk is not None:
             result.store_seconds["disk"] = self.disk.take_write_seconds()
         self._read_timings(result)
@@ -162,53 +143,48 @@ class KVOffload:
         return self.pool[slot].view(-1).view(torch.uint8).numpy()
 
     # ---- GPU <-> CPU ----------------------------------------------------------------------------------------
-    def _store(self, t: KVTransfers, to_disk: list[tuple[int, PendingPayload]], rank: dict[int, int]) -> "StoreEvents":
-        # (tier, chunk of (GPU block, destination)): a pool slot, or a row of `host` for the disk writes. In the
-        # order this step's loads overwrite the blocks (rank), then by slot: consecutive slots make one copy.
-        def order(pairs):
-            return sorted(pairs, key=lambda p: (rank.get(p[0], len(rank)), p[1]))
+    def _store(self, t: KVTransfers, to_disk: list[tuple[int, PendingPayload]]):
+        # (tier, chunk of (GPU block, destination)): a pool slot, or a row of `host` for the disk writes.
+        # Sorted by slot: consecutive slots make one copy each (a prefix is evicted tail first).
         chunks = [(tier, c) for tier, pairs in (("swap", t.swap_out), ("cpu", t.cpu_store)) if pairs
-                  for c in _chunks(order(pairs))]
+                  for c in _chunks(sorted(pairs, key=lambda p: p[1]))]
         chunks += [("disk", c) for c in _chunks([(b, i) for i, (b, _) in enumerate(to_disk)])]
         if to_disk:
             host = torch.empty((len(to_disk), self.pool[0].numel()), dtype=self.pool.dtype,
                                pin_memory=self.stream is not None)
-        done = StoreEvents()
-        with self._on_copy_stream(self.stream) as forward_waits_for:
+        with self._on_copy_stream() as forward_waits_for:
             scratch = self._scratch(max(len(c) for _, c in chunks))
             for k, (tier, chunk) in enumerate(chunks):
                 kv = get_kv_from_block(self.kv_caches, [b for b, _ in chunk], scratch[:len(chunk)])
-                done.gathered.append(self._record(self.stream))
-                done.block_chunk.update((b, k) for b, _ in chunk)
+                if k == len(chunks) - 1:   # every block leaving is read: the forward may overwrite them
+                    forward_waits_for.append(self._record())
                 if tier == "disk":
                     first = chunk[0][1]
                     host[first:first + len(chunk)].copy_(kv.view(len(chunk), -1), non_blocking=True)
-                else:
-                    with self._timed(tier, "store", self.stream):
-                        for i, slot, n in _runs([s for _, s in chunk]):
-                            self.pool[slot:slot + n].copy_(kv[i:i + n], non_blocking=True)
-                    done.slot_chunk.update((s, k) for _, s in chunk)
-                done.copied.append(self._record(self.stream))
-            forward_waits_for.append(done.gathered[-1])   # every block leaving is read: the forward may overwrite
+                    continue
+                with self._timed(tier, "store"):
+                    for i, slot, n in _runs([s for _, s in chunk]):
+                        self.pool[slot:slot + n].copy_(kv[i:i + n], non_blocking=True)
             if to_disk:
+                copied = self._record()
                 for i, (_, payload) in enumerate(to_disk):
-                    payload.fill(host[i].view(torch.uint8).numpy(), done.copied[-1])
-        return done
+                    payload.fill(host[i].view(torch.uint8).numpy(), copied)
 
-    def _load(self, loads: list[tuple[str, list[tuple[int, int]]]], stores: "StoreEvents"):
-        stream = self.load_stream if OVERLAP_LOADS else self.stream
-        with self._on_copy_stream(stream) as forward_waits_for:
-            staging = self._scratch(max(len(pairs) for _, pairs in loads))
-            for tier, pairs in loads:
+    def _load(self, t: KVTransfers):
+        with self._on_copy_stream() as forward_waits_for:
+            staging = self._scratch(max(len(t.swap_in), len(t.cpu_load)))
+            for tier, pairs in (("swap", t.swap_in), ("cpu", t.cpu_load)):
                 if pairs:
-                    with self._timed(tier, "load", stream):
-                        for chunk in _chunks(pairs):
-                            stores.wait(stream, chunk)
-                            kv = staging[:len(chunk)]
-                            for i, slot, n in _runs([s for s, _ in chunk]):
-                                kv[i:i + n].copy_(self.pool[slot:slot + n], non_blocking=True)
-                            put_kv_into_block(self.kv_caches, [b for _, b in chunk], kv)
-            forward_waits_for.append(self._record(stream))
+                    with self._timed(tier, "load"):
+                        self._load_pairs(pairs, staging)
+            forward_waits_for.append(self._record())
+
+    def _load_pairs(self, pairs: list[tuple[int, int]], staging: torch.Tensor):
+        for chunk in _chunks(sorted(pairs)):   # by slot: consecutive slots make one copy each
+            kv = staging[:len(chunk)]
+            for i, slot, n in _runs([s for s, _ in chunk]):
+                kv[i:i + n].copy_(self.pool[slot:slot + n], non_blocking=True)
+            put_kv_into_block(self.kv_caches, [b for _, b in chunk], kv)
 
     def _scratch(self, num_blocks: int) -> torch.Tensor:
         """The GPU buffer that the chunks of one call's copies pass through in turn. Allocated on the copy
@@ -218,39 +194,38 @@ class KVOffload:
                            device=cache.device)
 
     @contextmanager
-    def _on_copy_stream(self, stream):
-        """On CUDA: the block runs on `stream` after the work queued on the compute stream, which then waits
-        for the events the block lists (and for nothing else)."""
-        if stream is None:
+    def _on_copy_stream(self):
+        """On CUDA: the block runs on the copy stream after the work queued on the compute stream, which
+        then waits for the events the block lists (and for nothing else)."""
+        if self.stream is None:
             yield []
             return
-        main = torch.cuda.current_stream(stream.device)
-        stream.wait_stream(main)
+        main = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(main)
         waits = []
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(self.stream):
             yield waits
         for event in waits:
             main.wait_event(event)
 
     # ---- timing: CUDA events on the copy stream, read back once they have completed ---------------------------
-    @staticmethod
-    def _record(stream):
-        if stream is None:
+    def _record(self):
+        if self.stream is None:
             return None
         event = torch.cuda.Event(enable_timing=True)
-        event.record(stream)
+        event.record(self.stream)
         return event
 
     @contextmanager
-    def _timed(self, tier: str, kind: str, stream):
-        if stream is None:
+    def _timed(self, tier: str, kind: str):
+        if self.stream is None:
             start = time.perf_counter()
             yield
             self._timings.append((tier, kind, time.perf_counter() - start, None))
             return
-        start = self._record(stream)
+        start = self._record()
         yield
-        self._timings.append((tier, kind, start, self._record(stream)))
+        self._timings.append((tier, kind, start, self._record()))
 
     def _read_timings(self, result: KVTransferResult):
         pending = []
@@ -265,27 +240,6 @@ class KVOffload:
             into = result.store_seconds if kind == "store" else result.load_seconds
             into[tier] = into.get(tier, 0.0) + seconds
         self._timings = pending
-
-
-@dataclass
-class StoreEvents:
-    """Where one step's stores stand on the store stream, for its loads: an event after each chunk's gather
-    (its GPU blocks may be overwritten from then on) and after its host copy (its slots hold the bytes)."""
-    gathered: list = field(default_factory=list)
-    copied: list = field(default_factory=list)
-    block_chunk: dict[int, int] = field(default_factory=dict)   # GPU block read -> its chunk
-    slot_chunk: dict[int, int] = field(default_factory=dict)    # pool slot written -> its chunk
-
-    def wait(self, stream, chunk: list[tuple[int, int]]):
-        """`stream` (loads) waits until the (slot, GPU block) pairs of `chunk` may be copied."""
-        if stream is None:
-            return
-        k = max((self.block_chunk.get(b, -1) for _, b in chunk), default=-1)
-        if k >= 0:
-            stream.wait_event(self.gathered[k])
-        k = max((self.slot_chunk.get(s, -1) for s, _ in chunk), default=-1)
-        if k >= 0:
-            stream.wait_event(self.copied[k])
 
 
 def _chunks(pairs: list) -> list[list]:

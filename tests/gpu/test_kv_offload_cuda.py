@@ -15,12 +15,7 @@ pytestmark = pytest.mark.gpu
 
 def test_swap_cpu_tier_and_disk_copies_on_cuda(tmp_path):
     layers, blocks, bs, heads, dim = 4, 64, 16, 8, 128
-    caches = allocate_kv_caches(layers, blocks, bs, heads, dim, torch.bfloat16, torch.device("cuda"))
-    for c in caches:
-        c.normal_()
-    block_bytes = bytes_per_block(layers, bs, heads, dim, torch.bfloat16)
-    LlamaConfig(hidden_size=heads * 2 * dim, num_attention_heads=heads * 2, num_key_value_heads=heads,
-                num_hidden_layers=layers).to_json_file(tmp_path / "config.json")
+    caches, block_bytes = _noisy_caches(tmp_path, layers, blocks, bs, heads, dim)
     config = EngineConfig(model=str(tmp_path), block_size=bs, preemption_mode="swap",
                           swap_space=32 * block_bytes / 2**30, cpu_offload_gb=32 * block_bytes / 2**30,
                           kv_disk_dir=str(tmp_path / "disk"), load_format="dummy")
@@ -59,20 +54,13 @@ def test_preemption_modes_on_cuda_match_recompute(tiny_model_dirs, tmp_path, mod
     assert stats.num_preemptions > 0 and sum(t.hits for t in stats.kv_tiers.values()) > 0
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_one_step_storing_and_loading_the_same_blocks(tmp_path, monkeypatch, overlap):
+def test_one_step_storing_and_loading_the_same_blocks(tmp_path, monkeypatch):
     """A returning conversation's step: its loads go into the very GPU blocks its stores evict (a permutation
-    of them), and one load reads a slot this step stores into. Many chunks, loads on their own stream."""
+    of them), and one load reads a slot this step stores into. Many chunks."""
     from pagedllm.runner import kv_offload
     monkeypatch.setattr(kv_offload, "COPY_CHUNK_BLOCKS", 8)
-    monkeypatch.setattr(kv_offload, "OVERLAP_LOADS", overlap)
     layers, blocks, bs, heads, dim, n = 4, 300, 16, 8, 128, 200
-    caches = allocate_kv_caches(layers, blocks, bs, heads, dim, torch.bfloat16, torch.device("cuda"))
-    for c in caches:
-        c.normal_()
-    block_bytes = bytes_per_block(layers, bs, heads, dim, torch.bfloat16)
-    LlamaConfig(hidden_size=heads * 2 * dim, num_attention_heads=heads * 2, num_key_value_heads=heads,
-                num_hidden_layers=layers).to_json_file(tmp_path / "config.json")
+    caches, block_bytes = _noisy_caches(tmp_path, layers, blocks, bs, heads, dim)
     config = EngineConfig(model=str(tmp_path), block_size=bs, cpu_offload_gb=(2 * n + 8) * block_bytes / 2**30,
                           load_format="dummy")
     off = KVOffload(config, LlamaConfig.from_pretrained(tmp_path), caches, block_bytes)
@@ -88,3 +76,13 @@ def test_one_step_storing_and_loading_the_same_blocks(tmp_path, monkeypatch, ove
     assert torch.equal(off.pool[n:2 * n].cuda(), gpu_before)          # stores read the blocks before the loads
     assert torch.equal(get_kv_from_block(caches, target), pool_before.cuda())
     assert torch.equal(get_kv_from_block(caches, other), gpu_before[7])   # a slot stored, then loaded
+
+
+def _noisy_caches(tmp_path, layers, blocks, bs, heads, dim):
+    """bf16 KV caches of noise on CUDA, their block size in bytes, and a Llama config of that shape in tmp_path."""
+    caches = allocate_kv_caches(layers, blocks, bs, heads, dim, torch.bfloat16, torch.device("cuda"))
+    for c in caches:
+        c.normal_()
+    LlamaConfig(hidden_size=heads * 2 * dim, num_attention_heads=heads * 2, num_key_value_heads=heads,
+                num_hidden_layers=layers).to_json_file(tmp_path / "config.json")
+    return caches, bytes_per_block(layers, bs, heads, dim, torch.bfloat16)
