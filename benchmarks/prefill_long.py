@@ -9,7 +9,6 @@ peak, and its relative error against pagedllm's Triton kernel. --probe also time
 contiguous or gathered K/V (PyTorch's SDPA backends and its varlen flash / cuDNN ops) to pick a path.
 """
 import argparse
-import os
 import sys
 import time
 import traceback
@@ -21,8 +20,9 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
 from attention_cases import make_batch, rel_error
+from attention_kernels import attention_flops
 
-from pagedllm.attention import triton_backend
+from pagedllm.attention import cudnn_prefill, triton_backend
 
 PEAK_TFLOPS = 989.0      # H100/H200 SXM dense bf16 tensor-core peak
 
@@ -40,11 +40,6 @@ def cases():
     yield "fresh 16k Llama-8B", [(16384, 16384)], 32, 8, 128
     yield "chunk 8k after 24k Llama-8B", [(32768, 8192)], 32, 8, 128
     yield "fresh 16k hd64", [(16384, 16384)], 32, 8, 64
-
-
-def attention_flops(rows, hq, head_dim) -> float:
-    pairs = sum(q * (s - q) + q * (q + 1) / 2 for s, q in rows)
-    return 4 * pairs * head_dim * hq
 
 
 def gathered_kv(batch, rows):
@@ -161,21 +156,21 @@ def main():
 
         def ours(q=batch.q):
             return triton_backend.paged_attention(q, batch.kv_cache, batch.meta, scale)
-        os.environ["PAGEDLLM_CUDNN_PREFILL"] = "0"
+        cudnn_prefill.ENABLED = False
         ref = report("triton kernel only", ours, None)
-        os.environ["PAGEDLLM_CUDNN_PREFILL"] = "1"
+        cudnn_prefill.ENABLED = True
         report("pagedllm (cuDNN for long rows)", ours, ref)
         if args.probe:
             # q as the model has it: a view of the fused qkv projection's output
             qkv = torch.cat([batch.q.flatten(1), batch.k.flatten(1), batch.v.flatten(1)], dim=1)
             report("pagedllm, q a view of qkv", lambda: ours(qkv[:, :hq * head_dim].view_as(batch.q)), ref)
             original = triton_backend._prefill_config
-            os.environ["PAGEDLLM_CUDNN_PREFILL"] = "0"
+            cudnn_prefill.ENABLED = False
             for config in ((128, 128, 8, 2),):
                 triton_backend._prefill_config = lambda dtype, hd, c=config: c
                 report(f"triton kernel only {config}", ours, ref)
             triton_backend._prefill_config = original
-            os.environ["PAGEDLLM_CUDNN_PREFILL"] = "1"
+            cudnn_prefill.ENABLED = True
             probe(batch, rows, hq, hkv, scale, ref, report)
         batch = None
         torch.cuda.empty_cache()

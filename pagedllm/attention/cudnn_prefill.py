@@ -29,6 +29,7 @@ import triton
 from pagedllm.attention.kernels.merge_states import merge_states_kernel
 from pagedllm.attention.metadata import AttentionMetadata
 
+ENABLED = os.environ.get("PAGEDLLM_CUDNN_PREFILL", "0") == "1"   # read once: threshold() runs every layer
 LONG_QUERY_LEN = 1024     # rows with fewer new tokens stay on the Triton kernel (measured: see the module doc)
 NEVER = 1 << 30           # the Triton kernel's threshold when no row is routed here
 
@@ -82,7 +83,7 @@ def _merge(out, a, lse_a, b, lse_b) -> None:
 
 def _usable(q: torch.Tensor) -> bool:
     return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
-            and os.environ.get("PAGEDLLM_CUDNN_PREFILL", "0") == "1" and _cudnn_on_hopper(q.device))
+            and ENABLED and _cudnn_on_hopper(q.device))
 
 
 @functools.cache

@@ -49,10 +49,7 @@ class _ParentRequest:
 
     @property
     def finished(self) -> bool:
-        seqs = self.seqs
-        if len(seqs) == 1:   # the common case, once per step per request
-            return seqs[0].finish_reason is not None
-        return all(s.finish_reason is not None for s in seqs)
+        return all(s.finish_reason is not None for s in self.seqs)
 
 
 def child_request_id(request_id: str, index: int, n: int) -> str:

@@ -132,7 +132,7 @@ def test_long_prompt_rows_through_cudnn(dtype, heads, head_dim, block_size, monk
     from pagedllm.attention import cudnn_prefill
     if not cudnn_prefill._cudnn_on_hopper(torch.device("cuda")):
         pytest.skip("the cuDNN prefill path runs on sm_90 only")
-    monkeypatch.setenv("PAGEDLLM_CUDNN_PREFILL", "1")
+    monkeypatch.setattr(cudnn_prefill, "ENABLED", True)
     calls = []
     real = cudnn_prefill._cudnn
     monkeypatch.setattr(cudnn_prefill, "_cudnn", lambda *a, **kw: calls.append(kw["causal"]) or real(*a, **kw))
