@@ -34,8 +34,8 @@ from pagedllm.sample.host_copy import to_device
 # Blocks per copy between the GPU KV cache and the CPU pool: the size of the copies' GPU scratch buffer, however
 # many blocks a step moves. At block_size 16 in bf16 a block is 2 MiB for Llama-3-8B (32 layers, 8 KV heads of
 # 128) and 5 MiB for Llama-3-70B (80 layers): 128 and 320 MiB, under 0.3% of an H200. Each chunk costs the host
-# 1-2 launches a layer: a returning 30k-token conversation (1,878 blocks loaded in one step) came back in 0.294 s
-# at 42.1 GB/s with 16-block chunks, 0.233 s at 48.0 GB/s with 64 (H200, benchmarks/returning_conversation.py).
+# 1-2 launches a layer: a returning 30k-token conversation (1,878 blocks loaded in one step) came back in 0.229 s
+# at 46.3 GB/s with 64-block chunks, 0.294 s at 42.1 GB/s with 16 (H200, benchmarks/returning_conversation.py).
 COPY_CHUNK_BLOCKS = 64
 
 
