@@ -11,6 +11,8 @@ DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _PREEMPTION_MODES = ("recompute", "swap", "offload")
+_QUANTIZATIONS = ("fp8",)
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 TOOL_CALL_PARSERS = ("hermes",)   # server/tool_parsers' registry (tests hold them equal)
 
 
@@ -29,6 +31,14 @@ class EngineConfig:
     dtype: str = _f("auto", "weights and activations dtype; auto = the checkpoint's dtype on GPU, "
                             "float32 on CPU", choices=_DTYPES)
     device: str = _f("auto", "cpu, cuda or cuda:N; auto = cuda when available")
+    quantization: str | None = _f(None, "fp8: linear layers' weights in float8_e4m3 per output channel (quantized "
+                                        "at load, or as a pre-quantized fp8 / compressed-tensors checkpoint "
+                                        "stores them), activations per token, GEMMs on FP8 tensor cores "
+                                        "(emulated on CPU); None = the checkpoint's own quantization_config "
+                                        "if any, else none", choices=_QUANTIZATIONS)
+    kv_cache_dtype: str = _f("auto", "KV cache element type: auto = the model dtype; fp8 (= fp8_e4m3): "
+                                     "float8_e4m3 with a scale per layer (the checkpoint's k_scale/v_scale, "
+                                     "else 1.0), half the bytes of bf16", choices=_KV_CACHE_DTYPES)
     load_format: str = _f("auto", "auto/safetensors read the checkpoint; dummy = random weights",
                           choices=_LOAD_FORMATS)
     seed: int = _f(0, "seed of the global random state (requests without their own seed)")
@@ -76,6 +86,10 @@ class EngineConfig:
 
     def __post_init__(self):
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
+        _check(self.quantization in (None, *_QUANTIZATIONS), "quantization", f"None or one of {_QUANTIZATIONS}",
+               self.quantization)
+        _check(self.kv_cache_dtype in _KV_CACHE_DTYPES, "kv_cache_dtype", f"one of {_KV_CACHE_DTYPES}",
+               self.kv_cache_dtype)
         _check(self.load_format in _LOAD_FORMATS, "load_format", f"one of {_LOAD_FORMATS}", self.load_format)
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
                "a power of two from 1 to 128", self.block_size)

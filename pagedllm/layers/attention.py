@@ -12,6 +12,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        # An fp8 KV cache stores K / k_scale and V / v_scale: 1.0 unless the checkpoint gives scales
+        self.k_scale, self.v_scale = 1.0, 1.0
         self.backend = None   # picked on first call, from the device the KV cache lives on
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
