@@ -89,6 +89,7 @@ def _run_pagedllm(prompts, output_lens, args, engine_kwargs) -> dict:
             "kv_blocks": stats.num_blocks_total, "preemptions": stats.num_preemptions - before.num_preemptions,
             "kv_waste_at_peak": round(stats.kv_waste_at_peak, 5), "peak_blocks": stats.peak_blocks,
             "peak_running": stats.peak_running, "enable_prefix_caching": engine.config.enable_prefix_caching,
+            "quantization": engine.config.quantization, "kv_cache_dtype": engine.config.kv_cache_dtype,
             "prefix_cache_hit_rate": round(hits / queries, 4) if queries else 0.0}
 
 
