@@ -2,9 +2,9 @@
 
 GPU layout, per layer: (2, num_blocks, block_size, num_kv_heads, head_dim). CPU pool (pinned on CUDA):
 (num_slots, num_layers, 2, block_size, num_kv_heads, head_dim): one slot holds one block of every layer,
-contiguous, exactly the payload of a disk block file. Pool and copies take the cache's dtype (an fp8 cache's
-blocks move as bytes: views as uint8, since CPU torch has no index_copy_ for float8). Slots [0, num_swap_slots) are the swap pool, the
-rest the CPU tier of the prefix cache (core/offload.py keeps their bookkeeping).
+contiguous, exactly the payload of a disk block file. Slots [0, num_swap_slots) are the swap pool, the
+rest the CPU tier of the prefix cache (core/offload.py keeps their bookkeeping). Pool and copies take the
+cache's dtype (an fp8 cache's blocks move as bytes: uint8 views, CPU torch has no index_copy_ for float8).
 
 One step's KVTransfers, in this order, so that every read sees the bytes the scheduler meant:
   1. if the host touches slots (2, 4): wait for the copy stream's earlier copies into and out of them
