@@ -67,7 +67,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     fp8 = is_fp8(k_cache.dtype)
     if fp8:
         scale_log2 *= k_scale                      # scores of fp8 K times k_scale
-    v_scale = v_scale if fp8 else 1.0              # read by fp8 kernels only
+    v_scale = float(v_scale) if fp8 else 1.0       # read by fp8 kernels only (a float: no int specialisation)
     _decode(q, out, k_cache, v_cache, meta, scale_log2, v_scale)
     if meta.max_query_len > 1:
         long_query_len = cudnn_prefill.NEVER if fp8 else cudnn_prefill.threshold(q, meta)
