@@ -2,14 +2,17 @@
 
 KV cache of one layer: (2, num_blocks, block_size, num_kv_heads, head_dim); [0] holds K, [1] holds V.
 Token t of a request lives in slot block_table[t // block_size] * block_size + t % block_size.
+An fp8 cache holds K / k_scale and V / v_scale (attention/kv_quant.py); reads dequantize to float32.
 """
 import torch
 import torch.nn.functional as F
 
+from pagedllm.attention.kv_quant import dequantize, is_fp8, quantize
 from pagedllm.attention.metadata import AttentionMetadata
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Store token i's K/V (num_tokens, num_kv_heads, head_dim) in slot slot_mapping[i]; slot -1 is padding."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     # view (not reshape): a non-contiguous cache must fail loudly, not be written through a copy.
@@ -17,11 +20,15 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     v_slots = kv_cache[1].view(-1, num_kv_heads, head_dim)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
+    if is_fp8(kv_cache.dtype):
+        k_slots[slots], v_slots[slots] = quantize(k[keep], k_scale), quantize(v[keep], v_scale)
+        return
     k_slots[slots] = k[keep].to(kv_cache.dtype)
     v_slots[slots] = v[keep].to(kv_cache.dtype)
 
 
-def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q (num_tokens, num_q_heads, head_dim) -> out of the same shape and dtype.
 
     Decode rows (one query token) run together, a bounded group at a time; prefill chunks one by one."""
@@ -32,12 +39,13 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
         rows = torch.tensor([starts[i] for i in group], device=q.device)
         lens = torch.tensor([seq_lens[i] for i in group], device=q.device)
         tables = meta.block_tables[torch.tensor(group, device=q.device)]
-        out[rows] = _attend_decode(q[rows], kv_cache, tables, lens, max(seq_lens[i] for i in group), scale)
+        out[rows] = _attend_decode(q[rows], kv_cache, tables, lens, max(seq_lens[i] for i in group), scale,
+                                   k_scale, v_scale)
     for i, seq_len in enumerate(seq_lens):
         start, end = starts[i], starts[i + 1]
         if end - start > 1:
             k, v = _gather_kv(kv_cache, meta.block_tables[i], seq_len)
-            out[start:end] = _attend(q[start:end], k, v, scale)
+            out[start:end] = _attend(q[start:end], dequantize(k, k_scale), dequantize(v, v_scale), scale)
     return out
 
 
@@ -64,13 +72,13 @@ def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
 
 
 def _attend_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   max_seq_len: int, scale: float) -> torch.Tensor:
+                   max_seq_len: int, scale: float, k_scale: float, v_scale: float) -> torch.Tensor:
     """B decode rows: q (B, Hq, D); each sees its first seq_lens[b] tokens (padded to max_seq_len, masked)."""
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     num_blocks = (max_seq_len + block_size - 1) // block_size
     kv = kv_cache[:, block_tables[:, :num_blocks].long()].flatten(2, 3)      # (2, B, S, Hkv, D)
-    k, v = (x.float().transpose(1, 2) for x in kv)                          # (B, Hkv, S, D)
+    k, v = (dequantize(x, s).transpose(1, 2) for x, s in ((kv[0], k_scale), (kv[1], v_scale)))  # (B, Hkv, S, D)
     # GQA without copying K/V: the group's query heads become the query axis of their kv head.
     qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     mask = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]   # (B, S)

@@ -9,6 +9,10 @@ exactly one kernel:
                                           (+ shared_prefix: segments many rows share, read once for all)
     rows with more (prefill chunks)    -> prefill_attention (launched only when max_query_len > 1)
     rows of LONG_QUERY_LEN+ new tokens -> cudnn_prefill, in eager steps on Hopper (prefill_attention skips them)
+
+An fp8 KV cache (attention/kv_quant.py): the kernels specialise on the cache's element type at compile time;
+k_scale is folded into scale_log2 here, v_scale goes to the kernels as a float (both fixed after load, so CUDA
+graphs capture them). No fp8 row goes to cudnn_prefill (it would need a dequantized copy of the context).
 """
 import functools
 
@@ -21,6 +25,7 @@ from pagedllm.attention.kernels.decode_reduce import decode_reduce_kernel
 from pagedllm.attention.kernels.prefill_attention import prefill_attention_kernel
 from pagedllm.attention.kernels.reshape_and_cache import reshape_and_cache_kernel
 from pagedllm.attention.kernels.shared_prefix import shared_prefix_kernel
+from pagedllm.attention.kv_quant import is_fp8
 from pagedllm.attention.metadata import AttentionMetadata
 
 PARTITION = 512        # decode segment length in tokens (rows up to PARTITION * MAX_SEGMENTS tokens)
@@ -28,7 +33,8 @@ MAX_SEGMENTS = 32      # more context than that: longer segments, never more of 
 PROGRAMS_PER_SM = 32   # decode spreads a row's segments over programs until about this many per SM
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Store token i's K/V (num_tokens, num_kv_heads, head_dim) in slot slot_mapping[i]; slot -1 is padding."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _check_cache(k_cache)
@@ -38,14 +44,15 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     if num_tokens == 0:
         return
     reshape_and_cache_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, NUM_ELEMS=num_kv_heads * head_dim,
         NUM_ELEMS_PAD=triton.next_power_of_2(num_kv_heads * head_dim))
 
 
-def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q (num_tokens, num_q_heads, head_dim) -> out of the same shape and dtype."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _check_cache(k_cache)
@@ -57,16 +64,20 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     if q.shape[0] == 0:
         return out
     scale_log2 = scale * 1.4426950408889634        # exp(x) = exp2(x * log2(e))
-    _decode(q, out, k_cache, v_cache, meta, scale_log2)
+    fp8 = is_fp8(k_cache.dtype)
+    if fp8:
+        scale_log2 *= k_scale                      # scores of fp8 K times k_scale
+    v_scale = float(v_scale) if fp8 else 1.0       # read by fp8 kernels only (a float: no int specialisation)
+    _decode(q, out, k_cache, v_cache, meta, scale_log2, v_scale)
     if meta.max_query_len > 1:
-        long_query_len = cudnn_prefill.threshold(q, meta)
-        _prefill(q, out, k_cache, v_cache, meta, scale_log2, long_query_len)
+        long_query_len = cudnn_prefill.NEVER if fp8 else cudnn_prefill.threshold(q, meta)
+        _prefill(q, out, k_cache, v_cache, meta, scale_log2, v_scale, long_query_len)
         if long_query_len < cudnn_prefill.NEVER:
             cudnn_prefill.attend(q, out, kv_cache, meta, scale, long_query_len)
     return out
 
 
-def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float) -> None:
+def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float, v_scale: float) -> None:
     num_reqs = meta.seq_lens.shape[0]
     num_q_heads, head_dim = q.shape[1:]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -87,7 +98,7 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
         group_pad = triton.next_power_of_2(group)
         shared_prefix_kernel[(shared.items.shape[0], num_kv_heads)](
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, shared.items, shared.rows,
-            part_out, part_max, part_sum, scale_log2,
+            part_out, part_max, part_sum, scale_log2, v_scale,
             q.stride(0), q.stride(1), meta.block_tables.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
@@ -97,7 +108,7 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
     decode_partition_kernel[(num_reqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         meta.seq_lens if shared is None else shared.first_seg,   # not read without HAS_SHARED
-        part_out, part_max, part_sum, scale_log2, num_splits,
+        part_out, part_max, part_sum, scale_log2, v_scale, num_splits,
         q.stride(0), q.stride(1), meta.block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
@@ -112,7 +123,8 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
         num_warps=1)
 
 
-def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float, long_query_len: int) -> None:
+def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float, v_scale: float,
+             long_query_len: int) -> None:
     num_tokens, num_q_heads, head_dim = q.shape
     num_reqs = meta.seq_lens.shape[0]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -127,7 +139,7 @@ def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: floa
     num_q_blocks = num_tokens // block_q + num_reqs
     prefill_attention_kernel[(num_q_blocks, num_kv_heads)](
         q, out, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        num_reqs, long_query_len, scale_log2,
+        num_reqs, long_query_len, scale_log2, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim, HEAD_PAD=_head_pad(head_dim),

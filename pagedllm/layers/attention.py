@@ -27,6 +27,8 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        self.backend.write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = self.backend.paged_attention(q, kv_cache, meta, self.scale)
+        # the scales matter only to an fp8 cache (a model-dtype cache ignores them)
+        self.backend.write_kv(kv_cache, k, v, meta.slot_mapping, k_scale=self.k_scale, v_scale=self.v_scale)
+        out = self.backend.paged_attention(q, kv_cache, meta, self.scale, k_scale=self.k_scale,
+                                           v_scale=self.v_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -37,11 +37,14 @@ _SAMPLE = 1 << 20                         # bytes of each weight file hashed at 
 _ALL = b""                                # the "block hash" of a queued delete of every block file
 
 
-def model_identity(model_dir: str, hf_config, dtype, block_size: int, load_format: str, device_type: str) -> bytes:
-    """Names whose KV a block file holds: same config, weights, dtype, block size and KV shape, same identity.
+def model_identity(model_dir: str, hf_config, dtype, block_size: int, load_format: str, device_type: str,
+                   quantization: str | None = None) -> bytes:
+    """Names whose KV a block file holds: same config, weights, quantization, KV dtype (an fp8 block is never
+    read as bf16), block size and KV shape, same identity.
     Weight files are identified by name, size and three 1 MiB samples (start, middle, end): reading every
     byte of a 16 GB checkpoint at start-up would cost more than the tier saves."""
-    h = hashlib.sha256(repr((_VERSION, str(dtype), block_size, model_dims(hf_config))).encode())
+    key = (_VERSION, str(dtype), block_size, model_dims(hf_config))
+    h = hashlib.sha256(repr(key if quantization is None else (*key, quantization)).encode())
     config_path = Path(model_dir) / "config.json"
     h.update(json.dumps(json.loads(config_path.read_text()), sort_keys=True).encode())
     if load_format == "dummy":   # seeded random weights: the same on the same kind of device

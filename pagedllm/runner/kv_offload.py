@@ -3,7 +3,8 @@
 GPU layout, per layer: (2, num_blocks, block_size, num_kv_heads, head_dim). CPU pool (pinned on CUDA):
 (num_slots, num_layers, 2, block_size, num_kv_heads, head_dim): one slot holds one block of every layer,
 contiguous, exactly the payload of a disk block file. Slots [0, num_swap_slots) are the swap pool, the
-rest the CPU tier of the prefix cache (core/offload.py keeps their bookkeeping).
+rest the CPU tier of the prefix cache (core/offload.py keeps their bookkeeping). Pool and copies take the
+cache's dtype (an fp8 cache's blocks move as bytes: uint8 views, CPU torch has no index_copy_ for float8).
 
 One step's KVTransfers, in this order, so that every read sees the bytes the scheduler meant:
   1. if the host touches slots (2, 4): wait for the copy stream's earlier copies into and out of them
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from pagedllm.attention.kv_quant import raw
 from pagedllm.config import EngineConfig
 from pagedllm.core.messages import DiskOp, KVTransferResult, KVTransfers
 from pagedllm.core.offload import TierSizes
@@ -55,7 +57,7 @@ def get_kv_from_block(kv_caches: list[torch.Tensor], block_ids, out: torch.Tenso
         out = torch.empty((idx.numel(), len(kv_caches), two, *block_shape), dtype=kv_caches[0].dtype,
                           device=kv_caches[0].device)
     for layer, kv in enumerate(kv_caches):
-        out[:, layer].copy_(kv.index_select(1, idx).transpose(0, 1))
+        raw(out[:, layer]).copy_(raw(kv).index_select(1, idx).transpose(0, 1))
     return out[0] if isinstance(block_ids, int) else out
 
 
@@ -64,7 +66,7 @@ def put_kv_into_block(kv_caches: list[torch.Tensor], block_ids, kv: torch.Tensor
     idx = _as_index(block_ids, kv_caches[0].device)
     kv = kv.unsqueeze(0) if isinstance(block_ids, int) else kv
     for layer, cache in enumerate(kv_caches):
-        cache.index_copy_(1, idx, kv[:, layer].transpose(0, 1))
+        raw(cache).index_copy_(1, idx, raw(kv[:, layer]).transpose(0, 1))
 
 
 def _as_index(block_ids, device) -> torch.Tensor:
@@ -90,7 +92,7 @@ class KVOffload:
         self.disk = None
         if config.kv_disk_dir is not None:
             identity = model_identity(config.model, hf_config, kv_caches[0].dtype, config.block_size,
-                                      config.load_format, device.type)
+                                      config.load_format, device.type, config.quantization)
             self.disk = DiskStore(config.kv_disk_dir, identity, block_bytes)
             self.sizes.num_disk_blocks = _num_blocks(config.kv_disk_gb, self.disk.file_bytes, "kv_disk_gb")
             self.sizes.disk_hashes, self.sizes.num_invalid_files = self.disk.scan()

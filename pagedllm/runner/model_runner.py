@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.attention.kv_quant import resolve_kv_cache_dtype
 from pagedllm.attention.metadata import set_forward_context
 from pagedllm.attention.shared_prefix import max_items
 from pagedllm.config import EngineConfig
@@ -49,6 +50,7 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(hf_config)
         self.dtype = dtype
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)   # the draft's KV stays in dtype
         self.sampler = Sampler()
         self.generator = torch.Generator(device).manual_seed(config.seed)   # requests without a seed
         self.states: dict[str, RunnerRequestState] = {}
@@ -85,7 +87,8 @@ class ModelRunner:
             self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top),
                                      shared=shared_rows_per_item > 0)
 
-        block_bytes = bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, dtype)
+        block_bytes = bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim,
+                                      self.kv_dtype)
         profiled = None
         if device.type == "cuda" and config.num_gpu_blocks_override is None and config.kv_cache_memory is None:
             scratch = copy_scratch_bytes(block_bytes, self.num_layers) if config.kv_tiers_enabled else 0
@@ -94,9 +97,10 @@ class ModelRunner:
         draft_bytes = self.draft.block_bytes if self.draft is not None else 0
         self.num_blocks = determine_num_blocks(config, max_model_len, block_bytes + draft_bytes, profiled)
         self.kv_caches = allocate_kv_caches(self.num_layers, self.num_blocks, self.block_size,
-                                            self.num_kv_heads, self.head_dim, dtype, device)
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); %.1fx concurrency at max_model_len %d",
-                    self.num_blocks, self.block_size, self.num_blocks * block_bytes / 2**30,
+                                            self.num_kv_heads, self.head_dim, self.kv_dtype, device)
+        logger.info("KV cache: %d blocks of %d tokens (%s, %.2f GiB); %.1fx concurrency at max_model_len %d",
+                    self.num_blocks, self.block_size, str(self.kv_dtype)[6:],
+                    self.num_blocks * block_bytes / 2**30,
                     self.num_blocks * self.block_size / max_model_len, max_model_len)
         # CPU pool and disk tier below the KV cache (None: preemption recomputes, no CPU tier)
         self.kv_offload = KVOffload(config, hf_config, self.kv_caches, block_bytes) \
@@ -381,7 +385,7 @@ class ModelRunner:
             reqs.append(RunnerRequestState(f"profile-{i}", [0] * n, n, SamplingParams(), tables.add(blocks),
                                            len(blocks), 0, None))
         kv_caches = allocate_kv_caches(self.num_layers, next_block, self.block_size, self.num_kv_heads,
-                                       self.head_dim, self.dtype, self.device)
+                                       self.head_dim, self.kv_dtype, self.device)
         inputs = self.buffers.build(reqs, lens, tables, self.block_size)
         with set_forward_context(inputs.attn_metadata, kv_caches):
             hidden = self.model(inputs.input_ids, inputs.positions)

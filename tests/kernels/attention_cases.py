@@ -96,21 +96,26 @@ def make_batch(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtype, dev
                  torch.tensor(padding, device=device))
 
 
-def check_write_kv(batch: Batch, backend) -> None:
-    """Exact: new tokens land in their slots, padding slots (-1) leave the cache untouched."""
+def check_write_kv(batch: Batch, backend, kv_scales=(1.0, 1.0)) -> None:
+    """Exact: new tokens land in their slots, padding slots (-1) leave the cache untouched (an fp8 cache:
+    the same bytes)."""
     expected = batch.kv_cache.clone()
-    torch_backend.write_kv(expected, batch.k, batch.v, batch.meta.slot_mapping)
+    torch_backend.write_kv(expected, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
     got = batch.kv_cache.clone()
-    backend.write_kv(got, batch.k, batch.v, batch.meta.slot_mapping)
-    assert torch.equal(got, expected), "write_kv differs from torch_backend.write_kv"
+    backend.write_kv(got, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
+    assert torch.equal(_bytes(got), _bytes(expected)), "write_kv differs from torch_backend.write_kv"
 
 
-def check_attention(batch: Batch, backend, scale=None) -> float:
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def check_attention(batch: Batch, backend, scale=None, kv_scales=(1.0, 1.0)) -> float:
     """triton vs torch on the cache after this step's write; padding rows must come out as zeros."""
     scale = scale or batch.q.shape[-1] ** -0.5
-    torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
-    ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale)
-    out = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale)
+    torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
+    ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale, *kv_scales)
+    out = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
     assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
     assert torch.isfinite(out).all(), "non-finite attention output"
     assert (out[batch.padding] == 0).all(), "padding rows must be zeros"
@@ -120,11 +125,11 @@ def check_attention(batch: Batch, backend, scale=None) -> float:
     return err
 
 
-def check_row_independent_of_batch(batch: Batch, backend, row: int) -> None:
+def check_row_independent_of_batch(batch: Batch, backend, row: int, kv_scales=(1.0, 1.0)) -> None:
     """A decode row alone (with a looser max_seq_len) gives bit-identical output to the same row in the batch."""
     scale = batch.q.shape[-1] ** -0.5
-    torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
-    full = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale)
+    torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
+    full = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
     m = batch.meta
     start = m.query_start_loc_cpu[row]
     assert m.query_start_loc_cpu[row + 1] - start == 1
@@ -133,17 +138,18 @@ def check_row_independent_of_batch(batch: Batch, backend, row: int) -> None:
         query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=m.query_start_loc.device),
         seq_lens=m.seq_lens[row:row + 1], block_tables=m.block_tables[row:row + 1], max_query_len=1,
         max_seq_len=4 * m.max_seq_len, query_start_loc_cpu=[0, 1], seq_lens_cpu=[m.seq_lens_cpu[row]])
-    single = backend.paged_attention(batch.q[start:start + 1], batch.kv_cache, alone, scale)
+    single = backend.paged_attention(batch.q[start:start + 1], batch.kv_cache, alone, scale, *kv_scales)
     assert torch.equal(single[0], full[start]), "a decode row's output depends on its batch"
 
 
-def check_graph_padding(batch: Batch, backend, extra_rows: int = 3, extra_tokens: int = 5) -> None:
+def check_graph_padding(batch: Batch, backend, extra_rows: int = 3, extra_tokens: int = 5,
+                        kv_scales=(1.0, 1.0)) -> None:
     """Padded as the runner pads a step for a CUDA graph (rows with no tokens after the real ones, tokens of
     no row with slot -1 after the real tokens, upper bounds for max_query_len and max_seq_len): every real
     token's output is bit-identical, and the cache is unchanged past the real tokens' slots."""
     scale = batch.q.shape[-1] ** -0.5
-    backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
-    want = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale)
+    backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
+    want = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
     m, num_tokens, dev = batch.meta, batch.q.shape[0], batch.q.device
     total_tokens = num_tokens + extra_tokens
 
@@ -159,9 +165,9 @@ def check_graph_padding(batch: Batch, backend, extra_rows: int = 3, extra_tokens
         seq_lens_cpu=m.seq_lens_cpu + [0] * extra_rows)
     cache = batch.kv_cache.clone()
     backend.write_kv(batch.kv_cache, pad(batch.k, extra_tokens, 7.0), pad(batch.v, extra_tokens, 7.0),
-                     padded.slot_mapping)
-    assert torch.equal(cache, batch.kv_cache), "a padding token wrote to the cache"
-    got = backend.paged_attention(pad(batch.q, extra_tokens, 1.0), batch.kv_cache, padded, scale)
+                     padded.slot_mapping, *kv_scales)
+    assert torch.equal(_bytes(cache), _bytes(batch.kv_cache)), "a padding token wrote to the cache"
+    got = backend.paged_attention(pad(batch.q, extra_tokens, 1.0), batch.kv_cache, padded, scale, *kv_scales)
     assert torch.equal(got[:num_tokens], want), "graph padding changed a real token's output"
 
 
@@ -183,24 +189,26 @@ def shared_prefix_plan(batch: Batch, block_size: int, grid: int | None = None):
                             torch.from_numpy(rows).to(dev), per_item), k
 
 
-def check_shared_prefix(batch: Batch, backend, block_size: int) -> float:
+def check_shared_prefix(batch: Batch, backend, block_size: int, kv_scales=(1.0, 1.0)) -> float:
     """Rows sharing prefix blocks: with the plan (segments read once for a group) the output matches the
     oracle, is close to the per-row path, and padding the items (a graph's grid) changes nothing."""
     import dataclasses
     scale = batch.q.shape[-1] ** -0.5
-    torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
-    ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale)
-    per_row = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale)
+    torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
+    ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale, *kv_scales)
+    per_row = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
     plan, num_items = shared_prefix_plan(batch, block_size)
     assert num_items > 0, "no shared segment found"
-    got = backend.paged_attention(batch.q, batch.kv_cache, dataclasses.replace(batch.meta, shared=plan), scale)
+    got = backend.paged_attention(batch.q, batch.kv_cache, dataclasses.replace(batch.meta, shared=plan), scale,
+                                  *kv_scales)
     assert torch.isfinite(got).all() and (got[batch.padding] == 0).all()
     real = ~batch.padding
     err = rel_error(got[real], ref[real])
     assert err <= TOLERANCE[batch.q.dtype], f"shared prefix: relative error {err:.2e}"
     assert rel_error(got[real], per_row[real]) <= TOLERANCE[batch.q.dtype]
     padded, _ = shared_prefix_plan(batch, block_size, grid=num_items + 5)
-    again = backend.paged_attention(batch.q, batch.kv_cache, dataclasses.replace(batch.meta, shared=padded), scale)
+    again = backend.paged_attention(batch.q, batch.kv_cache, dataclasses.replace(batch.meta, shared=padded), scale,
+                                    *kv_scales)
     assert torch.equal(again, got), "count-0 items changed the output"
     return err
 

@@ -1,6 +1,10 @@
 """The online-softmax step over one tile of paged keys, shared by the decode and prefill kernels.
 
     keys of a tile:  t = tile_start .. tile_start + TILE_N - 1, in slot block_table[t // BLOCK_SIZE], t % BLOCK_SIZE
+
+An fp8 cache (a compile-time branch on the cache pointer's element type; other caches compile as before):
+K and V are converted to q's dtype for tl.dot (exact: e4m3 fits bf16 and fp16); k_scale is folded into the
+caller's scale_log2 and v_scale applied to the caller's output, so the tile does no per-element scaling.
 """
 import triton
 import triton.language as tl
@@ -22,6 +26,9 @@ def attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_hea
     kv_mask = key_ok[:, None] & dim_ok[None, :]
     k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         s = tl.where((keys[None, :] < causal_end[:, None]) & key_ok[None, :], s, float("-inf"))

@@ -32,7 +32,7 @@ def segment_len(seq_len, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr, TI
 def decode_partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, first_seg_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
-    scale_log2, num_splits,
+    scale_log2, v_scale, num_splits,
     stride_q_tok, stride_q_head, stride_bt,
     stride_c_block, stride_c_slot, stride_c_head,
     stride_po_req, stride_po_head, stride_po_part, stride_pm_req, stride_pm_head,
@@ -75,6 +75,8 @@ def decode_partition_kernel(
                                         k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
                                         stride_c_block, stride_c_slot, stride_c_head,
                                         BLOCK_SIZE, TILE_N, True, PRECISION)
+        if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+            acc = acc * v_scale                           # fp8 V: its scale, once per segment
         out_off = out_base + seg * stride_po_part
         tl.store(part_out_ptr + out_off[:, None] + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
         tl.store(part_max_ptr + stat_base + seg, m_i, mask=row_ok)

@@ -38,7 +38,7 @@ def _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q: tl.constexpr)
 @triton.jit(do_not_specialize=["num_reqs", "long_query_len"])
 def prefill_attention_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    num_reqs, long_query_len, scale_log2,
+    num_reqs, long_query_len, scale_log2, v_scale,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_bt,
     stride_c_block, stride_c_slot, stride_c_head,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -86,5 +86,7 @@ def prefill_attention_kernel(
                                      BLOCK_SIZE, TILE_N, True, PRECISION)
 
     out = acc / l_i[:, None]
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        out = out * v_scale                               # fp8 V: its scale
     o_off = (q_start + token).to(tl.int64) * stride_o_tok + q_head * stride_o_head
     tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)

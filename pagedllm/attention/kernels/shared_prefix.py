@@ -24,7 +24,7 @@ from pagedllm.attention.kernels.attend_tile import attend_tile
 def shared_prefix_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, items_ptr, rows_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
-    scale_log2,
+    scale_log2, v_scale,
     stride_q_tok, stride_q_head, stride_bt,
     stride_c_block, stride_c_slot, stride_c_head,
     stride_po_req, stride_po_head, stride_po_part, stride_pm_req, stride_pm_head,
@@ -63,6 +63,8 @@ def shared_prefix_kernel(
                                     k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
                                     stride_c_block, stride_c_slot, stride_c_head,
                                     BLOCK_SIZE, TILE_N, False, PRECISION)
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        acc = acc * v_scale                               # fp8 V: its scale
     out_off = req * stride_po_req + q_head * stride_po_head + seg * stride_po_part
     tl.store(part_out_ptr + out_off[:, None] + dims[None, :], acc, mask=mask)
     stat_off = req * stride_pm_req + q_head * stride_pm_head + seg

@@ -1,0 +1,130 @@
+"""FP8 KV cache: triton_backend against torch_backend on the same fp8 cache (fresh random inputs, non-1.0
+scales, bf16 / fp16 / fp32 queries, GQA, head dims 64 and 128), on CUDA; on CPU through the Triton interpreter
+in a subprocess. Then an engine on CUDA: fp8-KV greedy tokens with CUDA graphs equal eager ones."""
+import random
+
+import pytest
+import torch
+from attention_cases import (
+    check_attention,
+    check_graph_padding,
+    check_row_independent_of_batch,
+    check_shared_prefix,
+    check_write_kv,
+    random_rows,
+    shared_prefix_rows,
+)
+from fp8_kv_cases import KV_SCALES, fp8_batch
+from kernel_checks import run_under_interpreter
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+HEADS = [(16, 8), (32, 8), (8, 1)]      # Qwen3-0.6B, Llama-3.1-8B, MQA
+
+
+def test_fp8_kernels_under_triton_interpreter():
+    pytest.importorskip("triton")
+    stdout = run_under_interpreter("fp8_kv_cases.py", timeout=600)
+    assert stdout.count("ok ") == 2, stdout
+
+
+def _triton():
+    from pagedllm.attention import triton_backend
+    return triton_backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_scales", KV_SCALES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reshape_and_cache_writes_torch_bytes(dtype, kv_scales):
+    """Same fp8 bytes as torch_backend.write_kv, new K up to 2000x its scale (clamped to 448), padding -1."""
+    rng = random.Random(hash((str(dtype), kv_scales)) & 0xFFFF)
+    rows = random_rows(rng, 40, max_context=300, max_query=100) + [(0, 1), (0, 1)]
+    batch = fp8_batch(rows, 16, 8, 128, 16, dtype, "cuda", kv_scales, seed=rng.randrange(1 << 16), k_range=400.0)
+    check_write_kv(batch, _triton(), kv_scales)
+    cache = batch.kv_cache.clone()
+    _triton().write_kv(cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
+    assert torch.isfinite(cache.float()).all() and cache[0].float().abs().max() == 448
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_scales", KV_SCALES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (64, 32)])
+def test_mixed_batch_matches_torch(dtype, heads, head_dim, block_size, kv_scales):
+    """Decode (split-KV), fresh prefill, chunks after cached context, padding; graph padding bit-identical."""
+    rng = random.Random(hash((str(dtype), heads, head_dim, block_size, kv_scales)) & 0xFFFF)
+    rows = random_rows(rng, 24, max_context=700, max_query=150)
+    rows += [(1, 1), (0, 1), (2500, 1), (300, 300), (1200, 100)]
+    rng.shuffle(rows)
+    batch = fp8_batch(rows, *heads, head_dim, block_size, dtype, "cuda", kv_scales, seed=rng.randrange(1 << 16))
+    check_write_kv(batch, _triton(), kv_scales)
+    check_attention(batch, _triton(), kv_scales=kv_scales)
+    check_graph_padding(batch, _triton(), kv_scales=kv_scales)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_scales", KV_SCALES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_decode_rows_split_kv(dtype, kv_scales):
+    """Long rows: many segments, and rows longer than PARTITION * MAX_SEGMENTS; batch-independent rows."""
+    rows = [(33000, 1), (16385, 1), (513, 1), (0, 1), (70000, 1)]
+    batch = fp8_batch(rows, 16, 8, 128, 16, dtype, "cuda", kv_scales, seed=5)
+    check_attention(batch, _triton(), kv_scales=kv_scales)
+    check_row_independent_of_batch(batch, _triton(), row=0, kv_scales=kv_scales)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_large_prefill_chunks(dtype, head_dim):
+    """Fresh prompts and chunks after long cached context; long rows stay on Triton even with cuDNN on."""
+    from pagedllm.attention import cudnn_prefill
+    rows = [(2048, 2048), (2100, 100), (4000, 1900), (1024, 1024), (600, 1), (2500, 2500)]
+    batch = fp8_batch(rows, 32, 8, head_dim, 16, dtype, "cuda", KV_SCALES[1], seed=6)
+    enabled, cudnn_prefill.ENABLED = cudnn_prefill.ENABLED, True   # fp8 rows must not be routed to cuDNN
+    try:
+        check_attention(batch, _triton(), kv_scales=KV_SCALES[1])
+    finally:
+        cudnn_prefill.ENABLED = enabled
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_scales", KV_SCALES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_shared_prefix_segments(dtype, heads, head_dim, kv_scales):
+    """Cascade: groups of decode rows behind 2,000-token prefixes read once, beside rows of every kind."""
+    rows, shared = shared_prefix_rows(random.Random(11), 2000, groups=3, per_group=21, block_size=16)
+    batch = fp8_batch(rows, *heads, head_dim, 16, dtype, "cuda", kv_scales, seed=11, shared=shared)
+    check_shared_prefix(batch, _triton(), 16, kv_scales=kv_scales)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_engine_cuda_graphs_equal_eager_fp8_kv(tmp_path, monkeypatch, arch):
+    """A tiny bf16 model with an fp8 KV cache (scales 0.5 / 2.0 on every layer, set at construction as a
+    checkpoint's would be at load: graphs capture them): greedy tokens with CUDA graphs equal eager ones."""
+    import numpy as np
+    from conftest import make_tiny_model
+
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.layers.attention import Attention
+    init = Attention.__init__
+
+    def with_scales(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.k_scale, self.v_scale = 0.5, 2.0
+    monkeypatch.setattr(Attention, "__init__", with_scales)
+    d = make_tiny_model(tmp_path / arch, arch=arch, seed=3)
+    prompts = [np.random.default_rng(i).integers(3, 512, size=n).tolist() for i, n in enumerate([5, 40, 130, 77])]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    outs = []
+    for eager in (True, False):
+        llm = LLM(d, dtype="bfloat16", kv_cache_dtype="fp8", enforce_eager=eager, log_stats_interval=0)
+        assert llm.engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        del llm
+        torch.cuda.empty_cache()
+    assert outs[0] == outs[1]
