@@ -55,16 +55,15 @@ def _iter_safetensors(model_dir: Path, dtype: torch.dtype, device) -> Iterator[t
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, _cast(name, f.get_tensor(name).to(device=device), dtype)
+                tensor = f.get_tensor(name)
+                yield name, tensor.to(device=device, dtype=_target_dtype(name, tensor.dtype, dtype))
 
 
-def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Float tensors to the model dtype; fp8 weights as stored; quantization scales in float32."""
-    if tensor.dtype == FP8:
-        return tensor
-    if name.endswith(_SCALE_SUFFIXES):
-        return tensor.float()
-    return tensor.to(dtype)
+def _target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """Float tensors in the model dtype; fp8 weights as stored; quantization scales in float32."""
+    if stored == FP8:
+        return stored
+    return torch.float32 if name.endswith(_SCALE_SUFFIXES) else dtype
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
