@@ -27,7 +27,8 @@ def test_fp8_graphs_match_eager(tiny_model_dirs, name):
     prompts = [[5 + i for i in range(n)] for n in (1, 7, 33, 90)]
     kwargs = dict(device="cuda", dtype="bfloat16", quantization="fp8", log_stats_interval=0)
     graphs = LLM(tiny_model_dirs[name], **kwargs)
-    assert isinstance(graphs.engine.core.runner.model.model.layers[0].mlp.gate_up_proj, Fp8Linear)
+    runner = graphs.engine.runner
+    assert runner.graphs is not None and isinstance(runner.model.model.layers[0].mlp.gate_up_proj, Fp8Linear)
     ours = _greedy(graphs, prompts)
     del graphs
     gc.collect()
