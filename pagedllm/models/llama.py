@@ -4,6 +4,8 @@ Parameter names are HF's except two fused projections, stacked along the output 
     qkv_proj.weight     = [q_proj; k_proj; v_proj]     rows: Hq*D | Hkv*D | Hkv*D
     gate_up_proj.weight = [gate_proj; up_proj]         rows: I | I
 Each fused nn.Linear carries `shard_sizes`; load_weights copies an HF shard into its row range.
+With an Fp8Config every decoder linear is an Fp8Linear (layers/quantization), which takes each shard's
+tensors itself (quantizing float ones); the checkpoint's KV scales go to the Attention layers' floats.
 Qwen2 (qkv bias) and Qwen3 (per-head q/k norm) are this model with a class flag switched on.
 """
 from collections.abc import Iterable
@@ -14,6 +16,9 @@ from torch import nn
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization.fp8_config import Fp8Config
+from pagedllm.layers.quantization.fp8_linear import Fp8Linear, make_linear
+from pagedllm.layers.quantization.kv_scales import kv_scale_target
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.lazy_kernel import lazy_kernel
 
@@ -29,18 +34,19 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _fused_linear(in_features: int, shard_sizes: tuple[int, ...], bias: bool) -> nn.Linear:
-    linear = nn.Linear(in_features, sum(shard_sizes), bias=bias)
-    linear.shard_sizes = shard_sizes
-    return linear
+def _linear(in_features: int, shard_sizes: tuple[int, ...], bias: bool, quant: Fp8Config | None, prefix: str,
+            name: str) -> nn.Module:
+    """prefix.name: our module; a fused one's shards are the checkpoint's modules prefix.<shard name>."""
+    shard_names = tuple(f"{prefix}.{s}" for s in _UNSTACKED.get(name, (name,)))
+    return make_linear(in_features, shard_sizes, bias, quant, shard_names)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
-        self.gate_up_proj = _fused_linear(hidden, (inter, inter), bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_up_proj = _linear(hidden, (inter, inter), bias, quant, prefix, "gate_up_proj")
+        self.down_proj = _linear(inter, (hidden,), bias, quant, prefix, "down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,14 +54,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool,
+                 quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim(config)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = _fused_linear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
+        self.qkv_proj = _linear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_bias, quant,
+                                prefix, "qkv_proj")
+        self.o_proj = _linear(self.q_size, (config.hidden_size,), getattr(config, "attention_bias", False), quant,
+                              prefix, "o_proj")
         self.qk_norm = qk_norm
         if qk_norm:   # Qwen3: RMSNorm over each head's D features, before RoPE
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -89,10 +98,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool,
+                 quant: Fp8Config | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(config)
+        prefix = f"model.layers.{layer_idx}"
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm, quant, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -108,12 +119,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant: Fp8Config | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(head_dim(config), config.max_position_embeddings, rope_parameters(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, qk_norm) for i in range(config.num_hidden_layers))
+            LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, qk_norm, quant)
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -128,12 +140,13 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias: bool | None = None   # None: config.attention_bias
     qk_norm: bool = False
 
-    def __init__(self, config):
+    def __init__(self, config, quant: Fp8Config | None = None):
+        """quant: the linear layers' FP8 quantization (layers/quantization/fp8_config.py), None: none."""
         super().__init__()
         _check_supported(config)
         self.config = config
         qkv_bias = self.qkv_bias if self.qkv_bias is not None else getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, qkv_bias, self.qk_norm)
+        self.model = LlamaModel(config, qkv_bias, self.qk_norm, quant)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if self.tied:
@@ -164,15 +177,41 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb." in name or (self.tied and name == "lm_head.weight"):
                 continue
-            dest = self._destination(name, params)
-            if dest.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                                 f"{type(self).__name__} expects {tuple(dest.shape)}")
-            dest.copy_(tensor)
+            if self._load_kv_scale(name, tensor):
+                continue
+            module, attr, shard = self._quantized_destination(name)
+            if module is not None:
+                module.load_shard(name, attr, tensor, shard)
+            else:
+                dest = self._destination(name, params)
+                if dest.shape != tensor.shape:
+                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                                     f"{type(self).__name__} expects {tuple(dest.shape)}")
+                dest.copy_(tensor)
             loaded.add(name)
-        missing = sorted(self._checkpoint_names(params) - loaded)
+        missing = sorted(self._checkpoint_names() - loaded)
         if missing:
             raise ValueError(f"{len(missing)} parameters not found in the checkpoint: {missing[:8]}")
+
+    def _load_kv_scale(self, name: str, tensor: torch.Tensor) -> bool:
+        """A KV cache scale: set as a python float on its Attention layer (read once, at load)."""
+        target = kv_scale_target(name)
+        if target is None:
+            return False
+        attn = self.get_submodule(target[0])
+        for attr in target[1]:
+            setattr(attn, attr, float(tensor.float().reshape(-1)[0]))
+        return True
+
+    def _quantized_destination(self, name: str) -> tuple[Fp8Linear | None, str, int]:
+        """The Fp8Linear (with attr and shard index) that HF tensor `name` goes to, else (None, "", 0)."""
+        module_name, shard, attr = _split_name(name)
+        fused, index = _STACKED.get(shard, (shard, 0))
+        try:
+            module = self.get_submodule(".".join(filter(None, (module_name, fused))))
+        except AttributeError:
+            return None, "", 0
+        return (module, attr, index) if isinstance(module, Fp8Linear) else (None, "", 0)
 
     def _destination(self, name: str, params: dict) -> torch.Tensor:
         """The parameter (or row range of a fused one) that HF tensor `name` fills."""
@@ -188,13 +227,18 @@ class LlamaForCausalLM(nn.Module):
         sizes = self.get_submodule(f"{module_name}.{fused}").shard_sizes
         return params[target].narrow(0, sum(sizes[:index]), sizes[index])
 
-    def _checkpoint_names(self, params: dict) -> set[str]:
-        """HF names the checkpoint must provide: our names, fused ones expanded into their shards."""
+    def _checkpoint_names(self) -> set[str]:
+        """HF names the checkpoint must provide: our names, fused ones expanded into their shards
+        (an Fp8Linear's: what its checkpoint kind stores, not its own parameters)."""
         names = set()
-        for name in params:
-            module_name, fused, attr = _split_name(name)
-            shards = _UNSTACKED.get(fused, (fused,))
-            names.update(".".join(filter(None, (module_name, s, attr))) for s in shards)
+        for module_name, module in self.named_modules():
+            attrs = (module.checkpoint_attrs() if isinstance(module, Fp8Linear)
+                     else [n for n, _ in module.named_parameters(recurse=False)])
+            parent, _, leaf = module_name.rpartition(".")
+            for shard in _UNSTACKED.get(leaf, (leaf,)):
+                names.update(".".join(filter(None, (parent, shard, attr))) for attr in attrs)
+        if self.tied:
+            names.discard("lm_head.weight")
         return names
 
 

@@ -9,18 +9,25 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization.fp8 import FP8
+from pagedllm.layers.quantization.fp8_config import fp8_config
+from pagedllm.layers.quantization.fp8_linear import Fp8Linear
 from pagedllm.models import get_model_class
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
+_SCALE_SUFFIXES = ("_scale", "_scale_inv")   # weight_scale, input_scale, k_scale, output_scale, ...
 
 
 def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.device,
-               load_format: str = "auto") -> nn.Module:
+               load_format: str = "auto", quantization: str | None = None) -> nn.Module:
+    """quantization: EngineConfig.quantization; a checkpoint's own quantization_config is used in any case.
+    Quantized layers are built in fp8 and quantize each checkpoint tensor as it streams in: no float copy."""
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be one of ('auto', 'safetensors', 'dummy'), got {load_format!r}")
     _require(Path(model_dir) / "config.json", "the model's HF config")
-    model = _build(get_model_class(hf_config.architectures), hf_config, dtype, torch.device(device))
+    quant = fp8_config(quantization, hf_config)
+    model = _build(get_model_class(hf_config.architectures), hf_config, quant, dtype, torch.device(device))
     if load_format == "dummy":
         _init_dummy(model)
     else:
@@ -28,10 +35,10 @@ def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.devi
     return model.eval().requires_grad_(False)
 
 
-def _build(model_cls, hf_config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def _build(model_cls, hf_config, quant, dtype: torch.dtype, device: torch.device) -> nn.Module:
     # Parameters are created where they will live, in their final dtype: no float32 CPU copy first.
     with _default_dtype(dtype), device:
-        return model_cls(hf_config)
+        return model_cls(hf_config, quant) if quant is not None else model_cls(hf_config)
 
 
 @contextmanager
@@ -48,7 +55,15 @@ def _iter_safetensors(model_dir: Path, dtype: torch.dtype, device) -> Iterator[t
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name).to(device=device, dtype=dtype)
+                tensor = f.get_tensor(name)
+                yield name, tensor.to(device=device, dtype=_target_dtype(name, tensor.dtype, dtype))
+
+
+def _target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """Float tensors in the model dtype; fp8 weights as stored; quantization scales in float32."""
+    if stored == FP8:
+        return stored
+    return torch.float32 if name.endswith(_SCALE_SUFFIXES) else dtype
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -72,8 +87,15 @@ def _init_dummy(model: nn.Module, seed: int = 0) -> None:
     """Random weights of the right shapes, like vLLM's dummy format: U(-1e-3, 1e-3), norms 1 + U(-1e-3, 1e-3).
     One generator per tensor, seeded in order, so the values do not depend on what else ran."""
     norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    fp8_layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    fp8_params = {id(p) for m in fp8_layers for p in m.parameters()}
+    by_weight = {id(m.weight): m for m in fp8_layers}
     for i, (_, param) in enumerate(model.named_parameters()):
         gen = torch.Generator(device=param.device).manual_seed(seed + i)
+        if id(param) in by_weight:   # float weights quantized; the layer fills its scales and bias with them
+            by_weight[id(param)].fill_dummy(gen)
+        if id(param) in fp8_params:
+            continue
         param.uniform_(-1e-3, 1e-3, generator=gen)
         if id(param) in norm_weights:
             param.add_(1.0)

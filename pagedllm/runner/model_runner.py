@@ -46,7 +46,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         start = time.perf_counter()
-        self.model = load_model(config.model, hf_config, dtype, device, config.load_format)
+        self.model = load_model(config.model, hf_config, dtype, device, config.load_format, config.quantization)
         self.load_seconds = time.perf_counter() - start
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(hf_config)
         self.dtype = dtype

@@ -33,7 +33,8 @@ class DraftModel:
         if self.hf_config.vocab_size != target_hf_config.vocab_size:
             raise ValueError(f"speculative_config: model {spec.model!r} must have the target's vocabulary "
                              f"({target_hf_config.vocab_size} tokens), got {self.hf_config.vocab_size}")
-        self.model = load_model(spec.model, self.hf_config, dtype, device, config.load_format)
+        self.model = load_model(spec.model, self.hf_config, dtype, device, config.load_format,
+                                config.quantization)
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(self.hf_config)
         self.block_bytes = bytes_per_block(self.num_layers, config.block_size, self.num_kv_heads, self.head_dim,
                                            dtype)

@@ -1,0 +1,85 @@
+"""FP8 (float8_e4m3fn) W8A8 math: weights per output channel, activations per token (or one static scale).
+
+    y = (q_x * s_x) @ (q_w * s_w)^T + bias        q_x (M, K), s_x (M, 1); q_w (N, K), s_w (N,)
+
+On CUDA: the per-token quant kernel, then torch._scaled_mm on FP8 tensor cores with rowwise scales, float32
+accumulation, bias and the output dtype in its epilogue. Elsewhere, and for shapes _scaled_mm refuses, the
+emulated path below: the same definition in float32 (real float8 casts), also the tests' oracle.
+"""
+import torch
+
+from pagedllm.lazy_kernel import lazy_kernel
+
+per_token_quant_fp8 = lazy_kernel(globals(), "pagedllm.layers.kernels.quant_fp8", "per_token_quant_fp8")
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0          # torch.finfo(float8_e4m3fn).max; the cast of a larger value is NaN, so clamp first
+SCALE_EPS = 1e-12        # floor of a dynamic scale: an all-zero row quantizes to zeros, not NaN
+_MM_ALIGN = 16           # _scaled_mm: K and N multiples of 16 (fp8 operands 16-byte aligned)
+_MM_DTYPES = (torch.bfloat16, torch.float16)   # rowwise _scaled_mm outputs (float32 only through cuBLAS on sm90)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale in float32, clamped to the fp8 range, cast (round to nearest even)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) -> (q (N, K) fp8, scale (N,) float32): scale = absmax(row) / 448."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(SCALE_EPS)
+    return quantize(w, scale[:, None]), scale
+
+
+def quantize_per_token(x: torch.Tensor, input_scale: torch.Tensor | None = None):
+    """x (M, K) -> (q (M, K) fp8, scale (M, 1) float32): dynamic absmax(row) / 448, or the static input_scale.
+    The torch reference of the Triton kernel (bit-exact)."""
+    x32 = x.float()
+    if input_scale is None:
+        scale = (x32.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(SCALE_EPS)
+    else:
+        scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    return quantize(x32, scale), scale
+
+
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """An fp8 weight (N, K) with one multiplier per (bn, bk) block (ceil(N/bn), ceil(K/bk)) -> float32 (N, K)."""
+    n, k = weight.shape
+    bn, bk = block
+    scales = scale_inv.float().repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
+    return weight.float() * scales
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               input_scale: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) in the model dtype -> (..., N) in the model dtype."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x.is_cuda and scaled_mm_supported(k, weight.shape[0], x.dtype):
+        out = _scaled_mm_linear(x2, weight, weight_scale, bias, input_scale)
+    else:
+        out = fp8_linear_emulated(x2, weight, weight_scale, bias, input_scale)
+    return out.view(*lead, weight.shape[0])
+
+
+def scaled_mm_supported(k: int, n: int, dtype: torch.dtype) -> bool:
+    """_scaled_mm needs K and N multiples of 16 and a bf16/fp16 output for rowwise scales; others (tiny test
+    models: the demo model's intermediate size 172) take the emulated path, which is right but slow."""
+    return k % _MM_ALIGN == 0 and n % _MM_ALIGN == 0 and dtype in _MM_DTYPES
+
+
+def _scaled_mm_linear(x, weight, weight_scale, bias, input_scale):
+    # Static shapes, no host sync: capturable in a CUDA graph
+    q, scale = per_token_quant_fp8(x, input_scale)
+    # weight (N, K) row-major: its .t() is the column-major (K, N) operand _scaled_mm needs, no copy
+    return torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), bias=bias,
+                            out_dtype=x.dtype)
+
+
+def fp8_linear_emulated(x, weight, weight_scale, bias, input_scale):
+    """The definition in float32: x quantized-dequantized per token @ the dequantized weight^T (+ bias)."""
+    q, scale = quantize_per_token(x, input_scale)
+    out = (q.float() * scale) @ (weight.float() * weight_scale.float()[:, None]).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
