@@ -1,13 +1,14 @@
 """Attention kernel micro-benchmark on one GPU: the Triton backend vs the torch backend (and, for prefill,
 vs F.scaled_dot_product_attention on contiguous K/V: a non-paged lower bound), with a correctness line each.
 
-    PYTHONPATH=$PWD python3 benchmarks/attention_kernels.py [--sweep]
+    PYTHONPATH=$PWD python3 benchmarks/attention_kernels.py [--sweep] [--kv-cache-dtype fp8] [--only decode]
 
 Times are medians of triton.testing.do_bench (CUDA events). Decode reports the KV bytes read per second,
 prefill the attention TFLOP/s (causal: only the visible half of QK^T and PV is counted). --sweep also
 times other tile configs of the Triton kernels and prints the fastest per shape.
 """
 import argparse
+import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -62,8 +63,10 @@ def sdpa_contiguous(batch, rows, hq):
     return run
 
 
-def bench_shape(name, rows, hq, hkv, kind, sweep: bool, head_dim=128, dtype=torch.bfloat16):
+def bench_shape(name, rows, hq, hkv, kind, sweep: bool, head_dim=128, dtype=torch.bfloat16, kv_fp8=False):
     batch = make_batch(rows, hq, hkv, head_dim, 16, dtype, "cuda", seed=0)
+    if kv_fp8:   # the same cache in float8_e4m3 (scales 1.0): half the bytes to read
+        batch = dataclasses.replace(batch, kv_cache=batch.kv_cache.float().clamp(-448, 448).to(torch.float8_e4m3fn))
     scale = head_dim ** -0.5
     triton_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
     ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale)
@@ -75,7 +78,7 @@ def bench_shape(name, rows, hq, hkv, kind, sweep: bool, head_dim=128, dtype=torc
 
     def fig(ms):
         if kind == "decode":
-            return f"{kv_bytes(rows, hkv, head_dim, dtype) / ms / 1e6:8.1f} GB/s KV read"
+            return f"{kv_bytes(rows, hkv, head_dim, batch.kv_cache.dtype) / ms / 1e6:8.1f} GB/s KV read"
         return f"{attention_flops(rows, hq, head_dim) / ms / 1e9:8.1f} TFLOP/s"
 
     ms = do_bench(lambda: triton_backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale),
@@ -129,11 +132,14 @@ def sweep_configs(batch, kind, scale, fig):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time other tile configs")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="fp8: an fp8 cache")
+    parser.add_argument("--only", choices=("decode", "prefill"), default=None, help="only these shapes")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rng = random.Random(0)
     for name, rows, hq, hkv, kind in shapes(rng):
-        bench_shape(name, rows, hq, hkv, kind, args.sweep)
+        if args.only in (None, kind):
+            bench_shape(name, rows, hq, hkv, kind, args.sweep, kv_fp8=args.kv_cache_dtype == "fp8")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@ from torch import nn
 from pagedllm.lazy_kernel import lazy_kernel
 
 silu_and_mul = lazy_kernel(globals(), "pagedllm.layers.kernels.silu_and_mul", "silu_and_mul")   # Triton, CUDA only
+silu_and_mul_quant_fp8 = lazy_kernel(globals(), "pagedllm.layers.kernels.fused_quant_fp8", "silu_and_mul_quant_fp8")
 
 
 class SiluAndMul(nn.Module):
+    quant_fp8 = False   # CUDA: output (fp8 rows, scales) for the next FP8 linear (quantization/fuse.py)
+
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up (T, 2 * I), gate first -> silu(gate) * up (T, I)."""
         if gate_up.is_cuda:
-            return silu_and_mul(gate_up)
+            return silu_and_mul_quant_fp8(gate_up) if self.quant_fp8 else silu_and_mul(gate_up)
         return self.forward_native(gate_up)
 
     def forward_native(self, gate_up: torch.Tensor) -> torch.Tensor:

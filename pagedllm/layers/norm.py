@@ -5,6 +5,7 @@ from torch import nn
 from pagedllm.lazy_kernel import lazy_kernel
 
 rms_norm = lazy_kernel(globals(), "pagedllm.layers.kernels.rms_norm", "rms_norm")   # Triton, CUDA only
+rms_norm_quant_fp8 = lazy_kernel(globals(), "pagedllm.layers.kernels.fused_quant_fp8", "rms_norm_quant_fp8")
 
 
 class RMSNorm(nn.Module):
@@ -12,6 +13,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.quant_fp8 = False   # CUDA: output (fp8 rows, scales) for the next FP8 linear (quantization/fuse.py)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x (..., hidden) -> normed x; with residual, x + residual is normed and also returned as the new residual.
@@ -20,6 +22,8 @@ class RMSNorm(nn.Module):
             hidden, residual = norm(hidden, residual)   # residual <- hidden + residual
         """
         if x.is_cuda:
+            if self.quant_fp8:
+                return rms_norm_quant_fp8(x, self.weight, self.variance_epsilon, residual)
             return rms_norm(x, self.weight, self.variance_epsilon, residual)
         return self.forward_native(x, residual)
 

@@ -12,6 +12,7 @@ from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization.fp8 import FP8
 from pagedllm.layers.quantization.fp8_config import fp8_config
 from pagedllm.layers.quantization.fp8_linear import Fp8Linear
+from pagedllm.layers.quantization.fuse import fuse_fp8_inputs
 from pagedllm.models import get_model_class
 
 _INDEX = "model.safetensors.index.json"
@@ -32,6 +33,8 @@ def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.devi
         _init_dummy(model)
     else:
         model.load_weights(_iter_safetensors(Path(model_dir), dtype, device))
+    if quant is not None and torch.device(device).type == "cuda":
+        fuse_fp8_inputs(model)
     return model.eval().requires_grad_(False)
 
 

@@ -111,3 +111,58 @@ def test_scaled_mm_path_in_cuda_graph(m, static):
         graph.replay()
         torch.cuda.synchronize()
         _check(out, x, layer)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1024, 4096, 5120])
+@pytest.mark.parametrize("m", [1, 7, 300])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_fused_rms_norm_quant_equals_the_pair(m, n, dtype, residual):
+    """The fused kernel writes the bytes of rms_norm followed by the quant kernel, and the same residual."""
+    from pagedllm.layers.kernels.fused_quant_fp8 import rms_norm_quant_fp8
+    from pagedllm.layers.kernels.quant_fp8 import per_token_quant_fp8
+    from pagedllm.layers.kernels.rms_norm import rms_norm
+    x = _inputs(m, n, dtype, seed=m + n)
+    res = _randn((m, n), dtype, seed=m + n + 1) if residual else None
+    weight = (1 + _randn((n,), torch.float32, seed=3, scale=0.1)).to(dtype)
+    got = rms_norm_quant_fp8(x, weight, 1e-6, res)
+    want = rms_norm(x, weight, 1e-6, res)
+    if residual:
+        (got, got_res), (want, want_res) = got, want
+        assert torch.equal(got_res, want_res)
+    q, scale = got
+    ref_q, ref_scale = per_token_quant_fp8(want)
+    assert torch.equal(scale, ref_scale) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [3072, 14336, 28672])
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_fused_silu_and_mul_quant_equals_the_pair(m, n, dtype):
+    from pagedllm.layers.kernels.fused_quant_fp8 import silu_and_mul_quant_fp8
+    from pagedllm.layers.kernels.quant_fp8 import per_token_quant_fp8
+    from pagedllm.layers.kernels.silu_and_mul import silu_and_mul
+    gate_up = _randn((m, 2 * n), dtype, seed=m + n)
+    q, scale = silu_and_mul_quant_fp8(gate_up)
+    ref_q, ref_scale = per_token_quant_fp8(silu_and_mul(gate_up))
+    assert torch.equal(scale, ref_scale) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def test_fused_model_equals_unfused(monkeypatch):
+    """A tiny fp8 Llama of _scaled_mm-able widths: fusion flags its norms and activations, same logits."""
+    from transformers import LlamaConfig
+
+    from pagedllm.layers.quantization.fp8_config import Fp8Config
+    from pagedllm.layers.quantization.fuse import fuse_fp8_inputs
+    from pagedllm.models.llama import LlamaForCausalLM
+    from pagedllm.models.loader import _build, _init_dummy
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512)
+    model = _build(LlamaForCausalLM, cfg, Fp8Config(), torch.bfloat16, torch.device("cuda"))
+    _init_dummy(model)
+    layer = model.model.layers[0]
+    x, res = _randn((33, 256), torch.bfloat16, 1), _randn((33, 256), torch.bfloat16, 2)
+    want = layer.mlp(layer.post_attention_layernorm(x, res)[0])
+    assert fuse_fp8_inputs(model) == 6
+    got = layer.mlp(layer.post_attention_layernorm(x, res)[0])
+    assert torch.equal(got, want)

@@ -71,9 +71,15 @@ def scaled_mm_supported(k: int, n: int, dtype: torch.dtype) -> bool:
 def _scaled_mm_linear(x, weight, weight_scale, bias, input_scale):
     # Static shapes, no host sync: capturable in a CUDA graph
     q, scale = per_token_quant_fp8(x, input_scale)
+    return scaled_mm(q, scale, weight, weight_scale, bias, x.dtype)
+
+
+def scaled_mm(q, scale, weight, weight_scale, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """Quantized rows q (M, K) with scales (M, 1) -> (M, N); also the entry of a fused norm's or activation's
+    output (layers/quantization/fuse.py)."""
     # weight (N, K) row-major: its .t() is the column-major (K, N) operand _scaled_mm needs, no copy
     return torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), bias=bias,
-                            out_dtype=x.dtype)
+                            out_dtype=out_dtype)
 
 
 def fp8_linear_emulated(x, weight, weight_scale, bias, input_scale):

@@ -8,7 +8,7 @@ checkpoint shard i fills rows sum(sizes[:i]) .. + sizes[i] of weight, weight_sca
 import torch
 from torch import nn
 
-from pagedllm.layers.quantization.fp8 import FP8, dequantize_blocks, fp8_linear, quantize_per_channel
+from pagedllm.layers.quantization.fp8 import FP8, dequantize_blocks, fp8_linear, quantize_per_channel, scaled_mm
 from pagedllm.layers.quantization.fp8_config import FP8_BLOCK, FLOAT, Fp8Config
 
 
@@ -18,6 +18,7 @@ class Fp8Linear(nn.Module):
         out_features = sum(shard_sizes)
         self.in_features, self.out_features, self.shard_sizes = in_features, out_features, shard_sizes
         self.config = config
+        self.out_dtype = torch.get_default_dtype()   # the model dtype: built under the loader's default dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
         self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
@@ -26,7 +27,10 @@ class Fp8Linear(nn.Module):
                             if config.static_input else None)
         self._pending: dict[int, dict[str, torch.Tensor]] = {}   # block format: a shard's weight or scales
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x in the model dtype, or (fp8 rows, (M, 1) scales) from a fused norm or activation (fuse.py)."""
+        if isinstance(x, tuple):
+            return scaled_mm(*x, self.weight, self.weight_scale, self.bias, self.out_dtype)
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
 
     def checkpoint_attrs(self) -> tuple[str, ...]:
