@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pagedllm.layers.quantization.fp8 import (FP8, FP8_MAX, dequantize_blocks, fp8_linear, fp8_linear_emulated,
-                                              quantize_per_channel, quantize_per_token)
+from pagedllm.layers.quantization.fp8 import (FP8, FP8_MAX, INV_FP8_MAX, dequantize_blocks, fp8_linear,
+                                              fp8_linear_emulated, quantize_per_channel, quantize_per_token)
 from pagedllm.layers.quantization.fp8_config import FP8_BLOCK, FP8_SCALED, Fp8Config, fp8_config
 from pagedllm.layers.quantization.fp8_linear import Fp8Linear
 from pagedllm.layers.quantization.kv_scales import kv_scale_target
@@ -19,7 +19,7 @@ def test_per_channel_round_trip_within_half_ulp():
     w = _randn(64, 96) * torch.logspace(-3, 2, 64)[:, None]    # rows of very different magnitudes
     q, scale = quantize_per_channel(w)
     assert q.dtype == FP8 and scale.shape == (64,) and scale.dtype == torch.float32
-    assert torch.equal(scale, w.abs().amax(dim=1) / FP8_MAX)
+    assert torch.equal(scale, w.abs().amax(dim=1) * INV_FP8_MAX)
     back = q.float() * scale[:, None]
     # each row's absmax lands on 448 (up to float32 rounding of x / scale * scale); normal values within
     # 1/16 relative, subnormals within half the smallest subnormal step (2^-10 of the scale)

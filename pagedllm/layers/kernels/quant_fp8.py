@@ -3,9 +3,9 @@
 One program per row. A row of up to MAX_BLOCK elements is read once and held in registers (the two-pass
 version took 143 us for W2's 8192 x 14336 down_proj input on an H200, ~3x the bytes' time); a longer one
 takes two passes in BLOCK tiles: the row's absmax, then x / scale clamped to +-448 and cast.
-Dynamic: scale = max(absmax / 448, SCALE_EPS);
-static: the given scalar scale. Bit-exact with pagedllm.layers.quantization.fp8.quantize_per_token: IEEE
-divisions (div_rn; Triton's `/` on float32 is approximate), absmax is exact in any dtype.
+Dynamic: scale = max(absmax * float32(1 / 448), SCALE_EPS) (fp8.py says why a multiply);
+static: the given scalar scale. Bit-exact with pagedllm.layers.quantization.fp8.quantize_per_token: x / scale
+an IEEE division (div_rn; Triton's `/` on float32 is approximate), absmax exact in any dtype.
 
 The fused variants (fused_quant_fp8.py: RMSNorm or SiLU-and-mul, then quantize) share quantize_row.
 """
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.quantization.fp8 import FP8, FP8_MAX, SCALE_EPS
+from pagedllm.layers.quantization.fp8 import FP8, FP8_MAX, INV_FP8_MAX, SCALE_EPS
 
 MAX_BLOCK = 16384
 
@@ -25,7 +25,7 @@ def _row_scale(x_row, n_cols, FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK: t
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    return tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX), EPS)
+    return tl.maximum(tl.max(amax, axis=0) * INV_FP8_MAX, EPS)
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _store_quantized(x, scale, q_ptrs, mask, FP8_MAX: tl.constexpr):
 @triton.jit
 def quantize_row(x, q_ptrs, mask, scale_ptr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     """A whole row x (float32, masked lanes 0) in registers: its dynamic scale and fp8 values."""
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), FP8_MAX), EPS)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) * INV_FP8_MAX, EPS)
     tl.store(scale_ptr, scale)
     _store_quantized(x, scale, q_ptrs, mask, FP8_MAX)
 

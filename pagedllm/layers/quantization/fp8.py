@@ -14,6 +14,10 @@ per_token_quant_fp8 = lazy_kernel(globals(), "pagedllm.layers.kernels.quant_fp8"
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0          # torch.finfo(float8_e4m3fn).max; the cast of a larger value is NaN, so clamp first
+# Scales are absmax * float32(1/448), a multiplication: torch divides a CUDA tensor by a Python number as a
+# multiplication by its reciprocal but a CPU tensor truly, so `absmax / 448` would differ between devices by
+# an ulp, and so would every value quantized with it. A float32 multiply is the same everywhere.
+INV_FP8_MAX = float(torch.tensor(1 / FP8_MAX, dtype=torch.float32))
 SCALE_EPS = 1e-12        # floor of a dynamic scale: an all-zero row quantizes to zeros, not NaN
 _MM_ALIGN = 16           # _scaled_mm: K and N multiples of 16 (fp8 operands 16-byte aligned)
 _MM_DTYPES = (torch.bfloat16, torch.float16)   # rowwise _scaled_mm outputs (float32 only through cuBLAS on sm90)
@@ -25,18 +29,18 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (N, K) -> (q (N, K) fp8, scale (N,) float32): scale = absmax(row) / 448."""
+    """weight (N, K) -> (q (N, K) fp8, scale (N,) float32): scale = absmax(row) * float32(1/448)."""
     w = weight.float()
-    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(SCALE_EPS)
+    scale = (w.abs().amax(dim=1) * INV_FP8_MAX).clamp_min(SCALE_EPS)
     return quantize(w, scale[:, None]), scale
 
 
 def quantize_per_token(x: torch.Tensor, input_scale: torch.Tensor | None = None):
-    """x (M, K) -> (q (M, K) fp8, scale (M, 1) float32): dynamic absmax(row) / 448, or the static input_scale.
-    The torch reference of the Triton kernel (bit-exact)."""
+    """x (M, K) -> (q (M, K) fp8, scale (M, 1) float32): dynamic absmax(row) * float32(1/448), or
+    the static input_scale. The torch reference of the Triton kernel (bit-exact)."""
     x32 = x.float()
     if input_scale is None:
-        scale = (x32.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(SCALE_EPS)
+        scale = (x32.abs().amax(dim=-1, keepdim=True) * INV_FP8_MAX).clamp_min(SCALE_EPS)
     else:
         scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
     return quantize(x32, scale), scale
