@@ -14,8 +14,10 @@ class SiluAndMul(nn.Module):
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up (T, 2 * I), gate first -> silu(gate) * up (T, I)."""
+        if self.quant_fp8:   # set on CUDA only (quantization/fuse.py)
+            return silu_and_mul_quant_fp8(gate_up)
         if gate_up.is_cuda:
-            return silu_and_mul_quant_fp8(gate_up) if self.quant_fp8 else silu_and_mul(gate_up)
+            return silu_and_mul(gate_up)
         return self.forward_native(gate_up)
 
     def forward_native(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,9 @@ class RMSNorm(nn.Module):
         Folding the residual add into the norm lets a decoder layer pass (hidden, residual) along:
             hidden, residual = norm(hidden, residual)   # residual <- hidden + residual
         """
+        if self.quant_fp8:   # set on CUDA only (quantization/fuse.py)
+            return rms_norm_quant_fp8(x, self.weight, self.variance_epsilon, residual)
         if x.is_cuda:
-            if self.quant_fp8:
-                return rms_norm_quant_fp8(x, self.weight, self.variance_epsilon, residual)
             return rms_norm(x, self.weight, self.variance_epsilon, residual)
         return self.forward_native(x, residual)
 

@@ -12,9 +12,6 @@ import triton.language as tl
 from pagedllm.layers.kernels.quant_fp8 import quantize_row
 from pagedllm.layers.quantization.fp8 import FP8, FP8_MAX, SCALE_EPS
 
-MAX_FUSED_BLOCK = 32768   # a row larger than this would spill registers: such layers stay unfused
-
-
 @triton.jit
 def rms_norm_quant_kernel(
     x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr,
@@ -48,10 +45,6 @@ def silu_and_mul_quant_kernel(gate_up_ptr, q_ptr, scale_ptr, stride_in, stride_q
     silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
     out = (silu.to(tl.float32) * up.to(tl.float32)).to(up.dtype).to(tl.float32)
     quantize_row(out, q_ptr + row * stride_q + cols, mask, scale_ptr + row, FP8_MAX, EPS)
-
-
-def fusable(n_cols: int) -> bool:
-    return triton.next_power_of_2(n_cols) <= MAX_FUSED_BLOCK
 
 
 def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -13,11 +13,12 @@ from pagedllm.layers.quantization.fp8 import scaled_mm_supported
 from pagedllm.layers.quantization.fp8_linear import Fp8Linear
 
 ENABLED = os.environ.get("PAGEDLLM_FP8_FUSED", "1") != "0"
+MAX_FUSED_COLS = 32768   # the fused kernels hold a row in registers: a longer one would spill
 
 
-def fuse_fp8_inputs(model: nn.Module) -> int:
-    """Flag the producers of every fusable FP8 linear's input in a decoder; returns how many were flagged."""
-    from pagedllm.layers.kernels.fused_quant_fp8 import fusable
+def fuse_fp8_inputs(model: nn.Module, on_cpu: bool = False) -> int:
+    """Flag the producers of every fusable FP8 linear's input in a decoder; returns how many were flagged.
+    on_cpu: also a CPU model (tests of the plumbing, with torch stand-ins for the kernels)."""
     if not ENABLED:
         return 0
     fused = 0
@@ -26,9 +27,9 @@ def fuse_fp8_inputs(model: nn.Module) -> int:
                  (layer.post_attention_layernorm, layer.mlp.gate_up_proj),
                  (layer.mlp.act_fn, layer.mlp.down_proj))
         for producer, linear in pairs:
-            if (isinstance(linear, Fp8Linear) and linear.weight.is_cuda and linear.input_scale is None
+            if (isinstance(linear, Fp8Linear) and (linear.weight.is_cuda or on_cpu) and linear.input_scale is None
                     and scaled_mm_supported(linear.in_features, linear.out_features, linear.out_dtype)
-                    and fusable(linear.in_features)):
+                    and linear.in_features <= MAX_FUSED_COLS):
                 producer.quant_fp8 = True
                 fused += 1
     return fused
