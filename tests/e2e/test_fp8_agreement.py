@@ -22,7 +22,8 @@ def test_fp8_keeps_float32_tokens(device):
     ref = greedy(fp32, PROMPTS, 32)
     ref_positions = forced_positions(fp32, ref)
     dtype = "float32" if device == "cpu" else "bfloat16"
-    fp8 = LLM(device=device, dtype=dtype, quantization="fp8", num_gpu_blocks_override=256, log_stats_interval=0)
+    fp8 = LLM(device=device, dtype=dtype, quantization="fp8", num_gpu_blocks_override=256, log_stats_interval=0,
+              max_num_seqs=64, max_num_batched_tokens=2048)   # small CUDA graphs and buffers on a shared GPU
     ours = teacher_forced(ref, ref_positions, forced_positions(fp8, ref))
     print(f"fp8 {device}: share {ours.share:.4f}, logprob error {ours.logprob_error:.4f}, "
           f"flips {len(ours.gaps)}, largest gap {max(ours.gaps, default=0):.3f}")
