@@ -4,7 +4,7 @@ from pagedllm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "EngineConfig", "LoRARequest"]
 
 
 def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free of import cycles
@@ -20,4 +20,7 @@ def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free o
     if name == "EngineConfig":
         from pagedllm.config import EngineConfig
         return EngineConfig
+    if name == "LoRARequest":
+        from pagedllm.lora.request import LoRARequest
+        return LoRARequest
     raise AttributeError(name)

@@ -83,6 +83,11 @@ class EngineConfig:
                                         "(ngram), model (draft_model), rejection_sample_method (strict or "
                                         "synthetic, with synthetic_acceptance_rate(s)), disable_by_batch_size, "
                                         "max_step_tokens; None = off")
+    enable_lora: bool = _f(False, "serve LoRA adapters (PEFT) over the base model, several in one step; on CUDA "
+                                  "the engine then runs eager (no CUDA graphs) until the LoRA kernels land")
+    max_loras: int = _f(1, "most distinct LoRA adapters in one step (device slots)")
+    max_lora_rank: int = _f(16, "largest LoRA rank served; adapters are zero-padded to it")
+    max_cpu_loras: int | None = _f(None, "LoRA adapters kept loaded in CPU memory (LRU; default: max_loras)")
 
     def __post_init__(self):
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
@@ -109,6 +114,7 @@ class EngineConfig:
         _check(self.structured_outputs_compile_workers >= 1, "structured_outputs_compile_workers", ">= 1",
                self.structured_outputs_compile_workers)
         self._check_kv_tiers()
+        self._check_lora()
         from pagedllm.spec_decode.config import SpeculativeConfig
         self.speculative = SpeculativeConfig.parse(self.speculative_config)   # None: off
 
@@ -124,6 +130,19 @@ class EngineConfig:
         _check(self.kv_disk_dir is None or self.cpu_offload_gb > 0, "cpu_offload_gb",
                "> 0 GiB when kv_disk_dir is set (disk blocks are read and written through the CPU tier)",
                self.cpu_offload_gb)
+
+    def _check_lora(self):
+        _check(isinstance(self.max_loras, int) and self.max_loras >= 1, "max_loras", "an integer >= 1",
+               self.max_loras)
+        _check(isinstance(self.max_lora_rank, int) and self.max_lora_rank >= 1, "max_lora_rank",
+               "an integer >= 1", self.max_lora_rank)
+        _check(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras, "max_cpu_loras",
+               f"None or >= max_loras ({self.max_loras})", self.max_cpu_loras)
+        _check(not (self.enable_lora and self.quantization), "quantization",
+               "None with enable_lora (LoRA over FP8 linears is not built yet)", self.quantization)
+        _check(not (self.enable_lora and self.speculative_config), "speculative_config",
+               "None with enable_lora (the draft model and verify steps do not apply adapters yet)",
+               self.speculative_config)
 
     def with_batch_defaults(self, large_gpu: bool, serving: bool) -> "EngineConfig":
         """max_num_seqs and max_num_batched_tokens left unset get defaults for the machine, as vLLM does:

@@ -34,19 +34,21 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Runs every prompt to completion; outputs come back in input order. A request the engine core
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+        """lora_request: a LoRARequest for every prompt, or a list of one (or None: the base) per prompt.
+        Runs every prompt to completion; outputs come back in input order. A request the engine core
         fails (its own data raised there, or its step did; the log says why) comes back with
         finish_reason "error" on its sequences, and the others as if it had not been there."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
+        loras = _loras_per_prompt(lora_request, len(prompts))
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras):
                 ids.append(str(next(self._ids)))
-                self.engine.add_request(ids[-1], _prompt_value(prompt), p, OutputKind.FINAL)
+                self.engine.add_request(ids[-1], _prompt_value(prompt), p, OutputKind.FINAL, lora_request=lora)
         except Exception:
             self.engine.abort_request(ids)   # all or nothing: no half-added batch left in the engine
             raise
@@ -179,3 +181,11 @@ def _params_per_prompt(params, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts: give one, or one per prompt")
     return list(params)
+
+
+def _loras_per_prompt(lora_request, n: int) -> list:
+    if not isinstance(lora_request, (list, tuple)):
+        return [lora_request] * n
+    if len(lora_request) != n:
+        raise ValueError(f"lora_request has {len(lora_request)} entries for {n} prompts: give one, or one per prompt")
+    return list(lora_request)

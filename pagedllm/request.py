@@ -31,7 +31,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  max_tokens: int, block_size: int, arrival_time: float | None = None,
-                 cache_salt: str | None = None):
+                 cache_salt: str | None = None, lora_request=None):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
@@ -47,6 +47,8 @@ class Request:
         self.stop_reason: int | str | None = None
         self.error: str | None = None    # FINISHED_ERROR inside a step: why
         self.cache_salt = cache_salt     # in the first block's extra keys: only equal salts share blocks
+        self.lora_request = lora_request   # LoRARequest or None (the base model)
+        self.lora_int_id = lora_request.lora_int_id if lora_request is not None else 0
         self.block_hashes: list[BlockHash] = []
         self.grammar = None    # structured output: its RequestGrammar (structured_output/manager.py)
         self._update_block_hashes()
@@ -73,5 +75,9 @@ class Request:
         if (done + 1) * bs > self.num_tokens:
             return    # a decode step that fills no block: most calls
         parent = self.block_hashes[-1] if done else None
-        extra = (self.cache_salt,) if done == 0 and self.cache_salt is not None else None
+        extra = None
+        if done == 0 and (self.cache_salt is not None or self.lora_request is not None):
+            # the adapter too: its KV differs from the base's and from any other adapter's
+            extra = tuple(k for k in (self.cache_salt, self.lora_request and self.lora_request.cache_key)
+                          if k is not None)
         self.block_hashes += hash_full_blocks(parent, self.all_token_ids[done * bs:], bs, extra)

@@ -22,15 +22,18 @@ from pagedllm.core.offload import KVOffloadManager
 from pagedllm.metrics import SchedulerStats
 from pagedllm.request import Request, RequestStatus
 
+_BLOCKED = frozenset()   # LoRA: an adapter request waits for a slot; later adapter requests wait behind it
+
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, offload: KVOffloadManager | None = None):
+                 max_model_len: int, offload: KVOffloadManager | None = None, max_loras: int | None = None):
         self.kv = kv_cache_manager
         self.offload = offload or KVOffloadManager(kv_cache_manager.block_size)   # the tiers below the GPU
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.max_loras = max_loras   # LoRA on: most distinct adapters among the running requests
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -136,12 +139,19 @@ class Scheduler:
 
         # Admitting new work right after preempting would only preempt again.
         preempted = self.num_preemptions > num_preemptions_before
+        loras = None if self.max_loras is None else {r.lora_int_id for r in self.running if r.lora_int_id}
         i = 0   # the first waiting request not skipped
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[i]
             if req.grammar is not None and req.grammar.matcher is None:
                 i += 1                                  # its grammar compiles: the requests after it go first
                 continue
+            if loras is not None and req.lora_int_id and req.lora_int_id not in loras:
+                if len(loras) >= self.max_loras or loras is _BLOCKED:
+                    # max_loras adapters run: it waits, and so does every adapter request after it (FIFO: the
+                    # running adapters drain and it goes first); base requests may still pass
+                    loras, i = _BLOCKED, i + 1
+                    continue
             if req.num_output_placeholders:
                 break                                   # preempted with a token in flight: resumes after it
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
@@ -161,6 +171,8 @@ class Scheduler:
             req.num_computed_tokens = num_hit + load.num_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if loras is not None and req.lora_int_id:
+                loras.add(req.lora_int_id)
             # First scheduled, or resumed after preemption: the runner gets it in full.
             new_reqs.append(NewRequestData(req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
                                            req.sampling_params, self.kv.get_block_ids(req.request_id),

@@ -20,6 +20,7 @@ from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.request import Request, RequestStatus
 from pagedllm.runner.model_runner import ModelRunner, PendingOutput
 from pagedllm.engine.tokenizer import load_engine_tokenizer, load_eos_token_ids
+from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.speculator import Speculator
 from pagedllm.structured_output.compiler import GrammarCompilePool
@@ -36,6 +37,7 @@ class EngineCoreRequest:
     max_tokens: int
     arrival_time: float
     cache_salt: str | None
+    lora_request: "LoRARequest | None" = None
 
 
 class EngineCore:
@@ -49,7 +51,7 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
                                                offload and offload.on_gpu_evict)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   max_model_len, offload)
+                                   max_model_len, offload, config.max_loras if config.enable_lora else None)
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepStats] | None = None   # launched, not read
         self.structured = StructuredOutputManager(GrammarCompilePool(
             lambda: load_engine_tokenizer(config), hf_config.vocab_size,
@@ -67,15 +69,34 @@ class EngineCore:
         try:
             # The Request hashes the prompt's blocks: that work stays here, off the API process.
             request = Request(r.request_id, r.prompt_token_ids, r.sampling_params, r.max_tokens,
-                              self.block_size, r.arrival_time, r.cache_salt)
+                              self.block_size, r.arrival_time, r.cache_salt, r.lora_request)
             self.runner.add_request(r.request_id, r.sampling_params)
             if r.sampling_params.structured_outputs is not None:   # compiles on a worker from now on
                 request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs)
+            if r.lora_request is not None:   # last: a bad adapter (its ValueError) fails this request alone
+                self.runner.add_lora_request(r.request_id, r.lora_request)
         except Exception as e:
             logger.error("request %s failed as it entered the engine core: %s", r.request_id, _describe(e))
             self._failed.append(EngineCoreOutput(r.request_id, [], finish_reason="error", error=_describe(e)))
             return
         self.scheduler.add_request(request)
+
+    # ---- LoRA adapters (vLLM's LLMEngine names) -------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Loads an adapter into the host LRU now (a bad one raises its ValueError)."""
+        return self._lora().add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """False for an unknown adapter or one that unfinished requests use (they finish under it)."""
+        return self._lora().remove(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self._lora().loaded_ids()
+
+    def _lora(self):
+        if self.runner.lora is None:
+            raise ValueError("LoRA adapters need enable_lora=True (--enable-lora)")
+        return self.runner.lora
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus):
         self.scheduler.finish_requests(request_ids, status)

@@ -81,14 +81,17 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     kind: OutputKind = OutputKind.FINAL, arrival_time: float | None = None,
-                    cache_salt: str | None = None):
-        """Validates and queues a request; a request that can never run is a ValueError here."""
+                    cache_salt: str | None = None, lora_request=None):
+        """Validates and queues a request; a request that can never run is a ValueError here. lora_request:
+        a LoRARequest (enable_lora), its adapter read now if new: a bad adapter is a ValueError here."""
         num_seqs = params.num_sequences
         child_ids = [child_request_id(request_id, i, num_seqs) for i in range(num_seqs)]
         if (request_id in self.output_processor.parents
                 or any(c in self.core.scheduler.requests for c in child_ids)):
             raise ValueError(f"request_id {request_id!r} is already in use")
-        req = self.input_processor.process(request_id, prompt, params, arrival_time, cache_salt)
+        if lora_request is not None:
+            self.core.add_lora(lora_request)   # raises for LoRA off or a bad adapter, before anything is queued
+        req = self.input_processor.process(request_id, prompt, params, arrival_time, cache_salt, lora_request)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
         for core_request in req.core_requests:
@@ -117,6 +120,16 @@ class Engine:
             self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         self.stats_logger.maybe_log(self.get_stats)
         return outputs
+
+    # ---- LoRA adapters (vLLM's LLMEngine names; see EngineCore) -------------------------------------------
+    def add_lora(self, lora_request) -> bool:
+        return self.core.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.core.remove_lora(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self.core.list_loras()
 
     def reset_prefix_cache(self) -> bool:
         """See EngineCore.reset_prefix_cache: the GPU prefix cache and the CPU and disk tiers."""

@@ -44,7 +44,8 @@ class InputProcessor:
                    config.block_size, num_blocks, config.enable_prefix_caching, config.max_num_seqs)
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                arrival_time: float | None = None, cache_salt: str | None = None) -> ProcessedRequest:
+                arrival_time: float | None = None, cache_salt: str | None = None,
+                lora_request=None) -> ProcessedRequest:
         """Raises ValueError, naming the field and the limit, for a request that can never run.
         cache_salt: only requests of the same salt share blocks (beam search: the beams of one search, even
         with prefix caching off); None: the engine's rule below."""
@@ -78,7 +79,7 @@ class InputProcessor:
                 # best_of ranks by cumulative logprob: each sample's token logprob is needed
                 logprobs=0 if params.logprobs is None and num_seqs > params.n else params.logprobs)
             core_requests.append(EngineCoreRequest(child_request_id(request_id, i, num_seqs), prompt_ids,
-                                                   child_params, max_tokens, arrival_time, salt))
+                                                   child_params, max_tokens, arrival_time, salt, lora_request))
         return ProcessedRequest(text, prompt_ids, params, arrival_time, core_requests)
 
     def _prompt_ids(self, prompt: str | list) -> list[int]:

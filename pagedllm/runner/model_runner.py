@@ -48,6 +48,10 @@ class ModelRunner:
         start = time.perf_counter()
         self.model = load_model(config.model, hf_config, dtype, device, config.load_format, config.quantization)
         self.load_seconds = time.perf_counter() - start
+        self.lora = None   # LoRA adapters: slots and host copies (lora/manager.py); None: off, the model untouched
+        if config.enable_lora:
+            from pagedllm.lora.manager import LoRAManager
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras, device)
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(hf_config)
         self.dtype = dtype
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)   # the draft's KV stays in dtype
@@ -82,7 +86,7 @@ class ModelRunner:
         if config.speculative is not None and config.speculative.method == "draft_model":
             self.draft = DraftModel(config, hf_config, device, dtype, max_model_len)
         self.graphs = None
-        if device.type == "cuda" and not config.enforce_eager:
+        if device.type == "cuda" and not config.enforce_eager and self.lora is None:   # LoRA: eager for now
             mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))
             self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top),
                                      shared=shared_rows_per_item > 0)
@@ -116,6 +120,12 @@ class ModelRunner:
         """Builds what depends on the request's own data (its generator) as it enters the engine core: data
         that raises here fails this request alone (EngineCore.add_request), never a step of others."""
         self._admitted[req_id] = self._make_generator(params)
+
+    def add_lora_request(self, req_id: str, lora_request):
+        """The request runs under this adapter: loaded now if new (a bad one raises here), held until it ends."""
+        if self.lora is None:
+            raise ValueError("a lora_request needs enable_lora=True (--enable-lora)")
+        self.lora.acquire(req_id, lora_request)
 
     def reset_after_failed_step(self):
         """A launched step raised. Its requests are failed; the step before it is read next, so no input
@@ -166,6 +176,8 @@ class ModelRunner:
         if graph is not None:
             hidden = self.graphs.replay(*graph, inputs.attn_metadata.shared is not None)
         else:
+            if self.lora is not None:
+                self.lora.prepare_step([r.req_id for r in step_rows], query_lens, inputs.input_ids.shape[0])
             with set_forward_context(inputs.attn_metadata, self.kv_caches):
                 hidden = self.model(inputs.input_ids, inputs.positions)
         out = ModelRunnerOutput(kv_transfer=transfer)
@@ -274,6 +286,8 @@ class ModelRunner:
     def _update_states(self, sched: SchedulerOutput):
         for req_id in sched.finished_req_ids:
             self._admitted.pop(req_id, None)
+            if self.lora is not None:
+                self.lora.release(req_id)
             if self.draft is not None:
                 self.draft.forget(req_id)
             state = self.states.pop(req_id, None)

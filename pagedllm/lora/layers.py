@@ -1,0 +1,74 @@
+"""LoRA on a linear layer: y = base(x) + (x @ A^T) @ B^T for the tokens of rows whose request has an adapter.
+
+Adapters sit in `max_loras` slots of stacked tensors, zero-padded to max_lora_rank (exact: padded columns add
+products with zero). A fused layer's shards are one block-diagonal product: A stacks each shard's (R, in) on
+the rank axis, B puts each shard's (out_i, R) in its rows and its rank columns (zeros elsewhere add nothing).
+The scale is folded into B at load. Each step the runner sets LoRAStepState: every token's slot (-1: none)
+on the device, and the slots present in the step as a host list; the layer loops over those slots, not over
+tokens, and reads no device value (no sync). Torch code on every device; on CUDA the engine runs eager until
+batched shrink/expand kernels replace this loop.
+"""
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoRAStepState:
+    """Shared by every LoRALinear of a model; set by the runner before each forward."""
+    token_slots: torch.Tensor | None = None     # (T,) int64 on the device, -1: a base token
+    active_slots: list[int] = field(default_factory=list)
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, max_loras: int, max_rank: int, state: LoRAStepState):
+        super().__init__()
+        self.base = base
+        self.state = state
+        self.shard_sizes = tuple(getattr(base, "shard_sizes", (base.out_features,)))
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.max_rank = max_rank
+        weight = base.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point and weight.element_size() > 1 else torch.bfloat16
+        n = len(self.shard_sizes)
+        self.register_buffer("lora_a", torch.zeros(max_loras, n * max_rank, self.in_features, dtype=dtype,
+                                                   device=weight.device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(max_loras, self.out_features, n * max_rank, dtype=dtype,
+                                                   device=weight.device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.state.active_slots:
+            return y
+        slots = self.state.token_slots[:x.shape[0]]
+        xl = x.to(self.lora_a.dtype)
+        for s in self.state.active_slots:
+            delta = (xl @ self.lora_a[s].t()) @ self.lora_b[s].t()          # (T, out)
+            y = y + delta.to(y.dtype) * (slots == s).unsqueeze(1).to(y.dtype)
+        return y
+
+    def set_slot(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor]] | None):
+        """Writes an adapter's shards (A (r, in), B*scale (out_i, r)) into a slot; None or missing shards: zeros."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        R = self.max_rank
+        for shard, (a, b) in (shards or {}).items():
+            r, row = a.shape[0], sum(self.shard_sizes[:shard])
+            self.lora_a[slot, shard * R:shard * R + r].copy_(a)
+            self.lora_b[slot, row:row + b.shape[0], shard * R:shard * R + r].copy_(b)
+
+
+def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int) -> tuple[LoRAStepState, dict[str, LoRALinear]]:
+    """Replaces every decoder linear LoRA may target (qkv_proj, o_proj, gate_up_proj, down_proj) by a LoRALinear
+    around it; returns the shared step state and the wrappers by module name."""
+    state, wrapped = LoRAStepState(), {}
+    targets = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    for i, _ in enumerate(model.model.layers):
+        for t in targets:
+            name = f"model.layers.{i}.{t}"
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            wrapped[name] = LoRALinear(getattr(parent, leaf), max_loras, max_rank, state)
+            setattr(parent, leaf, wrapped[name])
+    return state, wrapped

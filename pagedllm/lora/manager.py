@@ -1,0 +1,119 @@
+"""Adapters of a model: an LRU of host copies (max_cpu_loras) and max_loras device slots.
+
+An adapter is read from disk when first requested (`get`, at add_request: a bad adapter is that request's
+ValueError) or by add_lora. Requests hold a reference to their adapter (`acquire` / `release`); an adapter in
+use is never evicted from the host LRU (it may exceed max_cpu_loras until they finish) and `remove` refuses
+it (returns False: its requests finish under it, as nothing of theirs changes mid-generation). Device slots
+are filled per step (`prepare_step`): the scheduler keeps the running requests to at most max_loras distinct
+adapters, so the step's adapters always fit; a slot keeps its adapter until another needs it (LRU).
+"""
+from collections import Counter, OrderedDict
+
+import torch
+
+from pagedllm.lora.layers import LoRALinear, wrap_lora_layers
+from pagedllm.lora.peft_loader import LoRAModel, load_peft_adapter
+from pagedllm.lora.request import LoRARequest
+
+
+class LoRAManager:
+    def __init__(self, model: torch.nn.Module, max_loras: int, max_lora_rank: int, max_cpu_loras: int | None,
+                 device: torch.device):
+        self.model = model
+        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.max_cpu_loras = max_cpu_loras or max_loras
+        self.device = device
+        self.state, self.layers = wrap_lora_layers(model, max_loras, max_lora_rank)
+        self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()   # lora_int_id -> host copy, LRU first
+        self.in_use: Counter[int] = Counter()                   # lora_int_id -> requests holding it
+        self.slots: list[int | None] = [None] * max_loras       # slot -> lora_int_id
+        self.slot_used: list[int] = [0] * max_loras             # step count of last use (LRU among slots)
+        self.req_lora: dict[str, int] = {}                      # req_id -> lora_int_id
+        self._steps = 0
+
+    # ---- adapters ------------------------------------------------------------------------------------
+    def get(self, req: LoRARequest) -> LoRAModel:
+        """The adapter's host copy, read from disk on first use; the same id with another name or path is an error."""
+        lora = self.cpu.get(req.lora_int_id)
+        if lora is not None:
+            if lora.request != req:
+                raise ValueError(f"lora_int_id {req.lora_int_id} is already adapter {lora.request.lora_name!r} "
+                                 f"({lora.request.lora_path}), not {req.lora_name!r} ({req.lora_path})")
+            self.cpu.move_to_end(req.lora_int_id)
+            return lora
+        lora = load_peft_adapter(req, self.model, self.max_lora_rank)
+        self.cpu[req.lora_int_id] = lora
+        self._evict()
+        return lora
+
+    def add(self, req: LoRARequest) -> bool:
+        self.get(req)
+        return True
+
+    def remove(self, lora_int_id: int) -> bool:
+        """False when no such adapter is loaded or requests still run under it (they finish unchanged)."""
+        if lora_int_id not in self.cpu or self.in_use[lora_int_id]:
+            return False
+        del self.cpu[lora_int_id]
+        for s, held in enumerate(self.slots):
+            if held == lora_int_id:
+                self.slots[s] = None
+        return True
+
+    def loaded_ids(self) -> set[int]:
+        return set(self.cpu)
+
+    def _evict(self):
+        for lid in [lid for lid in self.cpu if not self.in_use[lid]]:
+            if len(self.cpu) <= self.max_cpu_loras:
+                break
+            self.remove(lid)
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def acquire(self, req_id: str, req: LoRARequest):
+        self.get(req)
+        self.in_use[req.lora_int_id] += 1
+        self.req_lora[req_id] = req.lora_int_id
+
+    def release(self, req_id: str):
+        lid = self.req_lora.pop(req_id, None)
+        if lid is not None:
+            self.in_use[lid] -= 1
+            if not self.in_use[lid]:
+                del self.in_use[lid]
+                self._evict()
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def prepare_step(self, row_req_ids: list[str], query_lens: list[int], num_tokens: int):
+        """Puts the step's adapters in slots and sets every token's slot (-1 for base rows)."""
+        self._steps += 1
+        ids = [self.req_lora.get(r, 0) for r in row_req_ids]
+        wanted = {lid for lid in ids if lid}
+        if not wanted:
+            self.state.active_slots = []
+            return
+        slot_of = {lid: s for s, lid in enumerate(self.slots) if lid in wanted}
+        for lid in wanted - slot_of.keys():
+            free = [s for s in range(self.max_loras) if self.slots[s] not in wanted]
+            s = min(free, key=lambda s: (self.slots[s] is not None, self.slot_used[s]))
+            self._fill(s, lid)
+            slot_of[lid] = s
+        for s in slot_of.values():
+            self.slot_used[s] = self._steps
+        host = torch.full((num_tokens,), -1, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        start = 0
+        for lid, q in zip(ids, query_lens):
+            if lid:
+                host[start:start + q] = slot_of[lid]
+            start += q
+        self.state.token_slots = host.to(self.device, non_blocking=True)
+        self.state.active_slots = sorted(slot_of.values())
+
+    def _fill(self, slot: int, lid: int):
+        lora = self.cpu[lid]
+        for name, layer in self.layers.items():
+            layer.set_slot(slot, lora.modules.get(name))
+        self.slots[slot] = lid
+
+    def clear_step(self):
+        self.state.active_slots = []

@@ -1,0 +1,106 @@
+"""A PEFT LoRA adapter directory read into per-module A/B tensors that fit our (partly fused) base model.
+
+PEFT names: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight (r, in) and .lora_B.weight
+(out, r). q/k/v land in qkv_proj's shards 0/1/2 and gate/up in gate_up_proj's 0/1 (models/llama.py).
+Everything we do not implement is a ValueError naming the adapter and the field, never a silent no-op.
+"""
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pagedllm.lora.request import LoRARequest
+
+# HF module -> (our module, shard index): the targets we serve
+TARGETS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
+           "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
+           "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1), "down_proj": ("mlp.down_proj", 0)}
+_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+# options whose non-default value changes the math: (field, the value we implement)
+_UNSUPPORTED = (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False), ("layers_to_transform", None),
+                ("layers_pattern", None), ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None),
+                ("target_parameters", None), ("trainable_token_indices", None), ("lora_bias", False),
+                ("use_qalora", False), ("megatron_config", None), ("exclude_modules", None))
+
+
+@dataclass
+class LoRAModel:
+    """An adapter on the host: per our module name, {shard index: (A (r, in), B (out, r) * scale)}, float32."""
+    request: LoRARequest
+    rank: int
+    scale: float
+    modules: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+
+def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: int) -> LoRAModel:
+    """Reads and checks req.lora_path against `model` (our LlamaForCausalLM family)."""
+    where = f"LoRA adapter {req.lora_name!r} ({req.lora_path})"
+    path = Path(req.lora_path)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).is_file():
+            raise ValueError(f"{where}: {name} not found (a PEFT adapter directory has adapter_config.json "
+                             f"and adapter_model.safetensors)")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+    _check_config(cfg, rank, max_lora_rank, where)
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    from safetensors.torch import load_file
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    lora = LoRAModel(req, rank, float(scale))
+    pairs: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = _NAME.match(name)
+        if m is None or m.group(3) not in TARGETS:
+            raise ValueError(f"{where}: tensor {name!r} targets a module the model lacks or that LoRA serving "
+                             f"does not support (target_modules may be {sorted(TARGETS)})")
+        layer, _, hf_module, ab = m.groups()
+        ours, shard = TARGETS[hf_module]
+        pairs.setdefault((f"model.layers.{layer}.{ours}", shard), {})[ab] = t.float()
+    if not pairs:
+        raise ValueError(f"{where}: adapter_model.safetensors holds no LoRA tensors")
+    for (module_name, shard), ab in pairs.items():
+        a, b = _fit(model, module_name, shard, ab, rank, where)
+        lora.modules.setdefault(module_name, {})[shard] = (a, b * scale)
+    return lora
+
+
+def _check_config(cfg: dict, rank, max_lora_rank: int, where: str):
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type must be LORA, got {cfg.get('peft_type')!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{where}: r must be an integer >= 1, got {rank!r}")
+    if rank > max_lora_rank:
+        raise ValueError(f"{where}: r = {rank} is above max_lora_rank ({max_lora_rank}); raise --max-lora-rank")
+    for key, implemented in _UNSUPPORTED:
+        value = cfg.get(key, implemented)
+        if value != implemented and not (implemented is None and not value) and not (implemented == {} and not value):
+            raise ValueError(f"{where}: {key} = {value!r} is not supported (only {implemented!r})")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):
+        lacking = [t for t in targets if t.rsplit(".", 1)[-1] not in TARGETS]
+        if lacking:
+            raise ValueError(f"{where}: target_modules {lacking} are modules the model lacks or LoRA serving does "
+                             f"not support (it serves {sorted(TARGETS)})")
+    elif not isinstance(targets, str):   # a regex string is checked through the tensors' names
+        raise ValueError(f"{where}: target_modules must be a list of module names or a regex, got {targets!r}")
+
+
+def _fit(model, module_name: str, shard: int, ab: dict, rank: int, where: str):
+    """A (r, in) and B (out, r) of one shard, checked against the base module's shapes."""
+    if set(ab) != {"A", "B"}:
+        raise ValueError(f"{where}: {module_name} shard {shard} has lora_{'A' if 'A' in ab else 'B'} without "
+                         f"its pair")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise ValueError(f"{where}: the model has no module {module_name} (a different base model?)") from None
+    sizes = getattr(module, "shard_sizes", (module.out_features,))
+    expected = {"A": (rank, module.in_features), "B": (sizes[shard], rank)}
+    for k in "AB":
+        if tuple(ab[k].shape) != expected[k]:
+            raise ValueError(f"{where}: lora_{k} of {module_name} shard {shard} has shape {tuple(ab[k].shape)}, "
+                             f"the base model needs {expected[k]} (an adapter of another base model?)")
+    return ab["A"], ab["B"]

@@ -1,0 +1,210 @@
+"""LoRA serving against transformers + PEFT on a tiny random llama, float32: three adapters (different ranks and
+targets, one rsLoRA) and the base mixed in one generate call; greedy tokens identical, logprobs within 1e-4;
+also under preemption, chunked prefill, prefix caching, max_loras=1, add/remove while requests run, bad adapters."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_tiny_model
+from pagedllm import LLM, LoRARequest, SamplingParams
+
+MAX_NEW = 12
+TOL = 1e-4
+ADAPTERS = {   # name: (LoraConfig kwargs)
+    "rs": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "attn": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "all": dict(r=16, lora_alpha=32, target_modules=r".*\.(q_proj|o_proj|gate_proj|up_proj|down_proj)"),
+}
+rng = np.random.default_rng(0)
+PROMPTS = [rng.integers(3, 512, size=n).tolist() for n in (5, 17, 33, 40, 9, 26, 48, 12)]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0, ignore_eos=True)
+
+
+def make_adapter(base_dir, out_dir, seed, **kw):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **kw))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:   # PEFT's B starts at zero: the adapter would change nothing
+                p.normal_(0.0, 0.15)
+    peft_model.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = make_tiny_model(root / "base")
+    loras = {name: LoRARequest(name, i + 1, make_adapter(base, root / name, i, **kw))
+             for i, (name, kw) in enumerate(ADAPTERS.items())}
+    return base, loras, _references(base, loras)
+
+
+def _references(base, loras):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    refs = {}
+    for name in [None, *loras]:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        if name is not None:
+            model = PeftModel.from_pretrained(model, loras[name].lora_path)
+        model.eval()
+        out = []
+        for p in PROMPTS:
+            g = model.generate(input_ids=torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+            ids = g.sequences[0, len(p):].tolist()
+            out.append((ids, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(g.logits, ids)]))
+        refs[name] = out
+    return refs
+
+
+def assignment(loras):
+    """Per prompt: an adapter or None (the base), all four kinds mixed."""
+    names = [None, "rs", "attn", "all"]
+    return [names[i % 4] for i in range(len(PROMPTS))]
+
+
+def check(outputs, names, refs):
+    for i, (out, name) in enumerate(zip(outputs, names)):
+        ids, lps = refs[name][i]
+        comp = out.outputs[0]
+        assert comp.token_ids == ids, f"prompt {i} under {name}: {comp.token_ids} != {ids}"
+        got = [next(iter(pos.values())).logprob for pos in comp.logprobs]
+        np.testing.assert_allclose(got, lps, atol=TOL, rtol=0)
+
+
+def run(setup, names=None, **kw):
+    base, loras, refs = setup
+    names = names or assignment(loras)
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, **{"max_loras": 3, **kw})
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=[loras.get(n) for n in names])
+    check(outs, names, refs)
+    return llm
+
+
+def test_mixed_adapters_match_peft(setup):
+    refs = setup[2]
+    for name in ADAPTERS:   # each adapter changes the answers: the test is not passed by the base alone
+        assert sum(refs[name][i][0] != refs[None][i][0] for i in range(len(PROMPTS))) >= len(PROMPTS) // 2
+    llm = run(setup)
+    assert llm.engine.list_loras() == {1, 2, 3}
+
+
+@pytest.mark.parametrize("kw", [dict(num_gpu_blocks_override=12, block_size=4),   # preemption
+                                dict(max_num_batched_tokens=16),                    # chunked prefill
+                                dict(max_loras=1, max_cpu_loras=2)])                # one adapter a step, LRU
+def test_preemption_chunking_max_loras(setup, kw):
+    llm = run(setup, **kw)
+    stats = llm.engine.get_stats()
+    if "num_gpu_blocks_override" in kw:
+        assert stats.num_preemptions > 0
+    assert stats.num_blocks_free == stats.num_blocks_total
+
+
+def test_prefix_cache_never_shared_across_adapters(setup):
+    base, loras, refs = setup
+    names = [None, "rs", "attn", None]
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, max_loras=3)
+    prompt = PROMPTS[6]   # 48 tokens: 3 full blocks
+    outs = llm.generate([prompt] * 4, GREEDY, use_tqdm=False, lora_request=[loras.get(n) for n in names])
+    for out, name in zip(outs, names):
+        assert out.outputs[0].token_ids == refs[name][6][0]
+    assert outs[3].num_cached_tokens > 0      # the base shares with the base
+    # each adapter its own blocks: the same prompt under another adapter is a miss
+    outs2 = llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=loras["all"])
+    assert outs2[0].num_cached_tokens == 0 and outs2[0].outputs[0].token_ids == refs["all"][6][0]
+
+
+def test_add_remove_while_running(setup):
+    base, loras, refs = setup
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, max_loras=2)
+    engine = llm.engine
+    assert engine.add_lora(loras["attn"]) and engine.list_loras() == {2}
+    engine.add_request("a", PROMPTS[1], GREEDY, lora_request=loras["rs"])
+    engine.add_request("b", PROMPTS[2], GREEDY)
+    engine.step()
+    assert not engine.remove_lora(1)         # its request runs: refused, it finishes under it
+    assert engine.remove_lora(2)             # unused: gone
+    assert not engine.remove_lora(2) and engine.list_loras() == {1}
+    engine.add_request("c", PROMPTS[3], GREEDY, lora_request=loras["all"])
+    done = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert done["a"].outputs[0].token_ids == refs["rs"][1][0]
+    assert done["b"].outputs[0].token_ids == refs[None][2][0]
+    assert done["c"].outputs[0].token_ids == refs["all"][3][0]
+    assert engine.remove_lora(1) and engine.list_loras() == {3}
+
+
+def _bad(tmp_path, src, edit_cfg=None, edit_tensors=None):
+    d = tmp_path / "bad"
+    d.mkdir(exist_ok=True)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    if edit_cfg:
+        edit_cfg(cfg)
+    if edit_tensors:
+        tensors = edit_tensors(tensors)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    return str(d)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "adapter_config.json not found"),
+    ("rank", "max_lora_rank"),
+    ("target", "target_modules"),
+    ("shape", "another base model"),
+    ("dora", "use_dora"),
+    ("bias", "bias"),
+    ("modules_to_save", "modules_to_save"),
+    ("layers", "layers_to_transform"),
+])
+def test_bad_adapters(setup, tmp_path, case, match):
+    from pathlib import Path
+    base, loras, _ = setup
+    src = Path(loras["attn"].lora_path)
+    def widen(t):
+        return {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v) for k, v in t.items()}
+    path = {"missing": lambda: str(tmp_path / "nowhere"),
+            "rank": lambda: str(loras["all"].lora_path),
+            "target": lambda: _bad(tmp_path, src, lambda c: c.update(target_modules=["q_proj", "lm_head"])),
+            "shape": lambda: _bad(tmp_path, src, edit_tensors=widen),
+            "dora": lambda: _bad(tmp_path, src, lambda c: c.update(use_dora=True)),
+            "bias": lambda: _bad(tmp_path, src, lambda c: c.update(bias="all")),
+            "modules_to_save": lambda: _bad(tmp_path, src, lambda c: c.update(modules_to_save=["lm_head"])),
+            "layers": lambda: _bad(tmp_path, src, lambda c: c.update(layers_to_transform=[0])),
+            }[case]()
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, max_lora_rank=8)
+    with pytest.raises(ValueError, match=match):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("bad", 9, path))
+    # the engine runs on
+    out = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=loras["attn"])
+    assert out[0].outputs[0].token_ids == setup[2]["attn"][0][0]
+
+
+def test_lora_off(setup):
+    base, loras, refs = setup
+    llm = LLM(base, dtype="float32", log_stats_interval=0)
+    assert llm.engine.runner.lora is None
+    assert not any("LoRA" in type(m).__name__ for m in llm.engine.runner.model.modules())
+    with pytest.raises(ValueError, match="enable_lora"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=loras["rs"])
+    check(llm.generate(PROMPTS, GREEDY, use_tqdm=False), [None] * len(PROMPTS), refs)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(max_loras=0), "max_loras"), (dict(max_lora_rank=0), "max_lora_rank"),
+                                       (dict(max_loras=2, max_cpu_loras=1), "max_cpu_loras")])
+def test_config_errors(kw, match):
+    from pagedllm.config import EngineConfig
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(enable_lora=True, **kw)
