@@ -97,7 +97,7 @@ def test_mixed_adapters_match_peft(setup):
     assert llm.engine.list_loras() == {1, 2, 3}
 
 
-@pytest.mark.parametrize("kw", [dict(num_gpu_blocks_override=12, block_size=4),   # preemption
+@pytest.mark.parametrize("kw", [dict(num_gpu_blocks_override=20, block_size=4),   # preemption
                                 dict(max_num_batched_tokens=16),                    # chunked prefill
                                 dict(max_loras=1, max_cpu_loras=2)])                # one adapter a step, LRU
 def test_preemption_chunking_max_loras(setup, kw):
