@@ -88,18 +88,21 @@ class AsyncLLM:
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams,
                     output_kind: OutputKind = OutputKind.CUMULATIVE,
-                    cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                    cache_salt: str | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Validates and queues the request now: raises ValueError for an invalid request, QueueFullError at
-        the waiting-queue bound. Returns the iterator of its outputs; leaving it early (break, cancel, a
+        the waiting-queue bound. lora_request: its adapter, loaded in the core process if new (a bad one
+        fails the request there: finish_reason "error"). Returns the iterator of its outputs; leaving it early (break, cancel, a
         closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
         must abort() the request itself."""
-        q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt)
+        q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt, lora_request)
         return self._outputs(request_id, q)
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
-                       output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+                       output_kind: OutputKind = OutputKind.CUMULATIVE,
+                       lora_request=None) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as tokens arrive, until the finished one (see add_request)."""
-        async for out in self.add_request(request_id, prompt, sampling_params, output_kind):
+        async for out in self.add_request(request_id, prompt, sampling_params, output_kind,
+                                          lora_request=lora_request):
             yield out
 
     async def _outputs(self, request_id: str, q: "OutputQueue") -> AsyncIterator[RequestOutput]:
@@ -118,13 +121,14 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind,
-                     cache_salt: str | None = None) -> "OutputQueue":
+                     cache_salt: str | None = None, lora_request=None) -> "OutputQueue":
         self.attach()
         self._check_alive()
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._check_queue_bound(params.num_sequences, "n" if params.best_of is None else "best_of")
-        req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt)
+        req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt,
+                                           lora_request=lora_request)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
         q = self._queues[request_id] = OutputQueue()
@@ -198,6 +202,26 @@ class AsyncLLM:
         self.core.send(("stats",))
         return await fut
 
+    # ---- LoRA adapters: loaded and held in the core process (vLLM's names) ----------------------------------
+    async def add_lora(self, lora_request) -> bool:
+        """Loads the adapter in the core now; a bad one raises its ValueError here."""
+        return await self._core_call("add_lora", lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """False for an unknown adapter or one that unfinished requests use (they finish under it)."""
+        return await self._core_call("remove_lora", lora_int_id)
+
+    async def list_loras(self) -> set[int]:
+        return await self._core_call("list_loras")
+
+    async def _core_call(self, name: str, *args):
+        self.attach()
+        self._check_alive()
+        fut = self._loop.create_future()
+        self._stats_waiters.append(fut)   # one queue of replies: the core answers in order
+        self.core.send(("lora", name, *args))
+        return await fut
+
     def shutdown(self):
         self.closing = True
         if self._watchdog is not None:
@@ -229,12 +253,16 @@ class AsyncLLM:
                 elif msg[0] == "outputs":
                     self.core_stall = 0.0
                     self._steps.append(msg)
-                elif msg[0] == "stats":
+                elif msg[0] in ("stats", "reply"):   # replies come in the order of the calls
                     if self._num_stale_stats:   # the reply to a call failed while the core was silent
                         self._num_stale_stats -= 1
                         continue
                     fut = self._stats_waiters.popleft()
-                    if not fut.done():
+                    if fut.done():
+                        continue
+                    if msg[0] == "reply" and isinstance(msg[1], BaseException):
+                        fut.set_exception(msg[1])
+                    else:
                         fut.set_result(msg[1])
         except (EOFError, OSError):
             self._on_core_exit()

@@ -88,7 +88,8 @@ class EngineCore:
 
     def remove_lora(self, lora_int_id: int) -> bool:
         """False for an unknown adapter or one that unfinished requests use (they finish under it)."""
-        return self._lora().remove(lora_int_id)
+        lora = self._lora()   # the scheduler's requests: a finished one reaches the runner a step later
+        return lora.remove(lora_int_id, any(r.lora_int_id == lora_int_id for r in self.scheduler.requests.values()))
 
     def list_loras(self) -> set[int]:
         return self._lora().loaded_ids()

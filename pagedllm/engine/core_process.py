@@ -146,11 +146,23 @@ def _handle(core, conn: _SharedConn, msg: tuple) -> bool:
         core.finish_requests(msg[1], msg[2])
     elif kind == "stats":
         conn.send(("stats", core.get_stats()))
+    elif kind == "lora":   # add_lora / remove_lora / list_loras: replied in order with the stats replies
+        conn.send(("reply", _lora_call(core, msg[1], msg[2:])))
     elif kind == "shutdown":
         return False
     else:
         raise ValueError(f"unknown engine core message {kind!r}")
     return True
+
+
+def _lora_call(core, name: str, args: tuple):
+    """The result, or the exception (a bad adapter's ValueError) for the caller to raise; the core runs on."""
+    if name not in ("add_lora", "remove_lora", "list_loras"):
+        return ValueError(f"unknown LoRA call {name!r}")
+    try:
+        return getattr(core, name)(*args)
+    except Exception as e:   # noqa: BLE001 - the caller's error, not the core's
+        return e
 
 
 class CoreClient:

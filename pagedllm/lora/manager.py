@@ -50,9 +50,13 @@ class LoRAManager:
         self.get(req)
         return True
 
-    def remove(self, lora_int_id: int) -> bool:
-        """False when no such adapter is loaded or requests still run under it (they finish unchanged)."""
-        if lora_int_id not in self.cpu or self.in_use[lora_int_id]:
+    def remove(self, lora_int_id: int, in_use: bool | None = None) -> bool:
+        """False when no such adapter is loaded or requests still run under it (they finish unchanged).
+        in_use: the engine core's own answer (its scheduler knows at once when a request ends; the runner's
+        count lags a step), else this manager's count."""
+        if in_use is None:
+            in_use = bool(self.in_use[lora_int_id])
+        if lora_int_id not in self.cpu or in_use:
             return False
         del self.cpu[lora_int_id]
         for s, held in enumerate(self.slots):

@@ -208,3 +208,36 @@ def test_config_errors(kw, match):
     from pagedllm.config import EngineConfig
     with pytest.raises(ValueError, match=match):
         EngineConfig(enable_lora=True, **kw)
+
+
+def test_async_llm_lora_in_core_process(setup, tmp_path):
+    """The server's path: adapters load in the core process; add/remove/list are messages, a bad adapter is the
+    caller's ValueError (add_lora) or its request's error (generate), and the core runs on."""
+    import asyncio
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
+    from pagedllm.engine.output_processor import OutputKind
+    base, loras, refs = setup
+
+    async def collect(engine, rid, i, lora):
+        async for out in engine.generate(PROMPTS[i], GREEDY, rid, OutputKind.FINAL, lora_request=lora):
+            pass
+        return out.outputs[0].token_ids
+
+    async def main():
+        engine = AsyncLLM(EngineConfig(base, dtype="float32", device="cpu", log_stats_interval=0, enable_lora=True,
+                                       max_loras=2, max_lora_rank=8))
+        try:
+            assert await engine.add_lora(loras["rs"]) and await engine.list_loras() == {1}
+            with pytest.raises(ValueError, match="max_lora_rank"):
+                await engine.add_lora(loras["all"])
+            got = await asyncio.gather(collect(engine, "a", 0, loras["rs"]), collect(engine, "b", 1, loras["attn"]),
+                                       collect(engine, "c", 2, None), collect(engine, "d", 3, loras["all"]),
+                                       return_exceptions=True)
+            assert got[:3] == [refs["rs"][0][0], refs["attn"][1][0], refs[None][2][0]]
+            assert isinstance(got[3], EngineGenerateError) and "max_lora_rank" in str(got[3])
+            assert await engine.remove_lora(2) and await engine.list_loras() == {1}
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
