@@ -55,8 +55,8 @@ class LoRALinear(nn.Module):
         R = self.max_rank
         for shard, (a, b) in (shards or {}).items():
             r, row = a.shape[0], sum(self.shard_sizes[:shard])
-            self.lora_a[slot, shard * R:shard * R + r].copy_(a)
-            self.lora_b[slot, row:row + b.shape[0], shard * R:shard * R + r].copy_(b)
+            self.lora_a[slot, shard * R:shard * R + r].copy_(a, non_blocking=True)
+            self.lora_b[slot, row:row + b.shape[0], shard * R:shard * R + r].copy_(b, non_blocking=True)
 
 
 def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int) -> tuple[LoRAStepState, dict[str, LoRALinear]]:

@@ -41,9 +41,20 @@ class LoRAManager:
                                  f"({lora.request.lora_path}), not {req.lora_name!r} ({req.lora_path})")
             self.cpu.move_to_end(req.lora_int_id)
             return lora
-        lora = load_peft_adapter(req, self.model, self.max_lora_rank)
+        lora = self._staged(load_peft_adapter(req, self.model, self.max_lora_rank))
         self.cpu[req.lora_int_id] = lora
         self._evict()
+        return lora
+
+    def _staged(self, lora: LoRAModel) -> LoRAModel:
+        """Host copies in the slots' dtype (scale folded into B in float32 first), pinned on CUDA: filling a
+        slot is then a non-blocking copy that waits for no step in flight."""
+        dtype = next(iter(self.layers.values())).lora_a.dtype
+        pin = self.device.type == "cuda"
+        for shards in lora.modules.values():
+            for k, (a, b) in shards.items():
+                a, b = a.to(dtype), b.to(dtype)
+                shards[k] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
         return lora
 
     def add(self, req: LoRARequest) -> bool:
@@ -118,6 +129,11 @@ class LoRAManager:
         for name, layer in self.layers.items():
             layer.set_slot(slot, lora.modules.get(name))
         self.slots[slot] = lid
+
+    def profile_step(self, num_tokens: int):
+        """The start-up memory profile's step: every token under an adapter, every slot active."""
+        self.state.token_slots = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        self.state.active_slots = list(range(self.max_loras))
 
     def clear_step(self):
         self.state.active_slots = []

@@ -401,8 +401,12 @@ class ModelRunner:
         kv_caches = allocate_kv_caches(self.num_layers, next_block, self.block_size, self.num_kv_heads,
                                        self.head_dim, self.kv_dtype, self.device)
         inputs = self.buffers.build(reqs, lens, tables, self.block_size)
+        if self.lora is not None:   # the LoRA products' activations count too
+            self.lora.profile_step(num_tokens)
         with set_forward_context(inputs.attn_metadata, kv_caches):
             hidden = self.model(inputs.input_ids, inputs.positions)
+        if self.lora is not None:
+            self.lora.clear_step()
         logits = self.model.compute_logits(hidden[inputs.sample_token_index])
         params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20,
                                  repetition_penalty=1.1)] * num_reqs

@@ -192,7 +192,16 @@ def test_bad_adapters(setup, tmp_path, case, match):
     assert out[0].outputs[0].token_ids == setup[2]["attn"][0][0]
 
 
-def test_lora_off(setup):
+def test_lora_off(setup, monkeypatch):
+    """Without enable_lora the model has no LoRA layer and a step calls no LoRA code."""
+    from pagedllm.lora import layers, manager
+
+    def boom(*a, **k):
+        raise AssertionError("LoRA code ran with LoRA off")
+    for cls, names in ((manager.LoRAManager, ("__init__", "prepare_step", "acquire", "release")),
+                       (layers.LoRALinear, ("__init__", "forward"))):
+        for name in names:
+            monkeypatch.setattr(cls, name, boom)
     base, loras, refs = setup
     llm = LLM(base, dtype="float32", log_stats_interval=0)
     assert llm.engine.runner.lora is None
