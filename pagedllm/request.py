@@ -31,7 +31,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  max_tokens: int, block_size: int, arrival_time: float | None = None,
-                 cache_salt: str | None = None, lora_request=None):
+                 cache_salt: str | None = None, lora_request=None, lora_key: tuple | None = None):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
@@ -49,6 +49,8 @@ class Request:
         self.cache_salt = cache_salt     # in the first block's extra keys: only equal salts share blocks
         self.lora_request = lora_request   # LoRARequest or None (the base model)
         self.lora_int_id = lora_request.lora_int_id if lora_request is not None else 0
+        # the adapter's identity in the block hash (the engine core's: its weights' sha256)
+        self.lora_key = lora_key or (lora_request.cache_key if lora_request is not None else None)
         self.block_hashes: list[BlockHash] = []
         self.grammar = None    # structured output: its RequestGrammar (structured_output/manager.py)
         self._update_block_hashes()
@@ -76,8 +78,7 @@ class Request:
             return    # a decode step that fills no block: most calls
         parent = self.block_hashes[-1] if done else None
         extra = None
-        if done == 0 and (self.cache_salt is not None or self.lora_request is not None):
+        if done == 0 and (self.cache_salt is not None or self.lora_key is not None):
             # the adapter too: its KV differs from the base's and from any other adapter's
-            extra = tuple(k for k in (self.cache_salt, self.lora_request and self.lora_request.cache_key)
-                          if k is not None)
+            extra = tuple(k for k in (self.cache_salt, self.lora_key) if k is not None)
         self.block_hashes += hash_full_blocks(parent, self.all_token_ids[done * bs:], bs, extra)

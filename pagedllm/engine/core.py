@@ -68,12 +68,14 @@ class EngineCore:
         output at the next step(); nothing of it is left in the engine."""
         try:
             # The Request hashes the prompt's blocks: that work stays here, off the API process.
+            # a bad adapter raises here: read (if new) for its identity in the block hashes
+            lora_key = None if r.lora_request is None else self.runner.lora_key(r.lora_request)
             request = Request(r.request_id, r.prompt_token_ids, r.sampling_params, r.max_tokens,
-                              self.block_size, r.arrival_time, r.cache_salt, r.lora_request)
+                              self.block_size, r.arrival_time, r.cache_salt, r.lora_request, lora_key)
             self.runner.add_request(r.request_id, r.sampling_params)
             if r.sampling_params.structured_outputs is not None:   # compiles on a worker from now on
                 request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs)
-            if r.lora_request is not None:   # last: a bad adapter (its ValueError) fails this request alone
+            if r.lora_request is not None:   # last: nothing after it can fail and leave the adapter held
                 self.runner.add_lora_request(r.request_id, r.lora_request)
         except Exception as e:
             logger.error("request %s failed as it entered the engine core: %s", r.request_id, _describe(e))

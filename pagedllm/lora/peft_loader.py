@@ -4,6 +4,7 @@ PEFT names: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight (r, i
 (out, r). q/k/v land in qkv_proj's shards 0/1/2 and gate/up in gate_up_proj's 0/1 (models/llama.py).
 Everything we do not implement is a ValueError naming the adapter and the field, never a silent no-op.
 """
+import hashlib
 import json
 import math
 import re
@@ -32,7 +33,14 @@ class LoRAModel:
     request: LoRARequest
     rank: int
     scale: float
+    fingerprint: str = ""   # sha256 of the adapter's two files: its KV's identity in the prefix cache and on disk
     modules: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+
+def lora_cache_key(lora: LoRAModel) -> tuple[str, str]:
+    """In the first block's hash: the adapter's weights, so two adapters (or an adapter and the base) never
+    share KV, and an adapter replaced under the same name and path never meets its old KV (disk tier)."""
+    return ("lora", lora.fingerprint)
 
 
 def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: int) -> LoRAModel:
@@ -43,13 +51,15 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
         if not (path / name).is_file():
             raise ValueError(f"{where}: {name} not found (a PEFT adapter directory has adapter_config.json "
                              f"and adapter_model.safetensors)")
-    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg_bytes = (path / "adapter_config.json").read_bytes()
+    cfg = json.loads(cfg_bytes)
     rank, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
     _check_config(cfg, rank, max_lora_rank, where)
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    from safetensors.torch import load_file
-    tensors = load_file(str(path / "adapter_model.safetensors"))
-    lora = LoRAModel(req, rank, float(scale))
+    from safetensors.torch import load
+    data = (path / "adapter_model.safetensors").read_bytes()
+    tensors = load(data)
+    lora = LoRAModel(req, rank, float(scale), hashlib.sha256(cfg_bytes + b"\0" + data).hexdigest())
     pairs: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         m = _NAME.match(name)

@@ -14,6 +14,6 @@ class LoRARequest:
 
     @property
     def cache_key(self) -> tuple[str, str, str]:
-        """In the first block's hash: two adapters (or an adapter and the base) never share KV blocks, also
-        across restarts (the disk tier), where an int id alone could name another adapter."""
+        """The adapter's identity in block hashes where its weights are not read (the engine core uses their
+        sha256, lora/peft_loader.py): never its int id alone, which a restart may give another adapter."""
         return ("lora", self.lora_name, self.lora_path)

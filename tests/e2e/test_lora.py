@@ -120,6 +120,8 @@ def test_prefix_cache_never_shared_across_adapters(setup):
     # each adapter its own blocks: the same prompt under another adapter is a miss
     outs2 = llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=loras["all"])
     assert outs2[0].num_cached_tokens == 0 and outs2[0].outputs[0].token_ids == refs["all"][6][0]
+    outs3 = llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=loras["rs"])   # its own blocks: a hit
+    assert outs3[0].num_cached_tokens > 0 and outs3[0].outputs[0].token_ids == refs["rs"][6][0]
 
 
 def test_add_remove_while_running(setup):
