@@ -13,6 +13,7 @@ from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_engine_tokenizer
+from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import SchedulerStats, StatsLogger
 from pagedllm.models import sliding_window
 from pagedllm.outputs import RequestOutput
@@ -90,6 +91,8 @@ class Engine:
                 or any(c in self.core.scheduler.requests for c in child_ids)):
             raise ValueError(f"request_id {request_id!r} is already in use")
         if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora_request).__name__}")
             self.core.add_lora(lora_request)   # raises for LoRA off or a bad adapter, before anything is queued
         req = self.input_processor.process(request_id, prompt, params, arrival_time, cache_salt, lora_request)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,

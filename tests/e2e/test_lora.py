@@ -213,6 +213,21 @@ def test_lora_off(setup, monkeypatch):
     check(llm.generate(PROMPTS, GREEDY, use_tqdm=False), [None] * len(PROMPTS), refs)
 
 
+def test_lora_request_arguments(setup):
+    base, loras, _ = setup
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True)
+    with pytest.raises(ValueError, match="lora_request has 2 entries for 3 prompts"):
+        llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False, lora_request=[loras["rs"], None])
+    with pytest.raises(TypeError, match="LoRARequest"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request="rs")
+    with pytest.raises(ValueError, match="lora_int_id 1 is already adapter 'rs'"):
+        llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False,
+                     lora_request=[loras["rs"], LoRARequest("other", 1, loras["attn"].lora_path)])
+    with pytest.raises(ValueError, match="lora_int_id"):
+        LoRARequest("x", 0, "/p")
+    assert not llm.engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize("kw, match", [(dict(max_loras=0), "max_loras"), (dict(max_lora_rank=0), "max_lora_rank"),
                                        (dict(max_loras=2, max_cpu_loras=1), "max_cpu_loras")])
 def test_config_errors(kw, match):
