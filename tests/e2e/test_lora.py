@@ -267,3 +267,24 @@ def test_async_llm_lora_in_core_process(setup, tmp_path):
             engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_disk_tier_keeps_adapters_apart(setup, tmp_path):
+    """A restarted engine on the same disk tier: the prompt's blocks come back for its adapter only."""
+    from pagedllm.runner.kv_cache import bytes_per_block
+    base, loras, refs = setup
+    prompt = PROMPTS[6]   # 48 tokens: 3 full blocks
+    block_bytes = bytes_per_block(2, 16, 2, 16, torch.float32)
+    kw = dict(dtype="float32", log_stats_interval=0, enable_lora=True, num_gpu_blocks_override=8,
+              cpu_offload_gb=4 * block_bytes / 2**30, kv_disk_dir=str(tmp_path / "kv"))
+    first = LLM(base, **kw)
+    first.generate([prompt], GREEDY, use_tqdm=False, lora_request=loras["rs"])
+    pushers = np.random.default_rng(1).integers(3, 512, size=(6, 48)).tolist()
+    for p in pushers:   # push its blocks out of the GPU and the CPU tier, to disk
+        first.generate([p], GREEDY, use_tqdm=False)
+    first.engine.runner.kv_offload.flush()
+    llm = LLM(base, **kw)
+    for name, hit in (("attn", False), (None, False), ("rs", True)):
+        out = llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=loras.get(name))[0]
+        assert (out.num_cached_tokens > 0) == hit, name
+        assert out.outputs[0].token_ids == refs[name][6][0]
