@@ -73,7 +73,7 @@ def prompt_with_needle(paras: list[str], depth: float, passcode: str) -> str:
 
 def run(args, kv_cache_dtype: str, prompts: list[str], passcodes: list[str]) -> list[tuple[bool, str]]:
     llm = LLM(args.model, dtype=args.dtype, kv_cache_dtype=kv_cache_dtype, max_model_len=args.max_model_len,
-              max_num_seqs=len(prompts), log_stats_interval=0)
+              max_num_seqs=len(prompts), max_num_batched_tokens=args.max_num_batched_tokens, log_stats_interval=0)
     params = SamplingParams(temperature=0.0, max_tokens=8)
     outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
     texts = [o.outputs[0].text for o in outs]
@@ -90,6 +90,9 @@ def main():
     parser.add_argument("--kv-cache-dtype", default="auto,fp8", help="comma-separated KV cache dtypes to compare")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0, help="seeds the passcodes")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="prefill chunk: the CPU path's attention scores of a chunk against 30k keys take "
+                             "~1.7 MB per query token (Qwen2.5-0.5B), so 8192 would take ~14 GB")
     args = parser.parse_args()
     depths = [float(d) for d in args.depths.split(",")]
     from transformers import AutoTokenizer
