@@ -4,7 +4,8 @@ from pagedllm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "EngineConfig", "LoRARequest"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
+           "EngineConfig", "LoRARequest"]
 
 
 def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free of import cycles

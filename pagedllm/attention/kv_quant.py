@@ -7,9 +7,9 @@ scales. The Triton kernels do the same arithmetic (reshape_and_cache, attend_til
 """
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-_NAMES = {"fp8": FP8_DTYPE, "fp8_e4m3": FP8_DTYPE}
+from pagedllm.layers.quantization.fp8 import FP8, FP8_MAX
+
+_NAMES = {"fp8": FP8, "fp8_e4m3": FP8}
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -20,13 +20,13 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> tor
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
-    return dtype == FP8_DTYPE
+    return dtype == FP8
 
 
 def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
     """x / scale as fp8: float32 times the reciprocal (as the kernel computes it), clamped, cast (round to
     nearest even)."""
-    return (x.float() * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return (x.float() * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def dequantize(x: torch.Tensor, scale: float) -> torch.Tensor:

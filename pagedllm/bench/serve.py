@@ -146,8 +146,9 @@ def _report(args, workload: str, model: str, prompts, results: list[RequestResul
     num_in = sum(len(p) for p, r in zip(prompts, results) if r.ok)
     tpots = [(r.latency - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
     rate = "inf" if args.request_rate == float("inf") else args.request_rate   # JSON has no infinity
-    report = {"workload": workload, "model": model, "json_schemas": args.json_schemas, "base_url": args.base_url, "request_rate": rate,
-              "max_concurrency": args.max_concurrency, "requests": len(results), "completed": len(ok),
+    report = {"workload": workload, "model": model, "json_schemas": args.json_schemas, "base_url": args.base_url,
+              "request_rate": rate, "max_concurrency": args.max_concurrency, "requests": len(results),
+              "completed": len(ok),
               "failed": len(results) - len(ok), "duration_s": round(duration, 2),
               "req_s": round(len(ok) / duration, 2), "output_tok_s": round(num_out / duration, 1),
               "total_tok_s": round((num_in + num_out) / duration, 1), "output_tokens": num_out}

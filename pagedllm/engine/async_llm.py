@@ -91,8 +91,8 @@ class AsyncLLM:
                     cache_salt: str | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Validates and queues the request now: raises ValueError for an invalid request, QueueFullError at
         the waiting-queue bound. lora_request: its adapter, loaded in the core process if new (a bad one
-        fails the request there: finish_reason "error"). Returns the iterator of its outputs; leaving it early (break, cancel, a
-        closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
+        fails the request there: finish_reason "error"). Returns the iterator of its outputs; leaving it early
+        (break, cancel, a closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
         must abort() the request itself."""
         q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt, lora_request)
         return self._outputs(request_id, q)

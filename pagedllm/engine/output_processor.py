@@ -99,8 +99,8 @@ class OutputProcessor:
                 ) -> tuple[list[RequestOutput], list[str], dict[str, EngineCoreOutput]]:
         """Returns the RequestOutputs to deliver; the child ids the scheduler must free (a stop string
         finished them; every sequence of a failed request); and {request_id: the failed sequence's output}
-        of the requests the engine core failed. A failed sequence fails its whole request: its unfinished siblings end with
-        "error" too.
+        of the requests the engine core failed. A failed sequence fails its whole request: its unfinished
+        siblings end with "error" too.
         Request latencies go into `stats` when one is given (the server's metrics)."""
         now = time.time()
         updated: dict[str, _ParentRequest] = {}

@@ -11,7 +11,7 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from pagedllm.lora.layers import LoRALinear, wrap_lora_layers
+from pagedllm.lora.layers import wrap_lora_layers
 from pagedllm.lora.peft_loader import LoRAModel, load_peft_adapter
 from pagedllm.lora.request import LoRARequest
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from pagedllm.attention.kv_quant import FP8_DTYPE, dequantize, quantize, resolve_kv_cache_dtype
+from pagedllm.attention.kv_quant import dequantize, quantize, resolve_kv_cache_dtype
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.attention.torch_backend import paged_attention, write_kv
+from pagedllm.layers.quantization.fp8 import FP8
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block
 from pagedllm.runner.kv_disk import model_identity
 from pagedllm.runner.kv_offload import get_kv_from_block, put_kv_into_block
@@ -33,7 +34,7 @@ def _step(hq, hkv, k_scale, v_scale, magnitude=1.0, seed=0):
     """Context K/V written in an earlier write_kv call, this step's tokens (and two padding tokens, slot -1)
     in one call, then paged_attention; -> out, reference, cache, real slots."""
     gen = torch.Generator().manual_seed(seed)
-    cache = torch.zeros(2, BLOCKS, BS, hkv, DIM, dtype=FP8_DTYPE)
+    cache = torch.zeros(2, BLOCKS, BS, hkv, DIM, dtype=FP8)
     free = torch.randperm(BLOCKS, generator=gen).tolist()
     tables = torch.zeros(len(REQUESTS), 10, dtype=torch.int32)
     qs, refs, new_k, new_v, new_slots, starts = [], [], [], [], [], [0]
@@ -88,7 +89,7 @@ def test_padding_slots_write_nothing():
 
 def test_quantize_helpers_and_dtype():
     x = torch.tensor([1.97, -1000.0, 0.3, 1e-4])
-    assert quantize(x, 1.0).dtype == FP8_DTYPE
+    assert quantize(x, 1.0).dtype == FP8
     assert dequantize(quantize(x, 2.0), 2.0).tolist() == _qdq(x, 2.0).tolist()
     assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
     assert resolve_kv_cache_dtype("fp8", torch.bfloat16) == resolve_kv_cache_dtype("fp8_e4m3", torch.float16) \
@@ -96,15 +97,15 @@ def test_quantize_helpers_and_dtype():
 
 
 def test_block_bytes_half_of_bf16():
-    assert 2 * bytes_per_block(28, 16, 8, 128, FP8_DTYPE) == bytes_per_block(28, 16, 8, 128, torch.bfloat16)
+    assert 2 * bytes_per_block(28, 16, 8, 128, FP8) == bytes_per_block(28, 16, 8, 128, torch.bfloat16)
 
 
 def test_fp8_blocks_copy_exactly_and_disk_identity_differs(tmp_path):
-    caches = allocate_kv_caches(2, 8, BS, 2, DIM, FP8_DTYPE, torch.device("cpu"))
+    caches = allocate_kv_caches(2, 8, BS, 2, DIM, FP8, torch.device("cpu"))
     for c in caches:
         c.view(torch.uint8).copy_(torch.randint(0, 256, c.shape, dtype=torch.uint8))
     kv = get_kv_from_block(caches, [5, 1])
-    assert kv.dtype == FP8_DTYPE
+    assert kv.dtype == FP8
     put_kv_into_block(caches, [2, 7], kv)
     for layer in caches:
         assert torch.equal(layer[:, [2, 7]].view(torch.uint8), layer[:, [5, 1]].view(torch.uint8))
@@ -112,5 +113,5 @@ def test_fp8_blocks_copy_exactly_and_disk_identity_differs(tmp_path):
                 num_hidden_layers=2, vocab_size=64).to_json_file(tmp_path / "config.json")
     hf = LlamaConfig.from_pretrained(tmp_path)
     ids = {model_identity(str(tmp_path), hf, dtype, BS, "dummy", "cpu", quant)
-           for dtype in (FP8_DTYPE, torch.bfloat16) for quant in (None, "fp8")}
+           for dtype in (FP8, torch.bfloat16) for quant in (None, "fp8")}
     assert len(ids) == 4

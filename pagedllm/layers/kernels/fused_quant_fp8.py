@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers.kernels.quant_fp8 import quantize_row
+from pagedllm.layers.kernels.rms_norm import rms_norm_row
 from pagedllm.layers.quantization.fp8 import FP8, FP8_MAX, SCALE_EPS
 
 @triton.jit
@@ -21,16 +22,9 @@ def rms_norm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    variance = tl.sum(xf * xf, axis=0) / n_cols
-    normed = (xf * (1.0 / tl.sqrt_rn(variance + eps))).to(x_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    out = (w.to(tl.float32) * normed.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    out = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, cols, mask, stride_x, stride_res, stride_res_out,
+                       n_cols, eps, HAS_RESIDUAL)
+    out = out.to(x_ptr.dtype.element_ty).to(tl.float32)   # rounded as rms_norm's output is, then quantized
     quantize_row(out, q_ptr + row * stride_q + cols, mask, scale_ptr + row, FP8_MAX, EPS)
 
 

@@ -11,14 +11,10 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-    stride_x, stride_res, stride_out, stride_res_out, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
+def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, cols, mask, stride_x, stride_res, stride_res_out,
+                 n_cols, eps, HAS_RESIDUAL: tl.constexpr):
+    """One row's weight * normed in float32, before its final rounding; with HAS_RESIDUAL, stores x + residual.
+    Also the first half of fused_quant_fp8.rms_norm_quant_kernel."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
@@ -28,7 +24,20 @@ def rms_norm_kernel(
     variance = tl.sum(xf * xf, axis=0) / n_cols
     normed = (xf * (1.0 / tl.sqrt_rn(variance + eps))).to(x_ptr.dtype.element_ty)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    out = w.to(tl.float32) * normed.to(tl.float32)
+    return w.to(tl.float32) * normed.to(tl.float32)
+
+
+@triton.jit
+def rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    stride_x, stride_res, stride_out, stride_res_out, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    out = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, cols, mask, stride_x, stride_res, stride_res_out,
+                       n_cols, eps, HAS_RESIDUAL)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -43,7 +43,7 @@ class Fp8Linear(nn.Module):
         if attr == "input_scale" and self.input_scale is not None:
             torch.maximum(self.input_scale, tensor.float().reshape(()), out=self.input_scale)
         elif attr == "weight" and tensor.dtype != FP8:
-            self._set_rows(name, rows, *quantize_per_channel(_shaped(name, tensor, self._rows_shape(rows))))
+            self._set_rows(rows, *quantize_per_channel(_shaped(name, tensor, self._rows_shape(rows))))
         elif self.config.weight_format == FP8_BLOCK and attr in ("weight", "weight_scale_inv"):
             self._load_block_part(name, attr, tensor, shard, rows)
         elif attr == "weight" and self.config.weight_format != FLOAT:
@@ -63,7 +63,7 @@ class Fp8Linear(nn.Module):
     def _rows_shape(self, rows: slice) -> tuple[int, int]:
         return (rows.stop - rows.start, self.in_features)
 
-    def _set_rows(self, name: str, rows: slice, q: torch.Tensor, scale: torch.Tensor) -> None:
+    def _set_rows(self, rows: slice, q: torch.Tensor, scale: torch.Tensor) -> None:
         self.weight[rows] = q
         self.weight_scale[rows] = scale
 
@@ -79,13 +79,13 @@ class Fp8Linear(nn.Module):
         bn, bk = self.config.block_size
         blocks = (-(-weight.shape[0] // bn), -(-weight.shape[1] // bk))
         scale_inv = _shaped(name, part["weight_scale_inv"], blocks)
-        self._set_rows(name, rows, *quantize_per_channel(dequantize_blocks(weight, scale_inv, (bn, bk))))
+        self._set_rows(rows, *quantize_per_channel(dequantize_blocks(weight, scale_inv, (bn, bk))))
 
     @torch.no_grad()
     def fill_dummy(self, generator: torch.Generator) -> None:
         """--load-format dummy: U(-1e-3, 1e-3) weights in float32, quantized; a static input scale of 1."""
         w = torch.empty(self.weight.shape, device=self.weight.device).uniform_(-1e-3, 1e-3, generator=generator)
-        self._set_rows("dummy", slice(0, self.out_features), *quantize_per_channel(w))
+        self._set_rows(slice(0, self.out_features), *quantize_per_channel(w))
         if self.bias is not None:
             self.bias.uniform_(-1e-3, 1e-3, generator=generator)
         if self.input_scale is not None:
