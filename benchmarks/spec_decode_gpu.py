@@ -68,10 +68,12 @@ def main():
     parser.add_argument("target")
     parser.add_argument("draft")
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--no-sweep", action="store_true", help="W5 figures only")
     args = parser.parse_args()
     llm = engine(args.target, None)
     w5(llm, "off", 0)
-    sweep(llm, "off")
+    if not args.no_sweep:
+        sweep(llm, "off")
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -84,6 +86,8 @@ def main():
     runner.spec_rates = [0.0] * args.k
     w5(llm, "draft_synthetic_0", 2)
     runner.spec_rates = rates
+    if args.no_sweep:
+        return
     speculator.config.disable_by_batch_size, speculator.config.max_step_tokens = 1024, 1 << 20   # forced on
     sweep(llm, "draft_synthetic_0.8_forced")
 
