@@ -16,6 +16,9 @@ import triton.language as tl
 from pagedllm.layers.quantization.fp8 import FP8, FP8_MAX, INV_FP8_MAX, SCALE_EPS
 
 MAX_BLOCK = 16384
+# A jitted function reads a module global only as a constexpr. float32(1/448) is exact in fp32, so the kernel
+# multiplies by the same number as the torch path (fp8.py).
+_INV_FP8_MAX = tl.constexpr(INV_FP8_MAX)
 
 
 @triton.jit
@@ -25,7 +28,7 @@ def _row_scale(x_row, n_cols, FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK: t
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    return tl.maximum(tl.max(amax, axis=0) * INV_FP8_MAX, EPS)
+    return tl.maximum(tl.max(amax, axis=0) * _INV_FP8_MAX, EPS)
 
 
 @triton.jit
@@ -38,7 +41,7 @@ def _store_quantized(x, scale, q_ptrs, mask, FP8_MAX: tl.constexpr):
 @triton.jit
 def quantize_row(x, q_ptrs, mask, scale_ptr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     """A whole row x (float32, masked lanes 0) in registers: its dynamic scale and fp8 values."""
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) * INV_FP8_MAX, EPS)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) * _INV_FP8_MAX, EPS)
     tl.store(scale_ptr, scale)
     _store_quantized(x, scale, q_ptrs, mask, FP8_MAX)
 
