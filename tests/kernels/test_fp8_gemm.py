@@ -61,10 +61,12 @@ def _layer(k, n, dtype, seed, bias, static):
 
 
 def _check(out, x, layer):
-    """Within twice the rounding of the output dtype (fp8 products are exact; fp32 accumulation)."""
+    """Within twice the rounding of the output dtype plus 2^-11 for the accumulation: fp8 products are exact, but
+    Hopper's fp8 MMA keeps fewer accumulator bits than fp32 (the H200 run: fp16 outputs at 4.8-5.0e-4 against
+    4.2e-4 for twice fp16's rounding alone, at K 1024-14336)."""
     ref = fp8_linear_emulated(x.float(), *layer)   # float32 output: no rounding
     assert out.dtype == x.dtype and torch.isfinite(out).all()
-    limit = 2 * rel_error(ref.to(x.dtype), ref) + 1e-5
+    limit = 2 * rel_error(ref.to(x.dtype), ref) + 2.0 ** -11
     err = rel_error(out, ref)
     assert err <= limit, f"relative error {err:.2e} > {limit:.2e}"
 
