@@ -24,7 +24,7 @@ from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.speculator import Speculator
 from pagedllm.structured_output.compiler import GrammarCompilePool
-from pagedllm.structured_output.manager import StructuredOutputManager
+from pagedllm.structured_output.manager import StructuredOutputManager, live_grammar_rows
 
 logger = logging.getLogger("pagedllm")
 
@@ -182,11 +182,7 @@ class EngineCore:
         the matchers), so their bitmask is filled while the device runs this step's forward, then it samples.
         A request that ended meanwhile, or whose grammar is complete, samples unmasked (its token is dropped)."""
         try:
-            rows = []
-            for j, r in enumerate(pending.rows):
-                req = self.scheduler.requests.get(r.req_id)
-                if req is not None and req.grammar is not None and not req.grammar.terminated:
-                    rows.append((j, req.grammar))
+            rows = live_grammar_rows(pending.rows, self.scheduler.requests)
             start = time.perf_counter()
             bitmask = self.structured.fill_bitmask(rows) if rows else None
             self.structured.stats.record(time.perf_counter() - start, pending.forward_done)

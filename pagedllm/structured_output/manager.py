@@ -66,6 +66,17 @@ class BitmaskStats:
         self.num_hidden += forward_done is not None and not forward_done.query()
 
 
+def live_grammar_rows(pending_rows, requests: dict) -> list[tuple[int, "RequestGrammar"]]:
+    """(row, grammar) of a step's sampled rows whose request is still there under a grammar not yet complete
+    (a request that ended meanwhile, or whose grammar is complete, samples unmasked: its token is dropped)."""
+    rows = []
+    for j, r in enumerate(pending_rows):
+        req = requests.get(r.req_id)
+        if req is not None and req.grammar is not None and not req.grammar.terminated:
+            rows.append((j, req.grammar))
+    return rows
+
+
 def compile_deadline(future: Future, timeout: float) -> float:
     """The limit counts from the compile's start (GrammarCompilePool sets `started`): the engine's one-time
     set-up (xgrammar's import, the tokenizer's info) and a queue behind other compiles are not the constraint's
