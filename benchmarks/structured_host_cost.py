@@ -114,7 +114,7 @@ def main():
 
 
 def _step_thread(ms: dict, manager) -> float:
-    off = getattr(manager, "fills_off_thread", False)
+    off = hasattr(manager, "sampler")   # the fill (and its accepts) on the structured-output thread
     return round(ms["check_stop"] + ms["rows"] + (0 if off else ms["fill"]), 3)
 
 
