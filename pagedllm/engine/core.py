@@ -7,6 +7,7 @@ API process never delays a step.
 import concurrent.futures
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ class EngineCoreRequest:
     arrival_time: float
     cache_salt: str | None
     lora_request: "LoRARequest | None" = None
+
+
+# A/B switch for measurements: 0 fills the bitmask and launches the constrained sampling on the step thread.
+SAMPLE_ON_THREAD = os.environ.get("PAGEDLLM_STRUCTURED_SAMPLE_THREAD", "1") != "0"
 
 
 class EngineCore:
@@ -134,7 +139,7 @@ class EngineCore:
         if done is not None:
             outputs += self.scheduler.update_from_output(done[0], done[1].result())
         if launched is not None and launched[1].deferred is not None:
-            outputs += self._sample_constrained(*launched[:2], wait=False)
+            outputs += self._sample_constrained(*launched[:2], wait=not SAMPLE_ON_THREAD)
         if done is None:
             return (outputs, StepStats()) if outputs else None
         return outputs, done[2]
