@@ -193,8 +193,9 @@ class EngineCore:
         matchers' pending ones), so their bitmask is filled while the device runs this step's forward, then it
         samples. A request that ended meanwhile, or whose grammar is complete, samples unmasked (its token is
         dropped). wait=False: the fill and the sampling launch run on the structured-output thread while this
-        thread returns the step before's outputs and schedules the next step; _join_sampling() waits for them
-        before anything else touches the runner (a failure then ends this step's requests, as here)."""
+        thread returns the step before's outputs; _join_sampling() waits for them at the next step's start (and
+        in add_request), before anything touches the scheduler's steps or the runner again (a failure then ends
+        this step's requests, as here)."""
         try:
             rows = live_grammar_rows(pending.rows, self.scheduler.requests)
             if not wait:
