@@ -5,7 +5,9 @@ output processors; `AsyncLLM` runs it in a process of its own (`core_process.py`
 API process never delays a step.
 """
 import concurrent.futures
+import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,7 +26,7 @@ from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.speculator import Speculator
 from pagedllm.structured_output.compiler import GrammarCompilePool
-from pagedllm.structured_output.manager import StructuredOutputManager
+from pagedllm.structured_output.manager import StructuredOutputManager, live_grammar_rows
 
 logger = logging.getLogger("pagedllm")
 
@@ -38,6 +40,10 @@ class EngineCoreRequest:
     arrival_time: float
     cache_salt: str | None
     lora_request: "LoRARequest | None" = None
+
+
+# A/B switch for measurements: 0 fills the bitmask and launches the constrained sampling on the step thread.
+SAMPLE_ON_THREAD = os.environ.get("PAGEDLLM_STRUCTURED_SAMPLE_THREAD", "1") != "0"
 
 
 class EngineCore:
@@ -59,6 +65,8 @@ class EngineCore:
             config.structured_outputs_compile_workers, config.structured_outputs_compile_timeout),
             hf_config.vocab_size, self.runner.config.max_num_seqs, device)
         self._failed: list[EngineCoreOutput] = []   # error outputs of requests failed outside a step
+        # the in-flight step's bitmask fill and sampling launch, on the structured-output thread
+        self._sampling: tuple[SchedulerOutput, concurrent.futures.Future] | None = None
         self.speculator = None   # speculative decoding: which steps and rows propose (spec_decode/speculator.py)
         if config.speculative is not None:
             self.speculator = Speculator(config.speculative, max_model_len)
@@ -66,6 +74,7 @@ class EngineCore:
     def add_request(self, r: EngineCoreRequest):
         """A request whose own data raises here (hashing its blocks, its generator) ends with an error
         output at the next step(); nothing of it is left in the engine."""
+        self._join_sampling()   # the runner's state is the step thread's again
         try:
             # The Request hashes the prompt's blocks: that work stays here, off the API process.
             # a bad adapter raises here: read (if new) for its identity in the block hashes
@@ -115,6 +124,7 @@ class EngineCore:
         A launch that raises fails the requests of N+1 alone (error outputs, returned with N's); N is
         still read. A device error (torch.AcceleratorError: the CUDA context is lost) and a failure
         while reading N propagate: the core process ends and the API process with it."""
+        self._join_sampling()
         outputs, self._failed = self._failed, []
         if self.scheduler.compiling:
             outputs += self.scheduler.check_grammars()
@@ -129,7 +139,7 @@ class EngineCore:
         if done is not None:
             outputs += self.scheduler.update_from_output(done[0], done[1].result())
         if launched is not None and launched[1].deferred is not None:
-            outputs += self._sample_constrained(*launched[:2])
+            outputs += self._sample_constrained(*launched[:2], wait=not SAMPLE_ON_THREAD)
         if done is None:
             return (outputs, StepStats()) if outputs else None
         return outputs, done[2]
@@ -177,26 +187,49 @@ class EngineCore:
         futures = [req.grammar.future for req in self.scheduler.compiling]
         concurrent.futures.wait(futures, timeout=seconds, return_when=concurrent.futures.FIRST_COMPLETED)
 
-    def _sample_constrained(self, sched_out: SchedulerOutput, pending: PendingOutput) -> list[EngineCoreOutput]:
-        """A launched step with rows under a grammar: the step before it is applied now (its tokens advanced
-        the matchers), so their bitmask is filled while the device runs this step's forward, then it samples.
-        A request that ended meanwhile, or whose grammar is complete, samples unmasked (its token is dropped)."""
+    def _sample_constrained(self, sched_out: SchedulerOutput, pending: PendingOutput,
+                            wait: bool = True) -> list[EngineCoreOutput]:
+        """A launched step with rows under a grammar: the step before it is applied now (its tokens are the
+        matchers' pending ones), so their bitmask is filled while the device runs this step's forward, then it
+        samples. A request that ended meanwhile, or whose grammar is complete, samples unmasked (its token is
+        dropped). wait=False: the fill and the sampling launch run on the structured-output thread while this
+        thread returns the step before's outputs; _join_sampling() waits for them at the next step's start (and
+        in add_request), before anything touches the scheduler's steps or the runner again (a failure then ends
+        this step's requests, as here)."""
         try:
-            rows = []
-            for j, r in enumerate(pending.rows):
-                req = self.scheduler.requests.get(r.req_id)
-                if req is not None and req.grammar is not None and not req.grammar.terminated:
-                    rows.append((j, req.grammar))
-            start = time.perf_counter()
-            bitmask = self.structured.fill_bitmask(rows) if rows else None
-            self.structured.stats.record(time.perf_counter() - start, pending.forward_done)
-            self.runner.sample_constrained(pending, bitmask, [j for j, _ in rows])
+            rows = live_grammar_rows(pending.rows, self.scheduler.requests)
+            if not wait:
+                self._sampling = sched_out, self.structured.sampler.submit(self._fill_and_sample, rows, pending)
+                return []
+            self._fill_and_sample(rows, pending)
             return []
         except torch.AcceleratorError:
             raise
         except Exception as e:
             self._in_flight = None
             return self._fail_step(sched_out, e)
+
+    def _fill_and_sample(self, rows: list, pending: PendingOutput):
+        device = self.runner.device   # a thread's current CUDA device is its own: the runner's here too
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            start = time.perf_counter()
+            bitmask = self.structured.fill_bitmask(rows) if rows else None
+            self.structured.stats.record(time.perf_counter() - start, pending.forward_done)
+            self.runner.sample_constrained(pending, bitmask, [j for j, _ in rows])
+
+    def _join_sampling(self):
+        """Waits for the in-flight step's sampling launch (the structured-output thread's); a failure ends
+        that step's requests (error outputs at this step), as a synchronous one would."""
+        if self._sampling is None:
+            return
+        (sched_out, future), self._sampling = self._sampling, None
+        try:
+            future.result()
+        except torch.AcceleratorError:
+            raise
+        except Exception as e:
+            self._in_flight = None
+            self._failed += self._fail_step(sched_out, e)
 
     def _fail_step(self, sched_out: SchedulerOutput, e: Exception) -> list[EngineCoreOutput]:
         logger.error("a step of %d requests failed; they end with an error, the others carry on",

@@ -1,15 +1,18 @@
 """Per-request grammar state and the step's token bitmask.
 
 Each constrained request holds a RequestGrammar: the future of its compiled grammar, then a matcher that
-Scheduler.update_from_output advances with every token the request keeps, so that the matcher always stands
-where the request's tokens end (preemption and resume change nothing: the tokens stay). Each step, after the
-step before it has been applied, StructuredOutputManager.fill_bitmask writes the allowed tokens of the rows
-that sample under a constraint into a host bitmask (xgrammar's batch fill, on several threads), while the
-device runs the step's forward; the runner copies it over and applies it before sampling.
+takes every token the request keeps (Scheduler.update_from_output), so that the matcher always stands where the
+request's tokens end (preemption and resume change nothing: the tokens stay). Each step, after the step before
+it has been applied, StructuredOutputManager.fill_bitmask writes the allowed tokens of the rows that sample
+under a constraint into a host bitmask (xgrammar's batch fill, on several threads), while the device runs the
+step's forward; the runner copies it over and applies it before sampling. The fill and the sampling launch run
+on the manager's sampling thread (`sampler`) while the step thread returns its outputs; the kept
+tokens' accepts wait for the fill too (RequestGrammar.accept): only a stop token can end a grammar, so the
+scheduler's stop checks need the matcher for stop tokens alone.
 """
 import os
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,10 @@ class RequestGrammar:
         self.timeout = timeout
         self.matcher = None       # once compiled
         self.error: str | None = None
+        self.pending: list[int] = []   # kept tokens the matcher has not taken yet (flush)
+        self.terminated = False   # the grammar is complete and a stop token was accepted: nothing may follow
+        self.rejected: int | None = None   # a kept token the matcher refused (an engine bug)
+        self._stop_ids: frozenset[int] = frozenset()
 
     def poll(self) -> bool:
         """True once the grammar is compiled (the matcher is built then); False while it compiles, or when
@@ -36,6 +43,7 @@ class RequestGrammar:
             if e is None:
                 import xgrammar as xgr
                 self.matcher = xgr.GrammarMatcher(self.future.result())
+                self._stop_ids = frozenset(self.matcher.stop_token_ids)
                 return True
             self.error = str(e) if isinstance(e, ValueError) else f"structured_outputs.{self.kind}: {e!r}"
         elif self.error is None and time.monotonic() > compile_deadline(self.future, self.timeout):
@@ -44,12 +52,30 @@ class RequestGrammar:
         return False
 
     def accept(self, token: int) -> bool:
-        return self.matcher.accept_token(token)
+        """Takes a kept token. A stop token is accepted now (it may end the grammar: the scheduler reads
+        `terminated` next); any other waits in `pending` for flush(), which the next bitmask fill runs off the
+        step thread (an xgrammar matcher without terminate_without_stop_token ends on a stop token only).
+        False: the matcher refused this token, or one before it at the last flush."""
+        if token not in self._stop_ids:
+            self.pending.append(token)
+            return self.rejected is None
+        if not self.flush():
+            return False
+        if not self.matcher.accept_token(token):
+            self.rejected = token
+            return False
+        self.terminated = self.matcher.is_terminated()
+        return True
 
-    @property
-    def terminated(self) -> bool:
-        """The grammar is complete and a stop token was accepted: nothing may follow."""
-        return self.matcher.is_terminated()
+    def flush(self) -> bool:
+        """The matcher takes the pending tokens, in order; False once one was refused."""
+        if self.pending and self.rejected is None:
+            for token in self.pending:
+                if not self.matcher.accept_token(token):
+                    self.rejected = token
+                    break
+        self.pending.clear()
+        return self.rejected is None
 
 
 @dataclass
@@ -64,6 +90,17 @@ class BitmaskStats:
         self.num_steps += 1
         self.fill_seconds += seconds
         self.num_hidden += forward_done is not None and not forward_done.query()
+
+
+def live_grammar_rows(pending_rows, requests: dict) -> list[tuple[int, "RequestGrammar"]]:
+    """(row, grammar) of a step's sampled rows whose request is still there under a grammar not yet complete
+    (a request that ended meanwhile, or whose grammar is complete, samples unmasked: its token is dropped)."""
+    rows = []
+    for j, r in enumerate(pending_rows):
+        req = requests.get(r.req_id)
+        if req is not None and req.grammar is not None and not req.grammar.terminated:
+            rows.append((j, req.grammar))
+    return rows
 
 
 def compile_deadline(future: Future, timeout: float) -> float:
@@ -83,13 +120,25 @@ class StructuredOutputManager:
         self._bitmask: torch.Tensor | None = None   # host, one row per sampled row of a step
         self._batch = None
         self.stats = BitmaskStats()
+        self._sampler: ThreadPoolExecutor | None = None
+
+    @property
+    def sampler(self) -> ThreadPoolExecutor:
+        """The thread that fills a step's bitmask and launches its sampling (one: steps sample in order)."""
+        if self._sampler is None:
+            self._sampler = ThreadPoolExecutor(1, thread_name_prefix="structured-sample")
+        return self._sampler
 
     def request_grammar(self, params: StructuredOutputsParams) -> RequestGrammar:
         return RequestGrammar(self.pool.submit(params), params.kind, self.pool.timeout)
 
     def fill_bitmask(self, rows: list[tuple[int, RequestGrammar]]) -> torch.Tensor:
-        """Writes the allowed tokens of each (sampled row, grammar) into that row of the host bitmask."""
+        """Writes the allowed tokens of each (sampled row, grammar) into that row of the host bitmask, after
+        the matchers have taken their pending tokens."""
         import xgrammar as xgr
+        for _, g in rows:
+            if g.pending:
+                g.flush()
         if self._bitmask is None:
             words = (self.vocab_size + 31) // 32
             self._bitmask = torch.empty(self.max_num_seqs, words, dtype=torch.int32,

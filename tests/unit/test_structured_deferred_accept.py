@@ -1,0 +1,88 @@
+"""A kept token waits in its RequestGrammar until the next bitmask fill (off the step thread): the bitmasks are
+those of a matcher that took every token at once (xgrammar's own, the reference), a stop token is taken at once
+so the scheduler sees the grammar's end, and a refused token fails the request's next accept. On the engine, a
+constrained step's sampling thread that raises ends that step's requests with an error, and the engine goes on."""
+from concurrent.futures import Future
+
+import pytest
+import torch
+import xgrammar as xgr
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.structured_output.manager import RequestGrammar, StructuredOutputManager
+
+VOCAB = ["<eos>", "{", "}", '"', "a", "b", ":", ",", " ", "ab", '{"a": "', '"}', "x"]
+EOS = 0
+SCHEMA = '{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}'
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    info = xgr.TokenizerInfo(VOCAB, stop_token_ids=[EOS])
+    return xgr.GrammarCompiler(info, max_threads=1).compile_json_schema(SCHEMA, any_whitespace=False)
+
+
+def _grammar(compiled) -> RequestGrammar:
+    future = Future()
+    future.set_result(compiled)
+    g = RequestGrammar(future, "json", 30.0)
+    assert g.poll()
+    return g
+
+
+def _manager() -> StructuredOutputManager:
+    return StructuredOutputManager(pool=None, vocab_size=len(VOCAB), max_num_seqs=2, device=torch.device("cpu"))
+
+
+def test_deferred_accepts_give_the_bitmasks_of_immediate_ones(compiled):
+    manager, g, ref = _manager(), _grammar(compiled), xgr.GrammarMatcher(compiled)
+    expected = xgr.allocate_token_bitmask(1, len(VOCAB))
+    for token in [VOCAB.index(t) for t in ['{"a": "', "ab", "b", " ", "a", '"}']]:
+        assert g.accept(token) and not g.terminated
+        assert g.pending == [token]   # not taken yet: the fill takes it
+        assert ref.accept_token(token)
+        mask = manager.fill_bitmask([(1, g)])
+        ref.fill_next_token_bitmask(expected)
+        assert g.pending == [] and torch.equal(mask[1], expected[0])
+    assert g.accept(EOS) and g.terminated and ref.accept_token(EOS) and ref.is_terminated()
+
+
+def test_a_stop_token_is_taken_at_once_after_the_pending_ones(compiled):
+    g = _grammar(compiled)
+    for t in ['{"a": "', "ab"]:
+        assert g.accept(VOCAB.index(t))
+    assert g.accept(EOS) is False and g.rejected == EOS   # the string is open: xgrammar refuses the end
+    g = _grammar(compiled)
+    for t in ['{"a": "', "ab", '"}']:
+        assert g.accept(VOCAB.index(t))
+    assert g.accept(EOS) and g.terminated and g.pending == []
+
+
+def test_a_refused_token_fails_the_next_accept(compiled):
+    g = _grammar(compiled)
+    assert g.accept(VOCAB.index("x"))   # refused only when the fill takes it
+    _manager().fill_bitmask([(0, g)])
+    assert g.rejected == VOCAB.index("x")
+    assert g.accept(VOCAB.index("{")) is False
+
+
+def test_a_sampling_thread_failure_ends_that_steps_requests():
+    llm = LLM(dtype="float32", log_stats_interval=0)
+    core, calls = llm.engine.core, []
+    sample = core.runner.sample_constrained
+
+    def fail_once(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("bitmask kernel failed")
+        return sample(*args)
+    core.runner.sample_constrained = fail_once
+    constrained = SamplingParams(temperature=1.0, seed=1, max_tokens=12, ignore_eos=True,
+                                 structured_outputs={"regex": "[a-z ]+"})
+    plain = SamplingParams(temperature=0.0, max_tokens=12)
+    outs = llm.generate(["One day", "Once upon a time"], [constrained, plain], use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outs] == ["error", "error"]   # both rows were in that step
+    assert len(outs[0].outputs[0].token_ids) == 2   # two steps sampled before the third raised
+    core.runner.sample_constrained = sample
+    again = llm.generate(["One day", "Once upon a time"], [constrained, plain], use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in again] == ["length", "length"]
