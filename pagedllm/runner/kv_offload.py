@@ -69,6 +69,16 @@ def put_kv_into_block(kv_caches: list[torch.Tensor], block_ids, kv: torch.Tensor
         raw(cache).index_copy_(1, idx, raw(kv[:, layer]).transpose(0, 1))
 
 
+def copy_blocks(kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]):
+    """Copy-on-write forks (core/kv_fork.py): each (src, dst) block's K and V, every layer, as raw bytes (fp8
+    too). Queued on the compute stream after the tier copies and before the forward, which then writes the
+    forked request's own tokens into dst."""
+    device = kv_caches[0].device
+    src, dst = _as_index([s for s, _ in pairs], device), _as_index([d for _, d in pairs], device)
+    for kv in kv_caches:
+        raw(kv).index_copy_(1, dst, raw(kv).index_select(1, src))
+
+
 def _as_index(block_ids, device) -> torch.Tensor:
     if isinstance(block_ids, torch.Tensor):
         return block_ids.to(device=device, dtype=torch.int64)
