@@ -10,7 +10,7 @@ computes only its own new tokens. Nothing of the parent is recomputed.
                                                                c2 [ full | full | partial (taken over) ]
 
 A hold ends, its references dropped once, when the driver has released it and no waiting child claims it.
-Forks are best effort: a child whose hold is gone (dropped to make room, or never there) or does not match
+Forks are best effort: a child whose hold is gone (dropped to make room, oldest first, or never there) or does not match
 its tokens is admitted as any request (prefix-cache hits on the full blocks, the rest recomputed); so is a
 forked child that is preempted later (its claim was spent at the first admission).
 """
@@ -78,13 +78,13 @@ class KVForks:
                 hold.released = True
                 self._end_if_done(rid, hold)
 
-    def drop_all(self) -> bool:
-        """Free every hold now (the pool is short of blocks); their waiting children recompute. False if none."""
+    def drop_oldest(self) -> bool:
+        """End the oldest hold now (the pool is short of blocks); its waiting children recompute. False if none."""
         if not self.holds:
             return False
-        for rid in list(self.holds):
-            self._end(rid, self.holds[rid])
-            self.stats.num_dropped_holds += 1
+        rid = next(iter(self.holds))
+        self._end(rid, self.holds[rid])
+        self.stats.num_dropped_holds += 1
         return True
 
     # ---- children --------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class KVTransfers:
     disk_ops: list[DiskOp] = field(default_factory=list)
     disk_reads: list[tuple[bytes, int]] = field(default_factory=list)  # (block hash, cpu slot): read, verify
     # (src, dst) GPU blocks: a forked request's copy of its parent's partial block (core/kv_fork.py), done
-    # after the tier copies (a dst may be a block swapped out this step) and before the forward
+    # after the tier copies read their blocks and before they write any (runner/kv_offload.py)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:

@@ -5,8 +5,8 @@ Each step: running requests first (oldest first), then waiting ones in FCFS orde
 chunks over several steps. When allocate_slots finds no room, the newest running request is preempted: its
 blocks are freed (its full blocks stay in the prefix cache) and it goes back to the front of the waiting queue;
 its KV is recomputed, or swapped / offloaded and loaded back (core/offload.py decides, by preemption_mode).
-Blocks held for forks (core/kv_fork.py: beam search) are all freed first, before any request is preempted or
-a waiting one is left waiting for room.
+Blocks held for forks (core/kv_fork.py: beam search) are freed first, oldest hold first, before any request is
+preempted or a waiting one is left waiting for room.
 
 Steps overlap (async scheduling): step N+1 is scheduled while step N runs, before N's sampled tokens are
 known. So num_computed_tokens advances when a step is scheduled, and a token being sampled is counted in
@@ -163,7 +163,7 @@ class Scheduler:
                 num_hit, load = hold.num_tokens, NO_HIT
                 num_new = min(req.num_tokens - num_hit, budget)
                 if self.kv.forks.fork(req, hold, num_new) is None:
-                    if self.kv.forks.drop_all():
+                    if self.kv.forks.drop_oldest():
                         continue                            # held blocks made room: admitted without a fork
                     break
             else:
@@ -175,7 +175,7 @@ class Scheduler:
                 new_blocks = self.kv.allocate_slots(req, load.num_tokens + num_new, hit_blocks, num_hit)
                 if new_blocks is None:
                     self.offload.cancel(load)
-                    if self.kv.forks.drop_all():
+                    if self.kv.forks.drop_oldest():
                         continue                            # held blocks made room: try it again
                     break
                 self.offload.commit(req, load, new_blocks)
@@ -225,7 +225,7 @@ class Scheduler:
             new_blocks = self.kv.allocate_slots(req, num_new)
             if new_blocks is not None:
                 return new_blocks
-            if self.kv.forks.drop_all():   # held blocks go before any running request's
+            if self.kv.forks.drop_oldest():   # held blocks go before any running request's
                 continue
             victim = self.running.pop()
             self._preempt(victim)

@@ -146,7 +146,7 @@ class ModelRunner:
         # Block copies between the KV tiers first, queued before the forward that reads the blocks: a
         # failure of the per-request work below cannot leave a preempted request's swap-out undone.
         transfer = self.kv_offload.execute(sched.kv_transfers) if self.kv_offload is not None else None
-        if sched.kv_transfers.block_copies:   # forked requests' partial blocks, before the forward writes them
+        if self.kv_offload is None and sched.kv_transfers.block_copies:   # forks' partial blocks (else in execute)
             copy_blocks(self.kv_caches, sched.kv_transfers.block_copies)
         self._update_states(sched)
         if sched.is_empty:
