@@ -2,11 +2,12 @@
 
 The engine knows nothing of beams. Each step, every running beam of every prompt becomes a 1-token engine
 request asking for its top logprobs, all added together so one engine step serves them all; a beam's
-prompt is the prompt plus its tokens so far. Offline (LLM.beam_search), each request is held (hold_kv) and
+prompt is the prompt plus its tokens so far. Each request is held (hold_kv) and
 the next step's beams fork it copy-on-write (kv_parent, core/kv_fork.py: the PagedAttention paper's §4.4):
 its full blocks by reference, its last, partial block taken over or copied; each beam then computes only
-its new token. Beams whose fork is not possible (the hold was dropped for room, a preempted beam) and the
-server's beams share the full blocks through the block hashes and recompute the partial one (vLLM v1's).
+its new token (the server's beams too, server/beam_search.py). Beams whose fork is not possible (the hold was
+dropped for room, a preempted beam) share the full blocks through the block hashes and recompute the partial
+one (vLLM v1's design).
 
 Selection follows transformers' `_beam_search` (do_sample=False, early_stopping=False), per prompt:
   candidates = the top (1 + #eos, at least 2) x k of beam score + token logprob over all beams' tokens
