@@ -50,6 +50,8 @@ class InputProcessor:
         cache_salt: only requests of the same salt share blocks (beam search: the beams of one search, even
         with prefix caching off); None: the engine's rule below. kv_parent / hold_kv: see EngineCoreRequest."""
         num_seqs = params.num_sequences
+        if kv_parent is not None and not isinstance(kv_parent, str):
+            raise ValueError(f"kv_parent must be a request id (str) or None, got {type(kv_parent).__name__}")
         if self.max_num_seqs is not None and num_seqs > self.max_num_seqs:   # before any per-sequence work
             name = "n" if params.best_of is None else "best_of"
             raise ValueError(f"SamplingParams.{name} must be at most max_num_seqs ({self.max_num_seqs}), "
