@@ -2,8 +2,12 @@
 
 The engine knows nothing of beams. Each step, every running beam of every prompt becomes a 1-token engine
 request asking for its top logprobs, all added together so one engine step serves them all; a beam's
-prompt is the prompt plus its tokens so far. Beams of a prompt share their common prefix's full blocks
-through the block hashes (prefix cache); only the last, partial block is recomputed (vLLM v1's design).
+prompt is the prompt plus its tokens so far. Each request is held (hold_kv) and
+the next step's beams fork it copy-on-write (kv_parent, core/kv_fork.py: the PagedAttention paper's §4.4):
+its full blocks by reference, its last, partial block taken over or copied; each beam then computes only
+its new token (the server's beams too, server/beam_search.py). Beams whose fork is not possible (the hold was
+dropped for room, a preempted beam) share the full blocks through the block hashes and recompute the partial
+one (vLLM v1's design).
 
 Selection follows transformers' `_beam_search` (do_sample=False, early_stopping=False), per prompt:
   candidates = the top (1 + #eos, at least 2) x k of beam score + token logprob over all beams' tokens
@@ -73,6 +77,8 @@ class _Beam:
     tokens: list[int]                         # generated only
     cum_logprob: float
     logprobs: list[PositionLogprobs] = field(default_factory=list)
+    kv_parent: str | None = None              # the engine request that expanded the beam it extends
+    req_id: str | None = None                 # the engine request that expands it
 
 
 @dataclass
@@ -101,7 +107,14 @@ class BeamSearchInstance:
         """The token ids to expand this step, one per running beam."""
         return [self.prompt_token_ids + b.tokens for b in self.running]
 
-    def step(self, top_logprobs: list[PositionLogprobs]):
+    def beam_parents(self) -> list[str | None]:
+        """Per running beam, the held engine request whose KV its request can fork (None on the first step)."""
+        return [b.kv_parent for b in self.running]
+
+    def step(self, top_logprobs: list[PositionLogprobs], req_ids: list[str] | None = None):
+        """req_ids: the engine requests that expanded the running beams (their children's kv_parent)."""
+        for b, rid in zip(self.running, req_ids or ()):
+            b.req_id = rid
         k, lp = self.params.beam_width, self.params.length_penalty
         self.num_generated += 1
         t = self.num_generated
@@ -134,7 +147,8 @@ class BeamSearchInstance:
 
 
 def _extend(c: _Candidate) -> _Beam:
-    return _Beam(c.beam.tokens + [c.token], c.score, c.beam.logprobs + [_chosen_first(c.position, c.token)])
+    return _Beam(c.beam.tokens + [c.token], c.score, c.beam.logprobs + [_chosen_first(c.position, c.token)],
+                 kv_parent=c.beam.req_id)
 
 
 def _chosen_first(position: PositionLogprobs, token: int) -> PositionLogprobs:
@@ -172,17 +186,20 @@ def finish_text(seq: BeamSearchSequence, prompt_len: int, params: BeamSearchPara
     return decode(tokens)
 
 
-def run_beam_search(instances: list[BeamSearchInstance], expand: Callable[[list[list[int]]], list[PositionLogprobs]]):
-    """Drives every instance to its end; `expand` runs one engine step's worth of beam prompts (all of them
-    in one batch) and returns each one's top logprobs."""
+def run_beam_search(instances: list[BeamSearchInstance], expand: Callable):
+    """Drives every instance to its end; `expand(prompts, parents)` runs one engine step's worth of beam prompts
+    (all of them in one batch; parents: each one's kv_parent or None) and returns each one's top logprobs and
+    the ids of the engine requests that ran them."""
     while True:
         live = [inst for inst in instances if not inst.done]
         if not live:
             return
         prompts = [inst.beam_prompts() for inst in live]
-        positions = iter(expand(list(itertools.chain.from_iterable(prompts))))
+        parents = list(itertools.chain.from_iterable(inst.beam_parents() for inst in live))
+        positions, req_ids = expand(list(itertools.chain.from_iterable(prompts)), parents)
+        positions, req_ids = iter(positions), iter(req_ids)
         for inst, beams in zip(live, prompts):
-            inst.step([next(positions) for _ in beams])
+            inst.step([next(positions) for _ in beams], [next(req_ids) for _ in beams])
 
 
 def unshared_blocks(instances: list[BeamSearchInstance], block_size: int) -> int:

@@ -61,8 +61,9 @@ class LLM:
 
     def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search, with transformers' selection rules (pagedllm/beam_search.py). Each step
-        runs every live beam of every prompt as one batch of 1-token requests; beams share their prefix's
-        full blocks. `self.last_beam_search_blocks`: (peak KV blocks in use, peak blocks without sharing); the
+        runs every live beam of every prompt as one batch of 1-token requests; each forks the request of the
+        beam it extends copy-on-write (held until the step's requests are added), so nothing is recomputed.
+        `self.last_beam_search_blocks`: (peak KV blocks in use, peak blocks without sharing); the
         engine's peak KV figures (get_stats) restart at each call."""
         engine = self.engine
         eos = engine.input_processor.eos_token_ids
@@ -78,13 +79,17 @@ class LLM:
         search_id = f"beam-{next(self._ids)}"
         salt = beam_cache_salt(search_id, engine.config.enable_prefix_caching)
         engine.reset_peak_stats()
-        unshared = 0
+        unshared, held = 0, []
 
-        def expand(beam_prompts: list[list[int]]):
-            nonlocal unshared
+        def expand(beam_prompts: list[list[int]], parents: list[str | None]):
+            nonlocal unshared, held
             unshared = max(unshared, unshared_blocks(instances, engine.config.block_size))
-            return self._expand(beam_prompts, step_params, search_id, salt)
-        run_beam_search(instances, expand)
+            positions, held = self._expand(beam_prompts, parents, step_params, search_id, salt, held)
+            return positions, held
+        try:
+            run_beam_search(instances, expand)
+        finally:
+            engine.release_kv_holds(held)   # the last step's requests: no beam forks them
         self.last_beam_search_blocks = (engine.get_stats().peak_blocks, unshared)
         decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
         outputs = []
@@ -95,21 +100,28 @@ class LLM:
             outputs.append(BeamSearchOutput(seqs))
         return outputs
 
-    def _expand(self, beam_prompts: list[list[int]], params: SamplingParams, search_id: str, salt: str | None):
-        """One engine batch of 1-token requests: each beam prompt's top logprobs."""
+    def _expand(self, beam_prompts: list[list[int]], parents: list[str | None], params: SamplingParams,
+                search_id: str, salt: str | None, held: list[str]):
+        """One engine batch of 1-token requests, each held for the next step's forks: each beam prompt's top
+        logprobs, and the request ids. `held`: the previous step's requests, released once their children
+        (by `parents`) are added."""
         ids = [f"{search_id}-{next(self._ids)}" for _ in beam_prompts]
         try:
-            for rid, prompt in zip(ids, beam_prompts):
-                self.engine.add_request(rid, prompt, params, OutputKind.FINAL, cache_salt=salt)
+            for rid, prompt, parent in zip(ids, beam_prompts, parents):
+                self.engine.add_request(rid, prompt, params, OutputKind.FINAL, cache_salt=salt, kv_parent=parent,
+                                        hold_kv=True)
+            self.engine.release_kv_holds(held)
             finished = self._run(len(ids), use_tqdm=False)
         except BaseException:
             self.engine.abort_request(ids)
+            self.engine.release_kv_holds(held + ids)
             raise
         outs = [finished[i].outputs[0] for i in ids]
         bad = [o for o in outs if o.finish_reason == "error" or not o.logprobs]
         if bad:
+            self.engine.release_kv_holds(ids)
             raise RuntimeError(f"beam search: an engine request failed ({bad[0].finish_reason})")
-        return [o.logprobs[0] for o in outs]
+        return [o.logprobs[0] for o in outs], ids
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix, in the GPU, CPU and disk tiers (False while requests hold blocks)."""

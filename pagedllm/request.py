@@ -31,7 +31,8 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  max_tokens: int, block_size: int, arrival_time: float | None = None,
-                 cache_salt: str | None = None, lora_request=None, lora_key: tuple | None = None):
+                 cache_salt: str | None = None, lora_request=None, lora_key: tuple | None = None,
+                 kv_parent: str | None = None, hold_kv: bool = False):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
@@ -52,6 +53,8 @@ class Request:
         # the adapter's identity in the block hash (the engine core's: its weights' sha256)
         self.lora_key = lora_key or (lora_request.cache_key if lora_request is not None else None)
         self.block_hashes: list[BlockHash] = []
+        self.kv_parent = kv_parent   # a held request whose KV this one extends (core/kv_fork.py)
+        self.hold_kv = hold_kv       # keep the blocks when finished, for children to fork
         self.grammar = None    # structured output: its RequestGrammar (structured_output/manager.py)
         self._update_block_hashes()
 

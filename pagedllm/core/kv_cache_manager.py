@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 from pagedllm.core.block_pool import BlockPool, KVCacheBlock
+from pagedllm.core.kv_fork import KVForks
 from pagedllm.request import Request
 
 
@@ -27,9 +28,11 @@ class KVCacheManager:
         self.prefix_stats = PrefixCacheStats()
         # Slots in the requests' blocks that hold no token (see core/kv_usage.py), kept per request and in
         # total. Only a request's last block can be partly empty, and it is never shared (only full blocks
-        # are hashed and hit), so summing per request counts each empty slot once.
+        # are hashed and hit; a fork copies or takes over its parent's), so summing per request (and per
+        # hold) counts each empty slot once.
         self.num_empty_slots = 0
         self.req_to_empty_slots: dict[str, int] = {}
+        self.forks = KVForks(self)   # held requests' blocks, forked copy-on-write (beam search)
 
     @property
     def num_free_blocks(self) -> int:

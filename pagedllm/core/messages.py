@@ -43,10 +43,13 @@ class KVTransfers:
     cpu_load: list[tuple[int, int]] = field(default_factory=list)    # (cpu slot, gpu block)
     disk_ops: list[DiskOp] = field(default_factory=list)
     disk_reads: list[tuple[bytes, int]] = field(default_factory=list)  # (block hash, cpu slot): read, verify
+    # (src, dst) GPU blocks: a forked request's copy of its parent's partial block (core/kv_fork.py), done
+    # after the tier copies read their blocks and before they write any (runner/kv_offload.py)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.swap_out or self.swap_in or self.cpu_store or self.cpu_load or self.disk_ops
-                    or self.disk_reads)
+                    or self.disk_reads or self.block_copies)
 
 
 @dataclass

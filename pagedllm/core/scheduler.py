@@ -5,6 +5,8 @@ Each step: running requests first (oldest first), then waiting ones in FCFS orde
 chunks over several steps. When allocate_slots finds no room, the newest running request is preempted: its
 blocks are freed (its full blocks stay in the prefix cache) and it goes back to the front of the waiting queue;
 its KV is recomputed, or swapped / offloaded and loaded back (core/offload.py decides, by preemption_mode).
+Blocks held for forks (core/kv_fork.py: beam search) are freed first, oldest hold first, before any request is
+preempted or a waiting one is left waiting for room.
 
 Steps overlap (async scheduling): step N+1 is scheduled while step N runs, before N's sampled tokens are
 known. So num_computed_tokens advances when a step is scheduled, and a token being sampled is counted in
@@ -18,7 +20,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.kv_usage import KVUsagePeak
 from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, KVTransferResult, ModelRunnerOutput,
                                     NewRequestData, SchedulerOutput)
-from pagedllm.core.offload import KVOffloadManager
+from pagedllm.core.offload import NO_HIT, KVOffloadManager
 from pagedllm.metrics import SchedulerStats
 from pagedllm.request import Request, RequestStatus
 
@@ -48,6 +50,8 @@ class Scheduler:
     def add_request(self, request: Request):
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.kv_parent is not None:
+            self.kv.forks.claim(request)
         if request.grammar is not None:
             self.compiling.append(request)
 
@@ -154,16 +158,27 @@ class Scheduler:
                     continue
             if req.num_output_placeholders:
                 break                                   # preempted with a token in flight: resumes after it
-            hit_blocks, num_hit = self.kv.get_computed_blocks(req)
-            load = self.offload.lookup(req, num_hit)    # blocks after the GPU hit, loaded from a lower tier
-            if load.wait:
-                break                                   # they are read from disk this step
-            num_new = min(req.num_tokens - num_hit - load.num_tokens, budget)
-            new_blocks = self.kv.allocate_slots(req, load.num_tokens + num_new, hit_blocks, num_hit)
-            if new_blocks is None:
-                self.offload.cancel(load)
-                break
-            self.offload.commit(req, load, new_blocks)
+            hold = self.kv.forks.usable_hold(req) if req.kv_parent is not None else None
+            if hold is not None:                        # its parent's KV, copy-on-write: computes only its own
+                num_hit, load = hold.num_tokens, NO_HIT
+                num_new = min(req.num_tokens - num_hit, budget)
+                if self.kv.forks.fork(req, hold, num_new) is None:
+                    if self.kv.forks.drop_oldest():
+                        continue                            # held blocks made room: admitted without a fork
+                    break
+            else:
+                hit_blocks, num_hit = self.kv.get_computed_blocks(req)
+                load = self.offload.lookup(req, num_hit)    # blocks after the GPU hit, loaded from a lower tier
+                if load.wait:
+                    break                                   # they are read from disk this step
+                num_new = min(req.num_tokens - num_hit - load.num_tokens, budget)
+                new_blocks = self.kv.allocate_slots(req, load.num_tokens + num_new, hit_blocks, num_hit)
+                if new_blocks is None:
+                    self.offload.cancel(load)
+                    if self.kv.forks.drop_oldest():
+                        continue                            # held blocks made room: try it again
+                    break
+                self.offload.commit(req, load, new_blocks)
             del self.waiting[i]
             self.kv.record_prefix_lookup(req, num_hit)
             if req.num_cached_tokens < 0:
@@ -180,8 +195,10 @@ class Scheduler:
             budget -= self._advance(req, num_new, num_scheduled)
 
         self.kv_peak.observe(self.kv.num_used_blocks, self.kv.num_empty_slots, len(self.running))
+        ops = self.offload.take_ops()
+        ops.block_copies = self.kv.forks.take_copies()
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
-                              self.finished_req_ids, self.offload.take_ops(), scheduled_spec)
+                              self.finished_req_ids, ops, scheduled_spec)
         self.finished_req_ids = set()
         return out
 
@@ -208,6 +225,8 @@ class Scheduler:
             new_blocks = self.kv.allocate_slots(req, num_new)
             if new_blocks is not None:
                 return new_blocks
+            if self.kv.forks.drop_oldest():   # held blocks go before any running request's
+                continue
             victim = self.running.pop()
             self._preempt(victim)
             if victim is req:
@@ -270,7 +289,12 @@ class Scheduler:
             req.status = RequestStatus.FINISHED_LENGTH
 
     def _free(self, req: Request, uncache: bool = False):
-        self.kv.free(req, uncache)
+        if req.kv_parent is not None:
+            self.kv.forks.unclaim(req)
+        if not uncache and self.kv.forks.can_hold(req):
+            self.kv.forks.hold(req)      # kept for its children (beam search), freed when they have forked
+        else:
+            self.kv.free(req, uncache)
         self.offload.free(req)
         self.finished_req_ids.add(req.request_id)
         del self.requests[req.request_id]

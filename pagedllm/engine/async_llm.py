@@ -88,13 +88,15 @@ class AsyncLLM:
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams,
                     output_kind: OutputKind = OutputKind.CUMULATIVE,
-                    cache_salt: str | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
+                    cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
+                    hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
         """Validates and queues the request now: raises ValueError for an invalid request, QueueFullError at
         the waiting-queue bound. lora_request: its adapter, loaded in the core process if new (a bad one
         fails the request there: finish_reason "error"). Returns the iterator of its outputs; leaving it early
         (break, cancel, a closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
-        must abort() the request itself."""
-        q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt, lora_request)
+        must abort() the request itself. kv_parent, hold_kv: as Engine.add_request's (beam search's forks)."""
+        q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt, lora_request,
+                              kv_parent, hold_kv)
         return self._outputs(request_id, q)
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
@@ -121,14 +123,15 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind,
-                     cache_salt: str | None = None, lora_request=None) -> "OutputQueue":
+                     cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
+                     hold_kv: bool = False) -> "OutputQueue":
         self.attach()
         self._check_alive()
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._check_queue_bound(params.num_sequences, "n" if params.best_of is None else "best_of")
         req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt,
-                                           lora_request=lora_request)
+                                           lora_request=lora_request, kv_parent=kv_parent, hold_kv=hold_kv)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
         q = self._queues[request_id] = OutputQueue()
@@ -182,6 +185,11 @@ class AsyncLLM:
         if self._queues:
             logger.info("%s: ending %d requests in flight", reason, len(self._queues))
         self._fail_all(EngineDeadError(reason), abort=True)
+
+    def release_kv_holds(self, request_ids: list[str]):
+        """As Engine.release_kv_holds; applied in the core after the messages sent before it."""
+        if request_ids:
+            self.core.send(("release", list(request_ids)))
 
     def abort(self, request_id: str):
         """Ends the request; the core frees its blocks before its next step."""

@@ -40,6 +40,8 @@ class EngineCoreRequest:
     arrival_time: float
     cache_salt: str | None
     lora_request: "LoRARequest | None" = None
+    kv_parent: str | None = None      # a held request whose KV it extends, forked copy-on-write (beam search)
+    hold_kv: bool = False             # keep its blocks when it ends, until release_kv_holds
 
 
 # A/B switch for measurements: 0 fills the bitmask and launches the constrained sampling on the step thread.
@@ -80,7 +82,8 @@ class EngineCore:
             # a bad adapter raises here: read (if new) for its identity in the block hashes
             lora_key = None if r.lora_request is None else self.runner.lora_key(r.lora_request)
             request = Request(r.request_id, r.prompt_token_ids, r.sampling_params, r.max_tokens,
-                              self.block_size, r.arrival_time, r.cache_salt, r.lora_request, lora_key)
+                              self.block_size, r.arrival_time, r.cache_salt, r.lora_request, lora_key,
+                              r.kv_parent, r.hold_kv)
             self.runner.add_request(r.request_id, r.sampling_params)
             if r.sampling_params.structured_outputs is not None:   # compiles on a worker from now on
                 request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs)
@@ -112,6 +115,10 @@ class EngineCore:
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus):
         self.scheduler.finish_requests(request_ids, status)
+
+    def release_kv_holds(self, request_ids: list[str]):
+        """No more children will fork these held requests: their blocks go once the waiting ones have."""
+        self.kv_cache_manager.forks.release(request_ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None or bool(self._failed)

@@ -9,7 +9,8 @@ schedules, runs the model and sends token ids; the API process does everything e
       CoreClient.send(msg)  ── writer thread ──►  pipe ──►  drained between steps
       reader callback (event loop)  ◄──────────── pipe ◄──  ("outputs", [EngineCoreOutput], StepStats)
 
-Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], RequestStatus), ("stats",),
+Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], RequestStatus), ("release", [ids]),
+("stats",),
 ("shutdown",) in; ("ready", num_blocks, startup info) or ("failed", message) once, then ("outputs",
 [EngineCoreOutput field values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thread keeps
 the event loop from blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending
@@ -144,6 +145,8 @@ def _handle(core, conn: _SharedConn, msg: tuple) -> bool:
             core.add_request(request)
     elif kind == "finish":
         core.finish_requests(msg[1], msg[2])
+    elif kind == "release":   # held requests (beam search) that get no more children
+        core.release_kv_holds(msg[1])
     elif kind == "stats":
         conn.send(("stats", core.get_stats()))
     elif kind == "lora":   # add_lora / remove_lora / list_loras: replied in order with the stats replies

@@ -82,9 +82,12 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     kind: OutputKind = OutputKind.FINAL, arrival_time: float | None = None,
-                    cache_salt: str | None = None, lora_request=None):
+                    cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
+                    hold_kv: bool = False):
         """Validates and queues a request; a request that can never run is a ValueError here. lora_request:
-        a LoRARequest (enable_lora), its adapter read now if new: a bad adapter is a ValueError here."""
+        a LoRARequest (enable_lora), its adapter read now if new: a bad adapter is a ValueError here.
+        hold_kv: its blocks are kept when it ends (release_kv_holds frees them); kv_parent: a held request
+        whose tokens this one's extend, whose KV it forks copy-on-write (core/kv_fork.py; beam search)."""
         num_seqs = params.num_sequences
         child_ids = [child_request_id(request_id, i, num_seqs) for i in range(num_seqs)]
         if (request_id in self.output_processor.parents
@@ -94,7 +97,8 @@ class Engine:
             if not isinstance(lora_request, LoRARequest):
                 raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora_request).__name__}")
             self.core.add_lora(lora_request)   # raises for LoRA off or a bad adapter, before anything is queued
-        req = self.input_processor.process(request_id, prompt, params, arrival_time, cache_salt, lora_request)
+        req = self.input_processor.process(request_id, prompt, params, arrival_time, cache_salt, lora_request,
+                                           kv_parent, hold_kv)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
         for core_request in req.core_requests:
@@ -104,6 +108,10 @@ class Engine:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             self.core.finish_requests(self.output_processor.child_ids(request_id), RequestStatus.FINISHED_ABORTED)
             self.output_processor.abort(request_id)
+
+    def release_kv_holds(self, request_ids: list[str]):
+        """Requests added with hold_kv get no more children: their blocks are freed once those have forked."""
+        self.core.release_kv_holds(request_ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()

@@ -45,11 +45,13 @@ class InputProcessor:
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                 arrival_time: float | None = None, cache_salt: str | None = None,
-                lora_request=None) -> ProcessedRequest:
+                lora_request=None, kv_parent: str | None = None, hold_kv: bool = False) -> ProcessedRequest:
         """Raises ValueError, naming the field and the limit, for a request that can never run.
         cache_salt: only requests of the same salt share blocks (beam search: the beams of one search, even
-        with prefix caching off); None: the engine's rule below."""
+        with prefix caching off); None: the engine's rule below. kv_parent / hold_kv: see EngineCoreRequest."""
         num_seqs = params.num_sequences
+        if kv_parent is not None and not isinstance(kv_parent, str):
+            raise ValueError(f"kv_parent must be a request id (str) or None, got {type(kv_parent).__name__}")
         if self.max_num_seqs is not None and num_seqs > self.max_num_seqs:   # before any per-sequence work
             name = "n" if params.best_of is None else "best_of"
             raise ValueError(f"SamplingParams.{name} must be at most max_num_seqs ({self.max_num_seqs}), "
@@ -79,7 +81,8 @@ class InputProcessor:
                 # best_of ranks by cumulative logprob: each sample's token logprob is needed
                 logprobs=0 if params.logprobs is None and num_seqs > params.n else params.logprobs)
             core_requests.append(EngineCoreRequest(child_request_id(request_id, i, num_seqs), prompt_ids,
-                                                   child_params, max_tokens, arrival_time, salt, lora_request))
+                                                   child_params, max_tokens, arrival_time, salt, lora_request,
+                                                   kv_parent, hold_kv))
         return ProcessedRequest(text, prompt_ids, params, arrival_time, core_requests)
 
     def _prompt_ids(self, prompt: str | list) -> list[int]:

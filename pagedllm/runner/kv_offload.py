@@ -14,7 +14,9 @@ One step's KVTransfers, in this order, so that every read sees the bytes the sch
      overwrites them; the forward waits for the gather only: the device -> host copies overlap it (all of
      them when the step moves at most COPY_CHUNK_BLOCKS blocks; else those of the last chunk, see below)
   4. disk reads into their slots, verified (a later step loads them; a read of a block written in 3
-     waits for that write)
+     waits for that write); forks' block copies (copy_blocks) on the compute stream: after the blocks
+     leaving are read (a fork's new block may be one swapped out this step), before 5 writes any block
+     (a fork's source freed later in the same schedule may be a block loaded into this step)
   5. copy loaded slots (swap in, CPU tier hits) into their new GPU blocks; the forward waits for them
 On CUDA, 3 and 5 run on a copy stream of their own, after the work already queued on the compute stream.
 3 and 5 go through a GPU scratch buffer of at most COPY_CHUNK_BLOCKS blocks, chunk after chunk on the copy
@@ -69,6 +71,16 @@ def put_kv_into_block(kv_caches: list[torch.Tensor], block_ids, kv: torch.Tensor
         raw(cache).index_copy_(1, idx, raw(kv[:, layer]).transpose(0, 1))
 
 
+def copy_blocks(kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]):
+    """Copy-on-write forks (core/kv_fork.py): each (src, dst) block's K and V, every layer, as raw bytes (fp8
+    too). Queued on the compute stream between the tier copies' reads and writes (KVOffload.execute) and
+    before the forward, which then writes the forked request's own tokens into dst."""
+    device = kv_caches[0].device
+    src, dst = _as_index([s for s, _ in pairs], device), _as_index([d for _, d in pairs], device)
+    for kv in kv_caches:
+        raw(kv).index_copy_(1, dst, raw(kv).index_select(1, src))
+
+
 def _as_index(block_ids, device) -> torch.Tensor:
     if isinstance(block_ids, torch.Tensor):
         return block_ids.to(device=device, dtype=torch.int64)
@@ -110,6 +122,8 @@ class KVOffload:
             start = time.perf_counter()
             result.failed_reads = self.disk.read_many([(h, self._slot_bytes(s)) for h, s in t.disk_reads])
             result.load_seconds["disk"] = time.perf_counter() - start
+        if t.block_copies:
+            copy_blocks(self.kv_caches, t.block_copies)
         if t.swap_in or t.cpu_load:
             self._load(t)
         if self.disk is not None:

@@ -23,7 +23,7 @@ from pagedllm.models.loader import load_model
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_graph_token_cap
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RowView, RunnerRequestState, StepInputs
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block, determine_num_blocks
-from pagedllm.runner.kv_offload import KVOffload, copy_scratch_bytes
+from pagedllm.runner.kv_offload import KVOffload, copy_blocks, copy_scratch_bytes
 from pagedllm.runner.memory_profile import profile_free_kv_bytes
 from pagedllm.sample.logits_processors import build_logits_processors, uses_processors
 from pagedllm.sample.penalties import Penalties, PenaltyTable
@@ -146,6 +146,8 @@ class ModelRunner:
         # Block copies between the KV tiers first, queued before the forward that reads the blocks: a
         # failure of the per-request work below cannot leave a preempted request's swap-out undone.
         transfer = self.kv_offload.execute(sched.kv_transfers) if self.kv_offload is not None else None
+        if self.kv_offload is None and sched.kv_transfers.block_copies:   # forks' partial blocks (else in execute)
+            copy_blocks(self.kv_caches, sched.kv_transfers.block_copies)
         self._update_states(sched)
         if sched.is_empty:
             self._in_flight = {}

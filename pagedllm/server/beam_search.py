@@ -24,19 +24,27 @@ def check_beam_search(engine, params: BeamSearchParams):
 async def beam_search_stream(engine, request_id: str, prompt_ids: list[int],
                              params: BeamSearchParams) -> AsyncIterator[RequestOutput]:
     """Each step adds every running beam as a 1-token request at once (the core batches them with everything
-    else in flight). Leaving early aborts the step's requests (AsyncLLM's streams do it when closed)."""
+    else in flight), each forking the held request of the beam it extends (core/kv_fork.py). Leaving early
+    aborts the step's requests (AsyncLLM's streams do it when closed) and releases the held ones."""
     arrival = time.time()
     params = dataclasses.replace(params, max_tokens=min(params.max_tokens, engine.max_model_len - len(prompt_ids)))
     eos = engine.input_processor.eos_token_ids
     step_params = step_sampling_params(params, len(eos))
     salt = beam_cache_salt(request_id, engine.input_processor.enable_prefix_caching)
     inst = BeamSearchInstance(prompt_ids, params, eos)
-    while not inst.done:
-        beams = inst.beam_prompts()
-        streams = [engine.add_request(f"{request_id}-{inst.num_generated}-{j}", beam, step_params,
-                                      OutputKind.FINAL, cache_salt=salt) for j, beam in enumerate(beams)]
-        outs = await asyncio.gather(*(_last(s) for s in streams))
-        inst.step([o.outputs[0].logprobs[0] for o in outs])
+    held: list[str] = []
+    try:
+        while not inst.done:
+            ids = [f"{request_id}-{inst.num_generated}-{j}" for j in range(len(inst.running))]
+            streams = [engine.add_request(rid, beam, step_params, OutputKind.FINAL, cache_salt=salt,
+                                          kv_parent=parent, hold_kv=True)
+                       for rid, beam, parent in zip(ids, inst.beam_prompts(), inst.beam_parents())]
+            engine.release_kv_holds(held)   # after their children: the core reads its messages in order
+            held = ids
+            outs = await asyncio.gather(*(_last(s) for s in streams))
+            inst.step([o.outputs[0].logprobs[0] for o in outs], ids)
+    finally:
+        engine.release_kv_holds(held)
     yield _request_output(engine, request_id, inst, params, arrival)
 
 

@@ -11,7 +11,7 @@ from conftest import make_tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from pagedllm import LLM, BeamSearchParams
+from pagedllm import LLM, BeamSearchParams, SamplingParams
 from pagedllm.bench.beam_blocks import beam_block_sharing
 
 TOL = 1e-4
@@ -137,3 +137,79 @@ def test_beam_search_params_are_checked(models):
         llm.beam_search([[5, 6]], BeamSearchParams(beam_width=11, max_tokens=4))
     with pytest.raises(ValueError, match="max_tokens"):
         llm.beam_search([[5, 6]], BeamSearchParams(beam_width=2, max_tokens=10_000))
+
+
+# ---- copy-on-write forks (core/kv_fork.py) ----------------------------------------------------------------------
+
+def _same_beams(want, got):
+    for a, b in zip(want, got):
+        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+        assert max(abs(x.score - y.score) for x, y in zip(a.sequences, b.sequences)) < TOL
+
+
+def _no_leak(llm):
+    stats = llm.engine.get_stats()
+    assert stats.num_blocks_free == stats.num_blocks_total and not llm.engine.kv_cache_manager.forks.holds
+
+
+def test_forked_beams_compute_only_their_new_token(models):
+    """Tokens computed: the prompt once, then one per beam per step. Sharing full blocks alone (recomputing
+    each beam's partial block) would compute sum over beams of (len % block_size) + 1 a step."""
+    d, _, llm = models["plain"]
+    k, n, prompt_len, bs = 4, 8, 100, llm.engine.config.block_size
+    rng = np.random.default_rng(7)
+    prompt = rng.integers(3, 512, size=prompt_len).tolist()   # a prompt no earlier test cached
+    before, forks = llm.engine.get_stats().num_prompt_tokens, llm.engine.kv_cache_manager.forks.stats.num_forks
+    llm.beam_search([prompt], BeamSearchParams(beam_width=k, max_tokens=n, ignore_eos=True))
+    computed = llm.engine.get_stats().num_prompt_tokens - before
+    recompute_partial = prompt_len + k * sum((prompt_len + t - 1) % bs + 1 for t in range(1, n))
+    assert computed == prompt_len + k * (n - 1) < recompute_partial, (computed, recompute_partial)
+    assert llm.engine.kv_cache_manager.forks.stats.num_forks - forks == k * (n - 1)
+    _no_leak(llm)
+
+
+def test_prefix_caching_off_forks_too(models):
+    d, _, _ = models["plain"]
+    llm = LLM(d, dtype="float32", log_stats_interval=0, enable_prefix_caching=False)
+    k, n = 3, 6
+    llm.beam_search(PROMPTS[3], BeamSearchParams(beam_width=k, max_tokens=n, ignore_eos=True))
+    assert llm.engine.get_stats().num_prompt_tokens == len(PROMPTS[3]) + k * (n - 1)
+    _no_leak(llm)
+
+
+def test_no_block_leaks_after_many_beam_searches(models):
+    d, _, llm = models["eos"]
+    for i in range(12):
+        k, lp = 1 + i % 4, (1.0, 0.0, 2.0)[i % 3]
+        llm.beam_search(PROMPTS[i % 4:i % 4 + 2], BeamSearchParams(beam_width=k, max_tokens=4 + i, length_penalty=lp,
+                                                                   ignore_eos=i % 2 == 1))
+        _no_leak(llm)
+    assert llm.engine.kv_cache_manager.forks.stats.num_block_copies > 0
+
+
+@pytest.fixture(scope="module")
+def eos_beams(models):
+    params = BeamSearchParams(beam_width=4, max_tokens=MAX_NEW)
+    return params, models["eos"][2].beam_search(PROMPTS, params)
+
+
+@pytest.mark.parametrize("max_num_seqs,num_blocks", [(2, 16), (16, 24)])
+def test_few_seqs_and_blocks_same_beams(models, eos_beams, max_num_seqs, num_blocks):
+    """A few sequences at a time and a small pool: holds are dropped for room (those beams recompute), and, with
+    a long request ahead of each step's beams (16, 24), running beams are preempted. Same beams as a roomy
+    engine (itself equal to transformers above), no block left behind."""
+    d, params, want = models["eos"][0], *eos_beams
+    llm = LLM(d, dtype="float32", log_stats_interval=0, max_num_seqs=max_num_seqs, num_gpu_blocks_override=num_blocks,
+              block_size=4)
+    add, bg = llm.engine.add_request, iter(range(1000))
+    if max_num_seqs == 16:
+        def add_after_long_request(rid, prompt, *args, **kwargs):
+            if not llm.engine.has_unfinished_requests():   # a step's first beam
+                add(f"bg-{next(bg)}", list(range(40, 48)), SamplingParams(max_tokens=40, ignore_eos=True))
+            return add(rid, prompt, *args, **kwargs)
+        llm.engine.add_request = add_after_long_request
+    _same_beams(want, llm.beam_search(PROMPTS, params))
+    stats, forks = llm.engine.get_stats(), llm.engine.kv_cache_manager.forks.stats
+    assert forks.num_dropped_holds > 0 and forks.num_forks > 0
+    assert max_num_seqs != 16 or stats.num_preemptions > 0
+    _no_leak(llm)

@@ -5,7 +5,7 @@ import json
 import httpx
 import openai
 import pytest
-from server.server_utils import MODEL_NAME
+from server.server_utils import MODEL_NAME, wait_all_blocks_free
 
 from pagedllm import BeamSearchParams
 
@@ -74,3 +74,14 @@ def test_beam_and_best_of_errors_name_the_field(server, body, param):
                    json={"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4, **body})
     assert r.status_code == 400, r.text
     assert json.loads(r.text)["error"]["param"] == param
+
+
+def test_beam_search_leaves_no_block_held(client, server):
+    """The server's beams fork the held requests of the step before; every hold is released by the end (also
+    when the search ends early on EOS)."""
+    wait_all_blocks_free(server)
+    for n, max_tokens in ((4, 24), (2, 5)):
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, n=n, max_tokens=max_tokens,
+                                  extra_body={"use_beam_search": True})
+    after = wait_all_blocks_free(server)
+    assert after["pagedllm:kv_cache_usage_perc"] == 0.0
