@@ -21,8 +21,8 @@ def check_beam_search(engine, params: BeamSearchParams):
                        "invalid_value") from None
 
 
-async def beam_search_stream(engine, request_id: str, prompt_ids: list[int],
-                             params: BeamSearchParams) -> AsyncIterator[RequestOutput]:
+async def beam_search_stream(engine, request_id: str, prompt_ids: list[int], params: BeamSearchParams,
+                             lora_request=None) -> AsyncIterator[RequestOutput]:
     """Each step adds every running beam as a 1-token request at once (the core batches them with everything
     else in flight). Leaving early aborts the step's requests (AsyncLLM's streams do it when closed)."""
     arrival = time.time()
@@ -34,7 +34,8 @@ async def beam_search_stream(engine, request_id: str, prompt_ids: list[int],
     while not inst.done:
         beams = inst.beam_prompts()
         streams = [engine.add_request(f"{request_id}-{inst.num_generated}-{j}", beam, step_params,
-                                      OutputKind.FINAL, cache_salt=salt) for j, beam in enumerate(beams)]
+                                      OutputKind.FINAL, cache_salt=salt, lora_request=lora_request)
+                   for j, beam in enumerate(beams)]
         outs = await asyncio.gather(*(_last(s) for s in streams))
         inst.step([o.outputs[0].logprobs[0] for o in outs])
     yield _request_output(engine, request_id, inst, params, arrival)
