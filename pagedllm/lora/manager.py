@@ -2,10 +2,11 @@
 
 An adapter is read from disk by `load` (any thread: lora/loader.py reads a request's new adapter off the step
 loop) and put in the host LRU by `insert` (the step thread), or both at once by `get` (add_lora). Requests
-hold a reference to their adapter (`acquire` / `release`); an adapter in use is never evicted from the host LRU (it may exceed max_cpu_loras until they finish) and `remove` refuses
-it (returns False: its requests finish under it, as nothing of theirs changes mid-generation). Device slots
-are filled per step (`prepare_step`): the scheduler keeps the running requests to at most max_loras distinct
-adapters, so the step's adapters always fit; a slot keeps its adapter until another needs it (LRU).
+hold a reference to their adapter (`acquire` / `release`); an adapter in use is never evicted from the host
+LRU (it may exceed max_cpu_loras until they finish) and `remove` refuses it (returns False: its requests
+finish under it, as nothing of theirs changes mid-generation). Device slots are filled per step
+(`prepare_step`): the scheduler keeps the running requests to at most max_loras distinct adapters, so the
+step's adapters always fit; a slot keeps its adapter until another needs it (LRU).
 """
 from collections import Counter, OrderedDict
 
