@@ -59,8 +59,8 @@ def offline(lora_env):
 
 
 def _complete(client, model, prompt, **kw):
-    return client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
-                                     extra_body={"ignore_eos": True}, **kw)
+    kw = {"extra_body": {"ignore_eos": True}, **kw}
+    return client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0, **kw)
 
 
 def test_adapters_by_name_match_offline(client, offline):
@@ -84,6 +84,14 @@ def test_streaming_and_chat_under_an_adapter(client, offline):
     streamed = "".join(c.choices[0].delta.content or "" for c in
                        client.chat.completions.create(model="attn", stream=True, **kw) if c.choices)
     assert streamed == full["attn"] != full[MODEL_NAME]
+
+
+def test_beam_search_under_an_adapter(client):
+    """Beam search's step requests run under the request's adapter (its text is detokenized whole, so it is
+    compared with the base's beam search, not with greedy streaming text)."""
+    texts = [_complete(client, name, PROMPTS[0], extra_body={"use_beam_search": True, "ignore_eos": True})
+             .choices[0].text for name in (MODEL_NAME, "rs", "rs")]
+    assert texts[1] == texts[2] != texts[0]
 
 
 def test_models_lists_base_and_adapters(client, lora_env):
@@ -222,3 +230,13 @@ def test_parse_lora_modules():
     from pagedllm.server.lora import LoRAModulePath, parse_lora_modules
     assert parse_lora_modules(["a=/p=q", '{"name": "b", "path": "/r", "base_model_name": "m"}']) == [
         LoRAModulePath("a", "/p=q"), LoRAModulePath("b", "/r", "m")]
+
+
+def test_engine_lora_error_names_the_model_field():
+    """An adapter read that fails in the core (its files gone since it was registered) is a 400 on `model`."""
+    from pagedllm.engine.async_llm import EngineGenerateError
+    from pagedllm.server.serving import client_error
+    err = client_error(EngineGenerateError("the engine failed request r: ValueError: LoRA adapter 'a' (/p): "
+                                           "adapter_config.json not found", 400), "response_format")
+    assert (err.status, err.param, err.code) == (400, "model", "invalid_lora_adapter")
+    assert client_error(EngineGenerateError("boom", 400), "response_format").param == "response_format"
