@@ -23,6 +23,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
         if ftype is bool or ftype == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
             continue
+        if meta.get("nargs"):   # items after the flag, as vLLM's --lora-modules a=/p b=/q (repeatable)
+            group.add_argument(flag, nargs=meta["nargs"], action="extend", default=default, help=meta["help"])
+            continue
         if typing.get_origin(ftype) is list:   # a JSON list, as vLLM takes them: --allowed-origins '["*"]'
             group.add_argument(flag, type=_json_list, default=default,
                                help=f"{meta['help']} (a JSON list; default: {json.dumps(default)})")

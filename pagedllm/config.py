@@ -200,6 +200,10 @@ class ServerConfig:
                                       choices=TOOL_CALL_PARSERS)
     root_path: str | None = _f(None, "path prefix a proxy in front of the server adds (e.g. /llm): routes answer "
                                      "with and without it, and /openapi.json names it")
+    lora_modules: list[str] = _f([], "LoRA adapters served by name (needs --enable-lora), vLLM's forms: name=path, "
+                                     "or JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; "
+                                     "several after one flag; loaded at start-up, chosen by a request's model",
+                                 nargs="+")
 
     def __post_init__(self):
         _check(0 <= self.port < 65536, "port", "in [0, 65535]", self.port)

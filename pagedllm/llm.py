@@ -12,6 +12,7 @@ from pagedllm.chat_template import render_chat
 from pagedllm.config import DEMO_MODEL, EngineConfig
 from pagedllm.engine.engine import Engine
 from pagedllm.engine.output_processor import OutputKind
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -44,6 +45,10 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
         loras = _loras_per_prompt(lora_request, len(prompts))
+        for lora in dict.fromkeys(x for x in loras if x is not None):
+            if not isinstance(lora, LoRARequest):
+                raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora).__name__}")
+            self.engine.add_lora(lora)   # a bad adapter is a ValueError before anything is queued
         ids = []
         try:
             for prompt, p, lora in zip(prompts, params, loras):

@@ -32,7 +32,7 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  max_tokens: int, block_size: int, arrival_time: float | None = None,
                  cache_salt: str | None = None, lora_request=None, lora_key: tuple | None = None,
-                 kv_parent: str | None = None, hold_kv: bool = False):
+                 kv_parent: str | None = None, hold_kv: bool = False, lora_loading: bool = False):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
@@ -52,6 +52,8 @@ class Request:
         self.lora_int_id = lora_request.lora_int_id if lora_request is not None else 0
         # the adapter's identity in the block hash (the engine core's: its weights' sha256)
         self.lora_key = lora_key or (lora_request.cache_key if lora_request is not None else None)
+        # its adapter is being read (lora/loader.py): not scheduled, and no block hash before its identity is known
+        self.lora_loading = lora_loading
         self.block_hashes: list[BlockHash] = []
         self.kv_parent = kv_parent   # a held request whose KV this one extends (core/kv_fork.py)
         self.hold_kv = hold_kv       # keep the blocks when finished, for children to fork
@@ -74,10 +76,15 @@ class Request:
         self.all_token_ids.append(token_id)
         self._update_block_hashes()
 
+    def lora_loaded(self, lora_key: tuple):
+        """Its adapter is on the host: its identity completes the first block's hash; it may be scheduled."""
+        self.lora_key, self.lora_loading = lora_key, False
+        self._update_block_hashes()
+
     def _update_block_hashes(self):
         """Hash every newly full block; the chain makes each hash name the whole prefix before it."""
         bs, done = self.block_size, len(self.block_hashes)
-        if (done + 1) * bs > self.num_tokens:
+        if (done + 1) * bs > self.num_tokens or self.lora_loading:
             return    # a decode step that fills no block: most calls
         parent = self.block_hashes[-1] if done else None
         extra = None

@@ -147,9 +147,9 @@ class Scheduler:
         i = 0   # the first waiting request not skipped
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[i]
-            if req.grammar is not None and req.grammar.matcher is None:
-                i += 1                                  # its grammar compiles: the requests after it go first
-                continue
+            if req.lora_loading or (req.grammar is not None and req.grammar.matcher is None):
+                i += 1                                  # its adapter loads or its grammar compiles: the requests
+                continue                                # after it go first
             if loras is not None and req.lora_int_id and req.lora_int_id not in loras:
                 if len(loras) >= self.max_loras or loras is _BLOCKED:
                     # max_loras adapters run: it waits, and so does every adapter request after it (FIFO: the

@@ -6,6 +6,7 @@ assemble RequestOutputs (OutputProcessor), and hand each one to the request's as
 is spawned, so a script that builds an AsyncLLM needs the `if __name__ == "__main__":` guard.
 """
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -79,6 +80,8 @@ class AsyncLLM:
         self._queues: dict[str, OutputQueue] = {}
         self._unscheduled: set[str] = set()           # sequences not yet in any step: the waiting queue
         self._stats_waiters: deque[asyncio.Future] = deque()
+        self._lora_calls: dict[int, asyncio.Future] = {}   # add/remove/list_loras calls by id, until answered
+        self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.Task | None = None
         self._num_stale_stats = 0                     # replies still due to failed get_stats() calls
@@ -212,7 +215,8 @@ class AsyncLLM:
 
     # ---- LoRA adapters: loaded and held in the core process (vLLM's names) ----------------------------------
     async def add_lora(self, lora_request) -> bool:
-        """Loads the adapter in the core now; a bad one raises its ValueError here."""
+        """Loads the adapter in the core (a loader thread reads it; other requests' steps go on) and returns
+        once it is on the host; a bad one raises its ValueError here."""
         return await self._core_call("add_lora", lora_request)
 
     async def remove_lora(self, lora_int_id: int) -> bool:
@@ -223,12 +227,16 @@ class AsyncLLM:
         return await self._core_call("list_loras")
 
     async def _core_call(self, name: str, *args):
+        """Answered by call id: an add_lora whose adapter is read on a loader thread answers after later calls."""
         self.attach()
         self._check_alive()
-        fut = self._loop.create_future()
-        self._stats_waiters.append(fut)   # one queue of replies: the core answers in order
-        self.core.send(("lora", name, *args))
-        return await fut
+        call_id = next(self._call_ids)
+        fut = self._lora_calls[call_id] = self._loop.create_future()
+        self.core.send(("lora", call_id, name, *args))
+        try:
+            return await fut
+        finally:
+            self._lora_calls.pop(call_id, None)
 
     def shutdown(self):
         self.closing = True
@@ -261,22 +269,27 @@ class AsyncLLM:
                 elif msg[0] == "outputs":
                     self.core_stall = 0.0
                     self._steps.append(msg)
-                elif msg[0] in ("stats", "reply"):   # replies come in the order of the calls
+                elif msg[0] == "lora_reply":
+                    self._answer_lora_call(*msg[1:])
+                elif msg[0] == "stats":   # replies come in the order of the calls
                     if self._num_stale_stats:   # the reply to a call failed while the core was silent
                         self._num_stale_stats -= 1
                         continue
                     fut = self._stats_waiters.popleft()
                     if fut.done():
                         continue
-                    if msg[0] == "reply" and isinstance(msg[1], BaseException):
-                        fut.set_exception(msg[1])
-                    else:
-                        fut.set_result(msg[1])
+                    fut.set_result(msg[1])
         except (EOFError, OSError):
             self._on_core_exit()
             return
         if self._steps and not self._step_scheduled:
             self._process_next_step()
+
+    def _answer_lora_call(self, call_id: int, result):
+        fut = self._lora_calls.get(call_id)
+        if fut is None or fut.done():
+            return   # failed meanwhile (the core was silent) or its caller left
+        fut.set_exception(result) if isinstance(result, BaseException) else fut.set_result(result)
 
     def _process_next_step(self):
         """One step's outputs, then the event loop's turn: the streams write that step's chunks before the
@@ -320,7 +333,8 @@ class AsyncLLM:
             if not self.core.process.is_alive():
                 self._on_readable()   # what it sent before it exited, then the EOF
                 self._on_core_exit()
-            elif (self._queues or self._stats_waiters) and (reason := self.unhealthy_reason()) and not self.dead:
+            elif ((self._queues or self._stats_waiters or self._lora_calls) and (reason := self.unhealthy_reason())
+                  and not self.dead):
                 logger.error("%s: failing %d requests in flight", reason, len(self._queues))
                 self._fail_all(EngineDeadError(reason), abort=True)
 
@@ -351,6 +365,9 @@ class AsyncLLM:
         self._num_stale_stats += len(self._stats_waiters)
         while self._stats_waiters:
             fut = self._stats_waiters.popleft()
+            if not fut.done():
+                fut.set_exception(error)
+        for fut in self._lora_calls.values():
             if not fut.done():
                 fut.set_exception(error)
 

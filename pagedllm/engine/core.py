@@ -22,6 +22,7 @@ from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.request import Request, RequestStatus
 from pagedllm.runner.model_runner import ModelRunner, PendingOutput
 from pagedllm.engine.tokenizer import load_engine_tokenizer, load_eos_token_ids
+from pagedllm.lora.loader import LoRALoader
 from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.speculator import Speculator
@@ -69,25 +70,29 @@ class EngineCore:
         self._failed: list[EngineCoreOutput] = []   # error outputs of requests failed outside a step
         # the in-flight step's bitmask fill and sampling launch, on the structured-output thread
         self._sampling: tuple[SchedulerOutput, concurrent.futures.Future] | None = None
+        self.lora_loader: LoRALoader | None = None   # reads adapters off the step loop (with the first one)
         self.speculator = None   # speculative decoding: which steps and rows propose (spec_decode/speculator.py)
         if config.speculative is not None:
             self.speculator = Speculator(config.speculative, max_model_len)
 
     def add_request(self, r: EngineCoreRequest):
         """A request whose own data raises here (hashing its blocks, its generator) ends with an error
-        output at the next step(); nothing of it is left in the engine."""
+        output at the next step(); nothing of it is left in the engine. One whose adapter is not on the host
+        waits in the queue while a loader thread reads it (lora/loader.py); a read that fails fails it alone."""
         self._join_sampling()   # the runner's state is the step thread's again
         try:
-            # The Request hashes the prompt's blocks: that work stays here, off the API process.
-            # a bad adapter raises here: read (if new) for its identity in the block hashes
-            lora_key = None if r.lora_request is None else self.runner.lora_key(r.lora_request)
+            # The Request hashes the prompt's blocks: that work stays here, off the API process; under an
+            # adapter still being read, once it is on the host (its identity is in the first block's hash)
+            lora_key = None if r.lora_request is None else self._lora_loader().key_if_loaded(r.lora_request)
             request = Request(r.request_id, r.prompt_token_ids, r.sampling_params, r.max_tokens,
                               self.block_size, r.arrival_time, r.cache_salt, r.lora_request, lora_key,
-                              r.kv_parent, r.hold_kv)
+                              r.kv_parent, r.hold_kv, lora_loading=r.lora_request is not None and lora_key is None)
             self.runner.add_request(r.request_id, r.sampling_params)
             if r.sampling_params.structured_outputs is not None:   # compiles on a worker from now on
                 request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs)
-            if r.lora_request is not None:   # last: nothing after it can fail and leave the adapter held
+            if request.lora_loading:
+                self.lora_loader.wait_for(r.lora_request, r.request_id)
+            elif r.lora_request is not None:   # last: nothing after it can fail and leave the adapter held
                 self.runner.add_lora_request(r.request_id, r.lora_request)
         except Exception as e:
             logger.error("request %s failed as it entered the engine core: %s", r.request_id, _describe(e))
@@ -97,8 +102,18 @@ class EngineCore:
 
     # ---- LoRA adapters (vLLM's LLMEngine names) -------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Loads an adapter into the host LRU now (a bad one raises its ValueError)."""
+        """Loads an adapter into the host LRU now, on the caller's thread (a bad one raises its ValueError)."""
         return self._lora().add(lora_request)
+
+    def add_lora_async(self, lora_request: LoRARequest) -> concurrent.futures.Future:
+        """add_lora with the read on a loader thread: a future of True (or of the adapter's ValueError), set by
+        the step() that puts it on the host. The core process answers its add_lora calls this way."""
+        future = concurrent.futures.Future()
+        if self._lora_loader().key_if_loaded(lora_request) is not None:
+            future.set_result(True)
+        else:
+            self.lora_loader.wait_for(lora_request, caller=future)
+        return future
 
     def remove_lora(self, lora_int_id: int) -> bool:
         """False for an unknown adapter or one that unfinished requests use (they finish under it)."""
@@ -113,6 +128,33 @@ class EngineCore:
             raise ValueError("LoRA adapters need enable_lora=True (--enable-lora)")
         return self.runner.lora
 
+    def _lora_loader(self) -> LoRALoader:
+        if self.lora_loader is None:
+            self.lora_loader = LoRALoader(self._lora())
+        return self.lora_loader
+
+    def _poll_lora_loads(self) -> list[EngineCoreOutput]:
+        """Requests whose adapter is now on the host may be scheduled; those whose read failed end with its error."""
+        outputs = []
+        for result in self.lora_loader.poll():
+            for req_id in result.req_ids:
+                req = self.scheduler.requests.get(req_id)
+                if req is None or req.status.finished:
+                    continue   # aborted while it waited
+                if result.error is None:
+                    self.runner.add_lora_request(req_id, req.lora_request)
+                    req.lora_loaded(result.lora_key)
+                    continue
+                logger.error("request %s failed: %s", req_id, result.error)
+                self.scheduler.finish_requests([req_id], RequestStatus.FINISHED_ERROR)
+                outputs.append(EngineCoreOutput(req_id, [], finish_reason="error", error=result.error,
+                                                bad_request=True))
+        return outputs
+
+    @property
+    def _lora_loading(self) -> bool:
+        return self.lora_loader is not None and bool(self.lora_loader.pending)
+
     def finish_requests(self, request_ids: list[str], status: RequestStatus):
         self.scheduler.finish_requests(request_ids, status)
 
@@ -121,7 +163,8 @@ class EngineCore:
         self.kv_cache_manager.forks.release(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None or bool(self._failed)
+        return (self.scheduler.has_unfinished_requests() or self._in_flight is not None or bool(self._failed)
+                or self._lora_loading)
 
     def step(self) -> tuple[list[EngineCoreOutput], StepStats] | None:
         """Schedules and launches step N+1 (when there is work), then waits for step N and applies it to the
@@ -133,6 +176,8 @@ class EngineCore:
         while reading N propagate: the core process ends and the API process with it."""
         self._join_sampling()
         outputs, self._failed = self._failed, []
+        if self._lora_loading:
+            outputs += self._poll_lora_loads()
         if self.scheduler.compiling:
             outputs += self.scheduler.check_grammars()
         if self.speculator is not None and self.speculator.wants_step(self.scheduler.running,
@@ -148,6 +193,8 @@ class EngineCore:
         if launched is not None and launched[1].deferred is not None:
             outputs += self._sample_constrained(*launched[:2], wait=not SAMPLE_ON_THREAD)
         if done is None:
+            if launched is None and not outputs and self._lora_loading:
+                self.lora_loader.wait(0.05)   # only add_lora reads under way: no spinning
             return (outputs, StepStats()) if outputs else None
         return outputs, done[2]
 
@@ -159,8 +206,8 @@ class EngineCore:
         if self.speculator is not None:
             self.speculator.forget(sched_out.finished_req_ids)
         self._record_first_scheduled(sched_out, stats)
-        if sched_out.is_empty and self._in_flight is None and self.scheduler.compiling:
-            self._wait_for_grammars()   # nothing runs but grammars compiling: do not spin on the GIL
+        if sched_out.is_empty and self._in_flight is None and (self.scheduler.compiling or self._lora_loading):
+            self._wait_for_workers()   # nothing runs but grammars compiling, adapters loading: no spinning
         try:
             return (sched_out, self.runner.execute_async(sched_out), stats), []
         except torch.AcceleratorError:
@@ -189,9 +236,12 @@ class EngineCore:
             self.speculator.observe(req_id, len(proposed), len(result.sampled_token_ids[req_id]) - 1)
         return outputs, stats
 
-    def _wait_for_grammars(self, seconds: float = 0.05):
-        """Blocks until a grammar compiles (or `seconds` pass: the core process reads its pipe between steps)."""
+    def _wait_for_workers(self, seconds: float = 0.05):
+        """Blocks until a grammar compiles or an adapter is read (or `seconds` pass: the core process reads its
+        pipe between steps)."""
         futures = [req.grammar.future for req in self.scheduler.compiling]
+        if self._lora_loading:
+            futures += [load.future for load in self.lora_loader.pending.values()]
         concurrent.futures.wait(futures, timeout=seconds, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _sample_constrained(self, sched_out: SchedulerOutput, pending: PendingOutput,

@@ -10,11 +10,11 @@ schedules, runs the model and sends token ids; the API process does everything e
       reader callback (event loop)  ◄──────────── pipe ◄──  ("outputs", [EngineCoreOutput], StepStats)
 
 Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], RequestStatus), ("release", [ids]),
-("stats",),
-("shutdown",) in; ("ready", num_blocks, startup info) or ("failed", message) once, then ("outputs",
-[EngineCoreOutput field values], StepStats) and ("stats", SchedulerStats) out, in order. The writer thread keeps
-the event loop from blocking on a full pipe (a burst of long prompts) while the core is itself blocked sending
-outputs: that would deadlock.
+("stats",), ("lora", call id, name, *args), ("shutdown",) in; ("ready", num_blocks, startup info) or ("failed",
+message) once, then ("outputs", [EngineCoreOutput field values], StepStats) and ("stats", SchedulerStats) out, in
+order, and ("lora_reply", call id, result) when a LoRA call is done (an adapter's read holds no other message).
+The writer thread keeps the event loop from blocking on a full pipe (a burst of long prompts) while the core is
+itself blocked sending outputs: that would deadlock.
 
 Faults: once ready, a thread of the core process sends ("heartbeat", seconds since the step loop last came
 round) every HEARTBEAT_INTERVAL, whatever the loop is doing. A stopped or frozen process sends none; a long
@@ -59,16 +59,18 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
         core.structured.pool.warm_up()   # a server's first constrained request then pays only its compile
     stats_logger = StatsLogger(config.log_stats_interval)
     pulse = _Pulse(conn)
+    lora_calls = _LoRACalls(core, conn)
     try:
         while True:
             # Idle: wait for a message (a heartbeat's time at most). Busy: take what has arrived, then step.
             while conn.poll(0 if core.has_unfinished_requests() else HEARTBEAT_INTERVAL):
-                if not _handle(core, conn, conn.recv()):
+                if not _handle(core, conn, conn.recv(), lora_calls):
                     return
             # Step N's outputs are sent while the device runs step N+1.
             done = core.step()
             if done is not None:
                 _send_outputs(conn, *done)
+            lora_calls.answer_done()
             stats_logger.maybe_log(core.get_stats)
             pulse.tick = time.monotonic()
     except (EOFError, BrokenPipeError):   # the API process is gone
@@ -138,7 +140,7 @@ def _send_outputs(conn: "_SharedConn", outputs: list, stats: StepStats):
         conn.send(("outputs", [tuple(o.__dict__.values()) for o in outputs], stats))
 
 
-def _handle(core, conn: _SharedConn, msg: tuple) -> bool:
+def _handle(core, conn: _SharedConn, msg: tuple, lora_calls: "_LoRACalls") -> bool:
     kind = msg[0]
     if kind == "add":
         for request in msg[1]:
@@ -149,8 +151,8 @@ def _handle(core, conn: _SharedConn, msg: tuple) -> bool:
         core.release_kv_holds(msg[1])
     elif kind == "stats":
         conn.send(("stats", core.get_stats()))
-    elif kind == "lora":   # add_lora / remove_lora / list_loras: replied in order with the stats replies
-        conn.send(("reply", _lora_call(core, msg[1], msg[2:])))
+    elif kind == "lora":   # ("lora", call id, add_lora | remove_lora | list_loras, *args)
+        lora_calls.start(msg[1], msg[2], msg[3:])
     elif kind == "shutdown":
         return False
     else:
@@ -158,14 +160,41 @@ def _handle(core, conn: _SharedConn, msg: tuple) -> bool:
     return True
 
 
-def _lora_call(core, name: str, args: tuple):
-    """The result, or the exception (a bad adapter's ValueError) for the caller to raise; the core runs on."""
-    if name not in ("add_lora", "remove_lora", "list_loras"):
-        return ValueError(f"unknown LoRA call {name!r}")
-    try:
-        return getattr(core, name)(*args)
-    except Exception as e:   # noqa: BLE001 - the caller's error, not the core's
-        return e
+class _LoRACalls:
+    """add_lora / remove_lora / list_loras, answered ("lora_reply", call id, result or exception). add_lora reads
+    a new adapter on a loader thread (EngineCore.add_lora_async): its caller waits for the read, steps of other
+    requests do not; it is answered after the step that puts the adapter on the host, so any later call or
+    request finds it there. The others are answered at once."""
+
+    def __init__(self, core, conn: _SharedConn):
+        self.core, self.conn = core, conn
+        self.pending: list[tuple[int, object]] = []   # (call id, Future) of add_lora calls whose read runs
+
+    def start(self, call_id: int, name: str, args: tuple):
+        try:
+            if name == "add_lora":
+                self.pending.append((call_id, self.core.add_lora_async(*args)))
+                return self.answer_done()
+            if name not in ("remove_lora", "list_loras"):
+                raise ValueError(f"unknown LoRA call {name!r}")
+            result = getattr(self.core, name)(*args)
+        except Exception as e:  # noqa: BLE001 - a bad adapter, LoRA off: the caller's error, not the core's
+            result = e
+        self._reply(call_id, result)
+
+    def answer_done(self):
+        if not self.pending:
+            return
+        still = []
+        for call_id, future in self.pending:
+            if not future.done():
+                still.append((call_id, future))
+            else:
+                self._reply(call_id, future.exception() or future.result())
+        self.pending = still
+
+    def _reply(self, call_id: int, result):
+        self.conn.send(("lora_reply", call_id, result))
 
 
 class CoreClient:

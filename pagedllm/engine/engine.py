@@ -85,7 +85,9 @@ class Engine:
                     cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
                     hold_kv: bool = False):
         """Validates and queues a request; a request that can never run is a ValueError here. lora_request:
-        a LoRARequest (enable_lora), its adapter read now if new: a bad adapter is a ValueError here.
+        a LoRARequest (enable_lora); an adapter not on the host is read on a loader thread while steps go on (the
+        request waits for it), and a bad one ends the request with finish_reason "error" (LLM.generate checks
+        its adapters first, so there it is a ValueError).
         hold_kv: its blocks are kept when it ends (release_kv_holds frees them); kv_parent: a held request
         whose tokens this one's extend, whose KV it forks copy-on-write (core/kv_fork.py; beam search)."""
         num_seqs = params.num_sequences
@@ -96,7 +98,8 @@ class Engine:
         if lora_request is not None:
             if not isinstance(lora_request, LoRARequest):
                 raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora_request).__name__}")
-            self.core.add_lora(lora_request)   # raises for LoRA off or a bad adapter, before anything is queued
+            if self.core.runner.lora is None:
+                raise ValueError("a lora_request needs enable_lora=True (--enable-lora)")
         req = self.input_processor.process(request_id, prompt, params, arrival_time, cache_salt, lora_request,
                                            kv_parent, hold_kv)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,

@@ -1,11 +1,12 @@
 """Adapters of a model: an LRU of host copies (max_cpu_loras) and max_loras device slots.
 
-An adapter is read from disk when first requested (`get`, at add_request: a bad adapter is that request's
-ValueError) or by add_lora. Requests hold a reference to their adapter (`acquire` / `release`); an adapter in
-use is never evicted from the host LRU (it may exceed max_cpu_loras until they finish) and `remove` refuses
-it (returns False: its requests finish under it, as nothing of theirs changes mid-generation). Device slots
-are filled per step (`prepare_step`): the scheduler keeps the running requests to at most max_loras distinct
-adapters, so the step's adapters always fit; a slot keeps its adapter until another needs it (LRU).
+An adapter is read from disk by `load` (any thread: lora/loader.py reads a request's new adapter off the step
+loop) and put in the host LRU by `insert` (the step thread), or both at once by `get` (add_lora). Requests
+hold a reference to their adapter (`acquire` / `release`); an adapter in use is never evicted from the host
+LRU (it may exceed max_cpu_loras until they finish) and `remove` refuses it (returns False: its requests
+finish under it, as nothing of theirs changes mid-generation). Device slots are filled per step
+(`prepare_step`): the scheduler keeps the running requests to at most max_loras distinct adapters, so the
+step's adapters always fit; a slot keeps its adapter until another needs it (LRU).
 """
 from collections import Counter, OrderedDict
 
@@ -33,17 +34,31 @@ class LoRAManager:
 
     # ---- adapters ------------------------------------------------------------------------------------
     def get(self, req: LoRARequest) -> LoRAModel:
-        """The adapter's host copy, read from disk on first use; the same id with another name or path is an error."""
+        """The adapter's host copy, read from disk now if it is not there (on the caller's thread)."""
+        return self.cached(req) or self.insert(self.load(req))
+
+    def cached(self, req: LoRARequest) -> LoRAModel | None:
+        """The host copy if loaded; the same id with another name or path is an error."""
         lora = self.cpu.get(req.lora_int_id)
         if lora is not None:
             if lora.request != req:
                 raise ValueError(f"lora_int_id {req.lora_int_id} is already adapter {lora.request.lora_name!r} "
                                  f"({lora.request.lora_path}), not {req.lora_name!r} ({req.lora_path})")
             self.cpu.move_to_end(req.lora_int_id)
-            return lora
-        lora = self._staged(load_peft_adapter(req, self.model, self.max_lora_rank))
-        self.cpu[req.lora_int_id] = lora
-        self._evict()
+        return lora
+
+    def load(self, req: LoRARequest) -> LoRAModel:
+        """Reads and stages an adapter; touches no state of the manager, so it runs on a loader thread."""
+        return self._staged(load_peft_adapter(req, self.model, self.max_lora_rank))
+
+    def insert(self, lora: LoRAModel) -> LoRAModel:
+        """Puts a loaded adapter in the host LRU (the step thread's work: prepare_step reads it); one loaded
+        meanwhile under the same id (add_lora) is kept."""
+        have = self.cached(lora.request)
+        if have is not None:
+            return have
+        self.cpu[lora.request.lora_int_id] = lora
+        self._evict(keep=lora.request.lora_int_id)
         return lora
 
     def _staged(self, lora: LoRAModel) -> LoRAModel:
@@ -78,8 +93,9 @@ class LoRAManager:
     def loaded_ids(self) -> set[int]:
         return set(self.cpu)
 
-    def _evict(self):
-        for lid in [lid for lid in self.cpu if not self.in_use[lid]]:
+    def _evict(self, keep: int = 0):
+        """Least recently used first; never one in use, nor `keep` (just inserted: its request acquires it next)."""
+        for lid in [lid for lid in self.cpu if not self.in_use[lid] and lid != keep]:
             if len(self.cpu) <= self.max_cpu_loras:
                 break
             self.remove(lid)

@@ -27,6 +27,7 @@ from pagedllm.engine.core_process import freeze_gc
 from pagedllm.server.chat import create_chat_completion, render_chat
 from pagedllm.server.completions import create_completion
 from pagedllm.server.errors import APIError, error_response, install_error_handlers
+from pagedllm.server.lora import LoRAModulePath, ServingLoRAs, lora_routes, parse_lora_modules
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from pagedllm.server.request_body import RequestBodyGuard
@@ -43,10 +44,19 @@ STOP_GRACE_SECONDS = 5   # after a stop signal, for the requests in flight to fi
 API_GC_THRESHOLD = 20_000
 
 
-def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig, api_key: str | None) -> FastAPI:
+def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig, api_key: str | None,
+              lora_modules: list[LoRAModulePath] = ()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         ctx.engine.attach()   # watch the core from the start, not from the first request
+        try:
+            if ctx.loras is not None:
+                await ctx.loras.load_static(lora_modules)
+        except ValueError as e:   # a bad --lora-modules adapter: the server does not start
+            logger.error("%s", e)
+            ctx.startup_error = str(e)
+            ctx.engine.shutdown()
+            raise
         yield
         ctx.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         ctx.engine.shutdown()
@@ -69,10 +79,11 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
     @v1.get("/models")
     async def models():
         card = {"id": ctx.model_name, "object": "model", "created": int(time.time()), "owned_by": "pagedllm",
-                "root": ctx.engine.config.model, "max_model_len": ctx.engine.max_model_len}
-        return {"object": "list", "data": [card]}
+                "root": ctx.engine.config.model, "parent": None, "max_model_len": ctx.engine.max_model_len}
+        return {"object": "list", "data": [card, *(ctx.loras.cards() if ctx.loras is not None else [])]}
 
     app.include_router(v1)
+    app.include_router(lora_routes(ctx.loras, keyed))
     app.include_router(_tokenizer_routes(ctx, keyed))
 
     @app.get("/health")
@@ -188,6 +199,10 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
                          "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
     chat_template = _read_chat_template(server_config.chat_template)   # before the model loads
     _check_tls(server_config)
+    lora_modules = parse_lora_modules(server_config.lora_modules)
+    if lora_modules and not engine_config.enable_lora:
+        raise ValueError("lora_modules need --enable-lora (it sets the engine up for adapters: --max-loras, "
+                         "--max-lora-rank)")
 
     class Server(uvicorn.Server):
         core_died = False
@@ -211,8 +226,10 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
                       on_dead=lambda: server.on_core_death(), stream_interval=server_config.stream_interval)
     ctx = ServingContext(engine, metrics.model_name, chat_template, server_config.tool_call_parser,
                          server_config.enable_auto_tool_choice)
+    if engine_config.enable_lora:
+        ctx.loras = ServingLoRAs(engine, ctx.model_name)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
-    app = build_app(ctx, metrics, server_config, api_key)
+    app = build_app(ctx, metrics, server_config, api_key, lora_modules)
     scheme = "https" if server_config.ssl_certfile else "http"
     logger.info("serving %s at %s://%s:%d%s (API key %s)", ctx.model_name, scheme, server_config.host,
                 server_config.port, server_config.root_path or "", "required" if api_key else "off")
@@ -222,16 +239,23 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
                                    log_level=server_config.log_level, timeout_keep_alive=30,
                                    timeout_graceful_shutdown=STOP_GRACE_SECONDS + 5,
                                    ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile))
-    _run(server)
+    _run(server, ctx)
 
 
-def _run(server):
+def _run(server, ctx: ServingContext):
     """uvicorn raises a stop signal again once it has shut down, to the handlers found at start: these ones
     make that a no-op, so a stop ends with exit code 0 and no KeyboardInterrupt traceback. A dead engine core
     ends the process with code 1."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:   # uvicorn's when the app's start-up failed (code 3)
+        if ctx.startup_error is None:
+            raise
+    if ctx.startup_error is not None:
+        logger.error("exiting with code 1: the server could not start: %s", ctx.startup_error)
+        sys.exit(1)
     if server.core_died:
         logger.error("exiting with code 1: the engine core process died")
         sys.exit(1)

@@ -21,8 +21,8 @@ def check_beam_search(engine, params: BeamSearchParams):
                        "invalid_value") from None
 
 
-async def beam_search_stream(engine, request_id: str, prompt_ids: list[int],
-                             params: BeamSearchParams) -> AsyncIterator[RequestOutput]:
+async def beam_search_stream(engine, request_id: str, prompt_ids: list[int], params: BeamSearchParams,
+                             lora_request=None) -> AsyncIterator[RequestOutput]:
     """Each step adds every running beam as a 1-token request at once (the core batches them with everything
     else in flight), each forking the held request of the beam it extends (core/kv_fork.py). Leaving early
     aborts the step's requests (AsyncLLM's streams do it when closed) and releases the held ones."""
@@ -37,7 +37,8 @@ async def beam_search_stream(engine, request_id: str, prompt_ids: list[int],
         while not inst.done:
             ids = [f"{request_id}-{inst.num_generated}-{j}" for j in range(len(inst.running))]
             streams = [engine.add_request(rid, beam, step_params, OutputKind.FINAL, cache_salt=salt,
-                                          kv_parent=parent, hold_kv=True)
+                                          kv_parent=parent, hold_kv=True,
+                                          lora_request=lora_request)
                        for rid, beam, parent in zip(ids, inst.beam_prompts(), inst.beam_parents())]
             engine.release_kv_holds(held)   # after their children: the core reads its messages in order
             held = ids

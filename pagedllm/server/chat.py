@@ -37,7 +37,7 @@ def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeReques
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
-    ctx.check_model(req.model)
+    lora = ctx.check_model(req.model)
     plan = chat_tools.plan_tools(req, ctx.tool_call_parser, ctx.enable_auto_tool_choice)
     prompt_ids = await ctx.off_loop(render_chat, ctx, req)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -57,7 +57,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
-    streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind)
+    streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind, lora)
     if req.stream:
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), _constraint_field(req, plan))
         if isinstance(outputs, Response):   # the client left
@@ -100,7 +100,8 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
         choices.append({"index": c.index, "message": message, "logprobs": _logprobs(req, c),
                         "finish_reason": finish_reason, "stop_reason": c.stop_reason})
     num_completion = sum(len(c.token_ids) for c in out.outputs)
-    response = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
+    response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+                "model": req.model or ctx.model_name,   # the adapter's name under an adapter, as vLLM
                 "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion)}
     if req.prompt_logprobs is not None:   # vLLM's place: the response's, there is one prompt
         response["prompt_logprobs"] = prompt_logprobs_json(out)
@@ -109,7 +110,7 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
 
 async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, num_prompt: int, outputs):
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": ctx.model_name}
+            "model": req.model or ctx.model_name}
     prefix, num_completion = sse_prefix(head), 0
     for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},

@@ -19,7 +19,7 @@ from pagedllm.server.structured_fields import constraint_field
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_request: Request):
-    ctx.check_model(req.model)
+    lora = ctx.check_model(req.model)
     prompts = await ctx.off_loop(_prompts, ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
     for _, ids in prompts:
         kept = truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len)
@@ -34,7 +34,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     request_id = f"cmpl-{uuid.uuid4().hex}"
     response_id = f"cmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
-    streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind)
+    streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind, lora)
     texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]
     if req.stream:
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))
@@ -70,7 +70,8 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
                 choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out)
     num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
     num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": req.model or ctx.model_name,   # the adapter's name under an adapter, as vLLM
             "choices": choices, "usage": usage(num_prompt, num_completion)}
 
 
@@ -78,7 +79,7 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     created, num_completion = int(time.time()), 0
     started: set[int] = set()
     offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
-    head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": req.model or ctx.model_name}
     prefix = sse_prefix(head)
     async for i, out in outputs:
         for c in out.outputs:

@@ -91,7 +91,9 @@ def install_error_handlers(app: FastAPI):
     @app.exception_handler(EngineGenerateError)
     async def _engine_generate(_: Request, e: EngineGenerateError):   # this request only: the server lives on
         if e.status == 400:   # the request's own fault; serving.client_error names the field it came from
-            return error_response(400, str(e), "structured_outputs", "invalid_structured_output")
+            from pagedllm.server.serving import client_error
+            err = client_error(e, None)
+            return error_response(400, err.message, err.param, err.code)
         return error_response(500, str(e), code="engine_error")
 
     @app.exception_handler(HTTPException)

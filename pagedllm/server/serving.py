@@ -18,10 +18,12 @@ from fastapi.responses import Response
 from pagedllm.beam_search import BeamSearchParams
 from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
 from pagedllm.engine.output_processor import OutputKind
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.beam_search import beam_search_stream, check_beam_search
 from pagedllm.server.errors import APIError, shorten
+from pagedllm.server.lora import ServingLoRAs
 
 DONE = "data: [DONE]\n\n"
 
@@ -33,6 +35,8 @@ class ServingContext:
     chat_template: str | None
     tool_call_parser: str | None = None     # --tool-call-parser, --enable-auto-tool-choice (chat_tools.py)
     enable_auto_tool_choice: bool = False
+    loras: ServingLoRAs | None = None       # --enable-lora: the adapters served by name (server/lora.py)
+    startup_error: str | None = None        # why the app's start-up failed (a bad --lora-modules adapter)
     # One thread, as vLLM's: tokenizing a long text takes seconds (~0.7 s a MB), which on the event loop
     # would stall every stream and /health; HF fast tokenizers release the GIL while they work.
     tokenizer_pool: ThreadPoolExecutor = field(
@@ -47,10 +51,16 @@ class ServingContext:
         Its results are the same as on the loop: one tokenizer, used with fixed settings."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, partial(fn, *args, **kwargs))
 
-    def check_model(self, name: str | None):
-        if name is not None and name != self.model_name:
+    def check_model(self, name: str | None) -> LoRARequest | None:
+        """The adapter a request's model names (None: the base model); an unknown name is vLLM's 404."""
+        if name is None or name == self.model_name:
+            return None
+        lora = self.loras.get(name) if self.loras is not None else None
+        if lora is None:
+            adapters = f" and {len(self.loras.adapters)} LoRA adapters (GET /v1/models)" if self.loras else ""
             raise APIError(404, f"The model `{shorten(name)}` does not exist (this server serves "
-                                f"`{self.model_name}`).", "model", "model_not_found")
+                                f"`{self.model_name}`{adapters}).", "model", "model_not_found")
+        return lora
 
     def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str,
                              max_tokens_param: str):
@@ -75,18 +85,19 @@ class ServingContext:
 
 
 def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]],
-                 params: SamplingParams | BeamSearchParams,
-                 kind: OutputKind) -> tuple[list[AsyncIterator[RequestOutput]], list[str]]:
+                 params: SamplingParams | BeamSearchParams, kind: OutputKind,
+                 lora_request: LoRARequest | None = None) -> tuple[list[AsyncIterator[RequestOutput]], list[str]]:
     """All prompts or none: when one is refused, the ones already added are aborted. BeamSearchParams: one
     beam search per prompt, each a stream of one final output (its step requests are its own to abort)."""
     if isinstance(params, BeamSearchParams):
         check_beam_search(engine, params)
-        return [beam_search_stream(engine, f"{request_id}-{i}", p, params) for i, p in enumerate(prompts)], []
+        return [beam_search_stream(engine, f"{request_id}-{i}", p, params, lora_request)
+                for i, p in enumerate(prompts)], []
     streams, ids = [], []
     try:
         for i, prompt_ids in enumerate(prompts):
             ids.append(f"{request_id}-{i}")
-            streams.append(engine.add_request(ids[-1], prompt_ids, params, kind))
+            streams.append(engine.add_request(ids[-1], prompt_ids, params, kind, lora_request=lora_request))
     except BaseException:
         abort_all(engine, ids)
         raise
@@ -145,7 +156,10 @@ async def final_outputs(streams: list[AsyncIterator[RequestOutput]], param: str 
 
 def client_error(e: EngineGenerateError, param: str | None) -> Exception:
     """The engine's failure of a request the client caused (status 400: a constraint that did not compile, or
-    not within the time limit) as a 400 naming the field that set it; any other stays a 500."""
+    not within the time limit; an adapter that could not be read) as a 400 naming the field that set it; any
+    other stays a 500."""
+    if e.status == 400 and "LoRA adapter" in str(e):   # lora/loader.py's errors name the adapter so
+        return APIError(400, str(e), "model", "invalid_lora_adapter")
     if e.status == 400:
         return APIError(400, str(e), param or "structured_outputs", "invalid_structured_output")
     return e

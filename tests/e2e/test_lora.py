@@ -131,7 +131,8 @@ def test_add_remove_while_running(setup):
     assert engine.add_lora(loras["attn"]) and engine.list_loras() == {2}
     engine.add_request("a", PROMPTS[1], GREEDY, lora_request=loras["rs"])
     engine.add_request("b", PROMPTS[2], GREEDY)
-    engine.step()
+    while not any(r.request_id == "a" for r in engine.core.scheduler.running):   # its adapter is read off the loop
+        engine.step()
     assert not engine.remove_lora(1)         # its request runs: refused, it finishes under it
     assert engine.remove_lora(2)             # unused: gone
     assert not engine.remove_lora(2) and engine.list_loras() == {1}

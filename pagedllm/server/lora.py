@@ -1,0 +1,167 @@
+"""LoRA adapters behind the server, vLLM's interface: --lora-modules, a request's `model` naming an adapter,
+/v1/models listing them, POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+
+An adapter's name maps to a LoRARequest with an int id of its own (1, 2, ... in the order loaded; never reused,
+so a block hash or host copy of an unloaded adapter is never taken for a new one). Loading calls the engine's
+add_lora first (the core reads it on a loader thread; steps go on), so a bad adapter is a 400 naming its path and
+the problem, and the name is served only once the adapter is on the host. Runtime loading and unloading read any
+path the server can read and hold memory: as vLLM, they are off unless VLLM_ALLOW_RUNTIME_LORA_UPDATING is set
+(vLLM's variable, so a vLLM deployment's environment works unchanged); the API key guards them as every /v1 route.
+"""
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict
+
+from pagedllm.lora.request import LoRARequest
+from pagedllm.server.errors import APIError, shorten
+
+RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+@dataclass(frozen=True)
+class LoRAModulePath:
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+def parse_lora_modules(items: list[str]) -> list[LoRAModulePath]:
+    """--lora-modules items: name=path, or a JSON object with name, path and optionally base_model_name."""
+    modules = []
+    for item in items:
+        if item.lstrip().startswith("{"):
+            modules.append(_from_json(item))
+            continue
+        name, sep, path = item.partition("=")
+        if not (sep and name and path):
+            raise ValueError(f"lora_modules item {item!r} must be name=path or a JSON object with name and path")
+        modules.append(LoRAModulePath(name, path))
+    names = [m.name for m in modules]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"lora_modules names must be unique, got {duplicates} more than once")
+    return modules
+
+
+def _from_json(item: str) -> LoRAModulePath:
+    try:
+        obj = json.loads(item)
+    except ValueError as e:
+        raise ValueError(f"lora_modules item {item!r} is not valid JSON: {e}") from None
+    unknown = sorted(set(obj) - {"name", "path", "base_model_name"}) if isinstance(obj, dict) else []
+    if not isinstance(obj, dict) or unknown:
+        raise ValueError(f"lora_modules item {item!r}: a JSON object takes name, path and base_model_name"
+                         + (f", not {unknown}" if unknown else ""))
+    for key in ("name", "path"):
+        if not isinstance(obj.get(key), str) or not obj[key]:
+            raise ValueError(f"lora_modules item {item!r}: {key} must be a non-empty string")
+    base = obj.get("base_model_name")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"lora_modules item {item!r}: base_model_name must be a string")
+    return LoRAModulePath(obj["name"], obj["path"], base)
+
+
+def runtime_updating_allowed() -> bool:
+    return os.environ.get(RUNTIME_UPDATING_ENV, "0").strip().lower() in ("1", "true")
+
+
+class ServingLoRAs:
+    """The adapters a server serves, by name."""
+
+    def __init__(self, engine, base_model_name: str):
+        self.engine = engine
+        self.base_model_name = base_model_name
+        self.adapters: dict[str, tuple[LoRARequest, str]] = {}   # name -> (its request, parent model name)
+        self._next_id = 1
+        self._lock = asyncio.Lock()   # one load or unload at a time: a name is checked and taken atomically
+
+    def get(self, name: str) -> LoRARequest | None:
+        entry = self.adapters.get(name)
+        return None if entry is None else entry[0]
+
+    async def load_static(self, modules: list[LoRAModulePath]):
+        """--lora-modules at start-up: a bad one stops the server with its error."""
+        for m in modules:
+            try:
+                await self.load(m.name, m.path, m.base_model_name)
+            except APIError as e:
+                raise ValueError(f"--lora-modules {m.name}={m.path}: {e.message}") from None
+
+    async def load(self, name: str, path: str, parent: str | None = None):
+        async with self._lock:
+            if name in self.adapters:
+                raise APIError(400, f"The lora adapter '{shorten(name)}' has already been loaded.", "lora_name",
+                               "invalid_value")
+            if name == self.base_model_name:
+                raise APIError(400, f"lora_name '{shorten(name)}' is the base model's name", "lora_name",
+                               "invalid_value")
+            request = LoRARequest(name, self._next_id, path)
+            try:
+                await self.engine.add_lora(request)
+            except ValueError as e:   # the adapter's own problem (peft_loader names the path), or LoRA off
+                raise APIError(400, shorten(str(e), 1000), "lora_path", "invalid_lora_adapter") from None
+            self._next_id += 1
+            self.adapters[name] = (request, parent or self.base_model_name)
+
+    async def unload(self, name: str):
+        """Refused while requests run under it (they would lose nothing, but the engine keeps it until they end:
+        a name that is gone while its adapter still runs would be a surprise on a retry)."""
+        async with self._lock:
+            request = self.get(name)
+            if request is None:
+                raise APIError(404, f"The lora adapter '{shorten(name)}' cannot be found.", "lora_name",
+                               "model_not_found")
+            removed = await self.engine.remove_lora(request.lora_int_id)
+            if not removed and request.lora_int_id in await self.engine.list_loras():
+                raise APIError(400, f"The lora adapter '{shorten(name)}' is in use by running requests: unload it "
+                                    f"once they finish", "lora_name", "lora_adapter_in_use")
+            del self.adapters[name]   # removed, or no longer on the host (the LRU evicted it)
+
+    def cards(self) -> list[dict]:
+        created = int(time.time())
+        return [{"id": name, "object": "model", "created": created, "owned_by": "pagedllm", "root": req.lora_path,
+                 "parent": parent} for name, (req, parent) in self.adapters.items()]
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_int_id: int | None = None   # vLLM's field; the name decides
+
+
+def lora_routes(loras: "ServingLoRAs | None", dependencies: list) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=dependencies)
+
+    def check_allowed():
+        if not runtime_updating_allowed():
+            raise APIError(404, f"runtime LoRA loading is off: start the server with {RUNTIME_UPDATING_ENV}=True",
+                           None, "not_found")
+        if loras is None:
+            raise APIError(400, "LoRA adapters need --enable-lora", None, "invalid_value")
+
+    @router.post("/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoRAAdapterRequest):
+        check_allowed()
+        if not req.lora_name or not req.lora_path:
+            raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", None, "invalid_value")
+        await loras.load(req.lora_name, req.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @router.post("/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoRAAdapterRequest):
+        check_allowed()
+        await loras.unload(req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+    return router
