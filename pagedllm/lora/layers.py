@@ -34,6 +34,8 @@ class LoRAStepState:
 
 
 class LoRALinear(nn.Module):
+    kernels_on_cpu = False   # tests: the Triton kernels on CPU tensors, under TRITON_INTERPRET=1
+
     def __init__(self, base: nn.Module, max_loras: int, max_rank: int, state: LoRAStepState):
         super().__init__()
         self.base = base
@@ -57,7 +59,7 @@ class LoRALinear(nn.Module):
         if not self.state.active_slots:
             return y
         meta = self.state.meta[:, :x.shape[0]]
-        if x.is_cuda:
+        if x.is_cuda or self.kernels_on_cpu:
             return add_lora(y, x, self.lora_a, self.lora_b, meta[1], meta[2], self.shard_bounds,
                             self.max_shard, self.max_rank)
         slots = meta[0]

@@ -16,6 +16,13 @@ def test_kernels_under_triton_interpreter():
     assert stdout.count("ok ") == len(list(interpreter_cases())), stdout
 
 
+def test_engine_through_kernels_under_triton_interpreter():
+    """The engine's LoRA steps through the kernels (on CPU tensors) give transformers + PEFT's tokens (~35 s)."""
+    pytest.importorskip("triton")
+    pytest.importorskip("peft")
+    assert "ok engine" in run_under_interpreter("lora_engine_cases.py", timeout=600)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layer", LAYERS, ids=str)
