@@ -17,7 +17,7 @@ def test_kernels_under_triton_interpreter():
 
 
 def test_engine_through_kernels_under_triton_interpreter():
-    """The engine's LoRA steps through the kernels (on CPU tensors) give transformers + PEFT's tokens (~35 s)."""
+    """The engine's LoRA steps through the kernels (on CPU tensors) give transformers + PEFT's tokens (~25 s)."""
     pytest.importorskip("triton")
     pytest.importorskip("peft")
     assert "ok engine" in run_under_interpreter("lora_engine_cases.py", timeout=600)
