@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 BLOCK_M = 16         # tokens a tile: decode steps have few tokens of an adapter
-SHRINK_BLOCK_K = 64
-K_PER_SPLIT = 256    # a shrink program's share of K
+SHRINK_BLOCK_K = 128
+K_PER_SPLIT = 256    # a shrink program's share of K (unrolled in BLOCK_K steps; expand sums the K / 256 parts)
 EXPAND_BLOCK_N = 64
 NO_SLOT: tl.constexpr = tl.constexpr(1 << 30)
 
@@ -44,23 +44,23 @@ def _next_slot(slots, after):
 
 
 @triton.jit
-def lora_shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, slots_ptr, T, K, N, k_per_split,
+def lora_shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, slots_ptr, T, K, N,
                        stride_xm, stride_as, stride_an, stride_ts, stride_tm,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       K_PER_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     tokens, slots = _tile(order_ptr, slots_ptr, T, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     split = tl.program_id(2)
-    k_lo = split * k_per_split
+    k_lo = split * K_PER_SPLIT
     out_ptrs = t_ptr + split * stride_ts + tokens[:, None] * stride_tm + cols[None, :]
     s = _next_slot(slots, -1)
     while s < NO_SLOT:
         hit = slots == s
         a_ptrs = a_ptr + s.to(tl.int64) * stride_as + cols[None, :] * stride_an
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(k_lo, k_lo + k_per_split, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
+        for k in tl.static_range(0, K_PER_SPLIT, BLOCK_K):   # unrolled: the loads of a split issue together
+            ks = k_lo + k + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x = tl.load(x_ptr + tokens[:, None] * stride_xm + ks[None, :], mask=hit[:, None] & k_ok[None, :],
                         other=0.0)
@@ -71,10 +71,10 @@ def lora_shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, slots_ptr, T, K, N, k_per
 
 
 @triton.jit
-def lora_expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, T, R, num_splits,
+def lora_expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, T,
                        stride_ts, stride_tm, stride_bs, stride_bo, stride_ym,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R: tl.constexpr,
+                       NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     shard = tl.program_id(2)
     lo = tl.load(bounds_ptr + shard)
     hi = tl.load(bounds_ptr + shard + 1)
@@ -89,12 +89,12 @@ def lora_expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, T,
             hit = slots == s
             b_ptrs = b_ptr + s.to(tl.int64) * stride_bs + cols[None, :] * stride_bo
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r in range(0, R, BLOCK_R):
+            for r in tl.static_range(0, R, BLOCK_R):
                 ranks = r + tl.arange(0, BLOCK_R)
                 r_ok = ranks < R
                 rk = shard * R + ranks
                 t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for j in range(num_splits):
+                for j in tl.static_range(NUM_SPLITS):
                     t += tl.load(t_ptr + j * stride_ts + tokens[:, None] * stride_tm + rk[None, :],
                                  mask=hit[:, None] & r_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs + rk[:, None], mask=r_ok[:, None] & col_ok[None, :], other=0.0)   # (R, N) tile
@@ -125,9 +125,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, order: torch.Tensor, sort
     block_n = _pow2_at_least_16(N, 64)
     grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(N, block_n), splits)
     if T > 0:
-        lora_shrink_kernel[grid](x, lora_a, t, order, sorted_slots, T, K, N, K_PER_SPLIT,
+        lora_shrink_kernel[grid](x, lora_a, t, order, sorted_slots, T, K, N,
                                  x.stride(0), lora_a.stride(0), lora_a.stride(1), t.stride(0), t.stride(1),
-                                 BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=SHRINK_BLOCK_K,
+                                 BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=SHRINK_BLOCK_K, K_PER_SPLIT=K_PER_SPLIT,
                                  PRECISION=_precision(lora_a.dtype), num_warps=4)
     return t
 
@@ -142,10 +142,10 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, order: t
     num_shards = shard_bounds.numel() - 1
     grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(max_shard, EXPAND_BLOCK_N), num_shards)
     if T > 0:
-        lora_expand_kernel[grid](t, lora_b, y, order, sorted_slots, shard_bounds, T, rank, t.shape[0],
+        lora_expand_kernel[grid](t, lora_b, y, order, sorted_slots, shard_bounds, T,
                                  t.stride(0), t.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
                                  BLOCK_M=BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=_pow2_at_least_16(rank, 64),
-                                 PRECISION=_precision(lora_b.dtype), num_warps=4)
+                                 R=rank, NUM_SPLITS=t.shape[0], PRECISION=_precision(lora_b.dtype), num_warps=4)
     return y
 
 

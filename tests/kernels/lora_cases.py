@@ -87,6 +87,7 @@ def interpreter_cases():
         yield f"decode-r16-{dtype}", lambda d=dtype, i=i: check_lora(20, 48, (40,), 16, 4, d, "cpu", i, True)
     yield "gate_up-r64-k300", lambda: check_lora(19, 300, (72, 72), 64, 2, torch.float32, "cpu", seed=7)
     yield "rank20-odd-shards", lambda: check_lora(9, 33, (24, 8, 8), 20, 2, torch.float32, "cpu", seed=8)
+    yield "k600-rank80-splits", lambda: check_lora(11, 600, (40, 24), 80, 2, torch.float32, "cpu", seed=10)
     yield "all-base", lambda: check_lora(5, 32, (16,), 8, 0, torch.float32, "cpu", seed=9)
 
 

@@ -23,6 +23,35 @@ def test_engine_through_kernels_under_triton_interpreter():
     assert "ok engine" in run_under_interpreter("lora_engine_cases.py", timeout=600)
 
 
+def test_kernels_compile_for_hopper():
+    """Without a GPU: both kernels through Triton's compiler and ptxas for sm_90 (the interpreter checks the math
+    only), in every dtype and at ranks that take one, two and a partial rank block."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pagedllm.lora import kernels
+    common = {"order_ptr": "*i32", "slots_ptr": "*i32", "T": "i32"}
+    for dt in ("bf16", "fp16", "fp32"):
+        shrink = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "t_ptr": "*fp32", **common, "K": "i32", "N": "i32",
+                  **dict.fromkeys(("stride_xm", "stride_as", "stride_an", "stride_ts", "stride_tm"), "i32")}
+        expand = {"t_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", **common, "bounds_ptr": "*i32",
+                  **dict.fromkeys(("stride_ts", "stride_tm", "stride_bs", "stride_bo", "stride_ym"), "i32")}
+        # the launch's argument order: pointers, T, then the rest
+        expand = {k: expand[k] for k in ("t_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr", "T",
+                                         "stride_ts", "stride_tm", "stride_bs", "stride_bo", "stride_ym")}
+        precision = "ieee" if dt == "fp32" else "tf32"
+        cases = [(kernels.lora_shrink_kernel, shrink, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=kernels.SHRINK_BLOCK_K,
+                                                          K_PER_SPLIT=kernels.K_PER_SPLIT, PRECISION=precision))]
+        cases += [(kernels.lora_expand_kernel, expand, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=block_r, R=r,
+                                                           NUM_SPLITS=splits, PRECISION=precision))
+                  for r, block_r, splits in ((16, 16, 12), (64, 64, 4), (80, 64, 3))]
+        for fn, sig, consts in cases:
+            src = ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            assert "ld.local" not in compiled.asm["ptx"], f"{fn.__name__} {dt} {consts}: registers spill"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layer", LAYERS, ids=str)
