@@ -3,32 +3,46 @@
 Adapters sit in `max_loras` slots of stacked tensors, zero-padded to max_lora_rank (exact: padded columns add
 products with zero). A fused layer's shards are one block-diagonal product: A stacks each shard's (R, in) on
 the rank axis, B puts each shard's (out_i, R) in its rows and its rank columns (zeros elsewhere add nothing).
-The scale is folded into B at load. Each step the runner sets LoRAStepState: every token's slot (-1: none)
-on the device, and the slots present in the step as a host list; the layer loops over those slots, not over
-tokens, and reads no device value (no sync). Torch code on every device; on CUDA the engine runs eager until
-batched shrink/expand kernels replace this loop.
+The scale is folded into B at load. Each step the runner sets LoRAStepState (lora/manager.py): every token's
+slot (-1: none) and the tokens in slot order, in one persistent device buffer that CUDA graphs read, and the
+slots present in the step as a host list. On CUDA two Triton launches (lora/kernels.py: shrink, expand) serve
+every slot at once and leave base rows untouched; the host list only says whether any token has an adapter,
+and a captured graph holds the launches (it was captured with every slot present). On CPU a torch loop over
+the step's slots, the reference. Neither reads a device value (no sync).
 """
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from pagedllm.lazy_kernel import lazy_kernel
+
+add_lora = lazy_kernel(globals(), "pagedllm.lora.kernels", "add_lora")   # Triton, CUDA only
+
 
 @dataclass
 class LoRAStepState:
-    """Shared by every LoRALinear of a model; set by the runner before each forward."""
-    token_slots: torch.Tensor | None = None     # (T,) int64 on the device, -1: a base token
+    """Shared by every LoRALinear of a model; set by the runner before each forward. Rows of `meta` (3, capacity)
+    int32 on the device, the step's first T columns: each token's slot (-1: a base token or padding), the token
+    indices sorted by slot (base tokens last), their slots in that order."""
+    meta: torch.Tensor
     active_slots: list[int] = field(default_factory=list)
+
+    @property
+    def token_slots(self) -> torch.Tensor:
+        return self.meta[0]
 
 
 class LoRALinear(nn.Module):
+    kernels_on_cpu = False   # tests: the Triton kernels on CPU tensors, under TRITON_INTERPRET=1
+
     def __init__(self, base: nn.Module, max_loras: int, max_rank: int, state: LoRAStepState):
         super().__init__()
         self.base = base
         self.state = state
         self.shard_sizes = tuple(getattr(base, "shard_sizes", (base.out_features,)))
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.max_rank = max_rank
+        self.max_rank, self.max_shard = max_rank, max(self.shard_sizes)
         weight = base.weight
         dtype = weight.dtype if weight.dtype.is_floating_point and weight.element_size() > 1 else torch.bfloat16
         n = len(self.shard_sizes)
@@ -36,12 +50,19 @@ class LoRALinear(nn.Module):
                                                    device=weight.device), persistent=False)
         self.register_buffer("lora_b", torch.zeros(max_loras, self.out_features, n * max_rank, dtype=dtype,
                                                    device=weight.device), persistent=False)
+        bounds = [sum(self.shard_sizes[:i]) for i in range(n + 1)]   # the shards' first output columns, then out
+        self.register_buffer("shard_bounds", torch.tensor(bounds, dtype=torch.int32, device=weight.device),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.state.active_slots:
             return y
-        slots = self.state.token_slots[:x.shape[0]]
+        meta = self.state.meta[:, :x.shape[0]]
+        if x.is_cuda or self.kernels_on_cpu:
+            return add_lora(y, x, self.lora_a, self.lora_b, meta[1], meta[2], self.shard_bounds,
+                            self.max_shard, self.max_rank)
+        slots = meta[0]
         xl = x.to(self.lora_a.dtype)
         for s in self.state.active_slots:
             delta = (xl @ self.lora_a[s].t()) @ self.lora_b[s].t()          # (T, out)
@@ -61,8 +82,9 @@ class LoRALinear(nn.Module):
 
 def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int) -> tuple[LoRAStepState, dict[str, LoRALinear]]:
     """Replaces every decoder linear LoRA may target (qkv_proj, o_proj, gate_up_proj, down_proj) by a LoRALinear
-    around it; returns the shared step state and the wrappers by module name."""
-    state, wrapped = LoRAStepState(), {}
+    around it; returns the shared step state (its buffer empty: the manager sizes it) and the wrappers by name."""
+    device = next(model.parameters()).device
+    state, wrapped = LoRAStepState(torch.full((3, 0), -1, dtype=torch.int32, device=device)), {}
     targets = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
     for i, _ in enumerate(model.model.layers):
         for t in targets:

@@ -7,6 +7,7 @@ LRU (it may exceed max_cpu_loras until they finish) and `remove` refuses it (ret
 finish under it, as nothing of theirs changes mid-generation). Device slots are filled per step
 (`prepare_step`): the scheduler keeps the running requests to at most max_loras distinct adapters, so the
 step's adapters always fit; a slot keeps its adapter until another needs it (LRU).
+The step's token slots go to one persistent device buffer (LoRAStepState.meta) that CUDA graphs read at replay.
 """
 from collections import Counter, OrderedDict
 
@@ -30,6 +31,7 @@ class LoRAManager:
         self.slots: list[int | None] = [None] * max_loras       # slot -> lora_int_id
         self.slot_used: list[int] = [0] * max_loras             # step count of last use (LRU among slots)
         self.req_lora: dict[str, int] = {}                      # req_id -> lora_int_id
+        self._meta_dirty = False                                # the step buffer holds a slot >= 0
         self._steps = 0
 
     # ---- adapters ------------------------------------------------------------------------------------
@@ -115,13 +117,21 @@ class LoRAManager:
                 self._evict()
 
     # ---- one step ------------------------------------------------------------------------------------
+    def reserve(self, num_tokens: int):
+        """Sizes the step buffer for the largest step; the runner calls it before CUDA graphs take its address."""
+        if num_tokens > self.state.meta.shape[1]:
+            self.state.meta = torch.full((3, num_tokens), -1, dtype=torch.int32, device=self.device)
+
     def prepare_step(self, row_req_ids: list[str], query_lens: list[int], num_tokens: int):
-        """Puts the step's adapters in slots and sets every token's slot (-1 for base rows)."""
+        """Puts the step's adapters in slots and writes the step buffer's first num_tokens columns (the forward's
+        tokens, graph padding included): every token's slot (-1 for base rows and padding), the tokens sorted by
+        slot, their slots in that order. One host -> device copy on the step's stream, no sync."""
         self._steps += 1
         ids = [self.req_lora.get(r, 0) for r in row_req_ids]
         wanted = {lid for lid in ids if lid}
         if not wanted:
             self.state.active_slots = []
+            self._clear_meta()
             return
         slot_of = {lid: s for s, lid in enumerate(self.slots) if lid in wanted}
         for lid in wanted - slot_of.keys():
@@ -131,25 +141,51 @@ class LoRAManager:
             slot_of[lid] = s
         for s in slot_of.values():
             self.slot_used[s] = self._steps
-        host = torch.full((num_tokens,), -1, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        host = torch.empty((3, num_tokens), dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        slots = host[0].fill_(-1)
         start = 0
         for lid, q in zip(ids, query_lens):
             if lid:
-                host[start:start + q] = slot_of[lid]
+                slots[start:start + q] = slot_of[lid]
             start += q
-        self.state.token_slots = host.to(self.device, non_blocking=True)
+        # the kernels' tiles then hold one adapter's tokens each (lora/kernels.py); base tokens last
+        order = torch.sort(torch.where(slots < 0, self.max_loras, slots), stable=True).indices
+        host[1] = order
+        host[2] = slots[order]
+        self.reserve(num_tokens)
+        self.state.meta[:, :num_tokens].copy_(host, non_blocking=True)
+        self._meta_dirty = True
         self.state.active_slots = sorted(slot_of.values())
+
+    def _clear_meta(self):
+        """Every token base: what a captured graph's kernels must read in a step without adapters."""
+        if self._meta_dirty:
+            self.state.meta.fill_(-1)
+            self._meta_dirty = False
+
+    def profile_step(self, num_tokens: int):
+        """The start-up memory profile's step: every token under an adapter, every slot active."""
+        self.reserve(num_tokens)
+        meta = self.state.meta[:, :num_tokens]
+        meta[0].zero_()
+        meta[1].copy_(torch.arange(num_tokens, device=self.device))
+        meta[2].zero_()
+        self._meta_dirty = True
+        self.state.active_slots = list(range(self.max_loras))
+
+    def capture_step(self):
+        """CUDA graph capture: every slot active, so each LoRALinear's kernels are in the graphs whatever a
+        replayed step holds; every token base while capturing (the kernels read and write nothing)."""
+        self._meta_dirty = True
+        self._clear_meta()
+        self.state.active_slots = list(range(self.max_loras))
+
+    def clear_step(self):
+        self.state.active_slots = []
+        self._clear_meta()
 
     def _fill(self, slot: int, lid: int):
         lora = self.cpu[lid]
         for name, layer in self.layers.items():
             layer.set_slot(slot, lora.modules.get(name))
         self.slots[slot] = lid
-
-    def profile_step(self, num_tokens: int):
-        """The start-up memory profile's step: every token under an adapter, every slot active."""
-        self.state.token_slots = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        self.state.active_slots = list(range(self.max_loras))
-
-    def clear_step(self):
-        self.state.active_slots = []

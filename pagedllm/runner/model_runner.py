@@ -74,6 +74,8 @@ class ModelRunner:
         max_rows = max_reqs + (config.speculative.max_step_tokens if config.speculative else 0)
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_rows), max_rows,
                                     cdiv(max_model_len, self.block_size), device, shared_rows_per_item)
+        if self.lora is not None:   # its step buffer is as large as the largest step (graphs keep its address)
+            self.lora.reserve(self.buffers.input_ids.shape[0])
         # Two, used by alternate steps: step N+1's copy is queued before step N's ids are read.
         self.sampled_host = [torch.zeros(max_reqs, dtype=torch.int64, pin_memory=device.type == "cuda")
                              for _ in range(2)]
@@ -86,7 +88,7 @@ class ModelRunner:
         if config.speculative is not None and config.speculative.method == "draft_model":
             self.draft = DraftModel(config, hf_config, device, dtype, max_model_len)
         self.graphs = None
-        if device.type == "cuda" and not config.enforce_eager and self.lora is None:   # LoRA: eager for now
+        if device.type == "cuda" and not config.enforce_eager:
             mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))
             self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top),
                                      shared=shared_rows_per_item > 0)
@@ -111,7 +113,11 @@ class ModelRunner:
             if config.kv_tiers_enabled else None
         if self.graphs is not None:
             self.buffers.fill_padding()
+            if self.lora is not None:   # the LoRA kernels go into every graph
+                self.lora.capture_step()
             self.graphs.capture(self._graph_forward)
+            if self.lora is not None:
+                self.lora.clear_step()
         if self.draft is not None:
             self.draft.allocate(self.num_blocks)
 
@@ -182,11 +188,11 @@ class ModelRunner:
         prev_in_flight, self._in_flight = self._in_flight, {r.req_id: j for j, r in enumerate(rows)}
         # Sampling metadata first: its small host -> device copies then need not wait for the forward.
         meta = self._sampling_metadata(rows, sched.num_scheduled_tokens, prev_in_flight) if rows else None
+        if self.lora is not None:   # a graph's padded tokens too: inputs.input_ids has its size
+            self.lora.prepare_step([r.req_id for r in step_rows], query_lens, inputs.input_ids.shape[0])
         if graph is not None:
             hidden = self.graphs.replay(*graph, inputs.attn_metadata.shared is not None)
         else:
-            if self.lora is not None:
-                self.lora.prepare_step([r.req_id for r in step_rows], query_lens, inputs.input_ids.shape[0])
             with set_forward_context(inputs.attn_metadata, self.kv_caches):
                 hidden = self.model(inputs.input_ids, inputs.positions)
         out = ModelRunnerOutput(kv_transfer=transfer)

@@ -1,6 +1,10 @@
-"""LoRA on CUDA (eager: an engine with enable_lora captures no CUDA graphs until the shrink/expand kernels land):
-three adapters and the base in one call give the CPU engine's greedy tokens in float32 (logprobs within 1e-3),
-and a bf16 run completes with every block freed."""
+"""LoRA on CUDA (Triton shrink/expand kernels, CUDA graphs): three adapters and the base in one call.
+- float32, graphs: the greedy tokens of transformers + PEFT (tests/e2e/test_lora.py's references), logprobs
+  within 1e-3, and the CPU engine's (the torch loop) too;
+- graphs vs enforce_eager: identical greedy tokens, float32 and bf16, with prompts chunked beside decode rows
+  (mixed graphs) and decode-only steps (decode graphs) both replayed;
+- base rows of a LoRA engine (graphs) give exactly the tokens and logprobs of an engine without LoRA;
+- a bf16 run completes with every block freed."""
 import importlib.util
 from pathlib import Path
 
@@ -16,24 +20,66 @@ _spec.loader.exec_module(lora_e2e)
 setup = lora_e2e.setup   # the module fixture: base model, three adapters, transformers + PEFT references
 
 
-def _run(setup, device, dtype):
+def _run(setup, device, dtype, names=None, replays=None, **kw):
     base, loras, _ = setup
-    names = lora_e2e.assignment(loras)
-    llm = LLM(base, device=device, dtype=dtype, log_stats_interval=0, enable_lora=True, max_loras=2,
-              num_gpu_blocks_override=256, max_num_seqs=8)
-    outs = llm.generate(lora_e2e.PROMPTS, lora_e2e.GREEDY, use_tqdm=False, lora_request=[loras.get(n) for n in names])
+    names = names or lora_e2e.assignment(loras)
+    args = dict(enable_lora=True, max_loras=3) if any(names) else {}
+    llm = LLM(base, device=device, dtype=dtype, log_stats_interval=0, num_gpu_blocks_override=256, max_num_seqs=8,
+              **args, **kw)
+    if replays is not None:
+        _count_replays(llm.engine.runner.graphs, replays)
+    outs = llm.generate(lora_e2e.PROMPTS, lora_e2e.GREEDY, use_tqdm=False,
+                        lora_request=[loras.get(n) if n else None for n in names])
     stats = llm.engine.get_stats()
     assert stats.num_blocks_free == stats.num_blocks_total
-    if device == "cuda":
-        assert llm.engine.runner.graphs is None   # eager until the LoRA kernels
+    assert (llm.engine.runner.graphs is None) == (device == "cpu" or kw.get("enforce_eager", False))
     return [(o.outputs[0].token_ids, [next(iter(p.values())).logprob for p in o.outputs[0].logprobs]) for o in outs]
 
 
-def test_lora_cuda_float32_equals_cpu(setup):
-    cpu, cuda = _run(setup, "cpu", "float32"), _run(setup, "cuda", "float32")
-    for (ids_cpu, lp_cpu), (ids_gpu, lp_gpu) in zip(cpu, cuda):
+def _count_replays(graphs, count):
+    replay = graphs.replay
+
+    def counted(num_tokens, mixed, shared=False):
+        count[mixed] = count.get(mixed, 0) + 1
+        return replay(num_tokens, mixed, shared)
+    graphs.replay = counted
+
+
+def test_lora_cuda_float32_equals_peft_and_cpu(setup):
+    base, loras, refs = setup
+    names = lora_e2e.assignment(loras)
+    replays = {}
+    cuda = _run(setup, "cuda", "float32", replays=replays)
+    assert replays.get(False, 0) > 0 and replays.get(True, 0) > 0
+    for i, ((ids, lps), name) in enumerate(zip(cuda, names)):
+        want_ids, want_lps = refs[name][i]
+        assert ids == want_ids, f"prompt {i} under {name}"
+        np.testing.assert_allclose(lps, want_lps, atol=1e-3, rtol=0)
+    for (ids_cpu, lp_cpu), (ids_gpu, lp_gpu) in zip(_run(setup, "cpu", "float32"), cuda):
         assert ids_gpu == ids_cpu
         np.testing.assert_allclose(lp_gpu, lp_cpu, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("max_num_batched_tokens", [None, 48])   # 48: prompts in chunks, beside decode rows
+def test_lora_cuda_graphs_equal_eager(setup, dtype, max_num_batched_tokens):
+    replays = {}
+    graphed = _run(setup, "cuda", dtype, replays=replays, max_num_batched_tokens=max_num_batched_tokens)
+    assert replays.get(False, 0) > 0 and replays.get(True, 0) > 0
+    eager = _run(setup, "cuda", dtype, enforce_eager=True, max_num_batched_tokens=max_num_batched_tokens)
+    assert [ids for ids, _ in graphed] == [ids for ids, _ in eager]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_cuda_base_rows_are_the_base_model(setup, dtype):
+    """Base rows beside adapter rows, in graphs: tokens and logprobs bit-identical to an engine without LoRA
+    (the kernels never write a base row; both engines run the same steps, so the base GEMMs see the same shapes)."""
+    names = lora_e2e.assignment(setup[1])
+    with_lora = _run(setup, "cuda", dtype)
+    without = _run(setup, "cuda", dtype, names=[None] * len(names))
+    for (got, want), name in zip(zip(with_lora, without), names):
+        if name is None:
+            assert got == want
 
 
 def test_lora_cuda_bf16_runs(setup):

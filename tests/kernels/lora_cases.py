@@ -1,0 +1,98 @@
+"""The LoRA shrink/expand kernels (pagedllm/lora/kernels.py) against a plain torch computation on random inputs.
+
+Shared by the GPU tests and by the Triton-interpreter run on CPU (`python tests/kernels/lora_cases.py` with
+TRITON_INTERPRET=1, a process of its own). Oracle: float64 (x A[s]^T) B[s]^T with each shard's A rows
+and B block built separately (not through the stacked, block-diagonal layout the kernels read), plus y.
+Base tokens (slot -1) must come back bit-identical; the rest within the dtype's rounding of y and t.
+"""
+import torch
+
+from pagedllm.lora.kernels import add_lora
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}   # relative, per token row
+
+
+def slot_metadata(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, sorted_slots) int32 as the manager builds them: tokens by slot, base tokens last."""
+    key = torch.where(token_slots < 0, 1 << 30, token_slots)
+    order = torch.sort(key, stable=True).indices
+    return order.to(torch.int32), token_slots[order].to(torch.int32)
+
+
+def request_slots(num_tokens: int, num_loras: int, gen: torch.Generator, decode: bool) -> torch.Tensor:
+    """Per-token slots of a step: decode, every token its own request; else contiguous requests of random
+    lengths. About a quarter of the requests are base (-1)."""
+    slots = torch.empty(num_tokens, dtype=torch.int64)
+    start = 0
+    while start < num_tokens:
+        n = 1 if decode else int(torch.randint(1, max(2, num_tokens // 3), (1,), generator=gen))
+        s = int(torch.randint(-1, num_loras, (1,), generator=gen)) if torch.rand(1, generator=gen) > 0.25 else -1
+        slots[start:start + n] = s
+        start += n
+    return slots
+
+
+def check_lora(num_tokens: int, in_features: int, shard_sizes: tuple[int, ...], rank: int, num_loras: int,
+               dtype: torch.dtype, device: str, seed: int, decode: bool = False) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    n, out = len(shard_sizes), sum(shard_sizes)
+    x = torch.randn(num_tokens, in_features, generator=gen)
+    y0 = torch.randn(num_tokens, out, generator=gen)
+    # each shard's A (r, in) and B (out_i, r); true ranks below the padded rank leave zero columns
+    shards = [[(torch.randn(rank, in_features, generator=gen) / in_features ** 0.5,
+                torch.randn(size, rank, generator=gen)) for size in shard_sizes] for _ in range(num_loras)]
+    lora_a = torch.zeros(num_loras, n * rank, in_features)
+    lora_b = torch.zeros(num_loras, out, n * rank)
+    for s, per_shard in enumerate(shards):
+        for i, (a, b) in enumerate(per_shard):
+            row = sum(shard_sizes[:i])
+            lora_a[s, i * rank:(i + 1) * rank] = a
+            lora_b[s, row:row + b.shape[0], i * rank:(i + 1) * rank] = b
+    slots = request_slots(num_tokens, num_loras, gen, decode)
+    x, y0, lora_a, lora_b = (v.to(device, dtype) for v in (x, y0, lora_a, lora_b))
+    ref = _reference(x, y0, shards, slots, shard_sizes)
+    order, sorted_slots = (v.to(device) for v in slot_metadata(slots))
+    bounds = torch.tensor([sum(shard_sizes[:i]) for i in range(n + 1)], dtype=torch.int32, device=device)
+    y = y0.clone()
+    add_lora(y, x, lora_a, lora_b, order, sorted_slots, bounds, max(shard_sizes), rank)
+    base = (slots < 0).to(device)
+    assert torch.equal(y[base], y0[base]), "base rows changed"
+    if not (~base).any():
+        return 0.0
+    got, want = y[~base].double().cpu(), ref[~base.cpu()]
+    delta = want - y0[~base].double().cpu()
+    err = ((got - want).norm(dim=1) / delta.norm(dim=1).clamp_min(1e-30)).max().item()
+    assert err <= TOLERANCE[dtype], f"relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+    return err
+
+
+def _reference(x, y0, shards, slots, shard_sizes) -> torch.Tensor:
+    """float64 on the host, adapter by adapter and shard by shard."""
+    dtype, x, ref = x.dtype, x.double().cpu(), y0.double().cpu().clone()
+    for s, per_shard in enumerate(shards):
+        rows = slots == s
+        row = 0
+        for size, (a, b) in zip(shard_sizes, per_shard):
+            a, b = a.to(dtype).double(), b.to(dtype).double()   # the adapter as the kernels hold it
+            ref[rows, row:row + size] += (x[rows] @ a.t()) @ b.t()
+            row += size
+    return ref
+
+
+def interpreter_cases():
+    # not bfloat16: the interpreter's tl.dot multiplies bfloat16 bit patterns as integers (Triton 3.9); float16
+    # runs the same half-precision code path, and the GPU tests cover bfloat16
+    for i, dtype in enumerate([torch.float32, torch.float16]):
+        yield f"qkv-r8-{dtype}", lambda d=dtype, i=i: check_lora(37, 64, (32, 16, 16), 8, 3, d, "cpu", seed=i)
+        yield f"decode-r16-{dtype}", lambda d=dtype, i=i: check_lora(20, 48, (40,), 16, 4, d, "cpu", i, True)
+    yield "gate_up-r64-k300", lambda: check_lora(19, 300, (72, 72), 64, 2, torch.float32, "cpu", seed=7)
+    yield "rank20-odd-shards", lambda: check_lora(9, 33, (24, 8, 8), 20, 2, torch.float32, "cpu", seed=8)
+    yield "k600-rank80-splits", lambda: check_lora(11, 600, (40, 24), 80, 2, torch.float32, "cpu", seed=10)
+    yield "all-base", lambda: check_lora(5, 32, (16,), 8, 0, torch.float32, "cpu", seed=9)
+
+
+if __name__ == "__main__":
+    from fused_cases import _patch_interpreter
+    _patch_interpreter()
+    for name, check in interpreter_cases():
+        print(f"ok {name} rel_err={check():.1e}", flush=True)

@@ -1,0 +1,101 @@
+"""LoRA shrink/expand kernels against a float64 per-token, per-shard torch computation (lora_cases.py): on CUDA,
+and on CPU through the Triton interpreter in a subprocess (TRITON_INTERPRET is read when kernels are decorated)."""
+import pytest
+import torch
+from kernel_checks import run_under_interpreter
+from lora_cases import check_lora, interpreter_cases, request_slots, slot_metadata
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (in_features, shard sizes): Qwen3-0.6B's qkv, gate_up, o, down; an odd fused layer
+LAYERS = [(1024, (2048, 1024, 1024)), (1024, (3072, 3072)), (2048, (1024,)), (3072, (1024,)), (896, (896, 128, 128))]
+
+
+def test_kernels_under_triton_interpreter():
+    pytest.importorskip("triton")
+    stdout = run_under_interpreter("lora_cases.py", timeout=300)
+    assert stdout.count("ok ") == len(list(interpreter_cases())), stdout
+
+
+def test_engine_through_kernels_under_triton_interpreter():
+    """The engine's LoRA steps through the kernels (on CPU tensors) give transformers + PEFT's tokens (~25 s)."""
+    pytest.importorskip("triton")
+    pytest.importorskip("peft")
+    assert "ok engine" in run_under_interpreter("lora_engine_cases.py", timeout=600)
+
+
+def test_kernels_compile_for_hopper():
+    """Without a GPU: both kernels through Triton's compiler and ptxas for sm_90 (the interpreter checks the math
+    only), in every dtype and at ranks that take one, two and a partial rank block."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pagedllm.lora import kernels
+    common = {"order_ptr": "*i32", "slots_ptr": "*i32", "T": "i32"}
+    for dt in ("bf16", "fp16", "fp32"):
+        shrink = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "t_ptr": "*fp32", **common, "K": "i32", "N": "i32",
+                  **dict.fromkeys(("stride_xm", "stride_as", "stride_an", "stride_ts", "stride_tm"), "i32")}
+        expand = {"t_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", **common, "bounds_ptr": "*i32",
+                  **dict.fromkeys(("stride_ts", "stride_tm", "stride_bs", "stride_bo", "stride_ym"), "i32")}
+        # the launch's argument order: pointers, T, then the rest
+        expand = {k: expand[k] for k in ("t_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr", "T",
+                                         "stride_ts", "stride_tm", "stride_bs", "stride_bo", "stride_ym")}
+        precision = "ieee" if dt == "fp32" else "tf32"
+        cases = [(kernels.lora_shrink_kernel, shrink, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=kernels.SHRINK_BLOCK_K,
+                                                          K_PER_SPLIT=kernels.K_PER_SPLIT, PRECISION=precision))]
+        cases += [(kernels.lora_expand_kernel, expand, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=block_r, R=r,
+                                                           NUM_SPLITS=splits, PRECISION=precision))
+                  for r, block_r, splits in ((16, 16, 12), (64, 64, 4), (80, 64, 3))]
+        for fn, sig, consts in cases:
+            src = ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            assert "ld.local" not in compiled.asm["ptx"], f"{fn.__name__} {dt} {consts}: registers spill"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layer", LAYERS, ids=str)
+@pytest.mark.parametrize("rank", [8, 16, 64])
+@pytest.mark.parametrize("num_tokens,decode", [(1, True), (7, False), (256, True), (1000, False), (8192, False)])
+def test_lora_kernels(dtype, layer, rank, num_tokens, decode):
+    in_features, shards = layer
+    check_lora(num_tokens, in_features, shards, rank, 8, dtype, "cuda", seed=num_tokens + rank, decode=decode)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_lora_kernels_in_cuda_graph():
+    """Captured once at T=256 with persistent slot buffers, replayed under new slot assignments (some steps all
+    base): bit-identical to eager calls, base rows untouched."""
+    from pagedllm.lora.kernels import add_lora
+    T, rank, dev = 256, 16, "cuda"   # Qwen3-0.6B qkv: shards 2048, 1024, 1024
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, 1024, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(8, 3 * rank, 1024, device=dev, dtype=torch.bfloat16) / 32
+    b = torch.randn(8, 4096, 3 * rank, device=dev, dtype=torch.bfloat16)
+    y0 = torch.randn(T, 4096, device=dev, dtype=torch.bfloat16)
+    bounds = torch.tensor([0, 2048, 3072, 4096], dtype=torch.int32, device=dev)
+    order, sorted_slots = torch.zeros(T, dtype=torch.int32, device=dev), torch.full((T,), -1, device=dev,
+                                                                                    dtype=torch.int32)
+    y = y0.clone()
+
+    def step():
+        y.copy_(y0)
+        add_lora(y, x, a, b, order, sorted_slots, bounds, 2048, rank)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for i in range(6):
+        slots = request_slots(T, 8, gen, decode=i % 2 == 0) if i != 3 else torch.full((T,), -1)
+        o, s = slot_metadata(slots)
+        order.copy_(o)
+        sorted_slots.copy_(s)
+        graph.replay()
+        want = y0.clone()
+        add_lora(want, x, a, b, o.to(dev), s.to(dev), bounds, 2048, rank)
+        assert torch.equal(y, want)
+        base = (slots < 0).to(dev)
+        assert torch.equal(y[base], y0[base])
