@@ -90,8 +90,8 @@ def report(variant: str, llm: LLM, seconds: float, outs, **extra) -> dict:
     return line
 
 
-def free(llm: LLM):
-    del llm
+def free():
+    """After the caller's `del llm` (a name still bound keeps the engine's GPU memory)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -146,7 +146,8 @@ def run(args, tmp: Path):
     llm = LLM(model, **nolora)
     llm.generate(*warm, use_tqdm=False)
     results["base"] = report("base", llm, *timed_generate(llm, prompts, params, None))
-    free(llm)
+    del llm
+    free()
 
     llm = LLM(model, enable_lora=True, max_loras=args.num_adapters, **engine)
     llm.generate(*warm, use_tqdm=False, lora_request=loras[0])
@@ -154,7 +155,8 @@ def run(args, tmp: Path):
     assigned = [loras[i % args.num_adapters] for i in range(len(prompts))]
     results["lora8"] = report(f"lora{args.num_adapters}", llm, *timed_generate(llm, prompts, params, assigned),
                               adapters=args.num_adapters, max_loras=args.num_adapters)
-    free(llm)
+    del llm
+    free()
 
     many = loras[:args.many_adapters]
     llm = LLM(model, enable_lora=True, max_loras=args.many_max_loras, max_cpu_loras=len(loras), **engine)
@@ -168,7 +170,8 @@ def run(args, tmp: Path):
     ttft = {"cold_adapter_ms": cold, "loaded_adapter_ms": ttft_ms(llm, fresh[1], loras[-1]),
             "base_ms": ttft_ms(llm, fresh[2], None)}
     print(json.dumps({"variant": "ttft", **ttft}), flush=True)
-    free(llm)
+    del llm
+    free()
 
     base = results["base"]["output_tok_s"]
     print(json.dumps({"summary": "W1" if not args.smoke else "smoke", "base_tok_s": base,
