@@ -18,7 +18,8 @@ from pagedllm.core.offload import KVOffloadManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.request import Request, RequestStatus
-from pagedllm.runner.model_runner import ModelRunner, PendingOutput
+from pagedllm.distributed.executor import WorkerDiedError, build_runner
+from pagedllm.runner.model_runner import PendingOutput
 from pagedllm.engine.tokenizer import load_engine_tokenizer, load_eos_token_ids
 from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams
@@ -45,7 +46,7 @@ class EngineCore:
                  max_model_len: int):
         torch.manual_seed(config.seed)
         self.block_size = config.block_size
-        self.runner = ModelRunner(config, hf_config, device, dtype, max_model_len)
+        self.runner = build_runner(config, hf_config, device, dtype, max_model_len)   # TP: rank 0's, mirrored
         offload = self.runner.kv_offload and KVOffloadManager(
             config.block_size, config.preemption_mode, config.enable_prefix_caching, self.runner.kv_offload.sizes)
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
@@ -146,7 +147,7 @@ class EngineCore:
             self._wait_for_grammars()   # nothing runs but grammars compiling: do not spin on the GIL
         try:
             return (sched_out, self.runner.execute_async(sched_out), stats), []
-        except torch.AcceleratorError:
+        except (torch.AcceleratorError, WorkerDiedError):   # the engine cannot go on
             raise
         except Exception as e:
             return None, self._fail_step(sched_out, e)
@@ -192,7 +193,7 @@ class EngineCore:
             self.structured.stats.record(time.perf_counter() - start, pending.forward_done)
             self.runner.sample_constrained(pending, bitmask, [j for j, _ in rows])
             return []
-        except torch.AcceleratorError:
+        except (torch.AcceleratorError, WorkerDiedError):   # the engine cannot go on
             raise
         except Exception as e:
             self._in_flight = None
@@ -232,6 +233,12 @@ class EngineCore:
 
     def reset_peak_stats(self):
         self.scheduler.kv_peak.reset()
+
+    def shutdown(self):
+        """Stops the tensor-parallel workers (none at tensor_parallel_size 1)."""
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _describe(e: Exception) -> str:

@@ -1,0 +1,81 @@
+"""A tensor-parallel worker: ranks 1..N-1, each a ModelRunner that repeats the calls rank 0's runner makes.
+
+`Worker.handle(msg)` is the whole protocol, whatever carries the messages (a pipe here; a Ray actor's method
+call for a Ray executor). Messages, in the driver's order:
+    ("add_request", req_id, params)       ("reset_after_failed_step",)
+    ("execute", step, SchedulerOutput)    ("sample_constrained", step, bitmask rows, mask_rows)
+    ("result", step)                      ("shutdown",)
+The worker's steps launch and read like the driver's (execute of N+1 before result of N), so its device keeps
+the next step queued too; its sampled ids equal the driver's (same all-gathered logits, same generators) and
+stay here: only rank 0 reports outputs.
+"""
+import logging
+import signal
+from multiprocessing.connection import Connection
+
+from pagedllm.config import EngineConfig
+
+logger = logging.getLogger("pagedllm")
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int, size: int, init_method: str):
+        from pagedllm.distributed.parallel_state import init_tp, rank_device
+        from pagedllm.engine.engine import resolve_model
+        from pagedllm.runner.model_runner import ModelRunner
+        model = resolve_model(config)
+        device = rank_device(model.device, rank)
+        self.tp = init_tp(rank, size, init_method, device)
+        self.runner = ModelRunner(config, model.hf_config, device, model.dtype, model.max_model_len, self.tp)
+        self.pending = {}   # step -> PendingOutput, launched and not read yet
+
+    def handle(self, msg: tuple) -> None:
+        """One call of the driver's runner. One that raises here raised there too (the same data, the same
+        code): the driver fails its requests, the worker logs it and goes on like the driver."""
+        kind = msg[0]
+        try:
+            if kind == "execute":
+                self.pending[msg[1]] = self.runner.execute_async(msg[2])
+            elif kind == "result":
+                pending = self.pending.pop(msg[1], None)
+                if pending is not None:
+                    pending.result()
+            elif kind == "sample_constrained":
+                self.runner.sample_constrained(self.pending[msg[1]], msg[2], msg[3])
+            elif kind == "add_request":
+                self.runner.add_request(msg[1], msg[2])
+            elif kind == "reset_after_failed_step":
+                self.pending.clear()
+                self.runner.reset_after_failed_step()
+            else:
+                raise ValueError(f"unknown worker message {kind!r}")
+        except Exception:
+            if kind == "sample_constrained":
+                self.pending.pop(msg[1], None)
+            logger.exception("tensor-parallel rank %d: %s failed (the driver fails the same call)", self.tp.rank,
+                             kind)
+
+    def shutdown(self) -> None:
+        from pagedllm.distributed.parallel_state import destroy_tp
+        destroy_tp(self.tp)
+
+
+def run_worker_process(config: EngineConfig, rank: int, size: int, init_method: str, conn: Connection,
+                       log_level: int) -> None:
+    """The multiprocess executor's worker main: build, say ready (or why not), then serve the pipe until the
+    driver says shutdown or is gone (EOF)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the driver stops the workers
+    logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s (TP rank {rank}): %(message)s")
+    try:
+        worker = Worker(config, rank, size, init_method)
+    except Exception as e:
+        logger.exception("tensor-parallel rank %d failed to start", rank)
+        conn.send(("failed", f"tensor-parallel rank {rank}: {type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", worker.runner.num_blocks))
+    try:
+        while (msg := conn.recv())[0] != "shutdown":
+            worker.handle(msg)
+    except (EOFError, OSError):   # the driver is gone
+        return
+    worker.shutdown()
