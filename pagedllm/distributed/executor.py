@@ -37,7 +37,7 @@ class WorkerDiedError(RuntimeError):
 class MultiprocExecutor:
     """Ranks 1..N-1 as spawned processes on this machine (rank r on cuda:r), one pipe each."""
 
-    def __init__(self, config: EngineConfig, size: int):
+    def __init__(self, config: EngineConfig, model, size: int):
         self.size = size
         self.init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.closing = self.noticed = False
@@ -48,7 +48,7 @@ class MultiprocExecutor:
             for rank in range(1, size):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=run_worker_process, name=f"pagedllm-tp-rank-{rank}", daemon=True,
-                                   args=(config, rank, size, self.init_method, child, level))
+                                   args=(config, model, rank, size, self.init_method, child, level))
                 proc.start()
                 child.close()   # only the worker holds its end: its death closes the pipe
                 self.procs.append(proc)
@@ -178,7 +178,8 @@ def build_runner(config: EngineConfig, hf_config, device: torch.device, dtype: t
         raise ValueError(f"tensor_parallel_size ({size}) must be at most the number of GPUs "
                          f"({torch.cuda.device_count()})")
     _check_shapes(hf_config, size)   # before any process starts: a model that does not split is a ValueError
-    executor = MultiprocExecutor(config, size)
+    from pagedllm.engine.engine import ResolvedModel
+    executor = MultiprocExecutor(config, ResolvedModel(hf_config, device, dtype, max_model_len), size)
     try:
         tp = init_tp(0, size, executor.init_method, rank_device(device, 0))
         runner = ModelRunner(config, hf_config, rank_device(device, 0), dtype, max_model_len, tp)

@@ -19,11 +19,10 @@ logger = logging.getLogger("pagedllm")
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int, size: int, init_method: str):
+    def __init__(self, config: EngineConfig, model, rank: int, size: int, init_method: str):
+        """model: the driver's ResolvedModel (hf_config, device, dtype, max_model_len): every rank the same."""
         from pagedllm.distributed.parallel_state import init_tp, rank_device
-        from pagedllm.engine.engine import resolve_model
         from pagedllm.runner.model_runner import ModelRunner
-        model = resolve_model(config)
         device = rank_device(model.device, rank)
         self.tp = init_tp(rank, size, init_method, device)
         self.runner = ModelRunner(config, model.hf_config, device, model.dtype, model.max_model_len, self.tp)
@@ -60,14 +59,14 @@ class Worker:
         destroy_tp(self.tp)
 
 
-def run_worker_process(config: EngineConfig, rank: int, size: int, init_method: str, conn: Connection,
+def run_worker_process(config: EngineConfig, model, rank: int, size: int, init_method: str, conn: Connection,
                        log_level: int) -> None:
     """The multiprocess executor's worker main: build, say ready (or why not), then serve the pipe until the
     driver says shutdown or is gone (EOF)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the driver stops the workers
     logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s (TP rank {rank}): %(message)s")
     try:
-        worker = Worker(config, rank, size, init_method)
+        worker = Worker(config, model, rank, size, init_method)
     except Exception as e:
         logger.exception("tensor-parallel rank %d failed to start", rank)
         conn.send(("failed", f"tensor-parallel rank {rank}: {type(e).__name__}: {e}"))
