@@ -49,37 +49,35 @@ def _close(a: list[dict], b: list[dict], tol: float = 1e-5):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_tp2_tokens_and_logprobs_equal_tp1(model_dirs, name):
+    """Then, on the last model's engine (one start-up fewer): a killed worker ends it with WorkerDiedError."""
     d = model_dirs[name]
     reference = LLM(d, **ENGINE).generate(PROMPTS, _params(), use_tqdm=False)
     llm = LLM(d, tensor_parallel_size=2, **ENGINE)
     try:
         outputs = llm.generate(PROMPTS, _params(), use_tqdm=False)
+        for ref, out in zip(reference, outputs):
+            assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+            if ref.outputs[0].logprobs is not None:
+                _close(ref.outputs[0].logprobs, out.outputs[0].logprobs)
+        _close(reference[1].prompt_logprobs, outputs[1].prompt_logprobs)
+        if name == list(MODELS)[-1]:
+            _kill_a_worker_mid_run(llm.engine)
     finally:
         llm.shutdown()
-    for ref, out in zip(reference, outputs):
-        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
-        if ref.outputs[0].logprobs is not None:
-            _close(ref.outputs[0].logprobs, out.outputs[0].logprobs)
-    _close(reference[1].prompt_logprobs, outputs[1].prompt_logprobs)
 
 
-def test_killed_worker_ends_the_engine_with_a_clear_error(model_dirs):
-    llm = LLM(model_dirs["qwen2_kv2"], tensor_parallel_size=2, **ENGINE)
-    engine = llm.engine
-    try:
-        for i, prompt in enumerate(PROMPTS):
-            engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=150, ignore_eos=True))
-        for _ in range(4):
+def _kill_a_worker_mid_run(engine):
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"long{i}", prompt, SamplingParams(temperature=0, max_tokens=150, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    worker = engine.core.runner.executor.procs[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(WorkerDiedError, match="rank 1 .* died"):
+        while engine.has_unfinished_requests():
             engine.step()
-        worker = engine.core.runner.executor.procs[0]
-        os.kill(worker.pid, signal.SIGKILL)
-        start = time.monotonic()
-        with pytest.raises(WorkerDiedError, match="rank 1 .* died"):
-            while engine.has_unfinished_requests():
-                engine.step()
-        assert time.monotonic() - start < 5
-    finally:
-        llm.shutdown()
+    assert time.monotonic() - start < 5
 
 
 def test_async_llm_tp2_and_a_killed_worker(model_dirs):
