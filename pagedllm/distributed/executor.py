@@ -12,6 +12,7 @@ closes), or check() finds it and raises WorkerDiedError, which ends the engine (
 driver stuck where nothing raises (NCCL waits for a dead peer until its timeout) is ended by the monitor
 thread: it logs the death and exits the process after DEATH_GRACE_SECONDS.
 """
+import atexit
 import logging
 import multiprocessing
 import os
@@ -54,6 +55,11 @@ class MultiprocExecutor:
                 self.procs.append(proc)
                 self.conns.append(parent)
         threading.Thread(target=self._monitor, name="pagedllm-tp-monitor", daemon=True).start()
+        # at exit multiprocessing ends daemon workers (its atexit hook runs after this one): no death to report
+        atexit.register(self._closing)
+
+    def _closing(self):
+        self.closing = True
 
     def wait_ready(self) -> list[int]:
         """Each worker's KV block count (equal to the driver's: they agreed on the minimum)."""
@@ -100,6 +106,7 @@ class MultiprocExecutor:
 
     def shutdown(self) -> None:
         self.closing = True
+        atexit.unregister(self._closing)
         for conn in self.conns:
             try:
                 conn.send(("shutdown",))

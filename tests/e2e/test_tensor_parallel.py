@@ -87,8 +87,12 @@ def test_async_llm_tp2_and_a_killed_worker(model_dirs):
     from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError
     from pagedllm.engine.output_processor import OutputKind
     d = model_dirs["llama_kv1_tied"]
-    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    reference = [o.outputs[0].token_ids for o in LLM(d, **ENGINE).generate(PROMPTS, greedy, use_tqdm=False)]
+    # the last row under a grammar: sampled deferred, its bitmask rows sent to the worker. (Not beside the
+    # logprob checks: when its compile ends moves rows between steps, and a row's float sums with them.)
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(PROMPTS) + [
+        SamplingParams(temperature=1.0, seed=3, max_tokens=12, structured_outputs={"regex": "(cat|dog)-[0-9]{2}"})]
+    prompts = PROMPTS + [PROMPTS[1]]
+    reference = [o.outputs[0].token_ids for o in LLM(d, **ENGINE).generate(prompts, params, use_tqdm=False)]
 
     async def collect(engine, request_id, prompt, params):
         out = None
@@ -99,7 +103,7 @@ def test_async_llm_tp2_and_a_killed_worker(model_dirs):
     async def main():
         engine = AsyncLLM(EngineConfig(d, tensor_parallel_size=2, **ENGINE))
         try:
-            got = await asyncio.gather(*(collect(engine, f"r{i}", p, greedy) for i, p in enumerate(PROMPTS)))
+            got = await asyncio.gather(*(collect(engine, f"r{i}", *pq) for i, pq in enumerate(zip(prompts, params))))
             assert got == reference
             core_pid = engine.core.process.pid
             children = Path(f"/proc/{core_pid}/task/{core_pid}/children").read_text().split()
