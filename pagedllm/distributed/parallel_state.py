@@ -14,6 +14,10 @@ import torch.distributed as dist
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 
+# torch 2.13 names it all_gather_single (all_gather_into_tensor: deprecated); older torch has only the latter
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @dataclass(frozen=True)
 class TPGroup:
     rank: int = 0
@@ -35,9 +39,10 @@ class TPGroup:
         """(N, V/size) on each rank -> (N, V), rank r's columns at r * V/size."""
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        n = x.shape[0]
+        out = torch.empty((self.size * n, *x.shape[1:]), dtype=x.dtype, device=x.device)   # one collective
+        _all_gather_single(out, x.contiguous(), group=self.group)
+        return out.view(self.size, n, -1).transpose(0, 1).reshape(n, -1)   # rank r's columns at r * V/size
 
     def min_int(self, value: int) -> int:
         """The smallest of every rank's value (the KV block count: each rank profiled its own memory)."""

@@ -22,7 +22,9 @@ class Worker:
     def __init__(self, config: EngineConfig, model, rank: int, size: int, init_method: str):
         """model: the driver's ResolvedModel (hf_config, device, dtype, max_model_len): every rank the same."""
         from pagedllm.distributed.parallel_state import init_tp, rank_device
+        import torch
         from pagedllm.runner.model_runner import ModelRunner
+        torch.manual_seed(config.seed)   # as EngineCore seeds rank 0's process
         device = rank_device(model.device, rank)
         self.tp = init_tp(rank, size, init_method, device)
         self.runner = ModelRunner(config, model.hf_config, device, model.dtype, model.max_model_len, self.tp)
