@@ -19,13 +19,15 @@ logger = logging.getLogger("pagedllm")
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, model, rank: int, size: int, init_method: str):
-        """model: the driver's ResolvedModel (hf_config, device, dtype, max_model_len): every rank the same."""
+    def __init__(self, config: EngineConfig, model, rank: int, size: int, init_method: str, device=None):
+        """model: the driver's ResolvedModel (hf_config, device, dtype, max_model_len): every rank the same.
+        device: this rank's device; None: cuda:rank (one process per local GPU; a Ray actor that sees one GPU
+        passes cuda:0)."""
         from pagedllm.distributed.parallel_state import init_tp, rank_device
         import torch
         from pagedllm.runner.model_runner import ModelRunner
         torch.manual_seed(config.seed)   # as EngineCore seeds rank 0's process
-        device = rank_device(model.device, rank)
+        device = device if device is not None else rank_device(model.device, rank)
         self.tp = init_tp(rank, size, init_method, device)
         self.runner = ModelRunner(config, model.hf_config, device, model.dtype, model.max_model_len, self.tp)
         self.pending = {}   # step -> PendingOutput, launched and not read yet
