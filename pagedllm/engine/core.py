@@ -78,6 +78,8 @@ class EngineCore:
                 request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs)
             if r.lora_request is not None:   # last: nothing after it can fail and leave the adapter held
                 self.runner.add_lora_request(r.request_id, r.lora_request)
+        except WorkerDiedError:   # not the request's fault: the engine cannot go on
+            raise
         except Exception as e:
             logger.error("request %s failed as it entered the engine core: %s", r.request_id, _describe(e))
             self._failed.append(EngineCoreOutput(r.request_id, [], finish_reason="error", error=_describe(e)))

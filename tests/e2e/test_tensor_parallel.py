@@ -1,6 +1,6 @@
 """Tensor parallelism on CPU (gloo, float32): TP=2 gives TP=1's tokens and logprobs on tiny Llama, Qwen2 and
 Qwen3 checkpoints (GQA with 1 KV head, replicated on both ranks, and 2, one a rank; tied and untied embeddings;
-a vocabulary that does not split evenly); a killed worker ends the engine with a clear error within seconds.
+biases on row-parallel layers; a vocabulary that does not split evenly); a killed worker ends the engine with a clear error within seconds.
 TP=1 is the independent reference: the same checkpoint through the unsplit model."""
 import asyncio
 import os
@@ -15,7 +15,9 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.distributed.executor import WorkerDiedError
 
 MODELS = {   # name: (arch, overrides)
-    "llama_kv1_tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True, seed=11)),
+    # biases on every linear: a row-parallel layer's (o_proj, down_proj) is added once, after the all-reduce
+    "llama_kv1_tied_bias": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True, seed=11,
+                                          attention_bias=True, mlp_bias=True)),
     "qwen2_kv2": ("qwen2", dict(num_key_value_heads=2, seed=12)),
     "qwen3_kv1_vocab510": ("qwen3", dict(num_key_value_heads=1, vocab_size=510, seed=13)),   # 255 rows a rank
 }
@@ -86,7 +88,7 @@ def test_async_llm_tp2_and_a_killed_worker(model_dirs):
     from pagedllm.config import EngineConfig
     from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError
     from pagedllm.engine.output_processor import OutputKind
-    d = model_dirs["llama_kv1_tied"]
+    d = model_dirs["llama_kv1_tied_bias"]
     # the last row under a grammar: sampled deferred, its bitmask rows sent to the worker. (Not beside the
     # logprob checks: when its compile ends moves rows between steps, and a row's float sums with them.)
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(PROMPTS) + [
