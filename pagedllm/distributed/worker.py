@@ -40,6 +40,7 @@ class Worker:
             if kind == "execute":
                 self.pending[msg[1]] = self.runner.execute_async(msg[2])
             elif kind == "result":
+                self._drop_unread(msg[1])
                 pending = self.pending.pop(msg[1], None)
                 if pending is not None:
                     pending.result()
@@ -47,8 +48,7 @@ class Worker:
                 self.runner.sample_constrained(self.pending[msg[1]], msg[2], msg[3])
             elif kind == "add_request":
                 self.runner.add_request(msg[1], msg[2])
-            elif kind == "reset_after_failed_step":
-                self.pending.clear()
+            elif kind == "reset_after_failed_step":   # the step in flight before it is still read next
                 self.runner.reset_after_failed_step()
             else:
                 raise ValueError(f"unknown worker message {kind!r}")
@@ -57,6 +57,11 @@ class Worker:
                 self.pending.pop(msg[1], None)
             logger.exception("tensor-parallel rank %d: %s failed (the driver fails the same call)", self.tp.rank,
                              kind)
+
+    def _drop_unread(self, step: int) -> None:
+        """The driver reads steps in order: one before `step` still here failed there and is never read."""
+        for old in [s for s in self.pending if s < step]:
+            del self.pending[old]
 
     def shutdown(self) -> None:
         from pagedllm.distributed.parallel_state import destroy_tp

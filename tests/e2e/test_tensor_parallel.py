@@ -1,7 +1,8 @@
 """Tensor parallelism on CPU (gloo, float32): TP=2 gives TP=1's tokens and logprobs on tiny Llama, Qwen2 and
 Qwen3 checkpoints (GQA with 1 KV head, replicated on both ranks, and 2, one a rank; tied and untied embeddings;
-biases on row-parallel layers; a vocabulary that does not split evenly); a killed worker ends the engine with a clear error within seconds.
-TP=1 is the independent reference: the same checkpoint through the unsplit model."""
+biases on row-parallel layers; a vocabulary that does not split evenly); a step failing on every rank fails its
+requests alone; a killed worker ends the engine with a clear error within seconds. TP=1 is the independent
+reference: the same checkpoint through the unsplit model."""
 import asyncio
 import os
 import signal
@@ -63,9 +64,34 @@ def test_tp2_tokens_and_logprobs_equal_tp1(model_dirs, name):
                 _close(ref.outputs[0].logprobs, out.outputs[0].logprobs)
         _close(reference[1].prompt_logprobs, outputs[1].prompt_logprobs)
         if name == list(MODELS)[-1]:
+            _failed_step_on_every_rank(llm, reference[3].outputs[0].token_ids)
             _kill_a_worker_mid_run(llm.engine)
     finally:
         llm.shutdown()
+
+
+def _failed_step_on_every_rank(llm, expected: list[int]):
+    """A launch that raises on every rank (a request's data passed the edge's checks, then broke: its
+    allowed_token_ids lie outside the vocabulary) fails that step's requests; the step before it is still read
+    on every rank, and the engine serves on with TP=1's tokens."""
+    engine, greedy = llm.engine, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    process = engine.input_processor.process
+
+    def break_poison(request_id, *args, **kwargs):
+        req = process(request_id, *args, **kwargs)
+        for r in req.core_requests if request_id == "poison" else []:
+            object.__setattr__(r.sampling_params, "allowed_token_ids", [10**9])
+        return req
+    engine.input_processor.process = break_poison
+    engine.add_request("before", PROMPTS[0], greedy)
+    engine.step()
+    engine.step()   # "before" is in flight when the poisoned step launches
+    engine.add_request("poison", PROMPTS[1], greedy)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o.outputs[0].finish_reason) for o in engine.step() if o.finished)
+    assert finished == {"before": "error", "poison": "error"}
+    assert llm.generate([PROMPTS[3]], greedy, use_tqdm=False)[0].outputs[0].token_ids == expected
 
 
 def _kill_a_worker_mid_run(engine):
