@@ -16,6 +16,7 @@ import atexit
 import logging
 import multiprocessing
 import os
+import pickle
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.parallel_state import destroy_tp, init_tp, rank_device
-from pagedllm.distributed.worker import run_worker_process
+from pagedllm.distributed.worker import pack_step, run_worker_process
 
 logger = logging.getLogger("pagedllm")
 DEATH_GRACE_SECONDS = 10.0
@@ -74,9 +75,10 @@ class MultiprocExecutor:
         return counts
 
     def send(self, msg: tuple) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)   # once for all workers
         for rank, conn in enumerate(self.conns, start=1):
             try:
-                conn.send(msg)
+                conn.send_bytes(data)
             except OSError:   # BrokenPipeError: the worker's end closed
                 self.check()
                 raise WorkerDiedError(f"tensor-parallel rank {rank} is gone (its pipe closed)") from None
@@ -107,9 +109,10 @@ class MultiprocExecutor:
     def shutdown(self) -> None:
         self.closing = True
         atexit.unregister(self._closing)
+        data = pickle.dumps(("shutdown",))
         for conn in self.conns:
             try:
-                conn.send(("shutdown",))
+                conn.send_bytes(data)
             except OSError:
                 pass
         for proc in self.procs:
@@ -140,7 +143,8 @@ class TPRunner:
     def execute_async(self, sched):
         self._steps += 1
         step = self._steps
-        return MirroredPending(self._mirrored(("execute", step, sched), self.runner.execute_async, sched), step, self)
+        msg = ("execute", step, pack_step(sched))
+        return MirroredPending(self._mirrored(msg, self.runner.execute_async, sched), step, self)
 
     def sample_constrained(self, pending: "MirroredPending", bitmask, mask_rows: list[int]):
         rows = bitmask[:max(mask_rows) + 1] if mask_rows else None   # the rows the workers need, not the table
