@@ -74,6 +74,16 @@ class MultiprocExecutor:
             counts.append(msg[1])
         return counts
 
+    def startup_failure(self, seconds: float = 1.0) -> str | None:
+        """A worker's ("failed", message), if one was sent (its start-up raised)."""
+        for conn in self.conns:
+            try:
+                if conn.poll(seconds) and (msg := conn.recv())[0] == "failed":
+                    return msg[1]
+            except (EOFError, OSError):
+                continue
+        return None
+
     def send(self, msg: tuple) -> None:
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)   # once for all workers
         for rank, conn in enumerate(self.conns, start=1):
@@ -195,10 +205,13 @@ def build_runner(config: EngineConfig, hf_config, device: torch.device, dtype: t
         tp = init_tp(0, size, executor.init_method, rank_device(device, 0))
         runner = ModelRunner(config, hf_config, rank_device(device, 0), dtype, max_model_len, tp)
         executor.wait_ready()
-    except BaseException:
+    except BaseException as e:
+        why = executor.startup_failure()   # a worker's own error explains a collective that broke here
         executor.shutdown()
         destroy_tp_if_any()
-        raise
+        if why is None or not isinstance(e, Exception):
+            raise
+        raise RuntimeError(why) from e
     return TPRunner(runner, executor, tp)
 
 
