@@ -88,6 +88,9 @@ class EngineConfig:
     max_loras: int = _f(1, "most distinct LoRA adapters in one step (device slots)")
     max_lora_rank: int = _f(16, "largest LoRA rank served; adapters are zero-padded to it")
     max_cpu_loras: int | None = _f(None, "LoRA adapters kept loaded in CPU memory (LRU; default: max_loras)")
+    tensor_parallel_size: int = _f(1, "GPUs (ranks) the model is split over: each holds its share of the heads, "
+                                      "MLP columns and vocabulary, and their KV cache; ranks 1..N-1 run in worker "
+                                      "processes (on CPU: gloo, for tests)")
 
     def __post_init__(self):
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
@@ -115,6 +118,7 @@ class EngineConfig:
                self.structured_outputs_compile_workers)
         self._check_kv_tiers()
         self._check_lora()
+        self._check_tensor_parallel()
         from pagedllm.spec_decode.config import SpeculativeConfig
         self.speculative = SpeculativeConfig.parse(self.speculative_config)   # None: off
 
@@ -143,6 +147,18 @@ class EngineConfig:
         _check(not (self.enable_lora and self.speculative_config), "speculative_config",
                "None with enable_lora (the draft model and verify steps do not apply adapters yet)",
                self.speculative_config)
+
+    def _check_tensor_parallel(self):
+        n = self.tensor_parallel_size
+        _check(isinstance(n, int) and n >= 1, "tensor_parallel_size", "an integer >= 1", n)
+        if n == 1:
+            return
+        for name, off in (("quantization", self.quantization is None), ("enable_lora", not self.enable_lora),
+                          ("speculative_config", self.speculative_config is None),
+                          ("preemption_mode", self.preemption_mode == "recompute"),
+                          ("cpu_offload_gb", self.cpu_offload_gb == 0)):
+            _check(off, name, f"off (its default) with tensor_parallel_size {n} (not built for several ranks yet)",
+                   getattr(self, name))
 
     def with_batch_defaults(self, large_gpu: bool, serving: bool) -> "EngineConfig":
         """max_num_seqs and max_num_batched_tokens left unset get defaults for the machine, as vLLM does:

@@ -25,6 +25,10 @@ class LLM:
         self.engine = Engine(EngineConfig(model=model, **engine_args))
         self._ids = itertools.count()
 
+    def shutdown(self):
+        """Stops the tensor-parallel worker processes (they also end with this process)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -80,6 +80,7 @@ def _run_pagedllm(prompts, output_lens, args, engine_kwargs) -> dict:
     outputs = llm.generate(prompts, [_sampling(k) for k in output_lens], use_tqdm=False)
     seconds = time.perf_counter() - start
     stats = engine.get_stats()
+    llm.shutdown()   # tensor-parallel workers
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     if num_out != sum(output_lens):
         raise RuntimeError(f"generated {num_out} tokens, the workload asks for {sum(output_lens)}")
@@ -90,6 +91,7 @@ def _run_pagedllm(prompts, output_lens, args, engine_kwargs) -> dict:
             "kv_waste_at_peak": round(stats.kv_waste_at_peak, 5), "peak_blocks": stats.peak_blocks,
             "peak_running": stats.peak_running, "enable_prefix_caching": engine.config.enable_prefix_caching,
             "quantization": engine.config.quantization, "kv_cache_dtype": engine.config.kv_cache_dtype,
+            "tensor_parallel_size": engine.config.tensor_parallel_size,
             "prefix_cache_hit_rate": round(hits / queries, 4) if queries else 0.0}
 
 

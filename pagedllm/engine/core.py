@@ -20,7 +20,8 @@ from pagedllm.core.offload import KVOffloadManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.request import Request, RequestStatus
-from pagedllm.runner.model_runner import ModelRunner, PendingOutput
+from pagedllm.distributed.executor import WorkerDiedError, build_runner
+from pagedllm.runner.model_runner import PendingOutput
 from pagedllm.engine.tokenizer import load_engine_tokenizer, load_eos_token_ids
 from pagedllm.lora.loader import LoRALoader
 from pagedllm.lora.request import LoRARequest
@@ -54,7 +55,7 @@ class EngineCore:
                  max_model_len: int):
         torch.manual_seed(config.seed)
         self.block_size = config.block_size
-        self.runner = ModelRunner(config, hf_config, device, dtype, max_model_len)
+        self.runner = build_runner(config, hf_config, device, dtype, max_model_len)   # TP: rank 0's, mirrored
         offload = self.runner.kv_offload and KVOffloadManager(
             config.block_size, config.preemption_mode, config.enable_prefix_caching, self.runner.kv_offload.sizes)
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
@@ -94,6 +95,8 @@ class EngineCore:
                 self.lora_loader.wait_for(r.lora_request, r.request_id)
             elif r.lora_request is not None:   # last: nothing after it can fail and leave the adapter held
                 self.runner.add_lora_request(r.request_id, r.lora_request)
+        except WorkerDiedError:   # not the request's fault: the engine cannot go on
+            raise
         except Exception as e:
             logger.error("request %s failed as it entered the engine core: %s", r.request_id, _describe(e))
             self._failed.append(EngineCoreOutput(r.request_id, [], finish_reason="error", error=_describe(e)))
@@ -210,7 +213,7 @@ class EngineCore:
             self._wait_for_workers()   # nothing runs but grammars compiling, adapters loading: no spinning
         try:
             return (sched_out, self.runner.execute_async(sched_out), stats), []
-        except torch.AcceleratorError:
+        except (torch.AcceleratorError, WorkerDiedError):   # the engine cannot go on
             raise
         except Exception as e:
             return None, self._fail_step(sched_out, e)
@@ -260,7 +263,7 @@ class EngineCore:
                 return []
             self._fill_and_sample(rows, pending)
             return []
-        except torch.AcceleratorError:
+        except (torch.AcceleratorError, WorkerDiedError):   # the engine cannot go on
             raise
         except Exception as e:
             self._in_flight = None
@@ -322,6 +325,12 @@ class EngineCore:
 
     def reset_peak_stats(self):
         self.scheduler.kv_peak.reset()
+
+    def shutdown(self):
+        """Stops the tensor-parallel workers (none at tensor_parallel_size 1)."""
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _describe(e: Exception) -> str:

@@ -75,6 +75,8 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int):
             pulse.tick = time.monotonic()
     except (EOFError, BrokenPipeError):   # the API process is gone
         return
+    finally:
+        core.shutdown()   # tensor-parallel workers (none at size 1)
 
 
 class _SharedConn:

@@ -152,6 +152,10 @@ class Engine:
     def get_stats(self) -> SchedulerStats:
         return self.core.get_stats()
 
+    def shutdown(self):
+        """Stops the tensor-parallel worker processes (nothing to do at tensor_parallel_size 1)."""
+        self.core.shutdown()
+
     def reset_peak_stats(self):
         """Restart the peak KV usage figures of get_stats() (the benchmark calls it after its warm-up)."""
         self.core.reset_peak_stats()

@@ -1,4 +1,6 @@
 """Model registry: HF architecture name -> our class."""
+from pagedllm.distributed.layers import head_shard
+from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.models.llama import LlamaForCausalLM, head_dim
 from pagedllm.models.qwen2 import Qwen2ForCausalLM
 from pagedllm.models.qwen3 import Qwen3ForCausalLM
@@ -18,9 +20,12 @@ def get_model_class(architectures: list[str] | None):
     raise ValueError(f"unsupported model architectures {architectures}; supported: {sorted(MODEL_REGISTRY)}")
 
 
-def model_dims(hf_config) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim): what the KV cache needs to know of a model."""
+def model_dims(hf_config, tp: TPGroup = TPGroup()) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim): what the KV cache needs to know of a model (tp: of this rank's
+    part, whose KV heads are its share, or the one replicated KV head when there are fewer than ranks)."""
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    if tp.enabled:
+        num_kv_heads = head_shard(hf_config.num_attention_heads, num_kv_heads, tp).num_kv_heads
     return hf_config.num_hidden_layers, num_kv_heads, head_dim(hf_config)
 
 

@@ -7,12 +7,16 @@ Each fused nn.Linear carries `shard_sizes`; load_weights copies an HF shard into
 With an Fp8Config every decoder linear is an Fp8Linear (layers/quantization), which takes each shard's
 tensors itself (quantizing float ones); the checkpoint's KV scales go to the Attention layers' floats.
 Qwen2 (qkv bias) and Qwen3 (per-head q/k norm) are this model with a class flag switched on.
+Tensor parallelism (tp.size > 1, distributed/layers.py): the same modules with this rank's heads and columns,
+o_proj / down_proj row-parallel, the embedding and LM head vocab-parallel; the loader hands in slices.
 """
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from pagedllm.distributed.layers import RowParallelLinear, VocabParallelEmbedding, head_shard, split_size, vocab_rows
+from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.norm import RMSNorm
@@ -27,6 +31,7 @@ qk_norm_rope = lazy_kernel(globals(), "pagedllm.layers.kernels.qk_norm_rope", "q
 # HF shard name -> (our fused module, shard index)
 _STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")
 _UNSTACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -41,12 +46,20 @@ def _linear(in_features: int, shard_sizes: tuple[int, ...], bias: bool, quant: F
     return make_linear(in_features, shard_sizes, bias, quant, shard_names)
 
 
+def _row_linear(in_features: int, out_features: int, bias: bool, quant: Fp8Config | None, prefix: str,
+                name: str, tp: TPGroup) -> nn.Module:
+    if tp.enabled:
+        return RowParallelLinear(in_features, out_features, bias, tp)
+    return _linear(in_features, (out_features,), bias, quant, prefix, name)
+
+
 class LlamaMLP(nn.Module):
-    def __init__(self, config, quant: Fp8Config | None = None, prefix: str = ""):
+    def __init__(self, config, quant: Fp8Config | None = None, prefix: str = "", tp: TPGroup = TPGroup()):
         super().__init__()
-        hidden, inter, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
+        hidden, bias = config.hidden_size, getattr(config, "mlp_bias", False)
+        inter = split_size(config.intermediate_size, tp, "intermediate_size")   # this rank's columns
         self.gate_up_proj = _linear(hidden, (inter, inter), bias, quant, prefix, "gate_up_proj")
-        self.down_proj = _linear(inter, (hidden,), bias, quant, prefix, "down_proj")
+        self.down_proj = _row_linear(inter, hidden, bias, quant, prefix, "down_proj", tp)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,16 +68,17 @@ class LlamaMLP(nn.Module):
 
 class LlamaAttention(nn.Module):
     def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool,
-                 quant: Fp8Config | None = None, prefix: str = ""):
+                 quant: Fp8Config | None = None, prefix: str = "", tp: TPGroup = TPGroup()):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        heads = head_shard(config.num_attention_heads,
+                           getattr(config, "num_key_value_heads", None) or config.num_attention_heads, tp)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads   # this rank's
         self.head_dim = head_dim(config)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = _linear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_bias, quant,
                                 prefix, "qkv_proj")
-        self.o_proj = _linear(self.q_size, (config.hidden_size,), getattr(config, "attention_bias", False), quant,
-                              prefix, "o_proj")
+        self.o_proj = _row_linear(self.q_size, config.hidden_size, getattr(config, "attention_bias", False), quant,
+                                  prefix, "o_proj", tp)
         self.qk_norm = qk_norm
         if qk_norm:   # Qwen3: RMSNorm over each head's D features, before RoPE
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -99,11 +113,12 @@ class LlamaAttention(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool,
-                 quant: Fp8Config | None = None):
+                 quant: Fp8Config | None = None, tp: TPGroup = TPGroup()):
         super().__init__()
         prefix = f"model.layers.{layer_idx}"
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm, quant, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config, quant, f"{prefix}.mlp")
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm, quant, f"{prefix}.self_attn",
+                                        tp)
+        self.mlp = LlamaMLP(config, quant, f"{prefix}.mlp", tp)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -119,12 +134,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant: Fp8Config | None = None):
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant: Fp8Config | None = None,
+                 tp: TPGroup = TPGroup()):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp) if tp.enabled
+                             else nn.Embedding(config.vocab_size, config.hidden_size))
         self.rotary_emb = RotaryEmbedding(head_dim(config), config.max_position_embeddings, rope_parameters(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, qk_norm, quant)
+            LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, qk_norm, quant, tp)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -140,14 +157,18 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias: bool | None = None   # None: config.attention_bias
     qk_norm: bool = False
 
-    def __init__(self, config, quant: Fp8Config | None = None):
-        """quant: the linear layers' FP8 quantization (layers/quantization/fp8_config.py), None: none."""
+    def __init__(self, config, quant: Fp8Config | None = None, tp: TPGroup = TPGroup()):
+        """quant: the linear layers' FP8 quantization (layers/quantization/fp8_config.py), None: none.
+        tp: this rank's tensor-parallel group (size 1: the whole model)."""
         super().__init__()
         _check_supported(config)
-        self.config = config
+        self.config, self.tp = config, tp
         qkv_bias = self.qkv_bias if self.qkv_bias is not None else getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, qkv_bias, self.qk_norm, quant)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, qkv_bias, self.qk_norm, quant, tp)
+        lm_rows = vocab_rows(config.vocab_size, tp)[0] if tp.enabled else config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, lm_rows, bias=False)
+        if tp.enabled:   # the last rank's padding rows give logits that are cut off; zero, not garbage
+            nn.init.zeros_(self.lm_head.weight)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -162,6 +183,13 @@ class LlamaForCausalLM(nn.Module):
         bf16 logits (8 significant bits) tie or swap near-equal candidates: on 512 prompts of the demo model,
         bf16 greedy kept 82.8% of float32's first 32 tokens with bf16 logits and 89.0% with float32 ones
         (benchmarks/RESULTS.md). It costs one float32 write and read of (N, vocab) a step."""
+        logits = self._local_logits(hidden_states)
+        if not self.tp.enabled:
+            return logits
+        # every rank gets the whole (N, vocab): each samples the same ids from the same logits
+        return self.tp.all_gather_last(logits)[:, :self.config.vocab_size]
+
+    def _local_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight
         if weight.dtype == torch.float32:
             return self.lm_head(hidden_states)
@@ -184,6 +212,8 @@ class LlamaForCausalLM(nn.Module):
                 module.load_shard(name, attr, tensor, shard)
             else:
                 dest = self._destination(name, params)
+                if self.tp.enabled and name in _VOCAB_PARALLEL:   # the last rank: real rows, then padding
+                    dest = dest.narrow(0, 0, min(tensor.shape[0], dest.shape[0]))
                 if dest.shape != tensor.shape:
                     raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
                                      f"{type(self).__name__} expects {tuple(dest.shape)}")

@@ -17,6 +17,7 @@ from pagedllm.attention.metadata import set_forward_context
 from pagedllm.attention.shared_prefix import max_items
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.core.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagedllm.models import model_dims
 from pagedllm.models.loader import load_model
@@ -40,19 +41,23 @@ PROMPT_LOGPROBS_ROWS = 1024   # prompt positions whose logits are computed at on
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int):
+                 max_model_len: int, tp: TPGroup = TPGroup()):
+        """tp: this rank's tensor-parallel group (distributed/): its model holds its heads, its KV cache their
+        blocks; every rank runs the same steps and samples the same ids from the all-gathered logits."""
         self.config = config
+        self.tp = tp
         self.device = device
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         start = time.perf_counter()
-        self.model = load_model(config.model, hf_config, dtype, device, config.load_format, config.quantization)
+        self.model = load_model(config.model, hf_config, dtype, device, config.load_format, config.quantization,
+                                tp)
         self.load_seconds = time.perf_counter() - start
         self.lora = None   # LoRA adapters: slots and host copies (lora/manager.py); None: off, the model untouched
         if config.enable_lora:
             from pagedllm.lora.manager import LoRAManager
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras, device)
-        self.num_layers, self.num_kv_heads, self.head_dim = model_dims(hf_config)
+        self.num_layers, self.num_kv_heads, self.head_dim = model_dims(hf_config, tp)   # this rank's KV heads
         self.dtype = dtype
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)   # the draft's KV stays in dtype
         self.sampler = Sampler()
@@ -69,7 +74,8 @@ class ModelRunner:
         if device.type == "cuda" and not config.disable_cascade_attn:
             # the Triton backend reads segments many decode rows share once for all (attention/shared_prefix.py)
             from pagedllm.attention.triton_backend import shared_rows_per_item as rows_per_item
-            shared_rows_per_item = rows_per_item(dtype, hf_config.num_attention_heads // self.num_kv_heads)
+            q_heads = hf_config.num_attention_heads // tp.size   # per KV head of this rank
+            shared_rows_per_item = rows_per_item(dtype, q_heads // self.num_kv_heads)
         # A verify step's proposals are rows of their own (_one_token_rows): at most max_step_tokens more
         max_rows = max_reqs + (config.speculative.max_step_tokens if config.speculative else 0)
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_rows), max_rows,
@@ -101,7 +107,8 @@ class ModelRunner:
             profiled = profile_free_kv_bytes(self._run_largest_step, config.gpu_memory_utilization, device, scratch)
         # A block holds the draft model's KV of its tokens too
         draft_bytes = self.draft.block_bytes if self.draft is not None else 0
-        self.num_blocks = determine_num_blocks(config, max_model_len, block_bytes + draft_bytes, profiled)
+        # every rank the same count: the scheduler's block ids index each rank's cache
+        self.num_blocks = tp.min_int(determine_num_blocks(config, max_model_len, block_bytes + draft_bytes, profiled))
         self.kv_caches = allocate_kv_caches(self.num_layers, self.num_blocks, self.block_size,
                                             self.num_kv_heads, self.head_dim, self.kv_dtype, device)
         logger.info("KV cache: %d blocks of %d tokens (%s, %.2f GiB); %.1fx concurrency at max_model_len %d",

@@ -1,0 +1,248 @@
+"""Who runs the tensor-parallel ranks. The engine core holds rank 0's ModelRunner; the executor starts ranks
+1..N-1 and carries rank 0's runner calls to them (`TPRunner` below makes each call there first, then here).
+
+    engine core (rank 0): Scheduler, KVCacheManager, TPRunner ── MultiprocExecutor.send ─► pipe ─► Worker rank r
+                          ModelRunner (rank 0)  ◄─────── all-reduce / all-gather (gloo | NCCL) ───────►  ModelRunner
+
+An executor is three calls and a death check: send(msg) to every worker, wait_ready(), shutdown(), check().
+A Ray executor implements the same with the same `Worker` class as a Ray actor (worker.py).
+
+A worker that dies: the driver's next send, or the collective it waits in (gloo raises when a peer's socket
+closes), or check() finds it and raises WorkerDiedError, which ends the engine (EngineCore lets it through). A
+driver stuck where nothing raises (NCCL waits for a dead peer until its timeout) is ended by the monitor
+thread: it logs the death and exits the process after DEATH_GRACE_SECONDS.
+"""
+import atexit
+import logging
+import multiprocessing
+import os
+import pickle
+import socket
+import threading
+import time
+from multiprocessing.connection import wait
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.distributed.parallel_state import destroy_tp, init_tp, rank_device
+from pagedllm.distributed.worker import pack_step, run_worker_process
+
+logger = logging.getLogger("pagedllm")
+DEATH_GRACE_SECONDS = 10.0
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel worker process is gone: the engine cannot run a step without its part of the model."""
+
+
+class MultiprocExecutor:
+    """Ranks 1..N-1 as spawned processes on this machine (rank r on cuda:r), one pipe each."""
+
+    def __init__(self, config: EngineConfig, model, size: int):
+        self.size = size
+        self.init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.closing = self.noticed = False
+        ctx = multiprocessing.get_context("spawn")
+        self.procs, self.conns = [], []
+        level = logging.getLogger("pagedllm").getEffectiveLevel()
+        with _may_have_children():
+            for rank in range(1, size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=run_worker_process, name=f"pagedllm-tp-rank-{rank}", daemon=True,
+                                   args=(config, model, rank, size, self.init_method, child, level))
+                proc.start()
+                child.close()   # only the worker holds its end: its death closes the pipe
+                self.procs.append(proc)
+                self.conns.append(parent)
+        threading.Thread(target=self._monitor, name="pagedllm-tp-monitor", daemon=True).start()
+        # at exit multiprocessing ends daemon workers (its atexit hook runs after this one): no death to report
+        atexit.register(self._closing)
+
+    def _closing(self):
+        self.closing = True
+
+    def wait_ready(self) -> list[int]:
+        """Each worker's KV block count (equal to the driver's: they agreed on the minimum)."""
+        counts = []
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            while not conn.poll(0.5):
+                self.check()
+            msg = conn.recv()
+            if msg[0] == "failed":
+                raise RuntimeError(msg[1])
+            counts.append(msg[1])
+        return counts
+
+    def startup_failure(self, seconds: float = 1.0) -> str | None:
+        """A worker's ("failed", message), if one was sent (its start-up raised)."""
+        for conn in self.conns:
+            try:
+                if conn.poll(seconds) and (msg := conn.recv())[0] == "failed":
+                    return msg[1]
+            except (EOFError, OSError):
+                continue
+        return None
+
+    def send(self, msg: tuple) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)   # once for all workers
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send_bytes(data)
+            except OSError:   # BrokenPipeError: the worker's end closed
+                self.check()
+                raise WorkerDiedError(f"tensor-parallel rank {rank} is gone (its pipe closed)") from None
+
+    def check(self) -> None:
+        for rank, proc in enumerate(self.procs, start=1):
+            if not proc.is_alive():
+                self.noticed = True
+                raise WorkerDiedError(f"tensor-parallel worker rank {rank} (pid {proc.pid}) died with exit code "
+                                      f"{proc.exitcode}: the engine cannot run without its part of the model")
+
+    def _monitor(self):
+        """Waits for a worker's death; unless the engine notices and stops, ends this process after a grace."""
+        wait([p.sentinel for p in self.procs])
+        if self.closing:
+            return
+        dead = [f"rank {r} (pid {p.pid}, exit code {p.exitcode})"
+                for r, p in enumerate(self.procs, start=1) if not p.is_alive()]
+        logger.error("tensor-parallel worker died: %s", ", ".join(dead))
+        deadline = time.monotonic() + DEATH_GRACE_SECONDS
+        while time.monotonic() < deadline:
+            if self.closing or self.noticed:
+                return
+            time.sleep(0.1)
+        logger.critical("the engine is stuck in a step with a dead tensor-parallel worker: exiting")
+        os._exit(1)
+
+    def shutdown(self) -> None:
+        self.closing = True
+        atexit.unregister(self._closing)
+        data = pickle.dumps(("shutdown",))
+        for conn in self.conns:
+            try:
+                conn.send_bytes(data)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        for conn in self.conns:
+            conn.close()
+
+
+class TPRunner:
+    """Rank 0's ModelRunner, each call repeated on the workers first (sent, not waited for): the engine core
+    uses it as its runner. Attributes (num_blocks, kv_offload, ...) are the local runner's."""
+
+    def __init__(self, runner, executor: MultiprocExecutor, tp):
+        self.runner, self.executor, self.tp = runner, executor, tp
+        self._steps = 0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def add_request(self, req_id: str, params):
+        return self._mirrored(("add_request", req_id, params), self.runner.add_request, req_id, params)
+
+    def reset_after_failed_step(self):
+        return self._mirrored(("reset_after_failed_step",), self.runner.reset_after_failed_step)
+
+    def execute_async(self, sched):
+        self._steps += 1
+        step = self._steps
+        msg = ("execute", step, pack_step(sched))
+        return MirroredPending(self._mirrored(msg, self.runner.execute_async, sched), step, self)
+
+    def sample_constrained(self, pending: "MirroredPending", bitmask, mask_rows: list[int]):
+        rows = bitmask[:max(mask_rows) + 1] if mask_rows else None   # the rows the workers need, not the table
+        return self._mirrored(("sample_constrained", pending.step, rows, mask_rows), self.runner.sample_constrained,
+                              pending.inner, bitmask, mask_rows)
+
+    def _mirrored(self, msg: tuple, call, *args):
+        self.executor.check()
+        self.executor.send(msg)
+        try:
+            return call(*args)
+        except Exception:
+            self.executor.check()   # a collective that failed because a rank is gone: that is the error
+            raise
+
+    def shutdown(self):
+        self.executor.shutdown()
+        destroy_tp(self.tp)
+
+
+class MirroredPending:
+    """A launched step: result() has the workers read their copy of it, then reads rank 0's."""
+
+    def __init__(self, inner, step: int, runner: TPRunner):
+        self.inner, self.step, self._runner = inner, step, runner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def result(self):
+        return self._runner._mirrored(("result", self.step), self.inner.result)
+
+
+def build_runner(config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype, max_model_len: int):
+    """The engine core's runner: a ModelRunner (tensor_parallel_size 1: nothing else starts), else rank 0's
+    wrapped in a TPRunner, the workers started and ready."""
+    from pagedllm.runner.model_runner import ModelRunner
+    size = config.tensor_parallel_size
+    if size == 1:
+        return ModelRunner(config, hf_config, device, dtype, max_model_len)
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise ValueError(f"tensor_parallel_size ({size}) must be at most the number of GPUs "
+                         f"({torch.cuda.device_count()})")
+    _check_shapes(hf_config, size)   # before any process starts: a model that does not split is a ValueError
+    from pagedllm.engine.engine import ResolvedModel
+    executor = MultiprocExecutor(config, ResolvedModel(hf_config, device, dtype, max_model_len), size)
+    try:
+        tp = init_tp(0, size, executor.init_method, rank_device(device, 0))
+        runner = ModelRunner(config, hf_config, rank_device(device, 0), dtype, max_model_len, tp)
+        executor.wait_ready()
+    except BaseException as e:
+        why = executor.startup_failure()   # a worker's own error explains a collective that broke here
+        executor.shutdown()
+        destroy_tp_if_any()
+        if why is None or not isinstance(e, Exception):
+            raise
+        raise RuntimeError(why) from e
+    return TPRunner(runner, executor, tp)
+
+
+def _check_shapes(hf_config, size: int) -> None:
+    from pagedllm.distributed.layers import head_shard, split_size
+    from pagedllm.distributed.parallel_state import TPGroup
+    tp = TPGroup(0, size)
+    head_shard(hf_config.num_attention_heads,
+               getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads, tp)
+    split_size(hf_config.intermediate_size, tp, "intermediate_size")
+
+
+def destroy_tp_if_any():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _may_have_children:
+    """multiprocessing refuses children to a daemon process, and the engine core process is one (it must die
+    with the API process). Its workers are daemons too and die with it; the flag is lifted while they start."""
+
+    def __enter__(self):
+        self.config = multiprocessing.current_process()._config
+        self.daemon = self.config.pop("daemon", None)
+
+    def __exit__(self, *exc):
+        if self.daemon is not None:
+            self.config["daemon"] = self.daemon
