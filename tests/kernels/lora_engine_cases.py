@@ -30,7 +30,7 @@ def main():
         refs = e2e._references(base, loras)
         LoRALinear.kernels_on_cpu = True
         names = e2e.assignment(loras)
-        llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, max_loras=3,
+        llm = LLM(base, device="cpu", dtype="float32", log_stats_interval=0, enable_lora=True, max_loras=3,
                   max_num_batched_tokens=24)   # small: the start-up profile step runs the kernels too
         outs = llm.generate(e2e.PROMPTS, dataclasses.replace(e2e.GREEDY, max_tokens=NEW), use_tqdm=False,
                             lora_request=[loras.get(n) for n in names])
