@@ -11,7 +11,8 @@ Placement: a placement group of one bundle a rank ({"GPU": 1}, or {"CPU": 1} on 
 node (rank 0's device: the GPU Ray reserved there); PACK fills a node before the next. The ranks' rendezvous is
 the engine node's IP. Ray runs an actor's calls from one caller in the order they were made, so `send` is
 `handle.remote(msg)` for each actor, not waited for. A dead actor: its latest call's result is Ray's
-ActorDiedError; `check` reads it, a monitor thread ends a process stuck in a collective (as the multiprocess one).
+ActorDiedError, which a monitor thread polls for `check`; it also ends a process stuck in a collective (as the
+multiprocess executor's does).
 """
 import logging
 import os
@@ -62,6 +63,7 @@ class RayExecutor:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         self.size, self.closing, self.noticed = size, False, False
+        self.dead: list[tuple[int, str]] = []   # (rank, why) of dead actors, as the monitor thread found them
         self.started_ray = connect()
         self.key = "GPU" if model.device.type == "cuda" else "CPU"
         try:
@@ -124,12 +126,14 @@ class RayExecutor:
         self.latest = [a.handle.remote(msg) for a in self.actors]   # Ray pickles msg once a call
 
     def check(self, wait: float = 0.0) -> None:
-        """Raises WorkerDiedError if an actor is dead. wait: seconds to give Ray to learn of a death (after a
-        collective failed); it returns sooner once every actor's last call ended."""
-        import ray
-        latest = self.latest
-        done, _ = ray.wait(latest, num_returns=len(latest), timeout=wait)
-        dead = self._dead(latest, done)
+        """Raises WorkerDiedError if an actor is dead. wait 0 (before each call): what the monitor thread found
+        (a Ray call here would cost the step loop ~0.2 ms); wait > 0 (after a failed call): asks Ray, giving it
+        up to `wait` seconds to learn of a death, less once every actor's last call has ended."""
+        dead = self.dead
+        if not dead and wait > 0:
+            import ray
+            latest = self.latest
+            dead = self._dead(latest, ray.wait(latest, num_returns=len(latest), timeout=wait)[0])
         if dead:
             self.noticed = True
             from pagedllm.distributed.executor import WorkerDiedError
@@ -148,8 +152,8 @@ class RayExecutor:
         return dead
 
     def _monitor(self):
-        """Polls the actors' last calls; a death the engine does not notice (a collective that waits for the dead
-        rank, as NCCL does) ends this process after a grace."""
+        """Polls the actors' last calls (every ~1 s); a death the engine does not notice (a collective that waits
+        for the dead rank, as NCCL does) ends this process after a grace."""
         import ray
         while not self.closing:
             latest = self.latest
@@ -158,6 +162,7 @@ class RayExecutor:
             except Exception:   # Ray itself is going away (shutdown, the driver exiting)
                 return
             if dead and not self.closing:
+                self.dead = dead
                 break
             time.sleep(0.5)
         else:
