@@ -14,6 +14,7 @@ the engine node's IP. Ray runs an actor's calls from one caller in the order the
 ActorDiedError, which a monitor thread polls for `check`; it also ends a process stuck in a collective (as the
 multiprocess executor's does).
 """
+import atexit
 import logging
 import os
 import socket
@@ -87,6 +88,12 @@ class RayExecutor:
         self.latest = list(self.ready_refs)   # each actor's last call: its result says whether it died
         self.monitor = threading.Thread(target=self._monitor, name="pagedllm-tp-ray-monitor", daemon=True)
         self.monitor.start()
+        atexit.register(self._stop_monitor)   # runs before Ray's own exit hook (registered earlier, run later)
+
+    def _stop_monitor(self):
+        """A Ray call on another thread during ray.shutdown() ends the process: the monitor stops first."""
+        self.closing = True
+        self.monitor.join(5)
 
     def driver_device(self, device: torch.device) -> torch.device:
         """Rank 0's device: on CUDA the GPU Ray reserved for bundle 0 (by its index among this process's)."""
@@ -178,8 +185,8 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         import ray
-        self.closing = True
-        self.monitor.join(5)   # a Ray call on another thread during ray.shutdown() ends the process
+        atexit.unregister(self._stop_monitor)
+        self._stop_monitor()
         refs = [a.shutdown.remote() for a in self.actors]
         ray.wait(refs, num_returns=len(refs), timeout=5)
         for a in self.actors + ([self.driver_slot] if self.driver_slot else []):
