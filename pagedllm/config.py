@@ -3,6 +3,7 @@
 The CLI (`pagedllm.cli`) generates its flags from these fields; `help` in each field's metadata is the flag's
 help text. Flag names follow vLLM's where the meaning is the same.
 """
+import importlib.util
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _PREEMPTION_MODES = ("recompute", "swap", "offload")
 _QUANTIZATIONS = ("fp8",)
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+_EXECUTOR_BACKENDS = ("mp", "ray")
 TOOL_CALL_PARSERS = ("hermes",)   # server/tool_parsers' registry (tests hold them equal)
 
 
@@ -91,6 +93,11 @@ class EngineConfig:
     tensor_parallel_size: int = _f(1, "GPUs (ranks) the model is split over: each holds its share of the heads, "
                                       "MLP columns and vocabulary, and their KV cache; ranks 1..N-1 run in worker "
                                       "processes (on CPU: gloo, for tests)")
+    distributed_executor_backend: str | None = _f(None, "who runs ranks 1..N-1 when tensor_parallel_size > 1: mp "
+                                                  "(processes on this machine, the default) or ray (actors on the "
+                                                  "GPUs of a Ray cluster, joined with ray.init(address='auto'); "
+                                                  "needs `pip install ray`); unused at size 1",
+                                                  choices=_EXECUTOR_BACKENDS)
 
     def __post_init__(self):
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
@@ -151,8 +158,13 @@ class EngineConfig:
     def _check_tensor_parallel(self):
         n = self.tensor_parallel_size
         _check(isinstance(n, int) and n >= 1, "tensor_parallel_size", "an integer >= 1", n)
+        _check(self.distributed_executor_backend in (None, *_EXECUTOR_BACKENDS), "distributed_executor_backend",
+               f"None or one of {_EXECUTOR_BACKENDS}", self.distributed_executor_backend)
         if n == 1:
             return
+        _check(self.distributed_executor_backend != "ray" or importlib.util.find_spec("ray") is not None,
+               "distributed_executor_backend", "mp, or ray with the ray package installed (pip install ray)",
+               self.distributed_executor_backend)
         for name, off in (("quantization", self.quantization is None), ("enable_lora", not self.enable_lora),
                           ("speculative_config", self.speculative_config is None),
                           ("preemption_mode", self.preemption_mode == "recompute"),

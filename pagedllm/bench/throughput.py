@@ -92,6 +92,7 @@ def _run_pagedllm(prompts, output_lens, args, engine_kwargs) -> dict:
             "peak_running": stats.peak_running, "enable_prefix_caching": engine.config.enable_prefix_caching,
             "quantization": engine.config.quantization, "kv_cache_dtype": engine.config.kv_cache_dtype,
             "tensor_parallel_size": engine.config.tensor_parallel_size,
+            "distributed_executor_backend": engine.config.distributed_executor_backend,
             "prefix_cache_hit_rate": round(hits / queries, 4) if queries else 0.0}
 
 

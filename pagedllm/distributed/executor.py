@@ -5,7 +5,8 @@
                           ModelRunner (rank 0)  ◄─────── all-reduce / all-gather (gloo | NCCL) ───────►  ModelRunner
 
 An executor is three calls and a death check: send(msg) to every worker, wait_ready(), shutdown(), check().
-A Ray executor implements the same with the same `Worker` class as a Ray actor (worker.py).
+The Ray executor (ray_executor.py, `distributed_executor_backend="ray"`) implements the same with the same
+`Worker` in Ray actors; ray is imported only then.
 
 A worker that dies: the driver's next send, or the collective it waits in (gloo raises when a peer's socket
 closes), or check() finds it and raises WorkerDiedError, which ends the engine (EngineCore lets it through). A
@@ -30,6 +31,7 @@ from pagedllm.distributed.worker import pack_step, run_worker_process
 
 logger = logging.getLogger("pagedllm")
 DEATH_GRACE_SECONDS = 10.0
+DEATH_CHECK_SECONDS = 3.0   # after a failed call: how long Ray may take to report a dead actor
 
 
 class WorkerDiedError(RuntimeError):
@@ -84,6 +86,9 @@ class MultiprocExecutor:
                 continue
         return None
 
+    def driver_device(self, device: torch.device) -> torch.device:
+        return device   # rank 0 on cuda:0 (the others on cuda:r)
+
     def send(self, msg: tuple) -> None:
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)   # once for all workers
         for rank, conn in enumerate(self.conns, start=1):
@@ -93,7 +98,8 @@ class MultiprocExecutor:
                 self.check()
                 raise WorkerDiedError(f"tensor-parallel rank {rank} is gone (its pipe closed)") from None
 
-    def check(self) -> None:
+    def check(self, wait: float = 0.0) -> None:
+        """wait: unused (a dead process is seen at once; the Ray executor waits for Ray to learn of it)."""
         for rank, proc in enumerate(self.procs, start=1):
             if not proc.is_alive():
                 self.noticed = True
@@ -137,7 +143,7 @@ class TPRunner:
     """Rank 0's ModelRunner, each call repeated on the workers first (sent, not waited for): the engine core
     uses it as its runner. Attributes (num_blocks, kv_offload, ...) are the local runner's."""
 
-    def __init__(self, runner, executor: MultiprocExecutor, tp):
+    def __init__(self, runner, executor, tp):
         self.runner, self.executor, self.tp = runner, executor, tp
         self._steps = 0
 
@@ -167,7 +173,7 @@ class TPRunner:
         try:
             return call(*args)
         except Exception:
-            self.executor.check()   # a collective that failed because a rank is gone: that is the error
+            self.executor.check(DEATH_CHECK_SECONDS)   # a collective failed because a rank is gone: that's the error
             raise
 
     def shutdown(self):
@@ -195,15 +201,22 @@ def build_runner(config: EngineConfig, hf_config, device: torch.device, dtype: t
     size = config.tensor_parallel_size
     if size == 1:
         return ModelRunner(config, hf_config, device, dtype, max_model_len)
-    if device.type == "cuda" and torch.cuda.device_count() < size:
+    ray = config.distributed_executor_backend == "ray"
+    if not ray and device.type == "cuda" and torch.cuda.device_count() < size:
         raise ValueError(f"tensor_parallel_size ({size}) must be at most the number of GPUs "
-                         f"({torch.cuda.device_count()})")
+                         f"({torch.cuda.device_count()}) (distributed_executor_backend ray: GPUs of a Ray cluster)")
     _check_shapes(hf_config, size)   # before any process starts: a model that does not split is a ValueError
     from pagedllm.engine.engine import ResolvedModel
-    executor = MultiprocExecutor(config, ResolvedModel(hf_config, device, dtype, max_model_len), size)
+    model = ResolvedModel(hf_config, device, dtype, max_model_len)
+    if ray:
+        from pagedllm.distributed.ray_executor import RayExecutor
+        executor = RayExecutor(config, model, size)
+    else:
+        executor = MultiprocExecutor(config, model, size)
     try:
-        tp = init_tp(0, size, executor.init_method, rank_device(device, 0))
-        runner = ModelRunner(config, hf_config, rank_device(device, 0), dtype, max_model_len, tp)
+        device = executor.driver_device(rank_device(device, 0))
+        tp = init_tp(0, size, executor.init_method, device)
+        runner = ModelRunner(config, hf_config, device, dtype, max_model_len, tp)
         executor.wait_ready()
     except BaseException as e:
         why = executor.startup_failure()   # a worker's own error explains a collective that broke here

@@ -54,7 +54,8 @@ class TPGroup:
 
 
 def init_tp(rank: int, size: int, init_method: str, device: torch.device) -> TPGroup:
-    """Joins the ranks' rendezvous at init_method (tcp://127.0.0.1:port); every rank calls it at once."""
+    """Joins the ranks' rendezvous at init_method (tcp://HOST:port: 127.0.0.1, or the engine node's IP under
+    Ray); every rank calls it at once."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -67,7 +67,7 @@ class EngineCore:
             lambda: load_engine_tokenizer(config), hf_config.vocab_size,
             lambda tokenizer: load_eos_token_ids(config.model, tokenizer),
             config.structured_outputs_compile_workers, config.structured_outputs_compile_timeout),
-            hf_config.vocab_size, self.runner.config.max_num_seqs, device)
+            hf_config.vocab_size, self.runner.config.max_num_seqs, self.runner.device)
         self._failed: list[EngineCoreOutput] = []   # error outputs of requests failed outside a step
         # the in-flight step's bitmask fill and sampling launch, on the structured-output thread
         self._sampling: tuple[SchedulerOutput, concurrent.futures.Future] | None = None
