@@ -38,6 +38,18 @@ class WorkerDiedError(RuntimeError):
     """A tensor-parallel worker process is gone: the engine cannot run a step without its part of the model."""
 
 
+def exit_unless_noticed(executor) -> None:
+    """After a worker's death: the engine gets DEATH_GRACE_SECONDS to notice it (a failed call) or close; if it
+    does neither (stuck in a collective that waits for the dead rank), this process exits."""
+    deadline = time.monotonic() + DEATH_GRACE_SECONDS
+    while time.monotonic() < deadline:
+        if executor.closing or executor.noticed:
+            return
+        time.sleep(0.1)
+    logger.critical("the engine is stuck in a step with a dead tensor-parallel worker: exiting")
+    os._exit(1)
+
+
 class MultiprocExecutor:
     """Ranks 1..N-1 as spawned processes on this machine (rank r on cuda:r), one pipe each."""
 
@@ -114,13 +126,7 @@ class MultiprocExecutor:
         dead = [f"rank {r} (pid {p.pid}, exit code {p.exitcode})"
                 for r, p in enumerate(self.procs, start=1) if not p.is_alive()]
         logger.error("tensor-parallel worker died: %s", ", ".join(dead))
-        deadline = time.monotonic() + DEATH_GRACE_SECONDS
-        while time.monotonic() < deadline:
-            if self.closing or self.noticed:
-                return
-            time.sleep(0.1)
-        logger.critical("the engine is stuck in a step with a dead tensor-parallel worker: exiting")
-        os._exit(1)
+        exit_unless_noticed(self)
 
     def shutdown(self) -> None:
         self.closing = True

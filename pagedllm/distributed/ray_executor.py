@@ -26,7 +26,6 @@ import torch
 from pagedllm.config import EngineConfig
 
 logger = logging.getLogger("pagedllm")
-DEATH_GRACE_SECONDS = 10.0
 PLACEMENT_TIMEOUT_SECONDS = 120.0
 
 
@@ -175,13 +174,8 @@ class RayExecutor:
         else:
             return
         logger.error("tensor-parallel Ray actor died: %s", ", ".join(f"rank {r}: {why}" for r, why in dead))
-        deadline = time.monotonic() + DEATH_GRACE_SECONDS
-        while time.monotonic() < deadline:
-            if self.closing or self.noticed:
-                return
-            time.sleep(0.1)
-        logger.critical("the engine is stuck in a step with a dead tensor-parallel worker: exiting")
-        os._exit(1)
+        from pagedllm.distributed.executor import exit_unless_noticed   # executor imports this module lazily
+        exit_unless_noticed(self)
 
     def shutdown(self) -> None:
         import ray
