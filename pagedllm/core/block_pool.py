@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from pagedllm.core.block_hash import BlockHash
 
 
+def cdiv(a: int, b: int) -> int:
+    """Blocks (of b tokens) that a tokens take."""
+    return -(-a // b)
+
+
 @dataclass(eq=False)
 class KVCacheBlock:
     block_id: int

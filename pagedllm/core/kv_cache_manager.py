@@ -1,7 +1,7 @@
 """KVCacheManager: the one allocation path for prefill, chunked prefill and decode, plus prefix caching."""
 from dataclasses import dataclass
 
-from pagedllm.core.block_pool import BlockPool, KVCacheBlock
+from pagedllm.core.block_pool import BlockPool, KVCacheBlock, cdiv
 from pagedllm.core.kv_fork import KVForks
 from pagedllm.request import Request
 
@@ -10,10 +10,6 @@ from pagedllm.request import Request
 class PrefixCacheStats:
     queries: int = 0   # tokens looked up
     hits: int = 0      # tokens found
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class KVCacheManager:

@@ -16,14 +16,10 @@ forked child that is preempted later (its claim was spent at the first admission
 """
 from dataclasses import dataclass
 
-from pagedllm.core.block_pool import KVCacheBlock
+from pagedllm.core.block_pool import KVCacheBlock, cdiv
 from pagedllm.request import Request, RequestStatus
 
 _HOLDABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass

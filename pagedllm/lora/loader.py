@@ -9,12 +9,11 @@ adapter: requests and `add_lora` calls for an adapter being read wait for the sa
 fails the requests that wait for it, and only them.
 """
 import concurrent.futures
-import queue
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from pagedllm.daemon_threads import DaemonThreads
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.lora.peft_loader import LoRAModel, lora_cache_key
 from pagedllm.lora.request import LoRARequest
@@ -39,9 +38,8 @@ class LoadResult:
 class LoRALoader:
     def __init__(self, manager: LoRAManager, max_workers: int = 2):
         self.manager = manager
-        self.max_workers = max_workers
         self.pending: dict[int, PendingLoad] = {}   # lora_int_id -> its read in progress
-        self._jobs: queue.SimpleQueue | None = None  # workers start with the first read
+        self._workers = DaemonThreads("lora-loader", max_workers)
 
     def key_if_loaded(self, req: LoRARequest) -> tuple | None:
         """The adapter's block-hash key when it is on the host (a mismatch with a loaded or loading adapter of
@@ -57,7 +55,7 @@ class LoRALoader:
         """Starts the adapter's read unless it is under way; the request (or add_lora call) waits for it."""
         load = self.pending.get(req.lora_int_id)
         if load is None:
-            load = self.pending[req.lora_int_id] = PendingLoad(req, self._submit(req))
+            load = self.pending[req.lora_int_id] = PendingLoad(req, self._workers.submit(self.read, req))
         if req_id is not None:
             load.req_ids.append(req_id)
         if caller is not None:
@@ -81,25 +79,6 @@ class LoRALoader:
         """Blocks until a read finishes or `seconds` pass (nothing else to do: no spinning on the GIL)."""
         futures = [load.future for load in self.pending.values()]
         concurrent.futures.wait(futures, timeout=seconds, return_when=concurrent.futures.FIRST_COMPLETED)
-
-    def _submit(self, req: LoRARequest) -> Future:
-        if self._jobs is None:
-            # Daemon threads, as the grammar compiles': a read stuck on a dead network disk holds a worker, not
-            # the process's exit
-            self._jobs = queue.SimpleQueue()
-            for i in range(self.max_workers):
-                threading.Thread(target=self._work, name=f"lora-loader-{i}", daemon=True).start()
-        future = Future()
-        self._jobs.put((req, future))
-        return future
-
-    def _work(self):
-        while True:
-            req, future = self._jobs.get()
-            try:
-                future.set_result(self.read(req))
-            except BaseException as e:   # the future carries it to the step thread
-                future.set_exception(e)
 
     def read(self, req: LoRARequest) -> LoRAModel:
         """One adapter from disk, staged (a test may wrap it: a slow disk)."""

@@ -12,9 +12,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-import queue
 from concurrent.futures import Future
 
+from pagedllm.daemon_threads import DaemonThreads
 from pagedllm.structured_output.params import StructuredOutputsParams
 
 logger = logging.getLogger("pagedllm")
@@ -25,8 +25,9 @@ class GrammarError(ValueError):
 
 
 class GrammarCompilePool:
-    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, stop_token_ids: Callable[[object], set[int]],
-                 max_workers: int = 4, timeout: float = 30.0, max_cached: int = 1024):
+    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int,
+                 stop_token_ids: Callable[[object], set[int]], max_workers: int = 4, timeout: float = 30.0,
+                 max_cached: int = 1024):
         """load_tokenizer: called once, on a worker, when the first constraint arrives (a 150k vocabulary's
         tokenizer info takes ~1.5 s to build: engines that never see a constraint never pay it).
         stop_token_ids(tokenizer): the ids that end generation (the model's EOS set): a matcher accepts them
@@ -35,8 +36,7 @@ class GrammarCompilePool:
         self._load_tokenizer = load_tokenizer
         self._stop_token_ids = stop_token_ids
         self._vocab_size = vocab_size
-        self._max_workers = max_workers
-        self._jobs: queue.SimpleQueue | None = None   # workers start with the first constraint
+        self._workers = DaemonThreads("grammar", max_workers)
         self._lock = threading.Lock()
         self._compiler = None
         self.stop_ids: list[int] = []
@@ -51,10 +51,8 @@ class GrammarCompilePool:
             if future is not None:
                 self._cache.move_to_end(key)
                 return future
-            if self._jobs is None:
-                self._start_workers()
             future = Future()
-            self._jobs.put((params, future))
+            self._workers.submit(self._compile, params, future, future=future)
             self._cache[key] = future
             if len(self._cache) > self._max_cached:
                 self._cache.popitem(last=False)
@@ -64,25 +62,7 @@ class GrammarCompilePool:
         """Builds the compiler (xgrammar's import, the tokenizer's info: ~2 s for a 150k vocabulary) on a worker
         now, so the first constrained request of a server waits only for its own compile (a failure here is
         met again, and reported, by that request's compile)."""
-        with self._lock:
-            if self._jobs is None:
-                self._start_workers()
-            self._jobs.put((None, Future()))
-
-    def _start_workers(self):
-        # Daemon threads, not a ThreadPoolExecutor: its workers are joined at exit, and a compile that
-        # runs for minutes would hold the engine's exit that long.
-        self._jobs = queue.SimpleQueue()
-        for i in range(self._max_workers):
-            threading.Thread(target=self._work, name=f"grammar-{i}", daemon=True).start()
-
-    def _work(self):
-        while True:
-            params, future = self._jobs.get()
-            try:
-                future.set_result(self._get_compiler() if params is None else self._compile(params, future))
-            except BaseException as e:   # the future carries it to the requests that wait
-                future.set_exception(e)
+        self._workers.submit(self._get_compiler)
 
     def _compile(self, params: StructuredOutputsParams, future: Future):
         compiler = self._get_compiler()
