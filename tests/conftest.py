@@ -78,3 +78,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+async def final_token_ids(engine, request_id, prompt, params) -> list[int]:
+    """An AsyncLLM request's finished token ids (its stream's last output)."""
+    from pagedllm.engine.output_processor import OutputKind
+    out = None
+    async for out in engine.generate(prompt, params, request_id, OutputKind.FINAL):
+        pass
+    return out.outputs[0].token_ids
+
+
+async def assert_dies_within(engine, prompt, kill, seconds: float = 5.0):
+    """A long request runs, kill() ends a worker of the engine: the request fails with EngineDeadError within
+    `seconds` of the kill (not a hang)."""
+    import asyncio
+    import time
+
+    from pagedllm import SamplingParams
+    from pagedllm.engine.async_llm import EngineDeadError
+    long = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    task = asyncio.ensure_future(final_token_ids(engine, "long", prompt, long))
+    await asyncio.sleep(0.5)
+    kill()
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError):
+        await asyncio.wait_for(task, 10)
+    assert time.monotonic() - start < seconds
+

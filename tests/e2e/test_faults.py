@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
+from conftest import final_token_ids
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.output_processor import OutputKind
 
 PROMPTS = [[1] + list(range(10 + 7 * i, 10 + 7 * i + 37)) for i in range(4)]   # 38 tokens: 2 full blocks
 POISON_PROMPT = [1] + list(range(300, 340))   # in no other request: no block of it is cached before
@@ -116,25 +116,19 @@ def test_bad_request_data_fails_alone_async(tiny_model_dirs, reference):
     from pagedllm.config import EngineConfig
     from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
 
-    async def collect(engine, request_id, prompt, params):
-        out = None
-        async for out in engine.generate(prompt, params, request_id, OutputKind.FINAL):
-            pass
-        return out.outputs[0].token_ids
-
     async def main():
         engine = AsyncLLM(EngineConfig(tiny_model_dirs["llama"], num_gpu_blocks_override=64, max_model_len=256,
                                        log_stats_interval=0, device="cpu"), heartbeat_timeout=2.0)
         inject_bad_seed(engine.input_processor, "bad")
         await asyncio.sleep(2.5)   # no loop read the pipe yet: its heartbeats still count (unhealthy_reason)
         try:
-            tasks = [collect(engine, f"r{i}", p, _params(i)) for i, p in enumerate(PROMPTS)]
-            tasks.insert(2, collect(engine, "bad", PROMPTS[1], SamplingParams(temperature=1.0, seed=3, n=2)))
+            tasks = [final_token_ids(engine, f"r{i}", p, _params(i)) for i, p in enumerate(PROMPTS)]
+            tasks.insert(2, final_token_ids(engine, "bad", PROMPTS[1], SamplingParams(temperature=1.0, seed=3, n=2)))
             results = await asyncio.gather(*tasks, return_exceptions=True)
             assert isinstance(results[2], EngineGenerateError) and "Overflow" in str(results[2])
             assert results[:2] + results[3:] == reference
             assert not engine._unscheduled and not engine.output_processor.parents
-            assert await collect(engine, "again", PROMPTS[0], _params(0)) == reference[0]
+            assert await final_token_ids(engine, "again", PROMPTS[0], _params(0)) == reference[0]
             stats = await engine.get_stats()
             assert stats.num_running == stats.num_waiting == 0 and stats.num_blocks_free == stats.num_blocks_total
         finally:

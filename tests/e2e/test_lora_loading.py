@@ -7,20 +7,14 @@ import pytest
 
 from pagedllm import LLM, LoRARequest
 from pagedllm.lora.loader import LoRALoader
-from test_lora import ADAPTERS, GREEDY, PROMPTS, _references, make_adapter
+from test_lora import GREEDY, PROMPTS
+from test_lora import setup as lora_setup
 
 SLOW_READ = 1.5   # seconds a monkeypatched adapter read sleeps
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    """test_lora's adapters and their transformers + PEFT references."""
-    from conftest import make_tiny_model
-    root = tmp_path_factory.mktemp("lora_loading")
-    base = make_tiny_model(root / "base")
-    loras = {name: LoRARequest(name, i + 1, make_adapter(base, root / name, i, **kw))
-             for i, (name, kw) in enumerate(ADAPTERS.items())}
-    return base, loras, _references(base, loras)
+# test_lora's module fixture: the tiny base model, its three adapters, their transformers + PEFT references
+adapters = lora_setup
 
 
 def _engine(adapters):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_model
+from conftest import assert_dies_within, final_token_ids, make_tiny_model
 from pagedllm import LLM, SamplingParams
 from pagedllm.distributed.executor import WorkerDiedError
 
@@ -112,8 +112,7 @@ def test_async_llm_tp2_and_a_killed_worker(model_dirs):
     """Through AsyncLLM (the core process starts the worker): TP=1's tokens; a killed worker ends the core
     process, and the request in flight fails with EngineDeadError within seconds."""
     from pagedllm.config import EngineConfig
-    from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError
-    from pagedllm.engine.output_processor import OutputKind
+    from pagedllm.engine.async_llm import AsyncLLM
     d = model_dirs["llama_kv1_tied_bias"]
     # the last row under a grammar: sampled deferred, its bitmask rows sent to the worker. (Not beside the
     # logprob checks: when its compile ends moves rows between steps, and a row's float sums with them.)
@@ -122,27 +121,15 @@ def test_async_llm_tp2_and_a_killed_worker(model_dirs):
     prompts = PROMPTS + [PROMPTS[1]]
     reference = [o.outputs[0].token_ids for o in LLM(d, **ENGINE).generate(prompts, params, use_tqdm=False)]
 
-    async def collect(engine, request_id, prompt, params):
-        out = None
-        async for out in engine.generate(prompt, params, request_id, OutputKind.FINAL):
-            pass
-        return out.outputs[0].token_ids
-
     async def main():
         engine = AsyncLLM(EngineConfig(d, tensor_parallel_size=2, **ENGINE))
         try:
-            got = await asyncio.gather(*(collect(engine, f"r{i}", *pq) for i, pq in enumerate(zip(prompts, params))))
+            got = await asyncio.gather(*(final_token_ids(engine, f"r{i}", p, q)
+                                         for i, (p, q) in enumerate(zip(prompts, params))))
             assert got == reference
             core_pid = engine.core.process.pid
             children = Path(f"/proc/{core_pid}/task/{core_pid}/children").read_text().split()
-            long = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
-            task = asyncio.ensure_future(collect(engine, "long", PROMPTS[2], long))
-            await asyncio.sleep(0.5)
-            os.kill(int(children[0]), signal.SIGKILL)
-            start = time.monotonic()
-            with pytest.raises(EngineDeadError):
-                await asyncio.wait_for(task, 10)
-            assert time.monotonic() - start < 5
+            await assert_dies_within(engine, PROMPTS[2], lambda: os.kill(int(children[0]), signal.SIGKILL))
         finally:
             engine.shutdown()
 

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from conftest import make_tiny_model   # noqa: E402
+from conftest import assert_dies_within, final_token_ids, make_tiny_model   # noqa: E402
 from pagedllm import LLM, SamplingParams   # noqa: E402
 from pagedllm.distributed.executor import WorkerDiedError   # noqa: E402
 from ray_cluster import ray_cluster   # noqa: E402
@@ -83,30 +83,16 @@ def test_async_llm_ray_tp2_and_a_killed_actor(cluster, model_dir, reference):
     import asyncio
 
     from pagedllm.config import EngineConfig
-    from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError
-    from pagedllm.engine.output_processor import OutputKind
-
-    async def collect(engine, request_id, prompt, params):
-        out = None
-        async for out in engine.generate(prompt, params, request_id, OutputKind.FINAL):
-            pass
-        return out.outputs[0].token_ids
+    from pagedllm.engine.async_llm import AsyncLLM
 
     async def main():
         engine = AsyncLLM(EngineConfig(model_dir, tensor_parallel_size=2, distributed_executor_backend="ray",
                                        **ENGINE))
         try:
-            got = await asyncio.gather(*(collect(engine, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS)))
+            got = await asyncio.gather(*(final_token_ids(engine, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS)))
             assert got == [o.outputs[0].token_ids for o in reference]
             pid = _actor_pid("ray::RankActor")   # the core process's rank-1 actor (Ray names its process so)
-            long = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
-            task = asyncio.ensure_future(collect(engine, "long", PROMPTS[2], long))
-            await asyncio.sleep(0.5)
-            os.kill(pid, signal.SIGKILL)
-            start = time.monotonic()
-            with pytest.raises(EngineDeadError):
-                await asyncio.wait_for(task, 10)
-            assert time.monotonic() - start < 5
+            await assert_dies_within(engine, PROMPTS[2], lambda: os.kill(pid, signal.SIGKILL))
         finally:
             engine.shutdown()
 
