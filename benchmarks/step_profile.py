@@ -6,8 +6,11 @@ Phases, in the order Engine.step runs them: schedule (step N+1, while step N run
 forward and sampler launches), wait (host blocked on N's sampled ids: device time not hidden by the host),
 update (scheduler.update_from_output of N), process (output processing of N, while N+1 runs). Steps are
 counted by the kind of the step launched: decode-only apart from steps that carry prompt tokens.
+--json-schemas constrains every request by one of the 8 run-on JSON schemas (as structured_cost.py); then join
+is the step thread's wait for the structured-output thread's bitmask fill and sampling launch of the step before.
 """
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -15,6 +18,7 @@ from collections import defaultdict
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.bench import workloads
+from pagedllm.bench.schemas import RUN_ON_SCHEMAS
 from pagedllm.cli import add_engine_args, engine_kwargs
 from pagedllm.runner.model_runner import PendingOutput
 
@@ -37,8 +41,11 @@ def instrument(engine, totals, counts):
 
     schedule = engine.scheduler.schedule
 
-    def timed_schedule():
-        out = schedule()
+    def timed_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        if out.total_num_scheduled_tokens == 0:
+            launched_kind.append("empty")
+            return out
         decode = out.total_num_scheduled_tokens == len(out.num_scheduled_tokens)
         launched_kind.append("decode" if decode else "mixed")
         return out
@@ -48,6 +55,7 @@ def instrument(engine, totals, counts):
     PendingOutput.result = timed("wait", PendingOutput.result)
     engine.scheduler.update_from_output = timed("update", engine.scheduler.update_from_output)
     engine.output_processor.process = timed("process", engine.output_processor.process)
+    engine.core._join_sampling = timed("join", engine.core._join_sampling)
     step = engine.step
 
     def timed_step():
@@ -67,6 +75,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", required=True, choices=["W1", "W2", "W3"])
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--json-schemas", action="store_true", help="every request under a run-on JSON schema")
     add_engine_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -78,15 +87,26 @@ def main():
     totals = defaultdict(lambda: defaultdict(float))
     counts = defaultdict(int)
     instrument(engine, totals, counts)
-    params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for n in out_lens]
+    schemas = RUN_ON_SCHEMAS if args.json_schemas else [None]
+    params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n,
+                             structured_outputs=schemas[i % len(schemas)] and {"json": schemas[i % len(schemas)]})
+              for i, n in enumerate(out_lens)]
+    if args.json_schemas:   # compile the 8 schemas before the timed run
+        warm = [dataclasses.replace(p, max_tokens=8) for p in params[:len(schemas)]]
+        llm.generate([[1, 2, 3]] * len(warm), warm, use_tqdm=False)
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    report = {"workload": args.workload, "requests": len(prompts), "seconds": round(seconds, 3),
-              "output_tok_s": round(sum(out_lens) / seconds, 1)}
+    report = {"workload": args.workload, "json_schemas": args.json_schemas, "requests": len(prompts),
+              "seconds": round(seconds, 3), "output_tok_s": round(sum(out_lens) / seconds, 1)}
+    report["empty_steps"] = counts["empty"]
     for kind in ("decode", "mixed"):
         n = max(counts[kind], 1)
         report[kind] = {"steps": counts[kind], **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in totals[kind].items()}}
+    stats = engine.core.structured.stats
+    if stats.num_steps:
+        report["bitmask"] = {"steps": stats.num_steps, "fill_ms": round(stats.fill_seconds / stats.num_steps * 1e3, 3),
+                             "hidden_share": round(stats.num_hidden / stats.num_steps, 3)}
     print(json.dumps(report))
 
 
