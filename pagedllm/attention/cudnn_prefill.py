@@ -151,9 +151,10 @@ def prebuild_plans(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: to
     start = time.perf_counter()
     queries = torch.zeros(max(n for _, n, _ in shapes), num_q_heads, head_dim, dtype=dtype, device=device)
     keys = torch.zeros(max(n for _, _, n in shapes), num_kv_heads, head_dim, dtype=dtype, device=device)
-    for causal, num_queries, num_keys in shapes:
-        o, lse = _cudnn(queries[:num_queries], keys[:num_keys], keys[:num_keys], 1.0, causal)
-    _merge(queries[:num_queries], [(o, lse), (o, lse)])    # compiles the two-part merge kernel
+    for causal, n, num_keys in shapes:
+        o, lse = _cudnn(queries[:n], keys[:num_keys], keys[:num_keys], head_dim ** -0.5, causal)
+    for lead in (0, 1):     # the two-part merge kernel, compiled for a square's LSE view aligned or not
+        _merge(queries[lead:n], [(o[lead:], lse[:, lead:]), (o[lead:], lse[:, :n - lead])])
     torch.cuda.synchronize(device)
     logger.info("cuDNN prefill: %d plans built in %.1f s (rows of %d+ new tokens, budget %d, max_model_len %d)",
                 len(shapes), time.perf_counter() - start, LONG_QUERY_LEN, max_num_batched_tokens, max_model_len)

@@ -89,3 +89,22 @@ def reachable_shapes(min_query_len: int, max_query_len: int, max_model_len: int)
             if most_context >= size:
                 shapes.add((False, padded, size))
     return shapes
+
+
+def chunked_rows(num_prompts: int = 32, prompt_len: int = 30000, budget: int = 16384,
+                 output_len: int = 256) -> list[tuple[int, int]]:
+    """(query_len, context) of each prefill row as the scheduler cuts W4 (the defaults): running requests first
+    (a decoding one takes a token of the budget a step), then waiting prompts in order, budget tokens a step.
+    What the shape-count test and benchmarks/prefill_long.py --chunks replay."""
+    left, decoding, rows = [prompt_len] * num_prompts, [0] * num_prompts, []
+    while any(left):
+        budget_left = budget - sum(d > 0 for d in decoding)
+        decoding = [max(d - 1, 0) for d in decoding]
+        for i in range(num_prompts):
+            if left[i] and budget_left > 0:
+                n = min(left[i], budget_left)
+                rows.append((n, prompt_len - left[i]))
+                left[i] -= n
+                budget_left -= n
+                decoding[i] = 0 if left[i] else output_len - 1
+    return rows

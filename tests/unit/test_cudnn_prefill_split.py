@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pagedllm.attention import cudnn_prefill, cudnn_shapes, torch_backend
-from pagedllm.attention.cudnn_shapes import RowSplit, reachable_shapes
+from pagedllm.attention.cudnn_shapes import RowSplit, chunked_rows, reachable_shapes
 from pagedllm.attention.metadata import AttentionMetadata
 
 
@@ -112,28 +112,11 @@ def test_split_covers_the_context_once():
         assert s.query_rows >= s.lead + s.padded_query_len
 
 
-def w4_like_rows(budget=16384, num_prompts=32, prompt_len=30000, out_len=256):
-    """(query_len, context) of every prefill row as the scheduler cuts W4: running rows first (decode rows
-    take one token of the budget each), then waiting prompts in order, each step up to budget tokens."""
-    left, decoding, rows = [prompt_len] * num_prompts, [0] * num_prompts, []
-    while any(left):
-        budget_left = budget - sum(d > 0 for d in decoding)
-        decoding = [max(d - 1, 0) for d in decoding]
-        for i in range(num_prompts):
-            if left[i] and budget_left > 0:
-                n = min(left[i], budget_left)
-                rows.append((n, prompt_len - left[i]))
-                left[i] -= n
-                budget_left -= n
-                decoding[i] = 0 if left[i] else out_len - 1
-    return rows
-
-
 @pytest.mark.parametrize("out_len", [1, 256])
 def test_w4_chunks_need_few_shapes(out_len):
     """W4's chunks at exact shapes would need a plan for nearly every row; split, a few dozen, every one of
     them among those pre-built for its limits (budget 16384, max_model_len 32768)."""
-    rows = [(n, c) for n, c in w4_like_rows(out_len=out_len) if n >= cudnn_prefill.LONG_QUERY_LEN]
+    rows = [(n, c) for n, c in chunked_rows(output_len=out_len) if n >= cudnn_prefill.LONG_QUERY_LEN]
     exact = {(n, c) for n, c in rows}
     split = {shape for n, c in rows for shape in RowSplit(n, c).shapes()}
     calls = sum(len(RowSplit(n, c).shapes()) for n, c in rows)
