@@ -12,13 +12,14 @@ square, so it sees the r context keys after C_big and its own keys 0..j; the tra
 dummy rows only. Each call gives its log-sum-exp, and the parts are merged (cudnn_prefill._merge).
 
 Why these sizes: G = 1024 (= LONG_QUERY_LEN, the shortest row sent here) pads a row by under 1024 query rows at
-each end: at most 2x the work of the shortest rows, under 13% from 8k chunks, and a multiple of cuDNN's tiles
-(64/128) and of every block size. Context pieces of 8192 and 4096 keys, with the remainder (< 4096) folded into
-the square, keep the calls few (a 30k context: 5) and the plans few: on a W4-like sequence of chunks (32 x 30k
-tokens, budget 16384) 30 distinct shapes and 2.1 calls a row, computing 7.7% more (query, key) pairs than the
-exact split; pieces of 8192..1024 (a remainder under 1024) would compute 6.4% more but with 2.7 calls a row
-and 42 shapes (81 against 52 to pre-build at start-up for W4's limits). The price: a row of ~1k new tokens
-after a long context computes up to 4095^2 / 2 extra pairs in its square (rows of 4k+ new tokens: a few %).
+each end: a row of 1025 new tokens computes up to twice its pairs against the context and four times in its
+square, rows of 8k+ under 13% more; and it is a multiple of cuDNN's tiles (64/128) and of every block size.
+Context pieces of 8192 and 4096 keys, with the remainder (< 4096) folded into the square, keep the calls few
+(a 30k context: 5) and the plans few: on a W4-like sequence of chunks (32 x 30k tokens, budget 16384) 30
+distinct shapes and 2.1 calls a row, computing 7.7% more (query, key) pairs than the exact split; pieces of
+8192..1024 (a remainder under 1024) would compute 6.4% more, with 2.7 calls a row (each a part to merge) and
+42 shapes (81 against 52 to pre-build at start-up for W4's limits). The price: a row of ~1k new tokens after a
+long context computes up to 4095^2 / 2 extra pairs in its square (rows of 4k+ new tokens: a few %).
 """
 from dataclasses import dataclass
 

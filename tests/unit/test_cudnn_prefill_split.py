@@ -1,7 +1,11 @@
 """cudnn_prefill's padding and split of long rows into fixed-shape calls, on CPU: `_cudnn` is replaced by a plain
 torch attention with cuDNN's semantics (top-left causal mask, natural-log LSE), and attend() is compared with
 torch_backend (the oracle: one masked softmax over the whole row, no split)."""
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +145,25 @@ def test_switch():
     assert cudnn_prefill.read_switch(None) == cudnn_prefill.DEFAULT_ON == cudnn_prefill.read_switch("")
     with pytest.raises(ValueError, match="PAGEDLLM_CUDNN_PREFILL"):
         cudnn_prefill.read_switch("yes")
+
+
+MERGE_SCRIPT = """
+import torch
+from pagedllm.attention import cudnn_prefill
+gen = torch.Generator().manual_seed(0)
+parts = [(torch.randn(40, 3, 64, generator=gen), torch.randn(3, 41, generator=gen)[:, 1:] * 4) for _ in range(2)]
+a, b = torch.empty(40, 3, 64), torch.empty(40, 3, 64)
+cudnn_prefill._merge_two(a, *parts[0], *parts[1])
+cudnn_prefill._merge_torch(b, parts)
+print("ERR", ((a - b).norm() / b.norm()).item())
+"""
+
+
+def test_two_part_merge_kernel_matches_the_fold():
+    """The CUDA path's two-part Triton merge (under the interpreter) against the torch fold, an LSE view not
+    starting at its storage's first element as the square's is."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", MERGE_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split("ERR")[1]) < 1e-6, proc.stdout
