@@ -14,7 +14,8 @@ pytestmark = pytest.mark.gpu
 LONG_ROWS = {   # (seq_len, query_len)
     "fresh 8k": [(8192, 8192)],
     "fresh odd 5000 + chunk 1024 after 4095": [(5000, 5000), (5119, 1024)],
-    "chunk 3000 after 9000": [(12000, 3000)],
+    "chunk 3000 after 9000 + 2500 after 9193": [(12000, 3000), (11693, 2500)],   # two parts, lead 808 / 1001
+    "chunk 2001 after 13001": [(15002, 2001)],                                      # three parts: the fp32 fold
     "chunk 16384 after 8192 + 1500 after 20000": [(24576, 16384), (21500, 1500)],
     "W4 tail 2768 after 27232 + fresh 2000": [(30000, 2768), (2000, 2000)],
 }
