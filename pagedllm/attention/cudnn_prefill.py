@@ -16,11 +16,13 @@ Why fixed shapes: cuDNN builds an execution plan for every new (query, key) shap
 (1.3 s for the first), and chunked prefill brings new shapes nearly every step: with one call per exact shape
 W4-prefill took 12.65 s against 11.60 s with Triton only (W4: 20.4 against 18.3), though each call ran at
 560-610 TFLOP/s once planned. Now the shapes a step budget and max_model_len can produce are a fixed set (52
-for W4: 16384 tokens a step, max_model_len 32768), each built once at start-up (prebuild_plans, ~3 s there).
+for W4: 16384 tokens a step, max_model_len 32768), each built once at start-up (prebuild_plans: ~3 s there
+at ~60 ms a plan, after cuDNN's own 1.3 s for its first).
 Shorter rows lose even when planned (host cost per call: fresh 4k prompts 205 TFLOP/s against the Triton
 kernel's 310; it wins from 8k fresh, or 2k new tokens after 28k cached).
 
-PAGEDLLM_CUDNN_PREFILL: 1 on, 0 off, unset: DEFAULT_ON (off until W4 with plans pre-built is measured).
+PAGEDLLM_CUDNN_PREFILL: 1 on, 0 off, unset: DEFAULT_ON, off until measured with plans pre-built: W4 and
+W4-prefill, and W2 (prompts of 256-2048 tokens bring rows of 1-2k new tokens here, where the Triton kernel won).
 cuDNN's plan cache is per thread: plans are pre-built by the thread that builds the runner, which runs its steps.
 """
 import functools
