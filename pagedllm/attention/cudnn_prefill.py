@@ -145,12 +145,25 @@ def prebuild_plans(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: to
                    max_num_batched_tokens: int, max_model_len: int) -> int:
     """Builds cuDNN's plan of every call shape the engine's limits can produce (one dummy call each), so that
     no step pays for one; returns their number (0: the path is off for this model or these limits)."""
+    global ENABLED
     if not _usable(dtype, head_dim, device):
         return 0
     shapes = sorted(reachable_shapes(LONG_QUERY_LEN, max_num_batched_tokens, max_model_len))
     if not shapes:
         return 0
     start = time.perf_counter()
+    try:
+        _build(shapes, num_q_heads, num_kv_heads, head_dim, dtype, device)
+    except RuntimeError as e:       # a shape cuDNN refuses: the Triton kernel keeps every row
+        ENABLED = False
+        logger.warning("cuDNN prefill off: building its plans failed: %s", str(e).splitlines()[0][:300])
+        return 0
+    logger.info("cuDNN prefill: %d plans built in %.1f s (rows of %d+ new tokens, budget %d, max_model_len %d)",
+                len(shapes), time.perf_counter() - start, LONG_QUERY_LEN, max_num_batched_tokens, max_model_len)
+    return len(shapes)
+
+
+def _build(shapes, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
     queries = torch.zeros(max(n for _, n, _ in shapes), num_q_heads, head_dim, dtype=dtype, device=device)
     keys = torch.zeros(max(n for _, _, n in shapes), num_kv_heads, head_dim, dtype=dtype, device=device)
     for causal, n, num_keys in shapes:
@@ -158,9 +171,6 @@ def prebuild_plans(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: to
     for lead in (0, 1):     # the two-part merge kernel, compiled for a square's LSE view aligned or not
         _merge(queries[lead:n], [(o[lead:], lse[:, lead:]), (o[lead:], lse[:, :n - lead])])
     torch.cuda.synchronize(device)
-    logger.info("cuDNN prefill: %d plans built in %.1f s (rows of %d+ new tokens, budget %d, max_model_len %d)",
-                len(shapes), time.perf_counter() - start, LONG_QUERY_LEN, max_num_batched_tokens, max_model_len)
-    return len(shapes)
 
 
 def _usable(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:

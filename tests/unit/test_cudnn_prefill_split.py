@@ -167,3 +167,22 @@ def test_two_part_merge_kernel_matches_the_fold():
     proc = subprocess.run([sys.executable, "-c", MERGE_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout.split("ERR")[1]) < 1e-6, proc.stdout
+
+
+def test_prebuild_off_or_refused(monkeypatch):
+    """No plan on CPU; on a device where cuDNN refuses a shape at start-up the path turns off (Triton keeps the
+    rows) instead of failing the engine."""
+    monkeypatch.setattr(cudnn_prefill, "ENABLED", True)
+    assert cudnn_prefill.prebuild_plans(16, 8, 128, torch.bfloat16, torch.device("cpu"), 16384, 32768) == 0
+    monkeypatch.setattr(cudnn_prefill, "_usable", lambda *a: True)
+    built = []
+    monkeypatch.setattr(cudnn_prefill, "_build", lambda shapes, *a: built.append(len(shapes)))
+    assert cudnn_prefill.prebuild_plans(16, 8, 128, torch.bfloat16, torch.device("cpu"), 16384, 32768) == 52
+    assert built == [52]
+    assert cudnn_prefill.prebuild_plans(16, 8, 128, torch.bfloat16, torch.device("cpu"), 512, 32768) == 0
+
+    def refuse(*a):
+        raise RuntimeError("cuDNN Frontend error: no valid engine configs")
+    monkeypatch.setattr(cudnn_prefill, "_build", refuse)
+    assert cudnn_prefill.prebuild_plans(16, 8, 128, torch.bfloat16, torch.device("cpu"), 16384, 32768) == 0
+    assert not cudnn_prefill.ENABLED
