@@ -1,12 +1,14 @@
 """Long-context prefill attention on one GPU: TFLOP/s by context length against the bf16 roofline.
 
-    PYTHONPATH=$PWD python3 benchmarks/prefill_long.py [--probe]
+    PYTHONPATH=$PWD python3 benchmarks/prefill_long.py [--probe] [--only 8k,16k] [--chunks [--no-prebuild]]
 
 Rows are fresh causal prompts of 4k-32k tokens and chunks of a long prompt whose context is already cached
 (W4's shape: 8,192 new tokens after 24,576 cached). Each line: a method, its median time (triton.testing.do_bench,
 CUDA events), attention TFLOP/s (causal: only visible (query, key) pairs count) and the share of the dense bf16
 peak, and its relative error against pagedllm's Triton kernel. --probe also times library kernels on
 contiguous or gathered K/V (PyTorch's SDPA backends and its varlen flash / cuDNN ops) to pick a path.
+--chunks replays W4's prefill rows in the engine's order (one layer): Triton alone against the cuDNN path with
+its plans pre-built (or, --no-prebuild, built as new shapes come).
 """
 import argparse
 import sys
@@ -109,19 +111,63 @@ def plan_builds():
             for _ in range(2):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                _cudnn(q, k, k, 0.1, causal=causal, need_lse=True)
+                _cudnn(q, k, k, 0.1, causal=causal)
                 torch.cuda.synchronize()
                 times.append((time.perf_counter() - t) * 1e3)
             print(f"cudnn plan causal={causal} L={n}: first {times[0]:.1f} ms, second {times[1]:.2f} ms")
+
+
+def chunk_sequence(prebuild: bool):
+    """W4's prefill rows in the engine's order (cudnn_shapes.chunked_rows), one layer of Qwen3-0.6B heads, bf16:
+    the Triton kernel alone, then the cuDNN path twice (the first pass builds the plans not pre-built)."""
+    from pagedllm.attention.cudnn_shapes import RowSplit, chunked_rows
+    from pagedllm.attention.metadata import AttentionMetadata
+    rows, hq, hkv, dim, block_size = chunked_rows(output_len=1), 16, 8, 128, 16
+    cache = torch.randn(2, 32768 // block_size, block_size, hkv, dim, device="cuda", dtype=torch.bfloat16)
+    table = torch.arange(32768 // block_size, device="cuda", dtype=torch.int32)[None]
+    q = torch.randn(16384, hq, dim, device="cuda", dtype=torch.bfloat16)
+    metas = [AttentionMetadata(torch.zeros(n, dtype=torch.int64, device="cuda"),
+                               torch.tensor([0, n], dtype=torch.int32, device="cuda"),
+                               torch.tensor([c + n], dtype=torch.int32, device="cuda"), table, n, c + n,
+                               [0, n], [c + n]) for n, c in rows]
+
+    def run_all() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for (n, _), meta in zip(rows, metas):
+            triton_backend.paged_attention(q[:n], cache, meta, dim ** -0.5)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    tflop = attention_flops([(c + n, n) for n, c in rows], hq, dim) / 1e12
+    shapes = {s for n, c in rows if n >= cudnn_prefill.LONG_QUERY_LEN for s in RowSplit(n, c).shapes()}
+    cudnn_prefill.ENABLED = False
+    run_all()                                   # compiles the Triton kernels
+    triton_s = run_all()
+    cudnn_prefill.ENABLED = True
+    plans, build_s = 0, 0.0
+    if prebuild:
+        start = time.perf_counter()
+        plans = cudnn_prefill.prebuild_plans(hq, hkv, dim, torch.bfloat16, torch.device("cuda"), 16384, 32768)
+        build_s = time.perf_counter() - start
+    first, second = run_all(), run_all()
+    print(f"W4 chunks, 1 layer: {len(rows)} rows, {len(shapes)} cuDNN shapes, {tflop:.1f} TFLOP | triton "
+          f"{triton_s * 1e3:.0f} ms ({tflop / triton_s:.0f} TFLOP/s) | cudnn prebuilt {plans} plans in {build_s:.1f} s,"
+          f" first pass {first * 1e3:.0f} ms, second {second * 1e3:.0f} ms ({tflop / second:.0f} TFLOP/s)")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", action="store_true", help="also time library kernels")
     parser.add_argument("--plans", action="store_true", help="time cuDNN's plan builds for new shapes, then stop")
+    parser.add_argument("--chunks", action="store_true", help="replay W4's prefill rows (one layer), then stop")
+    parser.add_argument("--no-prebuild", action="store_true", help="--chunks without pre-building the plans")
+    parser.add_argument("--only", default="", help="comma-separated words: run only cases whose name has one")
     args = parser.parse_args()
     if args.plans:
         return plan_builds()
+    if args.chunks:
+        return chunk_sequence(prebuild=not args.no_prebuild)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}")
     if args.probe:
         for op in ("_flash_attention_forward", "_cudnn_attention_forward"):
@@ -135,6 +181,8 @@ def main():
                 print(f"flash impl {impl}: {repr(e)[:120]}")
         plan_builds()
     for name, rows, hq, hkv, head_dim in cases():
+        if args.only and not any(word in name for word in args.only.split(",")):
+            continue
         batch = make_batch(rows, hq, hkv, head_dim, 16, torch.bfloat16, "cuda", seed=0)
         scale = head_dim ** -0.5
         triton_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)

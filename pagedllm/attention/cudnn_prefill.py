@@ -4,39 +4,59 @@ H200, bf16, causal, Qwen3-0.6B heads (benchmarks/prefill_long.py): cuDNN 550 / 6
 32k tokens, the Triton prefill kernel 324 / 337 / 355 (its paged gathers keep it off TMA and warp-specialized
 pipelines). So a row with at least LONG_QUERY_LEN new tokens, in a step that runs eagerly, goes to cuDNN:
 
-    K/V of its seq_len tokens are gathered from the paged cache into contiguous tensors (by whole blocks);
-    fresh prompt (no context):  one causal call
-    chunk after cached context: the chunk against itself (causal, square) and against the context (no mask),
-                                each with its log-sum-exp, merged by merge_states
+    K/V of its context and new tokens are gathered from the paged cache into one contiguous buffer (by slot)
+    queries are padded, and the row is cut into calls of a few fixed shapes (cudnn_shapes.py): a causal
+    "square" (its own tokens and the context past the last multiple of 4096) and context pieces of 8192 /
+    4096 keys (no mask), each with its log-sum-exp, merged into out (_merge)
 
-cuDNN aligns the causal mask top-left, which is right only for the square part; hence two calls. The Triton
-prefill kernel skips these rows (it reads the same threshold). Steps inside CUDA graphs keep the Triton kernels
-(the routing is a host decision; graphs replay one).
+The Triton prefill kernel skips these rows (it reads the same threshold). Steps inside CUDA graphs keep the
+Triton kernels (the routing is a host decision; graphs replay one).
 
-Off unless PAGEDLLM_CUDNN_PREFILL=1. cuDNN builds an execution plan for every new (query, key) shape: 55-70 ms
-each on the H200 (1.3 s for the first), and a chunked long prompt brings new shapes nearly every step. W4-prefill
-took 12.65 s with this path against 11.60 s without (W4: 20.4 against 18.3), though each call runs at 560-610
-TFLOP/s once planned. Shorter rows lose even when planned (host cost per call: fresh 4k prompts 205 TFLOP/s
-against the Triton kernel's 310; it wins from 8k fresh, or 2k new tokens after 28k cached). Next: pad queries
-and split the context into a few fixed key lengths so that plans repeat.
+Why fixed shapes: cuDNN builds an execution plan for every new (query, key) shape, 55-70 ms each on the H200
+(1.3 s for the first), and chunked prefill brings new shapes nearly every step: with one call per exact shape
+W4-prefill took 12.65 s against 11.60 s with Triton only (W4: 20.4 against 18.3), though each call ran at
+560-610 TFLOP/s once planned. Now the shapes a step budget and max_model_len can produce are a fixed set (52
+for W4: 16384 tokens a step, max_model_len 32768), each built once at start-up (prebuild_plans: ~3 s there
+at ~60 ms a plan, after cuDNN's own 1.3 s for its first).
+Shorter rows lose even when planned (host cost per call: fresh 4k prompts 205 TFLOP/s against the Triton
+kernel's 310; it wins from 8k fresh, or 2k new tokens after 28k cached).
+
+PAGEDLLM_CUDNN_PREFILL: 1 on, 0 off, unset: DEFAULT_ON, off until measured with plans pre-built: W4 and
+W4-prefill, and W2 (prompts of 256-2048 tokens bring rows of 1-2k new tokens here, where the Triton kernel won).
+cuDNN's plan cache is per thread: plans are pre-built by the thread that builds the runner, which runs its steps.
 """
 import functools
+import logging
 import os
+import time
 
 import torch
-import triton
 
-from pagedllm.attention.kernels.merge_states import merge_states_kernel
+from pagedllm.attention.cudnn_shapes import RowSplit, reachable_shapes
 from pagedllm.attention.metadata import AttentionMetadata
 
-ENABLED = os.environ.get("PAGEDLLM_CUDNN_PREFILL", "0") == "1"   # read once: threshold() runs every layer
+logger = logging.getLogger("pagedllm")
+
+DEFAULT_ON = False        # the path with PAGEDLLM_CUDNN_PREFILL unset (Hopper, bf16/fp16, head 64/128 only)
 LONG_QUERY_LEN = 1024     # rows with fewer new tokens stay on the Triton kernel (measured: see the module doc)
 NEVER = 1 << 30           # the Triton kernel's threshold when no row is routed here
 
 
+def read_switch(value: str | None) -> bool:
+    if value is None or value == "":
+        return DEFAULT_ON
+    if value not in ("0", "1"):
+        raise ValueError(f"PAGEDLLM_CUDNN_PREFILL must be 0 (off) or 1 (on), got {value!r}")
+    return value == "1"
+
+
+ENABLED = read_switch(os.environ.get("PAGEDLLM_CUDNN_PREFILL"))   # read once: threshold() runs every layer
+
+
 def threshold(q: torch.Tensor, meta: AttentionMetadata) -> int:
     """The query length from which rows of this step go to cuDNN (NEVER: none do)."""
-    if meta.max_query_len < LONG_QUERY_LEN or not _usable(q) or torch.cuda.is_current_stream_capturing():
+    if meta.max_query_len < LONG_QUERY_LEN or not _usable(q.dtype, q.shape[-1], q.device) \
+            or torch.cuda.is_current_stream_capturing():
         return NEVER
     return LONG_QUERY_LEN
 
@@ -45,45 +65,117 @@ def attend(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: Att
            long_query_len: int) -> None:
     """Writes out[] for every row with at least long_query_len new tokens."""
     starts, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
-    block_size = kv_cache.shape[2]
     for i, seq_len in enumerate(seq_lens):
         start, end = starts[i], starts[i + 1]
-        query_len = end - start
-        if query_len < long_query_len:
-            continue
-        context = seq_len - query_len
-        num_blocks = triton.cdiv(seq_len, block_size)
-        kv = kv_cache[:, meta.block_tables[i, :num_blocks].long()]       # (2, blocks, block_size, Hkv, D)
-        k, v = kv.flatten(1, 2)[:, :seq_len].unbind(0)
-        qi = q[start:end]
-        own, lse_own = _cudnn(qi, k[context:], v[context:], scale, causal=True, need_lse=context > 0)
-        if context == 0:
-            out[start:end] = own
-            continue
-        ctx, lse_ctx = _cudnn(qi, k[:context], v[:context], scale, causal=False, need_lse=True)
-        _merge(out[start:end], own, lse_own, ctx, lse_ctx)
+        if end - start >= long_query_len:
+            _attend_row(q[start:end], out[start:end], kv_cache, meta.block_tables[i], seq_len, scale)
 
 
-def _cudnn(q, k, v, scale: float, causal: bool, need_lse: bool):
-    """q (L, Hq, D), k and v (S, Hkv, D) -> out (L, Hq, D), lse (Hq, L) float32 or None."""
+def _attend_row(q, out, kv_cache, block_table, seq_len: int, scale: float) -> None:
+    query_len = q.shape[0]
+    split = RowSplit(query_len, seq_len - query_len)
+    lead, square = split.lead, split.square
+    k, v = _gather_kv(kv_cache, block_table, seq_len, split.context_big + square)
+    # Query row i of the buffer is real query i - lead; rows outside [lead, lead + L) repeat an end one.
+    rows = (torch.arange(split.query_rows, device=q.device) - lead).clamp_(0, query_len - 1)
+    queries = q.index_select(0, rows)
+    ctx = split.context_big
+    o, lse = _cudnn(queries[:square], k[ctx:ctx + square], v[ctx:ctx + square], scale, causal=True)
+    parts = [(o[lead:lead + query_len], lse[:, lead:lead + query_len])]
+    piece_queries = queries[lead:lead + split.padded_query_len]
+    for first, n in split.pieces:
+        o, lse = _cudnn(piece_queries, k[first:first + n], v[first:first + n], scale, causal=False)
+        parts.append((o[:query_len], lse[:, :query_len]))
+    _merge(out, parts)
+
+
+def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, num_keys: int):
+    """K and V (num_keys, Hkv, D) of positions 0..num_keys-1, those past seq_len repeating the last key: the
+    square's dummy keys (read only by dummy query rows), with no read outside the row's blocks."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    pos = torch.arange(num_keys, device=kv_cache.device).clamp_(max=seq_len - 1)
+    slots = block_table.long()[pos // block_size] * block_size + pos % block_size
+    k, v = kv_cache.view(2, -1, num_kv_heads, head_dim).index_select(1, slots).unbind(0)
+    return k, v
+
+
+def _cudnn(q, k, v, scale: float, causal: bool):
+    """q (L, Hq, D), k and v (S, Hkv, D), rows contiguous -> out (L, Hq, D), lse (Hq, L) float32 (natural log).
+    The log-sum-exp is asked for by every call, so that one plan serves a shape with or without context."""
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, need_lse,
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, True,
         0.0, causal, False, scale=scale)
-    out = res[0][0].transpose(0, 1)
-    return out, (res[1].reshape(q.shape[1], q.shape[0]) if need_lse else None)
+    return res[0][0].transpose(0, 1), res[1].reshape(q.shape[1], q.shape[0])
 
 
-def _merge(out, a, lse_a, b, lse_b) -> None:
+def _merge(out: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """out (L, H, D) = attention over the union of the parts' disjoint key sets, from each part's normalized
+    output (L, H, D) and log-sum-exp (H, L); fp32 accumulation, no host sync."""
+    if len(parts) == 1:
+        out.copy_(parts[0][0])
+    elif len(parts) == 2 and out.is_cuda:
+        _merge_two(out, *parts[0], *parts[1])
+    else:
+        _merge_torch(out, parts)
+
+
+def _merge_torch(out, parts) -> None:
+    """Folds the parts in one at a time (only one part's output besides the fp32 sum is held at once)."""
+    acc, acc_lse = parts[0][0].float(), parts[0][1]
+    for o, lse in parts[1:]:
+        top = torch.maximum(acc_lse, lse)
+        w_acc, w_new = torch.exp(acc_lse - top), torch.exp(lse - top)
+        total = w_acc + w_new
+        acc.mul_((w_acc / total).t()[..., None]).addcmul_(o, (w_new / total).t()[..., None])
+        acc_lse = top + torch.log(total)
+    out.copy_(acc)
+
+
+def _merge_two(out, a, lse_a, b, lse_b) -> None:
+    from pagedllm.attention.kernels.merge_states import merge_states_kernel   # CUDA only: the CPU imports no triton
     num_tokens, num_heads, head_dim = out.shape
     merge_states_kernel[(num_tokens, num_heads)](
         out, a, b, lse_a, lse_b, out.stride(0), out.stride(1), a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), lse_a.stride(0), lse_b.stride(0),
-        HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim), num_warps=1)
+        HEAD_DIM=head_dim, HEAD_PAD=1 << (head_dim - 1).bit_length(), num_warps=1)
 
 
-def _usable(q: torch.Tensor) -> bool:
-    return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
-            and ENABLED and _cudnn_on_hopper(q.device))
+@torch.inference_mode()
+def prebuild_plans(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                   max_num_batched_tokens: int, max_model_len: int) -> int:
+    """Builds cuDNN's plan of every call shape the engine's limits can produce (one dummy call each), so that
+    no step pays for one; returns their number (0: the path is off for this model or these limits)."""
+    global ENABLED
+    if not _usable(dtype, head_dim, device):
+        return 0
+    shapes = sorted(reachable_shapes(LONG_QUERY_LEN, max_num_batched_tokens, max_model_len))
+    if not shapes:
+        return 0
+    start = time.perf_counter()
+    try:
+        _build(shapes, num_q_heads, num_kv_heads, head_dim, dtype, device)
+    except RuntimeError as e:       # a shape cuDNN refuses: the Triton kernel keeps every row
+        ENABLED = False
+        logger.warning("cuDNN prefill off: building its plans failed: %s", str(e).splitlines()[0][:300])
+        return 0
+    logger.info("cuDNN prefill: %d plans built in %.1f s (rows of %d+ new tokens, budget %d, max_model_len %d)",
+                len(shapes), time.perf_counter() - start, LONG_QUERY_LEN, max_num_batched_tokens, max_model_len)
+    return len(shapes)
+
+
+def _build(shapes, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    queries = torch.zeros(max(n for _, n, _ in shapes), num_q_heads, head_dim, dtype=dtype, device=device)
+    keys = torch.zeros(max(n for _, _, n in shapes), num_kv_heads, head_dim, dtype=dtype, device=device)
+    for causal, n, num_keys in shapes:
+        o, lse = _cudnn(queries[:n], keys[:num_keys], keys[:num_keys], head_dim ** -0.5, causal)
+    for lead in (0, 1):     # the two-part merge kernel, compiled for a square's LSE view aligned or not
+        _merge(queries[lead:n], [(o[lead:], lse[:, lead:]), (o[lead:], lse[:, :n - lead])])
+    torch.cuda.synchronize(device)
+
+
+def _usable(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+    return (dtype in (torch.bfloat16, torch.float16) and head_dim in (64, 128) and ENABLED
+            and device.type == "cuda" and _cudnn_on_hopper(device))
 
 
 @functools.cache
