@@ -39,6 +39,10 @@ logger = logging.getLogger("pagedllm")
 
 DEFAULT_ON = False        # the path with PAGEDLLM_CUDNN_PREFILL unset (Hopper, bf16/fp16, head 64/128 only)
 LONG_QUERY_LEN = 1024     # rows with fewer new tokens stay on the Triton kernel (measured: see the module doc)
+# ... and so do steps without a row of at least this many (query, key) pairs (new tokens x seq_len). Measured on
+# the H200 (planned calls): fresh 4k and 1k after 15k (16M pairs) lose to the Triton kernel (205 / 298 against
+# 310 / 330 TFLOP/s), fresh 8k and 2k after 28k (60M+) win (461 / 458 against 319 / 339). W1-W3 never get here.
+MIN_PAIRS = 1 << 25
 NEVER = 1 << 30           # the Triton kernel's threshold when no row is routed here
 
 
@@ -54,11 +58,23 @@ ENABLED = read_switch(os.environ.get("PAGEDLLM_CUDNN_PREFILL"))   # read once: t
 
 
 def threshold(q: torch.Tensor, meta: AttentionMetadata) -> int:
-    """The query length from which rows of this step go to cuDNN (NEVER: none do)."""
+    """The query length from which rows of this step go to cuDNN (NEVER: none do): the shortest row of
+    LONG_QUERY_LEN+ new tokens and MIN_PAIRS+ pairs, when there is one (rows as long sharing its step go too)."""
     if meta.max_query_len < LONG_QUERY_LEN or not _usable(q.dtype, q.shape[-1], q.device) \
             or torch.cuda.is_current_stream_capturing():
         return NEVER
-    return LONG_QUERY_LEN
+    if _memo[0] is not meta:   # the same for every layer of a step
+        _memo[:] = [meta, _step_threshold(meta)]
+    return _memo[1]
+
+
+_memo: list = [None, NEVER]    # (the step's metadata, its threshold): held, so that its id is not reused
+
+
+def _step_threshold(meta: AttentionMetadata) -> int:
+    starts, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    lens = [starts[i + 1] - starts[i] for i in range(len(seq_lens))]
+    return min((n for n, s in zip(lens, seq_lens) if n >= LONG_QUERY_LEN and n * s >= MIN_PAIRS), default=NEVER)
 
 
 def attend(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,

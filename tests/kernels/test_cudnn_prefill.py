@@ -28,6 +28,7 @@ def cudnn(monkeypatch):
     if not cudnn_prefill._cudnn_on_hopper(torch.device("cuda")):
         pytest.skip("the cuDNN prefill path runs on sm_90 only")
     monkeypatch.setattr(cudnn_prefill, "ENABLED", True)
+    monkeypatch.setattr(cudnn_prefill, "MIN_PAIRS", 0)   # every row of LONG_QUERY_LEN+ new tokens goes
     calls, real = [], cudnn_prefill._cudnn
 
     def spy(q, k, v, scale, causal):

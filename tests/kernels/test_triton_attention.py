@@ -133,6 +133,7 @@ def test_long_prompt_rows_through_cudnn(dtype, heads, head_dim, block_size, monk
     if not cudnn_prefill._cudnn_on_hopper(torch.device("cuda")):
         pytest.skip("the cuDNN prefill path runs on sm_90 only")
     monkeypatch.setattr(cudnn_prefill, "ENABLED", True)
+    monkeypatch.setattr(cudnn_prefill, "MIN_PAIRS", 0)
     calls = []
     real = cudnn_prefill._cudnn
     monkeypatch.setattr(cudnn_prefill, "_cudnn", lambda *a, **kw: calls.append(kw["causal"]) or real(*a, **kw))

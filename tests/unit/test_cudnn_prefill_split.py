@@ -140,6 +140,23 @@ def test_reachable_shapes_are_reached():
     assert seen == reachable_shapes(1024, budget, max_model_len)
 
 
+def test_step_threshold_needs_enough_pairs():
+    """Rows go to cuDNN from the shortest one of LONG_QUERY_LEN+ new tokens and MIN_PAIRS+ (query, key) pairs."""
+    def meta(rows):   # (new tokens, seq_len) per row
+        starts = [0]
+        for n, _ in rows:
+            starts.append(starts[-1] + n)
+        return AttentionMetadata(None, None, None, None, max(n for n, _ in rows), max(s for _, s in rows),
+                                 starts, [s for _, s in rows])
+    long, pairs = cudnn_prefill.LONG_QUERY_LEN, cudnn_prefill.MIN_PAIRS
+    never = cudnn_prefill.NEVER
+    assert cudnn_prefill._step_threshold(meta([(2048, 2048), (1, 900)])) == never     # W1-W3's rows: Triton
+    assert cudnn_prefill._step_threshold(meta([(4096, 4096)])) == never               # 16M pairs
+    assert cudnn_prefill._step_threshold(meta([(8192, 8192), (1, 50)])) == 8192
+    assert cudnn_prefill._step_threshold(meta([(long, pairs // long), (9000, 9000)])) == long
+    assert cudnn_prefill._step_threshold(meta([(long - 1, 10 ** 6), (300, 300)])) == never
+
+
 def test_switch():
     assert cudnn_prefill.read_switch("1") and not cudnn_prefill.read_switch("0")
     assert cudnn_prefill.read_switch(None) == cudnn_prefill.DEFAULT_ON == cudnn_prefill.read_switch("")
