@@ -24,6 +24,7 @@ import triton.language as tl
 from pagedllm.lora.kernels import NO_SLOT, _next_slot, _pow2_at_least_16, _precision, _tile
 
 FUSED_MAX_RANK = 64
+PROGRAMS = 1024   # a grid about this large (~8 programs an SM of an H100/H200) keeps one column tile a program
 CONFIG_ENV = "PAGEDLLM_LORA_FUSED_CONFIG"   # "block_m,block_n,block_k,num_warps,num_stages" for every layer
 
 
@@ -64,36 +65,43 @@ def slot_groups(num_tokens: int, num_slots: int, block_m: int) -> int:
     return max(1, min(num_slots, num_tokens, block_m * num_slots // max(num_tokens, 1)))
 
 
+def column_tiles_per_program(grid: int, col_tiles: int, programs: int = PROGRAMS) -> int:
+    """1 while the grid is small (decode: more programs, each recomputing t); a large step's programs take
+    several column tiles each, so x A is computed fewer times (once a shard at the widest)."""
+    return max(1, min(col_tiles, grid // programs))
+
+
 @triton.jit
-def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, T, K,
+def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, T, K, groups, n_tiles,
                       stride_xm, stride_as, stride_an, stride_bs, stride_bo, stride_ym,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                      R: tl.constexpr, GROUPS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    shard = tl.program_id(2) // GROUPS
+                      R: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    shard = tl.program_id(2) // groups   # groups, n_tiles: runtime values (no compile per T)
     lo = tl.load(bounds_ptr + shard)
     hi = tl.load(bounds_ptr + shard + 1)
-    first_col = lo + tl.program_id(1) * BLOCK_N
+    first_col = lo + tl.program_id(1) * n_tiles * BLOCK_N
     if first_col < hi:   # the grid's column tiles cover the largest shard
+        end = tl.minimum(hi, first_col + n_tiles * BLOCK_N)   # this program's columns: first_col..end
         tokens, slots = _tile(order_ptr, slots_ptr, T, BLOCK_M)
         s = _next_slot(slots, -1)
-        skip = tl.program_id(2) % GROUPS
-        while skip > 0:   # this program's slots: the tile's skip-th, then every GROUPS-th
+        skip = tl.program_id(2) % groups
+        while skip > 0:   # this program's slots: the tile's skip-th, then every groups-th
             s = _next_slot(slots, s)
             skip -= 1
-        cols = first_col + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
         ranks = tl.arange(0, BLOCK_R)
         r_ok = ranks < R
         rk = shard * R + ranks
         x_ptrs = x_ptr + tokens[:, None] * stride_xm
-        y_ptrs = y_ptr + tokens[:, None] * stride_ym + cols[None, :]
         while s < NO_SLOT:
             hit = slots == s
-            mask = hit[:, None] & col_ok[None, :]
             s64 = s.to(tl.int64)
-            b = tl.load(b_ptr + s64 * stride_bs + cols[None, :] * stride_bo + rk[:, None],
-                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)   # (BLOCK_R, BLOCK_N)
-            y = tl.load(y_ptrs, mask=mask, other=0.0)
+            b_ptrs = b_ptr + s64 * stride_bs + rk[:, None]
+            cols = first_col + tl.arange(0, BLOCK_N)
+            col_ok = cols < end
+            # the first column tile's B and y, loaded before the K loop: their latency hides behind it
+            b = tl.load(b_ptrs + cols[None, :] * stride_bo, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            y = tl.load(y_ptr + tokens[:, None] * stride_ym + cols[None, :], mask=hit[:, None] & col_ok[None, :],
+                        other=0.0)
             a_ptrs = a_ptr + s64 * stride_as + rk[None, :] * stride_an
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k in range(0, K, BLOCK_K):
@@ -106,16 +114,28 @@ def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_p
                     x = tl.load(x_ptrs + ks[None, :], mask=hit[:, None] & k_ok[None, :], other=0.0)
                     a = tl.load(a_ptrs + ks[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
                 t = tl.dot(x.to(a.dtype), a, t, input_precision=PRECISION)
-            acc = tl.dot(t.to(b.dtype), b, input_precision=PRECISION)   # t rounded as x A^T in that dtype
-            tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
-            for _ in tl.static_range(GROUPS):
+            t = t.to(b.dtype)   # rounded as x A^T in the adapter's dtype would be
+            for _ in range(n_tiles):   # t reused across the program's column tiles; the next tile's loads first
+                nxt = cols + BLOCK_N
+                nxt_ok = nxt < end
+                b_next = tl.load(b_ptrs + nxt[None, :] * stride_bo, mask=r_ok[:, None] & nxt_ok[None, :], other=0.0)
+                y_next = tl.load(y_ptr + tokens[:, None] * stride_ym + nxt[None, :],
+                                 mask=hit[:, None] & nxt_ok[None, :], other=0.0)
+                acc = tl.dot(t, b, input_precision=PRECISION)
+                tl.store(y_ptr + tokens[:, None] * stride_ym + cols[None, :], (y.to(tl.float32) + acc).to(y.dtype),
+                         mask=hit[:, None] & col_ok[None, :])
+                cols, col_ok, b, y = nxt, nxt_ok, b_next, y_next
+            step = groups
+            while step > 0:
                 s = _next_slot(slots, s)
+                step -= 1
 
 
 def lora_fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, order: torch.Tensor,
                sorted_slots: torch.Tensor, shard_bounds: torch.Tensor, max_shard: int, rank: int,
-               config: FusedConfig | None = None) -> torch.Tensor:
-    """add_lora's contract (lora/kernels.py) in one launch; rank <= FUSED_MAX_RANK."""
+               config: FusedConfig | None = None, programs: int = PROGRAMS) -> torch.Tensor:
+    """add_lora's contract (lora/kernels.py) in one launch; rank <= FUSED_MAX_RANK. programs: the grid size
+    above which programs take several column tiles (tests: small, to take that path on small inputs)."""
     T, K = x.shape
     assert rank <= FUSED_MAX_RANK, f"lora_fused: rank {rank} > {FUSED_MAX_RANK}"
     assert y.stride(-1) == 1 and y.shape[0] == T, "lora_fused: y must have unit column stride and T rows"
@@ -123,13 +143,15 @@ def lora_fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
         x = x.contiguous()
     cfg = config or layer_config(K, max_shard)
     groups = slot_groups(T, lora_a.shape[0], cfg.block_m)
-    num_shards = shard_bounds.numel() - 1
-    grid = (triton.cdiv(T, cfg.block_m), triton.cdiv(max_shard, cfg.block_n), num_shards * groups)
+    num_shards, row_tiles, col_tiles = shard_bounds.numel() - 1, triton.cdiv(T, cfg.block_m), triton.cdiv(
+        max_shard, cfg.block_n)
+    n_tiles = column_tiles_per_program(row_tiles * col_tiles * num_shards * groups, col_tiles, programs)
+    grid = (row_tiles, triton.cdiv(col_tiles, n_tiles), num_shards * groups)
     if T > 0:
-        lora_fused_kernel[grid](x, lora_a, lora_b, y, order, sorted_slots, shard_bounds, T, K,
+        lora_fused_kernel[grid](x, lora_a, lora_b, y, order, sorted_slots, shard_bounds, T, K, groups, n_tiles,
                                 x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
                                 y.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                BLOCK_R=_pow2_at_least_16(rank, FUSED_MAX_RANK), R=rank, GROUPS=groups,
+                                BLOCK_R=_pow2_at_least_16(rank, FUSED_MAX_RANK), R=rank,
                                 EVEN_K=K % cfg.block_k == 0, PRECISION=_precision(lora_a.dtype),
                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y

@@ -110,6 +110,10 @@ def fused_cases():
     small = functools.partial(lora_fused, config=FusedConfig(block_m=32, block_n=16, block_k=32, num_stages=2))
     yield "fused-m32-n16-k32-r32", lambda: check_lora(70, 96, (40, 24, 24), 32, 5, f32, "cpu", 31, kernel=small)
     yield "fused-r64-decode-t40", lambda: check_lora(40, 80, (64,), 64, 6, f32, "cpu", 32, True, kernel=lora_fused)
+    # a large step's path: programs of several column tiles (all of a shard's; 2 of 3, the last one partial)
+    for programs, name in ((1, "all"), (16, "some")):
+        wide = functools.partial(lora_fused, config=FusedConfig(block_n=16, block_k=32), programs=programs)
+        yield f"fused-col-tiles-{name}", lambda k=wide: check_lora(50, 64, (48, 40, 16), 8, 3, f32, "cpu", 33, kernel=k)
 
 
 if __name__ == "__main__":

@@ -48,14 +48,14 @@ def test_kernels_compile_for_hopper():
                                                            NUM_SPLITS=splits, PRECISION=precision))
                   for r, block_r, splits in ((16, 16, 12), (64, 64, 4), (80, 64, 3))]
         fused = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", **common,
-                 "bounds_ptr": "*i32", "K": "i32",
+                 "bounds_ptr": "*i32", "K": "i32", "groups": "i32", "n_tiles": "i32",
                  **dict.fromkeys(("stride_xm", "stride_as", "stride_an", "stride_bs", "stride_bo", "stride_ym"), "i32")}
         fused = {k: fused[k] for k in ("x_ptr", "a_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr",
-                                       "T", "K", "stride_xm", "stride_as", "stride_an", "stride_bs", "stride_bo",
-                                       "stride_ym")}
+                                       "T", "K", "groups", "n_tiles", "stride_xm", "stride_as", "stride_an",
+                                       "stride_bs", "stride_bo", "stride_ym")}
         cases += [(lora_fused_kernel, fused, dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, BLOCK_R=block_r, R=r,
-                                                  GROUPS=groups, EVEN_K=even, PRECISION=precision))
-                  for r, block_r, block_n, groups, even in ((16, 16, 256, 1, True), (64, 64, 128, 8, False))]
+                                                  EVEN_K=even, PRECISION=precision))
+                  for r, block_r, block_n, even in ((16, 16, 256, True), (64, 64, 128, False))]
         for fn, sig, consts in cases:
             src = ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
