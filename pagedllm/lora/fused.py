@@ -56,8 +56,9 @@ def layer_config(in_features: int, max_shard: int) -> FusedConfig:
     override = os.environ.get(CONFIG_ENV)
     if override:
         return FusedConfig.parse(override)
-    block_k = min(128, _pow2_at_least_16(in_features, 128))
-    return FusedConfig(block_n=256 if max_shard >= 2048 else 128, block_k=block_k)
+    # the K loop is the program's critical path: fewer, wider steps where K is long (o, down), 4 stages in flight
+    block_k = 256 if in_features >= 2048 else _pow2_at_least_16(in_features, 128)
+    return FusedConfig(block_n=256 if max_shard >= 2048 else 128, block_k=block_k, num_stages=4)
 
 
 def slot_groups(num_tokens: int, num_slots: int, block_m: int) -> int:
