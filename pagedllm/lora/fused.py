@@ -77,13 +77,13 @@ def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_p
                       stride_xm, stride_as, stride_an, stride_bs, stride_bo, stride_ym,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                       R: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    tokens, slots = _tile(order_ptr, slots_ptr, T, BLOCK_M)   # beside the bounds' loads, not after them
     shard = tl.program_id(2) // groups   # groups, n_tiles: runtime values (no compile per T)
     lo = tl.load(bounds_ptr + shard)
     hi = tl.load(bounds_ptr + shard + 1)
     first_col = lo + tl.program_id(1) * n_tiles * BLOCK_N
     if first_col < hi:   # the grid's column tiles cover the largest shard
         end = tl.minimum(hi, first_col + n_tiles * BLOCK_N)   # this program's columns: first_col..end
-        tokens, slots = _tile(order_ptr, slots_ptr, T, BLOCK_M)
         s = _next_slot(slots, -1)
         skip = tl.program_id(2) % groups
         while skip > 0:   # this program's slots: the tile's skip-th, then every groups-th
