@@ -51,14 +51,15 @@ class FusedConfig:
 
 
 @functools.lru_cache(maxsize=None)   # eager steps call it per layer: read the environment once a shape
-def layer_config(in_features: int, max_shard: int) -> FusedConfig:
-    """By the layer's shapes only (never T). Wide column tiles where shards are wide: fewer recomputed x A."""
+def layer_config(in_features: int, max_shard: int, rank: int) -> FusedConfig:
+    """By the layer's shapes only (never T). Wide column tiles where shards are wide (fewer recomputed x A) and
+    the rank small (a rank-64 B tile that wide spills registers); the K loop is a program's critical path: fewer,
+    wider steps where K is long (o, down), 4 stages in flight. No tile here spills on sm_90 (ptxas -v)."""
     override = os.environ.get(CONFIG_ENV)
     if override:
         return FusedConfig.parse(override)
-    # the K loop is the program's critical path: fewer, wider steps where K is long (o, down), 4 stages in flight
     block_k = 256 if in_features >= 2048 else _pow2_at_least_16(in_features, 128)
-    return FusedConfig(block_n=256 if max_shard >= 2048 else 128, block_k=block_k, num_stages=4)
+    return FusedConfig(block_n=256 if max_shard >= 2048 and rank <= 32 else 128, block_k=block_k, num_stages=4)
 
 
 def slot_groups(num_tokens: int, num_slots: int, block_m: int) -> int:
@@ -116,16 +117,18 @@ def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_p
                     a = tl.load(a_ptrs + ks[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
                 t = tl.dot(x.to(a.dtype), a, t, input_precision=PRECISION)
             t = t.to(b.dtype)   # rounded as x A^T in the adapter's dtype would be
-            for _ in range(n_tiles):   # t reused across the program's column tiles; the next tile's loads first
-                nxt = cols + BLOCK_N
-                nxt_ok = nxt < end
-                b_next = tl.load(b_ptrs + nxt[None, :] * stride_bo, mask=r_ok[:, None] & nxt_ok[None, :], other=0.0)
-                y_next = tl.load(y_ptr + tokens[:, None] * stride_ym + nxt[None, :],
-                                 mask=hit[:, None] & nxt_ok[None, :], other=0.0)
+            tl.store(y_ptr + tokens[:, None] * stride_ym + cols[None, :],
+                     (y.to(tl.float32) + tl.dot(t, b, input_precision=PRECISION)).to(y.dtype),
+                     mask=hit[:, None] & col_ok[None, :])
+            for _ in tl.range(1, n_tiles, num_stages=1):   # a large step's: its other column tiles, t reused
+                cols += BLOCK_N
+                col_ok = cols < end
+                b = tl.load(b_ptrs + cols[None, :] * stride_bo, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+                y_ptrs = y_ptr + tokens[:, None] * stride_ym + cols[None, :]
+                mask = hit[:, None] & col_ok[None, :]
+                y = tl.load(y_ptrs, mask=mask, other=0.0)
                 acc = tl.dot(t, b, input_precision=PRECISION)
-                tl.store(y_ptr + tokens[:, None] * stride_ym + cols[None, :], (y.to(tl.float32) + acc).to(y.dtype),
-                         mask=hit[:, None] & col_ok[None, :])
-                cols, col_ok, b, y = nxt, nxt_ok, b_next, y_next
+                tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
             step = groups
             while step > 0:
                 s = _next_slot(slots, s)
@@ -142,7 +145,7 @@ def lora_fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     assert y.stride(-1) == 1 and y.shape[0] == T, "lora_fused: y must have unit column stride and T rows"
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = config or layer_config(K, max_shard)
+    cfg = config or layer_config(K, max_shard, rank)
     groups = slot_groups(T, lora_a.shape[0], cfg.block_m)
     num_shards, row_tiles, col_tiles = shard_bounds.numel() - 1, triton.cdiv(T, cfg.block_m), triton.cdiv(
         max_shard, cfg.block_n)
