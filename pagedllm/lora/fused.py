@@ -73,7 +73,7 @@ def column_tiles_per_program(grid: int, col_tiles: int, programs: int = PROGRAMS
     return max(1, min(col_tiles, grid // programs))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "groups", "n_tiles"])   # one compile a layer and dtype, whatever the step
 def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, T, K, groups, n_tiles,
                       stride_xm, stride_as, stride_an, stride_bs, stride_bo, stride_ym,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
