@@ -5,7 +5,8 @@ bound (a few KB of work). Here a program owns an output tile (BLOCK_M tokens x B
 it recomputes its tokens' t = x A_shard^T over all of K (rank <= 64: a (BLOCK_M, R) float32 accumulator),
 rounds t to the adapter's dtype as the two-launch path does, and adds t B_shard^T into y, in place. Its B and y
 tiles are loaded before the K loop, so their latency hides behind it. Recomputing t per column tile reads x
-and A again from L2: wide BLOCK_N keeps that small.
+and A again from L2: wide BLOCK_N keeps that small, and a large step's programs (a grid above PROGRAMS) take
+several column tiles each, computing t once for them.
 
 Tokens come sorted by slot (lora/manager.py), so a tile of a large step holds one adapter. A small decode step
 (T <= a few tiles) has several adapters a tile; its grid gets `groups` programs a tile, program g serving the
