@@ -1,19 +1,29 @@
-"""Device time of the LoRA kernels (shrink + expand, pagedllm/lora/kernels.py) on Qwen3-0.6B's four LoRA layers,
-beside the base layer's GEMM, at decode and prefill sizes: 8 rank-16 adapters, every token under one (decode: one
-token a request, round-robin; prefill: requests of 512 tokens), or every token base (the early exits). Timed as
-CUDA graphs of 20 calls (no launch overhead), bf16. One JSON line per (layer, T, case).
+"""Device time of the LoRA kernels on Qwen3-0.6B's four LoRA layers, beside the base layer's GEMM: the split path
+(shrink + expand, pagedllm/lora/kernels.py) against the fused kernel (pagedllm/lora/fused.py) at its default tiles
+and, at T = 16 and 256, at a few other tiles. 8 rank-16 adapters; decode steps (a token a request, round-robin over
+the adapters) of T = 1, 2, 4, 8, 16, 256; prefill steps (requests of 512 tokens) of 2048 and 8192; and T = 256
+with every token base (the early exits). Timed as CUDA graphs of 20 calls (no launch overhead), bf16.
 
-    python benchmarks/lora_kernels.py
+One JSON line per (layer, T); then a line per T with a step's total (x 28 layers) for split, fused and the best
+tiles per layer; last the pick: split, the fused default, or the fused kernel at the tiles with the least
+T = 256 + T = 16 time over the four layers, and `env`, the setting that selects it (PAGEDLLM_LORA_KERNEL=split,
+or PAGEDLLM_LORA_FUSED_CONFIG=block_m,block_n,block_k,num_warps,num_stages; empty for the default).
+
+    python benchmarks/lora_kernels.py            (PAGEDLLM_LORA_FUSED_CONFIG=... sets the fused default)
 """
 import json
 
 import torch
 
-from pagedllm.lora.kernels import add_lora
+from pagedllm.lora.fused import FusedConfig, layer_config, lora_fused
+from pagedllm.lora.kernels import add_lora as add_lora_split
 
 LAYERS = {"qkv_proj": (1024, (2048, 1024, 1024)), "o_proj": (2048, (1024,)), "gate_up_proj": (1024, (3072, 3072)),
           "down_proj": (3072, (1024,))}
-RANK, LORAS, CALLS = 16, 8, 20
+RANK, LORAS, CALLS, NUM_LAYERS = 16, 8, 20, 28
+DECODE, PREFILL, SWEEP_T = (1, 2, 4, 8, 16, 256), (2048, 8192), (16, 256)
+SWEEP = [FusedConfig(*c) for c in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (16, 256, 128, 4, 4),
+                                   (16, 128, 256, 4, 4), (16, 256, 256, 8, 3), (16, 256, 128, 8, 4))]   # none spills
 
 
 def graph_us(fn) -> float:
@@ -30,7 +40,7 @@ def graph_us(fn) -> float:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (5 * CALLS)
+    return round(start.elapsed_time(end) * 1e3 / (5 * CALLS), 2)
 
 
 def slot_buffers(T: int, decode: bool, base: bool):
@@ -42,24 +52,65 @@ def slot_buffers(T: int, decode: bool, base: bool):
     return order.to("cuda", torch.int32), slots[order].to("cuda", torch.int32)
 
 
-def main():
+def key(cfg: FusedConfig) -> str:
+    return ",".join(str(v) for v in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages))
+
+
+def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, sweep: dict):
     dt = torch.bfloat16
+    out, n, max_shard = sum(shards), len(shards), max(shards)
+    weight = torch.randn(out, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
+    a = torch.randn(LORAS, n * RANK, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
+    b = torch.randn(LORAS, out, n * RANK, device="cuda", dtype=dt) * 0.01
+    bounds = torch.tensor([sum(shards[:i]) for i in range(n + 1)], dtype=torch.int32, device="cuda")
+    default = layer_config(fan_in, max_shard, RANK)
+    cases = [(T, True, False) for T in DECODE] + [(T, False, False) for T in PREFILL] + [(256, True, True)]
+    for T, decode, all_base in cases:
+        x = torch.randn(T, fan_in, device="cuda", dtype=dt)
+        y = torch.zeros(T, out, device="cuda", dtype=dt)
+        order, slots = slot_buffers(T, decode, all_base)
+        args = (y, x, a, b, order, slots, bounds, max_shard, RANK)
+        line = {"layer": name, "T": T, "case": "all_base" if all_base else "decode" if decode else "prefill",
+                "base_gemm_us": graph_us(lambda: torch.matmul(x, weight.t(), out=y)),
+                "split_us": graph_us(lambda: add_lora_split(*args)),
+                "fused_us": graph_us(lambda: lora_fused(*args, config=default)), "fused_tiles": key(default)}
+        if T in SWEEP_T and not all_base:
+            tiles = {key(c): graph_us(lambda c=c: lora_fused(*args, config=c)) for c in SWEEP}
+            line["best_tiles"] = min(tiles, key=tiles.get)
+            line["tiles_us"] = tiles
+            for k, us in tiles.items():
+                sweep[(k, T)] = sweep.get((k, T), 0.0) + us
+        t = totals.setdefault((T, line["case"]), {"split": 0.0, "fused": 0.0, "best": 0.0})
+        t["split"] += line["split_us"]
+        t["fused"] += line["fused_us"]
+        t["best"] += min([line["fused_us"], *line.get("tiles_us", {}).values()])
+        print(json.dumps(line), flush=True)
+
+
+def main():
+    totals, sweep = {}, {}
     for name, (fan_in, shards) in LAYERS.items():
-        out, n = sum(shards), len(shards)
-        weight = torch.randn(out, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
-        a = torch.randn(LORAS, n * RANK, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
-        b = torch.randn(LORAS, out, n * RANK, device="cuda", dtype=dt) * 0.01
-        bounds = torch.tensor([sum(shards[:i]) for i in range(n + 1)], dtype=torch.int32, device="cuda")
-        for T, decode in ((256, True), (2048, False), (8192, False)):
-            x = torch.randn(T, fan_in, device="cuda", dtype=dt)
-            y = torch.empty(T, out, device="cuda", dtype=dt)
-            gemm_us = graph_us(lambda: torch.matmul(x, weight.t(), out=y))
-            line = {"layer": name, "T": T, "base_gemm_us": round(gemm_us, 2)}
-            for case in ("lora", "all_base"):
-                order, slots = slot_buffers(T, decode, case == "all_base")
-                us = graph_us(lambda: add_lora(y, x, a, b, order, slots, bounds, max(shards), RANK))
-                line[f"{case}_us"] = round(us, 2)
-            print(json.dumps(line), flush=True)
+        bench_layer(name, fan_in, shards, totals, sweep)
+    for (T, case), t in totals.items():
+        print(json.dumps({"step_ms": f"x{NUM_LAYERS} layers", "T": T, "case": case,
+                          **{k: round(v * NUM_LAYERS / 1e3, 3) for k, v in t.items()}}), flush=True)
+    print(json.dumps(recommend(totals, sweep)), flush=True)
+
+
+def recommend(totals: dict, sweep: dict) -> dict:
+    """The path with the least T = 256 plus T = 16 decode time a step: split, the fused default, or the fused
+    kernel at the best tiles over the four layers; `env` is what selects it (empty: the default)."""
+    def step_ms(us: float) -> float:
+        return round(us * NUM_LAYERS / 1e3, 3)
+    per_tiles = {k: sum(sweep[(k, T)] for T in SWEEP_T) for k, _ in sweep}
+    best = min(per_tiles, key=per_tiles.get)
+    ms = {path: step_ms(sum(totals[(T, "decode")][path] for T in SWEEP_T)) for path in ("split", "fused")}
+    ms["fused_best"] = step_ms(per_tiles[best])
+    env = {"split": "PAGEDLLM_LORA_KERNEL=split", "fused": "", "fused_best": f"PAGEDLLM_LORA_FUSED_CONFIG={best}"}
+    pick = min(ms, key=ms.get)
+    if pick == "fused_best" and ms["fused_best"] > 0.95 * ms["fused"]:   # within noise: keep the default
+        pick = "fused"
+    return {"T16+T256_step_ms": ms, "best_tiles": best, "pick": pick, "env": env[pick]}
 
 
 if __name__ == "__main__":

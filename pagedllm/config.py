@@ -85,8 +85,8 @@ class EngineConfig:
                                         "(ngram), model (draft_model), rejection_sample_method (strict or "
                                         "synthetic, with synthetic_acceptance_rate(s)), disable_by_batch_size, "
                                         "max_step_tokens; None = off")
-    enable_lora: bool = _f(False, "serve LoRA adapters (PEFT) over the base model, several in one step; on CUDA "
-                                  "the engine then runs eager (no CUDA graphs) until the LoRA kernels land")
+    enable_lora: bool = _f(False, "serve LoRA adapters (PEFT) over the base model, several in one step (on CUDA: "
+                                  "Triton kernels inside the CUDA graphs)")
     max_loras: int = _f(1, "most distinct LoRA adapters in one step (device slots)")
     max_lora_rank: int = _f(16, "largest LoRA rank served; adapters are zero-padded to it")
     max_cpu_loras: int | None = _f(None, "LoRA adapters kept loaded in CPU memory (LRU; default: max_loras)")

@@ -1,5 +1,7 @@
-"""Batched LoRA products of a step (Triton, CUDA only; imported lazily): y[i] += (x[i] A[s]^T) B[s]^T for every
-token i whose slot s >= 0. Tokens of slot -1 (base rows, graph padding) are neither read nor written, so their
+"""Batched LoRA products of a step (Triton, CUDA only; imported lazily), the split path: two launches a layer.
+lora/ops.py takes it for ranks above 64 or with PAGEDLLM_LORA_KERNEL=split; else the one-launch kernel of
+lora/fused.py, which reuses this file's tile helpers. y[i] += (x[i] A[s]^T) B[s]^T for every token i whose slot
+s >= 0. Tokens of slot -1 (base rows, graph padding) are neither read nor written, so their
 rows of y stay exactly the base layer's output.
 
 Tokens are visited in slot order: `order` (T,) holds the token indices sorted by slot with base tokens last and

@@ -17,7 +17,7 @@ from torch import nn
 
 from pagedllm.lazy_kernel import lazy_kernel
 
-add_lora = lazy_kernel(globals(), "pagedllm.lora.kernels", "add_lora")   # Triton, CUDA only
+add_lora = lazy_kernel(globals(), "pagedllm.lora.ops", "add_lora")   # Triton, CUDA only
 
 
 @dataclass

@@ -11,6 +11,7 @@ The step's token slots go to one persistent device buffer (LoRAStepState.meta) t
 """
 from collections import Counter, OrderedDict
 
+import numpy as np
 import torch
 
 from pagedllm.lora.layers import wrap_lora_layers
@@ -125,7 +126,8 @@ class LoRAManager:
     def prepare_step(self, row_req_ids: list[str], query_lens: list[int], num_tokens: int):
         """Puts the step's adapters in slots and writes the step buffer's first num_tokens columns (the forward's
         tokens, graph padding included): every token's slot (-1 for base rows and padding), the tokens sorted by
-        slot, their slots in that order. One host -> device copy on the step's stream, no sync."""
+        slot, their slots in that order (numpy: no per-row tensor op). One host -> device copy on the step's
+        stream, no sync."""
         self._steps += 1
         ids = [self.req_lora.get(r, 0) for r in row_req_ids]
         wanted = {lid for lid in ids if lid}
@@ -142,16 +144,16 @@ class LoRAManager:
         for s in slot_of.values():
             self.slot_used[s] = self._steps
         host = torch.empty((3, num_tokens), dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        slots = host[0].fill_(-1)
-        start = 0
-        for lid, q in zip(ids, query_lens):
-            if lid:
-                slots[start:start + q] = slot_of[lid]
-            start += q
+        h = host.numpy()
+        row_slots = np.array([slot_of.get(lid, -1) for lid in ids], dtype=np.int32)
+        n = sum(query_lens)
+        decode = n == len(ids) and min(query_lens) == 1   # a token a row
+        h[0, :n] = row_slots if decode else np.repeat(row_slots, query_lens)
+        h[0, n:] = -1                                             # graph padding
         # the kernels' tiles then hold one adapter's tokens each (lora/kernels.py); base tokens last
-        order = torch.sort(torch.where(slots < 0, self.max_loras, slots), stable=True).indices
-        host[1] = order
-        host[2] = slots[order]
+        order = np.argsort(np.where(h[0] < 0, self.max_loras, h[0]), kind="stable")
+        h[1] = order
+        h[2] = h[0][order]
         self.reserve(num_tokens)
         self.state.meta[:, :num_tokens].copy_(host, non_blocking=True)
         self._meta_dirty = True

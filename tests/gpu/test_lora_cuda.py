@@ -1,4 +1,5 @@
-"""LoRA on CUDA (Triton shrink/expand kernels, CUDA graphs): three adapters and the base in one call.
+"""LoRA on CUDA (Triton kernels: fused, or shrink/expand with PAGEDLLM_LORA_KERNEL=split; CUDA graphs): three
+adapters and the base in one call.
 - float32, graphs: the greedy tokens of transformers + PEFT (tests/e2e/test_lora.py's references), logprobs
   within 1e-3, and the CPU engine's (the torch loop) too;
 - graphs vs enforce_eager: identical greedy tokens, float32 and bf16, with prompts chunked beside decode rows

@@ -1,13 +1,17 @@
-"""The LoRA shrink/expand kernels (pagedllm/lora/kernels.py) against a plain torch computation on random inputs.
+"""The LoRA kernels (fused: pagedllm/lora/fused.py; shrink/expand: pagedllm/lora/kernels.py) against a plain
+torch computation on random inputs.
 
 Shared by the GPU tests and by the Triton-interpreter run on CPU (`python tests/kernels/lora_cases.py` with
 TRITON_INTERPRET=1, a process of its own). Oracle: float64 (x A[s]^T) B[s]^T with each shard's A rows
 and B block built separately (not through the stacked, block-diagonal layout the kernels read), plus y.
 Base tokens (slot -1) must come back bit-identical; the rest within the dtype's rounding of y and t.
 """
+import functools
+
 import torch
 
-from pagedllm.lora.kernels import add_lora
+from pagedllm.lora.kernels import add_lora as split
+from pagedllm.lora.ops import add_lora
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}   # relative, per token row
 
@@ -33,7 +37,7 @@ def request_slots(num_tokens: int, num_loras: int, gen: torch.Generator, decode:
 
 
 def check_lora(num_tokens: int, in_features: int, shard_sizes: tuple[int, ...], rank: int, num_loras: int,
-               dtype: torch.dtype, device: str, seed: int, decode: bool = False) -> float:
+               dtype: torch.dtype, device: str, seed: int, decode: bool = False, kernel=add_lora) -> float:
     gen = torch.Generator().manual_seed(seed)
     n, out = len(shard_sizes), sum(shard_sizes)
     x = torch.randn(num_tokens, in_features, generator=gen)
@@ -54,7 +58,7 @@ def check_lora(num_tokens: int, in_features: int, shard_sizes: tuple[int, ...], 
     order, sorted_slots = (v.to(device) for v in slot_metadata(slots))
     bounds = torch.tensor([sum(shard_sizes[:i]) for i in range(n + 1)], dtype=torch.int32, device=device)
     y = y0.clone()
-    add_lora(y, x, lora_a, lora_b, order, sorted_slots, bounds, max(shard_sizes), rank)
+    kernel(y, x, lora_a, lora_b, order, sorted_slots, bounds, max(shard_sizes), rank)
     base = (slots < 0).to(device)
     assert torch.equal(y[base], y0[base]), "base rows changed"
     if not (~base).any():
@@ -80,6 +84,7 @@ def _reference(x, y0, shards, slots, shard_sizes) -> torch.Tensor:
 
 
 def interpreter_cases():
+    """Through add_lora (the fused kernel for ranks <= 64, the split path above), then each path by name."""
     # not bfloat16: the interpreter's tl.dot multiplies bfloat16 bit patterns as integers (Triton 3.9); float16
     # runs the same half-precision code path, and the GPU tests cover bfloat16
     for i, dtype in enumerate([torch.float32, torch.float16]):
@@ -89,6 +94,26 @@ def interpreter_cases():
     yield "rank20-odd-shards", lambda: check_lora(9, 33, (24, 8, 8), 20, 2, torch.float32, "cpu", seed=8)
     yield "k600-rank80-splits", lambda: check_lora(11, 600, (40, 24), 80, 2, torch.float32, "cpu", seed=10)
     yield "all-base", lambda: check_lora(5, 32, (16,), 8, 0, torch.float32, "cpu", seed=9)
+    yield from fused_cases()
+    yield "split-qkv-r16", lambda: check_lora(37, 64, (32, 16, 16), 16, 3, torch.float32, "cpu", 11, kernel=split)
+
+
+def fused_cases():
+    """The fused kernel alone, float32: decode steps of 1..16 tokens over 8 adapters (several programs a tile),
+    K not a multiple of BLOCK_K, ranks 4..64, other block sizes; about a quarter of the rows base."""
+    from pagedllm.lora.fused import FusedConfig, lora_fused
+    f32 = torch.float32
+    for t in (1, 3, 16):
+        yield f"fused-decode-t{t}-8loras", lambda t=t: check_lora(t, 64, (48, 16), 16, 8, f32, "cpu", 20 + t, True,
+                                                                   kernel=lora_fused)
+    yield "fused-r4-k100", lambda: check_lora(23, 100, (40,), 4, 3, f32, "cpu", seed=30, kernel=lora_fused)
+    small = functools.partial(lora_fused, config=FusedConfig(block_m=32, block_n=16, block_k=32, num_stages=2))
+    yield "fused-m32-n16-k32-r32", lambda: check_lora(70, 96, (40, 24, 24), 32, 5, f32, "cpu", 31, kernel=small)
+    yield "fused-r64-decode-t40", lambda: check_lora(40, 80, (64,), 64, 6, f32, "cpu", 32, True, kernel=lora_fused)
+    # a large step's path: programs of several column tiles (all of a shard's; 2 of 3, the last one partial)
+    for programs, name in ((1, "all"), (16, "some")):
+        wide = functools.partial(lora_fused, config=FusedConfig(block_n=16, block_k=32), programs=programs)
+        yield f"fused-col-tiles-{name}", lambda k=wide: check_lora(50, 64, (48, 40, 16), 8, 3, f32, "cpu", 33, kernel=k)
 
 
 if __name__ == "__main__":

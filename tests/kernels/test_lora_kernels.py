@@ -24,13 +24,14 @@ def test_engine_through_kernels_under_triton_interpreter():
 
 
 def test_kernels_compile_for_hopper():
-    """Without a GPU: both kernels through Triton's compiler and ptxas for sm_90 (the interpreter checks the math
-    only), in every dtype and at ranks that take one, two and a partial rank block."""
+    """Without a GPU: the three kernels through Triton's compiler and ptxas for sm_90 (the interpreter checks the
+    math only), in every dtype and at ranks that take one, two and a partial rank block."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from pagedllm.lora import kernels
+    from pagedllm.lora.fused import lora_fused_kernel
     common = {"order_ptr": "*i32", "slots_ptr": "*i32", "T": "i32"}
     for dt in ("bf16", "fp16", "fp32"):
         shrink = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "t_ptr": "*fp32", **common, "K": "i32", "N": "i32",
@@ -46,28 +47,47 @@ def test_kernels_compile_for_hopper():
         cases += [(kernels.lora_expand_kernel, expand, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=block_r, R=r,
                                                            NUM_SPLITS=splits, PRECISION=precision))
                   for r, block_r, splits in ((16, 16, 12), (64, 64, 4), (80, 64, 3))]
+        fused = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", **common,
+                 "bounds_ptr": "*i32", "K": "i32", "groups": "i32", "n_tiles": "i32",
+                 **dict.fromkeys(("stride_xm", "stride_as", "stride_an", "stride_bs", "stride_bo", "stride_ym"), "i32")}
+        fused = {k: fused[k] for k in ("x_ptr", "a_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr",
+                                       "T", "K", "groups", "n_tiles", "stride_xm", "stride_as", "stride_an",
+                                       "stride_bs", "stride_bo", "stride_ym")}
+        cases += [(lora_fused_kernel, fused, dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, BLOCK_R=block_r, R=r,
+                                                  EVEN_K=even, PRECISION=precision))
+                  for r, block_r, block_n, even in ((16, 16, 256, True), (64, 64, 128, False))]
         for fn, sig, consts in cases:
             src = ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
             assert "ld.local" not in compiled.asm["ptx"], f"{fn.__name__} {dt} {consts}: registers spill"
 
 
+def kernel_fn(name: str):
+    from pagedllm.lora.fused import lora_fused
+    from pagedllm.lora.kernels import add_lora
+    return {"fused": lora_fused, "split": add_lora}[name]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["fused", "split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layer", LAYERS, ids=str)
 @pytest.mark.parametrize("rank", [8, 16, 64])
-@pytest.mark.parametrize("num_tokens,decode", [(1, True), (7, False), (256, True), (1000, False), (8192, False)])
-def test_lora_kernels(dtype, layer, rank, num_tokens, decode):
+@pytest.mark.parametrize("num_tokens,decode", [(1, True), (7, False), (16, True), (256, True), (1000, False),
+                                               (8192, False)])
+def test_lora_kernels(kernel, dtype, layer, rank, num_tokens, decode):
     in_features, shards = layer
-    check_lora(num_tokens, in_features, shards, rank, 8, dtype, "cuda", seed=num_tokens + rank, decode=decode)
+    check_lora(num_tokens, in_features, shards, rank, 8, dtype, "cuda", seed=num_tokens + rank, decode=decode,
+               kernel=kernel_fn(kernel))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["fused", "split"])
 @torch.no_grad()
-def test_lora_kernels_in_cuda_graph():
+def test_lora_kernels_in_cuda_graph(kernel):
     """Captured once at T=256 with persistent slot buffers, replayed under new slot assignments (some steps all
     base): bit-identical to eager calls, base rows untouched."""
-    from pagedllm.lora.kernels import add_lora
+    add_lora = kernel_fn(kernel)
     T, rank, dev = 256, 16, "cuda"   # Qwen3-0.6B qkv: shards 2048, 1024, 1024
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(T, 1024, device=dev, dtype=torch.bfloat16)

@@ -1,0 +1,49 @@
+"""The LoRA step buffer the kernels read (LoRAManager.prepare_step, built with numpy) against a per-token Python
+construction: each token's slot (-1 for base rows and graph padding), the tokens sorted by slot with base tokens
+last (stable), and their slots in that order; decode-only steps and mixed ones (prompt chunks beside decode rows)."""
+import random
+
+import pytest
+import torch
+
+from pagedllm.lora.layers import LoRAStepState
+from pagedllm.lora.manager import LoRAManager
+
+
+def manager(max_loras: int, assigned: dict[str, int]) -> LoRAManager:
+    """A manager without a model: its slots already hold adapters 1..max_loras (no fill)."""
+    m = LoRAManager.__new__(LoRAManager)
+    m.state, m.max_loras = LoRAStepState(torch.full((3, 0), -1, dtype=torch.int32)), max_loras
+    m.device = torch.device("cpu")
+    m.slots, m.slot_used, m._steps, m._meta_dirty = list(range(1, max_loras + 1)), [0] * max_loras, 0, False
+    m.req_lora = dict(assigned)
+    return m
+
+
+def expected(m: LoRAManager, rows: list[str], query_lens: list[int], num_tokens: int) -> torch.Tensor:
+    slots = []
+    for r, q in zip(rows, query_lens):
+        lid = m.req_lora.get(r, 0)
+        slots += [m.slots.index(lid) if lid else -1] * q
+    slots += [-1] * (num_tokens - len(slots))
+    order = sorted(range(num_tokens), key=lambda i: (slots[i] < 0, slots[i] if slots[i] >= 0 else 0, i))
+    return torch.tensor([slots, order, [slots[i] for i in order]], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_step_buffer(decode):
+    rng = random.Random(1 if decode else 2)
+    rows = [f"r{i}" for i in range(40)]
+    assigned = {r: rng.randint(1, 5) for r in rows if rng.random() > 0.3}   # the rest: base rows
+    m = manager(5, assigned)
+    for _ in range(5):
+        step = rng.sample(rows, rng.randint(1, len(rows)))
+        query_lens = [1 if decode else rng.randint(1, 9) for _ in step]
+        num_tokens = sum(query_lens) + rng.randint(0, 7)   # graph padding
+        m.prepare_step(step, query_lens, num_tokens)
+        want = expected(m, step, query_lens, num_tokens)
+        if not any(r in assigned for r in step):
+            assert m.state.active_slots == []
+            continue
+        assert torch.equal(m.state.meta[:, :num_tokens], want)
+        assert m.state.active_slots == sorted({m.slots.index(assigned[r]) for r in step if r in assigned})
