@@ -21,8 +21,10 @@ at ~60 ms a plan, after cuDNN's own 1.3 s for its first).
 Shorter rows lose even when planned (host cost per call: fresh 4k prompts 205 TFLOP/s against the Triton
 kernel's 310; it wins from 8k fresh, or 2k new tokens after 28k cached).
 
-PAGEDLLM_CUDNN_PREFILL: 1 on, 0 off, unset: DEFAULT_ON, off until measured with plans pre-built: W4 and
-W4-prefill, and W2 (prompts of 256-2048 tokens bring rows of 1-2k new tokens here, where the Triton kernel won).
+Measured with plans pre-built (H200, 2026-12-03): W4-prefill 8.87 s against 11.43 s with Triton only, W4 15.84
+against 18.36; start-up +4.6 s (52 plans in 3.1 s). A step routes rows only when one has MIN_PAIRS+ (query, key)
+pairs, so W1-W3 (prompts up to 2k) never take the path, and no plan is built unless max_model_len can reach it.
+PAGEDLLM_CUDNN_PREFILL: 1 on, 0 off, unset: DEFAULT_ON (on).
 cuDNN's plan cache is per thread: plans are pre-built by the thread that builds the runner, which runs its steps.
 """
 import functools
@@ -37,7 +39,7 @@ from pagedllm.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger("pagedllm")
 
-DEFAULT_ON = False        # the path with PAGEDLLM_CUDNN_PREFILL unset (Hopper, bf16/fp16, head 64/128 only)
+DEFAULT_ON = True         # the path with PAGEDLLM_CUDNN_PREFILL unset (Hopper, bf16/fp16, head 64/128 only)
 LONG_QUERY_LEN = 1024     # rows with fewer new tokens stay on the Triton kernel (measured: see the module doc)
 # ... and so do steps without a row of at least this many (query, key) pairs (new tokens x seq_len). Measured on
 # the H200 (planned calls): fresh 4k and 1k after 15k (16M pairs) lose to the Triton kernel (205 / 298 against
@@ -165,7 +167,7 @@ def prebuild_plans(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: to
     if not _usable(dtype, head_dim, device):
         return 0
     shapes = sorted(reachable_shapes(LONG_QUERY_LEN, max_num_batched_tokens, max_model_len))
-    if not shapes:
+    if not shapes or min(max_num_batched_tokens, max_model_len) * max_model_len < MIN_PAIRS:   # no row gets here
         return 0
     start = time.perf_counter()
     try:

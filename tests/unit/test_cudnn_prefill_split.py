@@ -197,6 +197,9 @@ def test_prebuild_off_or_refused(monkeypatch):
     assert cudnn_prefill.prebuild_plans(16, 8, 128, torch.bfloat16, torch.device("cpu"), 16384, 32768) == 52
     assert built == [52]
     assert cudnn_prefill.prebuild_plans(16, 8, 128, torch.bfloat16, torch.device("cpu"), 512, 32768) == 0
+    # max_model_len 4096 (W1's): no row can reach MIN_PAIRS, so start-up builds nothing
+    assert cudnn_prefill.prebuild_plans(16, 8, 128, torch.bfloat16, torch.device("cpu"), 16384, 4096) == 0
+    assert built == [52]
 
     def refuse(*a):
         raise RuntimeError("cuDNN Frontend error: no valid engine configs")
