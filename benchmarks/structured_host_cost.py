@@ -5,8 +5,8 @@ work of the constrained path that the step thread does:
   - check_stop: Scheduler._check_stop for every row (its matcher's accept, the stop checks), minus the same
     loop for the same requests without a grammar;
   - rows: the engine core's list of rows under a live grammar;
-  - flush: the fill's deferred accepts (RequestGrammar.flush, one matcher call per kept token);
-  - fill: the rest of the bitmask fill (manager.fill_bitmask: xgrammar's batch fill, on several threads).
+  - fill: the bitmask fill (manager.fill_bitmask: its deferred accepts, one matcher call per kept token, and
+    xgrammar's batch fill on several threads); with --split-flush the accepts run first, timed apart (flush).
 The "step thread" figure is what stays on it: with the fill on the sampling thread (manager.sample_async)
 that is check_stop + rows.
 
@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--tokenizer", default=TOKENIZER)
+    ap.add_argument("--split-flush", action="store_true", help="time the accepts apart from the batch fill")
     args = ap.parse_args()
     manager = _manager(args.rows, args.tokenizer)
     sched = Scheduler.__new__(Scheduler)
@@ -104,7 +105,7 @@ def main():
         t2 = time.perf_counter()   # the restarts are not the engine's work
         rows = live_grammar_rows(pending_rows, by_id)
         t3 = time.perf_counter()
-        for _, g in rows:
+        for _, g in rows if args.split_flush else ():
             g.flush()
         t35 = time.perf_counter()
         bitmask = manager.fill_bitmask(rows)

@@ -111,6 +111,9 @@ def compile_deadline(future: Future, timeout: float) -> float:
     return float("inf") if started is None else started + timeout
 
 
+FILL_CHUNK = 64   # rows a batch fill takes: the next chunk's accepts run on this thread meanwhile
+
+
 class StructuredOutputManager:
     def __init__(self, pool: GrammarCompilePool, vocab_size: int, max_num_seqs: int, device: torch.device):
         self.pool = pool
@@ -121,6 +124,7 @@ class StructuredOutputManager:
         self._batch = None
         self.stats = BitmaskStats()
         self._sampler: ThreadPoolExecutor | None = None
+        self._filler: ThreadPoolExecutor | None = None   # runs xgrammar's batch fills, one chunk after another
 
     @property
     def sampler(self) -> ThreadPoolExecutor:
@@ -134,16 +138,24 @@ class StructuredOutputManager:
 
     def fill_bitmask(self, rows: list[tuple[int, RequestGrammar]]) -> torch.Tensor:
         """Writes the allowed tokens of each (sampled row, grammar) into that row of the host bitmask, after
-        the matchers have taken their pending tokens."""
-        import xgrammar as xgr
-        for _, g in rows:
-            if g.pending:
-                g.flush()
+        the matchers have taken their pending tokens. Pipelined by chunks of FILL_CHUNK rows: the matchers'
+        accepts (a call per token, holding the GIL) of one chunk run while xgrammar fills the chunk before
+        (its own threads, without the GIL), so a step costs about the larger of the two, not their sum."""
         if self._bitmask is None:
+            import xgrammar as xgr
             words = (self.vocab_size + 31) // 32
             self._bitmask = torch.empty(self.max_num_seqs, words, dtype=torch.int32,
                                         pin_memory=self.device.type == "cuda")
             self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
-        self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], self._bitmask,
-                                                  [j for j, _ in rows])
+            self._filler = ThreadPoolExecutor(1, thread_name_prefix="structured-fill")
+        fills = []
+        for i in range(0, len(rows), FILL_CHUNK):
+            chunk = rows[i:i + FILL_CHUNK]
+            for _, g in chunk:
+                if g.pending:
+                    g.flush()
+            fills.append(self._filler.submit(self._batch.batch_fill_next_token_bitmask,
+                                             [g.matcher for _, g in chunk], self._bitmask, [j for j, _ in chunk]))
+        for fill in fills:
+            fill.result()
         return self._bitmask

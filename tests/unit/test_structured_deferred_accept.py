@@ -47,6 +47,29 @@ def test_deferred_accepts_give_the_bitmasks_of_immediate_ones(compiled):
     assert g.accept(EOS) and g.terminated and ref.accept_token(EOS) and ref.is_terminated()
 
 
+def test_chunked_fill_of_many_rows_matches_each_matcher_alone(compiled, monkeypatch):
+    """Past FILL_CHUNK rows the fill is pipelined (a chunk's accepts while xgrammar fills the chunk before): every
+    row, in any order, equals its own matcher's reference bitmask, at every step."""
+    import pagedllm.structured_output.manager as manager_module
+    monkeypatch.setattr(manager_module, "FILL_CHUNK", 4)
+    n = 11
+    manager = StructuredOutputManager(pool=None, vocab_size=len(VOCAB), max_num_seqs=n, device=torch.device("cpu"))
+    grammars, refs = [_grammar(compiled) for _ in range(n)], [xgr.GrammarMatcher(compiled) for _ in range(n)]
+    order = [7, 2, 10, 0, 5, 9, 1, 3, 8, 6, 4]   # sampled row of each grammar
+    texts = [['{"a": "', "ab", "b", '"}'], ['{"a": "', '"}'], ['{"a": "', "a", " "]]
+    expected = xgr.allocate_token_bitmask(1, len(VOCAB))
+    for step in range(4):
+        for i, (g, ref) in enumerate(zip(grammars, refs)):
+            text = texts[i % len(texts)]
+            if step < len(text):
+                token = VOCAB.index(text[step])
+                assert g.accept(token) and ref.accept_token(token)
+        mask = manager.fill_bitmask(list(zip(order, grammars)))
+        for row, ref in zip(order, refs):
+            ref.fill_next_token_bitmask(expected)
+            assert torch.equal(mask[row], expected[0]), (step, row)
+
+
 def test_a_stop_token_is_taken_at_once_after_the_pending_ones(compiled):
     g = _grammar(compiled)
     for t in ['{"a": "', "ab"]:
