@@ -111,7 +111,7 @@ def compile_deadline(future: Future, timeout: float) -> float:
     return float("inf") if started is None else started + timeout
 
 
-FILL_CHUNK = 64   # rows a batch fill takes: the next chunk's accepts run on this thread meanwhile
+FILL_CHUNK = 64   # rows a batch fill takes (32 measured no better)
 
 
 class StructuredOutputManager:
@@ -138,9 +138,10 @@ class StructuredOutputManager:
 
     def fill_bitmask(self, rows: list[tuple[int, RequestGrammar]]) -> torch.Tensor:
         """Writes the allowed tokens of each (sampled row, grammar) into that row of the host bitmask, after
-        the matchers have taken their pending tokens. Pipelined by chunks of FILL_CHUNK rows: the matchers'
-        accepts (a call per token, holding the GIL) of one chunk run while xgrammar fills the chunk before
-        (its own threads, without the GIL), so a step costs about the larger of the two, not their sum."""
+        the matchers have taken their pending tokens. By chunks of FILL_CHUNK rows, each chunk's batch fill on
+        the `_filler` thread while this one runs the next chunk's accepts: on 2 cores 15-19% faster than one
+        batch over all rows. Both hold the GIL for most of their time (measured: a Python thread beside them
+        barely advances), so they overlap little; the chunks' gain may be their smaller working set."""
         if self._bitmask is None:
             import xgrammar as xgr
             words = (self.vocab_size + 31) // 32
