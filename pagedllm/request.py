@@ -54,6 +54,7 @@ class Request:
         self.lora_key = lora_key or (lora_request.cache_key if lora_request is not None else None)
         # its adapter is being read (lora/loader.py): not scheduled, and no block hash before its identity is known
         self.lora_loading = lora_loading
+        self.lora_waits_since: float | None = None   # when it first waited for a LoRA slot (Scheduler._lora_waits)
         self.block_hashes: list[BlockHash] = []
         self.kv_parent = kv_parent   # a held request whose KV this one extends (core/kv_fork.py)
         self.hold_kv = hold_kv       # keep the blocks when finished, for children to fork

@@ -14,6 +14,7 @@ num_output_placeholders until update_from_output appends it: a decode request's 
 placeholder's position, whose input id the runner takes from the device (see runner/input_batch.py). A
 request whose in-flight tokens already reach max_tokens or max_model_len is not scheduled again.
 """
+import time
 from collections import deque
 
 from pagedllm.core.kv_cache_manager import KVCacheManager
@@ -24,7 +25,6 @@ from pagedllm.core.offload import NO_HIT, KVOffloadManager
 from pagedllm.metrics import SchedulerStats
 from pagedllm.request import Request, RequestStatus
 
-_BLOCKED = frozenset()   # LoRA: an adapter request waits for a slot; later adapter requests wait behind it
 
 
 class Scheduler:
@@ -144,18 +144,19 @@ class Scheduler:
         # Admitting new work right after preempting would only preempt again.
         preempted = self.num_preemptions > num_preemptions_before
         loras = None if self.max_loras is None else {r.lora_int_id for r in self.running if r.lora_int_id}
+        lora_cutoff = None   # once an adapter request waits for a slot: when it began to wait
         i = 0   # the first waiting request not skipped
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[i]
             if req.lora_loading or (req.grammar is not None and req.grammar.matcher is None):
                 i += 1                                  # its adapter loads or its grammar compiles: the requests
                 continue                                # after it go first
-            if loras is not None and req.lora_int_id and req.lora_int_id not in loras:
-                if len(loras) >= self.max_loras or loras is _BLOCKED:
-                    # max_loras adapters run: it waits, and so does every adapter request after it (FIFO: the
-                    # running adapters drain and it goes first); base requests may still pass
-                    loras, i = _BLOCKED, i + 1
-                    continue
+            if loras is not None and req.lora_int_id and self._lora_waits(req, loras, lora_cutoff):
+                if req.lora_int_id not in loras and lora_cutoff is None:
+                    req.lora_waits_since = req.lora_waits_since or time.time()
+                    lora_cutoff = req.lora_waits_since
+                i += 1
+                continue
             if req.num_output_placeholders:
                 break                                   # preempted with a token in flight: resumes after it
             hold = self.kv.forks.usable_hold(req) if req.kv_parent is not None else None
@@ -201,6 +202,15 @@ class Scheduler:
                               self.finished_req_ids, ops, scheduled_spec)
         self.finished_req_ids = set()
         return out
+
+    def _lora_waits(self, req: Request, loras: set[int], cutoff: float | None) -> bool:
+        """max_loras adapters run: a request of another adapter waits for a slot, and after the first such one
+        no other new adapter takes a slot before it. Requests of running adapters pass (vLLM's rule), except
+        those that arrived after the first one began to wait: the running adapters then drain, and it cannot
+        starve. Base requests always pass."""
+        if req.lora_int_id not in loras:
+            return len(loras) >= self.max_loras or cutoff is not None
+        return cutoff is not None and req.arrival_time >= cutoff
 
     def _in_flight_reach_end(self, req: Request) -> bool:
         """The tokens being sampled already end the request by length: another step would be wasted."""
