@@ -22,8 +22,13 @@ _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
+                 single_texts: dict[int, str] | None = None):
+        """single_texts: the text of one-token windows by id, shared by the requests of one tokenizer and
+        skip_special_tokens setting (OutputProcessor's): after each emission the window is the last token alone,
+        so half of the decodes per token become a dict lookup."""
         self.tokenizer = tokenizer
+        self._single_texts = {} if single_texts is None else single_texts
         self.output_text = ""  # full output text so far, after stop-string trimming
         self.enabled = params.detokenize
         self.skip_special_tokens = params.skip_special_tokens
@@ -91,7 +96,8 @@ class IncrementalDetokenizer:
     def _decode_next(self, token_id: int) -> str:
         if 0 <= token_id < self._vocab_size:  # ids past the tokenizer (padded model vocab) decode to ""
             self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[:self._read_offset])
+        prefix_text = (self._single_text(self._ids[0]) if self._read_offset == 1
+                       else self._decode(self._ids[:self._read_offset]))
         new_text = self._decode(self._ids)
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return ""  # nothing new yet (skipped special token) or an incomplete character: wait
@@ -99,6 +105,12 @@ class IncrementalDetokenizer:
         del self._ids[:self._read_offset]
         self._read_offset = len(self._ids)
         return new_text[len(prefix_text):]
+
+    def _single_text(self, token_id: int) -> str:
+        text = self._single_texts.get(token_id)
+        if text is None:
+            text = self._single_texts[token_id] = self._decode([token_id])
+        return text
 
     def _check_stop_strings(self, check_from: int) -> str | None:
         """Search only text after check_from, plus len(stop) - 1 chars before it for a stop string that

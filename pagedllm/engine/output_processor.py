@@ -68,6 +68,7 @@ class OutputProcessor:
             (lambda ids: None) if tokenizer is None
             else tokenizer.decode if getattr(tokenizer, "clean_up_tokenization_spaces", False)
             else raw_decoder(tokenizer, skip_special_tokens=False))
+        self._single_texts = {True: {}, False: {}}   # by skip_special_tokens: see IncrementalDetokenizer
         self.parents: dict[str, _ParentRequest] = {}
         self.child_to_parent: dict[str, tuple[_ParentRequest, _Sequence]] = {}
 
@@ -75,7 +76,8 @@ class OutputProcessor:
                     params: SamplingParams, kind: OutputKind, arrival_time: float):
         num_seqs = params.num_sequences
         ranked = num_seqs > params.n
-        seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
+        singles = self._single_texts[params.skip_special_tokens]
+        seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params, singles),
                           logprobs=[] if params.logprobs is not None else None,
                           cumulative_logprob=0.0 if params.logprobs is not None or ranked else None)
                 for i in range(num_seqs)]

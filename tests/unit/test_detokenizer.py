@@ -32,9 +32,13 @@ def encode(tok, text: str) -> list[int]:
     return tok.encode(text)  # with BOS where the tokenizer adds one, as a real prompt would have
 
 
+_SINGLE_TEXTS = {}   # one-token window texts shared by every stream of a tokenizer, as OutputProcessor shares them
+
+
 def stream(tok, prompt_ids, output_ids, chunk=1, **params):
     """Feed output ids `chunk` at a time like the engine; return (detokenizer, deltas, stop string)."""
-    d = IncrementalDetokenizer(tok, prompt_ids, SamplingParams(max_tokens=None, **params))
+    singles = _SINGLE_TEXTS.setdefault((id(tok), params.get("skip_special_tokens", True)), {})
+    d = IncrementalDetokenizer(tok, prompt_ids, SamplingParams(max_tokens=None, **params), singles)
     deltas, stop = [], None
     for i in range(0, len(output_ids), chunk):
         new = output_ids[i:i + chunk]
