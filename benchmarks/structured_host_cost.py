@@ -105,8 +105,9 @@ def main():
         t2 = time.perf_counter()   # the restarts are not the engine's work
         rows = live_grammar_rows(pending_rows, by_id)
         t3 = time.perf_counter()
-        for _, g in rows if args.split_flush else ():
-            g.flush()
+        if args.split_flush:
+            for _, g in rows:
+                g.flush()
         t35 = time.perf_counter()
         bitmask = manager.fill_bitmask(rows)
         t4 = time.perf_counter()

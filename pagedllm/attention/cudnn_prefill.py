@@ -31,6 +31,7 @@ import functools
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,12 +66,31 @@ def threshold(q: torch.Tensor, meta: AttentionMetadata) -> int:
     if meta.max_query_len < LONG_QUERY_LEN or not _usable(q.dtype, q.shape[-1], q.device) \
             or torch.cuda.is_current_stream_capturing():
         return NEVER
-    if _memo[0] is not meta:   # the same for every layer of a step
-        _memo[:] = [meta, _step_threshold(meta)]
+    return _route(meta).threshold
+
+
+@dataclass
+class _RowPlan:
+    """What every layer of a step reads the same for one row: its split, the cache slots of its keys, and the
+    query rows of its padded buffer."""
+    split: RowSplit
+    slots: torch.Tensor
+    query_rows: torch.Tensor
+
+
+@dataclass
+class _Route:
+    threshold: int
+    rows: dict[int, _RowPlan] = field(default_factory=dict)   # by row index, built at the step's first layer
+
+
+_memo: list = [None, None]    # (the step's metadata, its _Route): held, so that its id is not reused
+
+
+def _route(meta: AttentionMetadata) -> _Route:
+    if _memo[0] is not meta:
+        _memo[:] = [meta, _Route(_step_threshold(meta))]
     return _memo[1]
-
-
-_memo: list = [None, NEVER]    # (the step's metadata, its threshold): held, so that its id is not reused
 
 
 def _step_threshold(meta: AttentionMetadata) -> int:
@@ -82,21 +102,33 @@ def _step_threshold(meta: AttentionMetadata) -> int:
 def attend(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
            long_query_len: int) -> None:
     """Writes out[] for every row with at least long_query_len new tokens."""
-    starts, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    starts, seq_lens, plans = meta.query_start_loc_cpu, meta.seq_lens_cpu, _route(meta).rows
     for i, seq_len in enumerate(seq_lens):
         start, end = starts[i], starts[i + 1]
         if end - start >= long_query_len:
-            _attend_row(q[start:end], out[start:end], kv_cache, meta.block_tables[i], seq_len, scale)
+            plan = plans.get(i)
+            if plan is None:
+                plan = plans[i] = _row_plan(end - start, seq_len, meta.block_tables[i], kv_cache.shape[2])
+            _attend_row(q[start:end], out[start:end], kv_cache, plan, scale)
 
 
-def _attend_row(q, out, kv_cache, block_table, seq_len: int, scale: float) -> None:
-    query_len = q.shape[0]
+def _row_plan(query_len: int, seq_len: int, block_table: torch.Tensor, block_size: int) -> _RowPlan:
     split = RowSplit(query_len, seq_len - query_len)
-    lead, square = split.lead, split.square
-    k, v = _gather_kv(kv_cache, block_table, seq_len, split.context_big + square)
+    # Key i of the gathered K/V is position i; those past seq_len repeat the last key: the square's dummy keys
+    # (read only by dummy query rows), with no read outside the row's blocks.
+    pos = torch.arange(split.context_big + split.square, device=block_table.device).clamp_(max=seq_len - 1)
+    slots = block_table.long()[pos // block_size] * block_size + pos % block_size
     # Query row i of the buffer is real query i - lead; rows outside [lead, lead + L) repeat an end one.
-    rows = (torch.arange(split.query_rows, device=q.device) - lead).clamp_(0, query_len - 1)
-    queries = q.index_select(0, rows)
+    rows = (torch.arange(split.query_rows, device=block_table.device) - split.lead).clamp_(0, query_len - 1)
+    return _RowPlan(split, slots, rows)
+
+
+def _attend_row(q, out, kv_cache, plan: _RowPlan, scale: float) -> None:
+    split, query_len = plan.split, q.shape[0]
+    lead, square = split.lead, split.square
+    num_kv_heads, head_dim = kv_cache.shape[3:]
+    k, v = kv_cache.view(2, -1, num_kv_heads, head_dim).index_select(1, plan.slots).unbind(0)
+    queries = q.index_select(0, plan.query_rows)
     ctx = split.context_big
     o, lse = _cudnn(queries[:square], k[ctx:ctx + square], v[ctx:ctx + square], scale, causal=True)
     parts = [(o[lead:lead + query_len], lse[:, lead:lead + query_len])]
@@ -105,16 +137,6 @@ def _attend_row(q, out, kv_cache, block_table, seq_len: int, scale: float) -> No
         o, lse = _cudnn(piece_queries, k[first:first + n], v[first:first + n], scale, causal=False)
         parts.append((o[:query_len], lse[:, :query_len]))
     _merge(out, parts)
-
-
-def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, num_keys: int):
-    """K and V (num_keys, Hkv, D) of positions 0..num_keys-1, those past seq_len repeating the last key: the
-    square's dummy keys (read only by dummy query rows), with no read outside the row's blocks."""
-    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
-    pos = torch.arange(num_keys, device=kv_cache.device).clamp_(max=seq_len - 1)
-    slots = block_table.long()[pos // block_size] * block_size + pos % block_size
-    k, v = kv_cache.view(2, -1, num_kv_heads, head_dim).index_select(1, slots).unbind(0)
-    return k, v
 
 
 def _cudnn(q, k, v, scale: float, causal: bool):

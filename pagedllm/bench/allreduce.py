@@ -68,8 +68,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--iters", type=int, default=200)
     args = parser.parse_args(argv)
-    from pagedllm.distributed.executor import _free_port
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    from pagedllm.distributed.executor import free_port
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     mp.spawn(_rank_main, args=(args.tensor_parallel_size, init_method, args.device, args.dtype, args.iters),
              nprocs=args.tensor_parallel_size)
 

@@ -55,7 +55,7 @@ class MultiprocExecutor:
 
     def __init__(self, config: EngineConfig, model, size: int):
         self.size = size
-        self.init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.init_method = f"tcp://127.0.0.1:{free_port()}"
         self.closing = self.noticed = False
         ctx = multiprocessing.get_context("spawn")
         self.procs, self.conns = [], []
@@ -248,9 +248,10 @@ def destroy_tp_if_any():
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on host ("": every interface, for a rendezvous that other nodes reach)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

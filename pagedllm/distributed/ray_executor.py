@@ -17,13 +17,13 @@ multiprocess executor's does).
 import atexit
 import logging
 import os
-import socket
 import threading
 import time
 
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.distributed.executor import WorkerDiedError, exit_unless_noticed, free_port
 
 logger = logging.getLogger("pagedllm")
 PLACEMENT_TIMEOUT_SECONDS = 120.0
@@ -73,7 +73,7 @@ class RayExecutor:
                 ray.shutdown()
             raise
         ip = ray.util.get_node_ip_address()
-        self.init_method = f"tcp://{_url_host(ip)}:{_free_port()}"
+        self.init_method = f"tcp://{_url_host(ip)}:{free_port('')}"
 
         def place(i):
             return dict(scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
@@ -115,14 +115,8 @@ class RayExecutor:
                 return ray.get(refs)
 
     def _start_error(self, done: list) -> str | None:
-        import ray
-        for rank, ref in enumerate(self.ready_refs, start=1):
-            if ref in done:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    return f"tensor-parallel rank {rank} (Ray actor) failed to start: {e}"
-        return None
+        failed = _failures(self.ready_refs, done)
+        return f"tensor-parallel rank {failed[0][0]} (Ray actor) failed to start: {failed[0][1]}" if failed else None
 
     def startup_failure(self, seconds: float = 1.0) -> str | None:
         import ray
@@ -139,23 +133,11 @@ class RayExecutor:
         if not dead and wait > 0:
             import ray
             latest = self.latest
-            dead = self._dead(latest, ray.wait(latest, num_returns=len(latest), timeout=wait)[0])
+            dead = _dead(latest, ray.wait(latest, num_returns=len(latest), timeout=wait)[0])
         if dead:
             self.noticed = True
-            from pagedllm.distributed.executor import WorkerDiedError
             raise WorkerDiedError(f"tensor-parallel rank {dead[0][0]} (Ray actor) died: {dead[0][1]}: the engine "
                                   "cannot run without its part of the model")
-
-    def _dead(self, refs: list, done: list) -> list[tuple[int, str]]:
-        import ray
-        dead = []
-        for rank, ref in enumerate(refs, start=1):
-            if ref in done:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    dead.append((rank, _first_line(e)))
-        return dead
 
     def _monitor(self):
         """Polls the actors' last calls (every ~1 s); a death the engine does not notice (a collective that waits
@@ -164,7 +146,7 @@ class RayExecutor:
         while not self.closing:
             latest = self.latest
             try:
-                dead = self._dead(latest, ray.wait(latest, num_returns=len(latest), timeout=0.5)[0])
+                dead = _dead(latest, ray.wait(latest, num_returns=len(latest), timeout=0.5)[0])
             except Exception:   # Ray itself is going away (shutdown, the driver exiting)
                 return
             if dead and not self.closing:
@@ -174,7 +156,6 @@ class RayExecutor:
         else:
             return
         logger.error("tensor-parallel Ray actor died: %s", ", ".join(f"rank {r}: {why}" for r, why in dead))
-        from pagedllm.distributed.executor import exit_unless_noticed   # executor imports this module lazily
         exit_unless_noticed(self)
 
     def shutdown(self) -> None:
@@ -238,6 +219,23 @@ def local_gpu_index(gpu_id: str, visible: str | None) -> int:
     return ids.index(gpu_id)
 
 
+def _failures(refs: list, done: list) -> list[tuple[int, Exception]]:
+    """(rank, Ray's error) of each finished call in refs (rank r's at index r - 1) that raised."""
+    import ray
+    failed = []
+    for rank, ref in enumerate(refs, start=1):
+        if ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                failed.append((rank, e))
+    return failed
+
+
+def _dead(refs: list, done: list) -> list[tuple[int, str]]:
+    return [(rank, _first_line(e)) for rank, e in _failures(refs, done)]
+
+
 def _first_line(e: Exception) -> str:
     lines = [line for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
@@ -245,9 +243,3 @@ def _first_line(e: Exception) -> str:
 
 def _url_host(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]

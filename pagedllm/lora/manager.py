@@ -147,8 +147,7 @@ class LoRAManager:
         h = host.numpy()
         row_slots = np.array([slot_of.get(lid, -1) for lid in ids], dtype=np.int32)
         n = sum(query_lens)
-        decode = n == len(ids) and min(query_lens) == 1   # a token a row
-        h[0, :n] = row_slots if decode else np.repeat(row_slots, query_lens)
+        h[0, :n] = np.repeat(row_slots, query_lens)
         h[0, n:] = -1                                             # graph padding
         # the kernels' tiles then hold one adapter's tokens each (lora/kernels.py); base tokens last
         order = np.argsort(np.where(h[0] < 0, self.max_loras, h[0]), kind="stable")

@@ -118,7 +118,8 @@ class ModelRunner:
         # CPU pool and disk tier below the KV cache (None: preemption recomputes, no CPU tier)
         self.kv_offload = KVOffload(config, hf_config, self.kv_caches, block_bytes) \
             if config.kv_tiers_enabled else None
-        self.cudnn_plans = self._prebuild_cudnn_plans(hf_config) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            self._prebuild_cudnn_plans(hf_config)
         if self.graphs is not None:
             self.buffers.fill_padding()
             if self.lora is not None:   # the LoRA kernels go into every graph
@@ -407,16 +408,15 @@ class ModelRunner:
                 r.prompt_logprobs_sent = True
 
     # ---- start-up: memory profile, cuDNN plans and CUDA graphs --------------------------------------------
-    def _prebuild_cudnn_plans(self, hf_config) -> int:
+    def _prebuild_cudnn_plans(self, hf_config) -> None:
         """Long prompt rows go to cuDNN (attention/cudnn_prefill.py) in calls of a fixed set of shapes: their
         plans are built now, in the thread that will run the steps (cuDNN's plan cache is per thread)."""
         from pagedllm.attention import cudnn_prefill
         from pagedllm.attention.kv_quant import is_fp8
-        if is_fp8(self.kv_dtype):
-            return 0                       # fp8 rows never go to cuDNN
-        return cudnn_prefill.prebuild_plans(hf_config.num_attention_heads // self.tp.size, self.num_kv_heads,
-                                            self.head_dim, self.dtype, self.device,
-                                            self.config.max_num_batched_tokens, self.max_model_len)
+        if not is_fp8(self.kv_dtype):     # fp8 rows never go to cuDNN
+            cudnn_prefill.prebuild_plans(hf_config.num_attention_heads // self.tp.size, self.num_kv_heads,
+                                         self.head_dim, self.dtype, self.device,
+                                         self.config.max_num_batched_tokens, self.max_model_len)
 
     @torch.inference_mode()
     def _run_largest_step(self) -> int:

@@ -59,18 +59,21 @@ def check(rows, hq, hkv, head_dim, dtype, long_query_len, monkeypatch, tol):
     monkeypatch.setattr(cudnn_prefill, "_cudnn", fake_cudnn(calls))
     q, cache, meta = batch(rows, hq, hkv, head_dim, dtype)
     scale = head_dim ** -0.5
-    ref = torch_backend.paged_attention(q, cache, meta, scale)
-    out = torch.full_like(q, float("nan"))
-    cudnn_prefill.attend(q, out, cache, meta, scale, long_query_len)
     want = []
-    for i, (seq_len, query_len) in enumerate(rows):
-        rs = slice(meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1])
-        if query_len < long_query_len:
-            assert out[rs].isnan().all(), "a short row was written (the Triton kernel owns it)"
-            continue
-        want += RowSplit(query_len, seq_len - query_len).shapes()
-        err = ((out[rs].double() - ref[rs].double()).norm() / ref[rs].double().norm()).item()
-        assert err <= tol, f"row {i} ({seq_len}, {query_len}): relative error {err:.1e}"
+    # Two layers of one step (the second reuses the rows' plans built at the first): each its own K/V.
+    for layer, kv in enumerate((cache, torch.randn(cache.shape, generator=torch.Generator().manual_seed(9))
+                                .to(dtype))):
+        ref = torch_backend.paged_attention(q, kv, meta, scale)
+        out = torch.full_like(q, float("nan"))
+        cudnn_prefill.attend(q, out, kv, meta, scale, long_query_len)
+        for i, (seq_len, query_len) in enumerate(rows):
+            rs = slice(meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1])
+            if query_len < long_query_len:
+                assert out[rs].isnan().all(), "a short row was written (the Triton kernel owns it)"
+                continue
+            want += RowSplit(query_len, seq_len - query_len).shapes()
+            err = ((out[rs].double() - ref[rs].double()).norm() / ref[rs].double().norm()).item()
+            assert err <= tol, f"layer {layer} row {i} ({seq_len}, {query_len}): relative error {err:.1e}"
     assert calls == want
 
 
