@@ -16,6 +16,7 @@ same in any batch (graphs and eager steps agree), and base tokens (slot -1) are 
 """
 import functools
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -51,16 +52,36 @@ class FusedConfig:
         return cfg
 
 
+SMEM_BUDGET = 200 * 1024   # bytes of shared memory a program may take (sm_90 allows 227 KB; a margin)
+
+
+def shared_memory_bytes(cfg: FusedConfig, block_r: int, elem_size: int) -> int:
+    """A bound on what Triton allocates for the kernel: the x and A tiles of the K loop's stages in flight (stages
+    - 1 buffers) and the B tile. Triton 3.6 took exactly this for float32 at rank 64 on the H200 (282,624 bytes at
+    256-wide K steps); Triton 3.9 takes less at 128-wide steps (126,976 of 159,744)."""
+    return ((cfg.num_stages - 1) * (cfg.block_m + block_r) * cfg.block_k + block_r * cfg.block_n) * elem_size + 4096
+
+
 @functools.lru_cache(maxsize=None)   # eager steps call it per layer: read the environment once a shape
-def layer_config(in_features: int, max_shard: int, rank: int) -> FusedConfig:
-    """By the layer's shapes only (never T). Wide column tiles where shards are wide (fewer recomputed x A) and
-    the rank small (a rank-64 B tile that wide spills registers); the K loop is a program's critical path: fewer,
-    wider steps where K is long (o, down), 4 stages in flight. No tile here spills on sm_90 (ptxas -v)."""
+def layer_config(in_features: int, max_shard: int, rank: int, elem_size: int = 2) -> FusedConfig:
+    """By the layer's shapes and dtype only (never T). Wide column tiles where shards are wide (fewer recomputed
+    x A) and the rank small (a rank-64 B tile that wide spills registers); the K loop is a program's critical path:
+    fewer, wider steps where K is long (o, down), 4 stages in flight. No 16-bit tile here spills on sm_90 (ptxas
+    -v); float32 at a high rank would pass the shared memory limit, so its K steps, then its stages, shrink."""
     override = os.environ.get(CONFIG_ENV)
     if override:
         return FusedConfig.parse(override)
     block_k = 256 if in_features >= 2048 else _pow2_at_least_16(in_features, 128)
-    return FusedConfig(block_n=256 if max_shard >= 2048 and rank <= 32 else 128, block_k=block_k, num_stages=4)
+    cfg = FusedConfig(block_n=256 if max_shard >= 2048 and rank <= 32 else 128, block_k=block_k, num_stages=4)
+    block_r = _pow2_at_least_16(rank, FUSED_MAX_RANK)
+    while shared_memory_bytes(cfg, block_r, elem_size) > SMEM_BUDGET:
+        if cfg.block_k > 64:
+            cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+        elif cfg.num_stages > 2:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        else:
+            break
+    return cfg
 
 
 def slot_groups(num_tokens: int, num_slots: int, block_m: int) -> int:
@@ -146,7 +167,7 @@ def lora_fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     assert y.stride(-1) == 1 and y.shape[0] == T, "lora_fused: y must have unit column stride and T rows"
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = config or layer_config(K, max_shard, rank)
+    cfg = config or layer_config(K, max_shard, rank, lora_a.element_size())
     groups = slot_groups(T, lora_a.shape[0], cfg.block_m)
     num_shards, row_tiles, col_tiles = shard_bounds.numel() - 1, triton.cdiv(T, cfg.block_m), triton.cdiv(
         max_shard, cfg.block_n)

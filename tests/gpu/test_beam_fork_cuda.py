@@ -13,6 +13,9 @@ pytestmark = pytest.mark.gpu
 
 PROMPTS = [[5 + (7 * i) % 300 for i in range(n)] for n in (3, 21, 40, 77)]
 PARAMS = BeamSearchParams(beam_width=4, max_tokens=24, ignore_eos=True)
+# Blocks a pool (plenty for 4 prompts x 4 beams): a tiny model's cache sized by the H200's memory has tens of
+# millions of blocks, whose Python objects took over 45 s to build with an fp8 cache.
+POOL = 2048
 
 
 @pytest.fixture(autouse=True)
@@ -57,14 +60,16 @@ def test_copy_blocks_on_cuda(dtype):
 def test_float32_forked_beams_on_cuda_match_cpu(tiny_model_dirs):
     d = tiny_model_dirs["llama"]
     cpu = LLM(d, device="cpu", dtype="float32", log_stats_interval=0).beam_search(PROMPTS, PARAMS)
-    _assert_same(cpu, _beams(LLM(d, device="cuda", dtype="float32", log_stats_interval=0)), 1e-4)
+    _assert_same(cpu, _beams(LLM(d, device="cuda", dtype="float32", log_stats_interval=0,
+                                                  num_gpu_blocks_override=POOL)), 1e-4)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 def test_forked_beams_match_unforked_on_cuda(tiny_model_dirs, kv_cache_dtype):
     """bf16 and fp8 caches: forked beams against the recompute path (tiny models: ties are far apart)."""
     d = tiny_model_dirs["qwen3"]
-    kw = dict(device="cuda", dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, log_stats_interval=0)
+    kw = dict(device="cuda", dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, log_stats_interval=0,
+              num_gpu_blocks_override=POOL)
     ref = _unforked(LLM(d, **kw)).beam_search(PROMPTS, PARAMS)
     _assert_same(ref, _beams(LLM(d, **kw)), 2e-2)
 

@@ -62,6 +62,33 @@ def test_kernels_compile_for_hopper():
             assert "ld.local" not in compiled.asm["ptx"], f"{fn.__name__} {dt} {consts}: registers spill"
 
 
+def test_fused_configs_fit_hopper_shared_memory():
+    """The fused kernel's default tiles per layer and dtype at rank 64 (the largest B and A tiles) compile for
+    sm_90 within its shared memory (227 KB; float32 at 256-wide K steps and 4 stages took 276 KB and failed to
+    launch on the H200), and shared_memory_bytes bounds what the compiler allocates."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pagedllm.lora.fused import SMEM_BUDGET, layer_config, lora_fused_kernel, shared_memory_bytes
+    names = ("x_ptr", "a_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr", "T", "K", "groups",
+             "n_tiles", "stride_xm", "stride_as", "stride_an", "stride_bs", "stride_bo", "stride_ym")
+    for dt, elem in (("fp32", 4), ("bf16", 2)):
+        sig = {n: (f"*{dt}" if n in ("x_ptr", "a_ptr", "b_ptr", "y_ptr") else "*i32" if n.endswith("_ptr")
+                   else "i32") for n in names}
+        for fan_in, shards in LAYERS[2:4]:   # o and down: the 256-wide K steps
+            cfg = layer_config(fan_in, max(shards), 64, elem)
+            consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=64, R=64,
+                          EVEN_K=True, PRECISION="ieee" if dt == "fp32" else "tf32")
+            src = ASTSource(fn=lora_fused_kernel, signature={**sig, **dict.fromkeys(consts, "constexpr")},
+                            constexprs=consts)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            estimate = shared_memory_bytes(cfg, 64, elem)
+            assert estimate <= SMEM_BUDGET, (dt, fan_in, cfg)
+            assert compiled.metadata.shared <= estimate, (dt, fan_in, cfg, compiled.metadata.shared)
+
+
 def kernel_fn(name: str):
     from pagedllm.lora.fused import lora_fused
     from pagedllm.lora.kernels import add_lora
