@@ -89,6 +89,33 @@ def test_a_refused_token_fails_the_next_accept(compiled):
     assert g.accept(VOCAB.index("{")) is False
 
 
+def test_the_batch_accept_of_single_tokens_equals_the_per_token_flush(compiled, monkeypatch):
+    """The fill takes rows with one kept token in one batch accept, the others one token at a time: rows, pending
+    tokens and rejections as RequestGrammar.flush alone leaves them, across chunks, for two steps."""
+    import pagedllm.structured_output.manager as manager_module
+    monkeypatch.setattr(manager_module, "FILL_CHUNK", 4)
+    steps = [   # the kept tokens of each row, per step
+        [["{"], ['{"a": "'], ["x"], ['{"a": "', "ab"], ["{", "x"], [], ["x", "{"], ['{"a": "']],
+        [['"'], ["a"], ["{"], ['"}'], ["a"], ['{"a": "'], ["b"], ['{"a": "']],
+    ]
+    n = len(steps[0])
+    manager = StructuredOutputManager(pool=None, vocab_size=len(VOCAB), max_num_seqs=n, device=torch.device("cpu"))
+    batched, alone = [_grammar(compiled) for _ in range(n)], [_grammar(compiled) for _ in range(n)]
+    expected = xgr.allocate_token_bitmask(1, len(VOCAB))
+    for step, kept in enumerate(steps):
+        for b, a, texts in zip(batched, alone, kept):
+            for t in texts:
+                assert b.accept(VOCAB.index(t)) == a.accept(VOCAB.index(t))
+        mask = manager.fill_bitmask(list(enumerate(batched)))
+        for row, (b, a) in enumerate(zip(batched, alone)):
+            a.flush()
+            assert (b.rejected, b.pending, b.terminated) == (a.rejected, a.pending, a.terminated), (step, row)
+            a.matcher.fill_next_token_bitmask(expected)
+            assert torch.equal(mask[row], expected[0]), (step, row)
+    x, opening = VOCAB.index("x"), VOCAB.index('{"a": "')   # the quote ends the string, then "a" is refused
+    assert [g.rejected for g in batched] == [None, None, x, None, x, None, x, opening]
+
+
 def test_a_sampling_thread_failure_ends_that_steps_requests():
     llm = LLM(dtype="float32", log_stats_interval=0)
     core, calls = llm.engine.core, []
