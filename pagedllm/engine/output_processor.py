@@ -77,7 +77,9 @@ class OutputProcessor:
         num_seqs = params.num_sequences
         ranked = num_seqs > params.n
         singles = self._single_texts[params.skip_special_tokens]
-        seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params, singles),
+        # FINAL: the text is read once, at the end, so it is decoded then, in one call (detokenizer.py)
+        seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params, singles,
+                                                    deferred=kind is OutputKind.FINAL),
                           logprobs=[] if params.logprobs is not None else None,
                           cumulative_logprob=0.0 if params.logprobs is not None or ranked else None)
                 for i in range(num_seqs)]

@@ -247,3 +247,60 @@ def test_eos_ids_merge_tokenizer_and_generation_config(tmp_path):
     assert load_eos_token_ids(str(tmp_path), tok) == {2, 7}
     if os.path.isdir(QWEN):
         assert load_eos_token_ids(QWEN, load_tokenizer(QWEN)) == {151645, 151643}
+
+
+SHARED_CONFIGS = "/work/shared/model-configs"
+MORE_TOKENIZERS = [pytest.param(os.path.join(SHARED_CONFIGS, name), id=name,
+                                marks=pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_CONFIGS, name)),
+                                                         reason="tokenizer files absent"))
+                   for name in ("meta-llama--Llama-3.1-8B-Instruct", "mistralai--Mistral-7B-v0.1")]
+
+
+@pytest.mark.parametrize("path", TOKENIZERS + MORE_TOKENIZERS)
+def test_deferred_text_equals_the_windows(path):
+    """A FINAL request decodes its ids once at the end (deferred). Where the text is valid, that is the text the
+    windows give token by token; for arbitrary ids (invalid byte runs, special tokens, ids past the tokenizer,
+    an incomplete character at the end) it is the full decode (windows may group invalid bytes into U+FFFD
+    differently), less a trailing incomplete character, as the windows hold one back. With and without
+    special tokens and a stop token id."""
+    tok = load_tokenizer(path)
+    rng = random.Random(2)
+    vocab = len(tok)
+    byte_ids = [i for i in range(min(vocab, 400)) if "\ufffd" in tok.decode([i])] or [0]
+    cases = [encode(tok, "Story:" + t)[len(encode(tok, "Story:")):] for t in TEXTS]
+    for _ in range(150):
+        pool = byte_ids if rng.random() < 0.5 else range(vocab + 16)
+        cases.append([rng.choice(pool) if rng.random() < 0.6 else rng.randrange(vocab + 16)
+                      for _ in range(rng.randint(1, 40))])
+    valid = 0
+    for output in cases:
+        skip = rng.random() < 0.7
+        stopped = rng.random() < 0.3
+        params = SamplingParams(max_tokens=None, skip_special_tokens=skip)
+        prompt = encode(tok, "Story:")
+        windows = IncrementalDetokenizer(tok, prompt, params)
+        deferred = IncrementalDetokenizer(tok, prompt, params, deferred=True)
+        for i in range(0, len(output), 3):
+            last = i + 3 >= len(output)
+            windows.update(output[i:i + 3], min(i + 3, len(output)), stopped and last)
+            deferred.update(output[i:i + 3], min(i + 3, len(output)), stopped and last)
+        text = deferred.get_next_output_text(finished=True, delta=False)
+        expected = windows.get_next_output_text(finished=True, delta=False)
+        if "\ufffd" not in expected:
+            valid += 1
+            assert text == expected, (path, output, skip)
+        ids = [t for t in (output[:-1] if stopped else output) if t < vocab]
+        decode = raw_decoder(tok, skip)
+        full = [decode(prompt + ids[:i])[len(decode(prompt)):] for i in range(len(ids) + 1)]
+        assert text == next(t for t in reversed(full) if not t.endswith("\ufffd")), (path, output, skip)
+    assert valid >= len(TEXTS) + 20
+
+
+def test_deferred_is_off_with_stop_strings():
+    """Stop strings are looked for as tokens come, so such a request decodes through the windows."""
+    tok = load_tokenizer(DEMO)
+    prompt = encode(tok, "Once upon")
+    output = encode(tok, "Once upon a time there was a mat")[len(prompt):]
+    d = IncrementalDetokenizer(tok, prompt, SamplingParams(stop=["time"], max_tokens=None), deferred=True)
+    stop = next(s for i in range(len(output)) if (s := d.update(output[i:i + 1], i + 1)) is not None)
+    assert stop == "time" and d.get_next_output_text(finished=True, delta=False) == " a "
