@@ -3,7 +3,10 @@
   base       W1 on an engine without LoRA
   lora-base  W1 on an engine with LoRA (max_loras 8), no request under an adapter: what an idle LoRA engine costs
   lora8      W1 on that engine, 8 random rank-16 adapters on q,k,v,o,gate,up,down assigned round-robin;
-             ratio = lora8 / base (issue 20 asks >= 0.85)
+             ratio = lora8 / base (issue 20 asks >= 0.85). The adapters are read (add_lora) before the timer:
+             LLM.generate reads new ones synchronously before it queues a request, ~0.1 s each on the H200, which
+             a timed run would count as serving time; load_seconds reports that read apart, and the summary's
+             *_with_load ratios count it as the earlier runs did
   lora64     W1 on an engine with max_loras 16 (and 64 host copies), 64 adapters round-robin; then the time to
              first token of one request (512 prompt tokens, max_tokens 1, idle engine) whose adapter was never
              loaded (disk read, staging, slot fill, prefill), again under that now loaded adapter, and under none.
@@ -97,6 +100,14 @@ def free():
         torch.cuda.empty_cache()
 
 
+def load_adapters(llm: LLM, loras) -> float:
+    """Reads adapters into the engine's host LRU (what generate would do first, on its own thread): seconds."""
+    start = time.perf_counter()
+    for lora in loras:
+        llm.engine.add_lora(lora)
+    return round(time.perf_counter() - start, 3)
+
+
 def ttft_ms(llm: LLM, prompt: list[int], lora) -> float:
     """A lone request of one output token: its latency is its time to first token."""
     seconds, _ = timed_generate(llm, [prompt], SamplingParams(temperature=1.0, max_tokens=1), [lora])
@@ -153,8 +164,9 @@ def run(args, tmp: Path):
     llm.generate(*warm, use_tqdm=False, lora_request=loras[0])
     results["lora-base"] = report("lora-base", llm, *timed_generate(llm, prompts, params, None))
     assigned = [loras[i % args.num_adapters] for i in range(len(prompts))]
+    load = load_adapters(llm, loras[:args.num_adapters])
     results["lora8"] = report(f"lora{args.num_adapters}", llm, *timed_generate(llm, prompts, params, assigned),
-                              adapters=args.num_adapters, max_loras=args.num_adapters)
+                              adapters=args.num_adapters, max_loras=args.num_adapters, load_seconds=load)
     del llm
     free()
 
@@ -162,8 +174,9 @@ def run(args, tmp: Path):
     llm = LLM(model, enable_lora=True, max_loras=args.many_max_loras, max_cpu_loras=len(loras), **engine)
     llm.generate(*warm, use_tqdm=False, lora_request=many[0])
     assigned = [many[i % len(many)] for i in range(len(prompts))]
+    load = load_adapters(llm, many)
     results["lora64"] = report(f"lora{len(many)}", llm, *timed_generate(llm, prompts, params, assigned),
-                               adapters=len(many), max_loras=args.many_max_loras)
+                               adapters=len(many), max_loras=args.many_max_loras, load_seconds=load)
     rng = np.random.default_rng(5)
     fresh = [rng.integers(0, 10000, size=48 if args.smoke else 512).tolist() for _ in range(3)]
     cold = ttft_ms(llm, fresh[0], loras[-1])
@@ -174,10 +187,16 @@ def run(args, tmp: Path):
     free()
 
     base = results["base"]["output_tok_s"]
+
+    def with_load(variant: str) -> float:
+        r = results[variant]
+        return round(r["output_tok_s"] * r["seconds"] / (r["seconds"] + r["load_seconds"]) / base, 3)
     print(json.dumps({"summary": "W1" if not args.smoke else "smoke", "base_tok_s": base,
                       "lora_engine_base_ratio": round(results["lora-base"]["output_tok_s"] / base, 3),
                       f"lora{args.num_adapters}_ratio": round(results["lora8"]["output_tok_s"] / base, 3),
-                      f"lora{len(many)}_ratio": round(results["lora64"]["output_tok_s"] / base, 3), **ttft}),
+                      f"lora{len(many)}_ratio": round(results["lora64"]["output_tok_s"] / base, 3),
+                      f"lora{args.num_adapters}_ratio_with_load": with_load("lora8"),
+                      f"lora{len(many)}_ratio_with_load": with_load("lora64"), **ttft}),
           flush=True)
 
 

@@ -33,6 +33,7 @@ class LoRAManager:
         self.slot_used: list[int] = [0] * max_loras             # step count of last use (LRU among slots)
         self.req_lora: dict[str, int] = {}                      # req_id -> lora_int_id
         self._meta_dirty = False                                # the step buffer holds a slot >= 0
+        self._step_key = None   # (rows, lengths, tokens) the step buffer holds; None after any change to them
         self._steps = 0
 
     # ---- adapters ------------------------------------------------------------------------------------
@@ -88,6 +89,7 @@ class LoRAManager:
         if lora_int_id not in self.cpu or in_use:
             return False
         del self.cpu[lora_int_id]
+        self._step_key = None
         for s, held in enumerate(self.slots):
             if held == lora_int_id:
                 self.slots[s] = None
@@ -108,10 +110,12 @@ class LoRAManager:
         self.get(req)
         self.in_use[req.lora_int_id] += 1
         self.req_lora[req_id] = req.lora_int_id
+        self._step_key = None
 
     def release(self, req_id: str):
         lid = self.req_lora.pop(req_id, None)
         if lid is not None:
+            self._step_key = None
             self.in_use[lid] -= 1
             if not self.in_use[lid]:
                 del self.in_use[lid]
@@ -121,19 +125,27 @@ class LoRAManager:
     def reserve(self, num_tokens: int):
         """Sizes the step buffer for the largest step; the runner calls it before CUDA graphs take its address."""
         if num_tokens > self.state.meta.shape[1]:
+            self._step_key = None
             self.state.meta = torch.full((3, num_tokens), -1, dtype=torch.int32, device=self.device)
 
     def prepare_step(self, row_req_ids: list[str], query_lens: list[int], num_tokens: int):
         """Puts the step's adapters in slots and writes the step buffer's first num_tokens columns (the forward's
         tokens, graph padding included): every token's slot (-1 for base rows and padding), the tokens sorted by
         slot, their slots in that order (numpy: no per-row tensor op). One host -> device copy on the step's
-        stream, no sync."""
+        stream, no sync; none when the step has the rows, lengths and slots of the step before (most decode
+        steps: the buffer already holds them)."""
         self._steps += 1
+        key = (row_req_ids, query_lens, num_tokens)
+        if key == self._step_key:
+            for s in self.state.active_slots:
+                self.slot_used[s] = self._steps
+            return
         ids = [self.req_lora.get(r, 0) for r in row_req_ids]
         wanted = {lid for lid in ids if lid}
         if not wanted:
             self.state.active_slots = []
             self._clear_meta()
+            self._step_key = key
             return
         slot_of = {lid: s for s, lid in enumerate(self.slots) if lid in wanted}
         for lid in wanted - slot_of.keys():
@@ -157,9 +169,11 @@ class LoRAManager:
         self.state.meta[:, :num_tokens].copy_(host, non_blocking=True)
         self._meta_dirty = True
         self.state.active_slots = sorted(slot_of.values())
+        self._step_key = key
 
     def _clear_meta(self):
         """Every token base: what a captured graph's kernels must read in a step without adapters."""
+        self._step_key = None
         if self._meta_dirty:
             self.state.meta.fill_(-1)
             self._meta_dirty = False
@@ -167,6 +181,7 @@ class LoRAManager:
     def profile_step(self, num_tokens: int):
         """The start-up memory profile's step: every token under an adapter, every slot active."""
         self.reserve(num_tokens)
+        self._step_key = None
         meta = self.state.meta[:, :num_tokens]
         meta[0].zero_()
         meta[1].copy_(torch.arange(num_tokens, device=self.device))

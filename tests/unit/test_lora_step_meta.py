@@ -2,6 +2,7 @@
 construction: each token's slot (-1 for base rows and graph padding), the tokens sorted by slot with base tokens
 last (stable), and their slots in that order; decode-only steps and mixed ones (prompt chunks beside decode rows)."""
 import random
+from collections import Counter, OrderedDict
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ def manager(max_loras: int, assigned: dict[str, int]) -> LoRAManager:
     m.state, m.max_loras = LoRAStepState(torch.full((3, 0), -1, dtype=torch.int32)), max_loras
     m.device = torch.device("cpu")
     m.slots, m.slot_used, m._steps, m._meta_dirty = list(range(1, max_loras + 1)), [0] * max_loras, 0, False
+    m._step_key = None
     m.req_lora = dict(assigned)
     return m
 
@@ -47,3 +49,24 @@ def test_step_buffer(decode):
             continue
         assert torch.equal(m.state.meta[:, :num_tokens], want)
         assert m.state.active_slots == sorted({m.slots.index(assigned[r]) for r in step if r in assigned})
+
+
+
+def test_repeated_step_keeps_buffer():
+    """A step with the rows, lengths and size of the step before writes nothing (its buffer holds them); a change
+    in between (a cleared buffer, a released request, other rows) writes it again."""
+    rows = [f"r{i}" for i in range(12)]
+    m = manager(4, {r: 1 + i % 4 for i, r in enumerate(rows) if i % 3})
+    m.in_use, m.cpu = Counter(m.req_lora.values()), OrderedDict()
+    step, lens = rows[:10], [1] * 10
+    m.prepare_step(step, lens, 16)
+    m.state.meta[:, :16].fill_(7)   # a write now would show
+    m.prepare_step(list(step), list(lens), 16)
+    assert (m.state.meta[:, :16] == 7).all() and m._steps == 2 and m.slot_used == [2, 2, 2, 2]
+    for change in (m.clear_step, lambda: m.release("r1")):
+        change()
+        m.state.meta[:, :16].fill_(7)
+        m.prepare_step(step, lens, 16)
+        assert torch.equal(m.state.meta[:, :16], expected(m, step, lens, 16))
+    m.prepare_step(step[:9], lens[:9], 16)
+    assert torch.equal(m.state.meta[:, :16], expected(m, step[:9], lens[:9], 16))
