@@ -135,7 +135,7 @@ class LoRAManager:
         stream, no sync; none when the step has the rows, lengths and slots of the step before (most decode
         steps: the buffer already holds them)."""
         self._steps += 1
-        key = (row_req_ids, query_lens, num_tokens)
+        key = (tuple(row_req_ids), tuple(query_lens), num_tokens)   # copies: the caller may reuse its lists
         if key == self._step_key:
             for s in self.state.active_slots:
                 self.slot_used[s] = self._steps
