@@ -15,10 +15,9 @@ character boundary, which keeps the next window's start on one too.
 
 A request whose text is read only once, at its end, with no stop string to look for (LLM.generate, a
 non-streamed completion) defers all of this: its ids gather, and the end decodes them in one call (output
-processing of a decode step of 256 demo-model rows on CPU: 3.3-4.1 -> 1.1-1.6 ms). Its text is the decode of
-context + the first i ids, less the context's text, for the largest i whose text does not end in U+FFFD (the
-windows hold back such an end; usually i is every id). Where the text is valid that is what the windows emit;
-in runs of invalid bytes the full decode may group them into U+FFFD differently (it is tokenizer.decode's text).
+processing of a decode step of 256 demo-model rows on CPU: 3.3-4.1 -> 1.1-1.6 ms). Where that text is valid
+(no U+FFFD) it is what the windows emit; otherwise the windows run over the ids then, so a request's text is the
+same streamed or not.
 """
 from pagedllm.engine.tokenizer import raw_decoder
 from pagedllm.sampling_params import SamplingParams
@@ -110,23 +109,18 @@ class IncrementalDetokenizer:
 
     def _decode_pending(self):
         ids, self._pending = [t for t in self._pending if 0 <= t < self._vocab_size], []
-        if not self._deferred or self.output_text:   # read before: the windows go on from where they are
-            self.output_text += "".join(self._decode_next(t) for t in ids)
-            return
-        self._deferred = False   # later ids (none for a finished request) go through the windows
-        context = self._ids
-        prefix = self._decode(context)
-        for i in range(len(ids), 0, -1):
-            text = self._decode(context + ids[:i])
-            if not text.startswith(prefix):   # not prefix-stable here: the windows decide
-                self.output_text = "".join(self._decode_next(t) for t in ids)
-                return
-            if not text.endswith(_REPLACEMENT):
+        if self._deferred and not self.output_text:
+            self._deferred = False   # later ids (none for a finished request) go through the windows
+            prefix = self._decode(self._ids)
+            text = self._decode(self._ids + ids)
+            if text.startswith(prefix) and _REPLACEMENT not in text:
                 self.output_text = text[len(prefix):]
-                self._ids, self._read_offset = context + ids[:i], len(context) + i
-                self._ids.extend(ids[i:])   # held back: an incomplete character, as the windows would hold it
+                self._ids += ids
+                self._read_offset = len(self._ids)
                 return
-        self._ids = context + ids   # every prefix ends inside a character: all held back
+        # Invalid bytes (the windows may group them into U+FFFD otherwise than one decode does), a decode that is
+        # not prefix-stable, or text read before: the windows, token by token, as a streamed request's
+        self.output_text += "".join(self._decode_next(t) for t in ids)
 
     def _decode_next(self, token_id: int) -> str:
         if 0 <= token_id < self._vocab_size:  # ids past the tokenizer (padded model vocab) decode to ""

@@ -258,11 +258,9 @@ MORE_TOKENIZERS = [pytest.param(os.path.join(SHARED_CONFIGS, name), id=name,
 
 @pytest.mark.parametrize("path", TOKENIZERS + MORE_TOKENIZERS)
 def test_deferred_text_equals_the_windows(path):
-    """A FINAL request decodes its ids once at the end (deferred). Where the text is valid, that is the text the
-    windows give token by token; for arbitrary ids (invalid byte runs, special tokens, ids past the tokenizer,
-    an incomplete character at the end) it is the full decode (windows may group invalid bytes into U+FFFD
-    differently), less a trailing incomplete character, as the windows hold one back. With and without
-    special tokens and a stop token id."""
+    """A FINAL request decodes its ids once at the end (deferred): the same text as the windows give token by
+    token, for text that round-trips and for arbitrary ids (invalid byte runs, special tokens, ids past the
+    tokenizer, an incomplete character at the end), with and without special tokens and a stop token id."""
     tok = load_tokenizer(path)
     rng = random.Random(2)
     vocab = len(tok)
@@ -272,7 +270,7 @@ def test_deferred_text_equals_the_windows(path):
         pool = byte_ids if rng.random() < 0.5 else range(vocab + 16)
         cases.append([rng.choice(pool) if rng.random() < 0.6 else rng.randrange(vocab + 16)
                       for _ in range(rng.randint(1, 40))])
-    valid = 0
+    one_call = 0
     for output in cases:
         skip = rng.random() < 0.7
         stopped = rng.random() < 0.3
@@ -285,15 +283,9 @@ def test_deferred_text_equals_the_windows(path):
             windows.update(output[i:i + 3], min(i + 3, len(output)), stopped and last)
             deferred.update(output[i:i + 3], min(i + 3, len(output)), stopped and last)
         text = deferred.get_next_output_text(finished=True, delta=False)
-        expected = windows.get_next_output_text(finished=True, delta=False)
-        if "\ufffd" not in expected:
-            valid += 1
-            assert text == expected, (path, output, skip)
-        ids = [t for t in (output[:-1] if stopped else output) if t < vocab]
-        decode = raw_decoder(tok, skip)
-        full = [decode(prompt + ids[:i])[len(decode(prompt)):] for i in range(len(ids) + 1)]
-        assert text == next(t for t in reversed(full) if not t.endswith("\ufffd")), (path, output, skip)
-    assert valid >= len(TEXTS) + 20
+        assert text == windows.get_next_output_text(finished=True, delta=False), (path, output, skip)
+        one_call += "\ufffd" not in text
+    assert one_call >= len(TEXTS) + 20   # the one-call path, not only the fallback, was checked
 
 
 def test_deferred_is_off_with_stop_strings():
