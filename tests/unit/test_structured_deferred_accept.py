@@ -89,11 +89,16 @@ def test_a_refused_token_fails_the_next_accept(compiled):
     assert g.accept(VOCAB.index("{")) is False
 
 
-def test_the_batch_accept_of_single_tokens_equals_the_per_token_flush(compiled, monkeypatch):
+@pytest.mark.parametrize("xgrammar_core", ["present", "absent"])
+def test_the_batch_accept_of_single_tokens_equals_the_per_token_flush(compiled, monkeypatch, xgrammar_core):
     """The fill takes rows with one kept token in one batch accept, the others one token at a time: rows, pending
-    tokens and rejections as RequestGrammar.flush alone leaves them, across chunks, for two steps."""
+    tokens and rejections as RequestGrammar.flush alone leaves them, across chunks, for two steps. The batch call
+    sits below xgrammar's public API: without it (another release's layout) the fill flushes row by row."""
     import pagedllm.structured_output.manager as manager_module
     monkeypatch.setattr(manager_module, "FILL_CHUNK", 4)
+    if xgrammar_core == "absent":
+        import xgrammar.base
+        monkeypatch.delattr(xgrammar.base, "_core")
     steps = [   # the kept tokens of each row, per step
         [["{"], ['{"a": "'], ["x"], ['{"a": "', "ab"], ["{", "x"], [], ["x", "{"], ['{"a": "']],
         [['"'], ["a"], ["{"], ['"}'], ["a"], ['{"a": "'], ["b"], ['{"a": "']],
