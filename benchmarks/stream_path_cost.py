@@ -1,8 +1,9 @@
 """CPU cost of the API process's output path per token event, in one process, without HTTP: a step's pickled
 outputs as they come from the engine core's pipe -> AsyncLLM (unpickle, OutputProcessor: detokenize, stop
-checks, RequestOutput; the request's queue) -> the server's stream (merge, completions' SSE chunk) -> the str
-Starlette would write. Many streams at once, one token each a step (benchmarks/api_cost.py --fake-core
-measures the same path end to end, with uvicorn, sockets and a client sharing the CPU).
+checks, RequestOutput; the request's queue) -> the server's stream (merge, completions' SSE chunk) -> the bytes
+the response hands to the ASGI server's send. Many streams at once, one token each a step
+(benchmarks/api_cost.py --fake-core measures the same path end to end, with uvicorn, sockets and a client
+sharing the CPU).
 
     python benchmarks/stream_path_cost.py TOKENIZER_DIR [--streams 300 --steps 128 --reps 5]
 
@@ -32,7 +33,13 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.server import completions
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import CompletionRequest
-from pagedllm.server.serving import merge, open_stream, sse_stream
+from pagedllm.server.serving import merge, open_stream
+
+try:
+    from pagedllm.server.serving import SSEResponse
+except ImportError:   # before 2026-12-04: sse_stream, a generator around the chunks, under StreamingResponse
+    from pagedllm.server.serving import sse_stream
+    SSEResponse = None
 
 _TEXT = ("The quick brown fox jumps over the lazy dog while the committee reviews the annual report on regional "
          "water use, noting that 12.5% of households changed suppliers in 2025. Researchers in Zürich agreed. ")
@@ -64,8 +71,15 @@ async def _consume(engine, request_id: str, outputs, sink: list):
     req = CompletionRequest(model="model", prompt=[1, 2, 3], max_tokens=1, stream=True)
     ctx = SimpleNamespace(model_name="model")
     outputs = await open_stream(None, engine, [request_id], merge([outputs]), None)
-    async for chunk in sse_stream(engine, [request_id], completions._stream(ctx, req, "cmpl-x", [""], 3, outputs)):
-        sink[0] += len(chunk.encode())
+    chunks = completions._stream(ctx, req, "cmpl-x", [""], 3, outputs)
+    if SSEResponse is None:
+        async for chunk in sse_stream(engine, [request_id], chunks):
+            sink[0] += len(chunk.encode())
+        return
+
+    async def send(message):   # the ASGI server's send, writing nothing
+        sink[0] += len(message.get("body", b""))
+    await SSEResponse(engine, [request_id], chunks).stream_response(send)
 
 
 async def one_rep(tokenizer, ids: list[int], num_streams: int, num_steps: int) -> tuple[float, float]:

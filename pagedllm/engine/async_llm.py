@@ -374,7 +374,8 @@ class AsyncLLM:
 
 class OutputQueue:
     """One request's outputs (or the error that ends it), in order, for its one consumer: asyncio.Queue's
-    put_nowait and get without its bound and its many-consumer bookkeeping (this runs once a step a stream)."""
+    put_nowait and get without its bound and its many-consumer bookkeeping (this runs once a step a stream).
+    An item put while the consumer waits is its future's result: get is one future, no coroutine of its own."""
     __slots__ = ("items", "waiter")
 
     def __init__(self):
@@ -382,17 +383,19 @@ class OutputQueue:
         self.waiter: asyncio.Future | None = None
 
     def put_nowait(self, item):
-        self.items.append(item)
         waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():   # done: its consumer was cancelled
+                waiter.set_result(item)
+                return
+        self.items.append(item)
 
-    async def get(self):
-        items = self.items
-        while not items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        return items.popleft()
+    def get(self) -> asyncio.Future:
+        """The next item, awaited (a done future when one is queued: no suspension)."""
+        waiter = asyncio.get_running_loop().create_future()
+        if self.items:
+            waiter.set_result(self.items.popleft())
+        else:
+            self.waiter = waiter
+        return waiter

@@ -49,7 +49,10 @@ class _ParentRequest:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.seqs)
+        for s in self.seqs:   # a loop, not all(<genexpr>): this runs for every request every step
+            if s.finish_reason is None:
+                return False
+        return True
 
 
 def child_request_id(request_id: str, index: int, n: int) -> str:

@@ -4,7 +4,7 @@ import uuid
 from dataclasses import replace
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from pagedllm import chat_template
 from pagedllm.engine.input_processor import truncate_prompt
@@ -15,8 +15,8 @@ from pagedllm.server.chat_tools import ToolPlan
 from pagedllm.server.completions import prompt_logprobs_json
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
-from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, json_str, json_value,
-                                     merge, open_stream, sse, sse_prefix, sse_stream, until_disconnect, usage)
+from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
+                                     json_value, merge, open_stream, sse, sse_prefix, until_disconnect, usage)
 from pagedllm.server.structured_fields import checked_constraint, constraint_field
 
 
@@ -62,9 +62,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), _constraint_field(req, plan))
         if isinstance(outputs, Response):   # the client left
             return outputs
-        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, plan, response_id, len(prompt_ids),
-                                                                     outputs)),
-                                 media_type="text/event-stream")
+        return SSEResponse(ctx.engine, ids, _stream(ctx, req, plan, response_id, len(prompt_ids), outputs))
     return await until_disconnect(raw_request, _full(ctx, req, plan, response_id, streams, ids))
 
 

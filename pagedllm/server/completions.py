@@ -6,15 +6,15 @@ import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from pagedllm.engine.input_processor import truncate_prompt
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import CompletionRequest
-from pagedllm.server.serving import (ServingContext, abort_all, add_requests, final_outputs, json_str, json_value,
-                                     merge, open_stream, sse, sse_prefix, sse_stream, until_disconnect, usage)
+from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
+                                     json_value, merge, open_stream, sse, sse_prefix, until_disconnect, usage)
 from pagedllm.server.structured_fields import constraint_field
 
 
@@ -41,8 +41,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
         if isinstance(outputs, Response):   # the client left
             return outputs
         num_prompt = sum(len(p[1]) for p in prompts)
-        return StreamingResponse(sse_stream(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt,
-                                                                     outputs)), media_type="text/event-stream")
+        return SSEResponse(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt, outputs))
     return await until_disconnect(raw_request, _full(ctx, req, response_id, texts, streams, ids))
 
 
@@ -81,9 +80,15 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
     head = {"id": request_id, "object": "text_completion", "created": created, "model": req.model or ctx.model_name}
     prefix = sse_prefix(head)
+    plain = req.logprobs is None and not req.echo   # every chunk's choice is _choice's text alone
     async for i, out in outputs:
         for c in out.outputs:
             index = i * req.n + c.index
+            if plain:   # _choice_json(_choice(...)) without the dict, for every stream's every step
+                num_completion += len(c.token_ids)
+                yield (f'{prefix}{{"index":{index},"text":{json_str(c.text)},"logprobs":null,"finish_reason":'
+                       f'{json_value(c.finish_reason)},"stop_reason":{json_value(c.stop_reason)}}}]}}\n\n')
+                continue
             echo = req.echo and index not in started
             started.add(index)
             choice = _choice(req, index, texts[i], out, c, echo, offsets.get(index, 0))

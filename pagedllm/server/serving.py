@@ -13,7 +13,7 @@ from functools import partial
 from json.encoder import encode_basestring_ascii
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from pagedllm.beam_search import BeamSearchParams
 from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
@@ -187,26 +187,58 @@ async def _peek(items: AsyncIterator) -> AsyncIterator:
         head = [await anext(items)]
     except StopAsyncIteration:
         head = []
-
-    async def chained():
-        for item in head:
-            yield item
-        async for item in items:
-            yield item
-    return chained()
+    return _Pushback(head, items)
 
 
-async def sse_stream(engine: AsyncLLM, request_ids: list[str], chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """What every streamed response shares around its chunks: an error after the status line went out is
-    reported in the stream, the engine requests are aborted however the stream ends, then [DONE]."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except Exception as e:
-        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-    finally:
-        abort_all(engine, request_ids)
-    yield DONE
+class _Pushback:
+    """items with `head` in front. __anext__ hands out the items' own awaitable, so the stream has no extra
+    generator layer per item."""
+    __slots__ = ("head", "items")
+
+    def __init__(self, head: list, items: AsyncIterator):
+        self.head, self.items = head, items
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        if self.head:
+            return _ready(self.head.pop())
+        return self.items.__anext__()
+
+
+async def _ready(item):
+    return item
+
+
+class SSEResponse(StreamingResponse):
+    """A streamed response of server-sent events (str chunks), with what every one shares around its chunks:
+    an error after the status line went out is reported in the stream, the engine requests are aborted
+    however the stream ends, then [DONE]. StreamingResponse's own loop with that folded in: one frame per
+    chunk instead of a generator around the chunks (this runs for every stream at every step)."""
+
+    def __init__(self, engine: AsyncLLM, request_ids: list[str], chunks: AsyncIterator[str]):
+        super().__init__(chunks, media_type="text/event-stream")
+        self.engine, self.request_ids = engine, request_ids
+
+    async def stream_response(self, send):
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        chunks = self.body_iterator.__aiter__()
+        try:
+            while True:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception as e:   # the chunks' error, not send's (a closed connection)
+                    chunk = sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                    break
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+        finally:
+            abort_all(self.engine, self.request_ids)
+        await send({"type": "http.response.body", "body": DONE.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 _to_json = json.JSONEncoder(separators=(",", ":")).encode   # json.dumps(obj, separators=...), one encoder

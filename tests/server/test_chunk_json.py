@@ -9,7 +9,7 @@ from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestO
 from pagedllm.server import chat, completions
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest
 from pagedllm.server.chat_tools import plan_tools
-from pagedllm.server.serving import json_value, merge, sse, sse_prefix
+from pagedllm.server.serving import SSEResponse, json_value, merge, sse, sse_prefix
 
 TEXTS = ["Once", ' "quoted" \\ back\\slash', "tab\there\nnewline\r\x00\x1f\x7f", "héllo 日本語 🙂 \u2028\ufffd", ""]
 
@@ -97,3 +97,28 @@ def test_head_prefix_and_values():
     assert sse_prefix(head) + json.dumps(choice, separators=(",", ":")) + "]}\n\n" == sse({**head, "choices": [choice]})
     for value in (None, "x\n\"ü", 0, -3, 151645, 1.5, -math.inf, math.nan, True, [1, None], {"a": [0.25]}):
         assert json_value(value) == json.dumps(value, separators=(",", ":"))
+
+
+def test_sse_response_bodies():
+    """SSEResponse's send loop: the chunks, an error raised by them as one more event, the engine requests
+    aborted, then [DONE] and the end of the body."""
+    async def chunks(fail: bool):
+        yield "data: a\n\n"
+        if fail:
+            raise RuntimeError("boom")
+        yield "data: b\n\n"
+
+    for fail in (False, True):
+        aborted, messages = [], []
+        engine = SimpleNamespace(abort=aborted.append)
+
+        async def send(message):
+            messages.append(message)
+        asyncio.run(SSEResponse(engine, ["r-0", "r-1"], chunks(fail)).stream_response(send))
+        assert messages[0]["type"] == "http.response.start" and messages[0]["status"] == 200
+        assert (b"content-type", b"text/event-stream; charset=utf-8") in messages[0]["headers"]
+        error = sse({"error": {"message": "boom", "type": "server_error", "param": None, "code": None}})
+        assert [m["body"] for m in messages[1:]] == [b"data: a\n\n", (error if fail else "data: b\n\n").encode(),
+                                                     b"data: [DONE]\n\n", b""]
+        assert [m["more_body"] for m in messages[1:]] == [True, True, True, False]
+        assert aborted == ["r-0", "r-1"]
