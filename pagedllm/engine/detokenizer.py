@@ -109,7 +109,7 @@ class IncrementalDetokenizer:
 
     def _decode_pending(self):
         ids, self._pending = [t for t in self._pending if 0 <= t < self._vocab_size], []
-        if self._deferred and not self.output_text:
+        if self._deferred:   # nothing decoded yet: deferral ends at the first read
             self._deferred = False   # later ids (none for a finished request) go through the windows
             prefix = self._decode(self._ids)
             text = self._decode(self._ids + ids)
@@ -118,8 +118,8 @@ class IncrementalDetokenizer:
                 self._ids += ids
                 self._read_offset = len(self._ids)
                 return
-        # Invalid bytes (the windows may group them into U+FFFD otherwise than one decode does), a decode that is
-        # not prefix-stable, or text read before: the windows, token by token, as a streamed request's
+        # Invalid bytes (the windows may group them into U+FFFD otherwise than one decode does) or a decode that
+        # is not prefix-stable: the windows, token by token, as a streamed request's
         self.output_text += "".join(self._decode_next(t) for t in ids)
 
     def _decode_next(self, token_id: int) -> str:

@@ -16,8 +16,7 @@ same in any batch (graphs and eager steps agree), and base tokens (slot -1) are 
 """
 import functools
 import os
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -76,9 +75,9 @@ def layer_config(in_features: int, max_shard: int, rank: int, elem_size: int = 2
     block_r = _pow2_at_least_16(rank, FUSED_MAX_RANK)
     while shared_memory_bytes(cfg, block_r, elem_size) > SMEM_BUDGET:
         if cfg.block_k > 64:
-            cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+            cfg = replace(cfg, block_k=cfg.block_k // 2)
         elif cfg.num_stages > 2:
-            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
         else:
             break
     return cfg

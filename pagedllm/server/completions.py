@@ -84,18 +84,16 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     async for i, out in outputs:
         for c in out.outputs:
             index = i * req.n + c.index
-            if plain:   # _choice_json(_choice(...)) without the dict, for every stream's every step
-                num_completion += len(c.token_ids)
-                yield (f'{prefix}{{"index":{index},"text":{json_str(c.text)},"logprobs":null,"finish_reason":'
-                       f'{json_value(c.finish_reason)},"stop_reason":{json_value(c.stop_reason)}}}]}}\n\n')
+            num_completion += len(c.token_ids)
+            if plain:   # the choice's fields as they are: no _choice dict for every stream's every step
+                yield f"{prefix}{_choice_json(index, c.text, None, c.finish_reason, c.stop_reason)}]}}\n\n"
                 continue
             echo = req.echo and index not in started
             started.add(index)
             choice = _choice(req, index, texts[i], out, c, echo, offsets.get(index, 0))
             if choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
-            num_completion += len(c.token_ids)
-            yield f"{prefix}{_choice_json(choice)}]}}\n\n"   # sse({**head, "choices": [choice]})
+            yield f"{prefix}{_choice_json(**choice)}]}}\n\n"   # sse({**head, "choices": [choice]})
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
 
@@ -111,11 +109,11 @@ def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOu
             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
-def _choice_json(choice: dict) -> str:
-    """json.dumps of a _choice, compact (see serving.sse_prefix)."""
-    return (f'{{"index":{choice["index"]},"text":{json_str(choice["text"])},'
-            f'"logprobs":{json_value(choice["logprobs"])},"finish_reason":{json_value(choice["finish_reason"])},'
-            f'"stop_reason":{json_value(choice["stop_reason"])}}}')
+def _choice_json(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
+                 stop_reason: int | str | None) -> str:
+    """json.dumps of a _choice (its fields in its order), compact (see serving.sse_prefix)."""
+    return (f'{{"index":{index},"text":{json_str(text)},"logprobs":{json_value(logprobs)},'
+            f'"finish_reason":{json_value(finish_reason)},"stop_reason":{json_value(stop_reason)}}}')
 
 
 def _entry(lp: PositionLogprobs | None, token_id: int) -> tuple[str, float | None, dict | None]:
