@@ -1,10 +1,12 @@
 """Where a decode step's GPU time goes: torch.profiler over a few steps of a workload at full concurrency.
 
     python benchmarks/gpu_profile.py --model DIR --load-format dummy --max-model-len 4096 [--workload W3] [--steps 10]
+    python benchmarks/gpu_profile.py --model DIR --load-format dummy --max-model-len 32768 --workload W4-prefill \
+        --phase prefill
 
 Adds all the workload's requests (W1 by default), steps until as many run as can and none is mid-prompt
 (decode-only steps from then on), then profiles --steps steps and prints the kernels by total GPU time,
-plus the wall time per step.
+plus the wall time per step. --phase prefill profiles prefill steps instead (after 3 unprofiled ones).
 """
 import argparse
 import time
@@ -19,7 +21,8 @@ from pagedllm.cli import add_engine_args, engine_kwargs
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--workload", default="W1", choices=["W1", "W2", "W3"])
+    parser.add_argument("--workload", default="W1", choices=["W1", "W2", "W3", "W4-prefill"])
+    parser.add_argument("--phase", default="decode", choices=["decode", "prefill"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=30)
     add_engine_args(parser)
@@ -30,10 +33,10 @@ def main():
     for i, (p, n) in enumerate(zip(w.prompts, w.output_lens)):
         engine.add_request(str(i), p, SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n))
     sched = engine.scheduler
-    while ((sched.waiting and len(sched.running) < sched.max_num_seqs)
-           or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running)):
+    while args.phase == "decode" and ((sched.waiting and len(sched.running) < sched.max_num_seqs)
+                                      or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running)):
         engine.step()
-    for _ in range(5):
+    for _ in range(5 if args.phase == "decode" else 3):
         engine.step()
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -3,10 +3,14 @@
 variant: output tok/s, and for the constrained run the host time per step filling bitmasks and the share of
 those steps whose forward was still running when the fill ended (hidden behind the device).
 
-    python benchmarks/structured_cost.py MODEL_DIR [--num-requests N]   (MODEL_DIR: the Qwen3-0.6B config)
+    python benchmarks/structured_cost.py MODEL_DIR [--num-requests N] [--reps R]   (MODEL_DIR: the Qwen3-0.6B config)
+
+--reps R alternates R (plain, constrained) pairs, then plain once more: a host that changes pace within the
+call shows in the spread.
 """
 import dataclasses
 import json
+import sys
 import time
 
 from w1_variants import run_variant, w1_engine
@@ -31,7 +35,9 @@ def main():
     llm.generate([list(range(1, 9))] * 8, [_params(i, 4, True) for i in range(8)], use_tqdm=False)
     print(json.dumps({"warmup_compile_s": round(time.perf_counter() - start, 2)}), flush=True)
     stats = llm.engine.core.structured.stats
-    for variant, constrained in (("plain", False), ("constrained", True), ("plain again", False)):
+    reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 1
+    order = [("plain", False), ("constrained", True)] * reps + [("plain again", False)]
+    for variant, constrained in order:
         before = dataclasses.replace(stats)
         # Token totals and finish reasons of every run: a like-for-like pair generates the same tokens
         # (all "length"; an answer that completes its JSON early ends "stop" with fewer).

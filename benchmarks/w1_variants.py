@@ -13,7 +13,7 @@ def w1_engine() -> tuple[LLM, list[list[int]], list[int]]:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("--num-requests", type=int, default=256)
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()   # the caller's own flags (structured_cost.py --reps) pass through
     w = build("W1")
     llm = LLM(args.model, load_format="dummy", max_model_len=4096, log_stats_interval=0)
     return llm, w.prompts[:args.num_requests], w.output_lens[:args.num_requests]
