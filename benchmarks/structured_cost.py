@@ -6,7 +6,9 @@ those steps whose forward was still running when the fill ended (hidden behind t
     python benchmarks/structured_cost.py MODEL_DIR [--num-requests N] [--reps R]   (MODEL_DIR: the Qwen3-0.6B config)
 
 --reps R alternates R (plain, constrained) pairs, then plain once more: a host that changes pace within the
-call shows in the spread.
+call shows in the spread. --no-text adds one more (plain, constrained) pair with detokenize=False: with dummy
+weights the plain answers' random ids decode to text holding U+FFFD, which the deferred detokenizer re-decodes
+through its windows at the end, while the constrained answers are clean JSON; without text neither pays for it.
 """
 import dataclasses
 import json
@@ -19,9 +21,9 @@ from pagedllm import SamplingParams
 from pagedllm.bench.schemas import RUN_ON_SCHEMAS
 
 
-def _params(i: int, k: int, constrained: bool) -> SamplingParams:
+def _params(i: int, k: int, constrained: bool, text: bool = True) -> SamplingParams:
     so = {"json": RUN_ON_SCHEMAS[i % len(RUN_ON_SCHEMAS)]} if constrained else None
-    return SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=k, structured_outputs=so)
+    return SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=k, structured_outputs=so, detokenize=text)
 
 
 def _finish(outs) -> dict:
@@ -36,12 +38,14 @@ def main():
     print(json.dumps({"warmup_compile_s": round(time.perf_counter() - start, 2)}), flush=True)
     stats = llm.engine.core.structured.stats
     reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 1
-    order = [("plain", False), ("constrained", True)] * reps + [("plain again", False)]
-    for variant, constrained in order:
+    order = [("plain", False, True), ("constrained", True, True)] * reps + [("plain again", False, True)]
+    if "--no-text" in sys.argv:
+        order += [("plain, no text", False, False), ("constrained, no text", True, False)]
+    for variant, constrained, text in order:
         before = dataclasses.replace(stats)
         # Token totals and finish reasons of every run: a like-for-like pair generates the same tokens
         # (all "length"; an answer that completes its JSON early ends "stop" with fewer).
-        run_variant(llm, variant, prompts, [_params(i, k, constrained) for i, k in enumerate(lens)],
+        run_variant(llm, variant, prompts, [_params(i, k, constrained, text) for i, k in enumerate(lens)],
                     output_tokens=lambda outs: sum(len(o.outputs[0].token_ids) for o in outs),
                     planned_tokens=lambda outs: sum(lens), finish=_finish)
         steps = stats.num_steps - before.num_steps

@@ -100,8 +100,9 @@ def _step_threshold(meta: AttentionMetadata) -> int:
 
 
 def attend(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-           long_query_len: int) -> None:
-    """Writes out[] for every row with at least long_query_len new tokens."""
+           long_query_len: int, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Writes out[] for every row with at least long_query_len new tokens. An fp8 cache: the gathered K/V are
+    converted to q's dtype (exact for e4m3), k_scale goes into cuDNN's scale and v_scale into the merge."""
     starts, seq_lens, plans = meta.query_start_loc_cpu, meta.seq_lens_cpu, _route(meta).rows
     for i, seq_len in enumerate(seq_lens):
         start, end = starts[i], starts[i + 1]
@@ -109,7 +110,7 @@ def attend(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: Att
             plan = plans.get(i)
             if plan is None:
                 plan = plans[i] = _row_plan(end - start, seq_len, meta.block_tables[i], kv_cache.shape[2])
-            _attend_row(q[start:end], out[start:end], kv_cache, plan, scale)
+            _attend_row(q[start:end], out[start:end], kv_cache, plan, scale * k_scale, v_scale)
 
 
 def _row_plan(query_len: int, seq_len: int, block_table: torch.Tensor, block_size: int) -> _RowPlan:
@@ -123,11 +124,15 @@ def _row_plan(query_len: int, seq_len: int, block_table: torch.Tensor, block_siz
     return _RowPlan(split, slots, rows)
 
 
-def _attend_row(q, out, kv_cache, plan: _RowPlan, scale: float) -> None:
+def _attend_row(q, out, kv_cache, plan: _RowPlan, scale: float, v_scale: float) -> None:
     split, query_len = plan.split, q.shape[0]
     lead, square = split.lead, split.square
     num_kv_heads, head_dim = kv_cache.shape[3:]
-    k, v = kv_cache.view(2, -1, num_kv_heads, head_dim).index_select(1, plan.slots).unbind(0)
+    if kv_cache.dtype == torch.float8_e4m3fn:   # gathered as bytes, then widened: half the gather's reads
+        k, v = kv_cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim).index_select(1, plan.slots) \
+            .view(torch.float8_e4m3fn).to(q.dtype).unbind(0)
+    else:
+        k, v = kv_cache.view(2, -1, num_kv_heads, head_dim).index_select(1, plan.slots).unbind(0)
     queries = q.index_select(0, plan.query_rows)
     ctx = split.context_big
     o, lse = _cudnn(queries[:square], k[ctx:ctx + square], v[ctx:ctx + square], scale, causal=True)
@@ -136,7 +141,7 @@ def _attend_row(q, out, kv_cache, plan: _RowPlan, scale: float) -> None:
     for first, n in split.pieces:
         o, lse = _cudnn(piece_queries, k[first:first + n], v[first:first + n], scale, causal=False)
         parts.append((o[:query_len], lse[:, :query_len]))
-    _merge(out, parts)
+    _merge(out, parts, v_scale)
 
 
 def _cudnn(q, k, v, scale: float, causal: bool):
@@ -148,18 +153,18 @@ def _cudnn(q, k, v, scale: float, causal: bool):
     return res[0][0].transpose(0, 1), res[1].reshape(q.shape[1], q.shape[0])
 
 
-def _merge(out: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """out (L, H, D) = attention over the union of the parts' disjoint key sets, from each part's normalized
-    output (L, H, D) and log-sum-exp (H, L); fp32 accumulation, no host sync."""
+def _merge(out: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], v_scale: float = 1.0) -> None:
+    """out (L, H, D) = v_scale x attention over the union of the parts' disjoint key sets, from each part's
+    normalized output (L, H, D) and log-sum-exp (H, L); fp32 accumulation, one rounding, no host sync."""
     if len(parts) == 1:
-        out.copy_(parts[0][0])
+        out.copy_(parts[0][0] if v_scale == 1.0 else parts[0][0].float() * v_scale)
     elif len(parts) == 2 and out.is_cuda:
-        _merge_two(out, *parts[0], *parts[1])
+        _merge_two(out, *parts[0], *parts[1], v_scale)
     else:
-        _merge_torch(out, parts)
+        _merge_torch(out, parts, v_scale)
 
 
-def _merge_torch(out, parts) -> None:
+def _merge_torch(out, parts, v_scale: float = 1.0) -> None:
     """Folds the parts in one at a time (only one part's output besides the fp32 sum is held at once)."""
     acc, acc_lse = parts[0][0].float(), parts[0][1]
     for o, lse in parts[1:]:
@@ -168,14 +173,14 @@ def _merge_torch(out, parts) -> None:
         total = w_acc + w_new
         acc.mul_((w_acc / total).t()[..., None]).addcmul_(o, (w_new / total).t()[..., None])
         acc_lse = top + torch.log(total)
-    out.copy_(acc)
+    out.copy_(acc if v_scale == 1.0 else acc.mul_(v_scale))
 
 
-def _merge_two(out, a, lse_a, b, lse_b) -> None:
+def _merge_two(out, a, lse_a, b, lse_b, v_scale: float = 1.0) -> None:
     from pagedllm.attention.kernels.merge_states import merge_states_kernel   # CUDA only: the CPU imports no triton
     num_tokens, num_heads, head_dim = out.shape
     merge_states_kernel[(num_tokens, num_heads)](
-        out, a, b, lse_a, lse_b, out.stride(0), out.stride(1), a.stride(0), a.stride(1),
+        out, a, b, lse_a, lse_b, float(v_scale), out.stride(0), out.stride(1), a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), lse_a.stride(0), lse_b.stride(0),
         HEAD_DIM=head_dim, HEAD_PAD=1 << (head_dim - 1).bit_length(), num_warps=1)
 

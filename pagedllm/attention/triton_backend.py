@@ -12,7 +12,7 @@ exactly one kernel:
 
 An fp8 KV cache (attention/kv_quant.py): the kernels specialise on the cache's element type at compile time;
 k_scale is folded into scale_log2 here, v_scale goes to the kernels as a float (both fixed after load, so CUDA
-graphs capture them). No fp8 row goes to cudnn_prefill (it would need a dequantized copy of the context).
+graphs capture them). cudnn_prefill widens an fp8 row's gathered K/V to q's dtype and takes the same scales.
 """
 import functools
 
@@ -70,10 +70,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     v_scale = float(v_scale) if fp8 else 1.0       # read by fp8 kernels only (a float: no int specialisation)
     _decode(q, out, k_cache, v_cache, meta, scale_log2, v_scale)
     if meta.max_query_len > 1:
-        long_query_len = cudnn_prefill.NEVER if fp8 else cudnn_prefill.threshold(q, meta)
+        long_query_len = cudnn_prefill.threshold(q, meta)
         _prefill(q, out, k_cache, v_cache, meta, scale_log2, v_scale, long_query_len)
         if long_query_len < cudnn_prefill.NEVER:
-            cudnn_prefill.attend(q, out, kv_cache, meta, scale, long_query_len)
+            cudnn_prefill.attend(q, out, kv_cache, meta, scale, long_query_len, float(k_scale) if fp8 else 1.0,
+                                 v_scale)
     return out
 
 

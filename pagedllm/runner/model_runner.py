@@ -412,11 +412,9 @@ class ModelRunner:
         """Long prompt rows go to cuDNN (attention/cudnn_prefill.py) in calls of a fixed set of shapes: their
         plans are built now, in the thread that will run the steps (cuDNN's plan cache is per thread)."""
         from pagedllm.attention import cudnn_prefill
-        from pagedllm.attention.kv_quant import is_fp8
-        if not is_fp8(self.kv_dtype):     # fp8 rows never go to cuDNN
-            cudnn_prefill.prebuild_plans(hf_config.num_attention_heads // self.tp.size, self.num_kv_heads,
-                                         self.head_dim, self.dtype, self.device,
-                                         self.config.max_num_batched_tokens, self.max_model_len)
+        cudnn_prefill.prebuild_plans(hf_config.num_attention_heads // self.tp.size, self.num_kv_heads,
+                                     self.head_dim, self.dtype, self.device,
+                                     self.config.max_num_batched_tokens, self.max_model_len)
 
     @torch.inference_mode()
     def _run_largest_step(self) -> int:

@@ -57,6 +57,21 @@ def test_long_rows_match_torch_and_triton(cudnn, case, dtype, heads, head_dim):
     assert rel_error(ours[real], triton_only[real]) <= 1e-2
 
 
+@pytest.mark.parametrize("case", ["fresh odd 5000 + chunk 1024 after 4095", "chunk 2001 after 13001",
+                                  "W4 tail 2768 after 27232 + fresh 2000"])
+def test_fp8_cache_rows(cudnn, case):
+    """An fp8 cache with scales other than 1: the rows' K/V are widened after the gather, k_scale goes into
+    cuDNN's scale and v_scale into the merge (one, two and three parts), against the torch oracle."""
+    from fp8_kv_cases import fp8_batch
+
+    from pagedllm.attention import triton_backend
+    cudnn_prefill, calls = cudnn
+    rows = LONG_ROWS[case] + [(700, 700), (3000, 1)]
+    batch = fp8_batch(rows, 16, 8, 128, 16, torch.bfloat16, "cuda", (0.43, 2.7), seed=4)
+    check_attention(batch, triton_backend, kv_scales=(0.43, 2.7))
+    assert calls == [s for seq, n in rows if n >= cudnn_prefill.LONG_QUERY_LEN for s in RowSplit(n, seq - n).shapes()]
+
+
 def test_merge_kernel_matches_torch_merge(cudnn):
     """The two-part Triton merge (CUDA) against the fp32 torch fold the CPU and 3+ parts use."""
     cudnn_prefill, _ = cudnn
@@ -65,9 +80,10 @@ def test_merge_kernel_matches_torch_merge(cudnn):
     parts = [(torch.randn(tokens, heads, dim, device="cuda", generator=gen).bfloat16(),
               torch.randn(heads, tokens + 9, device="cuda", generator=gen)[:, 9:] * 4) for _ in range(2)]
     a, b = (torch.empty(tokens, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    cudnn_prefill._merge(a, parts)
-    cudnn_prefill._merge_torch(b, parts)
-    assert rel_error(a, b) <= 4e-3
+    for v_scale in (1.0, 2.7):
+        cudnn_prefill._merge(a, parts, v_scale)
+        cudnn_prefill._merge_torch(b, parts, v_scale)
+        assert rel_error(a, b) <= 4e-3
 
 
 def test_prebuilt_plans_serve_new_rows(cudnn):

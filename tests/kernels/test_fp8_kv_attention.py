@@ -77,16 +77,16 @@ def test_long_decode_rows_split_kv(dtype, kv_scales):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("head_dim", [128, 64])
-def test_large_prefill_chunks(dtype, head_dim):
-    """Fresh prompts and chunks after long cached context; long rows stay on Triton even with cuDNN on."""
+def test_large_prefill_chunks(monkeypatch, dtype, head_dim):
+    """Fresh prompts and chunks after long cached context, with the cuDNN path on (Hopper: rows of 1,024+ new
+    tokens go there, their fp8 K/V widened; elsewhere they stay on Triton) and off."""
     from pagedllm.attention import cudnn_prefill
     rows = [(2048, 2048), (2100, 100), (4000, 1900), (1024, 1024), (600, 1), (2500, 2500)]
     batch = fp8_batch(rows, 32, 8, head_dim, 16, dtype, "cuda", KV_SCALES[1], seed=6)
-    enabled, cudnn_prefill.ENABLED = cudnn_prefill.ENABLED, True   # fp8 rows must not be routed to cuDNN
-    try:
+    monkeypatch.setattr(cudnn_prefill, "MIN_PAIRS", 0)
+    for enabled in (True, False):
+        monkeypatch.setattr(cudnn_prefill, "ENABLED", enabled)
         check_attention(batch, _triton(), kv_scales=KV_SCALES[1])
-    finally:
-        cudnn_prefill.ENABLED = enabled
 
 
 @pytest.mark.gpu

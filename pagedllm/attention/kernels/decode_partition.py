@@ -17,7 +17,7 @@ output is bit-identical in any batch, eager or replayed from a CUDA graph.
 import triton
 import triton.language as tl
 
-from pagedllm.attention.kernels.attend_tile import attend_tile
+from pagedllm.attention.kernels.attend_tile import attend_tile, dot_q
 
 
 @triton.jit
@@ -59,6 +59,7 @@ def decode_partition_kernel(
     q_head = kv_head * GROUP + rows
     q = tl.load(q_ptr + q_start.to(tl.int64) * stride_q_tok + q_head[:, None] * stride_q_head + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = dot_q(q, k_cache_ptr)
     table = block_tables_ptr + req.to(tl.int64) * stride_bt
     out_base = req.to(tl.int64) * stride_po_req + q_head * stride_po_head
     stat_base = req.to(tl.int64) * stride_pm_req + q_head * stride_pm_head

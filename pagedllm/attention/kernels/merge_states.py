@@ -5,6 +5,8 @@ of its scaled scores. Over the union of the keys:
 
     out = (o_a * e^(lse_a - M) + o_b * e^(lse_b - M)) / (e^(lse_a - M) + e^(lse_b - M)),   M = max(lse_a, lse_b)
 
+times v_scale (an fp8 cache's V scale; 1.0 otherwise), before the one rounding to out's dtype.
+
 Grid (num_tokens, num_heads): one program writes one token's head.
 """
 import triton
@@ -13,7 +15,7 @@ import triton.language as tl
 
 @triton.jit
 def merge_states_kernel(
-    out_ptr, a_ptr, b_ptr, lse_a_ptr, lse_b_ptr,
+    out_ptr, a_ptr, b_ptr, lse_a_ptr, lse_b_ptr, v_scale,
     stride_o_tok, stride_o_head, stride_a_tok, stride_a_head, stride_b_tok, stride_b_head,
     stride_lse_a_head, stride_lse_b_head,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
@@ -27,6 +29,6 @@ def merge_states_kernel(
     wa, wb = tl.exp(lse_a - m), tl.exp(lse_b - m)
     a = tl.load(a_ptr + tok * stride_a_tok + head * stride_a_head + dims, mask=dim_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + tok * stride_b_tok + head * stride_b_head + dims, mask=dim_ok, other=0.0).to(tl.float32)
-    out = (a * wa + b * wb) / (wa + wb)
+    out = (a * wa + b * wb) * (v_scale / (wa + wb))
     tl.store(out_ptr + tok * stride_o_tok + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
              mask=dim_ok)

@@ -18,7 +18,7 @@ last token are never loaded.
 import triton
 import triton.language as tl
 
-from pagedllm.attention.kernels.attend_tile import attend_tile
+from pagedllm.attention.kernels.attend_tile import attend_tile, dot_q
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def prefill_attention_kernel(
     q_head = kv_head * GROUP + head
     q_off = (q_start + token).to(tl.int64) * stride_q_tok + q_head * stride_q_head
     io_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(q_ptr + q_off[:, None] + dims[None, :], mask=io_mask, other=0.0)
+    q = dot_q(tl.load(q_ptr + q_off[:, None] + dims[None, :], mask=io_mask, other=0.0), k_cache_ptr)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

@@ -17,7 +17,7 @@ before every row's last token, so no key is masked.
 import triton
 import triton.language as tl
 
-from pagedllm.attention.kernels.attend_tile import attend_tile
+from pagedllm.attention.kernels.attend_tile import attend_tile, dot_q
 
 
 @triton.jit
@@ -51,6 +51,7 @@ def shared_prefix_kernel(
     mask = row_ok[:, None] & dim_ok[None, :]
     q = tl.load(q_ptr + q_tok[:, None] * stride_q_tok + q_head[:, None] * stride_q_head + dims[None, :],
                 mask=mask, other=0.0)
+    q = dot_q(q, k_cache_ptr)
     table = block_tables_ptr + table_row.to(tl.int64) * stride_bt
 
     kv_start = seg * PARTITION
