@@ -6,9 +6,9 @@ the rank axis, B puts each shard's (out_i, R) in its rows and its rank columns (
 The scale is folded into B at load. Each step the runner sets LoRAStepState (lora/manager.py): every token's
 slot (-1: none) and the tokens in slot order, in one persistent device buffer that CUDA graphs read, and the
 slots present in the step as a host list. On CUDA two Triton launches (lora/kernels.py: shrink, expand) serve
-every slot at once and leave base rows untouched; the host list only says whether any token has an adapter,
-and a captured graph holds the launches (it was captured with every slot present). On CPU a torch loop over
-the step's slots, the reference. Neither reads a device value (no sync).
+every slot at once and leave base rows untouched; the host list only says whether any token has an adapter:
+the runner replays a graph captured with the launches (every slot present) when one does, else one without.
+On CPU a torch loop over the step's slots, the reference. Neither reads a device value (no sync).
 """
 from dataclasses import dataclass, field
 

@@ -190,8 +190,8 @@ class LoRAManager:
         self.state.active_slots = list(range(self.max_loras))
 
     def capture_step(self):
-        """CUDA graph capture: every slot active, so each LoRALinear's kernels are in the graphs whatever a
-        replayed step holds; every token base while capturing (the kernels read and write nothing)."""
+        """CUDA graph capture of the graphs with LoRA: every slot active, so each LoRALinear's kernels are in them
+        whatever a replayed step holds; every token base while capturing (the kernels read and write nothing)."""
         self._meta_dirty = True
         self._clear_meta()
         self.state.active_slots = list(range(self.max_loras))

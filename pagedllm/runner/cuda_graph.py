@@ -1,6 +1,6 @@
 """CUDA graphs for every step up to a size: captured at start-up, one per padded token count and kind.
 
-Graphs are keyed by (num_tokens, mixed, shared):
+Graphs are keyed by (num_tokens, mixed, shared, lora):
 - decode-only steps (one token a row) at 1, 2, 4, 8, 16, 24, ... rows: the batch is padded to the
   smallest capture size; its rows run the decode kernels only. Each size has a second graph (shared)
   that also runs shared_prefix, for steps whose rows share prefix segments (attention/shared_prefix.py).
@@ -9,6 +9,9 @@ Graphs are keyed by (num_tokens, mixed, shared):
   20 ms of host time (28 layers, H200 host), which a step of a few prompt tokens would wait for. Only up to
   the size where the step's own device time hides that (mixed_graph_token_cap): beyond, graphs would only
   add padding.
+- with LoRA on, every graph twice: with the LoRA kernels (captured with every adapter slot present) and
+  without, which steps with no adapter row replay, so that they pay nothing for LoRA (the kernels' early exits
+  cost 0.21 ms a 256-row decode step of Qwen3-0.6B on the H200, benchmarks/lora_kernels.py).
 Padding is rows with no tokens (seq_len 0) and tokens of no row (slot -1): attention reads and writes
 nothing for them, and their outputs are never read. Grid sizes depend only on those padded shapes (the
 kernels read the step's real lengths from the device), so one graph serves any batch that fits.
@@ -59,12 +62,14 @@ def mixed_graph_token_cap(num_params: int) -> int:
 
 
 class CudaGraphs:
-    def __init__(self, decode_sizes: list[int], mixed_sizes: list[int], shared: bool = False):
-        """shared: also capture decode graphs with shared_prefix, at every decode size of 2 rows or more."""
+    def __init__(self, decode_sizes: list[int], mixed_sizes: list[int], shared: bool = False, lora: bool = False):
+        """shared: also capture decode graphs with shared_prefix, at every decode size of 2 rows or more.
+        lora: each graph with the LoRA kernels and without."""
         self.sizes = {False: sorted(decode_sizes), True: sorted(mixed_sizes)}
-        self.keys = [(n, mixed, False) for mixed, sizes in self.sizes.items() for n in sizes]
-        self.keys += [(n, False, True) for n in self.sizes[False] if shared and n >= 2]
-        self.graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        keys = [(n, mixed, False) for mixed, sizes in self.sizes.items() for n in sizes]
+        keys += [(n, False, True) for n in self.sizes[False] if shared and n >= 2]
+        self.keys = [k + (with_lora,) for k in keys for with_lora in ((True, False) if lora else (False,))]
+        self.graphs: dict[tuple[int, bool, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
     def padded_size(self, num_tokens: int, mixed: bool) -> int | None:
@@ -73,8 +78,8 @@ class CudaGraphs:
         i = bisect.bisect_left(sizes, num_tokens)
         return sizes[i] if i < len(sizes) else None
 
-    def capture(self, forward: Callable[[int, bool, bool], torch.Tensor]):
-        """forward(num_tokens, mixed, shared) runs the model on the persistent inputs, shaped as a padded
+    def capture(self, forward: Callable[[int, bool, bool, bool], torch.Tensor]):
+        """forward(num_tokens, mixed, shared, lora) runs the model on the persistent inputs, shaped as a padded
         step. Largest first, so the smaller graphs fit in the memory pool the largest one left."""
         start = time.perf_counter()
         pool = None
@@ -88,11 +93,11 @@ class CudaGraphs:
             self.graphs[key] = (graph, out)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
-        logger.info("captured %d CUDA graphs (decode batches of 1 to %d rows, mixed steps of 16 to %d tokens) "
+        logger.info("captured %d CUDA graphs (decode batches of 1 to %d rows, mixed steps of 16 to %d tokens%s) "
                     "in %.2f s", len(self.keys), max(self.sizes[False], default=0), max(self.sizes[True], default=0),
-                    self.capture_seconds)
+                    "; with and without LoRA" if any(k[3] for k in self.keys) else "", self.capture_seconds)
 
-    def replay(self, num_tokens: int, mixed: bool, shared: bool = False) -> torch.Tensor:
-        graph, out = self.graphs[(num_tokens, mixed, shared)]
+    def replay(self, num_tokens: int, mixed: bool, shared: bool = False, lora: bool = False) -> torch.Tensor:
+        graph, out = self.graphs[(num_tokens, mixed, shared, lora)]
         graph.replay()
         return out

@@ -97,7 +97,7 @@ class ModelRunner:
         if device.type == "cuda" and not config.enforce_eager:
             mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))
             self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top),
-                                     shared=shared_rows_per_item > 0)
+                                     shared=shared_rows_per_item > 0, lora=self.lora is not None)
 
         block_bytes = bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim,
                                       self.kv_dtype)
@@ -122,8 +122,6 @@ class ModelRunner:
             self._prebuild_cudnn_plans(hf_config)
         if self.graphs is not None:
             self.buffers.fill_padding()
-            if self.lora is not None:   # the LoRA kernels go into every graph
-                self.lora.capture_step()
             self.graphs.capture(self._graph_forward)
             if self.lora is not None:
                 self.lora.clear_step()
@@ -200,7 +198,8 @@ class ModelRunner:
         if self.lora is not None:   # a graph's padded tokens too: inputs.input_ids has its size
             self.lora.prepare_step([r.req_id for r in step_rows], query_lens, inputs.input_ids.shape[0])
         if graph is not None:
-            hidden = self.graphs.replay(*graph, inputs.attn_metadata.shared is not None)
+            hidden = self.graphs.replay(*graph, inputs.attn_metadata.shared is not None,
+                                        self.lora is not None and bool(self.lora.state.active_slots))
         else:
             with set_forward_context(inputs.attn_metadata, self.kv_caches):
                 hidden = self.model(inputs.input_ids, inputs.positions)
@@ -452,8 +451,11 @@ class ModelRunner:
         return sum(kv.numel() * kv.element_size() for kv in kv_caches)
 
     @torch.inference_mode()
-    def _graph_forward(self, num_tokens: int, mixed: bool, shared: bool) -> torch.Tensor:
-        """The model on the persistent inputs, shaped as a padded step of num_tokens."""
+    def _graph_forward(self, num_tokens: int, mixed: bool, shared: bool, lora: bool) -> torch.Tensor:
+        """The model on the persistent inputs, shaped as a padded step of num_tokens; lora: with the LoRA
+        kernels (every slot present, every token base while capturing: they read and write nothing)."""
+        if self.lora is not None:
+            self.lora.capture_step() if lora else self.lora.clear_step()
         b = self.buffers
         meta = b.graph_metadata(num_tokens, self._graph_rows(num_tokens, mixed), mixed, self.max_model_len, shared)
         with set_forward_context(meta, self.kv_caches):

@@ -145,7 +145,7 @@ class DraftModel:
         if len(self._copies) == 2:
             self._copies[0].synchronize()
 
-    def _graph_forward(self, num_tokens: int, mixed: bool, shared: bool) -> torch.Tensor:
+    def _graph_forward(self, num_tokens: int, mixed: bool, shared: bool, lora: bool) -> torch.Tensor:
         b = self.buffers
         meta = b.graph_metadata(num_tokens, num_tokens, False, self.max_model_len)
         with set_forward_context(meta, self.kv_caches):

@@ -4,7 +4,8 @@ adapters and the base in one call.
   within 1e-3, and the CPU engine's (the torch loop) too;
 - graphs vs enforce_eager: identical greedy tokens, float32 and bf16, with prompts chunked beside decode rows
   (mixed graphs) and decode-only steps (decode graphs) both replayed;
-- base rows of a LoRA engine (graphs) give exactly the tokens and logprobs of an engine without LoRA;
+- base rows of a LoRA engine (graphs) give exactly the tokens and logprobs of an engine without LoRA; steps
+  with no adapter row replay the graphs without the LoRA kernels, the others those with them;
 - a bf16 run completes with every block freed."""
 import importlib.util
 from pathlib import Path
@@ -21,10 +22,10 @@ _spec.loader.exec_module(lora_e2e)
 setup = lora_e2e.setup   # the module fixture: base model, three adapters, transformers + PEFT references
 
 
-def _run(setup, device, dtype, names=None, replays=None, **kw):
+def _run(setup, device, dtype, names=None, replays=None, enable_lora=None, **kw):
     base, loras, _ = setup
     names = names or lora_e2e.assignment(loras)
-    args = dict(enable_lora=True, max_loras=3) if any(names) else {}
+    args = dict(enable_lora=True, max_loras=3) if (any(names) if enable_lora is None else enable_lora) else {}
     llm = LLM(base, device=device, dtype=dtype, log_stats_interval=0, num_gpu_blocks_override=256, max_num_seqs=8,
               **args, **kw)
     if replays is not None:
@@ -40,9 +41,10 @@ def _run(setup, device, dtype, names=None, replays=None, **kw):
 def _count_replays(graphs, count):
     replay = graphs.replay
 
-    def counted(num_tokens, mixed, shared=False):
+    def counted(num_tokens, mixed, shared=False, lora=False):
         count[mixed] = count.get(mixed, 0) + 1
-        return replay(num_tokens, mixed, shared)
+        count[("lora", lora)] = count.get(("lora", lora), 0) + 1
+        return replay(num_tokens, mixed, shared, lora)
     graphs.replay = counted
 
 
@@ -81,6 +83,20 @@ def test_lora_cuda_base_rows_are_the_base_model(setup, dtype):
     for (got, want), name in zip(zip(with_lora, without), names):
         if name is None:
             assert got == want
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_cuda_base_only_steps_skip_the_lora_graphs(setup, dtype):
+    """A LoRA engine serving base requests only replays the graphs without the LoRA kernels, with the tokens and
+    logprobs of an engine without LoRA; with adapter rows it replays those with them."""
+    base_only = [None] * len(lora_e2e.PROMPTS)
+    replays = {}
+    with_lora_engine = _run(setup, "cuda", dtype, names=base_only, replays=replays, enable_lora=True)
+    assert replays.get(("lora", False), 0) > 0 and replays.get(("lora", True), 0) == 0
+    assert with_lora_engine == _run(setup, "cuda", dtype, names=base_only)
+    replays = {}
+    _run(setup, "cuda", dtype, replays=replays)
+    assert replays.get(("lora", True), 0) > 0
 
 
 def test_lora_cuda_bf16_runs(setup):

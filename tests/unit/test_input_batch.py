@@ -101,9 +101,12 @@ def test_capture_sizes_cover_every_batch():
     graphs = CudaGraphs(sizes, mixed)
     assert [graphs.padded_size(n, False) for n in (1, 3, 9, 97, 100, 101)] == [1, 4, 16, 100, 100, None]
     assert [graphs.padded_size(n, True) for n in (2, 17, 513, 8192, 8193)] == [16, 32, 640, 8192, None]
-    assert sorted(graphs.keys) == sorted([(n, False, False) for n in sizes] + [(n, True, False) for n in mixed])
+    assert sorted(graphs.keys) == sorted([(n, False, False, False) for n in sizes]
+                                         + [(n, True, False, False) for n in mixed])
     shared = CudaGraphs(sizes, mixed, shared=True).keys
-    assert sorted(n for n, mixed, s in shared if s) == [n for n in sizes if n >= 2]
+    assert sorted(n for n, mixed, s, lora in shared if s) == [n for n in sizes if n >= 2]
+    with_lora = CudaGraphs(sizes, mixed, shared=True, lora=True).keys   # each graph with the kernels and without
+    assert sorted(with_lora) == sorted([k[:3] + (lora,) for k in shared for lora in (False, True)])
 
 
 def _plan(tables, query_lens, seq_lens, rows_per_item=2, max_items=64, block_size=BS):
