@@ -124,6 +124,10 @@ def main():
     parser.add_argument("--many-adapters", type=int, default=64)
     parser.add_argument("--many-max-loras", type=int, default=16)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--kernels", default="",
+                        help="also run lora-base and the 8-adapter run on engines with these LoRA kernel choices "
+                             "(comma-separated, of lora/ops.py's KERNELS): variants named lora-base-K, lora8-K")
+    parser.add_argument("--no-many", action="store_true", help="skip the many-adapter run and the TTFTs")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lora_bench_"))
     try:
@@ -160,15 +164,30 @@ def run(args, tmp: Path):
     del llm
     free()
 
-    llm = LLM(model, enable_lora=True, max_loras=args.num_adapters, **engine)
-    llm.generate(*warm, use_tqdm=False, lora_request=loras[0])
-    results["lora-base"] = report("lora-base", llm, *timed_generate(llm, prompts, params, None))
-    assigned = [loras[i % args.num_adapters] for i in range(len(prompts))]
-    load = load_adapters(llm, loras[:args.num_adapters])
-    results["lora8"] = report(f"lora{args.num_adapters}", llm, *timed_generate(llm, prompts, params, assigned),
-                              adapters=args.num_adapters, max_loras=args.num_adapters, load_seconds=load)
-    del llm
-    free()
+    from pagedllm.lora import ops
+    default_kernel = ops.LORA_KERNEL
+    for kernel in [default_kernel] + [k for k in args.kernels.split(",") if k]:
+        ops.LORA_KERNEL = kernel   # read by every LoRA layer's forward, graph captures included
+        suffix = "" if kernel == default_kernel else f"-{kernel}"
+        llm = LLM(model, enable_lora=True, max_loras=args.num_adapters, **engine)
+        llm.generate(*warm, use_tqdm=False, lora_request=loras[0])
+        results["lora-base" + suffix] = report("lora-base" + suffix, llm,
+                                               *timed_generate(llm, prompts, params, None))
+        assigned = [loras[i % args.num_adapters] for i in range(len(prompts))]
+        load = load_adapters(llm, loras[:args.num_adapters])
+        results["lora8" + suffix] = report(f"lora{args.num_adapters}{suffix}", llm,
+                                           *timed_generate(llm, prompts, params, assigned),
+                                           adapters=args.num_adapters, max_loras=args.num_adapters,
+                                           load_seconds=load, kernel=kernel)
+        del llm
+        free()
+    ops.LORA_KERNEL = default_kernel
+    base = results["base"]["output_tok_s"]
+    if args.no_many:
+        print(json.dumps({"summary": "W1" if not args.smoke else "smoke", "base_tok_s": base,
+                          **{f"{v}_ratio": round(r["output_tok_s"] / base, 3) for v, r in results.items()}}),
+              flush=True)
+        return
 
     many = loras[:args.many_adapters]
     llm = LLM(model, enable_lora=True, max_loras=args.many_max_loras, max_cpu_loras=len(loras), **engine)
@@ -185,8 +204,6 @@ def run(args, tmp: Path):
     print(json.dumps({"variant": "ttft", **ttft}), flush=True)
     del llm
     free()
-
-    base = results["base"]["output_tok_s"]
 
     def with_load(variant: str) -> float:
         r = results[variant]
