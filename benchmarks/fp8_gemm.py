@@ -5,8 +5,9 @@
 Llama-3.1-8B's layers (W2's model) at M = 256, 2048, 8192, 16384 tokens and Qwen3-0.6B's at M = 256. Per
 shape: TFLOP/s (2*M*N*K / time) of bf16 torch.mm (x @ W^T), of the whole fp8 path (per-token quant kernel +
 torch._scaled_mm with rowwise scales, bf16 out) and of _scaled_mm alone (the quant kernel's share is the
-difference). Times: medians of triton.testing.do_bench_cudagraph (launch overhead gone, as in the runner's
-graphs). One line per shape.
+difference), and of _scaled_mm with per-tensor scales (scalars: cuBLASLt's own fp8 kernels, what a per-tensor
+activation scale would run). Times: medians of triton.testing.do_bench_cudagraph (launch overhead gone, as in
+the runner's graphs). One line per shape.
 """
 import torch
 from triton.testing import do_bench_cudagraph
@@ -17,15 +18,16 @@ from pagedllm.layers.quantization.fp8 import _scaled_mm_linear, quantize_per_cha
 # name: (K, N)
 LLAMA_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 QWEN3_06B = {"qkv": (1024, 4096), "o": (2048, 1024), "gate_up": (1024, 6144), "down": (3072, 1024)}
-CASES = [("llama8b", LLAMA_8B, m) for m in (256, 2048, 8192, 16384)] + [("qwen3-0.6b", QWEN3_06B, 256)]
+CASES = [("llama8b", LLAMA_8B, m) for m in (256, 2048, 8192, 16384)] + [("qwen3-0.6b", QWEN3_06B, m)
+                                                                        for m in (64, 256, 512)]
 
 
 def tflops(m: int, k: int, n: int, ms: float) -> float:
     return 2 * m * n * k / (ms * 1e-3) / 1e12
 
 
-def bench_shape(m: int, k: int, n: int) -> tuple[float, float, float, float]:
-    """-> (bf16, fp8 path, _scaled_mm alone) TFLOP/s, and the quant kernel's microseconds."""
+def bench_shape(m: int, k: int, n: int) -> tuple[float, float, float, float, float]:
+    """-> (bf16, fp8 path, _scaled_mm alone) TFLOP/s, the quant kernel's microseconds, per-tensor TFLOP/s."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     weight, weight_scale = quantize_per_channel(w)
@@ -35,17 +37,20 @@ def bench_shape(m: int, k: int, n: int) -> tuple[float, float, float, float]:
     mm = do_bench_cudagraph(lambda: torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1),
                                                      out_dtype=torch.bfloat16))
     quant = do_bench_cudagraph(lambda: per_token_quant_fp8(x))
-    return tflops(m, k, n, bf16), tflops(m, k, n, full), tflops(m, k, n, mm), quant * 1e3
+    one = torch.ones((), device="cuda")
+    tensor = do_bench_cudagraph(lambda: torch._scaled_mm(q, weight.t(), scale_a=one, scale_b=one,
+                                                         out_dtype=torch.bfloat16))
+    return tflops(m, k, n, bf16), tflops(m, k, n, full), tflops(m, k, n, mm), quant * 1e3, tflops(m, k, n, tensor)
 
 
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}  TFLOP/s: bf16 mm | fp8 quant+_scaled_mm | _scaled_mm alone "
-          f"(speedup of the fp8 path) | quant kernel us")
+          f"(speedup of the fp8 path) | quant kernel us | per-tensor _scaled_mm")
     for model, shapes, m in CASES:
         for name, (k, n) in shapes.items():
-            bf16, full, mm, quant_us = bench_shape(m, k, n)
+            bf16, full, mm, quant_us, tensor = bench_shape(m, k, n)
             print(f"{model:10s} {name:8s} M={m:<6d} K={k:<6d} N={n:<6d} {bf16:7.1f} | {full:7.1f} | {mm:7.1f} "
-                  f"({full / bf16:4.2f}x) | {quant_us:6.1f}")
+                  f"({full / bf16:4.2f}x) | {quant_us:6.1f} | {tensor:7.1f}")
 
 
 if __name__ == "__main__":
