@@ -155,13 +155,21 @@ def _cudnn(q, k, v, scale: float, causal: bool):
 
 def _merge(out: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], v_scale: float = 1.0) -> None:
     """out (L, H, D) = v_scale x attention over the union of the parts' disjoint key sets, from each part's
-    normalized output (L, H, D) and log-sum-exp (H, L); fp32 accumulation, one rounding, no host sync."""
+    normalized output (L, H, D) and log-sum-exp (H, L); fp32 accumulation, one rounding, no host sync. On CUDA
+    one merge kernel a part after the first (an fp32 accumulator between them); the torch fold elsewhere."""
     if len(parts) == 1:
         out.copy_(parts[0][0] if v_scale == 1.0 else parts[0][0].float() * v_scale)
-    elif len(parts) == 2 and out.is_cuda:
-        _merge_two(out, *parts[0], *parts[1], v_scale)
-    else:
+    elif not out.is_cuda:
         _merge_torch(out, parts, v_scale)
+    elif len(parts) == 2:
+        _merge_two(out, *parts[0], *parts[1], v_scale)
+    else:   # W4's chunks after a 28k context: 5 parts; the torch fold took ~6 kernels a part
+        acc = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        acc_lse = torch.empty(parts[0][1].shape, dtype=torch.float32, device=out.device)
+        _merge_two(acc, *parts[0], *parts[1], lse_out=acc_lse)
+        for o, lse in parts[2:-1]:
+            _merge_two(acc, acc, acc_lse, o, lse, lse_out=acc_lse)
+        _merge_two(out, acc, acc_lse, *parts[-1], v_scale)
 
 
 def _merge_torch(out, parts, v_scale: float = 1.0) -> None:
@@ -176,13 +184,14 @@ def _merge_torch(out, parts, v_scale: float = 1.0) -> None:
     out.copy_(acc if v_scale == 1.0 else acc.mul_(v_scale))
 
 
-def _merge_two(out, a, lse_a, b, lse_b, v_scale: float = 1.0) -> None:
+def _merge_two(out, a, lse_a, b, lse_b, v_scale: float = 1.0, lse_out: torch.Tensor | None = None) -> None:
     from pagedllm.attention.kernels.merge_states import merge_states_kernel   # CUDA only: the CPU imports no triton
     num_tokens, num_heads, head_dim = out.shape
+    lse_o = lse_a if lse_out is None else lse_out   # not written without WRITE_LSE
     merge_states_kernel[(num_tokens, num_heads)](
-        out, a, b, lse_a, lse_b, float(v_scale), out.stride(0), out.stride(1), a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), lse_a.stride(0), lse_b.stride(0),
-        HEAD_DIM=head_dim, HEAD_PAD=1 << (head_dim - 1).bit_length(), num_warps=1)
+        out, a, b, lse_a, lse_b, lse_o, float(v_scale), out.stride(0), out.stride(1), a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), lse_a.stride(0), lse_b.stride(0), lse_o.stride(0),
+        HEAD_DIM=head_dim, HEAD_PAD=1 << (head_dim - 1).bit_length(), WRITE_LSE=lse_out is not None, num_warps=1)
 
 
 @torch.inference_mode()
@@ -213,8 +222,10 @@ def _build(shapes, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: to
     keys = torch.zeros(max(n for _, _, n in shapes), num_kv_heads, head_dim, dtype=dtype, device=device)
     for causal, n, num_keys in shapes:
         o, lse = _cudnn(queries[:n], keys[:num_keys], keys[:num_keys], head_dim ** -0.5, causal)
-    for lead in (0, 1):     # the two-part merge kernel, compiled for a square's LSE view aligned or not
-        _merge(queries[lead:n], [(o[lead:], lse[:, lead:]), (o[lead:], lse[:, :n - lead])])
+    for lead in (0, 1):     # the merge kernels (two parts; four: the fold), for a square's LSE view aligned or not
+        square, piece = (o[lead:], lse[:, lead:]), (o[lead:], lse[:, :n - lead])
+        _merge(queries[lead:n], [square, piece])
+        _merge(queries[lead:n], [square, piece, piece, piece])
     torch.cuda.synchronize(device)
 
 

@@ -72,13 +72,14 @@ def test_fp8_cache_rows(cudnn, case):
     assert calls == [s for seq, n in rows if n >= cudnn_prefill.LONG_QUERY_LEN for s in RowSplit(n, seq - n).shapes()]
 
 
-def test_merge_kernel_matches_torch_merge(cudnn):
-    """The two-part Triton merge (CUDA) against the fp32 torch fold the CPU and 3+ parts use."""
+@pytest.mark.parametrize("num_parts", [2, 3, 5])
+def test_merge_kernel_matches_torch_merge(cudnn, num_parts):
+    """The Triton merge (CUDA: one kernel a part after the first) against the fp32 torch fold the CPU uses."""
     cudnn_prefill, _ = cudnn
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(num_parts)
     tokens, heads, dim = 3000, 16, 128
     parts = [(torch.randn(tokens, heads, dim, device="cuda", generator=gen).bfloat16(),
-              torch.randn(heads, tokens + 9, device="cuda", generator=gen)[:, 9:] * 4) for _ in range(2)]
+              torch.randn(heads, tokens + 9, device="cuda", generator=gen)[:, 9:] * 4) for _ in range(num_parts)]
     a, b = (torch.empty(tokens, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     for v_scale in (1.0, 2.7):
         cudnn_prefill._merge(a, parts, v_scale)

@@ -5,7 +5,10 @@ of its scaled scores. Over the union of the keys:
 
     out = (o_a * e^(lse_a - M) + o_b * e^(lse_b - M)) / (e^(lse_a - M) + e^(lse_b - M)),   M = max(lse_a, lse_b)
 
-times v_scale (an fp8 cache's V scale; 1.0 otherwise), before the one rounding to out's dtype.
+times v_scale (an fp8 cache's V scale; 1.0 otherwise), before the one rounding to out's dtype. With WRITE_LSE
+it also writes the union's log-sum-exp, M + log(e^(lse_a - M) + e^(lse_b - M)), so that three or more parts fold
+in one kernel a part: out may be a (an fp32 accumulator) and lse_out lse_a, since each program reads its own
+token's head before writing it.
 
 Grid (num_tokens, num_heads): one program writes one token's head.
 """
@@ -15,10 +18,10 @@ import triton.language as tl
 
 @triton.jit
 def merge_states_kernel(
-    out_ptr, a_ptr, b_ptr, lse_a_ptr, lse_b_ptr, v_scale,
+    out_ptr, a_ptr, b_ptr, lse_a_ptr, lse_b_ptr, lse_out_ptr, v_scale,
     stride_o_tok, stride_o_head, stride_a_tok, stride_a_head, stride_b_tok, stride_b_head,
-    stride_lse_a_head, stride_lse_b_head,
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    stride_lse_a_head, stride_lse_b_head, stride_lse_out_head,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     tok, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     dims = tl.arange(0, HEAD_PAD)
@@ -32,3 +35,5 @@ def merge_states_kernel(
     out = (a * wa + b * wb) * (v_scale / (wa + wb))
     tl.store(out_ptr + tok * stride_o_tok + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
              mask=dim_ok)
+    if WRITE_LSE:
+        tl.store(lse_out_ptr + head * stride_lse_out_head + tok, m + tl.log(wa + wb))
