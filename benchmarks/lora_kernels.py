@@ -10,14 +10,8 @@ T = 256 + T = 16 time over the four layers, and `env`, the setting that selects 
 or PAGEDLLM_LORA_FUSED_CONFIG=block_m,block_n,block_k,num_warps,num_stages; empty for the default).
 
     python benchmarks/lora_kernels.py            (PAGEDLLM_LORA_FUSED_CONFIG=... sets the fused default)
-    python benchmarks/lora_kernels.py --with-base
-
---with-base times instead what a step pays for a whole LoRA layer, base GEMM included (lora/ops.base_plus_lora),
-with each kernel choice: fused (GEMM, then one launch), split (GEMM, shrink, expand) and overlap (the shrink on a
-side stream beside the GEMM); one JSON line per (layer, T), then each T's step totals (x 28 layers), in ms.
 """
 import json
-import sys
 
 import torch
 
@@ -93,34 +87,7 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
         print(json.dumps(line), flush=True)
 
 
-def bench_with_base():
-    from pagedllm.lora import ops
-    dt, side, totals = torch.bfloat16, torch.cuda.Stream(), {}
-    for name, (fan_in, shards) in LAYERS.items():
-        out, n, max_shard = sum(shards), len(shards), max(shards)
-        weight = torch.randn(out, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
-        a = torch.randn(LORAS, n * RANK, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
-        b = torch.randn(LORAS, out, n * RANK, device="cuda", dtype=dt) * 0.01
-        bounds = torch.tensor([sum(shards[:i]) for i in range(n + 1)], dtype=torch.int32, device="cuda")
-        for T, decode in [(T, True) for T in DECODE] + [(T, False) for T in PREFILL]:
-            x = torch.randn(T, fan_in, device="cuda", dtype=dt)
-            order, slots = slot_buffers(T, decode, False)
-            line = {"layer": name, "T": T, "base_gemm_us": graph_us(lambda: torch.matmul(x, weight.t()))}
-            for kernel in ops.KERNELS:
-                ops.LORA_KERNEL = kernel
-                line[f"{kernel}_us"] = graph_us(lambda: ops.base_plus_lora(
-                    lambda v: torch.matmul(v, weight.t()), x, a, b, order, slots, bounds, max_shard, RANK, side))
-                totals.setdefault(T, {}).setdefault(kernel, 0.0)
-                totals[T][kernel] += line[f"{kernel}_us"]
-            print(json.dumps(line), flush=True)
-    for T, t in totals.items():
-        print(json.dumps({"step_ms": f"x{NUM_LAYERS} layers, base GEMMs included", "T": T,
-                          **{k: round(v * NUM_LAYERS / 1e3, 3) for k, v in t.items()}}), flush=True)
-
-
 def main():
-    if "--with-base" in sys.argv:
-        return bench_with_base()
     totals, sweep = {}, {}
     for name, (fan_in, shards) in LAYERS.items():
         bench_layer(name, fan_in, shards, totals, sweep)

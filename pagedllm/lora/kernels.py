@@ -115,22 +115,15 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"   # float32 adapters: exact float32 products, as torch's
 
 
-def shrink_output(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    """lora_shrink's output buffer: (K / K_PER_SPLIT parts, T, N) float32."""
-    return torch.empty((triton.cdiv(x.shape[1], K_PER_SPLIT), x.shape[0], lora_a.shape[1]), dtype=torch.float32,
-                       device=x.device)
-
-
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, order: torch.Tensor, sorted_slots: torch.Tensor,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (T, K), lora_a (L, N, K) -> partial products (SPLIT, T, N) float32 (into out: shrink_output's shape);
-    rows of slot -1 are not written."""
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, order: torch.Tensor, sorted_slots: torch.Tensor
+                ) -> torch.Tensor:
+    """x (T, K), lora_a (L, N, K) -> partial products (SPLIT, T, N) float32; rows of slot -1 are not written."""
     T, K = x.shape
     N = lora_a.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    t = shrink_output(x, lora_a) if out is None else out
-    splits = t.shape[0]
+    splits = triton.cdiv(K, K_PER_SPLIT)
+    t = torch.empty((splits, T, N), dtype=torch.float32, device=x.device)
     block_n = _pow2_at_least_16(N, 64)
     grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(N, block_n), splits)
     if T > 0:

@@ -17,7 +17,7 @@ from torch import nn
 
 from pagedllm.lazy_kernel import lazy_kernel
 
-base_plus_lora = lazy_kernel(globals(), "pagedllm.lora.ops", "base_plus_lora")   # Triton, CUDA only
+add_lora = lazy_kernel(globals(), "pagedllm.lora.ops", "add_lora")   # Triton, CUDA only
 
 
 @dataclass
@@ -27,7 +27,6 @@ class LoRAStepState:
     indices sorted by slot (base tokens last), their slots in that order."""
     meta: torch.Tensor
     active_slots: list[int] = field(default_factory=list)
-    side_stream: torch.cuda.Stream | None = None   # CUDA: where the overlap kernel's shrink runs (lora/ops.py)
 
     @property
     def token_slots(self) -> torch.Tensor:
@@ -56,13 +55,13 @@ class LoRALinear(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
         if not self.state.active_slots:
-            return self.base(x)
+            return y
         meta = self.state.meta[:, :x.shape[0]]
         if x.is_cuda or self.kernels_on_cpu:
-            return base_plus_lora(self.base, x, self.lora_a, self.lora_b, meta[1], meta[2], self.shard_bounds,
-                                  self.max_shard, self.max_rank, self.state.side_stream)
-        y = self.base(x)
+            return add_lora(y, x, self.lora_a, self.lora_b, meta[1], meta[2], self.shard_bounds,
+                            self.max_shard, self.max_rank)
         slots = meta[0]
         xl = x.to(self.lora_a.dtype)
         for s in self.state.active_slots:
@@ -86,8 +85,6 @@ def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int) -> tuple[L
     around it; returns the shared step state (its buffer empty: the manager sizes it) and the wrappers by name."""
     device = next(model.parameters()).device
     state, wrapped = LoRAStepState(torch.full((3, 0), -1, dtype=torch.int32, device=device)), {}
-    if device.type == "cuda":
-        state.side_stream = torch.cuda.Stream(device)
     targets = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
     for i, _ in enumerate(model.model.layers):
         for t in targets:

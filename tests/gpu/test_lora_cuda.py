@@ -2,7 +2,6 @@
 adapters and the base in one call.
 - float32, graphs: the greedy tokens of transformers + PEFT (tests/e2e/test_lora.py's references), logprobs
   within 1e-3, and the CPU engine's (the torch loop) too;
-- both with the fused kernel and with the overlap kernels (the shrink on a side stream, captured fork and join);
 - graphs vs enforce_eager: identical greedy tokens, float32 and bf16, with prompts chunked beside decode rows
   (mixed graphs) and decode-only steps (decode graphs) both replayed;
 - base rows of a LoRA engine (graphs) give exactly the tokens and logprobs of an engine without LoRA; steps
@@ -49,15 +48,7 @@ def _count_replays(graphs, count):
     graphs.replay = counted
 
 
-@pytest.fixture(params=["fused", "overlap"])
-def kernel(request, monkeypatch):
-    """The LoRA kernels a test's engines use (lora/ops.py), set before they capture their graphs."""
-    from pagedllm.lora import ops
-    monkeypatch.setattr(ops, "LORA_KERNEL", request.param)
-    return request.param
-
-
-def test_lora_cuda_float32_equals_peft_and_cpu(setup, kernel):
+def test_lora_cuda_float32_equals_peft_and_cpu(setup):
     base, loras, refs = setup
     names = lora_e2e.assignment(loras)
     replays = {}
@@ -74,7 +65,7 @@ def test_lora_cuda_float32_equals_peft_and_cpu(setup, kernel):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("max_num_batched_tokens", [None, 48])   # 48: prompts in chunks, beside decode rows
-def test_lora_cuda_graphs_equal_eager(setup, dtype, max_num_batched_tokens, kernel):
+def test_lora_cuda_graphs_equal_eager(setup, dtype, max_num_batched_tokens):
     replays = {}
     graphed = _run(setup, "cuda", dtype, replays=replays, max_num_batched_tokens=max_num_batched_tokens)
     assert replays.get(False, 0) > 0 and replays.get(True, 0) > 0
