@@ -190,11 +190,15 @@ class LoRAManager:
         self.state.active_slots = list(range(self.max_loras))
 
     def capture_step(self):
-        """CUDA graph capture of the graphs with LoRA: every slot active, so each LoRALinear's kernels are in them
-        whatever a replayed step holds; every token base while capturing (the kernels read and write nothing)."""
+        """Before CUDA graph capture: every token base while capturing (the kernels read and write nothing)."""
         self._meta_dirty = True
         self._clear_meta()
-        self.state.active_slots = list(range(self.max_loras))
+
+    def capture_slots(self, with_lora: bool):
+        """During capture, per graph: every slot active (each LoRALinear's kernels go into the graph, whatever a
+        replayed step holds) or none (the graph base-only steps replay). No device op: it may run inside the
+        capture, where a write to the step buffer would be replayed with the graph."""
+        self.state.active_slots = list(range(self.max_loras)) if with_lora else []
 
     def clear_step(self):
         self.state.active_slots = []

@@ -122,6 +122,8 @@ class ModelRunner:
             self._prebuild_cudnn_plans(hf_config)
         if self.graphs is not None:
             self.buffers.fill_padding()
+            if self.lora is not None:
+                self.lora.capture_step()
             self.graphs.capture(self._graph_forward)
             if self.lora is not None:
                 self.lora.clear_step()
@@ -455,7 +457,7 @@ class ModelRunner:
         """The model on the persistent inputs, shaped as a padded step of num_tokens; lora: with the LoRA
         kernels (every slot present, every token base while capturing: they read and write nothing)."""
         if self.lora is not None:
-            self.lora.capture_step() if lora else self.lora.clear_step()
+            self.lora.capture_slots(lora)
         b = self.buffers
         meta = b.graph_metadata(num_tokens, self._graph_rows(num_tokens, mixed), mixed, self.max_model_len, shared)
         with set_forward_context(meta, self.kv_caches):
