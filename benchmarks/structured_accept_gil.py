@@ -1,4 +1,4 @@
-"""The deferred accepts of a constrained step, one RequestGrammar.flush a row against the fill's flush_chunk (one
+"""The deferred accepts of a constrained step, one RequestGrammar.flush a row against the fill's flush_rows (one
 batch accept a chunk of rows), each alone and while another thread runs Python (as the step thread does while
 the structured-output thread fills): xgrammar lets the GIL go in each call, and a thread that wants it back
 waits up to a switch interval behind one that runs Python. N rows under the 8 run-on JSON schemas, each step a
@@ -20,7 +20,9 @@ import numpy as np
 import xgrammar as xgr
 
 from pagedllm.bench.schemas import RUN_ON_SCHEMAS
-from pagedllm.structured_output.manager import FILL_CHUNK, RequestGrammar, flush_chunk
+from pagedllm.structured_output.manager import RequestGrammar, flush_rows
+
+FILL_CHUNK = 64   # the chunks the fill took before it made one batch accept of every row
 
 TOKENIZER = "/work/models/qwen2.5-coder-0.5b-instruct"
 
@@ -54,7 +56,7 @@ def per_row(grammars):
 
 def by_chunks(grammars):
     for i in range(0, len(grammars), FILL_CHUNK):
-        flush_chunk(grammars[i:i + FILL_CHUNK])
+        flush_rows(grammars[i:i + FILL_CHUNK])
 
 
 def main():

@@ -5,8 +5,8 @@ work of the constrained path that the step thread does:
   - check_stop: Scheduler._check_stop for every row (its matcher's accept, the stop checks), minus the same
     loop for the same requests without a grammar;
   - rows: the engine core's list of rows under a live grammar;
-  - fill: the bitmask fill (manager.fill_bitmask: its deferred accepts, one batch accept a chunk of rows, and
-    xgrammar's batch fill on several threads); with --split-flush the accepts run first, timed apart (flush).
+  - fill: the bitmask fill (manager.fill_bitmask: its deferred accepts in one batch accept, and xgrammar's
+    batch fill on several threads); with --split-flush the accepts run first, timed apart (flush).
 The "step thread" figure is what stays on it: with the fill on the sampling thread (manager.sample_async)
 that is check_stop + rows.
 
@@ -25,7 +25,7 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.request import Request
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_output.compiler import GrammarCompilePool
-from pagedllm.structured_output.manager import FILL_CHUNK, StructuredOutputManager, flush_chunk, live_grammar_rows
+from pagedllm.structured_output.manager import StructuredOutputManager, flush_rows, live_grammar_rows
 from pagedllm.structured_output.params import StructuredOutputsParams
 
 TOKENIZER = "/work/models/qwen2.5-coder-0.5b-instruct"
@@ -105,9 +105,8 @@ def main():
         t2 = time.perf_counter()   # the restarts are not the engine's work
         rows = live_grammar_rows(pending_rows, by_id)
         t3 = time.perf_counter()
-        if args.split_flush:   # as the fill takes them: by chunks
-            for i in range(0, len(rows), FILL_CHUNK):
-                flush_chunk([g for _, g in rows[i:i + FILL_CHUNK]])
+        if args.split_flush:   # as the fill takes them: one batch accept
+            flush_rows([g for _, g in rows])
         t35 = time.perf_counter()
         bitmask = manager.fill_bitmask(rows)
         t4 = time.perf_counter()

@@ -4,9 +4,9 @@ Each constrained request holds a RequestGrammar: the future of its compiled gram
 takes every token the request keeps (Scheduler.update_from_output), so that the matcher always stands where the
 request's tokens end (preemption and resume change nothing: the tokens stay). Each step, after the step before
 it has been applied, StructuredOutputManager.fill_bitmask writes the allowed tokens of the rows that sample
-under a constraint into a host bitmask (xgrammar's batch fill, on several threads), while the device runs the
-step's forward; the runner copies it over and applies it before sampling. The fill and the sampling launch run
-on the manager's sampling thread (`sampler`) while the step thread returns its outputs; the kept
+under a constraint into a host bitmask (one batch accept, one batch fill on xgrammar's threads), while the
+device runs the step's forward; the runner copies it over and applies it before sampling. The fill and the
+sampling launch run on the manager's sampling thread (`sampler`) while the step thread returns its outputs; the kept
 tokens' accepts wait for the fill too (RequestGrammar.accept): only a stop token can end a grammar, so the
 scheduler's stop checks need the matcher for stop tokens alone.
 """
@@ -78,7 +78,7 @@ class RequestGrammar:
         return self.rejected is None
 
 
-def flush_chunk(grammars: list[RequestGrammar]) -> None:
+def flush_rows(grammars: list[RequestGrammar]) -> None:
     """RequestGrammar.flush of each grammar, with the rows that keep one token (nearly all of them: more come
     from speculative decoding) taken by one batch accept. Each xgrammar call lets the GIL go (tvm-ffi does by
     default), and gets it back only after up to a switch interval when another thread runs Python meanwhile
@@ -144,9 +144,6 @@ def compile_deadline(future: Future, timeout: float) -> float:
     return float("inf") if started is None else started + timeout
 
 
-FILL_CHUNK = 64   # rows a batch fill takes (32 measured no better)
-
-
 class StructuredOutputManager:
     def __init__(self, pool: GrammarCompilePool, vocab_size: int, max_num_seqs: int, device: torch.device):
         self.pool = pool
@@ -157,7 +154,6 @@ class StructuredOutputManager:
         self._batch = None
         self.stats = BitmaskStats()
         self._sampler: ThreadPoolExecutor | None = None
-        self._filler: ThreadPoolExecutor | None = None   # runs xgrammar's batch fills, one chunk after another
 
     @property
     def sampler(self) -> ThreadPoolExecutor:
@@ -171,23 +167,18 @@ class StructuredOutputManager:
 
     def fill_bitmask(self, rows: list[tuple[int, RequestGrammar]]) -> torch.Tensor:
         """Writes the allowed tokens of each (sampled row, grammar) into that row of the host bitmask, after
-        the matchers have taken their pending tokens. By chunks of FILL_CHUNK rows, each chunk's batch fill on
-        the `_filler` thread while this one runs the next chunk's accepts. Both hold the GIL for most of their
-        time, so they overlap only in part: 256 rows on 2 cores, medians of three alternating runs, 5.2 / 4.7 /
-        5.4 ms against 5.2 / 5.2 / 6.8 for one batch (the same chunks without the thread: 5.5 / 5.7 / 6.9)."""
+        the matchers have taken their pending tokens: one batch accept, then one batch fill (xgrammar's threads),
+        both on the calling thread. Why not more calls (chunks, or the fills on a thread of their own, as
+        before): each xgrammar call lets the GIL go and, while the step thread runs Python, gets it back only
+        after up to a switch interval. 256 rows on 2 cores (/tmp A/B, two runs): 4.3-4.4 ms alone, as by
+        chunks of 64 on a fill thread (4.2-4.8), but 15.5-15.8 ms behind a thread running Python against
+        35-42 ms. On the H200 host the chunked fill took 1.9-2.2 ms a step on one machine and 4.1 on another."""
         if self._bitmask is None:
             import xgrammar as xgr
             words = (self.vocab_size + 31) // 32
             self._bitmask = torch.empty(self.max_num_seqs, words, dtype=torch.int32,
                                         pin_memory=self.device.type == "cuda")
             self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
-            self._filler = ThreadPoolExecutor(1, thread_name_prefix="structured-fill")
-        fills = []
-        for i in range(0, len(rows), FILL_CHUNK):
-            chunk = rows[i:i + FILL_CHUNK]
-            flush_chunk([g for _, g in chunk])
-            fills.append(self._filler.submit(self._batch.batch_fill_next_token_bitmask,
-                                             [g.matcher for _, g in chunk], self._bitmask, [j for j, _ in chunk]))
-        for fill in fills:
-            fill.result()
+        flush_rows([g for _, g in rows])
+        self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], self._bitmask, [j for j, _ in rows])
         return self._bitmask

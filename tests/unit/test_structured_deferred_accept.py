@@ -47,11 +47,9 @@ def test_deferred_accepts_give_the_bitmasks_of_immediate_ones(compiled):
     assert g.accept(EOS) and g.terminated and ref.accept_token(EOS) and ref.is_terminated()
 
 
-def test_chunked_fill_of_many_rows_matches_each_matcher_alone(compiled, monkeypatch):
-    """Past FILL_CHUNK rows the fill is pipelined (a chunk's accepts while xgrammar fills the chunk before): every
-    row, in any order, equals its own matcher's reference bitmask, at every step."""
-    import pagedllm.structured_output.manager as manager_module
-    monkeypatch.setattr(manager_module, "FILL_CHUNK", 4)
+def test_batch_fill_of_many_rows_matches_each_matcher_alone(compiled):
+    """One batch accept and one batch fill for every row: each row, sampled in any order, equals its own
+    matcher's reference bitmask, at every step."""
     n = 11
     manager = StructuredOutputManager(pool=None, vocab_size=len(VOCAB), max_num_seqs=n, device=torch.device("cpu"))
     grammars, refs = [_grammar(compiled) for _ in range(n)], [xgr.GrammarMatcher(compiled) for _ in range(n)]
@@ -92,10 +90,8 @@ def test_a_refused_token_fails_the_next_accept(compiled):
 @pytest.mark.parametrize("xgrammar_core", ["present", "absent"])
 def test_the_batch_accept_of_single_tokens_equals_the_per_token_flush(compiled, monkeypatch, xgrammar_core):
     """The fill takes rows with one kept token in one batch accept, the others one token at a time: rows, pending
-    tokens and rejections as RequestGrammar.flush alone leaves them, across chunks, for two steps. The batch call
-    sits below xgrammar's public API: without it (another release's layout) the fill flushes row by row."""
-    import pagedllm.structured_output.manager as manager_module
-    monkeypatch.setattr(manager_module, "FILL_CHUNK", 4)
+    tokens and rejections as RequestGrammar.flush alone leaves them, for two steps. The batch call sits below
+    xgrammar's public API: without it (another release's layout) the fill flushes row by row."""
     if xgrammar_core == "absent":
         import xgrammar.base
         monkeypatch.delattr(xgrammar.base, "_core")
