@@ -170,9 +170,9 @@ class StructuredOutputManager:
         the matchers have taken their pending tokens: one batch accept, then one batch fill (xgrammar's threads),
         both on the calling thread. Why not more calls (chunks, or the fills on a thread of their own, as
         before): each xgrammar call lets the GIL go and, while the step thread runs Python, gets it back only
-        after up to a switch interval. 256 rows on 2 cores (/tmp A/B, two runs): 4.3-4.4 ms alone, as by
-        chunks of 64 on a fill thread (4.2-4.8), but 15.5-15.8 ms behind a thread running Python against
-        35-42 ms. On the H200 host the chunked fill took 1.9-2.2 ms a step on one machine and 4.1 on another."""
+        after up to a switch interval. 256 rows on 2 cores (benchmarks/structured_fill_gil.py, three runs):
+        5.1-5.7 ms alone, as by chunks (5.0-5.5), but 36.4-36.6 ms behind a thread running Python against
+        55.7-62.6. On the H200 host the chunked fill took 1.9-2.2 ms a step on one machine and 4.1 on another."""
         if self._bitmask is None:
             import xgrammar as xgr
             words = (self.vocab_size + 31) // 32
