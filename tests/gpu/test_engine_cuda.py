@@ -67,9 +67,9 @@ def _count_replays(graphs):
     count = {False: 0, True: 0, "shared": 0}
     replay = graphs.replay
 
-    def counted(num_tokens, mixed, shared=False):
+    def counted(num_tokens, mixed, shared=False, lora=False):
         count["shared" if shared else mixed] += 1
-        return replay(num_tokens, mixed, shared)
+        return replay(num_tokens, mixed, shared, lora)
     graphs.replay = counted
     return count
 
