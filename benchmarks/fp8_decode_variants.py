@@ -6,6 +6,8 @@ in four ways of reading fp8 K/V, timed against the bf16 cache on the same shapes
     MODE 2  fp8 -> fp16 by bits (sign | (byte & 0x7f) << 7: the value times 2^-8, denormals included), fp16 dots,
             2^8 folded into the scales
     MODE 3  no tl.dot: the GROUP query heads only (not padded to 16 rows), products and sums in fp32 registers
+    MODE 4  as MODE 1, operands swapped: s^T = K q^T and acc^T = V^T p^T, so the keys (TILE_N >= 64) and the head
+            dims are the dots' M side, where Hopper's wgmma can take them, and the 16 padded query rows the N side
 
 Each variant's output is checked against the torch reference (relative error). Times: triton.testing.do_bench
 medians. Variants live here, not in the engine, until one is measured to win.
@@ -43,7 +45,7 @@ def _tile(q, acc, m_i, l_i, tile_start, kv_stop, table, kv_head, k_cache_ptr, v_
     if MODE == 0:
         k = k.to(q.dtype)
         v = v.to(q.dtype)
-    elif MODE == 1:
+    elif MODE == 1 or MODE == 4:
         k = k.to(tl.float16)
         v = v.to(tl.float16)
     elif MODE == 2:
@@ -51,6 +53,15 @@ def _tile(q, acc, m_i, l_i, tile_start, kv_stop, table, kv_head, k_cache_ptr, v_
         vb = v.to(tl.uint8, bitcast=True).to(tl.uint16)
         k = (((kb & 0x80) << 8) | ((kb & 0x7F) << 7)).to(tl.float16, bitcast=True)
         v = (((vb & 0x80) << 8) | ((vb & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    if MODE == 4:   # acc is (HEAD_PAD, BLOCK_M) here: transposed
+        st = tl.dot(k, tl.trans(q)) * scale_log2
+        st = tl.where(key_ok[:, None], st, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(st, axis=0))
+        pt = tl.math.exp2(st - m_new[None, :])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(pt, axis=0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), pt.to(v.dtype))
+        return acc, m_new, l_i
     if MODE == 3:
         s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
     else:
@@ -95,7 +106,7 @@ def _decode_partition(
     q_head = kv_head * GROUP + rows
     q = tl.load(q_ptr + q_start.to(tl.int64) * stride_q_tok + q_head[:, None] * stride_q_head + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if MODE == 1 or MODE == 2:
+    if MODE == 1 or MODE == 2 or MODE == 4:
         q = q.to(tl.float16)
     if MODE == 3:
         q = q.to(tl.float32)
@@ -110,11 +121,16 @@ def _decode_partition(
         kv_end = tl.minimum(kv_start + seg_len, seq_len)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+        if MODE == 4:
+            acc = tl.zeros([HEAD_PAD, BLOCK_M], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
         for tile_start in range(kv_start, kv_end, TILE_N):
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, tile_start, kv_end, table, kv_head, k_cache_ptr, v_cache_ptr,
                                   dims, dim_ok, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
                                   BLOCK_SIZE, TILE_N, MODE)
+        if MODE == 4:
+            acc = tl.trans(acc)
         if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
             acc = acc * v_scale
         out_off = out_base + seg * stride_po_part
@@ -156,7 +172,9 @@ def main():
     scale = d ** -0.5
     variants = [("fp8 MODE 0 (shipped path, own kernel)", 0, None, None), ("fp8 MODE 1 fp16 cvt", 1, None, None),
                 ("fp8 MODE 2 fp16 bits", 2, None, None), ("fp8 MODE 3 fma tile 32", 3, 32, 4),
-                ("fp8 MODE 3 fma tile 64 w8", 3, 64, 8), ("fp8 MODE 1 tile 128 w8", 1, 128, 8)]
+                ("fp8 MODE 3 fma tile 64 w8", 3, 64, 8), ("fp8 MODE 1 tile 128 w8", 1, 128, 8),
+                ("fp8 MODE 4 swapped (64, 4)", 4, 64, 4), ("fp8 MODE 4 swapped (128, 4)", 4, 128, 4),
+                ("fp8 MODE 4 swapped (128, 8)", 4, 128, 8)]
     shipped = triton_backend.decode_partition_kernel
     for name, rows in shapes(rng):
         batch = make_batch(rows, hq, hkv, d, 16, torch.bfloat16, "cuda", seed=0)
