@@ -1,16 +1,16 @@
-"""Why an fp8 KV cache does not speed up decode attention, and what would: the split-KV decode kernel's tile step
-in four ways of reading fp8 K/V, timed against the bf16 cache on the same shapes (issue 18).
+"""An fp8 KV cache's decode attention: the shipped split-KV kernel against a variant, on the same shapes, beside
+the bf16 cache (issue 18). The shipped tile widens fp8 K/V to fp16 and runs q K^T and p V with the 16 padded
+query rows of a kv head as the dots' M side; on the H200 it reads fp8 at ~2.3 TB/s (bf16: ~4.2), its pace set by
+each tile's chain of load, conversion and dots, not by bytes.
 
-    MODE 0  fp8 -> q's dtype (bf16) for tl.dot: what triton_backend ships
-    MODE 1  fp8 -> fp16 (one cvt per pair on sm_89+), q in fp16 once per program: both dots in fp16
-    MODE 2  fp8 -> fp16 by bits (sign | (byte & 0x7f) << 7: the value times 2^-8, denormals included), fp16 dots,
-            2^8 folded into the scales
-    MODE 3  no tl.dot: the GROUP query heads only (not padded to 16 rows), products and sums in fp32 registers
-    MODE 4  as MODE 1, operands swapped: s^T = K q^T and acc^T = V^T p^T, so the keys (TILE_N >= 64) and the head
-            dims are the dots' M side, where Hopper's wgmma can take them, and the 16 padded query rows the N side
+The variant, `swapped`: s^T = K q^T and acc^T = V^T p^T, so the keys (TILE_N >= 64) and the head dims are the dots'
+M side, where Hopper's wgmma can take them, and the padded query rows the N side. Not measured yet.
 
-Each variant's output is checked against the torch reference (relative error). Times: triton.testing.do_bench
-medians. Variants live here, not in the engine, until one is measured to win.
+Measured before, with this script at 2122c68 (H200, W1's 256 rows / 32 x 30k, us): fp8 widened to bf16 325.5 /
+966.1; to fp16 291.0 / 855.6 (shipped since 31419c4); to fp16 by bit shifts 366.4 / 1,097; no tl.dot (fp32 FMA)
+981.9 / 3,206; bf16 cache 291.3 / 910.2.
+
+Each output is checked against the torch reference on the dequantized cache. Times: triton.testing.do_bench medians.
 
     PYTHONPATH=$PWD python3 benchmarks/fp8_decode_variants.py
 """
@@ -28,58 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"
 from attention_cases import make_batch, rel_error  # noqa: E402
 
 from pagedllm.attention import torch_backend, triton_backend  # noqa: E402
+from pagedllm.attention.kernels.attend_tile import dot_q, load_kv_tile  # noqa: E402
 from pagedllm.attention.kernels.decode_partition import segment_len  # noqa: E402
 
 
-@triton.jit
-def _tile(q, acc, m_i, l_i, tile_start, kv_stop, table, kv_head, k_cache_ptr, v_cache_ptr, dims, dim_ok,
-          scale_log2, stride_c_block, stride_c_slot, stride_c_head,
-          BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MODE: tl.constexpr):
-    keys = tile_start + tl.arange(0, TILE_N)
-    key_ok = keys < kv_stop
-    block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-    kv_off = block * stride_c_block + (keys % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
-    kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    if MODE == 0:
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-    elif MODE == 1 or MODE == 4:
-        k = k.to(tl.float16)
-        v = v.to(tl.float16)
-    elif MODE == 2:
-        kb = k.to(tl.uint8, bitcast=True).to(tl.uint16)
-        vb = v.to(tl.uint8, bitcast=True).to(tl.uint16)
-        k = (((kb & 0x80) << 8) | ((kb & 0x7F) << 7)).to(tl.float16, bitcast=True)
-        v = (((vb & 0x80) << 8) | ((vb & 0x7F) << 7)).to(tl.float16, bitcast=True)
-    if MODE == 4:   # acc is (HEAD_PAD, BLOCK_M) here: transposed
-        st = tl.dot(k, tl.trans(q)) * scale_log2
-        st = tl.where(key_ok[:, None], st, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(st, axis=0))
-        pt = tl.math.exp2(st - m_new[None, :])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(pt, axis=0)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), pt.to(v.dtype))
-        return acc, m_new, l_i
-    if MODE == 3:
-        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
-    else:
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-    s = tl.where(key_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if MODE == 3:
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
-
-
 @triton.jit(do_not_specialize=["num_splits"])
-def _decode_partition(
+def _decode_partition_swapped(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, first_seg_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
     scale_log2, v_scale, num_splits,
@@ -88,9 +42,9 @@ def _decode_partition(
     stride_po_req, stride_po_head, stride_po_part, stride_pm_req, stride_pm_head,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr, MODE: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr,
 ):
-    """decode_partition_kernel without shared prefixes, its tile step by MODE."""
+    """decode_partition_kernel's contract (no shared prefixes), its dots swapped: acc is (HEAD_PAD, BLOCK_M)."""
     req, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + req)
     if tl.load(query_start_loc_ptr + req + 1) - q_start != 1:
@@ -98,39 +52,33 @@ def _decode_partition(
     seq_len = tl.load(seq_lens_ptr + req)
     seg_len = segment_len(seq_len, PARTITION, MAX_SEGMENTS, TILE_N)
     num_segs = tl.cdiv(seq_len, seg_len)
-    if split >= num_segs:
-        return
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_PAD)
     row_ok, dim_ok = rows < GROUP, dims < HEAD_DIM
     q_head = kv_head * GROUP + rows
     q = tl.load(q_ptr + q_start.to(tl.int64) * stride_q_tok + q_head[:, None] * stride_q_head + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if MODE == 1 or MODE == 2 or MODE == 4:
-        q = q.to(tl.float16)
-    if MODE == 3:
-        q = q.to(tl.float32)
-    if MODE == 2:
-        scale_log2 = scale_log2 * 256.0
-        v_scale = v_scale * 256.0
+    q = dot_q(q, k_cache_ptr)
     table = block_tables_ptr + req.to(tl.int64) * stride_bt
     out_base = req.to(tl.int64) * stride_po_req + q_head * stride_po_head
     stat_base = req.to(tl.int64) * stride_pm_req + q_head * stride_pm_head
     for seg in range(split, num_segs, num_splits):
-        kv_start = seg * seg_len
-        kv_end = tl.minimum(kv_start + seg_len, seq_len)
+        kv_end = tl.minimum(seg * seg_len + seg_len, seq_len)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        if MODE == 4:
-            acc = tl.zeros([HEAD_PAD, BLOCK_M], tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-        for tile_start in range(kv_start, kv_end, TILE_N):
-            acc, m_i, l_i = _tile(q, acc, m_i, l_i, tile_start, kv_end, table, kv_head, k_cache_ptr, v_cache_ptr,
-                                  dims, dim_ok, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
-                                  BLOCK_SIZE, TILE_N, MODE)
-        if MODE == 4:
-            acc = tl.trans(acc)
+        acc = tl.zeros([HEAD_PAD, BLOCK_M], tl.float32)
+        for tile_start in range(seg * seg_len, kv_end, TILE_N):
+            keys, key_ok, k, v = load_kv_tile(q, tile_start, kv_end, table, kv_head, k_cache_ptr, v_cache_ptr,
+                                              dims, dim_ok, stride_c_block, stride_c_slot, stride_c_head,
+                                              BLOCK_SIZE, TILE_N)
+            st = tl.where(key_ok[:, None], tl.dot(k, tl.trans(q)) * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(st, axis=0))
+            pt = tl.math.exp2(st - m_new[None, :])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(pt, axis=0)
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), pt.to(v.dtype))
+            m_i = m_new
+        acc = tl.trans(acc)
         if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
             acc = acc * v_scale
         out_off = out_base + seg * stride_po_part
@@ -139,22 +87,15 @@ def _decode_partition(
         tl.store(part_sum_ptr + stat_base + seg, l_i, mask=row_ok)
 
 
-class _WithMode:
-    """Stands in for triton_backend.decode_partition_kernel: the same launch, plus MODE (and, for MODE 3, the
-    group's own row count and a tile config)."""
+class _Swapped:
+    """Stands in for triton_backend.decode_partition_kernel: the same launch, at a tile config of its own."""
 
-    def __init__(self, mode: int, tile_n: int | None = None, num_warps: int | None = None):
-        self.mode, self.tile_n, self.num_warps = mode, tile_n, num_warps
+    def __init__(self, tile_n: int, num_warps: int):
+        self.tile_n, self.num_warps = tile_n, num_warps
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if self.mode == 3:
-                kwargs["BLOCK_M"] = triton.next_power_of_2(kwargs["GROUP"])
-            if self.tile_n:
-                kwargs["TILE_N"] = self.tile_n
-            if self.num_warps:
-                kwargs["num_warps"] = self.num_warps
-            _decode_partition[grid](*args, MODE=self.mode, **kwargs)
+            _decode_partition_swapped[grid](*args, **{**kwargs, "TILE_N": self.tile_n, "num_warps": self.num_warps})
         return launch
 
 
@@ -170,11 +111,7 @@ def main():
     rng = random.Random(0)
     hq, hkv, d = 16, 8, 128                    # Qwen3-0.6B heads
     scale = d ** -0.5
-    variants = [("fp8 MODE 0 (shipped path, own kernel)", 0, None, None), ("fp8 MODE 1 fp16 cvt", 1, None, None),
-                ("fp8 MODE 2 fp16 bits", 2, None, None), ("fp8 MODE 3 fma tile 32", 3, 32, 4),
-                ("fp8 MODE 3 fma tile 64 w8", 3, 64, 8), ("fp8 MODE 1 tile 128 w8", 1, 128, 8),
-                ("fp8 MODE 4 swapped (64, 4)", 4, 64, 4), ("fp8 MODE 4 swapped (128, 4)", 4, 128, 4),
-                ("fp8 MODE 4 swapped (128, 8)", 4, 128, 8)]
+    variants = [("fp8 swapped (64, 4)", 64, 4), ("fp8 swapped (128, 4)", 128, 4), ("fp8 swapped (128, 8)", 128, 8)]
     shipped = triton_backend.decode_partition_kernel
     for name, rows in shapes(rng):
         batch = make_batch(rows, hq, hkv, d, 16, torch.bfloat16, "cuda", seed=0)
@@ -193,8 +130,8 @@ def main():
                   flush=True)
         timed("bf16 cache (shipped)", batch)
         timed("fp8 cache (shipped)", fp8)
-        for label, mode, tile_n, warps in variants:
-            triton_backend.decode_partition_kernel = _WithMode(mode, tile_n, warps)
+        for label, tile_n, warps in variants:
+            triton_backend.decode_partition_kernel = _Swapped(tile_n, warps)
             try:
                 timed(label, fp8)
             except Exception as e:   # a variant that does not compile here: say so and go on

@@ -128,11 +128,10 @@ def _attend_row(q, out, kv_cache, plan: _RowPlan, scale: float, v_scale: float) 
     split, query_len = plan.split, q.shape[0]
     lead, square = split.lead, split.square
     num_kv_heads, head_dim = kv_cache.shape[3:]
-    if kv_cache.dtype == torch.float8_e4m3fn:   # gathered as bytes, then widened: half the gather's reads
-        k, v = kv_cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim).index_select(1, plan.slots) \
-            .view(torch.float8_e4m3fn).to(q.dtype).unbind(0)
-    else:
-        k, v = kv_cache.view(2, -1, num_kv_heads, head_dim).index_select(1, plan.slots).unbind(0)
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn   # gathered as bytes, then widened: half the gather's reads
+    kv = (kv_cache.view(torch.uint8) if fp8 else kv_cache).view(2, -1, num_kv_heads, head_dim)
+    kv = kv.index_select(1, plan.slots)
+    k, v = (kv.view(torch.float8_e4m3fn).to(q.dtype) if fp8 else kv).unbind(0)
     queries = q.index_select(0, plan.query_rows)
     ctx = split.context_big
     o, lse = _cudnn(queries[:square], k[ctx:ctx + square], v[ctx:ctx + square], scale, causal=True)
@@ -161,14 +160,14 @@ def _merge(out: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], v_
         out.copy_(parts[0][0] if v_scale == 1.0 else parts[0][0].float() * v_scale)
     elif not out.is_cuda:
         _merge_torch(out, parts, v_scale)
-    elif len(parts) == 2:
-        _merge_two(out, *parts[0], *parts[1], v_scale)
     else:   # W4's chunks after a 28k context: 5 parts; the torch fold took ~6 kernels a part
-        acc = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        acc_lse = torch.empty(parts[0][1].shape, dtype=torch.float32, device=out.device)
-        _merge_two(acc, *parts[0], *parts[1], lse_out=acc_lse)
-        for o, lse in parts[2:-1]:
-            _merge_two(acc, acc, acc_lse, o, lse, lse_out=acc_lse)
+        acc, acc_lse = parts[0]
+        if len(parts) > 2:   # the parts between the first and the last fold into an fp32 accumulator
+            buf = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+            buf_lse = torch.empty(acc_lse.shape, dtype=torch.float32, device=out.device)
+        for o, lse in parts[1:-1]:
+            _merge_two(buf, acc, acc_lse, o, lse, lse_out=buf_lse)
+            acc, acc_lse = buf, buf_lse
         _merge_two(out, acc, acc_lse, *parts[-1], v_scale)
 
 

@@ -63,18 +63,16 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
-    scale_log2 = scale * 1.4426950408889634        # exp(x) = exp2(x * log2(e))
     fp8 = is_fp8(k_cache.dtype)
-    if fp8:
-        scale_log2 *= k_scale                      # scores of fp8 K times k_scale
-    v_scale = float(v_scale) if fp8 else 1.0       # read by fp8 kernels only (a float: no int specialisation)
+    # The scales apply to fp8 caches only (floats: no int specialisation); k_scale multiplies the scores
+    k_scale, v_scale = (float(k_scale), float(v_scale)) if fp8 else (1.0, 1.0)
+    scale_log2 = scale * k_scale * 1.4426950408889634        # exp(x) = exp2(x * log2(e))
     _decode(q, out, k_cache, v_cache, meta, scale_log2, v_scale)
     if meta.max_query_len > 1:
         long_query_len = cudnn_prefill.threshold(q, meta)
         _prefill(q, out, k_cache, v_cache, meta, scale_log2, v_scale, long_query_len)
         if long_query_len < cudnn_prefill.NEVER:
-            cudnn_prefill.attend(q, out, kv_cache, meta, scale, long_query_len, float(k_scale) if fp8 else 1.0,
-                                 v_scale)
+            cudnn_prefill.attend(q, out, kv_cache, meta, scale, long_query_len, k_scale, v_scale)
     return out
 
 

@@ -189,11 +189,6 @@ class LoRAManager:
         self._meta_dirty = True
         self.state.active_slots = list(range(self.max_loras))
 
-    def capture_step(self):
-        """Before CUDA graph capture: every token base while capturing (the kernels read and write nothing)."""
-        self._meta_dirty = True
-        self._clear_meta()
-
     def capture_slots(self, with_lora: bool):
         """During capture, per graph: every slot active (each LoRALinear's kernels go into the graph, whatever a
         replayed step holds) or none (the graph base-only steps replay). No device op: it may run inside the

@@ -122,8 +122,8 @@ class ModelRunner:
             self._prebuild_cudnn_plans(hf_config)
         if self.graphs is not None:
             self.buffers.fill_padding()
-            if self.lora is not None:
-                self.lora.capture_step()
+            if self.lora is not None:   # every token base while capturing: the kernels read and write nothing
+                self.lora.clear_step()
             self.graphs.capture(self._graph_forward)
             if self.lora is not None:
                 self.lora.clear_step()

@@ -129,3 +129,45 @@ def test_engine_cuda_graphs_equal_eager_fp8_kv(tmp_path, monkeypatch, arch):
         del llm
         torch.cuda.empty_cache()
     assert outs[0] == outs[1]
+
+
+def test_attention_kernels_compile_for_hopper():
+    """Without a GPU: the decode, prefill and shared-prefix kernels through Triton's compiler and ptxas for sm_90
+    (the interpreter checks the math only), bf16 and fp16 queries over their own cache and over an fp8 one
+    (attend_tile's load_kv_tile, dot_q's fp16 dots), at the tiles triton_backend launches; no register spills."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pagedllm.attention.kernels.decode_partition import decode_partition_kernel
+    from pagedllm.attention.kernels.prefill_attention import prefill_attention_kernel
+    from pagedllm.attention.kernels.shared_prefix import shared_prefix_kernel
+    from pagedllm.attention.triton_backend import MAX_SEGMENTS, PARTITION
+    common = dict(HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, PRECISION="tf32")
+    cases = [(decode_partition_kernel, dict(GROUP=2, BLOCK_M=16, TILE_N=64, PARTITION=PARTITION,
+                                            MAX_SEGMENTS=MAX_SEGMENTS, HAS_SHARED=False), 4),
+             (prefill_attention_kernel, dict(GROUP=2, GROUP_PAD=2, BLOCK_Q=32, TILE_N=64), 4),
+             (shared_prefix_kernel, dict(GROUP=2, GROUP_PAD=2, ROWS=32, TILE_N=64, PARTITION=PARTITION), 4)]
+    for q_dt in ("bf16", "fp16"):
+        for cache_dt in (q_dt, "fp8e4nv"):
+            for fn, consts, warps in cases:
+                consts = {**common, **consts}
+                sig = {}
+                for name in fn.arg_names:
+                    if name in consts:
+                        sig[name] = "constexpr"
+                    elif name in ("k_cache_ptr", "v_cache_ptr"):
+                        sig[name] = f"*{cache_dt}"
+                    elif name in ("q_ptr", "out_ptr"):
+                        sig[name] = f"*{q_dt}"
+                    elif name.startswith(("part_out", "part_max", "part_sum")):
+                        sig[name] = "*fp32"
+                    elif name.endswith("_ptr"):
+                        sig[name] = "*i32"
+                    elif name in ("scale_log2", "v_scale"):
+                        sig[name] = "fp32"
+                    else:
+                        sig[name] = "i32"
+                src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                assert "ld.local" not in compiled.asm["ptx"], f"{fn.__name__} {q_dt}/{cache_dt}: registers spill"

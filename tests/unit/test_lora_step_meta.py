@@ -75,7 +75,7 @@ def test_repeated_step_keeps_buffer():
 def test_capture_slots_write_no_device_buffer():
     """Inside a CUDA graph capture, the runner switches each graph between the LoRA kernels and none through
     capture_slots: any write to the step buffer there would be captured and replayed with the graph, wiping the
-    adapter slots every step (the bug this guards). capture_step, before the capture, clears it once."""
+    adapter slots every step (the bug this guards). clear_step, before the capture, clears it once."""
     m = manager(4, {})
     m.reserve(16)
     m.state.meta.fill_(5)
@@ -84,5 +84,5 @@ def test_capture_slots_write_no_device_buffer():
         m.capture_slots(with_lora)
         assert (m.state.meta == 5).all() and m._meta_dirty
         assert m.state.active_slots == ([0, 1, 2, 3] if with_lora else [])
-    m.capture_step()
+    m.clear_step()
     assert (m.state.meta == -1).all()

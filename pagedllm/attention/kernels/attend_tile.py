@@ -7,12 +7,30 @@ K and V are converted to q's dtype for tl.dot (exact: e4m3 fits bf16 and fp16); 
 caller's scale_log2 and v_scale applied to the caller's output, so the tile does no per-element scaling.
 Callers pass q through dot_q first: a bf16 q becomes fp16, so both dots run in fp16. Why: e4m3 -> fp16 is one
 conversion instruction per pair on sm_89+, e4m3 -> bf16 goes through fp16, and with half the bytes to read the
-conversion is what a tile waits on. H200, decode kernel, Qwen3-0.6B heads (benchmarks/fp8_decode_variants.py):
+conversion is what a tile waits on. H200, decode kernel, Qwen3-0.6B heads (fp8_decode_variants.py at 2122c68):
 W1's 256 rows 325.5 -> 291.0 us (bf16 cache: 291.3), 32 x 30k 966 -> 856 us (bf16: 910). Not less exact: fp16
 holds every bf16 value from 2^-14 to 65504 exactly (q is clamped to that range) and p in [0, 1] with 3 more bits.
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def load_kv_tile(q, tile_start, kv_stop, table, kv_head, k_cache_ptr, v_cache_ptr, dims, dim_ok,
+                 stride_c_block, stride_c_slot, stride_c_head, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr):
+    """Keys tile_start .. tile_start + TILE_N - 1 of one kv head: their positions, which are below kv_stop (the
+    others are not loaded: zeros), and K and V (TILE_N, HEAD_PAD), an fp8 cache's converted to q's dtype."""
+    keys = tile_start + tl.arange(0, TILE_N)
+    key_ok = keys < kv_stop
+    block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    kv_off = block * stride_c_block + (keys % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    return keys, key_ok, k, v
 
 
 @triton.jit
@@ -24,16 +42,8 @@ def attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_hea
     Keys at or past kv_stop are not loaded. MASKED: row m also drops keys at or past causal_end[m] (the
     causal bound, or kv_stop itself); unmasked tiles must hold only keys every row sees. Every tile must leave
     each row at least one visible key, so that the running max stays finite."""
-    keys = tile_start + tl.arange(0, TILE_N)
-    key_ok = keys < kv_stop
-    block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-    kv_off = block * stride_c_block + (keys % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
-    kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
+    keys, key_ok, k, v = load_kv_tile(q, tile_start, kv_stop, table, kv_head, k_cache_ptr, v_cache_ptr, dims,
+                                      dim_ok, stride_c_block, stride_c_slot, stride_c_head, BLOCK_SIZE, TILE_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         s = tl.where((keys[None, :] < causal_end[:, None]) & key_ok[None, :], s, float("-inf"))
