@@ -46,8 +46,11 @@ class EngineCoreRequest:
     hold_kv: bool = False             # keep its blocks when it ends, until release_kv_holds
 
 
-# A/B switch for measurements: 0 fills the bitmask and launches the constrained sampling on the step thread.
-SAMPLE_ON_THREAD = os.environ.get("PAGEDLLM_STRUCTURED_SAMPLE_THREAD", "1") != "0"
+# The bitmask fill and the constrained sampling launch run on the step thread by default: H200, W1 with every request
+# constrained, 96.3% of plain against 83.2 / 94.0% with them on the structured-output thread (the fill's xgrammar
+# calls give the GIL away; getting it back behind the caller's thread costs up to a switch interval).
+# PAGEDLLM_STRUCTURED_SAMPLE_THREAD=1 puts them on that thread, for A/B measurements.
+SAMPLE_ON_THREAD = os.environ.get("PAGEDLLM_STRUCTURED_SAMPLE_THREAD", "0") == "1"
 
 
 class EngineCore:

@@ -6,7 +6,7 @@ request's tokens end (preemption and resume change nothing: the tokens stay). Ea
 it has been applied, StructuredOutputManager.fill_bitmask writes the allowed tokens of the rows that sample
 under a constraint into a host bitmask (one batch accept, one batch fill on xgrammar's threads), while the
 device runs the step's forward; the runner copies it over and applies it before sampling. The fill and the
-sampling launch run on the manager's sampling thread (`sampler`) while the step thread returns its outputs; the kept
+sampling launch run on the step thread (on the manager's sampling thread, `sampler`, for A/B runs); the kept
 tokens' accepts wait for the fill too (RequestGrammar.accept): only a stop token can end a grammar, so the
 scheduler's stop checks need the matcher for stop tokens alone.
 """
