@@ -23,7 +23,10 @@ LAYERS = {"qkv_proj": (1024, (2048, 1024, 1024)), "o_proj": (2048, (1024,)), "ga
 RANK, LORAS, CALLS, NUM_LAYERS = 16, 8, 20, 28
 DECODE, PREFILL, SWEEP_T = (1, 2, 4, 8, 16, 256), (2048, 8192), (16, 256)
 SWEEP = [FusedConfig(*c) for c in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (16, 256, 128, 4, 4),
-                                   (16, 128, 256, 4, 4), (16, 256, 256, 8, 3), (16, 256, 128, 8, 4))]   # none spills
+                                   (16, 128, 256, 4, 4), (16, 256, 256, 8, 3), (16, 256, 128, 8, 4),
+                                   # long K steps: a decode program's chain of dependent K steps is its latency
+                                   (16, 256, 512, 8, 2), (16, 128, 512, 4, 2), (16, 256, 1024, 8, 1),
+                                   (32, 256, 512, 8, 2))]
 
 
 def graph_us(fn) -> float:
