@@ -9,15 +9,12 @@ those steps whose forward was still running when the fill ended (hidden behind t
 call shows in the spread. --no-text adds one more (plain, constrained) pair with detokenize=False: with dummy
 weights the plain answers' random ids decode to text holding U+FFFD, which the deferred detokenizer re-decodes
 through its windows at the end, while the constrained answers are clean JSON; without text neither pays for it.
---ab-thread makes each rep (plain, constrained with the fill and sampling launch on the structured-output thread,
-constrained with them on the step thread): engine/core.py's SAMPLE_ON_THREAD, flipped between runs.
 """
 import dataclasses
 import json
 import sys
 import time
 
-import pagedllm.engine.core as engine_core
 from w1_variants import run_variant, w1_engine
 
 from pagedllm import SamplingParams
@@ -41,15 +38,10 @@ def main():
     print(json.dumps({"warmup_compile_s": round(time.perf_counter() - start, 2)}), flush=True)
     stats = llm.engine.core.structured.stats
     reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 1
-    on_thread = engine_core.SAMPLE_ON_THREAD
-    order = [("plain", False, True, on_thread), ("constrained", True, True, on_thread)]
-    if "--ab-thread" in sys.argv:
-        order = [("plain", False, True, on_thread), ("constrained, sampling thread", True, True, True),
-                 ("constrained, step thread", True, True, False)]
-    order = order * reps + [("plain again", False, True, on_thread)]
+    order = [("plain", False, True), ("constrained", True, True)] * reps + [("plain again", False, True)]
     if "--no-text" in sys.argv:
-        order += [("plain, no text", False, False, on_thread), ("constrained, no text", True, False, on_thread)]
-    for variant, constrained, text, engine_core.SAMPLE_ON_THREAD in order:
+        order += [("plain, no text", False, False), ("constrained, no text", True, False)]
+    for variant, constrained, text in order:
         before = dataclasses.replace(stats)
         # Token totals and finish reasons of every run: a like-for-like pair generates the same tokens
         # (all "length"; an answer that completes its JSON early ends "stop" with fewer).

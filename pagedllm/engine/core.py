@@ -5,9 +5,7 @@ output processors; `AsyncLLM` runs it in a process of its own (`core_process.py`
 API process never delays a step.
 """
 import concurrent.futures
-import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -46,13 +44,6 @@ class EngineCoreRequest:
     hold_kv: bool = False             # keep its blocks when it ends, until release_kv_holds
 
 
-# The bitmask fill and the constrained sampling launch run on the step thread by default: H200, W1 with every request
-# constrained, 96.3% of plain against 83.2 / 94.0% with them on the structured-output thread (the fill's xgrammar
-# calls give the GIL away; getting it back behind the caller's thread costs up to a switch interval).
-# PAGEDLLM_STRUCTURED_SAMPLE_THREAD=1 puts them on that thread, for A/B measurements.
-SAMPLE_ON_THREAD = os.environ.get("PAGEDLLM_STRUCTURED_SAMPLE_THREAD", "0") == "1"
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype,
                  max_model_len: int):
@@ -72,8 +63,6 @@ class EngineCore:
             config.structured_outputs_compile_workers, config.structured_outputs_compile_timeout),
             hf_config.vocab_size, self.runner.config.max_num_seqs, self.runner.device)
         self._failed: list[EngineCoreOutput] = []   # error outputs of requests failed outside a step
-        # the in-flight step's bitmask fill and sampling launch, on the structured-output thread
-        self._sampling: tuple[SchedulerOutput, concurrent.futures.Future] | None = None
         self.lora_loader: LoRALoader | None = None   # reads adapters off the step loop (with the first one)
         self.speculator = None   # speculative decoding: which steps and rows propose (spec_decode/speculator.py)
         if config.speculative is not None:
@@ -83,7 +72,6 @@ class EngineCore:
         """A request whose own data raises here (hashing its blocks, its generator) ends with an error
         output at the next step(); nothing of it is left in the engine. One whose adapter is not on the host
         waits in the queue while a loader thread reads it (lora/loader.py); a read that fails fails it alone."""
-        self._join_sampling()   # the runner's state is the step thread's again
         try:
             # The Request hashes the prompt's blocks: that work stays here, off the API process; under an
             # adapter still being read, once it is on the host (its identity is in the first block's hash)
@@ -180,7 +168,6 @@ class EngineCore:
         A launch that raises fails the requests of N+1 alone (error outputs, returned with N's); N is
         still read. A device error (torch.AcceleratorError: the CUDA context is lost) and a failure
         while reading N propagate: the core process ends and the API process with it."""
-        self._join_sampling()
         outputs, self._failed = self._failed, []
         if self._lora_loading:
             outputs += self._poll_lora_loads()
@@ -197,7 +184,7 @@ class EngineCore:
         if done is not None:
             outputs += self.scheduler.update_from_output(done[0], done[1].result())
         if launched is not None and launched[1].deferred is not None:
-            outputs += self._sample_constrained(*launched[:2], wait=not SAMPLE_ON_THREAD)
+            outputs += self._sample_constrained(*launched[:2])
         if done is None:
             if launched is None and not outputs and self._lora_loading:
                 self.lora_loader.wait(0.05)   # only add_lora reads under way: no spinning
@@ -250,49 +237,25 @@ class EngineCore:
             futures += [load.future for load in self.lora_loader.pending.values()]
         concurrent.futures.wait(futures, timeout=seconds, return_when=concurrent.futures.FIRST_COMPLETED)
 
-    def _sample_constrained(self, sched_out: SchedulerOutput, pending: PendingOutput,
-                            wait: bool = True) -> list[EngineCoreOutput]:
+    def _sample_constrained(self, sched_out: SchedulerOutput, pending: PendingOutput) -> list[EngineCoreOutput]:
         """A launched step with rows under a grammar: the step before it is applied now (its tokens are the
         matchers' pending ones), so their bitmask is filled while the device runs this step's forward, then it
         samples. A request that ended meanwhile, or whose grammar is complete, samples unmasked (its token is
-        dropped). wait=False: the fill and the sampling launch run on the structured-output thread while this
-        thread returns the step before's outputs; _join_sampling() waits for them at the next step's start (and
-        in add_request), before anything touches the scheduler's steps or the runner again (a failure then ends
-        this step's requests, as here)."""
+        dropped). On the step thread: the fill's xgrammar calls give the GIL away, and on a second thread,
+        getting it back behind this one cost more than the overlap gained (H200, W1 with every request
+        constrained: 96.3 / 89.1 / 95.0% of plain on the step thread, 83.2 / 94.0 / 92.0 / 89.1% on a second)."""
         try:
             rows = live_grammar_rows(pending.rows, self.scheduler.requests)
-            if not wait:
-                self._sampling = sched_out, self.structured.sampler.submit(self._fill_and_sample, rows, pending)
-                return []
-            self._fill_and_sample(rows, pending)
+            start = time.perf_counter()
+            bitmask = self.structured.fill_bitmask(rows) if rows else None
+            self.structured.stats.record(time.perf_counter() - start, pending.forward_done)
+            self.runner.sample_constrained(pending, bitmask, [j for j, _ in rows])
             return []
         except (torch.AcceleratorError, WorkerDiedError):   # the engine cannot go on
             raise
         except Exception as e:
             self._in_flight = None
             return self._fail_step(sched_out, e)
-
-    def _fill_and_sample(self, rows: list, pending: PendingOutput):
-        device = self.runner.device   # a thread's current CUDA device is its own: the runner's here too
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            start = time.perf_counter()
-            bitmask = self.structured.fill_bitmask(rows) if rows else None
-            self.structured.stats.record(time.perf_counter() - start, pending.forward_done)
-            self.runner.sample_constrained(pending, bitmask, [j for j, _ in rows])
-
-    def _join_sampling(self):
-        """Waits for the in-flight step's sampling launch (the structured-output thread's); a failure ends
-        that step's requests (error outputs at this step), as a synchronous one would."""
-        if self._sampling is None:
-            return
-        (sched_out, future), self._sampling = self._sampling, None
-        try:
-            future.result()
-        except torch.AcceleratorError:
-            raise
-        except Exception as e:
-            self._in_flight = None
-            self._failed += self._fail_step(sched_out, e)
 
     def _fail_step(self, sched_out: SchedulerOutput, e: Exception) -> list[EngineCoreOutput]:
         logger.error("a step of %d requests failed; they end with an error, the others carry on",

@@ -5,14 +5,13 @@ takes every token the request keeps (Scheduler.update_from_output), so that the 
 request's tokens end (preemption and resume change nothing: the tokens stay). Each step, after the step before
 it has been applied, StructuredOutputManager.fill_bitmask writes the allowed tokens of the rows that sample
 under a constraint into a host bitmask (one batch accept, one batch fill on xgrammar's threads), while the
-device runs the step's forward; the runner copies it over and applies it before sampling. The fill and the
-sampling launch run on the step thread (on the manager's sampling thread, `sampler`, for A/B runs); the kept
+device runs the step's forward; the runner copies it over and applies it before sampling. The kept
 tokens' accepts wait for the fill too (RequestGrammar.accept): only a stop token can end a grammar, so the
 scheduler's stop checks need the matcher for stop tokens alone.
 """
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -153,14 +152,6 @@ class StructuredOutputManager:
         self._bitmask: torch.Tensor | None = None   # host, one row per sampled row of a step
         self._batch = None
         self.stats = BitmaskStats()
-        self._sampler: ThreadPoolExecutor | None = None
-
-    @property
-    def sampler(self) -> ThreadPoolExecutor:
-        """The thread that fills a step's bitmask and launches its sampling (one: steps sample in order)."""
-        if self._sampler is None:
-            self._sampler = ThreadPoolExecutor(1, thread_name_prefix="structured-sample")
-        return self._sampler
 
     def request_grammar(self, params: StructuredOutputsParams) -> RequestGrammar:
         return RequestGrammar(self.pool.submit(params), params.kind, self.pool.timeout)
