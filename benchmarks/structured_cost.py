@@ -9,6 +9,8 @@ those steps whose forward was still running when the fill ended (hidden behind t
 call shows in the spread. --no-text adds one more (plain, constrained) pair with detokenize=False: with dummy
 weights the plain answers' random ids decode to text holding U+FFFD, which the deferred detokenizer re-decodes
 through its windows at the end, while the constrained answers are clean JSON; without text neither pays for it.
+--fill-threads N,M,... runs only text-free variants: plain, then a constrained run with xgrammar's batch fill on
+each number of threads (the manager's matcher replaced between runs; the engine uses cores / 2), then plain again.
 """
 import dataclasses
 import json
@@ -39,9 +41,16 @@ def main():
     stats = llm.engine.core.structured.stats
     reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 1
     order = [("plain", False, True), ("constrained", True, True)] * reps + [("plain again", False, True)]
-    if "--no-text" in sys.argv:
+    if "--fill-threads" in sys.argv:
+        counts = [int(n) for n in sys.argv[sys.argv.index("--fill-threads") + 1].split(",")]
+        order = [("plain, no text", False, False)] + [(f"constrained, no text, {n} fill threads", True, False)
+                                                      for n in counts] + [("plain again, no text", False, False)]
+    elif "--no-text" in sys.argv:
         order += [("plain, no text", False, False), ("constrained, no text", True, False)]
     for variant, constrained, text in order:
+        if "fill threads" in variant:
+            import xgrammar as xgr
+            llm.engine.core.structured._batch = xgr.BatchGrammarMatcher(max_threads=int(variant.split()[-3]))
         before = dataclasses.replace(stats)
         # Token totals and finish reasons of every run: a like-for-like pair generates the same tokens
         # (all "length"; an answer that completes its JSON early ends "stop" with fewer).
