@@ -6,8 +6,8 @@ Phases, in the order Engine.step runs them: schedule (step N+1, while step N run
 forward and sampler launches), wait (host blocked on N's sampled ids: device time not hidden by the host),
 update (scheduler.update_from_output of N), process (output processing of N, while N+1 runs). Steps are
 counted by the kind of the step launched: decode-only apart from steps that carry prompt tokens.
---json-schemas constrains every request by one of the 8 run-on JSON schemas (as structured_cost.py); then join
-is the step thread's wait for the structured-output thread's bitmask fill and sampling launch of the step before.
+--json-schemas constrains every request by one of the 8 run-on JSON schemas (as structured_cost.py); then fill
+is the bitmask fill and the constrained sampling launch of the step just launched.
 """
 import argparse
 import dataclasses
@@ -55,7 +55,7 @@ def instrument(engine, totals, counts):
     PendingOutput.result = timed("wait", PendingOutput.result)
     engine.scheduler.update_from_output = timed("update", engine.scheduler.update_from_output)
     engine.output_processor.process = timed("process", engine.output_processor.process)
-    engine.core._join_sampling = timed("join", engine.core._join_sampling)
+    engine.core._sample_constrained = timed("fill", engine.core._sample_constrained)
     step = engine.step
 
     def timed_step():

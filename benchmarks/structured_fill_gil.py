@@ -1,5 +1,5 @@
 """A constrained step's bitmask fill (its accepts and xgrammar's batch fill) for N rows, alone and while another
-thread runs Python (as the step thread does while the structured-output thread fills), two ways:
+thread runs Python (as the step thread did while the structured-output thread filled, before 6b18fd5), two ways:
 
   one_call   StructuredOutputManager.fill_bitmask as shipped: one batch accept, one batch fill, on the calling thread
   chunks64   the fill before it: chunks of 64 rows, each chunk's batch fill on a thread of its own while the caller

@@ -7,8 +7,7 @@ work of the constrained path that the step thread does:
   - rows: the engine core's list of rows under a live grammar;
   - fill: the bitmask fill (manager.fill_bitmask: its deferred accepts in one batch accept, and xgrammar's
     batch fill on several threads); with --split-flush the accepts run first, timed apart (flush).
-The "step thread" figure is what stays on it: with the fill on the sampling thread (manager.sample_async)
-that is check_stop + rows.
+All of it runs on the step thread (since 6b18fd5; the fill ran on a thread of its own before).
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/structured_host_cost.py [--rows 256] [--steps 64]
         [--tokenizer DIR]   (the GPU machine: .device/models/Qwen--Qwen3-0.6B)
@@ -116,13 +115,8 @@ def main():
     ms = {k: round(1e3 * float(np.median(v)), 3) for k, v in times.items()}   # median: the CPU is shared
     digest = hash(tuple(map(tuple, all_tokens))) & 0xFFFFFFFF   # equal before/after: the same tokens
     print(json.dumps({"rows": args.rows, "steps": args.steps, "median_ms_per_step": ms,
-                      "total_ms": round(sum(ms.values()), 3), "step_thread_ms": _step_thread(ms, manager),
+                      "total_ms": round(sum(ms.values()), 3),
                       "restarts": restarts, "tokens_digest": digest}))
-
-
-def _step_thread(ms: dict, manager) -> float:
-    off = hasattr(manager, "sampler")   # the fill (and its accepts) on the structured-output thread
-    return round(ms["check_stop"] + ms["rows"] + (0 if off else ms["flush"] + ms["fill"]), 3)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""A kept token waits in its RequestGrammar until the next bitmask fill (off the step thread): the bitmasks are
+"""A kept token waits in its RequestGrammar until the next bitmask fill: the bitmasks are
 those of a matcher that took every token at once (xgrammar's own, the reference), a stop token is taken at once
 so the scheduler sees the grammar's end, and a refused token fails the request's next accept. On the engine, a
-constrained step's sampling thread that raises ends that step's requests with an error, and the engine goes on."""
+constrained step's sampling launch that raises ends that step's requests with an error, and the engine goes on."""
 from concurrent.futures import Future
 
 import pytest
@@ -117,7 +117,7 @@ def test_the_batch_accept_of_single_tokens_equals_the_per_token_flush(compiled, 
     assert [g.rejected for g in batched] == [None, None, x, None, x, None, x, opening]
 
 
-def test_a_sampling_thread_failure_ends_that_steps_requests():
+def test_a_constrained_sampling_failure_ends_that_steps_requests():
     llm = LLM(dtype="float32", log_stats_interval=0)
     core, calls = llm.engine.core, []
     sample = core.runner.sample_constrained
