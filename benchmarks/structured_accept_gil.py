@@ -3,9 +3,8 @@ batch accept a chunk of rows), each alone and while another thread runs Python (
 the structured-output thread filled, before 6b18fd5): xgrammar lets the GIL go in each call, and a thread that
 wants it back waits up to a switch interval behind one that runs Python. N rows under the 8 run-on JSON schemas,
 each step a token drawn at random among those its bitmask allows; the two sets of matchers take the same tokens.
-The wait
-shows only where the spinning thread has a core to itself: on a loaded machine the caller gets the GIL back
-before the spinner wakes, and "spinning" equals "alone".
+The wait shows only where the spinning thread has a core to itself: on a loaded machine the caller gets the GIL
+back before the spinner wakes, and "spinning" equals "alone".
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/structured_accept_gil.py [--rows 256] [--steps 40]
         [--switch-interval 0.005] [--tokenizer DIR]
