@@ -4,13 +4,17 @@ query rows of a kv head as the dots' M side; on the H200 it reads fp8 at ~2.3 TB
 each tile's chain of load, conversion and dots, not by bytes.
 
 The variant, `swapped`: s^T = K q^T and acc^T = V^T p^T, so the keys (TILE_N >= 64) and the head dims are the dots'
-M side, where Hopper's wgmma can take them, and the padded query rows the N side. Not measured yet.
+M side, where Hopper's wgmma can take them, and the padded query rows the N side. H200 at 668da6d (us): on W1's
+32 short rows 78.6 at (64, 4) against 154.3 shipped (bf16 cache 157.9); on W4's 32 x 30k 1,340 against 855 (bf16
+910); its (128, 4) tile was wrong on W4 (rel err 3.9e-2), (128, 8) right. Its 256-row figures were not kept. Now
+also on the bf16 cache (is the gain the swap's, whatever the dtype?), and the shipped kernel at other tiles
+(TILE_N, warps, stages: triton_backend._decode_config replaced, so the reduce kernel sees the same tile).
 
 Measured before, with this script at 2122c68 (H200, W1's 256 rows / 32 x 30k, us): fp8 widened to bf16 325.5 /
 966.1; to fp16 291.0 / 855.6 (shipped since 31419c4); to fp16 by bit shifts 366.4 / 1,097; no tl.dot (fp32 FMA)
 981.9 / 3,206; bf16 cache 291.3 / 910.2.
 
-Each output is checked against the torch reference on the dequantized cache. Times: triton.testing.do_bench medians.
+Each output is checked against the torch reference on the same cache (an fp8 one dequantized). Times: do_bench medians.
 
     PYTHONPATH=$PWD python3 benchmarks/fp8_decode_variants.py
 """
@@ -111,33 +115,44 @@ def main():
     rng = random.Random(0)
     hq, hkv, d = 16, 8, 128                    # Qwen3-0.6B heads
     scale = d ** -0.5
-    variants = [("fp8 swapped (64, 4)", 64, 4), ("fp8 swapped (128, 4)", 128, 4), ("fp8 swapped (128, 8)", 128, 8)]
-    shipped = triton_backend.decode_partition_kernel
+    swapped = [("swapped (64, 4)", 64, 4), ("swapped (128, 8)", 128, 8)]
+    tiles = [(128, 4, 2), (128, 8, 2), (64, 4, 3), (64, 8, 3), (32, 4, 3)]
+    shipped, shipped_config = triton_backend.decode_partition_kernel, triton_backend._decode_config
     for name, rows in shapes(rng):
         batch = make_batch(rows, hq, hkv, d, 16, torch.bfloat16, "cuda", seed=0)
         triton_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
         fp8 = dataclasses.replace(batch, kv_cache=batch.kv_cache.float().clamp(-448, 448).to(torch.float8_e4m3fn))
         ref = torch_backend.paged_attention(batch.q, fp8.kv_cache.to(torch.bfloat16), batch.ref_meta, scale)
+        ref_bf16 = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale)
         ctx = sum(s for s, _ in rows)
         print(f"\n{name}: {ctx} context tokens")
 
         def timed(label, b):
             fn = lambda: triton_backend.paged_attention(b.q, b.kv_cache, b.meta, scale)  # noqa: E731
-            err = rel_error(fn(), ref) if b.kv_cache.dtype != torch.bfloat16 else float("nan")
+            err = rel_error(fn(), ref if b.kv_cache.dtype != torch.bfloat16 else ref_bf16)
             ms = do_bench(fn, return_mode="median")
             gbs = ctx * hkv * d * 2 * b.kv_cache.dtype.itemsize / ms / 1e6
-            print(f"  {label:40s} {ms * 1e3:8.1f} us {gbs:8.1f} GB/s  rel err vs dequantized ref {err:.2e}",
+            print(f"  {label:40s} {ms * 1e3:8.1f} us {gbs:8.1f} GB/s  rel err vs the torch reference {err:.2e}",
                   flush=True)
         timed("bf16 cache (shipped)", batch)
         timed("fp8 cache (shipped)", fp8)
-        for label, tile_n, warps in variants:
-            triton_backend.decode_partition_kernel = _Swapped(tile_n, warps)
+        for label, tile_n, warps in swapped:
+            for cache, b in (("fp8", fp8), ("bf16", batch)):
+                triton_backend.decode_partition_kernel = _Swapped(tile_n, warps)
+                try:
+                    timed(f"{cache} {label}", b)
+                except Exception as e:   # a variant that does not compile here: say so and go on
+                    print(f"  {cache} {label:35s} failed: {type(e).__name__}: {str(e)[:200]}")
+                finally:
+                    triton_backend.decode_partition_kernel = shipped
+        for tile in tiles:
+            triton_backend._decode_config = lambda dtype, head_dim, tile=tile: tile
             try:
-                timed(label, fp8)
-            except Exception as e:   # a variant that does not compile here: say so and go on
-                print(f"  {label:40s} failed: {type(e).__name__}: {str(e)[:200]}")
+                timed(f"fp8 shipped at {tile}", fp8)
+            except Exception as e:
+                print(f"  fp8 shipped at {tile}: failed: {type(e).__name__}: {str(e)[:200]}")
             finally:
-                triton_backend.decode_partition_kernel = shipped
+                triton_backend._decode_config = shipped_config
 
 
 if __name__ == "__main__":
