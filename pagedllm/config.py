@@ -58,7 +58,8 @@ class EngineConfig:
     enable_prefix_caching: bool = _f(True, "reuse the KV of cached full blocks across requests (off: the n "
                                            "sequences of one request still share their prompt's blocks)")
     gpu_memory_utilization: float = _f(0.90, "share of the GPU's total memory this engine may use: weights, "
-                                              "activations (profiled) and the KV cache in what is left")
+                                              "activations (profiled) and the KV cache in what is left (at most 4x "
+                                              "what max_num_seqs requests of max_model_len tokens use)")
     kv_cache_memory: int | None = _f(None, "bytes of KV cache, instead of sizing it from gpu_memory_utilization "
                                            "(default on CPU: enough for max_num_seqs full-length requests, at "
                                            "most 4 GiB)")

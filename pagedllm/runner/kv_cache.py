@@ -8,6 +8,11 @@ from pagedllm.config import EngineConfig
 logger = logging.getLogger("pagedllm")
 
 _CPU_DEFAULT_CAP = 4 << 30
+# A GPU cache holds at most this many times what max_num_seqs requests of max_model_len tokens can use: more
+# would only keep more freed blocks for prefix hits, and a small model on a large GPU would otherwise get millions
+# of blocks (a 2-layer test model on an H200 at 0.9: ~15M), whose host block pool takes a minute and GBs to build.
+# Never binding on the benchmarks' models (Qwen3-0.6B on an H200, max_model_len 4096: ~70k blocks, cap 524k).
+GPU_CAP_FACTOR = 4
 
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -18,7 +23,8 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
 def determine_num_blocks(config: EngineConfig, max_model_len: int, block_bytes: int,
                          profiled_free_bytes: int | None = None) -> int:
     """Explicit count, else kv_cache_memory bytes, else (GPU) what memory profiling left free under
-    gpu_memory_utilization, else (CPU) enough for max_num_seqs full-length requests (at most 4 GiB)."""
+    gpu_memory_utilization, at most GPU_CAP_FACTOR x what max_num_seqs full-length requests use, else (CPU)
+    enough for max_num_seqs full-length requests (at most 4 GiB)."""
     if config.num_gpu_blocks_override is not None:
         return config.num_gpu_blocks_override
     if config.kv_cache_memory is not None:
@@ -34,7 +40,12 @@ def determine_num_blocks(config: EngineConfig, max_model_len: int, block_bytes: 
                              f"{max(profiled_free_bytes, 0) / 2**30:.2f} GiB for the KV cache, less than one "
                              f"request of max_model_len={max_model_len} tokens needs: raise "
                              f"gpu_memory_utilization or lower max_model_len")
-        return num_blocks
+        cap = GPU_CAP_FACTOR * config.max_num_seqs * -(-max_model_len // config.block_size)
+        if num_blocks > cap:
+            logger.info("KV cache: %d blocks fit under gpu_memory_utilization=%g; %d kept (%dx what max_num_seqs=%d "
+                        "requests of max_model_len=%d use)", num_blocks, config.gpu_memory_utilization, cap,
+                        GPU_CAP_FACTOR, config.max_num_seqs, max_model_len)
+        return min(num_blocks, cap)
     blocks_per_seq = -(-max_model_len // config.block_size)
     return max(1, min(config.max_num_seqs * blocks_per_seq, _CPU_DEFAULT_CAP // block_bytes))
 

@@ -6,6 +6,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.bench.agreement import PROMPTS as TEXT_PROMPTS, free_running, greedy, token_ids
+from pagedllm.runner import kv_cache
 
 pytestmark = pytest.mark.gpu
 
@@ -116,7 +117,8 @@ def test_bf16_greedy_mostly_matches_float32_cpu():
     assert free_running(ref, bf16) >= 0.95
 
 
-def test_kv_cache_sized_from_gpu_memory_utilization(tiny_model_dirs):
+def test_kv_cache_sized_from_gpu_memory_utilization(tiny_model_dirs, monkeypatch):
+    monkeypatch.setattr(kv_cache, "GPU_CAP_FACTOR", 10**6)   # the tiny model's blocks are many: no cap here
     d = tiny_model_dirs["llama"]
     total = torch.cuda.mem_get_info()[1]
     small = LLM(d, device="cuda", gpu_memory_utilization=0.05, log_stats_interval=0)
@@ -130,3 +132,13 @@ def test_kv_cache_sized_from_gpu_memory_utilization(tiny_model_dirs):
     assert larger.engine.runner.num_blocks > 1.5 * blocks_small
     out = larger.generate(PROMPTS, SamplingParams(max_tokens=8), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 8 or o.outputs[0].finish_reason == "stop" for o in out)
+
+
+def test_a_small_models_kv_cache_is_capped(tiny_model_dirs):
+    """The tiny model's 8 KB blocks would number millions at 0.9 of an H200: the cache stops at GPU_CAP_FACTOR
+    times what max_num_seqs requests of max_model_len use, and the engine still runs."""
+    llm = LLM(tiny_model_dirs["llama"], device="cuda", max_num_seqs=64, log_stats_interval=0)
+    cfg, runner = llm.engine.config, llm.engine.runner
+    assert runner.num_blocks == kv_cache.GPU_CAP_FACTOR * 64 * -(-llm.engine.max_model_len // cfg.block_size)
+    out = llm.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [8] * len(PROMPTS)

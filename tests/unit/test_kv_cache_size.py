@@ -1,0 +1,37 @@
+"""How many KV blocks an engine gets (runner/kv_cache.py determine_num_blocks): on a GPU, what profiling left
+free, at most GPU_CAP_FACTOR x what max_num_seqs requests of max_model_len tokens use."""
+import pytest
+
+from pagedllm.config import EngineConfig
+from pagedllm.runner.kv_cache import GPU_CAP_FACTOR, determine_num_blocks
+
+BLOCK_BYTES = 8192   # a 2-layer test model's block: 2 x 2 layers x 16 tokens x 2 heads x 16 dims x 4 bytes
+
+
+def test_free_memory_sets_the_count_below_the_cap():
+    config = EngineConfig(max_num_seqs=512)   # blocks of 16 tokens: 32 a 512-token request, cap 4 x 512 x 32
+    assert determine_num_blocks(config, 512, BLOCK_BYTES, 1000 * BLOCK_BYTES + 5) == 1000
+
+
+def test_a_small_model_on_a_large_gpu_stops_at_the_cap(caplog):
+    config = EngineConfig(max_num_seqs=512)
+    free = 125 << 30   # an H200 at 0.9, less the weights: ~16M blocks of 8 KB
+    with caplog.at_level("INFO", logger="pagedllm"):
+        assert determine_num_blocks(config, 512, BLOCK_BYTES, free) == GPU_CAP_FACTOR * 512 * 32
+    assert "max_num_seqs=512" in caplog.text and "max_model_len=512" in caplog.text
+
+
+def test_the_cap_follows_max_model_len_and_max_num_seqs():
+    config = EngineConfig(max_num_seqs=3)
+    assert determine_num_blocks(config, 100, BLOCK_BYTES, 1 << 40) == GPU_CAP_FACTOR * 3 * 7   # 100 tokens: 7 blocks
+
+
+def test_explicit_sizes_are_not_capped():
+    assert determine_num_blocks(EngineConfig(num_gpu_blocks_override=10**7, max_num_seqs=1), 16, BLOCK_BYTES) == 10**7
+    config = EngineConfig(kv_cache_memory=10**6 * BLOCK_BYTES, max_num_seqs=1)
+    assert determine_num_blocks(config, 16, BLOCK_BYTES) == 10**6
+
+
+def test_too_little_free_memory_for_one_request_names_the_settings():
+    with pytest.raises(ValueError, match="gpu_memory_utilization.*max_model_len"):
+        determine_num_blocks(EngineConfig(max_num_seqs=8), 4096, BLOCK_BYTES, 100 * BLOCK_BYTES)
