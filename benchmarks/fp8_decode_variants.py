@@ -117,7 +117,6 @@ def main():
     scale = d ** -0.5
     swapped = [("swapped (64, 4)", 64, 4), ("swapped (128, 8)", 128, 8)]
     tiles = [(128, 4, 2), (128, 8, 2), (64, 4, 3), (64, 8, 3), (32, 4, 3)]
-    shipped, shipped_config = triton_backend.decode_partition_kernel, triton_backend._decode_config
     for name, rows in shapes(rng):
         batch = make_batch(rows, hq, hkv, d, 16, torch.bfloat16, "cuda", seed=0)
         triton_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
@@ -134,25 +133,23 @@ def main():
             gbs = ctx * hkv * d * 2 * b.kv_cache.dtype.itemsize / ms / 1e6
             print(f"  {label:40s} {ms * 1e3:8.1f} us {gbs:8.1f} GB/s  rel err vs the torch reference {err:.2e}",
                   flush=True)
+        def timed_with(label, b, name, value):
+            """timed() with triton_backend.<name> replaced by value for the run."""
+            shipped = getattr(triton_backend, name)
+            setattr(triton_backend, name, value)
+            try:
+                timed(label, b)
+            except Exception as e:   # a variant that does not compile here: say so and go on
+                print(f"  {label:40s} failed: {type(e).__name__}: {str(e)[:200]}")
+            finally:
+                setattr(triton_backend, name, shipped)
         timed("bf16 cache (shipped)", batch)
         timed("fp8 cache (shipped)", fp8)
         for label, tile_n, warps in swapped:
             for cache, b in (("fp8", fp8), ("bf16", batch)):
-                triton_backend.decode_partition_kernel = _Swapped(tile_n, warps)
-                try:
-                    timed(f"{cache} {label}", b)
-                except Exception as e:   # a variant that does not compile here: say so and go on
-                    print(f"  {cache} {label:35s} failed: {type(e).__name__}: {str(e)[:200]}")
-                finally:
-                    triton_backend.decode_partition_kernel = shipped
+                timed_with(f"{cache} {label}", b, "decode_partition_kernel", _Swapped(tile_n, warps))
         for tile in tiles:
-            triton_backend._decode_config = lambda dtype, head_dim, tile=tile: tile
-            try:
-                timed(f"fp8 shipped at {tile}", fp8)
-            except Exception as e:
-                print(f"  fp8 shipped at {tile}: failed: {type(e).__name__}: {str(e)[:200]}")
-            finally:
-                triton_backend._decode_config = shipped_config
+            timed_with(f"fp8 shipped at {tile}", fp8, "_decode_config", lambda dtype, head_dim, tile=tile: tile)
 
 
 if __name__ == "__main__":

@@ -40,17 +40,20 @@ def main():
     print(json.dumps({"warmup_compile_s": round(time.perf_counter() - start, 2)}), flush=True)
     stats = llm.engine.core.structured.stats
     reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 1
-    order = [("plain", False, True), ("constrained", True, True)] * reps + [("plain again", False, True)]
+    # (variant, constrained, text, xgrammar fill threads: None = the engine's own matcher)
+    order = [("plain", False, True, None), ("constrained", True, True, None)] * reps + [
+        ("plain again", False, True, None)]
     if "--fill-threads" in sys.argv:
         counts = [int(n) for n in sys.argv[sys.argv.index("--fill-threads") + 1].split(",")]
-        order = [("plain, no text", False, False)] + [(f"constrained, no text, {n} fill threads", True, False)
-                                                      for n in counts] + [("plain again, no text", False, False)]
+        order = [("plain, no text", False, False, None)] + [
+            (f"constrained, no text, {n} fill threads", True, False, n) for n in counts] + [
+            ("plain again, no text", False, False, None)]
     elif "--no-text" in sys.argv:
-        order += [("plain, no text", False, False), ("constrained, no text", True, False)]
-    for variant, constrained, text in order:
-        if "fill threads" in variant:
+        order += [("plain, no text", False, False, None), ("constrained, no text", True, False, None)]
+    for variant, constrained, text, threads in order:
+        if threads is not None:
             import xgrammar as xgr
-            llm.engine.core.structured._batch = xgr.BatchGrammarMatcher(max_threads=int(variant.split()[-3]))
+            llm.engine.core.structured._batch = xgr.BatchGrammarMatcher(max_threads=threads)
         before = dataclasses.replace(stats)
         # Token totals and finish reasons of every run: a like-for-like pair generates the same tokens
         # (all "length"; an answer that completes its JSON early ends "stop" with fewer).

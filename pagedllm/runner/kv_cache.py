@@ -4,6 +4,7 @@ import logging
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.core.block_pool import cdiv
 
 logger = logging.getLogger("pagedllm")
 
@@ -27,6 +28,7 @@ def determine_num_blocks(config: EngineConfig, max_model_len: int, block_bytes: 
     enough for max_num_seqs full-length requests (at most 4 GiB)."""
     if config.num_gpu_blocks_override is not None:
         return config.num_gpu_blocks_override
+    full_length = config.max_num_seqs * cdiv(max_model_len, config.block_size)   # blocks of max_num_seqs requests
     if config.kv_cache_memory is not None:
         num_blocks = config.kv_cache_memory // block_bytes
         if num_blocks < 1:
@@ -40,14 +42,13 @@ def determine_num_blocks(config: EngineConfig, max_model_len: int, block_bytes: 
                              f"{max(profiled_free_bytes, 0) / 2**30:.2f} GiB for the KV cache, less than one "
                              f"request of max_model_len={max_model_len} tokens needs: raise "
                              f"gpu_memory_utilization or lower max_model_len")
-        cap = GPU_CAP_FACTOR * config.max_num_seqs * -(-max_model_len // config.block_size)
+        cap = GPU_CAP_FACTOR * full_length
         if num_blocks > cap:
             logger.info("KV cache: %d blocks fit under gpu_memory_utilization=%g; %d kept (%dx what max_num_seqs=%d "
                         "requests of max_model_len=%d use)", num_blocks, config.gpu_memory_utilization, cap,
                         GPU_CAP_FACTOR, config.max_num_seqs, max_model_len)
         return min(num_blocks, cap)
-    blocks_per_seq = -(-max_model_len // config.block_size)
-    return max(1, min(config.max_num_seqs * blocks_per_seq, _CPU_DEFAULT_CAP // block_bytes))
+    return max(1, min(full_length, _CPU_DEFAULT_CAP // block_bytes))
 
 
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -6,6 +6,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.bench.agreement import PROMPTS as TEXT_PROMPTS, free_running, greedy, token_ids
+from pagedllm.core.block_pool import cdiv
 from pagedllm.runner import kv_cache
 
 pytestmark = pytest.mark.gpu
@@ -139,6 +140,6 @@ def test_a_small_models_kv_cache_is_capped(tiny_model_dirs):
     times what max_num_seqs requests of max_model_len use, and the engine still runs."""
     llm = LLM(tiny_model_dirs["llama"], device="cuda", max_num_seqs=64, log_stats_interval=0)
     cfg, runner = llm.engine.config, llm.engine.runner
-    assert runner.num_blocks == kv_cache.GPU_CAP_FACTOR * 64 * -(-llm.engine.max_model_len // cfg.block_size)
+    assert runner.num_blocks == kv_cache.GPU_CAP_FACTOR * 64 * cdiv(llm.engine.max_model_len, cfg.block_size)
     out = llm.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in out] == [8] * len(PROMPTS)
