@@ -93,7 +93,7 @@ def test_shared_prefix_decode_gives_the_same_tokens(tmp_path, dtype):
         graphs = llm.engine.runner.graphs
         count = _count_replays(graphs) if graphs else None
         if graphs:
-            count["captured shared"] = sum(shared for _, _, shared in graphs.graphs)
+            count["captured shared"] = sum(shared for _, _, shared, _ in graphs.graphs)   # (T, mixed, shared, lora)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], count
 
     graphed, count = run()

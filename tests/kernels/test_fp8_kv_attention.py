@@ -142,14 +142,17 @@ def test_attention_kernels_compile_for_hopper():
     from pagedllm.attention.kernels.decode_partition import decode_partition_kernel
     from pagedllm.attention.kernels.prefill_attention import prefill_attention_kernel
     from pagedllm.attention.kernels.shared_prefix import shared_prefix_kernel
-    from pagedllm.attention.triton_backend import MAX_SEGMENTS, PARTITION
+    from pagedllm.attention.triton_backend import MAX_SEGMENTS, PARTITION, _decode_config
     common = dict(HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, PRECISION="tf32")
-    cases = [(decode_partition_kernel, dict(GROUP=2, BLOCK_M=16, TILE_N=64, PARTITION=PARTITION,
-                                            MAX_SEGMENTS=MAX_SEGMENTS, HAS_SHARED=False), 4),
-             (prefill_attention_kernel, dict(GROUP=2, GROUP_PAD=2, BLOCK_Q=32, TILE_N=64), 4),
-             (shared_prefix_kernel, dict(GROUP=2, GROUP_PAD=2, ROWS=32, TILE_N=64, PARTITION=PARTITION), 4)]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8e4nv": torch.float8_e4m3fn}
     for q_dt in ("bf16", "fp16"):
         for cache_dt in (q_dt, "fp8e4nv"):
+            tile_n, decode_warps, _ = _decode_config(dtypes[q_dt], dtypes[cache_dt], 128)
+            cases = [(decode_partition_kernel, dict(GROUP=2, BLOCK_M=16, TILE_N=tile_n, PARTITION=PARTITION,
+                                                    MAX_SEGMENTS=MAX_SEGMENTS, HAS_SHARED=False), decode_warps),
+                     (prefill_attention_kernel, dict(GROUP=2, GROUP_PAD=2, BLOCK_Q=32, TILE_N=64), 4),
+                     (shared_prefix_kernel, dict(GROUP=2, GROUP_PAD=2, ROWS=32, TILE_N=tile_n,
+                                                 PARTITION=PARTITION), 4)]
             for fn, consts, warps in cases:
                 consts = {**common, **consts}
                 sig = {}
