@@ -26,7 +26,10 @@ SWEEP = [FusedConfig(*c) for c in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (1
                                    (16, 128, 256, 4, 4), (16, 256, 256, 8, 3), (16, 256, 128, 8, 4),
                                    # long K steps: a decode program's chain of dependent K steps is its latency
                                    (16, 256, 512, 8, 2), (16, 128, 512, 4, 2), (16, 256, 1024, 8, 1),
-                                   (32, 256, 512, 8, 2))]
+                                   (32, 256, 512, 8, 2), (32, 256, 128, 4, 4), (32, 128, 128, 4, 4))]
+# the fused kernel's `programs` (a grid above it gives a program several column tiles, computing x A once for
+# them): the default 1024 leaves T = 256 at one column tile a program, each recomputing x A from L2
+PROGRAMS = (1024, 256, 128, 64, 32)
 
 
 def graph_us(fn) -> float:
@@ -59,7 +62,7 @@ def key(cfg: FusedConfig) -> str:
     return ",".join(str(v) for v in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages))
 
 
-def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, sweep: dict):
+def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, sweep: dict, programs: dict):
     dt = torch.bfloat16
     out, n, max_shard = sum(shards), len(shards), max(shards)
     weight = torch.randn(out, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
@@ -83,6 +86,10 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
             line["tiles_us"] = tiles
             for k, us in tiles.items():
                 sweep[(k, T)] = sweep.get((k, T), 0.0) + us
+            line["programs_us"] = {p: graph_us(lambda p=p: lora_fused(*args, config=default, programs=p))
+                                   for p in PROGRAMS}
+            for p, us in line["programs_us"].items():
+                programs[(p, T)] = programs.get((p, T), 0.0) + us
         t = totals.setdefault((T, line["case"]), {"split": 0.0, "fused": 0.0, "best": 0.0})
         t["split"] += line["split_us"]
         t["fused"] += line["fused_us"]
@@ -91,9 +98,12 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
 
 
 def main():
-    totals, sweep = {}, {}
+    totals, sweep, programs = {}, {}, {}
     for name, (fan_in, shards) in LAYERS.items():
-        bench_layer(name, fan_in, shards, totals, sweep)
+        bench_layer(name, fan_in, shards, totals, sweep, programs)
+    for T in SWEEP_T:
+        print(json.dumps({"programs_step_ms": f"x{NUM_LAYERS} layers, default tiles", "T": T,
+                          **{str(p): round(programs[(p, T)] * NUM_LAYERS / 1e3, 3) for p in PROGRAMS}}), flush=True)
     for (T, case), t in totals.items():
         print(json.dumps({"step_ms": f"x{NUM_LAYERS} layers", "T": T, "case": case,
                           **{k: round(v * NUM_LAYERS / 1e3, 3) for k, v in t.items()}}), flush=True)
