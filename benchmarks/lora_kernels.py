@@ -27,9 +27,9 @@ SWEEP = [FusedConfig(*c) for c in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (1
                                    # long K steps: a decode program's chain of dependent K steps is its latency
                                    (16, 256, 512, 8, 2), (16, 128, 512, 4, 2), (16, 256, 1024, 8, 1),
                                    (32, 256, 512, 8, 2), (32, 256, 128, 4, 4), (32, 128, 128, 4, 4))]
-# the fused kernel's `programs` (a grid above it gives a program several column tiles, computing x A once for
-# them): the default 1024 leaves T = 256 at one column tile a program, each recomputing x A from L2
-PROGRAMS = (1024, 256, 128, 64, 32)
+# the fused kernel's `programs` (above it a program takes several column tiles, computing x A once for them),
+# the default first; 1024 was the default before 2026-12-04
+PROGRAMS = (264, 1024, 128, 64)
 
 
 def graph_us(fn) -> float:
@@ -86,6 +86,7 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
             line["tiles_us"] = tiles
             for k, us in tiles.items():
                 sweep[(k, T)] = sweep.get((k, T), 0.0) + us
+        if not all_base:
             line["programs_us"] = {p: graph_us(lambda p=p: lora_fused(*args, config=default, programs=p))
                                    for p in PROGRAMS}
             for p, us in line["programs_us"].items():
@@ -101,7 +102,7 @@ def main():
     totals, sweep, programs = {}, {}, {}
     for name, (fan_in, shards) in LAYERS.items():
         bench_layer(name, fan_in, shards, totals, sweep, programs)
-    for T in SWEEP_T:
+    for T in sorted({T for _, T in programs}):
         print(json.dumps({"programs_step_ms": f"x{NUM_LAYERS} layers, default tiles", "T": T,
                           **{str(p): round(programs[(p, T)] * NUM_LAYERS / 1e3, 3) for p in PROGRAMS}}), flush=True)
     for (T, case), t in totals.items():

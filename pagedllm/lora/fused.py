@@ -5,8 +5,8 @@ bound (a few KB of work). Here a program owns an output tile (BLOCK_M tokens x B
 it recomputes its tokens' t = x A_shard^T over all of K (rank <= 64: a (BLOCK_M, R) float32 accumulator),
 rounds t to the adapter's dtype as the two-launch path does, and adds t B_shard^T into y, in place. Its B and y
 tiles are loaded before the K loop, so their latency hides behind it. Recomputing t per column tile reads x
-and A again from L2: wide BLOCK_N keeps that small, and a large step's programs (a grid above PROGRAMS) take
-several column tiles each, computing t once for them.
+and A again from L2: wide BLOCK_N keeps that small, and when a step needs more programs than the GPU runs at
+once (PROGRAMS), programs take several column tiles each, computing t once for them, in one wave.
 
 Tokens come sorted by slot (lora/manager.py), so a tile of a large step holds one adapter. A small decode step
 (T <= a few tiles) has several adapters a tile; its grid gets `groups` programs a tile, program g serving the
@@ -25,7 +25,10 @@ import triton.language as tl
 from pagedllm.lora.kernels import NO_SLOT, _next_slot, _pow2_at_least_16, _precision, _tile
 
 FUSED_MAX_RANK = 64
-PROGRAMS = 1024   # a grid about this large (~8 programs an SM of an H100/H200) keeps one column tile a program
+# Programs with columns above which each takes several column tiles: about what an H200 runs at once at the
+# default tiles (2 an SM). H200, a 256-token decode step over 8 adapters (benchmarks/lora_kernels.py): gate_up,
+# 384 programs, 12.66 us at one column tile a program, 8.05 at 3; qkv, 256, 7.17 at one, 8.04 at 3
+PROGRAMS = 264
 CONFIG_ENV = "PAGEDLLM_LORA_FUSED_CONFIG"   # "block_m,block_n,block_k,num_warps,num_stages" for every layer
 
 
@@ -88,10 +91,10 @@ def slot_groups(num_tokens: int, num_slots: int, block_m: int) -> int:
     return max(1, min(num_slots, num_tokens, block_m * num_slots // max(num_tokens, 1)))
 
 
-def column_tiles_per_program(grid: int, col_tiles: int, programs: int = PROGRAMS) -> int:
-    """1 while the grid is small (decode: more programs, each recomputing t); a large step's programs take
-    several column tiles each, so x A is computed fewer times (once a shard at the widest)."""
-    return max(1, min(col_tiles, grid // programs))
+def column_tiles_per_program(live: int, col_tiles: int, programs: int = PROGRAMS) -> int:
+    """1 while the programs with columns to write (`live`) fit in one wave (more programs, each recomputing t);
+    above it each takes several column tiles, so x A is computed fewer times (once a shard at the widest)."""
+    return max(1, min(col_tiles, triton.cdiv(live, programs)))
 
 
 @triton.jit(do_not_specialize=["T", "groups", "n_tiles"])   # one compile a layer and dtype, whatever the step
@@ -159,8 +162,8 @@ def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_p
 def lora_fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, order: torch.Tensor,
                sorted_slots: torch.Tensor, shard_bounds: torch.Tensor, max_shard: int, rank: int,
                config: FusedConfig | None = None, programs: int = PROGRAMS) -> torch.Tensor:
-    """add_lora's contract (lora/kernels.py) in one launch; rank <= FUSED_MAX_RANK. programs: the grid size
-    above which programs take several column tiles (tests: small, to take that path on small inputs)."""
+    """add_lora's contract (lora/kernels.py) in one launch; rank <= FUSED_MAX_RANK. programs: the programs
+    above which each takes several column tiles (tests: small, to take that path on small inputs)."""
     T, K = x.shape
     assert rank <= FUSED_MAX_RANK, f"lora_fused: rank {rank} > {FUSED_MAX_RANK}"
     assert y.stride(-1) == 1 and y.shape[0] == T, "lora_fused: y must have unit column stride and T rows"
@@ -170,7 +173,9 @@ def lora_fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     groups = slot_groups(T, lora_a.shape[0], cfg.block_m)
     num_shards, row_tiles, col_tiles = shard_bounds.numel() - 1, triton.cdiv(T, cfg.block_m), triton.cdiv(
         max_shard, cfg.block_n)
-    n_tiles = column_tiles_per_program(row_tiles * col_tiles * num_shards * groups, col_tiles, programs)
+    # programs with columns: the grid covers the widest shard, narrower shards' extra column tiles exit at once
+    live = row_tiles * groups * triton.cdiv(y.shape[1], cfg.block_n)
+    n_tiles = column_tiles_per_program(live, col_tiles, programs)
     grid = (row_tiles, triton.cdiv(col_tiles, n_tiles), num_shards * groups)
     if T > 0:
         lora_fused_kernel[grid](x, lora_a, lora_b, y, order, sorted_slots, shard_bounds, T, K, groups, n_tiles,
