@@ -7,16 +7,21 @@ forward and sampler launches), wait (host blocked on N's sampled ids: device tim
 update (scheduler.update_from_output of N), process (output processing of N, while N+1 runs). Steps are
 counted by the kind of the step launched: decode-only apart from steps that carry prompt tokens.
 --json-schemas constrains every request by one of the 8 run-on JSON schemas (as structured_cost.py); then fill
-is the bitmask fill and the constrained sampling launch of the step just launched.
+is the bitmask fill and the constrained sampling launch of the step just launched. --lora-adapters N (with
+--enable-lora --max-loras N) profiles the workload twice on one engine, with no adapter and with N random rank-16
+adapters round-robin (lora_throughput.py's), each the second of two runs (the prefix cache emptied before each).
 """
 import argparse
 import dataclasses
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM, LoRARequest, SamplingParams
 from pagedllm.bench import workloads
 from pagedllm.bench.schemas import RUN_ON_SCHEMAS
 from pagedllm.cli import add_engine_args, engine_kwargs
@@ -71,11 +76,31 @@ def instrument(engine, totals, counts):
     engine.step = timed_step
 
 
+def profile(llm, prompts, params, loras, label: str, reps: int, totals, counts) -> dict:
+    """The last of reps timed runs (the prefix cache emptied before each), its phases per step; totals and counts
+    are instrument()'s, emptied before each run."""
+    for _ in range(reps):
+        llm.reset_prefix_cache()
+        totals.clear()
+        counts.clear()
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+        seconds = time.perf_counter() - start
+    report = {"run": label, "requests": len(prompts), "seconds": round(seconds, 3),
+              "output_tok_s": round(sum(p.max_tokens for p in params) / seconds, 1), "empty_steps": counts["empty"]}
+    for kind in ("decode", "mixed"):
+        n = max(counts[kind], 1)
+        report[kind] = {"steps": counts[kind], **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in totals[kind].items()}}
+    return report
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", required=True, choices=["W1", "W2", "W3"])
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--json-schemas", action="store_true", help="every request under a run-on JSON schema")
+    parser.add_argument("--lora-adapters", type=int, default=0, help="profile without and with N adapters")
+    parser.add_argument("--reps", type=int, default=1, help="runs of each profile; the last is reported")
     add_engine_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -92,24 +117,35 @@ def main():
         warm = [dataclasses.replace(p, max_tokens=8) for p in params[:len(schemas)]]
         llm.generate([[1, 2, 3]] * len(warm), warm, use_tqdm=False)
         engine.core.structured.stats = type(engine.core.structured.stats)()   # the timed run's alone
-    totals = defaultdict(lambda: defaultdict(float))
-    counts = defaultdict(int)
+    totals, counts = defaultdict(lambda: defaultdict(float)), defaultdict(int)
     instrument(engine, totals, counts)
-    start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    report = {"workload": args.workload, "json_schemas": args.json_schemas, "requests": len(prompts),
-              "seconds": round(seconds, 3), "output_tok_s": round(sum(out_lens) / seconds, 1)}
-    report["empty_steps"] = counts["empty"]
-    for kind in ("decode", "mixed"):
-        n = max(counts[kind], 1)
-        report[kind] = {"steps": counts[kind], **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in totals[kind].items()}}
+    if args.lora_adapters:
+        lora_profiles(llm, prompts, params, args, totals, counts)
+        return
+    report = {"workload": args.workload, "json_schemas": args.json_schemas,
+              **profile(llm, prompts, params, None, "plain", args.reps, totals, counts)}
     stats = engine.core.structured.stats
     if stats.num_steps:
         report["bitmask"] = {"steps": stats.num_steps, "fill_ms": round(stats.fill_seconds / stats.num_steps * 1e3, 3),
                              "hidden_share": round(stats.num_hidden / stats.num_steps, 3)}
     print(json.dumps(report))
 
+
+def lora_profiles(llm, prompts, params, args, totals, counts):
+    from lora_throughput import write_adapter   # benchmarks/ is this script's directory
+    cfg = json.loads((Path(args.model) / "config.json").read_text())
+    tmp = Path(tempfile.mkdtemp(prefix="step_profile_lora_"))
+    try:
+        loras = [LoRARequest(f"lora{i}", i + 1, write_adapter(tmp / f"lora{i}", cfg, args.max_lora_rank, seed=i))
+                 for i in range(args.lora_adapters)]
+        for lora in loras:
+            llm.engine.add_lora(lora)
+        assigned = [loras[i % len(loras)] for i in range(len(prompts))]
+        for label, req in (("base rows", None), (f"{len(loras)} adapters", assigned)):
+            report = profile(llm, prompts, params, req, label, args.reps, totals, counts)
+            print(json.dumps({"workload": args.workload, **report}), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 if __name__ == "__main__":
     main()
