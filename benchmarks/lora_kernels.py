@@ -9,8 +9,14 @@ tiles per layer; last the pick: split, the fused default, or the fused kernel at
 T = 256 + T = 16 time over the four layers, and `env`, the setting that selects it (PAGEDLLM_LORA_KERNEL=split,
 or PAGEDLLM_LORA_FUSED_CONFIG=block_m,block_n,block_k,num_warps,num_stages; empty for the default).
 
+By default the graph's 20 calls reuse one layer's weights and adapters, which then stay in L2 (8 adapters of a
+layer: ~1-4 MB). A step's 28 layers hold ~280 MB of adapters: --layers-apart gives each of 28 calls its own copy.
+On W1 (H200, 2026-12-04) 8 adapters cost +1.51 ms of device time a decode step, twice the 0.80 ms this script gave
+at T = 256 without it.
+
     python benchmarks/lora_kernels.py            (PAGEDLLM_LORA_FUSED_CONFIG=... sets the fused default)
 """
+import argparse
 import json
 
 import torch
@@ -21,6 +27,7 @@ from pagedllm.lora.kernels import add_lora as add_lora_split
 LAYERS = {"qkv_proj": (1024, (2048, 1024, 1024)), "o_proj": (2048, (1024,)), "gate_up_proj": (1024, (3072, 3072)),
           "down_proj": (3072, (1024,))}
 RANK, LORAS, CALLS, NUM_LAYERS = 16, 8, 20, 28
+APART = False   # --layers-apart
 DECODE, PREFILL, SWEEP_T = (1, 2, 4, 8, 16, 256), (2048, 8192), (16, 256)
 SWEEP = [FusedConfig(*c) for c in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (16, 256, 128, 4, 4),
                                    (16, 128, 256, 4, 4), (16, 256, 256, 8, 3), (16, 256, 128, 8, 4),
@@ -33,12 +40,14 @@ PROGRAMS = (264, 1024, 128, 64)
 
 
 def graph_us(fn) -> float:
-    fn()
+    calls = NUM_LAYERS if APART else CALLS
+    for i in range(calls):   # compiles, and touches every copy once
+        fn(i)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
+        for i in range(calls):
+            fn(i)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()
@@ -46,7 +55,7 @@ def graph_us(fn) -> float:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return round(start.elapsed_time(end) * 1e3 / (5 * CALLS), 2)
+    return round(start.elapsed_time(end) * 1e3 / (5 * calls), 2)
 
 
 def slot_buffers(T: int, decode: bool, base: bool):
@@ -65,9 +74,10 @@ def key(cfg: FusedConfig) -> str:
 def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, sweep: dict, programs: dict):
     dt = torch.bfloat16
     out, n, max_shard = sum(shards), len(shards), max(shards)
-    weight = torch.randn(out, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
-    a = torch.randn(LORAS, n * RANK, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
-    b = torch.randn(LORAS, out, n * RANK, device="cuda", dtype=dt) * 0.01
+    copies = NUM_LAYERS if APART else 1   # --layers-apart: a step's 28 layers, each its own weights
+    weight = torch.randn(copies, out, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
+    a = torch.randn(copies, LORAS, n * RANK, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
+    b = torch.randn(copies, LORAS, out, n * RANK, device="cuda", dtype=dt) * 0.01
     bounds = torch.tensor([sum(shards[:i]) for i in range(n + 1)], dtype=torch.int32, device="cuda")
     default = layer_config(fan_in, max_shard, RANK)
     cases = [(T, True, False) for T in DECODE] + [(T, False, False) for T in PREFILL] + [(256, True, True)]
@@ -75,19 +85,20 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
         x = torch.randn(T, fan_in, device="cuda", dtype=dt)
         y = torch.zeros(T, out, device="cuda", dtype=dt)
         order, slots = slot_buffers(T, decode, all_base)
-        args = (y, x, a, b, order, slots, bounds, max_shard, RANK)
+        def args(i):   # call i's operands: layer i's copy
+            return y, x, a[i % copies], b[i % copies], order, slots, bounds, max_shard, RANK
         line = {"layer": name, "T": T, "case": "all_base" if all_base else "decode" if decode else "prefill",
-                "base_gemm_us": graph_us(lambda: torch.matmul(x, weight.t(), out=y)),
-                "split_us": graph_us(lambda: add_lora_split(*args)),
-                "fused_us": graph_us(lambda: lora_fused(*args, config=default)), "fused_tiles": key(default)}
+                "base_gemm_us": graph_us(lambda i: torch.matmul(x, weight[i % copies].t(), out=y)),
+                "split_us": graph_us(lambda i: add_lora_split(*args(i))),
+                "fused_us": graph_us(lambda i: lora_fused(*args(i), config=default)), "fused_tiles": key(default)}
         if T in SWEEP_T and not all_base:
-            tiles = {key(c): graph_us(lambda c=c: lora_fused(*args, config=c)) for c in SWEEP}
+            tiles = {key(c): graph_us(lambda i, c=c: lora_fused(*args(i), config=c)) for c in SWEEP}
             line["best_tiles"] = min(tiles, key=tiles.get)
             line["tiles_us"] = tiles
             for k, us in tiles.items():
                 sweep[(k, T)] = sweep.get((k, T), 0.0) + us
         if not all_base:
-            line["programs_us"] = {p: graph_us(lambda p=p: lora_fused(*args, config=default, programs=p))
+            line["programs_us"] = {p: graph_us(lambda i, p=p: lora_fused(*args(i), config=default, programs=p))
                                    for p in PROGRAMS}
             for p, us in line["programs_us"].items():
                 programs[(p, T)] = programs.get((p, T), 0.0) + us
@@ -99,6 +110,11 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
 
 
 def main():
+    global APART
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers-apart", action="store_true",
+                        help="each of 28 calls on its own layer's weights and adapters, as in a step (out of L2)")
+    APART = parser.parse_args().layers_apart
     totals, sweep, programs = {}, {}, {}
     for name, (fan_in, shards) in LAYERS.items():
         bench_layer(name, fan_in, shards, totals, sweep, programs)
