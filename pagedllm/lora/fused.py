@@ -25,9 +25,9 @@ import triton.language as tl
 from pagedllm.lora.kernels import NO_SLOT, _next_slot, _pow2_at_least_16, _precision, _tile
 
 FUSED_MAX_RANK = 64
-# Programs with columns above which each takes several column tiles: about what an H200 runs at once at the
-# default tiles (2 an SM). H200, a 256-token decode step over 8 adapters (benchmarks/lora_kernels.py): gate_up,
-# 384 programs, 12.66 us at one column tile a program, 8.05 at 3; qkv, 256, 7.17 at one, 8.04 at 3
+# Programs with columns above which each takes several column tiles: 2 an SM of an H200's 132, between what ran
+# as one wave and what did not. H200, a 256-token decode step over 8 adapters (benchmarks/lora_kernels.py):
+# gate_up, 384 programs, 12.66 us at one column tile a program, 8.05 at 3; qkv, 256, 7.17 at one, 8.04 at 3
 PROGRAMS = 264
 CONFIG_ENV = "PAGEDLLM_LORA_FUSED_CONFIG"   # "block_m,block_n,block_k,num_warps,num_stages" for every layer
 
