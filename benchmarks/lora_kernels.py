@@ -10,7 +10,9 @@ T = 256 + T = 16 time over the four layers, and `env`, the setting that selects 
 or PAGEDLLM_LORA_FUSED_CONFIG=block_m,block_n,block_k,num_warps,num_stages; empty for the default).
 
 By default the graph's 20 calls reuse one layer's weights and adapters, which then stay in L2 (8 adapters of a
-layer: ~1-4 MB). A step's 28 layers hold ~280 MB of adapters: --layers-apart gives each of 28 calls its own copy.
+layer: ~1-4 MB). A step's 28 layers hold ~280 MB of adapters: --layers-apart gives each of 28 calls its own copy,
+and also times each layer's base GEMM followed by its LoRA, as a step runs them (fused_after_gemm: that minus the
+GEMMs alone).
 On W1 (H200, 2026-12-04) 8 adapters cost +1.51 ms of device time a decode step, twice the 0.80 ms this script gave
 at T = 256 without it.
 
@@ -91,6 +93,9 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
                 "base_gemm_us": graph_us(lambda i: torch.matmul(x, weight[i % copies].t(), out=y)),
                 "split_us": graph_us(lambda i: add_lora_split(*args(i))),
                 "fused_us": graph_us(lambda i: lora_fused(*args(i), config=default)), "fused_tiles": key(default)}
+        if APART:   # as in a step: each layer's base GEMM (its weights through L2), then its LoRA; minus the GEMMs
+            both = graph_us(lambda i: (torch.matmul(x, weight[i].t(), out=y), lora_fused(*args(i), config=default)))
+            line["fused_after_gemm_us"] = round(both - line["base_gemm_us"], 2)
         if T in SWEEP_T and not all_base:
             tiles = {key(c): graph_us(lambda i, c=c: lora_fused(*args(i), config=c)) for c in SWEEP}
             line["best_tiles"] = min(tiles, key=tiles.get)
@@ -105,6 +110,8 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
         t = totals.setdefault((T, line["case"]), {"split": 0.0, "fused": 0.0, "best": 0.0})
         t["split"] += line["split_us"]
         t["fused"] += line["fused_us"]
+        if APART:
+            t["fused_after_gemm"] = t.get("fused_after_gemm", 0.0) + line["fused_after_gemm_us"]
         t["best"] += min([line["fused_us"], *line.get("tiles_us", {}).values()])
         print(json.dumps(line), flush=True)
 
