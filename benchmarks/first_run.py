@@ -1,0 +1,83 @@
+"""Why a process's first run of a workload is slower than its second. On the H200 (2026-12-04) a base W1 ran at
+22,270 then 24,145 tok/s in one process, and a machine's first process of a kind ran ~10% below later ones.
+
+Runs the workload twice on one engine after bench throughput's warm-up (the prefix cache emptied before each run)
+and reports, per run: seconds and tok/s; the Triton kernels built during it (compiled, or read from the disk
+cache: name and seconds each); the CUDA caching allocator's device allocations (cudaMalloc calls) and the bytes it
+then holds. What the first run builds or allocates and the second does not is what the warm-up misses.
+
+    python benchmarks/first_run.py --workload W1 --model DIR --load-format dummy [engine flags]
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.bench import workloads
+from pagedllm.bench.throughput import WARMUP_PROMPT, WARMUP_TOKENS
+from pagedllm.cli import add_engine_args, engine_kwargs
+
+
+def watch_triton_builds(builds: list):
+    """Appends (kernel name, seconds) for every kernel Triton builds from here on (in-memory cache misses)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:   # CPU without Triton: nothing to watch
+        return
+    if not hasattr(JITFunction, "_do_compile"):
+        print(json.dumps({"note": "this Triton has no JITFunction._do_compile: builds not watched"}))
+        return
+    build = JITFunction._do_compile
+
+    def timed_build(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return build(self, *args, **kwargs)
+        finally:
+            builds.append((self.fn.__name__, round(time.perf_counter() - start, 3)))
+    JITFunction._do_compile = timed_build
+
+
+def allocator() -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"device_allocs": stats.get("num_device_alloc", 0),
+            "reserved_gib": round(stats.get("reserved_bytes.all.current", 0) / 2**30, 2)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workload", required=True, choices=["W1", "W2", "W3"])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--num-requests", type=int, default=None, help="only the first N requests (CPU checks)")
+    add_engine_args(parser)
+    args = parser.parse_args()
+    w = workloads.build(args.workload)
+    prompts, out_lens = w.prompts[:args.num_requests], w.output_lens[:args.num_requests]
+    builds: list = []
+    watch_triton_builds(builds)
+    llm = LLM(**engine_kwargs(args))
+    llm.generate([WARMUP_PROMPT], SamplingParams(max_tokens=WARMUP_TOKENS, ignore_eos=True), use_tqdm=False)
+    print(json.dumps({"start_up_builds": len(builds), "start_up_build_seconds": round(sum(s for _, s in builds), 2),
+                      **allocator()}), flush=True)
+    params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for n in out_lens]
+    for run in range(args.runs):
+        llm.reset_prefix_cache()
+        builds.clear()
+        before = allocator()
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        after = allocator()
+        print(json.dumps({"run": run + 1, "seconds": round(seconds, 3),
+                          "output_tok_s": round(sum(out_lens) / seconds, 1),
+                          "triton_builds": builds[:40], "triton_build_seconds": round(sum(s for _, s in builds), 3),
+                          "device_allocs": after.get("device_allocs", 0) - before.get("device_allocs", 0),
+                          "reserved_gib": after.get("reserved_gib")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
