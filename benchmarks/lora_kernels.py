@@ -2,14 +2,14 @@
 (shrink + expand, pagedllm/lora/kernels.py) against the fused kernel (pagedllm/lora/fused.py) at its default tiles
 and, at T = 16 and 256, at a few other tiles. 8 rank-16 adapters; decode steps (a token a request, round-robin over
 the adapters) of T = 1, 2, 4, 8, 16, 256; prefill steps (requests of 512 tokens) of 2048 and 8192; and T = 256
-with every token base (the early exits). Timed as CUDA graphs of 20 calls (no launch overhead), bf16.
+with every token base (the early exits). Timed as CUDA graphs of 28 calls (no launch overhead), bf16.
 
 One JSON line per (layer, T); then a line per T with a step's total (x 28 layers) for split, fused and the best
 tiles per layer; last the pick: split, the fused default, or the fused kernel at the tiles with the least
 T = 256 + T = 16 time over the four layers, and `env`, the setting that selects it (PAGEDLLM_LORA_KERNEL=split,
 or PAGEDLLM_LORA_FUSED_CONFIG=block_m,block_n,block_k,num_warps,num_stages; empty for the default).
 
-By default the graph's 20 calls reuse one layer's weights and adapters, which then stay in L2 (8 adapters of a
+By default the graph's 28 calls reuse one layer's weights and adapters, which then stay in L2 (8 adapters of a
 layer: ~1-4 MB). A step's 28 layers hold ~280 MB of adapters: --layers-apart gives each of 28 calls its own copy,
 and also times each layer's base GEMM followed by its LoRA, as a step runs them (fused_after_gemm: that minus the
 GEMMs alone).
@@ -28,7 +28,7 @@ from pagedllm.lora.kernels import add_lora as add_lora_split
 
 LAYERS = {"qkv_proj": (1024, (2048, 1024, 1024)), "o_proj": (2048, (1024,)), "gate_up_proj": (1024, (3072, 3072)),
           "down_proj": (3072, (1024,))}
-RANK, LORAS, CALLS, NUM_LAYERS = 16, 8, 20, 28
+RANK, LORAS, NUM_LAYERS = 16, 8, 28   # a graph holds a step's NUM_LAYERS calls
 APART = False   # --layers-apart
 DECODE, PREFILL, SWEEP_T = (1, 2, 4, 8, 16, 256), (2048, 8192), (16, 256)
 SWEEP = [FusedConfig(*c) for c in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (16, 256, 128, 4, 4),
@@ -42,13 +42,12 @@ PROGRAMS = (264, 1024, 128, 64)
 
 
 def graph_us(fn) -> float:
-    calls = NUM_LAYERS if APART else CALLS
-    for i in range(calls):   # compiles, and touches every copy once
+    for i in range(NUM_LAYERS):   # compiles, and touches every copy once
         fn(i)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(calls):
+        for i in range(NUM_LAYERS):
             fn(i)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
@@ -57,7 +56,7 @@ def graph_us(fn) -> float:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return round(start.elapsed_time(end) * 1e3 / (5 * calls), 2)
+    return round(start.elapsed_time(end) * 1e3 / (5 * NUM_LAYERS), 2)
 
 
 def slot_buffers(T: int, decode: bool, base: bool):
@@ -94,7 +93,8 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
                 "split_us": graph_us(lambda i: add_lora_split(*args(i))),
                 "fused_us": graph_us(lambda i: lora_fused(*args(i), config=default)), "fused_tiles": key(default)}
         if APART:   # as in a step: each layer's base GEMM (its weights through L2), then its LoRA; minus the GEMMs
-            both = graph_us(lambda i: (torch.matmul(x, weight[i].t(), out=y), lora_fused(*args(i), config=default)))
+            both = graph_us(lambda i: (torch.matmul(x, weight[i % copies].t(), out=y),
+                                       lora_fused(*args(i), config=default)))
             line["fused_after_gemm_us"] = round(both - line["base_gemm_us"], 2)
         if T in SWEEP_T and not all_base:
             tiles = {key(c): graph_us(lambda i, c=c: lora_fused(*args(i), config=c)) for c in SWEEP}
@@ -107,12 +107,11 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
                                    for p in PROGRAMS}
             for p, us in line["programs_us"].items():
                 programs[(p, T)] = programs.get((p, T), 0.0) + us
-        t = totals.setdefault((T, line["case"]), {"split": 0.0, "fused": 0.0, "best": 0.0})
-        t["split"] += line["split_us"]
-        t["fused"] += line["fused_us"]
-        if APART:
-            t["fused_after_gemm"] = t.get("fused_after_gemm", 0.0) + line["fused_after_gemm_us"]
-        t["best"] += min([line["fused_us"], *line.get("tiles_us", {}).values()])
+        t = totals.setdefault((T, line["case"]), {})
+        for path in ("split", "fused", "fused_after_gemm"):   # the last with --layers-apart only
+            if f"{path}_us" in line:
+                t[path] = t.get(path, 0.0) + line[f"{path}_us"]
+        t["best"] = t.get("best", 0.0) + min([line["fused_us"], *line.get("tiles_us", {}).values()])
         print(json.dumps(line), flush=True)
 
 

@@ -65,6 +65,11 @@ def write_adapter(out_dir: Path, cfg: dict, rank: int, seed: int) -> str:
     return str(out_dir)
 
 
+def write_adapters(tmp: Path, cfg: dict, rank: int, count: int) -> list[LoRARequest]:
+    """count random adapters (write_adapter, seeds 0..count-1) as requests lora0.., ids 1..count."""
+    return [LoRARequest(f"lora{i}", i + 1, write_adapter(tmp / f"lora{i}", cfg, rank, seed=i)) for i in range(count)]
+
+
 def smoke_model(tmp: Path) -> str:
     """Qwen3-0.6B's config cut to 2 layers of width 64 (its vocabulary: W1's ids), with its tokenizer."""
     cfg = json.loads((CONFIG_DIR / "config.json").read_text())
@@ -166,8 +171,7 @@ def run(args, tmp: Path):
     params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for n in out_lens]
     warm = ([[7] * 16], SamplingParams(max_tokens=4, ignore_eos=True))
     start = time.perf_counter()
-    loras = [LoRARequest(f"lora{i}", i + 1, write_adapter(tmp / f"lora{i}", cfg, args.rank, seed=i))
-             for i in range(max(args.num_adapters, args.many_adapters) + 1)]   # the last: the cold TTFT request
+    loras = write_adapters(tmp, cfg, args.rank, max(args.num_adapters, args.many_adapters) + 1)   # the last: cold TTFT
     print(json.dumps({"adapters_written": len(loras), "seconds": round(time.perf_counter() - start, 1)}), flush=True)
     nolora = {k: v for k, v in engine.items() if k != "max_lora_rank"}
     results = {}

@@ -7,9 +7,9 @@ forward and sampler launches), wait (host blocked on N's sampled ids: device tim
 update (scheduler.update_from_output of N), process (output processing of N, while N+1 runs). Steps are
 counted by the kind of the step launched: decode-only apart from steps that carry prompt tokens.
 --json-schemas constrains every request by one of the 8 run-on JSON schemas (as structured_cost.py); then fill
-is the bitmask fill and the constrained sampling launch of the step just launched. --lora-adapters N (with
---enable-lora --max-loras N) profiles the workload twice on one engine, with no adapter and with N random rank-16
-adapters round-robin (lora_throughput.py's), each the second of two runs (the prefix cache emptied before each).
+is the bitmask fill and the constrained sampling launch of the step just launched. --lora-adapters N profiles the
+workload twice on one engine with LoRA on (max_loras N, ranks up to --max-lora-rank): with no adapter, then with N
+random adapters round-robin (lora_throughput.py's); each the last of --reps runs (the prefix cache emptied first).
 """
 import argparse
 import dataclasses
@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from pagedllm import LLM, LoRARequest, SamplingParams
+from pagedllm import LLM, SamplingParams
 from pagedllm.bench import workloads
 from pagedllm.bench.schemas import RUN_ON_SCHEMAS
 from pagedllm.cli import add_engine_args, engine_kwargs
@@ -103,6 +103,8 @@ def main():
     parser.add_argument("--reps", type=int, default=1, help="runs of each profile; the last is reported")
     add_engine_args(parser)
     args = parser.parse_args()
+    if args.lora_adapters:
+        args.enable_lora, args.max_loras = True, args.lora_adapters
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     w = workloads.build(args.workload)
     prompts, out_lens = w.prompts[:args.limit], w.output_lens[:args.limit]
@@ -132,20 +134,19 @@ def main():
 
 
 def lora_profiles(llm, prompts, params, args, totals, counts):
-    from lora_throughput import write_adapter   # benchmarks/ is this script's directory
+    from lora_throughput import load_adapters, write_adapters   # benchmarks/ is this script's directory
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     tmp = Path(tempfile.mkdtemp(prefix="step_profile_lora_"))
     try:
-        loras = [LoRARequest(f"lora{i}", i + 1, write_adapter(tmp / f"lora{i}", cfg, args.max_lora_rank, seed=i))
-                 for i in range(args.lora_adapters)]
-        for lora in loras:
-            llm.engine.add_lora(lora)
+        loras = write_adapters(tmp, cfg, args.max_lora_rank, args.lora_adapters)
+        load_adapters(llm, loras)
         assigned = [loras[i % len(loras)] for i in range(len(prompts))]
         for label, req in (("base rows", None), (f"{len(loras)} adapters", assigned)):
             report = profile(llm, prompts, params, req, label, args.reps, totals, counts)
             print(json.dumps({"workload": args.workload, **report}), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
 
 if __name__ == "__main__":
     main()
