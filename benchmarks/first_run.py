@@ -3,8 +3,9 @@
 
 Runs the workload twice on one engine after bench throughput's warm-up (the prefix cache emptied before each run)
 and reports, per run: seconds and tok/s; the Triton kernels built during it (compiled, or read from the disk
-cache: name and seconds each); the CUDA caching allocator's device allocations (cudaMalloc calls) and the bytes it
-then holds. What the first run builds or allocates and the second does not is what the warm-up misses.
+cache: name, seconds and specialisation key each); the CUDA caching allocator's device allocations (cudaMalloc
+calls) and the bytes it then holds. What the first run builds or allocates and the second does not is what the
+warm-up misses.
 
     python benchmarks/first_run.py --workload W1 --model DIR --load-format dummy [engine flags]
 """
@@ -21,7 +22,7 @@ from pagedllm.cli import add_engine_args, engine_kwargs
 
 
 def watch_triton_builds(builds: list):
-    """Appends (kernel name, seconds) for every kernel Triton builds from here on (in-memory cache misses)."""
+    """Appends (kernel name, seconds, key) for every kernel Triton builds from here on (in-memory cache misses)."""
     try:
         from triton.runtime.jit import JITFunction
     except ImportError:   # CPU without Triton: nothing to watch
@@ -31,12 +32,12 @@ def watch_triton_builds(builds: list):
         return
     build = JITFunction._do_compile
 
-    def timed_build(self, *args, **kwargs):
+    def timed_build(self, key, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return build(self, *args, **kwargs)
-        finally:
-            builds.append((self.fn.__name__, round(time.perf_counter() - start, 3)))
+            return build(self, key, *args, **kwargs)
+        finally:   # the key holds the arguments' specialisation (1, 16 | n, pointer alignment): what changed
+            builds.append((self.fn.__name__, round(time.perf_counter() - start, 3), str(key)[:400]))
     JITFunction._do_compile = timed_build
 
 
@@ -61,7 +62,8 @@ def main():
     watch_triton_builds(builds)
     llm = LLM(**engine_kwargs(args))
     llm.generate([WARMUP_PROMPT], SamplingParams(max_tokens=WARMUP_TOKENS, ignore_eos=True), use_tqdm=False)
-    print(json.dumps({"start_up_builds": len(builds), "start_up_build_seconds": round(sum(s for _, s in builds), 2),
+    print(json.dumps({"start_up_builds": len(builds), "start_up_build_seconds": round(sum(b[1] for b in builds), 2),
+                      "start_up_builds_list": builds[:60],
                       **allocator()}), flush=True)
     params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for n in out_lens]
     for run in range(args.runs):
@@ -74,7 +76,7 @@ def main():
         after = allocator()
         print(json.dumps({"run": run + 1, "seconds": round(seconds, 3),
                           "output_tok_s": round(sum(out_lens) / seconds, 1),
-                          "triton_builds": builds[:40], "triton_build_seconds": round(sum(s for _, s in builds), 3),
+                          "triton_builds": builds[:40], "triton_build_seconds": round(sum(b[1] for b in builds), 3),
                           "device_allocs": after.get("device_allocs", 0) - before.get("device_allocs", 0),
                           "reserved_gib": after.get("reserved_gib")}), flush=True)
 

@@ -10,6 +10,8 @@ counted by the kind of the step launched: decode-only apart from steps that carr
 is the bitmask fill and the constrained sampling launch of the step just launched. --lora-adapters N profiles the
 workload twice on one engine with LoRA on (max_loras N, ranks up to --max-lora-rank): with no adapter, then with N
 random adapters round-robin (lora_throughput.py's); each the last of --reps runs (the prefix cache emptied first).
+--kernels N also records N decode steps of that last run with torch.profiler (from its 200th decode step) and lists
+the device time a step of each kernel (CUDA graphs' kernels included): where a step's device time goes.
 """
 import argparse
 import dataclasses
@@ -21,6 +23,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from pagedllm import LLM, SamplingParams
 from pagedllm.bench import workloads
 from pagedllm.bench.schemas import RUN_ON_SCHEMAS
@@ -28,7 +32,48 @@ from pagedllm.cli import add_engine_args, engine_kwargs
 from pagedllm.runner.model_runner import PendingOutput
 
 
-def instrument(engine, totals, counts):
+class KernelWindow:
+    """torch.profiler over decode steps first .. first + steps - 1 of an armed run; report(): kernels by device
+    time a step (the window's total over its steps: the launches pipeline one step ahead, so the edges blur)."""
+
+    def __init__(self, steps: int, first: int = 200):
+        self.steps, self.first = steps, first
+        self.decode_steps, self.prof, self.armed, self.events = 0, None, False, None
+
+    def arm(self):
+        self.decode_steps, self.armed, self.events = 0, True, None
+
+    def after_step(self, kind: str):
+        if not self.armed or kind != "decode":
+            return
+        self.decode_steps += 1
+        if self.decode_steps == self.first:
+            import torch.profiler
+            kind = "CUDA" if torch.cuda.is_available() else "CPU"   # CPU (checks): the ops' own times
+            self.prof = torch.profiler.profile(activities=[getattr(torch.profiler.ProfilerActivity, kind)])
+            self.prof.start()
+        elif self.decode_steps == self.first + self.steps:
+            self.prof.stop()
+            self.armed, self.events = False, self.prof.events()
+
+    def report(self, top: int = 25) -> dict:
+        if self.events is None:
+            return {"kernels": f"fewer than {self.first + self.steps} decode steps: nothing recorded"}
+        from torch.autograd import DeviceType
+        by_name = defaultdict(lambda: [0.0, 0])
+        for e in self.events:
+            if e.device_type == DeviceType.CUDA or not torch.cuda.is_available():
+                us = e.time_range.elapsed_us() if e.device_type == DeviceType.CUDA else e.self_cpu_time_total
+                by_name[e.name][0] += us
+                by_name[e.name][1] += 1
+        ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+        total = sum(us for us, _ in by_name.values())
+        return {"kernel_steps": self.steps, "device_us_a_step": round(total / self.steps, 1),
+                "kernels": [[name[:90], round(us / self.steps, 1), round(n / self.steps, 2)]
+                            for name, (us, n) in ranked[:top]]}
+
+
+def instrument(engine, totals, counts, window: KernelWindow | None = None):
     """Times the phases of the real Engine.step by wrapping the calls it makes; each call's phases are
     counted under the kind of the step it launched (calls that launch none are not counted)."""
     clock = time.perf_counter
@@ -71,15 +116,20 @@ def instrument(engine, totals, counts):
             for name, dt in phases.items():
                 totals[launched_kind[0]][name] += dt
             counts[launched_kind[0]] += 1
+            if window is not None:
+                window.after_step(launched_kind[0])
         return outputs
 
     engine.step = timed_step
 
 
-def profile(llm, prompts, params, loras, label: str, reps: int, totals, counts) -> dict:
+def profile(llm, prompts, params, loras, label: str, reps: int, totals, counts,
+            window: KernelWindow | None = None) -> dict:
     """The last of reps timed runs (the prefix cache emptied before each), its phases per step; totals and counts
-    are instrument()'s, emptied before each run."""
-    for _ in range(reps):
+    are instrument()'s, emptied before each run. window: armed for the last run, its kernels reported."""
+    for rep in range(reps):
+        if window is not None and rep == reps - 1:
+            window.arm()
         llm.reset_prefix_cache()
         totals.clear()
         counts.clear()
@@ -91,6 +141,8 @@ def profile(llm, prompts, params, loras, label: str, reps: int, totals, counts) 
     for kind in ("decode", "mixed"):
         n = max(counts[kind], 1)
         report[kind] = {"steps": counts[kind], **{f"{k}_ms": round(v / n * 1e3, 3) for k, v in totals[kind].items()}}
+    if window is not None:
+        report.update(window.report())
     return report
 
 
@@ -101,6 +153,7 @@ def main():
     parser.add_argument("--json-schemas", action="store_true", help="every request under a run-on JSON schema")
     parser.add_argument("--lora-adapters", type=int, default=0, help="profile without and with N adapters")
     parser.add_argument("--reps", type=int, default=1, help="runs of each profile; the last is reported")
+    parser.add_argument("--kernels", type=int, default=0, help="record N decode steps of the last run's kernels")
     add_engine_args(parser)
     args = parser.parse_args()
     if args.lora_adapters:
@@ -120,12 +173,13 @@ def main():
         llm.generate([[1, 2, 3]] * len(warm), warm, use_tqdm=False)
         engine.core.structured.stats = type(engine.core.structured.stats)()   # the timed run's alone
     totals, counts = defaultdict(lambda: defaultdict(float)), defaultdict(int)
-    instrument(engine, totals, counts)
+    window = KernelWindow(args.kernels) if args.kernels else None
+    instrument(engine, totals, counts, window)
     if args.lora_adapters:
-        lora_profiles(llm, prompts, params, args, totals, counts)
+        lora_profiles(llm, prompts, params, args, totals, counts, window)
         return
     report = {"workload": args.workload, "json_schemas": args.json_schemas,
-              **profile(llm, prompts, params, None, "plain", args.reps, totals, counts)}
+              **profile(llm, prompts, params, None, "plain", args.reps, totals, counts, window)}
     stats = engine.core.structured.stats
     if stats.num_steps:
         report["bitmask"] = {"steps": stats.num_steps, "fill_ms": round(stats.fill_seconds / stats.num_steps * 1e3, 3),
@@ -133,7 +187,7 @@ def main():
     print(json.dumps(report))
 
 
-def lora_profiles(llm, prompts, params, args, totals, counts):
+def lora_profiles(llm, prompts, params, args, totals, counts, window: KernelWindow | None):
     from lora_throughput import load_adapters, write_adapters   # benchmarks/ is this script's directory
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     tmp = Path(tempfile.mkdtemp(prefix="step_profile_lora_"))
@@ -142,7 +196,7 @@ def lora_profiles(llm, prompts, params, args, totals, counts):
         load_adapters(llm, loras)
         assigned = [loras[i % len(loras)] for i in range(len(prompts))]
         for label, req in (("base rows", None), (f"{len(loras)} adapters", assigned)):
-            report = profile(llm, prompts, params, req, label, args.reps, totals, counts)
+            report = profile(llm, prompts, params, req, label, args.reps, totals, counts, window)
             print(json.dumps({"workload": args.workload, **report}), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -86,8 +86,11 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
     # programs (enough of them to fill the GPU), so neither changes any row's result.
     max_segments = min(MAX_SEGMENTS, triton.cdiv(max(meta.max_seq_len, 1), PARTITION))
     num_splits = max(1, min(max_segments, triton.cdiv(_target_programs(q.device), num_reqs * num_kv_heads)))
-    part_out = torch.empty(num_reqs, num_q_heads, max_segments, head_dim, dtype=torch.float32, device=q.device)
-    part_max = torch.empty(num_reqs, num_q_heads, max_segments, dtype=torch.float32, device=q.device)
+    # Scratch widths 1 or a multiple of 16 only: Triton specialises the strides they make on 1 and on 16 | n,
+    # so any other width built a kernel in the middle of a run (H200: 0.49 s in a process's first W1 run)
+    width = 1 if max_segments == 1 else min(MAX_SEGMENTS, triton.cdiv(max_segments, 16) * 16)
+    part_out = torch.empty(num_reqs, num_q_heads, width, head_dim, dtype=torch.float32, device=q.device)
+    part_max = torch.empty(num_reqs, num_q_heads, width, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     head_pad = _head_pad(head_dim)
     shared = meta.shared
