@@ -1,12 +1,14 @@
 """Device time of the LoRA kernels on Qwen3-0.6B's four LoRA layers, beside the base layer's GEMM: the split path
 (shrink + expand, pagedllm/lora/kernels.py) against the fused kernel (pagedllm/lora/fused.py) at its default tiles
 and, at T = 16 and 256, at a few other tiles. 8 rank-16 adapters; decode steps (a token a request, round-robin over
-the adapters) of T = 1, 2, 4, 8, 16, 256; prefill steps (requests of 512 tokens) of 2048 and 8192; and T = 256
-with every token base (the early exits). Timed as CUDA graphs of 28 calls (no launch overhead), bf16.
+the adapters) of T = 1, 2, 4, 8, 16, 232, 256; prefill steps (requests of 512 tokens) of 2048 and 8192; and
+T = 256 with every token base (the early exits). Timed as CUDA graphs of 28 calls (no launch overhead), bf16.
+T = 232 is a W1 decode step (29 tokens an adapter): with --packed the adapters' runs lie end to end, as before
+2026-12-04 (most tiles then hold two adapters); by default each starts a tile (lora/layers.py, sort_by_slot).
 
 One JSON line per (layer, T); then a line per T with a step's total (x 28 layers) for split, fused and the best
 tiles per layer; last the pick: split, the fused default, or the fused kernel at the tiles with the least
-T = 256 + T = 16 time over the four layers, and `env`, the setting that selects it (PAGEDLLM_LORA_KERNEL=split,
+T = 232 + T = 16 time over the four layers, and `env`, the setting that selects it (PAGEDLLM_LORA_KERNEL=split,
 or PAGEDLLM_LORA_FUSED_CONFIG=block_m,block_n,block_k,num_warps,num_stages; empty for the default).
 
 By default the graph's 28 calls reuse one layer's weights and adapters, which then stay in L2 (8 adapters of a
@@ -21,16 +23,18 @@ at T = 256 without it.
 import argparse
 import json
 
+import numpy as np
 import torch
 
 from pagedllm.lora.fused import FusedConfig, layer_config, lora_fused
 from pagedllm.lora.kernels import add_lora as add_lora_split
+from pagedllm.lora.layers import sort_by_slot, sorted_len
 
 LAYERS = {"qkv_proj": (1024, (2048, 1024, 1024)), "o_proj": (2048, (1024,)), "gate_up_proj": (1024, (3072, 3072)),
           "down_proj": (3072, (1024,))}
 RANK, LORAS, NUM_LAYERS = 16, 8, 28   # a graph holds a step's NUM_LAYERS calls
-APART = False   # --layers-apart
-DECODE, PREFILL, SWEEP_T = (1, 2, 4, 8, 16, 256), (2048, 8192), (16, 256)
+APART, PACKED = False, False   # --layers-apart, --packed
+DECODE, PREFILL, SWEEP_T = (1, 2, 4, 8, 16, 232, 256), (2048, 8192), (16, 232)
 SWEEP = [FusedConfig(*c) for c in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (16, 256, 128, 4, 4),
                                    (16, 128, 256, 4, 4), (16, 256, 256, 8, 3), (16, 256, 128, 8, 4),
                                    # long K steps: a decode program's chain of dependent K steps is its latency
@@ -64,8 +68,12 @@ def slot_buffers(T: int, decode: bool, base: bool):
         slots = torch.full((T,), -1)
     else:
         slots = torch.arange(T) % LORAS if decode else (torch.arange(T) // 512) % LORAS
-    order = torch.sort(torch.where(slots < 0, LORAS, slots), stable=True).indices
-    return order.to("cuda", torch.int32), slots[order].to("cuda", torch.int32)
+    if PACKED:
+        order = torch.sort(torch.where(slots < 0, LORAS, slots), stable=True).indices
+        return order.to("cuda", torch.int32), slots[order].to("cuda", torch.int32)
+    order, sorted_slots = np.empty(sorted_len(T, LORAS), np.int32), np.empty(sorted_len(T, LORAS), np.int32)
+    sort_by_slot(slots.numpy(), LORAS, order, sorted_slots)
+    return torch.from_numpy(order).cuda(), torch.from_numpy(sorted_slots).cuda()
 
 
 def key(cfg: FusedConfig) -> str:
@@ -116,11 +124,13 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
 
 
 def main():
-    global APART
+    global APART, PACKED
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers-apart", action="store_true",
                         help="each of 28 calls on its own layer's weights and adapters, as in a step (out of L2)")
-    APART = parser.parse_args().layers_apart
+    parser.add_argument("--packed", action="store_true", help="adapters' token runs end to end (the old layout)")
+    args = parser.parse_args()
+    APART, PACKED = args.layers_apart, args.packed
     totals, sweep, programs = {}, {}, {}
     for name, (fan_in, shards) in LAYERS.items():
         bench_layer(name, fan_in, shards, totals, sweep, programs)
@@ -134,7 +144,7 @@ def main():
 
 
 def recommend(totals: dict, sweep: dict) -> dict:
-    """The path with the least T = 256 plus T = 16 decode time a step: split, the fused default, or the fused
+    """The path with the least T = 232 plus T = 16 decode time a step: split, the fused default, or the fused
     kernel at the best tiles over the four layers; `env` is what selects it (empty: the default)."""
     def step_ms(us: float) -> float:
         return round(us * NUM_LAYERS / 1e3, 3)
@@ -146,7 +156,7 @@ def recommend(totals: dict, sweep: dict) -> dict:
     pick = min(ms, key=ms.get)
     if pick == "fused_best" and ms["fused_best"] > 0.95 * ms["fused"]:   # within noise: keep the default
         pick = "fused"
-    return {"T16+T256_step_ms": ms, "best_tiles": best, "pick": pick, "env": env[pick]}
+    return {"T16+T232_step_ms": ms, "best_tiles": best, "pick": pick, "env": env[pick]}
 
 
 if __name__ == "__main__":

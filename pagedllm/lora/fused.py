@@ -8,11 +8,11 @@ tiles are loaded before the K loop, so their latency hides behind it. Recomputin
 and A again from L2: wide BLOCK_N keeps that small, and when a step needs more programs than the GPU runs at
 once (PROGRAMS), programs take several column tiles each, computing t once for them, in one wave.
 
-Tokens come sorted by slot (lora/manager.py), so a tile of a large step holds one adapter. A small decode step
-(T <= a few tiles) has several adapters a tile; its grid gets `groups` programs a tile, program g serving the
-tile's g-th, (g+G)-th, ... distinct slot, so they run side by side, not one after the other. The grid depends
-on T and the number of slots only; block sizes depend on the layer's shapes only, so a token's result is the
-same in any batch (graphs and eager steps agree), and base tokens (slot -1) are neither read nor written.
+Tokens come sorted by slot, each adapter's run from a multiple of 16 tokens (lora/layers.py, sort_by_slot), so
+a tile of the default 16 rows holds one adapter (a wider tile loops over its adapters, one K loop each). The
+grid depends on the sorted list's length (T and the number of slots) only; block sizes depend on the layer's
+shapes only, so a token's result is the same in any batch (graphs and eager steps agree), and base tokens
+(slot -1) are neither read nor written.
 """
 import functools
 import os
@@ -86,34 +86,25 @@ def layer_config(in_features: int, max_shard: int, rank: int, elem_size: int = 2
     return cfg
 
 
-def slot_groups(num_tokens: int, num_slots: int, block_m: int) -> int:
-    """Programs a tile: about the distinct slots a tile holds when T tokens spread over every slot."""
-    return max(1, min(num_slots, num_tokens, block_m * num_slots // max(num_tokens, 1)))
-
-
 def column_tiles_per_program(live: int, col_tiles: int, programs: int = PROGRAMS) -> int:
     """1 while the programs with columns to write (`live`) fit in one wave (more programs, each recomputing t);
     above it each takes several column tiles, so x A is computed fewer times (once a shard at the widest)."""
     return max(1, min(col_tiles, triton.cdiv(live, programs)))
 
 
-@triton.jit(do_not_specialize=["T", "groups", "n_tiles"])   # one compile a layer and dtype, whatever the step
-def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, T, K, groups, n_tiles,
+@triton.jit(do_not_specialize=["n_sorted", "n_tiles"])   # one compile a layer and dtype, whatever the step
+def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, n_sorted, K, n_tiles,
                       stride_xm, stride_as, stride_an, stride_bs, stride_bo, stride_ym,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                       R: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    tokens, slots = _tile(order_ptr, slots_ptr, T, BLOCK_M)   # beside the bounds' loads, not after them
-    shard = tl.program_id(2) // groups   # groups, n_tiles: runtime values (no compile per T)
+    tokens, slots = _tile(order_ptr, slots_ptr, n_sorted, BLOCK_M)   # beside the bounds' loads, not after them
+    shard = tl.program_id(2)
     lo = tl.load(bounds_ptr + shard)
     hi = tl.load(bounds_ptr + shard + 1)
     first_col = lo + tl.program_id(1) * n_tiles * BLOCK_N
     if first_col < hi:   # the grid's column tiles cover the largest shard
         end = tl.minimum(hi, first_col + n_tiles * BLOCK_N)   # this program's columns: first_col..end
         s = _next_slot(slots, -1)
-        skip = tl.program_id(2) % groups
-        while skip > 0:   # this program's slots: the tile's skip-th, then every groups-th
-            s = _next_slot(slots, s)
-            skip -= 1
         ranks = tl.arange(0, BLOCK_R)
         r_ok = ranks < R
         rk = shard * R + ranks
@@ -153,10 +144,7 @@ def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_p
                 y = tl.load(y_ptrs, mask=mask, other=0.0)
                 acc = tl.dot(t, b, input_precision=PRECISION)
                 tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
-            step = groups
-            while step > 0:
-                s = _next_slot(slots, s)
-                step -= 1
+            s = _next_slot(slots, s)
 
 
 def lora_fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, order: torch.Tensor,
@@ -170,15 +158,15 @@ def lora_fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     if x.stride(-1) != 1:
         x = x.contiguous()
     cfg = config or layer_config(K, max_shard, rank, lora_a.element_size())
-    groups = slot_groups(T, lora_a.shape[0], cfg.block_m)
-    num_shards, row_tiles, col_tiles = shard_bounds.numel() - 1, triton.cdiv(T, cfg.block_m), triton.cdiv(
-        max_shard, cfg.block_n)
-    # programs with columns: the grid covers the widest shard, narrower shards' extra column tiles exit at once
-    live = row_tiles * groups * triton.cdiv(y.shape[1], cfg.block_n)
+    n_sorted = order.shape[0]
+    num_shards, col_tiles = shard_bounds.numel() - 1, triton.cdiv(max_shard, cfg.block_n)
+    # programs with columns: about T's tiles (the sorted list's padding tiles exit at once), and the grid
+    # covers the widest shard (narrower shards' extra column tiles exit at once too)
+    live = triton.cdiv(T, cfg.block_m) * triton.cdiv(y.shape[1], cfg.block_n)
     n_tiles = column_tiles_per_program(live, col_tiles, programs)
-    grid = (row_tiles, triton.cdiv(col_tiles, n_tiles), num_shards * groups)
+    grid = (triton.cdiv(n_sorted, cfg.block_m), triton.cdiv(col_tiles, n_tiles), num_shards)
     if T > 0:
-        lora_fused_kernel[grid](x, lora_a, lora_b, y, order, sorted_slots, shard_bounds, T, K, groups, n_tiles,
+        lora_fused_kernel[grid](x, lora_a, lora_b, y, order, sorted_slots, shard_bounds, n_sorted, K, n_tiles,
                                 x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
                                 y.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                 BLOCK_R=_pow2_at_least_16(rank, FUSED_MAX_RANK), R=rank,

@@ -4,14 +4,15 @@ lora/fused.py, which reuses this file's tile helpers. y[i] += (x[i] A[s]^T) B[s]
 s >= 0. Tokens of slot -1 (base rows, graph padding) are neither read nor written, so their
 rows of y stay exactly the base layer's output.
 
-Tokens are visited in slot order: `order` (T,) holds the token indices sorted by slot with base tokens last and
-`sorted_slots` (T,) their slots, built on the host with the step (lora/manager.py). A request's tokens are
-contiguous and a step has at most max_loras adapters, so a tile of BLOCK_M consecutive entries holds one adapter
-(two or three at segment edges): Punica's SGMV segments, found by the kernel itself. Each program loops over the
-distinct slots of its tile (a loop on device data) and multiplies only that slot's rows; a tile of base tokens
-exits after reading BLOCK_M slot ids. So the grid depends on T alone (tiles x column tiles x splits or shards)
-and one captured CUDA graph per T serves any mix of adapters. Decode rows of one adapter are scattered in the
-batch, but sorted they are one segment too: the adapter's A and B are read once a tile, not once a token.
+Tokens are visited in slot order: `order` holds the token indices sorted by slot and `sorted_slots` their slots,
+built on the host with the step (lora/layers.py, sort_by_slot): each adapter's run starts at a multiple of
+BLOCK_M, so a tile of BLOCK_M consecutive entries holds one adapter (Punica's SGMV segments, found by the kernel
+itself); the gaps and the tail are slot -1. Each program loops over the distinct slots of its tile (a loop on
+device data: any order is served, tiles of one slot are just the fast case) and multiplies only that slot's
+rows; a tile of padding exits after reading BLOCK_M slot ids. So the grid depends on the list's length alone
+(tiles x column tiles x splits or shards) and one captured CUDA graph per T serves any mix of adapters. Decode
+rows of one adapter are scattered in the batch, but sorted they are one segment too: the adapter's A and B are
+read once a tile, not once a token.
 
 shrink: t = x A^T over K in SPLIT parts, each its own (T, N) float32 partial (N = shards x R): decode steps have
 few tiles, and splitting K gives the GPU enough programs without atomics. expand sums the parts in order, rounds
@@ -23,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 16         # tokens a tile: decode steps have few tokens of an adapter
+from pagedllm.lora.layers import SEGMENT
+
+BLOCK_M = SEGMENT    # tokens a tile: decode steps have few tokens of an adapter; an adapter's run starts a tile
 SHRINK_BLOCK_K = 128
 K_PER_SPLIT = 256    # a shrink program's share of K (unrolled in BLOCK_K steps; expand sums the K / 256 parts)
 EXPAND_BLOCK_N = 64
@@ -31,9 +34,9 @@ NO_SLOT: tl.constexpr = tl.constexpr(1 << 30)
 
 
 @triton.jit
-def _tile(order_ptr, slots_ptr, T, BLOCK_M: tl.constexpr):
+def _tile(order_ptr, slots_ptr, n_sorted, BLOCK_M: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_range = rows < T
+    in_range = rows < n_sorted
     slots = tl.load(slots_ptr + rows, mask=in_range, other=-1)
     tokens = tl.load(order_ptr + rows, mask=in_range, other=0).to(tl.int64)
     return tokens, slots
@@ -46,11 +49,11 @@ def _next_slot(slots, after):
 
 
 @triton.jit
-def lora_shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, slots_ptr, T, K, N,
+def lora_shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, slots_ptr, n_sorted, K, N,
                        stride_xm, stride_as, stride_an, stride_ts, stride_tm,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        K_PER_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    tokens, slots = _tile(order_ptr, slots_ptr, T, BLOCK_M)
+    tokens, slots = _tile(order_ptr, slots_ptr, n_sorted, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     split = tl.program_id(2)
@@ -73,7 +76,7 @@ def lora_shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, slots_ptr, T, K, N,
 
 
 @triton.jit
-def lora_expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, T,
+def lora_expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, n_sorted,
                        stride_ts, stride_tm, stride_bs, stride_bo, stride_ym,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R: tl.constexpr,
                        NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
@@ -82,7 +85,7 @@ def lora_expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, T,
     hi = tl.load(bounds_ptr + shard + 1)
     first_col = lo + tl.program_id(1) * BLOCK_N
     if first_col < hi:   # the grid's column tiles cover the largest shard
-        tokens, slots = _tile(order_ptr, slots_ptr, T, BLOCK_M)
+        tokens, slots = _tile(order_ptr, slots_ptr, n_sorted, BLOCK_M)
         cols = first_col + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         y_ptrs = y_ptr + tokens[:, None] * stride_ym + cols[None, :]
@@ -117,7 +120,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, order: torch.Tensor, sorted_slots: torch.Tensor
                 ) -> torch.Tensor:
-    """x (T, K), lora_a (L, N, K) -> partial products (SPLIT, T, N) float32; rows of slot -1 are not written."""
+    """x (T, K), lora_a (L, N, K) -> partial products (SPLIT, T, N) float32; rows of slot -1 are not written.
+    order, sorted_slots: sort_by_slot's list (any length; its entries of slot -1 are skipped)."""
     T, K = x.shape
     N = lora_a.shape[1]
     if x.stride(-1) != 1:
@@ -125,9 +129,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, order: torch.Tensor, sort
     splits = triton.cdiv(K, K_PER_SPLIT)
     t = torch.empty((splits, T, N), dtype=torch.float32, device=x.device)
     block_n = _pow2_at_least_16(N, 64)
-    grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(N, block_n), splits)
+    grid = (triton.cdiv(order.shape[0], BLOCK_M), triton.cdiv(N, block_n), splits)
     if T > 0:
-        lora_shrink_kernel[grid](x, lora_a, t, order, sorted_slots, T, K, N,
+        lora_shrink_kernel[grid](x, lora_a, t, order, sorted_slots, order.shape[0], K, N,
                                  x.stride(0), lora_a.stride(0), lora_a.stride(1), t.stride(0), t.stride(1),
                                  BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=SHRINK_BLOCK_K, K_PER_SPLIT=K_PER_SPLIT,
                                  PRECISION=_precision(lora_a.dtype), num_warps=4)
@@ -142,9 +146,9 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, order: t
     T = y.shape[0]
     assert y.stride(-1) == 1 and t.shape[1] == T, "lora_expand: y must have unit column stride, t T rows"
     num_shards = shard_bounds.numel() - 1
-    grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(max_shard, EXPAND_BLOCK_N), num_shards)
+    grid = (triton.cdiv(order.shape[0], BLOCK_M), triton.cdiv(max_shard, EXPAND_BLOCK_N), num_shards)
     if T > 0:
-        lora_expand_kernel[grid](t, lora_b, y, order, sorted_slots, shard_bounds, T,
+        lora_expand_kernel[grid](t, lora_b, y, order, sorted_slots, shard_bounds, order.shape[0],
                                  t.stride(0), t.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
                                  BLOCK_M=BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=_pow2_at_least_16(rank, 64),
                                  R=rank, NUM_SPLITS=t.shape[0], PRECISION=_precision(lora_b.dtype), num_warps=4)

@@ -14,7 +14,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 import torch
 
-from pagedllm.lora.layers import wrap_lora_layers
+from pagedllm.lora.layers import sort_by_slot, sorted_len, wrap_lora_layers
 from pagedllm.lora.peft_loader import LoRAModel, load_peft_adapter
 from pagedllm.lora.request import LoRARequest
 
@@ -124,14 +124,15 @@ class LoRAManager:
     # ---- one step ------------------------------------------------------------------------------------
     def reserve(self, num_tokens: int):
         """Sizes the step buffer for the largest step; the runner calls it before CUDA graphs take its address."""
-        if num_tokens > self.state.meta.shape[1]:
+        columns = sorted_len(num_tokens, self.max_loras)
+        if columns > self.state.meta.shape[1]:
             self._step_key = None
-            self.state.meta = torch.full((3, num_tokens), -1, dtype=torch.int32, device=self.device)
+            self.state.meta = torch.full((3, columns), -1, dtype=torch.int32, device=self.device)
 
     def prepare_step(self, row_req_ids: list[str], query_lens: list[int], num_tokens: int):
-        """Puts the step's adapters in slots and writes the step buffer's first num_tokens columns (the forward's
-        tokens, graph padding included): every token's slot (-1 for base rows and padding), the tokens sorted by
-        slot, their slots in that order (numpy: no per-row tensor op). One host -> device copy on the step's
+        """Puts the step's adapters in slots and writes the step buffer for the forward's num_tokens tokens (graph
+        padding included): every token's slot (-1 for base rows and padding), then the tokens sorted by slot and
+        their slots (layers.sort_by_slot; numpy: no per-row tensor op). One host -> device copy on the step's
         stream, no sync; none when the step has the rows, lengths and slots of the step before (most decode
         steps: the buffer already holds them)."""
         self._steps += 1
@@ -155,18 +156,16 @@ class LoRAManager:
             slot_of[lid] = s
         for s in slot_of.values():
             self.slot_used[s] = self._steps
-        host = torch.empty((3, num_tokens), dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        columns = sorted_len(num_tokens, self.max_loras)
+        host = torch.empty((3, columns), dtype=torch.int32, pin_memory=self.device.type == "cuda")
         h = host.numpy()
         row_slots = np.array([slot_of.get(lid, -1) for lid in ids], dtype=np.int32)
         n = sum(query_lens)
         h[0, :n] = np.repeat(row_slots, query_lens)
-        h[0, n:] = -1                                             # graph padding
-        # the kernels' tiles then hold one adapter's tokens each (lora/kernels.py); base tokens last
-        order = np.argsort(np.where(h[0] < 0, self.max_loras, h[0]), kind="stable")
-        h[1] = order
-        h[2] = h[0][order]
+        h[0, n:] = -1                                             # graph padding (and columns past the tokens)
+        sort_by_slot(h[0, :num_tokens], self.max_loras, h[1], h[2])
         self.reserve(num_tokens)
-        self.state.meta[:, :num_tokens].copy_(host, non_blocking=True)
+        self.state.meta[:, :columns].copy_(host, non_blocking=True)
         self._meta_dirty = True
         self.state.active_slots = sorted(slot_of.values())
         self._step_key = key
@@ -182,10 +181,11 @@ class LoRAManager:
         """The start-up memory profile's step: every token under an adapter, every slot active."""
         self.reserve(num_tokens)
         self._step_key = None
-        meta = self.state.meta[:, :num_tokens]
+        meta = self.state.meta[:, :num_tokens]   # slot 0's run from entry 0: what sort_by_slot gives
         meta[0].zero_()
         meta[1].copy_(torch.arange(num_tokens, device=self.device))
         meta[2].zero_()
+        self.state.meta[1:, num_tokens:] = torch.tensor([[0], [-1]], dtype=torch.int32, device=self.device)
         self._meta_dirty = True
         self.state.active_slots = list(range(self.max_loras))
 

@@ -8,19 +8,28 @@ Base tokens (slot -1) must come back bit-identical; the rest within the dtype's 
 """
 import functools
 
+import numpy as np
 import torch
 
 from pagedllm.lora.kernels import add_lora as split
+from pagedllm.lora.layers import sort_by_slot, sorted_len
 from pagedllm.lora.ops import add_lora
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}   # relative, per token row
 
 
-def slot_metadata(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, sorted_slots) int32 as the manager builds them: tokens by slot, base tokens last."""
-    key = torch.where(token_slots < 0, 1 << 30, token_slots)
-    order = torch.sort(key, stable=True).indices
-    return order.to(torch.int32), token_slots[order].to(torch.int32)
+def slot_metadata(token_slots: torch.Tensor, num_slots: int, packed: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, sorted_slots) int32 as the manager builds them (sort_by_slot: each slot's run from a tile's start);
+    packed: the runs end to end, base tokens last (several adapters a tile: the kernels' loop over a tile's slots)."""
+    if packed:
+        key = torch.where(token_slots < 0, 1 << 30, token_slots)
+        order = torch.sort(key, stable=True).indices
+        return order.to(torch.int32), token_slots[order].to(torch.int32)
+    n = sorted_len(len(token_slots), num_slots)
+    order, sorted_slots = np.empty(n, np.int32), np.empty(n, np.int32)
+    sort_by_slot(token_slots.numpy(), num_slots, order, sorted_slots)
+    return torch.from_numpy(order), torch.from_numpy(sorted_slots)
 
 
 def request_slots(num_tokens: int, num_loras: int, gen: torch.Generator, decode: bool) -> torch.Tensor:
@@ -37,7 +46,8 @@ def request_slots(num_tokens: int, num_loras: int, gen: torch.Generator, decode:
 
 
 def check_lora(num_tokens: int, in_features: int, shard_sizes: tuple[int, ...], rank: int, num_loras: int,
-               dtype: torch.dtype, device: str, seed: int, decode: bool = False, kernel=add_lora) -> float:
+               dtype: torch.dtype, device: str, seed: int, decode: bool = False, kernel=add_lora,
+               packed: bool = False) -> float:
     gen = torch.Generator().manual_seed(seed)
     n, out = len(shard_sizes), sum(shard_sizes)
     x = torch.randn(num_tokens, in_features, generator=gen)
@@ -55,7 +65,7 @@ def check_lora(num_tokens: int, in_features: int, shard_sizes: tuple[int, ...], 
     slots = request_slots(num_tokens, num_loras, gen, decode)
     x, y0, lora_a, lora_b = (v.to(device, dtype) for v in (x, y0, lora_a, lora_b))
     ref = _reference(x, y0, shards, slots, shard_sizes)
-    order, sorted_slots = (v.to(device) for v in slot_metadata(slots))
+    order, sorted_slots = (v.to(device) for v in slot_metadata(slots, num_loras, packed))
     bounds = torch.tensor([sum(shard_sizes[:i]) for i in range(n + 1)], dtype=torch.int32, device=device)
     y = y0.clone()
     kernel(y, x, lora_a, lora_b, order, sorted_slots, bounds, max(shard_sizes), rank)
@@ -96,16 +106,21 @@ def interpreter_cases():
     yield "all-base", lambda: check_lora(5, 32, (16,), 8, 0, torch.float32, "cpu", seed=9)
     yield from fused_cases()
     yield "split-qkv-r16", lambda: check_lora(37, 64, (32, 16, 16), 16, 3, torch.float32, "cpu", 11, kernel=split)
+    yield "split-packed", lambda: check_lora(37, 64, (32, 16, 16), 16, 3, torch.float32, "cpu", 12, kernel=split,
+                                             packed=True)
 
 
 def fused_cases():
-    """The fused kernel alone, float32: decode steps of 1..16 tokens over 8 adapters (several programs a tile),
-    K not a multiple of BLOCK_K, ranks 4..64, other block sizes; about a quarter of the rows base."""
+    """The fused kernel alone, float32: decode steps of 1..16 tokens over 8 adapters, runs packed end to end
+    (several adapters a tile), K not a multiple of BLOCK_K, ranks 4..64, other block sizes; about a quarter of
+    the rows base."""
     from pagedllm.lora.fused import FusedConfig, lora_fused
     f32 = torch.float32
     for t in (1, 3, 16):
         yield f"fused-decode-t{t}-8loras", lambda t=t: check_lora(t, 64, (48, 16), 16, 8, f32, "cpu", 20 + t, True,
                                                                    kernel=lora_fused)
+    yield "fused-decode-t16-packed", lambda: check_lora(16, 64, (48, 16), 16, 8, f32, "cpu", 36, True,
+                                                        kernel=lora_fused, packed=True)
     yield "fused-r4-k100", lambda: check_lora(23, 100, (40,), 4, 3, f32, "cpu", seed=30, kernel=lora_fused)
     small = functools.partial(lora_fused, config=FusedConfig(block_m=32, block_n=16, block_k=32, num_stages=2))
     yield "fused-m32-n16-k32-r32", lambda: check_lora(70, 96, (40, 24, 24), 32, 5, f32, "cpu", 31, kernel=small)

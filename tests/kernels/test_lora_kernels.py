@@ -5,6 +5,8 @@ import torch
 from kernel_checks import run_under_interpreter
 from lora_cases import check_lora, interpreter_cases, request_slots, slot_metadata
 
+from pagedllm.lora.layers import sorted_len
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (in_features, shard sizes): Qwen3-0.6B's qkv, gate_up, o, down; an odd fused layer
 LAYERS = [(1024, (2048, 1024, 1024)), (1024, (3072, 3072)), (2048, (1024,)), (3072, (1024,)), (896, (896, 128, 128))]
@@ -32,14 +34,14 @@ def test_kernels_compile_for_hopper():
 
     from pagedllm.lora import kernels
     from pagedllm.lora.fused import lora_fused_kernel
-    common = {"order_ptr": "*i32", "slots_ptr": "*i32", "T": "i32"}
+    common = {"order_ptr": "*i32", "slots_ptr": "*i32", "n_sorted": "i32"}
     for dt in ("bf16", "fp16", "fp32"):
         shrink = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "t_ptr": "*fp32", **common, "K": "i32", "N": "i32",
                   **dict.fromkeys(("stride_xm", "stride_as", "stride_an", "stride_ts", "stride_tm"), "i32")}
         expand = {"t_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", **common, "bounds_ptr": "*i32",
                   **dict.fromkeys(("stride_ts", "stride_tm", "stride_bs", "stride_bo", "stride_ym"), "i32")}
         # the launch's argument order: pointers, T, then the rest
-        expand = {k: expand[k] for k in ("t_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr", "T",
+        expand = {k: expand[k] for k in ("t_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr", "n_sorted",
                                          "stride_ts", "stride_tm", "stride_bs", "stride_bo", "stride_ym")}
         precision = "ieee" if dt == "fp32" else "tf32"
         cases = [(kernels.lora_shrink_kernel, shrink, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=kernels.SHRINK_BLOCK_K,
@@ -48,10 +50,10 @@ def test_kernels_compile_for_hopper():
                                                            NUM_SPLITS=splits, PRECISION=precision))
                   for r, block_r, splits in ((16, 16, 12), (64, 64, 4), (80, 64, 3))]
         fused = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", **common,
-                 "bounds_ptr": "*i32", "K": "i32", "groups": "i32", "n_tiles": "i32",
+                 "bounds_ptr": "*i32", "K": "i32", "n_tiles": "i32",
                  **dict.fromkeys(("stride_xm", "stride_as", "stride_an", "stride_bs", "stride_bo", "stride_ym"), "i32")}
         fused = {k: fused[k] for k in ("x_ptr", "a_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr",
-                                       "T", "K", "groups", "n_tiles", "stride_xm", "stride_as", "stride_an",
+                                       "n_sorted", "K", "n_tiles", "stride_xm", "stride_as", "stride_an",
                                        "stride_bs", "stride_bo", "stride_ym")}
         cases += [(lora_fused_kernel, fused, dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, BLOCK_R=block_r, R=r,
                                                   EVEN_K=even, PRECISION=precision))
@@ -71,7 +73,7 @@ def test_fused_configs_fit_hopper_shared_memory():
     from triton.compiler import ASTSource
 
     from pagedllm.lora.fused import SMEM_BUDGET, layer_config, lora_fused_kernel, shared_memory_bytes
-    names = ("x_ptr", "a_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr", "T", "K", "groups",
+    names = ("x_ptr", "a_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr", "n_sorted", "K",
              "n_tiles", "stride_xm", "stride_as", "stride_an", "stride_bs", "stride_bo", "stride_ym")
     for dt, elem in (("fp32", 4), ("bf16", 2)):
         sig = {n: (f"*{dt}" if n in ("x_ptr", "a_ptr", "b_ptr", "y_ptr") else "*i32" if n.endswith("_ptr")
@@ -122,7 +124,8 @@ def test_lora_kernels_in_cuda_graph(kernel):
     b = torch.randn(8, 4096, 3 * rank, device=dev, dtype=torch.bfloat16)
     y0 = torch.randn(T, 4096, device=dev, dtype=torch.bfloat16)
     bounds = torch.tensor([0, 2048, 3072, 4096], dtype=torch.int32, device=dev)
-    order, sorted_slots = torch.zeros(T, dtype=torch.int32, device=dev), torch.full((T,), -1, device=dev,
+    n = sorted_len(T, 8)
+    order, sorted_slots = torch.zeros(n, dtype=torch.int32, device=dev), torch.full((n,), -1, device=dev,
                                                                                     dtype=torch.int32)
     y = y0.clone()
 
@@ -137,7 +140,7 @@ def test_lora_kernels_in_cuda_graph(kernel):
         step()
     for i in range(6):
         slots = request_slots(T, 8, gen, decode=i % 2 == 0) if i != 3 else torch.full((T,), -1)
-        o, s = slot_metadata(slots)
+        o, s = slot_metadata(slots, 8)
         order.copy_(o)
         sorted_slots.copy_(s)
         graph.replay()

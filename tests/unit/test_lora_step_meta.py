@@ -1,13 +1,14 @@
 """The LoRA step buffer the kernels read (LoRAManager.prepare_step, built with numpy) against a per-token Python
-construction: each token's slot (-1 for base rows and graph padding), the tokens sorted by slot with base tokens
-last (stable), and their slots in that order; decode-only steps and mixed ones (prompt chunks beside decode rows)."""
+construction: each token's slot (-1 for base rows and graph padding), the tokens sorted by slot (stable), each
+slot's run from a multiple of SEGMENT, and their slots; decode-only steps and mixed ones (prompt chunks beside
+decode rows)."""
 import random
 from collections import Counter, OrderedDict
 
 import pytest
 import torch
 
-from pagedllm.lora.layers import LoRAStepState
+from pagedllm.lora.layers import SEGMENT, LoRAStepState, sorted_len
 from pagedllm.lora.manager import LoRAManager
 
 
@@ -23,13 +24,21 @@ def manager(max_loras: int, assigned: dict[str, int]) -> LoRAManager:
 
 
 def expected(m: LoRAManager, rows: list[str], query_lens: list[int], num_tokens: int) -> torch.Tensor:
+    """Row 0: each token's slot (then -1); rows 1, 2: slot by slot, its tokens in order from the next multiple
+    of SEGMENT, their slot (gaps and tail: token 0, slot -1)."""
     slots = []
     for r, q in zip(rows, query_lens):
         lid = m.req_lora.get(r, 0)
         slots += [m.slots.index(lid) if lid else -1] * q
-    slots += [-1] * (num_tokens - len(slots))
-    order = sorted(range(num_tokens), key=lambda i: (slots[i] < 0, slots[i] if slots[i] >= 0 else 0, i))
-    return torch.tensor([slots, order, [slots[i] for i in order]], dtype=torch.int32)
+    columns = sorted_len(num_tokens, m.max_loras)
+    order, sorted_slots = [0] * columns, [-1] * columns
+    at = 0
+    for s in range(m.max_loras):
+        mine = [i for i, v in enumerate(slots) if v == s]
+        for k, i in enumerate(mine):
+            order[at + k], sorted_slots[at + k] = i, s
+        at += -(-len(mine) // SEGMENT) * SEGMENT
+    return torch.tensor([slots + [-1] * (columns - len(slots)), order, sorted_slots], dtype=torch.int32)
 
 
 @pytest.mark.parametrize("decode", [True, False])
@@ -47,7 +56,7 @@ def test_step_buffer(decode):
         if not any(r in assigned for r in step):
             assert m.state.active_slots == []
             continue
-        assert torch.equal(m.state.meta[:, :num_tokens], want)
+        assert torch.equal(m.state.meta[:, :want.shape[1]], want)
         assert m.state.active_slots == sorted({m.slots.index(assigned[r]) for r in step if r in assigned})
 
 
@@ -63,13 +72,14 @@ def test_repeated_step_keeps_buffer():
     m.state.meta[:, :16].fill_(7)   # a write now would show
     m.prepare_step(list(step), list(lens), 16)
     assert (m.state.meta[:, :16] == 7).all() and m._steps == 2 and m.slot_used == [2, 2, 2, 2]
+    columns = sorted_len(16, 4)
     for change in (m.clear_step, lambda: m.release("r1")):
         change()
         m.state.meta[:, :16].fill_(7)
         m.prepare_step(step, lens, 16)
-        assert torch.equal(m.state.meta[:, :16], expected(m, step, lens, 16))
+        assert torch.equal(m.state.meta[:, :columns], expected(m, step, lens, 16))
     m.prepare_step(step[:9], lens[:9], 16)
-    assert torch.equal(m.state.meta[:, :16], expected(m, step[:9], lens[:9], 16))
+    assert torch.equal(m.state.meta[:, :columns], expected(m, step[:9], lens[:9], 16))
 
 
 def test_capture_slots_write_no_device_buffer():
