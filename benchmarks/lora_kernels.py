@@ -41,8 +41,8 @@ SWEEP = [FusedConfig(*c) for c in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (1
                                    (16, 256, 512, 8, 2), (16, 128, 512, 4, 2), (16, 256, 1024, 8, 1),
                                    (32, 256, 512, 8, 2), (32, 256, 128, 4, 4), (32, 128, 128, 4, 4))]
 # the fused kernel's `programs` (above it a program takes several column tiles, computing x A once for them),
-# the default first; 1024 was the default before 2026-12-04
-PROGRAMS = (264, 1024, 128, 64)
+# 1024 was the default before 2026-12-04
+PROGRAMS = (None, 264, 128, 64)   # None: lora_fused's default for the layer (264, or 64 where K >= 2048)
 
 
 def graph_us(fn) -> float:
@@ -111,7 +111,8 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
             for k, us in tiles.items():
                 sweep[(k, T)] = sweep.get((k, T), 0.0) + us
         if not all_base:
-            line["programs_us"] = {p: graph_us(lambda i, p=p: lora_fused(*args(i), config=default, programs=p))
+            line["programs_us"] = {p or "default": graph_us(lambda i, p=p: lora_fused(*args(i), config=default,
+                                                                                      programs=p))
                                    for p in PROGRAMS}
             for p, us in line["programs_us"].items():
                 programs[(p, T)] = programs.get((p, T), 0.0) + us
@@ -134,9 +135,11 @@ def main():
     totals, sweep, programs = {}, {}, {}
     for name, (fan_in, shards) in LAYERS.items():
         bench_layer(name, fan_in, shards, totals, sweep, programs)
+    keys = [p or "default" for p in PROGRAMS]
     for T in sorted({T for _, T in programs}):
         print(json.dumps({"programs_step_ms": f"x{NUM_LAYERS} layers, default tiles", "T": T,
-                          **{str(p): round(programs[(p, T)] * NUM_LAYERS / 1e3, 3) for p in PROGRAMS}}), flush=True)
+                          **{str(p): round(programs[(p, T)] * NUM_LAYERS / 1e3, 3) for p in keys}}),
+              flush=True)
     for (T, case), t in totals.items():
         print(json.dumps({"step_ms": f"x{NUM_LAYERS} layers", "T": T, "case": case,
                           **{k: round(v * NUM_LAYERS / 1e3, 3) for k, v in t.items()}}), flush=True)

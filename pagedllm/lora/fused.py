@@ -29,6 +29,11 @@ FUSED_MAX_RANK = 64
 # as one wave and what did not. H200, a 256-token decode step over 8 adapters (benchmarks/lora_kernels.py):
 # gate_up, 384 programs, 12.66 us at one column tile a program, 8.05 at 3; qkv, 256, 7.17 at one, 8.04 at 3
 PROGRAMS = 264
+# ... and for layers whose K loop is long (in_features >= 2048: o and down), where recomputing t for each column
+# tile costs more than the programs it spreads over: H200, a 232-token decode step over 8 adapters (W1's), o
+# 9.05 -> 7.12 us, down 11.92 -> 9.16; 2,048-token prefill o 11.54 -> 11.07, down 14.46 -> 13.19; the short-K
+# layers lose at 64 (qkv 8.50 -> 10.68, gate_up 9.30 -> 13.50 at 232 tokens)
+LONG_K, LONG_K_PROGRAMS = 2048, 64
 CONFIG_ENV = "PAGEDLLM_LORA_FUSED_CONFIG"   # "block_m,block_n,block_k,num_warps,num_stages" for every layer
 
 
@@ -149,9 +154,10 @@ def lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_p
 
 def lora_fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, order: torch.Tensor,
                sorted_slots: torch.Tensor, shard_bounds: torch.Tensor, max_shard: int, rank: int,
-               config: FusedConfig | None = None, programs: int = PROGRAMS) -> torch.Tensor:
+               config: FusedConfig | None = None, programs: int | None = None) -> torch.Tensor:
     """add_lora's contract (lora/kernels.py) in one launch; rank <= FUSED_MAX_RANK. programs: the programs
-    above which each takes several column tiles (tests: small, to take that path on small inputs)."""
+    above which each takes several column tiles (default by K; tests: small, to take that path on small inputs).
+    Neither it nor block_n changes a result: each column's t is the same K loop."""
     T, K = x.shape
     assert rank <= FUSED_MAX_RANK, f"lora_fused: rank {rank} > {FUSED_MAX_RANK}"
     assert y.stride(-1) == 1 and y.shape[0] == T, "lora_fused: y must have unit column stride and T rows"
@@ -163,6 +169,7 @@ def lora_fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     # programs with columns: about T's tiles (the sorted list's padding tiles exit at once), and the grid
     # covers the widest shard (narrower shards' extra column tiles exit at once too)
     live = triton.cdiv(T, cfg.block_m) * triton.cdiv(y.shape[1], cfg.block_n)
+    programs = programs or (LONG_K_PROGRAMS if K >= LONG_K else PROGRAMS)
     n_tiles = column_tiles_per_program(live, col_tiles, programs)
     grid = (triton.cdiv(n_sorted, cfg.block_m), triton.cdiv(col_tiles, n_tiles), num_shards)
     if T > 0:
