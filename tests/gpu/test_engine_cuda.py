@@ -1,5 +1,7 @@
 """The engine on CUDA (Triton attention, CUDA graphs): float32 greedy identical to the CPU path, graphs to eager."""
 import gc
+import json
+import shutil
 
 import pytest
 import torch
@@ -143,3 +145,27 @@ def test_a_small_models_kv_cache_is_capped(tiny_model_dirs):
     assert runner.num_blocks == kv_cache.GPU_CAP_FACTOR * 64 * cdiv(llm.engine.max_model_len, cfg.block_size)
     out = llm.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in out] == [8] * len(PROMPTS)
+
+
+def test_no_decode_kernel_builds_after_start_up(tiny_model_dirs, tmp_path, monkeypatch):
+    """A step of more tokens than the largest mixed graph runs eager; its decode scratch is as wide as its
+    longest row's segments. Widths are 1 or multiples of 16 (the graphs' is 32 here), the classes Triton
+    specialises the scratch strides on, so no width builds a decode kernel after start-up. Before, 14 segments
+    (a 6,800-token row) built decode_partition and decode_reduce mid-run (0.49 s of a first W1 run on the H200)."""
+    from triton.runtime.jit import JITFunction
+    d = tmp_path / "long"
+    shutil.copytree(tiny_model_dirs["qwen3"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 16384}))
+    llm = LLM(str(d), device="cuda", dtype="bfloat16", max_num_batched_tokens=9000, log_stats_interval=0)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate([[1, 2, 3]], params, use_tqdm=False)   # as bench throughput's warm-up
+    builds, build = [], JITFunction._do_compile
+
+    def recorded(self, *args, **kwargs):
+        builds.append(self.fn.__name__)
+        return build(self, *args, **kwargs)
+    monkeypatch.setattr(JITFunction, "_do_compile", recorded)
+    prompts = [[5 + (7 * i + j) % 400 for j in range(n)] for i, n in enumerate((1100, 1100, 6800))]
+    llm.generate(prompts, params, use_tqdm=False)   # its first step: 9,000 tokens, eager, rows to 6,800
+    assert not [b for b in builds if b.startswith("decode_")], builds
