@@ -11,6 +11,9 @@ steps). --py-spy FILE also records a profile of the API process over the run (sp
     python benchmarks/api_cost.py QWEN3_CONFIG_DIR --fake-core 15 --concurrency 300 --num-requests 300 \
         --prompt-len 512 --max-tokens 128      # the API process alone at a GPU's event rate
 
+--serve-args '--api-server-count N': N API processes; the CPU figures are then their sum (api_cpu_use 1.0 = one
+core's worth).
+
 --fake-core STEP_MS: the engine core is benchmarks/fake_core.py's (no model: one token per request every
 STEP_MS, 0 = as fast as it can), so any model directory with a tokenizer and config.json will do. The
 client then also reports the gaps between chunks (ITL, ms) and tokens per chunk, as bench serve does.
@@ -33,9 +36,27 @@ import urllib.request
 import numpy as np
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])   # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def api_pids(server_pid: int) -> list[int]:
+    """The API processes: the server itself, or with --api-server-count N > 1 its spawned children but the
+    first (the engine core, spawned before them)."""
+    children = []
+    for stat in os.listdir("/proc"):
+        try:
+            text = open(f"/proc/{stat}/stat").read()
+            cmdline = open(f"/proc/{stat}/cmdline", "rb").read()
+        except (OSError, NotADirectoryError):
+            continue
+        if int(text.rsplit(")", 1)[1].split()[1]) == server_pid and b"spawn_main" in cmdline:
+            children.append(int(stat))
+    return sorted(children)[1:] if len(children) > 1 else [server_pid]
 
 
 async def load(args) -> tuple[int, int, int]:
@@ -117,9 +138,10 @@ def main():
                                     "--format", fmt, "--output", args.py_spy, *mode],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
-        cpu0, t0 = cpu_seconds(server.pid), time.perf_counter()
+        pids = api_pids(server.pid)
+        cpu0, t0 = cpu_seconds(pids), time.perf_counter()
         tokens, chunks, failed, gaps = asyncio.run(load(args))
-        cpu, wall = cpu_seconds(server.pid) - cpu0, time.perf_counter() - t0
+        cpu, wall = cpu_seconds(pids) - cpu0, time.perf_counter() - t0
     finally:
         if spy is not None:
             spy.send_signal(2)
@@ -127,6 +149,7 @@ def main():
         server.terminate()
         server.wait()
     print(json.dumps({"requests": args.num_requests, "failed": failed, "concurrency": args.concurrency,
+                      "api_processes": len(pids),
                       "tokens": tokens, "chunks": chunks, "wall_s": round(wall, 2),
                       "tok_s": round(tokens / wall), "api_cpu_s": round(cpu, 2), "api_cpu_use": round(cpu / wall, 2),
                       "api_us_per_token": round(cpu / tokens * 1e6, 1),

@@ -6,13 +6,14 @@ The real API process runs as always; only the core process is replaced. It loads
 (0: as fast as it can send) it emits one token for each running request, ids of an English text in the model's
 tokenizer (so detokenizing costs what it costs on real output), and finishes each request at its max_tokens
 ("length"). It speaks the core's pipe protocol (core_process.py): ready, outputs with StepStats, heartbeats,
-stats. So one API process can be driven at a GPU's event rate (300 streams at a 15 ms step: 20,000 token
-events/s) on a small CPU machine.
+stats; to several API processes too (--api-server-count). So the API side can be driven at a GPU's event rate
+(300 streams at a 15 ms step: 20,000 token events/s) on a small CPU machine.
 """
 import os
 import signal
 import time
 
+from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.engine import core_process
 from pagedllm.metrics import SchedulerStats, StepStats
 
@@ -21,63 +22,67 @@ _TEXT = ("The quick brown fox jumps over the lazy dog while the committee review
          "researchers in Zürich described a method for streaming text to many readers at once. ")
 
 
-def run_fake_core(config, conn, log_level: int):
+def run_fake_core(config, conns, log_level: int):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from pagedllm.engine.tokenizer import load_engine_tokenizer
     ids = load_engine_tokenizer(config).encode(_TEXT * 4, add_special_tokens=False)
     step_s = float(os.environ.get("FAKE_STEP_MS", "15")) / 1e3
-    conn = core_process._SharedConn(conn)
-    conn.send(("ready", 100_000, {"model": config.model, "device": "fake", "dtype": "none", "load_seconds": 0.0,
-                                  "num_blocks": 100_000, "block_size": 16, "capture_seconds": None,
-                                  "startup_seconds": 0.0}))
-    pulse = core_process._Pulse(conn)
-    running: dict[str, list[int]] = {}   # request id -> [tokens left, position in ids]
-    new: list[str] = []
+    clients = core_process._Clients(conns if isinstance(conns, list) else [conns])   # one per API process
+    clients.send_all(("ready", 100_000, {"model": config.model, "device": "fake", "dtype": "none",
+                                         "load_seconds": 0.0, "num_blocks": 100_000, "block_size": 16,
+                                         "capture_seconds": None, "startup_seconds": 0.0}))
+    pulse = core_process._Pulse(clients)
+    core = _FakeCore()
     next_step = time.perf_counter()
-    try:
-        while True:
-            while conn.poll(0 if running else core_process.HEARTBEAT_INTERVAL):
-                if not _handle(conn.recv(), conn, running, new):
-                    return
-            if not running:
-                continue
-            time.sleep(max(next_step - time.perf_counter(), 0))
-            next_step = max(next_step + step_s, time.perf_counter())
-            conn.send(("outputs", _step(running, ids), StepStats(first_scheduled_ids=new[:])))
-            new.clear()
-            pulse.tick = time.monotonic()
-    except (EOFError, BrokenPipeError):
-        return
+    while clients.live:
+        for conn, msg in clients.receive(0 if core.running else core_process.HEARTBEAT_INTERVAL, core):
+            core.handle(msg, conn, clients)
+        if not core.running:
+            continue
+        time.sleep(max(next_step - time.perf_counter(), 0))
+        next_step = max(next_step + step_s, time.perf_counter())
+        new, core.new = core.new, []
+        clients.send_outputs(core.step(ids), StepStats(first_scheduled_ids=new, queue_times=[0.0] * len(new)))
+        pulse.tick = time.monotonic()
 
 
-def _step(running: dict[str, list[int]], ids: list[int]) -> list[tuple]:
-    """One token for each running request: EngineCoreOutput rows (req_id, new_token_ids, logprobs,
-    prompt_logprobs, finish_reason, stop_reason, num_cached_tokens, error, bad_request)."""
-    rows = []
-    for req_id, state in list(running.items()):
-        state[0] -= 1
-        token = ids[state[1] % len(ids)]
-        state[1] += 1
-        finish = "length" if state[0] == 0 else None
-        if finish:
-            del running[req_id]
-        rows.append((req_id, [token], None, None, finish, None, 0, None, False))
-    return rows
+class _FakeCore:
+    def __init__(self):
+        self.running: dict[str, list[int]] = {}   # request id -> [tokens left, position in ids]
+        self.new: list[str] = []
 
+    def step(self, ids: list[int]) -> list[EngineCoreOutput]:
+        """One token for each running request."""
+        outputs = []
+        for req_id, state in list(self.running.items()):
+            state[0] -= 1
+            token = ids[state[1] % len(ids)]
+            state[1] += 1
+            finish = "length" if state[0] == 0 else None
+            if finish:
+                del self.running[req_id]
+            outputs.append(EngineCoreOutput(req_id, [token], finish_reason=finish))
+        return outputs
 
-def _handle(msg: tuple, conn, running: dict, new: list) -> bool:
-    if msg[0] == "add":
-        for r in msg[1]:
-            running[r.request_id] = [r.max_tokens, hash(r.request_id) % 97]
-            new.append(r.request_id)
-    elif msg[0] == "finish":
-        for req_id in msg[1]:
-            running.pop(req_id, None)
-    elif msg[0] == "stats":
-        conn.send(("stats", SchedulerStats(len(running), 0, 100_000, 100_000, 0.0, 0, 0, 0, 0, 0, 0, 0, 0.0)))
-    elif msg[0] == "shutdown":
-        return False
-    return True
+    def handle(self, msg: tuple, conn, clients):
+        if msg[0] == "add":
+            clients.add(conn, [r.request_id for r in msg[1]])
+            for r in msg[1]:
+                self.running[r.request_id] = [r.max_tokens, hash(r.request_id) % 97]
+                self.new.append(r.request_id)
+        elif msg[0] == "finish":
+            clients.forget(msg[1])
+            self.finish_requests(msg[1], None)
+        elif msg[0] == "stats":
+            clients.send(conn, ("stats", SchedulerStats(len(self.running), 0, 100_000, 100_000, 0.0, 0, 0, 0, 0, 0,
+                                                        0, 0, 0.0)))
+        elif msg[0] == "shutdown":
+            clients.leave(conn, self)
+
+    def finish_requests(self, request_ids: list[str], status):
+        for req_id in request_ids:
+            self.running.pop(req_id, None)
 
 
 core_process.run_engine_core = run_fake_core

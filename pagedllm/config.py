@@ -210,6 +210,9 @@ class ServerConfig:
                                           "vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S: /health 503, requests fail")
     stream_interval: int = _f(1, "streamed responses send a chunk every this many tokens (the first token and the "
                                  "last at once); 1: a chunk for each engine step, as it ends (vLLM's)")
+    api_server_count: int = _f(1, "API processes serving HTTP on the one port, all in front of one engine core "
+                                  "(vLLM's flag): more when one process's HTTP, tokenizing and streaming work cannot "
+                                  "keep up with the engine")
     log_level: str = _f("info", "log level of pagedllm and uvicorn", choices=("debug", "info", "warning", "error"))
     max_request_body_bytes: int = _f(8 << 20, "refuse (413) request bodies larger than this; 8 MiB holds a "
                                               "1M-token prompt as text or ~1M token ids as JSON")
@@ -256,6 +259,8 @@ class ServerConfig:
         _check(self.engine_step_timeout >= 2, "engine_step_timeout", ">= 2 seconds", self.engine_step_timeout)
         _check(isinstance(self.stream_interval, int) and self.stream_interval >= 1, "stream_interval",
                "an integer >= 1 (tokens per streamed chunk)", self.stream_interval)
+        _check(isinstance(self.api_server_count, int) and 1 <= self.api_server_count <= 64, "api_server_count",
+               "an integer in [1, 64]", self.api_server_count)
 
 
 def _check(ok: bool, name: str, limit: str, value):

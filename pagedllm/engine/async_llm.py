@@ -49,7 +49,8 @@ class EngineGenerateError(RuntimeError):
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_queue_length: int | None = None,
                  on_step_stats: Callable[[StepStats], None] | None = None, heartbeat_timeout: float = 5.0,
-                 step_timeout: float = 60.0, on_dead: Callable[[], None] | None = None, stream_interval: int = 1):
+                 step_timeout: float = 60.0, on_dead: Callable[[], None] | None = None, stream_interval: int = 1,
+                 core: CoreClient | None = None, shared_waiting=None):
         """max_waiting_queue_length: refuse new requests (QueueFullError) while this many sequences wait
         for their first step (None = no bound). on_step_stats: called with each step's request timings.
         heartbeat_timeout: seconds without a message from the core (its heartbeat thread sends one every
@@ -58,10 +59,13 @@ class AsyncLLM:
         requests in flight fail.
         on_dead: called once when the core process has exited (the server exits then).
         stream_interval: a streamed (DELTA or CUMULATIVE) request's outputs come every this many tokens (the
-        first token and the finish at once); 1: one output per step."""
+        first token and the finish at once); 1: one output per step.
+        core: a client of a core process started elsewhere (one of several API processes, server/api_servers.py;
+        default: start one). shared_waiting: with several, the multiprocessing.Value of sequences waiting in all
+        of them, which max_waiting_queue_length bounds."""
         model = resolve_model(config)   # the config's errors, before a process starts
         self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=True)
-        self.core = CoreClient(config)
+        self.core = CoreClient(config) if core is None else core
         self.max_model_len = model.max_model_len
         self.tokenizer = load_engine_tokenizer(config)   # while the core loads the model
         self.input_processor = InputProcessor.for_engine(config, self.tokenizer, model.hf_config.vocab_size,
@@ -69,6 +73,8 @@ class AsyncLLM:
         self.output_processor = OutputProcessor(self.tokenizer, stream_interval)
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.max_waiting_queue_length = max_waiting_queue_length
+        self.shared_waiting = shared_waiting
+        self._num_published = 0                       # this process's part of shared_waiting
         self.on_step_stats = on_step_stats
         self.heartbeat_timeout = heartbeat_timeout
         self.step_timeout = step_timeout
@@ -133,12 +139,15 @@ class AsyncLLM:
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._check_queue_bound(params.num_sequences, "n" if params.best_of is None else "best_of")
-        req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt,
-                                           lora_request=lora_request, kv_parent=kv_parent, hold_kv=hold_kv)
-        self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
-                                          req.arrival_time)
-        q = self._queues[request_id] = OutputQueue()
-        self._unscheduled.update(r.request_id for r in req.core_requests)
+        try:
+            req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt,
+                                               lora_request=lora_request, kv_parent=kv_parent, hold_kv=hold_kv)
+            self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
+                                              req.arrival_time)
+            q = self._queues[request_id] = OutputQueue()
+            self._unscheduled.update(r.request_id for r in req.core_requests)
+        finally:
+            self._publish_waiting()   # a refused request's place, taken by the bound's check, is given back
         self.core.send(("add", req.core_requests))
         return q
 
@@ -151,9 +160,27 @@ class AsyncLLM:
         if n > bound:
             raise ValueError(f"SamplingParams.{name} must be at most max_waiting_queue_length ({bound}) on this "
                              f"server, got {n}")
-        if len(self._unscheduled) + n > bound:
-            raise QueueFullError(f"{len(self._unscheduled)} sequences are waiting and this request adds {n}: "
+        if self.shared_waiting is None:
+            waiting = len(self._unscheduled)
+        else:   # taken here under the lock, so that two API processes cannot both take the last places
+            with self.shared_waiting.get_lock():
+                waiting = self.shared_waiting.value
+                if waiting + n <= bound:
+                    self.shared_waiting.value += n
+                    self._num_published += n
+        if waiting + n > bound:
+            raise QueueFullError(f"{waiting} sequences are waiting and this request adds {n}: "
                                  f"the bound is max_waiting_queue_length ({bound})")
+
+    def _publish_waiting(self):
+        """shared_waiting follows this process's count of waiting sequences."""
+        if self.shared_waiting is None:
+            return
+        delta = len(self._unscheduled) - self._num_published
+        if delta:
+            with self.shared_waiting.get_lock():
+                self.shared_waiting.value += delta
+            self._num_published += delta
 
     def _check_alive(self):
         reason = self.unhealthy_reason()
@@ -202,6 +229,7 @@ class AsyncLLM:
             return   # finished already
         self.output_processor.abort(request_id)
         self._unscheduled.difference_update(child_ids)
+        self._publish_waiting()
         self.core.send(("finish", child_ids, RequestStatus.FINISHED_ABORTED))
 
     async def get_stats(self) -> SchedulerStats:
@@ -320,6 +348,7 @@ class AsyncLLM:
                     f"the engine failed request {out.request_id}: {error.error}", 400 if error.bad_request else 500))
         if errors:   # `stopped` has every sequence of a failed request: some failed before any step
             self._unscheduled.difference_update(stopped)
+        self._publish_waiting()
         if self.on_step_stats is not None:
             self.on_step_stats(stats)
 

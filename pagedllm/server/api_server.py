@@ -193,16 +193,35 @@ def _check_tls(config: ServerConfig):
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig):
-    import uvicorn
+    check_serve_config(engine_config, server_config)   # before the model loads
+    if server_config.api_server_count > 1:
+        from pagedllm.server.api_servers import serve_with_api_servers
+        serve_with_api_servers(engine_config, server_config)
+    else:
+        run_api_server(engine_config, server_config)
+
+
+def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig) -> tuple[str | None, list]:
+    """The server's own errors, found before a process starts: (the chat template, the --lora-modules)."""
     if engine_config.skip_tokenizer_init:
         raise ValueError("skip_tokenizer_init: pagedllm serve needs a tokenizer (text prompts, chat, /tokenize); "
                          "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
-    chat_template = _read_chat_template(server_config.chat_template)   # before the model loads
+    chat_template = _read_chat_template(server_config.chat_template)
     _check_tls(server_config)
     lora_modules = parse_lora_modules(server_config.lora_modules)
     if lora_modules and not engine_config.enable_lora:
         raise ValueError("lora_modules need --enable-lora (it sets the engine up for adapters: --max-loras, "
                          "--max-lora-rank)")
+    return chat_template, lora_modules
+
+
+def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, core=None, sock=None, index: int = 0,
+                   shared_waiting=None):
+    """One API process: the app over an AsyncLLM, until a stop signal or the core's death. With several
+    (api_servers.py): `core` is this one's client of their shared core, `sock` the port they all listen on,
+    `index` which one it is (the first logs what they would all log), `shared_waiting` their waiting count."""
+    import uvicorn
+    chat_template, lora_modules = check_serve_config(engine_config, server_config)
 
     class Server(uvicorn.Server):
         core_died = False
@@ -223,33 +242,37 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
     engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
                       heartbeat_timeout=server_config.engine_heartbeat_timeout,
                       step_timeout=server_config.engine_step_timeout,
-                      on_dead=lambda: server.on_core_death(), stream_interval=server_config.stream_interval)
+                      on_dead=lambda: server.on_core_death(), stream_interval=server_config.stream_interval,
+                      core=core, shared_waiting=shared_waiting)
     ctx = ServingContext(engine, metrics.model_name, chat_template, server_config.tool_call_parser,
                          server_config.enable_auto_tool_choice)
     if engine_config.enable_lora:
         ctx.loras = ServingLoRAs(engine, ctx.model_name)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
     app = build_app(ctx, metrics, server_config, api_key, lora_modules)
-    scheme = "https" if server_config.ssl_certfile else "http"
-    logger.info("serving %s at %s://%s:%d%s (API key %s)", ctx.model_name, scheme, server_config.host,
-                server_config.port, server_config.root_path or "", "required" if api_key else "off")
+    if index == 0:
+        scheme = "https" if server_config.ssl_certfile else "http"
+        count = server_config.api_server_count
+        logger.info("serving %s at %s://%s:%d%s (API key %s%s)", ctx.model_name, scheme, server_config.host,
+                    server_config.port, server_config.root_path or "", "required" if api_key else "off",
+                    f"; {count} API processes" if count > 1 else "")
     freeze_gc()
     gc.set_threshold(API_GC_THRESHOLD, 10, 10)
     server = Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                    log_level=server_config.log_level, timeout_keep_alive=30,
                                    timeout_graceful_shutdown=STOP_GRACE_SECONDS + 5,
                                    ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile))
-    _run(server, ctx)
+    _run(server, ctx, sock)
 
 
-def _run(server, ctx: ServingContext):
+def _run(server, ctx: ServingContext, sock=None):
     """uvicorn raises a stop signal again once it has shut down, to the handlers found at start: these ones
     make that a no-op, so a stop ends with exit code 0 and no KeyboardInterrupt traceback. A dead engine core
     ends the process with code 1."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        server.run()
+        server.run(sockets=None if sock is None else [sock])
     except SystemExit:   # uvicorn's when the app's start-up failed (code 3)
         if ctx.startup_error is None:
             raise

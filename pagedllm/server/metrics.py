@@ -7,8 +7,10 @@ step's StepStats as the API process handles it.
 """
 import bisect
 import collections
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pagedllm.metrics import SchedulerStats, StepStats
@@ -25,6 +27,11 @@ class ServerMetrics:
         self.stats: SchedulerStats | None = None
         self.registry.register(_EngineCollector(self))
         labels, r = ["model_name"], self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Several API processes (--api-server-count): each one's latencies go to files in that directory
+            # (prometheus_client's multiprocess mode), and a scrape of any of them sums them all.
+            MultiProcessCollector(self.registry)
+            r = None
 
         def histogram(name, doc):
             return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)

@@ -86,8 +86,8 @@ async def _long_streams(client: httpx.AsyncClient, server: Server, max_tokens: i
 def _stop_and_check_clean(server: Server, sig: int):
     """A stop signal: exit code 0, and after it no traceback and no error line in the log."""
     offset = os.path.getsize(server.log_path)
-    if sig == signal.SIGINT:   # Ctrl-C in a terminal reaches its whole process group: the core too
-        os.kill(_core_pid(server), sig)
+    # Ctrl-C in a terminal reaches its whole process group, the core too; so do `timeout` and systemd's stop
+    os.kill(_core_pid(server), sig)
     server.process.send_signal(sig)
     assert server.process.wait(timeout=20) == 0
     tail = Path(server.log_path).read_text()[offset:]
