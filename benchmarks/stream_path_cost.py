@@ -52,6 +52,7 @@ def _engine(tokenizer) -> AsyncLLM:
     engine.core = SimpleNamespace(send=lambda msg: None)
     engine.on_step_stats = ServerMetrics("model").record
     engine._queues, engine._unscheduled = {}, set()
+    engine.shared_waiting, engine._num_published = None, 0   # one API process (before 2026-12-04: unused)
     engine._steps, engine._step_scheduled = collections.deque(), False
     engine._loop = asyncio.get_running_loop()
     return engine
