@@ -2,10 +2,11 @@
 # Streaming under load (issue 17): 300 streams at once (random 512 in / 128 out, bench serve), twice; CPU seconds
 # of the API process and of its children (the engine core) over the second run (the window also holds the
 # client's start-up: compare with the run's duration_s). Server log in $OUT/serve.log.
-#   bash benchmarks/stream_cpu.sh MODEL_DIR     (N=, IN=, OUTLEN=, MAXLEN= to change the run)
+#   bash benchmarks/stream_cpu.sh MODEL_DIR     (N=, IN=, OUTLEN=, MAXLEN= to change the run; SERVE_ARGS= more serve
+#   flags, e.g. SERVE_ARGS='--api-server-count 2': each API process and the core are then listed)
 M=${1:?model dir}; N=${N:-300}; OUT=${OUT:-.}
 python3 -m pagedllm.cli serve $M --port 8011 --served-model-name model --load-format dummy --max-model-len ${MAXLEN:-4096} \
-    --log-stats-interval 0 --log-level warning > $OUT/serve.log 2>&1 &
+    --log-stats-interval 0 --log-level warning ${SERVE_ARGS:-} > $OUT/serve.log 2>&1 &
 S=$!
 until python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8011/health')" 2>/dev/null; do
     kill -0 $S 2>/dev/null || { tail -20 $OUT/serve.log; exit 1; }; sleep 1; done

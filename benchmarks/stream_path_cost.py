@@ -7,8 +7,8 @@ sharing the CPU).
 
     python benchmarks/stream_path_cost.py TOKENIZER_DIR [--streams 300 --steps 128 --reps 5]
 
-Prints one JSON line: CPU microseconds (process time: other load on the machine counts less) per token event (min and median over reps), in total and for the engine
-side alone (pipe message to queued RequestOutput).
+Prints one JSON line: CPU microseconds (process time: other load on the machine counts less) per token event
+(min and median over reps), in total and for the engine side alone (pipe message to queued RequestOutput).
 """
 import argparse
 import asyncio
@@ -147,7 +147,8 @@ def main():
     runs = [run(one_rep(tokenizer, ids, args.streams, args.steps)) for _ in range(args.reps)]
     total, engine_side = [r[0] for r in runs], [r[1] for r in runs]
     print(json.dumps({"streams": args.streams, "steps": args.steps,
-                      "us_per_event_min": round(min(total), 2), "us_per_event_median": round(statistics.median(total), 2),
+                      "us_per_event_min": round(min(total), 2),
+                      "us_per_event_median": round(statistics.median(total), 2),
                       "engine_side_us_min": round(min(engine_side), 2),
                       "server_side_us_min": round(min(t - e for t, e in zip(total, engine_side)), 2)}))
 

@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import tempfile
+from dataclasses import replace
 
 from pagedllm.config import EngineConfig, ServerConfig
 from pagedllm.engine.core_process import CoreClient, start_core
@@ -49,6 +50,7 @@ def serve_with_api_servers(engine_config: EngineConfig, server_config: ServerCon
     config = engine_config.with_batch_defaults(is_large_gpu(model.device), serving=True)
     metrics_dir, own_dir = _metrics_dir()
     sock = _listen(server_config.host, server_config.port)
+    server_config = replace(server_config, port=sock.getsockname()[1])   # port 0: the one the system chose
     ctx = multiprocessing.get_context("spawn")
     shared_waiting = ctx.Value("q", 0) if server_config.max_waiting_queue_length is not None else None
     core, conns = start_core(config, n)

@@ -5,16 +5,16 @@ import pytest
 import torch
 from server.server_utils import (API_KEY, CHAT_TEMPLATE, EDGE_API_KEY, EDGE_MAX_BODY, EDGE_MAX_MODEL_LEN,
                                  EDGE_ORIGIN, EDGE_ROOT_PATH, MAX_MODEL_LEN, NUM_BLOCKS, SMALL_API_KEY, Server,
-                                 make_tls_cert, start_server, stop_server, wait_healthy)
+                                 make_tls_cert, serving, start_server)
 
 
 @pytest.fixture(scope="session")
 def servers(tiny_model_dirs, tmp_path_factory):
-    """"main": API key from PAGEDLLM_API_KEY, a chat template, tool_choice auto (hermes); "small": API key from --api-key, one running
-    sequence and a waiting queue of one, for the 503, and speculative decoding (the model as its own draft:
-    every proposal accepted); "edge": what faces hostile clients (HTTPS with a
-    self-signed certificate where openssl exists, CORS, a root path, a 1 MiB body limit, short requests for
-    the fuzzers). All start at once: start-up is most of their cost."""
+    """"main": API key from PAGEDLLM_API_KEY, a chat template, tool_choice auto (hermes); "small": API key from
+    --api-key, one running sequence and a waiting queue of one, for the 503, and speculative decoding (the model
+    as its own draft: every proposal accepted); "edge": what faces hostile clients (HTTPS with a self-signed
+    certificate where openssl exists, CORS, a root path, a 1 MiB body limit, short requests for the fuzzers).
+    All start at once: start-up is most of their cost."""
     server_model_dir = tiny_model_dirs["llama"]
     logs = tmp_path_factory.mktemp("serve_logs")
     template = logs / "template.jinja"
@@ -32,13 +32,8 @@ def servers(tiny_model_dirs, tmp_path_factory):
                                           "num_speculative_tokens": 3})),
                "edge": start_server(server_model_dir, str(logs / "edge.log"), EDGE_API_KEY, *_edge_flags(logs),
                                     "--chat-template", str(template))}
-    try:
-        for server in started.values():
-            wait_healthy(server)
+    with serving(started):
         yield started
-    finally:
-        for server in started.values():
-            stop_server(server)
 
 
 def _edge_flags(logs) -> list[str]:

@@ -6,7 +6,9 @@ import ssl
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -82,6 +84,35 @@ def start_server(model_dir: str, log_path: str, api_key: str | None, *flags: str
         cert = flags[flags.index("--ssl-certfile") + 1]
         return Server(f"https://127.0.0.1:{port}", process, log_path, api_key, ca_file=cert)
     return Server(f"http://127.0.0.1:{port}", process, log_path, api_key)
+
+
+@contextmanager
+def serving(started: dict[str, Server]):
+    """Servers started at once (start-up is most of their cost): healthy on entry, stopped on exit unless a
+    test ended them itself."""
+    try:
+        for server in started.values():
+            wait_healthy(server)
+        yield started
+    finally:
+        for server in started.values():
+            if server.process.poll() is None:
+                stop_server(server)
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The processes a server process spawned (its engine core; with --api-server-count, also its API
+    processes; multiprocessing's resource tracker is not one), in start order. From /proc: no psutil needed."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])   # field 4 of stat: the parent pid
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if parent == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return sorted(found)
 
 
 def wait_healthy(server: Server, timeout: float = 180.0):

@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 from e2e.test_lora import ADAPTERS, make_adapter
-from server.server_utils import MODEL_NAME, engine_metrics, finished, start_server, stop_server, wait_healthy
+from server.server_utils import (MODEL_NAME, engine_metrics, finished, serving, spawned_children, start_server,
+                                 stop_server, wait_healthy)
 
 from pagedllm import LoRARequest, SamplingParams
 
@@ -121,7 +122,7 @@ def test_models_and_adapters_in_every_process(multi):
 def test_stop_signal_ends_every_process_cleanly(multi):
     """Last in this module: it stops the server. A stream in flight finishes; exit code 0; no process is left."""
     _, _, server, _ = multi
-    children = _children(server.process.pid)
+    children = spawned_children(server.process.pid)
     assert len(children) >= NUM_API + 1   # the core and the API processes (and the resource tracker)
 
     async def stream_then_stop():
@@ -141,21 +142,15 @@ def doomed(tiny_model_dirs, tmp_path_factory):
     started = {name: start_server(tiny_model_dirs["llama"], str(logs / f"{name}.log"), None,
                                   "--api-server-count", "2", "--engine-heartbeat-timeout", "3")
                for name in ("core", "api")}
-    try:
-        for server in started.values():
-            wait_healthy(server)
+    with serving(started):
         yield started
-    finally:
-        for server in started.values():
-            if server.process.poll() is None:
-                stop_server(server)
 
 
 @pytest.mark.parametrize("victim", ["core", "api"])
 def test_a_dead_process_stops_the_server(doomed, victim):
     server = doomed[victim]
-    children = _children(server.process.pid)
-    core, *apis = sorted(children)   # spawned in this order: the core first
+    children = spawned_children(server.process.pid)
+    core, *apis = children   # spawned in this order: the core first
     os.kill(core if victim == "core" else apis[-1], signal.SIGKILL)
     assert server.process.wait(timeout=60) == 1
     _wait_gone(children)
@@ -174,20 +169,6 @@ def test_refused_configurations(tiny_model_dirs, flags, env, error):
                             env={**os.environ, **env})
     assert result.returncode == 2
     assert error in result.stderr
-
-
-def _children(pid: int) -> list[int]:
-    """The spawned children of a process (from /proc: no psutil needed)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if parent == pid and b"spawn_main" in cmdline:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def _wait_gone(pids: list[int], timeout: float = 30.0):

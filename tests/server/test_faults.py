@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from server.inject_fault import INJECT_SEED, SLOW_SEEDS
-from server.server_utils import MODEL_NAME, Server, start_server, stop_server, wait_healthy
+from server.server_utils import MODEL_NAME, Server, serving, spawned_children, start_server, wait_healthy
 
 from pagedllm.server.api_server import STOP_GRACE_SECONDS
 
@@ -33,28 +33,15 @@ def fault_servers(tiny_model_dirs, tmp_path_factory):
                "kill": start_server(tiny_model_dirs["llama"], str(logs / "kill.log"), None, *flags),
                "term": start_server(tiny_model_dirs["llama"], str(logs / "term.log"), None,
                                     "--engine-heartbeat-timeout", "30")}
-    try:
-        for server in servers.values():
-            wait_healthy(server)
+    with serving(servers):
         yield servers
-    finally:
-        for server in servers.values():
-            if server.process.poll() is None:
-                stop_server(server)
 
 
 def _core_pid(server: Server) -> int:
-    """The engine core: the server process's spawned child (multiprocessing's resource tracker is another
-    child). Found in /proc: no psutil needed."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])   # field 4 of stat: the parent pid
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if parent == server.process.pid and b"spawn_main" in cmdline:
-            return int(stat.parent.name)
-    raise AssertionError("the server has no engine core process")
+    """The engine core: the server process's one spawned child."""
+    children = spawned_children(server.process.pid)
+    assert len(children) == 1, f"the server has {len(children)} spawned processes, not its engine core alone"
+    return children[0]
 
 
 def _body(prompt: str, **kw) -> dict:
