@@ -167,11 +167,8 @@ class _Clients:
             if outputs or stats.first_scheduled_ids:
                 self.send(self.live[0], _outputs_msg(outputs, stats))
             return
-        rows: dict[_SharedConn, list] = {}
-        for o in outputs:
-            conn = self.owner.get(o.req_id) if o.finish_reason is None else self.owner.pop(o.req_id, None)
-            if conn is not None:   # None: its API process left, or aborted it
-                rows.setdefault(conn, []).append(o)
+        # First schedulings before outputs: a request can finish in its first step (max_tokens 1), and its
+        # owner is forgotten with its last output
         firsts: dict[_SharedConn, StepStats] = {}
         for rid, seconds in zip(stats.first_scheduled_ids, stats.queue_times):
             conn = self.owner.get(rid)
@@ -179,6 +176,11 @@ class _Clients:
                 s = firsts.setdefault(conn, StepStats())
                 s.first_scheduled_ids.append(rid)
                 s.queue_times.append(seconds)
+        rows: dict[_SharedConn, list] = {}
+        for o in outputs:
+            conn = self.owner.get(o.req_id) if o.finish_reason is None else self.owner.pop(o.req_id, None)
+            if conn is not None:   # None: its API process left, or aborted it
+                rows.setdefault(conn, []).append(o)
         for conn in rows.keys() | firsts.keys():
             self.send(conn, _outputs_msg(rows.get(conn, []), firsts.get(conn) or StepStats()))
 
