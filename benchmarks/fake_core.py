@@ -37,7 +37,7 @@ def run_fake_core(config, conns, log_level: int):
     next_step = time.perf_counter()
     while clients.live:
         for conn, msg in clients.receive(0 if core.running else core_process.HEARTBEAT_INTERVAL, core):
-            core.handle(msg, conn, clients)
+            core_process._handle(core, conn, msg, None, clients)   # the real core's handling (no LoRA calls)
         if not core.running:
             continue
         time.sleep(max(next_step - time.perf_counter(), 0))
@@ -65,20 +65,12 @@ class _FakeCore:
             outputs.append(EngineCoreOutput(req_id, [token], finish_reason=finish))
         return outputs
 
-    def handle(self, msg: tuple, conn, clients):
-        if msg[0] == "add":
-            clients.add(conn, [r.request_id for r in msg[1]])
-            for r in msg[1]:
-                self.running[r.request_id] = [r.max_tokens, hash(r.request_id) % 97]
-                self.new.append(r.request_id)
-        elif msg[0] == "finish":
-            clients.forget(msg[1])
-            self.finish_requests(msg[1], None)
-        elif msg[0] == "stats":
-            clients.send(conn, ("stats", SchedulerStats(len(self.running), 0, 100_000, 100_000, 0.0, 0, 0, 0, 0, 0,
-                                                        0, 0, 0.0)))
-        elif msg[0] == "shutdown":
-            clients.leave(conn, self)
+    def add_request(self, r):
+        self.running[r.request_id] = [r.max_tokens, hash(r.request_id) % 97]
+        self.new.append(r.request_id)
+
+    def get_stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), 0, 100_000, 100_000, 0.0, 0, 0, 0, 0, 0, 0, 0, 0.0)
 
     def finish_requests(self, request_ids: list[str], status):
         for req_id in request_ids:

@@ -46,6 +46,14 @@ class EngineGenerateError(RuntimeError):
         self.status = status
 
 
+def serving_config(config: EngineConfig) -> tuple[EngineConfig, object]:
+    """The config an online engine core runs (batch defaults for the machine, for serving) and its resolved model;
+    the one derivation for the core and each API process, which must agree. Raises the config's errors before
+    any process starts."""
+    model = resolve_model(config)
+    return config.with_batch_defaults(is_large_gpu(model.device), serving=True), model
+
+
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_queue_length: int | None = None,
                  on_step_stats: Callable[[StepStats], None] | None = None, heartbeat_timeout: float = 5.0,
@@ -63,8 +71,8 @@ class AsyncLLM:
         core: a client of a core process started elsewhere (one of several API processes, server/api_servers.py;
         default: start one). shared_waiting: with several, the multiprocessing.Value of sequences waiting in all
         of them, which max_waiting_queue_length bounds."""
-        model = resolve_model(config)   # the config's errors, before a process starts
-        self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=True)
+        config, model = serving_config(config)
+        self.config = config
         self.core = CoreClient(config) if core is None else core
         self.max_model_len = model.max_model_len
         self.tokenizer = load_engine_tokenizer(config)   # while the core loads the model

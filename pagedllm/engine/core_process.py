@@ -153,9 +153,9 @@ class _Clients:
         if orphans and self.live:
             core.finish_requests(orphans, RequestStatus.FINISHED_ABORTED)
 
-    def add(self, conn: _SharedConn, request_ids: list[str]):
+    def add(self, conn: _SharedConn, requests: list):
         if self.routed:
-            self.owner.update((rid, conn) for rid in request_ids)
+            self.owner.update((r.request_id, conn) for r in requests)
 
     def forget(self, request_ids: list[str]):
         if self.routed:
@@ -231,7 +231,7 @@ def _log_ready(info: dict):
 def _handle(core, conn: _SharedConn, msg: tuple, lora_calls: "_LoRACalls", clients: _Clients):
     kind = msg[0]
     if kind == "add":
-        clients.add(conn, [request.request_id for request in msg[1]])
+        clients.add(conn, msg[1])
         for request in msg[1]:
             core.add_request(request)
     elif kind == "finish":

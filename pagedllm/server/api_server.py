@@ -193,9 +193,9 @@ def _check_tls(config: ServerConfig):
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig):
-    check_serve_config(engine_config, server_config)   # before the model loads
     if server_config.api_server_count > 1:
         from pagedllm.server.api_servers import serve_with_api_servers
+        check_serve_config(engine_config, server_config)   # before any process starts; each checks again
         serve_with_api_servers(engine_config, server_config)
     else:
         run_api_server(engine_config, server_config)
@@ -221,7 +221,7 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, cor
     (api_servers.py): `core` is this one's client of their shared core, `sock` the port they all listen on,
     `index` which one it is (the first logs what they would all log), `shared_waiting` their waiting count."""
     import uvicorn
-    chat_template, lora_modules = check_serve_config(engine_config, server_config)
+    chat_template, lora_modules = check_serve_config(engine_config, server_config)   # before the model loads
 
     class Server(uvicorn.Server):
         core_died = False

@@ -32,7 +32,7 @@ from dataclasses import replace
 
 from pagedllm.config import EngineConfig, ServerConfig
 from pagedllm.engine.core_process import CoreClient, start_core
-from pagedllm.engine.engine import is_large_gpu, resolve_model
+from pagedllm.engine.async_llm import serving_config
 from pagedllm.server.lora import RUNTIME_UPDATING_ENV, runtime_updating_allowed
 
 logger = logging.getLogger("pagedllm")
@@ -46,8 +46,7 @@ def serve_with_api_servers(engine_config: EngineConfig, server_config: ServerCon
         raise ValueError(f"{RUNTIME_UPDATING_ENV} is set, but loading adapters at run time needs --api-server-count "
                          f"1, not {n} (each API process would know only the adapters loaded through it); serve "
                          f"adapters with --lora-modules instead")
-    model = resolve_model(engine_config)   # the config's errors, before a process starts
-    config = engine_config.with_batch_defaults(is_large_gpu(model.device), serving=True)
+    config, _ = serving_config(engine_config)   # what each API process's AsyncLLM derives too
     metrics_dir, own_dir = _metrics_dir()
     sock = _listen(server_config.host, server_config.port)
     server_config = replace(server_config, port=sock.getsockname()[1])   # port 0: the one the system chose

@@ -68,15 +68,17 @@ def make_tls_cert(directory: str) -> tuple[str, str] | None:
 
 
 def start_server(model_dir: str, log_path: str, api_key: str | None, *flags: str,
-                 main: tuple[str, ...] = ("-m", "pagedllm.cli")) -> Server:
-    """main: what python runs (the CLI, or a script that wraps it: tests/server/inject_fault.py)."""
+                 main: tuple[str, ...] = ("-m", "pagedllm.cli"), env: dict[str, str] | None = None) -> Server:
+    """main: what python runs (the CLI, or a script that wraps it: tests/server/inject_fault.py); env: variables
+    the server gets beside this process's."""
     port = _free_port()
     cmd = [sys.executable, *main, "serve", model_dir, "--port", str(port),
            "--served-model-name", MODEL_NAME, "--num-gpu-blocks-override", str(NUM_BLOCKS),
            "--max-model-len", str(MAX_MODEL_LEN), "--log-stats-interval", "0", "--log-level", "warning",
            "--device", "cpu", *flags]   # float32 on CPU: the exact reference also on a GPU machine
     # One torch thread: the server's two processes and the test process share two cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAGEDLLM_API_KEY": "" if "--api-key" in flags else (api_key or "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAGEDLLM_API_KEY": "" if "--api-key" in flags else (api_key or ""),
+           **(env or {})}
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))

@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from e2e.test_lora import ADAPTERS, make_adapter
-from server.server_utils import (MODEL_NAME, engine_metrics, finished, serving, spawned_children, start_server,
-                                 stop_server, wait_healthy)
+from server.server_utils import MODEL_NAME, engine_metrics, finished, serving, spawned_children, start_server
 
 from pagedllm import LoRARequest, SamplingParams
 
@@ -34,17 +33,10 @@ def multi(tmp_path_factory):
     base = make_tiny_model(root / "base")
     adapter = make_adapter(base, root / "rs", 0, **ADAPTERS["rs"])
     (root / "metrics").mkdir()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(root / "metrics")   # start_server passes the environment on
-    try:
-        server = start_server(base, str(root / "serve.log"), None, "--api-server-count", str(NUM_API), *LORA_FLAGS,
-                              "--lora-modules", f"rs={adapter}")
-    finally:
-        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    try:
-        wait_healthy(server)
+    server = start_server(base, str(root / "serve.log"), None, "--api-server-count", str(NUM_API), *LORA_FLAGS,
+                          "--lora-modules", f"rs={adapter}", env={"PROMETHEUS_MULTIPROC_DIR": str(root / "metrics")})
+    with serving({"multi": server}):
         yield base, adapter, server, root / "metrics"
-    finally:
-        stop_server(server)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,12 @@
 """LoRA adapters behind `pagedllm serve`, through the `openai` client: adapters chosen by a request's model give
 offline LLM.generate's tokens under the same LoRARequest (greedy), /v1/models lists them, adapters load and
 unload at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING), and every misuse is a clear error."""
-import os
 
 import httpx
 import openai
 import pytest
 from e2e.test_lora import ADAPTERS, make_adapter
-from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, start_server, stop_server, wait_all_blocks_free, wait_healthy
+from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, serving, start_server, wait_all_blocks_free
 
 from pagedllm import LoRARequest, SamplingParams
 
@@ -23,18 +22,12 @@ def lora_env(tmp_path_factory):
     base = make_tiny_model(root / "base")
     paths = {name: make_adapter(base, root / name, i, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())}
     (root / "template.jinja").write_text(CHAT_TEMPLATE)
-    os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"   # start_server passes the environment on
-    try:
-        server = start_server(base, str(root / "serve.log"), None, *FLAGS, "--chat-template",
-                              str(root / "template.jinja"), "--lora-modules", f"rs={paths['rs']}",
-                              f'{{"name": "attn", "path": "{paths["attn"]}", "base_model_name": "{MODEL_NAME}"}}')
-    finally:
-        del os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]
-    try:
-        wait_healthy(server)
+    server = start_server(base, str(root / "serve.log"), None, *FLAGS, "--chat-template",
+                          str(root / "template.jinja"), "--lora-modules", f"rs={paths['rs']}",
+                          f'{{"name": "attn", "path": "{paths["attn"]}", "base_model_name": "{MODEL_NAME}"}}',
+                          env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+    with serving({"lora": server}):
         yield base, paths, server
-    finally:
-        stop_server(server)
 
 
 @pytest.fixture(scope="module")
