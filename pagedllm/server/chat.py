@@ -20,8 +20,15 @@ from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add
 from pagedllm.server.structured_fields import checked_constraint, constraint_field
 
 
-def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
-    """Token ids of the request's messages through the chat template, with its options (as LLM.chat)."""
+async def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+    """Token ids of the request's messages through the chat template, with its options (as LLM.chat): the
+    template on the tokenizer thread, the text batched with other requests' (ServingContext.encode)."""
+    text = await ctx.off_loop(_chat_text, ctx, req)
+    # The template already holds any BOS token: no special tokens added again unless asked (vLLM's default).
+    return await ctx.encode(text, req.add_special_tokens)
+
+
+def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> str:
     if ctx.chat_template is None and not getattr(ctx.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template",
                        "messages", "invalid_value")
@@ -32,14 +39,13 @@ def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeReques
                                                                     for t in getattr(req, "tools", None) or []])
     except chat_template.ChatTemplateError as e:
         raise APIError(400, shorten(str(e), 1000), e.param, "invalid_value") from e
-    # The template already holds any BOS token: no special tokens added again unless asked (vLLM's default).
-    return ctx.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+    return text
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
     lora = ctx.check_model(req.model)
     plan = chat_tools.plan_tools(req, ctx.tool_call_parser, ctx.enable_auto_tool_choice)
-    prompt_ids = await ctx.off_loop(render_chat, ctx, req)
+    prompt_ids = await render_chat(ctx, req)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = getattr(req, max_tokens_param)
     kept = truncate_prompt(prompt_ids, req.truncate_prompt_tokens, ctx.engine.max_model_len)

@@ -2,6 +2,7 @@
 
 Choice index = prompt index * n + sequence index, as OpenAI's.
 """
+import asyncio
 import time
 import uuid
 
@@ -20,7 +21,7 @@ from pagedllm.server.structured_fields import constraint_field
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_request: Request):
     lora = ctx.check_model(req.model)
-    prompts = await ctx.off_loop(_prompts, ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
+    prompts = await _prompts(ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
     for _, ids in prompts:
         kept = truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len)
         ctx.check_context_length(len(kept), req.max_tokens, "prompt", "max_tokens")
@@ -45,15 +46,16 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     return await until_disconnect(raw_request, _full(ctx, req, response_id, texts, streams, ids))
 
 
-def _prompts(ctx: ServingContext, prompt, add_special_tokens: bool) -> list[tuple[str | None, list[int]]]:
+async def _prompts(ctx: ServingContext, prompt, add_special_tokens: bool) -> list[tuple[str | None, list[int]]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
-    return [(p, ctx.tokenizer.encode(p, add_special_tokens=add_special_tokens)) if isinstance(p, str) else (None, p)
-            for p in prompt]
+    ids = await asyncio.gather(*(ctx.encode(p, add_special_tokens) for p in prompt if isinstance(p, str)))
+    texts = iter(ids)
+    return [(p, next(texts)) if isinstance(p, str) else (None, p) for p in prompt]
 
 
 async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], streams, ids) -> dict:

@@ -21,6 +21,7 @@ from pagedllm.engine.output_processor import OutputKind
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.server.batch_encoder import BatchEncoder
 from pagedllm.server.beam_search import beam_search_stream, check_beam_search
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.lora import ServingLoRAs
@@ -41,10 +42,18 @@ class ServingContext:
     # would stall every stream and /health; HF fast tokenizers release the GIL while they work.
     tokenizer_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pagedllm-tokenizer"))
+    encoder: BatchEncoder = field(init=False)   # text prompts, batched on that thread
+
+    def __post_init__(self):
+        self.encoder = BatchEncoder(lambda: self.engine.tokenizer, self.tokenizer_pool)
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """tokenizer.encode(text, add_special_tokens=...), batched with the texts of other requests."""
+        return await self.encoder.encode(text, add_special_tokens)
 
     async def off_loop(self, fn: Callable, *args, **kwargs):
         """fn(*args, **kwargs) on the tokenizer thread (tokenizing, the chat template, detokenizing a prompt).
