@@ -31,6 +31,7 @@ class SamplingMetadata:
     temperature: torch.Tensor                 # (N,) float32; rows below _GREEDY_EPS are greedy
     top_k: torch.Tensor | None                # (N,) int64, 0 = off; None when no row uses top-k
     max_top_k: int | None                     # the largest k asked for, known on the host: no device sync
+    top_k_bounded: bool                       # every sampled row has a k: top-p can work on max_top_k candidates
     top_p: torch.Tensor | None                # (N,) float32, 1.0 = off; None when unused
     min_p: torch.Tensor | None                # (N,) float32, 0 = off; None when unused
     generators: dict[int, torch.Generator]    # row -> the request's own generator (seeded, non-greedy rows)
@@ -55,6 +56,7 @@ class SamplingMetadata:
             temperature=to_device([p.temperature for p in params], torch.float32, device),
             top_k=_tensor_if(any(k > 0 for k in top_k), top_k, torch.int64, device),
             max_top_k=max(top_k) if any(k > 0 for k in top_k) else None,
+            top_k_bounded=all(k > 0 for k, s in zip(top_k, sampled) if s),
             top_p=_tensor_if(any(p < 1.0 for p in top_p), top_p, torch.float32, device),
             min_p=_tensor_if(any(m > 0.0 for m in min_p), min_p, torch.float32, device),
             generators={i: g for i, (g, s) in enumerate(zip(generators, sampled)) if g is not None and s},
@@ -112,10 +114,13 @@ class Sampler(nn.Module):
         logits = apply_temperature(logits, meta.temperature)  # a new tensor: the masks below work in place
         if meta.min_p is not None:
             logits = apply_min_p(logits, meta.min_p)
-        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, meta.max_top_k)
+        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, meta.max_top_k, meta.top_k_bounded)
         if logits.is_cuda:
             return gumbel_sample(logits, draw_seeds(logits.shape[0], meta.generators, generator, logits.device))
         return exponential_race(logits.softmax(dim=-1), meta.generators, generator)
+
+
+_CANDIDATES_MAX_K = 1024   # top-p within top-k from this many candidates at most; a sort beyond
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -134,13 +139,16 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None,
-                      max_k: int | None) -> torch.Tensor:
+                      max_k: int | None, bounded: bool = False) -> torch.Tensor:
     """Keep each row's k most likely tokens (k <= 0: all), then the smallest set of those whose cumulative
     probability reaches p (the top token always stays). Ties with the k-th value are kept. In place when
-    only k is given; otherwise returns a new tensor. max_k: max(k), from the host (reading it from k would
-    wait for the device)."""
+    only k is given or `bounded`; otherwise returns a new tensor. max_k: max(k), from the host (reading it
+    from k would wait for the device). bounded: every row that counts has a k (rows with k <= 0 get max_k:
+    greedy rows, whose draws are discarded)."""
     if p is None:
         return logits if k is None else apply_top_k_only(logits, k, max_k)
+    if k is not None and bounded and max_k <= _CANDIDATES_MAX_K and max_k < logits.shape[-1]:
+        return _top_p_of_top_k(logits, k, p, max_k)
     # Ascending sort: top-p drops the longest low-probability prefix whose mass is <= 1 - p.
     #   sorted:  [ low ........................................ high ]
     #   cumsum:  [ <= 1-p: dropped        |  kept: mass >= p         ]
@@ -155,6 +163,25 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Ten
     drop[:, -1] = False
     logits_sort.masked_fill_(drop, -float("inf"))
     return logits_sort.scatter(dim=-1, index=logits_idx, src=logits_sort)
+
+
+def _top_p_of_top_k(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor, max_k: int) -> torch.Tensor:
+    """In place. Top-k, then top-p, from each row's max_k best values instead of a sort of the vocabulary
+    (Qwen3's defaults, top_k 20 and top_p 0.95, took a full sort of 300 x 151,936 logits a step). What stays
+    is every token at or above a threshold found among those candidates; the tokens tied with the k-th value
+    beyond them only add to top-p's total."""
+    vals = logits.topk(max_k, dim=-1).values                              # (N, K), descending
+    k = torch.where(k > 0, k, max_k)
+    kth = vals.gather(1, (k - 1).unsqueeze(1))                            # (N, 1)
+    in_k = vals >= kth
+    top = vals[:, :1]
+    w = torch.exp(vals - top) * in_k                                      # unnormalised probabilities
+    beyond = (logits >= kth).sum(dim=-1, keepdim=True) - in_k.sum(dim=-1, keepdim=True)
+    total = w.sum(dim=-1, keepdim=True) + beyond * torch.exp(kth - top)
+    above = (w.cumsum(dim=-1) - w) / total                                # mass of the better candidates
+    keep = in_k & (above < p.unsqueeze(1))
+    threshold = torch.where(keep, vals, float("inf")).amin(dim=-1, keepdim=True)
+    return logits.masked_fill_(logits < threshold, -float("inf"))
 
 
 def apply_top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tensor:

@@ -88,7 +88,7 @@ def target_probs(logits: torch.Tensor, meta: SamplingMetadata, row_of_pos: torch
         logits = apply_min_p(logits, meta.min_p[row_of_pos])
     top_k = None if meta.top_k is None else meta.top_k[row_of_pos]
     top_p = None if meta.top_p is None else meta.top_p[row_of_pos]
-    return apply_top_k_top_p(logits, top_k, top_p, meta.max_top_k).softmax(dim=-1)
+    return apply_top_k_top_p(logits, top_k, top_p, meta.max_top_k, meta.top_k_bounded).softmax(dim=-1)
 
 
 def draw_uniforms(num_draft: list[int], max_s: int, row_generators: dict[int, torch.Generator],

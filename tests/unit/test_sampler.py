@@ -81,6 +81,48 @@ def test_top_k_then_top_p_matches_reference():
     assert got == [ref_top_p(r, ref_top_k(r, k), p) for r, k, p in zip(logits, TOP_K, TOP_P)]
 
 
+BOUNDED_K = [1, 5, 17, 3, 40, 2, 63, 10]   # every row has a k below V: the candidate path applies
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["sort", "candidates"])
+def test_top_k_then_top_p_both_paths_match_reference(bounded):
+    logits = random_logits(len(BOUNDED_K), seed=7)
+    got = kept(apply_top_k_top_p(logits.clone(), torch.tensor(BOUNDED_K), torch.tensor(TOP_P), max(BOUNDED_K),
+                                 bounded))
+    assert got == [ref_top_p(r, ref_top_k(r, k), p) for r, k, p in zip(logits, BOUNDED_K, TOP_P)]
+
+
+def test_candidate_path_keeps_ties_beyond_the_candidates():
+    """k = 2 with six tokens tied at the 2nd value: all six stay (as the sort path keeps them), and they count
+    in top-p's total although the candidates hold only two of them."""
+    row = torch.full((V,), -5.0)
+    row[7] = 3.0
+    row[[3, 10, 20, 30, 40, 50]] = 2.0
+    logits = torch.stack([row, row, row])
+    k, p = torch.tensor([2, 2, 2]), torch.tensor([0.999, 0.3, 1.0])
+    for bounded in (False, True):
+        got = kept(apply_top_k_top_p(logits.clone(), k, p, 2, bounded))
+        assert got == [{7, 3, 10, 20, 30, 40, 50}, {7}, {7, 3, 10, 20, 30, 40, 50}], bounded
+    # the top token's share of the kept mass: e / (e + 6) = 0.31 >= 0.3 ends the set for p = 0.3;
+    # were the ties beyond the candidates left out of the total, it would be e / (e + 1) = 0.73 either way
+    got = kept(apply_top_k_top_p(logits.clone(), k, torch.tensor([0.5, 0.5, 0.5]), 2, True))
+    assert got == [{7, 3, 10, 20, 30, 40, 50}] * 3
+
+
+def test_candidate_path_with_rows_masked_by_min_p_and_greedy_rows():
+    """-inf logits (min-p's) among the candidates, and a greedy row (k = 0 -> max_k: its draw is discarded)."""
+    logits = random_logits(3, seed=8)
+    params = [SamplingParams(top_k=30, top_p=0.9, min_p=0.2), SamplingParams(temperature=0),
+              SamplingParams(top_k=4, top_p=0.5)]
+    meta = make_meta(params)
+    assert meta.top_k_bounded and meta.max_top_k == 30
+    out = Sampler()(logits.clone(), meta, generator=seeded(0)).sampled_token_ids
+    assert out[0].item() in ref_top_p(logits[0], ref_min_p(logits[0], 0.2), 0.9)
+    assert out[1].item() == logits[1].argmax().item()
+    assert out[2].item() in ref_top_p(logits[2], ref_top_k(logits[2], 4), 0.5)
+    assert not make_meta([SamplingParams(top_k=5, top_p=0.5), SamplingParams(top_p=0.5)]).top_k_bounded
+
+
 def test_min_p_matches_reference():
     logits = random_logits(len(MIN_P), seed=3)
     got = kept(apply_min_p(logits.clone(), torch.tensor(MIN_P)))
@@ -186,6 +228,20 @@ def test_seeded_sampling_frequencies_match_filtered_softmax():
     assert ids.max().item() <= 3
     probs = torch.softmax(logits[0, :4] / 1.3, -1)
     assert _chi_square(ids, probs) < 16.3  # 3 dof, P ~ 1e-3
+
+
+def test_top_k_top_p_sampling_frequencies_on_the_candidate_path():
+    """Qwen3's defaults (top_k 20, top_p 0.95, temperature 0.6) as a server applies them: the draw follows the
+    renormalised distribution of the kept set."""
+    logits = torch.linspace(2.0, -6.0, V).unsqueeze(0)
+    n, t = 20000, 0.6
+    meta = make_meta([SamplingParams(temperature=t, top_k=20, top_p=0.95)] * n)
+    assert meta.top_k_bounded
+    ids = Sampler()(logits.repeat(n, 1), meta, generator=seeded(1)).sampled_token_ids
+    keep = sorted(ref_top_p(logits[0] / t, ref_top_k(logits[0], 20), 0.95))
+    assert len(keep) == 14 and set(ids.tolist()) <= set(keep)   # top-p cuts 6 of the 20
+    probs = torch.softmax(logits[0, keep] / t, -1)
+    assert _chi_square(torch.searchsorted(torch.tensor(keep), ids), probs) < 39.9   # 13 dof, P ~ 1e-4
 
 
 def test_logprobs_are_raw_log_softmax_with_sampled_first_and_ranks():

@@ -1,0 +1,61 @@
+"""What Qwen3's sampling defaults (temperature 0.6, top_k 20, top_p 0.95: what a server request without
+sampling fields gets) cost: top-p within top-k by a sort of the whole vocabulary, or from the k best candidates.
+
+1. The sampler alone on (rows, vocab) float32 logits, ms a call to the sampled ids on the host (median of 50): plain sampling
+   (temperature 1), the defaults through the sort, the defaults through the candidates.
+2. W1 on one engine: temperature 1 (plain), the defaults with the candidates, the defaults with the sort.
+One JSON line each.
+
+    python benchmarks/top_k_top_p_cost.py MODEL_DIR [--num-requests N] [--rows 300]
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from w1_variants import run_variant, w1_engine
+
+from pagedllm import SamplingParams
+from pagedllm.sample import sampler as sampler_module
+from pagedllm.sample.sampler import Sampler, SamplingMetadata
+
+DEFAULTS = dict(temperature=0.6, top_k=20, top_p=0.95)
+
+
+def time_sampler(rows: int, vocab: int, params: SamplingParams, candidates: bool, device: str) -> float:
+    logits = torch.randn(rows, vocab, device=device) * 3
+    meta = SamplingMetadata.build([params] * rows, [None] * rows, [[]] * rows, device)
+    sampler_module._CANDIDATES_MAX_K = 1024 if candidates else 0
+    times = []
+    for i in range(60):
+        start = time.perf_counter()
+        Sampler()(logits, meta).sampled_token_ids.cpu()
+        if i >= 10:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=300)
+    parser.add_argument("--vocab", type=int, default=151936, help="Qwen3's")
+    args, _ = parser.parse_known_args()
+    llm, prompts, lens = w1_engine()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llm.generate(prompts[:8], SamplingParams(max_tokens=8, **DEFAULTS), use_tqdm=False)   # warm-up
+    for name, params, candidates in (("plain", SamplingParams(temperature=1.0), True),
+                                     ("defaults, sort", SamplingParams(**DEFAULTS), False),
+                                     ("defaults, candidates", SamplingParams(**DEFAULTS), True)):
+        ms = time_sampler(args.rows, args.vocab, params, candidates, device)
+        print(json.dumps({"sampler": name, "rows": args.rows, "vocab": args.vocab, "ms": round(ms, 3)}), flush=True)
+    for variant, kwargs, candidates in (("plain", dict(temperature=1.0), True),
+                                        ("defaults, candidates", DEFAULTS, True),
+                                        ("defaults, sort", DEFAULTS, False),
+                                        ("defaults, candidates again", DEFAULTS, True)):
+        sampler_module._CANDIDATES_MAX_K = 1024 if candidates else 0
+        run_variant(llm, variant, prompts, [SamplingParams(ignore_eos=True, max_tokens=k, **kwargs) for k in lens])
+
+
+if __name__ == "__main__":
+    main()
