@@ -2,10 +2,11 @@
 bottleneck (as on a GPU at W1 16 requests/s: ~60 streams, a step every ~2.3 ms).
 
 Starts `pagedllm serve MODEL --load-format dummy`, keeps --concurrency streaming /v1/completions requests
-(token-id prompts, ignore_eos, include_usage) open until --num-requests have finished, and reads the API
-process's CPU time (/proc) around the run. Prints one JSON line: API CPU µs per streamed token and per chunk,
-its CPU use (1.0 = a saturated core), tokens per chunk (> 1 when the API process falls behind and merges
-steps). --py-spy FILE also records a profile of the API process over the run (speedscope or raw by suffix).
+(token-id prompts, or text with --text-prompts; ignore_eos, include_usage) open until --num-requests have
+finished, and reads the API process's CPU time (/proc) around the run. Prints one JSON line: API CPU µs per
+streamed token and per chunk, its CPU use (1.0 = a saturated core), tokens per chunk (> 1 when the API process
+falls behind and merges steps), the time to the first chunk (p50, p99). --py-spy FILE also records a profile
+of the API process over the run (speedscope or raw by suffix).
 
     python benchmarks/api_cost.py .bench/tiny-qwen3 [--concurrency 60 --num-requests 240 --max-tokens 256]
     python benchmarks/api_cost.py QWEN3_CONFIG_DIR --fake-core 15 --concurrency 300 --num-requests 300 \
@@ -59,19 +60,30 @@ def api_pids(server_pid: int) -> list[int]:
     return sorted(children)[1:] if len(children) > 1 else [server_pid]
 
 
-async def load(args) -> tuple[int, int, int]:
-    """Returns (completion tokens, chunks with a choice, failed requests, gaps between a stream's chunks)."""
-    import aiohttp
+def make_prompts(args) -> list:
+    """Random token ids; with --text-prompts, decoded to text as vLLM's random dataset sends them."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 10000, size=args.prompt_len).tolist() for _ in range(args.num_requests)]
+    if not args.text_prompts:
+        return prompts
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    return [tokenizer.decode(p) for p in prompts]
+
+
+async def load(args) -> tuple[int, int, int, list, list]:
+    """Returns (completion tokens, chunks with a choice, failed requests, gaps between a stream's chunks,
+    times to the first chunk)."""
+    import aiohttp
     totals = [0, 0, 0]
-    pending = iter(prompts)
-    gaps = []
+    pending = iter(make_prompts(args))
+    gaps, ttfts = [], []
 
     async def worker(s):
         for prompt in pending:
             body = {"model": "model", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            start = time.perf_counter()
             async with s.post("/v1/completions", json=body) as r:
                 usage, last = None, None
                 async for line in r.content:   # light parsing: the client shares the machine
@@ -83,6 +95,8 @@ async def load(args) -> tuple[int, int, int]:
                             now = time.perf_counter()
                             if last is not None:
                                 gaps.append(now - last)
+                            else:
+                                ttfts.append(now - start)
                             last = now
                 if r.status != 200 or usage is None:
                     totals[2] += 1
@@ -92,7 +106,7 @@ async def load(args) -> tuple[int, int, int]:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(args.base_url, connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
         await asyncio.gather(*(worker(s) for _ in range(args.concurrency)))
-    return (*totals, gaps)
+    return (*totals, gaps, ttfts)
 
 
 def main():
@@ -104,6 +118,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--text-prompts", action="store_true", help="send the prompts as text (vLLM's client does)")
     p.add_argument("--py-spy", default=None, help="record the API process into this file")
     p.add_argument("--py-spy-rate", type=int, default=250)
     p.add_argument("--fake-core", type=float, default=None, metavar="STEP_MS",
@@ -140,7 +155,7 @@ def main():
             time.sleep(1)
         pids = api_pids(server.pid)
         cpu0, t0 = cpu_seconds(pids), time.perf_counter()
-        tokens, chunks, failed, gaps = asyncio.run(load(args))
+        tokens, chunks, failed, gaps, ttfts = asyncio.run(load(args))
         cpu, wall = cpu_seconds(pids) - cpu0, time.perf_counter() - t0
     finally:
         if spy is not None:
@@ -154,7 +169,9 @@ def main():
                       "tok_s": round(tokens / wall), "api_cpu_s": round(cpu, 2), "api_cpu_use": round(cpu / wall, 2),
                       "api_us_per_token": round(cpu / tokens * 1e6, 1),
                       "api_us_per_chunk": round(cpu / chunks * 1e6, 1),
-                      "tokens_per_chunk": round(tokens / chunks, 2), **_gap_stats(gaps)}))
+                      "tokens_per_chunk": round(tokens / chunks, 2), **_gap_stats(gaps),
+                      "ttft_ms_p50": round(float(np.percentile(ttfts, 50)) * 1e3, 1),
+                      "ttft_ms_p99": round(float(np.percentile(ttfts, 99)) * 1e3, 1)}))
 
 
 def _gap_stats(gaps: list[float]) -> dict:
