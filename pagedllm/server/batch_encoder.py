@@ -18,6 +18,7 @@ class BatchEncoder:
         self._executor = executor
         self._pending: list[tuple[str, bool, asyncio.Future]] = []
         self._draining = False
+        self._drainer: asyncio.Task | None = None
         self.num_batches = 0   # batched calls made (tests, and to see that bursts are batched)
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -25,8 +26,8 @@ class BatchEncoder:
         self._pending.append((text, add_special_tokens, future))
         if not self._draining:
             self._draining = True
-            asyncio.get_running_loop().create_task(self._drain())
-        return await future
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())   # held: the loop keeps
+        return await future                                                        # only weak references
 
     async def _drain(self):
         loop = asyncio.get_running_loop()
