@@ -8,7 +8,10 @@ each); the CUDA caching allocator's device allocations (cudaMalloc calls) and th
 first run builds or allocates and the second does not is what the warm-up misses. On the H200 a decode kernel
 built mid-run (0.49 s) until 2a7c972; after it, 6.66 against 6.19 s, no build in either run.
 
-    python benchmarks/first_run.py --workload W1 --model DIR --load-format dummy [engine flags]
+    python benchmarks/first_run.py --workload W1 --model DIR --load-format dummy [--trace-allocs] [engine flags]
+
+On the H200 (2026-12-04, 4ac877d) run 1 still had a 263 ms step and 5 cudaMalloc calls that run 2 had not
+(22,484 against 24,249 tok/s); --trace-allocs says where those allocations come from.
 """
 import argparse
 import json
@@ -65,6 +68,21 @@ def step_spread(seconds: list) -> dict:
     return {"steps": n, "tenths_s": tenths, "slowest_ms": [[i, round(seconds[i] * 1e3, 1)] for i in slowest]}
 
 
+def segment_events(max_events: int = 30) -> list:
+    """The allocator's device-memory events recorded since _record_memory_history: cudaMalloc ("segment_alloc"),
+    cudaFree ("segment_free") and out-of-memory retries ("oom"), each with its size (MiB) and the innermost
+    Python frames of pagedllm that asked for it."""
+    events = []
+    for trace in torch.cuda.memory._snapshot().get("device_traces", []):
+        for e in trace:
+            if e.get("action") not in ("segment_alloc", "segment_free", "oom"):
+                continue
+            frames = [f"{f['filename'].rsplit('pagedllm/', 1)[-1]}:{f['line']} {f['name']}"
+                      for f in e.get("frames", []) if "pagedllm/" in f.get("filename", "")][:4]
+            events.append([e["action"], round(e.get("size", 0) / 2**20, 1), frames])
+    return events[:max_events]
+
+
 def allocator() -> dict:
     if not torch.cuda.is_available():
         return {}
@@ -78,6 +96,8 @@ def main():
     parser.add_argument("--workload", required=True, choices=["W1", "W2", "W3"])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--num-requests", type=int, default=None, help="only the first N requests (CPU checks)")
+    parser.add_argument("--trace-allocs", action="store_true",
+                        help="run 1 records the allocator's history: its cudaMalloc calls with their stacks")
     add_engine_args(parser)
     args = parser.parse_args()
     w = workloads.build(args.workload)
@@ -96,10 +116,16 @@ def main():
         builds.clear()
         steps.clear()
         before = allocator()
+        trace = args.trace_allocs and run == 0 and torch.cuda.is_available()
+        if trace:   # stacks for every allocation: this run's timing is not comparable
+            torch.cuda.memory._record_memory_history(max_entries=500_000)
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
         after = allocator()
+        if trace:
+            print(json.dumps({"run": 1, "device_memory_events": segment_events()}), flush=True)
+            torch.cuda.memory._record_memory_history(enabled=None)
         print(json.dumps({"run": run + 1, "seconds": round(seconds, 3),
                           "output_tok_s": round(sum(out_lens) / seconds, 1),
                           "triton_builds": builds[:40], "triton_build_seconds": round(sum(b[1] for b in builds), 3),
