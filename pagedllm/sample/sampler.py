@@ -120,7 +120,8 @@ class Sampler(nn.Module):
         return exponential_race(logits.softmax(dim=-1), meta.generators, generator)
 
 
-_CANDIDATES_MAX_K = 1024   # top-p within top-k from this many candidates at most; a sort beyond
+_CANDIDATES_MAX_K = 1024   # top-p within top-k from this many candidates at most; a sort beyond. H200, 300 x
+#                            151,936 logits: 1.8 ms at k = 20 against the sort's 7.2 (larger k not measured)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
