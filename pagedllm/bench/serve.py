@@ -4,8 +4,11 @@
     pagedllm bench serve --workload random --random-input-len 512 --random-output-len 128 --num-prompts 300
 
 Each request of the workload (shared/benchmarks.md) goes to /v1/completions as token ids, streamed, with
-temperature 1.0, top_p 1.0 and ignore_eos, so it generates exactly its output length. Arrivals are a Poisson
-process at --request-rate (inf: all at once); --max-concurrency bounds the requests in flight.
+temperature 1.0, top_p 1.0 and ignore_eos, so it generates exactly its output length. What vLLM's client
+sends instead: `--prompt-format text` (the ids made text through the server's /detokenize before the timer)
+and `--sampling server` (no sampling fields: the server's defaults, a model's generation config, apply).
+Arrivals are a Poisson process at --request-rate (inf: all at once); --max-concurrency bounds the requests in
+flight.
 TTFT: send to the first chunk with a choice; ITL: gaps between consecutive such chunks of a request, as vLLM's
 client counts them (a chunk that carries several tokens is one gap); TPOT: (latency - TTFT) / (output tokens -
 1) per request; output tokens are the server's usage counts. Tokens per chunk: all output tokens / all chunks
@@ -33,6 +36,7 @@ class RequestResult:
     latency: float = 0.0
     itls: list[float] = field(default_factory=list)
     num_output_tokens: int = 0
+    num_prompt_tokens: int = 0   # the server's usage count (0: none came)
     num_chunks: int = 0          # chunks with a choice
 
 
@@ -54,6 +58,12 @@ def add_cli_args(parser: argparse.ArgumentParser):
     parser.add_argument("--json-schemas", action="store_true",
                         help="constrain request i by JSON schema i %% 8 of bench/schemas.py (vLLM's "
                              "structured_outputs field; answers can run to their max_tokens)")
+    parser.add_argument("--sampling", default="plain", choices=("plain", "server"),
+                        help="plain: temperature 1.0 and top_p 1.0 in every request; server: no sampling fields, "
+                             "so the server's defaults apply (vLLM's client sends none)")
+    parser.add_argument("--prompt-format", default="ids", choices=("ids", "text"),
+                        help="text: each prompt's ids detokenized by the server before the timer, sent as text "
+                             "(vLLM's client sends text); the server tokenizes them again")
     parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY") or os.environ.get("OPENAI_API_KEY"))
 
 
@@ -71,6 +81,8 @@ async def run(args: argparse.Namespace) -> dict:
     async with aiohttp.ClientSession(args.base_url, connector=connector, timeout=timeout, headers=headers) as s:
         model = args.model or await _first_model(s)
         await _request(s, args.endpoint, model, [1, 2, 3], 4)   # warm-up
+        if args.prompt_format == "text":
+            prompts = await asyncio.gather(*(_detokenize(s, model, p) for p in prompts))
         start = time.perf_counter()
         results = await _send_all(s, args, model, prompts, out_lens)
         duration = time.perf_counter() - start
@@ -84,6 +96,12 @@ def _workload(args: argparse.Namespace):
                            args.random_range_ratio, args.seed)
 
 
+async def _detokenize(s, model: str, ids: list[int]) -> str:
+    async with s.post("/detokenize", json={"model": model, "tokens": ids}) as r:
+        r.raise_for_status()
+        return (await r.json())["prompt"]
+
+
 async def _first_model(s) -> str:
     async with s.get("/v1/models") as r:
         r.raise_for_status()
@@ -94,11 +112,13 @@ async def _send_all(s, args, model, prompts, out_lens) -> list[RequestResult]:
     rng = np.random.default_rng(args.seed)
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
+    sampling = PLAIN_SAMPLING if args.sampling == "plain" else {}
+
     async def one(prompt, out_len, extra):
         if limit is None:
-            return await _request(s, args.endpoint, model, prompt, out_len, extra)
+            return await _request(s, args.endpoint, model, prompt, out_len, extra, sampling)
         async with limit:
-            return await _request(s, args.endpoint, model, prompt, out_len, extra)
+            return await _request(s, args.endpoint, model, prompt, out_len, extra, sampling)
 
     tasks = []
     for i, (prompt, out_len) in enumerate(zip(prompts, out_lens)):
@@ -109,9 +129,12 @@ async def _send_all(s, args, model, prompts, out_lens) -> list[RequestResult]:
     return list(await asyncio.gather(*tasks))
 
 
-async def _request(s, endpoint, model, prompt, max_tokens, extra: dict | None = None) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
+PLAIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0}
+
+
+async def _request(s, endpoint, model, prompt, max_tokens, extra: dict | None = None,
+                   sampling: dict = PLAIN_SAMPLING) -> RequestResult:
+    body = request_body(model, prompt, max_tokens, sampling, extra)
     result, num_chunks = RequestResult(), 0
     start = last = time.perf_counter()
     try:
@@ -125,6 +148,7 @@ async def _request(s, endpoint, model, prompt, max_tokens, extra: dict | None = 
                 now, chunk = time.perf_counter(), json.loads(line[6:])
                 if chunk.get("usage"):
                     result.num_output_tokens = chunk["usage"]["completion_tokens"]
+                    result.num_prompt_tokens = chunk["usage"].get("prompt_tokens") or 0
                 if chunk.get("choices"):
                     if num_chunks == 0:
                         result.ttft = now - start
@@ -140,13 +164,19 @@ async def _request(s, endpoint, model, prompt, max_tokens, extra: dict | None = 
     return result
 
 
+def request_body(model: str, prompt, max_tokens: int, sampling: dict, extra: dict | None = None) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, **sampling, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
+
+
 def _report(args, workload: str, model: str, prompts, results: list[RequestResult], duration: float) -> dict:
     ok = [r for r in results if r.ok]
     num_out = sum(r.num_output_tokens for r in ok)
-    num_in = sum(len(p) for p, r in zip(prompts, results) if r.ok)
+    num_in = sum(r.num_prompt_tokens or len(p) for p, r in zip(prompts, results) if r.ok)   # text: the server's
     tpots = [(r.latency - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
     rate = "inf" if args.request_rate == float("inf") else args.request_rate   # JSON has no infinity
     report = {"workload": workload, "model": model, "json_schemas": args.json_schemas, "base_url": args.base_url,
+              "sampling": args.sampling, "prompt_format": args.prompt_format,
               "request_rate": rate, "max_concurrency": args.max_concurrency, "requests": len(results),
               "completed": len(ok),
               "failed": len(results) - len(ok), "duration_s": round(duration, 2),

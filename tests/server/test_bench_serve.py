@@ -11,8 +11,8 @@ from pagedllm import cli
 from pagedllm.bench import serve as bench_serve
 
 
-@pytest.mark.parametrize("rate,concurrency", [("inf", "3"), ("40", None)])
-def test_bench_serve_one_json_line(server, monkeypatch, capsys, rate, concurrency):
+@pytest.mark.parametrize("rate,concurrency,like_vllm", [("inf", "3", False), ("40", None, False), ("inf", None, True)])
+def test_bench_serve_one_json_line(server, monkeypatch, capsys, rate, concurrency, like_vllm):
     # A small workload in the tiny model's vocabulary (W1/W2 use ids up to 10,000; their builder is tested
     # against the checksums in tests/unit/test_workloads.py).
     rng = np.random.default_rng(0)
@@ -22,6 +22,8 @@ def test_bench_serve_one_json_line(server, monkeypatch, capsys, rate, concurrenc
         name=name, prompts=prompts, output_lens=out_lens))
     argv = ["bench", "serve", "--base-url", server.url, "--workload", "W1", "--request-rate", rate,
             "--api-key", server.api_key] + (["--max-concurrency", concurrency] if concurrency else [])
+    if like_vllm:   # what vLLM's client sends: text prompts, no sampling fields
+        argv += ["--prompt-format", "text", "--sampling", "server"]
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -29,7 +31,16 @@ def test_bench_serve_one_json_line(server, monkeypatch, capsys, rate, concurrenc
     assert report["completed"] == 10 and report["failed"] == 0, report
     assert report["output_tokens"] == sum(out_lens)          # ignore_eos: exactly max_tokens each
     assert report["output_tok_s"] > 0 and report["req_s"] > 0
+    assert (report["sampling"], report["prompt_format"]) == (("server", "text") if like_vllm else ("plain", "ids"))
     for name in ("ttft", "tpot", "itl"):
         mean, p50, p99 = (report[f"{name}_ms_{s}"] for s in ("mean", "p50", "p99"))
         assert all(math.isfinite(v) and v > 0 for v in (mean, p50, p99)), report
         assert p50 <= p99
+
+
+def test_request_body_sends_sampling_fields_only_when_plain():
+    plain = bench_serve.request_body("m", [1, 2], 8, bench_serve.PLAIN_SAMPLING)
+    server_defaults = bench_serve.request_body("m", "text", 8, {})
+    assert plain["temperature"] == 1.0 and plain["top_p"] == 1.0
+    assert "temperature" not in server_defaults and "top_p" not in server_defaults and "top_k" not in server_defaults
+    assert server_defaults["ignore_eos"] and server_defaults["stream"] and server_defaults["prompt"] == "text"
