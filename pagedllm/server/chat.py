@@ -56,8 +56,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         _refuse_tool_constraint(plan, "beam search does not take one")
         params = req.to_beam_search_params(max_tokens, ctx.engine.max_model_len)
     else:
-        # Off the event loop: a constraint is parsed here (up to ~1 s for a 100 kB schema), then remembered.
-        params = await ctx.off_loop(lambda: checked_constraint(_with_tool_constraint(req.to_sampling_params(
+        # A constraint is parsed here (up to ~1 s for a 100 kB schema), then remembered: off the event loop.
+        slow = constraint_field(req) is not None or plan.choice in ("named", "required")   # tools enforced
+        params = await ctx.off_loop_if(slow, lambda: checked_constraint(_with_tool_constraint(req.to_sampling_params(
             max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.prompt_logprobs,
             defaults=ctx.engine.default_sampling_params), plan)))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

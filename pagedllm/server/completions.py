@@ -28,10 +28,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     prompt_logprobs = req.prompt_logprobs
     if prompt_logprobs is None and req.echo and req.logprobs is not None:   # echo's prompt tokens need them
         prompt_logprobs = req.logprobs
-    # Off the event loop: a constraint is parsed here (up to ~1 s for a 100 kB schema), then remembered.
+    # A constraint is parsed here (up to ~1 s for a 100 kB schema), then remembered: off the event loop.
     params = (req.to_beam_search_params(req.max_tokens, ctx.engine.max_model_len) if req.use_beam_search else
-              await ctx.off_loop(req.to_sampling_params, req.max_tokens, req.logprobs, prompt_logprobs,
-                                 defaults=ctx.engine.default_sampling_params))
+              await ctx.off_loop_if(constraint_field(req) is not None, req.to_sampling_params, req.max_tokens,
+                                    req.logprobs, prompt_logprobs, defaults=ctx.engine.default_sampling_params))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     response_id = f"cmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL

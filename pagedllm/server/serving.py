@@ -51,6 +51,11 @@ class ServingContext:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    async def off_loop_if(self, slow: bool, fn: Callable, *args, **kwargs):
+        """fn on the tokenizer thread where it may be slow (a structured output constraint to parse), else at once:
+        a cheap call queued behind a batch of prompts being tokenized would wait the whole batch."""
+        return await self.off_loop(fn, *args, **kwargs) if slow else fn(*args, **kwargs)
+
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """tokenizer.encode(text, add_special_tokens=...), batched with the texts of other requests."""
         return await self.encoder.encode(text, add_special_tokens)
