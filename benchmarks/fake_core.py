@@ -28,7 +28,7 @@ def run_fake_core(config, conns, log_level: int):
     from pagedllm.engine.tokenizer import load_engine_tokenizer
     ids = load_engine_tokenizer(config).encode(_TEXT * 4, add_special_tokens=False)
     step_s = float(os.environ.get("FAKE_STEP_MS", "15")) / 1e3
-    clients = core_process._Clients(conns if isinstance(conns, list) else [conns])   # one per API process
+    clients = core_process._Clients(conns)   # one pipe per API process
     clients.send_all(("ready", 100_000, {"model": config.model, "device": "fake", "dtype": "none",
                                          "load_seconds": 0.0, "num_blocks": 100_000, "block_size": 16,
                                          "capture_seconds": None, "startup_seconds": 0.0}))

@@ -48,12 +48,12 @@ logger = logging.getLogger("pagedllm")
 HEARTBEAT_INTERVAL = 1.0   # seconds between heartbeats of the core process
 
 
-def run_engine_core(config: EngineConfig, conns: "Connection | list[Connection]", log_level: int):
+def run_engine_core(config: EngineConfig, conns: list[Connection], log_level: int):
     """The core process's main: build the engine core, then step while there is work (and an API process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (engine core): %(message)s")
-    clients = _Clients(conns if isinstance(conns, list) else [conns])
+    clients = _Clients(conns)
     start = time.perf_counter()
     try:
         from pagedllm.engine.core import EngineCore
@@ -69,7 +69,7 @@ def run_engine_core(config: EngineConfig, conns: "Connection | list[Connection]"
         core.structured.pool.warm_up()   # a server's first constrained request then pays only its compile
     stats_logger = StatsLogger(config.log_stats_interval)
     pulse = _Pulse(clients)
-    lora_calls = _LoRACalls(core)
+    lora_calls = _LoRACalls(core, clients)
     try:
         while clients.live:
             # Idle: wait for a message (a heartbeat's time at most). Busy: take what has arrived, then step.
@@ -127,11 +127,8 @@ class _Clients:
 
     def receive(self, timeout: float, core) -> list[tuple[_SharedConn, tuple]]:
         """The messages that have arrived (waiting up to `timeout` for the first), with the pipe of each."""
-        if len(self.live) == 1:
-            ready = self.live if self.live[0].poll(timeout) else []
-        else:
-            ready_raw = set(multiprocessing.connection.wait([c.conn for c in self.live], timeout))
-            ready = [c for c in self.live if c.conn in ready_raw]
+        ready_raw = set(multiprocessing.connection.wait([c.conn for c in self.live], timeout))
+        ready = [c for c in self.live if c.conn in ready_raw]
         msgs = []
         for conn in ready:
             try:
@@ -255,8 +252,8 @@ class _LoRACalls:
     requests do not; it is answered after the step that puts the adapter on the host, so any later call or
     request finds it there. The others are answered at once."""
 
-    def __init__(self, core):
-        self.core = core
+    def __init__(self, core, clients: _Clients):
+        self.core, self.clients = core, clients
         # (pipe, call id, Future) of the add_lora calls whose read runs
         self.pending: list[tuple[_SharedConn, int, object]] = []
 
@@ -270,7 +267,7 @@ class _LoRACalls:
             result = getattr(self.core, name)(*args)
         except Exception as e:  # noqa: BLE001 - a bad adapter, LoRA off: the caller's error, not the core's
             result = e
-        _reply(conn, call_id, result)
+        self._reply(conn, call_id, result)
 
     def answer_done(self):
         if not self.pending:
@@ -280,15 +277,11 @@ class _LoRACalls:
             if not future.done():
                 still.append((conn, call_id, future))
             else:
-                _reply(conn, call_id, future.exception() or future.result())
+                self._reply(conn, call_id, future.exception() or future.result())
         self.pending = still
 
-
-def _reply(conn: _SharedConn, call_id: int, result):
-    try:
-        conn.send(("lora_reply", call_id, result))
-    except OSError:   # its API process is gone
-        pass
+    def _reply(self, conn: _SharedConn, call_id: int, result):
+        self.clients.send(conn, ("lora_reply", call_id, result))
 
 
 def start_core(config: EngineConfig, num_clients: int) -> tuple[multiprocessing.Process, list[Connection]]:
@@ -297,8 +290,7 @@ def start_core(config: EngineConfig, num_clients: int) -> tuple[multiprocessing.
     pipes = [ctx.Pipe() for _ in range(num_clients)]
     core_ends = [core_end for _, core_end in pipes]
     process = ctx.Process(target=run_engine_core, name="pagedllm-engine-core", daemon=True,
-                          args=(config, core_ends if num_clients > 1 else core_ends[0],
-                                logging.getLogger("pagedllm").getEffectiveLevel()))
+                          args=(config, core_ends, logging.getLogger("pagedllm").getEffectiveLevel()))
     process.start()
     for core_end in core_ends:   # the core holds them now: its exit is each API end's EOF
         core_end.close()

@@ -34,9 +34,9 @@ from pagedllm.config import EngineConfig, ServerConfig
 from pagedllm.engine.core_process import CoreClient, start_core
 from pagedllm.engine.async_llm import serving_config
 from pagedllm.server.lora import RUNTIME_UPDATING_ENV, runtime_updating_allowed
+from pagedllm.server.metrics import METRICS_DIR_ENV
 
 logger = logging.getLogger("pagedllm")
-METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"   # prometheus_client's multiprocess mode reads it at import
 STOP_SECONDS = 30   # for the API processes to stop after a signal (their grace and uvicorn's), then killed
 
 

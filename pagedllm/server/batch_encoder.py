@@ -17,37 +17,33 @@ class BatchEncoder:
         self._tokenizer = tokenizer
         self._executor = executor
         self._pending: list[tuple[str, bool, asyncio.Future]] = []
-        self._draining = False
-        self._drainer: asyncio.Task | None = None
+        self._drainer: asyncio.Task | None = None   # held: the event loop keeps only weak references to tasks
         self.num_batches = 0   # batched calls made (tests, and to see that bursts are batched)
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((text, add_special_tokens, future))
-        if not self._draining:
-            self._draining = True
-            self._drainer = asyncio.get_running_loop().create_task(self._drain())   # held: the loop keeps
-        return await future                                                        # only weak references
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return await future
 
     async def _drain(self):
+        """Runs batches until none is pending; texts that arrive meanwhile join the next one."""
         loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                self.num_batches += 1
-                try:
-                    results = await loop.run_in_executor(self._executor, self._encode_all, batch)
-                except BaseException as e:   # the executor shut down (server stopping), or a cancellation
-                    results = [e] * len(batch)
-                for (_, _, future), result in zip(batch, results):
-                    if future.done():   # its request was cancelled (the client left)
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        finally:
-            self._draining = False
+        while self._pending:
+            batch, self._pending = self._pending, []
+            self.num_batches += 1
+            try:
+                results = await loop.run_in_executor(self._executor, self._encode_all, batch)
+            except BaseException as e:   # the executor shut down (server stopping), or a cancellation
+                results = [e] * len(batch)
+            for (_, _, future), result in zip(batch, results):
+                if future.done():   # its request was cancelled (the client left)
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
     def _encode_all(self, batch: list[tuple[str, bool, asyncio.Future]]) -> list:
         """Each text's ids (or the exception that its own encode raised), one tokenizer call per setting."""

@@ -15,6 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pagedllm.metrics import SchedulerStats, StepStats
 
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"   # prometheus_client's multiprocess mode: set, and read at import
+
 # Seconds, roughly x2 apart: from GPU decode steps (ms) to long queues (minutes).
 _LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0,
                     30.0, 60.0, 120.0, 300.0, 600.0)
@@ -27,7 +29,7 @@ class ServerMetrics:
         self.stats: SchedulerStats | None = None
         self.registry.register(_EngineCollector(self))
         labels, r = ["model_name"], self.registry
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if os.environ.get(METRICS_DIR_ENV):
             # Several API processes (--api-server-count): each one's latencies go to files in that directory
             # (prometheus_client's multiprocess mode), and a scrape of any of them sums them all.
             MultiProcessCollector(self.registry)

@@ -16,13 +16,12 @@ import httpx
 import pytest
 from e2e.test_lora import ADAPTERS, make_adapter
 from server.server_utils import MODEL_NAME, engine_metrics, finished, serving, spawned_children, start_server
+from server.test_lora_server import FLAGS as LORA_FLAGS
+from server.test_lora_server import MAX_TOKENS, PROMPTS
 
 from pagedllm import LoRARequest, SamplingParams
 
 NUM_API = 3
-PROMPTS = ["Once upon a time", "The little dog was", "Tom and Lily went to the park"]
-MAX_TOKENS = 12
-LORA_FLAGS = ("--enable-lora", "--max-loras", "2", "--max-lora-rank", "16", "--dtype", "float32")
 
 
 @pytest.fixture(scope="module")
