@@ -8,7 +8,7 @@ import types
 import typing
 
 from pagedllm.bench import serve as bench_serve
-from pagedllm.bench import throughput
+from pagedllm.bench.workloads import WORKLOADS
 from pagedllm.config import EngineConfig, ServerConfig, config_fields
 
 
@@ -67,10 +67,22 @@ def _generate(args):
 
 
 def _serve(args):
-    from pagedllm.server.api_server import serve
+    from pagedllm.server.launch import serve
     if args.model_tag is not None:
         args.model = args.model_tag
     serve(EngineConfig(**engine_kwargs(args)), ServerConfig(**engine_kwargs(args, ServerConfig)))
+
+
+def _add_throughput_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--workload", required=True, choices=WORKLOADS, help="a workload of shared/benchmarks.md")
+    parser.add_argument("--engine", choices=("pagedllm", "hf"), default="pagedllm",
+                        help="pagedllm, or hf: transformers generate in static batches (the paper's baseline)")
+    parser.add_argument("--num-requests", type=int, default=None, help="only the first N requests (quick runs)")
+    parser.add_argument("--output-json", default=None, help="also append the JSON line to this file")
+    parser.add_argument("--hf-batch-size", type=int, default=256, help="requests per static batch (--engine hf)")
+    parser.add_argument("--max-output-len-cap", type=int, default=None,
+                        help="CPU smoke tests only: cap every request's output length; the run is then not the "
+                             "workload, and the JSON says so")
 
 
 def _add_serve_parser(sub):
@@ -101,7 +113,7 @@ def main(argv=None):
     tput = bench.add_parser("throughput", help="offline throughput on a workload of shared/benchmarks.md; "
                                                "prints one JSON line")
     tput.add_argument("--log-level", default="WARNING")
-    throughput.add_args(tput)
+    _add_throughput_args(tput)
     add_engine_args(tput)
     bench_serve.add_cli_args(bench.add_parser("serve", help=bench_serve.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
@@ -113,6 +125,7 @@ def main(argv=None):
         elif args.command == "serve":
             _serve(args)
         elif args.bench == "throughput":
+            from pagedllm.bench import throughput   # torch and the engine: not imported for serve's start
             throughput.main(args, engine_kwargs(args))
         else:
             bench_serve.main(args)

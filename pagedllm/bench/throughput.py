@@ -14,25 +14,13 @@ import torch
 from transformers import AutoConfig
 
 from pagedllm.bench import hf_baseline
-from pagedllm.bench.workloads import WORKLOADS, build
+from pagedllm.bench.workloads import build
 from pagedllm.engine.engine import resolve_device, resolve_dtype
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
 
 WARMUP_PROMPT = list(range(1, 9))   # 8 tokens + 4 generated: less than a block, so nothing is prefix-cached
 WARMUP_TOKENS = 4
-
-
-def add_args(parser: argparse.ArgumentParser):
-    parser.add_argument("--workload", required=True, choices=WORKLOADS, help="a workload of shared/benchmarks.md")
-    parser.add_argument("--engine", choices=("pagedllm", "hf"), default="pagedllm",
-                        help="pagedllm, or hf: transformers generate in static batches (the paper's baseline)")
-    parser.add_argument("--num-requests", type=int, default=None, help="only the first N requests (quick runs)")
-    parser.add_argument("--output-json", default=None, help="also append the JSON line to this file")
-    parser.add_argument("--hf-batch-size", type=int, default=256, help="requests per static batch (--engine hf)")
-    parser.add_argument("--max-output-len-cap", type=int, default=None,
-                        help="CPU smoke tests only: cap every request's output length; the run is then not the "
-                             "workload, and the JSON says so")
 
 
 def main(args: argparse.Namespace, engine_kwargs: dict) -> dict:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pagedllm.config import EngineConfig
 from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.engine.core_process import HEARTBEAT_INTERVAL, CoreClient
-from pagedllm.engine.engine import is_large_gpu, resolve_model
+from pagedllm.engine.engine import resolve_model
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor
@@ -46,14 +46,6 @@ class EngineGenerateError(RuntimeError):
         self.status = status
 
 
-def serving_config(config: EngineConfig) -> tuple[EngineConfig, object]:
-    """The config an online engine core runs (batch defaults for the machine, for serving) and its resolved model;
-    the one derivation for the core and each API process, which must agree. Raises the config's errors before
-    any process starts."""
-    model = resolve_model(config)
-    return config.with_batch_defaults(is_large_gpu(model.device), serving=True), model
-
-
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_queue_length: int | None = None,
                  on_step_stats: Callable[[StepStats], None] | None = None, heartbeat_timeout: float = 5.0,
@@ -68,16 +60,25 @@ class AsyncLLM:
         on_dead: called once when the core process has exited (the server exits then).
         stream_interval: a streamed (DELTA or CUMULATIVE) request's outputs come every this many tokens (the
         first token and the finish at once); 1: one output per step.
-        core: a client of a core process started elsewhere (one of several API processes, server/api_servers.py;
-        default: start one). shared_waiting: with several, the multiprocessing.Value of sequences waiting in all
+        core: a client of a core process started already (by server/launch.py before the server's imports, or
+        one of several API processes' in server/api_servers.py; default: start one); it is shut down with this
+        engine, or if this constructor fails. shared_waiting: with several, the multiprocessing.Value of sequences waiting in all
         of them, which max_waiting_queue_length bounds."""
-        config, model = serving_config(config)
-        self.config = config
-        self.core = CoreClient(config) if core is None else core
-        self.max_model_len = model.max_model_len
-        self.tokenizer = load_engine_tokenizer(config)   # while the core loads the model
+        self.core = core
+        try:
+            model = resolve_model(config)   # the config's errors, before a process starts (no CUDA context here)
+            self.core = CoreClient(config) if core is None else core
+            self.max_model_len = model.max_model_len
+            self.tokenizer = load_engine_tokenizer(config)   # while the core loads the model
+            # The core's config: the batch defaults it chose for its GPU (serving_config).
+            num_blocks, self.config = self.core.wait_ready()
+        except BaseException:
+            if self.core is not None:
+                self.core.shutdown()
+            raise
+        config = self.config
         self.input_processor = InputProcessor.for_engine(config, self.tokenizer, model.hf_config.vocab_size,
-                                                         self.max_model_len, self.core.wait_ready())
+                                                         self.max_model_len, num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer, stream_interval)
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
         self.max_waiting_queue_length = max_waiting_queue_length

@@ -10,9 +10,10 @@ schedules, runs the model and sends token ids; the API process does everything e
       reader callback (event loop)  ◄──────────── pipe ◄──  ("outputs", [EngineCoreOutput], StepStats)
 
 Messages are tuples: ("add", [EngineCoreRequest]), ("finish", [child ids], RequestStatus), ("release", [ids]),
-("stats",), ("lora", call id, name, *args), ("shutdown",) in; ("ready", num_blocks, startup info) or ("failed",
-message) once, then ("outputs", [EngineCoreOutput field values], StepStats) and ("stats", SchedulerStats) out, in
-order, and ("lora_reply", call id, result) when a LoRA call is done (an adapter's read holds no other message).
+("stats",), ("lora", call id, name, *args), ("shutdown",) in; ("ready", num_blocks, startup info, the config it
+runs) or ("failed", message) once, then ("outputs", [EngineCoreOutput field values], StepStats) and ("stats",
+SchedulerStats) out, in order, and ("lora_reply", call id, result) when a LoRA call is done (an adapter's read
+holds no other message).
 The writer thread keeps the event loop from blocking on a full pipe (a burst of long prompts) while the core is
 itself blocked sending outputs: that would deadlock.
 
@@ -57,14 +58,14 @@ def run_engine_core(config: EngineConfig, conns: list[Connection], log_level: in
     start = time.perf_counter()
     try:
         from pagedllm.engine.core import EngineCore
-        from pagedllm.engine.engine import resolve_model
-        model = resolve_model(config)
+        config, model = serving_config(config)
         core = EngineCore(config, model.hf_config, model.device, model.dtype, model.max_model_len)
     except Exception as e:   # reported to the API processes, which exit with the message
         clients.send_all(("failed", f"{type(e).__name__}: {e}"))
         return
     freeze_gc()
-    clients.send_all(("ready", core.runner.num_blocks, _startup_info(config, core.runner, time.perf_counter() - start)))
+    clients.send_all(("ready", core.runner.num_blocks, _startup_info(config, core.runner, time.perf_counter() - start),
+                      config))
     if not config.skip_tokenizer_init:
         core.structured.pool.warm_up()   # a server's first constrained request then pays only its compile
     stats_logger = StatsLogger(config.log_stats_interval)
@@ -201,6 +202,14 @@ class _Pulse:
             self.clients.send_all(("heartbeat", time.monotonic() - self.tick))
 
 
+def serving_config(config: EngineConfig) -> tuple[EngineConfig, object]:
+    """The config an online engine core runs (batch defaults for its GPU, for serving) and its resolved model:
+    derived in the core process, which sends it to the API processes with its "ready" (they need no GPU)."""
+    from pagedllm.engine.engine import is_large_gpu, resolve_model
+    model = resolve_model(config)
+    return config.with_batch_defaults(is_large_gpu(model.device), serving=True), model
+
+
 def freeze_gc():
     """Start-up's objects (model, graphs, buffers; tokenizer and app in the API process) live as long as the
     process: moved out of the collector's view, so that a full collection while serving does not walk them
@@ -332,8 +341,8 @@ class CoreClient:
         """A client of a core that start_core started in another process (one of several API processes)."""
         return cls(None, conn, log_ready)
 
-    def wait_ready(self) -> int:
-        """The number of KV cache blocks, once the core has them."""
+    def wait_ready(self) -> tuple[int, EngineConfig]:
+        """(The number of KV cache blocks, the config the core runs), once the core has its KV cache."""
         try:
             while not self.conn.poll(0.5):
                 if not self.process.is_alive():
@@ -348,7 +357,7 @@ class CoreClient:
             raise ValueError(msg[1])
         if self.log_ready:
             _log_ready(msg[2])
-        return msg[1]
+        return msg[1], msg[3]
 
     def send(self, msg: tuple):
         self._outbox.put(msg)

@@ -9,12 +9,10 @@ import gc
 import logging
 import os
 import secrets
-import ssl
 import signal
 import sys
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -27,7 +25,8 @@ from pagedllm.engine.core_process import freeze_gc
 from pagedllm.server.chat import create_chat_completion, render_chat
 from pagedllm.server.completions import create_completion
 from pagedllm.server.errors import APIError, error_response, install_error_handlers
-from pagedllm.server.lora import LoRAModulePath, ServingLoRAs, lora_routes, parse_lora_modules
+from pagedllm.server.launch import LoRAModulePath, check_serve_config
+from pagedllm.server.lora import ServingLoRAs, lora_routes
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from pagedllm.server.request_body import RequestBodyGuard
@@ -164,61 +163,12 @@ def _api_key_check(api_key: str | None):
     return check
 
 
-def _read_chat_template(value: str | None) -> str | None:
-    """--chat-template: a file, or the template text itself. A value with no Jinja tag that looks like a
-    path (a .jinja name, a path separator) and names no file is a typo, not a template."""
-    if value is None:
-        return None
-    if Path(value).is_file():
-        return Path(value).read_text()
-    is_template = "{{" in value or "{%" in value
-    looks_like_path = value.endswith((".jinja", ".jinja2", ".j2")) or "/" in value or os.sep in value
-    if not is_template and looks_like_path:
-        raise FileNotFoundError(f"--chat-template {value!r}: no such file (give a template file or the "
-                                f"template text)")
-    return value
-
-
-def _check_tls(config: ServerConfig):
-    """Load the key and certificate once before the engine starts: a wrong path or file is a clear error
-    here, not a uvicorn traceback after the model has loaded."""
-    if config.ssl_certfile is None:
-        return
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
-    except OSError as e:   # ssl.SSLError is one
-        raise ValueError(f"ssl_certfile/ssl_keyfile: cannot load {config.ssl_certfile!r} with "
-                         f"{config.ssl_keyfile!r}: {e}") from e
-
-
-def serve(engine_config: EngineConfig, server_config: ServerConfig):
-    if server_config.api_server_count > 1:
-        from pagedllm.server.api_servers import serve_with_api_servers
-        check_serve_config(engine_config, server_config)   # before any process starts; each checks again
-        serve_with_api_servers(engine_config, server_config)
-    else:
-        run_api_server(engine_config, server_config)
-
-
-def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig) -> tuple[str | None, list]:
-    """The server's own errors, found before a process starts: (the chat template, the --lora-modules)."""
-    if engine_config.skip_tokenizer_init:
-        raise ValueError("skip_tokenizer_init: pagedllm serve needs a tokenizer (text prompts, chat, /tokenize); "
-                         "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
-    chat_template = _read_chat_template(server_config.chat_template)
-    _check_tls(server_config)
-    lora_modules = parse_lora_modules(server_config.lora_modules)
-    if lora_modules and not engine_config.enable_lora:
-        raise ValueError("lora_modules need --enable-lora (it sets the engine up for adapters: --max-loras, "
-                         "--max-lora-rank)")
-    return chat_template, lora_modules
-
-
 def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, core=None, sock=None, index: int = 0,
-                   shared_waiting=None):
-    """One API process: the app over an AsyncLLM, until a stop signal or the core's death. With several
-    (api_servers.py): `core` is this one's client of their shared core, `sock` the port they all listen on,
-    `index` which one it is (the first logs what they would all log), `shared_waiting` their waiting count."""
+                   shared_waiting=None, started: float | None = None):
+    """One API process: the app over an AsyncLLM, until a stop signal or the core's death. `core`: its client of
+    the core process (launch.py starts it first; default: start one). With several (api_servers.py): `sock` the
+    port they all listen on, `index` which one it is (the first logs what they would all log), `shared_waiting`
+    their waiting count. `started`: time.monotonic() when `pagedllm serve` began (its start-up is logged)."""
     import uvicorn
     chat_template, lora_modules = check_serve_config(engine_config, server_config)   # before the model loads
 
@@ -252,9 +202,10 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, cor
     if index == 0:
         scheme = "https" if server_config.ssl_certfile else "http"
         count = server_config.api_server_count
-        logger.info("serving %s at %s://%s:%d%s (API key %s%s)", ctx.model_name, scheme, server_config.host,
+        logger.info("serving %s at %s://%s:%d%s (API key %s%s%s)", ctx.model_name, scheme, server_config.host,
                     server_config.port, server_config.root_path or "", "required" if api_key else "off",
-                    f"; {count} API processes" if count > 1 else "")
+                    f"; {count} API processes" if count > 1 else "",
+                    "" if started is None else f"; started in {time.monotonic() - started:.1f} s")
     freeze_gc()
     gc.set_threshold(API_GC_THRESHOLD, 10, 10)
     server = Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,

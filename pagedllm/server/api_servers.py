@@ -32,7 +32,6 @@ from dataclasses import replace
 
 from pagedllm.config import EngineConfig, ServerConfig
 from pagedllm.engine.core_process import CoreClient, start_core
-from pagedllm.engine.async_llm import serving_config
 from pagedllm.server.lora import RUNTIME_UPDATING_ENV, runtime_updating_allowed
 from pagedllm.server.metrics import METRICS_DIR_ENV
 
@@ -40,25 +39,24 @@ logger = logging.getLogger("pagedllm")
 STOP_SECONDS = 30   # for the API processes to stop after a signal (their grace and uvicorn's), then killed
 
 
-def serve_with_api_servers(engine_config: EngineConfig, server_config: ServerConfig):
+def serve_with_api_servers(engine_config: EngineConfig, server_config: ServerConfig, started: float):
     n = server_config.api_server_count
     if runtime_updating_allowed():
         raise ValueError(f"{RUNTIME_UPDATING_ENV} is set, but loading adapters at run time needs --api-server-count "
                          f"1, not {n} (each API process would know only the adapters loaded through it); serve "
                          f"adapters with --lora-modules instead")
-    config, _ = serving_config(engine_config)   # what each API process's AsyncLLM derives too
     metrics_dir, own_dir = _metrics_dir()
     sock = _listen(server_config.host, server_config.port)
     server_config = replace(server_config, port=sock.getsockname()[1])   # port 0: the one the system chose
     ctx = multiprocessing.get_context("spawn")
     shared_waiting = ctx.Value("q", 0) if server_config.max_waiting_queue_length is not None else None
-    core, conns = start_core(config, n)
+    core, conns = start_core(engine_config, n)   # it sends each API process the config it runs
     workers = []
     try:
         for i, conn in enumerate(conns):
             worker = ctx.Process(target=_api_server_main, name=f"pagedllm-api-server-{i}",
-                                 args=(config, server_config, conn, sock, i, shared_waiting,
-                                       logging.getLogger("pagedllm").getEffectiveLevel()))
+                                 args=(engine_config, server_config, conn, sock, i, shared_waiting,
+                                       logging.getLogger("pagedllm").getEffectiveLevel(), started))
             worker.start()
             conn.close()   # the worker holds it: its exit is the core's EOF on that pipe
             workers.append(worker)
@@ -100,13 +98,13 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _api_server_main(config: EngineConfig, server_config: ServerConfig, conn, sock: socket.socket, index: int,
-                     shared_waiting, log_level: int):
+                     shared_waiting, log_level: int, started: float):
     """An API process's main (spawned)."""
     logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s (API {index}): %(message)s")
     from pagedllm.server.api_server import run_api_server
     try:
         run_api_server(config, server_config, CoreClient.connect(conn, log_ready=index == 0), sock, index,
-                       shared_waiting)
+                       shared_waiting, started)
     except (ValueError, FileNotFoundError, RuntimeError) as e:   # the core failed to start: said once
         if index == 0:
             print(f"error: {e}", file=sys.stderr)

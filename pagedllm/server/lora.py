@@ -9,10 +9,8 @@ path the server can read and hold memory: as vLLM, they are off unless VLLM_ALLO
 (vLLM's variable, so a vLLM deployment's environment works unchanged); the API key guards them as every /v1 route.
 """
 import asyncio
-import json
 import os
 import time
-from dataclasses import dataclass
 
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
@@ -20,51 +18,9 @@ from pydantic import BaseModel, ConfigDict
 
 from pagedllm.lora.request import LoRARequest
 from pagedllm.server.errors import APIError, shorten
+from pagedllm.server.launch import LoRAModulePath
 
 RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
-
-
-@dataclass(frozen=True)
-class LoRAModulePath:
-    name: str
-    path: str
-    base_model_name: str | None = None
-
-
-def parse_lora_modules(items: list[str]) -> list[LoRAModulePath]:
-    """--lora-modules items: name=path, or a JSON object with name, path and optionally base_model_name."""
-    modules = []
-    for item in items:
-        if item.lstrip().startswith("{"):
-            modules.append(_from_json(item))
-            continue
-        name, sep, path = item.partition("=")
-        if not (sep and name and path):
-            raise ValueError(f"lora_modules item {item!r} must be name=path or a JSON object with name and path")
-        modules.append(LoRAModulePath(name, path))
-    names = [m.name for m in modules]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"lora_modules names must be unique, got {duplicates} more than once")
-    return modules
-
-
-def _from_json(item: str) -> LoRAModulePath:
-    try:
-        obj = json.loads(item)
-    except ValueError as e:
-        raise ValueError(f"lora_modules item {item!r} is not valid JSON: {e}") from None
-    unknown = sorted(set(obj) - {"name", "path", "base_model_name"}) if isinstance(obj, dict) else []
-    if not isinstance(obj, dict) or unknown:
-        raise ValueError(f"lora_modules item {item!r}: a JSON object takes name, path and base_model_name"
-                         + (f", not {unknown}" if unknown else ""))
-    for key in ("name", "path"):
-        if not isinstance(obj.get(key), str) or not obj[key]:
-            raise ValueError(f"lora_modules item {item!r}: {key} must be a non-empty string")
-    base = obj.get("base_model_name")
-    if base is not None and not isinstance(base, str):
-        raise ValueError(f"lora_modules item {item!r}: base_model_name must be a string")
-    return LoRAModulePath(obj["name"], obj["path"], base)
 
 
 def runtime_updating_allowed() -> bool:

@@ -170,7 +170,8 @@ def test_bad_static_adapter_stops_the_server():
     from fastapi.testclient import TestClient
     from pagedllm.config import ServerConfig
     from pagedllm.server.api_server import build_app
-    from pagedllm.server.lora import ServingLoRAs, parse_lora_modules
+    from pagedllm.server.launch import parse_lora_modules
+    from pagedllm.server.lora import ServingLoRAs
     from pagedllm.server.serving import ServingContext
 
     class FakeEngine:
@@ -214,13 +215,13 @@ def test_runtime_updating_off_by_default(monkeypatch):
     (['{"name": "a"}'], "path must be"), (['{"name": "a", "path": "/p", "x": 1}'], "x"),
     (["a=/p", '{"name": "a", "path": "/q"}'], "unique")])
 def test_parse_lora_modules_errors(items, match):
-    from pagedllm.server.lora import parse_lora_modules
+    from pagedllm.server.launch import parse_lora_modules
     with pytest.raises(ValueError, match=match):
         parse_lora_modules(items)
 
 
 def test_parse_lora_modules():
-    from pagedllm.server.lora import LoRAModulePath, parse_lora_modules
+    from pagedllm.server.launch import LoRAModulePath, parse_lora_modules
     assert parse_lora_modules(["a=/p=q", '{"name": "b", "path": "/r", "base_model_name": "m"}']) == [
         LoRAModulePath("a", "/p=q"), LoRAModulePath("b", "/r", "m")]
 

@@ -2,7 +2,7 @@
 import pytest
 
 from pagedllm.cli import main
-from pagedllm.server.api_server import _read_chat_template
+from pagedllm.server.launch import _read_chat_template
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 

@@ -24,7 +24,8 @@ def random_ids(n: int, seed: int) -> list[int]:
 def penalised(params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]]) -> Penalties:
     """A table holding the rows' prompts and outputs the way the runner fills it: outputs recorded step by step."""
     table = PenaltyTable(V, "cpu")
-    slots = [table.slot(f"r{i}", prompts[i], len(prompts[i])) if p.uses_penalties else None for i, p in enumerate(params)]
+    slots = [table.slot(f"r{i}", prompts[i], len(prompts[i])) if p.uses_penalties else None
+             for i, p in enumerate(params)]
     pen = Penalties.build(table, params, slots, "cpu")
     for step in range(max(map(len, outputs))):
         rows = [i for i, s in enumerate(slots) if s is not None and step < len(outputs[i])]

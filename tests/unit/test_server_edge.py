@@ -110,7 +110,7 @@ def test_off_loop_runs_on_the_tokenizer_thread():
 
 def test_cli_takes_server_lists_as_json(monkeypatch):
     seen = {}
-    monkeypatch.setattr("pagedllm.server.api_server.serve", lambda e, s: seen.setdefault("server", s))
+    monkeypatch.setattr("pagedllm.server.launch.serve", lambda e, s: seen.setdefault("server", s))
     assert cli_main(["serve", "--allowed-origins", '["https://a.example", "http://b"]', "--allowed-methods",
                      '["GET"]', "--allow-credentials", "--root-path", "/llm", "--max-request-body-bytes", "5"]) == 0
     config = seen["server"]

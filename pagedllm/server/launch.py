@@ -1,0 +1,117 @@
+"""`pagedllm serve`'s start: the server's own checks, then the engine core process, then the server.
+
+Kept light (no torch, transformers or FastAPI here): the core process is started before this process imports the
+server, so that it imports torch and loads the model while this one imports FastAPI and loads the tokenizer. It
+derives the batch defaults for its GPU itself (no CUDA context in an API process) and sends the resulting config
+back with its "ready". A bad engine flag or model directory is the core's "failed" message, raised here as the
+same error (exit code 2). H200 (2026-12-04, 8f92a28), before: the core started after the API process's imports
+and a CUDA context of its own, 33-49 s from the command to /health of which the core's own timer was 6.8-20.6 s.
+"""
+import json
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pagedllm.config import EngineConfig, ServerConfig
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig):
+    started = time.monotonic()
+    check_serve_config(engine_config, server_config)   # before any process starts (the API process checks again)
+    if server_config.api_server_count > 1:
+        from pagedllm.server.api_servers import serve_with_api_servers
+        serve_with_api_servers(engine_config, server_config, started)
+        return
+    from pagedllm.engine.core_process import CoreClient
+    core = CoreClient(engine_config)   # loads the model while this process imports the server
+    try:
+        from pagedllm.server.api_server import run_api_server
+        run_api_server(engine_config, server_config, core=core, started=started)
+    finally:
+        core.shutdown()   # done already unless the server failed before its engine took the core
+
+
+def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig) -> tuple[str | None, list]:
+    """The server's own errors, found before a process starts: (the chat template, the --lora-modules)."""
+    if engine_config.skip_tokenizer_init:
+        raise ValueError("skip_tokenizer_init: pagedllm serve needs a tokenizer (text prompts, chat, /tokenize); "
+                         "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
+    chat_template = _read_chat_template(server_config.chat_template)
+    _check_tls(server_config)
+    lora_modules = parse_lora_modules(server_config.lora_modules)
+    if lora_modules and not engine_config.enable_lora:
+        raise ValueError("lora_modules need --enable-lora (it sets the engine up for adapters: --max-loras, "
+                         "--max-lora-rank)")
+    return chat_template, lora_modules
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file, or the template text itself. A value with no Jinja tag that looks like a
+    path (a .jinja name, a path separator) and names no file is a typo, not a template."""
+    if value is None:
+        return None
+    if Path(value).is_file():
+        return Path(value).read_text()
+    is_template = "{{" in value or "{%" in value
+    looks_like_path = value.endswith((".jinja", ".jinja2", ".j2")) or "/" in value or os.sep in value
+    if not is_template and looks_like_path:
+        raise FileNotFoundError(f"--chat-template {value!r}: no such file (give a template file or the "
+                                f"template text)")
+    return value
+
+
+def _check_tls(config: ServerConfig):
+    """Load the key and certificate once before the engine starts: a wrong path or file is a clear error
+    here, not a uvicorn traceback after the model has loaded."""
+    if config.ssl_certfile is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    except OSError as e:   # ssl.SSLError is one
+        raise ValueError(f"ssl_certfile/ssl_keyfile: cannot load {config.ssl_certfile!r} with "
+                         f"{config.ssl_keyfile!r}: {e}") from e
+
+
+@dataclass(frozen=True)
+class LoRAModulePath:
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+def parse_lora_modules(items: list[str]) -> list[LoRAModulePath]:
+    """--lora-modules items: name=path, or a JSON object with name, path and optionally base_model_name."""
+    modules = []
+    for item in items:
+        if item.lstrip().startswith("{"):
+            modules.append(_from_json(item))
+            continue
+        name, sep, path = item.partition("=")
+        if not (sep and name and path):
+            raise ValueError(f"lora_modules item {item!r} must be name=path or a JSON object with name and path")
+        modules.append(LoRAModulePath(name, path))
+    names = [m.name for m in modules]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"lora_modules names must be unique, got {duplicates} more than once")
+    return modules
+
+
+def _from_json(item: str) -> LoRAModulePath:
+    try:
+        obj = json.loads(item)
+    except ValueError as e:
+        raise ValueError(f"lora_modules item {item!r} is not valid JSON: {e}") from None
+    unknown = sorted(set(obj) - {"name", "path", "base_model_name"}) if isinstance(obj, dict) else []
+    if not isinstance(obj, dict) or unknown:
+        raise ValueError(f"lora_modules item {item!r}: a JSON object takes name, path and base_model_name"
+                         + (f", not {unknown}" if unknown else ""))
+    for key in ("name", "path"):
+        if not isinstance(obj.get(key), str) or not obj[key]:
+            raise ValueError(f"lora_modules item {item!r}: {key} must be a non-empty string")
+    base = obj.get("base_model_name")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"lora_modules item {item!r}: base_model_name must be a string")
+    return LoRAModulePath(obj["name"], obj["path"], base)
