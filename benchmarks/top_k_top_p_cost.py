@@ -1,9 +1,10 @@
 """What Qwen3's sampling defaults (temperature 0.6, top_k 20, top_p 0.95: what a server request without
 sampling fields gets) cost: top-p within top-k by a sort of the whole vocabulary, or from the k best candidates.
 
-1. The sampler alone on (rows, vocab) float32 logits, ms a call to the sampled ids on the host (median of 50): plain sampling
-   (temperature 1), the defaults through the sort, the defaults through the candidates.
-2. W1 on one engine: temperature 1 (plain), the defaults with the candidates, the defaults with the sort.
+1. The sampler alone on (rows, vocab) float32 logits, ms a call to the sampled ids on the host (median of 50):
+   plain sampling (temperature 1), the defaults through the sort, the defaults through the candidates.
+2. W1 on one engine: temperature 1 (plain), the defaults with the candidates, the defaults with the sort; top-p
+   alone (Llama 3's temperature 0.6, top_p 0.9) with and without the candidates.
 One JSON line each.
 
     python benchmarks/top_k_top_p_cost.py MODEL_DIR [--num-requests N] [--rows 300]
@@ -21,10 +22,12 @@ from pagedllm.sample import sampler as sampler_module
 from pagedllm.sample.sampler import Sampler, SamplingMetadata
 
 DEFAULTS = dict(temperature=0.6, top_k=20, top_p=0.95)
+LLAMA = dict(temperature=0.6, top_p=0.9)   # Llama 3.1's generation config: top-p alone
 
 
-def time_sampler(rows: int, vocab: int, params: SamplingParams, candidates: bool, device: str) -> float:
-    logits = torch.randn(rows, vocab, device=device) * 3
+def time_sampler(rows: int, vocab: int, params: SamplingParams, candidates: bool, device: str,
+                 scale: float = 3.0) -> float:
+    logits = torch.randn(rows, vocab, device=device) * scale
     meta = SamplingMetadata.build([params] * rows, [None] * rows, [[]] * rows, device)
     sampler_module._CANDIDATES_MAX_K = 1024 if candidates else 0
     times = []
@@ -49,10 +52,23 @@ def main():
                                      ("defaults, candidates", SamplingParams(**DEFAULTS), True)):
         ms = time_sampler(args.rows, args.vocab, params, candidates, device)
         print(json.dumps({"sampler": name, "rows": args.rows, "vocab": args.vocab, "ms": round(ms, 3)}), flush=True)
+    # Top-p alone (Llama 3's defaults): from the candidates when they hold p of every row (peaked logits, as a
+    # trained model's), else the candidates' top-k then the sort (flat logits, as dummy weights').
+    for name, scale in (("peaked", 3.0), ("flat", 0.5)):
+        logits = torch.randn(args.rows, args.vocab, device=device) * scale / LLAMA["temperature"]
+        sampler_module._CANDIDATES_MAX_K = 1024
+        held = sampler_module._top_p_of_candidates(logits, torch.full((args.rows,), LLAMA["top_p"], device=device),
+                                                   1024) is not None
+        for candidates in (False, True):
+            ms = time_sampler(args.rows, args.vocab, SamplingParams(**LLAMA), candidates, device, scale)
+            print(json.dumps({"sampler": f"top_p alone, {name}, {'candidates' if candidates else 'sort'}",
+                              "candidates_hold_p": held, "ms": round(ms, 3)}), flush=True)
     for variant, kwargs, candidates in (("plain", dict(temperature=1.0), True),
                                         ("defaults, candidates", DEFAULTS, True),
                                         ("defaults, sort", DEFAULTS, False),
-                                        ("defaults, candidates again", DEFAULTS, True)):
+                                        ("defaults, candidates again", DEFAULTS, True),
+                                        ("top_p alone, candidates (dummy weights: the sort after them)", LLAMA, True),
+                                        ("top_p alone, sort", LLAMA, False)):
         sampler_module._CANDIDATES_MAX_K = 1024 if candidates else 0
         run_variant(llm, variant, prompts, [SamplingParams(ignore_eos=True, max_tokens=k, **kwargs) for k in lens])
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pagedllm.sample.sampler import (Sampler, SamplingMetadata, apply_min_p, apply_top_k_top_p)
+from pagedllm.sample.sampler import (_CANDIDATES_MAX_K, Sampler, SamplingMetadata, _top_p_of_candidates, apply_min_p,
+                                     apply_top_k_top_p)
 from pagedllm.sampling_params import SamplingParams
 
 V = 64
@@ -121,6 +122,40 @@ def test_candidate_path_with_rows_masked_by_min_p_and_greedy_rows():
     assert out[1].item() == logits[1].argmax().item()
     assert out[2].item() in ref_top_p(logits[2], ref_top_k(logits[2], 4), 0.5)
     assert not make_meta([SamplingParams(top_k=5, top_p=0.5), SamplingParams(top_p=0.5)]).top_k_bounded
+
+
+def test_top_p_alone_from_candidates_matches_reference():
+    """A vocabulary past the candidates (top-p alone takes them, not the sort) with peaked rows, as a trained
+    model's at temperature 0.6-1; p = 1 rows keep everything."""
+    vocab = 4 * _CANDIDATES_MAX_K
+    logits = random_logits(len(TOP_P), vocab, seed=11) * 4
+    p = torch.tensor(TOP_P)
+    masked = _top_p_of_candidates(logits.clone(), p, _CANDIDATES_MAX_K)
+    assert masked is not None   # the candidates held every row's set: this path, not the sort
+    expected = [ref_top_p(r, set(range(vocab)), pp) for r, pp in zip(logits, TOP_P)]
+    assert kept(masked) == expected
+    assert kept(apply_top_k_top_p(logits.clone(), None, p, None)) == expected
+    assert len(expected[0]) == vocab and 1 < len(expected[1]) < _CANDIDATES_MAX_K
+
+
+def test_top_p_candidates_that_miss_p_leave_the_row_to_the_sort():
+    """A flat row needs more than the candidates: None, logits untouched, and the sort's answer."""
+    logits = random_logits(3, seed=12) * 0.01
+    p = torch.tensor([0.9, 0.5, 1.0])
+    original = logits.clone()
+    assert _top_p_of_candidates(logits, p, 8) is None and torch.equal(logits, original)
+    peaked = random_logits(3, seed=13) * 8
+    masked = _top_p_of_candidates(peaked.clone(), torch.tensor([0.5, 0.3, 1.0]), 8)
+    assert masked is not None
+    assert kept(masked) == [ref_top_p(r, set(range(V)), pp) for r, pp in zip(peaked, [0.5, 0.3, 1.0])]
+
+
+def test_top_p_candidates_keep_ties_with_the_last_kept_value():
+    row = torch.full((V,), -5.0)
+    row[7] = 3.0
+    row[[3, 10, 20]] = 2.0   # the top token holds 0.47 < 0.5: one of these is needed, and all three stay
+    masked = _top_p_of_candidates(row.unsqueeze(0).clone(), torch.tensor([0.5]), 2)
+    assert kept(masked) == [{7, 3, 10, 20}]
 
 
 def test_min_p_matches_reference():
