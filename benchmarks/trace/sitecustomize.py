@@ -11,6 +11,9 @@ process exits without running atexit):
     {"req": ...}    core: a request's arrival (API clock), receipt by the core, first scheduling, first token
     {"api": ...}    API: a request's first token handed to the output processor
 Nothing changes when the variable is unset.
+
+With PAGEDLLM_LOG_T0 (seconds since the epoch, the command's start) set instead or too, every log line of every
+process starts with the seconds since then and its pid: where start-up goes (benchmarks/serve_startup.sh).
 """
 import gc
 import json
@@ -146,5 +149,16 @@ def _patch_api(log):
     op._record_latencies = traced
 
 
+def _stamp_logs(t0: float):
+    import logging
+    plain = logging.Formatter.format
+
+    def stamped(self, record):
+        return f"[{record.created - t0:6.2f} s pid {os.getpid()}] " + plain(self, record)
+    logging.Formatter.format = stamped
+
+
 if _DIR:
     _install()
+if os.environ.get("PAGEDLLM_LOG_T0"):
+    _stamp_logs(float(os.environ["PAGEDLLM_LOG_T0"]))
