@@ -4,16 +4,21 @@
 Runs the workload twice on one engine after bench throughput's warm-up (the prefix cache emptied before each run)
 and reports, per run: seconds and tok/s; its steps' seconds by tenths of the run and its slowest steps; the
 Triton kernels built during it (compiled, or read from the disk cache: name, seconds and specialisation key
-each); the CUDA caching allocator's device allocations (cudaMalloc calls) and the bytes it then holds. What the
-first run builds or allocates and the second does not is what the warm-up misses. On the H200 a decode kernel
+each); the CUDA caching allocator's device allocations (cudaMalloc calls) and the bytes it then holds; the garbage
+collections of 2 ms or more (generation, ms, step). What the first run builds or allocates and the second does not
+is what the warm-up misses. On the H200 a decode kernel
 built mid-run (0.49 s) until 2a7c972; after it, 6.66 against 6.19 s, no build in either run.
 
     python benchmarks/first_run.py --workload W1 --model DIR --load-format dummy [--trace-allocs] [engine flags]
 
 On the H200 (2026-12-04, 4ac877d) run 1 still had a 263 ms step and 5 cudaMalloc calls that run 2 had not
-(22,484 against 24,249 tok/s); --trace-allocs says where those allocations come from.
+(22,484 against 24,249 tok/s); --trace-allocs says where those allocations come from. On the H200 (8f92a28) they
+are the first 16,384-token prefill steps' (q, the MLP's activations: 64, 32, 2 x 96 MB; step 0 58.8 ms against
+39.0 in run 2), not the slow step (214.7 ms at step 436). On CPU (full W1, tiny model) no collection in run 1 took
+over 2.2 ms and no decode step stood out.
 """
 import argparse
+import gc
 import json
 import time
 
@@ -45,9 +50,28 @@ def watch_triton_builds(builds: list):
     JITFunction._do_compile = timed_build
 
 
-def time_steps(engine) -> list:
-    """Wraps engine.step: the list it returns gets each step's seconds."""
-    seconds, step = [], engine.step
+def watch_gc(collections: list, steps: list, min_ms: float = 2.0):
+    """Appends [generation, ms, step index] for every garbage collection of min_ms or more from here on: a full
+    collection walks every tracked object not frozen at start-up, and a run's first one may stand out."""
+    started = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        elif (ms := (time.perf_counter() - started[0]) * 1e3) >= min_ms:
+            collections.append([info["generation"], round(ms, 1), len(steps)])
+    gc.callbacks.append(on_gc)
+
+
+def time_steps(engine) -> tuple[list, list]:
+    """Wraps engine.step: the first list it returns gets each step's seconds, the second the CUDA graph the
+    runner chose for the step it launched ([padded tokens, mixed], or None: eager)."""
+    seconds, kinds, step, runner = [], [], engine.step, engine.runner
+    graph_key, chosen = runner._graph_key, [None]
+
+    def key(*args):
+        chosen[0] = graph_key(*args)
+        return chosen[0]
 
     def timed():
         start = time.perf_counter()
@@ -55,17 +79,20 @@ def time_steps(engine) -> list:
             return step()
         finally:
             seconds.append(time.perf_counter() - start)
-    engine.step = timed
-    return seconds
+            kinds.append(chosen[0])
+    engine.step, runner._graph_key = timed, key
+    return seconds, kinds
 
 
-def step_spread(seconds: list) -> dict:
+def step_spread(seconds: list, kinds: list) -> dict:
     """Where a run's time lies: its steps' seconds in tenths of the run (by step index) and its slowest steps
-    (index, ms); set beside another run's, a slow start or a uniformly slower run shows."""
+    (index, ms, the graph of the step launched then); set beside another run's, a slow start or a uniformly
+    slower run shows."""
     n = len(seconds)
     tenths = [round(sum(seconds[i * n // 10:(i + 1) * n // 10]), 3) for i in range(10)]
     slowest = sorted(range(n), key=lambda i: -seconds[i])[:6]
-    return {"steps": n, "tenths_s": tenths, "slowest_ms": [[i, round(seconds[i] * 1e3, 1)] for i in slowest]}
+    return {"steps": n, "tenths_s": tenths,
+            "slowest_ms": [[i, round(seconds[i] * 1e3, 1), kinds[i]] for i in slowest]}
 
 
 def segment_events(max_events: int = 30) -> list:
@@ -110,11 +137,15 @@ def main():
                       "start_up_builds_list": builds[:60],
                       **allocator()}), flush=True)
     params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for n in out_lens]
-    steps = time_steps(llm.engine)
+    steps, kinds = time_steps(llm.engine)
+    collections: list = []
+    watch_gc(collections, steps)
     for run in range(args.runs):
         llm.reset_prefix_cache()
         builds.clear()
         steps.clear()
+        kinds.clear()
+        collections.clear()
         before = allocator()
         trace = args.trace_allocs and run == 0 and torch.cuda.is_available()
         if trace:   # stacks for every allocation: this run's timing is not comparable
@@ -130,7 +161,8 @@ def main():
                           "output_tok_s": round(sum(out_lens) / seconds, 1),
                           "triton_builds": builds[:40], "triton_build_seconds": round(sum(b[1] for b in builds), 3),
                           "device_allocs": after.get("device_allocs", 0) - before.get("device_allocs", 0),
-                          "reserved_gib": after.get("reserved_gib"), **step_spread(steps)}), flush=True)
+                          "reserved_gib": after.get("reserved_gib"), **step_spread(steps, kinds),
+                          "gc_over_2ms": collections[:20]}), flush=True)
 
 
 if __name__ == "__main__":
