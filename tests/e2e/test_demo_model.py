@@ -187,3 +187,24 @@ def test_request_ids_must_be_unique(llm):
     engine.abort_request("a#0")
     assert not engine.has_unfinished_requests()
     assert engine.get_stats().num_blocks_used == 0
+
+
+def test_top_p_alone_from_candidates_samples_as_the_sort(llm, monkeypatch):
+    """Llama-style defaults (temperature 0.6, top_p 0.9, no top_k) on a trained model: its rows reach p within a
+    few candidates (64 here, of 512 tokens), and seeded outputs are those of the sort path, token for token."""
+    from pagedllm.sample import sampler
+    held = []
+    candidates = sampler._top_p_of_candidates
+
+    def counted(*args):
+        out = candidates(*args)
+        held.append(out is not None)
+        return out
+    monkeypatch.setattr(sampler, "_top_p_of_candidates", counted)
+    prompts = ["Once upon a time", "The little dog was", "Lily wanted to"]
+    params = [SamplingParams(temperature=0.6, top_p=0.9, seed=i, max_tokens=24, ignore_eos=True) for i in range(3)]
+    monkeypatch.setattr(sampler, "_CANDIDATES_MAX_K", 64)
+    fast = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    monkeypatch.setattr(sampler, "_CANDIDATES_MAX_K", 0)
+    sort = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert fast == sort and sum(held) >= len(held) // 2 > 0
