@@ -32,7 +32,6 @@ from dataclasses import replace
 
 from pagedllm.config import EngineConfig, ServerConfig
 from pagedllm.engine.core_process import CoreClient, start_core
-from pagedllm.server.lora import RUNTIME_UPDATING_ENV, runtime_updating_allowed
 from pagedllm.server.metrics import METRICS_DIR_ENV
 
 logger = logging.getLogger("pagedllm")
@@ -41,10 +40,6 @@ STOP_SECONDS = 30   # for the API processes to stop after a signal (their grace 
 
 def serve_with_api_servers(engine_config: EngineConfig, server_config: ServerConfig, started: float):
     n = server_config.api_server_count
-    if runtime_updating_allowed():
-        raise ValueError(f"{RUNTIME_UPDATING_ENV} is set, but loading adapters at run time needs --api-server-count "
-                         f"1, not {n} (each API process would know only the adapters loaded through it); serve "
-                         f"adapters with --lora-modules instead")
     metrics_dir, own_dir = _metrics_dir()
     sock = _listen(server_config.host, server_config.port)
     server_config = replace(server_config, port=sock.getsockname()[1])   # port 0: the one the system chose

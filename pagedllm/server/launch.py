@@ -44,6 +44,11 @@ def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig)
     if lora_modules and not engine_config.enable_lora:
         raise ValueError("lora_modules need --enable-lora (it sets the engine up for adapters: --max-loras, "
                          "--max-lora-rank)")
+    n = server_config.api_server_count
+    if n > 1 and runtime_updating_allowed():
+        raise ValueError(f"{RUNTIME_UPDATING_ENV} is set, but loading adapters at run time needs --api-server-count "
+                         f"1, not {n} (each API process would know only the adapters loaded through it); serve "
+                         f"adapters with --lora-modules instead")
     return chat_template, lora_modules
 
 
@@ -72,6 +77,13 @@ def _check_tls(config: ServerConfig):
     except OSError as e:   # ssl.SSLError is one
         raise ValueError(f"ssl_certfile/ssl_keyfile: cannot load {config.ssl_certfile!r} with "
                          f"{config.ssl_keyfile!r}: {e}") from e
+
+
+RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+def runtime_updating_allowed() -> bool:
+    return os.environ.get(RUNTIME_UPDATING_ENV, "0").strip().lower() in ("1", "true")
 
 
 @dataclass(frozen=True)

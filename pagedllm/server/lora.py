@@ -9,7 +9,6 @@ path the server can read and hold memory: as vLLM, they are off unless VLLM_ALLO
 (vLLM's variable, so a vLLM deployment's environment works unchanged); the API key guards them as every /v1 route.
 """
 import asyncio
-import os
 import time
 
 from fastapi import APIRouter
@@ -18,14 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pagedllm.lora.request import LoRARequest
 from pagedllm.server.errors import APIError, shorten
-from pagedllm.server.launch import LoRAModulePath
-
-RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
-
-
-def runtime_updating_allowed() -> bool:
-    return os.environ.get(RUNTIME_UPDATING_ENV, "0").strip().lower() in ("1", "true")
-
+from pagedllm.server.launch import RUNTIME_UPDATING_ENV, LoRAModulePath, runtime_updating_allowed
 
 class ServingLoRAs:
     """The adapters a server serves, by name."""

@@ -14,8 +14,10 @@ from pagedllm.engine.async_llm import AsyncLLM
 
 def test_the_cli_and_launch_import_no_torch_transformers_or_fastapi():
     """What makes the overlap: the core process is spawned before any of these is imported (and its spawn
-    re-imports the CLI module, which must stay light too)."""
-    code = ("import sys, pagedllm.cli, pagedllm.server.launch, pagedllm.engine.core_process; "
+    re-imports the CLI module, which must stay light too; with several API processes the supervisor starts the core
+    and them without importing them at all)."""
+    code = ("import sys, pagedllm.cli, pagedllm.server.launch, pagedllm.server.api_servers, "
+            "pagedllm.engine.core_process; "
             "print(sorted({'torch', 'transformers', 'fastapi', 'uvicorn'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
