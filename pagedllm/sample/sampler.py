@@ -108,10 +108,11 @@ class Sampler(nn.Module):
         if logits.is_cuda and not filtered:   # plain sampling at any temperature: one pass over the logits
             seeds = draw_seeds(logits.shape[0], meta.generators, generator, logits.device)
             return gumbel_sample(logits, seeds, None if meta.all_temperature_one else meta.temperature)
-        logits = logits.float()
-        if not filtered and meta.all_temperature_one:
-            return exponential_race(logits.softmax(dim=-1), meta.generators, generator)   # plain sampling
-        logits = apply_temperature(logits, meta.temperature)  # a new tensor: the masks below work in place
+        if not filtered and meta.all_temperature_one:   # plain sampling
+            return exponential_race(logits.float().softmax(dim=-1), meta.generators, generator)
+        # A new float32 tensor (16-bit logits promote in the division: one pass, not a copy and then a division),
+        # which the masks below change in place.
+        logits = apply_temperature(logits, meta.temperature)
         if meta.min_p is not None:
             logits = apply_min_p(logits, meta.min_p)
         logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, meta.max_top_k, meta.top_k_bounded)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pagedllm.sample.sampler import (_CANDIDATES_MAX_K, Sampler, SamplingMetadata, _top_p_of_candidates, apply_min_p,
-                                     apply_top_k_top_p)
+                                     apply_temperature, apply_top_k_top_p)
 from pagedllm.sampling_params import SamplingParams
 
 V = 64
@@ -309,6 +309,19 @@ def test_top_k_beyond_vocab_and_tiny_vocab():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits_filter_and_sample_as_their_float32_copy(dtype):
+    """The temperature's division promotes 16-bit logits to float32 itself: the same masks, the same draws."""
+    logits = random_logits(4, seed=9).to(dtype)
+    params = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=1), SamplingParams(top_p=0.5, seed=2),
+              SamplingParams(temperature=0.8, min_p=0.1, seed=3), SamplingParams(temperature=1.3, seed=4)]
+    draws = [Sampler()(x, make_meta(params, [seeded(i) for i in range(4)])).sampled_token_ids
+             for x in (logits, logits.float())]
+    assert torch.equal(*draws)
+    scaled = apply_temperature(logits, torch.full((4,), 0.6))
+    assert scaled.dtype == torch.float32 and torch.equal(scaled, logits.float() / 0.6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_logits_are_upcast(dtype):
     logits = random_logits(2, seed=8).to(dtype)
     out = Sampler()(logits, make_meta([SamplingParams(temperature=0, logprobs=1), SamplingParams(logprobs=1)]))
