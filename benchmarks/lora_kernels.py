@@ -19,6 +19,7 @@ On W1 (H200, 2026-12-04) 8 adapters cost +1.51 ms of device time a decode step, 
 at T = 256 without it.
 
     python benchmarks/lora_kernels.py            (PAGEDLLM_LORA_FUSED_CONFIG=... sets the fused default)
+    python benchmarks/lora_kernels.py --wide-gemm   (is A appended to the base weight worth building? see there)
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ import torch
 
 from pagedllm.lora.fused import FusedConfig, layer_config, lora_fused
 from pagedllm.lora.kernels import add_lora as add_lora_split
+from pagedllm.lora.kernels import lora_expand
 from pagedllm.lora.layers import sort_by_slot, sorted_len
 
 LAYERS = {"qkv_proj": (1024, (2048, 1024, 1024)), "o_proj": (2048, (1024,)), "gate_up_proj": (1024, (3072, 3072)),
@@ -124,14 +126,56 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
         print(json.dumps(line), flush=True)
 
 
+def bench_wide_gemm(name: str, fan_in: int, shards: tuple[int, ...], totals: dict):
+    """--wide-gemm: what a step's LoRA would cost if each slot's A rows were appended to the base weight, so that
+    the base GEMM computes t = x A^T in its extra columns and only the expand kernel is left, against the fused
+    kernel after the plain GEMM. The expand reads slot 0's columns of t for every slot: the cost, not the result.
+    Each call on its own layer's weights (as --layers-apart), decode steps."""
+    dt = torch.bfloat16
+    out, n, max_shard = sum(shards), len(shards), max(shards)
+    extra = LORAS * n * RANK
+    weight = torch.randn(NUM_LAYERS, out + extra, fan_in, device="cuda", dtype=dt) / fan_in ** 0.5
+    a = weight[:, out:].reshape(NUM_LAYERS, LORAS, n * RANK, fan_in)   # the same A rows, for the fused kernel
+    b = torch.randn(NUM_LAYERS, LORAS, out, n * RANK, device="cuda", dtype=dt) * 0.01
+    bounds = torch.tensor([sum(shards[:i]) for i in range(n + 1)], dtype=torch.int32, device="cuda")
+    cfg = layer_config(fan_in, max_shard, RANK)
+    for T in (16, 232, 256):
+        x = torch.randn(T, fan_in, device="cuda", dtype=dt)
+        y = torch.zeros(T, out, device="cuda", dtype=dt)
+        wide = torch.zeros(T, out + extra, device="cuda", dtype=dt)
+        t = wide[:, out:out + n * RANK].unsqueeze(0)   # (1, T, n R): a row stride of out + extra
+        order, slots = slot_buffers(T, True, False)
+        gemm = graph_us(lambda i: torch.matmul(x, weight[i, :out].t(), out=y))
+        fused = graph_us(lambda i: (torch.matmul(x, weight[i, :out].t(), out=y),
+                                    lora_fused(y, x, a[i], b[i], order, slots, bounds, max_shard, RANK, config=cfg)))
+        expand = graph_us(lambda i: (torch.matmul(x, weight[i].t(), out=wide),
+                                     lora_expand(wide[:, :out], t, b[i], order, slots, bounds, max_shard, RANK)))
+        line = {"layer": name, "T": T, "gemm_us": gemm, "lora_fused_us": round(fused - gemm, 2),
+                "lora_wide_gemm_us": round(expand - gemm, 2)}
+        for k in ("lora_fused_us", "lora_wide_gemm_us"):
+            totals[(T, k)] = totals.get((T, k), 0.0) + line[k]
+        print(json.dumps(line), flush=True)
+
+
 def main():
     global APART, PACKED
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers-apart", action="store_true",
                         help="each of 28 calls on its own layer's weights and adapters, as in a step (out of L2)")
     parser.add_argument("--packed", action="store_true", help="adapters' token runs end to end (the old layout)")
+    parser.add_argument("--wide-gemm", action="store_true",
+                        help="only the LoRA cost with A appended to the base weight (bench_wide_gemm) vs fused")
     args = parser.parse_args()
     APART, PACKED = args.layers_apart, args.packed
+    if args.wide_gemm:
+        wide_totals = {}
+        for name, (fan_in, shards) in LAYERS.items():
+            bench_wide_gemm(name, fan_in, shards, wide_totals)
+        for T in (16, 232, 256):
+            print(json.dumps({"step_ms": f"x{NUM_LAYERS} layers, LoRA over the base GEMMs", "T": T,
+                              **{k: round(wide_totals[(T, k)] * NUM_LAYERS / 1e3, 3)
+                                 for k in ("lora_fused_us", "lora_wide_gemm_us")}}), flush=True)
+        return
     totals, sweep, programs = {}, {}, {}
     for name, (fan_in, shards) in LAYERS.items():
         bench_layer(name, fan_in, shards, totals, sweep, programs)
