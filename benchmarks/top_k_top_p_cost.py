@@ -3,8 +3,11 @@ sampling fields gets) cost: top-p within top-k by a sort of the whole vocabulary
 
 1. The sampler alone on (rows, vocab) float32 logits, ms a call to the sampled ids on the host (median of 50):
    plain sampling (temperature 1), the defaults through the sort, the defaults through the candidates.
+   Then torch's topk (k = 20 and 1,024) and one compare-and-count pass on bfloat16 and float32 logits: whether
+   taking the candidates from the model's 16-bit logits would pay. Then top-p alone (Llama 3's temperature 0.6,
+   top_p 0.9) on peaked and flat rows, from the candidates and by the sort.
 2. W1 on one engine: temperature 1 (plain), the defaults with the candidates, the defaults with the sort; top-p
-   alone (Llama 3's temperature 0.6, top_p 0.9) with and without the candidates.
+   alone with and without the candidates.
 One JSON line each.
 
     python benchmarks/top_k_top_p_cost.py MODEL_DIR [--num-requests N] [--rows 300]
@@ -39,6 +42,21 @@ def time_sampler(rows: int, vocab: int, params: SamplingParams, candidates: bool
     return statistics.median(times)
 
 
+def time_op(fn) -> float:
+    """Median ms of fn() to the device's end (50 after 10 warm-ups)."""
+    times = []
+    for i in range(60):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= 10:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=300)
@@ -52,6 +70,15 @@ def main():
                                      ("defaults, candidates", SamplingParams(**DEFAULTS), True)):
         ms = time_sampler(args.rows, args.vocab, params, candidates, device)
         print(json.dumps({"sampler": name, "rows": args.rows, "vocab": args.vocab, "ms": round(ms, 3)}), flush=True)
+    # The candidates' topk on the model's 16-bit logits instead of the float32 copy (would pay if much faster:
+    # temperature keeps the order, so the same candidates), and the full passes the filtered path makes.
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = (torch.randn(args.rows, args.vocab, device=device) * 3).to(dtype)
+        for k in (20, 1024):
+            print(json.dumps({"topk": k, "dtype": str(dtype)[6:], "ms": round(time_op(lambda: logits.topk(k)), 3)}),
+                  flush=True)
+        print(json.dumps({"full pass": "x >= x[:, :1] (a compare and count)", "dtype": str(dtype)[6:],
+                          "ms": round(time_op(lambda: (logits >= logits[:, :1]).sum(dim=-1)), 3)}), flush=True)
     # Top-p alone (Llama 3's defaults): from the candidates when they hold p of every row (peaked logits, as a
     # trained model's), else the candidates' top-k then the sort (flat logits, as dummy weights').
     for name, scale in (("peaked", 3.0), ("flat", 0.5)):
