@@ -332,6 +332,7 @@ class CoreClient:
             self.process = _OtherProcess()
         self.conn, self.log_ready = conn, log_ready
         self.closing = False
+        self.ready = False                  # its "ready" read: before it, a shutdown has nothing to wait for
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="pagedllm-core-writer", daemon=True)
         self._writer.start()
@@ -357,6 +358,7 @@ class CoreClient:
             raise ValueError(msg[1])
         if self.log_ready:
             _log_ready(msg[2])
+        self.ready = True
         return msg[1], msg[3]
 
     def send(self, msg: tuple):
@@ -374,6 +376,8 @@ class CoreClient:
 
     def shutdown(self):
         self.closing = True
+        if not self.ready:   # still loading (a start-up that failed or was interrupted): it reads no pipe yet
+            self.process.kill()
         self.send(("shutdown",))
         self._outbox.put(None)
         self._writer.join(timeout=5)

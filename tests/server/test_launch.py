@@ -50,7 +50,7 @@ def test_a_failure_after_the_core_started_stops_it(tiny_model_dirs, tmp_path):
     before, start = _core_processes(), time.monotonic()
     with pytest.raises(ValueError, match="could not load a tokenizer"):
         AsyncLLM(config)
-    assert _core_processes() == before and time.monotonic() - start < 30
+    assert _core_processes() == before and time.monotonic() - start < 10   # killed, not waited for
 
 
 def test_serve_with_a_missing_model_exits_2_and_leaves_no_core(tmp_path, capsys):
