@@ -125,6 +125,14 @@ _CANDIDATES_MAX_K = 1024   # top-p (within top-k) from this many candidates at m
 #                            151,936 logits: 1.8 ms at k = 20 against the sort's 7.2 (larger k not measured)
 
 
+# Top-p alone from the candidates costs a topk and a read of one bool from the device (the host then waits for the
+# step's forward: its next-step work no longer overlaps it); when the candidates miss p (flat rows: dummy weights),
+# that is all lost to the sort after them. So after a miss this many calls sort at once, then the candidates are
+# tried again. The choice changes no result: both paths keep the same tokens.
+_TOP_P_SORTS_AFTER_A_MISS = 64
+_top_p_sorts_left = 0
+
+
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     # Greedy rows (temperature ~ 0) divide by 1 instead of 0; their draw is discarded anyway.
     temperature = torch.where(temperature < _GREEDY_EPS, 1.0, temperature)
@@ -152,9 +160,14 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Ten
     if k is not None and bounded and max_k <= _CANDIDATES_MAX_K and max_k < logits.shape[-1]:
         return _top_p_of_top_k(logits, k, p, max_k)
     if k is None and 0 < _CANDIDATES_MAX_K < logits.shape[-1]:
-        masked = _top_p_of_candidates(logits, p, _CANDIDATES_MAX_K)
-        if masked is not None:
-            return masked
+        global _top_p_sorts_left
+        if _top_p_sorts_left > 0:
+            _top_p_sorts_left -= 1
+        else:
+            masked = _top_p_of_candidates(logits, p, _CANDIDATES_MAX_K)
+            if masked is not None:
+                return masked
+            _top_p_sorts_left = _TOP_P_SORTS_AFTER_A_MISS
     # Ascending sort: top-p drops the longest low-probability prefix whose mass is <= 1 - p.
     #   sorted:  [ low ........................................ high ]
     #   cumsum:  [ <= 1-p: dropped        |  kept: mass >= p         ]
@@ -194,7 +207,7 @@ def _top_p_of_candidates(logits: torch.Tensor, p: torch.Tensor, num: int) -> tor
     """In place. Top-p alone (Llama 3's default, top_p 0.9) from each row's `num` best values, when they hold
     the set: every row's candidates reach p of the whole distribution (or its p is 1: nothing dropped).
     Otherwise None, logits untouched: a flat distribution (dummy weights) needs the sort. Ties with the last
-    kept value stay, as on the top-k path."""
+    kept value stay, as on the top-k path. Knowing which waits for the device (see _TOP_P_SORTS_AFTER_A_MISS)."""
     vals = logits.topk(num, dim=-1).values                                # (N, num), descending
     probs = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
     cum = probs.cumsum(dim=-1)

@@ -201,6 +201,7 @@ def test_top_p_alone_from_candidates_samples_as_the_sort(llm, monkeypatch):
         held.append(out is not None)
         return out
     monkeypatch.setattr(sampler, "_top_p_of_candidates", counted)
+    monkeypatch.setattr(sampler, "_top_p_sorts_left", 0)   # no miss of an earlier test's to sit out
     prompts = ["Once upon a time", "The little dog was", "Lily wanted to"]
     params = [SamplingParams(temperature=0.6, top_p=0.9, seed=i, max_tokens=24, ignore_eos=True) for i in range(3)]
     monkeypatch.setattr(sampler, "_CANDIDATES_MAX_K", 64)

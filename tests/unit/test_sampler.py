@@ -124,9 +124,11 @@ def test_candidate_path_with_rows_masked_by_min_p_and_greedy_rows():
     assert not make_meta([SamplingParams(top_k=5, top_p=0.5), SamplingParams(top_p=0.5)]).top_k_bounded
 
 
-def test_top_p_alone_from_candidates_matches_reference():
+def test_top_p_alone_from_candidates_matches_reference(monkeypatch):
     """A vocabulary past the candidates (top-p alone takes them, not the sort) with peaked rows, as a trained
     model's at temperature 0.6-1; p = 1 rows keep everything."""
+    from pagedllm.sample import sampler
+    monkeypatch.setattr(sampler, "_top_p_sorts_left", 0)
     vocab = 4 * _CANDIDATES_MAX_K
     logits = random_logits(len(TOP_P), vocab, seed=11) * 4
     p = torch.tensor(TOP_P)
@@ -148,6 +150,26 @@ def test_top_p_candidates_that_miss_p_leave_the_row_to_the_sort():
     masked = _top_p_of_candidates(peaked.clone(), torch.tensor([0.5, 0.3, 1.0]), 8)
     assert masked is not None
     assert kept(masked) == [ref_top_p(r, set(range(V)), pp) for r, pp in zip(peaked, [0.5, 0.3, 1.0])]
+
+
+def test_top_p_after_a_miss_sorts_for_a_while(monkeypatch):
+    """Flat rows (dummy weights) miss p in their candidates: the next calls sort at once (no topk, no wait for
+    the device), then the candidates are tried again; the tokens kept are the same either way."""
+    from pagedllm.sample import sampler
+    calls = []
+    candidates = sampler._top_p_of_candidates
+    monkeypatch.setattr(sampler, "_top_p_of_candidates", lambda *a: calls.append(1) or candidates(*a))
+    monkeypatch.setattr(sampler, "_top_p_sorts_left", 0)
+    vocab, p = 4 * _CANDIDATES_MAX_K, torch.tensor([0.9, 0.5])
+    flat = random_logits(2, vocab, seed=14) * 0.01
+    expected = [ref_top_p(r, set(range(vocab)), pp) for r, pp in zip(flat, p.tolist())]
+    for _ in range(sampler._TOP_P_SORTS_AFTER_A_MISS + 1):
+        assert kept(apply_top_k_top_p(flat.clone(), None, p, None)) == expected
+    assert len(calls) == 1
+    peaked = flat * 800
+    assert kept(apply_top_k_top_p(peaked.clone(), None, p, None)) == [ref_top_p(r, set(range(vocab)), pp)
+                                                                       for r, pp in zip(peaked, p.tolist())]
+    assert len(calls) == 2 and sampler._top_p_sorts_left == 0
 
 
 def test_top_p_candidates_keep_ties_with_the_last_kept_value():
