@@ -62,8 +62,8 @@ class AsyncLLM:
         first token and the finish at once); 1: one output per step.
         core: a client of a core process started already (by server/launch.py before the server's imports, or
         one of several API processes' in server/api_servers.py; default: start one); it is shut down with this
-        engine, or if this constructor fails. shared_waiting: with several, the multiprocessing.Value of sequences waiting in all
-        of them, which max_waiting_queue_length bounds."""
+        engine, or if this constructor fails. shared_waiting: with several, the multiprocessing.Value of
+        sequences waiting in all of them, which max_waiting_queue_length bounds."""
         self.core = core
         try:
             model = resolve_model(config)   # the config's errors, before a process starts (no CUDA context here)
