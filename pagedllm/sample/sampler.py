@@ -158,13 +158,13 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Ten
     if p is None:
         return logits if k is None else apply_top_k_only(logits, k, max_k)
     if k is not None and bounded and max_k <= _CANDIDATES_MAX_K and max_k < logits.shape[-1]:
-        return _top_p_of_top_k(logits, k, p, max_k)
+        return _top_p_of_candidates(logits, k, p, max_k)
     if k is None and 0 < _CANDIDATES_MAX_K < logits.shape[-1]:
         global _top_p_sorts_left
         if _top_p_sorts_left > 0:
             _top_p_sorts_left -= 1
         else:
-            masked = _top_p_of_candidates(logits, p, _CANDIDATES_MAX_K)
+            masked = _top_p_of_candidates(logits, None, p, _CANDIDATES_MAX_K)
             if masked is not None:
                 return masked
             _top_p_sorts_left = _TOP_P_SORTS_AFTER_A_MISS
@@ -184,39 +184,40 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Ten
     return logits_sort.scatter(dim=-1, index=logits_idx, src=logits_sort)
 
 
-def _top_p_of_top_k(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor, max_k: int) -> torch.Tensor:
-    """In place. Top-k, then top-p, from each row's max_k best values instead of a sort of the vocabulary
-    (Qwen3's defaults, top_k 20 and top_p 0.95, took a full sort of 300 x 151,936 logits a step). What stays
-    is every token at or above a threshold found among those candidates; the tokens tied with the k-th value
-    beyond them only add to top-p's total."""
-    vals = logits.topk(max_k, dim=-1).values                              # (N, K), descending
-    k = torch.where(k > 0, k, max_k)
-    kth = vals.gather(1, (k - 1).unsqueeze(1))                            # (N, 1)
-    in_k = vals >= kth
-    top = vals[:, :1]
-    w = torch.exp(vals - top) * in_k                                      # unnormalised probabilities
-    beyond = (logits >= kth).sum(dim=-1, keepdim=True) - in_k.sum(dim=-1, keepdim=True)
-    total = w.sum(dim=-1, keepdim=True) + beyond * torch.exp(kth - top)
-    above = (w.cumsum(dim=-1) - w) / total                                # mass of the better candidates
-    keep = in_k & (above < p.unsqueeze(1))
-    threshold = torch.where(keep, vals, float("inf")).amin(dim=-1, keepdim=True)
-    return logits.masked_fill_(logits < threshold, -float("inf"))
-
-
-def _top_p_of_candidates(logits: torch.Tensor, p: torch.Tensor, num: int) -> torch.Tensor | None:
-    """In place. Top-p alone (Llama 3's default, top_p 0.9) from each row's `num` best values, when they hold
-    the set: every row's candidates reach p of the whole distribution (or its p is 1: nothing dropped).
-    Otherwise None, logits untouched: a flat distribution (dummy weights) needs the sort. Ties with the last
-    kept value stay, as on the top-k path. Knowing which waits for the device (see _TOP_P_SORTS_AFTER_A_MISS)."""
+def _top_p_of_candidates(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor, num: int
+                         ) -> torch.Tensor | None:
+    """In place. Top-k, then top-p, from each row's `num` best values instead of a sort of the vocabulary (Qwen3's
+    defaults, top_k 20 and top_p 0.95, took a full sort of 300 x 151,936 logits a step). What stays is every token
+    at or above a threshold found among the candidates; tokens tied with it beyond them stay too.
+    k: every sampled row's k <= num (k <= 0: num, greedy rows, whose draws are discarded); the tokens tied with
+    the k-th value beyond the candidates add to top-p's total. None: top-p alone (Llama 3's default, top_p 0.9),
+    against the whole row's mass, which the candidates must reach in every row (or its p is 1: nothing dropped);
+    when they do not (flat rows: dummy weights), None and the logits untouched. Knowing that waits for the device
+    (see _TOP_P_SORTS_AFTER_A_MISS)."""
     vals = logits.topk(num, dim=-1).values                                # (N, num), descending
-    probs = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
-    cum = probs.cumsum(dim=-1)
-    everything = p.unsqueeze(1) >= 1
-    if not ((cum[:, -1:] >= p.unsqueeze(1)) | everything).all():          # waits for the device: one bool
-        return None
-    keep = (cum - probs < p.unsqueeze(1)) | everything                    # the better candidates' mass < p
+    top = vals[:, :1]
+    w = torch.exp(vals - top)                                             # unnormalised probabilities
+    p = p.unsqueeze(1)
+    everything = None
+    if k is not None:
+        kth = vals.gather(1, (torch.where(k > 0, k, num) - 1).unsqueeze(1))
+        in_k = vals >= kth
+        w = w * in_k
+        beyond = (logits >= kth).sum(dim=-1, keepdim=True) - in_k.sum(dim=-1, keepdim=True)
+        total = w.sum(dim=-1, keepdim=True) + beyond * torch.exp(kth - top)
+    else:
+        total = torch.exp(torch.logsumexp(logits, dim=-1, keepdim=True) - top)
+    cum = w.cumsum(dim=-1)
+    if k is None:
+        everything = p >= 1
+        if not ((cum[:, -1:] / total >= p) | everything).all():            # waits for the device: one bool
+            return None
+    keep = (cum - w) / total < p                                          # the better candidates' mass < p
+    if k is not None:
+        keep &= in_k
     threshold = torch.where(keep, vals, float("inf")).amin(dim=-1, keepdim=True)
-    threshold.masked_fill_(everything, -float("inf"))
+    if everything is not None:
+        threshold.masked_fill_(everything, -float("inf"))
     return logits.masked_fill_(logits < threshold, -float("inf"))
 
 

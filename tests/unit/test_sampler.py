@@ -132,7 +132,7 @@ def test_top_p_alone_from_candidates_matches_reference(monkeypatch):
     vocab = 4 * _CANDIDATES_MAX_K
     logits = random_logits(len(TOP_P), vocab, seed=11) * 4
     p = torch.tensor(TOP_P)
-    masked = _top_p_of_candidates(logits.clone(), p, _CANDIDATES_MAX_K)
+    masked = _top_p_of_candidates(logits.clone(), None, p, _CANDIDATES_MAX_K)
     assert masked is not None   # the candidates held every row's set: this path, not the sort
     expected = [ref_top_p(r, set(range(vocab)), pp) for r, pp in zip(logits, TOP_P)]
     assert kept(masked) == expected
@@ -145,9 +145,9 @@ def test_top_p_candidates_that_miss_p_leave_the_row_to_the_sort():
     logits = random_logits(3, seed=12) * 0.01
     p = torch.tensor([0.9, 0.5, 1.0])
     original = logits.clone()
-    assert _top_p_of_candidates(logits, p, 8) is None and torch.equal(logits, original)
+    assert _top_p_of_candidates(logits, None, p, 8) is None and torch.equal(logits, original)
     peaked = random_logits(3, seed=13) * 8
-    masked = _top_p_of_candidates(peaked.clone(), torch.tensor([0.5, 0.3, 1.0]), 8)
+    masked = _top_p_of_candidates(peaked.clone(), None, torch.tensor([0.5, 0.3, 1.0]), 8)
     assert masked is not None
     assert kept(masked) == [ref_top_p(r, set(range(V)), pp) for r, pp in zip(peaked, [0.5, 0.3, 1.0])]
 
@@ -176,7 +176,7 @@ def test_top_p_candidates_keep_ties_with_the_last_kept_value():
     row = torch.full((V,), -5.0)
     row[7] = 3.0
     row[[3, 10, 20]] = 2.0   # the top token holds 0.47 < 0.5: one of these is needed, and all three stay
-    masked = _top_p_of_candidates(row.unsqueeze(0).clone(), torch.tensor([0.5]), 2)
+    masked = _top_p_of_candidates(row.unsqueeze(0).clone(), None, torch.tensor([0.5]), 2)
     assert kept(masked) == [{7, 3, 10, 20}]
 
 
