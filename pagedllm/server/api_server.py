@@ -25,7 +25,7 @@ from pagedllm.engine.core_process import freeze_gc
 from pagedllm.server.chat import create_chat_completion, render_chat
 from pagedllm.server.completions import create_completion
 from pagedllm.server.errors import APIError, error_response, install_error_handlers
-from pagedllm.server.launch import LoRAModulePath, check_serve_config
+from pagedllm.server.launch import LoRAModulePath, ServeChecks
 from pagedllm.server.lora import ServingLoRAs, lora_routes
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -163,14 +163,13 @@ def _api_key_check(api_key: str | None):
     return check
 
 
-def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, core=None, sock=None, index: int = 0,
-                   shared_waiting=None, started: float | None = None):
-    """One API process: the app over an AsyncLLM, until a stop signal or the core's death. `core`: its client of
-    the core process (launch.py starts it first; default: start one). With several (api_servers.py): `sock` the
-    port they all listen on, `index` which one it is (the first logs what they would all log), `shared_waiting`
-    their waiting count. `started`: time.monotonic() when `pagedllm serve` began (its start-up is logged)."""
+def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, checks: ServeChecks, core,
+                   sock=None, index: int = 0, shared_waiting=None):
+    """One API process: the app over an AsyncLLM, until a stop signal or the core's death. checks: what
+    launch.serve read before any process started; core: this process's client of the core process (launch.py
+    starts it first). With several (api_servers.py): `sock` the port they all listen on, `index` which one it
+    is (the first logs what they would all log), `shared_waiting` their waiting count."""
     import uvicorn
-    chat_template, lora_modules = check_serve_config(engine_config, server_config)   # before the model loads
 
     class Server(uvicorn.Server):
         core_died = False
@@ -193,19 +192,19 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, cor
                       step_timeout=server_config.engine_step_timeout,
                       on_dead=lambda: server.on_core_death(), stream_interval=server_config.stream_interval,
                       core=core, shared_waiting=shared_waiting)
-    ctx = ServingContext(engine, metrics.model_name, chat_template, server_config.tool_call_parser,
+    ctx = ServingContext(engine, metrics.model_name, checks.chat_template, server_config.tool_call_parser,
                          server_config.enable_auto_tool_choice)
     if engine_config.enable_lora:
         ctx.loras = ServingLoRAs(engine, ctx.model_name)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
-    app = build_app(ctx, metrics, server_config, api_key, lora_modules)
+    app = build_app(ctx, metrics, server_config, api_key, checks.lora_modules)
     if index == 0:
         scheme = "https" if server_config.ssl_certfile else "http"
         count = server_config.api_server_count
         logger.info("serving %s at %s://%s:%d%s (API key %s%s%s)", ctx.model_name, scheme, server_config.host,
                     server_config.port, server_config.root_path or "", "required" if api_key else "off",
                     f"; {count} API processes" if count > 1 else "",
-                    "" if started is None else f"; started in {time.monotonic() - started:.1f} s")
+                    f"; started in {time.monotonic() - checks.started:.1f} s")
     freeze_gc()
     gc.set_threshold(API_GC_THRESHOLD, 10, 10)
     server = Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,

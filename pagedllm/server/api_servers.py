@@ -32,13 +32,14 @@ from dataclasses import replace
 
 from pagedllm.config import EngineConfig, ServerConfig
 from pagedllm.engine.core_process import CoreClient, start_core
+from pagedllm.server.launch import ServeChecks
 from pagedllm.server.metrics import METRICS_DIR_ENV
 
 logger = logging.getLogger("pagedllm")
 STOP_SECONDS = 30   # for the API processes to stop after a signal (their grace and uvicorn's), then killed
 
 
-def serve_with_api_servers(engine_config: EngineConfig, server_config: ServerConfig, started: float):
+def serve_with_api_servers(engine_config: EngineConfig, server_config: ServerConfig, checks: ServeChecks):
     n = server_config.api_server_count
     metrics_dir, own_dir = _metrics_dir()
     sock = _listen(server_config.host, server_config.port)
@@ -50,8 +51,8 @@ def serve_with_api_servers(engine_config: EngineConfig, server_config: ServerCon
     try:
         for i, conn in enumerate(conns):
             worker = ctx.Process(target=_api_server_main, name=f"pagedllm-api-server-{i}",
-                                 args=(engine_config, server_config, conn, sock, i, shared_waiting,
-                                       logging.getLogger("pagedllm").getEffectiveLevel(), started))
+                                 args=(engine_config, server_config, checks, conn, sock, i, shared_waiting,
+                                       logging.getLogger("pagedllm").getEffectiveLevel()))
             worker.start()
             conn.close()   # the worker holds it: its exit is the core's EOF on that pipe
             workers.append(worker)
@@ -92,14 +93,14 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _api_server_main(config: EngineConfig, server_config: ServerConfig, conn, sock: socket.socket, index: int,
-                     shared_waiting, log_level: int, started: float):
+def _api_server_main(config: EngineConfig, server_config: ServerConfig, checks: ServeChecks, conn,
+                     sock: socket.socket, index: int, shared_waiting, log_level: int):
     """An API process's main (spawned)."""
     logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s (API {index}): %(message)s")
     from pagedllm.server.api_server import run_api_server
     try:
-        run_api_server(config, server_config, CoreClient.connect(conn, log_ready=index == 0), sock, index,
-                       shared_waiting, started)
+        run_api_server(config, server_config, checks, CoreClient.connect(conn, log_ready=index == 0), sock, index,
+                       shared_waiting)
     except (ValueError, FileNotFoundError, RuntimeError) as e:   # the core failed to start: said once
         if index == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -17,24 +17,31 @@ from pathlib import Path
 from pagedllm.config import EngineConfig, ServerConfig
 
 
+@dataclass(frozen=True)
+class ServeChecks:
+    """What serve() read and checked before any process started, handed to each API process."""
+    chat_template: str | None              # --chat-template's text
+    lora_modules: "list[LoRAModulePath]"   # --lora-modules, parsed
+    started: float                         # time.monotonic() when `pagedllm serve` began (the start-up is logged)
+
+
 def serve(engine_config: EngineConfig, server_config: ServerConfig):
-    started = time.monotonic()
-    check_serve_config(engine_config, server_config)   # before any process starts (the API process checks again)
+    checks = check_serve_config(engine_config, server_config, time.monotonic())   # before any process starts
     if server_config.api_server_count > 1:
         from pagedllm.server.api_servers import serve_with_api_servers
-        serve_with_api_servers(engine_config, server_config, started)
+        serve_with_api_servers(engine_config, server_config, checks)
         return
     from pagedllm.engine.core_process import CoreClient
     core = CoreClient(engine_config)   # loads the model while this process imports the server
     try:
         from pagedllm.server.api_server import run_api_server
-        run_api_server(engine_config, server_config, core=core, started=started)
+        run_api_server(engine_config, server_config, checks, core)
     finally:
         core.shutdown()   # done already unless the server failed before its engine took the core
 
 
-def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig) -> tuple[str | None, list]:
-    """The server's own errors, found before a process starts: (the chat template, the --lora-modules)."""
+def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig, started: float) -> ServeChecks:
+    """The server's own errors, found before a process starts; what it read on the way."""
     if engine_config.skip_tokenizer_init:
         raise ValueError("skip_tokenizer_init: pagedllm serve needs a tokenizer (text prompts, chat, /tokenize); "
                          "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
@@ -49,7 +56,7 @@ def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig)
         raise ValueError(f"{RUNTIME_UPDATING_ENV} is set, but loading adapters at run time needs --api-server-count "
                          f"1, not {n} (each API process would know only the adapters loaded through it); serve "
                          f"adapters with --lora-modules instead")
-    return chat_template, lora_modules
+    return ServeChecks(chat_template, lora_modules, started)
 
 
 def _read_chat_template(value: str | None) -> str | None:
