@@ -31,7 +31,8 @@ def run_fake_core(config, conns, log_level: int):
     clients = core_process._Clients(conns)   # one pipe per API process
     clients.send_all(("ready", 100_000, {"model": config.model, "device": "fake", "dtype": "none",
                                          "load_seconds": 0.0, "num_blocks": 100_000, "block_size": 16,
-                                         "capture_seconds": None, "startup_seconds": 0.0}))
+                                         "capture_seconds": None, "startup_seconds": 0.0},
+                      config.with_batch_defaults(False, serving=True)))   # the config it runs, as a core sends
     pulse = core_process._Pulse(clients)
     core = _FakeCore()
     next_step = time.perf_counter()
