@@ -50,6 +50,7 @@ class IncrementalDetokenizer:
         self._ids, self._read_offset = [], 0
         self._deferred = deferred and not self.stop
         self._pending: list[int] = []   # deferred ids not decoded yet
+        self.tokens_to_stop: int | None = None   # see update()
         if not self.enabled:   # the tokenizer is not touched (skip_tokenizer_init: there is none)
             return
         self._vocab_size = len(tokenizer)
@@ -77,7 +78,10 @@ class IncrementalDetokenizer:
         """Append newly generated ids; returns the stop string that matched (and trims output_text), or None.
         num_output_tokens counts output tokens including these; a stop string must end in text of a token
         numbered >= min_tokens. stop_terminated: the last id is the EOS / stop token id that ended the request;
-        like vLLM, its text is left out unless include_stop_str_in_output."""
+        like vLLM, its text is left out unless include_stop_str_in_output. When a stop string matched,
+        `tokens_to_stop` is how many of these ids the sequence keeps: up to the one whose text completed it
+        (several ids come at once from speculative decoding; the ids after it were never output one by one)."""
+        self.tokens_to_stop = None
         if not self.enabled or not new_token_ids:
             return None
         num_before = num_output_tokens - len(new_token_ids)
@@ -86,15 +90,20 @@ class IncrementalDetokenizer:
         if self._deferred:
             self._pending += new_token_ids
             return None
-        pieces, length, check_from = [], len(self.output_text), len(self.output_text)
+        pieces, ends, check_from = [], [], len(self.output_text)
         for i, token_id in enumerate(new_token_ids):
             piece = self._decode_next(token_id)
             pieces.append(piece)
-            length += len(piece)
+            ends.append((ends[-1] if ends else len(self.output_text)) + len(piece))
             if num_before + i + 1 < self.min_tokens:
-                check_from = length  # text of tokens before min_tokens may not end a stop string
+                check_from = ends[-1]  # text of tokens before min_tokens may not end a stop string
         self.output_text += "".join(pieces)
-        return self._check_stop_strings(check_from) if self.stop else None
+        match = self._check_stop_strings(check_from) if self.stop else None
+        if match is None:
+            return None
+        stop, end = match
+        self.tokens_to_stop = next(i + 1 for i, e in enumerate(ends) if e >= end)
+        return stop
 
     def get_next_output_text(self, finished: bool, delta: bool) -> str:
         """Full text (delta=False) or the text not yet returned (delta=True). Until finished, the last
@@ -141,10 +150,10 @@ class IncrementalDetokenizer:
             text = self._single_texts[token_id] = self._decode([token_id])
         return text
 
-    def _check_stop_strings(self, check_from: int) -> str | None:
+    def _check_stop_strings(self, check_from: int) -> tuple[str, int] | None:
         """Search only text after check_from, plus len(stop) - 1 chars before it for a stop string that
         straddles the boundary. Of several matches the one that ends first wins: it would have been found
-        first had the tokens come one at a time."""
+        first had the tokens come one at a time. Returns it and where it ended in the untrimmed text."""
         best = None  # (end, start, stop)
         for stop in self.stop:
             start = self.output_text.find(stop, max(check_from - len(stop) + 1, 0))
@@ -154,4 +163,4 @@ class IncrementalDetokenizer:
             return None
         end, start, stop = best
         self.output_text = self.output_text[:end if self.include_stop_str_in_output else start]
-        return stop
+        return stop, end

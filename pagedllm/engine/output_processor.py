@@ -151,23 +151,27 @@ class OutputProcessor:
         if out.prompt_logprobs is not None:
             parent.prompt_logprobs = [None] + [self._position(p) for p in out.prompt_logprobs]
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
-        if out.new_token_ids:
+        new, logprobs = out.new_token_ids, out.logprobs
+        # An EOS or stop token id that ended the sequence is not part of its text.
+        stop_str = (seq.detokenizer.update(new, len(seq.token_ids) + len(new), out.finish_reason == "stop")
+                    if new else None)
+        if stop_str is not None:   # the ids after the one that completed it are not output (speculation)
+            keep = seq.detokenizer.tokens_to_stop
+            new, logprobs = new[:keep], logprobs and logprobs[:keep]
+        if new:
             if parent.metrics.first_token_time is None:
                 parent.metrics.first_token_time = now
             parent.metrics.last_token_time = now
-            seq.token_ids.extend(out.new_token_ids)
-            if out.logprobs is not None and seq.cumulative_logprob is not None:
-                for position in out.logprobs:
+            seq.token_ids.extend(new)
+            if logprobs is not None and seq.cumulative_logprob is not None:
+                for position in logprobs:
                     seq.cumulative_logprob += position.logprobs[0]
                     if seq.logprobs is not None:
                         seq.logprobs.append(self._position(position))
-        # An EOS or stop token id that ended the sequence is not part of its text.
-        stop_str = (seq.detokenizer.update(out.new_token_ids, len(seq.token_ids), out.finish_reason == "stop")
-                    if out.new_token_ids else None)
         seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
-        if stop_str is not None and out.finish_reason is None:
+        if stop_str is not None:   # as vLLM: also where the core ended it by length in the same step
             seq.finish_reason, seq.stop_reason = "stop", stop_str
-            return True
+            return out.finish_reason is None
         return False
 
     def _position(self, lp: TokenLogprobs) -> PositionLogprobs:

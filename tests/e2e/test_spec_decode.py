@@ -153,17 +153,24 @@ def test_stop_strings_and_structured_rows_on_the_demo_model():
     plain_llm = LLM(dtype="float32", log_stats_interval=0)
     free = plain_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=60), use_tqdm=False)
     stops = [o.outputs[0].text[20:24] for o in free]   # a stop string inside each greedy answer
-    params = [SamplingParams(temperature=0, max_tokens=60, stop=[s]) for s in stops]
+    params = [SamplingParams(temperature=0, max_tokens=60, stop=[s], logprobs=1) for s in stops]
+    cut = plain_llm.generate(prompts, params, use_tqdm=False)
+    # max_tokens one past the stop string: a speculative step that accepts both ends by length in the core,
+    # the stop string must still win (the token after it was never output one at a time)
+    params += [SamplingParams(temperature=0, max_tokens=len(o.outputs[0].token_ids) + 1, stop=[s])
+               for o, s in zip(cut, stops)]
     params.append(SamplingParams(temperature=0, max_tokens=30, structured_outputs={"regex": regex}))
-    prompts = prompts + ["One day"]
+    prompts = prompts * 2 + ["One day"]
     expected = plain_llm.generate(prompts, params, use_tqdm=False)
     for cfg in (NGRAM, draft(DEMO_MODEL)):
         llm = LLM(dtype="float32", log_stats_interval=0, speculative_config=cfg)
         got = llm.generate(prompts, params, use_tqdm=False)
         for a, b in zip(expected, got):
-            assert (a.outputs[0].text, a.outputs[0].finish_reason, a.outputs[0].stop_reason) == \
-                (b.outputs[0].text, b.outputs[0].finish_reason, b.outputs[0].stop_reason)
-        assert all(o.outputs[0].stop_reason == s for o, s in zip(got, stops))
+            a, b = a.outputs[0], b.outputs[0]
+            assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == \
+                (b.token_ids, b.text, b.finish_reason, b.stop_reason)
+            assert (a.logprobs is None and b.logprobs is None) or len(a.logprobs) == len(b.logprobs)
+        assert all(o.outputs[0].stop_reason == s for o, s in zip(got, stops * 2))
         assert re.fullmatch(regex, got[-1].outputs[0].text)
         assert llm.engine.get_stats().spec_decode.num_accepted_tokens > 0
 
