@@ -53,6 +53,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.error: str | None = None    # FINISHED_ERROR inside a step: why
+        self.bad_request = False         # ... and the request's own fields caused it (a 400, not a 500)
         self.cache_salt = cache_salt     # in the first block's extra keys: only equal salts share blocks
         self.lora_request = lora_request   # LoRARequest or None (the base model)
         self.lora_int_id = lora_request.lora_int_id if lora_request is not None else 0

@@ -14,6 +14,7 @@ num_output_placeholders until update_from_output appends it: a decode request's 
 placeholder's position, whose input id the runner takes from the device (see runner/input_batch.py). A
 request whose in-flight tokens already reach max_tokens or max_model_len is not scheduled again.
 """
+import logging
 import time
 from collections import deque
 
@@ -24,6 +25,8 @@ from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, KVTrans
 from pagedllm.core.offload import NO_HIT, KVOffloadManager
 from pagedllm.metrics import SchedulerStats
 from pagedllm.request import Request, RequestStatus
+
+logger = logging.getLogger("pagedllm")
 
 
 
@@ -278,7 +281,7 @@ class Scheduler:
             logprobs = out.logprobs.get(req_id)
             outputs.append(EngineCoreOutput(req_id, new_ids, logprobs and logprobs[:len(new_ids)], prompt_logprobs,
                                             req.status.finish_reason, req.stop_reason,
-                                            max(req.num_cached_tokens, 0), req.error))
+                                            max(req.num_cached_tokens, 0), req.error, req.bad_request))
             if req.status.finished:
                 (self.running if was_running else self.waiting).remove(req)
                 self._free(req)
@@ -287,9 +290,12 @@ class Scheduler:
     def _check_stop(self, req: Request, token: int):
         params = req.sampling_params
         if req.grammar is not None and not req.grammar.accept(token):
-            # Sampled under its bitmask, a token is always accepted: this would be an engine bug.
+            # Sampled under its bitmask, a token is accepted unless the row's other masks left it no token.
             req.status = RequestStatus.FINISHED_ERROR
-            req.error = f"token {token} was sampled against the request's grammar"
+            req.error = _grammar_conflict(params)
+            req.bad_request = req.error is not None
+            req.error = req.error or f"token {token} was sampled against the request's grammar (an engine bug)"
+            logger.warning("request %s failed: %s", req.request_id, req.error)
         elif req.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
             req.status = RequestStatus.FINISHED_STOPPED
             req.stop_reason = token if token in params.stop_token_ids else None
@@ -318,3 +324,15 @@ class Scheduler:
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
             peak_blocks=self.kv_peak.peak_blocks, peak_running=self.kv_peak.peak_running,
             kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats())
+
+
+def _grammar_conflict(params) -> str | None:
+    """Why a token was sampled against a request's grammar, where its own fields explain it: with the stop
+    tokens banned (min_tokens), or only some tokens allowed or some banned, a row can be left with no token
+    its constraint allows (a `choice` shorter than min_tokens: only the end may follow it). None: none is set."""
+    fields = [name for name, on in (("min_tokens", params.min_tokens > 0), ("allowed_token_ids",
+              params.allowed_token_ids is not None), ("bad_words", bool(params.bad_words))) if on]
+    if not fields:
+        return None
+    return (f"structured_outputs and {', '.join(fields)} left no token to sample: every token the constraint "
+            f"allowed next was excluded")

@@ -93,3 +93,20 @@ def test_compile_past_its_time_limit_fails_that_request_alone(monkeypatch):
     future.result(timeout=30)
     again = llm.generate(PROMPTS[:1], _params(0), use_tqdm=False)[0].outputs[0]
     assert again.finish_reason == "stop" and re.fullmatch(REGEX, again.text)
+
+
+def test_fields_that_leave_no_token_fail_the_request_alone(llm, caplog):
+    """min_tokens past the end of a choice, or allowed_token_ids that miss every token the constraint allows:
+    the request fails with an error naming the fields (the log says it), its neighbours run on."""
+    plain = SamplingParams(temperature=0.0, max_tokens=12)
+    choice = {"choice": ["yes", "no"]}
+    bad = [SamplingParams(temperature=0.0, max_tokens=12, min_tokens=8, structured_outputs=choice),
+           SamplingParams(temperature=0.0, max_tokens=12, allowed_token_ids=[5, 6], structured_outputs=choice)]
+    with caplog.at_level("WARNING", logger="pagedllm"):
+        outs = llm.generate(PROMPTS[:3], [bad[0], plain, bad[1]], use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outs] == ["error", "length", "error"]
+    assert outs[1].outputs[0].text == llm.generate(PROMPTS[1:2], plain, use_tqdm=False)[0].outputs[0].text
+    assert "structured_outputs and min_tokens left no token" in caplog.text
+    assert "structured_outputs and allowed_token_ids left no token" in caplog.text
+    stats = llm.engine.get_stats()
+    assert stats.num_blocks_free == stats.num_blocks_total

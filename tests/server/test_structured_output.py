@@ -109,6 +109,15 @@ def test_bad_constraints_are_400_naming_the_field(client, server, body, param, s
     assert ok.choices[0].message.content in ("a", "b")
 
 
+def test_min_tokens_past_the_constraints_end_is_a_400_naming_both(client, server):
+    """A choice ends after a token or two, min_tokens forbids the end before 8: no token is left to sample."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(messages=MESSAGES, extra_body={"guided_choice": ["a", "b"], "min_tokens": 8},
+                                       **KW)
+    assert e.value.body["param"] == "guided_choice" and "min_tokens" in e.value.body["message"], e.value.body
+    wait_all_blocks_free(server)
+
+
 def test_a_compile_past_its_time_limit_is_a_400_while_other_requests_stream(tiny_model_dirs, tmp_path):
     """A 50 ms compile limit and schemas that take ~0.3 s to compile: the engine fails them, each comes back as a
     400 naming the field sent (streamed: before the status line), and a plain stream sent with them runs to the
