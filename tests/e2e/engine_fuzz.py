@@ -1,0 +1,250 @@
+"""A differential fuzz of the engine: random engine configurations (small KV caches that preempt, chunked prefill,
+prefix caching, swap and offload, CPU tier, speculative decoding, LoRA, fp8 KV and weights) run random request
+mixes (shared prefixes, n > 1, seeds, stop ids and strings, logprobs and prompt logprobs, min_tokens,
+penalties, logit bias, bad words, allowed ids, structured output), and every request's output must equal that
+of a plain engine (a cache that never preempts, no chunking, no prefix cache, no speculation; the same LoRA
+and fp8 settings) on the same requests. Float32 on CPU, tiny random models whose logits have clear margins.
+
+    python tests/e2e/engine_fuzz.py --trials 200 [--seed 0]       (a long run; tests/e2e/test_engine_fuzz.py
+                                                                   runs a few trials in the suite)
+"""
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pagedllm import LLM, SamplingParams
+
+LOGPROB_TOL = 1e-4
+MAX_LEN = 512
+
+
+@dataclasses.dataclass
+class Trial:
+    config: dict
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    loras: list[str | None]       # adapter name a request, or None (the base)
+    arrivals: list[int] | None = None   # the step each request is added at (None: all at once, LLM.generate)
+    aborts: dict[int, int] = dataclasses.field(default_factory=dict)   # request -> the step it is aborted at
+
+
+def random_trial(rng: np.random.Generator, models: dict) -> Trial:
+    """One configuration and a request mix. models: {"base", "other" (a draft of another model), "loras":
+    {name: LoRARequest}} for the base model."""
+    spec = rng.choice(["none", "none", "ngram", "draft_self", "draft_other"])
+    lora = bool(models.get("loras")) and spec == "none" and rng.random() < 0.35
+    block_size = int(rng.choice([4, 8, 16]))
+    mode = str(rng.choice(["recompute", "recompute", "swap", "offload"]))
+    config = dict(block_size=block_size, max_num_seqs=int(rng.choice([2, 3, 8, 32])),
+                  enable_prefix_caching=bool(rng.random() < 0.7), preemption_mode=mode)
+    if rng.random() < 0.6:
+        config["max_num_batched_tokens"] = int(rng.choice([16, 24, 48, 100]))
+    if mode == "offload":   # the disk tier is written through the CPU tier
+        config["kv_disk_dir"] = "<tmp>"
+    if mode == "offload" or rng.random() < 0.3:
+        config["cpu_offload_gb"] = 0.01
+    if spec == "ngram":
+        config["speculative_config"] = {"method": "ngram", "num_speculative_tokens": int(rng.integers(1, 5)),
+                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    elif spec.startswith("draft"):
+        config["speculative_config"] = {"method": "draft_model", "num_speculative_tokens": int(rng.integers(1, 5)),
+                                        "model": models["base"] if spec == "draft_self" else models["other"]}
+    if lora:
+        config.update(enable_lora=True, max_loras=int(rng.integers(1, 3)), max_lora_rank=16)
+    if rng.random() < 0.2:
+        config["kv_cache_dtype"] = "fp8"
+    if not lora and rng.random() < 0.15:
+        config["quantization"] = "fp8"
+
+    num = int(rng.integers(1, 13))
+    shared = [rng.integers(3, 512, size=int(rng.integers(8, 60))).tolist() for _ in range(2)]
+    prompts, params, loras = [], [], []
+    sampled_ok = spec == "none"   # speculation draws its randomness differently: greedy only there
+    for _ in range(num):
+        tail = rng.integers(3, 512, size=int(rng.integers(1, 40))).tolist()
+        prompt = (shared[int(rng.integers(2))] + tail) if rng.random() < 0.5 else \
+            rng.integers(3, 512, size=int(rng.integers(1, 150))).tolist()
+        prompts.append(prompt)
+        kw = dict(max_tokens=int(rng.integers(1, 40)), logprobs=int(rng.choice([0, 0, 2])))
+        if rng.random() < 0.3:
+            kw["ignore_eos"] = True
+        if rng.random() < 0.2:
+            kw["stop_token_ids"] = rng.integers(3, 512, size=3).tolist()
+        if rng.random() < 0.15:
+            kw["min_tokens"] = min(kw["max_tokens"], int(rng.integers(1, 10)))
+        if rng.random() < 0.15:
+            kw["prompt_logprobs"] = int(rng.choice([0, 3]))
+        if rng.random() < 0.3:   # the fields that make a row's own logits processors
+            extra = rng.choice(["presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                                "bad_words", "allowed_token_ids", "stop", "structured"])
+            if extra in ("presence_penalty", "frequency_penalty"):
+                kw[extra] = float(rng.choice([-1.0, 0.5, 1.5]))
+            elif extra == "repetition_penalty":
+                kw[extra] = float(rng.choice([0.7, 1.3]))
+            elif extra == "logit_bias":
+                kw[extra] = {int(t): float(rng.choice([-5.0, 3.0])) for t in rng.integers(3, 512, size=4)}
+            elif extra == "bad_words":
+                kw[extra] = ["the", "and a"]
+            elif extra == "allowed_token_ids":
+                kw[extra] = rng.integers(3, 512, size=30).tolist()
+            elif extra == "stop":
+                kw[extra] = ["e", " the"]
+            else:
+                kw["structured_outputs"] = {"choice": ["yes", "no", "maybe so"]} if rng.random() < 0.5 else \
+                    {"regex": "[a-z]{2,8}( [a-z]{1,6}){0,3}"}
+        if sampled_ok and rng.random() < 0.35:
+            kw.update(temperature=0.8, top_p=float(rng.choice([1.0, 0.9])), seed=int(rng.integers(1 << 30)),
+                      n=min(int(rng.choice([1, 2, 3])), config["max_num_seqs"]))
+        else:
+            kw.update(temperature=0.0, n=min(int(rng.choice([1, 1, 1, 2])), config["max_num_seqs"]))
+        params.append(SamplingParams(**kw))
+        names = [None, *models["loras"]]
+        loras.append(names[int(rng.integers(len(names)))] if lora else None)
+    # the cache: 1-3 of the longest request's blocks beyond its need (preempts), or plenty
+    need = max(-(-(len(p) + s.max_tokens + 8) // block_size) for p, s in zip(prompts, params))
+    n_max = max(s.n for s in params)
+    if rng.random() < 0.6:
+        config["num_gpu_blocks_override"] = need * n_max + int(rng.integers(1, 4))
+    trial = Trial(config, prompts, params, loras)
+    if rng.random() < 0.5:   # requests come while others run, and some leave early
+        trial.arrivals = [int(rng.integers(0, 12)) for _ in prompts]
+        trial.aborts = {i: trial.arrivals[i] + int(rng.integers(0, 10)) for i in range(num) if rng.random() < 0.2}
+    return trial
+
+
+def run(model: str, trial: Trial, config: dict, models: dict, staggered: bool = False):
+    """Each request's output (None: aborted before it finished) and the engine's stats at the end."""
+    llm = LLM(model, dtype="float32", log_stats_interval=0, max_model_len=MAX_LEN, **config)
+    lora = [models["loras"][n] if n else None for n in trial.loras] if config.get("enable_lora") else None
+    if staggered and trial.arrivals is not None:
+        outs = _run_staggered(llm.engine, trial, lora or [None] * len(trial.prompts))
+    else:
+        outs = llm.generate(trial.prompts, trial.params, use_tqdm=False, lora_request=lora)
+    return outs, llm.engine.get_stats()
+
+
+def _run_staggered(engine, trial: Trial, loras: list) -> list:
+    from pagedllm.engine.output_processor import OutputKind
+    finished, step = {}, 0
+    while step <= max(trial.arrivals) or engine.has_unfinished_requests():
+        for i, at in enumerate(trial.arrivals):
+            if at == step:
+                engine.add_request(str(i), trial.prompts[i], trial.params[i], OutputKind.FINAL,
+                                   lora_request=loras[i])
+        aborted = [str(i) for i, at in trial.aborts.items() if at == step and str(i) not in finished]
+        if aborted:
+            engine.abort_request(aborted)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        step += 1
+    return [finished.get(str(i)) for i in range(len(trial.prompts))]
+
+
+def compare(trial: Trial, got, ref) -> list[str]:
+    """The differences, as text (empty: equal)."""
+    errors = []
+    for i, (g, r) in enumerate(zip(got, ref)):
+        if g is None:
+            if i not in trial.aborts:
+                errors.append(f"request {i}: no output")
+            continue
+        if len(g.outputs) != len(r.outputs):
+            errors.append(f"request {i}: {len(g.outputs)} sequences, reference {len(r.outputs)}")
+            continue
+        if g.outputs[0].finish_reason == r.outputs[0].finish_reason == "error":
+            continue   # failed in both (how far its siblings got before may differ)
+        # parallel greedy samples are identical; sampled ones come in order of their index
+        for j, (a, b) in enumerate(zip(g.outputs, r.outputs)):
+            where = f"request {i} seq {j} (lora {trial.loras[i]})"
+            if a.token_ids != b.token_ids or a.text != b.text:
+                errors.append(f"{where}: tokens {a.token_ids} != reference {b.token_ids}")
+            elif a.finish_reason != b.finish_reason:
+                errors.append(f"{where}: finish {a.finish_reason} != reference {b.finish_reason}")
+            elif trial.params[i].logprobs is not None:
+                for k, (pa, pb) in enumerate(zip(a.logprobs, b.logprobs)):
+                    if set(pa) != set(pb) or any(abs(pa[t].logprob - pb[t].logprob) > LOGPROB_TOL for t in pa):
+                        errors.append(f"{where}: logprobs differ at {k}: {pa} vs {pb}")
+                        break
+        if not _same_prompt_logprobs(g.prompt_logprobs, r.prompt_logprobs):
+            errors.append(f"request {i}: prompt logprobs differ")
+    return errors
+
+
+def _same_prompt_logprobs(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(
+        (x is None and y is None) or (x is not None and y is not None and set(x) == set(y)
+                                      and all(abs(x[t].logprob - y[t].logprob) <= LOGPROB_TOL for t in x))
+        for x, y in zip(a, b))
+
+
+def check_trial(trial: Trial, models: dict, tmp: Path) -> tuple[list[str], dict]:
+    config = dict(trial.config)
+    if config.get("kv_disk_dir") == "<tmp>":
+        config["kv_disk_dir"] = str(tmp / f"disk{time.monotonic_ns()}")
+    got, stats = run(models["base"], trial, config, models, staggered=True)
+    plain = {k: v for k, v in config.items()   # what changes the numbers stays
+             if k in ("enable_lora", "max_loras", "max_lora_rank", "kv_cache_dtype", "quantization")}
+    ref, _ = run(models["base"], trial, {**plain, "enable_prefix_caching": False, "max_num_seqs": 64}, models)
+    # fp8 (weights or KV) quantizes values that differ by a float32 ulp between batchings (MKL's GEMMs round
+    # by M): a flipped fp8 rounding moves logprobs by ~1e-3 and can change a token. There only the run's
+    # soundness is checked: every request answered, n sequences each, no block left.
+    fp8 = config.get("quantization") == "fp8" or config.get("kv_cache_dtype", "auto") != "auto"
+    errors = compare(trial, got, ref) if not fp8 else [
+        f"request {i}: {'no output' if g is None else 'sequences missing'}" for i, (g, r) in enumerate(zip(got, ref))
+        if (g is None and i not in trial.aborts) or (g is not None and len(g.outputs) != len(r.outputs))]
+    if stats.num_blocks_free != stats.num_blocks_total:
+        errors.append(f"blocks leaked: {stats.num_blocks_total - stats.num_blocks_free}")
+    info = {"preemptions": stats.num_preemptions, "prefix_hits": stats.prefix_cache_hits,
+            "staggered": trial.arrivals is not None, "aborted": len(trial.aborts)}
+    return errors, info
+
+
+def make_models(root: Path) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import make_tiny_model
+    from test_lora import make_adapter
+
+    from pagedllm.lora.request import LoRARequest
+    base = make_tiny_model(root / "base", arch="qwen3", seed=3)
+    other = make_tiny_model(root / "other", arch="llama", seed=0)
+    loras = {"a": LoRARequest("a", 1, make_adapter(base, root / "a", 0, r=8, lora_alpha=16,
+                                                   target_modules=["q_proj", "v_proj", "down_proj"])),
+             "b": LoRARequest("b", 2, make_adapter(base, root / "b", 1, r=4, lora_alpha=8,
+                                                   target_modules=["o_proj", "gate_proj", "up_proj", "k_proj"]))}
+    return {"base": base, "other": other, "loras": loras}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="store_true", help="each failing request's params in full")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        models = make_models(Path(d))
+        failed = 0
+        for t in range(args.seed, args.seed + args.trials):
+            trial = random_trial(np.random.default_rng(t), models)
+            start = time.perf_counter()
+            errors, info = check_trial(trial, models, Path(d))
+            print(f"trial {t}: {'FAIL' if errors else 'ok'} {time.perf_counter() - start:.1f} s {info} "
+                  f"{trial.config}", flush=True)
+            for e in errors[:5]:
+                print("   ", e if args.verbose else e[:400], flush=True)
+            if errors and args.verbose:
+                for i, (p, s) in enumerate(zip(trial.prompts, trial.params)):
+                    print(f"    request {i}: prompt of {len(p)}, {s}", flush=True)
+            failed += bool(errors)
+        print(f"{failed} of {args.trials} trials failed")
+
+
+if __name__ == "__main__":
+    main()
