@@ -118,6 +118,8 @@ class OutputProcessor:
             if entry is None:
                 continue
             parent, seq = entry
+            if seq.finish_reason is not None:
+                continue   # ended earlier in this batch (a sibling failed, or a stop string): nothing may follow
             if stats is not None:
                 _record_latencies(parent.metrics, out, now, stats)
             if self._update_sequence(parent, seq, out, now):
