@@ -1,9 +1,10 @@
 """A differential fuzz of the engine: random engine configurations (small KV caches that preempt, chunked prefill,
 prefix caching, swap and offload, CPU tier, speculative decoding, LoRA, fp8 KV and weights) run random request
-mixes (shared prefixes, n > 1, seeds, stop ids and strings, logprobs and prompt logprobs, min_tokens,
-penalties, logit bias, bad words, allowed ids, structured output), and every request's output must equal that
-of a plain engine (a cache that never preempts, no chunking, no prefix cache, no speculation; the same LoRA
-and fp8 settings) on the same requests. Float32 on CPU, tiny random models whose logits have clear margins.
+mixes (shared prefixes, n > 1, best_of, seeds, top-k / top-p / min-p, stop ids and strings, logprobs and
+prompt logprobs, min_tokens, truncated prompts, penalties, logit bias, bad words, allowed ids, structured
+output), added at once or step by step with some aborted, and every request's output must equal that of a
+plain engine (a cache that never preempts, no chunking, no prefix cache, no speculation; the same LoRA and
+fp8 settings) on the same requests. Float32 on CPU, tiny random models whose logits have clear margins.
 
     python tests/e2e/engine_fuzz.py --trials 200 [--seed 0]       (a long run; tests/e2e/test_engine_fuzz.py
                                                                    runs a few trials in the suite)
@@ -97,9 +98,14 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
             else:
                 kw["structured_outputs"] = {"choice": ["yes", "no", "maybe so"]} if rng.random() < 0.5 else \
                     {"regex": "[a-z]{2,8}( [a-z]{1,6}){0,3}"}
+        if rng.random() < 0.1:
+            kw["truncate_prompt_tokens"] = int(rng.integers(1, 30))
         if sampled_ok and rng.random() < 0.35:
             kw.update(temperature=0.8, top_p=float(rng.choice([1.0, 0.9])), seed=int(rng.integers(1 << 30)),
+                      top_k=int(rng.choice([0, 0, 5, 50])), min_p=float(rng.choice([0.0, 0.0, 0.05])),
                       n=min(int(rng.choice([1, 2, 3])), config["max_num_seqs"]))
+            if kw["n"] < config["max_num_seqs"] and rng.random() < 0.2:
+                kw["best_of"] = kw["n"] + 1
         else:
             kw.update(temperature=0.0, n=min(int(rng.choice([1, 1, 1, 2])), config["max_num_seqs"]))
         params.append(SamplingParams(**kw))
@@ -121,29 +127,109 @@ def run(model: str, trial: Trial, config: dict, models: dict, staggered: bool = 
     """Each request's output (None: aborted before it finished) and the engine's stats at the end."""
     llm = LLM(model, dtype="float32", log_stats_interval=0, max_model_len=MAX_LEN, **config)
     lora = [models["loras"][n] if n else None for n in trial.loras] if config.get("enable_lora") else None
-    if staggered and trial.arrivals is not None:
-        outs = _run_staggered(llm.engine, trial, lora or [None] * len(trial.prompts))
-    else:
-        outs = llm.generate(trial.prompts, trial.params, use_tqdm=False, lora_request=lora)
-    return outs, llm.engine.get_stats()
+    try:
+        if staggered and trial.arrivals is not None:
+            outs = _run_staggered(llm.engine, trial, lora or [None] * len(trial.prompts))
+        else:
+            outs = llm.generate(trial.prompts, trial.params, use_tqdm=False, lora_request=lora)
+        return outs, llm.engine.get_stats()
+    finally:
+        llm.engine.shutdown()   # a GPU's memory goes back before the next engine sizes its cache
 
 
 def _run_staggered(engine, trial: Trial, loras: list) -> list:
+    """Requests added at their arrival steps, each streamed in one of the output kinds (DELTA: the pieces
+    joined must be the whole), some aborted."""
     from pagedllm.engine.output_processor import OutputKind
-    finished, step = {}, 0
+    kinds = [(OutputKind.FINAL, OutputKind.DELTA, OutputKind.CUMULATIVE)[i % 3] for i in range(len(trial.prompts))]
+    finished, joined, step = {}, {}, 0
     while step <= max(trial.arrivals) or engine.has_unfinished_requests():
         for i, at in enumerate(trial.arrivals):
             if at == step:
-                engine.add_request(str(i), trial.prompts[i], trial.params[i], OutputKind.FINAL,
-                                   lora_request=loras[i])
+                engine.add_request(str(i), trial.prompts[i], trial.params[i], kinds[i], lora_request=loras[i])
         aborted = [str(i) for i, at in trial.aborts.items() if at == step and str(i) not in finished]
         if aborted:
             engine.abort_request(aborted)
         for out in engine.step():
+            if kinds[int(out.request_id)] is OutputKind.DELTA:
+                out = _join(joined.setdefault(out.request_id, out), out)
             if out.finished:
                 finished[out.request_id] = out
         step += 1
     return [finished.get(str(i)) for i in range(len(trial.prompts))]
+
+
+def run_async(model: str, trial: Trial, config: dict, models: dict):
+    """The server's engine (AsyncLLM and its core process): each request a task that starts at its arrival
+    (x 5 ms), streams in its output kind, and leaves (an abort) at its abort step (x 5 ms) if still running.
+    A request the engine fails (an EngineGenerateError) counts as finish "error" on every sequence."""
+    import asyncio
+
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
+    from pagedllm.engine.output_processor import OutputKind
+    from pagedllm.outputs import CompletionOutput, RequestOutput
+    kinds = (OutputKind.FINAL, OutputKind.DELTA, OutputKind.CUMULATIVE)
+    arrivals = trial.arrivals or [0] * len(trial.prompts)
+    loras = [models["loras"][n] if n else None for n in trial.loras]
+
+    async def one(engine, i):
+        await asyncio.sleep(arrivals[i] * 0.005)
+        whole = None
+        try:
+            async for out in engine.generate(trial.prompts[i], trial.params[i], str(i), kinds[i % 3],
+                                             lora_request=loras[i]):
+                whole = _join(whole or out, out) if kinds[i % 3] is OutputKind.DELTA else out
+        except EngineGenerateError:
+            n = trial.params[i].n
+            return RequestOutput(str(i), None, trial.prompts[i], None,
+                                 [CompletionOutput(j, "", [], finish_reason="error") for j in range(n)], True, None)
+        return whole
+
+    async def leave(task, i):
+        await asyncio.sleep(trial.aborts[i] * 0.005)
+        task.cancel()
+
+    async def main():
+        engine = AsyncLLM(EngineConfig(model, dtype="float32", log_stats_interval=0, max_model_len=MAX_LEN,
+                                       **config))
+        try:
+            tasks = [asyncio.ensure_future(one(engine, i)) for i in range(len(trial.prompts))]
+            leaving = [asyncio.ensure_future(leave(tasks[i], i)) for i in trial.aborts]
+            outs = [None if isinstance(r, BaseException) else r
+                    for r in await asyncio.gather(*tasks, return_exceptions=True)]
+            await asyncio.gather(*leaving)
+            for _ in range(100):   # an abort reaches the core a moment after the task ends
+                stats = await engine.get_stats()
+                if stats.num_running == stats.num_waiting == 0:
+                    break
+                await asyncio.sleep(0.02)
+            return outs, stats
+        finally:
+            engine.shutdown()
+    return asyncio.run(main())
+
+
+def _join(whole, delta):
+    """Adds a DELTA output's pieces to the first output of its request (kept as the whole)."""
+    if whole is delta:
+        whole.outputs = [dataclasses.replace(c, token_ids=list(c.token_ids), logprobs=c.logprobs and list(c.logprobs))
+                         for c in delta.outputs]
+        return whole
+    seqs = {c.index: c for c in whole.outputs}
+    for c in delta.outputs:
+        if c.index not in seqs:   # a sequence with nothing in the first output
+            seqs[c.index] = dataclasses.replace(c, token_ids=[], text="", logprobs=None if c.logprobs is None else [])
+            whole.outputs.append(seqs[c.index])
+        w = seqs[c.index]
+        w.text += c.text
+        w.token_ids += c.token_ids
+        if c.logprobs is not None:
+            w.logprobs = (w.logprobs or []) + list(c.logprobs)
+        w.finish_reason, w.stop_reason, w.cumulative_logprob = c.finish_reason, c.stop_reason, c.cumulative_logprob
+    whole.outputs.sort(key=lambda c: c.index)
+    whole.finished = delta.finished
+    return whole
 
 
 def compare(trial: Trial, got, ref) -> list[str]:
@@ -185,13 +271,23 @@ def _same_prompt_logprobs(a, b) -> bool:
         for x, y in zip(a, b))
 
 
-def check_trial(trial: Trial, models: dict, tmp: Path) -> tuple[list[str], dict]:
-    config = dict(trial.config)
+def check_trial(trial: Trial, models: dict, tmp: Path, device: str = "cpu", use_async: bool = False
+                ) -> tuple[list[str], dict]:
+    """device cuda: both engines there, CUDA graphs on, each with a small fixed KV cache (the GPU is shared).
+    use_async: the engine under test is the server's (run_async)."""
+    config = dict(trial.config, device=device)
+    if device != "cpu" and "num_gpu_blocks_override" not in config:
+        config["kv_cache_memory"] = 64 << 20
     if config.get("kv_disk_dir") == "<tmp>":
         config["kv_disk_dir"] = str(tmp / f"disk{time.monotonic_ns()}")
-    got, stats = run(models["base"], trial, config, models, staggered=True)
+    if use_async:
+        got, stats = run_async(models["base"], trial, config, models)
+    else:
+        got, stats = run(models["base"], trial, config, models, staggered=True)
     plain = {k: v for k, v in config.items()   # what changes the numbers stays
-             if k in ("enable_lora", "max_loras", "max_lora_rank", "kv_cache_dtype", "quantization")}
+             if k in ("enable_lora", "max_loras", "max_lora_rank", "kv_cache_dtype", "quantization", "device")}
+    if device != "cpu":
+        plain["kv_cache_memory"] = 64 << 20
     ref, _ = run(models["base"], trial, {**plain, "enable_prefix_caching": False, "max_num_seqs": 64}, models)
     # fp8 (weights or KV) quantizes values that differ by a float32 ulp between batchings (MKL's GEMMs round
     # by M): a flipped fp8 rounding moves logprobs by ~1e-3 and can change a token. There only the run's
@@ -227,6 +323,9 @@ def main():
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true", help="each failing request's params in full")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--async", dest="use_async", action="store_true",
+                        help="the engine under test is the server's AsyncLLM with its core process")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
         models = make_models(Path(d))
@@ -234,7 +333,7 @@ def main():
         for t in range(args.seed, args.seed + args.trials):
             trial = random_trial(np.random.default_rng(t), models)
             start = time.perf_counter()
-            errors, info = check_trial(trial, models, Path(d))
+            errors, info = check_trial(trial, models, Path(d), args.device, args.use_async)
             print(f"trial {t}: {'FAIL' if errors else 'ok'} {time.perf_counter() - start:.1f} s {info} "
                   f"{trial.config}", flush=True)
             for e in errors[:5]:
