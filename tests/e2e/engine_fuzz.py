@@ -1,10 +1,11 @@
 """A differential fuzz of the engine: random engine configurations (small KV caches that preempt, chunked prefill,
-prefix caching, swap and offload, CPU tier, speculative decoding, LoRA, fp8 KV and weights) run random request
-mixes (shared prefixes, n > 1, best_of, seeds, top-k / top-p / min-p, stop ids and strings, logprobs and
-prompt logprobs, min_tokens, truncated prompts, penalties, logit bias, bad words, allowed ids, structured
-output), added at once or step by step with some aborted, and every request's output must equal that of a
-plain engine (a cache that never preempts, no chunking, no prefix cache, no speculation; the same LoRA and
-fp8 settings) on the same requests. Float32 on CPU, tiny random models whose logits have clear margins.
+prefix caching, swap and offload, CPU tier, speculative decoding, LoRA, fp8 KV and weights, two tensor-parallel
+ranks) run random request mixes (shared prefixes, n > 1, best_of, seeds, top-k / top-p / min-p, stop ids and
+strings, logprobs and prompt logprobs, min_tokens, truncated prompts, penalties, logit bias, bad words, allowed
+ids, structured output), added at once or step by step with some aborted, and every request's output must
+equal that of a plain engine (a cache that never preempts, no chunking, no prefix cache, no speculation, one
+rank; the same LoRA and fp8 settings) on the same requests. Float32 on CPU, tiny random models whose logits
+have clear margins.
 
     python tests/e2e/engine_fuzz.py --trials 200 [--seed 0]       (a long run; tests/e2e/test_engine_fuzz.py
                                                                    runs a few trials in the suite)
@@ -61,6 +62,9 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
         config["kv_cache_dtype"] = "fp8"
     if not lora and rng.random() < 0.15:
         config["quantization"] = "fp8"
+    if (spec == "none" and not lora and "quantization" not in config and "cpu_offload_gb" not in config
+            and mode == "recompute" and rng.random() < 0.6):
+        config["tensor_parallel_size"] = 2   # two worker processes (gloo); the plain engine is unsplit
 
     num = int(rng.integers(1, 13))
     shared = [rng.integers(3, 512, size=int(rng.integers(8, 60))).tolist() for _ in range(2)]
