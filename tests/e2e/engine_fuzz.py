@@ -2,10 +2,10 @@
 prefix caching, swap and offload, CPU tier, speculative decoding, LoRA, fp8 KV and weights, two tensor-parallel
 ranks) run random request mixes (shared prefixes, n > 1, best_of, seeds, top-k / top-p / min-p, stop ids and
 strings, logprobs and prompt logprobs, min_tokens, truncated prompts, penalties, logit bias, bad words, allowed
-ids, structured output), added at once or step by step with some aborted, and every request's output must
-equal that of a plain engine (a cache that never preempts, no chunking, no prefix cache, no speculation, one
-rank; the same LoRA and fp8 settings) on the same requests. Float32 on CPU, tiny random models whose logits
-have clear margins.
+ids, choice / regex / JSON constraints), added at once or step by step with some aborted, and every request's
+output must equal that of a plain engine (a cache that never preempts, no chunking, no prefix cache, no
+speculation, one rank; the same LoRA and fp8 settings) on the same requests. Float32 on CPU, tiny random models
+whose logits have clear margins.
 
     python tests/e2e/engine_fuzz.py --trials 200 [--seed 0]       (a long run; tests/e2e/test_engine_fuzz.py
                                                                    runs a few trials in the suite)
@@ -100,8 +100,10 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
             elif extra == "stop":
                 kw[extra] = ["e", " the"]
             else:
-                kw["structured_outputs"] = {"choice": ["yes", "no", "maybe so"]} if rng.random() < 0.5 else \
-                    {"regex": "[a-z]{2,8}( [a-z]{1,6}){0,3}"}
+                kw["structured_outputs"] = [
+                    {"choice": ["yes", "no", "maybe so"]}, {"regex": "[a-z]{2,8}( [a-z]{1,6}){0,3}"},
+                    {"json": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
+                              "required": ["a", "b"]}, "disable_any_whitespace": True}][int(rng.integers(3))]
         if rng.random() < 0.1:
             kw["truncate_prompt_tokens"] = int(rng.integers(1, 30))
         if sampled_ok and rng.random() < 0.35:
