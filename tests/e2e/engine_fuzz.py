@@ -2,8 +2,8 @@
 prefix caching, swap and offload, CPU tier, speculative decoding, LoRA, fp8 KV and weights, two tensor-parallel
 ranks) run random request mixes (shared prefixes, n > 1, best_of, seeds, top-k / top-p / min-p, stop ids and
 strings, logprobs and prompt logprobs, min_tokens, truncated prompts, penalties, logit bias, bad words, allowed
-ids, choice / regex / JSON constraints), added at once or step by step with some aborted, and every request's
-output must equal that of a plain engine (a cache that never preempts, no chunking, no prefix cache, no
+ids, choice / regex / JSON constraints; or a beam search), added at once or step by step with some aborted, and
+every request's output must equal that of a plain engine (a cache that never preempts, no chunking, no prefix cache, no
 speculation, one rank; the same LoRA and fp8 settings) on the same requests. Float32 on CPU, tiny random models
 whose logits have clear margins.
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.beam_search import BeamSearchParams
 
 LOGPROB_TOL = 1e-4
 MAX_LEN = 512
@@ -33,6 +34,7 @@ class Trial:
     loras: list[str | None]       # adapter name a request, or None (the base)
     arrivals: list[int] | None = None   # the step each request is added at (None: all at once, LLM.generate)
     aborts: dict[int, int] = dataclasses.field(default_factory=dict)   # request -> the step it is aborted at
+    beam: BeamSearchParams | None = None   # LLM.beam_search of the prompts instead of generate
 
 
 def random_trial(rng: np.random.Generator, models: dict) -> Trial:
@@ -123,6 +125,15 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
     if rng.random() < 0.6:
         config["num_gpu_blocks_override"] = need * n_max + int(rng.integers(1, 4))
     trial = Trial(config, prompts, params, loras)
+    if spec == "none" and not lora and rng.random() < 0.3:   # beams fork blocks (copy-on-write) every step
+        width = int(rng.integers(1, 5))
+        trial.beam = BeamSearchParams(beam_width=width, max_tokens=int(rng.integers(1, 20)),
+                                      ignore_eos=bool(rng.random() < 0.3),
+                                      length_penalty=float(rng.choice([1.0, 0.0, 2.0])))
+        if "num_gpu_blocks_override" in config:   # room for every beam's own last block, and forks
+            need = max(-(-(len(p) + trial.beam.max_tokens + 8) // block_size) for p in prompts)
+            config["num_gpu_blocks_override"] = need * (width + 1) + int(rng.integers(1, 4))
+        return trial
     if rng.random() < 0.5:   # requests come while others run, and some leave early
         trial.arrivals = [int(rng.integers(0, 12)) for _ in prompts]
         trial.aborts = {i: trial.arrivals[i] + int(rng.integers(0, 10)) for i in range(num) if rng.random() < 0.2}
@@ -134,6 +145,8 @@ def run(model: str, trial: Trial, config: dict, models: dict, staggered: bool = 
     llm = LLM(model, dtype="float32", log_stats_interval=0, max_model_len=MAX_LEN, **config)
     lora = [models["loras"][n] if n else None for n in trial.loras] if config.get("enable_lora") else None
     try:
+        if trial.beam is not None:
+            return llm.beam_search(trial.prompts, trial.beam), llm.engine.get_stats()
         if staggered and trial.arrivals is not None:
             outs = _run_staggered(llm.engine, trial, lora or [None] * len(trial.prompts))
         else:
@@ -240,6 +253,8 @@ def _join(whole, delta):
 
 def compare(trial: Trial, got, ref) -> list[str]:
     """The differences, as text (empty: equal)."""
+    if trial.beam is not None:
+        return _compare_beams(got, ref)
     errors = []
     for i, (g, r) in enumerate(zip(got, ref)):
         if g is None:
@@ -268,6 +283,18 @@ def compare(trial: Trial, got, ref) -> list[str]:
     return errors
 
 
+def _compare_beams(got, ref) -> list[str]:
+    errors = []
+    for i, (g, r) in enumerate(zip(got, ref)):
+        a = [(s.tokens, s.finish_reason, s.text) for s in g.sequences]
+        b = [(s.tokens, s.finish_reason, s.text) for s in r.sequences]
+        if a != b:
+            errors.append(f"prompt {i}: beams {a} != reference {b}")
+        elif any(abs(x.cum_logprob - y.cum_logprob) > LOGPROB_TOL for x, y in zip(g.sequences, r.sequences)):
+            errors.append(f"prompt {i}: beam logprobs differ")
+    return errors
+
+
 def _same_prompt_logprobs(a, b) -> bool:
     if a is None or b is None:
         return a is b
@@ -286,7 +313,7 @@ def check_trial(trial: Trial, models: dict, tmp: Path, device: str = "cpu", use_
         config["kv_cache_memory"] = 64 << 20
     if config.get("kv_disk_dir") == "<tmp>":
         config["kv_disk_dir"] = str(tmp / f"disk{time.monotonic_ns()}")
-    if use_async:
+    if use_async and trial.beam is None:
         got, stats = run_async(models["base"], trial, config, models)
     else:
         got, stats = run(models["base"], trial, config, models, staggered=True)
@@ -299,13 +326,13 @@ def check_trial(trial: Trial, models: dict, tmp: Path, device: str = "cpu", use_
     # by M): a flipped fp8 rounding moves logprobs by ~1e-3 and can change a token. There only the run's
     # soundness is checked: every request answered, n sequences each, no block left.
     fp8 = config.get("quantization") == "fp8" or config.get("kv_cache_dtype", "auto") != "auto"
-    errors = compare(trial, got, ref) if not fp8 else [
+    errors = compare(trial, got, ref) if not fp8 else [] if trial.beam is not None else [
         f"request {i}: {'no output' if g is None else 'sequences missing'}" for i, (g, r) in enumerate(zip(got, ref))
         if (g is None and i not in trial.aborts) or (g is not None and len(g.outputs) != len(r.outputs))]
     if stats.num_blocks_free != stats.num_blocks_total:
         errors.append(f"blocks leaked: {stats.num_blocks_total - stats.num_blocks_free}")
     info = {"preemptions": stats.num_preemptions, "prefix_hits": stats.prefix_cache_hits,
-            "staggered": trial.arrivals is not None, "aborted": len(trial.aborts)}
+            "staggered": trial.arrivals is not None, "aborted": len(trial.aborts), "beam": trial.beam is not None}
     return errors, info
 
 
