@@ -35,6 +35,7 @@ class Trial:
     arrivals: list[int] | None = None   # the step each request is added at (None: all at once, LLM.generate)
     aborts: dict[int, int] = dataclasses.field(default_factory=dict)   # request -> the step it is aborted at
     beam: BeamSearchParams | None = None   # LLM.beam_search of the prompts instead of generate
+    stream_interval: int = 1   # --async: AsyncLLM's (the server's --stream-interval)
 
 
 def random_trial(rng: np.random.Generator, models: dict) -> Trial:
@@ -137,6 +138,7 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
     if rng.random() < 0.5:   # requests come while others run, and some leave early
         trial.arrivals = [int(rng.integers(0, 12)) for _ in prompts]
         trial.aborts = {i: trial.arrivals[i] + int(rng.integers(0, 10)) for i in range(num) if rng.random() < 0.2}
+        trial.stream_interval = int(rng.choice([1, 1, 3]))
     return trial
 
 
@@ -180,7 +182,8 @@ def _run_staggered(engine, trial: Trial, loras: list) -> list:
 
 def run_async(model: str, trial: Trial, config: dict, models: dict):
     """The server's engine (AsyncLLM and its core process): each request a task that starts at its arrival
-    (x 5 ms), streams in its output kind, and leaves (an abort) at its abort step (x 5 ms) if still running.
+    (x 5 ms), streams in its output kind (every stream_interval tokens), and leaves (an abort) at its abort step
+    (x 5 ms) if still running.
     A request the engine fails (an EngineGenerateError) counts as finish "error" on every sequence."""
     import asyncio
 
@@ -211,7 +214,7 @@ def run_async(model: str, trial: Trial, config: dict, models: dict):
 
     async def main():
         engine = AsyncLLM(EngineConfig(model, dtype="float32", log_stats_interval=0, max_model_len=MAX_LEN,
-                                       **config))
+                                       **config), stream_interval=trial.stream_interval)
         try:
             tasks = [asyncio.ensure_future(one(engine, i)) for i in range(len(trial.prompts))]
             leaving = [asyncio.ensure_future(leave(tasks[i], i)) for i in trial.aborts]
