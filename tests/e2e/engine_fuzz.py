@@ -120,15 +120,26 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
         params.append(SamplingParams(**kw))
         names = [None, *models["loras"]]
         loras.append(names[int(rng.integers(len(names)))] if lora else None)
+    config["max_model_len"] = MAX_LEN
+    if rng.random() < 0.25:   # requests end at the model's length, speculation's lookahead runs into it
+        config["max_model_len"] = int(rng.choice([48, 80, 128]))
+        prompts = [p[:config["max_model_len"] - 1 - int(rng.integers(0, 8))] for p in prompts]
+        for i, (p, sp) in enumerate(zip(prompts, params)):   # prompt + max_tokens past the limit is refused
+            room = config["max_model_len"] - len(p)
+            if sp.max_tokens > room:   # unset: up to the limit
+                cut = None if rng.random() < 0.5 else room
+                params[i] = dataclasses.replace(sp, max_tokens=cut, min_tokens=min(sp.min_tokens, room))
     # the cache: 1-3 of the longest request's blocks beyond its need (preempts), or plenty
-    need = max(-(-(len(p) + s.max_tokens + 8) // block_size) for p, s in zip(prompts, params))
+    need = max(-(-(min(len(p) + (s.max_tokens or MAX_LEN), config["max_model_len"]) + 8) // block_size)
+               for p, s in zip(prompts, params))
     n_max = max(s.n for s in params)
     if rng.random() < 0.6:
         config["num_gpu_blocks_override"] = need * n_max + int(rng.integers(1, 4))
     trial = Trial(config, prompts, params, loras)
     if spec == "none" and not lora and rng.random() < 0.3:   # beams fork blocks (copy-on-write) every step
         width = int(rng.integers(1, 5))
-        trial.beam = BeamSearchParams(beam_width=width, max_tokens=int(rng.integers(1, 20)),
+        room = config["max_model_len"] - max(len(p) for p in prompts)
+        trial.beam = BeamSearchParams(beam_width=width, max_tokens=min(int(rng.integers(1, 20)), room),
                                       ignore_eos=bool(rng.random() < 0.3),
                                       length_penalty=float(rng.choice([1.0, 0.0, 2.0])))
         if "num_gpu_blocks_override" in config:   # room for every beam's own last block, and forks
@@ -144,7 +155,7 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
 
 def run(model: str, trial: Trial, config: dict, models: dict, staggered: bool = False):
     """Each request's output (None: aborted before it finished) and the engine's stats at the end."""
-    llm = LLM(model, dtype="float32", log_stats_interval=0, max_model_len=MAX_LEN, **config)
+    llm = LLM(model, dtype="float32", log_stats_interval=0, **config)
     lora = [models["loras"][n] if n else None for n in trial.loras] if config.get("enable_lora") else None
     try:
         if trial.beam is not None:
@@ -213,8 +224,8 @@ def run_async(model: str, trial: Trial, config: dict, models: dict):
         task.cancel()
 
     async def main():
-        engine = AsyncLLM(EngineConfig(model, dtype="float32", log_stats_interval=0, max_model_len=MAX_LEN,
-                                       **config), stream_interval=trial.stream_interval)
+        engine = AsyncLLM(EngineConfig(model, dtype="float32", log_stats_interval=0, **config),
+                          stream_interval=trial.stream_interval)
         try:
             tasks = [asyncio.ensure_future(one(engine, i)) for i in range(len(trial.prompts))]
             leaving = [asyncio.ensure_future(leave(tasks[i], i)) for i in trial.aborts]
@@ -321,7 +332,8 @@ def check_trial(trial: Trial, models: dict, tmp: Path, device: str = "cpu", use_
     else:
         got, stats = run(models["base"], trial, config, models, staggered=True)
     plain = {k: v for k, v in config.items()   # what changes the numbers stays
-             if k in ("enable_lora", "max_loras", "max_lora_rank", "kv_cache_dtype", "quantization", "device")}
+             if k in ("enable_lora", "max_loras", "max_lora_rank", "kv_cache_dtype", "quantization", "device",
+                      "max_model_len")}
     if device != "cpu":
         plain["kv_cache_memory"] = 64 << 20
     ref, _ = run(models["base"], trial, {**plain, "enable_prefix_caching": False, "max_num_seqs": 64}, models)
