@@ -280,6 +280,11 @@ def compare(trial: Trial, got, ref) -> list[str]:
             continue
         if g.outputs[0].finish_reason == r.outputs[0].finish_reason == "error":
             continue   # failed in both (how far its siblings got before may differ)
+        if g.prompt_token_ids != r.prompt_token_ids:   # truncate_prompt_tokens
+            errors.append(f"request {i}: prompt ids {g.prompt_token_ids} != reference {r.prompt_token_ids}")
+        if not 0 <= g.num_cached_tokens <= len(g.prompt_token_ids):
+            errors.append(f"request {i}: {g.num_cached_tokens} cached tokens of a {len(g.prompt_token_ids)}-token "
+                          f"prompt")
         # parallel greedy samples are identical; sampled ones come in order of their index
         for j, (a, b) in enumerate(zip(g.outputs, r.outputs)):
             where = f"request {i} seq {j} (lora {trial.loras[i]})"
