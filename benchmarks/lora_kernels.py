@@ -128,9 +128,9 @@ def bench_layer(name: str, fan_in: int, shards: tuple[int, ...], totals: dict, s
 
 def bench_wide_gemm(name: str, fan_in: int, shards: tuple[int, ...], totals: dict):
     """--wide-gemm: what a step's LoRA would cost if each slot's A rows were appended to the base weight, so that
-    the base GEMM computes t = x A^T in its extra columns and only the expand kernel is left, against the fused
-    kernel after the plain GEMM. The expand reads slot 0's columns of t for every slot: the cost, not the result.
-    Each call on its own layer's weights (as --layers-apart), decode steps."""
+    the base GEMM computes t = x A^T in its extra columns and only the expand kernel is left (reading each row's
+    slot's columns: slot_stride; tests/kernels/lora_cases.py's wide_gemm checks the result), against the fused
+    kernel after the plain GEMM. Each call on its own layer's weights (as --layers-apart), decode steps."""
     dt = torch.bfloat16
     out, n, max_shard = sum(shards), len(shards), max(shards)
     extra = LORAS * n * RANK
@@ -143,13 +143,14 @@ def bench_wide_gemm(name: str, fan_in: int, shards: tuple[int, ...], totals: dic
         x = torch.randn(T, fan_in, device="cuda", dtype=dt)
         y = torch.zeros(T, out, device="cuda", dtype=dt)
         wide = torch.zeros(T, out + extra, device="cuda", dtype=dt)
-        t = wide[:, out:out + n * RANK].unsqueeze(0)   # (1, T, n R): a row stride of out + extra
+        t = wide[:, out:].unsqueeze(0)   # (1, T, LORAS n R): a row stride of out + extra
         order, slots = slot_buffers(T, True, False)
         gemm = graph_us(lambda i: torch.matmul(x, weight[i, :out].t(), out=y))
         fused = graph_us(lambda i: (torch.matmul(x, weight[i, :out].t(), out=y),
                                     lora_fused(y, x, a[i], b[i], order, slots, bounds, max_shard, RANK, config=cfg)))
         expand = graph_us(lambda i: (torch.matmul(x, weight[i].t(), out=wide),
-                                     lora_expand(wide[:, :out], t, b[i], order, slots, bounds, max_shard, RANK)))
+                                     lora_expand(wide[:, :out], t, b[i], order, slots, bounds, max_shard, RANK,
+                                                 slot_stride=n * RANK)))
         line = {"layer": name, "T": T, "gemm_us": gemm, "lora_fused_us": round(fused - gemm, 2),
                 "lora_wide_gemm_us": round(expand - gemm, 2)}
         for k in ("lora_fused_us", "lora_wide_gemm_us"):

@@ -77,7 +77,7 @@ def lora_shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, slots_ptr, n_sorted, K, N
 
 @triton.jit
 def lora_expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, n_sorted,
-                       stride_ts, stride_tm, stride_bs, stride_bo, stride_ym,
+                       stride_ts, stride_tm, stride_tslot, stride_bs, stride_bo, stride_ym,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R: tl.constexpr,
                        NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     shard = tl.program_id(2)
@@ -93,6 +93,7 @@ def lora_expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, n_
         while s < NO_SLOT:
             hit = slots == s
             b_ptrs = b_ptr + s.to(tl.int64) * stride_bs + cols[None, :] * stride_bo
+            t_slot = t_ptr + s.to(tl.int64) * stride_tslot
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r in tl.static_range(0, R, BLOCK_R):
                 ranks = r + tl.arange(0, BLOCK_R)
@@ -100,7 +101,7 @@ def lora_expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, slots_ptr, bounds_ptr, n_
                 rk = shard * R + ranks
                 t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for j in tl.static_range(NUM_SPLITS):
-                    t += tl.load(t_ptr + j * stride_ts + tokens[:, None] * stride_tm + rk[None, :],
+                    t += tl.load(t_slot + j * stride_ts + tokens[:, None] * stride_tm + rk[None, :],
                                  mask=hit[:, None] & r_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs + rk[:, None], mask=r_ok[:, None] & col_ok[None, :], other=0.0)   # (R, N) tile
                 acc = tl.dot(t.to(b.dtype), b, acc, input_precision=PRECISION)
@@ -139,17 +140,20 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, order: torch.Tensor, sort
 
 
 def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, order: torch.Tensor,
-                sorted_slots: torch.Tensor, shard_bounds: torch.Tensor, max_shard: int, rank: int) -> torch.Tensor:
+                sorted_slots: torch.Tensor, shard_bounds: torch.Tensor, max_shard: int, rank: int,
+                slot_stride: int = 0) -> torch.Tensor:
     """y (T, out) += each shard's t[:, i*R:(i+1)*R] @ lora_b[s, rows of shard i, i*R:(i+1)*R]^T, in place.
     shard_bounds (n + 1,) int32 on the device: the shards' first output columns, then out; max_shard: the
-    largest shard's width (host int, sizes the grid)."""
+    largest shard's width (host int, sizes the grid). slot_stride: columns between the slots' t, when each slot
+    has its own (x times every slot's A rows, as one GEMM beside the base layer's would give: lora_kernels.py
+    --wide-gemm); 0: one t whose rows hold their own slot's product (the shrink's)."""
     T = y.shape[0]
     assert y.stride(-1) == 1 and t.shape[1] == T, "lora_expand: y must have unit column stride, t T rows"
     num_shards = shard_bounds.numel() - 1
     grid = (triton.cdiv(order.shape[0], BLOCK_M), triton.cdiv(max_shard, EXPAND_BLOCK_N), num_shards)
     if T > 0:
         lora_expand_kernel[grid](t, lora_b, y, order, sorted_slots, shard_bounds, order.shape[0],
-                                 t.stride(0), t.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
+                                 t.stride(0), t.stride(1), slot_stride, lora_b.stride(0), lora_b.stride(1), y.stride(0),
                                  BLOCK_M=BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=_pow2_at_least_16(rank, 64),
                                  R=rank, NUM_SPLITS=t.shape[0], PRECISION=_precision(lora_b.dtype), num_warps=4)
     return y

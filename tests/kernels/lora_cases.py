@@ -93,6 +93,20 @@ def _reference(x, y0, shards, slots, shard_sizes) -> torch.Tensor:
     return ref
 
 
+def wide_gemm(y, x, lora_a, lora_b, order, sorted_slots, bounds, max_shard, rank):
+    """add_lora's result the --wide-gemm way (benchmarks/lora_kernels.py): one GEMM gives the base output and
+    x times every slot's A rows beside it (row stride out + slots x shards x R), then the expand alone reads each
+    row's slot's columns (slot_stride) and adds into the base columns, a strided view."""
+    from pagedllm.lora.kernels import lora_expand
+    num_loras, n_rank, _ = lora_a.shape
+    out = y.shape[1]
+    wide = torch.cat([y, x @ lora_a.reshape(num_loras * n_rank, -1).t()], dim=1)
+    lora_expand(wide[:, :out], wide[:, out:].unsqueeze(0), lora_b, order, sorted_slots, bounds, max_shard, rank,
+                slot_stride=n_rank)
+    y.copy_(wide[:, :out])
+    return y
+
+
 def interpreter_cases():
     """Through add_lora (the fused kernel for ranks <= 64, the split path above), then each path by name."""
     # not bfloat16: the interpreter's tl.dot multiplies bfloat16 bit patterns as integers (Triton 3.9); float16
@@ -108,6 +122,10 @@ def interpreter_cases():
     yield "split-qkv-r16", lambda: check_lora(37, 64, (32, 16, 16), 16, 3, torch.float32, "cpu", 11, kernel=split)
     yield "split-packed", lambda: check_lora(37, 64, (32, 16, 16), 16, 3, torch.float32, "cpu", 12, kernel=split,
                                              packed=True)
+    yield "wide-gemm-qkv-r16", lambda: check_lora(37, 64, (32, 16, 16), 16, 3, torch.float32, "cpu", 13,
+                                                  kernel=wide_gemm)
+    yield "wide-gemm-decode-8loras", lambda: check_lora(16, 64, (48,), 8, 8, torch.float32, "cpu", 14, True,
+                                                        kernel=wide_gemm)
 
 
 def fused_cases():

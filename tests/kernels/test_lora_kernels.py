@@ -39,10 +39,12 @@ def test_kernels_compile_for_hopper():
         shrink = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "t_ptr": "*fp32", **common, "K": "i32", "N": "i32",
                   **dict.fromkeys(("stride_xm", "stride_as", "stride_an", "stride_ts", "stride_tm"), "i32")}
         expand = {"t_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", **common, "bounds_ptr": "*i32",
-                  **dict.fromkeys(("stride_ts", "stride_tm", "stride_bs", "stride_bo", "stride_ym"), "i32")}
+                  **dict.fromkeys(("stride_ts", "stride_tm", "stride_tslot", "stride_bs", "stride_bo", "stride_ym"),
+                                  "i32")}
         # the launch's argument order: pointers, T, then the rest
         expand = {k: expand[k] for k in ("t_ptr", "b_ptr", "y_ptr", "order_ptr", "slots_ptr", "bounds_ptr", "n_sorted",
-                                         "stride_ts", "stride_tm", "stride_bs", "stride_bo", "stride_ym")}
+                                         "stride_ts", "stride_tm", "stride_tslot", "stride_bs", "stride_bo",
+                                         "stride_ym")}
         precision = "ieee" if dt == "fp32" else "tf32"
         cases = [(kernels.lora_shrink_kernel, shrink, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=kernels.SHRINK_BLOCK_K,
                                                           K_PER_SPLIT=kernels.K_PER_SPLIT, PRECISION=precision))]
