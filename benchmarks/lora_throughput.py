@@ -182,10 +182,11 @@ def run(args, tmp: Path):
     del llm
     free()
 
-    from pagedllm.lora import ops
+    from pagedllm.lora import layers, ops
     default_kernel = ops.LORA_KERNEL
     for kernel in [default_kernel] + [k for k in args.kernels.split(",") if k]:
         ops.LORA_KERNEL = kernel   # read by every LoRA layer's forward, graph captures included
+        layers.WIDE = kernel == "wide"   # read as the engine wraps its layers
         suffix = "" if kernel == default_kernel else f"-{kernel}"
         llm = LLM(model, enable_lora=True, max_loras=args.num_adapters, **engine)
         llm.generate(*warm, use_tqdm=False, lora_request=loras[0])
@@ -200,6 +201,7 @@ def run(args, tmp: Path):
         del llm
         free()
     ops.LORA_KERNEL = default_kernel
+    layers.WIDE = default_kernel == "wide"
     base = results["base"]["output_tok_s"]
     if args.no_many:
         print(json.dumps({"summary": "W1" if not args.smoke else "smoke", "base_tok_s": base,

@@ -10,6 +10,7 @@ every slot at once and leave base rows untouched; the host list only says whethe
 the runner replays a graph captured with the launches (every slot present) when one does, else one without.
 On CPU a torch loop over the step's slots, the reference. Neither reads a device value (no sync).
 """
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,13 @@ from torch import nn
 from pagedllm.lazy_kernel import lazy_kernel
 
 add_lora = lazy_kernel(globals(), "pagedllm.lora.ops", "add_lora")   # Triton, CUDA only
+lora_expand = lazy_kernel(globals(), "pagedllm.lora.kernels", "lora_expand")
+
+# Which kernels serve the layers on CUDA (lora/ops.py): fused (default), split, or wide: every slot's A rows
+# appended to the base weight, so that the base GEMM also gives each slot's x A^T and only the expand is left
+# (issue 20's candidate; benchmarks/lora_kernels.py --wide-gemm times it). Read once, at import.
+KERNEL_ENV = "PAGEDLLM_LORA_KERNEL"
+WIDE = os.environ.get(KERNEL_ENV) == "wide"
 
 
 # The kernels' tile rows (lora/kernels.py's BLOCK_M, lora/fused.py's default block_m): each adapter's run of
@@ -76,15 +84,34 @@ class LoRALinear(nn.Module):
         weight = base.weight
         dtype = weight.dtype if weight.dtype.is_floating_point and weight.element_size() > 1 else torch.bfloat16
         n = len(self.shard_sizes)
-        self.register_buffer("lora_a", torch.zeros(max_loras, n * max_rank, self.in_features, dtype=dtype,
-                                                   device=weight.device), persistent=False)
+        self.wide = None   # WIDE: (out + max_loras * n * R, in), the base weight's rows, then each slot's A rows
+        self.wide_bias = None
+        if WIDE and (weight.is_cuda or self.kernels_on_cpu) and weight.dtype == dtype:
+            self._widen(max_loras, n * max_rank)
+        else:
+            self.register_buffer("lora_a", torch.zeros(max_loras, n * max_rank, self.in_features, dtype=dtype,
+                                                       device=weight.device), persistent=False)
         self.register_buffer("lora_b", torch.zeros(max_loras, self.out_features, n * max_rank, dtype=dtype,
                                                    device=weight.device), persistent=False)
         bounds = [sum(self.shard_sizes[:i]) for i in range(n + 1)]   # the shards' first output columns, then out
         self.register_buffer("shard_bounds", torch.tensor(bounds, dtype=torch.int32, device=weight.device),
                              persistent=False)
 
+    def _widen(self, max_loras: int, n_rank: int):
+        """Moves the base weight into the first rows of one (out + max_loras n_rank, in) tensor whose other rows are
+        the slots' A (lora_a is their view): the base layer reads its rows alone, a step with adapters reads all."""
+        weight, out = self.base.weight, self.out_features
+        wide = torch.zeros(out + max_loras * n_rank, self.in_features, dtype=weight.dtype, device=weight.device)
+        wide[:out].copy_(weight.detach())
+        self.base.weight = nn.Parameter(wide[:out], requires_grad=False)
+        self.wide = wide
+        self.register_buffer("lora_a", wide[out:].view(max_loras, n_rank, self.in_features), persistent=False)
+        if self.base.bias is not None:
+            self.wide_bias = torch.cat([self.base.bias.detach(), wide.new_zeros(max_loras * n_rank)])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wide is not None and self.state.active_slots:
+            return self._forward_wide(x)
         y = self.base(x)
         if not self.state.active_slots:
             return y
@@ -99,6 +126,17 @@ class LoRALinear(nn.Module):
             delta = (xl @ self.lora_a[s].t()) @ self.lora_b[s].t()          # (T, out)
             y = y + delta.to(y.dtype) * (slots == s).unsqueeze(1).to(y.dtype)
         return y
+
+    def _forward_wide(self, x: torch.Tensor) -> torch.Tensor:
+        """One GEMM for the base output and x A^T of every slot beside it; the expand adds each adapter row's own
+        slot's product times B into the base columns. Returns a view with a row stride of the wide output's
+        (the kernels after the four layers take row strides)."""
+        out, n_rank = self.out_features, self.lora_a.shape[1]
+        wide = torch.nn.functional.linear(x, self.wide, self.wide_bias)
+        meta = self.state.meta
+        n = sorted_len(x.shape[0], self.lora_a.shape[0])
+        return lora_expand(wide[:, :out], wide[:, out:].unsqueeze(0), self.lora_b, meta[1, :n], meta[2, :n],
+                           self.shard_bounds, self.max_shard, self.max_rank, slot_stride=n_rank)
 
     def set_slot(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor]] | None):
         """Writes an adapter's shards (A (r, in), B*scale (out_i, r)) into a slot; None or missing shards: zeros."""

@@ -1,4 +1,4 @@
-"""LoRA on CUDA (Triton kernels: fused, or shrink/expand with PAGEDLLM_LORA_KERNEL=split; CUDA graphs): three
+"""LoRA on CUDA (Triton kernels: fused, shrink/expand with PAGEDLLM_LORA_KERNEL=split, or wide; CUDA graphs): three
 adapters and the base in one call.
 - float32, graphs: the greedy tokens of transformers + PEFT (tests/e2e/test_lora.py's references), logprobs
   within 1e-3, and the CPU engine's (the torch loop) too;
@@ -101,3 +101,17 @@ def test_lora_cuda_base_only_steps_skip_the_lora_graphs(setup, dtype):
 
 def test_lora_cuda_bf16_runs(setup):
     assert all(len(ids) == lora_e2e.MAX_NEW for ids, _ in _run(setup, "cuda", "bfloat16"))
+
+
+def test_lora_cuda_wide_gemm(setup, monkeypatch):
+    """PAGEDLLM_LORA_KERNEL=wide (issue 20's candidate: every slot's A rows in the base GEMM, then the expand):
+    float32 gives transformers + PEFT's greedy tokens, and bf16 graphs equal its eager steps."""
+    from pagedllm.lora import layers
+    monkeypatch.setattr(layers, "WIDE", True)
+    base, loras, refs = setup
+    for i, ((ids, lps), name) in enumerate(zip(_run(setup, "cuda", "float32"), lora_e2e.assignment(loras))):
+        assert ids == refs[name][i][0], f"prompt {i} under {name}"
+        np.testing.assert_allclose(lps, refs[name][i][1], atol=1e-3, rtol=0)
+    graphs = _run(setup, "cuda", "bfloat16", max_num_batched_tokens=48)
+    eager = _run(setup, "cuda", "bfloat16", max_num_batched_tokens=48, enforce_eager=True)
+    assert [ids for ids, _ in graphs] == [ids for ids, _ in eager]

@@ -29,6 +29,9 @@ def main():
                  for i, (name, kw) in enumerate(e2e.ADAPTERS.items())}
         refs = e2e._references(base, loras)
         LoRALinear.kernels_on_cpu = True
+        if "wide" in sys.argv[1:]:   # PAGEDLLM_LORA_KERNEL=wide: A rows in the base GEMM, then the expand
+            from pagedllm.lora import layers
+            layers.WIDE = True
         names = e2e.assignment(loras)
         llm = LLM(base, device="cpu", dtype="float32", log_stats_interval=0, enable_lora=True, max_loras=3,
                   max_num_batched_tokens=24)   # small: the start-up profile step runs the kernels too
@@ -40,6 +43,7 @@ def main():
             assert comp.token_ids == ids[:NEW], f"prompt {i} under {name}: {comp.token_ids} != {ids[:NEW]}"
             got = [next(iter(pos.values())).logprob for pos in comp.logprobs]
             np.testing.assert_allclose(got, lps[:NEW], atol=e2e.TOL, rtol=0)
+        assert all(m.wide is not None for m in llm.engine.runner.lora.layers.values()) == ("wide" in sys.argv)
         print("ok engine", flush=True)
 
 if __name__ == "__main__":

@@ -18,11 +18,13 @@ def test_kernels_under_triton_interpreter():
     assert stdout.count("ok ") == len(list(interpreter_cases())), stdout
 
 
-def test_engine_through_kernels_under_triton_interpreter():
-    """The engine's LoRA steps through the kernels (on CPU tensors) give transformers + PEFT's tokens (~25 s)."""
+@pytest.mark.parametrize("path", ["fused", "wide"])
+def test_engine_through_kernels_under_triton_interpreter(path):
+    """The engine's LoRA steps through the kernels (on CPU tensors) give transformers + PEFT's tokens (~25 s);
+    wide: PAGEDLLM_LORA_KERNEL=wide's layers (the slots' A rows in the base GEMM, then the expand)."""
     pytest.importorskip("triton")
     pytest.importorskip("peft")
-    assert "ok engine" in run_under_interpreter("lora_engine_cases.py", timeout=600)
+    assert "ok engine" in run_under_interpreter("lora_engine_cases.py", 600, *([path] if path == "wide" else []))
 
 
 def test_kernels_compile_for_hopper():
