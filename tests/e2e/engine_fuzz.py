@@ -78,7 +78,7 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
         prompt = (shared[int(rng.integers(2))] + tail) if rng.random() < 0.5 else \
             rng.integers(3, 512, size=int(rng.integers(1, 150))).tolist()
         prompts.append(prompt)
-        kw = dict(max_tokens=int(rng.integers(1, 40)), logprobs=int(rng.choice([0, 0, 2])))
+        kw = dict(max_tokens=int(rng.integers(1, 40)), logprobs=int(rng.choice([0, 0, 2, 20])))
         if rng.random() < 0.3:
             kw["ignore_eos"] = True
         if rng.random() < 0.2:
@@ -102,6 +102,7 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
                 kw[extra] = rng.integers(3, 512, size=30).tolist()
             elif extra == "stop":
                 kw[extra] = ["e", " the"]
+                kw["include_stop_str_in_output"] = bool(rng.random() < 0.5)
             else:
                 kw["structured_outputs"] = [
                     {"choice": ["yes", "no", "maybe so"]}, {"regex": "[a-z]{2,8}( [a-z]{1,6}){0,3}"},
@@ -109,6 +110,10 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
                               "required": ["a", "b"]}, "disable_any_whitespace": True}][int(rng.integers(3))]
         if rng.random() < 0.1:
             kw["truncate_prompt_tokens"] = int(rng.integers(1, 30))
+        if rng.random() < 0.1:
+            kw["skip_special_tokens"] = False
+        elif "stop" not in kw and rng.random() < 0.05:
+            kw["detokenize"] = False
         if sampled_ok and rng.random() < 0.35:
             kw.update(temperature=0.8, top_p=float(rng.choice([1.0, 0.9])), seed=int(rng.integers(1 << 30)),
                       top_k=int(rng.choice([0, 0, 5, 50])), min_p=float(rng.choice([0.0, 0.0, 0.05])),
@@ -294,7 +299,7 @@ def compare(trial: Trial, got, ref) -> list[str]:
                 errors.append(f"{where}: finish {a.finish_reason} != reference {b.finish_reason}")
             elif trial.params[i].logprobs is not None:
                 for k, (pa, pb) in enumerate(zip(a.logprobs, b.logprobs)):
-                    if set(pa) != set(pb) or any(abs(pa[t].logprob - pb[t].logprob) > LOGPROB_TOL for t in pa):
+                    if not _same_position(pa, pb):
                         errors.append(f"{where}: logprobs differ at {k}: {pa} vs {pb}")
                         break
         if not _same_prompt_logprobs(g.prompt_logprobs, r.prompt_logprobs):
@@ -314,13 +319,19 @@ def _compare_beams(got, ref) -> list[str]:
     return errors
 
 
+def _same_position(x: dict, y: dict) -> bool:
+    """One position's {token: Logprob}: the same tokens with finite logprobs, within the tolerance, and as many
+    entries. Tokens at -inf (masked by a constraint) tie: which of them fill the top-N is arbitrary."""
+    finite = {t for t, lp in x.items() if lp.logprob > float("-inf")}
+    return (len(x) == len(y) and finite == {t for t, lp in y.items() if lp.logprob > float("-inf")}
+            and all(abs(x[t].logprob - y[t].logprob) <= LOGPROB_TOL for t in finite))
+
+
 def _same_prompt_logprobs(a, b) -> bool:
     if a is None or b is None:
         return a is b
     return len(a) == len(b) and all(
-        (x is None and y is None) or (x is not None and y is not None and set(x) == set(y)
-                                      and all(abs(x[t].logprob - y[t].logprob) <= LOGPROB_TOL for t in x))
-        for x, y in zip(a, b))
+        (x is None and y is None) or (x is not None and y is not None and _same_position(x, y)) for x, y in zip(a, b))
 
 
 def check_trial(trial: Trial, models: dict, tmp: Path, device: str = "cpu", use_async: bool = False
