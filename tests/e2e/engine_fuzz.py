@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.beam_search import BeamSearchParams
@@ -341,6 +342,8 @@ def check_trial(trial: Trial, models: dict, tmp: Path, device: str = "cpu", use_
     config = dict(trial.config, device=device)
     if device != "cpu" and "num_gpu_blocks_override" not in config:
         config["kv_cache_memory"] = 64 << 20
+    if device != "cpu" and config.get("tensor_parallel_size", 1) > torch.cuda.device_count():
+        del config["tensor_parallel_size"]   # one GPU: the trial runs unsplit
     if config.get("kv_disk_dir") == "<tmp>":
         config["kv_disk_dir"] = str(tmp / f"disk{time.monotonic_ns()}")
     if use_async and trial.beam is None:
