@@ -337,7 +337,8 @@ def _same_prompt_logprobs(a, b) -> bool:
 
 def check_trial(trial: Trial, models: dict, tmp: Path, device: str = "cpu", use_async: bool = False
                 ) -> tuple[list[str], dict]:
-    """device cuda: both engines there, CUDA graphs on, each with a small fixed KV cache (the GPU is shared).
+    """device cuda: both engines there, each with a small fixed KV cache (the GPU is shared); the one under test
+    with CUDA graphs and cascade attention, the plain one eager and without.
     use_async: the engine under test is the server's (run_async)."""
     config = dict(trial.config, device=device)
     if device != "cpu" and "num_gpu_blocks_override" not in config:
@@ -353,8 +354,8 @@ def check_trial(trial: Trial, models: dict, tmp: Path, device: str = "cpu", use_
     plain = {k: v for k, v in config.items()   # what changes the numbers stays
              if k in ("enable_lora", "max_loras", "max_lora_rank", "kv_cache_dtype", "quantization", "device",
                       "max_model_len")}
-    if device != "cpu":
-        plain["kv_cache_memory"] = 64 << 20
+    if device != "cpu":   # the plain engine also runs eager and reads each row's whole context itself
+        plain.update(kv_cache_memory=64 << 20, enforce_eager=True, disable_cascade_attn=True)
     ref, _ = run(models["base"], trial, {**plain, "enable_prefix_caching": False, "max_num_seqs": 64}, models)
     # fp8 (weights or KV) quantizes values that differ by a float32 ulp between batchings (MKL's GEMMs round
     # by M): a flipped fp8 rounding moves logprobs by ~1e-3 and can change a token. There only the run's
