@@ -144,7 +144,7 @@ def main():
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kernels", default="",
                         help="also run lora-base and the 8-adapter run on engines with these LoRA kernel choices "
-                             "(comma-separated, of lora/ops.py's KERNELS): variants named lora-base-K, lora8-K")
+                             "(comma-separated, of lora/layers.py's KERNELS): variants named lora-base-K, lora8-K")
     parser.add_argument("--no-many", action="store_true", help="skip the many-adapter run and the TTFTs")
     parser.add_argument("--reps", type=int, default=2, help="runs of each variant; ratios use the last")
     args = parser.parse_args()
@@ -182,11 +182,10 @@ def run(args, tmp: Path):
     del llm
     free()
 
-    from pagedllm.lora import layers, ops
-    default_kernel = ops.LORA_KERNEL
+    from pagedllm.lora import layers
+    default_kernel = layers.LORA_KERNEL
     for kernel in [default_kernel] + [k for k in args.kernels.split(",") if k]:
-        ops.LORA_KERNEL = kernel   # read by every LoRA layer's forward, graph captures included
-        layers.WIDE = kernel == "wide"   # read as the engine wraps its layers
+        layers.LORA_KERNEL = kernel   # read as the engine wraps its layers and by every forward (graphs too)
         suffix = "" if kernel == default_kernel else f"-{kernel}"
         llm = LLM(model, enable_lora=True, max_loras=args.num_adapters, **engine)
         llm.generate(*warm, use_tqdm=False, lora_request=loras[0])
@@ -200,8 +199,7 @@ def run(args, tmp: Path):
                                            load_seconds=load, kernel=kernel)
         del llm
         free()
-    ops.LORA_KERNEL = default_kernel
-    layers.WIDE = default_kernel == "wide"
+    layers.LORA_KERNEL = default_kernel
     base = results["base"]["output_tok_s"]
     if args.no_many:
         print(json.dumps({"summary": "W1" if not args.smoke else "smoke", "base_tok_s": base,

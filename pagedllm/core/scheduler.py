@@ -291,10 +291,10 @@ class Scheduler:
         params = req.sampling_params
         if req.grammar is not None and not req.grammar.accept(token):
             # Sampled under its bitmask, a token is accepted unless the row's other masks left it no token.
+            conflict = _grammar_conflict(params)
             req.status = RequestStatus.FINISHED_ERROR
-            req.error = _grammar_conflict(params)
-            req.bad_request = req.error is not None
-            req.error = req.error or f"token {token} was sampled against the request's grammar (an engine bug)"
+            req.error = conflict or f"token {token} was sampled against the request's grammar (an engine bug)"
+            req.bad_request = conflict is not None
             logger.warning("request %s failed: %s", req.request_id, req.error)
         elif req.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
             req.status = RequestStatus.FINISHED_STOPPED
@@ -330,9 +330,8 @@ def _grammar_conflict(params) -> str | None:
     """Why a token was sampled against a request's grammar, where its own fields explain it: with the stop
     tokens banned (min_tokens), or only some tokens allowed or some banned, a row can be left with no token
     its constraint allows (a `choice` shorter than min_tokens: only the end may follow it). None: none is set."""
-    fields = [name for name, on in (("min_tokens", params.min_tokens > 0), ("allowed_token_ids",
-              params.allowed_token_ids is not None), ("bad_words", bool(params.bad_words))) if on]
-    if not fields:
-        return None
-    return (f"structured_outputs and {', '.join(fields)} left no token to sample: every token the constraint "
-            f"allowed next was excluded")
+    fields = ", ".join(name for name, on in (("min_tokens", params.min_tokens > 0),
+                                             ("allowed_token_ids", params.allowed_token_ids is not None),
+                                             ("bad_words", bool(params.bad_words))) if on)
+    return (f"structured_outputs and {fields} left no token to sample: every token the constraint allowed next "
+            f"was excluded") if fields else None

@@ -90,13 +90,15 @@ class IncrementalDetokenizer:
         if self._deferred:
             self._pending += new_token_ids
             return None
-        pieces, ends, check_from = [], [], len(self.output_text)
+        pieces, ends = [], []   # each id's text, and where it ends in output_text
+        end = check_from = len(self.output_text)
         for i, token_id in enumerate(new_token_ids):
             piece = self._decode_next(token_id)
             pieces.append(piece)
-            ends.append((ends[-1] if ends else len(self.output_text)) + len(piece))
+            end += len(piece)
+            ends.append(end)
             if num_before + i + 1 < self.min_tokens:
-                check_from = ends[-1]  # text of tokens before min_tokens may not end a stop string
+                check_from = end  # text of tokens before min_tokens may not end a stop string
         self.output_text += "".join(pieces)
         match = self._check_stop_strings(check_from) if self.stop else None
         if match is None:

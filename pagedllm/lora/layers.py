@@ -22,11 +22,16 @@ from pagedllm.lazy_kernel import lazy_kernel
 add_lora = lazy_kernel(globals(), "pagedllm.lora.ops", "add_lora")   # Triton, CUDA only
 lora_expand = lazy_kernel(globals(), "pagedllm.lora.kernels", "lora_expand")
 
-# Which kernels serve the layers on CUDA (lora/ops.py): fused (default), split, or wide: every slot's A rows
-# appended to the base weight, so that the base GEMM also gives each slot's x A^T and only the expand is left
-# (issue 20's candidate; benchmarks/lora_kernels.py --wide-gemm times it). Read once, at import.
+# Which kernels serve the layers on CUDA, for the process: fused (lora/ops.py; the default), split (ops.py), or
+# wide: every slot's A rows appended to the base weight, so that the base GEMM also gives each slot's x A^T and
+# only the expand is left (issue 20's candidate; benchmarks/lora_kernels.py --wide-gemm times it). Read at
+# import; ops.add_lora reads LORA_KERNEL at each call, a layer being built reads it for wide
+# (benchmarks/lora_throughput.py switches it between engines).
 KERNEL_ENV = "PAGEDLLM_LORA_KERNEL"
-WIDE = os.environ.get(KERNEL_ENV) == "wide"
+KERNELS = ("fused", "split", "wide")
+LORA_KERNEL = os.environ.get(KERNEL_ENV, "fused")
+if LORA_KERNEL not in KERNELS:
+    raise ValueError(f"{KERNEL_ENV} must be one of {KERNELS}, got {LORA_KERNEL!r}")
 
 
 # The kernels' tile rows (lora/kernels.py's BLOCK_M, lora/fused.py's default block_m): each adapter's run of
@@ -84,9 +89,9 @@ class LoRALinear(nn.Module):
         weight = base.weight
         dtype = weight.dtype if weight.dtype.is_floating_point and weight.element_size() > 1 else torch.bfloat16
         n = len(self.shard_sizes)
-        self.wide = None   # WIDE: (out + max_loras * n * R, in), the base weight's rows, then each slot's A rows
+        self.wide = None   # wide: (out + max_loras * n * R, in), the base weight's rows, then each slot's A rows
         self.wide_bias = None
-        if WIDE and (weight.is_cuda or self.kernels_on_cpu) and weight.dtype == dtype:
+        if LORA_KERNEL == "wide" and (weight.is_cuda or self.kernels_on_cpu) and weight.dtype == dtype:
             self._widen(max_loras, n * max_rank)
         else:
             self.register_buffer("lora_a", torch.zeros(max_loras, n * max_rank, self.in_features, dtype=dtype,

@@ -4,25 +4,19 @@
   split  two launches a layer, shrink then expand (lora/kernels.py)
   wide   the layer's own GEMM gives x A^T, then the expand alone (LoRALinear._forward_wide; not through here)
 
-PAGEDLLM_LORA_KERNEL picks one for the process (benchmarks/lora_kernels.py times them on the GPU).
+PAGEDLLM_LORA_KERNEL picks one for the process (lora/layers.py's LORA_KERNEL; benchmarks/lora_kernels.py times
+them on the GPU).
 """
-import os
-
 import torch
 
+from pagedllm.lora import layers
 from pagedllm.lora.fused import FUSED_MAX_RANK, lora_fused
 from pagedllm.lora.kernels import add_lora as add_lora_split
-from pagedllm.lora.layers import KERNEL_ENV
-
-KERNELS = ("fused", "split", "wide")
-LORA_KERNEL = os.environ.get(KERNEL_ENV, "fused")
-if LORA_KERNEL not in KERNELS:
-    raise ValueError(f"{KERNEL_ENV} must be one of {KERNELS}, got {LORA_KERNEL!r}")
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, order: torch.Tensor,
              sorted_slots: torch.Tensor, shard_bounds: torch.Tensor, max_shard: int, rank: int) -> torch.Tensor:
     """y (T, out) += (x A[s]^T) B[s]^T for every token of slot s >= 0, in place (lora/kernels.py's contract)."""
-    if LORA_KERNEL != "split" and rank <= FUSED_MAX_RANK:
+    if layers.LORA_KERNEL != "split" and rank <= FUSED_MAX_RANK:
         return lora_fused(y, x, lora_a, lora_b, order, sorted_slots, shard_bounds, max_shard, rank)
     return add_lora_split(y, x, lora_a, lora_b, order, sorted_slots, shard_bounds, max_shard, rank)

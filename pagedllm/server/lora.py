@@ -19,6 +19,7 @@ from pagedllm.lora.request import LoRARequest
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.launch import RUNTIME_UPDATING_ENV, LoRAModulePath, runtime_updating_allowed
 
+
 class ServingLoRAs:
     """The adapters a server serves, by name."""
 

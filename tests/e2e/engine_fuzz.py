@@ -22,6 +22,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.beam_search import BeamSearchParams
+from pagedllm.engine.output_processor import OutputKind
 
 LOGPROB_TOL = 1e-4
 MAX_LEN = 512
@@ -178,8 +179,7 @@ def run(model: str, trial: Trial, config: dict, models: dict, staggered: bool = 
 def _run_staggered(engine, trial: Trial, loras: list) -> list:
     """Requests added at their arrival steps, each streamed in one of the output kinds (DELTA: the pieces
     joined must be the whole), some aborted."""
-    from pagedllm.engine.output_processor import OutputKind
-    kinds = [(OutputKind.FINAL, OutputKind.DELTA, OutputKind.CUMULATIVE)[i % 3] for i in range(len(trial.prompts))]
+    kinds = [_kind(i) for i in range(len(trial.prompts))]
     finished, joined, step = {}, {}, 0
     while step <= max(trial.arrivals) or engine.has_unfinished_requests():
         for i, at in enumerate(trial.arrivals):
@@ -206,9 +206,7 @@ def run_async(model: str, trial: Trial, config: dict, models: dict):
 
     from pagedllm.config import EngineConfig
     from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
-    from pagedllm.engine.output_processor import OutputKind
     from pagedllm.outputs import CompletionOutput, RequestOutput
-    kinds = (OutputKind.FINAL, OutputKind.DELTA, OutputKind.CUMULATIVE)
     arrivals = trial.arrivals or [0] * len(trial.prompts)
     loras = [models["loras"][n] if n else None for n in trial.loras]
 
@@ -216,9 +214,9 @@ def run_async(model: str, trial: Trial, config: dict, models: dict):
         await asyncio.sleep(arrivals[i] * 0.005)
         whole = None
         try:
-            async for out in engine.generate(trial.prompts[i], trial.params[i], str(i), kinds[i % 3],
+            async for out in engine.generate(trial.prompts[i], trial.params[i], str(i), _kind(i),
                                              lora_request=loras[i]):
-                whole = _join(whole or out, out) if kinds[i % 3] is OutputKind.DELTA else out
+                whole = _join(whole or out, out) if _kind(i) is OutputKind.DELTA else out
         except EngineGenerateError:
             n = trial.params[i].n
             return RequestOutput(str(i), None, trial.prompts[i], None,
@@ -247,6 +245,11 @@ def run_async(model: str, trial: Trial, config: dict, models: dict):
         finally:
             engine.shutdown()
     return asyncio.run(main())
+
+
+def _kind(i: int):
+    """Request i's output kind in the step-by-step and async runs: FINAL, DELTA, CUMULATIVE in turn."""
+    return (OutputKind.FINAL, OutputKind.DELTA, OutputKind.CUMULATIVE)[i % 3]
 
 
 def _join(whole, delta):
@@ -308,6 +311,15 @@ def compare(trial: Trial, got, ref) -> list[str]:
     return errors
 
 
+def _sound(trial: Trial, got, ref) -> list[str]:
+    """An fp8 run's check: every request not aborted answered, with as many sequences as the reference."""
+    if trial.beam is not None:
+        return []
+    return [f"request {i}: {'no output' if g is None else 'sequences missing'}"
+            for i, (g, r) in enumerate(zip(got, ref))
+            if (g is None and i not in trial.aborts) or (g is not None and len(g.outputs) != len(r.outputs))]
+
+
 def _compare_beams(got, ref) -> list[str]:
     errors = []
     for i, (g, r) in enumerate(zip(got, ref)):
@@ -361,9 +373,7 @@ def check_trial(trial: Trial, models: dict, tmp: Path, device: str = "cpu", use_
     # by M): a flipped fp8 rounding moves logprobs by ~1e-3 and can change a token. There only the run's
     # soundness is checked: every request answered, n sequences each, no block left.
     fp8 = config.get("quantization") == "fp8" or config.get("kv_cache_dtype", "auto") != "auto"
-    errors = compare(trial, got, ref) if not fp8 else [] if trial.beam is not None else [
-        f"request {i}: {'no output' if g is None else 'sequences missing'}" for i, (g, r) in enumerate(zip(got, ref))
-        if (g is None and i not in trial.aborts) or (g is not None and len(g.outputs) != len(r.outputs))]
+    errors = _sound(trial, got, ref) if fp8 else compare(trial, got, ref)
     if stats.num_blocks_free != stats.num_blocks_total:
         errors.append(f"blocks leaked: {stats.num_blocks_total - stats.num_blocks_free}")
     info = {"preemptions": stats.num_preemptions, "prefix_hits": stats.prefix_cache_hits,

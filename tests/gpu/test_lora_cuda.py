@@ -107,7 +107,7 @@ def test_lora_cuda_wide_gemm(setup, monkeypatch):
     """PAGEDLLM_LORA_KERNEL=wide (issue 20's candidate: every slot's A rows in the base GEMM, then the expand):
     float32 gives transformers + PEFT's greedy tokens, and bf16 graphs equal its eager steps."""
     from pagedllm.lora import layers
-    monkeypatch.setattr(layers, "WIDE", True)
+    monkeypatch.setattr(layers, "LORA_KERNEL", "wide")
     base, loras, refs = setup
     for i, ((ids, lps), name) in enumerate(zip(_run(setup, "cuda", "float32"), lora_e2e.assignment(loras))):
         assert ids == refs[name][i][0], f"prompt {i} under {name}"

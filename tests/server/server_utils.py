@@ -117,6 +117,18 @@ def spawned_children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def stream_text(stream) -> tuple[dict[int, str], dict[int, str], object]:
+    """A streamed completion or chat (the openai client's chunks) joined: texts and finish reasons by choice
+    index, and the usage chunk's usage (None without one)."""
+    texts, reasons, usage = {}, {}, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.text if hasattr(c, "text") else c.delta.content or "")
+            reasons[c.index] = c.finish_reason or reasons.get(c.index)
+    return texts, reasons, usage
+
+
 def wait_healthy(server: Server, timeout: float = 180.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -4,7 +4,7 @@ import asyncio
 import httpx
 import openai
 import pytest
-from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, wait_all_blocks_free
+from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, stream_text, wait_all_blocks_free
 
 from pagedllm import SamplingParams
 
@@ -16,21 +16,11 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
 
 
-def _stream_text(stream) -> tuple[dict[int, str], dict[int, str], object]:
-    texts, reasons, usage = {}, {}, None
-    for chunk in stream:
-        usage = chunk.usage or usage
-        for c in chunk.choices:
-            texts[c.index] = texts.get(c.index, "") + (c.text if hasattr(c, "text") else c.delta.content or "")
-            reasons[c.index] = c.finish_reason or reasons.get(c.index)
-    return texts, reasons, usage
-
-
 def test_completions_match_offline_streamed_or_not(client, offline_llm):
     kw = dict(model=MODEL_NAME, max_tokens=20, temperature=0.8, top_p=0.95, n=2)
     for seed, prompt in enumerate(PROMPTS):
         full = client.completions.create(prompt=prompt, seed=seed, **kw)
-        texts, reasons, usage = _stream_text(client.completions.create(
+        texts, reasons, usage = stream_text(client.completions.create(
             prompt=prompt, seed=seed, stream=True, stream_options={"include_usage": True}, **kw))
         [ref] = offline_llm.generate(prompt, SamplingParams(max_tokens=20, temperature=0.8, top_p=0.95, n=2,
                                                             seed=seed), use_tqdm=False)
@@ -59,7 +49,7 @@ def test_streamed_list_of_prompts_with_echo_and_logprobs_equals_non_streamed(cli
     kw = dict(model=MODEL_NAME, prompt=PROMPTS[:3], max_tokens=10, temperature=1.0, seed=11, n=2, echo=True,
               logprobs=1)
     full = client.completions.create(**kw)
-    texts, reasons, usage = _stream_text(client.completions.create(stream=True, stream_options={"include_usage": True},
+    texts, reasons, usage = stream_text(client.completions.create(stream=True, stream_options={"include_usage": True},
                                                                     **kw))
     assert sorted(texts) == [c.index for c in full.choices] == list(range(6))
     assert [texts[c.index] for c in full.choices] == [c.text for c in full.choices]
@@ -90,7 +80,7 @@ def test_chat_matches_offline_streamed_or_not(client, offline_llm):
     messages = [{"role": "user", "content": "Tell me a story"}]
     kw = dict(model=MODEL_NAME, messages=messages, max_completion_tokens=16, temperature=1.0, seed=3, n=2)
     full = client.chat.completions.create(**kw)
-    texts, reasons, usage = _stream_text(client.chat.completions.create(
+    texts, reasons, usage = stream_text(client.chat.completions.create(
         stream=True, stream_options={"include_usage": True}, **kw))
     [ref] = offline_llm.chat(messages, SamplingParams(max_tokens=16, temperature=1.0, seed=3, n=2), use_tqdm=False,
                              chat_template=CHAT_TEMPLATE)

@@ -6,7 +6,7 @@ include_usage)."""
 import numpy as np
 import openai
 import pytest
-from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, wait_all_blocks_free
+from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, stream_text, wait_all_blocks_free
 
 from pagedllm import SamplingParams
 
@@ -19,7 +19,7 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
 
 
-def _random_fields(rng: np.random.Generator, chat: bool) -> dict:
+def _random_fields(rng: np.random.Generator) -> dict:
     """Request fields (OpenAI's and vLLM's names) that SamplingParams takes under the same name."""
     f = {"n": int(rng.choice([1, 1, 2, 3])), "max_tokens": int(rng.integers(1, 24))}
     if rng.random() < 0.6:
@@ -48,17 +48,6 @@ def _params(f: dict) -> SamplingParams:
     return SamplingParams(**kw)
 
 
-def _join(stream) -> tuple[dict, dict, object]:
-    texts, reasons, usage = {}, {}, None
-    for chunk in stream:
-        usage = chunk.usage or usage
-        for c in chunk.choices:
-            piece = c.text if hasattr(c, "text") else (c.delta.content or "")
-            texts[c.index] = texts.get(c.index, "") + piece
-            reasons[c.index] = c.finish_reason or reasons.get(c.index)
-    return texts, reasons, usage
-
-
 def _check_logprobs(got: list[float], ref_ids: list[int], ref_logprobs):
     assert len(got) == len(ref_ids)
     for value, tid, position in zip(got, ref_ids, ref_logprobs):
@@ -69,7 +58,7 @@ def test_random_completions_equal_offline(client, server, offline_llm):
     rng = np.random.default_rng(0)
     tok = offline_llm.get_tokenizer()
     for i in range(REQUESTS):
-        f = _random_fields(rng, chat=False)
+        f = _random_fields(rng)
         texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(int(rng.integers(1, 3)))]
         as_ids = rng.random() < 0.5   # OpenAI's prompt: text(s) or id list(s), not both in one list
         prompts = [tok.encode(t) if as_ids else t for t in texts]
@@ -80,7 +69,7 @@ def test_random_completions_equal_offline(client, server, offline_llm):
         extra = {k: body.pop(k) for k in ("top_k", "min_p", "min_tokens", "stop_token_ids", "repetition_penalty")
                  if k in body}
         full = client.completions.create(extra_body=extra, **body)
-        streamed, reasons, usage = _join(client.completions.create(
+        streamed, reasons, usage = stream_text(client.completions.create(
             extra_body=extra, stream=True, stream_options={"include_usage": True}, **body))
         refs = offline_llm.generate(prompts, _params({**f, **({"logprobs": body["logprobs"]}
                                                            if "logprobs" in body else {})}), use_tqdm=False)
@@ -106,7 +95,7 @@ def test_random_completions_equal_offline(client, server, offline_llm):
 def test_random_chats_equal_offline(client, server, offline_llm):
     rng = np.random.default_rng(1)
     for i in range(REQUESTS // 2):
-        f = _random_fields(rng, chat=True)
+        f = _random_fields(rng)
         messages = [{"role": "user", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(1, 10))))}]
         body = dict(model=MODEL_NAME, messages=messages, **{k: v for k, v in f.items() if k != "logprobs"})
         if "logprobs" in f:
@@ -114,7 +103,7 @@ def test_random_chats_equal_offline(client, server, offline_llm):
         extra = {k: body.pop(k) for k in ("top_k", "min_p", "min_tokens", "stop_token_ids", "repetition_penalty")
                  if k in body}
         full = client.chat.completions.create(extra_body=extra, **body)
-        streamed, reasons, usage = _join(client.chat.completions.create(
+        streamed, reasons, usage = stream_text(client.chat.completions.create(
             extra_body=extra, stream=True, stream_options={"include_usage": True}, **body))
         [ref] = offline_llm.chat(messages, _params(f), use_tqdm=False, chat_template=CHAT_TEMPLATE)
         where = f"chat {i}: {body} {extra}"

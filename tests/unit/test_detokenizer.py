@@ -219,27 +219,6 @@ def test_ids_that_come_together_are_kept_up_to_the_stop_string(tok):
         assert d.tokens_to_stop == ends_at - first
 
 
-def test_output_processor_cuts_the_ids_after_a_stop_string():
-    """A speculative step's ids past the stop string are dropped with their logprobs, and the stop string
-    ends the sequence even where the core ended it by length in the same step (as vLLM)."""
-    from pagedllm.core.messages import EngineCoreOutput, TokenLogprobs
-    from pagedllm.engine.output_processor import OutputKind, OutputProcessor
-    tok = load_tokenizer(DEMO)
-    prompt, output = story_split(tok)
-    ends_at = next(n for n in range(len(output) + 1) if "cat sat" in reference(tok, prompt, output[:n]))
-    lps = [TokenLogprobs([t], [-0.5], 1) for t in output]
-    for core_finish, frees in ((None, True), ("length", False)):
-        op = OutputProcessor(tok)
-        op.add_request("r", None, prompt, SamplingParams(stop=["cat sat"], max_tokens=99, logprobs=0),
-                       OutputKind.FINAL, 0.0)
-        outs, stopped, _ = op.process([EngineCoreOutput("r", output, lps, finish_reason=core_finish)])
-        c = outs[0].outputs[0]
-        assert c.token_ids == output[:ends_at] and len(c.logprobs) == ends_at
-        assert c.cumulative_logprob == pytest.approx(-0.5 * ends_at)
-        assert (c.finish_reason, c.stop_reason, c.text) == ("stop", "cat sat", " upon a time there was a cat. The ")
-        assert stopped == (["r"] if frees else [])   # the core must free it only where it has not yet
-
-
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 def test_raw_decoder_matches_the_tokenizers_decode(tok, skip_special_tokens):
     """The detokenizer's direct Rust decode gives what tokenizer.decode gives, special tokens, invalid byte

@@ -1,6 +1,10 @@
-"""OutputProcessor: a request's sequences that end in one batch of outputs."""
-from pagedllm.core.messages import EngineCoreOutput
+"""OutputProcessor: sequences that end in the middle of a step's ids, or in one batch of outputs."""
+import pytest
+from test_detokenizer import DEMO, reference, story_split
+
+from pagedllm.core.messages import EngineCoreOutput, TokenLogprobs
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor
+from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -18,3 +22,22 @@ def test_a_failed_sequence_ends_its_siblings_whatever_comes_after_it():
         assert [c.finish_reason for c in outs[0].outputs] == ["error", "error"] and outs[0].finished
         assert sorted(stopped) == ["r#0", "r#1"] and errors["r"].error == "boom"
         assert outs[0].outputs[1].token_ids == ([6] if order == (0, 1) else [6, 8])
+
+
+def test_output_processor_cuts_the_ids_after_a_stop_string():
+    """A speculative step's ids past the stop string are dropped with their logprobs, and the stop string
+    ends the sequence even where the core ended it by length in the same step (as vLLM)."""
+    tok = load_tokenizer(DEMO)
+    prompt, output = story_split(tok)
+    ends_at = next(n for n in range(len(output) + 1) if "cat sat" in reference(tok, prompt, output[:n]))
+    lps = [TokenLogprobs([t], [-0.5], 1) for t in output]
+    for core_finish, frees in ((None, True), ("length", False)):
+        op = OutputProcessor(tok)
+        op.add_request("r", None, prompt, SamplingParams(stop=["cat sat"], max_tokens=99, logprobs=0),
+                       OutputKind.FINAL, 0.0)
+        outs, stopped, _ = op.process([EngineCoreOutput("r", output, lps, finish_reason=core_finish)])
+        c = outs[0].outputs[0]
+        assert c.token_ids == output[:ends_at] and len(c.logprobs) == ends_at
+        assert c.cumulative_logprob == pytest.approx(-0.5 * ends_at)
+        assert (c.finish_reason, c.stop_reason, c.text) == ("stop", "cat sat", " upon a time there was a cat. The ")
+        assert stopped == (["r"] if frees else [])   # the core must free it only where it has not yet
