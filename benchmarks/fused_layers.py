@@ -36,7 +36,7 @@ def torch_layers():
     """Route the layers to their torch code (forward_native), as on CPU; restored on exit."""
     saved = RMSNorm.forward, SiluAndMul.forward, LlamaAttention.rotate_qk
     RMSNorm.forward, SiluAndMul.forward = RMSNorm.forward_native, SiluAndMul.forward_native
-    LlamaAttention.rotate_qk = LlamaAttention.rotate_qk_native
+    LlamaAttention.rotate_qk = lambda self, positions, qkv, kv_target=None: self.rotate_qk_native(positions, qkv)
     try:
         yield
     finally:

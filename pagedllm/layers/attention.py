@@ -16,8 +16,15 @@ class Attention(nn.Module):
         self.k_scale, self.v_scale = 1.0, 1.0
         self.backend = None   # picked on first call, from the device the KV cache lives on
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (T, Hq*D), k and v (T, Hkv*D), already rotated -> (T, Hq*D)."""
+    def kv_target(self) -> dict:
+        """Where this step's K/V go (the cache, each token's slot, the scales), for a kernel that writes them
+        itself (qk_norm_rope): then forward gets k = v = None."""
+        ctx = get_forward_context()
+        return dict(kv_cache=ctx.kv_caches[self.layer_idx], slot_mapping=ctx.attn_metadata.slot_mapping,
+                    k_scale=self.k_scale, v_scale=self.v_scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        """q (T, Hq*D), k and v (T, Hkv*D), already rotated -> (T, Hq*D). k = v = None: already in the cache."""
         ctx = get_forward_context()
         kv_cache = ctx.kv_caches[self.layer_idx]
         meta = ctx.attn_metadata
@@ -25,10 +32,11 @@ class Attention(nn.Module):
             self.backend = get_attention_backend(kv_cache.device)
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        # the scales matter only to an fp8 cache (a model-dtype cache ignores them)
-        self.backend.write_kv(kv_cache, k, v, meta.slot_mapping, k_scale=self.k_scale, v_scale=self.v_scale)
+        if k is not None:
+            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            # the scales matter only to an fp8 cache (a model-dtype cache ignores them)
+            self.backend.write_kv(kv_cache, k, v, meta.slot_mapping, k_scale=self.k_scale, v_scale=self.v_scale)
         out = self.backend.paged_attention(q, kv_cache, meta, self.scale, k_scale=self.k_scale,
                                            v_scale=self.v_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -87,17 +87,20 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.rotate_qk(positions, self.qkv_proj(x))
+        qkv = self.qkv_proj(x)
+        # on CUDA one kernel norms and rotates q / k and stores this step's K/V in the cache (k = v = None)
+        q, k, v = self.rotate_qk(positions, qkv, self.attn.kv_target() if qkv.is_cuda else None)
         out = self.attn(q, k, v)                                    # (T, Hq*D)
         return self.o_proj(out)
 
-    def rotate_qk(self, positions: torch.Tensor, qkv: torch.Tensor):
-        """qkv (T, (Hq + 2*Hkv) * D) -> q (T, Hq*D), k (T, Hkv*D) normed (qk_norm) and rotated, v (T, Hkv*D)."""
+    def rotate_qk(self, positions: torch.Tensor, qkv: torch.Tensor, kv_target: dict | None = None):
+        """qkv (T, (Hq + 2*Hkv) * D) -> q (T, Hq*D), k (T, Hkv*D) normed (qk_norm) and rotated, v (T, Hkv*D).
+        kv_target (Attention.kv_target, CUDA only): K and V go into the cache instead, k = v = None."""
         if not qkv.is_cuda:
             return self.rotate_qk_native(positions, qkv)
         norms = [(n.weight, n.variance_epsilon) for n in (self.q_norm, self.k_norm)] if self.qk_norm else [None, None]
         return qk_norm_rope(qkv, positions, self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads,
-                            self.head_dim, *norms)
+                            self.head_dim, *norms, **(kv_target or {}))
 
     def rotate_qk_native(self, positions: torch.Tensor, qkv: torch.Tensor):
         """The torch code: the CPU path and the oracle of the fused kernel."""

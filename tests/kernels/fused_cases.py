@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 from kernel_checks import rel_error
 
+from pagedllm.attention.triton_backend import write_kv
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.kernels.qk_norm_rope import qk_norm_rope
 from pagedllm.layers.kernels.rms_norm import rms_norm
@@ -109,6 +110,38 @@ def check_qk_norm_rope(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, q
     return max(check_close("q", q, half[0], ref[0]), check_close("k", k, half[1], ref[1]))
 
 
+@torch.no_grad()
+def check_qk_norm_rope_cache(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, cache_dtype, device,
+                             scales=(1.0, 1.0), block_size=4, seed=0) -> float:
+    """The cache-writing kernel: q as without the cache, and the cache's bytes those reshape_and_cache writes from
+    the k and v the kernel returns without it (slot -1 rows and other slots untouched)."""
+    gen = torch.Generator().manual_seed(seed)
+    attn = make_attention(num_q_heads, num_kv_heads, head_dim, True, device)
+    for name in ("q_norm", "k_norm"):
+        getattr(attn, name).weight.data = _randn((head_dim,), dtype, device, gen, 0.2) + 1
+    norms = [(n.weight, n.variance_epsilon) for n in (attn.q_norm, attn.k_norm)]
+    width = (num_q_heads + 2 * num_kv_heads) * head_dim
+    qkv = poisoned_rows(_randn((num_tokens, width), dtype, device, gen, 2.0))
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen).to(device)
+    num_blocks = num_tokens // block_size + 2
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[::3] = -1                                                   # padding rows
+    slots = slots.to(device)
+    cache = _randn((2, num_blocks, block_size, num_kv_heads, head_dim), torch.float32, device, gen).to(cache_dtype)
+    expected = cache.clone()
+    args = (qkv, positions, attn.rotary_emb.cos_sin_cache, num_q_heads, num_kv_heads, head_dim, *norms)
+    q_ref, k, v = qk_norm_rope(*args)
+    write_kv(expected, k.view(num_tokens, num_kv_heads, head_dim), v.reshape(num_tokens, num_kv_heads, head_dim),
+             slots, k_scale=scales[0], v_scale=scales[1])
+    q, k_none, v_none = qk_norm_rope(*args, kv_cache=cache, slot_mapping=slots, k_scale=scales[0],
+                                     v_scale=scales[1])
+    assert k_none is None and v_none is None, "qk_norm_rope: with a cache, k and v are not returned"
+    assert torch.equal(q, q_ref), "qk_norm_rope: q differs when the cache is written"
+    differ = (cache.view(torch.uint8) != expected.view(torch.uint8)).sum().item()
+    assert differ == 0, f"qk_norm_rope: {differ} cache bytes differ from reshape_and_cache's"
+    return 0.0
+
+
 # Small shapes for the interpreter: every kernel, dtype and switch, odd sizes, in seconds on 2 cores.
 def interpreter_cases():
     for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16]):
@@ -119,6 +152,12 @@ def interpreter_cases():
         yield f"rope-{dtype}", lambda d=dtype, i=i: check_qk_norm_rope(3, 6, 2, 16, d, False, "cpu", seed=i)
     yield "qk_norm_rope-d24", lambda: check_qk_norm_rope(2, 3, 1, 24, torch.float32, True, "cpu", seed=9)
     yield "qk_norm_rope-d80-bf16", lambda: check_qk_norm_rope(3, 12, 4, 80, torch.bfloat16, True, "cpu", seed=10)
+    for i, (dtype, cache_dtype, scales) in enumerate([
+            (torch.float32, torch.float32, (1.0, 1.0)), (torch.bfloat16, torch.bfloat16, (1.0, 1.0)),
+            (torch.float16, torch.float8_e4m3fn, (0.43, 2.7)), (torch.bfloat16, torch.float8_e4m3fn, (1.0, 1.0))]):
+        yield (f"qk_norm_rope+cache-{dtype}-{cache_dtype}",
+               lambda d=dtype, c=cache_dtype, s=scales, i=i: check_qk_norm_rope_cache(9, 6, 2, 16, d, c, "cpu", s,
+                                                                                        seed=20 + i))
 
 
 def _patch_interpreter() -> None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from fused_cases import (
     check_qk_norm_rope,
+    check_qk_norm_rope_cache,
     check_rms_norm,
     check_silu_and_mul,
     interpreter_cases,
@@ -52,6 +53,19 @@ def test_silu_and_mul(dtype, inter, num_tokens):
 @pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "rope_only"])
 def test_qk_norm_rope(dtype, heads, head_dim, num_tokens, qk_norm):
     check_qk_norm_rope(num_tokens, *heads, head_dim, dtype, qk_norm, "cuda", seed=head_dim + num_tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,cache_dtype,scales", [
+    (torch.float32, torch.float32, (1.0, 1.0)), (torch.bfloat16, torch.bfloat16, (1.0, 1.0)),
+    (torch.float16, torch.float16, (1.0, 1.0)), (torch.bfloat16, torch.float8_e4m3fn, (1.0, 1.0)),
+    (torch.bfloat16, torch.float8_e4m3fn, (0.43, 2.7)), (torch.float16, torch.float8_e4m3fn, (0.02, 0.05))], ids=str)
+@pytest.mark.parametrize("heads,head_dim", [((16, 8), 128), ((14, 2), 64), ((12, 4), 80)], ids=str)
+@pytest.mark.parametrize("num_tokens", [1, 7, 256, 3000])
+def test_qk_norm_rope_writes_cache(dtype, cache_dtype, scales, heads, head_dim, num_tokens):
+    """The K/V the fused kernel stores are the bytes reshape_and_cache stores (small scales: the fp8 clamp)."""
+    check_qk_norm_rope_cache(num_tokens, *heads, head_dim, dtype, cache_dtype, "cuda", scales, block_size=16,
+                             seed=head_dim + num_tokens)
 
 
 @pytest.mark.gpu

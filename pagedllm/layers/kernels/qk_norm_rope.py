@@ -7,6 +7,10 @@ in one launch over the fused qkv projection output.
 Program (token, head tile) loads each head as its two halves x1 = x[:D/2], x2 = x[D/2:] (rotate-half /
 neox layout: the same angle rotates x1[i] and x2[i]) and writes new contiguous q (T, Hq*D), k (T, Hkv*D);
 v stays a view of qkv, as in the torch path. Rounds where LlamaAttention.rotate_qk_native does.
+
+Given the layer's KV cache, it stores each token's rotated K and its V in the token's slot instead of returning
+k (the bytes reshape_and_cache writes, fp8 scaling included; slot -1 is padding): one launch a layer less, which
+at batch-1 decode is a few us of ~50-150 a layer.
 """
 import torch
 import triton
@@ -23,8 +27,9 @@ def _round(x, dtype: tl.constexpr):
 def qk_norm_rope_kernel(
     qkv_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, q_ptr, k_ptr,
     stride_qkv, stride_cos_sin, stride_q, stride_k, q_eps, k_eps,
+    k_cache_ptr, v_cache_ptr, slot_ptr, k_inv, v_inv, stride_c_block, stride_c_slot, stride_c_head,
     NUM_Q_HEADS: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr,
+    BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_CACHE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     dtype: tl.constexpr = qkv_ptr.dtype.element_ty
@@ -53,18 +58,43 @@ def qk_norm_rope_kernel(
     out1 = _round(x1 * cos, dtype) - _round(x2 * sin, dtype)
     out2 = _round(x2 * cos, dtype) + _round(x1 * sin, dtype)
     q_dst = q_ptr + token * stride_q + heads[:, None] * HEAD_DIM + dims[None, :]
-    k_dst = k_ptr + token * stride_k + (heads[:, None] - NUM_Q_HEADS) * HEAD_DIM + dims[None, :]
     tl.store(q_dst, out1.to(dtype), mask=mask & is_q)
     tl.store(q_dst + HALF, out2.to(dtype), mask=mask & is_q)
-    tl.store(k_dst, out1.to(dtype), mask=mask & ~is_q)
-    tl.store(k_dst + HALF, out2.to(dtype), mask=mask & ~is_q)
+    kv_head = heads[:, None] - NUM_Q_HEADS
+    if WRITE_CACHE:
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        # slot >= 0 as a full tile: the interpreter rejects a mask broadcast from a scalar
+        c_mask = mask & ~is_q & (tl.full([BLOCK_H, HALF_PAD], 0, tl.int64) + slot >= 0)
+        c_dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot \
+            + kv_head * stride_c_head + dims[None, :]
+        v_src = qkv_ptr + token * stride_qkv + (NUM_HEADS + kv_head) * HEAD_DIM + dims[None, :]
+        v1 = tl.load(v_src, mask=c_mask, other=0.0).to(tl.float32)
+        v2 = tl.load(v_src + HALF, mask=c_mask, other=0.0).to(tl.float32)
+        cache_dtype: tl.constexpr = k_cache_ptr.dtype.element_ty
+        if cache_dtype == tl.float8e4nv:   # as reshape_and_cache: x / scale in float32, clamped, rounded
+            out1 = tl.minimum(tl.maximum(_round(out1, dtype) * k_inv, -448.0), 448.0)
+            out2 = tl.minimum(tl.maximum(_round(out2, dtype) * k_inv, -448.0), 448.0)
+            v1 = tl.minimum(tl.maximum(v1 * v_inv, -448.0), 448.0)
+            v2 = tl.minimum(tl.maximum(v2 * v_inv, -448.0), 448.0)
+        tl.store(k_cache_ptr + c_dst, out1.to(cache_dtype), mask=c_mask)
+        tl.store(k_cache_ptr + c_dst + HALF, out2.to(cache_dtype), mask=c_mask)
+        tl.store(v_cache_ptr + c_dst, v1.to(cache_dtype), mask=c_mask)
+        tl.store(v_cache_ptr + c_dst + HALF, v2.to(cache_dtype), mask=c_mask)
+    else:
+        k_dst = k_ptr + token * stride_k + kv_head * HEAD_DIM + dims[None, :]
+        tl.store(k_dst, out1.to(dtype), mask=mask & ~is_q)
+        tl.store(k_dst + HALF, out2.to(dtype), mask=mask & ~is_q)
 
 
 def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                  num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 q_norm: tuple[torch.Tensor, float] | None = None, k_norm: tuple[torch.Tensor, float] | None = None):
+                 q_norm: tuple[torch.Tensor, float] | None = None, k_norm: tuple[torch.Tensor, float] | None = None,
+                 kv_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                 k_scale: float = 1.0, v_scale: float = 1.0):
     """qkv (T, (Hq + 2*Hkv) * D), positions (T,), cos_sin_cache (max_pos, D) float32 [cos | sin];
-    q_norm / k_norm: (weight (D,), eps), both or neither -> q (T, Hq*D), k (T, Hkv*D), v (T, Hkv*D) view."""
+    q_norm / k_norm: (weight (D,), eps), both or neither -> q (T, Hq*D), k (T, Hkv*D), v (T, Hkv*D) view.
+    Given kv_cache (2, blocks, block_size, Hkv, D) and slot_mapping (T,): K and V go into token i's slot
+    (as triton_backend.write_kv with k_scale / v_scale) and k, v are returned as None."""
     num_tokens = qkv.shape[0]
     q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
     if qkv.dim() != 2 or qkv.shape[1] != q_size + 2 * kv_size or qkv.stride(1) != 1 or head_dim % 2:
@@ -76,17 +106,29 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
     if (q_norm is None) != (k_norm is None):
         raise ValueError("qk_norm_rope: pass both q_norm and k_norm, or neither")
     q = torch.empty((num_tokens, q_size), dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty((num_tokens, kv_size), dtype=qkv.dtype, device=qkv.device)
-    v = qkv[:, q_size + kv_size:]
+    if kv_cache is None:
+        k, v = torch.empty((num_tokens, kv_size), dtype=qkv.dtype, device=qkv.device), qkv[:, q_size + kv_size:]
+        k_cache = v_cache = slots = k
+        k_inv = v_inv = 1.0
+        c_strides, block_size = (0, 0, 0), 1
+    else:
+        k = v = None
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        if k_cache.shape[2:] != (num_kv_heads, head_dim) or k_cache.stride(3) != 1:
+            raise ValueError(f"qk_norm_rope: KV cache {tuple(k_cache.shape)} is not (blocks, block_size, "
+                             f"{num_kv_heads}, {head_dim}) with head_dim contiguous")
+        slots, k_inv, v_inv = slot_mapping, 1.0 / k_scale, 1.0 / v_scale
+        c_strides, block_size = k_cache.stride()[:3], k_cache.shape[1]
     num_heads = num_q_heads + num_kv_heads
     half_pad = triton.next_power_of_2(head_dim // 2)
     block_h = min(triton.next_power_of_2(num_heads), max(1, 512 // half_pad))   # tiles of ~512 per half
     if num_tokens > 0:
         (q_w, q_eps), (k_w, k_eps) = q_norm or (qkv, 0.0), k_norm or (qkv, 0.0)
         qk_norm_rope_kernel[(num_tokens, triton.cdiv(num_heads, block_h))](
-            qkv, positions, cos_sin_cache, q_w, k_w, q, k,
-            qkv.stride(0), cos_sin_cache.stride(0), q.stride(0), k.stride(0), q_eps, k_eps,
+            qkv, positions, cos_sin_cache, q_w, k_w, q, k if k is not None else q,
+            qkv.stride(0), cos_sin_cache.stride(0), q.stride(0), kv_size, q_eps, k_eps,
+            k_cache, v_cache, slots, k_inv, v_inv, *c_strides,
             NUM_Q_HEADS=num_q_heads, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
             HALF_PAD=half_pad, BLOCK_H=block_h, HAS_NORM=q_norm is not None,
-            num_warps=4)
+            WRITE_CACHE=kv_cache is not None, BLOCK_SIZE=block_size, num_warps=4)
     return q, k, v
