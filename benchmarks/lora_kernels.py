@@ -9,7 +9,7 @@ T = 232 is a W1 decode step (29 tokens an adapter): with --packed the adapters' 
 One JSON line per (layer, T); then a line per T with a step's total (x 28 layers) for split, fused and the best
 tiles per layer; last the pick: split, the fused default, or the fused kernel at the tiles with the least
 T = 232 + T = 16 time over the four layers, and `env`, the setting that selects it (PAGEDLLM_LORA_KERNEL=split,
-or PAGEDLLM_LORA_FUSED_CONFIG=block_m,block_n,block_k,num_warps,num_stages; empty for the default).
+or =fused with PAGEDLLM_LORA_FUSED_CONFIG=block_m,block_n,block_k,num_warps,num_stages).
 
 By default the graph's 28 calls reuse one layer's weights and adapters, which then stay in L2 (8 adapters of a
 layer: ~1-4 MB). A step's 28 layers hold ~280 MB of adapters: --layers-apart gives each of 28 calls its own copy,
@@ -193,14 +193,16 @@ def main():
 
 def recommend(totals: dict, sweep: dict) -> dict:
     """The path with the least T = 232 plus T = 16 decode time a step: split, the fused default, or the fused
-    kernel at the best tiles over the four layers; `env` is what selects it (empty: the default)."""
+    kernel at the best tiles over the four layers; `env` is what selects it (the default, auto, takes the wide
+    GEMM where it fits: --wide-gemm times that)."""
     def step_ms(us: float) -> float:
         return round(us * NUM_LAYERS / 1e3, 3)
     per_tiles = {k: sum(sweep[(k, T)] for T in SWEEP_T) for k, _ in sweep}
     best = min(per_tiles, key=per_tiles.get)
     ms = {path: step_ms(sum(totals[(T, "decode")][path] for T in SWEEP_T)) for path in ("split", "fused")}
     ms["fused_best"] = step_ms(per_tiles[best])
-    env = {"split": "PAGEDLLM_LORA_KERNEL=split", "fused": "", "fused_best": f"PAGEDLLM_LORA_FUSED_CONFIG={best}"}
+    env = {"split": "PAGEDLLM_LORA_KERNEL=split", "fused": "PAGEDLLM_LORA_KERNEL=fused",
+           "fused_best": f"PAGEDLLM_LORA_KERNEL=fused PAGEDLLM_LORA_FUSED_CONFIG={best}"}
     pick = min(ms, key=ms.get)
     if pick == "fused_best" and ms["fused_best"] > 0.95 * ms["fused"]:   # within noise: keep the default
         pick = "fused"

@@ -22,16 +22,26 @@ from pagedllm.lazy_kernel import lazy_kernel
 add_lora = lazy_kernel(globals(), "pagedllm.lora.ops", "add_lora")   # Triton, CUDA only
 lora_expand = lazy_kernel(globals(), "pagedllm.lora.kernels", "lora_expand")
 
-# Which kernels serve the layers on CUDA, for the process: fused (lora/ops.py; the default), split (ops.py), or
-# wide: every slot's A rows appended to the base weight, so that the base GEMM also gives each slot's x A^T and
-# only the expand is left (issue 20's candidate; benchmarks/lora_kernels.py --wide-gemm times it). Read at
-# import; ops.add_lora reads LORA_KERNEL at each call, a layer being built reads it for wide
+# Which kernels serve the layers on CUDA, for the process:
+#   wide   every slot's A rows appended to the base weight: the base GEMM also gives each slot's x A^T, and only
+#          the expand is left (LoRALinear._forward_wide). H200, W1 with 8 rank-16 adapters: 0.55 ms of LoRA a
+#          step against fused's 1.0; 0.885-0.903 of base throughput against fused's 0.82-0.85 (RESULTS.md,
+#          2026-12-05). Every step reads and multiplies all slots' A rows, used or not.
+#   fused  one launch a layer over the step's adapters only (lora/ops.py); split: shrink then expand (ops.py).
+#   auto   (the default) wide in a layer whose slots' A rows add at most WIDE_MAX_EXTRA of its base rows (the
+#          measured cases: 8 or 16 slots of rank 16 on Qwen3-0.6B, up to a quarter), else fused.
+# Read at import; ops.add_lora reads LORA_KERNEL at each call, a layer being built reads it to choose wide
 # (benchmarks/lora_throughput.py switches it between engines).
 KERNEL_ENV = "PAGEDLLM_LORA_KERNEL"
-KERNELS = ("fused", "split", "wide")
-LORA_KERNEL = os.environ.get(KERNEL_ENV, "fused")
+KERNELS = ("auto", "fused", "split", "wide")
+LORA_KERNEL = os.environ.get(KERNEL_ENV, "auto")
 if LORA_KERNEL not in KERNELS:
     raise ValueError(f"{KERNEL_ENV} must be one of {KERNELS}, got {LORA_KERNEL!r}")
+WIDE_MAX_EXTRA = 0.25
+
+
+def uses_wide(out_features: int, extra_rows: int) -> bool:
+    return LORA_KERNEL == "wide" or (LORA_KERNEL == "auto" and extra_rows <= WIDE_MAX_EXTRA * out_features)
 
 
 # The kernels' tile rows (lora/kernels.py's BLOCK_M, lora/fused.py's default block_m): each adapter's run of
@@ -91,7 +101,8 @@ class LoRALinear(nn.Module):
         n = len(self.shard_sizes)
         self.wide = None   # wide: (out + max_loras * n * R, in), the base weight's rows, then each slot's A rows
         self.wide_bias = None
-        if LORA_KERNEL == "wide" and (weight.is_cuda or self.kernels_on_cpu) and weight.dtype == dtype:
+        if (uses_wide(self.out_features, max_loras * n * max_rank) and (weight.is_cuda or self.kernels_on_cpu)
+                and weight.dtype == dtype):
             self._widen(max_loras, n * max_rank)
         else:
             self.register_buffer("lora_a", torch.zeros(max_loras, n * max_rank, self.in_features, dtype=dtype,

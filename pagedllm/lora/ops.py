@@ -1,11 +1,11 @@
 """y += LoRA(x) on CUDA (imported lazily: Triton): which kernels serve a layer.
 
-  fused  one launch a layer (lora/fused.py) for ranks <= 64, the default; larger ranks take the split path
+  fused  one launch a layer (lora/fused.py) for ranks <= 64; larger ranks take the split path
   split  two launches a layer, shrink then expand (lora/kernels.py)
   wide   the layer's own GEMM gives x A^T, then the expand alone (LoRALinear._forward_wide; not through here)
 
-PAGEDLLM_LORA_KERNEL picks one for the process (lora/layers.py's LORA_KERNEL; benchmarks/lora_kernels.py times
-them on the GPU).
+PAGEDLLM_LORA_KERNEL picks one for the process; the default, auto, takes wide where the slots' A rows are few
+beside the layer's and fused elsewhere (lora/layers.py; benchmarks/lora_kernels.py times them on the GPU).
 """
 import torch
 

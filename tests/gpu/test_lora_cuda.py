@@ -1,4 +1,5 @@
-"""LoRA on CUDA (Triton kernels: fused, shrink/expand with PAGEDLLM_LORA_KERNEL=split, or wide; CUDA graphs): three
+"""LoRA on CUDA (Triton kernels: fused, shrink/expand with PAGEDLLM_LORA_KERNEL=split, or wide; the default, auto,
+takes fused for these tiny layers, whose slots' A rows outnumber a quarter of their own; CUDA graphs): three
 adapters and the base in one call.
 - float32, graphs: the greedy tokens of transformers + PEFT (tests/e2e/test_lora.py's references), logprobs
   within 1e-3, and the CPU engine's (the torch loop) too;
@@ -104,7 +105,7 @@ def test_lora_cuda_bf16_runs(setup):
 
 
 def test_lora_cuda_wide_gemm(setup, monkeypatch):
-    """PAGEDLLM_LORA_KERNEL=wide (issue 20's candidate: every slot's A rows in the base GEMM, then the expand):
+    """PAGEDLLM_LORA_KERNEL=wide (auto's pick on real layers: every slot's A rows in the base GEMM, then the expand):
     float32 gives transformers + PEFT's greedy tokens, and bf16 graphs equal its eager steps."""
     from pagedllm.lora import layers
     monkeypatch.setattr(layers, "LORA_KERNEL", "wide")

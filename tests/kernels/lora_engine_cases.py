@@ -29,9 +29,8 @@ def main():
                  for i, (name, kw) in enumerate(e2e.ADAPTERS.items())}
         refs = e2e._references(base, loras)
         LoRALinear.kernels_on_cpu = True
-        if "wide" in sys.argv[1:]:   # PAGEDLLM_LORA_KERNEL=wide: A rows in the base GEMM, then the expand
-            from pagedllm.lora import layers
-            layers.LORA_KERNEL = "wide"
+        from pagedllm.lora import layers   # wide: A rows in the base GEMM, then the expand; else the fused kernel
+        layers.LORA_KERNEL = "wide" if "wide" in sys.argv[1:] else "fused"
         names = e2e.assignment(loras)
         llm = LLM(base, device="cpu", dtype="float32", log_stats_interval=0, enable_lora=True, max_loras=3,
                   max_num_batched_tokens=24)   # small: the start-up profile step runs the kernels too
