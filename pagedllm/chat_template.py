@@ -5,6 +5,8 @@ LLM.chat and the server both render here, so the same conversation gives the sam
 import inspect
 import json
 
+import jinja2
+
 from transformers import PreTrainedTokenizerBase
 
 # apply_chat_template's own parameters (and the template's `messages`): not template variables, so
@@ -24,10 +26,12 @@ class ChatTemplateError(ValueError):
 
 def render_chat(tokenizer, conversation: list[dict], chat_template: str | None = None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> str:
+                chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
+                documents: list[dict] | None = None) -> str:
     """The prompt text of `conversation`. continue_final_message leaves the last message open (no end of turn,
     no generation prompt) so the model continues it, as transformers and vLLM do. tools (OpenAI's
-    [{"type": "function", "function": {...}}]) go to the template, which describes them to the model."""
+    [{"type": "function", "function": {...}}]) go to the template, which describes them to the model;
+    documents (dicts, e.g. {"title", "text"}) too, for templates that cite them (RAG)."""
     if add_generation_prompt and continue_final_message:
         raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true: the first "
                                 "continues the last message, the second starts a new one", "continue_final_message")
@@ -41,7 +45,9 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
         return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
                                              continue_final_message=continue_final_message, tools=tools or None,
-                                             **kwargs)
+                                             documents=documents or None, **kwargs)
+    except jinja2.TemplateSyntaxError as e:   # the template itself, not these messages
+        raise ChatTemplateError(f"the chat template does not parse: {e}", "chat_template") from e
     except Exception as e:   # a template that rejects these messages (roles, order) raises here
         raise ChatTemplateError(f"the chat template failed on these messages: {e}", "messages") from e
 

@@ -199,6 +199,9 @@ class ServerConfig:
     served_model_name: str | None = _f(None, "model name in the API (default: the model argument)")
     chat_template: str | None = _f(None, "chat template (a file or the template text) when the tokenizer has "
                                          "none, or to replace its own")
+    trust_request_chat_template: bool = _f(False, "let a chat request bring its own chat_template (vLLM's flag); "
+                                                  "without it such a request is a 400: a template is code the "
+                                                  "tokenizer thread runs")
     max_waiting_queue_length: int | None = _f(None, "refuse new requests with 503 while this many sequences "
                                                     "wait for their first step (a request counts its n; one "
                                                     "with n above the bound is a 400) (default: no bound)")

@@ -192,7 +192,8 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, che
                       step_timeout=server_config.engine_step_timeout,
                       on_dead=lambda: server.on_core_death(), stream_interval=server_config.stream_interval,
                       core=core, shared_waiting=shared_waiting)
-    ctx = ServingContext(engine, metrics.model_name, checks.chat_template, server_config.tool_call_parser,
+    ctx = ServingContext(engine, metrics.model_name, checks.chat_template,
+                         server_config.trust_request_chat_template, server_config.tool_call_parser,
                          server_config.enable_auto_tool_choice)
     if engine_config.enable_lora:
         ctx.loras = ServingLoRAs(engine, ctx.model_name)

@@ -29,14 +29,19 @@ async def render_chat(ctx: ServingContext, req: ChatCompletionRequest | Tokenize
 
 
 def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> str:
-    if ctx.chat_template is None and not getattr(ctx.tokenizer, "chat_template", None):
+    template = req.chat_template if req.chat_template is not None else ctx.chat_template
+    if req.chat_template is not None and not ctx.trust_request_chat_template:
+        raise APIError(400, "a request's own chat_template needs the server to run with "
+                            "--trust-request-chat-template", "chat_template", "invalid_value")
+    if template is None and not getattr(ctx.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template",
                        "messages", "invalid_value")
     try:
-        text = chat_template.render_chat(ctx.tokenizer, [m.as_template_input() for m in req.messages],
-                                         ctx.chat_template, req.add_generation_prompt, req.continue_final_message,
+        text = chat_template.render_chat(ctx.tokenizer, [m.as_template_input() for m in req.messages], template,
+                                         req.add_generation_prompt, req.continue_final_message,
                                          req.chat_template_kwargs, [t.model_dump(exclude_none=True)
-                                                                    for t in getattr(req, "tools", None) or []])
+                                                                    for t in getattr(req, "tools", None) or []],
+                                         req.documents)
     except chat_template.ChatTemplateError as e:
         raise APIError(400, shorten(str(e), 1000), e.param, "invalid_value") from e
     return text
@@ -99,9 +104,11 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
         [out] = await final_outputs(streams, _constraint_field(req, plan))
     finally:
         abort_all(ctx.engine, ids)
-    choices = []
+    choices, echo = [], _echo_text(req)
     for c in out.outputs:
         message, finish_reason = chat_tools.message(plan, c)
+        if echo:
+            message["content"] = echo + (message["content"] or "")
         choices.append({"index": c.index, "message": message, "logprobs": _logprobs(req, c),
                         "finish_reason": finish_reason, "stop_reason": c.stop_reason})
     num_completion = sum(len(c.token_ids) for c in out.outputs)
@@ -120,6 +127,10 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
     for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
+    echo = _echo_text(req)
+    for i in range(req.n if echo else 0):   # then vLLM's: a chunk with the echoed text
+        yield sse({**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
+                                        "finish_reason": None}]})
     parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
     async for _, out in outputs:
         for c in out.outputs:
@@ -136,6 +147,15 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                    f'"stop_reason":{json_value(c.stop_reason)}}}]}}\n\n')
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
+
+
+def _echo_text(req: ChatCompletionRequest) -> str:
+    """echo (vLLM's): the last message's text, put before each choice's content when that message is the
+    assistant's (as with continue_final_message); "" otherwise."""
+    last = req.messages[-1].as_template_input()
+    if not req.echo or last.get("role") != "assistant":
+        return ""
+    return chat_template.template_message(last)["content"]
 
 
 def _tool_chunk(req: ChatCompletionRequest, parser, c: CompletionOutput) -> dict | None:

@@ -254,6 +254,8 @@ class _ChatTemplateOptions(_Request):
     continue_final_message: bool = False      # the last message is continued: no generation prompt
     chat_template_kwargs: dict[str, Any] | None = None   # extra template variables
     add_special_tokens: bool = False          # on top of those the template writes (vLLM's default: none)
+    documents: list[dict[str, Any]] | None = None   # for RAG templates: the template's `documents`
+    chat_template: str | None = None          # the request's own template (--trust-request-chat-template)
 
 
 class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
@@ -268,8 +270,6 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     parallel_tool_calls: bool | None = None   # false: at most one call (default: any number)
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    documents: list[dict[str, Any]] | None = None
-    chat_template: str | None = None
 
     @model_validator(mode="after")
     def _check_tool_choice(self):
@@ -296,10 +296,7 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
         # The deprecated functions/function_call are refused, not mapped: tools/tool_choice say the same.
         legacy = "the deprecated functions API: use tools and tool_choice"
         return [*super().unsupported(), ("functions", not self.functions, legacy),
-                ("function_call", self.function_call in (None, "none", "auto"), legacy),
-                ("documents", not self.documents, "documents for RAG templates"),
-                ("chat_template", self.chat_template is None, "a request's own chat template"),
-                ("echo", not self.echo, "echo of the last message")]
+                ("function_call", self.function_call in (None, "none", "auto"), legacy)]
 
 
 class TokenizeRequest(_ChatTemplateOptions):
@@ -311,7 +308,8 @@ class TokenizeRequest(_ChatTemplateOptions):
     @model_validator(mode="after")
     def _chat_options_need_messages(self):
         if self.prompt is not None:
-            for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs"):
+            for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents",
+                         "chat_template"):
                 if name in self.model_fields_set:
                     raise APIError(400, f"{name} applies to messages, not to a prompt", name, "invalid_value")
         if self.add_special_tokens is None:

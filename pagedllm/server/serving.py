@@ -34,6 +34,7 @@ class ServingContext:
     engine: AsyncLLM
     model_name: str
     chat_template: str | None
+    trust_request_chat_template: bool = False   # --trust-request-chat-template: requests may bring a template
     tool_call_parser: str | None = None     # --tool-call-parser, --enable-auto-tool-choice (chat_tools.py)
     enable_auto_tool_choice: bool = False
     loras: ServingLoRAs | None = None       # --enable-lora: the adapters served by name (server/lora.py)

@@ -10,9 +10,9 @@ from server.server_utils import (API_KEY, CHAT_TEMPLATE, EDGE_API_KEY, EDGE_MAX_
 
 @pytest.fixture(scope="session")
 def servers(tiny_model_dirs, tmp_path_factory):
-    """"main": API key from PAGEDLLM_API_KEY, a chat template, tool_choice auto (hermes); "small": API key from
-    --api-key, one running sequence and a waiting queue of one, for the 503, and speculative decoding (the model
-    as its own draft: every proposal accepted); "edge": what faces hostile clients (HTTPS with a self-signed
+    """"main": API key from PAGEDLLM_API_KEY, a chat template (and requests' own), tool_choice auto (hermes);
+    "small": API key from --api-key, one running sequence and a waiting queue of one, for the 503, and speculative
+    decoding (the model as its own draft: every proposal accepted); "edge": what faces hostile clients (HTTPS with a self-signed
     certificate where openssl exists, CORS, a root path, a 1 MiB body limit, short requests for the fuzzers).
     All start at once: start-up is most of their cost."""
     server_model_dir = tiny_model_dirs["llama"]
@@ -20,7 +20,8 @@ def servers(tiny_model_dirs, tmp_path_factory):
     template = logs / "template.jinja"
     template.write_text(CHAT_TEMPLATE)
     started = {"main": start_server(server_model_dir, str(logs / "main.log"), API_KEY,
-                                    "--chat-template", str(template), "--enable-auto-tool-choice",
+                                    "--chat-template", str(template), "--trust-request-chat-template",
+                                    "--enable-auto-tool-choice",
                                     "--tool-call-parser", "hermes",
                                     # the first compile (xgrammar's tokenizer info) once passed 30 s while the
                                     # three servers started on two shared cores

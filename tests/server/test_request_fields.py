@@ -1,5 +1,7 @@
 """Every request field takes effect, is a documented no-op, or is a 400 naming it (issue 14, part 3): unknown
 fields, neutral values, features not implemented yet, chat template options, tool messages, prompt_logprobs."""
+import json
+
 import httpx
 import pytest
 from server.server_utils import CHAT_TEMPLATE, MODEL_NAME
@@ -70,9 +72,6 @@ def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
     (COMPLETIONS, {"priority": 1}, "priority"),
     (CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     (CHAT, {"function_call": {"name": "f"}}, "function_call"),
-    (CHAT, {"documents": [{"title": "t", "text": "x"}]}, "documents"),
-    (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),
-    (CHAT, {"echo": True}, "echo"),
 ])
 def test_features_not_implemented_yet_are_400_naming_the_field(server, path, body, param):
     prompt = {"prompt": PROMPT} if path == COMPLETIONS else {"messages": MESSAGES}
@@ -124,6 +123,57 @@ def test_chat_template_kwargs_continue_final_message_add_generation_prompt(serve
     _error(_post(server, CHAT, {"model": MODEL_NAME, "messages": MESSAGES,
                                 "chat_template_kwargs": {"tokenize": True}}), "chat_template_kwargs")
     _error(_post(server, TOKENIZE, {"prompt": PROMPT, "continue_final_message": True}), "continue_final_message")
+
+
+# A request's own template that shows the documents (a RAG template's `documents`) before the turns
+DOC_TEMPLATE = ("{% for d in documents or [] %}<doc {{ d.title }}>{{ d.text }}</doc>\n{% endfor %}"
+                "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_request_chat_template_and_documents_reach_the_template(server, edge, offline_llm):
+    docs = [{"title": "a", "text": "Cats sleep."}, {"title": "b", "text": "Dogs bark."}]
+    expected = "<doc a>Cats sleep.</doc>\n<doc b>Dogs bark.</doc>\nuser: Tell me a story\nassistant:"
+    ids = _tokenize(server, MESSAGES, chat_template=DOC_TEMPLATE, documents=docs)
+    assert ids == offline_llm.get_tokenizer().encode(expected, add_special_tokens=False)
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 10, "temperature": 0,
+            "chat_template": DOC_TEMPLATE, "documents": docs}
+    out = _post(server, CHAT, body).json()
+    [ref] = offline_llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=10, temperature=0),
+                                 use_tqdm=False)
+    assert out["choices"][0]["message"]["content"] == ref.outputs[0].text
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    # the server's own template has no documents: they change nothing there
+    assert _tokenize(server, MESSAGES, documents=docs) == _tokenize(server, MESSAGES)
+    # a template from a request needs the server's consent; one that does not parse names the field
+    _error(httpx.post(edge.url + CHAT, json=body, headers=edge.headers, verify=edge.verify, timeout=60),
+           "chat_template")
+    _error(_post(server, CHAT, {**body, "chat_template": "{% for %}"}), "chat_template")
+    _error(_post(server, TOKENIZE, {"prompt": PROMPT, "documents": docs}), "documents")
+
+
+def test_chat_echo_puts_the_last_assistant_message_first(server):
+    conversation = [*MESSAGES, {"role": "assistant", "content": [{"type": "text", "text": "Once"},
+                                                                 {"type": "text", "text": "upon"}]}]
+    base = {"model": MODEL_NAME, "messages": conversation, "max_tokens": 8, "temperature": 0, "n": 2,
+            "add_generation_prompt": False, "continue_final_message": True}
+    plain = _post(server, CHAT, base).json()
+    echoed = _post(server, CHAT, {**base, "echo": True}).json()
+    for p, e in zip(plain["choices"], echoed["choices"], strict=True):
+        assert e["message"]["content"] == "Once\nupon" + p["message"]["content"]
+    assert echoed["usage"] == plain["usage"]
+    with httpx.stream("POST", server.url + CHAT, json={**base, "echo": True, "stream": True},
+                      headers=server.headers, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = {}
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + (c["delta"].get("content") or "")
+    assert texts == {c["index"]: c["message"]["content"] for c in echoed["choices"]}
+    # the last message is the user's: nothing to echo (vLLM's rule)
+    user_last = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    assert _post(server, CHAT, {**user_last, "echo": True}).json()["choices"] == \
+        _post(server, CHAT, user_last).json()["choices"]
 
 
 def _positions(prompt_logprobs: list) -> list:
