@@ -12,6 +12,7 @@ DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _PREEMPTION_MODES = ("recompute", "swap", "offload")
+_SCHEDULING_POLICIES = ("fcfs", "priority")
 _QUANTIZATIONS = ("fp8",)
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _EXECUTOR_BACKENDS = ("mp", "ray")
@@ -71,6 +72,10 @@ class EngineConfig:
     preemption_mode: str = _f("recompute", "what happens to a preempted request's KV: recompute it later, "
                                            "swap it to CPU memory (swap_space), or offload its full blocks to "
                                            "the disk tier (needs kv_disk_dir)", choices=_PREEMPTION_MODES)
+    scheduling_policy: str = _f("fcfs", "which waiting request is admitted first and which running one is "
+                                        "preempted: fcfs (arrival order; the newest is preempted) or priority "
+                                        "(a request's priority, lower first, then arrival: vLLM's)",
+                                choices=_SCHEDULING_POLICIES)
     swap_space: float = _f(4.0, "GiB of CPU memory for the blocks of swapped-out requests (preemption_mode swap)")
     cpu_offload_gb: float = _f(0.0, "GiB of CPU memory for the CPU tier of the prefix cache: full blocks evicted "
                                     "from the GPU keep their KV there (LRU); 0 = off")
@@ -131,6 +136,8 @@ class EngineConfig:
         self.speculative = SpeculativeConfig.parse(self.speculative_config)   # None: off
 
     def _check_kv_tiers(self):
+        _check(self.scheduling_policy in _SCHEDULING_POLICIES, "scheduling_policy",
+               f"one of {_SCHEDULING_POLICIES}", self.scheduling_policy)
         _check(self.preemption_mode in _PREEMPTION_MODES, "preemption_mode", f"one of {_PREEMPTION_MODES}",
                self.preemption_mode)
         _check(self.swap_space > 0 if self.preemption_mode == "swap" else self.swap_space >= 0, "swap_space",

@@ -41,8 +41,9 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None, priority: list[int] | None = None) -> list[RequestOutput]:
         """lora_request: a LoRARequest for every prompt, or a list of one (or None: the base) per prompt.
+        priority: one per prompt, lower first (needs scheduling_policy="priority"; vLLM's).
         Runs every prompt to completion; outputs come back in input order. A request the engine core
         fails (its own data raised there, or its step did; the log says why) comes back with
         finish_reason "error" on its sequences, and the others as if it had not been there."""
@@ -51,15 +52,19 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
         loras = _loras_per_prompt(lora_request, len(prompts))
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts: give one per prompt")
+        priorities = priority or [0] * len(prompts)
         for lora in dict.fromkeys(x for x in loras if x is not None):
             if not isinstance(lora, LoRARequest):
                 raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora).__name__}")
             self.engine.add_lora(lora)   # a bad adapter is a ValueError before anything is queued
         ids = []
         try:
-            for prompt, p, lora in zip(prompts, params, loras):
+            for prompt, p, lora, prio in zip(prompts, params, loras, priorities):
                 ids.append(str(next(self._ids)))
-                self.engine.add_request(ids[-1], _prompt_value(prompt), p, OutputKind.FINAL, lora_request=lora)
+                self.engine.add_request(ids[-1], _prompt_value(prompt), p, OutputKind.FINAL, lora_request=lora,
+                                        priority=prio)
         except Exception:
             self.engine.abort_request(ids)   # all or nothing: no half-added batch left in the engine
             raise

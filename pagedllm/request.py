@@ -38,13 +38,15 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  max_tokens: int, block_size: int, arrival_time: float | None = None,
                  cache_salt: str | None = None, lora_request=None, lora_key: tuple | None = None,
-                 kv_parent: str | None = None, hold_kv: bool = False, lora_loading: bool = False):
+                 kv_parent: str | None = None, hold_kv: bool = False, lora_loading: bool = False,
+                 priority: int = 0):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
         self.max_tokens = max_tokens
         self.block_size = block_size
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
+        self.priority = priority         # scheduling_policy priority: lower first, then arrival
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0     # counted when a step is scheduled, before it has run
         self.num_output_placeholders = 0  # tokens being sampled by scheduled steps, not yet appended

@@ -8,12 +8,17 @@ its KV is recomputed, or swapped / offloaded and loaded back (core/offload.py de
 Blocks held for forks (core/kv_fork.py: beam search) are freed first, oldest hold first, before any request is
 preempted or a waiting one is left waiting for room.
 
+scheduling_policy "priority" (vLLM's): both queues are kept in (priority, arrival) order, lower first, so the
+same loops admit the most urgent waiting request first and preempt the least urgent running one (the last),
+which has not been scheduled in this step yet; a preempted request goes back to its place, not to the front.
+
 Steps overlap (async scheduling): step N+1 is scheduled while step N runs, before N's sampled tokens are
 known. So num_computed_tokens advances when a step is scheduled, and a token being sampled is counted in
 num_output_placeholders until update_from_output appends it: a decode request's next step computes the
 placeholder's position, whose input id the runner takes from the device (see runner/input_batch.py). A
 request whose in-flight tokens already reach max_tokens or max_model_len is not scheduled again.
 """
+import bisect
 import logging
 import time
 from collections import deque
@@ -32,13 +37,15 @@ logger = logging.getLogger("pagedllm")
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, offload: KVOffloadManager | None = None, max_loras: int | None = None):
+                 max_model_len: int, offload: KVOffloadManager | None = None, max_loras: int | None = None,
+                 policy: str = "fcfs"):
         self.kv = kv_cache_manager
         self.offload = offload or KVOffloadManager(kv_cache_manager.block_size)   # the tiers below the GPU
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.max_loras = max_loras   # LoRA on: most distinct adapters among the running requests
+        self.by_priority = policy == "priority"
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -52,7 +59,7 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request):
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(self.waiting, request)
         if request.kv_parent is not None:
             self.kv.forks.claim(request)
         if request.grammar is not None:
@@ -189,7 +196,7 @@ class Scheduler:
                 req.num_cached_tokens = num_hit + load.num_tokens
             req.num_computed_tokens = num_hit + load.num_tokens
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._enqueue(self.running, req)
             if loras is not None and req.lora_int_id:
                 loras.add(req.lora_int_id)
             # First scheduled, or resumed after preemption: the runner gets it in full.
@@ -252,7 +259,18 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        if self.by_priority:
+            self._enqueue(self.waiting, req)
+        else:
+            self.waiting.appendleft(req)
+
+    def _enqueue(self, queue, req: Request):
+        """FCFS: at the end. Priority: after every request of a lower (priority, arrival), and of an equal one."""
+        if not self.by_priority:
+            queue.append(req)
+            return
+        key = (req.priority, req.arrival_time)
+        queue.insert(bisect.bisect_right(queue, key, key=lambda r: (r.priority, r.arrival_time)), req)
 
     # ---- after the step: the only place a request changes ----------------------------------------------
     def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:

@@ -107,22 +107,22 @@ class AsyncLLM:
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams,
                     output_kind: OutputKind = OutputKind.CUMULATIVE,
                     cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
-                    hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
+                    hold_kv: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Validates and queues the request now: raises ValueError for an invalid request, QueueFullError at
         the waiting-queue bound. lora_request: its adapter, loaded in the core process if new (a bad one
         fails the request there: finish_reason "error"). Returns the iterator of its outputs; leaving it early
         (break, cancel, a closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
-        must abort() the request itself. kv_parent, hold_kv: as Engine.add_request's (beam search's forks)."""
+        must abort() the request itself. kv_parent, hold_kv, priority: as Engine.add_request's."""
         q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt, lora_request,
-                              kv_parent, hold_kv)
+                              kv_parent, hold_kv, priority)
         return self._outputs(request_id, q)
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
                        output_kind: OutputKind = OutputKind.CUMULATIVE,
-                       lora_request=None) -> AsyncIterator[RequestOutput]:
+                       lora_request=None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as tokens arrive, until the finished one (see add_request)."""
         async for out in self.add_request(request_id, prompt, sampling_params, output_kind,
-                                          lora_request=lora_request):
+                                          lora_request=lora_request, priority=priority):
             yield out
 
     async def _outputs(self, request_id: str, q: "OutputQueue") -> AsyncIterator[RequestOutput]:
@@ -142,7 +142,7 @@ class AsyncLLM:
 
     def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind,
                      cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
-                     hold_kv: bool = False) -> "OutputQueue":
+                     hold_kv: bool = False, priority: int = 0) -> "OutputQueue":
         self.attach()
         self._check_alive()
         if request_id in self.output_processor.parents:
@@ -150,7 +150,8 @@ class AsyncLLM:
         self._check_queue_bound(params.num_sequences, "n" if params.best_of is None else "best_of")
         try:
             req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt,
-                                               lora_request=lora_request, kv_parent=kv_parent, hold_kv=hold_kv)
+                                               lora_request=lora_request, kv_parent=kv_parent, hold_kv=hold_kv,
+                                               priority=priority)
             self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                               req.arrival_time)
             q = self._queues[request_id] = OutputQueue()

@@ -42,6 +42,7 @@ class EngineCoreRequest:
     lora_request: "LoRARequest | None" = None
     kv_parent: str | None = None      # a held request whose KV it extends, forked copy-on-write (beam search)
     hold_kv: bool = False             # keep its blocks when it ends, until release_kv_holds
+    priority: int = 0                 # scheduling_policy priority: lower runs first
 
 
 class EngineCore:
@@ -55,7 +56,8 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
                                                offload and offload.on_gpu_evict)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   max_model_len, offload, config.max_loras if config.enable_lora else None)
+                                   max_model_len, offload, config.max_loras if config.enable_lora else None,
+                                   config.scheduling_policy)
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepStats] | None = None   # launched, not read
         self.structured = StructuredOutputManager(GrammarCompilePool(
             lambda: load_engine_tokenizer(config), hf_config.vocab_size,
@@ -78,7 +80,8 @@ class EngineCore:
             lora_key = None if r.lora_request is None else self._lora_loader().key_if_loaded(r.lora_request)
             request = Request(r.request_id, r.prompt_token_ids, r.sampling_params, r.max_tokens,
                               self.block_size, r.arrival_time, r.cache_salt, r.lora_request, lora_key,
-                              r.kv_parent, r.hold_kv, lora_loading=r.lora_request is not None and lora_key is None)
+                              r.kv_parent, r.hold_kv, lora_loading=r.lora_request is not None and lora_key is None,
+                              priority=r.priority)
             self.runner.add_request(r.request_id, r.sampling_params)
             if r.sampling_params.structured_outputs is not None:   # compiles on a worker from now on
                 request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs)

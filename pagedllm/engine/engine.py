@@ -83,8 +83,9 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     kind: OutputKind = OutputKind.FINAL, arrival_time: float | None = None,
                     cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
-                    hold_kv: bool = False):
-        """Validates and queues a request; a request that can never run is a ValueError here. lora_request:
+                    hold_kv: bool = False, priority: int = 0):
+        """Validates and queues a request; a request that can never run is a ValueError here. priority: lower
+        runs first under scheduling_policy "priority" (else only 0 is accepted). lora_request:
         a LoRARequest (enable_lora); an adapter not on the host is read on a loader thread while steps go on (the
         request waits for it), and a bad one ends the request with finish_reason "error" (LLM.generate checks
         its adapters first, so there it is a ValueError).
@@ -101,7 +102,7 @@ class Engine:
             if self.core.runner.lora is None:
                 raise ValueError("a lora_request needs enable_lora=True (--enable-lora)")
         req = self.input_processor.process(request_id, prompt, params, arrival_time, cache_salt, lora_request,
-                                           kv_parent, hold_kv)
+                                           kv_parent, hold_kv, priority)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                           req.arrival_time)
         for core_request in req.core_requests:

@@ -26,9 +26,11 @@ class ProcessedRequest:
 
 class InputProcessor:
     def __init__(self, tokenizer, eos_token_ids: set[int], vocab_size: int, max_model_len: int,
-                 block_size: int, num_blocks: int, enable_prefix_caching: bool, max_num_seqs: int | None = None):
+                 block_size: int, num_blocks: int, enable_prefix_caching: bool, max_num_seqs: int | None = None,
+                 scheduling_policy: str = "fcfs"):
         """max_num_seqs: the engine's bound, and so the largest n (None: no bound)."""
         self.tokenizer = tokenizer
+        self.scheduling_policy = scheduling_policy
         self.max_num_seqs = max_num_seqs
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
@@ -41,15 +43,22 @@ class InputProcessor:
     def for_engine(cls, config, tokenizer, vocab_size: int, max_model_len: int, num_blocks: int) -> "InputProcessor":
         """The offline Engine's and AsyncLLM's: the checkpoint's EOS ids, the config's limits."""
         return cls(tokenizer, load_eos_token_ids(config.model, tokenizer), vocab_size, max_model_len,
-                   config.block_size, num_blocks, config.enable_prefix_caching, config.max_num_seqs)
+                   config.block_size, num_blocks, config.enable_prefix_caching, config.max_num_seqs,
+                   config.scheduling_policy)
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                 arrival_time: float | None = None, cache_salt: str | None = None,
-                lora_request=None, kv_parent: str | None = None, hold_kv: bool = False) -> ProcessedRequest:
+                lora_request=None, kv_parent: str | None = None, hold_kv: bool = False,
+                priority: int = 0) -> ProcessedRequest:
         """Raises ValueError, naming the field and the limit, for a request that can never run.
         cache_salt: only requests of the same salt share blocks (beam search: the beams of one search, even
         with prefix caching off); None: the engine's rule below. kv_parent / hold_kv: see EngineCoreRequest."""
         num_seqs = params.num_sequences
+        if type(priority) is not int:
+            raise ValueError(f"priority must be an integer, got {type(priority).__name__}")
+        if priority != 0 and self.scheduling_policy != "priority":   # vLLM's rule
+            raise ValueError(f"priority {priority} needs scheduling_policy 'priority' (--scheduling-policy "
+                             f"priority); this engine schedules {self.scheduling_policy}")
         if kv_parent is not None and not isinstance(kv_parent, str):
             raise ValueError(f"kv_parent must be a request id (str) or None, got {type(kv_parent).__name__}")
         if self.max_num_seqs is not None and num_seqs > self.max_num_seqs:   # before any per-sequence work
@@ -82,7 +91,7 @@ class InputProcessor:
                 logprobs=0 if params.logprobs is None and num_seqs > params.n else params.logprobs)
             core_requests.append(EngineCoreRequest(child_request_id(request_id, i, num_seqs), prompt_ids,
                                                    child_params, max_tokens, arrival_time, salt, lora_request,
-                                                   kv_parent, hold_kv))
+                                                   kv_parent, hold_kv, priority))
         return ProcessedRequest(text, prompt_ids, params, arrival_time, core_requests)
 
     def _prompt_ids(self, prompt: str | list) -> list[int]:

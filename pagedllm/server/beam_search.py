@@ -12,8 +12,12 @@ from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedllm.server.errors import APIError
 
 
-def check_beam_search(engine, params: BeamSearchParams):
-    """At request time, naming the server's field: the beam width is n."""
+def check_beam_search(engine, params: BeamSearchParams, priority: int = 0):
+    """At request time, naming the server's field: the beam width is n. Its step requests are added later,
+    inside the stream: a priority the engine would refuse is refused here."""
+    if priority != 0 and engine.input_processor.scheduling_policy != "priority":
+        raise APIError(400, f"priority {priority} needs the server to run with --scheduling-policy priority",
+                       "priority", "invalid_value")
     try:
         step_sampling_params(params, len(engine.input_processor.eos_token_ids))
     except ValueError as e:
@@ -22,7 +26,7 @@ def check_beam_search(engine, params: BeamSearchParams):
 
 
 async def beam_search_stream(engine, request_id: str, prompt_ids: list[int], params: BeamSearchParams,
-                             lora_request=None) -> AsyncIterator[RequestOutput]:
+                             lora_request=None, priority: int = 0) -> AsyncIterator[RequestOutput]:
     """Each step adds every running beam as a 1-token request at once (the core batches them with everything
     else in flight), each forking the held request of the beam it extends (core/kv_fork.py). Leaving early
     aborts the step's requests (AsyncLLM's streams do it when closed) and releases the held ones."""
@@ -38,7 +42,7 @@ async def beam_search_stream(engine, request_id: str, prompt_ids: list[int], par
             ids = [f"{request_id}-{inst.num_generated}-{j}" for j in range(len(inst.running))]
             streams = [engine.add_request(rid, beam, step_params, OutputKind.FINAL, cache_salt=salt,
                                           kv_parent=parent, hold_kv=True,
-                                          lora_request=lora_request)
+                                          lora_request=lora_request, priority=priority)
                        for rid, beam, parent in zip(ids, inst.beam_prompts(), inst.beam_parents())]
             engine.release_kv_holds(held)   # after their children: the core reads its messages in order
             held = ids

@@ -53,7 +53,7 @@ def bad_value(e: ValueError) -> APIError:
     ("SamplingParams.<field> must be <limit>, got <value>"); the value is cut short."""
     message = str(e)
     match = re.match(r"SamplingParams\.(\w+)", message)
-    param = match.group(1) if match else "prompt" if message.startswith("prompt") else None
+    param = match.group(1) if match else next((f for f in ("prompt", "priority") if message.startswith(f)), None)
     head, got, value = message.partition(", got ")
     return APIError(400, shorten(head, 1000) + got + shorten(value), param, code="invalid_value")
 

@@ -24,7 +24,7 @@ from pagedllm.server.structured_fields import constraint_field, structured_outpu
 # Accepted and without effect on the output (OpenAI's and vLLM's bookkeeping fields):
 #   user, metadata, store, service_tier, safety_identifier, prompt_cache_key: the client's labels;
 #   request_id: vLLM's, here it names the response (its id) and nothing else;
-#   stream_options without stream; priority 0 (the only priority).
+#   stream_options without stream.
 _NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "request_id")
 
 # Request fields passed to SamplingParams under the same name, and only when the client set them (None =
@@ -127,8 +127,7 @@ class _SamplingRequest(_Request):
         return self
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
-        return [("spaces_between_special_tokens", self.spaces_between_special_tokens, "detokenizer option"),
-                ("priority", self.priority == 0, "priority scheduling")]
+        return [("spaces_between_special_tokens", self.spaces_between_special_tokens, "detokenizer option")]
 
     @model_validator(mode="after")
     def _check_beam_search(self):

@@ -101,18 +101,20 @@ class ServingContext:
 
 def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]],
                  params: SamplingParams | BeamSearchParams, kind: OutputKind,
-                 lora_request: LoRARequest | None = None) -> tuple[list[AsyncIterator[RequestOutput]], list[str]]:
+                 lora_request: LoRARequest | None = None,
+                 priority: int = 0) -> tuple[list[AsyncIterator[RequestOutput]], list[str]]:
     """All prompts or none: when one is refused, the ones already added are aborted. BeamSearchParams: one
     beam search per prompt, each a stream of one final output (its step requests are its own to abort)."""
     if isinstance(params, BeamSearchParams):
-        check_beam_search(engine, params)
-        return [beam_search_stream(engine, f"{request_id}-{i}", p, params, lora_request)
+        check_beam_search(engine, params, priority)
+        return [beam_search_stream(engine, f"{request_id}-{i}", p, params, lora_request, priority)
                 for i, p in enumerate(prompts)], []
     streams, ids = [], []
     try:
         for i, prompt_ids in enumerate(prompts):
             ids.append(f"{request_id}-{i}")
-            streams.append(engine.add_request(ids[-1], prompt_ids, params, kind, lora_request=lora_request))
+            streams.append(engine.add_request(ids[-1], prompt_ids, params, kind, lora_request=lora_request,
+                                              priority=priority))
     except BaseException:
         abort_all(engine, ids)
         raise

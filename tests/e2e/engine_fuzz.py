@@ -38,6 +38,7 @@ class Trial:
     aborts: dict[int, int] = dataclasses.field(default_factory=dict)   # request -> the step it is aborted at
     beam: BeamSearchParams | None = None   # LLM.beam_search of the prompts instead of generate
     stream_interval: int = 1   # --async: AsyncLLM's (the server's --stream-interval)
+    priorities: list[int] | None = None   # scheduling_policy priority: each request's (the reference: fcfs)
 
 
 def random_trial(rng: np.random.Generator, models: dict) -> Trial:
@@ -51,6 +52,8 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
                   enable_prefix_caching=bool(rng.random() < 0.7), preemption_mode=mode)
     if rng.random() < 0.6:
         config["max_num_batched_tokens"] = int(rng.choice([16, 24, 48, 100]))
+    if rng.random() < 0.25:   # the queues in (priority, arrival) order: other admissions and victims
+        config["scheduling_policy"] = "priority"
     if mode == "offload":   # the disk tier is written through the CPU tier
         config["kv_disk_dir"] = "<tmp>"
     if mode == "offload" or rng.random() < 0.3:
@@ -153,6 +156,8 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
             need = max(-(-(len(p) + trial.beam.max_tokens + 8) // block_size) for p in prompts)
             config["num_gpu_blocks_override"] = need * (width + 1) + int(rng.integers(1, 4))
         return trial
+    if config.get("scheduling_policy") == "priority":
+        trial.priorities = rng.integers(-2, 3, size=num).tolist()
     if rng.random() < 0.5:   # requests come while others run, and some leave early
         trial.arrivals = [int(rng.integers(0, 12)) for _ in prompts]
         trial.aborts = {i: trial.arrivals[i] + int(rng.integers(0, 10)) for i in range(num) if rng.random() < 0.2}
@@ -164,19 +169,24 @@ def run(model: str, trial: Trial, config: dict, models: dict, staggered: bool = 
     """Each request's output (None: aborted before it finished) and the engine's stats at the end."""
     llm = LLM(model, dtype="float32", log_stats_interval=0, **config)
     lora = [models["loras"][n] if n else None for n in trial.loras] if config.get("enable_lora") else None
+    priority = _priorities(trial, config)
     try:
         if trial.beam is not None:
             return llm.beam_search(trial.prompts, trial.beam), llm.engine.get_stats()
         if staggered and trial.arrivals is not None:
-            outs = _run_staggered(llm.engine, trial, lora or [None] * len(trial.prompts))
+            outs = _run_staggered(llm.engine, trial, lora or [None] * len(trial.prompts), priority)
         else:
-            outs = llm.generate(trial.prompts, trial.params, use_tqdm=False, lora_request=lora)
+            outs = llm.generate(trial.prompts, trial.params, use_tqdm=False, lora_request=lora, priority=priority)
         return outs, llm.engine.get_stats()
     finally:
         llm.engine.shutdown()   # a GPU's memory goes back before the next engine sizes its cache
 
 
-def _run_staggered(engine, trial: Trial, loras: list) -> list:
+def _priorities(trial: Trial, config: dict) -> list[int] | None:
+    return trial.priorities if config.get("scheduling_policy") == "priority" else None
+
+
+def _run_staggered(engine, trial: Trial, loras: list, priority: list[int] | None) -> list:
     """Requests added at their arrival steps, each streamed in one of the output kinds (DELTA: the pieces
     joined must be the whole), some aborted."""
     kinds = [_kind(i) for i in range(len(trial.prompts))]
@@ -184,7 +194,8 @@ def _run_staggered(engine, trial: Trial, loras: list) -> list:
     while step <= max(trial.arrivals) or engine.has_unfinished_requests():
         for i, at in enumerate(trial.arrivals):
             if at == step:
-                engine.add_request(str(i), trial.prompts[i], trial.params[i], kinds[i], lora_request=loras[i])
+                engine.add_request(str(i), trial.prompts[i], trial.params[i], kinds[i], lora_request=loras[i],
+                                   priority=priority[i] if priority else 0)
         aborted = [str(i) for i, at in trial.aborts.items() if at == step and str(i) not in finished]
         if aborted:
             engine.abort_request(aborted)
@@ -209,13 +220,14 @@ def run_async(model: str, trial: Trial, config: dict, models: dict):
     from pagedllm.outputs import CompletionOutput, RequestOutput
     arrivals = trial.arrivals or [0] * len(trial.prompts)
     loras = [models["loras"][n] if n else None for n in trial.loras]
+    priority = _priorities(trial, config) or [0] * len(trial.prompts)
 
     async def one(engine, i):
         await asyncio.sleep(arrivals[i] * 0.005)
         whole = None
         try:
             async for out in engine.generate(trial.prompts[i], trial.params[i], str(i), _kind(i),
-                                             lora_request=loras[i]):
+                                             lora_request=loras[i], priority=priority[i]):
                 whole = _join(whole or out, out) if _kind(i) is OutputKind.DELTA else out
         except EngineGenerateError:
             n = trial.params[i].n

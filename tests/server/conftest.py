@@ -12,8 +12,9 @@ from server.server_utils import (API_KEY, CHAT_TEMPLATE, EDGE_API_KEY, EDGE_MAX_
 def servers(tiny_model_dirs, tmp_path_factory):
     """"main": API key from PAGEDLLM_API_KEY, a chat template (and requests' own), tool_choice auto (hermes);
     "small": API key from --api-key, one running sequence and a waiting queue of one, for the 503, and speculative
-    decoding (the model as its own draft: every proposal accepted); "edge": what faces hostile clients (HTTPS with a self-signed
-    certificate where openssl exists, CORS, a root path, a 1 MiB body limit, short requests for the fuzzers).
+    decoding (the model as its own draft: every proposal accepted); "edge": what faces hostile clients (HTTPS
+    with a self-signed certificate where openssl exists, CORS, a root path, a 1 MiB body limit, short requests
+    for the fuzzers, priority scheduling).
     All start at once: start-up is most of their cost."""
     server_model_dir = tiny_model_dirs["llama"]
     logs = tmp_path_factory.mktemp("serve_logs")
@@ -40,6 +41,7 @@ def servers(tiny_model_dirs, tmp_path_factory):
 def _edge_flags(logs) -> list[str]:
     tls = make_tls_cert(str(logs))
     return ["--api-key", EDGE_API_KEY, "--max-num-seqs", "4", "--max-model-len", str(EDGE_MAX_MODEL_LEN),
+            "--scheduling-policy", "priority",
             "--max-request-body-bytes", str(EDGE_MAX_BODY), "--root-path", EDGE_ROOT_PATH,
             "--allowed-origins", f'["{EDGE_ORIGIN}"]', "--allow-credentials",
             *(["--ssl-keyfile", tls[0], "--ssl-certfile", tls[1]] if tls else [])]

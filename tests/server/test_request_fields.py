@@ -69,7 +69,6 @@ def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
 
 @pytest.mark.parametrize("path,body,param", [
     (COMPLETIONS, {"suffix": "the end"}, "suffix"),
-    (COMPLETIONS, {"priority": 1}, "priority"),
     (CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     (CHAT, {"function_call": {"name": "f"}}, "function_call"),
 ])
@@ -123,6 +122,20 @@ def test_chat_template_kwargs_continue_final_message_add_generation_prompt(serve
     _error(_post(server, CHAT, {"model": MODEL_NAME, "messages": MESSAGES,
                                 "chat_template_kwargs": {"tokenize": True}}), "chat_template_kwargs")
     _error(_post(server, TOKENIZE, {"prompt": PROMPT, "continue_final_message": True}), "continue_final_message")
+
+
+def test_priority_is_honoured_with_the_policy_and_refused_without(server, edge):
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    for extra in ({}, {"use_beam_search": True, "n": 2}):   # beam search adds its steps later: checked first
+        error = _error(_post(server, COMPLETIONS, {**body, **extra, "priority": 1}), "priority", "invalid_value")
+        assert "--scheduling-policy priority" in error["message"] or "scheduling_policy" in error["message"]
+
+    def edge_post(path, payload):
+        return httpx.post(edge.url + path, json=payload, headers=edge.headers, verify=edge.verify, timeout=60)
+    texts = [edge_post(COMPLETIONS, {**body, "priority": p}).json()["choices"][0]["text"] for p in (0, -3, 7)]
+    assert len(set(texts)) == 1
+    chat = edge_post(CHAT, {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 4, "priority": 2})
+    assert chat.status_code == 200, chat.text
 
 
 # A request's own template that shows the documents (a RAG template's `documents`) before the turns

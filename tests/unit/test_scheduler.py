@@ -114,6 +114,42 @@ def test_preempted_request_goes_to_front_of_waiting_and_newest_is_victim():
     assert sched.waiting[0].request_id == "new"
 
 
+def _add_at(sched, req_id, prompt_len, priority, arrival, **kw):
+    req = Request(req_id, list(range(prompt_len)), SamplingParams(ignore_eos=True), kw.pop("max_tokens", 4), BS,
+                  arrival_time=arrival, cache_salt=req_id, priority=priority)
+    sched.add_request(req)
+    return req
+
+
+def test_priority_policy_admits_lower_priority_first_then_by_arrival():
+    sched = Scheduler(KVCacheManager(64, BS), 2, 64, 256, policy="priority")
+    for req_id, priority, arrival in [("late-urgent", 0, 3.0), ("b", 5, 1.0), ("early-urgent", 0, 2.0),
+                                      ("c", 1, 0.5)]:
+        _add_at(sched, req_id, 4, priority, arrival)
+    out, _ = step(sched)     # two seats: the two of priority 0, the earlier first
+    assert [r.req_id for r in out.new_reqs] == ["early-urgent", "late-urgent"]
+    assert [r.request_id for r in sched.waiting] == ["c", "b"]
+    fcfs = make_scheduler(max_num_seqs=2)
+    for req_id, priority, arrival in [("x", 0, 3.0), ("y", 5, 1.0)]:
+        _add_at(fcfs, req_id, 4, priority, arrival)
+    assert [r.req_id for r in step(fcfs)[0].new_reqs] == ["x", "y"]   # fcfs: the order of arrival at the queue
+
+
+def test_priority_policy_preempts_the_least_urgent_running_request():
+    sched = Scheduler(KVCacheManager(4, BS), 8, 64, 256, policy="priority")
+    _add_at(sched, "lax", 7, 9, 1.0, max_tokens=9)       # each fits alone (16 slots), not both; lax is
+    _add_at(sched, "urgent", 7, 0, 2.0, max_tokens=9)    # older and queued first: fcfs would preempt urgent
+    step(sched)                                          # both prefilled: 2 blocks each, all 4 used
+    for _ in range(3):
+        step(sched)
+    assert sched.requests["lax"].num_preemptions >= 1
+    assert sched.requests["urgent"].num_preemptions == 0
+    _add_at(sched, "newest", 3, 0, 3.0)                  # more urgent than lax: ahead of it in the queue
+    assert [r.request_id for r in sched.waiting] == ["newest", "lax"]
+    run_to_end(sched)
+    assert sched.kv.num_free_blocks == 4
+
+
 def test_prefix_hit_skips_computed_tokens():
     sched = make_scheduler()
     add(sched, "a", 10, max_tokens=1)
