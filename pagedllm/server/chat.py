@@ -74,7 +74,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), _constraint_field(req, plan))
         if isinstance(outputs, Response):   # the client left
             return outputs
-        return SSEResponse(ctx.engine, ids, _stream(ctx, req, plan, response_id, len(prompt_ids), outputs))
+        return SSEResponse(ctx.engine, ids, _stream(ctx, req, plan, response_id, kept, outputs))
     return await until_disconnect(raw_request, _full(ctx, req, plan, response_id, streams, ids))
 
 
@@ -111,34 +111,52 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
             message["content"] = echo + (message["content"] or "")
         choices.append({"index": c.index, "message": message, "logprobs": _logprobs(req, c),
                         "finish_reason": finish_reason, "stop_reason": c.stop_reason})
+        if req.return_token_ids:
+            choices[-1]["token_ids"] = list(c.token_ids)
     num_completion = sum(len(c.token_ids) for c in out.outputs)
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": req.model or ctx.model_name,   # the adapter's name under an adapter, as vLLM
                 "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion)}
     if req.prompt_logprobs is not None:   # vLLM's place: the response's, there is one prompt
         response["prompt_logprobs"] = prompt_logprobs_json(out)
+    if req.return_token_ids:
+        response["prompt_token_ids"] = out.prompt_token_ids
     return response
 
 
-async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, num_prompt: int, outputs):
+async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, prompt_ids: list[int],
+                  outputs):
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": req.model or ctx.model_name}
     prefix, num_completion = sse_prefix(head), 0
+    # return_token_ids (vLLM's): the prompt's ids with each choice's role chunk, and each chunk's new ids
+    first = {"prompt_token_ids": prompt_ids} if req.return_token_ids else {}
     for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
+                                        "logprobs": None, "finish_reason": None}], **first})
     echo = _echo_text(req)
     for i in range(req.n if echo else 0):   # then vLLM's: a chunk with the echoed text
         yield sse({**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
                                         "finish_reason": None}]})
     parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
+    held: dict[int, list[int]] = {}   # token ids of steps whose text a tool parser held back
     async for _, out in outputs:
         for c in out.outputs:
             num_completion += len(c.token_ids)
             if parsers is not None:
                 chunk = _tool_chunk(req, parsers[c.index], c)
-                if chunk is not None:
-                    yield sse({**head, "choices": [chunk]})
+                ids = held.pop(c.index, []) + list(c.token_ids)
+                if chunk is None:
+                    held[c.index] = ids
+                    continue
+                if req.return_token_ids:
+                    chunk["token_ids"] = ids
+                yield sse({**head, "choices": [chunk]})
+                continue
+            if req.return_token_ids:
+                yield sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text},
+                                                "logprobs": _logprobs(req, c), "finish_reason": c.finish_reason,
+                                                "stop_reason": c.stop_reason, "token_ids": list(c.token_ids)}]})
                 continue
             # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": ...,
             #                            "finish_reason": ..., "stop_reason": ...}]}), by hand (serving.sse_prefix)
@@ -146,7 +164,7 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                    f'"logprobs":{json_value(_logprobs(req, c))},"finish_reason":{json_value(c.finish_reason)},'
                    f'"stop_reason":{json_value(c.stop_reason)}}}]}}\n\n')
     if req.include_usage:
-        yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
+        yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion)})
 
 
 def _echo_text(req: ChatCompletionRequest) -> str:

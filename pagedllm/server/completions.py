@@ -22,9 +22,11 @@ from pagedllm.server.structured_fields import constraint_field
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_request: Request):
     lora = ctx.check_model(req.model)
     prompts = await _prompts(ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
+    num_prompt = 0   # the tokens the engine runs: after truncate_prompt_tokens
     for _, ids in prompts:
         kept = truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len)
         ctx.check_context_length(len(kept), req.max_tokens, "prompt", "max_tokens")
+        num_prompt += len(kept)
     prompt_logprobs = req.prompt_logprobs
     if prompt_logprobs is None and req.echo and req.logprobs is not None:   # echo's prompt tokens need them
         prompt_logprobs = req.logprobs
@@ -41,7 +43,6 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))
         if isinstance(outputs, Response):   # the client left
             return outputs
-        num_prompt = sum(len(p[1]) for p in prompts)
         return SSEResponse(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt, outputs))
     return await until_disconnect(raw_request, _full(ctx, req, response_id, texts, streams, ids))
 
@@ -67,6 +68,8 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
     for i, out in enumerate(outputs):
         for c in out.outputs:
             choices.append(_choice(req, i * req.n + c.index, texts[i], out, c, echo=req.echo, offset=0))
+            if req.return_token_ids:
+                choices[-1].update(prompt_token_ids=out.prompt_token_ids, token_ids=list(c.token_ids))
             if req.prompt_logprobs is not None:
                 choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out)
     num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
@@ -82,7 +85,7 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
     head = {"id": request_id, "object": "text_completion", "created": created, "model": req.model or ctx.model_name}
     prefix = sse_prefix(head)
-    plain = req.logprobs is None and not req.echo   # every chunk's choice is _choice's text alone
+    plain = req.logprobs is None and not req.echo and not req.return_token_ids   # a choice is its text alone
     async for i, out in outputs:
         for c in out.outputs:
             index = i * req.n + c.index
@@ -90,11 +93,15 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
             if plain:   # the choice's fields as they are: no _choice dict for every stream's every step
                 yield f"{prefix}{_choice_json(index, c.text, None, c.finish_reason, c.stop_reason)}]}}\n\n"
                 continue
-            echo = req.echo and index not in started
+            first = index not in started
             started.add(index)
-            choice = _choice(req, index, texts[i], out, c, echo, offsets.get(index, 0))
+            choice = _choice(req, index, texts[i], out, c, req.echo and first, offsets.get(index, 0))
             if choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
+            if req.return_token_ids:   # vLLM's: the prompt's ids in a choice's first chunk, each chunk its new ids
+                choice.update(prompt_token_ids=out.prompt_token_ids if first else None, token_ids=list(c.token_ids))
+                yield sse({**head, "choices": [choice]})
+                continue
             yield f"{prefix}{_choice_json(**choice)}]}}\n\n"   # sse({**head, "choices": [choice]})
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})

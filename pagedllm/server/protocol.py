@@ -98,6 +98,7 @@ class _SamplingRequest(_Request):
     use_beam_search: bool = False
     best_of: int | None = None
     length_penalty: float = 1.0
+    return_token_ids: bool = False   # vLLM's: the prompt's and each choice's token ids beside the text
     # Structured output (structured_fields.py): at most one constraint.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -107,9 +108,9 @@ class _SamplingRequest(_Request):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None    # only null: xgrammar takes no whitespace pattern
+    priority: int = 0                # lower first, with --scheduling-policy priority (else only 0)
     # Not implemented yet: accepted only at their neutral values (unsupported()).
     spaces_between_special_tokens: bool = True
-    priority: int = 0
     # Documented no-ops (_NO_OPS).
     user: str | None = None
     metadata: dict[str, Any] | None = None

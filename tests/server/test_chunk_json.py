@@ -83,7 +83,7 @@ def test_chat_chunks_are_sses_bytes():
             req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=n, logprobs=logprobs,
                                         top_logprobs=1 if logprobs else None, stream=True,
                                         stream_options={"include_usage": True})
-            chunks = _chunks(chat._stream(CTX, req, plan_tools(req, None, False), "chatcmpl-1", 3,
+            chunks = _chunks(chat._stream(CTX, req, plan_tools(req, None, False), "chatcmpl-1", [1, 2, 3],
                                           merge([_stream(_outputs(n, logprobs))])))
             _check(chunks)
             assert len(chunks) == n + n * len(TEXTS) + 1   # role chunks, content chunks, usage

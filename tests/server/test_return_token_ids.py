@@ -1,0 +1,71 @@
+"""return_token_ids (vLLM's): the prompt's token ids and each choice's beside the text, whole or streamed (the
+prompt's with a choice's first chunk, each chunk its new ids: joined, the whole); also with a tool parser that
+holds text back, and with a truncated prompt (the ids the engine ran, and the usage that counts them)."""
+import json
+
+import httpx
+from server.server_utils import MODEL_NAME
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+PROMPT = "Once upon a time"
+MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+
+
+def _post(server, path, body):
+    r = httpx.post(server.url + path, json={"model": MODEL_NAME, **body}, headers=server.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _chunks(server, path, body) -> list[dict]:
+    with httpx.stream("POST", server.url + path, json={"model": MODEL_NAME, **body, "stream": True},
+                      headers=server.headers, timeout=60) as r:
+        assert r.status_code == 200
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def _tokenize(server, **body) -> list[int]:
+    return httpx.post(server.url + "/tokenize", json=body, headers=server.headers, timeout=60).json()["tokens"]
+
+
+def test_completions_return_token_ids(server):
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "n": 2, "seed": 3, "return_token_ids": True,
+            "stream_options": None}
+    prompt_ids = _tokenize(server, prompt=PROMPT)
+    whole = _post(server, COMPLETIONS, body)
+    plain = _post(server, COMPLETIONS, {**body, "return_token_ids": False})
+    for w, p in zip(whole["choices"], plain["choices"], strict=True):
+        assert w["prompt_token_ids"] == prompt_ids and len(w["token_ids"]) == whole["usage"]["completion_tokens"] // 2
+        assert w["text"] == p["text"] and "token_ids" not in p
+    joined, firsts = {}, {}
+    for chunk in _chunks(server, COMPLETIONS, {**body, "echo": True, "stream_options": {"include_usage": True}}):
+        for c in chunk["choices"]:
+            joined[c["index"]] = joined.get(c["index"], []) + c["token_ids"]
+            firsts.setdefault(c["index"], c["prompt_token_ids"])
+            assert c["prompt_token_ids"] in (None, prompt_ids)
+    assert firsts == {0: prompt_ids, 1: prompt_ids}
+    assert joined == {c["index"]: c["token_ids"] for c in whole["choices"]}
+    # a truncated prompt: the ids the engine ran, and the streamed usage counts them
+    short = {"prompt": PROMPT, "max_tokens": 2, "truncate_prompt_tokens": 2, "return_token_ids": True}
+    assert _post(server, COMPLETIONS, short)["choices"][0]["prompt_token_ids"] == prompt_ids[-2:]
+    usage = [c["usage"] for c in _chunks(server, COMPLETIONS, {**short, "stream_options": {"include_usage": True}})
+             if c.get("usage")]
+    assert usage[-1]["prompt_tokens"] == 2
+
+
+def test_chat_return_token_ids(server):
+    body = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    prompt_ids = _tokenize(server, messages=MESSAGES)
+    whole = _post(server, CHAT, body)
+    assert whole["prompt_token_ids"] == prompt_ids
+    [choice] = whole["choices"]
+    assert len(choice["token_ids"]) == whole["usage"]["completion_tokens"]
+    chunks = _chunks(server, CHAT, body)
+    assert chunks[0]["prompt_token_ids"] == prompt_ids and "prompt_token_ids" not in chunks[1]
+    assert [t for ch in chunks for c in ch["choices"] for t in c.get("token_ids", [])] == choice["token_ids"]
+    # a tool parser holds text back while it might be a call: no id is lost from the stream
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with_tools = {**body, "tools": tools, "tool_choice": "auto", "max_tokens": 12}
+    ref = _post(server, CHAT, with_tools)["choices"][0]["token_ids"]
+    streamed = _chunks(server, CHAT, with_tools)
+    assert [t for ch in streamed for c in ch["choices"] for t in c.get("token_ids", [])] == ref
