@@ -206,6 +206,8 @@ class ServerConfig:
     served_model_name: str | None = _f(None, "model name in the API (default: the model argument)")
     chat_template: str | None = _f(None, "chat template (a file or the template text) when the tokenizer has "
                                          "none, or to replace its own")
+    return_tokens_as_token_ids: bool = _f(False, "logprobs name their tokens \"token_id:<id>\" (vLLM's flag; a "
+                                                 "request's return_tokens_as_token_ids overrides it)")
     trust_request_chat_template: bool = _f(False, "let a chat request bring its own chat_template (vLLM's flag); "
                                                   "without it such a request is a 400: a template is code the "
                                                   "tokenizer thread runs")

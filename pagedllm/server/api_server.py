@@ -193,8 +193,10 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, che
                       on_dead=lambda: server.on_core_death(), stream_interval=server_config.stream_interval,
                       core=core, shared_waiting=shared_waiting)
     ctx = ServingContext(engine, metrics.model_name, checks.chat_template,
-                         server_config.trust_request_chat_template, server_config.tool_call_parser,
-                         server_config.enable_auto_tool_choice)
+                         trust_request_chat_template=server_config.trust_request_chat_template,
+                         return_tokens_as_token_ids=server_config.return_tokens_as_token_ids,
+                         tool_call_parser=server_config.tool_call_parser,
+                         enable_auto_tool_choice=server_config.enable_auto_tool_choice)
     if engine_config.enable_lora:
         ctx.loras = ServingLoRAs(engine, ctx.model_name)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None

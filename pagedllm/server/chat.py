@@ -49,6 +49,8 @@ def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
     lora = ctx.check_model(req.model)
+    if req.return_tokens_as_token_ids is None:   # the server's --return-tokens-as-token-ids
+        req.return_tokens_as_token_ids = ctx.return_tokens_as_token_ids
     plan = chat_tools.plan_tools(req, ctx.tool_call_parser, ctx.enable_auto_tool_choice)
     prompt_ids = await render_chat(ctx, req)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -192,12 +194,16 @@ def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
         return None
     n = req.top_logprobs or 0
     content = []
+    as_ids = req.return_tokens_as_token_ids
     for token_id, position in zip(c.token_ids, c.logprobs or []):
-        top = sorted((p for p in position.values() if p.rank is not None and p.rank <= n), key=lambda p: p.rank)
-        content.append({**_token(position[token_id]), "top_logprobs": [_token(p) for p in top[:n]]})
+        top = sorted((item for item in position.items() if item[1].rank is not None and item[1].rank <= n),
+                     key=lambda item: item[1].rank)
+        content.append({**_token(position[token_id], token_id, as_ids),
+                        "top_logprobs": [_token(p, tid, as_ids) for tid, p in top[:n]]})
     return {"content": content}
 
 
-def _token(p: Logprob) -> dict:
-    token = p.decoded_token or ""
-    return {"token": token, "logprob": p.logprob, "bytes": list(token.encode())}
+def _token(p: Logprob, token_id: int, as_ids: bool) -> dict:
+    """as_ids (return_tokens_as_token_ids, vLLM's): the token named "token_id:<id>"; bytes stay its text's."""
+    text = p.decoded_token or ""
+    return {"token": f"token_id:{token_id}" if as_ids else text, "logprob": p.logprob, "bytes": list(text.encode())}

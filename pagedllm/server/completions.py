@@ -21,6 +21,8 @@ from pagedllm.server.structured_fields import constraint_field
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_request: Request):
     lora = ctx.check_model(req.model)
+    if req.return_tokens_as_token_ids is None:   # the server's --return-tokens-as-token-ids
+        req.return_tokens_as_token_ids = ctx.return_tokens_as_token_ids
     prompts = await _prompts(ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
     num_prompt = 0   # the tokens the engine runs: after truncate_prompt_tokens
     for _, ids in prompts:
@@ -111,8 +113,9 @@ def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOu
             echo: bool, offset: int) -> dict:
     logprobs = None
     if req.logprobs is not None:
-        entries = _prompt_entries(out) if echo else []
-        entries += [_entry(lp, tid) for tid, lp in zip(c.token_ids, c.logprobs or [])]
+        as_ids = req.return_tokens_as_token_ids
+        entries = _prompt_entries(out, as_ids) if echo else []
+        entries += [_entry(lp, tid, as_ids) for tid, lp in zip(c.token_ids, c.logprobs or [])]
         logprobs = _completion_logprobs(entries, offset)
     return {"index": index, "text": (prompt_text if echo else "") + c.text, "logprobs": logprobs,
             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
@@ -125,9 +128,14 @@ def _choice_json(index: int, text: str, logprobs: dict | None, finish_reason: st
             f'"finish_reason":{json_value(finish_reason)},"stop_reason":{json_value(stop_reason)}}}')
 
 
-def _entry(lp: PositionLogprobs | None, token_id: int) -> tuple[str, float | None, dict | None]:
+def _entry(lp: PositionLogprobs | None, token_id: int, as_ids: bool = False) -> tuple[str, float | None, dict | None]:
+    """as_ids (return_tokens_as_token_ids, vLLM's): tokens named "token_id:<id>", as text may not be JSON-safe
+    (a byte token); the text offsets then count those names, as vLLM's do."""
     if lp is None:   # the first prompt token has no logprob
-        return "", None, None
+        return f"token_id:{token_id}" if as_ids else "", None, None
+    if as_ids:
+        return f"token_id:{token_id}", lp[token_id].logprob, {
+            f"token_id:{tid}": p.logprob for tid, p in sorted(lp.items(), key=lambda item: item[1].rank or 0)}
     chosen = lp[token_id]
     top: dict[str, float] = {}
     for p in sorted(lp.values(), key=lambda p: p.rank or 0):   # tokens of the same text: the likeliest
@@ -135,9 +143,9 @@ def _entry(lp: PositionLogprobs | None, token_id: int) -> tuple[str, float | Non
     return chosen.decoded_token, chosen.logprob, top
 
 
-def _prompt_entries(out: RequestOutput) -> list:
+def _prompt_entries(out: RequestOutput, as_ids: bool = False) -> list:
     positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-    return [_entry(lp, tid) for tid, lp in zip(out.prompt_token_ids, positions)]
+    return [_entry(lp, tid, as_ids) for tid, lp in zip(out.prompt_token_ids, positions)]
 
 
 def prompt_logprobs_json(out: RequestOutput) -> list[dict | None]:

@@ -99,6 +99,7 @@ class _SamplingRequest(_Request):
     best_of: int | None = None
     length_penalty: float = 1.0
     return_token_ids: bool = False   # vLLM's: the prompt's and each choice's token ids beside the text
+    return_tokens_as_token_ids: bool | None = None   # logprobs' tokens as "token_id:<id>" (None: the server's)
     # Structured output (structured_fields.py): at most one constraint.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None

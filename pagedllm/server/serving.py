@@ -35,6 +35,7 @@ class ServingContext:
     model_name: str
     chat_template: str | None
     trust_request_chat_template: bool = False   # --trust-request-chat-template: requests may bring a template
+    return_tokens_as_token_ids: bool = False    # --return-tokens-as-token-ids: the requests' default
     tool_call_parser: str | None = None     # --tool-call-parser, --enable-auto-tool-choice (chat_tools.py)
     enable_auto_tool_choice: bool = False
     loras: ServingLoRAs | None = None       # --enable-lora: the adapters served by name (server/lora.py)

@@ -11,10 +11,10 @@ from server.server_utils import (API_KEY, CHAT_TEMPLATE, EDGE_API_KEY, EDGE_MAX_
 @pytest.fixture(scope="session")
 def servers(tiny_model_dirs, tmp_path_factory):
     """"main": API key from PAGEDLLM_API_KEY, a chat template (and requests' own), tool_choice auto (hermes);
-    "small": API key from --api-key, one running sequence and a waiting queue of one, for the 503, and speculative
-    decoding (the model as its own draft: every proposal accepted); "edge": what faces hostile clients (HTTPS
-    with a self-signed certificate where openssl exists, CORS, a root path, a 1 MiB body limit, short requests
-    for the fuzzers, priority scheduling).
+    "small": API key from --api-key, one running sequence and a waiting queue of one, for the 503, speculative
+    decoding (the model as its own draft: every proposal accepted), logprobs' tokens named by id; "edge": what
+    faces hostile clients (HTTPS with a self-signed certificate where openssl exists, CORS, a root path, a 1 MiB
+    body limit, short requests for the fuzzers, priority scheduling).
     All start at once: start-up is most of their cost."""
     server_model_dir = tiny_model_dirs["llama"]
     logs = tmp_path_factory.mktemp("serve_logs")
@@ -29,6 +29,7 @@ def servers(tiny_model_dirs, tmp_path_factory):
                                     "--structured-outputs-compile-timeout", "120"),
                "small": start_server(server_model_dir, str(logs / "small.log"), SMALL_API_KEY, "--api-key",
                                      SMALL_API_KEY, "--max-num-seqs", "1", "--max-waiting-queue-length", "1",
+                                     "--return-tokens-as-token-ids",
                                      "--speculative-config", json.dumps(
                                          {"method": "draft_model", "model": server_model_dir,
                                           "num_speculative_tokens": 3})),

@@ -69,3 +69,33 @@ def test_chat_return_token_ids(server):
     ref = _post(server, CHAT, with_tools)["choices"][0]["token_ids"]
     streamed = _chunks(server, CHAT, with_tools)
     assert [t for ch in streamed for c in ch["choices"] for t in c.get("token_ids", [])] == ref
+
+
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(server):
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 2, "echo": True,
+            "return_token_ids": True}
+    plain = _post(server, COMPLETIONS, body)["choices"][0]
+    [c] = _post(server, COMPLETIONS, {**body, "return_tokens_as_token_ids": True})["choices"]
+    ids = c["prompt_token_ids"] + c["token_ids"]
+    assert c["logprobs"]["tokens"] == [f"token_id:{t}" for t in ids]
+    assert c["logprobs"]["token_logprobs"] == plain["logprobs"]["token_logprobs"] and c["text"] == plain["text"]
+    for top in c["logprobs"]["top_logprobs"][1:]:
+        assert top and all(k.startswith("token_id:") for k in top)
+    chat = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+            "return_token_ids": True, "return_tokens_as_token_ids": True}
+    [cc] = _post(server, CHAT, chat)["choices"]
+    content = cc["logprobs"]["content"]
+    assert [e["token"] for e in content] == [f"token_id:{t}" for t in cc["token_ids"]]
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["token"].startswith("token_id:") for e in content)
+    streamed = [e["token"] for ch in _chunks(server, CHAT, chat) for c in ch["choices"]
+                for e in (c.get("logprobs") or {}).get("content", [])]
+    assert streamed == [e["token"] for e in content]
+
+
+def test_the_server_flag_sets_the_default_and_a_request_overrides_it(servers):
+    small = servers["small"]   # --return-tokens-as-token-ids
+    body = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "logprobs": 0, "return_token_ids": True}
+    [c] = _post(small, COMPLETIONS, body)["choices"]
+    assert c["logprobs"]["tokens"] == [f"token_id:{t}" for t in c["token_ids"]]
+    [c] = _post(small, COMPLETIONS, {**body, "return_tokens_as_token_ids": False})["choices"]
+    assert not any(t.startswith("token_id:") for t in c["logprobs"]["tokens"])
