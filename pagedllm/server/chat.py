@@ -71,7 +71,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
-    streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind, lora, req.priority)
+    streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind, lora, req.priority,
+                                req.cache_salt)
     if req.stream:
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), _constraint_field(req, plan))
         if isinstance(outputs, Response):   # the client left

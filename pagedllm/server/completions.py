@@ -39,7 +39,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     request_id = f"cmpl-{uuid.uuid4().hex}"
     response_id = f"cmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
-    streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind, lora, req.priority)
+    streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind, lora, req.priority,
+                                req.cache_salt)
     texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]
     if req.stream:
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))

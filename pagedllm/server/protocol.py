@@ -100,6 +100,7 @@ class _SamplingRequest(_Request):
     length_penalty: float = 1.0
     return_token_ids: bool = False   # vLLM's: the prompt's and each choice's token ids beside the text
     return_tokens_as_token_ids: bool | None = None   # logprobs' tokens as "token_id:<id>" (None: the server's)
+    cache_salt: str | None = Field(None, min_length=1)   # vLLM's: only requests of one salt share cached blocks
     # Structured output (structured_fields.py): at most one constraint.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None

@@ -1,7 +1,11 @@
-"""return_token_ids (vLLM's): the prompt's token ids and each choice's beside the text, whole or streamed (the
-prompt's with a choice's first chunk, each chunk its new ids: joined, the whole); also with a tool parser that
-holds text back, and with a truncated prompt (the ids the engine ran, and the usage that counts them)."""
+"""vLLM's request fields for clients that work in token ids, and for tenants that share a server:
+- return_token_ids: the prompt's token ids and each choice's beside the text, whole or streamed (the prompt's
+  with a choice's first chunk, each chunk its new ids: joined, the whole); also with a tool parser that holds
+  text back, and with a truncated prompt (the ids the engine ran, and the usage that counts them);
+- return_tokens_as_token_ids (and the server's flag): logprobs name tokens by id;
+- cache_salt: cached blocks are shared only by requests of the same salt."""
 import json
+import time
 
 import httpx
 from server.server_utils import MODEL_NAME
@@ -99,3 +103,27 @@ def test_the_server_flag_sets_the_default_and_a_request_overrides_it(servers):
     assert c["logprobs"]["tokens"] == [f"token_id:{t}" for t in c["token_ids"]]
     [c] = _post(small, COMPLETIONS, {**body, "return_tokens_as_token_ids": False})["choices"]
     assert not any(t.startswith("token_id:") for t in c["logprobs"]["tokens"])
+
+
+def test_cache_salt_keeps_cached_blocks_to_requests_of_the_same_salt(server):
+    from server.server_utils import engine_metrics
+    prompt = [(37 * i) % 400 + 7 for i in range(48)]   # three full blocks of 16, unseen by other tests
+
+    def hits_after(**extra) -> float:
+        before = engine_metrics(server)
+        _post(server, COMPLETIONS, {"prompt": prompt, "max_tokens": 1, **extra})
+        for _ in range(100):   # the step's stats reach /metrics just after the response
+            now = engine_metrics(server)
+            if now["pagedllm:prefix_cache_queries_total"] > before["pagedllm:prefix_cache_queries_total"]:
+                return now["pagedllm:prefix_cache_hits_total"] - before["pagedllm:prefix_cache_hits_total"]
+            time.sleep(0.05)
+        raise AssertionError("no prefix-cache lookup seen")
+
+    assert hits_after(cache_salt="alice") == 0
+    assert hits_after(cache_salt="bob") == 0
+    assert hits_after() == 0
+    assert hits_after(cache_salt="alice") >= 32
+    assert hits_after() >= 32
+    r = httpx.post(server.url + COMPLETIONS, json={"model": MODEL_NAME, "prompt": "a", "cache_salt": ""},
+                   headers=server.headers, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
