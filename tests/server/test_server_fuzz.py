@@ -2,7 +2,7 @@
 token logprobs and usage equal offline LLM.generate / LLM.chat with the same fields, and its stream, joined,
 equals its non-streamed answer (the fields drawn: prompt as text, ids or a list of either, n, seed, temperature,
 top-k / top-p / min-p, max_tokens, min_tokens, stop strings and ids, penalties, logit bias, logprobs, echo,
-include_usage)."""
+include_usage, truncate_prompt_tokens, return_token_ids)."""
 import numpy as np
 import openai
 import pytest
@@ -38,7 +38,13 @@ def _random_fields(rng: np.random.Generator) -> dict:
         f["max_tokens"] = max(f["max_tokens"], f["min_tokens"])
     if rng.random() < 0.4:
         f["logprobs"] = int(rng.choice([0, 2]))
+    if rng.random() < 0.15:
+        f["truncate_prompt_tokens"] = int(rng.choice([1, 3]))
     return f
+
+
+EXTRA = ("top_k", "min_p", "min_tokens", "stop_token_ids", "repetition_penalty", "truncate_prompt_tokens",
+         "return_token_ids")   # vLLM's fields: the openai client sends them in extra_body
 
 
 def _params(f: dict) -> SamplingParams:
@@ -62,12 +68,12 @@ def test_random_completions_equal_offline(client, server, offline_llm):
         texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(int(rng.integers(1, 3)))]
         as_ids = rng.random() < 0.5   # OpenAI's prompt: text(s) or id list(s), not both in one list
         prompts = [tok.encode(t) if as_ids else t for t in texts]
-        echo = bool(rng.random() < 0.3)
-        body = dict(model=MODEL_NAME, prompt=prompts if len(prompts) > 1 else prompts[0], echo=echo, **f)
+        echo = bool(rng.random() < 0.3) and "truncate_prompt_tokens" not in f
+        body = dict(model=MODEL_NAME, prompt=prompts if len(prompts) > 1 else prompts[0], echo=echo, **f,
+                    return_token_ids=bool(rng.random() < 0.3))
         if "logprobs" in f:
             body["logprobs"] = max(f["logprobs"], 1)   # OpenAI's completions: 0 means none
-        extra = {k: body.pop(k) for k in ("top_k", "min_p", "min_tokens", "stop_token_ids", "repetition_penalty")
-                 if k in body}
+        extra = {k: body.pop(k) for k in EXTRA if k in body}
         full = client.completions.create(extra_body=extra, **body)
         streamed, reasons, usage = stream_text(client.completions.create(
             extra_body=extra, stream=True, stream_options={"include_usage": True}, **body))
@@ -84,6 +90,9 @@ def test_random_completions_equal_offline(client, server, offline_llm):
         assert (full.usage.prompt_tokens, full.usage.completion_tokens) == \
             (usage.prompt_tokens, usage.completion_tokens) == \
             (sum(len(r.prompt_token_ids) for r in refs), num_out), where
+        if extra["return_token_ids"]:
+            assert [(c.prompt_token_ids, c.token_ids) for c in full.choices] == \
+                [(r.prompt_token_ids, list(c.token_ids)) for r in refs for c in r.outputs], where
         if "logprobs" in body:
             outs = [c for r in refs for c in r.outputs]
             for choice, c, r in zip(full.choices, outs, [r for r in refs for _ in r.outputs]):
@@ -97,11 +106,11 @@ def test_random_chats_equal_offline(client, server, offline_llm):
     for i in range(REQUESTS // 2):
         f = _random_fields(rng)
         messages = [{"role": "user", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(1, 10))))}]
-        body = dict(model=MODEL_NAME, messages=messages, **{k: v for k, v in f.items() if k != "logprobs"})
+        body = dict(model=MODEL_NAME, messages=messages, **{k: v for k, v in f.items() if k != "logprobs"},
+                    return_token_ids=bool(rng.random() < 0.3))
         if "logprobs" in f:
             body.update(logprobs=True, top_logprobs=f["logprobs"])
-        extra = {k: body.pop(k) for k in ("top_k", "min_p", "min_tokens", "stop_token_ids", "repetition_penalty")
-                 if k in body}
+        extra = {k: body.pop(k) for k in EXTRA if k in body}
         full = client.chat.completions.create(extra_body=extra, **body)
         streamed, reasons, usage = stream_text(client.chat.completions.create(
             extra_body=extra, stream=True, stream_options={"include_usage": True}, **body))
@@ -114,6 +123,9 @@ def test_random_chats_equal_offline(client, server, offline_llm):
         assert (full.usage.prompt_tokens, full.usage.completion_tokens) == \
             (usage.prompt_tokens, usage.completion_tokens) == \
             (len(ref.prompt_token_ids), sum(len(c.token_ids) for c in ref.outputs)), where
+        if extra["return_token_ids"]:
+            assert full.model_extra["prompt_token_ids"] == ref.prompt_token_ids, where
+            assert [c.token_ids for c in full.choices] == [list(c.token_ids) for c in ref.outputs], where
         if "logprobs" in f:
             for choice, c in zip(full.choices, ref.outputs):
                 _check_logprobs([e.logprob for e in choice.logprobs.content], c.token_ids, c.logprobs)
