@@ -54,11 +54,7 @@ class InputProcessor:
         cache_salt: only requests of the same salt share blocks (beam search: the beams of one search, even
         with prefix caching off); None: the engine's rule below. kv_parent / hold_kv: see EngineCoreRequest."""
         num_seqs = params.num_sequences
-        if type(priority) is not int:
-            raise ValueError(f"priority must be an integer, got {type(priority).__name__}")
-        if priority != 0 and self.scheduling_policy != "priority":   # vLLM's rule
-            raise ValueError(f"priority {priority} needs scheduling_policy 'priority' (--scheduling-policy "
-                             f"priority); this engine schedules {self.scheduling_policy}")
+        self.check_priority(priority)
         if kv_parent is not None and not isinstance(kv_parent, str):
             raise ValueError(f"kv_parent must be a request id (str) or None, got {type(kv_parent).__name__}")
         if self.max_num_seqs is not None and num_seqs > self.max_num_seqs:   # before any per-sequence work
@@ -93,6 +89,14 @@ class InputProcessor:
                                                    child_params, max_tokens, arrival_time, salt, lora_request,
                                                    kv_parent, hold_kv, priority))
         return ProcessedRequest(text, prompt_ids, params, arrival_time, core_requests)
+
+    def check_priority(self, priority: int):
+        """vLLM's rule: a priority other than 0 needs the priority scheduling policy."""
+        if type(priority) is not int:
+            raise ValueError(f"priority must be an integer, got {type(priority).__name__}")
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} needs scheduling_policy 'priority' (--scheduling-policy "
+                             f"priority); this engine schedules {self.scheduling_policy}")
 
     def _prompt_ids(self, prompt: str | list) -> list[int]:
         """The prompt's token ids (a copy: later edits by the caller cannot reach us), numpy integers taken as

@@ -14,10 +14,8 @@ from pagedllm.server.errors import APIError
 
 def check_beam_search(engine, params: BeamSearchParams, priority: int = 0):
     """At request time, naming the server's field: the beam width is n. Its step requests are added later,
-    inside the stream: a priority the engine would refuse is refused here."""
-    if priority != 0 and engine.input_processor.scheduling_policy != "priority":
-        raise APIError(400, f"priority {priority} needs the server to run with --scheduling-policy priority",
-                       "priority", "invalid_value")
+    inside the stream: a priority the engine would refuse is refused here (a ValueError naming it: a 400)."""
+    engine.input_processor.check_priority(priority)
     try:
         step_sampling_params(params, len(engine.input_processor.eos_token_ids))
     except ValueError as e:

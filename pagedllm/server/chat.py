@@ -148,24 +148,21 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
             num_completion += len(c.token_ids)
             if parsers is not None:
                 chunk = _tool_chunk(req, parsers[c.index], c)
-                ids = held.pop(c.index, []) + list(c.token_ids)
-                if chunk is None:
-                    held[c.index] = ids
-                    continue
                 if req.return_token_ids:
-                    chunk["token_ids"] = ids
-                yield sse({**head, "choices": [chunk]})
+                    ids = held.pop(c.index, []) + list(c.token_ids)
+                    if chunk is None:
+                        held[c.index] = ids
+                    else:
+                        chunk["token_ids"] = ids
+                if chunk is not None:
+                    yield sse({**head, "choices": [chunk]})
                 continue
-            if req.return_token_ids:
-                yield sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text},
-                                                "logprobs": _logprobs(req, c), "finish_reason": c.finish_reason,
-                                                "stop_reason": c.stop_reason, "token_ids": list(c.token_ids)}]})
-                continue
+            ids = f',"token_ids":{json_value(list(c.token_ids))}' if req.return_token_ids else ""
             # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": ...,
-            #                            "finish_reason": ..., "stop_reason": ...}]}), by hand (serving.sse_prefix)
+            #    "finish_reason": ..., "stop_reason": ..., ["token_ids": ...]}]}), by hand (serving.sse_prefix)
             yield (f'{prefix}{{"index":{c.index},"delta":{{"content":{json_str(c.text)}}},'
                    f'"logprobs":{json_value(_logprobs(req, c))},"finish_reason":{json_value(c.finish_reason)},'
-                   f'"stop_reason":{json_value(c.stop_reason)}}}]}}\n\n')
+                   f'"stop_reason":{json_value(c.stop_reason)}{ids}}}]}}\n\n')
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion)})
 
@@ -173,8 +170,10 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
 def _echo_text(req: ChatCompletionRequest) -> str:
     """echo (vLLM's): the last message's text, put before each choice's content when that message is the
     assistant's (as with continue_final_message); "" otherwise."""
+    if not req.echo:
+        return ""
     last = req.messages[-1].as_template_input()
-    if not req.echo or last.get("role") != "assistant":
+    if last.get("role") != "assistant":
         return ""
     return chat_template.template_message(last)["content"]
 

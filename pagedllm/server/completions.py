@@ -103,8 +103,6 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
             if req.return_token_ids:   # vLLM's: the prompt's ids in a choice's first chunk, each chunk its new ids
                 choice.update(prompt_token_ids=out.prompt_token_ids if first else None, token_ids=list(c.token_ids))
-                yield sse({**head, "choices": [choice]})
-                continue
             yield f"{prefix}{_choice_json(**choice)}]}}\n\n"   # sse({**head, "choices": [choice]})
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
@@ -123,10 +121,14 @@ def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOu
 
 
 def _choice_json(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
-                 stop_reason: int | str | None) -> str:
-    """json.dumps of a _choice (its fields in its order), compact (see serving.sse_prefix)."""
+                 stop_reason: int | str | None, prompt_token_ids: list[int] | None = None,
+                 token_ids: list[int] | None = None) -> str:
+    """json.dumps of a _choice (its fields in its order; return_token_ids' two after them), compact (see
+    serving.sse_prefix)."""
+    ids = ("" if token_ids is None else
+           f',"prompt_token_ids":{json_value(prompt_token_ids)},"token_ids":{json_value(token_ids)}')
     return (f'{{"index":{index},"text":{json_str(text)},"logprobs":{json_value(logprobs)},'
-            f'"finish_reason":{json_value(finish_reason)},"stop_reason":{json_value(stop_reason)}}}')
+            f'"finish_reason":{json_value(finish_reason)},"stop_reason":{json_value(stop_reason)}{ids}}}')
 
 
 def _entry(lp: PositionLogprobs | None, token_id: int, as_ids: bool = False) -> tuple[str, float | None, dict | None]:

@@ -59,9 +59,9 @@ CTX = SimpleNamespace(model_name="the-model")
 def test_completion_chunks_are_sses_bytes():
     for n in (1, 3):
         for logprobs in (None, 2):
-            for echo in (False, True):
+            for echo, ids in ((False, False), (True, False), (False, True)):
                 req = CompletionRequest(prompt=[[1, 2, 3], [4]], n=n, logprobs=logprobs, echo=echo, stream=True,
-                                        stream_options={"include_usage": True})
+                                        stream_options={"include_usage": True}, return_token_ids=ids)
                 streams = [_stream(_outputs(n, logprobs is not None)) for _ in range(2)]
                 chunks = _chunks(completions._stream(CTX, req, "cmpl-1", ["prompt \"text\" ü", ""], 4,
                                                      merge(streams)))
@@ -75,20 +75,25 @@ def test_completion_chunks_are_sses_bytes():
                 expected = [("length", None), ("stop", "end"), ("stop", 151645)][:n] * 2
                 assert sorted(finishes, key=str) == sorted(expected, key=str)
                 assert sorted(c["index"] for c in choices) == sorted(list(range(2 * n)) * len(TEXTS))
+                if ids:   # the prompt's ids in each choice's first chunk only, each chunk its own ids
+                    assert sum(c["prompt_token_ids"] == [1, 2, 3] for c in choices) == 2 * n
+                    assert all(c["token_ids"] for c in choices)
 
 
 def test_chat_chunks_are_sses_bytes():
     for n in (1, 3):
-        for logprobs in (False, True):
+        for logprobs, ids in ((False, False), (True, False), (False, True)):
             req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=n, logprobs=logprobs,
                                         top_logprobs=1 if logprobs else None, stream=True,
-                                        stream_options={"include_usage": True})
+                                        stream_options={"include_usage": True}, return_token_ids=ids)
             chunks = _chunks(chat._stream(CTX, req, plan_tools(req, None, False), "chatcmpl-1", [1, 2, 3],
                                           merge([_stream(_outputs(n, logprobs))])))
             _check(chunks)
             assert len(chunks) == n + n * len(TEXTS) + 1   # role chunks, content chunks, usage
             contents = [json.loads(c[6:])["choices"][0]["delta"]["content"] for c in chunks[n:n + len(TEXTS) * n:n]]
             assert contents == TEXTS
+            if ids:
+                assert all(json.loads(c[6:])["choices"][0]["token_ids"] for c in chunks[n:-1])
 
 
 def test_head_prefix_and_values():
