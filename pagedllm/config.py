@@ -17,6 +17,7 @@ _QUANTIZATIONS = ("fp8",)
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _EXECUTOR_BACKENDS = ("mp", "ray")
 TOOL_CALL_PARSERS = ("hermes",)   # server/tool_parsers' registry (tests hold them equal)
+REASONING_PARSERS = ("qwen3", "deepseek_r1")   # server/reasoning.py's PARSERS
 
 
 def _f(default, help: str, **kw):
@@ -242,6 +243,11 @@ class ServerConfig:
     tool_call_parser: str | None = _f(None, "how tool calls are read from the model's text (tool_choice auto): "
                                             "hermes = <tool_call>{...}</tool_call> (Qwen2.5, Qwen3, Hermes)",
                                       choices=TOOL_CALL_PARSERS)
+    reasoning_parser: str | None = _f(None, "read chat answers' <think>...</think> into a `reasoning` field apart "
+                                            "from content (vLLM's flag): qwen3 (Qwen3, QwQ), deepseek_r1 "
+                                            "(DeepSeek-R1 and its distills); structured output and enforced tool "
+                                            "calls then apply from the end of the reasoning",
+                                      choices=REASONING_PARSERS)
     root_path: str | None = _f(None, "path prefix a proxy in front of the server adds (e.g. /llm): routes answer "
                                      "with and without it, and /openapi.json names it")
     lora_modules: list[str] = _f([], "LoRA adapters served by name (needs --enable-lora), vLLM's forms: name=path, "
@@ -268,6 +274,8 @@ class ServerConfig:
                "set with enable_auto_tool_choice (it reads the calls)", self.tool_call_parser)
         _check(self.tool_call_parser in (None, *TOOL_CALL_PARSERS), "tool_call_parser",
                f"one of {TOOL_CALL_PARSERS}", self.tool_call_parser)
+        _check(self.reasoning_parser in (None, *REASONING_PARSERS), "reasoning_parser",
+               f"one of {REASONING_PARSERS}", self.reasoning_parser)
         _check(self.engine_step_timeout >= 2, "engine_step_timeout", ">= 2 seconds", self.engine_step_timeout)
         _check(isinstance(self.stream_interval, int) and self.stream_interval >= 1, "stream_interval",
                "an integer >= 1 (tokens per streamed chunk)", self.stream_interval)

@@ -196,6 +196,7 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, che
                          trust_request_chat_template=server_config.trust_request_chat_template,
                          return_tokens_as_token_ids=server_config.return_tokens_as_token_ids,
                          tool_call_parser=server_config.tool_call_parser,
+                         reasoning_parser=server_config.reasoning_parser,
                          enable_auto_tool_choice=server_config.enable_auto_tool_choice)
     if engine_config.enable_lora:
         ctx.loras = ServingLoRAs(engine, ctx.model_name)

@@ -10,11 +10,12 @@ from pagedllm import chat_template
 from pagedllm.engine.input_processor import truncate_prompt
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, Logprob
-from pagedllm.server import chat_tools
+from pagedllm.server import chat_tools, reasoning
 from pagedllm.server.chat_tools import ToolPlan
 from pagedllm.server.completions import prompt_logprobs_json
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
+from pagedllm.server.reasoning import ReasoningParser
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, sse, sse_prefix, until_disconnect, usage)
 from pagedllm.server.structured_fields import checked_constraint, constraint_field
@@ -39,7 +40,7 @@ def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest
     try:
         text = chat_template.render_chat(ctx.tokenizer, [m.as_template_input() for m in req.messages], template,
                                          req.add_generation_prompt, req.continue_final_message,
-                                         req.chat_template_kwargs, [t.model_dump(exclude_none=True)
+                                         req.template_kwargs(), [t.model_dump(exclude_none=True)
                                                                     for t in getattr(req, "tools", None) or []],
                                          req.documents)
     except chat_template.ChatTemplateError as e:
@@ -68,6 +69,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         params = await ctx.off_loop_if(slow, lambda: checked_constraint(_with_tool_constraint(req.to_sampling_params(
             max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.prompt_logprobs,
             defaults=ctx.engine.default_sampling_params), plan)))
+    so = getattr(params, "structured_outputs", None)   # beam search has none
+    thinks = _thinks(ctx, req, kept, so is not None)
+    if thinks and so is not None:   # the constraint applies from the end of the reasoning (vLLM's)
+        params = replace(params, structured_outputs=replace(so, reasoning_end_token_id=ctx.think_ids[1]))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
@@ -77,8 +82,32 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), _constraint_field(req, plan))
         if isinstance(outputs, Response):   # the client left
             return outputs
-        return SSEResponse(ctx.engine, ids, _stream(ctx, req, plan, response_id, kept, outputs))
-    return await until_disconnect(raw_request, _full(ctx, req, plan, response_id, streams, ids))
+        return SSEResponse(ctx.engine, ids, _stream(ctx, req, plan, response_id, kept, outputs, thinks))
+    return await until_disconnect(raw_request, _full(ctx, req, plan, response_id, streams, ids, thinks))
+
+
+def _thinks(ctx, req: ChatCompletionRequest, prompt_ids: list[int], constrained: bool) -> bool | None:
+    """With a reasoning parser (None without): whether the answer opens with reasoning. Not when qwen3's
+    thinking is off (enable_thinking), when the prompt closed the block, nor when a constraint is asked for
+    without the reasoning (include_reasoning false): that constraint holds from the first token (vLLM's).
+    Without include_reasoning, what would show the reasoning's tokens is refused."""
+    if ctx.reasoning_parser is None:
+        return None
+    if not req.include_reasoning:
+        for name, asked in (("logprobs", req.logprobs), ("return_token_ids", req.return_token_ids)):
+            if asked:
+                raise APIError(400, f"{name} cannot be combined with include_reasoning false: they would show "
+                                    f"the reasoning's tokens", name, "invalid_value")
+    if ctx.reasoning_parser == "qwen3" and not reasoning.thinking_enabled(req.template_kwargs()):
+        return False
+    ended = reasoning.reasoning_ended_in(prompt_ids, *ctx.think_ids)
+    return not (ended or (constrained and not req.include_reasoning))
+
+
+def _reasoning_parsers(ctx, req: ChatCompletionRequest, thinks: bool | None) -> list[ReasoningParser] | None:
+    if thinks is None:
+        return None
+    return [ReasoningParser(ctx.reasoning_parser, thinks) for _ in range(req.n)]
 
 
 def _with_tool_constraint(params, plan: ToolPlan):
@@ -102,14 +131,19 @@ def _constraint_field(req: ChatCompletionRequest, plan: ToolPlan) -> str | None:
     return constraint_field(req) or ("tools" if plan.choice in ("required", "named") else None)
 
 
-async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, streams, ids) -> dict:
+async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, streams, ids,
+                thinks: bool | None) -> dict:
     try:
         [out] = await final_outputs(streams, _constraint_field(req, plan))
     finally:
         abort_all(ctx.engine, ids)
     choices, echo = [], _echo_text(req)
+    thinkers = _reasoning_parsers(ctx, req, thinks)
     for c in out.outputs:
-        message, finish_reason = chat_tools.message(plan, c)
+        thought, text = thinkers[c.index].parse_all(c.text) if thinkers else (None, c.text)
+        message, finish_reason = chat_tools.message(plan, c, text)
+        if thinkers:
+            message["reasoning"] = thought if req.include_reasoning else None
         if echo:
             message["content"] = echo + (message["content"] or "")
         choices.append({"index": c.index, "message": message, "logprobs": _logprobs(req, c),
@@ -128,7 +162,7 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
 
 
 async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, prompt_ids: list[int],
-                  outputs):
+                  outputs, thinks: bool | None):
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": req.model or ctx.model_name}
     prefix, num_completion = sse_prefix(head), 0
@@ -142,12 +176,13 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
         yield sse({**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
                                         "finish_reason": None}]})
     parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
-    held: dict[int, list[int]] = {}   # token ids of steps whose text a tool parser held back
+    thinkers = _reasoning_parsers(ctx, req, thinks)
+    held: dict[int, list[int]] = {}   # token ids of steps whose text a parser held back
     async for _, out in outputs:
         for c in out.outputs:
             num_completion += len(c.token_ids)
-            if parsers is not None:
-                chunk = _tool_chunk(req, parsers[c.index], c)
+            if parsers is not None or thinkers is not None:
+                chunk = _parsed_chunk(req, thinkers and thinkers[c.index], parsers and parsers[c.index], c)
                 if req.return_token_ids:
                     ids = held.pop(c.index, []) + list(c.token_ids)
                     if chunk is None:
@@ -178,10 +213,27 @@ def _echo_text(req: ChatCompletionRequest) -> str:
     return chat_template.template_message(last)["content"]
 
 
-def _tool_chunk(req: ChatCompletionRequest, parser, c: CompletionOutput) -> dict | None:
-    """A choice's chunk when its text is read for tool calls; None when the parser holds it all back (a
-    possible tag, a call's name not yet complete) and there is nothing else to send."""
-    delta, finish_reason = chat_tools.stream_delta(parser, c)
+def _parsed_chunk(req: ChatCompletionRequest, thinker: ReasoningParser | None, parser, c: CompletionOutput
+                  ) -> dict | None:
+    """A choice's chunk when its text is read for reasoning (thinker) and/or tool calls (parser, on the
+    content); None when the parsers hold it all back (a possible tag, a call's name not yet complete) and
+    there is nothing else to send."""
+    text, delta = c.text, {}
+    if thinker is not None:
+        split = thinker.feed(c.text)
+        if c.finish_reason is not None:
+            end = thinker.finish()
+            split.reasoning, split.content = split.reasoning + end.reasoning, split.content + end.content
+        text = split.content
+        if split.reasoning and req.include_reasoning:
+            delta["reasoning"] = split.reasoning
+    if parser is not None:
+        tool_delta, finish_reason = chat_tools.stream_delta(parser, c, text)
+        delta.update(tool_delta)
+    else:
+        finish_reason = c.finish_reason
+        if text:
+            delta["content"] = text
     logprobs = _logprobs(req, c)
     if not delta and finish_reason is None and logprobs is None:
         return None

@@ -63,17 +63,18 @@ def plan_tools(req: ChatCompletionRequest, tool_call_parser: str | None, enable_
     return ToolPlan(choice, tools, parser=tool_call_parser, max_calls=max_calls)
 
 
-def message(plan: ToolPlan, c: CompletionOutput) -> tuple[dict, str | None]:
-    """A non-streamed choice's message and finish_reason."""
+def message(plan: ToolPlan, c: CompletionOutput, text: str | None) -> tuple[dict, str | None]:
+    """A non-streamed choice's message and finish_reason; text: c's text, or its content after reasoning
+    (None: there is none)."""
     if not plan.parses:
-        return {"role": "assistant", "content": c.text}, c.finish_reason
-    content, calls = plan.new_parser().parse_all(c.text)
+        return {"role": "assistant", "content": text}, c.finish_reason
+    content, calls = plan.new_parser().parse_all(text or "")
     return {"role": "assistant", "content": content, "tool_calls": calls}, finish_reason(len(calls), c)
 
 
-def stream_delta(parser: ToolParser, c: CompletionOutput) -> tuple[dict, str | None]:
-    """A streamed choice's delta for this output (what its parser could place) and finish_reason."""
-    delta = parser.feed(c.text)
+def stream_delta(parser: ToolParser, c: CompletionOutput, text: str) -> tuple[dict, str | None]:
+    """A streamed choice's delta for this output's text (what its parser could place) and finish_reason."""
+    delta = parser.feed(text)
     if c.finish_reason is not None:
         delta.add(parser.finish())
     return delta.to_json(), finish_reason(parser.num_calls, c)

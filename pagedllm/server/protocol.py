@@ -259,6 +259,10 @@ class _ChatTemplateOptions(_Request):
     documents: list[dict[str, Any]] | None = None   # for RAG templates: the template's `documents`
     chat_template: str | None = None          # the request's own template (--trust-request-chat-template)
 
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """The template's extra variables."""
+        return self.chat_template_kwargs
+
 
 class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -272,6 +276,17 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     parallel_tool_calls: bool | None = None   # false: at most one call (default: any number)
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    # vLLM's reasoning fields (--reasoning-parser, reasoning.py). reasoning_effort goes to the template as a
+    # variable, and sets enable_thinking (off for "none") unless chat_template_kwargs sets it.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    include_reasoning: bool = True   # false: the answer has no reasoning (a constraint then applies at once)
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        kwargs = {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
+        kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return kwargs
 
     @model_validator(mode="after")
     def _check_tool_choice(self):

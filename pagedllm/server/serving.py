@@ -21,6 +21,7 @@ from pagedllm.engine.output_processor import OutputKind
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.server import reasoning
 from pagedllm.server.batch_encoder import BatchEncoder
 from pagedllm.server.beam_search import beam_search_stream, check_beam_search
 from pagedllm.server.errors import APIError, shorten
@@ -38,6 +39,7 @@ class ServingContext:
     return_tokens_as_token_ids: bool = False    # --return-tokens-as-token-ids: the requests' default
     tool_call_parser: str | None = None     # --tool-call-parser, --enable-auto-tool-choice (chat_tools.py)
     enable_auto_tool_choice: bool = False
+    reasoning_parser: str | None = None     # --reasoning-parser (reasoning.py)
     loras: ServingLoRAs | None = None       # --enable-lora: the adapters served by name (server/lora.py)
     startup_error: str | None = None        # why the app's start-up failed (a bad --lora-modules adapter)
     # One thread, as vLLM's: tokenizing a long text takes seconds (~0.7 s a MB), which on the event loop
@@ -45,9 +47,12 @@ class ServingContext:
     tokenizer_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pagedllm-tokenizer"))
     encoder: BatchEncoder = field(init=False)   # text prompts, batched on that thread
+    think_ids: tuple[int, int] | None = field(init=False, default=None)   # <think>, </think> (reasoning_parser)
 
     def __post_init__(self):
         self.encoder = BatchEncoder(lambda: self.engine.tokenizer, self.tokenizer_pool)
+        if self.reasoning_parser is not None:
+            self.think_ids = reasoning.think_token_ids(self.tokenizer, self.reasoning_parser)
 
     @property
     def tokenizer(self):

@@ -21,8 +21,9 @@ from pagedllm.structured_output.params import StructuredOutputsParams
 
 
 class RequestGrammar:
-    def __init__(self, future: Future, kind: str, timeout: float):
+    def __init__(self, future: Future, kind: str, timeout: float, waits_for: int | None = None):
         self.future = future
+        self.waits_for = waits_for   # the constraint starts after this token (reasoning's end); None: started
         self.kind = kind
         self.timeout = timeout
         self.matcher = None       # once compiled
@@ -55,6 +56,10 @@ class RequestGrammar:
         `terminated` next); any other waits in `pending` for flush(), which the next bitmask fill runs off the
         step thread (an xgrammar matcher without terminate_without_stop_token ends on a stop token only).
         False: the matcher refused this token, or one before it at the last flush."""
+        if self.waits_for is not None:   # free text until that token, which starts the constraint
+            if token == self.waits_for:
+                self.waits_for = None
+            return True
         if token not in self._stop_ids:
             self.pending.append(token)
             return self.rejected is None
@@ -125,12 +130,13 @@ class BitmaskStats:
 
 
 def live_grammar_rows(pending_rows, requests: dict) -> list[tuple[int, "RequestGrammar"]]:
-    """(row, grammar) of a step's sampled rows whose request is still there under a grammar not yet complete
-    (a request that ended meanwhile, or whose grammar is complete, samples unmasked: its token is dropped)."""
+    """(row, grammar) of a step's sampled rows whose request is still there under a grammar started and not yet
+    complete (a request that ended meanwhile, or whose grammar is complete, samples unmasked: its token is
+    dropped; one whose grammar waits for its start token samples freely)."""
     rows = []
     for j, r in enumerate(pending_rows):
         req = requests.get(r.req_id)
-        if req is not None and req.grammar is not None and not req.grammar.terminated:
+        if req is not None and req.grammar is not None and not req.grammar.terminated and req.grammar.waits_for is None:
             rows.append((j, req.grammar))
     return rows
 
@@ -154,7 +160,8 @@ class StructuredOutputManager:
         self.stats = BitmaskStats()
 
     def request_grammar(self, params: StructuredOutputsParams) -> RequestGrammar:
-        return RequestGrammar(self.pool.submit(params), params.kind, self.pool.timeout)
+        return RequestGrammar(self.pool.submit(params), params.kind, self.pool.timeout,
+                              params.reasoning_end_token_id)
 
     def fill_bitmask(self, rows: list[tuple[int, RequestGrammar]]) -> torch.Tensor:
         """Writes the allowed tokens of each (sampled row, grammar) into that row of the host bitmask, after

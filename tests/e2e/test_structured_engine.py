@@ -110,3 +110,27 @@ def test_fields_that_leave_no_token_fail_the_request_alone(llm, caplog):
     assert "structured_outputs and allowed_token_ids left no token" in caplog.text
     stats = llm.engine.get_stats()
     assert stats.num_blocks_free == stats.num_blocks_total
+
+
+def test_constraint_starts_after_its_start_token(llm):
+    """reasoning_end_token_id (what the server sets to a reasoning parser's `</think>`): the output is free up
+    to that token, then follows the grammar; a row whose token never comes stays free."""
+    tok = llm.get_tokenizer()
+    end, other = tok.encode(" Once", add_special_tokens=False)[-1], tok.encode(" Lily", add_special_tokens=False)[-1]
+    after = {"regex": REGEX, "reasoning_end_token_id": end}
+    forced_end = SamplingParams(temperature=1.0, seed=3, max_tokens=30, logit_bias={end: 100.0},
+                                structured_outputs=after)
+    [o] = llm.generate(PROMPTS[:1], forced_end, use_tqdm=False)
+    ids = o.outputs[0].token_ids
+    assert ids[0] == end and o.outputs[0].finish_reason == "stop", o.outputs[0]
+    assert re.fullmatch(REGEX, tok.decode(ids[1:], skip_special_tokens=True)), ids
+    # without it the same bias cannot act: the grammar holds from the first token
+    [o] = llm.generate(PROMPTS[:1], SamplingParams(temperature=1.0, seed=3, max_tokens=30, logit_bias={end: 100.0},
+                                                   structured_outputs={"regex": REGEX}), use_tqdm=False)
+    assert end not in o.outputs[0].token_ids and re.fullmatch(REGEX, o.outputs[0].text)
+    # the start token never comes: free text, here the biased token (the grammar would refuse it)
+    never = SamplingParams(temperature=1.0, seed=3, max_tokens=6, logit_bias={other: 100.0}, structured_outputs=after)
+    [o] = llm.generate(PROMPTS[:1], never, use_tqdm=False)
+    assert o.outputs[0].token_ids == [other] * 6 and o.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="reasoning_end_token_id must be a token id"):
+        SamplingParams(structured_outputs={"regex": REGEX, "reasoning_end_token_id": -1})

@@ -37,12 +37,13 @@ def test_choices_become_constraints_and_parsers():
 def test_message_and_finish_reason():
     out = CompletionOutput(index=0, text='<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>', token_ids=[],
                            cumulative_logprob=None, logprobs=None, finish_reason="stop")
-    msg, finish = message(_plan(tools=[TOOL]), out)
+    msg, finish = message(_plan(tools=[TOOL]), out, out.text)
     assert finish == "tool_calls" and msg["content"] is None
     assert msg["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
     out.finish_reason = "length"
-    assert message(_plan(tools=[TOOL]), out)[1] == "length"
-    assert message(_plan(tools=[TOOL], tool_choice="none"), out)[0] == {"role": "assistant", "content": out.text}
+    assert message(_plan(tools=[TOOL]), out, out.text)[1] == "length"
+    plain = message(_plan(tools=[TOOL], tool_choice="none"), out, out.text)[0]
+    assert plain == {"role": "assistant", "content": out.text}
 
 
 @pytest.mark.parametrize("kw", [

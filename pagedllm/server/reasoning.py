@@ -1,0 +1,115 @@
+"""Reasoning parsers (vLLM's --reasoning-parser): a choice's text split into `reasoning` and `content`.
+
+Both parsers read `<think>` ... `</think>` as vLLM 0.26 does:
+- qwen3: the text is reasoning from its start (Qwen3's template opens the thinking block, or the model does) up to
+  `</think>`, content after it. `<think>` inside reasoning and any later `</think>` are dropped. A `<tool_call>`
+  inside reasoning ends it: the call is content, for the tool parser. With thinking off
+  (chat_template_kwargs enable_thinking false, or reasoning_effort "none") the whole text is content.
+- deepseek_r1: reasoning up to the first `</think>` (a `<think>` inside it dropped), content after it, kept
+  whole.
+A text without the end tag is all reasoning (a thinking model cut off by max_tokens), so content is null.
+Streamed, a tag split across steps is held back until it is whole or cannot be a tag any more: each text
+arrives once, in reasoning or content, and joined they equal the non-streamed answer.
+"""
+from dataclasses import dataclass
+
+PARSERS = ("qwen3", "deepseek_r1")
+THINK_START, THINK_END, TOOL_CALL = "<think>", "</think>", "<tool_call>"
+
+
+@dataclass
+class ReasoningDelta:
+    reasoning: str = ""
+    content: str = ""
+
+
+class ReasoningParser:
+    def __init__(self, name: str, thinking: bool = True):
+        if name not in PARSERS:
+            raise ValueError(f"reasoning parser {name!r} is not one of {', '.join(PARSERS)}")
+        self.name = name
+        self.in_reasoning = thinking
+        self._held = ""      # the text's end that may be a tag's beginning
+
+    def _tags(self) -> tuple[str, ...]:
+        if self.in_reasoning:
+            return (THINK_START, THINK_END, TOOL_CALL) if self.name == "qwen3" else (THINK_START, THINK_END)
+        return (THINK_END,) if self.name == "qwen3" else ()
+
+    def feed(self, text: str) -> ReasoningDelta:
+        out = ReasoningDelta()
+        text, self._held = self._held + text, ""
+        while text:
+            tags = self._tags()
+            found = [(text.find(t), t) for t in tags if t in text]
+            if found:
+                at, tag = min(found)
+                self._emit(out, text[:at])
+                text = text[at + len(tag):]
+                if tag == TOOL_CALL:           # ends reasoning; the call itself is content
+                    self.in_reasoning = False
+                    text = tag + text
+                elif tag == THINK_END and self.in_reasoning:
+                    self.in_reasoning = False
+                continue                       # THINK_START in reasoning, THINK_END in content: dropped
+            keep = _partial_tag_len(text, tags)
+            self._emit(out, text[:len(text) - keep])
+            self._held = text[len(text) - keep:]
+            break
+        return out
+
+    def finish(self) -> ReasoningDelta:
+        out = ReasoningDelta()
+        self._emit(out, self._held)
+        self._held = ""
+        return out
+
+    def parse_all(self, text: str) -> tuple[str | None, str | None]:
+        """(reasoning, content) of a whole text, each None when empty."""
+        out = self.feed(text)
+        end = self.finish()
+        return (out.reasoning + end.reasoning) or None, (out.content + end.content) or None
+
+    def _emit(self, out: ReasoningDelta, text: str):
+        if self.in_reasoning:
+            out.reasoning += text
+        else:
+            out.content += text
+
+
+def _partial_tag_len(text: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest end of text that begins one of the tags (0: none)."""
+    best = 0
+    for tag in tags:
+        for n in range(min(len(tag) - 1, len(text)), best, -1):
+            if text.endswith(tag[:n]):
+                best = n
+                break
+    return best
+
+
+def think_token_ids(tokenizer, parser: str) -> tuple[int, int]:
+    """The ids of `<think>` and `</think>`: each must be one token of the vocabulary (as vLLM requires), since
+    the engine watches for the end one (a constraint starts after it)."""
+    vocab = tokenizer.get_vocab()
+    missing = [tag for tag in (THINK_START, THINK_END) if tag not in vocab]
+    if missing:
+        raise ValueError(f"reasoning_parser {parser}: the tokenizer has no {' or '.join(missing)} token (a "
+                         f"thinking model's tokenizer has both)")
+    return vocab[THINK_START], vocab[THINK_END]
+
+
+def thinking_enabled(chat_template_kwargs: dict | None) -> bool:
+    """Qwen3's switch: enable_thinking in the template's variables (vLLM's default: on)."""
+    return bool((chat_template_kwargs or {}).get("enable_thinking", True))
+
+
+def reasoning_ended_in(prompt_ids: list[int], start_id: int | None, end_id: int | None) -> bool:
+    """The prompt closes its thinking block (a template with thinking off writes `<think></think>`): the last
+    of the two tags in it is the end tag."""
+    for token in reversed(prompt_ids):
+        if token == end_id:
+            return True
+        if token == start_id:
+            return False
+    return False

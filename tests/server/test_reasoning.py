@@ -1,0 +1,122 @@
+"""--reasoning-parser through a real server: a tiny model whose tokenizer has <think> and </think> (ids 512
+and 513), its `</think>` made likely or certain with logit_bias. Answers carry `reasoning` apart from
+`content` as vLLM's do (the demo tokenizer's byte tokens left out, so that text splits where ids do),
+streamed deltas join to the same, include_reasoning false hides it, and a constraint (structured output)
+starts after `</think>`."""
+import json
+import re
+
+import httpx
+import pytest
+from server.server_utils import API_KEY, CHAT_TEMPLATE, MODEL_NAME, start_server, stop_server, wait_healthy
+
+START, END = 512, 513
+
+
+@pytest.fixture(scope="module")
+def think(tmp_path_factory):
+    from conftest import make_tiny_model
+    from transformers import AutoTokenizer
+    root = tmp_path_factory.mktemp("think")
+    path = make_tiny_model(root / "model", vocab_size=520, seed=5)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_tokens(["<think>", "</think>"])
+    tok.save_pretrained(path)
+    assert tok.convert_tokens_to_ids(["<think>", "</think>"]) == [START, END]
+    (root / "template.jinja").write_text(CHAT_TEMPLATE)
+    server = start_server(path, str(root / "serve.log"), API_KEY, "--chat-template", str(root / "template.jinja"),
+                          "--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    try:
+        wait_healthy(server)
+        yield server, tok
+    finally:
+        stop_server(server)
+
+
+def _chat(server, stream: bool = False, **kw) -> httpx.Response:
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 40,
+            "temperature": 1.0, "seed": 11, "logit_bias": {str(END): 3.0}, "stream": stream,
+            "allowed_token_ids": list(range(259, 514)), **kw}   # no byte tokens: whole characters only
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers, timeout=60)
+
+
+def _streamed(server, **kw) -> tuple[str | None, str | None, list[dict]]:
+    """(reasoning, content) joined from the deltas (None where no delta had any), and the chunks."""
+    r = _chat(server, stream=True, **kw)
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    reasoning = [c["choices"][0]["delta"].get("reasoning") for c in chunks if c["choices"]]
+    content = [c["choices"][0]["delta"].get("content") for c in chunks[1:] if c["choices"]]   # [0]: the role's
+    join = lambda parts: "".join(p for p in parts if p) or None   # noqa: E731
+    return join(reasoning), join(content), chunks
+
+
+def test_reasoning_and_content_split_at_think_end(think):
+    server, tok = think
+    r = _chat(server, return_token_ids=True)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    ids = choice["token_ids"]
+    assert END in ids[1:-1], ids   # the bias makes </think> come within the answer (seeded)
+    text = tok.decode(ids, skip_special_tokens=True)
+    before, _, after = text.partition("</think>")
+    assert choice["message"]["reasoning"] == before.replace("<think>", "")
+    assert choice["message"]["content"] == (after.replace("</think>", "") or None)
+    # streamed: the same seed, the same split
+    reasoning, content, _ = _streamed(server)
+    assert (reasoning, content) == (choice["message"]["reasoning"], choice["message"]["content"])
+
+
+def test_include_reasoning_false_and_thinking_off(think):
+    server, _ = think
+    full = _chat(server).json()["choices"][0]["message"]
+    hidden = _chat(server, include_reasoning=False).json()["choices"][0]["message"]
+    assert hidden["reasoning"] is None and hidden["content"] == full["content"]
+    reasoning, content, _ = _streamed(server, include_reasoning=False)
+    assert reasoning is None and content == full["content"]
+    # enable_thinking false (Qwen3's switch), or reasoning_effort "none": all of it is content, </think> dropped
+    for kw in ({"chat_template_kwargs": {"enable_thinking": False}}, {"reasoning_effort": "none"}):
+        off = _chat(server, **kw).json()["choices"][0]["message"]
+        assert off["reasoning"] is None
+        assert off["content"] == (full["reasoning"] or "") + (full["content"] or "")
+    for name in ("logprobs", "return_token_ids"):
+        r = _chat(server, include_reasoning=False, **{name: True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+
+
+def test_structured_output_starts_after_reasoning(think):
+    server, tok = think
+    regex = r"(cat|dog)-[0-9]{2,4}"
+    so = {"structured_outputs": {"regex": regex}, "logit_bias": {str(END): 100.0}, "return_token_ids": True,
+          "allowed_token_ids": None}   # the grammar's characters are byte tokens too
+    choice = _chat(server, **so).json()["choices"][0]
+    # </think> first (the bias; no grammar yet), then the grammar's text as content
+    assert choice["token_ids"][0] == END and choice["finish_reason"] == "stop", choice
+    assert choice["message"]["reasoning"] is None
+    assert re.fullmatch(regex, choice["message"]["content"]), choice
+    reasoning, content, _ = _streamed(server, **so)
+    assert (reasoning, content) == (None, choice["message"]["content"])
+    # without reasoning to come (include_reasoning false) the grammar holds from the first token
+    r = _chat(server, include_reasoning=False, structured_outputs={"regex": regex}, logit_bias={str(END): 100.0},
+              allowed_token_ids=None)
+    message = r.json()["choices"][0]["message"]
+    assert re.fullmatch(regex, message["content"]), message
+
+
+def test_enforced_tool_call_after_reasoning(think):
+    """tool_choice required (enforced by structured output) starts after </think>; the call is read from the
+    content, streamed or not."""
+    server, _ = think
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}}]
+    kw = {"tools": tools, "tool_choice": "required", "parallel_tool_calls": False, "logit_bias": {str(END): 100.0},
+          "allowed_token_ids": None, "max_tokens": 120}
+    choice = _chat(server, **kw).json()["choices"][0]
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and "city" in json.loads(call["function"]["arguments"])
+    assert choice["message"]["reasoning"] is None and choice["finish_reason"] == "tool_calls", choice
+    _, _, chunks = _streamed(server, **kw)
+    args = "".join(d["function"].get("arguments", "") for c in chunks if c["choices"]
+                   for d in c["choices"][0]["delta"].get("tool_calls", []))
+    assert args == call["function"]["arguments"]

@@ -1,0 +1,88 @@
+"""The reasoning parsers alone (server/reasoning.py): vLLM 0.26's splits of a text into reasoning and content,
+streamed in any pieces equal to the whole, tags split across pieces held back."""
+import random
+
+import pytest
+
+from pagedllm.server.reasoning import ReasoningParser, _partial_tag_len, reasoning_ended_in, think_token_ids
+
+CASES = [
+    # (parser, thinking, text, reasoning, content)
+    ("qwen3", True, "<think>\nplan it\n</think>\n\nThe answer.", "\nplan it\n", "\n\nThe answer."),
+    ("qwen3", True, "plan it</think>answer", "plan it", "answer"),            # the template opened the block
+    ("qwen3", True, "still thinking when cut off", "still thinking when cut off", None),
+    ("qwen3", True, "a</think>b</think>c", "a", "bc"),                        # a later </think> is dropped
+    ("qwen3", True, "a<think>b</think>c<think>d", "ab", "c<think>d"),        # <think> is dropped in reasoning only
+    ("qwen3", True, "look up<tool_call>{\"name\": \"f\"}</tool_call>", "look up",
+     "<tool_call>{\"name\": \"f\"}</tool_call>"),                               # a call ends the reasoning
+    ("qwen3", True, "</think>", None, None),
+    ("qwen3", True, "", None, None),
+    ("qwen3", False, "no thinking</think> here", None, "no thinking here"),  # enable_thinking false
+    ("qwen3", False, "<think>kept</think>x", None, "<think>keptx"),
+    ("deepseek_r1", True, "<think>r</think>c</think>d<think>e", "r", "c</think>d<think>e"),
+    ("deepseek_r1", True, "r1 <tool_call>x</think>y", "r1 <tool_call>x", "y"),
+    ("deepseek_r1", True, "no end", "no end", None),
+    ("deepseek_r1", True, "a <thin k> b </thin", "a <thin k> b </thin", None),   # near-tags are text
+]
+
+
+@pytest.mark.parametrize("name, thinking, text, reasoning, content", CASES)
+def test_whole_text(name, thinking, text, reasoning, content):
+    assert ReasoningParser(name, thinking).parse_all(text) == (reasoning, content)
+
+
+@pytest.mark.parametrize("name, thinking, text, reasoning, content", CASES)
+def test_any_pieces_join_to_the_whole(name, thinking, text, reasoning, content):
+    rng = random.Random(text)
+    for trial in range(30):
+        parser = ReasoningParser(name, thinking)
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 8)))) if len(text) > 1 else []
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        got_r, got_c = "", ""
+        for piece in pieces:
+            d = parser.feed(piece)
+            got_r, got_c = got_r + d.reasoning, got_c + d.content
+            # nothing of a tag is ever sent: what was sent is a prefix of the answer
+            assert (reasoning or "").startswith(got_r) and (content or "").startswith(got_c), pieces
+        d = parser.finish()
+        assert (got_r + d.reasoning or None, got_c + d.content or None) == (reasoning, content), pieces
+
+
+def test_text_is_sent_as_soon_as_it_cannot_be_a_tag():
+    parser = ReasoningParser("qwen3")
+    assert parser.feed("abc</th").reasoning == "abc"      # "</th" may begin </think>
+    d = parser.feed("x")                                     # it did not
+    assert (d.reasoning, d.content) == ("</thx", "")
+    assert parser.feed("</think>ok <").content == "ok "      # in content only </think> is a tag
+    assert parser.feed("b").content == "<b"
+
+
+def test_partial_tag_len():
+    assert _partial_tag_len("ab<", ("<think>",)) == 1
+    assert _partial_tag_len("ab</thi", ("<think>", "</think>")) == 5
+    assert _partial_tag_len("ab<think", ("<think>",)) == 6
+    assert _partial_tag_len("ab", ("<think>",)) == 0
+
+
+def test_prompt_closes_reasoning():
+    start, end = 7, 8
+    assert reasoning_ended_in([1, 2, start, 3, end, 4], start, end)        # thinking off: <think></think>
+    assert not reasoning_ended_in([1, end, 2, start, 3], start, end)       # the prompt opened a block
+    assert not reasoning_ended_in([1, 2, 3], start, end)
+
+
+def test_unknown_parser_and_tokenizer_without_tags():
+    with pytest.raises(ValueError, match="not one of"):
+        ReasoningParser("granite")
+
+    class NoTags:
+        def get_vocab(self):
+            return {"a": 0, "<think>": 1}
+    with pytest.raises(ValueError, match="reasoning_parser qwen3: the tokenizer has no </think> token"):
+        think_token_ids(NoTags(), "qwen3")
+
+
+def test_config_names_the_same_parsers():
+    from pagedllm.config import REASONING_PARSERS
+    from pagedllm.server.reasoning import PARSERS
+    assert REASONING_PARSERS == PARSERS
