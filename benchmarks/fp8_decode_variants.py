@@ -11,11 +11,17 @@ Measured before on the H200 (us; W1's 256 rows / 4 x 32k / W4's 32 x 30k / 32 sh
 - 975b4dd, fp8 shipped at (64, 4, 2) 290.2 / 148.7 / 857.7 / 92.0 and at (128, 4, 2) 235.1 / 116.4 / 658.1 /
   84.0 (shipped since): twice the keys a tile, as many bytes in flight as a bf16 tile of 64.
 
+- 335e086 + V through an fp16 shared tile (`v.to(fp16) * key_ok[:, None]`, which Triton does not move past the
+  dot's layout change: ldmatrix.trans instead of byte-wide shared loads) at (128,4,3) / (64,4,2), against
+  the shipped kernel: 294.3 / 259.1 vs 230.6; 133.8 / 126.0 vs 114.2; 837.6 / 785.0 vs 644.1; 74.5 / 67.7 vs
+  138.4. Slower but on the 32 short rows: not shipped.
+
 Each output is checked against the torch reference on the same cache (an fp8 one dequantized). Times: do_bench
 medians.
 
-    PYTHONPATH=$PWD python3 benchmarks/fp8_decode_variants.py
+    PYTHONPATH=$PWD python3 benchmarks/fp8_decode_variants.py [--tiles 128,4,3 64,4,2] [--caches fp8]
 """
+import argparse
 import dataclasses
 import random
 import sys
@@ -39,11 +45,17 @@ def shapes(rng):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiles", nargs="*", default=None, help="TILE_N,warps,stages each (default: a sweep)")
+    ap.add_argument("--caches", default="fp8,bf16", help="which caches the tiles run on")
+    args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     rng = random.Random(0)
     hq, hkv, d = 16, 8, 128                    # Qwen3-0.6B heads
     scale = d ** -0.5
     tiles = [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 2, 2), (256, 4, 2), (256, 8, 2), (64, 2, 2), (32, 4, 3)]
+    if args.tiles is not None:
+        tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles]
     for name, rows in shapes(rng):
         batch = make_batch(rows, hq, hkv, d, 16, torch.bfloat16, "cuda", seed=0)
         triton_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
@@ -74,7 +86,7 @@ def main():
         timed("bf16 cache (shipped tile)", batch)
         timed("fp8 cache (shipped tile)", fp8)
         for cache, b in (("fp8", fp8), ("bf16", batch)):
-            for tile in tiles:
+            for tile in tiles if cache in args.caches.split(",") else ():
                 timed_at(f"{cache} at {tile}", b, tile)
 
 
