@@ -113,6 +113,9 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
                     {"choice": ["yes", "no", "maybe so"]}, {"regex": "[a-z]{2,8}( [a-z]{1,6}){0,3}"},
                     {"json": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
                               "required": ["a", "b"]}, "disable_any_whitespace": True}][int(rng.integers(3))]
+                if rng.random() < 0.3:   # free text until this token (a reasoning parser's </think>)
+                    kw["structured_outputs"] = {**kw["structured_outputs"],
+                                                "reasoning_end_token_id": int(rng.integers(259, 512))}
         if rng.random() < 0.1:
             kw["truncate_prompt_tokens"] = int(rng.integers(1, 30))
         if rng.random() < 0.1:
