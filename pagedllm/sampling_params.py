@@ -34,7 +34,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None   # token id -> added to its logit (str keys, as JSON sends them)
     allowed_token_ids: list[int] | None = None   # only these may be sampled
     bad_words: list[str] | None = None           # never generated (tokenized by the engine)
-    truncate_prompt_tokens: int | None = None    # keep the prompt's last k tokens; -1 = max_model_len
+    truncate_prompt_tokens: int | None = None    # keep k of the prompt's tokens; -1 = max_model_len
+    truncation_side: str = "left"                # which end truncate_prompt_tokens cuts (vLLM's): left keeps the
+                                                 # last k tokens, right the first k
     structured_outputs: StructuredOutputsParams | None = None   # JSON schema, regex, choice, grammar, ...
     # Filled by the engine from the tokenizer / generation config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
@@ -85,6 +87,8 @@ class SamplingParams:
         t = self.truncate_prompt_tokens
         _require(t is None or (_is_int(t) and (t >= 1 or t == -1)), "truncate_prompt_tokens",
                  "an integer >= 1, -1 (max_model_len) or None", t)
+        _require(self.truncation_side in ("left", "right"), "truncation_side", "left or right",
+                 self.truncation_side)
 
     def _validate_penalties(self):
         for name in ("presence_penalty", "frequency_penalty"):

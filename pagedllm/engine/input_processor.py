@@ -64,7 +64,8 @@ class InputProcessor:
         text = prompt if isinstance(prompt, str) else None
         if self.tokenizer is None:
             params = _without_tokenizer(prompt, params)
-        prompt_ids = truncate_prompt(self._prompt_ids(prompt), params.truncate_prompt_tokens, self.max_model_len)
+        prompt_ids = truncate_prompt(self._prompt_ids(prompt), params.truncate_prompt_tokens, self.max_model_len,
+                                     params.truncation_side)
         params.validate_vocab(self.vocab_size)
         if params.structured_outputs is not None:   # a bad schema, regex or grammar: refused now, offline too
             validate_structured_outputs(params.structured_outputs)
@@ -142,12 +143,15 @@ class InputProcessor:
         return max_tokens
 
 
-def truncate_prompt(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
-    """truncate_prompt_tokens (vLLM's): the prompt's last k tokens, -1 = max_model_len. None, or a k that
-    SamplingParams refuses (the server checks lengths before it builds them), keeps them all."""
+def truncate_prompt(ids: list[int], k: int | None, max_model_len: int, side: str = "left") -> list[int]:
+    """truncate_prompt_tokens (vLLM's): the prompt's last k tokens (side "left": the left end is cut), or its
+    first k ("right"); -1 = max_model_len. None, or a k that SamplingParams refuses (the server checks lengths
+    before it builds them), keeps them all."""
     if k == -1:
         k = max_model_len
-    return ids[-k:] if k is not None and k >= 1 else ids
+    if k is None or k < 1:
+        return ids
+    return ids[:k] if side == "right" else ids[-k:]
 
 
 def _without_tokenizer(prompt, params: SamplingParams) -> SamplingParams:

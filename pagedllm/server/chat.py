@@ -56,7 +56,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     prompt_ids = await render_chat(ctx, req)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = getattr(req, max_tokens_param)
-    kept = truncate_prompt(prompt_ids, req.truncate_prompt_tokens, ctx.engine.max_model_len)
+    kept = truncate_prompt(prompt_ids, req.truncate_prompt_tokens, ctx.engine.max_model_len,
+                           req.truncation_side or "left")
     ctx.check_context_length(len(kept), max_tokens, "messages", max_tokens_param)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")

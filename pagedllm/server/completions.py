@@ -26,7 +26,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     prompts = await _prompts(ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
     num_prompt = 0   # the tokens the engine runs: after truncate_prompt_tokens
     for _, ids in prompts:
-        kept = truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len)
+        kept = truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len,
+                               req.truncation_side or "left")
         ctx.check_context_length(len(kept), req.max_tokens, "prompt", "max_tokens")
         num_prompt += len(kept)
     prompt_logprobs = req.prompt_logprobs

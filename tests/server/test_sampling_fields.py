@@ -70,6 +70,13 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(server, offline_llm):
     assert out["choices"][0]["text"] == _offline(offline_llm, ids, truncate_prompt_tokens=6).text \
         == _offline(offline_llm, ids[-6:]).text
     assert out["choices"][0]["text"] != _complete(server, ids)["choices"][0]["text"]
+    # truncation_side right (vLLM's): the first 6
+    right = _complete(server, ids, truncate_prompt_tokens=6, truncation_side="right", return_token_ids=True)
+    assert right["choices"][0]["prompt_token_ids"] == ids[:6] and right["usage"]["prompt_tokens"] == 6
+    assert right["choices"][0]["text"] == _offline(offline_llm, ids[:6]).text
+    bad = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=30,
+                     json={"model": MODEL_NAME, "prompt": ids, "truncation_side": "middle"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncation_side", bad.text
 
 
 def test_chat_takes_the_same_fields(server, offline_llm):

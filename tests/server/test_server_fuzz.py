@@ -2,7 +2,7 @@
 token logprobs and usage equal offline LLM.generate / LLM.chat with the same fields, and its stream, joined,
 equals its non-streamed answer (the fields drawn: prompt as text, ids or a list of either, n, seed, temperature,
 top-k / top-p / min-p, max_tokens, min_tokens, stop strings and ids, penalties, logit bias, logprobs, echo,
-include_usage, truncate_prompt_tokens, return_token_ids)."""
+include_usage, truncate_prompt_tokens, truncation_side, return_token_ids)."""
 import numpy as np
 import openai
 import pytest
@@ -40,11 +40,13 @@ def _random_fields(rng: np.random.Generator) -> dict:
         f["logprobs"] = int(rng.choice([0, 2]))
     if rng.random() < 0.15:
         f["truncate_prompt_tokens"] = int(rng.choice([1, 3]))
+        if rng.random() < 0.5:
+            f["truncation_side"] = str(rng.choice(["left", "right"]))
     return f
 
 
 EXTRA = ("top_k", "min_p", "min_tokens", "stop_token_ids", "repetition_penalty", "truncate_prompt_tokens",
-         "return_token_ids")   # vLLM's fields: the openai client sends them in extra_body
+         "truncation_side", "return_token_ids")   # vLLM's fields: the openai client sends them in extra_body
 
 
 def _params(f: dict) -> SamplingParams:

@@ -56,6 +56,10 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens_before_length_checks(proce
     req = processor.process("r", list(range(3, 50)), SamplingParams(truncate_prompt_tokens=-1, max_tokens=None))
     assert len(req.prompt_token_ids) == 47
     assert processor.process("r", PROMPT, SamplingParams(truncate_prompt_tokens=500)).prompt_token_ids == PROMPT
+    # truncation_side right (vLLM's): the first k tokens
+    req = processor.process("r", long_prompt, SamplingParams(truncate_prompt_tokens=10, truncation_side="right",
+                                                             max_tokens=4))
+    assert req.prompt_token_ids == req.core_requests[0].prompt_token_ids == long_prompt[:10]
 
 
 def test_bad_words_tokenized_alone_and_after_a_space(processor):

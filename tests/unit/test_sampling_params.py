@@ -56,6 +56,7 @@ INVALID = [
     (dict(allowed_token_ids=5), "allowed_token_ids", "None or a list"),
     (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
     (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
+    (dict(truncation_side="middle"), "truncation_side", "left or right"),
 ]
 
 
