@@ -114,7 +114,7 @@ def _tokenizer_routes(ctx: ServingContext, dependencies: list) -> APIRouter:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt", "invalid_value")
         ids = (await ctx.encode(req.prompt, req.add_special_tokens) if req.prompt is not None else
-               await render_chat(ctx, req))
+               (await render_chat(ctx, req))[1])
         # JSONResponse: json.dumps in C; FastAPI's encoding of a returned dict walks the ids in Python (0.6 s
         # on the loop for 500k ids)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": ctx.engine.max_model_len})

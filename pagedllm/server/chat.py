@@ -21,12 +21,12 @@ from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add
 from pagedllm.server.structured_fields import checked_constraint, constraint_field
 
 
-async def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
-    """Token ids of the request's messages through the chat template, with its options (as LLM.chat): the
-    template on the tokenizer thread, the text batched with other requests' (ServingContext.encode)."""
+async def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> tuple[str, list[int]]:
+    """The request's messages through the chat template, with its options (as LLM.chat): the text and its
+    token ids. The template on the tokenizer thread, the text batched with other requests' (ServingContext.encode)."""
     text = await ctx.off_loop(_chat_text, ctx, req)
     # The template already holds any BOS token: no special tokens added again unless asked (vLLM's default).
-    return await ctx.encode(text, req.add_special_tokens)
+    return text, await ctx.encode(text, req.add_special_tokens)
 
 
 def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> str:
@@ -53,7 +53,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if req.return_tokens_as_token_ids is None:   # the server's --return-tokens-as-token-ids
         req.return_tokens_as_token_ids = ctx.return_tokens_as_token_ids
     plan = chat_tools.plan_tools(req, ctx.tool_call_parser, ctx.enable_auto_tool_choice)
-    prompt_ids = await render_chat(ctx, req)
+    prompt_text, prompt_ids = await render_chat(ctx, req)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = getattr(req, max_tokens_param)
     kept = truncate_prompt(prompt_ids, req.truncate_prompt_tokens, ctx.engine.max_model_len,
@@ -83,8 +83,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), _constraint_field(req, plan))
         if isinstance(outputs, Response):   # the client left
             return outputs
-        return SSEResponse(ctx.engine, ids, _stream(ctx, req, plan, response_id, kept, outputs, thinks))
-    return await until_disconnect(raw_request, _full(ctx, req, plan, response_id, streams, ids, thinks))
+        return SSEResponse(ctx.engine, ids, _stream(ctx, req, plan, response_id, kept, outputs, thinks,
+                                                    prompt_text))
+    return await until_disconnect(raw_request, _full(ctx, req, plan, response_id, streams, ids, thinks, prompt_text))
 
 
 def _thinks(ctx, req: ChatCompletionRequest, prompt_ids: list[int], constrained: bool) -> bool | None:
@@ -133,7 +134,7 @@ def _constraint_field(req: ChatCompletionRequest, plan: ToolPlan) -> str | None:
 
 
 async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, streams, ids,
-                thinks: bool | None) -> dict:
+                thinks: bool | None, prompt_text: str) -> dict:
     try:
         [out] = await final_outputs(streams, _constraint_field(req, plan))
     finally:
@@ -159,16 +160,20 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
         response["prompt_logprobs"] = prompt_logprobs_json(out)
     if req.return_token_ids:
         response["prompt_token_ids"] = out.prompt_token_ids
+    if req.return_prompt_text:   # vLLM's: the prompt as the chat template wrote it
+        response["prompt_text"] = prompt_text
     return response
 
 
 async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, prompt_ids: list[int],
-                  outputs, thinks: bool | None):
+                  outputs, thinks: bool | None, prompt_text: str):
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": req.model or ctx.model_name}
     prefix, num_completion = sse_prefix(head), 0
     # return_token_ids (vLLM's): the prompt's ids with each choice's role chunk, and each chunk's new ids
     first = {"prompt_token_ids": prompt_ids} if req.return_token_ids else {}
+    if req.return_prompt_text:   # and the template's text (vLLM's)
+        first["prompt_text"] = prompt_text
     for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}], **first})

@@ -281,6 +281,7 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     # variable, and sets enable_thinking (off for "none") unless chat_template_kwargs sets it.
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     include_reasoning: bool = True   # false: the answer has no reasoning (a constraint then applies at once)
+    return_prompt_text: bool = False   # vLLM's: the response carries the prompt the chat template wrote
 
     def template_kwargs(self) -> dict[str, Any] | None:
         if self.reasoning_effort is None:

@@ -87,7 +87,7 @@ def test_chat_chunks_are_sses_bytes():
                                         top_logprobs=1 if logprobs else None, stream=True,
                                         stream_options={"include_usage": True}, return_token_ids=ids)
             chunks = _chunks(chat._stream(CTX, req, plan_tools(req, None, False), "chatcmpl-1", [1, 2, 3],
-                                          merge([_stream(_outputs(n, logprobs))]), None))
+                                          merge([_stream(_outputs(n, logprobs))]), None, ""))
             _check(chunks)
             assert len(chunks) == n + n * len(TEXTS) + 1   # role chunks, content chunks, usage
             contents = [json.loads(c[6:])["choices"][0]["delta"]["content"] for c in chunks[n:n + len(TEXTS) * n:n]]

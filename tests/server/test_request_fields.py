@@ -189,6 +189,22 @@ def test_chat_echo_puts_the_last_assistant_message_first(server):
         _post(server, CHAT, user_last).json()["choices"]
 
 
+def test_return_prompt_text_is_the_templates_text(server, offline_llm):
+    """return_prompt_text (vLLM's): the response's prompt_text is what the chat template wrote (streamed: with
+    each choice's role chunk), and its tokens are the prompt's."""
+    base = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "n": 2,
+            "return_prompt_text": True, "return_token_ids": True}
+    full = _post(server, CHAT, base).json()
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in MESSAGES) + "assistant:"   # server_utils' template
+    assert full["prompt_text"] == text
+    assert offline_llm.get_tokenizer().encode(text, add_special_tokens=False) == full["prompt_token_ids"]
+    with httpx.stream("POST", server.url + CHAT, json={**base, "stream": True}, headers=server.headers,
+                      timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert [c["prompt_text"] for c in chunks if "prompt_text" in c] == [text, text]
+    assert "prompt_text" not in _post(server, CHAT, {**base, "return_prompt_text": False}).json()
+
+
 def _positions(prompt_logprobs: list) -> list:
     """vLLM's JSON prompt_logprobs as (token id, logprob, rank, decoded token) per position."""
     return [None if p is None else sorted((int(t), v["logprob"], v["rank"], v["decoded_token"]) for t, v in p.items())
