@@ -38,6 +38,11 @@ class SamplingParams:
     truncation_side: str = "left"                # which end truncate_prompt_tokens cuts (vLLM's): left keeps the
                                                  # last k tokens, right the first k
     structured_outputs: StructuredOutputsParams | None = None   # JSON schema, regex, choice, grammar, ...
+    # Reasoning (the server sets both from --reasoning-parser): the token that ends the output's reasoning
+    # (`</think>`): structured_outputs applies only after it; thinking_token_budget (vLLM's): after this many
+    # output tokens without it, it is the next token.
+    reasoning_end_token_id: int | None = None
+    thinking_token_budget: int | None = None
     # Filled by the engine from the tokenizer / generation config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
@@ -89,6 +94,12 @@ class SamplingParams:
                  "an integer >= 1, -1 (max_model_len) or None", t)
         _require(self.truncation_side in ("left", "right"), "truncation_side", "left or right",
                  self.truncation_side)
+        for name in ("reasoning_end_token_id", "thinking_token_budget"):
+            v = getattr(self, name)
+            _require(v is None or (_is_int(v) and v >= 0), name, "None or an integer >= 0", v)
+        _require(self.thinking_token_budget is None or self.reasoning_end_token_id is not None,
+                 "thinking_token_budget", "set with reasoning_end_token_id (the token it forces)",
+                 self.thinking_token_budget)
 
     def _validate_penalties(self):
         for name in ("presence_penalty", "frequency_penalty"):
@@ -123,6 +134,8 @@ class SamplingParams:
         for name in ("stop_token_ids", "allowed_token_ids"):
             for t in getattr(self, name) or ():
                 _require(t < vocab_size, name, f"< vocab size {vocab_size}", t)
+        end = self.reasoning_end_token_id
+        _require(end is None or end < vocab_size, "reasoning_end_token_id", f"< vocab size {vocab_size}", end)
         for t in self.logit_bias or ():
             _require(t < vocab_size, "logit_bias", f"keyed by token ids < vocab size {vocab_size}", t)
         for name in ("logprobs", "prompt_logprobs"):

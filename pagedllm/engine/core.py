@@ -84,7 +84,8 @@ class EngineCore:
                               priority=r.priority)
             self.runner.add_request(r.request_id, r.sampling_params)
             if r.sampling_params.structured_outputs is not None:   # compiles on a worker from now on
-                request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs)
+                request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs,
+                                                                  r.sampling_params.reasoning_end_token_id)
             if request.lora_loading:
                 self.lora_loader.wait_for(r.lora_request, r.request_id)
             elif r.lora_request is not None:   # last: nothing after it can fail and leave the adapter held

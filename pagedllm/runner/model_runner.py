@@ -364,11 +364,30 @@ class ModelRunner:
         processors = None
         if any(uses_processors(p) for p in params):
             processors = build_logits_processors(params, self._penalties(rows), self._recent_outputs(
-                rows, num_scheduled, prev_in_flight), self._in_flight_ids, self.device)
+                rows, num_scheduled, prev_in_flight), self._in_flight_ids, self.device,
+                self._spent_budgets(rows, num_scheduled, prev_in_flight))
         meta = SamplingMetadata.build(params, [r.generator for r in rows], banned, self.device, processors)
-        reusable = not any(p.min_tokens for p in params) and (processors is None or processors.reusable)
+        reusable = (not any(p.min_tokens or p.thinking_token_budget is not None for p in params)
+                    and (processors is None or processors.reusable))
         self._sampling_key, self._sampling_cache = (key, meta) if reusable else (None, None)
         return meta
+
+    @staticmethod
+    def _spent_budgets(rows: list[RunnerRequestState], num_scheduled: dict[str, int],
+                       prev_in_flight: dict[str, int]) -> list[tuple[int, int | None]]:
+        """(row, its in-flight token's index or None) of the rows whose thinking_token_budget is spent: this
+        token is output number budget or later, and the end token is not among the outputs on the host."""
+        spent = []
+        for i, r in enumerate(rows):
+            budget = r.params.thinking_token_budget
+            if budget is None:
+                continue
+            total = r.num_computed_tokens + num_scheduled[r.req_id]   # the tokens before the one sampled now
+            if total - r.num_prompt_tokens < budget or r.params.reasoning_end_token_id in \
+                    r.token_ids[r.num_prompt_tokens:]:
+                continue
+            spent.append((i, prev_in_flight[r.req_id] if total > len(r.token_ids) else None))
+        return spent
 
     def _penalties(self, rows: list[RunnerRequestState]) -> Penalties | None:
         slots = [self.penalties.slot(r.req_id, r.token_ids, r.num_prompt_tokens) if r.params.uses_penalties

@@ -1,6 +1,6 @@
 """The per-request logits processors before sampling, in vLLM v1's order:
 
-    allowed_token_ids → bad_words → logit_bias → min_tokens bans → penalties → (sampler: greedy, temperature)
+    allowed_token_ids → bad_words → logit_bias → min_tokens bans → penalties → thinking budget → (sampler)
 
 Each is batched over only the rows that use it (a field is None when no row does), from flat index lists
 built once per batch; nothing loops over the vocabulary on the host. Raw logprobs are taken before all of it.
@@ -8,6 +8,10 @@ built once per batch; nothing loops over the vocabulary on the host. Raw logprob
 Bad words (vLLM's rule, on the output tokens): a one-token word is always banned; a longer word bans its last
 token when the output ends with the rest. The output's last token may still be in flight (sampled by the
 step before, only on the device): its place in the tails is filled on the device from those sampled ids.
+
+Thinking budget (vLLM's thinking_token_budget): a row whose reasoning has used its budget and not ended may
+sample only its reasoning_end_token_id. The runner picks those rows from the tokens on the host; a row whose
+last token is still in flight is spared on the device when that token is the end one.
 """
 from dataclasses import dataclass
 
@@ -39,6 +43,7 @@ class LogitsProcessors:
     bad_word_prefixes: BadWordPrefixes | None
     logit_bias: tuple[torch.Tensor, torch.Tensor] | None            # (2, K) row, id; (K,) bias
     penalties: Penalties | None
+    forced: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # rows (F,), token (F,), spared (F,)
 
     @property
     def reusable(self) -> bool:
@@ -46,14 +51,16 @@ class LogitsProcessors:
 
 
 def uses_processors(p: SamplingParams) -> bool:
-    return bool(p.allowed_token_ids or p.bad_words_token_ids or p.logit_bias) or p.uses_penalties
+    return (bool(p.allowed_token_ids or p.bad_words_token_ids or p.logit_bias) or p.uses_penalties
+            or p.thinking_token_budget is not None)
 
 
 def build_logits_processors(params: list[SamplingParams], penalties: Penalties | None,
                             recent: list[tuple[list[int], int | None] | None], in_flight_ids: torch.Tensor | None,
-                            device) -> LogitsProcessors:
+                            device, forced: list[tuple[int, int | None]] = ()) -> LogitsProcessors:
     """recent[i]: (row i's known output tokens, its in-flight token's index in in_flight_ids or None), for
-    rows with multi-token bad words (None elsewhere)."""
+    rows with multi-token bad words (None elsewhere). forced: (row, its in-flight token's index or None) of
+    the rows whose thinking budget is spent."""
     allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids]
     allowed = [(k, t) for k, i in enumerate(allowed_rows) for t in params[i].allowed_token_ids]
     single = [(i, w[0]) for i, p in enumerate(params) for w in p.bad_words_token_ids if len(w) == 1]
@@ -65,7 +72,18 @@ def build_logits_processors(params: list[SamplingParams], penalties: Penalties |
         bad_word_prefixes=_bad_word_prefixes(params, recent, in_flight_ids, device),
         logit_bias=(to_device([[i for i, _, _ in bias], [t for _, t, _ in bias]], torch.int64, device),
                     to_device([b for _, _, b in bias], torch.float32, device)) if bias else None,
-        penalties=penalties)
+        penalties=penalties, forced=_forced(params, forced, in_flight_ids, device) if forced else None)
+
+
+def _forced(params, forced: list[tuple[int, int | None]], in_flight_ids, device):
+    rows = [i for i, _ in forced]
+    tokens = to_device([params[i].reasoning_end_token_id for i in rows], torch.int64, device)
+    spared = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    waiting = [(k, j) for k, (_, j) in enumerate(forced) if j is not None]
+    if waiting:   # the in-flight token may be the end already: then nothing is forced
+        at = to_device([list(t) for t in zip(*waiting)], torch.int64, device)
+        spared[at[0]] = in_flight_ids.index_select(0, at[1]) == tokens.index_select(0, at[0])
+    return to_device(rows, torch.int64, device), tokens, spared
 
 
 def _bad_word_prefixes(params, recent, in_flight_ids, device) -> BadWordPrefixes | None:
@@ -114,6 +132,11 @@ def apply_logits_processors(logits: torch.Tensor, procs: LogitsProcessors | None
         logits.index_put_((index[0], index[1]), _neg_inf(logits))
     if procs is not None and procs.penalties is not None:
         apply_penalties(logits, procs.penalties)
+    if procs is not None and procs.forced is not None:
+        rows, tokens, spared = procs.forced
+        only = torch.full((len(rows), logits.shape[1]), -float("inf"), dtype=logits.dtype, device=logits.device)
+        only.scatter_(1, tokens[:, None], 0.0)
+        logits.index_copy_(0, rows, torch.where(spared[:, None], logits.index_select(0, rows), only))
     return logits
 
 

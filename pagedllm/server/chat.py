@@ -10,6 +10,7 @@ from pagedllm import chat_template
 from pagedllm.engine.input_processor import truncate_prompt
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, Logprob
+from pagedllm.sampling_params import SamplingParams
 from pagedllm.server import chat_tools, reasoning
 from pagedllm.server.chat_tools import ToolPlan
 from pagedllm.server.completions import prompt_logprobs_json
@@ -72,8 +73,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             defaults=ctx.engine.default_sampling_params), plan)))
     so = getattr(params, "structured_outputs", None)   # beam search has none
     thinks = _thinks(ctx, req, kept, so is not None)
-    if thinks and so is not None:   # the constraint applies from the end of the reasoning (vLLM's)
-        params = replace(params, structured_outputs=replace(so, reasoning_end_token_id=ctx.think_ids[1]))
+    if thinks and isinstance(params, SamplingParams):
+        # a constraint applies from the end of the reasoning, which a budget may force (vLLM's)
+        params = replace(params, reasoning_end_token_id=ctx.think_ids[1],
+                         thinking_token_budget=req.thinking_token_budget)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
@@ -94,7 +97,13 @@ def _thinks(ctx, req: ChatCompletionRequest, prompt_ids: list[int], constrained:
     without the reasoning (include_reasoning false): that constraint holds from the first token (vLLM's).
     Without include_reasoning, what would show the reasoning's tokens is refused."""
     if ctx.reasoning_parser is None:
+        if req.thinking_token_budget is not None:
+            raise APIError(400, "thinking_token_budget needs the server to run with --reasoning-parser (it "
+                                "knows where thinking ends)", "thinking_token_budget", "invalid_value")
         return None
+    if req.use_beam_search and req.thinking_token_budget is not None:
+        raise APIError(400, "thinking_token_budget is not used by beam search", "thinking_token_budget",
+                       "invalid_value")
     if not req.include_reasoning:
         for name, asked in (("logprobs", req.logprobs), ("return_token_ids", req.return_token_ids)):
             if asked:

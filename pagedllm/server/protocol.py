@@ -282,6 +282,14 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     include_reasoning: bool = True   # false: the answer has no reasoning (a constraint then applies at once)
     return_prompt_text: bool = False   # vLLM's: the response carries the prompt the chat template wrote
+    # vLLM's: at most this many tokens of reasoning, then `</think>` is forced (-1: no limit)
+    thinking_token_budget: int | None = Field(None, ge=-1)
+
+    @model_validator(mode="after")
+    def _unlimited_budget(self):
+        if self.thinking_token_budget == -1:
+            self.thinking_token_budget = None
+        return self
 
     def template_kwargs(self) -> dict[str, Any] | None:
         if self.reasoning_effort is None:

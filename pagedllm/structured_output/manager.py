@@ -159,9 +159,9 @@ class StructuredOutputManager:
         self._batch = None
         self.stats = BitmaskStats()
 
-    def request_grammar(self, params: StructuredOutputsParams) -> RequestGrammar:
-        return RequestGrammar(self.pool.submit(params), params.kind, self.pool.timeout,
-                              params.reasoning_end_token_id)
+    def request_grammar(self, params: StructuredOutputsParams, after_token: int | None = None) -> RequestGrammar:
+        """after_token: the grammar starts after this token (SamplingParams.reasoning_end_token_id)."""
+        return RequestGrammar(self.pool.submit(params), params.kind, self.pool.timeout, after_token)
 
     def fill_bitmask(self, rows: list[tuple[int, RequestGrammar]]) -> torch.Tensor:
         """Writes the allowed tokens of each (sampled row, grammar) into that row of the host bitmask, after

@@ -15,9 +15,6 @@ class StructuredOutputsParams:
     structural_tag: str | dict | None = None  # xgrammar's structural tag (JSON text or dict)
     disable_any_whitespace: bool = False      # JSON: no whitespace between tokens but single spaces
     disable_additional_properties: bool = False   # JSON schema: additionalProperties false where unset
-    # The constraint applies to the tokens after this one (a reasoning parser's `</think>`: the server sets
-    # it); until then the output is free. None: from the first token.
-    reasoning_end_token_id: int | None = None
 
     def __post_init__(self):
         given = [k for k in KINDS if getattr(self, k) not in (None, False)]
@@ -73,10 +70,6 @@ def _check_type(p: StructuredOutputsParams):
     if p.choice is not None and not (isinstance(p.choice, list) and p.choice
                                      and all(isinstance(c, str) for c in p.choice)):
         raise ValueError("SamplingParams.structured_outputs.choice must be a non-empty list of strings")
-    end = p.reasoning_end_token_id
-    if end is not None and (not isinstance(end, int) or isinstance(end, bool) or end < 0):
-        raise ValueError(f"SamplingParams.structured_outputs.reasoning_end_token_id must be a token id (an int "
-                         f">= 0), got {end!r}")
     for name in ("regex", "grammar"):
         if getattr(p, name) == "":
             raise ValueError(f"SamplingParams.structured_outputs.{name} must not be empty")

@@ -114,8 +114,9 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
                     {"json": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
                               "required": ["a", "b"]}, "disable_any_whitespace": True}][int(rng.integers(3))]
                 if rng.random() < 0.3:   # free text until this token (a reasoning parser's </think>)
-                    kw["structured_outputs"] = {**kw["structured_outputs"],
-                                                "reasoning_end_token_id": int(rng.integers(259, 512))}
+                    kw["reasoning_end_token_id"] = int(rng.integers(259, 512))
+                    if rng.random() < 0.5:   # forced after this many tokens
+                        kw["thinking_token_budget"] = int(rng.integers(0, 8))
         if rng.random() < 0.1:
             kw["truncate_prompt_tokens"] = int(rng.integers(1, 30))
         if rng.random() < 0.1:

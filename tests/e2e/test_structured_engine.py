@@ -117,9 +117,8 @@ def test_constraint_starts_after_its_start_token(llm):
     to that token, then follows the grammar; a row whose token never comes stays free."""
     tok = llm.get_tokenizer()
     end, other = tok.encode(" Once", add_special_tokens=False)[-1], tok.encode(" Lily", add_special_tokens=False)[-1]
-    after = {"regex": REGEX, "reasoning_end_token_id": end}
-    forced_end = SamplingParams(temperature=1.0, seed=3, max_tokens=30, logit_bias={end: 100.0},
-                                structured_outputs=after)
+    after = dict(structured_outputs={"regex": REGEX}, reasoning_end_token_id=end)
+    forced_end = SamplingParams(temperature=1.0, seed=3, max_tokens=30, logit_bias={end: 100.0}, **after)
     [o] = llm.generate(PROMPTS[:1], forced_end, use_tqdm=False)
     ids = o.outputs[0].token_ids
     assert ids[0] == end and o.outputs[0].finish_reason == "stop", o.outputs[0]
@@ -129,8 +128,34 @@ def test_constraint_starts_after_its_start_token(llm):
                                                    structured_outputs={"regex": REGEX}), use_tqdm=False)
     assert end not in o.outputs[0].token_ids and re.fullmatch(REGEX, o.outputs[0].text)
     # the start token never comes: free text, here the biased token (the grammar would refuse it)
-    never = SamplingParams(temperature=1.0, seed=3, max_tokens=6, logit_bias={other: 100.0}, structured_outputs=after)
+    never = SamplingParams(temperature=1.0, seed=3, max_tokens=6, logit_bias={other: 100.0}, **after)
     [o] = llm.generate(PROMPTS[:1], never, use_tqdm=False)
     assert o.outputs[0].token_ids == [other] * 6 and o.outputs[0].finish_reason == "length"
-    with pytest.raises(ValueError, match="reasoning_end_token_id must be a token id"):
-        SamplingParams(structured_outputs={"regex": REGEX, "reasoning_end_token_id": -1})
+    with pytest.raises(ValueError, match="reasoning_end_token_id must be None or an integer >= 0"):
+        SamplingParams(structured_outputs={"regex": REGEX}, reasoning_end_token_id=-1)
+
+
+@pytest.mark.parametrize("budget", [0, 1, 5])
+def test_thinking_token_budget_forces_the_end_token(llm, budget):
+    """thinking_token_budget (vLLM's): after `budget` output tokens without reasoning_end_token_id, that token
+    is the next one, whatever the sampler preferred (here it is banned by a bias); the constraint then starts.
+    The same alone and batched with plain rows."""
+    tok = llm.get_tokenizer()
+    end = tok.encode(" Once", add_special_tokens=False)[-1]
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=30, logit_bias={end: -100.0},
+                            reasoning_end_token_id=end, thinking_token_budget=budget,
+                            structured_outputs={"regex": REGEX})
+    [o] = llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    ids = o.outputs[0].token_ids
+    assert end not in ids[:budget] and ids[budget] == end, ids
+    assert re.fullmatch(REGEX, tok.decode(ids[budget + 1:], skip_special_tokens=True)), ids
+    # a budget the reasoning does not reach, or reached after the end came on its own: nothing forced
+    free = SamplingParams(temperature=1.0, seed=5, max_tokens=8, reasoning_end_token_id=end,
+                          thinking_token_budget=50)
+    plain = SamplingParams(temperature=1.0, seed=5, max_tokens=8)
+    ids_of = lambda p: [o.outputs[0].token_ids for o in llm.generate(PROMPTS, p, use_tqdm=False)]  # noqa: E731
+    assert ids_of(free) == ids_of(plain)
+    batched = llm.generate(PROMPTS * 2, [params] * 4 + [plain] * 4, use_tqdm=False)
+    assert batched[0].outputs[0].token_ids == ids
+    with pytest.raises(ValueError, match="thinking_token_budget must be set with reasoning_end_token_id"):
+        SamplingParams(thinking_token_budget=3)

@@ -120,3 +120,20 @@ def test_enforced_tool_call_after_reasoning(think):
     args = "".join(d["function"].get("arguments", "") for c in chunks if c["choices"]
                    for d in c["choices"][0]["delta"].get("tool_calls", []))
     assert args == call["function"]["arguments"]
+
+
+def test_thinking_token_budget_ends_the_reasoning(think, server):
+    """thinking_token_budget (vLLM's): after that many tokens of reasoning `</think>` comes (here the bias
+    bans it, so only the budget can bring it); -1 is no limit; without a reasoning parser it is a 400."""
+    think_server, tok = think
+    kw = {"logit_bias": {str(END): -100.0}, "return_token_ids": True}
+    choice = _chat(think_server, thinking_token_budget=3, **kw).json()["choices"][0]
+    ids = choice["token_ids"]
+    assert END not in ids[:3] and ids[3] == END, ids
+    assert choice["message"]["reasoning"] == tok.decode(ids[:3], skip_special_tokens=True)
+    assert choice["message"]["content"] == (tok.decode(ids[4:], skip_special_tokens=True) or None)
+    unlimited = _chat(think_server, thinking_token_budget=-1, **kw).json()["choices"][0]
+    assert END not in unlimited["token_ids"] and unlimited["message"]["content"] is None
+    for target, budget in ((think_server, -2), (server, 3)):
+        r = _chat(target, thinking_token_budget=budget, allowed_token_ids=None)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget", r.text
