@@ -159,3 +159,17 @@ def test_thinking_token_budget_forces_the_end_token(llm, budget):
     assert batched[0].outputs[0].token_ids == ids
     with pytest.raises(ValueError, match="thinking_token_budget must be set with reasoning_end_token_id"):
         SamplingParams(thinking_token_budget=3)
+
+
+def test_thinking_budget_spares_an_end_token_still_in_flight(llm):
+    """The end token came on its own as the last token before the budget is spent: nothing is forced. The
+    engine launches a step before the one before it is read, so that token is still in flight when the next
+    step's rows are chosen: the device spares the row (else it would force a second end token)."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    [plain] = llm.generate(PROMPTS[:1], greedy, use_tqdm=False)
+    ids = plain.outputs[0].token_ids
+    end = ids[0]             # the end token is the greedy first one
+    assert ids[1] != end
+    budget = SamplingParams(temperature=0.0, max_tokens=6, reasoning_end_token_id=end, thinking_token_budget=1)
+    [o] = llm.generate(PROMPTS[:1], budget, use_tqdm=False)
+    assert o.outputs[0].token_ids == ids
