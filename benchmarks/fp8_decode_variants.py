@@ -48,7 +48,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiles", nargs="*", default=None, help="TILE_N,warps,stages each (default: a sweep)")
     ap.add_argument("--caches", default="fp8,bf16", help="which caches the tiles run on")
+    ap.add_argument("--profile", default=None, metavar="SHAPE",
+                    help="only run the shipped kernel 3 times on the shape whose name starts with SHAPE, each "
+                         "--caches cache (for ncu: --kernel-name regex:decode_partition --launch-skip 2)")
     args = ap.parse_args()
+    if args.profile:
+        return profile(args.profile, args.caches.split(","))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     rng = random.Random(0)
     hq, hkv, d = 16, 8, 128                    # Qwen3-0.6B heads
@@ -88,6 +93,19 @@ def main():
         for cache, b in (("fp8", fp8), ("bf16", batch)):
             for tile in tiles if cache in args.caches.split(",") else ():
                 timed_at(f"{cache} at {tile}", b, tile)
+
+
+def profile(prefix: str, caches: list[str]):
+    [rows] = [rows for name, rows in shapes(random.Random(0)) if name.startswith(prefix)]
+    batch = make_batch(rows, 16, 8, 128, 16, torch.bfloat16, "cuda", seed=0)
+    triton_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
+    for cache in caches:
+        b = batch if cache == "bf16" else dataclasses.replace(
+            batch, kv_cache=batch.kv_cache.float().clamp(-448, 448).to(torch.float8_e4m3fn))
+        for _ in range(3):
+            triton_backend.paged_attention(b.q, b.kv_cache, b.meta, 128 ** -0.5)
+        torch.cuda.synchronize()
+        print(f"profiled {prefix} {cache}", flush=True)
 
 
 if __name__ == "__main__":
