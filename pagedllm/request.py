@@ -14,6 +14,7 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = enum.auto()    # max_tokens or max_model_len reached
     FINISHED_ABORTED = enum.auto()
     FINISHED_ERROR = enum.auto()     # its data raised inside the engine core, or its step failed
+    FINISHED_REPETITION = enum.auto()   # its output ends repeating a pattern (repetition_detection)
 
     @property
     def finished(self) -> bool:
@@ -26,7 +27,8 @@ class RequestStatus(enum.Enum):
 
 # Plain attributes of each member: read for every row of every step (a dict built per call cost ~8 us a row).
 _REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-            RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}
+            RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error",
+            RequestStatus.FINISHED_REPETITION: "repetition"}
 for _status in RequestStatus:
     _status._finish_reason, _status._finished = _REASONS.get(_status), _status in _REASONS
 

@@ -2,6 +2,7 @@
 import math
 from dataclasses import dataclass, field
 
+from pagedllm.core.repetition import RepetitionDetectionParams
 from pagedllm.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
@@ -43,6 +44,8 @@ class SamplingParams:
     # output tokens without it, it is the next token.
     reasoning_end_token_id: int | None = None
     thinking_token_budget: int | None = None
+    # vLLM's: end (finish_reason "repetition") when the output ends with a pattern repeated (core/repetition.py)
+    repetition_detection: RepetitionDetectionParams | None = None
     # Filled by the engine from the tokenizer / generation config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
@@ -62,6 +65,8 @@ class SamplingParams:
             setattr(self, name, None if value is None else list(value))
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        if self.repetition_detection is not None:
+            self.repetition_detection = RepetitionDetectionParams.from_dict(self.repetition_detection)
         self._validate()
 
     def _validate(self):

@@ -28,6 +28,7 @@ from pagedllm.core.kv_usage import KVUsagePeak
 from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, KVTransferResult, ModelRunnerOutput,
                                     NewRequestData, SchedulerOutput)
 from pagedllm.core.offload import NO_HIT, KVOffloadManager
+from pagedllm.core.repetition import ends_repeating
 from pagedllm.metrics import SchedulerStats
 from pagedllm.request import Request, RequestStatus
 
@@ -321,6 +322,9 @@ class Scheduler:
             req.status = RequestStatus.FINISHED_STOPPED   # its grammar ended (ignore_eos): nothing may follow
         elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             req.status = RequestStatus.FINISHED_LENGTH
+        elif params.repetition_detection is not None and _repeats(req):
+            req.status = RequestStatus.FINISHED_REPETITION
+            req.stop_reason = "repetition_detected"
 
     def _free(self, req: Request, uncache: bool = False):
         if req.kv_parent is not None:
@@ -342,6 +346,15 @@ class Scheduler:
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
             peak_blocks=self.kv_peak.peak_blocks, peak_running=self.kv_peak.peak_running,
             kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats())
+
+
+def _repeats(req: Request) -> bool:
+    """repetition_detection (vLLM's, after min_tokens): the output's tail, no more than a pattern can span."""
+    p = req.sampling_params.repetition_detection
+    if req.num_output_tokens < req.sampling_params.min_tokens:
+        return False
+    n = min(req.num_output_tokens, p.max_pattern_size * p.min_count)
+    return n > 0 and ends_repeating(req.all_token_ids[-n:], p)
 
 
 def _grammar_conflict(params) -> str | None:

@@ -32,7 +32,8 @@ _NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "pr
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                     "include_stop_str_in_output", "ignore_eos", "min_tokens", "skip_special_tokens",
                     "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-                    "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "truncation_side", "best_of")
+                    "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "truncation_side", "best_of",
+                    "repetition_detection")
 # What beam search uses besides n, max_tokens and length_penalty (vLLM's BeamSearchParams).
 _BEAM_FIELDS = ("temperature", "ignore_eos", "include_stop_str_in_output")
 
@@ -93,6 +94,7 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool | None = None
     truncate_prompt_tokens: int | None = None      # keep k of the prompt's tokens (-1: max_model_len)
     truncation_side: Literal["left", "right"] | None = None   # vLLM's: left (the default) keeps the last k
+    repetition_detection: dict[str, Any] | None = None   # vLLM's: end when the output repeats (core/repetition.py)
     prompt_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

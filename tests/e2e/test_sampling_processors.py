@@ -140,3 +140,24 @@ def test_penalties_and_bad_words_survive_preemption(tiny_model_dirs):
     tight = LLM(d, dtype="float32", num_gpu_blocks_override=5, log_stats_interval=0)
     assert engine_greedy(tight, params) == roomy
     assert tight.engine.get_stats().num_preemptions > 0
+
+
+def test_repetition_detection_ends_a_repeating_output(tiny_model_dirs):
+    """vLLM's repetition_detection: one allowed token makes the output repeat it; it ends after min_count
+    of them (finish_reason "repetition", stop_reason "repetition_detected"), not before min_tokens; speculative
+    decoding (the model as its own draft, every proposal accepted) stops at the same token."""
+    d = tiny_model_dirs["llama"]
+    rep = {"max_pattern_size": 2, "min_count": 4}
+    for llm in (LLM(d, dtype="float32", log_stats_interval=0),
+                LLM(d, dtype="float32", log_stats_interval=0, speculative_config={
+                    "method": "draft_model", "model": d, "num_speculative_tokens": 3})):
+        [o] = llm.generate(["Once upon"], SamplingParams(temperature=0.0, max_tokens=20, allowed_token_ids=[77],
+                                                         repetition_detection=rep), use_tqdm=False)
+        out = o.outputs[0]
+        assert (out.token_ids, out.finish_reason, out.stop_reason) == ([77] * 4, "repetition", "repetition_detected")
+        [o] = llm.generate(["Once upon"], SamplingParams(temperature=0.0, max_tokens=20, allowed_token_ids=[77],
+                                                         min_tokens=7, repetition_detection=rep), use_tqdm=False)
+        assert o.outputs[0].token_ids == [77] * 7 and o.outputs[0].finish_reason == "repetition"
+    [plain] = llm.generate(["Once upon"], SamplingParams(temperature=0.0, max_tokens=12, repetition_detection={
+        "max_pattern_size": 3, "min_count": 3}), use_tqdm=False)
+    assert plain.outputs[0].finish_reason == "length"   # the greedy text of this prompt does not repeat so

@@ -1,6 +1,8 @@
 """vLLM's sampling fields on both endpoints (issue 14, part 3): the server's greedy output equals offline
 LLM.generate / LLM.chat with the same SamplingParams, and differs from the output without the field.
 """
+import json
+
 import httpx
 import pytest
 from server.server_utils import CHAT_TEMPLATE, MODEL_NAME
@@ -88,3 +90,20 @@ def test_chat_takes_the_same_fields(server, offline_llm):
                              use_tqdm=False, chat_template=CHAT_TEMPLATE)
     assert r.json()["choices"][0]["message"]["content"] == ref.outputs[0].text
     assert TOKEN in ref.outputs[0].token_ids
+
+
+def test_repetition_detection_finish_reason(server):
+    """vLLM's repetition_detection: finish_reason "repetition" and stop_reason "repetition_detected", streamed
+    too; bad parameters are a 400 naming the field."""
+    rep = {"allowed_token_ids": [TOKEN], "repetition_detection": {"max_pattern_size": 1, "min_count": 5}}
+    choice = _complete(server, PROMPTS[0], return_token_ids=True, **rep)["choices"][0]
+    assert (choice["token_ids"], choice["finish_reason"], choice["stop_reason"]) == \
+        ([TOKEN] * 5, "repetition", "repetition_detected")
+    r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers, timeout=60, json={
+        "model": MODEL_NAME, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "stream": True, **rep})
+    finishes = [c["finish_reason"] for line in r.text.splitlines() if line.startswith("data: {")
+                for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
+    assert finishes == ["repetition"], r.text
+    bad = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60, json={
+        "model": MODEL_NAME, "prompt": "hi", "repetition_detection": {"max_pattern_size": 2, "min_count": 1}})
+    assert bad.status_code == 400 and "repetition_detection" in bad.text, bad.text
