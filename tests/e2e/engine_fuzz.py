@@ -119,6 +119,10 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
                         kw["thinking_token_budget"] = int(rng.integers(0, 8))
         if rng.random() < 0.1:
             kw["truncate_prompt_tokens"] = int(rng.integers(1, 30))
+            kw["truncation_side"] = str(rng.choice(["left", "right"]))
+        if rng.random() < 0.1:   # ends the request where its output repeats (tiny random models often do)
+            kw["repetition_detection"] = {"max_pattern_size": int(rng.integers(1, 4)),
+                                          "min_count": int(rng.integers(2, 4))}
         if rng.random() < 0.1:
             kw["skip_special_tokens"] = False
         elif "stop" not in kw and rng.random() < 0.05:
