@@ -72,6 +72,11 @@ def template_message(message: dict) -> dict:
             result["tool_calls"] = calls
         else:   # an empty list: the template's plain assistant path, as vLLM
             del result["tool_calls"]
+    # An assistant's reasoning sent back (vLLM's `reasoning`, or the older `reasoning_content`) reaches the
+    # template under both names, as vLLM passes it: Qwen3's template reads reasoning_content.
+    reasoning = result.get("reasoning", result.get("reasoning_content"))
+    if result.get("role") == "assistant" and reasoning is not None:
+        result["reasoning"] = result["reasoning_content"] = reasoning
     return result
 
 

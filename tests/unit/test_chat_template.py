@@ -47,6 +47,20 @@ def test_template_message_keeps_arguments_that_are_not_a_json_object():
     assert "tool_calls" not in template_message({"role": "assistant", "content": "x", "tool_calls": []})
 
 
+def test_assistant_reasoning_reaches_the_template_under_both_names(tokenizer):
+    """As vLLM: an assistant message's `reasoning` (or the older `reasoning_content`) is passed as both, so
+    templates that read reasoning_content (Qwen3's) see what a client sends back from a `reasoning` answer."""
+    for field in ("reasoning", "reasoning_content"):
+        m = template_message({"role": "assistant", "content": "Hi", field: "thought"})
+        assert m["reasoning"] == m["reasoning_content"] == "thought"
+    both = template_message({"role": "assistant", "content": "Hi", "reasoning": "new", "reasoning_content": "old"})
+    assert both["reasoning_content"] == "new"
+    assert "reasoning_content" not in template_message({"role": "user", "content": "x", "reasoning": "r"})
+    template = "{% for m in messages %}{{ m.reasoning_content }}|{{ m.content }};{% endfor %}"
+    assert render_chat(tokenizer, [{"role": "assistant", "content": "Hi", "reasoning": "r"}], template,
+                       add_generation_prompt=False) == "r|Hi;"
+
+
 def test_continue_final_message_and_template_kwargs(tokenizer):
     conversation = [{"role": "user", "content": "Tell a story"}, {"role": "assistant", "content": "Once upon"}]
     text = render_chat(tokenizer, conversation, TOOL_TEMPLATE, add_generation_prompt=False,
