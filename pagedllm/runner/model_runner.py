@@ -376,15 +376,17 @@ class ModelRunner:
     def _spent_budgets(rows: list[RunnerRequestState], num_scheduled: dict[str, int],
                        prev_in_flight: dict[str, int]) -> list[tuple[int, int | None]]:
         """(row, its in-flight token's index or None) of the rows whose thinking_token_budget is spent: this
-        token is output number budget or later, and the end token is not among the outputs on the host."""
+        token is output number budget or later, and the end token is not among the outputs on the host. The
+        end token, when there, is among the first budget + 1 (it came, or was forced at number budget): only
+        those are scanned, whatever the output's length."""
         spent = []
         for i, r in enumerate(rows):
             budget = r.params.thinking_token_budget
             if budget is None:
                 continue
             total = r.num_computed_tokens + num_scheduled[r.req_id]   # the tokens before the one sampled now
-            if total - r.num_prompt_tokens < budget or r.params.reasoning_end_token_id in \
-                    r.token_ids[r.num_prompt_tokens:]:
+            start = r.num_prompt_tokens
+            if total - start < budget or r.params.reasoning_end_token_id in r.token_ids[start:start + budget + 1]:
                 continue
             spent.append((i, prev_in_flight[r.req_id] if total > len(r.token_ids) else None))
         return spent

@@ -71,9 +71,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         params = await ctx.off_loop_if(slow, lambda: checked_constraint(_with_tool_constraint(req.to_sampling_params(
             max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.prompt_logprobs,
             defaults=ctx.engine.default_sampling_params), plan)))
-    so = getattr(params, "structured_outputs", None)   # beam search has none
-    thinks = _thinks(ctx, req, kept, so is not None)
-    if thinks and isinstance(params, SamplingParams):
+    sampling = isinstance(params, SamplingParams)   # not beam search
+    thinks = _thinks(ctx, req, kept, sampling and params.structured_outputs is not None)
+    if thinks and sampling:
         # a constraint applies from the end of the reasoning, which a budget may force (vLLM's)
         params = replace(params, reasoning_end_token_id=ctx.think_ids[1],
                          thinking_token_budget=req.thinking_token_budget)
@@ -109,10 +109,8 @@ def _thinks(ctx, req: ChatCompletionRequest, prompt_ids: list[int], constrained:
             if asked:
                 raise APIError(400, f"{name} cannot be combined with include_reasoning false: they would show "
                                     f"the reasoning's tokens", name, "invalid_value")
-    if ctx.reasoning_parser == "qwen3" and not reasoning.thinking_enabled(req.template_kwargs()):
-        return False
-    ended = reasoning.reasoning_ended_in(prompt_ids, *ctx.think_ids)
-    return not (ended or (constrained and not req.include_reasoning))
+    return (reasoning.starts_in_reasoning(ctx.reasoning_parser, req.template_kwargs(), prompt_ids, ctx.think_ids)
+            and not (constrained and not req.include_reasoning))
 
 
 def _reasoning_parsers(ctx, req: ChatCompletionRequest, thinks: bool | None) -> list[ReasoningParser] | None:
@@ -237,8 +235,7 @@ def _parsed_chunk(req: ChatCompletionRequest, thinker: ReasoningParser | None, p
     if thinker is not None:
         split = thinker.feed(c.text)
         if c.finish_reason is not None:
-            end = thinker.finish()
-            split.reasoning, split.content = split.reasoning + end.reasoning, split.content + end.content
+            split.add(thinker.finish())
         text = split.content
         if split.reasoning and req.include_reasoning:
             delta["reasoning"] = split.reasoning

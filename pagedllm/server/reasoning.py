@@ -22,6 +22,10 @@ class ReasoningDelta:
     reasoning: str = ""
     content: str = ""
 
+    def add(self, other: "ReasoningDelta"):
+        self.reasoning += other.reasoning
+        self.content += other.content
+
 
 class ReasoningParser:
     def __init__(self, name: str, thinking: bool = True):
@@ -67,8 +71,8 @@ class ReasoningParser:
     def parse_all(self, text: str) -> tuple[str | None, str | None]:
         """(reasoning, content) of a whole text, each None when empty."""
         out = self.feed(text)
-        end = self.finish()
-        return (out.reasoning + end.reasoning) or None, (out.content + end.content) or None
+        out.add(self.finish())
+        return out.reasoning or None, out.content or None
 
     def _emit(self, out: ReasoningDelta, text: str):
         if self.in_reasoning:
@@ -99,9 +103,13 @@ def think_token_ids(tokenizer, parser: str) -> tuple[int, int]:
     return vocab[THINK_START], vocab[THINK_END]
 
 
-def thinking_enabled(chat_template_kwargs: dict | None) -> bool:
-    """Qwen3's switch: enable_thinking in the template's variables (vLLM's default: on)."""
-    return bool((chat_template_kwargs or {}).get("enable_thinking", True))
+def starts_in_reasoning(parser: str, chat_template_kwargs: dict | None, prompt_ids: list[int],
+                        think_ids: tuple[int, int]) -> bool:
+    """Whether the answer opens with reasoning: not when qwen3's switch is off (enable_thinking in the
+    template's variables; vLLM's default: on), nor when the prompt already closed the block."""
+    if parser == "qwen3" and not (chat_template_kwargs or {}).get("enable_thinking", True):
+        return False
+    return not reasoning_ended_in(prompt_ids, *think_ids)
 
 
 def reasoning_ended_in(prompt_ids: list[int], start_id: int | None, end_id: int | None) -> bool:

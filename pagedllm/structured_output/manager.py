@@ -33,6 +33,11 @@ class RequestGrammar:
         self.rejected: int | None = None   # a kept token the matcher refused (an engine bug)
         self._stop_ids: frozenset[int] = frozenset()
 
+    @property
+    def masks(self) -> bool:
+        """Its row samples under the bitmask: the constraint has started and is not complete."""
+        return self.waits_for is None and not self.terminated
+
     def poll(self) -> bool:
         """True once the grammar is compiled (the matcher is built then); False while it compiles, or when
         it failed (self.error says why: a compile error, or no result within the time limit)."""
@@ -136,7 +141,7 @@ def live_grammar_rows(pending_rows, requests: dict) -> list[tuple[int, "RequestG
     rows = []
     for j, r in enumerate(pending_rows):
         req = requests.get(r.req_id)
-        if req is not None and req.grammar is not None and not req.grammar.terminated and req.grammar.waits_for is None:
+        if req is not None and req.grammar is not None and req.grammar.masks:
             rows.append((j, req.grammar))
     return rows
 

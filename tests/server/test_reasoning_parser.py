@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from pagedllm.server.reasoning import ReasoningParser, _partial_tag_len, reasoning_ended_in, think_token_ids
+from pagedllm.server.reasoning import (ReasoningParser, _partial_tag_len, reasoning_ended_in, starts_in_reasoning,
+                                      think_token_ids)
 
 CASES = [
     # (parser, thinking, text, reasoning, content)
@@ -69,6 +70,11 @@ def test_prompt_closes_reasoning():
     assert reasoning_ended_in([1, 2, start, 3, end, 4], start, end)        # thinking off: <think></think>
     assert not reasoning_ended_in([1, end, 2, start, 3], start, end)       # the prompt opened a block
     assert not reasoning_ended_in([1, 2, 3], start, end)
+    # the answer opens with reasoning unless the prompt closed it or qwen3's switch is off
+    assert starts_in_reasoning("qwen3", None, [1, start], (start, end))
+    assert not starts_in_reasoning("qwen3", {"enable_thinking": False}, [1], (start, end))
+    assert starts_in_reasoning("deepseek_r1", {"enable_thinking": False}, [1], (start, end))
+    assert not starts_in_reasoning("deepseek_r1", None, [start, end], (start, end))
 
 
 def test_unknown_parser_and_tokenizer_without_tags():
