@@ -8,6 +8,7 @@ from pagedllm.structured_output.params import StructuredOutputsParams
 _GREEDY_EPS = 1e-5
 # torch.Generator.manual_seed takes any integer in this range (negatives as their two's complement)
 SEED_MIN, SEED_END = -2**63, 2**64
+MAX_LOGPROB_TOKEN_IDS = 128   # vLLM's bound on logprob_token_ids
 
 
 @dataclass
@@ -29,6 +30,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None      # top-N logprobs per generated token (plus the sampled one)
+    # vLLM's: the logprobs of these ids (not the top-N) at each generated position, beside the sampled token's;
+    # logprobs becomes their number. Their ranks are not computed (None).
+    logprob_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
@@ -65,9 +69,24 @@ class SamplingParams:
             setattr(self, name, None if value is None else list(value))
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        self._take_logprob_token_ids()
         if self.repetition_detection is not None:
             self.repetition_detection = RepetitionDetectionParams.from_dict(self.repetition_detection)
         self._validate()
+
+    def _take_logprob_token_ids(self):
+        ids = self.logprob_token_ids
+        _require(ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in ids)),
+                 "logprob_token_ids", "None or a list of non-negative token ids", ids)
+        if not ids:   # vLLM's: an empty list asks for nothing
+            self.logprob_token_ids = None
+            return
+        ids = self.logprob_token_ids = list(dict.fromkeys(ids))   # each id's logprob once
+        _require(len(ids) <= MAX_LOGPROB_TOKEN_IDS, "logprob_token_ids", f"at most {MAX_LOGPROB_TOKEN_IDS} ids",
+                 ids)
+        _require(self.logprobs is None or self.logprobs == len(ids), "logprobs",
+                 f"None or the number of logprob_token_ids ({len(ids)}) when both are set", self.logprobs)
+        self.logprobs = len(ids)
 
     def _validate(self):
         _require(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
@@ -143,8 +162,12 @@ class SamplingParams:
         _require(end is None or end < vocab_size, "reasoning_end_token_id", f"< vocab size {vocab_size}", end)
         for t in self.logit_bias or ():
             _require(t < vocab_size, "logit_bias", f"keyed by token ids < vocab size {vocab_size}", t)
+        for t in self.logprob_token_ids or ():
+            _require(t < vocab_size, "logprob_token_ids", f"token ids < vocab size {vocab_size}", t)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
+            if name == "logprobs" and self.logprob_token_ids is not None:
+                continue   # their own bound
             _require(v is None or v <= max_logprobs, name, f"<= {max_logprobs}", v)
 
 

@@ -46,6 +46,7 @@ class _ParentRequest:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     num_returned: int | None = None   # best_of: return this many (n) of seqs, the highest cumulative logprob
+    named_logprobs: bool = False      # logprob_token_ids: a position's other ids are those, unranked
 
     @property
     def finished(self) -> bool:
@@ -87,7 +88,8 @@ class OutputProcessor:
                           cumulative_logprob=0.0 if params.logprobs is not None or ranked else None)
                 for i in range(num_seqs)]
         parent = _ParentRequest(request_id, prompt, prompt_token_ids, kind, RequestMetrics(arrival_time), seqs,
-                                num_returned=params.n if ranked else None)
+                                num_returned=params.n if ranked else None,
+                                named_logprobs=params.logprob_token_ids is not None)
         self.parents[request_id] = parent
         for s in seqs:
             self.child_to_parent[child_request_id(request_id, s.index, num_seqs)] = (parent, s)
@@ -169,18 +171,20 @@ class OutputProcessor:
                 for position in logprobs:
                     seq.cumulative_logprob += position.logprobs[0]
                     if seq.logprobs is not None:
-                        seq.logprobs.append(self._position(position))
+                        seq.logprobs.append(self._position(position, parent.named_logprobs))
         seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
         if stop_str is not None:   # as vLLM: also where the core ended it by length in the same step
             seq.finish_reason, seq.stop_reason = "stop", stop_str
             return out.finish_reason is None
         return False
 
-    def _position(self, lp: TokenLogprobs) -> PositionLogprobs:
+    def _position(self, lp: TokenLogprobs, named: bool = False) -> PositionLogprobs:
+        """named: the ids after the chosen token are logprob_token_ids, whose ranks are unknown (None)."""
         entry = {}
         for rank, (tid, value) in enumerate(zip(lp.token_ids, lp.logprobs)):
             if tid not in entry:   # the chosen token comes first; it may also be among the top-N
-                entry[tid] = Logprob(value, lp.rank if rank == 0 else rank, self._decode_token([tid]))
+                entry[tid] = Logprob(value, lp.rank if rank == 0 else None if named else rank,
+                                     self._decode_token([tid]))
         return entry
 
     def _make_output(self, parent: _ParentRequest, finished: bool) -> RequestOutput | None:

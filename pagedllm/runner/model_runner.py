@@ -28,7 +28,7 @@ from pagedllm.runner.kv_offload import KVOffload, copy_blocks, copy_scratch_byte
 from pagedllm.runner.memory_profile import profile_free_kv_bytes
 from pagedllm.sample.logits_processors import build_logits_processors, uses_processors
 from pagedllm.sample.penalties import Penalties, PenaltyTable
-from pagedllm.sample.sampler import Sampler, SamplingMetadata, gather_logprobs, to_device
+from pagedllm.sample.sampler import Sampler, SamplingMetadata, chosen_logprob_ids, gather_logprobs, to_device
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.draft_model import DraftModel
 from pagedllm.spec_decode.rejection_sampler import rejection_sample
@@ -286,8 +286,10 @@ class ModelRunner:
         logprobs = None
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         if num_logprobs:
+            per_position = [p for p, s in zip(params, verify.num_spec) for _ in range(s + 1)]
+            chosen = chosen_logprob_ids(per_position, max(num_logprobs), self.device)
             logprobs = tuple(_to_host_async(t) for t in position_logprobs(
-                logits, res.output_token_ids, verify.num_spec, max(num_logprobs)))
+                logits, res.output_token_ids, verify.num_spec, max(num_logprobs), chosen))
         pending.verify = VerifyResult(verify, _to_host_async(res.output_token_ids), _to_host_async(res.num_emitted),
                                       logprobs, self.draft.valid if self.draft is not None else None)
         if self.device.type == "cuda":   # the plain rows' sampling, if any, records a later one

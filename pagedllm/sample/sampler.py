@@ -39,6 +39,7 @@ class SamplingMetadata:
     any_greedy: bool
     all_temperature_one: bool                 # no row needs the division by temperature
     max_num_logprobs: int | None              # None: no row asked for logprobs
+    logprob_token_ids: torch.Tensor | None    # (N, max_num_logprobs) int64: rows' own ids, -1 = top-N; None: unused
     banned_token_ids: list[list[int]] | None  # per row: ids masked to -inf (EOS/stop ids before min_tokens)
     processors: LogitsProcessors | None = None   # None: no row uses allowed ids, bad words, bias, penalties
 
@@ -64,9 +65,19 @@ class SamplingMetadata:
             any_greedy=not all(sampled),
             all_temperature_one=all(p.temperature == 1.0 for p in params),
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
+            logprob_token_ids=chosen_logprob_ids(params, max(num_logprobs) if num_logprobs else 0, device),
             banned_token_ids=banned_token_ids if any(banned_token_ids) else None,
             processors=processors,
         )
+
+
+def chosen_logprob_ids(params: list[SamplingParams], width: int, device) -> torch.Tensor | None:
+    """(N, width) int64: each row's logprob_token_ids, -1 for the top-N (padding, rows without); None: no row
+    names ids."""
+    if not any(p.logprob_token_ids for p in params):
+        return None
+    ids = [(p.logprob_token_ids or []) + [-1] * (width - len(p.logprob_token_ids or [])) for p in params]
+    return to_device(ids, torch.int64, device)
 
 
 def _tensor_if(used: bool, values: list, dtype: torch.dtype, device) -> torch.Tensor | None:
@@ -99,7 +110,8 @@ class Sampler(nn.Module):
             sampled = torch.where(meta.temperature < _GREEDY_EPS, greedy, self.sample(logits, meta, generator))
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
-        return SamplerOutput(sampled, *gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs))
+        return SamplerOutput(sampled, *gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs,
+                                                       meta.logprob_token_ids))
 
     @staticmethod
     def sample(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator | None) -> torch.Tensor:
@@ -244,12 +256,17 @@ def exponential_race(probs: torch.Tensor, row_generators: dict[int, torch.Genera
     return probs.div_(q).argmax(dim=-1)
 
 
-def gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor, num_logprobs: int):
+def gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor, num_logprobs: int,
+                    chosen: torch.Tensor | None = None):
     """-> (token ids (N, 1+K), logprobs (N, 1+K), ranks (N,)); column 0 is the sampled token.
-    Rank = how many tokens are at least as likely as the sampled one (vLLM's convention: 1 = top)."""
+    Rank = how many tokens are at least as likely as the sampled one (vLLM's convention: 1 = top).
+    chosen (N, K): ids that replace the top-K where >= 0 (logprob_token_ids)."""
     sampled = sampled.unsqueeze(1)
     sampled_logprobs = logprobs.gather(1, sampled)
     ranks = (logprobs >= sampled_logprobs).sum(dim=-1)
     top_logprobs, top_ids = logprobs.topk(num_logprobs, dim=-1)
+    if chosen is not None:
+        top_ids = torch.where(chosen >= 0, chosen, top_ids)
+        top_logprobs = logprobs.gather(1, top_ids)
     token_ids = torch.cat((sampled, top_ids), dim=1)
     return token_ids, torch.cat((sampled_logprobs, top_logprobs), dim=1), ranks

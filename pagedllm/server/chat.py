@@ -257,13 +257,17 @@ def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
     if not req.logprobs:
         return None
     n = req.top_logprobs or 0
+    named = list(dict.fromkeys(req.logprob_token_ids or ()))
     content = []
     as_ids = req.return_tokens_as_token_ids
     for token_id, position in zip(c.token_ids, c.logprobs or []):
-        top = sorted((item for item in position.items() if item[1].rank is not None and item[1].rank <= n),
-                     key=lambda item: item[1].rank)
+        if named:   # logprob_token_ids: those, in their order
+            top = [(tid, position[tid]) for tid in named]
+        else:
+            top = sorted((item for item in position.items() if item[1].rank is not None and item[1].rank <= n),
+                         key=lambda item: item[1].rank)[:n]
         content.append({**_token(position[token_id], token_id, as_ids),
-                        "top_logprobs": [_token(p, tid, as_ids) for tid, p in top[:n]]})
+                        "top_logprobs": [_token(p, tid, as_ids) for tid, p in top]})
     return {"content": content}
 
 

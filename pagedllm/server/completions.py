@@ -139,12 +139,17 @@ def _entry(lp: PositionLogprobs | None, token_id: int, as_ids: bool = False) -> 
         return f"token_id:{token_id}" if as_ids else "", None, None
     if as_ids:
         return f"token_id:{token_id}", lp[token_id].logprob, {
-            f"token_id:{tid}": p.logprob for tid, p in sorted(lp.items(), key=lambda item: item[1].rank or 0)}
+            f"token_id:{tid}": p.logprob for tid, p in sorted(lp.items(), key=lambda item: _rank(item[1]))}
     chosen = lp[token_id]
     top: dict[str, float] = {}
-    for p in sorted(lp.values(), key=lambda p: p.rank or 0):   # tokens of the same text: the likeliest
+    for p in sorted(lp.values(), key=_rank):   # tokens of the same text: the likeliest
         top.setdefault(p.decoded_token, p.logprob)
     return chosen.decoded_token, chosen.logprob, top
+
+
+def _rank(p) -> float:
+    """Unranked entries (logprob_token_ids') after the chosen token, in their order (a stable sort)."""
+    return p.rank if p.rank is not None else float("inf")
 
 
 def _prompt_entries(out: RequestOutput, as_ids: bool = False) -> list:

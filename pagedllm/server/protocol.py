@@ -96,6 +96,8 @@ class _SamplingRequest(_Request):
     truncation_side: Literal["left", "right"] | None = None   # vLLM's: left (the default) keeps the last k
     repetition_detection: dict[str, Any] | None = None   # vLLM's: end when the output repeats (core/repetition.py)
     prompt_logprobs: int | None = None
+    # vLLM's: these ids' logprobs at each generated position instead of the top ones (needs logprobs)
+    logprob_token_ids: list[int] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     use_beam_search: bool = False
@@ -114,7 +116,8 @@ class _SamplingRequest(_Request):
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None    # only null: xgrammar takes no whitespace pattern
     priority: int = 0                # lower first, with --scheduling-policy priority (else only 0)
-    # Not implemented yet: accepted only at their neutral values (unsupported()).
+    # vLLM's detokenizer option. The text never has spaces put between special tokens (transformers 5's decode,
+    # and vLLM's of a fast tokenizer, put none either way): what false asks, and true's text is vLLM's.
     spaces_between_special_tokens: bool = True
     # Documented no-ops (_NO_OPS).
     user: str | None = None
@@ -131,9 +134,6 @@ class _SamplingRequest(_Request):
             raise APIError(400, "prompt_logprobs are not available when stream is true", "prompt_logprobs",
                            "invalid_value")
         return self
-
-    def unsupported(self) -> list[tuple[str, bool, str]]:
-        return [("spaces_between_special_tokens", self.spaces_between_special_tokens, "detokenizer option")]
 
     @model_validator(mode="after")
     def _check_beam_search(self):
@@ -169,9 +169,10 @@ class _SamplingRequest(_Request):
         invalid values raise ValueError naming the field."""
         given = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
         constraint, _ = structured_outputs(self)
+        named = self.logprob_token_ids or None   # vLLM's: [] names none; ids replace the top-N
         return SamplingParams(**{**(defaults or {}), **given, "n": self.n, "max_tokens": max_tokens,
-                                 "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
-                                 "structured_outputs": constraint})
+                                 "logprobs": None if named else logprobs, "logprob_token_ids": named,
+                                 "prompt_logprobs": prompt_logprobs, "structured_outputs": constraint})
 
 
 class CompletionRequest(_SamplingRequest):
@@ -181,6 +182,13 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     add_special_tokens: bool = True    # vLLM's: BOS (etc.) added to text prompts
     suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _check_logprob_token_ids(self):
+        if self.logprob_token_ids and self.logprobs is None:
+            raise APIError(400, "logprob_token_ids needs logprobs to be set (it stays the echoed prompt's top-N)",
+                           "logprob_token_ids", "invalid_value")
+        return self
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
         return [*super().unsupported(), ("suffix", not self.suffix, "fill-in-the-middle")]
@@ -286,6 +294,16 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     return_prompt_text: bool = False   # vLLM's: the response carries the prompt the chat template wrote
     # vLLM's: at most this many tokens of reasoning, then `</think>` is forced (-1: no limit)
     thinking_token_budget: int | None = Field(None, ge=-1)
+
+    @model_validator(mode="after")
+    def _check_logprob_token_ids(self):
+        named = dict.fromkeys(self.logprob_token_ids or ())
+        if named and not self.logprobs:
+            raise APIError(400, "logprob_token_ids needs logprobs to be true", "logprob_token_ids", "invalid_value")
+        if named and self.top_logprobs not in (None, len(named)):
+            raise APIError(400, f"top_logprobs must be unset or the number of logprob_token_ids ({len(named)}): "
+                                f"their logprobs replace the top ones", "top_logprobs", "invalid_value")
+        return self
 
     @model_validator(mode="after")
     def _unlimited_budget(self):

@@ -64,9 +64,11 @@ class VerifyResult:
             offset += s + 1
 
 
-def position_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_spec: list[int], num_logprobs: int):
-    """Logprobs (raw, the target's) of the token emitted at each position, -1 (none) scored as token 0."""
+def position_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_spec: list[int], num_logprobs: int,
+                      chosen: torch.Tensor | None = None):
+    """Logprobs (raw, the target's) of the token emitted at each position, -1 (none) scored as token 0.
+    chosen: each position's logprob_token_ids (sampler.chosen_logprob_ids)."""
     rows = [i for i, s in enumerate(num_spec) for _ in range(s + 1)]
     cols = [j for s in num_spec for j in range(s + 1)]
     emitted = tokens[to_device(rows, torch.int64, logits.device), to_device(cols, torch.int64, logits.device)]
-    return gather_logprobs(logits.float().log_softmax(dim=-1), emitted.clamp_min(0), num_logprobs)
+    return gather_logprobs(logits.float().log_softmax(dim=-1), emitted.clamp_min(0), num_logprobs, chosen)

@@ -1,11 +1,11 @@
 """A differential fuzz of the engine: random engine configurations (small KV caches that preempt, chunked prefill,
 prefix caching, swap and offload, CPU tier, speculative decoding, LoRA, fp8 KV and weights, two tensor-parallel
 ranks) run random request mixes (shared prefixes, n > 1, best_of, seeds, top-k / top-p / min-p, stop ids and
-strings, logprobs and prompt logprobs, min_tokens, truncated prompts, penalties, logit bias, bad words, allowed
-ids, choice / regex / JSON constraints; or a beam search), added at once or step by step with some aborted, and
-every request's output must equal that of a plain engine (a cache that never preempts, no chunking, no prefix cache, no
-speculation, one rank; the same LoRA and fp8 settings) on the same requests. Float32 on CPU, tiny random models
-whose logits have clear margins.
+strings, logprobs (top-N or named ids) and prompt logprobs, min_tokens, truncated prompts, penalties, logit bias,
+bad words, allowed ids, choice / regex / JSON constraints; or a beam search), added at once or step by step with
+some aborted, and every request's output must equal that of a plain engine (a cache that never preempts, no
+chunking, no prefix cache, no speculation, one rank; the same LoRA and fp8 settings) on the same requests.
+Float32 on CPU, tiny random models whose logits have clear margins.
 
     python tests/e2e/engine_fuzz.py --trials 200 [--seed 0]       (a long run; tests/e2e/test_engine_fuzz.py
                                                                    runs a few trials in the suite)
@@ -92,6 +92,8 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
             kw["min_tokens"] = min(kw["max_tokens"], int(rng.integers(1, 10)))
         if rng.random() < 0.15:
             kw["prompt_logprobs"] = int(rng.choice([0, 3]))
+        if rng.random() < 0.1:   # named ids' logprobs instead of the top-N
+            kw["logprobs"], kw["logprob_token_ids"] = None, rng.integers(0, 512, size=int(rng.integers(1, 40))).tolist()
         if rng.random() < 0.3:   # the fields that make a row's own logits processors
             extra = rng.choice(["presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
                                 "bad_words", "allowed_token_ids", "stop", "structured"])

@@ -56,9 +56,10 @@ def test_exact_under_preemption_and_chunked_prefill(tiny_model_dirs, spec):
 
 def test_rows_that_do_not_speculate_share_the_steps(tiny_model_dirs):
     """Penalties, logit bias, min_tokens and stop ids in the same batch: each request's tokens equal those of
-    the engine without speculation."""
+    the engine without speculation; logprobs (top-N and logprob_token_ids) too."""
     d = tiny_model_dirs["llama"]
     params = [SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=MAX_NEW, logprob_token_ids=[9, 300, 17]),
               SamplingParams(temperature=0, max_tokens=MAX_NEW, repetition_penalty=1.3),
               SamplingParams(temperature=0, max_tokens=MAX_NEW, logit_bias={5: 3.0}),
               SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=10, ignore_eos=True),
@@ -72,7 +73,10 @@ def test_rows_that_do_not_speculate_share_the_steps(tiny_model_dirs):
         for a, b in zip(plain, spec):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
-        assert [list(p) for p in spec[0].outputs[0].logprobs] == [list(p) for p in plain[0].outputs[0].logprobs]
+        for i in (0, 1):   # speculating rows' logprobs: top-N, and named ids
+            a, b = plain[i].outputs[0].logprobs, spec[i].outputs[0].logprobs
+            assert [list(p) for p in a] == [list(p) for p in b]
+            assert all(abs(x[t].logprob - y[t].logprob) < 1e-5 for x, y in zip(a, b) for t in x)
 
 
 def test_seeded_sampling_reproducible(tiny_model_dirs):

@@ -205,6 +205,29 @@ def test_top_logprobs_match_transformers(tiny_model_dirs):
     assert abs(comp.cumulative_logprob - sum(next(iter(p.values())).logprob for p in comp.logprobs)) < 1e-5
 
 
+def test_logprob_token_ids_match_transformers(tiny_model_dirs):
+    """vLLM's logprob_token_ids: each step's entry holds the chosen token (ranked) and the named ids (unranked),
+    with transformers' logprobs, beside a request asking for its top-3 in the same steps."""
+    d = tiny_model_dirs["llama_tied"]
+    (ids, _), = hf_greedy(d, [PROMPTS[3]], max_new=4)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([PROMPTS[3] + ids])).logits[0].float(), -1)
+    named = [40, 7, 300]
+    params = [SamplingParams(temperature=0, max_tokens=4, logprob_token_ids=named),
+              SamplingParams(temperature=0, max_tokens=4, logprobs=3)]
+    outs = LLM(d, dtype="float32", log_stats_interval=0).generate([PROMPTS[3]] * 2, params, use_tqdm=False)
+    comp, top = outs[0].outputs[0], outs[1].outputs[0]
+    assert comp.token_ids == top.token_ids == ids
+    for step, (pos, top_pos) in enumerate(zip(comp.logprobs, top.logprobs)):
+        ref = full[len(PROMPTS[3]) - 1 + step]
+        assert list(pos) == list(dict.fromkeys([ids[step], *named])) and pos[ids[step]].rank == 1
+        assert all(pos[t].rank is None for t in named if t != ids[step])
+        for t in pos:
+            assert abs(pos[t].logprob - ref[t].item()) < LOGPROB_TOL
+        assert set(top_pos) - {ids[step]} <= set(ref.topk(3).indices.tolist())
+
+
 def test_mistral_sliding_window_caps_max_model_len(tmp_path):
     from conftest import make_tiny_model
     d = make_tiny_model(tmp_path / "mistral", arch="mistral", seed=5)

@@ -251,3 +251,63 @@ def test_add_special_tokens_on_completions(server, offline_llm):
     [ref] = offline_llm.generate([ids], SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)
     assert without["usage"]["prompt_tokens"] == len(ids)
     assert without["choices"][0]["text"] == ref.outputs[0].text
+
+
+def test_logprob_token_ids_on_both_endpoints_match_offline(server, offline_llm):
+    """vLLM's logprob_token_ids: the named ids' logprobs at each generated position, in their order (each once),
+    instead of the top ones; the chosen token's own logprob stays beside them; streamed as in one piece."""
+    named = [5, 9, 5, 300]
+    [ref] = offline_llm.generate(PROMPT, SamplingParams(max_tokens=4, temperature=0, logprob_token_ids=named),
+                                 use_tqdm=False)
+    comp = ref.outputs[0]
+    base = {"model": MODEL_NAME, "max_tokens": 4, "temperature": 0, "logprob_token_ids": named,
+            "return_tokens_as_token_ids": True}
+    out = _post(server, COMPLETIONS, {**base, "prompt": PROMPT, "logprobs": 0}).json()["choices"][0]["logprobs"]
+    assert out["tokens"] == [f"token_id:{t}" for t in comp.token_ids]
+    for top, tid, pos in zip(out["top_logprobs"], comp.token_ids, comp.logprobs):
+        assert list(top) == [f"token_id:{t}" for t in dict.fromkeys([tid, 5, 9, 300])]   # chosen first
+        assert all(abs(top[f"token_id:{t}"] - pos[t].logprob) < 1e-4 for t in (tid, 5, 9, 300))
+
+    [ref] = offline_llm.chat(MESSAGES, SamplingParams(max_tokens=4, temperature=0, logprob_token_ids=named),
+                             use_tqdm=False, chat_template=CHAT_TEMPLATE)
+    comp = ref.outputs[0]
+    body = {**base, "messages": MESSAGES, "logprobs": True}
+    content = _post(server, CHAT, body).json()["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [f"token_id:{t}" for t in comp.token_ids]
+    for c, pos in zip(content, comp.logprobs):
+        assert [t["token"] for t in c["top_logprobs"]] == ["token_id:5", "token_id:9", "token_id:300"]
+        assert all(abs(t["logprob"] - pos[tid].logprob) < 1e-4 for t, tid in zip(c["top_logprobs"], (5, 9, 300)))
+    with httpx.stream("POST", server.url + CHAT, json={**body, "stream": True, "top_logprobs": 3},
+                      headers=server.headers, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [c for ch in chunks for choice in ch["choices"]
+                for c in (choice.get("logprobs") or {}).get("content", [])]
+    assert streamed == content
+
+
+@pytest.mark.parametrize("path,body,param", [
+    (CHAT, {"logprob_token_ids": [5]}, "logprob_token_ids"),                                  # logprobs false
+    (CHAT, {"logprob_token_ids": [5, 6], "logprobs": True, "top_logprobs": 1}, "top_logprobs"),
+    (CHAT, {"logprob_token_ids": [5], "logprobs": True, "use_beam_search": True, "n": 2}, "logprobs"),
+    (CHAT, {"logprob_token_ids": [5, 10**6], "logprobs": True}, "logprob_token_ids"),        # beyond the vocab
+    (COMPLETIONS, {"logprob_token_ids": [5]}, "logprob_token_ids"),                           # logprobs unset
+    (COMPLETIONS, {"logprob_token_ids": list(range(129)), "logprobs": 0}, "logprob_token_ids"),
+    (COMPLETIONS, {"logprob_token_ids": [-1], "logprobs": 0}, "logprob_token_ids"),
+])
+def test_logprob_token_ids_errors_name_the_field(server, path, body, param):
+    prompt = {"prompt": PROMPT} if path == COMPLETIONS else {"messages": MESSAGES}
+    _error(_post(server, path, {"model": MODEL_NAME, "max_tokens": 2, **prompt, **body}), param)
+
+
+def test_spaces_between_special_tokens_false_is_what_the_text_does(server, offline_llm):
+    """Special tokens in a row, kept in the text: no space between them with either value (vLLM's default true
+    gives the same text: transformers' decode puts none), so false is honoured."""
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "allowed_token_ids": [0, 1],
+            "ignore_eos": True, "skip_special_tokens": False, "return_token_ids": True}
+    texts = []
+    for value in (False, True):
+        choice = _post(server, COMPLETIONS, {**body, "spaces_between_special_tokens": value}).json()["choices"][0]
+        specials = offline_llm.get_tokenizer().convert_ids_to_tokens(choice["token_ids"])
+        assert set(choice["token_ids"]) <= {0, 1} and choice["text"] == "".join(specials)   # "<unk><s>..."
+        texts.append(choice["text"])
+    assert texts[0] == texts[1] and " " not in texts[0]

@@ -323,6 +323,24 @@ def test_logprobs_are_raw_log_softmax_with_sampled_first_and_ranks():
     assert torch.equal(out.logprobs[0, 0], raw[0].max())
 
 
+def test_logprob_token_ids_replace_the_top_n_of_their_rows_only():
+    """Rows naming ids get those ids' raw logprobs in their order (padding to the widest row: the top-N, cut
+    by the host); other rows keep their top-N; the sampled token stays first with its rank."""
+    logits = random_logits(3, seed=9)
+    params = [SamplingParams(temperature=0, logprob_token_ids=[11, 2, 40]), SamplingParams(temperature=0, logprobs=2),
+              SamplingParams(temperature=0, logprob_token_ids=[5])]
+    meta = make_meta(params)
+    assert meta.max_num_logprobs == 3 and meta.logprob_token_ids.tolist() == [[11, 2, 40], [-1, -1, -1], [5, -1, -1]]
+    out = Sampler()(logits, meta, generator=seeded(0))
+    raw = torch.log_softmax(logits, dim=-1)
+    sampled = out.sampled_token_ids
+    assert torch.equal(out.logprob_token_ids[:, 0], sampled) and out.sampled_token_ranks.tolist() == [1, 1, 1]
+    assert out.logprob_token_ids[0, 1:].tolist() == [11, 2, 40] and out.logprob_token_ids[2, 1].item() == 5
+    assert torch.equal(out.logprob_token_ids[1, 1:], raw[1].topk(3).indices)
+    assert torch.equal(out.logprobs, raw.gather(1, out.logprob_token_ids))
+    assert make_meta([SamplingParams(logprobs=2)]).logprob_token_ids is None
+
+
 def test_top_k_beyond_vocab_and_tiny_vocab():
     logits = random_logits(3, vocab=2, seed=7)
     params = [SamplingParams(top_k=5), SamplingParams(top_k=5, top_p=0.5), SamplingParams(min_p=0.5, logprobs=2)]

@@ -57,6 +57,11 @@ INVALID = [
     (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
     (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
     (dict(truncation_side="middle"), "truncation_side", "left or right"),
+    (dict(logprob_token_ids=[1, -2]), "logprob_token_ids", "None or a list of non-negative token ids"),
+    (dict(logprob_token_ids=5), "logprob_token_ids", "None or a list of non-negative token ids"),
+    (dict(logprob_token_ids=list(range(129))), "logprob_token_ids", "at most 128 ids"),
+    (dict(logprob_token_ids=[3, 4], logprobs=1), "logprobs",
+     "None or the number of logprob_token_ids (2) when both are set"),
 ]
 
 
@@ -72,6 +77,7 @@ def test_invalid_values_raise_naming_field_and_range(kwargs, name, allowed):
     (dict(prompt_logprobs=100), "prompt_logprobs", "<= 20"),
     (dict(allowed_token_ids=[3, 512]), "allowed_token_ids", "< vocab size 512"),
     (dict(logit_bias={"512": 1.0}), "logit_bias", "keyed by token ids < vocab size 512"),
+    (dict(logprob_token_ids=[0, 512]), "logprob_token_ids", "token ids < vocab size 512"),
 ])
 def test_validate_vocab_rejects_values_the_model_cannot_serve(kwargs, name, allowed):
     params = SamplingParams(**kwargs)
@@ -103,6 +109,14 @@ def test_seed_range_ends_and_new_field_defaults():
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
     assert p.logit_bias is p.allowed_token_ids is p.bad_words is p.truncate_prompt_tokens is None
     assert not p.uses_penalties and SamplingParams(repetition_penalty=1.1).uses_penalties
+
+
+def test_logprob_token_ids_set_logprobs_to_their_number_past_the_top_n_bound():
+    p = SamplingParams(logprob_token_ids=[7, 3, 7, 9])
+    assert p.logprob_token_ids == [7, 3, 9] and p.logprobs == 3   # each id once, in the order given
+    SamplingParams(logprob_token_ids=list(range(128))).validate_vocab(vocab_size=512)   # 128 > 20 top-N
+    assert SamplingParams(logprob_token_ids=[], logprobs=2).logprob_token_ids is None   # vLLM's: none asked
+    assert SamplingParams(logprob_token_ids=[4, 5], logprobs=2).logprobs == 2
 
 
 def test_logit_bias_takes_json_string_keys():
