@@ -43,10 +43,13 @@ class SamplingParams:
     truncation_side: str = "left"                # which end truncate_prompt_tokens cuts (vLLM's): left keeps the
                                                  # last k tokens, right the first k
     structured_outputs: StructuredOutputsParams | None = None   # JSON schema, regex, choice, grammar, ...
-    # Reasoning (the server sets both from --reasoning-parser): the token that ends the output's reasoning
-    # (`</think>`): structured_outputs applies only after it; thinking_token_budget (vLLM's): after this many
-    # output tokens without it, it is the next token.
+    # Reasoning (the server sets these from --reasoning-parser): the token that ends the output's reasoning
+    # (`</think>`): structured_outputs applies only after it. thinking_token_budget (vLLM's): once the open
+    # reasoning block holds this many tokens, the end token is the next one. The block opens after the last
+    # reasoning_start_token_id (`<think>`) of the prompt and output not followed by an end token; without a
+    # start id, at the output's start (until an end token comes).
     reasoning_end_token_id: int | None = None
+    reasoning_start_token_id: int | None = None
     thinking_token_budget: int | None = None
     # vLLM's: end (finish_reason "repetition") when the output ends with a pattern repeated (core/repetition.py)
     repetition_detection: RepetitionDetectionParams | None = None
@@ -118,7 +121,7 @@ class SamplingParams:
                  "an integer >= 1, -1 (max_model_len) or None", t)
         _require(self.truncation_side in ("left", "right"), "truncation_side", "left or right",
                  self.truncation_side)
-        for name in ("reasoning_end_token_id", "thinking_token_budget"):
+        for name in ("reasoning_end_token_id", "reasoning_start_token_id", "thinking_token_budget"):
             v = getattr(self, name)
             _require(v is None or (_is_int(v) and v >= 0), name, "None or an integer >= 0", v)
         _require(self.thinking_token_budget is None or self.reasoning_end_token_id is not None,
@@ -158,8 +161,9 @@ class SamplingParams:
         for name in ("stop_token_ids", "allowed_token_ids"):
             for t in getattr(self, name) or ():
                 _require(t < vocab_size, name, f"< vocab size {vocab_size}", t)
-        end = self.reasoning_end_token_id
-        _require(end is None or end < vocab_size, "reasoning_end_token_id", f"< vocab size {vocab_size}", end)
+        for name in ("reasoning_end_token_id", "reasoning_start_token_id"):
+            t = getattr(self, name)
+            _require(t is None or t < vocab_size, name, f"< vocab size {vocab_size}", t)
         for t in self.logit_bias or ():
             _require(t < vocab_size, "logit_bias", f"keyed by token ids < vocab size {vocab_size}", t)
         for t in self.logprob_token_ids or ():

@@ -27,10 +27,28 @@ class RunnerRequestState:
     generator: torch.Generator | None
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)   # collected over prompt chunks
     prompt_logprobs_sent: bool = False
+    # thinking_token_budget: how many of token_ids open_reasoning() has read, and what it found
+    think_scanned: int = 0
+    think_open: int | None = None
 
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
+
+    def open_reasoning(self) -> int | None:
+        """Where the open reasoning block of the tokens on the host starts (the index after its start token), or
+        None when none is open (SamplingParams.thinking_token_budget). Reads each token once."""
+        start, end = self.params.reasoning_start_token_id, self.params.reasoning_end_token_id
+        if self.think_scanned == 0 and start is None:   # no start token: the output opens the block
+            self.think_scanned = self.think_open = self.num_prompt_tokens
+        for i in range(self.think_scanned, len(self.token_ids)):
+            t = self.token_ids[i]
+            if t == start:
+                self.think_open = i + 1
+            elif t == end:
+                self.think_open = None
+        self.think_scanned = len(self.token_ids)
+        return self.think_open
 
 
 @dataclass

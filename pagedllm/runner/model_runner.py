@@ -376,21 +376,22 @@ class ModelRunner:
 
     @staticmethod
     def _spent_budgets(rows: list[RunnerRequestState], num_scheduled: dict[str, int],
-                       prev_in_flight: dict[str, int]) -> list[tuple[int, int | None]]:
-        """(row, its in-flight token's index or None) of the rows whose thinking_token_budget is spent: this
-        token is output number budget or later, and the end token is not among the outputs on the host. The
-        end token, when there, is among the first budget + 1 (it came, or was forced at number budget): only
-        those are scanned, whatever the output's length."""
+                       prev_in_flight: dict[str, int]) -> list[tuple[int, int | None, bool]]:
+        """(row, its in-flight token's index or None, whether the tokens on the host spend its budget) of the rows
+        whose thinking_token_budget may be spent at the token sampled now: the open reasoning block holds budget
+        tokens. With a token still in flight the device decides (logits_processors._forced): that token may end
+        the block, or open one that a budget of 0 ends at once."""
         spent = []
         for i, r in enumerate(rows):
             budget = r.params.thinking_token_budget
             if budget is None:
                 continue
-            total = r.num_computed_tokens + num_scheduled[r.req_id]   # the tokens before the one sampled now
-            start = r.num_prompt_tokens
-            if total - start < budget or r.params.reasoning_end_token_id in r.token_ids[start:start + budget + 1]:
-                continue
-            spent.append((i, prev_in_flight[r.req_id] if total > len(r.token_ids) else None))
+            now = r.num_computed_tokens + num_scheduled[r.req_id]   # the index of the token sampled now
+            in_flight = prev_in_flight[r.req_id] if now > len(r.token_ids) else None
+            opened = r.open_reasoning()
+            on_host = opened is not None and now - opened >= budget
+            if on_host or (in_flight is not None and budget == 0 and r.params.reasoning_start_token_id is not None):
+                spent.append((i, in_flight, on_host))
         return spent
 
     def _penalties(self, rows: list[RunnerRequestState]) -> Penalties | None:

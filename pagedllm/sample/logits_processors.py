@@ -9,9 +9,9 @@ Bad words (vLLM's rule, on the output tokens): a one-token word is always banned
 token when the output ends with the rest. The output's last token may still be in flight (sampled by the
 step before, only on the device): its place in the tails is filled on the device from those sampled ids.
 
-Thinking budget (vLLM's thinking_token_budget): a row whose reasoning has used its budget and not ended may
-sample only its reasoning_end_token_id. The runner picks those rows from the tokens on the host; a row whose
-last token is still in flight is spared on the device when that token is the end one.
+Thinking budget (vLLM's thinking_token_budget): a row whose open reasoning block holds its budget of tokens may
+sample only its reasoning_end_token_id. The runner picks those rows from the tokens on the host; where a row's
+last token is still in flight, the device settles it by that token (it may end the block, or open one).
 """
 from dataclasses import dataclass
 
@@ -57,10 +57,10 @@ def uses_processors(p: SamplingParams) -> bool:
 
 def build_logits_processors(params: list[SamplingParams], penalties: Penalties | None,
                             recent: list[tuple[list[int], int | None] | None], in_flight_ids: torch.Tensor | None,
-                            device, forced: list[tuple[int, int | None]] = ()) -> LogitsProcessors:
+                            device, forced: list[tuple[int, int | None, bool]] = ()) -> LogitsProcessors:
     """recent[i]: (row i's known output tokens, its in-flight token's index in in_flight_ids or None), for
-    rows with multi-token bad words (None elsewhere). forced: (row, its in-flight token's index or None) of
-    the rows whose thinking budget is spent."""
+    rows with multi-token bad words (None elsewhere). forced: the rows whose thinking budget may be spent
+    (_forced)."""
     allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids]
     allowed = [(k, t) for k, i in enumerate(allowed_rows) for t in params[i].allowed_token_ids]
     single = [(i, w[0]) for i, p in enumerate(params) for w in p.bad_words_token_ids if len(w) == 1]
@@ -75,14 +75,23 @@ def build_logits_processors(params: list[SamplingParams], penalties: Penalties |
         penalties=penalties, forced=_forced(params, forced, in_flight_ids, device) if forced else None)
 
 
-def _forced(params, forced: list[tuple[int, int | None]], in_flight_ids, device):
-    rows = [i for i, _ in forced]
+def _forced(params, forced: list[tuple[int, int | None, bool]], in_flight_ids, device):
+    """forced: (row, its in-flight token's index or None, whether the host's tokens spend the budget). A row
+    with a token in flight is forced when that token opens a block and the budget is 0, or when it neither
+    opens nor ends one and the host's tokens spend the budget; else spared."""
+    rows = [i for i, _, _ in forced]
     tokens = to_device([params[i].reasoning_end_token_id for i in rows], torch.int64, device)
-    spared = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    waiting = [(k, j) for k, (_, j) in enumerate(forced) if j is not None]
-    if waiting:   # the in-flight token may be the end already: then nothing is forced
-        at = to_device([list(t) for t in zip(*waiting)], torch.int64, device)
-        spared[at[0]] = in_flight_ids.index_select(0, at[1]) == tokens.index_select(0, at[0])
+    spared = to_device([not on_host for _, _, on_host in forced], torch.bool, device)
+    waiting = [k for k, (_, j, _) in enumerate(forced) if j is not None]
+    if waiting:
+        k = to_device(waiting, torch.int64, device)
+        token = in_flight_ids.index_select(0, to_device([forced[w][1] for w in waiting], torch.int64, device))
+        start = [params[rows[w]].reasoning_start_token_id for w in waiting]
+        opens = token == to_device([-1 if s is None else s for s in start], torch.int64, device)
+        zero = to_device([params[rows[w]].thinking_token_budget == 0 for w in waiting], torch.bool, device)
+        ends = token == tokens.index_select(0, k)
+        spent = torch.where(opens, zero, ~ends & ~spared.index_select(0, k))
+        spared.index_copy_(0, k, ~spent)
     return to_device(rows, torch.int64, device), tokens, spared
 
 

@@ -75,7 +75,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     thinks = _thinks(ctx, req, kept, sampling and params.structured_outputs is not None)
     if thinks and sampling:
         # a constraint applies from the end of the reasoning, which a budget may force (vLLM's)
-        params = replace(params, reasoning_end_token_id=ctx.think_ids[1],
+        params = replace(params, reasoning_start_token_id=ctx.think_ids[0], reasoning_end_token_id=ctx.think_ids[1],
                          thinking_token_budget=req.thinking_token_budget)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
@@ -96,14 +96,9 @@ def _thinks(ctx, req: ChatCompletionRequest, prompt_ids: list[int], constrained:
     thinking is off (enable_thinking), when the prompt closed the block, nor when a constraint is asked for
     without the reasoning (include_reasoning false): that constraint holds from the first token (vLLM's).
     Without include_reasoning, what would show the reasoning's tokens is refused."""
+    reasoning.check_budget(ctx.reasoning_parser, req.thinking_token_budget, req.use_beam_search)
     if ctx.reasoning_parser is None:
-        if req.thinking_token_budget is not None:
-            raise APIError(400, "thinking_token_budget needs the server to run with --reasoning-parser (it "
-                                "knows where thinking ends)", "thinking_token_budget", "invalid_value")
         return None
-    if req.use_beam_search and req.thinking_token_budget is not None:
-        raise APIError(400, "thinking_token_budget is not used by beam search", "thinking_token_budget",
-                       "invalid_value")
     if not req.include_reasoning:
         for name, asked in (("logprobs", req.logprobs), ("return_token_ids", req.return_token_ids)):
             if asked:

@@ -5,6 +5,7 @@ Choice index = prompt index * n + sequence index, as OpenAI's.
 import asyncio
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -12,6 +13,8 @@ from fastapi.responses import Response
 from pagedllm.engine.input_processor import truncate_prompt
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.server import reasoning
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import CompletionRequest
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
@@ -24,12 +27,12 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     if req.return_tokens_as_token_ids is None:   # the server's --return-tokens-as-token-ids
         req.return_tokens_as_token_ids = ctx.return_tokens_as_token_ids
     prompts = await _prompts(ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
-    num_prompt = 0   # the tokens the engine runs: after truncate_prompt_tokens
-    for _, ids in prompts:
-        kept = truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len,
-                               req.truncation_side or "left")
-        ctx.check_context_length(len(kept), req.max_tokens, "prompt", "max_tokens")
-        num_prompt += len(kept)
+    reasoning.check_budget(ctx.reasoning_parser, req.thinking_token_budget, req.use_beam_search)
+    kept = [truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len, req.truncation_side or "left")
+            for _, ids in prompts]   # the tokens the engine runs
+    for ids in kept:
+        ctx.check_context_length(len(ids), req.max_tokens, "prompt", "max_tokens")
+    num_prompt = sum(len(ids) for ids in kept)
     prompt_logprobs = req.prompt_logprobs
     if prompt_logprobs is None and req.echo and req.logprobs is not None:   # echo's prompt tokens need them
         prompt_logprobs = req.logprobs
@@ -37,6 +40,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     params = (req.to_beam_search_params(req.max_tokens, ctx.engine.max_model_len) if req.use_beam_search else
               await ctx.off_loop_if(constraint_field(req) is not None, req.to_sampling_params, req.max_tokens,
                                     req.logprobs, prompt_logprobs, defaults=ctx.engine.default_sampling_params))
+    if ctx.reasoning_parser is not None and isinstance(params, SamplingParams):
+        params = [_thinking(ctx, req, params, ids) for ids in kept]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     response_id = f"cmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
@@ -49,6 +54,17 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
             return outputs
         return SSEResponse(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt, outputs))
     return await until_disconnect(raw_request, _full(ctx, req, response_id, texts, streams, ids))
+
+
+def _thinking(ctx: ServingContext, req: CompletionRequest, params: SamplingParams, prompt_ids: list[int]
+              ) -> SamplingParams:
+    """With a reasoning parser, as vLLM: unless the prompt closed its thinking block, a constraint holds from the
+    end of the output's reasoning, and thinking_token_budget counts the tokens of the block `<think>` opens."""
+    start, end = ctx.think_ids
+    if reasoning.reasoning_ended_in(prompt_ids, start, end):
+        return params
+    return replace(params, reasoning_start_token_id=start, reasoning_end_token_id=end,
+                   thinking_token_budget=req.thinking_token_budget)
 
 
 async def _prompts(ctx: ServingContext, prompt, add_special_tokens: bool) -> list[tuple[str | None, list[int]]]:

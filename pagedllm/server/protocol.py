@@ -182,6 +182,14 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     add_special_tokens: bool = True    # vLLM's: BOS (etc.) added to text prompts
     suffix: str | None = None
+    # vLLM's: at most this many tokens in a `<think>` block, then `</think>` is forced (-1: no limit)
+    thinking_token_budget: int | None = Field(None, ge=-1)
+
+    @model_validator(mode="after")
+    def _unlimited_budget(self):
+        if self.thinking_token_budget == -1:
+            self.thinking_token_budget = None
+        return self
 
     @model_validator(mode="after")
     def _check_logprob_token_ids(self):

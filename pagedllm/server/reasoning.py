@@ -13,6 +13,8 @@ arrives once, in reasoning or content, and joined they equal the non-streamed an
 """
 from dataclasses import dataclass
 
+from pagedllm.server.errors import APIError
+
 PARSERS = ("qwen3", "deepseek_r1")
 THINK_START, THINK_END, TOOL_CALL = "<think>", "</think>", "<tool_call>"
 
@@ -101,6 +103,18 @@ def think_token_ids(tokenizer, parser: str) -> tuple[int, int]:
         raise ValueError(f"reasoning_parser {parser}: the tokenizer has no {' or '.join(missing)} token (a "
                          f"thinking model's tokenizer has both)")
     return vocab[THINK_START], vocab[THINK_END]
+
+
+def check_budget(parser: str | None, budget: int | None, beam_search: bool):
+    """thinking_token_budget needs a parser (it knows the tags) and a sampled request."""
+    if budget is None:
+        return
+    if parser is None:
+        raise APIError(400, "thinking_token_budget needs the server to run with --reasoning-parser (it knows where "
+                            "thinking ends)", "thinking_token_budget", "invalid_value")
+    if beam_search:
+        raise APIError(400, "thinking_token_budget is not used by beam search", "thinking_token_budget",
+                       "invalid_value")
 
 
 def starts_in_reasoning(parser: str, chat_template_kwargs: dict | None, prompt_ids: list[int],

@@ -106,13 +106,14 @@ class ServingContext:
 
 
 def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]],
-                 params: SamplingParams | BeamSearchParams, kind: OutputKind,
+                 params: SamplingParams | BeamSearchParams | list[SamplingParams], kind: OutputKind,
                  lora_request: LoRARequest | None = None, priority: int = 0,
                  cache_salt: str | None = None) -> tuple[list[AsyncIterator[RequestOutput]], list[str]]:
     """All prompts or none: when one is refused, the ones already added are aborted. BeamSearchParams: one
     beam search per prompt, each a stream of one final output (its step requests are its own to abort; each
     search has a salt of its own, which keeps out other requests whatever their cache_salt). cache_salt: only
-    requests of the same salt share cached blocks; with prefix caching off it has nothing to share."""
+    requests of the same salt share cached blocks; with prefix caching off it has nothing to share. A list of
+    SamplingParams: each prompt's own."""
     if not engine.input_processor.enable_prefix_caching:
         cache_salt = None   # the engine's rule then: a request shares blocks with its own n sequences only
     if isinstance(params, BeamSearchParams):
@@ -123,7 +124,8 @@ def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]],
     try:
         for i, prompt_ids in enumerate(prompts):
             ids.append(f"{request_id}-{i}")
-            streams.append(engine.add_request(ids[-1], prompt_ids, params, kind, cache_salt=cache_salt,
+            streams.append(engine.add_request(ids[-1], prompt_ids, params[i] if isinstance(params, list) else params,
+                                              kind, cache_salt=cache_salt,
                                               lora_request=lora_request, priority=priority))
     except BaseException:
         abort_all(engine, ids)

@@ -119,6 +119,8 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
                     kw["reasoning_end_token_id"] = int(rng.integers(259, 512))
                     if rng.random() < 0.5:   # forced after this many tokens
                         kw["thinking_token_budget"] = int(rng.integers(0, 8))
+                        if rng.random() < 0.5:   # of the block this token opens (in the prompt or the output)
+                            kw["reasoning_start_token_id"] = int(rng.integers(259, 512))
         if rng.random() < 0.1:
             kw["truncate_prompt_tokens"] = int(rng.integers(1, 30))
             kw["truncation_side"] = str(rng.choice(["left", "right"]))

@@ -3,6 +3,7 @@ matcher follows the tokens through preemption, chunked prefill, prefix caching a
 that does not compile in time fails its request alone. (The schema corpus is in test_structured_output.py.)"""
 import re
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -159,6 +160,33 @@ def test_thinking_token_budget_forces_the_end_token(llm, budget):
     assert batched[0].outputs[0].token_ids == ids
     with pytest.raises(ValueError, match="thinking_token_budget must be set with reasoning_end_token_id"):
         SamplingParams(thinking_token_budget=3)
+
+
+@pytest.mark.parametrize("budget", [0, 1, 3])
+def test_thinking_budget_counts_from_the_start_token(llm, budget):
+    """With reasoning_start_token_id (vLLM's semantics): the budget counts the tokens after the last start token
+    of the prompt and output that no end token follows, and nothing is forced where no block is open. Here the
+    greedy output's third token opens the block; it is still in flight when the next token is chosen, so a budget
+    of 0 is settled on the device. A block the prompt opens counts its tokens there too; one it closes does not."""
+    tok = llm.get_tokenizer()
+    end = tok.encode(" Once", add_special_tokens=False)[-1]
+    ban_end = dict(temperature=0.0, max_tokens=8, logit_bias={end: -100.0})
+    [plain] = llm.generate(PROMPTS[:1], SamplingParams(**ban_end), use_tqdm=False)
+    ids = plain.outputs[0].token_ids
+    start = ids[2]
+    assert start not in ids[:2] and start not in ids[3:3 + budget]
+    think = dict(reasoning_end_token_id=end, reasoning_start_token_id=start, thinking_token_budget=budget)
+    [o] = llm.generate(PROMPTS[:1], SamplingParams(**ban_end, **think), use_tqdm=False)
+    assert o.outputs[0].token_ids[:4 + budget] == ids[:3 + budget] + [end], (o.outputs[0].token_ids, ids)
+
+    prompt = tok.encode(PROMPTS[0])
+    [o] = llm.generate([{"prompt_token_ids": prompt + [start, 300, 301]}], SamplingParams(**ban_end, **think),
+                       use_tqdm=False)
+    assert o.outputs[0].token_ids.index(end) == max(budget - 2, 0)   # two of the block's tokens are the prompt's
+    closed = [{"prompt_token_ids": prompt + [start, 300, end]}]
+    never = SamplingParams(**{**ban_end, "logit_bias": {end: -100.0, start: -100.0}})
+    [a], [b] = (llm.generate(closed, p, use_tqdm=False) for p in (never, replace(never, **think)))
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids and end not in b.outputs[0].token_ids
 
 
 def test_thinking_budget_spares_an_end_token_still_in_flight(llm):

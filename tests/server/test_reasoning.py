@@ -123,10 +123,17 @@ def test_enforced_tool_call_after_reasoning(think):
 
 
 def test_thinking_token_budget_ends_the_reasoning(think, server):
-    """thinking_token_budget (vLLM's): after that many tokens of reasoning `</think>` comes (here the bias
-    bans it, so only the budget can bring it); -1 is no limit; without a reasoning parser it is a 400."""
+    """thinking_token_budget (vLLM's): once the block `<think>` opened holds that many tokens, `</think>` comes
+    (here the bias bans it, so only the budget can bring it); no `<think>`, nothing counted; -1 is no limit;
+    without a reasoning parser it is a 400."""
     think_server, tok = think
-    kw = {"logit_bias": {str(END): -100.0}, "return_token_ids": True}
+    kw = {"logit_bias": {str(END): -100.0}, "return_token_ids": True,
+          "messages": [{"role": "user", "content": "Once upon a time"}, {"role": "assistant", "content": "<think>"}],
+          "add_generation_prompt": False, "continue_final_message": True}   # the prompt opens the block
+    unopened = {**kw, "logit_bias": {str(END): -100.0, str(START): -100.0}, "messages": kw["messages"][:1],
+                "add_generation_prompt": True, "continue_final_message": False}
+    plain = _chat(think_server, **unopened).json()["choices"][0]
+    assert _chat(think_server, thinking_token_budget=0, **unopened).json()["choices"][0] == plain
     choice = _chat(think_server, thinking_token_budget=3, **kw).json()["choices"][0]
     ids = choice["token_ids"]
     assert END not in ids[:3] and ids[3] == END, ids
@@ -137,3 +144,38 @@ def test_thinking_token_budget_ends_the_reasoning(think, server):
     for target, budget in ((think_server, -2), (server, 3)):
         r = _chat(target, thinking_token_budget=budget, allowed_token_ids=None)
         assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget", r.text
+
+
+def _complete(server, prompt: str, **kw) -> dict:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 12, "temperature": 1.0, "seed": 11,
+            "return_token_ids": True, "allowed_token_ids": list(range(259, 514)), **kw}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_completions_budget_and_constraint_follow_the_prompts_thinking_block(think, server):
+    """Completions under a reasoning parser, as vLLM's: thinking_token_budget counts the tokens of the block
+    `<think>` opened (the prompt's, or the output's); a constraint holds from `</think>` unless the prompt
+    closed its block; each prompt of a list on its own; without a parser the budget is a 400."""
+    think_server, tok = think
+    ban_end = {"logit_bias": {str(END): -100.0}}
+    for budget in (0, 2):
+        choice = _complete(think_server, "Once upon a time<think>", thinking_token_budget=budget, **ban_end)
+        assert choice["token_ids"].index(END) == budget, choice
+    no_tags = {"logit_bias": {str(END): -100.0, str(START): -100.0}}
+    assert (_complete(think_server, "Once upon a time", thinking_token_budget=0, **no_tags)
+            == _complete(think_server, "Once upon a time", **no_tags))   # no block: nothing counted
+    regex = r"(cat|dog)-[0-9]{2,4}"
+    constrained = {"structured_outputs": {"regex": regex}, "allowed_token_ids": None, "max_tokens": 30}
+    r = httpx.post(think_server.url + "/v1/completions", headers=think_server.headers, timeout=60, json={
+        "model": MODEL_NAME, "prompt": ["Once upon a time<think>", "Once<think>a</think>"], "temperature": 1.0,
+        "seed": 3, "return_token_ids": True, "thinking_token_budget": 1, **ban_end, **constrained})
+    assert r.status_code == 200, r.text
+    open_block, closed = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert open_block["token_ids"][1] == END
+    assert re.fullmatch(regex, tok.decode(open_block["token_ids"][2:], skip_special_tokens=True)), open_block
+    assert re.fullmatch(regex, closed["text"]) and END not in closed["token_ids"]
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60,
+                   json={"model": MODEL_NAME, "prompt": "Once", "thinking_token_budget": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget", r.text
