@@ -22,6 +22,7 @@ import pagedllm
 from pagedllm.config import EngineConfig, ServerConfig
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.core_process import freeze_gc
+from pagedllm.server.anthropic import CountTokensRequest, MessagesRequest, count_tokens, create_message
 from pagedllm.server.chat import create_chat_completion, render_chat
 from pagedllm.server.completions import create_completion
 from pagedllm.server.errors import APIError, error_response, install_error_handlers
@@ -74,6 +75,14 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw_request: Request):
         return await create_chat_completion(ctx, req, raw_request)
+
+    @v1.post("/messages")
+    async def messages(req: MessagesRequest, raw_request: Request):
+        return await create_message(ctx, req, raw_request)
+
+    @v1.post("/messages/count_tokens")
+    async def messages_count_tokens(req: CountTokensRequest):
+        return await count_tokens(ctx, req)
 
     @v1.get("/models")
     async def models():
@@ -152,14 +161,18 @@ class _CORSMiddleware(CORSMiddleware):
 
 
 def _api_key_check(api_key: str | None):
+    """Authorization: Bearer <key>, or Anthropic's x-api-key: <key>."""
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def check(request: Request):
         if expected is None:
             return
         given = request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(given, expected):   # constant time: no key prefix leaks by timing
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", None, "invalid_api_key")
+        other = b"Bearer " + request.headers.get("x-api-key", "").encode()
+        # constant time: no key prefix leaks by timing (both compared, whichever was sent)
+        if not (secrets.compare_digest(given, expected) | secrets.compare_digest(other, expected)):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer ..., or x-api-key)", None,
+                           "invalid_api_key")
     return check
 
 

@@ -1,4 +1,5 @@
-"""Errors in the OpenAI shape: {"error": {"message", "type", "param", "code"}}, with the HTTP status.
+"""Errors in the OpenAI shape: {"error": {"message", "type", "param", "code"}}, with the HTTP status (Anthropic's
+shape on Anthropic's routes).
 
 Every failure a client can cause ends here as a response; none reaches the engine core. Every error response,
 whatever raised it (our checks, pydantic, Starlette's 404/405, a body that does not parse, a bug), has this
@@ -40,6 +41,24 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return ErrorResponse(body, status_code=status, headers=headers)
 
 
+# Anthropic's routes (anthropic.py) answer errors in Anthropic's shape: {"type": "error", "error": {"type",
+# "message"}}, the field named in the message.
+ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                    503: "overloaded_error"}
+
+
+def _shaped(request: Request, status: int, message: str, param: str | None = None, code: str | None = None,
+            headers: dict | None = None) -> ErrorResponse:
+    if not request.url.path.endswith(ANTHROPIC_ROUTES):
+        return error_response(status, message, param, code, headers)
+    if param and not message.startswith(param):
+        message = f"{param}: {message}"
+    body = {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+    return ErrorResponse(body, status_code=status, headers=headers)
+
+
 MAX_ECHO_CHARS = 200   # of a value echoed in an error message
 
 
@@ -60,53 +79,53 @@ def bad_value(e: ValueError) -> APIError:
 
 def install_error_handlers(app: FastAPI):
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code)
+    async def _api_error(request: Request, e: APIError):
+        return _shaped(request, e.status, e.message, e.param, e.code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, e: RequestValidationError):
+    async def _validation_error(request: Request, e: RequestValidationError):
         first = e.errors()[0]
         if first.get("type") == "json_invalid":
-            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error')}",
-                                  None, "invalid_json")
+            return _shaped(request, 400, f"the body is not valid JSON: {first.get('ctx', {}).get('error')}",
+                           None, "invalid_json")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = shorten(".".join(loc)) or None   # a path may hold a client's (unknown) key
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return error_response(400, message, param, "invalid_value")
+        return _shaped(request, 400, message, param, "invalid_value")
 
     @app.exception_handler(ValueError)
-    async def _value_error(_: Request, e: ValueError):
+    async def _value_error(request: Request, e: ValueError):
         err = bad_value(e)
-        return error_response(err.status, err.message, err.param, err.code)
+        return _shaped(request, err.status, err.message, err.param, err.code)
 
     @app.exception_handler(QueueFullError)
-    async def _queue_full(_: Request, e: QueueFullError):
-        return error_response(503, f"server busy, retry later: {e}", code="queue_full",
-                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    async def _queue_full(request: Request, e: QueueFullError):
+        return _shaped(request, 503, f"server busy, retry later: {e}", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     @app.exception_handler(EngineDeadError)
-    async def _engine_dead(_: Request, e: EngineDeadError):
-        return error_response(500, str(e), code="engine_dead")
+    async def _engine_dead(request: Request, e: EngineDeadError):
+        return _shaped(request, 500, str(e), code="engine_dead")
 
     @app.exception_handler(EngineGenerateError)
-    async def _engine_generate(_: Request, e: EngineGenerateError):   # this request only: the server lives on
+    async def _engine_generate(request: Request, e: EngineGenerateError):   # this request only: the server lives on
         if e.status == 400:   # the request's own fault; serving.client_error names the field it came from
             from pagedllm.server.serving import client_error
             err = client_error(e, None)
-            return error_response(400, err.message, err.param, err.code)
-        return error_response(500, str(e), code="engine_error")
+            return _shaped(request, 400, err.message, err.param, err.code)
+        return _shaped(request, 500, str(e), code="engine_error")
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, e: HTTPException):
+    async def _http_error(request: Request, e: HTTPException):
         """Starlette's and FastAPI's own: unknown route, wrong method, a body that does not parse."""
         code = _HTTP_CODES.get(e.status_code, "invalid_json" if e.status_code == 400 else None)
-        return error_response(e.status_code, _http_error_message(e), None, code, headers=e.headers)
+        return _shaped(request, e.status_code, _http_error_message(e), None, code, headers=e.headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception):
+    async def _unexpected(request: Request, e: Exception):
         # A bug, not the client's fault: a generic message (no internals); Starlette re-raises the exception
         # after this response, and uvicorn logs it with its traceback.
-        return error_response(500, "internal server error", None, "internal_error")
+        return _shaped(request, 500, "internal server error", None, "internal_error")
 
 
 def _http_error_message(e: HTTPException) -> str:

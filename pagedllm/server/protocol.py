@@ -359,12 +359,13 @@ class TokenizeRequest(_ChatTemplateOptions):
     model: str | None = None
     prompt: str | None = None
     add_special_tokens: bool | None = None    # vLLM's defaults: true for a prompt, false for messages
+    tools: list[ChatTool] | None = None       # to the template, as a chat request's
 
     @model_validator(mode="after")
     def _chat_options_need_messages(self):
         if self.prompt is not None:
             for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents",
-                         "chat_template"):
+                         "chat_template", "tools"):
                 if name in self.model_fields_set:
                     raise APIError(400, f"{name} applies to messages, not to a prompt", name, "invalid_value")
         if self.add_special_tokens is None:

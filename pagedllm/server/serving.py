@@ -246,9 +246,15 @@ class SSEResponse(StreamingResponse):
     however the stream ends, then [DONE]. StreamingResponse's own loop with that folded in: one frame per
     chunk instead of a generator around the chunks (this runs for every stream at every step)."""
 
+    end = DONE   # the stream's last event (OpenAI's)
+
     def __init__(self, engine: AsyncLLM, request_ids: list[str], chunks: AsyncIterator[str]):
         super().__init__(chunks, media_type="text/event-stream")
         self.engine, self.request_ids = engine, request_ids
+
+    @staticmethod
+    def error_event(e: Exception) -> str:
+        return sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
 
     async def stream_response(self, send):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -260,13 +266,14 @@ class SSEResponse(StreamingResponse):
                 except StopAsyncIteration:
                     break
                 except Exception as e:   # the chunks' error, not send's (a closed connection)
-                    chunk = sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+                    chunk = self.error_event(e)
                     await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
                     break
                 await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
         finally:
             abort_all(self.engine, self.request_ids)
-        await send({"type": "http.response.body", "body": DONE.encode(), "more_body": True})
+        if self.end:
+            await send({"type": "http.response.body", "body": self.end.encode(), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

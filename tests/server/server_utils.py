@@ -191,6 +191,17 @@ def is_openai_error(r) -> bool:
             and all(error[k] is None or isinstance(error[k], str) for k in ("param", "code")))
 
 
+def is_anthropic_error(r) -> bool:
+    """Anthropic's routes: {"type": "error", "error": {"type": str, "message": str}} and nothing else."""
+    try:
+        body = r.json()
+    except ValueError:
+        return False
+    error = body.get("error") if isinstance(body, dict) and set(body) == {"type", "error"} else None
+    return (isinstance(error, dict) and body["type"] == "error" and set(error) == {"type", "message"}
+            and isinstance(error["type"], str) and isinstance(error["message"], str) and bool(error["message"]))
+
+
 @dataclass
 class Tally:
     """What a fuzzer sent and got: requests, by status, 5xx, wrongly shaped errors (with examples)."""

@@ -1,11 +1,12 @@
 """Schema-driven fuzzing: schemathesis generates requests from /openapi.json, valid ones (positive) and
 invalid ones (negative), a bounded number per operation from a fixed seed. No response may be a 5xx, every
-error is in OpenAI's shape, and afterwards the server is healthy and its greedy answer unchanged."""
+error is in OpenAI's shape (Anthropic's on /v1/messages), and afterwards the server is healthy and its greedy
+answer unchanged."""
 import json
 
 import httpx
 import pytest
-from server.server_utils import EDGE_ROOT_PATH, MODEL_NAME, Tally, is_openai_error
+from server.server_utils import EDGE_ROOT_PATH, MODEL_NAME, Tally, is_anthropic_error, is_openai_error
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402 (hypothesis comes with schemathesis)
@@ -34,7 +35,8 @@ def _fuzz(operation, mode, base_url: str, edge, tally: Tally):
         except Exception as e:   # a timeout or a dropped connection: as bad as a 5xx
             tally.record(599, False, f"{what}: {type(e).__name__}")
             return
-        tally.record(r.status_code, r.status_code < 400 or is_openai_error(r), what)
+        shaped = is_anthropic_error if operation.path.startswith("/v1/messages") else is_openai_error
+        tally.record(r.status_code, r.status_code < 400 or shaped(r), what)
     try:
         run()
     except Unsatisfiable:   # an operation without parameters has no invalid request

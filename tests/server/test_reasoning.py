@@ -179,3 +179,30 @@ def test_completions_budget_and_constraint_follow_the_prompts_thinking_block(thi
     r = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60,
                    json={"model": MODEL_NAME, "prompt": "Once", "thinking_token_budget": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget", r.text
+
+
+def test_anthropic_messages_thinking(think, server):
+    """/v1/messages with thinking: the reasoning comes as a thinking block, the rest as text, as the same chat
+    request's reasoning and content; budget_tokens is thinking_token_budget (here the prefill opens the block);
+    display omitted keeps the block without its text; without a reasoning parser thinking is a 400."""
+    think_server, tok = think
+    messages = [{"role": "user", "content": "Once upon a time"}, {"role": "assistant", "content": "<think>"}]
+    chat = _chat(think_server, messages=messages, add_generation_prompt=False, continue_final_message=True,
+                 temperature=0, thinking_token_budget=3, return_token_ids=True, logit_bias=None,
+                 allowed_token_ids=None)
+    assert chat.status_code == 200, chat.text
+    choice = chat.json()["choices"][0]
+    assert END in choice["token_ids"][:4], choice
+    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 40, "temperature": 0,
+            "thinking": {"type": "enabled", "budget_tokens": 3}}
+    r = httpx.post(think_server.url + "/v1/messages", json=body, headers={"x-api-key": API_KEY}, timeout=60)
+    assert r.status_code == 200, r.text
+    content = r.json()["content"]
+    assert content[0] == {"type": "thinking", "thinking": choice["message"]["reasoning"], "signature": ""}
+    assert [b.get("text") for b in content[1:]] == ([choice["message"]["content"]] if choice["message"]["content"]
+                                                    else [])
+    omitted = {**body, "thinking": {"type": "enabled", "budget_tokens": 3, "display": "omitted"}}
+    r = httpx.post(think_server.url + "/v1/messages", json=omitted, headers={"x-api-key": API_KEY}, timeout=60)
+    assert r.json()["content"][0] == {"type": "thinking", "thinking": "", "signature": ""}
+    r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": API_KEY}, timeout=60)
+    assert r.status_code == 400 and "thinking" in r.json()["error"]["message"], r.text

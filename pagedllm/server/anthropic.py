@@ -1,0 +1,364 @@
+"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API, which vLLM 0.26 serves beside
+OpenAI's (Claude Code and Anthropic's SDKs speak it). A chat completion underneath: the request becomes a
+ChatCompletionRequest, and its answer, or its stream of chunks, becomes Anthropic's message, or events.
+
+    system, messages               ->  a system message, then the messages (a last assistant message is continued:
+                                       Anthropic's prefill): text blocks as text, tool_use blocks
+                                       as the assistant's tool_calls (input as JSON arguments), thinking blocks
+                                       as its reasoning, tool_result blocks as role "tool" messages (is_error:
+                                       their text after "Error: ")
+    tools {name, description, input_schema}, tool_choice auto / any / tool / none
+                                   ->  tools, tool_choice auto / required / a named function / none
+                                       (disable_parallel_tool_use: parallel_tool_calls false)
+    max_tokens, stop_sequences, temperature, top_p, top_k  ->  the same sampling fields
+    thinking enabled {budget_tokens} / adaptive / disabled
+                                   ->  thinking on (needs --reasoning-parser) with thinking_token_budget / on /
+                                       enable_thinking false; display omitted: thinking blocks without text
+    output_config {format: json_schema, effort}  ->  response_format json_schema, reasoning_effort (vLLM's)
+    the answer                     ->  content blocks: thinking (the reasoning parser's), text, tool_use;
+                                       stop_reason end_turn, stop_sequence (with stop_sequence), max_tokens,
+                                       tool_use; usage input_tokens / output_tokens
+
+A stream is Anthropic's events: message_start, then each block's content_block_start, _delta (text_delta,
+thinking_delta, input_json_delta) and _stop, then message_delta (stop_reason, usage) and message_stop; no
+[DONE]. Errors are Anthropic's {"type": "error", "error": {"type", "message"}} (errors.py picks the shape by
+route), in a stream an `error` event. temperature, top_p and top_k are vLLM's (Anthropic's SDK now sends
+them only in extra_body). No-ops: metadata, service_tier, speed, inference_geo, user_profile_id, workspace_id,
+cache_control (top-level, on blocks and tools: the prefix cache is automatic). Images and documents are a 400:
+the models served take text.
+"""
+import json
+import uuid
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import Field
+
+from pagedllm.server.chat import create_chat_completion, render_chat
+from pagedllm.server.errors import APIError, bad_value
+from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict
+from pagedllm.server.serving import SSEResponse, ServingContext
+
+
+class ContentBlock(_Strict):
+    """One block of a message's content; which fields a type takes is checked where it is read."""
+    type: Literal["text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking"]
+    text: str | None = None
+    id: str | None = None                   # tool_use
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None          # tool_result
+    content: str | list["ContentBlock"] | None = None
+    is_error: bool | None = None
+    thinking: str | None = None             # thinking
+    signature: str | None = None
+    data: str | None = None                 # redacted_thinking
+    source: dict[str, Any] | None = None    # image, document
+    cache_control: dict[str, Any] | None = None   # a no-op
+
+
+class MessageParam(_Strict):
+    role: Literal["user", "assistant"]
+    content: str | list[ContentBlock]
+
+
+class ToolParam(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: Literal["custom"] | None = None
+    cache_control: dict[str, Any] | None = None   # a no-op
+
+
+class ToolChoiceParam(_Strict):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None                 # type tool
+    disable_parallel_tool_use: bool | None = None
+
+
+class ThinkingParam(_Strict):
+    type: Literal["enabled", "adaptive", "disabled"]
+    budget_tokens: int | None = Field(None, ge=0)      # enabled
+    display: Literal["summarized", "omitted"] | None = None   # omitted: thinking blocks without their text
+
+
+class OutputFormat(_Strict):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Strict):
+    format: OutputFormat | None = None
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+
+
+class CountTokensRequest(_Request):
+    model: str
+    messages: list[MessageParam] = Field(min_length=1)
+    system: str | list[ContentBlock] | None = None
+    tools: list[ToolParam] | None = None
+    tool_choice: ToolChoiceParam | None = None
+    thinking: ThinkingParam | None = None
+    chat_template_kwargs: dict[str, Any] | None = None   # vLLM's: extra template variables
+
+
+class MessagesRequest(CountTokensRequest):
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    output_config: OutputConfig | None = None
+    # No-ops: labels, and service options that cannot change the output (the prefix cache is automatic)
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    speed: Literal["standard", "fast"] | None = None
+    cache_control: dict[str, Any] | None = None
+    inference_geo: str | None = None
+    user_profile_id: str | None = None
+    workspace_id: str | None = None
+
+
+# A chat field's error names the Anthropic field it came from.
+_FIELDS = {"stop": "stop_sequences", "thinking_token_budget": "thinking.budget_tokens",
+           "response_format": "output_config.format", "reasoning_effort": "output_config.effort"}
+
+
+async def create_message(ctx: ServingContext, req: MessagesRequest, raw_request: Request):
+    chat = to_chat(ctx, req)
+    try:
+        answer = await create_chat_completion(ctx, chat, raw_request)
+    except (APIError, ValueError) as e:
+        error = e if isinstance(e, APIError) else bad_value(e)
+        param = _FIELDS.get(error.param, error.param)
+        raise APIError(error.status, error.message if param == error.param else f"{param}: {error.message}", param,
+                       error.code) from e
+    message_id = f"msg_{uuid.uuid4().hex}"
+    shown = req.thinking is None or req.thinking.display != "omitted"   # else thinking blocks come empty
+    if isinstance(answer, SSEResponse):
+        return AnthropicSSE(answer.engine, answer.request_ids, _events(
+            answer.body_iterator, message_id, req.model, req.stop_sequences or [], shown))
+    if isinstance(answer, Response):   # the client left
+        return answer
+    return to_message(answer, message_id, req.model, req.stop_sequences or [], shown)
+
+
+async def count_tokens(ctx: ServingContext, req: CountTokensRequest) -> dict:
+    ctx.check_model(req.model)
+    _, ids = await render_chat(ctx, to_chat(ctx, req))
+    return {"input_tokens": len(ids)}
+
+
+def to_chat(ctx: ServingContext, req: CountTokensRequest) -> ChatCompletionRequest:
+    body: dict[str, Any] = {"model": req.model, "messages": _chat_messages(req)}
+    if req.messages[-1].role == "assistant":   # Anthropic's prefill: the answer continues that message
+        body.update(add_generation_prompt=False, continue_final_message=True)
+    kwargs = dict(req.chat_template_kwargs or {})
+    thinking = req.thinking
+    if thinking is not None:
+        on = thinking.type != "disabled"
+        if on and ctx.reasoning_parser is None:
+            raise APIError(400, "thinking needs the server to run with --reasoning-parser (it knows where thinking "
+                                "ends)", "thinking", "invalid_value")
+        if (thinking.type == "enabled") != (thinking.budget_tokens is not None):
+            raise APIError(400, "thinking.budget_tokens goes with thinking.type enabled, and only there",
+                           "thinking.budget_tokens", "invalid_value")
+        kwargs.setdefault("enable_thinking", on)
+        if thinking.budget_tokens is not None:
+            body["thinking_token_budget"] = thinking.budget_tokens
+    if kwargs:
+        body["chat_template_kwargs"] = kwargs
+    if req.tools:
+        body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                           "parameters": t.input_schema}} for t in req.tools]
+    choice = req.tool_choice
+    if choice is not None:
+        if choice.type == "tool" and not choice.name:
+            raise APIError(400, "tool_choice.name is required when tool_choice.type is tool", "tool_choice.name",
+                           "invalid_value")
+        body["tool_choice"] = ({"type": "function", "function": {"name": choice.name}} if choice.type == "tool"
+                               else {"any": "required"}.get(choice.type, choice.type))
+        if choice.disable_parallel_tool_use:
+            body["parallel_tool_calls"] = False
+    if isinstance(req, MessagesRequest):
+        body.update(max_tokens=req.max_tokens, stream=req.stream)
+        for ours, theirs in (("stop", "stop_sequences"), ("temperature", "temperature"), ("top_p", "top_p"),
+                             ("top_k", "top_k")):
+            if getattr(req, theirs) is not None:
+                body[ours] = getattr(req, theirs)
+        if req.stream:   # the prompt's length comes with the first chunk, the output's with the last
+            body.update(stream_options={"include_usage": True}, return_token_ids=True)
+        out = req.output_config
+        if out is not None and out.format is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output",
+                                                                              "schema": out.format.schema_}}
+        if out is not None and out.effort is not None:
+            body["reasoning_effort"] = out.effort
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValueError as e:   # e.g. a stop sequence or a schema the chat request refuses
+        raise APIError(400, str(e).splitlines()[0], None, "invalid_value") from e
+
+
+def _chat_messages(req: CountTokensRequest) -> list[dict]:
+    messages = []
+    if req.system:
+        system = req.system if isinstance(req.system, str) else "\n".join(
+            _text(b, "system") for b in req.system)
+        messages.append({"role": "system", "content": system})
+    for i, m in enumerate(req.messages):
+        where = f"messages.{i}.content"
+        if isinstance(m.content, str):
+            messages.append({"role": m.role, "content": m.content})
+            continue
+        texts, calls, thoughts = [], [], []
+        for j, b in enumerate(m.content):
+            at = f"{where}.{j}"
+            if b.type == "text":
+                texts.append(_text(b, at))
+            elif b.type == "tool_use" and m.role == "assistant":
+                if not b.id or not b.name:
+                    raise APIError(400, f"{at}: a tool_use block needs id and name", at, "invalid_value")
+                calls.append({"id": b.id, "type": "function",
+                              "function": {"name": b.name, "arguments": json.dumps(b.input or {})}})
+            elif b.type == "tool_result" and m.role == "user":
+                if not b.tool_use_id:
+                    raise APIError(400, f"{at}: a tool_result block needs tool_use_id", at, "invalid_value")
+                result = b.content if isinstance(b.content, str) else "".join(
+                    _text(c, f"{at}.content") for c in b.content or [])
+                messages.append({"role": "tool", "tool_call_id": b.tool_use_id,
+                                 "content": f"Error: {result}" if b.is_error else result})
+            elif b.type == "thinking" and m.role == "assistant":
+                thoughts.append(b.thinking or "")
+            else:
+                raise APIError(400, f"{at}: {b.type} blocks in a {m.role} message are not supported"
+                                    f"{' (the models served take text)' if b.type in ('image', 'document') else ''}",
+                               at, "unsupported_parameter")
+        if texts or calls or thoughts or m.role == "assistant":
+            message = {"role": m.role, "content": "".join(texts) if texts else None}
+            if calls:
+                message["tool_calls"] = calls
+            if thoughts:
+                message["reasoning"] = "".join(thoughts)
+            messages.append(message)
+    return messages
+
+
+def _text(b: ContentBlock, at: str) -> str:
+    if b.type != "text" or b.text is None:
+        raise APIError(400, f"{at}: only text blocks are taken here, got {b.type}", at, "invalid_value")
+    return b.text
+
+
+def to_message(chat: dict, message_id: str, model: str, stop_sequences: list[str], shown: bool = True) -> dict:
+    """A chat completion's answer (its one choice) as Anthropic's message."""
+    choice = chat["choices"][0]
+    message, content = choice["message"], []
+    if message.get("reasoning"):
+        content.append({"type": "thinking", "thinking": message["reasoning"] if shown else "", "signature": ""})
+    if message.get("content"):
+        content.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or []:
+        content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+                        "input": _input(call["function"]["arguments"])})
+    stop_reason, stop_sequence = _stop(choice["finish_reason"], choice.get("stop_reason"), stop_sequences)
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": {"input_tokens": chat["usage"]["prompt_tokens"],
+                      "output_tokens": chat["usage"]["completion_tokens"]}}
+
+
+def _input(arguments: str) -> dict:
+    """A call's JSON arguments as tool_use's input, an object; other JSON is kept under "arguments"."""
+    value = json.loads(arguments or "{}")
+    return value if isinstance(value, dict) else {"arguments": value}
+
+
+def _stop(finish_reason: str | None, stop_reason, stop_sequences: list[str]) -> tuple[str | None, str | None]:
+    if finish_reason == "tool_calls":
+        return "tool_use", None
+    if finish_reason == "length":
+        return "max_tokens", None
+    if isinstance(stop_reason, str) and stop_reason in stop_sequences:
+        return "stop_sequence", stop_reason
+    return ("end_turn" if finish_reason is not None else None), None
+
+
+class AnthropicSSE(SSEResponse):
+    end = ""   # Anthropic's streams end with message_stop
+
+    @staticmethod
+    def error_event(e: Exception) -> str:
+        return _event("error", {"type": "error", "error": {"type": "api_error", "message": str(e)}})
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _events(chunks, message_id: str, model: str, stop_sequences: list[str], shown: bool = True):
+    """The chat stream's chunks as Anthropic's events. One block is open at a time: a thinking block while
+    reasoning comes, a text block while content does, a tool_use block from a call's first delta."""
+    index, open_type, calls = -1, None, {}   # the open block's index and type; a call's index -> its block's
+    finish_reason = stop_reason = None
+    input_tokens = output_tokens = 0
+    started = False
+
+    def open_block(block: dict):
+        nonlocal index, open_type
+        events = [_event("content_block_stop", {"type": "content_block_stop", "index": index})] if open_type else []
+        index, open_type = index + 1, block["type"]
+        return events + [_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                        "content_block": block})]
+
+    def delta(kind: str, key: str, value: str) -> str:
+        return _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                              "delta": {"type": kind, key: value}})
+
+    async for raw in chunks:
+        if not raw.startswith("data: "):
+            continue
+        chunk = json.loads(raw[6:])
+        if "prompt_token_ids" in chunk:
+            input_tokens = len(chunk["prompt_token_ids"])
+        if not started:
+            started = True
+            yield _event("message_start", {"type": "message_start", "message": {
+                "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": input_tokens, "output_tokens": 0}}})
+        if chunk.get("usage"):
+            output_tokens = chunk["usage"]["completion_tokens"]
+        for choice in chunk.get("choices", []):
+            d = choice["delta"]
+            out = []
+            if d.get("reasoning"):
+                if open_type != "thinking":
+                    out += open_block({"type": "thinking", "thinking": "", "signature": ""})
+                if shown:
+                    out.append(delta("thinking_delta", "thinking", d["reasoning"]))
+            if d.get("content"):
+                if open_type != "text":
+                    out += open_block({"type": "text", "text": ""})
+                out.append(delta("text_delta", "text", d["content"]))
+            for call in d.get("tool_calls") or []:
+                if call.get("id") is not None:
+                    out += open_block({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+                                       "input": {}})
+                    calls[call["index"]] = index
+                arguments = call["function"].get("arguments")
+                if arguments and calls.get(call["index"]) == index:
+                    out.append(delta("input_json_delta", "partial_json", arguments))
+            if choice.get("finish_reason") is not None:
+                finish_reason, stop_reason = choice["finish_reason"], choice.get("stop_reason")
+            for event in out:
+                yield event
+    if open_type is not None:
+        yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+    reason, sequence = _stop(finish_reason, stop_reason, stop_sequences)
+    yield _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason,
+                                                                      "stop_sequence": sequence},
+                                   "usage": {"output_tokens": output_tokens}})
+    yield _event("message_stop", {"type": "message_stop"})
