@@ -15,8 +15,10 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
 import pagedllm
 from pagedllm.config import EngineConfig, ServerConfig
@@ -91,10 +93,30 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
         return {"object": "list", "data": [card, *(ctx.loras.cards() if ctx.loras is not None else [])]}
 
     app.include_router(v1)
+
+    @app.post("/invocations", dependencies=keyed)
+    async def invocations(raw_request: Request):
+        """SageMaker's one route (vLLM's): a body with messages is a chat completion, one with a prompt a
+        completion."""
+        try:
+            body = await raw_request.json()
+        except ValueError as e:
+            raise APIError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from e
+        kind = next((k for k in ("messages", "prompt") if isinstance(body, dict) and k in body), None)
+        if kind is None:
+            raise APIError(400, "/invocations takes a chat completion (with messages) or a completion (with "
+                                "prompt)", None, "invalid_value")
+        try:
+            req = (ChatCompletionRequest if kind == "messages" else CompletionRequest).model_validate(body)
+        except ValidationError as e:   # named as a route's own body would be
+            raise RequestValidationError(e.errors()) from e
+        return await (create_chat_completion if kind == "messages" else create_completion)(ctx, req, raw_request)
     app.include_router(lora_routes(ctx.loras, keyed))
     app.include_router(_tokenizer_routes(ctx, keyed))
 
     @app.get("/health")
+    @app.get("/ping")    # SageMaker's name for it (vLLM's), GET or POST
+    @app.post("/ping")
     async def health():
         reason = ctx.engine.unhealthy_reason()
         if reason is not None:

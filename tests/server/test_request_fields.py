@@ -311,3 +311,17 @@ def test_spaces_between_special_tokens_false_is_what_the_text_does(server, offli
         assert set(choice["token_ids"]) <= {0, 1} and choice["text"] == "".join(specials)   # "<unk><s>..."
         texts.append(choice["text"])
     assert texts[0] == texts[1] and " " not in texts[0]
+
+
+def test_sagemaker_ping_and_invocations(server):
+    """vLLM's SageMaker routes: /ping is /health (open, GET or POST); /invocations (keyed) is a chat completion
+    for a body with messages, a completion for one with a prompt, with the same answers and errors."""
+    assert httpx.get(server.url + "/ping").status_code == httpx.post(server.url + "/ping").status_code == 200
+    for path, body in ((CHAT, {"messages": MESSAGES}), (COMPLETIONS, {"prompt": PROMPT})):
+        body = {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0, **body}
+        got, want = _post(server, "/invocations", body).json(), _post(server, path, body).json()
+        assert got["choices"] == want["choices"] and got["object"] == want["object"], (got, want)
+        _error(_post(server, "/invocations", {**body, "colour": 1}), "colour")
+        _error(_post(server, "/invocations", {**body, "max_tokens": "many"}), "max_tokens")
+    _error(_post(server, "/invocations", {"model": MODEL_NAME}), None)
+    assert httpx.post(server.url + "/invocations", json={"prompt": PROMPT}, timeout=60).status_code == 401
