@@ -35,7 +35,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import Field
 
-from pagedllm.server.chat import create_chat_completion, render_chat
+from pagedllm.server.chat import chunk_dicts, create_chat_completion, render_chat
 from pagedllm.server.errors import APIError, bad_value
 from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict
 from pagedllm.server.serving import SSEResponse, ServingContext
@@ -317,10 +317,7 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
         return _event("content_block_delta", {"type": "content_block_delta", "index": index,
                                               "delta": {"type": kind, key: value}})
 
-    async for raw in chunks:
-        if not raw.startswith("data: "):
-            continue
-        chunk = json.loads(raw[6:])
+    async for chunk in chunk_dicts(chunks):
         if "prompt_token_ids" in chunk:
             input_tokens = len(chunk["prompt_token_ids"])
         if not started:

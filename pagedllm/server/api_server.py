@@ -32,6 +32,7 @@ from pagedllm.server.launch import LoRAModulePath, ServeChecks
 from pagedllm.server.lora import ServingLoRAs, lora_routes
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagedllm.server.responses import ResponsesRequest, create_response
 from pagedllm.server.request_body import RequestBodyGuard
 from pagedllm.server.serving import ServingContext
 
@@ -77,6 +78,10 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw_request: Request):
         return await create_chat_completion(ctx, req, raw_request)
+
+    @v1.post("/responses")
+    async def responses(req: ResponsesRequest, raw_request: Request):
+        return await create_response(ctx, req, raw_request)
 
     @v1.post("/messages")
     async def messages(req: MessagesRequest, raw_request: Request):

@@ -1,4 +1,5 @@
 """POST /v1/chat/completions: messages through the chat template; choices, usage, SSE chunks out."""
+import json
 import time
 import uuid
 from dataclasses import replace
@@ -208,6 +209,14 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                    f'"stop_reason":{json_value(c.stop_reason)}{ids}}}]}}\n\n')
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion)})
+
+
+async def chunk_dicts(chunks):
+    """A chat stream's chunks (its SSEResponse's body_iterator) as dicts, for the APIs served over it
+    (anthropic.py, responses.py)."""
+    async for raw in chunks:
+        if raw.startswith("data: {"):
+            yield json.loads(raw[6:])
 
 
 def _echo_text(req: ChatCompletionRequest) -> str:

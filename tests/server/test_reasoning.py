@@ -206,3 +206,24 @@ def test_anthropic_messages_thinking(think, server):
     assert r.json()["content"][0] == {"type": "thinking", "thinking": "", "signature": ""}
     r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": API_KEY}, timeout=60)
     assert r.status_code == 400 and "thinking" in r.json()["error"]["message"], r.text
+
+
+def test_responses_api_reasoning_items(think):
+    """/v1/responses: the reasoning is a reasoning item (reasoning_text content) before the message, as the same
+    chat request's reasoning and content, streamed to the same through the openai client's accumulation."""
+    import openai
+    server, tok = think
+    chat = _chat(server, temperature=0, allowed_token_ids=None, logit_bias=None, max_tokens=12)
+    chat = chat.json()["choices"][0]["message"]
+    assert chat["reasoning"], chat
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    body = dict(model=MODEL_NAME, input="Once upon a time", max_output_tokens=12, temperature=0)
+    r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=60).json()
+    items = {o["type"]: o for o in r["output"]}
+    assert items["reasoning"]["content"] == [{"type": "reasoning_text", "text": chat["reasoning"]}], r
+    assert (items["message"]["content"][0]["text"] if "message" in items else None) == chat["content"], r
+    with client.responses.stream(**body) as stream:
+        events = list(stream)
+    final = events[-1].response
+    assert [o.model_dump(exclude={"id"}, exclude_none=True) for o in final.output] == \
+        [{k: v for k, v in o.items() if k != "id"} for o in r["output"]]

@@ -1,0 +1,397 @@
+"""POST /v1/responses: OpenAI's Responses API, which vLLM 0.26 serves beside chat completions (the openai SDK's
+`client.responses`, and the agents built on it). Stateless, and a chat completion underneath: the request
+becomes a ChatCompletionRequest, and its answer, or its stream of chunks, becomes a Response, or its events.
+
+    instructions, input            ->  a system message, then the input: a string is the user's message;
+                                       message items (user / system / developer / assistant; input_text and
+                                       output_text parts) as messages, function_call items as the assistant's
+                                       tool_calls, function_call_output items as role "tool" messages,
+                                       reasoning items as the next assistant message's reasoning
+    tools (function), tool_choice, parallel_tool_calls  ->  the same chat fields
+    max_output_tokens, temperature, top_p  ->  max_tokens, temperature, top_p
+    text.format text / json_object / json_schema  ->  response_format
+    reasoning.effort               ->  reasoning_effort
+    the answer                     ->  output items: reasoning (reasoning_text content, from --reasoning-parser),
+                                       message (output_text), function_call; status completed, or incomplete
+                                       (max_output_tokens) when the output was cut short
+
+A stream is the Responses events: response.created, response.in_progress, then for each item
+output_item.added, its content_part.added, deltas (output_text / reasoning_text / function_call_arguments),
+their .done events and output_item.done, then response.completed (or response.incomplete); each with its
+sequence_number. Nothing is stored: store true, previous_response_id, conversation, background, prompt,
+include, truncation auto, max_tool_calls, top_logprobs and reasoning.summary are a 400 naming the field, as are
+tools other than functions and input other than text. No-ops: metadata (echoed), user, service_tier,
+safety_identifier, prompt_cache_key, stream_options.
+"""
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import Field
+
+from pagedllm.server.chat import chunk_dicts, create_chat_completion
+from pagedllm.server.errors import APIError
+from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict
+from pagedllm.server.serving import SSEResponse, ServingContext
+
+
+class ContentPart(_Strict):
+    type: Literal["input_text", "output_text", "reasoning_text", "input_image", "input_file", "refusal"]
+    text: str | None = None
+    annotations: list[Any] | None = None    # output_text sent back: a no-op
+    logprobs: list[Any] | None = None
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: str | None = None
+
+
+class InputItem(_Strict):
+    type: Literal["message", "function_call", "function_call_output", "reasoning"] | None = None
+    role: Literal["user", "system", "developer", "assistant"] | None = None
+    content: str | list[ContentPart] | None = None
+    id: str | None = None
+    status: str | None = None
+    call_id: str | None = None              # function_call, function_call_output
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[ContentPart] | None = None
+    summary: list[dict[str, Any]] | None = None    # reasoning
+    encrypted_content: str | None = None
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionChoice(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+    verbosity: str | None = None
+
+
+class ReasoningConfig(_Strict):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    summary: str | None = None
+
+
+class ResponsesRequest(_Request):
+    model: str | None = None
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    stream: bool = False
+    # State and server-side features: only at the values that ask for none (refuse_unsupported)
+    store: bool | None = None
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    background: bool | None = None
+    prompt: dict[str, Any] | None = None
+    include: list[str] | None = None
+    truncation: str | None = None
+    max_tool_calls: int | None = None
+    top_logprobs: int | None = None
+    # No-ops
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    stream_options: dict[str, Any] | None = None
+
+    def refuse_unsupported(self):
+        stateless = "nothing is stored: send the whole conversation as input"
+        for name, ok, why in (
+                ("store", not self.store, f"{stateless}, with store false"),
+                ("previous_response_id", self.previous_response_id is None, stateless),
+                ("conversation", self.conversation is None, stateless),
+                ("background", not self.background, "a response is answered in its request"),
+                ("prompt", self.prompt is None, "there are no stored prompts"),
+                ("include", not self.include, "there is nothing more to include"),
+                ("truncation", self.truncation in (None, "disabled"), "a prompt past the context is a 400"),
+                ("max_tool_calls", self.max_tool_calls is None, "no built-in tools run here"),
+                ("top_logprobs", not self.top_logprobs, "use /v1/chat/completions for logprobs"),
+                ("reasoning.summary", self.reasoning is None or self.reasoning.summary is None,
+                 "the reasoning comes whole, as reasoning_text"),
+                ("text.verbosity", self.text is None or self.text.verbosity is None, "no model here takes it")):
+            if not ok:
+                raise APIError(400, f"{name} is not supported ({why})", name, "unsupported_parameter")
+
+
+async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_request: Request):
+    req.refuse_unsupported()
+    answer = await create_chat_completion(ctx, to_chat(req), raw_request)
+    head = _head(req, f"resp_{uuid.uuid4().hex}", req.model or ctx.model_name)
+    if isinstance(answer, SSEResponse):
+        return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head))
+    if isinstance(answer, Response):   # the client left
+        return answer
+    return to_response(answer, head)
+
+
+def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
+    body: dict[str, Any] = {"model": req.model, "messages": _messages(req), "stream": req.stream}
+    for ours, theirs in (("max_tokens", "max_output_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
+                         ("parallel_tool_calls", "parallel_tool_calls")):
+        if getattr(req, theirs) is not None:
+            body[ours] = getattr(req, theirs)
+    if req.tools:
+        body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                         for t in req.tools]
+    if req.tool_choice is not None:
+        body["tool_choice"] = (req.tool_choice if isinstance(req.tool_choice, str) else
+                               {"type": "function", "function": {"name": req.tool_choice.name}})
+    fmt = req.text.format if req.text is not None else None
+    if fmt is not None and fmt.type == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.schema_ is None:
+            raise APIError(400, "text.format.schema is required with type json_schema", "text.format.schema",
+                           "invalid_value")
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": fmt.name or "output", "schema": fmt.schema_, "strict": fmt.strict}}
+    if req.reasoning is not None and req.reasoning.effort is not None:
+        body["reasoning_effort"] = req.reasoning.effort
+    if req.stream:
+        body["stream_options"] = {"include_usage": True}
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValueError as e:
+        raise APIError(400, str(e).splitlines()[0], None, "invalid_value") from e
+
+
+def _messages(req: ResponsesRequest) -> list[dict]:
+    messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    if isinstance(req.input, str):
+        return messages + [{"role": "user", "content": req.input}]
+    thought = None   # a reasoning item's text, for the assistant message after it
+    for i, item in enumerate(req.input):
+        at = f"input.{i}"
+        kind = item.type or "message"
+        if item.encrypted_content is not None:
+            raise APIError(400, f"{at}.encrypted_content is not supported (this server encrypts nothing)",
+                           f"{at}.encrypted_content", "unsupported_parameter")
+        if kind == "reasoning":
+            thought = (thought or "") + "".join(_texts(item.content or [], f"{at}.content"))
+        elif kind == "function_call":
+            if not item.call_id or not item.name:
+                raise APIError(400, f"{at}: a function_call needs call_id and name", at, "invalid_value")
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments or "{}"}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
+                last["tool_calls"].append(call)   # parallel calls: one assistant message
+                continue
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not item.call_id or item.output is None:
+                raise APIError(400, f"{at}: a function_call_output needs call_id and output", at, "invalid_value")
+            output = item.output if isinstance(item.output, str) else "".join(_texts(item.output, f"{at}.output"))
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+            continue
+        else:
+            if item.role is None or item.content is None:
+                raise APIError(400, f"{at}: a message needs role and content", at, "invalid_value")
+            content = item.content if isinstance(item.content, str) else "".join(
+                _texts(item.content, f"{at}.content"))
+            messages.append({"role": "system" if item.role == "developer" else item.role, "content": content})
+        if thought is not None and messages and messages[-1]["role"] == "assistant":
+            messages[-1]["reasoning"], thought = thought, None
+    return messages
+
+
+def _texts(parts: list[ContentPart], at: str) -> list[str]:
+    for j, p in enumerate(parts):
+        if p.type not in ("input_text", "output_text", "reasoning_text") or p.text is None:
+            raise APIError(400, f"{at}.{j}: {p.type} content is not supported (the models served take text)",
+                           f"{at}.{j}", "unsupported_parameter")
+    return [p.text for p in parts]
+
+
+def _head(req: ResponsesRequest, response_id: str, model: str) -> dict:
+    """The Response's fields that the answer does not change: the request's settings, echoed."""
+    fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else None
+    return {"id": response_id, "object": "response", "created_at": int(time.time()), "status": "in_progress",
+            "error": None, "incomplete_details": None, "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens, "model": model, "output": [],
+            "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
+            "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
+            "store": False, "temperature": req.temperature, "text": {"format": fmt or {"type": "text"}},
+            "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, FunctionChoice)
+                            else req.tool_choice or "auto"),
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []], "top_p": req.top_p,
+            "truncation": "disabled", "usage": None, "user": req.user, "metadata": req.metadata or {}}
+
+
+def _finished(head: dict, output: list[dict], finish_reason: str | None, usage: dict) -> dict:
+    cut = finish_reason == "length"
+    return {**head, "status": "incomplete" if cut else "completed", "output": output,
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                      "total_tokens": usage["total_tokens"]}}
+
+
+def to_response(chat: dict, head: dict) -> dict:
+    """A chat completion's answer (its one choice) as a Response."""
+    choice = chat["choices"][0]
+    message, output = choice["message"], []
+    if message.get("reasoning"):
+        output.append(_reasoning_item(_id("rs"), message["reasoning"]))
+    if message.get("content"):
+        output.append(_message_item(_id("msg"), message["content"]))
+    for call in message.get("tool_calls") or []:
+        output.append(_call_item(_id("fc"), call["id"], call["function"]["name"], call["function"]["arguments"]))
+    return _finished(head, output, choice["finish_reason"], chat["usage"])
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _reasoning_item(item_id: str, text: str | None, status: str = "completed") -> dict:
+    return {"type": "reasoning", "id": item_id, "summary": [], "status": status,
+            "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}
+
+
+def _message_item(item_id: str, text: str | None, status: str = "completed") -> dict:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [] if text is None else [_text_part(text)]}
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+class ResponsesSSE(SSEResponse):
+    end = ""   # the stream ends with response.completed (or .incomplete); _events reports its own errors
+
+
+def _event(data: dict) -> str:
+    return f"event: {data['type']}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _events(chunks, head: dict):
+    """The chat stream's chunks as the Responses events. One output item is open at a time: a reasoning item
+    while reasoning comes, a message while content does, a function_call from a call's first delta."""
+    sequence = 0
+    output: list[dict] = []
+    open_item = None   # (kind, item id, text so far, call id, name) of the item being streamed
+    finish_reason, usage = None, None
+
+    def event(data: dict) -> str:
+        nonlocal sequence
+        sequence += 1
+        return _event({**data, "sequence_number": sequence - 1})
+
+    def close() -> list[str]:
+        nonlocal open_item
+        if open_item is None:
+            return []
+        kind, item_id, text, call_id, name = open_item
+        index, open_item = len(output), None
+        at = {"item_id": item_id, "output_index": index}
+        if kind == "function_call":
+            item = _call_item(item_id, call_id, name, text)
+            events = [event({"type": "response.function_call_arguments.done", **at, "arguments": text,
+                             "name": name})]
+        else:
+            part = _text_part(text) if kind == "message" else {"type": "reasoning_text", "text": text}
+            item = _message_item(item_id, text) if kind == "message" else _reasoning_item(item_id, text)
+            done = ({"type": "response.output_text.done", "text": text, "logprobs": []} if kind == "message"
+                    else {"type": "response.reasoning_text.done", "text": text})
+            events = [event({**done, **at, "content_index": 0}),
+                      event({"type": "response.content_part.done", **at, "content_index": 0, "part": part})]
+        output.append(item)
+        return events + [event({"type": "response.output_item.done", "output_index": index, "item": item})]
+
+    def open_(kind: str, call_id: str | None = None, name: str | None = None) -> list[str]:
+        nonlocal open_item
+        events = close()
+        item_id = _id({"message": "msg", "reasoning": "rs", "function_call": "fc"}[kind])
+        open_item = (kind, item_id, "", call_id, name)
+        at = {"item_id": item_id, "output_index": len(output)}
+        if kind == "function_call":
+            return events + [event({"type": "response.output_item.added", "output_index": len(output),
+                                    "item": _call_item(item_id, call_id, name, "", "in_progress")})]
+        item = (_message_item(item_id, None, "in_progress") if kind == "message"
+                else _reasoning_item(item_id, None, "in_progress"))
+        part = _text_part("") if kind == "message" else {"type": "reasoning_text", "text": ""}
+        return events + [event({"type": "response.output_item.added", "output_index": len(output), "item": item}),
+                         event({"type": "response.content_part.added", **at, "content_index": 0, "part": part})]
+
+    def add(kind: str, text: str) -> str:
+        nonlocal open_item
+        k, item_id, so_far, call_id, name = open_item
+        open_item = (k, item_id, so_far + text, call_id, name)
+        at = {"item_id": item_id, "output_index": len(output)}
+        if kind == "function_call":
+            return event({"type": "response.function_call_arguments.delta", **at, "delta": text})
+        if kind == "message":
+            return event({"type": "response.output_text.delta", **at, "content_index": 0, "delta": text,
+                          "logprobs": []})
+        return event({"type": "response.reasoning_text.delta", **at, "content_index": 0, "delta": text})
+
+    yield event({"type": "response.created", "response": head})
+    yield event({"type": "response.in_progress", "response": head})
+    try:
+        async for chunk in chunk_dicts(chunks):
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                d, out = choice["delta"], []
+                if d.get("reasoning"):
+                    if open_item is None or open_item[0] != "reasoning":
+                        out += open_("reasoning")
+                    out.append(add("reasoning", d["reasoning"]))
+                if d.get("content"):
+                    if open_item is None or open_item[0] != "message":
+                        out += open_("message")
+                    out.append(add("message", d["content"]))
+                for call in d.get("tool_calls") or []:
+                    if call.get("id") is not None:
+                        out += open_("function_call", call["id"], call["function"]["name"])
+                    if call["function"].get("arguments"):
+                        out.append(add("function_call", call["function"]["arguments"]))
+                if choice.get("finish_reason") is not None:
+                    finish_reason = choice["finish_reason"]
+                for e in out:
+                    yield e
+    except Exception as e:   # the engine's error mid-stream: the Responses error event ends the stream
+        yield event({"type": "error", "code": "server_error", "message": str(e), "param": None})
+        return
+    for e in close():
+        yield e
+    final = _finished(head, output, finish_reason, usage or {"prompt_tokens": 0, "completion_tokens": 0,
+                                                              "total_tokens": 0})
+    yield event({"type": "response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                 "response": final})

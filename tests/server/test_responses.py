@@ -1,0 +1,108 @@
+"""OpenAI's Responses API (/v1/responses, as vLLM 0.26 serves it) through the official openai client: the output
+is the chat completion of the same conversation, the SDK's stream accumulation (which checks every event's item
+ids and indexes) gives the same response, a forced function call and its output round-trip, text.format holds;
+state and built-in features are 400s naming the field."""
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from server.server_utils import MODEL_NAME
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                          "required": ["city", "days"], "additionalProperties": False}}
+STORY = "Tell me a story"   # the tiny model's greedy answer: text to max_output_tokens
+INSTRUCTIONS = "You tell stories."
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0, timeout=120)
+
+
+def _chat(server, messages, **kw) -> dict:
+    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 24, "temperature": 0, **kw}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_output_is_the_chat_completion_and_streams_to_the_same(client, server):
+    chat = _chat(server, [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": STORY}])
+    text = chat["choices"][0]["message"]["content"]
+    assert text and chat["choices"][0]["finish_reason"] == "length"
+    kw = dict(model=MODEL_NAME, instructions=INSTRUCTIONS, input=STORY, max_output_tokens=24, temperature=0)
+    response = client.responses.create(**kw)
+    assert response.object == "response" and response.id.startswith("resp_") and response.model == MODEL_NAME
+    assert response.output_text == text and [o.type for o in response.output] == ["message"]
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert (response.usage.input_tokens, response.usage.output_tokens) == \
+        (chat["usage"]["prompt_tokens"], chat["usage"]["completion_tokens"])
+    with client.responses.stream(**kw) as stream:   # OpenAI's: a cut-short stream ends in response.incomplete
+        events = list(stream)
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert events[-1].type == "response.incomplete" and [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert "".join(deltas) == final.output[0].content[0].text == text and final.status == "incomplete"
+    assert final.usage.output_tokens == response.usage.output_tokens
+    # a list of message items, with a developer message: the same conversation
+    items = [{"role": "developer", "content": INSTRUCTIONS},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": STORY}]}]
+    same = client.responses.create(model=MODEL_NAME, input=items, max_output_tokens=24, temperature=0)
+    assert same.output_text == text
+
+
+def test_forced_function_call_and_its_output(client, server):
+    kw = dict(model=MODEL_NAME, input="What is the weather in Paris?", max_output_tokens=80, temperature=0,
+              tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"}, parallel_tool_calls=False)
+    response = client.responses.create(**kw)
+    [call] = [o for o in response.output if o.type == "function_call"]
+    assert call.name == "get_weather" and call.id.startswith("fc_") and response.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    with client.responses.stream(**kw) as stream:
+        argument_deltas = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+        final = stream.get_final_response()
+    [streamed] = [o for o in final.output if o.type == "function_call"]
+    assert streamed.arguments == "".join(argument_deltas) == call.arguments and streamed.name == call.name
+
+    history = [{"role": "user", "content": "What is the weather in Paris?"},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    answer = client.responses.create(model=MODEL_NAME, input=history, max_output_tokens=4, temperature=0,
+                                     tools=[WEATHER], tool_choice="none")
+    chat_history = [history[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
+    chat = _chat(server, chat_history, max_tokens=4, tool_choice="none", tools=[
+        {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}])
+    assert answer.usage.input_tokens == chat["usage"]["prompt_tokens"]
+    assert answer.output_text == (chat["choices"][0]["message"]["content"] or "")
+
+
+def test_text_format_json_schema(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"],
+              "additionalProperties": False}
+    response = client.responses.create(model=MODEL_NAME, input=STORY, max_output_tokens=60, temperature=0,
+                                       text={"format": {"type": "json_schema", "name": "hero", "schema": schema,
+                                                        "strict": True}})
+    jsonschema.validate(json.loads(response.output_text), schema)
+    assert response.text.format.type == "json_schema"
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"store": True}, "store"),
+    ({"previous_response_id": "resp_123"}, "previous_response_id"),
+    ({"background": True}, "background"),
+    ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
+     "input.0.content.0"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"colour": "red"}, "colour"),
+])
+def test_unsupported_fields_are_400s_naming_them(server, extra, param):
+    body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, **extra}
+    r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
