@@ -1,0 +1,112 @@
+"""The chat stream's chunks turned into Anthropic's and the Responses API's events (server/anthropic.py,
+server/responses.py), on hand-made chunks: reasoning, then text, then two tool calls in one answer, each in
+pieces; blocks / items opened and closed in order; usage and stop reasons; an error mid-stream ends the stream
+with that API's error event."""
+import asyncio
+import json
+
+from pagedllm.server import anthropic, responses
+from pagedllm.server.serving import sse
+
+
+def _chunk(delta: dict | None = None, finish_reason=None, stop_reason=None, **extra) -> str:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                        "finish_reason": finish_reason, "stop_reason": stop_reason}]
+    return sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": choices, **extra})
+
+
+def _call(index: int, call_id: str | None, name: str | None, arguments: str) -> dict:
+    if call_id is None:
+        return {"index": index, "function": {"arguments": arguments}}
+    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+CHUNKS = [_chunk({"role": "assistant", "content": ""}, prompt_token_ids=[1, 2, 3]),
+          _chunk({"reasoning": "Let me "}), _chunk({"reasoning": "think."}),
+          _chunk({"content": "Calling"}), _chunk({"content": " tools."}),
+          _chunk({"tool_calls": [_call(0, "call_a", "get_weather", '{"city": ')]}),
+          _chunk({"tool_calls": [_call(0, None, None, '"Paris"}')]}),
+          _chunk({"tool_calls": [_call(1, "call_b", "now", "{}")]}, finish_reason="tool_calls"),
+          _chunk(usage={"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12})]
+
+
+async def _aiter(items, error: Exception | None = None):
+    for item in items:
+        yield item
+    if error is not None:
+        raise error
+
+
+def _collect(events) -> list[tuple[str, dict]]:
+    async def run():
+        return [e async for e in events]
+    out = []
+    for raw in asyncio.run(run()):
+        name, data = raw.split("\n", 2)[:2]
+        assert name.startswith("event: ") and data.startswith("data: ") and raw.endswith("\n\n"), raw
+        out.append((name[7:], json.loads(data[6:])))
+        assert out[-1][1]["type"] == out[-1][0]
+    return out
+
+
+def test_anthropic_events_open_one_block_at_a_time():
+    events = _collect(anthropic._events(_aiter(CHUNKS), "msg_1", "tiny", []))
+    names = [n for n, _ in events]
+    assert names == ["message_start",
+                     "content_block_start", "content_block_delta", "content_block_delta",
+                     "content_block_stop", "content_block_start", "content_block_delta", "content_block_delta",
+                     "content_block_stop", "content_block_start", "content_block_delta", "content_block_delta",
+                     "content_block_stop", "content_block_start", "content_block_delta",
+                     "content_block_stop", "message_delta", "message_stop"]
+    assert events[0][1]["message"]["usage"] == {"input_tokens": 3, "output_tokens": 0}
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert [b["type"] for b in starts] == ["thinking", "text", "tool_use", "tool_use"]
+    assert [(b["id"], b["name"]) for b in starts[2:]] == [("call_a", "get_weather"), ("call_b", "now")]
+    deltas = [(d["index"], d["delta"]) for n, d in events if n == "content_block_delta"]
+    joined = {}
+    for index, delta in deltas:
+        key = next(k for k in ("thinking", "text", "partial_json") if k in delta)
+        joined[index] = joined.get(index, "") + delta[key]
+    assert joined == {0: "Let me think.", 1: "Calling tools.", 2: '{"city": "Paris"}', 3: "{}"}
+    assert events[-2][1] == {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                             "usage": {"output_tokens": 9}}
+
+
+def test_anthropic_stop_sequence_and_hidden_thinking():
+    chunks = [_chunk({"role": "assistant", "content": ""}), _chunk({"reasoning": "hm"}),
+              _chunk({"content": "Hi"}, finish_reason="stop", stop_reason="END")]
+    events = _collect(anthropic._events(_aiter(chunks), "msg_1", "tiny", ["END"], shown=False))
+    assert [d["delta"]["type"] for n, d in events if n == "content_block_delta"] == ["text_delta"]
+    assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+
+
+def test_responses_events_items_in_order_with_sequence_numbers():
+    head = {"id": "resp_1", "object": "response", "status": "in_progress", "output": [], "usage": None}
+    events = _collect(responses._events(_aiter(CHUNKS), head))
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    names = [n for n, _ in events]
+    assert names[:2] == ["response.created", "response.in_progress"] and names[-1] == "response.completed"
+    added = [d for n, d in events if n == "response.output_item.added"]
+    done = [d for n, d in events if n == "response.output_item.done"]
+    assert [a["item"]["type"] for a in added] == ["reasoning", "message", "function_call", "function_call"]
+    assert [a["output_index"] for a in added] == [d["output_index"] for d in done] == [0, 1, 2, 3]
+    assert [a["item"]["id"] for a in added] == [d["item"]["id"] for d in done]
+    final = events[-1][1]["response"]
+    assert final["output"] == [d["item"] for d in done] and final["status"] == "completed"
+    assert final["output"][0]["content"] == [{"type": "reasoning_text", "text": "Let me think."}]
+    assert final["output"][1]["content"][0]["text"] == "Calling tools."
+    assert [(o["call_id"], o["name"], o["arguments"]) for o in final["output"][2:]] == \
+        [("call_a", "get_weather", '{"city": "Paris"}'), ("call_b", "now", "{}")]
+    assert final["usage"] == {"input_tokens": 3, "output_tokens": 9, "total_tokens": 12}
+    args = "".join(d["delta"] for n, d in events if n == "response.function_call_arguments.delta")
+    assert args == '{"city": "Paris"}{}'
+
+
+def test_an_error_mid_stream_ends_it_with_the_apis_error_event():
+    head = {"id": "resp_1", "object": "response", "status": "in_progress", "output": [], "usage": None}
+    events = _collect(responses._events(_aiter(CHUNKS[:3], RuntimeError("engine died")), head))
+    assert events[-1][0] == "error" and events[-1][1]["message"] == "engine died"
+    assert events[-1][1]["sequence_number"] == len(events) - 1
+    error = anthropic.AnthropicSSE.error_event(RuntimeError("engine died"))
+    assert error == ('event: error\ndata: {"type":"error","error":{"type":"api_error","message":"engine died"}}'
+                     '\n\n')
