@@ -26,6 +26,7 @@ from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.core_process import freeze_gc
 from pagedllm.server.anthropic import CountTokensRequest, MessagesRequest, count_tokens, create_message
 from pagedllm.server.chat import create_chat_completion, render_chat
+from pagedllm.server.chat_batch import BatchChatCompletionRequest, create_chat_batch
 from pagedllm.server.completions import create_completion
 from pagedllm.server.errors import APIError, error_response, install_error_handlers
 from pagedllm.server.launch import LoRAModulePath, ServeChecks
@@ -78,6 +79,10 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw_request: Request):
         return await create_chat_completion(ctx, req, raw_request)
+
+    @v1.post("/chat/completions/batch")
+    async def chat_completions_batch(req: BatchChatCompletionRequest, raw_request: Request):
+        return await create_chat_batch(ctx, req, raw_request)
 
     @v1.post("/responses")
     async def responses(req: ResponsesRequest, raw_request: Request):

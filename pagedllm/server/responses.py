@@ -187,6 +187,8 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
 
 def _messages(req: ResponsesRequest) -> list[dict]:
     messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    if not req.input:
+        raise APIError(400, "input must not be empty", "input", "invalid_value")
     if isinstance(req.input, str):
         return messages + [{"role": "user", "content": req.input}]
     thought = None   # a reasoning item's text, for the assistant message after it

@@ -4,7 +4,7 @@ import json
 
 import httpx
 import pytest
-from server.server_utils import CHAT_TEMPLATE, MODEL_NAME
+from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, wait_all_blocks_free
 
 from pagedllm import SamplingParams
 from pagedllm.server import protocol
@@ -325,3 +325,28 @@ def test_sagemaker_ping_and_invocations(server):
         _error(_post(server, "/invocations", {**body, "max_tokens": "many"}), "max_tokens")
     _error(_post(server, "/invocations", {"model": MODEL_NAME}), None)
     assert httpx.post(server.url + "/invocations", json={"prompt": PROMPT}, timeout=60).status_code == 401
+
+
+def test_chat_batch_answers_each_conversation_as_the_chat_route(server):
+    """vLLM 0.26's /v1/chat/completions/batch: choice i is conversation i's chat answer, usage the sum; what chat
+    puts beside the choices goes into each choice; stream, tools, n > 1 and an empty conversation are 400s, and a
+    conversation's own error names it, its siblings aborted."""
+    conversations = [MESSAGES, [{"role": "user", "content": "Once upon a time"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]]
+    base = {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    r = _post(server, CHAT + "/batch", {**base, "messages": conversations})
+    assert r.status_code == 200, r.text
+    batch = r.json()
+    singles = [_post(server, CHAT, {**base, "messages": c}).json() for c in conversations]
+    assert [c["index"] for c in batch["choices"]] == [0, 1, 2]
+    for choice, single in zip(batch["choices"], singles):
+        assert choice["message"] == single["choices"][0]["message"]
+        assert choice["token_ids"] == single["choices"][0]["token_ids"]
+        assert choice["prompt_token_ids"] == single["prompt_token_ids"]
+    assert batch["usage"]["completion_tokens"] == sum(s["usage"]["completion_tokens"] for s in singles)
+    assert batch["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in singles)
+    for extra, param in (({"stream": True}, "stream"), ({"n": 2}, "n"), ({"messages": [MESSAGES, []]}, "messages.1"),
+                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"messages": [MESSAGES, [{"role": "user", "content": "word " * 600}]]}, "messages.1")):
+        _error(_post(server, CHAT + "/batch", {**base, "messages": conversations, **extra}), param)
+    wait_all_blocks_free(server)

@@ -101,6 +101,8 @@ def test_text_format_json_schema(client):
      "input.0.content.0"),
     ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"colour": "red"}, "colour"),
+    ({"input": []}, "input"),
+    ({"input": [{"type": "function_call_output", "call_id": "c1"}]}, "input.0"),
 ])
 def test_unsupported_fields_are_400s_naming_them(server, extra, param):
     body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, **extra}
