@@ -51,7 +51,13 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
 
 def _shaped(request: Request, status: int, message: str, param: str | None = None, code: str | None = None,
             headers: dict | None = None) -> ErrorResponse:
-    if not request.url.path.endswith(ANTHROPIC_ROUTES):
+    return shaped_error(request.url.path, status, message, param, code, headers)
+
+
+def shaped_error(path: str, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None) -> ErrorResponse:
+    """error_response, or Anthropic's shape on Anthropic's routes."""
+    if not path.endswith(ANTHROPIC_ROUTES):
         return error_response(status, message, param, code, headers)
     if param and not message.startswith(param):
         message = f"{param}: {message}"

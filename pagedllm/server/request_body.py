@@ -11,7 +11,7 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pagedllm.server.errors import error_response
+from pagedllm.server.errors import shaped_error
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -43,10 +43,11 @@ class RequestBodyGuard:
             message = (f"the request body is larger than this server's limit of {self.max_bytes} bytes "
                        f"(--max-request-body-bytes)")
             # Connection: close: the unread rest of the body must not be taken for the next request.
-            response = error_response(413, message, None, "request_too_large", headers={"Connection": "close"})
+            response = shaped_error(scope["path"], 413, message, None, "request_too_large",
+                                    headers={"Connection": "close"})
             return await response(scope, receive, send)
         if _SURROGATE_ESCAPE.search(body) and (path := _lone_surrogate_path(body)) is not None:
-            return await _surrogate_response(path)(scope, receive, send)
+            return await _surrogate_response(scope["path"], path)(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
 
 
@@ -109,10 +110,10 @@ def _encodes(text: str) -> bool:
         return False
 
 
-def _surrogate_response(path: list[str]):
+def _surrogate_response(route: str, path: list[str]):
     param = ".".join(path) or None
     if path == ["model"]:   # no served model has such a name
-        return error_response(404, "The model does not exist: its name holds a lone UTF-16 surrogate.",
-                              "model", "model_not_found")
-    return error_response(400, f"{param or 'the body'} holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
-                               f"escape without its pair), which is not text", param, "invalid_value")
+        return shaped_error(route, 404, "The model does not exist: its name holds a lone UTF-16 surrogate.",
+                            "model", "model_not_found")
+    return shaped_error(route, 400, f"{param or 'the body'} holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                                    f"escape without its pair), which is not text", param, "invalid_value")

@@ -6,7 +6,7 @@ import json
 import httpx
 import jsonschema
 import pytest
-from server.server_utils import API_KEY, MODEL_NAME
+from server.server_utils import API_KEY, EDGE_MAX_BODY, EDGE_ROOT_PATH, MODEL_NAME
 
 anthropic = pytest.importorskip("anthropic")
 
@@ -143,3 +143,18 @@ def test_a_chat_fields_error_names_the_anthropic_field(server):
         "model": MODEL_NAME, "messages": prefill["messages"], "add_generation_prompt": False,
         "continue_final_message": True}).json()
     assert r.json() == {"input_tokens": chat["count"]}   # the prefill is continued: no generation prompt
+
+
+def test_errors_at_the_edge_are_anthropic_shaped_too(servers):
+    """Errors raised before the route runs (the body guard's 413 and lone-surrogate 400) keep Anthropic's shape on
+    its routes."""
+    edge = servers["edge"]
+    url = edge.url + EDGE_ROOT_PATH + "/v1/messages"
+    big = {"model": MODEL_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "a" * EDGE_MAX_BODY}]}
+    r = httpx.post(url, json=big, headers=edge.headers, verify=edge.verify, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large", r.text
+    body = b'{"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "\\ud800"}]}'
+    r = httpx.post(url, content=body, headers={**edge.headers, "content-type": "application/json"},
+                   verify=edge.verify, timeout=60)
+    assert r.status_code == 400 and set(r.json()) == {"type", "error"}, r.text
+    assert "messages.0.content" in r.json()["error"]["message"]
