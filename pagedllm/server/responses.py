@@ -21,7 +21,10 @@ their .done events and output_item.done, then response.completed (or response.in
 sequence_number. Nothing is stored: store true, previous_response_id, conversation, background, prompt,
 include, truncation auto, max_tool_calls, top_logprobs and reasoning.summary are a 400 naming the field, as are
 tools other than functions and input other than text. No-ops: metadata (echoed), user, service_tier,
-safety_identifier, prompt_cache_key, stream_options.
+safety_identifier, prompt_cache_key, stream_options. vLLM's additions pass to the chat request as they are: top_k,
+seed, stop, logit_bias, presence / frequency / repetition penalties, ignore_eos, skip_special_tokens,
+include_stop_str_in_output, structured_outputs, include_reasoning, chat_template_kwargs, priority, cache_salt;
+request_id names the response (resp_<request_id>).
 """
 import json
 import time
@@ -106,6 +109,23 @@ class ResponsesRequest(_Request):
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     stream: bool = False
+    # vLLM's additions, passed to the chat request as they are
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    structured_outputs: dict[str, Any] | None = None
+    include_reasoning: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    priority: int | None = None
+    cache_salt: str | None = None
+    request_id: str | None = None             # names the response: resp_<request_id>
     # State and server-side features: only at the values that ask for none (refuse_unsupported)
     store: bool | None = None
     previous_response_id: str | None = None
@@ -146,7 +166,7 @@ class ResponsesRequest(_Request):
 async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_request: Request):
     req.refuse_unsupported()
     answer = await create_chat_completion(ctx, to_chat(req), raw_request)
-    head = _head(req, f"resp_{uuid.uuid4().hex}", req.model or ctx.model_name)
+    head = _head(req, f"resp_{req.request_id or uuid.uuid4().hex}", req.model or ctx.model_name)
     if isinstance(answer, SSEResponse):
         return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head))
     if isinstance(answer, Response):   # the client left
@@ -154,10 +174,15 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     return to_response(answer, head)
 
 
+# Fields of the same name and meaning in a chat request
+_SAME = ("temperature", "top_p", "parallel_tool_calls", "top_k", "seed", "stop", "logit_bias", "presence_penalty",
+         "frequency_penalty", "repetition_penalty", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+         "structured_outputs", "include_reasoning", "chat_template_kwargs", "priority", "cache_salt")
+
+
 def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     body: dict[str, Any] = {"model": req.model, "messages": _messages(req), "stream": req.stream}
-    for ours, theirs in (("max_tokens", "max_output_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
-                         ("parallel_tool_calls", "parallel_tool_calls")):
+    for ours, theirs in (("max_tokens", "max_output_tokens"), *((f, f) for f in _SAME)):
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)
     if req.tools:

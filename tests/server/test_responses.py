@@ -108,3 +108,16 @@ def test_unsupported_fields_are_400s_naming_them(server, extra, param):
     body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, **extra}
     r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_vllms_sampling_additions_pass_to_the_chat_request(client, server):
+    """vLLM's extra Responses fields (seed, top_k, stop, logit_bias, penalties, ...) mean what they mean in chat:
+    a seeded sampled answer equals the chat answer with the same fields; request_id names the response."""
+    extra = {"seed": 7, "top_k": 40, "stop": ["the"], "logit_bias": {"100": 2.0}, "presence_penalty": 0.5,
+             "repetition_penalty": 1.1, "ignore_eos": True}
+    chat = _chat(server, [{"role": "user", "content": STORY}], temperature=1.0, **extra)
+    response = client.responses.create(model=MODEL_NAME, input=STORY, max_output_tokens=24, temperature=1.0,
+                                       extra_body={**extra, "request_id": "abc"})
+    assert response.id == "resp_abc"
+    assert response.output_text == (chat["choices"][0]["message"]["content"] or "")
+    assert response.usage.output_tokens == chat["usage"]["completion_tokens"]
