@@ -231,8 +231,8 @@ def _messages(req: ResponsesRequest) -> list[dict]:
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments or "{}"}}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
-                last["tool_calls"].append(call)   # parallel calls: one assistant message
+            if last is not None and last["role"] == "assistant":   # the turn's text and calls: one message
+                last.setdefault("tool_calls", []).append(call)
                 continue
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":

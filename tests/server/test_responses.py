@@ -69,11 +69,12 @@ def test_forced_function_call_and_its_output(client, server):
     assert streamed.arguments == "".join(argument_deltas) == call.arguments and streamed.name == call.name
 
     history = [{"role": "user", "content": "What is the weather in Paris?"},
+               {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]},
                {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
                {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
     answer = client.responses.create(model=MODEL_NAME, input=history, max_output_tokens=4, temperature=0,
                                      tools=[WEATHER], tool_choice="none")
-    chat_history = [history[0], {"role": "assistant", "content": None, "tool_calls": [
+    chat_history = [history[0], {"role": "assistant", "content": "Let me look.", "tool_calls": [
         {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
         {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
     chat = _chat(server, chat_history, max_tokens=4, tool_choice="none", tools=[
