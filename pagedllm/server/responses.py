@@ -19,13 +19,15 @@ A stream is the Responses events: response.created, response.in_progress, then f
 output_item.added, its content_part.added, deltas (output_text / reasoning_text / function_call_arguments),
 their .done events and output_item.done, then response.completed (or response.incomplete); each with its
 sequence_number. Nothing is stored: store true, previous_response_id, conversation, background, prompt,
-include, truncation auto, max_tool_calls, top_logprobs and reasoning.summary are a 400 naming the field, as are
+include (but reasoning.encrypted_content, below), truncation auto, max_tool_calls, top_logprobs and
+reasoning.summary are a 400 naming the field, as are
 tools other than functions and input other than text. No-ops: metadata (echoed), user, service_tier,
 safety_identifier, prompt_cache_key, stream_options. vLLM's additions pass to the chat request as they are: top_k,
 seed, stop, logit_bias, presence / frequency / repetition penalties, ignore_eos, skip_special_tokens,
 include_stop_str_in_output, structured_outputs, include_reasoning, chat_template_kwargs, priority, cache_salt;
 request_id names the response (resp_<request_id>).
 """
+import base64
 import json
 import time
 import uuid
@@ -152,7 +154,7 @@ class ResponsesRequest(_Request):
                 ("conversation", self.conversation is None, stateless),
                 ("background", not self.background, "a response is answered in its request"),
                 ("prompt", self.prompt is None, "there are no stored prompts"),
-                ("include", not self.include, "there is nothing more to include"),
+                ("include", set(self.include or ()) <= {_ENCRYPTED}, f"of its values only {_ENCRYPTED} is"),
                 ("truncation", self.truncation in (None, "disabled"), "a prompt past the context is a 400"),
                 ("max_tool_calls", self.max_tool_calls is None, "no built-in tools run here"),
                 ("top_logprobs", not self.top_logprobs, "use /v1/chat/completions for logprobs"),
@@ -167,11 +169,12 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     req.refuse_unsupported()
     answer = await create_chat_completion(ctx, to_chat(req), raw_request)
     head = _head(req, f"resp_{req.request_id or uuid.uuid4().hex}", req.model or ctx.model_name)
+    encrypted = _ENCRYPTED in (req.include or ())
     if isinstance(answer, SSEResponse):
-        return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head))
+        return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head, encrypted))
     if isinstance(answer, Response):   # the client left
         return answer
-    return to_response(answer, head)
+    return to_response(answer, head, encrypted)
 
 
 # Fields of the same name and meaning in a chat request
@@ -220,11 +223,13 @@ def _messages(req: ResponsesRequest) -> list[dict]:
     for i, item in enumerate(req.input):
         at = f"input.{i}"
         kind = item.type or "message"
-        if item.encrypted_content is not None:
-            raise APIError(400, f"{at}.encrypted_content is not supported (this server encrypts nothing)",
-                           f"{at}.encrypted_content", "unsupported_parameter")
+        if item.encrypted_content is not None and (kind != "reasoning" or item.content):
+            raise APIError(400, f"{at}.encrypted_content goes in a reasoning item without content",
+                           f"{at}.encrypted_content", "invalid_value")
         if kind == "reasoning":
-            thought = (thought or "") + "".join(_texts(item.content or [], f"{at}.content"))
+            text = ("".join(_texts(item.content or [], f"{at}.content")) if item.encrypted_content is None
+                    else _decode_reasoning(item.encrypted_content, f"{at}.encrypted_content"))
+            thought = (thought or "") + text
         elif kind == "function_call":
             if not item.call_id or not item.name:
                 raise APIError(400, f"{at}: a function_call needs call_id and name", at, "invalid_value")
@@ -250,6 +255,24 @@ def _messages(req: ResponsesRequest) -> list[dict]:
         if thought is not None and messages and messages[-1]["role"] == "assistant":
             messages[-1]["reasoning"], thought = thought, None
     return messages
+
+
+# include ["reasoning.encrypted_content"] (what a stateless client asks for, to send the reasoning back): each
+# reasoning item's encrypted_content is its text in base64. Not encrypted (this server holds no secret), but
+# opaque, as the field is to a client; sent back, it is the reasoning again.
+_ENCRYPTED = "reasoning.encrypted_content"
+
+
+def _encode_reasoning(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _decode_reasoning(blob: str, at: str) -> str:
+    try:
+        return base64.b64decode(blob, validate=True).decode()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"{at} is not a reasoning item's encrypted_content from this server", at,
+                       "invalid_value") from e
 
 
 def _texts(parts: list[ContentPart], at: str) -> list[str]:
@@ -283,12 +306,12 @@ def _finished(head: dict, output: list[dict], finish_reason: str | None, usage: 
                       "total_tokens": usage["total_tokens"]}}
 
 
-def to_response(chat: dict, head: dict) -> dict:
+def to_response(chat: dict, head: dict, encrypted: bool = False) -> dict:
     """A chat completion's answer (its one choice) as a Response."""
     choice = chat["choices"][0]
     message, output = choice["message"], []
     if message.get("reasoning"):
-        output.append(_reasoning_item(_id("rs"), message["reasoning"]))
+        output.append(_reasoning_item(_id("rs"), message["reasoning"], encrypted=encrypted))
     if message.get("content"):
         output.append(_message_item(_id("msg"), message["content"]))
     for call in message.get("tool_calls") or []:
@@ -300,9 +323,12 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _reasoning_item(item_id: str, text: str | None, status: str = "completed") -> dict:
-    return {"type": "reasoning", "id": item_id, "summary": [], "status": status,
+def _reasoning_item(item_id: str, text: str | None, status: str = "completed", encrypted: bool = False) -> dict:
+    item = {"type": "reasoning", "id": item_id, "summary": [], "status": status,
             "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}
+    if encrypted and text is not None:
+        item["encrypted_content"] = _encode_reasoning(text)
+    return item
 
 
 def _message_item(item_id: str, text: str | None, status: str = "completed") -> dict:
@@ -327,7 +353,7 @@ def _event(data: dict) -> str:
     return f"event: {data['type']}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _events(chunks, head: dict):
+async def _events(chunks, head: dict, encrypted: bool = False):
     """The chat stream's chunks as the Responses events. One output item is open at a time: a reasoning item
     while reasoning comes, a message while content does, a function_call from a call's first delta."""
     sequence = 0
@@ -353,7 +379,8 @@ async def _events(chunks, head: dict):
                              "name": name})]
         else:
             part = _text_part(text) if kind == "message" else {"type": "reasoning_text", "text": text}
-            item = _message_item(item_id, text) if kind == "message" else _reasoning_item(item_id, text)
+            item = (_message_item(item_id, text) if kind == "message"
+                    else _reasoning_item(item_id, text, encrypted=encrypted))
             done = ({"type": "response.output_text.done", "text": text, "logprobs": []} if kind == "message"
                     else {"type": "response.reasoning_text.done", "text": text})
             events = [event({**done, **at, "content_index": 0}),

@@ -227,3 +227,38 @@ def test_responses_api_reasoning_items(think):
     final = events[-1].response
     assert [o.model_dump(exclude={"id"}, exclude_none=True) for o in final.output] == \
         [{k: v for k, v in o.items() if k != "id"} for o in r["output"]]
+
+
+def test_responses_api_encrypted_reasoning_round_trips(think):
+    """include ["reasoning.encrypted_content"] (stateless clients, e.g. Codex): each reasoning item carries its
+    reasoning in an opaque field, streamed too; sent back without content it is the assistant turn's reasoning,
+    the same prompt as the chat request with that reasoning; anything else there is a 400 naming it."""
+    server, tok = think
+    body = {"model": MODEL_NAME, "input": "Once upon a time", "max_output_tokens": 12, "temperature": 0,
+            "include": ["reasoning.encrypted_content"]}
+    r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=60).json()
+    [item] = [o for o in r["output"] if o["type"] == "reasoning"]
+    assert item["encrypted_content"] and item["content"][0]["text"] not in item["encrypted_content"]
+    streamed = httpx.post(server.url + "/v1/responses", json={**body, "stream": True}, headers=server.headers,
+                          timeout=60).text
+    last = json.loads(streamed.strip().splitlines()[-1][6:])["response"]
+    assert [o["encrypted_content"] for o in last["output"] if o["type"] == "reasoning"] == [item["encrypted_content"]]
+    turn = [{"role": "user", "content": "Once upon a time"},
+            {"type": "reasoning", "id": item["id"], "summary": [], "encrypted_content": item["encrypted_content"]},
+            {"role": "assistant", "content": "The end."}, {"role": "user", "content": "Again"}]
+    again = {"model": MODEL_NAME, "input": turn, "max_output_tokens": 1, "temperature": 0}
+    r = httpx.post(server.url + "/v1/responses", json=again, headers=server.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    chat = _chat(server, messages=[turn[0], {"role": "assistant", "content": "The end.",
+                                             "reasoning": item["content"][0]["text"]}, turn[3]],
+                 max_tokens=1, temperature=0, allowed_token_ids=None, logit_bias=None)
+    assert r.json()["usage"]["input_tokens"] == chat.json()["usage"]["prompt_tokens"]
+    with_content = {**turn[1], "content": [{"type": "reasoning_text", "text": "x"}]}
+    for bad, param in (({**turn[1], "encrypted_content": "%%%"}, "input.1.encrypted_content"),
+                       (with_content, "input.1.encrypted_content")):
+        r = httpx.post(server.url + "/v1/responses", json={**again, "input": [turn[0], bad, *turn[2:]]},
+                       headers=server.headers, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(server.url + "/v1/responses", json={**body, "include": ["message.output_text.logprobs"]},
+                   headers=server.headers, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text
