@@ -26,6 +26,8 @@ class LLM:
     def __init__(self, model: str = DEMO_MODEL, **engine_args):
         self.engine = Engine(EngineConfig(model=model, **engine_args))
         self._ids = itertools.count()
+        self._queued: dict[str, None] = {}             # enqueue()'s requests (ordered), until wait_for_completion()
+        self._done: dict[str, RequestOutput] = {}      # those of them that finished in another call's run
 
     def shutdown(self):
         """Stops the tensor-parallel worker processes (they also end with this process)."""
@@ -47,6 +49,36 @@ class LLM:
         Runs every prompt to completion; outputs come back in input order. A request the engine core
         fails (its own data raised there, or its step did; the log says why) comes back with
         finish_reason "error" on its sequences, and the others as if it had not been there."""
+        ids = self._add(prompts, sampling_params, lora_request, priority)
+        try:
+            finished = self._run(len(ids) + self._num_queued_running(), use_tqdm)
+        except BaseException:   # e.g. Ctrl-C: leave no request of this batch running in the engine
+            self.engine.abort_request(ids)
+            raise
+        return [finished[i] for i in ids]
+
+    def enqueue(self, prompts: Prompt | list[Prompt],
+                sampling_params: SamplingParams | list[SamplingParams] | None = None, lora_request=None,
+                priority: list[int] | None = None) -> list[str]:
+        """vLLM's: adds the prompts (as generate() takes them) to the engine without running it; returns their
+        request ids. wait_for_completion() runs them; a generate() before that runs them too (their outputs
+        wait)."""
+        ids = self._add(prompts, sampling_params, lora_request, priority)
+        self._queued.update(dict.fromkeys(ids))
+        return ids
+
+    def wait_for_completion(self, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs every enqueued request to completion; their outputs in the order they were enqueued."""
+        if self._num_queued_running():
+            self._run(self._num_queued_running(), use_tqdm)
+        queued, self._queued = self._queued, {}
+        return [self._done.pop(i) for i in queued]   # _run put each there
+
+    def _num_queued_running(self) -> int:
+        return sum(i not in self._done for i in self._queued)
+
+    def _add(self, prompts, sampling_params, lora_request, priority) -> list[str]:
+        """Adds requests to the engine, all or none; their ids."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -68,12 +100,7 @@ class LLM:
         except Exception:
             self.engine.abort_request(ids)   # all or nothing: no half-added batch left in the engine
             raise
-        try:
-            finished = self._run(len(prompts), use_tqdm)
-        except BaseException:   # e.g. Ctrl-C: leave no request of this batch running in the engine
-            self.engine.abort_request(ids)
-            raise
-        return [finished[i] for i in ids]
+        return ids
 
     def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search, with transformers' selection rules (pagedllm/beam_search.py). Each step
@@ -173,6 +200,8 @@ class LLM:
                     if not out.finished:
                         continue
                     finished[out.request_id] = out
+                    if out.request_id in self._queued:   # enqueued: wait_for_completion() hands it out
+                        self._done[out.request_id] = out
                     num_in += len(out.prompt_token_ids)
                     num_out += sum(len(c.token_ids) for c in out.outputs)
                     elapsed = time.perf_counter() - start

@@ -209,3 +209,23 @@ def test_top_p_alone_from_candidates_samples_as_the_sort(llm, monkeypatch):
     monkeypatch.setattr(sampler, "_CANDIDATES_MAX_K", 0)
     sort = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert fast == sort and sum(held) >= len(held) // 2 > 0
+
+
+def test_enqueue_then_wait_for_completion(llm):
+    """vLLM's LLM.enqueue / wait_for_completion: requests added without running, run together later, outputs in
+    the order enqueued and equal to generate()'s; a generate() in between runs them too, and its own outputs
+    alone come back from it; a bad batch queues nothing."""
+    prompts = ["Once upon a time", "The little dog", "Lily went to", "One day"]
+    seeded = [SamplingParams(temperature=0.8, seed=i, max_tokens=12) for i in range(4)]
+    want = [o.outputs[0].text for o in llm.generate(prompts, seeded, use_tqdm=False)]
+    first = llm.enqueue(prompts[:2], seeded[:2])
+    assert llm.engine.has_unfinished_requests() and len(first) == 2
+    plain = llm.generate(prompts[2:], seeded[2:], use_tqdm=False)   # runs the queued ones too
+    assert [o.outputs[0].text for o in plain] == want[2:]
+    second = llm.enqueue(prompts[2:], seeded[2:])
+    with pytest.raises(ValueError, match="stop_token_ids"):   # the fourth fails in the engine: none stays
+        llm.enqueue(prompts, [*seeded[:3], SamplingParams(stop_token_ids=[10**6])])
+    outs = llm.wait_for_completion(use_tqdm=False)
+    assert [o.request_id for o in outs] == first + second
+    assert [o.outputs[0].text for o in outs] == want
+    assert llm.wait_for_completion(use_tqdm=False) == [] and not llm.engine.has_unfinished_requests()
