@@ -204,7 +204,9 @@ class ServerConfig:
     api_key: str | None = _f(None, "require `Authorization: Bearer KEY` on the routes that run the model "
                                    "or the tokenizer (/v1/*, /tokenize, /detokenize; default: the "
                                    "PAGEDLLM_API_KEY environment variable; unset = no key)")
-    served_model_name: str | None = _f(None, "model name in the API (default: the model argument)")
+    served_model_name: list[str] = _f([], "model name in the API (default: the model argument); several names "
+                                          "(vLLM's --served-model-name a b) all answer for the model, the first "
+                                          "names it in /metrics and /v1/models' first card", nargs="+")
     chat_template: str | None = _f(None, "chat template (a file or the template text) when the tokenizer has "
                                          "none, or to replace its own")
     return_tokens_as_token_ids: bool = _f(False, "logprobs name their tokens \"token_id:<id>\" (vLLM's flag; a "

@@ -98,9 +98,10 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
 
     @v1.get("/models")
     async def models():
-        card = {"id": ctx.model_name, "object": "model", "created": int(time.time()), "owned_by": "pagedllm",
-                "root": ctx.engine.config.model, "parent": None, "max_model_len": ctx.engine.max_model_len}
-        return {"object": "list", "data": [card, *(ctx.loras.cards() if ctx.loras is not None else [])]}
+        cards = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "pagedllm",
+                  "root": ctx.engine.config.model, "parent": None, "max_model_len": ctx.engine.max_model_len}
+                 for name in (ctx.model_name, *ctx.model_aliases)]
+        return {"object": "list", "data": [*cards, *(ctx.loras.cards() if ctx.loras is not None else [])]}
 
     app.include_router(v1)
 
@@ -231,13 +232,15 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, che
         def on_core_death(self):
             self.core_died = self.should_exit = True
 
-    metrics = ServerMetrics(server_config.served_model_name or engine_config.model)
+    names = server_config.served_model_name
+    names = [names] if isinstance(names, str) else list(names or [engine_config.model])
+    metrics = ServerMetrics(names[0])
     engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
                       heartbeat_timeout=server_config.engine_heartbeat_timeout,
                       step_timeout=server_config.engine_step_timeout,
                       on_dead=lambda: server.on_core_death(), stream_interval=server_config.stream_interval,
                       core=core, shared_waiting=shared_waiting)
-    ctx = ServingContext(engine, metrics.model_name, checks.chat_template,
+    ctx = ServingContext(engine, names[0], checks.chat_template, model_aliases=names[1:],
                          trust_request_chat_template=server_config.trust_request_chat_template,
                          return_tokens_as_token_ids=server_config.return_tokens_as_token_ids,
                          tool_call_parser=server_config.tool_call_parser,

@@ -35,6 +35,7 @@ class ServingContext:
     engine: AsyncLLM
     model_name: str
     chat_template: str | None
+    model_aliases: list[str] = field(default_factory=list)   # the other --served-model-name names
     trust_request_chat_template: bool = False   # --trust-request-chat-template: requests may bring a template
     return_tokens_as_token_ids: bool = False    # --return-tokens-as-token-ids: the requests' default
     tool_call_parser: str | None = None     # --tool-call-parser, --enable-auto-tool-choice (chat_tools.py)
@@ -74,13 +75,14 @@ class ServingContext:
 
     def check_model(self, name: str | None) -> LoRARequest | None:
         """The adapter a request's model names (None: the base model); an unknown name is vLLM's 404."""
-        if name is None or name == self.model_name:
+        if name is None or name == self.model_name or name in self.model_aliases:
             return None
         lora = self.loras.get(name) if self.loras is not None else None
         if lora is None:
             adapters = f" and {len(self.loras.adapters)} LoRA adapters (GET /v1/models)" if self.loras else ""
+            aliases = "".join(f", `{a}`" for a in self.model_aliases)
             raise APIError(404, f"The model `{shorten(name)}` does not exist (this server serves "
-                                f"`{self.model_name}`{adapters}).", "model", "model_not_found")
+                                f"`{self.model_name}`{aliases}{adapters}).", "model", "model_not_found")
         return lora
 
     def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str,

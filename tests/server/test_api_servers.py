@@ -33,6 +33,7 @@ def multi(tmp_path_factory):
     adapter = make_adapter(base, root / "rs", 0, **ADAPTERS["rs"])
     (root / "metrics").mkdir()
     server = start_server(base, str(root / "serve.log"), None, "--api-server-count", str(NUM_API), *LORA_FLAGS,
+                          "--served-model-name", "tiny-alias",   # after MODEL_NAME: a second name (vLLM's)
                           "--lora-modules", f"rs={adapter}", env={"PROMETHEUS_MULTIPROC_DIR": str(root / "metrics")})
     with serving({"multi": server}):
         yield base, adapter, server, root / "metrics"
@@ -102,12 +103,14 @@ def test_requests_spread_over_processes_and_match_offline(multi, offline):
     assert metrics["pagedllm:num_requests_running"] == 0
 
 
-def test_models_and_adapters_in_every_process(multi):
+def test_models_and_adapters_in_every_process(multi, offline):
     _, _, server, _ = multi
     for _ in range(2 * NUM_API):   # new connections: every process answers some
         with httpx.Client(base_url=server.url) as client:
             ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
-        assert ids == [MODEL_NAME, "rs"]
+        assert ids == [MODEL_NAME, "tiny-alias", "rs"]
+    # either served name is the base model
+    assert asyncio.run(_complete(server.url, "tiny-alias", PROMPTS[0], False)) == offline[MODEL_NAME, PROMPTS[0]]
 
 
 def test_stop_signal_ends_every_process_cleanly(multi):
