@@ -29,6 +29,7 @@ from pagedllm.server.chat import create_chat_completion, render_chat
 from pagedllm.server.chat_batch import BatchChatCompletionRequest, create_chat_batch
 from pagedllm.server.completions import create_completion
 from pagedllm.server.errors import APIError, error_response, install_error_handlers
+from pagedllm.server.generative_scoring import GenerativeScoringRequest, create_generative_scoring
 from pagedllm.server.launch import LoRAModulePath, ServeChecks
 from pagedllm.server.lora import ServingLoRAs, lora_routes
 from pagedllm.server.metrics import ServerMetrics
@@ -104,6 +105,10 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
         return {"object": "list", "data": [*cards, *(ctx.loras.cards() if ctx.loras is not None else [])]}
 
     app.include_router(v1)
+
+    @app.post("/generative_scoring", dependencies=keyed)
+    async def generative_scoring(req: GenerativeScoringRequest, raw_request: Request):
+        return await create_generative_scoring(ctx, req, raw_request)
 
     @app.post("/invocations", dependencies=keyed)
     async def invocations(raw_request: Request):

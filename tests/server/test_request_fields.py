@@ -350,3 +350,31 @@ def test_chat_batch_answers_each_conversation_as_the_chat_route(server):
                          ({"messages": [MESSAGES, [{"role": "user", "content": "word " * 600}]]}, "messages.1")):
         _error(_post(server, CHAT + "/batch", {**base, "messages": conversations, **extra}), param)
     wait_all_blocks_free(server)
+
+
+def test_generative_scoring_is_each_items_label_probability(server, offline_llm):
+    """vLLM 0.26's /generative_scoring: per item, the first label's probability after query + item, over the
+    labels alone (apply_softmax) or the whole vocabulary, as offline logprob_token_ids give it; item_first and token
+    id inputs; errors name the field."""
+    import math
+    tok = offline_llm.get_tokenizer()
+    labels = [300, 45, 301]
+    query, items = "Once upon a time", [" the dog", " a cat said"]
+    body = {"model": MODEL_NAME, "query": query, "items": items, "label_token_ids": labels}
+    got = _post(server, "/generative_scoring", body).json()
+    prompts = [tok.encode(query) + tok.encode(item, add_special_tokens=False) for item in items]
+    refs = offline_llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                SamplingParams(temperature=0, max_tokens=1, logprob_token_ids=labels), use_tqdm=False)
+    for d, ref in zip(got["data"], refs):
+        lps = [ref.outputs[0].logprobs[0][t].logprob for t in labels]
+        assert d["score"] == pytest.approx(math.exp(lps[0]) / sum(math.exp(lp) for lp in lps), rel=1e-4)
+    assert [d["index"] for d in got["data"]] == [0, 1] and got["usage"]["completion_tokens"] == 2
+    raw = _post(server, "/generative_scoring", {**body, "apply_softmax": False}).json()
+    assert raw["data"][0]["score"] == pytest.approx(math.exp(refs[0].outputs[0].logprobs[0][300].logprob), rel=1e-4)
+    flipped = _post(server, "/generative_scoring", {**body, "query": tok.encode(query), "item_first": True,
+                                                    "items": [tok.encode(i, add_special_tokens=False) for i in items]})
+    assert flipped.status_code == 200 and flipped.json()["usage"]["prompt_tokens"] == got["usage"]["prompt_tokens"]
+    for extra, param in (({"label_token_ids": []}, "label_token_ids"), ({"items": []}, "items"),
+                         ({"label_token_ids": [10**6]}, "label_token_ids"), ({"items": [" x" * 600]}, "items.0"),
+                         ({"query": [10**6]}, "query")):
+        _error(_post(server, "/generative_scoring", {**body, **extra}), param)
