@@ -69,8 +69,9 @@ class LLM:
 
     def wait_for_completion(self, use_tqdm: bool = True) -> list[RequestOutput]:
         """Runs every enqueued request to completion; their outputs in the order they were enqueued."""
-        if self._num_queued_running():
-            self._run(self._num_queued_running(), use_tqdm)
+        running = self._num_queued_running()
+        if running:
+            self._run(running, use_tqdm)
         queued, self._queued = self._queued, {}
         return [self._done.pop(i) for i in queued]   # _run put each there
 

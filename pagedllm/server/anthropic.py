@@ -37,7 +37,7 @@ from pydantic import Field
 
 from pagedllm.server.chat import chunk_dicts, create_chat_completion, render_chat
 from pagedllm.server.errors import APIError, bad_value
-from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict
+from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict, validated
 from pagedllm.server.serving import SSEResponse, ServingContext
 
 
@@ -196,10 +196,7 @@ def to_chat(ctx: ServingContext, req: CountTokensRequest) -> ChatCompletionReque
                                                                               "schema": out.format.schema_}}
         if out is not None and out.effort is not None:
             body["reasoning_effort"] = out.effort
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValueError as e:   # e.g. a stop sequence or a schema the chat request refuses
-        raise APIError(400, str(e).splitlines()[0], None, "invalid_value") from e
+    return validated(ChatCompletionRequest, body)
 
 
 def _chat_messages(req: CountTokensRequest) -> list[dict]:

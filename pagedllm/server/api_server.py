@@ -15,10 +15,8 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
 import pagedllm
 from pagedllm.config import EngineConfig, ServerConfig
@@ -33,7 +31,8 @@ from pagedllm.server.generative_scoring import GenerativeScoringRequest, create_
 from pagedllm.server.launch import LoRAModulePath, ServeChecks
 from pagedllm.server.lora import ServingLoRAs, lora_routes
 from pagedllm.server.metrics import ServerMetrics
-from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagedllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                     validated)
 from pagedllm.server.responses import ResponsesRequest, create_response
 from pagedllm.server.request_body import RequestBodyGuard
 from pagedllm.server.serving import ServingContext
@@ -122,10 +121,7 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
         if kind is None:
             raise APIError(400, "/invocations takes a chat completion (with messages) or a completion (with "
                                 "prompt)", None, "invalid_value")
-        try:
-            req = (ChatCompletionRequest if kind == "messages" else CompletionRequest).model_validate(body)
-        except ValidationError as e:   # named as a route's own body would be
-            raise RequestValidationError(e.errors()) from e
+        req = validated(ChatCompletionRequest if kind == "messages" else CompletionRequest, body)
         return await (create_chat_completion if kind == "messages" else create_completion)(ctx, req, raw_request)
     app.include_router(lora_routes(ctx.loras, keyed))
     app.include_router(_tokenizer_routes(ctx, keyed))

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from pagedllm.server.chat import create_chat_completion
 from pagedllm.server.errors import APIError
-from pagedllm.server.protocol import ChatCompletionRequest, ChatMessage
+from pagedllm.server.protocol import ChatCompletionRequest, ChatMessage, validated
 from pagedllm.server.serving import ServingContext
 
 _PER_CONVERSATION = ("prompt_token_ids", "prompt_logprobs", "prompt_text")
@@ -33,7 +33,7 @@ class BatchChatCompletionRequest(ChatCompletionRequest):
         for i, conversation in enumerate(self.messages):
             if not conversation:
                 raise APIError(400, f"messages.{i} is an empty conversation", f"messages.{i}", "invalid_value")
-            out.append(ChatCompletionRequest.model_validate({**body, "messages": conversation}))
+            out.append(validated(ChatCompletionRequest, {**body, "messages": conversation}))
         return out
 
 

@@ -15,7 +15,8 @@ Responses are plain dicts built in completions.py/chat.py.
 """
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.errors import APIError, shorten
@@ -36,6 +37,15 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "s
                     "repetition_detection")
 # What beam search uses besides n, max_tokens and length_penalty (vLLM's BeamSearchParams).
 _BEAM_FIELDS = ("temperature", "ignore_eos", "include_stop_str_in_output")
+
+
+def validated(cls, body: dict):
+    """cls.model_validate(body) for a request built from another (the Anthropic and Responses routes, a batch's
+    conversations, /invocations): its errors reach the client as a request body's do, naming the field."""
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from e
 
 
 class _Strict(BaseModel):

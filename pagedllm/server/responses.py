@@ -39,7 +39,7 @@ from pydantic import Field
 
 from pagedllm.server.chat import chunk_dicts, create_chat_completion
 from pagedllm.server.errors import APIError
-from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict
+from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict, validated
 from pagedllm.server.serving import SSEResponse, ServingContext
 
 
@@ -128,7 +128,7 @@ class ResponsesRequest(_Request):
     priority: int | None = None
     cache_salt: str | None = None
     request_id: str | None = None             # names the response: resp_<request_id>
-    # State and server-side features: only at the values that ask for none (refuse_unsupported)
+    # State and server-side features: only at the values that ask for none (unsupported(): _Request's 400)
     store: bool | None = None
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
@@ -146,27 +146,24 @@ class ResponsesRequest(_Request):
     prompt_cache_key: str | None = None
     stream_options: dict[str, Any] | None = None
 
-    def refuse_unsupported(self):
+    def unsupported(self) -> list[tuple[str, bool, str]]:
         stateless = "nothing is stored: send the whole conversation as input"
-        for name, ok, why in (
-                ("store", not self.store, f"{stateless}, with store false"),
-                ("previous_response_id", self.previous_response_id is None, stateless),
-                ("conversation", self.conversation is None, stateless),
-                ("background", not self.background, "a response is answered in its request"),
-                ("prompt", self.prompt is None, "there are no stored prompts"),
-                ("include", set(self.include or ()) <= {_ENCRYPTED}, f"of its values only {_ENCRYPTED} is"),
-                ("truncation", self.truncation in (None, "disabled"), "a prompt past the context is a 400"),
-                ("max_tool_calls", self.max_tool_calls is None, "no built-in tools run here"),
-                ("top_logprobs", not self.top_logprobs, "use /v1/chat/completions for logprobs"),
-                ("reasoning.summary", self.reasoning is None or self.reasoning.summary is None,
-                 "the reasoning comes whole, as reasoning_text"),
-                ("text.verbosity", self.text is None or self.text.verbosity is None, "no model here takes it")):
-            if not ok:
-                raise APIError(400, f"{name} is not supported ({why})", name, "unsupported_parameter")
+        return [
+            ("store", not self.store, f"{stateless}, with store false"),
+            ("previous_response_id", self.previous_response_id is None, stateless),
+            ("conversation", self.conversation is None, stateless),
+            ("background", not self.background, "a response is answered in its request"),
+            ("prompt", self.prompt is None, "there are no stored prompts"),
+            ("include", set(self.include or ()) <= {_ENCRYPTED}, f"of its values only {_ENCRYPTED} is"),
+            ("truncation", self.truncation in (None, "disabled"), "a prompt past the context is a 400"),
+            ("max_tool_calls", self.max_tool_calls is None, "no built-in tools run here"),
+            ("top_logprobs", not self.top_logprobs, "use /v1/chat/completions for logprobs"),
+            ("reasoning.summary", self.reasoning is None or self.reasoning.summary is None,
+             "the reasoning comes whole, as reasoning_text"),
+            ("text.verbosity", self.text is None or self.text.verbosity is None, "no model here takes it")]
 
 
 async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_request: Request):
-    req.refuse_unsupported()
     answer = await create_chat_completion(ctx, to_chat(req), raw_request)
     head = _head(req, f"resp_{req.request_id or uuid.uuid4().hex}", req.model or ctx.model_name)
     encrypted = _ENCRYPTED in (req.include or ())
@@ -207,10 +204,7 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
         body["reasoning_effort"] = req.reasoning.effort
     if req.stream:
         body["stream_options"] = {"include_usage": True}
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValueError as e:
-        raise APIError(400, str(e).splitlines()[0], None, "invalid_value") from e
+    return validated(ChatCompletionRequest, body)
 
 
 def _messages(req: ResponsesRequest) -> list[dict]:
