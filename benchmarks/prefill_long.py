@@ -8,7 +8,7 @@ CUDA events), attention TFLOP/s (causal: only visible (query, key) pairs count) 
 peak, and its relative error against pagedllm's Triton kernel. --probe also times library kernels on
 contiguous or gathered K/V (PyTorch's SDPA backends and its varlen flash / cuDNN ops) to pick a path.
 --chunks replays W4's prefill rows in the engine's order (one layer): Triton alone against the cuDNN path with
-its plans pre-built (or, --no-prebuild, built as new shapes come).
+its plan pre-built (or, --no-prebuild, built at the first long row).
 """
 import argparse
 import sys
@@ -100,27 +100,27 @@ def probe(batch, rows, hq, hkv, scale, ref, report):
         report("aten cudnn varlen, gathered", cudnn_varlen(k, v), ref)
 
 
-def plan_builds():
-    """cuDNN builds an execution plan per new shape: the first call of a shape against the next."""
-    from pagedllm.attention.cudnn_prefill import _cudnn
-    for causal in (True, False):
-        for n in (1000, 3000, 5000, 7000, 9001):
-            q = torch.randn(n, 16, 128, device="cuda", dtype=torch.bfloat16)
-            k = torch.randn(n + 2000 * (not causal), 8, 128, device="cuda", dtype=torch.bfloat16)
-            times = []
-            for _ in range(2):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                _cudnn(q, k, k, 0.1, causal=causal)
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t) * 1e3)
-            print(f"cudnn plan causal={causal} L={n}: first {times[0]:.1f} ms, second {times[1]:.2f} ms")
+def chunked_rows(num_prompts: int = 32, prompt_len: int = 30000, budget: int = 16384,
+                 output_len: int = 256) -> list[tuple[int, int]]:
+    """(query_len, context) of each prefill row as the scheduler cuts W4 (the defaults): running requests first
+    (a decoding one takes a token of the budget a step), then waiting prompts in order, budget tokens a step."""
+    left, decoding, rows = [prompt_len] * num_prompts, [0] * num_prompts, []
+    while any(left):
+        budget_left = budget - sum(d > 0 for d in decoding)
+        decoding = [max(d - 1, 0) for d in decoding]
+        for i in range(num_prompts):
+            if left[i] and budget_left > 0:
+                n = min(left[i], budget_left)
+                rows.append((n, prompt_len - left[i]))
+                left[i] -= n
+                budget_left -= n
+                decoding[i] = 0 if left[i] else output_len - 1
+    return rows
 
 
 def chunk_sequence(prebuild: bool):
-    """W4's prefill rows in the engine's order (cudnn_shapes.chunked_rows), one layer of Qwen3-0.6B heads, bf16:
-    the Triton kernel alone, then the cuDNN path twice (the first pass builds the plans not pre-built)."""
-    from pagedllm.attention.cudnn_shapes import RowSplit, chunked_rows
+    """W4's prefill rows in the engine's order (chunked_rows), one layer of Qwen3-0.6B heads, bf16: the Triton
+    kernel alone, then the cuDNN path twice (the first pass builds the plan if it was not pre-built)."""
     from pagedllm.attention.metadata import AttentionMetadata
     rows, hq, hkv, dim, block_size = chunked_rows(output_len=1), 16, 8, 128, 16
     cache = torch.randn(2, 32768 // block_size, block_size, hkv, dim, device="cuda", dtype=torch.bfloat16)
@@ -140,7 +140,6 @@ def chunk_sequence(prebuild: bool):
         return time.perf_counter() - start
 
     tflop = attention_flops([(c + n, n) for n, c in rows], hq, dim) / 1e12
-    shapes = {s for n, c in rows if n >= cudnn_prefill.LONG_QUERY_LEN for s in RowSplit(n, c).shapes()}
     cudnn_prefill.ENABLED = False
     run_all()                                   # compiles the Triton kernels
     triton_s = run_all()
@@ -151,7 +150,7 @@ def chunk_sequence(prebuild: bool):
         plans = cudnn_prefill.prebuild_plans(hq, hkv, dim, torch.bfloat16, torch.device("cuda"), 16384, 32768)
         build_s = time.perf_counter() - start
     first, second = run_all(), run_all()
-    print(f"W4 chunks, 1 layer: {len(rows)} rows, {len(shapes)} cuDNN shapes, {tflop:.1f} TFLOP | triton "
+    print(f"W4 chunks, 1 layer: {len(rows)} rows, {tflop:.1f} TFLOP | triton "
           f"{triton_s * 1e3:.0f} ms ({tflop / triton_s:.0f} TFLOP/s) | cudnn prebuilt {plans} plans in {build_s:.1f} s,"
           f" first pass {first * 1e3:.0f} ms, second {second * 1e3:.0f} ms ({tflop / second:.0f} TFLOP/s)")
 
@@ -159,13 +158,10 @@ def chunk_sequence(prebuild: bool):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", action="store_true", help="also time library kernels")
-    parser.add_argument("--plans", action="store_true", help="time cuDNN's plan builds for new shapes, then stop")
     parser.add_argument("--chunks", action="store_true", help="replay W4's prefill rows (one layer), then stop")
     parser.add_argument("--no-prebuild", action="store_true", help="--chunks without pre-building the plans")
     parser.add_argument("--only", default="", help="comma-separated words: run only cases whose name has one")
     args = parser.parse_args()
-    if args.plans:
-        return plan_builds()
     if args.chunks:
         return chunk_sequence(prebuild=not args.no_prebuild)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}")
@@ -179,7 +175,6 @@ def main():
                 print(f"flash impl {impl}: activated")
             except Exception as e:
                 print(f"flash impl {impl}: {repr(e)[:120]}")
-        plan_builds()
     for name, rows, hq, hkv, head_dim in cases():
         if args.only and not any(word in name for word in args.only.split(",")):
             continue

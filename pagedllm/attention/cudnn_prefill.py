@@ -1,31 +1,33 @@
-"""Long prompt rows through cuDNN's fused attention (PyTorch's SDPA cuDNN backend): FA3-class speed on Hopper.
+"""Long prompt rows through cuDNN's fused attention on Hopper: one call a row, one execution plan for all rows.
 
-H200, bf16, causal, Qwen3-0.6B heads (benchmarks/prefill_long.py): cuDNN 550 / 619 / 575 TFLOP/s at 8k / 16k /
-32k tokens, the Triton prefill kernel 324 / 337 / 355 (its paged gathers keep it off TMA and warp-specialized
-pipelines). So a row with at least LONG_QUERY_LEN new tokens, in a step that runs eagerly, goes to cuDNN:
+H200, bf16, causal, Qwen3-0.6B heads (benchmarks/prefill_long.py, cudnn_graph_prefill.py): cuDNN 550-578
+TFLOP/s on rows of 8k-16k new tokens after 0-24k cached ones, the Triton prefill kernel 324-370 (its paged
+gathers keep it off TMA and warp-specialized pipelines). So a row with at least LONG_QUERY_LEN new tokens, in a
+step that runs eagerly, goes to cuDNN:
 
-    K/V of its context and new tokens are gathered from the paged cache into one contiguous buffer (by slot)
-    queries are padded, and the row is cut into calls of a few fixed shapes (cudnn_shapes.py): a causal
-    "square" (its own tokens and the context past the last multiple of 4096) and context pieces of 8192 /
-    4096 keys (no mask), each with its log-sum-exp, merged into out (_merge)
+    the K/V of its context and new tokens are gathered from the paged cache into contiguous rows (by slot; an
+    fp8 cache's widened to q's dtype, exact for e4m3), and one cuDNN call attends the row's queries to them,
+    causal from the bottom right (new token j sees the C cached keys and new keys 0..j), into the row's out
 
-The Triton prefill kernel skips these rows (it reads the same threshold). Steps inside CUDA graphs keep the
-Triton kernels (the routing is a host decision; graphs replay one).
+The call is built with cuDNN's graph API (nvidia-cudnn-frontend): q, out, K and V are declared as packed rows
+(ragged offsets) of fixed maxima, max_num_batched_tokens queries and max_model_len keys, with the row's lengths
+read on the device. So one plan serves every row, and the work follows the row's own lengths. With aten's SDPA
+(top-left causal only, a plan for each shape, 55-70 ms to build) a row had to be cut into pieces of a fixed set
+of shapes whose parts were merged: 52 plans to build at start-up for W4's limits, merges and padded pairs.
 
-Why fixed shapes: cuDNN builds an execution plan for every new (query, key) shape, 55-70 ms each on the H200
-(1.3 s for the first), and chunked prefill brings new shapes nearly every step: with one call per exact shape
-W4-prefill took 12.65 s against 11.60 s with Triton only (W4: 20.4 against 18.3), though each call ran at
-560-610 TFLOP/s once planned. Now the shapes a step budget and max_model_len can produce are a fixed set (52
-for W4: 16384 tokens a step, max_model_len 32768), each built once at start-up (prebuild_plans: ~3 s there
-at ~60 ms a plan, after cuDNN's own 1.3 s for its first).
-Shorter rows lose even when planned (host cost per call: fresh 4k prompts 205 TFLOP/s against the Triton
-kernel's 310; it wins from 8k fresh, or 2k new tokens after 28k cached).
+Measured on an H100 (2026-12-05, cuDNN 9.19, frontend 1.22.1, benchmarks/cudnn_graph_prefill.py): a single row
+runs at about the speed of the cut-and-merged calls (523-551 TFLOP/s against 525-552 on rows of 8k-16k new
+tokens; a plan built for the row's exact shape would run 5-10% faster, but every shape would need one). What
+one call a row saves is the rest: W4's prefill rows replayed on one layer (prefill_long.py --chunks) 231 ms
+against 237; W4-prefill 8.52 s against 8.87, W4 18.51 against 18.83; the plan builds in 0.1 s, where the 52
+took 5.8 s. Memcheck finds no access outside a row's own buffers.
 
-Measured with plans pre-built (H200, 2026-12-03): W4-prefill 8.87 s against 11.43 s with Triton only, W4 15.84
-against 18.36; start-up +4.6 s (52 plans in 3.1 s). A step routes rows only when one has MIN_PAIRS+ (query, key)
-pairs, so W1-W3 (prompts up to 2k) never take the path, and no plan is built unless max_model_len can reach it.
-PAGEDLLM_CUDNN_PREFILL: 1 on, 0 off, unset: DEFAULT_ON (on).
-cuDNN's plan cache is per thread: plans are pre-built by the thread that builds the runner, which runs its steps.
+The softmax scale is part of a plan: start-up builds head_dim ** -0.5's; another scale (a model's own, or an
+fp8 cache's k_scale folded in) gets its plan at its first long row (0.05-0.1 s, once).
+A step routes rows only when one has MIN_PAIRS+ (query, key) pairs, so W1-W3 (prompts up to 2k) never take the
+path. Steps inside CUDA graphs keep the Triton kernels (the routing is a host decision; graphs replay one).
+PAGEDLLM_CUDNN_PREFILL: 1 on, 0 off, unset: DEFAULT_ON (on). Without the frontend package or off Hopper, every
+row stays on the Triton kernels.
 """
 import functools
 import logging
@@ -35,7 +37,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagedllm.attention.cudnn_shapes import RowSplit, reachable_shapes
 from pagedllm.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger("pagedllm")
@@ -43,10 +44,11 @@ logger = logging.getLogger("pagedllm")
 DEFAULT_ON = True         # the path with PAGEDLLM_CUDNN_PREFILL unset (Hopper, bf16/fp16, head 64/128 only)
 LONG_QUERY_LEN = 1024     # rows with fewer new tokens stay on the Triton kernel (measured: see the module doc)
 # ... and so do steps without a row of at least this many (query, key) pairs (new tokens x seq_len). Measured on
-# the H200 (planned calls): fresh 4k and 1k after 15k (16M pairs) lose to the Triton kernel (205 / 298 against
-# 310 / 330 TFLOP/s), fresh 8k and 2k after 28k (60M+) win (461 / 458 against 319 / 339). W1-W3 never get here.
+# the H200 (aten's cuDNN calls): fresh 4k and 1k after 15k (16M pairs) lost to the Triton kernel, fresh 8k and 2k
+# after 28k (60M+) won. W1-W3 never get here.
 MIN_PAIRS = 1 << 25
 NEVER = 1 << 30           # the Triton kernel's threshold when no row is routed here
+MIN_MAXIMA = 1 << 14      # the plan's maxima when no limits were given (prebuild_plans): powers of two from this
 
 
 def read_switch(value: str | None) -> bool:
@@ -58,6 +60,7 @@ def read_switch(value: str | None) -> bool:
 
 
 ENABLED = read_switch(os.environ.get("PAGEDLLM_CUDNN_PREFILL"))   # read once: threshold() runs every layer
+_limits: list[int] = [0, 0]   # (queries, keys) of the plans prebuild_plans built: the engine's limits
 
 
 def threshold(q: torch.Tensor, meta: AttentionMetadata) -> int:
@@ -70,18 +73,17 @@ def threshold(q: torch.Tensor, meta: AttentionMetadata) -> int:
 
 
 @dataclass
-class _RowPlan:
-    """What every layer of a step reads the same for one row: its split, the cache slots of its keys, and the
-    query rows of its padded buffer."""
-    split: RowSplit
-    slots: torch.Tensor
-    query_rows: torch.Tensor
+class _RowCall:
+    """What every layer of a step reads the same for one row: the cache slots of its keys, and its lengths and
+    ragged offsets on the device (queries, keys, then the offsets [0, end] of its q / out rows and of its K/V)."""
+    slots: torch.Tensor     # (seq_len,) int64
+    lens: torch.Tensor      # (6,) int32
 
 
 @dataclass
 class _Route:
     threshold: int
-    rows: dict[int, _RowPlan] = field(default_factory=dict)   # by row index, built at the step's first layer
+    rows: dict[int, _RowCall] = field(default_factory=dict)   # by row index, built at the step's first layer
 
 
 _memo: list = [None, None]    # (the step's metadata, its _Route): held, so that its id is not reused
@@ -102,130 +104,147 @@ def _step_threshold(meta: AttentionMetadata) -> int:
 def attend(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
            long_query_len: int, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Writes out[] for every row with at least long_query_len new tokens. An fp8 cache: the gathered K/V are
-    converted to q's dtype (exact for e4m3), k_scale goes into cuDNN's scale and v_scale into the merge."""
-    starts, seq_lens, plans = meta.query_start_loc_cpu, meta.seq_lens_cpu, _route(meta).rows
+    widened to q's dtype (exact), k_scale goes into cuDNN's scale and v_scale onto the row's output."""
+    starts, seq_lens, calls = meta.query_start_loc_cpu, meta.seq_lens_cpu, _route(meta).rows
+    num_heads, (num_kv_heads, head_dim) = q.shape[1], kv_cache.shape[3:]
     for i, seq_len in enumerate(seq_lens):
         start, end = starts[i], starts[i + 1]
         if end - start >= long_query_len:
-            plan = plans.get(i)
-            if plan is None:
-                plan = plans[i] = _row_plan(end - start, seq_len, meta.block_tables[i], kv_cache.shape[2])
-            _attend_row(q[start:end], out[start:end], kv_cache, plan, scale * k_scale, v_scale)
+            call = calls.get(i)
+            if call is None:
+                call = calls[i] = _row_call(end - start, seq_len, meta.block_tables[i], kv_cache.shape[2],
+                                            num_heads * head_dim, num_kv_heads * head_dim)
+            _attend_row(q[start:end], out[start:end], kv_cache, call, scale * k_scale, v_scale)
 
 
-def _row_plan(query_len: int, seq_len: int, block_table: torch.Tensor, block_size: int) -> _RowPlan:
-    split = RowSplit(query_len, seq_len - query_len)
-    # Key i of the gathered K/V is position i; those past seq_len repeat the last key: the square's dummy keys
-    # (read only by dummy query rows), with no read outside the row's blocks.
-    pos = torch.arange(split.context_big + split.square, device=block_table.device).clamp_(max=seq_len - 1)
+def _row_call(query_len: int, seq_len: int, block_table: torch.Tensor, block_size: int, q_row: int,
+              kv_row: int) -> _RowCall:
+    pos = torch.arange(seq_len, device=block_table.device)
     slots = block_table.long()[pos // block_size] * block_size + pos % block_size
-    # Query row i of the buffer is real query i - lead; rows outside [lead, lead + L) repeat an end one.
-    rows = (torch.arange(split.query_rows, device=block_table.device) - split.lead).clamp_(0, query_len - 1)
-    return _RowPlan(split, slots, rows)
+    lens = torch.tensor([query_len, seq_len, 0, query_len * q_row, 0, seq_len * kv_row], dtype=torch.int32)
+    return _RowCall(slots, lens.pin_memory().to(block_table.device, non_blocking=True))
 
 
-def _attend_row(q, out, kv_cache, plan: _RowPlan, scale: float, v_scale: float) -> None:
-    split, query_len = plan.split, q.shape[0]
-    lead, square = split.lead, split.square
+def _attend_row(q, out, kv_cache, call: _RowCall, scale: float, v_scale: float) -> None:
     num_kv_heads, head_dim = kv_cache.shape[3:]
     fp8 = kv_cache.dtype == torch.float8_e4m3fn   # gathered as bytes, then widened: half the gather's reads
     kv = (kv_cache.view(torch.uint8) if fp8 else kv_cache).view(2, -1, num_kv_heads, head_dim)
-    kv = kv.index_select(1, plan.slots)
+    kv = kv.index_select(1, call.slots)
     k, v = (kv.view(torch.float8_e4m3fn).to(q.dtype) if fp8 else kv).unbind(0)
-    queries = q.index_select(0, plan.query_rows)
-    ctx = split.context_big
-    o, lse = _cudnn(queries[:square], k[ctx:ctx + square], v[ctx:ctx + square], scale, causal=True)
-    parts = [(o[lead:lead + query_len], lse[:, lead:lead + query_len])]
-    piece_queries = queries[lead:lead + split.padded_query_len]
-    for first, n in split.pieces:
-        o, lse = _cudnn(piece_queries, k[first:first + n], v[first:first + n], scale, causal=False)
-        parts.append((o[:query_len], lse[:, :query_len]))
-    _merge(out, parts, v_scale)
+    _cudnn(q.contiguous(), k, v, out, call.lens, scale)
+    if v_scale != 1.0:
+        out.mul_(v_scale)
 
 
-def _cudnn(q, k, v, scale: float, causal: bool):
-    """q (L, Hq, D), k and v (S, Hkv, D), rows contiguous -> out (L, Hq, D), lse (Hq, L) float32 (natural log).
-    The log-sum-exp is asked for by every call, so that one plan serves a shape with or without context."""
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, True,
-        0.0, causal, False, scale=scale)
-    return res[0][0].transpose(0, 1), res[1].reshape(q.shape[1], q.shape[0])
+def _cudnn(q, k, v, out, lens, scale: float) -> None:
+    """out (L, Hq, D) = causal (bottom-right) attention of q (L, Hq, D) over k, v (S, Hkv, D), all contiguous
+    rows; lens as _RowCall's. The plan's maxima: the engine's limits, or powers of two that hold the row."""
+    (num_queries, num_heads, head_dim), (num_keys, num_kv_heads, _) = q.shape, k.shape
+    q_max, kv_max = _limits
+    if num_queries > q_max or num_keys > kv_max:
+        q_max, kv_max = (max(MIN_MAXIMA, 1 << (n - 1).bit_length()) for n in (num_queries, num_keys))
+    graph, workspace = _plan(q.dtype, num_heads, num_kv_heads, head_dim, q_max, kv_max, scale, q.device)
+    ws = torch.empty(workspace, dtype=torch.uint8, device=q.device)
+    graph.execute({_Q: q, _K: k, _V: v, _O: out, _SEQ_Q: lens[0:1], _SEQ_KV: lens[1:2], _RAGGED_Q: lens[2:4],
+                   _RAGGED_KV: lens[4:6]}, ws, handle=_handle(q.device))
 
 
-def _merge(out: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], v_scale: float = 1.0) -> None:
-    """out (L, H, D) = v_scale x attention over the union of the parts' disjoint key sets, from each part's
-    normalized output (L, H, D) and log-sum-exp (H, L); fp32 accumulation, one rounding, no host sync. On CUDA
-    one merge kernel a part after the first (an fp32 accumulator between them); the torch fold elsewhere."""
-    if len(parts) == 1:
-        out.copy_(parts[0][0] if v_scale == 1.0 else parts[0][0].float() * v_scale)
-    elif not out.is_cuda:
-        _merge_torch(out, parts, v_scale)
-    else:   # W4's chunks after a 28k context: 5 parts; the torch fold took ~6 kernels a part
-        acc, acc_lse = parts[0]
-        if len(parts) > 2:   # the parts between the first and the last fold into an fp32 accumulator
-            buf = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-            buf_lse = torch.empty(acc_lse.shape, dtype=torch.float32, device=out.device)
-        for o, lse in parts[1:-1]:
-            _merge_two(buf, acc, acc_lse, o, lse, lse_out=buf_lse)
-            acc, acc_lse = buf, buf_lse
-        _merge_two(out, acc, acc_lse, *parts[-1], v_scale)
+_Q, _K, _V, _O, _SEQ_Q, _SEQ_KV, _RAGGED_Q, _RAGGED_KV = range(1, 9)   # the graph's tensor ids
 
 
-def _merge_torch(out, parts, v_scale: float = 1.0) -> None:
-    """Folds the parts in one at a time (only one part's output besides the fp32 sum is held at once)."""
-    acc, acc_lse = parts[0][0].float(), parts[0][1]
-    for o, lse in parts[1:]:
-        top = torch.maximum(acc_lse, lse)
-        w_acc, w_new = torch.exp(acc_lse - top), torch.exp(lse - top)
-        total = w_acc + w_new
-        acc.mul_((w_acc / total).t()[..., None]).addcmul_(o, (w_new / total).t()[..., None])
-        acc_lse = top + torch.log(total)
-    out.copy_(acc if v_scale == 1.0 else acc.mul_(v_scale))
+@functools.cache
+def _plan(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, q_max: int, kv_max: int,
+          scale: float, device: torch.device):
+    """cuDNN's graph for rows of up to q_max queries and kv_max keys, its plan built; and its workspace bytes."""
+    cudnn = _frontend()
+    io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
+    f32, i32 = cudnn.data_type.FLOAT, cudnn.data_type.INT32
+    g = cudnn.pygraph(handle=_handle(device), io_data_type=io, intermediate_data_type=f32, compute_data_type=f32)
+
+    def layout(n, heads):     # (1, heads, n, head_dim) as packed rows: token-major, heads inside
+        return {"dim": [1, heads, n, head_dim], "stride": [n * heads * head_dim, head_dim, heads * head_dim, 1]}
+
+    def ints(name, uid, n):
+        return g.tensor(name=name, dim=[n, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=uid)
+    q = g.tensor(name="q", **layout(q_max, num_heads), data_type=io, uid=_Q)
+    k = g.tensor(name="k", **layout(kv_max, num_kv_heads), data_type=io, uid=_K)
+    v = g.tensor(name="v", **layout(kv_max, num_kv_heads), data_type=io, uid=_V)
+    ragged_q, ragged_kv = ints("ragged_q", _RAGGED_Q, 2), ints("ragged_kv", _RAGGED_KV, 2)
+    q.set_ragged_offset(ragged_q)
+    k.set_ragged_offset(ragged_kv)
+    v.set_ragged_offset(ragged_kv)
+    o = g.sdpa(name="prefill", q=q, k=k, v=v, generate_stats=False, attn_scale=scale, use_padding_mask=True,
+               seq_len_q=ints("seq_len_q", _SEQ_Q, 1), seq_len_kv=ints("seq_len_kv", _SEQ_KV, 1),
+               diagonal_alignment=cudnn.diagonal_alignment.BOTTOM_RIGHT, diagonal_band_right_bound=0,
+               compute_data_type=f32)[0]   # (out, stats): no stats asked for
+    out = layout(q_max, num_heads)
+    o.set_output(True).set_dim(out["dim"]).set_stride(out["stride"]).set_data_type(io).set_uid(_O)
+    o.set_ragged_offset(ragged_q)
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    return g, max(g.get_workspace_size(), 1)
 
 
-def _merge_two(out, a, lse_a, b, lse_b, v_scale: float = 1.0, lse_out: torch.Tensor | None = None) -> None:
-    from pagedllm.attention.kernels.merge_states import merge_states_kernel   # CUDA only: the CPU imports no triton
-    num_tokens, num_heads, head_dim = out.shape
-    lse_o = lse_a if lse_out is None else lse_out   # not written without WRITE_LSE
-    merge_states_kernel[(num_tokens, num_heads)](
-        out, a, b, lse_a, lse_b, lse_o, float(v_scale), out.stride(0), out.stride(1), a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), lse_a.stride(0), lse_b.stride(0), lse_o.stride(0),
-        HEAD_DIM=head_dim, HEAD_PAD=1 << (head_dim - 1).bit_length(), WRITE_LSE=lse_out is not None, num_warps=1)
+def _handle(device: torch.device):
+    """The device's cuDNN handle, bound to torch's current stream (steps run on one thread at a time)."""
+    handle = _handles(device)
+    _frontend().set_stream(handle=handle, stream=torch.cuda.current_stream(device).cuda_stream)
+    return handle
+
+
+@functools.cache
+def _handles(device: torch.device):
+    with torch.cuda.device(device):
+        return _frontend().create_handle()
+
+
+@functools.cache
+def _frontend():
+    """cuDNN's Python frontend (nvidia-cudnn-frontend), or None where it is not installed."""
+    try:
+        import cudnn
+    except ImportError as e:
+        logger.warning("cuDNN prefill off: nvidia-cudnn-frontend does not import (%s)", e)
+        return None
+    return cudnn
 
 
 @torch.inference_mode()
 def prebuild_plans(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                    max_num_batched_tokens: int, max_model_len: int) -> int:
-    """Builds cuDNN's plan of every call shape the engine's limits can produce (one dummy call each), so that
-    no step pays for one; returns their number (0: the path is off for this model or these limits)."""
+    """Builds the plan every row of the engine's limits uses (and runs it once), so that no step pays for it;
+    returns the number of plans built (0: the path is off for this model or these limits)."""
     global ENABLED
     if not _usable(dtype, head_dim, device):
         return 0
-    shapes = sorted(reachable_shapes(LONG_QUERY_LEN, max_num_batched_tokens, max_model_len))
-    if not shapes or min(max_num_batched_tokens, max_model_len) * max_model_len < MIN_PAIRS:   # no row gets here
+    q_max = min(max_num_batched_tokens, max_model_len)
+    if q_max < LONG_QUERY_LEN or q_max * max_model_len < MIN_PAIRS:   # no row gets here
+        return 0
+    if max(q_max * num_q_heads, max_model_len * num_kv_heads) * head_dim >= 1 << 31:   # int32 ragged offsets
+        ENABLED = False
+        logger.warning("cuDNN prefill off: %d tokens x %d heads x %d overflow its int32 offsets", max_model_len,
+                       num_kv_heads, head_dim)
         return 0
     start = time.perf_counter()
+    _limits[:] = [q_max, max_model_len]
     try:
-        _build(shapes, num_q_heads, num_kv_heads, head_dim, dtype, device)
-    except RuntimeError as e:       # a shape cuDNN refuses: the Triton kernel keeps every row
+        n = LONG_QUERY_LEN
+        q = torch.zeros(n, num_q_heads, head_dim, dtype=dtype, device=device)
+        kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
+        lens = torch.tensor([n, n, 0, n * num_q_heads * head_dim, 0, n * num_kv_heads * head_dim],
+                            dtype=torch.int32, device=device)
+        _cudnn(q, kv, kv, torch.empty_like(q), lens, head_dim ** -0.5)
+        torch.cuda.synchronize(device)
+    except Exception as e:       # cuDNN refuses the graph (an old backend): the Triton kernel keeps every row
         ENABLED = False
-        logger.warning("cuDNN prefill off: building its plans failed: %s", str(e).splitlines()[0][:300])
+        logger.warning("cuDNN prefill off: building its plan failed: %s", str(e).splitlines()[0][:300])
         return 0
-    logger.info("cuDNN prefill: %d plans built in %.1f s (rows of %d+ new tokens, budget %d, max_model_len %d)",
-                len(shapes), time.perf_counter() - start, LONG_QUERY_LEN, max_num_batched_tokens, max_model_len)
-    return len(shapes)
-
-
-def _build(shapes, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-    queries = torch.zeros(max(n for _, n, _ in shapes), num_q_heads, head_dim, dtype=dtype, device=device)
-    keys = torch.zeros(max(n for _, _, n in shapes), num_kv_heads, head_dim, dtype=dtype, device=device)
-    for causal, n, num_keys in shapes:
-        o, lse = _cudnn(queries[:n], keys[:num_keys], keys[:num_keys], head_dim ** -0.5, causal)
-    for lead in (0, 1):     # the merge kernels (two parts; four: the fold), for a square's LSE view aligned or not
-        square, piece = (o[lead:], lse[:, lead:]), (o[lead:], lse[:, :n - lead])
-        _merge(queries[lead:n], [square, piece])
-        _merge(queries[lead:n], [square, piece, piece, piece])
-    torch.cuda.synchronize(device)
+    logger.info("cuDNN prefill: plan built in %.2f s (rows of %d+ new tokens, up to %d queries and %d keys)",
+                time.perf_counter() - start, LONG_QUERY_LEN, q_max, max_model_len)
+    return 1
 
 
 def _usable(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
@@ -236,4 +255,4 @@ def _usable(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
 @functools.cache
 def _cudnn_on_hopper(device: torch.device) -> bool:
     """Measured on sm_90 only; elsewhere the Triton kernel stays."""
-    return torch.cuda.get_device_capability(device)[0] == 9 and torch.backends.cuda.cudnn_sdp_enabled()
+    return torch.cuda.get_device_capability(device)[0] == 9 and _frontend() is not None

@@ -434,8 +434,8 @@ class ModelRunner:
 
     # ---- start-up: memory profile, cuDNN plans and CUDA graphs --------------------------------------------
     def _prebuild_cudnn_plans(self, hf_config) -> None:
-        """Long prompt rows go to cuDNN (attention/cudnn_prefill.py) in calls of a fixed set of shapes: their
-        plans are built now, in the thread that will run the steps (cuDNN's plan cache is per thread)."""
+        """Long prompt rows go to cuDNN (attention/cudnn_prefill.py), one call a row of a plan that serves every
+        row up to the engine's limits: built now, so that no step pays for it."""
         from pagedllm.attention import cudnn_prefill
         cudnn_prefill.prebuild_plans(hf_config.num_attention_heads // self.tp.size, self.num_kv_heads,
                                      self.head_dim, self.dtype, self.device,
