@@ -12,13 +12,18 @@ L new tokens after C cached ones:
     dense      K/V gathered contiguous, one call, bottom-right causal, the row's exact shape (a plan per shape)
     dense_thd  dense with q, out and K/V declared as packed rows (ragged offsets) of fixed maxima, the lengths
                on the device: one plan for every row (what cudnn_prefill.py now does)
+    override   one plan built at the maxima with shape overrides enabled, run at the row's exact shapes
+               (execute_plan_at_index with override_shapes): whether it keeps dense's 5-10% over dense_thd.
+               NOT RUN YET (written after session 37's last GPU call)
 
 Measured before on the H200 (first call, 2026-12-05, cuDNN 9.19, frontend 1.22.0), TFLOP/s for 16k fresh / 13,616
 after 16k / 8k after 24k / 2,768 fresh / 2k after 28k: shipped 542 / 532 / 540 / 233 / 457, dense 551 / 567 /
 550 / 292 / 506. Dropped variants: "padded" (fixed maxima and device lengths, no ragged offsets) 523 / 451 / 279
 / 54 / 78: without ragged offsets the work follows the declared query maximum; "paged" (K/V read through the
 block table, page 16) 444 / 391 / 239 / 43 / 62, and with ragged q ("paged_thd") 498 / 508 / 506 / 295 / 493:
-reading pages of 16 tokens costs ~10% against gathered rows.
+reading pages of 16 tokens costs ~10% against gathered rows. Second call (H100, 22998b2's path as "shipped" was
+then aten's): dense_thd 523 / 533 / 524 / 258 / 453 against shipped 525 / 531 / 534 / 250 / 459 and dense 552 /
+561 / 580 / 290 / 489: packed rows run at the old calls' speed, exact shapes 5-10% faster.
 
 Each output is checked against float32 attention on 64 sampled query rows. Times: do_bench medians; TFLOP/s
 counts the row's real (query, key) pairs, 4 x pairs x heads x head_dim.
@@ -55,11 +60,12 @@ def handle():
 
 
 def build(hq, hkv, d, s_q, s_kv, q_stride, k_dims, k_stride, scale, lengths: bool, pages: int = 0,
-          ragged: bool = False, ragged_kv: bool = False):
+          ragged: bool = False, ragged_kv: bool = False, override: bool = False):
     """A forward graph: q (1, hq, s_q, d) at q_stride, K/V k_dims at k_stride (a page pool when pages),
     bottom-right causal, out at q's layout. Returns (graph, workspace bytes, seconds to build)."""
     t = time.perf_counter()
-    g = cudnn.pygraph(handle=handle(), io_data_type=BF16, intermediate_data_type=F32, compute_data_type=F32)
+    g = cudnn.pygraph(handle=handle(), io_data_type=BF16, intermediate_data_type=F32, compute_data_type=F32,
+                      **({"is_override_shape_enabled": True} if override else {}))
     q = g.tensor(name="q", dim=[1, hq, s_q, d], stride=list(q_stride), data_type=BF16, uid=Q)
     k = g.tensor(name="k", dim=list(k_dims), stride=list(k_stride), data_type=BF16, uid=K)
     v = g.tensor(name="v", dim=list(k_dims), stride=list(k_stride), data_type=BF16, uid=V)
@@ -162,6 +168,28 @@ def case(hq, hkv, d, L, ctx, plans, q_max=Q_MAX, kv_max=KV_MAX, timed=True):
             print(f"  {'':10s} of which the K/V gather {gather_ms:.3f} ms")
         except Exception as e:
             print(f"  dense      failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+    # dense_override: one plan built at the maxima with shape overrides allowed, run at the row's exact shapes
+    try:
+        key = ("dense_override", hq, hkv, d, q_max, kv_max)
+        if key not in plans:
+            plans[key] = build(hq, hkv, d, q_max, kv_max, (q_max * hq * d, d, hq * d, 1), (1, hkv, kv_max, d),
+                               (kv_max * hkv * d, d, hkv * d, 1), scale, lengths=False, override=True)
+        g, ws, secs = plans[key]
+        work = torch.empty(max(ws, 1), device="cuda", dtype=torch.uint8)
+        out_o = torch.empty_like(q)
+        q_shape, kv_shape = [1, hq, L, d], [1, hkv, s, d]
+        q_st, kv_st = [L * hq * d, d, hq * d, 1], [s * hkv * d, d, hkv * d, 1]
+
+        def dense_override():
+            torch.index_select(flat, 1, slots, out=k_g)
+            g.execute_plan_at_index({Q: q, K: k_g[0], V: k_g[1], O: out_o}, work, 0, handle=handle(),
+                                    override_uids=[Q, K, V, O], override_shapes=[q_shape, kv_shape, kv_shape, q_shape],
+                                    override_strides=[q_st, kv_st, kv_st, q_st])
+        report("override", dense_override, out_o, f"(plan {secs * 1e3:.0f} ms, once)")
+    except Exception as e:
+        print(f"  override   failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        traceback.print_exc(limit=3)
 
     # dense_thd: q, out and the gathered K/V as packed rows (ragged offsets, in elements) of fixed maxima,
     # the lengths on the device: one plan for every row; nothing is allocated past the row's own tokens
