@@ -225,6 +225,10 @@ class ServerConfig:
                                           "vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S: /health 503, requests fail")
     stream_interval: int = _f(1, "streamed responses send a chunk every this many tokens (the first token and the "
                                  "last at once); 1: a chunk for each engine step, as it ends (vLLM's)")
+    responses_store: int = _f(0, "how many /v1/responses answers to keep for requests with store: true (the last "
+                                 "N, in memory): previous_response_id continues one, GET and DELETE "
+                                 "/v1/responses/{id} read and remove one; 0: store true is a 400 (vLLM: "
+                                 "VLLM_ENABLE_RESPONSES_API_STORE=1, which keeps every one)")
     api_server_count: int = _f(1, "API processes serving HTTP on the one port, all in front of one engine core "
                                   "(vLLM's flag): more when one process's HTTP, tokenizing and streaming work cannot "
                                   "keep up with the engine")
@@ -283,6 +287,10 @@ class ServerConfig:
                "an integer >= 1 (tokens per streamed chunk)", self.stream_interval)
         _check(isinstance(self.api_server_count, int) and 1 <= self.api_server_count <= 64, "api_server_count",
                "an integer in [1, 64]", self.api_server_count)
+        _check(isinstance(self.responses_store, int) and self.responses_store >= 0, "responses_store",
+               "an integer >= 0", self.responses_store)
+        _check(self.responses_store == 0 or self.api_server_count == 1, "responses_store",
+               "0 with api_server_count > 1 (each API process would keep its own responses)", self.responses_store)
 
 
 def _check(ok: bool, name: str, limit: str, value):

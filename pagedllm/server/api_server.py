@@ -33,7 +33,8 @@ from pagedllm.server.lora import ServingLoRAs, lora_routes
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                      validated)
-from pagedllm.server.responses import ResponsesRequest, create_response
+from pagedllm.server.response_store import ResponseStore
+from pagedllm.server.responses import ResponsesRequest, create_response, stored_response
 from pagedllm.server.request_body import RequestBodyGuard
 from pagedllm.server.serving import ServingContext
 
@@ -87,6 +88,19 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
     @v1.post("/responses")
     async def responses(req: ResponsesRequest, raw_request: Request):
         return await create_response(ctx, req, raw_request)
+
+    @v1.get("/responses/{response_id}")
+    async def retrieve_response(response_id: str, stream: bool = False):
+        if stream:
+            raise APIError(400, "a stored response is retrieved whole: there are no background responses to "
+                           "stream here", "stream", "unsupported_parameter")
+        return stored_response(ctx, response_id).response
+
+    @v1.delete("/responses/{response_id}")
+    async def delete_response(response_id: str):
+        stored_response(ctx, response_id)
+        ctx.responses.delete(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     @v1.post("/messages")
     async def messages(req: MessagesRequest, raw_request: Request):
@@ -246,7 +260,9 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, che
                          return_tokens_as_token_ids=server_config.return_tokens_as_token_ids,
                          tool_call_parser=server_config.tool_call_parser,
                          reasoning_parser=server_config.reasoning_parser,
-                         enable_auto_tool_choice=server_config.enable_auto_tool_choice)
+                         enable_auto_tool_choice=server_config.enable_auto_tool_choice,
+                         responses=ResponseStore(server_config.responses_store) if server_config.responses_store
+                         else None)
     if engine_config.enable_lora:
         ctx.loras = ServingLoRAs(engine, ctx.model_name)
     api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None

@@ -1,6 +1,6 @@
 """POST /v1/responses: OpenAI's Responses API, which vLLM 0.26 serves beside chat completions (the openai SDK's
-`client.responses`, and the agents built on it). Stateless, and a chat completion underneath: the request
-becomes a ChatCompletionRequest, and its answer, or its stream of chunks, becomes a Response, or its events.
+`client.responses`, and the agents built on it). A chat completion underneath: the request becomes a
+ChatCompletionRequest, and its answer, or its stream of chunks, becomes a Response, or its events.
 
     instructions, input            ->  a system message, then the input: a string is the user's message;
                                        message items (user / system / developer / assistant; input_text and
@@ -18,9 +18,14 @@ becomes a ChatCompletionRequest, and its answer, or its stream of chunks, become
 A stream is the Responses events: response.created, response.in_progress, then for each item
 output_item.added, its content_part.added, deltas (output_text / reasoning_text / function_call_arguments),
 their .done events and output_item.done, then response.completed (or response.incomplete); each with its
-sequence_number. Nothing is stored: store true, previous_response_id, conversation, background, prompt,
-include (but reasoning.encrypted_content, below), truncation auto, max_tool_calls, top_logprobs and
-reasoning.summary are a 400 naming the field, as are
+sequence_number.
+
+State: with --responses-store N the server keeps the last N responses asked to be stored (store true, with the
+conversation each ended: response_store.py); previous_response_id continues one (its messages, less system ones:
+instructions do not carry over, then the new instructions and input), and GET / DELETE /v1/responses/{id} read
+and remove one. A response no longer kept is a 404 naming it. Without the flag store true is a 400 (vLLM
+silently stores nothing). conversation, background, prompt, include (but reasoning.encrypted_content, below),
+truncation auto, max_tool_calls, top_logprobs and reasoning.summary are a 400 naming the field, as are
 tools other than functions and input other than text. No-ops: metadata (echoed), user, service_tier,
 safety_identifier, prompt_cache_key, stream_options. vLLM's additions pass to the chat request as they are: top_k,
 seed, stop, logit_bias, presence / frequency / repetition penalties, ignore_eos, skip_special_tokens,
@@ -28,6 +33,7 @@ include_stop_str_in_output, structured_outputs, include_reasoning, chat_template
 request_id names the response (resp_<request_id>).
 """
 import base64
+import copy
 import json
 import time
 import uuid
@@ -40,6 +46,7 @@ from pydantic import Field
 from pagedllm.server.chat import chunk_dicts, create_chat_completion
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict, validated
+from pagedllm.server.response_store import StoredResponse
 from pagedllm.server.serving import SSEResponse, ServingContext
 
 
@@ -128,9 +135,9 @@ class ResponsesRequest(_Request):
     priority: int | None = None
     cache_salt: str | None = None
     request_id: str | None = None             # names the response: resp_<request_id>
-    # State and server-side features: only at the values that ask for none (unsupported(): _Request's 400)
-    store: bool | None = None
+    store: bool | None = None                   # kept with --responses-store (create_response)
     previous_response_id: str | None = None
+    # Server-side features: only at the values that ask for none (unsupported(): _Request's 400)
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
     prompt: dict[str, Any] | None = None
@@ -147,11 +154,9 @@ class ResponsesRequest(_Request):
     stream_options: dict[str, Any] | None = None
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
-        stateless = "nothing is stored: send the whole conversation as input"
         return [
-            ("store", not self.store, f"{stateless}, with store false"),
-            ("previous_response_id", self.previous_response_id is None, stateless),
-            ("conversation", self.conversation is None, stateless),
+            ("conversation", self.conversation is None, "there are no stored conversations: send the "
+             "conversation as input, or continue a stored response with previous_response_id"),
             ("background", not self.background, "a response is answered in its request"),
             ("prompt", self.prompt is None, "there are no stored prompts"),
             ("include", set(self.include or ()) <= {_ENCRYPTED}, f"of its values only {_ENCRYPTED} is"),
@@ -164,14 +169,53 @@ class ResponsesRequest(_Request):
 
 
 async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_request: Request):
-    answer = await create_chat_completion(ctx, to_chat(req), raw_request)
+    if req.store and ctx.responses is None:
+        raise APIError(400, "store true needs a server that keeps responses (pagedllm serve --responses-store N); "
+                       "send the whole conversation as input, with store false", "store", "unsupported_parameter")
+    history = []
+    if req.previous_response_id is not None:
+        history = [m for m in stored_response(ctx, req.previous_response_id, "previous_response_id").messages
+                   if m["role"] != "system"]      # instructions do not carry over
+    messages = _messages(req, copy.deepcopy(history))
+    answer = await create_chat_completion(ctx, to_chat(req, messages), raw_request)
     head = _head(req, f"resp_{req.request_id or uuid.uuid4().hex}", req.model or ctx.model_name)
     encrypted = _ENCRYPTED in (req.include or ())
+
+    def keep(response: dict) -> None:
+        if req.store:
+            ctx.responses.put(StoredResponse(response, messages + [_as_message(response["output"])]))
     if isinstance(answer, SSEResponse):
-        return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head, encrypted))
+        return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head, encrypted, keep))
     if isinstance(answer, Response):   # the client left
         return answer
-    return to_response(answer, head, encrypted)
+    response = to_response(answer, head, encrypted)
+    keep(response)
+    return response
+
+
+def stored_response(ctx: ServingContext, response_id: str, param: str = "response_id") -> StoredResponse:
+    found = ctx.responses.get(response_id) if ctx.responses is not None else None
+    if found is None:
+        kept = (f"this server keeps the last {ctx.responses.capacity} stored" if ctx.responses is not None else
+                "this server keeps no responses (pagedllm serve --responses-store N)")
+        raise APIError(404, f"response {response_id!r} not found: {kept}", param, "not_found")
+    return found
+
+
+def _as_message(output: list[dict]) -> dict:
+    """A response's output items as the assistant message a later turn's conversation holds."""
+    message: dict[str, Any] = {"role": "assistant", "content": None}
+    for item in output:
+        if item["type"] == "reasoning" and item["content"]:
+            message["reasoning"] = item["content"][0]["text"]
+        elif item["type"] == "message":
+            message["content"] = "".join(part["text"] for part in item["content"])
+        elif item["type"] == "function_call":
+            message.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": {
+                "name": item["name"], "arguments": item["arguments"]}})
+    if message["content"] is None and "tool_calls" not in message:
+        message["content"] = ""
+    return message
 
 
 # Fields of the same name and meaning in a chat request
@@ -180,8 +224,9 @@ _SAME = ("temperature", "top_p", "parallel_tool_calls", "top_k", "seed", "stop",
          "structured_outputs", "include_reasoning", "chat_template_kwargs", "priority", "cache_salt")
 
 
-def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
-    body: dict[str, Any] = {"model": req.model, "messages": _messages(req), "stream": req.stream}
+def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
+    """The chat request of req, whose conversation is messages (_messages)."""
+    body: dict[str, Any] = {"model": req.model, "messages": messages, "stream": req.stream}
     for ours, theirs in (("max_tokens", "max_output_tokens"), *((f, f) for f in _SAME)):
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)
@@ -207,8 +252,10 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     return validated(ChatCompletionRequest, body)
 
 
-def _messages(req: ResponsesRequest) -> list[dict]:
+def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
+    """The conversation: the instructions as a system message, the history (a stored response's), the input."""
     messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    messages += history
     if not req.input:
         raise APIError(400, "input must not be empty", "input", "invalid_value")
     if isinstance(req.input, str):
@@ -283,9 +330,10 @@ def _head(req: ResponsesRequest, response_id: str, model: str) -> dict:
     return {"id": response_id, "object": "response", "created_at": int(time.time()), "status": "in_progress",
             "error": None, "incomplete_details": None, "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens, "model": model, "output": [],
-            "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
-            "store": False, "temperature": req.temperature, "text": {"format": fmt or {"type": "text"}},
+            "store": bool(req.store), "temperature": req.temperature, "text": {"format": fmt or {"type": "text"}},
             "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, FunctionChoice)
                             else req.tool_choice or "auto"),
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []], "top_p": req.top_p,
@@ -347,9 +395,10 @@ def _event(data: dict) -> str:
     return f"event: {data['type']}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _events(chunks, head: dict, encrypted: bool = False):
+async def _events(chunks, head: dict, encrypted: bool = False, keep=lambda response: None):
     """The chat stream's chunks as the Responses events. One output item is open at a time: a reasoning item
-    while reasoning comes, a message while content does, a function_call from a call's first delta."""
+    while reasoning comes, a message while content does, a function_call from a call's first delta. keep gets
+    the final response before its event is sent (a stream cut short keeps nothing)."""
     sequence = 0
     output: list[dict] = []
     open_item = None   # (kind, item id, text so far, call id, name) of the item being streamed
@@ -441,5 +490,6 @@ async def _events(chunks, head: dict, encrypted: bool = False):
         yield e
     final = _finished(head, output, finish_reason, usage or {"prompt_tokens": 0, "completion_tokens": 0,
                                                               "total_tokens": 0})
+    keep(final)
     yield event({"type": "response.incomplete" if final["status"] == "incomplete" else "response.completed",
                  "response": final})

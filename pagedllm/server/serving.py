@@ -26,6 +26,7 @@ from pagedllm.server.batch_encoder import BatchEncoder
 from pagedllm.server.beam_search import beam_search_stream, check_beam_search
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.lora import ServingLoRAs
+from pagedllm.server.response_store import ResponseStore
 
 DONE = "data: [DONE]\n\n"
 
@@ -42,6 +43,7 @@ class ServingContext:
     enable_auto_tool_choice: bool = False
     reasoning_parser: str | None = None     # --reasoning-parser (reasoning.py)
     loras: ServingLoRAs | None = None       # --enable-lora: the adapters served by name (server/lora.py)
+    responses: ResponseStore | None = None  # --responses-store: /v1/responses kept for store true
     startup_error: str | None = None        # why the app's start-up failed (a bad --lora-modules adapter)
     # One thread, as vLLM's: tokenizing a long text takes seconds (~0.7 s a MB), which on the event loop
     # would stall every stream and /health; HF fast tokenizers release the GIL while they work.

@@ -10,7 +10,8 @@ from server.server_utils import (API_KEY, CHAT_TEMPLATE, EDGE_API_KEY, EDGE_MAX_
 
 @pytest.fixture(scope="session")
 def servers(tiny_model_dirs, tmp_path_factory):
-    """"main": API key from PAGEDLLM_API_KEY, a chat template (and requests' own), tool_choice auto (hermes);
+    """"main": API key from PAGEDLLM_API_KEY, a chat template (and requests' own), tool_choice auto (hermes), the
+    last 3 stored /v1/responses kept;
     "small": API key from --api-key, one running sequence and a waiting queue of one, for the 503, speculative
     decoding (the model as its own draft: every proposal accepted), logprobs' tokens named by id; "edge": what
     faces hostile clients (HTTPS with a self-signed certificate where openssl exists, CORS, a root path, a 1 MiB
@@ -24,6 +25,7 @@ def servers(tiny_model_dirs, tmp_path_factory):
                                     "--chat-template", str(template), "--trust-request-chat-template",
                                     "--enable-auto-tool-choice",
                                     "--tool-call-parser", "hermes",
+                                    "--responses-store", "3",
                                     # the first compile (xgrammar's tokenizer info) once passed 30 s while the
                                     # three servers started on two shared cores
                                     "--structured-outputs-compile-timeout", "120"),

@@ -1,7 +1,9 @@
 """OpenAI's Responses API (/v1/responses, as vLLM 0.26 serves it) through the official openai client: the output
 is the chat completion of the same conversation, the SDK's stream accumulation (which checks every event's item
 ids and indexes) gives the same response, a forced function call and its output round-trip, text.format holds;
-state and built-in features are 400s naming the field."""
+stored responses (the main server keeps the last 3) continue by previous_response_id as the whole conversation
+would, are read back and deleted; built-in features, and state on a server that keeps none, are errors naming the
+field."""
 import json
 
 import httpx
@@ -94,9 +96,8 @@ def test_text_format_json_schema(client):
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"store": True}, "store"),
-    ({"previous_response_id": "resp_123"}, "previous_response_id"),
     ({"background": True}, "background"),
+    ({"conversation": "conv_1"}, "conversation"),
     ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
      "input.0.content.0"),
@@ -109,6 +110,75 @@ def test_unsupported_fields_are_400s_naming_them(server, extra, param):
     body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, **extra}
     r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_stored_responses_continue_are_read_and_deleted(client):
+    """previous_response_id continues a stored response's conversation (its instructions do not carry over): the
+    same answer and prompt as the whole conversation sent as input; a stored response reads back as it was sent,
+    streamed ones too; deleted, or pushed out by 3 newer ones, it is a 404 naming the id."""
+    kw = dict(model=MODEL_NAME, max_output_tokens=8, temperature=0)
+    first = client.responses.create(instructions=INSTRUCTIONS, input=STORY, store=True, **kw)
+    assert first.store is True and client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    follow = client.responses.create(input="And then?", previous_response_id=first.id, store=True, **kw)
+    whole = client.responses.create(input=[{"role": "user", "content": STORY},
+                                           {"role": "assistant", "content": first.output_text},
+                                           {"role": "user", "content": "And then?"}], **kw)
+    assert follow.previous_response_id == first.id and follow.output_text == whole.output_text
+    assert follow.usage.input_tokens == whole.usage.input_tokens
+    with client.responses.stream(input="More.", previous_response_id=follow.id, store=True, **kw) as stream:
+        streamed = list(stream)[-1].response    # response.incomplete: cut at max_output_tokens
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    unstored = client.responses.create(input="More.", previous_response_id=follow.id, **kw)
+    assert unstored.output_text == streamed.output_text and unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    client.responses.delete(first.id)
+    for call in (lambda: client.responses.retrieve(first.id),
+                 lambda: client.responses.create(input="x", previous_response_id=first.id, **kw)):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert first.id in e.value.message
+    for _ in range(2):   # follow, streamed, then two more: follow is the oldest of four, and the store keeps 3
+        client.responses.create(input="x", store=True, **kw)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(follow.id)
+    assert client.responses.retrieve(streamed.id).id == streamed.id
+
+
+def test_function_call_output_continues_a_stored_response(client):
+    """A forced call stored, then only its output sent with previous_response_id: the answer the whole
+    conversation gets (the call is the assistant's tool_calls in the stored conversation)."""
+    question = "What is the weather in Paris?"
+    kw = dict(model=MODEL_NAME, temperature=0, tools=[WEATHER])
+    called = client.responses.create(input=question, max_output_tokens=80, tool_choice={
+        "type": "function", "name": "get_weather"}, parallel_tool_calls=False, store=True, **kw)
+    [call] = [o for o in called.output if o.type == "function_call"]
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+    answer = client.responses.create(input=[result], previous_response_id=called.id, max_output_tokens=6,
+                                     tool_choice="none", **kw)
+    whole = client.responses.create(input=[
+        {"role": "user", "content": question},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        result], max_output_tokens=6, tool_choice="none", **kw)
+    assert answer.usage.input_tokens == whole.usage.input_tokens and answer.output_text == whole.output_text
+
+
+@pytest.mark.parametrize("method,path,body,status,param", [
+    ("POST", "/v1/responses", {"store": True}, 400, "store"),
+    ("POST", "/v1/responses", {"previous_response_id": "resp_123"}, 404, "previous_response_id"),
+    ("GET", "/v1/responses/resp_123", None, 404, "response_id"),
+    ("DELETE", "/v1/responses/resp_123", None, 404, "response_id"),
+])
+def test_state_on_a_server_that_keeps_no_responses(edge, method, path, body, status, param):
+    json_body = None if body is None else {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, **body}
+    r = httpx.request(method, edge.url + path, json=json_body, headers=edge.headers, verify=edge.verify, timeout=60)
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    assert "--responses-store" in r.json()["error"]["message"]
+
+
+def test_retrieve_refuses_stream(server):
+    r = httpx.get(server.url + "/v1/responses/resp_x?stream=true", headers=server.headers, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
 
 
 def test_vllms_sampling_additions_pass_to_the_chat_request(client, server):

@@ -124,6 +124,7 @@ def test_cli_takes_server_lists_as_json(monkeypatch):
 @pytest.mark.parametrize("kwargs, field", [
     ({"ssl_keyfile": "k.pem"}, "ssl_keyfile"), ({"root_path": "llm"}, "root_path"),
     ({"max_request_body_bytes": 0}, "max_request_body_bytes"), ({"allowed_origins": "*"}, "allowed_origins"),
+    ({"responses_store": -1}, "responses_store"), ({"responses_store": 5, "api_server_count": 2}, "responses_store"),
 ])
 def test_server_config_checks_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

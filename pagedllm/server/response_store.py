@@ -1,0 +1,29 @@
+"""The answers of /v1/responses kept for `store: true` (`--responses-store N`): the last N, in this API process's
+memory, each with the conversation it ended, so that a later request's previous_response_id continues it and GET /
+DELETE /v1/responses/{id} find it. When full, the oldest goes first: a request that names it then gets a 404 that
+says so. vLLM keeps every stored response and never frees one (VLLM_ENABLE_RESPONSES_API_STORE); N bounds memory."""
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass
+class StoredResponse:
+    response: dict          # the Response as it was sent
+    messages: list[dict]    # the chat messages it answered, then its output as one assistant message (and tools')
+
+
+class ResponseStore:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def put(self, stored: StoredResponse) -> None:
+        self._items[stored.response["id"]] = stored
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        return self._items.get(response_id)
+
+    def delete(self, response_id: str) -> bool:
+        return self._items.pop(response_id, None) is not None
