@@ -34,7 +34,7 @@ from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                      validated)
 from pagedllm.server.response_store import ResponseStore
-from pagedllm.server.responses import ResponsesRequest, create_response, stored_response
+from pagedllm.server.responses import ResponsesRequest, cancel_response, create_response, stored_response
 from pagedllm.server.request_body import RequestBodyGuard
 from pagedllm.server.serving import ServingContext
 
@@ -96,9 +96,15 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
                            "stream here", "stream", "unsupported_parameter")
         return stored_response(ctx, response_id).response
 
+    @v1.post("/responses/{response_id}/cancel")
+    async def cancel(response_id: str):
+        return await cancel_response(ctx, response_id)
+
     @v1.delete("/responses/{response_id}")
     async def delete_response(response_id: str):
         stored_response(ctx, response_id)
+        if response_id in ctx.responses.running:   # a background response at work stops first
+            await cancel_response(ctx, response_id)
         ctx.responses.delete(response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 

@@ -24,7 +24,9 @@ State: with --responses-store N the server keeps the last N responses asked to b
 conversation each ended: response_store.py); previous_response_id continues one (its messages, less system ones:
 instructions do not carry over, then the new instructions and input), and GET / DELETE /v1/responses/{id} read
 and remove one. A response no longer kept is a 404 naming it. Without the flag store true is a 400 (vLLM
-silently stores nothing). conversation, background, prompt, include (but reasoning.encrypted_content, below),
+silently stores nothing). background true (with store true, not streamed) answers at once with the response
+queued and runs it detached from the HTTP request: GET reads it in progress, then completed, incomplete or
+failed; POST /v1/responses/{id}/cancel stops it. conversation, prompt, include (but reasoning.encrypted_content, below),
 truncation auto, max_tool_calls, top_logprobs and reasoning.summary are a 400 naming the field, as are
 tools other than functions and input other than text. No-ops: metadata (echoed), user, service_tier,
 safety_identifier, prompt_cache_key, stream_options. vLLM's additions pass to the chat request as they are: top_k,
@@ -32,6 +34,7 @@ seed, stop, logit_bias, presence / frequency / repetition penalties, ignore_eos,
 include_stop_str_in_output, structured_outputs, include_reasoning, chat_template_kwargs, priority, cache_salt;
 request_id names the response (resp_<request_id>).
 """
+import asyncio
 import base64
 import copy
 import json
@@ -137,9 +140,9 @@ class ResponsesRequest(_Request):
     request_id: str | None = None             # names the response: resp_<request_id>
     store: bool | None = None                   # kept with --responses-store (create_response)
     previous_response_id: str | None = None
+    background: bool | None = None
     # Server-side features: only at the values that ask for none (unsupported(): _Request's 400)
     conversation: str | dict[str, Any] | None = None
-    background: bool | None = None
     prompt: dict[str, Any] | None = None
     include: list[str] | None = None
     truncation: str | None = None
@@ -157,7 +160,6 @@ class ResponsesRequest(_Request):
         return [
             ("conversation", self.conversation is None, "there are no stored conversations: send the "
              "conversation as input, or continue a stored response with previous_response_id"),
-            ("background", not self.background, "a response is answered in its request"),
             ("prompt", self.prompt is None, "there are no stored prompts"),
             ("include", set(self.include or ()) <= {_ENCRYPTED}, f"of its values only {_ENCRYPTED} is"),
             ("truncation", self.truncation in (None, "disabled"), "a prompt past the context is a 400"),
@@ -176,14 +178,26 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     if req.previous_response_id is not None:
         history = [m for m in stored_response(ctx, req.previous_response_id, "previous_response_id").messages
                    if m["role"] != "system"]      # instructions do not carry over
+    if req.background and not req.store:
+        raise APIError(400, "background needs store true: the response is read back with GET /v1/responses/{id}",
+                       "background", "invalid_value")
+    if req.background and req.stream:
+        raise APIError(400, "a background response is not streamed here: read it with GET /v1/responses/{id}",
+                       "stream", "unsupported_parameter")
     messages = _messages(req, copy.deepcopy(history))
-    answer = await create_chat_completion(ctx, to_chat(req, messages), raw_request)
+    chat = to_chat(req, messages)
     head = _head(req, f"resp_{req.request_id or uuid.uuid4().hex}", req.model or ctx.model_name)
     encrypted = _ENCRYPTED in (req.include or ())
 
     def keep(response: dict) -> None:
         if req.store:
             ctx.responses.put(StoredResponse(response, messages + [_as_message(response["output"])]))
+    if req.background:
+        queued = {**head, "status": "queued"}
+        ctx.responses.put(StoredResponse(queued, messages))
+        ctx.responses.running[head["id"]] = asyncio.ensure_future(_run_detached(ctx, chat, head, encrypted, keep))
+        return queued
+    answer = await create_chat_completion(ctx, chat, raw_request)
     if isinstance(answer, SSEResponse):
         return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head, encrypted, keep))
     if isinstance(answer, Response):   # the client left
@@ -191,6 +205,42 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     response = to_response(answer, head, encrypted)
     keep(response)
     return response
+
+
+async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, head: dict, encrypted: bool, keep):
+    """A background response's work: the chat completion, then the response kept as it ended (completed,
+    incomplete, failed with the error, or cancelled)."""
+    response_id = head["id"]
+    ctx.responses.set_status(response_id, "in_progress")
+    try:
+        answer = await create_chat_completion(ctx, chat, _Detached())
+        keep(to_response(answer, head, encrypted))
+    except asyncio.CancelledError:
+        ctx.responses.set_status(response_id, "cancelled")
+        raise
+    except APIError as e:
+        ctx.responses.set_status(response_id, "failed", {"code": e.code or "invalid_request", "message": e.message})
+    except Exception as e:   # the engine's error: the response failed, the server goes on
+        ctx.responses.set_status(response_id, "failed", {"code": "server_error", "message": str(e)})
+    finally:
+        ctx.responses.running.pop(response_id, None)
+
+
+class _Detached:
+    """A background response's stand-in for its HTTP request, which until_disconnect watches: it never leaves."""
+    async def receive(self):
+        await asyncio.Event().wait()
+
+
+async def cancel_response(ctx: ServingContext, response_id: str) -> dict:
+    stored = stored_response(ctx, response_id)
+    task = ctx.responses.running.get(response_id)
+    if task is None:
+        raise APIError(400, f"response {response_id!r} is {stored.response['status']}: only a background response "
+                       "still running can be cancelled", "response_id", "invalid_value")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)   # its engine requests aborted, its status cancelled
+    return stored_response(ctx, response_id).response
 
 
 def stored_response(ctx: ServingContext, response_id: str, param: str = "response_id") -> StoredResponse:
@@ -331,7 +381,7 @@ def _head(req: ResponsesRequest, response_id: str, model: str) -> dict:
             "error": None, "incomplete_details": None, "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens, "model": model, "output": [],
             "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": req.previous_response_id,
+            "previous_response_id": req.previous_response_id, "background": bool(req.background),
             "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
             "store": bool(req.store), "temperature": req.temperature, "text": {"format": fmt or {"type": "text"}},
             "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, FunctionChoice)

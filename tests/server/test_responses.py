@@ -5,12 +5,13 @@ stored responses (the main server keeps the last 3) continue by previous_respons
 would, are read back and deleted; built-in features, and state on a server that keeps none, are errors naming the
 field."""
 import json
+import time
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from server.server_utils import MODEL_NAME
+from server.server_utils import MODEL_NAME, wait_all_blocks_free
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather of a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -96,7 +97,6 @@ def test_text_format_json_schema(client):
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"background": True}, "background"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
@@ -163,11 +163,40 @@ def test_function_call_output_continues_a_stored_response(client):
     assert answer.usage.input_tokens == whole.usage.input_tokens and answer.output_text == whole.output_text
 
 
+def test_background_responses_run_detached_and_cancel(client, server):
+    """background: the response comes back queued, runs on, and reads back ended as the same request in the
+    foreground would; a long one cancelled ends cancelled, its engine request aborted; the refusals."""
+    kw = dict(model=MODEL_NAME, input=STORY, max_output_tokens=8, temperature=0)
+    queued = client.responses.create(background=True, store=True, **kw)
+    assert queued.status == "queued" and queued.background is True and queued.output == []
+    deadline = time.monotonic() + 60
+    while (done := client.responses.retrieve(queued.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    foreground = client.responses.create(**kw)
+    assert done.status == foreground.status == "incomplete" and done.output_text == foreground.output_text
+    long = client.responses.create(background=True, store=True, **{**kw, "max_output_tokens": 400},
+                                   extra_body={"ignore_eos": True})
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and client.responses.retrieve(long.id).status == "cancelled"
+    assert wait_all_blocks_free(server)["pagedllm:kv_cache_usage_perc"] == 0.0
+    for body, param in (({"background": True, "store": True}, "response_id"), ({"background": True}, "background"),
+                        ({"background": True, "store": True, "stream": True}, "stream")):
+        if param == "response_id":
+            r = httpx.post(f"{server.url}/v1/responses/{queued.id}/cancel", headers=server.headers, timeout=30)
+        else:
+            r = httpx.post(server.url + "/v1/responses", json={"model": MODEL_NAME, "input": STORY, **body},
+                           headers=server.headers, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 @pytest.mark.parametrize("method,path,body,status,param", [
     ("POST", "/v1/responses", {"store": True}, 400, "store"),
     ("POST", "/v1/responses", {"previous_response_id": "resp_123"}, 404, "previous_response_id"),
     ("GET", "/v1/responses/resp_123", None, 404, "response_id"),
     ("DELETE", "/v1/responses/resp_123", None, 404, "response_id"),
+    ("POST", "/v1/responses/resp_123/cancel", None, 404, "response_id"),
+    ("POST", "/v1/responses", {"background": True, "store": True}, 400, "store"),
 ])
 def test_state_on_a_server_that_keeps_no_responses(edge, method, path, body, status, param):
     json_body = None if body is None else {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, **body}
