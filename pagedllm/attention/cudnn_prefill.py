@@ -131,9 +131,12 @@ def _attend_row(q, out, kv_cache, call: _RowCall, scale: float, v_scale: float) 
     kv = (kv_cache.view(torch.uint8) if fp8 else kv_cache).view(2, -1, num_kv_heads, head_dim)
     kv = kv.index_select(1, call.slots)
     k, v = (kv.view(torch.float8_e4m3fn).to(q.dtype) if fp8 else kv).unbind(0)
-    _cudnn(q.contiguous(), k, v, out, call.lens, scale)
+    dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    _cudnn(q.contiguous(), k, v, dst, call.lens, scale)    # packed rows in, packed rows out
     if v_scale != 1.0:
-        out.mul_(v_scale)
+        dst.mul_(v_scale)
+    if dst is not out:
+        out.copy_(dst)
 
 
 def _cudnn(q, k, v, out, lens, scale: float) -> None:
