@@ -26,8 +26,11 @@ instructions do not carry over, then the new instructions and input), and GET / 
 and remove one. A response no longer kept is a 404 naming it. Without the flag store true is a 400 (vLLM
 silently stores nothing). background true (with store true, not streamed) answers at once with the response
 queued and runs it detached from the HTTP request: GET reads it in progress, then completed, incomplete or
-failed; POST /v1/responses/{id}/cancel stops it. conversation, prompt, include (but reasoning.encrypted_content, below),
-truncation auto, max_tool_calls, top_logprobs and reasoning.summary are a 400 naming the field, as are
+failed; POST /v1/responses/{id}/cancel stops it. include message.output_text.logprobs (with top_logprobs, as
+vLLM) puts the chat answer's logprobs on the output text, for answers that are only text (no tools, no
+--reasoning-parser: a 400 naming include). conversation, prompt, include's other values (but
+reasoning.encrypted_content, below), truncation auto, max_tool_calls and reasoning.summary are a 400 naming the
+field, as are
 tools other than functions and input other than text. No-ops: metadata (echoed), user, service_tier,
 safety_identifier, prompt_cache_key, stream_options. vLLM's additions pass to the chat request as they are: top_k,
 seed, stop, logit_bias, presence / frequency / repetition penalties, ignore_eos, skip_special_tokens,
@@ -161,10 +164,12 @@ class ResponsesRequest(_Request):
             ("conversation", self.conversation is None, "there are no stored conversations: send the "
              "conversation as input, or continue a stored response with previous_response_id"),
             ("prompt", self.prompt is None, "there are no stored prompts"),
-            ("include", set(self.include or ()) <= {_ENCRYPTED}, f"of its values only {_ENCRYPTED} is"),
+            ("include", set(self.include or ()) <= {_ENCRYPTED, _LOGPROBS},
+             f"of its values only {_ENCRYPTED} and {_LOGPROBS} are"),
             ("truncation", self.truncation in (None, "disabled"), "a prompt past the context is a 400"),
             ("max_tool_calls", self.max_tool_calls is None, "no built-in tools run here"),
-            ("top_logprobs", not self.top_logprobs, "use /v1/chat/completions for logprobs"),
+            ("top_logprobs", not self.top_logprobs or _LOGPROBS in (self.include or ()),
+             f"set with include {_LOGPROBS}"),
             ("reasoning.summary", self.reasoning is None or self.reasoning.summary is None,
              "the reasoning comes whole, as reasoning_text"),
             ("text.verbosity", self.text is None or self.text.verbosity is None, "no model here takes it")]
@@ -178,6 +183,12 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     if req.previous_response_id is not None:
         history = [m for m in stored_response(ctx, req.previous_response_id, "previous_response_id").messages
                    if m["role"] != "system"]      # instructions do not carry over
+    if _LOGPROBS in (req.include or ()):
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+            raise APIError(400, "top_logprobs must be in [0, 20]", "top_logprobs", "invalid_value")
+        if ctx.reasoning_parser is not None or req.tools:   # tokens would belong to other items than the text
+            raise APIError(400, f"{_LOGPROBS} is served for answers that are only text: not with tools or a "
+                           "--reasoning-parser (use /v1/chat/completions)", "include", "unsupported_parameter")
     if req.background and not req.store:
         raise APIError(400, "background needs store true: the response is read back with GET /v1/responses/{id}",
                        "background", "invalid_value")
@@ -297,6 +308,8 @@ def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionReques
             "name": fmt.name or "output", "schema": fmt.schema_, "strict": fmt.strict}}
     if req.reasoning is not None and req.reasoning.effort is not None:
         body["reasoning_effort"] = req.reasoning.effort
+    if _LOGPROBS in (req.include or ()):
+        body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
     if req.stream:
         body["stream_options"] = {"include_usage": True}
     return validated(ChatCompletionRequest, body)
@@ -352,6 +365,9 @@ def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
 # reasoning item's encrypted_content is its text in base64. Not encrypted (this server holds no secret), but
 # opaque, as the field is to a client; sent back, it is the reasoning again.
 _ENCRYPTED = "reasoning.encrypted_content"
+# include ["message.output_text.logprobs"] (vLLM's, with top_logprobs alternatives): the chat answer's logprobs,
+# each {token, logprob, bytes, top_logprobs}, on the output text (streamed: each delta's, without bytes)
+_LOGPROBS = "message.output_text.logprobs"
 
 
 def _encode_reasoning(text: str) -> str:
@@ -405,7 +421,8 @@ def to_response(chat: dict, head: dict, encrypted: bool = False) -> dict:
     if message.get("reasoning"):
         output.append(_reasoning_item(_id("rs"), message["reasoning"], encrypted=encrypted))
     if message.get("content"):
-        output.append(_message_item(_id("msg"), message["content"]))
+        output.append(_message_item(_id("msg"), message["content"],
+                                    logprobs=(choice.get("logprobs") or {}).get("content") or []))
     for call in message.get("tool_calls") or []:
         output.append(_call_item(_id("fc"), call["id"], call["function"]["name"], call["function"]["arguments"]))
     return _finished(head, output, choice["finish_reason"], chat["usage"])
@@ -423,13 +440,20 @@ def _reasoning_item(item_id: str, text: str | None, status: str = "completed", e
     return item
 
 
-def _message_item(item_id: str, text: str | None, status: str = "completed") -> dict:
+def _message_item(item_id: str, text: str | None, status: str = "completed", logprobs: list | None = None) -> dict:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [] if text is None else [_text_part(text)]}
+            "content": [] if text is None else [_text_part(text, logprobs)]}
 
 
-def _text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def _delta_logprobs(entries: list[dict]) -> list[dict]:
+    """A streamed delta's logprobs, as OpenAI's delta events carry them: no bytes."""
+    return [{"token": e["token"], "logprob": e["logprob"],
+             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]} for t in e.get("top_logprobs") or []]}
+            for e in entries]
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
@@ -452,6 +476,7 @@ async def _events(chunks, head: dict, encrypted: bool = False, keep=lambda respo
     sequence = 0
     output: list[dict] = []
     open_item = None   # (kind, item id, text so far, call id, name) of the item being streamed
+    text_logprobs: list[dict] = []   # the open message's logprobs (include message.output_text.logprobs)
     finish_reason, usage = None, None
 
     def event(data: dict) -> str:
@@ -471,19 +496,20 @@ async def _events(chunks, head: dict, encrypted: bool = False, keep=lambda respo
             events = [event({"type": "response.function_call_arguments.done", **at, "arguments": text,
                              "name": name})]
         else:
-            part = _text_part(text) if kind == "message" else {"type": "reasoning_text", "text": text}
-            item = (_message_item(item_id, text) if kind == "message"
+            part = _text_part(text, text_logprobs) if kind == "message" else {"type": "reasoning_text", "text": text}
+            item = (_message_item(item_id, text, logprobs=text_logprobs) if kind == "message"
                     else _reasoning_item(item_id, text, encrypted=encrypted))
-            done = ({"type": "response.output_text.done", "text": text, "logprobs": []} if kind == "message"
-                    else {"type": "response.reasoning_text.done", "text": text})
+            done = ({"type": "response.output_text.done", "text": text, "logprobs": _delta_logprobs(text_logprobs)}
+                    if kind == "message" else {"type": "response.reasoning_text.done", "text": text})
             events = [event({**done, **at, "content_index": 0}),
                       event({"type": "response.content_part.done", **at, "content_index": 0, "part": part})]
         output.append(item)
         return events + [event({"type": "response.output_item.done", "output_index": index, "item": item})]
 
     def open_(kind: str, call_id: str | None = None, name: str | None = None) -> list[str]:
-        nonlocal open_item
+        nonlocal open_item, text_logprobs
         events = close()
+        text_logprobs = []
         item_id = _id({"message": "msg", "reasoning": "rs", "function_call": "fc"}[kind])
         open_item = (kind, item_id, "", call_id, name)
         at = {"item_id": item_id, "output_index": len(output)}
@@ -496,8 +522,9 @@ async def _events(chunks, head: dict, encrypted: bool = False, keep=lambda respo
         return events + [event({"type": "response.output_item.added", "output_index": len(output), "item": item}),
                          event({"type": "response.content_part.added", **at, "content_index": 0, "part": part})]
 
-    def add(kind: str, text: str) -> str:
+    def add(kind: str, text: str, logprobs: list[dict] = ()) -> str:
         nonlocal open_item
+        text_logprobs.extend(logprobs)
         k, item_id, so_far, call_id, name = open_item
         open_item = (k, item_id, so_far + text, call_id, name)
         at = {"item_id": item_id, "output_index": len(output)}
@@ -505,7 +532,7 @@ async def _events(chunks, head: dict, encrypted: bool = False, keep=lambda respo
             return event({"type": "response.function_call_arguments.delta", **at, "delta": text})
         if kind == "message":
             return event({"type": "response.output_text.delta", **at, "content_index": 0, "delta": text,
-                          "logprobs": []})
+                          "logprobs": _delta_logprobs(logprobs)})
         return event({"type": "response.reasoning_text.delta", **at, "content_index": 0, "delta": text})
 
     yield event({"type": "response.created", "response": head})
@@ -520,10 +547,11 @@ async def _events(chunks, head: dict, encrypted: bool = False, keep=lambda respo
                     if open_item is None or open_item[0] != "reasoning":
                         out += open_("reasoning")
                     out.append(add("reasoning", d["reasoning"]))
-                if d.get("content"):
+                entries = (choice.get("logprobs") or {}).get("content") or []   # only text: see create_response
+                if d.get("content") or entries:
                     if open_item is None or open_item[0] != "message":
                         out += open_("message")
-                    out.append(add("message", d["content"]))
+                    out.append(add("message", d.get("content") or "", entries))
                 for call in d.get("tool_calls") or []:
                     if call.get("id") is not None:
                         out += open_("function_call", call["id"], call["function"]["name"])

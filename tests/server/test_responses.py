@@ -112,6 +112,30 @@ def test_unsupported_fields_are_400s_naming_them(server, extra, param):
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+def test_output_text_logprobs(client, server):
+    """include message.output_text.logprobs with top_logprobs: the chat answer's logprobs on the output text;
+    streamed, the deltas' join to the same (without bytes, as OpenAI's delta events); the refusals."""
+    want = _chat(server, [{"role": "user", "content": STORY}], logprobs=True, top_logprobs=2)
+    want = want["choices"][0]["logprobs"]["content"]
+    assert len(want) == 24 and all(len(e["top_logprobs"]) == 2 for e in want)
+    body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 24, "temperature": 0,
+            "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=60)
+    assert r.status_code == 200 and r.json()["output"][0]["content"][0]["logprobs"] == want, r.text
+    with client.responses.stream(**{k: v for k, v in body.items()}) as stream:
+        events = list(stream)
+    streamed = [(lp.token, lp.logprob, [(t.token, t.logprob) for t in lp.top_logprobs])
+                for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert streamed == [(e["token"], e["logprob"], [(t["token"], t["logprob"]) for t in e["top_logprobs"]])
+                        for e in want]
+    final = events[-1].response.output[0].content[0]
+    assert [lp.token for lp in final.logprobs] == [e["token"] for e in want]
+    for extra, param in (({"tools": [WEATHER]}, "include"), ({"top_logprobs": 21}, "top_logprobs"),
+                         ({"include": None}, "top_logprobs")):
+        r = httpx.post(server.url + "/v1/responses", json={**body, **extra}, headers=server.headers, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_stored_responses_continue_are_read_and_deleted(client):
     """previous_response_id continues a stored response's conversation (its instructions do not carry over): the
     same answer and prompt as the whole conversation sent as input; a stored response reads back as it was sent,
