@@ -181,8 +181,11 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
                        "send the whole conversation as input, with store false", "store", "unsupported_parameter")
     history = []
     if req.previous_response_id is not None:
-        history = [m for m in stored_response(ctx, req.previous_response_id, "previous_response_id").messages
-                   if m["role"] != "system"]      # instructions do not carry over
+        previous = stored_response(ctx, req.previous_response_id, "previous_response_id")
+        if previous.response["status"] not in ("completed", "incomplete"):   # no answer to continue from
+            raise APIError(400, f"response {req.previous_response_id!r} is {previous.response['status']}: only a "
+                           "completed or incomplete one can be continued", "previous_response_id", "invalid_value")
+        history = [m for m in previous.messages if m["role"] != "system"]   # instructions do not carry over
     if _LOGPROBS in (req.include or ()):
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be in [0, 20]", "top_logprobs", "invalid_value")

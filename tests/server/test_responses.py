@@ -203,6 +203,9 @@ def test_background_responses_run_detached_and_cancel(client, server):
                                    extra_body={"ignore_eos": True})
     cancelled = client.responses.cancel(long.id)
     assert cancelled.status == "cancelled" and client.responses.retrieve(long.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError) as e:   # no answer to continue from
+        client.responses.create(**kw, previous_response_id=long.id)
+    assert e.value.body["param"] == "previous_response_id"
     assert wait_all_blocks_free(server)["pagedllm:kv_cache_usage_perc"] == 0.0
     for body, param in (({"background": True, "store": True}, "response_id"), ({"background": True}, "background"),
                         ({"background": True, "store": True, "stream": True}, "stream")):
