@@ -73,6 +73,26 @@ def _serve(args):
     serve(EngineConfig(**engine_kwargs(args)), ServerConfig(**engine_kwargs(args, ServerConfig)))
 
 
+def _run_batch(args):
+    from pagedllm.server.run_batch import run_batch
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    counts = run_batch(EngineConfig(**engine_kwargs(args)), ServerConfig(**engine_kwargs(args, ServerConfig)),
+                       args.input_file, args.output_file)
+    print(json.dumps({"output_file": args.output_file, "by_status": counts}))
+
+
+def _add_run_batch_parser(sub):
+    run = sub.add_parser("run-batch", help="answer a JSONL file of requests in OpenAI's Batch format offline "
+                                           "(vLLM's run-batch): one output line per input line")
+    run.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="model directory (as --model)")
+    run.add_argument("-i", "--input-file", required=True, help="the requests: a JSONL file, a line each: "
+                     "custom_id, method POST, url (/v1/chat/completions, /v1/completions, /v1/responses), body")
+    run.add_argument("-o", "--output-file", required=True, help="the answers: a JSONL file, in the input's order")
+    add_config_args(run, ServerConfig, "server")
+    add_engine_args(run)
+
+
 def _add_throughput_args(parser: argparse.ArgumentParser):
     parser.add_argument("--workload", required=True, choices=WORKLOADS, help="a workload of shared/benchmarks.md")
     parser.add_argument("--engine", choices=("pagedllm", "hf"), default="pagedllm",
@@ -109,6 +129,7 @@ def main(argv=None):
     gen.add_argument("--log-level", default="WARNING")
     add_engine_args(gen)
     _add_serve_parser(sub)
+    _add_run_batch_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tput = bench.add_parser("throughput", help="offline throughput on a workload of shared/benchmarks.md; "
                                                "prints one JSON line")
@@ -124,6 +145,8 @@ def main(argv=None):
             _generate(args)
         elif args.command == "serve":
             _serve(args)
+        elif args.command == "run-batch":
+            _run_batch(args)
         elif args.bench == "throughput":
             from pagedllm.bench import throughput   # torch and the engine: not imported for serve's start
             throughput.main(args, engine_kwargs(args))

@@ -253,26 +253,9 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, che
         def on_core_death(self):
             self.core_died = self.should_exit = True
 
-    names = server_config.served_model_name
-    names = [names] if isinstance(names, str) else list(names or [engine_config.model])
-    metrics = ServerMetrics(names[0])
-    engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
-                      heartbeat_timeout=server_config.engine_heartbeat_timeout,
-                      step_timeout=server_config.engine_step_timeout,
-                      on_dead=lambda: server.on_core_death(), stream_interval=server_config.stream_interval,
-                      core=core, shared_waiting=shared_waiting)
-    ctx = ServingContext(engine, names[0], checks.chat_template, model_aliases=names[1:],
-                         trust_request_chat_template=server_config.trust_request_chat_template,
-                         return_tokens_as_token_ids=server_config.return_tokens_as_token_ids,
-                         tool_call_parser=server_config.tool_call_parser,
-                         reasoning_parser=server_config.reasoning_parser,
-                         enable_auto_tool_choice=server_config.enable_auto_tool_choice,
-                         responses=ResponseStore(server_config.responses_store) if server_config.responses_store
-                         else None)
-    if engine_config.enable_lora:
-        ctx.loras = ServingLoRAs(engine, ctx.model_name)
-    api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
-    app = build_app(ctx, metrics, server_config, api_key, checks.lora_modules)
+    app, ctx = serving_app(engine_config, server_config, checks, core, lambda: server.on_core_death(),
+                           shared_waiting)
+    engine, api_key = ctx.engine, server_config.api_key or os.environ.get(API_KEY_ENV) or None
     if index == 0:
         scheme = "https" if server_config.ssl_certfile else "http"
         count = server_config.api_server_count
@@ -287,6 +270,33 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, che
                                    timeout_graceful_shutdown=STOP_GRACE_SECONDS + 5,
                                    ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile))
     _run(server, ctx, sock)
+
+
+def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks: ServeChecks, core, on_dead,
+                shared_waiting=None) -> tuple[FastAPI, ServingContext]:
+    """The app and its context over an AsyncLLM on the core: what an API process serves, and what `pagedllm
+    run-batch` sends its requests to in process. on_dead: called when the core dies."""
+    names = server_config.served_model_name
+    names = [names] if isinstance(names, str) else list(names or [engine_config.model])
+    metrics = ServerMetrics(names[0])
+    engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
+                      heartbeat_timeout=server_config.engine_heartbeat_timeout,
+                      step_timeout=server_config.engine_step_timeout,
+                      on_dead=on_dead, stream_interval=server_config.stream_interval,
+                      core=core, shared_waiting=shared_waiting)
+    ctx = ServingContext(engine, names[0], checks.chat_template, model_aliases=names[1:],
+                         trust_request_chat_template=server_config.trust_request_chat_template,
+                         return_tokens_as_token_ids=server_config.return_tokens_as_token_ids,
+                         tool_call_parser=server_config.tool_call_parser,
+                         reasoning_parser=server_config.reasoning_parser,
+                         enable_auto_tool_choice=server_config.enable_auto_tool_choice,
+                         responses=ResponseStore(server_config.responses_store) if server_config.responses_store
+                         else None)
+    if engine_config.enable_lora:
+        ctx.loras = ServingLoRAs(engine, ctx.model_name)
+    api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
+    app = build_app(ctx, metrics, server_config, api_key, checks.lora_modules)
+    return app, ctx
 
 
 def _run(server, ctx: ServingContext, sock=None):

@@ -1,0 +1,118 @@
+"""`pagedllm run-batch -i INPUT.jsonl -o OUTPUT.jsonl MODEL`: a file of requests in OpenAI's Batch format, answered
+offline (vLLM's `vllm run-batch`).
+
+Each input line is {"custom_id", "method": "POST", "url", "body"}, url one of ROUTES. The requests go, all at once
+(up to MAX_IN_FLIGHT), to the same app `pagedllm serve` runs, in this process, so that a body means exactly what
+it means to the server and the engine batches them. Each line gets one output line, in the input's order:
+
+    {"id": "batch_req_...", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
+
+body is the answer, or the error body for a status other than 200; error is then that body's error object (vLLM
+puts its error there, OpenAI's Batch API in the body: both readers find it). A line that is not a request (bad
+JSON, no custom_id, another method or url, a streamed body) gets a 400 line naming what is wrong; nothing is
+dropped. Engine and server flags are serve's.
+"""
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from pagedllm.config import EngineConfig, ServerConfig
+
+logger = logging.getLogger("pagedllm")
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+MAX_IN_FLIGHT = 4096   # requests handed to the app at once; the engine's own limits queue the rest
+
+
+def run_batch(engine_config: EngineConfig, server_config: ServerConfig, input_file: str, output_file: str) -> dict:
+    """Answers every line of input_file into output_file; returns the count of lines by status code."""
+    from pagedllm.server.launch import check_serve_config
+    if "://" in input_file:
+        raise ValueError(f"--input-file {input_file!r}: a local file is read here, not a URL")
+    if "://" in output_file:
+        raise ValueError(f"--output-file {output_file!r}: a local file is written here, not a URL")
+    lines = Path(input_file).read_text().splitlines()   # a missing file fails before the model loads
+    checks = check_serve_config(engine_config, server_config, time.monotonic())
+    from pagedllm.engine.core_process import CoreClient
+    core = CoreClient(engine_config)
+    try:
+        return asyncio.run(_answer_all(engine_config, server_config, checks, core, lines, output_file))
+    finally:
+        core.shutdown()
+
+
+async def _answer_all(engine_config, server_config, checks, core, lines: list[str], output_file: str) -> dict:
+    import httpx
+    from tqdm import tqdm
+
+    from pagedllm.server.api_server import API_KEY_ENV, serving_app
+    died = asyncio.Event()
+    app, ctx = serving_app(engine_config, server_config, checks, core, died.set)
+    key = server_config.api_key or os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+    todo = [(i, line) for i, line in enumerate(lines) if line.strip()]
+    progress = tqdm(total=len(todo), desc="requests", unit="req", disable=len(todo) < 2)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://run-batch", headers=headers,
+            timeout=None) as client:
+
+        async def answer(number: int, line: str) -> dict:
+            async with slots:
+                out = await _answer(client, number, line)
+            progress.update()
+            return out
+        outputs = await asyncio.gather(*(answer(i + 1, line) for i, line in todo))
+    progress.close()
+    with open(output_file, "w") as f:
+        for out in outputs:
+            f.write(json.dumps(out, separators=(",", ":")) + "\n")
+    counts: dict = {}
+    for out in outputs:
+        counts[out["response"]["status_code"]] = counts.get(out["response"]["status_code"], 0) + 1
+    logger.info("run-batch: %d requests answered into %s, by status %s", len(outputs), output_file, counts)
+    if died.is_set():
+        raise RuntimeError("the engine core process died during the batch: the lines after it are errors")
+    return counts
+
+
+async def _answer(client, number: int, line: str) -> dict:
+    try:
+        request = json.loads(line)
+    except ValueError as e:
+        return _refused(None, f"line {number} is not JSON: {e}", "line")
+    if not isinstance(request, dict):
+        return _refused(None, f"line {number} is not a JSON object", "line")
+    custom_id = request.get("custom_id")
+    if not isinstance(custom_id, str):
+        return _refused(None, f"line {number}: custom_id must be a string", "custom_id")
+    if request.get("method", "POST") != "POST":
+        return _refused(custom_id, f"line {number}: method must be POST", "method")
+    if request.get("url") not in ROUTES:
+        return _refused(custom_id, f"line {number}: url must be one of {', '.join(ROUTES)}, got "
+                                   f"{request.get('url')!r}", "url")
+    body = request.get("body")
+    if not isinstance(body, dict):
+        return _refused(custom_id, f"line {number}: body must be a JSON object", "body")
+    if body.get("stream"):
+        return _refused(custom_id, f"line {number}: a batch request is answered whole: stream must be false",
+                        "body.stream")
+    response = await client.post(request["url"], json=body)
+    answer = response.json()
+    error = answer.get("error") if response.status_code != 200 else None
+    return _line(custom_id, response.status_code, answer, error)
+
+
+def _refused(custom_id: str | None, message: str, param: str) -> dict:
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_batch_line"}
+    return _line(custom_id, 400, {"error": error}, error)
+
+
+def _line(custom_id: str | None, status: int, body: dict, error: dict | None) -> dict:
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": f"batch_{uuid.uuid4().hex}", "body": body},
+            "error": error}

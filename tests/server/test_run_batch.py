@@ -1,0 +1,58 @@
+"""`pagedllm run-batch` (vLLM's run-batch, OpenAI's Batch format): one output line per input line, in order; the
+answers are the server's for the same bodies (the same app, in process); lines that are not requests, and
+requests the server refuses, are error lines naming the problem, none dropped."""
+import json
+import subprocess
+import sys
+
+import httpx
+from server.server_utils import CHAT_TEMPLATE, MAX_MODEL_LEN, MODEL_NAME, NUM_BLOCKS
+
+CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 8,
+        "temperature": 0}
+COMPLETION = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+RESPONSE = {"model": MODEL_NAME, "input": "Tell me a story", "max_output_tokens": 8, "temperature": 0}
+
+
+def test_run_batch_answers_every_line_as_the_server_would(tiny_model_dirs, tmp_path, server):
+    template = tmp_path / "template.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    lines = [json.dumps({"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions", "body": CHAT}),
+             json.dumps({"custom_id": "completion", "url": "/v1/completions", "body": COMPLETION}),
+             "",
+             json.dumps({"custom_id": "response", "method": "POST", "url": "/v1/responses", "body": RESPONSE}),
+             "{not json",
+             json.dumps({"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}),
+             json.dumps({"custom_id": "stream", "method": "POST", "url": "/v1/completions",
+                         "body": {**COMPLETION, "stream": True}}),
+             json.dumps({"custom_id": "bad", "method": "POST", "url": "/v1/completions",
+                         "body": {**COMPLETION, "max_tokens": -1}}),
+             json.dumps({"method": "POST", "url": "/v1/completions", "body": COMPLETION})]
+    source, sink = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, "-m", "pagedllm.cli", "run-batch", tiny_model_dirs["llama"], "-i",
+                           str(source), "-o", str(sink), "--served-model-name", MODEL_NAME, "--chat-template",
+                           str(template), "--device", "cpu", "--num-gpu-blocks-override", str(NUM_BLOCKS),
+                           "--max-model-len", str(MAX_MODEL_LEN), "--log-stats-interval", "0"],
+                          capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
+                                                                             **_env()})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == ["chat", "completion", "response", None, "embed", "stream", "bad",
+                                              None]
+    assert [o["response"]["status_code"] for o in out] == [200, 200, 200, 400, 400, 400, 400, 400]
+    assert all(o["error"] is None for o in out[:3]) and all(o["error"]["message"] for o in out[3:])
+    assert [o["error"]["param"] for o in out[3:]] == ["line", "url", "body.stream", "max_tokens", "custom_id"]
+    assert len({o["id"] for o in out}) == len(out)
+    for o, url, body in ((out[0], "/v1/chat/completions", CHAT), (out[1], "/v1/completions", COMPLETION)):
+        served = httpx.post(server.url + url, json=body, headers=server.headers, timeout=60).json()
+        assert o["response"]["body"]["choices"] == served["choices"]
+        assert o["response"]["body"]["usage"] == served["usage"]
+    served = httpx.post(server.url + "/v1/responses", json=RESPONSE, headers=server.headers, timeout=60).json()
+    assert out[2]["response"]["body"]["output"][0]["content"] == served["output"][0]["content"]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["by_status"] == {"200": 3, "400": 5}
+
+
+def _env() -> dict:
+    import os
+    return {k: v for k, v in os.environ.items() if k != "PAGEDLLM_API_KEY"}
