@@ -1,29 +1,30 @@
 """Long prefill rows through cuDNN's graph API (nvidia-cudnn-frontend) against the shipped path (issue 17).
 
-The shipped path (pagedllm/attention/cudnn_prefill.py) calls aten's cuDNN SDPA, whose causal mask is top-left
-aligned and whose plans are per shape: it gathers a row's K/V, cuts the row into a causal square and context
-pieces of fixed shapes, and merges their parts. On W4-prefill's steps that costs, beside the attention itself,
-merges (8.8 ms of 150 a step), gathers (3.3) and 7.7% padded pairs (gpu_profile.py at 2122c68, H200).
-cuDNN's graph API has what the shipped path lacks: a bottom-right causal diagonal, lengths read on the device
-(one plan for every length up to the declared maxima), and K/V read through a page table. Variants per row of
+Before 22998b2 the engine (pagedllm/attention/cudnn_prefill.py) called aten's cuDNN SDPA, whose causal mask is
+top-left aligned and whose plans are per shape: it gathered a row's K/V, cut the row into a causal square and
+context pieces of fixed shapes, and merged their parts. On W4-prefill's steps that cost, beside the attention
+itself, merges (8.8 ms of 150 a step), gathers (3.3) and 7.7% padded pairs (gpu_profile.py at 2122c68, H200).
+cuDNN's graph API has what that lacked: a bottom-right causal diagonal, lengths read on the device (one plan for
+every length up to the declared maxima), and K/V read through a page table. Variants per row of
 L new tokens after C cached ones:
 
-    shipped    the engine's path for the row, cudnn_prefill.attend (was: aten's SDPA, fixed shapes, merged)
+    shipped    the engine's path for the row, cudnn_prefill.attend: since 22998b2 q, out and K/V declared as
+               packed rows (ragged offsets) of fixed maxima, the lengths on the device, one plan for every row
+               ("dense_thd" in the figures below); before, aten's SDPA in fixed shapes, merged
     dense      K/V gathered contiguous, one call, bottom-right causal, the row's exact shape (a plan per shape)
-    dense_thd  dense with q, out and K/V declared as packed rows (ragged offsets) of fixed maxima, the lengths
-               on the device: one plan for every row (what cudnn_prefill.py now does)
     override   one plan built at the maxima with shape overrides enabled, run at the row's exact shapes
-               (execute_plan_at_index with override_shapes): whether it keeps dense's 5-10% over dense_thd.
+               (execute_plan_at_index with override_shapes): whether it keeps dense's 5-10% over shipped.
                NOT RUN YET (written after session 37's last GPU call)
 
-Measured before on the H200 (first call, 2026-12-05, cuDNN 9.19, frontend 1.22.0), TFLOP/s for 16k fresh / 13,616
-after 16k / 8k after 24k / 2,768 fresh / 2k after 28k: shipped 542 / 532 / 540 / 233 / 457, dense 551 / 567 /
-550 / 292 / 506. Dropped variants: "padded" (fixed maxima and device lengths, no ragged offsets) 523 / 451 / 279
-/ 54 / 78: without ragged offsets the work follows the declared query maximum; "paged" (K/V read through the
-block table, page 16) 444 / 391 / 239 / 43 / 62, and with ragged q ("paged_thd") 498 / 508 / 506 / 295 / 493:
-reading pages of 16 tokens costs ~10% against gathered rows. Second call (H100, 22998b2's path as "shipped" was
-then aten's): dense_thd 523 / 533 / 524 / 258 / 453 against shipped 525 / 531 / 534 / 250 / 459 and dense 552 /
-561 / 580 / 290 / 489: packed rows run at the old calls' speed, exact shapes 5-10% faster.
+Measured before on the H200 (first call, 2026-12-05, cuDNN 9.19, frontend 1.22.0), TFLOP/s for 16k fresh /
+13,616 after 16k / 8k after 24k / 2,768 fresh / 2k after 28k: the aten path (then shipped) 542 / 532 / 540 / 233
+/ 457, dense 551 / 567 / 550 / 292 / 506. Dropped variants: "padded" (fixed maxima and device lengths, no ragged
+offsets) 523 / 451 / 279 / 54 / 78: without ragged offsets the work follows the declared query maximum; "paged"
+(K/V read through the block table, page 16) 444 / 391 / 239 / 43 / 62, and with ragged q ("paged_thd") 498 /
+508 / 506 / 295 / 493: reading pages of 16 tokens costs ~10% against gathered rows. Second call (H100), with the
+aten path as "shipped": dense_thd 523 / 533 / 524 / 258 / 453 against the aten path's 525 / 531 / 534 / 250 /
+459 and dense 552 / 561 / 580 / 290 / 489: packed rows run at the old calls' speed, exact shapes 5-10% faster.
+dense_thd, shipped since, is now "shipped" here.
 
 Each output is checked against float32 attention on 64 sampled query rows. Times: do_bench medians; TFLOP/s
 counts the row's real (query, key) pairs, 4 x pairs x heads x head_dim.
@@ -45,8 +46,8 @@ from pagedllm.attention.metadata import AttentionMetadata
 
 BLOCK = 16
 Q_MAX, KV_MAX = 16384, 32768
-BF16, F32, I32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT, cudnn.data_type.INT32
-Q, K, V, O, SEQ_Q, SEQ_KV, TABLE_K, TABLE_V, RAG_Q, RAG_KV = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+BF16, F32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
+Q, K, V, O = 1, 2, 3, 4
 
 _handle = None
 
@@ -59,46 +60,31 @@ def handle():
     return _handle
 
 
-def build(hq, hkv, d, s_q, s_kv, q_stride, k_dims, k_stride, scale, lengths: bool, pages: int = 0,
-          ragged: bool = False, ragged_kv: bool = False, override: bool = False):
-    """A forward graph: q (1, hq, s_q, d) at q_stride, K/V k_dims at k_stride (a page pool when pages),
-    bottom-right causal, out at q's layout. Returns (graph, workspace bytes, seconds to build)."""
+def build(hq, hkv, d, s_q, s_kv, scale, override: bool = False):
+    """A forward graph of packed rows: q and out (1, hq, s_q, d), K/V (1, hkv, s_kv, d), bottom-right causal;
+    override: shapes may be overridden at each call. Returns (graph, workspace bytes, seconds to build)."""
     t = time.perf_counter()
     g = cudnn.pygraph(handle=handle(), io_data_type=BF16, intermediate_data_type=F32, compute_data_type=F32,
                       **({"is_override_shape_enabled": True} if override else {}))
-    q = g.tensor(name="q", dim=[1, hq, s_q, d], stride=list(q_stride), data_type=BF16, uid=Q)
-    k = g.tensor(name="k", dim=list(k_dims), stride=list(k_stride), data_type=BF16, uid=K)
-    v = g.tensor(name="v", dim=list(k_dims), stride=list(k_stride), data_type=BF16, uid=V)
-    extra = {}
-    if lengths:
-        sq = g.tensor(name="seq_q", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=I32, uid=SEQ_Q)
-        skv = g.tensor(name="seq_kv", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=I32, uid=SEQ_KV)
-        extra.update(use_padding_mask=True, seq_len_q=sq, seq_len_kv=skv)
-    if pages:
-        tk = g.tensor(name="table_k", dim=[1, 1, pages, 1], stride=[pages, pages, 1, 1], data_type=I32, uid=TABLE_K)
-        tv = g.tensor(name="table_v", dim=[1, 1, pages, 1], stride=[pages, pages, 1, 1], data_type=I32, uid=TABLE_V)
-        extra.update(paged_attention_k_table=tk, paged_attention_v_table=tv, paged_attention_max_seq_len_kv=s_kv)
-    rag = None
-    if ragged:
-        rag = g.tensor(name="rag_q", dim=[2, 1, 1, 1], stride=[1, 1, 1, 1], data_type=I32, uid=RAG_Q)
-        q.set_ragged_offset(rag)
-    if ragged_kv:
-        rag_kv = g.tensor(name="rag_kv", dim=[2, 1, 1, 1], stride=[1, 1, 1, 1], data_type=I32, uid=RAG_KV)
-        k.set_ragged_offset(rag_kv)
-        v.set_ragged_offset(rag_kv)
-    res = g.sdpa(name="sdpa", q=q, k=k, v=v, generate_stats=False, attn_scale=scale,
-                 diagonal_alignment=cudnn.diagonal_alignment.BOTTOM_RIGHT, diagonal_band_right_bound=0,
-                 compute_data_type=F32, **extra)
-    o = res[0] if isinstance(res, (list, tuple)) else res
-    o.set_output(True).set_dim([1, hq, s_q, d]).set_stride(list(q_stride)).set_data_type(BF16).set_uid(O)
-    if ragged:
-        o.set_ragged_offset(rag)
+    q_dims, q_stride = [1, hq, s_q, d], rows_stride(s_q, hq, d)
+    q = g.tensor(name="q", dim=q_dims, stride=q_stride, data_type=BF16, uid=Q)
+    k = g.tensor(name="k", dim=[1, hkv, s_kv, d], stride=rows_stride(s_kv, hkv, d), data_type=BF16, uid=K)
+    v = g.tensor(name="v", dim=[1, hkv, s_kv, d], stride=rows_stride(s_kv, hkv, d), data_type=BF16, uid=V)
+    o = g.sdpa(name="sdpa", q=q, k=k, v=v, generate_stats=False, attn_scale=scale,
+               diagonal_alignment=cudnn.diagonal_alignment.BOTTOM_RIGHT, diagonal_band_right_bound=0,
+               compute_data_type=F32)[0]
+    o.set_output(True).set_dim(q_dims).set_stride(q_stride).set_data_type(BF16).set_uid(O)
     g.validate()
     g.build_operation_graph()
     g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     g.check_support()
     g.build_plans()
     return g, g.get_workspace_size(), time.perf_counter() - t
+
+
+def rows_stride(n, heads, d):
+    """(1, heads, n, d) as packed rows (n, heads, d): token-major, heads inside."""
+    return [n * heads * d, d, heads * d, 1]
 
 
 def reference(q, kv_cache, table, ctx, rows, scale):
@@ -114,11 +100,11 @@ def reference(q, kv_cache, table, ctx, rows, scale):
     return torch.einsum("hrs,shd->rhd", scores.softmax(-1), kv[1])
 
 
-def case(hq, hkv, d, L, ctx, plans, q_max=Q_MAX, kv_max=KV_MAX, timed=True):
+def case(hq, hkv, d, L, ctx, plans, timed=True):
     torch.manual_seed(L + ctx + hq)
     scale = d ** -0.5
     s = ctx + L
-    pages = -(-kv_max // BLOCK)
+    pages = -(-KV_MAX // BLOCK)
     kv_cache = torch.randn(2, pages + 64, BLOCK, hkv, d, device="cuda", dtype=torch.bfloat16)
     table = torch.zeros(pages, dtype=torch.int32, device="cuda")
     table[:-(-s // BLOCK)] = torch.randperm(pages + 64, device="cuda")[:-(-s // BLOCK)].int()
@@ -141,45 +127,44 @@ def case(hq, hkv, d, L, ctx, plans, q_max=Q_MAX, kv_max=KV_MAX, timed=True):
             print(f"  {name:10s} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             traceback.print_exc(limit=2)
 
-    if timed:   # shipped: the engine's path for this row
-        out = torch.empty_like(q)
-        meta = AttentionMetadata(torch.zeros(L, dtype=torch.int64, device="cuda"),
-                                 torch.tensor([0, L], dtype=torch.int32, device="cuda"),
-                                 torch.tensor([s], dtype=torch.int32, device="cuda"), table[None], L, s, [0, L], [s])
-        report("shipped", lambda: cudnn_prefill.attend(q, out, kv_cache, meta, scale, L), out)
+    # shipped: the engine's path for this row (one plan, packed rows: dense_thd in the figures above)
+    out = torch.empty_like(q)
+    meta = AttentionMetadata(torch.zeros(L, dtype=torch.int64, device="cuda"),
+                             torch.tensor([0, L], dtype=torch.int32, device="cuda"),
+                             torch.tensor([s], dtype=torch.int32, device="cuda"), table[None], L, s, [0, L], [s])
+    report("shipped", lambda: cudnn_prefill.attend(q, out, kv_cache, meta, scale, L), out)
+    if not timed:
+        return
 
     pos = torch.arange(s, device="cuda")
     slots = table.long()[pos // BLOCK] * BLOCK + pos % BLOCK
     flat = kv_cache.view(2, -1, hkv, d)
     k_g = torch.empty(2, s, hkv, d, device="cuda", dtype=torch.bfloat16)   # exactly the row's keys
 
-    if timed:   # dense, the row's exact shape: a plan for each shape
-        try:
-            g, ws, secs = build(hq, hkv, d, L, s, (L * hq * d, d, hq * d, 1), (1, hkv, s, d),
-                                (s * hkv * d, d, hkv * d, 1), scale, lengths=False)
-            work = torch.empty(max(ws, 1), device="cuda", dtype=torch.uint8)
-            out_d = torch.empty_like(q)
+    try:   # dense, the row's exact shape: a plan for each shape
+        g, ws, secs = build(hq, hkv, d, L, s, scale)
+        work = torch.empty(max(ws, 1), device="cuda", dtype=torch.uint8)
+        out_d = torch.empty_like(q)
 
-            def dense():
-                torch.index_select(flat, 1, slots, out=k_g)
-                g.execute({Q: q, K: k_g[0], V: k_g[1], O: out_d}, work, handle=handle())
-            report("dense", dense, out_d, f"(plan {secs * 1e3:.0f} ms)")
-            gather_ms = do_bench(lambda: torch.index_select(flat, 1, slots, out=k_g), return_mode="median")
-            print(f"  {'':10s} of which the K/V gather {gather_ms:.3f} ms")
-        except Exception as e:
-            print(f"  dense      failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        def dense():
+            torch.index_select(flat, 1, slots, out=k_g)
+            g.execute({Q: q, K: k_g[0], V: k_g[1], O: out_d}, work, handle=handle())
+        report("dense", dense, out_d, f"(plan {secs * 1e3:.0f} ms)")
+        gather_ms = do_bench(lambda: torch.index_select(flat, 1, slots, out=k_g), return_mode="median")
+        print(f"  {'':10s} of which the K/V gather {gather_ms:.3f} ms")
+    except Exception as e:
+        print(f"  dense      failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
-    # dense_override: one plan built at the maxima with shape overrides allowed, run at the row's exact shapes
+    # override: one plan built at the maxima with shape overrides allowed, run at the row's exact shapes
     try:
-        key = ("dense_override", hq, hkv, d, q_max, kv_max)
+        key = ("override", hq, hkv, d)
         if key not in plans:
-            plans[key] = build(hq, hkv, d, q_max, kv_max, (q_max * hq * d, d, hq * d, 1), (1, hkv, kv_max, d),
-                               (kv_max * hkv * d, d, hkv * d, 1), scale, lengths=False, override=True)
+            plans[key] = build(hq, hkv, d, Q_MAX, KV_MAX, scale, override=True)
         g, ws, secs = plans[key]
         work = torch.empty(max(ws, 1), device="cuda", dtype=torch.uint8)
         out_o = torch.empty_like(q)
         q_shape, kv_shape = [1, hq, L, d], [1, hkv, s, d]
-        q_st, kv_st = [L * hq * d, d, hq * d, 1], [s * hkv * d, d, hkv * d, 1]
+        q_st, kv_st = rows_stride(L, hq, d), rows_stride(s, hkv, d)
 
         def dense_override():
             torch.index_select(flat, 1, slots, out=k_g)
@@ -191,27 +176,6 @@ def case(hq, hkv, d, L, ctx, plans, q_max=Q_MAX, kv_max=KV_MAX, timed=True):
         print(f"  override   failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         traceback.print_exc(limit=3)
 
-    # dense_thd: q, out and the gathered K/V as packed rows (ragged offsets, in elements) of fixed maxima,
-    # the lengths on the device: one plan for every row; nothing is allocated past the row's own tokens
-    try:
-        key = ("dense_thd", hq, hkv, d, q_max, kv_max)
-        if key not in plans:
-            plans[key] = build(hq, hkv, d, q_max, kv_max, (q_max * hq * d, d, hq * d, 1), (1, hkv, kv_max, d),
-                               (kv_max * hkv * d, d, hkv * d, 1), scale, lengths=True, ragged=True, ragged_kv=True)
-        g, ws, secs = plans[key]
-        work = torch.empty(max(ws, 1), device="cuda", dtype=torch.uint8)
-        lens = torch.tensor([L, s, 0, L * hq * d, 0, s * hkv * d], dtype=torch.int32, device="cuda")
-        out_t = torch.empty_like(q)
-
-        def dense_thd():
-            torch.index_select(flat, 1, slots, out=k_g)
-            g.execute({Q: q, K: k_g[0], V: k_g[1], O: out_t, SEQ_Q: lens[0:1], SEQ_KV: lens[1:2],
-                       RAG_Q: lens[2:4], RAG_KV: lens[4:6]}, work, handle=handle())
-        report("dense_thd", dense_thd, out_t, f"(plan {secs * 1e3:.0f} ms, once)")
-    except Exception as e:
-        print(f"  dense_thd  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        traceback.print_exc(limit=3)
-
 
 def main():
     backend = getattr(cudnn, "backend_version", lambda: "?")()
@@ -220,8 +184,8 @@ def main():
     random.seed(0)
     plans = {}
     if "--sanitize" in sys.argv:   # under compute-sanitizer, no caching allocator: every tensor its own allocation
-        case(16, 8, 128, 1500, 700, plans, q_max=4096, kv_max=8192, timed=False)
-        case(16, 8, 128, 3000, 0, plans, q_max=4096, kv_max=8192, timed=False)
+        case(16, 8, 128, 1500, 700, plans, timed=False)     # the engine's path only
+        case(16, 8, 128, 3000, 0, plans, timed=False)
         return
     for hq, hkv, d, L, ctx in [(16, 8, 128, 16384, 0), (16, 8, 128, 13616, 16384), (16, 8, 128, 8192, 24576),
                                (16, 8, 128, 2768, 0), (16, 8, 128, 2048, 28672), (32, 8, 128, 16384, 0),

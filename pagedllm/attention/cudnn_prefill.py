@@ -121,8 +121,14 @@ def _row_call(query_len: int, seq_len: int, block_table: torch.Tensor, block_siz
               kv_row: int) -> _RowCall:
     pos = torch.arange(seq_len, device=block_table.device)
     slots = block_table.long()[pos // block_size] * block_size + pos % block_size
-    lens = torch.tensor([query_len, seq_len, 0, query_len * q_row, 0, seq_len * kv_row], dtype=torch.int32)
-    return _RowCall(slots, lens.pin_memory().to(block_table.device, non_blocking=True))
+    return _RowCall(slots, _lens(query_len, seq_len, q_row, kv_row).pin_memory().to(block_table.device,
+                                                                                      non_blocking=True))
+
+
+def _lens(query_len: int, seq_len: int, q_row: int, kv_row: int) -> torch.Tensor:
+    """_RowCall.lens on the host: the lengths, then the ragged offsets [0, end] of q / out and of K/V (q_row,
+    kv_row: elements a token)."""
+    return torch.tensor([query_len, seq_len, 0, query_len * q_row, 0, seq_len * kv_row], dtype=torch.int32)
 
 
 def _attend_row(q, out, kv_cache, call: _RowCall, scale: float, v_scale: float) -> None:
@@ -237,8 +243,7 @@ def prebuild_plans(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: to
         n = LONG_QUERY_LEN
         q = torch.zeros(n, num_q_heads, head_dim, dtype=dtype, device=device)
         kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
-        lens = torch.tensor([n, n, 0, n * num_q_heads * head_dim, 0, n * num_kv_heads * head_dim],
-                            dtype=torch.int32, device=device)
+        lens = _lens(n, n, num_q_heads * head_dim, num_kv_heads * head_dim).to(device)
         _cudnn(q, kv, kv, torch.empty_like(q), lens, head_dim ** -0.5)
         torch.cuda.synchronize(device)
     except Exception as e:       # cuDNN refuses the graph (an old backend): the Triton kernel keeps every row

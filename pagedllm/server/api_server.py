@@ -255,7 +255,7 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, che
 
     app, ctx = serving_app(engine_config, server_config, checks, core, lambda: server.on_core_death(),
                            shared_waiting)
-    engine, api_key = ctx.engine, server_config.api_key or os.environ.get(API_KEY_ENV) or None
+    engine, api_key = ctx.engine, resolved_api_key(server_config)
     if index == 0:
         scheme = "https" if server_config.ssl_certfile else "http"
         count = server_config.api_server_count
@@ -294,9 +294,13 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
                          else None)
     if engine_config.enable_lora:
         ctx.loras = ServingLoRAs(engine, ctx.model_name)
-    api_key = server_config.api_key or os.environ.get(API_KEY_ENV) or None
-    app = build_app(ctx, metrics, server_config, api_key, checks.lora_modules)
+    app = build_app(ctx, metrics, server_config, resolved_api_key(server_config), checks.lora_modules)
     return app, ctx
+
+
+def resolved_api_key(config: ServerConfig) -> str | None:
+    """--api-key, else PAGEDLLM_API_KEY; None: no key."""
+    return config.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 def _run(server, ctx: ServingContext, sock=None):

@@ -111,20 +111,12 @@ class ReasoningConfig(_Strict):
     summary: str | None = None
 
 
-class ResponsesRequest(_Request):
-    model: str | None = None
-    input: str | list[InputItem]
-    instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+class _SameAsChat(_Strict):
+    """The Responses fields of the same name and meaning in a chat request, passed to it as they are: OpenAI's
+    temperature, top_p, parallel_tool_calls, then vLLM's additions."""
     temperature: float | None = None
     top_p: float | None = None
-    tools: list[FunctionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool | None = None
-    text: TextConfig | None = None
-    reasoning: ReasoningConfig | None = None
-    stream: bool = False
-    # vLLM's additions, passed to the chat request as they are
     top_k: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -140,6 +132,18 @@ class ResponsesRequest(_Request):
     chat_template_kwargs: dict[str, Any] | None = None
     priority: int | None = None
     cache_salt: str | None = None
+
+
+class ResponsesRequest(_Request, _SameAsChat):
+    model: str | None = None
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    stream: bool = False
     request_id: str | None = None             # names the response: resp_<request_id>
     store: bool | None = None                   # kept with --responses-store (create_response)
     previous_response_id: str | None = None
@@ -159,6 +163,9 @@ class ResponsesRequest(_Request):
     prompt_cache_key: str | None = None
     stream_options: dict[str, Any] | None = None
 
+    def includes(self, value: str) -> bool:
+        return value in (self.include or ())
+
     def unsupported(self) -> list[tuple[str, bool, str]]:
         return [
             ("conversation", self.conversation is None, "there are no stored conversations: send the "
@@ -168,7 +175,7 @@ class ResponsesRequest(_Request):
              f"of its values only {_ENCRYPTED} and {_LOGPROBS} are"),
             ("truncation", self.truncation in (None, "disabled"), "a prompt past the context is a 400"),
             ("max_tool_calls", self.max_tool_calls is None, "no built-in tools run here"),
-            ("top_logprobs", not self.top_logprobs or _LOGPROBS in (self.include or ()),
+            ("top_logprobs", not self.top_logprobs or self.includes(_LOGPROBS),
              f"set with include {_LOGPROBS}"),
             ("reasoning.summary", self.reasoning is None or self.reasoning.summary is None,
              "the reasoning comes whole, as reasoning_text"),
@@ -186,7 +193,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
             raise APIError(400, f"response {req.previous_response_id!r} is {previous.response['status']}: only a "
                            "completed or incomplete one can be continued", "previous_response_id", "invalid_value")
         history = [m for m in previous.messages if m["role"] != "system"]   # instructions do not carry over
-    if _LOGPROBS in (req.include or ()):
+    if req.includes(_LOGPROBS):
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be in [0, 20]", "top_logprobs", "invalid_value")
         if ctx.reasoning_parser is not None or req.tools:   # tokens would belong to other items than the text
@@ -201,7 +208,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     messages = _messages(req, copy.deepcopy(history))
     chat = to_chat(req, messages)
     head = _head(req, f"resp_{req.request_id or uuid.uuid4().hex}", req.model or ctx.model_name)
-    encrypted = _ENCRYPTED in (req.include or ())
+    encrypted = req.includes(_ENCRYPTED)
 
     def keep(response: dict) -> None:
         if req.store:
@@ -282,16 +289,10 @@ def _as_message(output: list[dict]) -> dict:
     return message
 
 
-# Fields of the same name and meaning in a chat request
-_SAME = ("temperature", "top_p", "parallel_tool_calls", "top_k", "seed", "stop", "logit_bias", "presence_penalty",
-         "frequency_penalty", "repetition_penalty", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-         "structured_outputs", "include_reasoning", "chat_template_kwargs", "priority", "cache_salt")
-
-
 def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
     """The chat request of req, whose conversation is messages (_messages)."""
     body: dict[str, Any] = {"model": req.model, "messages": messages, "stream": req.stream}
-    for ours, theirs in (("max_tokens", "max_output_tokens"), *((f, f) for f in _SAME)):
+    for ours, theirs in (("max_tokens", "max_output_tokens"), *((f, f) for f in _SameAsChat.model_fields)):
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)
     if req.tools:
@@ -311,7 +312,7 @@ def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionReques
             "name": fmt.name or "output", "schema": fmt.schema_, "strict": fmt.strict}}
     if req.reasoning is not None and req.reasoning.effort is not None:
         body["reasoning_effort"] = req.reasoning.effort
-    if _LOGPROBS in (req.include or ()):
+    if req.includes(_LOGPROBS):
         body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
     if req.stream:
         body["stream_options"] = {"include_usage": True}

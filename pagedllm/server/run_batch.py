@@ -15,9 +15,9 @@ dropped. Engine and server flags are serve's.
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from pagedllm.config import EngineConfig, ServerConfig
@@ -49,10 +49,10 @@ async def _answer_all(engine_config, server_config, checks, core, lines: list[st
     import httpx
     from tqdm import tqdm
 
-    from pagedllm.server.api_server import API_KEY_ENV, serving_app
+    from pagedllm.server.api_server import resolved_api_key, serving_app
     died = asyncio.Event()
-    app, ctx = serving_app(engine_config, server_config, checks, core, died.set)
-    key = server_config.api_key or os.environ.get(API_KEY_ENV)
+    app, _ = serving_app(engine_config, server_config, checks, core, died.set)
+    key = resolved_api_key(server_config)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     slots = asyncio.Semaphore(MAX_IN_FLIGHT)
     todo = [(i, line) for i, line in enumerate(lines) if line.strip()]
@@ -71,9 +71,7 @@ async def _answer_all(engine_config, server_config, checks, core, lines: list[st
     with open(output_file, "w") as f:
         for out in outputs:
             f.write(json.dumps(out, separators=(",", ":")) + "\n")
-    counts: dict = {}
-    for out in outputs:
-        counts[out["response"]["status_code"]] = counts.get(out["response"]["status_code"], 0) + 1
+    counts = dict(Counter(out["response"]["status_code"] for out in outputs))
     logger.info("run-batch: %d requests answered into %s, by status %s", len(outputs), output_file, counts)
     if died.is_set():
         raise RuntimeError("the engine core process died during the batch: the lines after it are errors")

@@ -87,24 +87,21 @@ def test_rows_write_only_their_own_output(cudnn):
     assert len(calls) == 3
 
 
-def test_prebuilt_plan_serves_new_rows(cudnn):
+def test_prebuilt_plan_serves_new_rows(cudnn, monkeypatch):
     """After prebuild_plans for W4's limits (one plan), rows of lengths never seen build no other plan and pay
     no build (0.04-0.7 s each on the H200)."""
     cudnn_prefill, calls = cudnn
     from pagedllm.attention import triton_backend
-    monkeypatch_limits = list(cudnn_prefill._limits)
-    try:
-        assert cudnn_prefill.prebuild_plans(16, 8, 128, torch.bfloat16, torch.device("cuda"), 16384, 32768) == 1
-        built = cudnn_prefill._plan.cache_info().currsize
-        for rows in ([(3000, 1100)], [(13331, 6001)], [(29999, 15001)], [(4409, 4409)]):   # the first: Triton
-            batch = make_batch(rows, 16, 8, 128, 16, torch.bfloat16, "cuda", seed=1)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            triton_backend.paged_attention(batch.q, batch.kv_cache, batch.meta, 128 ** -0.5)
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - start) * 1e3
-            assert cudnn_prefill._plan.cache_info().currsize == built
-            assert ms < 40 or rows == [(3000, 1100)], f"{rows}: {ms:.0f} ms (a plan built?)"
-        assert len(calls) == 5     # prebuild's own call, then one a row
-    finally:
-        cudnn_prefill._limits[:] = monkeypatch_limits
+    monkeypatch.setattr(cudnn_prefill, "_limits", [0, 0])   # prebuild_plans sets this list; the others' back after
+    assert cudnn_prefill.prebuild_plans(16, 8, 128, torch.bfloat16, torch.device("cuda"), 16384, 32768) == 1
+    built = cudnn_prefill._plan.cache_info().currsize
+    for rows in ([(3000, 1100)], [(13331, 6001)], [(29999, 15001)], [(4409, 4409)]):   # the first: Triton
+        batch = make_batch(rows, 16, 8, 128, 16, torch.bfloat16, "cuda", seed=1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        triton_backend.paged_attention(batch.q, batch.kv_cache, batch.meta, 128 ** -0.5)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) * 1e3
+        assert cudnn_prefill._plan.cache_info().currsize == built
+        assert ms < 40 or rows == [(3000, 1100)], f"{rows}: {ms:.0f} ms (a plan built?)"
+    assert len(calls) == 5     # prebuild's own call, then one a row
