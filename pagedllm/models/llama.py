@@ -10,7 +10,6 @@ Qwen2 (qkv bias) and Qwen3 (per-head q/k norm) are this model with a class flag 
 Tensor parallelism (tp.size > 1, distributed/layers.py): the same modules with this rank's heads and columns,
 o_proj / down_proj row-parallel, the embedding and LM head vocab-parallel; the loader hands in slices.
 """
-import os
 from collections.abc import Iterable
 
 import torch
@@ -28,11 +27,6 @@ from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.lazy_kernel import lazy_kernel
 
 qk_norm_rope = lazy_kernel(globals(), "pagedllm.layers.kernels.qk_norm_rope", "qk_norm_rope")   # Triton, CUDA only
-small_m_linear = lazy_kernel(globals(), "pagedllm.layers.kernels.small_m_linear", "small_m_linear")
-# Steps of at most SMALL_M_ROWS tokens (batch-1 decode, a speculative verify) run a layer's linears through the fused
-# small-M kernels: norm + qkv, o, norm + gate_up + SiLU, down (layers/kernels/small_m_linear.py). bf16/fp16 only.
-SMALL_M = os.environ.get("PAGEDLLM_SMALL_M", "0") == "1"
-SMALL_M_ROWS = 16
 
 # HF shard name -> (our fused module, shard index)
 _STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -133,8 +127,6 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         """The residual stream rides along un-normed: each norm adds the previous sublayer's output to it."""
-        if SMALL_M and hidden.shape[0] <= SMALL_M_ROWS and hidden.is_cuda and self._plain():
-            return self._forward_small_m(positions, hidden, residual)
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
@@ -142,29 +134,6 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
-
-    def _plain(self) -> bool:
-        """Plain bf16/fp16 nn.Linear weights without bias (not FP8, LoRA-wrapped or tensor-parallel), plain norms."""
-        linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
-        return (all(type(m) is nn.Linear and m.bias is None and m.weight.dtype in (torch.bfloat16, torch.float16)
-                    for m in linears)
-                and all(not n.quant_fp8 and n.weight.dtype == self.mlp.down_proj.weight.dtype
-                        for n in (self.input_layernorm, self.post_attention_layernorm)))
-
-    def _forward_small_m(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        """forward's arithmetic in four launches besides attention's (the norms and SiLU fused into the linears)."""
-        attn, mlp, norm_in, norm_post = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        if residual is None:
-            qkv, residual = small_m_linear(hidden, attn.qkv_proj.weight, norm_in.weight, norm_in.variance_epsilon), \
-                hidden
-        else:
-            qkv, residual = small_m_linear(hidden, attn.qkv_proj.weight, norm_in.weight, norm_in.variance_epsilon,
-                                           residual)
-        q, k, v = attn.rotate_qk(positions, qkv, attn.attn.kv_target())
-        hidden = small_m_linear(attn.attn(q, k, v), attn.o_proj.weight)
-        act, residual = small_m_linear(hidden, mlp.gate_up_proj.weight, norm_post.weight, norm_post.variance_epsilon,
-                                       residual, silu=True)
-        return small_m_linear(act, mlp.down_proj.weight), residual
 
 
 class LlamaModel(nn.Module):
