@@ -12,9 +12,6 @@ L new tokens after C cached ones:
                packed rows (ragged offsets) of fixed maxima, the lengths on the device, one plan for every row
                ("dense_thd" in the figures below); before, aten's SDPA in fixed shapes, merged
     dense      K/V gathered contiguous, one call, bottom-right causal, the row's exact shape (a plan per shape)
-    override   one plan built at the maxima with shape overrides enabled, run at the row's exact shapes
-               (execute_plan_at_index with override_shapes): whether it keeps dense's 5-10% over shipped.
-               NOT RUN YET (written after session 37's last GPU call)
 
 Measured before on the H200 (first call, 2026-12-05, cuDNN 9.19, frontend 1.22.0), TFLOP/s for 16k fresh /
 13,616 after 16k / 8k after 24k / 2,768 fresh / 2k after 28k: the aten path (then shipped) 542 / 532 / 540 / 233
@@ -24,7 +21,9 @@ offsets) 523 / 451 / 279 / 54 / 78: without ragged offsets the work follows the 
 508 / 506 / 295 / 493: reading pages of 16 tokens costs ~10% against gathered rows. Second call (H100), with the
 aten path as "shipped": dense_thd 523 / 533 / 524 / 258 / 453 against the aten path's 525 / 531 / 534 / 250 /
 459 and dense 552 / 561 / 580 / 290 / 489: packed rows run at the old calls' speed, exact shapes 5-10% faster.
-dense_thd, shipped since, is now "shipped" here.
+dense_thd, shipped since, is now "shipped" here. Third (H100, session 38): "override", one plan built at the
+maxima with shape overrides enabled and run at each row's exact shapes (execute_plan_at_index), 553 / 457 / 269 /
+an illegal memory access on 2,768 fresh: the plan keeps the maxima's kernel choice; dropped.
 
 Each output is checked against float32 attention on 64 sampled query rows. Times: do_bench medians; TFLOP/s
 counts the row's real (query, key) pairs, 4 x pairs x heads x head_dim.
@@ -45,7 +44,7 @@ from pagedllm.attention import cudnn_prefill
 from pagedllm.attention.metadata import AttentionMetadata
 
 BLOCK = 16
-Q_MAX, KV_MAX = 16384, 32768
+KV_MAX = 32768
 BF16, F32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
 Q, K, V, O = 1, 2, 3, 4
 
@@ -60,12 +59,11 @@ def handle():
     return _handle
 
 
-def build(hq, hkv, d, s_q, s_kv, scale, override: bool = False):
-    """A forward graph of packed rows: q and out (1, hq, s_q, d), K/V (1, hkv, s_kv, d), bottom-right causal;
-    override: shapes may be overridden at each call. Returns (graph, workspace bytes, seconds to build)."""
+def build(hq, hkv, d, s_q, s_kv, scale):
+    """A forward graph of packed rows: q and out (1, hq, s_q, d), K/V (1, hkv, s_kv, d), bottom-right causal.
+    Returns (graph, workspace bytes, seconds to build)."""
     t = time.perf_counter()
-    g = cudnn.pygraph(handle=handle(), io_data_type=BF16, intermediate_data_type=F32, compute_data_type=F32,
-                      **({"is_override_shape_enabled": True} if override else {}))
+    g = cudnn.pygraph(handle=handle(), io_data_type=BF16, intermediate_data_type=F32, compute_data_type=F32)
     q_dims, q_stride = [1, hq, s_q, d], rows_stride(s_q, hq, d)
     q = g.tensor(name="q", dim=q_dims, stride=q_stride, data_type=BF16, uid=Q)
     k = g.tensor(name="k", dim=[1, hkv, s_kv, d], stride=rows_stride(s_kv, hkv, d), data_type=BF16, uid=K)
@@ -100,7 +98,7 @@ def reference(q, kv_cache, table, ctx, rows, scale):
     return torch.einsum("hrs,shd->rhd", scores.softmax(-1), kv[1])
 
 
-def case(hq, hkv, d, L, ctx, plans, timed=True):
+def case(hq, hkv, d, L, ctx, timed=True):
     torch.manual_seed(L + ctx + hq)
     scale = d ** -0.5
     s = ctx + L
@@ -155,42 +153,20 @@ def case(hq, hkv, d, L, ctx, plans, timed=True):
     except Exception as e:
         print(f"  dense      failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
-    # override: one plan built at the maxima with shape overrides allowed, run at the row's exact shapes
-    try:
-        key = ("override", hq, hkv, d)
-        if key not in plans:
-            plans[key] = build(hq, hkv, d, Q_MAX, KV_MAX, scale, override=True)
-        g, ws, secs = plans[key]
-        work = torch.empty(max(ws, 1), device="cuda", dtype=torch.uint8)
-        out_o = torch.empty_like(q)
-        q_shape, kv_shape = [1, hq, L, d], [1, hkv, s, d]
-        q_st, kv_st = rows_stride(L, hq, d), rows_stride(s, hkv, d)
-
-        def dense_override():
-            torch.index_select(flat, 1, slots, out=k_g)
-            g.execute_plan_at_index({Q: q, K: k_g[0], V: k_g[1], O: out_o}, work, 0, handle=handle(),
-                                    override_uids=[Q, K, V, O], override_shapes=[q_shape, kv_shape, kv_shape, q_shape],
-                                    override_strides=[q_st, kv_st, kv_st, q_st])
-        report("override", dense_override, out_o, f"(plan {secs * 1e3:.0f} ms, once)")
-    except Exception as e:
-        print(f"  override   failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        traceback.print_exc(limit=3)
-
 
 def main():
     backend = getattr(cudnn, "backend_version", lambda: "?")()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn backend {backend}, "
           f"frontend {getattr(cudnn, '__version__', '?')}", flush=True)
     random.seed(0)
-    plans = {}
     if "--sanitize" in sys.argv:   # under compute-sanitizer, no caching allocator: every tensor its own allocation
-        case(16, 8, 128, 1500, 700, plans, timed=False)     # the engine's path only
-        case(16, 8, 128, 3000, 0, plans, timed=False)
+        case(16, 8, 128, 1500, 700, timed=False)     # the engine's path only
+        case(16, 8, 128, 3000, 0, timed=False)
         return
     for hq, hkv, d, L, ctx in [(16, 8, 128, 16384, 0), (16, 8, 128, 13616, 16384), (16, 8, 128, 8192, 24576),
                                (16, 8, 128, 2768, 0), (16, 8, 128, 2048, 28672), (32, 8, 128, 16384, 0),
                                (32, 8, 128, 8192, 24576), (16, 8, 64, 16384, 0)]:
-        case(hq, hkv, d, L, ctx, plans)
+        case(hq, hkv, d, L, ctx)
 
 
 if __name__ == "__main__":
