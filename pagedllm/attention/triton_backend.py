@@ -29,6 +29,11 @@ from pagedllm.attention.kv_quant import is_fp8
 from pagedllm.attention.metadata import AttentionMetadata
 
 PARTITION = 512        # decode segment length in tokens (rows up to PARTITION * MAX_SEGMENTS tokens)
+# Decode-only steps of at most SMALL_BATCH_ROWS rows (batch-1 decode, a speculative verify, a draft's pass) cut
+# rows into shorter segments: 1 row of 1,000 tokens is 16 programs at 512 (H100: 15.4 us a layer) and 64 at 128
+# (7.6 us); W1's 256 rows lose 6% at 128 (393.7 -> 418.8 us), so larger steps keep PARTITION.
+SMALL_BATCH_ROWS = 8
+SMALL_BATCH_PARTITION = 128
 MAX_SEGMENTS = 32      # more context than that: longer segments, never more of them
 PROGRAMS_PER_SM = 32   # decode spreads a row's segments over programs until about this many per SM
 
@@ -82,9 +87,10 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_q_heads // num_kv_heads
     tile_n, num_warps, num_stages = _decode_config(q.dtype, k_cache.dtype, head_dim)
+    partition = decode_partition(meta)
     # Scratch holds every segment a row up to max_seq_len can have; num_splits only spreads them over
     # programs (enough of them to fill the GPU), so neither changes any row's result.
-    max_segments = min(MAX_SEGMENTS, triton.cdiv(max(meta.max_seq_len, 1), PARTITION))
+    max_segments = min(MAX_SEGMENTS, triton.cdiv(max(meta.max_seq_len, 1), partition))
     num_splits = max(1, min(max_segments, triton.cdiv(_target_programs(q.device), num_reqs * num_kv_heads)))
     # Scratch widths 1 or a multiple of 16 only: Triton specialises the strides they make on 1 and on 16 | n,
     # so any other width built a kernel in the middle of a run (H200: 0.49 s in a process's first W1 run)
@@ -115,14 +121,25 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
-        BLOCK_SIZE=block_size, TILE_N=tile_n, PARTITION=PARTITION, MAX_SEGMENTS=MAX_SEGMENTS,
+        BLOCK_SIZE=block_size, TILE_N=tile_n, PARTITION=partition, MAX_SEGMENTS=MAX_SEGMENTS,
         PRECISION=_precision(q), HAS_SHARED=shared is not None, num_warps=num_warps, num_stages=num_stages)
     decode_reduce_kernel[(num_reqs, num_q_heads)](
         out, part_out, part_max, part_sum, meta.seq_lens, meta.query_start_loc,
         out.stride(0), out.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
-        HEAD_DIM=head_dim, HEAD_PAD=head_pad, PARTITION=PARTITION, MAX_SEGMENTS=MAX_SEGMENTS, TILE_N=tile_n,
+        HEAD_DIM=head_dim, HEAD_PAD=head_pad, PARTITION=partition, MAX_SEGMENTS=MAX_SEGMENTS, TILE_N=tile_n,
         num_warps=1)
+
+
+def decode_partition(meta: AttentionMetadata) -> int:
+    """The step's decode segment length: SMALL_BATCH_PARTITION for a decode-only step (max_query_len 1) of at
+    most SMALL_BATCH_ROWS rows without shared prefixes, else PARTITION. A CUDA graph's metadata decides alike:
+    decode graphs have max_query_len 1 and pad rows to a capture size (1, 2, 4, 8, 16, ...: at most 8 rows stay
+    at most 8), mixed graphs bound max_query_len by their tokens. So a row's result depends on the row and on
+    this choice only, and graph replay equals eager."""
+    if meta.max_query_len == 1 and meta.seq_lens.shape[0] <= SMALL_BATCH_ROWS and meta.shared is None:
+        return SMALL_BATCH_PARTITION
+    return PARTITION
 
 
 def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float, v_scale: float,

@@ -126,17 +126,21 @@ def check_attention(batch: Batch, backend, scale=None, kv_scales=(1.0, 1.0)) -> 
 
 
 def check_row_independent_of_batch(batch: Batch, backend, row: int, kv_scales=(1.0, 1.0)) -> None:
-    """A decode row alone (with a looser max_seq_len) gives bit-identical output to the same row in the batch."""
+    """A decode row alone (with a looser max_seq_len) gives bit-identical output to the same row in the batch,
+    when both steps cut rows into the same segments (triton_backend.decode_partition: a small decode-only step
+    uses shorter ones; max_query_len 2, as a mixed step has, keeps the alone row on the batch's)."""
+    from pagedllm.attention import triton_backend
     scale = batch.q.shape[-1] ** -0.5
     torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
     full = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
     m = batch.meta
     start = m.query_start_loc_cpu[row]
     assert m.query_start_loc_cpu[row + 1] - start == 1
+    small = triton_backend.decode_partition(m) == triton_backend.SMALL_BATCH_PARTITION
     alone = AttentionMetadata(
         slot_mapping=m.slot_mapping[start:start + 1],
         query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=m.query_start_loc.device),
-        seq_lens=m.seq_lens[row:row + 1], block_tables=m.block_tables[row:row + 1], max_query_len=1,
+        seq_lens=m.seq_lens[row:row + 1], block_tables=m.block_tables[row:row + 1], max_query_len=1 if small else 2,
         max_seq_len=4 * m.max_seq_len, query_start_loc_cpu=[0, 1], seq_lens_cpu=[m.seq_lens_cpu[row]])
     single = backend.paged_attention(batch.q[start:start + 1], batch.kv_cache, alone, scale, *kv_scales)
     assert torch.equal(single[0], full[start]), "a decode row's output depends on its batch"
@@ -151,16 +155,21 @@ def check_graph_padding(batch: Batch, backend, extra_rows: int = 3, extra_tokens
     backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
     want = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
     m, num_tokens, dev = batch.meta, batch.q.shape[0], batch.q.device
-    total_tokens = num_tokens + extra_tokens
 
     def pad(t, n, value):
         return torch.cat([t, torch.full((n, *t.shape[1:]), value, dtype=t.dtype, device=dev)])
 
+    from pagedllm.attention import triton_backend
+    if triton_backend.decode_partition(m) == triton_backend.SMALL_BATCH_PARTITION:
+        # a small decode graph: max_query_len 1, rows padded to a capture size (never past SMALL_BATCH_ROWS)
+        extra_rows, max_query_len = min(extra_rows, triton_backend.SMALL_BATCH_ROWS - len(m.seq_lens_cpu)), 1
+    else:
+        max_query_len = num_tokens + extra_tokens
     padded = AttentionMetadata(
         slot_mapping=pad(m.slot_mapping, extra_tokens, -1),
         query_start_loc=pad(m.query_start_loc, extra_rows, num_tokens),
         seq_lens=pad(m.seq_lens, extra_rows, 0), block_tables=pad(m.block_tables, extra_rows, POISON_BLOCK),
-        max_query_len=total_tokens, max_seq_len=2 * m.max_seq_len,
+        max_query_len=max_query_len, max_seq_len=2 * m.max_seq_len,
         query_start_loc_cpu=m.query_start_loc_cpu + [num_tokens] * extra_rows,
         seq_lens_cpu=m.seq_lens_cpu + [0] * extra_rows)
     cache = batch.kv_cache.clone()
@@ -266,8 +275,9 @@ def _patch_interpreter() -> None:
 def run_interpreter() -> None:
     from pagedllm.attention import triton_backend
     _patch_interpreter()
-    # Tiny segments, so that a 300-token row exercises many segments and the "longer segments" regime.
-    triton_backend.PARTITION, triton_backend.MAX_SEGMENTS = 64, 4
+    # Tiny segments, so that a 300-token row exercises many segments and the "longer segments" regime; small
+    # decode-only steps' segments shorter than a tile
+    triton_backend.PARTITION, triton_backend.MAX_SEGMENTS, triton_backend.SMALL_BATCH_PARTITION = 64, 4, 32
     for name, rows, (hq, hkv, dim, bs, dtype), seed in interpreter_cases():
         batch = make_batch(rows, hq, hkv, dim, bs, dtype, "cpu", seed=seed)
         check_write_kv(batch, triton_backend)
@@ -278,6 +288,12 @@ def run_interpreter() -> None:
         rows, shared = shared_prefix_rows(random.Random(seed), 2 * 64, groups=2, per_group=3, block_size=bs)
         check_shared_prefix(make_batch(rows, hq, hkv, dim, bs, dtype, "cpu", seed=seed, shared=shared),
                             triton_backend, bs)
+        # a small decode-only step (batch-1 decode, a speculative verify): its own, shorter segments
+        small = make_batch([(300, 1), (1, 1), (0, 1), (77, 1), (150, 1)], hq, hkv, dim, bs, dtype, "cpu", seed=seed)
+        assert triton_backend.decode_partition(small.meta) == triton_backend.SMALL_BATCH_PARTITION
+        err = max(err, check_attention(small, triton_backend))
+        check_row_independent_of_batch(small, triton_backend, 0)
+        check_graph_padding(small, triton_backend)
         print(f"ok {name} rel_err={err:.1e}", flush=True)
 
 

@@ -49,7 +49,7 @@ def run_interpreter() -> None:
 
     from pagedllm.attention import triton_backend
     _patch_interpreter()
-    triton_backend.PARTITION, triton_backend.MAX_SEGMENTS = 64, 4
+    triton_backend.PARTITION, triton_backend.MAX_SEGMENTS, triton_backend.SMALL_BATCH_PARTITION = 64, 4, 32
     for name, rows, shape, scales, seed in interpreter_cases():
         batch = fp8_batch(rows, *shape, "cpu", scales, seed=seed)
         err = check_attention(batch, triton_backend, kv_scales=scales)

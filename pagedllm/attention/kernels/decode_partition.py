@@ -7,9 +7,10 @@ decode_reduce merges the segments in order.
 
 With HAS_SHARED, segments below first_seg[r] are skipped: shared_prefix wrote them, once for many rows.
 
-A row's segments depend on its own seq_len alone (segment_len below: 512 tokens up to 16 segments, longer
-beyond), never on the batch, on num_splits or on the max_seq_len bound that sized the grid; so a row's
-output is bit-identical in any batch, eager or replayed from a CUDA graph.
+A row's segments depend on its own seq_len and on PARTITION alone (segment_len below: PARTITION tokens up to
+MAX_SEGMENTS segments, longer beyond; triton_backend.decode_partition picks PARTITION per step: 512, or 128 for
+a decode-only step of at most 8 rows), never on num_splits or on the max_seq_len bound that sized the grid; so
+a row's output is bit-identical in any step of the same PARTITION, eager or replayed from a CUDA graph.
 
     rows of the tile: the GROUP query heads of kv head h, padded to BLOCK_M (>= 16, for tl.dot)
     keys of a tile:   t = tile_start .. tile_start + TILE_N - 1, slot block_table[t // BLOCK_SIZE], t % BLOCK_SIZE
