@@ -1,18 +1,28 @@
 """Where a speculative step's time goes (batch 1, W5 shape, synthetic acceptance 0.8): host time of each part
-of EngineCore._spec_step (no added syncs), then a torch profiler table of the same steps.
+of EngineCore._spec_step (no added syncs), a torch profiler table of the same steps, then the device time of
+each pass: the target's decode graph (1 row) and verify graph (k+1 rows, padded to the capture size), the
+draft's (1 and 2 rows), each one's LM head, and the kernels inside each graph by name (20 replays) against the
+replay's time. A replay after the run re-runs the last step's inputs (its KV writes land in freed blocks).
 
     python benchmarks/spec_step_profile.py TARGET_DIR DRAFT_DIR
+
+H100, 854b694 (before the small steps' 128-token decode segments): target decode 6.43 ms (434 kernels summing
+6.26; decode_partition 16.3 us a layer), verify 6.54, LM head 0.45; draft pass 1.51 ms (310 kernels summing
+1.36; decode_partition 16.2 us a layer, 30%), LM head with argmax 0.13.
 """
 import collections
 import functools
+import json
 import sys
 import time
 
 import numpy as np
 import torch
+from triton.testing import do_bench
 
 from pagedllm import LLM, SamplingParams
 
+K = 4
 TIMES = collections.defaultdict(float)
 COUNTS = collections.Counter()
 
@@ -31,9 +41,36 @@ def timed(obj, name, label):
     setattr(obj, name, wrapper)
 
 
+def kernels(fn, reps=20):
+    """{kernel name: (calls a pass, us a pass)} of fn's CUDA kernels, from the profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            out[e.name][0] += 1
+            out[e.name][1] += e.time_range.elapsed_us()
+    return {name: (n / reps, us / reps) for name, (n, us) in out.items()}
+
+
+def report_pass(name, fn, head):
+    ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
+    head_ms = do_bench(head, warmup=50, rep=300, return_mode="median")
+    table = kernels(fn)
+    n, us = sum(v[0] for v in table.values()), sum(v[1] for v in table.values())
+    print(json.dumps({"pass": name, "replay_ms": round(ms, 4), "lm_head_ms": round(head_ms, 4),
+                      "kernels_a_pass": round(n, 1), "kernel_sum_ms": round(us / 1e3, 4)}), flush=True)
+    for kname, (calls, kus) in sorted(table.items(), key=lambda x: -x[1][1])[:16]:
+        print(f"    {kus:8.1f} us {calls:6.1f} calls {kus / max(calls, 1):6.2f} us each  {kname[:110]}")
+
+
 def main():
     target, draft = sys.argv[1:3]
-    spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 4,
+    spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": K,
             "rejection_sample_method": "synthetic", "synthetic_acceptance_rates": [0.8, 0.64, 0.512, 0.4096]}
     llm = LLM(target, load_format="dummy", max_model_len=4096, log_stats_interval=0, skip_tokenizer_init=True,
               speculative_config=spec)
@@ -67,6 +104,21 @@ def main():
         llm.generate([prompt[:-1] + [8]], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
                      use_tqdm=False)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+    if runner.graphs is None:   # the CPU: no graphs to replay
+        return
+    tm, dm = runner.model, runner.draft.model
+    tg, dg = runner.graphs, runner.draft.graphs
+    verify_size = tg.padded_size(K + 1, False)
+    for name, graphs, size, model, rows, argmax in [
+            ("target decode", tg, 1, tm, 1, False), (f"target verify ({verify_size} rows)", tg, verify_size, tm,
+                                                      K + 1, False),
+            ("draft 1 row", dg, 1, dm, 1, True), ("draft 2 rows", dg, 2, dm, 2, True)]:
+        hidden = torch.randn(rows, model.config.hidden_size, device=runner.device, dtype=runner.dtype)
+
+        def head(model=model, hidden=hidden, argmax=argmax):   # the draft takes its argmax, the target samples
+            logits = model.compute_logits(hidden)
+            return logits.argmax(-1) if argmax else logits
+        report_pass(name, lambda g=graphs, s=size: g.replay(s, False), head)
 
 
 if __name__ == "__main__":

@@ -66,31 +66,38 @@ def _generate(args):
             print(out.prompt + c.text)
 
 
-def _serve(args):
-    from pagedllm.server.launch import serve
+def _server_configs(args) -> tuple[EngineConfig, ServerConfig]:
+    """serve's and run-batch's configs; the positional MODEL wins over --model."""
     if args.model_tag is not None:
         args.model = args.model_tag
-    serve(EngineConfig(**engine_kwargs(args)), ServerConfig(**engine_kwargs(args, ServerConfig)))
+    return EngineConfig(**engine_kwargs(args)), ServerConfig(**engine_kwargs(args, ServerConfig))
+
+
+def _serve(args):
+    from pagedllm.server.launch import serve
+    serve(*_server_configs(args))
 
 
 def _run_batch(args):
     from pagedllm.server.run_batch import run_batch
-    if args.model_tag is not None:
-        args.model = args.model_tag
-    counts = run_batch(EngineConfig(**engine_kwargs(args)), ServerConfig(**engine_kwargs(args, ServerConfig)),
-                       args.input_file, args.output_file)
+    counts = run_batch(*_server_configs(args), args.input_file, args.output_file)
     print(json.dumps({"output_file": args.output_file, "by_status": counts}))
+
+
+def _add_server_args(parser: argparse.ArgumentParser):
+    """serve's and run-batch's arguments: MODEL, the server's flags, the engine's."""
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="model directory (as --model)")
+    add_config_args(parser, ServerConfig, "server")
+    add_engine_args(parser)
 
 
 def _add_run_batch_parser(sub):
     run = sub.add_parser("run-batch", help="answer a JSONL file of requests in OpenAI's Batch format offline "
                                            "(vLLM's run-batch): one output line per input line")
-    run.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="model directory (as --model)")
     run.add_argument("-i", "--input-file", required=True, help="the requests: a JSONL file, a line each: "
                      "custom_id, method POST, url (/v1/chat/completions, /v1/completions, /v1/responses), body")
     run.add_argument("-o", "--output-file", required=True, help="the answers: a JSONL file, in the input's order")
-    add_config_args(run, ServerConfig, "server")
-    add_engine_args(run)
+    _add_server_args(run)
 
 
 def _add_throughput_args(parser: argparse.ArgumentParser):
@@ -106,10 +113,8 @@ def _add_throughput_args(parser: argparse.ArgumentParser):
 
 
 def _add_serve_parser(sub):
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
-    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="model directory (as --model)")
-    add_config_args(serve, ServerConfig, "server")
-    add_engine_args(serve)
+    _add_server_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
+                                                  "/v1/chat/completions, ...)"))
 
 
 def main(argv=None):

@@ -205,6 +205,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     if req.background and req.stream:
         raise APIError(400, "a background response is not streamed here: read it with GET /v1/responses/{id}",
                        "stream", "unsupported_parameter")
+    # a copy: _messages adds input calls and reasoning to the last assistant message, which may be the stored one
     messages = _messages(req, copy.deepcopy(history))
     chat = to_chat(req, messages)
     head = _head(req, f"resp_{req.request_id or uuid.uuid4().hex}", req.model or ctx.model_name)

@@ -31,10 +31,9 @@ MAX_IN_FLIGHT = 4096   # requests handed to the app at once; the engine's own li
 def run_batch(engine_config: EngineConfig, server_config: ServerConfig, input_file: str, output_file: str) -> dict:
     """Answers every line of input_file into output_file; returns the count of lines by status code."""
     from pagedllm.server.launch import check_serve_config
-    if "://" in input_file:
-        raise ValueError(f"--input-file {input_file!r}: a local file is read here, not a URL")
-    if "://" in output_file:
-        raise ValueError(f"--output-file {output_file!r}: a local file is written here, not a URL")
+    for flag, path in (("--input-file", input_file), ("--output-file", output_file)):
+        if "://" in path:
+            raise ValueError(f"{flag} {path!r}: a local file is used here, not a URL")
     lines = Path(input_file).read_text().splitlines()   # a missing file fails before the model loads
     checks = check_serve_config(engine_config, server_config, time.monotonic())
     from pagedllm.engine.core_process import CoreClient

@@ -109,6 +109,16 @@ def test_capture_sizes_cover_every_batch():
     assert sorted(with_lora) == sorted([k[:3] + (lora,) for k in shared for lora in (False, True)])
 
 
+def test_decode_graphs_never_pad_across_the_small_batch_segments():
+    """triton_backend.decode_partition picks shorter segments for decode steps of at most SMALL_BATCH_ROWS rows;
+    a decode graph must make the same choice as the eager step it replaces, so padding never crosses it."""
+    small = triton_backend.SMALL_BATCH_ROWS
+    for max_num_seqs in range(1, 300):
+        graphs = CudaGraphs(capture_sizes(max_num_seqs), [])
+        for n in range(1, max_num_seqs + 1):
+            assert (graphs.padded_size(n, False) <= small) == (n <= small), (max_num_seqs, n)
+
+
 def _plan(tables, query_lens, seq_lens, rows_per_item=2, max_items=64, block_size=BS):
     n = len(seq_lens)
     first_seg, items, rows = np.zeros(n, np.int32), np.zeros((max_items, 4), np.int32), np.zeros(n, np.int32)
