@@ -11,7 +11,18 @@ segments either way). W1 end to end at 128: 18,424 / 18,489 tok/s against 18,996
 decode-only steps of at most triton_backend.SMALL_BATCH_ROWS rows, 512 for the rest.
 
     PYTHONPATH=$PWD python3 benchmarks/decode_partition_sweep.py [512 256 128]
+    PYTHONPATH=$PWD python3 benchmarks/decode_partition_sweep.py --shared
+
+--shared: small decode-only steps whose rows share their context's blocks (a speculative verify: k + 1 rows of
+one request; parallel sampling: n rows of one prompt), each timed as the engine can run it: with the shared
+prefix plan (shared_prefix reads the shared 512-token segments once, then decode_partition at 512) or without
+(decode_partition at SMALL_BATCH_PARTITION, every row reads its whole context). H100 (session 39), us a layer,
+shared / per row: verify 5 x 1,000 (32/8 heads) 28.2 / 9.7; 5 x 6,000 30.6 / 31.2; 5 x 8,000 33.5 / 39.2;
+n=8 x 3,000 (16/8) 29.6 / 24.9; n=8 x 4,000 29.0 / 31.8; n=4 x 8,000 32.5 / 30.2. The plan costs ~28-33 us
+whatever the context; per row costs with the sum of the rows' contexts, even at ~30,000 tokens: hence
+triton_backend.SMALL_BATCH_SHARE_FROM.
 """
+import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -20,7 +31,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
-from attention_cases import make_batch, rel_error  # noqa: E402
+from attention_cases import make_batch, rel_error, shared_prefix_plan  # noqa: E402
 
 from pagedllm.attention import torch_backend, triton_backend  # noqa: E402
 
@@ -46,7 +57,28 @@ def graph_us(fn, calls=20):
     return do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1e3 / calls
 
 
+def small_shared():
+    print(f"device: {torch.cuda.get_device_name()}")
+    for ctx in [1000, 2000, 3000, 4000, 6000, 8000, 12000]:
+        for name, (hq, hkv), rows in [(f"verify 5 x {ctx} (32/8)", (32, 8), [(ctx + i, 1) for i in range(5)]),
+                                      (f"n=4 x {ctx} (16/8)", (16, 8), [(ctx + 20, 1)] * 4),
+                                      (f"n=8 x {ctx} (16/8)", (16, 8), [(ctx + 20, 1)] * 8)]:
+            shared = [(list(range(len(rows))), (ctx - 1) // 16)]
+            batch = make_batch(rows, hq, hkv, 128, 16, torch.bfloat16, "cuda", seed=0, shared=shared)
+            triton_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
+            ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, 128 ** -0.5)
+            triton_backend.SMALL_BATCH_SHARE_FROM = 0      # plan whatever is shared, however small the step
+            plan, items = shared_prefix_plan(batch, 16)
+            line = []
+            for mode, meta in [("shared", dataclasses.replace(batch.meta, shared=plan)), ("per row", batch.meta)]:
+                fn = lambda m=meta: triton_backend.paged_attention(batch.q, batch.kv_cache, m, 128 ** -0.5)  # noqa
+                line.append(f"{mode}: {graph_us(fn):7.1f} us (err {rel_error(fn(), ref):.1e})")
+            print(f"{name:24s} {items:3d} items  " + " | ".join(line), flush=True)
+
+
 def main():
+    if sys.argv[1:] == ["--shared"]:
+        return small_shared()
     partitions = [int(p) for p in sys.argv[1:]] or [512, 256, 128]
     print(f"device: {torch.cuda.get_device_name()}")
     for name, (hq, hkv), rows in shapes(random.Random(0)):

@@ -13,6 +13,7 @@ H100, 854b694 (before the small steps' 128-token decode segments): target decode
 import collections
 import functools
 import json
+import os
 import sys
 import time
 
@@ -104,6 +105,12 @@ def main():
         llm.generate([prompt[:-1] + [8]], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
                      use_tqdm=False)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+    if os.environ.get("TRACE"):   # a few steps' timeline, to see what runs between the graphs
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            llm.generate([prompt[:-1] + [9]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                         use_tqdm=False)
+        prof.export_chrome_trace(os.environ["TRACE"])
     if runner.graphs is None:   # the CPU: no graphs to replay
         return
     tm, dm = runner.model, runner.draft.model

@@ -44,6 +44,9 @@ def plan_shared_prefix(block_tables: np.ndarray, query_lens: np.ndarray, seq_len
     partition, max_segments = triton_backend.PARTITION, triton_backend.MAX_SEGMENTS   # read now: tests shrink them
     if partition % block_size:
         return 0
+    if (n <= triton_backend.SMALL_BATCH_ROWS and (query_lens == 1).all()
+            and seq_lens.sum() < triton_backend.SMALL_BATCH_SHARE_FROM):
+        return 0
     cand = np.flatnonzero((query_lens == 1) & (seq_lens > partition) & (seq_lens <= partition * max_segments))
     if len(cand) < 2:
         return 0

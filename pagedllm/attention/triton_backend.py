@@ -34,6 +34,11 @@ PARTITION = 512        # decode segment length in tokens (rows up to PARTITION *
 # (7.6 us); W1's 256 rows lose 6% at 128 (393.7 -> 418.8 us), so larger steps keep PARTITION.
 SMALL_BATCH_ROWS = 8
 SMALL_BATCH_PARTITION = 128
+# Such steps plan no shared prefix (shared_prefix.plan_shared_prefix) while their rows' contexts sum to fewer
+# tokens than this: shared_prefix and then decode at 512 cost ~28-33 us a layer whatever the context, each row
+# reading its own at 128 costs with the sum (H100: a verify of 5 x 1,000, 9.7 us; 5 x 6,000, 31.2 against 30.6;
+# 8 x 3,000, 24.9 against 29.6; 8 x 4,000, 31.8 against 29.0; benchmarks/decode_partition_sweep.py --shared).
+SMALL_BATCH_SHARE_FROM = 30000
 MAX_SEGMENTS = 32      # more context than that: longer segments, never more of them
 PROGRAMS_PER_SM = 32   # decode spreads a row's segments over programs until about this many per SM
 

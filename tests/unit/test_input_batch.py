@@ -150,8 +150,27 @@ def test_shared_prefix_plan(monkeypatch):
     assert _plan(tables, query_lens, [65] * 7)[1] == []
 
 
+def test_small_decode_steps_share_only_long_contexts(monkeypatch):
+    """Decode-only steps of at most SMALL_BATCH_ROWS rows (a speculative verify: k + 1 rows of one request)
+    run per row at SMALL_BATCH_PARTITION while their contexts sum to fewer than SMALL_BATCH_SHARE_FROM tokens:
+    no plan there; larger steps, steps with a prefill chunk and longer contexts plan as before."""
+    monkeypatch.setattr(triton_backend, "PARTITION", 2 * BS)
+    monkeypatch.setattr(triton_backend, "SMALL_BATCH_ROWS", 4)
+    monkeypatch.setattr(triton_backend, "SMALL_BATCH_SHARE_FROM", 87)
+    common = [50, 51, 52, 53]
+    verify = ([common + [60 + i] for i in range(4)], [1] * 4, [20, 21, 22, 23])   # 86 tokens in all
+    assert _plan(*verify)[1] == []
+    longer = (verify[0], verify[1], [21, 22, 23, 24])
+    assert _plan(*longer)[0] == [2, 2, 2, 2]       # 4 common blocks: 2 segments of 2
+    mixed = (verify[0], [1, 1, 1, 3], [20, 21, 22, 23])          # a prefill chunk: not a small decode step
+    assert _plan(*mixed)[0] == [2, 2, 2, 0]
+    five = ([common + [60 + i] for i in range(5)], [1] * 5, [20, 21, 22, 23, 20])  # more rows than SMALL_BATCH_ROWS
+    assert _plan(*five)[0] == [2] * 5
+
+
 def test_build_plans_shared_segments_and_pads_the_graph_grid(monkeypatch):
     monkeypatch.setattr(triton_backend, "PARTITION", 2 * BS)
+    monkeypatch.setattr(triton_backend, "SMALL_BATCH_SHARE_FROM", 0)   # its 3 rows plan too
     tables = BlockTables(max_blocks_per_req=8)
     reqs = [make_req(tables, str(i), [1] * (13 + i), [5, 6, 7, 10 + i], 12 + i) for i in range(3)]
     buf = InputBuffers(max_tokens=8, max_reqs=4, max_blocks_per_req=8, device=torch.device("cpu"),
