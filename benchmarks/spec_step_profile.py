@@ -8,7 +8,10 @@ replay's time. A replay after the run re-runs the last step's inputs (its KV wri
 
 H100, 854b694 (before the small steps' 128-token decode segments): target decode 6.43 ms (434 kernels summing
 6.26; decode_partition 16.3 us a layer), verify 6.54, LM head 0.45; draft pass 1.51 ms (310 kernels summing
-1.36; decode_partition 16.2 us a layer, 30%), LM head with argmax 0.13.
+1.36; decode_partition 16.2 us a layer, 30%), LM head with argmax 0.13. H100, c700806: target decode 6.11 ms,
+verify 6.26, draft pass 1.25 (decode_partition 6.6 us a layer); a step's trace showed the verify running
+shared_prefix (16.5 us a layer, since dropped for small steps) and the device waiting for the host between the
+rejection sampler's copy and the first draft pass. With TRACE=path.json, a few steps' timeline is saved there.
 """
 import collections
 import functools
@@ -69,6 +72,43 @@ def report_pass(name, fn, head):
         print(f"    {kus:8.1f} us {calls:6.1f} calls {kus / max(calls, 1):6.2f} us each  {kname[:110]}")
 
 
+def device_timeline(llm, prompt, params):
+    """Per step, from CUDA events (no profiler, no host timers): the draft's passes (first launch to last), the
+    target's part (its input build, verify, LM head, rejection sampler) and the device's wait from the sampler's
+    end to the next step's first draft launch (the host: result, update, schedule, the draft's first build)."""
+    runner, events = llm.engine.core.runner, []
+    propose, verify = runner.draft.propose, runner._verify
+
+    def timed_propose(*a, **kw):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = propose(*a, **kw)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        events.append([start, end])
+        return out
+
+    def timed_verify(*a, **kw):
+        out = verify(*a, **kw)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        events[-1].append(end)
+        return out
+    runner.draft.propose, runner._verify = timed_propose, timed_verify
+    start = time.perf_counter()
+    llm.generate([prompt], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    runner.draft.propose, runner._verify = propose, verify
+    torch.cuda.synchronize()
+    steps = [e for e in events if len(e) == 3]
+    median = lambda xs: round(float(np.median(xs)), 3)  # noqa: E731
+    print(json.dumps({"timeline_steps": len(steps), "wall_ms_a_step": round(wall * 1e3 / len(steps), 3),
+                      "drafts_ms": median([a.elapsed_time(b) for a, b, _ in steps]),
+                      "target_ms": median([b.elapsed_time(c) for _, b, c in steps]),
+                      "wait_for_host_ms": median([steps[i][2].elapsed_time(steps[i + 1][0])
+                                                  for i in range(len(steps) - 1)])}), flush=True)
+
+
 def main():
     target, draft = sys.argv[1:3]
     spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": K,
@@ -78,6 +118,8 @@ def main():
     prompt = np.random.default_rng(1).integers(0, 10000, size=1000).tolist()
     params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     llm.generate([prompt], params, use_tqdm=False)
+    if torch.cuda.is_available():
+        device_timeline(llm, prompt[:-1] + [6], params)
     core = llm.engine.core
     runner = core.runner
     timed(core, "_spec_step", "spec_step (all)")
