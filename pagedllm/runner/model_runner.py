@@ -154,6 +154,8 @@ class ModelRunner:
         id of a later step is taken from the device, and the sampling metadata is rebuilt."""
         self._in_flight = {}
         self._sampling_key = self._sampling_cache = None
+        if self.draft is not None:
+            self.draft.pre = None
 
     # ---- one step ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -169,6 +171,8 @@ class ModelRunner:
             return PendingOutput(ModelRunnerOutput(kv_transfer=transfer), [])
         reqs = [self.states[req_id] for req_id in sched.num_scheduled_tokens]
         spec = sched.spec_token_ids   # proposals: inputs after each row's last token (a draft's filled below)
+        if self.draft is not None and not spec:
+            self.draft.pre = None   # a pre-pass serves only the step right after its verify
         step_rows, query_lens = reqs, list(sched.num_scheduled_tokens.values())
         if spec:
             step_rows, query_lens = _one_token_rows(reqs, query_lens, spec)
@@ -218,7 +222,9 @@ class ModelRunner:
             qsl = inputs.attn_metadata.query_start_loc_cpu
             index = [qsl[i + 1] - 1 for i in sample_rows] + verify.logits_index
             all_logits = self.model.compute_logits(hidden[to_device(index, torch.int64, self.device)])
-            self._verify(pending, verify, all_logits[len(rows):], draft_ids, sched.num_scheduled_tokens)
+            res = self._verify(pending, verify, all_logits[len(rows):], draft_ids, sched.num_scheduled_tokens)
+            if self._prepass_due(verify, reqs):
+                self.draft.prepass(verify.rows, verify.num_spec, self.tables, res.output_token_ids, res.num_emitted)
             if not rows:
                 return pending
             logits = all_logits[:len(rows)]
@@ -304,6 +310,15 @@ class ModelRunner:
         if self.device.type == "cuda":   # the plain rows' sampling, if any, records a later one
             pending.event = torch.cuda.Event()
             pending.event.record()
+        return res
+
+    def _prepass_due(self, verify: VerifyLayout, reqs: list[RunnerRequestState]) -> bool:
+        """The draft's next first pass goes behind this verify (DraftModel.prepass) when every request of the
+        step speculated the full k, so the next step likely does again; on CUDA only from its graphs (the
+        eager pass would need the lengths on the host)."""
+        return (self.draft is not None and len(verify.rows) == len(reqs)
+                and all(s == self.config.speculative.num_speculative_tokens for s in verify.num_spec)
+                and (self.draft.graphs is not None or self.device.type != "cuda"))
 
     def _graph_key(self, sched: SchedulerOutput, num_reqs: int) -> tuple[int, bool] | None:
         """(padded num_tokens, mixed) of the graph this step replays; None: eager."""

@@ -7,10 +7,17 @@ request is right only up to `valid[req_id]` positions, a prefix that it catches 
 the request next speculates (a new or resumed request starts at 0: a prefix-cache hit or a swapped-in block
 holds the target's KV only). Of its proposals e1..es, e1..e(s-1) were fed back, so after the verification
 accepts a of them the prefix grows by min(a, s - 1) past the last known token.
+
+The next step's first pass needs only the verify's emitted tokens, so when every row of a step speculated it is
+launched right behind the verify (`prepass`), its inputs made on the device, before the host has read the
+result: the device runs it while the host applies the step and schedules the next, which then starts at the
+second pass (H100, W5: the device otherwise waited for the host there, ~0.6 ms of host work a step).
 """
+from dataclasses import dataclass
+
 import torch
 
-from pagedllm.attention.metadata import set_forward_context
+from pagedllm.attention.metadata import AttentionMetadata, set_forward_context
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.models import model_dims
@@ -22,6 +29,16 @@ from pagedllm.sample.host_copy import to_device
 
 
 _GRAPH_CATCH_UP = 3   # unfed tokens a row (before its last) that the first proposal pass takes along
+
+
+@dataclass
+class PrePass:
+    """A first proposal pass launched behind a verify (DraftModel.prepass), for the rows as they were then."""
+    req_ids: list[str]
+    base_lens: list[int]      # each row's known tokens when the verify launched
+    num_spec: list[int]       # its proposals then
+    limits: list[int]         # positions with a slot then (the row's blocks): the pass fed nothing past them
+    proposals: torch.Tensor   # (R,) the draft's token after each row's last emitted one
 
 
 class DraftModel:
@@ -52,6 +69,7 @@ class DraftModel:
         self.kv_caches: list[torch.Tensor] = []
         self.valid: dict[str, int] = {}   # req_id -> leading positions whose draft KV is right
         self._copies: list[torch.cuda.Event] = []   # the last builds' host -> device copies (CUDA)
+        self.pre: PrePass | None = None    # launched behind the last step's verify, for the next step
 
     def allocate(self, num_blocks: int):
         self.kv_caches = allocate_kv_caches(self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
@@ -76,6 +94,8 @@ class DraftModel:
         The first pass feeds each row's tokens from its valid prefix to its last known token, each a one-token
         row (a fully accepted draft leaves two: the last proposal and the target's token), and proposes e1 from
         the last; each later pass feeds the proposal before. Longer gaps are caught up first (_catch_up)."""
+        pre, self.pre = self.pre, None
+        done = self._prepass_rows(pre, rows) if pre is not None and not catch_up else []
         far = [(r, len(r.token_ids) - 1) for r in rows
                if len(r.token_ids) - 1 - self.valid.get(r.req_id, 0) > _GRAPH_CATCH_UP]
         self._catch_up(far + catch_up, tables)
@@ -83,13 +103,24 @@ class DraftModel:
         prev, prev_rows = None, {}
         for j in range(max(num_spec)):
             live = [i for i, s in enumerate(num_spec) if s > j]
+            if j == 0 and done:   # these rows' first pass ran behind the verify (prepass)
+                rest = sorted(set(live) - set(done))
+                if rest:
+                    out[to_device(rest, torch.int64, self.device), 0] = self._first_pass(
+                        [rows[i] for i in rest], tables)
+                if len(done) == len(rows):
+                    out[:, 0] = pre.proposals
+                else:
+                    index = to_device(done, torch.int64, self.device)
+                    out[index, 0] = pre.proposals[index]
+                prev, prev_rows = out[:, 0], {i: i for i in live}
+                continue
             if j == 0:
-                views = [RowView.of(rows[i], p) for i in live
-                         for p in range(self.valid.get(rows[i].req_id, 0), len(rows[i].token_ids))]
+                ids = self._first_pass([rows[i] for i in live], tables)
             else:
                 views = [RowView.of(rows[i], len(rows[i].token_ids) - 1 + j) for i in live]
-            ids = self._forward_last(views, tables, in_flight={
-                v.req_id: prev_rows[i] for v, i in zip(views, live)} if j else None, in_flight_ids=prev)
+                ids = self._forward_last(views, tables, in_flight={
+                    v.req_id: prev_rows[i] for v, i in zip(views, live)}, in_flight_ids=prev)
             if len(live) == len(rows):
                 out[:, j] = ids
             else:
@@ -98,6 +129,73 @@ class DraftModel:
         for r in rows:
             self.valid[r.req_id] = len(r.token_ids)   # fed up to the last known token (then e1..e(s-1))
         return out
+
+    def _first_pass(self, rows: list[RunnerRequestState], tables: BlockTables) -> torch.Tensor:
+        """Each row's tokens from its valid prefix to its last known one, each a one-token row; the draft's
+        token after the last."""
+        views = [RowView.of(r, p) for r in rows for p in range(self.valid.get(r.req_id, 0), len(r.token_ids))]
+        return self._forward_last(views, tables, in_flight=None, in_flight_ids=None)
+
+    def _prepass_rows(self, pre: PrePass, rows: list[RunnerRequestState]) -> list[int]:
+        """The rows whose first pass the pre-pass ran: the same rows as then, each now m = 1 .. s + 1 tokens
+        past its base (a verify's emitted tokens, nothing since), its draft KV grown by min(m - 1, s - 1)
+        (VerifyResult.apply), its last token inside the slots it had (else it fed nothing)."""
+        if [r.req_id for r in rows] != pre.req_ids:
+            return []
+        done = []
+        for i, (r, base, s, limit) in enumerate(zip(rows, pre.base_lens, pre.num_spec, pre.limits)):
+            m = len(r.token_ids) - base
+            if 1 <= m <= s + 1 and base + m - 1 < limit and self.valid.get(r.req_id) == base + min(m - 1, s - 1):
+                done.append(i)
+        return done
+
+    @torch.inference_mode()
+    def prepass(self, rows: list[RunnerRequestState], num_spec: list[int], tables: BlockTables,
+                tokens: torch.Tensor, num_emitted: torch.Tensor):
+        """The next step's first proposal pass, launched right behind the verify whose rejection sampling gave
+        tokens (R, max s + 1) and num_emitted (R,) on the device. Row i then knows m = num_emitted[i] more
+        tokens; its draft KV lacks the last one, and e_s too when all s were accepted (m = s + 1). So each row
+        is two one-token rows: e_s at its position, or a copy of the second (the same K/V written twice), then
+        the last emitted token. A token past the row's current slots is not fed (slot -1; it reads its first
+        block), and the next step sees that in _prepass_fits and runs its own first pass."""
+        n, bs, dev = len(rows), self.block_size, self.device
+        base = to_device([len(r.token_ids) for r in rows], torch.int64, dev)
+        spec = to_device(num_spec, torch.int64, dev)
+        limits = [r.num_blocks * bs for r in rows]
+        m = num_emitted.to(torch.int64)
+        idx = torch.arange(n, device=dev)
+        pos_last, tok_last = base + m - 1, tokens[idx, m - 1]
+        all_accepted = m == spec + 1
+        pos_first = torch.where(all_accepted, base + spec - 1, pos_last)
+        tok_first = torch.where(all_accepted, tokens[idx, spec - 1], tok_last)
+        fits = (pos_last < to_device(limits, torch.int64, dev)).repeat_interleave(2)
+        pos = torch.stack([pos_first, pos_last], 1).view(-1)
+        tok = torch.stack([tok_first, tok_last], 1).view(-1)
+        max_blocks = max(r.num_blocks for r in rows)
+        table = to_device(tables.table[[r.row for r in rows], :max_blocks], torch.int32, dev).repeat_interleave(2, 0)
+        block = table.gather(1, (pos // bs).clamp(max=max_blocks - 1)[:, None])[:, 0].to(torch.int64)
+        b, k = self.buffers, 2 * n
+        size = k if self.graphs is None else self.graphs.padded_size(k, False)
+        b.input_ids[:k] = torch.where(fits, tok, 0)
+        b.positions[:k] = torch.where(fits, pos, 0)
+        b.slot_mapping[:k] = torch.where(fits, block * bs + pos % bs, -1)
+        b.seq_lens[:k] = torch.where(fits, pos + 1, 1)
+        b.block_tables[:k, :max_blocks] = table
+        b.query_start_loc[:size + 1] = torch.arange(size + 1, device=dev).clamp_(max=k)
+        b.input_ids[k:size], b.positions[k:size], b.slot_mapping[k:size], b.seq_lens[k:size] = 0, 0, -1, 0
+        if self.graphs is not None:
+            hidden = self.graphs.replay(size, False)
+        else:   # eager: the host's copies of the lengths (CPU; a CUDA eager engine takes no pre-pass)
+            seq_lens = b.seq_lens[:k].tolist()
+            meta = AttentionMetadata(
+                slot_mapping=b.slot_mapping[:k], query_start_loc=b.query_start_loc[:k + 1], seq_lens=b.seq_lens[:k],
+                block_tables=b.block_tables[:k], max_query_len=1, max_seq_len=max(seq_lens),
+                query_start_loc_cpu=list(range(k + 1)), seq_lens_cpu=seq_lens)
+            with set_forward_context(meta, self.kv_caches):
+                hidden = self.model(b.input_ids[:k], b.positions[:k])
+        proposals = self.model.compute_logits(hidden[1:k:2]).argmax(dim=-1)
+        self.pre = PrePass([r.req_id for r in rows], [len(r.token_ids) for r in rows], list(num_spec), limits,
+                           proposals)
 
     def _catch_up(self, targets: list[tuple[RunnerRequestState, int]], tables: BlockTables):
         """Feed each row's known tokens from its valid prefix up to (not including) the given position, in

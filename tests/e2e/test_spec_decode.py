@@ -45,6 +45,37 @@ def test_draft_model_greedy_matches_transformers(tiny_model_dirs, draft_name):
         assert sd.num_accepted_tokens < sd.num_draft_tokens
 
 
+@pytest.mark.parametrize("synthetic", [False, True])
+def test_first_pass_behind_the_verify(tiny_model_dirs, monkeypatch, synthetic):
+    """DraftModel.prepass runs a step's first proposal pass behind the previous verify, from the device's
+    emitted tokens. With the target as its own draft every proposal is the target's greedy token when the draft
+    was fed the right tokens at the right positions: all accepted (e_s and the bonus token fed), or, under
+    synthetic rejections (0.8 a position), some rejected and the target's token fed; outputs stay exact either
+    way. Rows whose last token left the blocks they had run their own first pass."""
+    from pagedllm.spec_decode.draft_model import DraftModel
+    prepass_rows = DraftModel._prepass_rows
+    seen = []   # (rows the pre-pass served, rows) a step
+
+    def spy(self, pre, rows):
+        seen.append((len(prepass_rows(self, pre, rows)), len(rows)))
+        return prepass_rows(self, pre, rows)
+    monkeypatch.setattr(DraftModel, "_prepass_rows", spy)
+    d = tiny_model_dirs["llama"]
+    cfg = draft(d)
+    if synthetic:
+        cfg.update(rejection_sample_method="synthetic", synthetic_acceptance_rates=[0.8, 0.64, 0.512, 0.4096])
+    outputs, stats = run(d, cfg, max_num_seqs=16)
+    check_greedy_matches(outputs, reference(d))
+    served, rows = sum(a for a, _ in seen), sum(b for _, b in seen)
+    assert served > rows / 2, seen
+    sd = stats.spec_decode
+    if synthetic:
+        assert 0 < sd.num_accepted_tokens < sd.num_draft_tokens
+    else:
+        assert sd.num_accepted_tokens == sd.num_draft_tokens > 0
+        assert served < rows, seen       # bonus tokens past their rows' blocks
+
+
 @pytest.mark.parametrize("spec", ["ngram", "draft"])
 def test_exact_under_preemption_and_chunked_prefill(tiny_model_dirs, spec):
     d = tiny_model_dirs["qwen2"]
