@@ -74,39 +74,47 @@ def report_pass(name, fn, head):
 
 def device_timeline(llm, prompt, params):
     """Per step, from CUDA events (no profiler, no host timers): the draft's passes (first launch to last), the
-    target's part (its input build, verify, LM head, rejection sampler) and the device's wait from the sampler's
-    end to the next step's first draft launch (the host: result, update, schedule, the draft's first build)."""
-    runner, events = llm.engine.core.runner, []
-    propose, verify = runner.draft.propose, runner._verify
+    target's part (its input build, verify, LM head, rejection sampler), the pre-pass behind it (the next
+    step's first draft pass, DraftModel.prepass; 0 where none ran) and the device's wait from there to the
+    next step's first draft launch (the host: result, update, schedule, the draft's next build)."""
+    runner, steps = llm.engine.core.runner, []
+    draft = runner.draft
+    propose, verify, prepass = draft.propose, runner._verify, draft.prepass
+
+    def event():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
 
     def timed_propose(*a, **kw):
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = event()
         out = propose(*a, **kw)
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        events.append([start, end])
+        steps.append({"start": start, "drafts": event()})
         return out
 
     def timed_verify(*a, **kw):
         out = verify(*a, **kw)
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        events[-1].append(end)
+        steps[-1]["target"] = steps[-1]["prepass"] = event()
         return out
-    runner.draft.propose, runner._verify = timed_propose, timed_verify
+
+    def timed_prepass(*a, **kw):
+        out = prepass(*a, **kw)
+        steps[-1]["prepass"] = event()
+        return out
+    draft.propose, runner._verify, draft.prepass = timed_propose, timed_verify, timed_prepass
     start = time.perf_counter()
     llm.generate([prompt], params, use_tqdm=False)
     wall = time.perf_counter() - start
-    runner.draft.propose, runner._verify = propose, verify
+    draft.propose, runner._verify, draft.prepass = propose, verify, prepass
     torch.cuda.synchronize()
-    steps = [e for e in events if len(e) == 3]
+    steps = [s for s in steps if "target" in s]
     median = lambda xs: round(float(np.median(xs)), 3)  # noqa: E731
     print(json.dumps({"timeline_steps": len(steps), "wall_ms_a_step": round(wall * 1e3 / len(steps), 3),
-                      "drafts_ms": median([a.elapsed_time(b) for a, b, _ in steps]),
-                      "target_ms": median([b.elapsed_time(c) for _, b, c in steps]),
-                      "wait_for_host_ms": median([steps[i][2].elapsed_time(steps[i + 1][0])
-                                                  for i in range(len(steps) - 1)])}), flush=True)
+                      "drafts_ms": median([s["start"].elapsed_time(s["drafts"]) for s in steps]),
+                      "target_ms": median([s["drafts"].elapsed_time(s["target"]) for s in steps]),
+                      "prepass_ms": median([s["target"].elapsed_time(s["prepass"]) for s in steps]),
+                      "wait_for_host_ms": median([a["prepass"].elapsed_time(b["start"])
+                                                  for a, b in zip(steps, steps[1:])])}), flush=True)
 
 
 def main():
