@@ -11,7 +11,8 @@ accepts a of them the prefix grows by min(a, s - 1) past the last known token.
 The next step's first pass needs only the verify's emitted tokens, so when every row of a step speculated it is
 launched right behind the verify (`prepass`), its inputs made on the device, before the host has read the
 result: the device runs it while the host applies the step and schedules the next, which then starts at the
-second pass (H100, W5: the device otherwise waited for the host there, ~0.6 ms of host work a step).
+second pass. (A W5 step's H100 trace showed the device idle there; that host work is ~0.4-0.6 ms a step on the
+2-core dev CPU.)
 """
 from dataclasses import dataclass
 
@@ -157,7 +158,7 @@ class DraftModel:
         tokens; its draft KV lacks the last one, and e_s too when all s were accepted (m = s + 1). So each row
         is two one-token rows: e_s at its position, or a copy of the second (the same K/V written twice), then
         the last emitted token. A token past the row's current slots is not fed (slot -1; it reads its first
-        block), and the next step sees that in _prepass_fits and runs its own first pass."""
+        block), and the next step sees that in _prepass_rows and runs that row's own first pass."""
         n, bs, dev = len(rows), self.block_size, self.device
         base = to_device([len(r.token_ids) for r in rows], torch.int64, dev)
         spec = to_device(num_spec, torch.int64, dev)
