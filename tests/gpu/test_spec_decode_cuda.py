@@ -37,6 +37,38 @@ def test_greedy_equal_with_speculation_on_cuda(tiny_model_dirs, method):
         assert sd.num_accepted_tokens == sd.num_draft_tokens
 
 
+@pytest.mark.parametrize("synthetic", [False, True])
+def test_prepass_on_cuda(tiny_model_dirs, monkeypatch, synthetic):
+    """The draft's first pass behind the verify (DraftModel.prepass, from the draft's decode graphs): with the
+    target as its own draft, outputs equal plain decoding (all accepted, or under synthetic rejections), the
+    pre-pass serves most rows, and launching it never waits for the device."""
+    from pagedllm.spec_decode.draft_model import DraftModel
+    prepass, prepass_rows, served = DraftModel.prepass, DraftModel._prepass_rows, []
+
+    def no_sync_prepass(self, *a, **kw):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return prepass(self, *a, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    def spy(self, pre, rows):
+        served.append((len(prepass_rows(self, pre, rows)), len(rows)))
+        return prepass_rows(self, pre, rows)
+    monkeypatch.setattr(DraftModel, "prepass", no_sync_prepass)
+    monkeypatch.setattr(DraftModel, "_prepass_rows", spy)
+    d = tiny_model_dirs["llama"]
+    prompts = [list(range(3, 40)), [9] * 20]
+    plain, _ = _tokens(d, prompts)
+    spec = {"method": "draft_model", "model": d, "num_speculative_tokens": 4}
+    if synthetic:
+        spec.update(rejection_sample_method="synthetic", synthetic_acceptance_rates=[0.8, 0.64, 0.512, 0.4096])
+    outs, sd = _tokens(d, prompts, spec)
+    assert outs == plain
+    assert sum(a for a, _ in served) > sum(b for _, b in served) / 2, served
+    assert (sd.num_accepted_tokens < sd.num_draft_tokens) == synthetic
+
+
 def test_rejection_sampler_does_not_sync():
     g = torch.Generator(device="cuda").manual_seed(0)
     num_draft = [4, 2, 3]
