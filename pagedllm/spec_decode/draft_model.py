@@ -8,11 +8,11 @@ the request next speculates (a new or resumed request starts at 0: a prefix-cach
 holds the target's KV only). Of its proposals e1..es, e1..e(s-1) were fed back, so after the verification
 accepts a of them the prefix grows by min(a, s - 1) past the last known token.
 
-The next step's first pass needs only the verify's emitted tokens, so when every row of a step speculated it is
-launched right behind the verify (`prepass`), its inputs made on the device, before the host has read the
-result: the device runs it while the host applies the step and schedules the next, which then starts at the
-second pass. (A W5 step's H100 trace showed the device idle there; that host work is ~0.4-0.6 ms a step on the
-2-core dev CPU.)
+The next step's passes need only the verify's emitted tokens (and slots: those the row has), so when every row
+of a step speculated they are launched right behind the verify (`prepass`), their inputs made on the device,
+before the host has read the result: the device runs them while the host applies the step and schedules the
+next, which then runs only the passes whose positions had no slot. (A W5 step's H100 trace showed the device
+idle there; that host work is ~0.4-0.6 ms a step on the 2-core dev CPU.)
 """
 from dataclasses import dataclass
 
@@ -39,7 +39,7 @@ class PrePass:
     base_lens: list[int]      # each row's known tokens when the verify launched
     num_spec: list[int]       # its proposals then
     limits: list[int]         # positions with a slot then (the row's blocks): the pass fed nothing past them
-    proposals: torch.Tensor   # (R,) the draft's token after each row's last emitted one
+    proposals: torch.Tensor   # (R, s) the draft's tokens after each row's last emitted one
 
 
 class DraftModel:
@@ -96,37 +96,30 @@ class DraftModel:
         row (a fully accepted draft leaves two: the last proposal and the target's token), and proposes e1 from
         the last; each later pass feeds the proposal before. Longer gaps are caught up first (_catch_up)."""
         pre, self.pre = self.pre, None
-        done = self._prepass_rows(pre, rows) if pre is not None and not catch_up else []
+        depth = self._prepass_depth(pre, rows) if pre is not None and not catch_up else [0] * len(rows)
         far = [(r, len(r.token_ids) - 1) for r in rows
                if len(r.token_ids) - 1 - self.valid.get(r.req_id, 0) > _GRAPH_CATCH_UP]
         self._catch_up(far + catch_up, tables)
-        out = torch.zeros((len(rows), max(num_spec)), dtype=torch.int64, device=self.device)
-        prev, prev_rows = None, {}
-        for j in range(max(num_spec)):
-            live = [i for i, s in enumerate(num_spec) if s > j]
-            if j == 0 and done:   # these rows' first pass ran behind the verify (prepass)
-                rest = sorted(set(live) - set(done))
-                if rest:
-                    out[to_device(rest, torch.int64, self.device), 0] = self._first_pass(
-                        [rows[i] for i in rest], tables)
-                if len(done) == len(rows):
-                    out[:, 0] = pre.proposals
-                else:
-                    index = to_device(done, torch.int64, self.device)
-                    out[index, 0] = pre.proposals[index]
-                prev, prev_rows = out[:, 0], {i: i for i in live}
+        width = max(num_spec)
+        out = torch.zeros((len(rows), width), dtype=torch.int64, device=self.device)
+        if any(depth):   # passes that ran behind the verify (prepass): their proposals
+            served = min(width, pre.proposals.shape[1])
+            out[:, :served] = pre.proposals[:, :served]   # columns past a row's depth are written below
+        identity = {r.req_id: i for i, r in enumerate(rows)}
+        for j in range(width):
+            live = [i for i, s in enumerate(num_spec) if depth[i] <= j < s]
+            if not live:
                 continue
             if j == 0:
                 ids = self._first_pass([rows[i] for i in live], tables)
-            else:
+            else:   # each feeds its proposal before, still on the device (column j - 1)
                 views = [RowView.of(rows[i], len(rows[i].token_ids) - 1 + j) for i in live]
-                ids = self._forward_last(views, tables, in_flight={
-                    v.req_id: prev_rows[i] for v, i in zip(views, live)}, in_flight_ids=prev)
+                ids = self._forward_last(views, tables, in_flight={v.req_id: identity[v.req_id] for v in views},
+                                         in_flight_ids=out[:, j - 1])
             if len(live) == len(rows):
                 out[:, j] = ids
             else:
                 out[to_device(live, torch.int64, self.device), j] = ids
-            prev, prev_rows = ids, {i: k for k, i in enumerate(live)}
         for r in rows:
             self.valid[r.req_id] = len(r.token_ids)   # fed up to the last known token (then e1..e(s-1))
         return out
@@ -137,18 +130,19 @@ class DraftModel:
         views = [RowView.of(r, p) for r in rows for p in range(self.valid.get(r.req_id, 0), len(r.token_ids))]
         return self._forward_last(views, tables, in_flight=None, in_flight_ids=None)
 
-    def _prepass_rows(self, pre: PrePass, rows: list[RunnerRequestState]) -> list[int]:
-        """The rows whose first pass the pre-pass ran: the same rows as then, each now m = 1 .. s + 1 tokens
+    def _prepass_depth(self, pre: PrePass, rows: list[RunnerRequestState]) -> list[int]:
+        """Each row's passes that ran behind the verify: the same rows as then, each now m = 1 .. s + 1 tokens
         past its base (a verify's emitted tokens, nothing since), its draft KV grown by min(m - 1, s - 1)
-        (VerifyResult.apply), its last token inside the slots it had (else it fed nothing)."""
+        (VerifyResult.apply); pass j fed position base + m - 1 + (j - 1), which had a slot only below the
+        row's limit then (else that pass and those after it fed nothing). 0: none."""
         if [r.req_id for r in rows] != pre.req_ids:
-            return []
-        done = []
-        for i, (r, base, s, limit) in enumerate(zip(rows, pre.base_lens, pre.num_spec, pre.limits)):
+            return [0] * len(rows)
+        depth = []
+        for r, base, s, limit in zip(rows, pre.base_lens, pre.num_spec, pre.limits):
             m = len(r.token_ids) - base
-            if 1 <= m <= s + 1 and base + m - 1 < limit and self.valid.get(r.req_id) == base + min(m - 1, s - 1):
-                done.append(i)
-        return done
+            ok = 1 <= m <= s + 1 and self.valid.get(r.req_id) == base + min(m - 1, s - 1)
+            depth.append(max(0, min(pre.proposals.shape[1], limit - (base + m - 1))) if ok else 0)
+        return depth
 
     @torch.inference_mode()
     def prepass(self, rows: list[RunnerRequestState], num_spec: list[int], tables: BlockTables,
@@ -158,7 +152,8 @@ class DraftModel:
         tokens; its draft KV lacks the last one, and e_s too when all s were accepted (m = s + 1). So each row
         is two one-token rows: e_s at its position, or a copy of the second (the same K/V written twice), then
         the last emitted token. A token past the row's current slots is not fed (slot -1; it reads its first
-        block), and the next step sees that in _prepass_rows and runs that row's own first pass."""
+        block), and the next step sees that in _prepass_depth and runs that row's own first pass. The later passes
+        follow, one row a request, each feeding the proposal before while its position has a slot."""
         n, bs, dev = len(rows), self.block_size, self.device
         base = to_device([len(r.token_ids) for r in rows], torch.int64, dev)
         spec = to_device(num_spec, torch.int64, dev)
@@ -184,19 +179,39 @@ class DraftModel:
         b.block_tables[:k, :max_blocks] = table
         b.query_start_loc[:size + 1] = torch.arange(size + 1, device=dev).clamp_(max=k)
         b.input_ids[k:size], b.positions[k:size], b.slot_mapping[k:size], b.seq_lens[k:size] = 0, 0, -1, 0
-        if self.graphs is not None:
-            hidden = self.graphs.replay(size, False)
-        else:   # eager: the host's copies of the lengths (CPU; a CUDA eager engine takes no pre-pass)
-            seq_lens = b.seq_lens[:k].tolist()
-            meta = AttentionMetadata(
-                slot_mapping=b.slot_mapping[:k], query_start_loc=b.query_start_loc[:k + 1], seq_lens=b.seq_lens[:k],
-                block_tables=b.block_tables[:k], max_query_len=1, max_seq_len=max(seq_lens),
-                query_start_loc_cpu=list(range(k + 1)), seq_lens_cpu=seq_lens)
-            with set_forward_context(meta, self.kv_caches):
-                hidden = self.model(b.input_ids[:k], b.positions[:k])
-        proposals = self.model.compute_logits(hidden[1:k:2]).argmax(dim=-1)
+        hidden = self._prepass_forward(k, size)
+        ids = [self.model.compute_logits(hidden[1:k:2]).argmax(dim=-1)]
+        # The later passes: each row's proposal before at the next position, while it has a slot
+        size = n if self.graphs is None else self.graphs.padded_size(n, False)
+        row_table = table[0::2]
+        limit = to_device(limits, torch.int64, dev)
+        b.query_start_loc[:size + 1] = torch.arange(size + 1, device=dev).clamp_(max=n)
+        b.block_tables[:n, :max_blocks] = row_table
+        b.input_ids[n:size], b.positions[n:size], b.slot_mapping[n:size], b.seq_lens[n:size] = 0, 0, -1, 0
+        for j in range(1, max(num_spec)):
+            pos = pos_last + j
+            fits = pos < limit
+            block = row_table.gather(1, (pos // bs).clamp(max=max_blocks - 1)[:, None])[:, 0].to(torch.int64)
+            b.input_ids[:n] = torch.where(fits, ids[-1], 0)
+            b.positions[:n] = torch.where(fits, pos, 0)
+            b.slot_mapping[:n] = torch.where(fits, block * bs + pos % bs, -1)
+            b.seq_lens[:n] = torch.where(fits, pos + 1, 1)
+            ids.append(self.model.compute_logits(self._prepass_forward(n, size)).argmax(dim=-1))
         self.pre = PrePass([r.req_id for r in rows], [len(r.token_ids) for r in rows], list(num_spec), limits,
-                           proposals)
+                           torch.stack(ids, 1))
+
+    def _prepass_forward(self, k: int, size: int) -> torch.Tensor:
+        """The draft on the k one-token rows the buffers hold (a graph of `size` rows, else eager: CPU)."""
+        b = self.buffers
+        if self.graphs is not None:
+            return self.graphs.replay(size, False)[:k]
+        seq_lens = b.seq_lens[:k].tolist()
+        meta = AttentionMetadata(
+            slot_mapping=b.slot_mapping[:k], query_start_loc=b.query_start_loc[:k + 1], seq_lens=b.seq_lens[:k],
+            block_tables=b.block_tables[:k], max_query_len=1, max_seq_len=max(seq_lens),
+            query_start_loc_cpu=list(range(k + 1)), seq_lens_cpu=seq_lens)
+        with set_forward_context(meta, self.kv_caches):
+            return self.model(b.input_ids[:k], b.positions[:k])
 
     def _catch_up(self, targets: list[tuple[RunnerRequestState, int]], tables: BlockTables):
         """Feed each row's known tokens from its valid prefix up to (not including) the given position, in

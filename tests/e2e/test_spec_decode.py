@@ -53,21 +53,23 @@ def test_first_pass_behind_the_verify(tiny_model_dirs, monkeypatch, synthetic):
     synthetic rejections (0.8 a position), some rejected and the target's token fed; outputs stay exact either
     way. Rows whose last token left the blocks they had run their own first pass."""
     from pagedllm.spec_decode.draft_model import DraftModel
-    prepass_rows = DraftModel._prepass_rows
+    prepass_depth = DraftModel._prepass_depth
     seen = []   # (rows the pre-pass served, rows) a step
 
     def spy(self, pre, rows):
-        seen.append((len(prepass_rows(self, pre, rows)), len(rows)))
-        return prepass_rows(self, pre, rows)
-    monkeypatch.setattr(DraftModel, "_prepass_rows", spy)
+        depth = prepass_depth(self, pre, rows)
+        seen.append((sum(d > 0 for d in depth), len(rows), sum(depth)))
+        return depth
+    monkeypatch.setattr(DraftModel, "_prepass_depth", spy)
     d = tiny_model_dirs["llama"]
     cfg = draft(d)
     if synthetic:
         cfg.update(rejection_sample_method="synthetic", synthetic_acceptance_rates=[0.8, 0.64, 0.512, 0.4096])
     outputs, stats = run(d, cfg, max_num_seqs=16)
     check_greedy_matches(outputs, reference(d))
-    served, rows = sum(a for a, _ in seen), sum(b for _, b in seen)
+    served, rows = sum(a for a, _, _ in seen), sum(b for _, b, _ in seen)
     assert served > rows / 2, seen
+    assert sum(d for _, _, d in seen) > 2 * rows, seen     # later passes too
     sd = stats.spec_decode
     if synthetic:
         assert 0 < sd.num_accepted_tokens < sd.num_draft_tokens

@@ -43,7 +43,7 @@ def test_prepass_on_cuda(tiny_model_dirs, monkeypatch, synthetic):
     target as its own draft, outputs equal plain decoding (all accepted, or under synthetic rejections), the
     pre-pass serves most rows, and launching it never waits for the device."""
     from pagedllm.spec_decode.draft_model import DraftModel
-    prepass, prepass_rows, served = DraftModel.prepass, DraftModel._prepass_rows, []
+    prepass, prepass_depth, served = DraftModel.prepass, DraftModel._prepass_depth, []
 
     def no_sync_prepass(self, *a, **kw):
         torch.cuda.set_sync_debug_mode("error")
@@ -53,10 +53,11 @@ def test_prepass_on_cuda(tiny_model_dirs, monkeypatch, synthetic):
             torch.cuda.set_sync_debug_mode(0)
 
     def spy(self, pre, rows):
-        served.append((len(prepass_rows(self, pre, rows)), len(rows)))
-        return prepass_rows(self, pre, rows)
+        depth = prepass_depth(self, pre, rows)
+        served.append((sum(d > 0 for d in depth), len(rows)))
+        return depth
     monkeypatch.setattr(DraftModel, "prepass", no_sync_prepass)
-    monkeypatch.setattr(DraftModel, "_prepass_rows", spy)
+    monkeypatch.setattr(DraftModel, "_prepass_depth", spy)
     d = tiny_model_dirs["llama"]
     prompts = [list(range(3, 40)), [9] * 20]
     plain, _ = _tokens(d, prompts)
