@@ -75,8 +75,8 @@ def report_pass(name, fn, head):
 def device_timeline(llm, prompt, params):
     """Per step, from CUDA events (no profiler, no host timers): the draft's passes (first launch to last), the
     target's part (its input build, verify, LM head, rejection sampler), the pre-pass behind it (the next
-    step's first draft pass, DraftModel.prepass; 0 where none ran) and the device's wait from there to the
-    next step's first draft launch (the host: result, update, schedule, the draft's next build)."""
+    step's draft passes, DraftModel.prepass; 0 where none ran) and the device's wait from there to the next
+    step's propose (the host: result, update, schedule)."""
     runner, steps = llm.engine.core.runner, []
     draft = runner.draft
     propose, verify, prepass = draft.propose, runner._verify, draft.prepass
