@@ -39,6 +39,8 @@ logger = logging.getLogger("pagedllm")
 PROMPT_LOGPROBS_ROWS = 1024   # prompt positions whose logits are computed at once (~0.5 GB at 128k vocab)
 
 
+PREPASS_ON_CPU = False   # DraftModel.prepass on a CPU (its tests; see ModelRunner._prepass_due)
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, tp: TPGroup = TPGroup()):
@@ -313,12 +315,13 @@ class ModelRunner:
         return res
 
     def _prepass_due(self, verify: VerifyLayout, reqs: list[RunnerRequestState]) -> bool:
-        """The draft's next first pass goes behind this verify (DraftModel.prepass) when every request of the
-        step speculated the full k, so the next step likely does again; on CUDA only from its graphs (the
-        eager pass would need the lengths on the host)."""
+        """The draft's next passes go behind this verify (DraftModel.prepass) when every request of the step
+        speculated the full k, so the next step likely does again; from the draft's CUDA graphs only (an eager
+        pass would need the lengths on the host, and on a CPU nothing runs while the host works, so passes that
+        the next step cannot use would only cost: tests turn PREPASS_ON_CPU on)."""
         return (self.draft is not None and len(verify.rows) == len(reqs)
                 and all(s == self.config.speculative.num_speculative_tokens for s in verify.num_spec)
-                and (self.draft.graphs is not None or self.device.type != "cuda"))
+                and (self.draft.graphs is not None or (self.device.type == "cpu" and PREPASS_ON_CPU)))
 
     def _graph_key(self, sched: SchedulerOutput, num_reqs: int) -> tuple[int, bool] | None:
         """(padded num_tokens, mixed) of the graph this step replays; None: eager."""

@@ -188,7 +188,9 @@ class DraftModel:
         b.query_start_loc[:size + 1] = torch.arange(size + 1, device=dev).clamp_(max=n)
         b.block_tables[:n, :max_blocks] = row_table
         b.input_ids[n:size], b.positions[n:size], b.slot_mapping[n:size], b.seq_lens[n:size] = 0, 0, -1, 0
-        for j in range(1, max(num_spec)):
+        # Pass j + 1 feeds position base + m - 1 + j, m >= 1: none of the rows has a slot there from j = max(limit -
+        # base) on, whatever the verify accepted, so those passes are not launched
+        for j in range(1, min(max(num_spec), max(lim - len(r.token_ids) for r, lim in zip(rows, limits)))):
             pos = pos_last + j
             fits = pos < limit
             block = row_table.gather(1, (pos // bs).clamp(max=max_blocks - 1)[:, None])[:, 0].to(torch.int64)

@@ -46,15 +46,17 @@ def test_draft_model_greedy_matches_transformers(tiny_model_dirs, draft_name):
 
 
 @pytest.mark.parametrize("synthetic", [False, True])
-def test_first_pass_behind_the_verify(tiny_model_dirs, monkeypatch, synthetic):
-    """DraftModel.prepass runs a step's first proposal pass behind the previous verify, from the device's
-    emitted tokens. With the target as its own draft every proposal is the target's greedy token when the draft
-    was fed the right tokens at the right positions: all accepted (e_s and the bonus token fed), or, under
-    synthetic rejections (0.8 a position), some rejected and the target's token fed; outputs stay exact either
-    way. Rows whose last token left the blocks they had run their own first pass."""
+def test_passes_behind_the_verify(tiny_model_dirs, monkeypatch, synthetic):
+    """DraftModel.prepass runs a step's proposal passes behind the previous verify, from the device's emitted
+    tokens (on a CPU only when PREPASS_ON_CPU). With the target as its own draft every proposal is the target's
+    greedy token when the draft was fed the right tokens at the right positions: all accepted (e_s and the bonus
+    token fed first), or, under synthetic rejections (0.8 a position), some rejected and the target's token fed;
+    outputs stay exact either way. Passes whose position had no slot then run in the next step."""
+    from pagedllm.runner import model_runner
     from pagedllm.spec_decode.draft_model import DraftModel
+    monkeypatch.setattr(model_runner, "PREPASS_ON_CPU", True)
     prepass_depth = DraftModel._prepass_depth
-    seen = []   # (rows the pre-pass served, rows) a step
+    seen = []   # (rows the pre-pass served, rows, passes it served) a step
 
     def spy(self, pre, rows):
         depth = prepass_depth(self, pre, rows)

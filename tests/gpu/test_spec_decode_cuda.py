@@ -39,7 +39,7 @@ def test_greedy_equal_with_speculation_on_cuda(tiny_model_dirs, method):
 
 @pytest.mark.parametrize("synthetic", [False, True])
 def test_prepass_on_cuda(tiny_model_dirs, monkeypatch, synthetic):
-    """The draft's first pass behind the verify (DraftModel.prepass, from the draft's decode graphs): with the
+    """The draft's passes behind the verify (DraftModel.prepass, from the draft's decode graphs): with the
     target as its own draft, outputs equal plain decoding (all accepted, or under synthetic rejections), the
     pre-pass serves most rows, and launching it never waits for the device."""
     from pagedllm.spec_decode.draft_model import DraftModel
