@@ -94,7 +94,8 @@ class DraftModel:
 
         The first pass feeds each row's tokens from its valid prefix to its last known token, each a one-token
         row (a fully accepted draft leaves two: the last proposal and the target's token), and proposes e1 from
-        the last; each later pass feeds the proposal before. Longer gaps are caught up first (_catch_up)."""
+        the last; each later pass feeds the proposal before. Longer gaps are caught up first (_catch_up).
+        Passes that ran behind the last verify (prepass) are not run again: a row starts at its depth."""
         pre, self.pre = self.pre, None
         depth = self._prepass_depth(pre, rows) if pre is not None and not catch_up else [0] * len(rows)
         far = [(r, len(r.token_ids) - 1) for r in rows
@@ -147,7 +148,7 @@ class DraftModel:
     @torch.inference_mode()
     def prepass(self, rows: list[RunnerRequestState], num_spec: list[int], tables: BlockTables,
                 tokens: torch.Tensor, num_emitted: torch.Tensor):
-        """The next step's first proposal pass, launched right behind the verify whose rejection sampling gave
+        """The next step's proposal passes, launched right behind the verify whose rejection sampling gave
         tokens (R, max s + 1) and num_emitted (R,) on the device. Row i then knows m = num_emitted[i] more
         tokens; its draft KV lacks the last one, and e_s too when all s were accepted (m = s + 1). So each row
         is two one-token rows: e_s at its position, or a copy of the second (the same K/V written twice), then
