@@ -59,6 +59,7 @@ def graph_us(fn, calls=20):
 
 def small_shared():
     print(f"device: {torch.cuda.get_device_name()}")
+    triton_backend.SMALL_BATCH_SHARE_FROM = 0      # plan whatever is shared, however small the step
     for ctx in [1000, 2000, 3000, 4000, 6000, 8000, 12000]:
         for name, (hq, hkv), rows in [(f"verify 5 x {ctx} (32/8)", (32, 8), [(ctx + i, 1) for i in range(5)]),
                                       (f"n=4 x {ctx} (16/8)", (16, 8), [(ctx + 20, 1)] * 4),
@@ -67,7 +68,6 @@ def small_shared():
             batch = make_batch(rows, hq, hkv, 128, 16, torch.bfloat16, "cuda", seed=0, shared=shared)
             triton_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping)
             ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, 128 ** -0.5)
-            triton_backend.SMALL_BATCH_SHARE_FROM = 0      # plan whatever is shared, however small the step
             plan, items = shared_prefix_plan(batch, 16)
             line = []
             for mode, meta in [("shared", dataclasses.replace(batch.meta, shared=plan)), ("per row", batch.meta)]:

@@ -11,7 +11,7 @@ H100, 854b694 (before the small steps' 128-token decode segments): target decode
 1.36; decode_partition 16.2 us a layer, 30%), LM head with argmax 0.13. H100, c700806: target decode 6.11 ms,
 verify 6.26, draft pass 1.25 (decode_partition 6.6 us a layer); a step's trace showed the verify running
 shared_prefix (16.5 us a layer, since dropped for small steps) and the device waiting for the host between the
-rejection sampler's copy and the first draft pass. With TRACE=path.json, a few steps' timeline is saved there.
+rejection sampler's copy and the first draft pass. With TRACE=path.json, the profiled steps' timeline is saved there.
 """
 import collections
 import functools
@@ -155,11 +155,7 @@ def main():
         llm.generate([prompt[:-1] + [8]], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
                      use_tqdm=False)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
-    if os.environ.get("TRACE"):   # a few steps' timeline, to see what runs between the graphs
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            llm.generate([prompt[:-1] + [9]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
-                         use_tqdm=False)
+    if os.environ.get("TRACE"):   # the same steps' timeline, to see what runs between the graphs
         prof.export_chrome_trace(os.environ["TRACE"])
     if runner.graphs is None:   # the CPU: no graphs to replay
         return

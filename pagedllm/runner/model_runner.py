@@ -37,9 +37,8 @@ from pagedllm.spec_decode.verify import VerifyLayout, VerifyResult, position_log
 logger = logging.getLogger("pagedllm")
 
 PROMPT_LOGPROBS_ROWS = 1024   # prompt positions whose logits are computed at once (~0.5 GB at 128k vocab)
-
-
 PREPASS_ON_CPU = False   # DraftModel.prepass on a CPU (its tests; see ModelRunner._prepass_due)
+
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype,
@@ -287,9 +286,12 @@ class ModelRunner:
     def _write_proposals(self, verify: VerifyLayout, proposals: torch.Tensor) -> torch.Tensor:
         """A draft model's proposals, flat (sum s), written into the step's input ids (after the build's copy
         in stream order)."""
-        rows = [i for i, s in enumerate(verify.num_spec) for _ in range(s)]
-        cols = [j for s in verify.num_spec for j in range(s)]
-        flat = proposals[to_device(rows, torch.int64, self.device), to_device(cols, torch.int64, self.device)]
+        if all(s == proposals.shape[1] for s in verify.num_spec):   # every row all its columns: no gather
+            flat = proposals.reshape(-1)
+        else:
+            rows = [i for i, s in enumerate(verify.num_spec) for _ in range(s)]
+            cols = [j for s in verify.num_spec for j in range(s)]
+            flat = proposals[to_device(rows, torch.int64, self.device), to_device(cols, torch.int64, self.device)]
         self.buffers.input_ids.index_copy_(0, to_device(verify.draft_slots, torch.int64, self.device), flat)
         return flat
 

@@ -34,7 +34,7 @@ _GRAPH_CATCH_UP = 3   # unfed tokens a row (before its last) that the first prop
 
 @dataclass
 class PrePass:
-    """A first proposal pass launched behind a verify (DraftModel.prepass), for the rows as they were then."""
+    """The proposal passes launched behind a verify (DraftModel.prepass), for the rows as they were then."""
     req_ids: list[str]
     base_lens: list[int]      # each row's known tokens when the verify launched
     num_spec: list[int]       # its proposals then
@@ -106,7 +106,6 @@ class DraftModel:
         if any(depth):   # passes that ran behind the verify (prepass): their proposals
             served = min(width, pre.proposals.shape[1])
             out[:, :served] = pre.proposals[:, :served]   # columns past a row's depth are written below
-        identity = {r.req_id: i for i, r in enumerate(rows)}
         for j in range(width):
             live = [i for i, s in enumerate(num_spec) if depth[i] <= j < s]
             if not live:
@@ -115,7 +114,7 @@ class DraftModel:
                 ids = self._first_pass([rows[i] for i in live], tables)
             else:   # each feeds its proposal before, still on the device (column j - 1)
                 views = [RowView.of(rows[i], len(rows[i].token_ids) - 1 + j) for i in live]
-                ids = self._forward_last(views, tables, in_flight={v.req_id: identity[v.req_id] for v in views},
+                ids = self._forward_last(views, tables, in_flight={rows[i].req_id: i for i in live},
                                          in_flight_ids=out[:, j - 1])
             if len(live) == len(rows):
                 out[:, j] = ids
@@ -156,59 +155,59 @@ class DraftModel:
         block), and the next step sees that in _prepass_depth and runs that row's own first pass. The later passes
         follow, one row a request, each feeding the proposal before while its position has a slot."""
         n, bs, dev = len(rows), self.block_size, self.device
-        base = to_device([len(r.token_ids) for r in rows], torch.int64, dev)
+        lens = [len(r.token_ids) for r in rows]
+        base = to_device(lens, torch.int64, dev)
         spec = to_device(num_spec, torch.int64, dev)
         limits = [r.num_blocks * bs for r in rows]
+        limit = to_device(limits, torch.int64, dev)
+        max_blocks = max(r.num_blocks for r in rows)
+        table = to_device(tables.table[[r.row for r in rows], :max_blocks], torch.int32, dev)
         m = num_emitted.to(torch.int64)
         idx = torch.arange(n, device=dev)
         pos_last, tok_last = base + m - 1, tokens[idx, m - 1]
         all_accepted = m == spec + 1
         pos_first = torch.where(all_accepted, base + spec - 1, pos_last)
         tok_first = torch.where(all_accepted, tokens[idx, spec - 1], tok_last)
-        fits = (pos_last < to_device(limits, torch.int64, dev)).repeat_interleave(2)
-        pos = torch.stack([pos_first, pos_last], 1).view(-1)
-        tok = torch.stack([tok_first, tok_last], 1).view(-1)
-        max_blocks = max(r.num_blocks for r in rows)
-        table = to_device(tables.table[[r.row for r in rows], :max_blocks], torch.int32, dev).repeat_interleave(2, 0)
-        block = table.gather(1, (pos // bs).clamp(max=max_blocks - 1)[:, None])[:, 0].to(torch.int64)
-        b, k = self.buffers, 2 * n
+        pair_table = table.repeat_interleave(2, 0)
+        size = self._prepass_layout(pair_table)
+        hidden = self._prepass_forward(torch.stack([pos_first, pos_last], 1).view(-1),
+                                       torch.stack([tok_first, tok_last], 1).view(-1),
+                                       (pos_last < limit).repeat_interleave(2), pair_table, size)
+        ids = [self.model.compute_logits(hidden[1::2]).argmax(dim=-1)]
+        # Pass j + 1 feeds position base + m - 1 + j, m >= 1: none of the rows has a slot there from j = max(limit -
+        # base) on, whatever the verify accepted, so those passes are not launched
+        passes = min(max(num_spec), max(lim - n_known for n_known, lim in zip(lens, limits)))
+        if passes > 1:
+            size = self._prepass_layout(table)
+        for j in range(1, passes):
+            pos = pos_last + j
+            hidden = self._prepass_forward(pos, ids[-1], pos < limit, table, size)
+            ids.append(self.model.compute_logits(hidden).argmax(dim=-1))
+        self.pre = PrePass([r.req_id for r in rows], lens, list(num_spec), limits, torch.stack(ids, 1))
+
+    def _prepass_layout(self, table: torch.Tensor) -> int:
+        """One-token rows through block table rows `table`, padded to a graph's size (returned): the parts of
+        the buffers that the pre-pass's passes of one shape share."""
+        b, k = self.buffers, table.shape[0]
         size = k if self.graphs is None else self.graphs.padded_size(k, False)
+        b.block_tables[:k, :table.shape[1]] = table
+        b.query_start_loc[:size + 1] = torch.arange(size + 1, device=table.device).clamp_(max=k)
+        b.input_ids[k:size], b.positions[k:size], b.slot_mapping[k:size], b.seq_lens[k:size] = 0, 0, -1, 0
+        return size
+
+    def _prepass_forward(self, pos: torch.Tensor, tok: torch.Tensor, fits: torch.Tensor, table: torch.Tensor,
+                         size: int) -> torch.Tensor:
+        """The draft on the layout's rows (_prepass_layout): token tok at position pos; a row that does not fit
+        (no slot) writes nothing and reads its first block. Their hidden states."""
+        b, k, bs = self.buffers, pos.shape[0], self.block_size
+        block = table.gather(1, (pos // bs).clamp(max=table.shape[1] - 1)[:, None])[:, 0].to(torch.int64)
         b.input_ids[:k] = torch.where(fits, tok, 0)
         b.positions[:k] = torch.where(fits, pos, 0)
         b.slot_mapping[:k] = torch.where(fits, block * bs + pos % bs, -1)
         b.seq_lens[:k] = torch.where(fits, pos + 1, 1)
-        b.block_tables[:k, :max_blocks] = table
-        b.query_start_loc[:size + 1] = torch.arange(size + 1, device=dev).clamp_(max=k)
-        b.input_ids[k:size], b.positions[k:size], b.slot_mapping[k:size], b.seq_lens[k:size] = 0, 0, -1, 0
-        hidden = self._prepass_forward(k, size)
-        ids = [self.model.compute_logits(hidden[1:k:2]).argmax(dim=-1)]
-        # The later passes: each row's proposal before at the next position, while it has a slot
-        size = n if self.graphs is None else self.graphs.padded_size(n, False)
-        row_table = table[0::2]
-        limit = to_device(limits, torch.int64, dev)
-        b.query_start_loc[:size + 1] = torch.arange(size + 1, device=dev).clamp_(max=n)
-        b.block_tables[:n, :max_blocks] = row_table
-        b.input_ids[n:size], b.positions[n:size], b.slot_mapping[n:size], b.seq_lens[n:size] = 0, 0, -1, 0
-        # Pass j + 1 feeds position base + m - 1 + j, m >= 1: none of the rows has a slot there from j = max(limit -
-        # base) on, whatever the verify accepted, so those passes are not launched
-        for j in range(1, min(max(num_spec), max(lim - len(r.token_ids) for r, lim in zip(rows, limits)))):
-            pos = pos_last + j
-            fits = pos < limit
-            block = row_table.gather(1, (pos // bs).clamp(max=max_blocks - 1)[:, None])[:, 0].to(torch.int64)
-            b.input_ids[:n] = torch.where(fits, ids[-1], 0)
-            b.positions[:n] = torch.where(fits, pos, 0)
-            b.slot_mapping[:n] = torch.where(fits, block * bs + pos % bs, -1)
-            b.seq_lens[:n] = torch.where(fits, pos + 1, 1)
-            ids.append(self.model.compute_logits(self._prepass_forward(n, size)).argmax(dim=-1))
-        self.pre = PrePass([r.req_id for r in rows], [len(r.token_ids) for r in rows], list(num_spec), limits,
-                           torch.stack(ids, 1))
-
-    def _prepass_forward(self, k: int, size: int) -> torch.Tensor:
-        """The draft on the k one-token rows the buffers hold (a graph of `size` rows, else eager: CPU)."""
-        b = self.buffers
         if self.graphs is not None:
             return self.graphs.replay(size, False)[:k]
-        seq_lens = b.seq_lens[:k].tolist()
+        seq_lens = b.seq_lens[:k].tolist()   # eager: the host's copies of the lengths (a CPU)
         meta = AttentionMetadata(
             slot_mapping=b.slot_mapping[:k], query_start_loc=b.query_start_loc[:k + 1], seq_lens=b.seq_lens[:k],
             block_tables=b.block_tables[:k], max_query_len=1, max_seq_len=max(seq_lens),
