@@ -27,6 +27,10 @@ from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.lazy_kernel import lazy_kernel
 
 qk_norm_rope = lazy_kernel(globals(), "pagedllm.layers.kernels.qk_norm_rope", "qk_norm_rope")   # Triton, CUDA only
+small_m_linear = lazy_kernel(globals(), "pagedllm.layers.kernels.small_m_linear", "small_m_linear")
+# A draft model's layers (DraftModel sets LlamaDecoderLayer.small_m) run steps of at most this many tokens
+# through the fused small-M kernels: at batch 1 they are launch-bound, and fewer launches shorten each pass.
+SMALL_M_ROWS = 16
 
 # HF shard name -> (our fused module, shard index)
 _STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -124,9 +128,12 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, quant, f"{prefix}.mlp", tp)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.small_m = False   # set by DraftModel: _forward_small_m for steps of few tokens
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         """The residual stream rides along un-normed: each norm adds the previous sublayer's output to it."""
+        if self.small_m and hidden.shape[0] <= SMALL_M_ROWS and hidden.is_cuda:
+            return self._forward_small_m(positions, hidden, residual)
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
@@ -134,6 +141,36 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+    def plain(self) -> bool:
+        """Plain bf16/fp16 nn.Linear weights without bias (not FP8, LoRA-wrapped or tensor-parallel), plain norms."""
+        linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        return (all(type(m) is nn.Linear and m.bias is None and m.weight.dtype in (torch.bfloat16, torch.float16)
+                    for m in linears)
+                and all(not n.quant_fp8 and n.weight.dtype == self.mlp.down_proj.weight.dtype
+                        for n in (self.input_layernorm, self.post_attention_layernorm)))
+
+    def _forward_small_m(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """forward's arithmetic in four launches besides attention's (the norms and SiLU fused into the linears)."""
+        attn, mlp, norm_in, norm_post = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            qkv, residual = small_m_linear(hidden, attn.qkv_proj.weight, norm_in.weight, norm_in.variance_epsilon,
+                                           tile=_small_m_tile(attn.qkv_proj.weight.shape[0])), hidden
+        else:
+            qkv, residual = small_m_linear(hidden, attn.qkv_proj.weight, norm_in.weight, norm_in.variance_epsilon,
+                                           residual, tile=_small_m_tile(attn.qkv_proj.weight.shape[0]))
+        q, k, v = attn.rotate_qk(positions, qkv, attn.attn.kv_target())
+        hidden = small_m_linear(attn.attn(q, k, v), attn.o_proj.weight, tile=_small_m_tile(attn.o_proj.weight.shape[0]))
+        act, residual = small_m_linear(hidden, mlp.gate_up_proj.weight, norm_post.weight, norm_post.variance_epsilon,
+                                       residual, silu=True, tile=_small_m_tile(mlp.gate_up_proj.weight.shape[0] // 2))
+        return small_m_linear(act, mlp.down_proj.weight, tile=_small_m_tile(mlp.down_proj.weight.shape[0])), residual
+
+
+def _small_m_tile(n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, stages) for small_m_linear to n output features: the best of a sweep on the Qwen3-0.6B
+    shape at 1 row on an H100 (benchmarks/small_m_layers.py, session 40): narrow column tiles where N is small, so
+    that there are still ~64 programs to read the weight."""
+    return (16, 512, 4, 3) if n <= 2048 else (32, 256, 4, 3)
 
 
 class LlamaModel(nn.Module):

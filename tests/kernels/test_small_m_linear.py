@@ -1,0 +1,67 @@
+"""The fused small-M linear kernel against the unfused torch code on CUDA (bf16, fp16, float32), and on CPU
+through the Triton interpreter in a subprocess (float32); then a decoder layer with it against without it."""
+import copy
+
+import pytest
+import torch
+from kernel_checks import rel_error, run_under_interpreter
+from small_m_cases import MODES, check, interpreter_cases
+
+gpu = pytest.mark.gpu
+
+
+def test_kernel_under_triton_interpreter():
+    stdout = run_under_interpreter("small_m_cases.py", timeout=300)
+    assert stdout.count("ok ") == len(list(interpreter_cases())), stdout
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("m,k,n", [(1, 1024, 4096), (5, 4096, 6144), (16, 3072, 1024), (3, 1000, 777)])
+@pytest.mark.parametrize("tile", [(32, 256, 4, 3), (16, 512, 4, 3), (64, 128, 8, 4)], ids=str)   # 2: _small_m_tile
+def test_kernel_matches_torch(dtype, mode, m, k, n, tile):
+    check(mode, m, k, n, dtype, "cuda", seed=m + k + n, tile=tile)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_decoder_layers_with_and_without(monkeypatch, dtype):
+    """Two Qwen3 layers of random weights, 1 to 16 rows: the small-M path against the unfused kernels, within
+    the error the dtype's own rounding makes (both against float32)."""
+    from transformers import Qwen3Config
+
+    from pagedllm.models.qwen3 import Qwen3ForCausalLM
+    cfg = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    layers = model.model.layers
+
+    def run(m, dt, small):
+        layer = copy.deepcopy(layers[0]).to(device="cuda", dtype=dt)
+        layer.small_m = small
+        layer.self_attn.attn = _NoAttention()
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to("cuda", dt)
+        res = torch.randn(m, 256, generator=torch.Generator().manual_seed(m + 1)).to("cuda", dt)
+        pos = torch.arange(m, device="cuda")
+        out, new_res = layer(pos, x, res)
+        first, first_res = layer(pos, x, None)
+        return [t.float().cpu() for t in (out, new_res, first, first_res)]
+    for m in (1, 5, 16):
+        ref = run(m, torch.float32, False)
+        fused, unfused = run(m, dtype, True), run(m, dtype, False)
+        for f, u, r in zip(fused, unfused, ref):
+            assert rel_error(f, r) <= 1.5 * rel_error(u, r) + 1e-5
+
+
+class _NoAttention(torch.nn.Module):
+    """q passed through as the attention output (the layers' linear arithmetic is what is compared)."""
+
+    def kv_target(self):
+        return {}
+
+    def forward(self, q, k, v):
+        return q
