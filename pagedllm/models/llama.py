@@ -28,8 +28,8 @@ from pagedllm.lazy_kernel import lazy_kernel
 
 qk_norm_rope = lazy_kernel(globals(), "pagedllm.layers.kernels.qk_norm_rope", "qk_norm_rope")   # Triton, CUDA only
 small_m_linear = lazy_kernel(globals(), "pagedllm.layers.kernels.small_m_linear", "small_m_linear")
-# A draft model's layers (DraftModel sets LlamaDecoderLayer.small_m) run steps of at most this many tokens
-# through the fused small-M kernels: at batch 1 they are launch-bound, and fewer launches shorten each pass.
+# Steps of at most SMALL_M_ROWS tokens on CUDA run some of a layer's linears through the fused small-M kernels
+# (LlamaDecoderLayer.small_m, set by use_small_m): at batch 1 they are launch- and latency-bound.
 SMALL_M_ROWS = 16
 
 # HF shard name -> (our fused module, shard index)
@@ -128,7 +128,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, quant, f"{prefix}.mlp", tp)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.small_m = False   # set by DraftModel: _forward_small_m for steps of few tokens
+        self.small_m: frozenset[str] = frozenset()   # ops of SMALL_M_OPS through small_m_linear (use_small_m)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         """The residual stream rides along un-normed: each norm adds the previous sublayer's output to it."""
@@ -151,26 +151,53 @@ class LlamaDecoderLayer(nn.Module):
                         for n in (self.input_layernorm, self.post_attention_layernorm)))
 
     def _forward_small_m(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        """forward's arithmetic in four launches besides attention's (the norms and SiLU fused into the linears)."""
-        attn, mlp, norm_in, norm_post = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        if residual is None:
+        """forward's arithmetic with the ops in self.small_m through small_m_linear: "qkv" and "gate_up" with the
+        norm before them (and SiLU-and-mul after gate_up) folded in, "o" and "down" alone."""
+        ops, attn, mlp = self.small_m, self.self_attn, self.mlp
+        norm_in, norm_post = self.input_layernorm, self.post_attention_layernorm
+        if "qkv" not in ops:
+            hidden, residual = norm_in(hidden) if residual is None else norm_in(hidden, residual)
+            qkv = attn.qkv_proj(hidden)
+        elif residual is None:
             qkv, residual = small_m_linear(hidden, attn.qkv_proj.weight, norm_in.weight, norm_in.variance_epsilon,
-                                           tile=_small_m_tile(attn.qkv_proj.weight.shape[0])), hidden
+                                           tile=_small_m_tile(attn.qkv_proj.weight.shape[0], True)), hidden
         else:
             qkv, residual = small_m_linear(hidden, attn.qkv_proj.weight, norm_in.weight, norm_in.variance_epsilon,
-                                           residual, tile=_small_m_tile(attn.qkv_proj.weight.shape[0]))
+                                           residual, tile=_small_m_tile(attn.qkv_proj.weight.shape[0], True))
         q, k, v = attn.rotate_qk(positions, qkv, attn.attn.kv_target())
-        hidden = small_m_linear(attn.attn(q, k, v), attn.o_proj.weight, tile=_small_m_tile(attn.o_proj.weight.shape[0]))
-        act, residual = small_m_linear(hidden, mlp.gate_up_proj.weight, norm_post.weight, norm_post.variance_epsilon,
-                                       residual, silu=True, tile=_small_m_tile(mlp.gate_up_proj.weight.shape[0] // 2))
-        return small_m_linear(act, mlp.down_proj.weight, tile=_small_m_tile(mlp.down_proj.weight.shape[0])), residual
+        out = attn.attn(q, k, v)
+        o = attn.o_proj.weight
+        hidden = small_m_linear(out, o, tile=_small_m_tile(o.shape[0], False)) if "o" in ops else attn.o_proj(out)
+        if "gate_up" in ops:
+            gate_up = mlp.gate_up_proj.weight
+            act, residual = small_m_linear(hidden, gate_up, norm_post.weight, norm_post.variance_epsilon, residual,
+                                           silu=True, tile=_small_m_tile(gate_up.shape[0] // 2, True))
+        else:
+            hidden, residual = norm_post(hidden, residual)
+            act = mlp.act_fn(mlp.gate_up_proj(hidden))
+        if "down" not in ops:
+            return mlp.down_proj(act), residual
+        down = mlp.down_proj.weight
+        return small_m_linear(act, down, tile=_small_m_tile(down.shape[0], False)), residual
 
 
-def _small_m_tile(n: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps, stages) for small_m_linear to n output features: the best of a sweep on the Qwen3-0.6B
-    shape at 1 row on an H100 (benchmarks/small_m_layers.py, session 40): narrow column tiles where N is small, so
-    that there are still ~64 programs to read the weight."""
-    return (16, 512, 4, 3) if n <= 2048 else (32, 256, 4, 3)
+SMALL_M_OPS = ("qkv", "o", "gate_up", "down")
+
+
+def use_small_m(model: nn.Module, ops: tuple[str, ...]):
+    """Turns the fused small-M path on for `ops` in each of the model's decoder layers whose linears are plain
+    (LlamaDecoderLayer.plain; call it after anything that wraps them, LoRA)."""
+    assert set(ops) <= set(SMALL_M_OPS), ops
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        if isinstance(layer, LlamaDecoderLayer) and layer.plain():
+            layer.small_m = frozenset(ops)
+
+
+def _small_m_tile(n: int, norm: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, stages) for small_m_linear to n output features, a norm folded in or not: the
+    best tiles of sweeps on the Qwen3-0.6B and -8B shapes at 1 row on an H100 (benchmarks/small_m_layers.py,
+    session 40): narrow column tiles where N is small, so that there are still ~64 programs to read the weight."""
+    return (16 if n <= 2048 else 32, 256 if norm else 512, 4, 3)
 
 
 class LlamaModel(nn.Module):

@@ -22,6 +22,7 @@ from pagedllm.attention.metadata import AttentionMetadata, set_forward_context
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.models import model_dims
+from pagedllm.models.llama import SMALL_M_OPS, use_small_m
 from pagedllm.models.loader import load_model
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RowView, RunnerRequestState
@@ -54,9 +55,8 @@ class DraftModel:
         self.model = load_model(spec.model, self.hf_config, dtype, device, config.load_format,
                                 config.quantization)
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(self.hf_config)
-        if device.type == "cuda":   # batch-1 passes are launch-bound: fused linears (W5 -3% on an H100)
-            for layer in getattr(getattr(self.model, "model", None), "layers", []):
-                layer.small_m = layer.plain()
+        if device.type == "cuda":   # batch-1 passes are launch-bound: all four linears fused (W5 -4% on an H100)
+            use_small_m(self.model, SMALL_M_OPS)
         self.block_bytes = bytes_per_block(self.num_layers, config.block_size, self.num_kv_heads, self.head_dim,
                                            dtype)
         self.device, self.dtype, self.block_size = device, dtype, config.block_size

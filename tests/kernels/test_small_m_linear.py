@@ -7,6 +7,9 @@ import torch
 from kernel_checks import rel_error, run_under_interpreter
 from small_m_cases import MODES, check, interpreter_cases
 
+from pagedllm.models.llama import SMALL_M_OPS, use_small_m
+from pagedllm.runner.model_runner import TARGET_SMALL_M_OPS
+
 gpu = pytest.mark.gpu
 
 
@@ -24,11 +27,7 @@ def test_kernel_matches_torch(dtype, mode, m, k, n, tile):
     check(mode, m, k, n, dtype, "cuda", seed=m + k + n, tile=tile)
 
 
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_decoder_layers_with_and_without(monkeypatch, dtype):
-    """Two Qwen3 layers of random weights, 1 to 16 rows: the small-M path against the unfused kernels, within
-    the error the dtype's own rounding makes (both against float32)."""
+def _tiny_qwen3():
     from transformers import Qwen3Config
 
     from pagedllm.models.qwen3 import Qwen3ForCausalLM
@@ -38,11 +37,37 @@ def test_decoder_layers_with_and_without(monkeypatch, dtype):
     model = Qwen3ForCausalLM(cfg)
     for p in model.parameters():
         p.data.normal_(0, 0.05)
-    layers = model.model.layers
+    return model
+
+
+def test_use_small_m_only_on_plain_half_layers():
+    """The path is turned on for bf16 / fp16 layers of plain linears only: float32 models (the exact ones) and
+    wrapped linears (LoRA, FP8, tensor parallelism) keep the unfused code."""
+    model = _tiny_qwen3()
+    use_small_m(model, ("o", "down"))
+    assert all(not layer.small_m for layer in model.model.layers)   # float32
+    model = model.to(torch.bfloat16)
+    use_small_m(model, SMALL_M_OPS)
+    assert all(layer.small_m == set(SMALL_M_OPS) for layer in model.model.layers)
+    model = _tiny_qwen3().to(torch.float16)
+    model.model.layers[1].mlp.down_proj = torch.nn.Sequential(model.model.layers[1].mlp.down_proj)   # a wrapper
+    use_small_m(model, ("o", "down"))
+    assert [bool(layer.small_m) for layer in model.model.layers] == [True, False]
+    with pytest.raises(AssertionError):
+        use_small_m(model, ("lm_head",))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("ops", [SMALL_M_OPS, TARGET_SMALL_M_OPS], ids=str)
+def test_decoder_layers_with_and_without(dtype, ops):
+    """Two Qwen3 layers of random weights, 1 to 16 rows: the small-M path (the draft's ops, the target's) against
+    the unfused kernels, within the error the dtype's own rounding makes (both against float32)."""
+    layers = _tiny_qwen3().model.layers
 
     def run(m, dt, small):
         layer = copy.deepcopy(layers[0]).to(device="cuda", dtype=dt)
-        layer.small_m = small
+        layer.small_m = frozenset(ops if small else ())
         layer.self_attn.attn = _NoAttention()
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to("cuda", dt)
         res = torch.randn(m, 256, generator=torch.Generator().manual_seed(m + 1)).to("cuda", dt)

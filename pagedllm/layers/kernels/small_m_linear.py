@@ -41,7 +41,8 @@ def _x_tile(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, rstd, rm, rk, M, K, write_r
 @triton.jit
 def small_m_linear_kernel(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, w_ptr, out_ptr, M, N, K, eps,
                           NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PRECISION: tl.constexpr):
     """out (M, N) = x (M, K) @ w.T; w is (N, K), or (2N, K) gate then up with SILU."""
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
@@ -63,10 +64,10 @@ def small_m_linear_kernel(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, w_ptr, out_pt
         x = _x_tile(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, rstd, rm, rk, M, K, write_res, NORM, RESIDUAL)
         w_mask = w_mask_n & (rk[None, :] < K)
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=w_mask, other=0.0)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if SILU:
             w_up = tl.load(w_ptr + (rn[:, None] + N).to(tl.int64) * K + rk[None, :], mask=w_mask, other=0.0)
-            acc_up += tl.dot(x, tl.trans(w_up))
+            acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
     out_ty = out_ptr.dtype.element_ty
     if SILU:
         gate = acc.to(out_ty).to(tl.float32)
@@ -94,5 +95,7 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Ten
     small_m_linear_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, res_out, weight,
         out, m, n, k, eps, NORM=norm_weight is not None, RESIDUAL=residual is not None, SILU=silu,
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",   # float32 exact, not TF32
+        num_warps=warps, num_stages=stages)
     return out if residual is None else (out, res_out)
