@@ -156,7 +156,7 @@ class LlamaDecoderLayer(nn.Module):
         ops, attn, mlp = self.small_m, self.self_attn, self.mlp
         norm_in, norm_post = self.input_layernorm, self.post_attention_layernorm
         if "qkv" not in ops:
-            hidden, residual = norm_in(hidden) if residual is None else norm_in(hidden, residual)
+            hidden, residual = (norm_in(hidden), hidden) if residual is None else norm_in(hidden, residual)
             qkv = attn.qkv_proj(hidden)
         elif residual is None:
             qkv, residual = small_m_linear(hidden, attn.qkv_proj.weight, norm_in.weight, norm_in.variance_epsilon,

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from kernel_checks import rel_error, run_under_interpreter
-from small_m_cases import MODES, check, interpreter_cases
+from small_m_cases import MODES, check, interpreter_cases, torch_path
 
 from pagedllm.models.llama import SMALL_M_OPS, use_small_m
 from pagedllm.runner.model_runner import TARGET_SMALL_M_OPS
@@ -80,6 +80,33 @@ def test_decoder_layers_with_and_without(dtype, ops):
         fused, unfused = run(m, dtype, True), run(m, dtype, False)
         for f, u, r in zip(fused, unfused, ref):
             assert rel_error(f, r) <= 1.5 * rel_error(u, r) + 1e-5
+
+
+@pytest.mark.parametrize("ops", [SMALL_M_OPS, TARGET_SMALL_M_OPS, ("qkv",), ("gate_up", "down")], ids=str)
+def test_decoder_layer_small_m_path_on_cpu(monkeypatch, ops):
+    """LlamaDecoderLayer._forward_small_m's plumbing (which ops fold which norm, the residual stream, the first
+    layer without a residual) on CPU: the kernel replaced by the torch code it fuses, float32, equal to forward."""
+    from pagedllm.layers.norm import RMSNorm
+    from pagedllm.models import llama
+
+    def torch_small_m(x, weight, norm_weight=None, eps=0.0, residual=None, silu=False, tile=None):
+        norm = None
+        if norm_weight is not None:
+            norm = RMSNorm(x.shape[1], eps=eps)
+            norm.weight.data = norm_weight
+        out, new_res = torch_path(x, weight, norm, residual, silu)
+        return out if residual is None else (out, new_res)
+    monkeypatch.setattr(llama, "small_m_linear", torch_small_m)
+    layer = _tiny_qwen3().model.layers[0]
+    layer.self_attn.attn = _NoAttention()
+    layer.small_m = frozenset(ops)
+    for m in (1, 5):
+        g = torch.Generator().manual_seed(m)
+        x, res, pos = torch.randn(m, 256, generator=g), torch.randn(m, 256, generator=g), torch.arange(m)
+        for r in (res, None):
+            got, want = layer._forward_small_m(pos, x, r), layer(pos, x, r)   # forward: CPU, the unfused code
+            for a, b in zip(got, want):
+                assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (ops, m, r is None, (a - b).abs().max())
 
 
 class _NoAttention(torch.nn.Module):

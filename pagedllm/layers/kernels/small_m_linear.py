@@ -92,6 +92,8 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Ten
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else out
     block_n, block_k, warps, stages = tile
+    if x.element_size() == 4:   # float32: half the K tile, the shared memory of a half dtype's stages
+        block_k //= 2
     small_m_linear_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, res_out, weight,
         out, m, n, k, eps, NORM=norm_weight is not None, RESIDUAL=residual is not None, SILU=silu,
