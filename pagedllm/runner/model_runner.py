@@ -20,7 +20,7 @@ from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.core.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagedllm.models import model_dims
-from pagedllm.models.llama import use_small_m
+from pagedllm.models.llama import TARGET_SMALL_M_OPS, use_small_m
 from pagedllm.models.loader import load_model
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_graph_token_cap
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RowView, RunnerRequestState, StepInputs
@@ -38,7 +38,6 @@ from pagedllm.spec_decode.verify import VerifyLayout, VerifyResult, position_log
 logger = logging.getLogger("pagedllm")
 
 PROMPT_LOGPROBS_ROWS = 1024   # prompt positions whose logits are computed at once (~0.5 GB at 128k vocab)
-TARGET_SMALL_M_OPS = ("o", "down")   # models/llama.py use_small_m (Qwen3-8B shape at 1 and 5 rows, H100)
 PREPASS_ON_CPU = False   # DraftModel.prepass on a CPU (its tests; see ModelRunner._prepass_due)
 
 
@@ -60,7 +59,7 @@ class ModelRunner:
         if config.enable_lora:
             from pagedllm.lora.manager import LoRAManager
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras, device)
-        if device.type == "cuda":   # steps of a few tokens: o and down beat cuBLAS there, qkv and gate_up do not
+        if device.type == "cuda":   # steps of a few tokens (after LoRA: wrapped linears keep the unfused code)
             use_small_m(self.model, TARGET_SMALL_M_OPS)
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(hf_config, tp)   # this rank's KV heads
         self.dtype = dtype

@@ -159,10 +159,8 @@ class DraftModel:
         follow, one row a request, each feeding the proposal before while its position has a slot."""
         n, bs, dev = len(rows), self.block_size, self.device
         lens = [len(r.token_ids) for r in rows]
-        base = to_device(lens, torch.int64, dev)
-        spec = to_device(num_spec, torch.int64, dev)
         limits = [r.num_blocks * bs for r in rows]
-        limit = to_device(limits, torch.int64, dev)
+        base, spec, limit = to_device([lens, list(num_spec), limits], torch.int64, dev)   # one copy
         max_blocks = max(r.num_blocks for r in rows)
         table = to_device(tables.table[[r.row for r in rows], :max_blocks], torch.int32, dev)
         m = num_emitted.to(torch.int64)

@@ -7,8 +7,7 @@ import torch
 from kernel_checks import rel_error, run_under_interpreter
 from small_m_cases import MODES, check, interpreter_cases, torch_path
 
-from pagedllm.models.llama import SMALL_M_OPS, use_small_m
-from pagedllm.runner.model_runner import TARGET_SMALL_M_OPS
+from pagedllm.models.llama import SMALL_M_OPS, TARGET_SMALL_M_OPS, use_small_m
 
 gpu = pytest.mark.gpu
 

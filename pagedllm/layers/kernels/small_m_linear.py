@@ -3,7 +3,7 @@ surrounds them: optionally the RMSNorm before (with its residual add) and the Si
 
 At a few rows a decoder layer's kernels each read little and wait on launch and ramp-up: a batch-1 pass of the
 Qwen3-0.6B shape took ~1.5 ms on an H200 for 0.25 ms of weights (issue 16). Folding the two norms and the
-activation into the projections' kernels takes a layer from nine launches to six.
+activation into the projections' kernels takes a layer's launches besides attention's from seven to four.
 
     out = W @ norm(x + residual)          (NORM; RESIDUAL: the sum is also stored, by the first program)
     out = silu(W_gate @ h) * (W_up @ h)   (SILU: W is [gate; up] stacked, out has half its rows)
