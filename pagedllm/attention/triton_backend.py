@@ -32,6 +32,9 @@ PARTITION = 512        # decode segment length in tokens (rows up to PARTITION *
 # Decode-only steps of at most SMALL_BATCH_ROWS rows (batch-1 decode, a speculative verify, a draft's pass) cut
 # rows into shorter segments: 1 row of 1,000 tokens is 16 programs at 512 (H100: 15.4 us a layer) and 64 at 128
 # (7.6 us); W1's 256 rows lose 6% at 128 (393.7 -> 418.8 us), so larger steps keep PARTITION.
+# Tried and slower on an H200 (2026-12-05, draft 1 x 1,000 us a layer; W5 speculating ms/token): 64-token segments
+# (10.0 against 8.1; 3.244 against 3.082), and the segments merged inside decode_partition by its last program
+# instead of a decode_reduce launch (9.3 against 8.1; 3.135 against 3.082; branch exp/merge-in-decode).
 SMALL_BATCH_ROWS = 8
 SMALL_BATCH_PARTITION = 128
 # Such steps plan no shared prefix (shared_prefix.plan_shared_prefix) while their rows' contexts sum to fewer
