@@ -13,6 +13,7 @@ layer both ways at the best tiles, each a CUDA graph of 28 layers replayed (laun
 """
 import itertools
 import json
+import sys
 
 import torch
 from triton.testing import do_bench
@@ -41,7 +42,6 @@ def us(fn, calls=LAYERS):
 def main():
     torch.manual_seed(0)
     dt = torch.bfloat16
-    import sys
     only = sys.argv[1:]   # model names to run (default all)
     for model, (hidden, qkv_n, q_size, inter) in MODELS.items():
         if only and model not in only:
@@ -56,19 +56,20 @@ def main():
             res = torch.randn(m, hidden, device="cuda", dtype=dt)
             attn = torch.randn(m, q_size, device="cuda", dtype=dt)
             act = torch.randn(m, inter, device="cuda", dtype=dt)
-            ops = {   # name: (unfused fn, fused fn(tile), reference output of the fused op)
-                "norm+qkv": (lambda i: torch.mm(rms_norm(x, norm_w, 1e-6, res)[0], w["qkv"][i].t()),
+            ops = {   # name: (its weights, unfused fn(layer), fused fn(layer, tile))
+                "norm+qkv": ("qkv", lambda i: torch.mm(rms_norm(x, norm_w, 1e-6, res)[0], w["qkv"][i].t()),
                              lambda i, t: small_m_linear(x, w["qkv"][i], norm_w, 1e-6, res, tile=t)[0]),
-                "o": (lambda i: torch.mm(attn, w["o"][i].t()), lambda i, t: small_m_linear(attn, w["o"][i], tile=t)),
-                "norm+gate_up+silu": (lambda i: silu_and_mul(torch.mm(rms_norm(x, norm_w, 1e-6, res)[0],
-                                                                      w["gate_up"][i].t())),
+                "o": ("o", lambda i: torch.mm(attn, w["o"][i].t()),
+                      lambda i, t: small_m_linear(attn, w["o"][i], tile=t)),
+                "norm+gate_up+silu": ("gate_up", lambda i: silu_and_mul(torch.mm(rms_norm(x, norm_w, 1e-6, res)[0],
+                                                                                 w["gate_up"][i].t())),
                                       lambda i, t: small_m_linear(x, w["gate_up"][i], norm_w, 1e-6, res, silu=True,
                                                                   tile=t)[0]),
-                "down": (lambda i: torch.mm(act, w["down"][i].t()),
+                "down": ("down", lambda i: torch.mm(act, w["down"][i].t()),
                          lambda i, t: small_m_linear(act, w["down"][i], tile=t)),
             }
             best = {}
-            for name, (unfused, fused) in ops.items():
+            for name, (wname, unfused, fused) in ops.items():
                 ref = unfused(0).float()
                 base = us(unfused)
                 found = None
@@ -85,14 +86,13 @@ def main():
                     if found is None or t < found[0]:
                         found = (t, tile, err)
                 best[name] = found[1]
-                wname = name.split("+")[-2] if name.endswith("silu") else name.split("+")[-1]
                 gb = w[wname][0].numel() * 2 / 1e3
                 print(json.dumps({"model": model, "M": m, "op": name, "unfused_us": round(base, 2),
                                   "fused_us": round(found[0], 2), "tile": found[1], "weights_GBs_unfused":
                                   round(gb / base), "weights_GBs_fused": round(gb / found[0]),
                                   "rel_err": float(f"{found[2]:.2e}")}), flush=True)
-            layer_unfused = us(lambda i: [f(i) for f, _ in ops.values()])
-            layer_fused = us(lambda i: [g(i, best[n]) for n, (_, g) in ops.items()])
+            layer_unfused = us(lambda i: [f(i) for _, f, _ in ops.values()])
+            layer_fused = us(lambda i: [g(i, best[n]) for n, (_, _, g) in ops.items()])
             print("TILES " + json.dumps({"model": model, "M": m, "tiles": best}), flush=True)
             print(json.dumps({"model": model, "M": m, "layer_unfused_us": round(layer_unfused, 2),
                               "layer_fused_us": round(layer_fused, 2),

@@ -177,9 +177,8 @@ def _norm_linear(norm: RMSNorm, weight: torch.Tensor, hidden: torch.Tensor, resi
                  silu: bool):
     """_add_norm then the linear layer (and SiLU-and-mul: weight is [gate; up]) in one small_m_linear launch."""
     tile = _small_m_tile(weight.shape[0] // 2 if silu else weight.shape[0], True)
-    if residual is None:
-        return small_m_linear(hidden, weight, norm.weight, norm.variance_epsilon, silu=silu, tile=tile), hidden
-    return small_m_linear(hidden, weight, norm.weight, norm.variance_epsilon, residual, silu=silu, tile=tile)
+    out = small_m_linear(hidden, weight, norm.weight, norm.variance_epsilon, residual, silu=silu, tile=tile)
+    return (out, hidden) if residual is None else out    # with a residual: (out, hidden + residual)
 
 
 def _small_m_only(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
