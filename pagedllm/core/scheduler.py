@@ -309,8 +309,9 @@ class Scheduler:
     def _check_stop(self, req: Request, token: int):
         params = req.sampling_params
         if req.grammar is not None and not req.grammar.accept(token):
-            # Sampled under its bitmask, a token is accepted unless the row's other masks left it no token.
-            conflict = _grammar_conflict(params)
+            # Sampled under its bitmask, a token is accepted unless the row's other masks, or the constraint
+            # itself (a language with no text from here), left it no token.
+            conflict = _grammar_conflict(params) or _empty_language(req)
             req.status = RequestStatus.FINISHED_ERROR
             req.error = conflict or f"token {token} was sampled against the request's grammar (an engine bug)"
             req.bad_request = conflict is not None
@@ -355,6 +356,15 @@ def _repeats(req: Request) -> bool:
         return False
     n = min(req.num_output_tokens, p.max_pattern_size * p.min_count)
     return n > 0 and ends_repeating(req.all_token_ids[-n:], p)
+
+
+def _empty_language(req: Request) -> str | None:
+    """Why a row's grammar refused its token when the constraint itself allowed none: it matches no text (after
+    the tokens the row has, which the constraint allowed)."""
+    if not req.grammar.allows_no_token():
+        return None
+    return (f"structured_outputs.{req.grammar.kind} matches no text: after what it allowed so far it allows no "
+            "next token, not even the end")
 
 
 def _grammar_conflict(params) -> str | None:

@@ -76,6 +76,15 @@ class RequestGrammar:
         self.terminated = self.matcher.is_terminated()
         return True
 
+    def allows_no_token(self) -> bool:
+        """At the matcher's state (after the tokens it took), the constraint allows no token at all, not even a
+        stop token: its language has no text going on from here (a regex like `[^\\s\\S]` matches nothing), so
+        whatever the row sampled, it sampled against it. The request's fault, not the engine's."""
+        import xgrammar as xgr
+        bitmask = xgr.allocate_token_bitmask(1, self.future.result().tokenizer_info.vocab_size)
+        self.matcher.fill_next_token_bitmask(bitmask)
+        return not bool(bitmask.any())
+
     def flush(self) -> bool:
         """The matcher takes the pending tokens, in order; False once one was refused."""
         if self.pending and self.rejected is None:

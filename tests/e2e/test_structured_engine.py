@@ -113,6 +113,21 @@ def test_fields_that_leave_no_token_fail_the_request_alone(llm, caplog):
     assert stats.num_blocks_free == stats.num_blocks_total
 
 
+def test_a_constraint_that_matches_no_text_fails_as_the_request_s_fault(llm, caplog):
+    """A regex with no text in its language (from the start, or after a first character): the request fails
+    with an error naming the constraint, as a bad request (a 400 on the server), not as an engine bug; the
+    tokens it was allowed are kept, and its neighbours run on."""
+    plain = SamplingParams(temperature=0.0, max_tokens=12)
+    empty = [SamplingParams(temperature=1.0, seed=1, max_tokens=5, structured_outputs={"regex": rx})
+             for rx in (r"[^\s\S]", r"a[^\s\S]")]
+    with caplog.at_level("WARNING", logger="pagedllm"):
+        outs = llm.generate(PROMPTS[:3], [empty[0], plain, empty[1]], use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outs] == ["error", "length", "error"]
+    assert [outs[0].outputs[0].text, outs[2].outputs[0].text] == ["", "a"]
+    assert caplog.text.count("structured_outputs.regex matches no text") == 2
+    assert "engine bug" not in caplog.text
+
+
 def test_constraint_starts_after_its_start_token(llm):
     """reasoning_end_token_id (what the server sets to a reasoning parser's `</think>`): the output is free up
     to that token, then follows the grammar; a row whose token never comes stays free."""

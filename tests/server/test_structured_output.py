@@ -118,6 +118,16 @@ def test_min_tokens_past_the_constraints_end_is_a_400_naming_both(client, server
     wait_all_blocks_free(server)
 
 
+@pytest.mark.parametrize("extra, param", [({"guided_regex": "[^\\s\\S]"}, "guided_regex"),
+                                          ({"structured_outputs": {"regex": "a[^\\s\\S]"}}, "structured_outputs")])
+def test_a_constraint_that_matches_no_text_is_a_400_naming_it(client, server, extra, param):
+    """Its language is empty (at once, or after an `a`): no token may be sampled, which is the request's fault."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(messages=MESSAGES, extra_body=extra, **KW)
+    assert e.value.body["param"] == param and "matches no text" in e.value.body["message"], e.value.body
+    wait_all_blocks_free(server)
+
+
 def test_a_compile_past_its_time_limit_is_a_400_while_other_requests_stream(tiny_model_dirs, tmp_path):
     """A 50 ms compile limit and schemas that take ~0.3 s to compile: the engine fails them, each comes back as a
     400 naming the field sent (streamed: before the status line), and a plain stream sent with them runs to the
