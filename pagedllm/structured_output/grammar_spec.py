@@ -62,6 +62,8 @@ def _ebnf_literal(text: str) -> str:
 def _json(p: StructuredOutputsParams):
     import xgrammar as xgr
     schema = _json_dict(p.json, "json", "a JSON schema object")
+    schema = merge_all_of(schema)
+    refuse_unenforced(schema)
     if p.disable_additional_properties:
         schema = no_additional_properties(schema)
     schema = json_safe_lengths(schema)
@@ -165,6 +167,64 @@ def json_safe_lengths(schema):
         s["pattern"] = f"^{JSON_STRING_CHAR}{{{low},{high}}}$"
         return s
     return map_schemas(schema, bound)
+
+
+# What xgrammar 0.2.9 takes in a schema but does not enforce: a violating instance passes its matcher (probed in
+# tests/unit/test_structured_grammar_spec.py). A schema using one is refused, never followed in part. allOf is not
+# enforced either, so merge_all_of folds its parts into their schema first (pydantic writes allOf: [{$ref}]).
+UNENFORCED = ("not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains",
+              "dependentRequired", "dependentSchemas")
+# Formats with a syntax JSON Schema defines that xgrammar does not check (it checks email, uri, uri-reference,
+# uri-template, uuid, date, time, date-time, duration, ipv4, ipv6, hostname, json-pointer,
+# relative-json-pointer). Other format values define nothing to check: annotations, as the spec treats them.
+UNENFORCED_FORMATS = ("idn-email", "iri", "iri-reference", "idn-hostname", "regex")
+NUMBER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+ANNOTATIONS = ("title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly",
+               "contentEncoding", "contentMediaType", "$schema", "$id")
+
+
+def merge_all_of(schema):
+    """Each allOf folded into its schema: the parts' keywords and the schema's own, where none is given two
+    different values (then the schema is refused: the intersection would need the backend to enforce allOf)."""
+    def merge(s: dict) -> dict:
+        if not isinstance(s.get("allOf"), list):
+            return s
+        out = {k: v for k, v in s.items() if k != "allOf"}
+        for part in s["allOf"]:
+            for key, value in (part.items() if isinstance(part, dict) else ()):
+                if key in out and out[key] != value:
+                    raise ValueError(f"{FIELD}.json: allOf gives {key!r} two values; the grammar backend "
+                                     "(xgrammar) cannot intersect them, so the schema is refused")
+                out[key] = value
+        return out
+    return map_schemas(schema, merge)
+
+
+def refuse_unenforced(schema, path: str = "#") -> None:
+    """A ValueError naming the first keyword of UNENFORCED (and the like) in schema, with its path."""
+    if not isinstance(schema, dict):
+        return
+
+    def refuse(what: str):
+        raise ValueError(f"{FIELD}.json: {what} at {path} is not enforced by the grammar backend (xgrammar): the "
+                         "schema is refused rather than followed in part")
+    for key in UNENFORCED:
+        if key in schema and not (key == "uniqueItems" and schema[key] is False):
+            refuse(repr(key))
+    if schema.get("format") in UNENFORCED_FORMATS:
+        refuse(f"format {schema['format']!r}")
+    if "multipleOf" in schema and (schema.get("type") != "integer" or any(k in schema for k in NUMBER_BOUNDS)):
+        refuse("'multipleOf' (enforced on an integer without bounds only)")
+    if "$ref" in schema and any(k not in ANNOTATIONS and k not in ("$ref", "$defs", "definitions") for k in schema):
+        refuse("'$ref' beside other keywords")
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                refuse_unenforced(sub, f"{path}/{key}/{name}")
+    for key in _SCHEMA_LISTS + _SUBSCHEMAS:
+        value = schema.get(key)
+        for i, sub in enumerate(value if isinstance(value, list) else [value]):
+            refuse_unenforced(sub, f"{path}/{key}/{i}" if isinstance(value, list) else f"{path}/{key}")
 
 
 # A character JSON takes unescaped: U+0020..U+10FFFF but the quote, the backslash and the surrogates.

@@ -1,6 +1,7 @@
 """grammar_spec: each constraint as an xgrammar Grammar (what the engine compiles), and the ValueError naming the
 field for a constraint that cannot be one, where the request enters (no tokenizer, no engine)."""
 import json
+import re
 
 import pytest
 
@@ -118,3 +119,46 @@ def test_input_processor_refuses_a_bad_constraint_before_queueing():
     bad = SamplingParams(max_tokens=4, structured_outputs={"regex": "[0-9"})
     with pytest.raises(ValueError, match=r"structured_outputs\.regex is invalid"):
         processor.process("b", [1, 2, 3], bad)
+
+
+UNENFORCED_CASES = {   # schema, an instance that breaks it
+    "not": ({"not": {"type": "boolean"}}, "true"),
+    "if": ({"if": {"type": "integer"}, "then": {"minimum": 5}}, "3"),
+    "uniqueItems": ({"type": "array", "items": {"enum": [1, 2]}, "uniqueItems": True}, "[2, 2]"),
+    "contains": ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "[1]"),
+    "dependentRequired": ({"type": "object", "additionalProperties": True, "dependentRequired": {"a": ["b"]}},
+                          '{"a": 1}'),
+    "dependentSchemas": ({"type": "object", "additionalProperties": True,
+                          "dependentSchemas": {"a": {"required": ["b"]}}}, '{"a": 1}'),
+    "multipleOf": ({"type": "integer", "multipleOf": 7, "minimum": 1}, "50000"),
+    "format 'iri'": ({"type": "string", "format": "iri"}, '"a b{"'),
+    "'$ref' beside": ({"$defs": {"x": {"type": "integer"}}, "$ref": "#/$defs/x", "minimum": 5}, "3"),
+}
+
+
+@pytest.mark.parametrize("keyword", list(UNENFORCED_CASES))
+def test_what_xgrammar_would_not_enforce_is_refused(compiler, keyword):
+    """Each keyword xgrammar takes without enforcing it: its grammar, built directly, lets a violating instance
+    through (if a newer xgrammar enforces one, this fails: drop it from UNENFORCED); ours refuses the schema,
+    naming the keyword and where it is."""
+    schema, bad = UNENFORCED_CASES[keyword]
+    direct = xgr.GrammarMatcher(compiler.compile_grammar(xgr.Grammar.from_json_schema(schema, any_whitespace=False)))
+    assert direct.accept_string(bad) and direct.accept_token(2), "xgrammar enforces it now"
+    nested = {"type": "object", "properties": {"field": schema}, "required": ["field"]}
+    with pytest.raises(ValueError, match=re.escape(keyword) + ".* at #/properties/field is not enforced"):
+        build_grammar(P(json=nested))
+
+
+def test_all_of_is_merged_then_enforced(compiler):
+    """allOf (which xgrammar ignores) folded into its schema: [integer, minimum 5] refuses 3 and takes 7; a
+    pydantic-style property allOf [$ref] with a description follows the definition; parts that clash refuse."""
+    p = P(json={"allOf": [{"type": "integer"}, {"minimum": 5}]})
+    assert not accepts(compiler, p, "3") and accepts(compiler, p, "7")
+    ref = P(json={"$defs": {"X": {"type": "integer"}}, "type": "object", "required": ["a"],
+                  "properties": {"a": {"allOf": [{"$ref": "#/$defs/X"}], "description": "an X"}}},
+            disable_any_whitespace=True)
+    assert accepts(compiler, ref, '{"a": 1}') and not accepts(compiler, ref, '{"a": "s"}')
+    with pytest.raises(ValueError, match="allOf gives 'type' two values"):
+        build_grammar(P(json={"allOf": [{"type": "string"}, {"type": "integer"}]}))
+    assert accepts(compiler, P(json={"type": "integer", "multipleOf": 7}), "49")   # alone, it is enforced
+    assert accepts(compiler, P(json={"type": "string", "format": "password"}), '"x"')   # an annotation
