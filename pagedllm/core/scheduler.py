@@ -291,6 +291,9 @@ class Scheduler:
                 if req_id in sched.spec_token_ids:   # rejected proposals: their positions are computed again
                     req.num_computed_tokens -= len(sched.spec_token_ids[req_id]) - (len(tokens) - 1)
                 for token in tokens:   # what follows a stop is dropped
+                    if req.grammar is not None and req.grammar.dead:
+                        self._fail_empty_constraint(req)   # its token was sampled with none allowed: noise
+                        break
                     req.append_output_token_id(token)
                     new_ids.append(token)
                     self._check_stop(req, token)
@@ -309,9 +312,8 @@ class Scheduler:
     def _check_stop(self, req: Request, token: int):
         params = req.sampling_params
         if req.grammar is not None and not req.grammar.accept(token):
-            # Sampled under its bitmask, a token is accepted unless the row's other masks, or the constraint
-            # itself (a language with no text from here), left it no token.
-            conflict = _grammar_conflict(params) or _empty_language(req)
+            # Sampled under its bitmask, a token is accepted unless the row's other masks left it no token.
+            conflict = _grammar_conflict(params)
             req.status = RequestStatus.FINISHED_ERROR
             req.error = conflict or f"token {token} was sampled against the request's grammar (an engine bug)"
             req.bad_request = conflict is not None
@@ -326,6 +328,15 @@ class Scheduler:
         elif params.repetition_detection is not None and _repeats(req):
             req.status = RequestStatus.FINISHED_REPETITION
             req.stop_reason = "repetition_detected"
+
+    def _fail_empty_constraint(self, req: Request):
+        """The request's constraint allowed no next token, not even the end: it matches no text (after what it
+        allowed so far). The request's fault (a 400 on the server), not the engine's."""
+        req.status = RequestStatus.FINISHED_ERROR
+        req.error = (f"structured_outputs.{req.grammar.kind} matches no text: after what it allowed so far it "
+                     "allows no next token, not even the end")
+        req.bad_request = True
+        logger.warning("request %s failed: %s", req.request_id, req.error)
 
     def _free(self, req: Request, uncache: bool = False):
         if req.kv_parent is not None:
@@ -356,15 +367,6 @@ def _repeats(req: Request) -> bool:
         return False
     n = min(req.num_output_tokens, p.max_pattern_size * p.min_count)
     return n > 0 and ends_repeating(req.all_token_ids[-n:], p)
-
-
-def _empty_language(req: Request) -> str | None:
-    """Why a row's grammar refused its token when the constraint itself allowed none: it matches no text (after
-    the tokens the row has, which the constraint allowed)."""
-    if not req.grammar.allows_no_token():
-        return None
-    return (f"structured_outputs.{req.grammar.kind} matches no text: after what it allowed so far it allows no "
-            "next token, not even the end")
 
 
 def _grammar_conflict(params) -> str | None:

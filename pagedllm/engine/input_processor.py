@@ -151,6 +151,9 @@ def truncate_prompt(ids: list[int], k: int | None, max_model_len: int, side: str
         k = max_model_len
     if k is None or k < 1:
         return ids
+    if k > max_model_len:   # vLLM refuses it too: no prompt that long could run
+        raise ValueError(f"SamplingParams.truncate_prompt_tokens must be -1 or at most max_model_len "
+                         f"({max_model_len}), got {k}")
     return ids[:k] if side == "right" else ids[-k:]
 
 

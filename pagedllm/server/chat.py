@@ -21,6 +21,9 @@ from pagedllm.server.reasoning import ReasoningParser
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, sse, sse_prefix, until_disconnect, usage)
 from pagedllm.server.structured_fields import checked_constraint, constraint_field
+from pagedllm.server.tool_parsers.forced import parameters_schema
+from pagedllm.structured_output.grammar_spec import validate
+from pagedllm.structured_output.params import StructuredOutputsParams
 
 
 async def render_chat(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> tuple[str, list[int]]:
@@ -69,9 +72,12 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     else:
         # A constraint is parsed here (up to ~1 s for a 100 kB schema), then remembered: off the event loop.
         slow = constraint_field(req) is not None or plan.choice in ("named", "required")   # tools enforced
-        params = await ctx.off_loop_if(slow, lambda: checked_constraint(_with_tool_constraint(req.to_sampling_params(
-            max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.prompt_logprobs,
-            defaults=ctx.engine.default_sampling_params), plan)))
+        try:
+            params = await ctx.off_loop_if(slow, lambda: checked_constraint(_with_tool_constraint(
+                req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                       req.prompt_logprobs, defaults=ctx.engine.default_sampling_params), plan)))
+        except ValueError as e:
+            raise _as_sent(e, req, plan) from e
     sampling = isinstance(params, SamplingParams)   # not beam search
     thinks = _thinks(ctx, req, kept, sampling and params.structured_outputs is not None)
     if thinks and sampling:
@@ -81,8 +87,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
-    streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind, lora, req.priority,
-                                req.cache_salt)
+    try:   # the engine's checks (the vocabulary's and logprobs' bounds) name SamplingParams' fields
+        streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind, lora, req.priority,
+                                    req.cache_salt)
+    except ValueError as e:
+        raise _as_sent(e, req, plan) from e
     if req.stream:
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), _constraint_field(req, plan))
         if isinstance(outputs, Response):   # the client left
@@ -90,6 +99,34 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         return SSEResponse(ctx.engine, ids, _stream(ctx, req, plan, response_id, kept, outputs, thinks,
                                                     prompt_text))
     return await until_disconnect(raw_request, _full(ctx, req, plan, response_id, streams, ids, thinks, prompt_text))
+
+
+def _as_sent(e: ValueError, req: ChatCompletionRequest, plan: ToolPlan) -> Exception:
+    """A SamplingParams error about a value that chat takes under another name: top_logprobs (SamplingParams'
+    logprobs), a tool's parameters schema (the constraint tool_choice required or named makes of it). Others
+    keep their message (the ValueError handler names the field)."""
+    message = str(e)
+    if message.startswith("SamplingParams.logprobs") and req.top_logprobs is not None:
+        return APIError(400, message.replace("SamplingParams.logprobs", "top_logprobs", 1), "top_logprobs",
+                        "invalid_value")
+    if message.startswith("SamplingParams.structured_outputs") and constraint_field(req) is None \
+            and plan.choice in ("required", "named"):
+        param = _bad_tool(plan)
+        return APIError(400, f"{param}: {message.split(': ', 1)[-1]}", param, "invalid_value")
+    return e
+
+
+def _bad_tool(plan: ToolPlan) -> str:
+    """tools.<i>.function.parameters of the first tool whose parameters schema is refused alone ("tools" if
+    none is: then only their combination was)."""
+    for i, tool in enumerate(plan.tools):
+        if plan.choice == "named" and tool["function"]["name"] != plan.name:
+            continue
+        try:
+            validate(StructuredOutputsParams(json=parameters_schema(tool), disable_any_whitespace=True))
+        except ValueError:
+            return f"tools.{i}.function.parameters"
+    return "tools"
 
 
 def _thinks(ctx, req: ChatCompletionRequest, prompt_ids: list[int], constrained: bool) -> bool | None:

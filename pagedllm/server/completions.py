@@ -30,15 +30,19 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     reasoning.check_budget(ctx.reasoning_parser, req.thinking_token_budget, req.use_beam_search)
     kept = [truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len, req.truncation_side or "left")
             for _, ids in prompts]   # the tokens the engine runs
+    # echo with max_tokens 0 (vLLM's, what lm-eval's loglikelihood sends): the prompt scored, nothing generated.
+    # The engine samples one token (a step always does), which the response leaves out.
+    echo_only = req.echo and req.max_tokens == 0 and not req.use_beam_search
+    max_tokens = 1 if echo_only else req.max_tokens
     for ids in kept:
-        ctx.check_context_length(len(ids), req.max_tokens, "prompt", "max_tokens")
+        ctx.check_context_length(len(ids), max_tokens, "prompt", "max_tokens")
     num_prompt = sum(len(ids) for ids in kept)
     prompt_logprobs = req.prompt_logprobs
     if prompt_logprobs is None and req.echo and req.logprobs is not None:   # echo's prompt tokens need them
         prompt_logprobs = req.logprobs
     # A constraint is parsed here (up to ~1 s for a 100 kB schema), then remembered: off the event loop.
     params = (req.to_beam_search_params(req.max_tokens, ctx.engine.max_model_len) if req.use_beam_search else
-              await ctx.off_loop_if(constraint_field(req) is not None, req.to_sampling_params, req.max_tokens,
+              await ctx.off_loop_if(constraint_field(req) is not None, req.to_sampling_params, max_tokens,
                                     req.logprobs, prompt_logprobs, defaults=ctx.engine.default_sampling_params))
     if ctx.reasoning_parser is not None and isinstance(params, SamplingParams):
         params = [_thinking(ctx, req, params, ids) for ids in kept]
@@ -47,6 +51,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind, lora, req.priority,
                                 req.cache_salt)
+    if echo_only:
+        streams = [_without_generation(s) for s in streams]
     texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]
     if req.stream:
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))
@@ -54,6 +60,16 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
             return outputs
         return SSEResponse(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt, outputs))
     return await until_disconnect(raw_request, _full(ctx, req, response_id, texts, streams, ids))
+
+
+async def _without_generation(outputs):
+    """A request's outputs with its sampled token left out (echo_only): no text, ids or logprobs of its own;
+    finished as "length", the limit of 0 tokens."""
+    async for out in outputs:
+        out.outputs = [replace(c, text="", token_ids=[], cumulative_logprob=None, stop_reason=None,
+                               logprobs=None if c.logprobs is None else [],
+                               finish_reason=c.finish_reason and "length") for c in out.outputs]
+        yield out
 
 
 def _thinking(ctx: ServingContext, req: CompletionRequest, params: SamplingParams, prompt_ids: list[int]

@@ -94,9 +94,14 @@ def install_error_handlers(app: FastAPI):
         if first.get("type") == "json_invalid":
             return _shaped(request, 400, f"the body is not valid JSON: {first.get('ctx', {}).get('error')}",
                            None, "invalid_json")
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = shorten(".".join(loc)) or None   # a path may hold a client's (unknown) key
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        if len(first.get("loc", ())) <= 1 and first.get("type") in ("dict_type", "model_type",
+                                                                  "model_attributes_type", "missing"):
+            what = "is empty" if first.get("type") == "missing" else "is not a JSON object"
+            return _shaped(request, 400, f"the body {what}: send one, with Content-Type: application/json",
+                           None, "invalid_value")
+        path, msg = _union_error(e.errors())
+        param = shorten(".".join(path)) or None   # a path may hold a client's (unknown) key
+        message = f"{param}: {msg}" if param else msg
         return _shaped(request, 400, message, param, "invalid_value")
 
     @app.exception_handler(ValueError)
@@ -132,6 +137,36 @@ def install_error_handlers(app: FastAPI):
         # A bug, not the client's fault: a generic message (no internals); Starlette re-raises the exception
         # after this response, and uvicorn logs it with its traceback.
         return _shaped(request, 500, "internal server error", None, "internal_error")
+
+
+# A union's branch in a pydantic error's loc: ('prompt', 'list[int]', 0) is prompt's list-of-ids branch.
+_BRANCH = re.compile(r"[a-z][\w-]*\[.*\]|str|int|float|bool|dict|list|none|[A-Z]\w*")
+_JSON_TYPES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean", "dict": "an object",
+               "list": "an array", "NoneType": "null"}
+
+
+def _union_error(errors: list[dict]) -> tuple[list[str], str]:
+    """The field path (without union branch names) and the message of a validation failure. A field of several
+    accepted forms fails once per form: the error of the form that got furthest into the value names the real
+    problem (a content part's unknown key); when none got past the field itself, the message lists the forms
+    (pydantic's first alone says "prompt.str: Input should be a valid string")."""
+    def split(err: dict) -> tuple[list[str], list[str]]:
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        path, branches = [], []
+        for i, p in enumerate(loc):
+            key = i == len(loc) - 1 and err.get("type") == "extra_forbidden"   # the client's key, never a branch
+            (branches if isinstance(p, str) and _BRANCH.fullmatch(p) and not key else path).append(str(p))
+        return path, branches
+    field, branches = split(errors[0])
+    if not branches:
+        return field, str(errors[0].get("msg"))
+    union = [e for e in errors if split(e)[0][:len(field)] == field]
+    deepest = max(union, key=lambda e: len(split(e)[0]))
+    if len(split(deepest)[0]) > len(field):
+        return split(deepest)[0], str(deepest.get("msg"))
+    forms = dict.fromkeys(split(e)[1][-1] for e in union if split(e)[1])
+    value = type(errors[0].get("input")).__name__
+    return field, f"must be {' or '.join(forms)}; got {_JSON_TYPES.get(value, value)}"
 
 
 def _http_error_message(e: HTTPException) -> str:

@@ -31,6 +31,9 @@ class RequestGrammar:
         self.pending: list[int] = []   # kept tokens the matcher has not taken yet (flush)
         self.terminated = False   # the grammar is complete and a stop token was accepted: nothing may follow
         self.rejected: int | None = None   # a kept token the matcher refused (an engine bug)
+        # Its last bitmask allowed no token, not even a stop token: the constraint has no text from here (a
+        # regex like [^\s\S]), so what the row sampled under it is noise, never to be kept (the scheduler).
+        self.dead = False
         self._stop_ids: frozenset[int] = frozenset()
 
     @property
@@ -75,15 +78,6 @@ class RequestGrammar:
             return False
         self.terminated = self.matcher.is_terminated()
         return True
-
-    def allows_no_token(self) -> bool:
-        """At the matcher's state (after the tokens it took), the constraint allows no token at all, not even a
-        stop token: its language has no text going on from here (a regex like `[^\\s\\S]` matches nothing), so
-        whatever the row sampled, it sampled against it. The request's fault, not the engine's."""
-        import xgrammar as xgr
-        bitmask = xgr.allocate_token_bitmask(1, self.future.result().tokenizer_info.vocab_size)
-        self.matcher.fill_next_token_bitmask(bitmask)
-        return not bool(bitmask.any())
 
     def flush(self) -> bool:
         """The matcher takes the pending tokens, in order; False once one was refused."""
@@ -193,4 +187,9 @@ class StructuredOutputManager:
             self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
         flush_rows([g for _, g in rows])
         self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], self._bitmask, [j for j, _ in rows])
+        # Rows left no token (numpy: 0.4 ms for 256 rows of a 150k vocabulary on the 2-core dev CPU; torch's
+        # any() took 5-8 ms there)
+        allowed = self._bitmask.numpy()[[j for j, _ in rows]].any(axis=1)
+        for (_, g), ok in zip(rows, allowed.tolist()):
+            g.dead = not ok
         return self._bitmask

@@ -29,7 +29,9 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None, code
     (COMPLETIONS, {"prompt": "a", "temperature": -1}, "temperature", ">= 0"),
     (COMPLETIONS, {"prompt": "a", "top_p": 1.5}, "top_p", "(0, 1]"),
     (COMPLETIONS, {"prompt": "a", "n": 0}, "n", ">= 1"),
-    (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, "max_tokens", ">= 1"),
+    (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, "max_tokens", ">= 1"),   # (echo with 0 is vLLM's scoring)
+    (COMPLETIONS, {"prompt": "a", "truncate_prompt_tokens": 10**6}, "truncate_prompt_tokens", "max_model_len"),
+    (CHAT, {"messages": MESSAGES, "truncate_prompt_tokens": 10**6}, "truncate_prompt_tokens", "max_model_len"),
     (COMPLETIONS, {"prompt": "a", "logprobs": 50}, "logprobs", "<= 20"),
     (COMPLETIONS, {"prompt": "a", "min_p": 2}, "min_p", "[0, 1]"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": "many"}, "max_tokens", "integer"),
@@ -40,6 +42,16 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None, code
     (CHAT, {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs", "logprobs"),
     (CHAT, {"messages": []}, "messages", "at least 1"),
     (CHAT, {"messages": [{"content": "no role"}]}, "messages.0.role", "required"),
+    # named as the client sent them (found by a fuzz of the server)
+    (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= 20"),
+    (CHAT, {"messages": MESSAGES, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "g", "parameters": {"type": "nonsense"}}}]},
+     "tools.1.function.parameters", "nonsense"),
+    (COMPLETIONS, {"prompt": 123}, "prompt", "must be str or list[str] or list[int] or list[list[int]]; got an"),
+    (COMPLETIONS, {"prompt": "a", "stop": 5}, "stop", "must be str or list[str]; got an integer"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache_control": {}}]}]},
+     "messages.0.content.0.cache_control", "Extra inputs"),
 ])
 def test_invalid_values_are_400_naming_the_field(server, path, body, param, words):
     r = httpx.post(server.url + path, json={"model": MODEL_NAME, **body}, headers=server.headers)
@@ -92,6 +104,11 @@ def test_malformed_body_is_400_and_the_engine_lives_on(server):
         r = httpx.post(server.url + COMPLETIONS, content=content, headers={**server.headers,
                                                                            "content-type": "application/json"})
         _assert_error(r, 400)
+    for content, type_, words in ((b'{"prompt": "a"}', "text/plain", "not a JSON object"),
+                                  (b"prompt=a", "application/x-www-form-urlencoded", "not a JSON object"),
+                                  (b"", "application/json", "empty")):
+        r = httpx.post(server.url + COMPLETIONS, content=content, headers={**server.headers, "content-type": type_})
+        assert words in _assert_error(r, 400)["message"] and "Content-Type: application/json" in r.text, r.text
     r = httpx.post(server.url + COMPLETIONS, json={"model": MODEL_NAME, "prompt": "a", "max_tokens": 2},
                    headers=server.headers)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

@@ -63,6 +63,23 @@ def test_streamed_list_of_prompts_with_echo_and_logprobs_equals_non_streamed(cli
         assert all(lp is not None for lp in c.logprobs.token_logprobs[1:])
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
+    """vLLM's echo + max_tokens 0 (lm-eval's loglikelihood requests): each choice is the prompt and its token
+    logprobs, nothing generated, streamed or not; the logprobs are those an echo with a token generated has."""
+    kw = dict(model=MODEL_NAME, prompt=PROMPTS[:2], echo=True, logprobs=2, temperature=0)
+    full = client.completions.create(max_tokens=0, **kw)
+    texts, reasons, usage = stream_text(client.completions.create(max_tokens=0, stream=True,
+                                                                    stream_options={"include_usage": True}, **kw))
+    one = client.completions.create(max_tokens=1, **kw)
+    assert [c.text for c in full.choices] == PROMPTS[:2] == [texts[0], texts[1]]
+    assert [c.finish_reason for c in full.choices] == ["length", "length"] == [reasons[0], reasons[1]]
+    assert full.usage.completion_tokens == usage.completion_tokens == 0
+    assert full.usage.prompt_tokens == usage.prompt_tokens == one.usage.prompt_tokens
+    for c, ref in zip(full.choices, one.choices):
+        assert c.logprobs.tokens == ref.logprobs.tokens[:-1] and c.logprobs.token_logprobs[0] is None
+        assert c.logprobs.token_logprobs == ref.logprobs.token_logprobs[:-1]
+
+
 def test_completion_logprobs_match_offline(client, offline_llm):
     out = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=3)
     [ref] = offline_llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0, logprobs=3),

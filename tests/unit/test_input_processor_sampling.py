@@ -55,7 +55,8 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens_before_length_checks(proce
     assert req.core_requests[0].prompt_token_ids == long_prompt[-10:]
     req = processor.process("r", list(range(3, 50)), SamplingParams(truncate_prompt_tokens=-1, max_tokens=None))
     assert len(req.prompt_token_ids) == 47
-    assert processor.process("r", PROMPT, SamplingParams(truncate_prompt_tokens=500)).prompt_token_ids == PROMPT
+    with pytest.raises(ValueError, match=r"truncate_prompt_tokens must be -1 or at most max_model_len \(64\)"):
+        processor.process("r", PROMPT, SamplingParams(truncate_prompt_tokens=500))   # refused, as vLLM does
     # truncation_side right (vLLM's): the first k tokens
     req = processor.process("r", long_prompt, SamplingParams(truncate_prompt_tokens=10, truncation_side="right",
                                                              max_tokens=4))

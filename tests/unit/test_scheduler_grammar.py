@@ -9,7 +9,7 @@ from pagedllm.request import RequestStatus
 class FakeGrammar:
     """RequestGrammar's interface: compiling until `ready` is set, or failed with `error`."""
     def __init__(self, end_after: int = 100):
-        self.ready, self.error, self.matcher = False, None, None
+        self.ready, self.error, self.matcher, self.dead = False, None, None, False
         self.accepted: list[int] = []
         self.end_after = end_after
 

@@ -47,6 +47,20 @@ def test_deferred_accepts_give_the_bitmasks_of_immediate_ones(compiled):
     assert g.accept(EOS) and g.terminated and ref.accept_token(EOS) and ref.is_terminated()
 
 
+def test_a_fill_that_allows_no_token_marks_the_grammar_dead():
+    """A regex whose language ends in nothing: its fill allows "a" first (alive), and after "a" no token at all,
+    not even the stop token (dead: what the row samples then is noise the scheduler drops). A live row beside
+    it in the same fill stays alive."""
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo(VOCAB, stop_token_ids=[EOS]), max_threads=1)
+    g, other = (_grammar(compiler.compile_regex(rx)) for rx in (r"a[^\s\S]", "a+"))
+    manager = _manager()
+    manager.fill_bitmask([(0, g), (1, other)])
+    assert not g.dead and not other.dead
+    assert g.accept(VOCAB.index("a")) and other.accept(VOCAB.index("a"))
+    mask = manager.fill_bitmask([(1, g), (0, other)])
+    assert g.dead and not mask[1].any() and not other.dead and mask[0].any()
+
+
 def test_batch_fill_of_many_rows_matches_each_matcher_alone(compiled):
     """One batch accept and one batch fill for every row: each row, sampled in any order, equals its own
     matcher's reference bitmask, at every step."""
