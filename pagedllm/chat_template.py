@@ -35,6 +35,9 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
     if add_generation_prompt and continue_final_message:
         raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true: the first "
                                 "continues the last message, the second starts a new one", "continue_final_message")
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+        raise ChatTemplateError(f"chat_template_kwargs must be a dict of template variables, got "
+                                f"{type(chat_template_kwargs).__name__}", "chat_template_kwargs")
     kwargs = dict(chat_template_kwargs or {})
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
     if reserved:

@@ -4,6 +4,7 @@ The CLI (`pagedllm.cli`) generates its flags from these fields; `help` in each f
 help text. Flag names follow vLLM's where the meaning is the same.
 """
 import importlib.util
+import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -91,7 +92,7 @@ class EngineConfig:
                                         "(ngram or draft_model), num_speculative_tokens, prompt_lookup_min/max "
                                         "(ngram), model (draft_model), rejection_sample_method (strict or "
                                         "synthetic, with synthetic_acceptance_rate(s)), disable_by_batch_size, "
-                                        "max_step_tokens; None = off")
+                                        "max_step_tokens; None = off", python_types=(str, dict))
     enable_lora: bool = _f(False, "serve LoRA adapters (PEFT) over the base model, several in one step (on CUDA: "
                                   "Triton kernels inside the CUDA graphs)")
     max_loras: int = _f(1, "most distinct LoRA adapters in one step (device slots)")
@@ -107,6 +108,7 @@ class EngineConfig:
                                                   choices=_EXECUTOR_BACKENDS)
 
     def __post_init__(self):
+        _check_types(self)
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
         _check(self.quantization in (None, *_QUANTIZATIONS), "quantization", f"None or one of {_QUANTIZATIONS}",
                self.quantization)
@@ -291,6 +293,30 @@ class ServerConfig:
                "an integer >= 0", self.responses_store)
         _check(self.responses_store == 0 or self.api_server_count == 1, "responses_store",
                "0 with api_server_count > 1 (each API process would keep its own responses)", self.responses_store)
+
+
+_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string", dict: "a dict",
+               type(None): "None"}
+
+
+def _check_types(config) -> None:
+    """Each field's value of its annotated type (LLM(...) takes them from Python callers, with no argparse in
+    between): an int is no bool, a float may be an int, a str may be a path (made a str)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        allowed = getattr(f.type, "__args__", (f.type,)) if str(f.type).count("|") else (f.type,)
+        if "python_types" in f.metadata:   # what Python callers may pass besides the CLI's text (a dict for JSON)
+            allowed = (*f.metadata["python_types"], *(t for t in allowed if t is type(None)))
+        if str in allowed and isinstance(value, os.PathLike):
+            setattr(config, f.name, value := os.fspath(value))
+        ok = any(value is None if t is type(None) else
+                 isinstance(value, bool) if t is bool else
+                 isinstance(value, int) and not isinstance(value, bool) if t is int else
+                 isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
+                 isinstance(value, t) for t in allowed if isinstance(t, type))
+        if not ok:
+            raise ValueError(f"{f.name} must be {' or '.join(_TYPE_NAMES.get(t, str(t)) for t in allowed)}, "
+                             f"got {value!r:.200}")
 
 
 def _check(ok: bool, name: str, limit: str, value):

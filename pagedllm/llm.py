@@ -109,6 +109,8 @@ class LLM:
         beam it extends copy-on-write (held until the step's requests are added), so nothing is recomputed.
         `self.last_beam_search_blocks`: (peak KV blocks in use, peak blocks without sharing); the
         engine's peak KV figures (get_stats) restart at each call."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         engine = self.engine
         eos = engine.input_processor.eos_token_ids
         step_params = step_sampling_params(params, len(eos))
@@ -179,7 +181,7 @@ class LLM:
         """One conversation (a list of OpenAI messages: {"role", "content"}, tool_calls, tool_call_id) or a list of
         them, through the chat template (vLLM's options: continue_final_message continues the last message;
         chat_template_kwargs are extra template variables; tools are described to the model by the template)."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = _conversations(messages)
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("chat() needs a tokenizer: skip_tokenizer_init is set (use generate() on token ids)")
@@ -231,6 +233,24 @@ def _frozen_gc():
         gc.unfreeze()
 
 
+def _conversations(messages) -> list[list[dict]]:
+    """chat()'s messages as a list of conversations: one (a list of message dicts) or several; each message a
+    dict with a string role."""
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"messages must be a list of message dicts (one conversation) or a list of such lists, "
+                        f"got {type(messages).__name__}")
+    conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+    for i, conversation in enumerate(conversations):
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError(f"messages: conversation {i} must be a non-empty list of message dicts, got "
+                             f"{type(conversation).__name__ if conversation else 'an empty one'}")
+        for j, m in enumerate(conversation):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError(f"messages: message {j} of conversation {i} must be a dict with a string 'role', "
+                                 f"got {m!r:.100}")
+    return conversations
+
+
 def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
@@ -241,12 +261,24 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     return list(prompts)
 
 
+_PROMPT_KEYS = ("prompt", "prompt_token_ids")   # vLLM's TextPrompt / TokensPrompt (no multi-modal data here)
+
+
 def _prompt_value(prompt: Prompt) -> str | list[int]:
     if isinstance(prompt, dict):
+        unknown = [k for k in prompt if k not in _PROMPT_KEYS]
+        if unknown:
+            raise ValueError(f"a dict prompt takes the keys {_PROMPT_KEYS} (multi-modal inputs are not supported), "
+                             f"got {unknown}")
+        value = prompt.get("prompt_token_ids", prompt.get("prompt"))
+        if "prompt_token_ids" in prompt and not isinstance(value, (list, tuple)):
+            raise ValueError(f"a dict prompt's 'prompt_token_ids' must be a list of token ids, got {type(value)}")
         if "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"])
+            return list(value)
         if "prompt" in prompt:
-            return prompt["prompt"]
+            if not isinstance(value, str):
+                raise ValueError(f"a dict prompt's 'prompt' must be a string, got {type(value)}")
+            return value
         raise ValueError("a dict prompt needs a 'prompt' or a 'prompt_token_ids' key")
     if isinstance(prompt, (str, list)):
         return prompt
@@ -256,6 +288,12 @@ def _prompt_value(prompt: Prompt) -> str | list[int]:
 def _params_per_prompt(params, n: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * n
+    if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+        got = type(params).__name__
+        if isinstance(params, (list, tuple)):
+            got += " holding " + ", ".join(sorted({type(p).__name__ for p in params}))
+        raise TypeError(f"sampling_params must be a SamplingParams, a list of them (one per prompt) or None, "
+                        f"got {got}")
     if len(params) != n:
         raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts: give one, or one per prompt")
     return list(params)

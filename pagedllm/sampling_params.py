@@ -60,6 +60,10 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        _require(self.stop is None or isinstance(self.stop, (list, tuple)), "stop",
+                 "a string, a list of strings or None", self.stop)
+        _require(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple, set)),
+                 "stop_token_ids", "a list of token ids or None", self.stop_token_ids)
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
@@ -103,19 +107,22 @@ class SamplingParams:
         _require(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed < SEED_END), "seed",
                  "an integer in [-2**63, 2**64) or None", self.seed)
         self._validate_penalties()
-        _require(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        _require(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
                  "max_tokens", "an integer >= 1 or None", self.max_tokens)
-        _require(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", ">= 0", self.min_tokens)
+        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0",
+                 self.min_tokens)
         _require(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                  f"<= max_tokens ({self.max_tokens})", self.min_tokens)
         _require(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings", self.stop)
         # Stop strings are matched on text; without detokenization they would be silently ignored.
         _require(self.detokenize or not self.stop, "stop", "empty when detokenize is False", self.stop)
-        _require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                  "a list of non-negative token ids", self.stop_token_ids)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            _require(v is None or (isinstance(v, int) and v >= 0), name, "None or an integer >= 0", v)
+            _require(v is None or (_is_int(v) and v >= 0), name, "None or an integer >= 0", v)
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"):
+            _require(isinstance(getattr(self, name), bool), name, "True or False", getattr(self, name))
         t = self.truncate_prompt_tokens
         _require(t is None or (_is_int(t) and (t >= 1 or t == -1)), "truncate_prompt_tokens",
                  "an integer >= 1, -1 (max_model_len) or None", t)

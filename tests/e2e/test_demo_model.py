@@ -112,6 +112,25 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(llm):
         llm.generate("hi", SamplingParams(stop_token_ids=[600]), use_tqdm=False)
     with pytest.raises(ValueError, match="sampling_params has 2 entries for 3 prompts"):
         llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    # what a fuzz of the API found crashing on an AttributeError / TypeError deep inside, or silently taken
+    for params in ({"temperature": 0}, "xy", 5, [None, None]):
+        with pytest.raises(TypeError, match="sampling_params must be a SamplingParams, a list of them"):
+            llm.generate(["a", "b"], params, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"a dict prompt takes the keys .* got \['multi_modal_data'\]"):
+        llm.generate({"prompt": "a", "multi_modal_data": {"image": None}}, use_tqdm=False)
+    for bad in ({"prompt": 5}, {"prompt_token_ids": None}, {"prompt_token_ids": 5}):
+        with pytest.raises(ValueError, match="a dict prompt's"):
+            llm.generate(bad, use_tqdm=False)
+    for messages in (["hi"], [{"role": "user", "content": "a"}, "x"], [[]], [{"content": "no role"}]):
+        with pytest.raises(ValueError, match="messages: "):
+            llm.chat(messages, chat_template="{{ messages[0]['content'] }}", use_tqdm=False)
+    for messages in ("hi", None, 5):
+        with pytest.raises(TypeError, match="messages must be a list"):
+            llm.chat(messages, use_tqdm=False)
+    with pytest.raises(ValueError, match="chat_template_kwargs must be a dict"):
+        llm.chat([{"role": "user", "content": "a"}], chat_template="x", chat_template_kwargs=5, use_tqdm=False)
+    with pytest.raises(TypeError, match="params must be a BeamSearchParams"):
+        llm.beam_search("Hi", {"beam_width": 2})
     assert not llm.engine.has_unfinished_requests()
     # The engine still works afterwards.
     assert llm.generate("Once", SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
