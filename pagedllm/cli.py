@@ -117,6 +117,9 @@ def _add_serve_parser(sub):
                                                   "/v1/chat/completions, ...)"))
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: LLM inference with a paged KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,14 +134,14 @@ def main(argv=None):
     gen.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--log-level", default="WARNING")
+    gen.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
     add_engine_args(gen)
     _add_serve_parser(sub)
     _add_run_batch_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tput = bench.add_parser("throughput", help="offline throughput on a workload of shared/benchmarks.md; "
                                                "prints one JSON line")
-    tput.add_argument("--log-level", default="WARNING")
+    tput.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
     _add_throughput_args(tput)
     add_engine_args(tput)
     bench_serve.add_cli_args(bench.add_parser("serve", help=bench_serve.__doc__.splitlines()[0]))
@@ -157,7 +160,7 @@ def main(argv=None):
             throughput.main(args, engine_kwargs(args))
         else:
             bench_serve.main(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
+    except (ValueError, OSError, NotImplementedError, RuntimeError, OverflowError) as e:   # OSError: paths
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

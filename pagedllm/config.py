@@ -4,6 +4,7 @@ The CLI (`pagedllm.cli`) generates its flags from these fields; `help` in each f
 help text. Flag names follow vLLM's where the meaning is the same.
 """
 import importlib.util
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -146,6 +147,9 @@ class EngineConfig:
         _check(self.swap_space > 0 if self.preemption_mode == "swap" else self.swap_space >= 0, "swap_space",
                "> 0 GiB with preemption_mode swap (>= 0 otherwise)", self.swap_space)
         _check(self.cpu_offload_gb >= 0, "cpu_offload_gb", ">= 0 GiB", self.cpu_offload_gb)
+        _check(self.log_stats_interval >= 0, "log_stats_interval", ">= 0 seconds (0: off)", self.log_stats_interval)
+        _check(self.kv_disk_dir is None or not os.path.exists(self.kv_disk_dir) or os.path.isdir(self.kv_disk_dir),
+               "kv_disk_dir", "a directory (or a path to create one at)", self.kv_disk_dir)
         _check(self.kv_disk_gb > 0, "kv_disk_gb", "> 0 GiB", self.kv_disk_gb)
         _check(self.kv_disk_dir is not None or self.preemption_mode != "offload", "kv_disk_dir",
                "set with preemption_mode offload (blocks are offloaded to the disk tier)", self.kv_disk_dir)
@@ -309,6 +313,8 @@ def _check_types(config) -> None:
             allowed = (*f.metadata["python_types"], *(t for t in allowed if t is type(None)))
         if str in allowed and isinstance(value, os.PathLike):
             setattr(config, f.name, value := os.fspath(value))
+        if isinstance(value, float) and float in allowed and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
         ok = any(value is None if t is type(None) else
                  isinstance(value, bool) if t is bool else
                  isinstance(value, int) and not isinstance(value, bool) if t is int else

@@ -18,6 +18,7 @@ counted one by one: that would need logprobs).
 import argparse
 import asyncio
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -68,7 +69,37 @@ def add_cli_args(parser: argparse.ArgumentParser):
 
 
 def main(args: argparse.Namespace):
-    print(json.dumps(asyncio.run(run(args))))
+    """The CLI's bench serve: bad options and an unreachable server are errors naming them (ValueError, which
+    the CLI prints), not tracebacks."""
+    import aiohttp
+    for name, ok, limit in (("num_requests", args.num_requests is None or args.num_requests >= 1, ">= 1"),
+                            ("max_concurrency", args.max_concurrency is None or args.max_concurrency >= 1, ">= 1"),
+                            ("request_rate", args.request_rate > 0, "> 0 requests/s (inf: all at once)"),
+                            ("random_input_len", args.random_input_len >= 1, ">= 1"),
+                            ("random_output_len", args.random_output_len >= 1, ">= 1"),
+                            ("random_range_ratio", 0 <= args.random_range_ratio < 1, "in [0, 1)")):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {limit}, got {getattr(args, name)}")
+    try:
+        report = asyncio.run(run(args))
+    except aiohttp.ClientConnectorError as e:
+        raise ValueError(f"no server answers at --base-url {args.base_url}: {e}") from e
+    except aiohttp.ClientResponseError as e:
+        raise ValueError(f"the server at {args.base_url} refused a request: {e.status} {e.message} "
+                         f"({e.request_info.url})") from e
+    print(json.dumps(_json_safe(report), allow_nan=False))
+
+
+def _json_safe(value):
+    """The report with NaN and infinities (a figure of no request, e.g. every one failed) as null: json.dumps
+    would write a bare NaN, which is not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 async def run(args: argparse.Namespace) -> dict:

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 
+from pagedllm.sampling_params import SamplingParams
+
 logger = logging.getLogger("pagedllm")
 
 DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -25,8 +27,17 @@ def load_default_sampling_params(model_dir: str, generation_config: str) -> dict
             raise FileNotFoundError(f"generation_config {generation_config!r} has no generation_config.json")
         logger.info("sampling defaults: none (no generation_config.json in the model directory)")
         return {}
-    with open(path) as f:
-        values = json.load(f)
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"generation_config: {path} is not valid JSON: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"generation_config: {path} must hold a JSON object, got {type(values).__name__}")
     defaults = {k: values[k] for k in DEFAULT_KEYS if values.get(k) is not None}
+    try:   # checked now, against SamplingParams' own rules: a bad value is the file's, not a later request's
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ValueError(f"generation_config: {path} sets a sampling default SamplingParams refuses: {e}") from e
     logger.info("sampling defaults from %s: %s", path, defaults or "none (it sets no sampling parameter)")
     return defaults

@@ -65,13 +65,24 @@ def _read_chat_template(value: str | None) -> str | None:
     if value is None:
         return None
     if Path(value).is_file():
-        return Path(value).read_text()
+        return _parsed(Path(value).read_text(), value)
     is_template = "{{" in value or "{%" in value
     looks_like_path = value.endswith((".jinja", ".jinja2", ".j2")) or "/" in value or os.sep in value
     if not is_template and looks_like_path:
         raise FileNotFoundError(f"--chat-template {value!r}: no such file (give a template file or the "
                                 f"template text)")
-    return value
+    return _parsed(value, "its text")
+
+
+def _parsed(template: str, where: str) -> str:
+    """The template, checked to parse now (as transformers' sandbox reads it): a syntax error is the operator's,
+    at start-up, not a 400 blamed on every chat request."""
+    import jinja2.sandbox
+    try:
+        jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template ({where}) does not parse: {e.message} (line {e.lineno})") from e
+    return template
 
 
 def _check_tls(config: ServerConfig):

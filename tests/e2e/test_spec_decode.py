@@ -160,6 +160,13 @@ def test_demo_model_exact():
     ({"method": "ngram", "num_speculative_tokens": 2, "rejection_sample_method": "synthetic"},
      "synthetic_acceptance_rate"),
     ('{"method": "ngram", ', "JSON"),
+    # types and paths a fuzz found raising TypeErrors or looking the path up on the Hub
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": "a"}, "prompt_lookup_min must be an int"),
+    ({"method": "ngram", "num_speculative_tokens": True}, "num_speculative_tokens must be an integer"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": "x"}, "disable_by_batch_size"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "rejection_sample_method": "synthetic",
+      "synthetic_acceptance_rates": 5}, "synthetic_acceptance_rates must be a list of numbers"),
+    ({"method": "draft_model", "num_speculative_tokens": 2, "model": "/nonexistent"}, "an existing one"),
 ])
 def test_config_errors_name_the_key(cfg, field):
     with pytest.raises(ValueError, match=field):

@@ -59,3 +59,19 @@ def test_serve_with_a_missing_model_exits_2_and_leaves_no_core(tmp_path, capsys)
     assert main(["serve", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     assert "nowhere" in capsys.readouterr().err
     assert _core_processes() == before
+
+
+def test_serve_with_a_chat_template_that_does_not_parse_exits_2_naming_it(capsys):
+    """The operator's mistake at start-up (a fuzz found every chat request then a 400 blaming the client)."""
+    from pagedllm.cli import main
+    before = _core_processes()
+    assert main(["serve", "--device", "cpu", "--chat-template", "{% for x in %}"]) == 2
+    assert "--chat-template (its text) does not parse" in capsys.readouterr().err
+    assert _core_processes() == before
+
+
+def test_a_bad_log_level_is_argparse_s_error(capsys):
+    from pagedllm.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "hi", "--log-level", "nonsense"])
+    assert e.value.code == 2 and "invalid choice: 'NONSENSE'" in capsys.readouterr().err

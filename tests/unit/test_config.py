@@ -48,6 +48,20 @@ def test_python_callers_get_the_fields_type_named(kw, words):
         EngineConfig(**kw)
 
 
+def test_sizes_intervals_and_the_disk_dir_are_checked(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for kw, words in ((dict(cpu_offload_gb=float("inf")), "cpu_offload_gb must be a finite number"),
+                      (dict(swap_space=float("nan")), "swap_space must be a finite number"),
+                      (dict(log_stats_interval=-1.0), "log_stats_interval must be >= 0"),
+                      (dict(kv_disk_dir=str(tmp_path / "afile"), cpu_offload_gb=1.0), "kv_disk_dir must be a dir")):
+        with pytest.raises(ValueError, match=words):
+            EngineConfig(**kw)
+    from pagedllm.runner.kv_offload import _num_blocks
+    with pytest.raises(ValueError, match=r"cpu_offload_gb=1000000000.0 GiB is more than this machine's memory"):
+        _num_blocks(1e9, 4096, "cpu_offload_gb")
+    assert _num_blocks(1e9, 2**30, "kv_disk_gb", in_memory=False) == 10**9   # a disk size: no memory bound
+
+
 def test_paths_numbers_and_json_dicts_are_taken():
     from pathlib import Path
     config = EngineConfig(model=Path(DEMO_MODEL), gpu_memory_utilization=1,

@@ -77,3 +77,13 @@ def test_server_request_fills_unset_fields_from_defaults():
         16, None, defaults=defaults)
     assert (given.temperature, given.top_k, given.top_p) == (0.0, 0, 0.8)
     assert CompletionRequest(model="m", prompt="x").to_sampling_params(16, None) == SamplingParams(max_tokens=16)
+
+
+@pytest.mark.parametrize("text, words", [("{bad", "is not valid JSON"), ("[1]", "must hold a JSON object"),
+                                         ('{"temperature": -5}', "SamplingParams.temperature must be")])
+def test_a_bad_file_is_an_error_naming_it_at_load(tmp_path, text, words):
+    """Not later, in the first request that takes the defaults (what a fuzz found)."""
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(ValueError, match=words) as e:
+        load_default_sampling_params(str(tmp_path), "auto")
+    assert str(tmp_path / "generation_config.json") in str(e.value)
