@@ -34,6 +34,12 @@ def run_batch(engine_config: EngineConfig, server_config: ServerConfig, input_fi
     for flag, path in (("--input-file", input_file), ("--output-file", output_file)):
         if "://" in path:
             raise ValueError(f"{flag} {path!r}: a local file is used here, not a URL")
+    if Path(input_file).is_dir():
+        raise ValueError(f"--input-file {input_file!r} is a directory, not a JSONL file")
+    out = Path(output_file)
+    if out.is_dir() or not out.parent.is_dir():   # found now, not after every request has run
+        raise ValueError(f"--output-file {output_file!r}: " + ("a directory, not a file" if out.is_dir() else
+                                                              f"its directory {str(out.parent)!r} does not exist"))
     lines = Path(input_file).read_text().splitlines()   # a missing file fails before the model loads
     checks = check_serve_config(engine_config, server_config, time.monotonic())
     from pagedllm.engine.core_process import CoreClient

@@ -56,3 +56,16 @@ def test_run_batch_answers_every_line_as_the_server_would(tiny_model_dirs, tmp_p
 def _env() -> dict:
     import os
     return {k: v for k, v in os.environ.items() if k != "PAGEDLLM_API_KEY"}
+
+
+def test_paths_that_cannot_work_are_refused_before_the_model_loads(tmp_path, capsys):
+    """A directory for the input or the output, an output in a directory that does not exist: an error naming
+    the flag at once (a fuzz found the output's failing only after every request had run)."""
+    from pagedllm.cli import main
+    good = tmp_path / "in.jsonl"
+    good.write_text("")
+    for args, words in ((["-i", str(tmp_path), "-o", str(tmp_path / "o.jsonl")], "--input-file"),
+                        (["-i", str(good), "-o", str(tmp_path)], "--output-file"),
+                        (["-i", str(good), "-o", str(tmp_path / "no" / "o.jsonl")], "does not exist")):
+        assert main(["run-batch", "--device", "cpu", *args]) == 2
+        assert words in capsys.readouterr().err
