@@ -7,8 +7,10 @@ back with its "ready". A bad engine flag or model directory is the core's "faile
 same error (exit code 2). H200 (2026-12-04, 8f92a28), before: the core started after the API process's imports
 and a CUDA context of its own, 33-49 s from the command to /health of which the core's own timer was 6.8-20.6 s.
 """
+import ipaddress
 import json
 import os
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig,
         raise ValueError("skip_tokenizer_init: pagedllm serve needs a tokenizer (text prompts, chat, /tokenize); "
                          "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
     chat_template = _read_chat_template(server_config.chat_template)
+    _check_host(server_config.host)
     _check_tls(server_config)
     lora_modules = parse_lora_modules(server_config.lora_modules)
     if lora_modules and not engine_config.enable_lora:
@@ -57,6 +60,16 @@ def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig,
                          f"1, not {n} (each API process would know only the adapters loaded through it); serve "
                          f"adapters with --lora-modules instead")
     return ServeChecks(chat_template, lora_modules, started)
+
+
+def _check_host(host: str):
+    """A dotted-number --host that is no IPv4 address (999.1.1.1): refused now, not by uvicorn's DNS lookup
+    after the model has loaded (9 s, naming no flag). Names are left to the resolver."""
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError as e:
+            raise ValueError(f"--host {host!r} is not an IPv4 address: {e}") from None
 
 
 def _read_chat_template(value: str | None) -> str | None:

@@ -75,3 +75,9 @@ def test_a_bad_log_level_is_argparse_s_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "hi", "--log-level", "nonsense"])
     assert e.value.code == 2 and "invalid choice: 'NONSENSE'" in capsys.readouterr().err
+
+
+def test_serve_with_a_host_that_is_no_address_exits_2_naming_it(capsys):
+    from pagedllm.cli import main
+    assert main(["serve", "--device", "cpu", "--host", "999.1.1.1"]) == 2
+    assert "--host '999.1.1.1' is not an IPv4 address" in capsys.readouterr().err
