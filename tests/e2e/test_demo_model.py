@@ -248,3 +248,13 @@ def test_enqueue_then_wait_for_completion(llm):
     assert [o.request_id for o in outs] == first + second
     assert [o.outputs[0].text for o in outs] == want
     assert llm.wait_for_completion(use_tqdm=False) == [] and not llm.engine.has_unfinished_requests()
+
+
+def test_logprob_tokens_read_as_in_the_text(llm):
+    """The demo's SentencePiece tokens in logprobs keep their leading space: the chosen tokens join to the text,
+    and the 20 top entries of a position are 20 different strings (" loved" and "loved" collided before)."""
+    prompt = "Once upon a time, there was a little girl named Lily. She"
+    o = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0, logprobs=20), use_tqdm=False)[0]
+    c = o.outputs[0]
+    assert "".join(c.logprobs[i][t].decoded_token for i, t in enumerate(c.token_ids)) == c.text
+    assert c.text.startswith(" ") and all(len({p.decoded_token for p in pos.values()}) >= 20 for pos in c.logprobs)

@@ -80,6 +80,21 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
         assert c.logprobs.token_logprobs == ref.logprobs.token_logprobs[:-1]
 
 
+def test_logprob_tokens_rebuild_the_text_with_their_spaces(client, offline_llm):
+    """SentencePiece tokens keep their leading space in logprobs (decoded alone, " loved" read "loved"): with
+    only spaced word tokens allowed, the tokens join to the text and each offset points at its token."""
+    tok = offline_llm.get_tokenizer()
+    words = [ids[0] for ids in (tok.encode(" " + w, add_special_tokens=False) for w in "Once upon a time she to the"
+                                .split()) if len(ids) == 1]   # each a single spaced token ("▁the")
+    assert len(words) >= 4
+    out = client.completions.create(model=MODEL_NAME, prompt="Once", max_tokens=12, temperature=1.0, seed=3,
+                                    logprobs=3, extra_body={"allowed_token_ids": words})
+    c = out.choices[0]
+    assert "".join(c.logprobs.tokens) == c.text and c.text.startswith(" ") and c.text.count(" ") == 12
+    for token, offset in zip(c.logprobs.tokens, c.logprobs.text_offset):
+        assert c.text[offset:offset + len(token)] == token
+
+
 def test_completion_logprobs_match_offline(client, offline_llm):
     out = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=3)
     [ref] = offline_llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0, logprobs=3),
