@@ -268,8 +268,13 @@ def to_message(chat: dict, message_id: str, model: str, stop_sequences: list[str
 
 
 def _input(arguments: str) -> dict:
-    """A call's JSON arguments as tool_use's input, an object; other JSON is kept under "arguments"."""
-    value = json.loads(arguments or "{}")
+    """A call's JSON arguments as tool_use's input, an object; other JSON is kept under "arguments", and so is
+    text that is no JSON (a call max_tokens cut short: the response's stop_reason is then max_tokens, as chat's
+    finish_reason is length with the partial arguments; json.loads raising made it a 400)."""
+    try:
+        value = json.loads(arguments or "{}")
+    except json.JSONDecodeError:
+        return {"arguments": arguments}
     return value if isinstance(value, dict) else {"arguments": value}
 
 

@@ -60,6 +60,17 @@ def test_message_is_the_chat_completion_and_streams_to_the_same(client, server):
         ["content_block_stop", "message_delta", "message_stop"] and "[DONE]" not in r.text
 
 
+def test_a_forced_tool_call_cut_by_max_tokens_keeps_its_partial_arguments(client, server):
+    """max_tokens ends the forced call mid-JSON: stop_reason max_tokens, the partial text under "arguments" (it
+    was a 400 from json.loads), streamed or not."""
+    kw = dict(model=MODEL_NAME, messages=MESSAGES, max_tokens=6, extra_body=GREEDY, tools=[WEATHER],
+              tool_choice={"type": "tool", "name": "get_weather"})
+    message = client.messages.create(**kw)
+    [call] = [b for b in message.content if b.type == "tool_use"]
+    assert message.stop_reason == "max_tokens" and isinstance(call.input["arguments"], str), message
+    assert call.input["arguments"].startswith("{")
+
+
 def test_stop_sequence_is_named(client, server):
     kw = dict(model=MODEL_NAME, system="You tell stories.", messages=STORY, max_tokens=24, extra_body=GREEDY)
     text = client.messages.create(**kw).content[0].text
