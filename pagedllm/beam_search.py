@@ -183,7 +183,16 @@ def finish_text(seq: BeamSearchSequence, prompt_len: int, params: BeamSearchPara
     tokens = seq.tokens if with_prompt else seq.tokens[prompt_len:]
     if seq.finish_reason == "stop" and not params.include_stop_str_in_output:
         tokens = tokens[:-1]
-    return decode(tokens)
+    if with_prompt:
+        return decode(tokens)
+    # The generated tokens decoded after the prompt's last few and cut after their text: decoded alone, a
+    # SentencePiece first token loses its leading space (" loved" read "loved"), as sampling's text does not.
+    context = seq.tokens[max(0, prompt_len - _CONTEXT_TOKENS):prompt_len]
+    head, full = decode(context), decode(context + tokens)
+    return full[len(head):] if full.startswith(head) else decode(tokens)
+
+
+_CONTEXT_TOKENS = 5   # as the detokenizer's (engine/detokenizer.py)
 
 
 def run_beam_search(instances: list[BeamSearchInstance], expand: Callable):

@@ -22,9 +22,10 @@ def _expected(offline_llm, prompt_ids, k, lp, max_tokens):
     out = offline_llm.beam_search([prompt_ids], BeamSearchParams(beam_width=k, max_tokens=max_tokens,
                                                                  length_penalty=lp))[0]
     tok = offline_llm.get_tokenizer()
-    n = len(prompt_ids)
-    return [(tok.decode(s.tokens[n:-1] if s.finish_reason == "stop" else s.tokens[n:]), s.finish_reason)
-            for s in out.sequences]
+    head = tok.decode(prompt_ids)   # the output's text as it reads after the prompt (its leading space kept)
+    texts = [tok.decode(s.tokens[:-1] if s.finish_reason == "stop" else s.tokens) for s in out.sequences]
+    assert all(t.startswith(head) for t in texts)
+    return [(t[len(head):], s.finish_reason) for t, s in zip(texts, out.sequences)]
 
 
 @pytest.mark.parametrize("lp", [1.0, 0.5])
