@@ -179,7 +179,15 @@ class ResponsesRequest(_Request, _SameAsChat):
              f"set with include {_LOGPROBS}"),
             ("reasoning.summary", self.reasoning is None or self.reasoning.summary is None,
              "the reasoning comes whole, as reasoning_text"),
-            ("text.verbosity", self.text is None or self.text.verbosity is None, "no model here takes it")]
+            ("text.verbosity", self.text is None or self.text.verbosity is None, "no model here takes it"),
+            *((f"text.format.{name}", self._format_field_unset(attr), "set with type json_schema only")
+              for name, attr in (("schema", "schema_"), ("name", "name"), ("description", "description"),
+                                 ("strict", "strict")))]
+
+    def _format_field_unset(self, attr: str) -> bool:
+        """A schema's own field, given with a format of another type (text, json_object), would do nothing."""
+        fmt = self.text.format if self.text is not None else None
+        return fmt is None or fmt.type == "json_schema" or getattr(fmt, attr) is None
 
 
 async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_request: Request):

@@ -105,6 +105,10 @@ def test_text_format_json_schema(client):
     ({"colour": "red"}, "colour"),
     ({"input": []}, "input"),
     ({"input": [{"type": "function_call_output", "call_id": "c1"}]}, "input.0"),
+    # a schema's fields with a format that takes none (an audit found them accepted and ignored)
+    ({"text": {"format": {"type": "json_object", "schema": {"type": "object"}}}}, "text.format.schema"),
+    ({"text": {"format": {"type": "text", "name": "x"}}}, "text.format.name"),
+    ({"text": {"format": {"type": "json_object", "strict": True}}}, "text.format.strict"),
 ])
 def test_unsupported_fields_are_400s_naming_them(server, extra, param):
     body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, **extra}
