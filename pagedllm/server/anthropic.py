@@ -33,11 +33,11 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pagedllm.server.chat import chunk_dicts, create_chat_completion, render_chat
 from pagedllm.server.errors import APIError, bad_value
-from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict, validated
+from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict, fields_of_its_type, validated
 from pagedllm.server.serving import SSEResponse, ServingContext
 
 
@@ -57,6 +57,13 @@ class ContentBlock(_Strict):
     source: dict[str, Any] | None = None    # image, document
     cache_control: dict[str, Any] | None = None   # a no-op
 
+    @model_validator(mode="after")
+    def _own_fields(self):
+        return fields_of_its_type(self, {t: (*f, "cache_control") for t, f in {
+            "text": ("text",), "image": ("source",), "document": ("source",), "tool_use": ("id", "name", "input"),
+            "tool_result": ("tool_use_id", "content", "is_error"), "thinking": ("thinking", "signature"),
+            "redacted_thinking": ("data",)}.items()}, "content block")
+
 
 class MessageParam(_Strict):
     role: Literal["user", "assistant"]
@@ -75,6 +82,12 @@ class ToolChoiceParam(_Strict):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None                 # type tool
     disable_parallel_tool_use: bool | None = None
+
+    @model_validator(mode="after")
+    def _own_fields(self):
+        parallel = ("disable_parallel_tool_use",)
+        return fields_of_its_type(self, {"auto": parallel, "any": parallel, "tool": ("name", *parallel), "none": ()},
+                                  "tool_choice")
 
 
 class ThinkingParam(_Strict):

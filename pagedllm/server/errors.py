@@ -157,13 +157,15 @@ def _union_error(errors: list[dict]) -> tuple[list[str], str]:
             key = i == len(loc) - 1 and err.get("type") == "extra_forbidden"   # the client's key, never a branch
             (branches if isinstance(p, str) and _BRANCH.fullmatch(p) and not key else path).append(str(p))
         return path, branches
+    def message(err: dict) -> str:   # a validator's own words, without pydantic's "Value error, " in front
+        return str(err.get("msg")).removeprefix("Value error, ")
     field, branches = split(errors[0])
     if not branches:
-        return field, str(errors[0].get("msg"))
+        return field, message(errors[0])
     union = [e for e in errors if split(e)[0][:len(field)] == field]
     deepest = max(union, key=lambda e: len(split(e)[0]))
     if len(split(deepest)[0]) > len(field):
-        return split(deepest)[0], str(deepest.get("msg"))
+        return split(deepest)[0], message(deepest)
     forms = dict.fromkeys(split(e)[1][-1] for e in union if split(e)[1])
     value = type(errors[0].get("input")).__name__
     return field, f"must be {' or '.join(forms)}; got {_JSON_TYPES.get(value, value)}"

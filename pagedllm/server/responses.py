@@ -47,11 +47,11 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pagedllm.server.chat import chunk_dicts, create_chat_completion
 from pagedllm.server.errors import APIError
-from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict, validated
+from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict, fields_of_its_type, validated
 from pagedllm.server.response_store import StoredResponse
 from pagedllm.server.serving import SSEResponse, ServingContext
 
@@ -64,6 +64,11 @@ class ContentPart(_Strict):
     image_url: str | None = None
     file_id: str | None = None
     detail: str | None = None
+
+    @model_validator(mode="after")
+    def _own_fields(self):   # non-text parts are refused where they are read (_texts)
+        return fields_of_its_type(self, {"input_text": ("text",), "output_text": ("text", "annotations", "logprobs"),
+                                         "reasoning_text": ("text",)}, "content part")
 
 
 class InputItem(_Strict):
@@ -78,6 +83,14 @@ class InputItem(_Strict):
     output: str | list[ContentPart] | None = None
     summary: list[dict[str, Any]] | None = None    # reasoning
     encrypted_content: str | None = None
+
+    @model_validator(mode="after")
+    def _own_fields(self):
+        return fields_of_its_type(self, {
+            None: ("role", "content", "id", "status"), "message": ("role", "content", "id", "status"),
+            "function_call": ("call_id", "name", "arguments", "id", "status"),
+            "function_call_output": ("call_id", "output", "id", "status"),
+            "reasoning": ("summary", "encrypted_content", "content", "id", "status")}, "input item")
 
 
 class FunctionTool(_Strict):

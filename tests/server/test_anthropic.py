@@ -121,6 +121,11 @@ def test_forced_tool_use_and_its_result(client, server):
       "max_tokens": 8}, "messages.0.content.0"),
     ({"messages": MESSAGES, "max_tokens": 8, "thinking": {"type": "enabled", "budget_tokens": 64}}, "thinking"),
     ({"messages": MESSAGES, "max_tokens": 8, "tool_choice": {"type": "tool"}}, "tool_choice.name"),
+    # another type's field (accepted and dropped before)
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "is_error": True}]}],
+      "max_tokens": 8}, "messages.0.content.0: a content block of type text does not take is_error"),
+    ({"messages": MESSAGES, "max_tokens": 8, "tool_choice": {"type": "auto", "name": "add"}},
+     "tool_choice: a tool_choice of type auto does not take name"),
 ])
 def test_errors_are_anthropic_shaped_and_name_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/messages", json={"model": MODEL_NAME, **body}, headers={"x-api-key": API_KEY},

@@ -109,6 +109,10 @@ def test_text_format_json_schema(client):
     ({"text": {"format": {"type": "json_object", "schema": {"type": "object"}}}}, "text.format.schema"),
     ({"text": {"format": {"type": "text", "name": "x"}}}, "text.format.name"),
     ({"text": {"format": {"type": "json_object", "strict": True}}}, "text.format.strict"),
+    # another type's field on an item or a part (accepted and dropped before)
+    ({"input": [{"role": "user", "content": "hi", "call_id": "c1"}]}, "input.0"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi", "image_url": "u"}]}]},
+     "input.0.content.0"),
 ])
 def test_unsupported_fields_are_400s_naming_them(server, extra, param):
     body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, **extra}
