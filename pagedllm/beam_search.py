@@ -23,6 +23,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pagedllm.engine.decode_after import CONTEXT_TOKENS, decode_after
 from pagedllm.outputs import PositionLogprobs
 from pagedllm.sampling_params import SamplingParams, _require
 
@@ -185,14 +186,8 @@ def finish_text(seq: BeamSearchSequence, prompt_len: int, params: BeamSearchPara
         tokens = tokens[:-1]
     if with_prompt:
         return decode(tokens)
-    # The generated tokens decoded after the prompt's last few and cut after their text: decoded alone, a
-    # SentencePiece first token loses its leading space (" loved" read "loved"), as sampling's text does not.
-    context = seq.tokens[max(0, prompt_len - _CONTEXT_TOKENS):prompt_len]
-    head, full = decode(context), decode(context + tokens)
-    return full[len(head):] if full.startswith(head) else decode(tokens)
-
-
-_CONTEXT_TOKENS = 5   # as the detokenizer's (engine/detokenizer.py)
+    # after the prompt's last tokens, as sampling's text reads (its first token's leading space kept)
+    return decode_after(decode, seq.tokens[max(0, prompt_len - CONTEXT_TOKENS):prompt_len], tokens)
 
 
 def run_beam_search(instances: list[BeamSearchInstance], expand: Callable):

@@ -4,10 +4,11 @@ The CLI (`pagedllm.cli`) generates its flags from these fields; `help` in each f
 help text. Flag names follow vLLM's where the meaning is the same.
 """
 import importlib.util
-import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
+
+from pagedllm.field_types import check_types
 
 DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
 
@@ -109,7 +110,7 @@ class EngineConfig:
                                                   choices=_EXECUTOR_BACKENDS)
 
     def __post_init__(self):
-        _check_types(self)
+        check_types(self)
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
         _check(self.quantization in (None, *_QUANTIZATIONS), "quantization", f"None or one of {_QUANTIZATIONS}",
                self.quantization)
@@ -147,6 +148,11 @@ class EngineConfig:
         _check(self.swap_space > 0 if self.preemption_mode == "swap" else self.swap_space >= 0, "swap_space",
                "> 0 GiB with preemption_mode swap (>= 0 otherwise)", self.swap_space)
         _check(self.cpu_offload_gb >= 0, "cpu_offload_gb", ">= 0 GiB", self.cpu_offload_gb)
+        memory = _host_memory_gib()   # the CPU pools' sizes: past it, only the allocator's words would say so
+        for name, gib in (("swap_space", self.swap_space if self.preemption_mode == "swap" else 0),
+                          ("cpu_offload_gb", self.cpu_offload_gb)):
+            _check(memory is None or gib <= memory, name, f"at most this machine's memory ({memory or 0:.1f} GiB)",
+                   gib)
         _check(self.log_stats_interval >= 0, "log_stats_interval", ">= 0 seconds (0: off)", self.log_stats_interval)
         _check(-2**63 <= self.seed < 2**64, "seed", "in [-2**63, 2**64) (torch's generator seeds)", self.seed)
         _check(self.kv_disk_dir is None or not os.path.exists(self.kv_disk_dir) or os.path.isdir(self.kv_disk_dir),
@@ -300,30 +306,12 @@ class ServerConfig:
                "0 with api_server_count > 1 (each API process would keep its own responses)", self.responses_store)
 
 
-_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string", dict: "a dict",
-               type(None): "None"}
-
-
-def _check_types(config) -> None:
-    """Each field's value of its annotated type (LLM(...) takes them from Python callers, with no argparse in
-    between): an int is no bool, a float may be an int, a str may be a path (made a str)."""
-    for f in fields(config):
-        value = getattr(config, f.name)
-        allowed = getattr(f.type, "__args__", (f.type,)) if str(f.type).count("|") else (f.type,)
-        if "python_types" in f.metadata:   # what Python callers may pass besides the CLI's text (a dict for JSON)
-            allowed = (*f.metadata["python_types"], *(t for t in allowed if t is type(None)))
-        if str in allowed and isinstance(value, os.PathLike):
-            setattr(config, f.name, value := os.fspath(value))
-        if isinstance(value, float) and float in allowed and not math.isfinite(value):
-            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
-        ok = any(value is None if t is type(None) else
-                 isinstance(value, bool) if t is bool else
-                 isinstance(value, int) and not isinstance(value, bool) if t is int else
-                 isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
-                 isinstance(value, t) for t in allowed if isinstance(t, type))
-        if not ok:
-            raise ValueError(f"{f.name} must be {' or '.join(_TYPE_NAMES.get(t, str(t)) for t in allowed)}, "
-                             f"got {value!r:.200}")
+def _host_memory_gib() -> float | None:
+    """Physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _check(ok: bool, name: str, limit: str, value):

@@ -270,15 +270,15 @@ def _prompt_value(prompt: Prompt) -> str | list[int]:
         if unknown:
             raise ValueError(f"a dict prompt takes the keys {_PROMPT_KEYS} (multi-modal inputs are not supported), "
                              f"got {unknown}")
-        value = prompt.get("prompt_token_ids", prompt.get("prompt"))
-        if "prompt_token_ids" in prompt and not isinstance(value, (list, tuple)):
-            raise ValueError(f"a dict prompt's 'prompt_token_ids' must be a list of token ids, got {type(value)}")
-        if "prompt_token_ids" in prompt:
-            return list(value)
+        if "prompt_token_ids" in prompt:   # with both keys, the ids run (vLLM's)
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)):
+                raise ValueError(f"a dict prompt's 'prompt_token_ids' must be a list of token ids, got {type(ids)}")
+            return list(ids)
         if "prompt" in prompt:
-            if not isinstance(value, str):
-                raise ValueError(f"a dict prompt's 'prompt' must be a string, got {type(value)}")
-            return value
+            if not isinstance(prompt["prompt"], str):
+                raise ValueError(f"a dict prompt's 'prompt' must be a string, got {type(prompt['prompt'])}")
+            return prompt["prompt"]
         raise ValueError("a dict prompt needs a 'prompt' or a 'prompt_token_ids' key")
     if isinstance(prompt, (str, list)):
         return prompt

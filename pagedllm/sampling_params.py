@@ -3,6 +3,7 @@ import math
 from dataclasses import dataclass, field
 
 from pagedllm.core.repetition import RepetitionDetectionParams
+from pagedllm.field_types import is_int
 from pagedllm.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
@@ -83,7 +84,7 @@ class SamplingParams:
 
     def _take_logprob_token_ids(self):
         ids = self.logprob_token_ids
-        _require(ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in ids)),
+        _require(ids is None or (isinstance(ids, (list, tuple)) and all(is_int(t) and t >= 0 for t in ids)),
                  "logprob_token_ids", "None or a list of non-negative token ids", ids)
         if not ids:   # vLLM's: an empty list asks for nothing
             self.logprob_token_ids = None
@@ -96,41 +97,41 @@ class SamplingParams:
         self.logprobs = len(ids)
 
     def _validate(self):
-        _require(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
-        _require(self.best_of is None or (_is_int(self.best_of) and self.best_of >= self.n), "best_of",
+        _require(is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        _require(self.best_of is None or (is_int(self.best_of) and self.best_of >= self.n), "best_of",
                  f"None or an integer >= n ({self.n})", self.best_of)
         _require(_finite(self.temperature) and self.temperature >= 0.0, "temperature", "a finite number >= 0",
                  self.temperature)
         _require(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
-        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", "-1, 0 (all) or a positive integer", self.top_k)
+        _require(is_int(self.top_k) and self.top_k >= 0, "top_k", "-1, 0 (all) or a positive integer", self.top_k)
         _require(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
-        _require(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed < SEED_END), "seed",
+        _require(self.seed is None or (is_int(self.seed) and SEED_MIN <= self.seed < SEED_END), "seed",
                  "an integer in [-2**63, 2**64) or None", self.seed)
         self._validate_penalties()
-        _require(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+        _require(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
                  "max_tokens", "an integer >= 1 or None", self.max_tokens)
-        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0",
+        _require(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0",
                  self.min_tokens)
         _require(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                  f"<= max_tokens ({self.max_tokens})", self.min_tokens)
         _require(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings", self.stop)
         # Stop strings are matched on text; without detokenization they would be silently ignored.
         _require(self.detokenize or not self.stop, "stop", "empty when detokenize is False", self.stop)
-        _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _require(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                  "a list of non-negative token ids", self.stop_token_ids)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            _require(v is None or (_is_int(v) and v >= 0), name, "None or an integer >= 0", v)
+            _require(v is None or (is_int(v) and v >= 0), name, "None or an integer >= 0", v)
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"):
             _require(isinstance(getattr(self, name), bool), name, "True or False", getattr(self, name))
         t = self.truncate_prompt_tokens
-        _require(t is None or (_is_int(t) and (t >= 1 or t == -1)), "truncate_prompt_tokens",
+        _require(t is None or (is_int(t) and (t >= 1 or t == -1)), "truncate_prompt_tokens",
                  "an integer >= 1, -1 (max_model_len) or None", t)
         _require(self.truncation_side in ("left", "right"), "truncation_side", "left or right",
                  self.truncation_side)
         for name in ("reasoning_end_token_id", "reasoning_start_token_id", "thinking_token_budget"):
             v = getattr(self, name)
-            _require(v is None or (_is_int(v) and v >= 0), name, "None or an integer >= 0", v)
+            _require(v is None or (is_int(v) and v >= 0), name, "None or an integer >= 0", v)
         _require(self.thinking_token_budget is None or self.reasoning_end_token_id is not None,
                  "thinking_token_budget", "set with reasoning_end_token_id (the token it forces)",
                  self.thinking_token_budget)
@@ -145,7 +146,7 @@ class SamplingParams:
                                                 for b in self.logit_bias.values()),
                  "logit_bias", "a map of token ids to biases in [-100, 100]", self.logit_bias)
         _require(self.allowed_token_ids is None or (self.allowed_token_ids and all(
-            _is_int(t) and t >= 0 for t in self.allowed_token_ids)), "allowed_token_ids",
+            is_int(t) and t >= 0 for t in self.allowed_token_ids)), "allowed_token_ids",
                  "None or a non-empty list of non-negative token ids", self.allowed_token_ids)
         _require(self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words),
                  "bad_words", "a list of non-blank strings", self.bad_words)
@@ -193,10 +194,6 @@ def _short(value) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _finite(v) -> bool:
     """A real number that is not inf or NaN (bool and huge ints, which overflow float, are not)."""
     if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -213,7 +210,7 @@ def _int_keys(bias) -> dict:
     out = {}
     for k, v in bias.items():
         try:
-            t = int(k) if _is_int(k) or (isinstance(k, str) and k.strip().lstrip("+-").isdigit()) else None
+            t = int(k) if is_int(k) or (isinstance(k, str) and k.strip().lstrip("+-").isdigit()) else None
         except ValueError:
             t = None
         _require(t is not None and t >= 0, "logit_bias", "keyed by non-negative token ids", k)

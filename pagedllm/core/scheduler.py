@@ -290,10 +290,10 @@ class Scheduler:
                 req.num_output_placeholders -= 1
                 if req_id in sched.spec_token_ids:   # rejected proposals: their positions are computed again
                     req.num_computed_tokens -= len(sched.spec_token_ids[req_id]) - (len(tokens) - 1)
+                if req.grammar is not None and req.grammar.dead:   # sampled with no token allowed: noise
+                    self._fail_empty_constraint(req)
+                    tokens = ()
                 for token in tokens:   # what follows a stop is dropped
-                    if req.grammar is not None and req.grammar.dead:
-                        self._fail_empty_constraint(req)   # its token was sampled with none allowed: noise
-                        break
                     req.append_output_token_id(token)
                     new_ids.append(token)
                     self._check_stop(req, token)

@@ -19,10 +19,10 @@ processing of a decode step of 256 demo-model rows on CPU: 3.3-4.1 -> 1.1-1.6 ms
 (no U+FFFD) it is what the windows emit; otherwise the windows run over the ids then, so a request's text is the
 same streamed or not.
 """
+from pagedllm.engine.decode_after import CONTEXT_TOKENS
 from pagedllm.engine.tokenizer import raw_decoder
 from pagedllm.sampling_params import SamplingParams
 
-_CONTEXT_TOKENS = 5    # prompt tokens decoded in front of the first output token (its leading space)
 _MAX_CHAR_TOKENS = 4   # a UTF-8 character spans at most 4 byte tokens
 _REPLACEMENT = "\ufffd"
 
@@ -64,11 +64,11 @@ class IncrementalDetokenizer:
         """The prompt's last few tokens, starting on a character boundary (a window opening mid-character
         would turn a byte-fallback run into U+FFFD as a whole). Skipped special tokens do not count, so a
         prompt ending in them still gives the first word its leading space."""
-        tail = prompt_token_ids[-(_CONTEXT_TOKENS + _MAX_CHAR_TOKENS + 2):]
+        tail = prompt_token_ids[-(CONTEXT_TOKENS + _MAX_CHAR_TOKENS + 2):]
         if self.skip_special_tokens:
             special = set(self.tokenizer.all_special_ids)
             tail = [t for t in tail if t not in special]
-        start = max(len(tail) - _CONTEXT_TOKENS, 0)
+        start = max(len(tail) - CONTEXT_TOKENS, 0)
         limit = max(start - _MAX_CHAR_TOKENS, 0)
         while start > limit and self._decode(tail[start:]).startswith(_REPLACEMENT):
             start -= 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pagedllm.core.messages import EngineCoreOutput, TokenLogprobs
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.decode_after import decode_after
 from pagedllm.engine.tokenizer import raw_decoder
 from pagedllm.metrics import FinishedRequestStats, StepStats
 from pagedllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -61,21 +62,18 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
 
 
 def token_texts(tokenizer, decode):
-    """[id] -> the token's text as it reads inside a text, for logprobs: decoded after an anchor token ("a") and
-    cut after the anchor's text. Decoded alone, a SentencePiece token loses its leading space ("▁loved" ->
-    "loved"): the tokens no longer rebuild the text, their text offsets drift, and top-N entries of " loved"
-    and "loved" collide into one key (a fuzz of the server found 19 of 20). Cached by id (a token's text in
-    this sense does not depend on its neighbours)."""
+    """[id] -> the token's text as it reads inside a text, for logprobs: decoded after an anchor token ("a")
+    (decode_after). Alone, a SentencePiece token loses its leading space: the tokens no longer rebuild the text,
+    their text offsets drift, and top-N entries of " loved" and "loved" collide into one key (a fuzz of the
+    server found 19 of 20). Cached by id: a token's text in this sense does not depend on its neighbours."""
     anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
-    anchor_text = decode(anchor) if anchor else ""
+    anchor_text = decode(anchor)
     texts: dict[int, str] = {}
 
     def text(ids: list[int]) -> str:
-        tid = ids[0]
-        t = texts.get(tid)
+        t = texts.get(ids[0])
         if t is None:
-            full = decode(anchor + ids) if anchor_text else ""
-            t = texts[tid] = full[len(anchor_text):] if full.startswith(anchor_text) and anchor_text else decode(ids)
+            t = texts[ids[0]] = decode_after(decode, anchor, ids, anchor_text)
         return t
     return text
 

@@ -22,7 +22,6 @@ On CUDA, 3 and 5 run on a copy stream of their own, after the work already queue
 3 and 5 go through a GPU scratch buffer of at most COPY_CHUNK_BLOCKS blocks, chunk after chunk on the copy
 stream, so the memory they take outside the profiled step is bounded (the memory profile reserves it).
 """
-import os
 import time
 from contextlib import contextmanager
 
@@ -107,8 +106,7 @@ class KVOffload:
             identity = model_identity(config.model, hf_config, kv_caches[0].dtype, config.block_size,
                                       config.load_format, device.type, config.quantization)
             self.disk = DiskStore(config.kv_disk_dir, identity, block_bytes)
-            self.sizes.num_disk_blocks = _num_blocks(config.kv_disk_gb, self.disk.file_bytes, "kv_disk_gb",
-                                                      in_memory=False)
+            self.sizes.num_disk_blocks = _num_blocks(config.kv_disk_gb, self.disk.file_bytes, "kv_disk_gb")
             self.sizes.disk_hashes, self.sizes.num_invalid_files = self.disk.scan()
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._timings: list = []   # (tier, "store" | "load", start event, end event) not yet read back
@@ -275,20 +273,8 @@ def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _num_blocks(gib: float, block_bytes: int, name: str, in_memory: bool = True) -> int:
-    total = _host_memory_bytes() if in_memory else None
-    if total is not None and gib * 2**30 > total:   # the allocation would fail with only the allocator's words
-        raise ValueError(f"{name}={gib} GiB is more than this machine's memory ({total / 2**30:.1f} GiB): lower "
-                         f"{name}")
+def _num_blocks(gib: float, block_bytes: int, name: str) -> int:
     num = int(gib * 2**30) // block_bytes
     if gib > 0 and num < 1:
         raise ValueError(f"{name}={gib} GiB holds no KV block ({block_bytes} bytes a block): raise {name}")
     return num
-
-
-def _host_memory_bytes() -> int | None:
-    """Physical memory of this machine (None where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None

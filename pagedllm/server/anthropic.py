@@ -62,7 +62,7 @@ class ContentBlock(_Strict):
         return fields_of_its_type(self, {t: (*f, "cache_control") for t, f in {
             "text": ("text",), "image": ("source",), "document": ("source",), "tool_use": ("id", "name", "input"),
             "tool_result": ("tool_use_id", "content", "is_error"), "thinking": ("thinking", "signature"),
-            "redacted_thinking": ("data",)}.items()}, "content block")
+            "redacted_thinking": ("data",)}.items()}, "a content block")
 
 
 class MessageParam(_Strict):
@@ -87,7 +87,7 @@ class ToolChoiceParam(_Strict):
     def _own_fields(self):
         parallel = ("disable_parallel_tool_use",)
         return fields_of_its_type(self, {"auto": parallel, "any": parallel, "tool": ("name", *parallel), "none": ()},
-                                  "tool_choice")
+                                  "a tool_choice")
 
 
 class ThinkingParam(_Strict):

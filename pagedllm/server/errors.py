@@ -159,14 +159,15 @@ def _union_error(errors: list[dict]) -> tuple[list[str], str]:
         return path, branches
     def message(err: dict) -> str:   # a validator's own words, without pydantic's "Value error, " in front
         return str(err.get("msg")).removeprefix("Value error, ")
-    field, branches = split(errors[0])
+    splits = [split(e) for e in errors]
+    field, branches = splits[0]
     if not branches:
         return field, message(errors[0])
-    union = [e for e in errors if split(e)[0][:len(field)] == field]
-    deepest = max(union, key=lambda e: len(split(e)[0]))
-    if len(split(deepest)[0]) > len(field):
-        return split(deepest)[0], message(deepest)
-    forms = dict.fromkeys(split(e)[1][-1] for e in union if split(e)[1])
+    union = [(e, path, forms) for e, (path, forms) in zip(errors, splits) if path[:len(field)] == field]
+    deepest, path, _ = max(union, key=lambda u: len(u[1]))
+    if len(path) > len(field):
+        return path, message(deepest)
+    forms = dict.fromkeys(forms[-1] for _, _, forms in union if forms)
     value = type(errors[0].get("input")).__name__
     return field, f"must be {' or '.join(forms)}; got {_JSON_TYPES.get(value, value)}"
 

@@ -56,11 +56,12 @@ class _Strict(BaseModel):
 def fields_of_its_type(model, allowed: dict, kind: str):
     """A model that holds several types of item in one (a Responses input item, an Anthropic content block): the
     fields it sets must be its type's (another type's field would be accepted and do nothing). allowed: type ->
-    the fields it takes besides `type`; a type not in allowed is checked where it is read."""
+    the fields it takes besides `type` (None: a Responses message item); a type not in allowed is checked where
+    it is read. kind names the model with its article ("a content block")."""
     fields = allowed.get(model.type)
     extra = [] if fields is None else sorted(model.model_fields_set - set(fields) - {"type"})
     if extra:
-        raise ValueError(f"a {kind} of type {model.type or 'message'} does not take {', '.join(extra)}")
+        raise ValueError(f"{kind} of type {model.type or 'message'} does not take {', '.join(extra)}")
     return model
 
 

@@ -68,7 +68,7 @@ class ContentPart(_Strict):
     @model_validator(mode="after")
     def _own_fields(self):   # non-text parts are refused where they are read (_texts)
         return fields_of_its_type(self, {"input_text": ("text",), "output_text": ("text", "annotations", "logprobs"),
-                                         "reasoning_text": ("text",)}, "content part")
+                                         "reasoning_text": ("text",)}, "a content part")
 
 
 class InputItem(_Strict):
@@ -90,7 +90,7 @@ class InputItem(_Strict):
             None: ("role", "content", "id", "status"), "message": ("role", "content", "id", "status"),
             "function_call": ("call_id", "name", "arguments", "id", "status"),
             "function_call_output": ("call_id", "output", "id", "status"),
-            "reasoning": ("summary", "encrypted_content", "content", "id", "status")}, "input item")
+            "reasoning": ("summary", "encrypted_content", "content", "id", "status")}, "an input item")
 
 
 class FunctionTool(_Strict):

@@ -3,6 +3,8 @@ import json
 import os
 from dataclasses import dataclass, fields
 
+from pagedllm.field_types import check_types
+
 _METHODS = ("ngram", "draft_model")
 _REJECTION_METHODS = ("strict", "synthetic")
 
@@ -27,7 +29,7 @@ class SpeculativeConfig:
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
 
     def __post_init__(self):
-        self._check_types()
+        check_types(self, "speculative_config: ")   # JSON types before ranges
         k = self.num_speculative_tokens
         _check(self.method in _METHODS, "method", f"one of {_METHODS}", self.method)
         _check(1 <= k <= 16, "num_speculative_tokens", "an integer in [1, 16]", k)
@@ -62,23 +64,6 @@ class SpeculativeConfig:
         _check(self.disable_by_batch_size >= 1, "disable_by_batch_size", ">= 1", self.disable_by_batch_size)
         _check(self.max_step_tokens >= 2, "max_step_tokens", ">= 2", self.max_step_tokens)
 
-    def _check_types(self):
-        """Each key's JSON type before its range (a string or a float where an integer goes raised TypeErrors
-        from the comparisons below; true was taken as 1)."""
-        for name in ("num_speculative_tokens", "disable_by_batch_size", "max_step_tokens", "prompt_lookup_min",
-                     "prompt_lookup_max"):
-            value = getattr(self, name)
-            optional = name.startswith("prompt_lookup")
-            _check((optional and value is None) or _is_int(value), name,
-                   "an integer" + (" or null" if optional else ""), value)
-        for name in ("method", "rejection_sample_method", "model"):
-            value = getattr(self, name)
-            _check(isinstance(value, str) or (name == "model" and value is None), name, "a string", value)
-        rate, rates = self.synthetic_acceptance_rate, self.synthetic_acceptance_rates
-        _check(rate is None or _is_number(rate), "synthetic_acceptance_rate", "a number or null", rate)
-        _check(rates is None or (isinstance(rates, list) and all(_is_number(r) for r in rates)),
-               "synthetic_acceptance_rates", "a list of numbers or null", rates)
-
     @classmethod
     def parse(cls, value: "str | dict | SpeculativeConfig | None") -> "SpeculativeConfig | None":
         if value is None or isinstance(value, SpeculativeConfig):
@@ -107,14 +92,6 @@ class SpeculativeConfig:
             rates.append(r / prev if prev > 0 else 0.0)
             prev = r
         return rates
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(ok: bool, name: str, limit: str, value):

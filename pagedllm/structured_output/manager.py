@@ -185,11 +185,11 @@ class StructuredOutputManager:
             self._bitmask = torch.empty(self.max_num_seqs, words, dtype=torch.int32,
                                         pin_memory=self.device.type == "cuda")
             self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
+        indices = [j for j, _ in rows]
         flush_rows([g for _, g in rows])
-        self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], self._bitmask, [j for j, _ in rows])
+        self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], self._bitmask, indices)
         # Rows left no token (numpy: 0.4 ms for 256 rows of a 150k vocabulary on the 2-core dev CPU; torch's
         # any() took 5-8 ms there)
-        allowed = self._bitmask.numpy()[[j for j, _ in rows]].any(axis=1)
-        for (_, g), ok in zip(rows, allowed.tolist()):
+        for (_, g), ok in zip(rows, self._bitmask.numpy()[indices].any(axis=1).tolist()):
             g.dead = not ok
         return self._bitmask

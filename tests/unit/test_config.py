@@ -56,10 +56,11 @@ def test_sizes_intervals_and_the_disk_dir_are_checked(tmp_path):
                       (dict(kv_disk_dir=str(tmp_path / "afile"), cpu_offload_gb=1.0), "kv_disk_dir must be a dir")):
         with pytest.raises(ValueError, match=words):
             EngineConfig(**kw)
-    from pagedllm.runner.kv_offload import _num_blocks
-    with pytest.raises(ValueError, match=r"cpu_offload_gb=1000000000.0 GiB is more than this machine's memory"):
-        _num_blocks(1e9, 4096, "cpu_offload_gb")
-    assert _num_blocks(1e9, 2**30, "kv_disk_gb", in_memory=False) == 10**9   # a disk size: no memory bound
+    for kw in (dict(cpu_offload_gb=1e9), dict(swap_space=1e9, preemption_mode="swap")):
+        with pytest.raises(ValueError, match=r"must be at most this machine's memory .* got 1000000000.0"):
+            EngineConfig(**kw)
+    assert EngineConfig(swap_space=1e9).swap_space == 1e9   # not allocated without swap preemption
+    assert EngineConfig(kv_disk_gb=1e9).kv_disk_gb == 1e9   # a disk size: no memory bound
 
 
 def test_paths_numbers_and_json_dicts_are_taken():
