@@ -28,6 +28,7 @@ from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RowView, RunnerRequestState
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block
 from pagedllm.sample.host_copy import to_device
+from pagedllm.spec_decode.prepass_inputs import prepass_inputs
 
 
 _GRAPH_CATCH_UP = 3   # unfed tokens a row (before its last) that the first proposal pass takes along
@@ -78,6 +79,9 @@ class DraftModel:
     def allocate(self, num_blocks: int):
         self.kv_caches = allocate_kv_caches(self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
                                             self.head_dim, self.dtype, self.device)
+        if self.device.type == "cuda":
+            from pagedllm.spec_decode.prepass_kernel import compile_prepass_inputs
+            compile_prepass_inputs(self.buffers, self.block_size, self.device)
         if self.graphs is not None:
             self.buffers.fill_padding()
             self.graphs.capture(self._graph_forward)
@@ -157,23 +161,14 @@ class DraftModel:
         the last emitted token. A token past the row's current slots is not fed (slot -1; it reads its first
         block), and the next step sees that in _prepass_depth and runs that row's own first pass. The later passes
         follow, one row a request, each feeding the proposal before while its position has a slot."""
-        n, bs, dev = len(rows), self.block_size, self.device
+        dev = self.device
         lens = [len(r.token_ids) for r in rows]
-        limits = [r.num_blocks * bs for r in rows]
+        limits = [r.num_blocks * self.block_size for r in rows]
         base, spec, limit = to_device([lens, list(num_spec), limits], torch.int64, dev)   # one copy
         max_blocks = max(r.num_blocks for r in rows)
         table = to_device(tables.table[[r.row for r in rows], :max_blocks], torch.int32, dev)
-        m = num_emitted.to(torch.int64)
-        idx = torch.arange(n, device=dev)
-        pos_last, tok_last = base + m - 1, tokens[idx, m - 1]
-        all_accepted = m == spec + 1
-        pos_first = torch.where(all_accepted, base + spec - 1, pos_last)
-        tok_first = torch.where(all_accepted, tokens[idx, spec - 1], tok_last)
-        pair_table = table.repeat_interleave(2, 0)
-        size = self._prepass_layout(pair_table)
-        hidden = self._prepass_forward(torch.stack([pos_first, pos_last], 1).view(-1),
-                                       torch.stack([tok_first, tok_last], 1).view(-1),
-                                       (pos_last < limit).repeat_interleave(2), pair_table, size)
+        verified = (tokens, num_emitted, base, spec, limit, table)
+        hidden = self._prepass_forward(self._prepass_layout(table.repeat_interleave(2, 0)), verified, None, 0)
         ids = [self.model.compute_logits(hidden[1::2]).argmax(dim=-1)]
         # Pass j + 1 feeds position base + m - 1 + j, m >= 1: none of the rows has a slot there from j = max(limit -
         # base) on, whatever the verify accepted, so those passes are not launched
@@ -181,8 +176,7 @@ class DraftModel:
         if passes > 1:
             size = self._prepass_layout(table)
         for j in range(1, passes):
-            pos = pos_last + j
-            hidden = self._prepass_forward(pos, ids[-1], pos < limit, table, size)
+            hidden = self._prepass_forward(size, verified, ids[-1], j)
             ids.append(self.model.compute_logits(hidden).argmax(dim=-1))
         self.pre = PrePass([r.req_id for r in rows], lens, list(num_spec), limits, torch.stack(ids, 1))
 
@@ -196,16 +190,12 @@ class DraftModel:
         b.input_ids[k:size], b.positions[k:size], b.slot_mapping[k:size], b.seq_lens[k:size] = 0, 0, -1, 0
         return size
 
-    def _prepass_forward(self, pos: torch.Tensor, tok: torch.Tensor, fits: torch.Tensor, table: torch.Tensor,
-                         size: int) -> torch.Tensor:
-        """The draft on the layout's rows (_prepass_layout): token tok at position pos; a row that does not fit
-        (no slot) writes nothing and reads its first block. Their hidden states."""
-        b, k, bs = self.buffers, pos.shape[0], self.block_size
-        block = table.gather(1, (pos // bs).clamp(max=table.shape[1] - 1)[:, None])[:, 0].to(torch.int64)
-        b.input_ids[:k] = torch.where(fits, tok, 0)
-        b.positions[:k] = torch.where(fits, pos, 0)
-        b.slot_mapping[:k] = torch.where(fits, block * bs + pos % bs, -1)
-        b.seq_lens[:k] = torch.where(fits, pos + 1, 1)
+    def _prepass_forward(self, size: int, verified: tuple, prev_ids: torch.Tensor | None, j: int) -> torch.Tensor:
+        """Pass j on the layout's rows (_prepass_layout), fed as prepass_inputs makes them from verified (the
+        verify's tokens and counts; the rows' lengths, proposals, limits and block table) and pass j - 1's
+        proposals. Their hidden states."""
+        b = self.buffers
+        k = prepass_inputs(b, *verified, prev_ids, j, self.block_size)
         if self.graphs is not None:
             return self.graphs.replay(size, False)[:k]
         seq_lens = b.seq_lens[:k].tolist()   # eager: the host's copies of the lengths (a CPU)

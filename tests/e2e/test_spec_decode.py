@@ -1,6 +1,8 @@
 """Speculative decoding end to end on tiny float32 models: greedy tokens and logprobs identical to transformers and
 to the engine without speculation, for both proposers, under preemption and chunked prefill, with rows that may
 not speculate in the same steps; seeded sampling reproducible; no block leaks; config errors name the key."""
+from pathlib import Path
+
 import pytest
 
 from pagedllm import LLM, SamplingParams
@@ -45,16 +47,20 @@ def test_draft_model_greedy_matches_transformers(tiny_model_dirs, draft_name):
         assert sd.num_accepted_tokens < sd.num_draft_tokens
 
 
-@pytest.mark.parametrize("synthetic", [False, True])
-def test_passes_behind_the_verify(tiny_model_dirs, monkeypatch, synthetic):
+@pytest.mark.parametrize("synthetic,kernel", [(False, False), (True, False), (False, True), (True, True)])
+def test_passes_behind_the_verify(tiny_model_dirs, monkeypatch, synthetic, kernel):
     """DraftModel.prepass runs a step's proposal passes behind the previous verify, from the device's emitted
     tokens (on a CPU only when PREPASS_ON_CPU). With the target as its own draft every proposal is the target's
     greedy token when the draft was fed the right tokens at the right positions: all accepted (e_s and the bonus
     token fed first), or, under synthetic rejections (0.8 a position), some rejected and the target's token fed;
-    outputs stay exact either way. Passes whose position had no slot then run in the next step."""
+    outputs stay exact either way. Passes whose position had no slot then run in the next step. kernel: the
+    passes' inputs made by CUDA's Triton kernel, run by the Triton interpreter."""
     from pagedllm.runner import model_runner
+    from pagedllm.spec_decode import draft_model
     from pagedllm.spec_decode.draft_model import DraftModel
     monkeypatch.setattr(model_runner, "PREPASS_ON_CPU", True)
+    if kernel:
+        monkeypatch.setattr(draft_model, "prepass_inputs", _interpreted_prepass_inputs(monkeypatch))
     prepass_depth = DraftModel._prepass_depth
     seen = []   # (rows the pre-pass served, rows, passes it served) a step
 
@@ -78,6 +84,21 @@ def test_passes_behind_the_verify(tiny_model_dirs, monkeypatch, synthetic):
     else:
         assert sd.num_accepted_tokens == sd.num_draft_tokens > 0
         assert served < rows, seen       # bonus tokens past their rows' blocks
+
+
+def _interpreted_prepass_inputs(monkeypatch):
+    """spec_decode/prepass_kernel.py loaded afresh with TRITON_INTERPRET set (read when kernels are decorated),
+    so that its kernel runs on CPU tensors."""
+    import importlib.util
+
+    pytest.importorskip("triton")
+    from pagedllm.spec_decode import prepass_inputs
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    path = Path(prepass_inputs.__file__).with_name("prepass_kernel.py")
+    spec = importlib.util.spec_from_file_location("prepass_kernel_interpreted", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.prepass_inputs_cuda
 
 
 @pytest.mark.parametrize("spec", ["ngram", "draft"])
