@@ -1,6 +1,7 @@
 """Long-context prefill attention on one GPU: TFLOP/s by context length against the bf16 roofline.
 
     PYTHONPATH=$PWD python3 benchmarks/prefill_long.py [--probe] [--only 8k,16k] [--chunks [--no-prebuild]]
+        [--kernels cudnn,fa4]
 
 Rows are fresh causal prompts of 4k-32k tokens and chunks of a long prompt whose context is already cached
 (W4's shape: 8,192 new tokens after 24,576 cached). Each line: a method, its median time (triton.testing.do_bench,
@@ -8,7 +9,8 @@ CUDA events), attention TFLOP/s (causal: only visible (query, key) pairs count) 
 peak, and its relative error against pagedllm's Triton kernel. --probe also times library kernels on
 contiguous or gathered K/V (PyTorch's SDPA backends and its varlen flash / cuDNN ops) to pick a path.
 --chunks replays W4's prefill rows in the engine's order (one layer): Triton alone against the cuDNN path with
-its plan pre-built (or, --no-prebuild, built at the first long row).
+its plan pre-built (or, --no-prebuild, built at the first long row). --kernels: the long rows' kernels to time
+(cudnn_prefill.KERNEL; fa4 needs the flash-attn-4 package).
 """
 import argparse
 import sys
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"
 from attention_cases import make_batch, rel_error
 from attention_kernels import attention_flops
 
-from pagedllm.attention import cudnn_prefill, triton_backend
+from pagedllm.attention import cudnn_prefill, fa4_prefill, triton_backend
 
 PEAK_TFLOPS = 989.0      # H100/H200 SXM dense bf16 tensor-core peak
 
@@ -118,9 +120,14 @@ def chunked_rows(num_prompts: int = 32, prompt_len: int = 30000, budget: int = 1
     return rows
 
 
-def chunk_sequence(prebuild: bool):
+def available(kernel: str) -> bool:
+    library = cudnn_prefill._frontend() if kernel == "cudnn" else fa4_prefill.interface()
+    return cudnn_prefill._sm90(torch.device("cuda")) and library is not None
+
+
+def chunk_sequence(prebuild: bool, kernels: list[str]):
     """W4's prefill rows in the engine's order (chunked_rows), one layer of Qwen3-0.6B heads, bf16: the Triton
-    kernel alone, then the cuDNN path twice (the first pass builds the plan if it was not pre-built)."""
+    kernel alone, then each long-row kernel twice (the first pass builds the plan if it was not pre-built)."""
     from pagedllm.attention.metadata import AttentionMetadata
     rows, hq, hkv, dim, block_size = chunked_rows(output_len=1), 16, 8, 128, 16
     cache = torch.randn(2, 32768 // block_size, block_size, hkv, dim, device="cuda", dtype=torch.bfloat16)
@@ -143,16 +150,26 @@ def chunk_sequence(prebuild: bool):
     cudnn_prefill.ENABLED = False
     run_all()                                   # compiles the Triton kernels
     triton_s = run_all()
-    cudnn_prefill.ENABLED = True
-    plans, build_s = 0, 0.0
-    if prebuild:
-        start = time.perf_counter()
-        plans = cudnn_prefill.prebuild_plans(hq, hkv, dim, torch.bfloat16, torch.device("cuda"), 16384, 32768)
-        build_s = time.perf_counter() - start
-    first, second = run_all(), run_all()
     print(f"W4 chunks, 1 layer: {len(rows)} rows, {tflop:.1f} TFLOP | triton "
-          f"{triton_s * 1e3:.0f} ms ({tflop / triton_s:.0f} TFLOP/s) | cudnn prebuilt {plans} plans in {build_s:.1f} s,"
-          f" first pass {first * 1e3:.0f} ms, second {second * 1e3:.0f} ms ({tflop / second:.0f} TFLOP/s)")
+          f"{triton_s * 1e3:.0f} ms ({tflop / triton_s:.0f} TFLOP/s)")
+    cudnn_prefill.ENABLED = True
+    for kernel in kernels:
+        cudnn_prefill.KERNEL = kernel
+        if not available(kernel):
+            print(f"  {kernel}: not available")
+            continue
+        plans, build_s = 0, 0.0
+        if prebuild:
+            start = time.perf_counter()
+            plans = cudnn_prefill.prebuild_plans(hq, hkv, dim, torch.bfloat16, torch.device("cuda"), 16384, 32768)
+            build_s = time.perf_counter() - start
+        if not cudnn_prefill.ENABLED or cudnn_prefill.KERNEL != kernel:   # the build failed (logged): these rows
+            print(f"  {kernel}: prebuild failed")                         # would time another kernel
+            cudnn_prefill.ENABLED, cudnn_prefill.KERNEL = True, kernel
+            continue
+        first, second = run_all(), run_all()
+        print(f"  {kernel}: prebuilt {plans} in {build_s:.1f} s, first pass {first * 1e3:.0f} ms, second "
+              f"{second * 1e3:.0f} ms ({tflop / second:.0f} TFLOP/s)")
 
 
 def main():
@@ -161,9 +178,11 @@ def main():
     parser.add_argument("--chunks", action="store_true", help="replay W4's prefill rows (one layer), then stop")
     parser.add_argument("--no-prebuild", action="store_true", help="--chunks without pre-building the plans")
     parser.add_argument("--only", default="", help="comma-separated words: run only cases whose name has one")
+    parser.add_argument("--kernels", default="cudnn", help="comma-separated long-row kernels: cudnn, fa4")
     args = parser.parse_args()
+    kernels = args.kernels.split(",")
     if args.chunks:
-        return chunk_sequence(prebuild=not args.no_prebuild)
+        return chunk_sequence(not args.no_prebuild, kernels)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}")
     if args.probe:
         for op in ("_flash_attention_forward", "_cudnn_attention_forward"):
@@ -202,7 +221,11 @@ def main():
         cudnn_prefill.ENABLED = False
         ref = report("triton kernel only", ours, None)
         cudnn_prefill.ENABLED = True
-        report("pagedllm (cuDNN for long rows)", ours, ref)
+        for kernel in kernels:
+            cudnn_prefill.KERNEL = kernel
+            if available(kernel):
+                report(f"pagedllm ({kernel} for long rows)", ours, ref)
+        cudnn_prefill.KERNEL = "cudnn"
         if args.probe:
             # q as the model has it: a view of the fused qkv projection's output
             qkv = torch.cat([batch.q.flatten(1), batch.k.flatten(1), batch.v.flatten(1)], dim=1)

@@ -28,6 +28,9 @@ A step routes rows only when one has MIN_PAIRS+ (query, key) pairs, so W1-W3 (pr
 path. Steps inside CUDA graphs keep the Triton kernels (the routing is a host decision; graphs replay one).
 PAGEDLLM_CUDNN_PREFILL: 1 on, 0 off, unset: DEFAULT_ON (on). Without the frontend package or off Hopper, every
 row stays on the Triton kernels.
+PAGEDLLM_LONG_PREFILL: the kernel the routed rows go to. Unset: FlashAttention-4's Hopper kernel where the
+flash-attn-4 package is installed and compiles for the model's heads at start-up (fa4_prefill.py; the `fa4` extra),
+else cuDNN; cudnn or fa4 asks for one (fa4 still falls back to cuDNN when it cannot run).
 """
 import functools
 import logging
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedllm.attention import fa4_prefill
 from pagedllm.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger("pagedllm")
@@ -59,7 +63,16 @@ def read_switch(value: str | None) -> bool:
     return value == "1"
 
 
+def read_kernel(value: str | None) -> str:
+    if value is None or value == "":
+        return "auto"
+    if value not in ("cudnn", "fa4"):
+        raise ValueError(f"PAGEDLLM_LONG_PREFILL must be cudnn or fa4, got {value!r}")
+    return value
+
+
 ENABLED = read_switch(os.environ.get("PAGEDLLM_CUDNN_PREFILL"))   # read once: threshold() runs every layer
+KERNEL = read_kernel(os.environ.get("PAGEDLLM_LONG_PREFILL"))   # prebuild_plans settles auto: fa4 or cudnn
 _limits: list[int] = [0, 0]   # (queries, keys) of the plans prebuild_plans built: the engine's limits
 
 
@@ -75,9 +88,10 @@ def threshold(q: torch.Tensor, meta: AttentionMetadata) -> int:
 @dataclass
 class _RowCall:
     """What every layer of a step reads the same for one row: the cache slots of its keys, and its lengths and
-    ragged offsets on the device (queries, keys, then the offsets [0, end] of its q / out rows and of its K/V)."""
+    ragged offsets on the device (queries, keys, then the offsets [0, end] of its q / out rows and of its K/V;
+    then FlashAttention's cu_seqlens [0, queries] and [0, keys])."""
     slots: torch.Tensor     # (seq_len,) int64
-    lens: torch.Tensor      # (6,) int32
+    lens: torch.Tensor      # (10,) int32
 
 
 @dataclass
@@ -121,24 +135,30 @@ def _row_call(query_len: int, seq_len: int, block_table: torch.Tensor, block_siz
               kv_row: int) -> _RowCall:
     pos = torch.arange(seq_len, device=block_table.device)
     slots = block_table.long()[pos // block_size] * block_size + pos % block_size
-    return _RowCall(slots, _lens(query_len, seq_len, q_row, kv_row).pin_memory().to(block_table.device,
-                                                                                      non_blocking=True))
+    lens = _lens(query_len, seq_len, q_row, kv_row)
+    if block_table.is_cuda:
+        lens = lens.pin_memory().to(block_table.device, non_blocking=True)
+    return _RowCall(slots, lens)
 
 
 def _lens(query_len: int, seq_len: int, q_row: int, kv_row: int) -> torch.Tensor:
-    """_RowCall.lens on the host: the lengths, then the ragged offsets [0, end] of q / out and of K/V (q_row,
-    kv_row: elements a token)."""
-    return torch.tensor([query_len, seq_len, 0, query_len * q_row, 0, seq_len * kv_row], dtype=torch.int32)
+    """_RowCall.lens on the host: the lengths, the ragged offsets [0, end] of q / out and of K/V (q_row,
+    kv_row: elements a token), then the cu_seqlens of queries and keys."""
+    return torch.tensor([query_len, seq_len, 0, query_len * q_row, 0, seq_len * kv_row, 0, query_len, 0, seq_len],
+                        dtype=torch.int32)
 
 
 def _attend_row(q, out, kv_cache, call: _RowCall, scale: float, v_scale: float) -> None:
     num_kv_heads, head_dim = kv_cache.shape[3:]
     fp8 = kv_cache.dtype == torch.float8_e4m3fn   # gathered as bytes, then widened: half the gather's reads
+    dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     kv = (kv_cache.view(torch.uint8) if fp8 else kv_cache).view(2, -1, num_kv_heads, head_dim)
     kv = kv.index_select(1, call.slots)
     k, v = (kv.view(torch.float8_e4m3fn).to(q.dtype) if fp8 else kv).unbind(0)
-    dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    _cudnn(q.contiguous(), k, v, dst, call.lens, scale)    # packed rows in, packed rows out
+    if KERNEL == "fa4":
+        fa4_prefill.attend(q.contiguous(), k, v, dst, call.lens[6:8], call.lens[8:10], scale)
+    else:
+        _cudnn(q.contiguous(), k, v, dst, call.lens, scale)    # packed rows in, packed rows out
     if v_scale != 1.0:
         dst.mul_(v_scale)
     if dst is not out:
@@ -226,11 +246,24 @@ def prebuild_plans(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: to
                    max_num_batched_tokens: int, max_model_len: int) -> int:
     """Builds the plan every row of the engine's limits uses (and runs it once), so that no step pays for it;
     returns the number of plans built (0: the path is off for this model or these limits)."""
-    global ENABLED
+    global ENABLED, KERNEL
     if not _usable(dtype, head_dim, device):
         return 0
     q_max = min(max_num_batched_tokens, max_model_len)
     if q_max < LONG_QUERY_LEN or q_max * max_model_len < MIN_PAIRS:   # no row gets here
+        return 0
+    if KERNEL != "cudnn" and fa4_prefill.interface() is not None:
+        start = time.perf_counter()
+        try:
+            fa4_prefill.prebuild(num_q_heads, num_kv_heads, head_dim, dtype, device)
+            KERNEL = "fa4"
+            logger.info("FlashAttention-4 prefill: compiled in %.2f s", time.perf_counter() - start)
+            return 1
+        except Exception as e:   # the kernel refuses these heads or fails to compile: cuDNN takes the rows
+            logger.warning("FlashAttention-4 prefill off (cuDNN's instead): %s", str(e).splitlines()[0][:300])
+    KERNEL = "cudnn"
+    if _frontend() is None:
+        ENABLED = False
         return 0
     if max(q_max * num_q_heads, max_model_len * num_kv_heads) * head_dim >= 1 << 31:   # int32 ragged offsets
         ENABLED = False
@@ -257,10 +290,16 @@ def prebuild_plans(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: to
 
 def _usable(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
     return (dtype in (torch.bfloat16, torch.float16) and head_dim in (64, 128) and ENABLED
-            and device.type == "cuda" and _cudnn_on_hopper(device))
+            and device.type == "cuda" and _on_hopper(device))
+
+
+def _on_hopper(device: torch.device) -> bool:
+    """Measured on sm_90 only; elsewhere the Triton kernel stays. With a library to route rows to: cuDNN's
+    frontend, or FA4 unless KERNEL is cudnn."""
+    library = _frontend() if KERNEL == "cudnn" else fa4_prefill.interface() or _frontend()
+    return _sm90(device) and library is not None
 
 
 @functools.cache
-def _cudnn_on_hopper(device: torch.device) -> bool:
-    """Measured on sm_90 only; elsewhere the Triton kernel stays."""
-    return torch.cuda.get_device_capability(device)[0] == 9 and _frontend() is not None
+def _sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] == 9

@@ -1,6 +1,7 @@
-"""The cuDNN long-prefill path (one bottom-right causal call a row, through cuDNN's graph API) on Hopper against
-the torch oracle and the Triton kernel, on fresh random long rows; and the plan built at start-up serving rows of
-every length after it, with no other plan built."""
+"""The long-prefill path (one bottom-right causal call a row) on Hopper against the torch oracle and the Triton
+kernel, on fresh random long rows, with each of its kernels: cuDNN through its graph API, and FlashAttention-4's
+Hopper kernel where flash-attn-4 is installed (test_fa4_prefill.py has its CPU tests); and cuDNN's plan built at
+start-up serving rows of every length after it, with no other plan built."""
 import time
 
 import pytest
@@ -21,20 +22,28 @@ LONG_ROWS = {   # (seq_len, query_len)
 }
 
 
-@pytest.fixture
-def cudnn(monkeypatch):
-    """The path on, and the (queries, keys) of its calls."""
-    from pagedllm.attention import cudnn_prefill
-    if not cudnn_prefill._cudnn_on_hopper(torch.device("cuda")):
-        pytest.skip("the cuDNN prefill path runs on sm_90 with nvidia-cudnn-frontend only")
+@pytest.fixture(params=["cudnn", "fa4"])
+def cudnn(request, monkeypatch):
+    """The path on with request.param's kernel, and the (queries, keys) of its calls."""
+    from pagedllm.attention import cudnn_prefill, fa4_prefill
+    monkeypatch.setattr(cudnn_prefill, "KERNEL", request.param)
+    library = cudnn_prefill._frontend() if request.param == "cudnn" else fa4_prefill.interface()
+    if not cudnn_prefill._sm90(torch.device("cuda")) or library is None:
+        pytest.skip(f"the long-prefill path with {request.param} runs on sm_90 with its library only "
+                    "(nvidia-cudnn-frontend, flash-attn-4)")
     monkeypatch.setattr(cudnn_prefill, "ENABLED", True)
     monkeypatch.setattr(cudnn_prefill, "MIN_PAIRS", 0)   # every row of LONG_QUERY_LEN+ new tokens goes
-    calls, real = [], cudnn_prefill._cudnn
+    calls = []
 
-    def spy(q, k, v, out, lens, scale):
-        calls.append((q.shape[0], k.shape[0]))
-        return real(q, k, v, out, lens, scale)
-    monkeypatch.setattr(cudnn_prefill, "_cudnn", spy)
+    def spy(module, name, keys):   # keys(args): the call's number of keys
+        real = getattr(module, name)
+
+        def call(*args):
+            calls.append((args[0].shape[0], keys(args)))
+            return real(*args)
+        monkeypatch.setattr(module, name, call)
+    spy(cudnn_prefill, "_cudnn", lambda a: a[1].shape[0])                          # (q, k, v, out, lens, scale)
+    spy(fa4_prefill, "attend", lambda a: a[1].shape[0])                            # (q, k, v, out, cu_q, ...)
     return cudnn_prefill, calls
 
 
@@ -91,6 +100,8 @@ def test_prebuilt_plan_serves_new_rows(cudnn, monkeypatch):
     """After prebuild_plans for W4's limits (one plan), rows of lengths never seen build no other plan and pay
     no build (0.04-0.7 s each on the H200)."""
     cudnn_prefill, calls = cudnn
+    if cudnn_prefill.KERNEL != "cudnn":
+        pytest.skip("cuDNN's plans only")
     from pagedllm.attention import triton_backend
     monkeypatch.setattr(cudnn_prefill, "_limits", [0, 0])   # prebuild_plans sets this list; the others' back after
     assert cudnn_prefill.prebuild_plans(16, 8, 128, torch.bfloat16, torch.device("cuda"), 16384, 32768) == 1

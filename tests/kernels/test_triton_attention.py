@@ -130,8 +130,9 @@ def test_long_prompt_rows_through_cudnn(dtype, heads, head_dim, block_size, monk
     """Rows of LONG_QUERY_LEN+ new tokens go to cuDNN on Hopper: fresh prompts, chunks after cached context,
     odd lengths, beside rows the Triton kernels keep (shorter chunks, decode, padding)."""
     from pagedllm.attention import cudnn_prefill
-    if not cudnn_prefill._cudnn_on_hopper(torch.device("cuda")):
+    if not cudnn_prefill._sm90(torch.device("cuda")) or cudnn_prefill._frontend() is None:
         pytest.skip("the cuDNN prefill path runs on sm_90 only")
+    monkeypatch.setattr(cudnn_prefill, "KERNEL", "cudnn")
     monkeypatch.setattr(cudnn_prefill, "ENABLED", True)
     monkeypatch.setattr(cudnn_prefill, "MIN_PAIRS", 0)
     calls = []
