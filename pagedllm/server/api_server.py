@@ -303,12 +303,19 @@ def resolved_api_key(config: ServerConfig) -> str | None:
     return config.api_key or os.environ.get(API_KEY_ENV) or None
 
 
+def startup_traceback_filter(ctx: ServingContext):
+    """A start-up error of ours (logged with its message: a bad --lora-modules adapter) reaches uvicorn as an
+    exception out of the lifespan, which uvicorn logs again as a traceback: this drops that record."""
+    return lambda record: ctx.startup_error is None or not record.getMessage().startswith("Traceback")
+
+
 def _run(server, ctx: ServingContext, sock=None):
     """uvicorn raises a stop signal again once it has shut down, to the handlers found at start: these ones
     make that a no-op, so a stop ends with exit code 0 and no KeyboardInterrupt traceback. A dead engine core
     ends the process with code 1."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    logging.getLogger("uvicorn.error").addFilter(startup_traceback_filter(ctx))
     try:
         server.run(sockets=None if sock is None else [sock])
     except SystemExit:   # uvicorn's when the app's start-up failed (code 3)

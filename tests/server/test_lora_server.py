@@ -2,6 +2,8 @@
 offline LLM.generate's tokens under the same LoRARequest (greedy), /v1/models lists them, adapters load and
 unload at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING), and every misuse is a clear error."""
 
+import logging
+
 import httpx
 import openai
 import pytest
@@ -169,7 +171,7 @@ def test_bad_static_adapter_stops_the_server():
     with code 1), checked in-process on a fake engine (a real server start costs ~30 s on shared cores)."""
     from fastapi.testclient import TestClient
     from pagedllm.config import ServerConfig
-    from pagedllm.server.api_server import build_app
+    from pagedllm.server.api_server import build_app, startup_traceback_filter
     from pagedllm.server.launch import parse_lora_modules
     from pagedllm.server.lora import ServingLoRAs
     from pagedllm.server.serving import ServingContext
@@ -194,6 +196,14 @@ def test_bad_static_adapter_stops_the_server():
         with TestClient(app):
             pass
     assert ctx.startup_error.startswith("--lora-modules bad=/nowhere") and engine.closed
+    # uvicorn's traceback of that exception is not printed after the message (other records are)
+    keep = startup_traceback_filter(ctx)
+    record = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "Traceback (most recent call last): ...",
+                               None, None)
+    assert not keep(record)
+    assert keep(logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "Application startup failed.", None, None))
+    ctx.startup_error = None
+    assert keep(record)
 
 
 def test_runtime_updating_off_by_default(monkeypatch):
