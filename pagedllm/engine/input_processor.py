@@ -165,6 +165,12 @@ def _without_tokenizer(prompt, params: SamplingParams) -> SamplingParams:
     if params.stop:
         raise ValueError(f"stop must be empty when skip_tokenizer_init is set (stop strings are matched on "
                          f"text), got {len(params.stop)} stop string(s)")
+    if params.bad_words:
+        raise ValueError(f"bad_words must be empty when skip_tokenizer_init is set (the words are tokenized by "
+                         f"the engine), got {len(params.bad_words)} word(s)")
+    if params.structured_outputs is not None:
+        raise ValueError("structured_outputs must be None when skip_tokenizer_init is set (a constraint is "
+                         "compiled against the tokenizer's vocabulary)")
     return dataclasses.replace(params, detokenize=False)
 
 

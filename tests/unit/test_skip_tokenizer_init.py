@@ -43,6 +43,11 @@ def test_text_prompts_stop_strings_and_chat_are_errors(dirs):
         llm.generate("Once upon a time", use_tqdm=False)
     with pytest.raises(ValueError, match="stop must be empty when skip_tokenizer_init is set"):
         llm.generate(PROMPTS, SamplingParams(stop=["the"]), use_tqdm=False)
+    # Both need the tokenizer: refused up front, not an AttributeError / a silent finish_reason "error"
+    with pytest.raises(ValueError, match="bad_words must be empty when skip_tokenizer_init is set"):
+        llm.generate(PROMPTS, SamplingParams(bad_words=["the"]), use_tqdm=False)
+    with pytest.raises(ValueError, match="structured_outputs must be None when skip_tokenizer_init is set"):
+        llm.generate(PROMPTS, SamplingParams(structured_outputs={"choice": ["yes", "no"]}), use_tqdm=False)
     with pytest.raises(ValueError, match="chat\\(\\) needs a tokenizer"):
         llm.chat([{"role": "user", "content": "hi"}])
 
