@@ -14,7 +14,7 @@ from pagedllm.outputs import CompletionOutput, Logprob
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server import chat_tools, reasoning
 from pagedllm.server.chat_tools import ToolPlan
-from pagedllm.server.completions import prompt_logprobs_json
+from pagedllm.server.completions import json_logprob, prompt_logprobs_json
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
 from pagedllm.server.reasoning import ReasoningParser
@@ -315,4 +315,5 @@ def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
 def _token(p: Logprob, token_id: int, as_ids: bool) -> dict:
     """as_ids (return_tokens_as_token_ids, vLLM's): the token named "token_id:<id>"; bytes stay its text's."""
     text = p.decoded_token or ""
-    return {"token": f"token_id:{token_id}" if as_ids else text, "logprob": p.logprob, "bytes": list(text.encode())}
+    return {"token": f"token_id:{token_id}" if as_ids else text, "logprob": json_logprob(p.logprob),
+            "bytes": list(text.encode())}

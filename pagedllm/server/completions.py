@@ -170,13 +170,20 @@ def _entry(lp: PositionLogprobs | None, token_id: int, as_ids: bool = False) -> 
     if lp is None:   # the first prompt token has no logprob
         return f"token_id:{token_id}" if as_ids else "", None, None
     if as_ids:
-        return f"token_id:{token_id}", lp[token_id].logprob, {
-            f"token_id:{tid}": p.logprob for tid, p in sorted(lp.items(), key=lambda item: _rank(item[1]))}
+        return f"token_id:{token_id}", json_logprob(lp[token_id].logprob), {
+            f"token_id:{tid}": json_logprob(p.logprob)
+            for tid, p in sorted(lp.items(), key=lambda item: _rank(item[1]))}
     chosen = lp[token_id]
     top: dict[str, float] = {}
     for p in sorted(lp.values(), key=_rank):   # tokens of the same text: the likeliest
-        top.setdefault(p.decoded_token, p.logprob)
-    return chosen.decoded_token, chosen.logprob, top
+        top.setdefault(p.decoded_token, json_logprob(p.logprob))
+    return chosen.decoded_token, json_logprob(chosen.logprob), top
+
+
+def json_logprob(logprob: float) -> float:
+    """A logprob as JSON can carry it: -inf (a token a constraint, allowed_token_ids or bad_words ruled out, among
+    the top-N) becomes -9999.0, as vLLM's; JSON has no infinity."""
+    return max(logprob, -9999.0)
 
 
 def _rank(p) -> float:
@@ -193,7 +200,7 @@ def prompt_logprobs_json(out: RequestOutput) -> list[dict | None]:
     """vLLM's prompt_logprobs: per prompt token (the first has none), token id -> logprob, rank, decoded token.
     -inf becomes -9999.0, as vLLM's: JSON has no infinity."""
     return [None if position is None else
-            {str(tid): {"logprob": max(p.logprob, -9999.0), "rank": p.rank, "decoded_token": p.decoded_token}
+            {str(tid): {"logprob": json_logprob(p.logprob), "rank": p.rank, "decoded_token": p.decoded_token}
              for tid, p in position.items()}
             for position in out.prompt_logprobs or [None] * len(out.prompt_token_ids)]
 

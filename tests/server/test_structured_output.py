@@ -118,6 +118,27 @@ def test_min_tokens_past_the_constraints_end_is_a_400_naming_both(client, server
     wait_all_blocks_free(server)
 
 
+def test_top_logprobs_past_what_the_constraint_allows_are_finite_json(client, server):
+    """A choice allows one or two tokens a step: the rest of the top-5 are tokens the grammar masked (-inf).
+    They come as vLLM's -9999.0, on both endpoints, streamed or not: JSON has no -Infinity (it was a 400 "Out of
+    range float values are not JSON compliant" non-streamed, and a stream's chunks were not JSON)."""
+    extra = {"guided_choice": ["yes", "no"]}
+    out = client.chat.completions.create(messages=MESSAGES, extra_body=extra, logprobs=True, top_logprobs=5,
+                                         seed=0, **KW)
+    assert out.choices[0].message.content in ("yes", "no")
+    tops = [t.logprob for entry in out.choices[0].logprobs.content for t in entry.top_logprobs]
+    assert -9999.0 in tops and all(lp >= -9999.0 for lp in tops)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=server.headers, timeout=60, json={
+            "messages": MESSAGES, "logprobs": True, "top_logprobs": 5, "stream": True, "seed": 0, **extra,
+            **KW}) as r:
+        body = r.read().decode()
+    assert r.status_code == 200 and "Infinity" not in body and "-9999.0" in body
+    done = client.completions.create(prompt="Pick", extra_body=extra, logprobs=5, seed=0, **KW)
+    assert done.choices[0].text in ("yes", "no")
+    assert min(min(top.values()) for top in done.choices[0].logprobs.top_logprobs) == -9999.0
+    wait_all_blocks_free(server)
+
+
 @pytest.mark.parametrize("extra, param", [({"guided_regex": "[^\\s\\S]"}, "guided_regex"),
                                           ({"structured_outputs": {"regex": "a[^\\s\\S]"}}, "structured_outputs")])
 def test_a_constraint_that_matches_no_text_is_a_400_naming_it(client, server, extra, param):
