@@ -34,20 +34,29 @@ async def beam_search_stream(engine, request_id: str, prompt_ids: list[int], par
     step_params = step_sampling_params(params, len(eos))
     salt = beam_cache_salt(request_id, engine.input_processor.enable_prefix_caching)
     inst = BeamSearchInstance(prompt_ids, params, eos)
-    held: list[str] = []
+    held: list[str] = []   # the step before's requests, whose KV this step's requests fork
+    added: list[str] = []  # this step's requests, as added so far
     try:
         while not inst.done:
             ids = [f"{request_id}-{inst.num_generated}-{j}" for j in range(len(inst.running))]
-            streams = [engine.add_request(rid, beam, step_params, OutputKind.FINAL, cache_salt=salt,
-                                          kv_parent=parent, hold_kv=True,
-                                          lora_request=lora_request, priority=priority)
-                       for rid, beam, parent in zip(ids, inst.beam_prompts(), inst.beam_parents())]
+            streams, added = [], []
+            for rid, beam, parent in zip(ids, inst.beam_prompts(), inst.beam_parents()):
+                streams.append(engine.add_request(rid, beam, step_params, OutputKind.FINAL, cache_salt=salt,
+                                                  kv_parent=parent, hold_kv=True,
+                                                  lora_request=lora_request, priority=priority))
+                added.append(rid)
             engine.release_kv_holds(held)   # after their children: the core reads its messages in order
             held = ids
             outs = await asyncio.gather(*(_last(s) for s in streams))
             inst.step([o.outputs[0].logprobs[0] for o in outs], ids)
     finally:
-        engine.release_kv_holds(held)
+        # A stream whose task was cancelled before it first ran (the client left as the step began) never
+        # started, so it aborts nothing itself: its request would run on, end held, and the release below,
+        # reaching the core before it ended, would leave its blocks held for good. Aborted first (a no-op once
+        # finished), then released (ends the holds of those that finished), in this order in the core.
+        for rid in added:
+            engine.abort(rid)
+        engine.release_kv_holds(list(dict.fromkeys(held + added)))
     yield _request_output(engine, request_id, inst, params, arrival)
 
 

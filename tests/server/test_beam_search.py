@@ -86,3 +86,36 @@ def test_beam_search_leaves_no_block_held(client, server):
                                   extra_body={"use_beam_search": True})
     after = wait_all_blocks_free(server)
     assert after["pagedllm:kv_cache_usage_perc"] == 0.0
+
+
+def test_beam_search_cancelled_as_its_step_begins_holds_no_block(tiny_model_dirs):
+    """A client that leaves just as a beam search step's requests are added (their streams' tasks cancelled
+    before they first ran, so the streams never started and aborted nothing): the step's requests are
+    aborted and released all the same: no block stays held, no output queue stays behind (was: each such
+    search held its last step's blocks for good)."""
+    import asyncio
+
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.async_llm import AsyncLLM
+    from pagedllm.server.beam_search import beam_search_stream
+
+    async def main():
+        engine = AsyncLLM(EngineConfig(tiny_model_dirs["llama"], num_gpu_blocks_override=64, max_model_len=256,
+                                       log_stats_interval=0, device="cpu"))
+        try:
+            params = BeamSearchParams(beam_width=2, max_tokens=20, ignore_eos=True)
+            for i in range(3):
+                async def consume():
+                    async for _ in beam_search_stream(engine, f"search-{i}", [1, 2, 3, 4, 5], params):
+                        pass
+                task = asyncio.ensure_future(consume())
+                await asyncio.sleep(0)   # the search adds its first step's request, then awaits its stream's task
+                task.cancel()            # before that task has run
+                await asyncio.gather(task, return_exceptions=True)
+            await asyncio.sleep(0.5)     # the core has run whatever it still had
+            stats = await engine.get_stats()
+            assert stats.num_blocks_free == stats.num_blocks_total and stats.num_running == 0
+            assert not engine._queues and not engine.output_processor.parents
+        finally:
+            engine.shutdown()
+    asyncio.run(main())
