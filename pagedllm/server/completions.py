@@ -54,12 +54,16 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     if echo_only:
         streams = [_without_generation(s) for s in streams]
     texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]
+    # The echoed prompt's first token has no logprob, but its text is the echo's start: as the echo reads (a
+    # text prompt's echo is that text, without special tokens; a token-id prompt's is their decoding, with them).
+    firsts = ([ctx.tokenizer.decode(ids[:1], skip_special_tokens=text is not None)
+               for (text, _), ids in zip(prompts, kept)] if req.echo and req.logprobs is not None else None)
     if req.stream:
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))
         if isinstance(outputs, Response):   # the client left
             return outputs
-        return SSEResponse(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt, outputs))
-    return await until_disconnect(raw_request, _full(ctx, req, response_id, texts, streams, ids))
+        return SSEResponse(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt, outputs, firsts))
+    return await until_disconnect(raw_request, _full(ctx, req, response_id, texts, streams, ids, firsts))
 
 
 async def _without_generation(outputs):
@@ -95,7 +99,8 @@ async def _prompts(ctx: ServingContext, prompt, add_special_tokens: bool) -> lis
     return [(p, next(texts)) if isinstance(p, str) else (None, p) for p in prompt]
 
 
-async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], streams, ids) -> dict:
+async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], streams, ids,
+                firsts: list[str] | None = None) -> dict:
     try:
         outputs = await final_outputs(streams, constraint_field(req))
     finally:
@@ -103,7 +108,8 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
     choices = []
     for i, out in enumerate(outputs):
         for c in out.outputs:
-            choices.append(_choice(req, i * req.n + c.index, texts[i], out, c, echo=req.echo, offset=0))
+            choices.append(_choice(req, i * req.n + c.index, texts[i], out, c, echo=req.echo, offset=0,
+                                   first_token_text=firsts[i] if firsts else ""))
             if req.return_token_ids:
                 choices[-1].update(prompt_token_ids=out.prompt_token_ids, token_ids=list(c.token_ids))
             if req.prompt_logprobs is not None:
@@ -115,7 +121,8 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
             "choices": choices, "usage": usage(num_prompt, num_completion)}
 
 
-async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, outputs):
+async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, outputs,
+                  firsts: list[str] | None = None):
     created, num_completion = int(time.time()), 0
     started: set[int] = set()
     offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
@@ -131,7 +138,8 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
                 continue
             first = index not in started
             started.add(index)
-            choice = _choice(req, index, texts[i], out, c, req.echo and first, offsets.get(index, 0))
+            choice = _choice(req, index, texts[i], out, c, req.echo and first, offsets.get(index, 0),
+                             firsts[i] if firsts else "")
             if choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
             if req.return_token_ids:   # vLLM's: the prompt's ids in a choice's first chunk, each chunk its new ids
@@ -142,11 +150,11 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
 
 
 def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOutput, c: CompletionOutput,
-            echo: bool, offset: int) -> dict:
+            echo: bool, offset: int, first_token_text: str = "") -> dict:
     logprobs = None
     if req.logprobs is not None:
         as_ids = req.return_tokens_as_token_ids
-        entries = _prompt_entries(out, as_ids) if echo else []
+        entries = _prompt_entries(out, as_ids, first_token_text) if echo else []
         entries += [_entry(lp, tid, as_ids) for tid, lp in zip(c.token_ids, c.logprobs or [])]
         logprobs = _completion_logprobs(entries, offset)
     return {"index": index, "text": (prompt_text if echo else "") + c.text, "logprobs": logprobs,
@@ -164,11 +172,12 @@ def _choice_json(index: int, text: str, logprobs: dict | None, finish_reason: st
             f'"finish_reason":{json_value(finish_reason)},"stop_reason":{json_value(stop_reason)}{ids}}}')
 
 
-def _entry(lp: PositionLogprobs | None, token_id: int, as_ids: bool = False) -> tuple[str, float | None, dict | None]:
+def _entry(lp: PositionLogprobs | None, token_id: int, as_ids: bool = False,
+           text: str = "") -> tuple[str, float | None, dict | None]:
     """as_ids (return_tokens_as_token_ids, vLLM's): tokens named "token_id:<id>", as text may not be JSON-safe
-    (a byte token); the text offsets then count those names, as vLLM's do."""
+    (a byte token); the text offsets then count those names, as vLLM's do. text: the token's where lp is None."""
     if lp is None:   # the first prompt token has no logprob
-        return f"token_id:{token_id}" if as_ids else "", None, None
+        return f"token_id:{token_id}" if as_ids else text, None, None
     if as_ids:
         return f"token_id:{token_id}", json_logprob(lp[token_id].logprob), {
             f"token_id:{tid}": json_logprob(p.logprob)
@@ -191,9 +200,11 @@ def _rank(p) -> float:
     return p.rank if p.rank is not None else float("inf")
 
 
-def _prompt_entries(out: RequestOutput, as_ids: bool = False) -> list:
+def _prompt_entries(out: RequestOutput, as_ids: bool = False, first_token_text: str = "") -> list:
+    """first_token_text: the text of the first prompt token, which has no logprob entry to name it."""
     positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-    return [_entry(lp, tid, as_ids) for tid, lp in zip(out.prompt_token_ids, positions)]
+    return [_entry(lp, tid, as_ids, first_token_text if i == 0 else "")
+            for i, (tid, lp) in enumerate(zip(out.prompt_token_ids, positions))]
 
 
 def prompt_logprobs_json(out: RequestOutput) -> list[dict | None]:

@@ -80,6 +80,25 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
         assert c.logprobs.token_logprobs == ref.logprobs.token_logprobs[:-1]
 
 
+def test_echoed_prompt_tokens_rebuild_the_echo(client, offline_llm):
+    """echo + logprobs: the prompt's first token has no logprob, but keeps its text (was: always "", so a prompt
+    that does not start with BOS lost its first word from the tokens and every text offset after it was off):
+    token-id prompts (the echo their decoding, BOS as "<s>") and text without BOS (add_special_tokens false)."""
+    ids = offline_llm.get_tokenizer().encode("Once upon a time", add_special_tokens=False)
+    for prompt, extra in ((ids, {}), (ids[1:], {}), ("Once upon a time", {"add_special_tokens": False})):
+        kw = dict(model=MODEL_NAME, prompt=prompt, echo=True, logprobs=1, temperature=0, extra_body=extra)
+        full = client.completions.create(max_tokens=0, **kw).choices[0]   # the prompt alone
+        lp = full.logprobs
+        assert lp.token_logprobs[0] is None and lp.tokens[0] != ""
+        assert "".join(lp.tokens) == full.text
+        assert [full.text[o:o + len(t)] for t, o in zip(lp.tokens, lp.text_offset)] == lp.tokens
+        for max_tokens in (0, 3):   # the same prompt tokens before any generated ones, streamed or not
+            more = client.completions.create(max_tokens=max_tokens, **kw).choices[0].logprobs.tokens
+            streamed = [c.choices[0].logprobs.tokens for c in client.completions.create(
+                max_tokens=max_tokens, stream=True, **kw) if c.choices]
+            assert more[:len(lp.tokens)] == sum(streamed, [])[:len(lp.tokens)] == lp.tokens
+
+
 def test_logprob_tokens_rebuild_the_text_with_their_spaces(client, offline_llm):
     """SentencePiece tokens keep their leading space in logprobs (decoded alone, " loved" read "loved"): with
     only spaced word tokens allowed, the tokens join to the text and each offset points at its token."""
