@@ -62,8 +62,8 @@ def _ebnf_literal(text: str) -> str:
 def _json(p: StructuredOutputsParams):
     import xgrammar as xgr
     schema = _json_dict(p.json, "json", "a JSON schema object")
-    schema = merge_all_of(schema)
-    refuse_unenforced(schema)
+    schema = fold_into_branches(merge_all_of(schema))
+    refuse_unenforced(schema, root=schema)
     if p.disable_additional_properties:
         schema = no_additional_properties(schema)
     schema = json_safe_lengths(schema)
@@ -173,14 +173,25 @@ def json_safe_lengths(schema):
 # tests/unit/test_structured_grammar_spec.py). A schema using one is refused, never followed in part. allOf is not
 # enforced either, so merge_all_of folds its parts into their schema first (pydantic writes allOf: [{$ref}]).
 UNENFORCED = ("not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains",
-              "dependentRequired", "dependentSchemas")
+              "dependentRequired", "dependentSchemas", "dependencies")
 # Formats with a syntax JSON Schema defines that xgrammar does not check (it checks email, uri, uri-reference,
 # uri-template, uuid, date, time, date-time, duration, ipv4, ipv6, hostname, json-pointer,
 # relative-json-pointer). Other format values define nothing to check: annotations, as the spec treats them.
 UNENFORCED_FORMATS = ("idn-email", "iri", "iri-reference", "idn-hostname", "regex")
 NUMBER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 ANNOTATIONS = ("title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly",
-               "contentEncoding", "contentMediaType", "$schema", "$id")
+               "contentEncoding", "contentMediaType", "$schema", "$id", "discriminator")   # OpenAPI's: a hint
+# Formats xgrammar writes a grammar of its own for: a minLength / maxLength beside one is not applied.
+CHECKED_FORMATS = ("email", "uri", "uri-reference", "uri-template", "uuid", "date", "time", "date-time", "duration",
+                   "ipv4", "ipv6", "hostname", "json-pointer", "relative-json-pointer")
+# Keywords that hold for one JSON type. xgrammar applies them only where the schema's "type" (or, for objects
+# and arrays, "properties" / "items") says which type it is: without one they are dropped.
+TYPED_KEYWORDS = {"string": ("minLength", "maxLength", "pattern", "format"),
+                  "number": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
+                  "array": ("minItems", "maxItems"),
+                  "object": ("required", "minProperties", "maxProperties", "propertyNames")}
+_INFERRED = {"object": ("properties", "patternProperties", "additionalProperties"), "array": ("items", "prefixItems")}
+_STRUCTURE = ("$defs", "definitions")
 
 
 def merge_all_of(schema):
@@ -189,21 +200,50 @@ def merge_all_of(schema):
     def merge(s: dict) -> dict:
         if not isinstance(s.get("allOf"), list):
             return s
-        out = {k: v for k, v in s.items() if k != "allOf"}
-        for part in s["allOf"]:
-            for key, value in (part.items() if isinstance(part, dict) else ()):
-                if key in out and out[key] != value:
-                    raise ValueError(f"{FIELD}.json: allOf gives {key!r} two values; the grammar backend "
-                                     "(xgrammar) cannot intersect them, so the schema is refused")
-                out[key] = value
-        return out
+        return _intersect({k: v for k, v in s.items() if k != "allOf"}, s["allOf"], "allOf")
     return map_schemas(schema, merge)
 
 
-def refuse_unenforced(schema, path: str = "#") -> None:
-    """A ValueError naming the first keyword of UNENFORCED (and the like) in schema, with its path."""
+def _intersect(out: dict, parts: list, where: str) -> dict:
+    """out with each part's keywords added; a keyword two of them give different values refuses the schema."""
+    out = dict(out)
+    for part in parts:
+        for key, value in (part.items() if isinstance(part, dict) else ()):
+            if key in out and out[key] != value:
+                raise ValueError(f"{FIELD}.json: {where} gives {key!r} two values; the grammar backend "
+                                 "(xgrammar) cannot intersect them, so the schema is refused")
+            out[key] = value
+    return out
+
+
+def fold_into_branches(schema):
+    """anyOf / oneOf beside other keywords: xgrammar follows the branches alone and drops the rest ({"type":
+    "string", "maxLength": 1, "anyOf": [...]} took "ab" and 5). The other keywords go into each branch instead
+    (A and (B or C) is (A and B) or (A and C)), as allOf's parts are merged."""
+    def fold(s: dict) -> dict:
+        combinators = [k for k in ("anyOf", "oneOf") if isinstance(s.get(k), list)]
+        if not combinators:
+            return s
+        if len(combinators) > 1:
+            raise ValueError(f"{FIELD}.json: anyOf beside oneOf is not enforced by the grammar backend "
+                             "(xgrammar): the schema is refused rather than followed in part")
+        key = combinators[0]
+        rest = {k: v for k, v in s.items() if k != key and k not in ANNOTATIONS and k not in _STRUCTURE}
+        if not rest:
+            return s
+        out = {k: v for k, v in s.items() if k not in rest}
+        out[key] = [_intersect(rest, [branch], f"{key} beside {sorted(rest)[0]!r}") if branch is not True
+                    else dict(rest) for branch in s[key]]
+        return out
+    return map_schemas(schema, fold)
+
+
+def refuse_unenforced(schema, path: str = "#", root=None) -> None:
+    """A ValueError naming the first keyword of UNENFORCED (and the like) in schema, with its path; root: the
+    whole schema, where a branch's local $ref is looked up."""
     if not isinstance(schema, dict):
         return
+    root = schema if root is None else root
 
     def refuse(what: str):
         raise ValueError(f"{FIELD}.json: {what} at {path} is not enforced by the grammar backend (xgrammar): the "
@@ -217,14 +257,140 @@ def refuse_unenforced(schema, path: str = "#") -> None:
         refuse("'multipleOf' (enforced on an integer without bounds only)")
     if "$ref" in schema and any(k not in ANNOTATIONS and k not in ("$ref", "$defs", "definitions") for k in schema):
         refuse("'$ref' beside other keywords")
+    _refuse_dropped(schema, root, refuse)
     for key in _SCHEMA_MAPS:
         if isinstance(schema.get(key), dict):
             for name, sub in schema[key].items():
-                refuse_unenforced(sub, f"{path}/{key}/{name}")
+                refuse_unenforced(sub, f"{path}/{key}/{name}", root)
     for key in _SCHEMA_LISTS + _SUBSCHEMAS:
         value = schema.get(key)
+        if key == "propertyNames" and isinstance(value, dict):   # names are strings: xgrammar reads them so
+            value = {"type": "string", **value}
         for i, sub in enumerate(value if isinstance(value, list) else [value]):
-            refuse_unenforced(sub, f"{path}/{key}/{i}" if isinstance(value, list) else f"{path}/{key}")
+            refuse_unenforced(sub, f"{path}/{key}/{i}" if isinstance(value, list) else f"{path}/{key}", root)
+
+
+def _refuse_dropped(schema: dict, root: dict, refuse) -> None:
+    """What xgrammar 0.2.9 takes but drops, each probed in tests/unit/test_structured_grammar_spec.py: a violating
+    instance passes its matcher."""
+    if isinstance(schema.get("oneOf"), list):   # read as anyOf: exact only where no instance matches two branches
+        branches = [_resolve(b, root) for b in schema["oneOf"]]
+        if not all(_disjoint(a, b) for i, a in enumerate(branches) for b in branches[i + 1:]):
+            refuse("'oneOf' whose branches may overlap (it is followed as anyOf)")
+    required, properties = schema.get("required"), schema.get("properties")
+    if isinstance(required, list):
+        missing = [name for name in required if not isinstance(properties, dict) or name not in properties]
+        if missing:
+            refuse(f"'required' naming a property not in 'properties' ({shorten_name(missing[0])})")
+    lengths = [k for k in ("minLength", "maxLength") if k in schema]
+    if lengths and ("pattern" in schema or schema.get("format") in CHECKED_FORMATS):
+        refuse(f"{lengths[0]!r} beside 'pattern' or 'format'")
+    if isinstance(schema.get("pattern"), str) and _regex_unsupported(schema["pattern"]):
+        refuse(f"'pattern' {shorten_name(schema['pattern'])} (lookaround or a group flag)")
+    values = _values(schema)
+    if values is not None:
+        extra = [k for k in schema if k not in ANNOTATIONS and k not in _STRUCTURE + ("enum", "const", "type")]
+        if extra:
+            refuse(f"{extra[0]!r} beside 'enum' or 'const'")
+        if "type" in schema and not all(_of_type(v, schema["type"]) for v in values):
+            refuse("'type' beside an 'enum' or 'const' value of another type")
+    if "type" not in schema and values is None and not any(k in schema for k in ("$ref", "anyOf", "oneOf")):
+        inferred = [t for t, keys in _INFERRED.items() if any(k in schema for k in keys)]
+        for kind, keys in TYPED_KEYWORDS.items():
+            dropped = [k for k in keys if k in schema]
+            if dropped and kind not in inferred:
+                refuse(f"{dropped[0]!r} without 'type'")
+
+
+def shorten_name(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _regex_unsupported(pattern: str) -> bool:
+    """A regex feature xgrammar's regex parser refuses ("Lookahead is not supported yet"), which its schema
+    converter drops silently ({"pattern": "^(?=.{0,3}$)[a-z]+$"} took "abcd"). Other errors are its own 400."""
+    import xgrammar as xgr
+    try:
+        xgr.Grammar.from_regex(pattern)
+    except Exception as e:
+        return "not supported" in str(e)
+    return False
+
+
+def _resolve(schema, root: dict):
+    """A local $ref ("#/$defs/X", "#/definitions/X") as the schema it names; anything else as it is."""
+    ref = schema.get("$ref") if isinstance(schema, dict) else None
+    if isinstance(ref, str) and ref.startswith("#/"):
+        node = root
+        for part in ref[2:].split("/"):
+            node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else schema
+    return schema
+
+
+def _values(schema: dict) -> list | None:
+    """The values an enum or const allows (None: neither is given)."""
+    if "const" in schema:
+        return [schema["const"]]
+    return list(schema["enum"]) if isinstance(schema.get("enum"), list) else None
+
+
+def _types(schema: dict) -> set[str] | None:
+    """The JSON types a schema allows, where it says (None: any, as far as this reads it)."""
+    values = _values(schema)
+    if values is not None:
+        return {_type_of(v) for v in values}
+    t = schema.get("type")
+    if isinstance(t, str):
+        t = [t]
+    if not isinstance(t, list):
+        return None
+    return {"number" if x in ("integer", "number") else x for x in t}
+
+
+def _type_of(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object", type(None): "null"}[type(value)]
+
+
+def _of_type(value, t) -> bool:
+    names = [t] if isinstance(t, str) else t
+    kind = _type_of(value)
+    return any(n == kind or (n == "integer" and kind == "number" and float(value).is_integer()) for n in names)
+
+
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _disjoint(a, b) -> bool:
+    """Whether no instance can match both schemas, by what is plain to see: types that cannot meet, enum / const
+    values in common to none, or a property both require whose enum / const values differ (a discriminator)."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    ta, tb = _types(a), _types(b)
+    if ta is not None and tb is not None and not ta & tb:
+        return True
+    va, vb = _values(a), _values(b)
+    if va is not None and vb is not None and not any(_same(x, y) for x in va for y in vb):
+        return True
+    pa, pb = a.get("properties"), b.get("properties")
+    if isinstance(pa, dict) and isinstance(pb, dict):
+        for name in set(a.get("required") or ()) & set(b.get("required") or ()):
+            xa, xb = pa.get(name), pb.get(name)
+            if isinstance(xa, dict) and isinstance(xb, dict) and _disjoint(xa, xb):
+                return True
+        # the grammar's objects hold only the properties listed (xgrammar's strict mode: no additionalProperties
+        # unless given), so a property one requires and the other cannot hold tells them apart
+        for x, y, py in ((a, b, pb), (b, a, pa)):
+            closed = y.get("additionalProperties", False) is False and "patternProperties" not in y
+            if closed and any(name not in py for name in x.get("required") or ()):
+                return True
+    return False
 
 
 # A character JSON takes unescaped: U+0020..U+10FFFF but the quote, the backslash and the surrogates.

@@ -113,7 +113,7 @@ def test_structural_tag_formats():
 
 
 def test_input_processor_refuses_a_bad_constraint_before_queueing():
-    processor = InputProcessor(None, set(), 512, 64, 16, 64, True)
+    processor = InputProcessor(object(), set(), 512, 64, 16, 64, True)   # a tokenizer (unused on token ids)
     good = SamplingParams(max_tokens=4, structured_outputs={"regex": "[0-9]+"})
     assert processor.process("a", [1, 2, 3], good).core_requests
     bad = SamplingParams(max_tokens=4, structured_outputs={"regex": "[0-9"})
@@ -162,3 +162,53 @@ def test_all_of_is_merged_then_enforced(compiler):
         build_grammar(P(json={"allOf": [{"type": "string"}, {"type": "integer"}]}))
     assert accepts(compiler, P(json={"type": "integer", "multipleOf": 7}), "49")   # alone, it is enforced
     assert accepts(compiler, P(json={"type": "string", "format": "password"}), '"x"')   # an annotation
+
+
+DROPPED_CASES = {   # schema, an instance that breaks it, the refusal's words: xgrammar 0.2.9 drops the keyword
+    "oneOf": ({"oneOf": [{"enum": ["a", "b"]}, {"enum": ["b", "c"]}]}, '"b"', "'oneOf' whose branches may overlap"),
+    "required": ({"type": "object", "required": ["zz"]}, "{}", "'required' naming a property not in"),
+    "required beside properties": ({"type": "object", "properties": {"a": {"type": "integer"}},
+                                    "required": ["a", "zz"], "additionalProperties": True}, '{"a": 1}',
+                                   "'required' naming a property not in"),
+    "dependencies": ({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": True,
+                      "dependencies": {"a": ["b"]}}, '{"a": 1}', "'dependencies'"),
+    "maxLength beside pattern": ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, '"abcd"',
+                                 "'maxLength' beside 'pattern'"),
+    "minLength beside format": ({"type": "string", "format": "email", "minLength": 20}, '"a@b.co"',
+                                "'minLength' beside 'pattern' or 'format'"),
+    "lookahead": ({"type": "string", "pattern": "^(?=.{0,3}$)[a-z]+$"}, '"abcd"', "(lookaround or a group flag)"),
+    "maxLength without type": ({"maxLength": 2}, '"abc"', "'maxLength' without 'type'"),
+    "minimum without type": ({"minimum": 5}, "3", "'minimum' without 'type'"),
+    "maxLength beside enum": ({"type": "string", "enum": ["a", "bb"], "maxLength": 1}, '"bb"',
+                              "'maxLength' beside 'enum'"),
+    "type beside enum": ({"type": "string", "enum": ["a", 1]}, "1", "'type' beside an 'enum'"),
+}
+
+
+@pytest.mark.parametrize("keyword", list(DROPPED_CASES))
+def test_what_xgrammar_drops_is_refused(compiler, keyword):
+    """Keywords xgrammar takes and drops: its grammar, built directly, lets a violating instance through; ours
+    refuses the schema, naming what and where."""
+    schema, bad, words = DROPPED_CASES[keyword]
+    direct = xgr.GrammarMatcher(compiler.compile_grammar(xgr.Grammar.from_json_schema(schema, any_whitespace=False)))
+    assert direct.accept_string(bad) and direct.accept_token(2), "xgrammar enforces it now"
+    nested = {"type": "object", "properties": {"field": schema}, "required": ["field"]}
+    with pytest.raises(ValueError, match=re.escape(words) + ".* at #/properties/field is not enforced"):
+        build_grammar(P(json=nested))
+
+
+def test_keywords_beside_any_of_go_into_its_branches_and_disjoint_one_of_stays(compiler):
+    """{"type": "string", "maxLength": 1, "anyOf": [...]}: xgrammar read the branches alone (it took "ab" and 5);
+    the siblings folded into each branch are enforced. A oneOf whose branches cannot overlap (types, a
+    discriminator's consts, pydantic's $refs) is built, and is exact as anyOf."""
+    p = P(json={"type": "string", "maxLength": 1, "anyOf": [{"type": "string"}, {"minLength": 0}]})
+    assert accepts(compiler, p, '"a"') and not accepts(compiler, p, '"ab"') and not accepts(compiler, p, "5")
+    union = {"$defs": {"Cat": {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
+                               "required": ["kind", "lives"]},
+                       "Dog": {"type": "object", "properties": {"kind": {"const": "dog"}, "good": {"type": "boolean"}},
+                               "required": ["kind", "good"]}},
+             "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}],
+             "discriminator": {"propertyName": "kind"}}
+    assert accepts(compiler, P(json=union, disable_any_whitespace=True), '{"kind": "dog", "good": true}')
+    assert accepts(compiler, P(json={"oneOf": [{"type": "integer"}, {"type": "string"}]}), '"x"')
+    assert accepts(compiler, P(json={"type": "object", "propertyNames": {"maxLength": 1}}), "{}")
