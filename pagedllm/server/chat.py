@@ -97,7 +97,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         if isinstance(outputs, Response):   # the client left
             return outputs
         return SSEResponse(ctx.engine, ids, _stream(ctx, req, plan, response_id, kept, outputs, thinks,
-                                                    prompt_text))
+                                                    prompt_text), _constraint_field(req, plan))
     return await until_disconnect(raw_request, _full(ctx, req, plan, response_id, streams, ids, thinks, prompt_text))
 
 

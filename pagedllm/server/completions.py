@@ -62,7 +62,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))
         if isinstance(outputs, Response):   # the client left
             return outputs
-        return SSEResponse(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt, outputs, firsts))
+        return SSEResponse(ctx.engine, ids, _stream(ctx, req, response_id, texts, num_prompt, outputs, firsts),
+                           constraint_field(req))
     return await until_disconnect(raw_request, _full(ctx, req, response_id, texts, streams, ids, firsts))
 
 

@@ -252,12 +252,20 @@ class SSEResponse(StreamingResponse):
 
     end = DONE   # the stream's last event (OpenAI's)
 
-    def __init__(self, engine: AsyncLLM, request_ids: list[str], chunks: AsyncIterator[str]):
+    def __init__(self, engine: AsyncLLM, request_ids: list[str], chunks: AsyncIterator[str],
+                 param: str | None = None):
         super().__init__(chunks, media_type="text/event-stream")
         self.engine, self.request_ids = engine, request_ids
+        self.param = param   # the field a request the engine fails as the client's doing names (client_error)
 
-    @staticmethod
-    def error_event(e: Exception) -> str:
+    def error_event(self, e: Exception) -> str:
+        """The error a non-streamed request would answer, in the stream: a 400 the engine found mid-way (a
+        constraint's end before min_tokens) names its field as such; anything else is a server error."""
+        if isinstance(e, EngineGenerateError):
+            e = client_error(e, self.param)
+        if isinstance(e, APIError):
+            return sse({"error": {"message": e.message, "type": "invalid_request_error" if e.status == 400
+                                  else "server_error", "param": e.param, "code": e.code}})
         return sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
 
     async def stream_response(self, send):

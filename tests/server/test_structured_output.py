@@ -115,6 +115,15 @@ def test_min_tokens_past_the_constraints_end_is_a_400_naming_both(client, server
         client.chat.completions.create(messages=MESSAGES, extra_body={"guided_choice": ["a", "b"], "min_tokens": 8},
                                        **KW)
     assert e.value.body["param"] == "guided_choice" and "min_tokens" in e.value.body["message"], e.value.body
+    # streamed, found after the first tokens went out: the stream's error event says as much
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=server.headers, timeout=60, json={
+            "messages": MESSAGES, "stream": True, "guided_choice": ["a", "b"], "min_tokens": 8, **KW}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    error = json.loads(events[-2])["error"]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "guided_choice",
+                                                              "invalid_structured_output") and "min_tokens" in \
+        error["message"], error
     wait_all_blocks_free(server)
 
 
