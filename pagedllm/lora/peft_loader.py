@@ -24,7 +24,12 @@ _NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.
 _UNSUPPORTED = (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False), ("layers_to_transform", None),
                 ("layers_pattern", None), ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None),
                 ("target_parameters", None), ("trainable_token_indices", None), ("lora_bias", False),
-                ("use_qalora", False), ("megatron_config", None), ("exclude_modules", None))
+                ("use_qalora", False), ("megatron_config", None), ("exclude_modules", None),
+                # the same lora_A/lora_B tensors, other math: a deeper model built from repeated layers; the adapter
+                # only on the tokens from its invocation sequence on (aLoRA); block-diagonal LoRA; Arrow's routing
+                # among adapters
+                ("layer_replication", None), ("alora_invocation_tokens", None), ("use_bdlora", None),
+                ("arrow_config", None))
 
 
 @dataclass

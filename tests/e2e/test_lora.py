@@ -171,6 +171,8 @@ def _bad(tmp_path, src, edit_cfg=None, edit_tensors=None):
     ("bias", "bias"),
     ("modules_to_save", "modules_to_save"),
     ("layers", "layers_to_transform"),
+    ("layer_replication", "layer_replication"),
+    ("alora", "alora_invocation_tokens"),
 ])
 def test_bad_adapters(setup, tmp_path, case, match):
     from pathlib import Path
@@ -186,6 +188,8 @@ def test_bad_adapters(setup, tmp_path, case, match):
             "bias": lambda: _bad(tmp_path, src, lambda c: c.update(bias="all")),
             "modules_to_save": lambda: _bad(tmp_path, src, lambda c: c.update(modules_to_save=["lm_head"])),
             "layers": lambda: _bad(tmp_path, src, lambda c: c.update(layers_to_transform=[0])),
+            "layer_replication": lambda: _bad(tmp_path, src, lambda c: c.update(layer_replication=[[0, 2], [1, 2]])),
+            "alora": lambda: _bad(tmp_path, src, lambda c: c.update(alora_invocation_tokens=[300, 301])),
             }[case]()
     llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, max_lora_rank=8)
     with pytest.raises(ValueError, match=match):
