@@ -293,7 +293,7 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
                          responses=ResponseStore(server_config.responses_store) if server_config.responses_store
                          else None)
     if engine_config.enable_lora:
-        ctx.loras = ServingLoRAs(engine, ctx.model_name)
+        ctx.loras = ServingLoRAs(engine, ctx.model_name, ctx.model_aliases)
     app = build_app(ctx, metrics, server_config, resolved_api_key(server_config), checks.lora_modules)
     return app, ctx
 

@@ -23,9 +23,10 @@ from pagedllm.server.launch import RUNTIME_UPDATING_ENV, LoRAModulePath, runtime
 class ServingLoRAs:
     """The adapters a server serves, by name."""
 
-    def __init__(self, engine, base_model_name: str):
+    def __init__(self, engine, base_model_name: str, base_model_aliases: list[str] = ()):
         self.engine = engine
         self.base_model_name = base_model_name
+        self.base_model_names = {base_model_name, *base_model_aliases}   # a request's model naming one is the base
         self.adapters: dict[str, tuple[LoRARequest, str]] = {}   # name -> (its request, parent model name)
         self._next_id = 1
         self._lock = asyncio.Lock()   # one load or unload at a time: a name is checked and taken atomically
@@ -47,7 +48,7 @@ class ServingLoRAs:
             if name in self.adapters:
                 raise APIError(400, f"The lora adapter '{shorten(name)}' has already been loaded.", "lora_name",
                                "invalid_value")
-            if name == self.base_model_name:
+            if name in self.base_model_names:
                 raise APIError(400, f"lora_name '{shorten(name)}' is the base model's name", "lora_name",
                                "invalid_value")
             request = LoRARequest(name, self._next_id, path)

@@ -244,3 +244,23 @@ def test_engine_lora_error_names_the_model_field():
                                            "adapter_config.json not found", 400), "response_format")
     assert (err.status, err.param, err.code) == (400, "model", "invalid_lora_adapter")
     assert client_error(EngineGenerateError("boom", 400), "response_format").param == "response_format"
+
+
+def test_adapter_named_as_a_served_model_alias_is_refused():
+    """--served-model-name base alias: a request's model `alias` is the base model, so an adapter of that name
+    would be listed by /v1/models and never run; refused as the first name is."""
+    import asyncio
+
+    from pagedllm.server.errors import APIError
+    from pagedllm.server.lora import ServingLoRAs
+
+    class Engine:
+        async def add_lora(self, request):
+            return True
+    loras = ServingLoRAs(Engine(), "base", ["alias"])
+    for name in ("base", "alias"):
+        with pytest.raises(APIError, match="base model") as e:
+            asyncio.run(loras.load(name, "/p"))
+        assert e.value.status == 400 and e.value.param == "lora_name"
+    asyncio.run(loras.load("other", "/p"))
+    assert list(loras.adapters) == ["other"]
