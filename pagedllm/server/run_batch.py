@@ -25,6 +25,7 @@ from pagedllm.config import EngineConfig, ServerConfig
 logger = logging.getLogger("pagedllm")
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+LINE_FIELDS = {"custom_id", "method", "url", "body"}
 MAX_IN_FLIGHT = 4096   # requests handed to the app at once; the engine's own limits queue the rest
 
 
@@ -40,7 +41,13 @@ def run_batch(engine_config: EngineConfig, server_config: ServerConfig, input_fi
     if out.is_dir() or not out.parent.is_dir():   # found now, not after every request has run
         raise ValueError(f"--output-file {output_file!r}: " + ("a directory, not a file" if out.is_dir() else
                                                               f"its directory {str(out.parent)!r} does not exist"))
-    lines = Path(input_file).read_text().splitlines()   # a missing file fails before the model loads
+    try:   # writable (permissions, a read-only file system): found now, not after every request has run
+        open(output_file, "a").close()
+    except OSError as e:
+        raise ValueError(f"--output-file {output_file!r} cannot be written: {e}") from None
+    # JSONL lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085, \x0c... which JSON strings
+    # may hold raw (json.dumps(ensure_ascii=False)), and would cut a request in two
+    lines = Path(input_file).read_text(encoding="utf-8").split("\n")   # a missing file fails before the model
     checks = check_serve_config(engine_config, server_config, time.monotonic())
     from pagedllm.engine.core_process import CoreClient
     core = CoreClient(engine_config)
@@ -61,6 +68,7 @@ async def _answer_all(engine_config, server_config, checks, core, lines: list[st
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     slots = asyncio.Semaphore(MAX_IN_FLIGHT)
     todo = [(i, line) for i, line in enumerate(lines) if line.strip()]
+    seen_ids: dict[str, int] = {}   # custom_id -> its first line (_answer checks before its first await: in order)
     progress = tqdm(total=len(todo), desc="requests", unit="req", disable=len(todo) < 2)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://run-batch", headers=headers,
@@ -68,7 +76,7 @@ async def _answer_all(engine_config, server_config, checks, core, lines: list[st
 
         async def answer(number: int, line: str) -> dict:
             async with slots:
-                out = await _answer(client, number, line)
+                out = await _answer(client, number, line, seen_ids)
             progress.update()
             return out
         outputs = await asyncio.gather(*(answer(i + 1, line) for i, line in todo))
@@ -83,7 +91,7 @@ async def _answer_all(engine_config, server_config, checks, core, lines: list[st
     return counts
 
 
-async def _answer(client, number: int, line: str) -> dict:
+async def _answer(client, number: int, line: str, seen_ids: dict[str, int]) -> dict:
     try:
         request = json.loads(line)
     except ValueError as e:
@@ -93,6 +101,14 @@ async def _answer(client, number: int, line: str) -> dict:
     custom_id = request.get("custom_id")
     if not isinstance(custom_id, str):
         return _refused(None, f"line {number}: custom_id must be a string", "custom_id")
+    unknown = sorted(set(request) - LINE_FIELDS)
+    if unknown:
+        return _refused(custom_id, f"line {number}: unrecognized field {unknown[0]!r} (a line takes "
+                                   f"{', '.join(sorted(LINE_FIELDS))})", unknown[0])
+    if custom_id in seen_ids:
+        return _refused(custom_id, f"line {number}: custom_id {custom_id!r} is also line {seen_ids[custom_id]}'s: "
+                                   f"each request's custom_id must be unique", "custom_id")
+    seen_ids[custom_id] = number
     if request.get("method", "POST") != "POST":
         return _refused(custom_id, f"line {number}: method must be POST", "method")
     if request.get("url") not in ROUTES:

@@ -69,3 +69,27 @@ def test_paths_that_cannot_work_are_refused_before_the_model_loads(tmp_path, cap
                         (["-i", str(good), "-o", str(tmp_path / "no" / "o.jsonl")], "does not exist")):
         assert main(["run-batch", "--device", "cpu", *args]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_run_batch_lines_end_at_newline_only_and_refuse_unknown_fields_and_repeated_ids(tiny_model_dirs, tmp_path):
+    """A raw U+2028 (or U+0085, \\x0c) in a JSON string is part of its line, not a line break; a line's unknown
+    field and a custom_id used twice are 400 lines naming them; an output file that cannot be written is an error
+    before the model loads."""
+    lines = [json.dumps({"custom_id": "sep", "url": "/v1/completions",
+                         "body": {**COMPLETION, "prompt": "Once\u2028upon\x85a\x0ctime"}}, ensure_ascii=False),
+             json.dumps({"custom_id": "sep", "url": "/v1/completions", "body": COMPLETION}),
+             json.dumps({"custom_id": "extra", "url": "/v1/completions", "body": COMPLETION, "metadata": {}})]
+    source, sink = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = [sys.executable, "-m", "pagedllm.cli", "run-batch", tiny_model_dirs["llama"], "-i", str(source),
+            "--served-model-name", MODEL_NAME, "--device", "cpu", "--num-gpu-blocks-override", str(NUM_BLOCKS),
+            "--max-model-len", str(MAX_MODEL_LEN), "--log-stats-interval", "0"]
+    env = {"OMP_NUM_THREADS": "1", **_env()}
+    done = subprocess.run([*args, "-o", str(sink)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = [json.loads(line) for line in sink.read_text(encoding="utf-8").split("\n") if line]
+    assert [o["custom_id"] for o in out] == ["sep", "sep", "extra"]
+    assert [o["response"]["status_code"] for o in out] == [200, 400, 400]
+    assert [o["error"]["param"] for o in out[1:]] == ["custom_id", "metadata"]
+    done = subprocess.run([*args, "-o", "/proc/out.jsonl"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode != 0 and "cannot be written" in done.stderr
