@@ -155,6 +155,7 @@ class EngineConfig:
                    gib)
         _check(self.log_stats_interval >= 0, "log_stats_interval", ">= 0 seconds (0: off)", self.log_stats_interval)
         _check(-2**63 <= self.seed < 2**64, "seed", "in [-2**63, 2**64) (torch's generator seeds)", self.seed)
+        _check(self.kv_disk_dir != "", "kv_disk_dir", "a directory path or None (off)", self.kv_disk_dir)
         _check(self.kv_disk_dir is None or not os.path.exists(self.kv_disk_dir) or os.path.isdir(self.kv_disk_dir),
                "kv_disk_dir", "a directory (or a path to create one at)", self.kv_disk_dir)
         _check(self.kv_disk_gb > 0, "kv_disk_gb", "> 0 GiB", self.kv_disk_gb)

@@ -38,13 +38,18 @@ _ALL = b""                                # the "block hash" of a queued delete 
 
 
 def model_identity(model_dir: str, hf_config, dtype, block_size: int, load_format: str, device_type: str,
-                   quantization: str | None = None) -> bytes:
+                   quantization: str | None = None, model_dtype=None) -> bytes:
     """Names whose KV a block file holds: same config, weights, quantization, KV dtype (an fp8 block is never
-    read as bf16), block size and KV shape, same identity.
+    read as bf16), the dtype the model computes in when it is not the KV dtype (an fp8 cache's blocks from a
+    bf16 model hold other values than from a float32 one), block size and KV shape, same identity.
     Weight files are identified by name, size and three 1 MiB samples (start, middle, end): reading every
     byte of a 16 GB checkpoint at start-up would cost more than the tier saves."""
     key = (_VERSION, str(dtype), block_size, model_dims(hf_config))
-    h = hashlib.sha256(repr(key if quantization is None else (*key, quantization)).encode())
+    if quantization is not None:
+        key += (quantization,)
+    if model_dtype is not None and model_dtype != dtype:
+        key += (f"model dtype {model_dtype}",)
+    h = hashlib.sha256(repr(key).encode())
     config_path = Path(model_dir) / "config.json"
     h.update(json.dumps(json.loads(config_path.read_text()), sort_keys=True).encode())
     if load_format == "dummy":   # seeded random weights: the same on the same kind of device
@@ -119,7 +124,14 @@ class _Files:
 class DiskStore:
     def __init__(self, root: str, identity: bytes, block_bytes: int, num_read_threads: int = 4):
         directory = Path(root) / identity.hex()[:32]
-        directory.mkdir(parents=True, exist_ok=True)
+        try:   # the setting's error here, not a writer thread's warning on every block later
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / f".probe.{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"kv_disk_dir must be a directory this process can create and write, got {root!r} "
+                             f"({e.strerror or e}: {e.filename or directory})") from e
         self.files = _Files(directory, identity)
         self.block_bytes = block_bytes
         self.file_bytes = _HEADER.size + block_bytes
@@ -141,6 +153,8 @@ class DiskStore:
         found, num_removed = [], 0
         for entry in os.scandir(self.dir):
             name, ok = entry.name, False
+            if entry.is_dir(follow_symlinks=False):
+                continue   # not a block file, nor ours to remove: never read
             if name.endswith(_SUFFIX) and len(name) == 64 + len(_SUFFIX):
                 try:
                     block_hash = bytes.fromhex(name[:64])
@@ -252,3 +266,5 @@ def _remove(path: Path):
         path.unlink()
     except FileNotFoundError:
         pass
+    except OSError as e:   # not removable (permissions, a directory): the tier goes on without it
+        logger.warning("disk tier: removing %s failed (%s)", path.name, e)

@@ -91,7 +91,8 @@ def _as_index(block_ids, device) -> torch.Tensor:
 class KVOffload:
     """The CPU pool, the disk store, and the copies of one step between them and the GPU KV cache."""
 
-    def __init__(self, config: EngineConfig, hf_config, kv_caches: list[torch.Tensor], block_bytes: int):
+    def __init__(self, config: EngineConfig, hf_config, kv_caches: list[torch.Tensor], block_bytes: int,
+                 model_dtype: torch.dtype | None = None):
         self.kv_caches = kv_caches
         device = kv_caches[0].device
         num_swap = _num_blocks(config.swap_space, block_bytes, "swap_space") \
@@ -104,7 +105,7 @@ class KVOffload:
         self.disk = None
         if config.kv_disk_dir is not None:
             identity = model_identity(config.model, hf_config, kv_caches[0].dtype, config.block_size,
-                                      config.load_format, device.type, config.quantization)
+                                      config.load_format, device.type, config.quantization, model_dtype)
             self.disk = DiskStore(config.kv_disk_dir, identity, block_bytes)
             self.sizes.num_disk_blocks = _num_blocks(config.kv_disk_gb, self.disk.file_bytes, "kv_disk_gb")
             self.sizes.disk_hashes, self.sizes.num_invalid_files = self.disk.scan()

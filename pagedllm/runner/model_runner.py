@@ -120,7 +120,7 @@ class ModelRunner:
                     self.num_blocks * block_bytes / 2**30,
                     self.num_blocks * self.block_size / max_model_len, max_model_len)
         # CPU pool and disk tier below the KV cache (None: preemption recomputes, no CPU tier)
-        self.kv_offload = KVOffload(config, hf_config, self.kv_caches, block_bytes) \
+        self.kv_offload = KVOffload(config, hf_config, self.kv_caches, block_bytes, dtype) \
             if config.kv_tiers_enabled else None
         if device.type == "cuda":
             self._prebuild_cudnn_plans(hf_config)

@@ -217,3 +217,21 @@ def test_reset_prefix_cache_forgets_the_cpu_and_disk_tiers(tiny_model_dirs, tmp_
         assert after.kv_tiers[tier].misses == before.kv_tiers[tier].misses + 1
     assert after.num_prompt_tokens - before.num_prompt_tokens == len(asks[1])
     assert_no_leaks(llm)
+
+
+def test_fp8_disk_blocks_of_another_model_dtype_are_not_read(tiny_model_dirs, tmp_path):
+    """kv_cache_dtype fp8: a bfloat16 engine's block files are not hits for a float32 engine on the same
+    kv_disk_dir (their KV was computed in bfloat16): the float32 engine answers as it does on its own."""
+    d = tiny_model_dirs["llama"]
+    prompts = prompts_of([60, 70, 65, 80], seed=5)
+    kw = {"kv_cache_dtype": "fp8", "log_stats_interval": 0, "block_size": BS, "num_gpu_blocks_override": 24,
+          "cpu_offload_gb": gib(1, BLOCK_BYTES // 4), "kv_disk_dir": str(tmp_path)}
+    bf16 = LLM(d, dtype="bfloat16", **kw)
+    tokens(bf16, prompts)
+    assert_no_leaks(bf16)
+    assert any(tmp_path.rglob("*.kvb"))
+    fp32 = LLM(d, dtype="float32", **kw)
+    own = tokens(LLM(d, dtype="float32", **{**kw, "kv_disk_dir": None, "cpu_offload_gb": 0}), prompts)
+    assert tokens(fp32, prompts) == own
+    assert fp32.engine.get_stats().kv_tiers["disk"].hits == 0
+    assert_no_leaks(fp32)

@@ -53,7 +53,8 @@ def test_sizes_intervals_and_the_disk_dir_are_checked(tmp_path):
     for kw, words in ((dict(cpu_offload_gb=float("inf")), "cpu_offload_gb must be a finite number"),
                       (dict(swap_space=float("nan")), "swap_space must be a finite number"),
                       (dict(log_stats_interval=-1.0), "log_stats_interval must be >= 0"),
-                      (dict(kv_disk_dir=str(tmp_path / "afile"), cpu_offload_gb=1.0), "kv_disk_dir must be a dir")):
+                      (dict(kv_disk_dir=str(tmp_path / "afile"), cpu_offload_gb=1.0), "kv_disk_dir must be a dir"),
+                      (dict(kv_disk_dir="", cpu_offload_gb=1.0), "kv_disk_dir must be a directory path or None")):
         with pytest.raises(ValueError, match=words):
             EngineConfig(**kw)
     for kw in (dict(cpu_offload_gb=1e9), dict(swap_space=1e9, preemption_mode="swap")):

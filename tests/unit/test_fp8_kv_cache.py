@@ -116,3 +116,17 @@ def test_fp8_blocks_copy_exactly_and_disk_identity_differs(tmp_path):
     ids = {model_identity(str(tmp_path), hf, dtype, BS, "dummy", "cpu", quant)
            for dtype in (FP8, torch.bfloat16) for quant in (None, "fp8")}
     assert len(ids) == 4
+
+
+def test_fp8_disk_identity_names_the_model_dtype(tmp_path):
+    """An fp8 cache's blocks hold what the model computed in its own dtype, quantized: a bf16 engine's blocks
+    are other values than a float32 engine's, so the two never read each other's block files."""
+    LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                num_hidden_layers=2, vocab_size=64).to_json_file(tmp_path / "config.json")
+    hf = LlamaConfig.from_pretrained(tmp_path)
+    ids = {model_identity(str(tmp_path), hf, FP8, BS, "dummy", "cpu", None, model_dtype)
+           for model_dtype in (torch.bfloat16, torch.float32)}
+    assert len(ids) == 2
+    # a KV cache in the model's own dtype: the identity it always had (block files written before stay valid)
+    assert model_identity(str(tmp_path), hf, torch.bfloat16, BS, "dummy", "cpu", None, torch.bfloat16) == \
+        model_identity(str(tmp_path), hf, torch.bfloat16, BS, "dummy", "cpu")

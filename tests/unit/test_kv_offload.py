@@ -153,6 +153,26 @@ def test_disk_store_rejects_corrupt_truncated_and_foreign_files(tmp_path):
     assert read(store, b"4" * 32)[0] == "missing"
 
 
+def test_disk_scan_passes_over_directories(tmp_path):
+    """A directory in the tier's directory (one named like a block file too) is no block: start-up neither
+    crashes on it (IsADirectoryError from unlink) nor lists it."""
+    store = DiskStore(str(tmp_path), b"I" * 32, 64)
+    write_block(store, b"1" * 32, 1)
+    (store.dir / "stray").mkdir()
+    store.files.path(b"2" * 32).mkdir()
+    hashes, num_removed = DiskStore(str(tmp_path), b"I" * 32, 64).scan()
+    assert hashes == [b"1" * 32] and num_removed == 0
+    assert read(store, b"1" * 32)[0] is None
+
+
+def test_a_kv_disk_dir_that_cannot_be_made_is_an_error_naming_it(tmp_path):
+    """Under a file (or read-only, or out of space): a ValueError naming kv_disk_dir at start-up, not a bare
+    NotADirectoryError, nor an engine whose writer thread then fails every block."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="kv_disk_dir must be a directory this process can create and write"):
+        DiskStore(str(tmp_path / "afile" / "kv"), b"I" * 32, 64)
+
+
 def test_disk_clear_deletes_this_models_files_in_queue_order(tmp_path):
     store, other = DiskStore(str(tmp_path), b"I" * 32, 64), DiskStore(str(tmp_path), b"J" * 32, 64)
     write_block(other, b"1" * 32, 1)
