@@ -148,7 +148,7 @@ class EngineConfig:
         _check(self.swap_space > 0 if self.preemption_mode == "swap" else self.swap_space >= 0, "swap_space",
                "> 0 GiB with preemption_mode swap (>= 0 otherwise)", self.swap_space)
         _check(self.cpu_offload_gb >= 0, "cpu_offload_gb", ">= 0 GiB", self.cpu_offload_gb)
-        memory = _host_memory_gib()   # the CPU pools' sizes: past it, only the allocator's words would say so
+        memory = host_memory_gib()   # the CPU pools' sizes: past it, only the allocator's words would say so
         for name, gib in (("swap_space", self.swap_space if self.preemption_mode == "swap" else 0),
                           ("cpu_offload_gb", self.cpu_offload_gb)):
             _check(memory is None or gib <= memory, name, f"at most this machine's memory ({memory or 0:.1f} GiB)",
@@ -307,7 +307,7 @@ class ServerConfig:
                "0 with api_server_count > 1 (each API process would keep its own responses)", self.responses_store)
 
 
-def _host_memory_gib() -> float | None:
+def host_memory_gib() -> float | None:
     """Physical memory of this machine (None where the OS does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -3,7 +3,7 @@ import logging
 
 import torch
 
-from pagedllm.config import EngineConfig
+from pagedllm.config import EngineConfig, host_memory_gib
 from pagedllm.core.block_pool import cdiv
 
 logger = logging.getLogger("pagedllm")
@@ -49,6 +49,26 @@ def determine_num_blocks(config: EngineConfig, max_model_len: int, block_bytes: 
                         GPU_CAP_FACTOR, config.max_num_seqs, max_model_len)
         return min(num_blocks, cap)
     return max(1, min(full_length, _CPU_DEFAULT_CAP // block_bytes))
+
+
+def check_asked_size_fits(config: EngineConfig, num_blocks: int, block_bytes: int, device: torch.device) -> None:
+    """num_gpu_blocks_override and kv_cache_memory set the cache's size where no profiling checked it: past the
+    device's free memory (the machine's physical memory on CPU), an error naming the setting, not the
+    allocator's words (or, on CPU, the OOM killer)."""
+    if config.num_gpu_blocks_override is None and config.kv_cache_memory is None:
+        return
+    need = num_blocks * block_bytes
+    if device.type == "cuda":
+        room, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    else:
+        memory = host_memory_gib()
+        if memory is None:
+            return
+        room, where = memory * 2**30, "this machine's memory"
+    if need > room:
+        name = "num_gpu_blocks_override" if config.num_gpu_blocks_override is not None else "kv_cache_memory"
+        raise ValueError(f"{name}={getattr(config, name)}: {num_blocks} KV blocks of {block_bytes} bytes need "
+                         f"{need / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB {where}")
 
 
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,

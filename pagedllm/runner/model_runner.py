@@ -24,7 +24,8 @@ from pagedllm.models.llama import TARGET_SMALL_M_OPS, use_small_m
 from pagedllm.models.loader import load_model
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_graph_token_cap
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RowView, RunnerRequestState, StepInputs
-from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block, determine_num_blocks
+from pagedllm.runner.kv_cache import (allocate_kv_caches, bytes_per_block, check_asked_size_fits,
+                                      determine_num_blocks)
 from pagedllm.runner.kv_offload import KVOffload, copy_blocks, copy_scratch_bytes
 from pagedllm.runner.memory_profile import profile_free_kv_bytes
 from pagedllm.sample.logits_processors import build_logits_processors, uses_processors
@@ -113,6 +114,7 @@ class ModelRunner:
         draft_bytes = self.draft.block_bytes if self.draft is not None else 0
         # every rank the same count: the scheduler's block ids index each rank's cache
         self.num_blocks = tp.min_int(determine_num_blocks(config, max_model_len, block_bytes + draft_bytes, profiled))
+        check_asked_size_fits(config, self.num_blocks, block_bytes + draft_bytes, device)
         self.kv_caches = allocate_kv_caches(self.num_layers, self.num_blocks, self.block_size,
                                             self.num_kv_heads, self.head_dim, self.kv_dtype, device)
         logger.info("KV cache: %d blocks of %d tokens (%s, %.2f GiB); %.1fx concurrency at max_model_len %d",

@@ -35,3 +35,13 @@ def test_explicit_sizes_are_not_capped():
 def test_too_little_free_memory_for_one_request_names_the_settings():
     with pytest.raises(ValueError, match="gpu_memory_utilization.*max_model_len"):
         determine_num_blocks(EngineConfig(max_num_seqs=8), 4096, BLOCK_BYTES, 100 * BLOCK_BYTES)
+
+
+@pytest.mark.parametrize("kw, name", [(dict(num_gpu_blocks_override=10**12), "num_gpu_blocks_override"),
+                                      (dict(kv_cache_memory=2**60), "kv_cache_memory")])
+def test_an_asked_size_past_memory_is_an_error_naming_it(tiny_model_dirs, kw, name):
+    """Sizes no profiling checked: past the machine's memory, a ValueError naming the setting when the engine
+    starts (was the allocator's error, or on a machine that overcommits, the OOM killer)."""
+    from pagedllm import LLM
+    with pytest.raises(ValueError, match=f"{name}=.* KV blocks of .* GiB, more than the .* GiB this machine's memory"):
+        LLM(tiny_model_dirs["llama"], dtype="float32", log_stats_interval=0, **kw)
