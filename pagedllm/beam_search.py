@@ -172,9 +172,15 @@ def step_sampling_params(params: BeamSearchParams, num_eos: int) -> SamplingPara
                           detokenize=False)
 
 
-def check_length(prompt_len: int, params: BeamSearchParams, max_model_len: int):
+def check_length(prompt_len: int, params: BeamSearchParams, max_model_len: int, max_kv_tokens: int | None = None):
+    """Before the first step: a beam of prompt + max_tokens tokens fits the context and the KV cache (a step
+    request past either was refused mid-search, naming its own lengths)."""
     _require(prompt_len + params.max_tokens <= max_model_len, "max_tokens",
              f"at most max_model_len ({max_model_len}) - prompt length ({prompt_len})", params.max_tokens)
+    if max_kv_tokens is not None:
+        _require(prompt_len + params.max_tokens <= max_kv_tokens, "max_tokens",
+                 f"at most what the KV cache holds ({max_kv_tokens} tokens) - prompt length ({prompt_len})",
+                 params.max_tokens)
 
 
 def finish_text(seq: BeamSearchSequence, prompt_len: int, params: BeamSearchParams, decode: Callable,

@@ -120,7 +120,7 @@ class LLM:
             if isinstance(value, str) and engine.tokenizer is None:
                 raise ValueError("prompt must be token ids when skip_tokenizer_init is set, got text")
             ids = engine.tokenizer.encode(value) if isinstance(value, str) else list(value)
-            check_length(len(ids), params, engine.max_model_len)
+            check_length(len(ids), params, engine.max_model_len, engine.input_processor.max_kv_tokens)
             instances.append(BeamSearchInstance(ids, params, eos))
         search_id = f"beam-{next(self._ids)}"
         salt = beam_cache_salt(search_id, engine.config.enable_prefix_caching)

@@ -139,6 +139,19 @@ def test_beam_search_params_are_checked(models):
         llm.beam_search([[5, 6]], BeamSearchParams(beam_width=2, max_tokens=10_000))
 
 
+
+def test_a_beam_past_the_kv_cache_is_refused_before_the_first_step(models):
+    """prompt + max_tokens within max_model_len but past what the KV cache holds: refused naming max_tokens
+    before any step runs (a step's request was refused mid-search, naming its own prompt length)."""
+    d = models["plain"][0]
+    llm = LLM(d, dtype="float32", log_stats_interval=0, num_gpu_blocks_override=3, block_size=4)   # 12 tokens
+    with pytest.raises(ValueError, match=r"max_tokens must be at most what the KV cache holds \(12 tokens\) - "
+                                         r"prompt length \(2\), got 20"):
+        llm.beam_search([[5, 6]], BeamSearchParams(beam_width=2, max_tokens=20))
+    assert llm.engine.get_stats().num_blocks_free == 3
+    assert len(llm.beam_search([[5, 6]], BeamSearchParams(beam_width=2, max_tokens=8))[0].sequences) == 2
+
+
 # ---- copy-on-write forks (core/kv_fork.py) ----------------------------------------------------------------------
 
 def _same_beams(want, got):
