@@ -11,7 +11,8 @@ from dataclasses import dataclass
 @dataclass
 class StoredResponse:
     response: dict          # the Response as it was sent
-    messages: list[dict]    # the chat messages it answered, then its output as one assistant message (and tools')
+    messages: list[dict]    # the chat messages it answered (less its instructions), then its output as one
+    #                         assistant message (and tools')
 
 
 class ResponseStore:

@@ -207,13 +207,20 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     if req.store and ctx.responses is None:
         raise APIError(400, "store true needs a server that keeps responses (pagedllm serve --responses-store N); "
                        "send the whole conversation as input, with store false", "store", "unsupported_parameter")
+    response_id = f"resp_{req.request_id or uuid.uuid4().hex}"
+    if req.store and req.request_id is not None and (ctx.responses.get(response_id) is not None
+                                                     or response_id in ctx.responses.running):
+        # kept under the same id, it would replace the one kept (a background one then ran on out of reach of
+        # cancel and DELETE, and came back after a DELETE)
+        raise APIError(400, f"request_id names response {response_id!r}, which is already stored: store needs an "
+                       "unused request_id", "request_id", "invalid_value")
     history = []
     if req.previous_response_id is not None:
         previous = stored_response(ctx, req.previous_response_id, "previous_response_id")
         if previous.response["status"] not in ("completed", "incomplete"):   # no answer to continue from
             raise APIError(400, f"response {req.previous_response_id!r} is {previous.response['status']}: only a "
                            "completed or incomplete one can be continued", "previous_response_id", "invalid_value")
-        history = [m for m in previous.messages if m["role"] != "system"]   # instructions do not carry over
+        history = previous.messages   # its conversation, kept without its instructions (they do not carry over)
     if req.includes(_LOGPROBS):
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be in [0, 20]", "top_logprobs", "invalid_value")
@@ -229,15 +236,18 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     # a copy: _messages adds input calls and reasoning to the last assistant message, which may be the stored one
     messages = _messages(req, copy.deepcopy(history))
     chat = to_chat(req, messages)
-    head = _head(req, f"resp_{req.request_id or uuid.uuid4().hex}", req.model or ctx.model_name)
+    # what a later previous_response_id continues: the conversation less this request's instructions (a system or
+    # developer message among the input items is the conversation's, and carries over)
+    conversation = messages[1:] if req.instructions else messages
+    head = _head(req, response_id, req.model or ctx.model_name)
     encrypted = req.includes(_ENCRYPTED)
 
     def keep(response: dict) -> None:
         if req.store:
-            ctx.responses.put(StoredResponse(response, messages + [_as_message(response["output"])]))
+            ctx.responses.put(StoredResponse(response, conversation + [_as_message(response["output"])]))
     if req.background:
         queued = {**head, "status": "queued"}
-        ctx.responses.put(StoredResponse(queued, messages))
+        ctx.responses.put(StoredResponse(queued, conversation))
         ctx.responses.running[head["id"]] = asyncio.ensure_future(_run_detached(ctx, chat, head, encrypted, keep))
         return queued
     answer = await create_chat_completion(ctx, chat, raw_request)

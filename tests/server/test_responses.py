@@ -195,6 +195,19 @@ def test_function_call_output_continues_a_stored_response(client):
     assert answer.usage.input_tokens == whole.usage.input_tokens and answer.output_text == whole.output_text
 
 
+def test_developer_input_items_carry_over_but_instructions_do_not(client):
+    """Only a response's instructions stay behind under previous_response_id: a developer (or system) message
+    among its input items is the conversation's, and the next turn still sees it (it was dropped with them)."""
+    kw = dict(model=MODEL_NAME, max_output_tokens=4, temperature=0)
+    first = client.responses.create(instructions="Old instructions.", input=[
+        {"role": "developer", "content": INSTRUCTIONS}, {"role": "user", "content": STORY}], store=True, **kw)
+    follow = client.responses.create(input="And then?", previous_response_id=first.id, **kw)
+    whole = client.responses.create(input=[
+        {"role": "developer", "content": INSTRUCTIONS}, {"role": "user", "content": STORY},
+        {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "And then?"}], **kw)
+    assert follow.usage.input_tokens == whole.usage.input_tokens and follow.output_text == whole.output_text
+
+
 def test_background_responses_run_detached_and_cancel(client, server):
     """background: the response comes back queued, runs on, and reads back ended as the same request in the
     foreground would; a long one cancelled ends cancelled, its engine request aborted; the refusals."""
@@ -223,6 +236,22 @@ def test_background_responses_run_detached_and_cancel(client, server):
             r = httpx.post(server.url + "/v1/responses", json={"model": MODEL_NAME, "input": STORY, **body},
                            headers=server.headers, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_a_stored_request_id_is_not_reused(client, server):
+    """request_id names the response: a second stored one of the same name is a 400 naming request_id (it
+    replaced the first, a background one then ran on past cancel and DELETE, and a deleted one came back)."""
+    kw = dict(model=MODEL_NAME, input=STORY, max_output_tokens=400, temperature=0, background=True, store=True)
+    first = client.responses.create(**kw, extra_body={"ignore_eos": True, "request_id": "twice"})
+    assert first.id == "resp_twice"
+    for extra in ({"background": True}, {"background": False}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(**{**kw, **extra}, extra_body={"ignore_eos": True, "request_id": "twice"})
+        assert e.value.body["param"] == "request_id"
+    client.responses.delete(first.id)   # the first stops with it, and stays gone
+    assert wait_all_blocks_free(server)["pagedllm:kv_cache_usage_perc"] == 0.0
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
 
 
 @pytest.mark.parametrize("method,path,body,status,param", [
