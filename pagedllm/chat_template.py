@@ -89,7 +89,7 @@ def _arguments(value):
     if isinstance(value, str):
         try:
             parsed = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):   # not JSON, or nested past the decoder's depth
             return value
         return parsed if isinstance(parsed, dict) else value
     return value

@@ -45,6 +45,10 @@ def test_template_message_keeps_arguments_that_are_not_a_json_object():
     assert template_message({"role": "assistant", "tool_calls": [no_args]})["tool_calls"][0]["function"] == \
         {"name": "f", "arguments": {}}
     assert "tool_calls" not in template_message({"role": "assistant", "content": "x", "tool_calls": []})
+    # nested past json's depth: kept as given, as text that is not JSON (it was a RecursionError: a 500)
+    deep = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}
+    assert template_message({"role": "assistant", "tool_calls": [deep]})["tool_calls"][0]["function"] == \
+        {"name": "f", "arguments": "[" * 100_000}
 
 
 def test_assistant_reasoning_reaches_the_template_under_both_names(tokenizer):
