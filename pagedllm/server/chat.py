@@ -59,6 +59,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         req.return_tokens_as_token_ids = ctx.return_tokens_as_token_ids
     plan = chat_tools.plan_tools(req, ctx.tool_call_parser, ctx.enable_auto_tool_choice)
     prompt_text, prompt_ids = await render_chat(ctx, req)
+    if not prompt_ids:   # the engine's own refusal would name `prompt`, which a chat request has not
+        raise APIError(400, "the chat template rendered these messages as an empty prompt", "messages",
+                       "invalid_value")
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = getattr(req, max_tokens_param)
     kept = truncate_prompt(prompt_ids, req.truncate_prompt_tokens, ctx.engine.max_model_len,

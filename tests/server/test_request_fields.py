@@ -163,6 +163,9 @@ def test_request_chat_template_and_documents_reach_the_template(server, edge, of
            "chat_template")
     _error(_post(server, CHAT, {**body, "chat_template": "{% for %}"}), "chat_template")
     _error(_post(server, TOKENIZE, {"prompt": PROMPT, "documents": docs}), "documents")
+    # a template that renders nothing: a 400 naming messages (the engine's named `prompt`, not a chat field)
+    for stream in (False, True):
+        _error(_post(server, CHAT, {**body, "chat_template": "{# nothing #}", "stream": stream}), "messages")
 
 
 def test_chat_echo_puts_the_last_assistant_message_first(server):
