@@ -145,7 +145,8 @@ def _thinks(ctx, req: ChatCompletionRequest, prompt_ids: list[int], constrained:
             if asked:
                 raise APIError(400, f"{name} cannot be combined with include_reasoning false: they would show "
                                     f"the reasoning's tokens", name, "invalid_value")
-    return (reasoning.starts_in_reasoning(ctx.reasoning_parser, req.template_kwargs(), prompt_ids, ctx.think_ids)
+    return (reasoning.starts_in_reasoning(ctx.reasoning_parser, req.template_kwargs(), prompt_ids, ctx.think_ids,
+                                          ctx.turn_id)
             and not (constrained and not req.include_reasoning))
 
 

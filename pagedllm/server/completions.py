@@ -82,7 +82,7 @@ def _thinking(ctx: ServingContext, req: CompletionRequest, params: SamplingParam
     """With a reasoning parser, as vLLM: unless the prompt closed its thinking block, a constraint holds from the
     end of the output's reasoning, and thinking_token_budget counts the tokens of the block `<think>` opens."""
     start, end = ctx.think_ids
-    if reasoning.reasoning_ended_in(prompt_ids, start, end):
+    if reasoning.reasoning_ended_in(prompt_ids, start, end, ctx.turn_id):
         return params
     return replace(params, reasoning_start_token_id=start, reasoning_end_token_id=end,
                    thinking_token_budget=req.thinking_token_budget)

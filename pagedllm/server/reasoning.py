@@ -118,20 +118,33 @@ def check_budget(parser: str | None, budget: int | None, beam_search: bool):
 
 
 def starts_in_reasoning(parser: str, chat_template_kwargs: dict | None, prompt_ids: list[int],
-                        think_ids: tuple[int, int]) -> bool:
+                        think_ids: tuple[int, int], turn_id: int | None = None) -> bool:
     """Whether the answer opens with reasoning: not when qwen3's switch is off (enable_thinking in the
-    template's variables; vLLM's default: on), nor when the prompt already closed the block."""
+    template's variables; vLLM's default: on), nor when the prompt already closed the block in the answer's
+    own turn (turn_id: see reasoning_ended_in)."""
     if parser == "qwen3" and not (chat_template_kwargs or {}).get("enable_thinking", True):
         return False
-    return not reasoning_ended_in(prompt_ids, *think_ids)
+    return not reasoning_ended_in(prompt_ids, *think_ids, turn_id)
 
 
-def reasoning_ended_in(prompt_ids: list[int], start_id: int | None, end_id: int | None) -> bool:
+# The token that opens a chat turn, where the tokenizer has one: Qwen's (ChatML) and DeepSeek's assistant turn.
+TURN_STARTS = ("<|im_start|>", "<\uff5cAssistant\uff5c>")
+
+
+def turn_start_token_id(tokenizer) -> int | None:
+    """The id of the tokenizer's turn-start token (TURN_STARTS), None without one."""
+    vocab = tokenizer.get_vocab()
+    return next((vocab[t] for t in TURN_STARTS if t in vocab), None)
+
+
+def reasoning_ended_in(prompt_ids: list[int], start_id: int | None, end_id: int | None,
+                       turn_id: int | None = None) -> bool:
     """The prompt closes its thinking block (a template with thinking off writes `<think></think>`): the last
-    of the two tags in it is the end tag."""
+    of the two tags in it is the end tag, within the last turn (after the last turn_id): an earlier turn's
+    closed block (an assistant's reasoning sent back in a tool loop) does not close the answer's."""
     for token in reversed(prompt_ids):
         if token == end_id:
             return True
-        if token == start_id:
+        if token == start_id or token == turn_id:
             return False
     return False

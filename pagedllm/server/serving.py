@@ -51,11 +51,13 @@ class ServingContext:
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pagedllm-tokenizer"))
     encoder: BatchEncoder = field(init=False)   # text prompts, batched on that thread
     think_ids: tuple[int, int] | None = field(init=False, default=None)   # <think>, </think> (reasoning_parser)
+    turn_id: int | None = field(init=False, default=None)   # the token opening a chat turn (reasoning_parser)
 
     def __post_init__(self):
         self.encoder = BatchEncoder(lambda: self.engine.tokenizer, self.tokenizer_pool)
         if self.reasoning_parser is not None:
             self.think_ids = reasoning.think_token_ids(self.tokenizer, self.reasoning_parser)
+            self.turn_id = reasoning.turn_start_token_id(self.tokenizer)
 
     @property
     def tokenizer(self):

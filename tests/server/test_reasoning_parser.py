@@ -1,11 +1,14 @@
 """The reasoning parsers alone (server/reasoning.py): vLLM 0.26's splits of a text into reasoning and content,
 streamed in any pieces equal to the whole, tags split across pieces held back."""
+import os
 import random
 
 import pytest
 
 from pagedllm.server.reasoning import (ReasoningParser, _partial_tag_len, reasoning_ended_in, starts_in_reasoning,
-                                      think_token_ids)
+                                      think_token_ids, turn_start_token_id)
+
+QWEN3 = "/work/shared/model-configs/Qwen--Qwen3-0.6B"
 
 CASES = [
     # (parser, thinking, text, reasoning, content)
@@ -75,6 +78,30 @@ def test_prompt_closes_reasoning():
     assert not starts_in_reasoning("qwen3", {"enable_thinking": False}, [1], (start, end))
     assert starts_in_reasoning("deepseek_r1", {"enable_thinking": False}, [1], (start, end))
     assert not starts_in_reasoning("deepseek_r1", None, [start, end], (start, end))
+    # only the answer's own turn counts: a block an earlier turn closed (reasoning sent back) does not
+    turn = 9
+    assert not reasoning_ended_in([turn, start, 3, end, 4, turn, 5], start, end, turn)
+    assert reasoning_ended_in([turn, 5, turn, start, end, 4], start, end, turn)
+    assert starts_in_reasoning("qwen3", None, [turn, start, end, turn, 5], (start, end), turn)
+
+
+@pytest.mark.skipif(not os.path.isdir(QWEN3), reason="Qwen3 tokenizer files absent")
+def test_a_tool_loop_with_reasoning_sent_back_still_opens_with_reasoning():
+    """Qwen3's template keeps an assistant's reasoning after the last user query (a tool loop) as a closed
+    <think></think> block: the next answer still opens with reasoning (its generation prompt is the same as
+    without that history), while thinking off closes the answer's own block."""
+    from pagedllm.chat_template import render_chat
+    from pagedllm.engine.tokenizer import load_tokenizer
+    tok = load_tokenizer(QWEN3)
+    ids, turn = think_token_ids(tok, "qwen3"), turn_start_token_id(tok)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    loop = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [call], "reasoning": "call f"},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    for kwargs, thinks in ((None, True), ({"enable_thinking": False}, False)):
+        prompt = tok.encode(render_chat(tok, loop, chat_template_kwargs=kwargs), add_special_tokens=False)
+        assert ids[1] in prompt   # the earlier turn's closed block
+        assert starts_in_reasoning("qwen3", kwargs, prompt, ids, turn) is thinks
 
 
 def test_unknown_parser_and_tokenizer_without_tags():
