@@ -64,11 +64,17 @@ def template_message(message: dict) -> dict:
     if content is None:
         result["content"] = ""
     elif isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
             raise ChatTemplateError("only text content parts ({'type': 'text', 'text': ...}) are supported",
                                     "messages")
         result["content"] = "\n".join(p["text"] for p in content)
     if result.get("tool_calls") is not None:
+        if not isinstance(result["tool_calls"], list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str) for c in result["tool_calls"]):
+            raise ChatTemplateError("tool_calls must be a list of {'type': 'function', 'function': {'name': ..., "
+                                    "'arguments': ...}}", "messages")
         calls = [{**c, "function": {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}}
                  for c in result["tool_calls"]]
         if calls:

@@ -89,3 +89,17 @@ def test_non_text_content_parts_are_refused(tokenizer):
     message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
     with pytest.raises(ChatTemplateError, match="text content parts"):
         render_chat(tokenizer, [message], TOOL_TEMPLATE)
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": [{"type": "text"}]},
+    {"role": "user", "content": [{"type": "text", "text": 5}]},
+    {"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]},
+    {"role": "assistant", "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]},
+    {"role": "assistant", "tool_calls": {"id": "c"}}])
+def test_malformed_parts_and_tool_calls_name_messages(message):
+    """Offline LLM.chat has no request schema before this: a text part without its text or a tool call without
+    a named function is a ValueError naming messages (it was a bare KeyError)."""
+    with pytest.raises(ValueError, match="text content parts|tool_calls must be a list") as e:
+        template_message(message)
+    assert e.value.param == "messages"
