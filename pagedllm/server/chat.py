@@ -197,9 +197,13 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
         if req.return_token_ids:
             choices[-1]["token_ids"] = list(c.token_ids)
     num_completion = sum(len(c.token_ids) for c in out.outputs)
+    details = None
+    if req._usage_details:
+        details = (out.num_cached_tokens, sum(reasoning.num_reasoning_tokens(c.token_ids, ctx.think_ids, thinks)
+                                              for c in out.outputs) if thinkers else 0)
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": req.model or ctx.model_name,   # the adapter's name under an adapter, as vLLM
-                "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion)}
+                "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion, details)}
     if req.prompt_logprobs is not None:   # vLLM's place: the response's, there is one prompt
         response["prompt_logprobs"] = prompt_logprobs_json(out)
     if req.return_token_ids:
@@ -228,9 +232,15 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
     parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
     thinkers = _reasoning_parsers(ctx, req, thinks)
     held: dict[int, list[int]] = {}   # token ids of steps whose text a parser held back
+    counted = req._usage_details and thinkers is not None
+    answers: dict[int, list[int]] = {}   # each choice's token ids, where its reasoning tokens are counted
+    num_cached = 0
     async for _, out in outputs:
+        num_cached = out.num_cached_tokens
         for c in out.outputs:
             num_completion += len(c.token_ids)
+            if counted:
+                answers.setdefault(c.index, []).extend(c.token_ids)
             if parsers is not None or thinkers is not None:
                 chunk = _parsed_chunk(req, thinkers and thinkers[c.index], parsers and parsers[c.index], c)
                 if req.return_token_ids:
@@ -249,7 +259,11 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                    f'"logprobs":{json_value(_logprobs(req, c))},"finish_reason":{json_value(c.finish_reason)},'
                    f'"stop_reason":{json_value(c.stop_reason)}{ids}}}]}}\n\n')
     if req.include_usage:
-        yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion)})
+        details = None
+        if req._usage_details:
+            details = (num_cached, sum(reasoning.num_reasoning_tokens(ids, ctx.think_ids, thinks)
+                                       for ids in answers.values()))
+        yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion, details)})
 
 
 async def chunk_dicts(chunks):

@@ -16,7 +16,7 @@ Responses are plain dicts built in completions.py/chat.py.
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.errors import APIError, shorten
@@ -324,6 +324,8 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     return_prompt_text: bool = False   # vLLM's: the response carries the prompt the chat template wrote
     # vLLM's: at most this many tokens of reasoning, then `</think>` is forced (-1: no limit)
     thinking_token_budget: int | None = Field(None, ge=-1)
+    # not a request field: set by /v1/responses, whose usage has cached and reasoning token counts
+    _usage_details: bool = PrivateAttr(False)
 
     @model_validator(mode="after")
     def _check_logprob_token_ids(self):

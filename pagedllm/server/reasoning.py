@@ -137,6 +137,16 @@ def turn_start_token_id(tokenizer) -> int | None:
     return next((vocab[t] for t in TURN_STARTS if t in vocab), None)
 
 
+def num_reasoning_tokens(token_ids, think_ids: tuple[int, int], thinks: bool) -> int:
+    """How many of an answer's tokens are its reasoning: up to its end tag (all of them while it is open), when
+    it opens with reasoning or with the start tag."""
+    start, end = think_ids
+    ids = list(token_ids)
+    if end is None or not (thinks or (ids and ids[0] == start)):
+        return 0
+    return ids.index(end) + 1 if end in ids else len(ids)
+
+
 def reasoning_ended_in(prompt_ids: list[int], start_id: int | None, end_id: int | None,
                        turn_id: int | None = None) -> bool:
     """The prompt closes its thinking block (a template with thinking off writes `<think></think>`): the last

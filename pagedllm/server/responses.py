@@ -348,7 +348,9 @@ def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionReques
         body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
     if req.stream:
         body["stream_options"] = {"include_usage": True}
-    return validated(ChatCompletionRequest, body)
+    chat = validated(ChatCompletionRequest, body)
+    chat._usage_details = True
+    return chat
 
 
 def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
@@ -447,7 +449,10 @@ def _finished(head: dict, output: list[dict], finish_reason: str | None, usage: 
     return {**head, "status": "incomplete" if cut else "completed", "output": output,
             "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
             "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-                      "total_tokens": usage["total_tokens"]}}
+                      "total_tokens": usage["total_tokens"],
+                      # OpenAI's schema has both (the SDK's types read them as objects)
+                      "input_tokens_details": usage.get("prompt_tokens_details") or {"cached_tokens": 0},
+                      "output_tokens_details": usage.get("completion_tokens_details") or {"reasoning_tokens": 0}}}
 
 
 def to_response(chat: dict, head: dict, encrypted: bool = False) -> dict:

@@ -321,9 +321,15 @@ def json_value(value) -> str:
     return _to_json(value)
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+def usage(num_prompt_tokens: int, num_completion_tokens: int, details: tuple[int, int] | None = None) -> dict:
+    """details: (prompt tokens read from the prefix cache, completion tokens of reasoning), as OpenAI's
+    prompt_tokens_details and completion_tokens_details say them."""
+    out = {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+           "total_tokens": num_prompt_tokens + num_completion_tokens}
+    if details is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": details[0]}
+        out["completion_tokens_details"] = {"reasoning_tokens": details[1]}
+    return out
 
 
 async def until_disconnect(raw_request: Request, work: Awaitable):

@@ -213,20 +213,24 @@ def test_responses_api_reasoning_items(think):
     chat request's reasoning and content, streamed to the same through the openai client's accumulation."""
     import openai
     server, tok = think
-    chat = _chat(server, temperature=0, allowed_token_ids=None, logit_bias=None, max_tokens=12)
+    chat = _chat(server, temperature=0, allowed_token_ids=None, logit_bias=None, max_tokens=12, return_token_ids=True)
+    ids = chat.json()["choices"][0]["token_ids"]
     chat = chat.json()["choices"][0]["message"]
     assert chat["reasoning"], chat
+    thought = ids.index(END) + 1 if END in ids else len(ids)   # the answer opens in reasoning, up to </think>
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
     body = dict(model=MODEL_NAME, input="Once upon a time", max_output_tokens=12, temperature=0)
     r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=60).json()
     items = {o["type"]: o for o in r["output"]}
     assert items["reasoning"]["content"] == [{"type": "reasoning_text", "text": chat["reasoning"]}], r
+    assert r["usage"]["output_tokens_details"] == {"reasoning_tokens": thought} and 0 < thought <= 12, r
     assert (items["message"]["content"][0]["text"] if "message" in items else None) == chat["content"], r
     with client.responses.stream(**body) as stream:
         events = list(stream)
     final = events[-1].response
     assert [o.model_dump(exclude={"id"}, exclude_none=True) for o in final.output] == \
         [{k: v for k, v in o.items() if k != "id"} for o in r["output"]]
+    assert final.usage.output_tokens_details.reasoning_tokens == thought
 
 
 def test_responses_api_encrypted_reasoning_round_trips(think):

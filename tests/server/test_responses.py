@@ -195,6 +195,20 @@ def test_function_call_output_continues_a_stored_response(client):
     assert answer.usage.input_tokens == whole.usage.input_tokens and answer.output_text == whole.output_text
 
 
+def test_usage_details_count_cached_prompt_tokens(client):
+    """OpenAI's usage shape (the SDK reads the details as objects): input_tokens_details.cached_tokens counts
+    the prompt tokens a repeated prompt found in the prefix cache; no reasoning without a reasoning parser."""
+    kw = dict(model=MODEL_NAME, input=" ".join(["A brave little fox ran to the old mill."] * 6),
+              max_output_tokens=3, temperature=0)
+    first, again = client.responses.create(**kw), client.responses.create(**kw)
+    assert first.usage.input_tokens_details.cached_tokens == 0
+    assert 0 < again.usage.input_tokens_details.cached_tokens < again.usage.input_tokens
+    assert again.usage.output_tokens_details.reasoning_tokens == 0
+    with client.responses.stream(**kw) as stream:
+        streamed = list(stream)[-1].response.usage
+    assert streamed.input_tokens_details.cached_tokens == again.usage.input_tokens_details.cached_tokens
+
+
 def test_developer_input_items_carry_over_but_instructions_do_not(client):
     """Only a response's instructions stay behind under previous_response_id: a developer (or system) message
     among its input items is the conversation's, and the next turn still sees it (it was dropped with them)."""

@@ -97,7 +97,9 @@ def test_responses_events_items_in_order_with_sequence_numbers():
     assert final["output"][1]["content"][0]["text"] == "Calling tools."
     assert [(o["call_id"], o["name"], o["arguments"]) for o in final["output"][2:]] == \
         [("call_a", "get_weather", '{"city": "Paris"}'), ("call_b", "now", "{}")]
-    assert final["usage"] == {"input_tokens": 3, "output_tokens": 9, "total_tokens": 12}
+    assert final["usage"] == {"input_tokens": 3, "output_tokens": 9, "total_tokens": 12,
+                              "input_tokens_details": {"cached_tokens": 0},
+                              "output_tokens_details": {"reasoning_tokens": 0}}
     args = "".join(d["delta"] for n, d in events if n == "response.function_call_arguments.delta")
     assert args == '{"city": "Paris"}{}'
 
