@@ -105,10 +105,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
 
 def _as_sent(e: ValueError, req: ChatCompletionRequest, plan: ToolPlan) -> Exception:
-    """A SamplingParams error about a value that chat takes under another name: top_logprobs (SamplingParams'
-    logprobs), a tool's parameters schema (the constraint tool_choice required or named makes of it). Others
-    keep their message (the ValueError handler names the field)."""
+    """A SamplingParams error about a value that chat takes under another name: max_completion_tokens (when set,
+    SamplingParams' max_tokens), top_logprobs (SamplingParams' logprobs), a tool's parameters schema (the
+    constraint tool_choice required or named makes of it). Others keep their message (the ValueError handler
+    names the field)."""
     message = str(e)
+    if message.startswith("SamplingParams.max_tokens") and req.max_completion_tokens is not None:
+        return APIError(400, message.replace("SamplingParams.max_tokens", "max_completion_tokens", 1),
+                        "max_completion_tokens", "invalid_value")
     if message.startswith("SamplingParams.logprobs") and req.top_logprobs is not None:
         return APIError(400, message.replace("SamplingParams.logprobs", "top_logprobs", 1), "top_logprobs",
                         "invalid_value")

@@ -44,6 +44,8 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None, code
     (CHAT, {"messages": [{"content": "no role"}]}, "messages.0.role", "required"),
     # named as the client sent them (found by a fuzz of the server)
     (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= 20"),
+    (CHAT, {"messages": MESSAGES, "max_completion_tokens": 0}, "max_completion_tokens", ">= 1"),
+    (CHAT, {"messages": MESSAGES, "max_tokens": 4, "max_completion_tokens": -1}, "max_completion_tokens", ">= 1"),
     (CHAT, {"messages": MESSAGES, "tool_choice": "required", "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
         {"type": "function", "function": {"name": "g", "parameters": {"type": "nonsense"}}}]},
