@@ -17,10 +17,11 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 
 import pagedllm
 from pagedllm.config import EngineConfig, ServerConfig
-from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError
 from pagedllm.engine.core_process import freeze_gc
 from pagedllm.server.anthropic import CountTokensRequest, MessagesRequest, count_tokens, create_message
 from pagedllm.server.chat import create_chat_completion, render_chat
@@ -68,7 +69,7 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
 
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan, root_path=config.root_path or "")
     install_error_handlers(app)
-    _add_middleware(app, config)
+    _add_middleware(app, config, _authorized(api_key))
     # The key guards every route that runs the model or the tokenizer; /health, /version, /metrics stay open.
     keyed = [Depends(_api_key_check(api_key))]
     v1 = APIRouter(prefix="/v1", dependencies=keyed)
@@ -161,7 +162,13 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        body = metrics.render(await ctx.engine.get_stats())
+        # Served whatever the core's state: the API process's own metrics (latencies, finished requests) always,
+        # the core's counts when it answers (none, rather than stale ones, while /health is 503).
+        try:
+            stats = await ctx.engine.get_stats()
+        except EngineDeadError:
+            stats = None
+        body = metrics.render(stats)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
@@ -193,9 +200,10 @@ def _tokenizer_routes(ctx: ServingContext, dependencies: list) -> APIRouter:
     return router
 
 
-def _add_middleware(app: FastAPI, config: ServerConfig):
-    """Outermost last: CORS wraps the body guard, so that its 413 and 400 reach browsers too."""
-    app.add_middleware(RequestBodyGuard, max_bytes=config.max_request_body_bytes)
+def _add_middleware(app: FastAPI, config: ServerConfig, authorized=None):
+    """Outermost last: CORS wraps the body guard, so that its 413 and 400 reach browsers too. authorized: the
+    key check on the headers, which the guard makes before it reads a keyed route's body."""
+    app.add_middleware(RequestBodyGuard, max_bytes=config.max_request_body_bytes, authorized=authorized)
     if config.allowed_origins:
         app.add_middleware(_CORSMiddleware, allow_origins=config.allowed_origins,
                            allow_methods=config.allowed_methods, allow_headers=config.allowed_headers,
@@ -214,6 +222,27 @@ class _CORSMiddleware(CORSMiddleware):
                               "cors_refused", headers=headers)
 
 
+def _key_matches(expected: bytes, authorization: str, x_api_key: str) -> bool:
+    # Header values arrive decoded as latin-1 (Starlette's): encoded back, they are the bytes the client sent, which
+    # for a non-ASCII key are its UTF-8 (as `expected` is); .encode() would encode it twice.
+    given = authorization.encode("latin-1")
+    other = b"Bearer " + x_api_key.encode("latin-1")
+    # constant time: no key prefix leaks by timing (both compared, whichever was sent)
+    return secrets.compare_digest(given, expected) | secrets.compare_digest(other, expected)
+
+
+def _authorized(api_key: str | None):
+    """The key check on an ASGI scope's headers (RequestBodyGuard's, before the body is read); None: no key."""
+    if not api_key:
+        return None
+    expected = f"Bearer {api_key}".encode()
+
+    def authorized(scope) -> bool:
+        headers = Headers(scope=scope)
+        return _key_matches(expected, headers.get("authorization", ""), headers.get("x-api-key", ""))
+    return authorized
+
+
 def _api_key_check(api_key: str | None):
     """Authorization: Bearer <key>, or Anthropic's x-api-key: <key>."""
     expected = f"Bearer {api_key}".encode() if api_key else None
@@ -221,10 +250,7 @@ def _api_key_check(api_key: str | None):
     async def check(request: Request):
         if expected is None:
             return
-        given = request.headers.get("authorization", "").encode()
-        other = b"Bearer " + request.headers.get("x-api-key", "").encode()
-        # constant time: no key prefix leaks by timing (both compared, whichever was sent)
-        if not (secrets.compare_digest(given, expected) | secrets.compare_digest(other, expected)):
+        if not _key_matches(expected, request.headers.get("authorization", ""), request.headers.get("x-api-key", "")):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ..., or x-api-key)", None,
                            "invalid_api_key")
     return check

@@ -53,7 +53,8 @@ class ServerMetrics:
             for reason in f.finish_reasons:
                 self.success.labels(self.model_name, reason).inc()
 
-    def render(self, stats: SchedulerStats) -> bytes:
+    def render(self, stats: SchedulerStats | None) -> bytes:
+        """stats: the core's counts (None: the core does not answer; only this process's metrics)."""
         self.stats = stats
         return generate_latest(self.registry)
 

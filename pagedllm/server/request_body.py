@@ -6,8 +6,10 @@ carry one only as such an escape (raw UTF-8 bytes cannot encode a surrogate), so
 costs one regex scan in C; one with it (often an emoji's valid pair, as `json.dumps` writes it) is parsed
 once more to find the field.
 """
+import asyncio
 import json
 import re
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,21 +26,39 @@ class _Disconnected(Exception):
     pass
 
 
+BODY_TIMEOUT_SECONDS = 60.0   # for the whole body to arrive: one that never finishes (slowloris) is a 408
+# Routes the API key guards (api_server.build_app), read before their body: a client without the key is
+# refused from its headers alone, before the server buffers up to max_bytes of its body.
+_KEYED_ROUTES = ("/tokenize", "/detokenize", "/invocations", "/generative_scoring")   # and all of /v1/
+
+
 class RequestBodyGuard:
     """Pure ASGI middleware: reads the whole body (413 past max_bytes, before reading it when the
     Content-Length says so), refuses lone surrogates (400 naming the field; 404 in `model`), then replays the
     body to the app; later receive() calls (disconnect watching) go to the server as before."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, authorized: Callable[[Scope], bool] | None = None,
+                 timeout: float = BODY_TIMEOUT_SECONDS):
+        """authorized(scope): whether the request carries the API key (None: no key); timeout: seconds for
+        the whole body to arrive."""
+        self.app, self.max_bytes, self.authorized, self.timeout = app, max_bytes, authorized, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.authorized is not None and _keyed(scope) and not self.authorized(scope):
+            # Connection: close: the body is never read, so it must not be taken for the next request.
+            response = shaped_error(scope["path"], 401, "invalid or missing API key (Authorization: Bearer ..., "
+                                    "or x-api-key)", None, "invalid_api_key", headers={"Connection": "close"})
+            return await response(scope, receive, send)
         try:
-            body = await _read_body(scope, receive, self.max_bytes)
+            body = await asyncio.wait_for(_read_body(scope, receive, self.max_bytes), self.timeout)
         except _Disconnected:
             return
+        except asyncio.TimeoutError:   # TimeoutError itself from Python 3.11
+            response = shaped_error(scope["path"], 408, f"the request body did not arrive within {self.timeout:g} s",
+                                    None, "request_timeout", headers={"Connection": "close"})
+            return await response(scope, receive, send)
         except _TooLarge:
             message = (f"the request body is larger than this server's limit of {self.max_bytes} bytes "
                        f"(--max-request-body-bytes)")
@@ -49,6 +69,14 @@ class RequestBodyGuard:
         if _SURROGATE_ESCAPE.search(body) and (path := _lone_surrogate_path(body)) is not None:
             return await _surrogate_response(scope["path"], path)(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
+
+
+def _keyed(scope: Scope) -> bool:
+    """Whether the route the path names (less the app's root_path, as the router reads it) needs the key."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        path = path[len(root):]
+    return path.startswith("/v1/") or path in _KEYED_ROUTES
 
 
 async def _read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:

@@ -87,6 +87,73 @@ def test_a_body_over_the_limit_is_413_with_or_without_content_length():
     assert _request("POST", "/echo", json.dumps({"a": "x" * (MAX_BYTES - 20)}).encode()).status_code == 200
 
 
+def _guard_app(**guard) -> tuple[FastAPI, list]:
+    """An app behind the body guard that records what reached its keyed route."""
+    reached = []
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(RequestBodyGuard, max_bytes=MAX_BYTES, **guard)
+
+    @app.post("/v1/echo")
+    async def echo(body: dict):
+        reached.append(body)
+        return body
+    return app, reached
+
+
+def test_a_keyed_route_without_the_key_is_401_before_its_body_is_read():
+    """An unauthenticated client must not make the server buffer up to max_bytes of body (per connection)."""
+    app, reached = _guard_app(authorized=lambda scope: (b"authorization", b"Bearer k") in scope["headers"])
+    received = []
+
+    async def go():
+        async def receive():   # a body that never ends: it must not be read at all
+            received.append(1)
+            await asyncio.sleep(3600)
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "method": "POST", "path": "/v1/echo", "root_path": "", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "server": ("t", 80), "scheme": "http"}
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        return sent
+    sent = asyncio.run(go())
+    assert sent[0]["status"] == 401 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "invalid_api_key"
+    assert received == [] and reached == []
+
+    async def keyed():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/echo", json={"a": 1}, headers={"authorization": "Bearer k"})
+    assert asyncio.run(keyed()).json() == {"a": 1} and reached == [{"a": 1}]
+
+
+def test_a_body_that_never_finishes_is_408():
+    """Slowloris: a body whose rest never comes is not waited for (and held) forever."""
+    app, reached = _guard_app(timeout=0.2)
+
+    async def go():
+        async def receive():
+            if not received:
+                received.append(1)
+                return {"type": "http.request", "body": b'{"a":', "more_body": True}
+            await asyncio.sleep(3600)
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "method": "POST", "path": "/v1/echo", "root_path": "", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "server": ("t", 80), "scheme": "http"}
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        return sent
+    received = []
+    sent = asyncio.run(go())
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout" and reached == []
+
+
 @pytest.mark.parametrize("method, path, content, status, words", [
     ("GET", "/nope", None, 404, "no such route"),
     ("DELETE", "/echo", None, 405, "POST"),
@@ -129,3 +196,34 @@ def test_cli_takes_server_lists_as_json(monkeypatch):
 def test_server_config_checks_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ServerConfig(**kwargs)
+
+
+def test_metrics_are_served_while_the_engine_core_does_not_answer():
+    """/metrics stays Prometheus text when the core is stopped, hung or dead (then /health says 503): the API
+    process's histograms and counters, without the core's gauges (not a JSON 500 that drops them all)."""
+    from fastapi.testclient import TestClient
+    from pagedllm.engine.async_llm import EngineDeadError
+    from pagedllm.metrics import FinishedRequestStats, StepStats
+    from pagedllm.server.api_server import build_app
+    from pagedllm.server.metrics import ServerMetrics
+
+    class SilentEngine:
+        async def get_stats(self):
+            raise EngineDeadError("the engine core has not responded for 5 s")
+    metrics = ServerMetrics("m")
+    metrics.record(StepStats(finished=[FinishedRequestStats(["stop"], 0.5, 3, 4)]))
+    app = build_app(ServingContext(SilentEngine(), "m", None), metrics, ServerConfig(), None)
+    r = TestClient(app).get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    assert 'pagedllm:request_success_total{finished_reason="stop",model_name="m"} 1.0' in r.text
+    assert "pagedllm:e2e_request_latency_seconds_count" in r.text and "num_requests_running" not in r.text
+
+
+def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
+    from pagedllm.server.api_server import _authorized
+    authorized = _authorized("clé-ü")
+    key = "Bearer clé-ü".encode()
+    assert authorized({"headers": [(b"authorization", key)]})
+    assert authorized({"headers": [(b"x-api-key", "clé-ü".encode())]})
+    assert not authorized({"headers": [(b"authorization", "Bearer clé-ü".encode("latin-1"))]})
+    assert not authorized({"headers": [(b"authorization", b"Bearer cl")]})
