@@ -33,6 +33,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     # echo with max_tokens 0 (vLLM's, what lm-eval's loglikelihood sends): the prompt scored, nothing generated.
     # The engine samples one token (a step always does), which the response leaves out.
     echo_only = req.echo and req.max_tokens == 0 and not req.use_beam_search
+    if echo_only and req.min_tokens:   # the one token sampled inside is dropped: no min_tokens can hold
+        raise APIError(400, f"min_tokens must be 0 with max_tokens 0 (echo: the prompt alone), got {req.min_tokens}",
+                       "min_tokens", "invalid_value")
     max_tokens = 1 if echo_only else req.max_tokens
     for ids in kept:
         ctx.check_context_length(len(ids), max_tokens, "prompt", "max_tokens")

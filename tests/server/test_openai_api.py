@@ -78,6 +78,10 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
     for c, ref in zip(full.choices, one.choices):
         assert c.logprobs.tokens == ref.logprobs.tokens[:-1] and c.logprobs.token_logprobs[0] is None
         assert c.logprobs.token_logprobs == ref.logprobs.token_logprobs[:-1]
+    for min_tokens in (1, 2):   # nothing is generated: a min_tokens is a 400 naming it (1 was accepted and void)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(max_tokens=0, extra_body={"min_tokens": min_tokens}, **kw)
+        assert e.value.body["param"] == "min_tokens" and "max_tokens 0" in e.value.body["message"]
 
 
 def test_echoed_prompt_tokens_rebuild_the_echo(client, offline_llm):
