@@ -101,24 +101,27 @@ def _guard_app(**guard) -> tuple[FastAPI, list]:
     return app, reached
 
 
+def _post_echo(app, receive) -> list:
+    """The ASGI messages app sends for a POST /v1/echo whose body comes from receive()."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "method": "POST", "path": "/v1/echo", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "server": ("t", 80), "scheme": "http"}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    return sent
+
+
 def test_a_keyed_route_without_the_key_is_401_before_its_body_is_read():
     """An unauthenticated client must not make the server buffer up to max_bytes of body (per connection)."""
     app, reached = _guard_app(authorized=lambda scope: (b"authorization", b"Bearer k") in scope["headers"])
     received = []
 
-    async def go():
-        async def receive():   # a body that never ends: it must not be read at all
-            received.append(1)
-            await asyncio.sleep(3600)
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-        scope = {"type": "http", "method": "POST", "path": "/v1/echo", "root_path": "", "query_string": b"",
-                 "headers": [(b"content-type", b"application/json")], "server": ("t", 80), "scheme": "http"}
-        await asyncio.wait_for(app(scope, receive, send), 10)
-        return sent
-    sent = asyncio.run(go())
+    async def receive():   # a body that never ends: it must not be read at all
+        received.append(1)
+        await asyncio.sleep(3600)
+    sent = _post_echo(app, receive)
     assert sent[0]["status"] == 401 and (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["error"]["code"] == "invalid_api_key"
     assert received == [] and reached == []
@@ -133,23 +136,14 @@ def test_a_keyed_route_without_the_key_is_401_before_its_body_is_read():
 def test_a_body_that_never_finishes_is_408():
     """Slowloris: a body whose rest never comes is not waited for (and held) forever."""
     app, reached = _guard_app(timeout=0.2)
-
-    async def go():
-        async def receive():
-            if not received:
-                received.append(1)
-                return {"type": "http.request", "body": b'{"a":', "more_body": True}
-            await asyncio.sleep(3600)
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-        scope = {"type": "http", "method": "POST", "path": "/v1/echo", "root_path": "", "query_string": b"",
-                 "headers": [(b"content-type", b"application/json")], "server": ("t", 80), "scheme": "http"}
-        await asyncio.wait_for(app(scope, receive, send), 10)
-        return sent
     received = []
-    sent = asyncio.run(go())
+
+    async def receive():
+        if not received:
+            received.append(1)
+            return {"type": "http.request", "body": b'{"a":', "more_body": True}
+        await asyncio.sleep(3600)
+    sent = _post_echo(app, receive)
     assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout" and reached == []
 

@@ -136,19 +136,6 @@ UNENFORCED_CASES = {   # schema, an instance that breaks it
 }
 
 
-@pytest.mark.parametrize("keyword", list(UNENFORCED_CASES))
-def test_what_xgrammar_would_not_enforce_is_refused(compiler, keyword):
-    """Each keyword xgrammar takes without enforcing it: its grammar, built directly, lets a violating instance
-    through (if a newer xgrammar enforces one, this fails: drop it from UNENFORCED); ours refuses the schema,
-    naming the keyword and where it is."""
-    schema, bad = UNENFORCED_CASES[keyword]
-    direct = xgr.GrammarMatcher(compiler.compile_grammar(xgr.Grammar.from_json_schema(schema, any_whitespace=False)))
-    assert direct.accept_string(bad) and direct.accept_token(2), "xgrammar enforces it now"
-    nested = {"type": "object", "properties": {"field": schema}, "required": ["field"]}
-    with pytest.raises(ValueError, match=re.escape(keyword) + ".* at #/properties/field is not enforced"):
-        build_grammar(P(json=nested))
-
-
 def test_all_of_is_merged_then_enforced(compiler):
     """allOf (which xgrammar ignores) folded into its schema: [integer, minimum 5] refuses 3 and takes 7; a
     pydantic-style property allOf [$ref] with a description follows the definition; parts that clash refuse."""
@@ -185,11 +172,16 @@ DROPPED_CASES = {   # schema, an instance that breaks it, the refusal's words: x
 }
 
 
-@pytest.mark.parametrize("keyword", list(DROPPED_CASES))
-def test_what_xgrammar_drops_is_refused(compiler, keyword):
-    """Keywords xgrammar takes and drops: its grammar, built directly, lets a violating instance through; ours
-    refuses the schema, naming what and where."""
-    schema, bad, words = DROPPED_CASES[keyword]
+# schema, an instance that breaks it, the refusal's words: UNENFORCED's keywords and the dropped ones
+REFUSED_CASES = {**{k: (schema, bad, k) for k, (schema, bad) in UNENFORCED_CASES.items()}, **DROPPED_CASES}
+
+
+@pytest.mark.parametrize("keyword", list(REFUSED_CASES))
+def test_what_xgrammar_would_not_enforce_is_refused(compiler, keyword):
+    """Each keyword xgrammar takes without enforcing it, or drops: its grammar, built directly, lets a violating
+    instance through (if a newer xgrammar enforces one, this fails: drop it from UNENFORCED or _refuse_dropped);
+    ours refuses the schema, naming what and where it is."""
+    schema, bad, words = REFUSED_CASES[keyword]
     direct = xgr.GrammarMatcher(compiler.compile_grammar(xgr.Grammar.from_json_schema(schema, any_whitespace=False)))
     assert direct.accept_string(bad) and direct.accept_token(2), "xgrammar enforces it now"
     nested = {"type": "object", "properties": {"field": schema}, "required": ["field"]}
