@@ -27,7 +27,7 @@ from pagedllm.server.anthropic import CountTokensRequest, MessagesRequest, count
 from pagedllm.server.chat import create_chat_completion, render_chat
 from pagedllm.server.chat_batch import BatchChatCompletionRequest, create_chat_batch
 from pagedllm.server.completions import create_completion
-from pagedllm.server.errors import APIError, error_response, install_error_handlers
+from pagedllm.server.errors import MISSING_KEY, APIError, error_response, install_error_handlers
 from pagedllm.server.generative_scoring import GenerativeScoringRequest, create_generative_scoring
 from pagedllm.server.launch import LoRAModulePath, ServeChecks
 from pagedllm.server.lora import ServingLoRAs, lora_routes
@@ -231,13 +231,23 @@ def _key_matches(expected: bytes, authorization: str, x_api_key: str) -> bool:
     return secrets.compare_digest(given, expected) | secrets.compare_digest(other, expected)
 
 
+# The routes outside /v1/ that build_app guards with the key (`dependencies=keyed`)
+_KEYED_PATHS = ("/tokenize", "/detokenize", "/invocations", "/generative_scoring")
+
+
 def _authorized(api_key: str | None):
-    """The key check on an ASGI scope's headers (RequestBodyGuard's, before the body is read); None: no key."""
+    """RequestBodyGuard's check, before the body is read: False for a keyed route (all of /v1/, _KEYED_PATHS;
+    the path less the app's root_path, as the router reads it) without the key. None: no key."""
     if not api_key:
         return None
     expected = f"Bearer {api_key}".encode()
 
     def authorized(scope) -> bool:
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+            path = path[len(root):]
+        if not (path.startswith("/v1/") or path in _KEYED_PATHS):
+            return True
         headers = Headers(scope=scope)
         return _key_matches(expected, headers.get("authorization", ""), headers.get("x-api-key", ""))
     return authorized
@@ -251,8 +261,7 @@ def _api_key_check(api_key: str | None):
         if expected is None:
             return
         if not _key_matches(expected, request.headers.get("authorization", ""), request.headers.get("x-api-key", "")):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer ..., or x-api-key)", None,
-                           "invalid_api_key")
+            raise APIError(401, MISSING_KEY, None, "invalid_api_key")
     return check
 
 

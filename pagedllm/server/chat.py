@@ -201,10 +201,7 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
         if req.return_token_ids:
             choices[-1]["token_ids"] = list(c.token_ids)
     num_completion = sum(len(c.token_ids) for c in out.outputs)
-    details = None
-    if req._usage_details:
-        details = (out.num_cached_tokens, sum(reasoning.num_reasoning_tokens(c.token_ids, ctx.think_ids, thinks)
-                                              for c in out.outputs) if thinkers else 0)
+    details = _usage_details(ctx, req, thinks, out.num_cached_tokens, [c.token_ids for c in out.outputs])
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": req.model or ctx.model_name,   # the adapter's name under an adapter, as vLLM
                 "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion, details)}
@@ -236,7 +233,7 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
     parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
     thinkers = _reasoning_parsers(ctx, req, thinks)
     held: dict[int, list[int]] = {}   # token ids of steps whose text a parser held back
-    counted = req._usage_details and thinkers is not None
+    counted = req._usage_details and thinks is not None
     answers: dict[int, list[int]] = {}   # each choice's token ids, where its reasoning tokens are counted
     num_cached = 0
     async for _, out in outputs:
@@ -263,11 +260,19 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                    f'"logprobs":{json_value(_logprobs(req, c))},"finish_reason":{json_value(c.finish_reason)},'
                    f'"stop_reason":{json_value(c.stop_reason)}{ids}}}]}}\n\n')
     if req.include_usage:
-        details = None
-        if req._usage_details:
-            details = (num_cached, sum(reasoning.num_reasoning_tokens(ids, ctx.think_ids, thinks)
-                                       for ids in answers.values()))
+        details = _usage_details(ctx, req, thinks, num_cached, answers.values())
         yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion, details)})
+
+
+def _usage_details(ctx, req: ChatCompletionRequest, thinks: bool | None, num_cached: int,
+                   answers) -> tuple[int, int] | None:
+    """usage()'s details for /v1/responses (None for a chat request): the prompt tokens found cached, and the
+    reasoning tokens of the choices' token ids (answers) under a reasoning parser."""
+    if not req._usage_details:
+        return None
+    if thinks is None:
+        return num_cached, 0
+    return num_cached, sum(reasoning.num_reasoning_tokens(ids, ctx.think_ids, thinks) for ids in answers)
 
 
 async def chunk_dicts(chunks):

@@ -60,7 +60,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     # The echoed prompt's first token has no logprob, but its text is the echo's start: as the echo reads (a
     # text prompt's echo is that text, without special tokens; a token-id prompt's is their decoding, with them).
     firsts = ([ctx.tokenizer.decode(ids[:1], skip_special_tokens=text is not None)
-               for (text, _), ids in zip(prompts, kept)] if req.echo and req.logprobs is not None else None)
+               for (text, _), ids in zip(prompts, kept)] if req.echo and req.logprobs is not None
+              else [""] * len(prompts))
     if req.stream:
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))
         if isinstance(outputs, Response):   # the client left
@@ -104,7 +105,7 @@ async def _prompts(ctx: ServingContext, prompt, add_special_tokens: bool) -> lis
 
 
 async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], streams, ids,
-                firsts: list[str] | None = None) -> dict:
+                firsts: list[str]) -> dict:
     try:
         outputs = await final_outputs(streams, constraint_field(req))
     finally:
@@ -113,7 +114,7 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
     for i, out in enumerate(outputs):
         for c in out.outputs:
             choices.append(_choice(req, i * req.n + c.index, texts[i], out, c, echo=req.echo, offset=0,
-                                   first_token_text=firsts[i] if firsts else ""))
+                                   first_token_text=firsts[i]))
             if req.return_token_ids:
                 choices[-1].update(prompt_token_ids=out.prompt_token_ids, token_ids=list(c.token_ids))
             if req.prompt_logprobs is not None:
@@ -126,7 +127,7 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
 
 
 async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, outputs,
-                  firsts: list[str] | None = None):
+                  firsts: list[str]):
     created, num_completion = int(time.time()), 0
     started: set[int] = set()
     offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
@@ -142,8 +143,7 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
                 continue
             first = index not in started
             started.add(index)
-            choice = _choice(req, index, texts[i], out, c, req.echo and first, offsets.get(index, 0),
-                             firsts[i] if firsts else "")
+            choice = _choice(req, index, texts[i], out, c, req.echo and first, offsets.get(index, 0), firsts[i])
             if choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
             if req.return_token_ids:   # vLLM's: the prompt's ids in a choice's first chunk, each chunk its new ids
@@ -176,12 +176,11 @@ def _choice_json(index: int, text: str, logprobs: dict | None, finish_reason: st
             f'"finish_reason":{json_value(finish_reason)},"stop_reason":{json_value(stop_reason)}{ids}}}')
 
 
-def _entry(lp: PositionLogprobs | None, token_id: int, as_ids: bool = False,
-           text: str = "") -> tuple[str, float | None, dict | None]:
+def _entry(lp: PositionLogprobs | None, token_id: int, as_ids: bool = False) -> tuple[str, float | None, dict | None]:
     """as_ids (return_tokens_as_token_ids, vLLM's): tokens named "token_id:<id>", as text may not be JSON-safe
-    (a byte token); the text offsets then count those names, as vLLM's do. text: the token's where lp is None."""
-    if lp is None:   # the first prompt token has no logprob
-        return f"token_id:{token_id}" if as_ids else text, None, None
+    (a byte token); the text offsets then count those names, as vLLM's do."""
+    if lp is None:   # the first prompt token has no logprob (_prompt_entries gives it its text)
+        return f"token_id:{token_id}" if as_ids else "", None, None
     if as_ids:
         return f"token_id:{token_id}", json_logprob(lp[token_id].logprob), {
             f"token_id:{tid}": json_logprob(p.logprob)
@@ -207,8 +206,10 @@ def _rank(p) -> float:
 def _prompt_entries(out: RequestOutput, as_ids: bool = False, first_token_text: str = "") -> list:
     """first_token_text: the text of the first prompt token, which has no logprob entry to name it."""
     positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-    return [_entry(lp, tid, as_ids, first_token_text if i == 0 else "")
-            for i, (tid, lp) in enumerate(zip(out.prompt_token_ids, positions))]
+    entries = [_entry(lp, tid, as_ids) for tid, lp in zip(out.prompt_token_ids, positions)]
+    if entries and not as_ids:
+        entries[0] = (first_token_text, None, None)
+    return entries
 
 
 def prompt_logprobs_json(out: RequestOutput) -> list[dict | None]:

@@ -34,11 +34,14 @@ class ErrorResponse(JSONResponse):
         return json.dumps(content, separators=(",", ":")).encode()
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None) -> ErrorResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
-    return ErrorResponse(body, status_code=status, headers=headers)
+    return ErrorResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 # Anthropic's routes (anthropic.py) answer errors in Anthropic's shape: {"type": "error", "error": {"type",
@@ -66,6 +69,7 @@ def shaped_error(path: str, status: int, message: str, param: str | None = None,
 
 
 MAX_ECHO_CHARS = 200   # of a value echoed in an error message
+MISSING_KEY = "invalid or missing API key (Authorization: Bearer ..., or x-api-key)"
 
 
 def shorten(text: str, limit: int = MAX_ECHO_CHARS) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pagedllm.server.errors import shaped_error
+from pagedllm.server.errors import MISSING_KEY, shaped_error
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -27,9 +27,6 @@ class _Disconnected(Exception):
 
 
 BODY_TIMEOUT_SECONDS = 60.0   # for the whole body to arrive: one that never finishes (slowloris) is a 408
-# Routes the API key guards (api_server.build_app), read before their body: a client without the key is
-# refused from its headers alone, before the server buffers up to max_bytes of its body.
-_KEYED_ROUTES = ("/tokenize", "/detokenize", "/invocations", "/generative_scoring")   # and all of /v1/
 
 
 class RequestBodyGuard:
@@ -39,17 +36,18 @@ class RequestBodyGuard:
 
     def __init__(self, app: ASGIApp, max_bytes: int, authorized: Callable[[Scope], bool] | None = None,
                  timeout: float = BODY_TIMEOUT_SECONDS):
-        """authorized(scope): whether the request carries the API key (None: no key); timeout: seconds for
-        the whole body to arrive."""
+        """authorized(scope): False for a request to a keyed route without the API key, refused from its
+        headers alone, before the server buffers up to max_bytes of its body (None: no key); timeout: seconds
+        for the whole body to arrive."""
         self.app, self.max_bytes, self.authorized, self.timeout = app, max_bytes, authorized, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.authorized is not None and _keyed(scope) and not self.authorized(scope):
+        if self.authorized is not None and not self.authorized(scope):
             # Connection: close: the body is never read, so it must not be taken for the next request.
-            response = shaped_error(scope["path"], 401, "invalid or missing API key (Authorization: Bearer ..., "
-                                    "or x-api-key)", None, "invalid_api_key", headers={"Connection": "close"})
+            response = shaped_error(scope["path"], 401, MISSING_KEY, None, "invalid_api_key",
+                                    headers={"Connection": "close"})
             return await response(scope, receive, send)
         try:
             body = await asyncio.wait_for(_read_body(scope, receive, self.max_bytes), self.timeout)
@@ -69,14 +67,6 @@ class RequestBodyGuard:
         if _SURROGATE_ESCAPE.search(body) and (path := _lone_surrogate_path(body)) is not None:
             return await _surrogate_response(scope["path"], path)(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
-
-
-def _keyed(scope: Scope) -> bool:
-    """Whether the route the path names (less the app's root_path, as the router reads it) needs the key."""
-    path, root = scope["path"], scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
-        path = path[len(root):]
-    return path.startswith("/v1/") or path in _KEYED_ROUTES
 
 
 async def _read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:

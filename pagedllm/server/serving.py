@@ -24,7 +24,7 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.server import reasoning
 from pagedllm.server.batch_encoder import BatchEncoder
 from pagedllm.server.beam_search import beam_search_stream, check_beam_search
-from pagedllm.server.errors import APIError, shorten
+from pagedllm.server.errors import APIError, error_body, shorten
 from pagedllm.server.lora import ServingLoRAs
 from pagedllm.server.response_store import ResponseStore
 
@@ -266,9 +266,8 @@ class SSEResponse(StreamingResponse):
         if isinstance(e, EngineGenerateError):
             e = client_error(e, self.param)
         if isinstance(e, APIError):
-            return sse({"error": {"message": e.message, "type": "invalid_request_error" if e.status == 400
-                                  else "server_error", "param": e.param, "code": e.code}})
-        return sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+            return sse(error_body(e.status, e.message, e.param, e.code))
+        return sse(error_body(500, str(e)))
 
     async def stream_response(self, send):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

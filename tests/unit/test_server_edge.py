@@ -217,7 +217,11 @@ def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
     from pagedllm.server.api_server import _authorized
     authorized = _authorized("clé-ü")
     key = "Bearer clé-ü".encode()
-    assert authorized({"headers": [(b"authorization", key)]})
-    assert authorized({"headers": [(b"x-api-key", "clé-ü".encode())]})
-    assert not authorized({"headers": [(b"authorization", "Bearer clé-ü".encode("latin-1"))]})
-    assert not authorized({"headers": [(b"authorization", b"Bearer cl")]})
+    path = {"path": "/v1/models"}
+    assert authorized({**path, "headers": [(b"authorization", key)]})
+    assert authorized({**path, "headers": [(b"x-api-key", "clé-ü".encode())]})
+    assert not authorized({**path, "headers": [(b"authorization", "Bearer clé-ü".encode("latin-1"))]})
+    assert not authorized({**path, "headers": [(b"authorization", b"Bearer cl")]})
+    # keyed routes only: /tokenize (and under a root path) need it, /health does not
+    assert not authorized({"path": "/api/tokenize", "root_path": "/api", "headers": []})
+    assert authorized({"path": "/health", "headers": []})
