@@ -64,7 +64,7 @@ def test_completion_chunks_are_sses_bytes():
                                         stream_options={"include_usage": True}, return_token_ids=ids)
                 streams = [_stream(_outputs(n, logprobs is not None)) for _ in range(2)]
                 chunks = _chunks(completions._stream(CTX, req, "cmpl-1", ["prompt \"text\" ü", ""], 4,
-                                                     merge(streams)))
+                                                     merge(streams), ["", ""]))
                 _check(chunks)
                 assert len(chunks) == 2 * n * len(TEXTS) + 1   # each choice's chunks, then usage
                 first = json.loads(chunks[0][6:])
