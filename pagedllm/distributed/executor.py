@@ -157,9 +157,6 @@ class TPRunner:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def add_request(self, req_id: str, params):
-        return self._mirrored(("add_request", req_id, params), self.runner.add_request, req_id, params)
-
     def reset_after_failed_step(self):
         return self._mirrored(("reset_after_failed_step",), self.runner.reset_after_failed_step)
 

@@ -71,7 +71,7 @@ class EngineCore:
             self.speculator = Speculator(config.speculative, max_model_len)
 
     def add_request(self, r: EngineCoreRequest):
-        """A request whose own data raises here (hashing its blocks, its generator) ends with an error
+        """A request whose own data raises here (hashing its blocks, its grammar) ends with an error
         output at the next step(); nothing of it is left in the engine. One whose adapter is not on the host
         waits in the queue while a loader thread reads it (lora/loader.py); a read that fails fails it alone."""
         try:
@@ -82,7 +82,6 @@ class EngineCore:
                               self.block_size, r.arrival_time, r.cache_salt, r.lora_request, lora_key,
                               r.kv_parent, r.hold_kv, lora_loading=r.lora_request is not None and lora_key is None,
                               priority=r.priority)
-            self.runner.add_request(r.request_id, r.sampling_params)
             if r.sampling_params.structured_outputs is not None:   # compiles on a worker from now on
                 request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs,
                                                                   r.sampling_params.reasoning_end_token_id)

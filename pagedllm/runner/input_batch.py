@@ -24,7 +24,6 @@ class RunnerRequestState:
     row: int                        # this request's row in BlockTables
     num_blocks: int
     num_computed_tokens: int
-    generator: torch.Generator | None
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)   # collected over prompt chunks
     prompt_logprobs_sent: bool = False
     # thinking_token_budget: how many of token_ids open_reasoning() has read, and what it found

@@ -30,7 +30,8 @@ from pagedllm.runner.kv_offload import KVOffload, copy_blocks, copy_scratch_byte
 from pagedllm.runner.memory_profile import profile_free_kv_bytes
 from pagedllm.sample.logits_processors import build_logits_processors, uses_processors
 from pagedllm.sample.penalties import Penalties, PenaltyTable
-from pagedllm.sample.sampler import Sampler, SamplingMetadata, chosen_logprob_ids, gather_logprobs, to_device
+from pagedllm.sample.sampler import (Sampler, SamplingMetadata, chosen_logprob_ids, gather_logprobs, position_seed,
+                                     to_device)
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.draft_model import DraftModel
 from pagedllm.spec_decode.rejection_sampler import rejection_sample
@@ -69,7 +70,6 @@ class ModelRunner:
         self.generator = torch.Generator(device).manual_seed(config.seed)   # requests without a seed
         self.states: dict[str, RunnerRequestState] = {}
         self.constrained: set[str] = set()   # requests with structured_outputs: their steps sample deferred
-        self._admitted: dict[str, torch.Generator | None] = {}   # added, not scheduled yet: their generators
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cache: SamplingMetadata | None = None
         self.penalties = PenaltyTable(hf_config.vocab_size, device)   # token counts of penalised requests
@@ -137,11 +137,6 @@ class ModelRunner:
             self.draft.allocate(self.num_blocks)
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def add_request(self, req_id: str, params: SamplingParams):
-        """Builds what depends on the request's own data (its generator) as it enters the engine core: data
-        that raises here fails this request alone (EngineCore.add_request), never a step of others."""
-        self._admitted[req_id] = self._make_generator(params)
-
     def lora_key(self, lora_request) -> tuple:
         """The adapter's identity in the block hashes (read from disk if new: a bad adapter raises here)."""
         if self.lora is None:
@@ -306,7 +301,8 @@ class ModelRunner:
         Their metadata has no processors or bans (spec_decode/speculator.py: such rows do not speculate)."""
         params = [r.params for r in verify.rows]
         meta = self._sampling_metadata(verify.rows, num_scheduled, {})
-        res = rejection_sample(logits, verify.num_spec, draft_ids, meta, self.generator, self.spec_rates)
+        res = rejection_sample(logits, verify.num_spec, draft_ids, meta, self.generator, self.spec_rates,
+                               self._position_metadata(verify))
         logprobs = None
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         if num_logprobs:
@@ -320,6 +316,19 @@ class ModelRunner:
             pending.event = torch.cuda.Event()
             pending.event.record()
         return res
+
+    def _position_metadata(self, verify: VerifyLayout) -> SamplingMetadata | None:
+        """With seeded sampled rows in a verify: metadata of each position, with its row's parameters and the
+        seed of its token's output index (position 0 samples the output after the last computed token), so the
+        rejection sampler draws what plain sampling would."""
+        if all(r.params.seed is None or r.params.greedy for r in verify.rows):
+            return None
+        params, seeds = [], []
+        for r, s in zip(verify.rows, verify.num_spec):
+            first = r.num_computed_tokens + 1 - r.num_prompt_tokens
+            params += [r.params] * (s + 1)
+            seeds += [None if r.params.seed is None else position_seed(r.params.seed, first + j) for j in range(s + 1)]
+        return SamplingMetadata.build(params, seeds, [[] for _ in params], self.device)
 
     def _prepass_due(self, verify: VerifyLayout, reqs: list[RunnerRequestState]) -> bool:
         """The draft's next passes go behind this verify (DraftModel.prepass) when every request of the step
@@ -346,7 +355,6 @@ class ModelRunner:
 
     def _update_states(self, sched: SchedulerOutput):
         for req_id in sched.finished_req_ids:
-            self._admitted.pop(req_id, None)
             if self.lora is not None:
                 self.lora.release(req_id)
             if self.draft is not None:
@@ -363,11 +371,10 @@ class ModelRunner:
             if state is None:
                 self.states[new.req_id] = RunnerRequestState(
                     new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-                    self.tables.add(new.block_ids), len(new.block_ids), new.num_computed_tokens,
-                    self._admitted.pop(new.req_id))
+                    self.tables.add(new.block_ids), len(new.block_ids), new.num_computed_tokens)
                 if new.sampling_params.structured_outputs is not None:
                     self.constrained.add(new.req_id)
-            else:   # resumed after preemption: same generator and prompt logprobs, new blocks
+            else:   # resumed after preemption: same prompt logprobs, new blocks
                 state.token_ids = list(new.token_ids)
                 self.tables.set(state.row, 0, new.block_ids)
                 state.num_blocks = len(new.block_ids)
@@ -379,31 +386,27 @@ class ModelRunner:
                 state.num_blocks += len(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def _make_generator(self, params) -> torch.Generator | None:
-        if params.seed is None:
-            return None
-        return torch.Generator(self.device).manual_seed(params.seed)
-
     def _sampling_metadata(self, rows: list[RunnerRequestState], num_scheduled: dict[str, int],
                            prev_in_flight: dict[str, int]) -> SamplingMetadata:
         """Rebuilt only when the rows change: consecutive decode steps usually sample the same requests.
-        Rows under min_tokens ban ids for a number of steps, and rows with multi-token bad words match the
-        output's tail, so their metadata is never reused. Penalties read their counts live from the table."""
+        Rows under min_tokens ban ids for a number of steps, seeded rows draw from the index of the token they
+        sample, and rows with multi-token bad words match the output's tail, so their metadata is never reused.
+        Penalties read their counts live from the table."""
         key = tuple(r.req_id for r in rows)
         if key == self._sampling_key:
             return self._sampling_cache
-        # Outputs before the one sampled now (its input may still be in flight: not in token_ids yet).
-        banned = [list(r.params.all_stop_token_ids)
-                  if r.num_computed_tokens + num_scheduled[r.req_id] - r.num_prompt_tokens < r.params.min_tokens
-                  else [] for r in rows]
+        # The index of the output sampled now (its input may still be in flight: not in token_ids yet).
+        index = [r.num_computed_tokens + num_scheduled[r.req_id] - r.num_prompt_tokens for r in rows]
+        banned = [list(r.params.all_stop_token_ids) if i < r.params.min_tokens else [] for r, i in zip(rows, index)]
+        seeds = [None if r.params.seed is None else position_seed(r.params.seed, i) for r, i in zip(rows, index)]
         params = [r.params for r in rows]
         processors = None
         if any(uses_processors(p) for p in params):
             processors = build_logits_processors(params, self._penalties(rows), self._recent_outputs(
                 rows, num_scheduled, prev_in_flight), self._in_flight_ids, self.device,
                 self._spent_budgets(rows, num_scheduled, prev_in_flight))
-        meta = SamplingMetadata.build(params, [r.generator for r in rows], banned, self.device, processors)
-        reusable = (not any(p.min_tokens or p.thinking_token_budget is not None for p in params)
+        meta = SamplingMetadata.build(params, seeds, banned, self.device, processors)
+        reusable = (not meta.seeds and not any(p.min_tokens or p.thinking_token_budget is not None for p in params)
                     and (processors is None or processors.reusable))
         self._sampling_key, self._sampling_cache = (key, meta) if reusable else (None, None)
         return meta

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.sample.host_copy import to_device
 from pagedllm.sampling_params import _GREEDY_EPS
 
 CHUNK = 8192   # vocab entries a program covers: 19 chunks of Qwen3's 151,936, ~5k programs at 256 rows
@@ -78,10 +79,12 @@ def gumbel_sample(logits: torch.Tensor, seeds: torch.Tensor, temperature: torch.
     return best_id.gather(1, winner).squeeze(1).long()
 
 
-def draw_seeds(num_rows: int, row_generators: dict[int, torch.Generator], generator: torch.Generator | None,
+def draw_seeds(num_rows: int, row_seeds: dict[int, int], generator: torch.Generator | None,
                device: torch.device) -> torch.Tensor:
-    """One Philox seed per row: seeded rows from their own generator, the others from the engine's."""
+    """One Philox seed per row: seeded rows their own (sampler.position_seed), the others from the engine's
+    generator."""
     seeds = torch.randint(0, 2**62, (num_rows,), generator=generator, device=device)
-    for row, row_generator in row_generators.items():
-        torch.randint(0, 2**62, (1,), generator=row_generator, device=device, out=seeds[row:row + 1])
+    if row_seeds:   # rows and seeds in one copy
+        rows, values = to_device([*row_seeds, *row_seeds.values()], torch.int64, device).split(len(row_seeds))
+        seeds.index_copy_(0, rows, values)
     return seeds

@@ -8,9 +8,10 @@
 processors (logits_processors.py, vLLM v1's order): allowed_token_ids, bad_words, logit_bias, the min_tokens
 bans, penalties; skipped when no row uses any.
 
-Everything is batched tensor work; the only per-row Python is one draw per seeded row, from that request's
-own generator, so a seeded request's tokens do not depend on its batch neighbours. On CUDA the random draw
-is one fused Gumbel-max kernel (gumbel_kernel.py) instead of the softmax and exponential race.
+Everything is batched tensor work. A seeded row's randomness comes from its own seed and the index of the
+token it samples (position_seed), so its tokens depend on nothing else: not its batch neighbours, not
+preemption, not speculation (the rejection sampler draws each position as this sampler would). On CUDA the
+random draw is one fused Gumbel-max kernel (gumbel_kernel.py) instead of the softmax and exponential race.
 """
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ class SamplingMetadata:
     top_k_bounded: bool                       # every sampled row has a k: top-p can work on max_top_k candidates
     top_p: torch.Tensor | None                # (N,) float32, 1.0 = off; None when unused
     min_p: torch.Tensor | None                # (N,) float32, 0 = off; None when unused
-    generators: dict[int, torch.Generator]    # row -> the request's own generator (seeded, non-greedy rows)
+    seeds: dict[int, int]                     # row -> the seed of the token it samples (seeded, non-greedy rows)
     all_greedy: bool
     any_greedy: bool
     all_temperature_one: bool                 # no row needs the division by temperature
@@ -44,7 +45,7 @@ class SamplingMetadata:
     processors: LogitsProcessors | None = None   # None: no row uses allowed ids, bad words, bias, penalties
 
     @classmethod
-    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
+    def build(cls, params: list[SamplingParams], seeds: list[int | None],
               banned_token_ids: list[list[int]], device,
               processors: LogitsProcessors | None = None) -> "SamplingMetadata":
         # Greedy rows ignore top-k/p and min-p, so they neither switch the filters on nor draw randomness.
@@ -60,7 +61,7 @@ class SamplingMetadata:
             top_k_bounded=all(k > 0 for k, s in zip(top_k, sampled) if s),
             top_p=_tensor_if(any(p < 1.0 for p in top_p), top_p, torch.float32, device),
             min_p=_tensor_if(any(m > 0.0 for m in min_p), min_p, torch.float32, device),
-            generators={i: g for i, (g, s) in enumerate(zip(generators, sampled)) if g is not None and s},
+            seeds={i: seed for i, (seed, s) in enumerate(zip(seeds, sampled)) if seed is not None and s},
             all_greedy=not any(sampled),
             any_greedy=not all(sampled),
             all_temperature_one=all(p.temperature == 1.0 for p in params),
@@ -69,6 +70,18 @@ class SamplingMetadata:
             banned_token_ids=banned_token_ids if any(banned_token_ids) else None,
             processors=processors,
         )
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, index: int) -> int:
+    """The seed of a seeded request's output token `index`, in [0, 2**62) (the Gumbel kernel's range): SplitMix64
+    of the pair, so neighbouring seeds and indices give unrelated streams."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 2
 
 
 def chosen_logprob_ids(params: list[SamplingParams], width: int, device) -> torch.Tensor | None:
@@ -118,10 +131,10 @@ class Sampler(nn.Module):
         """Random draw for every row (greedy rows get a throwaway value that the caller discards)."""
         filtered = meta.min_p is not None or meta.top_k is not None or meta.top_p is not None
         if logits.is_cuda and not filtered:   # plain sampling at any temperature: one pass over the logits
-            seeds = draw_seeds(logits.shape[0], meta.generators, generator, logits.device)
+            seeds = draw_seeds(logits.shape[0], meta.seeds, generator, logits.device)
             return gumbel_sample(logits, seeds, None if meta.all_temperature_one else meta.temperature)
         if not filtered and meta.all_temperature_one:   # plain sampling
-            return exponential_race(logits.float().softmax(dim=-1), meta.generators, generator)
+            return exponential_race(logits.float().softmax(dim=-1), meta.seeds, generator)
         # A new float32 tensor (16-bit logits promote in the division: one pass, not a copy and then a division),
         # which the masks below change in place.
         logits = apply_temperature(logits, meta.temperature)
@@ -129,8 +142,8 @@ class Sampler(nn.Module):
             logits = apply_min_p(logits, meta.min_p)
         logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, meta.max_top_k, meta.top_k_bounded)
         if logits.is_cuda:
-            return gumbel_sample(logits, draw_seeds(logits.shape[0], meta.generators, generator, logits.device))
-        return exponential_race(logits.softmax(dim=-1), meta.generators, generator)
+            return gumbel_sample(logits, draw_seeds(logits.shape[0], meta.seeds, generator, logits.device))
+        return exponential_race(logits.softmax(dim=-1), meta.seeds, generator)
 
 
 _CANDIDATES_MAX_K = 1024   # top-p (within top-k) from this many candidates at most; a sort beyond. H200, 300 x
@@ -243,14 +256,14 @@ def apply_top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch
     return logits.masked_fill_(logits < kth_value, -float("inf"))
 
 
-def exponential_race(probs: torch.Tensor, row_generators: dict[int, torch.Generator],
+def exponential_race(probs: torch.Tensor, row_seeds: dict[int, int],
                      generator: torch.Generator | None) -> torch.Tensor:
     """argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i (Gumbel-max without the logs)
-    and needs no host sync, unlike torch.multinomial. Seeded rows draw q from their own generator, so
-    their samples depend on nothing but that generator's state."""
+    and needs no host sync, unlike torch.multinomial. Seeded rows draw q from a generator of their seed, so
+    their samples depend on nothing but that seed."""
     q = torch.empty_like(probs).exponential_(generator=generator)
-    for row, row_generator in row_generators.items():
-        q[row].exponential_(generator=row_generator)
+    for row, seed in row_seeds.items():
+        q[row].exponential_(generator=torch.Generator(probs.device).manual_seed(seed))
     # q = 0 would turn masked tokens' 0 / 0 into NaN, which argmax would pick.
     q.clamp_min_(torch.finfo(q.dtype).tiny)
     return probs.div_(q).argmax(dim=-1)

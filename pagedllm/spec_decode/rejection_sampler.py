@@ -8,11 +8,14 @@ the distribution that plain decoding with pagedllm's Sampler would draw from.
     random row:  accept d_j with probability p_j(d_j)   (q(d_j) = 1, so min(1, p/q) = p)
     first rejection at j: emit a draw from p_j without d_j (= norm(max(p_j - q_j, 0)))
     all accepted:         emit a draw from p_{s_i} (greedy: its argmax)
+    seeded row:  t_j = the token plain sampling draws from p_j with the seed of its output index;
+                 accept d_j while d_j == t_j, then emit t_j (d_j is accepted with probability p_j(d_j), and
+                 every emitted token is a draw from its p_j: the same law, coupled to plain sampling's draws)
 
 Rows are padded to (R, max_s) on the device; the layout is built on the host from num_draft (a host list)
-and sent in one copy, so nothing waits for the device. Randomness per seeded row comes only from its own
-generator, always in the same amounts (s_i uniforms, then one exponential per vocabulary entry), so its
-tokens depend on nothing else in the batch.
+and sent in one copy, so nothing waits for the device. A seeded row's randomness comes only from its seed and
+its tokens' indices, so it gets the tokens that plain sampling gives it, whatever its batch and however many
+proposals it gets (the forward's rounding aside).
 """
 from dataclasses import dataclass
 
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from pagedllm.sample.host_copy import to_device
-from pagedllm.sample.sampler import (SamplingMetadata, apply_min_p, apply_temperature, apply_top_k_top_p,
+from pagedllm.sample.sampler import (Sampler, SamplingMetadata, apply_min_p, apply_temperature, apply_top_k_top_p,
                                      exponential_race)
 from pagedllm.sampling_params import _GREEDY_EPS
 
@@ -58,10 +61,13 @@ class _Layout:
 
 def rejection_sample(logits: torch.Tensor, num_draft: list[int], draft_token_ids: torch.Tensor,
                      meta: SamplingMetadata, generator: torch.Generator | None,
-                     synthetic_rates: list[float] | None = None) -> RejectionOutput:
+                     synthetic_rates: list[float] | None = None,
+                     position_meta: SamplingMetadata | None = None) -> RejectionOutput:
     """logits (sum(s_i + 1), V): row i's s_i + 1 consecutive positions; draft_token_ids (sum(s_i),) int64;
     meta: one entry per row; generator: for unseeded rows (None = torch's default). synthetic_rates:
-    benchmark mode, draft j accepted with probability synthetic_rates[j] given draft j-1 was."""
+    benchmark mode, draft j accepted with probability synthetic_rates[j] given draft j-1 was.
+    position_meta: one entry per position, each with its row's parameters and, in seeded sampled rows, the
+    seed of its token's output index; given when any row is seeded."""
     assert meta.processors is None and meta.banned_token_ids is None, "rows with processors do not speculate"
     layout = _Layout.build(num_draft, logits.device)
     drafts = draft_token_ids[layout.draft_idx]                               # (R, max_s)
@@ -69,16 +75,31 @@ def rejection_sample(logits: torch.Tensor, num_draft: list[int], draft_token_ids
     argmax = None if not meta.any_greedy else logits.argmax(dim=-1)[layout.pos]          # (R, max_s + 1)
     probs = None if meta.all_greedy else target_probs(logits, meta, layout.row_of_pos)  # (T, V)
     need_u = synthetic_rates is not None or not meta.all_greedy
-    u = draw_uniforms(num_draft, layout.max_s, meta.generators, generator, logits.device) if need_u else None
-
+    u = torch.rand((len(num_draft), layout.max_s), generator=generator, device=logits.device) if need_u else None
+    coupled = None
     if synthetic_rates is not None:
         assert len(synthetic_rates) >= layout.max_s, (synthetic_rates, layout.max_s)
         accept = u < to_device(synthetic_rates[:layout.max_s], torch.float32, logits.device)
     else:
         accept = accept_drafts(drafts, argmax, probs, layout.pos, u, meta)
+        if position_meta is not None and position_meta.seeds:
+            coupled, seeded = coupled_draws(logits, num_draft, position_meta, generator, layout)
+            accept = torch.where(seeded, drafts == coupled[:, :-1], accept)
     num_accepted = (accept & valid).cumprod(dim=1).sum(dim=1)               # (R,): leading accepts
     token = emit_tokens(num_accepted, drafts, argmax, probs, layout, meta, generator)
+    if coupled is not None:
+        token = torch.where(seeded.squeeze(1), coupled.gather(1, num_accepted.unsqueeze(1)).squeeze(1), token)
     return RejectionOutput(_assemble(drafts, num_accepted, token), num_accepted + 1)
+
+
+def coupled_draws(logits: torch.Tensor, num_draft: list[int], position_meta: SamplingMetadata,
+                  generator: torch.Generator | None, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, max_s + 1): plain sampling's draw at each position (unseeded rows' are discarded); (R, 1) bool:
+    the seeded rows."""
+    tokens = Sampler.sample(logits, position_meta, generator)[layout.pos]
+    first = np.cumsum([0] + [s + 1 for s in num_draft[:-1]])
+    seeded = to_device([int(p) in position_meta.seeds for p in first], torch.bool, logits.device)
+    return tokens, seeded.unsqueeze(1)
 
 
 def target_probs(logits: torch.Tensor, meta: SamplingMetadata, row_of_pos: torch.Tensor) -> torch.Tensor:
@@ -89,15 +110,6 @@ def target_probs(logits: torch.Tensor, meta: SamplingMetadata, row_of_pos: torch
     top_k = None if meta.top_k is None else meta.top_k[row_of_pos]
     top_p = None if meta.top_p is None else meta.top_p[row_of_pos]
     return apply_top_k_top_p(logits, top_k, top_p, meta.max_top_k, meta.top_k_bounded).softmax(dim=-1)
-
-
-def draw_uniforms(num_draft: list[int], max_s: int, row_generators: dict[int, torch.Generator],
-                  generator: torch.Generator | None, device) -> torch.Tensor:
-    """(R, max_s) in [0, 1); a seeded row's first s_i entries come from its own generator."""
-    u = torch.rand((len(num_draft), max_s), generator=generator, device=device)
-    for row, row_generator in row_generators.items():
-        u[row, :num_draft[row]] = torch.rand(num_draft[row], generator=row_generator, device=device)
-    return u
 
 
 def accept_drafts(drafts: torch.Tensor, argmax: torch.Tensor | None, probs: torch.Tensor | None,
@@ -122,7 +134,7 @@ def emit_tokens(num_accepted: torch.Tensor, drafts: torch.Tensor, argmax: torch.
     rejected = num_accepted < layout.num_draft
     rejected_draft = drafts.gather(1, at.clamp(max=layout.max_s - 1)).squeeze(1)
     emit_probs = recovery_probs(probs[layout.pos.gather(1, at).squeeze(1)], rejected_draft, rejected)
-    sampled = exponential_race(emit_probs, meta.generators, generator)
+    sampled = exponential_race(emit_probs, {}, generator)   # seeded rows' tokens: coupled_draws
     return sampled if greedy is None else torch.where(_greedy_rows(meta).squeeze(1), greedy, sampled)
 
 

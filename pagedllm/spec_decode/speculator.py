@@ -14,10 +14,10 @@ H200, W1 (Qwen3-0.6B shape, random prompts: lookups rarely match) with n-gram co
 lookups that found nothing counted.
 
 A row speculates only where its tokens alone decide its distribution: no structured output, logits processors
-(penalties, logit bias, bad words, allowed ids) or min_tokens bans still ahead. Nor do seeded sampled rows: the
-rejection sampler draws their randomness in other amounts than plain sampling, and whether a step speculates
-depends on the batch (disable_by_batch_size, the back-off), so a seed would give other tokens in another batch.
-The others run in the same steps without proposals, so every request gets exactly what it asked for.
+(penalties, logit bias, bad words, allowed ids) or min_tokens bans still ahead. The others run in the same steps
+without proposals, so every request gets exactly what it asked for. Seeded sampled rows speculate too: the
+rejection sampler draws each of their positions as plain sampling would (from the seed and the token's index),
+so whether a step speculates, which depends on the batch, does not change their tokens.
 """
 from dataclasses import dataclass
 
@@ -113,7 +113,7 @@ def _may_speculate(req: Request) -> bool:
     in flight aside)."""
     p = req.sampling_params
     return (req.num_computed_tokens >= req.num_prompt_tokens and req.grammar is None and not uses_processors(p)
-            and req.num_output_tokens + 1 >= p.min_tokens and (p.seed is None or p.greedy))
+            and req.num_output_tokens + 1 >= p.min_tokens)
 
 
 def _eligible(req: Request) -> bool:

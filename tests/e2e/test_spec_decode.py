@@ -143,13 +143,17 @@ def test_seeded_sampling_reproducible(tiny_model_dirs):
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
 
 
-def test_seeded_sampling_independent_of_the_batch(tiny_model_dirs):
-    """A seed gives the tokens it gives without speculation, alone or in a batch too large to speculate."""
+@pytest.mark.parametrize("seeded", [SamplingParams(temperature=1.0, seed=7, max_tokens=MAX_NEW, ignore_eos=True),
+                                    SamplingParams(temperature=0.7, top_p=0.9, seed=3, max_tokens=MAX_NEW,
+                                                   ignore_eos=True)])
+def test_seeded_sampling_independent_of_the_batch(tiny_model_dirs, seeded):
+    """A seeded request speculates and gets the tokens it gets without speculation, alone or in a batch too
+    large to speculate (the target as its own draft, so proposals are often accepted)."""
     d = tiny_model_dirs["llama"]
-    seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=MAX_NEW, ignore_eos=True)
     plain, _ = run(d, None, PROMPTS[:1], seeded)
-    alone, _ = run(d, draft(d, 2), PROMPTS[:1], seeded)
+    alone, stats = run(d, draft(d, 2), PROMPTS[:1], seeded)
     crowd, _ = run(d, draft(d, 2), PROMPTS[:1] * 20, [seeded] + [GREEDY] * 19, max_num_seqs=32)
+    assert stats.spec_decode.num_accepted_tokens > 0
     assert alone[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
     assert crowd[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
 

@@ -3,7 +3,7 @@ On CUDA, and on CPU through the Triton interpreter in a subprocess."""
 import pytest
 import torch
 from kernel_checks import run_under_interpreter
-from sampling_cases import check_chunks_and_seeds, check_distribution, check_seeds_from_generators, interpreter_cases
+from sampling_cases import check_chunks_and_seeds, check_distribution, check_row_seeds, interpreter_cases
 
 from pagedllm.sample.sampler import Sampler, SamplingMetadata
 from pagedllm.sampling_params import SamplingParams
@@ -24,7 +24,7 @@ def test_distribution(temperature):
 @pytest.mark.gpu
 def test_chunks_and_seeds():
     check_chunks_and_seeds("cuda")
-    check_seeds_from_generators("cuda")
+    check_row_seeds("cuda")
 
 
 @pytest.mark.gpu

@@ -3,15 +3,23 @@ import random
 import pytest
 import torch
 
-from pagedllm.sample.sampler import SamplingMetadata
+from pagedllm.sample.sampler import Sampler, SamplingMetadata, position_seed
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode import rejection_sampler as rs
 from pagedllm.spec_decode.rejection_sampler import rejection_sample
 
 
-def make_meta(params: list[SamplingParams], generators=None) -> SamplingMetadata:
+def make_meta(params: list[SamplingParams], seeds=None) -> SamplingMetadata:
     n = len(params)
-    return SamplingMetadata.build(params, generators or [None] * n, [[] for _ in range(n)], "cpu")
+    return SamplingMetadata.build(params, seeds or [None] * n, [[] for _ in range(n)], "cpu")
+
+
+def position_meta(params: list[SamplingParams], num_draft: list[int], first: list[int]) -> SamplingMetadata:
+    """As the runner builds it: each position with its row's parameters and its token's seed (the row's first
+    position samples output index first[i])."""
+    per_position = [(p, None if p.seed is None else position_seed(p.seed, f + j))
+                    for p, s, f in zip(params, num_draft, first) for j in range(s + 1)]
+    return make_meta([p for p, _ in per_position], [seed for _, seed in per_position])
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -129,17 +137,21 @@ def chi_square_pvalue(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     return torch.special.gammaincc(dof / 2, stat / 2).item()
 
 
-def sample_many(temperature: float, top_k: int, top_p: float, min_p: float, seed: int):
+def sample_many(temperature: float, top_k: int, top_p: float, min_p: float, seed: int, seeded_rows: bool):
+    """seeded_rows: each row a request with its own seed (the coupled draws), else none seeded."""
     logits = LOGITS.repeat(NUM_ROWS, 1)
-    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)] * NUM_ROWS
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             seed=seed * NUM_ROWS + i if seeded_rows else None) for i in range(NUM_ROWS)]
+    positions = position_meta(params, [2] * NUM_ROWS, [0] * NUM_ROWS) if seeded_rows else None
     out = rejection_sample(logits, [2] * NUM_ROWS, torch.tensor(DRAFTS * NUM_ROWS), make_meta(params),
-                           seeded(seed))
+                           seeded(seed), position_meta=positions)
     return out.output_token_ids, out.num_emitted
 
 
-def pvalues(temperature: float, top_k: int, top_p: float, min_p: float, seed: int) -> tuple[float, float]:
+def pvalues(temperature: float, top_k: int, top_p: float, min_p: float, seed: int,
+            seeded_rows: bool = False) -> tuple[float, float]:
     """p-values of: the first emitted token ~ p_0; the second, where draft 0 was accepted, ~ p_1."""
-    tokens, num_emitted = sample_many(temperature, top_k, top_p, min_p, seed)
+    tokens, num_emitted = sample_many(temperature, top_k, top_p, min_p, seed, seeded_rows)
     p = [reference_probs(LOGITS[j], temperature, top_k, top_p, min_p) for j in range(2)]
     second = tokens[num_emitted >= 2, 1]
     assert len(second) > NUM_ROWS // 10
@@ -155,6 +167,22 @@ SETTINGS = [(1.0, 0, 1.0, 0.0), (0.6, 0, 1.0, 0.0), (1.7, 0, 1.0, 0.0), (1.0, 4,
 def test_emitted_tokens_follow_the_target(temperature, top_k, top_p, min_p):
     for pvalue in pvalues(temperature, top_k, top_p, min_p, seed=1):
         assert pvalue > 1e-3
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [SETTINGS[0], SETTINGS[-1]])
+def test_seeded_rows_follow_the_target(temperature, top_k, top_p, min_p):
+    for pvalue in pvalues(temperature, top_k, top_p, min_p, seed=1, seeded_rows=True):
+        assert pvalue > 1e-3
+
+
+def test_biased_coupling_fails_the_test(monkeypatch):
+    """The coupled draws taken from position 0's seed at every position: the second token is not ~ p_1."""
+    build = rs.SamplingMetadata.build
+
+    def first_seed_everywhere(params, seeds, banned, device):
+        return build(params, [seeds[i - i % 3] for i in range(len(seeds))], banned, device)
+    monkeypatch.setattr(rs.SamplingMetadata, "build", first_seed_everywhere)
+    assert min(pvalues(*SETTINGS[0], seed=1, seeded_rows=True)) < 1e-9
 
 
 def _biased(monkeypatch, flaw: str):
@@ -173,25 +201,47 @@ def test_biased_sampler_fails_the_test(monkeypatch, flaw, temperature, top_k, to
 
 # ---- seeds ---------------------------------------------------------------------------------------------------
 
-def test_seeded_rows_do_not_depend_on_their_neighbours():
+def plain_draws(logits: torch.Tensor, params: SamplingParams, first: int) -> list[int]:
+    """What plain sampling draws at each of a row's positions (output indices first, first + 1, ...)."""
+    return [Sampler()(logits[j:j + 1], make_meta([params], [position_seed(params.seed, first + j)]),
+                      seeded(7)).sampled_token_ids.item() for j in range(len(logits))]
+
+
+def expected_row(drafts: list[int], draws: list[int]) -> list[int]:
+    """Drafts accepted while they equal plain sampling's draws, then its draw."""
+    n = 0
+    while n < len(drafts) and drafts[n] == draws[n]:
+        n += 1
+    return draws[:n + 1]
+
+
+def test_seeded_rows_draw_what_plain_sampling_draws():
+    """A seeded row emits plain sampling's tokens at its output indices, alone or beside other rows, with any
+    number of drafts."""
     vocab = 30
     row_logits = torch.randn(4, vocab, generator=seeded(5))   # a row with 3 drafts
     row_drafts = row_logits[:3].argmax(dim=-1)                # likely accepted, so the draws matter
     others = torch.randn(8, vocab, generator=seeded(6))
+    emitted = set()
     for seed in range(8):
         params = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
-        alone = rejection_sample(row_logits, [3], row_drafts, make_meta([params], [seeded(seed)]), seeded(100))
+        draws = plain_draws(row_logits, params, first=5)
+        alone = rejection_sample(row_logits, [3], row_drafts, make_meta([params]), seeded(100),
+                                 position_meta=position_meta([params], [3], [5]))
+        assert rows(alone)[0] == expected_row(row_drafts.tolist(), draws)
         # The same request second of three, next to rows with other drafts counts and an unseeded neighbour.
         logits = torch.cat((others[:3], row_logits, others[3:8]))
         drafts = torch.cat((torch.tensor([1, 2]), row_drafts, torch.tensor([3, 4, 5, 6])))
-        meta = make_meta([SamplingParams(seed=99), params, SamplingParams(temperature=0.5)],
-                         [seeded(99), seeded(seed), None])
-        batch = rejection_sample(logits, [2, 3, 4], drafts, meta, seeded(200 + seed))
+        batch_params = [SamplingParams(seed=99), params, SamplingParams(temperature=0.5)]
+        batch = rejection_sample(logits, [2, 3, 4], drafts, make_meta(batch_params), seeded(200 + seed),
+                                 position_meta=position_meta(batch_params, [2, 3, 4], [0, 5, 9]))
         assert rows(batch)[1] == rows(alone)[0]
-    results = {tuple(rows(rejection_sample(row_logits, [3], row_drafts,
-                                           make_meta([SamplingParams(seed=s)], [seeded(s)]), None))[0])
-               for s in range(20)}
-    assert len(results) > 1   # the seed matters at all
+        # One draft only: its first tokens are plain sampling's too.
+        one = rejection_sample(row_logits[:2], [1], row_drafts[:1], make_meta([params]), seeded(3),
+                               position_meta=position_meta([params], [1], [5]))
+        assert rows(one)[0] == expected_row(row_drafts[:1].tolist(), draws[:2])
+        emitted.add(tuple(rows(alone)[0]))
+    assert len(emitted) > 1   # the seed matters at all
 
 
 # ---- synthetic acceptance ----------------------------------------------------------------------------------

@@ -2,15 +2,15 @@ import pytest
 import torch
 
 from pagedllm.sample.sampler import (_CANDIDATES_MAX_K, Sampler, SamplingMetadata, _top_p_of_candidates, apply_min_p,
-                                     apply_temperature, apply_top_k_top_p)
+                                     apply_temperature, apply_top_k_top_p, position_seed)
 from pagedllm.sampling_params import SamplingParams
 
 V = 64
 
 
-def make_meta(params, generators=None, banned=None) -> SamplingMetadata:
+def make_meta(params, seeds=None, banned=None) -> SamplingMetadata:
     n = len(params)
-    return SamplingMetadata.build(params, generators or [None] * n, banned or [[] for _ in range(n)], "cpu")
+    return SamplingMetadata.build(params, seeds or [None] * n, banned or [[] for _ in range(n)], "cpu")
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -189,10 +189,10 @@ def test_min_p_matches_reference():
 
 def test_build_leaves_unused_filters_off():
     params = [SamplingParams(temperature=0, top_k=5, top_p=0.5, min_p=0.1, logprobs=2), SamplingParams(seed=3)]
-    meta = make_meta(params, generators=[seeded(1), seeded(3)])
-    # A greedy row's filters and generator are irrelevant, so they switch nothing on.
+    meta = make_meta(params, seeds=[1, 3])
+    # A greedy row's filters and seed are irrelevant, so they switch nothing on.
     assert meta.top_k is None and meta.top_p is None and meta.min_p is None
-    assert list(meta.generators) == [1] and not meta.all_greedy and meta.max_num_logprobs == 2
+    assert meta.seeds == {1: 3} and not meta.all_greedy and meta.max_num_logprobs == 2
     assert meta.banned_token_ids is None
     meta = make_meta([SamplingParams(top_k=5), SamplingParams(top_p=0.5, logprobs=0)], banned=[[1], []])
     assert meta.top_k.tolist() == [5, 0] and meta.top_p.tolist() == [1.0, 0.5] and meta.min_p is None
@@ -236,13 +236,13 @@ def test_banned_ids_are_never_sampled():
 
 
 def _run_seeded(seed_row: int, batch_params, batch_seeds, steps=6, vocab=1000):
-    """Carry each row's generator across steps like the engine does; return the tokens of seed_row."""
-    generators = [None if s is None else seeded(s) for s in batch_seeds]
+    """Each seeded row's seed for its step-th output token, as the engine derives it; return the tokens of
+    seed_row."""
     tokens = []
     for step in range(steps):
         logits = random_logits(len(batch_params), vocab, seed=1000 + step + 17 * len(batch_params))
         logits[seed_row] = random_logits(1, vocab, seed=step)[0]  # the request's own history
-        meta = make_meta(batch_params, generators)
+        meta = make_meta(batch_params, [None if s is None else position_seed(s, step) for s in batch_seeds])
         out = Sampler()(logits, meta, generator=seeded(step + 99 * len(batch_params)))
         tokens.append(out.sampled_token_ids[seed_row].item())
     return tokens
@@ -277,10 +277,10 @@ def test_sampling_frequencies_match_softmax_over_temperature():
 
 
 def test_seeded_sampling_frequencies_match_filtered_softmax():
-    """Every row with its own generator (the per-row path), top-k = 4 renormalising the distribution."""
+    """Every row with its own seed (the per-row path), top-k = 4 renormalising the distribution."""
     logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -2.0, -3.0]])
     n = 4000
-    meta = make_meta([SamplingParams(temperature=1.3, top_k=4)] * n, generators=[seeded(s) for s in range(n)])
+    meta = make_meta([SamplingParams(temperature=1.3, top_k=4)] * n, seeds=[position_seed(s, 0) for s in range(n)])
     ids = Sampler()(logits.repeat(n, 1), meta).sampled_token_ids
     assert ids.max().item() <= 3
     probs = torch.softmax(logits[0, :4] / 1.3, -1)
@@ -354,7 +354,7 @@ def test_low_precision_logits_filter_and_sample_as_their_float32_copy(dtype):
     logits = random_logits(4, seed=9).to(dtype)
     params = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=1), SamplingParams(top_p=0.5, seed=2),
               SamplingParams(temperature=0.8, min_p=0.1, seed=3), SamplingParams(temperature=1.3, seed=4)]
-    draws = [Sampler()(x, make_meta(params, [seeded(i) for i in range(4)])).sampled_token_ids
+    draws = [Sampler()(x, make_meta(params, [position_seed(i, 0) for i in range(4)])).sampled_token_ids
              for x in (logits, logits.float())]
     assert torch.equal(*draws)
     scaled = apply_temperature(logits, torch.full((4,), 0.6))
