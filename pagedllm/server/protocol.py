@@ -167,7 +167,11 @@ class _SamplingRequest(_Request):
         unused = [*(f for f in _SAMPLING_FIELDS if f not in _BEAM_FIELDS), "logprobs", "top_logprobs",
                   "prompt_logprobs", constraint_field(self)]
         for name in filter(None, unused):
-            if getattr(self, name, None) not in (None, False):
+            value = getattr(self, name, None)
+            # 0 is neutral for a penalty or top_k, not for logprobs 0 (the chosen tokens' logprobs) or
+            # prompt_logprobs 0 (the prompt's): those were answered empty
+            asks = value is not False and value == 0 and name in ("logprobs", "prompt_logprobs")
+            if value not in (None, False) or asks:
                 raise APIError(400, f"{name} is not used by beam search (use_beam_search takes n as the beam "
                                     f"width, max_tokens, temperature, ignore_eos, include_stop_str_in_output "
                                     f"and length_penalty)", name, "invalid_value")

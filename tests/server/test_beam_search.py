@@ -66,6 +66,8 @@ def test_best_of_returns_n_choices(client):
     ({"length_penalty": 0.5}, "length_penalty"),                        # without use_beam_search
     ({"use_beam_search": True, "top_p": 0.5}, "top_p"),
     ({"use_beam_search": True, "logprobs": 2}, "logprobs"),
+    ({"use_beam_search": True, "logprobs": 0}, "logprobs"),             # 0: the chosen tokens' logprobs
+    ({"use_beam_search": True, "prompt_logprobs": 0}, "prompt_logprobs"),
     ({"use_beam_search": True, "stop": ["x"]}, "stop"),
     ({"use_beam_search": True, "n": 11}, "n"),                          # 2 x 11 top logprobs > 20
     ({"best_of": 1, "n": 2}, "best_of"),
