@@ -13,7 +13,7 @@ A field not declared is a 400 naming it ("Unrecognized request argument supplied
 Types are checked here; values by SamplingParams and the engine, which name the field and the limit.
 Responses are plain dicts built in completions.py/chat.py.
 """
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -90,7 +90,7 @@ class _Request(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = False   # null: false (vLLM's)
 
 
 class _SamplingRequest(_Request):
@@ -150,6 +150,18 @@ class _SamplingRequest(_Request):
     prompt_cache_key: str | None = None
     request_id: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """null for a field that has no null value (n, stream, echo, chat's logprobs, ...) is its default, as README
+        says and vLLM takes n, stream, logprobs, echo, return_token_ids (a client that writes every field sends
+        null for those it leaves unset)."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()
+                    or type(None) in get_args(fields[k].annotation)}
+        return data
+
     @model_validator(mode="after")
     def _check_prompt_logprobs(self):
         if self.prompt_logprobs is not None and self.stream:   # vLLM's rule: they come with the whole response
@@ -187,7 +199,7 @@ class _SamplingRequest(_Request):
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                            defaults: dict | None = None) -> SamplingParams:

@@ -67,6 +67,25 @@ def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
     assert _post(server, CHAT, {**base, "messages": history, "tool_choice": "auto"}).status_code == 200
 
 
+@pytest.mark.parametrize("path,body", [
+    (COMPLETIONS, {"n": None, "stream": None, "echo": None, "return_token_ids": None, "use_beam_search": None,
+                   "length_penalty": None, "priority": None, "add_special_tokens": None}),
+    (CHAT, {"n": None, "stream": None, "logprobs": None, "return_token_ids": None, "return_prompt_text": None,
+            "include_reasoning": None, "add_generation_prompt": None, "spaces_between_special_tokens": None}),
+])
+def test_null_keeps_the_default(server, path, body):
+    """As README says and vLLM takes them (n, stream, logprobs, echo, return_token_ids are nullable there)."""
+    base = {"model": MODEL_NAME, "max_tokens": 6, "temperature": 0,
+            **({"prompt": PROMPT} if path == COMPLETIONS else {"messages": MESSAGES})}
+    plain, got = _post(server, path, base), _post(server, path, {**base, **body})
+    assert got.status_code == 200, got.text
+    assert got.json()["choices"] == plain.json()["choices"]
+    # stream_options.include_usage null: no usage chunk, as false
+    with httpx.stream("POST", server.url + path, headers=server.headers, timeout=60,
+                      json={**base, "stream": True, "stream_options": {"include_usage": None}}) as r:
+        assert r.status_code == 200 and "usage" not in r.read().decode()
+
+
 @pytest.mark.parametrize("path,body,param", [
     (COMPLETIONS, {"suffix": "the end"}, "suffix"),
     (CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
