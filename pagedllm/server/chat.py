@@ -67,7 +67,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     kept = truncate_prompt(prompt_ids, req.truncate_prompt_tokens, ctx.engine.max_model_len,
                            req.truncation_side or "left")
     ctx.check_context_length(len(kept), max_tokens, "messages", max_tokens_param)
-    if req.top_logprobs is not None and not req.logprobs:
+    if req.top_logprobs and not req.logprobs:   # 0 asks for none: vLLM's default, accepted without logprobs
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
     if req.use_beam_search:
         _refuse_tool_constraint(plan, "beam search does not take one")

@@ -86,6 +86,15 @@ def test_null_keeps_the_default(server, path, body):
         assert r.status_code == 200 and "usage" not in r.read().decode()
 
 
+def test_chat_top_logprobs_0_without_logprobs_is_accepted(server):
+    """vLLM's default top_logprobs is 0: a client that sends it without logprobs asks for nothing."""
+    base = {"model": MODEL_NAME, "max_tokens": 4, "temperature": 0, "messages": MESSAGES}
+    r = _post(server, CHAT, {**base, "top_logprobs": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["logprobs"] is None
+    assert r.json()["choices"] == _post(server, CHAT, base).json()["choices"]
+
+
 @pytest.mark.parametrize("path,body,param", [
     (COMPLETIONS, {"suffix": "the end"}, "suffix"),
     (CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
