@@ -223,13 +223,16 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
     first = {"prompt_token_ids": prompt_ids} if req.return_token_ids else {}
     if req.return_prompt_text:   # and the template's text (vLLM's)
         first["prompt_text"] = prompt_text
+    # continuous_usage_stats (vLLM's): each chunk carries its choice's usage so far
+    continuous, counts = req.continuous_usage, [0] * req.n
+    none_yet = {"usage": usage(len(prompt_ids), 0)} if continuous else {}
     for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}], **first})
+                                        "logprobs": None, "finish_reason": None}], **none_yet, **first})
     echo = _echo_text(req)
     for i in range(req.n if echo else 0):   # then vLLM's: a chunk with the echoed text
         yield sse({**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
-                                        "finish_reason": None}]})
+                                        "finish_reason": None}], **none_yet})
     parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
     thinkers = _reasoning_parsers(ctx, req, thinks)
     held: dict[int, list[int]] = {}   # token ids of steps whose text a parser held back
@@ -242,6 +245,10 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
             num_completion += len(c.token_ids)
             if counted:
                 answers.setdefault(c.index, []).extend(c.token_ids)
+            so_far = {}
+            if continuous:
+                counts[c.index] += len(c.token_ids)
+                so_far = {"usage": usage(len(prompt_ids), counts[c.index])}
             if parsers is not None or thinkers is not None:
                 chunk = _parsed_chunk(req, thinkers and thinkers[c.index], parsers and parsers[c.index], c)
                 if req.return_token_ids:
@@ -251,14 +258,15 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                     else:
                         chunk["token_ids"] = ids
                 if chunk is not None:
-                    yield sse({**head, "choices": [chunk]})
+                    yield sse({**head, "choices": [chunk], **so_far})
                 continue
             ids = f',"token_ids":{json_value(list(c.token_ids))}' if req.return_token_ids else ""
+            tail = f',"usage":{json_value(so_far["usage"])}' if so_far else ""
             # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": ...,
-            #    "finish_reason": ..., "stop_reason": ..., ["token_ids": ...]}]}), by hand (serving.sse_prefix)
+            #    "finish_reason": ..., "stop_reason": ..., ["token_ids": ...]}], [usage]}), by hand (serving.sse_prefix)
             yield (f'{prefix}{{"index":{c.index},"delta":{{"content":{json_str(c.text)}}},'
                    f'"logprobs":{json_value(_logprobs(req, c))},"finish_reason":{json_value(c.finish_reason)},'
-                   f'"stop_reason":{json_value(c.stop_reason)}{ids}}}]}}\n\n')
+                   f'"stop_reason":{json_value(c.stop_reason)}{ids}}}]{tail}}}\n\n')
     if req.include_usage:
         details = _usage_details(ctx, req, thinks, num_cached, answers.values())
         yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion, details)})

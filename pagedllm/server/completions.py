@@ -134,12 +134,17 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     head = {"id": request_id, "object": "text_completion", "created": created, "model": req.model or ctx.model_name}
     prefix = sse_prefix(head)
     plain = req.logprobs is None and not req.echo and not req.return_token_ids   # a choice is its text alone
+    continuous, counts = req.continuous_usage, {}   # each choice's tokens so far (continuous_usage_stats)
+    tail = ""   # after the choices: the chunk's usage with continuous_usage_stats (vLLM's)
     async for i, out in outputs:
         for c in out.outputs:
             index = i * req.n + c.index
             num_completion += len(c.token_ids)
+            if continuous:
+                counts[index] = counts.get(index, 0) + len(c.token_ids)
+                tail = f',"usage":{json_value(usage(len(out.prompt_token_ids), counts[index]))}'
             if plain:   # the choice's fields as they are: no _choice dict for every stream's every step
-                yield f"{prefix}{_choice_json(index, c.text, None, c.finish_reason, c.stop_reason)}]}}\n\n"
+                yield f"{prefix}{_choice_json(index, c.text, None, c.finish_reason, c.stop_reason)}]{tail}}}\n\n"
                 continue
             first = index not in started
             started.add(index)
@@ -148,7 +153,7 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
             if req.return_token_ids:   # vLLM's: the prompt's ids in a choice's first chunk, each chunk its new ids
                 choice.update(prompt_token_ids=out.prompt_token_ids if first else None, token_ids=list(c.token_ids))
-            yield f"{prefix}{_choice_json(**choice)}]}}\n\n"   # sse({**head, "choices": [choice]})
+            yield f"{prefix}{_choice_json(**choice)}]{tail}}}\n\n"   # sse({**head, "choices": [choice], [usage]})
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
 

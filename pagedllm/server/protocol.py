@@ -91,6 +91,7 @@ class _Request(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = False   # null: false (vLLM's)
+    continuous_usage_stats: bool | None = False   # vLLM's: with include_usage, each chunk its choice's usage so far
 
 
 class _SamplingRequest(_Request):
@@ -200,6 +201,10 @@ class _SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and bool(self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                            defaults: dict | None = None) -> SamplingParams:

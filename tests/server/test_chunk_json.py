@@ -127,3 +127,32 @@ def test_sse_response_bodies():
                                                      b"data: [DONE]\n\n", b""]
         assert [m["more_body"] for m in messages[1:]] == [True, True, True, False]
         assert aborted == ["r-0", "r-1"]
+
+
+def test_continuous_usage_stats_put_each_choices_usage_in_its_chunks():
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries the usage of its
+    choice so far (its prompt's tokens, the choice's tokens); the last chunk is the whole request's usage."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for n in (1, 2):
+        for plain in (True, False):
+            req = CompletionRequest(prompt=[[1, 2, 3], [4]], n=n, stream=True, stream_options=options,
+                                    echo=not plain)
+            chunks = _chunks(completions._stream(CTX, req, "cmpl-1", ["p", "q"], 6,
+                                                 merge([_stream(_outputs(n, False)) for _ in range(2)]), ["", ""]))
+            _check(chunks)
+            seen: dict[int, int] = {}
+            for chunk in chunks[:-1]:
+                obj = json.loads(chunk[6:])
+                index = obj["choices"][0]["index"]
+                seen[index] = seen.get(index, 0) + 1
+                assert obj["usage"] == {"prompt_tokens": 3, "completion_tokens": seen[index], "total_tokens":
+                                        3 + seen[index]}
+            assert json.loads(chunks[-1][6:])["usage"]["completion_tokens"] == 2 * n * len(TEXTS)
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=n, stream=True,
+                                    stream_options=options)
+        chunks = _chunks(chat._stream(CTX, req, plan_tools(req, None, False), "chatcmpl-1", [1, 2, 3],
+                                      merge([_stream(_outputs(n, False))]), None, ""))
+        _check(chunks)
+        usages = [json.loads(c[6:])["usage"]["completion_tokens"] for c in chunks[:-1]]
+        assert usages == [0] * n + [step for step in range(1, len(TEXTS) + 1) for _ in range(n)]
+        assert json.loads(chunks[-1][6:])["usage"]["completion_tokens"] == n * len(TEXTS)
