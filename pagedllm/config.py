@@ -50,7 +50,8 @@ class EngineConfig:
                           choices=_LOAD_FORMATS)
     seed: int = _f(0, "seed of the global random state (requests without their own seed)")
     generation_config: str = _f("auto", "sampling defaults (temperature, top_p, top_k, min_p, "
-                                        "repetition_penalty) for what requests leave unset: auto = the "
+                                        "repetition_penalty, max_new_tokens as max_tokens) for what requests "
+                                        "leave unset: auto = the "
                                         "model's generation_config.json, vllm = none, or a directory "
                                         "holding a generation_config.json")
     block_size: int = _f(16, "tokens per KV cache block")

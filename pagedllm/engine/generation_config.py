@@ -1,7 +1,9 @@
 """Sampling defaults from the model's generation_config.json, as vLLM's `--generation-config auto|vllm|DIR`.
 
 The defaults fill what a request leaves unset: LLM.generate / chat with sampling_params=None take them all
-(LLM.get_default_sampling_params()), a server request takes each one it does not give itself.
+(LLM.get_default_sampling_params()), a server request takes each one it does not give itself. As vLLM's
+get_diff_sampling_param, the file's max_new_tokens is the default max_tokens (the server caps it at what a
+prompt leaves of max_model_len).
 """
 import json
 import logging
@@ -11,12 +13,13 @@ from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
 
-DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 def load_default_sampling_params(model_dir: str, generation_config: str) -> dict:
     """auto: model_dir's generation_config.json; vllm: none; otherwise a directory holding the file.
-    Only the keys of DEFAULT_KEYS the file sets (not null) are taken; the log line says which."""
+    Only the keys of DEFAULT_KEYS the file sets (not null) are taken, max_new_tokens as max_tokens (HF's name
+    for it); the log line says which."""
     if generation_config == "vllm":
         logger.info("sampling defaults: none (generation_config vllm)")
         return {}
@@ -34,7 +37,8 @@ def load_default_sampling_params(model_dir: str, generation_config: str) -> dict
         raise ValueError(f"generation_config: {path} is not valid JSON: {e}") from e
     if not isinstance(values, dict):
         raise ValueError(f"generation_config: {path} must hold a JSON object, got {type(values).__name__}")
-    defaults = {k: values[k] for k in DEFAULT_KEYS if values.get(k) is not None}
+    defaults = {"max_tokens" if k == "max_new_tokens" else k: values[k]
+                for k in DEFAULT_KEYS if values.get(k) is not None}
     try:   # checked now, against SamplingParams' own rules: a bad value is the file's, not a later request's
         SamplingParams(**defaults)
     except ValueError as e:

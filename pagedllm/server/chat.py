@@ -66,6 +66,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     max_tokens = getattr(req, max_tokens_param)
     kept = truncate_prompt(prompt_ids, req.truncate_prompt_tokens, ctx.engine.max_model_len,
                            req.truncation_side or "left")
+    if max_tokens is None:
+        max_tokens = ctx.default_max_tokens(len(kept))
     ctx.check_context_length(len(kept), max_tokens, "messages", max_tokens_param)
     if req.top_logprobs and not req.logprobs:   # 0 asks for none: vLLM's default, accepted without logprobs
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")

@@ -89,6 +89,14 @@ class ServingContext:
                                 f"`{self.model_name}`{aliases}{adapters}).", "model", "model_not_found")
         return lora
 
+    def default_max_tokens(self, num_prompt_tokens: int) -> int | None:
+        """max_tokens of a request that leaves it unset, as vLLM's get_max_tokens: the generation config's
+        max_new_tokens, capped at what the prompt leaves of max_model_len; None without one (up to max_model_len)
+        or when the prompt leaves no room (check_context_length then names the prompt)."""
+        default = self.engine.default_sampling_params.get("max_tokens")
+        room = self.engine.max_model_len - num_prompt_tokens
+        return min(default, room) if default is not None and room >= 1 else None
+
     def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str,
                              max_tokens_param: str):
         """A prompt must leave room for max_tokens (at least one token when max_tokens is unset) in the model's

@@ -4,7 +4,7 @@ import json
 
 import httpx
 import pytest
-from server.server_utils import MODEL_NAME, start_server, stop_server, wait_healthy
+from server.server_utils import CHAT_TEMPLATE, MAX_MODEL_LEN, MODEL_NAME, start_server, stop_server, wait_healthy
 
 from pagedllm import SamplingParams
 
@@ -12,9 +12,9 @@ from pagedllm import SamplingParams
 @pytest.fixture(scope="module")
 def gen_server(tiny_model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("gen_server")
-    (root / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_k": 1}))
+    (root / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_k": 1, "max_new_tokens": 5}))
     server = start_server(tiny_model_dirs["llama"], str(root / "serve.log"), None, "--log-level", "info",
-                          "--generation-config", str(root))
+                          "--generation-config", str(root), "--chat-template", CHAT_TEMPLATE)
     try:
         wait_healthy(server)
         yield server
@@ -24,7 +24,7 @@ def gen_server(tiny_model_dirs, tmp_path_factory):
 
 def test_startup_log(gen_server):
     log = open(gen_server.log_path).read()
-    assert "sampling defaults from" in log and "{'temperature': 0.7, 'top_k': 1}" in log
+    assert "sampling defaults from" in log and "{'temperature': 0.7, 'top_k': 1, 'max_tokens': 5}" in log
     line = next(x for x in log.splitlines() if "engine core ready in" in x)
     assert " on cpu (float32), weights loaded in " in line and " KV blocks of 16 tokens, no CUDA graphs" in line
 
@@ -41,3 +41,21 @@ def test_unset_fields_take_the_defaults(gen_server, offline_llm):
 
     assert complete() == offline(temperature=0.0)                 # top_k 1 from the generation config
     assert complete(top_k=0, seed=3) == offline(temperature=0.7, seed=3) != offline(temperature=0.0)
+
+
+def test_unset_max_tokens_takes_max_new_tokens_within_the_context(gen_server):
+    """vLLM's get_max_tokens: a request without max_tokens gets the generation config's max_new_tokens, capped at
+    what its prompt leaves of max_model_len (not a 400); completions' own default stays 16."""
+    def usage(route, **body):
+        r = httpx.post(gen_server.url + route, json={"model": MODEL_NAME, "ignore_eos": True, **body}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+
+    chat = [{"role": "user", "content": "hi"}]
+    assert usage("/v1/chat/completions", messages=chat)["completion_tokens"] == 5
+    assert usage("/v1/completions", prompt="Once upon a time", max_tokens=None)["completion_tokens"] == 5
+    assert usage("/v1/completions", prompt="Once upon a time")["completion_tokens"] == 16
+    long = [1] + [300] * (MAX_MODEL_LEN - 3)   # leaves 2 tokens
+    assert usage("/v1/completions", prompt=long, max_tokens=None) == {
+        "prompt_tokens": MAX_MODEL_LEN - 2, "completion_tokens": 2, "total_tokens": MAX_MODEL_LEN}
+    assert usage("/v1/completions", prompt=[long, [1, 300]], max_tokens=None)["completion_tokens"] == 2 + 5

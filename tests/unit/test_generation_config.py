@@ -24,8 +24,9 @@ def test_auto_vllm_and_dir(tmp_path, caplog):
     model = _write(tmp_path / "model", GEN_CONFIG)
     other = _write(tmp_path / "other", {"temperature": 0.0, "min_p": 0.05})
     with caplog.at_level(logging.INFO, logger="pagedllm"):
+        # max_new_tokens is vLLM's default max_tokens (get_diff_sampling_param)
         assert load_default_sampling_params(model, "auto") == {"temperature": 0.6, "top_p": 0.9, "top_k": 20,
-                                                               "repetition_penalty": 1.1}
+                                                               "repetition_penalty": 1.1, "max_tokens": 7}
     assert "sampling defaults from" in caplog.text and "'temperature': 0.6" in caplog.text
     assert load_default_sampling_params(model, other) == {"temperature": 0.0, "min_p": 0.05}
     assert load_default_sampling_params(model, "vllm") == {}
@@ -44,19 +45,20 @@ def greedy_by_default(tmp_path_factory):
     """The demo model with a generation config that makes sampling greedy (top_k 1), and temperature 0.5."""
     model = tmp_path_factory.mktemp("gen") / "demo"
     shutil.copytree(DEMO_DIR, model)
-    _write(model, {"eos_token_id": [2, 1], "temperature": 0.5, "top_k": 1, "top_p": 0.8})
+    _write(model, {"eos_token_id": [2, 1], "temperature": 0.5, "top_k": 1, "top_p": 0.8, "max_new_tokens": 5})
     return LLM(str(model), max_model_len=64, log_stats_interval=0, seed=3)
 
 
 def test_llm_uses_the_defaults(greedy_by_default):
     llm = greedy_by_default
-    assert llm.engine.default_sampling_params == {"temperature": 0.5, "top_k": 1, "top_p": 0.8}
-    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.5, top_k=1, top_p=0.8)
+    assert llm.engine.default_sampling_params == {"temperature": 0.5, "top_k": 1, "top_p": 0.8, "max_tokens": 5}
+    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.5, top_k=1, top_p=0.8, max_tokens=5)
     prompts = ["Once upon a time", "The little dog"]
     greedy = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     sampled = llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=16, seed=1), use_tqdm=False)
-    default = llm.generate(prompts, use_tqdm=False)   # SamplingParams' max_tokens (16): only sampling changes
-    assert [o.outputs[0].token_ids for o in default] == [o.outputs[0].token_ids for o in greedy]
+    default = llm.generate(prompts, use_tqdm=False)   # max_new_tokens (5) as max_tokens, and greedy by top_k 1
+    assert [o.outputs[0].token_ids for o in default] == [o.outputs[0].token_ids[:5] for o in greedy]
+    assert all(len(o.outputs[0].token_ids) == 5 for o in default)
     assert [o.outputs[0].token_ids for o in sampled] != [o.outputs[0].token_ids for o in greedy]
 
 
