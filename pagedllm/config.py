@@ -12,7 +12,7 @@ from pagedllm.field_types import check_types
 
 DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")   # half, float: vLLM's aliases
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _PREEMPTION_MODES = ("recompute", "swap", "offload")
 _SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -35,8 +35,9 @@ class EngineConfig:
     tokenizer: str | None = _f(None, "tokenizer directory (default: the model directory)")
     skip_tokenizer_init: bool = _f(False, "load no tokenizer: prompts are token ids, outputs carry token ids "
                                           "and empty text (offline; not with serve)")
-    dtype: str = _f("auto", "weights and activations dtype; auto = the checkpoint's dtype on GPU, "
-                            "float32 on CPU", choices=_DTYPES)
+    dtype: str = _f("auto", "weights and activations dtype (half = float16, float = float32); auto = "
+                            "the checkpoint's fp16/bf16 on GPU (a float32 one: bfloat16 where the GPU has it, "
+                            "else float16), float32 on CPU", choices=_DTYPES)
     device: str = _f("auto", "cpu, cuda or cuda:N; auto = cuda when available")
     quantization: str | None = _f(None, "fp8: linear layers' weights in float8_e4m3 per output channel (quantized "
                                         "at load, or as a pre-quantized fp8 / compressed-tensors checkpoint "

@@ -191,12 +191,15 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
     if dtype != "auto":
-        return getattr(torch, dtype)
+        return getattr(torch, {"half": "float16", "float": "float32"}.get(dtype, dtype))
     if device.type == "cpu":
         return torch.float32
     ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     ckpt = getattr(torch, ckpt) if isinstance(ckpt, str) else ckpt
-    return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.float16   # as vLLM: fp32 runs in fp16
+    if ckpt in (torch.float16, torch.bfloat16):
+        return ckpt
+    # as vLLM: a float32 (or unstated) checkpoint runs in the GPU's preferred dtype, bf16 where it has it
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _resolve_max_model_len(max_model_len: int | None, hf_config) -> int:

@@ -69,3 +69,20 @@ def test_paths_numbers_and_json_dicts_are_taken():
     config = EngineConfig(model=Path(DEMO_MODEL), gpu_memory_utilization=1,
                           speculative_config={"method": "ngram", "num_speculative_tokens": 2})
     assert config.model == DEMO_MODEL and config.speculative.num_speculative_tokens == 2
+
+
+@pytest.mark.parametrize("dtype, ckpt, bf16_ok, expected", [
+    ("half", "bfloat16", True, "float16"),        # vLLM's aliases: half = float16, float = float32
+    ("float", "bfloat16", True, "float32"),
+    ("auto", "float32", True, "bfloat16"),        # vLLM downcasts fp32 to the GPU's preferred dtype: bf16 ...
+    ("auto", "float32", False, "float16"),        # ... where it has bf16 (compute capability 8.0+), else fp16
+    ("auto", "bfloat16", True, "bfloat16"),
+])
+def test_dtype_as_vllm_resolves_it(monkeypatch, dtype, ckpt, bf16_ok, expected):
+    import torch
+    from transformers import LlamaConfig
+
+    from pagedllm.engine.engine import resolve_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    config = EngineConfig(dtype=dtype)   # accepted by the config (and so by --dtype)
+    assert resolve_dtype(config.dtype, LlamaConfig(dtype=ckpt), torch.device("cuda")) == getattr(torch, expected)
