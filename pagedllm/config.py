@@ -4,6 +4,7 @@ The CLI (`pagedllm.cli`) generates its flags from these fields; `help` in each f
 help text. Flag names follow vLLM's where the meaning is the same.
 """
 import importlib.util
+import json
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -55,6 +56,10 @@ class EngineConfig:
                                         "leave unset: auto = the "
                                         "model's generation_config.json, vllm = none, or a directory "
                                         "holding a generation_config.json")
+    override_generation_config: str | None = _f(None, "a JSON object over the generation config's values, also with "
+                                                "generation_config vllm (vLLM's flag), e.g. '{\"temperature\": "
+                                                "0.5}'; keys: temperature, top_p, top_k, min_p, "
+                                                "repetition_penalty, max_new_tokens", python_types=(str, dict))
     block_size: int = _f(16, "tokens per KV cache block")
     max_model_len: int | None = _f(None, "longest prompt + output (default: the model's max_position_embeddings)")
     max_num_seqs: int | None = _f(None, "most requests running in one step (default: 512 on a GPU of 70 GiB or "
@@ -136,6 +141,10 @@ class EngineConfig:
                self.structured_outputs_compile_timeout)
         _check(self.structured_outputs_compile_workers >= 1, "structured_outputs_compile_workers", ">= 1",
                self.structured_outputs_compile_workers)
+        self.override_generation_config = _json_object(self.override_generation_config, "override_generation_config")
+        from pagedllm.engine.generation_config import DEFAULT_KEYS
+        unknown = sorted(set(self.override_generation_config or ()) - set(DEFAULT_KEYS))
+        _check(not unknown, "override_generation_config", f"made of the keys {list(DEFAULT_KEYS)}", unknown)
         self._check_kv_tiers()
         self._check_lora()
         self._check_tensor_parallel()
@@ -315,6 +324,17 @@ def host_memory_gib() -> float | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _json_object(value: str | dict | None, name: str) -> dict | None:
+    """A flag given as JSON text (the CLI) or a dict (Python callers), as a dict."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"{name} must be a JSON object: {e}") from None
+    _check(value is None or isinstance(value, dict), name, "a JSON object", value)
+    return value
 
 
 def _check(ok: bool, name: str, limit: str, value):

@@ -80,7 +80,8 @@ class AsyncLLM:
         self.input_processor = InputProcessor.for_engine(config, self.tokenizer, model.hf_config.vocab_size,
                                                          self.max_model_len, num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer, stream_interval)
-        self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
+        self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config,
+                                                            config.override_generation_config)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.shared_waiting = shared_waiting
         self._num_published = 0                       # this process's part of shared_waiting

@@ -60,7 +60,8 @@ class Engine:
         self.input_processor = InputProcessor.for_engine(config, self.tokenizer, self.vocab_size, self.max_model_len,
                                                          self.core.runner.num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config)
+        self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config,
+                                                            config.override_generation_config)
         self.stats_logger = StatsLogger(config.log_stats_interval)
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,

@@ -89,3 +89,33 @@ def test_a_bad_file_is_an_error_naming_it_at_load(tmp_path, text, words):
     with pytest.raises(ValueError, match=words) as e:
         load_default_sampling_params(str(tmp_path), "auto")
     assert str(tmp_path / "generation_config.json") in str(e.value)
+
+
+def test_override_generation_config_as_vllm(tmp_path):
+    """vLLM's --override-generation-config: a JSON object over the file's values (also with generation_config
+    vllm); max_new_tokens is max_tokens there too."""
+    from pagedllm.cli import main  # noqa: F401  (the flag is generated from the field)
+    from pagedllm.config import EngineConfig
+    model = _write(tmp_path / "model", GEN_CONFIG)
+    override = EngineConfig(override_generation_config='{"temperature": 0.1, "max_new_tokens": 3}')
+    assert override.override_generation_config == {"temperature": 0.1, "max_new_tokens": 3}
+    assert load_default_sampling_params(model, "auto", override.override_generation_config) == {
+        "temperature": 0.1, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "max_tokens": 3}
+    assert load_default_sampling_params(model, "vllm", {"top_k": 5}) == {"top_k": 5}
+
+
+@pytest.mark.parametrize("value, words", [
+    ("{bad", "override_generation_config must be a JSON object"),
+    ("[1]", "override_generation_config must be a JSON object"),
+    ('{"temprature": 0.5}', "override_generation_config must be made of the keys .*max_new_tokens"),
+])
+def test_a_bad_override_names_the_field(value, words):
+    from pagedllm.config import EngineConfig
+    with pytest.raises(ValueError, match=words):
+        EngineConfig(override_generation_config=value)
+
+
+def test_override_generation_config_flag(tmp_path, capsys):
+    from pagedllm.cli import main
+    assert main(["generate", "--override-generation-config", '{"max_new_tokens": 0}', "--max-model-len", "64"]) == 2
+    assert "generation_config" in capsys.readouterr().err
