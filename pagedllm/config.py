@@ -61,12 +61,14 @@ class EngineConfig:
                                                 "0.5}'; keys: temperature, top_p, top_k, min_p, "
                                                 "repetition_penalty, max_new_tokens", python_types=(str, dict))
     block_size: int = _f(16, "tokens per KV cache block")
-    max_model_len: int | None = _f(None, "longest prompt + output (default: the model's max_position_embeddings)")
+    max_model_len: int | None = _f(None, "longest prompt + output, also as vLLM's 32k (32000) or 32K (32768) "
+                                         "(default: the model's max_position_embeddings)", human_readable=True)
     max_num_seqs: int | None = _f(None, "most requests running in one step (default: 512 on a GPU of 70 GiB or "
                                         "more other than an A100, else 256)")
-    max_num_batched_tokens: int | None = _f(None, "token budget of one step; longer prompts are prefilled in "
+    max_num_batched_tokens: int | None = _f(None, "token budget of one step (also as 8k or 8K); longer prompts "
+                                                  "are prefilled in "
                                                   "chunks (default, as vLLM: 16384 offline and 8192 when serving "
-                                                  "on such a GPU, else 8192)")
+                                                  "on such a GPU, else 8192)", human_readable=True)
     enable_prefix_caching: bool = _f(True, "reuse the KV of cached full blocks across requests (off: the n "
                                            "sequences of one request still share their prompt's blocks)")
     gpu_memory_utilization: float = _f(0.90, "share of the GPU's total memory this engine may use: weights, "

@@ -86,3 +86,19 @@ def test_dtype_as_vllm_resolves_it(monkeypatch, dtype, ckpt, bf16_ok, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
     config = EngineConfig(dtype=dtype)   # accepted by the config (and so by --dtype)
     assert resolve_dtype(config.dtype, LlamaConfig(dtype=ckpt), torch.device("cuda")) == getattr(torch, expected)
+
+
+@pytest.mark.parametrize("value, expected", [("1k", "(1000)"), ("1K", "(1024)"), ("2.5k", "(2500)"),
+                                             ("600", "(600)")])
+def test_max_model_len_takes_vllms_human_readable_ints(capsys, value, expected):
+    """vLLM's --max-model-len 32k (k = 1000, K = 1024); the demo's 512 positions then refuse it, naming it."""
+    from pagedllm.cli import main
+    assert main(["generate", "--device", "cpu", "--max-model-len", value]) == 2
+    assert f"max_model_len {expected} must be at most" in capsys.readouterr().err
+
+
+def test_a_bad_human_readable_int_names_the_flag(capsys):
+    from pagedllm.cli import main
+    with pytest.raises(SystemExit):
+        main(["generate", "--max-model-len", "1.5K"])
+    assert "--max-model-len" in capsys.readouterr().err
