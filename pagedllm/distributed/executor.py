@@ -157,6 +157,9 @@ class TPRunner:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
+    def drop_request(self, req_id: str):
+        return self._mirrored(("drop_request", req_id), self.runner.drop_request, req_id)
+
     def reset_after_failed_step(self):
         return self._mirrored(("reset_after_failed_step",), self.runner.reset_after_failed_step)
 

@@ -3,7 +3,8 @@
 `Worker.handle(msg)` is the whole protocol, whatever carries the messages (a pipe here; a Ray actor's method
 call for a Ray executor). Messages, in the driver's order:
     ("execute", step, SchedulerOutput)    ("sample_constrained", step, bitmask rows, mask_rows)
-    ("result", step)                      ("reset_after_failed_step",)       ("shutdown",)
+    ("result", step)                      ("reset_after_failed_step",)
+    ("drop_request", req_id)              ("shutdown",)
 The worker's steps launch and read like the driver's (execute of N+1 before result of N), so its device keeps
 the next step queued too; its sampled ids equal the driver's (same all-gathered logits, same seeds) and
 stay here: only rank 0 reports outputs.
@@ -47,6 +48,8 @@ class Worker:
                     pending.result()
             elif kind == "sample_constrained":
                 self.runner.sample_constrained(self.pending[msg[1]], msg[2], msg[3])
+            elif kind == "drop_request":
+                self.runner.drop_request(msg[1])
             elif kind == "reset_after_failed_step":   # the step in flight before it is still read next
                 self.runner.reset_after_failed_step()
             else:

@@ -82,6 +82,16 @@ class EngineCore:
                               self.block_size, r.arrival_time, r.cache_salt, r.lora_request, lora_key,
                               r.kv_parent, r.hold_kv, lora_loading=r.lora_request is not None and lora_key is None,
                               priority=r.priority)
+            if r.request_id in self.scheduler.finished_req_ids:
+                # An id used again right after its last request ended: the runner drops that one now, as told
+                # with the next step its end would drop this one; and the step in flight's token for it is not
+                # this one's.
+                self.scheduler.finished_req_ids.discard(r.request_id)
+                self.runner.drop_request(r.request_id)
+                if self._in_flight is not None:
+                    self._in_flight[0].num_scheduled_tokens.pop(r.request_id, None)
+                if self.speculator is not None:
+                    self.speculator.forget([r.request_id])
             if r.sampling_params.structured_outputs is not None:   # compiles on a worker from now on
                 request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs,
                                                                   r.sampling_params.reasoning_end_token_id)

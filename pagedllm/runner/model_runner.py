@@ -137,6 +137,12 @@ class ModelRunner:
             self.draft.allocate(self.num_blocks)
 
     # ---- requests ----------------------------------------------------------------------------------------
+    def drop_request(self, req_id: str):
+        """A request ended before a step told the runner, and its id is used again (EngineCore.add_request takes
+        its end out of the next step's finished ids): its state goes now, not the new one's with that step."""
+        self._drop(req_id)
+        self._sampling_key = self._sampling_cache = None   # keyed by ids: it holds the old one's params
+
     def lora_key(self, lora_request) -> tuple:
         """The adapter's identity in the block hashes (read from disk if new: a bad adapter raises here)."""
         if self.lora is None:
@@ -355,15 +361,7 @@ class ModelRunner:
 
     def _update_states(self, sched: SchedulerOutput):
         for req_id in sched.finished_req_ids:
-            if self.lora is not None:
-                self.lora.release(req_id)
-            if self.draft is not None:
-                self.draft.forget(req_id)
-            state = self.states.pop(req_id, None)
-            if state is not None:
-                self.tables.release(state.row)
-                self.penalties.release(req_id)
-                self.constrained.discard(req_id)
+            self._drop(req_id)
         for new in sched.new_reqs:
             if self.draft is not None:   # new, or resumed: its blocks hold no draft KV of it
                 self.draft.reset(new.req_id)
@@ -385,6 +383,18 @@ class ModelRunner:
                 self.tables.set(state.row, state.num_blocks, cached.new_block_ids)
                 state.num_blocks += len(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+
+    def _drop(self, req_id: str):
+        """A request ended: everything the runner holds for it."""
+        if self.lora is not None:
+            self.lora.release(req_id)
+        if self.draft is not None:
+            self.draft.forget(req_id)
+        state = self.states.pop(req_id, None)
+        if state is not None:
+            self.tables.release(state.row)
+            self.penalties.release(req_id)
+            self.constrained.discard(req_id)
 
     def _sampling_metadata(self, rows: list[RunnerRequestState], num_scheduled: dict[str, int],
                            prev_in_flight: dict[str, int]) -> SamplingMetadata:
