@@ -236,7 +236,7 @@ def _chat_messages(req: CountTokensRequest) -> list[dict]:
             elif b.type == "tool_result" and m.role == "user":
                 if not b.tool_use_id:
                     raise APIError(400, f"{at}: a tool_result block needs tool_use_id", at, "invalid_value")
-                result = b.content if isinstance(b.content, str) else "".join(
+                result = b.content if isinstance(b.content, str) else "\n".join(
                     _text(c, f"{at}.content") for c in b.content or [])
                 messages.append({"role": "tool", "tool_call_id": b.tool_use_id,
                                  "content": f"Error: {result}" if b.is_error else result})
@@ -247,7 +247,8 @@ def _chat_messages(req: CountTokensRequest) -> list[dict]:
                                     f"{' (the models served take text)' if b.type in ('image', 'document') else ''}",
                                at, "unsupported_parameter")
         if texts or calls or thoughts or m.role == "assistant":
-            message = {"role": m.role, "content": "".join(texts) if texts else None}
+            # text blocks joined as chat's content parts are (and vLLM's): by newlines
+            message = {"role": m.role, "content": "\n".join(texts) if texts else None}
             if calls:
                 message["tool_calls"] = calls
             if thoughts:

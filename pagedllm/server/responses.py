@@ -385,13 +385,13 @@ def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
         elif kind == "function_call_output":
             if not item.call_id or item.output is None:
                 raise APIError(400, f"{at}: a function_call_output needs call_id and output", at, "invalid_value")
-            output = item.output if isinstance(item.output, str) else "".join(_texts(item.output, f"{at}.output"))
+            output = item.output if isinstance(item.output, str) else "\n".join(_texts(item.output, f"{at}.output"))
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
             continue
         else:
             if item.role is None or item.content is None:
                 raise APIError(400, f"{at}: a message needs role and content", at, "invalid_value")
-            content = item.content if isinstance(item.content, str) else "".join(
+            content = item.content if isinstance(item.content, str) else "\n".join(
                 _texts(item.content, f"{at}.content"))
             messages.append({"role": "system" if item.role == "developer" else item.role, "content": content})
         if thought is not None and messages and messages[-1]["role"] == "assistant":
@@ -421,6 +421,7 @@ def _decode_reasoning(blob: str, at: str) -> str:
 
 
 def _texts(parts: list[ContentPart], at: str) -> list[str]:
+    """The parts' texts; a message's are joined by newlines, as chat's content parts (and vLLM's) are."""
     for j, p in enumerate(parts):
         if p.type not in ("input_text", "output_text", "reasoning_text") or p.text is None:
             raise APIError(400, f"{at}.{j}: {p.type} content is not supported (the models served take text)",

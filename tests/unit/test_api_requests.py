@@ -1,0 +1,29 @@
+"""Requests of /v1/responses and /v1/messages as the chat request each becomes (server/responses.py,
+server/anthropic.py), without an engine: the prompt they render must be the one vLLM renders for them."""
+from types import SimpleNamespace
+
+from pagedllm.server import anthropic, responses
+
+NO_PARSER = SimpleNamespace(reasoning_parser=None)   # the ServingContext fields anthropic.to_chat reads
+
+
+def _responses_chat(body: dict):
+    req = responses.ResponsesRequest.model_validate(body)
+    return responses.to_chat(req, responses._messages(req, []))
+
+
+def test_text_parts_and_blocks_join_with_newlines_as_chat_content_parts_do():
+    # chat's content parts (and vLLM's, for these routes too) are joined by newlines: "Hello" "World" is not
+    # "HelloWorld"
+    parts = [{"type": "input_text", "text": "Hello"}, {"type": "input_text", "text": "World"}]
+    chat = _responses_chat({"input": [
+        {"role": "user", "content": parts},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": parts}]})
+    assert [m.content for m in chat.messages] == ["Hello\nWorld", None, "Hello\nWorld"]
+    blocks = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]
+    req = anthropic.MessagesRequest.model_validate({"model": "m", "max_tokens": 3, "messages": [
+        {"role": "user", "content": blocks},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": blocks}]}]})
+    assert [m.content for m in anthropic.to_chat(NO_PARSER, req).messages] == ["Hello\nWorld", None, "Hello\nWorld"]
