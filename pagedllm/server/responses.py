@@ -6,7 +6,8 @@ ChatCompletionRequest, and its answer, or its stream of chunks, becomes a Respon
                                        message items (user / system / developer / assistant; input_text and
                                        output_text parts) as messages, function_call items as the assistant's
                                        tool_calls, function_call_output items as role "tool" messages,
-                                       reasoning items as the next assistant message's reasoning
+                                       reasoning items as the next assistant message's reasoning; a last
+                                       assistant message in_progress or incomplete is continued (vLLM's)
     tools (function), tool_choice, parallel_tool_calls  ->  the same chat fields
     max_output_tokens, temperature, top_p  ->  max_tokens, temperature, top_p
     text.format text / json_object / json_schema  ->  response_format
@@ -324,6 +325,11 @@ def _as_message(output: list[dict]) -> dict:
 def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
     """The chat request of req, whose conversation is messages (_messages)."""
     body: dict[str, Any] = {"model": req.model, "messages": messages, "stream": req.stream}
+    last = req.input[-1] if isinstance(req.input, list) else None
+    if (last is not None and (last.type or "message") == "message" and last.role == "assistant"
+            and last.status in ("in_progress", "incomplete")):
+        # vLLM's partial message (Anthropic's prefill): the answer continues it, not a new assistant turn
+        body.update(add_generation_prompt=False, continue_final_message=True)
     for ours, theirs in (("max_tokens", "max_output_tokens"), *((f, f) for f in _SameAsChat.model_fields)):
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)

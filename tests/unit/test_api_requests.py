@@ -27,3 +27,13 @@ def test_text_parts_and_blocks_join_with_newlines_as_chat_content_parts_do():
         {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": blocks}]}]})
     assert [m.content for m in anthropic.to_chat(NO_PARSER, req).messages] == ["Hello\nWorld", None, "Hello\nWorld"]
+
+
+def test_an_assistant_message_in_progress_or_incomplete_is_continued():
+    # vLLM's partial message (Anthropic's prefill): the answer continues the last assistant message
+    for status, continued in (("in_progress", True), ("incomplete", True), ("completed", False), (None, False)):
+        last = {"role": "assistant", "content": "The best answer is (", **({"status": status} if status else {})}
+        chat = _responses_chat({"input": [{"role": "user", "content": "Greek name for Sun? (A) Sol (B) Helios"}, last]})
+        assert (chat.continue_final_message, chat.add_generation_prompt) == (continued, not continued), status
+    chat = _responses_chat({"input": [{"role": "user", "content": "Hi", "status": "incomplete"}]})
+    assert not chat.continue_final_message   # only an assistant's message is continued
