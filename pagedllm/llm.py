@@ -175,12 +175,13 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True,
+             lora_request=None, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
              tools: list[dict] | None = None) -> list[RequestOutput]:
         """One conversation (a list of OpenAI messages: {"role", "content"}, tool_calls, tool_call_id) or a list of
         them, through the chat template (vLLM's options: continue_final_message continues the last message;
-        chat_template_kwargs are extra template variables; tools are described to the model by the template)."""
+        chat_template_kwargs are extra template variables; tools are described to the model by the template).
+        lora_request: as generate()'s, one or one per conversation (vLLM's, in the same place)."""
         conversations = _conversations(messages)
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
@@ -191,7 +192,7 @@ class LLM:
                                chat_template_kwargs, tools) for c in conversations]
         # The template already holds any BOS token: encode without adding special tokens again.
         token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        return self.generate(token_ids, sampling_params, use_tqdm)
+        return self.generate(token_ids, sampling_params, use_tqdm, lora_request)
 
     def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -233,6 +233,21 @@ def test_lora_request_arguments(setup):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_chat_takes_lora_request(setup):
+    """vLLM's LLM.chat takes lora_request (one, or one per conversation), as generate does."""
+    base, loras, _ = setup
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True)
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    texts = ["Once upon a time", "The dog ran", "Lily saw a", "Tom and"]
+    ids = [llm.get_tokenizer().encode(t, add_special_tokens=False) for t in texts]
+    chats = llm.chat([[{"role": "user", "content": t}] for t in texts], GREEDY, use_tqdm=False,
+                     lora_request=loras["rs"], chat_template=template)
+    refs = llm.generate(ids, GREEDY, use_tqdm=False, lora_request=loras["rs"])
+    bases = llm.generate(ids, GREEDY, use_tqdm=False)
+    assert [c.outputs[0].token_ids for c in chats] == [r.outputs[0].token_ids for r in refs]
+    assert [c.outputs[0].token_ids for c in chats] != [b.outputs[0].token_ids for b in bases]
+
+
 @pytest.mark.parametrize("kw, match", [(dict(max_loras=0), "max_loras"), (dict(max_lora_rank=0), "max_lora_rank"),
                                        (dict(max_loras=2, max_cpu_loras=1), "max_cpu_loras")])
 def test_config_errors(kw, match):
