@@ -46,6 +46,7 @@ class LLM:
                  use_tqdm: bool = True, lora_request=None, priority: list[int] | None = None) -> list[RequestOutput]:
         """lora_request: a LoRARequest for every prompt, or a list of one (or None: the base) per prompt.
         priority: one per prompt, lower first (needs scheduling_policy="priority"; vLLM's).
+        use_tqdm: a progress bar, or a tqdm factory that makes it (vLLM's: functools.partial(tqdm, leave=False)).
         Runs every prompt to completion; outputs come back in input order. A request the engine core
         fails (its own data raised there, or its step did; the log says why) comes back with
         finish_reason "error" on its sequences, and the others as if it had not been there."""
@@ -194,9 +195,11 @@ class LLM:
         token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_ids, sampling_params, use_tqdm, lora_request)
 
-    def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+    def _run(self, total: int, use_tqdm) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=total, desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        # use_tqdm may be a tqdm factory, as vLLM's (functools.partial(tqdm, leave=False)): the bar is its
+        bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=total, desc="Processed prompts", disable=not use_tqdm,
+                                                         dynamic_ncols=True)
         start, num_in, num_out = time.perf_counter(), 0, 0
         with _frozen_gc():
             while self.engine.has_unfinished_requests():

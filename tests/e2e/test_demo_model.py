@@ -250,6 +250,17 @@ def test_enqueue_then_wait_for_completion(llm):
     assert llm.wait_for_completion(use_tqdm=False) == [] and not llm.engine.has_unfinished_requests()
 
 
+def test_use_tqdm_may_make_the_bar(llm):
+    """vLLM's use_tqdm takes a tqdm factory too (functools.partial(tqdm, leave=False)): the bar is its."""
+    import functools
+    import io
+
+    from tqdm import tqdm
+    out = io.StringIO()
+    llm.generate(["Once"], SamplingParams(max_tokens=2), use_tqdm=functools.partial(tqdm, file=out))
+    assert "Processed prompts" in out.getvalue()
+
+
 def test_logprob_tokens_read_as_in_the_text(llm):
     """The demo's SentencePiece tokens in logprobs keep their leading space: the chosen tokens join to the text,
     and the 20 top entries of a position are 20 different strings (" loved" and "loved" collided before)."""
