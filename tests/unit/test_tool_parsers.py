@@ -19,6 +19,8 @@ HERMES_OUTPUTS = [
     '<tool_call>\n{"name": "now"}\n</tool_call>',
     '<tool_call>{"arguments": {"list": [1, [2, {"x": "]"}]]}, "name": "late_name"}</tool_call>',
     "No tools needed: 2 < 3 and <tool is not a tag.",
+    # the end tag inside a string of the arguments is text (streamed, a delta ending after the string cut there)
+    '<tool_call>{"name": "f", "arguments": {"a": "</tool_call>", "b": "x</tool_call>y"}}</tool_call>',
 ]
 
 

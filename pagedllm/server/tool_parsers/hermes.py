@@ -57,18 +57,15 @@ class HermesToolParser(ToolParser):
             return False
         self._content(self._buf[:i])
         self._buf = self._buf[i + len(START):]
-        self._call, self._named = CallScanner("arguments"), False
+        self._call, self._named = CallScanner("arguments", END), False
         return True
 
     def _read_body(self) -> bool:
         call = self._call
-        read = len(call.text)
         n = call.feed(self._buf)
         self._buf = self._buf[n:]
-        end = call.text.find(END, max(0, read - len(END))) if not call.in_string else -1
-        if end >= 0 and not call.done:   # the tag closed a body that is not a whole object
-            self._buf = call.text[end + len(END):] + self._buf
-            call.text = call.text[:end]
+        if call.stopped:   # the tag closed a body that is not a whole object (not a tag inside a string)
+            call.text = call.text[:-len(END)]
             self._close_call(END)
             return True
         if call.name is not None and not self._named:

@@ -9,10 +9,12 @@ import json
 
 
 class CallScanner:
-    def __init__(self, args_key: str):
+    def __init__(self, args_key: str, stop: str | None = None):
         self.args_key = args_key
+        self.stop = stop           # a tag (no quotes in it) that ends the call where no string holds it
         self.name: str | None = None
         self.done = False          # the object has closed
+        self.stopped = False       # read up to the stop tag, outside any string, before the object closed
         self.keys: list[str] = []  # the object's own keys, in order
         self.text = ""             # every character read (a body that names no function becomes content)
         self._depth = 0
@@ -25,10 +27,6 @@ class CallScanner:
         self._ws = ""              # whitespace inside it, released with the next other character
         self._ready: list[str] = []
 
-    @property
-    def in_string(self) -> bool:
-        return self._in_string
-
     def feed(self, text: str) -> int:
         """Reads text until the object closes; returns how many characters were read."""
         n = len(text)
@@ -36,6 +34,11 @@ class CallScanner:
             self._char(ch)
             if self.done:
                 n = i + 1
+                break
+            # the tag has no quote: its last character outside strings means all of it is
+            if self.stop and ch == self.stop[-1] and not self._in_string \
+                    and (self.text[-len(self.stop):] + text[:i + 1]).endswith(self.stop):
+                self.stopped, n = True, i + 1
                 break
         self.text += text[:n]
         return n
