@@ -80,6 +80,8 @@ def test_hermes_non_streamed_calls_and_content():
     ('{"name": "f", "arguments": {}}', "{}"),
     ('{"name": "f", "arguments": "{\\"a\\": 1}"}', '{"a": 1}'),   # arguments quoted as a JSON string
     ('{"name": "f", "arguments": {"a": 1}  }', '{"a": 1}'),       # no trailing whitespace in them
+    ('{"name": "f", "arguments": {"a": 1}', '{"a": 1}'),            # the call's own } left out: not the tag
+    ('{"name": "f", "arguments": {"a": 1} x}', '{"a": 1}'),
 ])
 def test_hermes_arguments_shapes(body, arguments):
     text = f"<tool_call>\n{body}\n</tool_call>"

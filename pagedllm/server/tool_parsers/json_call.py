@@ -97,7 +97,7 @@ class CallScanner:
             self._end_value()
             self._expect = "key"
             self.done = ch == "}"
-        else:
+        elif not self._streamed:   # a streamed value's container has closed: what follows is not in it
             self._add(ch)
 
     def _add(self, ch: str):
