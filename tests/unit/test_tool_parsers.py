@@ -89,6 +89,17 @@ def test_hermes_arguments_shapes(body, arguments):
         assert summary(stream(HermesToolParser(), chunks)) == (None, [("f", arguments)])
 
 
+@pytest.mark.parametrize("text,arguments", [('<tool_call>{"name": "f"}', "{}"),
+                                            ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_', '{"a": 1}')])
+def test_call_without_its_end_tag_ends_at_the_finish(text, arguments):
+    """The model stops after the call's object (stop=["</tool_call>"], its EOS): the call still ends, so it
+    counts (streamed finish_reason "tool_calls", as non-streamed) and has its "{}"."""
+    for chunks in splits(text):
+        parser = HermesToolParser()
+        assert summary(stream(parser, chunks)) == (None, [("f", arguments)]), chunks
+        assert parser.num_calls == 1
+
+
 def test_whole_call_in_one_delta_keeps_its_arguments():
     """vLLM #31501: with a stream interval > 1 a whole call arrived in one delta and its arguments were empty."""
     delta = HermesToolParser().feed(HERMES_OUTPUTS[0])

@@ -33,10 +33,10 @@ class HermesToolParser(ToolParser):
         if self._bare is not None:   # never closed: not a call
             self._content(self._bare.text + self._buf)
             self._bare, self._buf = None, ""
-        if self._call is not None and not self._closing:
-            self._close_call("")
-        elif self._call is None:
+        if self._call is None:
             self._content(self._buf)
+        else:   # cut short, or its object closed and the end tag never came (a stop string, the model's EOS)
+            self._close_call("")
         self._buf = ""
         self._flush_content()
         return self._take()
