@@ -81,6 +81,9 @@ def test_hermes_non_streamed_calls_and_content():
     ('{"name": "f", "arguments": "{\\"a\\": 1}"}', '{"a": 1}'),   # arguments quoted as a JSON string
     ('{"name": "f", "arguments": {"a": 1}  }', '{"a": 1}'),       # no trailing whitespace in them
     ('{"name": "f", "arguments": {"a": 1}', '{"a": 1}'),            # the call's own } left out: not the tag
+    ('{"name": "f", "parameters": {"a": 1}}', '{"a": 1}'),          # Llama's key: not dropped
+    ('{"name": "f", "arguments": {"a": 1}, "arguments": {"b": 2}}', '{"a": 1}'),   # the first of them only
+    ('{"name": "f", "parameters": {"a": 1}, "arguments": null}', '{"a": 1}'),
     ('{"name": "f", "arguments": {"a": 1} x}', '{"a": 1}'),
 ])
 def test_hermes_arguments_shapes(body, arguments):
@@ -207,6 +210,7 @@ BARE = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
     ('{"name": "get_weather", "arguments": {}, "x": 1}', ('{"name": "get_weather", "arguments": {}, "x": 1}', [])),
     ("Sure: " + BARE, ("Sure: " + BARE, [])),
     ('{"name": "get_weather", "argu', ('{"name": "get_weather", "argu', [])),
+    (BARE.replace("arguments", "parameters"), (None, [("get_weather", '{"city": "Paris"}')])),
 ])
 def test_hermes_bare_call_without_tags(text, expected):
     """Qwen2.5-Coder-0.5B answers a bare call object: a call only at the start (or after a call), naming a tool."""

@@ -98,7 +98,7 @@ class RequiredCallsParser(ToolParser):
         if not self._opened:
             self._opened = ch == "["
         elif ch == "{":
-            self._call, self._named = CallScanner("parameters"), False
+            self._call, self._named = CallScanner(("parameters",)), False
             return text
         elif ch == "]":
             self._closed = True

@@ -1,15 +1,17 @@
 """Hermes-style tool calls (Qwen2.5, Qwen3, Hermes): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-anywhere in the text, any number of them; the text around them is content.
+anywhere in the text, any number of them; the text around them is content. The arguments may come under
+"parameters" (Llama's key, which models of these families write too): dropped, the call would run without them.
 
 Small models of these families often leave the tags out and answer a bare `{"name": ..., "arguments": ...}`
 (Qwen2.5-Coder-0.5B does, at temperature 0, for its own template's tool prompt). Such an object is a call when
-it opens the answer (or follows a call), has no keys but those two, and names one of the request's tools;
-otherwise it is content. Its arguments come in one delta, once the object has closed.
+it opens the answer (or follows a call), has no keys but name and its arguments, and names one of the request's
+tools; otherwise it is content. Its arguments come in one delta, once the object has closed.
 """
 from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser
 from pagedllm.server.tool_parsers.json_call import CallScanner
 
 START, END = "<tool_call>", "</tool_call>"
+ARGS_KEYS = ("arguments", "parameters")   # models of this format write either (Llama-style "parameters")
 
 
 class HermesToolParser(ToolParser):
@@ -57,7 +59,7 @@ class HermesToolParser(ToolParser):
             return False
         self._content(self._buf[:i])
         self._buf = self._buf[i + len(START):]
-        self._call, self._named = CallScanner("arguments", END), False
+        self._call, self._named = CallScanner(ARGS_KEYS, END), False
         return True
 
     def _read_body(self) -> bool:
@@ -86,13 +88,13 @@ class HermesToolParser(ToolParser):
             self._bare_ok = text[0] == "{"
             if not self._bare_ok:
                 return True
-            self._buf, self._bare = text, CallScanner("arguments")
+            self._buf, self._bare = text, CallScanner(ARGS_KEYS)
         n = self._bare.feed(self._buf)
         self._buf = self._buf[n:]
         if not self._bare.done:
             return False
         call, self._bare = self._bare, None
-        if call.name in self._tool_names and set(call.keys) <= {"name", "arguments"}:
+        if call.name in self._tool_names and set(call.keys) <= {"name", *ARGS_KEYS}:
             self._start_call(call.name)
             self._arguments(call.take_arguments())
             self._end_call()

@@ -1,5 +1,8 @@
 """One JSON object {"name": ..., <arguments key>: ...} read incrementally, as a tool call.
 
+The arguments are the value of the first of the arguments keys the object has (hermes reads "arguments" or
+"parameters", as models write either); a later one, or a repeated key, is not part of them.
+
 The arguments value is taken as the exact text the model wrote (from its first character to its last, no
 surrounding whitespace): an object's fragments are released as they arrive, so their concatenation is that
 text and parses whenever the model's did. Arguments given as a JSON string (some models quote them) are
@@ -9,8 +12,8 @@ import json
 
 
 class CallScanner:
-    def __init__(self, args_key: str, stop: str | None = None):
-        self.args_key = args_key
+    def __init__(self, args_keys: tuple[str, ...], stop: str | None = None):
+        self.args_keys = args_keys
         self.stop = stop           # a tag (no quotes in it) that ends the call where no string holds it
         self.name: str | None = None
         self.done = False          # the object has closed
@@ -23,6 +26,8 @@ class CallScanner:
         self._key: list[str] = []
         self._key_name: str | None = None
         self._value: list[str] = []
+        self._is_args = False      # the value being read is the arguments
+        self._has_args = False     # an arguments value has begun
         self._streamed = False     # the arguments value is an object/array: released as it comes
         self._ws = ""              # whitespace inside it, released with the next other character
         self._ready: list[str] = []
@@ -89,7 +94,9 @@ class CallScanner:
         elif self._expect == "value":
             if not ch.isspace():
                 self._expect = "in_value"
-                self._streamed = self._key_name == self.args_key and ch in "{["
+                self._is_args = self._key_name in self.args_keys and not self._has_args
+                self._has_args = self._has_args or self._is_args
+                self._streamed = self._is_args and ch in "{["
                 self._add(ch)
                 self._in_string = ch == '"'
                 self._depth += ch in "{["
@@ -122,7 +129,7 @@ class CallScanner:
             value = raw
         if self._key_name == "name" and isinstance(value, str) and self.name is None:
             self.name = value
-        elif self._key_name == self.args_key and value is not None:
+        elif self._is_args and value is not None:
             self._ready.append(value if isinstance(value, str) else raw)
 
 
