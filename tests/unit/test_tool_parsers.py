@@ -166,11 +166,22 @@ def test_required_output_without_a_call_is_content():
 
 
 @pytest.mark.parametrize("text,arguments", [(' {"city": "Oslo", "days": [1, 2]}\n', '{"city": "Oslo", "days": [1, 2]}'),
-                                            ("{}", "{}"), ("", "{}")])
+                                            ("{}", "{}")])
 def test_named_streamed_at_every_split_equals_non_streamed(text, arguments):
     assert NamedCallParser("f").parse_all(text)[1][0]["function"]["arguments"] == arguments
     for chunks in splits(text):
         assert summary(stream(NamedCallParser("f"), chunks)) == (None, [("f", arguments)])
+
+
+@pytest.mark.parametrize("text", ["", " \n"])
+def test_named_output_without_arguments_is_no_call(text):
+    """The reasoning took all of max_tokens, or the model ended its answer in it (the constraint starts after
+    </think>): the model called nothing, so no call to `name` with "{}" (which its schema may refuse), streamed
+    (not even a first delta with the name while it reasons) or not."""
+    assert NamedCallParser("f").parse_all(text) == (None, [])
+    for chunks in splits(text):
+        parser = NamedCallParser("f")
+        assert summary(stream(parser, chunks)) == (None, []) and parser.num_calls == 0
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {

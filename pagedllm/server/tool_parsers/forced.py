@@ -30,7 +30,8 @@ def required_schema(tools: list[dict], parallel_tool_calls: bool) -> dict:
 
 
 class NamedCallParser(ToolParser):
-    """The whole output is the arguments of one call to `name`."""
+    """The whole output is the arguments of one call to `name`. An output without any (the reasoning took all
+    of max_tokens, or ended the answer: the constraint starts after it) is no call, not a call with "{}"."""
 
     def __init__(self, name: str):
         super().__init__()
@@ -39,21 +40,20 @@ class NamedCallParser(ToolParser):
         self._ws = ""   # whitespace, released with the next other character (none at either end)
 
     def feed(self, text: str) -> DeltaMessage:
-        if not self._started:
-            self._start_call(self._name)
-            self._started = True
         text = self._ws + text
         if not self._args_len:   # nothing out yet: leading whitespace is not part of the arguments
             text = text.lstrip()
         kept = text.rstrip()
         self._ws = text[len(kept):]
+        if kept and not self._started:
+            self._start_call(self._name)
+            self._started = True
         self._arguments(kept)
         return self._take()
 
     def finish(self) -> DeltaMessage:
-        if not self._started:
-            self._start_call(self._name)
-        self._end_call()
+        if self._started:
+            self._end_call()
         return self._take()
 
 
