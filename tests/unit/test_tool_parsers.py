@@ -103,6 +103,15 @@ def test_call_without_its_end_tag_ends_at_the_finish(text, arguments):
         assert parser.num_calls == 1
 
 
+def test_value_nested_past_the_decoders_depth_is_no_error():
+    """A model looping on brackets: a value nested deeper than json.loads recurses was a RecursionError (a 500,
+    or the stream's error event)."""
+    deep = "[" * 5000 + "]" * 5000
+    for body in (f'{{"name": "f", "x": {deep}, "arguments": {{"a": 1}}}}', f'{{"name": "f", "arguments": "{deep}"}}'):
+        content, calls = HermesToolParser().parse_all(f"<tool_call>{body}</tool_call>")
+        assert content is None and [c["function"]["name"] for c in calls] == ["f"]
+
+
 def test_whole_call_in_one_delta_keeps_its_arguments():
     """vLLM #31501: with a stream interval > 1 a whole call arrived in one delta and its arguments were empty."""
     delta = HermesToolParser().feed(HERMES_OUTPUTS[0])

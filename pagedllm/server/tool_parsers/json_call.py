@@ -125,7 +125,7 @@ class CallScanner:
         raw = "".join(self._value).strip()
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):   # not JSON, or nested past the decoder's depth
             value = raw
         if self._key_name == "name" and isinstance(value, str) and self.name is None:
             self.name = value
