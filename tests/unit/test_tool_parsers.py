@@ -79,6 +79,7 @@ def test_hermes_non_streamed_calls_and_content():
     ('{"name": "f", "arguments": null}', "{}"),
     ('{"name": "f", "arguments": {}}', "{}"),
     ('{"name": "f", "arguments": "{\\"a\\": 1}"}', '{"a": 1}'),   # arguments quoted as a JSON string
+    ('{"name": "f", "arguments": "Paris"}', '"Paris"'),          # a string that holds no JSON: its literal
     ('{"name": "f", "arguments": {"a": 1}  }', '{"a": 1}'),       # no trailing whitespace in them
     ('{"name": "f", "arguments": {"a": 1}', '{"a": 1}'),            # the call's own } left out: not the tag
     ('{"name": "f", "parameters": {"a": 1}}', '{"a": 1}'),          # Llama's key: not dropped

@@ -6,7 +6,8 @@ The arguments are the value of the first of the arguments keys the object has (h
 The arguments value is taken as the exact text the model wrote (from its first character to its last, no
 surrounding whitespace): an object's fragments are released as they arrive, so their concatenation is that
 text and parses whenever the model's did. Arguments given as a JSON string (some models quote them) are
-released decoded once complete; null gives none (the caller writes "{}").
+released decoded once complete, when what it holds is JSON (else as the string literal, which is); null gives
+none (the caller writes "{}").
 """
 import json
 
@@ -129,8 +130,16 @@ class CallScanner:
             value = raw
         if self._key_name == "name" and isinstance(value, str) and self.name is None:
             self.name = value
-        elif self._is_args and value is not None:
-            self._ready.append(value if isinstance(value, str) else raw)
+        elif self._is_args and value is not None:   # a quoted string: its text, where that is JSON
+            self._ready.append(value if isinstance(value, str) and _is_json(value) else raw)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return True
 
 
 def _decode(literal: str):
