@@ -287,7 +287,7 @@ def _input(arguments: str) -> dict:
     finish_reason is length with the partial arguments; json.loads raising made it a 400)."""
     try:
         value = json.loads(arguments or "{}")
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):   # not JSON, or nested past the decoder's depth
         return {"arguments": arguments}
     return value if isinstance(value, dict) else {"arguments": value}
 

@@ -71,6 +71,13 @@ def test_a_forced_tool_call_cut_by_max_tokens_keeps_its_partial_arguments(client
     assert call.input["arguments"].startswith("{")
 
 
+def test_arguments_nested_past_the_decoders_depth_are_kept_as_text():
+    """A model looping on brackets in a call's arguments: json.loads' RecursionError was a 500."""
+    from pagedllm.server.anthropic import _input
+    deep = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
+    assert _input(deep) == {"arguments": deep}
+
+
 def test_stop_sequence_is_named(client, server):
     kw = dict(model=MODEL_NAME, system="You tell stories.", messages=STORY, max_tokens=24, extra_body=GREEDY)
     text = client.messages.create(**kw).content[0].text
