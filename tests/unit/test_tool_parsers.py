@@ -137,6 +137,18 @@ def test_arguments_stream_before_the_call_ends():
     assert delta.tool_calls[0].arguments == " a time"
 
 
+@pytest.mark.parametrize("text,content", [
+    (f"Checking.\n{HERMES_OUTPUTS[0]}\nDone.", "Checking.\nDone."),
+    (f"Checking. {HERMES_OUTPUTS[0]}\n{HERMES_OUTPUTS[0]}\n\nDone.", "Checking. Done."),
+    (f"Checking.{HERMES_OUTPUTS[0]}\nDone.", "Checking.\nDone."),
+    (f"\n{HERMES_OUTPUTS[0]}\nDone.\n", "Done."),
+])
+def test_content_around_calls_keeps_a_separator(text, content):
+    """Content before and after calls was joined without the whitespace between them ("Checking.Done.")."""
+    for chunks in splits(text):
+        assert stream(HermesToolParser(), chunks).content == content, chunks
+
+
 def test_text_that_is_not_a_call_stays_content():
     assert HermesToolParser().parse_all("a <tool_call>no json here</tool_call> b") == (
         "a <tool_call>no json here</tool_call> b", [])

@@ -67,6 +67,8 @@ class ToolParser:
         self._out = DeltaMessage()
         self._held_ws = ""            # content's trailing whitespace: dropped if a call follows it
         self._strip_leading = False   # content right after a call loses its leading whitespace
+        self._said = False            # some content (not only whitespace) went out
+        self._gap = ""                # whitespace dropped around calls that follow content: kept if more comes
         self._args_len = 0            # argument text emitted for the current call
         self._dropping = False        # the current call is past max_calls
 
@@ -90,10 +92,16 @@ class ToolParser:
 
     def _content(self, text: str):
         if self._strip_leading:
-            text = text.lstrip()
+            rest = text.lstrip()
+            if self._said and not self._gap:
+                self._gap = text[:len(text) - len(rest)]
+            text = rest
             self._strip_leading = not text
+            if text:   # content on both sides of calls keeps their whitespace ("Checking.\n<call>\nDone.")
+                text, self._gap = self._gap + text, ""
         text = self._held_ws + text
         kept = text.rstrip()
+        self._said = self._said or bool(kept)
         self._held_ws = text[len(kept):]
         self._out.content += kept
 
@@ -104,6 +112,8 @@ class ToolParser:
         self._held_ws = ""
 
     def _start_call(self, name: str):
+        if self._said and not self._gap:
+            self._gap = self._held_ws
         self._held_ws, self._args_len = "", 0
         self._dropping = self.max_calls is not None and self.num_calls >= self.max_calls
         if not self._dropping:
