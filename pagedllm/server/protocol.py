@@ -37,6 +37,15 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "s
                     "repetition_detection")
 # What beam search uses besides n, max_tokens and length_penalty (vLLM's BeamSearchParams).
 _BEAM_FIELDS = ("temperature", "ignore_eos", "include_stop_str_in_output")
+_DEFAULTS = SamplingParams()   # a sampling field at its default changes nothing, beam search or not
+
+
+def _at_default(name: str, value) -> bool:
+    """Whether a sampling field's value is what leaving it out gives (an empty list or map for none; a seed
+    changes nothing in a search without randomness)."""
+    default = getattr(_DEFAULTS, name)
+    return (value == default and type(value) is type(default) or name == "seed"
+            or (value in ([], {}) and default in (None, [], {})) or (name == "top_k" and value == -1))
 
 
 def validated(cls, body: dict):
@@ -181,6 +190,8 @@ class _SamplingRequest(_Request):
                   "prompt_logprobs", constraint_field(self)]
         for name in filter(None, unused):
             value = getattr(self, name, None)
+            if name in _SAMPLING_FIELDS and _at_default(name, value):   # e.g. a client's top_p 1.0, stop []
+                continue
             # 0 is neutral for a penalty or top_k, not for logprobs 0 (the chosen tokens' logprobs) or
             # prompt_logprobs 0 (the prompt's): those were answered empty
             asks = value is not False and value == 0 and name in ("logprobs", "prompt_logprobs")

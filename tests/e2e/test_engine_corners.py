@@ -1,7 +1,5 @@
 """Corners of the engine core that the differential fuzz (engine_fuzz.py) does not reach, each against the same
 requests run plainly (tiny random models, float32 on CPU)."""
-import pytest
-
 from pagedllm import LLM, SamplingParams
 
 

@@ -79,6 +79,18 @@ def test_beam_and_best_of_errors_name_the_field(server, body, param):
     assert json.loads(r.text)["error"]["param"] == param
 
 
+def test_beam_search_takes_sampling_fields_at_their_defaults(server):
+    """A client's sampling fields at their defaults (vLLM's skip_special_tokens true, top_p 1.0, stop [], a seed)
+    change nothing in a beam search: the same answer as without them, not a 400."""
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4, "n": 2, "use_beam_search": True}
+    neutral = {"skip_special_tokens": True, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "stop": [], "stop_token_ids": [],
+               "presence_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {}, "seed": 7}
+    plain, with_defaults = (httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60,
+                                       json={**body, **extra}) for extra in ({}, neutral))
+    assert with_defaults.status_code == 200, with_defaults.text
+    assert [c["text"] for c in with_defaults.json()["choices"]] == [c["text"] for c in plain.json()["choices"]]
+
+
 def test_beam_search_leaves_no_block_held(client, server):
     """The server's beams fork the held requests of the step before; every hold is released by the end (also
     when the search ends early on EOS)."""
