@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.sample.sampler import SamplingMetadata
+from pagedllm.sample.sampler import SamplingMetadata, position_seed
 from pagedllm.spec_decode.rejection_sampler import rejection_sample
 
 pytestmark = pytest.mark.gpu
@@ -77,13 +77,17 @@ def test_rejection_sampler_does_not_sync():
     drafts = torch.randint(0, 151936, (sum(num_draft),), device="cuda")
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_p=0.9, seed=3),
               SamplingParams(temperature=1.0)]
-    meta = SamplingMetadata.build(params, [None, torch.Generator(device="cuda").manual_seed(3), None],
-                                  [[]] * 3, "cuda")
-    rejection_sample(logits, num_draft, drafts, meta, g)   # warm-up
+    meta = SamplingMetadata.build(params, [None, 3, None], [[]] * 3, "cuda")
+    # the seeded row's positions, as the runner builds them (ModelRunner._position_metadata)
+    per_position = [(p, None if p.seed is None else position_seed(p.seed, j)) for p, s in zip(params, num_draft)
+                    for j in range(s + 1)]
+    positions = SamplingMetadata.build([p for p, _ in per_position], [x for _, x in per_position],
+                                       [[]] * len(per_position), "cuda")
+    rejection_sample(logits, num_draft, drafts, meta, g, position_meta=positions)   # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = rejection_sample(logits, num_draft, drafts, meta, g)
+        out = rejection_sample(logits, num_draft, drafts, meta, g, position_meta=positions)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     emitted = out.num_emitted.tolist()

@@ -36,8 +36,8 @@ def test_sampler_on_cuda_uses_the_kernel_and_keeps_seeded_rows_independent():
               SamplingParams(temperature=0.0)] + [SamplingParams(temperature=1.0, top_p=0.9)] * 5
 
     def sample(rows):
-        gens = [torch.Generator("cuda").manual_seed(p.seed) if p.seed is not None else None for p in params]
-        meta = SamplingMetadata.build([params[i] for i in rows], [gens[i] for i in rows], [[]] * len(rows), "cuda")
+        meta = SamplingMetadata.build([params[i] for i in rows], [params[i].seed for i in rows], [[]] * len(rows),
+                                      "cuda")
         return Sampler()(logits[rows], meta, torch.Generator("cuda").manual_seed(0)).sampled_token_ids.tolist()
 
     everything = sample(list(range(8)))

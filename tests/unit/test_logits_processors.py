@@ -177,8 +177,7 @@ def test_sampler_applies_processors_but_reports_raw_logprobs():
               SamplingParams(temperature=1.0, logprobs=1, bad_words=["x"], seed=1)]
     params[2].bad_words_token_ids = [[top[2]]]
     procs = build_logits_processors(params, None, [None] * 3, None, "cpu")
-    meta = SamplingMetadata.build(params, [None, None, torch.Generator().manual_seed(1)], [[], [], []], "cpu",
-                                  procs)
+    meta = SamplingMetadata.build(params, [None, None, 1], [[], [], []], "cpu", procs)
     before = logits.clone()
     out = Sampler()(logits, meta, generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits, before)                  # the caller's logits are not modified
