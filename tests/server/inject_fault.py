@@ -1,7 +1,7 @@
 """`pagedllm serve` with faults injected, run as a script by tests/server/test_faults.py:
-- a request with seed INJECT_SEED gets a prompt token id of 2**70 after the checks at the edge (as a gap in them
-  would let through), so that the engine core raises for its data as it hashes its blocks (`OverflowError: int
-  too big to convert`);
+- a request with seed INJECT_SEED loses its prompt token ids after the checks at the edge (as a gap in them would
+  let through), so that the engine core raises for its data as it makes the request (`TypeError: 'NoneType'
+  object is not iterable`);
 - a request with a seed of SLOW_SEEDS holds the engine core's loop for that many seconds while it is read
   there (unpickled), as a long step would."""
 import time
@@ -27,7 +27,7 @@ def _process_then_break(self, request_id, prompt, params, *args, **kwargs):
     req = _process(self, request_id, prompt, params, *args, **kwargs)
     if params.seed == INJECT_SEED:
         for r in req.core_requests:
-            r.prompt_token_ids[0] = 2**70
+            object.__setattr__(r, "prompt_token_ids", None)
     if params.seed in SLOW_SEEDS:
         for r in req.core_requests:
             slow = SlowToLoad.__new__(SlowToLoad)
