@@ -197,18 +197,19 @@ def finish_text(seq: BeamSearchSequence, prompt_len: int, params: BeamSearchPara
 
 
 def run_beam_search(instances: list[BeamSearchInstance], expand: Callable):
-    """Drives every instance to its end; `expand(prompts, parents)` runs one engine step's worth of beam prompts
-    (all of them in one batch; parents: each one's kv_parent or None) and returns each one's top logprobs and
-    the ids of the engine requests that ran them."""
+    """Drives every instance to its end; `expand(prompts, parents, owners)` runs one engine step's worth of beam
+    prompts (all of them in one batch; parents: each one's kv_parent or None; owners: the index in `instances` of
+    each one's instance) and returns each one's top logprobs and the ids of the engine requests that ran them."""
     while True:
-        live = [inst for inst in instances if not inst.done]
+        live = [(i, inst) for i, inst in enumerate(instances) if not inst.done]
         if not live:
             return
-        prompts = [inst.beam_prompts() for inst in live]
-        parents = list(itertools.chain.from_iterable(inst.beam_parents() for inst in live))
-        positions, req_ids = expand(list(itertools.chain.from_iterable(prompts)), parents)
+        prompts = [inst.beam_prompts() for _, inst in live]
+        parents = list(itertools.chain.from_iterable(inst.beam_parents() for _, inst in live))
+        owners = [i for (i, _), beams in zip(live, prompts) for _ in beams]
+        positions, req_ids = expand(list(itertools.chain.from_iterable(prompts)), parents, owners)
         positions, req_ids = iter(positions), iter(req_ids)
-        for inst, beams in zip(live, prompts):
+        for (_, inst), beams in zip(live, prompts):
             inst.step([next(positions) for _ in beams], [next(req_ids) for _ in beams])
 
 

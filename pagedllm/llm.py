@@ -104,15 +104,22 @@ class LLM:
             raise
         return ids
 
-    def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams, lora_request=None,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search, with transformers' selection rules (pagedllm/beam_search.py). Each step
         runs every live beam of every prompt as one batch of 1-token requests; each forks the request of the
         beam it extends copy-on-write (held until the step's requests are added), so nothing is recomputed.
+        lora_request: as generate()'s, one or one per prompt; use_tqdm: a bar of the steps (vLLM's).
         `self.last_beam_search_blocks`: (peak KV blocks in use, peak blocks without sharing); the
         engine's peak KV figures (get_stats) restart at each call."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         engine = self.engine
+        loras = _loras_per_prompt(lora_request, len(_as_prompt_list(prompts)))
+        for lora in dict.fromkeys(x for x in loras if x is not None):
+            if not isinstance(lora, LoRARequest):
+                raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora).__name__}")
+            engine.add_lora(lora)   # a bad adapter is a ValueError before anything runs
         eos = engine.input_processor.eos_token_ids
         step_params = step_sampling_params(params, len(eos))
         instances = []
@@ -128,14 +135,19 @@ class LLM:
         engine.reset_peak_stats()
         unshared, held = 0, []
 
-        def expand(beam_prompts: list[list[int]], parents: list[str | None]):
+        bar = tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm, dynamic_ncols=True)
+
+        def expand(beam_prompts: list[list[int]], parents: list[str | None], owners: list[int]):
             nonlocal unshared, held
             unshared = max(unshared, unshared_blocks(instances, engine.config.block_size))
-            positions, held = self._expand(beam_prompts, parents, step_params, search_id, salt, held)
+            positions, held = self._expand(beam_prompts, parents, [loras[i] for i in owners], step_params,
+                                           search_id, salt, held)
+            bar.update(1)
             return positions, held
         try:
             run_beam_search(instances, expand)
         finally:
+            bar.close()
             engine.release_kv_holds(held)   # the last step's requests: no beam forks them
         self.last_beam_search_blocks = (engine.get_stats().peak_blocks, unshared)
         decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
@@ -147,16 +159,16 @@ class LLM:
             outputs.append(BeamSearchOutput(seqs))
         return outputs
 
-    def _expand(self, beam_prompts: list[list[int]], parents: list[str | None], params: SamplingParams,
+    def _expand(self, beam_prompts: list[list[int]], parents: list[str | None], loras: list, params: SamplingParams,
                 search_id: str, salt: str | None, held: list[str]):
         """One engine batch of 1-token requests, each held for the next step's forks: each beam prompt's top
         logprobs, and the request ids. `held`: the previous step's requests, released once their children
-        (by `parents`) are added."""
+        (by `parents`) are added. loras: each beam prompt's adapter (its prompt's)."""
         ids = [f"{search_id}-{next(self._ids)}" for _ in beam_prompts]
         try:
-            for rid, prompt, parent in zip(ids, beam_prompts, parents):
+            for rid, prompt, parent, lora in zip(ids, beam_prompts, parents, loras):
                 self.engine.add_request(rid, prompt, params, OutputKind.FINAL, cache_salt=salt, kv_parent=parent,
-                                        hold_kv=True)
+                                        hold_kv=True, lora_request=lora)
             self.engine.release_kv_holds(held)
             finished = self._run(len(ids), use_tqdm=False)
         except BaseException:

@@ -248,6 +248,21 @@ def test_chat_takes_lora_request(setup):
     assert [c.outputs[0].token_ids for c in chats] != [b.outputs[0].token_ids for b in bases]
 
 
+def test_beam_search_takes_lora_request(setup):
+    """vLLM's LLM.beam_search takes lora_request (one, or one per prompt): at width 1 each prompt's beam is PEFT's
+    greedy answer under its adapter, the adapters mixed in one search's steps."""
+    from pagedllm.beam_search import BeamSearchParams
+    base, loras, refs = setup
+    names = assignment(loras)[:4]
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, max_loras=3)
+    outs = llm.beam_search(PROMPTS[:4], BeamSearchParams(beam_width=1, max_tokens=MAX_NEW, ignore_eos=True),
+                           lora_request=[loras.get(n) for n in names], use_tqdm=True)
+    for i, (out, name) in enumerate(zip(outs, names)):
+        assert out.sequences[0].tokens[len(PROMPTS[i]):] == refs[name][i][0], (i, name)
+    with pytest.raises(ValueError, match="lora_request has 1 entries for 2 prompts"):
+        llm.beam_search(PROMPTS[:2], BeamSearchParams(beam_width=2, max_tokens=2), lora_request=[loras["rs"]])
+
+
 @pytest.mark.parametrize("kw, match", [(dict(max_loras=0), "max_loras"), (dict(max_lora_rank=0), "max_lora_rank"),
                                        (dict(max_loras=2, max_cpu_loras=1), "max_cpu_loras")])
 def test_config_errors(kw, match):
