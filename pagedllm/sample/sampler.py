@@ -77,11 +77,17 @@ _MASK64 = (1 << 64) - 1
 
 def position_seed(seed: int, index: int) -> int:
     """The seed of a seeded request's output token `index`, in [0, 2**62) (the Gumbel kernel's range): SplitMix64
-    of the pair, so neighbouring seeds and indices give unrelated streams."""
-    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    steps from the seed's own mix, so neighbouring seeds and indices give unrelated streams (stepping from the seed
+    itself, seeds one step constant apart would give one stream shifted by an index)."""
+    return _mix64(_mix64(seed) + (index + 1) * 0x9E3779B97F4A7C15) >> 2
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser of z modulo 2**64."""
+    z &= _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 2
+    return z ^ (z >> 31)
 
 
 def chosen_logprob_ids(params: list[SamplingParams], width: int, device) -> torch.Tensor | None:

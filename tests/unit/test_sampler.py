@@ -248,6 +248,14 @@ def _run_seeded(seed_row: int, batch_params, batch_seeds, steps=6, vocab=1000):
     return tokens
 
 
+def test_position_seeds_of_nearby_seeds_and_indices_are_unrelated():
+    """No stream is another's shifted: seed s + the SplitMix64 step at index i is not seed s at index i + 1."""
+    step = 0x9E3779B97F4A7C15
+    seeds = {position_seed(s, i) for s in (0, 1, 2, -1, 12345, step, 2 * step) for i in range(50)}
+    assert len(seeds) == 7 * 50 and all(0 <= x < 2**62 for x in seeds)
+    assert position_seed(5 + step, 3) != position_seed(5, 4)
+
+
 def test_seeded_rows_do_not_depend_on_the_batch():
     mine = SamplingParams(seed=42, temperature=1.5, top_p=0.95)
     alone = _run_seeded(0, [mine], [42])
