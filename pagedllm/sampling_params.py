@@ -7,7 +7,7 @@ from pagedllm.field_types import is_int
 from pagedllm.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
-# torch.Generator.manual_seed takes any integer in this range (negatives as their two's complement)
+# Seeds are taken modulo 2**64 (sampler.position_seed): negatives as their two's complement
 SEED_MIN, SEED_END = -2**63, 2**64
 MAX_LOGPROB_TOKEN_IDS = 128   # vLLM's bound on logprob_token_ids
 
@@ -23,7 +23,7 @@ class SamplingParams:
     top_p: float = 1.0               # nucleus: keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0                   # keep the k most likely tokens; 0 or -1 = all
     min_p: float = 0.0               # drop tokens with probability < min_p * max probability
-    seed: int | None = None          # per-request generator: same seed, same output, whatever the batch
+    seed: int | None = None          # same seed, same output, whatever the batch (sampler.position_seed)
     max_tokens: int | None = 16      # None = up to max_model_len
     min_tokens: int = 0              # EOS and stop_token_ids are masked until this many tokens
     stop: list[str] | str | None = None

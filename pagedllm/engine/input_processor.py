@@ -81,7 +81,7 @@ class InputProcessor:
         core_requests = []
         for i in range(num_seqs):
             # Siblings share the prompt's blocks through the block hashes; seeded siblings differ by index
-            # (modulo 2**64: the same generator as seed + i, and always in manual_seed's range).
+            # (seed + i modulo 2**64: what position_seed makes of seed + i, and always in the seed's range).
             child_params = params if num_seqs == 1 else dataclasses.replace(
                 params, n=1, best_of=None, seed=None if params.seed is None else (params.seed + i) % SEED_END,
                 # best_of ranks by cumulative logprob: each sample's token logprob is needed

@@ -3,9 +3,9 @@ with probability softmax(logits / T)_i (the Gumbel-max trick). The torch path (s
 needs a float32 copy of the logits, a softmax and an (N, V) noise tensor: about ten passes over N x V.
 
 The noise is Philox keyed by one seed per row (counters derived from the token id), so a row's draw depends
-only on its seed, which the request's own generator (or the engine's) gives each step: seeded requests stay
-independent of their batch. Grid: (row, vocab chunk); each program keeps the best score of its chunk, and a small
-(N, chunks) argmax picks the winner.
+only on its seed: a seeded request's from its seed and the token's output index (sampler.position_seed), the
+others' from the engine's generator, so seeded requests stay independent of their batch. Grid: (row, vocab
+chunk); each program keeps the best score of its chunk, and a small (N, chunks) argmax picks the winner.
 """
 import torch
 import triton
