@@ -77,7 +77,6 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
     num = int(rng.integers(1, 13))
     shared = [rng.integers(3, 512, size=int(rng.integers(8, 60))).tolist() for _ in range(2)]
     prompts, params, loras = [], [], []
-    sampled_ok = spec == "none"   # speculation draws its randomness differently: greedy only there
     for _ in range(num):
         tail = rng.integers(3, 512, size=int(rng.integers(1, 40))).tolist()
         prompt = (shared[int(rng.integers(2))] + tail) if rng.random() < 0.5 else \
@@ -131,7 +130,7 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
             kw["skip_special_tokens"] = False
         elif "stop" not in kw and rng.random() < 0.05:
             kw["detokenize"] = False
-        if sampled_ok and rng.random() < 0.35:
+        if rng.random() < 0.35:   # seeded sampling: the same tokens with speculation or without, in any batch
             kw.update(temperature=0.8, top_p=float(rng.choice([1.0, 0.9])), seed=int(rng.integers(1 << 30)),
                       top_k=int(rng.choice([0, 0, 5, 50])), min_p=float(rng.choice([0.0, 0.0, 0.05])),
                       n=min(int(rng.choice([1, 2, 3])), config["max_num_seqs"]))
