@@ -215,9 +215,12 @@ def to_chat(ctx: ServingContext, req: CountTokensRequest) -> ChatCompletionReque
 def _chat_messages(req: CountTokensRequest) -> list[dict]:
     messages = []
     if req.system:
-        system = req.system if isinstance(req.system, str) else "\n".join(
-            _text(b, "system") for b in req.system)
-        messages.append({"role": "system", "content": system})
+        # blocks joined as they are (vLLM's), less Claude Code's attribution header: its per-request hash would
+        # make every prompt's start differ, so no prefix would be cached (vLLM drops it too)
+        system = req.system if isinstance(req.system, str) else "".join(
+            t for t in (_text(b, "system") for b in req.system) if not t.startswith("x-anthropic-billing-header"))
+        if system:
+            messages.append({"role": "system", "content": system})
     for i, m in enumerate(req.messages):
         where = f"messages.{i}.content"
         if isinstance(m.content, str):

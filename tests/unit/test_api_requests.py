@@ -37,3 +37,17 @@ def test_an_assistant_message_in_progress_or_incomplete_is_continued():
         assert (chat.continue_final_message, chat.add_generation_prompt) == (continued, not continued), status
     chat = _responses_chat({"input": [{"role": "user", "content": "Hi", "status": "incomplete"}]})
     assert not chat.continue_final_message   # only an assistant's message is continued
+
+
+def test_system_blocks_join_as_vllms_without_the_attribution_header():
+    """vLLM joins the system blocks as they are and drops Claude Code's billing header block (a per-request hash
+    that would defeat prefix caching)."""
+    system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; cch=8f3a;"},
+              {"type": "text", "text": "You are a helper. "}, {"type": "text", "text": "Be brief."}]
+    req = anthropic.MessagesRequest.model_validate({"model": "m", "max_tokens": 3, "system": system,
+                                                    "messages": [{"role": "user", "content": "Hi"}]})
+    assert [(m.role, m.content) for m in anthropic.to_chat(NO_PARSER, req).messages] == [
+        ("system", "You are a helper. Be brief."), ("user", "Hi")]
+    only_header = anthropic.MessagesRequest.model_validate({"model": "m", "max_tokens": 3, "system": system[:1],
+                                                            "messages": [{"role": "user", "content": "Hi"}]})
+    assert [m.role for m in anthropic.to_chat(NO_PARSER, only_header).messages] == ["user"]
