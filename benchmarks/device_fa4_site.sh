@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# FlashAttention-4 for the GPU machine (Python 3.12, no network there), as .fa4/site.tar.xz (git-ignored: add
-# /.fa4/ to .git/info/exclude): flash-attn-4 4.0.0b40 and CuTe DSL 4.8.1 (CUDA 13 libraries) with what they import
+# FlashAttention-4 for the GPU machine (Python 3.12, no network there), as .fa4/site.tar.xz (git-ignored; carry
+# ".fa4"): flash-attn-4 4.0.0b40 and CuTe DSL 4.8.1 (CUDA 13 libraries) with what they import
 # that the machine's image lacks. The DSL's libraries are 264 MB; pruned of its profiler, stubs and JAX glue and
 # packed by xz with a 256 MiB dictionary they are ~58 MB, which leaves room in a call's 64 MiB for the checkout.
 # There: mkdir -p /tmp/site && tar xJf .fa4/site.tar.xz -C /tmp/site && export PYTHONPATH=$PWD:/tmp/site
