@@ -159,7 +159,10 @@ def json_safe_lengths(schema):
     overlong forms (text that decodes to U+FFFD, more characters than maxLength). The same bounds as a pattern
     over the characters JSON allows unescaped, named as code point ranges, keep the string valid."""
     def bound(s: dict) -> dict:
-        if s.get("type") != "string" or "pattern" in s or "format" in s:
+        # a type list too ({"type": ["string", "null"]}): xgrammar bounds its strings the same way, and a pattern
+        # holds for strings only
+        types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
+        if "string" not in types or "pattern" in s or "format" in s:
             return s
         if "minLength" not in s and "maxLength" not in s:
             return s

@@ -93,6 +93,18 @@ def test_bounded_strings_stay_valid_json(compiler):
     assert json_safe_lengths({"type": "string", "pattern": "x"}) == {"type": "string", "pattern": "x"}
 
 
+def test_bounded_strings_of_a_type_list_stay_valid_json(compiler):
+    """{"type": ["string", "null"], "maxLength": n} (an optional bounded string) took a raw control character, as
+    a plain "string" did before build_grammar bounded it."""
+    for types in (["string", "null"], ["string"], ["integer", "string"]):
+        schema = {"type": types, "minLength": 1, "maxLength": 2}
+        assert not accepts(compiler, P(json=schema), '"\x01"')
+        assert accepts(compiler, P(json=schema), '"ab"')
+        assert not accepts(compiler, P(json=schema), '"abc"') and not accepts(compiler, P(json=schema), '""')
+    assert accepts(compiler, P(json={"type": ["string", "null"], "maxLength": 2}), "null")
+    assert accepts(compiler, P(json={"type": ["integer", "string"], "maxLength": 2}), "123")
+
+
 @pytest.mark.parametrize("p, field", [
     (P(json='{"type": "objec"}'), "json"), (P(json="{"), "json"), (P(json="[1]"), "json"),
     (P(json={"type": "string", "pattern": "(("}), "json"), (P(regex="a(b"), "regex"),
