@@ -61,7 +61,9 @@ class StructuredOutputsParams:
 
 def _check_type(p: StructuredOutputsParams):
     checks = {"json": (str, dict), "regex": (str,), "grammar": (str,), "structural_tag": (str, dict),
-              "json_object": (bool,)}
+              "json_object": (bool,),
+              # flags read by truth: "false" would have made the JSON compact
+              "disable_any_whitespace": (bool,), "disable_additional_properties": (bool,)}
     for name, types in checks.items():
         v = getattr(p, name)
         if v is not None and not isinstance(v, types):

@@ -77,6 +77,11 @@ def test_two_constraints_are_a_400_naming_both():
     ({"structured_outputs": {"regex": "a", "whitespace_pattern": " *"}}, "structured_outputs",
      "whitespace_pattern must be null"),
     ({"guided_decoding_backend": "outlines", "guided_regex": "a"}, "guided_decoding_backend", "outlines"),
+    # "false" read as true made the JSON compact: the flags are booleans or refused
+    ({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": "false"}}, "structured_outputs",
+     "structured_outputs.disable_any_whitespace must be bool"),
+    ({"structured_outputs": {"json": SCHEMA, "disable_additional_properties": 1}}, "structured_outputs",
+     "structured_outputs.disable_additional_properties must be bool"),
     ({"guided_whitespace_pattern": "[ ]?", "guided_json": SCHEMA}, "guided_whitespace_pattern", "xgrammar"),
 ])
 def test_bad_constraints_are_400s_naming_the_field(fields, param, words):
