@@ -58,7 +58,9 @@ def _rename(message: str, name: str) -> str:
     if name in GUIDED:
         return message.replace(f"{prefix}.{GUIDED[name]}", name)
     if name == "response_format":
+        # ".json:": grammar_spec's own refusals ("...json: 'not' at # is not enforced")
         for kind, path in ((".json_schema", ".json_schema"), (".json ", ".json_schema.schema "),
+                           (".json:", ".json_schema.schema:"),
                            (".json_object", ""), (".structural_tag", "")):
             message = message.replace(prefix + kind, name + path)
     return message.replace(prefix, name)
