@@ -251,7 +251,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
         ctx.responses.put(StoredResponse(queued, conversation))
         ctx.responses.running[head["id"]] = asyncio.ensure_future(_run_detached(ctx, chat, head, encrypted, keep))
         return queued
-    answer = await create_chat_completion(ctx, chat, raw_request)
+    answer = await _chat_completion(ctx, chat, raw_request)
     if isinstance(answer, SSEResponse):
         return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head, encrypted, keep))
     if isinstance(answer, Response):   # the client left
@@ -267,7 +267,7 @@ async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, head: 
     response_id = head["id"]
     ctx.responses.set_status(response_id, "in_progress")
     try:
-        answer = await create_chat_completion(ctx, chat, _Detached())
+        answer = await _chat_completion(ctx, chat, _Detached())
         keep(to_response(answer, head, encrypted))
     except asyncio.CancelledError:
         ctx.responses.set_status(response_id, "cancelled")
@@ -278,6 +278,20 @@ async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, head: 
         ctx.responses.set_status(response_id, "failed", {"code": "server_error", "message": str(e)})
     finally:
         ctx.responses.running.pop(response_id, None)
+
+
+async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, raw_request):
+    """create_chat_completion, its 400 about the response_format that text.format became named as the client sent
+    it (the schema's: text.format.schema)."""
+    try:
+        return await create_chat_completion(ctx, chat, raw_request)
+    except APIError as e:
+        if e.param != "response_format":
+            raise
+        schema = chat.response_format.get("type") == "json_schema"
+        message = e.message.replace("response_format.json_schema.schema", "text.format.schema")
+        raise APIError(e.status, message.replace("response_format", "text.format"),
+                       "text.format.schema" if schema else "text.format", e.code) from e
 
 
 class _Detached:

@@ -109,6 +109,8 @@ def test_text_format_json_schema(client):
     ({"text": {"format": {"type": "json_object", "schema": {"type": "object"}}}}, "text.format.schema"),
     ({"text": {"format": {"type": "text", "name": "x"}}}, "text.format.name"),
     ({"text": {"format": {"type": "json_object", "strict": True}}}, "text.format.strict"),
+    # a schema the grammar backend refuses: named as the chat field it became (response_format) before
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objec"}}}}, "text.format.schema"),
     # another type's field on an item or a part (accepted and dropped before)
     ({"input": [{"role": "user", "content": "hi", "call_id": "c1"}]}, "input.0"),
     ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi", "image_url": "u"}]}]},
@@ -118,6 +120,7 @@ def test_unsupported_fields_are_400s_naming_them(server, extra, param):
     body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, **extra}
     r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert "response_format" not in r.text
 
 
 def test_output_text_logprobs(client, server):
