@@ -63,6 +63,8 @@ def _json(p: StructuredOutputsParams):
     import xgrammar as xgr
     schema = _json_dict(p.json, "json", "a JSON schema object")
     schema = fold_into_branches(merge_all_of(schema))
+    if schema is False:   # an allOf with a false part (xgrammar's own message would name no field)
+        raise ValueError(f"{FIELD}.json is invalid: Schema 'false' cannot accept any value")
     refuse_unenforced(schema, root=schema)
     if p.disable_additional_properties:
         schema = no_additional_properties(schema)
@@ -207,10 +209,12 @@ def merge_all_of(schema):
     return map_schemas(schema, merge)
 
 
-def _intersect(out: dict, parts: list, where: str) -> dict:
+def _intersect(out: dict, parts: list, where: str) -> dict | bool:
     """out with each part's keywords added; a keyword two of them give different values refuses the schema."""
     out = dict(out)
     for part in parts:
+        if part is False:   # no instance: so is the intersection (dropped, it read as the other parts alone)
+            return False
         for key, value in (part.items() if isinstance(part, dict) else ()):
             if key in out and out[key] != value:
                 raise ValueError(f"{FIELD}.json: {where} gives {key!r} two values; the grammar backend "

@@ -163,6 +163,19 @@ def test_all_of_is_merged_then_enforced(compiler):
     assert accepts(compiler, P(json={"type": "string", "format": "password"}), '"x"')   # an annotation
 
 
+@pytest.mark.parametrize("schema, text", [
+    ({"allOf": [{"type": "integer"}, False]}, "1"),                       # allOf with false matches nothing
+    ({"type": "string", "anyOf": [False, {"maxLength": 2}]}, '"abcd"'),   # false took the siblings: any string
+])
+def test_a_false_part_is_never_read_as_the_schema_beside_it(compiler, schema, text):
+    """A false schema (no instance) in allOf was dropped, and an anyOf branch of false became the keywords folded
+    into it: text that violates the schema was taken. Now the grammar refuses it, or xgrammar refuses false."""
+    try:
+        assert not accepts(compiler, P(json=schema), text)
+    except ValueError as e:
+        assert "false" in str(e)
+
+
 DROPPED_CASES = {   # schema, an instance that breaks it, the refusal's words: xgrammar 0.2.9 drops the keyword
     "oneOf": ({"oneOf": [{"enum": ["a", "b"]}, {"enum": ["b", "c"]}]}, '"b"', "'oneOf' whose branches may overlap"),
     "required": ({"type": "object", "required": ["zz"]}, "{}", "'required' naming a property not in"),
