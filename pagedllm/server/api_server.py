@@ -187,7 +187,10 @@ def _tokenizer_routes(ctx: ServingContext, dependencies: list) -> APIRouter:
                (await render_chat(ctx, req))[1])
         # JSONResponse: json.dumps in C; FastAPI's encoding of a returned dict walks the ids in Python (0.6 s
         # on the loop for 500k ids)
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": ctx.engine.max_model_len})
+        answer = {"tokens": ids, "count": len(ids), "max_model_len": ctx.engine.max_model_len}
+        if req.return_token_strs:   # vLLM's: the vocabulary's strings (convert_ids_to_tokens), not decoded text
+            answer["token_strs"] = await ctx.off_loop(ctx.tokenizer.convert_ids_to_tokens, ids)
+        return JSONResponse(answer)
 
     @router.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):

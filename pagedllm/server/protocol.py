@@ -416,6 +416,7 @@ class TokenizeRequest(_ChatTemplateOptions):
     prompt: str | None = None
     add_special_tokens: bool | None = None    # vLLM's defaults: true for a prompt, false for messages
     tools: list[ChatTool] | None = None       # to the template, as a chat request's
+    return_token_strs: bool | None = False    # vLLM's: the answer also has each token's string (token_strs)
 
     @model_validator(mode="after")
     def _chat_options_need_messages(self):

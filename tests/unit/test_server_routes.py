@@ -1,0 +1,61 @@
+"""The server's tokenizer and model-management routes in-process, over a fake engine with the demo tokenizer:
+vLLM's request fields and answers (/tokenize, /v1/models, /v1/load_lora_adapter)."""
+import pytest
+from fastapi.testclient import TestClient
+from transformers import AutoTokenizer
+
+from conftest import DEMO_DIR
+from pagedllm.config import ServerConfig
+from pagedllm.server.api_server import build_app
+from pagedllm.server.lora import ServingLoRAs
+from pagedllm.server.serving import ServingContext
+
+MAX_MODEL_LEN = 96
+
+
+class FakeEngine:
+    """What the tokenizer and LoRA routes read of AsyncLLM; add_lora / remove_lora as the core's (ids kept)."""
+
+    def __init__(self):
+        self.tokenizer = AutoTokenizer.from_pretrained(str(DEMO_DIR))
+        self.max_model_len = MAX_MODEL_LEN
+        self.config = type("Config", (), {"model": "/models/base"})()
+        self.loras: dict[int, str] = {}
+
+    def attach(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+    async def add_lora(self, request):
+        self.loras[request.lora_int_id] = request.lora_path
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return self.loras.pop(lora_int_id, None) is not None
+
+    async def list_loras(self):
+        return set(self.loras)
+
+
+@pytest.fixture
+def client(monkeypatch):
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    engine = FakeEngine()
+    ctx = ServingContext(engine, "m", None)
+    ctx.loras = ServingLoRAs(engine, "m")
+    with TestClient(build_app(ctx, None, ServerConfig(), None)) as c:
+        c.engine = engine
+        yield c
+
+
+def test_tokenize_returns_token_strs_when_asked(client):
+    """vLLM's return_token_strs: the tokens' strings (convert_ids_to_tokens) beside their ids."""
+    tokenizer = client.engine.tokenizer
+    r = client.post("/tokenize", json={"prompt": "Once upon a time", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    ids = tokenizer.encode("Once upon a time")
+    assert r.json() == {"tokens": ids, "count": len(ids), "max_model_len": MAX_MODEL_LEN,
+                        "token_strs": tokenizer.convert_ids_to_tokens(ids)}
+    r = client.post("/tokenize", json={"prompt": "Once upon a time", "return_token_strs": False})
+    assert r.status_code == 200 and "token_strs" not in r.json(), r.text
