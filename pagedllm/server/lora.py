@@ -74,9 +74,12 @@ class ServingLoRAs:
             del self.adapters[name]   # removed, or no longer on the host (the LRU evicted it)
 
     def cards(self) -> list[dict]:
+        """/v1/models' cards of the adapters, with the base model's fields: an adapter runs in the base model's
+        context, so its max_model_len is the base model's (vLLM's card has the key, null)."""
         created = int(time.time())
         return [{"id": name, "object": "model", "created": created, "owned_by": "pagedllm", "root": req.lora_path,
-                 "parent": parent} for name, (req, parent) in self.adapters.items()]
+                 "parent": parent, "max_model_len": self.engine.max_model_len}
+                for name, (req, parent) in self.adapters.items()]
 
 
 class LoadLoRAAdapterRequest(BaseModel):

@@ -59,3 +59,12 @@ def test_tokenize_returns_token_strs_when_asked(client):
                         "token_strs": tokenizer.convert_ids_to_tokens(ids)}
     r = client.post("/tokenize", json={"prompt": "Once upon a time", "return_token_strs": False})
     assert r.status_code == 200 and "token_strs" not in r.json(), r.text
+
+
+def test_lora_model_cards_have_max_model_len(client):
+    """Every card has the fields of the base model's (a client reading card["max_model_len"] of an adapter)."""
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/p"}).status_code == 200
+    cards = client.get("/v1/models").json()["data"]
+    assert [c["id"] for c in cards] == ["m", "a"]
+    assert set(cards[0]) == set(cards[1]) and cards[1]["max_model_len"] == MAX_MODEL_LEN
+    assert cards[1]["parent"] == "m" and cards[1]["root"] == "/p"
