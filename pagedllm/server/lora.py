@@ -43,11 +43,13 @@ class ServingLoRAs:
             except APIError as e:
                 raise ValueError(f"--lora-modules {m.name}={m.path}: {e.message}") from None
 
-    async def load(self, name: str, path: str, parent: str | None = None):
+    async def load(self, name: str, path: str, parent: str | None = None, inplace: bool = False):
+        """inplace (vLLM's load_inplace): a loaded adapter of that name is replaced by the one at `path`."""
         async with self._lock:
-            if name in self.adapters:
-                raise APIError(400, f"The lora adapter '{shorten(name)}' has already been loaded.", "lora_name",
-                               "invalid_value")
+            old = self.adapters.get(name)
+            if old is not None and not inplace:
+                raise APIError(400, f"The lora adapter '{shorten(name)}' has already been loaded: set load_inplace "
+                                    f"to true to replace it", "lora_name", "invalid_value")
             if name in self.base_model_names:
                 raise APIError(400, f"lora_name '{shorten(name)}' is the base model's name", "lora_name",
                                "invalid_value")
@@ -57,7 +59,11 @@ class ServingLoRAs:
             except ValueError as e:   # the adapter's own problem (peft_loader names the path), or LoRA off
                 raise APIError(400, shorten(str(e), 1000), "lora_path", "invalid_lora_adapter") from None
             self._next_id += 1
-            self.adapters[name] = (request, parent or self.base_model_name)
+            self.adapters[name] = (request, parent or (old[1] if old else self.base_model_name))
+            if old is not None:
+                # A fresh id, not the old one: blocks cached under the old weights are never reused. The old
+                # adapter leaves the host now, or (requests still running under it) once the LRU evicts it.
+                await self.engine.remove_lora(old[0].lora_int_id)
 
     async def unload(self, name: str):
         """Refused while requests run under it (they would lose nothing, but the engine keeps it until they end:
@@ -86,6 +92,7 @@ class LoadLoRAAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str
     lora_path: str
+    load_inplace: bool = False   # vLLM's: true replaces a loaded adapter of that name
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
@@ -109,7 +116,7 @@ def lora_routes(loras: "ServingLoRAs | None", dependencies: list) -> APIRouter:
         check_allowed()
         if not req.lora_name or not req.lora_path:
             raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", None, "invalid_value")
-        await loras.load(req.lora_name, req.lora_path)
+        await loras.load(req.lora_name, req.lora_path, inplace=req.load_inplace)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
     @router.post("/unload_lora_adapter")

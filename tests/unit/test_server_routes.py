@@ -61,6 +61,21 @@ def test_tokenize_returns_token_strs_when_asked(client):
     assert r.status_code == 200 and "token_strs" not in r.json(), r.text
 
 
+def test_load_lora_adapter_load_inplace(client):
+    """vLLM's load_inplace: false (its default) is a plain load; true replaces a loaded adapter's weights under
+    its name (a fresh id, so nothing cached under the old weights is reused), and loads one not yet loaded."""
+    load = lambda **body: client.post("/v1/load_lora_adapter", json=body)
+    assert load(lora_name="a", lora_path="/p1", load_inplace=False).status_code == 200
+    r = load(lora_name="a", lora_path="/p2", load_inplace=False)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
+    r = load(lora_name="a", lora_path="/p2", load_inplace=True)
+    assert r.status_code == 200, r.text
+    assert client.engine.loras == {2: "/p2"}   # the old weights are off the host
+    assert load(lora_name="b", lora_path="/p3", load_inplace=True).status_code == 200
+    cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
+    assert cards["a"]["root"] == "/p2" and cards["b"]["root"] == "/p3"
+
+
 def test_lora_model_cards_have_max_model_len(client):
     """Every card has the fields of the base model's (a client reading card["max_model_len"] of an adapter)."""
     assert client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/p"}).status_code == 200
