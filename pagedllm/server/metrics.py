@@ -20,6 +20,8 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"   # prometheus_client's multiproces
 # Seconds, roughly x2 apart: from GPU decode steps (ms) to long queues (minutes).
 _LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0,
                     30.0, 60.0, 120.0, 300.0, 600.0)
+# Tokens, 1-2-5 apart as vLLM's (which stop at max_model_len): up to 5M.
+_TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(7) for m in (1, 2, 5))
 
 
 class ServerMetrics:
@@ -41,6 +43,12 @@ class ServerMetrics:
         self.itl = histogram("pagedllm:inter_token_latency_seconds", "Time between a request's successive outputs.")
         self.e2e = histogram("pagedllm:e2e_request_latency_seconds", "Arrival to the last output of a request.")
         self.queue = histogram("pagedllm:request_queue_time_seconds", "Arrival to first scheduled (per sequence).")
+        # vLLM's request length histograms (its dashboards' prompt and generation length panels), per request
+        self.prompt_tokens = Histogram("pagedllm:request_prompt_tokens", "Prompt tokens of a finished request.",
+                                       labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name)
+        self.generation_tokens = Histogram("pagedllm:request_generation_tokens",
+                                           "Generated tokens of a finished request (all its sequences).", labels,
+                                           buckets=_TOKEN_BUCKETS, registry=r).labels(model_name)
         self.success = Counter("pagedllm:request_success", "Finished sequences, by finish reason.",
                                labels + ["finished_reason"], registry=r)
 
@@ -50,6 +58,8 @@ class ServerMetrics:
         observe_all(self.itl, step.inter_token_latencies)   # one a streaming request, every step
         for f in step.finished:
             self.e2e.observe(f.e2e_latency)
+            self.prompt_tokens.observe(f.num_prompt_tokens)
+            self.generation_tokens.observe(f.num_generation_tokens)
             for reason in f.finish_reasons:
                 self.success.labels(self.model_name, reason).inc()
 

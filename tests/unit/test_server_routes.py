@@ -83,3 +83,17 @@ def test_lora_model_cards_have_max_model_len(client):
     assert [c["id"] for c in cards] == ["m", "a"]
     assert set(cards[0]) == set(cards[1]) and cards[1]["max_model_len"] == MAX_MODEL_LEN
     assert cards[1]["parent"] == "m" and cards[1]["root"] == "/p"
+
+
+def test_metrics_have_vllms_request_length_histograms():
+    """vLLM's dashboards' "Request Prompt Length" and "Request Generation Length" panels: a histogram of each
+    finished request's prompt and generated tokens (all its sequences')."""
+    from pagedllm.metrics import FinishedRequestStats, StepStats
+    from pagedllm.server.metrics import ServerMetrics
+    metrics = ServerMetrics("m")
+    metrics.record(StepStats(finished=[FinishedRequestStats(["stop", "length"], 0.5, 3, 40)]))
+    text = metrics.render(None).decode()
+    assert 'pagedllm:request_prompt_tokens_bucket{le="5.0",model_name="m"} 1.0' in text
+    assert 'pagedllm:request_prompt_tokens_bucket{le="2.0",model_name="m"} 0.0' in text
+    assert 'pagedllm:request_generation_tokens_sum{model_name="m"} 40.0' in text
+    assert 'pagedllm:request_generation_tokens_bucket{le="50.0",model_name="m"} 1.0' in text
