@@ -122,6 +122,9 @@ def lora_routes(loras: "ServingLoRAs | None", dependencies: list) -> APIRouter:
     @router.post("/unload_lora_adapter")
     async def unload_lora_adapter(req: UnloadLoRAAdapterRequest):
         check_allowed()
+        if not req.lora_name:   # vLLM's 400: no adapter is named, rather than one not found
+            raise APIError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", "lora_name",
+                           "invalid_value")
         await loras.unload(req.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
     return router

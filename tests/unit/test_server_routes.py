@@ -97,3 +97,9 @@ def test_metrics_have_vllms_request_length_histograms():
     assert 'pagedllm:request_prompt_tokens_bucket{le="2.0",model_name="m"} 0.0' in text
     assert 'pagedllm:request_generation_tokens_sum{model_name="m"} 40.0' in text
     assert 'pagedllm:request_generation_tokens_bucket{le="50.0",model_name="m"} 1.0' in text
+
+
+def test_unload_lora_adapter_without_a_name_is_400(client):
+    """vLLM's: an empty lora_name is the request's fault (400 naming it), not an adapter not found (404)."""
+    r = client.post("/v1/unload_lora_adapter", json={"lora_name": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
