@@ -112,7 +112,11 @@ class MultiprocExecutor:
                 raise WorkerDiedError(f"tensor-parallel rank {rank} is gone (its pipe closed)") from None
 
     def check(self, wait: float = 0.0) -> None:
-        """wait: unused (a dead process is seen at once; the Ray executor waits for Ray to learn of it)."""
+        """wait: how long to wait for a worker to be seen dead, after a failed call. A killed worker's sockets
+        close before its exit is reported, so the collective that failed on them can come first (seen in CI under
+        load: rank 0 read "Connection reset by peer" while the worker still looked alive)."""
+        if wait:
+            multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=wait)
         for rank, proc in enumerate(self.procs, start=1):
             if not proc.is_alive():
                 self.noticed = True
