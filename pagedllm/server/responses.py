@@ -281,11 +281,14 @@ async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, head: 
 
 
 async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, raw_request):
-    """create_chat_completion, its 400 about the response_format that text.format became named as the client sent
-    it (the schema's: text.format.schema)."""
+    """create_chat_completion, its 400 about the response_format that text.format became, or the max_tokens that
+    max_output_tokens became, named as the client sent it (the schema's: text.format.schema)."""
     try:
         return await create_chat_completion(ctx, chat, raw_request)
     except APIError as e:
+        if e.param == "max_tokens":
+            raise APIError(e.status, e.message.replace("`max_tokens`", "`max_output_tokens`"), "max_output_tokens",
+                           e.code) from e
         if e.param != "response_format":
             raise
         schema = chat.response_format.get("type") == "json_schema"

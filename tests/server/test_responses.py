@@ -111,6 +111,8 @@ def test_text_format_json_schema(client):
     ({"text": {"format": {"type": "json_object", "strict": True}}}, "text.format.strict"),
     # a schema the grammar backend refuses: named as the chat field it became (response_format) before
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objec"}}}}, "text.format.schema"),
+    # past the context: named as the client sent it, not as the chat field it became (max_tokens)
+    ({"max_output_tokens": 10**6}, "max_output_tokens"),
     # another type's field on an item or a part (accepted and dropped before)
     ({"input": [{"role": "user", "content": "hi", "call_id": "c1"}]}, "input.0"),
     ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi", "image_url": "u"}]}]},
