@@ -40,12 +40,17 @@ _BEAM_FIELDS = ("temperature", "ignore_eos", "include_stop_str_in_output")
 _DEFAULTS = SamplingParams()   # a sampling field at its default changes nothing, beam search or not
 
 
-def _at_default(name: str, value) -> bool:
-    """Whether a sampling field's value is what leaving it out gives (an empty list or map for none; a seed
-    changes nothing in a search without randomness)."""
-    default = getattr(_DEFAULTS, name)
-    return (value == default and type(value) is type(default) or name == "seed"
-            or (value in ([], {}) and default in (None, [], {})) or (name == "top_k" and value == -1))
+def _left_unset(name: str, value) -> bool:
+    """Whether a field beam search does not use asks for nothing: not sent, or a sampling field at what leaving it
+    out gives (top_p 1.0, a penalty 0, stop [], ...; a seed changes nothing in a search without randomness), or
+    top_logprobs 0. logprobs 0 and prompt_logprobs 0 ask for the chosen tokens' and the prompt's logprobs."""
+    if value is None:
+        return True
+    if name not in _SAMPLING_FIELDS:   # chat's logprobs false; top_logprobs 0
+        return value is False or (name == "top_logprobs" and value == 0)
+    default = getattr(_DEFAULTS, name)   # skip_special_tokens false is not its default: it would be ignored
+    return (value == default or name == "seed" or (value in ([], {}) and default in (None, [], {}))
+            or (name == "top_k" and value == -1))
 
 
 def validated(cls, body: dict):
@@ -189,13 +194,7 @@ class _SamplingRequest(_Request):
         unused = [*(f for f in _SAMPLING_FIELDS if f not in _BEAM_FIELDS), "logprobs", "top_logprobs",
                   "prompt_logprobs", constraint_field(self)]
         for name in filter(None, unused):
-            value = getattr(self, name, None)
-            if name in _SAMPLING_FIELDS and _at_default(name, value):   # e.g. a client's top_p 1.0, stop []
-                continue
-            # 0 is neutral for a penalty or top_k, not for logprobs 0 (the chosen tokens' logprobs) or
-            # prompt_logprobs 0 (the prompt's): those were answered empty
-            asks = value is not False and value == 0 and name in ("logprobs", "prompt_logprobs")
-            if value not in (None, False) or asks:
+            if not _left_unset(name, getattr(self, name, None)):
                 raise APIError(400, f"{name} is not used by beam search (use_beam_search takes n as the beam "
                                     f"width, max_tokens, temperature, ignore_eos, include_stop_str_in_output "
                                     f"and length_penalty)", name, "invalid_value")

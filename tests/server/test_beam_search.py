@@ -69,6 +69,7 @@ def test_best_of_returns_n_choices(client):
     ({"use_beam_search": True, "logprobs": 0}, "logprobs"),             # 0: the chosen tokens' logprobs
     ({"use_beam_search": True, "prompt_logprobs": 0}, "prompt_logprobs"),
     ({"use_beam_search": True, "stop": ["x"]}, "stop"),
+    ({"use_beam_search": True, "skip_special_tokens": False}, "skip_special_tokens"),   # not its default
     ({"use_beam_search": True, "n": 11}, "n"),                          # 2 x 11 top logprobs > 20
     ({"best_of": 1, "n": 2}, "best_of"),
 ])
