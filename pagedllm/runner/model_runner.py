@@ -229,7 +229,7 @@ class ModelRunner:
             qsl = inputs.attn_metadata.query_start_loc_cpu
             index = [qsl[i + 1] - 1 for i in sample_rows] + verify.logits_index
             all_logits = self.model.compute_logits(hidden[to_device(index, torch.int64, self.device)])
-            res = self._verify(pending, verify, all_logits[len(rows):], draft_ids, sched.num_scheduled_tokens)
+            res = self._verify(pending, verify, all_logits[len(rows):], draft_ids)
             if self._prepass_due(verify, reqs):
                 self.draft.prepass(verify.rows, verify.num_spec, self.tables, res.output_token_ids, res.num_emitted)
             if not rows:
@@ -301,12 +301,12 @@ class ModelRunner:
         self.buffers.input_ids.index_copy_(0, to_device(verify.draft_slots, torch.int64, self.device), flat)
         return flat
 
-    def _verify(self, pending: "PendingOutput", verify: VerifyLayout, logits: torch.Tensor, draft_ids: torch.Tensor,
-                num_scheduled: dict[str, int]):
+    def _verify(self, pending: "PendingOutput", verify: VerifyLayout, logits: torch.Tensor, draft_ids: torch.Tensor):
         """Rejection sampling of the speculating rows; their results are copied to the host with the step's.
-        Their metadata has no processors or bans (spec_decode/speculator.py: such rows do not speculate)."""
+        Their metadata has no processors or bans (spec_decode/speculator.py: such rows do not speculate); it is
+        each row's as of its first position (one token scheduled: the one after its last computed token)."""
         params = [r.params for r in verify.rows]
-        meta = self._sampling_metadata(verify.rows, num_scheduled, {})
+        meta = self._sampling_metadata(verify.rows, dict.fromkeys((r.req_id for r in verify.rows), 1), {})
         res = rejection_sample(logits, verify.num_spec, draft_ids, meta, self.generator, self.spec_rates,
                                self._position_metadata(verify))
         logprobs = None
