@@ -13,12 +13,13 @@ if [ "${1:-}" = prepare ]; then
         mkdir -p .device/models/$m && cp ../shared/model-configs/$m/{config.json,generation_config.json} .device/models/$m/
     done
     tar cJf .device/models.tar.xz -C .device/models . && rm -rf .device/models
-    [ -f .fa4/site.tar.xz ] || bash benchmarks/device_fa4_site.sh
+    [ -f .fa4/site.tar.xz ] || bash benchmarks/device_fa4_site.sh   # delete it to rebuild (a new version)
     exit
 fi
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 S=$(date +%s)
-mkdir -p /tmp/site && tar xJf .fa4/site.tar.xz -C /tmp/site && export PYTHONPATH=$PWD:/tmp/site
+mkdir -p /tmp/site && tar xJf .fa4/site.tar.xz -C /tmp/site
+export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages   # cutlass: see device_fa4_site.sh
 mkdir -p .device/models && tar xJf .device/models.tar.xz -C .device/models
 M=.device/models Q=.device/models/Qwen--Qwen3-0.6B L=.device/models/meta-llama--Llama-3.1-8B-Instruct
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
