@@ -23,7 +23,8 @@ class SamplingParams:
     top_p: float = 1.0               # nucleus: keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0                   # keep the k most likely tokens; 0 or -1 = all
     min_p: float = 0.0               # drop tokens with probability < min_p * max probability
-    seed: int | None = None          # same seed, same output, whatever the batch (sampler.position_seed)
+    seed: int | None = None          # same seed, same output, whatever the batch (sampler.position_seed);
+                                     # -1 = None (vLLM's: a random draw, as UIs send "no seed")
     max_tokens: int | None = 16      # None = up to max_model_len
     min_tokens: int = 0              # EOS and stop_token_ids are masked until this many tokens
     stop: list[str] | str | None = None
@@ -69,6 +70,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if is_int(self.seed) and self.seed == -1:   # vLLM's "no seed": a fixed seed here would repeat outputs
+            self.seed = None
         if self.logit_bias is not None:
             self.logit_bias = _int_keys(self.logit_bias)
         for name in ("allowed_token_ids", "bad_words"):

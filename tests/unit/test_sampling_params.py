@@ -121,6 +121,12 @@ def test_seed_range_ends_and_new_field_defaults():
     assert not p.uses_penalties and SamplingParams(repetition_penalty=1.1).uses_penalties
 
 
+def test_seed_minus_one_is_no_seed_as_vllms():
+    """vLLM takes seed -1 as unset (a random draw per request), as UIs send it; it was a fixed seed."""
+    assert SamplingParams(seed=-1).seed is None
+    assert SamplingParams(seed=-2).seed == -2
+
+
 def test_logprob_token_ids_set_logprobs_to_their_number_past_the_top_n_bound():
     p = SamplingParams(logprob_token_ids=[7, 3, 7, 9])
     assert p.logprob_token_ids == [7, 3, 9] and p.logprobs == 3   # each id once, in the order given
