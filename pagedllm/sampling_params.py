@@ -1,4 +1,5 @@
 """Per-request sampling parameters, validated where they enter (field names and meanings as in vLLM)."""
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -7,9 +8,12 @@ from pagedllm.field_types import is_int
 from pagedllm.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
+_MIN_TEMPERATURE = 1e-2   # vLLM's: a temperature in (0, this) samples at this (smaller ones risk inf/NaN)
 # Seeds are taken modulo 2**64 (sampler.position_seed): negatives as their two's complement
 SEED_MIN, SEED_END = -2**63, 2**64
 MAX_LOGPROB_TOKEN_IDS = 128   # vLLM's bound on logprob_token_ids
+
+logger = logging.getLogger("pagedllm")
 
 
 @dataclass
@@ -19,7 +23,7 @@ class SamplingParams:
     presence_penalty: float = 0.0    # subtracted once from each token already in the output
     frequency_penalty: float = 0.0   # subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # tokens in prompt or output: positive logits / p, negative * p
-    temperature: float = 1.0         # 0 = greedy
+    temperature: float = 1.0         # 0 = greedy; (0, 0.01) is raised to 0.01, as vLLM does
     top_p: float = 1.0               # nucleus: keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0                   # keep the k most likely tokens; 0 or -1 = all
     min_p: float = 0.0               # drop tokens with probability < min_p * max probability
@@ -84,6 +88,10 @@ class SamplingParams:
         if self.repetition_detection is not None:
             self.repetition_detection = RepetitionDetectionParams.from_dict(self.repetition_detection)
         self._validate()
+        if 0 < self.temperature < _MIN_TEMPERATURE:   # vLLM's: sampled at 0.01, not greedy
+            logger.warning("temperature %s is below %s, which may give inf or NaN: it is raised to %s",
+                           self.temperature, _MIN_TEMPERATURE, _MIN_TEMPERATURE)
+            self.temperature = _MIN_TEMPERATURE
 
     def _take_logprob_token_ids(self):
         ids = self.logprob_token_ids

@@ -107,7 +107,7 @@ def test_defaults_and_normalisation():
     assert SamplingParams(top_k=-1).top_k == 0
     assert SamplingParams(stop="###").stop == ["###"]
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
-    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1e-6).greedy
+    assert SamplingParams(temperature=0).greedy
     assert SamplingParams(max_tokens=None, min_tokens=1000).min_tokens == 1000
     SamplingParams(top_p=1.0, min_p=1.0, min_tokens=3, max_tokens=3, logprobs=0, seed=0)
 
@@ -119,6 +119,15 @@ def test_seed_range_ends_and_new_field_defaults():
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
     assert p.logit_bias is p.allowed_token_ids is p.bad_words is p.truncate_prompt_tokens is None
     assert not p.uses_penalties and SamplingParams(repetition_penalty=1.1).uses_penalties
+
+
+def test_temperature_below_one_hundredth_samples_at_one_hundredth_as_vllms():
+    """vLLM raises a temperature in (0, 0.01) to 0.01 (smaller ones risk inf/NaN): only 0 is greedy."""
+    for t in (1e-9, 1e-6, 0.005):
+        p = SamplingParams(temperature=t)
+        assert p.temperature == 0.01 and not p.greedy
+    assert SamplingParams(temperature=0.02).temperature == 0.02
+    assert SamplingParams(temperature=0.0).greedy
 
 
 def test_seed_minus_one_is_no_seed_as_vllms():
