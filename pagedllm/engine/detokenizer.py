@@ -77,8 +77,9 @@ class IncrementalDetokenizer:
     def update(self, new_token_ids: list[int], num_output_tokens: int, stop_terminated: bool = False) -> str | None:
         """Append newly generated ids; returns the stop string that matched (and trims output_text), or None.
         num_output_tokens counts output tokens including these; a stop string must end in text of a token
-        numbered >= min_tokens. stop_terminated: the last id is the EOS / stop token id that ended the request;
-        like vLLM, its text is left out unless include_stop_str_in_output. When a stop string matched,
+        numbered > min_tokens (vLLM's: min_tokens tokens come before the one that stops, as for EOS).
+        stop_terminated: the last id is the EOS / stop token id that ended the request; like vLLM, its text is
+        left out unless include_stop_str_in_output. When a stop string matched,
         `tokens_to_stop` is how many of these ids the sequence keeps: up to the one whose text completed it
         (several ids come at once from speculative decoding; the ids after it were never output one by one)."""
         self.tokens_to_stop = None
@@ -97,8 +98,8 @@ class IncrementalDetokenizer:
             pieces.append(piece)
             end += len(piece)
             ends.append(end)
-            if num_before + i + 1 < self.min_tokens:
-                check_from = end  # text of tokens before min_tokens may not end a stop string
+            if num_before + i + 1 <= self.min_tokens:
+                check_from = end  # text of the first min_tokens tokens may not end a stop string
         self.output_text += "".join(pieces)
         match = self._check_stop_strings(check_from) if self.stop else None
         if match is None:

@@ -196,14 +196,15 @@ def test_min_tokens_delays_stop_strings(tok):
     prompt, output = story_split(tok)
     text_after = [reference(tok, prompt, output[:n]) for n in range(len(output) + 1)]
     first_end = next(n for n, t in enumerate(text_after) if "The" in t)  # token that completes the first "The"
-    # Checked from min_tokens on: a "The" completed by token number first_end counts when min_tokens <= it.
-    d, _, matched = stream(tok, prompt, output, stop=["The"], min_tokens=first_end)
+    # Checked after min_tokens (vLLM's, as for EOS: min_tokens tokens come before the one that stops): a "The"
+    # completed by token number first_end counts when min_tokens < first_end.
+    d, _, matched = stream(tok, prompt, output, stop=["The"], min_tokens=first_end - 1)
     assert matched == "The" and d.output_text == " upon a time there was a cat. "
     # One later and the first "The" is ignored; the second one stops.
-    d, _, matched = stream(tok, prompt, output, stop=["The"], min_tokens=first_end + 1)
+    d, _, matched = stream(tok, prompt, output, stop=["The"], min_tokens=first_end)
     assert matched == "The" and d.output_text == " upon a time there was a cat. The cat sat on the mat. "
     # The same holds when the tokens arrive in one update.
-    d, _, matched = stream(tok, prompt, output, chunk=len(output), stop=["The"], min_tokens=first_end + 1)
+    d, _, matched = stream(tok, prompt, output, chunk=len(output), stop=["The"], min_tokens=first_end)
     assert d.output_text == " upon a time there was a cat. The cat sat on the mat. "
 
 
