@@ -60,7 +60,10 @@ class SamplingParams:
     # vLLM's: end (finish_reason "repetition") when the output ends with a pattern repeated (core/repetition.py)
     repetition_detection: RepetitionDetectionParams | None = None
     # Filled by the engine from the tokenizer / generation config, not by users.
-    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)   # the ids that end the request
+    # What min_tokens bans: the stop ids and the EOS ids, also with ignore_eos (vLLM's: ignore_eos only keeps
+    # EOS from ending the request)
+    min_tokens_banned_ids: set[int] = field(default_factory=set, repr=False)
     bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self):

@@ -73,6 +73,7 @@ class InputProcessor:
         eos = set() if params.ignore_eos else self.eos_token_ids
         params = dataclasses.replace(
             params, all_stop_token_ids=set(params.stop_token_ids) | eos,
+            min_tokens_banned_ids=set(params.stop_token_ids) | self.eos_token_ids,
             top_k=0 if params.top_k >= self.vocab_size else params.top_k,   # all: no int64 overflow on the device
             bad_words_token_ids=self._bad_words_ids(params.bad_words))
         arrival_time = time.time() if arrival_time is None else arrival_time

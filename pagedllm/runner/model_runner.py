@@ -407,7 +407,8 @@ class ModelRunner:
             return self._sampling_cache
         # The index of the output sampled now (its input may still be in flight: not in token_ids yet).
         index = [r.num_computed_tokens + num_scheduled[r.req_id] - r.num_prompt_tokens for r in rows]
-        banned = [list(r.params.all_stop_token_ids) if i < r.params.min_tokens else [] for r, i in zip(rows, index)]
+        banned = [list(r.params.min_tokens_banned_ids) if i < r.params.min_tokens else []
+                  for r, i in zip(rows, index)]
         seeds = [None if r.params.seed is None else position_seed(r.params.seed, i) for r, i in zip(rows, index)]
         params = [r.params for r in rows]
         processors = None

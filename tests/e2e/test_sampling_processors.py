@@ -119,6 +119,16 @@ def test_logit_bias_and_allowed_token_ids_take_effect(tiny_model_dirs):
     assert got[2] == [123] * MAX_NEW and got[3] == plain[3]
 
 
+def test_min_tokens_bans_eos_also_with_ignore_eos(tiny_model_dirs):
+    """vLLM's min_tokens bans the EOS ids whether or not ignore_eos is set (ignore_eos only keeps EOS from
+    ending the request): with EOS made certain, the first min_tokens tokens are still others."""
+    llm = LLM(tiny_model_dirs["llama"], dtype="float32", log_stats_interval=0)
+    params = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, ignore_eos=True, logit_bias={2: 100})
+    [out] = llm.generate([PROMPTS[1]], params, use_tqdm=False)
+    tokens = out.outputs[0].token_ids
+    assert 2 not in tokens[:3] and tokens[3:] == [2, 2, 2] and out.outputs[0].finish_reason == "length"
+
+
 def test_extreme_seeds_and_top_k_run(tiny_model_dirs):
     """These killed the engine core: a seed of 2**64-1 with n=2 (the second child's seed overflowed) and
     top_k >= 2**63 (int64 overflow in the sampler); top_k above the vocabulary means all tokens."""
