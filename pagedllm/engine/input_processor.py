@@ -71,8 +71,13 @@ class InputProcessor:
             validate_structured_outputs(params.structured_outputs)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
         eos = set() if params.ignore_eos else self.eos_token_ids
+        # vLLM's: the EOS ids besides the tokenizer's (the generation config's) are stop ids, so the one that
+        # ends a request is its stop_reason
+        primary = getattr(self.tokenizer, "eos_token_id", None)   # None: no tokenizer, every EOS id is one
+        more_stop_ids = sorted(eos - {primary} - set(params.stop_token_ids))
         params = dataclasses.replace(
-            params, all_stop_token_ids=set(params.stop_token_ids) | eos,
+            params, stop_token_ids=params.stop_token_ids + more_stop_ids,
+            all_stop_token_ids=set(params.stop_token_ids) | eos,
             min_tokens_banned_ids=set(params.stop_token_ids) | self.eos_token_ids,
             top_k=0 if params.top_k >= self.vocab_size else params.top_k,   # all: no int64 overflow on the device
             bad_words_token_ids=self._bad_words_ids(params.bad_words))

@@ -59,6 +59,18 @@ def test_stop_strings_trim_and_finish(llm):
     assert llm.engine.get_stats().num_blocks_free == llm.engine.get_stats().num_blocks_total
 
 
+def test_an_eos_id_of_the_generation_config_alone_is_the_stop_reason(llm):
+    """vLLM adds the generation config's EOS ids other than the tokenizer's (2) to stop_token_ids, so a request
+    they end has that id as its stop_reason; the tokenizer's EOS gives None. Their text is left out either way."""
+    for eos, reason in ((1, 1), (2, None)):
+        params = SamplingParams(temperature=0, max_tokens=4, logit_bias={eos: 100})
+        out = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0]
+        assert (out.token_ids, out.text, out.finish_reason, out.stop_reason) == ([eos], "", "stop", reason)
+    params = SamplingParams(temperature=0, max_tokens=3, logit_bias={1: 100}, ignore_eos=True)
+    out = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [1, 1, 1] and out.finish_reason == "length" and out.stop_reason is None
+
+
 def test_stop_token_ids_max_tokens_min_tokens_ignore_eos(llm, hf):
     ids, _ = hf_greedy_text(hf, "Once upon a time", 20)
     out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[ids[5]]),
