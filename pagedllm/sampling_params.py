@@ -23,7 +23,7 @@ class SamplingParams:
     presence_penalty: float = 0.0    # subtracted once from each token already in the output
     frequency_penalty: float = 0.0   # subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # tokens in prompt or output: positive logits / p, negative * p
-    temperature: float = 1.0         # 0 = greedy; (0, 0.01) is raised to 0.01, as vLLM does
+    temperature: float = 1.0         # in [0, 2]; 0 = greedy; (0, 0.01) is raised to 0.01, as vLLM does
     top_p: float = 1.0               # nucleus: keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0                   # keep the k most likely tokens; 0 or -1 = all
     min_p: float = 0.0               # drop tokens with probability < min_p * max probability
@@ -114,7 +114,8 @@ class SamplingParams:
         _require(is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
         _require(self.best_of is None or (is_int(self.best_of) and self.best_of >= self.n), "best_of",
                  f"None or an integer >= n ({self.n})", self.best_of)
-        _require(_finite(self.temperature) and self.temperature >= 0.0, "temperature", "a finite number >= 0",
+        # vLLM's bound since 0.24 (OpenAI's): a larger temperature is refused, not sampled
+        _require(_finite(self.temperature) and 0.0 <= self.temperature <= 2.0, "temperature", "in [0, 2]",
                  self.temperature)
         _require(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
         _require(is_int(self.top_k) and self.top_k >= 0, "top_k", "-1, 0 (all) or a positive integer", self.top_k)

@@ -311,7 +311,7 @@ def test_top_k_top_p_sampling_frequencies_on_the_candidate_path():
 
 def test_logprobs_are_raw_log_softmax_with_sampled_first_and_ranks():
     logits = random_logits(5, seed=6)
-    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(logprobs=1, temperature=5.0),
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(logprobs=1, temperature=2.0),
               SamplingParams(), SamplingParams(top_k=2, logprobs=0), SamplingParams(temperature=0, logprobs=3)]
     banned = [[], [], [], [], logits[4].topk(2).indices.tolist()]  # row 4: its greedy pick has rank 3
     out = Sampler()(logits, make_meta(params, banned=banned), generator=seeded(0))
