@@ -277,7 +277,8 @@ def to_message(chat: dict, message_id: str, model: str, stop_sequences: list[str
     for call in message.get("tool_calls") or []:
         content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                         "input": _input(call["function"]["arguments"])})
-    stop_reason, stop_sequence = _stop(choice["finish_reason"], choice.get("stop_reason"), stop_sequences)
+    stop_reason, stop_sequence = _stop(choice["finish_reason"], choice.get("stop_reason"), stop_sequences,
+                                       bool(message.get("tool_calls")))
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
             "stop_reason": stop_reason, "stop_sequence": stop_sequence,
             "usage": {"input_tokens": chat["usage"]["prompt_tokens"],
@@ -295,8 +296,10 @@ def _input(arguments: str) -> dict:
     return value if isinstance(value, dict) else {"arguments": value}
 
 
-def _stop(finish_reason: str | None, stop_reason, stop_sequences: list[str]) -> tuple[str | None, str | None]:
-    if finish_reason == "tool_calls":
+def _stop(finish_reason: str | None, stop_reason, stop_sequences: list[str],
+          called: bool) -> tuple[str | None, str | None]:
+    # a forced call (tool_choice tool) is chat's finish_reason "stop", and Anthropic's tool_use as any call
+    if finish_reason == "tool_calls" or (finish_reason == "stop" and called):
         return "tool_use", None
     if finish_reason == "length":
         return "max_tokens", None
@@ -373,7 +376,7 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
                 yield event
     if open_type is not None:
         yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
-    reason, sequence = _stop(finish_reason, stop_reason, stop_sequences)
+    reason, sequence = _stop(finish_reason, stop_reason, stop_sequences, bool(calls))
     yield _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason,
                                                                       "stop_sequence": sequence},
                                    "usage": {"output_tokens": output_tokens}})

@@ -6,7 +6,8 @@ sampling, and how each choice's text becomes content and tool calls, streamed or
   text is read for calls by that parser.
 - "required" / a named function: enforced with structured output (forced.py's schemas), then read as calls.
 parallel_tool_calls false allows one call: the schema's maxItems, or the parser drops the calls after the first.
-finish_reason is "tool_calls" when a choice made calls and stopped on its own.
+finish_reason is "tool_calls" when a choice made calls and stopped on its own, except under a named function:
+"stop" there, as OpenAI and vLLM answer a call the request forced by name.
 """
 from dataclasses import dataclass
 
@@ -68,8 +69,9 @@ def message(plan: ToolPlan, c: CompletionOutput, text: str | None) -> tuple[dict
     (None: there is none)."""
     if not plan.parses:
         return {"role": "assistant", "content": text}, c.finish_reason
-    content, calls = plan.new_parser().parse_all(text or "")
-    return {"role": "assistant", "content": content, "tool_calls": calls}, finish_reason(len(calls), c)
+    parser = plan.new_parser()
+    content, calls = parser.parse_all(text or "")
+    return {"role": "assistant", "content": content, "tool_calls": calls}, finish_reason(parser, len(calls), c)
 
 
 def stream_delta(parser: ToolParser, c: CompletionOutput, text: str) -> tuple[dict, str | None]:
@@ -77,8 +79,10 @@ def stream_delta(parser: ToolParser, c: CompletionOutput, text: str) -> tuple[di
     delta = parser.feed(text)
     if c.finish_reason is not None:
         delta.add(parser.finish())
-    return delta.to_json(), finish_reason(parser.num_calls, c)
+    return delta.to_json(), finish_reason(parser, parser.num_calls, c)
 
 
-def finish_reason(num_calls: int, c: CompletionOutput) -> str | None:
-    return "tool_calls" if num_calls and c.finish_reason == "stop" else c.finish_reason
+def finish_reason(parser: ToolParser, num_calls: int, c: CompletionOutput) -> str | None:
+    # a call forced by name keeps "stop" (OpenAI's and vLLM's): the client asked for it, the model chose nothing
+    named = isinstance(parser, NamedCallParser)
+    return "tool_calls" if num_calls and c.finish_reason == "stop" and not named else c.finish_reason

@@ -112,3 +112,19 @@ def test_an_error_mid_stream_ends_it_with_the_apis_error_event():
     error = anthropic.AnthropicSSE.error_event(RuntimeError("engine died"))
     assert error == ('event: error\ndata: {"type":"error","error":{"type":"api_error","message":"engine died"}}'
                      '\n\n')
+
+
+def test_anthropic_forced_call_is_tool_use():
+    """A call forced by name finishes chat's answer with "stop" (OpenAI's and vLLM's); Anthropic's stop_reason
+    is tool_use for it, as for any call, streamed and not."""
+    forced = [_chunk({"role": "assistant", "content": ""}),
+              _chunk({"tool_calls": [_call(0, "call_a", "get_weather", '{"city": "Paris"}')]}, finish_reason="stop")]
+    [delta] = [d for n, d in _collect(anthropic._events(_aiter(forced), "msg_1", "tiny", [])) if n == "message_delta"]
+    assert delta["delta"]["stop_reason"] == "tool_use"
+    chat = {"choices": [{"index": 0, "finish_reason": "stop", "stop_reason": None, "message": {
+        "role": "assistant", "content": None, "tool_calls": [{"id": "call_a", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}
+    assert anthropic.to_message(chat, "msg_1", "tiny", [])["stop_reason"] == "tool_use"
+    chat["choices"][0]["message"]["tool_calls"] = []
+    assert anthropic.to_message(chat, "msg_1", "tiny", [])["stop_reason"] == "end_turn"

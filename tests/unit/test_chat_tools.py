@@ -5,7 +5,7 @@ import pytest
 from pagedllm.cli import add_config_args
 from pagedllm.config import ServerConfig
 from pagedllm.outputs import CompletionOutput
-from pagedllm.server.chat_tools import message, plan_tools
+from pagedllm.server.chat_tools import message, plan_tools, stream_delta
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import ChatCompletionRequest
 
@@ -44,6 +44,21 @@ def test_message_and_finish_reason():
     assert message(_plan(tools=[TOOL]), out, out.text)[1] == "length"
     plain = message(_plan(tools=[TOOL], tool_choice="none"), out, out.text)[0]
     assert plain == {"role": "assistant", "content": out.text}
+
+
+def test_a_call_forced_by_name_finishes_with_stop():
+    """OpenAI and vLLM: "tool_calls" when the model chose to call (auto, required), "stop" for a function the
+    request named (non-streamed and streamed alike)."""
+    named = _plan(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}})
+    out = CompletionOutput(index=0, text='{"x": 1}', token_ids=[], cumulative_logprob=None, logprobs=None,
+                           finish_reason="stop")
+    msg, finish = message(named, out, out.text)
+    assert finish == "stop" and msg["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    delta, finish = stream_delta(named.new_parser(), out, out.text)
+    assert finish == "stop" and delta["tool_calls"][0]["function"]["name"] == "f"
+    required = _plan(tools=[TOOL], tool_choice="required")
+    out.text = '[{"name": "f", "parameters": {"x": 1}}]'
+    assert message(required, out, out.text)[1] == "tool_calls"
 
 
 @pytest.mark.parametrize("kw", [
