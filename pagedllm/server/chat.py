@@ -189,11 +189,12 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
         [out] = await final_outputs(streams, _constraint_field(req, plan))
     finally:
         abort_all(ctx.engine, ids)
-    choices, echo = [], _echo_text(req)
+    choices, echo, role = [], _echo_text(req), _role(req)
     thinkers = _reasoning_parsers(ctx, req, thinks)
     for c in out.outputs:
         thought, text = thinkers[c.index].parse_all(c.text) if thinkers else (None, c.text)
         message, finish_reason = chat_tools.message(plan, c, text)
+        message["role"] = role
         if thinkers:
             message["reasoning"] = thought if req.include_reasoning else None
         if echo:
@@ -229,7 +230,7 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
     continuous, counts = req.continuous_usage, [0] * req.n
     none_yet = {"usage": usage(len(prompt_ids), 0)} if continuous else {}
     for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
-        yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+        yield sse({**head, "choices": [{"index": i, "delta": {"role": _role(req), "content": ""},
                                         "logprobs": None, "finish_reason": None}], **none_yet, **first})
     echo = _echo_text(req)
     for i in range(req.n if echo else 0):   # then vLLM's: a chunk with the echoed text
@@ -293,13 +294,19 @@ async def chunk_dicts(chunks):
             yield json.loads(raw[6:])
 
 
+def _role(req: ChatCompletionRequest) -> str:
+    """The answer's role (vLLM's): the assistant's after a generation prompt; without one the model goes on in
+    the last message's turn (continue_final_message), whoever's it is."""
+    return "assistant" if req.add_generation_prompt else req.messages[-1].role
+
+
 def _echo_text(req: ChatCompletionRequest) -> str:
-    """echo (vLLM's): the last message's text, put before each choice's content when that message is the
-    assistant's (as with continue_final_message); "" otherwise."""
+    """echo (vLLM's): the last message's text, put before each choice's content when that message is in the
+    answer's role (an assistant message, or any continued one); "" otherwise."""
     if not req.echo:
         return ""
     last = req.messages[-1].as_template_input()
-    if last.get("role") != "assistant":
+    if last.get("role") != _role(req):
         return ""
     return chat_template.template_message(last)["content"]
 

@@ -220,6 +220,22 @@ def test_chat_echo_puts_the_last_assistant_message_first(server):
         _post(server, CHAT, user_last).json()["choices"]
 
 
+def test_a_continued_message_is_answered_in_its_role_and_echoed(server):
+    """Without a generation prompt the model goes on in the last message's turn: the answer's role is that
+    message's and echo puts its text first, whoever's it is (vLLM's get_chat_request_role), here the user's."""
+    base = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Tell me a"}], "max_tokens": 6,
+            "temperature": 0, "add_generation_prompt": False, "continue_final_message": True}
+    plain = _post(server, CHAT, base).json()["choices"][0]["message"]
+    echoed = _post(server, CHAT, {**base, "echo": True}).json()["choices"][0]["message"]
+    assert plain["role"] == echoed["role"] == "user"
+    assert echoed["content"] == "Tell me a" + plain["content"]
+    with httpx.stream("POST", server.url + CHAT, json={**base, "echo": True, "stream": True},
+                      headers=server.headers, timeout=60) as r:
+        deltas = [c["delta"] for line in r.iter_lines() if line.startswith("data: {")
+                  for c in json.loads(line[6:])["choices"]]
+    assert deltas[0]["role"] == "user" and "".join(d.get("content") or "" for d in deltas) == echoed["content"]
+
+
 def test_return_prompt_text_is_the_templates_text(server, offline_llm):
     """return_prompt_text (vLLM's): the response's prompt_text is what the chat template wrote (streamed: with
     each choice's role chunk), and its tokens are the prompt's."""
