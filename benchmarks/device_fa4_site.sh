@@ -2,7 +2,7 @@
 # FlashAttention-4 for the GPU machine (Python 3.12, no network there), as .fa4/site.tar.xz (git-ignored; carry
 # ".fa4"): flash-attn-4 4.0.0b40 and CuTe DSL 4.8.1 (CUDA 13 libraries) with what they import
 # that the machine's image lacks. The DSL's libraries are 264 MB; pruned of its profiler, stubs and JAX glue and
-# packed by xz with a 256 MiB dictionary they are ~58 MB, which leaves room in a call's 64 MiB for the checkout.
+# packed by xz with a 256 MiB dictionary they are ~60 MB with the frontend, which leaves room in a call's 64 MiB for the checkout.
 # Also nvidia-cudnn-frontend (cuDNN's prefill path, pagedllm's `cudnn` extra): the machine's image lacked it on
 # 2026-12-06. There:
 #   mkdir -p /tmp/site && tar xJf .fa4/site.tar.xz -C /tmp/site
