@@ -52,9 +52,13 @@ async def create_generative_scoring(ctx: ServingContext, req: GenerativeScoringR
     except ValueError as e:
         raise APIError(400, str(e).replace("SamplingParams.logprob_token_ids", "label_token_ids"),
                        "label_token_ids", "invalid_value") from e
-    request_id = f"generative-scoring-{req.request_id or uuid.uuid4().hex}"
+    # The engine's request ids are the server's own; a client's request_id names the answer only (as in chat and
+    # completions): two requests sending one request_id must not collide there, where the second's refusal
+    # aborted the first's requests and left its client waiting for ever.
+    request_id = f"generative-scoring-{uuid.uuid4().hex}"
+    response_id = f"generative-scoring-{req.request_id}" if req.request_id else request_id
     streams, ids = add_requests(ctx.engine, request_id, prompts, params, OutputKind.FINAL, lora, req.priority)
-    return await until_disconnect(raw_request, _scores(ctx, req, request_id, streams, ids))
+    return await until_disconnect(raw_request, _scores(ctx, req, response_id, streams, ids))
 
 
 def _check_ids(ids: list[int], vocab: int, param: str):

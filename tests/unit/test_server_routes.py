@@ -1,5 +1,9 @@
 """The server's tokenizer and model-management routes in-process, over a fake engine with the demo tokenizer:
-vLLM's request fields and answers (/tokenize, /v1/models, /v1/load_lora_adapter)."""
+vLLM's request fields and answers (/tokenize, /v1/models, /v1/load_lora_adapter, /generative_scoring's ids)."""
+import asyncio
+from types import SimpleNamespace
+
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
@@ -103,3 +107,55 @@ def test_unload_lora_adapter_without_a_name_is_400(client):
     """vLLM's: an empty lora_name is the request's fault (400 naming it), not an adapter not found (404)."""
     r = client.post("/v1/unload_lora_adapter", json={"lora_name": ""})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
+
+
+class ScoringEngine(FakeEngine):
+    """add_request as AsyncLLM's (an id in flight is a ValueError); each request's one output waits for
+    `release`; abort() records the ids it stops that were still in flight."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_processor = SimpleNamespace(vocab_size=len(self.tokenizer), max_kv_tokens=10**6,
+                                               enable_prefix_caching=True)
+        self.running, self.aborted = set(), []
+        self.release = asyncio.Event()
+
+    def add_request(self, request_id, prompt, params, kind, **_):
+        if request_id in self.running:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.running.add(request_id)
+        return self._outputs(request_id, prompt, params)
+
+    async def _outputs(self, request_id, prompt, params):
+        await self.release.wait()
+        self.running.discard(request_id)
+        position = {t: SimpleNamespace(logprob=-1.0) for t in params.logprob_token_ids}
+        yield SimpleNamespace(prompt_token_ids=prompt, outputs=[SimpleNamespace(token_ids=[3], logprobs=[position])])
+
+    def abort(self, request_id):
+        if request_id in self.running:
+            self.aborted.append(request_id)
+
+
+def test_generative_scoring_requests_of_one_request_id_run_side_by_side():
+    """A request_id names the answer (as chat's and completions'), not the engine's requests: a second request
+    sending the same one while the first runs is answered too, and does not abort the first (whose client would
+    then wait for ever)."""
+    async def go():
+        engine = ScoringEngine()
+        app = build_app(ServingContext(engine, "m", None), None, ServerConfig(), None)
+        body = {"query": [5, 6], "items": [[7]], "label_token_ids": [3, 4], "request_id": "same"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            first = asyncio.ensure_future(c.post("/generative_scoring", json=body))
+            while not engine.running:
+                await asyncio.sleep(0.01)
+            second = asyncio.ensure_future(c.post("/generative_scoring", json=body))
+            while len(engine.running) < 2 and not second.done():
+                await asyncio.sleep(0.01)
+            aborted = list(engine.aborted)
+            engine.release.set()
+            return await asyncio.wait_for(first, 10), await second, aborted
+    first, second, aborted = asyncio.run(go())
+    assert aborted == []
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    assert first.json()["id"] == second.json()["id"] == "generative-scoring-same"
