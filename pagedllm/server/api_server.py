@@ -30,7 +30,7 @@ from pagedllm.server.completions import create_completion
 from pagedllm.server.errors import MISSING_KEY, APIError, error_response, install_error_handlers
 from pagedllm.server.generative_scoring import GenerativeScoringRequest, create_generative_scoring
 from pagedllm.server.launch import LoRAModulePath, ServeChecks
-from pagedllm.server.lora import ServingLoRAs, lora_routes
+from pagedllm.server.lora import ServingLoRAs, lora_routes, model_card
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                      validated)
@@ -119,8 +119,7 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
 
     @v1.get("/models")
     async def models():
-        cards = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "pagedllm",
-                  "root": ctx.engine.config.model, "parent": None, "max_model_len": ctx.engine.max_model_len}
+        cards = [model_card(name, ctx.engine.config.model, None, ctx.engine.max_model_len)
                  for name in (ctx.model_name, *ctx.model_aliases)]
         return {"object": "list", "data": [*cards, *(ctx.loras.cards() if ctx.loras is not None else [])]}
 

@@ -10,6 +10,7 @@ path the server can read and hold memory: as vLLM, they are off unless VLLM_ALLO
 """
 import asyncio
 import time
+import uuid
 
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
@@ -82,10 +83,20 @@ class ServingLoRAs:
     def cards(self) -> list[dict]:
         """/v1/models' cards of the adapters, with the base model's fields: an adapter runs in the base model's
         context, so its max_model_len is the base model's (vLLM's card has the key, null)."""
-        created = int(time.time())
-        return [{"id": name, "object": "model", "created": created, "owned_by": "pagedllm", "root": req.lora_path,
-                 "parent": parent, "max_model_len": self.engine.max_model_len}
+        return [model_card(name, req.lora_path, parent, self.engine.max_model_len)
                 for name, (req, parent) in self.adapters.items()]
+
+
+def model_card(name: str, root: str, parent: str | None, max_model_len: int) -> dict:
+    """A /v1/models card, vLLM's fields: its `permission` holds one model_permission object with vLLM's values
+    (clients written for vLLM read it)."""
+    created = int(time.time())
+    permission = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": created,
+                  "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                  "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                  "organization": "*", "group": None, "is_blocking": False}
+    return {"id": name, "object": "model", "created": created, "owned_by": "pagedllm", "root": root,
+            "parent": parent, "max_model_len": max_model_len, "permission": [permission]}
 
 
 class LoadLoRAAdapterRequest(BaseModel):

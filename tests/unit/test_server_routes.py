@@ -89,6 +89,22 @@ def test_lora_model_cards_have_max_model_len(client):
     assert cards[1]["parent"] == "m" and cards[1]["root"] == "/p"
 
 
+def test_model_cards_have_vllms_permission(client):
+    """vLLM's cards (base model and adapters) carry `permission`: one model_permission object with its fields
+    (a client reading card["permission"] must not fail on this server)."""
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/p"}).status_code == 200
+    for card in client.get("/v1/models").json()["data"]:
+        [permission] = card["permission"]
+        assert permission["id"].startswith("modelperm-") and permission["object"] == "model_permission"
+        assert {k: permission[k] for k in ("allow_create_engine", "allow_sampling", "allow_logprobs",
+                                            "allow_search_indices", "allow_view", "allow_fine_tuning",
+                                            "organization", "group", "is_blocking")} == {
+            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False, "organization": "*",
+            "group": None, "is_blocking": False}
+        assert isinstance(permission["created"], int)
+
+
 def test_metrics_have_vllms_request_length_histograms():
     """vLLM's dashboards' "Request Prompt Length" and "Request Generation Length" panels: a histogram of each
     finished request's prompt and generated tokens (all its sequences')."""
