@@ -230,7 +230,8 @@ class ServerConfig:
     port: int = _f(8000, "port to listen on")
     api_key: str | None = _f(None, "require `Authorization: Bearer KEY` on the routes that run the model "
                                    "or the tokenizer (/v1/*, /tokenize, /detokenize; default: the "
-                                   "PAGEDLLM_API_KEY environment variable; unset = no key)")
+                                   "PAGEDLLM_API_KEY environment variable, else vLLM's VLLM_API_KEY; unset = no "
+                                   "key)")
     served_model_name: list[str] = _f([], "model name in the API (default: the model argument); several names "
                                           "(vLLM's --served-model-name a b) all answer for the model, the first "
                                           "names it in /metrics and /v1/models' first card", nargs="+")

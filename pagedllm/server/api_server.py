@@ -41,6 +41,7 @@ from pagedllm.server.serving import ServingContext
 
 logger = logging.getLogger("pagedllm")
 API_KEY_ENV = "PAGEDLLM_API_KEY"
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
 STOP_GRACE_SECONDS = 5   # after a stop signal, for the requests in flight to finish
 # Young-generation size of the garbage collector (CPython's default: 700 allocations). A stream allocates a few
 # containers per token event (outputs, chunks, frames) and its request holds prompt-sized lists that each
@@ -336,8 +337,9 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
 
 
 def resolved_api_key(config: ServerConfig) -> str | None:
-    """--api-key, else PAGEDLLM_API_KEY; None: no key."""
-    return config.api_key or os.environ.get(API_KEY_ENV) or None
+    """--api-key, else PAGEDLLM_API_KEY, else vLLM's VLLM_API_KEY (a vLLM deployment's environment keeps its
+    server keyed, not open); None: no key."""
+    return config.api_key or os.environ.get(API_KEY_ENV) or os.environ.get(VLLM_API_KEY_ENV) or None
 
 
 def startup_traceback_filter(ctx: ServingContext):

@@ -77,8 +77,9 @@ def start_server(model_dir: str, log_path: str, api_key: str | None, *flags: str
            "--max-model-len", str(MAX_MODEL_LEN), "--log-stats-interval", "0", "--log-level", "warning",
            "--device", "cpu", *flags]   # float32 on CPU: the exact reference also on a GPU machine
     # One torch thread: the server's two processes and the test process share two cores.
+    # VLLM_API_KEY emptied: the server would take it as its key (a vLLM set-up's variable in the tests' shell)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PAGEDLLM_API_KEY": "" if "--api-key" in flags else (api_key or ""),
-           **(env or {})}
+           "VLLM_API_KEY": "", **(env or {})}
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))

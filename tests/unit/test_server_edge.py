@@ -225,3 +225,18 @@ def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
     # keyed routes only: /tokenize (and under a root path) need it, /health does not
     assert not authorized({"path": "/api/tokenize", "root_path": "/api", "headers": []})
     assert authorized({"path": "/health", "headers": []})
+
+
+def test_the_api_key_comes_from_vllms_variable_too(monkeypatch):
+    """vLLM's VLLM_API_KEY guards a server started without --api-key: a deployment that sets it must not get an
+    open server here. --api-key comes first, then PAGEDLLM_API_KEY, then VLLM_API_KEY."""
+    from pagedllm.server.api_server import resolved_api_key
+    monkeypatch.delenv("PAGEDLLM_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "vllm-key")
+    assert resolved_api_key(ServerConfig()) == "vllm-key"
+    monkeypatch.setenv("PAGEDLLM_API_KEY", "own-key")
+    assert resolved_api_key(ServerConfig()) == "own-key"
+    assert resolved_api_key(ServerConfig(api_key="flag-key")) == "flag-key"
+    monkeypatch.setenv("VLLM_API_KEY", "")
+    monkeypatch.setenv("PAGEDLLM_API_KEY", "")
+    assert resolved_api_key(ServerConfig()) is None
