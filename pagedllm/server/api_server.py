@@ -138,6 +138,8 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
             body = await raw_request.json()
         except ValueError as e:
             raise APIError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from e
+        except RecursionError as e:   # the other routes' 400 (errors._http_error_message), not a 500
+            raise APIError(400, "the body's JSON is nested too deeply", None, "invalid_json") from e
         kind = next((k for k in ("messages", "prompt") if isinstance(body, dict) and k in body), None)
         if kind is None:
             raise APIError(400, "/invocations takes a chat completion (with messages) or a completion (with "

@@ -105,6 +105,15 @@ def test_model_cards_have_vllms_permission(client):
         assert isinstance(permission["created"], int)
 
 
+def test_invocations_body_nested_too_deeply_is_400(client):
+    """/invocations reads its body itself: JSON nested past the parser's depth is the client's error, as on the
+    other routes (a 400 naming it), not a 500 that also drops the connection."""
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = client.post("/invocations", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_json" and "nested too deeply" in r.json()["error"]["message"]
+
+
 def test_metrics_have_vllms_request_length_histograms():
     """vLLM's dashboards' "Request Prompt Length" and "Request Generation Length" panels: a histogram of each
     finished request's prompt and generated tokens (all its sequences')."""
