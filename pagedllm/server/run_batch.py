@@ -96,6 +96,8 @@ async def _answer(client, number: int, line: str, seen_ids: dict[str, int]) -> d
         request = json.loads(line)
     except ValueError as e:
         return _refused(None, f"line {number} is not JSON: {e}", "line")
+    except RecursionError:   # one line's error, not the whole batch's
+        return _refused(None, f"line {number} is not JSON that can be read: nested too deeply", "line")
     if not isinstance(request, dict):
         return _refused(None, f"line {number} is not a JSON object", "line")
     custom_id = request.get("custom_id")

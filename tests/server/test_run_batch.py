@@ -93,3 +93,15 @@ def test_run_batch_lines_end_at_newline_only_and_refuse_unknown_fields_and_repea
     assert [o["error"]["param"] for o in out[1:]] == ["custom_id", "metadata"]
     done = subprocess.run([*args, "-o", "/proc/out.jsonl"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode != 0 and "cannot be written" in done.stderr
+
+
+def test_a_line_nested_too_deeply_is_an_error_line():
+    """JSON nested past the parser's depth is a line that is not a request (its 400 line), not the end of the
+    whole batch with no output file."""
+    import asyncio
+
+    from pagedllm.server.run_batch import _answer
+    deep = '{"custom_id": "deep", "body": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    out = asyncio.run(_answer(None, 3, deep, {}))
+    assert out["response"]["status_code"] == 400 and out["error"]["param"] == "line"
+    assert "line 3" in out["error"]["message"] and "nested too deeply" in out["error"]["message"]
