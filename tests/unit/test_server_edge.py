@@ -87,6 +87,33 @@ def test_a_body_over_the_limit_is_413_with_or_without_content_length():
     assert _request("POST", "/echo", json.dumps({"a": "x" * (MAX_BYTES - 20)}).encode()).status_code == 200
 
 
+def _nested(depth: int, leaf="x", pad: str = "") -> str:
+    """JSON of `depth` arrays, one in the other; pad: an item before each inner array."""
+    text = json.dumps(leaf)
+    for _ in range(depth):
+        text = f"[{pad}{text}]"
+    return text
+
+
+def test_a_body_nested_past_the_bound_is_400_naming_the_field():
+    """A request's JSON is passed on (pickled to the engine core, through schema walkers, jinja's tojson) by code
+    that recurses per level: a schema nested ~700 levels once killed the thread sending requests to the core, and
+    every later request hung. The bound refuses such a body where it enters, naming its field and the limit;
+    brackets inside strings (escaped quotes and backslashes among them) do not count, nor do they hide depth."""
+    from pagedllm.server.request_body import MAX_JSON_DEPTH
+    ok = f'{{"a": {_nested(MAX_JSON_DEPTH - 1)}}}'
+    assert _request("POST", "/echo", ok.encode(), max_bytes=1 << 20).status_code == 200
+    strings = json.dumps({"a": "[{" * 5000, "b": '"\\[' * 5000, "c": [[{"d": "]}"}]] * 500})
+    assert _request("POST", "/echo", strings.encode(), max_bytes=1 << 20).status_code == 200
+    closing = json.dumps("]}") + ", "          # a string of closing brackets before each inner array
+    escapes = json.dumps('\\"]}') + ", "       # an escaped backslash, an escaped quote, then brackets
+    for deep in ('{"s": 1, "schema": ' + _nested(MAX_JSON_DEPTH) + "}",
+                 '{"schema": ' + _nested(700, pad=closing) + "}", '{"schema": ' + _nested(700, pad=escapes) + "}"):
+        json.loads(deep)   # valid JSON
+        error = _error(_request("POST", "/echo", deep.encode(), max_bytes=1 << 20), 400)
+        assert error["param"] == "schema" and str(MAX_JSON_DEPTH) in error["message"], error
+
+
 def _guard_app(**guard) -> tuple[FastAPI, list]:
     """An app behind the body guard that records what reached its keyed route."""
     reached = []
