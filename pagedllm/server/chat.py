@@ -19,7 +19,8 @@ from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
 from pagedllm.server.reasoning import ReasoningParser
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
-                                     json_value, merge, open_stream, sse, sse_prefix, until_disconnect, usage)
+                                     json_value, merge, open_stream, response_id_for, sse, sse_prefix,
+                                     until_disconnect, usage)
 from pagedllm.server.structured_fields import checked_constraint, constraint_field
 from pagedllm.server.tool_parsers.forced import parameters_schema
 from pagedllm.structured_output.grammar_spec import validate
@@ -90,7 +91,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         params = replace(params, reasoning_start_token_id=ctx.think_ids[0], reasoning_end_token_id=ctx.think_ids[1],
                          thinking_token_budget=req.thinking_token_budget)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    response_id = f"chatcmpl-{req.request_id}" if req.request_id else request_id
+    response_id = response_id_for("chatcmpl-", raw_request, req.request_id, request_id)
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     try:   # the engine's checks (the vocabulary's and logprobs' bounds) name SamplingParams' fields
         streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind, lora, req.priority,

@@ -18,7 +18,8 @@ from pagedllm.server import reasoning
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import CompletionRequest
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
-                                     json_value, merge, open_stream, sse, sse_prefix, until_disconnect, usage)
+                                     json_value, merge, open_stream, response_id_for, sse, sse_prefix,
+                                     until_disconnect, usage)
 from pagedllm.server.structured_fields import constraint_field
 
 
@@ -57,7 +58,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     if ctx.reasoning_parser is not None and isinstance(params, list):
         params = [_thinking(ctx, req, p, ids) for p, ids in zip(params, kept)]
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    response_id = f"cmpl-{req.request_id}" if req.request_id else request_id
+    response_id = response_id_for("cmpl-", raw_request, req.request_id, request_id)
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind, lora, req.priority,
                                 req.cache_salt)

@@ -299,6 +299,8 @@ async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, raw
 
 class _Detached:
     """A background response's stand-in for its HTTP request, which until_disconnect watches: it never leaves."""
+    headers: dict = {}   # none (serving.response_id_for reads X-Request-Id)
+
     async def receive(self):
         await asyncio.Event().wait()
 

@@ -119,6 +119,13 @@ class ServingContext:
                            param, "context_length_exceeded")
 
 
+def response_id_for(prefix: str, raw_request: Request, request_id: str | None, default: str) -> str:
+    """A response's id, vLLM's: prefix + the X-Request-Id header (a gateway's trace id), else the body's
+    request_id; default without either. It names the answer only: the engine's request ids are the server's own."""
+    base = raw_request.headers.get("x-request-id") or request_id
+    return prefix + base if base else default
+
+
 def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]],
                  params: SamplingParams | BeamSearchParams | list[SamplingParams], kind: OutputKind,
                  lora_request: LoRARequest | None = None, priority: int = 0,

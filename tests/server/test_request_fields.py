@@ -425,3 +425,19 @@ def test_generative_scoring_is_each_items_label_probability(server, offline_llm)
                          ({"label_token_ids": [10**6]}, "label_token_ids"), ({"items": [" x" * 600]}, "items.0"),
                          ({"query": [10**6]}, "query")):
         _error(_post(server, "/generative_scoring", {**body, **extra}), param)
+
+
+def test_x_request_id_header_names_the_response(server):
+    """vLLM's: an X-Request-Id header (a gateway's trace id) is the base of the response's id, before the body's
+    request_id; streamed chunks carry it too."""
+    base = {"model": MODEL_NAME, "max_tokens": 2, "request_id": "abc"}
+    for path, body, prefix in ((COMPLETIONS, {**base, "prompt": PROMPT}, "cmpl-"),
+                               (CHAT, {**base, "messages": MESSAGES}, "chatcmpl-")):
+        headers = {**server.headers, "X-Request-Id": "trace-1"}
+        got = httpx.post(server.url + path, json=body, headers=headers, timeout=60)
+        assert got.status_code == 200 and got.json()["id"] == prefix + "trace-1", got.text
+        streamed = httpx.post(server.url + path, json={**body, "stream": True}, headers=headers, timeout=60)
+        ids = {json.loads(line[6:])["id"] for line in streamed.text.splitlines()
+               if line.startswith("data: {")}
+        assert ids == {prefix + "trace-1"}, streamed.text
+        assert _post(server, path, body).json()["id"] == prefix + "abc"
