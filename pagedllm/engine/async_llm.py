@@ -153,13 +153,15 @@ class AsyncLLM:
             req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt,
                                                lora_request=lora_request, kv_parent=kv_parent, hold_kv=hold_kv,
                                                priority=priority)
+            # Sent (pickled) before anything is registered: one that cannot be pickled fails alone, here. Its
+            # outputs cannot overtake the registration: the pipe's reader runs on this loop, after this returns.
+            self.core.send(("add", req.core_requests))
             self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                               req.arrival_time)
             q = self._queues[request_id] = OutputQueue()
             self._unscheduled.update(r.request_id for r in req.core_requests)
         finally:
             self._publish_waiting()   # a refused request's place, taken by the bound's check, is given back
-        self.core.send(("add", req.core_requests))
         return q
 
     def _check_queue_bound(self, n: int, name: str = "n"):

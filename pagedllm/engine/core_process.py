@@ -40,6 +40,7 @@ import signal
 import threading
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 from pagedllm.config import EngineConfig
 from pagedllm.metrics import StatsLogger, StepStats
@@ -362,12 +363,14 @@ class CoreClient:
         return msg[1], msg[3]
 
     def send(self, msg: tuple):
-        self._outbox.put(msg)
+        """Pickled here, in the caller's thread: a message that cannot be (a request nested past the recursion
+        limit) raises to its sender, where in the writer thread it ended the thread and every later message."""
+        self._outbox.put(ForkingPickler.dumps(msg))
 
     def _write_loop(self):
-        while (msg := self._outbox.get()) is not None:
+        while (data := self._outbox.get()) is not None:
             try:
-                self.conn.send(msg)
+                self.conn.send_bytes(data)    # what Connection.send writes: the core's recv() reads it
             except (BrokenPipeError, OSError) as e:   # the core is gone; anything else would lose messages
                 self.process.join(timeout=1)            # (AsyncLLM reports its death)
                 if self.process.is_alive() and not self.closing:

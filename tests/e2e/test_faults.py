@@ -135,3 +135,33 @@ def test_bad_request_data_fails_alone_async(tiny_model_dirs, reference):
             engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_request_that_cannot_be_sent_fails_alone(tiny_model_dirs, reference):
+    """A request the pipe to the core cannot carry (it does not pickle: a body nested past the recursion limit
+    that got by the server's checks) fails at its add, alone; the requests after it are served. Pickled in the
+    pipe's writer thread, it ended the thread, and every later request waited for ever."""
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.async_llm import AsyncLLM
+
+    async def main():
+        engine = AsyncLLM(EngineConfig(tiny_model_dirs["llama"], num_gpu_blocks_override=64, max_model_len=256,
+                                       log_stats_interval=0, device="cpu"))
+        process = engine.input_processor.process
+
+        def unpicklable(rid, *args, **kwargs):
+            req = process(rid, *args, **kwargs)
+            for r in req.core_requests if rid == "bad" else []:
+                object.__setattr__(r, "prompt_token_ids", lambda: None)   # a local function: no pickle
+            return req
+        engine.input_processor.process = unpicklable
+        try:
+            with pytest.raises(Exception, match="pickle"):
+                await asyncio.wait_for(final_token_ids(engine, "bad", PROMPTS[1], _params(1)), 60)
+            assert "bad" not in engine._queues and not engine._unscheduled and not engine.output_processor.parents
+            assert await asyncio.wait_for(final_token_ids(engine, "after", PROMPTS[0], _params(0)), 60) == \
+                reference[0]
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
