@@ -235,11 +235,14 @@ class AsyncLLM:
             self.core.send(("release", list(request_ids)))
 
     def abort(self, request_id: str):
-        """Ends the request; the core frees its blocks before its next step."""
+        """Ends the request; the core frees its blocks before its next step. Its stream ends with a finished
+        output whose unfinished sequences say "abort" (vLLM's)."""
         child_ids = self.output_processor.child_ids(request_id)
-        self._queues.pop(request_id, None)
+        q = self._queues.pop(request_id, None)
         if not child_ids:
             return   # finished already
+        if q is not None:   # its stream may be read still (another caller aborts it): it ends, not waits forever
+            q.put_nowait(self.output_processor.aborted_output(request_id))
         self.output_processor.abort(request_id)
         self._unscheduled.difference_update(child_ids)
         self._publish_waiting()

@@ -117,6 +117,17 @@ class OutputProcessor:
         return [] if parent is None else [child_request_id(request_id, s.index, len(parent.seqs))
                                           for s in parent.seqs]
 
+    def aborted_output(self, request_id: str) -> RequestOutput | None:
+        """The last output of a request aborted while it runs: its unfinished sequences end with "abort" (vLLM's),
+        so that a stream still read ends. None for a request not running."""
+        parent = self.parents.get(request_id)
+        if parent is None:
+            return None
+        for s in parent.seqs:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+        return self._make_output(parent, True)
+
     def abort(self, request_id: str):
         for child in self.child_ids(request_id):
             self.child_to_parent.pop(child, None)

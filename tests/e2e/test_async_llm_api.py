@@ -1,0 +1,56 @@
+"""AsyncLLM's Python API as a vLLM user calls it: prompts, abort, the end of a stream."""
+import asyncio
+
+import pytest
+
+from pagedllm import RequestOutput, SamplingParams
+from pagedllm.config import EngineConfig
+from pagedllm.engine.async_llm import AsyncLLM
+
+LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+
+def run(model_dir: str, body):
+    """body(engine) on a fresh engine (the core in its own process), shut down after."""
+    async def main():
+        engine = AsyncLLM(EngineConfig(model_dir, num_gpu_blocks_override=64, max_model_len=256,
+                                       log_stats_interval=0, device="cpu"))
+        try:
+            await body(engine)
+        finally:
+            engine.shutdown()
+    asyncio.run(main())
+
+
+async def _idle(engine: AsyncLLM):
+    stats = await engine.get_stats()
+    assert not engine.output_processor.parents and not engine._queues
+    assert stats.num_running == stats.num_waiting == 0 and stats.num_blocks_free == stats.num_blocks_total
+
+
+async def _last(stream) -> RequestOutput:
+    """The stream's outputs up to its finished one (those of steps before an abort come first)."""
+    async def read():
+        async for out in stream:
+            if out.finished:
+                return out
+    return await asyncio.wait_for(read(), 10)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_abort_from_elsewhere_ends_the_stream_with_finish_reason_abort(tiny_model_dirs, n):
+    """As vLLM's: the stream of a request aborted by another caller ends with a finished output whose
+    unfinished sequences say "abort"; its consumer does not wait forever."""
+    async def body(engine):
+        # add_request queues it and returns its stream: aborted before this event loop has read any output of
+        # it, so it cannot have finished first
+        stream = engine.add_request("a", [1, 5, 6, 7], SamplingParams(**{**vars(LONG), "n": n}))
+        engine.abort("a")
+        last = await _last(stream)
+        assert [c.finish_reason for c in last.outputs] == ["abort"] * n
+        assert [c.index for c in last.outputs] == list(range(n))
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        await _idle(engine)
+    run(tiny_model_dirs["llama"], body)
+
