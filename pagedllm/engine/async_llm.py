@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.messages import EngineCoreOutput
@@ -234,9 +234,13 @@ class AsyncLLM:
         if request_ids:
             self.core.send(("release", list(request_ids)))
 
-    def abort(self, request_id: str):
-        """Ends the request; the core frees its blocks before its next step. Its stream ends with a finished
-        output whose unfinished sequences say "abort" (vLLM's)."""
+    def abort(self, request_id: str | Iterable[str]):
+        """Ends the request, or each of an iterable of them (vLLM's); the core frees their blocks before its next
+        step. A stream ends with a finished output whose unfinished sequences say "abort" (vLLM's)."""
+        if not isinstance(request_id, str):
+            for one in request_id:
+                self.abort(one)
+            return
         child_ids = self.output_processor.child_ids(request_id)
         q = self._queues.pop(request_id, None)
         if not child_ids:

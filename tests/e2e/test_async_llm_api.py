@@ -54,3 +54,15 @@ def test_abort_from_elsewhere_ends_the_stream_with_finish_reason_abort(tiny_mode
         await _idle(engine)
     run(tiny_model_dirs["llama"], body)
 
+
+def test_abort_takes_one_id_or_several(tiny_model_dirs):
+    """vLLM's abort(request_id: str | Iterable[str]): a list (or any iterable) of ids aborts each."""
+    async def body(engine):
+        streams = [engine.add_request(rid, [1, 5, 6, 7], LONG) for rid in ("a", "b", "c")]
+        engine.abort(["a", "b"])
+        engine.abort(rid for rid in ("c",))
+        for s in streams:
+            last = await _last(s)
+            assert last.outputs[0].finish_reason == "abort"
+        await _idle(engine)
+    run(tiny_model_dirs["llama"], body)
