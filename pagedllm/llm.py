@@ -13,6 +13,7 @@ from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSear
 from pagedllm.chat_template import render_chat
 from pagedllm.config import DEMO_MODEL, EngineConfig
 from pagedllm.engine.engine import Engine
+from pagedllm.engine.input_processor import prompt_value
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
@@ -277,27 +278,9 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     return list(prompts)
 
 
-_PROMPT_KEYS = ("prompt", "prompt_token_ids")   # vLLM's TextPrompt / TokensPrompt (no multi-modal data here)
-
-
 def _prompt_value(prompt: Prompt) -> str | list[int]:
-    if isinstance(prompt, dict):
-        unknown = [k for k in prompt if k not in _PROMPT_KEYS]
-        if unknown:
-            raise ValueError(f"a dict prompt takes the keys {_PROMPT_KEYS} (multi-modal inputs are not supported), "
-                             f"got {unknown}")
-        if "prompt_token_ids" in prompt:   # with both keys, the ids run (vLLM's)
-            ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)):
-                raise ValueError(f"a dict prompt's 'prompt_token_ids' must be a list of token ids, got {type(ids)}")
-            return list(ids)
-        if "prompt" in prompt:
-            if not isinstance(prompt["prompt"], str):
-                raise ValueError(f"a dict prompt's 'prompt' must be a string, got {type(prompt['prompt'])}")
-            return prompt["prompt"]
-        raise ValueError("a dict prompt needs a 'prompt' or a 'prompt_token_ids' key")
-    if isinstance(prompt, (str, list)):
-        return prompt
+    if isinstance(prompt, (str, list, dict)):
+        return prompt_value(prompt)
     raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt)}")
 
 

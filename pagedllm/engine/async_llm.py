@@ -105,7 +105,7 @@ class AsyncLLM:
         self._step_scheduled = False                  # _process_next_step is due on the event loop
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams,
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, sampling_params: SamplingParams,
                     output_kind: OutputKind = OutputKind.CUMULATIVE,
                     cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
                     hold_kv: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -118,7 +118,7 @@ class AsyncLLM:
                               kv_parent, hold_kv, priority)
         return self._outputs(request_id, q)
 
-    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
+    async def generate(self, prompt: str | list[int] | dict, sampling_params: SamplingParams, request_id: str,
                        output_kind: OutputKind = OutputKind.CUMULATIVE,
                        lora_request=None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as tokens arrive, until the finished one (see add_request)."""

@@ -81,7 +81,7 @@ class Engine:
         return self.core.scheduler
 
     # ---- requests ----------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
                     kind: OutputKind = OutputKind.FINAL, arrival_time: float | None = None,
                     cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
                     hold_kv: bool = False, priority: int = 0):

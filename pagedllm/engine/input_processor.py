@@ -46,13 +46,15 @@ class InputProcessor:
                    config.block_size, num_blocks, config.enable_prefix_caching, config.max_num_seqs,
                    config.scheduling_policy)
 
-    def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    def process(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
                 arrival_time: float | None = None, cache_salt: str | None = None,
                 lora_request=None, kv_parent: str | None = None, hold_kv: bool = False,
                 priority: int = 0) -> ProcessedRequest:
-        """Raises ValueError, naming the field and the limit, for a request that can never run.
+        """Raises ValueError, naming the field and the limit, for a request that can never run. prompt: text, token
+        ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids} (prompt_value).
         cache_salt: only requests of the same salt share blocks (beam search: the beams of one search, even
         with prefix caching off); None: the engine's rule below. kv_parent / hold_kv: see EngineCoreRequest."""
+        prompt = prompt_value(prompt)
         num_seqs = params.num_sequences
         self.check_priority(priority)
         if kv_parent is not None and not isinstance(kv_parent, str):
@@ -147,6 +149,29 @@ class InputProcessor:
                              f"holds ({self.num_blocks} KV blocks, {self.max_kv_tokens} tokens): lower max_tokens "
                              f"or raise kv_cache_memory")
         return max_tokens
+
+
+_PROMPT_KEYS = ("prompt", "prompt_token_ids")   # vLLM's TextPrompt / TokensPrompt (no multi-modal data here)
+
+
+def prompt_value(prompt: str | list[int] | dict) -> str | list[int]:
+    """vLLM's dict prompts as the text or the token ids they hold; any other prompt as it is."""
+    if not isinstance(prompt, dict):
+        return prompt
+    unknown = [k for k in prompt if k not in _PROMPT_KEYS]
+    if unknown:
+        raise ValueError(f"a dict prompt takes the keys {_PROMPT_KEYS} (multi-modal inputs are not supported), "
+                         f"got {unknown}")
+    if "prompt_token_ids" in prompt:   # with both keys, the ids run (vLLM's)
+        ids = prompt["prompt_token_ids"]
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"a dict prompt's 'prompt_token_ids' must be a list of token ids, got {type(ids)}")
+        return list(ids)
+    if "prompt" in prompt:
+        if not isinstance(prompt["prompt"], str):
+            raise ValueError(f"a dict prompt's 'prompt' must be a string, got {type(prompt['prompt'])}")
+        return prompt["prompt"]
+    raise ValueError("a dict prompt needs a 'prompt' or a 'prompt_token_ids' key")
 
 
 def truncate_prompt(ids: list[int], k: int | None, max_model_len: int, side: str = "left") -> list[int]:

@@ -66,3 +66,24 @@ def test_abort_takes_one_id_or_several(tiny_model_dirs):
             assert last.outputs[0].finish_reason == "abort"
         await _idle(engine)
     run(tiny_model_dirs["llama"], body)
+
+
+def test_generate_takes_vllm_dict_prompts(tiny_model_dirs):
+    """vLLM's TextPrompt {"prompt": ...} and TokensPrompt {"prompt_token_ids": [...]} run as the text and the ids
+    do; a dict with other keys is a ValueError naming them, not a complaint about token ids."""
+    short = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    async def body(engine):
+        ids = engine.tokenizer.encode("Once upon a time")
+        by_text, by_dict_text, by_ids, by_dict_ids = [
+            await _last(engine.generate(p, short, f"r{i}"))
+            for i, p in enumerate(["Once upon a time", {"prompt": "Once upon a time"}, ids,
+                                   {"prompt_token_ids": ids}])]
+        assert by_dict_text.prompt == "Once upon a time" and by_dict_text.prompt_token_ids == ids
+        assert by_dict_ids.prompt_token_ids == ids
+        assert by_text.outputs[0].token_ids == by_dict_text.outputs[0].token_ids == by_ids.outputs[0].token_ids \
+            == by_dict_ids.outputs[0].token_ids
+        with pytest.raises(ValueError, match="multi_modal_data"):
+            await engine.generate({"prompt": "a", "multi_modal_data": {}}, short, "bad").__anext__()
+        await _idle(engine)
+    run(tiny_model_dirs["llama"], body)
