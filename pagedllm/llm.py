@@ -98,7 +98,7 @@ class LLM:
         try:
             for prompt, p, lora, prio in zip(prompts, params, loras, priorities):
                 ids.append(str(next(self._ids)))
-                self.engine.add_request(ids[-1], _prompt_value(prompt), p, OutputKind.FINAL, lora_request=lora,
+                self.engine.add_request(ids[-1], _engine_prompt(prompt), p, OutputKind.FINAL, lora_request=lora,
                                         priority=prio)
         except Exception:
             self.engine.abort_request(ids)   # all or nothing: no half-added batch left in the engine
@@ -125,7 +125,7 @@ class LLM:
         step_params = step_sampling_params(params, len(eos))
         instances = []
         for prompt in _as_prompt_list(prompts):
-            value = _prompt_value(prompt)
+            value = prompt_value(_engine_prompt(prompt))
             if isinstance(value, str) and engine.tokenizer is None:
                 raise ValueError("prompt must be token ids when skip_tokenizer_init is set, got text")
             ids = engine.tokenizer.encode(value) if isinstance(value, str) else list(value)
@@ -204,9 +204,10 @@ class LLM:
             raise ValueError("this tokenizer has no chat template: pass chat_template=... or use generate()")
         prompts = [render_chat(tokenizer, c, chat_template, add_generation_prompt, continue_final_message,
                                chat_template_kwargs, tools) for c in conversations]
-        # The template already holds any BOS token: encode without adding special tokens again.
-        token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        return self.generate(token_ids, sampling_params, use_tqdm, lora_request)
+        # The template already holds any BOS token: encode without adding special tokens again. The rendered text
+        # is the outputs' prompt (vLLM's).
+        return self.generate([{"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False), "prompt": p}
+                              for p in prompts], sampling_params, use_tqdm, lora_request)
 
     def _run(self, total: int, use_tqdm) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -278,9 +279,10 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     return list(prompts)
 
 
-def _prompt_value(prompt: Prompt) -> str | list[int]:
+def _engine_prompt(prompt: Prompt) -> Prompt:
+    """The prompt as Engine.add_request takes it (dicts too: a TokensPrompt's text is the outputs' prompt)."""
     if isinstance(prompt, (str, list, dict)):
-        return prompt_value(prompt)
+        return prompt
     raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt)}")
 
 

@@ -54,6 +54,8 @@ class InputProcessor:
         ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids} (prompt_value).
         cache_salt: only requests of the same salt share blocks (beam search: the beams of one search, even
         with prefix caching off); None: the engine's rule below. kv_parent / hold_kv: see EngineCoreRequest."""
+        # The outputs' prompt: the text, also a TokensPrompt's optional "prompt" (vLLM's; LLM.chat's rendering)
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt if isinstance(prompt, str) else None
         prompt = prompt_value(prompt)
         num_seqs = params.num_sequences
         self.check_priority(priority)
@@ -63,7 +65,6 @@ class InputProcessor:
             name = "n" if params.best_of is None else "best_of"
             raise ValueError(f"SamplingParams.{name} must be at most max_num_seqs ({self.max_num_seqs}), "
                              f"got {num_seqs}")
-        text = prompt if isinstance(prompt, str) else None
         if self.tokenizer is None:
             params = _without_tokenizer(prompt, params)
         prompt_ids = truncate_prompt(self._prompt_ids(prompt), params.truncate_prompt_tokens, self.max_model_len,
@@ -162,14 +163,14 @@ def prompt_value(prompt: str | list[int] | dict) -> str | list[int]:
     if unknown:
         raise ValueError(f"a dict prompt takes the keys {_PROMPT_KEYS} (multi-modal inputs are not supported), "
                          f"got {unknown}")
-    if "prompt_token_ids" in prompt:   # with both keys, the ids run (vLLM's)
+    if "prompt" in prompt and not isinstance(prompt["prompt"], str):
+        raise ValueError(f"a dict prompt's 'prompt' must be a string, got {type(prompt['prompt'])}")
+    if "prompt_token_ids" in prompt:   # with both keys, the ids run and the text is only the outputs' (vLLM's)
         ids = prompt["prompt_token_ids"]
         if not isinstance(ids, (list, tuple)):
             raise ValueError(f"a dict prompt's 'prompt_token_ids' must be a list of token ids, got {type(ids)}")
         return list(ids)
     if "prompt" in prompt:
-        if not isinstance(prompt["prompt"], str):
-            raise ValueError(f"a dict prompt's 'prompt' must be a string, got {type(prompt['prompt'])}")
         return prompt["prompt"]
     raise ValueError("a dict prompt needs a 'prompt' or a 'prompt_token_ids' key")
 

@@ -175,6 +175,23 @@ def test_chat_uses_the_template(llm):
         llm.chat([{"role": "user", "content": "hi"}])
 
 
+def test_the_prompt_text_of_chat_and_of_a_tokens_prompt_is_the_outputs_prompt(llm):
+    """vLLM's: a chat's RequestOutput.prompt is the rendered conversation, and a TokensPrompt's optional "prompt"
+    (its text) is the output's prompt (print(out.prompt) after llm.chat printed None)."""
+    greedy = SamplingParams(temperature=0, max_tokens=3)
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    a, b = llm.chat([[{"role": "user", "content": "Once"}], [{"role": "user", "content": "Lily"}]], greedy,
+                    chat_template=template, use_tqdm=False)
+    assert (a.prompt, b.prompt) == ("<user>Once", "<user>Lily")
+    ids = llm.get_tokenizer().encode("Once upon a time")
+    out, plain = llm.generate([{"prompt_token_ids": ids, "prompt": "Once upon a time"}, {"prompt_token_ids": ids}],
+                              greedy, use_tqdm=False)
+    assert out.prompt == "Once upon a time" and plain.prompt is None
+    assert out.prompt_token_ids == ids and out.outputs[0].token_ids == plain.outputs[0].token_ids
+    with pytest.raises(ValueError, match="a dict prompt's 'prompt' must be a string"):
+        llm.generate({"prompt_token_ids": ids, "prompt": 5}, use_tqdm=False)
+
+
 def test_engine_stats_count_tokens_and_cache(llm):
     before = llm.engine.get_stats()
     llm.generate(["Once upon a time there was", "Once upon a time there was"],
