@@ -122,9 +122,13 @@ class AsyncLLM:
                        output_kind: OutputKind = OutputKind.CUMULATIVE,
                        lora_request=None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as tokens arrive, until the finished one (see add_request)."""
-        async for out in self.add_request(request_id, prompt, sampling_params, output_kind,
-                                          lora_request=lora_request, priority=priority):
-            yield out
+        outputs = self.add_request(request_id, prompt, sampling_params, output_kind, lora_request=lora_request,
+                                   priority=priority)
+        try:
+            async for out in outputs:
+                yield out
+        finally:   # this stream closed early (aclose): the request ends now, not when `outputs` is collected
+            await outputs.aclose()
 
     async def _outputs(self, request_id: str, q: "OutputQueue") -> AsyncIterator[RequestOutput]:
         finished = False

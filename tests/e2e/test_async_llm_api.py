@@ -87,3 +87,17 @@ def test_generate_takes_vllm_dict_prompts(tiny_model_dirs):
             await engine.generate({"prompt": "a", "multi_modal_data": {}}, short, "bad").__anext__()
         await _idle(engine)
     run(tiny_model_dirs["llama"], body)
+
+
+def test_closing_a_generate_stream_aborts_its_request_at_once(tiny_model_dirs):
+    """aclose() on generate()'s stream (contextlib.aclosing, an early return) aborts the request before it returns,
+    as vLLM's generate does on GeneratorExit: its id is free for the next request at once."""
+    async def body(engine):
+        stream = engine.generate([1, 5, 6, 7], LONG, "a")
+        await stream.__anext__()
+        await stream.aclose()
+        assert not engine.output_processor.parents and not engine._queues
+        again = await _last(engine.generate([1, 5, 6, 7], SamplingParams(max_tokens=2), "a"))
+        assert again.outputs[0].finish_reason == "length"
+        await _idle(engine)
+    run(tiny_model_dirs["llama"], body)
