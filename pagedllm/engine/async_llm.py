@@ -238,23 +238,25 @@ class AsyncLLM:
         if request_ids:
             self.core.send(("release", list(request_ids)))
 
-    def abort(self, request_id: str | Iterable[str]):
+    def abort(self, request_id: str | Iterable[str]) -> "Aborted":
         """Ends the request, or each of an iterable of them (vLLM's); the core frees their blocks before its next
-        step. A stream ends with a finished output whose unfinished sequences say "abort" (vLLM's)."""
+        step. A stream ends with a finished output whose unfinished sequences say "abort" (vLLM's). It takes
+        effect when called; what it returns may be awaited, as vLLM's coroutine is (`await engine.abort(...)`)."""
         if not isinstance(request_id, str):
             for one in request_id:
                 self.abort(one)
-            return
+            return ABORTED
         child_ids = self.output_processor.child_ids(request_id)
         q = self._queues.pop(request_id, None)
         if not child_ids:
-            return   # finished already
+            return ABORTED   # finished already
         if q is not None:   # its stream may be read still (another caller aborts it): it ends, not waits forever
             q.put_nowait(self.output_processor.aborted_output(request_id))
         self.output_processor.abort(request_id)
         self._unscheduled.difference_update(child_ids)
         self._publish_waiting()
         self.core.send(("finish", child_ids, RequestStatus.FINISHED_ABORTED))
+        return ABORTED
 
     async def get_stats(self) -> SchedulerStats:
         """The core's counts, taken after every message sent before this call (aborts included)."""
@@ -423,6 +425,18 @@ class AsyncLLM:
         for fut in self._lora_calls.values():
             if not fut.done():
                 fut.set_exception(error)
+
+
+class Aborted:
+    """What abort returns: done already, so awaiting it (vLLM's callers do) returns at once. Not a coroutine, so
+    the callers that do not await it (a stream's finally, the server) still abort."""
+    __slots__ = ()
+
+    def __await__(self):
+        return iter(())
+
+
+ABORTED = Aborted()
 
 
 class OutputQueue:

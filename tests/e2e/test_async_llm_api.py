@@ -101,3 +101,17 @@ def test_closing_a_generate_stream_aborts_its_request_at_once(tiny_model_dirs):
         assert again.outputs[0].finish_reason == "length"
         await _idle(engine)
     run(tiny_model_dirs["llama"], body)
+
+
+def test_abort_may_be_awaited_as_vllms(tiny_model_dirs):
+    """vLLM's abort is a coroutine (`await engine.abort(...)`); here it takes effect when called, as before, and
+    what it returns may be awaited."""
+    async def body(engine):
+        streams = [engine.add_request(rid, [1, 5, 6, 7], LONG) for rid in ("a", "b", "c")]
+        await engine.abort("a")
+        await engine.abort(["b"])
+        engine.abort("c")   # not awaited: aborted all the same
+        for s in streams:
+            assert (await _last(s)).outputs[0].finish_reason == "abort"
+        await _idle(engine)
+    run(tiny_model_dirs["llama"], body)
