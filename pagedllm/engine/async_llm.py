@@ -293,12 +293,17 @@ class AsyncLLM:
             self._lora_calls.pop(call_id, None)
 
     def shutdown(self):
+        """Stops the core. Streams still read end with EngineDeadError, and later calls raise it (not an OSError
+        of the closed pipe)."""
         self.closing = True
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._loop is not None and not self.dead:
             self._loop.remove_reader(self.core.conn.fileno())
         self.core.shutdown()
+        was_dead, self.dead = self.dead, True
+        if not was_dead and self._loop is not None and not self._loop.is_closed():
+            self._fail_all(EngineDeadError("the engine was shut down"), abort=False)
 
     # ---- outputs from the core ----------------------------------------------------------------------------
     def attach(self):

@@ -5,7 +5,7 @@ import pytest
 
 from pagedllm import RequestOutput, SamplingParams
 from pagedllm.config import EngineConfig
-from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError
 
 LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 
@@ -114,4 +114,19 @@ def test_abort_may_be_awaited_as_vllms(tiny_model_dirs):
         for s in streams:
             assert (await _last(s)).outputs[0].finish_reason == "abort"
         await _idle(engine)
+    run(tiny_model_dirs["llama"], body)
+
+
+def test_shutdown_ends_the_streams_in_flight_and_refuses_new_requests(tiny_model_dirs):
+    """After shutdown() a stream still read raises EngineDeadError (it waited forever), and a new request is an
+    EngineDeadError too (it was an OSError of the closed pipe: "handle is closed")."""
+    async def body(engine):
+        stream = engine.add_request("a", [1, 5, 6, 7], LONG)
+        engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await _last(stream)
+        with pytest.raises(EngineDeadError):
+            await engine.generate([1, 5, 6, 7], LONG, "b").__anext__()
+        with pytest.raises(EngineDeadError):
+            await engine.get_stats()
     run(tiny_model_dirs["llama"], body)
