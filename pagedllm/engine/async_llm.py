@@ -19,7 +19,7 @@ from pagedllm.engine.core_process import HEARTBEAT_INTERVAL, CoreClient
 from pagedllm.engine.engine import resolve_model
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor
-from pagedllm.engine.output_processor import OutputKind, OutputProcessor
+from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.outputs import RequestOutput
@@ -150,7 +150,10 @@ class AsyncLLM:
                      hold_kv: bool = False, priority: int = 0) -> "OutputQueue":
         self.attach()
         self._check_alive()
-        if request_id in self.output_processor.parents:
+        # n > 1 runs as sequences "<id>#<i>": none of them may be a running request's sequence either
+        n = params.num_sequences
+        if request_id in self.output_processor.parents or any(
+                child_request_id(request_id, i, n) in self.output_processor.child_to_parent for i in range(n)):
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._check_queue_bound(params.num_sequences, "n" if params.best_of is None else "best_of")
         try:

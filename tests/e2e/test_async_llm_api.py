@@ -130,3 +130,21 @@ def test_shutdown_ends_the_streams_in_flight_and_refuses_new_requests(tiny_model
         with pytest.raises(EngineDeadError):
             await engine.get_stats()
     run(tiny_model_dirs["llama"], body)
+
+
+def test_a_request_id_that_is_a_running_sequences_id_is_refused(tiny_model_dirs):
+    """n > 1 runs as sequences "<id>#<i>" in the core: a request named as one of them (or one whose sequences
+    would be named as a running request) is "already in use", as the offline Engine says, not a second request
+    of the same id in the core whose outputs reach neither stream (both waited forever)."""
+    async def body(engine):
+        two = SamplingParams(**{**vars(LONG), "n": 2})
+        streams = [engine.add_request("a", [1, 5, 6, 7], two), engine.add_request("b#1", [1, 5, 6, 7], LONG)]
+        with pytest.raises(ValueError, match="request_id 'a#0' is already in use"):
+            engine.add_request("a#0", [1, 5, 6, 7], LONG)
+        with pytest.raises(ValueError, match="request_id 'b' is already in use"):
+            engine.add_request("b", [1, 5, 6, 7], two)
+        engine.abort(["a", "b#1"])
+        for s in streams:
+            assert (await _last(s)).finished
+        await _idle(engine)
+    run(tiny_model_dirs["llama"], body)
