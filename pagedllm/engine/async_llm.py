@@ -18,7 +18,7 @@ from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.engine.core_process import HEARTBEAT_INTERVAL, CoreClient
 from pagedllm.engine.engine import resolve_model
 from pagedllm.engine.generation_config import load_default_sampling_params
-from pagedllm.engine.input_processor import InputProcessor
+from pagedllm.engine.input_processor import InputProcessor, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.metrics import SchedulerStats, StepStats
@@ -148,6 +148,7 @@ class AsyncLLM:
     def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind,
                      cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
                      hold_kv: bool = False, priority: int = 0) -> "OutputQueue":
+        check_request_types(request_id, prompt, params)
         self.attach()
         self._check_alive()
         # n > 1 runs as sequences "<id>#<i>": none of them may be a running request's sequence either

@@ -10,7 +10,7 @@ from transformers import AutoConfig
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.generation_config import load_default_sampling_params
-from pagedllm.engine.input_processor import InputProcessor
+from pagedllm.engine.input_processor import InputProcessor, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.lora.request import LoRARequest
@@ -92,6 +92,7 @@ class Engine:
         its adapters first, so there it is a ValueError).
         hold_kv: its blocks are kept when it ends (release_kv_holds frees them); kv_parent: a held request
         whose tokens this one's extend, whose KV it forks copy-on-write (core/kv_fork.py; beam search)."""
+        check_request_types(request_id, prompt, params)
         num_seqs = params.num_sequences
         child_ids = [child_request_id(request_id, i, num_seqs) for i in range(num_seqs)]
         if (request_id in self.output_processor.parents

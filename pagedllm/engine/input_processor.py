@@ -152,6 +152,17 @@ class InputProcessor:
         return max_tokens
 
 
+def check_request_types(request_id, prompt, params):
+    """A request's arguments of the wrong type, named (Engine.add_request and AsyncLLM check before anything
+    reads them: a None would be an AttributeError far in, and a non-str id would run)."""
+    if not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+    if not isinstance(prompt, (str, list, tuple, dict)):
+        raise TypeError(f"prompt must be a string, token ids or a dict, got {type(prompt).__name__}")
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+
+
 _PROMPT_KEYS = ("prompt", "prompt_token_ids")   # vLLM's TextPrompt / TokensPrompt (no multi-modal data here)
 
 

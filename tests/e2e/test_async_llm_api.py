@@ -148,3 +148,31 @@ def test_a_request_id_that_is_a_running_sequences_id_is_refused(tiny_model_dirs)
             assert (await _last(s)).finished
         await _idle(engine)
     run(tiny_model_dirs["llama"], body)
+
+
+BAD_ARGUMENTS = [   # (prompt, sampling_params, request_id), the argument at fault, the words of its TypeError
+    ("a", None, "r", "sampling_params must be a SamplingParams, got NoneType"),
+    ("a", {"max_tokens": 3}, "r", "sampling_params must be a SamplingParams, got dict"),
+    (None, SamplingParams(), "r", "prompt must be a string, token ids or a dict, got NoneType"),
+    (5, SamplingParams(), "r", "prompt must be a string, token ids or a dict, got int"),
+    ("a", SamplingParams(), 5, "request_id must be a str, got int"),
+    ("a", SamplingParams(), None, "request_id must be a str, got NoneType"),
+]
+
+
+def test_arguments_of_the_wrong_type_are_a_type_error_naming_them(tiny_model_dirs):
+    """Not an AttributeError ('NoneType' object has no attribute 'num_sequences'), a TypeError of the prompt's
+    iteration, or a request run under the id None: AsyncLLM and the offline Engine name the argument."""
+    from pagedllm import LLM
+
+    async def body(engine):
+        for prompt, params, request_id, words in BAD_ARGUMENTS:
+            with pytest.raises(TypeError, match=words):
+                await engine.generate(prompt, params, request_id).__anext__()
+        await _idle(engine)
+    run(tiny_model_dirs["llama"], body)
+    engine = LLM(tiny_model_dirs["llama"], dtype="float32", log_stats_interval=0).engine
+    for prompt, params, request_id, words in BAD_ARGUMENTS:
+        with pytest.raises(TypeError, match=words):
+            engine.add_request(request_id, prompt, params)
+    assert not engine.has_unfinished_requests()
