@@ -87,6 +87,8 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
         loras = _loras_per_prompt(lora_request, len(prompts))
+        if priority is not None and not isinstance(priority, (list, tuple)):
+            raise TypeError(f"priority must be a list of integers, one per prompt, got {type(priority).__name__}")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts: give one per prompt")
         priorities = priority or [0] * len(prompts)

@@ -148,6 +148,14 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(llm):
     assert llm.generate("Once", SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
 
 
+def test_priority_that_is_not_a_list_is_a_type_error_naming_it(llm):
+    """priority is one per prompt (vLLM's list[int]): a bare int was "object of type 'int' has no len()"."""
+    for priority in (5, "a"):
+        with pytest.raises(TypeError, match="priority must be a list of integers, one per prompt, got"):
+            llm.generate(["a"], SamplingParams(max_tokens=2), use_tqdm=False, priority=priority)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_request_that_can_never_fit_the_kv_cache_is_rejected():
     llm = LLM(dtype="float32", num_gpu_blocks_override=4, log_stats_interval=0)     # 64 slots
     with pytest.raises(ValueError, match="KV blocks"):
