@@ -1,6 +1,8 @@
 """What users get back (the shapes of vLLM's RequestOutput)."""
 from dataclasses import dataclass
 
+from pagedllm.lora.request import LoRARequest
+
 
 @dataclass
 class Logprob:
@@ -49,3 +51,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
+    lora_request: LoRARequest | None = None   # the adapter it ran under (vLLM's); None: the base model

@@ -165,7 +165,7 @@ class AsyncLLM:
             # outputs cannot overtake the registration: the pipe's reader runs on this loop, after this returns.
             self.core.send(("add", req.core_requests))
             self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
-                                              req.arrival_time)
+                                              req.arrival_time, lora_request)
             q = self._queues[request_id] = OutputQueue()
             self._unscheduled.update(r.request_id for r in req.core_requests)
         finally:

@@ -106,7 +106,7 @@ class Engine:
         req = self.input_processor.process(request_id, prompt, params, arrival_time, cache_salt, lora_request,
                                            kv_parent, hold_kv, priority)
         self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
-                                          req.arrival_time)
+                                          req.arrival_time, lora_request)
         for core_request in req.core_requests:
             self.core.add_request(core_request)
 

@@ -11,6 +11,7 @@ from pagedllm.core.messages import EngineCoreOutput, TokenLogprobs
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.decode_after import decode_after
 from pagedllm.engine.tokenizer import raw_decoder
+from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import FinishedRequestStats, StepStats
 from pagedllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -47,6 +48,7 @@ class _ParentRequest:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     num_returned: int | None = None   # best_of: return this many (n) of seqs, the highest cumulative logprob
+    lora_request: LoRARequest | None = None
     named_logprobs: bool = False      # logprob_token_ids: a position's other ids are those, unranked
 
     @property
@@ -95,7 +97,8 @@ class OutputProcessor:
         self.child_to_parent: dict[str, tuple[_ParentRequest, _Sequence]] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, kind: OutputKind, arrival_time: float):
+                    params: SamplingParams, kind: OutputKind, arrival_time: float,
+                    lora_request: LoRARequest | None = None):
         num_seqs = params.num_sequences
         ranked = num_seqs > params.n
         singles = self._single_texts[params.skip_special_tokens]
@@ -107,7 +110,7 @@ class OutputProcessor:
                 for i in range(num_seqs)]
         parent = _ParentRequest(request_id, prompt, prompt_token_ids, kind, RequestMetrics(arrival_time), seqs,
                                 num_returned=params.n if ranked else None,
-                                named_logprobs=params.logprob_token_ids is not None)
+                                named_logprobs=params.logprob_token_ids is not None, lora_request=lora_request)
         self.parents[request_id] = parent
         for s in seqs:
             self.child_to_parent[child_request_id(request_id, s.index, num_seqs)] = (parent, s)
@@ -236,7 +239,8 @@ class OutputProcessor:
         else:
             completions = [self._completion(s, False) for s in seqs]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
-                             completions, finished, parent.metrics, parent.num_cached_tokens)
+                             completions, finished, parent.metrics, parent.num_cached_tokens,
+                             parent.lora_request)
 
     def _due(self, seq: _Sequence) -> bool:
         """Whether the sequence's new tokens go out now: always with stream_interval 1; else its first token
@@ -258,7 +262,8 @@ class OutputProcessor:
         for i, c in enumerate(completions):
             c.index = i
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
-                             completions, True, parent.metrics, parent.num_cached_tokens)
+                             completions, True, parent.metrics, parent.num_cached_tokens,
+                             parent.lora_request)
 
     def _completion(self, seq: _Sequence, delta: bool) -> CompletionOutput:
         finished = seq.finish_reason is not None

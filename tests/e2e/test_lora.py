@@ -248,6 +248,16 @@ def test_chat_takes_lora_request(setup):
     assert [c.outputs[0].token_ids for c in chats] != [b.outputs[0].token_ids for b in bases]
 
 
+def test_outputs_name_their_lora_request(setup):
+    """vLLM's RequestOutput.lora_request: the adapter the request ran under, None for the base (an
+    AttributeError before)."""
+    base, loras, _ = setup
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True)
+    outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=2, n=2), use_tqdm=False,
+                        lora_request=[loras["rs"], None])
+    assert outs[0].lora_request is loras["rs"] and outs[1].lora_request is None
+
+
 def test_beam_search_takes_lora_request(setup):
     """vLLM's LLM.beam_search takes lora_request (one, or one per prompt): at width 1 each prompt's beam is PEFT's
     greedy answer under its adapter, the adapters mixed in one search's steps."""
@@ -283,6 +293,7 @@ def test_async_llm_lora_in_core_process(setup, tmp_path):
     async def collect(engine, rid, i, lora):
         async for out in engine.generate(PROMPTS[i], GREEDY, rid, OutputKind.FINAL, lora_request=lora):
             pass
+        assert out.lora_request is lora
         return out.outputs[0].token_ids
 
     async def main():
