@@ -157,10 +157,13 @@ def _thinks(ctx, req: ChatCompletionRequest, prompt_ids: list[int], constrained:
             and not (constrained and not req.include_reasoning))
 
 
-def _reasoning_parsers(ctx, req: ChatCompletionRequest, thinks: bool | None) -> list[ReasoningParser] | None:
+def _reasoning_parsers(ctx, req: ChatCompletionRequest, plan: ToolPlan, thinks: bool | None
+                       ) -> list[ReasoningParser] | None:
     if thinks is None:
         return None
-    return [ReasoningParser(ctx.reasoning_parser, thinks) for _ in range(req.n)]
+    # the engine constrains the answer from </think> on: the reasoning ends there, where the constraint starts
+    constrained = constraint_field(req) is not None or plan.choice in ("named", "required")
+    return [ReasoningParser(ctx.reasoning_parser, thinks, constrained) for _ in range(req.n)]
 
 
 def _with_tool_constraint(params, plan: ToolPlan):
@@ -191,7 +194,7 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
     finally:
         abort_all(ctx.engine, ids)
     choices, echo, role = [], _echo_text(req), _role(req)
-    thinkers = _reasoning_parsers(ctx, req, thinks)
+    thinkers = _reasoning_parsers(ctx, req, plan, thinks)
     for c in out.outputs:
         thought, text = thinkers[c.index].parse_all(c.text) if thinkers else (None, c.text)
         message, finish_reason = chat_tools.message(plan, c, text)
@@ -238,7 +241,7 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
         yield sse({**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
                                         "finish_reason": None}], **none_yet})
     parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
-    thinkers = _reasoning_parsers(ctx, req, thinks)
+    thinkers = _reasoning_parsers(ctx, req, plan, thinks)
     held: dict[int, list[int]] = {}   # token ids of steps whose text a parser held back
     counted = req._usage_details and thinks is not None
     answers: dict[int, list[int]] = {}   # each choice's token ids, where its reasoning tokens are counted

@@ -3,7 +3,8 @@
 Both parsers read `<think>` ... `</think>` as vLLM 0.26 does:
 - qwen3: the text is reasoning from its start (Qwen3's template opens the thinking block, or the model does) up to
   `</think>`, content after it. `<think>` inside reasoning and any later `</think>` are dropped. A `<tool_call>`
-  inside reasoning ends it: the call is content, for the tool parser. With thinking off
+  inside reasoning ends it: the call is content, for the tool parser (not in a constrained answer: the engine
+  starts a constraint after `</think>` only, so there only it ends the reasoning). With thinking off
   (chat_template_kwargs enable_thinking false, or reasoning_effort "none") the whole text is content.
 - deepseek_r1: reasoning up to the first `</think>` (a `<think>` inside it dropped), content after it, kept
   whole.
@@ -30,16 +31,19 @@ class ReasoningDelta:
 
 
 class ReasoningParser:
-    def __init__(self, name: str, thinking: bool = True):
+    def __init__(self, name: str, thinking: bool = True, constrained: bool = False):
         if name not in PARSERS:
             raise ValueError(f"reasoning parser {name!r} is not one of {', '.join(PARSERS)}")
         self.name = name
         self.in_reasoning = thinking
+        # constrained: the engine constrains the text after </think> (structured output, an enforced tool call),
+        # so the content is that text: a <tool_call> written while reasoning is still reasoning
+        self._tool_call_ends = name == "qwen3" and not constrained
         self._held = ""      # the text's end that may be a tag's beginning
 
     def _tags(self) -> tuple[str, ...]:
         if self.in_reasoning:
-            return (THINK_START, THINK_END, TOOL_CALL) if self.name == "qwen3" else (THINK_START, THINK_END)
+            return (THINK_START, THINK_END, TOOL_CALL) if self._tool_call_ends else (THINK_START, THINK_END)
         return (THINK_END,) if self.name == "qwen3" else ()
 
     def feed(self, text: str) -> ReasoningDelta:

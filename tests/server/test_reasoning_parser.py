@@ -119,3 +119,32 @@ def test_config_names_the_same_parsers():
     from pagedllm.config import REASONING_PARSERS
     from pagedllm.server.reasoning import PARSERS
     assert REASONING_PARSERS == PARSERS
+
+
+def test_a_constrained_answer_ends_its_reasoning_only_at_think_end():
+    """The engine starts a constraint (structured output, an enforced tool call) after </think> only: a
+    <tool_call> Qwen3 writes in its reasoning stays reasoning there, so the content is exactly the constrained
+    text (else a named call's arguments would begin with the unconstrained `<tool_call>...`)."""
+    text = 'plan <tool_call>{"name": "f"}</tool_call> then</think>{"a": 1}'
+    assert ReasoningParser("qwen3", constrained=True).parse_all(text) == (
+        'plan <tool_call>{"name": "f"}</tool_call> then', '{"a": 1}')
+    assert ReasoningParser("qwen3").parse_all(text)[1].startswith("<tool_call>")   # free text: a call for hermes
+
+
+def test_chat_reasoning_parsers_know_a_constrained_answer():
+    from types import SimpleNamespace
+
+    from pagedllm.server.chat import _reasoning_parsers
+    from pagedllm.server.chat_tools import plan_tools
+    from pagedllm.server.protocol import ChatCompletionRequest
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    ctx = SimpleNamespace(reasoning_parser="qwen3")
+    text = 'a <tool_call>x</tool_call></think>{"b": 1}'
+    for kw, content in (({"tools": [tool], "tool_choice": "required"}, '{"b": 1}'),
+                        ({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+                         '{"b": 1}'),
+                        ({"response_format": {"type": "json_object"}}, '{"b": 1}'),
+                        ({"tools": [tool]}, '<tool_call>x</tool_call>{"b": 1}')):   # auto: free text
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **kw)
+        [parser] = _reasoning_parsers(ctx, req, plan_tools(req, "hermes", True), True)
+        assert parser.parse_all(text)[1] == content, kw
