@@ -101,12 +101,10 @@ def _thinking(ctx: ServingContext, req: CompletionRequest, params: SamplingParam
 
 
 async def _prompts(ctx: ServingContext, prompt, add_special_tokens: bool) -> list[tuple[str | None, list[int]]]:
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    elif prompt and isinstance(prompt[0], int):
-        prompt = [prompt]
-    if not prompt:
+    if not prompt:   # "" too, as vLLM's 400 (it ran BOS alone); a list item with no tokens is the engine's 400
         raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        prompt = [prompt]
     ids = await asyncio.gather(*(ctx.encode(p, add_special_tokens) for p in prompt if isinstance(p, str)))
     texts = iter(ids)
     return [(p, next(texts)) if isinstance(p, str) else (None, p) for p in prompt]

@@ -36,6 +36,7 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None, code
     (COMPLETIONS, {"prompt": "a", "min_p": 2}, "min_p", "[0, 1]"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": "many"}, "max_tokens", "integer"),
     (COMPLETIONS, {"prompt": []}, "prompt", "empty"),
+    (COMPLETIONS, {"prompt": ""}, "prompt", "empty"),   # vLLM's 400 (was: BOS alone, answered)
     (COMPLETIONS, {"max_tokens": 4}, "prompt", "required"),
     (COMPLETIONS, {"prompt": [1, 2, 10**6]}, "prompt", "prompt_token_ids"),
     (CHAT, {"messages": MESSAGES, "temperature": -0.5}, "temperature", ">= 0"),
