@@ -228,6 +228,9 @@ class _SamplingRequest(_Request):
                                  "prompt_logprobs": prompt_logprobs, "structured_outputs": constraint})
 
 
+_PROMPT_FORMS = ((str, "strings"), (int, "token ids"), (list, "lists of token ids"))   # a list prompt's items
+
+
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
@@ -237,6 +240,22 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
     # vLLM's: at most this many tokens in a `<think>` block, then `</think>` is forced (-1: no limit)
     thinking_token_budget: int | None = Field(None, ge=-1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form_of_prompt(cls, data):
+        """A list prompt's items are all of one form. pydantic's error for a mix names one item as it fails one
+        form ("prompt.0: Input should be a valid string" for [1, "a"], whose 1 is a valid token id)."""
+        prompt = data.get("prompt") if isinstance(data, dict) else None
+        if isinstance(prompt, list):
+            forms = dict.fromkeys(next((name for kind, name in _PROMPT_FORMS if isinstance(item, kind)), None)
+                                  for item in prompt)
+            forms.pop(None, None)   # other values: pydantic's error names them
+            if len(forms) > 1:
+                first, second = list(forms)[:2]
+                raise APIError(400, f"prompt mixes {first} and {second}: it must be a string, or a list of "
+                                    f"strings, of token ids or of lists of token ids", "prompt", "invalid_value")
+        return data
 
     @model_validator(mode="after")
     def _unlimited_budget(self):

@@ -52,6 +52,10 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None, code
         {"type": "function", "function": {"name": "g", "parameters": {"type": "nonsense"}}}]},
      "tools.1.function.parameters", "nonsense"),
     (COMPLETIONS, {"prompt": 123}, "prompt", "must be str or list[str] or list[int] or list[list[int]]; got an"),
+    # items of more than one form (was: "prompt.0: Input should be a valid string" for an id first)
+    (COMPLETIONS, {"prompt": [1, "a"]}, "prompt", "mixes token ids and strings"),
+    (COMPLETIONS, {"prompt": [[1, 2], 3]}, "prompt", "mixes lists of token ids and token ids"),
+    (COMPLETIONS, {"prompt": ["a", [1]]}, "prompt", "mixes strings and lists of token ids"),
     (COMPLETIONS, {"prompt": "a", "stop": 5}, "stop", "must be str or list[str]; got an integer"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache_control": {}}]}]},
      "messages.0.content.0.cache_control", "Extra inputs"),
