@@ -169,7 +169,7 @@ def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOu
     logprobs = None
     if req.logprobs is not None:
         as_ids = req.return_tokens_as_token_ids
-        entries = _prompt_entries(out, as_ids, first_token_text) if echo else []
+        entries = _prompt_entries(out, req.logprobs, as_ids, first_token_text) if echo else []
         entries += [_entry(lp, tid, as_ids) for tid, lp in zip(c.token_ids, c.logprobs or [])]
         logprobs = _completion_logprobs(entries, offset)
     return {"index": index, "text": (prompt_text if echo else "") + c.text, "logprobs": logprobs,
@@ -214,13 +214,19 @@ def _rank(p) -> float:
     return p.rank if p.rank is not None else float("inf")
 
 
-def _prompt_entries(out: RequestOutput, as_ids: bool = False, first_token_text: str = "") -> list:
-    """first_token_text: the text of the first prompt token, which has no logprob entry to name it."""
+def _prompt_entries(out: RequestOutput, num_top: int, as_ids: bool = False, first_token_text: str = "") -> list:
+    """num_top: the request's logprobs. Each position keeps its token and the top num_top, as a generated one
+    and vLLM's: a larger prompt_logprobs has more (they stay in the choice's prompt_logprobs).
+    first_token_text: the text of the first prompt token, which has no logprob entry to name it."""
     positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-    entries = [_entry(lp, tid, as_ids) for tid, lp in zip(out.prompt_token_ids, positions)]
+    entries = [_entry(lp and _top(lp, tid, num_top), tid, as_ids) for tid, lp in zip(out.prompt_token_ids, positions)]
     if entries and not as_ids:
         entries[0] = (first_token_text, None, None)
     return entries
+
+
+def _top(lp: PositionLogprobs, token_id: int, num_top: int) -> PositionLogprobs:
+    return {t: p for t, p in lp.items() if t == token_id or (p.rank is not None and p.rank <= num_top)}
 
 
 def prompt_logprobs_json(out: RequestOutput) -> list[dict | None]:

@@ -85,6 +85,19 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
         assert e.value.body["param"] == "min_tokens" and "max_tokens 0" in e.value.body["message"]
 
 
+def test_echoed_prompt_top_logprobs_are_logprobs_many_whatever_prompt_logprobs(client):
+    """echo + logprobs N with a larger prompt_logprobs: the echoed prompt tokens' top_logprobs hold the token and
+    the top N, as the generated ones and vLLM's (were the prompt_logprobs' top M); prompt_logprobs keeps its M."""
+    kw = dict(model=MODEL_NAME, prompt=PROMPTS[0], echo=True, logprobs=1, max_tokens=2, temperature=0)
+    plain = client.completions.create(**kw).choices[0]
+    both = client.completions.create(extra_body={"prompt_logprobs": 4}, **kw).choices[0]
+    for got, want in zip(both.logprobs.top_logprobs, plain.logprobs.top_logprobs, strict=True):
+        assert got == (None if want is None else pytest.approx(want, abs=1e-4))
+    assert all(len(top) <= 2 and token in top
+               for token, top in zip(both.logprobs.tokens, both.logprobs.top_logprobs) if top is not None)
+    assert max(len(position) for position in both.model_extra["prompt_logprobs"][1:]) == 5
+
+
 def test_echoed_prompt_tokens_rebuild_the_echo(client, offline_llm):
     """echo + logprobs: the prompt's first token has no logprob, but keeps its text (was: always "", so a prompt
     that does not start with BOS lost its first word from the tokens and every text offset after it was off):
