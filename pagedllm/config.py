@@ -284,6 +284,19 @@ class ServerConfig:
                                       choices=REASONING_PARSERS)
     root_path: str | None = _f(None, "path prefix a proxy in front of the server adds (e.g. /llm): routes answer "
                                      "with and without it, and /openapi.json names it")
+    # vLLM's chat and usage flags
+    response_role: str = _f("assistant", "the role of chat answers written after a generation prompt")
+    default_chat_template_kwargs: str | None = _f(None, "a JSON object of chat template variables every chat "
+                                                        "request gets, e.g. '{\"enable_thinking\": false}'; a "
+                                                        "request's chat_template_kwargs override its keys",
+                                                  python_types=(str, dict))
+    exclude_tools_when_tool_choice_none: bool = _f(False, "with tool_choice \"none\", the tools do not reach the "
+                                                          "chat template (by default they do, as vLLM's)")
+    enable_prompt_tokens_details: bool = _f(False, "chat and completions usage carries prompt_tokens_details."
+                                                   "cached_tokens, the prompt tokens the prefix cache held, when "
+                                                   "there were any")
+    enable_force_include_usage: bool = _f(False, "streamed chat and completions answers end with a usage chunk "
+                                                 "also without stream_options.include_usage")
     lora_modules: list[str] = _f([], "LoRA adapters served by name (needs --enable-lora), vLLM's forms: name=path, "
                                      "or JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; "
                                      "several after one flag; loaded at start-up, chosen by a request's model",
@@ -294,6 +307,10 @@ class ServerConfig:
         _check(self.max_waiting_queue_length is None or self.max_waiting_queue_length >= 1,
                "max_waiting_queue_length", ">= 1", self.max_waiting_queue_length)
         _check(self.max_request_body_bytes >= 1, "max_request_body_bytes", ">= 1", self.max_request_body_bytes)
+        self.default_chat_template_kwargs = _json_object(self.default_chat_template_kwargs,
+                                                         "default_chat_template_kwargs")
+        _check(isinstance(self.response_role, str) and self.response_role != "", "response_role",
+               "a role name", self.response_role)
         for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
             value = getattr(self, name)
             _check(isinstance(value, list) and all(isinstance(v, str) for v in value), name,

@@ -330,6 +330,11 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
                          tool_call_parser=server_config.tool_call_parser,
                          reasoning_parser=server_config.reasoning_parser,
                          enable_auto_tool_choice=server_config.enable_auto_tool_choice,
+                         response_role=server_config.response_role,
+                         default_chat_template_kwargs=server_config.default_chat_template_kwargs,
+                         exclude_tools_when_tool_choice_none=server_config.exclude_tools_when_tool_choice_none,
+                         enable_prompt_tokens_details=server_config.enable_prompt_tokens_details,
+                         enable_force_include_usage=server_config.enable_force_include_usage,
                          responses=ResponseStore(server_config.responses_store) if server_config.responses_store
                          else None)
     if engine_config.enable_lora:

@@ -20,7 +20,7 @@ from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
 from pagedllm.server.reasoning import ReasoningParser
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, response_id_for, sse, sse_prefix,
-                                     until_disconnect, usage)
+                                     until_disconnect, usage, cached_details)
 from pagedllm.server.structured_fields import checked_constraint, constraint_field
 from pagedllm.server.tool_parsers.forced import parameters_schema
 from pagedllm.structured_output.grammar_spec import validate
@@ -43,21 +43,32 @@ def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest
     if template is None and not getattr(ctx.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template",
                        "messages", "invalid_value")
+    tools = getattr(req, "tools", None) or []
+    if ctx.exclude_tools_when_tool_choice_none and getattr(req, "tool_choice", None) == "none":
+        tools = []   # --exclude-tools-when-tool-choice-none: the template is not told of tools it may not call
     try:
         text = chat_template.render_chat(ctx.tokenizer, [m.as_template_input() for m in req.messages], template,
                                          req.add_generation_prompt, req.continue_final_message,
-                                         req.template_kwargs(), [t.model_dump(exclude_none=True)
-                                                                    for t in getattr(req, "tools", None) or []],
-                                         req.documents)
+                                         template_kwargs(ctx, req),
+                                         [t.model_dump(exclude_none=True) for t in tools], req.documents)
     except chat_template.ChatTemplateError as e:
         raise APIError(400, shorten(str(e), 1000), e.param, "invalid_value") from e
     return text
+
+
+def template_kwargs(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> dict | None:
+    """The template's variables: the request's over --default-chat-template-kwargs."""
+    kwargs = req.template_kwargs()
+    if not ctx.default_chat_template_kwargs:
+        return kwargs
+    return {**ctx.default_chat_template_kwargs, **(kwargs or {})}
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
     lora = ctx.check_model(req.model)
     if req.return_tokens_as_token_ids is None:   # the server's --return-tokens-as-token-ids
         req.return_tokens_as_token_ids = ctx.return_tokens_as_token_ids
+    req._force_usage = ctx.enable_force_include_usage
     plan = chat_tools.plan_tools(req, ctx.tool_call_parser, ctx.enable_auto_tool_choice)
     prompt_text, prompt_ids = await render_chat(ctx, req)
     if not prompt_ids:   # the engine's own refusal would name `prompt`, which a chat request has not
@@ -152,7 +163,7 @@ def _thinks(ctx, req: ChatCompletionRequest, prompt_ids: list[int], constrained:
             if asked:
                 raise APIError(400, f"{name} cannot be combined with include_reasoning false: they would show "
                                     f"the reasoning's tokens", name, "invalid_value")
-    return (reasoning.starts_in_reasoning(ctx.reasoning_parser, req.template_kwargs(), prompt_ids, ctx.think_ids,
+    return (reasoning.starts_in_reasoning(ctx.reasoning_parser, template_kwargs(ctx, req), prompt_ids, ctx.think_ids,
                                           ctx.turn_id)
             and not (constrained and not req.include_reasoning))
 
@@ -193,7 +204,7 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
         [out] = await final_outputs(streams, _constraint_field(req, plan))
     finally:
         abort_all(ctx.engine, ids)
-    choices, echo, role = [], _echo_text(req), _role(req)
+    choices, echo, role = [], _echo_text(ctx, req), _role(ctx, req)
     thinkers = _reasoning_parsers(ctx, req, plan, thinks)
     for c in out.outputs:
         thought, text = thinkers[c.index].parse_all(c.text) if thinkers else (None, c.text)
@@ -234,9 +245,9 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
     continuous, counts = req.continuous_usage, [0] * req.n
     none_yet = {"usage": usage(len(prompt_ids), 0)} if continuous else {}
     for i in range(req.n):   # OpenAI's first chunk of each choice carries only the role
-        yield sse({**head, "choices": [{"index": i, "delta": {"role": _role(req), "content": ""},
+        yield sse({**head, "choices": [{"index": i, "delta": {"role": _role(ctx, req), "content": ""},
                                         "logprobs": None, "finish_reason": None}], **none_yet, **first})
-    echo = _echo_text(req)
+    echo = _echo_text(ctx, req)
     for i in range(req.n if echo else 0):   # then vLLM's: a chunk with the echoed text
         yield sse({**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
                                         "finish_reason": None}], **none_yet})
@@ -281,10 +292,11 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
 
 def _usage_details(ctx, req: ChatCompletionRequest, thinks: bool | None, num_cached: int,
                    answers) -> tuple[int, int] | None:
-    """usage()'s details for /v1/responses (None for a chat request): the prompt tokens found cached, and the
-    reasoning tokens of the choices' token ids (answers) under a reasoning parser."""
+    """usage()'s details for /v1/responses: the prompt tokens found cached, and the reasoning tokens of the
+    choices' token ids (answers) under a reasoning parser. A chat request's: the cached tokens alone under
+    --enable-prompt-tokens-details (serving.cached_details), else none."""
     if not req._usage_details:
-        return None
+        return cached_details(ctx, num_cached)
     if thinks is None:
         return num_cached, 0
     return num_cached, sum(reasoning.num_reasoning_tokens(ids, ctx.think_ids, thinks) for ids in answers)
@@ -298,19 +310,19 @@ async def chunk_dicts(chunks):
             yield json.loads(raw[6:])
 
 
-def _role(req: ChatCompletionRequest) -> str:
-    """The answer's role (vLLM's): the assistant's after a generation prompt; without one the model goes on in
-    the last message's turn (continue_final_message), whoever's it is."""
-    return "assistant" if req.add_generation_prompt else req.messages[-1].role
+def _role(ctx: ServingContext, req: ChatCompletionRequest) -> str:
+    """The answer's role (vLLM's): the assistant's (--response-role) after a generation prompt; without one the
+    model goes on in the last message's turn (continue_final_message), whoever's it is."""
+    return ctx.response_role if req.add_generation_prompt else req.messages[-1].role
 
 
-def _echo_text(req: ChatCompletionRequest) -> str:
+def _echo_text(ctx: ServingContext, req: ChatCompletionRequest) -> str:
     """echo (vLLM's): the last message's text, put before each choice's content when that message is in the
     answer's role (an assistant message, or any continued one); "" otherwise."""
     if not req.echo:
         return ""
     last = req.messages[-1].as_template_input()
-    if last.get("role") != _role(req):
+    if last.get("role") != _role(ctx, req):
         return ""
     return chat_template.template_message(last)["content"]
 

@@ -19,7 +19,7 @@ from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import CompletionRequest
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, response_id_for, sse, sse_prefix,
-                                     until_disconnect, usage)
+                                     until_disconnect, usage, cached_details)
 from pagedllm.server.structured_fields import constraint_field
 
 
@@ -27,6 +27,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     lora = ctx.check_model(req.model)
     if req.return_tokens_as_token_ids is None:   # the server's --return-tokens-as-token-ids
         req.return_tokens_as_token_ids = ctx.return_tokens_as_token_ids
+    req._force_usage = ctx.enable_force_include_usage
     prompts = await _prompts(ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
     reasoning.check_budget(ctx.reasoning_parser, req.thinking_token_budget, req.use_beam_search)
     kept = [truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len, req.truncation_side or "left")
@@ -127,9 +128,10 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
                 choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out)
     num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
     num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    details = cached_details(ctx, sum(o.num_cached_tokens for o in outputs))
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": req.model or ctx.model_name,   # the adapter's name under an adapter, as vLLM
-            "choices": choices, "usage": usage(num_prompt, num_completion)}
+            "choices": choices, "usage": usage(num_prompt, num_completion, details)}
 
 
 async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, outputs,
@@ -142,7 +144,9 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     plain = req.logprobs is None and not req.echo and not req.return_token_ids   # a choice is its text alone
     continuous, counts = req.continuous_usage, {}   # each choice's tokens so far (continuous_usage_stats)
     tail = ""   # after the choices: the chunk's usage with continuous_usage_stats (vLLM's)
+    cached: dict[int, int] = {}   # each prompt's tokens found in the prefix cache
     async for i, out in outputs:
+        cached[i] = out.num_cached_tokens
         for c in out.outputs:
             index = i * req.n + c.index
             num_completion += len(c.token_ids)
@@ -161,7 +165,8 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
                 choice.update(prompt_token_ids=out.prompt_token_ids if first else None, token_ids=list(c.token_ids))
             yield f"{prefix}{_choice_json(**choice)}]{tail}}}\n\n"   # sse({**head, "choices": [choice], [usage]})
     if req.include_usage:
-        yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
+        details = cached_details(ctx, sum(cached.values()))
+        yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion, details)})
 
 
 def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOutput, c: CompletionOutput,

@@ -208,13 +208,17 @@ class _SamplingRequest(_Request):
                                 length_penalty=self.length_penalty,
                                 include_stop_str_in_output=bool(self.include_stop_str_in_output))
 
+    # not a request field: the server's --enable-force-include-usage (a usage chunk ends every stream)
+    _force_usage: bool = PrivateAttr(False)
+
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and bool(self.stream_options.include_usage)
+        return self._force_usage or (self.stream_options is not None and bool(self.stream_options.include_usage))
 
     @property
     def continuous_usage(self) -> bool:
-        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+        return self.stream_options is not None and self.include_usage and \
+            bool(self.stream_options.continuous_usage_stats)
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                            defaults: dict | None = None) -> SamplingParams:

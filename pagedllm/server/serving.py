@@ -15,6 +15,7 @@ from json.encoder import encode_basestring_ascii
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from pagedllm import chat_template
 from pagedllm.beam_search import BeamSearchParams
 from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
 from pagedllm.engine.output_processor import OutputKind
@@ -45,6 +46,12 @@ class ServingContext:
     loras: ServingLoRAs | None = None       # --enable-lora: the adapters served by name (server/lora.py)
     responses: ResponseStore | None = None  # --responses-store: /v1/responses kept for store true
     startup_error: str | None = None        # why the app's start-up failed (a bad --lora-modules adapter)
+    # vLLM's chat and usage flags (ServerConfig)
+    response_role: str = "assistant"
+    default_chat_template_kwargs: dict | None = None
+    exclude_tools_when_tool_choice_none: bool = False
+    enable_prompt_tokens_details: bool = False
+    enable_force_include_usage: bool = False
     # One thread, as vLLM's: tokenizing a long text takes seconds (~0.7 s a MB), which on the event loop
     # would stall every stream and /health; HF fast tokenizers release the GIL while they work.
     tokenizer_pool: ThreadPoolExecutor = field(
@@ -54,6 +61,10 @@ class ServingContext:
     turn_id: int | None = field(init=False, default=None)   # the token opening a chat turn (reasoning_parser)
 
     def __post_init__(self):
+        reserved = sorted(chat_template.RESERVED_TEMPLATE_KWARGS & (self.default_chat_template_kwargs or {}).keys())
+        if reserved:   # a start-up error, not every chat request's 400
+            raise ValueError(f"default_chat_template_kwargs may not set {reserved[0]!r}: it is not a template "
+                             f"variable")
         self.encoder = BatchEncoder(lambda: self.engine.tokenizer, self.tokenizer_pool)
         if self.reasoning_parser is not None:
             self.think_ids = reasoning.think_token_ids(self.tokenizer, self.reasoning_parser)
@@ -335,15 +346,22 @@ def json_value(value) -> str:
     return _to_json(value)
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int, details: tuple[int, int] | None = None) -> dict:
-    """details: (prompt tokens read from the prefix cache, completion tokens of reasoning), as OpenAI's
-    prompt_tokens_details and completion_tokens_details say them."""
+def usage(num_prompt_tokens: int, num_completion_tokens: int, details: tuple[int, int | None] | None = None) -> dict:
+    """details: (prompt tokens read from the prefix cache, completion tokens of reasoning or None: no such
+    field), as OpenAI's prompt_tokens_details and completion_tokens_details say them."""
     out = {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
            "total_tokens": num_prompt_tokens + num_completion_tokens}
     if details is not None:
         out["prompt_tokens_details"] = {"cached_tokens": details[0]}
-        out["completion_tokens_details"] = {"reasoning_tokens": details[1]}
+        if details[1] is not None:
+            out["completion_tokens_details"] = {"reasoning_tokens": details[1]}
     return out
+
+
+def cached_details(ctx: "ServingContext", num_cached: int) -> tuple[int, None] | None:
+    """usage()'s details under --enable-prompt-tokens-details: the cached prompt tokens, when there were any
+    (vLLM's rule)."""
+    return (num_cached, None) if ctx.enable_prompt_tokens_details and num_cached else None
 
 
 async def until_disconnect(raw_request: Request, work: Awaitable):

@@ -1,0 +1,102 @@
+"""vLLM's chat and usage serve flags: --response-role, --default-chat-template-kwargs,
+--exclude-tools-when-tool-choice-none, --enable-prompt-tokens-details, --enable-force-include-usage; one server
+with all of them, and the main server (none of them) for the defaults."""
+import json
+
+import httpx
+import pytest
+from server.server_utils import CHAT_TEMPLATE, MODEL_NAME, serving, start_server
+
+from pagedllm.config import ServerConfig
+from pagedllm.server.serving import ServingContext
+
+MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+# A prompt of several full blocks: sent twice, the second finds them in the prefix cache
+LONG_PROMPT = [1] + list(range(100, 180))
+
+
+@pytest.fixture(scope="module")
+def flagged(tiny_model_dirs, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("serve_flags")
+    template = logs / "template.jinja"
+    template.write_text(CHAT_TEMPLATE + "{% if tools %} tools: {{ tools | length }}{% endif %}")
+    server = start_server(tiny_model_dirs["llama"], str(logs / "flags.log"), None, "--chat-template", str(template),
+                          "--response-role", "narrator", "--default-chat-template-kwargs", '{"note": "default"}',
+                          "--exclude-tools-when-tool-choice-none", "--enable-prompt-tokens-details",
+                          "--enable-force-include-usage")
+    with serving({"flags": server}):
+        yield server
+
+
+def _post(server, path: str, body: dict) -> httpx.Response:
+    r = httpx.post(server.url + path, json={"model": MODEL_NAME, **body}, headers=server.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def _chunks(r: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+def _prompt_text(server, **body) -> str:
+    return _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "return_prompt_text": True,
+                                                  **body}).json()["prompt_text"]
+
+
+def test_response_role_names_the_answers_role(flagged, server):
+    r = _post(flagged, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
+    assert r.json()["choices"][0]["message"]["role"] == "narrator"
+    r = _post(flagged, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "stream": True})
+    assert _chunks(r)[0]["choices"][0]["delta"]["role"] == "narrator"
+    # continuing the last message: its own role, whatever the flag (vLLM's)
+    r = _post(flagged, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2,
+                                                "add_generation_prompt": False, "continue_final_message": True})
+    assert r.json()["choices"][0]["message"]["role"] == "user"
+    r = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})   # the default
+    assert r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_default_chat_template_kwargs_under_the_requests_own(flagged, server):
+    assert _prompt_text(flagged).startswith("[default]\n")
+    assert _prompt_text(flagged, chat_template_kwargs={"note": "mine"}).startswith("[mine]\n")
+    assert _prompt_text(server).startswith("user: ")   # no flag: no note
+
+
+def test_tools_left_out_of_the_template_with_tool_choice_none(flagged):
+    assert " tools: 1" not in _prompt_text(flagged, tools=TOOLS, tool_choice="none")
+
+
+def test_prompt_tokens_details_when_tokens_were_cached(flagged, server):
+    body = {"prompt": LONG_PROMPT, "max_tokens": 2, "temperature": 0}
+    first = _post(flagged, "/v1/completions", body).json()["usage"]
+    second = _post(flagged, "/v1/completions", body).json()["usage"]
+    assert "prompt_tokens_details" not in first   # nothing cached: no details (vLLM's)
+    assert 0 < second["prompt_tokens_details"]["cached_tokens"] < len(LONG_PROMPT)
+    assert "completion_tokens_details" not in second
+    r = _post(flagged, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert _chunks(r)[-1]["usage"]["prompt_tokens_details"] == second["prompt_tokens_details"]
+    messages = [{"role": "user", "content": " ".join(["story"] * 60)}]
+    _post(flagged, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    chat = _post(flagged, "/v1/chat/completions", {"messages": messages, "max_tokens": 2}).json()["usage"]
+    assert chat["prompt_tokens_details"]["cached_tokens"] > 0
+    _post(server, "/v1/completions", body)
+    assert "prompt_tokens_details" not in _post(server, "/v1/completions", body).json()["usage"]   # no flag
+
+
+def test_force_include_usage_ends_every_stream_with_usage(flagged, server):
+    for path, body in (("/v1/completions", {"prompt": "Once upon a time"}), ("/v1/chat/completions",
+                                                                             {"messages": MESSAGES})):
+        chunks = _chunks(_post(flagged, path, {**body, "max_tokens": 3, "stream": True, "ignore_eos": True}))
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+        assert all("usage" not in c for c in chunks[:-1])   # not continuous unless asked
+        chunks = _chunks(_post(server, path, {**body, "max_tokens": 3, "stream": True}))
+        assert all("usage" not in c for c in chunks)   # the default: only when asked
+
+
+def test_reserved_default_chat_template_kwargs_fail_at_start_up():
+    config = ServerConfig(default_chat_template_kwargs='{"tokenize": true}')
+    with pytest.raises(ValueError, match="default_chat_template_kwargs may not set 'tokenize'"):
+        ServingContext(None, "m", None, default_chat_template_kwargs=config.default_chat_template_kwargs)
+    with pytest.raises(ValueError, match="default_chat_template_kwargs must be a JSON object"):
+        ServerConfig(default_chat_template_kwargs='["a"]')
