@@ -228,10 +228,10 @@ class ServerConfig:
     """`pagedllm serve`: the HTTP side (engine flags come from EngineConfig)."""
     host: str = _f("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = _f(8000, "port to listen on")
-    api_key: str | None = _f(None, "require `Authorization: Bearer KEY` on the routes that run the model "
-                                   "or the tokenizer (/v1/*, /tokenize, /detokenize; default: the "
-                                   "PAGEDLLM_API_KEY environment variable, else vLLM's VLLM_API_KEY; unset = no "
-                                   "key)")
+    api_key: list[str] = _f([], "require `Authorization: Bearer KEY` on the routes that run the model or the "
+                                "tokenizer (/v1/*, /tokenize, /detokenize); several keys (vLLM's --api-key k1 k2): "
+                                "any of them (default: the PAGEDLLM_API_KEY environment variable, else vLLM's "
+                                "VLLM_API_KEY; unset = no key; Python callers may pass one str)", nargs="+")
     served_model_name: list[str] = _f([], "model name in the API (default: the model argument); several names "
                                           "(vLLM's --served-model-name a b) all answer for the model, the first "
                                           "names it in /metrics and /v1/models' first card", nargs="+")
@@ -307,6 +307,10 @@ class ServerConfig:
         _check(self.max_waiting_queue_length is None or self.max_waiting_queue_length >= 1,
                "max_waiting_queue_length", ">= 1", self.max_waiting_queue_length)
         _check(self.max_request_body_bytes >= 1, "max_request_body_bytes", ">= 1", self.max_request_body_bytes)
+        if self.api_key is None or isinstance(self.api_key, str):   # Python callers: one key, or none
+            self.api_key = [self.api_key] if self.api_key else []
+        _check(isinstance(self.api_key, list) and all(isinstance(k, str) and k for k in self.api_key), "api_key",
+               "non-empty strings", self.api_key)
         self.default_chat_template_kwargs = _json_object(self.default_chat_template_kwargs,
                                                          "default_chat_template_kwargs")
         _check(isinstance(self.response_role, str) and self.response_role != "", "response_role",

@@ -51,8 +51,12 @@ STOP_GRACE_SECONDS = 5   # after a stop signal, for the requests in flight to fi
 API_GC_THRESHOLD = 20_000
 
 
-def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig, api_key: str | None,
+def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig, api_keys: list[str] | str | None,
               lora_modules: list[LoRAModulePath] = ()) -> FastAPI:
+    """api_keys: what a keyed route takes (resolved_api_keys); one str for one, None or [] for no key."""
+    if api_keys is None or isinstance(api_keys, str):
+        api_keys = [api_keys] if api_keys else []
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         ctx.engine.attach()   # watch the core from the start, not from the first request
@@ -70,9 +74,9 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
 
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan, root_path=config.root_path or "")
     install_error_handlers(app)
-    _add_middleware(app, config, _authorized(api_key))
+    _add_middleware(app, config, _authorized(api_keys))
     # The key guards every route that runs the model or the tokenizer; /health, /version, /metrics stay open.
-    keyed = [Depends(_api_key_check(api_key))]
+    keyed = [Depends(_api_key_check(api_keys))]
     v1 = APIRouter(prefix="/v1", dependencies=keyed)
 
     @v1.post("/completions")
@@ -227,25 +231,28 @@ class _CORSMiddleware(CORSMiddleware):
                               "cors_refused", headers=headers)
 
 
-def _key_matches(expected: bytes, authorization: str, x_api_key: str) -> bool:
+def _key_matches(expected: list[bytes], authorization: str, x_api_key: str) -> bool:
     # Header values arrive decoded as latin-1 (Starlette's): encoded back, they are the bytes the client sent, which
     # for a non-ASCII key are its UTF-8 (as `expected` is); .encode() would encode it twice.
     given = authorization.encode("latin-1")
     other = b"Bearer " + x_api_key.encode("latin-1")
-    # constant time: no key prefix leaks by timing (both compared, whichever was sent)
-    return secrets.compare_digest(given, expected) | secrets.compare_digest(other, expected)
+    # constant time: no key prefix leaks by timing (every key compared, both headers, whichever was sent)
+    found = False
+    for key in expected:
+        found |= secrets.compare_digest(given, key) | secrets.compare_digest(other, key)
+    return found
 
 
 # The routes outside /v1/ that build_app guards with the key (`dependencies=keyed`)
 _KEYED_PATHS = ("/tokenize", "/detokenize", "/invocations", "/generative_scoring")
 
 
-def _authorized(api_key: str | None):
+def _authorized(api_keys: list[str]):
     """RequestBodyGuard's check, before the body is read: False for a keyed route (all of /v1/, _KEYED_PATHS;
-    the path less the app's root_path, as the router reads it) without the key. None: no key."""
-    if not api_key:
+    the path less the app's root_path, as the router reads it) without a key. None: no key."""
+    if not api_keys:
         return None
-    expected = f"Bearer {api_key}".encode()
+    expected = [f"Bearer {key}".encode() for key in api_keys]
 
     def authorized(scope) -> bool:
         path, root = scope["path"], scope.get("root_path", "")
@@ -258,9 +265,9 @@ def _authorized(api_key: str | None):
     return authorized
 
 
-def _api_key_check(api_key: str | None):
-    """Authorization: Bearer <key>, or Anthropic's x-api-key: <key>."""
-    expected = f"Bearer {api_key}".encode() if api_key else None
+def _api_key_check(api_keys: list[str]):
+    """Authorization: Bearer <key>, or Anthropic's x-api-key: <key>; any of the keys."""
+    expected = [f"Bearer {key}".encode() for key in api_keys] or None
 
     async def check(request: Request):
         if expected is None:
@@ -295,12 +302,12 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, che
 
     app, ctx = serving_app(engine_config, server_config, checks, core, lambda: server.on_core_death(),
                            shared_waiting)
-    engine, api_key = ctx.engine, resolved_api_key(server_config)
+    engine, api_keys = ctx.engine, resolved_api_keys(server_config)
     if index == 0:
         scheme = "https" if server_config.ssl_certfile else "http"
         count = server_config.api_server_count
         logger.info("serving %s at %s://%s:%d%s (API key %s%s%s)", ctx.model_name, scheme, server_config.host,
-                    server_config.port, server_config.root_path or "", "required" if api_key else "off",
+                    server_config.port, server_config.root_path or "", "required" if api_keys else "off",
                     f"; {count} API processes" if count > 1 else "",
                     f"; started in {time.monotonic() - checks.started:.1f} s")
     freeze_gc()
@@ -339,14 +346,15 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
                          else None)
     if engine_config.enable_lora:
         ctx.loras = ServingLoRAs(engine, ctx.model_name, ctx.model_aliases)
-    app = build_app(ctx, metrics, server_config, resolved_api_key(server_config), checks.lora_modules)
+    app = build_app(ctx, metrics, server_config, resolved_api_keys(server_config), checks.lora_modules)
     return app, ctx
 
 
-def resolved_api_key(config: ServerConfig) -> str | None:
-    """--api-key, else PAGEDLLM_API_KEY, else vLLM's VLLM_API_KEY (a vLLM deployment's environment keeps its
-    server keyed, not open); None: no key."""
-    return config.api_key or os.environ.get(API_KEY_ENV) or os.environ.get(VLLM_API_KEY_ENV) or None
+def resolved_api_keys(config: ServerConfig) -> list[str]:
+    """--api-key (one or several), else PAGEDLLM_API_KEY, else vLLM's VLLM_API_KEY (a vLLM deployment's
+    environment keeps its server keyed, not open); []: no key."""
+    env = os.environ.get(API_KEY_ENV) or os.environ.get(VLLM_API_KEY_ENV)
+    return list(config.api_key) or ([env] if env else [])
 
 
 def startup_traceback_filter(ctx: ServingContext):

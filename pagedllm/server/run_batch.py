@@ -61,11 +61,11 @@ async def _answer_all(engine_config, server_config, checks, core, lines: list[st
     import httpx
     from tqdm import tqdm
 
-    from pagedllm.server.api_server import resolved_api_key, serving_app
+    from pagedllm.server.api_server import resolved_api_keys, serving_app
     died = asyncio.Event()
     app, _ = serving_app(engine_config, server_config, checks, core, died.set)
-    key = resolved_api_key(server_config)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    keys = resolved_api_keys(server_config)
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
     slots = asyncio.Semaphore(MAX_IN_FLIGHT)
     todo = [(i, line) for i, line in enumerate(lines) if line.strip()]
     seen_ids: dict[str, int] = {}   # custom_id -> its first line (_answer checks before its first await: in order)

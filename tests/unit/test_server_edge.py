@@ -242,7 +242,7 @@ def test_metrics_are_served_while_the_engine_core_does_not_answer():
 
 def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
     from pagedllm.server.api_server import _authorized
-    authorized = _authorized("clé-ü")
+    authorized = _authorized(["clé-ü"])
     key = "Bearer clé-ü".encode()
     path = {"path": "/v1/models"}
     assert authorized({**path, "headers": [(b"authorization", key)]})
@@ -257,13 +257,37 @@ def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
 def test_the_api_key_comes_from_vllms_variable_too(monkeypatch):
     """vLLM's VLLM_API_KEY guards a server started without --api-key: a deployment that sets it must not get an
     open server here. --api-key comes first, then PAGEDLLM_API_KEY, then VLLM_API_KEY."""
-    from pagedllm.server.api_server import resolved_api_key
+    from pagedllm.server.api_server import resolved_api_keys
     monkeypatch.delenv("PAGEDLLM_API_KEY", raising=False)
     monkeypatch.setenv("VLLM_API_KEY", "vllm-key")
-    assert resolved_api_key(ServerConfig()) == "vllm-key"
+    assert resolved_api_keys(ServerConfig()) == ["vllm-key"]
     monkeypatch.setenv("PAGEDLLM_API_KEY", "own-key")
-    assert resolved_api_key(ServerConfig()) == "own-key"
-    assert resolved_api_key(ServerConfig(api_key="flag-key")) == "flag-key"
+    assert resolved_api_keys(ServerConfig()) == ["own-key"]
+    assert resolved_api_keys(ServerConfig(api_key="flag-key")) == ["flag-key"]
+    assert resolved_api_keys(ServerConfig(api_key=["k1", "k2"])) == ["k1", "k2"]
     monkeypatch.setenv("VLLM_API_KEY", "")
     monkeypatch.setenv("PAGEDLLM_API_KEY", "")
-    assert resolved_api_key(ServerConfig()) is None
+    assert resolved_api_keys(ServerConfig()) == []
+
+
+def test_several_api_keys_each_open_the_keyed_routes():
+    """vLLM's --api-key k1 k2: a request with any one of them is let in, with none of them it is a 401."""
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    from pagedllm.cli import add_config_args
+    from pagedllm.server.api_server import _authorized, build_app
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, ServerConfig, "server")
+    args = parser.parse_args(["--api-key", "k1", "k2"])
+    assert args.api_key == ["k1", "k2"]
+    authorized = _authorized(ServerConfig(api_key=args.api_key).api_key)
+    for key, ok in (("k1", True), ("k2", True), ("k3", False), ("k1k2", False)):
+        assert bool(authorized({"path": "/v1/models", "headers": [(b"authorization", f"Bearer {key}".encode())]})) \
+            == ok, key
+    app = build_app(ServingContext(None, "m", None), None, ServerConfig(), ["k1", "k2"])
+    client = TestClient(app)
+    assert client.post("/detokenize", json={"tokens": [1]}).status_code == 401
+    with pytest.raises(ValueError, match="api_key must be non-empty strings"):
+        ServerConfig(api_key=["k1", ""])
