@@ -138,7 +138,7 @@ class LLM:
         engine.reset_peak_stats()
         unshared, held = 0, []
 
-        bar = tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm, dynamic_ncols=True)
+        bar = _progress_bar(use_tqdm, params.max_tokens, "Beam search")
 
         def expand(beam_prompts: list[list[int]], parents: list[str | None], owners: list[int]):
             nonlocal unshared, held
@@ -213,9 +213,7 @@ class LLM:
 
     def _run(self, total: int, use_tqdm) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        # use_tqdm may be a tqdm factory, as vLLM's (functools.partial(tqdm, leave=False)): the bar is its
-        bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=total, desc="Processed prompts", disable=not use_tqdm,
-                                                         dynamic_ncols=True)
+        bar = _progress_bar(use_tqdm, total, "Processed prompts")
         start, num_in, num_out = time.perf_counter(), 0, 0
         with _frozen_gc():
             while self.engine.has_unfinished_requests():
@@ -308,3 +306,9 @@ def _loras_per_prompt(lora_request, n: int) -> list:
     if len(lora_request) != n:
         raise ValueError(f"lora_request has {len(lora_request)} entries for {n} prompts: give one, or one per prompt")
     return list(lora_request)
+
+
+def _progress_bar(use_tqdm, total: int, desc: str):
+    """use_tqdm: true / false, or a tqdm factory that makes the bar (vLLM's: functools.partial(tqdm, leave=False))."""
+    return (use_tqdm if callable(use_tqdm) else tqdm)(total=total, desc=desc, disable=not use_tqdm,
+                                                      dynamic_ncols=True)

@@ -296,6 +296,10 @@ def test_use_tqdm_may_make_the_bar(llm):
     out = io.StringIO()
     llm.generate(["Once"], SamplingParams(max_tokens=2), use_tqdm=functools.partial(tqdm, file=out))
     assert "Processed prompts" in out.getvalue()
+    from pagedllm.beam_search import BeamSearchParams   # beam_search's bar too
+    llm.beam_search([{"prompt": "Once"}], BeamSearchParams(beam_width=2, max_tokens=2),
+                    use_tqdm=functools.partial(tqdm, file=out))
+    assert "Beam search" in out.getvalue()
 
 
 def test_logprob_tokens_read_as_in_the_text(llm):
