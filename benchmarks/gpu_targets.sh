@@ -3,7 +3,7 @@
 #   here:  bash benchmarks/gpu_targets.sh prepare   (configs into .device/models.tar.xz; FA4 into .fa4/ if missing)
 #   there: bash benchmarks/gpu_targets.sh            (carry [".fa4", ".device"]; ~8 minutes on an H200)
 # W5 (issue 16), W4 / W4-prefill with FA4 (the default where it imports) and W4 with cuDNN (issue 17), the 8B
-# shape's small-M layers and the speculative step's profile, then W2 bf16 / fp8 (issue 18). On an H100 the H200
+# verify's GEMV bandwidth (gemv_bandwidth.py) and the speculative step's profile, then W2 bf16 / fp8 (issue 18). On an H100 the H200
 # targets do not apply: it runs the GPU tests of the sampler and speculation, W5 and W2's fp8 ratio.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,9 @@ mkdir -p .device/models && tar xJf .device/models.tar.xz -C .device/models
 M=.device/models Q=.device/models/Qwen--Qwen3-0.6B L=.device/models/meta-llama--Llama-3.1-8B-Instruct
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log --oneline -1 | cut -c1-60
+# Say which long-prefill kernels import: a silent fallback to the Triton kernel costs W4-prefill ~45%
+python3 -c "from flash_attn.cute import interface; print('FA4 imports')" 2>&1 | tail -1
+python3 -c "import cudnn; print('cuDNN frontend', cudnn.__version__)" 2>&1 | tail -1
 step() { echo "== $1 at $(( $(date +%s) - S )) s"; }
 BT="python3 -m pagedllm.cli bench throughput --load-format dummy --skip-tokenizer-init"
 w5() { PAGEDLLM_LONG_PREFILL=cudnn timeout 150 python3 benchmarks/spec_decode_gpu.py $M/Qwen--Qwen3-8B $Q --no-sweep; }
@@ -32,7 +35,7 @@ if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
     step W5; w5
     step W4-auto; timeout 110 $BT --workload W4 --model $Q --max-model-len 32768 | tail -1
     step W4-prefill-auto; timeout 90 $BT --workload W4-prefill --model $Q --max-model-len 32768 | tail -1
-    step small-m; timeout 80 python3 benchmarks/small_m_layers.py Qwen3-8B | grep -v "tile (" | tail -30
+    step gemv; timeout 150 python3 benchmarks/gemv_bandwidth.py --quick | grep -v "^  "
     step W4-cudnn; PAGEDLLM_LONG_PREFILL=cudnn timeout 100 $BT --workload W4 --model $Q --max-model-len 32768 | tail -1
     step spec-profile; PAGEDLLM_LONG_PREFILL=cudnn timeout 80 python3 benchmarks/spec_step_profile.py $M/Qwen--Qwen3-8B $Q | tail -60
 else
