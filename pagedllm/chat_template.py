@@ -2,6 +2,7 @@
 
 LLM.chat and the server both render here, so the same conversation gives the same prompt offline and online.
 """
+import functools
 import inspect
 import json
 
@@ -16,6 +17,12 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 ) | {"messages"}
 
 
+# vLLM's --chat-template-content-format: how a message's content reaches the template. "string": its text (parts
+# joined by newlines); "openai": a list of parts ({"type": "text", "text": ...}), for templates that loop over
+# them; "auto": "openai" for a template that loops over a message's content, else "string" (content_format).
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+
 class ChatTemplateError(ValueError):
     """A conversation or option the template cannot render; `param` names the request field at fault."""
 
@@ -27,7 +34,7 @@ class ChatTemplateError(ValueError):
 def render_chat(tokenizer, conversation: list[dict], chat_template: str | None = None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
                 chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
-                documents: list[dict] | None = None) -> str:
+                documents: list[dict] | None = None, content_format: str = "auto") -> str:
     """The prompt text of `conversation`. continue_final_message leaves the last message open (no end of turn,
     no generation prompt) so the model continues it, as transformers and vLLM do. tools (OpenAI's
     [{"type": "function", "function": {...}}]) go to the template, which describes them to the model;
@@ -43,7 +50,10 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
     if reserved:
         raise ChatTemplateError(f"chat_template_kwargs may not set {reserved[0]!r}: it is not a template variable "
                                 f"(use the request field of that name where there is one)", "chat_template_kwargs")
-    messages = [template_message(m) for m in conversation]
+    if content_format == "auto":
+        content_format = detect_content_format(chat_template if chat_template is not None
+                                               else getattr(tokenizer, "chat_template", None))
+    messages = [template_message(m, content_format) for m in conversation]
     try:
         return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
@@ -55,19 +65,47 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
         raise ChatTemplateError(f"the chat template failed on these messages: {e}", "messages") from e
 
 
-def template_message(message: dict) -> dict:
-    """One OpenAI message as templates expect it (vLLM's "string" content format): text parts joined by
-    newlines, null content as "", tool_calls kept with each call's `arguments` as a mapping when given as a
-    JSON object string (tool-use templates write `arguments | tojson`); other arguments stay as given."""
+def detect_content_format(template) -> str:
+    """"openai" when the template loops over a message's content (`for part in message['content']`, or
+    `.content`), as vLLM's auto detection decides; else "string" (also for a template that does not parse: its
+    error comes when it renders)."""
+    if isinstance(template, dict):   # a tokenizer's named templates: their default's
+        template = template.get("default")
+    return _detect(template) if isinstance(template, str) else "string"
+
+
+@functools.lru_cache(maxsize=64)
+def _detect(template: str) -> str:
+    try:
+        tree = jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return "string"
+    for loop in tree.find_all(jinja2.nodes.For):
+        it = loop.iter
+        if (isinstance(it, jinja2.nodes.Getitem) and isinstance(it.arg, jinja2.nodes.Const)
+                and it.arg.value == "content") or (isinstance(it, jinja2.nodes.Getattr) and it.attr == "content"):
+            return "openai"
+    return "string"
+
+
+def template_message(message: dict, content_format: str = "string") -> dict:
+    """One OpenAI message as templates expect it: its content as text (parts joined by newlines, null as "") in
+    vLLM's "string" content format, as a list of text parts (a string one part, null none) in "openai";
+    tool_calls kept with each call's `arguments` as a mapping when given as a JSON object string (tool-use
+    templates write `arguments | tojson`); other arguments stay as given."""
     result = dict(message)
     content = result.get("content")
-    if content is None:
+    if isinstance(content, list) and not all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+        raise ChatTemplateError("only text content parts ({'type': 'text', 'text': ...}) are supported",
+                                "messages")
+    if content_format == "openai":
+        parts = [] if content is None else [{"type": "text", "text": content}] if isinstance(content, str) else \
+            [{"type": "text", "text": p["text"]} for p in content]
+        result["content"] = parts
+    elif content is None:
         result["content"] = ""
     elif isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise ChatTemplateError("only text content parts ({'type': 'text', 'text': ...}) are supported",
-                                    "messages")
         result["content"] = "\n".join(p["text"] for p in content)
     if result.get("tool_calls") is not None:
         if not isinstance(result["tool_calls"], list) or not all(

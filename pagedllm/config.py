@@ -290,6 +290,11 @@ class ServerConfig:
                                                         "request gets, e.g. '{\"enable_thinking\": false}'; a "
                                                         "request's chat_template_kwargs override its keys",
                                                   python_types=(str, dict))
+    chat_template_content_format: str = _f("auto", "how a message's content reaches the chat template: string "
+                                                   "(its text), openai (a list of {\"type\": \"text\", \"text\": "
+                                                   "...} parts), auto (openai for a template that loops over a "
+                                                   "message's content, else string)",
+                                           choices=("auto", "string", "openai"))
     exclude_tools_when_tool_choice_none: bool = _f(False, "with tool_choice \"none\", the tools do not reach the "
                                                           "chat template (by default they do, as vLLM's)")
     enable_prompt_tokens_details: bool = _f(False, "chat and completions usage carries prompt_tokens_details."
@@ -313,6 +318,8 @@ class ServerConfig:
                "non-empty strings", self.api_key)
         self.default_chat_template_kwargs = _json_object(self.default_chat_template_kwargs,
                                                          "default_chat_template_kwargs")
+        _check(self.chat_template_content_format in ("auto", "string", "openai"), "chat_template_content_format",
+               "auto, string or openai", self.chat_template_content_format)
         _check(isinstance(self.response_role, str) and self.response_role != "", "response_role",
                "a role name", self.response_role)
         for name in ("allowed_origins", "allowed_methods", "allowed_headers"):

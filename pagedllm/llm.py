@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSearchParams, beam_cache_salt,
                                   check_length, finish_text, run_beam_search, step_sampling_params,
                                   unshared_blocks)
-from pagedllm.chat_template import render_chat
+from pagedllm.chat_template import CONTENT_FORMATS, render_chat
 from pagedllm.config import DEMO_MODEL, EngineConfig
 from pagedllm.engine.engine import Engine
 from pagedllm.engine.input_processor import prompt_value
@@ -193,10 +193,11 @@ class LLM:
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
              lora_request=None, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, *, chat_template_content_format: str = "auto") -> list[RequestOutput]:
         """One conversation (a list of OpenAI messages: {"role", "content"}, tool_calls, tool_call_id) or a list of
         them, through the chat template (vLLM's options: continue_final_message continues the last message;
-        chat_template_kwargs are extra template variables; tools are described to the model by the template).
+        chat_template_kwargs are extra template variables; tools are described to the model by the template;
+        chat_template_content_format: a message's content as text, as a list of parts, or auto: chat_template.py).
         lora_request: as generate()'s, one or one per conversation (vLLM's, in the same place)."""
         conversations = _conversations(messages)
         tokenizer = self.get_tokenizer()
@@ -204,8 +205,12 @@ class LLM:
             raise ValueError("chat() needs a tokenizer: skip_tokenizer_init is set (use generate() on token ids)")
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template: pass chat_template=... or use generate()")
+        if chat_template_content_format not in CONTENT_FORMATS:
+            raise ValueError(f"chat_template_content_format must be one of {CONTENT_FORMATS}, got "
+                             f"{chat_template_content_format!r}")
         prompts = [render_chat(tokenizer, c, chat_template, add_generation_prompt, continue_final_message,
-                               chat_template_kwargs, tools) for c in conversations]
+                               chat_template_kwargs, tools, content_format=chat_template_content_format)
+                   for c in conversations]
         # The template already holds any BOS token: encode without adding special tokens again. The rendered text
         # is the outputs' prompt (vLLM's).
         return self.generate([{"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False), "prompt": p}

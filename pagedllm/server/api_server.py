@@ -339,6 +339,7 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
                          enable_auto_tool_choice=server_config.enable_auto_tool_choice,
                          response_role=server_config.response_role,
                          default_chat_template_kwargs=server_config.default_chat_template_kwargs,
+                         chat_template_content_format=server_config.chat_template_content_format,
                          exclude_tools_when_tool_choice_none=server_config.exclude_tools_when_tool_choice_none,
                          enable_prompt_tokens_details=server_config.enable_prompt_tokens_details,
                          enable_force_include_usage=server_config.enable_force_include_usage,

@@ -49,6 +49,7 @@ class ServingContext:
     # vLLM's chat and usage flags (ServerConfig)
     response_role: str = "assistant"
     default_chat_template_kwargs: dict | None = None
+    chat_template_content_format: str = "auto"
     exclude_tools_when_tool_choice_none: bool = False
     enable_prompt_tokens_details: bool = False
     enable_force_include_usage: bool = False

@@ -310,3 +310,15 @@ def test_logprob_tokens_read_as_in_the_text(llm):
     c = o.outputs[0]
     assert "".join(c.logprobs[i][t].decoded_token for i, t in enumerate(c.token_ids)) == c.text
     assert c.text.startswith(" ") and all(len({p.decoded_token for p in pos.values()}) >= 20 for pos in c.logprobs)
+
+
+def test_chat_content_format(llm):
+    """LLM.chat's chat_template_content_format (vLLM's): a template that loops over content parts gets them."""
+    template = "{% for m in messages %}<{% for p in m['content'] %}{{ p.text }}{% endfor %}>{% endfor %}"
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    params = SamplingParams(max_tokens=1)
+    assert llm.chat(messages, params, use_tqdm=False, chat_template=template)[0].prompt == "<Once upon a time>"
+    assert llm.chat(messages, params, use_tqdm=False, chat_template=template,
+                    chat_template_content_format="string")[0].prompt == "<>"   # a str's characters have no .text
+    with pytest.raises(ValueError, match="chat_template_content_format must be one of"):
+        llm.chat(messages, params, chat_template=template, chat_template_content_format="text")

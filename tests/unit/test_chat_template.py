@@ -103,3 +103,31 @@ def test_malformed_parts_and_tool_calls_name_messages(message):
     with pytest.raises(ValueError, match="text content parts|tool_calls must be a list") as e:
         template_message(message)
     assert e.value.param == "messages"
+
+
+# Templates that loop over a message's content parts (multimodal-style ones): vLLM passes them the parts
+PARTS_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{% for p in m['content'] %}[{{ p.text }}]{% endfor %}"
+                  "</{{ m.role }}>{% endfor %}")
+PARTS_ATTR_TEMPLATE = "{% for m in messages %}{% for p in m.content %}({{ p['text'] }}){% endfor %}{% endfor %}"
+
+
+def test_content_format_auto_gives_parts_to_a_template_that_loops_over_them(tokenizer):
+    """vLLM's chat_template_content_format: auto detects a loop over message content (a string there would be
+    iterated character by character), openai forces parts, string forces text."""
+    conversation = [{"role": "system", "content": "Be brief"}, AGENT_HISTORY[0]]
+    assert render_chat(tokenizer, conversation, PARTS_TEMPLATE) == \
+        "<system>[Be brief]</system><user>[Weather in][Paris?]</user>"
+    assert render_chat(tokenizer, conversation, PARTS_ATTR_TEMPLATE) == "(Be brief)(Weather in)(Paris?)"
+    assert render_chat(tokenizer, conversation, TOOL_TEMPLATE, content_format="openai").startswith(
+        "<system>[{'type': 'text', 'text': 'Be brief'}]</system>")
+    # auto keeps text for a template that prints content whole; string forces it even for a looping one
+    assert render_chat(tokenizer, conversation, TOOL_TEMPLATE).startswith("<system>Be brief</system>")
+    assert render_chat(tokenizer, conversation, PARTS_TEMPLATE, content_format="string") == \
+        "<system>[][][][][][][][]</system><user>" + "[]" * len("Weather in\nParis?") + "</user>"
+
+
+def test_detect_content_format():
+    from pagedllm.chat_template import detect_content_format
+    assert detect_content_format(PARTS_TEMPLATE) == "openai" and detect_content_format(TOOL_TEMPLATE) == "string"
+    assert detect_content_format(None) == "string" and detect_content_format("{% for") == "string"
+    assert detect_content_format({"default": PARTS_TEMPLATE, "tool_use": TOOL_TEMPLATE}) == "openai"
