@@ -16,6 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pagedllm.metrics import SchedulerStats, StepStats
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"   # prometheus_client's multiprocess mode: set, and read at import
+# vLLM's labels on every series: `engine` is its engine core's index (data parallel); one core here, so "0".
+# Dashboards and alerts that select or group by engine need it.
+LABELS, ENGINE = ("model_name", "engine"), "0"
 
 # Seconds, roughly x2 apart: from GPU decode steps (ms) to long queues (minutes).
 _LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0,
@@ -30,7 +33,7 @@ class ServerMetrics:
         self.model_name = model_name
         self.stats: SchedulerStats | None = None
         self.registry.register(_EngineCollector(self))
-        labels, r = ["model_name"], self.registry
+        labels, r = list(LABELS), self.registry
         if os.environ.get(METRICS_DIR_ENV):
             # Several API processes (--api-server-count): each one's latencies go to files in that directory
             # (prometheus_client's multiprocess mode), and a scrape of any of them sums them all.
@@ -38,17 +41,17 @@ class ServerMetrics:
             r = None
 
         def histogram(name, doc):
-            return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+            return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name, ENGINE)
         self.ttft = histogram("pagedllm:time_to_first_token_seconds", "Time to first token (arrival to first output).")
         self.itl = histogram("pagedllm:inter_token_latency_seconds", "Time between a request's successive outputs.")
         self.e2e = histogram("pagedllm:e2e_request_latency_seconds", "Arrival to the last output of a request.")
         self.queue = histogram("pagedllm:request_queue_time_seconds", "Arrival to first scheduled (per sequence).")
         # vLLM's request length histograms (its dashboards' prompt and generation length panels), per request
         self.prompt_tokens = Histogram("pagedllm:request_prompt_tokens", "Prompt tokens of a finished request.",
-                                       labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name)
+                                       labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
         self.generation_tokens = Histogram("pagedllm:request_generation_tokens",
                                            "Generated tokens of a finished request (all its sequences).", labels,
-                                           buckets=_TOKEN_BUCKETS, registry=r).labels(model_name)
+                                           buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
         self.success = Counter("pagedllm:request_success", "Finished sequences, by finish reason.",
                                labels + ["finished_reason"], registry=r)
 
@@ -61,7 +64,7 @@ class ServerMetrics:
             self.prompt_tokens.observe(f.num_prompt_tokens)
             self.generation_tokens.observe(f.num_generation_tokens)
             for reason in f.finish_reasons:
-                self.success.labels(self.model_name, reason).inc()
+                self.success.labels(self.model_name, ENGINE, reason).inc()
 
     def render(self, stats: SchedulerStats | None) -> bytes:
         """stats: the core's counts (None: the core does not answer; only this process's metrics)."""
@@ -102,12 +105,12 @@ class _EngineCollector:
                     ("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", s.num_prompt_tokens),
                     ("generation_tokens", "Generated tokens.", s.num_generation_tokens)]
         for metric, doc, value in gauges:
-            family = GaugeMetricFamily(f"pagedllm:{metric}", doc, labels=["model_name"])
-            family.add_metric([name], value)
+            family = GaugeMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
+            family.add_metric([name, ENGINE], value)
             yield family
         for metric, doc, value in counters:
-            family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=["model_name"])
-            family.add_metric([name], value)
+            family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
+            family.add_metric([name, ENGINE], value)
             yield family
         yield from _tier_families(s, name)
         yield from _spec_decode_families(s, name)
@@ -127,9 +130,9 @@ def _tier_families(s: SchedulerStats, model_name: str):
     if not s.kv_tiers:
         return
     for field, (metric, doc) in _TIER_METRICS.items():
-        family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=["model_name", "tier"])
+        family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=[*LABELS, "tier"])
         for tier, stats in s.kv_tiers.items():
-            family.add_metric([model_name, tier], getattr(stats, field))
+            family.add_metric([model_name, ENGINE, tier], getattr(stats, field))
         yield family
 
 
@@ -142,11 +145,11 @@ def _spec_decode_families(s: SchedulerStats, model_name: str):
             ("spec_decode_num_drafts", "Verified drafts (one row's proposals in one step).", sd.num_drafts),
             ("spec_decode_num_draft_tokens", "Proposed tokens verified.", sd.num_draft_tokens),
             ("spec_decode_num_accepted_tokens", "Proposed tokens accepted.", sd.num_accepted_tokens)):
-        family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=["model_name"])
-        family.add_metric([model_name], value)
+        family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
+        family.add_metric([model_name, ENGINE], value)
         yield family
     family = CounterMetricFamily("pagedllm:spec_decode_num_accepted_tokens_per_pos",
-                                 "Accepted proposals at each position.", labels=["model_name", "position"])
+                                 "Accepted proposals at each position.", labels=[*LABELS, "position"])
     for position, value in enumerate(sd.accepted_per_pos):
-        family.add_metric([model_name, str(position)], value)
+        family.add_metric([model_name, ENGINE, str(position)], value)
     yield family

@@ -129,9 +129,9 @@ def test_disk_tier_survives_a_restart_and_bad_files_are_recomputed(tiny_model_di
     assert third.engine.get_stats().num_prompt_tokens == len(asks[2]) - 2 * BS   # all but blocks 0 and 1
     assert_no_leaks(third)
     text = ServerMetrics("m").render(third.engine.get_stats()).decode()   # the same counts on /metrics
-    assert f'pagedllm:kv_tier_hits_total{{model_name="m",tier="disk"}} {float(disk.hits)}' in text
-    assert 'pagedllm:kv_tier_invalid_total{model_name="m",tier="disk"} 2.0' in text
-    assert 'pagedllm:kv_tier_loaded_bytes_total{model_name="m",tier="cpu"} ' in text
+    assert f'pagedllm:kv_tier_hits_total{{engine="0",model_name="m",tier="disk"}} {float(disk.hits)}' in text
+    assert 'pagedllm:kv_tier_invalid_total{engine="0",model_name="m",tier="disk"} 2.0' in text
+    assert 'pagedllm:kv_tier_loaded_bytes_total{engine="0",model_name="m",tier="cpu"} ' in text
 
 
 def disk_bytes(disk_dir) -> int:

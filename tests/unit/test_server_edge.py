@@ -236,7 +236,7 @@ def test_metrics_are_served_while_the_engine_core_does_not_answer():
     app = build_app(ServingContext(SilentEngine(), "m", None), metrics, ServerConfig(), None)
     r = TestClient(app).get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
-    assert 'pagedllm:request_success_total{finished_reason="stop",model_name="m"} 1.0' in r.text
+    assert 'pagedllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 1.0' in r.text
     assert "pagedllm:e2e_request_latency_seconds_count" in r.text and "num_requests_running" not in r.text
 
 

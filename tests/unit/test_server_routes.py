@@ -122,10 +122,10 @@ def test_metrics_have_vllms_request_length_histograms():
     metrics = ServerMetrics("m")
     metrics.record(StepStats(finished=[FinishedRequestStats(["stop", "length"], 0.5, 3, 40)]))
     text = metrics.render(None).decode()
-    assert 'pagedllm:request_prompt_tokens_bucket{le="5.0",model_name="m"} 1.0' in text
-    assert 'pagedllm:request_prompt_tokens_bucket{le="2.0",model_name="m"} 0.0' in text
-    assert 'pagedllm:request_generation_tokens_sum{model_name="m"} 40.0' in text
-    assert 'pagedllm:request_generation_tokens_bucket{le="50.0",model_name="m"} 1.0' in text
+    assert 'pagedllm:request_prompt_tokens_bucket{engine="0",le="5.0",model_name="m"} 1.0' in text
+    assert 'pagedllm:request_prompt_tokens_bucket{engine="0",le="2.0",model_name="m"} 0.0' in text
+    assert 'pagedllm:request_generation_tokens_sum{engine="0",model_name="m"} 40.0' in text
+    assert 'pagedllm:request_generation_tokens_bucket{engine="0",le="50.0",model_name="m"} 1.0' in text
 
 
 def test_unload_lora_adapter_without_a_name_is_400(client):
