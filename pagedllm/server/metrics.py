@@ -20,9 +20,14 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"   # prometheus_client's multiproces
 # Dashboards and alerts that select or group by engine need it.
 LABELS, ENGINE = ("model_name", "engine"), "0"
 
-# Seconds, roughly x2 apart: from GPU decode steps (ms) to long queues (minutes).
-_LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0,
-                    30.0, 60.0, 120.0, 300.0, 600.0)
+# Seconds: vLLM's bounds, series by series. Alerts and SLO panels read single buckets (le="0.1", le="10.0"),
+# which exist only where the bounds are the same.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)
+_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                            240.0, 480.0, 960.0, 1920.0, 7680.0)
 # Tokens, 1-2-5 apart as vLLM's (which stop at max_model_len): up to 5M.
 _TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(7) for m in (1, 2, 5))
 
@@ -40,12 +45,16 @@ class ServerMetrics:
             MultiProcessCollector(self.registry)
             r = None
 
-        def histogram(name, doc):
-            return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name, ENGINE)
-        self.ttft = histogram("pagedllm:time_to_first_token_seconds", "Time to first token (arrival to first output).")
-        self.itl = histogram("pagedllm:inter_token_latency_seconds", "Time between a request's successive outputs.")
-        self.e2e = histogram("pagedllm:e2e_request_latency_seconds", "Arrival to the last output of a request.")
-        self.queue = histogram("pagedllm:request_queue_time_seconds", "Arrival to first scheduled (per sequence).")
+        def histogram(name, doc, buckets):
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name, ENGINE)
+        self.ttft = histogram("pagedllm:time_to_first_token_seconds", "Time to first token (arrival to first output).",
+                              _TTFT_BUCKETS)
+        self.itl = histogram("pagedllm:inter_token_latency_seconds", "Time between a request's successive outputs.",
+                             _ITL_BUCKETS)
+        self.e2e = histogram("pagedllm:e2e_request_latency_seconds", "Arrival to the last output of a request.",
+                             _REQUEST_LATENCY_BUCKETS)
+        self.queue = histogram("pagedllm:request_queue_time_seconds", "Arrival to first scheduled (per sequence).",
+                               _REQUEST_LATENCY_BUCKETS)
         # vLLM's request length histograms (its dashboards' prompt and generation length panels), per request
         self.prompt_tokens = Histogram("pagedllm:request_prompt_tokens", "Prompt tokens of a finished request.",
                                        labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)

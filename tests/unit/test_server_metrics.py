@@ -33,3 +33,25 @@ def test_every_series_has_vllms_engine_label():
     assert [line for line in series if 'engine="0"' not in line or 'model_name="m"' not in line] == []
     assert 'pagedllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 1.0' in text
     assert 'pagedllm:num_requests_running{engine="0",model_name="m"} 2.0' in text
+
+
+def bounds(text: str, name: str) -> list[float]:
+    return [float(b) for b in re.findall(re.escape(name) + r'_bucket\{[^}]*le="([^"+]+)"', text)]
+
+
+def test_latency_histograms_have_vllms_bucket_bounds():
+    """Alerts and SLO panels read one bucket (the share of TTFTs under le="0.1", of requests under le="10.0"):
+    it exists only where the bounds are vLLM's."""
+    metrics = ServerMetrics("m")
+    metrics.record(StepStats(queue_times=[0.1], time_to_first_tokens=[0.2], inter_token_latencies=[0.01],
+                             finished=[FinishedRequestStats(["stop"], 0.5, 3, 4)]))
+    text = exposed(metrics)
+    request_latency = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                       240.0, 480.0, 960.0, 1920.0, 7680.0]
+    assert bounds(text, "pagedllm:time_to_first_token_seconds") == [
+        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+        160.0, 640.0, 2560.0]
+    assert bounds(text, "pagedllm:inter_token_latency_seconds") == [
+        0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+    assert bounds(text, "pagedllm:e2e_request_latency_seconds") == request_latency
+    assert bounds(text, "pagedllm:request_queue_time_seconds") == request_latency
