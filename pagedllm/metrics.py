@@ -68,6 +68,8 @@ class SchedulerStats:
     kv_waste_at_peak: float        # share of allocated KV slots holding no token, at peak_blocks
     kv_tiers: dict[str, KVTierStats] = field(default_factory=dict)   # tier name -> its stats (enabled tiers)
     spec_decode: SpecDecodeStats | None = None   # None: speculative decoding is off
+    # vLLM's prompt_tokens: the whole prompt of each request (cached tokens too), counted once, at its first token
+    num_prompt_tokens_total: int = 0
 
     @property
     def num_blocks_used(self) -> int:

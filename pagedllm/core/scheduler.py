@@ -54,6 +54,7 @@ class Scheduler:
         self.compiling: list[Request] = []   # waiting for their grammar (structured output) to compile
         self.num_preemptions = 0
         self.num_prompt_tokens = 0      # prompt tokens computed (prefix hits excluded)
+        self.num_prompt_tokens_total = 0   # vLLM's prompt_tokens: each request's whole prompt, at its first token
         self.num_generation_tokens = 0
         self.kv_peak = KVUsagePeak(kv_cache_manager.block_size)
 
@@ -300,6 +301,8 @@ class Scheduler:
                     if req.status.finished:
                         break
                 self.num_generation_tokens += len(new_ids)
+                if new_ids and req.num_output_tokens == len(new_ids):   # its first token (not after a preemption)
+                    self.num_prompt_tokens_total += req.num_prompt_tokens
             logprobs = out.logprobs.get(req_id)
             outputs.append(EngineCoreOutput(req_id, new_ids, logprobs and logprobs[:len(new_ids)], prompt_logprobs,
                                             req.status.finish_reason, req.stop_reason,
@@ -356,6 +359,7 @@ class Scheduler:
             kv_cache_usage=self.kv.usage(), prefix_cache_queries=self.kv.prefix_stats.queries,
             prefix_cache_hits=self.kv.prefix_stats.hits, num_preemptions=self.num_preemptions,
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
+            num_prompt_tokens_total=self.num_prompt_tokens_total,
             peak_blocks=self.kv_peak.peak_blocks, peak_running=self.kv_peak.peak_running,
             kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats())
 

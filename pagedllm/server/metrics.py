@@ -111,7 +111,9 @@ class _EngineCollector:
         counters = [("prefix_cache_queries", "Tokens looked up in the prefix cache.", s.prefix_cache_queries),
                     ("prefix_cache_hits", "Tokens found in the prefix cache.", s.prefix_cache_hits),
                     ("num_preemptions", "Preemptions (recompute).", s.num_preemptions),
-                    ("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", s.num_prompt_tokens),
+                    # vLLM's: every prompt token of a request that produced its first token, prefix-cache hits
+                    # included and a recompute after preemption not (rate() is the prompt throughput served)
+                    ("prompt_tokens", "Prompt tokens of requests (cached ones included).", s.num_prompt_tokens_total),
                     ("generation_tokens", "Generated tokens.", s.num_generation_tokens)]
         for metric, doc, value in gauges:
             family = GaugeMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)

@@ -187,3 +187,20 @@ def test_empty_schedule_when_nothing_to_do():
     sched = make_scheduler()
     out = sched.schedule()
     assert out.is_empty and out.num_scheduled_tokens == {}
+
+
+def test_prompt_tokens_total_counts_each_prompt_once_cached_tokens_included():
+    """vLLM's prompt_tokens counter: a request's whole prompt when it yields its first token; a prefix-cache hit
+    counts, a recompute after preemption does not (num_prompt_tokens stays the tokens computed)."""
+    sched = make_scheduler()
+    add(sched, "a", 9)
+    run_to_end(sched)
+    add(sched, "b", 9)   # its first 8 tokens (2 blocks) are a's
+    run_to_end(sched)
+    stats = sched.make_stats()
+    assert stats.num_prompt_tokens_total == 18 and stats.num_prompt_tokens == 9 + 1
+    sched = make_scheduler(num_blocks=6, budget=64)
+    for i in range(3):
+        add(sched, f"r{i}", 8, max_tokens=8, first_token=100 * i)
+    run_to_end(sched)
+    assert sched.num_preemptions > 0 and sched.make_stats().num_prompt_tokens_total == 3 * 8

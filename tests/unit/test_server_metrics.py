@@ -55,3 +55,10 @@ def test_latency_histograms_have_vllms_bucket_bounds():
         0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
     assert bounds(text, "pagedllm:e2e_request_latency_seconds") == request_latency
     assert bounds(text, "pagedllm:request_queue_time_seconds") == request_latency
+
+
+def test_prompt_tokens_counter_is_vllms_all_prompt_tokens():
+    """vllm:prompt_tokens counts cached prompt tokens too: rate() of it is the prompt throughput served."""
+    text = exposed(ServerMetrics("m"), scheduler_stats(num_prompt_tokens=10, num_prompt_tokens_total=18))
+    assert samples(text, "pagedllm:prompt_tokens_total") == [
+        'pagedllm:prompt_tokens_total{engine="0",model_name="m"} 18.0']
