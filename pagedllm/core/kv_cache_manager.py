@@ -59,7 +59,10 @@ class KVCacheManager:
         return blocks, len(blocks) * self.block_size
 
     def record_prefix_lookup(self, request: Request, num_hit_tokens: int):
-        """Counted once per admission (a request that waits is looked up again next step)."""
+        """Counted once per admission (a request that waits is looked up again next step). As vLLM's counters:
+        not a preempted request's readmission, nor one that does not read the cache (prompt logprobs)."""
+        if request.num_preemptions or request.sampling_params.prompt_logprobs is not None:
+            return
         self.prefix_stats.queries += request.num_tokens
         self.prefix_stats.hits += num_hit_tokens
 

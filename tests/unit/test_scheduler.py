@@ -204,3 +204,19 @@ def test_prompt_tokens_total_counts_each_prompt_once_cached_tokens_included():
         add(sched, f"r{i}", 8, max_tokens=8, first_token=100 * i)
     run_to_end(sched)
     assert sched.num_preemptions > 0 and sched.make_stats().num_prompt_tokens_total == 3 * 8
+
+
+def test_prefix_cache_queries_count_first_admissions_that_read_the_cache():
+    """vLLM's prefix_cache_queries/hits: a preempted request's readmission is not a query (its own blocks hit
+    again), nor a request that skips the cache (prompt logprobs)."""
+    sched = make_scheduler(num_blocks=6, budget=64)
+    for i in range(3):
+        add(sched, f"r{i}", 8, max_tokens=8, first_token=100 * i)
+    run_to_end(sched)
+    assert sched.num_preemptions > 0 and sched.kv.prefix_stats.queries == 3 * 8
+    sched = make_scheduler()
+    add(sched, "a", 9)
+    run_to_end(sched)
+    add(sched, "b", 9, prompt_logprobs=1)
+    run_to_end(sched)
+    assert (sched.kv.prefix_stats.queries, sched.kv.prefix_stats.hits) == (9, 0)
