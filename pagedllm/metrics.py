@@ -86,6 +86,12 @@ class FinishedRequestStats:
     e2e_latency: float             # arrival to the last output, seconds
     num_prompt_tokens: int
     num_generation_tokens: int
+    # vLLM's request phases, seconds (None: unknown, or no token came): first scheduled to first token, first to
+    # last token, first scheduled to last token; and decode time per token after the first (None below 2 tokens)
+    prefill_time: float | None = None
+    decode_time: float | None = None
+    inference_time: float | None = None
+    mean_time_per_output_token: float | None = None
 
 
 @dataclass

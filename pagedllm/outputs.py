@@ -32,6 +32,7 @@ class CompletionOutput:
 @dataclass
 class RequestMetrics:
     arrival_time: float
+    first_scheduled_time: float | None = None   # its first sequence's first step (the server's metrics only)
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None

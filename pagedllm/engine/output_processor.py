@@ -144,6 +144,8 @@ class OutputProcessor:
         siblings end with "error" too.
         Request latencies go into `stats` when one is given (the server's metrics)."""
         now = time.time()
+        if stats is not None:
+            self._record_first_scheduled(stats)
         updated: dict[str, _ParentRequest] = {}
         stopped: list[str] = []
         errors: dict[str, EngineCoreOutput] = {}
@@ -174,6 +176,13 @@ class OutputProcessor:
                     stats.finished.append(_finished_stats(parent, now))
                 self.abort(parent.request_id)
         return results, stopped, errors
+
+    def _record_first_scheduled(self, stats: StepStats):
+        """The start of a request's prefill (vLLM's prefill, decode and inference times count from it)."""
+        for rid, queue_time in zip(stats.first_scheduled_ids, stats.queue_times):
+            entry = self.child_to_parent.get(rid)
+            if entry is not None and entry[0].metrics.first_scheduled_time is None:
+                entry[0].metrics.first_scheduled_time = entry[0].metrics.arrival_time + queue_time
 
     def _fail_siblings(self, parent: _ParentRequest) -> list[str]:
         for s in parent.seqs:
@@ -288,5 +297,14 @@ def _record_latencies(metrics: RequestMetrics, out: EngineCoreOutput, now: float
 
 
 def _finished_stats(parent: _ParentRequest, now: float) -> FinishedRequestStats:
-    return FinishedRequestStats([s.finish_reason for s in parent.seqs], now - parent.metrics.arrival_time,
-                                len(parent.prompt_token_ids), sum(len(s.token_ids) for s in parent.seqs))
+    stats = FinishedRequestStats([s.finish_reason for s in parent.seqs], now - parent.metrics.arrival_time,
+                                 len(parent.prompt_token_ids), sum(len(s.token_ids) for s in parent.seqs))
+    m = parent.metrics
+    if m.first_scheduled_time is not None and m.first_token_time is not None:   # as vLLM's: only with a token
+        stats.prefill_time = m.first_token_time - m.first_scheduled_time
+        stats.decode_time = m.last_token_time - m.first_token_time
+        stats.inference_time = m.last_token_time - m.first_scheduled_time
+        num_tokens = max(len(s.token_ids) for s in parent.seqs)   # the longest sequence spans the decode time
+        if num_tokens > 1:
+            stats.mean_time_per_output_token = stats.decode_time / (num_tokens - 1)
+    return stats

@@ -55,6 +55,15 @@ class ServerMetrics:
                              _REQUEST_LATENCY_BUCKETS)
         self.queue = histogram("pagedllm:request_queue_time_seconds", "Arrival to first scheduled (per sequence).",
                                _REQUEST_LATENCY_BUCKETS)
+        # vLLM's request phases (its dashboards' "Requests Prefill and Decode Time" panel), per finished request
+        self.prefill = histogram("pagedllm:request_prefill_time_seconds", "First scheduled to first token.",
+                                 _REQUEST_LATENCY_BUCKETS)
+        self.decode = histogram("pagedllm:request_decode_time_seconds", "First token to last token.",
+                                _REQUEST_LATENCY_BUCKETS)
+        self.inference = histogram("pagedllm:request_inference_time_seconds", "First scheduled to last token.",
+                                   _REQUEST_LATENCY_BUCKETS)
+        self.tpot = histogram("pagedllm:request_time_per_output_token_seconds",
+                              "A request's decode time per token after its first.", _ITL_BUCKETS)
         # vLLM's request length histograms (its dashboards' prompt and generation length panels), per request
         self.prompt_tokens = Histogram("pagedllm:request_prompt_tokens", "Prompt tokens of a finished request.",
                                        labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
@@ -72,6 +81,12 @@ class ServerMetrics:
             self.e2e.observe(f.e2e_latency)
             self.prompt_tokens.observe(f.num_prompt_tokens)
             self.generation_tokens.observe(f.num_generation_tokens)
+            if f.prefill_time is not None:
+                self.prefill.observe(f.prefill_time)
+                self.decode.observe(f.decode_time)
+                self.inference.observe(f.inference_time)
+            if f.mean_time_per_output_token is not None:
+                self.tpot.observe(f.mean_time_per_output_token)
             for reason in f.finish_reasons:
                 self.success.labels(self.model_name, ENGINE, reason).inc()
 

@@ -41,3 +41,22 @@ def test_output_processor_cuts_the_ids_after_a_stop_string():
         assert c.cumulative_logprob == pytest.approx(-0.5 * ends_at)
         assert (c.finish_reason, c.stop_reason, c.text) == ("stop", "cat sat", " upon a time there was a cat. The ")
         assert stopped == (["r"] if frees else [])   # the core must free it only where it has not yet
+
+
+def test_finished_stats_have_vllms_request_phases(monkeypatch):
+    """vLLM's prefill (first scheduled to first token), decode (first to last token) and inference (first
+    scheduled to last token) times, and decode time per token after the first, for the server's histograms."""
+    from pagedllm.engine import output_processor
+    from pagedllm.metrics import StepStats
+    op = OutputProcessor(None)
+    op.add_request("r", None, [1, 2], SamplingParams(max_tokens=3, detokenize=False), OutputKind.FINAL, 10.0)
+    steps = [(11.0, StepStats(first_scheduled_ids=["r"], queue_times=[0.5]), []),
+             (12.0, StepStats(), [EngineCoreOutput("r", [5])]),
+             (13.0, StepStats(), [EngineCoreOutput("r", [6])]),
+             (15.0, StepStats(), [EngineCoreOutput("r", [7], finish_reason="length")])]
+    for now, stats, outputs in steps:
+        monkeypatch.setattr(output_processor.time, "time", lambda: now)
+        op.process(outputs, stats)
+    f = stats.finished[0]
+    assert (f.prefill_time, f.decode_time, f.inference_time) == (1.5, 3.0, 4.5)
+    assert f.mean_time_per_output_token == 1.5
