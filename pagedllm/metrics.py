@@ -92,6 +92,9 @@ class FinishedRequestStats:
     decode_time: float | None = None
     inference_time: float | None = None
     mean_time_per_output_token: float | None = None
+    n: int = 1                            # the request's parameters, as sent (vLLM's request_params_*)
+    max_tokens: int | None = None
+    max_num_generation_tokens: int = 0    # its longest sequence
 
 
 @dataclass

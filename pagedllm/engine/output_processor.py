@@ -50,6 +50,7 @@ class _ParentRequest:
     num_returned: int | None = None   # best_of: return this many (n) of seqs, the highest cumulative logprob
     lora_request: LoRARequest | None = None
     named_logprobs: bool = False      # logprob_token_ids: a position's other ids are those, unranked
+    params: SamplingParams | None = None
 
     @property
     def finished(self) -> bool:
@@ -110,7 +111,8 @@ class OutputProcessor:
                 for i in range(num_seqs)]
         parent = _ParentRequest(request_id, prompt, prompt_token_ids, kind, RequestMetrics(arrival_time), seqs,
                                 num_returned=params.n if ranked else None,
-                                named_logprobs=params.logprob_token_ids is not None, lora_request=lora_request)
+                                named_logprobs=params.logprob_token_ids is not None, lora_request=lora_request,
+                                params=params)
         self.parents[request_id] = parent
         for s in seqs:
             self.child_to_parent[child_request_id(request_id, s.index, num_seqs)] = (parent, s)
@@ -299,6 +301,9 @@ def _record_latencies(metrics: RequestMetrics, out: EngineCoreOutput, now: float
 def _finished_stats(parent: _ParentRequest, now: float) -> FinishedRequestStats:
     stats = FinishedRequestStats([s.finish_reason for s in parent.seqs], now - parent.metrics.arrival_time,
                                  len(parent.prompt_token_ids), sum(len(s.token_ids) for s in parent.seqs))
+    if parent.params is not None:
+        stats.n, stats.max_tokens = parent.params.n, parent.params.max_tokens
+    stats.max_num_generation_tokens = max(len(s.token_ids) for s in parent.seqs)
     m = parent.metrics
     if m.first_scheduled_time is not None and m.first_token_time is not None:   # as vLLM's: only with a token
         stats.prefill_time = m.first_token_time - m.first_scheduled_time

@@ -70,6 +70,14 @@ class ServerMetrics:
         self.generation_tokens = Histogram("pagedllm:request_generation_tokens",
                                            "Generated tokens of a finished request (all its sequences).", labels,
                                            buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
+        # vLLM's request parameter histograms, per finished request
+        self.params_n = Histogram("pagedllm:request_params_n", "The n request parameter.", labels,
+                                  buckets=(1, 2, 5, 10, 20), registry=r).labels(model_name, ENGINE)
+        self.params_max_tokens = Histogram("pagedllm:request_params_max_tokens", "The max_tokens request parameter.",
+                                           labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
+        self.max_generation_tokens = Histogram("pagedllm:request_max_num_generation_tokens",
+                                               "Generated tokens of a request's longest sequence.", labels,
+                                               buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
         self.success = Counter("pagedllm:request_success", "Finished sequences, by finish reason.",
                                labels + ["finished_reason"], registry=r)
 
@@ -81,6 +89,10 @@ class ServerMetrics:
             self.e2e.observe(f.e2e_latency)
             self.prompt_tokens.observe(f.num_prompt_tokens)
             self.generation_tokens.observe(f.num_generation_tokens)
+            self.params_n.observe(f.n)
+            self.max_generation_tokens.observe(f.max_num_generation_tokens)
+            if f.max_tokens:
+                self.params_max_tokens.observe(f.max_tokens)
             if f.prefill_time is not None:
                 self.prefill.observe(f.prefill_time)
                 self.decode.observe(f.decode_time)

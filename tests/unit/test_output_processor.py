@@ -60,3 +60,16 @@ def test_finished_stats_have_vllms_request_phases(monkeypatch):
     f = stats.finished[0]
     assert (f.prefill_time, f.decode_time, f.inference_time) == (1.5, 3.0, 4.5)
     assert f.mean_time_per_output_token == 1.5
+
+
+def test_finished_stats_carry_the_request_parameters():
+    """vLLM's request_params_n, request_params_max_tokens and request_max_num_generation_tokens (the longest
+    sequence's tokens)."""
+    from pagedllm.metrics import StepStats
+    op = OutputProcessor(None)
+    op.add_request("r", None, [1, 2], SamplingParams(n=2, max_tokens=3, detokenize=False), OutputKind.FINAL, 0.0)
+    stats = StepStats()
+    op.process([EngineCoreOutput("r#0", [5, 6, 7], finish_reason="length"),
+                EngineCoreOutput("r#1", [5], finish_reason="stop")], stats)
+    f = stats.finished[0]
+    assert (f.n, f.max_tokens, f.max_num_generation_tokens, f.num_generation_tokens) == (2, 3, 3, 4)

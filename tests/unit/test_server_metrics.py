@@ -79,3 +79,18 @@ def test_request_phase_histograms():
     assert bounds(text, "pagedllm:request_prefill_time_seconds") == bounds(text, "pagedllm:e2e_request_latency_seconds")
     assert bounds(text, "pagedllm:request_time_per_output_token_seconds") == bounds(
         text, "pagedllm:inter_token_latency_seconds")
+
+
+def test_request_parameter_histograms():
+    """vLLM's request_params_n (bounds 1, 2, 5, 10, 20), request_params_max_tokens and
+    request_max_num_generation_tokens (1-2-5 bounds), one observation per finished request."""
+    metrics = ServerMetrics("m")
+    metrics.record(StepStats(finished=[FinishedRequestStats(["stop", "length"], 5.0, 3, 40, n=2, max_tokens=30,
+                                                            max_num_generation_tokens=30),
+                                       FinishedRequestStats(["stop"], 1.0, 3, 1, max_num_generation_tokens=1)]))
+    text = exposed(metrics)
+    assert bounds(text, "pagedllm:request_params_n") == [1.0, 2.0, 5.0, 10.0, 20.0]
+    assert 'pagedllm:request_params_n_sum{engine="0",model_name="m"} 3.0' in text
+    assert 'pagedllm:request_params_max_tokens_count{engine="0",model_name="m"} 1.0' in text
+    assert 'pagedllm:request_params_max_tokens_bucket{engine="0",le="50.0",model_name="m"} 1.0' in text
+    assert 'pagedllm:request_max_num_generation_tokens_sum{engine="0",model_name="m"} 31.0' in text
