@@ -95,6 +95,7 @@ class FinishedRequestStats:
     n: int = 1                            # the request's parameters, as sent (vLLM's request_params_*)
     max_tokens: int | None = None
     max_num_generation_tokens: int = 0    # its longest sequence
+    num_cached_tokens: int = 0            # prompt tokens not computed (prefix cache, KV tiers)
 
 
 @dataclass

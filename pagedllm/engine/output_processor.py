@@ -304,6 +304,7 @@ def _finished_stats(parent: _ParentRequest, now: float) -> FinishedRequestStats:
     if parent.params is not None:
         stats.n, stats.max_tokens = parent.params.n, parent.params.max_tokens
     stats.max_num_generation_tokens = max(len(s.token_ids) for s in parent.seqs)
+    stats.num_cached_tokens = parent.num_cached_tokens
     m = parent.metrics
     if m.first_scheduled_time is not None and m.first_token_time is not None:   # as vLLM's: only with a token
         stats.prefill_time = m.first_token_time - m.first_scheduled_time

@@ -78,6 +78,9 @@ class ServerMetrics:
         self.max_generation_tokens = Histogram("pagedllm:request_max_num_generation_tokens",
                                                "Generated tokens of a request's longest sequence.", labels,
                                                buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
+        self.prefill_kv_computed = Histogram("pagedllm:request_prefill_kv_computed_tokens",
+                                             "Prompt tokens a request computed (cached ones excluded).", labels,
+                                             buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
         self.success = Counter("pagedllm:request_success", "Finished sequences, by finish reason.",
                                labels + ["finished_reason"], registry=r)
 
@@ -89,6 +92,7 @@ class ServerMetrics:
             self.e2e.observe(f.e2e_latency)
             self.prompt_tokens.observe(f.num_prompt_tokens)
             self.generation_tokens.observe(f.num_generation_tokens)
+            self.prefill_kv_computed.observe(f.num_prompt_tokens - f.num_cached_tokens)
             self.params_n.observe(f.n)
             self.max_generation_tokens.observe(f.max_num_generation_tokens)
             if f.max_tokens:

@@ -73,3 +73,13 @@ def test_finished_stats_carry_the_request_parameters():
                 EngineCoreOutput("r#1", [5], finish_reason="stop")], stats)
     f = stats.finished[0]
     assert (f.n, f.max_tokens, f.max_num_generation_tokens, f.num_generation_tokens) == (2, 3, 3, 4)
+
+
+def test_finished_stats_carry_the_cached_prompt_tokens():
+    """For vLLM's request_prefill_kv_computed_tokens: the prompt tokens the prefix cache held."""
+    from pagedllm.metrics import StepStats
+    op = OutputProcessor(None)
+    op.add_request("r", None, list(range(40)), SamplingParams(max_tokens=1, detokenize=False), OutputKind.FINAL, 0.0)
+    stats = StepStats()
+    op.process([EngineCoreOutput("r", [5], finish_reason="length", num_cached_tokens=32)], stats)
+    assert (stats.finished[0].num_prompt_tokens, stats.finished[0].num_cached_tokens) == (40, 32)

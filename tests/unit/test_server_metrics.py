@@ -94,3 +94,13 @@ def test_request_parameter_histograms():
     assert 'pagedllm:request_params_max_tokens_count{engine="0",model_name="m"} 1.0' in text
     assert 'pagedllm:request_params_max_tokens_bucket{engine="0",le="50.0",model_name="m"} 1.0' in text
     assert 'pagedllm:request_max_num_generation_tokens_sum{engine="0",model_name="m"} 31.0' in text
+
+
+def test_prefill_kv_computed_tokens_histogram():
+    """vLLM's request_prefill_kv_computed_tokens: a finished request's prompt tokens less its cached ones."""
+    metrics = ServerMetrics("m")
+    metrics.record(StepStats(finished=[FinishedRequestStats(["stop"], 1.0, 40, 1, num_cached_tokens=32)]))
+    text = exposed(metrics)
+    assert 'pagedllm:request_prefill_kv_computed_tokens_sum{engine="0",model_name="m"} 8.0' in text
+    assert 'pagedllm:request_prefill_kv_computed_tokens_bucket{engine="0",le="5.0",model_name="m"} 0.0' in text
+    assert 'pagedllm:request_prefill_kv_computed_tokens_bucket{engine="0",le="10.0",model_name="m"} 1.0' in text
