@@ -83,6 +83,8 @@ class ServerMetrics:
                                              buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
         self.success = Counter("pagedllm:request_success", "Finished sequences, by finish reason.",
                                labels + ["finished_reason"], registry=r)
+        for reason in ("stop", "length", "abort", "error"):   # vLLM's FinishReason: each series exists from 0,
+            self.success.labels(model_name, ENGINE, reason)    # so rate() and increase() read 0, not no data
 
     def record(self, step: StepStats):
         observe_all(self.queue, step.queue_times)

@@ -104,3 +104,12 @@ def test_prefill_kv_computed_tokens_histogram():
     assert 'pagedllm:request_prefill_kv_computed_tokens_sum{engine="0",model_name="m"} 8.0' in text
     assert 'pagedllm:request_prefill_kv_computed_tokens_bucket{engine="0",le="5.0",model_name="m"} 0.0' in text
     assert 'pagedllm:request_prefill_kv_computed_tokens_bucket{engine="0",le="10.0",model_name="m"} 1.0' in text
+
+
+def test_request_success_has_every_finish_reason_from_zero():
+    """vLLM creates request_success for each FinishReason at start: an alert on rate(...{finished_reason="error"})
+    reads 0, not no data, before the first error."""
+    text = exposed(ServerMetrics("m"))
+    for reason in ("stop", "length", "abort", "error"):
+        assert (f'pagedllm:request_success_total{{engine="0",finished_reason="{reason}",model_name="m"}} 0.0'
+                in text)
