@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pagedllm.engine.core import EngineCoreRequest
 from pagedllm.engine.output_processor import child_request_id
-from pagedllm.engine.tokenizer import load_eos_token_ids
+from pagedllm.engine.tokenizer import load_eos_token_ids, num_added_tokens
 from pagedllm.sampling_params import SEED_END, SamplingParams
 from pagedllm.structured_output.grammar_spec import validate as validate_structured_outputs
 
@@ -67,8 +67,11 @@ class InputProcessor:
                              f"got {num_seqs}")
         if self.tokenizer is None:
             params = _without_tokenizer(prompt, params)
+        # A text's truncation keeps the BOS its encoding added (vLLM's: the tokenizer truncates it); ids are as given
+        added = (num_added_tokens(self.tokenizer) if isinstance(prompt, str) and params.truncate_prompt_tokens
+                 else (0, 0))
         prompt_ids = truncate_prompt(self._prompt_ids(prompt), params.truncate_prompt_tokens, self.max_model_len,
-                                     params.truncation_side)
+                                     params.truncation_side, added)
         params.validate_vocab(self.vocab_size)
         if params.structured_outputs is not None:   # a bad schema, regex or grammar: refused now, offline too
             validate_structured_outputs(params.structured_outputs)
@@ -186,10 +189,12 @@ def prompt_value(prompt: str | list[int] | dict) -> str | list[int]:
     raise ValueError("a dict prompt needs a 'prompt' or a 'prompt_token_ids' key")
 
 
-def truncate_prompt(ids: list[int], k: int | None, max_model_len: int, side: str = "left") -> list[int]:
+def truncate_prompt(ids: list[int], k: int | None, max_model_len: int, side: str = "left",
+                    added: tuple[int, int] = (0, 0)) -> list[int]:
     """truncate_prompt_tokens (vLLM's): the prompt's last k tokens (side "left": the left end is cut), or its
     first k ("right"); -1 = max_model_len. None, or a k that SamplingParams refuses (the server checks lengths
-    before it builds them), keeps them all."""
+    before it builds them), keeps them all. added: the special tokens the tokenizer put before and after a text's
+    own (num_added_tokens), kept as the tokenizer's own truncation keeps them: k - 1 text tokens after a BOS."""
     if k == -1:
         k = max_model_len
     if k is None or k < 1:
@@ -197,7 +202,13 @@ def truncate_prompt(ids: list[int], k: int | None, max_model_len: int, side: str
     if k > max_model_len:   # vLLM refuses it too: no prompt that long could run
         raise ValueError(f"SamplingParams.truncate_prompt_tokens must be -1 or at most max_model_len "
                          f"({max_model_len}), got {k}")
-    return ids[:k] if side == "right" else ids[-k:]
+    if k >= len(ids):
+        return ids
+    front, back = added
+    body = ids[front:len(ids) - back]
+    n = max(k - front - back, 0)
+    body = body[:n] if side == "right" else body[len(body) - n:]
+    return ids[:front] + body + ids[len(ids) - back:]
 
 
 def _without_tokenizer(prompt, params: SamplingParams) -> SamplingParams:

@@ -45,6 +45,17 @@ def _eos_token_ids(path: str) -> set[int]:
     return {int(t) for t in (value if isinstance(value, list) else [value]) if t is not None}
 
 
+def num_added_tokens(tokenizer) -> tuple[int, int]:
+    """How many special tokens encode(text) adds before and after the text's own tokens (Llama-3: its
+    <|begin_of_text|>, (1, 0); Qwen3: none, (0, 0))."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for front in range(len(full) - len(plain) + 1):
+        if full[front:front + len(plain)] == plain:
+            return front, len(full) - front - len(plain)
+    return 0, 0
+
+
 def raw_decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]:
     """ids -> tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False), for the
     per-token paths (detokenization, logprob tokens). When the tokenizer's decode only forwards to its Rust

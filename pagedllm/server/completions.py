@@ -12,6 +12,7 @@ from fastapi.responses import Response
 
 from pagedllm.engine.input_processor import truncate_prompt
 from pagedllm.engine.output_processor import OutputKind
+from pagedllm.engine.tokenizer import num_added_tokens
 from pagedllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server import reasoning
@@ -30,8 +31,12 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     req._force_usage = ctx.enable_force_include_usage
     prompts = await _prompts(ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
     reasoning.check_budget(ctx.reasoning_parser, req.thinking_token_budget, req.use_beam_search)
-    kept = [truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len, req.truncation_side or "left")
-            for _, ids in prompts]   # the tokens the engine runs
+    # vLLM truncates a text as its tokenizer does: the BOS the tokenizer adds stays (as offline: InputProcessor)
+    added = (num_added_tokens(ctx.tokenizer) if req.truncate_prompt_tokens is not None and req.add_special_tokens
+             else (0, 0))
+    kept = [truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len, req.truncation_side or "left",
+                            added if text is not None else (0, 0))
+            for text, ids in prompts]   # the tokens the engine runs
     # echo with max_tokens 0 (vLLM's, what lm-eval's loglikelihood sends): the prompt scored, nothing generated.
     # The engine samples one token (a step always does), which the response leaves out.
     echo_only = req.echo and req.max_tokens == 0 and not req.use_beam_search
@@ -61,7 +66,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     request_id = f"cmpl-{uuid.uuid4().hex}"
     response_id = response_id_for("cmpl-", raw_request, req.request_id, request_id)
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
-    streams, ids = add_requests(ctx.engine, request_id, [p[1] for p in prompts], params, kind, lora, req.priority,
+    streams, ids = add_requests(ctx.engine, request_id, kept, params, kind, lora, req.priority,
                                 req.cache_salt)
     if echo_only:
         streams = [_without_generation(s) for s in streams]

@@ -49,9 +49,12 @@ def test_completions_return_token_ids(server):
             assert c["prompt_token_ids"] in (None, prompt_ids)
     assert firsts == {0: prompt_ids, 1: prompt_ids}
     assert joined == {c["index"]: c["token_ids"] for c in whole["choices"]}
-    # a truncated prompt: the ids the engine ran, and the streamed usage counts them
+    # a truncated prompt: the ids the engine ran, and the streamed usage counts them. A text is truncated as
+    # vLLM's tokenizer truncates it: its BOS stays, then the last token
     short = {"prompt": PROMPT, "max_tokens": 2, "truncate_prompt_tokens": 2, "return_token_ids": True}
-    assert _post(server, COMPLETIONS, short)["choices"][0]["prompt_token_ids"] == prompt_ids[-2:]
+    assert _post(server, COMPLETIONS, short)["choices"][0]["prompt_token_ids"] == prompt_ids[:1] + prompt_ids[-1:]
+    assert _post(server, COMPLETIONS, {**short, "prompt": prompt_ids})["choices"][0]["prompt_token_ids"] == \
+        prompt_ids[-2:]   # token ids: as given
     usage = [c["usage"] for c in _chunks(server, COMPLETIONS, {**short, "stream_options": {"include_usage": True}})
              if c.get("usage")]
     assert usage[-1]["prompt_tokens"] == 2

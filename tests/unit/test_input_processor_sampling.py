@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from pagedllm import SamplingParams
-from pagedllm.engine.input_processor import InputProcessor
-from pagedllm.engine.tokenizer import load_tokenizer
+from pagedllm.engine.input_processor import InputProcessor, truncate_prompt
+from pagedllm.engine.tokenizer import load_tokenizer, num_added_tokens
 
 DEMO = Path(__file__).resolve().parents[2] / "pagedllm" / "demo" / "stories260k"
 PROMPT = list(range(3, 43))
+LLAMA3 = Path("/work/shared/model-configs/meta-llama--Llama-3.1-8B-Instruct")
+QWEN3 = Path("/work/shared/model-configs/Qwen--Qwen3-0.6B")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,35 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens_before_length_checks(proce
     req = processor.process("r", long_prompt, SamplingParams(truncate_prompt_tokens=10, truncation_side="right",
                                                              max_tokens=4))
     assert req.prompt_token_ids == req.core_requests[0].prompt_token_ids == long_prompt[:10]
+
+
+@pytest.mark.parametrize("path", [
+    DEMO,
+    pytest.param(LLAMA3, marks=pytest.mark.skipif(not LLAMA3.is_dir(), reason="Llama-3.1 tokenizer files absent")),
+    pytest.param(QWEN3, marks=pytest.mark.skipif(not QWEN3.is_dir(), reason="Qwen3 tokenizer files absent"))])
+def test_truncated_text_keeps_the_special_tokens_the_tokenizer_added(path):
+    """A text truncated as vLLM's server does it (the tokenizer's own truncation, side left): BOS, then the last
+    k - 1 tokens of the text, not the last k tokens of BOS + text."""
+    tok = load_tokenizer(str(path), truncation_side="left")
+    text = "Once upon a time there was a little dog. It liked to play in the park with a red ball."
+    ids = tok.encode(text)
+    added = num_added_tokens(tok)
+    assert added == ((1, 0) if path != QWEN3 else (0, 0))
+    for k in (1, 2, 5, len(ids) - 1, len(ids), len(ids) + 3):
+        assert truncate_prompt(ids, k, 1000, "left", added) == tok(text, truncation=True, max_length=k)["input_ids"]
+    right = load_tokenizer(str(path), truncation_side="right")
+    assert truncate_prompt(ids, 5, 1000, "right", added) == right(text, truncation=True, max_length=5)["input_ids"]
+    assert truncate_prompt(ids, 5, 1000) == ids[-5:]   # token-id prompts: as given
+
+
+def test_processor_truncates_a_text_after_its_bos(processor):
+    tok = processor.tokenizer
+    ids = tok.encode("Once upon a time there was a little dog")
+    req = processor.process("r", "Once upon a time there was a little dog", SamplingParams(truncate_prompt_tokens=3,
+                                                                                            max_tokens=4))
+    assert req.prompt_token_ids == req.core_requests[0].prompt_token_ids == ids[:1] + ids[-2:]
+    assert processor.process("r", ids, SamplingParams(truncate_prompt_tokens=3, max_tokens=4)).prompt_token_ids == \
+        ids[-3:]
 
 
 def test_bad_words_tokenized_alone_and_after_a_space(processor):
