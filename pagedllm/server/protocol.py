@@ -242,6 +242,7 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     add_special_tokens: bool = True    # vLLM's: BOS (etc.) added to text prompts
     suffix: str | None = None
+    prompt_embeds: str | list[str] | None = None   # vLLM's (base64 tensors): null accepted, embeddings refused
     # vLLM's: at most this many tokens in a `<think>` block, then `</think>` is forced (-1: no limit)
     thinking_token_budget: int | None = Field(None, ge=-1)
 
@@ -251,6 +252,10 @@ class CompletionRequest(_SamplingRequest):
         """A list prompt's items are all of one form. pydantic's error for a mix names one item as it fails one
         form ("prompt.0: Input should be a valid string" for [1, "a"], whose 1 is a valid token id)."""
         prompt = data.get("prompt") if isinstance(data, dict) else None
+        if prompt is None and isinstance(data, dict) and data.get("prompt_embeds") is not None:
+            # vLLM's embeddings-only request: refused for its embeddings, not as a request without a prompt
+            raise APIError(400, "prompt_embeds is not supported yet (prompt embeddings as input)", "prompt_embeds",
+                           "unsupported_parameter")
         if isinstance(prompt, list):
             forms = dict.fromkeys(next((name for kind, name in _PROMPT_FORMS if isinstance(item, kind)), None)
                                   for item in prompt)
@@ -275,7 +280,8 @@ class CompletionRequest(_SamplingRequest):
         return self
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
-        return [*super().unsupported(), ("suffix", not self.suffix, "fill-in-the-middle")]
+        return [*super().unsupported(), ("suffix", not self.suffix, "fill-in-the-middle"),
+                ("prompt_embeds", self.prompt_embeds is None, "prompt embeddings as input")]
 
 
 class TextPart(_Strict):

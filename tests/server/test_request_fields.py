@@ -53,7 +53,7 @@ def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
     assert set(protocol._NO_OPS) - {"request_id"} <= set(NEUTRAL)
     base = {"model": MODEL_NAME, "max_tokens": 12, "temperature": 0}
     plain = _post(server, COMPLETIONS, {**base, "prompt": PROMPT}).json()
-    got = _post(server, COMPLETIONS, {**base, "prompt": PROMPT, "echo": False, "suffix": None,
+    got = _post(server, COMPLETIONS, {**base, "prompt": PROMPT, "echo": False, "suffix": None, "prompt_embeds": None,
                                       "request_id": "abc", **NEUTRAL}).json()
     assert got["choices"][0]["text"] == plain["choices"][0]["text"] and got["id"] == "cmpl-abc"
     chat_plain = _post(server, CHAT, {**base, "messages": MESSAGES}).json()
@@ -97,6 +97,7 @@ def test_chat_top_logprobs_0_without_logprobs_is_accepted(server):
 
 @pytest.mark.parametrize("path,body,param", [
     (COMPLETIONS, {"suffix": "the end"}, "suffix"),
+    (COMPLETIONS, {"prompt_embeds": "AAAA"}, "prompt_embeds"),
     (CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     (CHAT, {"function_call": {"name": "f"}}, "function_call"),
 ])
@@ -104,6 +105,8 @@ def test_features_not_implemented_yet_are_400_naming_the_field(server, path, bod
     prompt = {"prompt": PROMPT} if path == COMPLETIONS else {"messages": MESSAGES}
     error = _error(_post(server, path, {"model": MODEL_NAME, **prompt, **body}), param, "unsupported_parameter")
     assert "not supported yet" in error["message"]
+    if param == "prompt_embeds":   # vLLM's embeddings-only request (no prompt): the same 400
+        error = _error(_post(server, path, {"model": MODEL_NAME, **body}), param, "unsupported_parameter")
 
 
 def _tokenize(server, messages, **options) -> list[int]:
