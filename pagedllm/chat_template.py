@@ -11,7 +11,9 @@ import jinja2
 from transformers import PreTrainedTokenizerBase
 
 # apply_chat_template's own parameters (and the template's `messages`): not template variables, so
-# chat_template_kwargs may not set them (vLLM would drop them silently; here they are refused).
+# chat_template_kwargs may not set them; they are refused, naming the request field to use instead (vLLM passes
+# most of them on to apply_chat_template, where they would override the request's own fields, and drops
+# chat_template and tokenize).
 RESERVED_TEMPLATE_KWARGS = frozenset(
     set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
 ) | {"messages"}
