@@ -48,6 +48,15 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
         raise ChatTemplateError(f"chat_template_kwargs must be a dict of template variables, got "
                                 f"{type(chat_template_kwargs).__name__}", "chat_template_kwargs")
     kwargs = dict(chat_template_kwargs or {})
+    # tools and documents are template inputs that apply_chat_template takes as parameters: vLLM users pass them
+    # here too (LLM.chat has no documents argument), so they are taken as those, unless also given as such
+    for name, given in (("tools", tools), ("documents", documents)):
+        if name in kwargs:
+            if given:
+                raise ChatTemplateError(f"{name} is given twice: in chat_template_kwargs and as the request's own "
+                                        f"field", "chat_template_kwargs")
+            value = kwargs.pop(name)
+            tools, documents = (value, documents) if name == "tools" else (tools, value)
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
     if reserved:
         raise ChatTemplateError(f"chat_template_kwargs may not set {reserved[0]!r}: it is not a template variable "

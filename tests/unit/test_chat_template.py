@@ -131,3 +131,18 @@ def test_detect_content_format():
     assert detect_content_format(PARTS_TEMPLATE) == "openai" and detect_content_format(TOOL_TEMPLATE) == "string"
     assert detect_content_format(None) == "string" and detect_content_format("{% for") == "string"
     assert detect_content_format({"default": PARTS_TEMPLATE, "tool_use": TOOL_TEMPLATE}) == "openai"
+
+
+def test_documents_and_tools_may_come_in_chat_template_kwargs(tokenizer):
+    """vLLM passes chat_template_kwargs on to apply_chat_template, so users give documents (LLM.chat has no such
+    argument) and tools there: they reach the template as the dedicated arguments do; given both ways, a 400."""
+    template = ("{% for d in documents or [] %}<doc {{ d.title }}>{% endfor %}{% for t in tools or [] %}"
+                "<tool {{ t.function.name }}>{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}")
+    docs, tools = [{"title": "a", "text": "x"}], [{"type": "function", "function": {"name": "f"}}]
+    msgs = [{"role": "user", "content": "hi"}]
+    want = "<doc a><tool f>hi"
+    assert render_chat(tokenizer, msgs, template, chat_template_kwargs={"documents": docs, "tools": tools}) == want
+    assert render_chat(tokenizer, msgs, template, tools=tools, documents=docs) == want
+    with pytest.raises(ChatTemplateError, match="documents is given twice") as e:
+        render_chat(tokenizer, msgs, template, chat_template_kwargs={"documents": docs}, documents=docs)
+    assert e.value.param == "chat_template_kwargs"
