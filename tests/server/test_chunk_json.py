@@ -53,7 +53,8 @@ def _check(chunks: list[str]):
         assert chunk == sse(obj) == f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-CTX = SimpleNamespace(model_name="the-model")
+CTX = SimpleNamespace(model_name="the-model", response_role="assistant",   # ServingContext's defaults
+                      enable_prompt_tokens_details=False)
 
 
 def test_completion_chunks_are_sses_bytes():
