@@ -32,7 +32,7 @@ from dataclasses import replace
 
 from pagedllm.config import EngineConfig, ServerConfig
 from pagedllm.engine.core_process import CoreClient, start_core
-from pagedllm.server.launch import ServeChecks
+from pagedllm.server.launch import ServeChecks, listen
 from pagedllm.server.metrics import METRICS_DIR_ENV
 
 logger = logging.getLogger("pagedllm")
@@ -42,7 +42,7 @@ STOP_SECONDS = 30   # for the API processes to stop after a signal (their grace 
 def serve_with_api_servers(engine_config: EngineConfig, server_config: ServerConfig, checks: ServeChecks):
     n = server_config.api_server_count
     metrics_dir, own_dir = _metrics_dir()
-    sock = _listen(server_config.host, server_config.port)
+    sock = listen(server_config.host, server_config.port)
     server_config = replace(server_config, port=sock.getsockname()[1])   # port 0: the one the system chose
     ctx = multiprocessing.get_context("spawn")
     shared_waiting = ctx.Value("q", 0) if server_config.max_waiting_queue_length is not None else None
@@ -77,20 +77,6 @@ def _metrics_dir() -> tuple[str, bool]:
         return given, False
     os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="pagedllm-metrics-")
     return os.environ[METRICS_DIR_ENV], True
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """The one listening socket, bound here so that a port in use is an error before anything starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(2048)
-    return sock
 
 
 def _api_server_main(config: EngineConfig, server_config: ServerConfig, checks: ServeChecks, conn,

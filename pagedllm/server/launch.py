@@ -7,13 +7,15 @@ back with its "ready". A bad engine flag or model directory is the core's "faile
 same error (exit code 2). H200 (2026-12-04, 8f92a28), before: the core started after the API process's imports
 and a CUDA context of its own, 33-49 s from the command to /health of which the core's own timer was 6.8-20.6 s.
 """
+import errno
 import ipaddress
 import json
 import os
 import re
+import socket
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pagedllm.config import EngineConfig, ServerConfig
@@ -33,13 +35,34 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig):
         from pagedllm.server.api_servers import serve_with_api_servers
         serve_with_api_servers(engine_config, server_config, checks)
         return
-    from pagedllm.engine.core_process import CoreClient
-    core = CoreClient(engine_config)   # loads the model while this process imports the server
+    # Bound before the model loads: a port in use is an error now, not uvicorn's after the whole load.
+    sock = listen(server_config.host, server_config.port)
+    server_config = replace(server_config, port=sock.getsockname()[1])   # port 0: the one the system chose
+    core = None
     try:
+        from pagedllm.engine.core_process import CoreClient
+        core = CoreClient(engine_config)   # loads the model while this process imports the server
         from pagedllm.server.api_server import run_api_server
-        run_api_server(engine_config, server_config, checks, core)
+        run_api_server(engine_config, server_config, checks, core, sock)
     finally:
-        core.shutdown()   # done already unless the server failed before its engine took the core
+        if core is not None:
+            core.shutdown()   # done already unless the server failed before its engine took the core
+        sock.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything starts, so that a port in use is an error naming it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = "stop what holds it, or choose another --port" if e.errno == errno.EADDRINUSE else "check --host"
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} ({hint})") from None
+    sock.listen(2048)
+    return sock
 
 
 def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig, started: float) -> ServeChecks:

@@ -81,3 +81,28 @@ def test_serve_with_a_host_that_is_no_address_exits_2_naming_it(capsys):
     from pagedllm.cli import main
     assert main(["serve", "--device", "cpu", "--host", "999.1.1.1"]) == 2
     assert "--host '999.1.1.1' is not an IPv4 address" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_exits_2_naming_it_before_the_core_starts(capsys):
+    """The port is bound before the model loads (as with several API processes, and as vLLM does): a port in use
+    was uvicorn's error line after the whole load, exit code 3, after a 'serving at' line."""
+    import socket
+    from pagedllm.cli import main
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    before, start = _core_processes(), time.monotonic()
+    try:
+        assert main(["serve", "--device", "cpu", "--port", str(port)]) == 2
+    finally:
+        holder.close()
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "in use" in err and "--port" in err
+    assert _core_processes() == before and time.monotonic() - start < 5
+
+
+def test_serve_on_an_address_not_of_this_machine_exits_2_naming_host(capsys):
+    from pagedllm.cli import main
+    assert main(["serve", "--device", "cpu", "--host", "192.0.2.1", "--port", "0"]) == 2   # TEST-NET-1
+    assert "cannot listen on 192.0.2.1:0: Cannot assign requested address (check --host)" in capsys.readouterr().err
