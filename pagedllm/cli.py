@@ -8,6 +8,7 @@ import sys
 import types
 import typing
 
+from pagedllm import __version__
 from pagedllm.bench import serve as bench_serve
 from pagedllm.bench.workloads import WORKLOADS
 from pagedllm.config import EngineConfig, ServerConfig, config_fields
@@ -134,6 +135,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: LLM inference with a paged KV cache")
+    parser.add_argument("-v", "--version", action="version", version=f"pagedllm {__version__}")   # as vLLM's
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete prompts offline and print prompt + completion")
     gen.add_argument("prompts", nargs="*", default=["Once upon a time"], help="prompt texts")
