@@ -1,5 +1,6 @@
 """Engine: requests in, one step at a time, RequestOutputs out."""
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,16 @@ class Engine:
 
 
 def _load_hf_config(model: str):
-    if not (Path(model) / "config.json").is_file():
+    path = Path(model)
+    if not path.exists():   # vLLM would download a Hub id; here nothing is fetched: say so, naming it
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None
+        raise FileNotFoundError(f"model {model!r} is not a local directory: pagedllm does not download from the "
+                                f"Hugging Face Hub; it loads a local HF checkpoint"
+                                + (f" (download it first: hf download {model} --local-dir DIR, then give DIR)"
+                                   if hub else ""))
+    if path.is_file():
+        raise FileNotFoundError(f"model {model!r} is a file: give the directory that holds config.json")
+    if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {model!r} has no config.json (pagedllm loads local HF "
                                 f"checkpoints: config.json, *.safetensors and tokenizer files)")
     return AutoConfig.from_pretrained(model)

@@ -10,3 +10,22 @@ def test_version_prints_the_package_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"pagedllm {pagedllm.__version__}"
+
+
+@pytest.mark.parametrize("given, words", [
+    ("meta-llama/Llama-3.1-8B-Instruct", ["'meta-llama/Llama-3.1-8B-Instruct'", "not a local directory",
+                                          "does not download", "hf download meta-llama/Llama-3.1-8B-Instruct"]),
+    ("/no/such/model", ["'/no/such/model'", "not a local directory"]),
+])
+def test_a_model_that_is_not_a_local_directory_says_so(given, words, capsys):
+    """A Hub id (vLLM would download it) or a path that is not there: was "model directory ... has no
+    config.json", as if the directory existed."""
+    assert main(["generate", "--device", "cpu", "--model", given]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+
+
+def test_a_model_file_is_not_a_model_directory(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["generate", "--device", "cpu", "--model", str(tmp_path / "config.json")]) == 2
+    assert "is a file: give the directory that holds config.json" in capsys.readouterr().err
