@@ -1,6 +1,7 @@
 """Loading the tokenizer and the set of token ids that end generation."""
 import json
 import os
+import re
 from collections.abc import Callable
 from functools import partial
 
@@ -11,6 +12,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 def load_tokenizer(path: str, **kwargs):
     """A transformers tokenizer from a local model directory (or a hub id, when one is reachable)."""
+    if not os.path.exists(path) and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):   # a path, and no Hub id
+        raise ValueError(f"tokenizer {path!r} is not a local directory: point --tokenizer at a directory with "
+                         f"tokenizer files ({', '.join(_TOKENIZER_FILES)})")
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         raise ValueError(f"no tokenizer in {path!r}: expected one of {', '.join(_TOKENIZER_FILES)}; "
                          f"point --tokenizer at a directory that has one")

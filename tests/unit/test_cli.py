@@ -29,3 +29,10 @@ def test_a_model_file_is_not_a_model_directory(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert main(["generate", "--device", "cpu", "--model", str(tmp_path / "config.json")]) == 2
     assert "is a file: give the directory that holds config.json" in capsys.readouterr().err
+
+
+def test_a_tokenizer_path_that_is_not_there_says_so(capsys):
+    """Was transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    assert main(["generate", "--device", "cpu", "--tokenizer", "/no/such/tok"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer '/no/such/tok' is not a local directory" in err and "Repo id" not in err, err
