@@ -34,6 +34,8 @@ def determine_num_blocks(config: EngineConfig, max_model_len: int, block_bytes: 
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes is less than one KV block "
                              f"({block_bytes} bytes)")
+        _check_one_request_fits(num_blocks, config.block_size, max_model_len, f"kv_cache_memory="
+                                f"{config.kv_cache_memory} bytes", "raise kv_cache_memory")
         return num_blocks
     if profiled_free_bytes is not None:
         num_blocks = profiled_free_bytes // block_bytes
@@ -48,7 +50,19 @@ def determine_num_blocks(config: EngineConfig, max_model_len: int, block_bytes: 
                         "requests of max_model_len=%d use)", num_blocks, config.gpu_memory_utilization, cap,
                         GPU_CAP_FACTOR, config.max_num_seqs, max_model_len)
         return min(num_blocks, cap)
-    return max(1, min(full_length, _CPU_DEFAULT_CAP // block_bytes))
+    num_blocks = max(1, min(full_length, _CPU_DEFAULT_CAP // block_bytes))
+    _check_one_request_fits(num_blocks, config.block_size, max_model_len, "the CPU KV cache (at most 4 GiB unless "
+                            "kv_cache_memory is set)", "set kv_cache_memory")
+    return num_blocks
+
+
+def _check_one_request_fits(num_blocks: int, block_size: int, max_model_len: int, what: str, or_else: str):
+    """As vLLM at start-up: a cache that cannot hold one max_model_len request is an error naming the settings,
+    not an engine that starts and then refuses every longer request."""
+    if num_blocks * block_size < max_model_len:
+        raise ValueError(f"{what} holds {num_blocks * block_size} tokens, less than one request of "
+                         f"max_model_len={max_model_len} needs: lower max_model_len (to at most "
+                         f"{num_blocks * block_size}) or {or_else}")
 
 
 def check_asked_size_fits(config: EngineConfig, num_blocks: int, block_bytes: int, device: torch.device) -> None:

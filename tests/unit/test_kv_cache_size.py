@@ -1,5 +1,7 @@
 """How many KV blocks an engine gets (runner/kv_cache.py determine_num_blocks): on a GPU, what profiling left
 free, at most GPU_CAP_FACTOR x what max_num_seqs requests of max_model_len tokens use."""
+import re
+
 import pytest
 
 from pagedllm.config import EngineConfig
@@ -45,3 +47,20 @@ def test_an_asked_size_past_memory_is_an_error_naming_it(tiny_model_dirs, kw, na
     from pagedllm import LLM
     with pytest.raises(ValueError, match=f"{name}=.* KV blocks of .* GiB, more than the .* GiB this machine's memory"):
         LLM(tiny_model_dirs["llama"], dtype="float32", log_stats_interval=0, **kw)
+
+
+@pytest.mark.parametrize("kw, free, words", [
+    (dict(kv_cache_memory=10 * BLOCK_BYTES), None, "kv_cache_memory=81920 bytes holds 160 tokens"),
+    (dict(), None, "the CPU KV cache (at most 4 GiB unless kv_cache_memory is set) holds"),
+])
+def test_a_kv_cache_smaller_than_one_full_length_request_is_refused_naming_what_to_change(kw, free, words):
+    """As vLLM refuses it at start-up: was an engine that started, then refused every longer request."""
+    config = EngineConfig(max_num_seqs=8, **kw)
+    huge_block = BLOCK_BYTES if kw else 1 << 30   # a block of 1 GiB: 4 blocks (64 tokens) under the CPU cap
+    with pytest.raises(ValueError, match=re.escape(words) + ".*lower max_model_len"):
+        determine_num_blocks(config, 4096, huge_block, free)
+
+
+def test_a_kv_cache_that_holds_one_full_length_request_is_enough():
+    config = EngineConfig(max_num_seqs=8, kv_cache_memory=256 * BLOCK_BYTES)
+    assert determine_num_blocks(config, 4096, BLOCK_BYTES) == 256
