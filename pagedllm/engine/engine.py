@@ -1,4 +1,5 @@
 """Engine: requests in, one step at a time, RequestOutputs out."""
+import json
 import logging
 import re
 import time
@@ -16,7 +17,7 @@ from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import SchedulerStats, StatsLogger
-from pagedllm.models import sliding_window
+from pagedllm.models import get_model_class, sliding_window
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import SamplingParams
@@ -178,6 +179,12 @@ def _load_hf_config(model: str):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {model!r} has no config.json (pagedllm loads local HF "
                                 f"checkpoints: config.json, *.safetensors and tokenizer files)")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except ValueError:
+        raw = None   # transformers says what is wrong with it, naming the file
+    if isinstance(raw, dict):   # before transformers, whose words for a model type it lacks are "upgrade me"
+        get_model_class(raw.get("architectures"))
     return AutoConfig.from_pretrained(model)
 
 

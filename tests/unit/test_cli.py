@@ -36,3 +36,13 @@ def test_a_tokenizer_path_that_is_not_there_says_so(capsys):
     assert main(["generate", "--device", "cpu", "--tokenizer", "/no/such/tok"]) == 2
     err = capsys.readouterr().err
     assert "tokenizer '/no/such/tok' is not a local directory" in err and "Repo id" not in err, err
+
+
+def test_an_architecture_transformers_does_not_know_is_unsupported_listing_ours(tmp_path, capsys):
+    """Was transformers' 'does not recognize this architecture ... pip install --upgrade transformers', which
+    would not have made pagedllm run it."""
+    (tmp_path / "config.json").write_text('{"architectures": ["FoobarForCausalLM"], "model_type": "foobar"}')
+    assert main(["generate", "--device", "cpu", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported model architectures ['FoobarForCausalLM']; supported: ['LlamaForCausalLM'" in err, err
+    assert "upgrade" not in err
