@@ -94,7 +94,10 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
         for shard in shards:
             _require(model_dir / shard, f"a weight shard listed in {index}")
         return [model_dir / shard for shard in shards]
-    return [_require(model_dir / _SINGLE, f"weights: {_SINGLE} or {_INDEX} with its shards")]
+    # weights in a format not read here: name them, or the directory looks empty of weights
+    others = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+    found = f"; found {', '.join(others)}, but only safetensors checkpoints are read" if others else ""
+    return [_require(model_dir / _SINGLE, f"weights: {_SINGLE} or {_INDEX} with its shards{found}")]
 
 
 def _require(path: Path, what: str) -> Path:

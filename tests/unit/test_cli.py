@@ -46,3 +46,15 @@ def test_an_architecture_transformers_does_not_know_is_unsupported_listing_ours(
     err = capsys.readouterr().err
     assert "unsupported model architectures ['FoobarForCausalLM']; supported: ['LlamaForCausalLM'" in err, err
     assert "upgrade" not in err
+
+
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model-q4_k_m.gguf"])
+def test_a_checkpoint_without_safetensors_names_what_it_found(tmp_path, weights, capsys):
+    """Was only 'model.safetensors not found', when the directory holds weights in a format not read here."""
+    import shutil
+    from pagedllm.config import DEMO_MODEL
+    shutil.copytree(DEMO_MODEL, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "m" / weights).write_bytes(b"x")
+    assert main(["generate", "--device", "cpu", "--model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert f"found {weights}, but only safetensors checkpoints are read" in err, err
