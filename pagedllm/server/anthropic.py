@@ -5,8 +5,8 @@ ChatCompletionRequest, and its answer, or its stream of chunks, becomes Anthropi
     system, messages               ->  a system message, then the messages (a last assistant message is continued:
                                        Anthropic's prefill): text blocks as text, tool_use blocks
                                        as the assistant's tool_calls (input as JSON arguments), thinking blocks
-                                       as its reasoning, tool_result blocks as role "tool" messages (is_error:
-                                       their text after "Error: ")
+                                       as its reasoning (redacted_thinking ones left out), tool_result blocks
+                                       as role "tool" messages (is_error: their text after "Error: ")
     tools {name, description, input_schema}, tool_choice auto / any / tool / none
                                    ->  tools, tool_choice auto / required / a named function / none
                                        (disable_parallel_tool_use: parallel_tool_calls false)
@@ -245,6 +245,8 @@ def _chat_messages(req: CountTokensRequest) -> list[dict]:
                                  "content": f"Error: {result}" if b.is_error else result})
             elif b.type == "thinking" and m.role == "assistant":
                 thoughts.append(b.thinking or "")
+            elif b.type == "redacted_thinking" and m.role == "assistant":
+                continue   # encrypted reasoning no model here can read: left out, as vLLM does (a replayed history)
             else:
                 raise APIError(400, f"{at}: {b.type} blocks in a {m.role} message are not supported"
                                     f"{' (the models served take text)' if b.type in ('image', 'document') else ''}",

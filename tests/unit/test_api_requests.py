@@ -51,3 +51,16 @@ def test_system_blocks_join_as_vllms_without_the_attribution_header():
     only_header = anthropic.MessagesRequest.model_validate({"model": "m", "max_tokens": 3, "system": system[:1],
                                                             "messages": [{"role": "user", "content": "Hi"}]})
     assert [m.role for m in anthropic.to_chat(NO_PARSER, only_header).messages] == ["user"]
+
+
+def test_redacted_thinking_blocks_are_taken_and_left_out():
+    """A conversation replayed whole (Claude Code's history) may hold redacted_thinking blocks: Anthropic's API and
+    vLLM take them; their data is opaque (encrypted reasoning), so the prompt is the one without them (it was a
+    400)."""
+    def chat(assistant: list) -> list:
+        req = anthropic.MessagesRequest.model_validate({"model": "m", "max_tokens": 3, "messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": assistant},
+            {"role": "user", "content": "Go on"}]})
+        return [m.model_dump(exclude_none=True) for m in anthropic.to_chat(NO_PARSER, req).messages]
+    text = {"type": "text", "text": "Hello"}
+    assert chat([{"type": "redacted_thinking", "data": "EmwKAhgBEgy3va"}, text]) == chat([text])
