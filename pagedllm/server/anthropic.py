@@ -20,12 +20,12 @@ ChatCompletionRequest, and its answer, or its stream of chunks, becomes Anthropi
                                        tool_use; usage input_tokens / output_tokens
 
 A stream is Anthropic's events: message_start, then each block's content_block_start, _delta (text_delta,
-thinking_delta, input_json_delta) and _stop, then message_delta (stop_reason, usage) and message_stop; no
-[DONE]. Errors are Anthropic's {"type": "error", "error": {"type", "message"}} (errors.py picks the shape by
-route), in a stream an `error` event. temperature, top_p and top_k are vLLM's (Anthropic's SDK now sends
-them only in extra_body). No-ops: metadata, service_tier, speed, inference_geo, user_profile_id, workspace_id,
-cache_control (top-level, on blocks and tools: the prefix cache is automatic). Images and documents are a 400:
-the models served take text.
+thinking_delta then a signature_delta, input_json_delta) and _stop, then message_delta (stop_reason, usage)
+and message_stop; no [DONE]. Errors are Anthropic's {"type": "error", "error": {"type", "message"}} (errors.py
+picks the shape by route), in a stream an `error` event. temperature, top_p and top_k are vLLM's (Anthropic's
+SDK now sends them only in extra_body). No-ops: metadata, service_tier, speed, inference_geo, user_profile_id,
+workspace_id, cache_control (top-level, on blocks and tools: the prefix cache is automatic). Images and documents
+are a 400: the models served take text.
 """
 import json
 import uuid
@@ -330,9 +330,17 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
     input_tokens = output_tokens = 0
     started = False
 
+    def close_block() -> list[str]:
+        if open_type is None:
+            return []
+        # a thinking block ends with its signature, as Anthropic's (and vLLM's) streams do: the one the
+        # non-streamed block has, ""
+        signed = [delta("signature_delta", "signature", "")] if open_type == "thinking" else []
+        return signed + [_event("content_block_stop", {"type": "content_block_stop", "index": index})]
+
     def open_block(block: dict):
         nonlocal index, open_type
-        events = [_event("content_block_stop", {"type": "content_block_stop", "index": index})] if open_type else []
+        events = close_block()
         index, open_type = index + 1, block["type"]
         return events + [_event("content_block_start", {"type": "content_block_start", "index": index,
                                                         "content_block": block})]
@@ -376,8 +384,8 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
                 finish_reason, stop_reason = choice["finish_reason"], choice.get("stop_reason")
             for event in out:
                 yield event
-    if open_type is not None:
-        yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+    for event in close_block():
+        yield event
     reason, sequence = _stop(finish_reason, stop_reason, stop_sequences, bool(calls))
     yield _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason,
                                                                       "stop_sequence": sequence},

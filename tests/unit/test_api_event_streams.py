@@ -53,7 +53,7 @@ def test_anthropic_events_open_one_block_at_a_time():
     events = _collect(anthropic._events(_aiter(CHUNKS), "msg_1", "tiny", []))
     names = [n for n, _ in events]
     assert names == ["message_start",
-                     "content_block_start", "content_block_delta", "content_block_delta",
+                     "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta",
                      "content_block_stop", "content_block_start", "content_block_delta", "content_block_delta",
                      "content_block_stop", "content_block_start", "content_block_delta", "content_block_delta",
                      "content_block_stop", "content_block_start", "content_block_delta",
@@ -65,9 +65,11 @@ def test_anthropic_events_open_one_block_at_a_time():
     deltas = [(d["index"], d["delta"]) for n, d in events if n == "content_block_delta"]
     joined = {}
     for index, delta in deltas:
-        key = next(k for k in ("thinking", "text", "partial_json") if k in delta)
+        key = next(k for k in ("thinking", "signature", "text", "partial_json") if k in delta)
         joined[index] = joined.get(index, "") + delta[key]
     assert joined == {0: "Let me think.", 1: "Calling tools.", 2: '{"city": "Paris"}', 3: "{}"}
+    # a thinking block ends with its signature (Anthropic's and vLLM's streams): the non-streamed block's, ""
+    assert deltas[2] == (0, {"type": "signature_delta", "signature": ""})
     assert events[-2][1] == {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
                              "usage": {"output_tokens": 9}}
 
@@ -76,8 +78,13 @@ def test_anthropic_stop_sequence_and_hidden_thinking():
     chunks = [_chunk({"role": "assistant", "content": ""}), _chunk({"reasoning": "hm"}),
               _chunk({"content": "Hi"}, finish_reason="stop", stop_reason="END")]
     events = _collect(anthropic._events(_aiter(chunks), "msg_1", "tiny", ["END"], shown=False))
-    assert [d["delta"]["type"] for n, d in events if n == "content_block_delta"] == ["text_delta"]
+    assert [d["delta"]["type"] for n, d in events if n == "content_block_delta"] == ["signature_delta", "text_delta"]
     assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+    # max_tokens within the thinking: the block still ends with its signature
+    cut = _collect(anthropic._events(_aiter([*chunks[:2], _chunk({"reasoning": "m"}, finish_reason="length")]),
+                                     "msg_1", "tiny", []))
+    assert [(n, d.get("delta", {}).get("type")) for n, d in cut[-4:-2]] == [("content_block_delta", "signature_delta"),
+                                                                          ("content_block_stop", None)]
 
 
 def test_responses_events_items_in_order_with_sequence_numbers():
