@@ -36,9 +36,10 @@ from fastapi.responses import Response
 from pydantic import Field, model_validator
 
 from pagedllm.server.chat import chunk_dicts, create_chat_completion, render_chat
-from pagedllm.server.errors import APIError, bad_value
+from pagedllm.engine.async_llm import EngineGenerateError
+from pagedllm.server.errors import APIError, anthropic_error_body, bad_value
 from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict, fields_of_its_type, validated
-from pagedllm.server.serving import SSEResponse, ServingContext
+from pagedllm.server.serving import SSEResponse, ServingContext, client_error
 
 
 class ContentBlock(_Strict):
@@ -152,7 +153,7 @@ async def create_message(ctx: ServingContext, req: MessagesRequest, raw_request:
     shown = req.thinking is None or req.thinking.display != "omitted"   # else thinking blocks come empty
     if isinstance(answer, SSEResponse):
         return AnthropicSSE(answer.engine, answer.request_ids, _events(
-            answer.body_iterator, message_id, req.model, req.stop_sequences or [], shown))
+            answer.body_iterator, message_id, req.model, req.stop_sequences or [], shown), answer.param)
     if isinstance(answer, Response):   # the client left
         return answer
     return to_message(answer, message_id, req.model, req.stop_sequences or [], shown)
@@ -313,9 +314,14 @@ def _stop(finish_reason: str | None, stop_reason, stop_sequences: list[str],
 class AnthropicSSE(SSEResponse):
     end = ""   # Anthropic's streams end with message_stop
 
-    @staticmethod
-    def error_event(e: Exception) -> str:
-        return _event("error", {"type": "error", "error": {"type": "api_error", "message": str(e)}})
+    def error_event(self, e: Exception) -> str:
+        """The error a non-streamed request would answer, in Anthropic's shape: a 400 the engine found mid-way
+        names the Anthropic field that set it; anything else is a server error (api_error)."""
+        if isinstance(e, EngineGenerateError):
+            e = client_error(e, self.param)
+        if isinstance(e, APIError):
+            return _event("error", anthropic_error_body(e.status, e.message, _FIELDS.get(e.param, e.param)))
+        return _event("error", anthropic_error_body(500, str(e)))
 
 
 def _event(name: str, data: dict) -> str:

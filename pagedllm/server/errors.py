@@ -62,10 +62,13 @@ def shaped_error(path: str, status: int, message: str, param: str | None = None,
     """error_response, or Anthropic's shape on Anthropic's routes."""
     if not path.endswith(ANTHROPIC_ROUTES):
         return error_response(status, message, param, code, headers)
+    return ErrorResponse(anthropic_error_body(status, message, param), status_code=status, headers=headers)
+
+
+def anthropic_error_body(status: int, message: str, param: str | None = None) -> dict:
     if param and not message.startswith(param):
         message = f"{param}: {message}"
-    body = {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
-    return ErrorResponse(body, status_code=status, headers=headers)
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
 
 
 MAX_ECHO_CHARS = 200   # of a value echoed in an error message

@@ -5,6 +5,7 @@ with that API's error event."""
 import asyncio
 import json
 
+from pagedllm.engine.async_llm import EngineGenerateError
 from pagedllm.server import anthropic, responses
 from pagedllm.server.serving import sse
 
@@ -116,9 +117,15 @@ def test_an_error_mid_stream_ends_it_with_the_apis_error_event():
     events = _collect(responses._events(_aiter(CHUNKS[:3], RuntimeError("engine died")), head))
     assert events[-1][0] == "error" and events[-1][1]["message"] == "engine died"
     assert events[-1][1]["sequence_number"] == len(events) - 1
-    error = anthropic.AnthropicSSE.error_event(RuntimeError("engine died"))
+    stream = anthropic.AnthropicSSE(None, [], _aiter([]), "response_format")
+    error = stream.error_event(RuntimeError("engine died"))
     assert error == ('event: error\ndata: {"type":"error","error":{"type":"api_error","message":"engine died"}}'
                      '\n\n')
+    # the client's fault found mid-way (a constraint that did not compile in time) is the 400 a non-streamed
+    # request answers, as in chat's stream: invalid_request_error, naming the Anthropic field (it was api_error)
+    error = stream.error_event(EngineGenerateError("the grammar did not compile within 30 s", status=400))
+    assert json.loads(error.split("data: ", 1)[1]) == {"type": "error", "error": {
+        "type": "invalid_request_error", "message": "output_config.format: the grammar did not compile within 30 s"}}
 
 
 def test_anthropic_forced_call_is_tool_use():
