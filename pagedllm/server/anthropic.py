@@ -24,8 +24,8 @@ thinking_delta then a signature_delta, input_json_delta) and _stop, then message
 and message_stop; no [DONE]. Errors are Anthropic's {"type": "error", "error": {"type", "message"}} (errors.py
 picks the shape by route), in a stream an `error` event. temperature, top_p and top_k are vLLM's (Anthropic's
 SDK now sends them only in extra_body). No-ops: metadata, service_tier, speed, inference_geo, user_profile_id,
-workspace_id, cache_control (top-level, on blocks and tools: the prefix cache is automatic). Images and documents
-are a 400: the models served take text.
+workspace_id, cache_control (top-level, on blocks and tools: the prefix cache is automatic), a tool's strict.
+Images and documents are a 400: the models served take text.
 """
 import json
 import uuid
@@ -75,6 +75,9 @@ class ToolParam(_Strict):
     name: str = Field(min_length=1)
     description: str | None = None
     input_schema: dict[str, Any]
+    # a no-op, as in vLLM: a forced call (tool_choice any / tool) follows input_schema anyway, an auto one is the
+    # model's own, as with chat's function strict; the prompt stays the one vLLM renders (without it)
+    strict: bool | None = None
     type: Literal["custom"] | None = None
     cache_control: dict[str, Any] | None = None   # a no-op
 

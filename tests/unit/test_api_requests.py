@@ -64,3 +64,17 @@ def test_redacted_thinking_blocks_are_taken_and_left_out():
         return [m.model_dump(exclude_none=True) for m in anthropic.to_chat(NO_PARSER, req).messages]
     text = {"type": "text", "text": "Hello"}
     assert chat([{"type": "redacted_thinking", "data": "EmwKAhgBEgy3va"}, text]) == chat([text])
+
+
+
+def test_a_tools_strict_is_taken_as_vllm_takes_it():
+    """Anthropic's tool strict (inputs that follow input_schema exactly) is taken, as vLLM takes it, and leaves
+    the prompt as vLLM renders it (without it): a forced call (tool_choice any / tool) follows the schema anyway,
+    an auto one is the model's own, as chat's function strict is (it was a 400: 'tools.0.strict: Extra inputs
+    are not permitted')."""
+    def chat(**strict) -> dict:
+        tool = {"name": "f", "input_schema": {"type": "object"}, **strict}
+        req = anthropic.MessagesRequest.model_validate({"model": "m", "max_tokens": 3, "tools": [tool],
+                                                        "messages": [{"role": "user", "content": "Hi"}]})
+        return anthropic.to_chat(NO_PARSER, req).model_dump(exclude_none=True)
+    assert chat(strict=True) == chat(strict=False) == chat()
