@@ -24,7 +24,8 @@ thinking_delta then a signature_delta, input_json_delta) and _stop, then message
 and message_stop; no [DONE]. Errors are Anthropic's {"type": "error", "error": {"type", "message"}} (errors.py
 picks the shape by route), in a stream an `error` event. temperature, top_p and top_k are vLLM's (Anthropic's
 SDK now sends them only in extra_body). No-ops: metadata, service_tier, speed, inference_geo, user_profile_id,
-workspace_id, cache_control (top-level, on blocks and tools: the prefix cache is automatic), a tool's strict.
+workspace_id, cache_control (top-level, on blocks and tools: the prefix cache is automatic), a tool's strict,
+a text block's citations.
 Images and documents are a 400: the models served take text.
 """
 import json
@@ -46,6 +47,8 @@ class ContentBlock(_Strict):
     """One block of a message's content; which fields a type takes is checked where it is read."""
     type: Literal["text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking"]
     text: str | None = None
+    # a no-op: what a Claude answer's text cited (replayed, most often null); documents are a 400 here
+    citations: list[dict[str, Any]] | None = None
     id: str | None = None                   # tool_use
     name: str | None = None
     input: dict[str, Any] | None = None
@@ -61,8 +64,9 @@ class ContentBlock(_Strict):
     @model_validator(mode="after")
     def _own_fields(self):
         return fields_of_its_type(self, {t: (*f, "cache_control") for t, f in {
-            "text": ("text",), "image": ("source",), "document": ("source",), "tool_use": ("id", "name", "input"),
-            "tool_result": ("tool_use_id", "content", "is_error"), "thinking": ("thinking", "signature"),
+            "text": ("text", "citations"), "image": ("source",), "document": ("source",),
+            "tool_use": ("id", "name", "input"), "tool_result": ("tool_use_id", "content", "is_error"),
+            "thinking": ("thinking", "signature"),
             "redacted_thinking": ("data",)}.items()}, "a content block")
 
 

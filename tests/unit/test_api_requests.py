@@ -78,3 +78,16 @@ def test_a_tools_strict_is_taken_as_vllm_takes_it():
                                                         "messages": [{"role": "user", "content": "Hi"}]})
         return anthropic.to_chat(NO_PARSER, req).model_dump(exclude_none=True)
     assert chat(strict=True) == chat(strict=False) == chat()
+
+
+def test_a_text_blocks_citations_are_taken_and_left_out():
+    """A text block's citations (Anthropic's TextBlockParam has them; a Claude answer replayed carries
+    "citations": null) change nothing in the prompt, as in vLLM (it was a 400: 'Extra inputs are not
+    permitted')."""
+    def chat(**citations) -> list:
+        req = anthropic.MessagesRequest.model_validate({"model": "m", "max_tokens": 3, "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hello", **citations}]},
+            {"role": "user", "content": "Go on"}]})
+        return [m.model_dump(exclude_none=True) for m in anthropic.to_chat(NO_PARSER, req).messages]
+    assert chat(citations=None) == chat(citations=[]) == chat()
