@@ -29,6 +29,7 @@ a text block's citations.
 Images and documents are a 400: the models served take text.
 """
 import json
+import re
 import uuid
 from typing import Any, Literal
 
@@ -147,15 +148,25 @@ _FIELDS = {"stop": "stop_sequences", "thinking_token_budget": "thinking.budget_t
            "response_format": "output_config.format", "reasoning_effort": "output_config.effort"}
 
 
+def _their_field(param: str | None) -> str | None:
+    """_FIELDS, and a tool's: chat's tools.<i>.function.parameters is tools.<i>.input_schema, its
+    tools.<i>.function.<name> is tools.<i>.<name>."""
+    match = re.fullmatch(r"tools\.(\d+)\.function\.(\w+)", param or "")
+    if match:
+        return f"tools.{match[1]}.{'input_schema' if match[2] == 'parameters' else match[2]}"
+    return _FIELDS.get(param, param)
+
+
 async def create_message(ctx: ServingContext, req: MessagesRequest, raw_request: Request):
     chat = to_chat(ctx, req)
     try:
         answer = await create_chat_completion(ctx, chat, raw_request)
     except (APIError, ValueError) as e:
         error = e if isinstance(e, APIError) else bad_value(e)
-        param = _FIELDS.get(error.param, error.param)
-        raise APIError(error.status, error.message if param == error.param else f"{param}: {error.message}", param,
-                       error.code) from e
+        param, message = _their_field(error.param), error.message
+        if param != error.param:   # a message that starts with the chat field's name starts with ours instead
+            message = f"{param}: {message.removeprefix(f'{error.param}: ')}"
+        raise APIError(error.status, message, param, error.code) from e
     message_id = f"msg_{uuid.uuid4().hex}"
     shown = req.thinking is None or req.thinking.display != "omitted"   # else thinking blocks come empty
     if isinstance(answer, SSEResponse):
@@ -327,7 +338,7 @@ class AnthropicSSE(SSEResponse):
         if isinstance(e, EngineGenerateError):
             e = client_error(e, self.param)
         if isinstance(e, APIError):
-            return _event("error", anthropic_error_body(e.status, e.message, _FIELDS.get(e.param, e.param)))
+            return _event("error", anthropic_error_body(e.status, e.message, _their_field(e.param)))
         return _event("error", anthropic_error_body(500, str(e)))
 
 

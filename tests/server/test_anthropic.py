@@ -133,6 +133,11 @@ def test_forced_tool_use_and_its_result(client, server):
       "max_tokens": 8}, "messages.0.content.0: a content block of type text does not take is_error"),
     ({"messages": MESSAGES, "max_tokens": 8, "tool_choice": {"type": "auto", "name": "add"}},
      "tool_choice: a tool_choice of type auto does not take name"),
+    # a schema the grammar compiler refuses is named as the Anthropic field (it was chat's
+    # tools.0.function.parameters)
+    ({"messages": MESSAGES, "max_tokens": 8, "tool_choice": {"type": "any"}, "tools": [
+        {"name": "f", "input_schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}}]},
+     "tools.0.input_schema: "),
 ])
 def test_errors_are_anthropic_shaped_and_name_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/messages", json={"model": MODEL_NAME, **body}, headers={"x-api-key": API_KEY},
