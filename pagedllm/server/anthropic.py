@@ -128,7 +128,7 @@ class CountTokensRequest(_Request):
 class MessagesRequest(CountTokensRequest):
     max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False   # null: false (vLLM's; clients that write every field send it)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -215,7 +215,7 @@ def to_chat(ctx: ServingContext, req: CountTokensRequest) -> ChatCompletionReque
         if choice.disable_parallel_tool_use:
             body["parallel_tool_calls"] = False
     if isinstance(req, MessagesRequest):
-        body.update(max_tokens=req.max_tokens, stream=req.stream)
+        body.update(max_tokens=req.max_tokens, stream=bool(req.stream))
         for ours, theirs in (("stop", "stop_sequences"), ("temperature", "temperature"), ("top_p", "top_p"),
                              ("top_k", "top_k")):
             if getattr(req, theirs) is not None:

@@ -91,3 +91,14 @@ def test_a_text_blocks_citations_are_taken_and_left_out():
             {"role": "user", "content": "Go on"}]})
         return [m.model_dump(exclude_none=True) for m in anthropic.to_chat(NO_PARSER, req).messages]
     assert chat(citations=None) == chat(citations=[]) == chat()
+
+
+def test_a_null_stream_is_false():
+    """"stream": null (a client that writes every field) is false, as vLLM takes it and as chat's is (it was a
+    400: 'stream: Input should be a valid boolean')."""
+    body = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]}
+    req = anthropic.MessagesRequest.model_validate({**body, "stream": None})
+    chat = anthropic.to_chat(NO_PARSER, req)
+    assert not req.stream and chat.stream is False
+    plain = anthropic.to_chat(NO_PARSER, anthropic.MessagesRequest.model_validate(body))
+    assert chat.model_dump() == plain.model_dump()
