@@ -94,6 +94,12 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
         for shard in shards:
             _require(model_dir / shard, f"a weight shard listed in {index}")
         return [model_dir / shard for shard in shards]
+    if not (model_dir / _SINGLE).exists():
+        # no index and no model.safetensors: every *.safetensors file, as vLLM reads such a directory (shards whose
+        # index was not copied, a single file of another name)
+        files = sorted(model_dir.glob("*.safetensors"))
+        if files:
+            return files
     # weights in a format not read here: name them, or the directory looks empty of weights
     others = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
     found = f"; found {', '.join(others)}, but only safetensors checkpoints are read" if others else ""

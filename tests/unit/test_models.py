@@ -116,6 +116,20 @@ def test_sharded_checkpoint(tmp_path):
     _assert_close(logits, _hf_logits(model_dir, seqs))
 
 
+def test_safetensors_without_index_or_model_safetensors(tmp_path):
+    """Shards whose index was not copied, or one file of another name: every *.safetensors file is read, as vLLM
+    reads such a directory (it was 'model.safetensors not found')."""
+    model_dir = make_tiny_model(tmp_path / "sharded", arch="qwen2", max_shard_size="40KB")
+    seqs = _sequences(lens=[5, 9])
+    want = _hf_logits(model_dir, seqs)   # transformers needs the index
+    (tmp_path / "sharded" / "model.safetensors.index.json").unlink()
+    _assert_close(PagedBatch(_load(model_dir), num_reqs=2).step([(s, 0) for s in seqs]), want)
+    single = make_tiny_model(tmp_path / "single", arch="qwen2")
+    want = _hf_logits(single, seqs)
+    os.rename(os.path.join(single, "model.safetensors"), os.path.join(single, "consolidated.safetensors"))
+    _assert_close(PagedBatch(_load(single), num_reqs=2).step([(s, 0) for s in seqs]), want)
+
+
 def test_dummy_weights_right_shapes_finite_and_seeded(tiny_model_dirs):
     model_dir = tiny_model_dirs["qwen3"]
     real, dummy, again = _load(model_dir), _load(model_dir, load_format="dummy"), _load(model_dir, load_format="dummy")
