@@ -18,12 +18,12 @@ import sys
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench
+
+from small_m_layers import LAYERS, us   # a CUDA graph of 28 calls, each layer its own weights
 
 from pagedllm.layers.kernels.small_m_linear import small_m_linear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
-LAYERS = 28
 
 
 @triton.jit
@@ -63,16 +63,6 @@ def splitk(x, w, part, out, block_n, block_k, split, warps, stages):
     splitk_reduce_kernel[(triton.cdiv(n, 1024),)](part, out, m, n, SPLIT=split, BLOCK_M=16, BLOCK=1024,
                                                    num_warps=4)
     return out
-
-
-def us(fn, calls=LAYERS):
-    fn(0)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    return do_bench(g.replay, warmup=5, rep=50, return_mode="median") * 1e3 / calls
 
 
 def main():

@@ -10,6 +10,8 @@ import jinja2
 
 from transformers import PreTrainedTokenizerBase
 
+from pagedllm.config import CONTENT_FORMATS
+
 # apply_chat_template's own parameters (and the template's `messages`): not template variables, so
 # chat_template_kwargs may not set them; they are refused, naming the request field to use instead (vLLM passes
 # most of them on to apply_chat_template, where they would override the request's own fields, and drops
@@ -17,12 +19,6 @@ from transformers import PreTrainedTokenizerBase
 RESERVED_TEMPLATE_KWARGS = frozenset(
     set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
 ) | {"messages"}
-
-
-# vLLM's --chat-template-content-format: how a message's content reaches the template. "string": its text (parts
-# joined by newlines); "openai": a list of parts ({"type": "text", "text": ...}), for templates that loop over
-# them; "auto": "openai" for a template that loops over a message's content, else "string" (content_format).
-CONTENT_FORMATS = ("auto", "string", "openai")
 
 
 class ChatTemplateError(ValueError):
@@ -47,16 +43,11 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
     if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
         raise ChatTemplateError(f"chat_template_kwargs must be a dict of template variables, got "
                                 f"{type(chat_template_kwargs).__name__}", "chat_template_kwargs")
+    if content_format not in CONTENT_FORMATS:
+        raise ChatTemplateError(f"chat_template_content_format must be one of {CONTENT_FORMATS}, got "
+                                f"{content_format!r}", "chat_template_content_format")
     kwargs = dict(chat_template_kwargs or {})
-    # tools and documents are template inputs that apply_chat_template takes as parameters: vLLM users pass them
-    # here too (LLM.chat has no documents argument), so they are taken as those, unless also given as such
-    for name, given in (("tools", tools), ("documents", documents)):
-        if name in kwargs:
-            if given:
-                raise ChatTemplateError(f"{name} is given twice: in chat_template_kwargs and as the request's own "
-                                        f"field", "chat_template_kwargs")
-            value = kwargs.pop(name)
-            tools, documents = (value, documents) if name == "tools" else (tools, value)
+    tools, documents = _own_argument(kwargs, "tools", tools), _own_argument(kwargs, "documents", documents)
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
     if reserved:
         raise ChatTemplateError(f"chat_template_kwargs may not set {reserved[0]!r}: it is not a template variable "
@@ -76,10 +67,23 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
         raise ChatTemplateError(f"the chat template failed on these messages: {e}", "messages") from e
 
 
+def _own_argument(kwargs: dict, name: str, given):
+    """tools and documents are template inputs that apply_chat_template takes as parameters: vLLM users pass them
+    in chat_template_kwargs too (LLM.chat has no documents argument), so they are taken from there as those,
+    unless also given as such."""
+    if name not in kwargs:
+        return given
+    if given:
+        raise ChatTemplateError(f"{name} is given twice: in chat_template_kwargs and as the request's own field",
+                                "chat_template_kwargs")
+    return kwargs.pop(name)
+
+
 def detect_content_format(template) -> str:
-    """"openai" when the template loops over a message's content (`for part in message['content']`, or
-    `.content`), as vLLM's auto detection decides; else "string" (also for a template that does not parse: its
-    error comes when it renders)."""
+    """vLLM's --chat-template-content-format "auto": how a message's content reaches the template. "openai" (a
+    list of {"type": "text", "text": ...} parts) when the template loops over a message's content (`for part in
+    message['content']`, or `.content`), as vLLM's detection decides; else "string", its text (also for a
+    template that does not parse: its error comes when it renders)."""
     if isinstance(template, dict):   # a tokenizer's named templates: their default's
         template = template.get("default")
     return _detect(template) if isinstance(template, str) else "string"

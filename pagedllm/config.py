@@ -22,6 +22,7 @@ _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _EXECUTOR_BACKENDS = ("mp", "ray")
 TOOL_CALL_PARSERS = ("hermes",)   # server/tool_parsers' registry (tests hold them equal)
 REASONING_PARSERS = ("qwen3", "deepseek_r1")   # server/reasoning.py's PARSERS
+CONTENT_FORMATS = ("auto", "string", "openai")   # chat_template.py's (vLLM's --chat-template-content-format)
 
 
 def _f(default, help: str, **kw):
@@ -294,7 +295,7 @@ class ServerConfig:
                                                    "(its text), openai (a list of {\"type\": \"text\", \"text\": "
                                                    "...} parts), auto (openai for a template that loops over a "
                                                    "message's content, else string)",
-                                           choices=("auto", "string", "openai"))
+                                           choices=CONTENT_FORMATS)
     exclude_tools_when_tool_choice_none: bool = _f(False, "with tool_choice \"none\", the tools do not reach the "
                                                           "chat template (by default they do, as vLLM's)")
     enable_prompt_tokens_details: bool = _f(False, "chat and completions usage carries prompt_tokens_details."
@@ -318,8 +319,8 @@ class ServerConfig:
                "non-empty strings", self.api_key)
         self.default_chat_template_kwargs = _json_object(self.default_chat_template_kwargs,
                                                          "default_chat_template_kwargs")
-        _check(self.chat_template_content_format in ("auto", "string", "openai"), "chat_template_content_format",
-               "auto, string or openai", self.chat_template_content_format)
+        _check(self.chat_template_content_format in CONTENT_FORMATS, "chat_template_content_format",
+               f"one of {CONTENT_FORMATS}", self.chat_template_content_format)
         _check(isinstance(self.response_role, str) and self.response_role != "", "response_role",
                "a role name", self.response_role)
         for name in ("allowed_origins", "allowed_methods", "allowed_headers"):

@@ -10,10 +10,10 @@ from tqdm.auto import tqdm
 from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSearchParams, beam_cache_salt,
                                   check_length, finish_text, run_beam_search, step_sampling_params,
                                   unshared_blocks)
-from pagedllm.chat_template import CONTENT_FORMATS, render_chat
+from pagedllm.chat_template import render_chat
 from pagedllm.config import DEMO_MODEL, EngineConfig
 from pagedllm.engine.engine import Engine
-from pagedllm.engine.input_processor import prompt_value
+from pagedllm.engine.input_processor import check_prompt_type, prompt_value
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
@@ -100,7 +100,7 @@ class LLM:
         try:
             for prompt, p, lora, prio in zip(prompts, params, loras, priorities):
                 ids.append(str(next(self._ids)))
-                self.engine.add_request(ids[-1], _engine_prompt(prompt), p, OutputKind.FINAL, lora_request=lora,
+                self.engine.add_request(ids[-1], prompt, p, OutputKind.FINAL, lora_request=lora,
                                         priority=prio)
         except Exception:
             self.engine.abort_request(ids)   # all or nothing: no half-added batch left in the engine
@@ -127,7 +127,8 @@ class LLM:
         step_params = step_sampling_params(params, len(eos))
         instances = []
         for prompt in _as_prompt_list(prompts):
-            value = prompt_value(_engine_prompt(prompt))
+            check_prompt_type(prompt)
+            value = prompt_value(prompt)
             if isinstance(value, str) and engine.tokenizer is None:
                 raise ValueError("prompt must be token ids when skip_tokenizer_init is set, got text")
             ids = engine.tokenizer.encode(value) if isinstance(value, str) else list(value)
@@ -205,9 +206,6 @@ class LLM:
             raise ValueError("chat() needs a tokenizer: skip_tokenizer_init is set (use generate() on token ids)")
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template: pass chat_template=... or use generate()")
-        if chat_template_content_format not in CONTENT_FORMATS:
-            raise ValueError(f"chat_template_content_format must be one of {CONTENT_FORMATS}, got "
-                             f"{chat_template_content_format!r}")
         prompts = [render_chat(tokenizer, c, chat_template, add_generation_prompt, continue_final_message,
                                chat_template_kwargs, tools, content_format=chat_template_content_format)
                    for c in conversations]
@@ -282,13 +280,6 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     if not isinstance(prompts, (list, tuple)):
         raise TypeError(f"prompts must be a string, token ids, a dict or a list of those, got {type(prompts)}")
     return list(prompts)
-
-
-def _engine_prompt(prompt: Prompt) -> Prompt:
-    """The prompt as Engine.add_request takes it (dicts too: a TokensPrompt's text is the outputs' prompt)."""
-    if isinstance(prompt, (str, list, dict)):
-        return prompt
-    raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt)}")
 
 
 def _params_per_prompt(params, n: int) -> list[SamplingParams]:

@@ -160,10 +160,14 @@ def check_request_types(request_id, prompt, params):
     reads them: a None would be an AttributeError far in, and a non-str id would run)."""
     if not isinstance(request_id, str):
         raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
-    if not isinstance(prompt, (str, list, tuple, dict)):
-        raise TypeError(f"prompt must be a string, token ids or a dict, got {type(prompt).__name__}")
+    check_prompt_type(prompt)
     if not isinstance(params, SamplingParams):
         raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+
+
+def check_prompt_type(prompt):
+    if not isinstance(prompt, (str, list, tuple, dict)):
+        raise TypeError(f"prompt must be a string, token ids or a dict, got {type(prompt).__name__}")
 
 
 _PROMPT_KEYS = ("prompt", "prompt_token_ids")   # vLLM's TextPrompt / TokensPrompt (no multi-modal data here)

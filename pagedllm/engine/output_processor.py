@@ -45,12 +45,12 @@ class _ParentRequest:
     kind: OutputKind
     metrics: RequestMetrics
     seqs: list[_Sequence]
+    params: SamplingParams            # as sent (the finished stats' n and max_tokens)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     num_returned: int | None = None   # best_of: return this many (n) of seqs, the highest cumulative logprob
     lora_request: LoRARequest | None = None
     named_logprobs: bool = False      # logprob_token_ids: a position's other ids are those, unranked
-    params: SamplingParams | None = None
 
     @property
     def finished(self) -> bool:
@@ -110,9 +110,8 @@ class OutputProcessor:
                           cumulative_logprob=0.0 if params.logprobs is not None or ranked else None)
                 for i in range(num_seqs)]
         parent = _ParentRequest(request_id, prompt, prompt_token_ids, kind, RequestMetrics(arrival_time), seqs,
-                                num_returned=params.n if ranked else None,
-                                named_logprobs=params.logprob_token_ids is not None, lora_request=lora_request,
-                                params=params)
+                                params, num_returned=params.n if ranked else None,
+                                named_logprobs=params.logprob_token_ids is not None, lora_request=lora_request)
         self.parents[request_id] = parent
         for s in seqs:
             self.child_to_parent[child_request_id(request_id, s.index, num_seqs)] = (parent, s)
@@ -299,18 +298,16 @@ def _record_latencies(metrics: RequestMetrics, out: EngineCoreOutput, now: float
 
 
 def _finished_stats(parent: _ParentRequest, now: float) -> FinishedRequestStats:
+    longest = max(len(s.token_ids) for s in parent.seqs)   # it spans the decode time
     stats = FinishedRequestStats([s.finish_reason for s in parent.seqs], now - parent.metrics.arrival_time,
-                                 len(parent.prompt_token_ids), sum(len(s.token_ids) for s in parent.seqs))
-    if parent.params is not None:
-        stats.n, stats.max_tokens = parent.params.n, parent.params.max_tokens
-    stats.max_num_generation_tokens = max(len(s.token_ids) for s in parent.seqs)
-    stats.num_cached_tokens = parent.num_cached_tokens
+                                 len(parent.prompt_token_ids), sum(len(s.token_ids) for s in parent.seqs),
+                                 n=parent.params.n, max_tokens=parent.params.max_tokens,
+                                 max_num_generation_tokens=longest, num_cached_tokens=parent.num_cached_tokens)
     m = parent.metrics
     if m.first_scheduled_time is not None and m.first_token_time is not None:   # as vLLM's: only with a token
         stats.prefill_time = m.first_token_time - m.first_scheduled_time
         stats.decode_time = m.last_token_time - m.first_token_time
         stats.inference_time = m.last_token_time - m.first_scheduled_time
-        num_tokens = max(len(s.token_ids) for s in parent.seqs)   # the longest sequence spans the decode time
-        if num_tokens > 1:
-            stats.mean_time_per_output_token = stats.decode_time / (num_tokens - 1)
+        if longest > 1:
+            stats.mean_time_per_output_token = stats.decode_time / (longest - 1)
     return stats

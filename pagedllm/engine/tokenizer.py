@@ -3,7 +3,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 
 from transformers import AutoTokenizer
 
@@ -49,6 +49,7 @@ def _eos_token_ids(path: str) -> set[int]:
     return {int(t) for t in (value if isinstance(value, list) else [value]) if t is not None}
 
 
+@lru_cache(maxsize=8)   # a tokenizer's own: asked for each truncated prompt
 def num_added_tokens(tokenizer) -> tuple[int, int]:
     """How many special tokens encode(text) adds before and after the text's own tokens (Llama-3: its
     <|begin_of_text|>, (1, 0); Qwen3: none, (0, 0))."""

@@ -51,12 +51,9 @@ STOP_GRACE_SECONDS = 5   # after a stop signal, for the requests in flight to fi
 API_GC_THRESHOLD = 20_000
 
 
-def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig, api_keys: list[str] | str | None,
+def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig, api_keys: list[str],
               lora_modules: list[LoRAModulePath] = ()) -> FastAPI:
-    """api_keys: what a keyed route takes (resolved_api_keys); one str for one, None or [] for no key."""
-    if api_keys is None or isinstance(api_keys, str):
-        api_keys = [api_keys] if api_keys else []
-
+    """api_keys: any of them opens a keyed route (resolved_api_keys); []: no key."""
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         ctx.engine.attach()   # watch the core from the start, not from the first request
@@ -142,8 +139,6 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
             body = await raw_request.json()
         except ValueError as e:
             raise APIError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from e
-        except RecursionError as e:   # the other routes' 400 (errors._http_error_message), not a 500
-            raise APIError(400, "the body's JSON is nested too deeply", None, "invalid_json") from e
         kind = next((k for k in ("messages", "prompt") if isinstance(body, dict) and k in body), None)
         if kind is None:
             raise APIError(400, "/invocations takes a chat completion (with messages) or a completion (with "

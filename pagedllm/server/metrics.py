@@ -64,23 +64,20 @@ class ServerMetrics:
                                    _REQUEST_LATENCY_BUCKETS)
         self.tpot = histogram("pagedllm:request_time_per_output_token_seconds",
                               "A request's decode time per token after its first.", _ITL_BUCKETS)
-        # vLLM's request length histograms (its dashboards' prompt and generation length panels), per request
-        self.prompt_tokens = Histogram("pagedllm:request_prompt_tokens", "Prompt tokens of a finished request.",
-                                       labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
-        self.generation_tokens = Histogram("pagedllm:request_generation_tokens",
-                                           "Generated tokens of a finished request (all its sequences).", labels,
-                                           buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
-        # vLLM's request parameter histograms, per finished request
-        self.params_n = Histogram("pagedllm:request_params_n", "The n request parameter.", labels,
-                                  buckets=(1, 2, 5, 10, 20), registry=r).labels(model_name, ENGINE)
-        self.params_max_tokens = Histogram("pagedllm:request_params_max_tokens", "The max_tokens request parameter.",
-                                           labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
-        self.max_generation_tokens = Histogram("pagedllm:request_max_num_generation_tokens",
-                                               "Generated tokens of a request's longest sequence.", labels,
-                                               buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
-        self.prefill_kv_computed = Histogram("pagedllm:request_prefill_kv_computed_tokens",
-                                             "Prompt tokens a request computed (cached ones excluded).", labels,
-                                             buckets=_TOKEN_BUCKETS, registry=r).labels(model_name, ENGINE)
+        # vLLM's request length and parameter histograms (its dashboards' length panels), per finished request
+        self.prompt_tokens = histogram("pagedllm:request_prompt_tokens", "Prompt tokens of a finished request.",
+                                       _TOKEN_BUCKETS)
+        self.generation_tokens = histogram("pagedllm:request_generation_tokens",
+                                           "Generated tokens of a finished request (all its sequences).",
+                                           _TOKEN_BUCKETS)
+        self.params_n = histogram("pagedllm:request_params_n", "The n request parameter.", (1, 2, 5, 10, 20))
+        self.params_max_tokens = histogram("pagedllm:request_params_max_tokens", "The max_tokens request parameter.",
+                                           _TOKEN_BUCKETS)
+        self.max_generation_tokens = histogram("pagedllm:request_max_num_generation_tokens",
+                                               "Generated tokens of a request's longest sequence.", _TOKEN_BUCKETS)
+        self.prefill_kv_computed = histogram("pagedllm:request_prefill_kv_computed_tokens",
+                                             "Prompt tokens a request computed (cached ones excluded).",
+                                             _TOKEN_BUCKETS)
         self.success = Counter("pagedllm:request_success", "Finished sequences, by finish reason.",
                                labels + ["finished_reason"], registry=r)
         for reason in ("stop", "length", "abort", "error"):   # vLLM's FinishReason: each series exists from 0,

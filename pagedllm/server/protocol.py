@@ -95,12 +95,16 @@ class _Request(_Strict):
     def _refuse_unsupported(self):
         for name, neutral, feature in self.unsupported():
             if not neutral:
-                raise APIError(400, f"{name} is not supported yet ({feature})", name, "unsupported_parameter")
+                raise _unsupported(name, feature)
         return self
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
         """(field, whether its value is neutral, the feature it needs) for the fields not implemented yet."""
         return []
+
+
+def _unsupported(name: str, feature: str) -> APIError:
+    return APIError(400, f"{name} is not supported yet ({feature})", name, "unsupported_parameter")
 
 
 class StreamOptions(_Strict):
@@ -232,6 +236,7 @@ class _SamplingRequest(_Request):
                                  "prompt_logprobs": prompt_logprobs, "structured_outputs": constraint})
 
 
+_EMBEDDINGS = "prompt embeddings as input"
 _PROMPT_FORMS = ((str, "strings"), (int, "token ids"), (list, "lists of token ids"))   # a list prompt's items
 
 
@@ -254,8 +259,7 @@ class CompletionRequest(_SamplingRequest):
         prompt = data.get("prompt") if isinstance(data, dict) else None
         if prompt is None and isinstance(data, dict) and data.get("prompt_embeds") is not None:
             # vLLM's embeddings-only request: refused for its embeddings, not as a request without a prompt
-            raise APIError(400, "prompt_embeds is not supported yet (prompt embeddings as input)", "prompt_embeds",
-                           "unsupported_parameter")
+            raise _unsupported("prompt_embeds", _EMBEDDINGS)
         if isinstance(prompt, list):
             forms = dict.fromkeys(next((name for kind, name in _PROMPT_FORMS if isinstance(item, kind)), None)
                                   for item in prompt)
@@ -281,7 +285,7 @@ class CompletionRequest(_SamplingRequest):
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
         return [*super().unsupported(), ("suffix", not self.suffix, "fill-in-the-middle"),
-                ("prompt_embeds", self.prompt_embeds is None, "prompt embeddings as input")]
+                ("prompt_embeds", self.prompt_embeds is None, _EMBEDDINGS)]
 
 
 class TextPart(_Strict):

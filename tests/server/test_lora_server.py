@@ -191,7 +191,7 @@ def test_bad_static_adapter_stops_the_server():
     engine = FakeEngine()
     ctx = ServingContext(engine, MODEL_NAME, None)
     ctx.loras = ServingLoRAs(engine, MODEL_NAME)
-    app = build_app(ctx, None, ServerConfig(), None, parse_lora_modules(["bad=/nowhere"]))
+    app = build_app(ctx, None, ServerConfig(), [], parse_lora_modules(["bad=/nowhere"]))
     with pytest.raises(ValueError, match="--lora-modules bad=/nowhere: LoRA adapter 'bad'"):
         with TestClient(app):
             pass

@@ -48,7 +48,7 @@ def client(monkeypatch):
     engine = FakeEngine()
     ctx = ServingContext(engine, "m", None)
     ctx.loras = ServingLoRAs(engine, "m")
-    with TestClient(build_app(ctx, None, ServerConfig(), None)) as c:
+    with TestClient(build_app(ctx, None, ServerConfig(), [])) as c:
         c.engine = engine
         yield c
 
@@ -107,7 +107,8 @@ def test_model_cards_have_vllms_permission(client):
 
 def test_invocations_body_nested_too_deeply_is_400(client):
     """/invocations reads its body itself: JSON nested past the parser's depth is the client's error, as on the
-    other routes (a 400 naming it), not a 500 that also drops the connection."""
+    other routes (the body guard's 400, request_body.MAX_JSON_DEPTH), not a 500 that also drops the
+    connection."""
     deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     r = client.post("/invocations", content=deep, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
@@ -168,7 +169,7 @@ def test_generative_scoring_requests_of_one_request_id_run_side_by_side():
     then wait for ever)."""
     async def go():
         engine = ScoringEngine()
-        app = build_app(ServingContext(engine, "m", None), None, ServerConfig(), None)
+        app = build_app(ServingContext(engine, "m", None), None, ServerConfig(), [])
         body = {"query": [5, 6], "items": [[7]], "label_token_ids": [3, 4], "request_id": "same"}
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
             first = asyncio.ensure_future(c.post("/generative_scoring", json=body))
