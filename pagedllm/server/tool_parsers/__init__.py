@@ -3,9 +3,10 @@
 calls (tool_choice "required" or a named function) are in forced.py; base.py has the shared shapes."""
 from pagedllm.server.tool_parsers.base import DeltaMessage, ToolCallDelta, ToolParser
 from pagedllm.server.tool_parsers.hermes import HermesToolParser
+from pagedllm.server.tool_parsers.llama3_json import Llama3JsonToolParser
 
 # name -> the parser's class, called with (max_calls, the request's tool names)
-TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser}
+TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
 
 
 def get_tool_parser(name: str) -> type[ToolParser]:

@@ -57,6 +57,14 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of text that begins tag (it may complete in the next delta)."""
+    for k in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
 class ToolParser:
     """Base of the streaming parsers: collects what one feed/finish emits. max_calls (parallel_tool_calls
     false: 1) drops the calls past it, their text included."""

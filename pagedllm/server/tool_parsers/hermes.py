@@ -7,7 +7,7 @@ Small models of these families often leave the tags out and answer a bare `{"nam
 it opens the answer (or follows a call), has no keys but name and its arguments, and names one of the request's
 tools; otherwise it is content. Its arguments come in one delta, once the object has closed.
 """
-from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser
+from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser, partial_suffix
 from pagedllm.server.tool_parsers.json_call import CallScanner
 
 START, END = "<tool_call>", "</tool_call>"
@@ -53,7 +53,7 @@ class HermesToolParser(ToolParser):
             return self._read_bare()
         i = self._buf.find(START)
         if i < 0:   # all but a possible start of a tag is content
-            keep = _partial_suffix(self._buf, START)
+            keep = partial_suffix(self._buf, START)
             self._content(self._buf[:len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep:]
             return False
@@ -112,7 +112,7 @@ class HermesToolParser(ToolParser):
         """After the object: whitespace (or stray text, dropped) up to END."""
         i = self._buf.find(END)
         if i < 0:
-            keep = _partial_suffix(self._buf, END)
+            keep = partial_suffix(self._buf, END)
             self._buf = self._buf[len(self._buf) - keep:]
             return False
         self._buf = self._buf[i + len(END):]
@@ -130,11 +130,3 @@ class HermesToolParser(ToolParser):
         self._arguments(call.take_arguments())
         self._end_call()
         self._bare_ok = bool(self._tool_names)
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of text that begins tag (it may complete in the next delta)."""
-    for k in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
