@@ -69,6 +69,8 @@ class ToolParser:
     """Base of the streaming parsers: collects what one feed/finish emits. max_calls (parallel_tool_calls
     false: 1) drops the calls past it, their text included."""
 
+    call_id = staticmethod(new_call_id)   # a call's id (a model whose template checks ids has its own)
+
     def __init__(self, max_calls: int | None = None):
         self.max_calls = max_calls
         self.num_calls = 0
@@ -125,7 +127,7 @@ class ToolParser:
         self._held_ws, self._args_len = "", 0
         self._dropping = self.max_calls is not None and self.num_calls >= self.max_calls
         if not self._dropping:
-            self._out.add_call(ToolCallDelta(self.num_calls, new_call_id(), name, ""))
+            self._out.add_call(ToolCallDelta(self.num_calls, self.call_id(), name, ""))
 
     def _arguments(self, text: str):
         if text and not self._dropping:

@@ -1,0 +1,136 @@
+"""Mistral tool calls (Mistral-7B-Instruct-v0.3, Mistral-Nemo, Mistral-Small): the special token [TOOL_CALLS],
+then either a JSON list `[{"name": ..., "arguments": {...}}, ...]` (tokenizers before v11), or, from v11 on, the
+function's name, `[ARGS]` (HF tokenizers write it) and its arguments object, the token repeated before each
+call. Text before the first [TOOL_CALLS] is content. The text between the token and the first "{" tells the
+format (vLLM asks the tokenizer instead): a "[" ending it opens a list, nothing at all is a lone call object
+(`{"name": ..., "arguments": ...}`), anything else is a name; so one parser reads both, whatever the version.
+
+Call ids are 9 letters and digits (vLLM's for Mistral): Mistral's chat templates refuse any other id when the
+conversation comes back.
+
+A v11 call's arguments are the text up to the next [TOOL_CALLS] or the end (vLLM's split), released as it
+comes; a list's items are read with the JSON call scanner, and text after the list is content. A [TOOL_CALLS]
+followed by no call (no "{" came, or no item's name completed) gives its text back as content.
+"""
+import secrets
+import string
+
+from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser
+from pagedllm.server.tool_parsers.hermes import _partial_suffix
+from pagedllm.server.tool_parsers.json_call import CallScanner
+
+BOT, ARGS = "[TOOL_CALLS]", "[ARGS]"
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+def mistral_call_id() -> str:
+    return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+
+
+class MistralToolParser(ToolParser):
+    call_id = staticmethod(mistral_call_id)
+
+    def __init__(self, max_calls: int | None = None, tool_names: tuple[str, ...] = ()):
+        super().__init__(max_calls)   # tool_names: not needed, the token marks every call
+        self._buf = ""         # text not yet read: it may end in part of BOT
+        self._state = "content"   # content, head (before the first "{"), args (v11), list, object, after
+        self._section = ""     # text since the last BOT: content if it holds no call
+        self._called = False   # this section started a call
+        self._item: CallScanner | None = None   # the list's item (or the lone object) being read
+        self._named = False    # its name went out
+        self._ws = ""          # v11 arguments' trailing whitespace, released with the next other character
+
+    def feed(self, text: str) -> DeltaMessage:
+        self._buf += text
+        while (i := self._buf.find(BOT)) >= 0:
+            self._read(self._buf[:i])
+            self._end_section()
+            self._buf = self._buf[i + len(BOT):]
+            self._state, self._section, self._called = "head", "", False
+        keep = _partial_suffix(self._buf, BOT)
+        self._read(self._buf[:len(self._buf) - keep])
+        self._buf = self._buf[len(self._buf) - keep:]
+        return self._take()
+
+    def finish(self) -> DeltaMessage:
+        self._read(self._buf)
+        self._buf = ""
+        self._end_section()
+        self._flush_content()
+        return self._take()
+
+    def _read(self, text: str):
+        if self._state in ("content", "after"):
+            self._content(text)
+            return
+        self._section += text
+        if self._state == "head":
+            self._read_head()
+        elif self._state == "args":
+            self._read_args(text)
+        else:
+            self._read_items(text)
+
+    def _read_head(self):
+        """Up to the first "{": "[" before it opens a list, nothing before it a lone call object, else a name."""
+        i = self._section.find("{")
+        if i < 0:
+            return
+        head, rest = self._section[:i], self._section[i:]
+        if head.rstrip().endswith("["):   # anything before the "[" is dropped (vLLM finds the list anyway)
+            self._state = "list"
+        elif not head.strip():
+            self._state = "object"
+        else:
+            self._state, self._ws, self._called = "args", "", True
+            self._start_call(head.replace(ARGS, "").strip())
+            self._read_args(rest)
+            return
+        self._read_items(rest)
+
+    def _read_args(self, text: str):
+        text = self._ws + text
+        kept = text.rstrip()
+        self._ws = text[len(kept):]
+        self._arguments(kept)
+
+    def _read_items(self, text: str):
+        while text and self._state in ("list", "object"):
+            if self._item is None:
+                ch = text[0]
+                if ch == "{":
+                    self._item, self._named = CallScanner(("arguments",)), False
+                    continue
+                if ch == "]" and self._state == "list":
+                    self._state = "after"
+                    self._content(text[1:])
+                    return
+                text = text[1:]   # commas and whitespace between items
+                continue
+            text = text[self._item.feed(text):]
+            if self._item.name is not None and not self._named:
+                self._start_call(self._item.name)
+                self._named = self._called = True
+            if self._named:
+                self._arguments(self._item.take_arguments())
+            if self._item.done:
+                self._end_item()
+                if self._state == "object":
+                    self._state = "after"
+                    self._content(text)
+                    return
+
+    def _end_item(self):
+        if self._named:
+            self._arguments(self._item.take_arguments())
+            self._end_call()
+        self._item = None
+
+    def _end_section(self):
+        if self._state == "args":
+            self._ws = ""
+            self._end_call()
+        elif self._state in ("list", "object") and self._item is not None:
+            self._end_item()
+        if self._state in ("head", "list", "object") and not self._called:
+            self._content(self._section.lstrip())
