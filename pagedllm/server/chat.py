@@ -91,7 +91,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         # A constraint is parsed here (up to ~1 s for a 100 kB schema), then remembered: off the event loop.
         slow = constraint_field(req) is not None or plan.choice in ("named", "required")   # tools enforced
         try:
-            params = await ctx.off_loop_if(slow, lambda: checked_constraint(_with_tool_constraint(
+            params = await ctx.off_loop_if(slow, lambda: checked_constraint(_with_tools(
                 req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                                        req.prompt_logprobs, defaults=ctx.engine.default_sampling_params), plan)))
         except ValueError as e:
@@ -178,8 +178,11 @@ def _reasoning_parsers(ctx, req: ChatCompletionRequest, plan: ToolPlan, thinks: 
     return [ReasoningParser(ctx.reasoning_parser, thinks, constrained) for _ in range(req.n)]
 
 
-def _with_tool_constraint(params, plan: ToolPlan):
-    """tool_choice required or a named function: the calls are enforced by structured output."""
+def _with_tools(params, plan: ToolPlan):
+    """tool_choice required or a named function: the calls are enforced by structured output. A parser that reads
+    special tokens has them kept in the text."""
+    if plan.keeps_special_tokens:
+        params = replace(params, skip_special_tokens=False)
     constraint = plan.structured_outputs()
     if constraint is None:
         return params

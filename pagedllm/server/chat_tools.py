@@ -41,6 +41,12 @@ class ToolPlan:
                                            disable_any_whitespace=True)
         return None
 
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """The auto parser reads a special token (mistral's [TOOL_CALLS]): the text must keep them, as vLLM's
+        mistral parser sets skip_special_tokens false."""
+        return self.choice == "auto" and get_tool_parser(self.parser).reads_special_tokens
+
     def new_parser(self) -> ToolParser:
         if self.choice == "named":
             return NamedCallParser(self.name)

@@ -7,6 +7,9 @@ from transformers import AutoTokenizer
 
 from conftest import DEMO_DIR
 from pagedllm.chat_template import ChatTemplateError, render_chat
+from pagedllm.server.chat_tools import plan_tools
+from pagedllm.server.protocol import ChatCompletionRequest
+from pagedllm.server.tool_parsers import get_tool_parser
 from pagedllm.server.tool_parsers.mistral import MistralToolParser
 
 WEATHER = ("get_weather", '{"city": "San Francisco", "unit": "celsius"}')
@@ -79,6 +82,18 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
     for chunks in splits(text):
         assert summary(stream(MistralToolParser(max_calls=1), chunks)) == (None, [("a", '{"x": 1}')])
     assert summary(stream(MistralToolParser(max_calls=1), ["[TOOL_CALLS]a{}[TOOL_CALLS]b{}"])) == (None, [("a", "{}")])
+
+
+def test_special_tokens_are_kept_for_the_parser_that_reads_them():
+    """[TOOL_CALLS] is a special token: skipped (the default), the parser would never see it. vLLM's mistral
+    parser sets skip_special_tokens false; the enforced choices have parsers of their own."""
+    assert get_tool_parser("mistral") is MistralToolParser
+    tool = {"type": "function", "function": {"name": "f"}}
+    plan = lambda parser, **kw: plan_tools(ChatCompletionRequest(   # noqa: E731
+        messages=[{"role": "user", "content": "hi"}], tools=[tool], **kw), parser, True)
+    assert plan("mistral").keeps_special_tokens and not plan("hermes").keeps_special_tokens
+    assert not plan("mistral", tool_choice="none").keeps_special_tokens
+    assert not plan("mistral", tool_choice="required").keeps_special_tokens
 
 
 # What Mistral's templates check of a conversation sent back (written here: the rule, not their text).

@@ -4,9 +4,11 @@ calls (tool_choice "required" or a named function) are in forced.py; base.py has
 from pagedllm.server.tool_parsers.base import DeltaMessage, ToolCallDelta, ToolParser
 from pagedllm.server.tool_parsers.hermes import HermesToolParser
 from pagedllm.server.tool_parsers.llama3_json import Llama3JsonToolParser
+from pagedllm.server.tool_parsers.mistral import MistralToolParser
 
 # name -> the parser's class, called with (max_calls, the request's tool names)
-TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
+TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser,
+                                             "mistral": MistralToolParser}
 
 
 def get_tool_parser(name: str) -> type[ToolParser]:

@@ -70,6 +70,7 @@ class ToolParser:
     false: 1) drops the calls past it, their text included."""
 
     call_id = staticmethod(new_call_id)   # a call's id (a model whose template checks ids has its own)
+    reads_special_tokens = False          # the model marks calls with special tokens: the text must keep them
 
     def __init__(self, max_calls: int | None = None):
         self.max_calls = max_calls

@@ -5,8 +5,9 @@ call. Text before the first [TOOL_CALLS] is content. The text between the token 
 format (vLLM asks the tokenizer instead): a "[" ending it opens a list, nothing at all is a lone call object
 (`{"name": ..., "arguments": ...}`), anything else is a name; so one parser reads both, whatever the version.
 
-Call ids are 9 letters and digits (vLLM's for Mistral): Mistral's chat templates refuse any other id when the
-conversation comes back.
+The server keeps special tokens in the text for this parser (`reads_special_tokens`): skipped, [TOOL_CALLS]
+would be gone and the calls would read as content. Call ids are 9 letters and digits (vLLM's for Mistral):
+Mistral's chat templates refuse any other id when the conversation comes back.
 
 A v11 call's arguments are the text up to the next [TOOL_CALLS] or the end (vLLM's split), released as it
 comes; a list's items are read with the JSON call scanner, and text after the list is content. A [TOOL_CALLS]
@@ -15,8 +16,7 @@ followed by no call (no "{" came, or no item's name completed) gives its text ba
 import secrets
 import string
 
-from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser
-from pagedllm.server.tool_parsers.hermes import _partial_suffix
+from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser, partial_suffix
 from pagedllm.server.tool_parsers.json_call import CallScanner
 
 BOT, ARGS = "[TOOL_CALLS]", "[ARGS]"
@@ -29,6 +29,7 @@ def mistral_call_id() -> str:
 
 class MistralToolParser(ToolParser):
     call_id = staticmethod(mistral_call_id)
+    reads_special_tokens = True
 
     def __init__(self, max_calls: int | None = None, tool_names: tuple[str, ...] = ()):
         super().__init__(max_calls)   # tool_names: not needed, the token marks every call
@@ -47,7 +48,7 @@ class MistralToolParser(ToolParser):
             self._end_section()
             self._buf = self._buf[i + len(BOT):]
             self._state, self._section, self._called = "head", "", False
-        keep = _partial_suffix(self._buf, BOT)
+        keep = partial_suffix(self._buf, BOT)
         self._read(self._buf[:len(self._buf) - keep])
         self._buf = self._buf[len(self._buf) - keep:]
         return self._take()
