@@ -20,7 +20,8 @@ _SCHEDULING_POLICIES = ("fcfs", "priority")
 _QUANTIZATIONS = ("fp8",)
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _EXECUTOR_BACKENDS = ("mp", "ray")
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")   # server/tool_parsers' registry (tests hold them equal)
+# server/tool_parsers' registry (tests hold them equal)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic")
 REASONING_PARSERS = ("qwen3", "deepseek_r1")   # server/reasoning.py's PARSERS
 CONTENT_FORMATS = ("auto", "string", "openai")   # chat_template.py's (vLLM's --chat-template-content-format)
 

@@ -5,10 +5,16 @@ from pagedllm.server.tool_parsers.base import DeltaMessage, ToolCallDelta, ToolP
 from pagedllm.server.tool_parsers.hermes import HermesToolParser
 from pagedllm.server.tool_parsers.llama3_json import Llama3JsonToolParser
 from pagedllm.server.tool_parsers.mistral import MistralToolParser
+from pagedllm.server.tool_parsers.pythonic import Llama4PythonicToolParser, PythonicToolParser
 
 # name -> the parser's class, called with (max_calls, the request's tool names)
-TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser,
-                                             "mistral": MistralToolParser}
+TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    "hermes": HermesToolParser,
+    "llama3_json": Llama3JsonToolParser,
+    "mistral": MistralToolParser,
+    "pythonic": PythonicToolParser,
+    "llama4_pythonic": Llama4PythonicToolParser,
+}
 
 
 def get_tool_parser(name: str) -> type[ToolParser]:
