@@ -21,7 +21,7 @@ _QUANTIZATIONS = ("fp8",)
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _EXECUTOR_BACKENDS = ("mp", "ray")
 # server/tool_parsers' registry (tests hold them equal)
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic", "qwen3_coder")
 REASONING_PARSERS = ("qwen3", "deepseek_r1")   # server/reasoning.py's PARSERS
 CONTENT_FORMATS = ("auto", "string", "openai")   # chat_template.py's (vLLM's --chat-template-content-format)
 

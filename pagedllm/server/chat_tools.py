@@ -52,7 +52,7 @@ class ToolPlan:
             return NamedCallParser(self.name)
         if self.choice == "required":
             return RequiredCallsParser(self.max_calls)
-        return get_tool_parser(self.parser)(self.max_calls, tuple(t["function"]["name"] for t in self.tools))
+        return get_tool_parser(self.parser).for_request(self.max_calls, self.tools)
 
 
 def plan_tools(req: ChatCompletionRequest, tool_call_parser: str | None, enable_auto_tool_choice: bool) -> ToolPlan:

@@ -6,6 +6,7 @@ from pagedllm.server.tool_parsers.hermes import HermesToolParser
 from pagedllm.server.tool_parsers.llama3_json import Llama3JsonToolParser
 from pagedllm.server.tool_parsers.mistral import MistralToolParser
 from pagedllm.server.tool_parsers.pythonic import Llama4PythonicToolParser, PythonicToolParser
+from pagedllm.server.tool_parsers.qwen3_coder import Qwen3CoderToolParser
 
 # name -> the parser's class, called with (max_calls, the request's tool names)
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
@@ -14,6 +15,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "mistral": MistralToolParser,
     "pythonic": PythonicToolParser,
     "llama4_pythonic": Llama4PythonicToolParser,
+    "qwen3_coder": Qwen3CoderToolParser,
 }
 
 

@@ -83,6 +83,12 @@ class ToolParser:
         self._args_len = 0            # argument text emitted for the current call
         self._dropping = False        # the current call is past max_calls
 
+    @classmethod
+    def for_request(cls, max_calls: int | None, tools: list[dict]) -> "ToolParser":
+        """The parser of one choice: called with (max_calls, the request's tool names); a format whose values
+        follow the tools' schemas takes the tools instead."""
+        return cls(max_calls, tuple(t["function"]["name"] for t in tools))
+
     def feed(self, text: str) -> DeltaMessage:
         raise NotImplementedError
 
