@@ -52,8 +52,8 @@ def _ebnf_literal(text: str) -> str:
         code = ord(ch)
         if ch in '"\\':
             out.append("\\" + ch)
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
+        elif code < 0x20 or code == 0x7F:   # \u: exactly 4 digits (xgrammar's \x takes every hex digit after it)
+            out.append(f"\\u{code:04x}")
         else:
             out.append(ch)   # xgrammar reads its EBNF as UTF-8: other characters are literal
     return '"' + "".join(out) + '"'

@@ -53,6 +53,13 @@ def test_choices_are_escaped_literals(compiler):
         assert not accepts(compiler, p, other), other
 
 
+def test_a_control_character_before_a_hex_digit_stays_itself(compiler):
+    r""""\n3" was written \x0a3, which xgrammar reads as one escape: U+0A3, "£" in place of "\n3"."""
+    p = P(choice=["\n3", "a\tBc"])
+    assert accepts(compiler, p, "\n3") and accepts(compiler, p, "a\tBc")
+    assert not accepts(compiler, p, "£")
+
+
 def test_json_object_is_an_object_not_any_value(compiler):
     p = P(json_object=True)
     assert accepts(compiler, p, '{"a": [1, {"b": null}]}')
