@@ -133,6 +133,15 @@ def _add_serve_parser(sub):
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def vllm_spelling(argv: list[str]) -> list[str]:
+    """Flags as vLLM's parser also takes them, in ours: `--max_model_len` (underscores, as Mistral's model cards
+    write them) is `--max-model-len`; `--help=all` (vLLM's help search) is `--help`."""
+    def dashed(arg: str) -> str:   # the flag's name only: not its =value
+        name, eq, value = arg.partition("=")
+        return name.replace("_", "-") + eq + value
+    return ["--help" if a.startswith("--help=") else dashed(a) if a.startswith("--") else a for a in argv]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: LLM inference with a paged KV cache")
     parser.add_argument("-v", "--version", action="version", version=f"pagedllm {__version__}")   # as vLLM's
@@ -159,7 +168,7 @@ def main(argv=None):
     _add_throughput_args(tput)
     add_engine_args(tput)
     bench_serve.add_cli_args(bench.add_parser("serve", help=bench_serve.__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
+    args = parser.parse_args(vllm_spelling(sys.argv[1:] if argv is None else argv))
     level = getattr(args, "log_level", "WARNING").upper()   # bench serve has no --log-level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
