@@ -21,19 +21,19 @@ def add_engine_args(parser: argparse.ArgumentParser):
 def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
     group = parser.add_argument_group(title)
     for name, ftype, default, meta in config_fields(cls):
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *meta.get("aliases", ())]   # aliases: vLLM's -tp, -q
         if ftype is bool or ftype == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
             continue
         if meta.get("nargs"):   # items after the flag, as vLLM's --lora-modules a=/p b=/q (repeatable)
-            group.add_argument(flag, nargs=meta["nargs"], action="extend", default=default, help=meta["help"])
+            group.add_argument(*flags, nargs=meta["nargs"], action="extend", default=default, help=meta["help"])
             continue
         if typing.get_origin(ftype) is list:   # a JSON list, as vLLM takes them: --allowed-origins '["*"]'
-            group.add_argument(flag, type=_json_list, default=default,
+            group.add_argument(*flags, type=_json_list, default=default,
                                help=f"{meta['help']} (a JSON list; default: {json.dumps(default)})")
             continue
         scalar = _human_readable_int if meta.get("human_readable") else _scalar_type(ftype)
-        group.add_argument(flag, type=scalar, default=default, choices=meta.get("choices"),
+        group.add_argument(*flags, type=scalar, default=default, choices=meta.get("choices"),
                            help=f"{meta['help']} (default: {default})")
 
 

@@ -46,7 +46,7 @@ class EngineConfig:
                                         "at load, or as a pre-quantized fp8 / compressed-tensors checkpoint "
                                         "stores them), activations per token, GEMMs on FP8 tensor cores "
                                         "(emulated on CPU); None = the checkpoint's own quantization_config "
-                                        "if any, else none", choices=_QUANTIZATIONS)
+                                        "if any, else none", choices=_QUANTIZATIONS, aliases=["-q"])
     kv_cache_dtype: str = _f("auto", "KV cache element type: auto = the model dtype; fp8 (= fp8_e4m3): "
                                      "float8_e4m3 with a scale per layer (the checkpoint's k_scale/v_scale, "
                                      "else 1.0), half the bytes of bf16", choices=_KV_CACHE_DTYPES)
@@ -113,7 +113,7 @@ class EngineConfig:
     max_cpu_loras: int | None = _f(None, "LoRA adapters kept loaded in CPU memory (LRU; default: max_loras)")
     tensor_parallel_size: int = _f(1, "GPUs (ranks) the model is split over: each holds its share of the heads, "
                                       "MLP columns and vocabulary, and their KV cache; ranks 1..N-1 run in worker "
-                                      "processes (on CPU: gloo, for tests)")
+                                      "processes (on CPU: gloo, for tests)", aliases=["-tp"])
     distributed_executor_backend: str | None = _f(None, "who runs ranks 1..N-1 when tensor_parallel_size > 1: mp "
                                                   "(processes on this machine, the default) or ray (actors on the "
                                                   "GPUs of a Ray cluster, joined with ray.init(address='auto'); "

@@ -33,3 +33,8 @@ def test_help_with_vllms_search_term_prints_the_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--help=all"])
     assert e.value.code == 0 and "--max-model-len" in capsys.readouterr().out
+
+
+def test_vllms_short_flags_tp_and_q(serve_args):
+    engine, _ = serve_args("-tp", "1", "-q", "fp8")
+    assert (engine.tensor_parallel_size, engine.quantization) == (1, "fp8")
