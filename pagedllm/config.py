@@ -76,9 +76,10 @@ class EngineConfig:
     gpu_memory_utilization: float = _f(0.90, "share of the GPU's total memory this engine may use: weights, "
                                               "activations (profiled) and the KV cache in what is left (at most 4x "
                                               "what max_num_seqs requests of max_model_len tokens use)")
-    kv_cache_memory: int | None = _f(None, "bytes of KV cache, instead of sizing it from gpu_memory_utilization "
+    kv_cache_memory: int | None = _f(None, "bytes of KV cache, instead of sizing it from gpu_memory_utilization, "
+                                           "also as 8G (8 GiB) or 8g (8e9), and as vLLM's --kv-cache-memory-bytes "
                                            "(default on CPU: enough for max_num_seqs full-length requests, at "
-                                           "most 4 GiB)")
+                                           "most 4 GiB)", human_readable=True, aliases=["--kv-cache-memory-bytes"])
     num_gpu_blocks_override: int | None = _f(None, "exact number of KV blocks (tests, debugging)")
     enforce_eager: bool = _f(False, "never use CUDA graphs (they replay decode and small mixed steps)")
     disable_cascade_attn: bool = _f(False, "GPU decode reads each row's whole context itself, instead of reading "

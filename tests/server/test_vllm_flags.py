@@ -38,3 +38,9 @@ def test_help_with_vllms_search_term_prints_the_help(capsys):
 def test_vllms_short_flags_tp_and_q(serve_args):
     engine, _ = serve_args("-tp", "1", "-q", "fp8")
     assert (engine.tensor_parallel_size, engine.quantization) == (1, "fp8")
+
+
+def test_kv_cache_memory_bytes_is_vllms_name_with_its_human_readable_sizes(serve_args):
+    assert serve_args("--kv-cache-memory-bytes", "1G")[0].kv_cache_memory == 2**30
+    assert serve_args("--kv-cache-memory", "500m")[0].kv_cache_memory == 500 * 10**6
+    assert serve_args("--kv-cache-memory", "1048576")[0].kv_cache_memory == 2**20
