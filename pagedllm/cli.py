@@ -12,6 +12,7 @@ from pagedllm import __version__
 from pagedllm.bench import serve as bench_serve
 from pagedllm.bench.workloads import WORKLOADS
 from pagedllm.config import EngineConfig, ServerConfig, config_fields
+from pagedllm.vllm_flags import add_vllm_flags, check_vllm_flags
 
 
 def add_engine_args(parser: argparse.ArgumentParser):
@@ -80,9 +81,10 @@ def _generate(args):
 
 
 def _server_configs(args) -> tuple[EngineConfig, ServerConfig]:
-    """serve's and run-batch's configs; the positional MODEL wins over --model."""
+    """serve's and run-batch's configs; the positional MODEL wins over --model; vLLM's flags checked."""
     if args.model_tag is not None:
         args.model = args.model_tag
+    vars(args).update(check_vllm_flags(args))
     return EngineConfig(**engine_kwargs(args)), ServerConfig(**engine_kwargs(args, ServerConfig))
 
 
@@ -102,6 +104,7 @@ def _add_server_args(parser: argparse.ArgumentParser):
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="model directory (as --model)")
     add_config_args(parser, ServerConfig, "server")
     add_engine_args(parser)
+    add_vllm_flags(parser)
 
 
 def _add_run_batch_parser(sub):

@@ -44,3 +44,43 @@ def test_kv_cache_memory_bytes_is_vllms_name_with_its_human_readable_sizes(serve
     assert serve_args("--kv-cache-memory-bytes", "1G")[0].kv_cache_memory == 2**30
     assert serve_args("--kv-cache-memory", "500m")[0].kv_cache_memory == 500 * 10**6
     assert serve_args("--kv-cache-memory", "1048576")[0].kv_cache_memory == 2**20
+
+
+@pytest.mark.parametrize("flags", [
+    ["--trust-remote-code"], ["--revision", "main", "--code-revision", "v1", "--download-dir", "/tmp/models"],
+    ["--tokenizer-mode", "auto"], ["--config-format", "hf"], ["--pipeline-parallel-size", "1", "-dp", "1"],
+    ["--enable-chunked-prefill"], ["--async-scheduling"], ["--max-logprobs", "20"], ["--disable-log-requests"],
+    ["--no-enable-log-requests", "--max-log-len", "100"], ["--limit-mm-per-prompt", '{"image": 0, "video": 0}'],
+    ["--limit-mm-per-prompt", "image=0"], ["--structured-outputs-config", '{"backend": "xgrammar"}'],
+    ["--guided-decoding-backend", "auto"], ["--disable-custom-all-reduce"], ["--runner", "generate"],
+])
+def test_vllm_flags_whose_value_means_what_pagedllm_does_are_taken(serve_args, flags):
+    serve_args(*flags)
+
+
+def test_disable_log_stats_turns_the_statistics_lines_off(serve_args):
+    assert serve_args("--disable-log-stats")[0].log_stats_interval == 0
+    assert serve_args()[0].log_stats_interval > 0
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--tokenizer_mode", "mistral"], "--tokenizer-mode mistral: pagedllm loads the model's Hugging Face tokenizer"),
+    (["-pp", "2"], "--pipeline-parallel-size 2: pipeline parallelism is not built"),
+    (["--data-parallel-size", "4"], "--data-parallel-size 4: data parallelism is not built"),
+    (["--no-enable-chunked-prefill"], "--no-enable-chunked-prefill: a prompt longer than a step's token budget"),
+    (["--enable-log-requests"], "--enable-log-requests: pagedllm does not log requests"),
+    (["--hf-overrides", '{"rope_theta": 1e6}'], "--hf-overrides {\"rope_theta\": 1e6}: changing the model's config"),
+    (["-O3"], "--optimization-level 3: pagedllm does not use torch.compile"),
+    (["--compilation-config", '{"cudagraph_mode": "FULL"}'], "--compilation-config {\"cudagraph_mode\": \"FULL\"}: "),
+    (["--cuda-graph-sizes", "1", "2"], "--cuda-graph-sizes 1 2: pagedllm does not use torch.compile"),
+    (["--limit-mm-per-prompt", '{"image": 2}'], "--limit-mm-per-prompt {\"image\": 2}: multimodal inputs are not"),
+    (["--structured-outputs-config", '{"backend": "guidance"}'], "structured output runs on xgrammar here"),
+    (["--max-logprobs", "50"], "--max-logprobs 50: requests may ask for at most 20 logprobs here"),
+    (["--kv-transfer-config", "{}"], "--kv-transfer-config {}: moving KV between engines"),
+    (["--disable-frontend-multiprocessing"], "the engine core always runs in its own process here"),
+])
+def test_vllm_flags_not_built_here_stop_the_start_naming_the_flag_and_why(serve_args, capsys, flags, words):
+    """Were 'unrecognized arguments' (no why), or a start that ignored them."""
+    assert main(["serve", DEMO_MODEL, "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err, err

@@ -1,0 +1,162 @@
+"""`vllm serve` flags that pagedllm builds no field for: each takes the values that mean what pagedllm does
+anyway, and refuses any other at start, naming the flag and why. A command line copied from vLLM's docs or a
+model card then either runs as it would under vLLM, or stops at once saying what to change; no flag is
+silently ignored."""
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+# "the value was left out": a flag given on the command line is never this
+_UNSET = None
+
+
+@dataclass(frozen=True)
+class VllmFlag:
+    name: str                         # vLLM's spelling, without the leading --
+    why: str                          # what pagedllm does instead: the refusal's reason
+    takes: Callable[[object], bool]   # the values (as parsed) that mean what pagedllm does
+    boolean: bool = False             # --x / --no-x (else a flag with one value)
+    aliases: tuple[str, ...] = ()     # vLLM's short forms (-pp)
+    nargs: str | None = None          # "+": several values after the flag (--cuda-graph-sizes 1 2 4)
+    sets: dict | None = None          # config fields it sets when taken (--disable-log-stats)
+
+    @property
+    def dest(self) -> str:
+        return "vllm_" + self.name.replace("-", "_")
+
+
+def _is(*values) -> Callable[[object], bool]:
+    return lambda value: value in values
+
+
+def _any(value) -> bool:
+    return True
+
+
+def _never(value) -> bool:
+    return False
+
+
+def _zero_counts(value: str) -> bool:
+    """--limit-mm-per-prompt with every modality at 0 (text only): JSON, or vLLM's older image=0,video=0."""
+    try:
+        counts = json.loads(value)
+    except ValueError:
+        counts = dict(item.partition("=")[::2] for item in value.split(","))
+    return isinstance(counts, dict) and all(str(v).strip() == "0" for v in counts.values())
+
+
+def _xgrammar_backend(value: str) -> bool:
+    """--structured-outputs-config naming only the backend, and the one used here."""
+    try:
+        config = json.loads(value)
+    except ValueError:
+        return False
+    return isinstance(config, dict) and set(config) <= {"backend"} and config.get("backend", "auto") in (
+        "auto", "xgrammar")
+
+
+_HUB_ONLY = "it picks what is downloaded from the Hugging Face Hub; pagedllm reads a local model directory, for " \
+            "which vLLM ignores it too"
+_REQUEST_LOGS = "pagedllm does not log requests or their outputs"
+_MULTIMODAL = "multimodal inputs are not built: pagedllm serves text-only models (a limit of 0 for every modality " \
+              "is taken)"
+_NO_COMPILE = "pagedllm does not use torch.compile: it runs its own kernels, and replays CUDA graphs of the sizes " \
+              "it picks (--enforce-eager turns them off)"
+
+VLLM_FLAGS = (
+    VllmFlag("trust-remote-code", "pagedllm runs no code from a model directory: its architectures are built in, "
+             "and another is refused by name", _any, boolean=True),
+    VllmFlag("revision", _HUB_ONLY, _any),
+    VllmFlag("code-revision", _HUB_ONLY, _any),
+    VllmFlag("tokenizer-revision", _HUB_ONLY, _any),
+    VllmFlag("download-dir", _HUB_ONLY, _any),
+    VllmFlag("tokenizer-mode", "pagedllm loads the model's Hugging Face tokenizer (auto, hf); mistral_common's, the "
+             "slow and custom tokenizers are not built", _is("auto", "hf")),
+    VllmFlag("config-format", "pagedllm reads the model's config.json (auto, hf); Mistral's params.json is not "
+             "read", _is("auto", "hf")),
+    VllmFlag("model-impl", "pagedllm runs its own model implementations (auto, vllm), not transformers' or "
+             "another's", _is("auto", "vllm")),
+    VllmFlag("runner", "pagedllm runs generative models only (auto, generate): pooling is not built",
+             _is("auto", "generate")),
+    VllmFlag("convert", "pagedllm runs generative models only (auto, none): converting one to a pooling model is "
+             "not built", _is("auto", "none")),
+    VllmFlag("hf-overrides", "changing the model's config at load is not built: edit config.json in a copy of "
+             "the model directory", _never),
+    VllmFlag("pipeline-parallel-size", "pipeline parallelism is not built (1 is taken): split the model over "
+             "GPUs with --tensor-parallel-size", _is("1"), aliases=("-pp",)),
+    VllmFlag("data-parallel-size", "data parallelism is not built (1 is taken): run a server per GPU group "
+             "behind a load balancer", _is("1"), aliases=("-dp",)),
+    VllmFlag("enable-expert-parallel", "no mixture-of-experts model is built here", _is(False), boolean=True),
+    VllmFlag("disable-custom-all-reduce", "tensor-parallel ranks all-reduce through torch.distributed (NCCL) "
+             "here, never a custom all-reduce", _any, boolean=True),
+    VllmFlag("enable-chunked-prefill", "a prompt longer than a step's token budget (--max-num-batched-tokens) is "
+             "always prefilled in chunks here; prefilling it whole is not built", _is(True), boolean=True),
+    VllmFlag("async-scheduling", "each step is always scheduled while the one before runs on the device here",
+             _is(True), boolean=True),
+    VllmFlag("long-prefill-token-threshold", "a step's budget is not shared out among long prompts here (0 is "
+             "taken)", _is("0")),
+    VllmFlag("max-num-partial-prefills", "not built (1, vLLM's default, is taken)", _is("1")),
+    VllmFlag("max-logprobs", "requests may ask for at most 20 logprobs here, vLLM's default (20 is taken)",
+             _is("20")),
+    VllmFlag("compilation-config", _NO_COMPILE, _never),
+    VllmFlag("optimization-level", _NO_COMPILE, _never, aliases=("-O",)),
+    VllmFlag("cuda-graph-sizes", _NO_COMPILE, _never, nargs="+"),
+    VllmFlag("max-cudagraph-capture-size", _NO_COMPILE, _never),
+    VllmFlag("calculate-kv-scales", "fp8 KV cache scales come from the checkpoint (k_scale, v_scale), else 1.0",
+             _is(False), boolean=True),
+    VllmFlag("kv-transfer-config", "moving KV between engines (disaggregated prefill, LMCache) is not built; the "
+             "KV cache's own CPU and disk tiers: --cpu-offload-gb, --kv-disk-dir", _never),
+    VllmFlag("kv-events-config", "KV cache events are not published here", _never),
+    VllmFlag("enable-sleep-mode", "sleep mode is not built", _is(False), boolean=True),
+    VllmFlag("limit-mm-per-prompt", _MULTIMODAL, _zero_counts),
+    VllmFlag("mm-processor-kwargs", _MULTIMODAL, _never),
+    VllmFlag("allowed-local-media-path", _MULTIMODAL, _never),
+    VllmFlag("structured-outputs-config", "structured output runs on xgrammar here: '{\"backend\": \"xgrammar\"}' "
+             "(or auto) is taken, no other backend or setting", _xgrammar_backend),
+    VllmFlag("guided-decoding-backend", "structured output runs on xgrammar here (xgrammar, auto are taken)",
+             _is("xgrammar", "auto")),
+    VllmFlag("tool-parser-plugin", "tool parser plugins are not loaded: --tool-call-parser names a built-in one",
+             _never),
+    VllmFlag("disable-log-stats", "sets --log-stats-interval 0 (no statistics log lines; /metrics still answers)",
+             _any, boolean=True, sets={"log_stats_interval": 0.0}),
+    VllmFlag("disable-log-requests", _REQUEST_LOGS, _any, boolean=True),
+    VllmFlag("enable-log-requests", _REQUEST_LOGS, _is(False), boolean=True),
+    VllmFlag("enable-log-outputs", _REQUEST_LOGS, _is(False), boolean=True),
+    VllmFlag("max-log-len", "it bounds request log lines, which pagedllm does not write", _any),
+    VllmFlag("disable-frontend-multiprocessing", "the engine core always runs in its own process here",
+             _is(False), boolean=True),
+    VllmFlag("otlp-traces-endpoint", "OpenTelemetry tracing is not built", _never),
+    VllmFlag("middleware", "ASGI middleware is not loaded by import path here", _never),
+    VllmFlag("uds", "a Unix domain socket is not built: the server listens on --host and --port", _never),
+    VllmFlag("ssl-ca-certs", "client certificates are not checked here (--ssl-keyfile and --ssl-certfile serve "
+             "HTTPS)", _never),
+    VllmFlag("ssl-cert-reqs", "client certificates are not checked here (0, none required, is taken)", _is("0")),
+)
+
+
+def add_vllm_flags(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("vLLM flags not built here", "each takes only the values that mean what "
+                                      "pagedllm does anyway; any other value stops the start, saying why")
+    for flag in VLLM_FLAGS:
+        names = ["--" + flag.name, *flag.aliases]
+        action = argparse.BooleanOptionalAction if flag.boolean else "store"
+        more = {} if flag.boolean else {"nargs": flag.nargs, "metavar": "VALUE"}
+        group.add_argument(*names, dest=flag.dest, action=action, default=_UNSET, help=flag.why, **more)
+
+
+def check_vllm_flags(args: argparse.Namespace) -> dict:
+    """The config fields the given vLLM flags set; a value pagedllm cannot honour is a ValueError naming it."""
+    sets = {}
+    for flag in VLLM_FLAGS:
+        value = getattr(args, flag.dest)
+        if value is _UNSET:
+            continue
+        if not flag.takes(value):
+            shown = " ".join(value) if isinstance(value, list) else value
+            given = ("--" if value else "--no-") + flag.name if flag.boolean else f"--{flag.name} {shown}"
+            raise ValueError(f"{given}: {flag.why}")
+        if value is not False:
+            sets.update(flag.sets or {})
+    return sets
