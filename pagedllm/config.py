@@ -264,6 +264,9 @@ class ServerConfig:
                                   "(vLLM's flag): more when one process's HTTP, tokenizing and streaming work cannot "
                                   "keep up with the engine")
     log_level: str = _f("info", "log level of pagedllm and uvicorn", choices=("debug", "info", "warning", "error"))
+    uvicorn_log_level: str | None = _f(None, "uvicorn's own log level (vLLM's flag; default: log_level)",
+                                       choices=("critical", "error", "warning", "info", "debug", "trace"))
+    disable_uvicorn_access_log: bool = _f(False, "no access log line for each HTTP request (vLLM's flag)")
     max_request_body_bytes: int = _f(8 << 20, "refuse (413) request bodies larger than this; 8 MiB holds a "
                                               "1M-token prompt as text or ~1M token ids as JSON")
     # CORS, TLS and root path: vLLM's flags and formats (lists as JSON: --allowed-origins '["https://a.b"]').

@@ -307,11 +307,17 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, che
                     f"; started in {time.monotonic() - checks.started:.1f} s")
     freeze_gc()
     gc.set_threshold(API_GC_THRESHOLD, 10, 10)
-    server = Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
-                                   log_level=server_config.log_level, timeout_keep_alive=30,
-                                   timeout_graceful_shutdown=STOP_GRACE_SECONDS + 5,
-                                   ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile))
+    server = Server(uvicorn_config(app, server_config))
     _run(server, ctx, sock)
+
+
+def uvicorn_config(app, config: ServerConfig):
+    import uvicorn
+    return uvicorn.Config(app, host=config.host, port=config.port,
+                          log_level=config.uvicorn_log_level or config.log_level,
+                          access_log=not config.disable_uvicorn_access_log, timeout_keep_alive=30,
+                          timeout_graceful_shutdown=STOP_GRACE_SECONDS + 5, ssl_keyfile=config.ssl_keyfile,
+                          ssl_certfile=config.ssl_certfile)
 
 
 def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks: ServeChecks, core, on_dead,

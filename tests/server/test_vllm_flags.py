@@ -84,3 +84,12 @@ def test_vllm_flags_not_built_here_stop_the_start_naming_the_flag_and_why(serve_
     assert main(["serve", DEMO_MODEL, "--device", "cpu", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err, err
+
+
+def test_uvicorn_log_level_and_access_log_flags_reach_uvicorn(serve_args):
+    from pagedllm.server.api_server import uvicorn_config
+    _, server = serve_args("--uvicorn-log-level", "warning", "--disable-uvicorn-access-log")
+    config = uvicorn_config(None, server)
+    assert config.log_level == "warning" and config.access_log is False
+    config = uvicorn_config(None, serve_args("--log-level", "error")[1])
+    assert config.log_level == "error" and config.access_log is True   # the defaults: --log-level's, logged
