@@ -288,6 +288,9 @@ class ServerConfig:
                                             "(DeepSeek-R1 and its distills); structured output and enforced tool "
                                             "calls then apply from the end of the reasoning",
                                       choices=REASONING_PARSERS)
+    enable_request_id_headers: bool = _f(False, "every response carries X-Request-Id: the request's own, else a "
+                                                 "new one (vLLM's flag)")
+    disable_fastapi_docs: bool = _f(False, "no /docs, /redoc or /openapi.json (vLLM's flag)")
     root_path: str | None = _f(None, "path prefix a proxy in front of the server adds (e.g. /llm): routes answer "
                                      "with and without it, and /openapi.json names it")
     # vLLM's chat and usage flags

@@ -37,6 +37,7 @@ from pagedllm.server.protocol import (ChatCompletionRequest, CompletionRequest, 
 from pagedllm.server.response_store import ResponseStore
 from pagedllm.server.responses import ResponsesRequest, cancel_response, create_response, stored_response
 from pagedllm.server.request_body import RequestBodyGuard
+from pagedllm.server.request_id_header import RequestIdHeader
 from pagedllm.server.serving import ServingContext
 
 logger = logging.getLogger("pagedllm")
@@ -69,7 +70,9 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
         ctx.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         ctx.engine.shutdown()
 
-    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan, root_path=config.root_path or "")
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if config.disable_fastapi_docs else {}
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan, root_path=config.root_path or "",
+                  **docs)
     install_error_handlers(app)
     _add_middleware(app, config, _authorized(api_keys))
     # The key guards every route that runs the model or the tokenizer; /health, /version, /metrics stay open.
@@ -208,6 +211,8 @@ def _add_middleware(app: FastAPI, config: ServerConfig, authorized=None):
     """Outermost last: CORS wraps the body guard, so that its 413 and 400 reach browsers too. authorized: the
     key check on the headers, which the guard makes before it reads a keyed route's body."""
     app.add_middleware(RequestBodyGuard, max_bytes=config.max_request_body_bytes, authorized=authorized)
+    if config.enable_request_id_headers:   # outside the guard: its 413s and 400s carry the id too
+        app.add_middleware(RequestIdHeader)
     if config.allowed_origins:
         app.add_middleware(_CORSMiddleware, allow_origins=config.allowed_origins,
                            allow_methods=config.allowed_methods, allow_headers=config.allowed_headers,

@@ -1,6 +1,7 @@
 """vLLM's chat and usage serve flags: --response-role, --default-chat-template-kwargs,
---exclude-tools-when-tool-choice-none, --enable-prompt-tokens-details, --enable-force-include-usage; one server
-with all of them, and the main server (none of them) for the defaults."""
+--exclude-tools-when-tool-choice-none, --enable-prompt-tokens-details, --enable-force-include-usage, and the HTTP
+ones --disable-fastapi-docs, --enable-request-id-headers; one server with all of them, and the main server (none of
+them) for the defaults."""
 import json
 
 import httpx
@@ -24,7 +25,7 @@ def flagged(tiny_model_dirs, tmp_path_factory):
     server = start_server(tiny_model_dirs["llama"], str(logs / "flags.log"), None, "--chat-template", str(template),
                           "--response-role", "narrator", "--default-chat-template-kwargs", '{"note": "default"}',
                           "--exclude-tools-when-tool-choice-none", "--enable-prompt-tokens-details",
-                          "--enable-force-include-usage")
+                          "--enable-force-include-usage", "--disable-fastapi-docs", "--enable-request-id-headers")
     with serving({"flags": server}):
         yield server
 
@@ -100,3 +101,22 @@ def test_reserved_default_chat_template_kwargs_fail_at_start_up():
         ServingContext(None, "m", None, default_chat_template_kwargs=config.default_chat_template_kwargs)
     with pytest.raises(ValueError, match="default_chat_template_kwargs must be a JSON object"):
         ServerConfig(default_chat_template_kwargs='["a"]')
+
+
+def test_fastapi_docs_are_off_with_the_flag(flagged, server):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(flagged.url + path, timeout=10).status_code == 404
+        assert httpx.get(server.url + path, timeout=10).status_code == 200   # the default: served
+
+
+def test_request_id_headers_name_each_response(flagged, server):
+    given = {**flagged.headers, "X-Request-Id": "trace-42"}
+    r = httpx.post(flagged.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "Once", "max_tokens": 2,
+                                                           "stream": True}, headers=given, timeout=60)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
+    ids = {httpx.get(flagged.url + "/health", timeout=10).headers["x-request-id"] for _ in range(2)}
+    assert len(ids) == 2 and all(len(i) == 32 for i in ids)   # a new one each
+    r = httpx.post(flagged.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": -1},
+                   headers=flagged.headers, timeout=60)
+    assert r.status_code == 400 and "x-request-id" in r.headers   # errors too
+    assert "x-request-id" not in httpx.get(server.url + "/health", timeout=10).headers   # the default: none
