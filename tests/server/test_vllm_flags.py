@@ -93,3 +93,11 @@ def test_uvicorn_log_level_and_access_log_flags_reach_uvicorn(serve_args):
     assert config.log_level == "warning" and config.access_log is False
     config = uvicorn_config(None, serve_args("--log-level", "error")[1])
     assert config.log_level == "error" and config.access_log is True   # the defaults: --log-level's, logged
+
+
+@pytest.mark.parametrize("value", ["auto", "-1"])
+def test_max_model_len_auto_says_it_is_not_built(capsys, value):
+    """vLLM 0.26 takes auto / -1 (fit to memory); here that was 'expected an integer such as 32768'."""
+    with pytest.raises(SystemExit):
+        main(["serve", DEMO_MODEL, "--max-model-len", value])
+    assert "the longest that fits in memory) is not built here" in capsys.readouterr().err
