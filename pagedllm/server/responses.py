@@ -390,13 +390,8 @@ def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
     for i, item in enumerate(req.input):
         at = f"input.{i}"
         kind = item.type or "message"
-        if item.encrypted_content is not None and (kind != "reasoning" or item.content):
-            raise APIError(400, f"{at}.encrypted_content goes in a reasoning item without content",
-                           f"{at}.encrypted_content", "invalid_value")
         if kind == "reasoning":
-            text = ("".join(_texts(item.content or [], f"{at}.content")) if item.encrypted_content is None
-                    else _decode_reasoning(item.encrypted_content, f"{at}.encrypted_content"))
-            thought = (thought or "") + text
+            thought = (thought or "") + _reasoning_text(item, at)
         elif kind == "function_call":
             if not item.call_id or not item.name:
                 raise APIError(400, f"{at}: a function_call needs call_id and name", at, "invalid_value")
@@ -443,6 +438,19 @@ def _decode_reasoning(blob: str, at: str) -> str:
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"{at} is not a reasoning item's encrypted_content from this server", at,
                        "invalid_value") from e
+
+
+def _reasoning_text(item: InputItem, at: str) -> str:
+    """A reasoning item's text: its content's, or its encrypted_content's; an item sent back as this server sent
+    it (include reasoning.encrypted_content) has both, and they must be the same reasoning."""
+    text = "".join(_texts(item.content, f"{at}.content")) if item.content else None
+    if item.encrypted_content is None:
+        return text or ""
+    decoded = _decode_reasoning(item.encrypted_content, f"{at}.encrypted_content")
+    if text is not None and text != decoded:
+        raise APIError(400, f"{at}.encrypted_content is another reasoning than {at}.content: send one of them",
+                       f"{at}.encrypted_content", "invalid_value")
+    return decoded
 
 
 def _texts(parts: list[ContentPart], at: str) -> list[str]:

@@ -102,3 +102,20 @@ def test_a_null_stream_is_false():
     assert not req.stream and chat.stream is False
     plain = anthropic.to_chat(NO_PARSER, anthropic.MessagesRequest.model_validate(body))
     assert chat.model_dump() == plain.model_dump()
+
+
+def test_a_reasoning_item_sent_back_as_this_server_sent_it():
+    """With include reasoning.encrypted_content a reasoning item carries its text twice (content, and the opaque
+    encrypted_content); sent back whole, as the openai SDK's output items and the Agents SDK's replay send it,
+    it is the next assistant message's reasoning (it was a 400). Two different reasonings are still a 400."""
+    from pagedllm.server.errors import APIError
+    item = responses._reasoning_item("rs_1", "Think first.", encrypted=True)
+    turn = [{"role": "user", "content": "Hi"}, item, {"role": "assistant", "content": "Hello"}]
+    chat = _responses_chat({"input": turn})
+    assert (chat.messages[1].role, chat.messages[1].reasoning) == ("assistant", "Think first.")
+    other = {**item, "content": [{"type": "reasoning_text", "text": "Something else."}]}
+    try:
+        _responses_chat({"input": [turn[0], other, turn[2]]})
+        raise AssertionError("two reasonings were taken")
+    except APIError as e:
+        assert e.status == 400 and e.param == "input.1.encrypted_content"
