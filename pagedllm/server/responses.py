@@ -443,7 +443,9 @@ def _decode_reasoning(blob: str, at: str) -> str:
 def _reasoning_text(item: InputItem, at: str) -> str:
     """A reasoning item's text: its content's, or its encrypted_content's; an item sent back as this server sent
     it (include reasoning.encrypted_content) has both, and they must be the same reasoning."""
-    text = "".join(_texts(item.content, f"{at}.content")) if item.content else None
+    text = item.content or None   # a string, as a message item's may be, or parts
+    if isinstance(text, list):
+        text = "".join(_texts(text, f"{at}.content"))
     if item.encrypted_content is None:
         return text or ""
     decoded = _decode_reasoning(item.encrypted_content, f"{at}.encrypted_content")

@@ -119,3 +119,13 @@ def test_a_reasoning_item_sent_back_as_this_server_sent_it():
         raise AssertionError("two reasonings were taken")
     except APIError as e:
         assert e.status == 400 and e.param == "input.1.encrypted_content"
+
+
+def test_a_reasoning_items_string_content_is_its_text():
+    """A reasoning item's content given as a string is its text, as a message item's is (it was a 500)."""
+    def reasoning(content) -> str:
+        chat = _responses_chat({"input": [{"role": "user", "content": "Hi"}, {"type": "reasoning", "content": content},
+                                          {"role": "assistant", "content": "Hello"}]})
+        return chat.messages[1].reasoning
+    parts = [{"type": "reasoning_text", "text": "Think first."}]
+    assert reasoning("Think first.") == reasoning(parts) == "Think first."
