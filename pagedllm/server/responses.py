@@ -72,6 +72,11 @@ class ContentPart(_Strict):
                                          "reasoning_text": ("text",)}, "a content part")
 
 
+class SummaryPart(_Strict):
+    type: Literal["summary_text"]
+    text: str
+
+
 class InputItem(_Strict):
     type: Literal["message", "function_call", "function_call_output", "reasoning"] | None = None
     role: Literal["user", "system", "developer", "assistant"] | None = None
@@ -82,7 +87,7 @@ class InputItem(_Strict):
     name: str | None = None
     arguments: str | None = None
     output: str | list[ContentPart] | None = None
-    summary: list[dict[str, Any]] | None = None    # reasoning
+    summary: list[SummaryPart] | None = None    # reasoning
     encrypted_content: str | None = None
 
     @model_validator(mode="after")
@@ -442,12 +447,13 @@ def _decode_reasoning(blob: str, at: str) -> str:
 
 def _reasoning_text(item: InputItem, at: str) -> str:
     """A reasoning item's text: its content's, or its encrypted_content's; an item sent back as this server sent
-    it (include reasoning.encrypted_content) has both, and they must be the same reasoning."""
+    it (include reasoning.encrypted_content) has both, and they must be the same reasoning. An item of neither
+    (another server's, which sends summaries) is its summary's text, as vLLM reads it."""
     text = item.content or None   # a string, as a message item's may be, or parts
     if isinstance(text, list):
         text = "".join(_texts(text, f"{at}.content"))
     if item.encrypted_content is None:
-        return text or ""
+        return text if text is not None else "\n".join(part.text for part in item.summary or [])
     decoded = _decode_reasoning(item.encrypted_content, f"{at}.encrypted_content")
     if text is not None and text != decoded:
         raise APIError(400, f"{at}.encrypted_content is another reasoning than {at}.content: send one of them",

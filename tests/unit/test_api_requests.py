@@ -129,3 +129,12 @@ def test_a_reasoning_items_string_content_is_its_text():
         return chat.messages[1].reasoning
     parts = [{"type": "reasoning_text", "text": "Think first."}]
     assert reasoning("Think first.") == reasoning(parts) == "Think first."
+
+
+def test_a_reasoning_item_of_only_a_summary_is_its_summarys_text():
+    """A reasoning item without content or encrypted_content (one from a server that sends summaries) is the
+    reasoning its summary says, as vLLM reads it (the summary was dropped: an empty reasoning)."""
+    summary = [{"type": "summary_text", "text": "Greet back."}, {"type": "summary_text", "text": "Be brief."}]
+    chat = _responses_chat({"input": [{"role": "user", "content": "Hi"}, {"type": "reasoning", "summary": summary},
+                                      {"role": "assistant", "content": "Hello"}]})
+    assert chat.messages[1].reasoning == "Greet back.\nBe brief."
