@@ -42,6 +42,7 @@ import asyncio
 import base64
 import copy
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -286,20 +287,34 @@ async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, head: 
 
 
 async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, raw_request):
-    """create_chat_completion, its 400 about the response_format that text.format became, or the max_tokens that
-    max_output_tokens became, named as the client sent it (the schema's: text.format.schema)."""
+    """create_chat_completion, its 400 about a chat field named as the client sent it: the response_format that
+    text.format became (the schema's: text.format.schema), and _FIELDS."""
     try:
         return await create_chat_completion(ctx, chat, raw_request)
     except APIError as e:
-        if e.param == "max_tokens":
-            raise APIError(e.status, e.message.replace("`max_tokens`", "`max_output_tokens`"), "max_output_tokens",
-                           e.code) from e
-        if e.param != "response_format":
+        if e.param == "response_format":
+            schema = chat.response_format.get("type") == "json_schema"
+            message = e.message.replace("response_format.json_schema.schema", "text.format.schema")
+            raise APIError(e.status, message.replace("response_format", "text.format"),
+                           "text.format.schema" if schema else "text.format", e.code) from e
+        param = _their_field(e.param)
+        if param == e.param:
             raise
-        schema = chat.response_format.get("type") == "json_schema"
-        message = e.message.replace("response_format.json_schema.schema", "text.format.schema")
-        raise APIError(e.status, message.replace("response_format", "text.format"),
-                       "text.format.schema" if schema else "text.format", e.code) from e
+        message = e.message.replace(f"`{e.param}`", f"`{param}`")   # "... Reduce `messages`."
+        if message.startswith(f"{e.param}: "):
+            message = f"{param}: {message.removeprefix(f'{e.param}: ')}"
+        raise APIError(e.status, message, param, e.code) from e
+
+
+# A chat field's error names the Responses field it came from (messages: the instructions, a stored response's
+# conversation and the input, whose indexes differ)
+_FIELDS = {"max_tokens": "max_output_tokens", "messages": "input"}
+
+
+def _their_field(param: str | None) -> str | None:
+    """_FIELDS, and a tool's: chat's tools.<i>.function.<name> is tools.<i>.<name>."""
+    match = re.fullmatch(r"tools\.(\d+)\.function\.(\w+)", param or "")
+    return f"tools.{match[1]}.{match[2]}" if match else _FIELDS.get(param, param)
 
 
 class _Detached:

@@ -113,6 +113,9 @@ def test_text_format_json_schema(client):
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objec"}}}}, "text.format.schema"),
     # past the context: named as the client sent it, not as the chat field it became (max_tokens)
     ({"max_output_tokens": 10**6}, "max_output_tokens"),
+    # the same for the input (chat's messages) and a tool's schema (chat's tools.<i>.function.parameters)
+    ({"input": "Once upon a time " * 200}, "input"),
+    ({"tools": [{**WEATHER, "parameters": {"type": "objec"}}], "tool_choice": "required"}, "tools.0.parameters"),
     # another type's field on an item or a part (accepted and dropped before)
     ({"input": [{"role": "user", "content": "hi", "call_id": "c1"}]}, "input.0"),
     ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi", "image_url": "u"}]}]},
@@ -122,7 +125,7 @@ def test_unsupported_fields_are_400s_naming_them(server, extra, param):
     body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, **extra}
     r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-    assert "response_format" not in r.text
+    assert not any(chat_name in r.text for chat_name in ("response_format", "`messages`", ".function.")), r.text
 
 
 def test_output_text_logprobs(client, server):
