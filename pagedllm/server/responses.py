@@ -163,7 +163,7 @@ class ResponsesRequest(_Request, _SameAsChat):
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    stream: bool = False
+    stream: bool | None = False   # null: false (vLLM's; clients that write every field send it)
     request_id: str | None = None             # names the response: resp_<request_id>
     store: bool | None = None                   # kept with --responses-store (create_response)
     previous_response_id: str | None = None
@@ -363,7 +363,7 @@ def _as_message(output: list[dict]) -> dict:
 
 def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
     """The chat request of req, whose conversation is messages (_messages)."""
-    body: dict[str, Any] = {"model": req.model, "messages": messages, "stream": req.stream}
+    body: dict[str, Any] = {"model": req.model, "messages": messages, "stream": bool(req.stream)}
     last = req.input[-1] if isinstance(req.input, list) else None
     if (last is not None and (last.type or "message") == "message" and last.role == "assistant"
             and last.status in ("in_progress", "incomplete")):

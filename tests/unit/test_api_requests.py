@@ -138,3 +138,9 @@ def test_a_reasoning_item_of_only_a_summary_is_its_summarys_text():
     chat = _responses_chat({"input": [{"role": "user", "content": "Hi"}, {"type": "reasoning", "summary": summary},
                                       {"role": "assistant", "content": "Hello"}]})
     assert chat.messages[1].reasoning == "Greet back.\nBe brief."
+
+
+def test_a_null_responses_stream_is_false():
+    """/v1/responses' "stream": null is false too, as vLLM takes it (it was a 400)."""
+    chat = _responses_chat({"input": "Hi", "stream": None})
+    assert chat.stream is False and chat.model_dump() == _responses_chat({"input": "Hi"}).model_dump()
