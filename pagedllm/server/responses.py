@@ -31,11 +31,11 @@ failed; POST /v1/responses/{id}/cancel stops it. include message.output_text.log
 vLLM) puts the chat answer's logprobs on the output text, for answers that are only text (no tools, no
 --reasoning-parser: a 400 naming include). conversation, prompt, include's other values (but
 reasoning.encrypted_content, below), truncation auto, max_tool_calls and reasoning.summary are a 400 naming the
-field, as are
-tools other than functions and input other than text. No-ops: metadata (echoed), user, service_tier,
-safety_identifier, prompt_cache_key, stream_options. vLLM's additions pass to the chat request as they are: top_k,
-seed, stop, logit_bias, presence / frequency / repetition penalties, ignore_eos, skip_special_tokens,
-include_stop_str_in_output, structured_outputs, include_reasoning, chat_template_kwargs, priority, cache_salt;
+field, as are tools other than functions and input other than text. No-ops: metadata (echoed), user, service_tier
+(OpenAI's tiers), safety_identifier, prompt_cache_key, stream_options (its include_obfuscation). vLLM's additions
+pass to the chat request as they are: top_k, seed, stop, logit_bias, presence / frequency / repetition penalties,
+ignore_eos, skip_special_tokens, include_stop_str_in_output, structured_outputs, include_reasoning,
+chat_template_kwargs, priority, cache_salt;
 request_id names the response (resp_<request_id>).
 """
 import asyncio
@@ -131,6 +131,10 @@ class ReasoningConfig(_Strict):
     summary: str | None = None
 
 
+class ResponsesStreamOptions(_Strict):
+    include_obfuscation: bool | None = None   # a no-op: OpenAI pads deltas against length side channels, not here
+
+
 class _SameAsChat(_Strict):
     """The Responses fields of the same name and meaning in a chat request, passed to it as they are: OpenAI's
     temperature, top_p, parallel_tool_calls, then vLLM's additions."""
@@ -178,10 +182,10 @@ class ResponsesRequest(_Request, _SameAsChat):
     # No-ops
     metadata: dict[str, str] | None = None
     user: str | None = None
-    service_tier: str | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    stream_options: dict[str, Any] | None = None
+    stream_options: ResponsesStreamOptions | None = None
 
     def includes(self, value: str) -> bool:
         return value in (self.include or ())

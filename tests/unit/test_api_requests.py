@@ -144,3 +144,17 @@ def test_a_null_responses_stream_is_false():
     """/v1/responses' "stream": null is false too, as vLLM takes it (it was a 400)."""
     chat = _responses_chat({"input": "Hi", "stream": None})
     assert chat.stream is False and chat.model_dump() == _responses_chat({"input": "Hi"}).model_dump()
+
+
+def test_responses_stream_options_and_service_tier_are_openais():
+    """stream_options takes OpenAI's one option (include_obfuscation, a no-op: deltas here carry no padding) and
+    service_tier OpenAI's tiers, as vLLM's; anything else is a 400 naming it (it was taken and ignored)."""
+    import pydantic
+    import pytest
+    for body in ({"stream_options": {"include_obfuscation": False}}, {"service_tier": "flex"}):
+        responses.ResponsesRequest.model_validate({"input": "Hi", **body})
+    for body, loc in (({"stream_options": {"include_usage": True}}, ("stream_options", "include_usage")),
+                      ({"service_tier": "gold"}, ("service_tier",))):
+        with pytest.raises(pydantic.ValidationError) as e:
+            responses.ResponsesRequest.model_validate({"input": "Hi", **body})
+        assert e.value.errors()[0]["loc"] == loc
