@@ -18,7 +18,9 @@ ChatCompletionRequest, and its answer, or its stream of chunks, becomes a Respon
 
 A stream is the Responses events: response.created, response.in_progress, then for each item
 output_item.added, its content_part.added, deltas (output_text / reasoning_text / function_call_arguments),
-their .done events and output_item.done, then response.completed (or response.incomplete); each with its
+their .done events and output_item.done, then response.completed, the one last event, its response's status
+completed or incomplete (vLLM's: the openai SDK's stream helper takes its final response only from
+response.completed; OpenAI's API would end an incomplete one with response.incomplete); each with its
 sequence_number.
 
 State: with --responses-store N the server keeps the last N responses asked to be stored (store true, with the
@@ -564,7 +566,7 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
 
 
 class ResponsesSSE(SSEResponse):
-    end = ""   # the stream ends with response.completed (or .incomplete); _events reports its own errors
+    end = ""   # the stream ends with response.completed; _events reports its own errors
 
 
 def _event(data: dict) -> str:
@@ -671,5 +673,4 @@ async def _events(chunks, head: dict, encrypted: bool = False, keep=lambda respo
     final = _finished(head, output, finish_reason, usage or {"prompt_tokens": 0, "completion_tokens": 0,
                                                               "total_tokens": 0})
     keep(final)
-    yield event({"type": "response.incomplete" if final["status"] == "incomplete" else "response.completed",
-                 "response": final})
+    yield event({"type": "response.completed", "response": final})   # an incomplete one too, as vLLM sends it

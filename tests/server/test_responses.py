@@ -44,12 +44,15 @@ def test_output_is_the_chat_completion_and_streams_to_the_same(client, server):
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     assert (response.usage.input_tokens, response.usage.output_tokens) == \
         (chat["usage"]["prompt_tokens"], chat["usage"]["completion_tokens"])
-    with client.responses.stream(**kw) as stream:   # OpenAI's: a cut-short stream ends in response.incomplete
+    with client.responses.stream(**kw) as stream:   # vLLM's: a cut-short stream ends in response.completed too
         events = list(stream)
+        final = stream.get_final_response()   # the SDK helper takes it from response.completed only
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
-    assert events[-1].type == "response.incomplete" and [e.sequence_number for e in events] == list(range(len(events)))
-    final = events[-1].response
-    assert "".join(deltas) == final.output[0].content[0].text == text and final.status == "incomplete"
+    assert events[-1].type == "response.completed" and [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events].count("response.completed") == 1 and "response.incomplete" not in \
+        [e.type for e in events]
+    assert "".join(deltas) == final.output_text == text and final.status == "incomplete"
+    assert final.incomplete_details.reason == "max_output_tokens" and final.id == events[-1].response.id
     assert final.usage.output_tokens == response.usage.output_tokens
     # a list of message items, with a developer message: the same conversation
     items = [{"role": "developer", "content": INSTRUCTIONS},
@@ -166,7 +169,7 @@ def test_stored_responses_continue_are_read_and_deleted(client):
     assert follow.previous_response_id == first.id and follow.output_text == whole.output_text
     assert follow.usage.input_tokens == whole.usage.input_tokens
     with client.responses.stream(input="More.", previous_response_id=follow.id, store=True, **kw) as stream:
-        streamed = list(stream)[-1].response    # response.incomplete: cut at max_output_tokens
+        streamed = stream.get_final_response()    # incomplete: cut at max_output_tokens
     assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
     unstored = client.responses.create(input="More.", previous_response_id=follow.id, **kw)
     assert unstored.output_text == streamed.output_text and unstored.store is False
