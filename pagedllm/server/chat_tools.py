@@ -15,6 +15,7 @@ from pagedllm.outputs import CompletionOutput
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import ChatCompletionRequest, NamedToolChoice
 from pagedllm.server.tool_parsers import ToolParser, get_tool_parser
+from pagedllm.server.tool_parsers.base import new_call_id
 from pagedllm.server.tool_parsers.forced import (NamedCallParser, RequiredCallsParser, parameters_schema,
                                                  required_schema)
 from pagedllm.structured_output.params import StructuredOutputsParams
@@ -25,7 +26,7 @@ class ToolPlan:
     choice: str                       # none, auto, required, named
     tools: list[dict]                 # OpenAI's shape, for the template
     name: str | None = None           # the named function
-    parser: str | None = None         # auto: the parser's name
+    parser: str | None = None         # --tool-call-parser: auto's parser, and the ids of every call
     max_calls: int | None = None      # parallel_tool_calls false: 1
 
     @property
@@ -48,10 +49,12 @@ class ToolPlan:
         return self.choice == "auto" and get_tool_parser(self.parser).reads_special_tokens
 
     def new_parser(self) -> ToolParser:
+        # enforced calls take the configured parser's ids: a template that checks ids (mistral's) gets them back
+        call_id = get_tool_parser(self.parser).call_id if self.parser else new_call_id
         if self.choice == "named":
-            return NamedCallParser(self.name)
+            return NamedCallParser(self.name, call_id)
         if self.choice == "required":
-            return RequiredCallsParser(self.max_calls)
+            return RequiredCallsParser(self.max_calls, call_id)
         return get_tool_parser(self.parser).for_request(self.max_calls, self.tools)
 
 
@@ -62,7 +65,7 @@ def plan_tools(req: ChatCompletionRequest, tool_call_parser: str | None, enable_
     if not tools or choice == "none":
         return ToolPlan("none", tools)
     if isinstance(choice, NamedToolChoice):
-        return ToolPlan("named", tools, name=choice.function.name, max_calls=1)
+        return ToolPlan("named", tools, name=choice.function.name, parser=tool_call_parser, max_calls=1)
     if choice == "auto" and not (enable_auto_tool_choice and tool_call_parser):
         raise APIError(400, '"auto" tool choice (the default when tools are given) requires the server flags '
                             "--enable-auto-tool-choice and --tool-call-parser; or set tool_choice to none, "

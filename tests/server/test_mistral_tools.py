@@ -106,3 +106,16 @@ def test_tool_choice_none_shows_the_text_without_special_tokens(mistral):
     client, tok = mistral
     choice = client.chat.completions.create(**_kw(tok, PRE_V11, tool_choice="none")).choices[0]
     assert choice.message.content == "".join(PRE_V11[1:]).replace(BOT, "") and choice.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "now"}}])
+def test_forced_calls_have_mistral_ids(mistral, tool_choice):
+    """tool_choice required or a named function: the enforced call's id is Mistral's 9 letters and digits too
+    (as vLLM gives them with a Mistral tokenizer), so the conversation can go back through the chat template."""
+    client, tok = mistral
+    kw = {**_kw(tok, PRE_V11, tool_choice=tool_choice), "max_tokens": 40, "tools": TOOLS[1:]}
+    calls = client.chat.completions.create(**kw).choices[0].message.tool_calls
+    _, streamed, _ = _streamed(client, **kw)
+    ids = [c.id for c in calls] + [i for i, _, _ in streamed]
+    assert [c.function.name for c in calls] == ["now"] and len(ids) == 2
+    assert all(len(i) == 9 and i.isalnum() for i in ids)

@@ -61,6 +61,26 @@ def test_a_call_forced_by_name_finishes_with_stop():
     assert message(required, out, out.text)[1] == "tool_calls"
 
 
+@pytest.mark.parametrize("parser, auto", [("mistral", True), ("mistral", False), ("hermes", True), (None, False)])
+def test_forced_calls_take_the_configured_parsers_ids(parser, auto):
+    """A call forced by tool_choice has the id --tool-call-parser gives (mistral: 9 letters and digits, which its
+    chat templates demand back; vLLM's with a Mistral tokenizer), with or without --enable-auto-tool-choice."""
+    named = {"type": "function", "function": {"name": "f"}}
+    out = CompletionOutput(index=0, text='{"x": 1}', token_ids=[], cumulative_logprob=None, logprobs=None,
+                           finish_reason="stop")
+    ids = []
+    for choice, text in ((named, '{"x": 1}'), ("required", '[{"name": "f", "parameters": {"x": 1}}]')):
+        plan = plan_tools(_request(tools=[TOOL], tool_choice=choice), parser, auto)
+        out.text = text
+        ids.append(message(plan, out, text)[0]["tool_calls"][0]["id"])
+        ids.append(stream_delta(plan.new_parser(), out, text)[0]["tool_calls"][0]["id"])
+    for call_id in ids:
+        if parser == "mistral":
+            assert len(call_id) == 9 and call_id.isalnum()
+        else:
+            assert call_id.startswith("call_") and len(call_id) == 29
+
+
 @pytest.mark.parametrize("kw", [
     {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
     {"tool_choice": "required"},

@@ -6,8 +6,10 @@ JSON schema each one constrains the output to, and the parsers that read that ou
   parallel_tool_calls is false), each item one of the tools.
 The JSON is generated without free whitespace (single spaces only, StructuredOutputsParams'
 disable_any_whitespace): with it a weak model can spend all of max_tokens on newlines inside the object.
+Each parser takes call_id, the configured --tool-call-parser's id maker (mistral's 9 letters and digits, as vLLM
+gives forced calls with a Mistral tokenizer), so an enforced call's id passes the model's chat template too.
 """
-from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser
+from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser, new_call_id
 from pagedllm.server.tool_parsers.json_call import CallScanner
 
 # A function declared without parameters takes none (OpenAI's reading): its arguments are {}.
@@ -33,8 +35,9 @@ class NamedCallParser(ToolParser):
     """The whole output is the arguments of one call to `name`. An output without any (the reasoning took all
     of max_tokens, or ended the answer: the constraint starts after it) is no call, not a call with "{}"."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, call_id=new_call_id):
         super().__init__()
+        self.call_id = call_id
         self._name = name
         self._started = False
         self._ws = ""   # whitespace, released with the next other character (none at either end)
@@ -61,8 +64,9 @@ class RequiredCallsParser(ToolParser):
     """[{"name": ..., "parameters": ...}, ...]: each item a call as soon as its name is complete. Output that
     holds no call (cut short before a name) is returned as content."""
 
-    def __init__(self, max_calls: int | None = None):
+    def __init__(self, max_calls: int | None = None, call_id=new_call_id):
         super().__init__(max_calls)
+        self.call_id = call_id
         self._text = ""
         self._opened = False
         self._closed = False
