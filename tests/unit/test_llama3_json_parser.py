@@ -44,6 +44,22 @@ CASES = [
     ('{"name": 3, "parameters": {}}', ('{"name": 3, "parameters": {}}', [])),
     ("use f() { return 1; } here", ("use f() { return 1; } here", [])),
     ('{"name": "f"', ('{"name": "f"', [])),                        # cut short before its arguments: text
+    # calls in a JSON list or a ```json fence (Llama 3.x writes both): the wrapping is not content (vLLM: none)
+    ("[" + CALL + ", " + NOW + "]", (None, [("get_weather", PARIS), ("now", "{}")])),
+    ("[ " + CALL + " ,\n " + NOW + " ]", (None, [("get_weather", PARIS), ("now", "{}")])),
+    ("<|python_tag|>[" + NOW + "]", (None, [("now", "{}")])),
+    ("```json\n" + CALL + "\n```", (None, [("get_weather", PARIS)])),
+    ("```\n" + NOW + "\n```", (None, [("now", "{}")])),
+    ("```json\n[" + CALL + ",\n" + NOW + "]\n```", (None, [("get_weather", PARIS), ("now", "{}")])),
+    ("```json\n" + CALL + "\n```\n```json\n" + NOW + "\n```", (None, [("get_weather", PARIS), ("now", "{}")])),
+    ("Calling it:\n```json\n" + NOW + "\n```\nDone.", ("Calling it:\nDone.", [("now", "{}")])),
+    ("[" + NOW, (None, [("now", "{}")])),                           # a list cut short
+    # a list or fence around objects that are not calls, and brackets and backticks in text, stay content
+    ('[{"name": "Ada", "age": 36}, {"b": 2}]', ('[{"name": "Ada", "age": 36}, {"b": 2}]', [])),
+    ('```json\n{"a": 1}\n```', ('```json\n{"a": 1}\n```', [])),
+    ("see [1, 2], `x` and ```js``` [ ]", ("see [1, 2], `x` and ```js``` [ ]", [])),
+    ('```json\n{"name": "f"', ('```json\n{"name": "f"', [])),
+    ("```json\n[", ("```json\n[", [])),
     ('{"name": "f", "parameters": {"x": 1', (None, [("f", '{"x": 1')])),   # cut short in them: partial
 ]
 
@@ -78,8 +94,9 @@ def test_name_goes_out_before_the_arguments_end():
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call():
-    content, calls = Llama3JsonToolParser(max_calls=1).parse_all(CALL + "; " + NOW)
-    assert content is None and [c["function"]["name"] for c in calls] == ["get_weather"]
+    for text in (CALL + "; " + NOW, "[" + CALL + ", " + NOW + "]", "```json\n[" + CALL + ", " + NOW + "]\n```"):
+        content, calls = Llama3JsonToolParser(max_calls=1).parse_all(text)
+        assert content is None and [c["function"]["name"] for c in calls] == ["get_weather"]
 
 
 def test_chat_answer_finishes_with_tool_calls():

@@ -8,12 +8,23 @@ ignored. Any other object (`{"name": "Ada", "age": 36}`, JSON that answers the q
 vLLM. A call may follow text, as vLLM finds it there, and the text around calls is content (vLLM drops it).
 A call goes out once its name and its arguments key are read; the arguments then stream as the model writes
 them. Objects that are not calls are held back until they close (or the text ends).
+
+Llama 3.x also writes its calls as a JSON list (`[{...}, {...}]`) or in a ```json code fence; the list's
+brackets and commas and the fence are the calls' wrapping, not content (vLLM, which takes every call object
+out of the text, answers such text with the calls and no content). A "[" or fence before an object is held
+with it: dropped when the object is a call, given back as content when it is not.
 """
+import re
+
 from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser, partial_suffix
 from pagedllm.server.tool_parsers.json_call import CallScanner
 
 PYTHON_TAG = "<|python_tag|>"
 ARGS_KEYS = ("parameters", "arguments")
+FENCE = "```"
+OPENER = re.compile(r"(?:```(?:json)?\s*)?(?:\[\s*)?\Z")   # what wraps a first call: a fence, a list, both
+# the start of an opener, which the next text may complete
+PARTIAL_OPENER = re.compile(r"(?:`{1,2}|```(?:j|js|jso|json)?\s*(?:\[\s*)?|\[\s*)?\Z")
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -24,6 +35,9 @@ class Llama3JsonToolParser(ToolParser):
         self._obj: CallScanner | None = None    # the object being read
         self._calling = False                   # it went out as a call
         self._after_call = False                # a call just ended: one ";" before the next is a separator
+        self._prefix = ""                       # the object's wrapping ("[", a fence, ", " in a list): held
+        self._wraps = (False, False)            # (in a list, in a fence) if the object is a call
+        self._in_list = self._fenced = False    # the calls so far are wrapped: their closers are dropped
 
     def feed(self, text: str) -> DeltaMessage:
         self._buf += text
@@ -44,21 +58,47 @@ class Llama3JsonToolParser(ToolParser):
         if self._obj is not None:
             return self._read_object()
         if self._after_call:
-            rest = self._buf.lstrip()
-            if not rest:
-                return False
-            self._after_call = False
-            if rest[0] == ";":
-                self._buf = rest[1:]
-            return True
+            return self._read_after_call()
         i = self._buf.find("{")
-        if i < 0:   # all but a possible start of the tag is content
-            i = len(self._buf) - partial_suffix(self._buf, PYTHON_TAG)
-        self._content(self._buf[:i].replace(PYTHON_TAG, ""))
-        self._buf = self._buf[i:]
-        if not self._buf.startswith("{"):
+        if i < 0:   # all but a possible start of the tag or of an opener is content
+            held = max(partial_suffix(self._buf, PYTHON_TAG), len(PARTIAL_OPENER.search(self._buf).group()))
+            self._content(self._buf[:len(self._buf) - held].replace(PYTHON_TAG, ""))
+            self._buf = self._buf[len(self._buf) - held:]
             return False
-        self._obj, self._calling = CallScanner(ARGS_KEYS), False
+        prefix = OPENER.search(self._buf, 0, i).group()
+        self._content(self._buf[:i - len(prefix)].replace(PYTHON_TAG, ""))
+        self._open(prefix, ("[" in prefix, FENCE in prefix), i)
+        return True
+
+    def _open(self, prefix: str, wraps: tuple[bool, bool], at: int):
+        self._obj, self._calling, self._prefix, self._wraps = CallScanner(ARGS_KEYS), False, prefix, wraps
+        self._buf = self._buf[at:]
+
+    def _read_after_call(self) -> bool:
+        """After a call: a ";" separates the next; in a list "," does and "]" ends it; a fence ends with ```."""
+        rest = self._buf.lstrip()
+        if not rest:
+            return False
+        if self._in_list and rest[0] == ",":
+            after = rest[1:].lstrip()
+            if not after:
+                return False
+            if after[0] == "{":   # the list's next item
+                self._after_call = False
+                self._open(rest[:len(rest) - len(after)], (True, self._fenced), len(self._buf) - len(after))
+                return True
+        if self._in_list and rest[0] == "]":
+            self._in_list, self._buf = False, rest[1:]
+            return True
+        if self._fenced and not self._in_list:
+            if len(rest) < len(FENCE) and FENCE.startswith(rest):   # the fence's end may come next
+                return False
+            if rest.startswith(FENCE):
+                self._fenced, self._buf = False, rest[3:]
+                return True
+        self._after_call = self._in_list = self._fenced = False
+        if rest[0] == ";":
+            self._buf = rest[1:]
         return True
 
     def _read_object(self) -> bool:
@@ -67,7 +107,8 @@ class Llama3JsonToolParser(ToolParser):
         self._buf = self._buf[n:]
         if not self._calling and obj.name is not None and any(k in ARGS_KEYS for k in obj.keys):
             self._start_call(obj.name)
-            self._calling = True
+            self._calling, self._prefix = True, ""
+            self._in_list, self._fenced = self._wraps
         if self._calling:
             self._arguments(obj.take_arguments())
         if not obj.done:
@@ -77,8 +118,9 @@ class Llama3JsonToolParser(ToolParser):
 
     def _end_object(self):
         obj, self._obj = self._obj, None
-        if not self._calling:
-            self._content(obj.text)
+        if not self._calling:   # not a call: its wrapping is content too
+            self._content(self._prefix + obj.text)
+            self._prefix, self._in_list, self._fenced = "", False, False
             return
         self._arguments(obj.take_arguments())
         self._end_call()
