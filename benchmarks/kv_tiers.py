@@ -30,9 +30,9 @@ def main():
     parser.add_argument("--limit", type=int, default=None, help="only the first N requests")
     parser.add_argument("--gpu-prefixes", type=int, default=2,
                         help="KV blocks for this many whole requests (prefix + suffix + output)")
-    parser.add_argument("--cpu-tier-gb", type=float, default=4.0, help="cpu_offload_gb of the cpu run")
+    parser.add_argument("--cpu-tier-gb", type=float, default=4.0, help="kv_offloading_size of the cpu run")
     parser.add_argument("--disk-run-cpu-gb", type=float, default=1.0,
-                        help="cpu_offload_gb of the disk run: ~4 prefixes, less than the 8 that cycle")
+                        help="kv_offloading_size of the disk run: ~4 prefixes, less than the 8 that cycle")
     parser.add_argument("--disk-dir", default=None, help="kv_disk_dir of the disk run (default: a temp dir)")
     add_engine_args(parser)
     args = parser.parse_args()
@@ -59,11 +59,11 @@ def main():
 
 def _tier_args(mode: str, args, disk_dir: str) -> dict:
     if mode == "recompute":
-        return {"cpu_offload_gb": 0.0, "kv_disk_dir": None}
+        return {"kv_offloading_size": None, "kv_disk_dir": None}
     if mode == "cpu":
-        return {"cpu_offload_gb": args.cpu_tier_gb, "kv_disk_dir": None}
+        return {"kv_offloading_size": args.cpu_tier_gb, "kv_disk_dir": None}
     if mode == "disk":
-        return {"cpu_offload_gb": args.disk_run_cpu_gb, "kv_disk_dir": disk_dir}
+        return {"kv_offloading_size": args.disk_run_cpu_gb, "kv_disk_dir": disk_dir}
     raise ValueError(f"--modes: each must be recompute, cpu or disk, got {mode!r}")
 
 

@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--other-len", type=int, default=12000, help="tokens of each other-traffic prompt")
     parser.add_argument("--gpu-blocks", type=int, default=None,
                         help="GPU KV blocks (default: one returning conversation + 1/16)")
-    parser.add_argument("--cpu-tier-gb", type=float, default=8.0, help="cpu_offload_gb of the tier run")
+    parser.add_argument("--cpu-tier-gb", type=float, default=8.0, help="kv_offloading_size of the tier run")
     parser.add_argument("--modes", default="cpu,recompute")
     parser.add_argument("--ab", default="COPY_CHUNK_BLOCKS=16",
                         help="kv_offload settings, each for one more tier conversation ('': none)")
@@ -50,9 +50,9 @@ def main():
     base = {**engine_kwargs(args), "num_gpu_blocks_override": gpu_blocks}
     results, pool_info = {}, None
     for mode in args.modes.split(","):
-        tier_gb = args.cpu_tier_gb if mode == "cpu" else 0.0
+        tier_gb = args.cpu_tier_gb if mode == "cpu" else None
         start = time.perf_counter()
-        llm = LLM(**{**base, "cpu_offload_gb": tier_gb})
+        llm = LLM(**{**base, "kv_offloading_size": tier_gb})
         startup = time.perf_counter() - start
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
         pool = llm.engine.runner.kv_offload.pool if mode == "cpu" else None

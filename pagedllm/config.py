@@ -16,6 +16,7 @@ DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")   # half, float: vLLM's aliases
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _PREEMPTION_MODES = ("recompute", "swap", "offload")
+_KV_OFFLOADING_BACKENDS = ("native",)   # vLLM's other one, lmcache, is not built
 _SCHEDULING_POLICIES = ("fcfs", "priority")
 _QUANTIZATIONS = ("fp8",)
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -93,8 +94,13 @@ class EngineConfig:
                                         "(a request's priority, lower first, then arrival: vLLM's)",
                                 choices=_SCHEDULING_POLICIES)
     swap_space: float = _f(4.0, "GiB of CPU memory for the blocks of swapped-out requests (preemption_mode swap)")
-    cpu_offload_gb: float = _f(0.0, "GiB of CPU memory for the CPU tier of the prefix cache: full blocks evicted "
-                                    "from the GPU keep their KV there (LRU); 0 = off")
+    kv_offloading_size: float | None = _f(None, "GiB of CPU memory for the CPU tier of the prefix cache (vLLM's "
+                                                "flag): full blocks evicted from the GPU keep their KV there "
+                                                "(LRU) and prefix hits load it back; None = off")
+    kv_offloading_backend: str = _f("native", "who runs the CPU tier (vLLM's flag): native, pagedllm's own; "
+                                              "vLLM's lmcache is not built", choices=_KV_OFFLOADING_BACKENDS)
+    cpu_offload_gb: float = _f(0.0, "vLLM's flag: GiB of model weights kept in CPU memory; that is not built here, "
+                                    "so only 0 is taken (the KV cache's CPU tier is kv_offloading_size)")
     kv_disk_dir: str | None = _f(None, "directory of the disk tier of the prefix cache (below the CPU tier, LRU); "
                                        "it survives restarts; None = off")
     kv_disk_gb: float = _f(16.0, "GiB the disk tier may use in kv_disk_dir (per model identity)")
@@ -163,10 +169,16 @@ class EngineConfig:
                self.preemption_mode)
         _check(self.swap_space > 0 if self.preemption_mode == "swap" else self.swap_space >= 0, "swap_space",
                "> 0 GiB with preemption_mode swap (>= 0 otherwise)", self.swap_space)
-        _check(self.cpu_offload_gb >= 0, "cpu_offload_gb", ">= 0 GiB", self.cpu_offload_gb)
+        _check(self.cpu_offload_gb == 0, "cpu_offload_gb", "0: offloading model weights to CPU memory (vLLM's "
+               "--cpu-offload-gb) is not built; a CPU tier of the KV cache is kv_offloading_size "
+               "(--kv-offloading-size)", self.cpu_offload_gb)
+        _check(self.kv_offloading_size is None or self.kv_offloading_size > 0, "kv_offloading_size",
+               "> 0 GiB, or None (off)", self.kv_offloading_size)
+        _check(self.kv_offloading_backend in _KV_OFFLOADING_BACKENDS, "kv_offloading_backend",
+               f"one of {_KV_OFFLOADING_BACKENDS} (vLLM's lmcache is not built)", self.kv_offloading_backend)
         memory = host_memory_gib()   # the CPU pools' sizes: past it, only the allocator's words would say so
         for name, gib in (("swap_space", self.swap_space if self.preemption_mode == "swap" else 0),
-                          ("cpu_offload_gb", self.cpu_offload_gb)):
+                          ("kv_offloading_size", self.kv_offloading_size or 0)):
             _check(memory is None or gib <= memory, name, f"at most this machine's memory ({memory or 0:.1f} GiB)",
                    gib)
         _check(self.log_stats_interval >= 0, "log_stats_interval", ">= 0 seconds (0: off)", self.log_stats_interval)
@@ -177,9 +189,9 @@ class EngineConfig:
         _check(self.kv_disk_gb > 0, "kv_disk_gb", "> 0 GiB", self.kv_disk_gb)
         _check(self.kv_disk_dir is not None or self.preemption_mode != "offload", "kv_disk_dir",
                "set with preemption_mode offload (blocks are offloaded to the disk tier)", self.kv_disk_dir)
-        _check(self.kv_disk_dir is None or self.cpu_offload_gb > 0, "cpu_offload_gb",
-               "> 0 GiB when kv_disk_dir is set (disk blocks are read and written through the CPU tier)",
-               self.cpu_offload_gb)
+        _check(self.kv_disk_dir is None or self.kv_offloading_size is not None, "kv_offloading_size",
+               "set when kv_disk_dir is set (disk blocks are read and written through the CPU tier)",
+               self.kv_offloading_size)
 
     def _check_lora(self):
         _check(isinstance(self.max_loras, int) and self.max_loras >= 1, "max_loras", "an integer >= 1",
@@ -207,7 +219,7 @@ class EngineConfig:
         for name, off in (("quantization", self.quantization is None), ("enable_lora", not self.enable_lora),
                           ("speculative_config", self.speculative_config is None),
                           ("preemption_mode", self.preemption_mode == "recompute"),
-                          ("cpu_offload_gb", self.cpu_offload_gb == 0)):
+                          ("kv_offloading_size", self.kv_offloading_size is None)):
             _check(off, name, f"off (its default) with tensor_parallel_size {n} (not built for several ranks yet)",
                    getattr(self, name))
 
@@ -223,7 +235,7 @@ class EngineConfig:
 
     @property
     def kv_tiers_enabled(self) -> bool:
-        return self.preemption_mode != "recompute" or self.cpu_offload_gb > 0
+        return self.preemption_mode != "recompute" or self.kv_offloading_size is not None
 
 
 @dataclass

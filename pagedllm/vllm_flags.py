@@ -107,7 +107,7 @@ VLLM_FLAGS = (
     VllmFlag("calculate-kv-scales", "fp8 KV cache scales come from the checkpoint (k_scale, v_scale), else 1.0",
              _is(False), boolean=True),
     VllmFlag("kv-transfer-config", "moving KV between engines (disaggregated prefill, LMCache) is not built; the "
-             "KV cache's own CPU and disk tiers: --cpu-offload-gb, --kv-disk-dir", _never),
+             "KV cache's own CPU and disk tiers: --kv-offloading-size, --kv-disk-dir", _never),
     VllmFlag("kv-events-config", "KV cache events are not published here", _never),
     VllmFlag("enable-sleep-mode", "sleep mode is not built", _is(False), boolean=True),
     VllmFlag("limit-mm-per-prompt", _MULTIMODAL, _zero_counts),

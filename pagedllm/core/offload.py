@@ -1,9 +1,9 @@
 """The KV tiers below the GPU, as bookkeeping: which block goes where, and when. No device code: the runner
 moves the bytes (runner/kv_offload.py) in the order its docstring states.
 
-    GPU block ──evicted──► CPU tier (cpu_offload_gb, LRU) ──evicted──► disk tier (kv_disk_dir, kv_disk_gb, LRU)
-        ▲                        │                                          │
-        └─── load, on a hit ─────┘ ◄── read + verify, the step before ──────┘
+    GPU block ──evicted──► CPU tier (kv_offloading_size, LRU) ──evicted──► disk tier (kv_disk_dir, kv_disk_gb, LRU)
+        ▲                        │                                             │
+        └─── load, on a hit ─────┘ ◄── read + verify, the step before ─────────┘
     preempted request ── swap ──► swap pool (swap_space) ── swap in when it resumes ──► GPU blocks
                       ── offload ─► disk tier; it resumes through the tiered prefix lookup
     a GPU block evicted while every CPU tier slot is pinned by this step goes straight to disk

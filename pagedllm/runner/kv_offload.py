@@ -97,7 +97,7 @@ class KVOffload:
         device = kv_caches[0].device
         num_swap = _num_blocks(config.swap_space, block_bytes, "swap_space") \
             if config.preemption_mode == "swap" else 0
-        num_cpu = _num_blocks(config.cpu_offload_gb, block_bytes, "cpu_offload_gb")
+        num_cpu = _num_blocks(config.kv_offloading_size or 0, block_bytes, "kv_offloading_size")
         two, _, *block_shape = kv_caches[0].shape
         self.pool = torch.empty((num_swap + num_cpu, len(kv_caches), two, *block_shape), dtype=kv_caches[0].dtype,
                                 pin_memory=device.type == "cuda")

@@ -57,7 +57,7 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
     if mode == "offload":   # the disk tier is written through the CPU tier
         config["kv_disk_dir"] = "<tmp>"
     if mode == "offload" or rng.random() < 0.3:
-        config["cpu_offload_gb"] = 0.01
+        config["kv_offloading_size"] = 0.01
     if spec == "ngram":
         config["speculative_config"] = {"method": "ngram", "num_speculative_tokens": int(rng.integers(1, 5)),
                                         "prompt_lookup_max": 3, "prompt_lookup_min": 1}
@@ -70,7 +70,7 @@ def random_trial(rng: np.random.Generator, models: dict) -> Trial:
         config["kv_cache_dtype"] = "fp8"
     if not lora and rng.random() < 0.15:
         config["quantization"] = "fp8"
-    if (spec == "none" and not lora and "quantization" not in config and "cpu_offload_gb" not in config
+    if (spec == "none" and not lora and "quantization" not in config and "kv_offloading_size" not in config
             and mode == "recompute" and rng.random() < 0.6):
         config["tensor_parallel_size"] = 2   # two worker processes (gloo); the plain engine is unsplit
 

@@ -102,7 +102,7 @@ def test_preemption_modes_match_plain_fp8(model_dirs, tmp_path, mode):
     if mode == "swap":
         kw.update(swap_space=64 * block_bytes / 2**30)
     if mode == "offload":
-        kw.update(cpu_offload_gb=4 * block_bytes / 2**30, kv_disk_dir=str(tmp_path))
+        kw.update(kv_offloading_size=4 * block_bytes / 2**30, kv_disk_dir=str(tmp_path))
     llm = engine(d, **kw)
     assert tokens(llm, prompts) == plain
     assert llm.engine.scheduler.num_preemptions > 0

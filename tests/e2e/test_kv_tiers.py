@@ -75,7 +75,7 @@ def test_preemption_modes_give_identical_greedy_outputs(tiny_model_dirs, tmp_pat
     if mode == "swap":
         kw.update(swap_space=gib(64))
     if mode == "offload":
-        kw.update(cpu_offload_gb=gib(4), kv_disk_dir=str(tmp_path))
+        kw.update(kv_offloading_size=gib(4), kv_disk_dir=str(tmp_path))
     llm = LLM(d, **kw)
     assert tokens(llm, prompts) == plain(d, prompts)
     # Every request but the first: the oldest running request is never the newest, so never preempted.
@@ -101,7 +101,7 @@ def test_disk_tier_survives_a_restart_and_bad_files_are_recomputed(tiny_model_di
     expected = plain(d, asks)
     # Disk hits are staged in the CPU tier: it holds the 10 blocks of the prefix.
     kw = {"dtype": "float32", "log_stats_interval": 0, "block_size": BS, "num_gpu_blocks_override": 16,
-          "cpu_offload_gb": gib(10), "kv_disk_dir": str(tmp_path)}
+          "kv_offloading_size": gib(10), "kv_disk_dir": str(tmp_path)}
 
     first = LLM(d, **kw)
     assert tokens(first, asks[:1]) == expected[:1]
@@ -150,7 +150,7 @@ def test_disk_tier_never_exceeds_kv_disk_gb(tiny_model_dirs, tmp_path):
     d = tiny_model_dirs["llama"]
     prompts = prompts_of([40] * 8, seed=4)
     llm = LLM(d, dtype="float32", log_stats_interval=0, block_size=BS, num_gpu_blocks_override=16,
-              cpu_offload_gb=gib(2), kv_disk_dir=str(tmp_path), kv_disk_gb=gib(6, FILE_BYTES))
+              kv_offloading_size=gib(2), kv_disk_dir=str(tmp_path), kv_disk_gb=gib(6, FILE_BYTES))
     disk_dir = llm.engine.runner.kv_offload.disk.dir
     for i, p in enumerate(prompts):
         llm.engine.add_request(str(i), p, GREEDY)
@@ -168,7 +168,7 @@ def test_reset_prefix_cache_forgets_the_cpu_and_disk_tiers(tiny_model_dirs, tmp_
     asks = [prefix + s for s in prompts_of([5, 7], seed=2)]
     expected = plain(d, asks)
     kw = {"dtype": "float32", "log_stats_interval": 0, "block_size": BS, "num_gpu_blocks_override": 16,
-          "cpu_offload_gb": gib(10), "kv_disk_dir": str(tmp_path)}
+          "kv_offloading_size": gib(10), "kv_disk_dir": str(tmp_path)}
     foreign = DiskStore(str(tmp_path), b"O" * 32, 64)     # another model identity in the same kv_disk_dir
     foreign.write(b"f" * 32, np.ones(64, dtype=np.uint8))
     foreign.flush()
@@ -225,13 +225,13 @@ def test_fp8_disk_blocks_of_another_model_dtype_are_not_read(tiny_model_dirs, tm
     d = tiny_model_dirs["llama"]
     prompts = prompts_of([60, 70, 65, 80], seed=5)
     kw = {"kv_cache_dtype": "fp8", "log_stats_interval": 0, "block_size": BS, "num_gpu_blocks_override": 24,
-          "cpu_offload_gb": gib(1, BLOCK_BYTES // 4), "kv_disk_dir": str(tmp_path)}
+          "kv_offloading_size": gib(1, BLOCK_BYTES // 4), "kv_disk_dir": str(tmp_path)}
     bf16 = LLM(d, dtype="bfloat16", **kw)
     tokens(bf16, prompts)
     assert_no_leaks(bf16)
     assert any(tmp_path.rglob("*.kvb"))
     fp32 = LLM(d, dtype="float32", **kw)
-    own = tokens(LLM(d, dtype="float32", **{**kw, "kv_disk_dir": None, "cpu_offload_gb": 0}), prompts)
+    own = tokens(LLM(d, dtype="float32", **{**kw, "kv_disk_dir": None, "kv_offloading_size": None}), prompts)
     assert tokens(fp32, prompts) == own
     assert fp32.engine.get_stats().kv_tiers["disk"].hits == 0
     assert_no_leaks(fp32)

@@ -322,7 +322,7 @@ def test_disk_tier_keeps_adapters_apart(setup, tmp_path):
     prompt = PROMPTS[6]   # 48 tokens: 3 full blocks
     block_bytes = bytes_per_block(2, 16, 2, 16, torch.float32)
     kw = dict(dtype="float32", log_stats_interval=0, enable_lora=True, num_gpu_blocks_override=8,
-              cpu_offload_gb=4 * block_bytes / 2**30, kv_disk_dir=str(tmp_path / "kv"))
+              kv_offloading_size=4 * block_bytes / 2**30, kv_disk_dir=str(tmp_path / "kv"))
     first = LLM(base, **kw)
     first.generate([prompt], GREEDY, use_tqdm=False, lora_request=loras["rs"])
     pushers = np.random.default_rng(1).integers(3, 512, size=(6, 48)).tolist()

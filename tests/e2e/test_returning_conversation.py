@@ -52,7 +52,7 @@ def test_returning_turn_loads_its_history_from_the_cpu_tier(tiny_model_dirs, rec
     if chunk is not None:                 # the history's 20 blocks in 7 copies through the scratch
         monkeypatch.setattr(kv_offload, "COPY_CHUNK_BLOCKS", chunk)
     llm = LLM(tiny_model_dirs["llama"], dtype="float32", log_stats_interval=0, block_size=BS,
-              num_gpu_blocks_override=GPU_BLOCKS, cpu_offload_gb=tier_blocks * BLOCK_BYTES / 2**30)
+              num_gpu_blocks_override=GPU_BLOCKS, kv_offloading_size=tier_blocks * BLOCK_BYTES / 2**30)
     answer, back, gpu_hits = converse(llm)
     assert (answer, back) == recomputed
     assert gpu_hits == 0                  # nothing of turn 1 was left on the GPU

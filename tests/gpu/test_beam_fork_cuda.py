@@ -83,6 +83,6 @@ def test_forks_beside_the_kv_tiers_copy_stream(tiny_model_dirs):
     gc.collect()
     llm = LLM(d, device="cuda", dtype="float32", log_stats_interval=0, num_gpu_blocks_override=40, block_size=4,
               max_num_seqs=16, max_num_batched_tokens=32, preemption_mode="swap", swap_space=0.01,
-              cpu_offload_gb=0.01)
+              kv_offloading_size=0.01)
     _assert_same(ref, _beams(llm), 1e-4)
     assert llm.engine.get_stats().kv_tiers["cpu"].hits > 0

@@ -17,7 +17,7 @@ def test_swap_cpu_tier_and_disk_copies_on_cuda(tmp_path):
     layers, blocks, bs, heads, dim = 4, 64, 16, 8, 128
     caches, block_bytes = _noisy_caches(tmp_path, layers, blocks, bs, heads, dim)
     config = EngineConfig(model=str(tmp_path), block_size=bs, preemption_mode="swap",
-                          swap_space=32 * block_bytes / 2**30, cpu_offload_gb=32 * block_bytes / 2**30,
+                          swap_space=32 * block_bytes / 2**30, kv_offloading_size=32 * block_bytes / 2**30,
                           kv_disk_dir=str(tmp_path / "disk"), load_format="dummy")
     off = KVOffload(config, LlamaConfig.from_pretrained(tmp_path), caches, block_bytes)
     assert off.pool.is_pinned()
@@ -46,7 +46,7 @@ def test_preemption_modes_on_cuda_match_recompute(tiny_model_dirs, tmp_path, mod
     kw = {"device": "cuda", "dtype": "float32", "log_stats_interval": 0, "block_size": 8,
           "num_gpu_blocks_override": 14, "enable_prefix_caching": False}
     ref = LLM(d, **kw).generate(prompts, params, use_tqdm=False)
-    extra = {"swap_space": 0.01} if mode == "swap" else {"cpu_offload_gb": 0.01, "kv_disk_dir": str(tmp_path)}
+    extra = {"swap_space": 0.01} if mode == "swap" else {"kv_offloading_size": 0.01, "kv_disk_dir": str(tmp_path)}
     llm = LLM(d, preemption_mode=mode, **kw, **extra)
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
@@ -61,7 +61,7 @@ def test_one_step_storing_and_loading_the_same_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(kv_offload, "COPY_CHUNK_BLOCKS", 8)
     layers, blocks, bs, heads, dim, n = 4, 300, 16, 8, 128, 200
     caches, block_bytes = _noisy_caches(tmp_path, layers, blocks, bs, heads, dim)
-    config = EngineConfig(model=str(tmp_path), block_size=bs, cpu_offload_gb=(2 * n + 8) * block_bytes / 2**30,
+    config = EngineConfig(model=str(tmp_path), block_size=bs, kv_offloading_size=(2 * n + 8) * block_bytes / 2**30,
                           load_format="dummy")
     off = KVOffload(config, LlamaConfig.from_pretrained(tmp_path), caches, block_bytes)
     off.pool[:n].normal_()                                 # the history, stored in earlier steps

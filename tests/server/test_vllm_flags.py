@@ -86,6 +86,27 @@ def test_vllm_flags_not_built_here_stop_the_start_naming_the_flag_and_why(serve_
     assert err.startswith("error: ") and words in err, err
 
 
+def test_kv_offloading_flags_are_vllms_for_the_kv_cache_cpu_tier(serve_args, capsys):
+    engine, _ = serve_args("--kv-offloading-size", "0.5", "--kv-offloading-backend", "native")
+    assert (engine.kv_offloading_size, engine.kv_offloading_backend, engine.kv_tiers_enabled) == (0.5, "native", True)
+    assert serve_args()[0].kv_offloading_size is None
+    assert main(["serve", DEMO_MODEL, "--device", "cpu", "--kv-offloading-size", "0"]) == 2
+    assert "kv_offloading_size must be > 0 GiB, or None (off), got 0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", DEMO_MODEL, "--kv-offloading-backend", "lmcache"])
+    assert "--kv-offloading-backend: invalid choice: 'lmcache'" in capsys.readouterr().err
+
+
+def test_cpu_offload_gb_is_vllms_weights_offload_and_is_refused(serve_args, capsys):
+    """vLLM's --cpu-offload-gb keeps model weights in CPU memory; here it sized a CPU tier of the KV cache."""
+    assert serve_args("--cpu-offload-gb", "0")[0].kv_offloading_size is None
+    assert main(["serve", DEMO_MODEL, "--device", "cpu", "--cpu-offload-gb", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cpu_offload_gb must be 0: offloading model weights to CPU memory (vLLM's "
+                          "--cpu-offload-gb) is not built; a CPU tier of the KV cache is kv_offloading_size "
+                          "(--kv-offloading-size), got 20.0"), err
+
+
 def test_uvicorn_log_level_and_access_log_flags_reach_uvicorn(serve_args):
     from pagedllm.server.api_server import uvicorn_config
     _, server = serve_args("--uvicorn-log-level", "warning", "--disable-uvicorn-access-log")

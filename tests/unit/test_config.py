@@ -50,18 +50,32 @@ def test_python_callers_get_the_fields_type_named(kw, words):
 
 def test_sizes_intervals_and_the_disk_dir_are_checked(tmp_path):
     (tmp_path / "afile").write_text("x")
-    for kw, words in ((dict(cpu_offload_gb=float("inf")), "cpu_offload_gb must be a finite number"),
+    for kw, words in ((dict(kv_offloading_size=float("inf")), "kv_offloading_size must be a finite number"),
                       (dict(swap_space=float("nan")), "swap_space must be a finite number"),
                       (dict(log_stats_interval=-1.0), "log_stats_interval must be >= 0"),
-                      (dict(kv_disk_dir=str(tmp_path / "afile"), cpu_offload_gb=1.0), "kv_disk_dir must be a dir"),
-                      (dict(kv_disk_dir="", cpu_offload_gb=1.0), "kv_disk_dir must be a directory path or None")):
+                      (dict(kv_disk_dir=str(tmp_path / "afile"), kv_offloading_size=1.0), "kv_disk_dir must be a dir"),
+                      (dict(kv_disk_dir="", kv_offloading_size=1.0), "kv_disk_dir must be a directory path or None")):
         with pytest.raises(ValueError, match=words):
             EngineConfig(**kw)
-    for kw in (dict(cpu_offload_gb=1e9), dict(swap_space=1e9, preemption_mode="swap")):
+    for kw in (dict(kv_offloading_size=1e9), dict(swap_space=1e9, preemption_mode="swap")):
         with pytest.raises(ValueError, match=r"must be at most this machine's memory .* got 1000000000.0"):
             EngineConfig(**kw)
     assert EngineConfig(swap_space=1e9).swap_space == 1e9   # not allocated without swap preemption
     assert EngineConfig(kv_disk_gb=1e9).kv_disk_gb == 1e9   # a disk size: no memory bound
+
+
+def test_vllms_cpu_offload_gb_is_weights_offload_and_is_refused_pointing_to_the_kv_tier():
+    """vLLM's cpu_offload_gb keeps model weights in CPU memory; here it sized the KV cache's CPU tier, so a model
+    too big for the GPU got a KV tier and then ran out of memory loading. 0 (vLLM's default) is taken."""
+    from pagedllm import LLM
+    with pytest.raises(ValueError, match=re.escape("cpu_offload_gb must be 0: offloading model weights to CPU "
+                                                   "memory (vLLM's --cpu-offload-gb) is not built; a CPU tier of "
+                                                   "the KV cache is kv_offloading_size")):
+        LLM(DEMO_MODEL, device="cpu", cpu_offload_gb=20)
+    config = EngineConfig(cpu_offload_gb=0)
+    assert config.kv_offloading_size is None and not config.kv_tiers_enabled
+    config = EngineConfig(kv_offloading_size=0.5)
+    assert (config.kv_offloading_size, config.kv_offloading_backend, config.kv_tiers_enabled) == (0.5, "native", True)
 
 
 def test_paths_numbers_and_json_dicts_are_taken():

@@ -48,7 +48,7 @@ def make_offload(model_dir, disk_dir=None):
     caches = random_caches()
     block_bytes = bytes_per_block(LAYERS, BS, HEADS, DIM, torch.float32)
     config = EngineConfig(model=model_dir, block_size=BS, preemption_mode="swap", swap_space=4 * block_bytes / 2**30,
-                          cpu_offload_gb=4 * block_bytes / 2**30, kv_disk_dir=disk_dir, load_format="dummy")
+                          kv_offloading_size=4 * block_bytes / 2**30, kv_disk_dir=disk_dir, load_format="dummy")
     hf_config = LlamaConfig.from_pretrained(model_dir)
     return KVOffload(config, hf_config, caches, block_bytes), caches
 

@@ -221,10 +221,11 @@ def test_disk_index_evicts_least_recently_used_first():
 @pytest.mark.parametrize("kwargs,message", [
     ({"preemption_mode": "drop"}, "preemption_mode must be one of"),
     ({"preemption_mode": "swap", "swap_space": 0}, "swap_space must be > 0 GiB"),
-    ({"cpu_offload_gb": -1}, "cpu_offload_gb must be >= 0"),
+    ({"kv_offloading_size": 0}, "kv_offloading_size must be > 0 GiB, or None"),
     ({"kv_disk_gb": 0}, "kv_disk_gb must be > 0"),
     ({"preemption_mode": "offload"}, "kv_disk_dir must be set"),
-    ({"kv_disk_dir": "/tmp/x"}, "cpu_offload_gb must be > 0 GiB when kv_disk_dir is set"),
+    ({"kv_disk_dir": "/tmp/x"}, "kv_offloading_size must be set when kv_disk_dir is set"),
+    ({"kv_offloading_size": 1.0, "kv_offloading_backend": "lmcache"}, "kv_offloading_backend must be one of"),
 ])
 def test_config_names_the_kv_tier_field_and_its_limit(kwargs, message):
     with pytest.raises(ValueError, match=message):
