@@ -16,6 +16,7 @@ DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")   # half, float: vLLM's aliases
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _PREEMPTION_MODES = ("recompute", "swap", "offload")
+_SWAP_SPACE_GIB = 4.0   # vLLM V0's default for the same pool
 _KV_OFFLOADING_BACKENDS = ("native",)   # vLLM's other one, lmcache, is not built
 _SCHEDULING_POLICIES = ("fcfs", "priority")
 _QUANTIZATIONS = ("fp8",)
@@ -86,14 +87,17 @@ class EngineConfig:
     disable_cascade_attn: bool = _f(False, "GPU decode reads each row's whole context itself, instead of reading "
                                     "the segments many rows share (a cached prompt) once for all of them")
     log_stats_interval: float = _f(10.0, "seconds between engine statistics log lines; 0 turns them off")
-    preemption_mode: str = _f("recompute", "what happens to a preempted request's KV: recompute it later, "
-                                           "swap it to CPU memory (swap_space), or offload its full blocks to "
-                                           "the disk tier (needs kv_disk_dir)", choices=_PREEMPTION_MODES)
+    preemption_mode: str = _f("recompute", "what happens to a preempted request's KV: recompute it later (as "
+                                           "vLLM 0.26 always does: it has no such flag), swap it to CPU memory "
+                                           "(swap_space; vLLM V0's swap), or offload its full blocks to the disk "
+                                           "tier (needs kv_disk_dir)", choices=_PREEMPTION_MODES)
     scheduling_policy: str = _f("fcfs", "which waiting request is admitted first and which running one is "
                                         "preempted: fcfs (arrival order; the newest is preempted) or priority "
                                         "(a request's priority, lower first, then arrival: vLLM's)",
                                 choices=_SCHEDULING_POLICIES)
-    swap_space: float = _f(4.0, "GiB of CPU memory for the blocks of swapped-out requests (preemption_mode swap)")
+    swap_space: float | None = _f(None, "GiB of CPU memory for the blocks of swapped-out requests, only with "
+                                        f"preemption_mode swap (default there: {_SWAP_SPACE_GIB:g}), as vLLM V0's "
+                                        "flag (vLLM V1 ignored it; 0.18 and later have none)")
     kv_offloading_size: float | None = _f(None, "GiB of CPU memory for the CPU tier of the prefix cache (vLLM's "
                                                 "flag): full blocks evicted from the GPU keep their KV there "
                                                 "(LRU) and prefix hits load it back; None = off")
@@ -167,8 +171,12 @@ class EngineConfig:
                f"one of {_SCHEDULING_POLICIES}", self.scheduling_policy)
         _check(self.preemption_mode in _PREEMPTION_MODES, "preemption_mode", f"one of {_PREEMPTION_MODES}",
                self.preemption_mode)
-        _check(self.swap_space > 0 if self.preemption_mode == "swap" else self.swap_space >= 0, "swap_space",
-               "> 0 GiB with preemption_mode swap (>= 0 otherwise)", self.swap_space)
+        # set without swap preemption it would size nothing: refused, not ignored (vLLM V1 ignored it)
+        _check(self.swap_space is None or self.preemption_mode == "swap", "swap_space",
+               "None (unset) unless preemption_mode is swap, the only mode that uses it", self.swap_space)
+        if self.preemption_mode == "swap" and self.swap_space is None:
+            self.swap_space = _SWAP_SPACE_GIB
+        _check(self.swap_space is None or self.swap_space > 0, "swap_space", "> 0 GiB", self.swap_space)
         _check(self.cpu_offload_gb == 0, "cpu_offload_gb", "0: offloading model weights to CPU memory (vLLM's "
                "--cpu-offload-gb) is not built; a CPU tier of the KV cache is kv_offloading_size "
                "(--kv-offloading-size)", self.cpu_offload_gb)
@@ -177,7 +185,7 @@ class EngineConfig:
         _check(self.kv_offloading_backend in _KV_OFFLOADING_BACKENDS, "kv_offloading_backend",
                f"one of {_KV_OFFLOADING_BACKENDS} (vLLM's lmcache is not built)", self.kv_offloading_backend)
         memory = host_memory_gib()   # the CPU pools' sizes: past it, only the allocator's words would say so
-        for name, gib in (("swap_space", self.swap_space if self.preemption_mode == "swap" else 0),
+        for name, gib in (("swap_space", self.swap_space or 0),
                           ("kv_offloading_size", self.kv_offloading_size or 0)):
             _check(memory is None or gib <= memory, name, f"at most this machine's memory ({memory or 0:.1f} GiB)",
                    gib)

@@ -107,6 +107,14 @@ def test_cpu_offload_gb_is_vllms_weights_offload_and_is_refused(serve_args, caps
                           "(--kv-offloading-size), got 20.0"), err
 
 
+def test_swap_space_without_swap_preemption_is_refused_not_ignored(serve_args, capsys):
+    """vLLM 0.17's --swap-space was taken and ignored (V1 never swapped), and 0.18 dropped it: a command line
+    that still has it now says what the flag does here."""
+    assert serve_args("--preemption-mode", "swap", "--swap-space", "8")[0].swap_space == 8.0
+    assert main(["serve", DEMO_MODEL, "--device", "cpu", "--swap-space", "8"]) == 2
+    assert "swap_space must be None (unset) unless preemption_mode is swap" in capsys.readouterr().err
+
+
 def test_uvicorn_log_level_and_access_log_flags_reach_uvicorn(serve_args):
     from pagedllm.server.api_server import uvicorn_config
     _, server = serve_args("--uvicorn-log-level", "warning", "--disable-uvicorn-access-log")

@@ -51,7 +51,7 @@ def test_python_callers_get_the_fields_type_named(kw, words):
 def test_sizes_intervals_and_the_disk_dir_are_checked(tmp_path):
     (tmp_path / "afile").write_text("x")
     for kw, words in ((dict(kv_offloading_size=float("inf")), "kv_offloading_size must be a finite number"),
-                      (dict(swap_space=float("nan")), "swap_space must be a finite number"),
+                      (dict(swap_space=float("nan"), preemption_mode="swap"), "swap_space must be a finite number"),
                       (dict(log_stats_interval=-1.0), "log_stats_interval must be >= 0"),
                       (dict(kv_disk_dir=str(tmp_path / "afile"), kv_offloading_size=1.0), "kv_disk_dir must be a dir"),
                       (dict(kv_disk_dir="", kv_offloading_size=1.0), "kv_disk_dir must be a directory path or None")):
@@ -60,7 +60,6 @@ def test_sizes_intervals_and_the_disk_dir_are_checked(tmp_path):
     for kw in (dict(kv_offloading_size=1e9), dict(swap_space=1e9, preemption_mode="swap")):
         with pytest.raises(ValueError, match=r"must be at most this machine's memory .* got 1000000000.0"):
             EngineConfig(**kw)
-    assert EngineConfig(swap_space=1e9).swap_space == 1e9   # not allocated without swap preemption
     assert EngineConfig(kv_disk_gb=1e9).kv_disk_gb == 1e9   # a disk size: no memory bound
 
 
@@ -76,6 +75,17 @@ def test_vllms_cpu_offload_gb_is_weights_offload_and_is_refused_pointing_to_the_
     assert config.kv_offloading_size is None and not config.kv_tiers_enabled
     config = EngineConfig(kv_offloading_size=0.5)
     assert (config.kv_offloading_size, config.kv_offloading_backend, config.kv_tiers_enabled) == (0.5, "native", True)
+
+
+def test_swap_space_sizes_the_swap_pool_of_swap_preemption_only():
+    """vLLM 0.26 has no --swap-space (0.18 dropped it; V1 had ignored it) nor --preemption-mode: here they are V0's
+    pair. A swap_space without swap preemption sized nothing and was taken silently; it is refused, naming why."""
+    assert EngineConfig(preemption_mode="swap").swap_space == 4.0   # V0's default
+    assert EngineConfig(preemption_mode="swap", swap_space=0.5).swap_space == 0.5
+    assert EngineConfig().swap_space is None
+    with pytest.raises(ValueError, match=re.escape("swap_space must be None (unset) unless preemption_mode is swap, "
+                                                   "the only mode that uses it, got 16")):
+        EngineConfig(swap_space=16)
 
 
 def test_paths_numbers_and_json_dicts_are_taken():
