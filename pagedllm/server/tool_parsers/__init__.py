@@ -8,7 +8,7 @@ from pagedllm.server.tool_parsers.mistral import MistralToolParser
 from pagedllm.server.tool_parsers.pythonic import Llama4PythonicToolParser, PythonicToolParser
 from pagedllm.server.tool_parsers.qwen3_coder import Qwen3CoderToolParser
 
-# name -> the parser's class, called with (max_calls, the request's tool names)
+# name -> the parser's class; a choice's parser is made by its for_request(max_calls, tools)
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesToolParser,
     "llama3_json": Llama3JsonToolParser,
