@@ -1,4 +1,5 @@
 """Engine statistics: counts the scheduler keeps, and the periodic log line."""
+import bisect
 import logging
 import time
 from collections.abc import Callable
@@ -50,6 +51,26 @@ class SpecDecodeStats:
         return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
+# vLLM's iteration_tokens_total bounds
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+@dataclass
+class TokenHistogram:
+    """Tokens per engine step (vLLM's iteration_tokens_total), cumulative. Kept in the core, so there is one
+    histogram however many API processes serve its outputs."""
+    bounds: tuple[int, ...] = ITERATION_TOKEN_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(ITERATION_TOKEN_BUCKETS) + 1))   # last: +Inf
+    total: int = 0
+
+    def observe(self, value: int):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1   # the first bound >= value (le)
+        self.total += value
+
+    def snapshot(self) -> "TokenHistogram":
+        return TokenHistogram(self.bounds, list(self.counts), self.total)
+
+
 @dataclass
 class SchedulerStats:
     num_running: int
@@ -70,6 +91,8 @@ class SchedulerStats:
     spec_decode: SpecDecodeStats | None = None   # None: speculative decoding is off
     # vLLM's prompt_tokens: the whole prompt of each request (cached tokens too), counted once, at its first token
     num_prompt_tokens_total: int = 0
+    # vLLM's: per step, the computed prompt tokens of requests whose first token came in it, and the tokens sampled
+    iteration_tokens: TokenHistogram = field(default_factory=TokenHistogram)
 
     @property
     def num_blocks_used(self) -> int:

@@ -29,7 +29,7 @@ from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, KVTrans
                                     NewRequestData, SchedulerOutput)
 from pagedllm.core.offload import NO_HIT, KVOffloadManager
 from pagedllm.core.repetition import ends_repeating
-from pagedllm.metrics import SchedulerStats
+from pagedllm.metrics import SchedulerStats, TokenHistogram
 from pagedllm.request import Request, RequestStatus
 
 logger = logging.getLogger("pagedllm")
@@ -56,6 +56,7 @@ class Scheduler:
         self.num_prompt_tokens = 0      # prompt tokens computed (prefix hits excluded)
         self.num_prompt_tokens_total = 0   # vLLM's prompt_tokens: each request's whole prompt, at its first token
         self.num_generation_tokens = 0
+        self.iteration_tokens = TokenHistogram()
         self.kv_peak = KVUsagePeak(kv_cache_manager.block_size)
 
     # ---- requests in and out -------------------------------------------------------------------------
@@ -279,7 +280,7 @@ class Scheduler:
         """Applies a step's sampled tokens. A request preempted by a later schedule() still gets its token
         (it is waiting, with nothing computed, and recomputes it too); one finished meanwhile is gone."""
         self.offload.update_from_output(sched.kv_transfers, out.kv_transfer)
-        outputs = []
+        outputs, num_step_tokens = [], 0
         for req_id in sched.num_scheduled_tokens:
             req = self.requests.get(req_id)
             tokens = out.sampled_token_ids.get(req_id)
@@ -301,8 +302,10 @@ class Scheduler:
                     if req.status.finished:
                         break
                 self.num_generation_tokens += len(new_ids)
+                num_step_tokens += len(new_ids)
                 if new_ids and req.num_output_tokens == len(new_ids):   # its first token (not after a preemption)
                     self.num_prompt_tokens_total += req.num_prompt_tokens
+                    num_step_tokens += max(req.num_prompt_tokens - max(req.num_cached_tokens, 0), 0)
             logprobs = out.logprobs.get(req_id)
             outputs.append(EngineCoreOutput(req_id, new_ids, logprobs and logprobs[:len(new_ids)], prompt_logprobs,
                                             req.status.finish_reason, req.stop_reason,
@@ -310,6 +313,8 @@ class Scheduler:
             if req.status.finished:
                 (self.running if was_running else self.waiting).remove(req)
                 self._free(req)
+        if sched.num_scheduled_tokens:
+            self.iteration_tokens.observe(num_step_tokens)
         return outputs
 
     def _check_stop(self, req: Request, token: int):
@@ -359,7 +364,7 @@ class Scheduler:
             kv_cache_usage=self.kv.usage(), prefix_cache_queries=self.kv.prefix_stats.queries,
             prefix_cache_hits=self.kv.prefix_stats.hits, num_preemptions=self.num_preemptions,
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
-            num_prompt_tokens_total=self.num_prompt_tokens_total,
+            num_prompt_tokens_total=self.num_prompt_tokens_total, iteration_tokens=self.iteration_tokens.snapshot(),
             peak_blocks=self.kv_peak.peak_blocks, peak_running=self.kv_peak.peak_running,
             kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats())
 

@@ -11,9 +11,9 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from pagedllm.metrics import SchedulerStats, StepStats
+from pagedllm.metrics import SchedulerStats, StepStats, TokenHistogram
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"   # prometheus_client's multiprocess mode: set, and read at import
 # vLLM's labels on every series: `engine` is its engine core's index (data parallel); one core here, so "0".
@@ -153,8 +153,19 @@ class _EngineCollector:
             family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
             family.add_metric([name, ENGINE], value)
             yield family
+        yield _histogram_family("iteration_tokens_total", "Tokens per engine step.", s.iteration_tokens, name)
         yield from _tier_families(s, name)
         yield from _spec_decode_families(s, name)
+
+
+def _histogram_family(metric: str, doc: str, hist: TokenHistogram, model_name: str) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
+    cumulative, buckets = 0, []
+    for bound, count in zip([*map(float, hist.bounds), "+Inf"], hist.counts):
+        cumulative += count
+        buckets.append((str(bound), cumulative))
+    family.add_metric([model_name, ENGINE], buckets, hist.total)
+    return family
 
 
 # KVTierStats field -> (metric, help); one sample per enabled tier (swap, cpu, disk), labelled `tier`.

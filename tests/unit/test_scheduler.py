@@ -206,6 +206,17 @@ def test_prompt_tokens_total_counts_each_prompt_once_cached_tokens_included():
     assert sched.num_preemptions > 0 and sched.make_stats().num_prompt_tokens_total == 3 * 8
 
 
+def test_iteration_tokens_histogram_counts_each_steps_tokens():
+    """vLLM's iteration_tokens_total: one observation a step, of the computed prompt tokens of the requests whose
+    first token came in it and the tokens sampled; a prefill chunk that samples nothing adds no tokens."""
+    sched = make_scheduler(budget=6)
+    add(sched, "a", 9, max_tokens=2)   # chunks of 6 and 3 tokens, then one decode step
+    run_to_end(sched)
+    hist = sched.make_stats().iteration_tokens
+    assert sum(hist.counts) == 3 and hist.total == 0 + (9 + 1) + 1
+    assert hist.counts[0] == 2 and hist.counts[hist.bounds.index(16)] == 1   # 0 and 1 in le=1, 10 in le=16
+
+
 def test_prefix_cache_queries_count_first_admissions_that_read_the_cache():
     """vLLM's prefix_cache_queries/hits: a preempted request's readmission is not a query (its own blocks hit
     again), nor a request that skips the cache (prompt logprobs)."""

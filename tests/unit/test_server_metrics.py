@@ -2,7 +2,7 @@
 `pagedllm:` prefix for `vllm:`), labels, buckets and meaning. Over StepStats and SchedulerStats, no engine."""
 import re
 
-from pagedllm.metrics import FinishedRequestStats, SchedulerStats, SpecDecodeStats, StepStats
+from pagedllm.metrics import FinishedRequestStats, SchedulerStats, SpecDecodeStats, StepStats, TokenHistogram
 from pagedllm.server.metrics import ServerMetrics
 
 
@@ -113,3 +113,17 @@ def test_request_success_has_every_finish_reason_from_zero():
     for reason in ("stop", "length", "abort", "error"):
         assert (f'pagedllm:request_success_total{{engine="0",finished_reason="{reason}",model_name="m"}} 0.0'
                 in text)
+
+
+def test_iteration_tokens_histogram():
+    """vLLM's iteration_tokens_total (tokens per engine step, its bounds 1 to 16384), from the core's counts."""
+    hist = TokenHistogram()
+    for tokens in (1, 10, 20000):
+        hist.observe(tokens)
+    text = exposed(ServerMetrics("m"), scheduler_stats(iteration_tokens=hist))
+    name = "pagedllm:iteration_tokens_total"
+    assert bounds(text, name) == [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+    assert f'{name}_bucket{{engine="0",le="16.0",model_name="m"}} 2.0' in text
+    assert f'{name}_bucket{{engine="0",le="+Inf",model_name="m"}} 3.0' in text
+    assert f'{name}_count{{engine="0",model_name="m"}} 3.0' in text
+    assert f'{name}_sum{{engine="0",model_name="m"}} 20011.0' in text
