@@ -72,6 +72,29 @@ class TokenHistogram:
 
 
 @dataclass
+class PromptTokenSources:
+    """vLLM's prompt_tokens_by_source: each request's whole prompt, counted at its first token (a recompute after
+    preemption is not), by where its KV came from. vLLM's KV offloading is a KV connector: a tier below the GPU
+    here is its external_kv_transfer."""
+    local_compute: int = 0
+    local_cache_hit: int = 0          # the GPU prefix cache
+    external_kv_transfer: int = 0     # loaded from the CPU or disk tier
+
+    def record(self, num_prompt_tokens: int, num_cached_tokens: int, num_loaded_tokens: int) -> int:
+        """Returns the tokens computed."""
+        num_cached = min(max(num_cached_tokens, 0), num_prompt_tokens)
+        num_loaded = min(num_loaded_tokens, num_cached)
+        self.local_compute += num_prompt_tokens - num_cached
+        self.local_cache_hit += num_cached - num_loaded
+        self.external_kv_transfer += num_loaded
+        return num_prompt_tokens - num_cached
+
+    @property
+    def total(self) -> int:
+        return self.local_compute + self.local_cache_hit + self.external_kv_transfer
+
+
+@dataclass
 class SchedulerStats:
     num_running: int
     num_waiting: int
@@ -89,10 +112,14 @@ class SchedulerStats:
     kv_waste_at_peak: float        # share of allocated KV slots holding no token, at peak_blocks
     kv_tiers: dict[str, KVTierStats] = field(default_factory=dict)   # tier name -> its stats (enabled tiers)
     spec_decode: SpecDecodeStats | None = None   # None: speculative decoding is off
-    # vLLM's prompt_tokens: the whole prompt of each request (cached tokens too), counted once, at its first token
-    num_prompt_tokens_total: int = 0
+    prompt_token_sources: PromptTokenSources = field(default_factory=PromptTokenSources)
     # vLLM's: per step, the computed prompt tokens of requests whose first token came in it, and the tokens sampled
     iteration_tokens: TokenHistogram = field(default_factory=TokenHistogram)
+
+    @property
+    def num_prompt_tokens_total(self) -> int:
+        """vLLM's prompt_tokens: the whole prompt of each request (cached tokens too), once, at its first token."""
+        return self.prompt_token_sources.total
 
     @property
     def num_blocks_used(self) -> int:

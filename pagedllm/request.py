@@ -53,6 +53,7 @@ class Request:
         self.num_computed_tokens = 0     # counted when a step is scheduled, before it has run
         self.num_output_placeholders = 0  # tokens being sampled by scheduled steps, not yet appended
         self.num_cached_tokens = -1      # prefix-cache hit at first scheduling; -1 = not scheduled yet
+        self.num_loaded_tokens = 0       # of those, the ones loaded from a KV tier below the GPU
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None

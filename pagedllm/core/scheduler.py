@@ -22,6 +22,7 @@ import bisect
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.kv_usage import KVUsagePeak
@@ -29,7 +30,7 @@ from pagedllm.core.messages import (CachedRequestData, EngineCoreOutput, KVTrans
                                     NewRequestData, SchedulerOutput)
 from pagedllm.core.offload import NO_HIT, KVOffloadManager
 from pagedllm.core.repetition import ends_repeating
-from pagedllm.metrics import SchedulerStats, TokenHistogram
+from pagedllm.metrics import PromptTokenSources, SchedulerStats, TokenHistogram
 from pagedllm.request import Request, RequestStatus
 
 logger = logging.getLogger("pagedllm")
@@ -54,7 +55,7 @@ class Scheduler:
         self.compiling: list[Request] = []   # waiting for their grammar (structured output) to compile
         self.num_preemptions = 0
         self.num_prompt_tokens = 0      # prompt tokens computed (prefix hits excluded)
-        self.num_prompt_tokens_total = 0   # vLLM's prompt_tokens: each request's whole prompt, at its first token
+        self.prompt_token_sources = PromptTokenSources()   # vLLM's prompt_tokens: each prompt, at its first token
         self.num_generation_tokens = 0
         self.iteration_tokens = TokenHistogram()
         self.kv_peak = KVUsagePeak(kv_cache_manager.block_size)
@@ -196,7 +197,7 @@ class Scheduler:
             del self.waiting[i]
             self.kv.record_prefix_lookup(req, num_hit)
             if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_hit + load.num_tokens
+                req.num_cached_tokens, req.num_loaded_tokens = num_hit + load.num_tokens, load.num_tokens
             req.num_computed_tokens = num_hit + load.num_tokens
             req.status = RequestStatus.RUNNING
             self._enqueue(self.running, req)
@@ -304,8 +305,8 @@ class Scheduler:
                 self.num_generation_tokens += len(new_ids)
                 num_step_tokens += len(new_ids)
                 if new_ids and req.num_output_tokens == len(new_ids):   # its first token (not after a preemption)
-                    self.num_prompt_tokens_total += req.num_prompt_tokens
-                    num_step_tokens += max(req.num_prompt_tokens - max(req.num_cached_tokens, 0), 0)
+                    num_step_tokens += self.prompt_token_sources.record(req.num_prompt_tokens, req.num_cached_tokens,
+                                                                        req.num_loaded_tokens)
             logprobs = out.logprobs.get(req_id)
             outputs.append(EngineCoreOutput(req_id, new_ids, logprobs and logprobs[:len(new_ids)], prompt_logprobs,
                                             req.status.finish_reason, req.stop_reason,
@@ -364,7 +365,7 @@ class Scheduler:
             kv_cache_usage=self.kv.usage(), prefix_cache_queries=self.kv.prefix_stats.queries,
             prefix_cache_hits=self.kv.prefix_stats.hits, num_preemptions=self.num_preemptions,
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
-            num_prompt_tokens_total=self.num_prompt_tokens_total, iteration_tokens=self.iteration_tokens.snapshot(),
+            prompt_token_sources=replace(self.prompt_token_sources), iteration_tokens=self.iteration_tokens.snapshot(),
             peak_blocks=self.kv_peak.peak_blocks, peak_running=self.kv_peak.peak_running,
             kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats())
 

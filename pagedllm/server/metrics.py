@@ -153,9 +153,24 @@ class _EngineCollector:
             family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
             family.add_metric([name, ENGINE], value)
             yield family
+        yield from _prompt_source_families(s, name)
         yield _histogram_family("iteration_tokens_total", "Tokens per engine step.", s.iteration_tokens, name)
         yield from _tier_families(s, name)
         yield from _spec_decode_families(s, name)
+
+
+def _prompt_source_families(s: SchedulerStats, model_name: str):
+    """vLLM's prompt_tokens split by where the KV came from (they sum to prompt_tokens), and the cached part."""
+    sources = s.prompt_token_sources
+    family = CounterMetricFamily("pagedllm:prompt_tokens_by_source", "Prompt tokens by source.",
+                                 labels=[*LABELS, "source"])
+    for source in ("local_compute", "local_cache_hit", "external_kv_transfer"):
+        family.add_metric([model_name, ENGINE, source], getattr(sources, source))
+    yield family
+    family = CounterMetricFamily("pagedllm:prompt_tokens_cached", "Cached prompt tokens (local and external).",
+                                 labels=LABELS)
+    family.add_metric([model_name, ENGINE], sources.local_cache_hit + sources.external_kv_transfer)
+    yield family
 
 
 def _histogram_family(metric: str, doc: str, hist: TokenHistogram, model_name: str) -> HistogramMetricFamily:

@@ -3,6 +3,7 @@ the end of its known tokens."""
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.messages import ModelRunnerOutput
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.metrics import PromptTokenSources
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 
@@ -199,6 +200,7 @@ def test_prompt_tokens_total_counts_each_prompt_once_cached_tokens_included():
     run_to_end(sched)
     stats = sched.make_stats()
     assert stats.num_prompt_tokens_total == 18 and stats.num_prompt_tokens == 9 + 1
+    assert stats.prompt_token_sources == PromptTokenSources(local_compute=9 + 1, local_cache_hit=8)
     sched = make_scheduler(num_blocks=6, budget=64)
     for i in range(3):
         add(sched, f"r{i}", 8, max_tokens=8, first_token=100 * i)

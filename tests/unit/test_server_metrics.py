@@ -2,7 +2,8 @@
 `pagedllm:` prefix for `vllm:`), labels, buckets and meaning. Over StepStats and SchedulerStats, no engine."""
 import re
 
-from pagedllm.metrics import FinishedRequestStats, SchedulerStats, SpecDecodeStats, StepStats, TokenHistogram
+from pagedllm.metrics import (FinishedRequestStats, PromptTokenSources, SchedulerStats, SpecDecodeStats, StepStats,
+                              TokenHistogram)
 from pagedllm.server.metrics import ServerMetrics
 
 
@@ -59,7 +60,8 @@ def test_latency_histograms_have_vllms_bucket_bounds():
 
 def test_prompt_tokens_counter_is_vllms_all_prompt_tokens():
     """vllm:prompt_tokens counts cached prompt tokens too: rate() of it is the prompt throughput served."""
-    text = exposed(ServerMetrics("m"), scheduler_stats(num_prompt_tokens=10, num_prompt_tokens_total=18))
+    text = exposed(ServerMetrics("m"), scheduler_stats(num_prompt_tokens=10,
+                                                          prompt_token_sources=PromptTokenSources(10, 8)))
     assert samples(text, "pagedllm:prompt_tokens_total") == [
         'pagedllm:prompt_tokens_total{engine="0",model_name="m"} 18.0']
 
@@ -127,3 +129,18 @@ def test_iteration_tokens_histogram():
     assert f'{name}_bucket{{engine="0",le="+Inf",model_name="m"}} 3.0' in text
     assert f'{name}_count{{engine="0",model_name="m"}} 3.0' in text
     assert f'{name}_sum{{engine="0",model_name="m"}} 20011.0' in text
+
+
+def test_prompt_tokens_by_source():
+    """vLLM's prompt_tokens_by_source (local_compute + local_cache_hit + external_kv_transfer = prompt_tokens)
+    and prompt_tokens_cached (the two cached sources)."""
+    sources = PromptTokenSources()
+    assert sources.record(40, 32, 16) == 8   # 16 of the 32 cached tokens were loaded from a KV tier
+    text = exposed(ServerMetrics("m"), scheduler_stats(prompt_token_sources=sources))
+    assert samples(text, "pagedllm:prompt_tokens_by_source_total") == [
+        f'pagedllm:prompt_tokens_by_source_total{{engine="0",model_name="m",source="{source}"}} {value}'
+        for source, value in (("local_compute", 8.0), ("local_cache_hit", 16.0), ("external_kv_transfer", 16.0))]
+    assert samples(text, "pagedllm:prompt_tokens_cached_total") == [
+        'pagedllm:prompt_tokens_cached_total{engine="0",model_name="m"} 32.0']
+    assert samples(text, "pagedllm:prompt_tokens_total") == [
+        'pagedllm:prompt_tokens_total{engine="0",model_name="m"} 40.0']
