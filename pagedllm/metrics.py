@@ -112,6 +112,9 @@ class SchedulerStats:
     kv_waste_at_peak: float        # share of allocated KV slots holding no token, at peak_blocks
     kv_tiers: dict[str, KVTierStats] = field(default_factory=dict)   # tier name -> its stats (enabled tiers)
     spec_decode: SpecDecodeStats | None = None   # None: speculative decoding is off
+    # LoRA on: adapter name -> its requests running / waiting (vLLM's lora_requests_info); None: LoRA is off
+    running_lora_adapters: dict[str, int] | None = None
+    waiting_lora_adapters: dict[str, int] | None = None
     prompt_token_sources: PromptTokenSources = field(default_factory=PromptTokenSources)
     # vLLM's: per step, the computed prompt tokens of requests whose first token came in it, and the tokens sampled
     iteration_tokens: TokenHistogram = field(default_factory=TokenHistogram)

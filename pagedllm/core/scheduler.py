@@ -19,6 +19,7 @@ placeholder's position, whose input id the runner takes from the device (see run
 request whose in-flight tokens already reach max_tokens or max_model_len is not scheduled again.
 """
 import bisect
+import collections
 import logging
 import time
 from collections import deque
@@ -367,7 +368,14 @@ class Scheduler:
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
             prompt_token_sources=replace(self.prompt_token_sources), iteration_tokens=self.iteration_tokens.snapshot(),
             peak_blocks=self.kv_peak.peak_blocks, peak_running=self.kv_peak.peak_running,
-            kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats())
+            kv_waste_at_peak=self.kv_peak.kv_waste_at_peak, kv_tiers=self.offload.make_stats(),
+            running_lora_adapters=self._adapter_counts(self.running),
+            waiting_lora_adapters=self._adapter_counts(self.waiting))
+
+    def _adapter_counts(self, queue) -> dict[str, int] | None:
+        if self.max_loras is None:
+            return None
+        return dict(collections.Counter(r.lora_request.lora_name for r in queue if r.lora_request is not None))
 
 
 def _repeats(req: Request) -> bool:

@@ -331,7 +331,7 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
     run-batch` sends its requests to in process. on_dead: called when the core dies."""
     names = server_config.served_model_name
     names = [names] if isinstance(names, str) else list(names or [engine_config.model])
-    metrics = ServerMetrics(names[0])
+    metrics = ServerMetrics(names[0], engine_config)
     engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
                       heartbeat_timeout=server_config.engine_heartbeat_timeout,
                       step_timeout=server_config.engine_step_timeout,

@@ -8,11 +8,13 @@ step's StepStats as the API process handles it.
 import bisect
 import collections
 import os
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from pagedllm.config import EngineConfig
 from pagedllm.metrics import SchedulerStats, StepStats, TokenHistogram
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"   # prometheus_client's multiprocess mode: set, and read at import
@@ -33,9 +35,11 @@ _TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(7) for m in (1, 2, 5))
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, config: EngineConfig | None = None):
+        """config: the engine's, for vLLM's info series (cache_config_info, lora_requests_info)."""
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        self.config = config
         self.stats: SchedulerStats | None = None
         self.registry.register(_EngineCollector(self))
         labels, r = list(LABELS), self.registry
@@ -154,9 +158,34 @@ class _EngineCollector:
             family.add_metric([name, ENGINE], value)
             yield family
         yield from _prompt_source_families(s, name)
+        yield from _info_families(s, self.metrics.config)
         yield _histogram_family("iteration_tokens_total", "Tokens per engine step.", s.iteration_tokens, name)
         yield from _tier_families(s, name)
         yield from _spec_decode_families(s, name)
+
+
+def _info_families(s: SchedulerStats, config: EngineConfig | None):
+    """vLLM's info gauges. cache_config_info: 1, labelled with the cache config (its CacheConfig's names and
+    str() values, for the fields that mean the same here). lora_requests_info: the time of the scrape, labelled
+    with the adapters of running and waiting requests (comma-joined) and max_lora; readers take the newest."""
+    if config is None:
+        return
+    labels = {"block_size": config.block_size, "cache_dtype": config.kv_cache_dtype,
+              "enable_prefix_caching": config.enable_prefix_caching,
+              "gpu_memory_utilization": config.gpu_memory_utilization,
+              "kv_cache_memory_bytes": config.kv_cache_memory, "num_gpu_blocks": s.num_blocks_total,
+              "num_gpu_blocks_override": config.num_gpu_blocks_override, "engine": ENGINE}
+    family = GaugeMetricFamily("pagedllm:cache_config_info", "Information of the engine's cache config.",
+                               labels=list(labels))
+    family.add_metric([str(v) for v in labels.values()], 1)
+    yield family
+    if s.running_lora_adapters is None:
+        return
+    family = GaugeMetricFamily("pagedllm:lora_requests_info", "Running stats on lora requests.",
+                               labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+    family.add_metric([str(config.max_loras), ",".join(s.waiting_lora_adapters or ()),
+                       ",".join(s.running_lora_adapters)], time.time())
+    yield family
 
 
 def _prompt_source_families(s: SchedulerStats, model_name: str):

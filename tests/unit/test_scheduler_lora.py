@@ -61,3 +61,16 @@ def test_adapter_in_block_hash():
     assert len(set(hashes)) == 4
     same = Request("w", list(range(8)), SamplingParams(), 1, BS, lora_request=LoRARequest("a", 1, "/a"))
     assert same.block_hashes == a.block_hashes
+
+
+def test_stats_count_running_and_waiting_requests_by_adapter():
+    """vLLM's lora_requests_info labels: each adapter's running and waiting requests (None with LoRA off)."""
+    sched = Scheduler(KVCacheManager(64, BS), 8, 64, 256, max_loras=1)
+    for rid, lora in [("a1", L1), ("b1", L2), ("a2", L1), ("base", None)]:
+        add(sched, rid, lora)
+    stats = sched.make_stats()
+    assert stats.running_lora_adapters == {} and stats.waiting_lora_adapters == {"a": 2, "b": 1}
+    sched.schedule()
+    stats = sched.make_stats()
+    assert stats.running_lora_adapters == {"a": 2} and stats.waiting_lora_adapters == {"b": 1}
+    assert Scheduler(KVCacheManager(64, BS), 8, 64, 256).make_stats().running_lora_adapters is None

@@ -1,7 +1,9 @@
 """/metrics against vLLM's PrometheusStatLogger: the series its dashboards and alerts read, with its names (the
 `pagedllm:` prefix for `vllm:`), labels, buckets and meaning. Over StepStats and SchedulerStats, no engine."""
 import re
+import time
 
+from pagedllm.config import EngineConfig
 from pagedllm.metrics import (FinishedRequestStats, PromptTokenSources, SchedulerStats, SpecDecodeStats, StepStats,
                               TokenHistogram)
 from pagedllm.server.metrics import ServerMetrics
@@ -144,3 +146,28 @@ def test_prompt_tokens_by_source():
         'pagedllm:prompt_tokens_cached_total{engine="0",model_name="m"} 32.0']
     assert samples(text, "pagedllm:prompt_tokens_total") == [
         'pagedllm:prompt_tokens_total{engine="0",model_name="m"} 40.0']
+
+
+def test_cache_config_info():
+    """vLLM's cache_config_info: a gauge of 1 whose labels are the cache config (its CacheConfig's names, str()
+    values), num_gpu_blocks the blocks the engine has; readers (gateways' schedulers) read block_size from it."""
+    config = EngineConfig(model="x", block_size=32, gpu_memory_utilization=0.8)
+    text = exposed(ServerMetrics("m", config), scheduler_stats())
+    assert samples(text, "pagedllm:cache_config_info") == [
+        'pagedllm:cache_config_info{block_size="32",cache_dtype="auto",enable_prefix_caching="True",engine="0",'
+        'gpu_memory_utilization="0.8",kv_cache_memory_bytes="None",num_gpu_blocks="10",'
+        'num_gpu_blocks_override="None"} 1.0']
+
+
+def test_lora_requests_info():
+    """vLLM's lora_requests_info, only with LoRA on: the time as value (readers take the newest sample), the
+    running and waiting requests' adapters comma-joined, and max_lora."""
+    assert "lora_requests_info" not in exposed(ServerMetrics("m", EngineConfig(model="x")), scheduler_stats())
+    metrics = ServerMetrics("m", EngineConfig(model="x", enable_lora=True, max_loras=2))
+    start = time.time()
+    text = exposed(metrics, scheduler_stats(running_lora_adapters={"a": 2, "b": 1}, waiting_lora_adapters={}))
+    [line] = samples(text, "pagedllm:lora_requests_info")
+    labels, value = line.rsplit(" ", 1)
+    assert labels == ('pagedllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",'
+                      'waiting_lora_adapters=""}')
+    assert start <= float(value) <= time.time()
