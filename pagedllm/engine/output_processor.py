@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pagedllm.core.messages import EngineCoreOutput, TokenLogprobs
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
-from pagedllm.engine.decode_after import decode_after
+from pagedllm.engine.decode_after import decode_after, partial_char_text
 from pagedllm.engine.tokenizer import raw_decoder
 from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import FinishedRequestStats, StepStats
@@ -194,8 +194,10 @@ class OutputProcessor:
     def _update_sequence(self, parent: _ParentRequest, seq: _Sequence, out: EngineCoreOutput,
                          now: float) -> bool:
         """Returns True when a stop string ended the sequence."""
-        if out.prompt_logprobs is not None:
-            parent.prompt_logprobs = [None] + [self._position(p) for p in out.prompt_logprobs]
+        if out.prompt_logprobs is not None:   # position i + 1's logprobs: context, the prompt before it
+            ids = parent.prompt_token_ids
+            parent.prompt_logprobs = [None] + [self._position(p, context=ids[max(i - 3, 0):i + 1])
+                                               for i, p in enumerate(out.prompt_logprobs)]
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
         new, logprobs = out.new_token_ids, out.logprobs
         # An EOS or stop token id that ended the sequence is not part of its text.
@@ -210,23 +212,27 @@ class OutputProcessor:
             parent.metrics.last_token_time = now
             seq.token_ids.extend(new)
             if logprobs is not None and seq.cumulative_logprob is not None:
-                for position in logprobs:
+                for i, position in enumerate(logprobs, len(seq.token_ids) - len(new)):
                     seq.cumulative_logprob += position.logprobs[0]
-                    if seq.logprobs is not None:
-                        seq.logprobs.append(self._position(position, parent.named_logprobs))
+                    if seq.logprobs is not None:   # context: the output before it, as vLLM's (not the prompt)
+                        context = seq.token_ids[max(i - 4, 0):i]
+                        seq.logprobs.append(self._position(position, parent.named_logprobs, context))
         seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
         if stop_str is not None:   # as vLLM: also where the core ended it by length in the same step
             seq.finish_reason, seq.stop_reason = "stop", stop_str
             return out.finish_reason is None
         return False
 
-    def _position(self, lp: TokenLogprobs, named: bool = False) -> PositionLogprobs:
-        """named: the ids after the chosen token are logprob_token_ids, whose ranks are unknown (None)."""
+    def _position(self, lp: TokenLogprobs, named: bool = False, context: list[int] = ()) -> PositionLogprobs:
+        """named: the ids after the chosen token are logprob_token_ids, whose ranks are unknown (None).
+        context: the sequence's tokens before this position (partial UTF-8 characters: partial_char_text)."""
         entry = {}
         for rank, (tid, value) in enumerate(zip(lp.token_ids, lp.logprobs)):
             if tid not in entry:   # the chosen token comes first; it may also be among the top-N
-                entry[tid] = Logprob(value, lp.rank if rank == 0 else None if named else rank,
-                                     self._decode_token([tid]))
+                text = self._decode_token([tid])
+                if text is not None and text.endswith("\ufffd"):
+                    text = partial_char_text(self.tokenizer.decode, tid, list(context))
+                entry[tid] = Logprob(value, lp.rank if rank == 0 else None if named else rank, text)
         return entry
 
     def _make_output(self, parent: _ParentRequest, finished: bool) -> RequestOutput | None:
