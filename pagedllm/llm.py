@@ -1,5 +1,6 @@
 """LLM: the offline, batch entry point."""
 import contextlib
+import dataclasses
 import gc
 import itertools
 import numbers
@@ -18,6 +19,7 @@ from pagedllm.engine.output_processor import OutputKind
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.vllm_flags import check_vllm_kwargs
 
 # A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
 Prompt = str | list[int] | dict
@@ -25,7 +27,11 @@ Prompt = str | list[int] | dict
 
 class LLM:
     def __init__(self, model: str = DEMO_MODEL, **engine_args):
-        self.engine = Engine(EngineConfig(model=model, **engine_args))
+        """engine_args: EngineConfig's fields, or vLLM's LLM arguments (vllm_flags.py: each is taken with vLLM's
+        meaning or refused naming it and why). No statistics log lines unless asked for, as vLLM's LLM
+        (disable_log_stats=True)."""
+        sets, fields = check_vllm_kwargs({"disable_log_stats": True, **engine_args})
+        self.engine = Engine(EngineConfig(model=model, **{**sets, **_field_names(fields)}))   # a field given wins
         self._ids = itertools.count()
         self._queued: dict[str, None] = {}             # enqueue()'s requests (ordered), until wait_for_completion()
         self._done: dict[str, RequestOutput] = {}      # those of them that finished in another call's run
@@ -252,6 +258,14 @@ def _frozen_gc():
         yield
     finally:
         gc.unfreeze()
+
+
+def _field_names(kwargs: dict) -> dict:
+    """vLLM's long names of config fields (kv_cache_memory_bytes: the flag alias --kv-cache-memory-bytes) as
+    the fields'."""
+    names = {alias[2:].replace("-", "_"): f.name for f in dataclasses.fields(EngineConfig)
+             for alias in f.metadata.get("aliases", ()) if alias.startswith("--")}
+    return {names.get(k, k): v for k, v in kwargs.items()}
 
 
 def _conversations(messages) -> list[list[dict]]:

@@ -112,7 +112,7 @@ VLLM_FLAGS = (
     VllmFlag("enable-sleep-mode", "sleep mode is not built", _is(False), boolean=True),
     VllmFlag("limit-mm-per-prompt", _MULTIMODAL, _zero_counts),
     VllmFlag("mm-processor-kwargs", _MULTIMODAL, _never),
-    VllmFlag("allowed-local-media-path", _MULTIMODAL, _never),
+    VllmFlag("allowed-local-media-path", _MULTIMODAL, _is("")),
     VllmFlag("structured-outputs-config", "structured output runs on xgrammar here: '{\"backend\": \"xgrammar\"}' "
              "(or auto) is taken, no other backend or setting", _xgrammar_backend),
     VllmFlag("guided-decoding-backend", "structured output runs on xgrammar here (xgrammar, auto are taken)",
@@ -133,6 +133,14 @@ VLLM_FLAGS = (
     VllmFlag("ssl-ca-certs", "client certificates are not checked here (--ssl-keyfile and --ssl-certfile serve "
              "HTTPS)", _never),
     VllmFlag("ssl-cert-reqs", "client certificates are not checked here (0, none required, is taken)", _is("0")),
+    VllmFlag("hf-token", _HUB_ONLY, _any),
+    VllmFlag("allowed-media-domains", _MULTIMODAL, _never, nargs="+"),
+    VllmFlag("pooler-config", "pagedllm runs generative models only: pooling is not built", _never),
+    VllmFlag("attention-config", "pagedllm picks its own attention kernels (torch on CPU, Triton or FlashAttention "
+             "on CUDA)", _never),
+    VllmFlag("logits-processors", "custom logits processor classes are not loaded: SamplingParams' own (penalties, "
+             "logit_bias, allowed_token_ids, bad_words) are built in", _never, nargs="+"),
+    VllmFlag("enable-return-routed-experts", "no mixture-of-experts model is built here", _is(False), boolean=True),
 )
 
 
@@ -160,3 +168,35 @@ def check_vllm_flags(args: argparse.Namespace) -> dict:
         if value is not False:
             sets.update(flag.sets or {})
     return sets
+
+
+def check_vllm_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """LLM(**kwargs) as vLLM's LLM takes them: (the config fields they set, the other kwargs, for EngineConfig).
+    A kwarg naming a flag of VLLM_FLAGS (vLLM's spelling, with underscores) is judged as the flag on the command
+    line; None is vLLM's "left out"."""
+    flags = {flag.name.replace("-", "_"): flag for flag in VLLM_FLAGS}
+    sets, rest = {}, {}
+    for name, value in kwargs.items():
+        flag = flags.get(name)
+        if flag is None:
+            rest[name] = value
+            continue
+        if value is None:
+            continue
+        if not flag.takes(_as_parsed(flag, value)):
+            raise ValueError(f"LLM({name}={value!r:.100}): {flag.why}")
+        if value is not False:
+            sets.update(flag.sets or {})
+    return sets, rest
+
+
+def _as_parsed(flag: VllmFlag, value):
+    """A Python value as argparse would give the flag's value: bool for a boolean flag, else text (a dict as
+    its JSON, a list item by item)."""
+    if flag.boolean:
+        return value
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return str(value)

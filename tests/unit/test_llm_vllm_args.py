@@ -1,0 +1,36 @@
+"""A script written for vLLM's LLM(...), run here: each vLLM argument is taken with vLLM's meaning, or refused
+naming it and why; none is an unexpected-keyword TypeError."""
+import pytest
+
+from pagedllm import LLM
+from pagedllm.vllm_flags import check_vllm_kwargs
+
+
+def test_vllms_usual_llm_arguments_are_taken():
+    llm = LLM(trust_remote_code=True, revision=None, tokenizer_revision="main", download_dir="/tmp/models",
+              tokenizer_mode="auto", hf_token=True, pipeline_parallel_size=1, enable_chunked_prefill=True,
+              max_logprobs=20, runner="generate", limit_mm_per_prompt={"image": 0}, allowed_local_media_path="",
+              structured_outputs_config={"backend": "xgrammar"}, kv_cache_memory_bytes=2**20, device="cpu")
+    assert llm.engine.config.kv_cache_memory == 2**20
+
+
+def test_statistics_log_lines_are_off_unless_asked_for_as_vllms_llm():
+    assert LLM(device="cpu").engine.config.log_stats_interval == 0
+    assert LLM(device="cpu", disable_log_stats=False).engine.config.log_stats_interval == 10.0
+    assert LLM(device="cpu", log_stats_interval=5).engine.config.log_stats_interval == 5
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"pipeline_parallel_size": 2}, "pipeline parallelism"), ({"compilation_config": {"level": 3}}, "torch.compile"),
+    ({"tokenizer_mode": "mistral"}, "mistral_common"), ({"limit_mm_per_prompt": {"image": 1}}, "multimodal"),
+    ({"logits_processors": ["my.Processor"]}, "logits processor"), ({"pooler_config": {}}, "pooling"),
+])
+def test_vllm_arguments_not_built_here_are_refused_naming_them(kwargs, words):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=rf"LLM\({name}=.*{words}"):
+        check_vllm_kwargs(kwargs)
+
+
+def test_an_unknown_argument_stays_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="no_such_arg"):
+        LLM(no_such_arg=1, device="cpu")
