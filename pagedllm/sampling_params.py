@@ -1,4 +1,5 @@
 """Per-request sampling parameters, validated where they enter (field names and meanings as in vLLM)."""
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ SEED_MIN, SEED_END = -2**63, 2**64
 MAX_LOGPROB_TOKEN_IDS = 128   # vLLM's bound on logprob_token_ids
 
 logger = logging.getLogger("pagedllm")
+_DEFAULT_WHEN_NONE = ("n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p")
 
 
 @dataclass
@@ -41,6 +43,9 @@ class SamplingParams:
     logprob_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # vLLM's; taken and not used: fast tokenizers (AutoTokenizer's choice when there is one) join special tokens
+    # as their decoder does, and vLLM's fast detokenizer ignores it too
+    spaces_between_special_tokens: bool = True
     detokenize: bool = True
     logit_bias: dict[int, float] | None = None   # token id -> added to its logit (str keys, as JSON sends them)
     allowed_token_ids: list[int] | None = None   # only these may be sampled
@@ -59,6 +64,7 @@ class SamplingParams:
     thinking_token_budget: int | None = None
     # vLLM's: end (finish_reason "repetition") when the output ends with a pattern repeated (core/repetition.py)
     repetition_detection: RepetitionDetectionParams | None = None
+    extra_args: dict | None = None   # vLLM's: for the caller's own code (plugins); nothing here reads it
     # Filled by the engine from the tokenizer / generation config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)   # the ids that end the request
     # What min_tokens bans: the stop ids and the EOS ids, also with ignore_eos (vLLM's: ignore_eos only keeps
@@ -137,11 +143,14 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             _require(v is None or (is_int(v) and v >= 0), name, "None or an integer >= 0", v)
-        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"):
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize",
+                     "spaces_between_special_tokens"):
             _require(isinstance(getattr(self, name), bool), name, "True or False", getattr(self, name))
         t = self.truncate_prompt_tokens
         _require(t is None or (is_int(t) and (t >= 1 or t == -1)), "truncate_prompt_tokens",
                  "an integer >= 1, -1 (max_model_len) or None", t)
+        _require(self.extra_args is None or isinstance(self.extra_args, dict), "extra_args", "None or a dict",
+                 self.extra_args)
         _require(self.truncation_side in ("left", "right"), "truncation_side", "left or right",
                  self.truncation_side)
         for name in ("reasoning_end_token_id", "reasoning_start_token_id", "thinking_token_budget"):
@@ -165,6 +174,16 @@ class SamplingParams:
                  "None or a non-empty list of non-negative token ids", self.allowed_token_ids)
         _require(self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words),
                  "bad_words", "a list of non-blank strings", self.bad_words)
+
+    @classmethod
+    def from_optional(cls, **fields) -> "SamplingParams":
+        """vLLM's: None for n, a penalty, temperature or top_p means its default (a request's JSON null); other
+        fields are taken as given (max_tokens=None: up to max_model_len)."""
+        return cls(**{k: v for k, v in fields.items() if v is not None or k not in _DEFAULT_WHEN_NONE})
+
+    def clone(self) -> "SamplingParams":
+        """vLLM's: a deep copy, to change for one request without touching the others'."""
+        return copy.deepcopy(self)
 
     @property
     def uses_penalties(self) -> bool:

@@ -153,3 +153,19 @@ def test_error_echoes_long_values_cut_short():
     with pytest.raises(ValueError) as e:
         SamplingParams(stop=["x" * 100_000, ""])
     assert len(str(e.value)) < 400
+
+
+def test_vllms_extra_fields_from_optional_and_clone():
+    """A vLLM script's SamplingParams(spaces_between_special_tokens=False, extra_args={...}) is taken (they
+    were unexpected-keyword TypeErrors); from_optional takes None as the default where vLLM's does."""
+    p = SamplingParams(spaces_between_special_tokens=False, extra_args={"tag": 1})
+    assert (p.spaces_between_special_tokens, p.extra_args) == (False, {"tag": 1})
+    with pytest.raises(ValueError, match="extra_args must be None or a dict"):
+        SamplingParams(extra_args=[1])
+    p = SamplingParams.from_optional(n=None, temperature=None, top_p=None, repetition_penalty=None,
+                                     max_tokens=None, stop="x")
+    assert (p.n, p.temperature, p.top_p, p.repetition_penalty, p.max_tokens, p.stop) == (1, 1.0, 1.0, 1.0, None,
+                                                                                          ["x"])
+    q = p.clone()
+    q.stop.append("y")
+    assert q is not p and p.stop == ["x"]
