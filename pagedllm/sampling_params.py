@@ -1,5 +1,6 @@
 """Per-request sampling parameters, validated where they enter (field names and meanings as in vLLM)."""
 import copy
+import enum
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,6 +17,13 @@ MAX_LOGPROB_TOKEN_IDS = 128   # vLLM's bound on logprob_token_ids
 
 logger = logging.getLogger("pagedllm")
 _DEFAULT_WHEN_NONE = ("n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p")
+
+
+class RequestOutputKind(enum.Enum):
+    """vLLM's: what AsyncLLM's outputs of a request hold (LLM.generate returns the final ones whatever it is)."""
+    CUMULATIVE = 0   # every step: the full text so far
+    DELTA = 1        # every step: only what is new
+    FINAL_ONLY = 2   # one output, when every sequence has finished
 
 
 @dataclass
@@ -64,6 +72,7 @@ class SamplingParams:
     thinking_token_budget: int | None = None
     # vLLM's: end (finish_reason "repetition") when the output ends with a pattern repeated (core/repetition.py)
     repetition_detection: RepetitionDetectionParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict | None = None   # vLLM's: for the caller's own code (plugins); nothing here reads it
     # Filled by the engine from the tokenizer / generation config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)   # the ids that end the request
@@ -149,6 +158,8 @@ class SamplingParams:
         t = self.truncate_prompt_tokens
         _require(t is None or (is_int(t) and (t >= 1 or t == -1)), "truncate_prompt_tokens",
                  "an integer >= 1, -1 (max_model_len) or None", t)
+        _require(isinstance(self.output_kind, RequestOutputKind), "output_kind",
+                 "a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)", self.output_kind)
         _require(self.extra_args is None or isinstance(self.extra_args, dict), "extra_args", "None or a dict",
                  self.extra_args)
         _require(self.truncation_side in ("left", "right"), "truncation_side", "left or right",

@@ -24,9 +24,11 @@ from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("pagedllm")
+_OUTPUT_KINDS = {RequestOutputKind.CUMULATIVE: OutputKind.CUMULATIVE, RequestOutputKind.DELTA: OutputKind.DELTA,
+                 RequestOutputKind.FINAL_ONLY: OutputKind.FINAL}
 
 
 class QueueFullError(Exception):
@@ -106,20 +108,21 @@ class AsyncLLM:
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict, sampling_params: SamplingParams,
-                    output_kind: OutputKind = OutputKind.CUMULATIVE,
+                    output_kind: OutputKind | None = None,
                     cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
                     hold_kv: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Validates and queues the request now: raises ValueError for an invalid request, QueueFullError at
         the waiting-queue bound. lora_request: its adapter, loaded in the core process if new (a bad one
         fails the request there: finish_reason "error"). Returns the iterator of its outputs; leaving it early
         (break, cancel, a closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
-        must abort() the request itself. kv_parent, hold_kv, priority: as Engine.add_request's."""
+        must abort() the request itself. kv_parent, hold_kv, priority: as Engine.add_request's. output_kind:
+        None takes sampling_params.output_kind (vLLM's way to ask for deltas)."""
         q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt, lora_request,
                               kv_parent, hold_kv, priority)
         return self._outputs(request_id, q)
 
     async def generate(self, prompt: str | list[int] | dict, sampling_params: SamplingParams, request_id: str,
-                       output_kind: OutputKind = OutputKind.CUMULATIVE,
+                       output_kind: OutputKind | None = None,
                        lora_request=None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as tokens arrive, until the finished one (see add_request)."""
         outputs = self.add_request(request_id, prompt, sampling_params, output_kind, lora_request=lora_request,
@@ -145,10 +148,11 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
-    def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind,
+    def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind | None,
                      cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
                      hold_kv: bool = False, priority: int = 0) -> "OutputQueue":
         check_request_types(request_id, prompt, params)
+        kind = _OUTPUT_KINDS[params.output_kind] if kind is None else kind
         self.attach()
         self._check_alive()
         # n > 1 runs as sequences "<id>#<i>": none of them may be a running request's sequence either

@@ -176,3 +176,24 @@ def test_arguments_of_the_wrong_type_are_a_type_error_naming_them(tiny_model_dir
         with pytest.raises(TypeError, match=words):
             engine.add_request(request_id, prompt, params)
     assert not engine.has_unfinished_requests()
+
+
+def test_sampling_params_output_kind_picks_what_the_outputs_hold_as_vllms(tiny_model_dirs):
+    """vLLM's way to stream deltas, SamplingParams(output_kind=RequestOutputKind.DELTA), was a TypeError;
+    FINAL_ONLY gives the finished output alone. An explicit output_kind argument still wins."""
+    from pagedllm.engine.output_processor import OutputKind
+    from pagedllm.sampling_params import RequestOutputKind
+
+    async def outputs(engine, rid, kind, explicit=None):
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, output_kind=kind)
+        return [o async for o in engine.generate([1, 5, 6, 7], params, rid, explicit)]
+
+    async def body(engine):
+        cumulative = await outputs(engine, "c", RequestOutputKind.CUMULATIVE)
+        delta = await outputs(engine, "d", RequestOutputKind.DELTA)
+        final = await outputs(engine, "f", RequestOutputKind.FINAL_ONLY)
+        assert len(cumulative) > 1 and len(final) == 1 and final[0].finished
+        assert [t for o in delta for t in o.outputs[0].token_ids] == cumulative[-1].outputs[0].token_ids
+        assert len(delta[0].outputs[0].token_ids) < len(cumulative[-1].outputs[0].token_ids)
+        assert len(await outputs(engine, "e", RequestOutputKind.DELTA, OutputKind.FINAL)) == 1
+    run(tiny_model_dirs["llama"], body)
