@@ -192,6 +192,22 @@ class LLM:
             raise RuntimeError(f"beam search: an engine request failed ({bad[0].finish_reason})")
         return [o.logprobs[0] for o in outs], ids
 
+    # vLLM's pooling entry points: a generative model here has none of their tasks, as under vLLM (a ValueError)
+    def encode(self, *args, **kwargs):
+        _no_pooling("encode")
+
+    def embed(self, *args, **kwargs):
+        _no_pooling("embed")
+
+    def classify(self, *args, **kwargs):
+        _no_pooling("classify")
+
+    def score(self, *args, **kwargs):
+        _no_pooling("score")
+
+    def reward(self, *args, **kwargs):
+        _no_pooling("reward")
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix, in the GPU, CPU and disk tiers (False while requests hold blocks)."""
         return self.engine.reset_prefix_cache()
@@ -258,6 +274,11 @@ def _frozen_gc():
         yield
     finally:
         gc.unfreeze()
+
+
+def _no_pooling(method: str):
+    raise ValueError(f"LLM.{method}() needs a pooling model (embedding, classification, scoring, reward), which "
+                     f"pagedllm does not build: it runs generative models only (generate, chat, beam_search)")
 
 
 def _field_names(kwargs: dict) -> dict:

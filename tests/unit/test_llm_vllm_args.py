@@ -34,3 +34,11 @@ def test_vllm_arguments_not_built_here_are_refused_naming_them(kwargs, words):
 def test_an_unknown_argument_stays_a_type_error_naming_it():
     with pytest.raises(TypeError, match="no_such_arg"):
         LLM(no_such_arg=1, device="cpu")
+
+
+@pytest.mark.parametrize("method", ["encode", "embed", "classify", "score", "reward"])
+def test_vllms_pooling_methods_are_refused_naming_them(method):
+    """They were AttributeErrors; vLLM answers them on a generative model with a ValueError too."""
+    llm = LLM.__new__(LLM)   # no engine is needed to refuse
+    with pytest.raises(ValueError, match=rf"LLM\.{method}\(\) needs a pooling model"):
+        getattr(llm, method)(["a"], ["b"]) if method == "score" else getattr(llm, method)("a")
