@@ -50,13 +50,17 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request=None, priority: list[int] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None, priority: list[int] | None = None,
+                 tokenization_kwargs: dict | None = None) -> list[RequestOutput]:
         """lora_request: a LoRARequest for every prompt, or a list of one (or None: the base) per prompt.
         priority: one per prompt, lower first (needs scheduling_policy="priority"; vLLM's).
         use_tqdm: a progress bar, or a tqdm factory that makes it (vLLM's: functools.partial(tqdm, leave=False)).
+        tokenization_kwargs: vLLM's overrides of tokenizer.encode: None or {} (others are refused).
         Runs every prompt to completion; outputs come back in input order. A request the engine core
         fails (its own data raised there, or its step did; the log says why) comes back with
         finish_reason "error" on its sequences, and the others as if it had not been there."""
+        _check_unused("tokenization_kwargs", tokenization_kwargs, "truncate a prompt with SamplingParams."
+                      "truncate_prompt_tokens; a TokensPrompt gives exact token ids")
         ids = self._add(prompts, sampling_params, lora_request, priority)
         try:
             finished = self._run(len(ids) + self._num_queued_running(), use_tqdm)
@@ -216,12 +220,14 @@ class LLM:
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
              lora_request=None, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None, *, chat_template_content_format: str = "auto") -> list[RequestOutput]:
+             tools: list[dict] | None = None, *, chat_template_content_format: str = "auto",
+             tokenization_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
         """One conversation (a list of OpenAI messages: {"role", "content"}, tool_calls, tool_call_id) or a list of
         them, through the chat template (vLLM's options: continue_final_message continues the last message;
         chat_template_kwargs are extra template variables; tools are described to the model by the template;
         chat_template_content_format: a message's content as text, as a list of parts, or auto: chat_template.py).
         lora_request: as generate()'s, one or one per conversation (vLLM's, in the same place)."""
+        _check_unused("mm_processor_kwargs", mm_processor_kwargs, "multimodal inputs are not built")
         conversations = _conversations(messages)
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
@@ -234,7 +240,8 @@ class LLM:
         # The template already holds any BOS token: encode without adding special tokens again. The rendered text
         # is the outputs' prompt (vLLM's).
         return self.generate([{"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False), "prompt": p}
-                              for p in prompts], sampling_params, use_tqdm, lora_request)
+                              for p in prompts], sampling_params, use_tqdm, lora_request,
+                             tokenization_kwargs=tokenization_kwargs)
 
     def _run(self, total: int, use_tqdm) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -274,6 +281,12 @@ def _frozen_gc():
         yield
     finally:
         gc.unfreeze()
+
+
+def _check_unused(name: str, value: dict | None, instead: str):
+    """vLLM's tokenizer / processor overrides: None or {} (their default) is taken; any key is refused."""
+    if value:
+        raise ValueError(f"{name} {sorted(value)!r:.200} is not built here: {instead}")
 
 
 def _no_pooling(method: str):

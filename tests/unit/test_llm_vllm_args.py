@@ -42,3 +42,19 @@ def test_vllms_pooling_methods_are_refused_naming_them(method):
     llm = LLM.__new__(LLM)   # no engine is needed to refuse
     with pytest.raises(ValueError, match=rf"LLM\.{method}\(\) needs a pooling model"):
         getattr(llm, method)(["a"], ["b"]) if method == "score" else getattr(llm, method)("a")
+
+
+def test_tokenization_and_processor_kwargs_are_taken_empty_and_refused_otherwise():
+    """vLLM 0.26's generate(tokenization_kwargs=) and chat(tokenization_kwargs=, mm_processor_kwargs=) were
+    unexpected-keyword TypeErrors."""
+    from pagedllm import SamplingParams
+    llm = LLM(device="cpu")
+    params = SamplingParams(max_tokens=2, temperature=0)
+    assert llm.generate("Once", params, use_tqdm=False, tokenization_kwargs={})[0].finished
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert llm.chat([{"role": "user", "content": "Hi"}], params, use_tqdm=False, chat_template=template,
+                    tokenization_kwargs=None, mm_processor_kwargs=None)[0].finished
+    with pytest.raises(ValueError, match="tokenization_kwargs .*'max_length'.*truncate_prompt_tokens"):
+        llm.generate("Once", params, use_tqdm=False, tokenization_kwargs={"max_length": 4})
+    with pytest.raises(ValueError, match="mm_processor_kwargs .*multimodal"):
+        llm.chat([{"role": "user", "content": "Hi"}], params, chat_template=template, mm_processor_kwargs={"a": 1})
