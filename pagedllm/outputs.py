@@ -24,6 +24,7 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None    # "stop", "length", "abort"; None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    kv_transfer_params: dict | None = None   # vLLM's: KV moved between engines is not built here, always None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -53,3 +54,7 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
     lora_request: LoRARequest | None = None   # the adapter it ran under (vLLM's); None: the base model
+    # vLLM's, for encoder-decoder models and KV transfer, neither built here: always None
+    encoder_prompt: str | None = None
+    encoder_prompt_token_ids: list[int] | None = None
+    kv_transfer_params: dict | None = None

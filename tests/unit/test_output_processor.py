@@ -83,3 +83,12 @@ def test_finished_stats_carry_the_cached_prompt_tokens():
     stats = StepStats()
     op.process([EngineCoreOutput("r", [5], finish_reason="length", num_cached_tokens=32)], stats)
     assert (stats.finished[0].num_prompt_tokens, stats.finished[0].num_cached_tokens) == (40, 32)
+
+
+def test_outputs_carry_vllms_encoder_and_kv_transfer_attributes_as_none():
+    """A vLLM script reading out.encoder_prompt or out.kv_transfer_params got AttributeError."""
+    op = OutputProcessor(None)
+    op.add_request("r", None, [1, 2], SamplingParams(max_tokens=1, detokenize=False), OutputKind.FINAL, 0.0)
+    out = op.process([EngineCoreOutput("r", [5], finish_reason="length")])[0][0]
+    assert (out.encoder_prompt, out.encoder_prompt_token_ids, out.kv_transfer_params) == (None, None, None)
+    assert out.outputs[0].kv_transfer_params is None
