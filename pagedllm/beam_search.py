@@ -27,10 +27,6 @@ from pagedllm.engine.decode_after import CONTEXT_TOKENS, decode_after
 from pagedllm.outputs import PositionLogprobs
 from pagedllm.sampling_params import SamplingParams, _require
 
-# The engine's bound on top logprobs (SamplingParams.validate_vocab's max_logprobs).
-MAX_LOGPROBS = 20
-
-
 @dataclass
 class BeamSearchParams:
     beam_width: int
@@ -161,13 +157,13 @@ def candidates_per_step(params: BeamSearchParams, num_eos: int) -> int:
     return max(2, 1 + (0 if params.ignore_eos else num_eos)) * params.beam_width
 
 
-def step_sampling_params(params: BeamSearchParams, num_eos: int) -> SamplingParams:
-    """The 1-token request of one beam for one step."""
+def step_sampling_params(params: BeamSearchParams, num_eos: int, max_logprobs: int) -> SamplingParams:
+    """The 1-token request of one beam for one step; max_logprobs: the engine's (InputProcessor's) bound."""
     num = candidates_per_step(params, num_eos)
-    if num > MAX_LOGPROBS:
-        raise ValueError(f"BeamSearchParams.beam_width must be at most {MAX_LOGPROBS // (num // params.beam_width)} "
-                         f"(each step asks for {num} top logprobs per beam, at most {MAX_LOGPROBS}), "
-                         f"got {params.beam_width}")
+    if num > max_logprobs:
+        raise ValueError(f"BeamSearchParams.beam_width must be at most {max_logprobs // (num // params.beam_width)} "
+                         f"(each step asks for {num} top logprobs per beam, at most max_logprobs "
+                         f"({max_logprobs})), got {params.beam_width}")
     return SamplingParams(max_tokens=1, logprobs=num, temperature=0.0, ignore_eos=True,
                           detokenize=False)
 

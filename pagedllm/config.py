@@ -55,6 +55,9 @@ class EngineConfig:
     load_format: str = _f("auto", "auto/safetensors read the checkpoint; dummy = random weights",
                           choices=_LOAD_FORMATS)
     seed: int = _f(0, "seed of the global random state (requests without their own seed)")
+    max_logprobs: int = _f(20, "most logprobs (and prompt_logprobs) a request may ask for per token, as vLLM's "
+                               "(20: OpenAI's top_logprobs bound); -1 = the vocabulary size. Beam search asks for "
+                               "2 x beam_width (more with several EOS ids) a step, so it bounds the beam width too")
     generation_config: str = _f("auto", "sampling defaults (temperature, top_p, top_k, min_p, "
                                         "repetition_penalty, max_new_tokens as max_tokens) for what requests "
                                         "leave unset: auto = the "
@@ -146,6 +149,7 @@ class EngineConfig:
                ">= 1", self.max_num_batched_tokens)
         _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", ">= 1",
                self.max_model_len)
+        _check(self.max_logprobs >= -1, "max_logprobs", ">= 0, or -1 (the vocabulary size)", self.max_logprobs)
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "in (0, 1]",
                self.gpu_memory_utilization)
         _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "> 0 bytes",
@@ -240,6 +244,11 @@ class EngineConfig:
         tokens = (8192 if serving else 16384) if large_gpu else 8192
         return replace(self, max_num_seqs=self.max_num_seqs or seqs,
                        max_num_batched_tokens=self.max_num_batched_tokens or tokens)
+
+    def logprobs_bound(self, vocab_size: int) -> int:
+        """The most logprobs a request may ask for: max_logprobs, -1 read as the vocabulary size (vLLM's), and
+        never past it (the sampler's top-k of more than the vocabulary would fail mid-step)."""
+        return vocab_size if self.max_logprobs == -1 else min(self.max_logprobs, vocab_size)
 
     @property
     def kv_tiers_enabled(self) -> bool:

@@ -134,7 +134,7 @@ class LLM:
                 raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora).__name__}")
             engine.add_lora(lora)   # a bad adapter is a ValueError before anything runs
         eos = engine.input_processor.eos_token_ids
-        step_params = step_sampling_params(params, len(eos))
+        step_params = step_sampling_params(params, len(eos), engine.input_processor.max_logprobs)
         instances = []
         for prompt in _as_prompt_list(prompts):
             check_prompt_type(prompt)

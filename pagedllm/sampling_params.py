@@ -209,8 +209,9 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
-    def validate_vocab(self, vocab_size: int, max_logprobs: int = 20):
-        """Checks that need the model: token ids in the vocabulary, logprobs count within the limit."""
+    def validate_vocab(self, vocab_size: int, max_logprobs: int):
+        """Checks that need the model: token ids in the vocabulary, logprobs count within the engine's
+        max_logprobs."""
         for name in ("stop_token_ids", "allowed_token_ids"):
             for t in getattr(self, name) or ():
                 _require(t < vocab_size, name, f"< vocab size {vocab_size}", t)
@@ -225,7 +226,7 @@ class SamplingParams:
             v = getattr(self, name)
             if name == "logprobs" and self.logprob_token_ids is not None:
                 continue   # their own bound
-            _require(v is None or v <= max_logprobs, name, f"<= {max_logprobs}", v)
+            _require(v is None or v <= max_logprobs, name, f"<= max_logprobs ({max_logprobs})", v)
 
 
 def _require(ok: bool, name: str, allowed: str, value):

@@ -98,8 +98,6 @@ VLLM_FLAGS = (
     VllmFlag("long-prefill-token-threshold", "a step's budget is not shared out among long prompts here (0 is "
              "taken)", _is("0")),
     VllmFlag("max-num-partial-prefills", "not built (1, vLLM's default, is taken)", _is("1")),
-    VllmFlag("max-logprobs", "requests may ask for at most 20 logprobs here, vLLM's default (20 is taken)",
-             _is("20")),
     VllmFlag("compilation-config", _NO_COMPILE, _never),
     VllmFlag("optimization-level", _NO_COMPILE, _never, aliases=("-O",)),
     VllmFlag("cuda-graph-sizes", _NO_COMPILE, _never, nargs="+"),

@@ -27,9 +27,11 @@ class ProcessedRequest:
 class InputProcessor:
     def __init__(self, tokenizer, eos_token_ids: set[int], vocab_size: int, max_model_len: int,
                  block_size: int, num_blocks: int, enable_prefix_caching: bool, max_num_seqs: int | None = None,
-                 scheduling_policy: str = "fcfs"):
-        """max_num_seqs: the engine's bound, and so the largest n (None: no bound)."""
+                 scheduling_policy: str = "fcfs", *, max_logprobs: int):
+        """max_num_seqs: the engine's bound, and so the largest n (None: no bound). max_logprobs: the most
+        logprobs a request may ask for (EngineConfig.logprobs_bound)."""
         self.tokenizer = tokenizer
+        self.max_logprobs = max_logprobs
         self.scheduling_policy = scheduling_policy
         self.max_num_seqs = max_num_seqs
         self.eos_token_ids = eos_token_ids
@@ -44,7 +46,7 @@ class InputProcessor:
         """The offline Engine's and AsyncLLM's: the checkpoint's EOS ids, the config's limits."""
         return cls(tokenizer, load_eos_token_ids(config.model, tokenizer), vocab_size, max_model_len,
                    config.block_size, num_blocks, config.enable_prefix_caching, config.max_num_seqs,
-                   config.scheduling_policy)
+                   config.scheduling_policy, max_logprobs=config.logprobs_bound(vocab_size))
 
     def process(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
                 arrival_time: float | None = None, cache_salt: str | None = None,
@@ -72,7 +74,7 @@ class InputProcessor:
                  else (0, 0))
         prompt_ids = truncate_prompt(self._prompt_ids(prompt), params.truncate_prompt_tokens, self.max_model_len,
                                      params.truncation_side, added)
-        params.validate_vocab(self.vocab_size)
+        params.validate_vocab(self.vocab_size, self.max_logprobs)
         if params.structured_outputs is not None:   # a bad schema, regex or grammar: refused now, offline too
             validate_structured_outputs(params.structured_outputs)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)

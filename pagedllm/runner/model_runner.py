@@ -513,7 +513,8 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.clear_step()
         logits = self.model.compute_logits(hidden[inputs.sample_token_index])
-        params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20,
+        most = self.config.logprobs_bound(self.penalties.vocab_size)   # the widest logprobs a request may ask
+        params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=most,
                                  repetition_penalty=1.1)] * num_reqs
         # A throwaway penalty table as large as these rows' will be: its room stays free of KV blocks.
         table = PenaltyTable(self.penalties.vocab_size, self.device)

@@ -17,7 +17,7 @@ def check_beam_search(engine, params: BeamSearchParams, priority: int = 0):
     inside the stream: a priority the engine would refuse is refused here (a ValueError naming it: a 400)."""
     engine.input_processor.check_priority(priority)
     try:
-        step_sampling_params(params, len(engine.input_processor.eos_token_ids))
+        step_sampling_params(params, len(engine.input_processor.eos_token_ids), engine.input_processor.max_logprobs)
     except ValueError as e:
         raise APIError(400, str(e).replace("BeamSearchParams.beam_width", "n (the beam width)"), "n",
                        "invalid_value") from None
@@ -31,7 +31,7 @@ async def beam_search_stream(engine, request_id: str, prompt_ids: list[int], par
     arrival = time.time()
     params = dataclasses.replace(params, max_tokens=min(params.max_tokens, engine.max_model_len - len(prompt_ids)))
     eos = engine.input_processor.eos_token_ids
-    step_params = step_sampling_params(params, len(eos))
+    step_params = step_sampling_params(params, len(eos), engine.input_processor.max_logprobs)
     salt = beam_cache_salt(request_id, engine.input_processor.enable_prefix_caching)
     inst = BeamSearchInstance(prompt_ids, params, eos)
     held: list[str] = []   # the step before's requests, whose KV this step's requests fork

@@ -48,7 +48,7 @@ async def create_generative_scoring(ctx: ServingContext, req: GenerativeScoringR
         ctx.check_context_length(len(prompts[-1]), 1, f"items.{i}", "items")
     try:   # the label ids' range, the engine's check
         params = SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=req.label_token_ids)
-        params.validate_vocab(vocab)
+        params.validate_vocab(vocab, ctx.engine.input_processor.max_logprobs)
     except ValueError as e:
         raise APIError(400, str(e).replace("SamplingParams.logprob_token_ids", "label_token_ids"),
                        "label_token_ids", "invalid_value") from e

@@ -32,7 +32,7 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None, code
     (COMPLETIONS, {"prompt": "a", "max_tokens": 0}, "max_tokens", ">= 1"),   # (echo with 0 is vLLM's scoring)
     (COMPLETIONS, {"prompt": "a", "truncate_prompt_tokens": 10**6}, "truncate_prompt_tokens", "max_model_len"),
     (CHAT, {"messages": MESSAGES, "truncate_prompt_tokens": 10**6}, "truncate_prompt_tokens", "max_model_len"),
-    (COMPLETIONS, {"prompt": "a", "logprobs": 50}, "logprobs", "<= 20"),
+    (COMPLETIONS, {"prompt": "a", "logprobs": 50}, "logprobs", "<= max_logprobs (20)"),
     (COMPLETIONS, {"prompt": "a", "min_p": 2}, "min_p", "[0, 1]"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": "many"}, "max_tokens", "integer"),
     (COMPLETIONS, {"prompt": []}, "prompt", "empty"),
@@ -44,7 +44,7 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None, code
     (CHAT, {"messages": []}, "messages", "at least 1"),
     (CHAT, {"messages": [{"content": "no role"}]}, "messages.0.role", "required"),
     # named as the client sent them (found by a fuzz of the server)
-    (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= 20"),
+    (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= max_logprobs (20)"),
     (CHAT, {"messages": MESSAGES, "max_completion_tokens": 0}, "max_completion_tokens", ">= 1"),
     (CHAT, {"messages": MESSAGES, "max_tokens": 4, "max_completion_tokens": -1}, "max_completion_tokens", ">= 1"),
     (CHAT, {"messages": MESSAGES, "tool_choice": "required", "tools": [

@@ -40,6 +40,13 @@ def test_vllms_short_flags_tp_and_q(serve_args):
     assert (engine.tensor_parallel_size, engine.quantization) == (1, "fp8")
 
 
+def test_max_logprobs_is_an_engine_setting(serve_args):
+    """Was refused past 20 (the bound was fixed)."""
+    assert serve_args("--max-logprobs", "50")[0].max_logprobs == 50
+    assert serve_args("--max-logprobs", "-1")[0].max_logprobs == -1
+    assert serve_args()[0].max_logprobs == 20
+
+
 def test_kv_cache_memory_bytes_is_vllms_name_with_its_human_readable_sizes(serve_args):
     assert serve_args("--kv-cache-memory-bytes", "1G")[0].kv_cache_memory == 2**30
     assert serve_args("--kv-cache-memory", "500m")[0].kv_cache_memory == 500 * 10**6
@@ -49,7 +56,7 @@ def test_kv_cache_memory_bytes_is_vllms_name_with_its_human_readable_sizes(serve
 @pytest.mark.parametrize("flags", [
     ["--trust-remote-code"], ["--revision", "main", "--code-revision", "v1", "--download-dir", "/tmp/models"],
     ["--tokenizer-mode", "auto"], ["--config-format", "hf"], ["--pipeline-parallel-size", "1", "-dp", "1"],
-    ["--enable-chunked-prefill"], ["--async-scheduling"], ["--max-logprobs", "20"], ["--disable-log-requests"],
+    ["--enable-chunked-prefill"], ["--async-scheduling"], ["--disable-log-requests"],
     ["--no-enable-log-requests", "--max-log-len", "100"], ["--limit-mm-per-prompt", '{"image": 0, "video": 0}'],
     ["--limit-mm-per-prompt", "image=0"], ["--structured-outputs-config", '{"backend": "xgrammar"}'],
     ["--guided-decoding-backend", "auto"], ["--disable-custom-all-reduce"], ["--runner", "generate"],
@@ -75,7 +82,6 @@ def test_disable_log_stats_turns_the_statistics_lines_off(serve_args):
     (["--cuda-graph-sizes", "1", "2"], "--cuda-graph-sizes 1 2: pagedllm does not use torch.compile"),
     (["--limit-mm-per-prompt", '{"image": 2}'], "--limit-mm-per-prompt {\"image\": 2}: multimodal inputs are not"),
     (["--structured-outputs-config", '{"backend": "guidance"}'], "structured output runs on xgrammar here"),
-    (["--max-logprobs", "50"], "--max-logprobs 50: requests may ask for at most 20 logprobs here"),
     (["--kv-transfer-config", "{}"], "--kv-transfer-config {}: moving KV between engines"),
     (["--disable-frontend-multiprocessing"], "the engine core always runs in its own process here"),
 ])

@@ -19,7 +19,7 @@ QWEN3 = Path("/work/shared/model-configs/Qwen--Qwen3-0.6B")
 @pytest.fixture(scope="module")
 def processor():
     return InputProcessor(load_tokenizer(str(DEMO)), {2}, vocab_size=512, max_model_len=64, block_size=16,
-                          num_blocks=100, enable_prefix_caching=True, max_num_seqs=8)
+                          num_blocks=100, enable_prefix_caching=True, max_num_seqs=8, max_logprobs=20)
 
 
 def test_n_above_max_num_seqs_is_refused_at_once(processor):
@@ -116,6 +116,6 @@ class _SpaceMergingTokenizer:
 
 
 def test_bad_words_add_the_mid_text_form_when_a_space_changes_the_first_token():
-    p = InputProcessor(_SpaceMergingTokenizer(), {2}, 512, 64, 16, 100, True)
+    p = InputProcessor(_SpaceMergingTokenizer(), {2}, 512, 64, 16, 100, True, max_logprobs=20)
     params = p.process("r", PROMPT, SamplingParams(bad_words=["ab", "  c"], max_tokens=4)).params
     assert params.bad_words_token_ids == [[97, 98], [300 + 97, 98], [99], [300 + 99]]

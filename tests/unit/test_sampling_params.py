@@ -84,8 +84,8 @@ def test_invalid_values_raise_naming_field_and_range(kwargs, name, allowed):
 
 @pytest.mark.parametrize("kwargs, name, allowed", [
     (dict(stop_token_ids=[5, 512]), "stop_token_ids", "< vocab size 512"),
-    (dict(logprobs=21), "logprobs", "<= 20"),
-    (dict(prompt_logprobs=100), "prompt_logprobs", "<= 20"),
+    (dict(logprobs=21), "logprobs", "<= max_logprobs (20)"),
+    (dict(prompt_logprobs=100), "prompt_logprobs", "<= max_logprobs (20)"),
     (dict(allowed_token_ids=[3, 512]), "allowed_token_ids", "< vocab size 512"),
     (dict(logit_bias={"512": 1.0}), "logit_bias", "keyed by token ids < vocab size 512"),
     (dict(logprob_token_ids=[0, 512]), "logprob_token_ids", "token ids < vocab size 512"),
@@ -93,11 +93,12 @@ def test_invalid_values_raise_naming_field_and_range(kwargs, name, allowed):
 def test_validate_vocab_rejects_values_the_model_cannot_serve(kwargs, name, allowed):
     params = SamplingParams(**kwargs)
     with pytest.raises(ValueError, match=re.escape(f"SamplingParams.{name} must be {allowed}, got ")):
-        params.validate_vocab(vocab_size=512)
+        params.validate_vocab(vocab_size=512, max_logprobs=20)
 
 
 def test_validate_vocab_accepts_values_in_range():
-    SamplingParams(stop_token_ids=[0, 511], logprobs=20, prompt_logprobs=0).validate_vocab(vocab_size=512)
+    SamplingParams(stop_token_ids=[0, 511], logprobs=20, prompt_logprobs=0).validate_vocab(vocab_size=512,
+                                                                                           max_logprobs=20)
     SamplingParams(logprobs=30).validate_vocab(vocab_size=512, max_logprobs=30)
 
 
@@ -140,7 +141,7 @@ def test_seed_minus_one_is_no_seed_as_vllms():
 def test_logprob_token_ids_set_logprobs_to_their_number_past_the_top_n_bound():
     p = SamplingParams(logprob_token_ids=[7, 3, 7, 9])
     assert p.logprob_token_ids == [7, 3, 9] and p.logprobs == 3   # each id once, in the order given
-    SamplingParams(logprob_token_ids=list(range(128))).validate_vocab(vocab_size=512)   # 128 > 20 top-N
+    SamplingParams(logprob_token_ids=list(range(128))).validate_vocab(vocab_size=512, max_logprobs=20)   # > 20
     assert SamplingParams(logprob_token_ids=[], logprobs=2).logprob_token_ids is None   # vLLM's: none asked
     assert SamplingParams(logprob_token_ids=[4, 5], logprobs=2).logprobs == 2
 

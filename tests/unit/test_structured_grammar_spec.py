@@ -132,7 +132,8 @@ def test_structural_tag_formats():
 
 
 def test_input_processor_refuses_a_bad_constraint_before_queueing():
-    processor = InputProcessor(object(), set(), 512, 64, 16, 64, True)   # a tokenizer (unused on token ids)
+    # a tokenizer (unused on token ids)
+    processor = InputProcessor(object(), set(), 512, 64, 16, 64, True, max_logprobs=20)
     good = SamplingParams(max_tokens=4, structured_outputs={"regex": "[0-9]+"})
     assert processor.process("a", [1, 2, 3], good).core_requests
     bad = SamplingParams(max_tokens=4, structured_outputs={"regex": "[0-9"})
