@@ -67,6 +67,11 @@ class EngineConfig:
                                                 "generation_config vllm (vLLM's flag), e.g. '{\"temperature\": "
                                                 "0.5}'; keys: temperature, top_p, top_k, min_p, "
                                                 "repetition_penalty, max_new_tokens", python_types=(str, dict))
+    hf_overrides: str | None = _f(None, "a JSON object over the model's config.json values at load (vLLM's "
+                                        "flag), e.g. '{\"max_position_embeddings\": 65536, \"rope_scaling\": "
+                                        "{\"rope_type\": \"yarn\", \"factor\": 2.0, ...}}'; a key's value "
+                                        "replaces the checkpoint's whole, except a sub-config's (text_config), "
+                                        "merged key by key", python_types=(str, dict))
     block_size: int = _f(16, "tokens per KV cache block")
     max_model_len: int | None = _f(None, "longest prompt + output, also as vLLM's 32k (32000) or 32K (32768) "
                                          "(default: the model's max_position_embeddings)", human_readable=True)
@@ -161,6 +166,7 @@ class EngineConfig:
         _check(self.structured_outputs_compile_workers >= 1, "structured_outputs_compile_workers", ">= 1",
                self.structured_outputs_compile_workers)
         self.override_generation_config = _json_object(self.override_generation_config, "override_generation_config")
+        self.hf_overrides = _json_object(self.hf_overrides, "hf_overrides")
         from pagedllm.engine.generation_config import DEFAULT_KEYS
         unknown = sorted(set(self.override_generation_config or ()) - set(DEFAULT_KEYS))
         _check(not unknown, "override_generation_config", f"made of the keys {list(DEFAULT_KEYS)}", unknown)

@@ -82,8 +82,6 @@ VLLM_FLAGS = (
              _is("auto", "generate")),
     VllmFlag("convert", "pagedllm runs generative models only (auto, none): converting one to a pooling model is "
              "not built", _is("auto", "none")),
-    VllmFlag("hf-overrides", "changing the model's config at load is not built: edit config.json in a copy of "
-             "the model directory", _never),
     VllmFlag("pipeline-parallel-size", "pipeline parallelism is not built (1 is taken): split the model over "
              "GPUs with --tensor-parallel-size", _is("1"), aliases=("-pp",)),
     VllmFlag("data-parallel-size", "data parallelism is not built (1 is taken): run a server per GPU group "

@@ -12,6 +12,7 @@ from transformers import AutoConfig
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.generation_config import load_default_sampling_params
+from pagedllm.engine.hf_overrides import apply_hf_overrides
 from pagedllm.engine.input_processor import InputProcessor, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_engine_tokenizer
@@ -43,7 +44,7 @@ def is_large_gpu(device: torch.device) -> bool:
 
 
 def resolve_model(config: EngineConfig) -> ResolvedModel:
-    hf_config = _load_hf_config(config.model)
+    hf_config = _load_hf_config(config.model, config.hf_overrides)
     device = resolve_device(config.device)
     return ResolvedModel(hf_config, device, resolve_dtype(config.dtype, hf_config, device),
                          _resolve_max_model_len(config.max_model_len, hf_config))
@@ -166,7 +167,7 @@ class Engine:
         self.core.reset_peak_stats()
 
 
-def _load_hf_config(model: str):
+def _load_hf_config(model: str, overrides: dict | None):
     path = Path(model)
     if not path.exists():   # vLLM would download a Hub id; here nothing is fetched: say so, naming it
         hub = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None
@@ -184,8 +185,9 @@ def _load_hf_config(model: str):
     except ValueError:
         raw = None   # transformers says what is wrong with it, naming the file
     if isinstance(raw, dict):   # before transformers, whose words for a model type it lacks are "upgrade me"
-        get_model_class(raw.get("architectures"))
-    return AutoConfig.from_pretrained(model)
+        get_model_class({**raw, **(overrides or {})}.get("architectures"))
+    hf_config = AutoConfig.from_pretrained(model)
+    return apply_hf_overrides(hf_config, raw, overrides) if overrides else hf_config
 
 
 def resolve_device(device: str) -> torch.device:

@@ -38,7 +38,7 @@ _ALL = b""                                # the "block hash" of a queued delete 
 
 
 def model_identity(model_dir: str, hf_config, dtype, block_size: int, load_format: str, device_type: str,
-                   quantization: str | None = None, model_dtype=None) -> bytes:
+                   quantization: str | None = None, model_dtype=None, hf_overrides: dict | None = None) -> bytes:
     """Names whose KV a block file holds: same config, weights, quantization, KV dtype (an fp8 block is never
     read as bf16), the dtype the model computes in when it is not the KV dtype (an fp8 cache's blocks from a
     bf16 model hold other values than from a float32 one), block size and KV shape, same identity.
@@ -52,6 +52,8 @@ def model_identity(model_dir: str, hf_config, dtype, block_size: int, load_forma
     h = hashlib.sha256(repr(key).encode())
     config_path = Path(model_dir) / "config.json"
     h.update(json.dumps(json.loads(config_path.read_text()), sort_keys=True).encode())
+    if hf_overrides:   # a rope or shape changed at load computes other KV from the same files
+        h.update(json.dumps(hf_overrides, sort_keys=True).encode())
     if load_format == "dummy":   # seeded random weights: the same on the same kind of device
         h.update(f"dummy:{device_type}".encode())
         return h.digest()

@@ -105,7 +105,8 @@ class KVOffload:
         self.disk = None
         if config.kv_disk_dir is not None:
             identity = model_identity(config.model, hf_config, kv_caches[0].dtype, config.block_size,
-                                      config.load_format, device.type, config.quantization, model_dtype)
+                                      config.load_format, device.type, config.quantization, model_dtype,
+                                      config.hf_overrides)
             self.disk = DiskStore(config.kv_disk_dir, identity, block_bytes)
             self.sizes.num_disk_blocks = _num_blocks(config.kv_disk_gb, self.disk.file_bytes, "kv_disk_gb")
             self.sizes.disk_hashes, self.sizes.num_invalid_files = self.disk.scan()
