@@ -302,6 +302,10 @@ class ServerConfig:
     uvicorn_log_level: str | None = _f(None, "uvicorn's own log level (vLLM's flag; default: log_level)",
                                        choices=("critical", "error", "warning", "info", "debug", "trace"))
     disable_uvicorn_access_log: bool = _f(False, "no access log line for each HTTP request (vLLM's flag)")
+    enable_log_requests: bool = _f(False, "log each request the server takes (vLLM's flag): its id, sampling "
+                                          "params and LoRA at info, its prompt at debug (--log-level debug)")
+    max_log_len: int | None = _f(None, "most prompt characters and prompt token ids a request's log line shows "
+                                       "(vLLM's flag; default: all)")
     max_request_body_bytes: int = _f(8 << 20, "refuse (413) request bodies larger than this; 8 MiB holds a "
                                               "1M-token prompt as text or ~1M token ids as JSON")
     # CORS, TLS and root path: vLLM's flags and formats (lists as JSON: --allowed-origins '["https://a.b"]').
@@ -356,6 +360,8 @@ class ServerConfig:
         _check(self.max_waiting_queue_length is None or self.max_waiting_queue_length >= 1,
                "max_waiting_queue_length", ">= 1", self.max_waiting_queue_length)
         _check(self.max_request_body_bytes >= 1, "max_request_body_bytes", ">= 1", self.max_request_body_bytes)
+        _check(self.max_log_len is None or self.max_log_len >= 0, "max_log_len", "None or >= 0",
+               self.max_log_len)
         if self.api_key is None or isinstance(self.api_key, str):   # Python callers: one key, or none
             self.api_key = [self.api_key] if self.api_key else []
         _check(isinstance(self.api_key, list) and all(isinstance(k, str) and k for k in self.api_key), "api_key",

@@ -59,7 +59,6 @@ def _xgrammar_backend(value: str) -> bool:
 
 _HUB_ONLY = "it picks what is downloaded from the Hugging Face Hub; pagedllm reads a local model directory, for " \
             "which vLLM ignores it too"
-_REQUEST_LOGS = "pagedllm does not log requests or their outputs"
 _MULTIMODAL = "multimodal inputs are not built: pagedllm serves text-only models (a limit of 0 for every modality " \
               "is taken)"
 _NO_COMPILE = "pagedllm does not use torch.compile: it runs its own kernels, and replays CUDA graphs of the sizes " \
@@ -117,10 +116,10 @@ VLLM_FLAGS = (
              _never),
     VllmFlag("disable-log-stats", "sets --log-stats-interval 0 (no statistics log lines; /metrics still answers)",
              _any, boolean=True, sets={"log_stats_interval": 0.0}),
-    VllmFlag("disable-log-requests", _REQUEST_LOGS, _any, boolean=True),
-    VllmFlag("enable-log-requests", _REQUEST_LOGS, _is(False), boolean=True),
-    VllmFlag("enable-log-outputs", _REQUEST_LOGS, _is(False), boolean=True),
-    VllmFlag("max-log-len", "it bounds request log lines, which pagedllm does not write", _any),
+    VllmFlag("disable-log-requests", "vLLM's old inverse of --enable-log-requests: no request log lines (the "
+             "default)", _any, boolean=True, sets={"enable_log_requests": False}),
+    VllmFlag("enable-log-outputs", "outputs are not logged here (--enable-log-requests logs the requests)",
+             _is(False), boolean=True),
     VllmFlag("disable-frontend-multiprocessing", "the engine core always runs in its own process here",
              _is(False), boolean=True),
     VllmFlag("otlp-traces-endpoint", "OpenTelemetry tracing is not built", _never),

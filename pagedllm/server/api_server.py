@@ -38,6 +38,7 @@ from pagedllm.server.response_store import ResponseStore
 from pagedllm.server.responses import ResponsesRequest, cancel_response, create_response, stored_response
 from pagedllm.server.request_body import RequestBodyGuard
 from pagedllm.server.request_id_header import RequestIdHeader
+from pagedllm.server.request_logger import RequestLogger
 from pagedllm.server.serving import ServingContext
 
 logger = logging.getLogger("pagedllm")
@@ -350,7 +351,9 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
                          enable_prompt_tokens_details=server_config.enable_prompt_tokens_details,
                          enable_force_include_usage=server_config.enable_force_include_usage,
                          responses=ResponseStore(server_config.responses_store) if server_config.responses_store
-                         else None)
+                         else None,
+                         request_logger=RequestLogger(engine.tokenizer, server_config.max_log_len)
+                         if server_config.enable_log_requests else None)
     if engine_config.enable_lora:
         ctx.loras = ServingLoRAs(engine, ctx.model_name, ctx.model_aliases)
     app = build_app(ctx, metrics, server_config, resolved_api_keys(server_config), checks.lora_modules)

@@ -107,7 +107,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     try:   # the engine's checks (the vocabulary's and logprobs' bounds) name SamplingParams' fields
         streams, ids = add_requests(ctx.engine, request_id, [prompt_ids], params, kind, lora, req.priority,
-                                    req.cache_salt)
+                                    req.cache_salt, ctx.request_logger)
     except ValueError as e:
         raise _as_sent(e, req, plan) from e
     if req.stream:

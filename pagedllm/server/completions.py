@@ -67,7 +67,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     response_id = response_id_for("cmpl-", raw_request, req.request_id, request_id)
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
     streams, ids = add_requests(ctx.engine, request_id, kept, params, kind, lora, req.priority,
-                                req.cache_salt)
+                                req.cache_salt, ctx.request_logger)
     if echo_only:
         streams = [_without_generation(s) for s in streams]
     texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]

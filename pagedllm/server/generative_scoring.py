@@ -57,7 +57,8 @@ async def create_generative_scoring(ctx: ServingContext, req: GenerativeScoringR
     # aborted the first's requests and left its client waiting for ever.
     request_id = f"generative-scoring-{uuid.uuid4().hex}"
     response_id = f"generative-scoring-{req.request_id}" if req.request_id else request_id
-    streams, ids = add_requests(ctx.engine, request_id, prompts, params, OutputKind.FINAL, lora, req.priority)
+    streams, ids = add_requests(ctx.engine, request_id, prompts, params, OutputKind.FINAL, lora, req.priority,
+                                log=ctx.request_logger)
     return await until_disconnect(raw_request, _scores(ctx, req, response_id, streams, ids))
 
 

@@ -27,6 +27,7 @@ from pagedllm.server.batch_encoder import BatchEncoder
 from pagedllm.server.beam_search import beam_search_stream, check_beam_search
 from pagedllm.server.errors import APIError, error_body, shorten
 from pagedllm.server.lora import ServingLoRAs
+from pagedllm.server.request_logger import RequestLogger
 from pagedllm.server.response_store import ResponseStore
 
 DONE = "data: [DONE]\n\n"
@@ -45,6 +46,7 @@ class ServingContext:
     reasoning_parser: str | None = None     # --reasoning-parser (reasoning.py)
     loras: ServingLoRAs | None = None       # --enable-lora: the adapters served by name (server/lora.py)
     responses: ResponseStore | None = None  # --responses-store: /v1/responses kept for store true
+    request_logger: RequestLogger | None = None   # --enable-log-requests
     startup_error: str | None = None        # why the app's start-up failed (a bad --lora-modules adapter)
     # vLLM's chat and usage flags (ServerConfig)
     response_role: str = "assistant"
@@ -141,22 +143,27 @@ def response_id_for(prefix: str, raw_request: Request, request_id: str | None, d
 def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]],
                  params: SamplingParams | BeamSearchParams | list[SamplingParams], kind: OutputKind,
                  lora_request: LoRARequest | None = None, priority: int = 0,
-                 cache_salt: str | None = None) -> tuple[list[AsyncIterator[RequestOutput]], list[str]]:
+                 cache_salt: str | None = None,
+                 log: RequestLogger | None = None) -> tuple[list[AsyncIterator[RequestOutput]], list[str]]:
     """All prompts or none: when one is refused, the ones already added are aborted. BeamSearchParams: one
     beam search per prompt, each a stream of one final output (its step requests are its own to abort; each
     search has a salt of its own, which keeps out other requests whatever their cache_salt). cache_salt: only
     requests of the same salt share cached blocks; with prefix caching off it has nothing to share. A list of
-    SamplingParams: each prompt's own."""
+    SamplingParams: each prompt's own. log: --enable-log-requests' logger (None: off)."""
     if not engine.input_processor.enable_prefix_caching:
         cache_salt = None   # the engine's rule then: a request shares blocks with its own n sequences only
     if isinstance(params, BeamSearchParams):
         check_beam_search(engine, params, priority)
+        for i, p in enumerate(prompts) if log is not None else ():
+            log.log(f"{request_id}-{i}", p, params, lora_request)
         return [beam_search_stream(engine, f"{request_id}-{i}", p, params, lora_request, priority)
                 for i, p in enumerate(prompts)], []
     streams, ids = [], []
     try:
         for i, prompt_ids in enumerate(prompts):
             ids.append(f"{request_id}-{i}")
+            if log is not None:
+                log.log(ids[-1], prompt_ids, params[i] if isinstance(params, list) else params, lora_request)
             streams.append(engine.add_request(ids[-1], prompt_ids, params[i] if isinstance(params, list) else params,
                                               kind, cache_salt=cache_salt,
                                               lora_request=lora_request, priority=priority))

@@ -54,6 +54,14 @@ def test_hf_overrides_is_an_engine_setting(serve_args):
     assert main(["serve", DEMO_MODEL, "--hf-overrides", "[1]"]) == 2
 
 
+def test_request_logs_are_a_server_setting(serve_args):
+    """--enable-log-requests was refused and --max-log-len ignored; --disable-log-requests is vLLM's old inverse."""
+    _, server = serve_args("--enable-log-requests", "--max-log-len", "100")
+    assert (server.enable_log_requests, server.max_log_len) == (True, 100)
+    assert serve_args()[1].enable_log_requests is False
+    assert serve_args("--enable-log-requests", "--disable-log-requests")[1].enable_log_requests is False
+
+
 def test_kv_cache_memory_bytes_is_vllms_name_with_its_human_readable_sizes(serve_args):
     assert serve_args("--kv-cache-memory-bytes", "1G")[0].kv_cache_memory == 2**30
     assert serve_args("--kv-cache-memory", "500m")[0].kv_cache_memory == 500 * 10**6
@@ -82,7 +90,7 @@ def test_disable_log_stats_turns_the_statistics_lines_off(serve_args):
     (["-pp", "2"], "--pipeline-parallel-size 2: pipeline parallelism is not built"),
     (["--data-parallel-size", "4"], "--data-parallel-size 4: data parallelism is not built"),
     (["--no-enable-chunked-prefill"], "--no-enable-chunked-prefill: a prompt longer than a step's token budget"),
-    (["--enable-log-requests"], "--enable-log-requests: pagedllm does not log requests"),
+    (["--enable-log-outputs"], "--enable-log-outputs: outputs are not logged here"),
     (["-O3"], "--optimization-level 3: pagedllm does not use torch.compile"),
     (["--compilation-config", '{"cudagraph_mode": "FULL"}'], "--compilation-config {\"cudagraph_mode\": \"FULL\"}: "),
     (["--cuda-graph-sizes", "1", "2"], "--cuda-graph-sizes 1 2: pagedllm does not use torch.compile"),
