@@ -142,7 +142,7 @@ class ScoringEngine(FakeEngine):
     def __init__(self):
         super().__init__()
         self.input_processor = SimpleNamespace(vocab_size=len(self.tokenizer), max_kv_tokens=10**6,
-                                               enable_prefix_caching=True)
+                                               enable_prefix_caching=True, max_logprobs=20)
         self.running, self.aborted = set(), []
         self.release = asyncio.Event()
 
@@ -174,6 +174,7 @@ def test_generative_scoring_requests_of_one_request_id_run_side_by_side():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
             first = asyncio.ensure_future(c.post("/generative_scoring", json=body))
             while not engine.running:
+                assert not first.done(), first.result().text   # it failed before reaching the engine
                 await asyncio.sleep(0.01)
             second = asyncio.ensure_future(c.post("/generative_scoring", json=body))
             while len(engine.running) < 2 and not second.done():
