@@ -135,19 +135,19 @@ class SchedulerStats:
 
 @dataclass
 class FinishedRequestStats:
-    finish_reasons: list[str]      # one per sequence (n)
-    e2e_latency: float             # arrival to the last output, seconds
-    num_prompt_tokens: int
-    num_generation_tokens: int
+    """One finished sequence: vLLM runs each of a request's n as its own request, and its per-request latency and
+    length series count each one."""
+    finish_reason: str
+    e2e_latency: float             # the request's arrival to the sequence's last output, seconds
+    num_prompt_tokens: int         # the whole prompt, for each sequence
+    num_generation_tokens: int     # this sequence's
     # vLLM's request phases, seconds (None: unknown, or no token came): first scheduled to first token, first to
     # last token, first scheduled to last token; and decode time per token after the first (None below 2 tokens)
     prefill_time: float | None = None
     decode_time: float | None = None
     inference_time: float | None = None
     mean_time_per_output_token: float | None = None
-    n: int = 1                            # the request's parameters, as sent (vLLM's request_params_*)
-    max_tokens: int | None = None
-    max_num_generation_tokens: int = 0    # its longest sequence
+    max_tokens: int | None = None         # the request's parameter, as sent (vLLM's request_params_max_tokens)
     num_cached_tokens: int = 0            # prompt tokens not computed (prefix cache, KV tiers)
 
 
@@ -159,7 +159,10 @@ class StepStats:
     queue_times: list[float] = field(default_factory=list)         # arrival to first scheduled, seconds
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
-    finished: list[FinishedRequestStats] = field(default_factory=list)
+    finished: list[FinishedRequestStats] = field(default_factory=list)   # sequences
+    # once per request, when its last sequence has finished: its n, and its longest sequence's tokens
+    params_n: list[int] = field(default_factory=list)
+    max_num_generation_tokens: list[int] = field(default_factory=list)
 
 
 class StatsLogger:

@@ -35,6 +35,13 @@ class _Sequence:
     stop_reason: int | str | None = None
     num_sent_tokens: int = 0
     finish_sent: bool = False
+    num_cached_tokens: int = 0
+    # vLLM runs each of a request's n as its own request, so its latency and length series count each sequence:
+    # their times are kept here (seconds; None until known)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    stats_recorded: bool = False      # its FinishedRequestStats went into a StepStats
 
 
 @dataclass
@@ -158,7 +165,7 @@ class OutputProcessor:
             if seq.finish_reason is not None:
                 continue   # ended earlier in this batch (a sibling failed, or a stop string): nothing may follow
             if stats is not None:
-                _record_latencies(parent.metrics, out, now, stats)
+                _record_latencies(parent.metrics.arrival_time, seq, out, now, stats)
             if self._update_sequence(parent, seq, out, now):
                 stopped.append(out.req_id)
             if out.error is not None:
@@ -171,19 +178,22 @@ class OutputProcessor:
             ro = self._make_output(parent, finished)
             if ro is not None:
                 results.append(ro)
+            if stats is not None:
+                _record_finished(parent, finished, now, stats)
             if finished:
                 parent.metrics.finished_time = now
-                if stats is not None:
-                    stats.finished.append(_finished_stats(parent, now))
                 self.abort(parent.request_id)
         return results, stopped, errors
 
     def _record_first_scheduled(self, stats: StepStats):
-        """The start of a request's prefill (vLLM's prefill, decode and inference times count from it)."""
+        """The start of a sequence's prefill (vLLM's prefill, decode and inference times count from it)."""
         for rid, queue_time in zip(stats.first_scheduled_ids, stats.queue_times):
             entry = self.child_to_parent.get(rid)
-            if entry is not None and entry[0].metrics.first_scheduled_time is None:
-                entry[0].metrics.first_scheduled_time = entry[0].metrics.arrival_time + queue_time
+            if entry is not None:
+                metrics, seq = entry[0].metrics, entry[1]
+                seq.first_scheduled_time = metrics.arrival_time + queue_time
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = seq.first_scheduled_time
 
     def _fail_siblings(self, parent: _ParentRequest) -> list[str]:
         for s in parent.seqs:
@@ -198,7 +208,8 @@ class OutputProcessor:
             ids = parent.prompt_token_ids
             parent.prompt_logprobs = [None] + [self._position(p, context=ids[max(i - 3, 0):i + 1])
                                                for i, p in enumerate(out.prompt_logprobs)]
-        parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+        seq.num_cached_tokens = max(seq.num_cached_tokens, out.num_cached_tokens)
+        parent.num_cached_tokens = max(parent.num_cached_tokens, seq.num_cached_tokens)
         new, logprobs = out.new_token_ids, out.logprobs
         # An EOS or stop token id that ended the sequence is not part of its text.
         stop_str = (seq.detokenizer.update(new, len(seq.token_ids) + len(new), out.finish_reason == "stop")
@@ -209,7 +220,9 @@ class OutputProcessor:
         if new:
             if parent.metrics.first_token_time is None:
                 parent.metrics.first_token_time = now
-            parent.metrics.last_token_time = now
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            parent.metrics.last_token_time = seq.last_token_time = now
             seq.token_ids.extend(new)
             if logprobs is not None and seq.cumulative_logprob is not None:
                 for i, position in enumerate(logprobs, len(seq.token_ids) - len(new)):
@@ -292,28 +305,38 @@ class OutputProcessor:
                                 seq.finish_reason, seq.stop_reason)
 
 
-def _record_latencies(metrics: RequestMetrics, out: EngineCoreOutput, now: float, stats: StepStats):
-    """Before the sequence is updated: time to first token, or the gap since the request's last token
-    (once per step for all n sequences)."""
+def _record_latencies(arrival_time: float, seq: _Sequence, out: EngineCoreOutput, now: float, stats: StepStats):
+    """Before the sequence is updated: its time to first token, or the gap since its last token (each of n
+    sequences counts, as vLLM's child requests do)."""
     if not out.new_token_ids:
         return
-    if metrics.first_token_time is None:
-        stats.time_to_first_tokens.append(now - metrics.arrival_time)
-    elif metrics.last_token_time != now:
-        stats.inter_token_latencies.append(now - metrics.last_token_time)
+    if seq.first_token_time is None:
+        stats.time_to_first_tokens.append(now - arrival_time)
+    else:
+        stats.inter_token_latencies.append(now - seq.last_token_time)
 
 
-def _finished_stats(parent: _ParentRequest, now: float) -> FinishedRequestStats:
-    longest = max(len(s.token_ids) for s in parent.seqs)   # it spans the decode time
-    stats = FinishedRequestStats([s.finish_reason for s in parent.seqs], now - parent.metrics.arrival_time,
-                                 len(parent.prompt_token_ids), sum(len(s.token_ids) for s in parent.seqs),
-                                 n=parent.params.n, max_tokens=parent.params.max_tokens,
-                                 max_num_generation_tokens=longest, num_cached_tokens=parent.num_cached_tokens)
-    m = parent.metrics
-    if m.first_scheduled_time is not None and m.first_token_time is not None:   # as vLLM's: only with a token
-        stats.prefill_time = m.first_token_time - m.first_scheduled_time
-        stats.decode_time = m.last_token_time - m.first_token_time
-        stats.inference_time = m.last_token_time - m.first_scheduled_time
-        if longest > 1:
-            stats.mean_time_per_output_token = stats.decode_time / (longest - 1)
+def _record_finished(parent: _ParentRequest, finished: bool, now: float, stats: StepStats):
+    """A FinishedRequestStats for each sequence that ended in this step; the request's n and its longest
+    sequence's tokens once it has all ended (vLLM's request_params_n, request_max_num_generation_tokens)."""
+    for s in parent.seqs:
+        if s.finish_reason is not None and not s.stats_recorded:
+            s.stats_recorded = True
+            stats.finished.append(_sequence_stats(parent, s, now))
+    if finished:
+        stats.params_n.append(parent.params.n)
+        stats.max_num_generation_tokens.append(max(len(s.token_ids) for s in parent.seqs))
+
+
+def _sequence_stats(parent: _ParentRequest, seq: _Sequence, now: float) -> FinishedRequestStats:
+    num_tokens = len(seq.token_ids)
+    stats = FinishedRequestStats(seq.finish_reason, now - parent.metrics.arrival_time, len(parent.prompt_token_ids),
+                                 num_tokens, max_tokens=parent.params.max_tokens,
+                                 num_cached_tokens=seq.num_cached_tokens)
+    if seq.first_scheduled_time is not None and seq.first_token_time is not None:   # as vLLM's: with a token
+        stats.prefill_time = seq.first_token_time - seq.first_scheduled_time
+        stats.decode_time = seq.last_token_time - seq.first_token_time
+        stats.inference_time = seq.last_token_time - seq.first_scheduled_time
+        if num_tokens > 1:
+            stats.mean_time_per_output_token = stats.decode_time / (num_tokens - 1)
     return stats

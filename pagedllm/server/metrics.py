@@ -53,13 +53,14 @@ class ServerMetrics:
             return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name, ENGINE)
         self.ttft = histogram("pagedllm:time_to_first_token_seconds", "Time to first token (arrival to first output).",
                               _TTFT_BUCKETS)
-        self.itl = histogram("pagedllm:inter_token_latency_seconds", "Time between a request's successive outputs.",
+        self.itl = histogram("pagedllm:inter_token_latency_seconds", "Time between a sequence's successive outputs.",
                              _ITL_BUCKETS)
-        self.e2e = histogram("pagedllm:e2e_request_latency_seconds", "Arrival to the last output of a request.",
+        self.e2e = histogram("pagedllm:e2e_request_latency_seconds", "Arrival to the last output of a sequence.",
                              _REQUEST_LATENCY_BUCKETS)
         self.queue = histogram("pagedllm:request_queue_time_seconds", "Arrival to first scheduled (per sequence).",
                                _REQUEST_LATENCY_BUCKETS)
-        # vLLM's request phases (its dashboards' "Requests Prefill and Decode Time" panel), per finished request
+        # vLLM's request phases (its dashboards' "Requests Prefill and Decode Time" panel), per finished sequence:
+        # vLLM runs each of a request's n as its own request, so these and the length series count each one
         self.prefill = histogram("pagedllm:request_prefill_time_seconds", "First scheduled to first token.",
                                  _REQUEST_LATENCY_BUCKETS)
         self.decode = histogram("pagedllm:request_decode_time_seconds", "First token to last token.",
@@ -67,12 +68,13 @@ class ServerMetrics:
         self.inference = histogram("pagedllm:request_inference_time_seconds", "First scheduled to last token.",
                                    _REQUEST_LATENCY_BUCKETS)
         self.tpot = histogram("pagedllm:request_time_per_output_token_seconds",
-                              "A request's decode time per token after its first.", _ITL_BUCKETS)
-        # vLLM's request length and parameter histograms (its dashboards' length panels), per finished request
-        self.prompt_tokens = histogram("pagedllm:request_prompt_tokens", "Prompt tokens of a finished request.",
+                              "A sequence's decode time per token after its first.", _ITL_BUCKETS)
+        # vLLM's request length and parameter histograms (its dashboards' length panels), per finished sequence
+        # but for request_params_n and request_max_num_generation_tokens, once per request
+        self.prompt_tokens = histogram("pagedllm:request_prompt_tokens", "Prompt tokens of a finished sequence.",
                                        _TOKEN_BUCKETS)
         self.generation_tokens = histogram("pagedllm:request_generation_tokens",
-                                           "Generated tokens of a finished request (all its sequences).",
+                                           "Generated tokens of a finished sequence.",
                                            _TOKEN_BUCKETS)
         self.params_n = histogram("pagedllm:request_params_n", "The n request parameter.", (1, 2, 5, 10, 20))
         self.params_max_tokens = histogram("pagedllm:request_params_max_tokens", "The max_tokens request parameter.",
@@ -80,7 +82,7 @@ class ServerMetrics:
         self.max_generation_tokens = histogram("pagedllm:request_max_num_generation_tokens",
                                                "Generated tokens of a request's longest sequence.", _TOKEN_BUCKETS)
         self.prefill_kv_computed = histogram("pagedllm:request_prefill_kv_computed_tokens",
-                                             "Prompt tokens a request computed (cached ones excluded).",
+                                             "Prompt tokens a sequence computed (cached ones excluded).",
                                              _TOKEN_BUCKETS)
         self.success = Counter("pagedllm:request_success", "Finished sequences, by finish reason.",
                                labels + ["finished_reason"], registry=r)
@@ -91,13 +93,13 @@ class ServerMetrics:
         observe_all(self.queue, step.queue_times)
         observe_all(self.ttft, step.time_to_first_tokens)
         observe_all(self.itl, step.inter_token_latencies)   # one a streaming request, every step
-        for f in step.finished:
+        observe_all(self.params_n, step.params_n)
+        observe_all(self.max_generation_tokens, step.max_num_generation_tokens)
+        for f in step.finished:   # each sequence of n, as vLLM's
             self.e2e.observe(f.e2e_latency)
             self.prompt_tokens.observe(f.num_prompt_tokens)
             self.generation_tokens.observe(f.num_generation_tokens)
             self.prefill_kv_computed.observe(f.num_prompt_tokens - f.num_cached_tokens)
-            self.params_n.observe(f.n)
-            self.max_generation_tokens.observe(f.max_num_generation_tokens)
             if f.max_tokens:
                 self.params_max_tokens.observe(f.max_tokens)
             if f.prefill_time is not None:
@@ -106,8 +108,7 @@ class ServerMetrics:
                 self.inference.observe(f.inference_time)
             if f.mean_time_per_output_token is not None:
                 self.tpot.observe(f.mean_time_per_output_token)
-            for reason in f.finish_reasons:
-                self.success.labels(self.model_name, ENGINE, reason).inc()
+            self.success.labels(self.model_name, ENGINE, f.finish_reason).inc()
 
     def render(self, stats: SchedulerStats | None) -> bytes:
         """stats: the core's counts (None: the core does not answer; only this process's metrics)."""

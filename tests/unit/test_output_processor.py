@@ -63,16 +63,60 @@ def test_finished_stats_have_vllms_request_phases(monkeypatch):
 
 
 def test_finished_stats_carry_the_request_parameters():
-    """vLLM's request_params_n, request_params_max_tokens and request_max_num_generation_tokens (the longest
-    sequence's tokens)."""
+    """vLLM's request_params_max_tokens (each sequence), request_params_n and request_max_num_generation_tokens
+    (the longest sequence's tokens, once per request)."""
     from pagedllm.metrics import StepStats
     op = OutputProcessor(None)
     op.add_request("r", None, [1, 2], SamplingParams(n=2, max_tokens=3, detokenize=False), OutputKind.FINAL, 0.0)
     stats = StepStats()
     op.process([EngineCoreOutput("r#0", [5, 6, 7], finish_reason="length"),
                 EngineCoreOutput("r#1", [5], finish_reason="stop")], stats)
-    f = stats.finished[0]
-    assert (f.n, f.max_tokens, f.max_num_generation_tokens, f.num_generation_tokens) == (2, 3, 3, 4)
+    assert [(f.max_tokens, f.num_generation_tokens) for f in stats.finished] == [(3, 3), (3, 1)]
+    assert (stats.params_n, stats.max_num_generation_tokens) == ([2], [3])
+
+
+def test_n_sequences_count_as_vllms_child_requests(monkeypatch):
+    """vLLM runs each of a request's n sequences as its own request: time to first token, inter-token latency
+    and a finished record (end-to-end latency, phases, the whole prompt, its own tokens) come for each one,
+    each when it ends; n and the longest sequence's tokens come once, when the last ends. They came once per
+    request (latencies once a step for all n; generation tokens summed)."""
+    from pagedllm.engine import output_processor
+    from pagedllm.metrics import StepStats
+    op = OutputProcessor(None)
+    op.add_request("r", None, [1, 2], SamplingParams(n=3, max_tokens=3, detokenize=False), OutputKind.FINAL, 10.0)
+    ids = ["r#0", "r#1", "r#2"]
+    steps = [(11.0, StepStats(first_scheduled_ids=ids, queue_times=[0.5] * 3), []),
+             (12.0, StepStats(), [EngineCoreOutput(i, [5], num_cached_tokens=c) for i, c in zip(ids, (0, 0, 2))]),
+             (13.0, StepStats(), [EngineCoreOutput("r#0", [6], finish_reason="stop"), EngineCoreOutput("r#1", [6]),
+                                  EngineCoreOutput("r#2", [6])]),
+             (15.0, StepStats(), [EngineCoreOutput(i, [7], finish_reason="length") for i in ids[1:]])]
+    seen = []
+    for now, stats, outputs in steps:
+        monkeypatch.setattr(output_processor.time, "time", lambda: now)
+        op.process(outputs, stats)
+        seen.append(stats)
+    assert [s.time_to_first_tokens for s in seen] == [[], [2.0] * 3, [], []]
+    assert [s.inter_token_latencies for s in seen] == [[], [], [1.0] * 3, [2.0] * 2]
+    assert [len(s.finished) for s in seen] == [0, 0, 1, 2]
+    first, rest = seen[2].finished[0], seen[3].finished
+    assert (first.finish_reason, first.e2e_latency, first.num_prompt_tokens, first.num_generation_tokens) == (
+        "stop", 3.0, 2, 2)
+    assert (first.prefill_time, first.decode_time, first.inference_time, first.mean_time_per_output_token) == (
+        1.5, 1.0, 2.5, 1.0)
+    assert [(f.finish_reason, f.e2e_latency, f.num_generation_tokens, f.num_cached_tokens) for f in rest] == [
+        ("length", 5.0, 3, 0), ("length", 5.0, 3, 2)]
+    assert [(s.params_n, s.max_num_generation_tokens) for s in seen] == [([], [])] * 3 + [([3], [3])]
+
+
+def test_a_failed_sequences_siblings_each_count_as_finished():
+    """The siblings a failed sequence ends ("error") get their finished record in the same step (request_success
+    counts each sequence, as before)."""
+    from pagedllm.metrics import StepStats
+    op = OutputProcessor(None)
+    op.add_request("r", None, [1, 2], SamplingParams(n=2, max_tokens=9, detokenize=False), OutputKind.FINAL, 0.0)
+    stats = StepStats()
+    op.process([EngineCoreOutput("r#0", [7], finish_reason="error", error="boom")], stats)
+    assert [f.finish_reason for f in stats.finished] == ["error", "error"] and stats.params_n == [2]
 
 
 def test_finished_stats_carry_the_cached_prompt_tokens():

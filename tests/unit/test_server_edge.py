@@ -232,7 +232,7 @@ def test_metrics_are_served_while_the_engine_core_does_not_answer():
         async def get_stats(self):
             raise EngineDeadError("the engine core has not responded for 5 s")
     metrics = ServerMetrics("m")
-    metrics.record(StepStats(finished=[FinishedRequestStats(["stop"], 0.5, 3, 4)]))
+    metrics.record(StepStats(finished=[FinishedRequestStats("stop", 0.5, 3, 4)]))
     app = build_app(ServingContext(SilentEngine(), "m", None), metrics, ServerConfig(), [])
     r = TestClient(app).get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text

@@ -29,7 +29,7 @@ def test_every_series_has_vllms_engine_label():
     finds nothing without it. One core here: engine="0"."""
     metrics = ServerMetrics("m")
     metrics.record(StepStats(queue_times=[0.1], time_to_first_tokens=[0.2], inter_token_latencies=[0.01],
-                             finished=[FinishedRequestStats(["stop"], 0.5, 3, 4)]))
+                             finished=[FinishedRequestStats("stop", 0.5, 3, 4)]))
     text = exposed(metrics, scheduler_stats(spec_decode=SpecDecodeStats(2, 4, 3, [2, 1])))
     series = [line for line in text.splitlines() if line.startswith("pagedllm:")]
     assert len(series) > 40
@@ -47,7 +47,7 @@ def test_latency_histograms_have_vllms_bucket_bounds():
     it exists only where the bounds are vLLM's."""
     metrics = ServerMetrics("m")
     metrics.record(StepStats(queue_times=[0.1], time_to_first_tokens=[0.2], inter_token_latencies=[0.01],
-                             finished=[FinishedRequestStats(["stop"], 0.5, 3, 4)]))
+                             finished=[FinishedRequestStats("stop", 0.5, 3, 4)]))
     text = exposed(metrics)
     request_latency = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                        240.0, 480.0, 960.0, 1920.0, 7680.0]
@@ -72,9 +72,9 @@ def test_request_phase_histograms():
     """vLLM's request_prefill/decode/inference_time_seconds (request latency bounds) and
     request_time_per_output_token_seconds (inter-token bounds): its "Requests Prefill and Decode Time" panel."""
     metrics = ServerMetrics("m")
-    metrics.record(StepStats(finished=[FinishedRequestStats(["stop"], 5.0, 3, 4, prefill_time=0.4, decode_time=3.0,
+    metrics.record(StepStats(finished=[FinishedRequestStats("stop", 5.0, 3, 4, prefill_time=0.4, decode_time=3.0,
                                                             inference_time=3.4, mean_time_per_output_token=1.0),
-                                       FinishedRequestStats(["abort"], 1.0, 3, 0)]))   # no token: no phases
+                                       FinishedRequestStats("abort", 1.0, 3, 0)]))   # no token: no phases
     text = exposed(metrics)
     for name, total in (("request_prefill_time_seconds", 0.4), ("request_decode_time_seconds", 3.0),
                         ("request_inference_time_seconds", 3.4), ("request_time_per_output_token_seconds", 1.0)):
@@ -86,24 +86,60 @@ def test_request_phase_histograms():
 
 
 def test_request_parameter_histograms():
-    """vLLM's request_params_n (bounds 1, 2, 5, 10, 20), request_params_max_tokens and
-    request_max_num_generation_tokens (1-2-5 bounds), one observation per finished request."""
+    """vLLM's request_params_n (bounds 1, 2, 5, 10, 20) and request_max_num_generation_tokens (1-2-5 bounds) once
+    per request; request_params_max_tokens once per finished sequence (vLLM's child requests)."""
     metrics = ServerMetrics("m")
-    metrics.record(StepStats(finished=[FinishedRequestStats(["stop", "length"], 5.0, 3, 40, n=2, max_tokens=30,
-                                                            max_num_generation_tokens=30),
-                                       FinishedRequestStats(["stop"], 1.0, 3, 1, max_num_generation_tokens=1)]))
+    metrics.record(StepStats(finished=[FinishedRequestStats("stop", 5.0, 3, 30, max_tokens=30),
+                                       FinishedRequestStats("length", 5.0, 3, 10, max_tokens=30),
+                                       FinishedRequestStats("stop", 1.0, 3, 1)],
+                             params_n=[2, 1], max_num_generation_tokens=[30, 1]))
     text = exposed(metrics)
     assert bounds(text, "pagedllm:request_params_n") == [1.0, 2.0, 5.0, 10.0, 20.0]
     assert 'pagedllm:request_params_n_sum{engine="0",model_name="m"} 3.0' in text
-    assert 'pagedllm:request_params_max_tokens_count{engine="0",model_name="m"} 1.0' in text
-    assert 'pagedllm:request_params_max_tokens_bucket{engine="0",le="50.0",model_name="m"} 1.0' in text
+    assert 'pagedllm:request_params_n_count{engine="0",model_name="m"} 2.0' in text
+    assert 'pagedllm:request_params_max_tokens_count{engine="0",model_name="m"} 2.0' in text
+    assert 'pagedllm:request_params_max_tokens_bucket{engine="0",le="50.0",model_name="m"} 2.0' in text
     assert 'pagedllm:request_max_num_generation_tokens_sum{engine="0",model_name="m"} 31.0' in text
+    assert 'pagedllm:request_max_num_generation_tokens_count{engine="0",model_name="m"} 2.0' in text
+
+
+def test_series_of_an_n_request_count_as_vllms():
+    """n = 2 through the output processor: each sequence is one observation of time to first token, end-to-end
+    latency, the phases, prompt tokens (the whole prompt each), generation tokens (its own) and
+    request_success; request_params_n and request_max_num_generation_tokens are one for the request."""
+    from pagedllm.core.messages import EngineCoreOutput
+    from pagedllm.engine.output_processor import OutputKind, OutputProcessor
+    from pagedllm.sampling_params import SamplingParams
+    op, metrics = OutputProcessor(None), ServerMetrics("m")
+    op.add_request("r", None, [1, 2, 3], SamplingParams(n=2, max_tokens=4, detokenize=False), OutputKind.FINAL, 0.0)
+    for stats, outputs in ((StepStats(first_scheduled_ids=["r#0", "r#1"], queue_times=[0.0, 0.0]), []),
+                           (StepStats(), [EngineCoreOutput("r#0", [5]), EngineCoreOutput("r#1", [5])]),
+                           (StepStats(), [EngineCoreOutput("r#0", [6], finish_reason="stop"),
+                                          EngineCoreOutput("r#1", [6])]),
+                           (StepStats(), [EngineCoreOutput("r#1", [7, 8], finish_reason="length")])):
+        op.process(outputs, stats)
+        metrics.record(stats)
+    text = exposed(metrics)
+
+    def value(sample):
+        return float(next(line for line in samples(text, "pagedllm:" + sample)).rsplit(" ", 1)[1])
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_inference_time_seconds",
+                 "request_time_per_output_token_seconds", "request_prompt_tokens", "request_generation_tokens",
+                 "request_prefill_kv_computed_tokens", "request_params_max_tokens"):
+        assert value(name + "_count") == 2, name
+    assert value("inter_token_latency_seconds_count") == 3
+    assert (value("request_prompt_tokens_sum"), value("request_generation_tokens_sum")) == (6, 6)
+    assert value("request_params_n_count") == value("request_max_num_generation_tokens_count") == 1
+    assert value("request_max_num_generation_tokens_sum") == 4
+    for reason in ("stop", "length"):
+        assert f'pagedllm:request_success_total{{engine="0",finished_reason="{reason}",model_name="m"}} 1.0' in text
 
 
 def test_prefill_kv_computed_tokens_histogram():
     """vLLM's request_prefill_kv_computed_tokens: a finished request's prompt tokens less its cached ones."""
     metrics = ServerMetrics("m")
-    metrics.record(StepStats(finished=[FinishedRequestStats(["stop"], 1.0, 40, 1, num_cached_tokens=32)]))
+    metrics.record(StepStats(finished=[FinishedRequestStats("stop", 1.0, 40, 1, num_cached_tokens=32)]))
     text = exposed(metrics)
     assert 'pagedllm:request_prefill_kv_computed_tokens_sum{engine="0",model_name="m"} 8.0' in text
     assert 'pagedllm:request_prefill_kv_computed_tokens_bucket{engine="0",le="5.0",model_name="m"} 0.0' in text

@@ -117,11 +117,11 @@ def test_invocations_body_nested_too_deeply_is_400(client):
 
 def test_metrics_have_vllms_request_length_histograms():
     """vLLM's dashboards' "Request Prompt Length" and "Request Generation Length" panels: a histogram of each
-    finished request's prompt and generated tokens (all its sequences')."""
+    finished sequence's prompt and generated tokens (each of n counts, as vLLM's child requests)."""
     from pagedllm.metrics import FinishedRequestStats, StepStats
     from pagedllm.server.metrics import ServerMetrics
     metrics = ServerMetrics("m")
-    metrics.record(StepStats(finished=[FinishedRequestStats(["stop", "length"], 0.5, 3, 40)]))
+    metrics.record(StepStats(finished=[FinishedRequestStats("stop", 0.5, 3, 40)]))
     text = metrics.render(None).decode()
     assert 'pagedllm:request_prompt_tokens_bucket{engine="0",le="5.0",model_name="m"} 1.0' in text
     assert 'pagedllm:request_prompt_tokens_bucket{engine="0",le="2.0",model_name="m"} 0.0' in text
