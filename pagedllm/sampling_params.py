@@ -45,11 +45,11 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    logprobs: int | None = None      # top-N logprobs per generated token (plus the sampled one)
+    logprobs: int | None = None      # top-N logprobs per generated token (plus the sampled one); -1 = the vocabulary
     # vLLM's: the logprobs of these ids (not the top-N) at each generated position, beside the sampled token's;
     # logprobs becomes their number. Their ranks are not computed (None).
     logprob_token_ids: list[int] | None = None
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = None   # as logprobs, for each prompt token after the first
     skip_special_tokens: bool = True
     # vLLM's; taken and not used: fast tokenizers (AutoTokenizer's choice when there is one) join special tokens
     # as their decoder does, and vLLM's fast detokenizer ignores it too
@@ -151,7 +151,7 @@ class SamplingParams:
                  "a list of non-negative token ids", self.stop_token_ids)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            _require(v is None or (is_int(v) and v >= 0), name, "None or an integer >= 0", v)
+            _require(v is None or (is_int(v) and v >= -1), name, "None, -1 (the vocabulary) or an integer >= 0", v)
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize",
                      "spaces_between_special_tokens"):
             _require(isinstance(getattr(self, name), bool), name, "True or False", getattr(self, name))
@@ -211,7 +211,7 @@ class SamplingParams:
 
     def validate_vocab(self, vocab_size: int, max_logprobs: int):
         """Checks that need the model: token ids in the vocabulary, logprobs count within the engine's
-        max_logprobs."""
+        max_logprobs (-1, the vocabulary, only where that is the vocabulary: vLLM's --max-logprobs -1)."""
         for name in ("stop_token_ids", "allowed_token_ids"):
             for t in getattr(self, name) or ():
                 _require(t < vocab_size, name, f"< vocab size {vocab_size}", t)
@@ -226,7 +226,9 @@ class SamplingParams:
             v = getattr(self, name)
             if name == "logprobs" and self.logprob_token_ids is not None:
                 continue   # their own bound
-            _require(v is None or v <= max_logprobs, name, f"<= max_logprobs ({max_logprobs})", v)
+            whole = f" (-1 is the vocabulary: {vocab_size} tokens)" if v == -1 else ""
+            _require(v is None or (vocab_size if v == -1 else v) <= max_logprobs, name,
+                     f"<= max_logprobs ({max_logprobs}){whole}", v)
 
 
 def _require(ok: bool, name: str, allowed: str, value):

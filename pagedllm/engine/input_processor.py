@@ -88,6 +88,9 @@ class InputProcessor:
             all_stop_token_ids=set(params.stop_token_ids) | eos,
             min_tokens_banned_ids=set(params.stop_token_ids) | self.eos_token_ids,
             top_k=0 if params.top_k >= self.vocab_size else params.top_k,   # all: no int64 overflow on the device
+            # -1: the vocabulary (vLLM's), a count from here on
+            logprobs=self.vocab_size if params.logprobs == -1 else params.logprobs,
+            prompt_logprobs=self.vocab_size if params.prompt_logprobs == -1 else params.prompt_logprobs,
             bad_words_token_ids=self._bad_words_ids(params.bad_words))
         arrival_time = time.time() if arrival_time is None else arrival_time
         # Prefix caching off: a salt keeps other requests out of this one's blocks, but not its n siblings.

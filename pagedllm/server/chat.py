@@ -369,8 +369,9 @@ def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
         if named:   # logprob_token_ids: those, in their order
             top = [(tid, position[tid]) for tid in named]
         else:
-            top = sorted((item for item in position.items() if item[1].rank is not None and item[1].rank <= n),
-                         key=lambda item: item[1].rank)[:n]
+            k = len(position) if n == -1 else n   # -1: the vocabulary (vLLM's)
+            top = sorted((item for item in position.items() if item[1].rank is not None and item[1].rank <= k),
+                         key=lambda item: item[1].rank)[:k]
         content.append({**_token(position[token_id], token_id, as_ids),
                         "top_logprobs": [_token(p, tid, as_ids) for tid, p in top]})
     return {"content": content}

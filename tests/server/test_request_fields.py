@@ -292,6 +292,32 @@ def test_prompt_logprobs_on_both_endpoints_match_offline(server, offline_llm):
            "prompt_logprobs")
 
 
+@pytest.mark.parametrize("path,body,param,says", [
+    (CHAT, {"logprobs": True, "top_logprobs": -1}, "top_logprobs", "<= max_logprobs (20) (-1 is the vocabulary"),
+    (CHAT, {"prompt_logprobs": -1}, "prompt_logprobs", "<= max_logprobs (20) (-1 is the vocabulary"),
+    (CHAT, {"logprobs": True, "top_logprobs": -2}, "top_logprobs", "-1 (the vocabulary) or an integer >= 0"),
+    (COMPLETIONS, {"prompt_logprobs": -1}, "prompt_logprobs", "<= max_logprobs (20) (-1 is the vocabulary"),
+    (COMPLETIONS, {"logprobs": -1}, "logprobs", "greater than or equal to 0"),   # vLLM's: -1 is not completions'
+])
+def test_minus_one_logprobs_are_the_vocabulary_within_max_logprobs(server, path, body, param, says):
+    """vLLM's top_logprobs / prompt_logprobs -1 (the vocabulary) is refused by a server whose --max-logprobs is
+    below it, naming the field and the bound; completions' logprobs stays >= 0, as vLLM's."""
+    prompt = {"prompt": PROMPT} if path == COMPLETIONS else {"messages": MESSAGES}
+    assert says in _error(_post(server, path, {"model": MODEL_NAME, "max_tokens": 2, **prompt, **body}),
+                          param)["message"]
+
+
+def test_chat_top_logprobs_minus_one_lists_every_token():
+    """top_logprobs -1 (vLLM's: the vocabulary): each position's alternatives are all it carries, by rank. The
+    limit was top_logprobs itself: -1 listed none."""
+    from pagedllm.outputs import CompletionOutput, Logprob
+    from pagedllm.server.chat import _logprobs
+    req = protocol.ChatCompletionRequest(messages=MESSAGES, logprobs=True, top_logprobs=-1)
+    position = {7: Logprob(-0.5, 2, "b"), 5: Logprob(-0.1, 1, "a"), 9: Logprob(-3.0, 3, "c")}
+    [entry] = _logprobs(req, CompletionOutput(0, "b", [7], -0.5, [position], None))["content"]
+    assert [t["token"] for t in entry["top_logprobs"]] == ["a", "b", "c"]
+
+
 def test_add_special_tokens_on_completions(server, offline_llm):
     tokenizer = offline_llm.get_tokenizer()
     body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 6, "temperature": 0}

@@ -41,6 +41,18 @@ def test_minus_one_is_the_vocabulary(tiny_model_dirs):
         llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2, logprobs=VOCAB + 1), use_tqdm=False)
 
 
+def test_a_request_minus_one_is_the_vocabulary_where_the_bound_allows_it(tiny_model_dirs):
+    """vLLM's logprobs=-1 / prompt_logprobs=-1: every token's logprob, allowed only where max_logprobs reaches the
+    vocabulary. It was refused as "an integer >= 0"."""
+    llm = _llm(tiny_model_dirs["llama"], -1)
+    assert _top(llm, logprobs=-1) == VOCAB and _top(llm, prompt_logprobs=-1) == VOCAB
+    llm = _llm(tiny_model_dirs["llama"], 20)
+    for field in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=rf"SamplingParams\.{field} must be <= max_logprobs \(20\) "
+                                             rf"\(-1 is the vocabulary: {VOCAB} tokens\), got -1"):
+            llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2, **{field: -1}), use_tqdm=False)
+
+
 def test_the_bound_never_passes_the_vocabulary_and_is_checked():
     """More than the vocabulary would reach the sampler's top-k and fail mid-step."""
     assert EngineConfig(max_logprobs=10_000).logprobs_bound(VOCAB) == VOCAB

@@ -26,8 +26,8 @@ INVALID = [
     (dict(stop=["a", 3]), "stop", "a list of non-empty strings"),
     (dict(stop=["end"], detokenize=False), "stop", "empty when detokenize is False"),
     (dict(stop_token_ids=[-1]), "stop_token_ids", "a list of non-negative token ids"),
-    (dict(logprobs=-1), "logprobs", "None or an integer >= 0"),
-    (dict(prompt_logprobs=-1), "prompt_logprobs", "None or an integer >= 0"),
+    (dict(logprobs=-2), "logprobs", "None, -1 (the vocabulary) or an integer >= 0"),
+    (dict(prompt_logprobs=-2), "prompt_logprobs", "None, -1 (the vocabulary) or an integer >= 0"),
     # types a fuzz found taken or crashing (TypeError) before: no bool for an int, no scalar for a list
     (dict(stop=5), "stop", "a string, a list of strings or None"),
     (dict(stop={"a": 1}), "stop", "a string, a list of strings or None"),
@@ -35,7 +35,7 @@ INVALID = [
     (dict(stop_token_ids=[True]), "stop_token_ids", "a list of non-negative token ids"),
     (dict(max_tokens=True), "max_tokens", "an integer >= 1 or None"),
     (dict(min_tokens=True), "min_tokens", "an integer >= 0"),
-    (dict(logprobs=True), "logprobs", "None or an integer >= 0"),
+    (dict(logprobs=True), "logprobs", "None, -1 (the vocabulary) or an integer >= 0"),
     (dict(ignore_eos="no"), "ignore_eos", "True or False"),
     (dict(detokenize=1), "detokenize", "True or False"),
     # Beyond torch.Generator.manual_seed's range the engine core died ("Overflow when unpacking long long").
@@ -86,6 +86,8 @@ def test_invalid_values_raise_naming_field_and_range(kwargs, name, allowed):
     (dict(stop_token_ids=[5, 512]), "stop_token_ids", "< vocab size 512"),
     (dict(logprobs=21), "logprobs", "<= max_logprobs (20)"),
     (dict(prompt_logprobs=100), "prompt_logprobs", "<= max_logprobs (20)"),
+    (dict(logprobs=-1), "logprobs", "<= max_logprobs (20) (-1 is the vocabulary: 512 tokens)"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs", "<= max_logprobs (20) (-1 is the vocabulary: 512 tokens)"),
     (dict(allowed_token_ids=[3, 512]), "allowed_token_ids", "< vocab size 512"),
     (dict(logit_bias={"512": 1.0}), "logit_bias", "keyed by token ids < vocab size 512"),
     (dict(logprob_token_ids=[0, 512]), "logprob_token_ids", "token ids < vocab size 512"),
@@ -100,6 +102,8 @@ def test_validate_vocab_accepts_values_in_range():
     SamplingParams(stop_token_ids=[0, 511], logprobs=20, prompt_logprobs=0).validate_vocab(vocab_size=512,
                                                                                            max_logprobs=20)
     SamplingParams(logprobs=30).validate_vocab(vocab_size=512, max_logprobs=30)
+    # vLLM's -1, the vocabulary: where the engine's bound is the vocabulary (--max-logprobs -1)
+    SamplingParams(logprobs=-1, prompt_logprobs=-1).validate_vocab(vocab_size=512, max_logprobs=512)
 
 
 def test_defaults_and_normalisation():
