@@ -12,7 +12,8 @@ from pagedllm import __version__
 from pagedllm.bench import serve as bench_serve
 from pagedllm.bench.workloads import WORKLOADS
 from pagedllm.config import EngineConfig, ServerConfig, config_fields
-from pagedllm.vllm_flags import add_vllm_flags, check_vllm_flags
+from pagedllm.vllm_argv import vllm_argv
+from pagedllm.vllm_flags import VLLM_FLAGS, add_vllm_flags, check_vllm_flags
 
 
 def add_engine_args(parser: argparse.ArgumentParser):
@@ -137,16 +138,14 @@ def _add_serve_parser(sub):
                                                   "/v1/chat/completions, ...)"))
 
 
+def _several_values() -> frozenset[str]:
+    """The flags that take several values after them (--api-key k1 k2): a config file's list fills them."""
+    fields = config_fields(EngineConfig) + config_fields(ServerConfig)
+    return frozenset(["--" + name.replace("_", "-") for name, _, _, meta in fields if meta.get("nargs")] +
+                     ["--" + flag.name for flag in VLLM_FLAGS if flag.nargs])
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def vllm_spelling(argv: list[str]) -> list[str]:
-    """Flags as vLLM's parser also takes them, in ours: `--max_model_len` (underscores, as Mistral's model cards
-    write them) is `--max-model-len`; `--help=all` (vLLM's help search) is `--help`."""
-    def dashed(arg: str) -> str:   # the flag's name only: not its =value
-        name, eq, value = arg.partition("=")
-        return name.replace("_", "-") + eq + value
-    return ["--help" if a.startswith("--help=") else dashed(a) if a.startswith("--") else a for a in argv]
 
 
 def main(argv=None):
@@ -175,7 +174,12 @@ def main(argv=None):
     _add_throughput_args(tput)
     add_engine_args(tput)
     bench_serve.add_cli_args(bench.add_parser("serve", help=bench_serve.__doc__.splitlines()[0]))
-    args = parser.parse_args(vllm_spelling(sys.argv[1:] if argv is None else argv))
+    try:
+        argv = vllm_argv(sys.argv[1:] if argv is None else argv, _several_values())
+    except (ValueError, OSError) as e:   # --config: its file, or its form
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     level = getattr(args, "log_level", "WARNING").upper()   # bench serve has no --log-level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

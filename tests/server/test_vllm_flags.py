@@ -1,5 +1,7 @@
 """`vllm serve` command lines as vLLM's docs and model cards write them: each flag is taken and honoured, or
 refused at start naming the flag and why. Parsing only: serve() is replaced, no model loads."""
+import json
+
 import pytest
 
 import pagedllm.server.launch as launch
@@ -150,3 +152,73 @@ def test_max_model_len_auto_says_it_is_not_built(capsys, value):
     with pytest.raises(SystemExit):
         main(["serve", DEMO_MODEL, "--max-model-len", value])
     assert "the longest that fits in memory) is not built here" in capsys.readouterr().err
+
+
+def _yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "vllm.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_is_vllms_yaml_of_flags(serve_args, tmp_path):
+    """Helm charts and the production-stack pass `vllm serve MODEL --config FILE.yaml`: was 'unrecognized'."""
+    engine, server = serve_args("--config", _yaml(tmp_path, """
+port: 8123
+max_model_len: 2048               # underscores too
+enable-prefix-caching: false      # --no-enable-prefix-caching
+trust-remote-code: true           # a vLLM flag, taken
+served-model-name: [a, b]         # several values
+allowed-origins: ["https://x.y"]  # a JSON list flag
+tensor-parallel-size: 1
+max-log-len: null                 # left out
+speculative-config:
+  method: ngram
+  num_speculative_tokens: 3
+  prompt_lookup_max: 4
+"""))
+    assert (server.port, engine.max_model_len, engine.enable_prefix_caching) == (8123, 2048, False)
+    assert (server.served_model_name, server.allowed_origins, server.max_log_len) == (["a", "b"], ["https://x.y"],
+                                                                                       None)
+    assert json.loads(engine.speculative_config) == {"method": "ngram", "num_speculative_tokens": 3,
+                                                     "prompt_lookup_max": 4}
+
+
+def test_the_command_line_wins_over_the_config_file(serve_args, tmp_path):
+    """vLLM's order: command line, then file, then defaults; a list flag is replaced, not added to."""
+    path = _yaml(tmp_path, "port: 8123\nserved-model-name: [a, b]\nenforce-eager: true\nmax-num-seqs: 8\n")
+    engine, server = serve_args("--port", "9000", "--config", path, "--served_model_name", "c",
+                                "--no-enforce-eager")
+    assert (server.port, server.served_model_name, engine.enforce_eager, engine.max_num_seqs) == (9000, ["c"],
+                                                                                                 False, 8)
+
+
+def test_config_file_model_and_the_positional_model(monkeypatch, tmp_path):
+    started = []
+    monkeypatch.setattr(launch, "serve", lambda engine, server: started.append(engine))
+    path = _yaml(tmp_path, f"model: {DEMO_MODEL}\ndevice: cpu\nserved-model-name: [a]\n")
+    assert main(["serve", "--config", path]) == 0 and started.pop().model == DEMO_MODEL
+    # MODEL after --config: the file's list flag does not take it as one more value
+    assert main(["serve", "--config", path, "/elsewhere/model"]) == 0 and started.pop().model == "/elsewhere/model"
+
+
+@pytest.mark.parametrize("text, name, words", [
+    ("pipeline-parallel-size: 2\n", "vllm.yaml", "--pipeline-parallel-size 2: pipeline parallelism is not built"),
+    ("- port\n", "vllm.yaml", "expected a mapping of flag: value, got list"),
+    ("port: [\n", "vllm.yaml", "not valid YAML"),
+    ("port: 1\n", "vllm.json", "the config file must be YAML (.yaml or .yml)"),
+])
+def test_a_bad_config_file_stops_the_start_saying_why(capsys, tmp_path, text, name, words):
+    path = tmp_path / name
+    path.write_text(text)
+    assert main(["serve", DEMO_MODEL, "--device", "cpu", "--config", str(path)]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_config_file_missing_or_twice_is_an_error(capsys, tmp_path):
+    assert main(["serve", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    path = _yaml(tmp_path, "port: 1\n")
+    assert main(["serve", "--config", path, "--config=" + path]) == 2
+    assert "one config file at most" in capsys.readouterr().err
+    assert main(["serve", "--config"]) == 2
+    assert "--config: expected a YAML file" in capsys.readouterr().err
