@@ -3,7 +3,6 @@ fields of EngineConfig and ServerConfig (names as vLLM's)."""
 import argparse
 import json
 import logging
-import re
 import sys
 import types
 import typing
@@ -12,7 +11,7 @@ from pagedllm import __version__
 from pagedllm.bench import serve as bench_serve
 from pagedllm.bench.workloads import WORKLOADS
 from pagedllm.config import EngineConfig, ServerConfig, config_fields
-from pagedllm.vllm_argv import vllm_argv
+from pagedllm.vllm_argv import human_readable_int, vllm_argv
 from pagedllm.vllm_flags import VLLM_FLAGS, add_vllm_flags, check_vllm_flags
 
 
@@ -34,7 +33,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
             group.add_argument(*flags, type=_json_list, default=default,
                                help=f"{meta['help']} (a JSON list; default: {json.dumps(default)})")
             continue
-        scalar = _human_readable_int if meta.get("human_readable") else _scalar_type(ftype)
+        scalar = human_readable_int if meta.get("human_readable") else _scalar_type(ftype)
         group.add_argument(*flags, type=scalar, default=default, choices=meta.get("choices"),
                            help=f"{meta['help']} (default: {default})")
 
@@ -44,20 +43,6 @@ def _scalar_type(ftype):
     if isinstance(ftype, types.UnionType):
         ftype = next(a for a in typing.get_args(ftype) if a is not type(None))
     return ftype
-
-
-def _human_readable_int(text: str) -> int:
-    """vLLM's human-readable ints: 32k = 32000, 32K = 32768 (k, m, g decimal; K, M, G binary, whole numbers)."""
-    if text.strip().lower() in ("auto", "-1"):
-        raise argparse.ArgumentTypeError(f"{text!r} (vLLM's --max-model-len auto: the longest that fits in memory) "
-                                         f"is not built here; leave --max-model-len out for the model's "
-                                         f"max_position_embeddings, or give a number")
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG]?)", text.strip())
-    if match is None or ("." in match[1] and not match[2].islower()):
-        raise argparse.ArgumentTypeError(f"expected an integer such as 32768, 32k (32000) or 32K (32768), "
-                                         f"got {text!r}")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}[match[2]]
-    return int(float(match[1]) * scale) if "." in match[1] else int(match[1]) * scale
 
 
 def _json_list(text: str) -> list[str]:

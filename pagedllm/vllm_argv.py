@@ -1,12 +1,15 @@
 """A command line as vLLM's parser reads it, rewritten into one pagedllm's argparse parser takes: flags from a
-`--config FILE.yaml`, flags with underscores (`--max_model_len`) and `--help=all`. Text in, text out: argparse
-then judges every flag as if it had been typed in full, so a refusal names the flag as the user wrote it."""
+`--config FILE.yaml`, flags with underscores (`--max_model_len`), `--help=all`, and dotted keys of JSON flags
+(`--speculative-config.method ngram`). Text in, text out: argparse then judges every flag as if it had been
+typed in full, so a refusal names the flag as the user wrote it."""
+import argparse
 import json
+import re
 
 
 def vllm_argv(argv: list[str], several: frozenset[str]) -> list[str]:
     """several: the flags that take several values (`--api-key k1 k2`), which a file's list fills item by item."""
-    return vllm_spelling(with_config_file(argv, several))
+    return json_keys(vllm_spelling(with_config_file(argv, several)))
 
 
 def with_config_file(argv: list[str], several: frozenset[str]) -> list[str]:
@@ -68,8 +71,95 @@ def _flag_name(arg: str) -> str:
 def vllm_spelling(argv: list[str]) -> list[str]:
     """Flags as vLLM's parser also takes them, in ours: `--max_model_len` (underscores, as Mistral's model cards
     write them) is `--max-model-len`; `--help=all` (vLLM's help search) is `--help`."""
-    def dashed(arg: str) -> str:   # the flag's name only: not its =value
+    def dashed(arg: str) -> str:   # the flag's name only: not its =value, nor the keys after a dot
         name, eq, value = arg.partition("=")
-        return name.replace("_", "-") + eq + value
+        flag, dot, keys = name.partition(".")
+        return flag.replace("_", "-") + dot + keys + eq + value
     return ["--help" if a.startswith("--help=") else dashed(a) if a.startswith("--") else a for a in argv]
 
+
+
+# --flag.key[.key...][+], also -O.key: a dotted key of a JSON flag (a letter first: -1.5 is a value)
+_DOTTED = re.compile(r"(--?[A-Za-z][\w-]*)\.([^=]+)")
+
+
+def json_keys(argv: list[str]) -> list[str]:
+    """argv with the dotted keys of each flag gathered into the flag's JSON object, as vLLM's parser does:
+    `--speculative-config.method ngram --speculative-config.num_speculative_tokens 4` is
+    `--speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'`; `--a.b.c v` nests; `--a.k+ v`
+    (or `--a.k+=v1,v2`) appends to the list k. A value is read as JSON (4, 1e6, true, null, {...}), else as a
+    human-readable int (32k), else as text. The object goes at the end, so argparse judges it as the flag's
+    value. Where the flag is also given whole, the keys merge into that object (vLLM replaces it with them)."""
+    rest, objects, i = [], {}, 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        dotted = _DOTTED.fullmatch(name)
+        if dotted is None or not argv[i].startswith("-"):
+            rest.append(argv[i])
+            i += 1
+            continue
+        if not eq:
+            if i + 1 == len(argv):
+                raise ValueError(f"{name}: expected a value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        flag, keys = dotted[1], dotted[2]
+        item = value.split(",") if keys.endswith("+") else _json_value(value)
+        for key in reversed(keys.removesuffix("+").split(".")):
+            item = {key: item}
+        _merge(objects.setdefault(flag, {}), item)
+    for flag, keys in objects.items():
+        rest += [flag, json.dumps(_merge(_whole_value(rest, flag), keys))]
+    return rest
+
+
+def _json_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return human_readable_int(text)
+    except argparse.ArgumentTypeError:
+        return text
+
+
+def _merge(into: dict, keys: dict) -> dict:
+    """keys into into, key by key: objects merge, lists add up, anything else is replaced."""
+    for key, value in keys.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        elif isinstance(value, list) and isinstance(into.get(key), list):
+            into[key] += value
+        else:
+            into[key] = value
+    return into
+
+
+def _whole_value(argv: list[str], flag: str) -> dict:
+    """The JSON object the last `flag VALUE` or `flag=VALUE` of argv gives ({} if none)."""
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+    values += [arg[len(flag) + 1:] for arg in argv if arg.startswith(flag + "=")]
+    if not values:
+        return {}
+    try:
+        whole = json.loads(values[-1])
+    except ValueError:
+        whole = None
+    if not isinstance(whole, dict):
+        raise ValueError(f"{flag} {values[-1]}: not a JSON object, so its dotted keys ({flag}.KEY) cannot go in it")
+    return whole
+
+
+def human_readable_int(text: str) -> int:
+    """vLLM's human-readable ints: 32k = 32000, 32K = 32768 (k, m, g decimal; K, M, G binary, whole numbers)."""
+    if text.strip().lower() in ("auto", "-1"):
+        raise argparse.ArgumentTypeError(f"{text!r} (vLLM's --max-model-len auto: the longest that fits in memory) "
+                                         f"is not built here; leave --max-model-len out for the model's "
+                                         f"max_position_embeddings, or give a number")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG]?)", text.strip())
+    if match is None or ("." in match[1] and not match[2].islower()):
+        raise argparse.ArgumentTypeError(f"expected an integer such as 32768, 32k (32000) or 32K (32768), "
+                                         f"got {text!r}")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}[match[2]]
+    return int(float(match[1]) * scale) if "." in match[1] else int(match[1]) * scale

@@ -222,3 +222,55 @@ def test_config_file_missing_or_twice_is_an_error(capsys, tmp_path):
     assert "one config file at most" in capsys.readouterr().err
     assert main(["serve", "--config"]) == 2
     assert "--config: expected a YAML file" in capsys.readouterr().err
+
+
+def test_dotted_keys_of_json_flags_are_vllms(serve_args):
+    """`--speculative-config.method ngram`, as vLLM's parser takes JSON flags: was 'unrecognized arguments'."""
+    engine, server = serve_args(
+        "--speculative-config.method", "ngram", "--speculative_config.num_speculative_tokens=4",
+        "--hf-overrides.rope_theta", "1e6", "--hf-overrides.rope_scaling.rope_type", "yarn",
+        "--hf-overrides.rope_scaling.factor=2", "--override-generation-config.temperature", "0.5",
+        "--default-chat-template-kwargs.enable_thinking", "false",
+        "--structured-outputs-config.backend", "xgrammar")
+    assert json.loads(engine.speculative_config) == {"method": "ngram", "num_speculative_tokens": 4}
+    assert engine.speculative.num_speculative_tokens == 4
+    assert engine.hf_overrides == {"rope_theta": 1e6, "rope_scaling": {"rope_type": "yarn", "factor": 2}}
+    assert engine.override_generation_config == {"temperature": 0.5}
+    assert server.default_chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_dotted_values_lists_and_a_whole_value(serve_args, tmp_path):
+    """A value is JSON, else a human-readable int (32k), else text; `+` appends to a list; dotted keys merge into
+    the flag's whole JSON, from the command line or a config file."""
+    engine, _ = serve_args("--hf-overrides.max_position_embeddings", "32k", "--hf-overrides.name", "text",
+                           "--hf-overrides.ids+", "1", "--hf-overrides.ids+=2,3")
+    assert engine.hf_overrides == {"max_position_embeddings": 32000, "name": "text", "ids": ["1", "2", "3"]}
+    engine, _ = serve_args("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}',
+                           "--speculative-config.num_speculative_tokens", "5")
+    assert json.loads(engine.speculative_config) == {"method": "ngram", "num_speculative_tokens": 5}
+    path = _yaml(tmp_path, "speculative-config: {method: ngram, num_speculative_tokens: 2}\n"
+                           "hf-overrides.rope_theta: 500000\n")
+    engine, _ = serve_args("--config", path, "--speculative-config.prompt_lookup_max", "3")
+    assert json.loads(engine.speculative_config) == {"method": "ngram", "num_speculative_tokens": 2,
+                                                     "prompt_lookup_max": 3}
+    assert engine.hf_overrides == {"rope_theta": 500000}
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--compilation-config.level", "3"], '--compilation-config {"level": 3}: pagedllm does not use torch.compile'),
+    (["-O.level", "3"], '--optimization-level {"level": 3}: pagedllm does not use torch.compile'),
+    (["--kv-transfer-config.kv_connector", "LMCacheConnectorV1"], "--kv-transfer-config {\"kv_connector\": "),
+    (["--structured-outputs-config.backend", "guidance"], "structured output runs on xgrammar here"),
+    (["--speculative-config", "ngram", "--speculative-config.x", "1"], "--speculative-config ngram: not a JSON "
+                                                                       "object, so its dotted keys"),
+    (["--hf-overrides.rope_theta"], "--hf-overrides.rope_theta: expected a value"),
+])
+def test_dotted_keys_of_a_refused_flag_name_the_flag(capsys, flags, words):
+    assert main(["serve", DEMO_MODEL, "--device", "cpu", *flags]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_dotted_keys_of_a_flag_vllm_lacks_too_are_unrecognized(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", DEMO_MODEL, "--no-such-config.key", "1"])
+    assert "unrecognized arguments: --no-such-config" in capsys.readouterr().err
