@@ -68,13 +68,19 @@ def _flag_name(arg: str) -> str:
     return arg.partition("=")[0].replace("_", "-")
 
 
+# vLLM's old flags for a model config value, dropped in favour of --hf-overrides (vLLM said so while it took them)
+_HF_OVERRIDES = {"--rope-theta": "--hf-overrides.rope_theta", "--rope-scaling": "--hf-overrides.rope_scaling"}
+
+
 def vllm_spelling(argv: list[str]) -> list[str]:
     """Flags as vLLM's parser also takes them, in ours: `--max_model_len` (underscores, as Mistral's model cards
-    write them) is `--max-model-len`; `--help=all` (vLLM's help search) is `--help`."""
+    write them) is `--max-model-len`; `--help=all` (vLLM's help search) is `--help`; vLLM's old `--rope-theta
+    1e6` is `--hf-overrides.rope_theta 1e6`."""
     def dashed(arg: str) -> str:   # the flag's name only: not its =value, nor the keys after a dot
         name, eq, value = arg.partition("=")
         flag, dot, keys = name.partition(".")
-        return flag.replace("_", "-") + dot + keys + eq + value
+        flag = flag.replace("_", "-")
+        return _HF_OVERRIDES.get(flag, flag) + dot + keys + eq + value
     return ["--help" if a.startswith("--help=") else dashed(a) if a.startswith("--") else a for a in argv]
 
 

@@ -136,6 +136,16 @@ VLLM_FLAGS = (
     VllmFlag("logits-processors", "custom logits processor classes are not loaded: SamplingParams' own (penalties, "
              "logit_bias, allowed_token_ids, bad_words) are built in", _never, nargs="+"),
     VllmFlag("enable-return-routed-experts", "no mixture-of-experts model is built here", _is(False), boolean=True),
+    # flags vLLM has dropped (0.26 answers 'unrecognized arguments'), which older deployments still pass;
+    # --rope-theta and --rope-scaling are --hf-overrides keys (vllm_argv.py), as vLLM said when it dropped them
+    VllmFlag("num-scheduler-steps", "vLLM V0's multi-step scheduling, which vLLM removed with V0 (V1 schedules "
+             "every step): here too each step is scheduled, the next while the last runs (1 is taken)", _is("1")),
+    VllmFlag("task", "vLLM 0.26 has no --task: for embedding, reranking or reward models it says to use --runner "
+             "pooling (with --convert embed, classify or reward to adapt a generative model); pagedllm runs "
+             "generative models only (auto, generate are taken)", _is("auto", "generate")),
+    VllmFlag("max-seq-len-to-capture", "vLLM removed it with V0; " + _NO_COMPILE, _never),
+    VllmFlag("use-v2-block-manager", "vLLM made it a no-op when it removed its first block manager, then dropped "
+             "it; pagedllm has one block manager", _any, boolean=True),
 )
 
 

@@ -274,3 +274,18 @@ def test_dotted_keys_of_a_flag_vllm_lacks_too_are_unrecognized(capsys):
     with pytest.raises(SystemExit):
         main(["serve", DEMO_MODEL, "--no-such-config.key", "1"])
     assert "unrecognized arguments: --no-such-config" in capsys.readouterr().err
+
+
+def test_flags_vllm_dropped_are_answered(serve_args, capsys):
+    """Were 'unrecognized arguments' (as in vLLM 0.26): older deployments still pass them."""
+    serve_args("--num-scheduler-steps", "1", "--task", "generate", "--use-v2-block-manager")
+    engine, _ = serve_args("--rope-theta", "1e6", "--rope_scaling", '{"rope_type": "yarn", "factor": 2.0}',
+                           "--hf-overrides", '{"max_position_embeddings": 4096}')
+    assert engine.hf_overrides == {"max_position_embeddings": 4096, "rope_theta": 1e6,
+                                   "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}
+    for flags, words in [(["--num-scheduler-steps", "8"], "--num-scheduler-steps 8: vLLM V0's multi-step"),
+                         (["--task", "embed"], "--task embed: vLLM 0.26 has no --task: for embedding, reranking or "
+                                               "reward models it says to use --runner pooling"),
+                         (["--max-seq-len-to-capture", "8192"], "--max-seq-len-to-capture 8192: vLLM removed it")]:
+        assert main(["serve", DEMO_MODEL, "--device", "cpu", *flags]) == 2
+        assert words in capsys.readouterr().err
