@@ -136,6 +136,15 @@ VLLM_FLAGS = (
     VllmFlag("logits-processors", "custom logits processor classes are not loaded: SamplingParams' own (penalties, "
              "logit_bias, allowed_token_ids, bad_words) are built in", _never, nargs="+"),
     VllmFlag("enable-return-routed-experts", "no mixture-of-experts model is built here", _is(False), boolean=True),
+    VllmFlag("prefix-caching-hash-algo", "block hashes are sha256 here (sha256, sha256_cbor are taken: the CBOR "
+             "form matters only to KV events' readers, not built); xxhash is not built", _is("sha256", "sha256_cbor")),
+    VllmFlag("max-parallel-loading-workers", "each rank reads the checkpoint a tensor at a time, so loading never "
+             "holds a whole copy in CPU memory for this bound to limit", _any),
+    VllmFlag("enable-server-load-tracking", "the /load endpoint is not built: /metrics has "
+             "pagedllm:num_requests_running and pagedllm:num_requests_waiting", _is(False), boolean=True),
+    VllmFlag("performance-mode", "pagedllm picks its own CUDA graph sizes and step defaults (balanced, vLLM's "
+             "default, is taken): set --max-num-seqs and --max-num-batched-tokens for more throughput",
+             _is("balanced")),
     # flags vLLM has dropped (0.26 answers 'unrecognized arguments'), which older deployments still pass;
     # --rope-theta and --rope-scaling are --hf-overrides keys (vllm_argv.py), as vLLM said when it dropped them
     VllmFlag("num-scheduler-steps", "vLLM V0's multi-step scheduling, which vLLM removed with V0 (V1 schedules "

@@ -289,3 +289,16 @@ def test_flags_vllm_dropped_are_answered(serve_args, capsys):
                          (["--max-seq-len-to-capture", "8192"], "--max-seq-len-to-capture 8192: vLLM removed it")]:
         assert main(["serve", DEMO_MODEL, "--device", "cpu", *flags]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_rare_vllm_flags_are_answered(serve_args, capsys):
+    """Were 'unrecognized arguments'."""
+    serve_args("--prefix-caching-hash-algo", "sha256", "--max-parallel-loading-workers", "2",
+               "--no-enable-server-load-tracking", "--performance-mode", "balanced")
+    for flags, words in [(["--prefix-caching-hash-algo", "xxhash"], "--prefix-caching-hash-algo xxhash: block "
+                                                                    "hashes are sha256 here"),
+                         (["--enable-server-load-tracking"], "--enable-server-load-tracking: the /load endpoint"),
+                         (["--performance-mode", "throughput"], "--performance-mode throughput: pagedllm picks"),
+                         (["--pooler-config", "{}"], "--pooler-config {}: pagedllm runs generative models only")]:
+        assert main(["serve", DEMO_MODEL, "--device", "cpu", *flags]) == 2
+        assert words in capsys.readouterr().err
