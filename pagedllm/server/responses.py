@@ -92,11 +92,15 @@ class InputItem(_Strict):
     output: str | list[ContentPart] | None = None
     summary: list[SummaryPart] | None = None    # reasoning
     encrypted_content: str | None = None
+    # OpenAI's label on an assistant message (newer outputs carry it, null too): which turn of an agent's work it
+    # was. The chat templates served here have no place for it, so it is taken and dropped, as vLLM drops it.
+    phase: Literal["commentary", "final_answer"] | None = None
 
     @model_validator(mode="after")
     def _own_fields(self):
+        message = ("role", "content", "id", "status", "phase")
         return fields_of_its_type(self, {
-            None: ("role", "content", "id", "status"), "message": ("role", "content", "id", "status"),
+            None: message, "message": message,
             "function_call": ("call_id", "name", "arguments", "id", "status"),
             "function_call_output": ("call_id", "output", "id", "status"),
             "reasoning": ("summary", "encrypted_content", "content", "id", "status")}, "an input item")

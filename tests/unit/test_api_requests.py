@@ -158,3 +158,19 @@ def test_responses_stream_options_and_service_tier_are_openais():
         with pytest.raises(pydantic.ValidationError) as e:
             responses.ResponsesRequest.model_validate({"input": "Hi", **body})
         assert e.value.errors()[0]["loc"] == loc
+
+
+def test_an_assistant_message_with_phase_is_taken():
+    """OpenAI's newer output messages carry phase (null, commentary or final_answer), and a client sends them
+    back as they came: taken, as vLLM takes them, and the prompt is the one without it (it was a 400)."""
+    import pydantic
+    import pytest
+    item = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": "Hello.", "annotations": [], "logprobs": []}]}
+    want = _responses_chat({"input": [{"role": "user", "content": "Hi"}, item]}).model_dump()
+    for phase in (None, "commentary", "final_answer"):
+        got = _responses_chat({"input": [{"role": "user", "content": "Hi"}, {**item, "phase": phase}]})
+        assert got.model_dump() == want, phase
+    with pytest.raises(pydantic.ValidationError) as e:
+        responses.ResponsesRequest.model_validate({"input": [{**item, "phase": "draft"}]})
+    assert [err["loc"][-2:] for err in e.value.errors()][-1] == (0, "phase")
