@@ -29,6 +29,14 @@ class ResponseStore:
     def get(self, response_id: str) -> StoredResponse | None:
         return self._items.get(response_id)
 
+    def item(self, item_id: str) -> dict | None:
+        """The output item of that id among the responses kept (an input's item_reference names one)."""
+        for stored in self._items.values():
+            for item in stored.response["output"]:
+                if item.get("id") == item_id:
+                    return item
+        return None
+
     def set_status(self, response_id: str, status: str, error: dict | None = None) -> None:
         """A background response's status (and error) as its work goes; nothing if it is no longer kept."""
         stored = self._items.get(response_id)

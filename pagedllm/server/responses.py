@@ -6,7 +6,8 @@ ChatCompletionRequest, and its answer, or its stream of chunks, becomes a Respon
                                        message items (user / system / developer / assistant; input_text and
                                        output_text parts) as messages, function_call items as the assistant's
                                        tool_calls, function_call_output items as role "tool" messages,
-                                       reasoning items as the next assistant message's reasoning; a last
+                                       reasoning items as the next assistant message's reasoning,
+                                       item_reference items as the stored output item they name; a last
                                        assistant message in_progress or incomplete is continued (vLLM's)
     tools (function), tool_choice, parallel_tool_calls  ->  the same chat fields
     max_output_tokens, temperature, top_p  ->  max_tokens, temperature, top_p
@@ -54,7 +55,7 @@ from fastapi.responses import Response
 from pydantic import Field, model_validator
 
 from pagedllm.server.chat import chunk_dicts, create_chat_completion
-from pagedllm.server.errors import APIError
+from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict, fields_of_its_type, validated
 from pagedllm.server.response_store import StoredResponse
 from pagedllm.server.serving import SSEResponse, ServingContext
@@ -81,7 +82,7 @@ class SummaryPart(_Strict):
 
 
 class InputItem(_Strict):
-    type: Literal["message", "function_call", "function_call_output", "reasoning"] | None = None
+    type: Literal["message", "function_call", "function_call_output", "reasoning", "item_reference"] | None = None
     role: Literal["user", "system", "developer", "assistant"] | None = None
     content: str | list[ContentPart] | None = None
     id: str | None = None
@@ -103,7 +104,8 @@ class InputItem(_Strict):
             None: message, "message": message,
             "function_call": ("call_id", "name", "arguments", "id", "status"),
             "function_call_output": ("call_id", "output", "id", "status"),
-            "reasoning": ("summary", "encrypted_content", "content", "id", "status")}, "an input item")
+            "reasoning": ("summary", "encrypted_content", "content", "id", "status"),
+            "item_reference": ("id",)}, "an input item")
 
 
 class FunctionTool(_Strict):
@@ -231,6 +233,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
         # cancel and DELETE, and came back after a DELETE)
         raise APIError(400, f"request_id names response {response_id!r}, which is already stored: store needs an "
                        "unused request_id", "request_id", "invalid_value")
+    req = _resolve_references(ctx, req)
     history = []
     if req.previous_response_id is not None:
         previous = stored_response(ctx, req.previous_response_id, "previous_response_id")
@@ -353,6 +356,29 @@ def stored_response(ctx: ServingContext, response_id: str, param: str = "respons
                 "this server keeps no responses (pagedllm serve --responses-store N)")
         raise APIError(404, f"response {response_id!r} not found: {kept}", param, "not_found")
     return found
+
+
+def _resolve_references(ctx: ServingContext, req: ResponsesRequest) -> ResponsesRequest:
+    """req with each item_reference input item replaced by the item it names: an output item (reasoning, message,
+    function_call) of a response this server keeps, found by its id. OpenAI resolves them against the items it
+    keeps; vLLM passes them on unresolved. Input items are not kept here, so a reference to one is a 404."""
+    if isinstance(req.input, str) or all(item.type != "item_reference" for item in req.input):
+        return req
+    items = []
+    for i, item in enumerate(req.input):
+        if item.type == "item_reference":
+            at = f"input.{i}"
+            if not item.id:
+                raise APIError(400, f"{at}: an item_reference needs id", at, "invalid_value")
+            found = ctx.responses.item(item.id) if ctx.responses is not None else None
+            if found is None:
+                kept = (f"it names an output item of the last {ctx.responses.capacity} stored responses"
+                        if ctx.responses is not None else
+                        "this server keeps no responses (pagedllm serve --responses-store N)")
+                raise APIError(404, f"{at}: item {shorten(item.id)!r} not found: {kept}", at, "not_found")
+            item = InputItem.model_validate(found)
+        items.append(item)
+    return req.model_copy(update={"input": items})
 
 
 def _as_message(output: list[dict]) -> dict:

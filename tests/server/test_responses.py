@@ -310,3 +310,21 @@ def test_vllms_sampling_additions_pass_to_the_chat_request(client, server):
     assert response.id == "resp_abc"
     assert response.output_text == (chat["choices"][0]["message"]["content"] or "")
     assert response.usage.output_tokens == chat["usage"]["completion_tokens"]
+
+
+def test_item_references_name_stored_output_items(client, server):
+    """An item_reference input item is the stored response's output item of that id: the answer the whole
+    conversation gets; an id not kept is a 404 naming the item (it was a 400 for the type)."""
+    kw = dict(model=MODEL_NAME, max_output_tokens=6, temperature=0)
+    first = client.responses.create(input=STORY, store=True, **kw)
+    [message] = first.output
+    referenced = client.responses.create(input=[{"role": "user", "content": STORY},
+                                                {"type": "item_reference", "id": message.id},
+                                                {"role": "user", "content": "And then?"}], **kw)
+    whole = client.responses.create(input=[{"role": "user", "content": STORY},
+                                           {"role": "assistant", "content": first.output_text},
+                                           {"role": "user", "content": "And then?"}], **kw)
+    assert referenced.usage.input_tokens == whole.usage.input_tokens and referenced.output_text == whole.output_text
+    body = {"model": MODEL_NAME, "input": [{"type": "item_reference", "id": "msg_gone"}], "max_output_tokens": 4}
+    r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "input.0" and "msg_gone" in r.text, r.text
