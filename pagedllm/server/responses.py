@@ -9,7 +9,8 @@ ChatCompletionRequest, and its answer, or its stream of chunks, becomes a Respon
                                        reasoning items as the next assistant message's reasoning,
                                        item_reference items as the stored output item they name; a last
                                        assistant message in_progress or incomplete is continued (vLLM's)
-    tools (function), tool_choice, parallel_tool_calls  ->  the same chat fields
+    tools (function), tool_choice, parallel_tool_calls  ->  the same chat fields (tool_choice allowed_tools:
+                                       only the tools it names, and its mode)
     max_output_tokens, temperature, top_p  ->  max_tokens, temperature, top_p
     text.format text / json_object / json_schema  ->  response_format
     reasoning.effort               ->  reasoning_effort
@@ -121,6 +122,15 @@ class FunctionChoice(_Strict):
     name: str
 
 
+class AllowedTools(_Strict):
+    """OpenAI's tool_choice that narrows the tools the model may call to some of tools, as mode (auto or
+    required) chooses among them. Honoured by showing the model only those (the prompt then differs from one with
+    every tool): each is {"type": "function", "name": ...} of a function in tools."""
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]]
+
+
 class TextFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
@@ -172,7 +182,7 @@ class ResponsesRequest(_Request, _SameAsChat):
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     tools: list[FunctionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | AllowedTools | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     stream: bool | None = False   # null: false (vLLM's; clients that write every field send it)
@@ -268,9 +278,10 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     if req.background:
         queued = {**head, "status": "queued"}
         ctx.responses.put(StoredResponse(queued, conversation))
-        ctx.responses.running[head["id"]] = asyncio.ensure_future(_run_detached(ctx, chat, head, encrypted, keep))
+        ctx.responses.running[head["id"]] = asyncio.ensure_future(_run_detached(ctx, chat, req, head, encrypted,
+                                                                                keep))
         return queued
-    answer = await _chat_completion(ctx, chat, raw_request)
+    answer = await _chat_completion(ctx, chat, req, raw_request)
     if isinstance(answer, SSEResponse):
         return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head, encrypted, keep))
     if isinstance(answer, Response):   # the client left
@@ -280,13 +291,14 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     return response
 
 
-async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, head: dict, encrypted: bool, keep):
+async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, req: ResponsesRequest, head: dict,
+                        encrypted: bool, keep):
     """A background response's work: the chat completion, then the response kept as it ended (completed,
     incomplete, failed with the error, or cancelled)."""
     response_id = head["id"]
     ctx.responses.set_status(response_id, "in_progress")
     try:
-        answer = await _chat_completion(ctx, chat, _Detached())
+        answer = await _chat_completion(ctx, chat, req, _Detached())
         keep(to_response(answer, head, encrypted))
     except asyncio.CancelledError:
         ctx.responses.set_status(response_id, "cancelled")
@@ -299,9 +311,9 @@ async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, head: 
         ctx.responses.running.pop(response_id, None)
 
 
-async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, raw_request):
-    """create_chat_completion, its 400 about a chat field named as the client sent it: the response_format that
-    text.format became (the schema's: text.format.schema), and _FIELDS."""
+async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, req: ResponsesRequest, raw_request):
+    """create_chat_completion of chat (req's), its 400 about a chat field named as the client sent it: the
+    response_format that text.format became (the schema's: text.format.schema), and _their_field's."""
     try:
         return await create_chat_completion(ctx, chat, raw_request)
     except APIError as e:
@@ -310,7 +322,7 @@ async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, raw
             message = e.message.replace("response_format.json_schema.schema", "text.format.schema")
             raise APIError(e.status, message.replace("response_format", "text.format"),
                            "text.format.schema" if schema else "text.format", e.code) from e
-        param = _their_field(e.param)
+        param = _their_field(e.param, _chat_tools(req))
         if param == e.param:
             raise
         message = e.message.replace(f"`{e.param}`", f"`{param}`")   # "... Reduce `messages`."
@@ -324,10 +336,27 @@ async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, raw
 _FIELDS = {"max_tokens": "max_output_tokens", "messages": "input"}
 
 
-def _their_field(param: str | None) -> str | None:
-    """_FIELDS, and a tool's: chat's tools.<i>.function.<name> is tools.<i>.<name>."""
+def _their_field(param: str | None, tool_at: list[int]) -> str | None:
+    """_FIELDS, and a tool's: chat's tools.<k>.function.<name> is tools.<tool_at[k]>.<name>."""
     match = re.fullmatch(r"tools\.(\d+)\.function\.(\w+)", param or "")
-    return f"tools.{match[1]}.{match[2]}" if match else _FIELDS.get(param, param)
+    return f"tools.{tool_at[int(match[1])]}.{match[2]}" if match else _FIELDS.get(param, param)
+
+
+def _chat_tools(req: ResponsesRequest) -> list[int]:
+    """The indexes in req.tools of the tools the chat request gets: those tool_choice allowed_tools names (each a
+    function of tools: else a 400 naming it), or all."""
+    tools, choice = req.tools or [], req.tool_choice
+    if not isinstance(choice, AllowedTools):
+        return list(range(len(tools)))
+    index = {t.name: i for i, t in enumerate(tools)}
+    at = []
+    for j, allowed in enumerate(choice.tools):
+        if allowed.get("type") != "function" or allowed.get("name") not in index or len(allowed) != 2:
+            raise APIError(400, f"tool_choice.tools.{j} must be {{\"type\": \"function\", \"name\": ...}} naming "
+                           f"a function in tools ({', '.join(index)}): only function tools are served",
+                           f"tool_choice.tools.{j}", "invalid_value")
+        at.append(index[allowed["name"]])
+    return at
 
 
 class _Detached:
@@ -409,9 +438,11 @@ def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionReques
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)
     if req.tools:
-        body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
-                         for t in req.tools]
-    if req.tool_choice is not None:
+        body["tools"] = [{"type": "function", "function": req.tools[i].model_dump(exclude={"type"}, exclude_none=True)}
+                         for i in _chat_tools(req)]
+    if isinstance(req.tool_choice, AllowedTools):
+        body["tool_choice"] = req.tool_choice.mode
+    elif req.tool_choice is not None:
         body["tool_choice"] = (req.tool_choice if isinstance(req.tool_choice, str) else
                                {"type": "function", "function": {"name": req.tool_choice.name}})
     fmt = req.text.format if req.text is not None else None
@@ -531,7 +562,7 @@ def _head(req: ResponsesRequest, response_id: str, model: str) -> dict:
             "previous_response_id": req.previous_response_id, "background": bool(req.background),
             "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
             "store": bool(req.store), "temperature": req.temperature, "text": {"format": fmt or {"type": "text"}},
-            "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, FunctionChoice)
+            "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, (FunctionChoice, AllowedTools))
                             else req.tool_choice or "auto"),
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []], "top_p": req.top_p,
             "truncation": "disabled", "usage": None, "user": req.user, "metadata": req.metadata or {}}

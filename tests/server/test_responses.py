@@ -328,3 +328,29 @@ def test_item_references_name_stored_output_items(client, server):
     body = {"model": MODEL_NAME, "input": [{"type": "item_reference", "id": "msg_gone"}], "max_output_tokens": 4}
     r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["param"] == "input.0" and "msg_gone" in r.text, r.text
+
+
+def test_tool_choice_allowed_tools(client, server):
+    """tool_choice allowed_tools: the model is shown only the tools it names, and its mode chooses among them:
+    the prompt and call of the same request with only those tools (it was a 400); echoed as sent. A name not
+    among the functions in tools is a 400 naming it, a named tool's error names it where the client sent it."""
+    clock = {"type": "function", "name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}}, "required": ["zone"]}}
+    kw = dict(model=MODEL_NAME, input="What time is it in Paris?", max_output_tokens=40, temperature=0,
+              parallel_tool_calls=False)
+    allowed = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_time"}]}
+    response = client.responses.create(tools=[WEATHER, clock], tool_choice=allowed, **kw)
+    alone = client.responses.create(tools=[clock], tool_choice="required", **kw)
+    [call], [same] = response.output, alone.output
+    assert call.name == same.name == "get_time" and call.arguments == same.arguments
+    assert response.usage.input_tokens == alone.usage.input_tokens
+    assert response.tool_choice.model_dump() == allowed
+    for choice, tools, param in (({**allowed, "tools": [{"type": "function", "name": "nope"}]}, [WEATHER],
+                                  "tool_choice.tools.0"),
+                                 ({**allowed, "tools": [{"type": "mcp", "server_label": "x"}]}, [WEATHER],
+                                  "tool_choice.tools.0"),
+                                 (allowed, [WEATHER, {**clock, "parameters": {"type": "objec"}}],
+                                  "tools.1.parameters")):
+        body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, "tools": tools, "tool_choice": choice}
+        r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
