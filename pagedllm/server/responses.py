@@ -36,9 +36,9 @@ vLLM) puts the chat answer's logprobs on the output text, for answers that are o
 --reasoning-parser: a 400 naming include). conversation, prompt, include's other values (but
 reasoning.encrypted_content, below), truncation auto, max_tool_calls and reasoning.summary are a 400 naming the
 field, as are tools other than functions and input other than text. No-ops: metadata (echoed), user, service_tier
-(OpenAI's tiers), safety_identifier, prompt_cache_key, stream_options (its include_obfuscation). vLLM's additions
-pass to the chat request as they are: top_k, seed, stop, logit_bias, presence / frequency / repetition penalties,
-ignore_eos, skip_special_tokens, include_stop_str_in_output, structured_outputs, include_reasoning,
+(OpenAI's tiers, echoed), safety_identifier, prompt_cache_key, stream_options (its include_obfuscation). vLLM's
+additions pass to the chat request as they are: top_k, seed, stop, logit_bias, presence / frequency / repetition
+penalties, ignore_eos, skip_special_tokens, include_stop_str_in_output, structured_outputs, include_reasoning,
 chat_template_kwargs, priority, cache_salt;
 request_id names the response (resp_<request_id>).
 """
@@ -565,7 +565,8 @@ def _head(req: ResponsesRequest, response_id: str, model: str) -> dict:
             "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, (FunctionChoice, AllowedTools))
                             else req.tool_choice or "auto"),
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []], "top_p": req.top_p,
-            "truncation": "disabled", "usage": None, "user": req.user, "metadata": req.metadata or {}}
+            "truncation": "disabled", "usage": None, "user": req.user, "metadata": req.metadata or {},
+            "service_tier": req.service_tier or "auto"}   # vLLM's echo: the request's, auto by default
 
 
 def _finished(head: dict, output: list[dict], finish_reason: str | None, usage: dict) -> dict:

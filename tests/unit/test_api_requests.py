@@ -174,3 +174,10 @@ def test_an_assistant_message_with_phase_is_taken():
     with pytest.raises(pydantic.ValidationError) as e:
         responses.ResponsesRequest.model_validate({"input": [{**item, "phase": "draft"}]})
     assert [err["loc"][-2:] for err in e.value.errors()][-1] == (0, "phase")
+
+
+def test_responses_echo_service_tier():
+    """A Response has the request's service_tier, auto when unset, as vLLM's (it had none)."""
+    for body, tier in (({}, "auto"), ({"service_tier": "flex"}, "flex"), ({"service_tier": None}, "auto")):
+        req = responses.ResponsesRequest.model_validate({"input": "Hi", **body})
+        assert responses._head(req, "resp_1", "m")["service_tier"] == tier
