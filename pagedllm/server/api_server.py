@@ -35,7 +35,8 @@ from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                      validated)
 from pagedllm.server.response_store import ResponseStore
-from pagedllm.server.responses import ResponsesRequest, cancel_response, create_response, stored_response
+from pagedllm.server.responses import (ResponsesRequest, cancel_response, create_response, retrieve_response,
+                                       stored_response)
 from pagedllm.server.request_body import RequestBodyGuard
 from pagedllm.server.request_id_header import RequestIdHeader
 from pagedllm.server.request_logger import RequestLogger
@@ -97,11 +98,14 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
         return await create_response(ctx, req, raw_request)
 
     @v1.get("/responses/{response_id}")
-    async def retrieve_response(response_id: str, stream: bool = False):
-        if stream:
-            raise APIError(400, "a stored response is retrieved whole: there are no background responses to "
-                           "stream here", "stream", "unsupported_parameter")
-        return stored_response(ctx, response_id).response
+    async def retrieve(response_id: str, raw_request: Request, stream: bool = False, starting_after: int | None = None,
+                       include_obfuscation: bool | None = None):   # only a stream's deltas carry it: a no-op
+        for name, unset in (("stream", not stream), ("starting_after", starting_after is None)):
+            if not unset:   # starting_after: the event of a streamed retrieval to resume after
+                raise APIError(400, "a stored response is retrieved whole: there are no background responses to "
+                               "stream here", name, "unsupported_parameter")
+        query = raw_request.query_params   # the openai SDK writes include as include[]
+        return retrieve_response(ctx, response_id, query.getlist("include") + query.getlist("include[]"))
 
     @v1.post("/responses/{response_id}/cancel")
     async def cancel(response_id: str):

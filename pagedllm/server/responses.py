@@ -378,6 +378,23 @@ async def cancel_response(ctx: ServingContext, response_id: str) -> dict:
     return stored_response(ctx, response_id).response
 
 
+def retrieve_response(ctx: ServingContext, response_id: str, include: list[str]) -> dict:
+    """GET /v1/responses/{id}: the stored response as it was sent, with include's reasoning.encrypted_content
+    (each reasoning item's) added; its logprobs are those asked for when it was created."""
+    for value in include:
+        if value != _ENCRYPTED:
+            why = (f"the logprobs of a stored response are those asked for when it was created (include {_LOGPROBS} "
+                   "on POST /v1/responses)" if value == _LOGPROBS else f"of its values only {_ENCRYPTED} is")
+            raise APIError(400, f"include {shorten(value)!r} is not supported on a retrieval ({why})", "include",
+                           "unsupported_parameter")
+    response = stored_response(ctx, response_id).response
+    if not include:
+        return response
+    return {**response, "output": [
+        _reasoning_item(item["id"], item["content"][0]["text"], item["status"], encrypted=True)
+        if item["type"] == "reasoning" and item["content"] else item for item in response["output"]]}
+
+
 def stored_response(ctx: ServingContext, response_id: str, param: str = "response_id") -> StoredResponse:
     found = ctx.responses.get(response_id) if ctx.responses is not None else None
     if found is None:

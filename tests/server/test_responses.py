@@ -299,6 +299,19 @@ def test_retrieve_refuses_stream(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
 
 
+def test_retrieve_query_parameters(client, server):
+    """GET's OpenAI parameters (they were ignored): include reasoning.encrypted_content is taken (the SDK writes
+    include[]), include_obfuscation is a no-op without a stream; starting_after (a stream's) and include's other
+    values are 400s naming them."""
+    stored = client.responses.create(model=MODEL_NAME, input=STORY, max_output_tokens=4, temperature=0, store=True)
+    got = client.responses.retrieve(stored.id, include=["reasoning.encrypted_content"], include_obfuscation=False)
+    assert got.model_dump() == stored.model_dump()
+    for query, param in (("starting_after=3", "starting_after"), ("include=message.output_text.logprobs", "include"),
+                         ("include[]=file_search_call.results", "include")):
+        r = httpx.get(f"{server.url}/v1/responses/{stored.id}?{query}", headers=server.headers, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_vllms_sampling_additions_pass_to_the_chat_request(client, server):
     """vLLM's extra Responses fields (seed, top_k, stop, logit_bias, penalties, ...) mean what they mean in chat:
     a seeded sampled answer equals the chat answer with the same fields; request_id names the response."""

@@ -181,3 +181,15 @@ def test_responses_echo_service_tier():
     for body, tier in (({}, "auto"), ({"service_tier": "flex"}, "flex"), ({"service_tier": None}, "auto")):
         req = responses.ResponsesRequest.model_validate({"input": "Hi", **body})
         assert responses._head(req, "resp_1", "m")["service_tier"] == tier
+
+
+def test_retrieving_a_response_with_encrypted_reasoning():
+    """GET /v1/responses/{id} with include reasoning.encrypted_content: each reasoning item as the POST with it
+    sends it (it was ignored); the stored response itself is unchanged."""
+    from pagedllm.server.response_store import ResponseStore, StoredResponse
+    ctx = SimpleNamespace(responses=ResponseStore(3))
+    output = [responses._reasoning_item("rs_1", "Think first."), responses._message_item("msg_1", "Hi.")]
+    ctx.responses.put(StoredResponse({"id": "resp_1", "output": output}, []))
+    got = responses.retrieve_response(ctx, "resp_1", ["reasoning.encrypted_content"])
+    assert got["output"] == [responses._reasoning_item("rs_1", "Think first.", encrypted=True), output[1]]
+    assert responses.retrieve_response(ctx, "resp_1", []) == {"id": "resp_1", "output": output}
