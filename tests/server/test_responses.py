@@ -119,6 +119,9 @@ def test_text_format_json_schema(client):
     # the same for the input (chat's messages) and a tool's schema (chat's tools.<i>.function.parameters)
     ({"input": "Once upon a time " * 200}, "input"),
     ({"tools": [{**WEATHER, "parameters": {"type": "objec"}}], "tool_choice": "required"}, "tools.0.parameters"),
+    # OpenAI's refusals (accepted before): arguments that are not an object, two tools of one name
+    ({"tools": [{**WEATHER, "parameters": {"type": "string"}}]}, "tools.0.parameters"),
+    ({"tools": [WEATHER, {**WEATHER, "description": "again"}]}, "tools.1.name"),
     # another type's field on an item or a part (accepted and dropped before)
     ({"input": [{"role": "user", "content": "hi", "call_id": "c1"}]}, "input.0"),
     ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi", "image_url": "u"}]}]},
