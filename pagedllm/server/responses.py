@@ -36,10 +36,10 @@ vLLM) puts the chat answer's logprobs on the output text, for answers that are o
 --reasoning-parser: a 400 naming include). conversation, prompt, include's other values (but
 reasoning.encrypted_content, below), truncation auto, max_tool_calls and reasoning.summary are a 400 naming the
 field, as are tools other than functions and input other than text. No-ops: metadata (echoed), user, service_tier
-(OpenAI's tiers, echoed), safety_identifier, prompt_cache_key, stream_options (its include_obfuscation). vLLM's
-additions pass to the chat request as they are: top_k, seed, stop, logit_bias, presence / frequency / repetition
-penalties, ignore_eos, skip_special_tokens, include_stop_str_in_output, structured_outputs, include_reasoning,
-chat_template_kwargs, priority, cache_salt;
+(OpenAI's tiers, echoed), safety_identifier, prompt_cache_key, prompt_cache_retention, stream_options (its
+include_obfuscation). vLLM's additions pass to the chat request as they are: top_k, seed, stop, logit_bias,
+presence / frequency / repetition penalties, ignore_eos, skip_special_tokens, include_stop_str_in_output,
+structured_outputs, include_reasoning, chat_template_kwargs, priority, cache_salt;
 request_id names the response (resp_<request_id>).
 """
 import asyncio
@@ -203,6 +203,10 @@ class ResponsesRequest(_Request, _SameAsChat):
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    # OpenAI's most a prompt's cached prefix may be kept. The prefix cache keeps blocks while the KV cache (and its
+    # CPU / disk tiers, where configured) has room for them, evicting the least recently used: never by age, so
+    # neither value changes it. vLLM takes the field and ignores it.
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     stream_options: ResponsesStreamOptions | None = None
 
     @model_validator(mode="after")

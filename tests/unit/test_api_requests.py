@@ -193,3 +193,16 @@ def test_retrieving_a_response_with_encrypted_reasoning():
     got = responses.retrieve_response(ctx, "resp_1", ["reasoning.encrypted_content"])
     assert got["output"] == [responses._reasoning_item("rs_1", "Think first.", encrypted=True), output[1]]
     assert responses.retrieve_response(ctx, "resp_1", []) == {"id": "resp_1", "output": output}
+
+
+def test_prompt_cache_retention_is_openais():
+    """prompt_cache_retention (OpenAI's in_memory or 24h) is taken, as vLLM takes it, and changes nothing: the
+    prefix cache evicts by room, never by age (it was an unrecognized argument); another value is a 400."""
+    import pydantic
+    import pytest
+    for value in ("in_memory", "24h", None):
+        chat = _responses_chat({"input": "Hi", "prompt_cache_retention": value})
+        assert chat.model_dump() == _responses_chat({"input": "Hi"}).model_dump()
+    with pytest.raises(pydantic.ValidationError) as e:
+        responses.ResponsesRequest.model_validate({"input": "Hi", "prompt_cache_retention": "7d"})
+    assert e.value.errors()[0]["loc"] == ("prompt_cache_retention",)
