@@ -14,6 +14,11 @@ def apply_hf_overrides(config: PretrainedConfig, raw: dict, overrides: dict) -> 
     for key, value in overrides.items():
         nested = isinstance(getattr(config, key, None), PretrainedConfig) and isinstance(value, dict)
         merged[key] = _deep_merge(merged.get(key) or {}, value) if nested else value
+    # A config.json of transformers 5's form keeps the theta in rope_parameters, which wins over a top-level
+    # rope_theta: the override goes where it is read (it was silently ignored)
+    if "rope_theta" in overrides and isinstance(merged.get("rope_parameters"), dict) \
+            and "rope_parameters" not in overrides:
+        merged["rope_parameters"] = {**merged["rope_parameters"], "rope_theta": overrides["rope_theta"]}
     return type(config).from_dict(merged)
 
 

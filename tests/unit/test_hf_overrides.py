@@ -44,6 +44,17 @@ def test_a_rope_scaling_override_changes_what_the_engine_computes(tiny_model_dir
     assert again == scaled
 
 
+@pytest.mark.parametrize("overrides", [{"rope_theta": 12345.0},
+                                       {"rope_theta": 12345.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}],
+                         ids=["theta", "theta+scaling"])
+def test_a_rope_theta_override_reaches_rope_parameters(tiny_model_dirs, overrides):
+    """transformers 5 writes config.json with rope_parameters (theta inside), which wins over a top-level
+    rope_theta: the override must land there, not be dropped (vLLM's --rope-theta maps to this key)."""
+    config = _resolved(tiny_model_dirs["llama"], overrides).hf_config
+    assert config.rope_parameters["rope_theta"] == 12345.0
+    assert config.rope_parameters["rope_type"] == overrides.get("rope_scaling", {}).get("rope_type", "default")
+
+
 def test_a_dict_value_replaces_the_checkpoints_whole(tiny_model_dirs):
     """vLLM's rule: only sub-configs merge; llama3's factors do not survive an override of the rope type."""
     config = _resolved(tiny_model_dirs["llama3_rope"], {"rope_scaling": {"rope_type": "default"}}).hf_config
