@@ -35,8 +35,8 @@ from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                      validated)
 from pagedllm.server.response_store import ResponseStore
-from pagedllm.server.responses import (ResponsesRequest, cancel_response, create_response, retrieve_response,
-                                       stored_response)
+from pagedllm.server.responses import cancel_response, create_response, retrieve_response, stored_response
+from pagedllm.server.responses_request import ResponsesRequest
 from pagedllm.server.request_body import RequestBodyGuard
 from pagedllm.server.request_id_header import RequestIdHeader
 from pagedllm.server.request_logger import RequestLogger

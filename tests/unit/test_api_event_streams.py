@@ -1,12 +1,12 @@
 """The chat stream's chunks turned into Anthropic's and the Responses API's events (server/anthropic.py,
-server/responses.py), on hand-made chunks: reasoning, then text, then two tool calls in one answer, each in
+server/responses_output.py), on hand-made chunks: reasoning, then text, then two tool calls in one answer, each in
 pieces; blocks / items opened and closed in order; usage and stop reasons; an error mid-stream ends the stream
 with that API's error event."""
 import asyncio
 import json
 
 from pagedllm.engine.async_llm import EngineGenerateError
-from pagedllm.server import anthropic, responses
+from pagedllm.server import anthropic, responses_output
 from pagedllm.server.serving import sse
 
 
@@ -90,7 +90,7 @@ def test_anthropic_stop_sequence_and_hidden_thinking():
 
 def test_responses_events_items_in_order_with_sequence_numbers():
     head = {"id": "resp_1", "object": "response", "status": "in_progress", "output": [], "usage": None}
-    events = _collect(responses._events(_aiter(CHUNKS), head))
+    events = _collect(responses_output._events(_aiter(CHUNKS), head))
     assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
     names = [n for n, _ in events]
     assert names[:2] == ["response.created", "response.in_progress"] and names[-1] == "response.completed"
@@ -114,7 +114,7 @@ def test_responses_events_items_in_order_with_sequence_numbers():
 
 def test_an_error_mid_stream_ends_it_with_the_apis_error_event():
     head = {"id": "resp_1", "object": "response", "status": "in_progress", "output": [], "usage": None}
-    events = _collect(responses._events(_aiter(CHUNKS[:3], RuntimeError("engine died")), head))
+    events = _collect(responses_output._events(_aiter(CHUNKS[:3], RuntimeError("engine died")), head))
     assert events[-1][0] == "error" and events[-1][1]["message"] == "engine died"
     assert events[-1][1]["sequence_number"] == len(events) - 1
     stream = anthropic.AnthropicSSE(None, [], _aiter([]), "response_format")

@@ -1,15 +1,15 @@
-"""Requests of /v1/responses and /v1/messages as the chat request each becomes (server/responses.py,
+"""Requests of /v1/responses and /v1/messages as the chat request each becomes (server/responses_input.py,
 server/anthropic.py), without an engine: the prompt they render must be the one vLLM renders for them."""
 from types import SimpleNamespace
 
-from pagedllm.server import anthropic, responses
+from pagedllm.server import anthropic, responses, responses_input, responses_output, responses_request
 
 NO_PARSER = SimpleNamespace(reasoning_parser=None)   # the ServingContext fields anthropic.to_chat reads
 
 
 def _responses_chat(body: dict):
-    req = responses.ResponsesRequest.model_validate(body)
-    return responses.to_chat(req, responses._messages(req, []))
+    req = responses_request.ResponsesRequest.model_validate(body)
+    return responses_input.to_chat(req, responses_input._messages(req, []))
 
 
 def test_text_parts_and_blocks_join_with_newlines_as_chat_content_parts_do():
@@ -109,7 +109,7 @@ def test_a_reasoning_item_sent_back_as_this_server_sent_it():
     encrypted_content); sent back whole, as the openai SDK's output items and the Agents SDK's replay send it,
     it is the next assistant message's reasoning (it was a 400). Two different reasonings are still a 400."""
     from pagedllm.server.errors import APIError
-    item = responses._reasoning_item("rs_1", "Think first.", encrypted=True)
+    item = responses_output._reasoning_item("rs_1", "Think first.", encrypted=True)
     turn = [{"role": "user", "content": "Hi"}, item, {"role": "assistant", "content": "Hello"}]
     chat = _responses_chat({"input": turn})
     assert (chat.messages[1].role, chat.messages[1].reasoning) == ("assistant", "Think first.")
@@ -152,11 +152,11 @@ def test_responses_stream_options_and_service_tier_are_openais():
     import pydantic
     import pytest
     for body in ({"stream_options": {"include_obfuscation": False}}, {"service_tier": "flex"}):
-        responses.ResponsesRequest.model_validate({"input": "Hi", **body})
+        responses_request.ResponsesRequest.model_validate({"input": "Hi", **body})
     for body, loc in (({"stream_options": {"include_usage": True}}, ("stream_options", "include_usage")),
                       ({"service_tier": "gold"}, ("service_tier",))):
         with pytest.raises(pydantic.ValidationError) as e:
-            responses.ResponsesRequest.model_validate({"input": "Hi", **body})
+            responses_request.ResponsesRequest.model_validate({"input": "Hi", **body})
         assert e.value.errors()[0]["loc"] == loc
 
 
@@ -172,15 +172,15 @@ def test_an_assistant_message_with_phase_is_taken():
         got = _responses_chat({"input": [{"role": "user", "content": "Hi"}, {**item, "phase": phase}]})
         assert got.model_dump() == want, phase
     with pytest.raises(pydantic.ValidationError) as e:
-        responses.ResponsesRequest.model_validate({"input": [{**item, "phase": "draft"}]})
+        responses_request.ResponsesRequest.model_validate({"input": [{**item, "phase": "draft"}]})
     assert [err["loc"][-2:] for err in e.value.errors()][-1] == (0, "phase")
 
 
 def test_responses_echo_service_tier():
     """A Response has the request's service_tier, auto when unset, as vLLM's (it had none)."""
     for body, tier in (({}, "auto"), ({"service_tier": "flex"}, "flex"), ({"service_tier": None}, "auto")):
-        req = responses.ResponsesRequest.model_validate({"input": "Hi", **body})
-        assert responses._head(req, "resp_1", "m")["service_tier"] == tier
+        req = responses_request.ResponsesRequest.model_validate({"input": "Hi", **body})
+        assert responses_output._head(req, "resp_1", "m")["service_tier"] == tier
 
 
 def test_retrieving_a_response_with_encrypted_reasoning():
@@ -188,10 +188,10 @@ def test_retrieving_a_response_with_encrypted_reasoning():
     sends it (it was ignored); the stored response itself is unchanged."""
     from pagedllm.server.response_store import ResponseStore, StoredResponse
     ctx = SimpleNamespace(responses=ResponseStore(3))
-    output = [responses._reasoning_item("rs_1", "Think first."), responses._message_item("msg_1", "Hi.")]
+    output = [responses_output._reasoning_item("rs_1", "Think first."), responses_output._message_item("msg_1", "Hi.")]
     ctx.responses.put(StoredResponse({"id": "resp_1", "output": output}, []))
     got = responses.retrieve_response(ctx, "resp_1", ["reasoning.encrypted_content"])
-    assert got["output"] == [responses._reasoning_item("rs_1", "Think first.", encrypted=True), output[1]]
+    assert got["output"] == [responses_output._reasoning_item("rs_1", "Think first.", encrypted=True), output[1]]
     assert responses.retrieve_response(ctx, "resp_1", []) == {"id": "resp_1", "output": output}
 
 
@@ -204,5 +204,5 @@ def test_prompt_cache_retention_is_openais():
         chat = _responses_chat({"input": "Hi", "prompt_cache_retention": value})
         assert chat.model_dump() == _responses_chat({"input": "Hi"}).model_dump()
     with pytest.raises(pydantic.ValidationError) as e:
-        responses.ResponsesRequest.model_validate({"input": "Hi", "prompt_cache_retention": "7d"})
+        responses_request.ResponsesRequest.model_validate({"input": "Hi", "prompt_cache_retention": "7d"})
     assert e.value.errors()[0]["loc"] == ("prompt_cache_retention",)

@@ -1,0 +1,147 @@
+"""A Responses request as the chat request it runs as: its conversation as chat messages, its settings as
+the chat fields they mean.
+
+    instructions, input            ->  a system message, then the input: a string is the user's message;
+                                       message items (user / system / developer / assistant; input_text and
+                                       output_text parts) as messages, function_call items as the assistant's
+                                       tool_calls, function_call_output items as role "tool" messages,
+                                       reasoning items as the next assistant message's reasoning,
+                                       item_reference items as the stored output item they name (responses.py
+                                       resolves them first); a last assistant message in_progress or
+                                       incomplete is continued (vLLM's)
+    tools (function), tool_choice, parallel_tool_calls  ->  the same chat fields (tool_choice allowed_tools:
+                                       only the tools it names, and its mode)
+    max_output_tokens, temperature, top_p  ->  max_tokens, temperature, top_p
+    text.format text / json_object / json_schema  ->  response_format
+    reasoning.effort               ->  reasoning_effort
+"""
+from typing import Any
+
+from pagedllm.server.errors import APIError
+from pagedllm.server.protocol import ChatCompletionRequest, validated
+from pagedllm.server.responses_request import (_LOGPROBS, AllowedTools, ContentPart, InputItem, ResponsesRequest,
+                                               _decode_reasoning, _SameAsChat)
+
+
+def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
+    """The chat request of req, whose conversation is messages (_messages)."""
+    body: dict[str, Any] = {"model": req.model, "messages": messages, "stream": bool(req.stream)}
+    last = req.input[-1] if isinstance(req.input, list) else None
+    if (last is not None and (last.type or "message") == "message" and last.role == "assistant"
+            and last.status in ("in_progress", "incomplete")):
+        # vLLM's partial message (Anthropic's prefill): the answer continues it, not a new assistant turn
+        body.update(add_generation_prompt=False, continue_final_message=True)
+    for ours, theirs in (("max_tokens", "max_output_tokens"), *((f, f) for f in _SameAsChat.model_fields)):
+        if getattr(req, theirs) is not None:
+            body[ours] = getattr(req, theirs)
+    if req.tools:
+        body["tools"] = [{"type": "function", "function": req.tools[i].model_dump(exclude={"type"}, exclude_none=True)}
+                         for i in _chat_tools(req)]
+    if isinstance(req.tool_choice, AllowedTools):
+        body["tool_choice"] = req.tool_choice.mode
+    elif req.tool_choice is not None:
+        body["tool_choice"] = (req.tool_choice if isinstance(req.tool_choice, str) else
+                               {"type": "function", "function": {"name": req.tool_choice.name}})
+    fmt = req.text.format if req.text is not None else None
+    if fmt is not None and fmt.type == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.schema_ is None:
+            raise APIError(400, "text.format.schema is required with type json_schema", "text.format.schema",
+                           "invalid_value")
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": fmt.name or "output", "schema": fmt.schema_, "strict": fmt.strict}}
+    if req.reasoning is not None and req.reasoning.effort is not None:
+        body["reasoning_effort"] = req.reasoning.effort
+    if req.includes(_LOGPROBS):
+        body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
+    if req.stream:
+        body["stream_options"] = {"include_usage": True}
+    chat = validated(ChatCompletionRequest, body)
+    chat._usage_details = True
+    return chat
+
+
+def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
+    """The conversation: the instructions as a system message, the history (a stored response's), the input."""
+    messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    messages += history
+    if not req.input:
+        raise APIError(400, "input must not be empty", "input", "invalid_value")
+    if isinstance(req.input, str):
+        return messages + [{"role": "user", "content": req.input}]
+    thought = None   # a reasoning item's text, for the assistant message after it
+    for i, item in enumerate(req.input):
+        at = f"input.{i}"
+        kind = item.type or "message"
+        if kind == "reasoning":
+            thought = (thought or "") + _reasoning_text(item, at)
+        elif kind == "function_call":
+            if not item.call_id or not item.name:
+                raise APIError(400, f"{at}: a function_call needs call_id and name", at, "invalid_value")
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments or "{}"}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":   # the turn's text and calls: one message
+                last.setdefault("tool_calls", []).append(call)
+                continue
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not item.call_id or item.output is None:
+                raise APIError(400, f"{at}: a function_call_output needs call_id and output", at, "invalid_value")
+            output = item.output if isinstance(item.output, str) else "\n".join(_texts(item.output, f"{at}.output"))
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+            continue
+        else:
+            if item.role is None or item.content is None:
+                raise APIError(400, f"{at}: a message needs role and content", at, "invalid_value")
+            content = item.content if isinstance(item.content, str) else "\n".join(
+                _texts(item.content, f"{at}.content"))
+            messages.append({"role": "system" if item.role == "developer" else item.role, "content": content})
+        if thought is not None and messages and messages[-1]["role"] == "assistant":
+            messages[-1]["reasoning"], thought = thought, None
+    return messages
+
+
+
+def _reasoning_text(item: InputItem, at: str) -> str:
+    """A reasoning item's text: its content's, or its encrypted_content's; an item sent back as this server sent
+    it (include reasoning.encrypted_content) has both, and they must be the same reasoning. An item of neither
+    (another server's, which sends summaries) is its summary's text, as vLLM reads it."""
+    text = item.content or None   # a string, as a message item's may be, or parts
+    if isinstance(text, list):
+        text = "".join(_texts(text, f"{at}.content"))
+    if item.encrypted_content is None:
+        return text if text is not None else "\n".join(part.text for part in item.summary or [])
+    decoded = _decode_reasoning(item.encrypted_content, f"{at}.encrypted_content")
+    if text is not None and text != decoded:
+        raise APIError(400, f"{at}.encrypted_content is another reasoning than {at}.content: send one of them",
+                       f"{at}.encrypted_content", "invalid_value")
+    return decoded
+
+
+def _texts(parts: list[ContentPart], at: str) -> list[str]:
+    """The parts' texts; a message's are joined by newlines, as chat's content parts (and vLLM's) are."""
+    for j, p in enumerate(parts):
+        if p.type not in ("input_text", "output_text", "reasoning_text") or p.text is None:
+            raise APIError(400, f"{at}.{j}: {p.type} content is not supported (the models served take text)",
+                           f"{at}.{j}", "unsupported_parameter")
+    return [p.text for p in parts]
+
+
+
+def _chat_tools(req: ResponsesRequest) -> list[int]:
+    """The indexes in req.tools of the tools the chat request gets: those tool_choice allowed_tools names (each a
+    function of tools: else a 400 naming it), or all."""
+    tools, choice = req.tools or [], req.tool_choice
+    if not isinstance(choice, AllowedTools):
+        return list(range(len(tools)))
+    index = {t.name: i for i, t in enumerate(tools)}
+    at = []
+    for j, allowed in enumerate(choice.tools):
+        if allowed.get("type") != "function" or allowed.get("name") not in index or len(allowed) != 2:
+            raise APIError(400, f"tool_choice.tools.{j} must be {{\"type\": \"function\", \"name\": ...}} naming "
+                           f"a function in tools ({', '.join(index)}): only function tools are served",
+                           f"tool_choice.tools.{j}", "invalid_value")
+        at.append(index[allowed["name"]])
+    return at
