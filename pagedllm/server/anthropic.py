@@ -41,7 +41,7 @@ from pagedllm.server.chat import chunk_dicts, create_chat_completion, render_cha
 from pagedllm.engine.async_llm import EngineGenerateError
 from pagedllm.server.errors import APIError, anthropic_error_body, bad_value
 from pagedllm.server.protocol import ChatCompletionRequest, _Request, _Strict, fields_of_its_type, validated
-from pagedllm.server.serving import SSEResponse, ServingContext, client_error
+from pagedllm.server.serving import SSEResponse, ServingContext, client_error, sse_event
 
 
 class ContentBlock(_Strict):
@@ -338,12 +338,8 @@ class AnthropicSSE(SSEResponse):
         if isinstance(e, EngineGenerateError):
             e = client_error(e, self.param)
         if isinstance(e, APIError):
-            return _event("error", anthropic_error_body(e.status, e.message, _their_field(e.param)))
-        return _event("error", anthropic_error_body(500, str(e)))
-
-
-def _event(name: str, data: dict) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+            return sse_event("error", anthropic_error_body(e.status, e.message, _their_field(e.param)))
+        return sse_event("error", anthropic_error_body(500, str(e)))
 
 
 async def _events(chunks, message_id: str, model: str, stop_sequences: list[str], shown: bool = True):
@@ -360,25 +356,25 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
         # a thinking block ends with its signature, as Anthropic's (and vLLM's) streams do: the one the
         # non-streamed block has, ""
         signed = [delta("signature_delta", "signature", "")] if open_type == "thinking" else []
-        return signed + [_event("content_block_stop", {"type": "content_block_stop", "index": index})]
+        return signed + [sse_event("content_block_stop", {"type": "content_block_stop", "index": index})]
 
     def open_block(block: dict):
         nonlocal index, open_type
         events = close_block()
         index, open_type = index + 1, block["type"]
-        return events + [_event("content_block_start", {"type": "content_block_start", "index": index,
-                                                        "content_block": block})]
+        return events + [sse_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                           "content_block": block})]
 
     def delta(kind: str, key: str, value: str) -> str:
-        return _event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                              "delta": {"type": kind, key: value}})
+        return sse_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                 "delta": {"type": kind, key: value}})
 
     async for chunk in chunk_dicts(chunks):
         if "prompt_token_ids" in chunk:
             input_tokens = len(chunk["prompt_token_ids"])
         if not started:
             started = True
-            yield _event("message_start", {"type": "message_start", "message": {
+            yield sse_event("message_start", {"type": "message_start", "message": {
                 "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
                 "stop_reason": None, "stop_sequence": None,
                 "usage": {"input_tokens": input_tokens, "output_tokens": 0}}})
@@ -411,7 +407,7 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
     for event in close_block():
         yield event
     reason, sequence = _stop(finish_reason, stop_reason, stop_sequences, bool(calls))
-    yield _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason,
-                                                                      "stop_sequence": sequence},
-                                   "usage": {"output_tokens": output_tokens}})
-    yield _event("message_stop", {"type": "message_stop"})
+    yield sse_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason,
+                                                                         "stop_sequence": sequence},
+                                      "usage": {"output_tokens": output_tokens}})
+    yield sse_event("message_stop", {"type": "message_stop"})

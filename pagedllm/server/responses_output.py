@@ -12,13 +12,12 @@ completed or incomplete (vLLM's: the openai SDK's stream helper takes its final 
 response.completed; OpenAI's API would end an incomplete one with response.incomplete); each with its
 sequence_number.
 """
-import json
 import time
 import uuid
 
 from pagedllm.server.chat import chunk_dicts
 from pagedllm.server.responses_request import AllowedTools, FunctionChoice, ResponsesRequest, _encode_reasoning
-from pagedllm.server.serving import SSEResponse
+from pagedllm.server.serving import SSEResponse, sse_event
 
 
 def _head(req: ResponsesRequest, response_id: str, model: str) -> dict:
@@ -100,10 +99,6 @@ class ResponsesSSE(SSEResponse):
     end = ""   # the stream ends with response.completed; _events reports its own errors
 
 
-def _event(data: dict) -> str:
-    return f"event: {data['type']}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 async def _events(chunks, head: dict, encrypted: bool = False, keep=lambda response: None):
     """The chat stream's chunks as the Responses events. One output item is open at a time: a reasoning item
     while reasoning comes, a message while content does, a function_call from a call's first delta. keep gets
@@ -117,7 +112,7 @@ async def _events(chunks, head: dict, encrypted: bool = False, keep=lambda respo
     def event(data: dict) -> str:
         nonlocal sequence
         sequence += 1
-        return _event({**data, "sequence_number": sequence - 1})
+        return sse_event(data["type"], {**data, "sequence_number": sequence - 1})
 
     def close() -> list[str]:
         nonlocal open_item

@@ -331,6 +331,11 @@ def sse(obj: dict) -> str:
     return f"data: {_to_json(obj)}\n\n"
 
 
+def sse_event(name: str, obj: dict) -> str:
+    """sse(obj) under an event name, as Anthropic's and the Responses API's streams send each event."""
+    return f"event: {name}\n{sse(obj)}"
+
+
 # Streamed chunks are {**head, "choices": [choice]} with a head fixed per response and a choice of a fixed
 # shape. Encoding them with sse() costs ~6 us a chunk, more than all the rest of a chunk's Python work
 # besides detokenizing; completions.py and chat.py instead encode the head once (sse_prefix) and write the
