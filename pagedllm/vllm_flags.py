@@ -187,10 +187,11 @@ def check_vllm_flags(args: argparse.Namespace) -> dict:
 def check_vllm_kwargs(kwargs: dict) -> tuple[dict, dict]:
     """LLM(**kwargs) as vLLM's LLM takes them: (the config fields they set, the other kwargs, for EngineConfig).
     A kwarg naming a flag of VLLM_FLAGS (vLLM's spelling, with underscores) is judged as the flag on the command
-    line; None is vLLM's "left out"."""
+    line; None is vLLM's "left out". vLLM's old rope_theta and rope_scaling are hf_overrides keys, as their
+    flags are (vllm_argv.py): they merge into an hf_overrides given too, and win over its keys, as there."""
     flags = {flag.name.replace("-", "_"): flag for flag in VLLM_FLAGS}
     sets, rest = {}, {}
-    for name, value in kwargs.items():
+    for name, value in _hf_override_kwargs(kwargs).items():
         flag = flags.get(name)
         if flag is None:
             rest[name] = value
@@ -202,6 +203,28 @@ def check_vllm_kwargs(kwargs: dict) -> tuple[dict, dict]:
         if value is not False:
             sets.update(flag.sets or {})
     return sets, rest
+
+
+# vLLM's old LLM arguments for a config.json value, dropped for hf_overrides (vLLM said so while it took them)
+_HF_OVERRIDE_KWARGS = ("rope_theta", "rope_scaling")
+
+
+def _hf_override_kwargs(kwargs: dict) -> dict:
+    """kwargs with rope_theta / rope_scaling (None: left out) moved into hf_overrides (a dict or its JSON)."""
+    old = {name: kwargs[name] for name in _HF_OVERRIDE_KWARGS if kwargs.get(name) is not None}
+    rest = {name: value for name, value in kwargs.items() if name not in _HF_OVERRIDE_KWARGS}
+    if not old:
+        return rest
+    given = rest.get("hf_overrides")
+    if isinstance(given, str):
+        try:
+            given = json.loads(given)
+        except ValueError as e:
+            raise ValueError(f"hf_overrides must be a JSON object: {e}") from None
+    if given is not None and not isinstance(given, dict):
+        raise ValueError(f"LLM({next(iter(old))}=...) merges into hf_overrides, which must then be a JSON object "
+                         f"(a dict), got {type(given).__name__}")
+    return {**rest, "hf_overrides": {**(given or {}), **old}}
 
 
 def _as_parsed(flag: VllmFlag, value):

@@ -58,3 +58,17 @@ def test_tokenization_and_processor_kwargs_are_taken_empty_and_refused_otherwise
         llm.generate("Once", params, use_tqdm=False, tokenization_kwargs={"max_length": 4})
     with pytest.raises(ValueError, match="mm_processor_kwargs .*multimodal"):
         llm.chat([{"role": "user", "content": "Hi"}], params, chat_template=template, mm_processor_kwargs={"a": 1})
+
+
+def test_vllms_old_rope_arguments_are_hf_overrides_keys_as_their_flags():
+    """LLM(rope_theta=..., rope_scaling=...) (vLLM's, before hf_overrides took them) was an unexpected-keyword
+    TypeError; --rope-theta / --rope-scaling were already --hf-overrides keys."""
+    scaling = {"rope_type": "linear", "factor": 2.0}
+    _, rest = check_vllm_kwargs({"rope_theta": 1e6, "rope_scaling": scaling})
+    assert rest == {"hf_overrides": {"rope_theta": 1e6, "rope_scaling": scaling}}
+    _, rest = check_vllm_kwargs({"rope_theta": 1e6, "hf_overrides": '{"max_position_embeddings": 4096, '
+                                                                    '"rope_theta": 1.0}'})
+    assert rest == {"hf_overrides": {"max_position_embeddings": 4096, "rope_theta": 1e6}}
+    assert check_vllm_kwargs({"rope_theta": None, "rope_scaling": None})[1] == {}
+    llm = LLM(device="cpu", rope_theta=12345.0, hf_overrides={"max_position_embeddings": 256})
+    assert llm.engine.config.hf_overrides == {"max_position_embeddings": 256, "rope_theta": 12345.0}
