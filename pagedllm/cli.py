@@ -34,6 +34,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
                                help=f"{meta['help']} (a JSON list; default: {json.dumps(default)})")
             continue
         scalar = human_readable_int if meta.get("human_readable") else _scalar_type(ftype)
+        if meta.get("why_not"):   # a value outside the choices is refused saying why, not only that it is
+            scalar = _choice(scalar, meta["choices"], meta["why_not"])
         group.add_argument(*flags, type=scalar, default=default, choices=meta.get("choices"),
                            help=f"{meta['help']} (default: {default})")
 
@@ -43,6 +45,17 @@ def _scalar_type(ftype):
     if isinstance(ftype, types.UnionType):
         ftype = next(a for a in typing.get_args(ftype) if a is not type(None))
     return ftype
+
+
+def _choice(scalar, choices: tuple, why_not: str):
+    """scalar, with argparse's "invalid choice" message followed by why the others are refused."""
+    def parse(text: str):
+        value = scalar(text)
+        if value not in choices:
+            shown = ", ".join(repr(c) for c in choices)
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {shown}): {why_not}")
+        return value
+    return parse
 
 
 def _json_list(text: str) -> list[str]:

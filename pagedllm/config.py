@@ -110,7 +110,8 @@ class EngineConfig:
                                                 "flag): full blocks evicted from the GPU keep their KV there "
                                                 "(LRU) and prefix hits load it back; None = off")
     kv_offloading_backend: str = _f("native", "who runs the CPU tier (vLLM's flag): native, pagedllm's own; "
-                                              "vLLM's lmcache is not built", choices=_KV_OFFLOADING_BACKENDS)
+                                              "vLLM's lmcache is not built", choices=_KV_OFFLOADING_BACKENDS,
+                                  why_not="vLLM's lmcache is not built: pagedllm's own CPU tier is native")
     cpu_offload_gb: float = _f(0.0, "vLLM's flag: GiB of model weights kept in CPU memory; that is not built here, "
                                     "so only 0 is taken (the KV cache's CPU tier is kv_offloading_size)")
     kv_disk_dir: str | None = _f(None, "directory of the disk tier of the prefix cache (below the CPU tier, LRU); "
