@@ -20,6 +20,7 @@ from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.vllm_flags import check_vllm_kwargs
+from pagedllm.vllm_names import not_built
 
 # A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
 Prompt = str | list[int] | dict
@@ -39,6 +40,12 @@ class LLM:
     def shutdown(self):
         """Stops the tensor-parallel worker processes (they also end with this process)."""
         self.engine.shutdown()
+
+    @property
+    def llm_engine(self):
+        """vLLM's name of the engine: llm.llm_engine.get_tokenizer(), add_request(), step(), ...; one vLLM's
+        LLMEngine has and pagedllm's lacks is an AttributeError saying what instead (vllm_names.py)."""
+        return self.engine
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -211,6 +218,25 @@ class LLM:
 
     def reward(self, *args, **kwargs):
         _no_pooling("reward")
+
+    # vLLM's other LLM methods not built here: a NotImplementedError saying why and what instead
+    def get_metrics(self):
+        raise not_built("LLM", "get_metrics")
+
+    def sleep(self, *args, **kwargs):
+        raise not_built("LLM", "sleep")
+
+    def wake_up(self, *args, **kwargs):
+        raise not_built("LLM", "wake_up")
+
+    def collective_rpc(self, *args, **kwargs):
+        raise not_built("LLM", "collective_rpc")
+
+    def start_profile(self, *args, **kwargs):
+        raise not_built("LLM", "start_profile")
+
+    def stop_profile(self, *args, **kwargs):
+        raise not_built("LLM", "stop_profile")
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix, in the GPU, CPU and disk tiers (False while requests hold blocks)."""

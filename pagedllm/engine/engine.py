@@ -22,6 +22,7 @@ from pagedllm.models import get_model_class, sliding_window
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.vllm_names import missing
 
 logger = logging.getLogger("pagedllm")
 
@@ -70,6 +71,13 @@ class Engine:
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,
                     Path(config.model).name, self.device, str(self.dtype).removeprefix("torch."),
                     self.max_model_len)
+
+    def __getattr__(self, name: str):   # only for names not found: vLLM's LLMEngine's, said why
+        raise missing("Engine", name)
+
+    def get_tokenizer(self):
+        """vLLM's LLMEngine.get_tokenizer() (None with skip_tokenizer_init)."""
+        return self.tokenizer
 
     @property
     def runner(self):

@@ -72,3 +72,26 @@ def test_vllms_old_rope_arguments_are_hf_overrides_keys_as_their_flags():
     assert check_vllm_kwargs({"rope_theta": None, "rope_scaling": None})[1] == {}
     llm = LLM(device="cpu", rope_theta=12345.0, hf_overrides={"max_position_embeddings": 256})
     assert llm.engine.config.hf_overrides == {"max_position_embeddings": 256, "rope_theta": 12345.0}
+
+
+def test_vllms_llm_engine_attribute_is_the_engine_with_vllms_names_or_says_what_instead():
+    """llm.llm_engine (vLLM's LLM attribute) was an AttributeError; so were its get_tokenizer() and, saying nothing
+    of what to use, model_config."""
+    llm = LLM(device="cpu")
+    assert llm.llm_engine is llm.engine and llm.llm_engine.get_tokenizer() is llm.get_tokenizer()
+    with pytest.raises(AttributeError, match="'Engine' object has no attribute 'model_config' .*llm.engine.config"):
+        llm.llm_engine.model_config
+    with pytest.raises(AttributeError, match="llm.engine.config"):
+        llm.llm_engine.get_model_config()
+    assert not hasattr(llm.engine, "model_config")
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'$"):
+        llm.engine.no_such_name
+
+
+@pytest.mark.parametrize("method, words", [("sleep", "sleep mode"), ("wake_up", "sleep mode"),
+                                           ("collective_rpc", "llm.engine.runner"), ("start_profile", "profiler"),
+                                           ("stop_profile", "profiler"), ("get_metrics", "llm.engine.get_stats")])
+def test_vllms_llm_methods_not_built_say_why(method, words):
+    llm = LLM.__new__(LLM)   # no engine is needed to refuse
+    with pytest.raises(NotImplementedError, match=rf"LLM\.{method}\(\), vLLM's: .*{words}"):
+        getattr(llm, method)("x") if method == "collective_rpc" else getattr(llm, method)()
