@@ -24,9 +24,16 @@ from pagedllm.server.structured_fields import constraint_field, structured_outpu
 
 # Accepted and without effect on the output (OpenAI's and vLLM's bookkeeping fields):
 #   user, metadata, store, service_tier, safety_identifier, prompt_cache_key: the client's labels;
+#   prompt_cache_retention: PromptCacheRetention's;
 #   request_id: vLLM's, here it names the response (its id) and nothing else;
 #   stream_options without stream.
-_NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "request_id")
+_NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+           "prompt_cache_retention", "request_id")
+
+# OpenAI's most a prompt's cached prefix may be kept (chat completions and responses). The prefix cache keeps blocks
+# while the KV cache (and its CPU / disk tiers, where configured) has room for them, evicting the least recently
+# used: never by age, so neither value changes it. vLLM takes the field and ignores it.
+PromptCacheRetention = Literal["in_memory", "24h"]
 
 # Request fields passed to SamplingParams under the same name, and only when the client set them (None =
 # unset), so SamplingParams' defaults and the generation config's apply to the rest.
@@ -167,6 +174,7 @@ class _SamplingRequest(_Request):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: PromptCacheRetention | None = None
     request_id: str | None = None
 
     @model_validator(mode="before")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pagedllm.server.errors import APIError, shorten
-from pagedllm.server.protocol import _Request, _Strict, fields_of_its_type
+from pagedllm.server.protocol import PromptCacheRetention, _Request, _Strict, fields_of_its_type
 
 
 class ContentPart(_Strict):
@@ -159,10 +159,7 @@ class ResponsesRequest(_Request, _SameAsChat):
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    # OpenAI's most a prompt's cached prefix may be kept. The prefix cache keeps blocks while the KV cache (and its
-    # CPU / disk tiers, where configured) has room for them, evicting the least recently used: never by age, so
-    # neither value changes it. vLLM takes the field and ignores it.
-    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_retention: PromptCacheRetention | None = None
     stream_options: ResponsesStreamOptions | None = None
 
     @model_validator(mode="after")

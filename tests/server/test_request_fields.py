@@ -46,7 +46,8 @@ NEUTRAL = {"response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1, 
            "priority": 0, "spaces_between_special_tokens": True, "guided_json": None, "structured_outputs": None,
            "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": None,
            "stream_options": {"include_usage": False}, "user": "u1", "metadata": {"k": "v"}, "store": False,
-           "service_tier": "auto", "safety_identifier": "s", "prompt_cache_key": "p"}
+           "service_tier": "auto", "safety_identifier": "s", "prompt_cache_key": "p",
+           "prompt_cache_retention": "24h"}
 
 
 def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):

@@ -206,3 +206,20 @@ def test_prompt_cache_retention_is_openais():
     with pytest.raises(pydantic.ValidationError) as e:
         responses_request.ResponsesRequest.model_validate({"input": "Hi", "prompt_cache_retention": "7d"})
     assert e.value.errors()[0]["loc"] == ("prompt_cache_retention",)
+
+
+def test_chat_prompt_cache_retention_is_openais():
+    """A chat request takes prompt_cache_retention too (OpenAI's chat field, vLLM takes it), of the one type the
+    Responses field is: it changes nothing (it was an unrecognized argument); another value is a 400."""
+    import pydantic
+    import pytest
+
+    from pagedllm.server.protocol import ChatCompletionRequest
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    plain = ChatCompletionRequest.model_validate(body).to_sampling_params(16, None)
+    for value in ("in_memory", "24h", None):
+        req = ChatCompletionRequest.model_validate({**body, "prompt_cache_retention": value})
+        assert req.to_sampling_params(16, None) == plain
+    with pytest.raises(pydantic.ValidationError) as e:
+        ChatCompletionRequest.model_validate({**body, "prompt_cache_retention": "7d"})
+    assert e.value.errors()[0]["loc"] == ("prompt_cache_retention",)
