@@ -353,6 +353,24 @@ class ChatTool(_Strict):
     function: FunctionDefinition
 
 
+def check_tools(tools: list[tuple[str, dict[str, Any] | None]], at: str):
+    """OpenAI's 400s on a request's functions, (name, parameters) each, whose fields are at.format(index): a
+    function's arguments are a JSON object, so its parameters schema is an object's; and a call names its function,
+    so no two share a name (a forced call's schema, and the function a call ran, were then either's). vLLM takes
+    both."""
+    seen = set()
+    for i, (name, parameters) in enumerate(tools):
+        kind = (parameters or {}).get("type", "object")
+        if kind != "object":
+            raise APIError(400, f"{at.format(i)}.parameters must be the schema of an object (a function's "
+                           f"arguments are a JSON object), not of type {shorten(str(kind))!r}",
+                           f"{at.format(i)}.parameters", "invalid_value")
+        if name in seen:
+            raise APIError(400, f"{at.format(i)}.name: another tool is named {shorten(name)!r}; tool names must be "
+                           "unique", f"{at.format(i)}.name", "invalid_value")
+        seen.add(name)
+
+
 class NamedFunction(_Strict):
     name: str
 
@@ -421,6 +439,11 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
         kwargs = {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
         kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
         return kwargs
+
+    @model_validator(mode="after")
+    def _check_tools(self):
+        check_tools([(t.function.name, t.function.parameters) for t in self.tools or []], "tools.{}.function")
+        return self
 
     @model_validator(mode="after")
     def _check_tool_choice(self):

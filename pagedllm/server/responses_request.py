@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pagedllm.server.errors import APIError, shorten
-from pagedllm.server.protocol import PromptCacheRetention, _Request, _Strict, fields_of_its_type
+from pagedllm.server.errors import APIError
+from pagedllm.server.protocol import PromptCacheRetention, _Request, _Strict, check_tools, fields_of_its_type
 
 
 class ContentPart(_Strict):
@@ -164,20 +164,7 @@ class ResponsesRequest(_Request, _SameAsChat):
 
     @model_validator(mode="after")
     def _check_tools(self):
-        """OpenAI's 400s (vLLM takes both): a function's arguments are a JSON object, so its parameters schema is
-        an object's; and a call names its function, so no two share a name (a forced call's schema was then
-        either's)."""
-        seen = set()
-        for i, tool in enumerate(self.tools or []):
-            kind = (tool.parameters or {}).get("type", "object")
-            if kind != "object":
-                raise APIError(400, f"tools.{i}.parameters must be the schema of an object (a function's arguments "
-                               f"are a JSON object), not of type {shorten(str(kind))!r}", f"tools.{i}.parameters",
-                               "invalid_value")
-            if tool.name in seen:
-                raise APIError(400, f"tools.{i}.name: another tool is named {shorten(tool.name)!r}; tool names must "
-                               "be unique", f"tools.{i}.name", "invalid_value")
-            seen.add(tool.name)
+        check_tools([(t.name, t.parameters) for t in self.tools or []], "tools.{}")
         return self
 
     def includes(self, value: str) -> bool:

@@ -118,6 +118,9 @@ def test_none_passes_tools_but_parses_nothing(client):
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+     "tools.0.function.parameters"),
+    ({"tools": [WEATHER, WEATHER]}, "tools.1.function.name"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, None),
 ])
 def test_bad_tool_requests_are_400_naming_the_field(client, kw, param):

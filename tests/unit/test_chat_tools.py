@@ -93,6 +93,20 @@ def test_bad_choices_are_400_naming_tool_choice(kw):
     assert e.value.param == "tool_choice"
 
 
+@pytest.mark.parametrize("tools,param", [
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+     "tools.0.function.parameters"),
+    ([TOOL, {"type": "function", "function": {"name": "f", "description": "again"}}], "tools.1.function.name"),
+])
+def test_openais_tool_definition_400s(tools, param):
+    """OpenAI's refusals, as /v1/responses makes them (one check, protocol.check_tools), where both were taken:
+    arguments that are not an object, two tools of one name. A schema without a type is an object's."""
+    with pytest.raises(APIError) as e:
+        _request(tools=tools)
+    assert e.value.param == param and e.value.status == 400
+    _request(tools=[TOOL, {"type": "function", "function": {"name": "g", "parameters": {"properties": {}}}}])
+
+
 def test_auto_needs_the_flags():
     with pytest.raises(APIError) as e:
         _plan(auto=False, tools=[TOOL])
