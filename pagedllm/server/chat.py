@@ -43,7 +43,7 @@ def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest
     if template is None and not getattr(ctx.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template",
                        "messages", "invalid_value")
-    tools = getattr(req, "tools", None) or []
+    tools = [req.tools[i] for i in req.shown_tools()] if isinstance(req, ChatCompletionRequest) else req.tools or []
     if ctx.exclude_tools_when_tool_choice_none and getattr(req, "tool_choice", None) == "none":
         tools = []   # --exclude-tools-when-tool-choice-none: the template is not told of tools it may not call
     try:
@@ -147,7 +147,7 @@ def _bad_tool(plan: ToolPlan) -> str:
         try:
             validate(StructuredOutputsParams(json=parameters_schema(tool), disable_any_whitespace=True))
         except ValueError:
-            return f"tools.{i}.function.parameters"
+            return f"tools.{plan.at[i]}.function.parameters"
     return "tools"
 
 

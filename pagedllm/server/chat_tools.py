@@ -4,6 +4,7 @@ sampling, and how each choice's text becomes content and tool calls, streamed or
 - "none" (or no tools): the tools still reach the chat template; the text is plain content.
 - "auto" (the default with tools): needs --enable-auto-tool-choice and a --tool-call-parser; the model's free
   text is read for calls by that parser.
+- allowed_tools: its mode (auto or required) among only the tools it names, the only ones the template shows.
 - "required" / a named function: enforced with structured output (forced.py's schemas), then read as calls.
 parallel_tool_calls false allows one call: the schema's maxItems, or the parser drops the calls after the first.
 finish_reason is "tool_calls" when a choice made calls and stopped on its own, except under a named function:
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from pagedllm.outputs import CompletionOutput
 from pagedllm.server.errors import APIError
-from pagedllm.server.protocol import ChatCompletionRequest, NamedToolChoice
+from pagedllm.server.protocol import AllowedToolChoice, ChatCompletionRequest, NamedToolChoice
 from pagedllm.server.tool_parsers import ToolParser, get_tool_parser
 from pagedllm.server.tool_parsers.base import new_call_id
 from pagedllm.server.tool_parsers.forced import (NamedCallParser, RequiredCallsParser, parameters_schema,
@@ -28,6 +29,7 @@ class ToolPlan:
     name: str | None = None           # the named function
     parser: str | None = None         # --tool-call-parser: auto's parser, and the ids of every call
     max_calls: int | None = None      # parallel_tool_calls false: 1
+    at: list[int] | None = None       # each tool's index in the request's tools (allowed_tools shows some)
 
     @property
     def parses(self) -> bool:
@@ -59,18 +61,21 @@ class ToolPlan:
 
 
 def plan_tools(req: ChatCompletionRequest, tool_call_parser: str | None, enable_auto_tool_choice: bool) -> ToolPlan:
-    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    at = req.shown_tools()
+    tools = [req.tools[i].model_dump(exclude_none=True) for i in at]
     choice = req.tool_choice or ("auto" if tools else "none")
+    if isinstance(choice, AllowedToolChoice):
+        choice = choice.allowed_tools.mode
     max_calls = 1 if req.parallel_tool_calls is False else None
     if not tools or choice == "none":
-        return ToolPlan("none", tools)
+        return ToolPlan("none", tools, at=at)
     if isinstance(choice, NamedToolChoice):
-        return ToolPlan("named", tools, name=choice.function.name, parser=tool_call_parser, max_calls=1)
+        return ToolPlan("named", tools, name=choice.function.name, parser=tool_call_parser, max_calls=1, at=at)
     if choice == "auto" and not (enable_auto_tool_choice and tool_call_parser):
         raise APIError(400, '"auto" tool choice (the default when tools are given) requires the server flags '
                             "--enable-auto-tool-choice and --tool-call-parser; or set tool_choice to none, "
                             "required or a named function", "tool_choice", "invalid_value")
-    return ToolPlan(choice, tools, parser=tool_call_parser, max_calls=max_calls)
+    return ToolPlan(choice, tools, parser=tool_call_parser, max_calls=max_calls, at=at)
 
 
 def message(plan: ToolPlan, c: CompletionOutput, text: str | None) -> tuple[dict, str | None]:

@@ -380,6 +380,19 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
+class AllowedTools(_Strict):
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]]   # each {"type": "function", "function": {"name": ...}} of a function in tools
+
+
+class AllowedToolChoice(_Strict):
+    """OpenAI's tool_choice that narrows the tools the model may call to some of tools, as mode (auto or
+    required) chooses among them. Honoured by showing the model only those (the prompt then differs from one with
+    every tool), as /v1/responses does with its own shape of it (vLLM's chat request refuses it)."""
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class _ChatTemplateOptions(_Request):
     """How messages become a prompt: vLLM's chat template options (chat.render_chat)."""
     messages: list[ChatMessage] | None = None
@@ -403,7 +416,8 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     top_logprobs: int | None = None
     echo: bool = False
     tools: list[ChatTool] | None = None
-    tool_choice: str | NamedToolChoice | None = None   # none, auto, required, a function (default: auto with tools)
+    # none, auto, required, a function, allowed_tools (default: auto with tools)
+    tool_choice: str | NamedToolChoice | AllowedToolChoice | None = None
     parallel_tool_calls: bool | None = None   # false: at most one call (default: any number)
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -460,11 +474,25 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names:
             raise APIError(400, f"tool_choice names function {shorten(choice.function.name)!r}, which is not in "
                                 f"tools ({', '.join(self.tool_names)})", "tool_choice", "invalid_value")
+        for j, allowed in enumerate(choice.allowed_tools.tools if isinstance(choice, AllowedToolChoice) else ()):
+            function = allowed.get("function")
+            if (allowed.get("type") != "function" or len(allowed) != 2 or not isinstance(function, dict)
+                    or function.keys() != {"name"} or function["name"] not in self.tool_names):
+                at = f"tool_choice.allowed_tools.tools.{j}"
+                raise APIError(400, f"{at} must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} naming "
+                               f"a function in tools ({', '.join(self.tool_names)})", at, "invalid_value")
         return self
 
     @property
     def tool_names(self) -> list[str]:
         return [t.function.name for t in self.tools or []]
+
+    def shown_tools(self) -> list[int]:
+        """The indexes in tools of those the model is shown: tool_choice allowed_tools' (once each), or all."""
+        choice = self.tool_choice
+        if not isinstance(choice, AllowedToolChoice):
+            return list(range(len(self.tools or [])))
+        return list(dict.fromkeys(self.tool_names.index(t["function"]["name"]) for t in choice.allowed_tools.tools))
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
         # The deprecated functions/function_call are refused, not mapped: tools/tool_choice say the same.

@@ -28,7 +28,7 @@ from pagedllm.server.chat import create_chat_completion
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest
 from pagedllm.server.response_store import StoredResponse
-from pagedllm.server.responses_input import _chat_tools, _messages, to_chat
+from pagedllm.server.responses_input import _messages, to_chat
 from pagedllm.server.responses_output import ResponsesSSE, _events, _head, _reasoning_item, to_response
 from pagedllm.server.responses_request import _ENCRYPTED, _LOGPROBS, InputItem, ResponsesRequest
 from pagedllm.server.serving import SSEResponse, ServingContext
@@ -124,7 +124,7 @@ async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, req
             message = e.message.replace("response_format.json_schema.schema", "text.format.schema")
             raise APIError(e.status, message.replace("response_format", "text.format"),
                            "text.format.schema" if schema else "text.format", e.code) from e
-        param = _their_field(e.param, _chat_tools(req))
+        param = _their_field(e.param)
         if param == e.param:
             raise
         message = e.message.replace(f"`{e.param}`", f"`{param}`")   # "... Reduce `messages`."
@@ -138,10 +138,10 @@ async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, req
 _FIELDS = {"max_tokens": "max_output_tokens", "messages": "input"}
 
 
-def _their_field(param: str | None, tool_at: list[int]) -> str | None:
-    """_FIELDS, and a tool's: chat's tools.<k>.function.<name> is tools.<tool_at[k]>.<name>."""
+def _their_field(param: str | None) -> str | None:
+    """_FIELDS, and a tool's: chat's tools.<i>.function.<name> is tools.<i>.<name>."""
     match = re.fullmatch(r"tools\.(\d+)\.function\.(\w+)", param or "")
-    return f"tools.{tool_at[int(match[1])]}.{match[2]}" if match else _FIELDS.get(param, param)
+    return f"tools.{match[1]}.{match[2]}" if match else _FIELDS.get(param, param)
 
 
 

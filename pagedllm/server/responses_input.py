@@ -35,10 +35,11 @@ def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionReques
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)
     if req.tools:
-        body["tools"] = [{"type": "function", "function": req.tools[i].model_dump(exclude={"type"}, exclude_none=True)}
-                         for i in _chat_tools(req)]
-    if isinstance(req.tool_choice, AllowedTools):
-        body["tool_choice"] = req.tool_choice.mode
+        body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                         for t in req.tools]
+    if isinstance(req.tool_choice, AllowedTools):   # chat's shape of it, which chat honours
+        body["tool_choice"] = {"type": "allowed_tools", "allowed_tools": {"mode": req.tool_choice.mode, "tools": [
+            {"type": "function", "function": {"name": name}} for name in _allowed_names(req.tool_choice, req)]}}
     elif req.tool_choice is not None:
         body["tool_choice"] = (req.tool_choice if isinstance(req.tool_choice, str) else
                                {"type": "function", "function": {"name": req.tool_choice.name}})
@@ -130,18 +131,13 @@ def _texts(parts: list[ContentPart], at: str) -> list[str]:
 
 
 
-def _chat_tools(req: ResponsesRequest) -> list[int]:
-    """The indexes in req.tools of the tools the chat request gets: those tool_choice allowed_tools names (each a
-    function of tools: else a 400 naming it), or all."""
-    tools, choice = req.tools or [], req.tool_choice
-    if not isinstance(choice, AllowedTools):
-        return list(range(len(tools)))
-    index = {t.name: i for i, t in enumerate(tools)}
-    at = []
+def _allowed_names(choice: AllowedTools, req: ResponsesRequest) -> list[str]:
+    """The functions tool_choice allowed_tools names, each {"type": "function", "name": ...} of a function in
+    tools (else a 400 naming it, in the client's shape, before chat's own check of chat's shape)."""
+    names = [t.name for t in req.tools or []]
     for j, allowed in enumerate(choice.tools):
-        if allowed.get("type") != "function" or allowed.get("name") not in index or len(allowed) != 2:
+        if allowed.get("type") != "function" or allowed.get("name") not in names or len(allowed) != 2:
             raise APIError(400, f"tool_choice.tools.{j} must be {{\"type\": \"function\", \"name\": ...}} naming "
-                           f"a function in tools ({', '.join(index)}): only function tools are served",
+                           f"a function in tools ({', '.join(names)}): only function tools are served",
                            f"tool_choice.tools.{j}", "invalid_value")
-        at.append(index[allowed["name"]])
-    return at
+    return [allowed["name"] for allowed in choice.tools]

@@ -134,3 +134,17 @@ def test_auto_needs_the_server_flags(plain_client):
         with pytest.raises(openai.BadRequestError) as e:
             _create(plain_client, **kw)
         assert e.value.body["param"] == "tool_choice" and "--enable-auto-tool-choice" in e.value.body["message"]
+
+
+def test_allowed_tools_shows_only_the_tools_it_names(client):
+    """tool_choice allowed_tools (OpenAI's; it was a 400): the model is shown only the tools it names and its mode
+    chooses among them: the prompt and call of the same request with only those tools."""
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}}, "required": ["zone"]}}}
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "get_time"}}]}}
+    got = _create(client, tools=[WEATHER, clock], tool_choice=allowed, parallel_tool_calls=False)
+    alone = _create(client, tools=[clock], tool_choice="required", parallel_tool_calls=False)
+    assert got.usage.prompt_tokens == alone.usage.prompt_tokens
+    [call], [same] = got.choices[0].message.tool_calls, alone.choices[0].message.tool_calls
+    assert call.function.name == same.function.name == "get_time" and call.function.arguments == same.function.arguments

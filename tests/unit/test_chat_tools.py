@@ -124,3 +124,21 @@ def test_server_flags():
     add_config_args(parser, ServerConfig, "server")
     args = parser.parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
     assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes"
+
+
+def test_allowed_tools_shows_only_the_named_and_its_mode_chooses():
+    """tool_choice allowed_tools (OpenAI's; it was a 400): the plan holds only the tools it names, its mode is the
+    choice, and a shown tool keeps its index in tools; a name not among tools is a 400 naming the entry."""
+    other = {"type": "function", "function": {"name": "g", "parameters": {"type": "object"}}}
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "g"}}]}}
+    plan = _plan(tools=[TOOL, other], tool_choice=allowed)
+    assert plan.choice == "required" and plan.tools == [other] and plan.at == [1]
+    assert plan.structured_outputs().json == _plan(tools=[other], tool_choice="required").structured_outputs().json
+    auto = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "f"}}]}}
+    assert _plan(tools=[TOOL, other], tool_choice=auto).choice == "auto"
+    for bad in ({"type": "function", "function": {"name": "h"}}, {"type": "function", "name": "f"}):
+        with pytest.raises(APIError) as e:
+            _request(tools=[TOOL], tool_choice={**allowed, "allowed_tools": {"mode": "auto", "tools": [bad]}})
+        assert e.value.param == "tool_choice.allowed_tools.tools.0"
