@@ -83,7 +83,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
         ctx.responses.running[head["id"]] = asyncio.ensure_future(_run_detached(ctx, chat, req, head, encrypted,
                                                                                 keep))
         return queued
-    answer = await _chat_completion(ctx, chat, req, raw_request)
+    answer = await _chat_completion(ctx, chat, raw_request)
     if isinstance(answer, SSEResponse):
         return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head, encrypted, keep))
     if isinstance(answer, Response):   # the client left
@@ -100,7 +100,7 @@ async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, req: R
     response_id = head["id"]
     ctx.responses.set_status(response_id, "in_progress")
     try:
-        answer = await _chat_completion(ctx, chat, req, _Detached())
+        answer = await _chat_completion(ctx, chat, _Detached())
         keep(to_response(answer, head, encrypted))
     except asyncio.CancelledError:
         ctx.responses.set_status(response_id, "cancelled")
@@ -113,8 +113,8 @@ async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, req: R
         ctx.responses.running.pop(response_id, None)
 
 
-async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, req: ResponsesRequest, raw_request):
-    """create_chat_completion of chat (req's), its 400 about a chat field named as the client sent it: the
+async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, raw_request):
+    """create_chat_completion of chat (the request's), its 400 about a chat field named as the client sent it: the
     response_format that text.format became (the schema's: text.format.schema), and _their_field's."""
     try:
         return await create_chat_completion(ctx, chat, raw_request)
