@@ -34,6 +34,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
                                help=f"{meta['help']} (a JSON list; default: {json.dumps(default)})")
             continue
         scalar = human_readable_int if meta.get("human_readable") else _scalar_type(ftype)
+        if meta.get("not_built"):   # vLLM values of this flag that are not built here, refused saying why
+            scalar = _not_built(scalar, meta["not_built"])
         if meta.get("why_not"):   # a value outside the choices is refused saying why, not only that it is
             scalar = _choice(scalar, meta["choices"], meta["why_not"])
         group.add_argument(*flags, type=scalar, default=default, choices=meta.get("choices"),
@@ -45,6 +47,15 @@ def _scalar_type(ftype):
     if isinstance(ftype, types.UnionType):
         ftype = next(a for a in typing.get_args(ftype) if a is not type(None))
     return ftype
+
+
+def _not_built(scalar, why: dict[str, str]):
+    """scalar, with the texts of `why` (vLLM's values not built here) refused naming the reason."""
+    def parse(text: str):
+        if text.strip().lower() in why:
+            raise argparse.ArgumentTypeError(f"{text!r}: {why[text.strip().lower()]}")
+        return scalar(text)
+    return parse
 
 
 def _choice(scalar, choices: tuple, why_not: str):

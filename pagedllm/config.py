@@ -74,7 +74,10 @@ class EngineConfig:
                                         "merged key by key", python_types=(str, dict))
     block_size: int = _f(16, "tokens per KV cache block")
     max_model_len: int | None = _f(None, "longest prompt + output, also as vLLM's 32k (32000) or 32K (32768) "
-                                         "(default: the model's max_position_embeddings)", human_readable=True)
+                                         "(default: the model's max_position_embeddings)", human_readable=True,
+                                  not_built={v: "vLLM's --max-model-len auto (the longest that fits in memory) is "
+                                                "not built here; leave --max-model-len out for the model's "
+                                                "max_position_embeddings, or give a number" for v in ("auto", "-1")})
     max_num_seqs: int | None = _f(None, "most requests running in one step (default: 512 on a GPU of 70 GiB or "
                                         "more other than an A100, else 256)")
     max_num_batched_tokens: int | None = _f(None, "token budget of one step (also as 8k or 8K); longer prompts "

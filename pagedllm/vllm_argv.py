@@ -159,10 +159,6 @@ def _whole_value(argv: list[str], flag: str) -> dict:
 
 def human_readable_int(text: str) -> int:
     """vLLM's human-readable ints: 32k = 32000, 32K = 32768 (k, m, g decimal; K, M, G binary, whole numbers)."""
-    if text.strip().lower() in ("auto", "-1"):
-        raise argparse.ArgumentTypeError(f"{text!r} (vLLM's --max-model-len auto: the longest that fits in memory) "
-                                         f"is not built here; leave --max-model-len out for the model's "
-                                         f"max_position_embeddings, or give a number")
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG]?)", text.strip())
     if match is None or ("." in match[1] and not match[2].islower()):
         raise argparse.ArgumentTypeError(f"expected an integer such as 32768, 32k (32000) or 32K (32768), "

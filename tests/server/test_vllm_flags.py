@@ -152,7 +152,15 @@ def test_max_model_len_auto_says_it_is_not_built(capsys, value):
     """vLLM 0.26 takes auto / -1 (fit to memory); here that was 'expected an integer such as 32768'."""
     with pytest.raises(SystemExit):
         main(["serve", DEMO_MODEL, "--max-model-len", value])
-    assert "the longest that fits in memory) is not built here" in capsys.readouterr().err
+    assert "(the longest that fits in memory) is not built here" in capsys.readouterr().err
+
+
+def test_another_size_flag_given_auto_is_not_told_about_max_model_len(capsys):
+    """The refusal belongs to --max-model-len's values, not to the size parser every such flag shares."""
+    with pytest.raises(SystemExit):
+        main(["serve", DEMO_MODEL, "--max-num-batched-tokens", "auto"])
+    err = capsys.readouterr().err
+    assert "--max-num-batched-tokens: expected an integer" in err and "max-model-len" not in err
 
 
 def _yaml(tmp_path, text: str) -> str:
