@@ -106,9 +106,8 @@ class MultiprocExecutor:
         for rank, conn in enumerate(self.conns, start=1):
             try:
                 conn.send_bytes(data)
-            except OSError:   # BrokenPipeError: the worker's end closed, as it dies: let its exit be seen first
-                self.procs[rank - 1].join(timeout=1)
-                self.check()
+            except OSError:   # BrokenPipeError: the worker's end closed, as it dies: let its exit be seen first,
+                self.check(DEATH_CHECK_SECONDS)   # as after a failed call (1 s was not enough in CI, under load)
                 raise WorkerDiedError(f"tensor-parallel rank {rank} is gone (its pipe closed)") from None
 
     def check(self, wait: float = 0.0) -> None:
