@@ -456,6 +456,12 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
 
     @model_validator(mode="after")
     def _check_tools(self):
+        # OpenAI's and vLLM's 400, whatever tool_choice says (vLLM refuses it before reading tool_choice): a client
+        # with no tools leaves the field out (or sends null). /v1/responses and /v1/messages take an empty tools,
+        # as OpenAI's Responses API and Anthropic's do, and pass no tools on to chat.
+        if self.tools == []:
+            raise APIError(400, "`tools` must not be an empty array. Either provide at least one tool or omit the "
+                                "field entirely.", "tools", "empty_array")
         check_tools([(t.function.name, t.function.parameters) for t in self.tools or []], "tools.{}.function")
         return self
 

@@ -58,10 +58,15 @@ def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
                                       "request_id": "abc", **NEUTRAL}).json()
     assert got["choices"][0]["text"] == plain["choices"][0]["text"] and got["id"] == "cmpl-abc"
     chat_plain = _post(server, CHAT, {**base, "messages": MESSAGES}).json()
-    chat = _post(server, CHAT, {**base, "messages": MESSAGES, **NEUTRAL, "tools": [], "tool_choice": "none",
+    chat = _post(server, CHAT, {**base, "messages": MESSAGES, **NEUTRAL, "tools": None, "tool_choice": "none",
                                 "parallel_tool_calls": True, "functions": None, "documents": None,
                                 "echo": False}).json()
     assert chat["choices"][0]["message"]["content"] == chat_plain["choices"][0]["message"]["content"]
+    # tools [] is not neutral: OpenAI and vLLM refuse it, whatever tool_choice says (it was taken as no tools)
+    for choice in ({}, {"tool_choice": "none"}):
+        error = _error(_post(server, CHAT, {**base, "messages": MESSAGES, "tools": [], **choice}), "tools",
+                       "empty_array")
+        assert error["message"].startswith("`tools` must not be an empty array")
     # "auto" with no tools chooses none; an assistant message sent back with OpenAI's null fields
     history = [*MESSAGES, {"role": "assistant", "content": "Yes", "refusal": None, "annotations": [],
                            "audio": None, "function_call": None, "tool_calls": None}, MESSAGES[0]]

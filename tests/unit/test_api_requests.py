@@ -223,3 +223,19 @@ def test_chat_prompt_cache_retention_is_openais():
     with pytest.raises(pydantic.ValidationError) as e:
         ChatCompletionRequest.model_validate({**body, "prompt_cache_retention": "7d"})
     assert e.value.errors()[0]["loc"] == ("prompt_cache_retention",)
+
+
+def test_an_empty_tools_is_no_tools_on_responses_and_messages():
+    """Chat refuses tools [] (OpenAI's and vLLM's 400), but OpenAI's Responses API and Anthropic's Messages API take
+    it, as vLLM's routes for them do (Responses' tools default to []; vLLM's Anthropic route passes no tools on):
+    each is the chat request without tools, not chat's 400."""
+    base = {"input": "Hi"}
+    for choice in ({}, {"tool_choice": "auto"}, {"tool_choice": "none"}):
+        assert _responses_chat({**base, "tools": [], **choice}).tools is None, choice
+        assert (_responses_chat({**base, "tools": [], **choice}).model_dump()
+                == _responses_chat({**base, **choice}).model_dump()), choice
+    body = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]}
+    for choice in ({}, {"tool_choice": {"type": "auto"}}, {"tool_choice": {"type": "none"}}):
+        chat = anthropic.to_chat(NO_PARSER, anthropic.MessagesRequest.model_validate({**body, "tools": [], **choice}))
+        plain = anthropic.to_chat(NO_PARSER, anthropic.MessagesRequest.model_validate({**body, **choice}))
+        assert chat.tools is None and chat.model_dump() == plain.model_dump(), choice

@@ -107,6 +107,20 @@ def test_openais_tool_definition_400s(tools, param):
     _request(tools=[TOOL, {"type": "function", "function": {"name": "g", "parameters": {"properties": {}}}}])
 
 
+@pytest.mark.parametrize("choice", [{}, {"tool_choice": None}, {"tool_choice": "none"}, {"tool_choice": "auto"},
+                                    {"tool_choice": "required"},
+                                    {"tool_choice": {"type": "function", "function": {"name": "f"}}}])
+def test_an_empty_tools_is_400_naming_tools(choice):
+    """OpenAI and vLLM refuse tools [] whatever tool_choice says, before reading it (vLLM's check_tool_usage: it was
+    taken, as no tools); null is no tools."""
+    with pytest.raises(APIError) as e:
+        _request(tools=[], **choice)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "tools", "empty_array")
+    assert str(e.value) == ("`tools` must not be an empty array. Either provide at least one tool or omit the field "
+                            "entirely.")
+    assert _plan(tools=None, tool_choice="none").choice == "none"
+
+
 def test_auto_needs_the_flags():
     with pytest.raises(APIError) as e:
         _plan(auto=False, tools=[TOOL])
