@@ -75,6 +75,11 @@ def _reasoning_item(item_id: str, text: str | None, status: str = "completed", e
 
 
 def _message_item(item_id: str, text: str | None, status: str = "completed", logprobs: list | None = None) -> dict:
+    # No `phase`, though a sent message item's is taken (responses_request.InputItem): OpenAI's output phase is the
+    # model's own label of the message it wrote (commentary before tool calls, final_answer), from models trained to
+    # write it, never the input's echoed; vLLM's output messages carry none (harmony's commentary and final
+    # channels both become plain message items). The models served here label nothing, and a phase made up from
+    # whether calls follow would be inferred, not the model's: so none, as vLLM.
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
             "content": [] if text is None else [_text_part(text, logprobs)]}
 

@@ -51,7 +51,8 @@ class InputItem(_Strict):
     summary: list[SummaryPart] | None = None    # reasoning
     encrypted_content: str | None = None
     # OpenAI's label on an assistant message (newer outputs carry it, null too): which turn of an agent's work it
-    # was. The chat templates served here have no place for it, so it is taken and dropped, as vLLM drops it.
+    # was. The chat templates served here have no place for it, so it is taken and dropped, as vLLM drops it; the
+    # output items carry none (responses_output._message_item says why).
     phase: Literal["commentary", "final_answer"] | None = None
 
     @model_validator(mode="after")
