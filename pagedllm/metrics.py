@@ -141,12 +141,16 @@ class FinishedRequestStats:
     e2e_latency: float             # the request's arrival to the sequence's last output, seconds
     num_prompt_tokens: int         # the whole prompt, for each sequence
     num_generation_tokens: int     # this sequence's
-    # vLLM's request phases, seconds (None: unknown, or no token came): first scheduled to first token, first to
-    # last token, first scheduled to last token; and decode time per token after the first (None below 2 tokens)
-    prefill_time: float | None = None
-    decode_time: float | None = None
-    inference_time: float | None = None
-    mean_time_per_output_token: float | None = None
+    # vLLM's request phases, seconds, observed for every finished sequence as vLLM's update_from_finished_request
+    # makes them: first scheduled to first token, first to last token, first scheduled to last token; and decode
+    # time per token after the first. 0 where a phase did not happen: decode time and time per output token of a
+    # sequence of one token, every phase of one never scheduled (vLLM subtracts unset timestamps there: a prefill
+    # time of the clock's value). A sequence scheduled that ended without a token (it failed) has its end as its
+    # first and last output, as vLLM's first output is.
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
+    inference_time: float = 0.0
+    mean_time_per_output_token: float = 0.0
     max_tokens: int | None = None         # the request's parameter, as sent (vLLM's request_params_max_tokens)
     num_cached_tokens: int = 0            # prompt tokens not computed (prefix cache, KV tiers)
 

@@ -333,10 +333,13 @@ def _sequence_stats(parent: _ParentRequest, seq: _Sequence, now: float) -> Finis
     stats = FinishedRequestStats(seq.finish_reason, now - parent.metrics.arrival_time, len(parent.prompt_token_ids),
                                  num_tokens, max_tokens=parent.params.max_tokens,
                                  num_cached_tokens=seq.num_cached_tokens)
-    if seq.first_scheduled_time is not None and seq.first_token_time is not None:   # as vLLM's: with a token
-        stats.prefill_time = seq.first_token_time - seq.first_scheduled_time
-        stats.decode_time = seq.last_token_time - seq.first_token_time
-        stats.inference_time = seq.last_token_time - seq.first_scheduled_time
-        if num_tokens > 1:
-            stats.mean_time_per_output_token = stats.decode_time / (num_tokens - 1)
+    scheduled = seq.first_scheduled_time
+    if scheduled is None:   # never scheduled: every phase 0 (FinishedRequestStats)
+        return stats
+    # no token (it failed in its prefill): its end is its first and last output, as vLLM's first output is
+    first = seq.first_token_time if seq.first_token_time is not None else now
+    last = seq.last_token_time if seq.last_token_time is not None else now
+    stats.prefill_time, stats.decode_time, stats.inference_time = first - scheduled, last - first, last - scheduled
+    if num_tokens > 1:   # vLLM's: the first token is the prefill's; 0 below 2 tokens
+        stats.mean_time_per_output_token = stats.decode_time / (num_tokens - 1)
     return stats

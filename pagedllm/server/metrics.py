@@ -59,8 +59,9 @@ class ServerMetrics:
                              _REQUEST_LATENCY_BUCKETS)
         self.queue = histogram("pagedllm:request_queue_time_seconds", "Arrival to first scheduled (per sequence).",
                                _REQUEST_LATENCY_BUCKETS)
-        # vLLM's request phases (its dashboards' "Requests Prefill and Decode Time" panel), per finished sequence:
-        # vLLM runs each of a request's n as its own request, so these and the length series count each one
+        # vLLM's request phases (its dashboards' "Requests Prefill and Decode Time" panel), each one observed for
+        # every finished sequence (0 where the phase did not happen: metrics.py): vLLM runs each of a request's n as
+        # its own request, so these and the length series count each one
         self.prefill = histogram("pagedllm:request_prefill_time_seconds", "First scheduled to first token.",
                                  _REQUEST_LATENCY_BUCKETS)
         self.decode = histogram("pagedllm:request_decode_time_seconds", "First token to last token.",
@@ -102,12 +103,10 @@ class ServerMetrics:
             self.prefill_kv_computed.observe(f.num_prompt_tokens - f.num_cached_tokens)
             if f.max_tokens:
                 self.params_max_tokens.observe(f.max_tokens)
-            if f.prefill_time is not None:
-                self.prefill.observe(f.prefill_time)
-                self.decode.observe(f.decode_time)
-                self.inference.observe(f.inference_time)
-            if f.mean_time_per_output_token is not None:
-                self.tpot.observe(f.mean_time_per_output_token)
+            self.prefill.observe(f.prefill_time)
+            self.decode.observe(f.decode_time)
+            self.inference.observe(f.inference_time)
+            self.tpot.observe(f.mean_time_per_output_token)
             self.success.labels(self.model_name, ENGINE, f.finish_reason).inc()
 
     def render(self, stats: SchedulerStats | None) -> bytes:

@@ -62,6 +62,34 @@ def test_finished_stats_have_vllms_request_phases(monkeypatch):
     assert f.mean_time_per_output_token == 1.5
 
 
+def test_finished_stats_of_0_and_1_token_sequences_have_vllms_zeros(monkeypatch):
+    """vLLM's update_from_finished_request gives every finished request every phase, 0 where it did not happen:
+    one token, decode time and time per output token 0; scheduled but failed before its first token, its end as
+    its first and last output (decode 0); never scheduled, all 0. They had none (None: not observed), so the
+    histograms' counts were short of vLLM's by those sequences."""
+    from pagedllm.engine import output_processor
+    from pagedllm.metrics import StepStats
+
+    def finished(steps, **params):
+        op = OutputProcessor(None)
+        op.add_request("r", None, [1, 2], SamplingParams(detokenize=False, **params), OutputKind.FINAL, 10.0)
+        for now, stats, outputs in steps:
+            monkeypatch.setattr(output_processor.time, "time", lambda: now)
+            op.process(outputs, stats)
+        return stats.finished[0]
+
+    def phases(f):
+        return f.prefill_time, f.decode_time, f.inference_time, f.mean_time_per_output_token
+    scheduled = (11.0, StepStats(first_scheduled_ids=["r"], queue_times=[1.0]), [])
+    one = finished([scheduled, (12.5, StepStats(), [EngineCoreOutput("r", [5], finish_reason="length")])],
+                   max_tokens=1)
+    assert (one.num_generation_tokens, phases(one)) == (1, (1.5, 0.0, 1.5, 0.0))
+    failed = finished([scheduled, (14.0, StepStats(), [EngineCoreOutput("r", [], finish_reason="error", error="x")])])
+    assert (failed.num_generation_tokens, phases(failed)) == (0, (3.0, 0.0, 3.0, 0.0))
+    unscheduled = finished([(14.0, StepStats(), [EngineCoreOutput("r", [], finish_reason="error", error="x")])])
+    assert phases(unscheduled) == (0.0, 0.0, 0.0, 0.0)
+
+
 def test_finished_stats_carry_the_request_parameters():
     """vLLM's request_params_max_tokens (each sequence), request_params_n and request_max_num_generation_tokens
     (the longest sequence's tokens, once per request)."""

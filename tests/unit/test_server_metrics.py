@@ -70,16 +70,19 @@ def test_prompt_tokens_counter_is_vllms_all_prompt_tokens():
 
 def test_request_phase_histograms():
     """vLLM's request_prefill/decode/inference_time_seconds (request latency bounds) and
-    request_time_per_output_token_seconds (inter-token bounds): its "Requests Prefill and Decode Time" panel."""
+    request_time_per_output_token_seconds (inter-token bounds): its "Requests Prefill and Decode Time" panel. Each
+    finished sequence is one observation of each, as vLLM's: one that had no phase (no token) observes its zeros
+    (it was left out, so the counts were short of request_success's)."""
     metrics = ServerMetrics("m")
     metrics.record(StepStats(finished=[FinishedRequestStats("stop", 5.0, 3, 4, prefill_time=0.4, decode_time=3.0,
                                                             inference_time=3.4, mean_time_per_output_token=1.0),
-                                       FinishedRequestStats("abort", 1.0, 3, 0)]))   # no token: no phases
+                                       FinishedRequestStats("error", 1.0, 3, 0)]))   # no token: zeros
     text = exposed(metrics)
     for name, total in (("request_prefill_time_seconds", 0.4), ("request_decode_time_seconds", 3.0),
                         ("request_inference_time_seconds", 3.4), ("request_time_per_output_token_seconds", 1.0)):
-        assert f'pagedllm:{name}_count{{engine="0",model_name="m"}} 1.0' in text
+        assert f'pagedllm:{name}_count{{engine="0",model_name="m"}} 2.0' in text
         assert f'pagedllm:{name}_sum{{engine="0",model_name="m"}} {total}' in text
+        assert samples(text, f"pagedllm:{name}_bucket")[0].endswith(" 1.0")   # the zero, in the lowest bucket
     assert bounds(text, "pagedllm:request_prefill_time_seconds") == bounds(text, "pagedllm:e2e_request_latency_seconds")
     assert bounds(text, "pagedllm:request_time_per_output_token_seconds") == bounds(
         text, "pagedllm:inter_token_latency_seconds")
