@@ -142,11 +142,12 @@ class FinishedRequestStats:
     num_prompt_tokens: int         # the whole prompt, for each sequence
     num_generation_tokens: int     # this sequence's
     # vLLM's request phases, seconds, observed for every finished sequence as vLLM's update_from_finished_request
-    # makes them: first scheduled to first token, first to last token, first scheduled to last token; and decode
-    # time per token after the first. 0 where a phase did not happen: decode time and time per output token of a
-    # sequence of one token, every phase of one never scheduled (vLLM subtracts unset timestamps there: a prefill
-    # time of the clock's value). A sequence scheduled that ended without a token (it failed) has its end as its
-    # first and last output, as vLLM's first output is.
+    # makes them: arrival to first scheduled; first scheduled to first token, first to last token, first scheduled
+    # to last token; and decode time per token after the first. 0 where a phase did not happen: decode time and
+    # time per output token of a sequence of one token, every phase of one never scheduled (vLLM subtracts unset
+    # timestamps there: a negative queue time, a prefill time of the clock's value). A sequence scheduled that ended
+    # without a token (it failed) has its end as its first and last output, as vLLM's first output is.
+    queued_time: float = 0.0
     prefill_time: float = 0.0
     decode_time: float = 0.0
     inference_time: float = 0.0
@@ -160,7 +161,9 @@ class StepStats:
     """Request-level timings of one step, for the server's histograms: the engine core records first
     schedulings, the output processor latencies and finished requests."""
     first_scheduled_ids: list[str] = field(default_factory=list)   # sequences (child ids)
-    queue_times: list[float] = field(default_factory=list)         # arrival to first scheduled, seconds
+    # arrival to first scheduled, seconds: the start of the phases; the queue histogram observes it when the
+    # sequence finishes (FinishedRequestStats.queued_time), as vLLM's
+    queue_times: list[float] = field(default_factory=list)
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)   # sequences

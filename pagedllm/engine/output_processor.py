@@ -38,6 +38,7 @@ class _Sequence:
     num_cached_tokens: int = 0
     # vLLM runs each of a request's n as its own request, so its latency and length series count each sequence:
     # their times are kept here (seconds; None until known)
+    queue_time: float | None = None   # arrival to first scheduled
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -191,6 +192,7 @@ class OutputProcessor:
             entry = self.child_to_parent.get(rid)
             if entry is not None:
                 metrics, seq = entry[0].metrics, entry[1]
+                seq.queue_time = queue_time
                 seq.first_scheduled_time = metrics.arrival_time + queue_time
                 if metrics.first_scheduled_time is None:
                     metrics.first_scheduled_time = seq.first_scheduled_time
@@ -339,6 +341,7 @@ def _sequence_stats(parent: _ParentRequest, seq: _Sequence, now: float) -> Finis
     # no token (it failed in its prefill): its end is its first and last output, as vLLM's first output is
     first = seq.first_token_time if seq.first_token_time is not None else now
     last = seq.last_token_time if seq.last_token_time is not None else now
+    stats.queued_time = seq.queue_time
     stats.prefill_time, stats.decode_time, stats.inference_time = first - scheduled, last - first, last - scheduled
     if num_tokens > 1:   # vLLM's: the first token is the prefill's; 0 below 2 tokens
         stats.mean_time_per_output_token = stats.decode_time / (num_tokens - 1)

@@ -57,11 +57,11 @@ class ServerMetrics:
                              _ITL_BUCKETS)
         self.e2e = histogram("pagedllm:e2e_request_latency_seconds", "Arrival to the last output of a sequence.",
                              _REQUEST_LATENCY_BUCKETS)
-        self.queue = histogram("pagedllm:request_queue_time_seconds", "Arrival to first scheduled (per sequence).",
-                               _REQUEST_LATENCY_BUCKETS)
         # vLLM's request phases (its dashboards' "Requests Prefill and Decode Time" panel), each one observed for
-        # every finished sequence (0 where the phase did not happen: metrics.py): vLLM runs each of a request's n as
-        # its own request, so these and the length series count each one
+        # every finished sequence, when it finishes (0 where the phase did not happen: metrics.py): vLLM runs each of
+        # a request's n as its own request, so these and the length series count each one
+        self.queue = histogram("pagedllm:request_queue_time_seconds", "Arrival to first scheduled.",
+                               _REQUEST_LATENCY_BUCKETS)
         self.prefill = histogram("pagedllm:request_prefill_time_seconds", "First scheduled to first token.",
                                  _REQUEST_LATENCY_BUCKETS)
         self.decode = histogram("pagedllm:request_decode_time_seconds", "First token to last token.",
@@ -91,7 +91,6 @@ class ServerMetrics:
             self.success.labels(model_name, ENGINE, reason)    # so rate() and increase() read 0, not no data
 
     def record(self, step: StepStats):
-        observe_all(self.queue, step.queue_times)
         observe_all(self.ttft, step.time_to_first_tokens)
         observe_all(self.itl, step.inter_token_latencies)   # one a streaming request, every step
         observe_all(self.params_n, step.params_n)
@@ -103,6 +102,7 @@ class ServerMetrics:
             self.prefill_kv_computed.observe(f.num_prompt_tokens - f.num_cached_tokens)
             if f.max_tokens:
                 self.params_max_tokens.observe(f.max_tokens)
+            self.queue.observe(f.queued_time)
             self.prefill.observe(f.prefill_time)
             self.decode.observe(f.decode_time)
             self.inference.observe(f.inference_time)

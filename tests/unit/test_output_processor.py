@@ -60,6 +60,7 @@ def test_finished_stats_have_vllms_request_phases(monkeypatch):
     f = stats.finished[0]
     assert (f.prefill_time, f.decode_time, f.inference_time) == (1.5, 3.0, 4.5)
     assert f.mean_time_per_output_token == 1.5
+    assert f.queued_time == 0.5   # carried to the finish, where vLLM observes it
 
 
 def test_finished_stats_of_0_and_1_token_sequences_have_vllms_zeros(monkeypatch):
@@ -88,6 +89,7 @@ def test_finished_stats_of_0_and_1_token_sequences_have_vllms_zeros(monkeypatch)
     assert (failed.num_generation_tokens, phases(failed)) == (0, (3.0, 0.0, 3.0, 0.0))
     unscheduled = finished([(14.0, StepStats(), [EngineCoreOutput("r", [], finish_reason="error", error="x")])])
     assert phases(unscheduled) == (0.0, 0.0, 0.0, 0.0)
+    assert (one.queued_time, failed.queued_time, unscheduled.queued_time) == (1.0, 1.0, 0.0)
 
 
 def test_finished_stats_carry_the_request_parameters():

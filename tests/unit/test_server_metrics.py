@@ -88,6 +88,35 @@ def test_request_phase_histograms():
         text, "pagedllm:inter_token_latency_seconds")
 
 
+def test_queue_time_is_observed_when_a_sequence_finishes():
+    """vLLM observes request_queue_time_seconds with a finished request's other phases (update_from_finished_request:
+    first scheduled minus queued), not when it is first scheduled: a request scheduled and aborted by its client
+    counts in none of them, and the queue histogram's count is the finished sequences', as the others'. It was
+    observed at the first scheduling, so it counted requests no other phase histogram did."""
+    from pagedllm.core.messages import EngineCoreOutput
+    from pagedllm.engine.output_processor import OutputKind, OutputProcessor
+    from pagedllm.sampling_params import SamplingParams
+    op, metrics = OutputProcessor(None), ServerMetrics("m")
+    for rid in ("done", "aborted"):
+        op.add_request(rid, None, [1, 2], SamplingParams(max_tokens=2, detokenize=False), OutputKind.FINAL, 0.0)
+
+    def count() -> str:
+        return samples(exposed(metrics), "pagedllm:request_queue_time_seconds_count")[0].rsplit(" ", 1)[1]
+    for stats, outputs in ((StepStats(first_scheduled_ids=["done", "aborted"], queue_times=[0.25, 0.5]), []),
+                           (StepStats(), [EngineCoreOutput("done", [5]), EngineCoreOutput("aborted", [5])])):
+        op.process(outputs, stats)
+        metrics.record(stats)
+    assert count() == "0.0"   # scheduled, not finished
+    op.abort("aborted")   # the client's abort: no finished record, as vLLM's
+    stats = StepStats()
+    op.process([EngineCoreOutput("done", [6], finish_reason="length")], stats)
+    metrics.record(stats)
+    text = exposed(metrics)
+    assert count() == "1.0"
+    assert 'pagedllm:request_queue_time_seconds_sum{engine="0",model_name="m"} 0.25' in text
+    assert 'pagedllm:request_queue_time_seconds_bucket{engine="0",le="0.3",model_name="m"} 1.0' in text
+
+
 def test_request_parameter_histograms():
     """vLLM's request_params_n (bounds 1, 2, 5, 10, 20) and request_max_num_generation_tokens (1-2-5 bounds) once
     per request; request_params_max_tokens once per finished sequence (vLLM's child requests)."""
