@@ -7,6 +7,7 @@ import json
 import re
 from collections import OrderedDict
 
+from pagedllm.structured_output.lark_ebnf import grammar_is_lark, lark_to_ebnf
 from pagedllm.structured_output.params import StructuredOutputsParams
 
 FIELD = "SamplingParams.structured_outputs"
@@ -102,8 +103,19 @@ def _choice(p: StructuredOutputsParams):
 
 
 def _grammar(p: StructuredOutputsParams):
+    """EBNF as it is; Lark (no line has `::=`, vLLM's test) converted to EBNF first (lark_ebnf.py)."""
     import xgrammar as xgr
-    return xgr.Grammar.from_ebnf(p.grammar)
+    if not grammar_is_lark(p.grammar):
+        return xgr.Grammar.from_ebnf(p.grammar)
+    where = f"{FIELD}.grammar (read as Lark: no line has '::=')"
+    try:
+        ebnf = lark_to_ebnf(p.grammar)
+    except ValueError as e:
+        raise ValueError(f"{where} cannot be converted to EBNF: {e}") from e
+    try:
+        return xgr.Grammar.from_ebnf(ebnf)
+    except Exception as e:
+        raise ValueError(f"{where} is invalid once converted to EBNF: {_first_line(e)}") from e
 
 
 def _structural_tag(p: StructuredOutputsParams):

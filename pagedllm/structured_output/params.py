@@ -10,7 +10,7 @@ class StructuredOutputsParams:
     json: str | dict | None = None            # a JSON schema (a dict or its JSON text)
     regex: str | None = None                  # the whole output full-matches it
     choice: list[str] | None = None           # the output is one of these strings
-    grammar: str | None = None                # an EBNF (GBNF-style) grammar, `root` first
+    grammar: str | None = None                # EBNF (GBNF-style), `root` first; or Lark (no line has `::=`)
     json_object: bool | None = None           # any JSON object
     structural_tag: str | dict | None = None  # xgrammar's structural tag (JSON text or dict)
     disable_any_whitespace: bool = False      # JSON: no whitespace between tokens but single spaces
