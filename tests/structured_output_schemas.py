@@ -1,6 +1,7 @@
-"""A corpus of structured-output constraints for the tests: JSON schemas, regexes, choices, EBNF grammars, and
-a checker for each grammar. Every string is bounded (maxLength, a bounded pattern) and every array has a
-maxItems, so a tiny model's random walk through the grammar can end within a few dozen tokens."""
+"""A corpus of structured-output constraints for the tests: JSON schemas, regexes, choices, EBNF grammars with a
+checker for each, and Lark grammars (checked by Lark's own parser). Every string is bounded (maxLength, a bounded
+pattern) and every array has a maxItems, so a tiny model's random walk through the grammar can end within a few
+dozen tokens."""
 import re
 
 S = {"type": "string", "maxLength": 6}   # a short string
@@ -146,3 +147,42 @@ def check_balanced(text: str) -> bool:
 
 
 CHECKERS = {"arithmetic": check_arithmetic, "key_values": check_key_values, "balanced": check_balanced}
+
+
+# Lark (vLLM's other grammar syntax: no line has "::="), converted to EBNF by the engine (lark_ebnf.py). Between them
+# they use rules and terminals, `?rule`, `-> alias`, a priority, alternatives on new lines, `[ ]`, `~ n..m`, a
+# case-insensitive string, a range and regexes; lark_accepts checks an output with Lark itself.
+LARK_GRAMMARS: dict[str, str] = {
+    "sql": (
+        'start: select\n'
+        'select: "SELECT " column " FROM " table [" WHERE " condition]\n'
+        'column: "id" | "name" | "*"\n'
+        'table: "users" | "orders"\n'
+        'condition: column " = " NUMBER\n'
+        'NUMBER: /[0-9]{1,3}/\n'),
+    "list": (
+        '// up to four short items\n'
+        'start: "[" [item ("," item)~0..3] "]"\n'
+        '?item: WORD | INT\n'
+        'WORD: ("a".."z")~1..5\n'
+        'INT: /-?\\d{1,3}/\n'),
+    "switches": (
+        '?start: pair (";" pair)~0..2\n'
+        'pair: KEY "=" value -> assignment\n'
+        'value: "on"i\n'
+        '     | "off"i\n'
+        '     | DIGIT\n'
+        'KEY.2: /[a-z][a-z0-9_]?/\n'
+        'DIGIT: "0".."9"\n'),
+}
+
+
+def lark_accepts(grammar: str, text: str) -> bool:
+    """Whether Lark's Earley parser takes text whole (its dynamic lexer matches terminals as text, as the
+    converted grammar does; dynamic_complete tries every length of each)."""
+    import lark
+    try:
+        lark.Lark(grammar, parser="earley", lexer="dynamic_complete").parse(text)
+    except lark.exceptions.LarkError:
+        return False
+    return True

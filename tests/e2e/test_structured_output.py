@@ -3,8 +3,8 @@ temperature 1.0, in ONE batched generate per model (the demo model and a tiny ra
 greedy requests in the same batch.
 
 Every output that ends with "stop" must parse and validate (jsonschema), full-match its regex, be one of its
-choices, or parse by its grammar; and enough of them must end with "stop" for that to mean something. An output
-that reaches max_tokens ("length") may be cut short and is not checked."""
+choices, or parse by its grammar (a Lark one by Lark itself); and enough of them must end with "stop" for that to
+mean something. An output that reaches max_tokens ("length") may be cut short and is not checked."""
 import json
 import re
 
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_tiny_model
 from pagedllm import LLM, SamplingParams
-from structured_output_schemas import CHECKERS, CHOICES, GRAMMARS, REGEXES, SCHEMAS
+from structured_output_schemas import CHECKERS, CHOICES, GRAMMARS, LARK_GRAMMARS, REGEXES, SCHEMAS, lark_accepts
 
 SEEDS = range(5)
 MAX_TOKENS = 128
@@ -36,6 +36,7 @@ def _cases() -> list[tuple[str, dict, object]]:
               for name, rx in REGEXES.items()]
     cases += [(f"choice:{name}", {"choice": c}, lambda t, c=c: t in c) for name, c in CHOICES.items()]
     cases += [(f"grammar:{name}", {"grammar": g}, CHECKERS[name]) for name, g in GRAMMARS.items()]
+    cases += [(f"lark:{name}", {"grammar": g}, lambda t, g=g: lark_accepts(g, t)) for name, g in LARK_GRAMMARS.items()]
     return cases
 
 

@@ -30,6 +30,7 @@ def _nested_one_of(depth: int, maximum: int) -> dict:
 
 SLOW_SCHEMAS = [_nested_one_of(4, 1000 + i) for i in range(2)]   # two: neither is served from the other's cache
 MESSAGES = [{"role": "user", "content": "Pick a colour."}]
+LARK = 'start: WORD ("," WORD)~0..2 "."\nWORD: /[a-z]{1,4}/'
 KW = dict(model=MODEL_NAME, max_tokens=64, temperature=1.0)
 
 
@@ -69,6 +70,7 @@ def test_chat_response_format_json_schema_and_json_object(client, server, offlin
     ({"guided_regex": "(yes|no)!"}, {"regex": "(yes|no)!"}),
     ({"guided_choice": ['say "hi"', "日本"]}, {"choice": ['say "hi"', "日本"]}),
     ({"guided_grammar": 'root ::= ("a" | "b") "."'}, {"grammar": 'root ::= ("a" | "b") "."'}),
+    ({"structured_outputs": {"grammar": LARK}}, {"grammar": LARK}),   # Lark: converted to EBNF
 ])
 def test_completions_extra_body_fields_streamed_or_not(client, offline_llm, extra, constraint):
     expected = offline(offline_llm, "Once upon a time", 5, **constraint)
@@ -97,6 +99,7 @@ def test_chat_streamed_choice(client, server, offline_llm):
     ({"extra_body": {"structured_outputs": {"regex": "(("}}}, "structured_outputs"),
     ({"extra_body": {"guided_json": {"type": "string", "pattern": "[a-"}}}, "guided_json"),
     ({"extra_body": {"guided_grammar": "root ::= missing"}}, "guided_grammar"),
+    ({"extra_body": {"guided_grammar": "%import common.WS\nstart: WS"}}, "guided_grammar"),   # Lark, not converted
     ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a"}}, "response_format"),
     ({"extra_body": {"guided_decoding_backend": "outlines", "guided_regex": "a"}}, "guided_decoding_backend"),
 ])
