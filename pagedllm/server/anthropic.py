@@ -206,7 +206,7 @@ def to_chat(ctx: ServingContext, req: CountTokensRequest) -> ChatCompletionReque
         body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                            "parameters": t.input_schema}} for t in req.tools]
     choice = req.tool_choice
-    if choice is not None:
+    if choice is not None and (req.tools or choice.type != "auto"):   # auto with no tools is none; chat refuses it
         if choice.type == "tool" and not choice.name:
             raise APIError(400, "tool_choice.name is required when tool_choice.type is tool", "tool_choice.name",
                            "invalid_value")

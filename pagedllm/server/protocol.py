@@ -473,10 +473,12 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
             raise APIError(400, f"tool_choice must be none, auto, required or {{\"type\": \"function\", "
                                 f"\"function\": {{\"name\": ...}}}}, got {shorten(choice)!r}", "tool_choice",
                            "invalid_value")
-        if choice in (None, "none", "auto"):   # "auto" without tools chooses none
+        if choice in (None, "none"):
             return self
-        if not self.tools:
-            raise APIError(400, "tool_choice other than none and auto needs tools", "tool_choice", "invalid_value")
+        if not self.tools:   # vLLM's 400 (OpenAI's too), "auto" included: /v1/responses and /v1/messages drop it
+            raise APIError(400, "When using `tool_choice`, `tools` must be set.", "tool_choice", "invalid_value")
+        if choice == "auto":
+            return self
         if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names:
             raise APIError(400, f"tool_choice names function {shorten(choice.function.name)!r}, which is not in "
                                 f"tools ({', '.join(self.tool_names)})", "tool_choice", "invalid_value")

@@ -40,7 +40,8 @@ def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionReques
     if isinstance(req.tool_choice, AllowedTools):   # chat's shape of it, which chat honours
         body["tool_choice"] = {"type": "allowed_tools", "allowed_tools": {"mode": req.tool_choice.mode, "tools": [
             {"type": "function", "function": {"name": name}} for name in _allowed_names(req.tool_choice, req)]}}
-    elif req.tool_choice is not None:
+    # Responses' default "auto" with no tools means none, where chat refuses it (vLLM's 400): it is left out
+    elif req.tool_choice is not None and (req.tools or req.tool_choice != "auto"):
         body["tool_choice"] = (req.tool_choice if isinstance(req.tool_choice, str) else
                                {"type": "function", "function": {"name": req.tool_choice.name}})
     fmt = req.text.format if req.text is not None else None

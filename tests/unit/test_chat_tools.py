@@ -25,7 +25,10 @@ def _plan(auto=True, **kw):
 def test_choices_become_constraints_and_parsers():
     assert _plan(tools=[TOOL]).choice == "auto"                     # the default with tools
     assert _plan(tools=[TOOL]).structured_outputs() is None
-    assert _plan().choice == _plan(tool_choice="auto").choice == "none"   # no tools: nothing to call
+    assert _plan().choice == "none"   # no tools: nothing to call
+    with pytest.raises(APIError) as e:   # vLLM's 400 (OpenAI's too): a choice needs tools, "auto" included
+        _plan(tool_choice="auto")
+    assert e.value.param == "tool_choice" and "`tools` must be set" in e.value.message
     assert _plan(tools=[TOOL], tool_choice="none").parses is False
     named = _plan(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}})
     assert named.structured_outputs().json == TOOL["function"]["parameters"]
