@@ -244,15 +244,16 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
-             lora_request=None, chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None, *, chat_template_content_format: str = "auto",
+             lora_request=None, chat_template: str | None = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
              tokenization_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
         """One conversation (a list of OpenAI messages: {"role", "content"}, tool_calls, tool_call_id) or a list of
         them, through the chat template (vLLM's options: continue_final_message continues the last message;
         chat_template_kwargs are extra template variables; tools are described to the model by the template;
         chat_template_content_format: a message's content as text, as a list of parts, or auto: chat_template.py).
-        lora_request: as generate()'s, one or one per conversation (vLLM's, in the same place)."""
+        lora_request: as generate()'s, one or one per conversation (vLLM's, in the same place). The parameters
+        are in vLLM 0.26's order, so a call passing them by position means the same as there."""
         _check_unused("mm_processor_kwargs", mm_processor_kwargs, "multimodal inputs are not built")
         conversations = _conversations(messages)
         tokenizer = self.get_tokenizer()
