@@ -86,8 +86,16 @@ class LLM:
         self._queued.update(dict.fromkeys(ids))
         return ids
 
-    def wait_for_completion(self, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Runs every enqueued request to completion; their outputs in the order they were enqueued."""
+    def wait_for_completion(self, output_type: type | tuple[type, ...] | None = None, *,
+                            use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs every enqueued request to completion; their outputs in the order they were enqueued.
+        output_type: vLLM's check of the outputs' class; every output here is a RequestOutput (no pooling
+        models), so one it is not refuses the call."""
+        types = output_type if isinstance(output_type, tuple) else (output_type,)
+        if output_type is not None and not (all(isinstance(t, type) for t in types)
+                                            and issubclass(RequestOutput, types)):
+            raise TypeError(f"output_type must be RequestOutput (or a tuple holding it): every output here is one, "
+                            f"got {output_type!r} (use_tqdm is keyword-only, as vLLM's)")
         running = self._num_queued_running()
         if running:
             self._run(running, use_tqdm)

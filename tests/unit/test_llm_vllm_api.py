@@ -24,3 +24,21 @@ def test_chat_parameters_by_position_mean_what_they_mean_in_vllm(llm):
     assert out.prompt == "hiT1G>"
     [out] = llm.chat(messages, GREEDY, False, None, template, "string", False, True, None, None)
     assert out.prompt == "hi"
+
+
+def test_wait_for_completion_takes_vllms_output_type_first(llm):
+    """vLLM's wait_for_completion(output_type=None, *, use_tqdm=True): wait_for_completion(RequestOutput) made the
+    class the progress bar's factory (a TypeError from inside tqdm's call), and with use_tqdm= it was a 'multiple
+    values' TypeError."""
+    from pagedllm import RequestOutput
+    llm.enqueue("Once", GREEDY)
+    [out] = llm.wait_for_completion(RequestOutput, use_tqdm=False)
+    assert out.finished and out.outputs[0].text == " upon a time"
+    llm.enqueue("Once", GREEDY)
+    assert [o.outputs[0].text for o in llm.wait_for_completion(RequestOutput)] == [" upon a time"]
+    llm.enqueue("Once", GREEDY)
+    assert len(llm.wait_for_completion((RequestOutput, dict), use_tqdm=False)) == 1
+    for wrong in (dict, False, "RequestOutput"):
+        with pytest.raises(TypeError, match="output_type must be RequestOutput .*use_tqdm is keyword-only"):
+            llm.wait_for_completion(wrong)
+    assert not llm.engine.has_unfinished_requests()
