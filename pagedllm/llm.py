@@ -58,16 +58,17 @@ class LLM:
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, lora_request=None, priority: list[int] | None = None,
-                 tokenization_kwargs: dict | None = None) -> list[RequestOutput]:
+                 tokenization_kwargs: dict | None = None,
+                 mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
         """lora_request: a LoRARequest for every prompt, or a list of one (or None: the base) per prompt.
         priority: one per prompt, lower first (needs scheduling_policy="priority"; vLLM's).
         use_tqdm: a progress bar, or a tqdm factory that makes it (vLLM's: functools.partial(tqdm, leave=False)).
-        tokenization_kwargs: vLLM's overrides of tokenizer.encode: None or {} (others are refused).
+        tokenization_kwargs, mm_processor_kwargs: vLLM's overrides of tokenizer.encode and of the multimodal
+        processor: None or {} (others are refused).
         Runs every prompt to completion; outputs come back in input order. A request the engine core
         fails (its own data raised there, or its step did; the log says why) comes back with
         finish_reason "error" on its sequences, and the others as if it had not been there."""
-        _check_unused("tokenization_kwargs", tokenization_kwargs, "truncate a prompt with SamplingParams."
-                      "truncate_prompt_tokens; a TokensPrompt gives exact token ids")
+        _check_overrides(tokenization_kwargs, mm_processor_kwargs)
         ids = self._add(prompts, sampling_params, lora_request, priority)
         try:
             finished = self._run(len(ids) + self._num_queued_running(), use_tqdm)
@@ -262,7 +263,7 @@ class LLM:
         chat_template_content_format: a message's content as text, as a list of parts, or auto: chat_template.py).
         lora_request: as generate()'s, one or one per conversation (vLLM's, in the same place). The parameters
         are in vLLM 0.26's order, so a call passing them by position means the same as there."""
-        _check_unused("mm_processor_kwargs", mm_processor_kwargs, "multimodal inputs are not built")
+        _check_overrides(tokenization_kwargs, mm_processor_kwargs)
         conversations = _conversations(messages)
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
@@ -318,10 +319,14 @@ def _frozen_gc():
         gc.unfreeze()
 
 
-def _check_unused(name: str, value: dict | None, instead: str):
+def _check_overrides(tokenization_kwargs: dict | None, mm_processor_kwargs: dict | None):
     """vLLM's tokenizer / processor overrides: None or {} (their default) is taken; any key is refused."""
-    if value:
-        raise ValueError(f"{name} {sorted(value)!r:.200} is not built here: {instead}")
+    for name, value, instead in (
+            ("tokenization_kwargs", tokenization_kwargs,
+             "truncate a prompt with SamplingParams.truncate_prompt_tokens; a TokensPrompt gives exact token ids"),
+            ("mm_processor_kwargs", mm_processor_kwargs, "multimodal inputs are not built")):
+        if value:
+            raise ValueError(f"{name} {sorted(value)!r:.200} is not built here: {instead}")
 
 
 def _no_pooling(method: str):

@@ -42,3 +42,12 @@ def test_wait_for_completion_takes_vllms_output_type_first(llm):
         with pytest.raises(TypeError, match="output_type must be RequestOutput .*use_tqdm is keyword-only"):
             llm.wait_for_completion(wrong)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_generate_takes_mm_processor_kwargs_empty_and_refuses_others(llm):
+    """vLLM 0.26's generate(mm_processor_kwargs=) was an unexpected-keyword TypeError (chat() already took it)."""
+    assert llm.generate("Once", GREEDY, use_tqdm=False, mm_processor_kwargs=None)[0].finished
+    assert llm.generate("Once", GREEDY, use_tqdm=False, mm_processor_kwargs={})[0].finished
+    with pytest.raises(ValueError, match=r"mm_processor_kwargs \['num_crops'\] is not built here: multimodal"):
+        llm.generate("Once", GREEDY, use_tqdm=False, mm_processor_kwargs={"num_crops": 4})
+    assert not llm.engine.has_unfinished_requests()
