@@ -79,11 +79,13 @@ class LLM:
 
     def enqueue(self, prompts: Prompt | list[Prompt],
                 sampling_params: SamplingParams | list[SamplingParams] | None = None, lora_request=None,
-                priority: list[int] | None = None) -> list[str]:
+                priority: list[int] | None = None, use_tqdm: bool = True, tokenization_kwargs: dict | None = None,
+                mm_processor_kwargs: dict | None = None) -> list[str]:
         """vLLM's: adds the prompts (as generate() takes them) to the engine without running it; returns their
         request ids. wait_for_completion() runs them; a generate() before that runs them too (their outputs
-        wait)."""
-        ids = self._add(prompts, sampling_params, lora_request, priority)
+        wait). use_tqdm: a bar of the requests added (vLLM's); the overrides as generate()'s."""
+        _check_overrides(tokenization_kwargs, mm_processor_kwargs)
+        ids = self._add(prompts, sampling_params, lora_request, priority, use_tqdm)
         self._queued.update(dict.fromkeys(ids))
         return ids
 
@@ -106,8 +108,8 @@ class LLM:
     def _num_queued_running(self) -> int:
         return sum(i not in self._done for i in self._queued)
 
-    def _add(self, prompts, sampling_params, lora_request, priority) -> list[str]:
-        """Adds requests to the engine, all or none; their ids."""
+    def _add(self, prompts, sampling_params, lora_request, priority, use_tqdm=False) -> list[str]:
+        """Adds requests to the engine, all or none; their ids. use_tqdm: a bar of the requests added."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -123,14 +125,18 @@ class LLM:
                 raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora).__name__}")
             self.engine.add_lora(lora)   # a bad adapter is a ValueError before anything is queued
         ids = []
+        bar = _progress_bar(use_tqdm, len(prompts), "Adding requests")
         try:
             for prompt, p, lora, prio in zip(prompts, params, loras, priorities):
                 ids.append(str(next(self._ids)))
                 self.engine.add_request(ids[-1], prompt, p, OutputKind.FINAL, lora_request=lora,
                                         priority=prio)
+                bar.update(1)
         except Exception:
             self.engine.abort_request(ids)   # all or nothing: no half-added batch left in the engine
             raise
+        finally:
+            bar.close()
         return ids
 
     def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams, lora_request=None,

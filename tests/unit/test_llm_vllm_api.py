@@ -51,3 +51,18 @@ def test_generate_takes_mm_processor_kwargs_empty_and_refuses_others(llm):
     with pytest.raises(ValueError, match=r"mm_processor_kwargs \['num_crops'\] is not built here: multimodal"):
         llm.generate("Once", GREEDY, use_tqdm=False, mm_processor_kwargs={"num_crops": 4})
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_enqueue_takes_vllms_parameters(llm, capsys):
+    """vLLM 0.26's enqueue(prompts, sampling_params, lora_request, priority, use_tqdm, tokenization_kwargs,
+    mm_processor_kwargs): the last three were unexpected-keyword TypeErrors. use_tqdm: a bar of the requests
+    added; the overrides as generate()'s."""
+    ids = llm.enqueue(["Once", "Lily"], GREEDY, None, [0, 0], False, {}, None)
+    assert len(ids) == 2 and "Adding requests" not in capsys.readouterr().err
+    llm.enqueue("Once", GREEDY, use_tqdm=True)
+    assert "Adding requests" in capsys.readouterr().err
+    for name in ("tokenization_kwargs", "mm_processor_kwargs"):
+        with pytest.raises(ValueError, match=rf"{name} \['max_length'\] is not built here"):
+            llm.enqueue("Once", GREEDY, **{name: {"max_length": 4}})
+    assert [o.outputs[0].text for o in llm.wait_for_completion(use_tqdm=False)] == [" upon a time", " and Tom",
+                                                                                     " upon a time"]
