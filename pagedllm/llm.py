@@ -269,6 +269,28 @@ class LLM:
         chat_template_content_format: a message's content as text, as a list of parts, or auto: chat_template.py).
         lora_request: as generate()'s, one or one per conversation (vLLM's, in the same place). The parameters
         are in vLLM 0.26's order, so a call passing them by position means the same as there."""
+        prompts = self._chat_prompts(messages, chat_template, chat_template_content_format, add_generation_prompt,
+                                     continue_final_message, tools, chat_template_kwargs, tokenization_kwargs,
+                                     mm_processor_kwargs)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+
+    def enqueue_chat(self, messages: list[dict] | list[list[dict]],
+                     sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+                     lora_request=None, priority: list[int] | None = None, chat_template: str | None = None,
+                     chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+                     continue_final_message: bool = False, tools: list[dict] | None = None,
+                     chat_template_kwargs: dict | None = None, tokenization_kwargs: dict | None = None,
+                     mm_processor_kwargs: dict | None = None) -> list[str]:
+        """vLLM's: chat()'s conversations added as enqueue() adds prompts (priority: one per conversation);
+        their request ids, for wait_for_completion()."""
+        prompts = self._chat_prompts(messages, chat_template, chat_template_content_format, add_generation_prompt,
+                                     continue_final_message, tools, chat_template_kwargs, tokenization_kwargs,
+                                     mm_processor_kwargs)
+        return self.enqueue(prompts, sampling_params, lora_request, priority, use_tqdm)
+
+    def _chat_prompts(self, messages, chat_template, content_format, add_generation_prompt, continue_final_message,
+                      tools, chat_template_kwargs, tokenization_kwargs, mm_processor_kwargs) -> list[dict]:
+        """Each conversation rendered: a TokensPrompt of its token ids and its text."""
         _check_overrides(tokenization_kwargs, mm_processor_kwargs)
         conversations = _conversations(messages)
         tokenizer = self.get_tokenizer()
@@ -277,13 +299,11 @@ class LLM:
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template: pass chat_template=... or use generate()")
         prompts = [render_chat(tokenizer, c, chat_template, add_generation_prompt, continue_final_message,
-                               chat_template_kwargs, tools, content_format=chat_template_content_format)
+                               chat_template_kwargs, tools, content_format=content_format)
                    for c in conversations]
         # The template already holds any BOS token: encode without adding special tokens again. The rendered text
         # is the outputs' prompt (vLLM's).
-        return self.generate([{"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False), "prompt": p}
-                              for p in prompts], sampling_params, use_tqdm, lora_request,
-                             tokenization_kwargs=tokenization_kwargs)
+        return [{"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False), "prompt": p} for p in prompts]
 
     def _run(self, total: int, use_tqdm) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}

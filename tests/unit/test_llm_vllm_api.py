@@ -66,3 +66,19 @@ def test_enqueue_takes_vllms_parameters(llm, capsys):
             llm.enqueue("Once", GREEDY, **{name: {"max_length": 4}})
     assert [o.outputs[0].text for o in llm.wait_for_completion(use_tqdm=False)] == [" upon a time", " and Tom",
                                                                                      " upon a time"]
+
+
+def test_enqueue_chat_adds_conversations_as_chat_renders_them(llm):
+    """vLLM 0.26's LLM.enqueue_chat was an AttributeError: conversations rendered as chat() renders them, added
+    as enqueue() adds prompts, in vLLM's parameter order (priority after lora_request)."""
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    conversations = [[{"role": "user", "content": "Once"}], [{"role": "user", "content": "Lily"}]]
+    ids = llm.enqueue_chat(conversations, GREEDY, False, None, [0, 0], template, "string")
+    assert len(ids) == 2 and llm.engine.has_unfinished_requests()
+    queued = llm.wait_for_completion(use_tqdm=False)
+    direct = llm.chat(conversations, GREEDY, False, chat_template=template)
+    assert [o.prompt for o in queued] == ["Once", "Lily"]
+    assert [o.outputs[0].text for o in queued] == [o.outputs[0].text for o in direct]
+    with pytest.raises(ValueError, match="priority has 1 entries for 2 prompts"):
+        llm.enqueue_chat(conversations, GREEDY, priority=[0], chat_template=template)
+    assert not llm.engine.has_unfinished_requests()
