@@ -253,9 +253,19 @@ class LLM:
     def stop_profile(self, *args, **kwargs):
         raise not_built("LLM", "stop_profile")
 
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached prefix, in the GPU, CPU and disk tiers (False while requests hold blocks)."""
-        return self.engine.reset_prefix_cache()
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """Forget every cached prefix, in the GPU, CPU and disk tiers (False while requests hold blocks).
+        vLLM's arguments: no request runs between this class's calls, so reset_running_requests (preempt the
+        running ones first) has nothing to preempt, and one that does run (added through llm.engine) is refused
+        rather than preempted; reset_connector: the CPU and disk tiers, this project's counterpart of vLLM's
+        offloading connector, are always reset."""
+        if self.engine.reset_prefix_cache():
+            return True
+        if reset_running_requests:
+            raise NotImplementedError("reset_prefix_cache(reset_running_requests=True): preempting running requests "
+                                      "to reset the cache is not built; requests still hold KV blocks (let them "
+                                      "finish, or abort them, first)")
+        return False
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,

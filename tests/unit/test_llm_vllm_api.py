@@ -82,3 +82,19 @@ def test_enqueue_chat_adds_conversations_as_chat_renders_them(llm):
     with pytest.raises(ValueError, match="priority has 1 entries for 2 prompts"):
         llm.enqueue_chat(conversations, GREEDY, priority=[0], chat_template=template)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_reset_prefix_cache_takes_vllms_arguments(llm):
+    """vLLM 0.26's reset_prefix_cache(reset_running_requests=False, reset_connector=False): both were TypeErrors.
+    A request holding blocks (added through llm.engine) is not preempted: asked to, the call says so."""
+    assert llm.reset_prefix_cache(True, True) and llm.reset_prefix_cache(reset_running_requests=False,
+                                                                         reset_connector=False)
+    llm.engine.add_request("held", "Once upon a time", SamplingParams(max_tokens=50, ignore_eos=True))
+    llm.engine.step()
+    try:
+        assert llm.reset_prefix_cache() is False
+        with pytest.raises(NotImplementedError, match="reset_running_requests=True.*requests still hold KV blocks"):
+            llm.reset_prefix_cache(reset_running_requests=True)
+    finally:
+        llm.engine.abort_request("held")
+    assert llm.reset_prefix_cache(reset_running_requests=True)
