@@ -1,6 +1,7 @@
 """LLM: the offline, batch entry point."""
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import numbers
@@ -140,15 +141,19 @@ class LLM:
         return ids
 
     def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams, lora_request=None,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+                    use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search, with transformers' selection rules (pagedllm/beam_search.py). Each step
         runs every live beam of every prompt as one batch of 1-token requests; each forks the request of the
         beam it extends copy-on-write (held until the step's requests are added), so nothing is recomputed.
         lora_request: as generate()'s, one or one per prompt; use_tqdm: a bar of the steps (vLLM's).
+        concurrency_limit: the most prompts searched at once (vLLM's): the prompts go in groups of that many, one
+        group after the other; None: all at once.
         `self.last_beam_search_blocks`: (peak KV blocks in use, peak blocks without sharing); the
         engine's peak KV figures (get_stats) restart at each call."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be an integer >= 1 or None, got {concurrency_limit!r}")
         engine = self.engine
         loras = _loras_per_prompt(lora_request, len(_as_prompt_list(prompts)))
         for lora in dict.fromkeys(x for x in loras if x is not None):
@@ -171,17 +176,21 @@ class LLM:
         engine.reset_peak_stats()
         unshared, held = 0, []
 
-        bar = _progress_bar(use_tqdm, params.max_tokens, "Beam search")
+        limit = concurrency_limit or max(len(instances), 1)
+        groups = [(start, instances[start:start + limit]) for start in range(0, len(instances), limit)]
+        bar = _progress_bar(use_tqdm, params.max_tokens * len(groups), "Beam search")
 
-        def expand(beam_prompts: list[list[int]], parents: list[str | None], owners: list[int]):
+        def expand(start: int, group: list[BeamSearchInstance], beam_prompts: list[list[int]],
+                   parents: list[str | None], owners: list[int]):
             nonlocal unshared, held
-            unshared = max(unshared, unshared_blocks(instances, engine.config.block_size))
-            positions, held = self._expand(beam_prompts, parents, [loras[i] for i in owners], step_params,
+            unshared = max(unshared, unshared_blocks(group, engine.config.block_size))
+            positions, held = self._expand(beam_prompts, parents, [loras[start + i] for i in owners], step_params,
                                            search_id, salt, held)
             bar.update(1)
             return positions, held
         try:
-            run_beam_search(instances, expand)
+            for start, group in groups:
+                run_beam_search(group, functools.partial(expand, start, group))
         finally:
             bar.close()
             engine.release_kv_holds(held)   # the last step's requests: no beam forks them

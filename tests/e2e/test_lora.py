@@ -269,6 +269,9 @@ def test_beam_search_takes_lora_request(setup):
                            lora_request=[loras.get(n) for n in names], use_tqdm=True)
     for i, (out, name) in enumerate(zip(outs, names)):
         assert out.sequences[0].tokens[len(PROMPTS[i]):] == refs[name][i][0], (i, name)
+    grouped = llm.beam_search(PROMPTS[:4], BeamSearchParams(beam_width=1, max_tokens=MAX_NEW, ignore_eos=True),
+                              lora_request=[loras.get(n) for n in names], concurrency_limit=3)
+    assert [o.sequences[0].tokens for o in grouped] == [o.sequences[0].tokens for o in outs]   # each its adapter
     with pytest.raises(ValueError, match="lora_request has 1 entries for 2 prompts"):
         llm.beam_search(PROMPTS[:2], BeamSearchParams(beam_width=2, max_tokens=2), lora_request=[loras["rs"]])
 

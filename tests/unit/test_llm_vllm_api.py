@@ -98,3 +98,21 @@ def test_reset_prefix_cache_takes_vllms_arguments(llm):
     finally:
         llm.engine.abort_request("held")
     assert llm.reset_prefix_cache(reset_running_requests=True)
+
+
+def test_beam_search_takes_vllms_concurrency_limit(llm):
+    """vLLM 0.26's beam_search(..., concurrency_limit=): the most prompts searched at once. It was an
+    unexpected-keyword TypeError; the groups give the beams searching all prompts together gives."""
+    from pagedllm import BeamSearchParams
+    params = BeamSearchParams(beam_width=2, max_tokens=4)
+    prompts = ["Once", "Lily", "The dog"]
+    beams = lambda outs: [[(s.tokens, round(s.cum_logprob, 4)) for s in o.sequences] for o in outs]  # noqa: E731
+    together = beams(llm.beam_search(prompts, params))
+    peak_together = llm.last_beam_search_blocks[0]
+    assert beams(llm.beam_search(prompts, params, None, False, 1)) == together
+    assert llm.last_beam_search_blocks[0] < peak_together   # one prompt's beams at a time hold fewer blocks
+    assert beams(llm.beam_search(prompts, params, concurrency_limit=2)) == together
+    for wrong in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="concurrency_limit must be an integer >= 1 or None"):
+            llm.beam_search(prompts, params, concurrency_limit=wrong)
+    assert not llm.engine.has_unfinished_requests() and llm.engine.core.kv_cache_manager.num_used_blocks == 0
