@@ -35,6 +35,7 @@ class BeamSearchParams:
     temperature: float = 0.0     # vLLM's field; only 0: beams are chosen by the model's logprobs
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    structured_outputs: object = None   # vLLM's field; only None: beams are not constrained by a grammar here
 
     def __post_init__(self):
         ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool)   # noqa: E731
@@ -50,6 +51,9 @@ class BeamSearchParams:
         if self.temperature != 0:
             raise ValueError(f"BeamSearchParams.temperature must be 0 (beams are chosen by the model's "
                              f"logprobs), got {self.temperature!r}")
+        if self.structured_outputs is not None:
+            raise ValueError("BeamSearchParams.structured_outputs is not built: beam search here follows no grammar "
+                             "(generate() with SamplingParams(structured_outputs=...) does)")
 
 
 @dataclass

@@ -116,3 +116,13 @@ def test_beam_search_takes_vllms_concurrency_limit(llm):
         with pytest.raises(ValueError, match="concurrency_limit must be an integer >= 1 or None"):
             llm.beam_search(prompts, params, concurrency_limit=wrong)
     assert not llm.engine.has_unfinished_requests() and llm.engine.core.kv_cache_manager.num_used_blocks == 0
+
+
+def test_beam_search_params_take_vllms_structured_outputs_field_and_refuse_a_grammar():
+    """vLLM 0.26's BeamSearchParams has structured_outputs (beams constrained by a grammar): here it was an
+    unexpected-keyword TypeError; None is taken, a grammar refused naming it and what does follow one."""
+    from pagedllm import BeamSearchParams
+    from pagedllm.sampling_params import StructuredOutputsParams
+    assert BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs=None).structured_outputs is None
+    with pytest.raises(ValueError, match=r"BeamSearchParams.structured_outputs is not built.*generate\(\)"):
+        BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs=StructuredOutputsParams(regex="a+"))
