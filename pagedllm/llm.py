@@ -15,7 +15,7 @@ from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSear
 from pagedllm.chat_template import render_chat
 from pagedllm.config import DEMO_MODEL, EngineConfig
 from pagedllm.engine.engine import Engine
-from pagedllm.engine.input_processor import check_prompt_type, prompt_value
+from pagedllm.engine.input_processor import check_prompt_type, prompt_cache_salt, prompt_value
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
@@ -162,7 +162,7 @@ class LLM:
             engine.add_lora(lora)   # a bad adapter is a ValueError before anything runs
         eos = engine.input_processor.eos_token_ids
         step_params = step_sampling_params(params, len(eos), engine.input_processor.max_logprobs)
-        instances = []
+        instances, user_salts = [], []
         for prompt in _as_prompt_list(prompts):
             check_prompt_type(prompt)
             value = prompt_value(prompt)
@@ -171,8 +171,11 @@ class LLM:
             ids = engine.tokenizer.encode(value) if isinstance(value, str) else list(value)
             check_length(len(ids), params, engine.max_model_len, engine.input_processor.max_kv_tokens)
             instances.append(BeamSearchInstance(ids, params, eos))
+            user_salts.append(prompt_cache_salt(prompt))
         search_id = f"beam-{next(self._ids)}"
+        # each prompt's beams: the search's own salt (prefix caching off), else the prompt's cache_salt (vLLM's)
         salt = beam_cache_salt(search_id, engine.config.enable_prefix_caching)
+        salts = [salt or s for s in user_salts]
         engine.reset_peak_stats()
         unshared, held = 0, []
 
@@ -184,8 +187,8 @@ class LLM:
                    parents: list[str | None], owners: list[int]):
             nonlocal unshared, held
             unshared = max(unshared, unshared_blocks(group, engine.config.block_size))
-            positions, held = self._expand(beam_prompts, parents, [loras[start + i] for i in owners], step_params,
-                                           search_id, salt, held)
+            positions, held = self._expand(beam_prompts, parents, [loras[start + i] for i in owners],
+                                           [salts[start + i] for i in owners], step_params, search_id, held)
             bar.update(1)
             return positions, held
         try:
@@ -204,14 +207,14 @@ class LLM:
             outputs.append(BeamSearchOutput(seqs))
         return outputs
 
-    def _expand(self, beam_prompts: list[list[int]], parents: list[str | None], loras: list, params: SamplingParams,
-                search_id: str, salt: str | None, held: list[str]):
+    def _expand(self, beam_prompts: list[list[int]], parents: list[str | None], loras: list, salts: list,
+                params: SamplingParams, search_id: str, held: list[str]):
         """One engine batch of 1-token requests, each held for the next step's forks: each beam prompt's top
         logprobs, and the request ids. `held`: the previous step's requests, released once their children
-        (by `parents`) are added. loras: each beam prompt's adapter (its prompt's)."""
+        (by `parents`) are added. loras, salts: each beam prompt's adapter and cache salt (its prompt's)."""
         ids = [f"{search_id}-{next(self._ids)}" for _ in beam_prompts]
         try:
-            for rid, prompt, parent, lora in zip(ids, beam_prompts, parents, loras):
+            for rid, prompt, parent, lora, salt in zip(ids, beam_prompts, parents, loras, salts):
                 self.engine.add_request(rid, prompt, params, OutputKind.FINAL, cache_salt=salt, kv_parent=parent,
                                         hold_kv=True, lora_request=lora)
             self.engine.release_kv_holds(held)

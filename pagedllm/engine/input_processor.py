@@ -55,9 +55,12 @@ class InputProcessor:
         """Raises ValueError, naming the field and the limit, for a request that can never run. prompt: text, token
         ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids} (prompt_value).
         cache_salt: only requests of the same salt share blocks (beam search: the beams of one search, even
-        with prefix caching off); None: the engine's rule below. kv_parent / hold_kv: see EngineCoreRequest."""
+        with prefix caching off); None: a dict prompt's own "cache_salt" (vLLM's) with prefix caching on, else the
+        engine's rule below. kv_parent / hold_kv: see EngineCoreRequest."""
         # The outputs' prompt: the text, also a TokensPrompt's optional "prompt" (vLLM's; LLM.chat's rendering)
         text = prompt.get("prompt") if isinstance(prompt, dict) else prompt if isinstance(prompt, str) else None
+        if cache_salt is None and self.enable_prefix_caching:   # off, no request shares blocks: a salt changes nothing
+            cache_salt = prompt_cache_salt(prompt)
         prompt = prompt_value(prompt)
         num_seqs = params.num_sequences
         self.check_priority(priority)
@@ -175,7 +178,8 @@ def check_prompt_type(prompt):
         raise TypeError(f"prompt must be a string, token ids or a dict, got {type(prompt).__name__}")
 
 
-_PROMPT_KEYS = ("prompt", "prompt_token_ids")   # vLLM's TextPrompt / TokensPrompt (no multi-modal data here)
+# vLLM's TextPrompt / TokensPrompt (no multi-modal data here)
+_PROMPT_KEYS = ("prompt", "prompt_token_ids", "cache_salt")
 
 
 def prompt_value(prompt: str | list[int] | dict) -> str | list[int]:
@@ -188,6 +192,7 @@ def prompt_value(prompt: str | list[int] | dict) -> str | list[int]:
                          f"got {unknown}")
     if "prompt" in prompt and not isinstance(prompt["prompt"], str):
         raise ValueError(f"a dict prompt's 'prompt' must be a string, got {type(prompt['prompt'])}")
+    prompt_cache_salt(prompt)
     if "prompt_token_ids" in prompt:   # with both keys, the ids run and the text is only the outputs' (vLLM's)
         ids = prompt["prompt_token_ids"]
         if not isinstance(ids, (list, tuple)):
@@ -196,6 +201,15 @@ def prompt_value(prompt: str | list[int] | dict) -> str | list[int]:
     if "prompt" in prompt:
         return prompt["prompt"]
     raise ValueError("a dict prompt needs a 'prompt' or a 'prompt_token_ids' key")
+
+
+def prompt_cache_salt(prompt) -> str | None:
+    """A dict prompt's "cache_salt" (vLLM's): only requests of the same salt share cached blocks; an empty one or
+    None is none (vLLM's)."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and not isinstance(salt, str):
+        raise ValueError(f"a dict prompt's 'cache_salt' must be a string, got {type(salt).__name__}")
+    return salt or None
 
 
 def truncate_prompt(ids: list[int], k: int | None, max_model_len: int, side: str = "left",

@@ -126,3 +126,27 @@ def test_beam_search_params_take_vllms_structured_outputs_field_and_refuse_a_gra
     assert BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs=None).structured_outputs is None
     with pytest.raises(ValueError, match=r"BeamSearchParams.structured_outputs is not built.*generate\(\)"):
         BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs=StructuredOutputsParams(regex="a+"))
+
+
+def test_a_dict_prompts_cache_salt_keeps_its_cached_blocks_to_its_salt(llm):
+    """vLLM's TextPrompt / TokensPrompt "cache_salt": only requests of the same salt share cached blocks. It was
+    refused as an unknown key ("multi-modal inputs are not supported"); generate() and beam_search() take it."""
+    from pagedllm import BeamSearchParams
+    text = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
+            "friends every day.")   # 39 tokens: 2 full blocks of 16
+    cached = lambda prompt: llm.generate(prompt, GREEDY, use_tqdm=False)[0].num_cached_tokens  # noqa: E731
+    assert llm.reset_prefix_cache()
+    assert cached({"prompt": text, "cache_salt": "a"}) == 0
+    assert cached({"prompt": text, "cache_salt": "a"}) == 32
+    assert cached({"prompt_token_ids": llm.get_tokenizer().encode(text), "cache_salt": "a"}) == 32
+    assert cached({"prompt": text, "cache_salt": "b"}) == 0 and cached(text) == 0
+    assert cached({"prompt": text, "cache_salt": ""}) == 32   # empty: no salt (vLLM's), as the plain prompt
+    params = BeamSearchParams(beam_width=2, max_tokens=3)
+    [salted] = llm.beam_search([{"prompt": text, "cache_salt": "c"}], params)
+    [plain] = llm.beam_search([text], params)
+    assert [s.tokens for s in salted.sequences] == [s.tokens for s in plain.sequences]
+    assert cached({"prompt": text, "cache_salt": "c"}) == 32 and cached({"prompt": text, "cache_salt": "d"}) == 0
+    with pytest.raises(ValueError, match="a dict prompt's 'cache_salt' must be a string, got int"):
+        llm.generate({"prompt": text, "cache_salt": 5}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="a dict prompt's 'cache_salt' must be a string, got int"):
+        llm.beam_search([{"prompt": text, "cache_salt": 5}], params)
