@@ -51,6 +51,21 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_world_size(self, include_dp: bool = True) -> int:
+        """vLLM's: the ranks the model runs on. No pipeline or data parallelism is built, so tensor_parallel_size
+        with include_dp or without."""
+        return self.engine.config.tensor_parallel_size
+
+    def reset_mm_cache(self) -> None:
+        """vLLM's: clears the multimodal processor cache. Multimodal inputs are not built: there is none to clear."""
+
+    def apply_model(self, func):
+        """vLLM's: func(model) on each rank's model, their results in a list. At tensor_parallel_size 1 the one
+        model is this process's; ranks in other processes are not reached (a NotImplementedError saying so)."""
+        if self.engine.config.tensor_parallel_size != 1:
+            raise not_built("LLM", "apply_model")
+        return [func(self.engine.runner.model)]
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What sampling_params=None means: SamplingParams' defaults, overridden by the generation config's
         (engine argument generation_config)."""

@@ -16,7 +16,7 @@ _PROFILE = ("vLLM's built-in torch profiler is not built: wrap the calls in torc
 ENGINE_NAMES = {
     "model_config": _CONFIG, "get_model_config": _CONFIG, "vllm_config": _CONFIG, "get_vllm_config": _CONFIG,
     "get_metrics": _METRICS, "get_num_unfinished_requests": "has_unfinished_requests() is built; " + _METRICS,
-    "sleep": _SLEEP, "wake_up": _SLEEP, "is_sleeping": _SLEEP, "collective_rpc": _RPC,
+    "sleep": _SLEEP, "wake_up": _SLEEP, "is_sleeping": _SLEEP, "collective_rpc": _RPC, "apply_model": _RPC,
     "start_profile": _PROFILE, "stop_profile": _PROFILE,
 }
 

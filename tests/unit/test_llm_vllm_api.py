@@ -150,3 +150,15 @@ def test_a_dict_prompts_cache_salt_keeps_its_cached_blocks_to_its_salt(llm):
         llm.generate({"prompt": text, "cache_salt": 5}, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="a dict prompt's 'cache_salt' must be a string, got int"):
         llm.beam_search([{"prompt": text, "cache_salt": 5}], params)
+
+
+def test_vllms_world_size_mm_cache_and_apply_model(llm):
+    """vLLM 0.26's get_world_size(include_dp=True), reset_mm_cache() and apply_model(func) were AttributeErrors."""
+    from types import SimpleNamespace
+    assert llm.get_world_size() == llm.get_world_size(include_dp=False) == 1
+    assert llm.reset_mm_cache() is None
+    assert llm.apply_model(lambda model: type(model).__name__) == ["LlamaForCausalLM"]
+    split = LLM.__new__(LLM)   # ranks in other processes: not reached, said so
+    split.engine = SimpleNamespace(config=SimpleNamespace(tensor_parallel_size=2))
+    with pytest.raises(NotImplementedError, match=r"LLM\.apply_model\(\), vLLM's: calls on every worker"):
+        split.apply_model(lambda model: 1)
