@@ -280,6 +280,21 @@ class LLM:
     def stop_profile(self, *args, **kwargs):
         raise not_built("LLM", "stop_profile")
 
+    def init_weight_transfer_engine(self, *args, **kwargs):
+        raise not_built("LLM", "init_weight_transfer_engine")
+
+    def start_weight_update(self, *args, **kwargs):
+        raise not_built("LLM", "start_weight_update")
+
+    def start_draft_weight_update(self, *args, **kwargs):
+        raise not_built("LLM", "start_draft_weight_update")
+
+    def update_weights(self, *args, **kwargs):
+        raise not_built("LLM", "update_weights")
+
+    def finish_weight_update(self, *args, **kwargs):
+        raise not_built("LLM", "finish_weight_update")
+
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """Forget every cached prefix, in the GPU, CPU and disk tiers (False while requests hold blocks).
         vLLM's arguments: no request runs between this class's calls, so reset_running_requests (preempt the

@@ -21,8 +21,16 @@ ENGINE_NAMES = {
 }
 
 
+_WEIGHTS = ("vLLM's weight transfer (weights updated in place, for RL training) is not built: build a new LLM on "
+            "the updated checkpoint")
+
+# a method of vLLM's LLM (not of its LLMEngine) -> why not, and what instead
+LLM_NAMES = dict.fromkeys(("init_weight_transfer_engine", "start_weight_update", "start_draft_weight_update",
+                           "update_weights", "finish_weight_update"), _WEIGHTS)
+
+
 def not_built(owner: str, name: str) -> NotImplementedError:
-    return NotImplementedError(f"{owner}.{name}(), vLLM's: {ENGINE_NAMES[name]}")
+    return NotImplementedError(f"{owner}.{name}(), vLLM's: {ENGINE_NAMES.get(name) or LLM_NAMES[name]}")
 
 
 def missing(owner: str, name: str) -> AttributeError:

@@ -162,3 +162,13 @@ def test_vllms_world_size_mm_cache_and_apply_model(llm):
     split.engine = SimpleNamespace(config=SimpleNamespace(tensor_parallel_size=2))
     with pytest.raises(NotImplementedError, match=r"LLM\.apply_model\(\), vLLM's: calls on every worker"):
         split.apply_model(lambda model: 1)
+
+
+@pytest.mark.parametrize("method", ["init_weight_transfer_engine", "start_weight_update", "start_draft_weight_update",
+                                    "update_weights", "finish_weight_update"])
+def test_vllms_weight_transfer_methods_say_they_are_not_built(method):
+    """vLLM 0.26's in-place weight updates (RL training) were bare AttributeErrors."""
+    llm = LLM.__new__(LLM)   # no engine is needed to refuse
+    args = ({"update_info": {}},) if method in ("init_weight_transfer_engine", "update_weights") else ()
+    with pytest.raises(NotImplementedError, match=rf"LLM\.{method}\(\), vLLM's: .*weight transfer.*new LLM"):
+        getattr(llm, method)(*args)
