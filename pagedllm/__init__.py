@@ -5,7 +5,7 @@ from pagedllm.sampling_params import SamplingParams
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
-           "EngineConfig", "LoRARequest"]
+           "EngineConfig", "LoRARequest", "TextPrompt", "TokensPrompt"]
 
 
 def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free of import cycles
@@ -21,6 +21,9 @@ def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free o
     if name == "EngineConfig":
         from pagedllm.config import EngineConfig
         return EngineConfig
+    if name in ("TextPrompt", "TokensPrompt"):
+        from pagedllm import inputs
+        return getattr(inputs, name)
     if name == "LoRARequest":
         from pagedllm.lora.request import LoRARequest
         return LoRARequest

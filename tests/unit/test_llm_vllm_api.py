@@ -172,3 +172,13 @@ def test_vllms_weight_transfer_methods_say_they_are_not_built(method):
     args = ({"update_info": {}},) if method in ("init_weight_transfer_engine", "update_weights") else ()
     with pytest.raises(NotImplementedError, match=rf"LLM\.{method}\(\), vLLM's: .*weight transfer.*new LLM"):
         getattr(llm, method)(*args)
+
+
+def test_vllms_prompt_types_are_importable_and_taken(llm):
+    """`from vllm import TextPrompt, TokensPrompt` had no pagedllm counterpart (an ImportError)."""
+    from pagedllm import TextPrompt, TokensPrompt
+    ids = llm.get_tokenizer().encode("Once")
+    outs = llm.generate([TextPrompt(prompt="Once"), TokensPrompt(prompt_token_ids=ids, prompt="Once")], GREEDY,
+                        use_tqdm=False)
+    assert [o.prompt for o in outs] == ["Once", "Once"]
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
