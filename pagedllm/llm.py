@@ -79,13 +79,13 @@ class LLM:
         """lora_request: a LoRARequest for every prompt, or a list of one (or None: the base) per prompt.
         priority: one per prompt, lower first (needs scheduling_policy="priority"; vLLM's).
         use_tqdm: a progress bar, or a tqdm factory that makes it (vLLM's: functools.partial(tqdm, leave=False)).
-        tokenization_kwargs, mm_processor_kwargs: vLLM's overrides of tokenizer.encode and of the multimodal
-        processor: None or {} (others are refused).
+        tokenization_kwargs: vLLM's overrides of tokenizer.encode: add_special_tokens, truncate_prompt_tokens,
+        truncation_side (other keys are refused). mm_processor_kwargs, the multimodal processor's: None or {}.
         Runs every prompt to completion; outputs come back in input order. A request the engine core
         fails (its own data raised there, or its step did; the log says why) comes back with
         finish_reason "error" on its sequences, and the others as if it had not been there."""
         _check_overrides(tokenization_kwargs, mm_processor_kwargs)
-        ids = self._add(prompts, sampling_params, lora_request, priority)
+        ids = self._add(prompts, sampling_params, lora_request, priority, tokenization_kwargs=tokenization_kwargs)
         try:
             finished = self._run(len(ids) + self._num_queued_running(), use_tqdm)
         except BaseException:   # e.g. Ctrl-C: leave no request of this batch running in the engine
@@ -101,7 +101,7 @@ class LLM:
         request ids. wait_for_completion() runs them; a generate() before that runs them too (their outputs
         wait). use_tqdm: a bar of the requests added (vLLM's); the overrides as generate()'s."""
         _check_overrides(tokenization_kwargs, mm_processor_kwargs)
-        ids = self._add(prompts, sampling_params, lora_request, priority, use_tqdm)
+        ids = self._add(prompts, sampling_params, lora_request, priority, use_tqdm, tokenization_kwargs)
         self._queued.update(dict.fromkeys(ids))
         return ids
 
@@ -124,12 +124,14 @@ class LLM:
     def _num_queued_running(self) -> int:
         return sum(i not in self._done for i in self._queued)
 
-    def _add(self, prompts, sampling_params, lora_request, priority, use_tqdm=False) -> list[str]:
+    def _add(self, prompts, sampling_params, lora_request, priority, use_tqdm=False,
+             tokenization_kwargs: dict | None = None) -> list[str]:
         """Adds requests to the engine, all or none; their ids. use_tqdm: a bar of the requests added."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
+        prompts, params = self._tokenization(tokenization_kwargs or {}, prompts, params)
         loras = _loras_per_prompt(lora_request, len(prompts))
         if priority is not None and not isinstance(priority, (list, tuple)):
             raise TypeError(f"priority must be a list of integers, one per prompt, got {type(priority).__name__}")
@@ -154,6 +156,23 @@ class LLM:
         finally:
             bar.close()
         return ids
+
+    def _tokenization(self, kwargs: dict, prompts: list, params: list[SamplingParams]):
+        """vLLM 0.26's tokenization_kwargs (_check_overrides refused other keys): truncate_prompt_tokens and
+        truncation_side as SamplingParams' fields of those names (vLLM 0.26 moved them here; None: unset);
+        add_special_tokens false: text prompts encoded without the tokenizer's BOS (etc.)."""
+        fields = {k: v for k, v in kwargs.items() if k != "add_special_tokens" and v is not None}
+        if fields:
+            try:
+                params = [dataclasses.replace(p, **fields) for p in params]
+            except ValueError as e:
+                raise ValueError(f"tokenization_kwargs: {e}") from e
+        special = kwargs.get("add_special_tokens")
+        if special is not None and not isinstance(special, bool):
+            raise ValueError(f"tokenization_kwargs: add_special_tokens must be a bool, got {special!r:.50}")
+        if special is False and self.engine.tokenizer is not None:
+            prompts = [_without_special_tokens(p, self.engine.tokenizer) for p in prompts]
+        return prompts, params
 
     def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams, lora_request=None,
                     use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
@@ -324,7 +343,8 @@ class LLM:
         prompts = self._chat_prompts(messages, chat_template, chat_template_content_format, add_generation_prompt,
                                      continue_final_message, tools, chat_template_kwargs, tokenization_kwargs,
                                      mm_processor_kwargs)
-        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request,
+                             tokenization_kwargs=tokenization_kwargs)
 
     def enqueue_chat(self, messages: list[dict] | list[list[dict]],
                      sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -338,11 +358,12 @@ class LLM:
         prompts = self._chat_prompts(messages, chat_template, chat_template_content_format, add_generation_prompt,
                                      continue_final_message, tools, chat_template_kwargs, tokenization_kwargs,
                                      mm_processor_kwargs)
-        return self.enqueue(prompts, sampling_params, lora_request, priority, use_tqdm)
+        return self.enqueue(prompts, sampling_params, lora_request, priority, use_tqdm, tokenization_kwargs)
 
     def _chat_prompts(self, messages, chat_template, content_format, add_generation_prompt, continue_final_message,
                       tools, chat_template_kwargs, tokenization_kwargs, mm_processor_kwargs) -> list[dict]:
-        """Each conversation rendered: a TokensPrompt of its token ids and its text."""
+        """Each conversation rendered: a TokensPrompt of its token ids and its text (a TextPrompt with
+        tokenization_kwargs' add_special_tokens true)."""
         _check_overrides(tokenization_kwargs, mm_processor_kwargs)
         conversations = _conversations(messages)
         tokenizer = self.get_tokenizer()
@@ -353,9 +374,11 @@ class LLM:
         prompts = [render_chat(tokenizer, c, chat_template, add_generation_prompt, continue_final_message,
                                chat_template_kwargs, tools, content_format=content_format)
                    for c in conversations]
-        # The template already holds any BOS token: encode without adding special tokens again. The rendered text
-        # is the outputs' prompt (vLLM's).
-        return [{"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False), "prompt": p} for p in prompts]
+        # The template already holds any BOS token: encoded without adding special tokens again, unless asked
+        # (vLLM's; then as any text prompt). The rendered text is the outputs' prompt (vLLM's).
+        if (tokenization_kwargs or {}).get("add_special_tokens"):
+            return [{"prompt": p} for p in prompts]
+        return [_without_special_tokens(p, tokenizer) for p in prompts]
 
     def _run(self, total: int, use_tqdm) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -397,14 +420,31 @@ def _frozen_gc():
         gc.unfreeze()
 
 
+TOKENIZATION_KEYS = ("add_special_tokens", "truncate_prompt_tokens", "truncation_side")
+
+
 def _check_overrides(tokenization_kwargs: dict | None, mm_processor_kwargs: dict | None):
-    """vLLM's tokenizer / processor overrides: None or {} (their default) is taken; any key is refused."""
+    """vLLM's tokenizer / processor overrides: None or {} (their default) is taken; tokenization_kwargs' keys of
+    TOKENIZATION_KEYS too (LLM._tokenization); any other key is refused."""
+    if tokenization_kwargs is not None and not isinstance(tokenization_kwargs, dict):
+        raise ValueError(f"tokenization_kwargs must be a dict, got {type(tokenization_kwargs).__name__}")
+    other = sorted(set(tokenization_kwargs or ()) - set(TOKENIZATION_KEYS))
     for name, value, instead in (
-            ("tokenization_kwargs", tokenization_kwargs,
-             "truncate a prompt with SamplingParams.truncate_prompt_tokens; a TokensPrompt gives exact token ids"),
+            ("tokenization_kwargs", other, f"the keys taken are {', '.join(TOKENIZATION_KEYS)}; a TokensPrompt "
+                                           f"gives exact token ids"),
             ("mm_processor_kwargs", mm_processor_kwargs, "multimodal inputs are not built")):
         if value:
             raise ValueError(f"{name} {sorted(value)!r:.200} is not built here: {instead}")
+
+
+def _without_special_tokens(prompt, tokenizer):
+    """A text prompt (a string, or a dict of text without token ids) as a TokensPrompt of its encoding without the
+    tokenizer's special tokens, its text kept as the outputs' prompt; any other prompt as it is."""
+    text = prompt.get("prompt") if isinstance(prompt, dict) and "prompt_token_ids" not in prompt else prompt
+    if not isinstance(text, str):
+        return prompt
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return {**(prompt if isinstance(prompt, dict) else {}), "prompt": text, "prompt_token_ids": ids}
 
 
 def _no_pooling(method: str):

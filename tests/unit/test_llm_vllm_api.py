@@ -182,3 +182,30 @@ def test_vllms_prompt_types_are_importable_and_taken(llm):
                         use_tqdm=False)
     assert [o.prompt for o in outs] == ["Once", "Once"]
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+
+
+def test_tokenization_kwargs_truncate_and_leave_out_special_tokens_as_vllms(llm):
+    """vLLM 0.26 truncates a prompt through tokenization_kwargs (its SamplingParams has no truncate_prompt_tokens
+    any more) and leaves the BOS out with add_special_tokens=False: both were refused here."""
+    tok = llm.get_tokenizer()
+    text = "Once upon a time, there was a little girl named Lily."
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id
+    out = lambda prompt, kw: llm.generate(prompt, GREEDY, use_tqdm=False, tokenization_kwargs=kw)[0]  # noqa: E731
+    assert out(text, {"truncate_prompt_tokens": 5}).prompt_token_ids == [ids[0]] + ids[-4:]   # the BOS kept
+    assert out(ids, {"truncate_prompt_tokens": 5}).prompt_token_ids == ids[-5:]
+    assert out(ids, {"truncate_prompt_tokens": 5, "truncation_side": "right"}).prompt_token_ids == ids[:5]
+    assert out(text, {"truncate_prompt_tokens": None}).prompt_token_ids == ids   # None: unset (vLLM's)
+    plain = out(text, {"add_special_tokens": False})
+    assert plain.prompt_token_ids == ids[1:] and plain.prompt == text
+    salted = out({"prompt": text, "cache_salt": "s"}, {"add_special_tokens": False, "truncate_prompt_tokens": 3})
+    assert salted.prompt_token_ids == ids[-3:]
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    [chat] = llm.chat([{"role": "user", "content": text}], GREEDY, False, chat_template=template,
+                      tokenization_kwargs={"add_special_tokens": True, "truncate_prompt_tokens": 4})
+    assert chat.prompt_token_ids == [ids[0]] + ids[-3:]
+    with pytest.raises(ValueError, match="tokenization_kwargs: SamplingParams.truncate_prompt_tokens must be"):
+        out(text, {"truncate_prompt_tokens": 0})
+    with pytest.raises(ValueError, match="tokenization_kwargs: add_special_tokens must be a bool"):
+        out(text, {"add_special_tokens": "no"})
+    assert not llm.engine.has_unfinished_requests()
