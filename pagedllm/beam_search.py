@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagedllm.engine.decode_after import CONTEXT_TOKENS, decode_after
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import PositionLogprobs
 from pagedllm.sampling_params import SamplingParams, _require
 
@@ -66,6 +67,7 @@ class BeamSearchSequence:
     text: str | None = None
     finish_reason: str | None = None          # "stop" (an EOS id) or "length"
     stop_reason: int | None = None            # the EOS id that ended it
+    lora_request: LoRARequest | None = None   # the adapter its prompt ran under (vLLM's); None: the base model
 
 
 @dataclass

@@ -234,10 +234,11 @@ class LLM:
         self.last_beam_search_blocks = (engine.get_stats().peak_blocks, unshared)
         decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
         outputs = []
-        for inst in instances:
+        for inst, lora in zip(instances, loras):
             seqs = inst.results()
             for s in seqs:
                 s.text = finish_text(s, len(inst.prompt_token_ids), params, decode, with_prompt=True)
+                s.lora_request = lora
             outputs.append(BeamSearchOutput(seqs))
         return outputs
 

@@ -269,6 +269,7 @@ def test_beam_search_takes_lora_request(setup):
                            lora_request=[loras.get(n) for n in names], use_tqdm=True)
     for i, (out, name) in enumerate(zip(outs, names)):
         assert out.sequences[0].tokens[len(PROMPTS[i]):] == refs[name][i][0], (i, name)
+        assert out.sequences[0].lora_request is loras.get(name)   # vLLM's BeamSearchSequence field
     grouped = llm.beam_search(PROMPTS[:4], BeamSearchParams(beam_width=1, max_tokens=MAX_NEW, ignore_eos=True),
                               lora_request=[loras.get(n) for n in names], concurrency_limit=3)
     assert [o.sequences[0].tokens for o in grouped] == [o.sequences[0].tokens for o in outs]   # each its adapter
