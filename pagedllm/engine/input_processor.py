@@ -178,15 +178,16 @@ def check_prompt_type(prompt):
         raise TypeError(f"prompt must be a string, token ids or a dict, got {type(prompt).__name__}")
 
 
-# vLLM's TextPrompt / TokensPrompt (no multi-modal data here)
+# vLLM's TextPrompt / TokensPrompt; their multimodal keys only empty (None, {}): no multimodal inputs are built
 _PROMPT_KEYS = ("prompt", "prompt_token_ids", "cache_salt")
+_MULTIMODAL_KEYS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")
 
 
 def prompt_value(prompt: str | list[int] | dict) -> str | list[int]:
     """vLLM's dict prompts as the text or the token ids they hold; any other prompt as it is."""
     if not isinstance(prompt, dict):
         return prompt
-    unknown = [k for k in prompt if k not in _PROMPT_KEYS]
+    unknown = [k for k in prompt if k not in _PROMPT_KEYS and not (k in _MULTIMODAL_KEYS and not prompt[k])]
     if unknown:
         raise ValueError(f"a dict prompt takes the keys {_PROMPT_KEYS} (multi-modal inputs are not supported), "
                          f"got {unknown}")

@@ -84,7 +84,7 @@ def test_generate_takes_vllm_dict_prompts(tiny_model_dirs):
         assert by_text.outputs[0].token_ids == by_dict_text.outputs[0].token_ids == by_ids.outputs[0].token_ids \
             == by_dict_ids.outputs[0].token_ids
         with pytest.raises(ValueError, match="multi_modal_data"):
-            await engine.generate({"prompt": "a", "multi_modal_data": {}}, short, "bad").__anext__()
+            await engine.generate({"prompt": "a", "multi_modal_data": {"image": None}}, short, "bad").__anext__()
         await _idle(engine)
     run(tiny_model_dirs["llama"], body)
 

@@ -209,3 +209,13 @@ def test_tokenization_kwargs_truncate_and_leave_out_special_tokens_as_vllms(llm)
     with pytest.raises(ValueError, match="tokenization_kwargs: add_special_tokens must be a bool"):
         out(text, {"add_special_tokens": "no"})
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_dict_prompts_empty_multimodal_keys_are_taken(llm):
+    """vLLM's TextPrompt may carry multi_modal_data=None (a script building its prompts one way for every
+    model): an empty multimodal key was refused; a non-empty one still is, by name."""
+    [out] = llm.generate({"prompt": "Once", "multi_modal_data": None, "mm_processor_kwargs": {}}, GREEDY,
+                         use_tqdm=False)
+    assert out.outputs[0].text == " upon a time"
+    with pytest.raises(ValueError, match=r"multi-modal inputs are not supported\), got \['multi_modal_data'\]"):
+        llm.generate({"prompt": "Once", "multi_modal_data": {"image": object()}}, GREEDY, use_tqdm=False)
