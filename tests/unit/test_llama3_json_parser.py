@@ -54,6 +54,13 @@ CASES = [
     ("```json\n" + CALL + "\n```\n```json\n" + NOW + "\n```", (None, [("get_weather", PARIS), ("now", "{}")])),
     ("Calling it:\n```json\n" + NOW + "\n```\nDone.", ("Calling it:\nDone.", [("now", "{}")])),
     ("[" + NOW, (None, [("now", "{}")])),                           # a list cut short
+    # a list of calls holding an object that is no call: that object is content, the list's "," and "]" are not
+    ("[" + CALL + ', {"foo": 1}]', ('{"foo": 1}', [("get_weather", PARIS)])),
+    ("[" + NOW + ', {"name": "Ada", "age": 36}, ' + CALL + "]",
+     ('{"name": "Ada", "age": 36}', [("now", "{}"), ("get_weather", PARIS)])),
+    ("```json\n[" + NOW + ',\n{"foo": 1}\n]\n```\nDone.', ('{"foo": 1}\nDone.', [("now", "{}")])),
+    ("[" + NOW + ', {"foo": 1}] and more', ('{"foo": 1} and more', [("now", "{}")])),
+    ("[" + NOW + ', {"foo": ', ('{"foo":', [("now", "{}")])),            # cut short in it
     # a list or fence around objects that are not calls, and brackets and backticks in text, stay content
     ('[{"name": "Ada", "age": 36}, {"b": 2}]', ('[{"name": "Ada", "age": 36}, {"b": 2}]', [])),
     ('```json\n{"a": 1}\n```', ('```json\n{"a": 1}\n```', [])),

@@ -12,7 +12,10 @@ them. Objects that are not calls are held back until they close (or the text end
 Llama 3.x also writes its calls as a JSON list (`[{...}, {...}]`) or in a ```json code fence; the list's
 brackets and commas and the fence are the calls' wrapping, not content (vLLM, which takes every call object
 out of the text, answers such text with the calls and no content). A "[" or fence before an object is held
-with it: dropped when the object is a call, given back as content when it is not.
+with it: dropped when the object is a call, given back as content when it is not. A later item of a list that
+opened with a call is content when it is no call (`[{call}, {"foo": 1}]` answers `{"foo": 1}`), the list's commas
+and "]" still its wrapping: vLLM answers such a list all as content when not streamed (a streamed call cannot be
+taken back) and drops the object when streamed.
 """
 import re
 
@@ -34,7 +37,7 @@ class Llama3JsonToolParser(ToolParser):
         self._buf = ""                          # text read but not yet placed
         self._obj: CallScanner | None = None    # the object being read
         self._calling = False                   # it went out as a call
-        self._after_call = False                # a call just ended: one ";" before the next is a separator
+        self._after: str | None = None          # "call" or "item" (no call, in a list of calls) just ended
         self._prefix = ""                       # the object's wrapping ("[", a fence, ", " in a list): held
         self._wraps = (False, False)            # (in a list, in a fence) if the object is a call
         self._in_list = self._fenced = False    # the calls so far are wrapped: their closers are dropped
@@ -57,8 +60,8 @@ class Llama3JsonToolParser(ToolParser):
         """Places what it can of the buffer; True when it should be called again."""
         if self._obj is not None:
             return self._read_object()
-        if self._after_call:
-            return self._read_after_call()
+        if self._after is not None:
+            return self._read_after()
         i = self._buf.find("{")
         if i < 0:   # all but a possible start of the tag or of an opener is content
             held = max(partial_suffix(self._buf, PYTHON_TAG), len(PARTIAL_OPENER.search(self._buf).group()))
@@ -74,8 +77,9 @@ class Llama3JsonToolParser(ToolParser):
         self._obj, self._calling, self._prefix, self._wraps = CallScanner(ARGS_KEYS), False, prefix, wraps
         self._buf = self._buf[at:]
 
-    def _read_after_call(self) -> bool:
-        """After a call: a ";" separates the next; in a list "," does and "]" ends it; a fence ends with ```."""
+    def _read_after(self) -> bool:
+        """After a call: a ";" separates the next; in a list "," does and "]" ends it; a fence ends with ```.
+        After an item of a list of calls that is no call, only the list's "," and "]" and the fence are read."""
         rest = self._buf.lstrip()
         if not rest:
             return False
@@ -84,7 +88,7 @@ class Llama3JsonToolParser(ToolParser):
             if not after:
                 return False
             if after[0] == "{":   # the list's next item
-                self._after_call = False
+                self._after = None
                 self._open(rest[:len(rest) - len(after)], (True, self._fenced), len(self._buf) - len(after))
                 return True
         if self._in_list and rest[0] == "]":
@@ -96,8 +100,8 @@ class Llama3JsonToolParser(ToolParser):
             if rest.startswith(FENCE):
                 self._fenced, self._buf = False, rest[3:]
                 return True
-        self._after_call = self._in_list = self._fenced = False
-        if rest[0] == ";":
+        after_call, self._after, self._in_list, self._fenced = self._after == "call", None, False, False
+        if after_call and rest[0] == ";":
             self._buf = rest[1:]
         return True
 
@@ -118,10 +122,17 @@ class Llama3JsonToolParser(ToolParser):
 
     def _end_object(self):
         obj, self._obj = self._obj, None
+        if not self._calling and self._in_list:
+            # an item of a list of calls that is no call: it is content (text the model wrote), while the list's
+            # "," before it and its "]" stay the calls' wrapping (vLLM answers such a list all as content, but only
+            # when not streamed: a call that went out cannot be taken back, and its stream drops the object)
+            self._content(obj.text)
+            self._prefix, self._after = "", "item"
+            return
         if not self._calling:   # not a call: its wrapping is content too
             self._content(self._prefix + obj.text)
             self._prefix, self._in_list, self._fenced = "", False, False
             return
         self._arguments(obj.take_arguments())
         self._end_call()
-        self._after_call = True
+        self._after = "call"
