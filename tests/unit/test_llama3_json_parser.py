@@ -27,9 +27,14 @@ CASES = [
     # braces, brackets, escaped quotes and unicode in strings; nested objects closing in "}}}}"
     ('{"name": "s", "parameters": {"q": "He said \\"Hello {world}\\" [x] é 🚀", "a": {"b": {"c": {"d": 1}}}}}',
      (None, [("s", '{"q": "He said \\"Hello {world}\\" [x] é 🚀", "a": {"b": {"c": {"d": 1}}}}')])),
-    # parallel calls: vLLM's "; ", and ";", ";\n", " ; ", a newline
+    # parallel calls: vLLM's "; ", and ";", ";\n", " ; ", a newline, a comma (a list without its brackets)
     *[(CALL + sep + NOW, (None, [("get_weather", PARIS), ("now", "{}")]))
-      for sep in ("; ", ";", ";\n", " ; ", "\n")],
+      for sep in ("; ", ";", ";\n", " ; ", "\n", ", ", ",", " ,\n")],
+    (NOW + ", " + NOW + ", " + CALL, (None, [("now", "{}"), ("now", "{}"), ("get_weather", PARIS)])),
+    # a comma that no object follows is text; one before an object that is no call separates it, as ";" does
+    (NOW + ", which tells the time.", (", which tells the time.", [("now", "{}")])),
+    (NOW + ",", (",", [("now", "{}")])),
+    (NOW + ', {"foo": 1}', ('{"foo": 1}', [("now", "{}")])),
     # calls after text (vLLM finds them there); the text around them is content
     ("Here is the result: " + NOW + " Would you like to know more?",
      ("Here is the result: Would you like to know more?", [("now", "{}")])),
@@ -101,7 +106,8 @@ def test_name_goes_out_before_the_arguments_end():
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call():
-    for text in (CALL + "; " + NOW, "[" + CALL + ", " + NOW + "]", "```json\n[" + CALL + ", " + NOW + "]\n```"):
+    for text in (CALL + "; " + NOW, CALL + ", " + NOW, "[" + CALL + ", " + NOW + "]",
+                 "```json\n[" + CALL + ", " + NOW + "]\n```"):
         content, calls = Llama3JsonToolParser(max_calls=1).parse_all(text)
         assert content is None and [c["function"]["name"] for c in calls] == ["get_weather"]
 

@@ -1,7 +1,8 @@
 """Llama 3.1/3.2/3.3 JSON tool calls (`--tool-call-parser llama3_json`, vLLM's name): the model answers a call
 as its chat template asks, `{"name": function name, "parameters": {...}}` ("arguments" is read too), several of
-them separated by ";" (vLLM's "; ", also ";\n" or only whitespace), after `<|python_tag|>` when the model wrote
-that token and skip_special_tokens is false (the tag is dropped).
+them separated by ";" (vLLM's "; ", also ";\n" or only whitespace) or "," (a list without its brackets, which
+vLLM's streaming reads too), after `<|python_tag|>` when the model wrote that token and skip_special_tokens is false
+(the tag is dropped).
 
 An object is a call when it has a string "name" and an arguments key; other keys (Llama 3.2/3.3 add "type") are
 ignored. Any other object (`{"name": "Ada", "age": 36}`, JSON that answers the question) stays content, as in
@@ -78,7 +79,8 @@ class Llama3JsonToolParser(ToolParser):
         self._buf = self._buf[at:]
 
     def _read_after(self) -> bool:
-        """After a call: a ";" separates the next; in a list "," does and "]" ends it; a fence ends with ```.
+        """After a call: a ";" separates the next, and so does a "," before a "{"; in a list "]" ends it; a fence
+        ends with ```.
         After an item of a list of calls that is no call, only the list's "," and "]" and the fence are read."""
         rest = self._buf.lstrip()
         if not rest:
@@ -100,8 +102,14 @@ class Llama3JsonToolParser(ToolParser):
             if rest.startswith(FENCE):
                 self._fenced, self._buf = False, rest[3:]
                 return True
-        after_call, self._after, self._in_list, self._fenced = self._after == "call", None, False, False
-        if after_call and rest[0] == ";":
+        separator = rest[0] == ";"
+        if rest[0] == "," and self._after == "call":   # "{call}, {call}" (a list without its brackets): as ";"
+            after = rest[1:].lstrip()
+            if not after:
+                return False
+            separator = after[0] == "{"   # else the comma is text ("{call}, which ...")
+        separator, self._after, self._in_list, self._fenced = separator and self._after == "call", None, False, False
+        if separator:
             self._buf = rest[1:]
         return True
 
