@@ -33,6 +33,13 @@ CALLS = [
     ("[f(q={'a': [1, {'b': ['}', ')]']}], 2: None}, r=[[], [[3]]])]",
      [("f", '{"q": {"a": [1, {"b": ["}", ")]"]}], "2": null}, "r": [[], [[3]]]}')]),
     ("\n[get_weather()]\n", [("get_weather", "{}")]),
+    # a string read on its own as it grows (no parse): every escape, one cut anywhere, strings side by side
+    (r"""[f(s="line1\nline2\t\"q\" \\ é🚀 {[(", n=-2.5)]""",
+     [("f", r'{"s": "line1\nline2\t\"q\" \\ é🚀 {[(", "n": -2.5}')]),
+    (r"""[f(s='a\x41\u00e9\N{EM DASH}\123\\\'z' "y\"", t=1), g(u='''it's''')]""",
+     [("f", '{"s": "aAé—S\\\\\'zy\\"", "t": 1}'), ("g", '{"u": "it\'s"}')]),
+    # items the brackets cannot tell apart (a comment): the list is parsed whole
+    ("[f(x=1),  # first, or 'one'\n g(y='a, b')]", [("f", '{"x": 1}'), ("g", '{"y": "a, b"}')]),
 ]
 
 # Not a list of calls with literal keyword arguments: all of it is content, streamed or not.

@@ -45,6 +45,9 @@ CASES = [
     # a value holding '<', tags and blank lines is kept whole (code a coding agent writes)
     (call("write_file", ("path", "a.py"), ("content", CODE + "\n" + NESTED + "\n</function>")), None,
      [("write_file", {"path": "a.py", "content": CODE + "\n" + NESTED + "\n</function>"})]),
+    # tags in a value that end nothing: a </parameter> that text follows (after spaces), a nested parameter
+    (call("write_file", ("path", "a.py"), ("content", "a</parameter>  \n  b\n<parameter=x>\n1\n</parameter>\nc")),
+     None, [("write_file", {"path": "a.py", "content": "a</parameter>  \n  b\n<parameter=x>\n1\n</parameter>\nc"})]),
     # no newlines around the values
     ("<tool_call>\n<function=get_current_weather>\n<parameter=city>Dallas</parameter>\n"
      "<parameter=state>TX</parameter>\n</function>\n</tool_call>", None,

@@ -67,14 +67,16 @@ class RequiredCallsParser(ToolParser):
     def __init__(self, max_calls: int | None = None, call_id=new_call_id):
         super().__init__(max_calls)
         self.call_id = call_id
-        self._text = ""
+        self._text: list[str] = []   # the output, in pieces: content if it holds no call
         self._opened = False
         self._closed = False
         self._call: CallScanner | None = None
         self._named = False
+        self._called = False   # a call went out
 
     def feed(self, text: str) -> DeltaMessage:
-        self._text += text
+        if not self._called:   # (once a call went out, the text is never content)
+            self._text.append(text)
         while text and not self._closed:
             text = self._read(text)
         return self._take()
@@ -83,7 +85,7 @@ class RequiredCallsParser(ToolParser):
         if self._call is not None and self._call.name is not None:
             self._end_item()
         if not self.num_calls and not self._out.tool_calls:
-            self._content(self._text)
+            self._content("".join(self._text))
             self._flush_content()
         return self._take()
 
@@ -92,7 +94,7 @@ class RequiredCallsParser(ToolParser):
             n = self._call.feed(text)
             if self._call.name is not None and not self._named:
                 self._start_call(self._call.name)
-                self._named = True
+                self._named = self._called = True
             if self._named:
                 self._arguments(self._call.take_arguments())
             if self._call.done:

@@ -20,7 +20,8 @@ class CallScanner:
         self.done = False          # the object has closed
         self.stopped = False       # read up to the stop tag, outside any string, before the object closed
         self.keys: list[str] = []  # the object's own keys, in order
-        self.text = ""             # every character read (a body that names no function becomes content)
+        self._text: list[str] = []  # every character read, in pieces (joined only when asked for: `text`)
+        self._tail = ""            # the end of it, as long as the stop tag less one character
         self._depth = 0
         self._in_string = self._escape = False
         self._expect = "object"    # at depth 1: key, colon, value, in_value
@@ -30,11 +31,24 @@ class CallScanner:
         self._is_args = False      # the value being read is the arguments
         self._has_args = False     # an arguments value has begun
         self._streamed = False     # the arguments value is an object/array: released as it comes
-        self._ws = ""              # whitespace inside it, released with the next other character
+        self._ws: list[str] = []   # whitespace inside it, released with the next other character
         self._ready: list[str] = []
 
+    @property
+    def text(self) -> str:
+        """Every character read (a body that names no function becomes content)."""
+        if len(self._text) > 1:
+            self._text[:] = ["".join(self._text)]
+        return self._text[0] if self._text else ""
+
+    @text.setter
+    def text(self, value: str):
+        self._text[:] = [value]
+
     def feed(self, text: str) -> int:
-        """Reads text until the object closes; returns how many characters were read."""
+        """Reads text until the object closes; returns how many characters were read. Each character is read
+        once and kept as a piece: what was read before is never copied again (a long value streams in linear
+        time)."""
         n = len(text)
         for i, ch in enumerate(text):
             self._char(ch)
@@ -43,10 +57,13 @@ class CallScanner:
                 break
             # the tag has no quote: its last character outside strings means all of it is
             if self.stop and ch == self.stop[-1] and not self._in_string \
-                    and (self.text[-len(self.stop):] + text[:i + 1]).endswith(self.stop):
+                    and (self._tail + text[:i + 1]).endswith(self.stop):
                 self.stopped, n = True, i + 1
                 break
-        self.text += text[:n]
+        read = text[:n]
+        self._text.append(read)
+        if self.stop:
+            self._tail = (self._tail + read[-len(self.stop):])[-len(self.stop):]
         return n
 
     def take_arguments(self) -> str:
@@ -91,7 +108,7 @@ class CallScanner:
                 self.done = True
         elif self._expect == "colon":
             if ch == ":":
-                self._expect, self._value, self._streamed, self._ws = "value", [], False, ""
+                self._expect, self._value, self._streamed, self._ws = "value", [], False, []
         elif self._expect == "value":
             if not ch.isspace():
                 self._expect = "in_value"
@@ -114,14 +131,16 @@ class CallScanner:
         elif not self._streamed:
             self._value.append(ch)
         elif ch.isspace():
-            self._ws += ch
+            self._ws.append(ch)
         else:
-            self._ready.append(self._ws + ch)
-            self._ws = ""
+            if self._ws:
+                self._ready.extend(self._ws)
+                self._ws.clear()
+            self._ready.append(ch)
 
     def _end_value(self):
         if self._streamed:
-            self._ws = ""
+            self._ws.clear()
             return
         raw = "".join(self._value).strip()
         try:

@@ -35,11 +35,12 @@ class MistralToolParser(ToolParser):
         super().__init__(max_calls)   # tool_names: not needed, the token marks every call
         self._buf = ""         # text not yet read: it may end in part of BOT
         self._state = "content"   # content, head (before the first "{"), args (v11), list, object, after
-        self._section = ""     # text since the last BOT: content if it holds no call
+        self._section: list[str] = []   # text since the last BOT, until a call starts: content if none does
+        self._head: list[str] = []      # the head's text read so far (no "{" in it)
         self._called = False   # this section started a call
         self._item: CallScanner | None = None   # the list's item (or the lone object) being read
         self._named = False    # its name went out
-        self._ws = ""          # v11 arguments' trailing whitespace, released with the next other character
+        self._ws: list[str] = []   # v11 arguments' trailing whitespace, released with the next other character
 
     def feed(self, text: str) -> DeltaMessage:
         self._buf += text
@@ -47,7 +48,7 @@ class MistralToolParser(ToolParser):
             self._read(self._buf[:i])
             self._end_section()
             self._buf = self._buf[i + len(BOT):]
-            self._state, self._section, self._called = "head", "", False
+            self._state, self._section, self._head, self._called = "head", [], [], False
         keep = partial_suffix(self._buf, BOT)
         self._read(self._buf[:len(self._buf) - keep])
         self._buf = self._buf[len(self._buf) - keep:]
@@ -64,36 +65,40 @@ class MistralToolParser(ToolParser):
         if self._state in ("content", "after"):
             self._content(text)
             return
-        self._section += text
+        if not self._called:   # (each piece kept once: a long section is never copied again)
+            self._section.append(text)
         if self._state == "head":
-            self._read_head()
+            self._read_head(text)
         elif self._state == "args":
             self._read_args(text)
         else:
             self._read_items(text)
 
-    def _read_head(self):
+    def _read_head(self, text: str):
         """Up to the first "{": "[" before it opens a list, nothing before it a lone call object, else a name."""
-        i = self._section.find("{")
+        i = text.find("{")
         if i < 0:
+            self._head.append(text)
             return
-        head, rest = self._section[:i], self._section[i:]
+        head, rest, self._head = "".join(self._head) + text[:i], text[i:], []
         if head.rstrip().endswith("["):   # anything before the "[" is dropped (vLLM finds the list anyway)
             self._state = "list"
         elif not head.strip():
             self._state = "object"
         else:
-            self._state, self._ws, self._called = "args", "", True
+            self._state, self._ws, self._called = "args", [], True
             self._start_call(head.replace(ARGS, "").strip())
             self._read_args(rest)
             return
         self._read_items(rest)
 
     def _read_args(self, text: str):
-        text = self._ws + text
         kept = text.rstrip()
-        self._ws = text[len(kept):]
-        self._arguments(kept)
+        if not kept:
+            self._ws.append(text)
+            return
+        self._arguments("".join(self._ws) + kept)
+        self._ws = [text[len(kept):]]
 
     def _read_items(self, text: str):
         while text and self._state in ("list", "object"):
@@ -129,9 +134,9 @@ class MistralToolParser(ToolParser):
 
     def _end_section(self):
         if self._state == "args":
-            self._ws = ""
+            self._ws = []
             self._end_call()
         elif self._state in ("list", "object") and self._item is not None:
             self._end_item()
         if self._state in ("head", "list", "object") and not self._called:
-            self._content(self._section.lstrip())
+            self._content("".join(self._section).lstrip())
