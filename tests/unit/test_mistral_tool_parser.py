@@ -42,6 +42,11 @@ CASES = [
     # cut short: what came is the arguments (vLLM's), as streamed
     ('hi{hi[TOOL_CALLS]bash{"command": "re.compile(r\'{}\')', "hi{hi", [("bash", '{"command": "re.compile(r\'{}\')')]),
     ("[TOOL_CALLS]toolname_no_args", "toolname_no_args", []),
+    # later tokenizers write the call's id too: name[CALL_ID]id[ARGS]{...}; the name is the name alone
+    ('[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "San Francisco", "unit": "celsius"}', None, [WEATHER]),
+    ('Sure.[TOOL_CALLS]add[CALL_ID]abcdefghi[ARGS]{"a": 1}[TOOL_CALLS]now[CALL_ID]call_1[ARGS]{}', "Sure.",
+     [("add", '{"a": 1}'), ("now", "{}")]),
+    ('[TOOL_CALLS]add[CALL_ID] 123456789 {"a": 1}', None, [("add", '{"a": 1}')]),
 ]
 
 
@@ -75,6 +80,33 @@ def test_call_ids_are_nine_letters_and_digits():
     _, calls = MistralToolParser().parse_all('[TOOL_CALLS]a{}[TOOL_CALLS]b{}' * 50)
     ids = [c["id"] for c in calls]
     assert all(len(i) == 9 and i.isascii() and i.isalnum() for i in ids) and len(set(ids)) == len(ids) == 100
+
+
+@pytest.mark.parametrize("written,kept", [
+    ("a1B2c3D4e", True), ("123456789", True),
+    ("call_1", False), ("abcdefgh", False), ("abcdefghij", False), ("abcdéfghi", False), ("", False),
+    ("abc def g", False),
+])
+def test_the_call_id_the_model_wrote_is_the_calls_id_when_valid(written, kept):
+    """name[CALL_ID]id[ARGS]: the id written becomes the call's when a Mistral template takes it back (9 ASCII
+    letters and digits), else one is made, streamed at every split as not."""
+    text = f'[TOOL_CALLS]get_weather[CALL_ID]{written}[ARGS]{{"city": "Paris"}}'
+    ids = []
+    for chunks in splits(text):
+        parser, first = MistralToolParser(), []
+        for chunk in [*chunks, None]:
+            delta = parser.feed(chunk) if chunk is not None else parser.finish()
+            first += [c for c in delta.tool_calls if c.id is not None]
+        assert [(c.name, c.index) for c in first] == [("get_weather", 0)], chunks
+        ids.append(first[0].id)
+    assert all(len(i) == 9 and i.isascii() and i.isalnum() for i in ids)
+    assert all(i == written for i in ids) if kept else written not in ids
+
+
+def test_a_call_id_written_twice_is_made_anew_the_second_time():
+    """Tool results find their call by its id: two calls of one answer never share one."""
+    _, calls = MistralToolParser().parse_all("[TOOL_CALLS]a[CALL_ID]abcdefghi[ARGS]{}" * 2)
+    assert calls[0]["id"] == "abcdefghi" and calls[1]["id"] != "abcdefghi" and len(calls[1]["id"]) == 9
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call():

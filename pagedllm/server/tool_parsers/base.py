@@ -128,13 +128,14 @@ class ToolParser:
             self._out.content += self._held_ws
         self._held_ws = ""
 
-    def _start_call(self, name: str):
+    def _start_call(self, name: str, call_id: str | None = None):
+        """call_id: the id the model wrote for it, where the format has one (else one is made)."""
         if self._said and not self._gap:
             self._gap = self._held_ws
         self._held_ws, self._args_len = "", 0
         self._dropping = self.max_calls is not None and self.num_calls >= self.max_calls
         if not self._dropping:
-            self._out.add_call(ToolCallDelta(self.num_calls, self.call_id(), name, ""))
+            self._out.add_call(ToolCallDelta(self.num_calls, call_id or self.call_id(), name, ""))
 
     def _arguments(self, text: str):
         if text and not self._dropping:

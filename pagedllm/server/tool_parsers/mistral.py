@@ -1,13 +1,15 @@
 """Mistral tool calls (Mistral-7B-Instruct-v0.3, Mistral-Nemo, Mistral-Small): the special token [TOOL_CALLS],
 then either a JSON list `[{"name": ..., "arguments": {...}}, ...]` (tokenizers before v11), or, from v11 on, the
 function's name, `[ARGS]` (HF tokenizers write it) and its arguments object, the token repeated before each
-call. Text before the first [TOOL_CALLS] is content. The text between the token and the first "{" tells the
-format (vLLM asks the tokenizer instead): a "[" ending it opens a list, nothing at all is a lone call object
+call; a tokenizer with the [CALL_ID] token may write it and the call's id between the name and [ARGS]. Text
+before the first [TOOL_CALLS] is content. The text between the token and the first "{" tells the format (vLLM
+asks the tokenizer instead): a "[" ending it opens a list, nothing at all is a lone call object
 (`{"name": ..., "arguments": ...}`), anything else is a name; so one parser reads both, whatever the version.
 
 The server keeps special tokens in the text for this parser (`reads_special_tokens`): skipped, [TOOL_CALLS]
 would be gone and the calls would read as content. Call ids are 9 letters and digits (vLLM's for Mistral):
-Mistral's chat templates refuse any other id when the conversation comes back.
+Mistral's chat templates refuse any other id when the conversation comes back. An id the model wrote after
+[CALL_ID] is the call's when it is such an id (and no other call of the answer has it), else one is made.
 
 A v11 call's arguments are the text up to the next [TOOL_CALLS] or the end (vLLM's split), released as it
 comes; a list's items are read with the JSON call scanner, and text after the list is content. A [TOOL_CALLS]
@@ -19,7 +21,7 @@ import string
 from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser, partial_suffix
 from pagedllm.server.tool_parsers.json_call import CallScanner
 
-BOT, ARGS = "[TOOL_CALLS]", "[ARGS]"
+BOT, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 _ID_CHARS = string.ascii_letters + string.digits
 
 
@@ -41,6 +43,7 @@ class MistralToolParser(ToolParser):
         self._item: CallScanner | None = None   # the list's item (or the lone object) being read
         self._named = False    # its name went out
         self._ws: list[str] = []   # v11 arguments' trailing whitespace, released with the next other character
+        self._ids: set[str] = set()   # the ids of the calls out
 
     def feed(self, text: str) -> DeltaMessage:
         self._buf += text
@@ -87,10 +90,21 @@ class MistralToolParser(ToolParser):
             self._state = "object"
         else:
             self._state, self._ws, self._called = "args", [], True
-            self._start_call(head.replace(ARGS, "").strip())
+            name, _, written = head.replace(ARGS, "").partition(CALL_ID)
+            self._start_call(name.strip(), self._call_id(written.strip()))
             self._read_args(rest)
             return
         self._read_items(rest)
+
+    def _call_id(self, written: str) -> str:
+        """The call's id: the one the model wrote after [CALL_ID] when it is 9 ASCII letters and digits, not yet
+        given to a call of this answer. Any other is replaced by a new one: Mistral's chat templates (and
+        mistral_common's validator) refuse the conversation back with it, and two calls sharing an id could not
+        be told apart by their tool results."""
+        if not (len(written) == 9 and all(c in _ID_CHARS for c in written) and written not in self._ids):
+            written = mistral_call_id()
+        self._ids.add(written)
+        return written
 
     def _read_args(self, text: str):
         kept = text.rstrip()
