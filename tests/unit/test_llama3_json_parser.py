@@ -58,6 +58,11 @@ CASES = [
     ("```json\n[" + CALL + ",\n" + NOW + "]\n```", (None, [("get_weather", PARIS), ("now", "{}")])),
     ("```json\n" + CALL + "\n```\n```json\n" + NOW + "\n```", (None, [("get_weather", PARIS), ("now", "{}")])),
     ("Calling it:\n```json\n" + NOW + "\n```\nDone.", ("Calling it:\nDone.", [("now", "{}")])),
+    # several calls in one fence, as between calls anywhere (";", ",", a newline): the fence stays their wrapping
+    *[("```json\n" + CALL + sep + NOW + "\n```", (None, [("get_weather", PARIS), ("now", "{}")]))
+      for sep in (";\n", "; ", ",\n", "\n")],
+    ("```json\n" + NOW + '\n{"foo": 1}\n```\nDone.', ('{"foo": 1}\nDone.', [("now", "{}")])),
+    ("```json\n" + NOW + ', {"foo": 1}, ' + CALL + "\n```", ('{"foo": 1}', [("now", "{}"), ("get_weather", PARIS)])),
     ("[" + NOW, (None, [("now", "{}")])),                           # a list cut short
     # a list of calls holding an object that is no call: that object is content, the list's "," and "]" are not
     ("[" + CALL + ', {"foo": 1}]', ('{"foo": 1}', [("get_weather", PARIS)])),

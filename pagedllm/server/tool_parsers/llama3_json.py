@@ -39,6 +39,7 @@ class Llama3JsonToolParser(ToolParser):
         self._obj: CallScanner | None = None    # the object being read
         self._calling = False                   # it went out as a call
         self._after: str | None = None          # "call" or "item" (no call, in a list of calls) just ended
+        self._sep = False                       # a separator after it was read (in a fence: the fence goes on)
         self._prefix = ""                       # the object's wrapping ("[", a fence, ", " in a list): held
         self._wraps = (False, False)            # (in a list, in a fence) if the object is a call
         self._in_list = self._fenced = False    # the calls so far are wrapped: their closers are dropped
@@ -80,12 +81,12 @@ class Llama3JsonToolParser(ToolParser):
 
     def _read_after(self) -> bool:
         """After a call: a ";" separates the next, and so does a "," before a "{"; in a list "]" ends it; a fence
-        ends with ```.
-        After an item of a list of calls that is no call, only the list's "," and "]" and the fence are read."""
+        ends with ```, and the objects in it before that are its calls (separated as anywhere).
+        After an item of a list (or fence) of calls that is no call, only the wrapping is read."""
         rest = self._buf.lstrip()
         if not rest:
             return False
-        if self._in_list and rest[0] == ",":
+        if self._in_list and rest[0] == "," and not self._sep:
             after = rest[1:].lstrip()
             if not after:
                 return False
@@ -96,19 +97,28 @@ class Llama3JsonToolParser(ToolParser):
         if self._in_list and rest[0] == "]":
             self._in_list, self._buf = False, rest[1:]
             return True
-        if self._fenced and not self._in_list:
+        fenced = self._fenced and not self._in_list
+        if fenced:
             if len(rest) < len(FENCE) and FENCE.startswith(rest):   # the fence's end may come next
                 return False
             if rest.startswith(FENCE):
-                self._fenced, self._buf = False, rest[3:]
+                self._fenced, self._sep, self._buf = False, False, rest[3:]
                 return True
-        separator = rest[0] == ";"
-        if rest[0] == "," and self._after == "call":   # "{call}, {call}" (a list without its brackets): as ";"
-            after = rest[1:].lstrip()
+            if rest[0] == "{":   # the fence's next object
+                self._after, self._sep = None, False
+                self._open("", (False, True), len(self._buf) - len(rest))
+                return True
+        separator = rest[0] == ";" and not self._sep
+        if rest[0] == "," and (self._after == "call" or fenced) and not self._sep:   # "{call}, {call}" (a list
+            after = rest[1:].lstrip()                                                   # without brackets): as ";"
             if not after:
                 return False
             separator = after[0] == "{"   # else the comma is text ("{call}, which ...")
-        separator, self._after, self._in_list, self._fenced = separator and self._after == "call", None, False, False
+        separator = separator and (self._after == "call" or fenced)
+        if separator and fenced:   # what follows tells whether the fence goes on
+            self._buf, self._sep = rest[1:], True
+            return True
+        self._after, self._sep, self._in_list, self._fenced = None, False, False, False
         if separator:
             self._buf = rest[1:]
         return True
@@ -130,10 +140,11 @@ class Llama3JsonToolParser(ToolParser):
 
     def _end_object(self):
         obj, self._obj = self._obj, None
-        if not self._calling and self._in_list:
+        if not self._calling and (self._in_list or self._fenced):
             # an item of a list of calls that is no call: it is content (text the model wrote), while the list's
             # "," before it and its "]" stay the calls' wrapping (vLLM answers such a list all as content, but only
-            # when not streamed: a call that went out cannot be taken back, and its stream drops the object)
+            # when not streamed: a call that went out cannot be taken back, and its stream drops the object); so
+            # in a fence that a call opened
             self._content(obj.text)
             self._prefix, self._after = "", "item"
             return
