@@ -142,6 +142,7 @@ def test_arguments_stream_before_the_call_ends():
     (f"Checking. {HERMES_OUTPUTS[0]}\n{HERMES_OUTPUTS[0]}\n\nDone.", "Checking. Done."),
     (f"Checking.{HERMES_OUTPUTS[0]}\nDone.", "Checking.\nDone."),
     (f"\n{HERMES_OUTPUTS[0]}\nDone.\n", "Done."),
+    (f"Checking.{HERMES_OUTPUTS[0]}\n \n\nDone.", "Checking.\n \n\nDone."),   # all of it, however it is split
 ])
 def test_content_around_calls_keeps_a_separator(text, content):
     """Content before and after calls was joined without the whitespace between them ("Checking.Done.")."""

@@ -80,6 +80,7 @@ class ToolParser:
         self._strip_leading = False   # content right after a call loses its leading whitespace
         self._said = False            # some content (not only whitespace) went out
         self._gap = ""                # whitespace dropped around calls that follow content: kept if more comes
+        self._gap_open = False        # the gap is whitespace after a call that more whitespace may lengthen
         self._args_len = 0            # argument text emitted for the current call
         self._dropping = False        # the current call is past max_calls
 
@@ -110,12 +111,13 @@ class ToolParser:
     def _content(self, text: str):
         if self._strip_leading:
             rest = text.lstrip()
-            if self._said and not self._gap:
-                self._gap = text[:len(text) - len(rest)]
+            if self._said and (not self._gap or self._gap_open):   # (all of it, in however many deltas it came)
+                self._gap += text[:len(text) - len(rest)]
+                self._gap_open = bool(self._gap)
             text = rest
             self._strip_leading = not text
             if text:   # content on both sides of calls keeps their whitespace ("Checking.\n<call>\nDone.")
-                text, self._gap = self._gap + text, ""
+                text, self._gap, self._gap_open = self._gap + text, "", False
         text = self._held_ws + text
         kept = text.rstrip()
         self._said = self._said or bool(kept)
@@ -132,6 +134,7 @@ class ToolParser:
         """call_id: the id the model wrote for it, where the format has one (else one is made)."""
         if self._said and not self._gap:
             self._gap = self._held_ws
+        self._gap_open = False
         self._held_ws, self._args_len = "", 0
         self._dropping = self.max_calls is not None and self.num_calls >= self.max_calls
         if not self._dropping:
