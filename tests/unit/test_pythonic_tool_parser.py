@@ -88,6 +88,19 @@ def test_a_list_gone_wrong_after_a_call_went_out_keeps_it():
     assert expected("[f(x=1), g(x=foo)]") == ("[f(x=1), g(x=foo)]", [])
 
 
+@pytest.mark.parametrize("text", ["[f(x='ab', y=1, x='cd')]",   # Python refuses a keyword given twice
+                                  "[f(x={'a': 1, 'b': 2, 'a': 3})]",   # the last value would take the first place
+                                  "[f(x={1: 'a', True: 'b'})]"])       # (1 == True: one key)
+def test_a_keyword_or_key_given_twice_is_no_literal(text):
+    """Its value would replace the first one where that one went out already, so the stream could not be a
+    prefix of it (it sent broken JSON). Not streamed, the list is content; streamed, what went out is closed."""
+    assert expected(text) == (text, [])
+    for chunks in splits(text):
+        content, calls = summary(stream(PythonicToolParser(), chunks))
+        assert (content, calls) == (text, []) or (content is None and [n for n, _ in calls] == ["f"]
+                                                  and isinstance(json.loads(calls[0][1]), dict)), chunks
+
+
 def test_cut_short_call_has_its_arguments_closed():
     """max_tokens in a string: the call keeps what came, as JSON that parses (finish_reason stays "length")."""
     text = "[get_weather(city='Par"

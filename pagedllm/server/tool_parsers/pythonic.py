@@ -2,7 +2,9 @@
 `[get_weather(city="Paris", days=3), now()]`, keyword arguments only, each a literal: a string, a number (a
 negative one too), True/False/None (or JSON's true/false/null), a list, a dict with literal keys. The text is read
 with `ast`, never evaluated; each call's arguments become JSON (json.dumps, non-ASCII kept). An answer that is not
-such a list is content, as vLLM's PythonicToolParser answers it.
+such a list is content, as vLLM's PythonicToolParser answers it; so is one giving a keyword twice (Python refuses
+the call) or a dict key twice (unlike vLLM, which takes the last value: it lands in the first one's place, where a
+stream has sent that one already).
 
 Streamed, the list written so far is completed (its open string, brackets and call closed) and parsed at each
 delta: a call's name goes out with its first argument (or its ")"), its arguments as the JSON of the completion
@@ -373,8 +375,10 @@ def _calls(source: str) -> list[tuple[str, str]] | None:
         return None
     calls = []
     for call in tree.elts:
-        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args
-                and all(k.arg for k in call.keywords)):   # k.arg None: **kwargs
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args):
+            return None
+        names = [k.arg for k in call.keywords]
+        if not all(names) or len(set(names)) < len(names):   # None: **kwargs; one given twice: Python refuses it
             return None
         try:
             arguments = {k.arg: _literal(k.value) for k in call.keywords}
@@ -395,5 +399,7 @@ def _literal(node: ast.expr):
     if isinstance(node, ast.List):
         return [_literal(v) for v in node.elts]
     if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) for k in node.keys):   # None: **spread
-        return {k.value: _literal(v) for k, v in zip(node.keys, node.values)}
+        value = {k.value: _literal(v) for k, v in zip(node.keys, node.values)}
+        if len(value) == len(node.keys):   # a key given twice: its last value in its first place, unstreamable
+            return value
     raise ValueError(f"not a literal: {ast.dump(node)}")
