@@ -50,7 +50,7 @@ def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest
         text = chat_template.render_chat(ctx.tokenizer, [m.as_template_input() for m in req.messages], template,
                                          req.add_generation_prompt, req.continue_final_message,
                                          template_kwargs(ctx, req),
-                                         [t.model_dump(exclude_none=True) for t in tools], req.documents,
+                                         [t.as_template_input() for t in tools], req.documents,
                                          ctx.chat_template_content_format)
     except chat_template.ChatTemplateError as e:
         raise APIError(400, shorten(str(e), 1000), e.param, "invalid_value") from e

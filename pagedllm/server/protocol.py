@@ -352,6 +352,15 @@ class ChatTool(_Strict):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
+    def as_template_input(self) -> dict:
+        """The tool as vLLM gives it to the chat template (its pydantic dump): a function's description and
+        parameters are there as null when not given, strict only when given. Templates write tools with tojson,
+        so leaving the nulls out would change the prompt."""
+        tool = self.model_dump()
+        if tool["function"]["strict"] is None:
+            del tool["function"]["strict"]
+        return tool
+
 
 def check_tools(tools: list[tuple[str, dict[str, Any] | None]], at: str):
     """OpenAI's 400s on a request's functions, (name, parameters) each, whose fields are at.format(index): a

@@ -1,0 +1,53 @@
+"""A chat request's prompt as vLLM 0.26 renders it, through the server's renderer (server/chat.py) and real chat
+templates (Qwen3's, Llama 3.1's): each expected text is the one vLLM's chat_utils/renderer gives for the request."""
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoTokenizer
+
+from pagedllm.server import chat
+from pagedllm.server.errors import APIError
+from pagedllm.server.protocol import ChatCompletionRequest
+
+CONFIGS = "/work/shared/model-configs"
+USER = {"role": "user", "content": "Hi"}
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return AutoTokenizer.from_pretrained(f"{CONFIGS}/Qwen--Qwen3-0.6B")
+
+
+@pytest.fixture(scope="module")
+def llama31():
+    return AutoTokenizer.from_pretrained(f"{CONFIGS}/meta-llama--Llama-3.1-8B-Instruct")
+
+
+def render(tokenizer, body: dict, **server) -> str:
+    """The prompt text of a chat request, as the server renders it (its flags in `server`)."""
+    ctx = SimpleNamespace(**{"chat_template": None, "trust_request_chat_template": False, "tokenizer": tokenizer,
+                             "exclude_tools_when_tool_choice_none": False, "default_chat_template_kwargs": None,
+                             "chat_template_content_format": "auto", **server})
+    return chat._chat_text(ctx, ChatCompletionRequest.model_validate(body))
+
+
+def refused(tokenizer, body: dict, **server) -> APIError:
+    with pytest.raises(APIError) as e:
+        render(tokenizer, body, **server)
+    assert e.value.status == 400
+    return e.value
+
+
+def test_tools_reach_the_template_as_vllm_dumps_them(qwen3, llama31):
+    """vLLM gives the template each tool as its pydantic model dumps it: a function's description and parameters
+    as null when the client left them out (strict only when set), which tojson writes into the prompt."""
+    body = {"messages": [USER], "tools": [{"type": "function", "function": {"name": "now"}},
+                                          {"type": "function", "function": {"name": "w", "strict": True,
+                                                                            "parameters": {"type": "object"}}}]}
+    text = render(qwen3, body)
+    assert ('<tools>\n{"type": "function", "function": {"name": "now", "description": null, "parameters": null}}\n'
+            '{"type": "function", "function": {"name": "w", "description": null, "parameters": {"type": "object"}, '
+            '"strict": true}}\n</tools>') in text
+    text = render(llama31, body)
+    assert ('{\n    "type": "function",\n    "function": {\n        "name": "now",\n        "description": null,\n'
+            '        "parameters": null\n    }\n}') in text
