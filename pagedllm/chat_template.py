@@ -55,7 +55,7 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
     if content_format == "auto":
         content_format = detect_content_format(chat_template if chat_template is not None
                                                else getattr(tokenizer, "chat_template", None))
-    messages = [template_message(m, content_format) for m in conversation]
+    messages = [template_message(m, content_format, f"messages.{i}") for i, m in enumerate(conversation)]
     try:
         return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
@@ -103,11 +103,11 @@ def _detect(template: str) -> str:
     return "string"
 
 
-def template_message(message: dict, content_format: str = "string") -> dict:
-    """One OpenAI message as templates expect it: its content as text (parts joined by newlines, null as "") in
-    vLLM's "string" content format, as a list of text parts (a string one part, null none) in "openai";
-    tool_calls kept with each call's `arguments` as a mapping when given as a JSON object string (tool-use
-    templates write `arguments | tojson`); other arguments stay as given."""
+def template_message(message: dict, content_format: str = "string", at: str = "messages") -> dict:
+    """One OpenAI message (at: where it is in the request) as templates expect it: its content as text (parts
+    joined by newlines, null as "") in vLLM's "string" content format, as a list of text parts (a string one part,
+    null none) in "openai"; tool_calls kept with each call's JSON `arguments` parsed, as vLLM does (tool-use
+    templates write `arguments | tojson`): arguments that are not JSON are a ChatTemplateError naming them."""
     result = dict(message)
     content = result.get("content")
     if isinstance(content, list) and not all(isinstance(p, dict) and p.get("type") == "text"
@@ -128,8 +128,9 @@ def template_message(message: dict, content_format: str = "string") -> dict:
                 and isinstance(c["function"].get("name"), str) for c in result["tool_calls"]):
             raise ChatTemplateError("tool_calls must be a list of {'type': 'function', 'function': {'name': ..., "
                                     "'arguments': ...}}", "messages")
-        calls = [{**c, "function": {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}}
-                 for c in result["tool_calls"]]
+        calls = [{**c, "function": {**c["function"], "arguments": _arguments(
+            c["function"].get("arguments"), f"{at}.tool_calls.{j}.function.arguments")}}
+            for j, c in enumerate(result["tool_calls"])]
         if calls:
             result["tool_calls"] = calls
         else:   # an empty list: the template's plain assistant path, as vLLM
@@ -142,13 +143,19 @@ def template_message(message: dict, content_format: str = "string") -> dict:
     return result
 
 
-def _arguments(value):
+def _arguments(value, param: str):
+    """A call's arguments as vLLM gives them to the template: none (or "") as {}, a JSON text as its value
+    (null as {}; an array or a number too, as vLLM keeps them), a mapping as given. Text that is not JSON is
+    vLLM's 400 (its json.loads fails), here naming the field."""
     if not value:
         return {}
     if isinstance(value, str):
         try:
             parsed = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):   # not JSON, or nested past the decoder's depth
-            return value
-        return parsed if isinstance(parsed, dict) else value
+        except json.JSONDecodeError as e:
+            raise ChatTemplateError(f"{param} is not JSON ({e}): a tool call's arguments are a JSON text, which the "
+                                    f"chat template is given parsed", param) from e
+        except RecursionError as e:   # nested past the decoder's depth (vLLM's is a 500 there)
+            raise ChatTemplateError(f"{param} is JSON nested too deeply to parse", param) from e
+        return {} if parsed is None else parsed
     return value

@@ -51,3 +51,27 @@ def test_tools_reach_the_template_as_vllm_dumps_them(qwen3, llama31):
     text = render(llama31, body)
     assert ('{\n    "type": "function",\n    "function": {\n        "name": "now",\n        "description": null,\n'
             '        "parameters": null\n    }\n}') in text
+
+
+def _called(arguments) -> dict:
+    call = {"id": "c1", "type": "function", "function": {"name": "w", "arguments": arguments}}
+    return {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": "c1", "content": "18C"}]}
+
+
+@pytest.mark.parametrize("arguments, written", [
+    ('{"city": "Paris"}', '{"city": "Paris"}'), ("[1, 2]", "[1, 2]"), ('"abc"', '"abc"'), ("null", "{}"),
+    ("", "{}"), (None, "{}")])
+def test_tool_call_arguments_reach_the_template_parsed_as_vllm_does(llama31, arguments, written):
+    """vLLM json.loads a call's arguments for the template, whatever JSON they hold (null and none as {}); Llama
+    3.1 writes them with tojson, so an array or a string kept as text came out differently ("[1, 2]" quoted)."""
+    assert f'<|start_header_id|>assistant<|end_header_id|>\n\n{{"name": "w", "parameters": {written}}}<|eot_id|>' \
+        in render(llama31, _called(arguments))
+
+
+@pytest.mark.parametrize("arguments", ["not json", '{"city": ', "[" * 100_000])
+def test_tool_call_arguments_that_are_not_json_are_a_400_naming_them(qwen3, arguments):
+    """vLLM's json.loads of them fails: a 400 (a RecursionError past the decoder's depth, its 500), here naming
+    the field; they were given to the template as text, a prompt vLLM never renders."""
+    e = refused(qwen3, _called(arguments))
+    assert e.param == "messages.1.tool_calls.0.function.arguments" and "JSON" in e.message

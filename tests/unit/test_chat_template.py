@@ -37,18 +37,19 @@ def test_tool_calls_and_tool_answers_reach_the_template(tokenizer):
                     "<assistant>")
 
 
-def test_template_message_keeps_arguments_that_are_not_a_json_object():
-    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}
-    assert template_message({"role": "assistant", "tool_calls": [call]})["tool_calls"][0]["function"] == \
-        {"name": "f", "arguments": "not json"}
-    no_args = {"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}
-    assert template_message({"role": "assistant", "tool_calls": [no_args]})["tool_calls"][0]["function"] == \
-        {"name": "f", "arguments": {}}
+def test_template_message_parses_arguments_as_vllm():
+    """vLLM json.loads a call's arguments for the template: none or "" is {}, null is {}, other JSON its value;
+    text that is not JSON (or nested past the decoder's depth) is an error naming the field."""
+    def arguments(value):
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": value}}
+        return template_message({"role": "assistant", "tool_calls": [call]})["tool_calls"][0]["function"]
+    assert arguments("") == arguments("null") == arguments(None) == {"name": "f", "arguments": {}}
+    assert arguments("[1]") == {"name": "f", "arguments": [1]} and arguments('"x"') == {"name": "f", "arguments": "x"}
     assert "tool_calls" not in template_message({"role": "assistant", "content": "x", "tool_calls": []})
-    # nested past json's depth: kept as given, as text that is not JSON (it was a RecursionError: a 500)
-    deep = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}
-    assert template_message({"role": "assistant", "tool_calls": [deep]})["tool_calls"][0]["function"] == \
-        {"name": "f", "arguments": "[" * 100_000}
+    for text in ("not json", "[" * 100_000):
+        with pytest.raises(ChatTemplateError, match="JSON") as e:
+            arguments(text)
+        assert e.value.param == "messages.tool_calls.0.function.arguments"
 
 
 def test_assistant_reasoning_reaches_the_template_under_both_names(tokenizer):
