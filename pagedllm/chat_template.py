@@ -104,42 +104,47 @@ def _detect(template: str) -> str:
 
 
 def template_message(message: dict, content_format: str = "string", at: str = "messages") -> dict:
-    """One OpenAI message (at: where it is in the request) as templates expect it: its content as text (parts
-    joined by newlines, null as "") in vLLM's "string" content format, as a list of text parts (a string one part,
-    null none) in "openai"; tool_calls kept with each call's JSON `arguments` parsed, as vLLM does (tool-use
-    templates write `arguments | tojson`): arguments that are not JSON are a ChatTemplateError naming them."""
-    result = dict(message)
-    content = result.get("content")
+    """One OpenAI message (at: where it is in the request) as vLLM gives it to templates: its content as text
+    (parts joined by newlines, null as "") in vLLM's "string" content format, as a list of text parts (a string
+    one part, null none) in "openai", where a tool's answer stays text; then only the fields of its role, as
+    vLLM's conversation has them: an assistant's tool_calls (each call's JSON `arguments` parsed, as tool-use
+    templates write `arguments | tojson`; arguments that are not JSON are a ChatTemplateError naming them) and its
+    reasoning (under both names), a tool's tool_call_id, any message's name (a string), a developer's tools."""
+    role = message.get("role")
+    content = message.get("content")
     if isinstance(content, list) and not all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) for p in content):
         raise ChatTemplateError("only text content parts ({'type': 'text', 'text': ...}) are supported",
                                 "messages")
-    if content_format == "openai":
-        parts = [] if content is None else [{"type": "text", "text": content}] if isinstance(content, str) else \
-            [{"type": "text", "text": p["text"]} for p in content]
-        result["content"] = parts
-    elif content is None:
-        result["content"] = ""
-    elif isinstance(content, list):
-        result["content"] = "\n".join(p["text"] for p in content)
-    if result.get("tool_calls") is not None:
-        if not isinstance(result["tool_calls"], list) or not all(
+    texts = [] if content is None else [content] if isinstance(content, str) else [p["text"] for p in content]
+    if content_format == "openai" and role != "tool":
+        result = {"role": role, "content": [{"type": "text", "text": text} for text in texts]}
+    else:   # vLLM joins a tool's text parts in either format: templates write a tool's answer as text
+        result = {"role": role, "content": "\n".join(texts)}
+    if role == "assistant" and message.get("tool_calls") is not None:
+        if not isinstance(message["tool_calls"], list) or not all(
                 isinstance(c, dict) and isinstance(c.get("function"), dict)
-                and isinstance(c["function"].get("name"), str) for c in result["tool_calls"]):
+                and isinstance(c["function"].get("name"), str) for c in message["tool_calls"]):
             raise ChatTemplateError("tool_calls must be a list of {'type': 'function', 'function': {'name': ..., "
                                     "'arguments': ...}}", "messages")
         calls = [{**c, "function": {**c["function"], "arguments": _arguments(
             c["function"].get("arguments"), f"{at}.tool_calls.{j}.function.arguments")}}
-            for j, c in enumerate(result["tool_calls"])]
-        if calls:
+            for j, c in enumerate(message["tool_calls"])]
+        if calls:   # an empty list is left out: the template's plain assistant path, as vLLM
             result["tool_calls"] = calls
-        else:   # an empty list: the template's plain assistant path, as vLLM
-            del result["tool_calls"]
     # An assistant's reasoning sent back (vLLM's `reasoning`, or the older `reasoning_content`) reaches the
     # template under both names, as vLLM passes it: Qwen3's template reads reasoning_content.
-    reasoning = result.get("reasoning", result.get("reasoning_content"))
-    if result.get("role") == "assistant" and reasoning is not None:
+    reasoning = message.get("reasoning")
+    reasoning = message.get("reasoning_content") if reasoning is None else reasoning
+    if role == "assistant" and reasoning is not None:
         result["reasoning"] = result["reasoning_content"] = reasoning
+    if role == "tool" and "tool_call_id" in message:
+        result["tool_call_id"] = message["tool_call_id"]
+    for name in ("name", "task"):
+        if isinstance(message.get(name), str):
+            result[name] = message[name]
+    if role == "developer":
+        result["tools"] = message.get("tools")
     return result
 
 

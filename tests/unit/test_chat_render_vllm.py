@@ -75,3 +75,33 @@ def test_tool_call_arguments_that_are_not_json_are_a_400_naming_them(qwen3, argu
     the field; they were given to the template as text, a prompt vLLM never renders."""
     e = refused(qwen3, _called(arguments))
     assert e.param == "messages.1.tool_calls.0.function.arguments" and "JSON" in e.message
+
+
+# Shows each message's fields as the template gets them (undefined ones print empty).
+FIELDS_TEMPLATE = ("{% for m in messages %}{{ m.role }}|{{ m.tool_call_id }}|{{ m.tool_calls }}|"
+                   "{{ m.reasoning_content }}|{{ m.content }};{% endfor %}")
+
+
+def test_each_role_brings_only_its_own_fields_to_the_template(qwen3):
+    """vLLM's conversation keeps tool_calls and reasoning on assistant messages and tool_call_id on tool ones:
+    the same fields sent on another role never reach the template (they did here)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
+    body = {"chat_template": FIELDS_TEMPLATE, "add_generation_prompt": False, "messages": [
+        {"role": "user", "content": "x", "tool_call_id": "c0", "reasoning": "r", "tool_calls": [call]},
+        {"role": "assistant", "content": "y", "tool_call_id": "c0", "reasoning_content": "r"},
+        {"role": "tool", "content": "z", "tool_call_id": "c1", "reasoning": "r"}]}
+    assert render(qwen3, body, trust_request_chat_template=True) == "user||||x;assistant|||r|y;tool|c1|||z;"
+
+
+def test_a_tool_answer_stays_text_in_the_openai_content_format(qwen3):
+    """In the openai content format (a template that loops over content) vLLM still gives a tool message its
+    text, its parts joined by newlines: templates write a tool's answer as text."""
+    template = ("{% for m in messages %}{{ m.role }}:{% if m.content is string %}'{{ m.content }}'{% else %}"
+                "{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endif %};{% endfor %}")
+    call = {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
+    body = {"chat_template": template, "add_generation_prompt": False, "messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1",
+         "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "tool", "tool_call_id": "c1", "content": None}]}
+    assert render(qwen3, body, trust_request_chat_template=True) == "user:[x];assistant:;tool:'a\nb';tool:'';"
