@@ -56,6 +56,9 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
         content_format = detect_content_format(chat_template if chat_template is not None
                                                else getattr(tokenizer, "chat_template", None))
     messages = [template_message(m, content_format, f"messages.{i}") for i, m in enumerate(conversation)]
+    if any(m["role"] == "developer" for m in messages) and not takes_developer(
+            template_text(tokenizer, chat_template, tools)):
+        messages = _developer_as_system(messages)
     try:
         return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
@@ -65,6 +68,40 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
         raise ChatTemplateError(f"the chat template does not parse: {e}", "chat_template") from e
     except Exception as e:   # a template that rejects these messages (roles, order) raises here
         raise ChatTemplateError(f"the chat template failed on these messages: {e}", "messages") from e
+
+
+def template_text(tokenizer, chat_template: str | None, tools) -> str | None:
+    """The template that renders: the given one (or one of the tokenizer's named templates, by name), else the
+    tokenizer's (its tool_use one when tools are given, as transformers and vLLM choose); None without one."""
+    try:
+        return tokenizer.get_chat_template(chat_template, tools=tools or None)
+    except ValueError:   # no template: apply_chat_template says so, as the error of the request
+        return chat_template
+
+
+def takes_developer(template: str | None) -> bool:
+    """Whether a template knows OpenAI's developer role: vLLM's test, the role's name quoted in it."""
+    return template is not None and ('"developer"' in template or "'developer'" in template)
+
+
+def _developer_as_system(messages: list[dict]) -> list[dict]:
+    """vLLM's rendering of developer messages for a template that does not know the role (most: Qwen3's drops
+    such a message, Llama 3's writes a "developer" header): they become system messages, and when a system message
+    is then not first, or there are several, all are merged into one first system message, their texts (those not
+    empty) joined by blank lines (templates such as Qwen's take a system message only first)."""
+    messages = [m if m["role"] != "developer" else
+                {k: v for k, v in m.items() if k != "tools"} | {"role": "system"} for m in messages]
+    systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
+    if not systems or systems == [0]:
+        return messages
+    texts = [_text(messages[i]["content"]) for i in systems]
+    return [{"role": "system", "content": "\n\n".join(t for t in texts if t)},
+            *(m for m in messages if m["role"] != "system")]
+
+
+def _text(content) -> str:
+    """A message's content as text: its text parts joined by newlines (content in the openai format)."""
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content or ())
 
 
 def _own_argument(kwargs: dict, name: str, given):

@@ -105,3 +105,26 @@ def test_a_tool_answer_stays_text_in_the_openai_content_format(qwen3):
          "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         {"role": "tool", "tool_call_id": "c1", "content": None}]}
     assert render(qwen3, body, trust_request_chat_template=True) == "user:[x];assistant:;tool:'a\nb';tool:'';"
+
+
+def test_developer_messages_are_system_ones_for_a_template_without_the_role(qwen3, llama31):
+    """vLLM turns developer messages into system ones when the template does not name the role, and merges the
+    system messages into one first one: Qwen3's template dropped a developer message, Llama 3.1's wrote a
+    "developer" header."""
+    body = {"messages": [{"role": "developer", "content": "Be terse"}, USER]}
+    assert render(qwen3, body) == "<|im_start|>system\nBe terse<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" \
+                                  "<|im_start|>assistant\n"
+    body = {"messages": [{"role": "system", "content": "S"}, {"role": "developer", "content": "D"}, USER]}
+    assert render(qwen3, body).startswith("<|im_start|>system\nS\n\nD<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
+    body = {"messages": [USER, {"role": "assistant", "content": "A"}, {"role": "developer", "content": "D"}, USER]}
+    assert render(llama31, body) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+        "Today Date: 26 Jul 2024\n\nD<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        "Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    # a template that names the role gets it as sent
+    template = "{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}{# 'developer' #}"
+    body = {"messages": [USER, {"role": "developer", "content": "D"}], "chat_template": template}
+    assert render(qwen3, body, trust_request_chat_template=True) == "user:Hi;developer:D;"
+    assert render(qwen3, {**body, "chat_template": template[:-17]}, trust_request_chat_template=True) == \
+        "system:D;user:Hi;"
