@@ -52,12 +52,11 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
     if reserved:
         raise ChatTemplateError(f"chat_template_kwargs may not set {reserved[0]!r}: it is not a template variable "
                                 f"(use the request field of that name where there is one)", "chat_template_kwargs")
+    template = template_text(tokenizer, chat_template, tools)
     if content_format == "auto":
-        content_format = detect_content_format(chat_template if chat_template is not None
-                                               else getattr(tokenizer, "chat_template", None))
+        content_format = detect_content_format(template)
     messages = [template_message(m, content_format, f"messages.{i}") for i, m in enumerate(conversation)]
-    if any(m["role"] == "developer" for m in messages) and not takes_developer(
-            template_text(tokenizer, chat_template, tools)):
+    if any(m["role"] == "developer" for m in messages) and not takes_developer(template):
         messages = _developer_as_system(messages)
     try:
         return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
@@ -118,26 +117,89 @@ def _own_argument(kwargs: dict, name: str, given):
 
 def detect_content_format(template) -> str:
     """vLLM's --chat-template-content-format "auto": how a message's content reaches the template. "openai" (a
-    list of {"type": "text", "text": ...} parts) when the template loops over a message's content (`for part in
-    message['content']`, or `.content`), as vLLM's detection decides; else "string", its text (also for a
-    template that does not parse: its error comes when it renders)."""
+    list of {"type": "text", "text": ...} parts) when the template loops over a message's content, as vLLM's
+    detection decides (_loops_over_content); else "string", its text (also for a template that does not parse:
+    its error comes when it renders)."""
     if isinstance(template, dict):   # a tokenizer's named templates: their default's
         template = template.get("default")
     return _detect(template) if isinstance(template, str) else "string"
 
 
+class _Undecided(Exception):
+    """A loop or assignment vLLM's detection does not follow (a tuple target): it falls back to "string"."""
+
+
 @functools.lru_cache(maxsize=64)
 def _detect(template: str) -> str:
     try:
-        tree = jinja2.Environment().parse(template)
-    except jinja2.TemplateSyntaxError:
+        tree = _parse(template)
+    except Exception:   # as vLLM: a template that does not compile is rendered as "string"
         return "string"
-    for loop in tree.find_all(jinja2.nodes.For):
-        it = loop.iter
-        if (isinstance(it, jinja2.nodes.Getitem) and isinstance(it.arg, jinja2.nodes.Const)
-                and it.arg.value == "content") or (isinstance(it, jinja2.nodes.Getattr) and it.attr == "content"):
-            return "openai"
-    return "string"
+    try:
+        return "openai" if _loops_over_content(tree) else "string"
+    except _Undecided:
+        return "string"
+
+
+def _parse(template: str) -> jinja2.nodes.Template:
+    """The template's syntax tree in transformers' environment, as vLLM parses it: with its extensions
+    ({% generation %}, {% break %} / {% continue %}), which a plain jinja2 environment cannot parse."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:   # an older or newer transformers: its sandbox with loop controls
+        import jinja2.sandbox
+        return jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    return _compile_jinja_template(template).environment.parse(template)
+
+
+def _loops_over_content(tree: jinja2.nodes.Template) -> bool:
+    """Whether the template loops over a message's content, by vLLM's rules: the variables holding the messages
+    are `messages` and those set from one of them (through filters, tests and slices: `messages[1:]`,
+    `messages | selectattr(...)`); a message is the target of a loop over one of those; a loop over a message's
+    content is one over `message['content']` or `message.content` (again through filters, tests and slices), or
+    over a variable named `content`. A message taken by index (`messages[0]`) does not count, as in vLLM."""
+    nodes = jinja2.nodes
+    loops = list(tree.find_all(nodes.For))
+
+    def unwrapped(node):
+        while isinstance(node, (nodes.Filter, nodes.Test)) or (
+                isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)):
+            if node.node is None:   # a filter block ({% filter %}): no value it filters
+                return None
+            node = node.node
+        return node
+
+    def names(node, key=None) -> str | None:
+        """The variable node reads (node: var, or var['key'] / var.key with key), else None."""
+        node = unwrapped(node)
+        if key is not None:
+            if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == key:
+                node = node.node
+            elif isinstance(node, nodes.Getattr) and node.attr == key:
+                node = node.node
+            else:
+                return None
+        return node.name if isinstance(node, nodes.Name) and node.ctx == "load" else None
+
+    def target(node) -> str:
+        if not isinstance(node, nodes.Name):
+            raise _Undecided
+        return node.name
+
+    message_lists, queue = {"messages"}, ["messages"]
+    while queue:   # every variable set from a message list
+        source = queue.pop()
+        for assign in tree.find_all(nodes.Assign):
+            if names(assign.node) == source and (name := target(assign.target)) not in message_lists:
+                message_lists.add(name)
+                queue.append(name)
+    messages = {target(loop.target) for loop in loops if names(loop.iter) in message_lists}
+    for loop in loops:
+        if names(loop.iter, "content") in messages or (
+                isinstance(loop.iter, nodes.Name) and loop.iter.name == "content"):
+            target(loop.target)
+            return True
+    return False
 
 
 def template_message(message: dict, content_format: str = "string", at: str = "messages") -> dict:

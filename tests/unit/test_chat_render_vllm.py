@@ -128,3 +128,44 @@ def test_developer_messages_are_system_ones_for_a_template_without_the_role(qwen
     assert render(qwen3, body, trust_request_chat_template=True) == "user:Hi;developer:D;"
     assert render(qwen3, {**body, "chat_template": template[:-17]}, trust_request_chat_template=True) == \
         "system:D;user:Hi;"
+
+
+@pytest.mark.parametrize("template", [
+    # a loop control ({% break %}) or transformers' {% generation %}: a plain jinja2 environment cannot parse them
+    "{% for m in messages %}{% for p in m['content'] %}[{{ p.text }}]{% if loop.last %}{% break %}{% endif %}"
+    "{% endfor %}{% endfor %}",
+    "{% for m in messages %}{% generation %}{% for p in m['content'] %}[{{ p.text }}]{% endfor %}{% endgeneration %}"
+    "{% endfor %}",
+    # the content through a variable, or through a filter; the messages through a variable
+    "{% for m in messages %}{% set content = m['content'] %}{% for p in content %}[{{ p.text }}]{% endfor %}"
+    "{% endfor %}",
+    "{% for m in messages %}{% for p in m.content | selectattr('type', 'equalto', 'text') %}[{{ p.text }}]"
+    "{% endfor %}{% endfor %}",
+    "{% set turns = messages | list %}{% for m in turns %}{% for p in m.content %}[{{ p.text }}]{% endfor %}"
+    "{% endfor %}"])
+def test_auto_content_format_finds_the_loops_vllm_finds(qwen3, template):
+    """vLLM's detection of a template that loops over a message's content follows variables, filters and the
+    extensions transformers renders with: these templates get the parts (they iterated the text's characters)."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "chat_template": template, "add_generation_prompt": False}
+    assert render(qwen3, body, trust_request_chat_template=True) == "[Hi]"
+
+
+@pytest.mark.parametrize("template", [
+    "{% set first = messages[0] %}{% for p in first.content %}{{ p }}{% endfor %}",
+    "{% for t in tools or [] %}{% for p in t.content %}{% endfor %}{% endfor %}{{ messages[0].content }}"])
+def test_auto_content_format_ignores_the_loops_vllm_ignores(qwen3, template):
+    """A message taken by index, or a loop over something else's content: vLLM's detection says string."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "chat_template": template, "add_generation_prompt": False}
+    assert render(qwen3, body, trust_request_chat_template=True) == "Hi"
+
+
+def test_auto_content_format_reads_the_template_that_renders(qwen3):
+    """Of a tokenizer's named templates, the one that renders decides (tool_use with tools, as transformers and
+    vLLM choose it), not the default one."""
+    tokenizer = AutoTokenizer.from_pretrained(f"{CONFIGS}/Qwen--Qwen3-0.6B")
+    tokenizer.chat_template = {"default": "{% for m in messages %}{{ m.content }}{% endfor %}",
+                               "tool_use": "{% for m in messages %}{% for p in m.content %}[{{ p.text }}]{% endfor %}"
+                                           "{% endfor %}"}
+    body = {"messages": [USER], "add_generation_prompt": False}
+    assert render(tokenizer, body) == "Hi"
+    assert render(tokenizer, {**body, "tools": [{"type": "function", "function": {"name": "f"}}]}) == "[Hi]"
