@@ -457,9 +457,11 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
         return self
 
     def template_kwargs(self) -> dict[str, Any] | None:
+        """reasoning_effort over chat_template_kwargs' variable of that name (vLLM's merge: the request's own
+        field wins); enable_thinking from it only where chat_template_kwargs does not set it."""
         if self.reasoning_effort is None:
             return self.chat_template_kwargs
-        kwargs = {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
+        kwargs = {**(self.chat_template_kwargs or {}), "reasoning_effort": self.reasoning_effort}
         kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
         return kwargs
 

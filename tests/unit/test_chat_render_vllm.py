@@ -169,3 +169,13 @@ def test_auto_content_format_reads_the_template_that_renders(qwen3):
     body = {"messages": [USER], "add_generation_prompt": False}
     assert render(tokenizer, body) == "Hi"
     assert render(tokenizer, {**body, "tools": [{"type": "function", "function": {"name": "f"}}]}) == "[Hi]"
+
+
+def test_reasoning_effort_wins_over_the_template_variable_of_that_name(qwen3):
+    """vLLM merges the request's reasoning_effort over chat_template_kwargs: the field is what the template gets
+    (enable_thinking still comes from chat_template_kwargs where it is set there)."""
+    body = {"messages": [USER], "chat_template": "{{ reasoning_effort }}/{{ enable_thinking }}",
+            "reasoning_effort": "high", "chat_template_kwargs": {"reasoning_effort": "low"}}
+    assert render(qwen3, body, trust_request_chat_template=True) == "high/True"
+    body["chat_template_kwargs"]["enable_thinking"] = False
+    assert render(qwen3, body, trust_request_chat_template=True) == "high/False"
