@@ -58,11 +58,11 @@ def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest
 
 
 def template_kwargs(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> dict | None:
-    """The template's variables: the request's over --default-chat-template-kwargs."""
-    kwargs = req.template_kwargs()
-    if not ctx.default_chat_template_kwargs:
-        return kwargs
-    return {**ctx.default_chat_template_kwargs, **(kwargs or {})}
+    """The template's variables: the request's over --default-chat-template-kwargs. A request value null or "auto"
+    counts as unset, as vLLM's merge takes it (the server's default, if any, stays; else the template has none)."""
+    given = {k: v for k, v in (req.template_kwargs() or {}).items()
+             if v is not None and not (isinstance(v, str) and v == "auto")}
+    return {**(ctx.default_chat_template_kwargs or {}), **given} or None
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):

@@ -179,3 +179,17 @@ def test_reasoning_effort_wins_over_the_template_variable_of_that_name(qwen3):
     assert render(qwen3, body, trust_request_chat_template=True) == "high/True"
     body["chat_template_kwargs"]["enable_thinking"] = False
     assert render(qwen3, body, trust_request_chat_template=True) == "high/False"
+
+
+def test_a_template_variable_sent_as_null_or_auto_is_unset(qwen3):
+    """vLLM's merge of chat_template_kwargs over --default-chat-template-kwargs (and its tools) skips values null
+    and "auto": the server's default stays, else the template has no such variable. Qwen3 with the default
+    enable_thinking false kept thinking on for {"enable_thinking": null}."""
+    body = {"messages": [USER], "chat_template_kwargs": {"enable_thinking": None}}
+    assert render(qwen3, body, default_chat_template_kwargs={"enable_thinking": False}).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    body = {"messages": [USER], "chat_template": "{{ mode is defined }}/{{ effort }}",
+            "chat_template_kwargs": {"mode": None, "effort": "auto"}}
+    assert render(qwen3, body, trust_request_chat_template=True) == "False/"
+    assert render(qwen3, body, trust_request_chat_template=True, default_chat_template_kwargs={"effort": "low"}) \
+        == "False/low"
