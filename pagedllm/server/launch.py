@@ -96,15 +96,17 @@ def _check_host(host: str):
 
 
 def _read_chat_template(value: str | None) -> str | None:
-    """--chat-template: a file, or the template text itself. A value with no Jinja tag that looks like a
-    path (a .jinja name, a path separator) and names no file is a typo, not a template."""
+    """--chat-template: a file, or the template text itself. A value that names no file is a typo, not a
+    template, when it has no Jinja tag and looks like a path (a .jinja name, a path separator), or has none of
+    the characters a template has ("{", "}", a newline), as vLLM takes it: a name such as "chatml" (vLLM then
+    looks among its built-in template files, which pagedllm does not ship) is refused, not used as the text."""
     if value is None:
         return None
     if Path(value).is_file():
         return _parsed(Path(value).read_text(), value)
     is_template = "{{" in value or "{%" in value
     looks_like_path = value.endswith((".jinja", ".jinja2", ".j2")) or "/" in value or os.sep in value
-    if not is_template and looks_like_path:
+    if (not is_template and looks_like_path) or not any(c in value for c in "{}\n"):
         raise FileNotFoundError(f"--chat-template {value!r}: no such file (give a template file or the "
                                 f"template text)")
     return _parsed(value, "its text")
