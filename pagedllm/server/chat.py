@@ -36,7 +36,8 @@ async def render_chat(ctx: ServingContext, req: ChatCompletionRequest | Tokenize
 
 
 def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest) -> str:
-    template = req.chat_template if req.chat_template is not None else ctx.chat_template
+    # An empty chat_template is none (vLLM's `request.chat_template or default`), though still refused untrusted.
+    template = req.chat_template or ctx.chat_template
     if req.chat_template is not None and not ctx.trust_request_chat_template:
         raise APIError(400, "a request's own chat_template needs the server to run with "
                             "--trust-request-chat-template", "chat_template", "invalid_value")

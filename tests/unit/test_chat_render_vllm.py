@@ -193,3 +193,11 @@ def test_a_template_variable_sent_as_null_or_auto_is_unset(qwen3):
     assert render(qwen3, body, trust_request_chat_template=True) == "False/"
     assert render(qwen3, body, trust_request_chat_template=True, default_chat_template_kwargs={"effort": "low"}) \
         == "False/low"
+
+
+def test_an_empty_request_chat_template_is_the_servers(qwen3):
+    """vLLM renders with `request.chat_template or` the server's template: "" is the model's template (it was
+    rendered as the template: an empty prompt, a 400 naming messages); untrusted it is still refused."""
+    body = {"messages": [USER], "chat_template": ""}
+    assert render(qwen3, body, trust_request_chat_template=True) == render(qwen3, {"messages": [USER]})
+    assert refused(qwen3, body).param == "chat_template"
