@@ -61,8 +61,8 @@ def render_chat(tokenizer, conversation: list[dict], chat_template: str | None =
     try:
         return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message, tools=tools or None,
-                                             documents=documents or None, **kwargs)
+                                             continue_final_message=continue_final_message, tools=tools,
+                                             documents=documents, **kwargs)
     except jinja2.TemplateSyntaxError as e:   # the template itself, not these messages
         raise ChatTemplateError(f"the chat template does not parse: {e}", "chat_template") from e
     except Exception as e:   # a template that rejects these messages (roles, order) raises here
@@ -73,7 +73,7 @@ def template_text(tokenizer, chat_template: str | None, tools) -> str | None:
     """The template that renders: the given one (or one of the tokenizer's named templates, by name), else the
     tokenizer's (its tool_use one when tools are given, as transformers and vLLM choose); None without one."""
     try:
-        return tokenizer.get_chat_template(chat_template, tools=tools or None)
+        return tokenizer.get_chat_template(chat_template, tools=tools)
     except ValueError:   # no template: apply_chat_template says so, as the error of the request
         return chat_template
 

@@ -44,15 +44,18 @@ def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest
     if template is None and not getattr(ctx.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template",
                        "messages", "invalid_value")
-    tools = [req.tools[i] for i in req.shown_tools()] if isinstance(req, ChatCompletionRequest) else req.tools or []
+    # The template gets no tools (None) when the request has none, an empty list when it sends one (/tokenize), as
+    # vLLM; --exclude-tools-when-tool-choice-none: the template is not told of tools it may not call.
+    tools = None if req.tools is None else [req.tools[i] for i in req.shown_tools()] \
+        if isinstance(req, ChatCompletionRequest) else req.tools
     if ctx.exclude_tools_when_tool_choice_none and getattr(req, "tool_choice", None) == "none":
-        tools = []   # --exclude-tools-when-tool-choice-none: the template is not told of tools it may not call
+        tools = None
     try:
         text = chat_template.render_chat(ctx.tokenizer, [m.as_template_input() for m in req.messages], template,
                                          req.add_generation_prompt, req.continue_final_message,
                                          template_kwargs(ctx, req),
-                                         [t.as_template_input() for t in tools], req.documents,
-                                         ctx.chat_template_content_format)
+                                         None if tools is None else [t.as_template_input() for t in tools],
+                                         req.documents, ctx.chat_template_content_format)
     except chat_template.ChatTemplateError as e:
         raise APIError(400, shorten(str(e), 1000), e.param, "invalid_value") from e
     return text

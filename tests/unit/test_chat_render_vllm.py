@@ -201,3 +201,12 @@ def test_an_empty_request_chat_template_is_the_servers(qwen3):
     body = {"messages": [USER], "chat_template": ""}
     assert render(qwen3, body, trust_request_chat_template=True) == render(qwen3, {"messages": [USER]})
     assert refused(qwen3, body).param == "chat_template"
+
+
+def test_an_empty_documents_list_reaches_the_template_as_sent(qwen3):
+    """vLLM gives the template documents [] when the request sends [] (not none: null is unset), and no tools
+    (None) when it sends none; pagedllm gave None for [] (`documents is none` differs)."""
+    template = "{{ documents is none }}|{{ tools is none }}"
+    body = {"messages": [USER], "chat_template": template, "documents": []}
+    assert render(qwen3, body, trust_request_chat_template=True) == "False|True"
+    assert render(qwen3, {**body, "documents": None}, trust_request_chat_template=True) == "True|True"
