@@ -204,11 +204,12 @@ def _loops_over_content(tree: jinja2.nodes.Template) -> bool:
 
 def template_message(message: dict, content_format: str = "string", at: str = "messages") -> dict:
     """One OpenAI message (at: where it is in the request) as vLLM gives it to templates: its content as text
-    (parts joined by newlines, null as "") in vLLM's "string" content format, as a list of text parts (a string
-    one part, null none) in "openai", where a tool's answer stays text; then only the fields of its role, as
-    vLLM's conversation has them: an assistant's tool_calls (each call's JSON `arguments` parsed, as tool-use
-    templates write `arguments | tojson`; arguments that are not JSON are a ChatTemplateError naming them) and its
-    reasoning (under both names), a tool's tool_call_id, any message's name (a string), a developer's tools."""
+    (its parts that are not empty joined by newlines, null as "") in vLLM's "string" content format, as a list of
+    text parts (a string one part, null none) in "openai", where a tool's answer stays text (all its parts
+    joined); then only the fields of its role, as vLLM's conversation has them: an assistant's tool_calls (each
+    call's JSON `arguments` parsed, as tool-use templates write `arguments | tojson`; arguments that are not JSON
+    are a ChatTemplateError naming them) and its reasoning (under both names), a tool's tool_call_id, any
+    message's name (a string), a developer's tools."""
     role = message.get("role")
     content = message.get("content")
     if isinstance(content, list) and not all(isinstance(p, dict) and p.get("type") == "text"
@@ -218,8 +219,10 @@ def template_message(message: dict, content_format: str = "string", at: str = "m
     texts = [] if content is None else [content] if isinstance(content, str) else [p["text"] for p in content]
     if content_format == "openai" and role != "tool":
         result = {"role": role, "content": [{"type": "text", "text": text} for text in texts]}
-    else:   # vLLM joins a tool's text parts in either format: templates write a tool's answer as text
+    elif content_format == "openai":   # vLLM joins a tool's text parts in either format (its answer is text)
         result = {"role": role, "content": "\n".join(texts)}
+    else:   # the string format: empty parts are left out of the join, as vLLM's
+        result = {"role": role, "content": "\n".join(text for text in texts if text)}
     if role == "assistant" and message.get("tool_calls") is not None:
         if not isinstance(message["tool_calls"], list) or not all(
                 isinstance(c, dict) and isinstance(c.get("function"), dict)

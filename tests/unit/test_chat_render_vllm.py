@@ -210,3 +210,11 @@ def test_an_empty_documents_list_reaches_the_template_as_sent(qwen3):
     body = {"messages": [USER], "chat_template": template, "documents": []}
     assert render(qwen3, body, trust_request_chat_template=True) == "False|True"
     assert render(qwen3, {**body, "documents": None}, trust_request_chat_template=True) == "True|True"
+
+
+def test_empty_text_parts_are_left_out_of_the_text(qwen3):
+    """In the string content format vLLM joins a message's text parts leaving the empty ones out: ["", "p"] is
+    "p", where pagedllm wrote "\\np"."""
+    parts = [{"type": "text", "text": ""}, {"type": "text", "text": "p"}, {"type": "text", "text": ""}]
+    assert render(qwen3, {"messages": [{"role": "user", "content": parts}]}) == \
+        "<|im_start|>user\np<|im_end|>\n<|im_start|>assistant\n"
