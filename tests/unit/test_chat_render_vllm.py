@@ -218,3 +218,24 @@ def test_empty_text_parts_are_left_out_of_the_text(qwen3):
     parts = [{"type": "text", "text": ""}, {"type": "text", "text": "p"}, {"type": "text", "text": ""}]
     assert render(qwen3, {"messages": [{"role": "user", "content": parts}]}) == \
         "<|im_start|>user\np<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_model_without_a_chat_template_is_a_400_unless_one_is_given():
+    """vLLM's ChatTemplateResolutionError (a 400): a tokenizer without a chat template needs --chat-template or,
+    trusted, the request's own; chat and /tokenize alike."""
+    from conftest import DEMO_DIR
+
+    from pagedllm.server.protocol import TokenizeRequest
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_DIR))
+    assert not tokenizer.chat_template
+    e = refused(tokenizer, {"messages": [USER]})
+    assert e.param == "messages" and "--chat-template" in e.message
+    assert render(tokenizer, {"messages": [USER]}, chat_template="{{ messages[0].content }}") == "Hi"
+    assert render(tokenizer, {"messages": [USER], "chat_template": "{{ messages[0].content }}"},
+                  trust_request_chat_template=True) == "Hi"
+    ctx = SimpleNamespace(chat_template=None, trust_request_chat_template=False, tokenizer=tokenizer,
+                          exclude_tools_when_tool_choice_none=False, default_chat_template_kwargs=None,
+                          chat_template_content_format="auto")
+    with pytest.raises(APIError) as e:
+        chat._chat_text(ctx, TokenizeRequest.model_validate({"messages": [USER]}))
+    assert e.value.status == 400 and e.value.param == "messages"
