@@ -299,6 +299,9 @@ class CompletionRequest(_SamplingRequest):
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+    # Anthropic's prompt-caching mark, which clients of OpenAI-compatible servers send too (vLLM takes it): the
+    # prefix cache is automatic, so every full block before it is cached already, as on /v1/messages
+    cache_control: dict[str, Any] | None = None
 
 
 class FunctionCall(_Strict):
