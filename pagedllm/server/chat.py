@@ -106,6 +106,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         # a constraint applies from the end of the reasoning, which a budget may force (vLLM's)
         params = replace(params, reasoning_start_token_id=ctx.think_ids[0], reasoning_end_token_id=ctx.think_ids[1],
                          thinking_token_budget=req.thinking_token_budget)
+    if thinks is not None and sampling and reasoning.reads_special_tokens(ctx.reasoning_parser):
+        params = replace(params, skip_special_tokens=False)   # its tags must reach the text
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = response_id_for("chatcmpl-", raw_request, req.request_id, request_id)
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL

@@ -98,10 +98,11 @@ async def _without_generation(outputs):
 def _thinking(ctx: ServingContext, req: CompletionRequest, params: SamplingParams, prompt_ids: list[int]
               ) -> SamplingParams:
     """With a reasoning parser, as vLLM: unless the prompt closed its thinking block, a constraint holds from the
-    end of the output's reasoning, and thinking_token_budget counts the tokens of the block `<think>` opens."""
-    start, end = ctx.think_ids
-    if reasoning.reasoning_ended_in(prompt_ids, start, end, ctx.turn_id):
+    end of the output's reasoning, and thinking_token_budget counts the tokens of the block `<think>` opens
+    (mistral: only where the prompt opened a `[THINK]`; else a constraint holds from the first token)."""
+    if not reasoning.starts_in_reasoning(ctx.reasoning_parser, None, prompt_ids, ctx.think_ids, ctx.turn_id):
         return params
+    start, end = ctx.think_ids
     return replace(params, reasoning_start_token_id=start, reasoning_end_token_id=end,
                    thinking_token_budget=req.thinking_token_budget)
 

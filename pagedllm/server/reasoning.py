@@ -1,6 +1,6 @@
 """Reasoning parsers (vLLM's --reasoning-parser): a choice's text split into `reasoning` and `content`.
 
-Both parsers read `<think>` ... `</think>` as vLLM 0.26 does:
+qwen3 and deepseek_r1 read `<think>` ... `</think>`, mistral `[THINK]` ... `[/THINK]`, as vLLM 0.26 does:
 - qwen3: the text is reasoning from its start (Qwen3's template opens the thinking block, or the model does) up to
   `</think>`, content after it. `<think>` inside reasoning and any later `</think>` are dropped. A `<tool_call>`
   inside reasoning ends it: the call is content, for the tool parser (not in a constrained answer: the engine
@@ -8,7 +8,18 @@ Both parsers read `<think>` ... `</think>` as vLLM 0.26 does:
   (chat_template_kwargs enable_thinking false, or reasoning_effort "none") the whole text is content.
 - deepseek_r1: reasoning up to the first `</think>` (a `<think>` inside it dropped), content after it, kept
   whole.
-A text without the end tag is all reasoning (a thinking model cut off by max_tokens), so content is null.
+- mistral (Magistral; the tags are special tokens, kept in the text for it: `reads_special_tokens`): the text is
+  content until the model writes `[THINK]`, reasoning from there up to the first `[/THINK]` (a `[THINK]` inside
+  it kept), content after it, kept whole; so a text without `[THINK]` is all content, and one cut off after it
+  is reasoning with the text before the tag as content. A `[/THINK]` before any `[THINK]` is dropped (the first
+  one, as vLLM's), and a `[THINK]` after it still opens the reasoning (vLLM keeps that stray tag then: it
+  splits the whole text at once). A `[TOOL_CALLS]` inside the reasoning stays reasoning: calls are read from
+  the content. Where the prompt left a `[THINK]` open in the answer's turn (a continued assistant message),
+  the answer opens in reasoning, as the engine's constraint waits for `[/THINK]` then (vLLM's parser alone
+  would read it as content). An empty part is null, as under the others (vLLM's gives "" for `[THINK][/THINK]`'s
+  reasoning and for an empty answer's content: a stream cannot tell those apart).
+Under qwen3 and deepseek_r1 a text without the end tag is all reasoning (a thinking model cut off by max_tokens),
+so content is null.
 Streamed, a tag split across steps is held back until it is whole or cannot be a tag any more: each text
 arrives once, in reasoning or content, and joined they equal the non-streamed answer.
 """
@@ -16,8 +27,16 @@ from dataclasses import dataclass
 
 from pagedllm.server.errors import APIError
 
-PARSERS = ("qwen3", "deepseek_r1")
+PARSERS = ("qwen3", "deepseek_r1", "mistral")
 THINK_START, THINK_END, TOOL_CALL = "<think>", "</think>", "<tool_call>"
+# each parser's (start, end) tags
+TAGS = {"qwen3": (THINK_START, THINK_END), "deepseek_r1": (THINK_START, THINK_END), "mistral": ("[THINK]", "[/THINK]")}
+
+
+def reads_special_tokens(parser: str | None) -> bool:
+    """The parser's tags are special tokens (Magistral's [THINK] and [/THINK]): the text it reads must keep them
+    (vLLM's Mistral tokenizer keeps them in the text even when it skips special tokens)."""
+    return parser == "mistral"
 
 
 @dataclass
@@ -35,13 +54,21 @@ class ReasoningParser:
         if name not in PARSERS:
             raise ValueError(f"reasoning parser {name!r} is not one of {', '.join(PARSERS)}")
         self.name = name
+        self.start, self.end = TAGS[name]
         self.in_reasoning = thinking
         # constrained: the engine constrains the text after </think> (structured output, an enforced tool call),
         # so the content is that text: a <tool_call> written while reasoning is still reasoning
         self._tool_call_ends = name == "qwen3" and not constrained
         self._held = ""      # the text's end that may be a tag's beginning
+        # mistral: the answer opens in content, until [THINK]; a stray [/THINK] before it is dropped once
+        self._opened = thinking or name != "mistral"
+        self._stray_end = name == "mistral"
 
     def _tags(self) -> tuple[str, ...]:
+        if self.name == "mistral":
+            if self.in_reasoning:
+                return (self.end,)
+            return () if self._opened else (self.start, self.end) if self._stray_end else (self.start,)
         if self.in_reasoning:
             return (THINK_START, THINK_END, TOOL_CALL) if self._tool_call_ends else (THINK_START, THINK_END)
         return (THINK_END,) if self.name == "qwen3" else ()
@@ -59,8 +86,12 @@ class ReasoningParser:
                 if tag == TOOL_CALL:           # ends reasoning; the call itself is content
                     self.in_reasoning = False
                     text = tag + text
-                elif tag == THINK_END and self.in_reasoning:
+                elif tag == self.end and self.in_reasoning:
                     self.in_reasoning = False
+                elif tag == self.start and not self._opened:   # mistral's [THINK] opens the reasoning
+                    self.in_reasoning = self._opened = True
+                elif tag == self.end and not self._opened:     # mistral's stray [/THINK]: dropped, once
+                    self._stray_end = False
                 continue                       # THINK_START in reasoning, THINK_END in content: dropped
             keep = _partial_tag_len(text, tags)
             self._emit(out, text[:len(text) - keep])
@@ -99,14 +130,16 @@ def _partial_tag_len(text: str, tags: tuple[str, ...]) -> int:
 
 
 def think_token_ids(tokenizer, parser: str) -> tuple[int, int]:
-    """The ids of `<think>` and `</think>`: each must be one token of the vocabulary (as vLLM requires), since
-    the engine watches for the end one (a constraint starts after it)."""
+    """The ids of the parser's tags (`<think>` and `</think>`, mistral's `[THINK]` and `[/THINK]`): each must be
+    one token of the vocabulary (as vLLM requires), since the engine watches for the end one (a constraint
+    starts after it)."""
     vocab = tokenizer.get_vocab()
-    missing = [tag for tag in (THINK_START, THINK_END) if tag not in vocab]
+    missing = [tag for tag in TAGS[parser] if tag not in vocab]
     if missing:
         raise ValueError(f"reasoning_parser {parser}: the tokenizer has no {' or '.join(missing)} token (a "
                          f"thinking model's tokenizer has both)")
-    return vocab[THINK_START], vocab[THINK_END]
+    start, end = TAGS[parser]
+    return vocab[start], vocab[end]
 
 
 def check_budget(parser: str | None, budget: int | None, beam_search: bool):
@@ -125,9 +158,12 @@ def starts_in_reasoning(parser: str, chat_template_kwargs: dict | None, prompt_i
                         think_ids: tuple[int, int], turn_id: int | None = None) -> bool:
     """Whether the answer opens with reasoning: not when qwen3's switch is off (enable_thinking in the
     template's variables; vLLM's default: on), nor when the prompt already closed the block in the answer's
-    own turn (turn_id: see reasoning_ended_in)."""
+    own turn (turn_id: see reasoning_ended_in). A mistral answer opens in content (the model writes [THINK]),
+    unless the prompt left a [THINK] open in the answer's turn."""
     if parser == "qwen3" and not (chat_template_kwargs or {}).get("enable_thinking", True):
         return False
+    if parser == "mistral":
+        return reasoning_opened_in(prompt_ids, *think_ids, turn_id)
     return not reasoning_ended_in(prompt_ids, *think_ids, turn_id)
 
 
@@ -160,5 +196,17 @@ def reasoning_ended_in(prompt_ids: list[int], start_id: int | None, end_id: int 
         if token == end_id:
             return True
         if token == start_id or token == turn_id:
+            return False
+    return False
+
+
+def reasoning_opened_in(prompt_ids: list[int], start_id: int | None, end_id: int | None,
+                        turn_id: int | None = None) -> bool:
+    """The prompt leaves a thinking block open: the last of the two tags in it is the start tag, within the last
+    turn (after the last turn_id)."""
+    for token in reversed(prompt_ids):
+        if token == start_id:
+            return True
+        if token == end_id or token == turn_id:
             return False
     return False

@@ -21,15 +21,16 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
          {"type": "function", "function": {"name": "now"}}]
 
 
-def _script(path: str, chains: list[list[str]]):
+def _script(path: str, chains: list[list[str]], special: tuple[str, ...] = (BOT, ARGS)):
     """Each chain's token is followed by the next (the last by EOS), whatever came before: the layers add
     nothing to the residual stream (o_proj, down_proj zero), so the logits read the last token's embedding
     alone; the chain's embeddings are orthonormal and each lm_head row is its predecessor's embedding. A token
-    in two chains (BOT) has two successors, of equal logit: a request's logit_bias picks one."""
+    in two chains (BOT) has two successors, of equal logit: a request's logit_bias picks one. special: the
+    tokens added as special tokens (the others of the chains are added tokens)."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
-    tok.add_special_tokens({"additional_special_tokens": [BOT, ARGS]})
-    tok.add_tokens(sorted({t for chain in chains for t in chain} - {BOT, ARGS}))
+    tok.add_special_tokens({"additional_special_tokens": list(special)})
+    tok.add_tokens(sorted({t for chain in chains for t in chain} - set(special)))
     tok.save_pretrained(path)
     weights = load_file(f"{path}/model.safetensors")
     for name in weights:

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from pagedllm.server.reasoning import (ReasoningParser, _partial_tag_len, reasoning_ended_in, starts_in_reasoning,
-                                      think_token_ids, turn_start_token_id)
+from pagedllm.server.reasoning import (ReasoningParser, _partial_tag_len, reads_special_tokens,
+                                      reasoning_ended_in, starts_in_reasoning, think_token_ids, turn_start_token_id)
 
 QWEN3 = "/work/shared/model-configs/Qwen--Qwen3-0.6B"
 
@@ -27,6 +27,26 @@ CASES = [
     ("deepseek_r1", True, "r1 <tool_call>x</think>y", "r1 <tool_call>x", "y"),
     ("deepseek_r1", True, "no end", "no end", None),
     ("deepseek_r1", True, "a <thin k> b </thin", "a <thin k> b </thin", None),   # near-tags are text
+    # mistral (Magistral): content until [THINK], reasoning up to the first [/THINK], content after it kept whole
+    ("mistral", False, "[THINK]plan it[/THINK]The answer.", "plan it", "The answer."),
+    ("mistral", False, "no tags at all", None, "no tags at all"),                   # no [THINK]: all content
+    ("mistral", False, "[THINK]cut off", "cut off", None),
+    ("mistral", False, "\n[THINK]r[/THINK]\nrest", "r", "\n\nrest"),           # text before [THINK] is content
+    ("mistral", False, "x[THINK]r", "r", "x"),
+    ("mistral", False, "[THINK]a[THINK]b[/THINK]c[THINK]d[/THINK]e", "a[THINK]b", "c[THINK]d[/THINK]e"),
+    ("mistral", False, "a[/THINK]b[/THINK]c", None, "ab[/THINK]c"),               # a stray end tag: the first dropped
+    ("mistral", False, "[/THINK]rest", None, "rest"),
+    # a [THINK] after a stray end tag still opens the reasoning (vLLM, splitting the whole text at once, keeps
+    # the stray tag in this case only: "a[/THINK]bd")
+    ("mistral", False, "a[/THINK]b[THINK]c[/THINK]d", "c", "abd"),
+    ("mistral", False, "[THINK][/THINK]x", None, "x"),
+    ("mistral", False, "", None, None),
+    ("mistral", False, "[THINK]call?[TOOL_CALLS]f[ARGS]{}", "call?[TOOL_CALLS]f[ARGS]{}", None),   # still reasoning
+    ("mistral", False, "[THINK]r[/THINK][TOOL_CALLS]f[ARGS]{}", "r", "[TOOL_CALLS]f[ARGS]{}"),
+    ("mistral", False, "<think>x</think>y", None, "<think>x</think>y"),           # qwen's tags are text here
+    ("mistral", False, "a [THIN K] [/THIN [[THINK]K", "K", "a [THIN K] [/THIN ["),   # near-tags are text
+    ("mistral", True, "still thinking[/THINK]answer", "still thinking", "answer"),  # the prompt opened [THINK]
+    ("mistral", True, "r[/THINK]a[THINK]b[/THINK]", "r", "a[THINK]b[/THINK]"),
 ]
 
 
@@ -50,6 +70,15 @@ def test_any_pieces_join_to_the_whole(name, thinking, text, reasoning, content):
             assert (reasoning or "").startswith(got_r) and (content or "").startswith(got_c), pieces
         d = parser.finish()
         assert (got_r + d.reasoning or None, got_c + d.content or None) == (reasoning, content), pieces
+
+
+@pytest.mark.parametrize("name, thinking, text, reasoning, content", CASES)
+def test_every_split_point_and_character_stream_join_to_the_whole(name, thinking, text, reasoning, content):
+    for pieces in [*([text[:i], text[i:]] for i in range(len(text) + 1)), list(text)]:
+        parser = ReasoningParser(name, thinking)
+        got = [parser.feed(piece) for piece in pieces] + [parser.finish()]
+        joined = ("".join(d.reasoning for d in got) or None, "".join(d.content for d in got) or None)
+        assert joined == (reasoning, content), pieces
 
 
 def test_text_is_sent_as_soon_as_it_cannot_be_a_tag():
@@ -148,3 +177,71 @@ def test_chat_reasoning_parsers_know_a_constrained_answer():
         req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **kw)
         [parser] = _reasoning_parsers(ctx, req, plan_tools(req, "hermes", True), True)
         assert parser.parse_all(text)[1] == content, kw
+
+
+def test_mistral_answer_opens_in_content_unless_the_prompt_opened_think():
+    """A Magistral answer opens in content: the model writes [THINK] itself. It opens in reasoning only where the
+    prompt's last tag is an open [THINK] (a continued assistant message); a closed block (Magistral's system
+    prompt shows one) does not."""
+    start, end = 34, 35
+    ids = (start, end)
+    assert not starts_in_reasoning("mistral", None, [1, 5, 4], ids)
+    assert not starts_in_reasoning("mistral", None, [1, start, 6, end, 7, 4], ids)   # system prompt
+    assert starts_in_reasoning("mistral", None, [1, 5, 4, start], ids)                # prefilled [THINK]
+    assert starts_in_reasoning("mistral", None, [1, 5, 4, start, 8, 9], ids)
+    assert not starts_in_reasoning("mistral", None, [1, 5, 4, start, 8, end], ids)
+    assert not starts_in_reasoning("mistral", {"enable_thinking": True}, [1, end], ids)
+    assert reads_special_tokens("mistral") and not reads_special_tokens("qwen3") and not reads_special_tokens(None)
+
+
+def test_mistral_tags_are_its_tokenizers_tokens():
+    class Magistral:
+        def get_vocab(self):
+            return {"<s>": 1, "[INST]": 3, "[/INST]": 4, "[THINK]": 34, "[/THINK]": 35}
+    assert think_token_ids(Magistral(), "mistral") == (34, 35)
+
+    class NoEnd:
+        def get_vocab(self):
+            return {"[THINK]": 34, "</think>": 7}
+    with pytest.raises(ValueError, match=r"reasoning_parser mistral: the tokenizer has no \[/THINK\] token"):
+        think_token_ids(NoEnd(), "mistral")
+    with pytest.raises(ValueError, match="reasoning_parser qwen3: the tokenizer has no <think> or </think> token"):
+        think_token_ids(Magistral(), "qwen3")
+
+
+MISTRAL_ANSWERS = [
+    '[THINK]weather, so call[/THINK][TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}',
+    'Sure.[THINK]plan[/THINK]Here:[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]now[ARGS]{}',
+    '[THINK]maybe[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}',   # cut off in the reasoning: no call
+    'No thinking.[TOOL_CALLS]now[ARGS]{}',
+]
+
+
+@pytest.mark.parametrize("text", MISTRAL_ANSWERS)
+def test_mistral_tool_calls_after_thinking(text):
+    """With --tool-call-parser mistral the calls are read from the content after [/THINK] only, streamed at
+    every split point as not."""
+    from pagedllm.server.tool_parsers.mistral import MistralToolParser
+    thought, content = ReasoningParser("mistral").parse_all(text)
+    expected_content, calls = MistralToolParser().parse_all(content or "")
+    expected = (thought, expected_content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls])
+    if "[/THINK]" in text:
+        assert calls and thought and "[TOOL_CALLS]" not in thought
+    else:
+        assert "[THINK]" not in text or (not calls and "[TOOL_CALLS]" in thought)
+    for pieces in [*([text[:i], text[i:]] for i in range(len(text) + 1)), list(text)]:
+        reasoner, tools = ReasoningParser("mistral"), MistralToolParser()
+        thought_parts, content_parts, streamed_calls = [], [], {}
+        for piece in [*pieces, None]:
+            split = reasoner.feed(piece) if piece is not None else reasoner.finish()
+            delta = tools.feed(split.content)
+            if piece is None:
+                delta.add(tools.finish())
+            thought_parts.append(split.reasoning)
+            content_parts.append(delta.content or "")
+            for call in delta.tool_calls:
+                name, args = streamed_calls.get(call.index, ("", ""))
+                streamed_calls[call.index] = (name + (call.name or ""), args + (call.arguments or ""))
+        got = ("".join(thought_parts) or None, "".join(content_parts) or None,
+               [streamed_calls[i] for i in sorted(streamed_calls)])
+        assert got == expected, pieces
