@@ -167,8 +167,9 @@ def starts_in_reasoning(parser: str, chat_template_kwargs: dict | None, prompt_i
     return not reasoning_ended_in(prompt_ids, *think_ids, turn_id)
 
 
-# The token that opens a chat turn, where the tokenizer has one: Qwen's (ChatML) and DeepSeek's assistant turn.
-TURN_STARTS = ("<|im_start|>", "<\uff5cAssistant\uff5c>")
+# The token that opens a chat turn, where the tokenizer has one: Qwen's (ChatML) and DeepSeek's assistant turn,
+# and Mistral's (the assistant's answer follows the user's [/INST]).
+TURN_STARTS = ("<|im_start|>", "<\uff5cAssistant\uff5c>", "[/INST]")
 
 
 def turn_start_token_id(tokenizer) -> int | None:
@@ -203,7 +204,7 @@ def reasoning_ended_in(prompt_ids: list[int], start_id: int | None, end_id: int 
 def reasoning_opened_in(prompt_ids: list[int], start_id: int | None, end_id: int | None,
                         turn_id: int | None = None) -> bool:
     """The prompt leaves a thinking block open: the last of the two tags in it is the start tag, within the last
-    turn (after the last turn_id)."""
+    turn (after the last turn_id: a tag the user wrote is not the answer's)."""
     for token in reversed(prompt_ids):
         if token == start_id:
             return True

@@ -194,6 +194,22 @@ def test_mistral_answer_opens_in_content_unless_the_prompt_opened_think():
     assert reads_special_tokens("mistral") and not reads_special_tokens("qwen3") and not reads_special_tokens(None)
 
 
+def test_mistral_answer_turn_follows_inst_end():
+    """Mistral's templates write the user's message as [INST]...[/INST], the answer after it: a [THINK] the user
+    wrote (a tokenizer reading the rendered text makes it the special token) does not open the answer's
+    reasoning, nor hold back its constraint; one the answer's own turn opened does."""
+    class Magistral:
+        def get_vocab(self):
+            return {"<s>": 1, "[INST]": 3, "[/INST]": 4, "[THINK]": 34, "[/THINK]": 35}
+    turn = turn_start_token_id(Magistral())
+    assert turn == 4
+    ids = (34, 35)
+    assert not starts_in_reasoning("mistral", None, [1, 3, 34, 5, turn], ids, turn)
+    assert not starts_in_reasoning("mistral", None, [1, 3, 34, 5, turn, 6], ids, turn)
+    assert starts_in_reasoning("mistral", None, [1, 3, 5, turn, 34, 6], ids, turn)
+    assert starts_in_reasoning("mistral", None, [1, 3, 34, 5, turn, 34], ids, turn)
+
+
 def test_mistral_tags_are_its_tokenizers_tokens():
     class Magistral:
         def get_vocab(self):
