@@ -101,13 +101,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         except ValueError as e:
             raise _as_sent(e, req, plan) from e
     sampling = isinstance(params, SamplingParams)   # not beam search
-    thinks = _thinks(ctx, req, kept, sampling and params.structured_outputs is not None)
-    if thinks and sampling:
+    constrained = sampling and params.structured_outputs is not None
+    thinks = _thinks(ctx, req, kept, constrained)
+    if thinks is not None and sampling:
         # a constraint applies from the end of the reasoning, which a budget may force (vLLM's)
-        params = replace(params, reasoning_start_token_id=ctx.think_ids[0], reasoning_end_token_id=ctx.think_ids[1],
-                         thinking_token_budget=req.thinking_token_budget)
-    if thinks is not None and sampling and reasoning.reads_special_tokens(ctx.reasoning_parser):
-        params = replace(params, skip_special_tokens=False)   # its tags must reach the text
+        params = replace(params, **reasoning.reasoning_fields(ctx.reasoning_parser, thinks, constrained,
+                                                              ctx.think_ids, req.thinking_token_budget))
+        if reasoning.reads_special_tokens(ctx.reasoning_parser):   # its tags must reach the text
+            params = replace(params, skip_special_tokens=False)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     response_id = response_id_for("chatcmpl-", raw_request, req.request_id, request_id)
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL

@@ -167,6 +167,20 @@ def starts_in_reasoning(parser: str, chat_template_kwargs: dict | None, prompt_i
     return not reasoning_ended_in(prompt_ids, *think_ids, turn_id)
 
 
+def reasoning_fields(parser: str, thinks: bool, constrained: bool, think_ids: tuple[int, int],
+                     budget: int | None) -> dict:
+    """SamplingParams' reasoning fields for an answer (none: {}), where it opens with reasoning (thinks): a
+    constraint then waits for the end token, and thinking_token_budget counts the block. A mistral answer that
+    opens in content (the model may write [THINK] itself) gets them too, for the budget, unless a constraint
+    holds: that holds from the first token (vLLM's where the prompt closed a block, as Magistral's system
+    prompt does; where the prompt has no [THINK], vLLM leaves the first token free and starts the constraint
+    after it unless it is [THINK])."""
+    if not (thinks or (parser == "mistral" and not constrained)):
+        return {}
+    return {"reasoning_start_token_id": think_ids[0], "reasoning_end_token_id": think_ids[1],
+            "thinking_token_budget": budget}
+
+
 # The token that opens a chat turn, where the tokenizer has one: Qwen's (ChatML) and DeepSeek's assistant turn,
 # and Mistral's (the assistant's answer follows the user's [/INST]).
 TURN_STARTS = ("<|im_start|>", "<\uff5cAssistant\uff5c>", "[/INST]")

@@ -137,6 +137,22 @@ def test_constraint_starts_at_the_first_token_unless_the_prompt_opened_think(mag
                                                        forced["message"]["tool_calls"]] == ["get_weather"], forced
 
 
+def test_thinking_token_budget_counts_the_block_the_model_opens(magistral):
+    """thinking_token_budget (vLLM's) counts the block the model's own [THINK] opens (the prompt has none): 0
+    forces [/THINK] next, in chat and completions; 1 lets the one token of reasoning come."""
+    server, tok = magistral
+    think_end = tok.convert_tokens_to_ids([THINK, END])
+    choice = _chat(server, _body(tok, ANSWER, thinking_token_budget=0, return_token_ids=True))
+    assert choice["token_ids"][:2] == think_end, choice
+    assert (choice["message"]["reasoning"], choice["message"]["content"]) == (None, "The answer is 4.")
+    assert _streamed(server, _body(tok, ANSWER, thinking_token_budget=0))["content"] == "The answer is 4."
+    assert _chat(server, _body(tok, ANSWER, thinking_token_budget=1))["message"]["reasoning"] == "Two and two."
+    body = _body(tok, ANSWER, thinking_token_budget=0, return_token_ids=True)
+    del body["messages"]
+    r = _post(server, {**body, "prompt": "<ans>"}, "/v1/completions")
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"][:2] == think_end, r.text
+
+
 def test_completions_constraint_follows_the_prompt(magistral):
     """Completions under the parser, as chat: a prompt that opened [THINK] has its constraint wait for [/THINK];
     another's holds from the first token."""

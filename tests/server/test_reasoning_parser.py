@@ -6,7 +6,8 @@ import random
 import pytest
 
 from pagedllm.server.reasoning import (ReasoningParser, _partial_tag_len, reads_special_tokens,
-                                      reasoning_ended_in, starts_in_reasoning, think_token_ids, turn_start_token_id)
+                                      reasoning_ended_in, reasoning_fields, starts_in_reasoning, think_token_ids,
+                                      turn_start_token_id)
 
 QWEN3 = "/work/shared/model-configs/Qwen--Qwen3-0.6B"
 
@@ -223,6 +224,21 @@ def test_mistral_tags_are_its_tokenizers_tokens():
         think_token_ids(NoEnd(), "mistral")
     with pytest.raises(ValueError, match="reasoning_parser qwen3: the tokenizer has no <think> or </think> token"):
         think_token_ids(Magistral(), "qwen3")
+
+
+def test_mistral_engine_fields_where_the_constraint_starts():
+    """Where a mistral answer opens in reasoning (the prompt opened [THINK]) a constraint waits for [/THINK];
+    else it holds from the first token, and without a constraint the reasoning ids are set all the same, so that
+    thinking_token_budget counts the block the model's own [THINK] opens. qwen3 and deepseek_r1 set them only
+    where the answer opens in reasoning."""
+    ids, both = (34, 35), {"reasoning_start_token_id": 34, "reasoning_end_token_id": 35, "thinking_token_budget": 5}
+    assert reasoning_fields("mistral", True, True, ids, 5) == both
+    assert reasoning_fields("mistral", True, False, ids, 5) == both
+    assert reasoning_fields("mistral", False, False, ids, 5) == both
+    assert reasoning_fields("mistral", False, True, ids, 5) == {}
+    for name in ("qwen3", "deepseek_r1"):
+        assert reasoning_fields(name, True, True, ids, 5) == both
+        assert reasoning_fields(name, False, False, ids, 5) == {}
 
 
 MISTRAL_ANSWERS = [
