@@ -24,7 +24,7 @@ _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _EXECUTOR_BACKENDS = ("mp", "ray")
 # server/tool_parsers' registry (tests hold them equal)
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic", "qwen3_coder")
-REASONING_PARSERS = ("qwen3", "deepseek_r1", "mistral")   # server/reasoning.py's PARSERS
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "mistral", "mimo")   # server/reasoning.py's PARSERS
 CONTENT_FORMATS = ("auto", "string", "openai")   # chat_template.py's (vLLM's --chat-template-content-format)
 
 
@@ -327,10 +327,10 @@ class ServerConfig:
                                             "hermes = <tool_call>{...}</tool_call> (Qwen2.5, Qwen3, Hermes)",
                                       choices=TOOL_CALL_PARSERS)
     reasoning_parser: str | None = _f(None, "read chat answers' <think>...</think> into a `reasoning` field apart "
-                                            "from content (vLLM's flag): qwen3 (Qwen3, QwQ), deepseek_r1 "
-                                            "(DeepSeek-R1 and its distills), mistral (Magistral's "
-                                            "[THINK]...[/THINK]); structured output and enforced tool calls then "
-                                            "apply from the end of the reasoning",
+                                            "from content (vLLM's flag): qwen3 (Qwen3; mimo: vLLM's other name "
+                                            "for it), deepseek_r1 (DeepSeek-R1 and its distills, QwQ), mistral "
+                                            "(Magistral's [THINK]...[/THINK]); structured output and enforced "
+                                            "tool calls then apply from the end of the reasoning",
                                       choices=REASONING_PARSERS)
     enable_request_id_headers: bool = _f(False, "every response carries X-Request-Id: the request's own, else a "
                                                  "new one (vLLM's flag)")

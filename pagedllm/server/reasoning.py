@@ -27,16 +27,23 @@ from dataclasses import dataclass
 
 from pagedllm.server.errors import APIError
 
-PARSERS = ("qwen3", "deepseek_r1", "mistral")
+PARSERS = ("qwen3", "deepseek_r1", "mistral", "mimo")
+# vLLM's other names for these parsers: mimo is its name for the qwen3 parser (the same class in its registry)
+ALIASES = {"mimo": "qwen3"}
 THINK_START, THINK_END, TOOL_CALL = "<think>", "</think>", "<tool_call>"
 # each parser's (start, end) tags
 TAGS = {"qwen3": (THINK_START, THINK_END), "deepseek_r1": (THINK_START, THINK_END), "mistral": ("[THINK]", "[/THINK]")}
 
 
+def _kind(parser: str | None) -> str | None:
+    """The parser a name (an alias) reads as."""
+    return ALIASES.get(parser, parser)
+
+
 def reads_special_tokens(parser: str | None) -> bool:
     """The parser's tags are special tokens (Magistral's [THINK] and [/THINK]): the text it reads must keep them
     (vLLM's Mistral tokenizer keeps them in the text even when it skips special tokens)."""
-    return parser == "mistral"
+    return _kind(parser) == "mistral"
 
 
 @dataclass
@@ -53,7 +60,7 @@ class ReasoningParser:
     def __init__(self, name: str, thinking: bool = True, constrained: bool = False):
         if name not in PARSERS:
             raise ValueError(f"reasoning parser {name!r} is not one of {', '.join(PARSERS)}")
-        self.name = name
+        self.name = name = _kind(name)
         self.start, self.end = TAGS[name]
         self.in_reasoning = thinking
         # constrained: the engine constrains the text after </think> (structured output, an enforced tool call),
@@ -134,11 +141,11 @@ def think_token_ids(tokenizer, parser: str) -> tuple[int, int]:
     one token of the vocabulary (as vLLM requires), since the engine watches for the end one (a constraint
     starts after it)."""
     vocab = tokenizer.get_vocab()
-    missing = [tag for tag in TAGS[parser] if tag not in vocab]
+    start, end = TAGS[_kind(parser)]
+    missing = [tag for tag in (start, end) if tag not in vocab]
     if missing:
         raise ValueError(f"reasoning_parser {parser}: the tokenizer has no {' or '.join(missing)} token (a "
                          f"thinking model's tokenizer has both)")
-    start, end = TAGS[parser]
     return vocab[start], vocab[end]
 
 
@@ -160,6 +167,7 @@ def starts_in_reasoning(parser: str, chat_template_kwargs: dict | None, prompt_i
     template's variables; vLLM's default: on), nor when the prompt already closed the block in the answer's
     own turn (turn_id: see reasoning_ended_in). A mistral answer opens in content (the model writes [THINK]),
     unless the prompt left a [THINK] open in the answer's turn."""
+    parser = _kind(parser)
     if parser == "qwen3" and not (chat_template_kwargs or {}).get("enable_thinking", True):
         return False
     if parser == "mistral":
@@ -175,7 +183,7 @@ def reasoning_fields(parser: str, thinks: bool, constrained: bool, think_ids: tu
     holds: that holds from the first token (vLLM's where the prompt closed a block, as Magistral's system
     prompt does; where the prompt has no [THINK], vLLM leaves the first token free and starts the constraint
     after it unless it is [THINK])."""
-    if not (thinks or (parser == "mistral" and not constrained)):
+    if not (thinks or (_kind(parser) == "mistral" and not constrained)):
         return {}
     return {"reasoning_start_token_id": think_ids[0], "reasoning_end_token_id": think_ids[1],
             "thinking_token_budget": budget}

@@ -145,6 +145,36 @@ def test_unknown_parser_and_tokenizer_without_tags():
         think_token_ids(NoTags(), "qwen3")
 
 
+@pytest.mark.parametrize("name, thinking, text, reasoning, content", [c for c in CASES if c[0] == "qwen3"])
+def test_mimo_is_vllms_other_name_for_qwen3(name, thinking, text, reasoning, content):
+    """vLLM's registry maps `mimo` to its qwen3 parser (the same class): the same splits, the same switch and tags."""
+    assert ReasoningParser("mimo", thinking).parse_all(text) == (reasoning, content)
+    start, end = 7, 8
+    for kwargs, prompt in ((None, [1]), ({"enable_thinking": False}, [1]), (None, [start, end])):
+        assert starts_in_reasoning("mimo", kwargs, prompt, (start, end)) == \
+            starts_in_reasoning("qwen3", kwargs, prompt, (start, end))
+    assert reasoning_fields("mimo", True, True, (start, end), 2) == reasoning_fields("qwen3", True, True,
+                                                                                     (start, end), 2)
+    assert not reads_special_tokens("mimo")
+
+    class Qwen:
+        def get_vocab(self):
+            return {"<think>": 3, "</think>": 4}
+    assert think_token_ids(Qwen(), "mimo") == (3, 4)
+
+
+def test_an_unknown_parser_is_a_start_up_error_naming_the_parsers(capsys):
+    from pagedllm.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "/no/such/model", "--reasoning-parser", "granite"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--reasoning-parser" in err and "'granite'" in err, err
+    assert all(f"'{name}'" in err for name in ("qwen3", "deepseek_r1", "mistral", "mimo")), err
+    from pagedllm.config import ServerConfig
+    with pytest.raises(ValueError, match="reasoning_parser"):
+        ServerConfig(reasoning_parser="granite")
+
+
 def test_config_names_the_same_parsers():
     from pagedllm.config import REASONING_PARSERS
     from pagedllm.server.reasoning import PARSERS
