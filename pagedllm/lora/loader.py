@@ -45,7 +45,7 @@ class LoRALoader:
         """The adapter's block-hash key when it is on the host (a mismatch with a loaded or loading adapter of
         the same id raises), else None: the caller waits for it (`wait_for`)."""
         load = self.pending.get(req.lora_int_id)
-        if load is not None and load.request != req:
+        if load is not None and load.request.identity != req.identity:
             raise ValueError(f"lora_int_id {req.lora_int_id} is already adapter {load.request.lora_name!r} "
                              f"({load.request.lora_path}), not {req.lora_name!r} ({req.lora_path})")
         lora = self.manager.cached(req)

@@ -45,7 +45,7 @@ class LoRAManager:
         """The host copy if loaded; the same id with another name or path is an error."""
         lora = self.cpu.get(req.lora_int_id)
         if lora is not None:
-            if lora.request != req:
+            if lora.request.identity != req.identity:
                 raise ValueError(f"lora_int_id {req.lora_int_id} is already adapter {lora.request.lora_name!r} "
                                  f"({lora.request.lora_path}), not {req.lora_name!r} ({req.lora_path})")
             self.cpu.move_to_end(req.lora_int_id)
