@@ -110,12 +110,14 @@ class EngineCore:
     # ---- LoRA adapters (vLLM's LLMEngine names) -------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Loads an adapter into the host LRU now, on the caller's thread (a bad one raises its ValueError)."""
+        self._unload_for_inplace(lora_request)
         return self._lora().add(lora_request)
 
     def add_lora_async(self, lora_request: LoRARequest) -> concurrent.futures.Future:
         """add_lora with the read on a loader thread: a future of True (or of the adapter's ValueError), set by
         the step() that puts it on the host. The core process answers its add_lora calls this way."""
         future = concurrent.futures.Future()
+        self._unload_for_inplace(lora_request)
         if self._lora_loader().key_if_loaded(lora_request) is not None:
             future.set_result(True)
         else:
@@ -125,7 +127,24 @@ class EngineCore:
     def remove_lora(self, lora_int_id: int) -> bool:
         """False for an unknown adapter or one that unfinished requests use (they finish under it)."""
         lora = self._lora()   # the scheduler's requests: a finished one reaches the runner a step later
-        return lora.remove(lora_int_id, any(r.lora_int_id == lora_int_id for r in self.scheduler.requests.values()))
+        return lora.remove(lora_int_id, self._lora_in_use(lora_int_id))
+
+    def _lora_in_use(self, lora_int_id: int) -> bool:
+        return any(r.lora_int_id == lora_int_id for r in self.scheduler.requests.values())
+
+    def _unload_for_inplace(self, req: LoRARequest):
+        """vLLM's load_inplace: the adapter loaded under the request's id (the same files, rewritten, or another
+        path) leaves the host, so that add_lora reads it again. Its blocks in the prefix cache are never reused:
+        they are keyed by the old weights' sha256. Refused while unfinished requests run under it (vLLM swaps
+        the weights under them: their KV would mix both)."""
+        lora = self._lora()
+        if not req.load_inplace or req.lora_int_id not in lora.loaded_ids():
+            return
+        if self._lora_in_use(req.lora_int_id):
+            raise ValueError(f"LoRA adapter {req.lora_name!r} ({req.lora_path}): load_inplace while unfinished "
+                             f"requests run under lora_int_id {req.lora_int_id}: load it in place once they "
+                             f"finish, or under another lora_int_id")
+        lora.remove(req.lora_int_id, in_use=False)
 
     def list_loras(self) -> set[int]:
         return self._lora().loaded_ids()

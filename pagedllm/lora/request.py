@@ -9,6 +9,7 @@ class LoRARequest:
     lora_path: str = ""   # a PEFT adapter directory (adapter_config.json + the weights); required, as vLLM's
     base_model_name: str | None = None            # vLLM's: the served model it adapts (/v1/models' parent)
     tensorizer_config_dict: dict | None = None    # vLLM's tensorizer-serialized adapters: not built, refused
+    load_inplace: bool = False   # add_lora reads again an adapter loaded under lora_int_id (vLLM's)
     is_3d_lora_weight: bool = False   # vLLM's MoE weight layout: no MoE model here, so it changes nothing
 
     def __post_init__(self):

@@ -338,3 +338,29 @@ def test_disk_tier_keeps_adapters_apart(setup, tmp_path):
         out = llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=loras.get(name))[0]
         assert (out.num_cached_tokens > 0) == hit, name
         assert out.outputs[0].token_ids == refs[name][6][0]
+
+
+def test_load_inplace_reads_the_adapter_again(setup, tmp_path):
+    """vLLM's LoRARequest(load_inplace=True): the adapter loaded under that id is read again (its files rewritten
+    at the same path, or another path); without it the loaded one serves, as vLLM's. Was a TypeError."""
+    import shutil
+    base, loras, refs = setup
+    path = tmp_path / "adapter"
+    shutil.copytree(loras["attn"].lora_path, path)
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True)
+
+    def tokens(req):
+        return llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=req)[0].outputs[0].token_ids
+    assert tokens(LoRARequest("x", 7, str(path))) == refs["attn"][0][0]
+    shutil.rmtree(path)
+    shutil.copytree(loras["rs"].lora_path, path)   # retrained in place
+    assert tokens(LoRARequest("x", 7, str(path))) == refs["attn"][0][0]
+    assert tokens(LoRARequest("x", 7, str(path), load_inplace=True)) == refs["rs"][0][0]
+    assert tokens(LoRARequest("x", 7, loras["all"].lora_path, load_inplace=True)) == refs["all"][0][0]
+    assert llm.engine.list_loras() == {7}
+    engine = llm.engine   # refused while a request runs under it: its KV would mix two adapters
+    engine.add_request("r", PROMPTS[1], GREEDY, lora_request=LoRARequest("x", 7, loras["all"].lora_path))
+    with pytest.raises(ValueError, match="load_inplace while unfinished requests run under lora_int_id 7"):
+        engine.add_lora(LoRARequest("x", 7, str(path), load_inplace=True))
+    while engine.has_unfinished_requests():
+        engine.step()
