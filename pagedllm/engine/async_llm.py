@@ -288,6 +288,10 @@ class AsyncLLM:
     async def list_loras(self) -> set[int]:
         return await self._core_call("list_loras")
 
+    async def pin_lora(self, lora_int_id: int) -> bool:
+        """vLLM's: the loaded adapter is never evicted from the core's host LRU (Engine.pin_lora)."""
+        return await self._core_call("pin_lora", lora_int_id)
+
     async def _core_call(self, name: str, *args):
         """Answered by call id: an add_lora whose adapter is read on a loader thread answers after later calls."""
         self.attach()

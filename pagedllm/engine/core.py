@@ -149,6 +149,9 @@ class EngineCore:
     def list_loras(self) -> set[int]:
         return self._lora().loaded_ids()
 
+    def pin_lora(self, lora_int_id: int) -> bool:
+        return self._lora().pin(lora_int_id)
+
     def _lora(self):
         if self.runner.lora is None:
             raise ValueError("LoRA adapters need enable_lora=True (--enable-lora)")

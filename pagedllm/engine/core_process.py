@@ -248,7 +248,7 @@ def _handle(core, conn: _SharedConn, msg: tuple, lora_calls: "_LoRACalls", clien
         core.release_kv_holds(msg[1])
     elif kind == "stats":
         clients.send(conn, ("stats", core.get_stats()))
-    elif kind == "lora":   # ("lora", call id, add_lora | remove_lora | list_loras, *args)
+    elif kind == "lora":   # ("lora", call id, add_lora | remove_lora | list_loras | pin_lora, *args)
         lora_calls.start(conn, msg[1], msg[2], msg[3:])
     elif kind == "shutdown":
         clients.leave(conn, core)
@@ -257,10 +257,10 @@ def _handle(core, conn: _SharedConn, msg: tuple, lora_calls: "_LoRACalls", clien
 
 
 class _LoRACalls:
-    """add_lora / remove_lora / list_loras, answered ("lora_reply", call id, result or exception). add_lora reads
-    a new adapter on a loader thread (EngineCore.add_lora_async): its caller waits for the read, steps of other
-    requests do not; it is answered after the step that puts the adapter on the host, so any later call or
-    request finds it there. The others are answered at once."""
+    """add_lora / remove_lora / list_loras / pin_lora, answered ("lora_reply", call id, result or exception).
+    add_lora reads a new adapter on a loader thread (EngineCore.add_lora_async): its caller waits for the read,
+    steps of other requests do not; it is answered after the step that puts the adapter on the host, so any later
+    call or request finds it there. The others are answered at once."""
 
     def __init__(self, core, clients: _Clients):
         self.core, self.clients = core, clients
@@ -272,7 +272,7 @@ class _LoRACalls:
             if name == "add_lora":
                 self.pending.append((conn, call_id, self.core.add_lora_async(*args)))
                 return self.answer_done()
-            if name not in ("remove_lora", "list_loras"):
+            if name not in ("remove_lora", "list_loras", "pin_lora"):
                 raise ValueError(f"unknown LoRA call {name!r}")
             result = getattr(self.core, name)(*args)
         except Exception as e:  # noqa: BLE001 - a bad adapter, LoRA off: the caller's error, not the core's

@@ -159,6 +159,11 @@ class Engine:
     def list_loras(self) -> set[int]:
         return self.core.list_loras()
 
+    def pin_lora(self, lora_int_id: int) -> bool:
+        """vLLM's: the loaded adapter is never evicted from the host LRU (max_cpu_loras); remove_lora still
+        removes it. A ValueError when it is not loaded."""
+        return self.core.pin_lora(lora_int_id)
+
     def reset_prefix_cache(self) -> bool:
         """See EngineCore.reset_prefix_cache: the GPU prefix cache and the CPU and disk tiers."""
         return self.core.reset_prefix_cache()

@@ -29,6 +29,7 @@ class LoRAManager:
         self.state, self.layers = wrap_lora_layers(model, max_loras, max_lora_rank)
         self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()   # lora_int_id -> host copy, LRU first
         self.in_use: Counter[int] = Counter()                   # lora_int_id -> requests holding it
+        self.pinned: set[int] = set()                           # never evicted from the host LRU (pin_lora)
         self.slots: list[int | None] = [None] * max_loras       # slot -> lora_int_id
         self.slot_used: list[int] = [0] * max_loras             # step count of last use (LRU among slots)
         self.req_lora: dict[str, int] = {}                      # req_id -> lora_int_id
@@ -89,6 +90,7 @@ class LoRAManager:
         if lora_int_id not in self.cpu or in_use:
             return False
         del self.cpu[lora_int_id]
+        self.pinned.discard(lora_int_id)
         self._step_key = None
         for s, held in enumerate(self.slots):
             if held == lora_int_id:
@@ -98,9 +100,19 @@ class LoRAManager:
     def loaded_ids(self) -> set[int]:
         return set(self.cpu)
 
+    def pin(self, lora_int_id: int) -> bool:
+        """vLLM's pin_lora: a loaded adapter stays on the host until removed (the LRU passes it over, and it may
+        exceed max_cpu_loras). vLLM also keeps it in a device slot; slots here are filled per step from the host
+        copy, so that part changes nothing but a copy."""
+        if lora_int_id not in self.cpu:
+            raise ValueError(f"Pinning failed. LoRA {lora_int_id} is not loaded (add_lora it first)")
+        self.pinned.add(lora_int_id)
+        return True
+
     def _evict(self, keep: int = 0):
-        """Least recently used first; never one in use, nor `keep` (just inserted: its request acquires it next)."""
-        for lid in [lid for lid in self.cpu if not self.in_use[lid] and lid != keep]:
+        """Least recently used first; never one in use or pinned, nor `keep` (just inserted: its request acquires
+        it next)."""
+        for lid in [lid for lid in self.cpu if not self.in_use[lid] and lid != keep and lid not in self.pinned]:
             if len(self.cpu) <= self.max_cpu_loras:
                 break
             self.remove(lid)

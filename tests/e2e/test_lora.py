@@ -305,6 +305,9 @@ def test_async_llm_lora_in_core_process(setup, tmp_path):
                                        max_loras=2, max_lora_rank=8))
         try:
             assert await engine.add_lora(loras["rs"]) and await engine.list_loras() == {1}
+            assert await engine.pin_lora(1)
+            with pytest.raises(ValueError, match="not loaded"):
+                await engine.pin_lora(5)
             with pytest.raises(ValueError, match="max_lora_rank"):
                 await engine.add_lora(loras["all"])
             got = await asyncio.gather(collect(engine, "a", 0, loras["rs"]), collect(engine, "b", 1, loras["attn"]),
@@ -364,3 +367,21 @@ def test_load_inplace_reads_the_adapter_again(setup, tmp_path):
         engine.add_lora(LoRARequest("x", 7, str(path), load_inplace=True))
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_pin_lora_keeps_an_adapter_on_the_host(setup):
+    """vLLM's LLMEngine.pin_lora / AsyncLLM.pin_lora (an AttributeError here): a pinned adapter is never evicted
+    by the host LRU (max_cpu_loras); pinning one that is not loaded is a ValueError; remove_lora still removes it."""
+    base, loras, refs = setup
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, max_loras=1, max_cpu_loras=1)
+    engine = llm.llm_engine
+    assert engine.add_lora(loras["rs"]) and engine.pin_lora(1)
+    engine.add_lora(loras["attn"])
+    engine.add_lora(loras["all"])
+    assert engine.list_loras() == {1, 3}   # 2 was evicted, not the pinned 1
+    outs = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False, lora_request=[loras["rs"], loras["attn"]])
+    assert [o.outputs[0].token_ids for o in outs] == [refs["rs"][0][0], refs["attn"][1][0]]
+    assert 1 in engine.list_loras()
+    with pytest.raises(ValueError, match="LoRA 9 is not loaded"):
+        engine.pin_lora(9)
+    assert engine.remove_lora(1) and 1 not in engine.list_loras()
