@@ -20,16 +20,18 @@ TARGETS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj",
            "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
            "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1), "down_proj": ("mlp.down_proj", 0)}
 _NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-# options whose non-default value changes the math: (field, the value we implement)
-_UNSUPPORTED = (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False), ("layers_to_transform", None),
-                ("layers_pattern", None), ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None),
+# options whose non-default value changes the math: (field, the value we implement). Those that only choose where
+# PEFT put adapters (target_modules, layers_to_transform, layers_pattern, exclude_modules) are not here: the
+# tensors say where, as vLLM reads them (a target_modules name this model lacks got no tensors).
+_UNSUPPORTED = (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False),
+                ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None),
                 ("target_parameters", None), ("trainable_token_indices", None), ("lora_bias", False),
-                ("use_qalora", False), ("megatron_config", None), ("exclude_modules", None),
+                ("use_qalora", False), ("megatron_config", None),
                 # the same lora_A/lora_B tensors, other math: a deeper model built from repeated layers; the adapter
                 # only on the tokens from its invocation sequence on (aLoRA); block-diagonal LoRA; Arrow's routing
-                # among adapters
+                # among adapters; KaSA's truncated base weight and singular values between A and B
                 ("layer_replication", None), ("alora_invocation_tokens", None), ("use_bdlora", None),
-                ("arrow_config", None))
+                ("arrow_config", None), ("kasa_config", None))
 
 
 @dataclass
@@ -58,8 +60,8 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
                              f"and adapter_model.safetensors)")
     cfg_bytes = (path / "adapter_config.json").read_bytes()
     cfg = json.loads(cfg_bytes)
-    rank, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
-    _check_config(cfg, rank, max_lora_rank, where)
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    _check_config(cfg, rank, alpha, max_lora_rank, where)
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     from safetensors.torch import load
     data = (path / "adapter_model.safetensors").read_bytes()
@@ -82,24 +84,23 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
     return lora
 
 
-def _check_config(cfg: dict, rank, max_lora_rank: int, where: str):
+def _check_config(cfg: dict, rank, alpha, max_lora_rank: int, where: str):
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{where}: peft_type must be LORA, got {cfg.get('peft_type')!r}")
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"{where}: r must be an integer >= 1, got {rank!r}")
+    # vLLM's required field: PEFT's default (8) is not r, so a guess would scale the adapter wrongly
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{where}: lora_alpha must be a number (adapter_config.json's scale of the adapter, "
+                         f"lora_alpha / r), got {alpha!r}")
     if rank > max_lora_rank:
         raise ValueError(f"{where}: r = {rank} is above max_lora_rank ({max_lora_rank}); raise --max-lora-rank")
     for key, implemented in _UNSUPPORTED:
         value = cfg.get(key, implemented)
         if value != implemented and not (implemented is None and not value) and not (implemented == {} and not value):
             raise ValueError(f"{where}: {key} = {value!r} is not supported (only {implemented!r})")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, list):
-        lacking = [t for t in targets if t.rsplit(".", 1)[-1] not in TARGETS]
-        if lacking:
-            raise ValueError(f"{where}: target_modules {lacking} are modules the model lacks or LoRA serving does "
-                             f"not support (it serves {sorted(TARGETS)})")
-    elif not isinstance(targets, str):   # a regex string is checked through the tensors' names
+    targets = cfg.get("target_modules")   # its names are checked through the tensors' (_NAME, TARGETS)
+    if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise ValueError(f"{where}: target_modules must be a list of module names or a regex, got {targets!r}")
 
 

@@ -170,7 +170,8 @@ def _bad(tmp_path, src, edit_cfg=None, edit_tensors=None):
     ("dora", "use_dora"),
     ("bias", "bias"),
     ("modules_to_save", "modules_to_save"),
-    ("layers", "layers_to_transform"),
+    ("alpha", "lora_alpha must be a number"),
+    ("kasa", "kasa_config"),
     ("layer_replication", "layer_replication"),
     ("alora", "alora_invocation_tokens"),
 ])
@@ -182,12 +183,15 @@ def test_bad_adapters(setup, tmp_path, case, match):
         return {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v) for k, v in t.items()}
     path = {"missing": lambda: str(tmp_path / "nowhere"),
             "rank": lambda: str(loras["all"].lora_path),
-            "target": lambda: _bad(tmp_path, src, lambda c: c.update(target_modules=["q_proj", "lm_head"])),
+            "target": lambda: _bad(tmp_path, src, lambda c: c.update(target_modules=["q_proj", "lm_head"]),
+                                   lambda t: {**t, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
+                                              "base_model.model.lm_head.lora_B.weight": torch.zeros(512, 4)}),
             "shape": lambda: _bad(tmp_path, src, edit_tensors=widen),
             "dora": lambda: _bad(tmp_path, src, lambda c: c.update(use_dora=True)),
             "bias": lambda: _bad(tmp_path, src, lambda c: c.update(bias="all")),
             "modules_to_save": lambda: _bad(tmp_path, src, lambda c: c.update(modules_to_save=["lm_head"])),
-            "layers": lambda: _bad(tmp_path, src, lambda c: c.update(layers_to_transform=[0])),
+            "alpha": lambda: _bad(tmp_path, src, lambda c: c.pop("lora_alpha")),
+            "kasa": lambda: _bad(tmp_path, src, lambda c: c.update(kasa_config={"r": 4})),
             "layer_replication": lambda: _bad(tmp_path, src, lambda c: c.update(layer_replication=[[0, 2], [1, 2]])),
             "alora": lambda: _bad(tmp_path, src, lambda c: c.update(alora_invocation_tokens=[300, 301])),
             }[case]()
@@ -385,3 +389,26 @@ def test_pin_lora_keeps_an_adapter_on_the_host(setup):
     with pytest.raises(ValueError, match="LoRA 9 is not loaded"):
         engine.pin_lora(9)
     assert engine.remove_lora(1) and 1 not in engine.list_loras()
+
+
+def test_adapter_placed_by_layers_and_exclusions_matches_peft(setup, tmp_path):
+    """layers_to_transform, exclude_modules, and a target_modules name this model lacks only choose where PEFT put
+    the adapter: its tensors say where, as vLLM reads them (each was refused here)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base = setup[0]
+    path = make_adapter(base, tmp_path / "placed", 5, r=4, lora_alpha=8, layers_to_transform=[1],
+                        target_modules=["q_proj", "v_proj", "down_proj", "query_key_value"],
+                        exclude_modules=["down_proj"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), path).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True)
+    outs = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False, lora_request=LoRARequest("placed", 1, path))
+    differ = 0
+    for prompt, out in zip(PROMPTS, outs):
+        ids = [model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()]
+        assert out.outputs[0].token_ids == ids[0]
+        differ += ids[0] != plain.generate(input_ids=torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
+                                           pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    assert differ   # the adapter changes the answers
