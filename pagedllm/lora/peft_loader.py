@@ -5,6 +5,7 @@ PEFT names: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight (r, i
 Everything we do not implement is a ValueError naming the adapter and the field, never a silent no-op.
 """
 import hashlib
+import io
 import json
 import math
 import re
@@ -19,6 +20,8 @@ from pagedllm.lora.request import LoRARequest
 TARGETS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
            "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
            "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1), "down_proj": ("mlp.down_proj", 0)}
+# the adapter's weights, in vLLM's order of preference
+WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 _NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 # options whose non-default value changes the math: (field, the value we implement). Those that only choose where
 # PEFT put adapters (target_modules, layers_to_transform, layers_pattern, exclude_modules) are not here: the
@@ -54,18 +57,19 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
     """Reads and checks req.lora_path against `model` (our LlamaForCausalLM family)."""
     where = f"LoRA adapter {req.lora_name!r} ({req.lora_path})"
     path = Path(req.lora_path)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (path / name).is_file():
+    weights = next((path / name for name in WEIGHTS_FILES if (path / name).is_file()), None)
+    for name, found in (("adapter_config.json", (path / "adapter_config.json").is_file()),
+                        (" or ".join(WEIGHTS_FILES), weights is not None)):
+        if not found:
             raise ValueError(f"{where}: {name} not found (a PEFT adapter directory has adapter_config.json "
-                             f"and adapter_model.safetensors)")
+                             f"and adapter_model.safetensors, or PEFT's older adapter_model.bin)")
     cfg_bytes = (path / "adapter_config.json").read_bytes()
     cfg = json.loads(cfg_bytes)
     rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
     _check_config(cfg, rank, alpha, max_lora_rank, where)
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    from safetensors.torch import load
-    data = (path / "adapter_model.safetensors").read_bytes()
-    tensors = load(data)
+    data = weights.read_bytes()
+    tensors = _read_tensors(data, weights.name, where)
     lora = LoRAModel(req, rank, float(scale), hashlib.sha256(cfg_bytes + b"\0" + data).hexdigest())
     pairs: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
@@ -77,11 +81,26 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
         ours, shard = TARGETS[hf_module]
         pairs.setdefault((f"model.layers.{layer}.{ours}", shard), {})[ab] = t.float()
     if not pairs:
-        raise ValueError(f"{where}: adapter_model.safetensors holds no LoRA tensors")
+        raise ValueError(f"{where}: {weights.name} holds no LoRA tensors")
     for (module_name, shard), ab in pairs.items():
         a, b = _fit(model, module_name, shard, ab, rank, where)
         lora.modules.setdefault(module_name, {})[shard] = (a, b * scale)
     return lora
+
+
+def _read_tensors(data: bytes, file_name: str, where: str) -> dict[str, torch.Tensor]:
+    """safetensors, or a torch.save'd dict of tensors (PEFT's safe_serialization=False; vLLM reads both), the
+    latter with weights_only: tensors only, no code from the file runs."""
+    if file_name.endswith(".safetensors"):
+        from safetensors.torch import load
+        return load(data)
+    try:
+        tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read the file is the adapter's error, named
+        raise ValueError(f"{where}: {file_name} cannot be read as a dict of tensors: {type(e).__name__}: {e}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{where}: {file_name} must hold a dict of tensor names to tensors")
+    return tensors
 
 
 def _check_config(cfg: dict, rank, alpha, max_lora_rank: int, where: str):

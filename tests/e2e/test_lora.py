@@ -412,3 +412,24 @@ def test_adapter_placed_by_layers_and_exclusions_matches_peft(setup, tmp_path):
         differ += ids[0] != plain.generate(input_ids=torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
                                            pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
     assert differ   # the adapter changes the answers
+
+
+def test_adapter_saved_as_pytorch_bin(setup, tmp_path):
+    """PEFT's save_pretrained(safe_serialization=False) writes adapter_model.bin, which vLLM reads (as
+    adapter_model.pt); here 'adapter_model.safetensors not found'. Read with weights_only: tensors, no code."""
+    import shutil
+    base, loras, refs = setup
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True)
+    for i, name in enumerate(("adapter_model.bin", "adapter_model.pt")):
+        d = tmp_path / name
+        shutil.copytree(loras["attn"].lora_path, d)
+        torch.save(load_file(str(d / "adapter_model.safetensors")), d / name)
+        (d / "adapter_model.safetensors").unlink()
+        out = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest(name, i + 1, str(d)))
+        assert out[0].outputs[0].token_ids == refs["attn"][0][0]
+    d = tmp_path / "code"
+    shutil.copytree(loras["attn"].lora_path, d)
+    (d / "adapter_model.safetensors").unlink()
+    torch.save({"a": object()}, d / "adapter_model.bin")   # not tensors: weights_only refuses to unpickle it
+    with pytest.raises(ValueError, match="adapter_model.bin cannot be read as a dict of tensors"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("code", 9, str(d)))
