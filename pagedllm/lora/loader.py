@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pagedllm.daemon_threads import DaemonThreads
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.lora.peft_loader import LoRAModel, lora_cache_key
-from pagedllm.lora.request import LoRARequest
+from pagedllm.lora.request import LoRAAdapterNotFoundError, LoRARequest
 
 
 @dataclass
@@ -66,13 +66,14 @@ class LoRALoader:
         for its requests before the next insert may evict it); their add_lora calls answered."""
         for lid in [lid for lid, load in self.pending.items() if load.future.done()]:
             load = self.pending.pop(lid)
-            key, error = None, None
+            key, error, kind = None, None, ValueError
             try:
                 key = lora_cache_key(self.manager.insert(load.future.result()))
             except Exception as e:   # noqa: BLE001 - the adapter's error goes to its requests and callers
                 error = describe_load_error(load.request, e)
+                kind = LoRAAdapterNotFoundError if isinstance(e, LoRAAdapterNotFoundError) else ValueError
             for caller in load.callers:
-                caller.set_result(True) if error is None else caller.set_exception(ValueError(error))
+                caller.set_result(True) if error is None else caller.set_exception(kind(error))
             yield LoadResult(load.req_ids, key, error)
 
     def wait(self, seconds: float):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.lora.request import LoRARequest
+from pagedllm.lora.request import LoRAAdapterNotFoundError, LoRARequest, adapter_dir
 
 # HF module -> (our module, shard index): the targets we serve
 TARGETS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
@@ -56,13 +56,14 @@ def lora_cache_key(lora: LoRAModel) -> tuple[str, str]:
 def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: int) -> LoRAModel:
     """Reads and checks req.lora_path against `model` (our LlamaForCausalLM family)."""
     where = f"LoRA adapter {req.lora_name!r} ({req.lora_path})"
-    path = Path(req.lora_path)
+    path = Path(adapter_dir(req))
     weights = next((path / name for name in WEIGHTS_FILES if (path / name).is_file()), None)
     for name, found in (("adapter_config.json", (path / "adapter_config.json").is_file()),
                         (" or ".join(WEIGHTS_FILES), weights is not None)):
-        if not found:
-            raise ValueError(f"{where}: {name} not found (a PEFT adapter directory has adapter_config.json "
-                             f"and adapter_model.safetensors, or PEFT's older adapter_model.bin)")
+        if not found:   # no adapter_config.json: no adapter there, vLLM's not-found
+            error = LoRAAdapterNotFoundError if name == "adapter_config.json" else ValueError
+            raise error(f"{where}: {name} not found (a PEFT adapter directory has adapter_config.json "
+                        f"and adapter_model.safetensors, or PEFT's older adapter_model.bin)")
     cfg_bytes = (path / "adapter_config.json").read_bytes()
     cfg = json.loads(cfg_bytes)
     rank, alpha = cfg.get("r"), cfg.get("lora_alpha")

@@ -1,5 +1,11 @@
 """LoRARequest: which adapter a request runs under (vLLM's fields, in vLLM's order, with vLLM's defaults)."""
+import os
+import re
 from dataclasses import dataclass
+
+
+class LoRAAdapterNotFoundError(ValueError):
+    """vLLM's: no adapter at the request's lora_path (the server's load_lora_adapter answers 404, as vLLM's)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,3 +58,16 @@ class LoRARequest:
         """The adapter's identity in block hashes where its weights are not read (the engine core uses their
         sha256, lora/peft_loader.py): never its int id alone, which a restart may give another adapter."""
         return ("lora", self.lora_name, self.lora_path)
+
+
+def adapter_dir(req: LoRARequest) -> str:
+    """The directory lora_path names: '~' expanded, as vLLM's. A path that names no directory is
+    LoRAAdapterNotFoundError; vLLM would download a Hugging Face Hub id there, which is not done here: said so."""
+    path = os.path.expanduser(req.lora_path) if req.lora_path.startswith("~") else req.lora_path
+    if not os.path.isdir(path):
+        hub = not os.path.isabs(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+        raise LoRAAdapterNotFoundError(
+            f"LoRA adapter {req.lora_name!r} ({req.lora_path}): no adapter directory at that path"
+            + (" (pagedllm does not download adapters from the Hugging Face Hub: download it first, hf download "
+               f"{path} --local-dir DIR, then give DIR)" if hub else ""))
+    return path

@@ -16,7 +16,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
-from pagedllm.lora.request import LoRARequest
+from pagedllm.lora.request import LoRAAdapterNotFoundError, LoRARequest
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.launch import RUNTIME_UPDATING_ENV, LoRAModulePath, runtime_updating_allowed
 
@@ -57,6 +57,8 @@ class ServingLoRAs:
             request = LoRARequest(name, self._next_id, path)
             try:
                 await self.engine.add_lora(request)
+            except LoRAAdapterNotFoundError as e:   # vLLM's 404: no adapter at that path
+                raise APIError(404, shorten(str(e), 1000), "lora_path", "lora_adapter_not_found") from None
             except ValueError as e:   # the adapter's own problem (peft_loader names the path), or LoRA off
                 raise APIError(400, shorten(str(e), 1000), "lora_path", "invalid_lora_adapter") from None
             self._next_id += 1

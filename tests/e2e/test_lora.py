@@ -163,7 +163,7 @@ def _bad(tmp_path, src, edit_cfg=None, edit_tensors=None):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("missing", "adapter_config.json not found"),
+    ("missing", "no adapter directory at that path"),
     ("rank", "max_lora_rank"),
     ("target", "target_modules"),
     ("shape", "another base model"),
@@ -433,3 +433,18 @@ def test_adapter_saved_as_pytorch_bin(setup, tmp_path):
     torch.save({"a": object()}, d / "adapter_model.bin")   # not tensors: weights_only refuses to unpickle it
     with pytest.raises(ValueError, match="adapter_model.bin cannot be read as a dict of tensors"):
         llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("code", 9, str(d)))
+
+
+def test_lora_path_with_tilde_and_hub_ids(setup, tmp_path, monkeypatch):
+    """vLLM expands a lora_path starting with '~' (here it was read as a directory named '~'); a Hub id, which
+    vLLM downloads, is refused saying how to fetch it. No adapter there is vLLM's LoRAAdapterNotFoundError."""
+    import shutil
+    from pagedllm.lora.request import LoRAAdapterNotFoundError
+    base, loras, refs = setup
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(loras["attn"].lora_path, tmp_path / "adapters" / "attn")
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True)
+    out = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("attn", 1, "~/adapters/attn"))
+    assert out[0].outputs[0].token_ids == refs["attn"][0][0]
+    with pytest.raises(LoRAAdapterNotFoundError, match="hf download someone/sql-lora --local-dir DIR"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("sql", 2, "someone/sql-lora"))

@@ -131,9 +131,14 @@ def test_load_errors(lora_env, tmp_path):
     post = _poster(server)
     missing = str(tmp_path / "nowhere")
     r = post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": missing})
-    err = r.json()["error"]
-    assert r.status_code == 400 and missing in err["message"] and "adapter_config.json not found" in err["message"]
-    assert err["param"] == "lora_path"
+    err = r.json()["error"]   # vLLM's 404 (LoRAAdapterNotFoundError): no adapter at that path
+    assert r.status_code == 404 and missing in err["message"] and "no adapter directory" in err["message"]
+    assert (err["param"], err["code"]) == ("lora_path", "lora_adapter_not_found")
+    (tmp_path / "empty").mkdir()
+    r = post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(tmp_path / "empty")})
+    assert r.status_code == 404 and "adapter_config.json not found" in r.json()["error"]["message"]
+    r = post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": paths["all"] + "/adapter_config.json"})
+    assert r.status_code == 404
     r = post("/v1/load_lora_adapter", {"lora_name": MODEL_NAME, "lora_path": paths["rs"]})
     assert r.status_code == 400 and "base model" in r.json()["error"]["message"]
     r = post("/v1/load_lora_adapter", {"lora_name": "x"})
