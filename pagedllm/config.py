@@ -133,7 +133,8 @@ class EngineConfig:
                                   "Triton kernels inside the CUDA graphs)")
     max_loras: int = _f(1, "most distinct LoRA adapters in one step (device slots)")
     max_lora_rank: int = _f(16, "largest LoRA rank served; adapters are zero-padded to it")
-    max_cpu_loras: int | None = _f(None, "LoRA adapters kept loaded in CPU memory (LRU; default: max_loras)")
+    max_cpu_loras: int | None = _f(None, "LoRA adapters kept loaded in CPU memory (LRU; default, or 0 as in vLLM: "
+                                         "max_loras)")
     tensor_parallel_size: int = _f(1, "GPUs (ranks) the model is split over: each holds its share of the heads, "
                                       "MLP columns and vocabulary, and their KV cache; ranks 1..N-1 run in worker "
                                       "processes (on CPU: gloo, for tests)", aliases=["-tp"])
@@ -216,6 +217,8 @@ class EngineConfig:
                self.kv_offloading_size)
 
     def _check_lora(self):
+        if isinstance(self.max_cpu_loras, int) and self.max_cpu_loras <= 0:
+            self.max_cpu_loras = None   # vLLM's: 0 or less is the default (max_loras)
         _check(isinstance(self.max_loras, int) and self.max_loras >= 1, "max_loras", "an integer >= 1",
                self.max_loras)
         _check(isinstance(self.max_lora_rank, int) and self.max_lora_rank >= 1, "max_lora_rank",
