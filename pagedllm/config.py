@@ -22,6 +22,7 @@ _SCHEDULING_POLICIES = ("fcfs", "priority")
 _QUANTIZATIONS = ("fp8",)
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _EXECUTOR_BACKENDS = ("mp", "ray")
+_LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")   # vLLM's CLI takes the first three, its Python any
 # server/tool_parsers' registry (tests hold them equal)
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic", "qwen3_coder")
 REASONING_PARSERS = ("qwen3", "deepseek_r1", "mistral", "mimo")   # server/reasoning.py's PARSERS
@@ -135,6 +136,8 @@ class EngineConfig:
     max_lora_rank: int = _f(16, "largest LoRA rank served; adapters are zero-padded to it")
     max_cpu_loras: int | None = _f(None, "LoRA adapters kept loaded in CPU memory (LRU; default, or 0 as in vLLM: "
                                          "max_loras)")
+    lora_dtype: str = _f("auto", "dtype of the LoRA adapters' weights in the device slots; auto = the model's "
+                                 "(vLLM's flag; a torch.dtype from Python)", choices=_LORA_DTYPES)
     tensor_parallel_size: int = _f(1, "GPUs (ranks) the model is split over: each holds its share of the heads, "
                                       "MLP columns and vocabulary, and their KV cache; ranks 1..N-1 run in worker "
                                       "processes (on CPU: gloo, for tests)", aliases=["-tp"])
@@ -145,6 +148,8 @@ class EngineConfig:
                                                   choices=_EXECUTOR_BACKENDS)
 
     def __post_init__(self):
+        if type(self.lora_dtype).__name__ == "dtype":   # vLLM's LLM(lora_dtype=torch.float16), without torch here
+            self.lora_dtype = str(self.lora_dtype).removeprefix("torch.")
         check_types(self)
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
         _check(self.quantization in (None, *_QUANTIZATIONS), "quantization", f"None or one of {_QUANTIZATIONS}",
@@ -221,6 +226,7 @@ class EngineConfig:
             self.max_cpu_loras = None   # vLLM's: 0 or less is the default (max_loras)
         _check(isinstance(self.max_loras, int) and self.max_loras >= 1, "max_loras", "an integer >= 1",
                self.max_loras)
+        _check(self.lora_dtype in _LORA_DTYPES, "lora_dtype", f"one of {_LORA_DTYPES}", self.lora_dtype)
         _check(isinstance(self.max_lora_rank, int) and self.max_lora_rank >= 1, "max_lora_rank",
                "an integer >= 1", self.max_lora_rank)
         _check(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras, "max_cpu_loras",

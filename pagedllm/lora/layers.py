@@ -89,7 +89,9 @@ class LoRAStepState:
 class LoRALinear(nn.Module):
     kernels_on_cpu = False   # tests: the Triton kernels on CPU tensors, under TRITON_INTERPRET=1
 
-    def __init__(self, base: nn.Module, max_loras: int, max_rank: int, state: LoRAStepState):
+    def __init__(self, base: nn.Module, max_loras: int, max_rank: int, state: LoRAStepState,
+                 lora_dtype: torch.dtype | None = None):
+        """lora_dtype: the slots' (vLLM's --lora-dtype); None: the base weight's (bfloat16 under 8-bit weights)."""
         super().__init__()
         self.base = base
         self.state = state
@@ -98,6 +100,7 @@ class LoRALinear(nn.Module):
         self.max_rank, self.max_shard = max_rank, max(self.shard_sizes)
         weight = base.weight
         dtype = weight.dtype if weight.dtype.is_floating_point and weight.element_size() > 1 else torch.bfloat16
+        dtype = lora_dtype or dtype
         n = len(self.shard_sizes)
         self.wide = None   # wide: (out + max_loras * n * R, in), the base weight's rows, then each slot's A rows
         self.wide_bias = None
@@ -165,7 +168,8 @@ class LoRALinear(nn.Module):
             self.lora_b[slot, row:row + b.shape[0], shard * R:shard * R + r].copy_(b, non_blocking=True)
 
 
-def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int) -> tuple[LoRAStepState, dict[str, LoRALinear]]:
+def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int, lora_dtype: torch.dtype | None = None
+                     ) -> tuple[LoRAStepState, dict[str, LoRALinear]]:
     """Replaces every decoder linear LoRA may target (qkv_proj, o_proj, gate_up_proj, down_proj) by a LoRALinear
     around it; returns the shared step state (its buffer empty: the manager sizes it) and the wrappers by name."""
     device = next(model.parameters()).device
@@ -176,6 +180,6 @@ def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int) -> tuple[L
             name = f"model.layers.{i}.{t}"
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            wrapped[name] = LoRALinear(getattr(parent, leaf), max_loras, max_rank, state)
+            wrapped[name] = LoRALinear(getattr(parent, leaf), max_loras, max_rank, state, lora_dtype)
             setattr(parent, leaf, wrapped[name])
     return state, wrapped

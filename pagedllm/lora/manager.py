@@ -21,12 +21,14 @@ from pagedllm.lora.request import LoRARequest
 
 class LoRAManager:
     def __init__(self, model: torch.nn.Module, max_loras: int, max_lora_rank: int, max_cpu_loras: int | None,
-                 device: torch.device):
+                 device: torch.device, lora_dtype: str = "auto"):
+        """lora_dtype: the adapters' dtype in the slots (vLLM's --lora-dtype); auto: the base weights'."""
         self.model = model
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         self.max_cpu_loras = max_cpu_loras or max_loras
         self.device = device
-        self.state, self.layers = wrap_lora_layers(model, max_loras, max_lora_rank)
+        dtype = None if lora_dtype == "auto" else getattr(torch, lora_dtype)
+        self.state, self.layers = wrap_lora_layers(model, max_loras, max_lora_rank, dtype)
         self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()   # lora_int_id -> host copy, LRU first
         self.in_use: Counter[int] = Counter()                   # lora_int_id -> requests holding it
         self.pinned: set[int] = set()                           # never evicted from the host LRU (pin_lora)

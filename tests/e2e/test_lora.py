@@ -448,3 +448,16 @@ def test_lora_path_with_tilde_and_hub_ids(setup, tmp_path, monkeypatch):
     assert out[0].outputs[0].token_ids == refs["attn"][0][0]
     with pytest.raises(LoRAAdapterNotFoundError, match="hf download someone/sql-lora --local-dir DIR"):
         llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("sql", 2, "someone/sql-lora"))
+
+
+def test_lora_dtype_sets_the_slots_dtype(setup):
+    """vLLM's lora_dtype: the adapters in bfloat16 under a float32 model (auto: the model's dtype)."""
+    base, loras, refs = setup
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, lora_dtype="bfloat16")
+    layers = llm.engine.runner.lora.layers.values()
+    assert {layer.lora_a.dtype for layer in layers} == {layer.lora_b.dtype for layer in layers} == {torch.bfloat16}
+    out = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False, lora_request=loras["rs"])
+    same = sum(o.outputs[0].token_ids == refs["rs"][i][0] for i, o in enumerate(out))
+    assert same >= 3   # bfloat16 adapters: greedy tokens of float32 PEFT but for a near tie
+    auto = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True).engine.runner.lora.layers.values()
+    assert {layer.lora_a.dtype for layer in auto} == {torch.float32}

@@ -26,3 +26,16 @@ def test_max_cpu_loras_zero_is_the_default(serve_args):
     assert serve_args("--max-loras", "2", "--max-cpu-loras", "3")[0].max_cpu_loras == 3
     with pytest.raises(ValueError, match="max_cpu_loras must be None or >= max_loras"):
         EngineConfig(enable_lora=True, max_loras=2, max_cpu_loras=1)
+
+
+def test_lora_dtype(serve_args, capsys):
+    """vLLM's --lora-dtype (auto, float16, bfloat16; a torch.dtype from Python): 'unrecognized arguments' here."""
+    import torch
+    assert serve_args()[0].lora_dtype == "auto"
+    assert serve_args("--lora-dtype", "bfloat16")[0].lora_dtype == "bfloat16"
+    assert EngineConfig(enable_lora=True, lora_dtype=torch.float16).lora_dtype == "float16"
+    with pytest.raises(SystemExit):
+        main(["serve", DEMO_MODEL, "--lora-dtype", "float8"])
+    assert "--lora-dtype: invalid choice: 'float8'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lora_dtype must be one of"):
+        EngineConfig(enable_lora=True, lora_dtype=torch.int8)
