@@ -23,6 +23,9 @@ _QUANTIZATIONS = ("fp8",)
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _EXECUTOR_BACKENDS = ("mp", "ray")
 _LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")   # vLLM's CLI takes the first three, its Python any
+# lora/layers.py's MODULES: each fused linear's name and the HF modules fused in it (tests hold them equal)
+LORA_TARGET_MODULES = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj",
+                       "down_proj")
 # server/tool_parsers' registry (tests hold them equal)
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic", "qwen3_coder")
 REASONING_PARSERS = ("qwen3", "deepseek_r1", "mistral", "mimo")   # server/reasoning.py's PARSERS
@@ -138,6 +141,11 @@ class EngineConfig:
                                          "max_loras)")
     lora_dtype: str = _f("auto", "dtype of the LoRA adapters' weights in the device slots; auto = the model's "
                                  "(vLLM's flag; a torch.dtype from Python)", choices=_LORA_DTYPES)
+    lora_target_modules: list[str] | None = _f(None, "the decoder linears that take LoRA adapters (vLLM's flag), by "
+                                                     "name: q_proj, k_proj, v_proj (or qkv_proj: the three are one "
+                                                     "fused linear), o_proj, gate_proj, up_proj (or gate_up_proj), "
+                                                     "down_proj; an adapter's weights elsewhere are not applied "
+                                                     "(logged); None = all", nargs="+")
     tensor_parallel_size: int = _f(1, "GPUs (ranks) the model is split over: each holds its share of the heads, "
                                       "MLP columns and vocabulary, and their KV cache; ranks 1..N-1 run in worker "
                                       "processes (on CPU: gloo, for tests)", aliases=["-tp"])
@@ -227,6 +235,10 @@ class EngineConfig:
         _check(isinstance(self.max_loras, int) and self.max_loras >= 1, "max_loras", "an integer >= 1",
                self.max_loras)
         _check(self.lora_dtype in _LORA_DTYPES, "lora_dtype", f"one of {_LORA_DTYPES}", self.lora_dtype)
+        unknown = [m for m in self.lora_target_modules or () if m not in LORA_TARGET_MODULES]
+        _check(self.lora_target_modules is None or (self.lora_target_modules and not unknown), "lora_target_modules",
+               f"None (all) or names among {LORA_TARGET_MODULES} (LoRA on embed_tokens or lm_head, which vLLM also "
+               f"serves, is not built)", unknown or self.lora_target_modules)
         _check(isinstance(self.max_lora_rank, int) and self.max_lora_rank >= 1, "max_lora_rank",
                "an integer >= 1", self.max_lora_rank)
         _check(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras, "max_cpu_loras",

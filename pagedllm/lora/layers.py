@@ -168,13 +168,27 @@ class LoRALinear(nn.Module):
             self.lora_b[slot, row:row + b.shape[0], shard * R:shard * R + r].copy_(b, non_blocking=True)
 
 
-def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int, lora_dtype: torch.dtype | None = None
-                     ) -> tuple[LoRAStepState, dict[str, LoRALinear]]:
-    """Replaces every decoder linear LoRA may target (qkv_proj, o_proj, gate_up_proj, down_proj) by a LoRALinear
-    around it; returns the shared step state (its buffer empty: the manager sizes it) and the wrappers by name."""
+# the decoder linears LoRA may target, each with the HF modules fused in it (peft_loader.TARGETS' shards)
+MODULES = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
+           "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
+
+
+def selected_modules(target_modules: list[str] | None) -> tuple[str, ...]:
+    """vLLM's --lora-target-modules: the linears whose name, or a module fused in it, is listed (q_proj selects
+    qkv_proj whole, as vLLM's packed modules); None: all."""
+    if target_modules is None:
+        return tuple(MODULES)
+    return tuple(m for m, fused in MODULES.items() if {m.rsplit(".", 1)[1], *fused} & set(target_modules))
+
+
+def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int, lora_dtype: torch.dtype | None = None,
+                     target_modules: list[str] | None = None) -> tuple[LoRAStepState, dict[str, LoRALinear]]:
+    """Replaces each decoder linear LoRA may target (qkv_proj, o_proj, gate_up_proj, down_proj; those of
+    target_modules) by a LoRALinear around it; returns the shared step state (its buffer empty: the manager sizes
+    it) and the wrappers by name."""
     device = next(model.parameters()).device
     state, wrapped = LoRAStepState(torch.full((3, 0), -1, dtype=torch.int32, device=device)), {}
-    targets = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    targets = selected_modules(target_modules)
     for i, _ in enumerate(model.model.layers):
         for t in targets:
             name = f"model.layers.{i}.{t}"

@@ -9,6 +9,7 @@ finish under it, as nothing of theirs changes mid-generation). Device slots are 
 step's adapters always fit; a slot keeps its adapter until another needs it (LRU).
 The step's token slots go to one persistent device buffer (LoRAStepState.meta) that CUDA graphs read at replay.
 """
+import logging
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -18,17 +19,21 @@ from pagedllm.lora.layers import sort_by_slot, sorted_len, wrap_lora_layers
 from pagedllm.lora.peft_loader import LoRAModel, load_peft_adapter
 from pagedllm.lora.request import LoRARequest
 
+logger = logging.getLogger(__name__)
+
 
 class LoRAManager:
     def __init__(self, model: torch.nn.Module, max_loras: int, max_lora_rank: int, max_cpu_loras: int | None,
-                 device: torch.device, lora_dtype: str = "auto"):
-        """lora_dtype: the adapters' dtype in the slots (vLLM's --lora-dtype); auto: the base weights'."""
+                 device: torch.device, lora_dtype: str = "auto", target_modules: list[str] | None = None):
+        """lora_dtype: the adapters' dtype in the slots (vLLM's --lora-dtype); auto: the base weights'.
+        target_modules: vLLM's --lora-target-modules, the linears that take adapters (None: all)."""
         self.model = model
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         self.max_cpu_loras = max_cpu_loras or max_loras
         self.device = device
         dtype = None if lora_dtype == "auto" else getattr(torch, lora_dtype)
-        self.state, self.layers = wrap_lora_layers(model, max_loras, max_lora_rank, dtype)
+        self.target_modules = target_modules
+        self.state, self.layers = wrap_lora_layers(model, max_loras, max_lora_rank, dtype, target_modules)
         self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()   # lora_int_id -> host copy, LRU first
         self.in_use: Counter[int] = Counter()                   # lora_int_id -> requests holding it
         self.pinned: set[int] = set()                           # never evicted from the host LRU (pin_lora)
@@ -56,7 +61,13 @@ class LoRAManager:
 
     def load(self, req: LoRARequest) -> LoRAModel:
         """Reads and stages an adapter; touches no state of the manager, so it runs on a loader thread."""
-        return self._staged(load_peft_adapter(req, self.model, self.max_lora_rank))
+        lora = load_peft_adapter(req, self.model, self.max_lora_rank)
+        outside = sorted({name.rsplit(".", 1)[1] for name in lora.modules if name not in self.layers})
+        if outside:   # vLLM applies an adapter on the --lora-target-modules linears alone, as here: said, once
+            logger.warning("LoRA adapter %r (%s): its weights on %s are not applied: --lora-target-modules %s",
+                           req.lora_name, req.lora_path, outside, " ".join(self.target_modules))
+            lora.modules = {name: shards for name, shards in lora.modules.items() if name in self.layers}
+        return self._staged(lora)
 
     def insert(self, lora: LoRAModel) -> LoRAModel:
         """Puts a loaded adapter in the host LRU (the step thread's work: prepare_step reads it); one loaded

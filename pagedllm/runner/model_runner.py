@@ -61,7 +61,7 @@ class ModelRunner:
         if config.enable_lora:
             from pagedllm.lora.manager import LoRAManager
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras, device,
-                                    config.lora_dtype)
+                                    config.lora_dtype, config.lora_target_modules)
         if device.type == "cuda":   # steps of a few tokens (after LoRA: wrapped linears keep the unfused code)
             use_small_m(self.model, TARGET_SMALL_M_OPS)
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(hf_config, tp)   # this rank's KV heads

@@ -461,3 +461,21 @@ def test_lora_dtype_sets_the_slots_dtype(setup):
     assert same >= 3   # bfloat16 adapters: greedy tokens of float32 PEFT but for a near tie
     auto = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True).engine.runner.lora.layers.values()
     assert {layer.lora_a.dtype for layer in auto} == {torch.float32}
+
+
+def test_lora_target_modules_applies_adapters_there_alone(setup, tmp_path, caplog):
+    """vLLM's lora_target_modules: only those linears take adapters; an adapter's weights elsewhere are not applied
+    (logged): the same tokens as the adapter cut down to those modules."""
+    import logging
+    base, loras, refs = setup
+    only_o = _bad(tmp_path, __import__("pathlib").Path(loras["attn"].lora_path),
+                  edit_tensors=lambda t: {k: v for k, v in t.items() if ".o_proj." in k})
+    want = [o.outputs[0].token_ids for o in LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True).generate(
+        PROMPTS[:4], GREEDY, use_tqdm=False, lora_request=LoRARequest("o", 1, only_o))]
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, lora_target_modules=["o_proj"])
+    assert sorted({n.rsplit(".", 1)[1] for n in llm.engine.runner.lora.layers}) == ["o_proj"]
+    with caplog.at_level(logging.WARNING, logger="pagedllm"):
+        got = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False, lora_request=loras["attn"])
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert want != [refs["attn"][i][0] for i in range(4)] and want != [refs[None][i][0] for i in range(4)]
+    assert "its weights on ['qkv_proj'] are not applied: --lora-target-modules o_proj" in caplog.text

@@ -39,3 +39,17 @@ def test_lora_dtype(serve_args, capsys):
     assert "--lora-dtype: invalid choice: 'float8'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="lora_dtype must be one of"):
         EngineConfig(enable_lora=True, lora_dtype=torch.int8)
+
+
+def test_lora_target_modules(serve_args):
+    """vLLM's --lora-target-modules (the linears that take adapters): 'unrecognized arguments' here."""
+    from pagedllm.config import LORA_TARGET_MODULES
+    from pagedllm.lora.layers import MODULES, selected_modules
+    assert serve_args()[0].lora_target_modules is None
+    assert serve_args("--lora-target-modules", "o_proj", "q_proj")[0].lora_target_modules == ["o_proj", "q_proj"]
+    assert set(LORA_TARGET_MODULES) == {n for m, fused in MODULES.items() for n in (m.rsplit(".", 1)[1], *fused)}
+    assert selected_modules(["q_proj", "down_proj"]) == ("self_attn.qkv_proj", "mlp.down_proj")   # q_proj: qkv
+    assert selected_modules(["gate_up_proj"]) == ("mlp.gate_up_proj",)
+    for bad in (["lm_head"], [], ["o_proj", "embed_tokens"]):
+        with pytest.raises(ValueError, match="lora_target_modules must be None"):
+            EngineConfig(enable_lora=True, lora_target_modules=bad)
