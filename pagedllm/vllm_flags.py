@@ -47,6 +47,13 @@ def _zero_counts(value: str) -> bool:
     return isinstance(counts, dict) and all(str(v).strip() == "0" for v in counts.values())
 
 
+def _empty_json_object(value: str) -> bool:
+    try:
+        return json.loads(value) == {}
+    except ValueError:
+        return False
+
+
 def _xgrammar_backend(value: str) -> bool:
     """--structured-outputs-config naming only the backend, and the one used here."""
     try:
@@ -145,6 +152,16 @@ VLLM_FLAGS = (
     VllmFlag("performance-mode", "pagedllm picks its own CUDA graph sizes and step defaults (balanced, vLLM's "
              "default, is taken): set --max-num-seqs and --max-num-batched-tokens for more throughput",
              _is("balanced")),
+    VllmFlag("fully-sharded-loras", "LoRA runs on one rank here (enable_lora is refused with tensor_parallel_size "
+             "> 1), where sharding its computation changes nothing", _any, boolean=True),
+    VllmFlag("specialize-active-lora", "pagedllm captures each CUDA graph with and without the LoRA kernels, whose "
+             "grid does not depend on how many adapters a step has", _any, boolean=True),
+    VllmFlag("default-mm-loras", _MULTIMODAL + "; vLLM refuses it for a text-only model too (an empty {} is "
+             "taken)", _empty_json_object),
+    VllmFlag("enable-tower-connector-lora", "LoRA on a multimodal model's vision tower and connector: "
+             + _MULTIMODAL, _is(False), boolean=True),
+    VllmFlag("enable-mixed-moe-lora-format", "no mixture-of-experts model is built here", _is(False), boolean=True),
+    VllmFlag("enable-moe-shared-loras", "no mixture-of-experts model is built here", _is(False), boolean=True),
     # flags vLLM has dropped (0.26 answers 'unrecognized arguments'), which older deployments still pass;
     # --rope-theta and --rope-scaling are --hf-overrides keys (vllm_argv.py), as vLLM said when it dropped them
     VllmFlag("num-scheduler-steps", "vLLM V0's multi-step scheduling, which vLLM removed with V0 (V1 schedules "

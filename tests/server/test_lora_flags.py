@@ -53,3 +53,19 @@ def test_lora_target_modules(serve_args):
     for bad in (["lm_head"], [], ["o_proj", "embed_tokens"]):
         with pytest.raises(ValueError, match="lora_target_modules must be None"):
             EngineConfig(enable_lora=True, lora_target_modules=bad)
+
+
+def test_vllm_lora_flags_not_built_are_taken_or_refused_saying_why(serve_args, capsys):
+    """Were 'unrecognized arguments' (no why)."""
+    from pagedllm import LLM
+    serve_args("--fully-sharded-loras", "--specialize-active-lora", "--default-mm-loras", "{}",
+               "--no-enable-tower-connector-lora", "--no-enable-mixed-moe-lora-format", "--no-enable-moe-shared-loras")
+    for flags, words in [
+            (["--default-mm-loras", '{"audio": "/adapters/speech"}'], "--default-mm-loras {\"audio\": "
+             "\"/adapters/speech\"}: multimodal inputs are not built"),
+            (["--enable-tower-connector-lora"], "--enable-tower-connector-lora: LoRA on a multimodal model's vision"),
+            (["--enable-moe-shared-loras"], "no mixture-of-experts model is built here")]:
+        assert main(["serve", DEMO_MODEL, "--device", "cpu", "--enable-lora", *flags]) == 2
+        assert words in capsys.readouterr().err
+    with pytest.raises(ValueError, match="LLM\\(default_mm_loras=.*multimodal inputs are not built"):
+        LLM(DEMO_MODEL, device="cpu", enable_lora=True, default_mm_loras={"image": "/a"})
