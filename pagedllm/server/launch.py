@@ -147,12 +147,15 @@ class LoRAModulePath:
     name: str
     path: str
     base_model_name: str | None = None
+    is_3d_lora_weight: bool = False   # vLLM's MoE weight layout: no MoE model here, so it changes nothing
 
 
 def parse_lora_modules(items: list[str]) -> list[LoRAModulePath]:
     """--lora-modules items: name=path, or a JSON object with name, path and optionally base_model_name."""
     modules = []
     for item in items:
+        if not item.strip():   # vLLM skips an empty item (a deployment template's unset list)
+            continue
         if item.lstrip().startswith("{"):
             modules.append(_from_json(item))
             continue
@@ -172,14 +175,17 @@ def _from_json(item: str) -> LoRAModulePath:
         obj = json.loads(item)
     except ValueError as e:
         raise ValueError(f"lora_modules item {item!r} is not valid JSON: {e}") from None
-    unknown = sorted(set(obj) - {"name", "path", "base_model_name"}) if isinstance(obj, dict) else []
+    unknown = sorted(set(obj) - {"name", "path", "base_model_name", "is_3d_lora_weight"}) \
+        if isinstance(obj, dict) else []
     if not isinstance(obj, dict) or unknown:
-        raise ValueError(f"lora_modules item {item!r}: a JSON object takes name, path and base_model_name"
-                         + (f", not {unknown}" if unknown else ""))
+        raise ValueError(f"lora_modules item {item!r}: a JSON object takes name, path, base_model_name and "
+                         f"is_3d_lora_weight" + (f", not {unknown}" if unknown else ""))
     for key in ("name", "path"):
         if not isinstance(obj.get(key), str) or not obj[key]:
             raise ValueError(f"lora_modules item {item!r}: {key} must be a non-empty string")
     base = obj.get("base_model_name")
     if base is not None and not isinstance(base, str):
         raise ValueError(f"lora_modules item {item!r}: base_model_name must be a string")
-    return LoRAModulePath(obj["name"], obj["path"], base)
+    if not isinstance(obj.get("is_3d_lora_weight", False), bool):
+        raise ValueError(f"lora_modules item {item!r}: is_3d_lora_weight must be true or false")
+    return LoRAModulePath(obj["name"], obj["path"], base, obj.get("is_3d_lora_weight", False))

@@ -9,6 +9,7 @@ path the server can read and hold memory: as vLLM, they are off unless VLLM_ALLO
 (vLLM's variable, so a vLLM deployment's environment works unchanged); the API key guards them as every /v1 route.
 """
 import asyncio
+import logging
 import time
 import uuid
 
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict
 from pagedllm.lora.request import LoRAAdapterNotFoundError, LoRARequest
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.launch import RUNTIME_UPDATING_ENV, LoRAModulePath, runtime_updating_allowed
+
+logger = logging.getLogger(__name__)
 
 
 class ServingLoRAs:
@@ -37,10 +40,17 @@ class ServingLoRAs:
         return None if entry is None else entry[0]
 
     async def load_static(self, modules: list[LoRAModulePath]):
-        """--lora-modules at start-up: a bad one stops the server with its error."""
+        """--lora-modules at start-up: a bad one stops the server with its error. A base_model_name that is not
+        a served model name is vLLM's: the adapter's parent is the base model's first name (logged here)."""
         for m in modules:
+            parent = m.base_model_name
+            if parent is not None and parent not in self.base_model_names:
+                logger.warning("--lora-modules %s: base_model_name %r is not a served model name (%s): its parent is "
+                               "%r, as vLLM's", m.name, parent, ", ".join(sorted(self.base_model_names)),
+                               self.base_model_name)
+                parent = None
             try:
-                await self.load(m.name, m.path, m.base_model_name)
+                await self.load(m.name, m.path, parent)
             except APIError as e:
                 raise ValueError(f"--lora-modules {m.name}={m.path}: {e.message}") from None
 
@@ -54,7 +64,7 @@ class ServingLoRAs:
             if name in self.base_model_names:
                 raise APIError(400, f"lora_name '{shorten(name)}' is the base model's name", "lora_name",
                                "invalid_value")
-            request = LoRARequest(name, self._next_id, path)
+            request = LoRARequest(name, self._next_id, path, base_model_name=parent)
             try:
                 await self.engine.add_lora(request)
             except LoRAAdapterNotFoundError as e:   # vLLM's 404: no adapter at that path
@@ -106,6 +116,7 @@ class LoadLoRAAdapterRequest(BaseModel):
     lora_name: str
     lora_path: str
     load_inplace: bool = False   # vLLM's: true replaces a loaded adapter of that name
+    is_3d_lora_weight: bool = False   # vLLM's MoE weight layout: no MoE model here, so it changes nothing
 
 
 class UnloadLoRAAdapterRequest(BaseModel):

@@ -109,8 +109,8 @@ def test_unknown_model_is_404(client):
 def test_load_and_unload_at_run_time(client, lora_env, offline):
     _, paths, server = lora_env
     post = _poster(server)
-    r = post("/v1/load_lora_adapter", {"lora_name": "all", "lora_path": paths["all"]})
-    assert r.status_code == 200 and "all" in r.text
+    r = post("/v1/load_lora_adapter", {"lora_name": "all", "lora_path": paths["all"], "is_3d_lora_weight": False})
+    assert r.status_code == 200 and "all" in r.text   # vLLM's body field (its MoE layout): was a 400
     assert _complete(client, "all", PROMPTS[2]).choices[0].text == offline["all", PROMPTS[2]]
     assert "all" in {m.id for m in client.models.list().data}
     r = post("/v1/load_lora_adapter", {"lora_name": "all", "lora_path": paths["all"]})
@@ -269,3 +269,37 @@ def test_adapter_named_as_a_served_model_alias_is_refused():
         assert e.value.status == 400 and e.value.param == "lora_name"
     asyncio.run(loras.load("other", "/p"))
     assert list(loras.adapters) == ["other"]
+
+
+def test_lora_modules_as_vllm_parses_them():
+    """vLLM skips an empty --lora-modules item (a template's unset list) and takes is_3d_lora_weight in the JSON
+    form (its MoE layout flag: no MoE model here); both stopped the start."""
+    from pagedllm.server.launch import LoRAModulePath, parse_lora_modules
+    assert parse_lora_modules(["", "a=/p", " "]) == [LoRAModulePath("a", "/p")]
+    assert parse_lora_modules(['{"name": "b", "path": "/r", "is_3d_lora_weight": false}']) == [
+        LoRAModulePath("b", "/r")]
+    with pytest.raises(ValueError, match="is_3d_lora_weight must be true or false"):
+        parse_lora_modules(['{"name": "b", "path": "/r", "is_3d_lora_weight": "yes"}'])
+
+
+def test_base_model_name_not_served_is_the_base_as_vllms(caplog):
+    """vLLM takes a --lora-modules base_model_name only when it is a served model name, else the adapter's parent
+    is the base model: /v1/models listed a parent that no request could name. Logged here."""
+    import asyncio
+
+    from pagedllm.server.launch import parse_lora_modules
+    from pagedllm.server.lora import ServingLoRAs
+
+    class Engine:
+        max_model_len = 64
+
+        async def add_lora(self, request):
+            return True
+    loras = ServingLoRAs(Engine(), "base", ["alias"])
+    modules = parse_lora_modules(['{"name": "a", "path": "/a", "base_model_name": "alias"}',
+                                  '{"name": "b", "path": "/b", "base_model_name": "meta-llama/Llama-3-8B"}'])
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(loras.load_static(modules))
+    assert {c["id"]: c["parent"] for c in loras.cards()} == {"a": "alias", "b": "base"}
+    assert loras.get("a").base_model_name == "alias" and loras.get("b").base_model_name is None
+    assert "base_model_name 'meta-llama/Llama-3-8B' is not a served model name" in caplog.text
