@@ -79,18 +79,16 @@ class ServingLoRAs:
                 await self.engine.remove_lora(old[0].lora_int_id)
 
     async def unload(self, name: str):
-        """Refused while requests run under it (they would lose nothing, but the engine keeps it until they end:
-        a name that is gone while its adapter still runs would be a surprise on a retry)."""
+        """The name is gone at once, as vLLM's: requests running under the adapter finish under it, and the
+        engine keeps it until they end (then its LRU evicts it, as an adapter replaced by load_inplace). Its id is
+        never given again, so a name loaded anew is a fresh adapter."""
         async with self._lock:
             request = self.get(name)
             if request is None:
                 raise APIError(404, f"The lora adapter '{shorten(name)}' cannot be found.", "lora_name",
                                "model_not_found")
-            removed = await self.engine.remove_lora(request.lora_int_id)
-            if not removed and request.lora_int_id in await self.engine.list_loras():
-                raise APIError(400, f"The lora adapter '{shorten(name)}' is in use by running requests: unload it "
-                                    f"once they finish", "lora_name", "lora_adapter_in_use")
-            del self.adapters[name]   # removed, or no longer on the host (the LRU evicted it)
+            await self.engine.remove_lora(request.lora_int_id)   # False while requests run under it
+            del self.adapters[name]
 
     def cards(self) -> list[dict]:
         """/v1/models' cards of the adapters, with the base model's fields: an adapter runs in the base model's
