@@ -92,8 +92,9 @@ class ServingContext:
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, partial(fn, *args, **kwargs))
 
     def check_model(self, name: str | None) -> LoRARequest | None:
-        """The adapter a request's model names (None: the base model); an unknown name is vLLM's 404."""
-        if name is None or name == self.model_name or name in self.model_aliases:
+        """The adapter a request's model names (None: the base model); an unknown name is vLLM's 404. No name
+        (None or "", as vLLM's) is the base model."""
+        if not name or name == self.model_name or name in self.model_aliases:
             return None
         lora = self.loras.get(name) if self.loras is not None else None
         if lora is None:

@@ -310,3 +310,8 @@ def test_base_model_name_not_served_is_the_base_as_vllms(caplog):
     assert {c["id"]: c["parent"] for c in loras.cards()} == {"a": "alias", "b": "base"}
     assert loras.get("a").base_model_name == "alias" and loras.get("b").base_model_name is None
     assert "base_model_name 'meta-llama/Llama-3-8B' is not a served model name" in caplog.text
+
+
+def test_empty_model_is_the_base_as_vllms(client, offline):
+    """vLLM serves a request whose model is "" with the base model; here it was a 404 naming no model."""
+    assert _complete(client, "", PROMPTS[0]).choices[0].text == offline[None, PROMPTS[0]]
