@@ -178,7 +178,7 @@ async def create_message(ctx: ServingContext, req: MessagesRequest, raw_request:
 
 
 async def count_tokens(ctx: ServingContext, req: CountTokensRequest) -> dict:
-    ctx.check_model(req.model)
+    await ctx.resolve_model(req.model)
     _, ids = await render_chat(ctx, to_chat(ctx, req))
     return {"input_tokens": len(ids)}
 

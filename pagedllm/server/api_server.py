@@ -189,7 +189,7 @@ def _tokenizer_routes(ctx: ServingContext, dependencies: list) -> APIRouter:
 
     @router.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        ctx.check_model(req.model)
+        await ctx.resolve_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt", "invalid_value")
         ids = (await ctx.encode(req.prompt, req.add_special_tokens) if req.prompt is not None else
@@ -203,7 +203,7 @@ def _tokenizer_routes(ctx: ServingContext, dependencies: list) -> APIRouter:
 
     @router.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
-        ctx.check_model(req.model)
+        await ctx.resolve_model(req.model)
         vocab = len(ctx.tokenizer)
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:

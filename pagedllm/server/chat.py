@@ -70,7 +70,7 @@ def template_kwargs(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRe
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
-    lora = ctx.check_model(req.model)
+    lora = await ctx.resolve_model(req.model)
     if req.return_tokens_as_token_ids is None:   # the server's --return-tokens-as-token-ids
         req.return_tokens_as_token_ids = ctx.return_tokens_as_token_ids
     req._force_usage = ctx.enable_force_include_usage

@@ -33,7 +33,7 @@ class GenerativeScoringRequest(_Request):
 
 
 async def create_generative_scoring(ctx: ServingContext, req: GenerativeScoringRequest, raw_request: Request):
-    lora = ctx.check_model(req.model)
+    lora = await ctx.resolve_model(req.model)
     vocab = ctx.engine.input_processor.vocab_size
     query = await ctx.encode(req.query, req.add_special_tokens) if isinstance(req.query, str) else req.query
     _check_ids(query, vocab, "query")

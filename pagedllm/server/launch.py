@@ -77,6 +77,7 @@ def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig,
     if lora_modules and not engine_config.enable_lora:
         raise ValueError("lora_modules need --enable-lora (it sets the engine up for adapters: --max-loras, "
                          "--max-lora-rank)")
+    _check_resolvers()
     n = server_config.api_server_count
     if n > 1 and runtime_updating_allowed():
         raise ValueError(f"{RUNTIME_UPDATING_ENV} is set, but loading adapters at run time needs --api-server-count "
@@ -136,6 +137,21 @@ def _check_tls(config: ServerConfig):
 
 
 RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+RESOLVER_DIR_ENV = "VLLM_LORA_RESOLVER_CACHE_DIR"        # vLLM's filesystem resolver (server/lora.py)
+RESOLVER_HUB_ENV = "VLLM_LORA_RESOLVER_HF_REPO_LIST"     # vLLM's Hub resolver: not built (nothing is downloaded)
+
+
+def _check_resolvers():
+    """vLLM's LoRA resolvers' variables: a resolver directory that is none stops vLLM's start too; the Hub
+    resolver, which downloads adapters, is not built: refused rather than every request naming one a 404."""
+    resolver_dir = os.environ.get(RESOLVER_DIR_ENV)
+    if resolver_dir and not os.path.isdir(resolver_dir):
+        raise ValueError(f"{RESOLVER_DIR_ENV} must be set to a valid directory for the filesystem LoRA resolver, "
+                         f"got {resolver_dir!r}")
+    if os.environ.get(RESOLVER_HUB_ENV) and runtime_updating_allowed():
+        raise ValueError(f"{RESOLVER_HUB_ENV} is set: vLLM's Hugging Face Hub LoRA resolver is not built (pagedllm "
+                         f"downloads nothing); download the adapters into {RESOLVER_DIR_ENV}, whose resolver is "
+                         f"built, or unset it")
 
 
 def runtime_updating_allowed() -> bool:

@@ -7,9 +7,13 @@ add_lora first (the core reads it on a loader thread; steps go on), so a bad ada
 the problem, and the name is served only once the adapter is on the host. Runtime loading and unloading read any
 path the server can read and hold memory: as vLLM, they are off unless VLLM_ALLOW_RUNTIME_LORA_UPDATING is set
 (vLLM's variable, so a vLLM deployment's environment works unchanged); the API key guards them as every /v1 route.
+With it, vLLM's filesystem resolver too: a request's model naming no loaded adapter loads the adapter directory of
+that name under VLLM_LORA_RESOLVER_CACHE_DIR whose adapter_config.json is a LoRA of this --model.
 """
 import asyncio
+import json
 import logging
+import os
 import time
 import uuid
 
@@ -19,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pagedllm.lora.request import LoRAAdapterNotFoundError, LoRARequest
 from pagedllm.server.errors import APIError, shorten
-from pagedllm.server.launch import RUNTIME_UPDATING_ENV, LoRAModulePath, runtime_updating_allowed
+from pagedllm.server.launch import RESOLVER_DIR_ENV, RUNTIME_UPDATING_ENV, LoRAModulePath, runtime_updating_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ class ServingLoRAs:
         self.adapters: dict[str, tuple[LoRARequest, str]] = {}   # name -> (its request, parent model name)
         self._next_id = 1
         self._lock = asyncio.Lock()   # one load or unload at a time: a name is checked and taken atomically
+        # vLLM's filesystem resolver: on only with runtime updating, as vLLM consults resolvers only then
+        self.resolver_dir = (os.environ.get(RESOLVER_DIR_ENV) or None) if runtime_updating_allowed() else None
 
     def get(self, name: str) -> LoRARequest | None:
         entry = self.adapters.get(name)
@@ -57,26 +63,59 @@ class ServingLoRAs:
     async def load(self, name: str, path: str, parent: str | None = None, inplace: bool = False):
         """inplace (vLLM's load_inplace): a loaded adapter of that name is replaced by the one at `path`."""
         async with self._lock:
-            old = self.adapters.get(name)
-            if old is not None and not inplace:
-                raise APIError(400, f"The lora adapter '{shorten(name)}' has already been loaded: set load_inplace "
-                                    f"to true to replace it", "lora_name", "invalid_value")
-            if name in self.base_model_names:
-                raise APIError(400, f"lora_name '{shorten(name)}' is the base model's name", "lora_name",
-                               "invalid_value")
-            request = LoRARequest(name, self._next_id, path, base_model_name=parent)
+            await self._load(name, path, parent, inplace)
+
+    async def resolve(self, name: str) -> LoRARequest | None:
+        """vLLM's filesystem resolver, for a request's model that names no loaded adapter: the directory
+        `name` under VLLM_LORA_RESOLVER_CACHE_DIR, if its adapter_config.json is a LoRA (peft_type) of this
+        --model (base_model_name_or_path, as vLLM compares them), is loaded under that name. None: no such
+        adapter there (the caller's 404); one found that does not load is a 400 saying why."""
+        if self.resolver_dir is None:
+            return None
+        async with self._lock:
+            if name in self.adapters:   # loaded meanwhile
+                return self.get(name)
+            root = os.path.realpath(self.resolver_dir)
+            path = os.path.realpath(os.path.join(root, name))
+            if os.path.commonpath([root, path]) != root or path == root:
+                return None   # a name is a directory under the resolver's, never a way out of it
             try:
-                await self.engine.add_lora(request)
-            except LoRAAdapterNotFoundError as e:   # vLLM's 404: no adapter at that path
-                raise APIError(404, shorten(str(e), 1000), "lora_path", "lora_adapter_not_found") from None
-            except ValueError as e:   # the adapter's own problem (peft_loader names the path), or LoRA off
-                raise APIError(400, shorten(str(e), 1000), "lora_path", "invalid_lora_adapter") from None
-            self._next_id += 1
-            self.adapters[name] = (request, parent or (old[1] if old else self.base_model_name))
-            if old is not None:
-                # A fresh id, not the old one: blocks cached under the old weights are never reused. The old
-                # adapter leaves the host now, or (requests still running under it) once the LRU evicts it.
-                await self.engine.remove_lora(old[0].lora_int_id)
+                with open(os.path.join(path, "adapter_config.json"), "rb") as f:
+                    config = json.loads(f.read())
+            except (OSError, ValueError):
+                return None
+            if not (isinstance(config, dict) and config.get("peft_type") == "LORA"
+                    and config.get("base_model_name_or_path") == self.engine.config.model):
+                return None
+            try:
+                await self._load(name, path, None)
+            except APIError as e:
+                raise APIError(400, f"LoRA adapter '{shorten(name)}' was found but could not be loaded: {e.message}",
+                               "model", "invalid_lora_adapter") from None
+            logger.info("LoRA adapter %r resolved and loaded from %s", name, path)
+            return self.get(name)
+
+    async def _load(self, name: str, path: str, parent: str | None = None, inplace: bool = False):
+        old = self.adapters.get(name)
+        if old is not None and not inplace:
+            raise APIError(400, f"The lora adapter '{shorten(name)}' has already been loaded: set load_inplace "
+                                f"to true to replace it", "lora_name", "invalid_value")
+        if name in self.base_model_names:
+            raise APIError(400, f"lora_name '{shorten(name)}' is the base model's name", "lora_name",
+                           "invalid_value")
+        request = LoRARequest(name, self._next_id, path, base_model_name=parent)
+        try:
+            await self.engine.add_lora(request)
+        except LoRAAdapterNotFoundError as e:   # vLLM's 404: no adapter at that path
+            raise APIError(404, shorten(str(e), 1000), "lora_path", "lora_adapter_not_found") from None
+        except ValueError as e:   # the adapter's own problem (peft_loader names the path), or LoRA off
+            raise APIError(400, shorten(str(e), 1000), "lora_path", "invalid_lora_adapter") from None
+        self._next_id += 1
+        self.adapters[name] = (request, parent or (old[1] if old else self.base_model_name))
+        if old is not None:
+            # A fresh id, not the old one: blocks cached under the old weights are never reused. The old
+            # adapter leaves the host now, or (requests still running under it) once the LRU evicts it.
+            await self.engine.remove_lora(old[0].lora_int_id)
 
     async def unload(self, name: str):
         """The name is gone at once, as vLLM's: requests running under the adapter finish under it, and the

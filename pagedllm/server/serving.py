@@ -104,6 +104,15 @@ class ServingContext:
                                 f"`{self.model_name}`{aliases}{adapters}).", "model", "model_not_found")
         return lora
 
+    async def resolve_model(self, name: str | None) -> LoRARequest | None:
+        """check_model, then vLLM's filesystem resolver for a name no adapter has yet (ServingLoRAs.resolve)."""
+        try:
+            return self.check_model(name)
+        except APIError as e:
+            if self.loras is None or e.status != 404 or (lora := await self.loras.resolve(name)) is None:
+                raise
+            return lora
+
     def default_max_tokens(self, num_prompt_tokens: int) -> int | None:
         """max_tokens of a request that leaves it unset, as vLLM's get_max_tokens: the generation config's
         max_new_tokens, capped at what the prompt leaves of max_model_len; None without one (up to max_model_len)

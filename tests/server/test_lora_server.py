@@ -24,12 +24,25 @@ def lora_env(tmp_path_factory):
     base = make_tiny_model(root / "base")
     paths = {name: make_adapter(base, root / name, i, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())}
     (root / "template.jinja").write_text(CHAT_TEMPLATE)
+    _resolver_dir(root / "resolver", paths)
     server = start_server(base, str(root / "serve.log"), None, *FLAGS, "--chat-template",
                           str(root / "template.jinja"), "--lora-modules", f"rs={paths['rs']}",
                           f'{{"name": "attn", "path": "{paths["attn"]}", "base_model_name": "{MODEL_NAME}"}}',
-                          env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+                          env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                               "VLLM_LORA_RESOLVER_CACHE_DIR": str(root / "resolver")})
     with serving({"lora": server}):
         yield base, paths, server
+
+
+def _resolver_dir(resolver, paths):
+    """vLLM's filesystem resolver's directory: adapters by name, one of another base model, one too large."""
+    import json
+    import shutil
+    for name, src, edit in (("fs/rs", "rs", {}), ("other-base", "rs", {"base_model_name_or_path": "org/other"}),
+                            ("too-large", "rs", {"r": 32})):
+        shutil.copytree(paths[src], resolver / name)
+        config = json.loads((resolver / name / "adapter_config.json").read_text())
+        (resolver / name / "adapter_config.json").write_text(json.dumps({**config, **edit}))
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +328,32 @@ def test_base_model_name_not_served_is_the_base_as_vllms(caplog):
 def test_empty_model_is_the_base_as_vllms(client, offline):
     """vLLM serves a request whose model is "" with the base model; here it was a 404 naming no model."""
     assert _complete(client, "", PROMPTS[0]).choices[0].text == offline[None, PROMPTS[0]]
+
+
+def test_filesystem_resolver_loads_an_adapter_named_by_a_request(client, offline):
+    """vLLM's filesystem resolver (VLLM_LORA_RESOLVER_CACHE_DIR, with runtime updating on): a request's model that
+    names no loaded adapter loads the directory of that name there, if it is a LoRA of this model; the variable
+    was ignored here (404)."""
+    assert _complete(client, "fs/rs", PROMPTS[1]).choices[0].text == offline["rs", PROMPTS[1]]
+    assert "fs/rs" in {m.id for m in client.models.list().data}
+    for name in ("other-base", "nowhere", "fs", "../rs"):   # another base model's; none; no adapter; outside it
+        with pytest.raises(openai.NotFoundError):
+            _complete(client, name, PROMPTS[0])
+    with pytest.raises(openai.BadRequestError) as e:
+        _complete(client, "too-large", PROMPTS[0])
+    assert "LoRA adapter 'too-large' was found but could not be loaded" in e.value.body["message"]
+    assert "max_lora_rank" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"VLLM_LORA_RESOLVER_CACHE_DIR": "/no/such/dir"}, "VLLM_LORA_RESOLVER_CACHE_DIR must be set to a valid"),
+    ({"VLLM_LORA_RESOLVER_HF_REPO_LIST": "org/adapters", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"},
+     "Hugging Face Hub LoRA resolver is not built")])
+def test_lora_resolver_variables_checked_at_start(monkeypatch, env, words):
+    """Checked before any process starts (vLLM's start fails on a resolver directory that is none)."""
+    from pagedllm.config import EngineConfig, ServerConfig
+    from pagedllm.server.launch import check_serve_config
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=words):
+        check_serve_config(EngineConfig(enable_lora=True), ServerConfig(), 0.0)
