@@ -65,7 +65,12 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
             raise error(f"{where}: {name} not found (a PEFT adapter directory has adapter_config.json "
                         f"and adapter_model.safetensors, or PEFT's older adapter_model.bin)")
     cfg_bytes = (path / "adapter_config.json").read_bytes()
-    cfg = json.loads(cfg_bytes)
+    try:
+        cfg = json.loads(cfg_bytes)
+    except ValueError as e:
+        raise ValueError(f"{where}: adapter_config.json is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: adapter_config.json must hold a JSON object, got {type(cfg).__name__}")
     rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
     _check_config(cfg, rank, alpha, max_lora_rank, where)
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
@@ -73,11 +78,14 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
     tensors = _read_tensors(data, weights.name, where)
     lora = LoRAModel(req, rank, float(scale), hashlib.sha256(cfg_bytes + b"\0" + data).hexdigest())
     pairs: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
+    # the embeddings' adapter first: PEFT saves the base embedding beside it (base_layer), whichever comes first
+    for name, t in sorted(tensors.items(), key=lambda item: _EMBEDDINGS.search(item[0]) is None):
         m = _NAME.match(name)
         if m is None or m.group(3) not in TARGETS:
-            raise ValueError(f"{where}: tensor {name!r} targets a module the model lacks or that LoRA serving "
-                             f"does not support (target_modules may be {sorted(TARGETS)})")
+            raise ValueError(f"{where}: tensor {name!r} targets {_module_of(name)}, "
+                             + ("which vLLM serves LoRA on but pagedllm does not yet" if _EMBEDDINGS.search(name)
+                                else "a module the model lacks or that LoRA serving does not support")
+                             + f" (target_modules may be {sorted(TARGETS)})")
         layer, _, hf_module, ab = m.groups()
         ours, shard = TARGETS[hf_module]
         pairs.setdefault((f"model.layers.{layer}.{ours}", shard), {})[ab] = t.float()
@@ -87,6 +95,16 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
         a, b = _fit(model, module_name, shard, ab, rank, where)
         lora.modules.setdefault(module_name, {})[shard] = (a, b * scale)
     return lora
+
+
+# the input and output embeddings' adapters (PEFT: lora_embedding_A/B; lm_head's lora_A/B)
+_EMBEDDINGS = re.compile(r"\.(embed_tokens|lm_head)\.(lora_embedding_[AB]|lora_[AB]\.weight|base_layer\.weight)$")
+
+
+def _module_of(tensor_name: str) -> str:
+    """base_model.model.model.embed_tokens.lora_embedding_A -> model.embed_tokens (PEFT's prefix and the
+    adapter part dropped), the module's name as the model has it."""
+    return re.sub(r"\.(lora_\w*|base_layer)(\.\w+)*$", "", tensor_name.removeprefix("base_model.model."))
 
 
 def _read_tensors(data: bytes, file_name: str, where: str) -> dict[str, torch.Tensor]:

@@ -479,3 +479,24 @@ def test_lora_target_modules_applies_adapters_there_alone(setup, tmp_path, caplo
     assert [o.outputs[0].token_ids for o in got] == want
     assert want != [refs["attn"][i][0] for i in range(4)] and want != [refs[None][i][0] for i in range(4)]
     assert "its weights on ['qkv_proj'] are not applied: --lora-target-modules o_proj" in caplog.text
+
+
+def test_embedding_adapters_and_bad_configs_are_named(setup, tmp_path):
+    """LoRA on embed_tokens / lm_head (vLLM serves both; not built here) is refused naming the module, not as a
+    module 'the model lacks'; an adapter_config.json that is no JSON object names the file (it was a bare
+    JSONDecodeError or AttributeError through LLM.generate)."""
+    import shutil
+    base, loras, refs = setup
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True)
+    embed = make_adapter(base, tmp_path / "embed", 3, r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(ValueError, match="targets model.embed_tokens, which vLLM serves LoRA on but pagedllm"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("embed", 1, embed))
+    for i, (text, match) in enumerate((("{not json", "adapter_config.json is not valid JSON"),
+                                       ("[1, 2]", "adapter_config.json must hold a JSON object, got list"))):
+        d = tmp_path / f"cfg{i}"
+        shutil.copytree(loras["attn"].lora_path, d)
+        (d / "adapter_config.json").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest(f"cfg{i}", 2 + i, str(d)))
+    out = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=loras["attn"])   # the engine runs on
+    assert out[0].outputs[0].token_ids == refs["attn"][0][0]
