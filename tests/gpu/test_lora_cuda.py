@@ -116,3 +116,30 @@ def test_lora_cuda_wide_gemm(setup, monkeypatch):
     graphs = _run(setup, "cuda", "bfloat16", max_num_batched_tokens=48)
     eager = _run(setup, "cuda", "bfloat16", max_num_batched_tokens=48, enforce_eager=True)
     assert [ids for ids, _ in graphs] == [ids for ids, _ in eager]
+
+
+@pytest.mark.parametrize("kernel", ["auto", "wide"])
+def test_lora_cuda_lora_dtype_and_target_modules(setup, monkeypatch, kernel):
+    """vLLM's lora_dtype (adapters in another dtype than the model's: the wide path steps aside, the kernels cast)
+    and lora_target_modules (some linears wrapped): graphs equal eager steps, and float32 with bfloat16 adapters
+    gives the CPU engine's tokens under the same settings."""
+    from pagedllm.lora import layers
+    monkeypatch.setattr(layers, "LORA_KERNEL", kernel)
+    for dtype, kw in (("bfloat16", dict(lora_dtype="float32")), ("float32", dict(lora_dtype="bfloat16")),
+                      ("bfloat16", dict(lora_target_modules=["o_proj", "q_proj"]))):
+        graphs = _run(setup, "cuda", dtype, max_num_batched_tokens=48, **kw)
+        eager = _run(setup, "cuda", dtype, max_num_batched_tokens=48, enforce_eager=True, **kw)
+        assert [ids for ids, _ in graphs] == [ids for ids, _ in eager], (dtype, kw)
+    cpu = _run(setup, "cpu", "float32", lora_dtype="bfloat16", lora_target_modules=["down_proj", "v_proj"])
+    cuda = _run(setup, "cuda", "float32", lora_dtype="bfloat16", lora_target_modules=["down_proj", "v_proj"])
+    assert sum(a[0] == b[0] for a, b in zip(cpu, cuda)) >= len(cpu) - 1   # bf16 adapters: a near tie may flip
+
+
+def test_lora_cuda_largest_vllm_ranks(setup):
+    """max_lora_rank 320 and 512 (vLLM's largest): the split kernels' rank loop over several tiles gives PEFT's
+    greedy tokens (float32)."""
+    base, loras, refs = setup
+    for rank in (320, 512):
+        for i, ((ids, _), name) in enumerate(zip(_run(setup, "cuda", "float32", max_lora_rank=rank),
+                                                 lora_e2e.assignment(loras))):
+            assert ids == refs[name][i][0], f"rank {rank}: prompt {i} under {name}"
