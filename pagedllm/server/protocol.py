@@ -250,7 +250,7 @@ _PROMPT_FORMS = ((str, "strings"), (int, "token ids"), (list, "lists of token id
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int = 16   # null too (vLLM 0.26's normalize_null_max_tokens): never "up to the context"
     logprobs: int | None = Field(None, ge=0)   # vLLM's: -1 (the vocabulary) is prompt_logprobs' and chat's only
     echo: bool = False
     add_special_tokens: bool = True    # vLLM's: BOS (etc.) added to text prompts

@@ -1,0 +1,33 @@
+"""/v1/completions against vLLM 0.26's CompletionRequest and its serving code, field by field: what a request
+that vLLM answers gets here too (or a 400 naming the field and why)."""
+import json
+
+import httpx
+from server.server_utils import MODEL_NAME
+
+COMPLETIONS = "/v1/completions"
+PROMPT = "Once upon a time"
+
+
+def _post(server, body: dict) -> httpx.Response:
+    return httpx.post(server.url + COMPLETIONS, json={"model": MODEL_NAME, "prompt": PROMPT, **body},
+                      headers=server.headers, timeout=60)
+
+
+def _ok(server, body: dict) -> dict:
+    r = _post(server, body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _chunks(server, body: dict) -> list[dict]:
+    r = _post(server, {**body, "stream": True})
+    assert r.status_code == 200, r.text
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+def test_null_max_tokens_is_16(server):
+    """vLLM 0.26 reads max_tokens null as its default, 16 (normalize_null_max_tokens); it ran to the end of the
+    context (509 tokens on this server)."""
+    usage = _ok(server, {"max_tokens": None, "ignore_eos": True})["usage"]
+    assert usage["completion_tokens"] == 16
