@@ -86,6 +86,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if max_tokens is None:
         max_tokens = ctx.default_max_tokens(len(kept))
     ctx.check_context_length(len(kept), max_tokens, "messages", max_tokens_param)
+    max_tokens = ctx.capped_max_tokens(max_tokens)
     if req.top_logprobs and not req.logprobs:   # 0 asks for none: vLLM's default, accepted without logprobs
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
     if req.use_beam_search:

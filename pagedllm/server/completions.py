@@ -44,16 +44,17 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
         raise APIError(400, f"min_tokens must be 0 with max_tokens 0 (echo: the prompt alone), got {req.min_tokens}",
                        "min_tokens", "invalid_value")
     max_tokens = 1 if echo_only else req.max_tokens
-    per_prompt = [max_tokens for _ in kept]
-    for ids, n in zip(kept, per_prompt):
-        ctx.check_context_length(len(ids), n, "prompt", "max_tokens")
+    for ids in kept:
+        ctx.check_context_length(len(ids), max_tokens, "prompt", "max_tokens")
+    per_prompt = [ctx.capped_max_tokens(max_tokens) for _ in kept]
     num_prompt = sum(len(ids) for ids in kept)
     prompt_logprobs = req.prompt_logprobs
     if prompt_logprobs is None and req.echo and req.logprobs is not None:   # echo's prompt tokens need them
         prompt_logprobs = req.logprobs
     # A constraint is parsed here (up to ~1 s for a 100 kB schema), then remembered: off the event loop.
     # beam search caps max_tokens at each prompt's room itself
-    params = (req.to_beam_search_params(req.max_tokens, ctx.engine.max_model_len) if req.use_beam_search else
+    params = (req.to_beam_search_params(ctx.capped_max_tokens(req.max_tokens), ctx.engine.max_model_len)
+              if req.use_beam_search else
               await ctx.off_loop_if(constraint_field(req) is not None, req.to_sampling_params, per_prompt[0],
                                     req.logprobs, prompt_logprobs, defaults=ctx.engine.default_sampling_params))
     if isinstance(params, SamplingParams) and (len(set(per_prompt)) > 1 or ctx.reasoning_parser is not None):

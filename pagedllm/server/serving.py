@@ -121,6 +121,18 @@ class ServingContext:
         room = self.engine.max_model_len - num_prompt_tokens
         return min(default, room) if default is not None and room >= 1 else None
 
+    def capped_max_tokens(self, max_tokens: int | None) -> int | None:
+        """max_tokens within vLLM's override_max_tokens, which caps every request's (after the context check, which
+        reads the request's own): the max_new_tokens of --generation-config DIR's file (and of
+        --override-generation-config over it), or with auto / vllm of --override-generation-config alone (the
+        model's own generation config only fills an unset max_tokens)."""
+        config = getattr(self.engine, "config", None)
+        if getattr(config, "generation_config", "auto") in ("auto", "vllm"):
+            cap = (getattr(config, "override_generation_config", None) or {}).get("max_new_tokens")
+        else:
+            cap = self.engine.default_sampling_params.get("max_tokens")
+        return max_tokens if cap is None or max_tokens is None else min(max_tokens, cap)
+
     def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str,
                              max_tokens_param: str):
         """A prompt must leave room for max_tokens (at least one token when max_tokens is unset) in the model's

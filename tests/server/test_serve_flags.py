@@ -25,7 +25,8 @@ def flagged(tiny_model_dirs, tmp_path_factory):
     server = start_server(tiny_model_dirs["llama"], str(logs / "flags.log"), None, "--chat-template", str(template),
                           "--response-role", "narrator", "--default-chat-template-kwargs", '{"note": "default"}',
                           "--exclude-tools-when-tool-choice-none", "--enable-prompt-tokens-details",
-                          "--enable-force-include-usage", "--disable-fastapi-docs", "--enable-request-id-headers")
+                          "--enable-force-include-usage", "--disable-fastapi-docs", "--enable-request-id-headers",
+                          "--override-generation-config", '{"max_new_tokens": 8}')
     with serving({"flags": server}):
         yield server
 
@@ -93,6 +94,16 @@ def test_force_include_usage_ends_every_stream_with_usage(flagged, server):
         assert all("usage" not in c for c in chunks[:-1])   # not continuous unless asked
         chunks = _chunks(_post(server, path, {**body, "max_tokens": 3, "stream": True}))
         assert all("usage" not in c for c in chunks)   # the default: only when asked
+
+
+def test_override_generation_configs_max_new_tokens_caps_max_tokens(flagged, server):
+    """vLLM's override_max_tokens: with --generation-config auto, --override-generation-config's max_new_tokens
+    caps a request's own max_tokens (the model's generation config would only fill an unset one)."""
+    for path, body in (("/v1/completions", {"prompt": "Once upon a time"}), ("/v1/chat/completions",
+                                                                             {"messages": MESSAGES})):
+        body = {**body, "max_tokens": 12, "ignore_eos": True}
+        assert _post(flagged, path, body).json()["usage"]["completion_tokens"] == 8
+        assert _post(server, path, body).json()["usage"]["completion_tokens"] == 12   # no override: no cap
 
 
 def test_reserved_default_chat_template_kwargs_fail_at_start_up():

@@ -33,20 +33,21 @@ def test_unset_fields_take_the_defaults(gen_server, offline_llm):
     prompt = "Once upon a time"
 
     def complete(**kw):
-        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 12, **kw}
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 5, **kw}   # the file's max_new_tokens caps it
         return httpx.post(gen_server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
 
     def offline(**kw):
-        return offline_llm.generate(prompt, SamplingParams(max_tokens=12, **kw), use_tqdm=False)[0].outputs[0].text
+        return offline_llm.generate(prompt, SamplingParams(max_tokens=5, **kw), use_tqdm=False)[0].outputs[0].text
 
     assert complete() == offline(temperature=0.0)                 # top_k 1 from the generation config
     assert complete(top_k=0, seed=3) == offline(temperature=0.7, seed=3) != offline(temperature=0.0)
 
 
-def test_unset_max_tokens_takes_max_new_tokens_within_the_context(gen_server):
-    """vLLM's get_max_tokens: a chat request without max_tokens gets the generation config's max_new_tokens,
-    capped at what its prompt leaves of max_model_len (not a 400); completions' max_tokens is 16, null too (vLLM
-    0.26's normalize_null_max_tokens), so a prompt that leaves fewer is a 400."""
+def test_max_new_tokens_fills_and_caps_max_tokens(gen_server):
+    """vLLM's get_max_tokens: a chat request without max_tokens gets the generation config's max_new_tokens, capped
+    at what its prompt leaves of max_model_len (not a 400); and with --generation-config DIR (not auto or vllm),
+    that max_new_tokens caps every request's max_tokens too (override_max_tokens), after the context check, which
+    reads the request's own. Completions' max_tokens is 16, null too (vLLM 0.26's normalize_null_max_tokens)."""
     def post(route, **body):
         return httpx.post(gen_server.url + route, json={"model": MODEL_NAME, "ignore_eos": True, **body}, timeout=60)
 
@@ -57,8 +58,15 @@ def test_unset_max_tokens_takes_max_new_tokens_within_the_context(gen_server):
 
     chat = [{"role": "user", "content": "hi"}]
     assert usage("/v1/chat/completions", messages=chat)["completion_tokens"] == 5
-    assert usage("/v1/completions", prompt="Once upon a time", max_tokens=None)["completion_tokens"] == 16
-    assert usage("/v1/completions", prompt="Once upon a time")["completion_tokens"] == 16
-    long = [1] + [300] * (MAX_MODEL_LEN - 3)   # leaves 2 tokens
+    assert usage("/v1/chat/completions", messages=chat, max_tokens=12)["completion_tokens"] == 5
+    assert usage("/v1/chat/completions", messages=chat, max_completion_tokens=3)["completion_tokens"] == 3
+    for max_tokens in (None, 16, 12):
+        assert usage("/v1/completions", prompt="Once upon a time", max_tokens=max_tokens)["completion_tokens"] == 5
+    assert usage("/v1/completions", prompt="Once upon a time")["completion_tokens"] == 5
+    assert usage("/v1/completions", prompt="Once upon a time", max_tokens=2)["completion_tokens"] == 2
+    long = [1] + [300] * (MAX_MODEL_LEN - 3)   # leaves 2 tokens: the request's 16 do not fit, cap or not
     r = post("/v1/completions", prompt=long, max_tokens=None)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    # a min_tokens above the cap is refused as above max_tokens (vLLM checks it against the capped value)
+    r = post("/v1/completions", prompt="Once upon a time", max_tokens=12, min_tokens=8)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text
