@@ -374,8 +374,9 @@ class ServerConfig:
     enable_prompt_tokens_details: bool = _f(False, "chat and completions usage carries prompt_tokens_details."
                                                    "cached_tokens, the prompt tokens the prefix cache held, when "
                                                    "there were any")
-    enable_force_include_usage: bool = _f(False, "streamed chat and completions answers end with a usage chunk "
-                                                 "also without stream_options.include_usage")
+    enable_force_include_usage: bool = _f(False, "streamed chat and completions answers end with a usage chunk, "
+                                                 "and every chunk carries its choice's usage so far, whatever "
+                                                 "stream_options says (vLLM's)")
     lora_modules: list[str] = _f([], "LoRA adapters served by name (needs --enable-lora), vLLM's forms: name=path, "
                                      "or JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; "
                                      "several after one flag; loaded at start-up, chosen by a request's model",

@@ -229,8 +229,10 @@ class _SamplingRequest(_Request):
 
     @property
     def continuous_usage(self) -> bool:
-        return self.stream_options is not None and self.include_usage and \
-            bool(self.stream_options.continuous_usage_stats)
+        """Each chunk carries its choice's usage so far: continuous_usage_stats with include_usage, or the server's
+        --enable-force-include-usage, which turns both on (vLLM's should_include_usage)."""
+        return self._force_usage or (self.stream_options is not None and self.include_usage
+                                     and bool(self.stream_options.continuous_usage_stats))
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                            defaults: dict | None = None) -> SamplingParams:

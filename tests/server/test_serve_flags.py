@@ -87,11 +87,16 @@ def test_prompt_tokens_details_when_tokens_were_cached(flagged, server):
 
 
 def test_force_include_usage_ends_every_stream_with_usage(flagged, server):
+    """vLLM's should_include_usage: the flag turns on include_usage and continuous_usage_stats both, whatever
+    stream_options says: every chunk carries its choice's usage so far, and a usage chunk ends the stream."""
     for path, body in (("/v1/completions", {"prompt": "Once upon a time"}), ("/v1/chat/completions",
                                                                              {"messages": MESSAGES})):
-        chunks = _chunks(_post(flagged, path, {**body, "max_tokens": 3, "stream": True, "ignore_eos": True}))
-        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
-        assert all("usage" not in c for c in chunks[:-1])   # not continuous unless asked
+        for options in ({}, {"stream_options": {"include_usage": False, "continuous_usage_stats": False}}):
+            chunks = _chunks(_post(flagged, path, {**body, "max_tokens": 3, "stream": True, "ignore_eos": True,
+                                                   **options}))
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+            counts = [c["usage"]["completion_tokens"] for c in chunks[:-1]]
+            assert counts[-3:] == [1, 2, 3] and all("usage" in c for c in chunks), chunks
         chunks = _chunks(_post(server, path, {**body, "max_tokens": 3, "stream": True}))
         assert all("usage" not in c for c in chunks)   # the default: only when asked
 
