@@ -372,8 +372,8 @@ class ServerConfig:
     exclude_tools_when_tool_choice_none: bool = _f(False, "with tool_choice \"none\", the tools do not reach the "
                                                           "chat template (by default they do, as vLLM's)")
     enable_prompt_tokens_details: bool = _f(False, "chat and completions usage carries prompt_tokens_details."
-                                                   "cached_tokens, the prompt tokens the prefix cache held, when "
-                                                   "there were any")
+                                                   "cached_tokens, the prompt tokens the prefix cache held (0 "
+                                                   "too, as vLLM's)")
     enable_force_include_usage: bool = _f(False, "streamed chat and completions answers end with a usage chunk, "
                                                  "and every chunk carries its choice's usage so far, whatever "
                                                  "stream_options says (vLLM's)")

@@ -394,9 +394,9 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int, details: tuple[int
 
 
 def cached_details(ctx: "ServingContext", num_cached: int) -> tuple[int, None] | None:
-    """usage()'s details under --enable-prompt-tokens-details: the cached prompt tokens, when there were any
-    (vLLM's rule)."""
-    return (num_cached, None) if ctx.enable_prompt_tokens_details and num_cached else None
+    """usage()'s details under --enable-prompt-tokens-details: the cached prompt tokens, 0 too (vLLM 0.26's rule:
+    its outputs' num_cached_tokens is never None)."""
+    return (num_cached, None) if ctx.enable_prompt_tokens_details else None
 
 
 async def until_disconnect(raw_request: Request, work: Awaitable):
