@@ -191,7 +191,10 @@ class _SamplingRequest(_Request):
 
     @model_validator(mode="after")
     def _check_prompt_logprobs(self):
-        if self.prompt_logprobs is not None and self.stream:   # vLLM's rule: they come with the whole response
+        # vLLM's rule: they come with the whole response. 0 is taken (it asks for no alternatives; a stream carries
+        # no prompt_logprobs, and an echo's logprobs only the prompt's own tokens).
+        if self.stream and self.prompt_logprobs is not None and (self.prompt_logprobs > 0
+                                                                 or self.prompt_logprobs == -1):
             raise APIError(400, "prompt_logprobs are not available when stream is true", "prompt_logprobs",
                            "invalid_value")
         return self

@@ -31,3 +31,18 @@ def test_null_max_tokens_is_16(server):
     context (509 tokens on this server)."""
     usage = _ok(server, {"max_tokens": None, "ignore_eos": True})["usage"]
     assert usage["completion_tokens"] == 16
+
+
+def test_prompt_logprobs_0_streams(server):
+    """vLLM refuses prompt_logprobs with stream only when it is above 0 (or -1): 0 asks for no alternatives, and
+    the stream is the one without it (it was a 400). Chat's rule is the same."""
+    body = {"max_tokens": 4, "temperature": 0}
+    plain = "".join(c["choices"][0]["text"] for c in _chunks(server, body))
+    assert "".join(c["choices"][0]["text"] for c in _chunks(server, {**body, "prompt_logprobs": 0})) == plain
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "stream": True, **body}
+    for extra, status in (({"prompt_logprobs": 0}, 200), ({"prompt_logprobs": 1}, 400)):
+        r = httpx.post(server.url + "/v1/chat/completions", json={**chat, **extra}, headers=server.headers,
+                       timeout=60)
+        assert r.status_code == status, r.text
+    r = _post(server, {**body, "stream": True, "prompt_logprobs": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
