@@ -128,7 +128,7 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
                                    first_token_text=firsts[i]))
             if req.return_token_ids:
                 choices[-1].update(prompt_token_ids=out.prompt_token_ids, token_ids=list(c.token_ids))
-            if req.prompt_logprobs is not None:
+            if req.prompt_logprobs is not None or (req.echo and req.logprobs is not None):   # vLLM's: when run
                 choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out)
     num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
     num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)

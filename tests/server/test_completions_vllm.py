@@ -46,3 +46,16 @@ def test_prompt_logprobs_0_streams(server):
         assert r.status_code == status, r.text
     r = _post(server, {**body, "stream": True, "prompt_logprobs": -1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+
+
+def test_echo_with_logprobs_gives_the_prompt_logprobs_it_ran(server):
+    """echo with logprobs N runs the prompt's logprobs at N (prompt_logprobs unset), and vLLM's choice carries
+    them, as if prompt_logprobs N had been asked (it carries whatever the engine ran); they were left out."""
+    for max_tokens in (3, 0):
+        body = {"max_tokens": max_tokens, "temperature": 0, "echo": True, "logprobs": 1}
+        got = _ok(server, body)["choices"][0]
+        asked = _ok(server, {**body, "prompt_logprobs": 1})["choices"][0]
+        assert got["prompt_logprobs"] == asked["prompt_logprobs"] and got["prompt_logprobs"][0] is None
+        assert len(got["prompt_logprobs"]) == _ok(server, body)["usage"]["prompt_tokens"]
+        assert all(1 <= len(p) <= 2 for p in got["prompt_logprobs"][1:])
+    assert "prompt_logprobs" not in _ok(server, {"max_tokens": 2, "echo": True})["choices"][0]
