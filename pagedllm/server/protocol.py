@@ -294,6 +294,9 @@ class CompletionRequest(_SamplingRequest):
         if self.logprob_token_ids and self.logprobs is None:
             raise APIError(400, "logprob_token_ids needs logprobs to be set (it stays the echoed prompt's top-N)",
                            "logprob_token_ids", "invalid_value")
+        if self.logprob_token_ids and self.echo and self.max_tokens == 0:   # vLLM's 400
+            raise APIError(400, "logprob_token_ids name logprobs of generated positions: echo with max_tokens 0 "
+                                "generates none", "logprob_token_ids", "invalid_value")
         return self
 
     def unsupported(self) -> list[tuple[str, bool, str]]:

@@ -59,3 +59,11 @@ def test_echo_with_logprobs_gives_the_prompt_logprobs_it_ran(server):
         assert len(got["prompt_logprobs"]) == _ok(server, body)["usage"]["prompt_tokens"]
         assert all(1 <= len(p) <= 2 for p in got["prompt_logprobs"][1:])
     assert "prompt_logprobs" not in _ok(server, {"max_tokens": 2, "echo": True})["choices"][0]
+
+
+def test_logprob_token_ids_with_echo_alone_is_400(server):
+    """logprob_token_ids name logprobs of generated positions; echo with max_tokens 0 generates none: vLLM's 400
+    naming the field (the ids were dropped without a word)."""
+    r = _post(server, {"max_tokens": 0, "echo": True, "logprobs": 1, "logprob_token_ids": [5]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprob_token_ids", r.text
+    assert _post(server, {"max_tokens": 0, "echo": True, "logprobs": 1, "logprob_token_ids": []}).status_code == 200
