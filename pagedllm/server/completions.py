@@ -68,7 +68,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
                                 req.cache_salt, ctx.request_logger)
     if echo_only:
         streams = [_without_generation(s) for s in streams]
-    texts = [text if text is not None else ctx.tokenizer.decode(ids) if req.echo else "" for text, ids in prompts]
+    # the echoed text; with return_token_ids none, as vLLM's (the prompt comes as its prompt_token_ids instead)
+    echoed = req.echo and not req.return_token_ids
+    texts = [(text if text is not None else ctx.tokenizer.decode(ids)) if echoed else "" for text, ids in prompts]
     # The echoed prompt's first token has no logprob, but its text is the echo's start: as the echo reads (a
     # text prompt's echo is that text, without special tokens; a token-id prompt's is their decoding, with them).
     firsts = ([ctx.tokenizer.decode(ids[:1], skip_special_tokens=text is not None)

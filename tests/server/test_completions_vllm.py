@@ -67,3 +67,17 @@ def test_logprob_token_ids_with_echo_alone_is_400(server):
     r = _post(server, {"max_tokens": 0, "echo": True, "logprobs": 1, "logprob_token_ids": [5]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprob_token_ids", r.text
     assert _post(server, {"max_tokens": 0, "echo": True, "logprobs": 1, "logprob_token_ids": []}).status_code == 200
+
+
+def test_echo_with_return_token_ids_leaves_the_prompt_text_out(server):
+    """vLLM's: with return_token_ids the echo is the prompt's ids (prompt_token_ids), not its text: the choice's
+    text is the completion alone, streamed or not; the logprobs still run over the prompt's tokens too."""
+    body = {"max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    plain = _ok(server, body)["choices"][0]
+    both = {**body, "echo": True, "return_token_ids": True, "logprobs": 0}
+    got = _ok(server, both)
+    choice = got["choices"][0]
+    assert choice["text"] == plain["text"] and choice["token_ids"] and choice["prompt_token_ids"]
+    assert len(choice["logprobs"]["tokens"]) == got["usage"]["prompt_tokens"] + 3
+    assert "".join(c["choices"][0]["text"] for c in _chunks(server, both)) == plain["text"]
+    assert _ok(server, {**both, "return_token_ids": False})["choices"][0]["text"].startswith(PROMPT)
