@@ -233,7 +233,7 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
     num_completion = sum(len(c.token_ids) for c in out.outputs)
     details = _usage_details(ctx, req, thinks, out.num_cached_tokens, [c.token_ids for c in out.outputs])
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-                "model": req.model or ctx.model_name,   # the adapter's name under an adapter, as vLLM
+                "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
                 "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion, details)}
     if req.prompt_logprobs is not None:   # vLLM's place: the response's, there is one prompt
         response["prompt_logprobs"] = prompt_logprobs_json(out)
@@ -247,7 +247,7 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
 async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, prompt_ids: list[int],
                   outputs, thinks: bool | None, prompt_text: str):
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": req.model or ctx.model_name}
+            "model": ctx.served_name(req.model)}
     prefix, num_completion = sse_prefix(head), 0
     # return_token_ids (vLLM's): the prompt's ids with each choice's role chunk, and each chunk's new ids
     first = {"prompt_token_ids": prompt_ids} if req.return_token_ids else {}

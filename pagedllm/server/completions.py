@@ -136,7 +136,7 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
     num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     details = cached_details(ctx, sum(o.num_cached_tokens for o in outputs))
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
-            "model": req.model or ctx.model_name,   # the adapter's name under an adapter, as vLLM
+            "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
             "choices": choices, "usage": usage(num_prompt, num_completion, details)}
 
 
@@ -145,7 +145,7 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     created, num_completion = int(time.time()), 0
     started: set[int] = set()
     offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
-    head = {"id": request_id, "object": "text_completion", "created": created, "model": req.model or ctx.model_name}
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.served_name(req.model)}
     prefix = sse_prefix(head)
     plain = req.logprobs is None and not req.echo and not req.return_token_ids   # a choice is its text alone
     continuous, counts = req.continuous_usage, {}   # each choice's tokens so far (continuous_usage_stats)

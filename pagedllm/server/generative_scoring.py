@@ -86,5 +86,5 @@ async def _scores(ctx: ServingContext, req: GenerativeScoringRequest, request_id
         data.append({"index": i, "object": "score", "score": score})
     num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
     num_completion = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"id": request_id, "object": "list", "created": int(time.time()), "model": req.model or ctx.model_name,
+    return {"id": request_id, "object": "list", "created": int(time.time()), "model": ctx.served_name(req.model),
             "data": data, "usage": usage(num_prompt, num_completion)}

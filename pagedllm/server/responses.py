@@ -71,7 +71,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     # what a later previous_response_id continues: the conversation less this request's instructions (a system or
     # developer message among the input items is the conversation's, and carries over)
     conversation = messages[1:] if req.instructions else messages
-    head = _head(req, response_id, req.model or ctx.model_name)
+    head = _head(req, response_id, ctx.served_name(req.model))
     encrypted = req.includes(_ENCRYPTED)
 
     def keep(response: dict) -> None:

@@ -92,8 +92,8 @@ class ServingContext:
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, partial(fn, *args, **kwargs))
 
     def check_model(self, name: str | None) -> LoRARequest | None:
-        """The adapter a request's model names (None: the base model); an unknown name is vLLM's 404. No name
-        (None or "", as vLLM's) is the base model."""
+        """The adapter a request's model names (None or "": the base model, as vLLM's); an unknown name is vLLM's
+        404."""
         if not name or name == self.model_name or name in self.model_aliases:
             return None
         lora = self.loras.get(name) if self.loras is not None else None
@@ -103,6 +103,12 @@ class ServingContext:
             raise APIError(404, f"The model `{shorten(name)}` does not exist (this server serves "
                                 f"`{self.model_name}`{aliases}{adapters}).", "model", "model_not_found")
         return lora
+
+    def served_name(self, name: str | None) -> str:
+        """The model a response names, for a request's model that check_model took: an adapter's name, else the
+        first --served-model-name, whichever of the base model's names (or none) the request gave (vLLM's
+        models.model_name)."""
+        return self.model_name if not name or name in self.model_aliases else name
 
     async def resolve_model(self, name: str | None) -> LoRARequest | None:
         """check_model, then vLLM's filesystem resolver for a name no adapter has yet (ServingLoRAs.resolve)."""

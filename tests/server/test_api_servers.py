@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 from e2e.test_lora import ADAPTERS, make_adapter
-from server.server_utils import MODEL_NAME, engine_metrics, finished, serving, spawned_children, start_server
+from server.server_utils import (CHAT_TEMPLATE, MODEL_NAME, engine_metrics, finished, serving, spawned_children,
+                                 start_server)
 from server.test_lora_server import FLAGS as LORA_FLAGS
 from server.test_lora_server import MAX_TOKENS, PROMPTS
 
@@ -34,6 +35,7 @@ def multi(tmp_path_factory):
     (root / "metrics").mkdir()
     server = start_server(base, str(root / "serve.log"), None, "--api-server-count", str(NUM_API), *LORA_FLAGS,
                           "--served-model-name", "tiny-alias",   # after MODEL_NAME: a second name (vLLM's)
+                          "--chat-template", CHAT_TEMPLATE,
                           "--lora-modules", f"rs={adapter}", env={"PROMETHEUS_MULTIPROC_DIR": str(root / "metrics")})
     with serving({"multi": server}):
         yield base, adapter, server, root / "metrics"
@@ -111,6 +113,17 @@ def test_models_and_adapters_in_every_process(multi, offline):
         assert ids == [MODEL_NAME, "tiny-alias", "rs"]
     # either served name is the base model
     assert asyncio.run(_complete(server.url, "tiny-alias", PROMPTS[0], False)) == offline[MODEL_NAME, PROMPTS[0]]
+    # and the answer names it by the first name, as vLLM's models.model_name; an empty model is the base model
+    # too (vLLM's _is_model_supported); an adapter names itself
+    for path, body in (("/v1/completions", {"prompt": PROMPTS[0]}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+        for model, named in (("tiny-alias", MODEL_NAME), ("", MODEL_NAME), ("rs", "rs")):
+            for stream in (False, True):
+                r = httpx.post(server.url + path, json={"model": model, "max_tokens": 2, "stream": stream, **body},
+                               timeout=60)
+                assert r.status_code == 200, r.text
+                first = json.loads(r.text.split("\n")[0][6:]) if stream else r.json()
+                assert first["model"] == named, (path, model, stream)
 
 
 def test_stop_signal_ends_every_process_cleanly(multi):

@@ -54,7 +54,7 @@ def _check(chunks: list[str]):
 
 
 CTX = SimpleNamespace(model_name="the-model", response_role="assistant",   # ServingContext's defaults
-                      enable_prompt_tokens_details=False)
+                      enable_prompt_tokens_details=False, served_name=lambda name: "the-model")
 
 
 def test_completion_chunks_are_sses_bytes():
