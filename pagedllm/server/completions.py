@@ -31,9 +31,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     req._force_usage = ctx.enable_force_include_usage
     prompts = await _prompts(ctx, req.prompt, req.add_special_tokens)   # (text or None, token ids)
     reasoning.check_budget(ctx.reasoning_parser, req.thinking_token_budget, req.use_beam_search)
-    # vLLM truncates a text as its tokenizer does: the BOS the tokenizer adds stays (as offline: InputProcessor)
+    # vLLM truncates a text as its tokenizer does: the BOS the tokenizer adds stays (as offline: InputProcessor);
+    # with truncation_side given, it cuts the tokens the tokenizer gave instead, so a BOS goes with the left end
     added = (num_added_tokens(ctx.tokenizer) if req.truncate_prompt_tokens is not None and req.add_special_tokens
-             else (0, 0))
+             and req.truncation_side is None else (0, 0))
     kept = [truncate_prompt(ids, req.truncate_prompt_tokens, ctx.engine.max_model_len, req.truncation_side or "left",
                             added if text is not None else (0, 0))
             for text, ids in prompts]   # the tokens the engine runs

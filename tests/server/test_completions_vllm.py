@@ -81,3 +81,15 @@ def test_echo_with_return_token_ids_leaves_the_prompt_text_out(server):
     assert len(choice["logprobs"]["tokens"]) == got["usage"]["prompt_tokens"] + 3
     assert "".join(c["choices"][0]["text"] for c in _chunks(server, both)) == plain["text"]
     assert _ok(server, {**both, "return_token_ids": False})["choices"][0]["text"].startswith(PROMPT)
+
+
+def test_truncation_side_given_cuts_the_tokenized_text(server):
+    """vLLM truncates a text prompt as its tokenizer does (its BOS stays, then the last k - 1 tokens) only when
+    truncation_side is unset; given, it cuts the tokens the tokenizer gave from that side, BOS and all."""
+    ids = httpx.post(server.url + "/tokenize", json={"model": MODEL_NAME, "prompt": PROMPT},
+                     headers=server.headers, timeout=60).json()["tokens"]
+    assert ids[0] == 1 and len(ids) > 3
+    body = {"max_tokens": 1, "truncate_prompt_tokens": 3, "return_token_ids": True}
+    for side, kept in ((None, ids[:1] + ids[-2:]), ("left", ids[-3:]), ("right", ids[:3])):
+        got = _ok(server, {**body, "truncation_side": side})["choices"][0]["prompt_token_ids"]
+        assert got == kept, side
