@@ -72,10 +72,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     # the echoed text; with return_token_ids none, as vLLM's (the prompt comes as its prompt_token_ids instead)
     echoed = req.echo and not req.return_token_ids
     texts = [(text if text is not None else ctx.tokenizer.decode(ids)) if echoed else "" for text, ids in prompts]
-    # The echoed prompt's first token has no logprob, but its text is the echo's start: as the echo reads (a
-    # text prompt's echo is that text, without special tokens; a token-id prompt's is their decoding, with them).
-    firsts = ([ctx.tokenizer.decode(ids[:1], skip_special_tokens=text is not None)
-               for (text, _), ids in zip(prompts, kept)] if req.echo and req.logprobs is not None
+    # The echoed prompt's first token has no logprob; its token is its decoding, special or not, as vLLM's
+    # (a text prompt's BOS is "<s>" there, though the echoed text is the prompt as sent)
+    firsts = ([ctx.tokenizer.decode(ids[:1]) for ids in kept] if req.echo and req.logprobs is not None
               else [""] * len(prompts))
     if req.stream:
         outputs = await open_stream(raw_request, ctx.engine, ids, merge(streams), constraint_field(req))

@@ -93,3 +93,17 @@ def test_truncation_side_given_cuts_the_tokenized_text(server):
     for side, kept in ((None, ids[:1] + ids[-2:]), ("left", ids[-3:]), ("right", ids[:3])):
         got = _ok(server, {**body, "truncation_side": side})["choices"][0]["prompt_token_ids"]
         assert got == kept, side
+
+
+def test_echoed_text_prompt_names_its_bos(server):
+    """echo + logprobs: the prompt's first token, which has no logprob, is its decoding, special or not, as
+    vLLM's (a text prompt's BOS is "<s>", as a token-id prompt's; it was "" for a text prompt), and the offsets
+    count it, streamed or not."""
+    body = {"max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 0}
+    for prompt in (PROMPT, [1, 403, 407]):
+        lp = _ok(server, {**body, "prompt": prompt})["choices"][0]["logprobs"]
+        assert lp["tokens"][0] == "<s>" and lp["token_logprobs"][0] is None
+        lengths = [len(t) for t in lp["tokens"]]
+        assert lp["text_offset"] == [sum(lengths[:i]) for i in range(len(lengths))]
+        chunks = _chunks(server, {**body, "prompt": prompt})
+        assert [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]] == lp["tokens"]
