@@ -26,9 +26,10 @@ from pagedllm.server.structured_fields import constraint_field, structured_outpu
 #   user, metadata, store, service_tier, safety_identifier, prompt_cache_key: the client's labels;
 #   prompt_cache_retention: PromptCacheRetention's;
 #   request_id: vLLM's, here it names the response (its id) and nothing else;
+#   return_token_offsets: vLLM's, answered by its /render endpoints only (its generation endpoints ignore it);
 #   stream_options without stream.
 _NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-           "prompt_cache_retention", "request_id")
+           "prompt_cache_retention", "request_id", "return_token_offsets")
 
 # OpenAI's most a prompt's cached prefix may be kept (chat completions and responses). The prefix cache keeps blocks
 # while the KV cache (and its CPU / disk tiers, where configured) has room for them, evicting the least recently
@@ -176,6 +177,11 @@ class _SamplingRequest(_Request):
     prompt_cache_key: str | None = None
     prompt_cache_retention: PromptCacheRetention | None = None
     request_id: str | None = None
+    return_token_offsets: bool | None = False
+    # vLLM's fields for what is not built here: taken only empty (unsupported)
+    vllm_xargs: dict[str, Any] | None = None          # SamplingParams.extra_args, read by plugins' code only
+    kv_transfer_params: dict[str, Any] | None = None  # a KV connector's (disaggregated serving)
+    ec_transfer_params: dict[str, Any] | None = None  # an encoder cache connector's
 
     @model_validator(mode="before")
     @classmethod
@@ -222,6 +228,15 @@ class _SamplingRequest(_Request):
                                 ignore_eos=bool(self.ignore_eos), temperature=self.temperature or 0.0,
                                 length_penalty=self.length_penalty,
                                 include_stop_str_in_output=bool(self.include_stop_str_in_output))
+
+    def unsupported(self) -> list[tuple[str, bool, str]]:
+        return [*super().unsupported(),
+                ("vllm_xargs", not self.vllm_xargs, "custom logits processors and plugins, the code that reads them, "
+                                                    "are not loaded"),
+                ("kv_transfer_params", not self.kv_transfer_params, "moving KV between engines: --kv-transfer-config "
+                                                                    "is not built"),
+                ("ec_transfer_params", not self.ec_transfer_params, "moving the encoder cache between engines: "
+                                                                    "multimodal models are not built")]
 
     # not a request field: the server's --enable-force-include-usage (a usage chunk ends every stream)
     _force_usage: bool = PrivateAttr(False)

@@ -47,7 +47,8 @@ NEUTRAL = {"response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1, 
            "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": None,
            "stream_options": {"include_usage": False}, "user": "u1", "metadata": {"k": "v"}, "store": False,
            "service_tier": "auto", "safety_identifier": "s", "prompt_cache_key": "p",
-           "prompt_cache_retention": "24h"}
+           "prompt_cache_retention": "24h", "return_token_offsets": True, "vllm_xargs": {}, "kv_transfer_params": None,
+           "ec_transfer_params": {}}
 
 
 def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
@@ -108,6 +109,9 @@ def test_chat_top_logprobs_0_without_logprobs_is_accepted(server):
     (COMPLETIONS, {"prompt_embeds": "AAAA"}, "prompt_embeds"),
     (CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     (CHAT, {"function_call": {"name": "f"}}, "function_call"),
+    (COMPLETIONS, {"vllm_xargs": {"ngram_size": 3}}, "vllm_xargs"),       # vLLM's: nothing here would read them
+    (CHAT, {"kv_transfer_params": {"do_remote_prefill": True}}, "kv_transfer_params"),
+    (COMPLETIONS, {"ec_transfer_params": {"x": 1}}, "ec_transfer_params"),
 ])
 def test_features_not_implemented_yet_are_400_naming_the_field(server, path, body, param):
     prompt = {"prompt": PROMPT} if path == COMPLETIONS else {"messages": MESSAGES}
