@@ -224,7 +224,12 @@ class _SamplingRequest(_Request):
     def to_beam_search_params(self, max_tokens: int | None, max_model_len: int):
         """max_tokens None: up to max_model_len (each prompt's search caps it at what its prompt leaves)."""
         from pagedllm.beam_search import BeamSearchParams
-        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens or max_model_len,
+        if max_tokens is not None and max_tokens < 1:   # a search of no step: vLLM answers the prompt's one beam
+            param = "max_completion_tokens" if getattr(self, "max_completion_tokens", None) is not None else \
+                "max_tokens"
+            raise APIError(400, f"{param} must be at least 1 with use_beam_search, got {max_tokens}", param,
+                           "invalid_value")
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens if max_tokens is not None else max_model_len,
                                 ignore_eos=bool(self.ignore_eos), temperature=self.temperature or 0.0,
                                 length_penalty=self.length_penalty,
                                 include_stop_str_in_output=bool(self.include_stop_str_in_output))

@@ -72,6 +72,9 @@ def test_best_of_returns_n_choices(client):
     ({"use_beam_search": True, "skip_special_tokens": False}, "skip_special_tokens"),   # not its default
     ({"use_beam_search": True, "n": 11}, "n"),                          # 2 x 11 top logprobs > 20
     ({"best_of": 1, "n": 2}, "best_of"),
+    # a search of no step (it searched up to the end of the context)
+    ({"use_beam_search": True, "n": 2, "max_tokens": 0}, "max_tokens"),
+    ({"use_beam_search": True, "n": 2, "max_tokens": 0, "echo": True}, "max_tokens"),
 ])
 def test_beam_and_best_of_errors_name_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60,
