@@ -30,6 +30,7 @@ LORA_TARGET_MODULES = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic", "qwen3_coder")
 REASONING_PARSERS = ("qwen3", "deepseek_r1", "mistral", "mimo")   # server/reasoning.py's PARSERS
 CONTENT_FORMATS = ("auto", "string", "openai")   # chat_template.py's (vLLM's --chat-template-content-format)
+FINGERPRINT_MODES = ("full", "hash", "custom", "none")   # vLLM's --fingerprint-mode
 
 
 def _f(default, help: str, **kw):
@@ -377,6 +378,11 @@ class ServerConfig:
     enable_force_include_usage: bool = _f(False, "streamed chat and completions answers end with a usage chunk, "
                                                  "and every chunk carries its choice's usage so far, whatever "
                                                  "stream_options says (vLLM's)")
+    fingerprint_mode: str = _f("full", "the system_fingerprint of chat and completions answers (vLLM's flag): full "
+                                       "= pagedllm-<version>[-tp<N>]-<8 hex of the engine config's hash>, hash = "
+                                       "without the tp part, custom = --fingerprint-value, none = no fingerprint",
+                               choices=FINGERPRINT_MODES)
+    fingerprint_value: str | None = _f(None, "the system_fingerprint with --fingerprint-mode custom (vLLM's flag)")
     lora_modules: list[str] = _f([], "LoRA adapters served by name (needs --enable-lora), vLLM's forms: name=path, "
                                      "or JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; "
                                      "several after one flag; loaded at start-up, chosen by a request's model",
@@ -415,6 +421,8 @@ class ServerConfig:
                f"one of {TOOL_CALL_PARSERS}", self.tool_call_parser)
         _check(self.reasoning_parser in (None, *REASONING_PARSERS), "reasoning_parser",
                f"one of {REASONING_PARSERS}", self.reasoning_parser)
+        _check(self.fingerprint_mode in FINGERPRINT_MODES, "fingerprint_mode", f"one of {FINGERPRINT_MODES}",
+               self.fingerprint_mode)
         _check(self.engine_step_timeout >= 2, "engine_step_timeout", ">= 2 seconds", self.engine_step_timeout)
         _check(isinstance(self.stream_interval, int) and self.stream_interval >= 1, "stream_interval",
                "an integer >= 1 (tokens per streamed chunk)", self.stream_interval)

@@ -40,7 +40,7 @@ from pagedllm.server.responses_request import ResponsesRequest
 from pagedllm.server.request_body import RequestBodyGuard
 from pagedllm.server.request_id_header import RequestIdHeader
 from pagedllm.server.request_logger import RequestLogger
-from pagedllm.server.serving import ServingContext
+from pagedllm.server.serving import ServingContext, system_fingerprint
 
 logger = logging.getLogger("pagedllm")
 API_KEY_ENV = "PAGEDLLM_API_KEY"
@@ -354,6 +354,8 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
                          exclude_tools_when_tool_choice_none=server_config.exclude_tools_when_tool_choice_none,
                          enable_prompt_tokens_details=server_config.enable_prompt_tokens_details,
                          enable_force_include_usage=server_config.enable_force_include_usage,
+                         system_fingerprint=system_fingerprint(engine_config, server_config.fingerprint_mode,
+                                                               server_config.fingerprint_value),
                          responses=ResponseStore(server_config.responses_store) if server_config.responses_store
                          else None,
                          request_logger=RequestLogger(engine.tokenizer, server_config.max_log_len)

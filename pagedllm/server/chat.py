@@ -20,7 +20,7 @@ from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
 from pagedllm.server.reasoning import ReasoningParser
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, response_id_for, sse, sse_prefix,
-                                     until_disconnect, usage, cached_details)
+                                     until_disconnect, usage, cached_details, fingerprint, fingerprint_json)
 from pagedllm.server.structured_fields import checked_constraint, constraint_field
 from pagedllm.server.tool_parsers.forced import parameters_schema
 from pagedllm.structured_output.grammar_spec import validate
@@ -234,7 +234,8 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
     details = _usage_details(ctx, req, thinks, out.num_cached_tokens, [c.token_ids for c in out.outputs])
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
-                "choices": choices, "usage": usage(len(out.prompt_token_ids), num_completion, details)}
+                "choices": choices, **fingerprint(ctx), "usage": usage(len(out.prompt_token_ids), num_completion,
+                                                                       details)}
     if req.prompt_logprobs is not None:   # vLLM's place: the response's, there is one prompt
         response["prompt_logprobs"] = prompt_logprobs_json(out)
     if req.return_token_ids:
@@ -269,6 +270,8 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
     counted = req._usage_details and thinks is not None
     answers: dict[int, list[int]] = {}   # each choice's token ids, where its reasoning tokens are counted
     num_cached = 0
+    # vLLM's: a choice's last chunk carries the fingerprint, unless a usage chunk ends the stream (it has it then)
+    last = {} if req.include_usage else fingerprint(ctx)
     async for _, out in outputs:
         num_cached = out.num_cached_tokens
         for c in out.outputs:
@@ -288,18 +291,23 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                     else:
                         chunk["token_ids"] = ids
                 if chunk is not None:
-                    yield sse({**head, "choices": [chunk], **so_far})
+                    yield sse({**head, "choices": [chunk], **so_far,
+                               **(last if chunk["finish_reason"] is not None else {})})
                 continue
             ids = f',"token_ids":{json_value(list(c.token_ids))}' if req.return_token_ids else ""
             tail = f',"usage":{json_value(so_far["usage"])}' if so_far else ""
+            if c.finish_reason is not None and last:
+                tail += fingerprint_json(ctx)
             # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": ...,
-            #    "finish_reason": ..., "stop_reason": ..., ["token_ids": ...]}], [usage]}), by hand (serving.sse_prefix)
+            #    "finish_reason": ..., "stop_reason": ..., ["token_ids": ...]}], [usage], [system_fingerprint]}), by
+            #    hand (serving.sse_prefix)
             yield (f'{prefix}{{"index":{c.index},"delta":{{"content":{json_str(c.text)}}},'
                    f'"logprobs":{json_value(_logprobs(req, c))},"finish_reason":{json_value(c.finish_reason)},'
                    f'"stop_reason":{json_value(c.stop_reason)}{ids}}}]{tail}}}\n\n')
     if req.include_usage:
         details = _usage_details(ctx, req, thinks, num_cached, answers.values())
-        yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion, details)})
+        yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion, details),
+                   **fingerprint(ctx)})
 
 
 def _usage_details(ctx, req: ChatCompletionRequest, thinks: bool | None, num_cached: int,

@@ -61,5 +61,6 @@ async def create_chat_batch(ctx: ServingContext, req: BatchChatCompletionRequest
         completion_tokens += answer["usage"]["completion_tokens"]
     return {"id": f"chatcmpl-{req.request_id or uuid.uuid4().hex}", "object": "chat.completion",
             "created": int(time.time()), "model": answers[0]["model"], "choices": choices,
+            **{k: answers[0][k] for k in ("system_fingerprint",) if k in answers[0]},
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}

@@ -20,7 +20,7 @@ from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import CompletionRequest
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, response_id_for, sse, sse_prefix,
-                                     until_disconnect, usage, cached_details)
+                                     until_disconnect, usage, cached_details, fingerprint, fingerprint_json)
 from pagedllm.server.structured_fields import constraint_field
 
 
@@ -137,7 +137,7 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
     details = cached_details(ctx, sum(o.num_cached_tokens for o in outputs))
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
-            "choices": choices, "usage": usage(num_prompt, num_completion, details)}
+            "choices": choices, **fingerprint(ctx), "usage": usage(num_prompt, num_completion, details)}
 
 
 async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, outputs,
@@ -150,6 +150,8 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     plain = req.logprobs is None and not req.echo and not req.return_token_ids   # a choice is its text alone
     continuous, counts = req.continuous_usage, {}   # each choice's tokens so far (continuous_usage_stats)
     tail = ""   # after the choices: the chunk's usage with continuous_usage_stats (vLLM's)
+    # vLLM's: a choice's last chunk carries the fingerprint, unless a usage chunk ends the stream (it has it then)
+    last = "" if req.include_usage else fingerprint_json(ctx)
     cached: dict[int, int] = {}   # each prompt's tokens found in the prefix cache
     async for i, out in outputs:
         cached[i] = out.num_cached_tokens
@@ -159,8 +161,9 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
             if continuous:
                 counts[index] = counts.get(index, 0) + len(c.token_ids)
                 tail = f',"usage":{json_value(usage(len(out.prompt_token_ids), counts[index]))}'
+            end = tail + last if c.finish_reason is not None else tail
             if plain:   # the choice's fields as they are: no _choice dict for every stream's every step
-                yield f"{prefix}{_choice_json(index, c.text, None, c.finish_reason, c.stop_reason)}]{tail}}}\n\n"
+                yield f"{prefix}{_choice_json(index, c.text, None, c.finish_reason, c.stop_reason)}]{end}}}\n\n"
                 continue
             first = index not in started
             started.add(index)
@@ -169,10 +172,11 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
             if req.return_token_ids:   # vLLM's: the prompt's ids in a choice's first chunk, each chunk its new ids
                 choice.update(prompt_token_ids=out.prompt_token_ids if first else None, token_ids=list(c.token_ids))
-            yield f"{prefix}{_choice_json(**choice)}]{tail}}}\n\n"   # sse({**head, "choices": [choice], [usage]})
+            # sse({**head, "choices": [choice], [usage], [system_fingerprint]})
+            yield f"{prefix}{_choice_json(**choice)}]{end}}}\n\n"
     if req.include_usage:
         details = cached_details(ctx, sum(cached.values()))
-        yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion, details)})
+        yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion, details), **fingerprint(ctx)})
 
 
 def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOutput, c: CompletionOutput,

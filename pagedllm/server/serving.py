@@ -55,6 +55,7 @@ class ServingContext:
     exclude_tools_when_tool_choice_none: bool = False
     enable_prompt_tokens_details: bool = False
     enable_force_include_usage: bool = False
+    system_fingerprint: str | None = None   # --fingerprint-mode's (system_fingerprint()); None: no such field
     # One thread, as vLLM's: tokenizing a long text takes seconds (~0.7 s a MB), which on the event loop
     # would stall every stream and /health; HF fast tokenizers release the GIL while they work.
     tokenizer_pool: ThreadPoolExecutor = field(
@@ -159,6 +160,36 @@ class ServingContext:
                                 f"{total} tokens ({num_prompt_tokens} in the prompt, {total - num_prompt_tokens} "
                                 f"for the completion{'' if max_tokens else ': set max_tokens'}). Reduce `{param}`.",
                            param, "context_length_exceeded")
+
+
+def system_fingerprint(engine_config, mode: str = "full", value: str | None = None) -> str | None:
+    """vLLM's --fingerprint-mode: full = pagedllm-<version>[-tp<N>]-<hash8>, hash = pagedllm-<version>-<hash8>,
+    custom = value, none = None. hash8: the engine config's fields (the model, its dtype, the cache, the
+    parallelism, ...), as vLLM's vllm_config.compute_hash: answers under one fingerprint come from one set-up; the
+    same on every API process of the server."""
+    if mode == "none":
+        return None
+    if mode == "custom":
+        return value
+    import dataclasses
+    import hashlib
+    from pagedllm import __version__
+    fields = json.dumps(dataclasses.asdict(engine_config), sort_keys=True, default=str)
+    parts = [f"pagedllm-{__version__}"]
+    tp = getattr(engine_config, "tensor_parallel_size", 1)
+    if mode == "full" and tp > 1:
+        parts.append(f"tp{tp}")
+    return "-".join([*parts, hashlib.sha256(fields.encode()).hexdigest()[:8]])
+
+
+def fingerprint(ctx: ServingContext) -> dict:
+    """{"system_fingerprint": ...} for an answer or a chunk, or {} without a fingerprint."""
+    return {} if ctx.system_fingerprint is None else {"system_fingerprint": ctx.system_fingerprint}
+
+
+def fingerprint_json(ctx: ServingContext) -> str:
+    """',"system_fingerprint":...' for a hand-written chunk's end, or "" without a fingerprint."""
+    return "" if ctx.system_fingerprint is None else f',"system_fingerprint":{json_value(ctx.system_fingerprint)}'
 
 
 def response_id_for(prefix: str, raw_request: Request, request_id: str | None, default: str) -> str:

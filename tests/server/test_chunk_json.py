@@ -54,7 +54,8 @@ def _check(chunks: list[str]):
 
 
 CTX = SimpleNamespace(model_name="the-model", response_role="assistant",   # ServingContext's defaults
-                      enable_prompt_tokens_details=False, served_name=lambda name: "the-model")
+                      enable_prompt_tokens_details=False, served_name=lambda name: "the-model",
+                      system_fingerprint="fp-1")   # a chunk that carries it too is sse()'s bytes
 
 
 def test_completion_chunks_are_sses_bytes():
@@ -95,6 +96,30 @@ def test_chat_chunks_are_sses_bytes():
             assert contents == TEXTS
             if ids:
                 assert all(json.loads(c[6:])["choices"][0]["token_ids"] for c in chunks[n:-1])
+
+
+def test_fingerprint_on_each_choices_last_chunk_without_a_usage_chunk():
+    """vLLM's: a choice's last chunk (its finish_reason set) carries system_fingerprint when no usage chunk ends
+    the stream (with one, only that chunk has it); written by hand, as sse() writes it."""
+    for n in (1, 2):
+        for logprobs in (None, 2):
+            req = CompletionRequest(prompt=[[1, 2, 3], [4]], n=n, logprobs=logprobs, stream=True)
+            chunks = _chunks(completions._stream(CTX, req, "cmpl-1", ["", ""], 4,
+                                                 merge([_stream(_outputs(n, logprobs is not None))
+                                                        for _ in range(2)]), ["", ""]))
+            _check(chunks)
+            objs = [json.loads(c[6:]) for c in chunks]
+            assert [o.get("system_fingerprint") for o in objs] == [
+                "fp-1" if o["choices"][0]["finish_reason"] else None for o in objs]
+            assert sum("system_fingerprint" in o for o in objs) == 2 * n
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=n, stream=True)
+        chunks = _chunks(chat._stream(CTX, req, plan_tools(req, None, False), "chatcmpl-1", [1, 2, 3],
+                                      merge([_stream(_outputs(n, False))]), None, ""))
+        _check(chunks)
+        objs = [json.loads(c[6:]) for c in chunks]
+        assert [o.get("system_fingerprint") for o in objs] == [
+            "fp-1" if o["choices"][0]["finish_reason"] else None for o in objs]
+        assert sum("system_fingerprint" in o for o in objs) == n
 
 
 def test_head_prefix_and_values():

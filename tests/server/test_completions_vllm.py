@@ -107,3 +107,28 @@ def test_echoed_text_prompt_names_its_bos(server):
         assert lp["text_offset"] == [sum(lengths[:i]) for i in range(len(lengths))]
         chunks = _chunks(server, {**body, "prompt": prompt})
         assert [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]] == lp["tokens"]
+
+
+def test_answers_carry_the_system_fingerprint(server):
+    """vLLM 0.26 (--fingerprint-mode full, its default) names its set-up in system_fingerprint: answers have it,
+    and a stream's choice has it on its last chunk, or only on the usage chunk when one ends the stream. Chat
+    alike; one value for the server's every answer."""
+    import re
+    chat = "/v1/chat/completions"
+    got = set()
+    for path, body in ((COMPLETIONS, {"prompt": PROMPT}), (chat, {"messages": [{"role": "user", "content": "Hi"}]})):
+        body = {"model": MODEL_NAME, "max_tokens": 3, **body}
+        answer = httpx.post(server.url + path, json=body, headers=server.headers, timeout=60).json()
+        got.add(answer["system_fingerprint"])
+        for options, where in (({}, "finish"), ({"stream_options": {"include_usage": True}}, "usage")):
+            r = httpx.post(server.url + path, json={**body, "stream": True, **options}, headers=server.headers,
+                           timeout=60)
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            stamped = [c for c in chunks if "system_fingerprint" in c]
+            if where == "usage":
+                assert stamped == [chunks[-1]] and chunks[-1]["choices"] == [], chunks
+            else:
+                assert stamped == [c for c in chunks if c["choices"][0]["finish_reason"] is not None] == [chunks[-1]]
+            got |= {c["system_fingerprint"] for c in stamped}
+    [fingerprint] = got
+    assert re.fullmatch(r"pagedllm-[0-9.]+-[0-9a-f]{8}", fingerprint), fingerprint

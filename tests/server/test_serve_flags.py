@@ -26,7 +26,8 @@ def flagged(tiny_model_dirs, tmp_path_factory):
                           "--response-role", "narrator", "--default-chat-template-kwargs", '{"note": "default"}',
                           "--exclude-tools-when-tool-choice-none", "--enable-prompt-tokens-details",
                           "--enable-force-include-usage", "--disable-fastapi-docs", "--enable-request-id-headers",
-                          "--override-generation-config", '{"max_new_tokens": 8}')
+                          "--override-generation-config", '{"max_new_tokens": 8}',
+                          "--fingerprint-mode", "custom", "--fingerprint-value", "fp-42")
     with serving({"flags": server}):
         yield server
 
@@ -112,6 +113,22 @@ def test_override_generation_configs_max_new_tokens_caps_max_tokens(flagged, ser
         body = {**body, "max_tokens": 12, "ignore_eos": True}
         assert _post(flagged, path, body).json()["usage"]["completion_tokens"] == 8
         assert _post(server, path, body).json()["usage"]["completion_tokens"] == 12   # no override: no cap
+
+
+def test_fingerprint_mode_names_the_answers_fingerprint(flagged):
+    """vLLM's --fingerprint-mode custom with --fingerprint-value: the answers' system_fingerprint is that value;
+    none: no fingerprint; hash: full's without the parallelism (the flags were unknown: the server did not start)."""
+    from pagedllm.config import EngineConfig
+    from pagedllm.server.serving import system_fingerprint
+    for path, body in (("/v1/completions", {"prompt": "Once upon a time"}), ("/v1/chat/completions",
+                                                                             {"messages": MESSAGES})):
+        assert _post(flagged, path, {**body, "max_tokens": 2}).json()["system_fingerprint"] == "fp-42"
+    config = EngineConfig(tensor_parallel_size=2)
+    assert system_fingerprint(config, "none") is None and system_fingerprint(config, "custom", "v") == "v"
+    full, hashed = system_fingerprint(config, "full"), system_fingerprint(config, "hash")
+    version, digest = hashed.rsplit("-", 1)
+    assert full == f"{version}-tp2-{digest}"
+    assert system_fingerprint(EngineConfig(seed=1)) != system_fingerprint(EngineConfig(seed=2))
 
 
 def test_reserved_default_chat_template_kwargs_fail_at_start_up():
