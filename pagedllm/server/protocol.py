@@ -262,6 +262,8 @@ class _SamplingRequest(_Request):
         """The fields the client set, over `defaults` (the generation config's), over SamplingParams' own;
         invalid values raise ValueError naming the field."""
         given = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
+        if self.logit_bias:   # vLLM's server clamps each bias into [-100, 100] (SamplingParams.from_optional)
+            given["logit_bias"] = {k: min(100.0, max(-100.0, v)) for k, v in self.logit_bias.items()}
         constraint, _ = structured_outputs(self)
         named = self.logprob_token_ids or None   # vLLM's: [] names none; ids replace the top-N
         return SamplingParams(**{**(defaults or {}), **given, "n": self.n, "max_tokens": max_tokens,

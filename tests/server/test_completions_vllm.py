@@ -132,3 +132,17 @@ def test_answers_carry_the_system_fingerprint(server):
             got |= {c["system_fingerprint"] for c in stamped}
     [fingerprint] = got
     assert re.fullmatch(r"pagedllm-[0-9.]+-[0-9a-f]{8}", fingerprint), fingerprint
+
+
+def test_logit_bias_beyond_100_is_clamped(server):
+    """vLLM's server clamps each bias into [-100, 100] (SamplingParams.from_optional), so -1e9, a common way to
+    ban a token, is -100, and 1e9 is 100: the same answer (it was a 400). Chat alike."""
+    body = {"max_tokens": 4, "temperature": 0, "return_token_ids": True}
+    for far, edge in ((1e9, 100), (-1e9, -100)):
+        got = _ok(server, {**body, "logit_bias": {"300": far}})["choices"][0]["token_ids"]
+        assert got == _ok(server, {**body, "logit_bias": {"300": edge}})["choices"][0]["token_ids"]
+        assert (set(got) == {300}) == (far > 0)
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+            "temperature": 0, "logit_bias": {"300": 1e9}, "return_token_ids": True}
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat, headers=server.headers, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == [300] * 3, r.text
