@@ -196,9 +196,10 @@ def _tokenizer_routes(ctx: ServingContext, dependencies: list) -> APIRouter:
                (await render_chat(ctx, req))[1])
         # JSONResponse: json.dumps in C; FastAPI's encoding of a returned dict walks the ids in Python (0.6 s
         # on the loop for 500k ids)
-        answer = {"tokens": ids, "count": len(ids), "max_model_len": ctx.engine.max_model_len}
-        if req.return_token_strs:   # vLLM's: the vocabulary's strings (convert_ids_to_tokens), not decoded text
-            answer["token_strs"] = await ctx.off_loop(ctx.tokenizer.convert_ids_to_tokens, ids)
+        # vLLM's: the vocabulary's strings (convert_ids_to_tokens), not decoded text; the key is always there,
+        # null unless asked (vLLM's TokenizeResponse dumps its None)
+        strs = await ctx.off_loop(ctx.tokenizer.convert_ids_to_tokens, ids) if req.return_token_strs else None
+        answer = {"count": len(ids), "max_model_len": ctx.engine.max_model_len, "tokens": ids, "token_strs": strs}
         return JSONResponse(answer)
 
     @router.post("/detokenize")
