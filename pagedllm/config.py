@@ -378,6 +378,10 @@ class ServerConfig:
     enable_force_include_usage: bool = _f(False, "streamed chat and completions answers end with a usage chunk, "
                                                  "and every chunk carries its choice's usage so far, whatever "
                                                  "stream_options says (vLLM's)")
+    enable_tokenizer_info_endpoint: bool = _f(False, "serve GET /tokenizer_info: the tokenizer's configuration "
+                                                     "(tokenizer_config.json's keys, less its file paths) and the "
+                                                     "--chat-template (vLLM's flag; it shows the template to "
+                                                     "clients)")
     fingerprint_mode: str = _f("full", "the system_fingerprint of chat and completions answers (vLLM's flag): full "
                                        "= pagedllm-<version>[-tp<N>]-<8 hex of the engine config's hash>, hash = "
                                        "without the tp part, custom = --fingerprint-value, none = no fingerprint",

@@ -154,7 +154,7 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
         req = validated(ChatCompletionRequest if kind == "messages" else CompletionRequest, body)
         return await (create_chat_completion if kind == "messages" else create_completion)(ctx, req, raw_request)
     app.include_router(lora_routes(ctx.loras, keyed))
-    app.include_router(_tokenizer_routes(ctx, keyed))
+    app.include_router(_tokenizer_routes(ctx, keyed, config.enable_tokenizer_info_endpoint))
 
     @app.get("/health")
     @app.get("/ping")    # SageMaker's name for it (vLLM's), GET or POST
@@ -183,9 +183,15 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
     return app
 
 
-def _tokenizer_routes(ctx: ServingContext, dependencies: list) -> APIRouter:
-    """/tokenize and /detokenize: the tokenizer runs on its thread (a long text takes seconds)."""
+def _tokenizer_routes(ctx: ServingContext, dependencies: list, tokenizer_info: bool = False) -> APIRouter:
+    """/tokenize and /detokenize: the tokenizer runs on its thread (a long text takes seconds); /tokenizer_info
+    with --enable-tokenizer-info-endpoint (vLLM's: without it the route does not exist, a 404)."""
     router = APIRouter(dependencies=dependencies)
+
+    if tokenizer_info:
+        @router.get("/tokenizer_info")
+        async def get_tokenizer_info():
+            return JSONResponse(tokenizer_config(ctx.tokenizer, ctx.chat_template))
 
     @router.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
@@ -211,6 +217,28 @@ def _tokenizer_routes(ctx: ServingContext, dependencies: list) -> APIRouter:
             raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[:5]}", "tokens", "invalid_value")
         return {"prompt": await ctx.off_loop(ctx.tokenizer.decode, req.tokens)}
     return router
+
+
+def tokenizer_config(tokenizer, chat_template: str | None) -> dict:
+    """vLLM's /tokenizer_info: the tokenizer's init kwargs (tokenizer_config.json's keys) less the vocab and
+    merges file paths, special tokens (AddedToken) as their text, tokenizer_class, and the --chat-template's
+    text when one was given. tokenizer_class is the tokenizer's own class (vLLM's name has its cache
+    wrapper's "Cached" prefix, which no tokenizer loads by)."""
+    def plain(value):
+        if hasattr(value, "content"):
+            return value.content
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    config = {k: v for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()
+              if k not in ("vocab_file", "merges_file")}
+    config = plain(config)
+    config["tokenizer_class"] = type(tokenizer).__name__
+    if chat_template:
+        config["chat_template"] = chat_template
+    return config
 
 
 def _add_middleware(app: FastAPI, config: ServerConfig, authorized=None):
@@ -250,7 +278,7 @@ def _key_matches(expected: list[bytes], authorization: str, x_api_key: str) -> b
 
 
 # The routes outside /v1/ that build_app guards with the key (`dependencies=keyed`)
-_KEYED_PATHS = ("/tokenize", "/detokenize", "/invocations", "/generative_scoring")
+_KEYED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info", "/invocations", "/generative_scoring")
 
 
 def _authorized(api_keys: list[str]):

@@ -189,3 +189,24 @@ def test_generative_scoring_requests_of_one_request_id_run_side_by_side():
     assert aborted == []
     assert first.status_code == second.status_code == 200, (first.text, second.text)
     assert first.json()["id"] == second.json()["id"] == "generative-scoring-same"
+
+
+def test_tokenizer_info_only_with_its_flag():
+    """vLLM's --enable-tokenizer-info-endpoint: GET /tokenizer_info answers the tokenizer's config (no file paths,
+    special tokens as text, tokenizer_class, the --chat-template); without the flag the route is a 404, and with
+    an API key it needs the key, as /tokenize does."""
+    engine = FakeEngine()
+    ctx = ServingContext(engine, "m", "{{ messages }}")
+    with TestClient(build_app(ctx, None, ServerConfig(), [])) as c:
+        assert c.get("/tokenizer_info").status_code == 404
+    with TestClient(build_app(ctx, None, ServerConfig(enable_tokenizer_info_endpoint=True), ["k"])) as c:
+        assert c.get("/tokenizer_info").status_code == 401
+        r = c.get("/tokenizer_info", headers={"Authorization": "Bearer k"})
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["tokenizer_class"] == type(engine.tokenizer).__name__
+    assert info["chat_template"] == "{{ messages }}"
+    assert "vocab_file" not in info and "merges_file" not in info
+    for name in ("bos_token", "eos_token"):
+        if name in engine.tokenizer.init_kwargs:
+            assert info[name] == str(engine.tokenizer.init_kwargs[name])
