@@ -444,10 +444,18 @@ class _ChatTemplateOptions(_Request):
     add_special_tokens: bool = False          # on top of those the template writes (vLLM's default: none)
     documents: list[dict[str, Any]] | None = None   # for RAG templates: the template's `documents`
     chat_template: str | None = None          # the request's own template (--trust-request-chat-template)
+    # vLLM's multimodal fields: taken only empty (unsupported), as no model here takes images or audio
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
 
     def template_kwargs(self) -> dict[str, Any] | None:
         """The template's extra variables."""
         return self.chat_template_kwargs
+
+    def unsupported(self) -> list[tuple[str, bool, str]]:
+        multimodal = "multimodal inputs are not built: pagedllm serves text-only models"
+        return [*super().unsupported(), ("media_io_kwargs", not self.media_io_kwargs, multimodal),
+                ("mm_processor_kwargs", not self.mm_processor_kwargs, multimodal)]
 
 
 class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
@@ -565,7 +573,7 @@ class TokenizeRequest(_ChatTemplateOptions):
     def _chat_options_need_messages(self):
         if self.prompt is not None:
             for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents",
-                         "chat_template", "tools"):
+                         "chat_template", "tools", "media_io_kwargs", "mm_processor_kwargs"):
                 if name in self.model_fields_set:
                     raise APIError(400, f"{name} applies to messages, not to a prompt", name, "invalid_value")
         if self.add_special_tokens is None:

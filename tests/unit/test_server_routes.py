@@ -210,3 +210,25 @@ def test_tokenizer_info_only_with_its_flag():
     for name in ("bos_token", "eos_token"):
         if name in engine.tokenizer.init_kwargs:
             assert info[name] == str(engine.tokenizer.init_kwargs[name])
+
+
+def test_tokenize_and_chat_take_vllms_multimodal_fields_empty():
+    """vLLM's chat requests (/tokenize's messages form, chat completions) have media_io_kwargs and
+    mm_processor_kwargs: null or empty is taken (a text-only model has nothing for them), anything else is a 400
+    naming what is not built, not 'Unrecognized request argument'."""
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    client = TestClient(build_app(ServingContext(FakeEngine(), "m", template), None, ServerConfig(), []))
+    messages = [{"role": "user", "content": "hi"}]
+    plain = client.post("/tokenize", json={"messages": messages})
+    assert plain.status_code == 200, plain.text
+    for name in ("media_io_kwargs", "mm_processor_kwargs"):
+        for empty in (None, {}):
+            r = client.post("/tokenize", json={"messages": messages, name: empty})
+            assert r.status_code == plain.status_code and r.json() == plain.json(), r.text
+        r = client.post("/tokenize", json={"messages": messages, name: {"image": {"x": 1}}})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == name and error["code"] == "unsupported_parameter", error
+        assert "multimodal" in error["message"], error
+        r = client.post("/v1/chat/completions", json={"model": "m", "messages": messages, name: {"image": {"x": 1}}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
