@@ -147,8 +147,9 @@ VLLM_FLAGS = (
              "form matters only to KV events' readers, not built); xxhash is not built", _is("sha256", "sha256_cbor")),
     VllmFlag("max-parallel-loading-workers", "each rank reads the checkpoint a tensor at a time, so loading never "
              "holds a whole copy in CPU memory for this bound to limit", _any),
-    VllmFlag("enable-server-load-tracking", "the /load endpoint is not built: /metrics has "
-             "pagedllm:num_requests_running and pagedllm:num_requests_waiting", _is(False), boolean=True),
+    VllmFlag("enable-server-load-tracking", "/load's count of requests in flight is not tracked (/load answers "
+             "0, as vLLM's without the flag): /metrics has pagedllm:num_requests_running and "
+             "pagedllm:num_requests_waiting", _is(False), boolean=True),
     VllmFlag("performance-mode", "pagedllm picks its own CUDA graph sizes and step defaults (balanced, vLLM's "
              "default, is taken): set --max-num-seqs and --max-num-batched-tokens for more throughput",
              _is("balanced")),

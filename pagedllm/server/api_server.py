@@ -165,6 +165,13 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
             return error_response(503, reason, None, "engine_dead" if ctx.engine.dead else "engine_unresponsive")
         return Response(status_code=200)
 
+    @app.get("/load")
+    async def server_load():
+        # vLLM's: its count of requests in flight with --enable-server-load-tracking, else always 0 (its default);
+        # that flag is refused here (vllm_flags.py), so 0 is vLLM's answer. /metrics has the running and waiting
+        # requests.
+        return {"server_load": 0}
+
     @app.get("/version")
     async def version():
         return {"version": pagedllm.__version__}

@@ -306,7 +306,7 @@ def test_rare_vllm_flags_are_answered(serve_args, capsys):
                "--no-enable-server-load-tracking", "--performance-mode", "balanced")
     for flags, words in [(["--prefix-caching-hash-algo", "xxhash"], "--prefix-caching-hash-algo xxhash: block "
                                                                     "hashes are sha256 here"),
-                         (["--enable-server-load-tracking"], "--enable-server-load-tracking: the /load endpoint"),
+                         (["--enable-server-load-tracking"], "--enable-server-load-tracking: /load's count"),
                          (["--performance-mode", "throughput"], "--performance-mode throughput: pagedllm picks"),
                          (["--pooler-config", "{}"], "--pooler-config {}: pagedllm runs generative models only")]:
         assert main(["serve", DEMO_MODEL, "--device", "cpu", *flags]) == 2

@@ -232,3 +232,11 @@ def test_tokenize_and_chat_take_vllms_multimodal_fields_empty():
         assert "multimodal" in error["message"], error
         r = client.post("/v1/chat/completions", json={"model": "m", "messages": messages, name: {"image": {"x": 1}}})
         assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+
+
+def test_load_answers_vllms_untracked_zero(client):
+    """vLLM's GET /load without --enable-server-load-tracking (its default; the flag is refused here): always
+    {"server_load": 0}. It was a 404."""
+    r = client.get("/load")
+    assert r.status_code == 200 and r.json() == {"server_load": 0}, r.text
+    assert client.post("/load").status_code == 405
