@@ -137,7 +137,12 @@ def install_error_handlers(app: FastAPI):
     async def _http_error(request: Request, e: HTTPException):
         """Starlette's and FastAPI's own: unknown route, wrong method, a body that does not parse."""
         code = _HTTP_CODES.get(e.status_code, "invalid_json" if e.status_code == 400 else None)
-        return _shaped(request, e.status_code, _http_error_message(e), None, code, headers=e.headers)
+        path = request.scope.get("path", "")
+        path = path.removeprefix(request.scope.get("root_path", "")) or path
+        message = _http_error_message(e)
+        if e.status_code == 404 and path in VLLM_ROUTES_NOT_BUILT:
+            message = f"{path} is vLLM's, not built here: {VLLM_ROUTES_NOT_BUILT[path]}"
+        return _shaped(request, e.status_code, message, None, code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
@@ -177,6 +182,35 @@ def _union_error(errors: list[dict]) -> tuple[list[str], str]:
     forms = dict.fromkeys(forms[-1] for _, _, forms in union if forms)
     value = type(errors[0].get("input")).__name__
     return field, f"must be {' or '.join(forms)}; got {_JSON_TYPES.get(value, value)}"
+
+
+_DEV = "vLLM serves it with VLLM_SERVER_DEV_MODE=1 only; "
+_SLEEP = "sleep mode (--enable-sleep-mode) is not built: the weights and the KV cache stay on the device"
+_WEIGHTS = "weight transfer (weights updated in place, for RL training) is not built: start a server on the " \
+           "updated checkpoint"
+_PAUSE = "pausing the engine is not built: stop sending requests, and watch pagedllm:num_requests_running in /metrics"
+# vLLM 0.26's routes that pagedllm does not serve -> why, and what instead: a 404 that names it (not "no such route")
+VLLM_ROUTES_NOT_BUILT = {
+    "/server_info": _DEV + "vLLM's config objects are not built here: /v1/models has the model and its "
+                           "max_model_len, /version the version",
+    "/reset_prefix_cache": _DEV + "resetting the prefix cache from the API is not built here (LLM."
+                                  "reset_prefix_cache() offline); restart the server to empty it",
+    "/reset_mm_cache": _DEV + "no multimodal model is built here, so there is no such cache",
+    "/reset_encoder_cache": _DEV + "no encoder model is built here, so there is no such cache",
+    "/collective_rpc": _DEV + "calls on every worker are not built here",
+    "/sleep": _DEV + _SLEEP, "/wake_up": _DEV + _SLEEP,
+    "/is_sleeping": _DEV + _SLEEP + " (the server never sleeps)",
+    "/pause": _DEV + _PAUSE, "/resume": _DEV + _PAUSE, "/is_paused": _DEV + _PAUSE,
+    "/abort_requests": _DEV + "aborting requests from outside is not built: a client that closes its connection "
+                              "aborts its request",
+    "/get_world_size": _DEV + "the world size is --tensor-parallel-size",
+    **dict.fromkeys(("/init_weight_transfer_engine", "/start_weight_update", "/start_draft_weight_update",
+                     "/update_weights", "/finish_weight_update"), _DEV + _WEIGHTS),
+    "/start_profile": "vLLM's built-in torch profiler (--profiler-config) is not built here",
+    "/stop_profile": "vLLM's built-in torch profiler (--profiler-config) is not built here",
+    "/scale_elastic_ep": "elastic expert parallelism is not built: no mixture-of-experts model is built here",
+    "/is_scaling_elastic_ep": "elastic expert parallelism is not built: no mixture-of-experts model is built here",
+}
 
 
 def _http_error_message(e: HTTPException) -> str:

@@ -240,3 +240,18 @@ def test_load_answers_vllms_untracked_zero(client):
     r = client.get("/load")
     assert r.status_code == 200 and r.json() == {"server_load": 0}, r.text
     assert client.post("/load").status_code == 405
+
+
+def test_vllms_routes_not_built_are_404s_naming_why(client):
+    """vLLM 0.26's development routes (VLLM_SERVER_DEV_MODE=1: /server_info, /reset_prefix_cache, /is_sleeping,
+    ...) and its other routes not built: a 404 saying so and why, not the plain 'no such route'."""
+    for method, path, words in [("GET", "/server_info", "VLLM_SERVER_DEV_MODE"),
+                                ("POST", "/reset_prefix_cache", "prefix cache"),
+                                ("GET", "/is_sleeping", "sleep mode"), ("POST", "/sleep", "sleep mode"),
+                                ("POST", "/start_profile", "profiler")]:
+        r = client.request(method, path)
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert error["message"].startswith(f"{path} is vLLM's, not built here") and words in error["message"], error
+    r = client.get("/no_such_thing")
+    assert r.status_code == 404 and "no such route" in r.json()["error"]["message"], r.text
