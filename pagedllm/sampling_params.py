@@ -92,6 +92,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        for name in ("logprobs", "prompt_logprobs"):   # vLLM's: True asks for one (the sampled token's and top 1)
+            if getattr(self, name) is True:
+                setattr(self, name, 1)
         if is_int(self.seed) and self.seed == -1:   # vLLM's "no seed": a fixed seed here would repeat outputs
             self.seed = None
         if self.logit_bias is not None:

@@ -35,7 +35,7 @@ INVALID = [
     (dict(stop_token_ids=[True]), "stop_token_ids", "a list of non-negative token ids"),
     (dict(max_tokens=True), "max_tokens", "an integer >= 1 or None"),
     (dict(min_tokens=True), "min_tokens", "an integer >= 0"),
-    (dict(logprobs=True), "logprobs", "None, -1 (the vocabulary) or an integer >= 0"),
+    (dict(logprobs=False), "logprobs", "None, -1 (the vocabulary) or an integer >= 0"),
     (dict(ignore_eos="no"), "ignore_eos", "True or False"),
     (dict(detokenize=1), "detokenize", "True or False"),
     # Beyond torch.Generator.manual_seed's range the engine core died ("Overflow when unpacking long long").
@@ -174,3 +174,9 @@ def test_vllms_extra_fields_from_optional_and_clone():
     q = p.clone()
     q.stop.append("y")
     assert q is not p and p.stop == ["x"]
+
+
+def test_logprobs_true_is_one_as_vllms():
+    """vLLM's __post_init__ takes logprobs / prompt_logprobs True as 1; it was a ValueError here."""
+    p = SamplingParams(logprobs=True, prompt_logprobs=True)
+    assert (p.logprobs, p.prompt_logprobs) == (1, 1) and type(p.logprobs) is int
