@@ -95,6 +95,8 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):   # vLLM's: True asks for one (the sampled token's and top 1)
             if getattr(self, name) is True:
                 setattr(self, name, 1)
+        if is_int(self.thinking_token_budget) and self.thinking_token_budget == -1:   # vLLM's: -1 is unlimited
+            self.thinking_token_budget = None
         if is_int(self.seed) and self.seed == -1:   # vLLM's "no seed": a fixed seed here would repeat outputs
             self.seed = None
         if self.logit_bias is not None:
@@ -167,9 +169,12 @@ class SamplingParams:
                  self.extra_args)
         _require(self.truncation_side in ("left", "right"), "truncation_side", "left or right",
                  self.truncation_side)
-        for name in ("reasoning_end_token_id", "reasoning_start_token_id", "thinking_token_budget"):
+        for name in ("reasoning_end_token_id", "reasoning_start_token_id"):
             v = getattr(self, name)
             _require(v is None or (is_int(v) and v >= 0), name, "None or an integer >= 0", v)
+        v = self.thinking_token_budget
+        _require(v is None or (is_int(v) and v >= 0), "thinking_token_budget",
+                 "None, -1 (unlimited) or an integer >= 0", v)
         _require(self.thinking_token_budget is None or self.reasoning_end_token_id is not None,
                  "thinking_token_budget", "set with reasoning_end_token_id (the token it forces)",
                  self.thinking_token_budget)

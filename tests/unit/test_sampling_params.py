@@ -68,6 +68,8 @@ INVALID = [
     (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
     (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
     (dict(truncation_side="middle"), "truncation_side", "left or right"),
+    (dict(thinking_token_budget=-2), "thinking_token_budget", "None, -1 (unlimited) or an integer >= 0"),
+    (dict(thinking_token_budget=1.5), "thinking_token_budget", "None, -1 (unlimited) or an integer >= 0"),
     (dict(logprob_token_ids=[1, -2]), "logprob_token_ids", "None or a list of non-negative token ids"),
     (dict(logprob_token_ids=5), "logprob_token_ids", "None or a list of non-negative token ids"),
     (dict(logprob_token_ids=list(range(129))), "logprob_token_ids", "at most 128 ids"),
@@ -180,3 +182,9 @@ def test_logprobs_true_is_one_as_vllms():
     """vLLM's __post_init__ takes logprobs / prompt_logprobs True as 1; it was a ValueError here."""
     p = SamplingParams(logprobs=True, prompt_logprobs=True)
     assert (p.logprobs, p.prompt_logprobs) == (1, 1) and type(p.logprobs) is int
+
+
+def test_thinking_token_budget_minus_one_is_unlimited_as_vllms():
+    """vLLM's validate_thinking_token_budget takes -1 as no budget (None); it was a ValueError here."""
+    assert SamplingParams(thinking_token_budget=-1).thinking_token_budget is None
+    assert SamplingParams(thinking_token_budget=0, reasoning_end_token_id=3).thinking_token_budget == 0
