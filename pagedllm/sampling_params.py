@@ -16,6 +16,7 @@ SEED_MIN, SEED_END = -2**63, 2**64
 MAX_LOGPROB_TOKEN_IDS = 128   # vLLM's bound on logprob_token_ids
 
 logger = logging.getLogger("pagedllm")
+_BIAS = "a map of token ids to finite biases (or -inf)"
 _DEFAULT_WHEN_NONE = ("n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p")
 
 
@@ -185,9 +186,10 @@ class SamplingParams:
             _require(_finite(v) and -2.0 <= v <= 2.0, name, "in [-2, 2]", v)
         _require(_finite(self.repetition_penalty) and self.repetition_penalty > 0.0, "repetition_penalty",
                  "a finite number > 0", self.repetition_penalty)
-        _require(self.logit_bias is None or all(_finite(b) and -100.0 <= b <= 100.0
-                                                for b in self.logit_bias.values()),
-                 "logit_bias", "a map of token ids to biases in [-100, 100]", self.logit_bias)
+        # vLLM's SamplingParams adds each bias as given (from_optional, the server's path, clamps it into
+        # [-100, 100]): -1e9 or -inf bans a token. +inf and NaN would make every probability NaN.
+        _require(self.logit_bias is None or all(_finite(b) or b == -math.inf for b in self.logit_bias.values()),
+                 "logit_bias", _BIAS, self.logit_bias)
         _require(self.allowed_token_ids is None or (self.allowed_token_ids and all(
             is_int(t) and t >= 0 for t in self.allowed_token_ids)), "allowed_token_ids",
                  "None or a non-empty list of non-negative token ids", self.allowed_token_ids)
@@ -197,7 +199,12 @@ class SamplingParams:
     @classmethod
     def from_optional(cls, **fields) -> "SamplingParams":
         """vLLM's: None for n, a penalty, temperature or top_p means its default (a request's JSON null); other
-        fields are taken as given (max_tokens=None: up to max_model_len)."""
+        fields are taken as given (max_tokens=None: up to max_model_len). Each logit_bias value is clamped into
+        [-100, 100], as vLLM's is (its keys may be JSON's strings)."""
+        bias = fields.get("logit_bias")
+        if isinstance(bias, dict):
+            fields["logit_bias"] = {k: min(100.0, max(-100.0, v)) if _finite(v) or v == -math.inf else v
+                                    for k, v in bias.items()}
         return cls(**{k: v for k, v in fields.items() if v is not None or k not in _DEFAULT_WHEN_NONE})
 
     def clone(self) -> "SamplingParams":
@@ -262,7 +269,7 @@ def _finite(v) -> bool:
 
 def _int_keys(bias) -> dict:
     """OpenAI's logit_bias arrives as JSON, so with str keys ("50256"): both forms become int token ids."""
-    _require(isinstance(bias, dict), "logit_bias", "a map of token ids to biases in [-100, 100]", bias)
+    _require(isinstance(bias, dict), "logit_bias", _BIAS, bias)
     out = {}
     for k, v in bias.items():
         try:

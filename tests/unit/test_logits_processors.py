@@ -204,3 +204,16 @@ def test_penalty_table_reuses_freed_slots_with_fresh_state():
     assert again == slots[2]
     assert table.output_counts[again].sum() == 0 and table.prompt_mask[again].nonzero().flatten().tolist() == [33]
     assert table.output_counts[slots[4], 9] == 1 and table.prompt_mask[slots[4], 4]
+
+
+def test_a_bias_beyond_100_or_minus_inf_bans_the_token_as_vllms():
+    """vLLM's SamplingParams adds a bias as given: -1e9 or -inf bans a token, greedy and sampled alike."""
+    logits = random_logits(3, seed=11)
+    top = logits.argmax(dim=-1).tolist()
+    params = [SamplingParams(temperature=0.0, logit_bias={top[0]: -1e9}),
+              SamplingParams(temperature=0.0, logit_bias={top[1]: float("-inf")}),
+              SamplingParams(temperature=1.0, seed=3, logit_bias={t: float("-inf") for t in range(V) if t != 5})]
+    procs = build_logits_processors(params, None, [None] * 3, None, "cpu")
+    meta = SamplingMetadata.build(params, [None, None, 3], [[], [], []], "cpu", procs)
+    sampled = Sampler()(logits, meta, generator=torch.Generator().manual_seed(0)).sampled_token_ids.tolist()
+    assert sampled == [logits[0].topk(2).indices[1].item(), logits[1].topk(2).indices[1].item(), 5]

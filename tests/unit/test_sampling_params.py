@@ -54,11 +54,12 @@ INVALID = [
     (dict(frequency_penalty=float("-inf")), "frequency_penalty", "in [-2, 2]"),
     (dict(repetition_penalty=0), "repetition_penalty", "a finite number > 0"),
     (dict(repetition_penalty=float("inf")), "repetition_penalty", "a finite number > 0"),
-    (dict(logit_bias={5: 101}), "logit_bias", "a map of token ids to biases in [-100, 100]"),
-    (dict(logit_bias={5: float("nan")}), "logit_bias", "a map of token ids to biases in [-100, 100]"),
+    (dict(logit_bias={5: float("inf")}), "logit_bias", "a map of token ids to finite biases (or -inf)"),
+    (dict(logit_bias={5: float("nan")}), "logit_bias", "a map of token ids to finite biases (or -inf)"),
+    (dict(logit_bias={5: "1"}), "logit_bias", "a map of token ids to finite biases (or -inf)"),
     (dict(logit_bias={"abc": 1}), "logit_bias", "keyed by non-negative token ids"),
     (dict(logit_bias={-3: 1}), "logit_bias", "keyed by non-negative token ids"),
-    (dict(logit_bias=[1, 2]), "logit_bias", "a map of token ids to biases in [-100, 100]"),
+    (dict(logit_bias=[1, 2]), "logit_bias", "a map of token ids to finite biases (or -inf)"),
     (dict(allowed_token_ids=[]), "allowed_token_ids", "None or a non-empty list of non-negative token ids"),
     (dict(allowed_token_ids=[1, -1]), "allowed_token_ids", "None or a non-empty list of non-negative token ids"),
     (dict(bad_words=["ok", " "]), "bad_words", "a list of non-blank strings"),
@@ -188,3 +189,11 @@ def test_thinking_token_budget_minus_one_is_unlimited_as_vllms():
     """vLLM's validate_thinking_token_budget takes -1 as no budget (None); it was a ValueError here."""
     assert SamplingParams(thinking_token_budget=-1).thinking_token_budget is None
     assert SamplingParams(thinking_token_budget=0, reasoning_end_token_id=3).thinking_token_budget == 0
+
+
+def test_logit_bias_is_taken_as_given_and_clamped_by_from_optional_as_vllms():
+    """vLLM's SamplingParams adds each bias as given (-1e9 or -inf bans a token); its from_optional clamps each
+    into [-100, 100]. A bias beyond 100 was a ValueError here, and from_optional did not clamp."""
+    assert SamplingParams(logit_bias={5: -1e9, 6: 250, 7: float("-inf")}).logit_bias == {5: -1e9, 6: 250,
+                                                                                         7: float("-inf")}
+    assert SamplingParams.from_optional(logit_bias={"5": -1e9, 6: 250, 7: 3}).logit_bias == {5: -100, 6: 100, 7: 3}
