@@ -75,6 +75,7 @@ class SamplingParams:
     repetition_detection: RepetitionDetectionParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict | None = None   # vLLM's: for the caller's own code (plugins); nothing here reads it
+    skip_clone: bool = False         # vLLM's: clone() makes a shallow copy (the caller vouches it is not shared)
     # Filled by the engine from the tokenizer / generation config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)   # the ids that end the request
     # What min_tokens bans: the stop ids and the EOS ids, also with ignore_eos (vLLM's: ignore_eos only keeps
@@ -159,7 +160,7 @@ class SamplingParams:
             v = getattr(self, name)
             _require(v is None or (is_int(v) and v >= -1), name, "None, -1 (the vocabulary) or an integer >= 0", v)
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize",
-                     "spaces_between_special_tokens"):
+                     "spaces_between_special_tokens", "skip_clone"):
             _require(isinstance(getattr(self, name), bool), name, "True or False", getattr(self, name))
         t = self.truncate_prompt_tokens
         _require(t is None or (is_int(t) and (t >= 1 or t == -1)), "truncate_prompt_tokens",
@@ -208,8 +209,9 @@ class SamplingParams:
         return cls(**{k: v for k, v in fields.items() if v is not None or k not in _DEFAULT_WHEN_NONE})
 
     def clone(self) -> "SamplingParams":
-        """vLLM's: a deep copy, to change for one request without touching the others'."""
-        return copy.deepcopy(self)
+        """vLLM's: a deep copy, to change for one request without touching the others' (with skip_clone, a
+        shallow one)."""
+        return copy.copy(self) if self.skip_clone else copy.deepcopy(self)
 
     @property
     def uses_penalties(self) -> bool:

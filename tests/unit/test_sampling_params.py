@@ -197,3 +197,12 @@ def test_logit_bias_is_taken_as_given_and_clamped_by_from_optional_as_vllms():
     assert SamplingParams(logit_bias={5: -1e9, 6: 250, 7: float("-inf")}).logit_bias == {5: -1e9, 6: 250,
                                                                                          7: float("-inf")}
     assert SamplingParams.from_optional(logit_bias={"5": -1e9, 6: 250, 7: 3}).logit_bias == {5: -100, 6: 100, 7: 3}
+
+
+def test_skip_clone_makes_clone_shallow_as_vllms():
+    """vLLM 0.26's skip_clone field (an unexpected-keyword TypeError here): clone() is then a shallow copy."""
+    p = SamplingParams(stop=["x"], skip_clone=True)
+    q = p.clone()
+    assert q is not p and q.stop is p.stop and q.skip_clone
+    assert SamplingParams(stop=["x"]).clone().stop is not p.stop and not SamplingParams().skip_clone
+    (dict(skip_clone=1), "skip_clone", "True or False"),
