@@ -1,5 +1,6 @@
 """What users get back (the shapes of vLLM's RequestOutput)."""
-from dataclasses import dataclass
+from collections.abc import MutableSequence
+from dataclasses import dataclass, field
 
 from pagedllm.lora.request import LoRARequest
 
@@ -13,6 +14,63 @@ class Logprob:
 
 # One position: token id -> Logprob, holding the sampled (or actual prompt) token and the top-N.
 PositionLogprobs = dict[int, Logprob]
+
+
+
+@dataclass
+class FlatLogprobs(MutableSequence):
+    """vLLM's: the positions' logprobs in a few flat lists (SamplingParams.flat_logprobs), read as a list of
+    positions: [i] is position i's {token id: Logprob} ({} where a list holds None, the prompt's first), a slice
+    another FlatLogprobs. Read-only but for append and extend."""
+    start_indices: list[int] = field(default_factory=list)   # position i is entries start_indices[i]:end_indices[i]
+    end_indices: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    ranks: list[int | None] = field(default_factory=list)
+    decoded_tokens: list[str | None] = field(default_factory=list)
+
+    @classmethod
+    def from_positions(cls, positions) -> "FlatLogprobs":
+        flat = cls()
+        flat.extend(positions)
+        return flat
+
+    def append(self, position: PositionLogprobs | None) -> None:
+        self.start_indices.append(len(self.logprobs))
+        for token_id, lp in (position or {}).items():
+            self.token_ids.append(token_id)
+            self.logprobs.append(lp.logprob)
+            self.ranks.append(lp.rank)
+            self.decoded_tokens.append(lp.decoded_token)
+        self.end_indices.append(len(self.logprobs))
+
+    def extend(self, positions) -> None:
+        for position in positions:
+            self.append(position)
+
+    def __len__(self) -> int:
+        return len(self.start_indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            starts, ends = self.start_indices[index], self.end_indices[index]
+            lo = starts[0] if starts else 0
+            entries = slice(lo, ends[-1] if ends else 0)
+            return FlatLogprobs([i - lo for i in starts], [i - lo for i in ends], self.token_ids[entries],
+                                self.logprobs[entries], self.ranks[entries], self.decoded_tokens[entries])
+        if not isinstance(index, int):
+            raise TypeError(f"FlatLogprobs indices must be integers or slices, not {type(index).__name__}")
+        return {self.token_ids[i]: Logprob(self.logprobs[i], self.ranks[i], self.decoded_tokens[i])
+                for i in range(self.start_indices[index], self.end_indices[index])}
+
+    def __setitem__(self, index, value):
+        raise TypeError("FlatLogprobs cannot be changed, only appended to")
+
+    def __delitem__(self, index):
+        raise TypeError("FlatLogprobs cannot be changed, only appended to")
+
+    def insert(self, index, value):
+        raise TypeError("FlatLogprobs cannot be changed, only appended to")
 
 
 @dataclass

@@ -51,6 +51,7 @@ class SamplingParams:
     # logprobs becomes their number. Their ranks are not computed (None).
     logprob_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None   # as logprobs, for each prompt token after the first
+    flat_logprobs: bool = False      # vLLM's: logprobs and prompt_logprobs come as FlatLogprobs (outputs.py)
     skip_special_tokens: bool = True
     # vLLM's; taken and not used: fast tokenizers (AutoTokenizer's choice when there is one) join special tokens
     # as their decoder does, and vLLM's fast detokenizer ignores it too
@@ -160,7 +161,7 @@ class SamplingParams:
             v = getattr(self, name)
             _require(v is None or (is_int(v) and v >= -1), name, "None, -1 (the vocabulary) or an integer >= 0", v)
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize",
-                     "spaces_between_special_tokens", "skip_clone"):
+                     "spaces_between_special_tokens", "skip_clone", "flat_logprobs"):
             _require(isinstance(getattr(self, name), bool), name, "True or False", getattr(self, name))
         t = self.truncate_prompt_tokens
         _require(t is None or (is_int(t) and (t >= 1 or t == -1)), "truncate_prompt_tokens",

@@ -13,7 +13,8 @@ from pagedllm.engine.decode_after import decode_after, partial_char_text
 from pagedllm.engine.tokenizer import raw_decoder
 from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import FinishedRequestStats, StepStats
-from pagedllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from pagedllm.outputs import (CompletionOutput, FlatLogprobs, Logprob, PositionLogprobs, RequestMetrics,
+                              RequestOutput)
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -269,9 +270,9 @@ class OutputProcessor:
                     completions.append(c)
         else:
             completions = [self._completion(s, False) for s in seqs]
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
-                             completions, finished, parent.metrics, parent.num_cached_tokens,
-                             parent.lora_request)
+        return _flattened(RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
+                                        parent.prompt_logprobs, completions, finished, parent.metrics,
+                                        parent.num_cached_tokens, parent.lora_request), parent.params)
 
     def _due(self, seq: _Sequence) -> bool:
         """Whether the sequence's new tokens go out now: always with stream_interval 1; else its first token
@@ -292,9 +293,9 @@ class OutputProcessor:
         completions = [self._completion(s, delta=False) for s in seqs]
         for i, c in enumerate(completions):
             c.index = i
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
-                             completions, True, parent.metrics, parent.num_cached_tokens,
-                             parent.lora_request)
+        return _flattened(RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
+                                        parent.prompt_logprobs, completions, True, parent.metrics,
+                                        parent.num_cached_tokens, parent.lora_request), parent.params)
 
     def _completion(self, seq: _Sequence, delta: bool) -> CompletionOutput:
         finished = seq.finish_reason is not None
@@ -305,6 +306,17 @@ class OutputProcessor:
         logprobs = seq.logprobs[start:] if seq.logprobs is not None else None
         return CompletionOutput(seq.index, text, seq.token_ids[start:], seq.cumulative_logprob, logprobs,
                                 seq.finish_reason, seq.stop_reason)
+
+
+def _flattened(out: RequestOutput, params: SamplingParams) -> RequestOutput:
+    """SamplingParams.flat_logprobs (vLLM's): the logprobs lists as FlatLogprobs."""
+    if params.flat_logprobs:
+        if out.prompt_logprobs is not None:
+            out.prompt_logprobs = FlatLogprobs.from_positions(out.prompt_logprobs)
+        for c in out.outputs:
+            if c.logprobs is not None:
+                c.logprobs = FlatLogprobs.from_positions(c.logprobs)
+    return out
 
 
 def _record_latencies(arrival_time: float, seq: _Sequence, out: EngineCoreOutput, now: float, stats: StepStats):
