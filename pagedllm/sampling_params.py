@@ -3,6 +3,7 @@ import copy
 import enum
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 from pagedllm.core.repetition import RepetitionDetectionParams
@@ -135,6 +136,9 @@ class SamplingParams:
 
     def _validate(self):
         _require(is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))   # vLLM's bound, and its variable
+        _require(self.n <= max_n, "n", f"at most {max_n} (raise the VLLM_MAX_N_SEQUENCES environment variable "
+                 "for more)", self.n)
         _require(self.best_of is None or (is_int(self.best_of) and self.best_of >= self.n), "best_of",
                  f"None or an integer >= n ({self.n})", self.best_of)
         # vLLM's bound since 0.24 (OpenAI's): a larger temperature is refused, not sampled

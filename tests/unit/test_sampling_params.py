@@ -206,3 +206,14 @@ def test_skip_clone_makes_clone_shallow_as_vllms():
     assert q is not p and q.stop is p.stop and q.skip_clone
     assert SamplingParams(stop=["x"]).clone().stop is not p.stop and not SamplingParams().skip_clone
     (dict(skip_clone=1), "skip_clone", "True or False"),
+
+
+def test_n_is_bounded_by_vllms_max_n_sequences(monkeypatch):
+    """vLLM refuses n above VLLM_MAX_N_SEQUENCES (16384 unless set); here any n was queued."""
+    with pytest.raises(ValueError, match=re.escape("SamplingParams.n must be at most 16384 (raise the "
+                                                   "VLLM_MAX_N_SEQUENCES environment variable for more), got 16385")):
+        SamplingParams(n=16385)
+    assert SamplingParams(n=16384).n == 16384
+    monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "4")
+    with pytest.raises(ValueError, match="SamplingParams.n must be at most 4 "):
+        SamplingParams(n=5)
