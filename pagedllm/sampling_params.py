@@ -21,6 +21,13 @@ _BIAS = "a map of token ids to finite biases (or -inf)"
 _DEFAULT_WHEN_NONE = ("n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p")
 
 
+class SamplingType(enum.IntEnum):
+    """vLLM's: how a request's tokens are drawn (SamplingParams.sampling_type)."""
+    GREEDY = 0
+    RANDOM = 1
+    RANDOM_SEED = 2
+
+
 class RequestOutputKind(enum.Enum):
     """vLLM's: what AsyncLLM's outputs of a request hold (LLM.generate returns the final ones whatever it is)."""
     CUMULATIVE = 0   # every step: the full text so far
@@ -230,6 +237,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        """vLLM's: greedy (temperature below 1e-5), else seeded or not."""
+        if self.greedy:
+            return SamplingType.GREEDY
+        return SamplingType.RANDOM if self.seed is None else SamplingType.RANDOM_SEED
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """vLLM's: the logprobs asked per generated token (logprob_token_ids' number when they are named), or
+        None."""
+        return self.logprobs
 
     def validate_vocab(self, vocab_size: int, max_logprobs: int):
         """Checks that need the model: token ids in the vocabulary, logprobs count within the engine's

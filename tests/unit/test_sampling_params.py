@@ -217,3 +217,14 @@ def test_n_is_bounded_by_vllms_max_n_sequences(monkeypatch):
     monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "4")
     with pytest.raises(ValueError, match="SamplingParams.n must be at most 4 "):
         SamplingParams(n=5)
+
+
+def test_sampling_type_and_num_logprobs_as_vllms():
+    """vLLM's SamplingParams.sampling_type and num_logprobs properties (AttributeErrors here)."""
+    from pagedllm.sampling_params import SamplingType
+    assert SamplingParams(temperature=0, seed=3).sampling_type is SamplingType.GREEDY
+    assert SamplingParams().sampling_type is SamplingType.RANDOM
+    assert SamplingParams(seed=3).sampling_type is SamplingType.RANDOM_SEED
+    assert SamplingParams(seed=-1).sampling_type is SamplingType.RANDOM
+    assert SamplingParams().num_logprobs is None and SamplingParams(logprobs=-1).num_logprobs == -1
+    assert SamplingParams(logprob_token_ids=[4, 9]).num_logprobs == 2
