@@ -131,14 +131,15 @@ class SamplingParams:
         ids = self.logprob_token_ids
         _require(ids is None or (isinstance(ids, (list, tuple)) and all(is_int(t) and t >= 0 for t in ids)),
                  "logprob_token_ids", "None or a list of non-negative token ids", ids)
+        # vLLM's: logprobs, when set beside them, is the number of ids as given (repeats and an empty list too)
+        _require(ids is None or self.logprobs is None or self.logprobs == len(ids), "logprobs",
+                 f"None or the number of logprob_token_ids ({len(ids or ())}) when both are set", self.logprobs)
         if not ids:   # vLLM's: an empty list asks for nothing
             self.logprob_token_ids = None
             return
-        ids = self.logprob_token_ids = list(dict.fromkeys(ids))   # each id's logprob once
         _require(len(ids) <= MAX_LOGPROB_TOKEN_IDS, "logprob_token_ids", f"at most {MAX_LOGPROB_TOKEN_IDS} ids",
                  ids)
-        _require(self.logprobs is None or self.logprobs == len(ids), "logprobs",
-                 f"None or the number of logprob_token_ids ({len(ids)}) when both are set", self.logprobs)
+        ids = self.logprob_token_ids = list(dict.fromkeys(ids))   # each id's logprob once
         self.logprobs = len(ids)
 
     def _validate(self):

@@ -149,7 +149,7 @@ def test_logprob_token_ids_set_logprobs_to_their_number_past_the_top_n_bound():
     p = SamplingParams(logprob_token_ids=[7, 3, 7, 9])
     assert p.logprob_token_ids == [7, 3, 9] and p.logprobs == 3   # each id once, in the order given
     SamplingParams(logprob_token_ids=list(range(128))).validate_vocab(vocab_size=512, max_logprobs=20)   # > 20
-    assert SamplingParams(logprob_token_ids=[], logprobs=2).logprob_token_ids is None   # vLLM's: none asked
+    assert SamplingParams(logprob_token_ids=[]).logprob_token_ids is None   # vLLM's: none asked
     assert SamplingParams(logprob_token_ids=[4, 5], logprobs=2).logprobs == 2
 
 
@@ -228,3 +228,14 @@ def test_sampling_type_and_num_logprobs_as_vllms():
     assert SamplingParams(seed=-1).sampling_type is SamplingType.RANDOM
     assert SamplingParams().num_logprobs is None and SamplingParams(logprobs=-1).num_logprobs == -1
     assert SamplingParams(logprob_token_ids=[4, 9]).num_logprobs == 2
+
+
+def test_logprobs_beside_logprob_token_ids_counts_them_as_given_as_vllms():
+    """vLLM's verify: logprobs set beside logprob_token_ids equals the list's length as given. [7, 7, 9] with
+    logprobs=3 was refused here (counted after repeats were dropped), and [] with logprobs=2 answered the top 2."""
+    p = SamplingParams(logprob_token_ids=[7, 7, 9], logprobs=3)
+    assert p.logprob_token_ids == [7, 9] and p.logprobs == 2
+    for kwargs, n in ((dict(logprob_token_ids=[], logprobs=2), 0), (dict(logprob_token_ids=[7, 7, 9], logprobs=2), 3)):
+        with pytest.raises(ValueError, match=re.escape(f"SamplingParams.logprobs must be None or the number of "
+                                                       f"logprob_token_ids ({n}) when both are set")):
+            SamplingParams(**kwargs)
