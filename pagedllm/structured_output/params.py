@@ -15,6 +15,7 @@ class StructuredOutputsParams:
     structural_tag: str | dict | None = None  # xgrammar's structural tag (JSON text or dict)
     disable_any_whitespace: bool = False      # JSON: no whitespace between tokens but single spaces
     disable_additional_properties: bool = False   # JSON schema: additionalProperties false where unset
+    whitespace_pattern: str | None = None     # vLLM's: only None (xgrammar takes no whitespace pattern)
 
     def __post_init__(self):
         given = [k for k in KINDS if getattr(self, k) not in (None, False)]
@@ -22,6 +23,10 @@ class StructuredOutputsParams:
             raise ValueError("SamplingParams.structured_outputs must set exactly one of "
                              f"{', '.join(KINDS)}; got {', '.join(given) or 'none'}")
         _check_type(self)
+        if self.whitespace_pattern is not None:
+            raise ValueError("SamplingParams.structured_outputs.whitespace_pattern must be None: xgrammar, the "
+                             "grammar engine here, takes no whitespace pattern (disable_any_whitespace allows "
+                             "single spaces only)")
 
     @property
     def kind(self) -> str:

@@ -239,3 +239,14 @@ def test_logprobs_beside_logprob_token_ids_counts_them_as_given_as_vllms():
         with pytest.raises(ValueError, match=re.escape(f"SamplingParams.logprobs must be None or the number of "
                                                        f"logprob_token_ids ({n}) when both are set")):
             SamplingParams(**kwargs)
+
+
+def test_structured_outputs_whitespace_pattern_is_a_field_refused_when_set():
+    """vLLM 0.26's StructuredOutputsParams has whitespace_pattern (an unexpected-keyword TypeError here): None is
+    taken, a pattern refused naming it (xgrammar takes none), as the server's guided_whitespace_pattern is."""
+    from pagedllm.structured_output.params import StructuredOutputsParams
+    assert StructuredOutputsParams(regex="a+", whitespace_pattern=None).whitespace_pattern is None
+    with pytest.raises(ValueError, match="structured_outputs.whitespace_pattern must be None"):
+        StructuredOutputsParams(json_object=True, whitespace_pattern=r"[ ]?")
+    with pytest.raises(ValueError, match="structured_outputs.whitespace_pattern must be None"):
+        SamplingParams(structured_outputs={"json_object": True, "whitespace_pattern": " "})
