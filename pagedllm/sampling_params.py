@@ -85,6 +85,9 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict | None = None   # vLLM's: for the caller's own code (plugins); nothing here reads it
     skip_clone: bool = False         # vLLM's: clone() makes a shallow copy (the caller vouches it is not shared)
+    # vLLM's: the request reads no cached prefix (its whole prompt is computed); None: True with prompt_logprobs,
+    # which need every prompt position (so they skip it whatever this says)
+    skip_reading_prefix_cache: bool | None = None
     # Filled by the engine from the tokenizer / generation config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)   # the ids that end the request
     # What min_tokens bans: the stop ids and the EOS ids, also with ignore_eos (vLLM's: ignore_eos only keeps
@@ -122,6 +125,8 @@ class SamplingParams:
         if self.repetition_detection is not None:
             self.repetition_detection = RepetitionDetectionParams.from_dict(self.repetition_detection)
         self._validate()
+        if self.skip_reading_prefix_cache is None:
+            self.skip_reading_prefix_cache = self.prompt_logprobs is not None
         if 0 < self.temperature < _MIN_TEMPERATURE:   # vLLM's: sampled at 0.01, not greedy
             logger.warning("temperature %s is below %s, which may give inf or NaN: it is raised to %s",
                            self.temperature, _MIN_TEMPERATURE, _MIN_TEMPERATURE)
@@ -180,6 +185,8 @@ class SamplingParams:
                  "an integer >= 1, -1 (max_model_len) or None", t)
         _require(isinstance(self.output_kind, RequestOutputKind), "output_kind",
                  "a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)", self.output_kind)
+        _require(self.skip_reading_prefix_cache is None or isinstance(self.skip_reading_prefix_cache, bool),
+                 "skip_reading_prefix_cache", "None, True or False", self.skip_reading_prefix_cache)
         _require(self.extra_args is None or isinstance(self.extra_args, dict), "extra_args", "None or a dict",
                  self.extra_args)
         _require(self.truncation_side in ("left", "right"), "truncation_side", "left or right",
@@ -229,6 +236,12 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether cached KV may stand for the prompt's leading blocks: not with skip_reading_prefix_cache, nor
+        with prompt_logprobs (they need every position computed)."""
+        return not self.skip_reading_prefix_cache and self.prompt_logprobs is None
 
     @property
     def num_sequences(self) -> int:

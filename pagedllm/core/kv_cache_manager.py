@@ -47,8 +47,8 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The longest run of leading full blocks whose hashes are cached, and the tokens they hold.
         Capped at num_tokens - 1: the last known token is always recomputed, since its logits are needed."""
-        if request.sampling_params.prompt_logprobs is not None:
-            return [], 0   # prompt logprobs need every prompt position computed
+        if not request.sampling_params.reads_prefix_cache:
+            return [], 0   # prompt logprobs need every prompt position computed; skip_reading_prefix_cache
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks = []
         for h in request.block_hashes[:max_blocks]:
@@ -61,7 +61,7 @@ class KVCacheManager:
     def record_prefix_lookup(self, request: Request, num_hit_tokens: int):
         """Counted once per admission (a request that waits is looked up again next step). As vLLM's counters:
         not a preempted request's readmission, nor one that does not read the cache (prompt logprobs)."""
-        if request.num_preemptions or request.sampling_params.prompt_logprobs is not None:
+        if request.num_preemptions or not request.sampling_params.reads_prefix_cache:
             return
         self.prefix_stats.queries += request.num_tokens
         self.prefix_stats.hits += num_hit_tokens

@@ -165,4 +165,4 @@ def _extends(child: Request, hold: KVHold) -> bool:
     """The child's tokens start with the parent's held ones (and hash alike: same salt and adapter)."""
     parent, n = hold.request, hold.num_tokens
     return (child.num_tokens > n and child.cache_salt == parent.cache_salt and child.lora_key == parent.lora_key
-            and child.sampling_params.prompt_logprobs is None and child.all_token_ids[:n] == parent.all_token_ids[:n])
+            and child.sampling_params.reads_prefix_cache and child.all_token_ids[:n] == parent.all_token_ids[:n])

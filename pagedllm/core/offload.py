@@ -184,7 +184,7 @@ class KVOffloadManager:
                 return TierHit([], 0, swap=True)
             return TierHit(slots[num_gpu_hit_tokens // self.block_size:], num_computed - num_gpu_hit_tokens,
                            swap=True)
-        if self.cpu_pool.num_blocks == 0 or req.sampling_params.prompt_logprobs is not None:
+        if self.cpu_pool.num_blocks == 0 or not req.sampling_params.reads_prefix_cache:
             return NO_HIT
         hashes = req.block_hashes[num_gpu_hit_tokens // self.block_size:(req.num_tokens - 1) // self.block_size]
         slots = []
