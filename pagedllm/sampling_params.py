@@ -84,6 +84,9 @@ class SamplingParams:
     repetition_detection: RepetitionDetectionParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict | None = None   # vLLM's: for the caller's own code (plugins); nothing here reads it
+    # vLLM's: with --enable-return-routed-experts, the prompt tokens whose expert routing is left out; that flag
+    # is refused here (no mixture-of-experts model is built), so no routing is returned to trim
+    routed_experts_prompt_start: int = 0
     skip_clone: bool = False         # vLLM's: clone() makes a shallow copy (the caller vouches it is not shared)
     # vLLM's: the request reads no cached prefix (its whole prompt is computed); None: True with prompt_logprobs,
     # which need every prompt position (so they skip it whatever this says)
@@ -185,6 +188,8 @@ class SamplingParams:
                  "an integer >= 1, -1 (max_model_len) or None", t)
         _require(isinstance(self.output_kind, RequestOutputKind), "output_kind",
                  "a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)", self.output_kind)
+        _require(is_int(self.routed_experts_prompt_start) and self.routed_experts_prompt_start >= 0,
+                 "routed_experts_prompt_start", "an integer >= 0", self.routed_experts_prompt_start)
         _require(self.skip_reading_prefix_cache is None or isinstance(self.skip_reading_prefix_cache, bool),
                  "skip_reading_prefix_cache", "None, True or False", self.skip_reading_prefix_cache)
         _require(self.extra_args is None or isinstance(self.extra_args, dict), "extra_args", "None or a dict",

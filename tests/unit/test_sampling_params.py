@@ -250,3 +250,11 @@ def test_structured_outputs_whitespace_pattern_is_a_field_refused_when_set():
         StructuredOutputsParams(json_object=True, whitespace_pattern=r"[ ]?")
     with pytest.raises(ValueError, match="structured_outputs.whitespace_pattern must be None"):
         SamplingParams(structured_outputs={"json_object": True, "whitespace_pattern": " "})
+
+
+def test_routed_experts_prompt_start_is_taken():
+    """vLLM 0.26's field (an unexpected-keyword TypeError here): it trims routing that only
+    --enable-return-routed-experts returns, a flag refused here, so it is taken and checked."""
+    assert SamplingParams(routed_experts_prompt_start=5).routed_experts_prompt_start == 5
+    with pytest.raises(ValueError, match="SamplingParams.routed_experts_prompt_start must be an integer >= 0"):
+        SamplingParams(routed_experts_prompt_start=-1)
