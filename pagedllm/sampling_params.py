@@ -130,6 +130,8 @@ class SamplingParams:
         self._validate()
         if self.skip_reading_prefix_cache is None:
             self.skip_reading_prefix_cache = self.prompt_logprobs is not None
+        # vLLM's: the stop ids are among them from the start (the engine adds the EOS ids)
+        self.all_stop_token_ids = set(self.all_stop_token_ids) | set(self.stop_token_ids)
         if 0 < self.temperature < _MIN_TEMPERATURE:   # vLLM's: sampled at 0.01, not greedy
             logger.warning("temperature %s is below %s, which may give inf or NaN: it is raised to %s",
                            self.temperature, _MIN_TEMPERATURE, _MIN_TEMPERATURE)

@@ -258,3 +258,10 @@ def test_routed_experts_prompt_start_is_taken():
     assert SamplingParams(routed_experts_prompt_start=5).routed_experts_prompt_start == 5
     with pytest.raises(ValueError, match="SamplingParams.routed_experts_prompt_start must be an integer >= 0"):
         SamplingParams(routed_experts_prompt_start=-1)
+
+
+def test_all_stop_token_ids_hold_the_stop_ids_from_the_start_as_vllms():
+    """vLLM's __post_init__ puts stop_token_ids into all_stop_token_ids (the engine adds EOS); it was empty here
+    until the engine filled it."""
+    assert SamplingParams(stop_token_ids=[5, 9]).all_stop_token_ids == {5, 9}
+    assert SamplingParams().all_stop_token_ids == set()
