@@ -21,7 +21,7 @@ from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.vllm_flags import check_vllm_kwargs
-from pagedllm.vllm_names import not_built
+from pagedllm.vllm_names import LLM_NAMES, not_built
 
 # A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
 Prompt = str | list[int] | dict
@@ -265,56 +265,6 @@ class LLM:
             raise RuntimeError(f"beam search: an engine request failed ({bad[0].finish_reason})")
         return [o.logprobs[0] for o in outs], ids
 
-    # vLLM's pooling entry points: a generative model here has none of their tasks, as under vLLM (a ValueError)
-    def encode(self, *args, **kwargs):
-        _no_pooling("encode")
-
-    def embed(self, *args, **kwargs):
-        _no_pooling("embed")
-
-    def classify(self, *args, **kwargs):
-        _no_pooling("classify")
-
-    def score(self, *args, **kwargs):
-        _no_pooling("score")
-
-    def reward(self, *args, **kwargs):
-        _no_pooling("reward")
-
-    # vLLM's other LLM methods not built here: a NotImplementedError saying why and what instead
-    def get_metrics(self):
-        raise not_built("LLM", "get_metrics")
-
-    def sleep(self, *args, **kwargs):
-        raise not_built("LLM", "sleep")
-
-    def wake_up(self, *args, **kwargs):
-        raise not_built("LLM", "wake_up")
-
-    def collective_rpc(self, *args, **kwargs):
-        raise not_built("LLM", "collective_rpc")
-
-    def start_profile(self, *args, **kwargs):
-        raise not_built("LLM", "start_profile")
-
-    def stop_profile(self, *args, **kwargs):
-        raise not_built("LLM", "stop_profile")
-
-    def init_weight_transfer_engine(self, *args, **kwargs):
-        raise not_built("LLM", "init_weight_transfer_engine")
-
-    def start_weight_update(self, *args, **kwargs):
-        raise not_built("LLM", "start_weight_update")
-
-    def start_draft_weight_update(self, *args, **kwargs):
-        raise not_built("LLM", "start_draft_weight_update")
-
-    def update_weights(self, *args, **kwargs):
-        raise not_built("LLM", "update_weights")
-
-    def finish_weight_update(self, *args, **kwargs):
-        raise not_built("LLM", "finish_weight_update")
-
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """Forget every cached prefix, in the GPU, CPU and disk tiers (False while requests hold blocks).
         vLLM's arguments: no request runs between this class's calls, so reset_running_requests (preempt the
@@ -448,9 +398,24 @@ def _without_special_tokens(prompt, tokenizer):
     return {**(prompt if isinstance(prompt, dict) else {}), "prompt": text, "prompt_token_ids": ids}
 
 
-def _no_pooling(method: str):
-    raise ValueError(f"LLM.{method}() needs a pooling model (embedding, classification, scoring, reward), which "
-                     f"pagedllm does not build: it runs generative models only (generate, chat, beam_search)")
+def _refusing(name: str, error):
+    def method(self, *args, **kwargs):
+        raise error(name)
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+def _no_pooling(name: str) -> ValueError:
+    return ValueError(f"LLM.{name}() needs a pooling model (embedding, classification, scoring, reward), which "
+                      f"pagedllm does not build: it runs generative models only (generate, chat, beam_search)")
+
+
+# vLLM's pooling entry points: a generative model here has none of their tasks, as under vLLM (a ValueError)
+for _name in ("encode", "embed", "classify", "score", "reward"):
+    setattr(LLM, _name, _refusing(_name, _no_pooling))
+# vLLM's other LLM methods not built here: a NotImplementedError saying why and what instead
+for _name in ("get_metrics", "sleep", "wake_up", "collective_rpc", "start_profile", "stop_profile", *LLM_NAMES):
+    setattr(LLM, _name, _refusing(_name, functools.partial(not_built, "LLM")))
 
 
 def _field_names(kwargs: dict) -> dict:
