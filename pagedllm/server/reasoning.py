@@ -210,26 +210,27 @@ def num_reasoning_tokens(token_ids, think_ids: tuple[int, int], thinks: bool) ->
     return ids.index(end) + 1 if end in ids else len(ids)
 
 
+def _last_tag(prompt_ids: list[int], start_id: int | None, end_id: int | None, turn_id: int | None):
+    """The last thinking tag (start_id or end_id) in the prompt's last turn (after its last turn_id), or None."""
+    for token in reversed(prompt_ids):
+        if token == turn_id:
+            return None
+        if token == start_id or token == end_id:
+            return token
+    return None
+
+
 def reasoning_ended_in(prompt_ids: list[int], start_id: int | None, end_id: int | None,
                        turn_id: int | None = None) -> bool:
     """The prompt closes its thinking block (a template with thinking off writes `<think></think>`): the last
     of the two tags in it is the end tag, within the last turn (after the last turn_id): an earlier turn's
     closed block (an assistant's reasoning sent back in a tool loop) does not close the answer's."""
-    for token in reversed(prompt_ids):
-        if token == end_id:
-            return True
-        if token == start_id or token == turn_id:
-            return False
-    return False
+    return end_id is not None and _last_tag(prompt_ids, start_id, end_id, turn_id) == end_id
 
 
 def reasoning_opened_in(prompt_ids: list[int], start_id: int | None, end_id: int | None,
                         turn_id: int | None = None) -> bool:
     """The prompt leaves a thinking block open: the last of the two tags in it is the start tag, within the last
     turn (after the last turn_id: a tag the user wrote is not the answer's)."""
-    for token in reversed(prompt_ids):
-        if token == start_id:
-            return True
-        if token == end_id or token == turn_id:
-            return False
+    return start_id is not None and _last_tag(prompt_ids, start_id, end_id, turn_id) == start_id
     return False
