@@ -40,7 +40,6 @@ class _Sequence:
     # vLLM runs each of a request's n as its own request, so its latency and length series count each sequence:
     # their times are kept here (seconds; None until known)
     queue_time: float | None = None   # arrival to first scheduled
-    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     stats_recorded: bool = False      # its FinishedRequestStats went into a StepStats
@@ -194,9 +193,8 @@ class OutputProcessor:
             if entry is not None:
                 metrics, seq = entry[0].metrics, entry[1]
                 seq.queue_time = queue_time
-                seq.first_scheduled_time = metrics.arrival_time + queue_time
                 if metrics.first_scheduled_time is None:
-                    metrics.first_scheduled_time = seq.first_scheduled_time
+                    metrics.first_scheduled_time = metrics.arrival_time + queue_time
 
     def _fail_siblings(self, parent: _ParentRequest) -> list[str]:
         for s in parent.seqs:
@@ -347,9 +345,9 @@ def _sequence_stats(parent: _ParentRequest, seq: _Sequence, now: float) -> Finis
     stats = FinishedRequestStats(seq.finish_reason, now - parent.metrics.arrival_time, len(parent.prompt_token_ids),
                                  num_tokens, max_tokens=parent.params.max_tokens,
                                  num_cached_tokens=seq.num_cached_tokens)
-    scheduled = seq.first_scheduled_time
-    if scheduled is None:   # never scheduled: every phase 0 (FinishedRequestStats)
+    if seq.queue_time is None:   # never scheduled: every phase 0 (FinishedRequestStats)
         return stats
+    scheduled = parent.metrics.arrival_time + seq.queue_time
     # no token (it failed in its prefill): its end is its first and last output, as vLLM's first output is
     first = seq.first_token_time if seq.first_token_time is not None else now
     last = seq.last_token_time if seq.last_token_time is not None else now
