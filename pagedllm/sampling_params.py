@@ -21,6 +21,12 @@ _BIAS = "a map of token ids to finite biases (or -inf)"
 _DEFAULT_WHEN_NONE = ("n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p")
 
 
+def clamped_logit_bias(bias: dict) -> dict:
+    """Each bias clamped into [-100, 100], as vLLM's server clamps them (SamplingParams.from_optional); +inf and
+    NaN are left for SamplingParams to refuse by name."""
+    return {k: min(100.0, max(-100.0, v)) if _finite(v) or v == -math.inf else v for k, v in bias.items()}
+
+
 class SamplingType(enum.IntEnum):
     """vLLM's: how a request's tokens are drawn (SamplingParams.sampling_type)."""
     GREEDY = 0
@@ -229,10 +235,8 @@ class SamplingParams:
         """vLLM's: None for n, a penalty, temperature or top_p means its default (a request's JSON null); other
         fields are taken as given (max_tokens=None: up to max_model_len). Each logit_bias value is clamped into
         [-100, 100], as vLLM's is (its keys may be JSON's strings)."""
-        bias = fields.get("logit_bias")
-        if isinstance(bias, dict):
-            fields["logit_bias"] = {k: min(100.0, max(-100.0, v)) if _finite(v) or v == -math.inf else v
-                                    for k, v in bias.items()}
+        if isinstance(fields.get("logit_bias"), dict):
+            fields["logit_bias"] = clamped_logit_bias(fields["logit_bias"])
         return cls(**{k: v for k, v in fields.items() if v is not None or k not in _DEFAULT_WHEN_NONE})
 
     def clone(self) -> "SamplingParams":

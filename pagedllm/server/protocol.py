@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, clamped_logit_bias
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.structured_fields import constraint_field, structured_outputs
 
@@ -263,7 +263,7 @@ class _SamplingRequest(_Request):
         invalid values raise ValueError naming the field."""
         given = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
         if self.logit_bias:   # vLLM's server clamps each bias into [-100, 100] (SamplingParams.from_optional)
-            given["logit_bias"] = {k: min(100.0, max(-100.0, v)) for k, v in self.logit_bias.items()}
+            given["logit_bias"] = clamped_logit_bias(self.logit_bias)
         constraint, _ = structured_outputs(self)
         named = self.logprob_token_ids or None   # vLLM's: [] names none; ids replace the top-N
         return SamplingParams(**{**(defaults or {}), **given, "n": self.n, "max_tokens": max_tokens,
