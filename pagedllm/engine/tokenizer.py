@@ -7,6 +7,8 @@ from functools import lru_cache, partial
 
 from transformers import AutoTokenizer
 
+from pagedllm.engine.hub import hub_unreachable_reason
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
@@ -18,10 +20,24 @@ def load_tokenizer(path: str, **kwargs):
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         raise ValueError(f"no tokenizer in {path!r}: expected one of {', '.join(_TOKENIZER_FILES)}; "
                          f"point --tokenizer at a directory that has one")
+    if not os.path.exists(path):   # a Hub id: downloaded while the hub answers, else only from the local cache
+        reason = hub_unreachable_reason(path, "tokenizer_config.json")
+        if reason is not None:
+            return _load_cached_tokenizer(path, reason, **kwargs)
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a tokenizer from {path!r}: {e}") from e
+
+
+def _load_cached_tokenizer(path: str, reason: str, **kwargs):
+    """A Hub id's tokenizer from the Hugging Face cache, when the hub cannot be asked (reason says why)."""
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        raise ValueError(f"tokenizer {path!r} is not a local directory and is not in the Hugging Face cache, and "
+                         f"{reason}: point --tokenizer at a directory with tokenizer files, or download it "
+                         f"first (hf download {path} --local-dir DIR)") from None
 
 
 def load_engine_tokenizer(config):
