@@ -48,6 +48,11 @@ class LLM:
         LLMEngine has and pagedllm's lacks is an AttributeError saying what instead (vllm_names.py)."""
         return self.engine
 
+    @property
+    def model_config(self):
+        """vLLM's LLM.model_config, its engine's (engine/vllm_config.py)."""
+        return self.engine.model_config
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -1,9 +1,6 @@
 """vLLM's LLM and LLMEngine methods and attributes that pagedllm does not build, each with why and what to use
 instead: a script written for vLLM that reaches for one stops there saying so, not with a bare AttributeError."""
 
-_CONFIG = ("vLLM's config objects (ModelConfig, VllmConfig) are not built: llm.engine.config is pagedllm's "
-           "EngineConfig (model, dtype, max_num_seqs, ...), llm.engine.hf_config the model's config.json, "
-           "llm.engine.max_model_len the context length in use")
 _METRICS = ("vLLM's snapshot of Prometheus metrics is not built: llm.engine.get_stats() gives the scheduler's "
             "counts (SchedulerStats: running, waiting, KV cache usage, prefix cache hits, preemptions)")
 _SLEEP = "vLLM's sleep mode (enable_sleep_mode) is not built: the weights and the KV cache stay on the device"
@@ -14,7 +11,6 @@ _PROFILE = ("vLLM's built-in torch profiler is not built: wrap the calls in torc
 
 # a name of vLLM's LLMEngine (the methods also of its LLM) -> why not, and what instead
 ENGINE_NAMES = {
-    "model_config": _CONFIG, "get_model_config": _CONFIG, "vllm_config": _CONFIG, "get_vllm_config": _CONFIG,
     "get_metrics": _METRICS, "get_num_unfinished_requests": "has_unfinished_requests() is built; " + _METRICS,
     "sleep": _SLEEP, "wake_up": _SLEEP, "is_sleeping": _SLEEP, "collective_rpc": _RPC, "apply_model": _RPC,
     "start_profile": _PROFILE, "stop_profile": _PROFILE,

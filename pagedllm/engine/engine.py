@@ -16,6 +16,7 @@ from pagedllm.engine.hf_overrides import apply_hf_overrides
 from pagedllm.engine.input_processor import InputProcessor, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_engine_tokenizer
+from pagedllm.engine.vllm_config import ModelConfig, engine_vllm_config
 from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import SchedulerStats, StatsLogger
 from pagedllm.models import get_model_class, sliding_window
@@ -67,6 +68,7 @@ class Engine:
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config,
                                                             config.override_generation_config)
         self.stats_logger = StatsLogger(config.log_stats_interval)
+        self.vllm_config = engine_vllm_config(self)   # vLLM's LLMEngine.vllm_config: read-only views of the above
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,
                     Path(config.model).name, self.device, str(self.dtype).removeprefix("torch."),
@@ -78,6 +80,11 @@ class Engine:
     def get_tokenizer(self):
         """vLLM's LLMEngine.get_tokenizer() (None with skip_tokenizer_init)."""
         return self.tokenizer
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """vLLM's LLMEngine.model_config: the model, dtype, max_model_len, hf_config... this engine runs with."""
+        return self.vllm_config.model_config
 
     @property
     def runner(self):

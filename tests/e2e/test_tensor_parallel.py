@@ -63,6 +63,10 @@ def test_tp2_tokens_and_logprobs_equal_tp1(model_dirs, name):
             if ref.outputs[0].logprobs is not None:
                 _close(ref.outputs[0].logprobs, out.outputs[0].logprobs)
         _close(reference[1].prompt_logprobs, outputs[1].prompt_logprobs)
+        mc, pc = llm.model_config, llm.llm_engine.vllm_config.parallel_config   # vLLM's views: a rank's share
+        assert pc.tensor_parallel_size == pc.world_size == 2
+        assert mc.get_num_kv_heads(pc) == llm.engine.runner.num_kv_heads   # rank 0's KV heads, as its cache holds
+        assert mc.get_num_attention_heads(pc) == mc.hf_config.num_attention_heads // 2
         if name == list(MODELS)[-1]:
             _failed_step_on_every_rank(llm, reference[3].outputs[0].token_ids)
             _kill_a_worker_mid_run(llm.engine)

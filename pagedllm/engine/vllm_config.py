@@ -1,0 +1,163 @@
+"""vLLM-shaped, read-only views of what an engine runs with: `llm.llm_engine.model_config` and `.vllm_config`
+(its model_config, cache_config, parallel_config, scheduler_config), for scripts written against vLLM's
+ModelConfig and VllmConfig.
+
+Every value is the engine's own, resolved as vLLM resolves it (dtype a torch.dtype, tokenizer the model's when
+unset, max_model_len the length in use). vLLM's attributes pagedllm keeps no value for (trust_remote_code and
+revision are accepted and ignored; pipeline or data parallelism, device_config, load_config... are not built)
+are left out: reading one is an AttributeError saying where pagedllm's settings are, never a made-up value.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.distributed.layers import head_shard
+from pagedllm.distributed.parallel_state import TPGroup
+from pagedllm.models import MODEL_REGISTRY, head_dim, sliding_window
+
+
+class _View:
+    def __getattr__(self, name: str):   # only for names not found: vLLM's others are not kept here
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r} (pagedllm's view of "
+                             f"vLLM's {type(self).__name__} holds only the values the engine runs with; all of "
+                             f"pagedllm's settings: llm.engine.config)")
+
+
+@dataclass(frozen=True)
+class ParallelConfig(_View):
+    tensor_parallel_size: int
+    pipeline_parallel_size: int = 1   # neither is built: one pipeline stage, one data-parallel rank
+    data_parallel_size: int = 1
+
+    @property
+    def world_size(self) -> int:   # vLLM's: ranks of one model replica, tensor x pipeline
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True, eq=False)   # eq=False: hashed by identity (it holds dicts)
+class ModelConfig(_View):
+    model: str
+    tokenizer: str
+    served_model_name: str      # an LLM's is its model (vLLM's default; pagedllm's LLM takes no other)
+    dtype: torch.dtype
+    max_model_len: int
+    seed: int
+    hf_config: object
+    quantization: str | None    # the checkpoint's quant_method, else the quantization asked for
+    max_logprobs: int
+    skip_tokenizer_init: bool
+    enforce_eager: bool
+    disable_cascade_attn: bool
+    generation_config: str
+    override_generation_config: dict
+    hf_overrides: dict
+    sampling_defaults: dict     # what get_diff_sampling_param() answers
+    runner_type: str = "generate"   # generative models only are built
+
+    @property
+    def hf_text_config(self):   # text-only architectures are built: the config is its own text config
+        return self.hf_config
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.hf_config.architectures or [])
+
+    @property
+    def architecture(self) -> str:   # vLLM's: the one it runs, the first the registry knows
+        return next(a for a in self.architectures if a in MODEL_REGISTRY)
+
+    def get_vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    def get_hidden_size(self) -> int:
+        return self.hf_config.hidden_size
+
+    def get_head_size(self) -> int:
+        return head_dim(self.hf_config)
+
+    def get_total_num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+
+    def get_num_kv_heads(self, parallel_config: ParallelConfig) -> int:
+        """One rank's KV heads (the one replicated head when there are fewer heads than ranks)."""
+        return self._shard(parallel_config).num_kv_heads
+
+    def get_num_attention_heads(self, parallel_config: ParallelConfig) -> int:
+        return self._shard(parallel_config).num_heads
+
+    def get_total_num_hidden_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    def get_num_layers(self, parallel_config: ParallelConfig) -> int:   # one pipeline stage holds them all
+        return self.hf_config.num_hidden_layers
+
+    def get_sliding_window(self) -> int | None:   # only a window shorter than the context; max_model_len is in it
+        return sliding_window(self.hf_config)
+
+    def get_diff_sampling_param(self) -> dict:
+        """The generation config's sampling defaults (max_new_tokens as max_tokens), as LLM.generate uses them."""
+        return dict(self.sampling_defaults)
+
+    def _shard(self, parallel_config: ParallelConfig):
+        tp = TPGroup(rank=0, size=parallel_config.tensor_parallel_size)
+        return head_shard(self.hf_config.num_attention_heads, self.get_total_num_kv_heads(), tp)
+
+
+@dataclass(frozen=True)
+class CacheConfig(_View):
+    block_size: int
+    gpu_memory_utilization: float
+    cache_dtype: str
+    enable_prefix_caching: bool
+    num_gpu_blocks: int                   # the KV blocks allocated (on the CPU too: the device's cache)
+    num_gpu_blocks_override: int | None
+    kv_cache_memory_bytes: int | None
+    kv_offloading_size: float | None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(_View):
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    policy: str
+    enable_chunked_prefill: bool = True   # a prompt over the step budget is always prefilled in chunks
+    async_scheduling: bool = True         # step N+1 is always scheduled while N runs
+    runner_type: str = "generate"
+
+
+@dataclass(frozen=True, eq=False)
+class VllmConfig(_View):
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    parallel_config: ParallelConfig
+    scheduler_config: SchedulerConfig
+
+
+def engine_vllm_config(engine) -> VllmConfig:
+    """The views of a built Engine: its config after defaults, its resolved model, its KV cache's size."""
+    c = engine.config
+    model = ModelConfig(
+        model=c.model, tokenizer=c.tokenizer or c.model, served_model_name=c.model, dtype=engine.dtype,
+        max_model_len=engine.max_model_len, seed=c.seed, hf_config=engine.hf_config,
+        quantization=_quantization(engine.hf_config, c.quantization),
+        max_logprobs=c.max_logprobs, skip_tokenizer_init=c.skip_tokenizer_init, enforce_eager=c.enforce_eager,
+        disable_cascade_attn=c.disable_cascade_attn, generation_config=c.generation_config,
+        override_generation_config=dict(c.override_generation_config or {}), hf_overrides=dict(c.hf_overrides or {}),
+        sampling_defaults=dict(engine.default_sampling_params))
+    cache = CacheConfig(
+        block_size=c.block_size, gpu_memory_utilization=c.gpu_memory_utilization, cache_dtype=c.kv_cache_dtype,
+        enable_prefix_caching=c.enable_prefix_caching, num_gpu_blocks=engine.core.runner.num_blocks,
+        num_gpu_blocks_override=c.num_gpu_blocks_override, kv_cache_memory_bytes=c.kv_cache_memory,
+        kv_offloading_size=c.kv_offloading_size)
+    scheduler = SchedulerConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+                                max_model_len=engine.max_model_len, policy=c.scheduling_policy)
+    return VllmConfig(model, cache, ParallelConfig(c.tensor_parallel_size), scheduler)
+
+
+def _quantization(hf_config, asked: str | None) -> str | None:
+    """As vLLM: the checkpoint's quantization_config wins over the one asked for (layers/quantization)."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return asked
+    return (qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method")

@@ -1,0 +1,101 @@
+"""llm.llm_engine.model_config / .vllm_config, as scripts written for vLLM 0.26 read them: each value is the one
+the engine runs with (checked against the engine's own objects: its model's weights, KV cache, scheduler), and
+vLLM's values pagedllm keeps none of are an AttributeError saying where its settings are.
+
+Was: an AttributeError for model_config and vllm_config ("vLLM's config objects are not built")."""
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from pagedllm import LLM
+from pagedllm.config import DEMO_MODEL
+from pagedllm.engine.vllm_config import ParallelConfig
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(device="cpu", seed=3, max_model_len=128, max_num_seqs=5, block_size=8, num_gpu_blocks_override=40,
+               enable_prefix_caching=False, max_logprobs=7, override_generation_config={"temperature": 0.5},
+               hf_overrides={"rms_norm_eps": 1e-6}, enforce_eager=True)
+
+
+def test_model_config_is_the_engines_in_vllms_three_places(llm):
+    mc = llm.model_config
+    assert mc is llm.llm_engine.model_config is llm.llm_engine.vllm_config.model_config
+
+
+def test_model_config_values_are_what_the_engine_runs_with(llm):
+    engine, mc = llm.engine, llm.model_config
+    assert mc.model == mc.tokenizer == mc.served_model_name == DEMO_MODEL   # no tokenizer given: the model's
+    assert mc.dtype is engine.dtype is torch.float32                       # resolved, as vLLM's: a torch.dtype
+    assert mc.max_model_len == engine.max_model_len == 128
+    assert mc.seed == 3 and mc.max_logprobs == 7 and mc.enforce_eager is True
+    assert mc.skip_tokenizer_init is False and mc.disable_cascade_attn is False
+    assert mc.hf_config is mc.hf_text_config is engine.hf_config and mc.hf_config.rms_norm_eps == 1e-6
+    assert mc.hf_overrides == {"rms_norm_eps": 1e-6}
+    assert mc.generation_config == "auto" and mc.override_generation_config == {"temperature": 0.5}
+    assert mc.get_diff_sampling_param() == engine.default_sampling_params
+    assert mc.get_diff_sampling_param()["temperature"] == llm.get_default_sampling_params().temperature == 0.5
+    assert mc.quantization is None and mc.runner_type == "generate"
+    assert mc.architectures == ["LlamaForCausalLM"] and mc.architecture == "LlamaForCausalLM"
+    assert mc.get_sliding_window() is None
+
+
+def test_model_sizes_match_the_loaded_weights_and_kv_cache(llm):
+    mc, runner = llm.model_config, llm.engine.runner
+    pc = llm.llm_engine.vllm_config.parallel_config
+    embed = runner.model.model.embed_tokens.weight
+    assert (mc.get_vocab_size(), mc.get_hidden_size()) == tuple(embed.shape) == (llm.engine.vocab_size, embed.shape[1])
+    assert mc.get_total_num_hidden_layers() == mc.get_num_layers(pc) == runner.num_layers
+    assert mc.get_num_kv_heads(pc) == mc.get_total_num_kv_heads() == runner.num_kv_heads
+    assert mc.get_head_size() == runner.head_dim
+    assert mc.get_num_attention_heads(pc) == mc.hf_config.num_attention_heads
+    assert (pc.tensor_parallel_size, pc.pipeline_parallel_size, pc.data_parallel_size, pc.world_size) == (1, 1, 1, 1)
+
+
+def test_cache_and_scheduler_configs_are_the_engines(llm):
+    vc, engine = llm.llm_engine.vllm_config, llm.engine
+    cc, sc = vc.cache_config, vc.scheduler_config
+    assert cc.block_size == engine.kv_cache_manager.block_size == 8
+    assert cc.num_gpu_blocks == engine.runner.num_blocks == engine.kv_cache_manager.pool.num_blocks == 40
+    assert cc.num_gpu_blocks_override == 40 and cc.enable_prefix_caching is False and cc.cache_dtype == "auto"
+    assert cc.gpu_memory_utilization == engine.config.gpu_memory_utilization
+    assert sc.max_num_seqs == engine.scheduler.max_num_seqs == 5
+    assert sc.max_num_batched_tokens == engine.scheduler.max_num_batched_tokens == engine.config.max_num_batched_tokens
+    assert sc.max_model_len == 128 and sc.policy == "fcfs" and sc.enable_chunked_prefill is True
+
+
+@pytest.mark.parametrize("owner, name", [("model_config", "trust_remote_code"), ("model_config", "revision"),
+                                         ("vllm_config", "device_config"), ("vllm_config", "lora_config")])
+def test_what_pagedllm_keeps_no_value_for_is_left_out_saying_where_its_settings_are(llm, owner, name):
+    with pytest.raises(AttributeError, match=rf"no attribute '{name}' .*llm.engine.config"):
+        getattr(getattr(llm.llm_engine, owner), name)
+
+
+def test_views_are_read_only(llm):
+    import dataclasses
+    mc, cc = llm.model_config, llm.llm_engine.vllm_config.cache_config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mc.max_model_len = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cc.num_gpu_blocks = 1
+
+
+def test_head_counts_split_over_ranks_as_the_runner_splits_them(tmp_path):
+    """Qwen3's head_dim (32) is not hidden_size / heads (16); 4 query heads and 2 KV heads over 2 and 4 ranks:
+    the 4-rank case replicates one KV head on each rank."""
+    llm = LLM(make_tiny_model(tmp_path / "qwen3", arch="qwen3"), device="cpu", num_gpu_blocks_override=8)
+    mc = llm.model_config
+    assert mc.get_head_size() == llm.engine.runner.head_dim == 32 and mc.architecture == "Qwen3ForCausalLM"
+    assert [(mc.get_num_attention_heads(ParallelConfig(n)), mc.get_num_kv_heads(ParallelConfig(n)))
+            for n in (1, 2, 4)] == [(4, 2), (2, 1), (1, 1)]
+
+
+def test_quantization_is_the_one_the_linears_run(tmp_path):
+    """As vLLM's: --quantization's, unless the checkpoint has its own quantization_config, whose method wins."""
+    assert LLM(device="cpu", quantization="fp8", num_gpu_blocks_override=8).model_config.quantization == "fp8"
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    ckpt = make_tiny_model(tmp_path / "fp8", quantization_config=fp8)
+    llm = LLM(ckpt, device="cpu", num_gpu_blocks_override=8, load_format="dummy")   # the config is what counts
+    assert llm.model_config.quantization == "fp8" and llm.engine.config.quantization is None
+    assert {p.dtype for p in llm.engine.runner.model.parameters()} >= {torch.float8_e4m3fn}   # the linears are fp8
