@@ -212,11 +212,13 @@ def template_message(message: dict, content_format: str = "string", at: str = "m
     message's name (a string), a developer's tools."""
     role = message.get("role")
     content = message.get("content")
-    if isinstance(content, list) and not all(isinstance(p, dict) and p.get("type") == "text"
-                                             and isinstance(p.get("text"), str) for p in content):
-        raise ChatTemplateError("only text content parts ({'type': 'text', 'text': ...}) are supported",
-                                "messages")
-    texts = [] if content is None else [content] if isinstance(content, str) else [p["text"] for p in content]
+    if isinstance(content, list) and not all(isinstance(p, str) or (
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)) for p in content):
+        raise ChatTemplateError("only text content parts ({'type': 'text', 'text': ...} or a string) are "
+                                "supported", "messages")
+    # a string part is a text part, as vLLM's chat_utils reads one
+    texts = [] if content is None else [content] if isinstance(content, str) else [
+        p if isinstance(p, str) else p["text"] for p in content]
     if content_format == "openai" and role != "tool":
         result = {"role": role, "content": [{"type": "text", "text": text} for text in texts]}
     elif content_format == "openai":   # vLLM joins a tool's text parts in either format (its answer is text)

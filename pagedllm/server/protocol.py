@@ -347,7 +347,7 @@ class ToolCall(_Strict):
 
 class ChatMessage(_Strict):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[str | TextPart] | None = None   # a string part is a text part (vLLM's)
     name: str | None = None
     tool_calls: list[ToolCall] | None = None        # an assistant's calls, passed to the template
     tool_call_id: str | None = None                 # a tool's answer: the call it answers

@@ -239,3 +239,15 @@ def test_a_model_without_a_chat_template_is_a_400_unless_one_is_given():
     with pytest.raises(APIError) as e:
         chat._chat_text(ctx, TokenizeRequest.model_validate({"messages": [USER]}))
     assert e.value.status == 400 and e.value.param == "messages"
+
+
+def test_plain_strings_in_a_content_list_are_text_parts(qwen3):
+    """vLLM's content parts may be plain strings (its chat_utils reads one as a text part): ["a", {text "b"}]
+    renders "a\\nb" in the string format and two text parts in the openai one (it was a 400 naming the part)."""
+    content = ["a", {"type": "text", "text": "b"}, ""]
+    assert render(qwen3, {"messages": [{"role": "user", "content": content}]}) == \
+        "<|im_start|>user\na\nb<|im_end|>\n<|im_start|>assistant\n"
+    template = "{% for m in messages %}{% for p in m.content %}[{{ p.type }}:{{ p.text }}]{% endfor %}{% endfor %}"
+    body = {"messages": [{"role": "user", "content": content}], "chat_template": template,
+            "add_generation_prompt": False}
+    assert render(qwen3, body, trust_request_chat_template=True) == "[text:a][text:b][text:]"
