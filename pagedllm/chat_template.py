@@ -10,6 +10,7 @@ import jinja2
 
 from transformers import PreTrainedTokenizerBase
 
+from pagedllm import content_parts
 from pagedllm.config import CONTENT_FORMATS
 
 # apply_chat_template's own parameters (and the template's `messages`): not template variables, so
@@ -99,8 +100,9 @@ def _developer_as_system(messages: list[dict]) -> list[dict]:
 
 
 def _text(content) -> str:
-    """A message's content as text: its text parts joined by newlines (content in the openai format)."""
-    return content if isinstance(content, str) else "\n".join(p["text"] for p in content or ())
+    """A message's content as text: its text parts joined by newlines (content in the openai format; a tool
+    reference has no text, and vLLM's merge leaves it out)."""
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content or () if "text" in p)
 
 
 def _own_argument(kwargs: dict, name: str, given):
@@ -205,25 +207,28 @@ def _loops_over_content(tree: jinja2.nodes.Template) -> bool:
 def template_message(message: dict, content_format: str = "string", at: str = "messages") -> dict:
     """One OpenAI message (at: where it is in the request) as vLLM gives it to templates: its content as text
     (its parts that are not empty joined by newlines, null as "") in vLLM's "string" content format, as a list of
-    text parts (a string one part, null none) in "openai", where a tool's answer stays text (all its parts
-    joined); then only the fields of its role, as vLLM's conversation has them: an assistant's tool_calls (each
-    call's JSON `arguments` parsed, as tool-use templates write `arguments | tojson`; arguments that are not JSON
-    are a ChatTemplateError naming them) and its reasoning (under both names), a tool's tool_call_id, any
-    message's name (a string), a developer's tools."""
+    parts (a string one text part, null none; content_parts reads them) in "openai", where a tool's answer stays
+    text (all its parts joined) unless it holds a tool reference; then only the fields of its role, as vLLM's
+    conversation has them: an assistant's tool_calls (each call's JSON `arguments` parsed, as tool-use templates
+    write `arguments | tojson`; arguments that are not JSON are a ChatTemplateError naming them) and its reasoning
+    (under both names), a tool's tool_call_id, any message's name (a string), a developer's tools."""
     role = message.get("role")
     content = message.get("content")
-    if isinstance(content, list) and not all(isinstance(p, str) or (
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)) for p in content):
-        raise ChatTemplateError("only text content parts ({'type': 'text', 'text': ...} or a string) are "
-                                "supported", "messages")
-    # a string part is a text part, as vLLM's chat_utils reads one
-    texts = [] if content is None else [content] if isinstance(content, str) else [
-        p if isinstance(p, str) else p["text"] for p in content]
-    if content_format == "openai" and role != "tool":
-        result = {"role": role, "content": [{"type": "text", "text": text} for text in texts]}
+    if isinstance(content, list):
+        try:
+            parts = content_parts.template_parts(content, f"{at}.content")
+        except content_parts.ContentPartError as e:
+            raise ChatTemplateError(str(e), e.param) from e
+    elif content is None or isinstance(content, str):
+        parts = [] if content is None else [{"type": "text", "text": content}]
+    else:
+        raise ChatTemplateError(f"{at}.content must be a string or a list of parts", f"{at}.content")
+    if content_format == "openai" and (role != "tool" or any(p["type"] != "text" for p in parts)):
+        result = {"role": role, "content": parts}   # a tool's answer with a tool reference too, for the template
     elif content_format == "openai":   # vLLM joins a tool's text parts in either format (its answer is text)
-        result = {"role": role, "content": "\n".join(texts)}
+        result = {"role": role, "content": "\n".join(p["text"] for p in parts)}
     else:   # the string format: empty parts are left out of the join, as vLLM's
+        texts = (content_parts.part_text(p) for p in parts)
         result = {"role": role, "content": "\n".join(text for text in texts if text)}
     if role == "assistant" and message.get("tool_calls") is not None:
         if not isinstance(message["tool_calls"], list) or not all(

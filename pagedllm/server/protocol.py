@@ -326,14 +326,6 @@ class CompletionRequest(_SamplingRequest):
                 ("prompt_embeds", self.prompt_embeds is None, _EMBEDDINGS)]
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-    # Anthropic's prompt-caching mark, which clients of OpenAI-compatible servers send too (vLLM takes it): the
-    # prefix cache is automatic, so every full block before it is cached already, as on /v1/messages
-    cache_control: dict[str, Any] | None = None
-
-
 class FunctionCall(_Strict):
     name: str
     arguments: str | dict[str, Any] | None = None    # OpenAI's: a JSON string
@@ -347,7 +339,8 @@ class ToolCall(_Strict):
 
 class ChatMessage(_Strict):
     role: str
-    content: str | list[str | TextPart] | None = None   # a string part is a text part (vLLM's)
+    # parts: strings and objects of a type, read (and refused, naming the part) by pagedllm/content_parts.py
+    content: str | list[str | dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None        # an assistant's calls, passed to the template
     tool_call_id: str | None = None                 # a tool's answer: the call it answers

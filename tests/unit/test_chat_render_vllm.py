@@ -251,3 +251,31 @@ def test_plain_strings_in_a_content_list_are_text_parts(qwen3):
     body = {"messages": [{"role": "user", "content": content}], "chat_template": template,
             "add_generation_prompt": False}
     assert render(qwen3, body, trust_request_chat_template=True) == "[text:a][text:b][text:]"
+
+
+def test_refusal_thinking_and_responses_text_parts_render_as_vllms_text(qwen3):
+    """vLLM 0.26's chat_utils reads refusal, thinking (its "closed" unrendered), input_text and output_text parts
+    as text, leaves out a text or refusal part whose text is null, and gives a tool_reference part to the template
+    (its name as the string format's text); each was a 400 here."""
+    content = [{"type": "refusal", "refusal": "r"}, {"type": "thinking", "thinking": "h", "closed": False},
+               {"type": "input_text", "text": "i"}, {"type": "output_text", "text": "o"},
+               {"type": "text", "text": None}, {"type": "refusal", "refusal": None},
+               {"type": "tool_reference", "name": "f"}, {"type": "text", "text": "t"}]
+    assert render(qwen3, {"messages": [{"role": "user", "content": content}]}) == \
+        "<|im_start|>user\nr\nh\ni\no\nf\nt<|im_end|>\n<|im_start|>assistant\n"
+    template = ("{% for m in messages %}{{ m.role }}:{% if m.content is string %}'{{ m.content }}'{% else %}"
+                "{% for p in m.content %}[{{ p.type }}:{{ p.text or p.name }}]{% endfor %}{% endif %};{% endfor %}")
+    tool = {"role": "tool", "tool_call_id": "c", "content": [{"type": "tool_reference", "name": "f"}, "t"]}
+    body = {"messages": [{"role": "user", "content": content}, tool], "chat_template": template,
+            "add_generation_prompt": False}
+    assert render(qwen3, body, trust_request_chat_template=True) == (
+        "user:[text:r][text:h][text:i][text:o][tool_reference:f][text:t];tool:[tool_reference:f][text:t];")
+
+
+@pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                                  {"type": "input_image", "image_url": "https://x/y.png", "detail": "auto"},
+                                  {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])
+def test_media_parts_are_a_400_naming_the_part(qwen3, part):
+    """A text-only model: vLLM's media parts need a multimodal one, refused naming the part's type."""
+    e = refused(qwen3, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, part]}]})
+    assert e.param == "messages.0.content.1.type" and "multimodal" in e.message

@@ -86,24 +86,39 @@ def test_refused_options_name_the_field(tokenizer, kwargs, param):
     assert e.value.param == param
 
 
-def test_non_text_content_parts_are_refused(tokenizer):
-    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
-    with pytest.raises(ChatTemplateError, match="text content parts"):
+@pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "x"}},
+                                  {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+                                  {"image_url": "x"}, {"type": "video_url", "video_url": {"url": "x"}}])
+def test_media_content_parts_are_refused_as_needing_a_multimodal_model(tokenizer, part):
+    message = {"role": "user", "content": [{"type": "text", "text": "a"}, part]}
+    with pytest.raises(ChatTemplateError, match="multimodal") as e:
         render_chat(tokenizer, [message], TOOL_TEMPLATE)
+    assert e.value.param == "messages.0.content.1.type"
 
 
-@pytest.mark.parametrize("message", [
-    {"role": "user", "content": [{"type": "text"}]},
-    {"role": "user", "content": [{"type": "text", "text": 5}]},
-    {"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]},
-    {"role": "assistant", "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]},
-    {"role": "assistant", "tool_calls": {"id": "c"}}])
-def test_malformed_parts_and_tool_calls_name_messages(message):
-    """Offline LLM.chat has no request schema before this: a text part without its text or a tool call without
-    a named function is a ValueError naming messages (it was a bare KeyError)."""
-    with pytest.raises(ValueError, match="text content parts|tool_calls must be a list") as e:
+@pytest.mark.parametrize("message, param", [
+    ({"role": "user", "content": [{"type": "text", "text": 5}]}, "messages.content.0.text"),
+    ({"role": "user", "content": [5]}, "messages.content.0"),
+    ({"role": "user", "content": [{"type": "thinking"}]}, "messages.content.0.thinking"),
+    ({"role": "user", "content": [{"text": "x"}]}, "messages.content.0.type"),
+    ({"role": "user", "content": [{"type": "bogus", "text": "x"}]}, "messages.content.0.type"),
+    ({"role": "user", "content": [{"type": "text", "text": "x", "uuid": "u"}]}, "messages.content.0.uuid"),
+    ({"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]}, "messages"),
+    ({"role": "assistant", "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]}, "messages"),
+    ({"role": "assistant", "tool_calls": {"id": "c"}}, "messages")])
+def test_malformed_parts_and_tool_calls_name_the_field(message, param):
+    """Offline LLM.chat has no request schema before this: a part vLLM refuses (a text that is not a string, no
+    type or one it does not read, a uuid: vLLM's media marker) or a tool call without a named function is a
+    ValueError naming the field (it was a bare KeyError)."""
+    with pytest.raises(ValueError) as e:
         template_message(message)
-    assert e.value.param == "messages"
+    assert e.value.param == param
+
+
+def test_a_text_or_refusal_part_without_its_text_is_left_out_as_vllm_skips_it():
+    parts = [{"type": "text"}, {"type": "refusal", "refusal": None}, {"type": "text", "text": "a"}]
+    assert template_message({"role": "user", "content": parts})["content"] == "a"
+    assert template_message({"role": "user", "content": parts}, "openai")["content"] == [{"type": "text", "text": "a"}]
 
 
 # Templates that loop over a message's content parts (multimodal-style ones): vLLM passes them the parts
