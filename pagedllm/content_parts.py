@@ -8,6 +8,8 @@
     text or refusal with its text null or missing     ->  left out (vLLM skips them)
     image / audio / video parts, embeddings           ->  refused: they need a multimodal model
     any other type, or none                           ->  refused, naming the part's field
+    other keys on a text-like part                    ->  kept on its text part (vLLM's), unless vLLM knows the
+                                                          key as another type's field (image_url, name, ...)
 
 Each part becomes what vLLM's "openai" content format gives the template; chat_template.template_message
 makes the "string" format's text of them.
@@ -19,9 +21,13 @@ TEXT_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refus
              "thinking": "thinking"}
 # Parts vLLM skips when their text is null or missing, where the others' None would reach the template.
 SKIPPED_WHEN_EMPTY = ("text", "refusal")
-# The keys each type takes besides "type" (Anthropic's cache_control mark too: the prefix cache is automatic).
-OWN_KEYS = {"text": {"text", "cache_control"}, "input_text": {"text"}, "output_text": {"text"},
-            "refusal": {"refusal"}, "thinking": {"thinking", "closed"}, "tool_reference": {"name"}}
+TYPES = (*TEXT_KEYS, "tool_reference")
+# The fields of vLLM's content part types (its _KNOWN_CONTENT_PART_FIELDS): any other key on a text-like part is
+# the client's own (Anthropic's cache_control, say), which vLLM keeps on the part the openai content format gives
+# the template; these it drops.
+VLLM_PART_FIELDS = frozenset({
+    "type", "text", "refusal", "thinking", "closed", "name", "uuid", "data", "file", "prompt_cache_breakpoint",
+    "image_url", "image_pil", "image_embeds", "audio_url", "input_audio", "audio_embeds", "video_url"})
 # vLLM's media parts (a part of no type holding one of these keys is one too): a text-only model has no use
 # for them.
 MEDIA = ("image_url", "input_image", "image_pil", "image_embeds", "audio_url", "input_audio", "audio_embeds",
@@ -59,19 +65,16 @@ def _part(part: Any, at: str) -> dict | None:
                                "only", f"{at}.type")
     if part.get("uuid") is not None:   # vLLM reads a part with a uuid as a media item, whatever its type
         raise ContentPartError(f"{at}.uuid names a media item; this model takes text only", f"{at}.uuid")
-    if not isinstance(kind, str) or kind not in OWN_KEYS:
-        known = ", ".join(sorted(OWN_KEYS))
-        raise ContentPartError(f"{at}.type must be one of {known} (a text-only model), not "
+    if not isinstance(kind, str) or kind not in TYPES:
+        raise ContentPartError(f"{at}.type must be one of {', '.join(sorted(TYPES))} (a text-only model), not "
                                f"{str(kind)[:40]!r}", f"{at}.type")
-    extra = sorted(set(part) - OWN_KEYS[kind] - {"type", "uuid"})
-    if extra:
-        raise ContentPartError(f"{at}: a {kind} part does not take {', '.join(extra)}", f"{at}.{extra[0]}")
     if kind == "tool_reference":
         return {"type": kind, "name": _string(part, "name", at)}
     key = TEXT_KEYS[kind]
     if part.get(key) is None and kind in SKIPPED_WHEN_EMPTY:
         return None
-    return {"type": "text", "text": _string(part, key, at)}
+    extra = {k: v for k, v in part.items() if k not in VLLM_PART_FIELDS}   # as vLLM: not refused, passed on
+    return {"type": "text", "text": _string(part, key, at), **extra}
 
 
 def _string(part: dict, key: str, at: str) -> str:

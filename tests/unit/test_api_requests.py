@@ -241,14 +241,15 @@ def test_an_empty_tools_is_no_tools_on_responses_and_messages():
         assert chat.tools is None and chat.model_dump() == plain.model_dump(), choice
 
 
-def test_cache_control_on_a_text_part_is_taken_and_changes_no_prompt():
+def test_cache_control_on_a_text_part_is_taken_and_reaches_only_openai_format_templates():
     """Anthropic's prompt-caching mark on an OpenAI text part (LiteLLM-style clients send it; vLLM takes it): the
-    prefix cache is automatic, so the template sees the same message as without it (it was a 400 naming the key)."""
+    prefix cache is automatic; the string format's text is the same as without it, and the openai format's part
+    keeps it, as vLLM's does (it was a 400 naming the key, then dropped)."""
     from pagedllm.chat_template import template_message
     from pagedllm.server.protocol import ChatCompletionRequest
     marked = {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}
     requests = [ChatCompletionRequest(messages=[{"role": "user", "content": [part]}])
                 for part in (marked, {"type": "text", "text": "a"})]
     messages = [r.model_dump(exclude_none=True)["messages"][0] for r in requests]
-    for fmt in ("string", "openai"):
-        assert template_message(messages[0], fmt) == template_message(messages[1], fmt)
+    assert template_message(messages[0]) == template_message(messages[1])
+    assert template_message(messages[0], "openai")["content"] == [marked]

@@ -279,3 +279,22 @@ def test_media_parts_are_a_400_naming_the_part(qwen3, part):
     """A text-only model: vLLM's media parts need a multimodal one, refused naming the part's type."""
     e = refused(qwen3, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, part]}]})
     assert e.param == "messages.0.content.1.type" and "multimodal" in e.message
+
+
+def test_a_parts_own_keys_reach_the_openai_format_template_as_vllm_keeps_them(qwen3):
+    """vLLM reads parts as TypedDicts, which take any other key: it keeps a text-like part's own keys (those no
+    vLLM part type names) on the part the openai content format gives the template, and the string format writes
+    only the text (a key it did not know was a 400 here)."""
+    content = [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}, "name": "n", "image_url": "u"},
+               {"type": "refusal", "refusal": "r", "colour": "red"},
+               {"type": "thinking", "thinking": "h", "closed": True, "signature": "s"},
+               {"type": "tool_reference", "name": "f", "extra": 1}]
+    template = "{% for m in messages %}{% for p in m.content %}{{ p | dictsort }};{% endfor %}{% endfor %}"
+    body = {"messages": [{"role": "user", "content": content}], "chat_template": template,
+            "add_generation_prompt": False}
+    assert render(qwen3, body, trust_request_chat_template=True) == (
+        "[('cache_control', {'type': 'ephemeral'}), ('text', 'a'), ('type', 'text')];"
+        "[('colour', 'red'), ('text', 'r'), ('type', 'text')];"
+        "[('signature', 's'), ('text', 'h'), ('type', 'text')];[('name', 'f'), ('type', 'tool_reference')];")
+    assert render(qwen3, {"messages": [{"role": "user", "content": content}]}) == \
+        "<|im_start|>user\na\nr\nh\nf<|im_end|>\n<|im_start|>assistant\n"
