@@ -3,8 +3,10 @@ the chat fields they mean.
 
     instructions, input            ->  a system message, then the input: a string is the user's message;
                                        message items (user / system / developer / assistant; input_text and
-                                       output_text parts) as messages, function_call items as the assistant's
-                                       tool_calls, function_call_output items as role "tool" messages,
+                                       output_text parts) as messages (a developer one stays one: chat's
+                                       rendering merges it with the system ones, as vLLM's), function_call
+                                       items as the assistant's tool_calls, function_call_output items as
+                                       role "tool" messages,
                                        reasoning items as the next assistant message's reasoning,
                                        item_reference items as the stored output item they name (responses.py
                                        resolves them first); a last assistant message in_progress or
@@ -99,7 +101,9 @@ def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
                 raise APIError(400, f"{at}: a message needs role and content", at, "invalid_value")
             content = item.content if isinstance(item.content, str) else "\n".join(
                 _texts(item.content, f"{at}.content"))
-            messages.append({"role": "system" if item.role == "developer" else item.role, "content": content})
+            # a developer message stays one, as vLLM's Responses path gives it to the renderer: the chat template
+            # takes it, or (most) it becomes a system message merged with the others into one first one
+            messages.append({"role": item.role, "content": content})
         if thought is not None and messages and messages[-1]["role"] == "assistant":
             messages[-1]["reasoning"], thought = thought, None
     return messages

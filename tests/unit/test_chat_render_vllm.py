@@ -298,3 +298,19 @@ def test_a_parts_own_keys_reach_the_openai_format_template_as_vllm_keeps_them(qw
         "[('signature', 's'), ('text', 'h'), ('type', 'text')];[('name', 'f'), ('type', 'tool_reference')];")
     assert render(qwen3, {"messages": [{"role": "user", "content": content}]}) == \
         "<|im_start|>user\na\nr\nh\nf<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_responses_developer_item_merges_with_the_instructions_as_vllms(qwen3):
+    """vLLM's Responses path gives the renderer a developer input item as a developer message: for a template
+    without the role it becomes a system one, merged with the instructions' system message into one first one.
+    Here it was made a system message up front, never merged: Qwen3 got two system turns."""
+    from pagedllm.server import responses_input, responses_request
+    req = responses_request.ResponsesRequest.model_validate({"instructions": "I", "input": [
+        {"role": "developer", "content": "D"}, {"role": "user", "content": "Hi"},
+        {"role": "developer", "content": [{"type": "input_text", "text": "E"}]}]})
+    chat_req = responses_input.to_chat(req, responses_input._messages(req, []))
+    ctx = SimpleNamespace(chat_template=None, trust_request_chat_template=False, tokenizer=qwen3,
+                          exclude_tools_when_tool_choice_none=False, default_chat_template_kwargs=None,
+                          chat_template_content_format="auto")
+    assert chat._chat_text(ctx, chat_req) == ("<|im_start|>system\nI\n\nD\n\nE<|im_end|>\n<|im_start|>user\nHi"
+                                              "<|im_end|>\n<|im_start|>assistant\n")
