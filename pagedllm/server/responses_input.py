@@ -93,14 +93,16 @@ def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
         elif kind == "function_call_output":
             if not item.call_id or item.output is None:
                 raise APIError(400, f"{at}: a function_call_output needs call_id and output", at, "invalid_value")
-            output = item.output if isinstance(item.output, str) else "\n".join(_texts(item.output, f"{at}.output"))
+            output = item.output if isinstance(item.output, str) else _text_parts(item.output, f"{at}.output")
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
             continue
         else:
             if item.role is None or item.content is None:
                 raise APIError(400, f"{at}: a message needs role and content", at, "invalid_value")
-            content = item.content if isinstance(item.content, str) else "\n".join(
-                _texts(item.content, f"{at}.content"))
+            content = item.content if isinstance(item.content, str) else _text_parts(item.content, f"{at}.content")
+            # vLLM makes an assistant item's content a string (of its first part only; here all its parts)
+            if item.role == "assistant" and isinstance(content, list):
+                content = "\n".join(part["text"] for part in content)
             # a developer message stays one, as vLLM's Responses path gives it to the renderer: the chat template
             # takes it, or (most) it becomes a system message merged with the others into one first one
             messages.append({"role": item.role, "content": content})
@@ -124,6 +126,13 @@ def _reasoning_text(item: InputItem, at: str) -> str:
         raise APIError(400, f"{at}.encrypted_content is another reasoning than {at}.content: send one of them",
                        f"{at}.encrypted_content", "invalid_value")
     return decoded
+
+
+def _text_parts(parts: list[ContentPart], at: str) -> list[dict]:
+    """A message's (or a function_call_output's) parts as chat's text parts: vLLM gives them to the renderer as
+    they are, which leaves an empty one out of the string content format's join and gives an openai-format
+    template each part."""
+    return [{"type": "text", "text": text} for text in _texts(parts, at)]
 
 
 def _texts(parts: list[ContentPart], at: str) -> list[str]:

@@ -2,6 +2,7 @@
 server/anthropic.py), without an engine: the prompt they render must be the one vLLM renders for them."""
 from types import SimpleNamespace
 
+from pagedllm.chat_template import template_message
 from pagedllm.server import anthropic, responses, responses_input, responses_output, responses_request
 
 NO_PARSER = SimpleNamespace(reasoning_parser=None)   # the ServingContext fields anthropic.to_chat reads
@@ -20,7 +21,9 @@ def test_text_parts_and_blocks_join_with_newlines_as_chat_content_parts_do():
         {"role": "user", "content": parts},
         {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "c1", "output": parts}]})
-    assert [m.content for m in chat.messages] == ["Hello\nWorld", None, "Hello\nWorld"]
+    # (Responses' parts reach the template as chat's parts, which the string content format joins)
+    assert [template_message(m.as_template_input())["content"] for m in chat.messages] == \
+        ["Hello\nWorld", "", "Hello\nWorld"]
     blocks = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]
     req = anthropic.MessagesRequest.model_validate({"model": "m", "max_tokens": 3, "messages": [
         {"role": "user", "content": blocks},
@@ -245,7 +248,6 @@ def test_cache_control_on_a_text_part_is_taken_and_reaches_only_openai_format_te
     """Anthropic's prompt-caching mark on an OpenAI text part (LiteLLM-style clients send it; vLLM takes it): the
     prefix cache is automatic; the string format's text is the same as without it, and the openai format's part
     keeps it, as vLLM's does (it was a 400 naming the key, then dropped)."""
-    from pagedllm.chat_template import template_message
     from pagedllm.server.protocol import ChatCompletionRequest
     marked = {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}
     requests = [ChatCompletionRequest(messages=[{"role": "user", "content": [part]}])

@@ -314,3 +314,28 @@ def test_a_responses_developer_item_merges_with_the_instructions_as_vllms(qwen3)
                           chat_template_content_format="auto")
     assert chat._chat_text(ctx, chat_req) == ("<|im_start|>system\nI\n\nD\n\nE<|im_end|>\n<|im_start|>user\nHi"
                                               "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_responses_items_text_parts_reach_the_template_as_vllms_parts(qwen3):
+    """vLLM's Responses path gives the renderer a message item's (and a function_call_output's) parts as they
+    are: the string format leaves an empty part out of the join, the openai one gets each part. Here they were
+    joined first ("a\\n\\nb"; one part "a\\n\\nb")."""
+    from pagedllm.server import responses_input, responses_request
+    parts = [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": ""},
+             {"type": "input_text", "text": "b"}]
+    body = {"input": [{"role": "user", "content": parts},
+                      {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                      {"type": "function_call_output", "call_id": "c", "output": parts}]}
+
+    def rendered(template=None):
+        req = responses_request.ResponsesRequest.model_validate(body)
+        chat_req = responses_input.to_chat(req, responses_input._messages(req, []))
+        ctx = SimpleNamespace(chat_template=template, trust_request_chat_template=False, tokenizer=qwen3,
+                              exclude_tools_when_tool_choice_none=False, default_chat_template_kwargs=None,
+                              chat_template_content_format="auto")
+        return chat._chat_text(ctx, chat_req)
+    assert rendered().startswith("<|im_start|>user\na\nb<|im_end|>\n")
+    assert "<tool_response>\na\nb\n</tool_response>" in rendered()
+    template = ("{% for m in messages %}{{ m.role }}:{% if m.content is string %}'{{ m.content }}'{% else %}"
+                "{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endif %};{% endfor %}")
+    assert rendered(template) == "user:[a][][b];assistant:;tool:'a\n\nb';"
