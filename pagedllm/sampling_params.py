@@ -85,6 +85,10 @@ class SamplingParams:
     # start id, at the output's start (until an end token comes).
     reasoning_end_token_id: int | None = None
     reasoning_start_token_id: int | None = None
+    # mistral's rule (vLLM's) where the prompt holds no start token: the output's first token is free and decides;
+    # the start token opens the reasoning (the constraint waits for the end token), any other lets the constraint
+    # start after it (vLLM's grammar never takes that token)
+    reasoning_first_token_decides: bool = False
     thinking_token_budget: int | None = None
     # vLLM's: end (finish_reason "repetition") when the output ends with a pattern repeated (core/repetition.py)
     repetition_detection: RepetitionDetectionParams | None = None
@@ -207,6 +211,11 @@ class SamplingParams:
         for name in ("reasoning_end_token_id", "reasoning_start_token_id"):
             v = getattr(self, name)
             _require(v is None or (is_int(v) and v >= 0), name, "None or an integer >= 0", v)
+        decides = self.reasoning_first_token_decides
+        _require(isinstance(decides, bool) and not (
+            decides and None in (self.reasoning_start_token_id, self.reasoning_end_token_id)),
+            "reasoning_first_token_decides", "a bool, True only with reasoning_start_token_id and "
+            "reasoning_end_token_id", self.reasoning_first_token_decides)
         v = self.thinking_token_budget
         _require(v is None or (is_int(v) and v >= 0), "thinking_token_budget",
                  "None, -1 (unlimited) or an integer >= 0", v)

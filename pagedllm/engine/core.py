@@ -92,9 +92,11 @@ class EngineCore:
                     self._in_flight[0].num_scheduled_tokens.pop(r.request_id, None)
                 if self.speculator is not None:
                     self.speculator.forget([r.request_id])
-            if r.sampling_params.structured_outputs is not None:   # compiles on a worker from now on
-                request.grammar = self.structured.request_grammar(r.sampling_params.structured_outputs,
-                                                                  r.sampling_params.reasoning_end_token_id)
+            sp = r.sampling_params
+            if sp.structured_outputs is not None:   # compiles on a worker from now on
+                opens_with = sp.reasoning_start_token_id if sp.reasoning_first_token_decides else None
+                request.grammar = self.structured.request_grammar(sp.structured_outputs, sp.reasoning_end_token_id,
+                                                                  opens_with)
             if request.lora_loading:
                 self.lora_loader.wait_for(r.lora_request, r.request_id)
             elif r.lora_request is not None:   # last: nothing after it can fail and leave the adapter held

@@ -107,7 +107,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if thinks is not None and sampling:
         # a constraint applies from the end of the reasoning, which a budget may force (vLLM's)
         params = replace(params, **reasoning.reasoning_fields(ctx.reasoning_parser, thinks, constrained,
-                                                              ctx.think_ids, req.thinking_token_budget))
+                                                              ctx.think_ids, req.thinking_token_budget, kept,
+                                                              req.include_reasoning))
         if reasoning.reads_special_tokens(ctx.reasoning_parser):   # its tags must reach the text
             params = replace(params, skip_special_tokens=False)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -176,17 +176,21 @@ def starts_in_reasoning(parser: str, chat_template_kwargs: dict | None, prompt_i
 
 
 def reasoning_fields(parser: str, thinks: bool, constrained: bool, think_ids: tuple[int, int],
-                     budget: int | None) -> dict:
+                     budget: int | None, prompt_ids: list[int] = (), include_reasoning: bool = True) -> dict:
     """SamplingParams' reasoning fields for an answer (none: {}), where it opens with reasoning (thinks): a
     constraint then waits for the end token, and thinking_token_budget counts the block. A mistral answer that
-    opens in content (the model may write [THINK] itself) gets them too, for the budget, unless a constraint
-    holds: that holds from the first token (vLLM's where the prompt closed a block, as Magistral's system
-    prompt does; where the prompt has no [THINK], vLLM leaves the first token free and starts the constraint
-    after it unless it is [THINK])."""
-    if not (thinks or (_kind(parser) == "mistral" and not constrained)):
-        return {}
-    return {"reasoning_start_token_id": think_ids[0], "reasoning_end_token_id": think_ids[1],
-            "thinking_token_budget": budget}
+    opens in content (the model may write [THINK] itself) gets them too, for the budget; under a constraint as
+    vLLM 0.26 (its reasoning_ended): where the prompt holds a [THINK] (Magistral's system prompt shows a closed
+    block) or the reasoning is not asked for (include_reasoning false) the constraint holds from the first
+    token; where it holds none, the first token is free and decides (reasoning_first_token_decides)."""
+    mistral = _kind(parser) == "mistral"
+    fields = {"reasoning_start_token_id": think_ids[0], "reasoning_end_token_id": think_ids[1],
+              "thinking_token_budget": budget}
+    if thinks or (mistral and not constrained):
+        return fields
+    if mistral and include_reasoning and think_ids[0] not in prompt_ids:
+        return {**fields, "reasoning_first_token_decides": True}
+    return {}
 
 
 # The token that opens a chat turn, where the tokenizer has one: Qwen's (ChatML) and DeepSeek's assistant turn,

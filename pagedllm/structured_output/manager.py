@@ -21,9 +21,13 @@ from pagedllm.structured_output.params import StructuredOutputsParams
 
 
 class RequestGrammar:
-    def __init__(self, future: Future, kind: str, timeout: float, waits_for: int | None = None):
+    def __init__(self, future: Future, kind: str, timeout: float, waits_for: int | None = None,
+                 opens_with: int | None = None):
         self.future = future
         self.waits_for = waits_for   # the constraint starts after this token (reasoning's end); None: started
+        # The first token is free and decides (SamplingParams.reasoning_first_token_decides): this one (the
+        # reasoning's start) keeps the wait for waits_for; any other ends the wait, not taken by the matcher
+        self.opens_with = opens_with
         self.kind = kind
         self.timeout = timeout
         self.matcher = None       # once compiled
@@ -64,6 +68,11 @@ class RequestGrammar:
         `terminated` next); any other waits in `pending` for flush(), which the next bitmask fill runs off the
         step thread (an xgrammar matcher without terminate_without_stop_token ends on a stop token only).
         False: the matcher refused this token, or one before it at the last flush."""
+        if self.opens_with is not None:
+            if token != self.opens_with:
+                self.waits_for = None
+            self.opens_with = None
+            return True
         if self.waits_for is not None:   # free text until that token, which starts the constraint
             if token == self.waits_for:
                 self.waits_for = None
@@ -167,9 +176,11 @@ class StructuredOutputManager:
         self._batch = None
         self.stats = BitmaskStats()
 
-    def request_grammar(self, params: StructuredOutputsParams, after_token: int | None = None) -> RequestGrammar:
-        """after_token: the grammar starts after this token (SamplingParams.reasoning_end_token_id)."""
-        return RequestGrammar(self.pool.submit(params), params.kind, self.pool.timeout, after_token)
+    def request_grammar(self, params: StructuredOutputsParams, after_token: int | None = None,
+                        opens_with: int | None = None) -> RequestGrammar:
+        """after_token: the grammar starts after this token (SamplingParams.reasoning_end_token_id); opens_with:
+        the first token decides whether it waits for it (RequestGrammar.opens_with)."""
+        return RequestGrammar(self.pool.submit(params), params.kind, self.pool.timeout, after_token, opens_with)
 
     def fill_bitmask(self, rows: list[tuple[int, RequestGrammar]]) -> torch.Tensor:
         """Writes the allowed tokens of each (sampled row, grammar) into that row of the host bitmask, after

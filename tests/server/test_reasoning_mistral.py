@@ -3,7 +3,8 @@ and [/THINK] are special tokens of its tokenizer (the server keeps them in the t
 Mistral tokenizer does), and its weights make each token's successor certain (test_mistral_tools' bigram
 chains; where two chains share a token, a request's logit_bias picks the successor). The answer is content
 until the model writes [THINK], reasoning up to [/THINK]; tool calls are read after it; a constraint holds from
-the first token unless the prompt opened [THINK]; streamed answers equal the non-streamed ones."""
+the first token where the prompt closed a [THINK] block, waits for [/THINK] where it opened one, and lets the
+first token decide where it holds none (vLLM 0.26's); streamed answers equal the non-streamed ones."""
 import json
 import re
 
@@ -111,30 +112,37 @@ def test_tool_call_after_thinking(magistral):
     assert _streamed(server, _body(tok, CALL, tools=TOOLS)) == want
 
 
-def test_constraint_starts_at_the_first_token_unless_the_prompt_opened_think(magistral):
-    """Structured output holds from the first token (the model cannot open a [THINK] block then), as vLLM's
-    where the prompt closed a block (Magistral's system prompt shows one); where the prompt opened [THINK] (a
-    continued assistant message) it waits for the model's [/THINK], and the reasoning comes first."""
+def test_constraint_starts_where_vllm_ends_the_reasoning(magistral):
+    """Structured output starts where vLLM 0.26 ends the reasoning. The prompt closed a block (Magistral's
+    system prompt shows one): from the first token, so the model cannot open [THINK]. The prompt holds no
+    [THINK]: the first token is free and decides; the model's [THINK] opens the reasoning and the constraint
+    waits for its [/THINK] (another first token would start it after that token). The prompt opened [THINK] (a
+    continued assistant message): it waits for the model's [/THINK]."""
     server, tok = magistral
     so = {"structured_outputs": {"regex": REGEX}, "return_token_ids": True}
     think, end = tok.convert_tokens_to_ids([THINK, END])
     system = {"role": "system", "content": "Think as this shows: [THINK]thoughts[/THINK] then answer."}
-    for messages in ([{"role": "user", "content": "<ans>"}], [system, {"role": "user", "content": "<ans>"}]):
-        body = _body(tok, ANSWER, messages=messages, **so)
-        choice = _chat(server, body)
-        assert think not in choice["token_ids"] and end not in choice["token_ids"], choice
-        assert choice["message"]["reasoning"] is None and re.fullmatch(REGEX, choice["message"]["content"]), choice
-        assert _streamed(server, body) == _summary(choice)
-    opened = [{"role": "user", "content": "<ans>"}, {"role": "assistant", "content": THINK}]
-    body = _body(tok, ANSWER, messages=opened, add_generation_prompt=False, continue_final_message=True, **so)
-    choice = _chat(server, body)
-    assert choice["token_ids"][1] == end and choice["message"]["reasoning"] == "Two and two.", choice
-    assert re.fullmatch(REGEX, choice["message"]["content"]), choice
+    body = _body(tok, ANSWER, messages=[system, {"role": "user", "content": "<ans>"}], **so)
+    choice = closed = _chat(server, body)
+    assert think not in choice["token_ids"] and end not in choice["token_ids"], choice
+    assert choice["message"]["reasoning"] is None and re.fullmatch(REGEX, choice["message"]["content"]), choice
     assert _streamed(server, body) == _summary(choice)
-    # an enforced tool call too: from the first token
+    plain = _body(tok, ANSWER, messages=[{"role": "user", "content": "<ans>"}], **so)
+    opened = [{"role": "user", "content": "<ans>"}, {"role": "assistant", "content": THINK}]
+    for body, at in ((plain, 2), (_body(tok, ANSWER, messages=opened, add_generation_prompt=False,
+                                         continue_final_message=True, **so), 1)):
+        choice = _chat(server, body)
+        assert choice["token_ids"][at] == end and choice["message"]["reasoning"] == "Two and two.", choice
+        assert re.fullmatch(REGEX, choice["message"]["content"]), choice
+        assert _streamed(server, body) == _summary(choice)
+    # without the reasoning asked for (include_reasoning false), from the first token (vLLM's reasoning_ended)
+    hidden = _post(server, {**plain, "include_reasoning": False, "return_token_ids": False}).json()
+    assert hidden["usage"]["completion_tokens"] == len(closed["token_ids"]), hidden   # no [THINK] block
+    assert hidden["choices"][0]["message"]["content"] == closed["message"]["content"], hidden
+    # an enforced tool call too: the model thinks first, then calls
     forced = _chat(server, _body(tok, CALL, tools=TOOLS, tool_choice="required", max_tokens=60))
-    assert forced["message"]["reasoning"] is None and [c["function"]["name"] for c in
-                                                       forced["message"]["tool_calls"]] == ["get_weather"], forced
+    assert forced["message"]["reasoning"] == "Weather, so a call." and [
+        c["function"]["name"] for c in forced["message"]["tool_calls"]] == ["get_weather"], forced
 
 
 def test_thinking_token_budget_counts_the_block_the_model_opens(magistral):
@@ -155,15 +163,19 @@ def test_thinking_token_budget_counts_the_block_the_model_opens(magistral):
 
 def test_completions_constraint_follows_the_prompt(magistral):
     """Completions under the parser, as chat: a prompt that opened [THINK] has its constraint wait for [/THINK];
-    another's holds from the first token."""
+    one that closed a block holds it from the first token; one with no [THINK] lets the first token decide (the
+    model's [THINK] opens reasoning that the constraint waits out)."""
     server, tok = magistral
     think, end = tok.convert_tokens_to_ids([THINK, END])
-    bias = {str(tok.convert_tokens_to_ids("Two and two.")): 1.0, str(tok.convert_tokens_to_ids("The answer")): 1.0}
-    r = _post(server, {"model": MODEL_NAME, "prompt": ["<ans>", "<ans>" + THINK], "temperature": 0,
-                       "max_tokens": 20, "logit_bias": bias, "return_token_ids": True,
+    reasoning = tok.convert_tokens_to_ids("Two and two.")
+    bias = {str(reasoning): 1.0, str(tok.convert_tokens_to_ids("The answer")): 1.0}
+    r = _post(server, {"model": MODEL_NAME, "prompt": ["<ans>", "<ans>" + THINK, "<ans>" + THINK + END],
+                       "temperature": 0, "max_tokens": 20, "logit_bias": bias, "return_token_ids": True,
                        "structured_outputs": {"regex": REGEX}}, "/v1/completions")
     assert r.status_code == 200, r.text
-    first, opened = sorted(r.json()["choices"], key=lambda c: c["index"])
-    assert think not in first["token_ids"] and re.fullmatch(REGEX, first["text"]), first
-    assert opened["token_ids"][:2] == [tok.convert_tokens_to_ids("Two and two."), end], opened
+    plain, opened, closed = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert plain["token_ids"][:3] == [think, reasoning, end], plain
+    assert re.fullmatch(REGEX, tok.decode(plain["token_ids"][3:], skip_special_tokens=True)), plain
+    assert opened["token_ids"][:2] == [reasoning, end], opened
     assert re.fullmatch(REGEX, tok.decode(opened["token_ids"][2:], skip_special_tokens=True)), opened
+    assert think not in closed["token_ids"] and re.fullmatch(REGEX, closed["text"]), closed

@@ -258,14 +258,19 @@ def test_mistral_tags_are_its_tokenizers_tokens():
 
 def test_mistral_engine_fields_where_the_constraint_starts():
     """Where a mistral answer opens in reasoning (the prompt opened [THINK]) a constraint waits for [/THINK];
-    else it holds from the first token, and without a constraint the reasoning ids are set all the same, so that
-    thinking_token_budget counts the block the model's own [THINK] opens. qwen3 and deepseek_r1 set them only
-    where the answer opens in reasoning."""
+    else, as vLLM 0.26, it holds from the first token where the prompt holds a [THINK] (a closed block) or the
+    reasoning is not asked for, and where the prompt holds none the first token decides (free: [THINK] opens
+    the reasoning). Without a constraint the reasoning ids are set all the same, so that thinking_token_budget
+    counts the block the model's own [THINK] opens. qwen3 and deepseek_r1 set them only where the answer opens
+    in reasoning."""
     ids, both = (34, 35), {"reasoning_start_token_id": 34, "reasoning_end_token_id": 35, "thinking_token_budget": 5}
-    assert reasoning_fields("mistral", True, True, ids, 5) == both
+    closed, plain = [1, 34, 7, 35, 9], [1, 7, 9]
+    assert reasoning_fields("mistral", True, True, ids, 5, closed + [34]) == both
     assert reasoning_fields("mistral", True, False, ids, 5) == both
-    assert reasoning_fields("mistral", False, False, ids, 5) == both
-    assert reasoning_fields("mistral", False, True, ids, 5) == {}
+    assert reasoning_fields("mistral", False, False, ids, 5, plain) == both
+    assert reasoning_fields("mistral", False, True, ids, 5, closed) == {}
+    assert reasoning_fields("mistral", False, True, ids, 5, plain) == {**both, "reasoning_first_token_decides": True}
+    assert reasoning_fields("mistral", False, True, ids, 5, plain, include_reasoning=False) == {}
     for name in ("qwen3", "deepseek_r1"):
         assert reasoning_fields(name, True, True, ids, 5) == both
         assert reasoning_fields(name, False, False, ids, 5) == {}

@@ -11,7 +11,7 @@ import xgrammar as xgr
 from pagedllm import LLM, SamplingParams
 from pagedllm.structured_output.manager import RequestGrammar, StructuredOutputManager
 
-VOCAB = ["<eos>", "{", "}", '"', "a", "b", ":", ",", " ", "ab", '{"a": "', '"}', "x"]
+VOCAB = ["<eos>", "{", "}", '"', "a", "b", ":", ",", " ", "ab", '{"a": "', '"}', "x", "[THINK]", "[/THINK]"]
 EOS = 0
 SCHEMA = '{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}'
 
@@ -129,6 +129,27 @@ def test_the_batch_accept_of_single_tokens_equals_the_per_token_flush(compiled, 
             assert torch.equal(mask[row], expected[0]), (step, row)
     x, opening = VOCAB.index("x"), VOCAB.index('{"a": "')   # the quote ends the string, then "a" is refused
     assert [g.rejected for g in batched] == [None, None, x, None, x, None, x, opening]
+
+
+@pytest.mark.parametrize("first", ["[THINK]", "[/THINK]", "{"])
+def test_the_first_token_decides_whether_the_constraint_waits(compiled, first):
+    """vLLM 0.26's mistral rule where the prompt holds no [THINK] (reasoning_first_token_decides): the first token
+    is free; [THINK] keeps the constraint waiting for [/THINK], any other token starts it after that token, which
+    the matcher never takes (vLLM's should_advance ends the reasoning on it and does not advance)."""
+    think, end = VOCAB.index("[THINK]"), VOCAB.index("[/THINK]")
+    future = Future()
+    future.set_result(compiled)
+    g = RequestGrammar(future, "json", 30.0, waits_for=end, opens_with=think)
+    assert g.poll() and not g.masks
+    assert g.accept(VOCAB.index(first)) and g.pending == []
+    if first == "[THINK]":
+        for token in ("x", "{", "[THINK]"):   # reasoning, free
+            assert g.accept(VOCAB.index(token)) and not g.masks and g.pending == []
+        assert g.accept(end)
+    assert g.masks   # the grammar starts here, at its beginning
+    for t in ['{"a": "', "ab", '"}']:
+        assert g.accept(VOCAB.index(t))
+    assert g.accept(EOS) and g.terminated and g.rejected is None
 
 
 def test_a_constrained_sampling_failure_ends_that_steps_requests():
