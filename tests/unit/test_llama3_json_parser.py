@@ -71,6 +71,12 @@ CASES = [
     ("```json\n[" + NOW + ',\n{"foo": 1}\n]\n```\nDone.', ('{"foo": 1}\nDone.', [("now", "{}")])),
     ("[" + NOW + ', {"foo": 1}] and more', ('{"foo": 1} and more', [("now", "{}")])),
     ("[" + NOW + ', {"foo": ', ('{"foo":', [("now", "{}")])),            # cut short in it
+    # a later item that is a JSON scalar is wrapping too (vLLM reads objects only: the call, no content)
+    ("[" + NOW + ", 42]", (None, [("now", "{}")])),
+    ("[" + CALL + ', "x, ]", true ,null, -1.5e3, ' + NOW + ", 0]", (None, [("get_weather", PARIS), ("now", "{}")])),
+    ("[" + NOW + ', {"foo": 1}, false]', ('{"foo": 1}', [("now", "{}")])),
+    ("[" + NOW + ", 42] and more", ("and more", [("now", "{}")])),
+    ("[" + NOW + ", 42 is it", (", 42 is it", [("now", "{}")])),       # no item: text
     # a list or fence around objects that are not calls, and brackets and backticks in text, stay content
     ('[{"name": "Ada", "age": 36}, {"b": 2}]', ('[{"name": "Ada", "age": 36}, {"b": 2}]', [])),
     ('```json\n{"a": 1}\n```', ('```json\n{"a": 1}\n```', [])),

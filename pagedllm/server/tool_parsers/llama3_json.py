@@ -16,7 +16,9 @@ out of the text, answers such text with the calls and no content). A "[" or fenc
 with it: dropped when the object is a call, given back as content when it is not. A later item of a list that
 opened with a call is content when it is no call (`[{call}, {"foo": 1}]` answers `{"foo": 1}`), the list's commas
 and "]" still its wrapping: vLLM answers such a list all as content when not streamed (a streamed call cannot be
-taken back) and drops the object when streamed.
+taken back) and drops the object when streamed. A later item that is a JSON scalar (`[{call}, 42]`) is wrapping
+too, as in vLLM, which reads objects only and answers that list with the call and no content (not streamed: its
+stream answers any text that opens with "[" as content, lists of calls too; here streamed equals non-streamed).
 """
 import re
 
@@ -29,6 +31,11 @@ FENCE = "```"
 OPENER = re.compile(r"(?:```(?:json)?\s*)?(?:\[\s*)?\Z")   # what wraps a first call: a fence, a list, both
 # the start of an opener, which the next text may complete
 PARTIAL_OPENER = re.compile(r"(?:`{1,2}|```(?:j|js|jso|json)?\s*(?:\[\s*)?|\[\s*)?\Z")
+# a later item of a list of calls that is a JSON scalar (a number, a string, true, false, null), with its comma
+SCALAR_ITEM = re.compile(r',\s*(?:-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|"(?:[^"\\]|\\.)*"|true|false|null)'
+                         r"\s*(?=[,\]])")
+# the start of one, which the next text may complete
+PARTIAL_SCALAR_ITEM = re.compile(r',\s*(?:-?[\d.eE+-]*|"(?:[^"\\]|\\.)*(?:\\|")?|[tfn][a-z]{0,4})\s*\Z')
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -94,6 +101,12 @@ class Llama3JsonToolParser(ToolParser):
                 self._after = None
                 self._open(rest[:len(rest) - len(after)], (True, self._fenced), len(self._buf) - len(after))
                 return True
+            scalar = SCALAR_ITEM.match(rest)
+            if scalar:   # wrapping too: vLLM reads the objects only, and answers [{call}, 42] with the call alone
+                self._buf = rest[scalar.end():]
+                return True
+            if PARTIAL_SCALAR_ITEM.match(rest):
+                return False
         if self._in_list and rest[0] == "]":
             self._in_list, self._buf = False, rest[1:]
             return True
