@@ -18,11 +18,16 @@ class StructuredOutputsParams:
     whitespace_pattern: str | None = None     # vLLM's: only None (xgrammar takes no whitespace pattern)
 
     def __post_init__(self):
-        given = [k for k in KINDS if getattr(self, k) not in (None, False)]
+        # json_object False is set (vLLM counts it), never "off": beside another kind it is a second one, and
+        # alone it is refused by name (vLLM 0.26 refuses it as a request is checked)
+        given = [k for k in KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("SamplingParams.structured_outputs must set exactly one of "
                              f"{', '.join(KINDS)}; got {', '.join(given) or 'none'}")
         _check_type(self)
+        if self.json_object is False:
+            raise ValueError("SamplingParams.structured_outputs.json_object must be True if set; omit "
+                             "structured_outputs to have no constraint")
         if self.whitespace_pattern is not None:
             raise ValueError("SamplingParams.structured_outputs.whitespace_pattern must be None: xgrammar, the "
                              "grammar engine here, takes no whitespace pattern (disable_any_whitespace allows "
@@ -30,7 +35,7 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        return next(k for k in KINDS if getattr(self, k) not in (None, False))
+        return next(k for k in KINDS if getattr(self, k) is not None)
 
     def key(self) -> tuple[str, str]:
         """(kind, canonical text): what the compile cache is keyed by (equal constraints compile once)."""

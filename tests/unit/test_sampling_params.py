@@ -252,6 +252,21 @@ def test_structured_outputs_whitespace_pattern_is_a_field_refused_when_set():
         SamplingParams(structured_outputs={"json_object": True, "whitespace_pattern": " "})
 
 
+def test_structured_outputs_json_object_false_is_refused_not_unset():
+    """vLLM 0.26 counts json_object False as set: beside another constraint it is a second one (its
+    __post_init__), and alone it is refused as the request is checked ("must be True if set; omit
+    structured_outputs"). Here it was read as unset: taken beside a regex, and alone refused as "got none"."""
+    from pagedllm.structured_output.params import StructuredOutputsParams
+    with pytest.raises(ValueError, match="exactly one of .*; got regex, json_object"):
+        StructuredOutputsParams(regex="a+", json_object=False)
+    for make in (lambda: StructuredOutputsParams(json_object=False),
+                 lambda: SamplingParams(structured_outputs={"json_object": False})):
+        with pytest.raises(ValueError, match=re.escape("SamplingParams.structured_outputs.json_object must be True "
+                                                       "if set; omit structured_outputs to have no constraint")):
+            make()
+    assert StructuredOutputsParams(json_object=True).kind == "json_object"
+
+
 def test_routed_experts_prompt_start_is_taken():
     """vLLM 0.26's field (an unexpected-keyword TypeError here): it trims routing that only
     --enable-return-routed-experts returns, a flag refused here, so it is taken and checked."""

@@ -77,6 +77,11 @@ def test_two_constraints_are_a_400_naming_both():
     ({"guided_choice": []}, "guided_choice", "non-empty list"),
     ({"structured_outputs": {"grammar": "x ::="}}, "structured_outputs", "structured_outputs.grammar is invalid"),
     ({"structured_outputs": {"jsn": {}}}, "structured_outputs", "unknown field 'jsn'"),
+    # json_object false is set, never "off" (vLLM 0.26 refuses it): alone, and beside another kind
+    ({"structured_outputs": {"json_object": False}}, "structured_outputs",
+     "structured_outputs.json_object must be True if set; omit structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "json_object": False}}, "structured_outputs",
+     "exactly one of json, regex, choice, grammar, json_object, structural_tag; got regex, json_object"),
     ({"structured_outputs": {"regex": "a", "whitespace_pattern": " *"}}, "structured_outputs",
      "whitespace_pattern must be null"),
     ({"guided_decoding_backend": "outlines", "guided_regex": "a"}, "guided_decoding_backend", "outlines"),
