@@ -85,7 +85,8 @@ class LLM:
         priority: one per prompt, lower first (needs scheduling_policy="priority"; vLLM's).
         use_tqdm: a progress bar, or a tqdm factory that makes it (vLLM's: functools.partial(tqdm, leave=False)).
         tokenization_kwargs: vLLM's overrides of tokenizer.encode: add_special_tokens, truncate_prompt_tokens,
-        truncation_side (other keys are refused). mm_processor_kwargs, the multimodal processor's: None or {}.
+        truncation_side, truncation and max_length (other keys are refused). mm_processor_kwargs, the multimodal
+        processor's: None or {}.
         Runs every prompt to completion; outputs come back in input order. A request the engine core
         fails (its own data raised there, or its step did; the log says why) comes back with
         finish_reason "error" on its sequences, and the others as if it had not been there."""
@@ -164,9 +165,13 @@ class LLM:
 
     def _tokenization(self, kwargs: dict, prompts: list, params: list[SamplingParams]):
         """vLLM 0.26's tokenization_kwargs (_check_overrides refused other keys): truncate_prompt_tokens and
-        truncation_side as SamplingParams' fields of those names (vLLM 0.26 moved them here; None: unset);
+        truncation_side as SamplingParams' fields of those names (vLLM 0.26 moved them here; None: unset), or
+        transformers' truncation and max_length (_hf_truncation); a text cut without a side keeps its BOS, one
+        cut from a side given loses it from the left (vLLM's, as its server: InputProcessor);
         add_special_tokens false: text prompts encoded without the tokenizer's BOS (etc.)."""
-        fields = {k: v for k, v in kwargs.items() if k != "add_special_tokens" and v is not None}
+        fields = {k: v for k, v in kwargs.items() if k in ("truncate_prompt_tokens", "truncation_side")
+                  and v is not None}
+        fields.update(_hf_truncation(kwargs))
         if fields:
             try:
                 params = [dataclasses.replace(p, **fields) for p in params]
@@ -376,7 +381,23 @@ def _frozen_gc():
         gc.unfreeze()
 
 
-TOKENIZATION_KEYS = ("add_special_tokens", "truncate_prompt_tokens", "truncation_side")
+TOKENIZATION_KEYS = ("add_special_tokens", "truncate_prompt_tokens", "truncation_side", "truncation", "max_length")
+
+
+def _hf_truncation(kwargs: dict) -> dict:
+    """transformers' truncation and max_length, as vLLM 0.26's TokenizeParams.with_kwargs reads them: truncation
+    True (or "longest_first") keeps max_length tokens (unset: max_model_len, -1), False (or "do_not_truncate")
+    none, over truncate_prompt_tokens. max_length alone, a limit vLLM puts on the prompt's length, is refused."""
+    truncation, max_length = kwargs.get("truncation"), kwargs.get("max_length")
+    if truncation in (True, "longest_first"):
+        return {"truncate_prompt_tokens": -1 if max_length is None else max_length}
+    if truncation not in (None, False, "do_not_truncate"):
+        raise ValueError(f"tokenization_kwargs: truncation must be True, False, 'longest_first' or "
+                         f"'do_not_truncate', got {truncation!r:.50}")
+    if max_length is not None:
+        raise ValueError("tokenization_kwargs: max_length is taken with truncation True (the tokens kept); alone it "
+                         "would only limit the prompt's length, which max_model_len does here")
+    return {"truncate_prompt_tokens": None} if truncation is not None else {}
 
 
 def _check_overrides(tokenization_kwargs: dict | None, mm_processor_kwargs: dict | None):

@@ -75,8 +75,10 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None   # only these may be sampled
     bad_words: list[str] | None = None           # never generated (tokenized by the engine)
     truncate_prompt_tokens: int | None = None    # keep k of the prompt's tokens; -1 = max_model_len
-    truncation_side: str = "left"                # which end truncate_prompt_tokens cuts (vLLM's): left keeps the
-                                                 # last k tokens, right the first k
+    # which end truncate_prompt_tokens cuts (vLLM's): left keeps the last k tokens, right the first k, of the
+    # tokens a text encodes to, its BOS among them; None (vLLM's unset): the tokenizer's own truncation, left,
+    # which keeps the special tokens it adds (BOS, then the text's last k - 1)
+    truncation_side: str | None = None
     structured_outputs: StructuredOutputsParams | None = None   # JSON schema, regex, choice, grammar, ...
     # Reasoning (the server sets these from --reasoning-parser): the token that ends the output's reasoning
     # (`</think>`): structured_outputs applies only after it. thinking_token_budget (vLLM's): once the open
@@ -206,7 +208,7 @@ class SamplingParams:
                  "skip_reading_prefix_cache", "None, True or False", self.skip_reading_prefix_cache)
         _require(self.extra_args is None or isinstance(self.extra_args, dict), "extra_args", "None or a dict",
                  self.extra_args)
-        _require(self.truncation_side in ("left", "right"), "truncation_side", "left or right",
+        _require(self.truncation_side in (None, "left", "right"), "truncation_side", "None, left or right",
                  self.truncation_side)
         for name in ("reasoning_end_token_id", "reasoning_start_token_id"):
             v = getattr(self, name)

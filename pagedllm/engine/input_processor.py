@@ -72,11 +72,12 @@ class InputProcessor:
                              f"got {num_seqs}")
         if self.tokenizer is None:
             params = _without_tokenizer(prompt, params)
-        # A text's truncation keeps the BOS its encoding added (vLLM's: the tokenizer truncates it); ids are as given
+        # A text's truncation keeps the BOS its encoding added where no side is given (vLLM's: the tokenizer
+        # truncates it); with a side, vLLM cuts the encoded tokens, BOS and all, as it cuts ids as given
         added = (num_added_tokens(self.tokenizer) if isinstance(prompt, str) and params.truncate_prompt_tokens
-                 else (0, 0))
+                 and params.truncation_side is None else (0, 0))
         prompt_ids = truncate_prompt(self._prompt_ids(prompt), params.truncate_prompt_tokens, self.max_model_len,
-                                     params.truncation_side, added)
+                                     params.truncation_side or "left", added)
         params.validate_vocab(self.vocab_size, self.max_logprobs)
         if params.structured_outputs is not None:   # a bad schema, regex or grammar: refused now, offline too
             validate_structured_outputs(params.structured_outputs)

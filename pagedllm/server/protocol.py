@@ -58,7 +58,7 @@ def _left_unset(name: str, value) -> bool:
         return value is False or (name == "top_logprobs" and value == 0)
     default = getattr(_DEFAULTS, name)   # skip_special_tokens false is not its default: it would be ignored
     return (value == default or name == "seed" or (value in ([], {}) and default in (None, [], {}))
-            or (name == "top_k" and value == -1))
+            or (name == "top_k" and value == -1) or (name == "truncation_side" and value == "left"))
 
 
 def validated(cls, body: dict):

@@ -62,8 +62,8 @@ def test_enqueue_takes_vllms_parameters(llm, capsys):
     llm.enqueue("Once", GREEDY, use_tqdm=True)
     assert "Adding requests" in capsys.readouterr().err
     for name in ("tokenization_kwargs", "mm_processor_kwargs"):
-        with pytest.raises(ValueError, match=rf"{name} \['max_length'\] is not built here"):
-            llm.enqueue("Once", GREEDY, **{name: {"max_length": 4}})
+        with pytest.raises(ValueError, match=rf"{name} \['padding'\] is not built here"):
+            llm.enqueue("Once", GREEDY, **{name: {"padding": "max_length"}})
     assert [o.outputs[0].text for o in llm.wait_for_completion(use_tqdm=False)] == [" upon a time", " and Tom",
                                                                                      " upon a time"]
 
@@ -208,6 +208,32 @@ def test_tokenization_kwargs_truncate_and_leave_out_special_tokens_as_vllms(llm)
         out(text, {"truncate_prompt_tokens": 0})
     with pytest.raises(ValueError, match="tokenization_kwargs: add_special_tokens must be a bool"):
         out(text, {"add_special_tokens": "no"})
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_tokenization_kwargs_cut_a_text_as_the_server_does(llm):
+    """vLLM 0.26 offline (TokenizeParams.with_kwargs) as its server: without a side the tokenizer truncates, and
+    the BOS it adds stays; with truncation_side given the encoded tokens are cut from that side, BOS and all.
+    transformers' truncation and max_length say the same as truncate_prompt_tokens. Here a side given still kept
+    the BOS, and truncation / max_length were refused."""
+    tok = llm.get_tokenizer()
+    text = "Once upon a time, there was a little girl named Lily."
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id
+    out = lambda kw: llm.generate(text, GREEDY, use_tqdm=False, tokenization_kwargs=kw)[0].prompt_token_ids  # noqa
+    assert out({"truncate_prompt_tokens": 5, "truncation_side": "left"}) == ids[-5:]   # the BOS cut with the left
+    assert out({"truncate_prompt_tokens": 5, "truncation_side": "right"}) == ids[:5]
+    assert out({"truncation_side": "left", "truncation": True, "max_length": 5}) == ids[-5:]
+    assert out({"truncation": True, "max_length": 5}) == [ids[0]] + ids[-4:]
+    assert out({"truncation": "longest_first", "max_length": 5}) == [ids[0]] + ids[-4:]
+    assert out({"truncation": True}) == ids   # max_length unset: max_model_len
+    assert out({"truncate_prompt_tokens": 5, "truncation": False}) == ids
+    params = SamplingParams(temperature=0.0, max_tokens=2, truncate_prompt_tokens=5, truncation_side="left")
+    assert llm.generate(text, params, use_tqdm=False)[0].prompt_token_ids == ids[-5:]
+    with pytest.raises(ValueError, match="tokenization_kwargs: max_length is taken with truncation True"):
+        out({"max_length": 5})
+    with pytest.raises(ValueError, match="tokenization_kwargs: truncation must be"):
+        out({"truncation": "only_second", "max_length": 5})
     assert not llm.engine.has_unfinished_requests()
 
 

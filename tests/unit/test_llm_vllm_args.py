@@ -54,8 +54,8 @@ def test_tokenization_and_processor_kwargs_are_taken_empty_and_refused_otherwise
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert llm.chat([{"role": "user", "content": "Hi"}], params, use_tqdm=False, chat_template=template,
                     tokenization_kwargs=None, mm_processor_kwargs=None)[0].finished
-    with pytest.raises(ValueError, match="tokenization_kwargs .*'max_length'.*truncate_prompt_tokens"):
-        llm.generate("Once", params, use_tqdm=False, tokenization_kwargs={"max_length": 4})
+    with pytest.raises(ValueError, match="tokenization_kwargs .*'padding'.*truncate_prompt_tokens"):
+        llm.generate("Once", params, use_tqdm=False, tokenization_kwargs={"padding": "max_length"})
     with pytest.raises(ValueError, match="mm_processor_kwargs .*multimodal"):
         llm.chat([{"role": "user", "content": "Hi"}], params, chat_template=template, mm_processor_kwargs={"a": 1})
 
