@@ -38,6 +38,11 @@ CALLS = [
      [("f", r'{"s": "line1\nline2\t\"q\" \\ é🚀 {[(", "n": -2.5}')]),
     (r"""[f(s='a\x41\u00e9\N{EM DASH}\123\\\'z' "y\"", t=1), g(u='''it's''')]""",
      [("f", '{"s": "aAé—S\\\\\'zy\\"", "t": 1}'), ("g", '{"u": "it\'s"}')]),
+    # read from the open call's last boundary ("," or an opener in it): values across boundaries, a trailing ","
+    ("[f(xs=[1, [2, {'a': [3, 4], 'b': {}}], 5,], d={1: 'x', 'y': [None, ], 2.5: {'z': [[], [7]]}}, n=-1), "
+     "g(s=['a', \"b\", 'c' 'd', ], t={})]",
+     [("f", '{"xs": [1, [2, {"a": [3, 4], "b": {}}], 5], "d": {"1": "x", "y": [null], "2.5": {"z": [[], [7]]}}, '
+            '"n": -1}'), ("g", '{"s": ["a", "b", "cd"], "t": {}}')]),
     # items the brackets cannot tell apart (a comment): the list is parsed whole
     ("[f(x=1),  # first, or 'one'\n g(y='a, b')]", [("f", '{"x": 1}'), ("g", '{"y": "a, b"}')]),
 ]
@@ -90,7 +95,10 @@ def test_a_list_gone_wrong_after_a_call_went_out_keeps_it():
 
 @pytest.mark.parametrize("text", ["[f(x='ab', y=1, x='cd')]",   # Python refuses a keyword given twice
                                   "[f(x={'a': 1, 'b': 2, 'a': 3})]",   # the last value would take the first place
-                                  "[f(x={1: 'a', True: 'b'})]"])       # (1 == True: one key)
+                                  "[f(x={1: 'a', True: 'b'})]",        # (1 == True: one key)
+                                  # given again after a boundary the dict holds the first in (read from there on)
+                                  "[f(x={'a': [1, 2], 'b': {'c': 3}, 1: [4], 'a': 5}, y=1)]",
+                                  "[f(x=[1, 2], y={'k': [3, 4]}, x=5)]"])
 def test_a_keyword_or_key_given_twice_is_no_literal(text):
     """Its value would replace the first one where that one went out already, so the stream could not be a
     prefix of it (it sent broken JSON). Not streamed, the list is content; streamed, what went out is closed."""

@@ -1,6 +1,7 @@
 """Long argument values streamed a few characters a delta: each delta's work stays bounded by the delta, not by
 the text read so far. Parsers that copied what they held on each delta (`held += delta`), joined it or parsed it
-again were quadratic: ~0.4 s for a 50 KB value fed 4 characters at a time, pythonic's ast re-parse 16 s.
+again were quadratic: ~0.4 s for a 50 KB value fed 4 characters at a time, pythonic's ast re-parse 16 s (a
+string; a long list, dict or run of strings was re-parsed from the call's start at each delta until later).
 
 The work is counted, not timed: a delta that copies, joins or re-parses the text so far allocates memory in
 proportion to it, so each delta's allocation peak (tracemalloc) is measured, and what the deltas allocate past a
@@ -27,6 +28,12 @@ CODE = (LINE * (SIZE // len(LINE) + 1))[:SIZE]
 PLAIN = "x" * SIZE
 J_CODE, J_PLAIN = json.dumps(CODE, ensure_ascii=False), json.dumps(PLAIN)
 P_CODE = repr(CODE)   # a Python literal: pythonic's
+# long values that are no string: a list of numbers, a dict, a run of short strings, nested (pythonic re-parsed
+# the open call from its start at each delta: ~10 MB past the bound for the list)
+P_NUMBERS = "[" + ", ".join(str(i % 1000 - 7) for i in range(SIZE // 5)) + "]"
+P_DICT = "{" + ", ".join(f"'k{i}': {i}.5" for i in range(SIZE // 11)) + "}"
+P_STRINGS = "[" + ", ".join(repr(f"s{i}") for i in range(SIZE // 8)) + "]"
+P_NESTED = "{" + ", ".join(f"{i}: [{i}, {{'v': [True, None]}}]" for i in range(SIZE // 32)) + "}"
 QWEN_TOOLS = [{"type": "function", "function": {"name": "write", "parameters": {
     "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"},
                                      "n": {"type": "integer"}}}}}]
@@ -64,6 +71,10 @@ OUTPUTS = {
     "pythonic_plain": (parser("pythonic"), f'[f(code="{PLAIN}")]'),
     "pythonic_concatenated": (parser("pythonic"), f"[f(code={P_CODE} 'more' {P_CODE})]"),
     "pythonic_content": (parser("pythonic"), CODE),
+    "pythonic_numbers": (parser("pythonic"), f"[f(xs={P_NUMBERS}, n=1), g(a=1)]"),
+    "pythonic_dict": (parser("pythonic"), f"[f(d={P_DICT})]"),
+    "pythonic_strings": (parser("pythonic"), f"[f(s={P_STRINGS}, t={P_NUMBERS})]"),
+    "pythonic_nested": (parser("pythonic"), f"[f(x={{'a': {P_NESTED}, 'code': {P_CODE}}})]"),
     "llama4_pythonic": (parser("llama4_pythonic"), f"<|python_start|>[f(code={P_CODE})]<|python_end|>"),
     "qwen3_coder": (qwen3_coder, qwen_call(CODE)),
     "qwen3_coder_plain": (qwen3_coder, qwen_call(PLAIN)),

@@ -18,20 +18,21 @@ content, unless it was cut short.
 So that a long value streams in linear time (parsing all of the text at each delta was quadratic: 25 s for a
 50 KB string fed 4 characters at a time), only the items whose calls have not ended are parsed (the list before
 them is calls already), and while the open call ends in a string that only grows, what is added to it is decoded
-on its own and goes out as its JSON, no parse at all. Where the brackets cannot tell the items apart (a comment,
-a triple-quoted string), all of the list is parsed at each delta, as before.
+on its own and goes out as its JSON, no parse at all. Once the open call has passed a boundary (a "," or an
+opener in its arguments), it is parsed from its last boundary only, after a short context that stands for the
+text before it (pythonic_window.py): a long list, dict or run of strings parsed from the call's start at each
+delta was quadratic too. The end of a closed list whose calls all went out is not parsed again. Where the
+brackets cannot tell the items apart (a comment, a triple-quoted string), all of the list is parsed at each
+delta, as before.
 """
-import ast
 import json
 import re
-import warnings
-from collections import deque
 
 from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser, partial_suffix
+from pagedllm.server.tool_parsers.pythonic_literal import read_calls, string_body
+from pagedllm.server.tool_parsers.pythonic_text import CLOSER, QUOTES, OpenBrackets, OpenString, Tail
+from pagedllm.server.tool_parsers.pythonic_window import Window, context, keys_at, new_keys_clash
 
-JSON_NAMES = {"true": True, "false": False, "null": None}   # some models write JSON's literals in the call
-CLOSER = {"[": "]", "(": ")", "{": "}"}
-QUOTES = "'\""
 START, END = "<|python_start|>", "<|python_end|>"   # llama4_pythonic's wrapping
 # inside a string: an escape that may still go on (a lone backslash; an octal escape of one or two digits)
 OPEN_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\[0-7]{0,2}$")
@@ -43,7 +44,7 @@ class PythonicToolParser(ToolParser):
         super().__init__(max_calls)
         self._pieces: list[str] = []        # the text, in pieces (joined at the finish)
         self._is_list: bool | None = None   # None until the first character that is not whitespace
-        self._sent: list[list[str]] = []    # argument text out, per call of the list, in pieces
+        self._sent: list[Tail] = []         # argument text out, per call of the list, in pieces
         # each call's arguments as last completed: (True, what the completion closed of them), the arguments being
         # what is out and that; or (False, the arguments), where what is out is not a prefix of them
         self._closed: list[tuple[bool, str]] = []
@@ -55,6 +56,7 @@ class PythonicToolParser(ToolParser):
         self._string: OpenString | None = None   # the open string of the open call, read without parsing
         self._stuck = False                 # the list can no longer be one of calls: nothing more to parse
         self._in_step = True                # what went out of the last call sent is a prefix of its arguments
+        self._window: Window | None = None  # the open call read from its last boundary on
 
     def feed(self, text: str) -> DeltaMessage:
         if self._is_list is not False:
@@ -73,7 +75,13 @@ class PythonicToolParser(ToolParser):
         return self._take()
 
     def finish(self) -> DeltaMessage:
-        calls = _calls("".join(self._pieces).strip()) if self._is_list else None
+        brackets = self._brackets
+        if self._is_list and not brackets.stack and not brackets.bad and self._num_ended == len(brackets.starts):
+            # the list closed, each of its items a call that went out whole: nothing to add (a long list's parse
+            # would cost as much as all of the stream's)
+            self._flush_content()
+            return self._take()
+        calls = read_calls("".join(self._pieces).strip()) if self._is_list else None
         if calls:   # "[]" calls nothing: content, as vLLM's
             self._emit(calls, None)
         elif self._sent:   # gone wrong (or cut short) after a call went out
@@ -85,7 +93,8 @@ class PythonicToolParser(ToolParser):
 
     def _read_list(self, text: str):
         """text: the list's new text. Each delta parses at most the items whose calls have not ended (the list
-        before them is known to be calls), and none while the open call's string only grows (read on its own)."""
+        before them is known to be calls), from the open call's last boundary on once it has one (a Window), and
+        none while the open call's string only grows (read on its own)."""
         brackets = self._brackets
         brackets.read(text)
         self._tail.append(text)
@@ -97,32 +106,122 @@ class PythonicToolParser(ToolParser):
             self._read_string(text)
             return
         self._string = None
+        if self._num_ended >= len(brackets.starts):   # every item a call that went out whole: nothing to read
+            return
         stack = brackets.stack
         in_string = stack[-1] in QUOTES if stack else False
         if not in_string and (self._last.isalnum() or self._last in WAITS):   # the last value may still change
             return
-        if brackets.plain:
-            first = min(self._num_ended, len(brackets.starts) - 1)   # the first item whose call has not ended
-            self._tail.drop_to(brackets.starts[first])
-            if not self._whole_items(first):
+        if self._window is not None and self._window.call < self._num_ended:   # its call has ended
+            self._window = None
+        window = self._window if brackets.plain else None
+        if window is not None:
+            first, text = window.call, ""
+            read = self._read_window(window, stack)
+            if read is None:
                 return
-            text = "[" + self._tail.text()
-        else:   # its items may not be where the brackets saw them: all of the list, each time
-            first, text = 0, "".join(self._pieces).lstrip()
-        read = _read_partial(text, stack)
-        if read is None:
+            calls, open_closers = read if read is not False else ([], None)
+            if read is False or not self._emit_window(window, calls, open_closers):
+                # what the whole call says goes out (a window never sees it: a key given twice is refused)
+                self._window = window = None
+            i = first + len(calls) - 1
+        if window is None:
+            if brackets.plain:
+                first = min(self._num_ended, len(brackets.starts) - 1)   # the first item whose call has not ended
+                self._tail.drop_to(brackets.starts[first])
+                if not self._whole_items(first):
+                    return
+                text = "[" + self._tail.text()
+            else:   # its items may not be where the brackets saw them: all of the list, each time
+                first, text = 0, "".join(self._pieces).lstrip()
+            read = _read_partial(text, stack)
+            if read is None:
+                return
+            calls, open_closers = read
+            self._emit(calls, open_closers, first)
+            i = first + len(calls) - 1
+        if not (open_closers is not None and self._num_ended <= i < len(self._sent) and self._in_step
+                and brackets.plain):
             return
-        calls, open_closers = read
-        self._emit(calls, open_closers, first)
-        i = first + len(calls) - 1   # the open call: a string that only grows is read without parsing from now on
-        if in_string and open_closers is not None and self._num_ended <= i < len(self._sent) and self._in_step \
-                and brackets.plain and not (brackets.before_quote.isalnum() or brackets.before_quote == "_"):
-            # (no prefix: r'', b'', f'') and what it holds ends its call's arguments: one more
-            # character in it is one more before the closers (not so where a keyword or key given twice put the
-            # value of its first place)
-            probe = _read_partial(text + "Z", stack)
-            if probe is not None and probe[0][-1][1] == "".join(self._sent[i]) + "Z" + open_closers:
+        if in_string and not (brackets.before_quote.isalnum() or brackets.before_quote == "_"):
+            # the open call's string (no prefix: r'', b'', f'') ends its arguments: one more character in it is
+            # one more before the closers (not so where a keyword or key given twice put the value of its first
+            # place): it is read without parsing from now on
+            if self._probe(window, text, stack, open_closers, i):
                 self._string = OpenString(i, stack[-1], brackets.changes)
+        if i == first:
+            self._move_window(window, text, i, read)
+
+    def _read_window(self, window: Window, stack: list[str] | tuple, extra: str = ""):
+        """(calls, closers) as _read_partial of the list from the window's call, that call's arguments being the
+        JSON after the window's boundary (", " first where it follows an element), or None as _read_partial
+        answers (or for a key given again); False where the window cannot tell (the whole call is parsed)."""
+        return _after_window(window, _read_partial(window.context + self._tail.text_from(window.start) + extra,
+                                                   stack))
+
+    def _emit_window(self, window: Window, calls: list, closers: str | None) -> bool:
+        """The window's read out: while its call is open, its arguments' JSON after what is out (a value goes out
+        once it is final, as _emit); once it has ended, as _emit (the whole of the call's JSON once). False where
+        what is out is not a prefix of them."""
+        sent = self._sent[window.call]
+        after = calls[0][1]
+        if len(calls) > 1 or closers is None:
+            calls[0] = (calls[0][0], sent.text()[:window.sent] + after, calls[0][2])
+            self._emit(calls, closers, window.call)
+            return self._in_step
+        shown, done = after[:len(after) - len(closers)], sent.text_from(window.sent)
+        if not shown.startswith(done):
+            return False
+        if len(shown) > len(done):
+            sent.append(shown[len(done):])
+            self._arguments(shown[len(done):])
+        self._closed[window.call] = (True, closers)
+        return True
+
+    def _probe(self, window: Window | None, text: str, stack: list[str], closers: str, i: int) -> bool:
+        """One more character in the open string is one more before the closers of the call's arguments."""
+        if window is None:
+            probe = _read_partial(text + "Z", stack)
+            return probe is not None and probe[0][-1][1] == self._sent[i].text() + "Z" + closers
+        probe = self._read_window(window, stack, "Z")
+        return bool(probe) and len(probe[0]) == 1 and probe[0][0][1] == (self._sent[i].text_from(window.sent) + "Z"
+                                                                          + closers)
+
+    def _move_window(self, window: Window | None, text: str, i: int, read: tuple):
+        """The open call i, all out up to the end (read: what the delta read, as _read_window or _read_partial
+        answered): its window starts at the last boundary, if past its start."""
+        brackets, sent = self._brackets, self._sent[i]
+        boundary = brackets.boundary
+        start = window.start if window is not None else brackets.starts[i]
+        if boundary is None or boundary.pos <= start:
+            return
+        if window is not None:
+            read_text, at = window.context + self._tail.text_from(window.start), len(window.context) - window.start
+        else:   # text: "[" and the list's text from item i
+            read_text, at = text, 1 - start
+        source = read_text[:boundary.pos + at]
+        if boundary.has_elem and source[:-1].rstrip()[-1] in "([{,":   # "[," or ",,": no element before the ","
+            return   # (the text up to it would parse, its "," dropped; not so after the window's context)
+        if read_text[len(source):].strip():   # text after the boundary: the text up to it is read alone
+            read = _read_partial(source, boundary.stack)
+            read = _after_window(window, read) if window is not None else read
+            if not read or len(read[0]) != 1:
+                return
+        calls, closers = read
+        arguments, tree = calls[0][1], calls[0][2]
+        shown = arguments[:len(arguments) - len(closers)]
+        if window is not None:   # the JSON between the two boundaries
+            if sent.text_from(window.sent)[:len(shown)] != shown:
+                return
+            length = window.sent + len(shown)
+        elif sent.text()[:len(shown)] == shown:
+            length = len(shown)
+        else:
+            return
+        keys, path = keys_at(boundary, tree, window)
+        source, prefix = context(boundary.stack, path)
+        self._window = Window(i, boundary.pos, boundary.stack, boundary.has_elem, length, source, prefix, keys)
+        brackets.mark()
 
     def _whole_items(self, first: int) -> bool:
         """The items from `first` on that a "," closed are each a call with literal arguments (each is checked
@@ -132,7 +231,7 @@ class PythonicToolParser(ToolParser):
             return True
         text, base = self._tail.text(), starts[first]
         for j in range(max(first, self._checked), len(starts) - 1):
-            calls = _calls("[" + text[starts[j] - base:starts[j + 1] - 1 - base] + "]")
+            calls = read_calls("[" + text[starts[j] - base:starts[j + 1] - 1 - base] + "]")
             if calls is None or len(calls) != 1:
                 self._stuck = True
                 return False
@@ -148,7 +247,7 @@ class PythonicToolParser(ToolParser):
             string.pending = body
             return
         try:
-            value = _string_body(string.quote, body)
+            value = string_body(string.quote, body)
         except (SyntaxError, ValueError, MemoryError):
             # an escape not complete yet (\x4, \N{LATIN ...): wait; one that no text completes (a name of a
             # hundred characters is none) leaves the list unparseable for good, as a raw newline does
@@ -163,7 +262,7 @@ class PythonicToolParser(ToolParser):
     def _emit(self, calls: list[tuple[str, str]], open_closers: str | None, first: int = 0):
         """calls: those of the list from its item `first` on; open_closers: what the completion closed of the
         last call (None: every call is written whole)."""
-        for j, (name, arguments) in enumerate(calls):
+        for j, (name, arguments, _) in enumerate(calls):
             i = first + j
             if i < self._num_ended:
                 continue
@@ -173,7 +272,7 @@ class PythonicToolParser(ToolParser):
             shown = arguments if whole else arguments[:len(arguments) - len(open_closers)]
             if i == len(self._sent):
                 self._start_call(name)
-                self._sent.append([])
+                self._sent.append(Tail())
                 self._closed.append((True, ""))
             self._send(i, shown)
             self._closed[i] = (True, "" if whole else open_closers) if self._in_step else (False, arguments)
@@ -181,13 +280,12 @@ class PythonicToolParser(ToolParser):
                 self._end()
 
     def _send(self, i: int, shown: str):
-        sent = "".join(self._sent[i])
-        self._sent[i] = [sent]
+        sent = self._sent[i].text()
         # a value goes out once it is final; but a keyword given twice (the last value wins) changes what is out
         self._in_step = shown.startswith(sent)
         if self._in_step:
             self._arguments(shown[len(sent):])
-            self._sent[i] = [shown]
+            self._sent[i].replace(shown)
 
     def _end(self):
         self._end_call()
@@ -239,58 +337,22 @@ class Llama4PythonicToolParser(PythonicToolParser):
         return text[:len(text) - keep].replace(END, "")
 
 
-class OpenString:
-    """The string the open call's text ends in, once a completion parsed with it: what is added to it until its
-    quote closes it is its JSON's continuation."""
-
-    def __init__(self, call: int, quote: str, changes: int):
-        self.call = call          # the call's index in the list
-        self.quote = quote
-        self.changes = changes    # the brackets' count of opened and closed when it was parsed
-        self.pending = ""         # its text not decoded yet (an escape cut short)
-
-
-class Tail:
-    """A text from a position on, in pieces: appended as it comes, its start dropped once it is not needed."""
-
-    def __init__(self):
-        self._pieces: deque[str] = deque()
-        self._start = 0   # where the first piece starts in the whole text
-
-    def append(self, text: str):
-        self._pieces.append(text)
-
-    def drop_to(self, at: int):
-        while self._pieces and self._start + len(self._pieces[0]) <= at:
-            self._start += len(self._pieces.popleft())
-        if self._pieces and self._start < at:
-            self._pieces[0] = self._pieces[0][at - self._start:]
-            self._start = at
-
-    def text(self) -> str:
-        if len(self._pieces) > 1:
-            whole = "".join(self._pieces)
-            self._pieces.clear()
-            self._pieces.append(whole)
-        return self._pieces[0] if self._pieces else ""
+def _after_window(window: Window, read):
+    """A read of the window's text after its context (_read_partial's) as _read_window answers it."""
+    if read is None:
+        return None
+    calls, closers = read
+    name, arguments, tree = calls[0]
+    if not arguments.startswith(window.prefix):
+        return False   # (never so: the context's JSON comes first)
+    if new_keys_clash(window, tree):
+        return None   # a key the text before the boundary has, given again: Python or _literal refuses it
+    after = arguments[len(window.prefix):]
+    after = (", " if window.has_elem and after[0] not in "]}" else "") + after
+    return [(name, after, tree), *calls[1:]], closers
 
 
-def _string_body(quote: str, body: str) -> str:
-    """The value of a string's text between its quotes (no prefix): itself without escapes, where the string is
-    valid Python (no line break, no NUL, no lone surrogate: UTF-8, as parsing encodes it), else as ast reads it."""
-    if "\\" not in body and "\n" not in body and "\r" not in body and "\0" not in body:
-        if not body.isascii():
-            body.encode()   # a lone surrogate: UnicodeEncodeError, a ValueError (as ast's)
-        return body
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # an invalid escape in a string is a SyntaxWarning
-        value = ast.literal_eval(quote + body + quote)
-    if not isinstance(value, str):
-        raise ValueError(body)
-    return value
-
-
-def _read_partial(text: str, stack: list[str]) -> tuple[list[tuple[str, str]], str | None] | None:
+def _read_partial(text: str, stack: list[str] | tuple) -> tuple[list[tuple[str, str, dict]], str | None] | None:
     """(calls, closers of the open call or None) of a list being written, stack its open brackets; None while the
     end of text may still change the last value, or when the text cannot be completed into a list of calls."""
     if stack and stack[-1] in QUOTES:
@@ -302,104 +364,9 @@ def _read_partial(text: str, stack: list[str]) -> tuple[list[tuple[str, str]], s
             text = text[:-1]
         elif text[-1].isalnum() or text[-1] in WAITS:
             return None
-    calls = _calls(text + "".join(CLOSER.get(c, c) for c in reversed(stack)))
+    calls = read_calls(text + "".join(CLOSER.get(c, c) for c in reversed(stack)))
     if calls is None or len(stack) < 2 or stack[1] != "(":
         return (calls, None) if calls is not None else None
     # the last call is open: its JSON ends with what closes its open values (quotes -> '"'), then its "}"
     closers = "".join('"' if c in QUOTES else CLOSER[c] for c in reversed(stack[2:])) + "}"
     return (calls, closers) if calls and calls[-1][1].endswith(closers) else None
-
-
-class OpenBrackets:
-    """The brackets and the string (its quote) open at the end of the list's text, innermost last, read as the
-    text grows (each character once); bad once they mismatch or text other than whitespace follows its "]".
-    Where the text is plain (no comment, no triple quote, no strings side by side without a space), the items
-    start where they saw them, else they may be wrong."""
-
-    def __init__(self):
-        self.stack: list[str] = []
-        self.bad = False
-        self.starts: list[int] = []   # where each item of the list starts in its text (after its "[" or ",")
-        self.changes = 0              # brackets and quotes opened or closed so far
-        self.before_quote = ""        # the character before the last string's opening quote
-        self.plain = True
-        self._escaped = False
-        self._num_read = 0
-        self._previous = ""
-
-    def read(self, text: str):
-        """text: the list's new text."""
-        for ch in text:
-            self._char(ch)
-
-    def _char(self, ch: str):
-        stack = self.stack
-        if stack and stack[-1] in QUOTES:
-            if self._escaped:
-                self._escaped = False
-            elif ch == "\\":
-                self._escaped = True
-            elif ch == stack[-1]:
-                stack.pop()
-                self.changes += 1
-        elif not stack and self._num_read:   # the list has closed
-            self.bad = self.bad or not ch.isspace()
-        elif ch in QUOTES or ch in CLOSER:
-            if ch in QUOTES:
-                self.before_quote = self._previous
-                self.plain = self.plain and self._previous not in QUOTES
-            stack.append(ch)
-            self.changes += 1
-            if len(stack) == 1:
-                self.starts.append(self._num_read + 1)
-        elif ch in ")]}":
-            self.bad = self.bad or not stack or CLOSER[stack.pop()] != ch
-            self.changes += 1
-        elif ch == "," and len(stack) == 1:
-            self.starts.append(self._num_read + 1)
-        elif ch == "#":
-            self.plain = False
-        self._previous = ch
-        self._num_read += 1
-
-
-def _calls(source: str) -> list[tuple[str, str]] | None:
-    """[(name, arguments as JSON)] of a list of calls with literal keyword arguments; None for anything else."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # an invalid escape in a string is a SyntaxWarning
-        try:
-            tree = ast.parse(source, mode="eval").body
-        except (SyntaxError, ValueError, MemoryError, RecursionError):
-            return None
-    if not isinstance(tree, ast.List):
-        return None
-    calls = []
-    for call in tree.elts:
-        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args):
-            return None
-        names = [k.arg for k in call.keywords]
-        if not all(names) or len(set(names)) < len(names):   # None: **kwargs; one given twice: Python refuses it
-            return None
-        try:
-            arguments = {k.arg: _literal(k.value) for k in call.keywords}
-            calls.append((call.func.id, json.dumps(arguments, ensure_ascii=False, allow_nan=False)))
-        except (ValueError, TypeError, RecursionError):   # not a literal; inf (1e999); bytes as a dict key
-            return None
-    return calls
-
-
-def _literal(node: ast.expr):
-    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float))):
-        return node.value
-    if isinstance(node, ast.Name) and node.id in JSON_NAMES:
-        return JSON_NAMES[node.id]
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) \
-            and type(node.operand.value) in (int, float):   # -1 is an operator on 1; not -True
-        return -node.operand.value
-    if isinstance(node, ast.List):
-        return [_literal(v) for v in node.elts]
-    if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) for k in node.keys):   # None: **spread
-        value = {k.value: _literal(v) for k, v in zip(node.keys, node.values)}
-        if len(value) == len(node.keys):   # a key given twice: its last value in its first place, unstreamable
-            return value
-    raise ValueError(f"not a literal: {ast.dump(node)}")
