@@ -87,9 +87,9 @@ class SamplingParams:
     # start id, at the output's start (until an end token comes).
     reasoning_end_token_id: int | None = None
     reasoning_start_token_id: int | None = None
-    # mistral's rule (vLLM's) where the prompt holds no start token: the output's first token is free and decides;
-    # the start token opens the reasoning (the constraint waits for the end token), any other lets the constraint
-    # start after it (vLLM's grammar never takes that token)
+    # mistral's rule where the prompt holds no start token: the output's first token decides; the start token opens
+    # the reasoning (the constraint waits for the end token), else it is the constraint's first token. vLLM's first
+    # token is free there (its grammar starts after it), so its answer may open with a token the constraint refuses
     reasoning_first_token_decides: bool = False
     thinking_token_budget: int | None = None
     # vLLM's: end (finish_reason "repetition") when the output ends with a pattern repeated (core/repetition.py)

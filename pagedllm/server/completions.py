@@ -100,8 +100,8 @@ def _thinking(ctx: ServingContext, req: CompletionRequest, params: SamplingParam
     """With a reasoning parser, as vLLM: unless the prompt closed its thinking block, a constraint holds from the
     end of the output's reasoning, and thinking_token_budget counts the tokens of the block `<think>` opens
     (mistral: where the prompt opened a `[THINK]`; else a constraint holds from the first token where the prompt
-    holds a `[THINK]`, and lets the first token decide where it holds none, and without one the budget counts a
-    block the output opens)."""
+    holds a `[THINK]`, and lets the first token decide ([THINK] or the constraint's) where it holds none, and
+    without one the budget counts a block the output opens)."""
     thinks = reasoning.starts_in_reasoning(ctx.reasoning_parser, None, prompt_ids, ctx.think_ids, ctx.turn_id)
     return replace(params, **reasoning.reasoning_fields(ctx.reasoning_parser, thinks,
                                                         params.structured_outputs is not None, ctx.think_ids,

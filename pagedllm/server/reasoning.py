@@ -182,7 +182,8 @@ def reasoning_fields(parser: str, thinks: bool, constrained: bool, think_ids: tu
     opens in content (the model may write [THINK] itself) gets them too, for the budget; under a constraint as
     vLLM 0.26 (its reasoning_ended): where the prompt holds a [THINK] (Magistral's system prompt shows a closed
     block) or the reasoning is not asked for (include_reasoning false) the constraint holds from the first
-    token; where it holds none, the first token is free and decides (reasoning_first_token_decides)."""
+    token; where it holds none, the first token decides (reasoning_first_token_decides): [THINK] or the
+    constraint's first token."""
     mistral = _kind(parser) == "mistral"
     fields = {"reasoning_start_token_id": think_ids[0], "reasoning_end_token_id": think_ids[1],
               "thinking_token_budget": budget}

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagedllm.structured_output.compiler import GrammarCompilePool
@@ -25,8 +26,8 @@ class RequestGrammar:
                  opens_with: int | None = None):
         self.future = future
         self.waits_for = waits_for   # the constraint starts after this token (reasoning's end); None: started
-        # The first token is free and decides (SamplingParams.reasoning_first_token_decides): this one (the
-        # reasoning's start) keeps the wait for waits_for; any other ends the wait, not taken by the matcher
+        # The first token decides (SamplingParams.reasoning_first_token_decides): it may be this one (the
+        # reasoning's start), which keeps the wait for waits_for, or one the grammar allows, which starts it
         self.opens_with = opens_with
         self.kind = kind
         self.timeout = timeout
@@ -42,8 +43,9 @@ class RequestGrammar:
 
     @property
     def masks(self) -> bool:
-        """Its row samples under the bitmask: the constraint has started and is not complete."""
-        return self.waits_for is None and not self.terminated
+        """Its row samples under the bitmask: the constraint has started (or opens_with's choice is due) and is
+        not complete."""
+        return (self.waits_for is None or self.opens_with is not None) and not self.terminated
 
     def poll(self) -> bool:
         """True once the grammar is compiled (the matcher is built then); False while it compiles, or when
@@ -68,11 +70,11 @@ class RequestGrammar:
         `terminated` next); any other waits in `pending` for flush(), which the next bitmask fill runs off the
         step thread (an xgrammar matcher without terminate_without_stop_token ends on a stop token only).
         False: the matcher refused this token, or one before it at the last flush."""
-        if self.opens_with is not None:
-            if token != self.opens_with:
-                self.waits_for = None
-            self.opens_with = None
-            return True
+        if self.opens_with is not None:   # the first token: the reasoning's start, or the grammar's first
+            opened, self.opens_with = token == self.opens_with, None
+            if opened:
+                return True
+            self.waits_for = None
         if self.waits_for is not None:   # free text until that token, which starts the constraint
             if token == self.waits_for:
                 self.waits_for = None
@@ -199,6 +201,10 @@ class StructuredOutputManager:
         indices = [j for j, _ in rows]
         flush_rows([g for _, g in rows])
         self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], self._bitmask, indices)
+        words = self._bitmask.numpy().view(np.uint32)
+        for j, g in rows:   # a first token that may also open the reasoning (RequestGrammar.opens_with)
+            if g.opens_with is not None:
+                words[j, g.opens_with >> 5] |= np.uint32(1 << (g.opens_with & 31))
         # Rows left no token (numpy: 0.4 ms for 256 rows of a 150k vocabulary on the 2-core dev CPU; torch's
         # any() took 5-8 ms there)
         for (_, g), ok in zip(rows, self._bitmask.numpy()[indices].any(axis=1).tolist()):

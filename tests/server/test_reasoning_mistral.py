@@ -145,6 +145,18 @@ def test_constraint_starts_where_vllm_ends_the_reasoning(magistral):
         c["function"]["name"] for c in forced["message"]["tool_calls"]] == ["get_weather"], forced
 
 
+def test_a_first_token_that_is_not_think_is_the_constraints(magistral):
+    """The prompt holds no [THINK] and the model would open with plain content ("Just"): the first token is the
+    constraint's, so the whole answer matches it (vLLM 0.26 lets "Just" through and starts its grammar after it,
+    an answer its constraint refuses). Streamed as not."""
+    server, tok = magistral
+    body = _body(tok, PLAIN, structured_outputs={"regex": REGEX}, return_token_ids=True)
+    choice = _chat(server, body)
+    assert tok.convert_tokens_to_ids(THINK) not in choice["token_ids"], choice
+    assert choice["message"]["reasoning"] is None and re.fullmatch(REGEX, choice["message"]["content"]), choice
+    assert _streamed(server, body) == _summary(choice)
+
+
 def test_thinking_token_budget_counts_the_block_the_model_opens(magistral):
     """thinking_token_budget (vLLM's) counts the block the model's own [THINK] opens (the prompt has none): 0
     forces [/THINK] next, in chat and completions; 1 lets the one token of reasoning come."""

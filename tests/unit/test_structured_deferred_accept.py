@@ -131,24 +131,35 @@ def test_the_batch_accept_of_single_tokens_equals_the_per_token_flush(compiled, 
     assert [g.rejected for g in batched] == [None, None, x, None, x, None, x, opening]
 
 
-@pytest.mark.parametrize("first", ["[THINK]", "[/THINK]", "{"])
-def test_the_first_token_decides_whether_the_constraint_waits(compiled, first):
-    """vLLM 0.26's mistral rule where the prompt holds no [THINK] (reasoning_first_token_decides): the first token
-    is free; [THINK] keeps the constraint waiting for [/THINK], any other token starts it after that token, which
-    the matcher never takes (vLLM's should_advance ends the reasoning on it and does not advance)."""
+def _allowed(manager, g) -> set[str]:
+    mask = manager.fill_bitmask([(0, g)])[0]
+    return {t for i, t in enumerate(VOCAB) if (int(mask[i // 32]) >> (i % 32)) & 1}
+
+
+@pytest.mark.parametrize("first", ["[THINK]", '{"a": "'])
+def test_the_first_token_is_the_reasoning_start_or_the_grammars(compiled, first):
+    """The mistral rule where the prompt holds no [THINK] (reasoning_first_token_decides): the first token's
+    bitmask allows [THINK] and what the grammar allows, nothing else; [THINK] keeps the constraint waiting for
+    [/THINK], any other first token is the grammar's own (vLLM leaves the first token free and starts its
+    grammar after it, so its answer may open with a token the constraint refuses: not taken)."""
     think, end = VOCAB.index("[THINK]"), VOCAB.index("[/THINK]")
     future = Future()
     future.set_result(compiled)
-    g = RequestGrammar(future, "json", 30.0, waits_for=end, opens_with=think)
-    assert g.poll() and not g.masks
-    assert g.accept(VOCAB.index(first)) and g.pending == []
+    g, manager = RequestGrammar(future, "json", 30.0, waits_for=end, opens_with=think), _manager()
+    assert g.poll() and g.masks
+    assert _allowed(manager, g) == {"[THINK]", "{", '{"a": "'}
+    assert g.accept(VOCAB.index(first))
     if first == "[THINK]":
+        assert g.pending == []
         for token in ("x", "{", "[THINK]"):   # reasoning, free
             assert g.accept(VOCAB.index(token)) and not g.masks and g.pending == []
-        assert g.accept(end)
-    assert g.masks   # the grammar starts here, at its beginning
-    for t in ['{"a": "', "ab", '"}']:
+        assert g.accept(end) and g.masks   # the grammar starts here, at its beginning
+        assert _allowed(manager, g) == {"{", '{"a": "'}
+        assert g.accept(VOCAB.index('{"a": "'))
+    assert g.masks and _allowed(manager, g) >= {"ab", '"'}   # inside the string
+    for t in ["ab", '"}']:
         assert g.accept(VOCAB.index(t))
+    assert _allowed(manager, g) == {"<eos>"}   # [THINK] was the first token's choice only
     assert g.accept(EOS) and g.terminated and g.rejected is None
 
 
