@@ -370,7 +370,7 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
                                                  "delta": {"type": kind, key: value}})
 
     async for chunk in chunk_dicts(chunks):
-        if "prompt_token_ids" in chunk:
+        if chunk.get("prompt_token_ids") is not None:   # on the role chunk; null when not asked
             input_tokens = len(chunk["prompt_token_ids"])
         if not started:
             started = True

@@ -251,10 +251,11 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": ctx.served_name(req.model)}
     prefix, num_completion = sse_prefix(head), 0
-    # return_token_ids (vLLM's): the prompt's ids with each choice's role chunk, and each chunk's new ids
-    first = {"prompt_token_ids": prompt_ids} if req.return_token_ids else {}
-    if req.return_prompt_text:   # and the template's text (vLLM's)
-        first["prompt_text"] = prompt_text
+    # return_token_ids (vLLM's): the prompt's ids with each choice's role chunk, and each chunk's new ids;
+    # return_prompt_text: the template's text there. Both keys are on every role chunk, null when not asked,
+    # as vLLM's (it sets them on that chunk whether asked or not, and sends the fields it set).
+    first = {"prompt_token_ids": prompt_ids if req.return_token_ids else None,
+             "prompt_text": prompt_text if req.return_prompt_text else None}
     # continuous_usage_stats (vLLM's): each chunk carries its choice's usage so far
     continuous, counts = req.continuous_usage, [0] * req.n
     none_yet = {"usage": usage(len(prompt_ids), 0)} if continuous else {}

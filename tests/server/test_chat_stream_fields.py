@@ -1,0 +1,60 @@
+"""A chat stream's chunks, field by field, as vLLM 0.26's serving code writes them (exclude_unset per chunk): which
+keys a chunk has, and which are sent as null rather than left out. Driven through chat._stream with made-up
+engine outputs, no model."""
+import asyncio
+import json
+from types import SimpleNamespace
+
+from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedllm.server import chat
+from pagedllm.server.chat_tools import plan_tools
+from pagedllm.server.protocol import ChatCompletionRequest
+
+CTX = SimpleNamespace(model_name="m", response_role="assistant", enable_prompt_tokens_details=False,
+                      served_name=lambda name: "m", system_fingerprint=None, tool_call_parser=None)
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _outputs(steps: list[list[tuple[str, list[int]]]], finishes: list[tuple[str, object]]) -> list[RequestOutput]:
+    """DELTA outputs: steps[k][i] is choice i's (text, token ids) at step k; the last step finishes each choice."""
+    outs = []
+    for k, step in enumerate(steps):
+        last = k == len(steps) - 1
+        comps = [CompletionOutput(i, text, ids, -1.0, None, *(finishes[i] if last else (None, None)))
+                 for i, (text, ids) in enumerate(step)]
+        outs.append(RequestOutput("r", None, [1, 2, 3], None, comps, last, RequestMetrics(0.0)))
+    return outs
+
+
+def _chunks(req: ChatCompletionRequest, outs: list[RequestOutput], ctx=CTX, plan=None, thinks=None) -> list[dict]:
+    async def stream():
+        for out in outs:
+            yield 0, out
+
+    async def collect():
+        return [c async for c in chat._stream(ctx, req, plan or plan_tools(req, None, False), "chatcmpl-1",
+                                              [1, 2, 3], stream(), thinks, "user: hi\\nassistant:")]
+    return [json.loads(c[6:]) for c in asyncio.run(collect())]
+
+
+HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "m"}
+
+
+def _without_created(chunk: dict) -> dict:
+    assert isinstance(chunk.pop("created"), int)
+    return chunk
+
+
+def test_role_chunk_sends_prompt_token_ids_and_prompt_text_as_null_when_not_asked():
+    """vLLM's role chunk sets prompt_token_ids and prompt_text whether asked or not: null unless asked."""
+    req = ChatCompletionRequest(messages=MESSAGES, stream=True)
+    first = _without_created(_chunks(req, _outputs([[("a", [5])]], [("length", None)]))[0])
+    assert first == {**HEAD, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}],
+                     "prompt_token_ids": None, "prompt_text": None}
+    req = ChatCompletionRequest(messages=MESSAGES, stream=True, n=2, return_token_ids=True, return_prompt_text=True)
+    chunks = _chunks(req, _outputs([[("a", [5]), ("b", [6])]], [("length", None)] * 2))
+    for i in range(2):
+        assert chunks[i]["choices"][0]["index"] == i
+        assert (chunks[i]["prompt_token_ids"], chunks[i]["prompt_text"]) == ([1, 2, 3], "user: hi\\nassistant:")
+    assert all("prompt_token_ids" not in c and "prompt_text" not in c for c in chunks[2:])
