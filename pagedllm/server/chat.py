@@ -292,20 +292,25 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                         held[c.index] = ids
                     else:
                         chunk["token_ids"] = ids
+                elif chunk is not None:
+                    chunk["token_ids"] = None
                 if chunk is not None:
                     yield sse({**head, "choices": [chunk], **so_far,
                                **(last if chunk["finish_reason"] is not None else {})})
                 continue
-            ids = f',"token_ids":{json_value(list(c.token_ids))}' if req.return_token_ids else ""
+            ids = json_value(list(c.token_ids)) if req.return_token_ids else "null"
             tail = f',"usage":{json_value(so_far["usage"])}' if so_far else ""
-            if c.finish_reason is not None and last:
-                tail += fingerprint_json(ctx)
+            stop = ""
+            if c.finish_reason is not None:
+                stop = f',"stop_reason":{json_value(c.stop_reason)}'
+                if last:
+                    tail += fingerprint_json(ctx)
             # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": ...,
-            #    "finish_reason": ..., "stop_reason": ..., ["token_ids": ...]}], [usage], [system_fingerprint]}), by
-            #    hand (serving.sse_prefix)
+            #    "finish_reason": ..., ["stop_reason": ...], "token_ids": ...}], [usage], [system_fingerprint]}),
+            #    by hand (serving.sse_prefix)
             yield (f'{prefix}{{"index":{c.index},"delta":{{"content":{json_str(c.text)}}},'
-                   f'"logprobs":{json_value(_logprobs(req, c))},"finish_reason":{json_value(c.finish_reason)},'
-                   f'"stop_reason":{json_value(c.stop_reason)}{ids}}}]{tail}}}\n\n')
+                   f'"logprobs":{json_value(_logprobs(req, c))},"finish_reason":{json_value(c.finish_reason)}'
+                   f'{stop},"token_ids":{ids}}}]{tail}}}\n\n')
     if req.include_usage:
         details = _usage_details(ctx, req, thinks, num_cached, answers.values())
         yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion, details),
@@ -372,8 +377,10 @@ def _parsed_chunk(req: ChatCompletionRequest, thinker: ReasoningParser | None, p
     logprobs = _logprobs(req, c)
     if not delta and finish_reason is None and logprobs is None:
         return None
-    return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
-            "stop_reason": c.stop_reason}
+    chunk = {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    if finish_reason is not None:   # only a choice's last chunk has stop_reason (vLLM's)
+        chunk["stop_reason"] = c.stop_reason
+    return chunk
 
 
 def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:

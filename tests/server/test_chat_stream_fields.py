@@ -58,3 +58,26 @@ def test_role_chunk_sends_prompt_token_ids_and_prompt_text_as_null_when_not_aske
         assert chunks[i]["choices"][0]["index"] == i
         assert (chunks[i]["prompt_token_ids"], chunks[i]["prompt_text"]) == ([1, 2, 3], "user: hi\\nassistant:")
     assert all("prompt_token_ids" not in c and "prompt_text" not in c for c in chunks[2:])
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_content_chunks_send_token_ids_and_only_the_last_stop_reason():
+    """vLLM's content chunk sets token_ids (null unless return_token_ids) and no stop_reason; a choice's last
+    chunk sets both. Plain text and text through a tool parser alike."""
+    steps = [[("Hel", [5])], [("lo", [6])], [("", [2])]]
+    plain = ChatCompletionRequest(messages=MESSAGES, stream=True)
+    tools = ChatCompletionRequest(messages=MESSAGES, stream=True, tools=TOOLS)
+    for req, plan in ((plain, None), (tools, plan_tools(tools, "hermes", True))):
+        for ids in (False, True):
+            req.return_token_ids = ids
+            chunks = [_without_created(c) for c in _chunks(req, _outputs(steps, [("stop", 2)]), plan=plan)]
+            choices = [c["choices"][0] for c in chunks[1:]]
+            assert all(set(c) == {*HEAD, "choices"} for c in chunks[1:])   # no usage, no fingerprint here
+            middle = [{"index": 0, "delta": {"content": t}, "logprobs": None, "finish_reason": None,
+                       "token_ids": [tid] if ids else None} for t, tid in (("Hel", 5), ("lo", 6))]
+            assert choices[:2] == middle
+            assert choices[2]["finish_reason"] == "stop" and choices[2]["stop_reason"] == 2
+            assert choices[2]["token_ids"] == ([2] if ids else None)
+            assert list(choices[2]) == ["index", "delta", "logprobs", "finish_reason", "stop_reason", "token_ids"]
