@@ -268,7 +268,6 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                                         "finish_reason": None}], **none_yet})
     parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
     thinkers = _reasoning_parsers(ctx, req, plan, thinks)
-    held: dict[int, list[int]] = {}   # token ids of steps whose text a parser held back
     counted = req._usage_details and thinks is not None
     answers: dict[int, list[int]] = {}   # each choice's token ids, where its reasoning tokens are counted
     num_cached = 0
@@ -286,15 +285,8 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                 so_far = {"usage": usage(len(prompt_ids), counts[c.index])}
             if parsers is not None or thinkers is not None:
                 chunk = _parsed_chunk(req, thinkers and thinkers[c.index], parsers and parsers[c.index], c)
-                if req.return_token_ids:
-                    ids = held.pop(c.index, []) + list(c.token_ids)
-                    if chunk is None:
-                        held[c.index] = ids
-                    else:
-                        chunk["token_ids"] = ids
-                elif chunk is not None:
-                    chunk["token_ids"] = None
                 if chunk is not None:
+                    chunk["token_ids"] = list(c.token_ids) if req.return_token_ids else None
                     yield sse({**head, "choices": [chunk], **so_far,
                                **(last if chunk["finish_reason"] is not None else {})})
                 continue
@@ -358,7 +350,8 @@ def _parsed_chunk(req: ChatCompletionRequest, thinker: ReasoningParser | None, p
                   ) -> dict | None:
     """A choice's chunk when its text is read for reasoning (thinker) and/or tool calls (parser, on the
     content); None when the parsers hold it all back (a possible tag, a call's name not yet complete) and
-    there is nothing else to send."""
+    there is nothing else to send. With return_token_ids such a step still sends its chunk, an empty delta
+    with its ids (vLLM's: every token id is in the stream, each in its own step's chunk)."""
     text, delta = c.text, {}
     if thinker is not None:
         split = thinker.feed(c.text)
@@ -375,7 +368,7 @@ def _parsed_chunk(req: ChatCompletionRequest, thinker: ReasoningParser | None, p
         if text:
             delta["content"] = text
     logprobs = _logprobs(req, c)
-    if not delta and finish_reason is None and logprobs is None:
+    if not delta and finish_reason is None and logprobs is None and not req.return_token_ids:
         return None
     chunk = {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     if finish_reason is not None:   # only a choice's last chunk has stop_reason (vLLM's)

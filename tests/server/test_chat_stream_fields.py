@@ -81,3 +81,23 @@ def test_content_chunks_send_token_ids_and_only_the_last_stop_reason():
             assert choices[2]["finish_reason"] == "stop" and choices[2]["stop_reason"] == 2
             assert choices[2]["token_ids"] == ([2] if ids else None)
             assert list(choices[2]) == ["index", "delta", "logprobs", "finish_reason", "stop_reason", "token_ids"]
+
+
+def test_a_step_a_parser_holds_back_still_sends_its_token_ids():
+    """vLLM's: with return_token_ids, a step whose text the parser holds back (a tag not yet complete) still
+    sends a chunk, an empty delta with that step's ids; without it, no chunk."""
+    texts = ["<tool", "_call>", '{"name": "get_weather", ', '"arguments": {"city": "P"}}', "</tool_call>", ""]
+    steps = [[(t, [10 + k])] for k, t in enumerate(texts)]
+    req = ChatCompletionRequest(messages=MESSAGES, stream=True, tools=TOOLS, return_token_ids=True)
+    choices = [c["choices"][0] for c in _chunks(req, _outputs(steps, [("stop", None)]),
+                                                plan=plan_tools(req, "hermes", True))[1:]]
+    assert [c["token_ids"] for c in choices] == [[10 + k] for k in range(len(texts))]
+    assert choices[0]["delta"] == choices[1]["delta"] == {} and choices[0]["finish_reason"] is None
+    assert choices[-1]["finish_reason"] == "tool_calls"
+    calls = [t for c in choices for t in c["delta"].get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert "".join(t["function"]["arguments"] for t in calls) == '{"city": "P"}'
+    req.return_token_ids = False
+    choices = [c["choices"][0] for c in _chunks(req, _outputs(steps, [("stop", None)]),
+                                                plan=plan_tools(req, "hermes", True))[1:]]
+    assert all(c["delta"] or c["finish_reason"] for c in choices) and len(choices) < len(texts)
