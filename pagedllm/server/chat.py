@@ -387,9 +387,11 @@ def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
         if named:   # logprob_token_ids: those, in their order
             top = [(tid, position[tid]) for tid in named]
         else:
-            k = len(position) if n == -1 else n   # -1: the vocabulary (vLLM's)
-            top = sorted((item for item in position.items() if item[1].rank is not None and item[1].rank <= k),
-                         key=lambda item: item[1].rank)[:k]
+            # vLLM's: the position's first k entries as the engine lists them, the chosen token first, then the
+            # top ones by rank (once each): a sampled token outside the top k is listed, ahead of the k-th
+            # (-1: all of them, the vocabulary)
+            top = list(position.items())
+            top = top if n == -1 else top[:n]
         content.append({**_token(position[token_id], token_id, as_ids),
                         "top_logprobs": [_token(p, tid, as_ids) for tid, p in top]})
     return {"content": content}

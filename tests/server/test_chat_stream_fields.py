@@ -5,7 +5,7 @@ import asyncio
 import json
 from types import SimpleNamespace
 
-from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.server import chat
 from pagedllm.server.chat_tools import plan_tools
 from pagedllm.server.protocol import ChatCompletionRequest
@@ -101,3 +101,21 @@ def test_a_step_a_parser_holds_back_still_sends_its_token_ids():
     choices = [c["choices"][0] for c in _chunks(req, _outputs(steps, [("stop", None)]),
                                                 plan=plan_tools(req, "hermes", True))[1:]]
     assert all(c["delta"] or c["finish_reason"] for c in choices) and len(choices) < len(texts)
+
+
+def test_top_logprobs_are_the_positions_first_entries_chosen_token_first():
+    """vLLM's _get_top_logprobs takes the first top_logprobs entries of a position as the engine lists them:
+    the chosen token, then the top ones by rank. A sampled token ranked 2nd comes first; one outside the top k
+    is listed in place of the k-th."""
+    def lp(*entries):
+        return {tid: Logprob(value, rank, text) for tid, value, rank, text in entries}
+    positions = [lp((6, -1.0, 2, "b"), (5, -0.5, 1, "a"), (8, -2.0, 3, "d")),   # chosen: 2nd
+                 lp((9, -4.0, 7, "z"), (5, -0.5, 1, "a"), (6, -1.0, 2, "b"))]   # chosen: 7th
+    out = CompletionOutput(0, "bz", [6, 9], -5.0, positions, "length", None)
+    req = ChatCompletionRequest(messages=MESSAGES, stream=True, logprobs=True, top_logprobs=2)
+    content = chat._logprobs(req, out)["content"]
+    assert [e["token"] for e in content] == ["b", "z"]
+    assert [[t["token"] for t in e["top_logprobs"]] for e in content] == [["b", "a"], ["z", "a"]]
+    req.top_logprobs = -1
+    assert [[t["token"] for t in e["top_logprobs"]] for e in chat._logprobs(req, out)["content"]] == \
+        [["b", "a", "d"], ["z", "a", "b"]]

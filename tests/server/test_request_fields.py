@@ -320,14 +320,15 @@ def test_minus_one_logprobs_are_the_vocabulary_within_max_logprobs(server, path,
 
 
 def test_chat_top_logprobs_minus_one_lists_every_token():
-    """top_logprobs -1 (vLLM's: the vocabulary): each position's alternatives are all it carries, by rank. The
-    limit was top_logprobs itself: -1 listed none."""
+    """top_logprobs -1 (vLLM's: the vocabulary): each position's alternatives are all it carries, as the engine
+    lists them (the chosen token first, then by rank: vLLM's order). The limit was top_logprobs itself: -1 listed
+    none."""
     from pagedllm.outputs import CompletionOutput, Logprob
     from pagedllm.server.chat import _logprobs
     req = protocol.ChatCompletionRequest(messages=MESSAGES, logprobs=True, top_logprobs=-1)
     position = {7: Logprob(-0.5, 2, "b"), 5: Logprob(-0.1, 1, "a"), 9: Logprob(-3.0, 3, "c")}
     [entry] = _logprobs(req, CompletionOutput(0, "b", [7], -0.5, [position], None))["content"]
-    assert [t["token"] for t in entry["top_logprobs"]] == ["a", "b", "c"]
+    assert [t["token"] for t in entry["top_logprobs"]] == ["b", "a", "c"]
 
 
 def test_add_special_tokens_on_completions(server, offline_llm):
