@@ -268,6 +268,8 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                                         "finish_reason": None}], **none_yet})
     parsers = [plan.new_parser() for _ in range(req.n)] if plan.parses else None
     thinkers = _reasoning_parsers(ctx, req, plan, thinks)
+    # vLLM's: a server with a tool parser reads every answer's content through it (tool_choice none too)
+    tool_server = bool(ctx.enable_auto_tool_choice and ctx.tool_call_parser)
     counted = req._usage_details and thinks is not None
     answers: dict[int, list[int]] = {}   # each choice's token ids, where its reasoning tokens are counted
     num_cached = 0
@@ -284,7 +286,8 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                 counts[c.index] += len(c.token_ids)
                 so_far = {"usage": usage(len(prompt_ids), counts[c.index])}
             if parsers is not None or thinkers is not None:
-                chunk = _parsed_chunk(req, thinkers and thinkers[c.index], parsers and parsers[c.index], c)
+                chunk = _parsed_chunk(req, thinkers and thinkers[c.index], parsers and parsers[c.index], c,
+                                      tool_server)
                 if chunk is not None:
                     chunk["token_ids"] = list(c.token_ids) if req.return_token_ids else None
                     yield sse({**head, "choices": [chunk], **so_far,
@@ -346,13 +349,16 @@ def _echo_text(ctx: ServingContext, req: ChatCompletionRequest) -> str:
     return chat_template.template_message(last)["content"]
 
 
-def _parsed_chunk(req: ChatCompletionRequest, thinker: ReasoningParser | None, parser, c: CompletionOutput
-                  ) -> dict | None:
+def _parsed_chunk(req: ChatCompletionRequest, thinker: ReasoningParser | None, parser, c: CompletionOutput,
+                  tool_server: bool = False) -> dict | None:
     """A choice's chunk when its text is read for reasoning (thinker) and/or tool calls (parser, on the
     content); None when the parsers hold it all back (a possible tag, a call's name not yet complete) and
     there is nothing else to send. With return_token_ids such a step still sends its chunk, an empty delta
     with its ids (vLLM's: every token id is in the stream, each in its own step's chunk)."""
     text, delta = c.text, {}
+    # once the reasoning is over, vLLM passes each step's text on as content when the server has no tool parser
+    # (tool_server), "" too (the EOS that ends the answer): its chunk has `"content": ""`, not an empty delta
+    passed_on = thinker is not None and thinker.ended and not tool_server
     if thinker is not None:
         split = thinker.feed(c.text)
         if c.finish_reason is not None:
@@ -365,7 +371,7 @@ def _parsed_chunk(req: ChatCompletionRequest, thinker: ReasoningParser | None, p
         delta.update(tool_delta)
     else:
         finish_reason = c.finish_reason
-        if text:
+        if text or passed_on:
             delta["content"] = text
     logprobs = _logprobs(req, c)
     if not delta and finish_reason is None and logprobs is None and not req.return_token_ids:

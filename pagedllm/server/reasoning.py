@@ -71,6 +71,12 @@ class ReasoningParser:
         self._opened = thinking or name != "mistral"
         self._stray_end = name == "mistral"
 
+    @property
+    def ended(self) -> bool:
+        """The reasoning is over (its end tag came, or the answer has none: thinking off, the prompt closed the
+        block): the rest of the text is content."""
+        return not self.in_reasoning and self._opened
+
     def _tags(self) -> tuple[str, ...]:
         if self.name == "mistral":
             if self.in_reasoning:

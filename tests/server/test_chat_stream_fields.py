@@ -11,7 +11,8 @@ from pagedllm.server.chat_tools import plan_tools
 from pagedllm.server.protocol import ChatCompletionRequest
 
 CTX = SimpleNamespace(model_name="m", response_role="assistant", enable_prompt_tokens_details=False,
-                      served_name=lambda name: "m", system_fingerprint=None, tool_call_parser=None)
+                      served_name=lambda name: "m", system_fingerprint=None, tool_call_parser=None,
+                      enable_auto_tool_choice=False)
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -119,3 +120,22 @@ def test_top_logprobs_are_the_positions_first_entries_chosen_token_first():
     req.top_logprobs = -1
     assert [[t["token"] for t in e["top_logprobs"]] for e in chat._logprobs(req, out)["content"]] == \
         [["b", "a", "d"], ["z", "a", "b"]]
+
+
+def test_after_the_reasoning_each_step_is_content_even_empty():
+    """vLLM's: once the reasoning ended (in an earlier step, or before the answer: thinking off), a step's text
+    passes on as content without a tool parser, "" too: the EOS step that ends the answer is
+    `"delta": {"content": ""}`, not an empty delta. The step that writes </think> alone sends nothing."""
+    ctx = SimpleNamespace(**vars(CTX), reasoning_parser="qwen3")
+    steps = [[("Hmm", [5])], [("</think>", [6])], [("Hi", [7])], [("", [2])]]
+    req = ChatCompletionRequest(messages=MESSAGES, stream=True)
+    choices = [c["choices"][0] for c in _chunks(req, _outputs(steps, [("stop", None)]), ctx=ctx, thinks=True)[1:]]
+    assert [c["delta"] for c in choices] == [{"reasoning": "Hmm"}, {"content": "Hi"}, {"content": ""}]
+    assert choices[-1]["finish_reason"] == "stop"
+    steps = [[("Hi", [7])], [("", [8])], [("", [2])]]   # thinking off: all content
+    choices = [c["choices"][0] for c in _chunks(req, _outputs(steps, [("stop", None)]), ctx=ctx, thinks=False)[1:]]
+    assert [c["delta"] for c in choices] == [{"content": "Hi"}, {"content": ""}, {"content": ""}]
+    # a server with a tool parser reads the content through it (vLLM's): an empty step's text is no content there
+    ctx.enable_auto_tool_choice, ctx.tool_call_parser = True, "hermes"
+    choices = [c["choices"][0] for c in _chunks(req, _outputs(steps, [("stop", None)]), ctx=ctx, thinks=False)[1:]]
+    assert [c["delta"] for c in choices] == [{"content": "Hi"}, {}]
