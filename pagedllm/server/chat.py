@@ -293,6 +293,12 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                     yield sse({**head, "choices": [chunk], **so_far,
                                **(last if chunk["finish_reason"] is not None else {})})
                 continue
+            logprobs = _logprobs(req, c)
+            delta = f'{{"content":{json_str(c.text)}}}'
+            if tool_server and not c.text:   # vLLM's tool parser passes no empty content on (tool_choice none)
+                if c.finish_reason is None and logprobs is None and not req.return_token_ids:
+                    continue
+                delta = "{}"
             ids = json_value(list(c.token_ids)) if req.return_token_ids else "null"
             tail = f',"usage":{json_value(so_far["usage"])}' if so_far else ""
             stop = ""
@@ -300,11 +306,11 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                 stop = f',"stop_reason":{json_value(c.stop_reason)}'
                 if last:
                     tail += fingerprint_json(ctx)
-            # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": ...,
+            # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text} or {}, "logprobs": ...,
             #    "finish_reason": ..., ["stop_reason": ...], "token_ids": ...}], [usage], [system_fingerprint]}),
             #    by hand (serving.sse_prefix)
-            yield (f'{prefix}{{"index":{c.index},"delta":{{"content":{json_str(c.text)}}},'
-                   f'"logprobs":{json_value(_logprobs(req, c))},"finish_reason":{json_value(c.finish_reason)}'
+            yield (f'{prefix}{{"index":{c.index},"delta":{delta},'
+                   f'"logprobs":{json_value(logprobs)},"finish_reason":{json_value(c.finish_reason)}'
                    f'{stop},"token_ids":{ids}}}]{tail}}}\n\n')
     if req.include_usage:
         details = _usage_details(ctx, req, thinks, num_cached, answers.values())

@@ -9,6 +9,7 @@ from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestO
 from pagedllm.server import chat
 from pagedllm.server.chat_tools import plan_tools
 from pagedllm.server.protocol import ChatCompletionRequest
+from pagedllm.server.serving import sse
 
 CTX = SimpleNamespace(model_name="m", response_role="assistant", enable_prompt_tokens_details=False,
                       served_name=lambda name: "m", system_fingerprint=None, tool_call_parser=None,
@@ -35,7 +36,9 @@ def _chunks(req: ChatCompletionRequest, outs: list[RequestOutput], ctx=CTX, plan
     async def collect():
         return [c async for c in chat._stream(ctx, req, plan or plan_tools(req, None, False), "chatcmpl-1",
                                               [1, 2, 3], stream(), thinks, "user: hi\\nassistant:")]
-    return [json.loads(c[6:]) for c in asyncio.run(collect())]
+    raw = asyncio.run(collect())
+    assert all(c == sse(json.loads(c[6:])) for c in raw)   # hand-written chunks too: sse()'s bytes
+    return [json.loads(c[6:]) for c in raw]
 
 
 HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "m"}
@@ -139,3 +142,22 @@ def test_after_the_reasoning_each_step_is_content_even_empty():
     ctx.enable_auto_tool_choice, ctx.tool_call_parser = True, "hermes"
     choices = [c["choices"][0] for c in _chunks(req, _outputs(steps, [("stop", None)]), ctx=ctx, thinks=False)[1:]]
     assert [c["delta"] for c in choices] == [{"content": "Hi"}, {}]
+
+
+def test_a_tool_parser_server_sends_no_empty_content_without_tools():
+    """vLLM's: with --enable-auto-tool-choice and a --tool-call-parser every answer goes through the parser,
+    tool_choice none (a request without tools) too, which passes a step's text on as content only when there is
+    some: an empty step sends nothing, and an empty last step an empty delta with its finish."""
+    steps = [[("Hi", [7])], [("", [8])], [("", [2])]]
+    ctx = SimpleNamespace(**{**vars(CTX), "enable_auto_tool_choice": True, "tool_call_parser": "hermes"})
+    for ids in (False, True):
+        req = ChatCompletionRequest(messages=MESSAGES, stream=True, return_token_ids=ids)
+        choices = [c["choices"][0] for c in _chunks(req, _outputs(steps, [("stop", None)]), ctx=ctx)[1:]]
+        if ids:   # every step's ids still go out
+            assert [(c["delta"], c["token_ids"]) for c in choices] == [({"content": "Hi"}, [7]), ({}, [8]), ({}, [2])]
+        else:
+            assert [c["delta"] for c in choices] == [{"content": "Hi"}, {}]
+        assert choices[-1]["finish_reason"] == "stop"
+    req = ChatCompletionRequest(messages=MESSAGES, stream=True)   # no tool parser: "" is content
+    assert [c["choices"][0]["delta"] for c in _chunks(req, _outputs(steps, [("stop", None)]))[1:]] == \
+        [{"content": "Hi"}, {"content": ""}, {"content": ""}]
