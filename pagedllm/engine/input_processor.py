@@ -38,6 +38,7 @@ class InputProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.num_blocks = num_blocks
+        self.block_size = block_size
         self.max_kv_tokens = num_blocks * block_size   # the most one sequence can hold in the KV cache
         self.enable_prefix_caching = enable_prefix_caching
 

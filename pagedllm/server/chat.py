@@ -20,7 +20,8 @@ from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
 from pagedllm.server.reasoning import ReasoningParser
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, response_id_for, sse, sse_prefix,
-                                     until_disconnect, usage, cached_details, fingerprint, fingerprint_json)
+                                     until_disconnect, usage, cached_details, created_cache_tokens, fingerprint,
+                                     fingerprint_json)
 from pagedllm.server.structured_fields import checked_constraint, constraint_field
 from pagedllm.server.tool_parsers.forced import parameters_schema
 from pagedllm.structured_output.grammar_spec import validate
@@ -235,8 +236,9 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
     details = _usage_details(ctx, req, thinks, out.num_cached_tokens, [c.token_ids for c in out.outputs])
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
-                "choices": choices, **fingerprint(ctx), "usage": usage(len(out.prompt_token_ids), num_completion,
-                                                                       details)}
+                "choices": choices, **fingerprint(ctx),
+                "usage": usage(len(out.prompt_token_ids), num_completion, details,
+                               _created(ctx, req, len(out.prompt_token_ids), out.num_cached_tokens))}
     if req.prompt_logprobs is not None:   # vLLM's place: the response's, there is one prompt
         response["prompt_logprobs"] = prompt_logprobs_json(out)
     if req.return_token_ids:
@@ -314,7 +316,8 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                    f'{stop},"token_ids":{ids}}}]{tail}}}\n\n')
     if req.include_usage:
         details = _usage_details(ctx, req, thinks, num_cached, answers.values())
-        yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion, details),
+        yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion, details,
+                                                         _created(ctx, req, len(prompt_ids), num_cached)),
                    **fingerprint(ctx)})
 
 
@@ -328,6 +331,14 @@ def _usage_details(ctx, req: ChatCompletionRequest, thinks: bool | None, num_cac
     if thinks is None:
         return num_cached, 0
     return num_cached, sum(reasoning.num_reasoning_tokens(ids, ctx.think_ids, thinks) for ids in answers)
+
+
+def _created(ctx, req: ChatCompletionRequest, num_prompt_tokens: int, num_cached: int) -> int | None:
+    """Chat's usage under --enable-prompt-tokens-details also says created_cache_tokens (vLLM 0.26's, beside
+    cached_tokens; its completions do not); /v1/responses' (req._usage_details) has no such field."""
+    if not ctx.enable_prompt_tokens_details or req._usage_details:
+        return None
+    return created_cache_tokens(ctx, num_prompt_tokens, num_cached)
 
 
 async def chunk_dicts(chunks):

@@ -418,13 +418,17 @@ def json_value(value) -> str:
     return _to_json(value)
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int, details: tuple[int, int | None] | None = None) -> dict:
+def usage(num_prompt_tokens: int, num_completion_tokens: int, details: tuple[int, int | None] | None = None,
+          created: int | None = None) -> dict:
     """details: (prompt tokens read from the prefix cache, completion tokens of reasoning or None: no such
-    field), as OpenAI's prompt_tokens_details and completion_tokens_details say them."""
+    field), as OpenAI's prompt_tokens_details and completion_tokens_details say them. created: vLLM's
+    prompt_tokens_details.created_cache_tokens (chat's; None: no such field)."""
     out = {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
            "total_tokens": num_prompt_tokens + num_completion_tokens}
     if details is not None:
         out["prompt_tokens_details"] = {"cached_tokens": details[0]}
+        if created is not None:
+            out["prompt_tokens_details"]["created_cache_tokens"] = created
         if details[1] is not None:
             out["completion_tokens_details"] = {"reasoning_tokens": details[1]}
     return out
@@ -434,6 +438,16 @@ def cached_details(ctx: "ServingContext", num_cached: int) -> tuple[int, None] |
     """usage()'s details under --enable-prompt-tokens-details: the cached prompt tokens, 0 too (vLLM 0.26's rule:
     its outputs' num_cached_tokens is never None)."""
     return (num_cached, None) if ctx.enable_prompt_tokens_details else None
+
+
+def created_cache_tokens(ctx: "ServingContext", num_prompt_tokens: int, num_cached: int) -> int:
+    """vLLM 0.26's created_cache_tokens (chat's usage under --enable-prompt-tokens-details): the prompt tokens its
+    prefill wrote into the prefix cache, the prompt's full blocks less those it found there (its scheduler's
+    estimate_cached_tokens at the first output, less num_cached_tokens); 0 with prefix caching off."""
+    processor = ctx.engine.input_processor
+    if not processor.enable_prefix_caching:
+        return 0
+    return max(0, num_prompt_tokens // processor.block_size * processor.block_size - num_cached)
 
 
 async def until_disconnect(raw_request: Request, work: Awaitable):

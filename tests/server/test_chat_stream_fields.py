@@ -161,3 +161,17 @@ def test_a_tool_parser_server_sends_no_empty_content_without_tools():
     req = ChatCompletionRequest(messages=MESSAGES, stream=True)   # no tool parser: "" is content
     assert [c["choices"][0]["delta"] for c in _chunks(req, _outputs(steps, [("stop", None)]))[1:]] == \
         [{"content": "Hi"}, {"content": ""}, {"content": ""}]
+
+
+def test_usage_chunk_says_created_cache_tokens_beside_cached_tokens():
+    """vLLM 0.26's chat usage under --enable-prompt-tokens-details: prompt_tokens_details has created_cache_tokens
+    too, the prompt tokens the prefill wrote into the prefix cache (the prompt's full blocks less those found
+    cached; 0 with prefix caching off). The last chunk, choices [], carries it."""
+    for caching, created in ((True, 2), (False, 0)):
+        engine = SimpleNamespace(input_processor=SimpleNamespace(block_size=2, enable_prefix_caching=caching))
+        ctx = SimpleNamespace(**{**vars(CTX), "enable_prompt_tokens_details": True, "engine": engine})
+        req = ChatCompletionRequest(messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+        last = _without_created(_chunks(req, _outputs([[("a", [5])]], [("length", None)]), ctx=ctx)[-1])
+        assert last == {**HEAD, "choices": [], "usage": {
+            "prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
+            "prompt_tokens_details": {"cached_tokens": 0, "created_cache_tokens": created}}}

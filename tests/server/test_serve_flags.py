@@ -86,6 +86,13 @@ def test_prompt_tokens_details_with_the_cached_tokens(flagged, server):
     _post(flagged, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
     chat = _post(flagged, "/v1/chat/completions", {"messages": messages, "max_tokens": 2}).json()["usage"]
     assert chat["prompt_tokens_details"]["cached_tokens"] > 0
+    # chat's also says created_cache_tokens (vLLM 0.26's): the full blocks the prefill wrote, less those it found
+    tale = {"messages": [{"role": "user", "content": " ".join(["tale"] * 60)}], "max_tokens": 2}
+    streamed = _chunks(_post(flagged, "/v1/chat/completions", {**tale, "stream": True}))[-1]["usage"]
+    full = streamed["prompt_tokens"] // 16 * 16   # the default --block-size
+    assert streamed["prompt_tokens_details"] == {"cached_tokens": 0, "created_cache_tokens": full}
+    again = _post(flagged, "/v1/chat/completions", tale).json()["usage"]["prompt_tokens_details"]
+    assert again["cached_tokens"] + again["created_cache_tokens"] == full and again["cached_tokens"] > 0
     _post(server, "/v1/completions", body)
     assert "prompt_tokens_details" not in _post(server, "/v1/completions", body).json()["usage"]   # no flag
 
