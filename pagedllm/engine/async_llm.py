@@ -21,6 +21,7 @@ from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.tokenizer import load_engine_tokenizer
+from pagedllm.engine.vllm_config import ModelConfig, VllmConfig, vllm_config_of
 from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
@@ -84,6 +85,9 @@ class AsyncLLM:
         self.output_processor = OutputProcessor(self.tokenizer, stream_interval)
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config,
                                                             config.override_generation_config)
+        # vLLM's AsyncLLM.vllm_config / .model_config: views of the core's config and its KV cache's size
+        self.vllm_config: VllmConfig = vllm_config_of(config, model.hf_config, model.dtype, self.max_model_len,
+                                                      num_blocks, self.default_sampling_params)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.shared_waiting = shared_waiting
         self._num_published = 0                       # this process's part of shared_waiting
@@ -105,6 +109,11 @@ class AsyncLLM:
         self._num_stale_stats = 0                     # replies still due to failed get_stats() calls
         self._steps: deque[tuple] = deque()           # ("outputs", rows, StepStats) read, not yet processed
         self._step_scheduled = False                  # _process_next_step is due on the event loop
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """vLLM's AsyncLLM.model_config: the model, dtype, max_model_len, hf_config... the core runs with."""
+        return self.vllm_config.model_config
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict, sampling_params: SamplingParams,

@@ -136,22 +136,29 @@ class VllmConfig(_View):
 
 def engine_vllm_config(engine) -> VllmConfig:
     """The views of a built Engine: its config after defaults, its resolved model, its KV cache's size."""
-    c = engine.config
+    return vllm_config_of(engine.config, engine.hf_config, engine.dtype, engine.max_model_len,
+                          engine.core.runner.num_blocks, engine.default_sampling_params)
+
+
+def vllm_config_of(c, hf_config, dtype: torch.dtype, max_model_len: int, num_blocks: int,
+                   sampling_defaults: dict) -> VllmConfig:
+    """The views of an engine's config after defaults (c), its resolved model and its KV cache's size: an
+    Engine's, or an AsyncLLM's (whose core process reports its config and block count when ready)."""
     model = ModelConfig(
-        model=c.model, tokenizer=c.tokenizer or c.model, served_model_name=c.model, dtype=engine.dtype,
-        max_model_len=engine.max_model_len, seed=c.seed, hf_config=engine.hf_config,
-        quantization=_quantization(engine.hf_config, c.quantization),
+        model=c.model, tokenizer=c.tokenizer or c.model, served_model_name=c.model, dtype=dtype,
+        max_model_len=max_model_len, seed=c.seed, hf_config=hf_config,
+        quantization=_quantization(hf_config, c.quantization),
         max_logprobs=c.max_logprobs, skip_tokenizer_init=c.skip_tokenizer_init, enforce_eager=c.enforce_eager,
         disable_cascade_attn=c.disable_cascade_attn, generation_config=c.generation_config,
         override_generation_config=dict(c.override_generation_config or {}), hf_overrides=dict(c.hf_overrides or {}),
-        sampling_defaults=dict(engine.default_sampling_params))
+        sampling_defaults=dict(sampling_defaults))
     cache = CacheConfig(
         block_size=c.block_size, gpu_memory_utilization=c.gpu_memory_utilization, cache_dtype=c.kv_cache_dtype,
-        enable_prefix_caching=c.enable_prefix_caching, num_gpu_blocks=engine.core.runner.num_blocks,
+        enable_prefix_caching=c.enable_prefix_caching, num_gpu_blocks=num_blocks,
         num_gpu_blocks_override=c.num_gpu_blocks_override, kv_cache_memory_bytes=c.kv_cache_memory,
         kv_offloading_size=c.kv_offloading_size)
     scheduler = SchedulerConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-                                max_model_len=engine.max_model_len, policy=c.scheduling_policy)
+                                max_model_len=max_model_len, policy=c.scheduling_policy)
     return VllmConfig(model, cache, ParallelConfig(c.tensor_parallel_size), scheduler)
 
 

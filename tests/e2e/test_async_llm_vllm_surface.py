@@ -1,0 +1,39 @@
+"""AsyncLLM's vLLM 0.26 surface beyond generate and abort (vllm/v1/engine/async_llm.py, EngineClient): what a
+script ported from vLLM reads and calls, each either the engine's real value or a clear error saying why not."""
+import asyncio
+
+import pytest
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.async_llm import AsyncLLM
+
+
+def run(model_dir: str, body, **config):
+    """body(engine) on a fresh engine (the core in its own process), shut down after."""
+    async def main():
+        engine = AsyncLLM(EngineConfig(model_dir, **{"num_gpu_blocks_override": 64, "max_model_len": 256,
+                                                     "log_stats_interval": 0, "device": "cpu", **config}))
+        try:
+            await body(engine)
+        finally:
+            engine.shutdown()
+    asyncio.run(main())
+
+
+def test_vllm_config_and_model_config_are_views_of_what_the_core_runs(tiny_model_dirs):
+    """vLLM's AsyncLLM.vllm_config and .model_config were AttributeErrors. The KV block count is the core
+    process's (reported when ready), the batch limits the ones it chose; a value not kept is an AttributeError."""
+    async def body(engine):
+        vc = engine.vllm_config
+        assert engine.model_config is vc.model_config
+        mc = vc.model_config
+        assert mc.model == tiny_model_dirs["llama"] and mc.max_model_len == 256 and mc.dtype is torch.float32
+        assert mc.get_vocab_size() == 512 and mc.hf_config.num_hidden_layers == 2
+        assert vc.cache_config.num_gpu_blocks == 64 and vc.cache_config.block_size == 8
+        assert vc.scheduler_config.max_num_seqs == engine.config.max_num_seqs
+        assert vc.scheduler_config.max_num_batched_tokens == engine.config.max_num_batched_tokens
+        assert vc.parallel_config.world_size == 1
+        with pytest.raises(AttributeError, match="trust_remote_code"):
+            mc.trust_remote_code
+    run(tiny_model_dirs["llama"], body, block_size=8, dtype="float32")
