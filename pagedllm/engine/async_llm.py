@@ -233,12 +233,36 @@ class AsyncLLM:
 
     def _judge(self) -> str | None:
         if self.dead:
-            return "the engine core process has exited"
+            return "the engine was shut down" if self.closing else "the engine core process has exited"
         if time.monotonic() - self.last_heartbeat > self.heartbeat_timeout:
             return f"the engine core has not responded for {self.heartbeat_timeout:g} s"
         if self.core_stall > self.step_timeout:
             return f"the engine core's step has run for more than {self.step_timeout:g} s"
         return None
+
+    # ---- health, as vLLM's EngineClient reports it ----------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        """vLLM's: False once the core process has exited or the engine was shut down."""
+        return not self.dead
+
+    @property
+    def errored(self) -> bool:
+        """vLLM's: True when no request can run: the core exited, or is stopped or hung (unhealthy_reason)."""
+        return self.unhealthy_reason() is not None
+
+    @property
+    def is_stopped(self) -> bool:   # vLLM's: the same as errored
+        return self.errored
+
+    @property
+    def dead_error(self) -> BaseException:
+        """vLLM's: the error that requests now fail with."""
+        return EngineDeadError(self.unhealthy_reason() or "the engine core is not dead")
+
+    async def check_health(self) -> None:
+        """vLLM's: raises dead_error (EngineDeadError, saying why) when the engine cannot run requests."""
+        self._check_alive()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:

@@ -37,3 +37,19 @@ def test_vllm_config_and_model_config_are_views_of_what_the_core_runs(tiny_model
         with pytest.raises(AttributeError, match="trust_remote_code"):
             mc.trust_remote_code
     run(tiny_model_dirs["llama"], body, block_size=8, dtype="float32")
+
+
+def test_health_as_vllms_is_running_errored_check_health(tiny_model_dirs):
+    """vLLM's is_running, is_stopped, errored, dead_error and check_health() were AttributeErrors: a healthy
+    engine runs; after shutdown it is errored and check_health raises EngineDeadError saying why."""
+    from pagedllm.engine.async_llm import EngineDeadError
+
+    async def body(engine):
+        await engine.check_health()
+        assert engine.is_running and not engine.errored and not engine.is_stopped
+        engine.shutdown()
+        assert not engine.is_running and engine.errored and engine.is_stopped
+        assert isinstance(engine.dead_error, EngineDeadError) and "shut down" in str(engine.dead_error)
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await engine.check_health()
+    run(tiny_model_dirs["llama"], body)
