@@ -115,6 +115,17 @@ class AsyncLLM:
         """vLLM's AsyncLLM.model_config: the model, dtype, max_model_len, hf_config... the core runs with."""
         return self.vllm_config.model_config
 
+    def get_tokenizer(self):
+        """vLLM's: the engine's tokenizer; with skip_tokenizer_init there is none, a ValueError as vLLM's."""
+        if self.tokenizer is None:
+            raise ValueError("no tokenizer: the engine was built with skip_tokenizer_init=True (prompts are token "
+                             "ids, outputs carry token ids only)")
+        return self.tokenizer
+
+    async def get_supported_tasks(self) -> tuple[str, ...]:
+        """vLLM's: the tasks the model serves. Generative models only are built (no pooling tasks)."""
+        return ("generate",)
+
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict, sampling_params: SamplingParams,
                     output_kind: OutputKind | None = None,

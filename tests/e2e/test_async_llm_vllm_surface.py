@@ -53,3 +53,19 @@ def test_health_as_vllms_is_running_errored_check_health(tiny_model_dirs):
         with pytest.raises(EngineDeadError, match="shut down"):
             await engine.check_health()
     run(tiny_model_dirs["llama"], body)
+
+
+def test_get_tokenizer_and_get_supported_tasks_as_vllms(tiny_model_dirs):
+    """vLLM's get_tokenizer() and get_supported_tasks() were AttributeErrors. With skip_tokenizer_init there is
+    no tokenizer: a ValueError saying so, as vLLM's, not None to fail later."""
+    async def body(engine):
+        assert engine.get_tokenizer() is engine.tokenizer
+        assert engine.get_tokenizer().encode("Once upon a time")
+        assert await engine.get_supported_tasks() == ("generate",)
+
+    async def no_tokenizer(engine):
+        assert engine.tokenizer is None
+        with pytest.raises(ValueError, match="skip_tokenizer_init"):
+            engine.get_tokenizer()
+    run(tiny_model_dirs["llama"], body)
+    run(tiny_model_dirs["llama"], no_tokenizer, skip_tokenizer_init=True)
