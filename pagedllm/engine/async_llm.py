@@ -336,6 +336,19 @@ class AsyncLLM:
         """vLLM's: the loaded adapter is never evicted from the core's host LRU (Engine.pin_lora)."""
         return await self._core_call("pin_lora", lora_int_id)
 
+    async def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """vLLM's: forget every cached prefix (the GPU, CPU and disk tiers; the latter two are this project's
+        counterpart of vLLM's connector, always reset). False while requests hold KV blocks: preempting them first
+        (reset_running_requests) is not built, a NotImplementedError. Applied after every message sent before it
+        (an abort's blocks are free by then)."""
+        if await self._core_call("reset_prefix_cache"):
+            return True
+        if reset_running_requests:
+            raise NotImplementedError("reset_prefix_cache(reset_running_requests=True): preempting running requests "
+                                      "to reset the cache is not built; requests still hold KV blocks (let them "
+                                      "finish, or abort them, first)")
+        return False
+
     async def _core_call(self, name: str, *args):
         """Answered by call id: an add_lora whose adapter is read on a loader thread answers after later calls."""
         self.attach()

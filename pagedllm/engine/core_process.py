@@ -248,7 +248,8 @@ def _handle(core, conn: _SharedConn, msg: tuple, lora_calls: "_LoRACalls", clien
         core.release_kv_holds(msg[1])
     elif kind == "stats":
         clients.send(conn, ("stats", core.get_stats()))
-    elif kind == "lora":   # ("lora", call id, add_lora | remove_lora | list_loras | pin_lora, *args)
+    elif kind == "lora":   # ("lora", call id, add_lora | remove_lora | list_loras | pin_lora, *args), and
+        # reset_prefix_cache: the calls answered by call id
         lora_calls.start(conn, msg[1], msg[2], msg[3:])
     elif kind == "shutdown":
         clients.leave(conn, core)
@@ -272,8 +273,8 @@ class _LoRACalls:
             if name == "add_lora":
                 self.pending.append((conn, call_id, self.core.add_lora_async(*args)))
                 return self.answer_done()
-            if name not in ("remove_lora", "list_loras", "pin_lora"):
-                raise ValueError(f"unknown LoRA call {name!r}")
+            if name not in ("remove_lora", "list_loras", "pin_lora", "reset_prefix_cache"):
+                raise ValueError(f"unknown engine core call {name!r}")
             result = getattr(self.core, name)(*args)
         except Exception as e:  # noqa: BLE001 - a bad adapter, LoRA off: the caller's error, not the core's
             result = e

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 import torch
 
+from pagedllm import SamplingParams
 from pagedllm.config import EngineConfig
 from pagedllm.engine.async_llm import AsyncLLM
 
@@ -69,3 +70,28 @@ def test_get_tokenizer_and_get_supported_tasks_as_vllms(tiny_model_dirs):
             engine.get_tokenizer()
     run(tiny_model_dirs["llama"], body)
     run(tiny_model_dirs["llama"], no_tokenizer, skip_tokenizer_init=True)
+
+
+def test_reset_prefix_cache_as_vllms(tiny_model_dirs):
+    """vLLM's `await engine.reset_prefix_cache()` was an AttributeError. It forgets the cached prefixes (the same
+    prompt then hits nothing); while a request holds blocks it changes nothing and returns False, and asking it to
+    preempt them (reset_running_requests) is a NotImplementedError saying why."""
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    prompt = list(range(3, 40))   # two full blocks of 16
+
+    async def last(engine, rid):
+        return [o async for o in engine.generate(prompt, params, rid)][-1]
+
+    async def body(engine):
+        assert (await last(engine, "a")).num_cached_tokens == 0
+        assert (await last(engine, "b")).num_cached_tokens == 32
+        assert await engine.reset_prefix_cache() is True
+        assert (await last(engine, "c")).num_cached_tokens == 0
+        engine.add_request("long", prompt, SamplingParams(max_tokens=200, ignore_eos=True))
+        await engine.get_stats()   # the request is in the core
+        assert await engine.reset_prefix_cache() is False
+        with pytest.raises(NotImplementedError, match="reset_running_requests"):
+            await engine.reset_prefix_cache(reset_running_requests=True)
+        await engine.abort("long")
+        assert await engine.reset_prefix_cache() is True
+    run(tiny_model_dirs["llama"], body)
