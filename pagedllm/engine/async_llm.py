@@ -361,15 +361,16 @@ class AsyncLLM:
         finally:
             self._lora_calls.pop(call_id, None)
 
-    def shutdown(self):
+    def shutdown(self, timeout: float | None = None):
         """Stops the core. Streams still read end with EngineDeadError, and later calls raise it (not an OSError
-        of the closed pipe)."""
+        of the closed pipe). timeout (vLLM's): seconds to wait for the core process's exit before it is killed
+        (None: 5)."""
         self.closing = True
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._loop is not None and not self.dead:
             self._loop.remove_reader(self.core.conn.fileno())
-        self.core.shutdown()
+        self.core.shutdown(timeout)
         was_dead, self.dead = self.dead, True
         if not was_dead and self._loop is not None and not self._loop.is_closed():
             self._fail_all(EngineDeadError("the engine was shut down"), abort=False)

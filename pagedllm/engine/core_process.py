@@ -378,14 +378,16 @@ class CoreClient:
                     logger.error("cannot send to the engine core: %s", e)
                 return
 
-    def shutdown(self):
+    def shutdown(self, timeout: float | None = None):
+        """timeout: seconds to wait for the core's exit before it is killed (None: 5)."""
+        timeout = 5.0 if timeout is None else timeout
         self.closing = True
         if not self.ready:   # still loading (a start-up that failed or was interrupted): it reads no pipe yet
             self.process.kill()
         self.send(("shutdown",))
         self._outbox.put(None)
-        self._writer.join(timeout=5)
-        self.process.join(timeout=5)
+        self._writer.join(timeout=timeout)
+        self.process.join(timeout=timeout)
         if self.process.is_alive():
             self.process.kill()
         self.conn.close()

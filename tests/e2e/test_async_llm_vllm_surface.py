@@ -95,3 +95,13 @@ def test_reset_prefix_cache_as_vllms(tiny_model_dirs):
         await engine.abort("long")
         assert await engine.reset_prefix_cache() is True
     run(tiny_model_dirs["llama"], body)
+
+
+def test_shutdown_takes_vllms_timeout_and_may_be_called_again(tiny_model_dirs):
+    """vLLM's shutdown(timeout=None) (its __del__ calls it again): shutdown(timeout=...) was a TypeError. The core
+    process has exited when it returns, and a second call changes nothing."""
+    async def body(engine):
+        engine.shutdown(timeout=10)
+        assert not engine.core.process.is_alive() and engine.errored
+        engine.shutdown()
+    run(tiny_model_dirs["llama"], body)
