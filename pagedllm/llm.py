@@ -17,6 +17,8 @@ from pagedllm.config import DEMO_MODEL, EngineConfig
 from pagedllm.engine.engine import Engine
 from pagedllm.engine.input_processor import check_prompt_type, prompt_cache_salt, prompt_value
 from pagedllm.engine.output_processor import OutputKind
+from pagedllm.engine.tokenization_kwargs import (apply_tokenization_kwargs, check_tokenization_kwargs,
+                                                without_special_tokens)
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -137,7 +139,8 @@ class LLM:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
-        prompts, params = self._tokenization(tokenization_kwargs or {}, prompts, params)
+        prompts, params = apply_tokenization_kwargs(tokenization_kwargs or {}, prompts, params,
+                                                    self.engine.tokenizer)
         loras = _loras_per_prompt(lora_request, len(prompts))
         if priority is not None and not isinstance(priority, (list, tuple)):
             raise TypeError(f"priority must be a list of integers, one per prompt, got {type(priority).__name__}")
@@ -162,27 +165,6 @@ class LLM:
         finally:
             bar.close()
         return ids
-
-    def _tokenization(self, kwargs: dict, prompts: list, params: list[SamplingParams]):
-        """vLLM 0.26's tokenization_kwargs (_check_overrides refused other keys): truncate_prompt_tokens and
-        truncation_side as SamplingParams' fields of those names (vLLM 0.26 moved them here; None: unset), or
-        transformers' truncation and max_length (_hf_truncation); a text cut without a side keeps its BOS, one
-        cut from a side given loses it from the left (vLLM's, as its server: InputProcessor);
-        add_special_tokens false: text prompts encoded without the tokenizer's BOS (etc.)."""
-        fields = {k: v for k, v in kwargs.items() if k in ("truncate_prompt_tokens", "truncation_side")
-                  and v is not None}
-        fields.update(_hf_truncation(kwargs))
-        if fields:
-            try:
-                params = [dataclasses.replace(p, **fields) for p in params]
-            except ValueError as e:
-                raise ValueError(f"tokenization_kwargs: {e}") from e
-        special = kwargs.get("add_special_tokens")
-        if special is not None and not isinstance(special, bool):
-            raise ValueError(f"tokenization_kwargs: add_special_tokens must be a bool, got {special!r:.50}")
-        if special is False and self.engine.tokenizer is not None:
-            prompts = [_without_special_tokens(p, self.engine.tokenizer) for p in prompts]
-        return prompts, params
 
     def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams, lora_request=None,
                     use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
@@ -339,7 +321,7 @@ class LLM:
         # (vLLM's; then as any text prompt). The rendered text is the outputs' prompt (vLLM's).
         if (tokenization_kwargs or {}).get("add_special_tokens"):
             return [{"prompt": p} for p in prompts]
-        return [_without_special_tokens(p, tokenizer) for p in prompts]
+        return [without_special_tokens(p, tokenizer) for p in prompts]
 
     def _run(self, total: int, use_tqdm) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -381,47 +363,13 @@ def _frozen_gc():
         gc.unfreeze()
 
 
-TOKENIZATION_KEYS = ("add_special_tokens", "truncate_prompt_tokens", "truncation_side", "truncation", "max_length")
-
-
-def _hf_truncation(kwargs: dict) -> dict:
-    """transformers' truncation and max_length, as vLLM 0.26's TokenizeParams.with_kwargs reads them: truncation
-    True (or "longest_first") keeps max_length tokens (unset: max_model_len, -1), False (or "do_not_truncate")
-    none, over truncate_prompt_tokens. max_length alone, a limit vLLM puts on the prompt's length, is refused."""
-    truncation, max_length = kwargs.get("truncation"), kwargs.get("max_length")
-    if truncation in (True, "longest_first"):
-        return {"truncate_prompt_tokens": -1 if max_length is None else max_length}
-    if truncation not in (None, False, "do_not_truncate"):
-        raise ValueError(f"tokenization_kwargs: truncation must be True, False, 'longest_first' or "
-                         f"'do_not_truncate', got {truncation!r:.50}")
-    if max_length is not None:
-        raise ValueError("tokenization_kwargs: max_length is taken with truncation True (the tokens kept); alone it "
-                         "would only limit the prompt's length, which max_model_len does here")
-    return {"truncate_prompt_tokens": None} if truncation is not None else {}
-
-
 def _check_overrides(tokenization_kwargs: dict | None, mm_processor_kwargs: dict | None):
-    """vLLM's tokenizer / processor overrides: None or {} (their default) is taken; tokenization_kwargs' keys of
-    TOKENIZATION_KEYS too (LLM._tokenization); any other key is refused."""
-    if tokenization_kwargs is not None and not isinstance(tokenization_kwargs, dict):
-        raise ValueError(f"tokenization_kwargs must be a dict, got {type(tokenization_kwargs).__name__}")
-    other = sorted(set(tokenization_kwargs or ()) - set(TOKENIZATION_KEYS))
-    for name, value, instead in (
-            ("tokenization_kwargs", other, f"the keys taken are {', '.join(TOKENIZATION_KEYS)}; a TokensPrompt "
-                                           f"gives exact token ids"),
-            ("mm_processor_kwargs", mm_processor_kwargs, "multimodal inputs are not built")):
-        if value:
-            raise ValueError(f"{name} {sorted(value)!r:.200} is not built here: {instead}")
-
-
-def _without_special_tokens(prompt, tokenizer):
-    """A text prompt (a string, or a dict of text without token ids) as a TokensPrompt of its encoding without the
-    tokenizer's special tokens, its text kept as the outputs' prompt; any other prompt as it is."""
-    text = prompt.get("prompt") if isinstance(prompt, dict) and "prompt_token_ids" not in prompt else prompt
-    if not isinstance(text, str):
-        return prompt
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return {**(prompt if isinstance(prompt, dict) else {}), "prompt": text, "prompt_token_ids": ids}
+    """vLLM's tokenizer / processor overrides: tokenization_kwargs as tokenization_kwargs.py takes them;
+    mm_processor_kwargs None or {} (its default), anything else refused."""
+    check_tokenization_kwargs(tokenization_kwargs)
+    if mm_processor_kwargs:
+        raise ValueError(f"mm_processor_kwargs {sorted(mm_processor_kwargs)!r:.200} is not built here: multimodal "
+                         f"inputs are not built")
 
 
 def _refusing(name: str, error):

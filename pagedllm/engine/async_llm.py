@@ -20,6 +20,7 @@ from pagedllm.engine.engine import resolve_model
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
+from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs, check_tokenization_kwargs
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.engine.vllm_config import ModelConfig, VllmConfig, vllm_config_of
 from pagedllm.metrics import SchedulerStats, StepStats
@@ -143,8 +144,21 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | list[int] | dict, sampling_params: SamplingParams, request_id: str,
                        output_kind: OutputKind | None = None,
-                       lora_request=None, priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs as tokens arrive, until the finished one (see add_request)."""
+                       lora_request=None, priority: int = 0, *, tokenization_kwargs: dict | None = None,
+                       prompt_text: str | None = None, trace_headers=None, data_parallel_rank: int | None = None,
+                       reasoning_ended: bool | None = None,
+                       reasoning_parser_kwargs: dict | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs as tokens arrive, until the finished one (see add_request).
+        vLLM's keywords: tokenization_kwargs as LLM.generate's (tokenization_kwargs.py). prompt_text and
+        trace_headers change nothing, as under vLLM for these prompts (it takes prompt_text for a prebuilt
+        EngineCoreRequest only) and with no tracing endpoint (none is built here). data_parallel_rank: 0 or
+        None, the one rank. reasoning_ended / reasoning_parser_kwargs: the engine keeps no reasoning state."""
+        _check_vllm_keywords(data_parallel_rank, reasoning_ended, reasoning_parser_kwargs)
+        check_tokenization_kwargs(tokenization_kwargs)
+        if tokenization_kwargs:
+            check_request_types(request_id, prompt, sampling_params)
+            (prompt,), (sampling_params,) = apply_tokenization_kwargs(tokenization_kwargs, [prompt],
+                                                                      [sampling_params], self.tokenizer)
         outputs = self.add_request(request_id, prompt, sampling_params, output_kind, lora_request=lora_request,
                                    priority=priority)
         try:
@@ -500,6 +514,18 @@ class AsyncLLM:
         for fut in self._lora_calls.values():
             if not fut.done():
                 fut.set_exception(error)
+
+
+def _check_vllm_keywords(data_parallel_rank: int | None, reasoning_ended: bool | None,
+                         reasoning_parser_kwargs: dict | None):
+    """generate()'s vLLM keywords that ask for what is not built: refused, naming them (not ignored)."""
+    if data_parallel_rank not in (None, 0):
+        raise ValueError(f"data_parallel_rank {data_parallel_rank!r} is out of range: data parallelism is not "
+                         f"built, the engine is the one rank 0")
+    if reasoning_ended is not None or reasoning_parser_kwargs is not None:
+        raise NotImplementedError("generate(reasoning_ended=..., reasoning_parser_kwargs=...): the engine keeps no "
+                                  "reasoning-parser state; a structured-output constraint applies from the first "
+                                  "generated token")
 
 
 class Aborted:

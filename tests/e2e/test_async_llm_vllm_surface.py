@@ -105,3 +105,34 @@ def test_shutdown_takes_vllms_timeout_and_may_be_called_again(tiny_model_dirs):
         assert not engine.core.process.is_alive() and engine.errored
         engine.shutdown()
     run(tiny_model_dirs["llama"], body)
+
+
+def test_generate_takes_vllms_keywords(tiny_model_dirs):
+    """vLLM's generate(..., *, tokenization_kwargs, prompt_text, trace_headers, data_parallel_rank,
+    reasoning_ended, reasoning_parser_kwargs) were TypeErrors (unexpected keyword). tokenization_kwargs act as
+    LLM.generate's; prompt_text and trace_headers change nothing (as under vLLM for these prompts, and with no
+    tracing); what asks for something not built (another data-parallel rank, reasoning state) is refused."""
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+
+    async def last(engine, rid, prompt="Once upon a time", **kwargs):
+        return [o async for o in engine.generate(prompt, params, rid, **kwargs)][-1]
+
+    async def body(engine):
+        plain = await last(engine, "a")
+        assert plain.prompt_token_ids[0] == 1   # the tokenizer's BOS
+        kept = await last(engine, "b", trace_headers={"traceparent": "00-1-2-01"}, prompt_text="other",
+                          data_parallel_rank=0, lora_request=None, priority=0)
+        assert kept.prompt == "Once upon a time" and kept.prompt_token_ids == plain.prompt_token_ids
+        assert kept.outputs[0].token_ids == plain.outputs[0].token_ids
+        no_bos = await last(engine, "c", tokenization_kwargs={"add_special_tokens": False})
+        assert no_bos.prompt_token_ids == plain.prompt_token_ids[1:]
+        cut = await last(engine, "d", list(range(3, 20)), tokenization_kwargs={"truncate_prompt_tokens": 4})
+        assert cut.prompt_token_ids == list(range(16, 20))
+        for kwargs, error, words in [({"tokenization_kwargs": {"padding": True}}, ValueError, "padding"),
+                                     ({"data_parallel_rank": 1}, ValueError, "data_parallel_rank 1"),
+                                     ({"reasoning_ended": True}, NotImplementedError, "reasoning"),
+                                     ({"reasoning_parser_kwargs": {}}, NotImplementedError, "reasoning")]:
+            with pytest.raises(error, match=words):
+                await last(engine, "e", **kwargs)
+        assert not engine.output_processor.parents
+    run(tiny_model_dirs["llama"], body)

@@ -1,0 +1,66 @@
+"""vLLM 0.26's tokenization_kwargs (its overrides of tokenizer.encode), as LLM.generate and AsyncLLM.generate
+take them: truncate_prompt_tokens and truncation_side become SamplingParams' fields of those names (vLLM 0.26
+moved them here; None: unset), or transformers' truncation and max_length (hf_truncation); a text cut without a
+side keeps its BOS, one cut from a side given loses it from the left (vLLM's, as its server: InputProcessor);
+add_special_tokens false encodes a text prompt without the tokenizer's BOS (etc.). Any other key is refused,
+naming it."""
+import dataclasses
+
+from pagedllm.sampling_params import SamplingParams
+
+TOKENIZATION_KEYS = ("add_special_tokens", "truncate_prompt_tokens", "truncation_side", "truncation", "max_length")
+
+
+def check_tokenization_kwargs(kwargs: dict | None):
+    """None or {} (vLLM's default) is taken; keys of TOKENIZATION_KEYS too; anything else is a ValueError."""
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"tokenization_kwargs must be a dict, got {type(kwargs).__name__}")
+    other = sorted(set(kwargs or ()) - set(TOKENIZATION_KEYS))
+    if other:
+        raise ValueError(f"tokenization_kwargs {other!r:.200} is not built here: the keys taken are "
+                         f"{', '.join(TOKENIZATION_KEYS)}; a TokensPrompt gives exact token ids")
+
+
+def apply_tokenization_kwargs(kwargs: dict, prompts: list, params: list[SamplingParams],
+                              tokenizer) -> tuple[list, list[SamplingParams]]:
+    """The prompts and their params as the (checked) tokenization_kwargs ask."""
+    fields = {k: v for k, v in kwargs.items() if k in ("truncate_prompt_tokens", "truncation_side")
+              and v is not None}
+    fields.update(hf_truncation(kwargs))
+    if fields:
+        try:
+            params = [dataclasses.replace(p, **fields) for p in params]
+        except ValueError as e:
+            raise ValueError(f"tokenization_kwargs: {e}") from e
+    special = kwargs.get("add_special_tokens")
+    if special is not None and not isinstance(special, bool):
+        raise ValueError(f"tokenization_kwargs: add_special_tokens must be a bool, got {special!r:.50}")
+    if special is False and tokenizer is not None:
+        prompts = [without_special_tokens(p, tokenizer) for p in prompts]
+    return prompts, params
+
+
+def without_special_tokens(prompt, tokenizer):
+    """A text prompt (a string, or a dict of text without token ids) as a TokensPrompt of its encoding without the
+    tokenizer's special tokens, its text kept as the outputs' prompt; any other prompt as it is."""
+    text = prompt.get("prompt") if isinstance(prompt, dict) and "prompt_token_ids" not in prompt else prompt
+    if not isinstance(text, str):
+        return prompt
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return {**(prompt if isinstance(prompt, dict) else {}), "prompt": text, "prompt_token_ids": ids}
+
+
+def hf_truncation(kwargs: dict) -> dict:
+    """transformers' truncation and max_length, as vLLM 0.26's TokenizeParams.with_kwargs reads them: truncation
+    True (or "longest_first") keeps max_length tokens (unset: max_model_len, -1), False (or "do_not_truncate")
+    none, over truncate_prompt_tokens. max_length alone, a limit vLLM puts on the prompt's length, is refused."""
+    truncation, max_length = kwargs.get("truncation"), kwargs.get("max_length")
+    if truncation in (True, "longest_first"):
+        return {"truncate_prompt_tokens": -1 if max_length is None else max_length}
+    if truncation not in (None, False, "do_not_truncate"):
+        raise ValueError(f"tokenization_kwargs: truncation must be True, False, 'longest_first' or "
+                         f"'do_not_truncate', got {truncation!r:.50}")
+    if max_length is not None:
+        raise ValueError("tokenization_kwargs: max_length is taken with truncation True (the tokens kept); alone it "
+                         "would only limit the prompt's length, which max_model_len does here")
+    return {"truncate_prompt_tokens": None} if truncation is not None else {}
