@@ -304,10 +304,12 @@ class AsyncLLM:
         if request_ids:
             self.core.send(("release", list(request_ids)))
 
-    def abort(self, request_id: str | Iterable[str]) -> "Aborted":
+    def abort(self, request_id: str | Iterable[str], internal: bool = False) -> "Aborted":
         """Ends the request, or each of an iterable of them (vLLM's); the core frees their blocks before its next
         step. A stream ends with a finished output whose unfinished sequences say "abort" (vLLM's). It takes
-        effect when called; what it returns may be awaited, as vLLM's coroutine is (`await engine.abort(...)`)."""
+        effect when called; what it returns may be awaited, as vLLM's coroutine is (`await engine.abort(...)`).
+        An unknown or finished id changes nothing. internal (vLLM's: the id is its engine's own, suffixed one):
+        ids here are the caller's, so both mean the same."""
         if not isinstance(request_id, str):
             for one in request_id:
                 self.abort(one)
@@ -339,16 +341,17 @@ class AsyncLLM:
         once it is on the host; a bad one raises its ValueError here."""
         return await self._core_call("add_lora", lora_request)
 
-    async def remove_lora(self, lora_int_id: int) -> bool:
-        """False for an unknown adapter or one that unfinished requests use (they finish under it)."""
-        return await self._core_call("remove_lora", lora_int_id)
+    async def remove_lora(self, lora_id: int) -> bool:
+        """False for an unknown adapter or one that unfinished requests use (they finish under it). lora_id: its
+        lora_int_id (vLLM's argument name)."""
+        return await self._core_call("remove_lora", lora_id)
 
     async def list_loras(self) -> set[int]:
         return await self._core_call("list_loras")
 
-    async def pin_lora(self, lora_int_id: int) -> bool:
+    async def pin_lora(self, lora_id: int) -> bool:
         """vLLM's: the loaded adapter is never evicted from the core's host LRU (Engine.pin_lora)."""
-        return await self._core_call("pin_lora", lora_int_id)
+        return await self._core_call("pin_lora", lora_id)
 
     async def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """vLLM's: forget every cached prefix (the GPU, CPU and disk tiers; the latter two are this project's

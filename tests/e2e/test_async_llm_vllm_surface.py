@@ -136,3 +136,18 @@ def test_generate_takes_vllms_keywords(tiny_model_dirs):
                 await last(engine, "e", **kwargs)
         assert not engine.output_processor.parents
     run(tiny_model_dirs["llama"], body)
+
+
+def test_abort_and_lora_calls_take_vllms_argument_names(tiny_model_dirs):
+    """vLLM's abort(request_id, internal=False), remove_lora(lora_id) and pin_lora(lora_id) called by keyword were
+    TypeErrors (pagedllm named it lora_int_id). An unknown id's abort changes nothing, as vLLM's."""
+    async def body(engine):
+        stream = engine.add_request("a", [1, 5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))
+        await engine.abort(request_id="a", internal=False)
+        assert [o async for o in stream][-1].outputs[0].finish_reason == "abort"
+        await engine.abort("never-added")
+        with pytest.raises(ValueError, match="enable_lora"):   # LoRA off here: the core's own answer
+            await engine.remove_lora(lora_id=1)
+        with pytest.raises(ValueError, match="enable_lora"):
+            await engine.pin_lora(lora_id=1)
+    run(tiny_model_dirs["llama"], body)
