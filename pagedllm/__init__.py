@@ -4,8 +4,8 @@ from pagedllm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
-           "EngineConfig", "LoRARequest", "TextPrompt", "TokensPrompt"]
+__all__ = ["LLM", "AsyncLLM", "AsyncEngineArgs", "SamplingParams", "BeamSearchParams", "RequestOutput",
+           "CompletionOutput", "EngineConfig", "LoRARequest", "TextPrompt", "TokensPrompt"]
 
 
 def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free of import cycles
@@ -15,6 +15,9 @@ def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free o
     if name == "AsyncLLM":
         from pagedllm.engine.async_llm import AsyncLLM
         return AsyncLLM
+    if name == "AsyncEngineArgs":
+        from pagedllm.engine.engine_args import AsyncEngineArgs
+        return AsyncEngineArgs
     if name in ("RequestOutput", "CompletionOutput"):
         from pagedllm import outputs
         return getattr(outputs, name)

@@ -1,6 +1,5 @@
 """LLM: the offline, batch entry point."""
 import contextlib
-import dataclasses
 import functools
 import gc
 import itertools
@@ -13,8 +12,9 @@ from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSear
                                   check_length, finish_text, run_beam_search, step_sampling_params,
                                   unshared_blocks)
 from pagedllm.chat_template import render_chat
-from pagedllm.config import DEMO_MODEL, EngineConfig
+from pagedllm.config import DEMO_MODEL
 from pagedllm.engine.engine import Engine
+from pagedllm.engine.engine_args import engine_config
 from pagedllm.engine.input_processor import check_prompt_type, prompt_cache_salt, prompt_value
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.engine.tokenization_kwargs import (apply_tokenization_kwargs, check_tokenization_kwargs,
@@ -22,7 +22,6 @@ from pagedllm.engine.tokenization_kwargs import (apply_tokenization_kwargs, chec
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.vllm_flags import check_vllm_kwargs
 from pagedllm.vllm_names import LLM_NAMES, not_built
 
 # A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
@@ -34,8 +33,7 @@ class LLM:
         """engine_args: EngineConfig's fields, or vLLM's LLM arguments (vllm_flags.py: each is taken with vLLM's
         meaning or refused naming it and why). No statistics log lines unless asked for, as vLLM's LLM
         (disable_log_stats=True)."""
-        sets, fields = check_vllm_kwargs({"disable_log_stats": True, **engine_args})
-        self.engine = Engine(EngineConfig(model=model, **{**sets, **_field_names(fields)}))   # a field given wins
+        self.engine = Engine(engine_config(model, {"disable_log_stats": True, **engine_args}))
         self._ids = itertools.count()
         self._queued: dict[str, None] = {}             # enqueue()'s requests (ordered), until wait_for_completion()
         self._done: dict[str, RequestOutput] = {}      # those of them that finished in another call's run
@@ -390,14 +388,6 @@ for _name in ("encode", "embed", "classify", "score", "reward"):
 # vLLM's other LLM methods not built here: a NotImplementedError saying why and what instead
 for _name in ("get_metrics", "sleep", "wake_up", "collective_rpc", "start_profile", "stop_profile", *LLM_NAMES):
     setattr(LLM, _name, _refusing(_name, functools.partial(not_built, "LLM")))
-
-
-def _field_names(kwargs: dict) -> dict:
-    """vLLM's long names of config fields (kv_cache_memory_bytes: the flag alias --kv-cache-memory-bytes) as
-    the fields'."""
-    names = {alias[2:].replace("-", "_"): f.name for f in dataclasses.fields(EngineConfig)
-             for alias in f.metadata.get("aliases", ()) if alias.startswith("--")}
-    return {names.get(k, k): v for k, v in kwargs.items()}
 
 
 def _conversations(messages) -> list[list[dict]]:

@@ -17,6 +17,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.engine.core_process import HEARTBEAT_INTERVAL, CoreClient
 from pagedllm.engine.engine import resolve_model
+from pagedllm.engine.engine_args import AsyncEngineArgs
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
@@ -54,7 +55,7 @@ class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_queue_length: int | None = None,
                  on_step_stats: Callable[[StepStats], None] | None = None, heartbeat_timeout: float = 5.0,
                  step_timeout: float = 60.0, on_dead: Callable[[], None] | None = None, stream_interval: int = 1,
-                 core: CoreClient | None = None, shared_waiting=None):
+                 core: CoreClient | None = None, shared_waiting=None, log_requests: bool = False):
         """max_waiting_queue_length: refuse new requests (QueueFullError) while this many sequences wait
         for their first step (None = no bound). on_step_stats: called with each step's request timings.
         heartbeat_timeout: seconds without a message from the core (its heartbeat thread sends one every
@@ -67,7 +68,8 @@ class AsyncLLM:
         core: a client of a core process started already (by server/launch.py before the server's imports, or
         one of several API processes' in server/api_servers.py; default: start one); it is shut down with this
         engine, or if this constructor fails. shared_waiting: with several, the multiprocessing.Value of
-        sequences waiting in all of them, which max_waiting_queue_length bounds."""
+        sequences waiting in all of them, which max_waiting_queue_length bounds. log_requests (vLLM's
+        enable_log_requests): an info line for each request added and aborted (the server logs its own)."""
         self.core = core
         try:
             model = resolve_model(config)   # the config's errors, before a process starts (no CUDA context here)
@@ -90,6 +92,7 @@ class AsyncLLM:
         self.vllm_config: VllmConfig = vllm_config_of(config, model.hf_config, model.dtype, self.max_model_len,
                                                       num_blocks, self.default_sampling_params)
         self.max_waiting_queue_length = max_waiting_queue_length
+        self.log_requests = log_requests
         self.shared_waiting = shared_waiting
         self._num_published = 0                       # this process's part of shared_waiting
         self.on_step_stats = on_step_stats
@@ -110,6 +113,18 @@ class AsyncLLM:
         self._num_stale_stats = 0                     # replies still due to failed get_stats() calls
         self._steps: deque[tuple] = deque()           # ("outputs", rows, StepStats) read, not yet processed
         self._step_scheduled = False                  # _process_next_step is due on the event loop
+
+    @classmethod
+    def from_engine_args(cls, engine_args: AsyncEngineArgs, start_engine_loop: bool = True, usage_context=None,
+                         stat_loggers: list | None = None) -> "AsyncLLM":
+        """vLLM's way to build one: AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., ...)). As under vLLM,
+        start_engine_loop changes nothing (the outputs are read from the first request on); usage_context names
+        vLLM's usage report, which is not built here. stat_loggers (vLLM's plug-in loggers) are not built."""
+        if stat_loggers:
+            raise NotImplementedError("AsyncLLM.from_engine_args(stat_loggers=...): vLLM's stat logger plug-ins are "
+                                      "not built; the engine core logs its statistics every log_stats_interval "
+                                      "seconds, and get_stats() returns them")
+        return cls(engine_args.create_engine_config(), **engine_args.async_llm_kwargs())
 
     @property
     def model_config(self) -> ModelConfig:
@@ -206,6 +221,8 @@ class AsyncLLM:
                                               req.arrival_time, lora_request)
             q = self._queues[request_id] = OutputQueue()
             self._unscheduled.update(r.request_id for r in req.core_requests)
+            if self.log_requests:
+                logger.info("Added request %s.", request_id)
         finally:
             self._publish_waiting()   # a refused request's place, taken by the bound's check, is given back
         return q
@@ -324,6 +341,8 @@ class AsyncLLM:
         self._unscheduled.difference_update(child_ids)
         self._publish_waiting()
         self.core.send(("finish", child_ids, RequestStatus.FINISHED_ABORTED))
+        if self.log_requests:
+            logger.info("Aborted request %s.", request_id)
         return ABORTED
 
     async def get_stats(self) -> SchedulerStats:

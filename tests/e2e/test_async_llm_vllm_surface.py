@@ -151,3 +151,33 @@ def test_abort_and_lora_calls_take_vllms_argument_names(tiny_model_dirs):
         with pytest.raises(ValueError, match="enable_lora"):
             await engine.pin_lora(lora_id=1)
     run(tiny_model_dirs["llama"], body)
+
+
+def test_from_engine_args_builds_the_engine_as_vllms(tiny_model_dirs, caplog):
+    """vLLM's AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., ...)) was an AttributeError (and there was no
+    AsyncEngineArgs). Its arguments are LLM(...)'s, vLLM's spellings included; stream_interval and
+    enable_log_requests reach the AsyncLLM; a vLLM argument asking for what is not built is refused by name."""
+    from pagedllm import AsyncEngineArgs
+
+    args = AsyncEngineArgs(model=tiny_model_dirs["llama"], device="cpu", max_model_len=128,
+                           num_gpu_blocks_override=32, kv_cache_memory_bytes=None, disable_log_stats=True,
+                           stream_interval=3, enable_log_requests=True, trust_remote_code=False)
+
+    async def main():
+        engine = AsyncLLM.from_engine_args(args)
+        try:
+            assert engine.model_config.max_model_len == 128 and engine.config.log_stats_interval == 0
+            assert engine.vllm_config.cache_config.num_gpu_blocks == 32
+            assert engine.output_processor.stream_interval == 3
+            params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+            with caplog.at_level("INFO", logger="pagedllm"):
+                outs = [o async for o in engine.generate([1, 5, 6, 7], params, "r")]
+            assert [len(o.outputs[0].token_ids) for o in outs] == [1, 4, 7]   # every 3 tokens, the first at once
+            assert "Added request r." in caplog.text
+        finally:
+            engine.shutdown()
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        AsyncLLM.from_engine_args(AsyncEngineArgs(tiny_model_dirs["llama"], pipeline_parallel_size=2))
+    with pytest.raises(NotImplementedError, match="stat_loggers"):
+        AsyncLLM.from_engine_args(args, stat_loggers=[object])

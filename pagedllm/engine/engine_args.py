@@ -1,0 +1,39 @@
+"""vLLM's AsyncEngineArgs, for `AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., ...))` as scripts written
+for vLLM build their engine: the engine arguments LLM(...) takes (EngineConfig's fields, or vLLM's spellings,
+each taken with vLLM's meaning or refused naming it: vllm_flags.py), and the ones of vLLM's AsyncLLM itself."""
+import dataclasses
+
+from pagedllm.config import DEMO_MODEL, EngineConfig
+from pagedllm.vllm_flags import check_vllm_kwargs
+
+# vLLM's engine arguments that this project gives the AsyncLLM, not its EngineConfig (the name there)
+ASYNC_LLM_ARGS = {"stream_interval": "stream_interval", "enable_log_requests": "log_requests"}
+
+
+class AsyncEngineArgs:
+    """AsyncEngineArgs(model, **engine_args): checked when the engine is built, as vLLM's are."""
+
+    def __init__(self, model: str = DEMO_MODEL, **engine_args):
+        self.model = model
+        self.engine_args = engine_args
+
+    def __repr__(self) -> str:
+        return f"AsyncEngineArgs(model={self.model!r}, **{self.engine_args!r})"
+
+    def create_engine_config(self) -> EngineConfig:
+        """The EngineConfig of these arguments (vLLM's name; here EngineConfig, not vLLM's VllmConfig)."""
+        rest = {k: v for k, v in self.engine_args.items() if k not in ASYNC_LLM_ARGS}
+        return engine_config(self.model, rest)
+
+    def async_llm_kwargs(self) -> dict:
+        """AsyncLLM's own arguments among them (None: left out, as vLLM reads it)."""
+        return {ASYNC_LLM_ARGS[k]: v for k, v in self.engine_args.items() if k in ASYNC_LLM_ARGS and v is not None}
+
+
+def engine_config(model: str, engine_args: dict) -> EngineConfig:
+    """EngineConfig(model, ...) of LLM-style arguments: vLLM's flags judged (vllm_flags.py), vLLM's long names of
+    config fields (kv_cache_memory_bytes: the alias --kv-cache-memory-bytes) read as the fields'."""
+    sets, fields = check_vllm_kwargs(engine_args)
+    names = {alias[2:].replace("-", "_"): f.name for f in dataclasses.fields(EngineConfig)
+             for alias in f.metadata.get("aliases", ()) if alias.startswith("--")}
+    return EngineConfig(model=model, **{**sets, **{names.get(k, k): v for k, v in fields.items()}})   # a field wins
