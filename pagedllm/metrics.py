@@ -184,8 +184,12 @@ class StatsLogger:
         now = time.monotonic()
         if self.interval <= 0 or now - self._last_time < self.interval:
             return
-        stats = get_stats()
-        dt = now - self._last_time
+        self.log(get_stats())
+
+    def log(self, stats: SchedulerStats):
+        """One log line of these counts (rates since the last one)."""
+        now = time.monotonic()
+        dt = max(now - self._last_time, 1e-9)
         prev_prompt = self._last.num_prompt_tokens if self._last else 0
         prev_gen = self._last.num_generation_tokens if self._last else 0
         logger.info(

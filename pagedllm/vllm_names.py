@@ -25,8 +25,27 @@ LLM_NAMES = dict.fromkeys(("init_weight_transfer_engine", "start_weight_update",
                            "update_weights", "finish_weight_update"), _WEIGHTS)
 
 
+_CORE_RPC = ("calls on the engine core's workers are not built: the model runs in the engine core process, which "
+             "takes requests, LoRA adapters and statistics calls only")
+_CORE_PROFILE = ("vLLM's built-in torch profiler is not built: the model runs in the engine core process; profile "
+                 "offline (LLM, whose model runs in its caller's process) under torch.profiler.profile()")
+_PAUSE = ("pausing the scheduler is not built: abort() the requests in flight, or stop taking new ones, instead")
+_DATA_PARALLEL = "data parallelism is not built: one engine core serves every request"
+
+# a method of vLLM's AsyncLLM (EngineClient) -> why not, and what instead
+ASYNC_LLM_NAMES = {
+    **dict.fromkeys(("sleep", "wake_up"), _SLEEP), "collective_rpc": _CORE_RPC,
+    "start_profile": _CORE_PROFILE, "stop_profile": _CORE_PROFILE,
+    **dict.fromkeys(("pause_generation", "resume_generation"), _PAUSE),
+    **dict.fromkeys(("scale_elastic_ep", "wait_for_requests_to_drain"), _DATA_PARALLEL),
+    "notify_kv_transfer_request_rejected": "KV transfer connectors (disaggregated prefill) are not built",
+    **LLM_NAMES,
+}
+
+
 def not_built(owner: str, name: str) -> NotImplementedError:
-    return NotImplementedError(f"{owner}.{name}(), vLLM's: {ENGINE_NAMES.get(name) or LLM_NAMES[name]}")
+    why = ASYNC_LLM_NAMES[name] if owner == "AsyncLLM" else ENGINE_NAMES.get(name) or LLM_NAMES[name]
+    return NotImplementedError(f"{owner}.{name}(), vLLM's: {why}")
 
 
 def missing(owner: str, name: str) -> AttributeError:

@@ -24,10 +24,11 @@ from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_
 from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs, check_tokenization_kwargs
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.engine.vllm_config import ModelConfig, VllmConfig, vllm_config_of
-from pagedllm.metrics import SchedulerStats, StepStats
+from pagedllm.metrics import SchedulerStats, StatsLogger, StepStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.vllm_names import ASYNC_LLM_NAMES, not_built
 
 logger = logging.getLogger("pagedllm")
 _OUTPUT_KINDS = {RequestOutputKind.CUMULATIVE: OutputKind.CUMULATIVE, RequestOutputKind.DELTA: OutputKind.DELTA,
@@ -93,6 +94,7 @@ class AsyncLLM:
                                                       num_blocks, self.default_sampling_params)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.log_requests = log_requests
+        self._stats_logger = StatsLogger(0)           # do_log_stats()' lines (their rates since the last)
         self.shared_waiting = shared_waiting
         self._num_published = 0                       # this process's part of shared_waiting
         self.on_step_stats = on_step_stats
@@ -141,6 +143,30 @@ class AsyncLLM:
     async def get_supported_tasks(self) -> tuple[str, ...]:
         """vLLM's: the tasks the model serves. Generative models only are built (no pooling tasks)."""
         return ("generate",)
+
+    def encode(self, prompt, pooling_params, request_id: str, *args, **kwargs):
+        """vLLM's pooling entry point: a generative model has no pooling task, a ValueError as under vLLM."""
+        raise ValueError("AsyncLLM.encode() needs a pooling model (embedding, classification, scoring, reward), "
+                         "which pagedllm does not build: it runs generative models only (generate)")
+
+    async def is_sleeping(self) -> bool:   # vLLM's sleep mode is not built: never asleep
+        return False
+
+    async def is_paused(self) -> bool:     # pausing the scheduler is not built: never paused
+        return False
+
+    async def is_tracing_enabled(self) -> bool:   # no OpenTelemetry tracing is built
+        return False
+
+    async def reset_mm_cache(self) -> None:
+        """vLLM's: clears the multimodal caches. Multimodal inputs are not built: there is none to clear."""
+
+    async def reset_encoder_cache(self) -> None:
+        """vLLM's: clears the encoder cache of multimodal models; none is built, nothing to clear."""
+
+    async def do_log_stats(self) -> None:
+        """vLLM's: a statistics log line now (the core also logs one every log_stats_interval seconds)."""
+        self._stats_logger.log(await self.get_stats())
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict, sampling_params: SamplingParams,
@@ -548,6 +574,18 @@ def _check_vllm_keywords(data_parallel_rank: int | None, reasoning_ended: bool |
         raise NotImplementedError("generate(reasoning_ended=..., reasoning_parser_kwargs=...): the engine keeps no "
                                   "reasoning-parser state; a structured-output constraint applies from the first "
                                   "generated token")
+
+
+def _refusing(name: str):
+    def method(self, *args, **kwargs):
+        raise not_built("AsyncLLM", name)
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+# vLLM's AsyncLLM methods not built here: a NotImplementedError saying why and what instead (vllm_names.py)
+for _name in ASYNC_LLM_NAMES:
+    setattr(AsyncLLM, _name, _refusing(_name))
 
 
 class Aborted:

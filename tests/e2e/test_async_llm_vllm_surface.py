@@ -181,3 +181,28 @@ def test_from_engine_args_builds_the_engine_as_vllms(tiny_model_dirs, caplog):
         AsyncLLM.from_engine_args(AsyncEngineArgs(tiny_model_dirs["llama"], pipeline_parallel_size=2))
     with pytest.raises(NotImplementedError, match="stat_loggers"):
         AsyncLLM.from_engine_args(args, stat_loggers=[object])
+
+
+VLLM_NOT_BUILT = ["sleep", "wake_up", "collective_rpc", "start_profile", "stop_profile", "pause_generation",
+                  "resume_generation", "scale_elastic_ep", "wait_for_requests_to_drain",
+                  "notify_kv_transfer_request_rejected", "init_weight_transfer_engine", "update_weights"]
+
+
+def test_vllms_other_engine_client_methods_answer_or_say_why_not(tiny_model_dirs, caplog):
+    """vLLM's other EngineClient methods were AttributeErrors. The ones with a true answer here give it (never
+    asleep or paused, no tracing, no multimodal cache to reset, a statistics line now); encode() is a ValueError
+    (no pooling model), as under vLLM for a generative one; the rest are NotImplementedErrors saying why."""
+    async def body(engine):
+        assert await engine.is_sleeping() is False and await engine.is_paused() is False
+        assert await engine.is_tracing_enabled() is False
+        await engine.reset_mm_cache()
+        await engine.reset_encoder_cache()
+        with caplog.at_level("INFO", logger="pagedllm"):
+            await engine.do_log_stats()
+        assert "KV blocks used 0/64" in caplog.text
+        with pytest.raises(ValueError, match="pooling model"):
+            engine.encode("a", None, "r")
+        for name in VLLM_NOT_BUILT:
+            with pytest.raises(NotImplementedError, match=rf"AsyncLLM\.{name}\(\), vLLM's: .* not built"):
+                await getattr(engine, name)()
+    run(tiny_model_dirs["llama"], body)
