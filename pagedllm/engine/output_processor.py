@@ -59,6 +59,7 @@ class _ParentRequest:
     num_returned: int | None = None   # best_of: return this many (n) of seqs, the highest cumulative logprob
     lora_request: LoRARequest | None = None
     named_logprobs: bool = False      # logprob_token_ids: a position's other ids are those, unranked
+    prompt_logprobs_sent: bool = False   # DELTA: its prompt logprobs went out, in its first output
 
     @property
     def finished(self) -> bool:
@@ -269,8 +270,19 @@ class OutputProcessor:
         else:
             completions = [self._completion(s, False) for s in seqs]
         return _flattened(RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                                        parent.prompt_logprobs, completions, finished, parent.metrics,
+                                        self._prompt_logprobs(parent), completions, finished, parent.metrics,
                                         parent.num_cached_tokens, parent.lora_request), parent.params)
+
+    @staticmethod
+    def _prompt_logprobs(parent: _ParentRequest) -> list | None:
+        """vLLM's: a DELTA request's prompt logprobs come once, in its first output, and the later outputs carry
+        none ([]), so that the deltas add up to the whole; the other kinds carry them in every output."""
+        if parent.kind is not OutputKind.DELTA or parent.prompt_logprobs is None:
+            return parent.prompt_logprobs
+        if parent.prompt_logprobs_sent:
+            return []
+        parent.prompt_logprobs_sent = True
+        return parent.prompt_logprobs
 
     def _due(self, seq: _Sequence) -> bool:
         """Whether the sequence's new tokens go out now: always with stream_interval 1; else its first token

@@ -154,8 +154,13 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     # vLLM's: a choice's last chunk carries the fingerprint, unless a usage chunk ends the stream (it has it then)
     last = "" if req.include_usage else fingerprint_json(ctx)
     cached: dict[int, int] = {}   # each prompt's tokens found in the prefix cache
+    prompt_logprobs: dict[int, list] = {}   # each prompt's, from its first output (DELTA's only one with them)
     async for i, out in outputs:
         cached[i] = out.num_cached_tokens
+        if out.prompt_logprobs:
+            prompt_logprobs[i] = out.prompt_logprobs
+        elif i in prompt_logprobs:   # a choice whose first token comes later echoes them too
+            out.prompt_logprobs = prompt_logprobs[i]
         for c in out.outputs:
             index = i * req.n + c.index
             num_completion += len(c.token_ids)

@@ -206,3 +206,25 @@ def test_vllms_other_engine_client_methods_answer_or_say_why_not(tiny_model_dirs
             with pytest.raises(NotImplementedError, match=rf"AsyncLLM\.{name}\(\), vLLM's: .* not built"):
                 await getattr(engine, name)()
     run(tiny_model_dirs["llama"], body)
+
+
+def test_delta_outputs_carry_the_prompt_logprobs_once_as_vllms(tiny_model_dirs):
+    """vLLM's DELTA: the prompt logprobs come in the first output and later ones carry none ([]), so the deltas
+    add up to the whole, as their token ids do. Every delta repeated them (a caller joining them got them n
+    times); CUMULATIVE and FINAL_ONLY still carry them in each output."""
+    from pagedllm.sampling_params import RequestOutputKind
+
+    async def outputs(engine, rid, kind):
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=1, output_kind=kind)
+        return [o async for o in engine.generate([1, 5, 6, 7, 8], params, rid)]
+
+    async def body(engine):
+        delta = await outputs(engine, "d", RequestOutputKind.DELTA)
+        cumulative = await outputs(engine, "c", RequestOutputKind.CUMULATIVE)
+        assert len(delta) == 4 and len(delta[0].prompt_logprobs) == 5
+        assert [o.prompt_logprobs for o in delta[1:]] == [[], [], []]
+        assert [p for o in delta for p in o.prompt_logprobs] == cumulative[-1].prompt_logprobs
+        assert all(o.prompt_logprobs == cumulative[0].prompt_logprobs for o in cumulative)
+        final = await outputs(engine, "f", RequestOutputKind.FINAL_ONLY)
+        assert final[0].prompt_logprobs == cumulative[-1].prompt_logprobs
+    run(tiny_model_dirs["llama"], body)
