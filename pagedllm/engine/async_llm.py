@@ -108,6 +108,7 @@ class AsyncLLM:
         self._queues: dict[str, OutputQueue] = {}
         self._unscheduled: set[str] = set()           # sequences not yet in any step: the waiting queue
         self._stats_waiters: deque[asyncio.Future] = deque()
+        self._aliases: dict[str, list[str]] = {}      # generate()'s request_id in use -> its other requests' ids
         self._lora_calls: dict[int, asyncio.Future] = {}   # add/remove/list_loras calls by id, until answered
         self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -193,20 +194,29 @@ class AsyncLLM:
         vLLM's keywords: tokenization_kwargs as LLM.generate's (tokenization_kwargs.py). prompt_text and
         trace_headers change nothing, as under vLLM for these prompts (it takes prompt_text for a prebuilt
         EngineCoreRequest only) and with no tracing endpoint (none is built here). data_parallel_rank: 0 or
-        None, the one rank. reasoning_ended / reasoning_parser_kwargs: the engine keeps no reasoning state."""
+        None, the one rank. reasoning_ended / reasoning_parser_kwargs: the engine keeps no reasoning state.
+        A request_id in use (a running generate()'s) is taken, as vLLM 0.26 takes it: the request runs under an
+        alias, its outputs say request_id, and abort(request_id) ends every request of that id. add_request,
+        this project's lower-level call (beam search and kv_parent name requests by id), refuses one instead."""
         _check_vllm_keywords(data_parallel_rank, reasoning_ended, reasoning_parser_kwargs)
         check_tokenization_kwargs(tokenization_kwargs)
         if tokenization_kwargs:
             check_request_types(request_id, prompt, sampling_params)
             (prompt,), (sampling_params,) = apply_tokenization_kwargs(tokenization_kwargs, [prompt],
                                                                       [sampling_params], self.tokenizer)
-        outputs = self.add_request(request_id, prompt, sampling_params, output_kind, lora_request=lora_request,
-                                   priority=priority)
+        internal = self._free_id(request_id, sampling_params)
+        outputs = None
         try:
+            outputs = self.add_request(internal, prompt, sampling_params, output_kind, lora_request=lora_request,
+                                       priority=priority)
             async for out in outputs:
+                out.request_id = request_id   # the caller's, also under an alias
                 yield out
         finally:   # this stream closed early (aclose): the request ends now, not when `outputs` is collected
-            await outputs.aclose()
+            if outputs is not None:
+                await outputs.aclose()
+            if internal != request_id:
+                self._forget_alias(request_id, internal)
 
     async def _outputs(self, request_id: str, q: "OutputQueue") -> AsyncIterator[RequestOutput]:
         finished = False
@@ -221,7 +231,7 @@ class AsyncLLM:
                 yield out
         finally:
             if not finished:
-                self.abort(request_id)
+                self._abort_one(request_id)
 
     def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind | None,
                      cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
@@ -230,10 +240,7 @@ class AsyncLLM:
         kind = _OUTPUT_KINDS[params.output_kind] if kind is None else kind
         self.attach()
         self._check_alive()
-        # n > 1 runs as sequences "<id>#<i>": none of them may be a running request's sequence either
-        n = params.num_sequences
-        if request_id in self.output_processor.parents or any(
-                child_request_id(request_id, i, n) in self.output_processor.child_to_parent for i in range(n)):
+        if self._in_use(request_id, params.num_sequences):
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._check_queue_bound(params.num_sequences, "n" if params.best_of is None else "best_of")
         try:
@@ -252,6 +259,30 @@ class AsyncLLM:
         finally:
             self._publish_waiting()   # a refused request's place, taken by the bound's check, is given back
         return q
+
+    def _in_use(self, request_id: str, n: int) -> bool:
+        """n > 1 runs as sequences "<id>#<i>": none of them may be a running request's sequence either."""
+        return request_id in self.output_processor.parents or any(
+            child_request_id(request_id, i, n) in self.output_processor.child_to_parent for i in range(n))
+
+    def _free_id(self, request_id, params) -> str:
+        """generate()'s id for a request: its request_id, or, while that is in use, "<request_id>-<k>" (vLLM's
+        generate takes a request_id in use, as it makes every id unique), kept as one of request_id's aliases."""
+        if not isinstance(request_id, str) or not isinstance(params, SamplingParams):
+            return request_id   # add_request's TypeError names it
+        internal = request_id
+        while self._in_use(internal, params.num_sequences):
+            internal = f"{request_id}-{next(self._call_ids)}"
+        if internal != request_id:
+            self._aliases.setdefault(request_id, []).append(internal)
+        return internal
+
+    def _forget_alias(self, request_id: str, internal: str):
+        aliases = self._aliases.get(request_id)
+        if aliases is not None and internal in aliases:
+            aliases.remove(internal)
+            if not aliases:
+                del self._aliases[request_id]
 
     def _check_queue_bound(self, n: int, name: str = "n"):
         """The bound counts sequences: a request's n all wait. One with more than the bound could never be
@@ -357,6 +388,11 @@ class AsyncLLM:
             for one in request_id:
                 self.abort(one)
             return ABORTED
+        for alias in self._aliases.pop(request_id, ()):   # generate()'s requests of this id run under these
+            self._abort_one(alias)
+        return self._abort_one(request_id)
+
+    def _abort_one(self, request_id: str) -> "Aborted":
         child_ids = self.output_processor.child_ids(request_id)
         q = self._queues.pop(request_id, None)
         if not child_ids:
@@ -552,7 +588,7 @@ class AsyncLLM:
         for request_id, q in list(self._queues.items()):
             q.put_nowait(error)
             if abort:
-                self.abort(request_id)
+                self._abort_one(request_id)
         self._queues.clear()
         self._num_stale_stats += len(self._stats_waiters)
         while self._stats_waiters:

@@ -228,3 +228,34 @@ def test_delta_outputs_carry_the_prompt_logprobs_once_as_vllms(tiny_model_dirs):
         final = await outputs(engine, "f", RequestOutputKind.FINAL_ONLY)
         assert final[0].prompt_logprobs == cumulative[-1].prompt_logprobs
     run(tiny_model_dirs["llama"], body)
+
+
+def test_generate_takes_a_request_id_in_use_as_vllm_026(tiny_model_dirs):
+    """vLLM 0.26 makes every request id unique inside (external ids may repeat): two generate() calls of one id
+    both run, each stream gets its own outputs under that id, abort(id) ends them all, and closing one stream
+    ends that one alone. Here the second was a ValueError ("already in use")."""
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    async def body(engine):
+        a, b = engine.generate([1, 5, 6, 7], long, "x"), engine.generate([1, 8, 9], short, "x")
+        first_a = await a.__anext__()
+        outs_b = [o async for o in b]
+        assert {o.request_id for o in outs_b} == {first_a.request_id} == {"x"}
+        assert outs_b[-1].finished and len(outs_b[-1].outputs[0].token_ids) == 3
+        assert outs_b[-1].prompt_token_ids == [1, 8, 9] and first_a.prompt_token_ids == [1, 5, 6, 7]
+        c = engine.generate([1, 5, 6, 7], long, "x")
+        await c.__anext__()
+        await c.aclose()   # ends c alone
+        assert not (await a.__anext__()).finished
+        d = engine.generate([1, 5, 6, 7], long, "x")
+        await d.__anext__()
+        await engine.abort("x")   # ends a and d
+        for stream in (a, d):
+            assert [o async for o in stream][-1].outputs[0].finish_reason == "abort"
+        assert not engine.output_processor.parents and not engine._aliases
+        with pytest.raises(ValueError, match="already in use"):   # the lower-level add_request still refuses
+            engine.add_request("y", [1, 5], long)
+            engine.add_request("y", [1, 5], long)
+        engine.abort("y")
+    run(tiny_model_dirs["llama"], body)
