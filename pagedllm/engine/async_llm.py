@@ -6,6 +6,7 @@ assemble RequestOutputs (OutputProcessor), and hand each one to the request's as
 is spawned, so a script that builds an AsyncLLM needs the `if __name__ == "__main__":` guard.
 """
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -123,11 +124,31 @@ class AsyncLLM:
         """vLLM's way to build one: AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., ...)). As under vLLM,
         start_engine_loop changes nothing (the outputs are read from the first request on); usage_context names
         vLLM's usage report, which is not built here. stat_loggers (vLLM's plug-in loggers) are not built."""
-        if stat_loggers:
-            raise NotImplementedError("AsyncLLM.from_engine_args(stat_loggers=...): vLLM's stat logger plug-ins are "
-                                      "not built; the engine core logs its statistics every log_stats_interval "
-                                      "seconds, and get_stats() returns them")
+        _check_no_stat_loggers("from_engine_args", stat_loggers)
         return cls(engine_args.create_engine_config(), **engine_args.async_llm_kwargs())
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: EngineConfig, start_engine_loop: bool = True, usage_context=None,
+                         stat_loggers: list | None = None, enable_log_requests: bool = False,
+                         aggregate_engine_logging: bool = False, disable_log_stats: bool = False,
+                         client_addresses: dict | None = None, client_count: int = 1,
+                         client_index: int = 0) -> "AsyncLLM":
+        """vLLM's other way: AsyncLLM.from_vllm_config(engine_args.create_engine_config()), whose config here is
+        the EngineConfig that AsyncEngineArgs.create_engine_config() returns. aggregate_engine_logging (several
+        data-parallel engines' lines in one) has one engine to log; the client_* arguments (several API
+        processes of one core) are the server's (`pagedllm serve --api-server-count`), not taken here."""
+        if not isinstance(vllm_config, EngineConfig):
+            raise TypeError(f"AsyncLLM.from_vllm_config() takes the EngineConfig that "
+                            f"AsyncEngineArgs.create_engine_config() returns, got {type(vllm_config).__name__} "
+                            f"(an engine's .vllm_config is a read-only view of vLLM's names, not a config to build on)")
+        _check_no_stat_loggers("from_vllm_config", stat_loggers)
+        if client_addresses is not None or client_count != 1 or client_index != 0:
+            raise NotImplementedError("AsyncLLM.from_vllm_config(client_addresses=..., client_count=..., "
+                                      "client_index=...): API processes sharing one engine core are the server's "
+                                      "(pagedllm serve --api-server-count)")
+        if disable_log_stats:
+            vllm_config = dataclasses.replace(vllm_config, log_stats_interval=0.0)
+        return cls(vllm_config, log_requests=enable_log_requests)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -598,6 +619,13 @@ class AsyncLLM:
         for fut in self._lora_calls.values():
             if not fut.done():
                 fut.set_exception(error)
+
+
+def _check_no_stat_loggers(method: str, stat_loggers):
+    if stat_loggers:
+        raise NotImplementedError(f"AsyncLLM.{method}(stat_loggers=...): vLLM's stat logger plug-ins are not built; "
+                                  f"the engine core logs its statistics every log_stats_interval seconds, and "
+                                  f"get_stats() returns them")
 
 
 def _check_vllm_keywords(data_parallel_rank: int | None, reasoning_ended: bool | None,

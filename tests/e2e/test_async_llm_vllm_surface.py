@@ -259,3 +259,27 @@ def test_generate_takes_a_request_id_in_use_as_vllm_026(tiny_model_dirs):
             engine.add_request("y", [1, 5], long)
         engine.abort("y")
     run(tiny_model_dirs["llama"], body)
+
+
+def test_from_vllm_config_takes_the_config_that_create_engine_config_returns(tiny_model_dirs):
+    """vLLM's `AsyncLLM.from_vllm_config(engine_args.create_engine_config(), ...)` was an AttributeError; here
+    that config is an EngineConfig. disable_log_stats and enable_log_requests act; a vLLM-shaped view is not a
+    config to build on (a TypeError saying so), and the multi-API-process arguments are the server's."""
+    from pagedllm import AsyncEngineArgs
+
+    config = AsyncEngineArgs(tiny_model_dirs["llama"], device="cpu", max_model_len=128,
+                             num_gpu_blocks_override=32).create_engine_config()
+    assert isinstance(config, EngineConfig) and config.max_model_len == 128
+
+    async def main():
+        engine = AsyncLLM.from_vllm_config(config, enable_log_requests=True, disable_log_stats=True)
+        try:
+            assert engine.log_requests and engine.config.log_stats_interval == 0
+            assert engine.vllm_config.cache_config.num_gpu_blocks == 32
+            with pytest.raises(TypeError, match="create_engine_config"):
+                AsyncLLM.from_vllm_config(engine.vllm_config)
+        finally:
+            engine.shutdown()
+    asyncio.run(main())
+    with pytest.raises(NotImplementedError, match="api-server-count"):
+        AsyncLLM.from_vllm_config(config, client_count=2)
