@@ -219,6 +219,9 @@ class AsyncLLM:
         A request_id in use (a running generate()'s) is taken, as vLLM 0.26 takes it: the request runs under an
         alias, its outputs say request_id, and abort(request_id) ends every request of that id. add_request,
         this project's lower-level call (beam search and kv_parent name requests by id), refuses one instead."""
+        if isinstance(prompt, AsyncIterator):   # vLLM 0.26's streaming input: StreamingInput items, each a chunk
+            raise NotImplementedError("generate() with an async generator of prompt chunks (vLLM's streaming "
+                                      "input) is not built: pass the whole prompt (text, token ids or a dict)")
         _check_vllm_keywords(data_parallel_rank, reasoning_ended, reasoning_parser_kwargs)
         check_tokenization_kwargs(tokenization_kwargs)
         if tokenization_kwargs:
