@@ -357,6 +357,8 @@ class AsyncLLM:
     def _judge(self) -> str | None:
         if self.dead:
             return "the engine was shut down" if self.closing else "the engine core process has exited"
+        if self._loop is None:   # nothing reads the pipe yet: its heartbeats wait there, only an exit tells
+            return None if self.core.process.is_alive() else "the engine core process has exited"
         if time.monotonic() - self.last_heartbeat > self.heartbeat_timeout:
             return f"the engine core has not responded for {self.heartbeat_timeout:g} s"
         if self.core_stall > self.step_timeout:
@@ -385,6 +387,7 @@ class AsyncLLM:
 
     async def check_health(self) -> None:
         """vLLM's: raises dead_error (EngineDeadError, saying why) when the engine cannot run requests."""
+        self.attach()   # the core's heartbeats are read from now on
         self._check_alive()
 
     @property

@@ -1,6 +1,7 @@
 """AsyncLLM's vLLM 0.26 surface beyond generate and abort (vllm/v1/engine/async_llm.py, EngineClient): what a
 script ported from vLLM reads and calls, each either the engine's real value or a clear error saying why not."""
 import asyncio
+import time
 
 import pytest
 import torch
@@ -287,3 +288,23 @@ def test_from_vllm_config_takes_the_config_that_create_engine_config_returns(tin
     asyncio.run(main())
     with pytest.raises(NotImplementedError, match="api-server-count"):
         AsyncLLM.from_vllm_config(config, client_count=2)
+
+
+def test_an_engine_built_before_its_event_loop_is_healthy_when_first_asked(tiny_model_dirs):
+    """vLLM's pattern: the engine built outside any event loop, then used in asyncio.run(). Its heartbeats wait in
+    the pipe until a loop reads them: errored and check_health() called first, after heartbeat_timeout, said
+    "has not responded" of a live core."""
+    engine = AsyncLLM(EngineConfig(tiny_model_dirs["llama"], num_gpu_blocks_override=64, max_model_len=256,
+                                   log_stats_interval=0, device="cpu"), heartbeat_timeout=1.0)
+
+    async def main():
+        assert not engine.errored
+        await engine.check_health()
+        outs = [o async for o in engine.generate([1, 5, 6], SamplingParams(max_tokens=2), "a")]
+        assert outs[-1].finished
+    try:
+        time.sleep(2.5)
+        assert not engine.errored and engine.is_running
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
