@@ -26,8 +26,13 @@ class AsyncEngineArgs:
         return engine_config(self.model, rest)
 
     def async_llm_kwargs(self) -> dict:
-        """AsyncLLM's own arguments among them (None: left out, as vLLM reads it)."""
-        return {ASYNC_LLM_ARGS[k]: v for k, v in self.engine_args.items() if k in ASYNC_LLM_ARGS and v is not None}
+        """AsyncLLM's own arguments among them (None: left out, as vLLM reads it), checked as the server's flags."""
+        kwargs = {ASYNC_LLM_ARGS[k]: v for k, v in self.engine_args.items() if k in ASYNC_LLM_ARGS and v is not None}
+        interval = kwargs.get("stream_interval", 1)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"stream_interval must be an integer >= 1 (tokens per streamed output), got "
+                             f"{interval!r:.50}")
+        return kwargs
 
 
 def engine_config(model: str, engine_args: dict) -> EngineConfig:

@@ -1,0 +1,20 @@
+"""AsyncEngineArgs (vLLM's, for AsyncLLM.from_engine_args): checked before any process starts."""
+import pytest
+
+from pagedllm import AsyncEngineArgs
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_a_stream_interval_that_is_no_count_of_tokens_is_refused_naming_it(value):
+    """It reached the output processor as it was: 0 streamed nothing until the finish (no error)."""
+    with pytest.raises(ValueError, match="stream_interval must be an integer >= 1"):
+        AsyncEngineArgs(stream_interval=value).async_llm_kwargs()
+
+
+def test_engine_arguments_go_to_the_config_and_the_async_llm_s_to_it():
+    args = AsyncEngineArgs("m", max_model_len=64, kv_cache_memory_bytes=2**20, stream_interval=4,
+                           enable_log_requests=True, disable_log_stats=True)
+    config = args.create_engine_config()
+    assert (config.model, config.max_model_len, config.kv_cache_memory) == ("m", 64, 2**20)
+    assert config.log_stats_interval == 0
+    assert args.async_llm_kwargs() == {"stream_interval": 4, "log_requests": True}
