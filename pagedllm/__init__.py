@@ -4,15 +4,15 @@ from pagedllm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "AsyncEngineArgs", "SamplingParams", "BeamSearchParams", "RequestOutput",
-           "CompletionOutput", "EngineConfig", "LoRARequest", "TextPrompt", "TokensPrompt"]
+__all__ = ["LLM", "AsyncLLM", "AsyncLLMEngine", "AsyncEngineArgs", "SamplingParams", "BeamSearchParams",
+           "RequestOutput", "CompletionOutput", "EngineConfig", "LoRARequest", "TextPrompt", "TokensPrompt"]
 
 
 def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free of import cycles
     if name == "LLM":
         from pagedllm.llm import LLM
         return LLM
-    if name == "AsyncLLM":
+    if name in ("AsyncLLM", "AsyncLLMEngine"):   # vLLM's AsyncLLMEngine is its AsyncLLM, by another name
         from pagedllm.engine.async_llm import AsyncLLM
         return AsyncLLM
     if name == "AsyncEngineArgs":

@@ -18,3 +18,11 @@ def test_engine_arguments_go_to_the_config_and_the_async_llm_s_to_it():
     assert (config.model, config.max_model_len, config.kv_cache_memory) == ("m", 64, 2**20)
     assert config.log_stats_interval == 0
     assert args.async_llm_kwargs() == {"stream_interval": 4, "log_requests": True}
+
+
+def test_vllms_async_llm_engine_name_is_the_async_llm():
+    """`from vllm import AsyncLLMEngine, AsyncEngineArgs` (vLLM's alias of AsyncLLM) had no pagedllm name."""
+    import pagedllm
+    from pagedllm.engine.async_llm import AsyncLLM
+
+    assert pagedllm.AsyncLLMEngine is AsyncLLM and "AsyncLLMEngine" in pagedllm.__all__
