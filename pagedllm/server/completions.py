@@ -169,15 +169,19 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
                 tail = f',"usage":{json_value(usage(len(out.prompt_token_ids), counts[index]))}'
             end = tail + last if c.finish_reason is not None else tail
             if plain:   # the choice's fields as they are: no _choice dict for every stream's every step
-                yield f"{prefix}{_choice_json(index, c.text, None, c.finish_reason, c.stop_reason)}]{end}}}\n\n"
+                choice_json = _choice_json(index, c.text, None, c.finish_reason, c.stop_reason, None, None)
+                yield f"{prefix}{choice_json}]{end}}}\n\n"
                 continue
             first = index not in started
             started.add(index)
             choice = _choice(req, index, texts[i], out, c, req.echo and first, offsets.get(index, 0), firsts[i])
             if choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
-            if req.return_token_ids:   # vLLM's: the prompt's ids in a choice's first chunk, each chunk its new ids
-                choice.update(prompt_token_ids=out.prompt_token_ids if first else None, token_ids=list(c.token_ids))
+            # vLLM's: the prompt's ids in a choice's first chunk, each chunk its new ids; both null unless asked
+            # (its stream choice sets the two fields always, so they are sent, null or not)
+            asked = req.return_token_ids
+            choice.update(prompt_token_ids=out.prompt_token_ids if asked and first else None,
+                          token_ids=list(c.token_ids) if asked else None)
             # sse({**head, "choices": [choice], [usage], [system_fingerprint]})
             yield f"{prefix}{_choice_json(**choice)}]{end}}}\n\n"
     if req.include_usage:
@@ -198,14 +202,13 @@ def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOu
 
 
 def _choice_json(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
-                 stop_reason: int | str | None, prompt_token_ids: list[int] | None = None,
-                 token_ids: list[int] | None = None) -> str:
-    """json.dumps of a _choice (its fields in its order; return_token_ids' two after them), compact (see
+                 stop_reason: int | str | None, prompt_token_ids: list[int] | None,
+                 token_ids: list[int] | None) -> str:
+    """json.dumps of a streamed choice (a _choice's fields in its order, then return_token_ids' two), compact (see
     serving.sse_prefix)."""
-    ids = ("" if token_ids is None else
-           f',"prompt_token_ids":{json_value(prompt_token_ids)},"token_ids":{json_value(token_ids)}')
     return (f'{{"index":{index},"text":{json_str(text)},"logprobs":{json_value(logprobs)},'
-            f'"finish_reason":{json_value(finish_reason)},"stop_reason":{json_value(stop_reason)}{ids}}}')
+            f'"finish_reason":{json_value(finish_reason)},"stop_reason":{json_value(stop_reason)},'
+            f'"prompt_token_ids":{json_value(prompt_token_ids)},"token_ids":{json_value(token_ids)}}}')
 
 
 def _entry(lp: PositionLogprobs | None, token_id: int, as_ids: bool = False) -> tuple[str, float | None, dict | None]:
