@@ -145,7 +145,12 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
                   firsts: list[str]):
     created, num_completion = int(time.time()), 0
     started: set[int] = set()
-    offsets: dict[int, int] = {}   # text offset of each choice's next token (logprobs)
+    # Each choice's next chunk's first text offset (logprobs). vLLM's: the length of the text streamed so far,
+    # while within a chunk the offsets add up its tokens' strings, which need not be the text (a byte token's
+    # "\ufffd" before its character is whole, a "token_id:<id>" name). With echo, vLLM's text so far leaves the
+    # echoed prompt out: its offsets would start over after the first chunk, lower than those before them. There
+    # the first chunk's token strings go on being added up, as the non-streamed answer's offsets are.
+    offsets: dict[int, int] = {}
     head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.served_name(req.model)}
     prefix = sse_prefix(head)
     plain = req.logprobs is None and not req.echo and not req.return_token_ids   # a choice is its text alone
@@ -175,7 +180,9 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
             first = index not in started
             started.add(index)
             choice = _choice(req, index, texts[i], out, c, req.echo and first, offsets.get(index, 0), firsts[i])
-            if choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
+            if choice["logprobs"] is not None and not req.echo:
+                offsets[index] = offsets.get(index, 0) + len(c.text)
+            elif choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
             # vLLM's: the prompt's ids in a choice's first chunk, each chunk its new ids; both null unless asked
             # (its stream choice sets the two fields always, so they are sent, null or not)

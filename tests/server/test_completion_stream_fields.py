@@ -31,3 +31,26 @@ def test_every_choice_carries_its_token_id_fields_null_unless_asked():
     choices = _choices(req, [_outputs(1, False)])
     assert [c["prompt_token_ids"] for c in choices] == [[1, 2, 3]] + [None] * (len(TEXTS) - 1)
     assert all(c["token_ids"] for c in choices)
+
+
+def test_a_chunks_first_text_offset_is_the_length_of_the_text_streamed():
+    """vLLM's streamed text_offset starts each chunk at the length of the choice's text so far (within a chunk
+    the token strings add up), which is not the sum of the token strings before when they are not the text: a
+    byte token's "\\ufffd", a "token_id:<id>" name (return_tokens_as_token_ids). Ours added up the strings."""
+    starts = [sum(len(t) for t in TEXTS[:step]) for step in range(len(TEXTS))]
+    for as_ids in (False, True):
+        req = CompletionRequest(prompt=[[1, 2, 3]], logprobs=1, stream=True, return_tokens_as_token_ids=as_ids)
+        choices = _choices(req, [_outputs(1, True)])
+        assert [c["logprobs"]["text_offset"] for c in choices] == [[start] for start in starts]
+        assert [c["text"] for c in choices] == TEXTS
+
+
+def test_echoed_offsets_go_on_from_the_echoed_prompts_tokens():
+    """With echo, vLLM's text so far leaves out the echoed prompt, so its offsets after the first chunk would start
+    over below the first chunk's (a vLLM bug, not copied): they go on adding up the token strings, as the
+    non-streamed answer's."""
+    req = CompletionRequest(prompt=[[1, 2, 3]], logprobs=1, echo=True, stream=True)
+    choices = _choices(req, [_outputs(1, True)])
+    offsets = [o for c in choices for o in c["logprobs"]["text_offset"]]
+    tokens = [t for c in choices for t in c["logprobs"]["tokens"]]
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
