@@ -17,7 +17,8 @@ ChatCompletionRequest, and its answer, or its stream of chunks, becomes Anthropi
     output_config {format: json_schema, effort}  ->  response_format json_schema, reasoning_effort (vLLM's)
     the answer                     ->  content blocks: thinking (the reasoning parser's), text, tool_use;
                                        stop_reason end_turn, stop_sequence (with stop_sequence), max_tokens,
-                                       tool_use; usage input_tokens / output_tokens
+                                       tool_use; usage input_tokens / output_tokens (and the cached prompt
+                                       tokens apart, cache_read_input_tokens, with --enable-prompt-tokens-details)
 
 A stream is Anthropic's events: message_start, then each block's content_block_start, _delta (text_delta,
 thinking_delta then a signature_delta, input_json_delta) and _stop, then message_delta (stop_reason, usage)
@@ -302,8 +303,19 @@ def to_message(chat: dict, message_id: str, model: str, stop_sequences: list[str
                                        bool(message.get("tool_calls")))
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
             "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-            "usage": {"input_tokens": chat["usage"]["prompt_tokens"],
-                      "output_tokens": chat["usage"]["completion_tokens"]}}
+            "usage": _usage(chat["usage"])}
+
+
+def _usage(usage: dict) -> dict:
+    """A chat usage as Anthropic's, as vLLM builds it: Anthropic counts the prompt tokens read from the cache
+    apart from input_tokens, so with --enable-prompt-tokens-details (chat's prompt_tokens_details) they are
+    cache_read_input_tokens and input_tokens the rest."""
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    out = {"input_tokens": max(0, usage["prompt_tokens"] - (cached or 0)),
+           "output_tokens": usage["completion_tokens"] or 0}
+    if cached is not None:
+        out["cache_read_input_tokens"] = cached
+    return out
 
 
 def _input(arguments: str) -> dict:
@@ -347,7 +359,7 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
     reasoning comes, a text block while content does, a tool_use block from a call's first delta."""
     index, open_type, calls = -1, None, {}   # the open block's index and type; a call's index -> its block's
     finish_reason = stop_reason = None
-    input_tokens = output_tokens = 0
+    input_tokens, usage = 0, None   # the prompt's length (message_start); the chat's usage at the end
     started = False
 
     def close_block() -> list[str]:
@@ -379,7 +391,7 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
                 "stop_reason": None, "stop_sequence": None,
                 "usage": {"input_tokens": input_tokens, "output_tokens": 0}}})
         if chunk.get("usage"):
-            output_tokens = chunk["usage"]["completion_tokens"]
+            usage = chunk["usage"]
         for choice in chunk.get("choices", []):
             d = choice["delta"]
             out = []
@@ -409,5 +421,7 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
     reason, sequence = _stop(finish_reason, stop_reason, stop_sequences, bool(calls))
     yield sse_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason,
                                                                          "stop_sequence": sequence},
-                                      "usage": {"output_tokens": output_tokens}})
+                                      # vLLM's: the whole usage, input_tokens too
+                                      "usage": _usage(usage) if usage else {"input_tokens": input_tokens,
+                                                                            "output_tokens": 0}})
     yield sse_event("message_stop", {"type": "message_stop"})

@@ -97,6 +97,22 @@ def test_prompt_tokens_details_with_the_cached_tokens(flagged, server):
     assert "prompt_tokens_details" not in _post(server, "/v1/completions", body).json()["usage"]   # no flag
 
 
+def test_anthropic_usage_counts_the_cached_prompt_tokens_apart(flagged):
+    """/v1/messages under --enable-prompt-tokens-details, as vLLM's: the prompt tokens read from the cache are
+    cache_read_input_tokens, input_tokens the rest, in the answer and in the stream's message_delta."""
+    body = {"model": MODEL_NAME, "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "user", "content": " ".join(["tale"] * 60)}]}
+    post = lambda **kw: httpx.post(flagged.url + "/v1/messages", json={**body, **kw}, timeout=60)   # noqa: E731
+    post()
+    usage = post().json()["usage"]
+    assert usage["cache_read_input_tokens"] > 0 and usage["input_tokens"] > 0
+    events = [json.loads(line[6:]) for line in post(stream=True).text.splitlines() if line.startswith("data: ")]
+    [delta] = [e for e in events if e["type"] == "message_delta"]
+    assert delta["usage"] == usage
+    start = events[0]["message"]["usage"]   # the prompt's length, as vLLM's first chunk gives it
+    assert start == {"input_tokens": usage["input_tokens"] + usage["cache_read_input_tokens"], "output_tokens": 0}
+
+
 def test_force_include_usage_ends_every_stream_with_usage(flagged, server):
     """vLLM's should_include_usage: the flag turns on include_usage and continuous_usage_stats both, whatever
     stream_options says: every chunk carries its choice's usage so far, and a usage chunk ends the stream."""

@@ -72,7 +72,7 @@ def test_anthropic_events_open_one_block_at_a_time():
     # a thinking block ends with its signature (Anthropic's and vLLM's streams): the non-streamed block's, ""
     assert deltas[2] == (0, {"type": "signature_delta", "signature": ""})
     assert events[-2][1] == {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                             "usage": {"output_tokens": 9}}
+                             "usage": {"input_tokens": 3, "output_tokens": 9}}
 
 
 def test_anthropic_stop_sequence_and_hidden_thinking():
@@ -86,6 +86,22 @@ def test_anthropic_stop_sequence_and_hidden_thinking():
                                      "msg_1", "tiny", []))
     assert [(n, d.get("delta", {}).get("type")) for n, d in cut[-4:-2]] == [("content_block_delta", "signature_delta"),
                                                                           ("content_block_stop", None)]
+
+
+def test_anthropic_usage_is_the_chat_usage_as_vllm_builds_it():
+    """vLLM's message_delta usage is the chat's final usage made Anthropic's: input_tokens too (it had output_tokens
+    alone). With --enable-prompt-tokens-details the cached prompt tokens are cache_read_input_tokens, apart from
+    input_tokens (Anthropic's total input is their sum), streamed or not."""
+    usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6,
+             "prompt_tokens_details": {"cached_tokens": 3}}
+    chunks = [_chunk({"role": "assistant", "content": ""}, prompt_token_ids=[1, 2, 3, 4, 5]),
+              _chunk({"content": "Hi"}, finish_reason="stop"), _chunk(usage=usage)]
+    events = _collect(anthropic._events(_aiter(chunks), "msg_1", "tiny", []))
+    assert events[0][1]["message"]["usage"] == {"input_tokens": 5, "output_tokens": 0}
+    assert events[-2][1]["usage"] == {"input_tokens": 2, "output_tokens": 1, "cache_read_input_tokens": 3}
+    chat = {"id": "chatcmpl-1", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"},
+                                             "finish_reason": "stop"}], "usage": usage}
+    assert anthropic.to_message(chat, "msg_1", "tiny", [])["usage"] == events[-2][1]["usage"]
 
 
 def test_responses_events_items_in_order_with_sequence_numbers():
