@@ -31,7 +31,6 @@ Images and documents are a 400: the models served take text.
 """
 import json
 import re
-import uuid
 from typing import Any, Literal
 
 from fastapi import Request
@@ -168,14 +167,13 @@ async def create_message(ctx: ServingContext, req: MessagesRequest, raw_request:
         if param != error.param:   # a message that starts with the chat field's name starts with ours instead
             message = f"{param}: {message.removeprefix(f'{error.param}: ')}"
         raise APIError(error.status, message, param, error.code) from e
-    message_id = f"msg_{uuid.uuid4().hex}"
     shown = req.thinking is None or req.thinking.display != "omitted"   # else thinking blocks come empty
     if isinstance(answer, SSEResponse):
         return AnthropicSSE(answer.engine, answer.request_ids, _events(
-            answer.body_iterator, message_id, req.model, req.stop_sequences or [], shown), answer.param)
+            answer.body_iterator, req.stop_sequences or [], shown), answer.param)
     if isinstance(answer, Response):   # the client left
         return answer
-    return to_message(answer, message_id, req.model, req.stop_sequences or [], shown)
+    return to_message(answer, req.stop_sequences or [], shown)
 
 
 async def count_tokens(ctx: ServingContext, req: CountTokensRequest) -> dict:
@@ -288,8 +286,9 @@ def _text(b: ContentBlock, at: str) -> str:
     return b.text
 
 
-def to_message(chat: dict, message_id: str, model: str, stop_sequences: list[str], shown: bool = True) -> dict:
-    """A chat completion's answer (its one choice) as Anthropic's message."""
+def to_message(chat: dict, stop_sequences: list[str], shown: bool = True) -> dict:
+    """A chat completion's answer (its one choice) as Anthropic's message. Its id and model are the chat answer's,
+    as vLLM's: "chatcmpl-..." (X-Request-Id's too), and the served model's name, an alias asked for or not."""
     choice = chat["choices"][0]
     message, content = choice["message"], []
     if message.get("reasoning"):
@@ -301,7 +300,7 @@ def to_message(chat: dict, message_id: str, model: str, stop_sequences: list[str
                         "input": _input(call["function"]["arguments"])})
     stop_reason, stop_sequence = _stop(choice["finish_reason"], choice.get("stop_reason"), stop_sequences,
                                        bool(message.get("tool_calls")))
-    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+    return {"id": chat["id"], "type": "message", "role": "assistant", "model": chat["model"], "content": content,
             "stop_reason": stop_reason, "stop_sequence": stop_sequence,
             "usage": _usage(chat["usage"])}
 
@@ -354,7 +353,7 @@ class AnthropicSSE(SSEResponse):
         return sse_event("error", anthropic_error_body(500, str(e)))
 
 
-async def _events(chunks, message_id: str, model: str, stop_sequences: list[str], shown: bool = True):
+async def _events(chunks, stop_sequences: list[str], shown: bool = True):
     """The chat stream's chunks as Anthropic's events. One block is open at a time: a thinking block while
     reasoning comes, a text block while content does, a tool_use block from a call's first delta."""
     index, open_type, calls = -1, None, {}   # the open block's index and type; a call's index -> its block's
@@ -387,7 +386,8 @@ async def _events(chunks, message_id: str, model: str, stop_sequences: list[str]
         if not started:
             started = True
             yield sse_event("message_start", {"type": "message_start", "message": {
-                "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+                # named by the chat stream (to_message's id and model)
+                "id": chunk["id"], "type": "message", "role": "assistant", "model": chunk["model"], "content": [],
                 "stop_reason": None, "stop_sequence": None,
                 "usage": {"input_tokens": input_tokens, "output_tokens": 0}}})
         if chunk.get("usage"):

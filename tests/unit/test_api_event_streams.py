@@ -13,7 +13,8 @@ from pagedllm.server.serving import sse
 def _chunk(delta: dict | None = None, finish_reason=None, stop_reason=None, **extra) -> str:
     choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
                                         "finish_reason": finish_reason, "stop_reason": stop_reason}]
-    return sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": choices, **extra})
+    return sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "served", "choices": choices,
+                **extra})
 
 
 def _call(index: int, call_id: str | None, name: str | None, arguments: str) -> dict:
@@ -51,7 +52,7 @@ def _collect(events) -> list[tuple[str, dict]]:
 
 
 def test_anthropic_events_open_one_block_at_a_time():
-    events = _collect(anthropic._events(_aiter(CHUNKS), "msg_1", "tiny", []))
+    events = _collect(anthropic._events(_aiter(CHUNKS), []))
     names = [n for n, _ in events]
     assert names == ["message_start",
                      "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta",
@@ -75,15 +76,29 @@ def test_anthropic_events_open_one_block_at_a_time():
                              "usage": {"input_tokens": 3, "output_tokens": 9}}
 
 
+def test_anthropic_message_is_named_as_the_chat_answer():
+    """vLLM's message id and model are the chat completion's: its "chatcmpl-..." id (X-Request-Id's too) and the
+    served model's name (an alias asked for is the first --served-model-name); they were a "msg_..." of our own
+    and the request's model."""
+    events = _collect(anthropic._events(_aiter(CHUNKS), []))
+    message = events[0][1]["message"]
+    assert (message["id"], message["model"]) == ("chatcmpl-1", "served")
+    chat = {"id": "chatcmpl-2", "model": "served", "choices": [{"index": 0, "message": {"content": "Hi"},
+                                                                "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    answer = anthropic.to_message(chat, [])
+    assert (answer["id"], answer["model"]) == ("chatcmpl-2", "served")
+
+
 def test_anthropic_stop_sequence_and_hidden_thinking():
     chunks = [_chunk({"role": "assistant", "content": ""}), _chunk({"reasoning": "hm"}),
               _chunk({"content": "Hi"}, finish_reason="stop", stop_reason="END")]
-    events = _collect(anthropic._events(_aiter(chunks), "msg_1", "tiny", ["END"], shown=False))
+    events = _collect(anthropic._events(_aiter(chunks), ["END"], shown=False))
     assert [d["delta"]["type"] for n, d in events if n == "content_block_delta"] == ["signature_delta", "text_delta"]
     assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
     # max_tokens within the thinking: the block still ends with its signature
     cut = _collect(anthropic._events(_aiter([*chunks[:2], _chunk({"reasoning": "m"}, finish_reason="length")]),
-                                     "msg_1", "tiny", []))
+                                     []))
     assert [(n, d.get("delta", {}).get("type")) for n, d in cut[-4:-2]] == [("content_block_delta", "signature_delta"),
                                                                           ("content_block_stop", None)]
 
@@ -96,12 +111,13 @@ def test_anthropic_usage_is_the_chat_usage_as_vllm_builds_it():
              "prompt_tokens_details": {"cached_tokens": 3}}
     chunks = [_chunk({"role": "assistant", "content": ""}, prompt_token_ids=[1, 2, 3, 4, 5]),
               _chunk({"content": "Hi"}, finish_reason="stop"), _chunk(usage=usage)]
-    events = _collect(anthropic._events(_aiter(chunks), "msg_1", "tiny", []))
+    events = _collect(anthropic._events(_aiter(chunks), []))
     assert events[0][1]["message"]["usage"] == {"input_tokens": 5, "output_tokens": 0}
-    assert events[-2][1]["usage"] == {"input_tokens": 2, "output_tokens": 1, "cache_read_input_tokens": 3}
-    chat = {"id": "chatcmpl-1", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"},
-                                             "finish_reason": "stop"}], "usage": usage}
-    assert anthropic.to_message(chat, "msg_1", "tiny", [])["usage"] == events[-2][1]["usage"]
+    assert events[-2][1]["usage"] == {"input_tokens": 2, "output_tokens": 1,
+                                      "cache_read_input_tokens": 3}
+    chat = {"id": "chatcmpl-1", "model": "served", "usage": usage,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}]}
+    assert anthropic.to_message(chat, [])["usage"] == events[-2][1]["usage"]
 
 
 def test_responses_events_items_in_order_with_sequence_numbers():
@@ -149,12 +165,13 @@ def test_anthropic_forced_call_is_tool_use():
     is tool_use for it, as for any call, streamed and not."""
     forced = [_chunk({"role": "assistant", "content": ""}),
               _chunk({"tool_calls": [_call(0, "call_a", "get_weather", '{"city": "Paris"}')]}, finish_reason="stop")]
-    [delta] = [d for n, d in _collect(anthropic._events(_aiter(forced), "msg_1", "tiny", [])) if n == "message_delta"]
+    [delta] = [d for n, d in _collect(anthropic._events(_aiter(forced), [])) if n == "message_delta"]
     assert delta["delta"]["stop_reason"] == "tool_use"
-    chat = {"choices": [{"index": 0, "finish_reason": "stop", "stop_reason": None, "message": {
+    chat = {"id": "chatcmpl-1", "model": "served", "choices": [{"index": 0, "finish_reason": "stop",
+                                                                "stop_reason": None, "message": {
         "role": "assistant", "content": None, "tool_calls": [{"id": "call_a", "type": "function", "function": {
             "name": "get_weather", "arguments": '{"city": "Paris"}'}}]}}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}
-    assert anthropic.to_message(chat, "msg_1", "tiny", [])["stop_reason"] == "tool_use"
+    assert anthropic.to_message(chat, [])["stop_reason"] == "tool_use"
     chat["choices"][0]["message"]["tool_calls"] = []
-    assert anthropic.to_message(chat, "msg_1", "tiny", [])["stop_reason"] == "end_turn"
+    assert anthropic.to_message(chat, [])["stop_reason"] == "end_turn"
