@@ -397,7 +397,8 @@ async def _events(chunks, stop_sequences: list[str], shown: bool = True):
             out = []
             if d.get("reasoning"):
                 if open_type != "thinking":
-                    out += open_block({"type": "thinking", "thinking": "", "signature": ""})
+                    # no signature yet, as vLLM's and Anthropic's: it comes in the block's last delta
+                    out += open_block({"type": "thinking", "thinking": ""})
                 if shown:
                     out.append(delta("thinking_delta", "thinking", d["reasoning"]))
             if d.get("content"):

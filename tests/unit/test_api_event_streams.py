@@ -63,6 +63,8 @@ def test_anthropic_events_open_one_block_at_a_time():
     assert events[0][1]["message"]["usage"] == {"input_tokens": 3, "output_tokens": 0}
     starts = [d["content_block"] for n, d in events if n == "content_block_start"]
     assert [b["type"] for b in starts] == ["thinking", "text", "tool_use", "tool_use"]
+    # vLLM's (and Anthropic's): a thinking block starts without a signature; its signature_delta gives it
+    assert starts[:2] == [{"type": "thinking", "thinking": ""}, {"type": "text", "text": ""}]
     assert [(b["id"], b["name"]) for b in starts[2:]] == [("call_a", "get_weather"), ("call_b", "now")]
     deltas = [(d["index"], d["delta"]) for n, d in events if n == "content_block_delta"]
     joined = {}
