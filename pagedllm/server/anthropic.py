@@ -355,26 +355,43 @@ class AnthropicSSE(SSEResponse):
 
 async def _events(chunks, stop_sequences: list[str], shown: bool = True):
     """The chat stream's chunks as Anthropic's events. One block is open at a time: a thinking block while
-    reasoning comes, a text block while content does, a tool_use block from a call's first delta."""
+    reasoning comes, a text block while content does, a tool_use block from a call's first delta. Text that comes
+    while a tool_use block is open waits for that block's end, then is a text block of one delta (vLLM's): the
+    call's arguments still to come stay in its block."""
     index, open_type, calls = -1, None, {}   # the open block's index and type; a call's index -> its block's
+    pending: list[str] = []   # the text held while a tool_use block is open
     finish_reason = stop_reason = None
     input_tokens, usage = 0, None   # the prompt's length (message_start); the chat's usage at the end
     started = False
 
     def close_block() -> list[str]:
+        nonlocal index, open_type
         if open_type is None:
             return []
         # a thinking block ends with its signature, as Anthropic's (and vLLM's) streams do: the one the
         # non-streamed block has, ""
         signed = [delta("signature_delta", "signature", "")] if open_type == "thinking" else []
-        return signed + [sse_event("content_block_stop", {"type": "content_block_stop", "index": index})]
+        events = signed + [stop_event()]
+        open_type = None
+        if pending:   # the text held while the tool_use block was open
+            index += 1
+            events += [start_event({"type": "text", "text": ""}), delta("text_delta", "text", "".join(pending)),
+                       stop_event()]
+            pending.clear()
+        return events
+
+    def start_event(block: dict) -> str:
+        return sse_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                 "content_block": block})
+
+    def stop_event() -> str:
+        return sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
 
     def open_block(block: dict):
         nonlocal index, open_type
         events = close_block()
         index, open_type = index + 1, block["type"]
-        return events + [sse_event("content_block_start", {"type": "content_block_start", "index": index,
-                                                           "content_block": block})]
+        return events + [start_event(block)]
 
     def delta(kind: str, key: str, value: str) -> str:
         return sse_event("content_block_delta", {"type": "content_block_delta", "index": index,
@@ -401,7 +418,9 @@ async def _events(chunks, stop_sequences: list[str], shown: bool = True):
                     out += open_block({"type": "thinking", "thinking": ""})
                 if shown:
                     out.append(delta("thinking_delta", "thinking", d["reasoning"]))
-            if d.get("content"):
+            if d.get("content") and open_type == "tool_use":
+                pending.append(d["content"])
+            elif d.get("content"):
                 if open_type != "text":
                     out += open_block({"type": "text", "text": ""})
                 out.append(delta("text_delta", "text", d["content"]))

@@ -92,6 +92,31 @@ def test_anthropic_message_is_named_as_the_chat_answer():
     assert (answer["id"], answer["model"]) == ("chatcmpl-2", "served")
 
 
+def test_anthropic_text_during_a_tool_use_block_comes_after_it_in_one_delta():
+    """vLLM holds text that comes while a tool_use block is open and gives it after that block ends, as one text
+    block of one delta; the call's later arguments stay in its block (ours closed the call's block at the text,
+    and dropped its arguments after)."""
+    chunks = [_chunk({"role": "assistant", "content": ""}),
+              _chunk({"tool_calls": [_call(0, "call_a", "get_weather", '{"city": ')]}),
+              _chunk({"content": "Some"}), _chunk({"content": " text"}),
+              _chunk({"tool_calls": [_call(0, None, None, '"Paris"}')]}),
+              _chunk({"tool_calls": [_call(1, "call_b", "now", "{}")]}), _chunk({"content": "End"}),
+              _chunk({}, finish_reason="tool_calls")]
+    events = _collect(anthropic._events(_aiter(chunks), []))
+    blocks = [(d["index"], n, d.get("content_block", {}).get("type") or d.get("delta", {}).get("type"))
+              for n, d in events if n.startswith("content_block")]
+    assert blocks == [(0, "content_block_start", "tool_use"), (0, "content_block_delta", "input_json_delta"),
+                      (0, "content_block_delta", "input_json_delta"), (0, "content_block_stop", None),
+                      (1, "content_block_start", "text"), (1, "content_block_delta", "text_delta"),
+                      (1, "content_block_stop", None),
+                      (2, "content_block_start", "tool_use"), (2, "content_block_delta", "input_json_delta"),
+                      (2, "content_block_stop", None),
+                      (3, "content_block_start", "text"), (3, "content_block_delta", "text_delta"),
+                      (3, "content_block_stop", None)]
+    texts = [d["delta"].get("text") or d["delta"].get("partial_json") for n, d in events if n == "content_block_delta"]
+    assert texts == ['{"city": ', '"Paris"}', "Some text", "{}", "End"]
+
+
 def test_anthropic_stop_sequence_and_hidden_thinking():
     chunks = [_chunk({"role": "assistant", "content": ""}), _chunk({"reasoning": "hm"}),
               _chunk({"content": "Hi"}, finish_reason="stop", stop_reason="END")]
