@@ -298,6 +298,8 @@ def to_message(chat: dict, stop_sequences: list[str], shown: bool = True) -> dic
     for call in message.get("tool_calls") or []:
         content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                         "input": _input(call["function"]["arguments"])})
+    if not content:   # vLLM's (and Anthropic's) empty answer: one empty text block, not none
+        content.append({"type": "text", "text": ""})
     stop_reason, stop_sequence = _stop(choice["finish_reason"], choice.get("stop_reason"), stop_sequences,
                                        bool(message.get("tool_calls")))
     return {"id": chat["id"], "type": "message", "role": "assistant", "model": chat["model"], "content": content,

@@ -117,6 +117,15 @@ def test_anthropic_text_during_a_tool_use_block_comes_after_it_in_one_delta():
     assert texts == ['{"city": ', '"Paris"}', "Some text", "{}", "End"]
 
 
+def test_anthropic_empty_answer_is_one_empty_text_block():
+    """vLLM answers an empty completion (not streamed) with one empty text block, Anthropic's shape, which clients
+    that read content[0] rely on; it was no block at all."""
+    chat = {"id": "chatcmpl-1", "model": "served", "usage": {"prompt_tokens": 3, "completion_tokens": 1,
+                                                             "total_tokens": 4},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]}
+    assert anthropic.to_message(chat, [])["content"] == [{"type": "text", "text": ""}]
+
+
 def test_anthropic_stop_sequence_and_hidden_thinking():
     chunks = [_chunk({"role": "assistant", "content": ""}), _chunk({"reasoning": "hm"}),
               _chunk({"content": "Hi"}, finish_reason="stop", stop_reason="END")]
