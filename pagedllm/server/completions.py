@@ -185,9 +185,10 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
             elif choice["logprobs"] is not None and choice["logprobs"]["tokens"]:
                 offsets[index] = choice["logprobs"]["text_offset"][-1] + len(choice["logprobs"]["tokens"][-1])
             # vLLM's: the prompt's ids in a choice's first chunk, each chunk its new ids; both null unless asked
-            # (its stream choice sets the two fields always, so they are sent, null or not)
+            # (its stream choice sets the two fields always, so they are sent, null or not). An echoed choice's
+            # first chunk has the prompt's ids too, asked or not: vLLM's echo is where it returns them.
             asked = req.return_token_ids
-            choice.update(prompt_token_ids=out.prompt_token_ids if asked and first else None,
+            choice.update(prompt_token_ids=out.prompt_token_ids if first and (asked or req.echo) else None,
                           token_ids=list(c.token_ids) if asked else None)
             # sse({**head, "choices": [choice], [usage], [system_fingerprint]})
             yield f"{prefix}{_choice_json(**choice)}]{end}}}\n\n"

@@ -19,8 +19,8 @@ def _choices(req: CompletionRequest, outputs_of_each_prompt: list[list]) -> list
 def test_every_choice_carries_its_token_id_fields_null_unless_asked():
     """vLLM's stream choice sets prompt_token_ids and token_ids always (serialized exclude_unset: they are sent,
     null without return_token_ids); they were left out."""
-    for logprobs, echo in ((None, False), (1, False), (None, True)):
-        req = CompletionRequest(prompt=[[1, 2, 3]], n=2, logprobs=logprobs, echo=echo, stream=True)
+    for logprobs in (None, 1):
+        req = CompletionRequest(prompt=[[1, 2, 3]], n=2, logprobs=logprobs, stream=True)
         choices = _choices(req, [_outputs(2, logprobs is not None)])
         assert len(choices) == 2 * len(TEXTS)
         for choice in choices:
@@ -54,3 +54,17 @@ def test_echoed_offsets_go_on_from_the_echoed_prompts_tokens():
     offsets = [o for c in choices for o in c["logprobs"]["text_offset"]]
     tokens = [t for c in choices for t in c["logprobs"]["tokens"]]
     assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
+def test_an_echoed_choices_first_chunk_has_the_prompts_ids():
+    """vLLM's stream returns the prompt's ids where it echoes the prompt: each choice's first chunk has
+    prompt_token_ids with echo, return_token_ids or not (token_ids stay null without it)."""
+    for n, logprobs in ((1, None), (2, 1)):
+        req = CompletionRequest(prompt=[[1, 2, 3], [4]], n=n, logprobs=logprobs, echo=True, stream=True)
+        choices = _choices(req, [_outputs(n, logprobs is not None) for _ in range(2)])
+        firsts = {}
+        for choice in choices:
+            firsts.setdefault(choice["index"], choice["prompt_token_ids"])
+            assert choice["token_ids"] is None
+        assert firsts == {index: [1, 2, 3] for index in range(2 * n)}   # the fake outputs' prompt
+        assert sum(c["prompt_token_ids"] is not None for c in choices) == 2 * n
