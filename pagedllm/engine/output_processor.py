@@ -259,16 +259,18 @@ class OutputProcessor:
         seqs = parent.seqs
         if self.stream_interval > 1 and not any(self._due(s) for s in seqs):
             return None
-        if kind is OutputKind.DELTA:   # only sequences with something new
-            completions = []
+        if kind is OutputKind.FINAL:
+            completions = [self._completion(s, False) for s in seqs]
+        else:
+            # streamed (DELTA, CUMULATIVE): a sequence whose finish went out is in no later output, as vLLM's
+            # ParentRequest.get_outputs; DELTA also leaves out those with nothing new
+            delta, completions = kind is OutputKind.DELTA, []
             for s in seqs:
                 if s.finish_sent or (self.stream_interval > 1 and not self._due(s)):
                     continue
-                c = self._completion(s, True)
-                if c.token_ids or c.text or c.finish_reason:
+                c = self._completion(s, delta)
+                if not delta or c.token_ids or c.text or c.finish_reason:
                     completions.append(c)
-        else:
-            completions = [self._completion(s, False) for s in seqs]
         return _flattened(RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
                                         self._prompt_logprobs(parent), completions, finished, parent.metrics,
                                         parent.num_cached_tokens, parent.lora_request), parent.params)

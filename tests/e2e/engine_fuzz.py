@@ -211,8 +211,8 @@ def _run_staggered(engine, trial: Trial, loras: list, priority: list[int] | None
         if aborted:
             engine.abort_request(aborted)
         for out in engine.step():
-            if kinds[int(out.request_id)] is OutputKind.DELTA:
-                out = _join(joined.setdefault(out.request_id, out), out)
+            rid = out.request_id
+            out = joined[rid] = _merge(joined.get(rid, out), out, kinds[int(rid)])
             if out.finished:
                 finished[out.request_id] = out
         step += 1
@@ -239,7 +239,7 @@ def run_async(model: str, trial: Trial, config: dict, models: dict):
         try:
             async for out in engine.generate(trial.prompts[i], trial.params[i], str(i), _kind(i),
                                              lora_request=loras[i], priority=priority[i]):
-                whole = _join(whole or out, out) if _kind(i) is OutputKind.DELTA else out
+                whole = _merge(whole or out, out, _kind(i))
         except EngineGenerateError:
             n = trial.params[i].n
             return RequestOutput(str(i), None, trial.prompts[i], None,
@@ -273,6 +273,18 @@ def run_async(model: str, trial: Trial, config: dict, models: dict):
 def _kind(i: int):
     """Request i's output kind in the step-by-step and async runs: FINAL, DELTA, CUMULATIVE in turn."""
     return (OutputKind.FINAL, OutputKind.DELTA, OutputKind.CUMULATIVE)[i % 3]
+
+
+def _merge(whole, out, kind):
+    """A streamed output onto the request's whole so far: DELTA's pieces joined; CUMULATIVE's sequences replaced
+    by index (a sequence whose finish went out is in no later output, as vLLM's); FINAL's is the whole."""
+    if kind is OutputKind.DELTA:
+        return _join(whole, out)
+    if kind is OutputKind.FINAL or whole is out:
+        return out
+    seqs = {c.index: c for c in whole.outputs} | {c.index: c for c in out.outputs}
+    out.outputs = [seqs[i] for i in sorted(seqs)]
+    return out
 
 
 def _join(whole, delta):

@@ -166,3 +166,19 @@ def test_outputs_carry_vllms_encoder_and_kv_transfer_attributes_as_none():
     out = op.process([EngineCoreOutput("r", [5], finish_reason="length")])[0][0]
     assert (out.encoder_prompt, out.encoder_prompt_token_ids, out.kv_transfer_params) == (None, None, None)
     assert out.outputs[0].kv_transfer_params is None
+
+
+def test_cumulative_outputs_leave_out_a_sequence_whose_finish_was_sent():
+    """n = 2, CUMULATIVE: once a sequence's finished output has gone out, later outputs of the request hold only
+    the sequences still running, as vLLM 0.26's ParentRequest.get_outputs (a child finished and returned is not
+    output again); each sequence's finish comes once, in full."""
+    op = OutputProcessor(None)
+    op.add_request("r", None, [1, 2], SamplingParams(n=2, max_tokens=9, detokenize=False), OutputKind.CUMULATIVE,
+                   0.0)
+    [first], _, _ = op.process([EngineCoreOutput("r#0", [5], finish_reason="stop"), EngineCoreOutput("r#1", [6])])
+    assert [(c.index, c.token_ids, c.finish_reason) for c in first.outputs] == [(0, [5], "stop"), (1, [6], None)]
+    [second], _, _ = op.process([EngineCoreOutput("r#1", [7])])
+    assert [(c.index, c.token_ids) for c in second.outputs] == [(1, [6, 7])] and not second.finished
+    [last], _, _ = op.process([EngineCoreOutput("r#1", [8], finish_reason="length")])
+    assert [(c.index, c.token_ids, c.finish_reason) for c in last.outputs] == [(1, [6, 7, 8], "length")]
+    assert last.finished
