@@ -375,6 +375,10 @@ class ServerConfig:
     enable_prompt_tokens_details: bool = _f(False, "chat and completions usage carries prompt_tokens_details."
                                                    "cached_tokens, the prompt tokens the prefix cache held (0 "
                                                    "too, as vLLM's)")
+    enable_per_request_metrics: bool = _f(False, "chat and completions answers of one sequence carry `metrics`: "
+                                                 "its queue time, time to first token, generation time, mean "
+                                                 "inter-token latency (ms) and tokens per second (vLLM's; in a "
+                                                 "stream, on its usage chunk)")
     enable_force_include_usage: bool = _f(False, "streamed chat and completions answers end with a usage chunk, "
                                                  "and every chunk carries its choice's usage so far, whatever "
                                                  "stream_options says (vLLM's)")

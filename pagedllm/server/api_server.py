@@ -390,6 +390,7 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
                          exclude_tools_when_tool_choice_none=server_config.exclude_tools_when_tool_choice_none,
                          enable_prompt_tokens_details=server_config.enable_prompt_tokens_details,
                          enable_force_include_usage=server_config.enable_force_include_usage,
+                         enable_per_request_metrics=server_config.enable_per_request_metrics,
                          system_fingerprint=system_fingerprint(engine_config, server_config.fingerprint_mode,
                                                                server_config.fingerprint_value),
                          responses=ResponseStore(server_config.responses_store) if server_config.responses_store

@@ -18,6 +18,7 @@ from pagedllm.server.completions import json_logprob, prompt_logprobs_json
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest, TokenizeRequest
 from pagedllm.server.reasoning import ReasoningParser
+from pagedllm.server.request_metrics import streamed, timing_metrics
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, response_id_for, sse, sse_prefix,
                                      until_disconnect, usage, cached_details, created_cache_tokens, fingerprint,
@@ -245,6 +246,8 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
         response["prompt_token_ids"] = out.prompt_token_ids
     if req.return_prompt_text:   # vLLM's: the prompt as the chat template wrote it
         response["prompt_text"] = prompt_text
+    if ctx.enable_per_request_metrics:   # null for n > 1: vLLM's, the timings would be one sequence's
+        response["metrics"] = timing_metrics(out.metrics, num_completion) if req.n == 1 else None
     return response
 
 
@@ -274,11 +277,11 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
     tool_server = bool(ctx.enable_auto_tool_choice and ctx.tool_call_parser)
     counted = req._usage_details and thinks is not None
     answers: dict[int, list[int]] = {}   # each choice's token ids, where its reasoning tokens are counted
-    num_cached = 0
+    num_cached, metrics = 0, None
     # vLLM's: a choice's last chunk carries the fingerprint, unless a usage chunk ends the stream (it has it then)
     last = {} if req.include_usage else fingerprint(ctx)
     async for _, out in outputs:
-        num_cached = out.num_cached_tokens
+        num_cached, metrics = out.num_cached_tokens, out.metrics
         for c in out.outputs:
             num_completion += len(c.token_ids)
             if counted:
@@ -316,9 +319,12 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
                    f'{stop},"token_ids":{ids}}}]{tail}}}\n\n')
     if req.include_usage:
         details = _usage_details(ctx, req, thinks, num_cached, answers.values())
+        timings = {}   # vLLM's: on this chunk only, for one sequence
+        if ctx.enable_per_request_metrics and req.n == 1:
+            timings = {"metrics": streamed(timing_metrics(metrics, num_completion))}
         yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), num_completion, details,
                                                          _created(ctx, req, len(prompt_ids), num_cached)),
-                   **fingerprint(ctx)})
+                   **fingerprint(ctx), **timings})
 
 
 def _usage_details(ctx, req: ChatCompletionRequest, thinks: bool | None, num_cached: int,

@@ -18,6 +18,7 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.server import reasoning
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import CompletionRequest
+from pagedllm.server.request_metrics import streamed, timing_metrics
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, response_id_for, sse, sse_prefix,
                                      until_disconnect, usage, cached_details, fingerprint, fingerprint_json)
@@ -136,9 +137,13 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
     num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
     num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     details = cached_details(ctx, sum(o.num_cached_tokens for o in outputs))
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
-            "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
-            "choices": choices, **fingerprint(ctx), "usage": usage(num_prompt, num_completion, details)}
+    response = {"id": request_id, "object": "text_completion", "created": int(time.time()),
+                "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
+                "choices": choices, **fingerprint(ctx), "usage": usage(num_prompt, num_completion, details)}
+    if ctx.enable_per_request_metrics:   # null unless one sequence: vLLM's, the timings would be one sequence's
+        one = len(outputs) == 1 and req.n == 1
+        response["metrics"] = timing_metrics(outputs[0].metrics, num_completion) if one else None
+    return response
 
 
 async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, outputs,
@@ -160,8 +165,9 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
     last = "" if req.include_usage else fingerprint_json(ctx)
     cached: dict[int, int] = {}   # each prompt's tokens found in the prefix cache
     prompt_logprobs: dict[int, list] = {}   # each prompt's, from its first output (DELTA's only one with them)
+    metrics = None   # the last output's timings (--enable-per-request-metrics)
     async for i, out in outputs:
-        cached[i] = out.num_cached_tokens
+        cached[i], metrics = out.num_cached_tokens, out.metrics
         if out.prompt_logprobs:
             prompt_logprobs[i] = out.prompt_logprobs
         elif i in prompt_logprobs:   # a choice whose first token comes later echoes them too
@@ -194,7 +200,11 @@ async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str]
             yield f"{prefix}{_choice_json(**choice)}]{end}}}\n\n"
     if req.include_usage:
         details = cached_details(ctx, sum(cached.values()))
-        yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion, details), **fingerprint(ctx)})
+        timings = {}   # vLLM's: on this chunk only, for one prompt's one sequence
+        if ctx.enable_per_request_metrics and len(texts) == 1 and req.n == 1:
+            timings = {"metrics": streamed(timing_metrics(metrics, num_completion))}
+        yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion, details), **fingerprint(ctx),
+                   **timings})
 
 
 def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOutput, c: CompletionOutput,

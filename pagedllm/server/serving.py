@@ -55,6 +55,7 @@ class ServingContext:
     exclude_tools_when_tool_choice_none: bool = False
     enable_prompt_tokens_details: bool = False
     enable_force_include_usage: bool = False
+    enable_per_request_metrics: bool = False   # answers of one sequence carry `metrics` (request_metrics.py)
     system_fingerprint: str | None = None   # --fingerprint-mode's (system_fingerprint()); None: no such field
     # One thread, as vLLM's: tokenizing a long text takes seconds (~0.7 s a MB), which on the event loop
     # would stall every stream and /health; HF fast tokenizers release the GIL while they work.

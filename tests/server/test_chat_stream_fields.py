@@ -13,7 +13,7 @@ from pagedllm.server.serving import sse
 
 CTX = SimpleNamespace(model_name="m", response_role="assistant", enable_prompt_tokens_details=False,
                       served_name=lambda name: "m", system_fingerprint=None, tool_call_parser=None,
-                      enable_auto_tool_choice=False)
+                      enable_auto_tool_choice=False, enable_per_request_metrics=False)
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -175,3 +175,18 @@ def test_usage_chunk_says_created_cache_tokens_beside_cached_tokens():
         assert last == {**HEAD, "choices": [], "usage": {
             "prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
             "prompt_tokens_details": {"cached_tokens": 0, "created_cache_tokens": created}}}
+
+
+def test_usage_chunk_carries_the_per_request_metrics():
+    """--enable-per-request-metrics (vLLM 0.26's): the usage chunk, and only it, has `metrics`, the last output's
+    timings without their null fields (one token: no mean_itl_ms); n > 1: none."""
+    ctx = SimpleNamespace(**{**vars(CTX), "enable_per_request_metrics": True})
+    outs = _outputs([[("a", [5])]], [("length", None)])
+    outs[-1].metrics = RequestMetrics(1.0, first_scheduled_time=1.5, first_token_time=2.0, last_token_time=2.0)
+    req = ChatCompletionRequest(messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+    chunks = _chunks(req, outs, ctx=ctx)
+    assert chunks[-1]["metrics"] == {"time_to_first_token_ms": 500.0, "generation_time_ms": 0.0,
+                                     "queue_time_ms": 500.0, "tokens_per_second": 2.0}
+    assert all("metrics" not in c for c in chunks[:-1])
+    req = ChatCompletionRequest(messages=MESSAGES, stream=True, n=2, stream_options={"include_usage": True})
+    assert "metrics" not in _chunks(req, _outputs([[("a", [5]), ("b", [6])]], [("length", None)] * 2), ctx=ctx)[-1]

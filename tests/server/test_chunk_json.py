@@ -56,7 +56,7 @@ def _check(chunks: list[str]):
 CTX = SimpleNamespace(model_name="the-model", response_role="assistant",   # ServingContext's defaults
                       enable_prompt_tokens_details=False, served_name=lambda name: "the-model",
                       system_fingerprint="fp-1",   # a chunk that carries it too is sse()'s bytes
-                      enable_auto_tool_choice=False, tool_call_parser=None)
+                      enable_auto_tool_choice=False, tool_call_parser=None, enable_per_request_metrics=False)
 
 
 def test_completion_chunks_are_sses_bytes():

@@ -1,5 +1,6 @@
 """vLLM's chat and usage serve flags: --response-role, --default-chat-template-kwargs,
---exclude-tools-when-tool-choice-none, --enable-prompt-tokens-details, --enable-force-include-usage, and the HTTP
+--exclude-tools-when-tool-choice-none, --enable-prompt-tokens-details, --enable-force-include-usage,
+--enable-per-request-metrics, and the HTTP
 ones --disable-fastapi-docs, --enable-request-id-headers; one server with all of them, and the main server (none of
 them) for the defaults."""
 import json
@@ -25,7 +26,8 @@ def flagged(tiny_model_dirs, tmp_path_factory):
     server = start_server(tiny_model_dirs["llama"], str(logs / "flags.log"), None, "--chat-template", str(template),
                           "--response-role", "narrator", "--default-chat-template-kwargs", '{"note": "default"}',
                           "--exclude-tools-when-tool-choice-none", "--enable-prompt-tokens-details",
-                          "--enable-force-include-usage", "--disable-fastapi-docs", "--enable-request-id-headers",
+                          "--enable-force-include-usage", "--enable-per-request-metrics", "--disable-fastapi-docs",
+                          "--enable-request-id-headers",
                           "--override-generation-config", '{"max_new_tokens": 8}',
                           "--fingerprint-mode", "custom", "--fingerprint-value", "fp-42")
     with serving({"flags": server}):
@@ -126,6 +128,29 @@ def test_force_include_usage_ends_every_stream_with_usage(flagged, server):
             assert counts[-3:] == [1, 2, 3] and all("usage" in c for c in chunks), chunks
         chunks = _chunks(_post(server, path, {**body, "max_tokens": 3, "stream": True}))
         assert all("usage" not in c for c in chunks)   # the default: only when asked
+
+
+def test_per_request_metrics_time_one_sequence(flagged, server):
+    """vLLM's --enable-per-request-metrics: an answer of one sequence carries `metrics`, its timings in ms (a stream:
+    on its usage chunk, without the null fields); n > 1 or several prompts: null, the timings would be one
+    sequence's. Without the flag: no metrics."""
+    fields = {"time_to_first_token_ms", "generation_time_ms", "queue_time_ms", "mean_itl_ms", "tokens_per_second"}
+    for path, body in (("/v1/completions", {"prompt": "Once upon a time"}), ("/v1/chat/completions",
+                                                                             {"messages": MESSAGES})):
+        body = {**body, "max_tokens": 4, "ignore_eos": True}
+        m = _post(flagged, path, body).json()["metrics"]
+        assert set(m) == fields and all(m[k] >= 0 for k in fields), m
+        assert m["mean_itl_ms"] == pytest.approx(m["generation_time_ms"] / 3)
+        assert m["tokens_per_second"] > 0
+        assert _post(flagged, path, {**body, "n": 2}).json()["metrics"] is None
+        assert "metrics" not in _post(server, path, body).json()
+        chunks = _chunks(_post(flagged, path, {**body, "stream": True}))
+        assert set(chunks[-1]["metrics"]) == fields and all("metrics" not in c for c in chunks[:-1])
+        one = _chunks(_post(flagged, path, {**body, "max_tokens": 1, "stream": True}))[-1]["metrics"]
+        assert set(one) == fields - {"mean_itl_ms"}   # one token: no gap between tokens
+        assert "metrics" not in _chunks(_post(flagged, path, {**body, "n": 2, "stream": True}))[-1]
+    two = _post(flagged, "/v1/completions", {"prompt": ["Once", "upon"], "max_tokens": 2}).json()
+    assert two["metrics"] is None
 
 
 def test_override_generation_configs_max_new_tokens_caps_max_tokens(flagged, server):
