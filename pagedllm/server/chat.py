@@ -230,25 +230,23 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
         if echo:
             message["content"] = echo + (message["content"] or "")
         choices.append({"index": c.index, "message": message, "logprobs": _logprobs(req, c),
-                        "finish_reason": finish_reason, "stop_reason": c.stop_reason})
-        if req.return_token_ids:
-            choices[-1]["token_ids"] = list(c.token_ids)
+                        "finish_reason": finish_reason, "stop_reason": c.stop_reason,
+                        "token_ids": list(c.token_ids) if req.return_token_ids else None, "routed_experts": None})
     num_completion = sum(len(c.token_ids) for c in out.outputs)
     details = _usage_details(ctx, req, thinks, out.num_cached_tokens, [c.token_ids for c in out.outputs])
-    response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-                "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
-                "choices": choices, **fingerprint(ctx),
-                "usage": usage(len(out.prompt_token_ids), num_completion, details,
-                               _created(ctx, req, len(out.prompt_token_ids), out.num_cached_tokens))}
-    if req.prompt_logprobs is not None:   # vLLM's place: the response's, there is one prompt
-        response["prompt_logprobs"] = prompt_logprobs_json(out)
-    if req.return_token_ids:
-        response["prompt_token_ids"] = out.prompt_token_ids
-    if req.return_prompt_text:   # vLLM's: the prompt as the chat template wrote it
-        response["prompt_text"] = prompt_text
-    if ctx.enable_per_request_metrics:   # null for n > 1: vLLM's, the timings would be one sequence's
-        response["metrics"] = timing_metrics(out.metrics, num_completion) if req.n == 1 else None
-    return response
+    timed = ctx.enable_per_request_metrics and req.n == 1   # n > 1: null, the timings would be one sequence's
+    # Every key of vLLM's answer (its response model dumped whole), null where it has no value; prompt_logprobs
+    # are the response's (there is one prompt); prompt_text is the prompt as the chat template wrote it.
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
+            "choices": choices, "service_tier": None, "system_fingerprint": ctx.system_fingerprint,
+            "usage": usage(len(out.prompt_token_ids), num_completion, details,
+                           _created(ctx, req, len(out.prompt_token_ids), out.num_cached_tokens)),
+            "prompt_logprobs": prompt_logprobs_json(out) if req.prompt_logprobs is not None else None,
+            "prompt_token_ids": out.prompt_token_ids if req.return_token_ids else None,
+            "prompt_text": prompt_text if req.return_prompt_text else None,
+            "kv_transfer_params": out.kv_transfer_params, "ec_transfer_params": None,
+            "metrics": timing_metrics(out.metrics, num_completion) if timed else None}
 
 
 async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, prompt_ids: list[int],

@@ -55,12 +55,12 @@ async def create_chat_batch(ctx: ServingContext, req: BatchChatCompletionRequest
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for i, answer in enumerate(answers):
         choice = {**answer["choices"][0], "index": i}
-        choice.update({k: answer[k] for k in _PER_CONVERSATION if k in answer})
+        choice.update({k: answer[k] for k in _PER_CONVERSATION if answer[k] is not None})
         choices.append(choice)
         prompt_tokens += answer["usage"]["prompt_tokens"]
         completion_tokens += answer["usage"]["completion_tokens"]
-    return {"id": f"chatcmpl-{req.request_id or uuid.uuid4().hex}", "object": "chat.completion",
-            "created": int(time.time()), "model": answers[0]["model"], "choices": choices,
-            **{k: answers[0][k] for k in ("system_fingerprint",) if k in answers[0]},
+    # the chat answer's keys (vLLM's: its response model dumped whole), those of one conversation null
+    return {**answers[0], "id": f"chatcmpl-{req.request_id or uuid.uuid4().hex}", "created": int(time.time()),
+            "choices": choices, **{k: None for k in (*_PER_CONVERSATION, "metrics")},
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}

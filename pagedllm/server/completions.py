@@ -130,20 +130,24 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
         for c in out.outputs:
             choices.append(_choice(req, i * req.n + c.index, texts[i], out, c, echo=req.echo, offset=0,
                                    first_token_text=firsts[i]))
-            if req.return_token_ids:
-                choices[-1].update(prompt_token_ids=out.prompt_token_ids, token_ids=list(c.token_ids))
-            if req.prompt_logprobs is not None or (req.echo and req.logprobs is not None):   # vLLM's: when run
-                choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out)
+            # every key of vLLM's choice, null where it has no value; prompt_logprobs when they were run
+            run = req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)
+            choices[-1].update(token_ids=list(c.token_ids) if req.return_token_ids else None,
+                               prompt_logprobs=prompt_logprobs_json(out) if run else None,
+                               prompt_token_ids=out.prompt_token_ids if req.return_token_ids else None,
+                               routed_experts=None)
     num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
     num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     details = cached_details(ctx, sum(o.num_cached_tokens for o in outputs))
-    response = {"id": request_id, "object": "text_completion", "created": int(time.time()),
-                "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
-                "choices": choices, **fingerprint(ctx), "usage": usage(num_prompt, num_completion, details)}
-    if ctx.enable_per_request_metrics:   # null unless one sequence: vLLM's, the timings would be one sequence's
-        one = len(outputs) == 1 and req.n == 1
-        response["metrics"] = timing_metrics(outputs[0].metrics, num_completion) if one else None
-    return response
+    # null unless one sequence: vLLM's, the timings would be one sequence's
+    timed = ctx.enable_per_request_metrics and len(outputs) == 1 and req.n == 1
+    # every key of vLLM's answer (its response model dumped whole), null where it has no value
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
+            "choices": choices, "service_tier": None, "system_fingerprint": ctx.system_fingerprint,
+            "usage": usage(num_prompt, num_completion, details),
+            "kv_transfer_params": outputs[0].kv_transfer_params if outputs else None, "ec_transfer_params": None,
+            "metrics": timing_metrics(outputs[0].metrics, num_completion) if timed else None}
 
 
 async def _stream(ctx, req: CompletionRequest, request_id: str, texts: list[str], num_prompt: int, outputs,
