@@ -179,7 +179,8 @@ async def create_message(ctx: ServingContext, req: MessagesRequest, raw_request:
 async def count_tokens(ctx: ServingContext, req: CountTokensRequest) -> dict:
     await ctx.resolve_model(req.model)
     _, ids = await render_chat(ctx, to_chat(ctx, req))
-    return {"input_tokens": len(ids)}
+    # vLLM 0.26's (and Anthropic's context management): the count before any context was cleared; none is here
+    return {"input_tokens": len(ids), "context_management": {"original_input_tokens": len(ids)}}
 
 
 def to_chat(ctx: ServingContext, req: CountTokensRequest) -> ChatCompletionRequest:
