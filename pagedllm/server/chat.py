@@ -224,12 +224,10 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
     for c in out.outputs:
         thought, text = thinkers[c.index].parse_all(c.text) if thinkers else (None, c.text)
         message, finish_reason = chat_tools.message(plan, c, text)
-        message["role"] = role
-        if thinkers:
-            message["reasoning"] = thought if req.include_reasoning else None
         if echo:
             message["content"] = echo + (message["content"] or "")
-        choices.append({"index": c.index, "message": message, "logprobs": _logprobs(req, c),
+        choices.append({"index": c.index, "message": _message(role, message, thought if req.include_reasoning
+                                                              else None), "logprobs": _logprobs(req, c),
                         "finish_reason": finish_reason, "stop_reason": c.stop_reason,
                         "token_ids": list(c.token_ids) if req.return_token_ids else None, "routed_experts": None})
     num_completion = sum(len(c.token_ids) for c in out.outputs)
@@ -247,6 +245,15 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
             "prompt_text": prompt_text if req.return_prompt_text else None,
             "kv_transfer_params": out.kv_transfer_params, "ec_transfer_params": None,
             "metrics": timing_metrics(out.metrics, num_completion) if timed else None}
+
+
+def _message(role: str, message: dict, reasoning: str | None) -> dict:
+    """The keys of vLLM's ChatMessage dumped whole: OpenAI's refusal, annotations, audio and function_call null (none
+    is built here), tool_calls only when there are some (its serializer drops an empty list), reasoning null
+    without any."""
+    calls = message.get("tool_calls")
+    return {"role": role, "content": message["content"], "refusal": None, "annotations": None, "audio": None,
+            "function_call": None, **({"tool_calls": calls} if calls else {}), "reasoning": reasoning}
 
 
 async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, prompt_ids: list[int],

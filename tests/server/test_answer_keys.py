@@ -15,6 +15,7 @@ CTX = SimpleNamespace(response_role="assistant", enable_prompt_tokens_details=Fa
 CHAT_KEYS = ["id", "object", "created", "model", "choices", "service_tier", "system_fingerprint", "usage",
              "prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params", "ec_transfer_params",
              "metrics"]
+MESSAGE_KEYS = ["role", "content", "refusal", "annotations", "audio", "function_call", "reasoning"]
 CHAT_CHOICE_KEYS = ["index", "message", "logprobs", "finish_reason", "stop_reason", "token_ids", "routed_experts"]
 COMPLETION_KEYS = ["id", "object", "created", "model", "choices", "service_tier", "system_fingerprint", "usage",
                    "kv_transfer_params", "ec_transfer_params", "metrics"]
@@ -49,3 +50,15 @@ def test_completion_answer_has_vllms_keys_null_where_unset():
     req = CompletionRequest(prompt="hi", return_token_ids=True)
     choice = asyncio.run(completions._full(CTX, req, "cmpl-1", [""], _streams(), [], [""]))["choices"][0]
     assert choice["prompt_token_ids"] == [1, 2, 3] and choice["token_ids"] == [5]
+
+
+def test_chat_message_has_vllms_keys_tool_calls_only_when_called():
+    """vLLM's ChatMessage dumped whole: OpenAI's refusal, annotations, audio, function_call and vLLM's reasoning
+    null; tool_calls left out when there are none (its serializer drops an empty list), also under a tool parser."""
+    for tools in (None, [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]):
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=tools)
+        plan = plan_tools(req, "hermes" if tools else None, bool(tools))
+        message = asyncio.run(chat._full(CTX, req, plan, "chatcmpl-1", _streams(), [], None, "x"))["choices"][0][
+            "message"]
+        assert list(message) == MESSAGE_KEYS and message["content"] == "hi" and message["role"] == "assistant"
+        assert all(message[k] is None for k in MESSAGE_KEYS[2:])

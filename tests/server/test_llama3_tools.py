@@ -86,7 +86,7 @@ def test_calls_streamed_and_not(llama3, answer, calls):
 def test_text_is_content(llama3):
     answer = "It is sunny in Paris."
     choice = _chat(llama3, answer).json()["choices"][0]
-    assert choice["message"]["content"] == answer and not choice["message"]["tool_calls"]
+    assert choice["message"]["content"] == answer and "tool_calls" not in choice["message"]   # vLLM's: no empty list
     assert choice["finish_reason"] == "stop"
     assert _streamed(llama3, answer) == (answer, [], "stop")
 
