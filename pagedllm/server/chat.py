@@ -21,8 +21,8 @@ from pagedllm.server.reasoning import ReasoningParser
 from pagedllm.server.request_metrics import streamed, timing_metrics
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, response_id_for, sse, sse_prefix,
-                                     until_disconnect, usage, cached_details, created_cache_tokens, fingerprint,
-                                     fingerprint_json)
+                                     until_disconnect, usage, answer_usage, cached_details, created_cache_tokens,
+                                     fingerprint, fingerprint_json)
 from pagedllm.server.structured_fields import checked_constraint, constraint_field
 from pagedllm.server.tool_parsers.forced import parameters_schema
 from pagedllm.structured_output.grammar_spec import validate
@@ -232,14 +232,15 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
                         "token_ids": list(c.token_ids) if req.return_token_ids else None, "routed_experts": None})
     num_completion = sum(len(c.token_ids) for c in out.outputs)
     details = _usage_details(ctx, req, thinks, out.num_cached_tokens, [c.token_ids for c in out.outputs])
+    counted = usage(len(out.prompt_token_ids), num_completion, details,
+                    _created(ctx, req, len(out.prompt_token_ids), out.num_cached_tokens))
     timed = ctx.enable_per_request_metrics and req.n == 1   # n > 1: null, the timings would be one sequence's
     # Every key of vLLM's answer (its response model dumped whole), null where it has no value; prompt_logprobs
     # are the response's (there is one prompt); prompt_text is the prompt as the chat template wrote it.
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
             "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
             "choices": choices, "service_tier": None, "system_fingerprint": ctx.system_fingerprint,
-            "usage": usage(len(out.prompt_token_ids), num_completion, details,
-                           _created(ctx, req, len(out.prompt_token_ids), out.num_cached_tokens)),
+            "usage": counted if req._usage_details else answer_usage(counted),   # /v1/responses reads its own
             "prompt_logprobs": prompt_logprobs_json(out) if req.prompt_logprobs is not None else None,
             "prompt_token_ids": out.prompt_token_ids if req.return_token_ids else None,
             "prompt_text": prompt_text if req.return_prompt_text else None,

@@ -15,7 +15,7 @@ from pydantic import Field
 from pagedllm.server.chat import create_chat_completion
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import ChatCompletionRequest, ChatMessage, validated
-from pagedllm.server.serving import ServingContext
+from pagedllm.server.serving import ServingContext, answer_usage, usage
 
 _PER_CONVERSATION = ("prompt_token_ids", "prompt_logprobs", "prompt_text")
 
@@ -62,5 +62,4 @@ async def create_chat_batch(ctx: ServingContext, req: BatchChatCompletionRequest
     # the chat answer's keys (vLLM's: its response model dumped whole), those of one conversation null
     return {**answers[0], "id": f"chatcmpl-{req.request_id or uuid.uuid4().hex}", "created": int(time.time()),
             "choices": choices, **{k: None for k in (*_PER_CONVERSATION, "metrics")},
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": answer_usage(usage(prompt_tokens, completion_tokens))}

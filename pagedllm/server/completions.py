@@ -21,7 +21,8 @@ from pagedllm.server.protocol import CompletionRequest
 from pagedllm.server.request_metrics import streamed, timing_metrics
 from pagedllm.server.serving import (SSEResponse, ServingContext, abort_all, add_requests, final_outputs, json_str,
                                      json_value, merge, open_stream, response_id_for, sse, sse_prefix,
-                                     until_disconnect, usage, cached_details, fingerprint, fingerprint_json)
+                                     until_disconnect, usage, answer_usage, cached_details, fingerprint,
+                                     fingerprint_json)
 from pagedllm.server.structured_fields import constraint_field
 
 
@@ -145,7 +146,7 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
             "choices": choices, "service_tier": None, "system_fingerprint": ctx.system_fingerprint,
-            "usage": usage(num_prompt, num_completion, details),
+            "usage": answer_usage(usage(num_prompt, num_completion, details)),
             "kv_transfer_params": outputs[0].kv_transfer_params if outputs else None, "ec_transfer_params": None,
             "metrics": timing_metrics(outputs[0].metrics, num_completion) if timed else None}
 

@@ -435,6 +435,17 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int, details: tuple[int
     return out
 
 
+def answer_usage(fields: dict) -> dict:
+    """A non-streamed answer's usage with every key of vLLM's UsageInfo dumped whole (its streams leave the nulls
+    out): prompt_tokens_details null without details, and within them created_cache_tokens (completions have
+    none) and multimodal_tokens (a text model's: none) null when unset."""
+    details = fields.get("prompt_tokens_details")
+    if details is not None:
+        details = {"cached_tokens": details["cached_tokens"],
+                   "created_cache_tokens": details.get("created_cache_tokens"), "multimodal_tokens": None}
+    return {**fields, "prompt_tokens_details": details}
+
+
 def cached_details(ctx: "ServingContext", num_cached: int) -> tuple[int, None] | None:
     """usage()'s details under --enable-prompt-tokens-details: the cached prompt tokens, 0 too (vLLM 0.26's rule:
     its outputs' num_cached_tokens is never None)."""

@@ -36,6 +36,8 @@ def test_chat_answer_has_vllms_keys_null_where_unset():
     assert list(answer) == CHAT_KEYS and list(answer["choices"][0]) == CHAT_CHOICE_KEYS
     assert all(answer[k] is None for k in CHAT_KEYS[5:] if k != "usage")
     assert answer["choices"][0]["token_ids"] is None and answer["choices"][0]["message"]["content"] == "hi"
+    assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
+                               "prompt_tokens_details": None}   # vLLM's UsageInfo dumped whole
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], return_token_ids=True)
     answer = asyncio.run(chat._full(CTX, req, plan_tools(req, None, False), "chatcmpl-1", _streams(), [], None, "x"))
     assert answer["prompt_token_ids"] == [1, 2, 3] and answer["choices"][0]["token_ids"] == [5]
@@ -47,6 +49,8 @@ def test_completion_answer_has_vllms_keys_null_where_unset():
     assert list(answer) == COMPLETION_KEYS and list(answer["choices"][0]) == COMPLETION_CHOICE_KEYS
     assert all(answer[k] is None for k in COMPLETION_KEYS[5:] if k != "usage")
     assert all(answer["choices"][0][k] is None for k in COMPLETION_CHOICE_KEYS[5:])
+    assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
+                               "prompt_tokens_details": None}
     req = CompletionRequest(prompt="hi", return_token_ids=True)
     choice = asyncio.run(completions._full(CTX, req, "cmpl-1", [""], _streams(), [], [""]))["choices"][0]
     assert choice["prompt_token_ids"] == [1, 2, 3] and choice["token_ids"] == [5]
@@ -62,3 +66,13 @@ def test_chat_message_has_vllms_keys_tool_calls_only_when_called():
             "message"]
         assert list(message) == MESSAGE_KEYS and message["content"] == "hi" and message["role"] == "assistant"
         assert all(message[k] is None for k in MESSAGE_KEYS[2:])
+
+
+def test_answer_usage_details_have_vllms_keys():
+    """Under --enable-prompt-tokens-details vLLM's PromptTokenUsageInfo dumped whole: created_cache_tokens (chat
+    only) and multimodal_tokens null where unset."""
+    ctx = SimpleNamespace(**{**vars(CTX), "enable_prompt_tokens_details": True})
+    req = CompletionRequest(prompt="hi")
+    answer = asyncio.run(completions._full(ctx, req, "cmpl-1", [""], _streams(), [], [""]))
+    assert answer["usage"]["prompt_tokens_details"] == {"cached_tokens": 0, "created_cache_tokens": None,
+                                                        "multimodal_tokens": None}
