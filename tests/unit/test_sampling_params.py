@@ -68,7 +68,7 @@ INVALID = [
     (dict(allowed_token_ids=5), "allowed_token_ids", "None or a list"),
     (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
     (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens", "an integer >= 1, -1 (max_model_len) or None"),
-    (dict(truncation_side="middle"), "truncation_side", "left or right"),
+    (dict(truncation_side="middle"), "truncation_side", "None, left or right"),
     (dict(thinking_token_budget=-2), "thinking_token_budget", "None, -1 (unlimited) or an integer >= 0"),
     (dict(thinking_token_budget=1.5), "thinking_token_budget", "None, -1 (unlimited) or an integer >= 0"),
     (dict(logprob_token_ids=[1, -2]), "logprob_token_ids", "None or a list of non-negative token ids"),
