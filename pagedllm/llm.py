@@ -13,7 +13,7 @@ from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSear
                                   unshared_blocks)
 from pagedllm.chat_template import render_chat
 from pagedllm.config import DEMO_MODEL
-from pagedllm.engine.engine import Engine
+from pagedllm.engine.engine import Engine, reset_answer
 from pagedllm.engine.engine_args import engine_config
 from pagedllm.engine.input_processor import check_prompt_type, prompt_cache_salt, prompt_value
 from pagedllm.engine.output_processor import OutputKind
@@ -261,13 +261,7 @@ class LLM:
         running ones first) has nothing to preempt, and one that does run (added through llm.engine) is refused
         rather than preempted; reset_connector: the CPU and disk tiers, this project's counterpart of vLLM's
         offloading connector, are always reset."""
-        if self.engine.reset_prefix_cache():
-            return True
-        if reset_running_requests:
-            raise NotImplementedError("reset_prefix_cache(reset_running_requests=True): preempting running requests "
-                                      "to reset the cache is not built; requests still hold KV blocks (let them "
-                                      "finish, or abort them, first)")
-        return False
+        return reset_answer(self.engine.reset_prefix_cache(), reset_running_requests)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,

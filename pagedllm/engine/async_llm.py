@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pagedllm.config import EngineConfig
 from pagedllm.core.messages import EngineCoreOutput
 from pagedllm.engine.core_process import HEARTBEAT_INTERVAL, CoreClient
-from pagedllm.engine.engine import resolve_model
+from pagedllm.engine.engine import reset_answer, resolve_model
 from pagedllm.engine.engine_args import AsyncEngineArgs
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor, check_request_types
@@ -466,13 +466,7 @@ class AsyncLLM:
         counterpart of vLLM's connector, always reset). False while requests hold KV blocks: preempting them first
         (reset_running_requests) is not built, a NotImplementedError. Applied after every message sent before it
         (an abort's blocks are free by then)."""
-        if await self._core_call("reset_prefix_cache"):
-            return True
-        if reset_running_requests:
-            raise NotImplementedError("reset_prefix_cache(reset_running_requests=True): preempting running requests "
-                                      "to reset the cache is not built; requests still hold KV blocks (let them "
-                                      "finish, or abort them, first)")
-        return False
+        return reset_answer(await self._core_call("reset_prefix_cache"), reset_running_requests)
 
     async def _core_call(self, name: str, *args):
         """Answered by call id: an add_lora whose adapter is read on a loader thread answers after later calls."""

@@ -187,6 +187,16 @@ class Engine:
         self.core.reset_peak_stats()
 
 
+def reset_answer(reset: bool, reset_running_requests: bool) -> bool:
+    """vLLM's reset_prefix_cache answer (LLM's and AsyncLLM's) from the engine's: False while requests hold KV
+    blocks, unless the caller asked to preempt them first, which is not built."""
+    if reset or not reset_running_requests:
+        return reset
+    raise NotImplementedError("reset_prefix_cache(reset_running_requests=True): preempting running requests to "
+                              "reset the cache is not built; requests still hold KV blocks (let them finish, or "
+                              "abort them, first)")
+
+
 def _load_hf_config(model: str, overrides: dict | None):
     path = Path(model)
     if not path.exists():   # vLLM would download a Hub id; here nothing is fetched: say so, naming it
