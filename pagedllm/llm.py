@@ -22,7 +22,7 @@ from pagedllm.engine.tokenization_kwargs import (apply_tokenization_kwargs, chec
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.vllm_names import LLM_NAMES, not_built
+from pagedllm.vllm_names import LLM_NAMES, not_built, refusing
 
 # A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
 Prompt = str | list[int] | dict
@@ -364,13 +364,6 @@ def _check_overrides(tokenization_kwargs: dict | None, mm_processor_kwargs: dict
                          f"inputs are not built")
 
 
-def _refusing(name: str, error):
-    def method(self, *args, **kwargs):
-        raise error(name)
-    method.__name__ = method.__qualname__ = name
-    return method
-
-
 def _no_pooling(name: str) -> ValueError:
     return ValueError(f"LLM.{name}() needs a pooling model (embedding, classification, scoring, reward), which "
                       f"pagedllm does not build: it runs generative models only (generate, chat, beam_search)")
@@ -378,10 +371,10 @@ def _no_pooling(name: str) -> ValueError:
 
 # vLLM's pooling entry points: a generative model here has none of their tasks, as under vLLM (a ValueError)
 for _name in ("encode", "embed", "classify", "score", "reward"):
-    setattr(LLM, _name, _refusing(_name, _no_pooling))
+    setattr(LLM, _name, refusing(_name, _no_pooling))
 # vLLM's other LLM methods not built here: a NotImplementedError saying why and what instead
 for _name in ("get_metrics", "sleep", "wake_up", "collective_rpc", "start_profile", "stop_profile", *LLM_NAMES):
-    setattr(LLM, _name, _refusing(_name, functools.partial(not_built, "LLM")))
+    setattr(LLM, _name, refusing(_name, functools.partial(not_built, "LLM")))
 
 
 def _conversations(messages) -> list[list[dict]]:

@@ -52,3 +52,12 @@ def missing(owner: str, name: str) -> AttributeError:
     """Python's own AttributeError, with why and what instead for vLLM's names."""
     why = f" (vLLM's LLMEngine has): {ENGINE_NAMES[name]}" if name in ENGINE_NAMES else ""
     return AttributeError(f"'{owner}' object has no attribute {name!r}{why}")
+
+
+def refusing(name: str, error):
+    """A method for vLLM's `name` that raises error(name), so a class lists the methods it refuses in one loop,
+    not one stub each."""
+    def method(self, *args, **kwargs):
+        raise error(name)
+    method.__name__ = method.__qualname__ = name
+    return method

@@ -7,6 +7,7 @@ is spawned, so a script that builds an AsyncLLM needs the `if __name__ == "__mai
 """
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -29,7 +30,7 @@ from pagedllm.metrics import SchedulerStats, StatsLogger, StepStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
-from pagedllm.vllm_names import ASYNC_LLM_NAMES, not_built
+from pagedllm.vllm_names import ASYNC_LLM_NAMES, not_built, refusing
 
 logger = logging.getLogger("pagedllm")
 _OUTPUT_KINDS = {RequestOutputKind.CUMULATIVE: OutputKind.CUMULATIVE, RequestOutputKind.DELTA: OutputKind.DELTA,
@@ -640,16 +641,9 @@ def _check_vllm_keywords(data_parallel_rank: int | None, reasoning_ended: bool |
                                   "generated token")
 
 
-def _refusing(name: str):
-    def method(self, *args, **kwargs):
-        raise not_built("AsyncLLM", name)
-    method.__name__ = method.__qualname__ = name
-    return method
-
-
 # vLLM's AsyncLLM methods not built here: a NotImplementedError saying why and what instead (vllm_names.py)
 for _name in ASYNC_LLM_NAMES:
-    setattr(AsyncLLM, _name, _refusing(_name))
+    setattr(AsyncLLM, _name, refusing(_name, functools.partial(not_built, "AsyncLLM")))
 
 
 class Aborted:
