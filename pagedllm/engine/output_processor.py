@@ -210,6 +210,8 @@ class OutputProcessor:
             ids = parent.prompt_token_ids
             parent.prompt_logprobs = [None] + [self._position(p, context=ids[max(i - 3, 0):i + 1])
                                                for i, p in enumerate(out.prompt_logprobs)]
+            if parent.params.flat_logprobs:   # once here, not again in each output that carries them
+                parent.prompt_logprobs = FlatLogprobs.from_positions(parent.prompt_logprobs)
         seq.num_cached_tokens = max(seq.num_cached_tokens, out.num_cached_tokens)
         parent.num_cached_tokens = max(parent.num_cached_tokens, seq.num_cached_tokens)
         new, logprobs = out.new_token_ids, out.logprobs
@@ -282,7 +284,7 @@ class OutputProcessor:
         if parent.kind is not OutputKind.DELTA or parent.prompt_logprobs is None:
             return parent.prompt_logprobs
         if parent.prompt_logprobs_sent:
-            return []
+            return parent.prompt_logprobs[:0]   # [] or an empty FlatLogprobs
         parent.prompt_logprobs_sent = True
         return parent.prompt_logprobs
 
@@ -321,10 +323,9 @@ class OutputProcessor:
 
 
 def _flattened(out: RequestOutput, params: SamplingParams) -> RequestOutput:
-    """SamplingParams.flat_logprobs (vLLM's): the logprobs lists as FlatLogprobs."""
+    """SamplingParams.flat_logprobs (vLLM's): the sequences' logprobs lists as FlatLogprobs (the prompt's are
+    flattened once, when they arrive)."""
     if params.flat_logprobs:
-        if out.prompt_logprobs is not None:
-            out.prompt_logprobs = FlatLogprobs.from_positions(out.prompt_logprobs)
         for c in out.outputs:
             if c.logprobs is not None:
                 c.logprobs = FlatLogprobs.from_positions(c.logprobs)
