@@ -49,7 +49,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     max_tokens = 1 if echo_only else req.max_tokens
     for ids in kept:
         ctx.check_context_length(len(ids), max_tokens, "prompt", "max_tokens")
-    per_prompt = [ctx.capped_max_tokens(max_tokens) for _ in kept]
+    max_tokens = ctx.capped_max_tokens(max_tokens)
     num_prompt = sum(len(ids) for ids in kept)
     prompt_logprobs = req.prompt_logprobs
     if prompt_logprobs is None and req.echo and req.logprobs is not None:   # echo's prompt tokens need them
@@ -58,12 +58,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw_req
     # beam search caps max_tokens at each prompt's room itself
     params = (req.to_beam_search_params(ctx.capped_max_tokens(req.max_tokens), ctx.engine.max_model_len)
               if req.use_beam_search else
-              await ctx.off_loop_if(constraint_field(req) is not None, req.to_sampling_params, per_prompt[0],
+              await ctx.off_loop_if(constraint_field(req) is not None, req.to_sampling_params, max_tokens,
                                     req.logprobs, prompt_logprobs, defaults=ctx.engine.default_sampling_params))
-    if isinstance(params, SamplingParams) and (len(set(per_prompt)) > 1 or ctx.reasoning_parser is not None):
-        params = [replace(params, max_tokens=n) for n in per_prompt]
-    if ctx.reasoning_parser is not None and isinstance(params, list):
-        params = [_thinking(ctx, req, p, ids) for p, ids in zip(params, kept)]
+    if ctx.reasoning_parser is not None and isinstance(params, SamplingParams):   # each prompt's own reasoning
+        params = [_thinking(ctx, req, params, ids) for ids in kept]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     response_id = response_id_for("cmpl-", raw_request, req.request_id, request_id)
     kind = OutputKind.DELTA if req.stream else OutputKind.FINAL
