@@ -286,6 +286,7 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
     num_cached, metrics = 0, None
     # vLLM's: a choice's last chunk carries the fingerprint, unless a usage chunk ends the stream (it has it then)
     last = {} if req.include_usage else fingerprint(ctx)
+    last_json = fingerprint_json(ctx) if last else ""   # the same, for the chunks written by hand
     async for _, out in outputs:
         num_cached, metrics = out.num_cached_tokens, out.metrics
         for c in out.outputs:
@@ -314,9 +315,7 @@ async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: s
             tail = f',"usage":{json_value(so_far["usage"])}' if so_far else ""
             stop = ""
             if c.finish_reason is not None:
-                stop = f',"stop_reason":{json_value(c.stop_reason)}'
-                if last:
-                    tail += fingerprint_json(ctx)
+                stop, tail = f',"stop_reason":{json_value(c.stop_reason)}', tail + last_json
             # sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text} or {}, "logprobs": ...,
             #    "finish_reason": ..., ["stop_reason": ...], "token_ids": ...}], [usage], [system_fingerprint]}),
             #    by hand (serving.sse_prefix)
