@@ -125,14 +125,15 @@ async def _full(ctx, req: CompletionRequest, request_id: str, texts: list[str], 
     finally:
         abort_all(ctx.engine, ids)
     choices = []
+    # every key of vLLM's choice, null where it has no value; prompt_logprobs when they were run (asked, or echo's)
+    run = req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)
     for i, out in enumerate(outputs):
+        prompt_logprobs = prompt_logprobs_json(out) if run else None   # the prompt's, alike in its n choices
         for c in out.outputs:
             choices.append(_choice(req, i * req.n + c.index, texts[i], out, c, echo=req.echo, offset=0,
                                    first_token_text=firsts[i]))
-            # every key of vLLM's choice, null where it has no value; prompt_logprobs when they were run
-            run = req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)
             choices[-1].update(token_ids=list(c.token_ids) if req.return_token_ids else None,
-                               prompt_logprobs=prompt_logprobs_json(out) if run else None,
+                               prompt_logprobs=prompt_logprobs,
                                prompt_token_ids=out.prompt_token_ids if req.return_token_ids else None,
                                routed_experts=None)
     num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
