@@ -99,10 +99,12 @@ def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
         else:
             if item.role is None or item.content is None:
                 raise APIError(400, f"{at}: a message needs role and content", at, "invalid_value")
-            content = item.content if isinstance(item.content, str) else _text_parts(item.content, f"{at}.content")
-            # vLLM makes an assistant item's content a string (of its first part only; here all its parts)
-            if item.role == "assistant" and isinstance(content, list):
-                content = "\n".join(part["text"] for part in content)
+            if isinstance(item.content, str):
+                content = item.content
+            elif item.role == "assistant":   # vLLM makes it a string (of its first part only; here all its parts)
+                content = "\n".join(_texts(item.content, f"{at}.content"))
+            else:
+                content = _text_parts(item.content, f"{at}.content")
             # a developer message stays one, as vLLM's Responses path gives it to the renderer: the chat template
             # takes it, or (most) it becomes a system message merged with the others into one first one
             messages.append({"role": item.role, "content": content})
