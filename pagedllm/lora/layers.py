@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pagedllm.lazy_kernel import lazy_kernel
+from pagedllm.lora.peft_loader import TARGETS
 
 add_lora = lazy_kernel(globals(), "pagedllm.lora.ops", "add_lora")   # Triton, CUDA only
 lora_expand = lazy_kernel(globals(), "pagedllm.lora.kernels", "lora_expand")
@@ -168,9 +169,9 @@ class LoRALinear(nn.Module):
             self.lora_b[slot, row:row + b.shape[0], shard * R:shard * R + r].copy_(b, non_blocking=True)
 
 
-# the decoder linears LoRA may target, each with the HF modules fused in it (peft_loader.TARGETS' shards)
-MODULES = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
-           "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
+# the decoder linears LoRA may target, each with the HF modules fused in it, in shard order: TARGETS read the
+# other way (one table, so a target added there is wrapped here)
+MODULES = {ours: tuple(hf for hf, (m, _) in TARGETS.items() if m == ours) for ours, _ in TARGETS.values()}
 
 
 def selected_modules(target_modules: list[str] | None) -> tuple[str, ...]:
