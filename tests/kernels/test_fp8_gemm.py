@@ -1,6 +1,6 @@
 """The FP8 linear on CUDA (pagedllm/layers/quantization/fp8.py) against its emulated definition, on fresh random
-inputs: the per-token quant kernel bit-exact with the torch reference; torch._scaled_mm (rowwise scales) within
-the rounding of its output dtype; the same inside a CUDA graph.
+inputs: the per-token quant kernel bit-exact with the torch reference; torch._scaled_mm (rowwise scales, and at
+few rows unit scales + the scale kernel) within the rounding of its output dtype; the same inside a CUDA graph.
 
 Not run under the Triton interpreter: its float8 cast drops the carry when rounding crosses a power of two
 (31.2 -> 16 instead of 32; Triton 3.9 on CPU), so it is no oracle for this kernel.
@@ -84,6 +84,25 @@ def test_scaled_mm_matches_emulated(m, k, n, dtype, bias, static):
     out = _scaled_mm_linear(x, *layer)
     _check(out, x, layer)
     assert torch.equal(fp8_linear(x[None], *layer)[0], out)   # the dispatcher takes the same path
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 300, 4096])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("unit", [False, True], ids=["rowwise", "unit"])
+def test_both_gemm_paths_match_emulated(monkeypatch, m, k, n, dtype, bias, unit):
+    """Each path at every size, whatever UNIT_SCALE_MAX_M picks: rowwise scales in _scaled_mm's epilogue, or
+    unit scales, float32 accumulators and the scale kernel."""
+    from pagedllm.layers.quantization import fp8
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = _inputs(m, k, dtype, seed=m + n + 1)
+    layer = _layer(k, n, dtype, seed=k + n + 1, bias=bias, static=False)
+    monkeypatch.setattr(fp8, "UNIT_SCALE_MAX_M", 1 << 30 if unit else 0)
+    out = _scaled_mm_linear(x, *layer)
+    _check(out, x, layer)
+    if unit and bias:   # no bias in _scaled_mm: the scale kernel adds it
+        _check(_scaled_mm_linear(x, layer[0], layer[1], None, None), x, (layer[0], layer[1], None, None))
 
 
 def test_unaligned_shapes_fall_back_to_emulated():
