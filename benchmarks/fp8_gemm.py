@@ -12,6 +12,7 @@ the runner's graphs). One line per shape.
 import torch
 from triton.testing import do_bench_cudagraph
 
+from pagedllm.layers.kernels.fp8_gemm import fp8_gemm
 from pagedllm.layers.kernels.fp8_scale import fp8_scale
 from pagedllm.layers.kernels.quant_fp8 import per_token_quant_fp8
 from pagedllm.layers.quantization import fp8
@@ -29,6 +30,10 @@ def unit_then_scale(q, scale, weight, weight_scale, one):
     scales in a kernel of their own: the fp8 path at up to UNIT_SCALE_MAX_M rows."""
     acc = torch._scaled_mm(q, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     return fp8_scale(acc, scale, weight_scale, None, torch.bfloat16)
+
+
+TRITON_TILES = [(64, 32, 128, 4, 4), (64, 64, 128, 4, 4), (64, 64, 256, 4, 3), (64, 128, 128, 4, 4),
+                (64, 128, 128, 4, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3)]
 
 
 def tflops(m: int, k: int, n: int, ms: float) -> float:
@@ -55,20 +60,27 @@ def bench_shape(m: int, k: int, n: int) -> tuple[float, float, float, float, flo
     unit = do_bench_cudagraph(lambda: unit_then_scale(q, scale, weight, weight_scale, one))
     ref = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16)
     same = (unit_then_scale(q, scale, weight, weight_scale, one) == ref).float().mean().item()
+    tiles = [(do_bench_cudagraph(lambda: fp8_gemm(q, scale, weight, weight_scale, None, torch.bfloat16, t)), t)
+             for t in TRITON_TILES if t[0] <= max(64, 2 * m)]
+    best, tile = min(tiles)
+    tri = fp8_gemm(q, scale, weight, weight_scale, None, torch.bfloat16, tile)
+    tri_same = (tri == ref).float().mean().item()
     return (tflops(m, k, n, bf16), tflops(m, k, n, full), tflops(m, k, n, mm), quant * 1e3, tflops(m, k, n, tensor),
-            tflops(m, k, n, unit), same, tflops(m, k, n, full_unit))
+            tflops(m, k, n, unit), same, tflops(m, k, n, full_unit), tflops(m, k, n, best), tile, tri_same)
 
 
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}  TFLOP/s: bf16 mm | fp8 quant+_scaled_mm | _scaled_mm alone "
           f"(speedup of the fp8 path) | quant kernel us | per-tensor _scaled_mm | unit scales, fp32 out + "
-          f"scale kernel (share of outputs equal to rowwise) | the fp8 path with it")
+          f"scale kernel (share of outputs equal to rowwise) | the fp8 path with it | Triton fp8_gemm, best tile "
+          f"(equal share; against rowwise _scaled_mm alone)")
     for model, shapes, m in CASES:
         for name, (k, n) in shapes.items():
-            bf16, full, mm, quant_us, tensor, unit, same, full_unit = bench_shape(m, k, n)
+            bf16, full, mm, quant_us, tensor, unit, same, full_unit, tri, tile, tri_same = bench_shape(m, k, n)
             print(f"{model:10s} {name:8s} M={m:<6d} K={k:<6d} N={n:<6d} {bf16:7.1f} | {full:7.1f} | {mm:7.1f} "
                   f"({full / bf16:4.2f}x) | {quant_us:6.1f} | {tensor:7.1f} | {unit:7.1f} ({same:.4f}) | "
-                  f"{full_unit:7.1f} ({full_unit / bf16:4.2f}x)", flush=True)
+                  f"{full_unit:7.1f} ({full_unit / bf16:4.2f}x) | {tri:7.1f} {tile} ({tri_same:.4f}; "
+                  f"{tri / mm:4.2f}x rowwise)", flush=True)
 
 
 if __name__ == "__main__":

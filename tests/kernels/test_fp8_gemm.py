@@ -90,18 +90,19 @@ def test_scaled_mm_matches_emulated(m, k, n, dtype, bias, static):
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("m", [1, 300, 4096])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("unit", [False, True], ids=["rowwise", "unit"])
-def test_both_gemm_paths_match_emulated(monkeypatch, m, k, n, dtype, bias, unit):
+@pytest.mark.parametrize("path", ["rowwise", "unit", "triton"])
+def test_both_gemm_paths_match_emulated(monkeypatch, m, k, n, dtype, bias, path):
     """Each path at every size, whatever UNIT_SCALE_MAX_M picks: rowwise scales in _scaled_mm's epilogue, or
     unit scales, float32 accumulators and the scale kernel."""
     from pagedllm.layers.quantization import fp8
     torch.backends.cuda.matmul.allow_tf32 = False
     x = _inputs(m, k, dtype, seed=m + n + 1)
     layer = _layer(k, n, dtype, seed=k + n + 1, bias=bias, static=False)
-    monkeypatch.setattr(fp8, "UNIT_SCALE_MAX_M", 1 << 30 if unit else 0)
+    monkeypatch.setattr(fp8, "UNIT_SCALE_MAX_M", 0 if path == "rowwise" else 1 << 30)
+    monkeypatch.setattr(fp8, "SMALL_M_PATH", path)
     out = _scaled_mm_linear(x, *layer)
     _check(out, x, layer)
-    if unit and bias:   # no bias in _scaled_mm: the scale kernel adds it
+    if path != "rowwise" and bias:   # no bias in _scaled_mm: the scale kernel adds it
         _check(_scaled_mm_linear(x, layer[0], layer[1], None, None), x, (layer[0], layer[1], None, None))
 
 

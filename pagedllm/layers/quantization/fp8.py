@@ -16,6 +16,7 @@ from pagedllm.lazy_kernel import lazy_kernel
 
 per_token_quant_fp8 = lazy_kernel(globals(), "pagedllm.layers.kernels.quant_fp8", "per_token_quant_fp8")
 fp8_scale = lazy_kernel(globals(), "pagedllm.layers.kernels.fp8_scale", "fp8_scale")
+fp8_gemm = lazy_kernel(globals(), "pagedllm.layers.kernels.fp8_gemm", "fp8_gemm")
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0          # torch.finfo(float8_e4m3fn).max; the cast of a larger value is NaN, so clamp first
@@ -27,6 +28,7 @@ SCALE_EPS = 1e-12        # floor of a dynamic scale: an all-zero row quantizes t
 _MM_ALIGN = 16           # _scaled_mm: K and N multiples of 16 (fp8 operands 16-byte aligned)
 _MM_DTYPES = (torch.bfloat16, torch.float16)   # rowwise _scaled_mm outputs (float32 only through cuBLAS on sm90)
 UNIT_SCALE_MAX_M = int(os.environ.get("PAGEDLLM_FP8_UNIT_SCALE_MAX_M", "512"))
+SMALL_M_PATH = os.environ.get("PAGEDLLM_FP8_SMALL_M", "triton")   # experiment: "triton" or "unit"
 _ONES: dict[torch.device, torch.Tensor] = {}   # the unit scale of each device, made once (outside graph capture)
 
 
@@ -89,6 +91,9 @@ def scaled_mm(q, scale, weight, weight_scale, bias, out_dtype: torch.dtype) -> t
     """Quantized rows q (M, K) with scales (M, 1) -> (M, N); also the entry of a fused norm's or activation's
     output (layers/quantization/fuse.py)."""
     # weight (N, K) row-major: its .t() is the column-major (K, N) operand _scaled_mm needs, no copy
+    if q.shape[0] <= UNIT_SCALE_MAX_M and SMALL_M_PATH == "triton":
+        n = weight.shape[0]
+        return fp8_gemm(q, scale, weight, weight_scale, bias, out_dtype, (64, 64 if n <= 2048 else 128, 128, 4, 4))
     if q.shape[0] <= UNIT_SCALE_MAX_M:
         one = _ONES.get(q.device)
         if one is None:
