@@ -56,7 +56,9 @@ class FlatLogprobs(MutableSequence):
             starts, ends = self.start_indices[index], self.end_indices[index]
             lo = starts[0] if starts else 0
             entries = slice(lo, ends[-1] if ends else 0)
-            return FlatLogprobs([i - lo for i in starts], [i - lo for i in ends], self.token_ids[entries],
+            if lo:   # rebased to the slice's entries; from 0 (a cumulative output's copy) they stand as they are
+                starts, ends = [i - lo for i in starts], [i - lo for i in ends]
+            return FlatLogprobs(starts, ends, self.token_ids[entries],
                                 self.logprobs[entries], self.ranks[entries], self.decoded_tokens[entries])
         if not isinstance(index, int):
             raise TypeError(f"FlatLogprobs indices must be integers or slices, not {type(index).__name__}")

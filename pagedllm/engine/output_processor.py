@@ -30,7 +30,7 @@ class _Sequence:
     index: int
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] | None = None
+    logprobs: list[PositionLogprobs] | FlatLogprobs | None = None   # flat_logprobs: flat from the start
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -115,7 +115,8 @@ class OutputProcessor:
         # FINAL: the text is read once, at the end, so it is decoded then, in one call (detokenizer.py)
         seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params, singles,
                                                     deferred=kind is OutputKind.FINAL),
-                          logprobs=[] if params.logprobs is not None else None,
+                          logprobs=None if params.logprobs is None
+                          else FlatLogprobs() if params.flat_logprobs else [],
                           cumulative_logprob=0.0 if params.logprobs is not None or ranked else None)
                 for i in range(num_seqs)]
         parent = _ParentRequest(request_id, prompt, prompt_token_ids, kind, RequestMetrics(arrival_time), seqs,
@@ -273,9 +274,8 @@ class OutputProcessor:
                 c = self._completion(s, delta)
                 if not delta or c.token_ids or c.text or c.finish_reason:
                     completions.append(c)
-        return _flattened(RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                                        self._prompt_logprobs(parent), completions, finished, parent.metrics,
-                                        parent.num_cached_tokens, parent.lora_request), parent.params)
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, self._prompt_logprobs(parent),
+                             completions, finished, parent.metrics, parent.num_cached_tokens, parent.lora_request)
 
     @staticmethod
     def _prompt_logprobs(parent: _ParentRequest) -> list | None:
@@ -307,9 +307,8 @@ class OutputProcessor:
         completions = [self._completion(s, delta=False) for s in seqs]
         for i, c in enumerate(completions):
             c.index = i
-        return _flattened(RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                                        parent.prompt_logprobs, completions, True, parent.metrics,
-                                        parent.num_cached_tokens, parent.lora_request), parent.params)
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
+                             completions, True, parent.metrics, parent.num_cached_tokens, parent.lora_request)
 
     def _completion(self, seq: _Sequence, delta: bool) -> CompletionOutput:
         finished = seq.finish_reason is not None
@@ -317,19 +316,10 @@ class OutputProcessor:
         start = seq.num_sent_tokens if delta else 0
         seq.num_sent_tokens = len(seq.token_ids)
         seq.finish_sent = finished
+        # a copy (FlatLogprobs: of its flat lists), so that an output handed out does not grow with later tokens
         logprobs = seq.logprobs[start:] if seq.logprobs is not None else None
         return CompletionOutput(seq.index, text, seq.token_ids[start:], seq.cumulative_logprob, logprobs,
                                 seq.finish_reason, seq.stop_reason)
-
-
-def _flattened(out: RequestOutput, params: SamplingParams) -> RequestOutput:
-    """SamplingParams.flat_logprobs (vLLM's): the sequences' logprobs lists as FlatLogprobs (the prompt's are
-    flattened once, when they arrive)."""
-    if params.flat_logprobs:
-        for c in out.outputs:
-            if c.logprobs is not None:
-                c.logprobs = FlatLogprobs.from_positions(c.logprobs)
-    return out
 
 
 def _record_latencies(arrival_time: float, seq: _Sequence, out: EngineCoreOutput, now: float, stats: StepStats):

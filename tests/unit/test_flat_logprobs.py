@@ -1,8 +1,12 @@
 """SamplingParams.flat_logprobs (vLLM 0.26's): logprobs and prompt_logprobs come as FlatLogprobs, which read as the
 list of positions they replace. It was an unexpected-keyword TypeError."""
+import time
+
 import pytest
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.core.messages import EngineCoreOutput, TokenLogprobs
+from pagedllm.engine.output_processor import OutputKind, OutputProcessor
 from pagedllm.outputs import FlatLogprobs
 
 
@@ -27,3 +31,46 @@ def test_flat_logprobs_read_as_the_lists_they_replace(llm):
         got[0] = {}
     with pytest.raises(ValueError, match="SamplingParams.flat_logprobs must be True or False"):
         SamplingParams(flat_logprobs="yes")
+
+
+def _outputs(kind: OutputKind, flat: bool, num_steps: int = 6, n: int = 2):
+    """Every RequestOutput of a request with prompt and sample logprobs, one token a step (the last two steps two,
+    as a speculative step), n sequences, no tokenizer."""
+    op = OutputProcessor(None)
+    params = SamplingParams(n=n, max_tokens=99, logprobs=1, prompt_logprobs=1, detokenize=False, flat_logprobs=flat)
+    op.add_request("r", None, [1, 2, 3], params, kind, time.time())
+    prompt = [TokenLogprobs([t, 7], [-0.5 * t, -2.0], 1) for t in (2, 3)]
+    results = []
+    for step in range(num_steps):
+        k = 2 if step >= num_steps - 2 else 1
+        outs = [EngineCoreOutput(f"r#{s}", [10 + step + s] * k,
+                                 logprobs=[TokenLogprobs([10 + step + s, 5], [-0.1 * step, -1.5 - s], 1)] * k,
+                                 prompt_logprobs=prompt if step == s == 0 else None,
+                                 finish_reason="length" if step == num_steps - 1 else None) for s in range(n)]
+        results += op.process(outs)[0]
+    return results
+
+
+@pytest.mark.parametrize("kind", list(OutputKind))
+def test_flat_outputs_are_the_plain_outputs_flattened(kind):
+    plain, flat = _outputs(kind, False), _outputs(kind, True)
+    assert len(plain) == len(flat) > 0
+    for p, f in zip(plain, flat):
+        assert f.prompt_logprobs == FlatLogprobs.from_positions(p.prompt_logprobs)
+        assert [c.token_ids for c in f.outputs] == [c.token_ids for c in p.outputs]
+        for pc, fc in zip(p.outputs, f.outputs):
+            assert isinstance(fc.logprobs, FlatLogprobs) and fc.logprobs == FlatLogprobs.from_positions(pc.logprobs)
+
+
+def test_cumulative_flat_outputs_flatten_each_position_once(monkeypatch):
+    """A CUMULATIVE output carries every position so far: flattening them all again in each output was quadratic
+    in the output's length. Each sample position (and each prompt position) must be flattened once."""
+    calls = []
+    append = FlatLogprobs.append
+    monkeypatch.setattr(FlatLogprobs, "append", lambda self, position: calls.append(1) or append(self, position))
+    num_steps, n = 40, 2
+    outs = _outputs(OutputKind.CUMULATIVE, True, num_steps, n)
+    num_positions = [len(c.logprobs) for c in outs[-1].outputs]
+    assert num_positions == [num_steps + 2] * n
+    assert len(outs[-1].prompt_logprobs) == 3
+    assert len(calls) == sum(num_positions) + 3
