@@ -17,8 +17,7 @@ from pagedllm.engine.engine import Engine, reset_answer
 from pagedllm.engine.engine_args import engine_config
 from pagedllm.engine.input_processor import check_prompt_type, prompt_cache_salt, prompt_value
 from pagedllm.engine.output_processor import OutputKind
-from pagedllm.engine.tokenization_kwargs import (apply_tokenization_kwargs, check_tokenization_kwargs,
-                                                without_special_tokens)
+from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs, check_tokenization_kwargs, encoded
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -313,7 +312,7 @@ class LLM:
         # (vLLM's; then as any text prompt). The rendered text is the outputs' prompt (vLLM's).
         if (tokenization_kwargs or {}).get("add_special_tokens"):
             return [{"prompt": p} for p in prompts]
-        return [without_special_tokens(p, tokenizer) for p in prompts]
+        return [encoded(p, tokenizer, add_special_tokens=False) for p in prompts]
 
     def _run(self, total: int, use_tqdm) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -129,11 +129,15 @@ def test_generate_takes_vllms_keywords(tiny_model_dirs):
         assert no_bos.prompt_token_ids == plain.prompt_token_ids[1:]
         cut = await last(engine, "d", list(range(3, 20)), tokenization_kwargs={"truncate_prompt_tokens": 4})
         assert cut.prompt_token_ids == list(range(16, 20))
+        limited = await last(engine, "f", list(range(3, 20)), tokenization_kwargs={"max_length": 17})
+        assert limited.prompt_token_ids == list(range(3, 20))
         async def chunks():
             yield "Once upon"
         with pytest.raises(NotImplementedError, match="streaming input"):   # was a TypeError about its type
             await last(engine, "s", chunks())
         for kwargs, error, words in [({"tokenization_kwargs": {"padding": True}}, ValueError, "padding"),
+                                     ({"tokenization_kwargs": {"max_length": 2}}, ValueError,
+                                      r"the prompt has \d+ tokens, more than max_length \(2\)"),
                                      ({"data_parallel_rank": 1}, ValueError, "data_parallel_rank 1"),
                                      ({"reasoning_ended": True}, NotImplementedError, "reasoning"),
                                      ({"reasoning_parser_kwargs": {}}, NotImplementedError, "reasoning")]:

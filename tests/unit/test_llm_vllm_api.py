@@ -230,10 +230,46 @@ def test_tokenization_kwargs_cut_a_text_as_the_server_does(llm):
     assert out({"truncate_prompt_tokens": 5, "truncation": False}) == ids
     params = SamplingParams(temperature=0.0, max_tokens=2, truncate_prompt_tokens=5, truncation_side="left")
     assert llm.generate(text, params, use_tqdm=False)[0].prompt_token_ids == ids[-5:]
-    with pytest.raises(ValueError, match="tokenization_kwargs: max_length is taken with truncation True"):
-        out({"max_length": 5})
-    with pytest.raises(ValueError, match="tokenization_kwargs: truncation must be"):
-        out({"truncation": "only_second", "max_length": 5})
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_tokenization_kwargs_max_length_alone_limits_the_prompts_tokens(llm):
+    """vLLM 0.26's TokenizeParams.with_kwargs: max_length without truncation is the most input tokens a prompt may
+    have (max_input_tokens; its length check comes after any truncation), text or token ids; truncate_prompt_tokens
+    may not be more, and its -1 means max_length. Here max_length alone was refused whatever the prompt."""
+    tok = llm.get_tokenizer()
+    text = "Once upon a time, there was a little girl named Lily."
+    ids, n = tok.encode(text), len(tok.encode(text))
+    out = lambda prompt, kw: llm.generate(prompt, GREEDY, use_tqdm=False, tokenization_kwargs=kw)[0]  # noqa: E731
+    assert out(text, {"max_length": n}).prompt_token_ids == ids
+    assert out(ids, {"max_length": n}).prompt_token_ids == ids
+    no_bos = out({"prompt": text}, {"max_length": n - 1, "add_special_tokens": False})
+    assert no_bos.prompt_token_ids == ids[1:] and no_bos.prompt == text
+    for prompt, kw in [(text, {}), (ids, {}), ({"prompt": text}, {}), ({"prompt_token_ids": ids}, {}),
+                       (text, {"truncation": False}), (text, {"truncation": "do_not_truncate"})]:
+        with pytest.raises(ValueError, match=rf"tokenization_kwargs: the prompt has {n} tokens, more than "
+                                             rf"max_length \({n - 1}\)"):
+            out(prompt, {"max_length": n - 1, **kw})
+    assert out(text, {"max_length": 5, "truncate_prompt_tokens": 5}).prompt_token_ids == [ids[0]] + ids[-4:]
+    assert out(text, {"max_length": 5, "truncate_prompt_tokens": -1}).prompt_token_ids == [ids[0]] + ids[-4:]
+    assert out(ids, {"max_length": 5, "truncate_prompt_tokens": 3}).prompt_token_ids == ids[-3:]
+    with pytest.raises(ValueError, match=r"tokenization_kwargs: truncate_prompt_tokens \(6\) must be at most "
+                                         r"max_length \(5\)"):
+        out(text, {"max_length": 5, "truncate_prompt_tokens": 6})
+    for bad in (0, -1, "5", True, 5.0):
+        with pytest.raises(ValueError, match="tokenization_kwargs: max_length must be a positive integer"):
+            out(text, {"max_length": bad})
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("truncation", ["only_first", "only_second", "yes", 2])
+def test_tokenization_kwargs_other_truncation_values_are_refused(llm, truncation):
+    """vLLM 0.26's with_kwargs warns that such a truncation is not supported and ignores it (a falsy one, 0 or "",
+    without a word). Here it is refused, naming the values taken, as an unknown key is: a script that asked to
+    truncate is told it did not, rather than running on an uncut prompt."""
+    with pytest.raises(ValueError, match="tokenization_kwargs: truncation must be True, False, 'longest_first' or "
+                                         "'do_not_truncate'"):
+        llm.generate("Once", GREEDY, use_tqdm=False, tokenization_kwargs={"truncation": truncation, "max_length": 5})
     assert not llm.engine.has_unfinished_requests()
 
 
