@@ -100,7 +100,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         try:
             params = await ctx.off_loop_if(slow, lambda: checked_constraint(_with_tools(
                 req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                       req.prompt_logprobs, defaults=ctx.engine.default_sampling_params), plan)))
+                                       _prompt_logprobs(req), defaults=ctx.engine.default_sampling_params), plan)))
         except ValueError as e:
             raise _as_sent(e, req, plan) from e
     sampling = isinstance(params, SamplingParams)   # not beam search
@@ -241,7 +241,7 @@ async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, request_id: str
             "model": ctx.served_name(req.model),   # the adapter's name under an adapter (vLLM's)
             "choices": choices, "service_tier": None, "system_fingerprint": ctx.system_fingerprint,
             "usage": counted if req._usage_details else answer_usage(counted),   # /v1/responses reads its own
-            "prompt_logprobs": prompt_logprobs_json(out) if req.prompt_logprobs is not None else None,
+            "prompt_logprobs": prompt_logprobs_json(out) if out.prompt_logprobs is not None else None,
             "prompt_token_ids": out.prompt_token_ids if req.return_token_ids else None,
             "prompt_text": prompt_text if req.return_prompt_text else None,
             "kv_transfer_params": out.kv_transfer_params, "ec_transfer_params": None,
@@ -364,6 +364,15 @@ def _role(ctx: ServingContext, req: ChatCompletionRequest) -> str:
     """The answer's role (vLLM's): the assistant's (--response-role) after a generation prompt; without one the
     model goes on in the last message's turn (continue_final_message), whoever's it is."""
     return ctx.response_role if req.add_generation_prompt else req.messages[-1].role
+
+
+def _prompt_logprobs(req: ChatCompletionRequest) -> int | None:
+    """vLLM's: echo without prompt_logprobs asks for the prompt's, with top_logprobs alternatives (unsent: its
+    default 0, each prompt token's own; null: none). A stream carries none: there they are not run (vLLM runs
+    them and drops them)."""
+    if req.prompt_logprobs is not None or not req.echo or req.stream:
+        return req.prompt_logprobs
+    return req.top_logprobs if "top_logprobs" in req.model_fields_set else 0
 
 
 def _echo_text(ctx: ServingContext, req: ChatCompletionRequest) -> str:

@@ -304,6 +304,32 @@ def test_prompt_logprobs_on_both_endpoints_match_offline(server, offline_llm):
            "prompt_logprobs")
 
 
+def test_chat_echo_asks_for_the_prompts_logprobs_as_vllms(server, offline_llm):
+    """vLLM 0.26's ChatCompletionRequest.to_sampling_params: echo without prompt_logprobs asks for them, with
+    top_logprobs alternatives (its default 0: each prompt token's own; an explicit null: none), whatever is echoed;
+    the answer carries them (serving_chat's full generator), a stream never (its chunks have no such field).
+    They were null here."""
+    base = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "echo": True}
+    ref = {k: offline_llm.chat(MESSAGES, SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=k),
+                               use_tqdm=False, chat_template=CHAT_TEMPLATE)[0] for k in (0, 2)}
+    own = _post(server, CHAT, base).json()
+    assert all(p is None or len(p) == 1 for p in own["prompt_logprobs"])
+    _assert_close(_positions(own["prompt_logprobs"]), _offline_positions(ref[0]))
+    top = _post(server, CHAT, {**base, "logprobs": True, "top_logprobs": 2}).json()
+    _assert_close(_positions(top["prompt_logprobs"]), _offline_positions(ref[2]))
+    asked = _post(server, CHAT, {**base, "prompt_logprobs": 2}).json()   # prompt_logprobs, when given, wins
+    _assert_close(_positions(asked["prompt_logprobs"]), _offline_positions(ref[2]))
+    assert _post(server, CHAT, {**base, "top_logprobs": None}).json()["prompt_logprobs"] is None
+    assert _post(server, CHAT, {**base, "echo": False}).json()["prompt_logprobs"] is None
+    with httpx.stream("POST", server.url + CHAT, json={**base, "logprobs": True, "top_logprobs": 2, "stream": True},
+                      headers=server.headers, timeout=60) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks and not any("prompt_logprobs" in c for c in chunks)
+    text = "".join(c["delta"].get("content") or "" for chunk in chunks for c in chunk["choices"])
+    assert text == top["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize("path,body,param,says", [
     (CHAT, {"logprobs": True, "top_logprobs": -1}, "top_logprobs", "<= max_logprobs (20) (-1 is the vocabulary"),
     (CHAT, {"prompt_logprobs": -1}, "prompt_logprobs", "<= max_logprobs (20) (-1 is the vocabulary"),
