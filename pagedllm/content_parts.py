@@ -6,6 +6,8 @@
     thinking                        (its "thinking")  ->  a text part of the thought ("closed" is not rendered)
     tool_reference                  (its "name")      ->  kept for the template: {"type": "tool_reference", "name"}
     text or refusal with its text null or missing     ->  left out (vLLM skips them)
+    the others with it null or missing                ->  kept with a null text (name), as vLLM's parsers give
+                                                          it to the template; the string format leaves it out
     image / audio / video parts, embeddings           ->  refused: they need a multimodal model
     any other type, or none                           ->  refused, naming the part's field
     other keys on a text-like part                    ->  kept on its text part (vLLM's), unless vLLM knows the
@@ -19,7 +21,7 @@ from typing import Any
 # A text-like part's type -> the key its text is under.
 TEXT_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
              "thinking": "thinking"}
-# Parts vLLM skips when their text is null or missing, where the others' None would reach the template.
+# Parts vLLM skips when their text is null or missing; the others' None reaches the template.
 SKIPPED_WHEN_EMPTY = ("text", "refusal")
 TYPES = (*TEXT_KEYS, "tool_reference")
 # The fields of vLLM's content part types (its _KNOWN_CONTENT_PART_FIELDS): any other key on a text-like part is
@@ -49,8 +51,9 @@ def template_parts(content: list, at: str) -> list[dict]:
     return [p for p in parts if p is not None]
 
 
-def part_text(part: dict) -> str:
-    """A template part's text, as vLLM's string content format writes it (a tool reference: its name)."""
+def part_text(part: dict) -> str | None:
+    """A template part's text, as vLLM's string content format writes it (a tool reference: its name); None
+    for a null one, which that format leaves out."""
     return part["text"] if part["type"] == "text" else part["name"]
 
 
@@ -69,15 +72,16 @@ def _part(part: Any, at: str) -> dict | None:
         raise ContentPartError(f"{at}.type must be one of {', '.join(sorted(TYPES))} (a text-only model), not "
                                f"{str(kind)[:40]!r}", f"{at}.type")
     if kind == "tool_reference":
-        return {"type": kind, "name": _string(part, "name", at)}
+        return {"type": kind, "name": _string_or_none(part, "name", at)}
     key = TEXT_KEYS[kind]
     if part.get(key) is None and kind in SKIPPED_WHEN_EMPTY:
         return None
     extra = {k: v for k, v in part.items() if k not in VLLM_PART_FIELDS}   # as vLLM: not refused, passed on
-    return {"type": "text", "text": _string(part, key, at), **extra}
+    return {"type": "text", "text": _string_or_none(part, key, at), **extra}
 
 
-def _string(part: dict, key: str, at: str) -> str:
-    if not isinstance(part.get(key), str):
-        raise ContentPartError(f"{at}.{key} must be a string", f"{at}.{key}")
-    return part[key]
+def _string_or_none(part: dict, key: str, at: str) -> str | None:
+    value = part.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ContentPartError(f"{at}.{key} must be a string or null", f"{at}.{key}")
+    return value

@@ -267,6 +267,30 @@ def test_return_prompt_text_is_the_templates_text(server, offline_llm):
     assert _post(server, CHAT, {**base, "return_prompt_text": False}).json()["prompt_text"] is None   # vLLM's null
 
 
+# Writes each part (a text part's text, a tool reference's name) as JSON: a null one reads null
+PARTS_TEMPLATE = ("{% for m in messages %}{{ m.role }}:{% for p in m.content %}[{{ p.type }}:"
+                  "{{ (p.name if p.type == 'tool_reference' else p.text) | tojson }}]{% endfor %};{% endfor %}")
+
+
+@pytest.mark.parametrize("part", [{"type": "thinking", "thinking": None}, {"type": "input_text", "text": None},
+                                  {"type": "output_text", "text": None}, {"type": "tool_reference", "name": None}],
+                         ids=lambda part: part["type"])
+def test_a_null_part_beside_others_is_kept_as_vllms_parsers_keep_it(server, offline_llm, part):
+    """vLLM 0.26's chat_utils skips only a text or refusal part whose text is null: a thinking, input_text,
+    output_text or tool_reference part whose value is null reaches the openai content format's template with a
+    null text (name), and the string format leaves it out of the join; online and offline alike. It was a 400."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell me"}, part,
+                                             {"type": "text", "text": "a story"}]}]
+    kind = "tool_reference" if part["type"] == "tool_reference" else "text"
+    for template, want in ((CHAT_TEMPLATE, "user: Tell me\na story\nassistant:"),
+                           (PARTS_TEMPLATE, f'user:[text:"Tell me"][{kind}:null][text:"a story"];')):
+        r = _post(server, CHAT, {"model": MODEL_NAME, "messages": messages, "max_tokens": 1,
+                                 "return_prompt_text": True, "chat_template": template})
+        assert r.status_code == 200, r.text
+        [ref] = offline_llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False, chat_template=template)
+        assert r.json()["prompt_text"] == ref.prompt == want
+
+
 def _positions(prompt_logprobs: list) -> list:
     """vLLM's JSON prompt_logprobs as (token id, logprob, rank, decoded token) per position."""
     return [None if p is None else sorted((int(t), v["logprob"], v["rank"], v["decoded_token"]) for t, v in p.items())

@@ -99,7 +99,7 @@ def test_media_content_parts_are_refused_as_needing_a_multimodal_model(tokenizer
 @pytest.mark.parametrize("message, param", [
     ({"role": "user", "content": [{"type": "text", "text": 5}]}, "messages.content.0.text"),
     ({"role": "user", "content": [5]}, "messages.content.0"),
-    ({"role": "user", "content": [{"type": "thinking"}]}, "messages.content.0.thinking"),
+    ({"role": "user", "content": [{"type": "thinking", "thinking": 5}]}, "messages.content.0.thinking"),
     ({"role": "user", "content": [{"text": "x"}]}, "messages.content.0.type"),
     ({"role": "user", "content": [{"type": "bogus", "text": "x"}]}, "messages.content.0.type"),
     ({"role": "user", "content": [{"type": "text", "text": "x", "uuid": "u"}]}, "messages.content.0.uuid"),
@@ -119,6 +119,21 @@ def test_a_text_or_refusal_part_without_its_text_is_left_out_as_vllm_skips_it():
     parts = [{"type": "text"}, {"type": "refusal", "refusal": None}, {"type": "text", "text": "a"}]
     assert template_message({"role": "user", "content": parts})["content"] == "a"
     assert template_message({"role": "user", "content": parts}, "openai")["content"] == [{"type": "text", "text": "a"}]
+
+
+def test_a_null_text_part_is_left_out_of_the_texts_vllm_joins():
+    """A null thinking / input_text / output_text part (vLLM keeps it, its text null) has no text where vLLM joins
+    an openai-format content's texts: a tool's answer and a developer message merged into the system one, where
+    vLLM's join fails on the null (a TypeError); here it is left out, as the string format leaves it out."""
+    parts = [{"type": "input_text", "text": "a"}, {"type": "thinking", "thinking": None},
+             {"type": "output_text", "text": None}, {"type": "input_text", "text": "b"}]
+    tool = template_message({"role": "tool", "tool_call_id": "c", "content": parts}, "openai")
+    assert tool["content"] == "a\nb"
+    assert template_message({"role": "tool", "tool_call_id": "c", "content": parts})["content"] == "a\nb"
+    from pagedllm.chat_template import _developer_as_system
+    messages = [template_message(m, "openai") for m in ({"role": "user", "content": "Hi"},
+                                                        {"role": "developer", "content": parts})]
+    assert _developer_as_system(messages)[0] == {"role": "system", "content": "a\nb"}
 
 
 # Templates that loop over a message's content parts (multimodal-style ones): vLLM passes them the parts
