@@ -17,8 +17,9 @@ ChatCompletionRequest, and its answer, or its stream of chunks, becomes Anthropi
     output_config {format: json_schema, effort}  ->  response_format json_schema, reasoning_effort (vLLM's)
     the answer                     ->  content blocks: thinking (the reasoning parser's), text, tool_use;
                                        stop_reason end_turn, stop_sequence (with stop_sequence), max_tokens,
-                                       tool_use; usage input_tokens / output_tokens (and the cached prompt
-                                       tokens apart, cache_read_input_tokens, with --enable-prompt-tokens-details)
+                                       tool_use; usage input_tokens / output_tokens (and the prompt tokens
+                                       read from / written to the prefix cache apart, cache_read_input_tokens /
+                                       cache_creation_input_tokens, with --enable-prompt-tokens-details)
 
 A stream is Anthropic's events: message_start, then each block's content_block_start, _delta (text_delta,
 thinking_delta then a signature_delta, input_json_delta) and _stop, then message_delta (stop_reason, usage)
@@ -310,11 +311,15 @@ def to_message(chat: dict, stop_sequences: list[str], shown: bool = True) -> dic
 
 def _usage(usage: dict) -> dict:
     """A chat usage as Anthropic's, as vLLM builds it: Anthropic counts the prompt tokens read from the cache
-    apart from input_tokens, so with --enable-prompt-tokens-details (chat's prompt_tokens_details) they are
-    cache_read_input_tokens and input_tokens the rest."""
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-    out = {"input_tokens": max(0, usage["prompt_tokens"] - (cached or 0)),
+    and those written to it apart from input_tokens, so with --enable-prompt-tokens-details (chat's
+    prompt_tokens_details) they are cache_read_input_tokens and cache_creation_input_tokens (chat's
+    created_cache_tokens), and input_tokens the rest."""
+    details = usage.get("prompt_tokens_details") or {}
+    cached, created = details.get("cached_tokens"), details.get("created_cache_tokens")
+    out = {"input_tokens": max(0, usage["prompt_tokens"] - (cached or 0) - (created or 0)),
            "output_tokens": usage["completion_tokens"] or 0}
+    if created is not None:
+        out["cache_creation_input_tokens"] = created
     if cached is not None:
         out["cache_read_input_tokens"] = cached
     return out

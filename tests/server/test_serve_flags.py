@@ -104,13 +104,16 @@ def test_prompt_tokens_details_with_the_cached_tokens(flagged, server):
 
 def test_anthropic_usage_counts_the_cached_prompt_tokens_apart(flagged):
     """/v1/messages under --enable-prompt-tokens-details, as vLLM's: the prompt tokens read from the cache are
-    cache_read_input_tokens, input_tokens the rest, in the answer and in the stream's message_delta."""
+    cache_read_input_tokens, those the prefill wrote into it cache_creation_input_tokens (chat's
+    created_cache_tokens), input_tokens the rest, in the answer and in the stream's message_delta."""
     body = {"model": MODEL_NAME, "max_tokens": 2, "temperature": 0,
-            "messages": [{"role": "user", "content": " ".join(["tale"] * 60)}]}
+            "messages": [{"role": "user", "content": " ".join(["fable"] * 60)}]}
     post = lambda **kw: httpx.post(flagged.url + "/v1/messages", json={**body, **kw}, timeout=60)   # noqa: E731
-    post()
+    first = post().json()["usage"]   # a prompt not seen before: its full blocks are written, none read
+    assert first["cache_creation_input_tokens"] > 0 and first["cache_read_input_tokens"] == 0
     usage = post().json()["usage"]
-    assert usage["cache_read_input_tokens"] > 0 and usage["input_tokens"] > 0
+    assert usage["cache_read_input_tokens"] == first["cache_creation_input_tokens"] and usage["input_tokens"] > 0
+    assert usage["cache_creation_input_tokens"] == 0 and usage["input_tokens"] == first["input_tokens"]
     events = [json.loads(line[6:]) for line in post(stream=True).text.splitlines() if line.startswith("data: ")]
     [delta] = [e for e in events if e["type"] == "message_delta"]
     assert delta["usage"] == usage

@@ -141,16 +141,17 @@ def test_anthropic_stop_sequence_and_hidden_thinking():
 
 def test_anthropic_usage_is_the_chat_usage_as_vllm_builds_it():
     """vLLM's message_delta usage is the chat's final usage made Anthropic's: input_tokens too (it had output_tokens
-    alone). With --enable-prompt-tokens-details the cached prompt tokens are cache_read_input_tokens, apart from
-    input_tokens (Anthropic's total input is their sum), streamed or not."""
-    usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6,
-             "prompt_tokens_details": {"cached_tokens": 3}}
-    chunks = [_chunk({"role": "assistant", "content": ""}, prompt_token_ids=[1, 2, 3, 4, 5]),
+    alone). With --enable-prompt-tokens-details the prompt tokens read from the cache are cache_read_input_tokens
+    and those written to it (chat's created_cache_tokens) cache_creation_input_tokens, apart from input_tokens
+    (Anthropic's total input is their sum), streamed or not."""
+    usage = {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41,
+             "prompt_tokens_details": {"cached_tokens": 16, "created_cache_tokens": 16}}
+    chunks = [_chunk({"role": "assistant", "content": ""}, prompt_token_ids=list(range(40))),
               _chunk({"content": "Hi"}, finish_reason="stop"), _chunk(usage=usage)]
     events = _collect(anthropic._events(_aiter(chunks), []))
-    assert events[0][1]["message"]["usage"] == {"input_tokens": 5, "output_tokens": 0}
-    assert events[-2][1]["usage"] == {"input_tokens": 2, "output_tokens": 1,
-                                      "cache_read_input_tokens": 3}
+    assert events[0][1]["message"]["usage"] == {"input_tokens": 40, "output_tokens": 0}
+    assert events[-2][1]["usage"] == {"input_tokens": 8, "output_tokens": 1, "cache_creation_input_tokens": 16,
+                                      "cache_read_input_tokens": 16}
     chat = {"id": "chatcmpl-1", "model": "served", "usage": usage,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}]}
     assert anthropic.to_message(chat, [])["usage"] == events[-2][1]["usage"]
