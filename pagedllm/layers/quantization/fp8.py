@@ -27,7 +27,7 @@ INV_FP8_MAX = float(torch.tensor(1 / FP8_MAX, dtype=torch.float32))
 SCALE_EPS = 1e-12        # floor of a dynamic scale: an all-zero row quantizes to zeros, not NaN
 _MM_ALIGN = 16           # _scaled_mm: K and N multiples of 16 (fp8 operands 16-byte aligned)
 _MM_DTYPES = (torch.bfloat16, torch.float16)   # rowwise _scaled_mm outputs (float32 only through cuBLAS on sm90)
-UNIT_SCALE_MAX_M = int(os.environ.get("PAGEDLLM_FP8_UNIT_SCALE_MAX_M", "512"))
+UNIT_SCALE_MAX_M = int(os.environ.get("PAGEDLLM_FP8_UNIT_SCALE_MAX_M", "0"))   # off until measured
 SMALL_M_PATH = os.environ.get("PAGEDLLM_FP8_SMALL_M", "triton")   # experiment: "triton" or "unit"
 _ONES: dict[torch.device, torch.Tensor] = {}   # the unit scale of each device, made once (outside graph capture)
 
