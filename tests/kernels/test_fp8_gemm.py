@@ -1,6 +1,6 @@
 """The FP8 linear on CUDA (pagedllm/layers/quantization/fp8.py) against its emulated definition, on fresh random
-inputs: the per-token quant kernel bit-exact with the torch reference; torch._scaled_mm (rowwise scales, and at
-few rows unit scales + the scale kernel) within the rounding of its output dtype; the same inside a CUDA graph.
+inputs: the per-token quant kernel bit-exact with the torch reference; torch._scaled_mm (rowwise scales) and the
+Triton fp8_gemm (small GEMMs) within the rounding of its output dtype; the same inside a CUDA graph.
 
 Not run under the Triton interpreter: its float8 cast drops the carry when rounding crosses a power of two
 (31.2 -> 16 instead of 32; Triton 3.9 on CPU), so it is no oracle for this kernel.
@@ -90,20 +90,29 @@ def test_scaled_mm_matches_emulated(m, k, n, dtype, bias, static):
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("m", [1, 300, 4096])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("path", ["rowwise", "unit", "triton"])
+@pytest.mark.parametrize("path", ["rowwise", "triton"])
 def test_both_gemm_paths_match_emulated(monkeypatch, m, k, n, dtype, bias, path):
-    """Each path at every size, whatever UNIT_SCALE_MAX_M picks: rowwise scales in _scaled_mm's epilogue, or
-    unit scales, float32 accumulators and the scale kernel."""
+    """Each path at every size, whatever fp8.py would pick: _scaled_mm with rowwise scales, or the Triton kernel
+    (its K up to 14336 shows that its tiles' dots are added in float32, not left in the MMA's accumulator)."""
     from pagedllm.layers.quantization import fp8
     torch.backends.cuda.matmul.allow_tf32 = False
     x = _inputs(m, k, dtype, seed=m + n + 1)
     layer = _layer(k, n, dtype, seed=k + n + 1, bias=bias, static=False)
-    monkeypatch.setattr(fp8, "UNIT_SCALE_MAX_M", 0 if path == "rowwise" else 1 << 30)
-    monkeypatch.setattr(fp8, "SMALL_M_PATH", path)
-    out = _scaled_mm_linear(x, *layer)
-    _check(out, x, layer)
-    if path != "rowwise" and bias:   # no bias in _scaled_mm: the scale kernel adds it
-        _check(_scaled_mm_linear(x, layer[0], layer[1], None, None), x, (layer[0], layer[1], None, None))
+    monkeypatch.setattr(fp8, "TRITON_MAX_M", 0 if path == "rowwise" else 1 << 30)
+    monkeypatch.setattr(fp8, "TRITON_MAX_WEIGHT", 1 << 40)
+    _check(_scaled_mm_linear(x, *layer), x, layer)
+
+
+@pytest.mark.parametrize("m", [1, 64, 65, 128, 256, 300, 512])
+@pytest.mark.parametrize("k,n", [pytest.param(*kn, id=name) for name, kn in QWEN3_06B.items()])
+def test_each_picked_triton_tile(m, k, n):
+    """pick_tile's tile at each row count it serves, odd counts (masked rows) included, with a bias."""
+    from pagedllm.layers.kernels.fp8_gemm import fp8_gemm
+    x = _inputs(m, k, torch.bfloat16, seed=m * 7 + n)
+    weight, weight_scale, bias, _ = _layer(k, n, torch.bfloat16, seed=m + k, bias=True, static=False)
+    q, scale = quantize_per_token(x)
+    out = fp8_gemm(q, scale, weight, weight_scale, bias, torch.bfloat16)
+    _check(out, x, (weight, weight_scale, bias, None))
 
 
 def test_unaligned_shapes_fall_back_to_emulated():
@@ -174,13 +183,14 @@ def test_fused_model_equals_unfused(monkeypatch):
     """A tiny fp8 Llama of _scaled_mm-able widths: fusion flags its norms and activations, same logits."""
     from transformers import LlamaConfig
 
+    from pagedllm.distributed.parallel_state import TPGroup
     from pagedllm.layers.quantization.fp8_config import Fp8Config
     from pagedllm.layers.quantization.fuse import fuse_fp8_inputs
     from pagedllm.models.llama import LlamaForCausalLM
     from pagedllm.models.loader import _build, _init_dummy
     cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=512)
-    model = _build(LlamaForCausalLM, cfg, Fp8Config(), torch.bfloat16, torch.device("cuda"))
+    model = _build(LlamaForCausalLM, cfg, Fp8Config(), torch.bfloat16, torch.device("cuda"), TPGroup())
     _init_dummy(model)
     layer = model.model.layers[0]
     x, res = _randn((33, 256), torch.bfloat16, 1), _randn((33, 256), torch.bfloat16, 2)

@@ -3,8 +3,8 @@
 
 Why: at a few hundred rows, torch._scaled_mm with rowwise scales runs kernels slower than bf16 cuBLAS (H200,
 Qwen3-0.6B at M=256: 0.5-0.9x), while cuBLASLt's per-tensor fp8 kernels run 1.1-1.3x bf16 at the same sizes:
-the rowwise scales are cheap, the kernel choice is not. The tile is picked per (M bucket, N, K) by
-TILES below, measured (benchmarks/fp8_gemm.py).
+the rowwise scales are cheap, the kernel choice is not. pick_tile below holds the tiles that measured best
+(benchmarks/fp8_gemm.py, H100: 1.2-1.85x rowwise _scaled_mm and 1.05-1.45x bf16 cuBLAS on those layers).
 """
 import torch
 import triton
@@ -14,7 +14,7 @@ import triton.language as tl
 @triton.jit
 def fp8_gemm_kernel(q_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_q, stride_w, stride_out,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    GROUP_M: tl.constexpr, IMPRECISE: tl.constexpr):
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     # grouped order: programs that run together share rows of w in L2
@@ -33,7 +33,9 @@ def fp8_gemm_kernel(q_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, st
         k_ok = (k0 + rk) < K
         a = tl.load(q_rows + k0, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
         b = tl.load(w_rows + k0, mask=(rn[:, None] < N) & k_ok[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc)
+        # each tile's dot from zero, added in float32: Triton's sm90 default lets fp8 MMAs accumulate in their
+        # narrower accumulator across all of K (cuBLAS promotes every 128 or so); within a tile at most 128
+        acc += tl.dot(a, tl.trans(b), max_num_imprecise_acc=IMPRECISE)
     sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
     out = acc * (sx[:, None] * sw[None, :])
@@ -43,14 +45,22 @@ def fp8_gemm_kernel(q_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, st
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-DEFAULT_TILE = (64, 128, 128, 4, 4)   # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+def pick_tile(m: int, n: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the best of benchmarks/fp8_gemm.py's sweep on Qwen3-0.6B's
+    layers (H100): a narrow output or few rows want small tiles over a long K, many programs; more rows, wider."""
+    if n <= 2048 or m <= 64:
+        return (64, 64, 256, 4, 3)
+    if m <= 256:
+        return (64, 128, 128, 4, 3)
+    return (128, 128, 128, 8, 3)
 
 
 def fp8_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-             bias: torch.Tensor | None, out_dtype: torch.dtype, tile: tuple[int, ...] = DEFAULT_TILE) -> torch.Tensor:
+             bias: torch.Tensor | None, out_dtype: torch.dtype, tile: tuple[int, ...] | None = None) -> torch.Tensor:
     """q (M, K) fp8 (unit column stride), scale (M, 1) float32, weight (N, K) fp8, weight_scale (N,) float32."""
     m, k = q.shape
     n = weight.shape[0]
+    tile = tile or pick_tile(m, n)
     out = torch.empty((m, n), dtype=out_dtype, device=q.device)
     if m == 0:
         return out
@@ -58,6 +68,7 @@ def fp8_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     fp8_gemm_kernel[grid](q, weight, scale.reshape(-1).contiguous(), weight_scale, bias if bias is not None else out,
                           out, m, n, k, q.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps,
+                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, IMPRECISE=min(block_k, 128),
+                          num_warps=warps,
                           num_stages=stages)
     return out

@@ -3,8 +3,8 @@
     y = (q_x * s_x) @ (q_w * s_w)^T + bias        q_x (M, K), s_x (M, 1); q_w (N, K), s_w (N,)
 
 On CUDA: the per-token quant kernel, then torch._scaled_mm on FP8 tensor cores with rowwise scales, float32
-accumulation, bias and the output dtype in its epilogue; at most UNIT_SCALE_MAX_M rows, _scaled_mm with unit
-scales and a float32 output, then the scales in a kernel of their own (kernels/fp8_scale.py says why).
+accumulation, bias and the output dtype in its epilogue; a small GEMM (at most TRITON_MAX_M rows of a weight
+under TRITON_MAX_WEIGHT elements: Qwen3-0.6B's decode steps) runs kernels/fp8_gemm.py instead (it says why).
 Elsewhere, and for shapes _scaled_mm refuses, the emulated path below: the same definition in float32 (real
 float8 casts), also the tests' oracle.
 """
@@ -15,7 +15,6 @@ import torch
 from pagedllm.lazy_kernel import lazy_kernel
 
 per_token_quant_fp8 = lazy_kernel(globals(), "pagedllm.layers.kernels.quant_fp8", "per_token_quant_fp8")
-fp8_scale = lazy_kernel(globals(), "pagedllm.layers.kernels.fp8_scale", "fp8_scale")
 fp8_gemm = lazy_kernel(globals(), "pagedllm.layers.kernels.fp8_gemm", "fp8_gemm")
 
 FP8 = torch.float8_e4m3fn
@@ -27,9 +26,10 @@ INV_FP8_MAX = float(torch.tensor(1 / FP8_MAX, dtype=torch.float32))
 SCALE_EPS = 1e-12        # floor of a dynamic scale: an all-zero row quantizes to zeros, not NaN
 _MM_ALIGN = 16           # _scaled_mm: K and N multiples of 16 (fp8 operands 16-byte aligned)
 _MM_DTYPES = (torch.bfloat16, torch.float16)   # rowwise _scaled_mm outputs (float32 only through cuBLAS on sm90)
-UNIT_SCALE_MAX_M = int(os.environ.get("PAGEDLLM_FP8_UNIT_SCALE_MAX_M", "0"))   # off until measured
-SMALL_M_PATH = os.environ.get("PAGEDLLM_FP8_SMALL_M", "triton")   # experiment: "triton" or "unit"
-_ONES: dict[torch.device, torch.Tensor] = {}   # the unit scale of each device, made once (outside graph capture)
+# H100, benchmarks/fp8_gemm.py: Triton's tiles 1.2-1.85x rowwise _scaled_mm on Qwen3-0.6B's layers at 64-512
+# rows, 0.85-1.15x on Llama-3.1-8B's (16.8M-117M weights), where _scaled_mm stays. PAGEDLLM_FP8_TRITON_MAX_M=0: off.
+TRITON_MAX_M = int(os.environ.get("PAGEDLLM_FP8_TRITON_MAX_M", "512"))
+TRITON_MAX_WEIGHT = 1 << 24
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -91,15 +91,8 @@ def scaled_mm(q, scale, weight, weight_scale, bias, out_dtype: torch.dtype) -> t
     """Quantized rows q (M, K) with scales (M, 1) -> (M, N); also the entry of a fused norm's or activation's
     output (layers/quantization/fuse.py)."""
     # weight (N, K) row-major: its .t() is the column-major (K, N) operand _scaled_mm needs, no copy
-    if q.shape[0] <= UNIT_SCALE_MAX_M and SMALL_M_PATH == "triton":
-        n = weight.shape[0]
-        return fp8_gemm(q, scale, weight, weight_scale, bias, out_dtype, (64, 64 if n <= 2048 else 128, 128, 4, 4))
-    if q.shape[0] <= UNIT_SCALE_MAX_M:
-        one = _ONES.get(q.device)
-        if one is None:
-            one = _ONES[q.device] = torch.ones((), dtype=torch.float32, device=q.device)
-        acc = torch._scaled_mm(q, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
-        return fp8_scale(acc, scale, weight_scale, bias, out_dtype)
+    if q.shape[0] <= TRITON_MAX_M and weight.numel() < TRITON_MAX_WEIGHT:
+        return fp8_gemm(q, scale, weight, weight_scale, bias, out_dtype)
     return torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), bias=bias,
                             out_dtype=out_dtype)
 
