@@ -5,7 +5,7 @@
 Qwen3-0.6B's layers (W1's model) at M = 64-512 rows and Llama-3.1-8B's (W2's) at 256 and 512. Per shape:
 TFLOP/s (2*M*N*K / time) of bf16 torch.mm (x @ W^T); of the whole fp8 path as the engine runs it (per-token quant
 kernel + the GEMM fp8.py picks); of torch._scaled_mm with rowwise scales alone and of the Triton fp8_gemm alone
-(pick_tile's tile; with --sweep, the best of TRITON_TILES too); of _scaled_mm with per-tensor scales (scalars:
+(its TILE; with --sweep, the best of TRITON_TILES too); of _scaled_mm with per-tensor scales (scalars:
 cuBLASLt's own fp8 kernels, what a per-tensor activation scale would run). Times: medians of
 triton.testing.do_bench_cudagraph (launch overhead gone, as in the runner's graphs). One line per shape.
 """
@@ -14,7 +14,7 @@ import sys
 import torch
 from triton.testing import do_bench_cudagraph
 
-from pagedllm.layers.kernels.fp8_gemm import fp8_gemm, pick_tile
+from pagedllm.layers.kernels.fp8_gemm import TILE, fp8_gemm
 from pagedllm.layers.kernels.quant_fp8 import per_token_quant_fp8
 from pagedllm.layers.quantization.fp8 import _scaled_mm_linear, quantize_per_channel
 
@@ -58,12 +58,12 @@ def bench_shape(m: int, k: int, n: int, sweep: bool) -> dict:
 def main() -> None:
     sweep = "--sweep" in sys.argv
     print(f"{torch.cuda.get_device_name()}  TFLOP/s: bf16 mm | fp8 path (quant + GEMM) | rowwise _scaled_mm | "
-          f"Triton fp8_gemm (its tile) | per-tensor _scaled_mm" + (" | best Triton tile" if sweep else ""))
+          f"Triton fp8_gemm {TILE} | per-tensor _scaled_mm" + (" | best Triton tile" if sweep else ""))
     for model, shapes, m in CASES:
         for name, (k, n) in shapes.items():
             r = bench_shape(m, k, n, sweep)
             line = (f"{model:10s} {name:8s} M={m:<4d} K={k:<6d} N={n:<6d} {r['bf16']:7.1f} | {r['path']:7.1f} "
-                    f"({r['path'] / r['bf16']:4.2f}x) | {r['rowwise']:7.1f} | {r['triton']:7.1f} {pick_tile(m, n)} "
+                    f"({r['path'] / r['bf16']:4.2f}x) | {r['rowwise']:7.1f} | {r['triton']:7.1f} "
                     f"| {r['tensor']:7.1f}")
             if sweep:
                 line += f" | {r['best']:7.1f} {r['best_tile']}"

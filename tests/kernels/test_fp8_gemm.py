@@ -105,8 +105,8 @@ def test_both_gemm_paths_match_emulated(monkeypatch, m, k, n, dtype, bias, path)
 
 @pytest.mark.parametrize("m", [1, 64, 65, 128, 256, 300, 512])
 @pytest.mark.parametrize("k,n", [pytest.param(*kn, id=name) for name, kn in QWEN3_06B.items()])
-def test_each_picked_triton_tile(m, k, n):
-    """pick_tile's tile at each row count it serves, odd counts (masked rows) included, with a bias."""
+def test_triton_gemm_at_decode_row_counts(m, k, n):
+    """The kernel at each row count fp8.py may give it, odd counts (masked rows) included, with a bias."""
     from pagedllm.layers.kernels.fp8_gemm import fp8_gemm
     x = _inputs(m, k, torch.bfloat16, seed=m * 7 + n)
     weight, weight_scale, bias, _ = _layer(k, n, torch.bfloat16, seed=m + k, bias=True, static=False)

@@ -3,8 +3,8 @@
 
 Why: at a few hundred rows, torch._scaled_mm with rowwise scales runs kernels slower than bf16 cuBLAS (H200,
 Qwen3-0.6B at M=256: 0.5-0.9x), while cuBLASLt's per-tensor fp8 kernels run 1.1-1.3x bf16 at the same sizes:
-the rowwise scales are cheap, the kernel choice is not. pick_tile below holds the tiles that measured best
-(benchmarks/fp8_gemm.py, H100: 1.2-1.85x rowwise _scaled_mm and 1.05-1.45x bf16 cuBLAS on those layers).
+the rowwise scales are cheap, the kernel choice is not. fp8.triton_serves says where this kernel runs; TILE
+is the best of benchmarks/fp8_gemm.py's sweep there (H100): small tiles over a long K, many programs.
 """
 import torch
 import triton
@@ -45,14 +45,7 @@ def fp8_gemm_kernel(q_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, st
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def pick_tile(m: int, n: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the best of benchmarks/fp8_gemm.py's sweep on Qwen3-0.6B's
-    layers (H100): a narrow output or few rows want small tiles over a long K, many programs; more rows, wider."""
-    if n <= 2048 or m <= 64:
-        return (64, 64, 256, 4, 3)
-    if m <= 256:
-        return (64, 128, 128, 4, 3)
-    return (128, 128, 128, 8, 3)
+TILE = (64, 64, 256, 4, 3)   # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
 
 def fp8_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -60,7 +53,7 @@ def fp8_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_
     """q (M, K) fp8 (unit column stride), scale (M, 1) float32, weight (N, K) fp8, weight_scale (N,) float32."""
     m, k = q.shape
     n = weight.shape[0]
-    tile = tile or pick_tile(m, n)
+    tile = tile or TILE
     out = torch.empty((m, n), dtype=out_dtype, device=q.device)
     if m == 0:
         return out

@@ -3,8 +3,8 @@
     y = (q_x * s_x) @ (q_w * s_w)^T + bias        q_x (M, K), s_x (M, 1); q_w (N, K), s_w (N,)
 
 On CUDA: the per-token quant kernel, then torch._scaled_mm on FP8 tensor cores with rowwise scales, float32
-accumulation, bias and the output dtype in its epilogue; a small GEMM (at most TRITON_MAX_M rows of a weight
-under TRITON_MAX_WEIGHT elements: Qwen3-0.6B's decode steps) runs kernels/fp8_gemm.py instead (it says why).
+accumulation, bias and the output dtype in its epilogue; the small GEMMs where that is slow (triton_serves)
+run kernels/fp8_gemm.py instead (it says why).
 Elsewhere, and for shapes _scaled_mm refuses, the emulated path below: the same definition in float32 (real
 float8 casts), also the tests' oracle.
 """
@@ -26,10 +26,15 @@ INV_FP8_MAX = float(torch.tensor(1 / FP8_MAX, dtype=torch.float32))
 SCALE_EPS = 1e-12        # floor of a dynamic scale: an all-zero row quantizes to zeros, not NaN
 _MM_ALIGN = 16           # _scaled_mm: K and N multiples of 16 (fp8 operands 16-byte aligned)
 _MM_DTYPES = (torch.bfloat16, torch.float16)   # rowwise _scaled_mm outputs (float32 only through cuBLAS on sm90)
-# H100, benchmarks/fp8_gemm.py: Triton's tiles 1.2-1.85x rowwise _scaled_mm on Qwen3-0.6B's layers at 64-512
-# rows, 0.85-1.15x on Llama-3.1-8B's (16.8M-117M weights), where _scaled_mm stays. PAGEDLLM_FP8_TRITON_MAX_M=0: off.
+# H100 (benchmarks/fp8_gemm.py, session 50): the Triton kernel against rowwise _scaled_mm on Qwen3-0.6B's
+# layers at 64-512 rows: 1.4-1.8x where the output is narrow (o, down: N 1024) or M is 64, about even or slower on
+# qkv / gate_up at 128+ rows, 0.6-0.9x on Llama-3.1-8B's. PAGEDLLM_FP8_TRITON_MAX_M=0 turns it off (A/B runs).
 TRITON_MAX_M = int(os.environ.get("PAGEDLLM_FP8_TRITON_MAX_M", "512"))
-TRITON_MAX_WEIGHT = 1 << 24
+TRITON_MAX_WEIGHT = 1 << 24   # 16M elements: Llama-3.1-8B's smallest layer (o) is 16.8M
+
+
+def triton_serves(m: int, n: int, k: int) -> bool:
+    return m <= TRITON_MAX_M and n * k < TRITON_MAX_WEIGHT and (n <= 2048 or m <= 64)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -91,7 +96,7 @@ def scaled_mm(q, scale, weight, weight_scale, bias, out_dtype: torch.dtype) -> t
     """Quantized rows q (M, K) with scales (M, 1) -> (M, N); also the entry of a fused norm's or activation's
     output (layers/quantization/fuse.py)."""
     # weight (N, K) row-major: its .t() is the column-major (K, N) operand _scaled_mm needs, no copy
-    if q.shape[0] <= TRITON_MAX_M and weight.numel() < TRITON_MAX_WEIGHT:
+    if triton_serves(q.shape[0], *weight.shape):
         return fp8_gemm(q, scale, weight, weight_scale, bias, out_dtype)
     return torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), bias=bias,
                             out_dtype=out_dtype)
