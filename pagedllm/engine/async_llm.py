@@ -92,8 +92,7 @@ class AsyncLLM:
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config,
                                                             config.override_generation_config)
         # vLLM's AsyncLLM.vllm_config / .model_config: views of the core's config and its KV cache's size
-        self.vllm_config: VllmConfig = vllm_config_of(config, model.hf_config, model.dtype, self.max_model_len,
-                                                      num_blocks, self.default_sampling_params)
+        self.vllm_config: VllmConfig = vllm_config_of(config, model, num_blocks, self.default_sampling_params)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.log_requests = log_requests
         self._stats_logger = StatsLogger(0)           # do_log_stats()' lines (their rates since the last)

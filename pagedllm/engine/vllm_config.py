@@ -1,13 +1,14 @@
 """vLLM-shaped, read-only views of what an engine runs with: `llm.llm_engine.model_config` and `.vllm_config`
-(its model_config, cache_config, parallel_config, scheduler_config), for scripts written against vLLM's
-ModelConfig and VllmConfig.
+(its model_config, cache_config, parallel_config, scheduler_config, device_config, load_config, lora_config and
+speculative_config, the last two None when off, as vLLM's), for scripts written against vLLM's VllmConfig.
 
 Every value is the engine's own, resolved as vLLM resolves it (dtype a torch.dtype, tokenizer the model's when
-unset, max_model_len the length in use). vLLM's attributes pagedllm keeps no value for (trust_remote_code and
-revision are accepted and ignored; pipeline or data parallelism, device_config, load_config... are not built)
-are left out: reading one is an AttributeError saying where pagedllm's settings are, never a made-up value.
+unset, max_model_len the length in use, lora_dtype the model's when auto). vLLM's attributes pagedllm keeps no
+value for (trust_remote_code, revision and download_dir are accepted and ignored; pipeline or data parallelism,
+compilation_config... are not built) are left out: reading one is an AttributeError saying it is not built and
+where pagedllm's settings are, never a made-up value.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,10 +18,13 @@ from pagedllm.models import MODEL_REGISTRY, head_dim, sliding_window
 
 
 class _View:
+    _why: dict[str, str] = {}   # a view's vLLM names that users read, and why pagedllm has no value for them
+
     def __getattr__(self, name: str):   # only for names not found: vLLM's others are not kept here
-        raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r} (pagedllm's view of "
-                             f"vLLM's {type(self).__name__} holds only the values the engine runs with; all of "
-                             f"pagedllm's settings: llm.engine.config)")
+        kind = type(self).__name__
+        why = self._why.get(name, f"pagedllm's view of vLLM's {kind} holds only the values the engine runs with")
+        raise AttributeError(f"'{kind}' object has no attribute {name!r} (not built: {why}; all of pagedllm's "
+                             f"settings: llm.engine.config)")
 
 
 @dataclass(frozen=True)
@@ -126,40 +130,124 @@ class SchedulerConfig(_View):
     runner_type: str = "generate"
 
 
+@dataclass(frozen=True)
+class DeviceConfig(_View):
+    device: torch.device   # the engine's: cuda:N when one was named (vLLM's is always the bare type)
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+
+@dataclass(frozen=True)
+class LoadConfig(_View):
+    load_format: str   # auto, safetensors or dummy (random weights)
+    _why = {"download_dir": "pagedllm reads a local model directory and downloads nothing (download_dir is taken "
+                            "and ignored)"}
+
+
+@dataclass(frozen=True, eq=False)
+class LoRAConfig(_View):
+    max_lora_rank: int
+    max_loras: int
+    max_cpu_loras: int               # None asked: max_loras (vLLM's, and the LoRA manager's)
+    lora_dtype: torch.dtype          # auto: the model's, as vLLM resolves it
+    target_modules: list[str] | None
+    _why = {"fully_sharded_loras": "LoRA runs on one rank here (enable_lora is refused with tensor_parallel_size "
+                                   "> 1), so nothing of it is sharded"}
+
+
+@dataclass(frozen=True, eq=False)
+class SpeculativeConfig(_View):
+    method: str                     # ngram or draft_model
+    num_speculative_tokens: int
+    model: str                      # the draft checkpoint; "ngram" for ngram, as vLLM names it
+    prompt_lookup_min: int          # ngram's, resolved; 0 with a draft model (unused), as vLLM's
+    prompt_lookup_max: int
+    draft_model_config: ModelConfig   # ngram: the target's, as vLLM's
+    target_model_config: ModelConfig
+    _why = {"draft_tensor_parallel_size": "speculative decoding runs on one rank here (it is refused with "
+                                          "tensor_parallel_size > 1)"}
+
+    def uses_draft_model(self) -> bool:
+        return self.method == "draft_model"
+
+    def use_eagle(self) -> bool:   # EAGLE and MTP heads are not built
+        return False
+
+
 @dataclass(frozen=True, eq=False)
 class VllmConfig(_View):
     model_config: ModelConfig
     cache_config: CacheConfig
     parallel_config: ParallelConfig
     scheduler_config: SchedulerConfig
+    device_config: DeviceConfig
+    load_config: LoadConfig
+    lora_config: LoRAConfig | None                 # None: LoRA is off, as vLLM's
+    speculative_config: SpeculativeConfig | None   # None: speculative decoding is off
 
 
 def engine_vllm_config(engine) -> VllmConfig:
     """The views of a built Engine: its config after defaults, its resolved model, its KV cache's size."""
-    return vllm_config_of(engine.config, engine.hf_config, engine.dtype, engine.max_model_len,
-                          engine.core.runner.num_blocks, engine.default_sampling_params)
+    return vllm_config_of(engine.config, engine, engine.core.runner.num_blocks, engine.default_sampling_params)
 
 
-def vllm_config_of(c, hf_config, dtype: torch.dtype, max_model_len: int, num_blocks: int,
-                   sampling_defaults: dict) -> VllmConfig:
-    """The views of an engine's config after defaults (c), its resolved model and its KV cache's size: an
-    Engine's, or an AsyncLLM's (whose core process reports its config and block count when ready)."""
-    model = ModelConfig(
-        model=c.model, tokenizer=c.tokenizer or c.model, served_model_name=c.model, dtype=dtype,
-        max_model_len=max_model_len, seed=c.seed, hf_config=hf_config,
-        quantization=_quantization(hf_config, c.quantization),
-        max_logprobs=c.max_logprobs, skip_tokenizer_init=c.skip_tokenizer_init, enforce_eager=c.enforce_eager,
-        disable_cascade_attn=c.disable_cascade_attn, generation_config=c.generation_config,
-        override_generation_config=dict(c.override_generation_config or {}), hf_overrides=dict(c.hf_overrides or {}),
-        sampling_defaults=dict(sampling_defaults))
+def vllm_config_of(c, resolved, num_blocks: int, sampling_defaults: dict) -> VllmConfig:
+    """The views of an engine's config after defaults (c), what it resolved (hf_config, device, dtype,
+    max_model_len: the Engine itself or a ResolvedModel) and its KV cache's size: an Engine's, or an AsyncLLM's
+    (whose core process reports its config and block count when ready)."""
+    model = _model_config(c, resolved, sampling_defaults)
     cache = CacheConfig(
         block_size=c.block_size, gpu_memory_utilization=c.gpu_memory_utilization, cache_dtype=c.kv_cache_dtype,
         enable_prefix_caching=c.enable_prefix_caching, num_gpu_blocks=num_blocks,
         num_gpu_blocks_override=c.num_gpu_blocks_override, kv_cache_memory_bytes=c.kv_cache_memory,
         kv_offloading_size=c.kv_offloading_size)
     scheduler = SchedulerConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-                                max_model_len=max_model_len, policy=c.scheduling_policy)
-    return VllmConfig(model, cache, ParallelConfig(c.tensor_parallel_size), scheduler)
+                                max_model_len=resolved.max_model_len, policy=c.scheduling_policy)
+    return VllmConfig(model, cache, ParallelConfig(c.tensor_parallel_size), scheduler, DeviceConfig(resolved.device),
+                      LoadConfig(c.load_format), _lora_config(c, resolved.dtype), _speculative_config(c, model))
+
+
+def _model_config(c, resolved, sampling_defaults: dict) -> ModelConfig:
+    hf_config = resolved.hf_config
+    return ModelConfig(
+        model=c.model, tokenizer=c.tokenizer or c.model, served_model_name=c.model, dtype=resolved.dtype,
+        max_model_len=resolved.max_model_len, seed=c.seed, hf_config=hf_config,
+        quantization=_quantization(hf_config, c.quantization),
+        max_logprobs=c.max_logprobs, skip_tokenizer_init=c.skip_tokenizer_init, enforce_eager=c.enforce_eager,
+        disable_cascade_attn=c.disable_cascade_attn, generation_config=c.generation_config,
+        override_generation_config=dict(c.override_generation_config or {}), hf_overrides=dict(c.hf_overrides or {}),
+        sampling_defaults=dict(sampling_defaults))
+
+
+def _lora_config(c, dtype: torch.dtype) -> LoRAConfig | None:
+    if not c.enable_lora:
+        return None
+    lora_dtype = dtype if c.lora_dtype == "auto" else getattr(torch, c.lora_dtype)
+    return LoRAConfig(max_lora_rank=c.max_lora_rank, max_loras=c.max_loras,
+                      max_cpu_loras=c.max_cpu_loras or c.max_loras, lora_dtype=lora_dtype,
+                      target_modules=list(c.lora_target_modules) if c.lora_target_modules else None)
+
+
+def _speculative_config(c, target: ModelConfig) -> SpeculativeConfig | None:
+    spec = c.speculative
+    if spec is None:
+        return None
+    if spec.method == "ngram":
+        return SpeculativeConfig(spec.method, spec.num_speculative_tokens, "ngram", spec.prompt_lookup_min,
+                                 spec.prompt_lookup_max, target, target)
+    return SpeculativeConfig(spec.method, spec.num_speculative_tokens, spec.model, 0, 0,
+                             _draft_model_config(target, spec.model, c.quantization), target)
+
+
+def _draft_model_config(target: ModelConfig, path: str, asked_quantization: str | None) -> ModelConfig:
+    """The draft's checkpoint config, read as DraftModel reads it (no hf_overrides); the target's dtype, length,
+    tokenizer and the rest, which the draft runs with too."""
+    from transformers import AutoConfig
+    hf_config = AutoConfig.from_pretrained(path)
+    return replace(target, model=path, served_model_name=path, hf_config=hf_config, hf_overrides={},
+                   quantization=_quantization(hf_config, asked_quantization))
 
 
 def _quantization(hf_config, asked: str | None) -> str | None:

@@ -36,9 +36,30 @@ def test_vllm_config_and_model_config_are_views_of_what_the_core_runs(tiny_model
         assert vc.scheduler_config.max_num_seqs == engine.config.max_num_seqs
         assert vc.scheduler_config.max_num_batched_tokens == engine.config.max_num_batched_tokens
         assert vc.parallel_config.world_size == 1
+        assert vc.device_config.device == torch.device("cpu") and vc.load_config.load_format == "auto"
+        assert vc.lora_config is None and vc.speculative_config is None   # off, as vLLM's
         with pytest.raises(AttributeError, match="trust_remote_code"):
             mc.trust_remote_code
     run(tiny_model_dirs["llama"], body, block_size=8, dtype="float32")
+
+
+def test_vllm_config_lora_speculative_and_load_views_are_the_cores(tiny_model_dirs):
+    """device_config, load_config, lora_config and speculative_config were AttributeErrors ("not built")."""
+    async def speculating(engine):
+        vc = engine.vllm_config
+        assert vc.load_config.load_format == "dummy" and vc.device_config.device_type == "cpu"
+        sc = vc.speculative_config
+        assert (sc.method, sc.model, sc.num_speculative_tokens, sc.prompt_lookup_min, sc.prompt_lookup_max) == (
+            "ngram", "ngram", 2, 3, 3)
+        assert sc.draft_model_config is engine.model_config and vc.lora_config is None
+
+    async def lora(engine):
+        lc = engine.vllm_config.lora_config
+        assert (lc.max_loras, lc.max_lora_rank, lc.max_cpu_loras, lc.lora_dtype) == (2, 8, 2, torch.float32)
+        assert engine.vllm_config.speculative_config is None
+    run(tiny_model_dirs["llama"], speculating, load_format="dummy",
+        speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3})
+    run(tiny_model_dirs["llama"], lora, enable_lora=True, max_loras=2, max_lora_rank=8)
 
 
 def test_health_as_vllms_is_running_errored_check_health(tiny_model_dirs):

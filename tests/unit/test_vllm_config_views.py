@@ -2,7 +2,8 @@
 the engine runs with (checked against the engine's own objects: its model's weights, KV cache, scheduler), and
 vLLM's values pagedllm keeps none of are an AttributeError saying where its settings are.
 
-Was: an AttributeError for model_config and vllm_config ("vLLM's config objects are not built")."""
+Was: an AttributeError for model_config and vllm_config ("vLLM's config objects are not built"); then for
+vllm_config's device_config, load_config, lora_config and speculative_config."""
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -66,10 +67,80 @@ def test_cache_and_scheduler_configs_are_the_engines(llm):
 
 
 @pytest.mark.parametrize("owner, name", [("model_config", "trust_remote_code"), ("model_config", "revision"),
-                                         ("vllm_config", "device_config"), ("vllm_config", "lora_config")])
+                                         ("vllm_config", "compilation_config")])
 def test_what_pagedllm_keeps_no_value_for_is_left_out_saying_where_its_settings_are(llm, owner, name):
-    with pytest.raises(AttributeError, match=rf"no attribute '{name}' .*llm.engine.config"):
+    with pytest.raises(AttributeError, match=rf"no attribute '{name}' \(not built: .*llm.engine.config"):
         getattr(getattr(llm.llm_engine, owner), name)
+
+
+def test_device_and_load_configs_are_the_engines(llm):
+    """Were AttributeErrors (device_config, load_config "not built")."""
+    dc, lc = llm.llm_engine.vllm_config.device_config, llm.llm_engine.vllm_config.load_config
+    assert dc.device == llm.engine.device == torch.device("cpu") and dc.device_type == "cpu"
+    assert lc.load_format == llm.engine.config.load_format == "auto"
+
+
+def test_load_format_dummy_is_the_one_the_weights_came_from():
+    """Random weights: the view says dummy. download_dir is taken and ignored (nothing is downloaded), so it
+    has no value: an AttributeError saying so, never vLLM's default None."""
+    llm = LLM(device="cpu", load_format="dummy", download_dir="/tmp/models", num_gpu_blocks_override=8)
+    lc = llm.llm_engine.vllm_config.load_config
+    assert lc.load_format == "dummy"
+    with pytest.raises(AttributeError, match=r"no attribute 'download_dir' \(not built: .*downloads nothing"):
+        lc.download_dir
+
+
+def test_lora_and_speculative_configs_are_none_when_off_as_vllms(llm):
+    """Were AttributeErrors; vLLM's are None when LoRA and speculative decoding are off."""
+    vc = llm.llm_engine.vllm_config
+    assert vc.lora_config is None and vc.speculative_config is None
+
+
+def test_lora_config_is_the_lora_managers():
+    llm = LLM(device="cpu", enable_lora=True, max_loras=2, max_lora_rank=8, max_cpu_loras=3, lora_dtype="bfloat16",
+              lora_target_modules=["o_proj", "down_proj"], num_gpu_blocks_override=8)
+    lc, lora = llm.llm_engine.vllm_config.lora_config, llm.engine.runner.lora
+    assert (lc.max_loras, lc.max_lora_rank, lc.max_cpu_loras) == (lora.max_loras, lora.max_lora_rank,
+                                                                  lora.max_cpu_loras) == (2, 8, 3)
+    assert lc.target_modules == lora.target_modules == ["o_proj", "down_proj"]
+    assert lc.lora_dtype is torch.bfloat16 and {m.lora_b.dtype for m in lora.layers.values()} == {torch.bfloat16}
+    with pytest.raises(AttributeError, match=r"no attribute 'fully_sharded_loras' \(not built: LoRA runs on one"):
+        lc.fully_sharded_loras
+
+
+def test_lora_config_resolves_auto_and_unset_as_vllm():
+    """lora_dtype auto: the model's dtype (vLLM's verify_with_model_config); max_cpu_loras unset: max_loras."""
+    llm = LLM(device="cpu", enable_lora=True, max_loras=2, num_gpu_blocks_override=8)
+    lc, lora = llm.llm_engine.vllm_config.lora_config, llm.engine.runner.lora
+    assert lc.lora_dtype is llm.engine.dtype is torch.float32
+    assert {m.lora_b.dtype for m in lora.layers.values()} == {torch.float32}
+    assert lc.max_cpu_loras == lora.max_cpu_loras == 2 and lc.max_lora_rank == 16 and lc.target_modules is None
+
+
+def test_speculative_config_ngram_is_the_proposers():
+    """One of prompt_lookup_min/max given sets the other, as vLLM's; ngram's draft model config is the target's."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}
+    llm = LLM(device="cpu", speculative_config=spec, num_gpu_blocks_override=16)
+    sc, ngram = llm.llm_engine.vllm_config.speculative_config, llm.engine.core.speculator.ngram
+    assert (sc.method, sc.model, sc.num_speculative_tokens) == ("ngram", "ngram", 3) and ngram.k == 3
+    assert (sc.prompt_lookup_min, sc.prompt_lookup_max) == (ngram.min_n, ngram.max_n) == (4, 4)
+    assert sc.draft_model_config is sc.target_model_config is llm.model_config
+    assert not sc.uses_draft_model() and not sc.use_eagle()
+
+
+def test_speculative_config_draft_model_is_the_loaded_draft(tmp_path):
+    target = make_tiny_model(tmp_path / "target")
+    draft = make_tiny_model(tmp_path / "draft", num_hidden_layers=1, seed=5)
+    spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 2}
+    llm = LLM(target, device="cpu", speculative_config=spec, num_gpu_blocks_override=16)
+    sc, runner = llm.llm_engine.vllm_config.speculative_config, llm.engine.runner
+    assert (sc.method, sc.model, sc.num_speculative_tokens) == ("draft_model", draft, 2) and sc.uses_draft_model()
+    assert (sc.prompt_lookup_min, sc.prompt_lookup_max) == (0, 0)   # unused, as vLLM's
+    dmc = sc.draft_model_config
+    assert dmc.model == draft and sc.target_model_config is llm.model_config and dmc.tokenizer == target
+    assert dmc.get_total_num_hidden_layers() == runner.draft.num_layers == 1
+    assert dmc.get_vocab_size() == runner.draft.hf_config.vocab_size == llm.model_config.get_vocab_size()
+    assert dmc.dtype is runner.draft.dtype and dmc.max_model_len == runner.draft.max_model_len
 
 
 def test_views_are_read_only(llm):
