@@ -131,7 +131,7 @@ class EngineConfig:
     structured_outputs_compile_workers: int = _f(4, "threads that compile constraints off the step loop")
     speculative_config: str | None = _f(None, "speculative decoding, a JSON object with vLLM's keys: method "
                                         "(ngram or draft_model), num_speculative_tokens, prompt_lookup_min/max "
-                                        "(ngram), model (draft_model), rejection_sample_method (strict or "
+                                        "(ngram), model (draft_model), rejection_sample_method (standard or "
                                         "synthetic, with synthetic_acceptance_rate(s)), disable_by_batch_size, "
                                         "max_step_tokens; None = off", python_types=(str, dict))
     enable_lora: bool = _f(False, "serve LoRA adapters (PEFT) over the base model, several in one step (on CUDA: "

@@ -166,6 +166,7 @@ class SpeculativeConfig(_View):
     prompt_lookup_max: int
     draft_model_config: ModelConfig   # ngram: the target's, as vLLM's
     target_model_config: ModelConfig
+    rejection_sample_method: str      # standard or synthetic, vLLM's names
     _why = {"draft_tensor_parallel_size": "speculative decoding runs on one rank here (it is refused with "
                                           "tensor_parallel_size > 1)"}
 
@@ -236,9 +237,10 @@ def _speculative_config(c, target: ModelConfig) -> SpeculativeConfig | None:
         return None
     if spec.method == "ngram":
         return SpeculativeConfig(spec.method, spec.num_speculative_tokens, "ngram", spec.prompt_lookup_min,
-                                 spec.prompt_lookup_max, target, target)
+                                 spec.prompt_lookup_max, target, target, spec.rejection_sample_method)
     return SpeculativeConfig(spec.method, spec.num_speculative_tokens, spec.model, 0, 0,
-                             _draft_model_config(target, spec.model, c.quantization), target)
+                             _draft_model_config(target, spec.model, c.quantization), target,
+                             spec.rejection_sample_method)
 
 
 def _draft_model_config(target: ModelConfig, path: str, asked_quantization: str | None) -> ModelConfig:

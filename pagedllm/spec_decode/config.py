@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from pagedllm.field_types import check_types
 
 _METHODS = ("ngram", "draft_model")
-_REJECTION_METHODS = ("strict", "synthetic")
+_REJECTION_METHODS = ("standard", "synthetic")   # vLLM 0.26's names; its "block" is not built here
 
 # The policy's defaults (see Speculator): speculation makes steps synchronous and multiplies each row's tokens by
 # k + 1, which is free only while the step is bound by reading the weights. Measured on one H200 (Qwen3-8B shape,
@@ -22,7 +22,7 @@ class SpeculativeConfig:
     model: str | None = None                 # draft_model: the draft checkpoint (same tokenizer and vocabulary)
     prompt_lookup_min: int | None = None     # ngram: shortest suffix matched
     prompt_lookup_max: int | None = None     # ngram: longest suffix matched (tried first)
-    rejection_sample_method: str = "strict"  # synthetic: accept with fixed rates (benchmarks on dummy weights)
+    rejection_sample_method: str = "standard"  # synthetic: accept with fixed rates (benchmarks on dummy weights)
     synthetic_acceptance_rate: float | None = None        # each position, given the one before accepted
     synthetic_acceptance_rates: list[float] | None = None  # per position, unconditional (vLLM's)
     disable_by_batch_size: int = DEFAULT_MAX_BATCH
@@ -46,6 +46,8 @@ class SpeculativeConfig:
                    "the draft checkpoint's directory (an existing one) with method draft_model", self.model)
             for name in ("prompt_lookup_min", "prompt_lookup_max"):
                 _check(getattr(self, name) is None, name, "unset with method draft_model", getattr(self, name))
+        if self.rejection_sample_method == "strict":   # pagedllm's name for it before vLLM's
+            self.rejection_sample_method = "standard"
         _check(self.rejection_sample_method in _REJECTION_METHODS, "rejection_sample_method",
                f"one of {_REJECTION_METHODS}", self.rejection_sample_method)
         synthetic = self.rejection_sample_method == "synthetic"

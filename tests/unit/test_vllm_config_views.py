@@ -126,6 +126,20 @@ def test_speculative_config_ngram_is_the_proposers():
     assert (sc.prompt_lookup_min, sc.prompt_lookup_max) == (ngram.min_n, ngram.max_n) == (4, 4)
     assert sc.draft_model_config is sc.target_model_config is llm.model_config
     assert not sc.uses_draft_model() and not sc.use_eagle()
+    assert sc.rejection_sample_method == "standard"
+
+
+@pytest.mark.parametrize("given,want", [(None, "standard"), ("standard", "standard"), ("strict", "standard"),
+                                        ("synthetic", "synthetic")])
+def test_rejection_sample_method_takes_vllms_names(given, want):
+    """vLLM 0.26's "standard" (pagedllm's earlier "strict" still read as it); its "block" is refused by name."""
+    from pagedllm.spec_decode.config import SpeculativeConfig
+    extra = {} if given is None else {"rejection_sample_method": given}
+    if given == "synthetic":
+        extra["synthetic_acceptance_rate"] = 0.5
+    assert SpeculativeConfig("ngram", 2, **extra).rejection_sample_method == want
+    with pytest.raises(ValueError, match="rejection_sample_method"):
+        SpeculativeConfig("ngram", 2, rejection_sample_method="block")
 
 
 def test_speculative_config_draft_model_is_the_loaded_draft(tmp_path):
