@@ -27,8 +27,8 @@ SCALE_EPS = 1e-12        # floor of a dynamic scale: an all-zero row quantizes t
 _MM_ALIGN = 16           # _scaled_mm: K and N multiples of 16 (fp8 operands 16-byte aligned)
 _MM_DTYPES = (torch.bfloat16, torch.float16)   # rowwise _scaled_mm outputs (float32 only through cuBLAS on sm90)
 # H100 (benchmarks/fp8_gemm.py, session 50): the Triton kernel against rowwise _scaled_mm on Qwen3-0.6B's
-# layers at 64-512 rows: 1.4-1.8x where the output is narrow (o, down: N 1024) or M is 64, about even or slower on
-# qkv / gate_up at 128+ rows, 0.6-0.9x on Llama-3.1-8B's. PAGEDLLM_FP8_TRITON_MAX_M=0 turns it off (A/B runs).
+# layers at 64-512 rows: 1.45-1.56x where the output is narrow (o, down: N 1024) or M is 64, even or slower on
+# qkv / gate_up at 128+ rows, 0.6-0.85x on Llama-3.1-8B's. PAGEDLLM_FP8_TRITON_MAX_M=0: off (A/B runs).
 TRITON_MAX_M = int(os.environ.get("PAGEDLLM_FP8_TRITON_MAX_M", "512"))
 TRITON_MAX_WEIGHT = 1 << 24   # 16M elements: Llama-3.1-8B's smallest layer (o) is 16.8M
 
