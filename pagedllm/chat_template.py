@@ -102,12 +102,9 @@ def _developer_as_system(messages: list[dict]) -> list[dict]:
 def _text(content) -> str:
     """A message's content as text: its text parts joined by newlines (content in the openai format; a tool
     reference has no text, and vLLM's merge leaves it out; a null text too, where vLLM's join fails)."""
-    return content if isinstance(content, str) else "\n".join(_texts(content or ()))
-
-
-def _texts(parts: list[dict]) -> list[str]:
-    """The texts of an openai-format content's text parts, those not null."""
-    return [p["text"] for p in parts if p.get("text") is not None]
+    if isinstance(content, str):
+        return content
+    return "\n".join(p["text"] for p in content or () if p.get("text") is not None)
 
 
 def _own_argument(kwargs: dict, name: str, given):
@@ -232,7 +229,7 @@ def template_message(message: dict, content_format: str = "string", at: str = "m
         result = {"role": role, "content": parts}   # a tool's answer with a tool reference too, for the template
     elif content_format == "openai":   # vLLM joins a tool's text parts in either format (its answer is text);
         # a null one is left out, where vLLM's join fails (a TypeError, its 400)
-        result = {"role": role, "content": "\n".join(_texts(parts))}
+        result = {"role": role, "content": _text(parts)}
     else:   # the string format: empty parts are left out of the join, as vLLM's
         texts = (content_parts.part_text(p) for p in parts)
         result = {"role": role, "content": "\n".join(text for text in texts if text)}

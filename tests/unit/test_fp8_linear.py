@@ -173,3 +173,14 @@ def test_config_kinds():
 def test_bad_configs_name_the_field(qc, field):
     with pytest.raises(ValueError, match=f"quantization_config.{field}"):
         fp8_config(None, _Cfg(qc))
+
+
+def test_the_triton_gemm_serves_what_it_measured_faster_at():
+    """fp8.triton_serves (m, n, k): Qwen3-0.6B's narrow layers (o, down) at decode sizes and any of its layers at
+    64 rows; not its wide ones (qkv, gate_up) at more rows, not Llama-3.1-8B's, not past TRITON_MAX_M rows."""
+    from pagedllm.layers.quantization.fp8 import triton_serves
+    o, down, qkv, gate_up = (1024, 2048), (1024, 3072), (4096, 1024), (6144, 1024)
+    assert all(triton_serves(m, *o) and triton_serves(m, *down) for m in (1, 64, 300, 512))
+    assert triton_serves(64, *qkv) and triton_serves(64, *gate_up)
+    assert not triton_serves(65, *qkv) and not triton_serves(300, *gate_up)
+    assert not triton_serves(1, 4096, 4096) and not triton_serves(513, *o)
