@@ -26,6 +26,10 @@ try:
     from pagedllm.engine.async_llm import OutputQueue
 except ImportError:   # before 2026-12-03: asyncio.Queue
     OutputQueue = None
+try:
+    from pagedllm.engine.core_link import CoreLink
+except ImportError:   # before 2026-12-06: the pipe's reader was AsyncLLM's own
+    CoreLink = None
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor
 from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.metrics import StepStats
@@ -55,6 +59,10 @@ def _engine(tokenizer) -> AsyncLLM:
     engine.shared_waiting, engine._num_published = None, 0   # one API process (before 2026-12-04: unused)
     engine._steps, engine._step_scheduled = collections.deque(), False
     engine._loop = asyncio.get_running_loop()
+    if CoreLink is not None:   # the pipe's reader: only its step pacing, which hands each step to the engine
+        engine.link = link = CoreLink.__new__(CoreLink)
+        link._steps, link._step_scheduled, link.loop = engine._steps, False, engine._loop
+        link.on_step = engine._process_outputs
     return engine
 
 
@@ -98,7 +106,10 @@ async def one_rep(tokenizer, ids: list[int], num_streams: int, num_steps: int) -
     for blob in msgs:
         t = time.process_time()
         msg = pickle.loads(blob)
-        if hasattr(engine, "_process_next_step"):
+        if CoreLink is not None:
+            engine.link._steps.append(msg)
+            engine.link._process_next_step()
+        elif hasattr(engine, "_process_next_step"):   # before 2026-12-06 (CoreLink)
             engine._steps.append(msg)
             engine._process_next_step()
         else:   # before 2026-12-03

@@ -1,5 +1,6 @@
 """vLLM's LLM and LLMEngine methods and attributes that pagedllm does not build, each with why and what to use
-instead: a script written for vLLM that reaches for one stops there saying so, not with a bare AttributeError."""
+instead: a script written for vLLM that reaches for one stops there saying so, not with a bare AttributeError.
+The same for AsyncLLM's methods and the arguments of its that ask for what is not built."""
 
 _METRICS = ("vLLM's snapshot of Prometheus metrics is not built: llm.engine.get_stats() gives the scheduler's "
             "counts (SchedulerStats: running, waiting, KV cache usage, prefix cache hits, preemptions)")
@@ -61,3 +62,22 @@ def refusing(name: str, error):
         raise error(name)
     method.__name__ = method.__qualname__ = name
     return method
+
+
+def check_no_stat_loggers(method: str, stat_loggers):
+    if stat_loggers:
+        raise NotImplementedError(f"AsyncLLM.{method}(stat_loggers=...): vLLM's stat logger plug-ins are not built; "
+                                  f"the engine core logs its statistics every log_stats_interval seconds, and "
+                                  f"get_stats() returns them")
+
+
+def check_vllm_keywords(data_parallel_rank: int | None, reasoning_ended: bool | None,
+                        reasoning_parser_kwargs: dict | None):
+    """generate()'s vLLM keywords that ask for what is not built: refused, naming them (not ignored)."""
+    if data_parallel_rank not in (None, 0):
+        raise ValueError(f"data_parallel_rank {data_parallel_rank!r} is out of range: data parallelism is not "
+                         f"built, the engine is the one rank 0")
+    if reasoning_ended is not None or reasoning_parser_kwargs is not None:
+        raise NotImplementedError("generate(reasoning_ended=..., reasoning_parser_kwargs=...): the engine keeps no "
+                                  "reasoning-parser state; a structured-output constraint applies from the first "
+                                  "generated token")

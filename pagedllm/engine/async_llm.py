@@ -2,27 +2,27 @@
 
 The engine core (scheduler + model runner) runs in its own process (see core_process.py); this object lives
 in the API process's event loop and does the rest: tokenize and validate (InputProcessor), detokenize and
-assemble RequestOutputs (OutputProcessor), and hand each one to the request's asyncio queue. The core process
-is spawned, so a script that builds an AsyncLLM needs the `if __name__ == "__main__":` guard.
+assemble RequestOutputs (OutputProcessor), and hand each one to the request's queue. Its link to the core (the
+pipe's reader, the core's health, calls the core answers) is a CoreLink (core_link.py). The core process is
+spawned, so a script that builds an AsyncLLM needs the `if __name__ == "__main__":` guard.
 """
 import asyncio
 import dataclasses
 import functools
 import itertools
 import logging
-import os
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.messages import EngineCoreOutput
-from pagedllm.engine.core_process import HEARTBEAT_INTERVAL, CoreClient
+from pagedllm.engine.core_link import CoreLink, EngineDeadError
+from pagedllm.engine.core_process import CoreClient
 from pagedllm.engine.engine import reset_answer, resolve_model
 from pagedllm.engine.engine_args import AsyncEngineArgs
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
+from pagedllm.engine.output_queue import ABORTED, Aborted, OutputQueue
 from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs, check_tokenization_kwargs
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.engine.vllm_config import ModelConfig, VllmConfig, vllm_config_of
@@ -30,7 +30,7 @@ from pagedllm.metrics import SchedulerStats, StatsLogger, StepStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
-from pagedllm.vllm_names import ASYNC_LLM_NAMES, not_built, refusing
+from pagedllm.vllm_names import ASYNC_LLM_NAMES, check_no_stat_loggers, check_vllm_keywords, not_built, refusing
 
 logger = logging.getLogger("pagedllm")
 _OUTPUT_KINDS = {RequestOutputKind.CUMULATIVE: OutputKind.CUMULATIVE, RequestOutputKind.DELTA: OutputKind.DELTA,
@@ -39,10 +39,6 @@ _OUTPUT_KINDS = {RequestOutputKind.CUMULATIVE: OutputKind.CUMULATIVE, RequestOut
 
 class QueueFullError(Exception):
     """The waiting queue is at its bound (max_waiting_queue_length): retry later."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core process has exited; no request can run any more."""
 
 
 class EngineGenerateError(RuntimeError):
@@ -99,24 +95,12 @@ class AsyncLLM:
         self.shared_waiting = shared_waiting
         self._num_published = 0                       # this process's part of shared_waiting
         self.on_step_stats = on_step_stats
-        self.heartbeat_timeout = heartbeat_timeout
-        self.step_timeout = step_timeout
-        self.on_dead = on_dead
-        self.dead = False
-        self.closing = False                          # shutting down: the core's exit is expected
-        self.last_heartbeat = time.monotonic()        # of the last message from the core
-        self.core_stall = 0.0                         # its step loop's time in one pass, as of that message
         self._queues: dict[str, OutputQueue] = {}
         self._unscheduled: set[str] = set()           # sequences not yet in any step: the waiting queue
-        self._stats_waiters: deque[asyncio.Future] = deque()
         self._aliases: dict[str, list[str]] = {}      # generate()'s request_id in use -> its other requests' ids
-        self._lora_calls: dict[int, asyncio.Future] = {}   # add/remove/list_loras calls by id, until answered
-        self._call_ids = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._watchdog: asyncio.Task | None = None
-        self._num_stale_stats = 0                     # replies still due to failed get_stats() calls
-        self._steps: deque[tuple] = deque()           # ("outputs", rows, StepStats) read, not yet processed
-        self._step_scheduled = False                  # _process_next_step is due on the event loop
+        self._alias_ids = itertools.count()
+        self.link = CoreLink(self.core, heartbeat_timeout, step_timeout, on_dead, self._process_outputs,
+                             self._fail_requests, lambda: len(self._queues))
 
     @classmethod
     def from_engine_args(cls, engine_args: AsyncEngineArgs, start_engine_loop: bool = True, usage_context=None,
@@ -124,7 +108,7 @@ class AsyncLLM:
         """vLLM's way to build one: AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., ...)). As under vLLM,
         start_engine_loop changes nothing (the outputs are read from the first request on); usage_context names
         vLLM's usage report, which is not built here. stat_loggers (vLLM's plug-in loggers) are not built."""
-        _check_no_stat_loggers("from_engine_args", stat_loggers)
+        check_no_stat_loggers("from_engine_args", stat_loggers)
         return cls(engine_args.create_engine_config(), **engine_args.async_llm_kwargs())
 
     @classmethod
@@ -141,7 +125,7 @@ class AsyncLLM:
             raise TypeError(f"AsyncLLM.from_vllm_config() takes the EngineConfig that "
                             f"AsyncEngineArgs.create_engine_config() returns, got {type(vllm_config).__name__} "
                             f"(an engine's .vllm_config is a read-only view of vLLM's names, not a config to build on)")
-        _check_no_stat_loggers("from_vllm_config", stat_loggers)
+        check_no_stat_loggers("from_vllm_config", stat_loggers)
         if client_addresses is not None or client_count != 1 or client_index != 0:
             raise NotImplementedError("AsyncLLM.from_vllm_config(client_addresses=..., client_count=..., "
                                       "client_index=...): API processes sharing one engine core are the server's "
@@ -190,6 +174,10 @@ class AsyncLLM:
         """vLLM's: a statistics log line now (the core also logs one every log_stats_interval seconds)."""
         self._stats_logger.log(await self.get_stats())
 
+    def attach(self):
+        """Read the core's pipe from this event loop (on first use, or by the server at start-up)."""
+        self.link.attach()
+
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict, sampling_params: SamplingParams,
                     output_kind: OutputKind | None = None,
@@ -222,7 +210,7 @@ class AsyncLLM:
         if isinstance(prompt, AsyncIterator):   # vLLM 0.26's streaming input: StreamingInput items, each a chunk
             raise NotImplementedError("generate() with an async generator of prompt chunks (vLLM's streaming "
                                       "input) is not built: pass the whole prompt (text, token ids or a dict)")
-        _check_vllm_keywords(data_parallel_rank, reasoning_ended, reasoning_parser_kwargs)
+        check_vllm_keywords(data_parallel_rank, reasoning_ended, reasoning_parser_kwargs)
         check_tokenization_kwargs(tokenization_kwargs)
         if tokenization_kwargs:
             check_request_types(request_id, prompt, sampling_params)
@@ -262,8 +250,8 @@ class AsyncLLM:
                      hold_kv: bool = False, priority: int = 0) -> "OutputQueue":
         check_request_types(request_id, prompt, params)
         kind = _OUTPUT_KINDS[params.output_kind] if kind is None else kind
-        self.attach()
-        self._check_alive()
+        self.link.attach()
+        self.link.check_alive()
         if self._in_use(request_id, params.num_sequences):
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._check_queue_bound(params.num_sequences, "n" if params.best_of is None else "best_of")
@@ -296,7 +284,7 @@ class AsyncLLM:
             return request_id   # add_request's TypeError names it
         internal = request_id
         while self._in_use(internal, params.num_sequences):
-            internal = f"{request_id}-{next(self._call_ids)}"
+            internal = f"{request_id}-{next(self._alias_ids)}"
         if internal != request_id:
             self._aliases.setdefault(request_id, []).append(internal)
         return internal
@@ -339,33 +327,23 @@ class AsyncLLM:
                 self.shared_waiting.value += delta
             self._num_published += delta
 
-    def _check_alive(self):
-        reason = self.unhealthy_reason()
-        if reason is not None:
-            raise EngineDeadError(reason)
-
     def unhealthy_reason(self) -> str | None:
-        """None while the core is healthy (what /health reports); otherwise why not: its process exited, it
-        sent nothing for heartbeat_timeout (stopped), or one pass of its loop has run past step_timeout (hung).
-        Messages already in the pipe count: a busy (or not yet attached) event loop may not have read them."""
-        reason = self._judge()
-        if reason is not None and not self.dead and self._loop is not None:
-            self._on_readable()
-            reason = self._judge()
-        return reason
-
-    def _judge(self) -> str | None:
-        if self.dead:
-            return "the engine was shut down" if self.closing else "the engine core process has exited"
-        if self._loop is None:   # nothing reads the pipe yet: its heartbeats wait there, only an exit tells
-            return None if self.core.process.is_alive() else "the engine core process has exited"
-        if time.monotonic() - self.last_heartbeat > self.heartbeat_timeout:
-            return f"the engine core has not responded for {self.heartbeat_timeout:g} s"
-        if self.core_stall > self.step_timeout:
-            return f"the engine core's step has run for more than {self.step_timeout:g} s"
-        return None
+        """None while the core is healthy (what /health reports); otherwise why not (CoreLink.unhealthy_reason)."""
+        return self.link.unhealthy_reason()
 
     # ---- health, as vLLM's EngineClient reports it ----------------------------------------------------------
+    @property
+    def dead(self) -> bool:   # the core process has exited, or the engine was shut down
+        return self.link.dead
+
+    @property
+    def closing(self) -> bool:   # shutting down: the core's exit is expected (the server sets it on a stop signal)
+        return self.link.closing
+
+    @closing.setter
+    def closing(self, value: bool):
+        self.link.closing = value
+
     @property
     def is_running(self) -> bool:
         """vLLM's: False once the core process has exited or the engine was shut down."""
@@ -387,18 +365,18 @@ class AsyncLLM:
 
     async def check_health(self) -> None:
         """vLLM's: raises dead_error (EngineDeadError, saying why) when the engine cannot run requests."""
-        self.attach()   # the core's heartbeats are read from now on
-        self._check_alive()
+        self.link.attach()   # the core's heartbeats are read from now on
+        self.link.check_alive()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
-        return self._loop
+        return self.link.loop
 
     def fail_in_flight(self, reason: str):
         """Every request in flight ends with EngineDeadError(reason) and is aborted (a server stopping)."""
         if self._queues:
             logger.info("%s: ending %d requests in flight", reason, len(self._queues))
-        self._fail_all(EngineDeadError(reason), abort=True)
+        self.link.fail(EngineDeadError(reason), abort=True)
 
     def release_kv_holds(self, request_ids: list[str]):
         """As Engine.release_kv_holds; applied in the core after the messages sent before it."""
@@ -436,126 +414,41 @@ class AsyncLLM:
 
     async def get_stats(self) -> SchedulerStats:
         """The core's counts, taken after every message sent before this call (aborts included)."""
-        self.attach()
-        self._check_alive()
-        fut = self._loop.create_future()
-        self._stats_waiters.append(fut)
-        self.core.send(("stats",))
-        return await fut
+        return await self.link.stats()
 
     # ---- LoRA adapters: loaded and held in the core process (vLLM's names) ----------------------------------
     async def add_lora(self, lora_request) -> bool:
         """Loads the adapter in the core (a loader thread reads it; other requests' steps go on) and returns
         once it is on the host; a bad one raises its ValueError here."""
-        return await self._core_call("add_lora", lora_request)
+        return await self.link.call("add_lora", lora_request)
 
     async def remove_lora(self, lora_id: int) -> bool:
         """False for an unknown adapter or one that unfinished requests use (they finish under it). lora_id: its
         lora_int_id (vLLM's argument name)."""
-        return await self._core_call("remove_lora", lora_id)
+        return await self.link.call("remove_lora", lora_id)
 
     async def list_loras(self) -> set[int]:
-        return await self._core_call("list_loras")
+        return await self.link.call("list_loras")
 
     async def pin_lora(self, lora_id: int) -> bool:
         """vLLM's: the loaded adapter is never evicted from the core's host LRU (Engine.pin_lora)."""
-        return await self._core_call("pin_lora", lora_id)
+        return await self.link.call("pin_lora", lora_id)
 
     async def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """vLLM's: forget every cached prefix (the GPU, CPU and disk tiers; the latter two are this project's
         counterpart of vLLM's connector, always reset). False while requests hold KV blocks: preempting them first
         (reset_running_requests) is not built, a NotImplementedError. Applied after every message sent before it
         (an abort's blocks are free by then)."""
-        return reset_answer(await self._core_call("reset_prefix_cache"), reset_running_requests)
-
-    async def _core_call(self, name: str, *args):
-        """Answered by call id: an add_lora whose adapter is read on a loader thread answers after later calls."""
-        self.attach()
-        self._check_alive()
-        call_id = next(self._call_ids)
-        fut = self._lora_calls[call_id] = self._loop.create_future()
-        self.core.send(("lora", call_id, name, *args))
-        try:
-            return await fut
-        finally:
-            self._lora_calls.pop(call_id, None)
+        return reset_answer(await self.link.call("reset_prefix_cache"), reset_running_requests)
 
     def shutdown(self, timeout: float | None = None):
         """Stops the core. Streams still read end with EngineDeadError, and later calls raise it (not an OSError
         of the closed pipe). timeout (vLLM's): seconds to wait for the core process's exit before it is killed
         (None: 5)."""
-        self.closing = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self._loop is not None and not self.dead:
-            self._loop.remove_reader(self.core.conn.fileno())
-        self.core.shutdown(timeout)
-        was_dead, self.dead = self.dead, True
-        if not was_dead and self._loop is not None and not self._loop.is_closed():
-            self._fail_all(EngineDeadError("the engine was shut down"), abort=False)
+        self.link.shutdown(timeout)
 
-    # ---- outputs from the core ----------------------------------------------------------------------------
-    def attach(self):
-        """Read the core's pipe from this event loop, and watch the core (bound on first use, or by the server
-        at start-up: the loop may not exist at init)."""
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(self.core.conn.fileno(), self._on_readable)
-            self._watchdog = self._loop.create_task(self._watch())
-            # The loop (libuv) switched the pipe to non-blocking mode, and the pipe is duplex: the writer
-            # thread's send would then fail with EAGAIN whenever the pipe is full (a burst of long prompts),
-            # and recv could fail inside a message. Blocking again; the loop only polls the fd for reading.
-            os.set_blocking(self.core.conn.fileno(), True)
-
-    def _on_readable(self):
-        try:
-            while self.core.conn.poll():
-                msg = self.core.conn.recv()
-                self.last_heartbeat = time.monotonic()   # any message: outputs, stats or a heartbeat
-                if msg[0] == "heartbeat":
-                    self.core_stall = msg[1]
-                elif msg[0] == "outputs":
-                    self.core_stall = 0.0
-                    self._steps.append(msg)
-                elif msg[0] == "lora_reply":
-                    self._answer_lora_call(*msg[1:])
-                elif msg[0] == "stats":   # replies come in the order of the calls
-                    if self._num_stale_stats:   # the reply to a call failed while the core was silent
-                        self._num_stale_stats -= 1
-                        continue
-                    fut = self._stats_waiters.popleft()
-                    if fut.done():
-                        continue
-                    fut.set_result(msg[1])
-        except (EOFError, OSError):
-            self._on_core_exit()
-            return
-        if self._steps and not self._step_scheduled:
-            self._process_next_step()
-
-    def _answer_lora_call(self, call_id: int, result):
-        fut = self._lora_calls.get(call_id)
-        if fut is None or fut.done():
-            return   # failed meanwhile (the core was silent) or its caller left
-        fut.set_exception(result) if isinstance(result, BaseException) else fut.set_result(result)
-
-    def _process_next_step(self):
-        """One step's outputs, then the event loop's turn: the streams write that step's chunks before the
-        next step is processed. The pipe itself is read empty at once (_on_readable), so a core that runs
-        ahead of this process never blocks on a full pipe; a lagging API process sends every step's chunk
-        late by the same amount instead of several steps' chunks in one burst."""
-        self._step_scheduled = False
-        if not self._steps:
-            return
-        msg = self._steps.popleft()
-        try:
-            self._process_outputs([EngineCoreOutput(*row) for row in msg[1]], msg[2])
-        finally:
-            if self._steps:
-                self._step_scheduled = True
-                self._loop.call_soon(self._process_next_step)
-
-    def _process_outputs(self, core_outputs, stats: StepStats):
+    # ---- outputs from the core (CoreLink calls these) ----------------------------------------------------
+    def _process_outputs(self, core_outputs: list[EngineCoreOutput], stats: StepStats):
         self._unscheduled.difference_update(stats.first_scheduled_ids)
         outputs, stopped, errors = self.output_processor.process(core_outputs, stats)
         if stopped:   # a stop string ended them, or a sibling failed: the core must free them
@@ -572,115 +465,14 @@ class AsyncLLM:
         if self.on_step_stats is not None:
             self.on_step_stats(stats)
 
-    async def _watch(self):
-        """Once a second: a core process that exited without closing the pipe is dead; one silent for
-        heartbeat_timeout (stopped) or stuck in one pass of its loop for step_timeout (hung) fails the requests
-        in flight, so no client waits for it forever.
-        It may recover (SIGCONT): they were aborted, and new requests are taken again once it speaks."""
-        while not self.dead:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
-            if not self.core.process.is_alive():
-                self._on_readable()   # what it sent before it exited, then the EOF
-                self._on_core_exit()
-            elif ((self._queues or self._stats_waiters or self._lora_calls) and (reason := self.unhealthy_reason())
-                  and not self.dead):
-                logger.error("%s: failing %d requests in flight", reason, len(self._queues))
-                self._fail_all(EngineDeadError(reason), abort=True)
-
-    def _on_core_exit(self):
-        if self.dead:
-            return   # seen already (the pipe's EOF, or the watchdog)
-        while self._steps:   # what it sent before it exited reaches the streams first
-            self._process_next_step()
-        self.core.process.join(timeout=1)   # the pipe closes as it dies: its exit code comes a moment later
-        code = self.core.process.exitcode
-        if self.closing:
-            logger.info("the engine core process exited (code %s)", code)
-        else:
-            logger.error("the engine core process exited unexpectedly (code %s): failing %d requests in flight",
-                         code, len(self._queues))
-        self.dead = True
-        self._loop.remove_reader(self.core.conn.fileno())
-        self._fail_all(EngineDeadError("the engine core process has exited"), abort=False)
-        if self.on_dead is not None and not self.closing:
-            self.on_dead()
-
-    def _fail_all(self, error: Exception, abort: bool):
+    def _fail_requests(self, error: Exception, abort: bool):
         for request_id, q in list(self._queues.items()):
             q.put_nowait(error)
             if abort:
                 self._abort_one(request_id)
         self._queues.clear()
-        self._num_stale_stats += len(self._stats_waiters)
-        while self._stats_waiters:
-            fut = self._stats_waiters.popleft()
-            if not fut.done():
-                fut.set_exception(error)
-        for fut in self._lora_calls.values():
-            if not fut.done():
-                fut.set_exception(error)
-
-
-def _check_no_stat_loggers(method: str, stat_loggers):
-    if stat_loggers:
-        raise NotImplementedError(f"AsyncLLM.{method}(stat_loggers=...): vLLM's stat logger plug-ins are not built; "
-                                  f"the engine core logs its statistics every log_stats_interval seconds, and "
-                                  f"get_stats() returns them")
-
-
-def _check_vllm_keywords(data_parallel_rank: int | None, reasoning_ended: bool | None,
-                         reasoning_parser_kwargs: dict | None):
-    """generate()'s vLLM keywords that ask for what is not built: refused, naming them (not ignored)."""
-    if data_parallel_rank not in (None, 0):
-        raise ValueError(f"data_parallel_rank {data_parallel_rank!r} is out of range: data parallelism is not "
-                         f"built, the engine is the one rank 0")
-    if reasoning_ended is not None or reasoning_parser_kwargs is not None:
-        raise NotImplementedError("generate(reasoning_ended=..., reasoning_parser_kwargs=...): the engine keeps no "
-                                  "reasoning-parser state; a structured-output constraint applies from the first "
-                                  "generated token")
 
 
 # vLLM's AsyncLLM methods not built here: a NotImplementedError saying why and what instead (vllm_names.py)
 for _name in ASYNC_LLM_NAMES:
     setattr(AsyncLLM, _name, refusing(_name, functools.partial(not_built, "AsyncLLM")))
-
-
-class Aborted:
-    """What abort returns: done already, so awaiting it (vLLM's callers do) returns at once. Not a coroutine, so
-    the callers that do not await it (a stream's finally, the server) still abort."""
-    __slots__ = ()
-
-    def __await__(self):
-        return iter(())
-
-
-ABORTED = Aborted()
-
-
-class OutputQueue:
-    """One request's outputs (or the error that ends it), in order, for its one consumer: asyncio.Queue's
-    put_nowait and get without its bound and its many-consumer bookkeeping (this runs once a step a stream).
-    An item put while the consumer waits is its future's result: get is one future, no coroutine of its own."""
-    __slots__ = ("items", "waiter")
-
-    def __init__(self):
-        self.items: deque = deque()
-        self.waiter: asyncio.Future | None = None
-
-    def put_nowait(self, item):
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():   # done: its consumer was cancelled
-                waiter.set_result(item)
-                return
-        self.items.append(item)
-
-    def get(self) -> asyncio.Future:
-        """The next item, awaited (a done future when one is queued: no suspension)."""
-        waiter = asyncio.get_running_loop().create_future()
-        if self.items:
-            waiter.set_result(self.items.popleft())
-        else:
-            self.waiter = waiter
-        return waiter
