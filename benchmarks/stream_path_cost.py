@@ -55,7 +55,7 @@ def _engine(tokenizer) -> AsyncLLM:
     engine.output_processor = OutputProcessor(tokenizer)
     engine.core = SimpleNamespace(send=lambda msg: None)
     engine.on_step_stats = ServerMetrics("model").record
-    engine._queues, engine._unscheduled = {}, set()
+    engine._queues, engine._unscheduled, engine._aliases, engine.log_requests = {}, set(), {}, False
     engine.shared_waiting, engine._num_published = None, 0   # one API process (before 2026-12-04: unused)
     engine._steps, engine._step_scheduled = collections.deque(), False
     engine._loop = asyncio.get_running_loop()
@@ -80,7 +80,7 @@ async def _consume(engine, request_id: str, outputs, sink: list):
     req = CompletionRequest(model="model", prompt=[1, 2, 3], max_tokens=1, stream=True)
     ctx = SimpleNamespace(model_name="model")
     outputs = await open_stream(None, engine, [request_id], merge([outputs]), None)
-    chunks = completions._stream(ctx, req, "cmpl-x", [""], 3, outputs)
+    chunks = completions._stream(ctx, req, "cmpl-x", [""], 3, outputs, [""])
     if SSEResponse is None:
         async for chunk in sse_stream(engine, [request_id], chunks):
             sink[0] += len(chunk.encode())
