@@ -69,23 +69,28 @@ def main():
     parser.add_argument("draft")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--no-sweep", action="store_true", help="W5 figures only")
+    parser.add_argument("--runs", default="off,0.8,0", help="which W5 runs: off, 0.8, 0 (synthetic acceptance)")
     args = parser.parse_args()
-    llm = engine(args.target, None)
-    w5(llm, "off", 0)
-    if not args.no_sweep:
-        sweep(llm, "off")
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
+    runs = args.runs.split(",")
+    if "off" in runs:
+        llm = engine(args.target, None)
+        w5(llm, "off", 0)
+        if not args.no_sweep:
+            sweep(llm, "off")
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
     spec = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": args.k,
             "rejection_sample_method": "synthetic", "synthetic_acceptance_rates": RATES[:args.k]}
     llm = engine(args.target, spec)
-    w5(llm, "draft_synthetic_0.8", 1)
+    if "0.8" in runs:
+        w5(llm, "draft_synthetic_0.8", 1)
     runner, speculator = llm.engine.core.runner, llm.engine.core.speculator
     rates = runner.spec_rates
-    runner.spec_rates = [0.0] * args.k
-    w5(llm, "draft_synthetic_0", 2)
-    runner.spec_rates = rates
+    if "0" in runs:
+        runner.spec_rates = [0.0] * args.k
+        w5(llm, "draft_synthetic_0", 2)
+        runner.spec_rates = rates
     if args.no_sweep:
         return
     speculator.config.disable_by_batch_size, speculator.config.max_step_tokens = 1024, 1 << 20   # forced on
