@@ -77,6 +77,22 @@ CASES = [
     ("[" + NOW + ', {"foo": 1}, false]', ('{"foo": 1}', [("now", "{}")])),
     ("[" + NOW + ", 42] and more", ("and more", [("now", "{}")])),
     ("[" + NOW + ", 42 is it", (", 42 is it", [("now", "{}")])),       # no item: text
+    # items that are no objects before the first call, nested lists, and lists as later items are wrapping too,
+    # at any depth (vLLM reads the objects only); these left "[42, ]", "[]" or ", [1, 2]]" as content
+    ("[42, " + NOW + "]", (None, [("now", "{}")])),
+    ('["x", [1, ["]", "{"]], ' + CALL + "]", (None, [("get_weather", PARIS)])),
+    ("[[" + NOW + "]]", (None, [("now", "{}")])),
+    ("[" + NOW + ", [1, 2]]", (None, [("now", "{}")])),
+    ("[" + NOW + ', [1, ["]", "{\\""]], [' + CALL + "]]", (None, [("now", "{}"), ("get_weather", PARIS)])),
+    ("[" + NOW + ", [1]] and more", ("and more", [("now", "{}")])),
+    ("```json\n[42, " + NOW + "]\n```", (None, [("now", "{}")])),
+    ("[" + NOW + ", [1, 2", (", [1, 2", [("now", "{}")])),              # cut short in a later list: text
+    # a scalar or a closed list before a call is text, a "{" in its strings too
+    ("42 " + NOW, ("42", [("now", "{}")])),
+    ('["{", [1]] ' + NOW, ('["{", [1]]', [("now", "{}")])),
+    # nested arrays and objects in the arguments: their text as written
+    ('{"name":"f","parameters":{"a":[[1,2],[3]],"b":{"c":[{"d":1}]}}}',
+     (None, [("f", '{"a":[[1,2],[3]],"b":{"c":[{"d":1}]}}')])),
     # a list or fence around objects that are not calls, and brackets and backticks in text, stay content
     ('[{"name": "Ada", "age": 36}, {"b": 2}]', ('[{"name": "Ada", "age": 36}, {"b": 2}]', [])),
     ('```json\n{"a": 1}\n```', ('```json\n{"a": 1}\n```', [])),

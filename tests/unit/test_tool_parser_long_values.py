@@ -27,6 +27,7 @@ LINE = 'def f(x):\n    return {"a": [x, \'b\'], "t": "</parameter> [ARGS]"}  # Ã
 CODE = (LINE * (SIZE // len(LINE) + 1))[:SIZE]
 PLAIN = "x" * SIZE
 J_CODE, J_PLAIN = json.dumps(CODE, ensure_ascii=False), json.dumps(PLAIN)
+J_LIST = json.dumps([[i, [str(i)]] for i in range(SIZE // 16)] + [CODE.replace("{", "(")], ensure_ascii=False)
 P_CODE = repr(CODE)   # a Python literal: pythonic's
 # long values that are no string: a list of numbers, a dict, a run of short strings, nested (pythonic re-parsed
 # the open call from its start at each delta: ~10 MB past the bound for the list)
@@ -64,6 +65,9 @@ OUTPUTS = {
                          f'```json\n[{{"name": "f", "parameters": {{"a": {J_PLAIN}}}}}, '
                          f'{{"name": "g", "parameters": {{"code": {J_CODE}}}}}]\n```'),
     "llama3_json_content": (parser("llama3_json"), CODE.replace("{", "(")),
+    # a long list that is no call (held until it shows an object, closes or breaks off), or wraps calls
+    "llama3_json_list_content": (parser("llama3_json"), J_LIST),
+    "llama3_json_list_items": (parser("llama3_json"), f'[{J_LIST}, {{"name": "f", "parameters": {{}}}}, {J_LIST}]'),
     "mistral_v11": (parser("mistral"), f'Sure.[TOOL_CALLS]f[ARGS]{{"code": {J_CODE}}}[TOOL_CALLS]g[ARGS]{{}}'),
     "mistral_list": (parser("mistral"), f'[TOOL_CALLS] [{{"name": "f", "arguments": {{"code": {J_CODE}}}}}]'),
     "mistral_no_call": (parser("mistral"), "[TOOL_CALLS] " + CODE.replace("{", "(")),

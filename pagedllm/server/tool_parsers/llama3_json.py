@@ -16,26 +16,26 @@ out of the text, answers such text with the calls and no content). A "[" or fenc
 with it: dropped when the object is a call, given back as content when it is not. A later item of a list that
 opened with a call is content when it is no call (`[{call}, {"foo": 1}]` answers `{"foo": 1}`), the list's commas
 and "]" still its wrapping: vLLM answers such a list all as content when not streamed (a streamed call cannot be
-taken back) and drops the object when streamed. A later item that is a JSON scalar (`[{call}, 42]`) is wrapping
-too, as in vLLM, which reads objects only and answers that list with the call and no content (not streamed: its
+taken back) and drops the object when streamed. An item that is no object, a JSON scalar or a list of them, before
+the first call or after it (`[42, {call}, [1, [2]]]`), and lists nested around calls (`[[{call}]]`), are wrapping
+too, as in vLLM, which reads objects only and answers such a list with its calls and no content (not streamed: its
 stream answers any text that opens with "[" as content, lists of calls too; here streamed equals non-streamed).
+A list that closes or breaks off before any object is text.
 """
 import re
 
 from pagedllm.server.tool_parsers.base import DeltaMessage, ToolParser, partial_suffix
 from pagedllm.server.tool_parsers.json_call import CallScanner
+from pagedllm.server.tool_parsers.json_list import ListScan, moved, scan_list, start_list
 
 PYTHON_TAG = "<|python_tag|>"
 ARGS_KEYS = ("parameters", "arguments")
 FENCE = "```"
-OPENER = re.compile(r"(?:```(?:json)?\s*)?(?:\[\s*)?\Z")   # what wraps a first call: a fence, a list, both
+OBJECT_OR_LIST = re.compile(r"[\[{]")
+NON_SPACE = re.compile(r"\S")
+FENCE_OPENER = re.compile(r"(?:```(?:json)?\s*)?\Z")   # a fence before a first call or its list
 # the start of an opener, which the next text may complete
 PARTIAL_OPENER = re.compile(r"(?:`{1,2}|```(?:j|js|jso|json)?\s*(?:\[\s*)?|\[\s*)?\Z")
-# a later item of a list of calls that is a JSON scalar (a number, a string, true, false, null), with its comma
-SCALAR_ITEM = re.compile(r',\s*(?:-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|"(?:[^"\\]|\\.)*"|true|false|null)'
-                         r"\s*(?=[,\]])")
-# the start of one, which the next text may complete
-PARTIAL_SCALAR_ITEM = re.compile(r',\s*(?:-?[\d.eE+-]*|"(?:[^"\\]|\\.)*(?:\\|")?|[tfn][a-z]{0,4})\s*\Z')
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -48,16 +48,44 @@ class Llama3JsonToolParser(ToolParser):
         self._after: str | None = None          # "call" or "item" (no call, in a list of calls) just ended
         self._sep = False                       # a separator after it was read (in a fence: the fence goes on)
         self._prefix = ""                       # the object's wrapping ("[", a fence, ", " in a list): held
-        self._wraps = (False, False)            # (in a list, in a fence) if the object is a call
-        self._in_list = self._fenced = False    # the calls so far are wrapped: their closers are dropped
+        self._wraps = (0, False)                # (lists open, in a fence) if the object is a call
+        self._depth = 0                         # lists open around the calls so far: their closers are dropped
+        self._fenced = False                    # the calls so far are in a fence
+        # a list scan that stopped for more text: (where, the scan), where being the "[" of a list that may yet
+        # wrap a call, or -1 - the start of a list's text after a call; it goes on when the buffer has grown
+        self._resume: tuple[int, ListScan] | None = None
+        # while it waits, the text after the buffer (joined once the list shows what it is, so that a long one is
+        # not copied at each delta), and the text from where the scan stopped (a number cut short) on
+        self._pending: list[str] = []
+        self._carry: str | None = None
 
     def feed(self, text: str) -> DeltaMessage:
+        if self._resume is not None and self._still_more(text):
+            return self._take()
         self._buf += text
         while self._step():
             pass
         return self._take()
 
+    def _still_more(self, text: str) -> bool:
+        """A list scan that waits reads the new text alone: True while it waits still (the text is kept aside);
+        else the text kept is joined to the buffer, whose scan goes on where it stopped."""
+        where, state = self._resume
+        if self._carry is None:
+            self._carry = self._buf[state.end:]
+        local = self._carry + text
+        scan = scan_list(local, moved(state, 0))
+        if scan.kind != "more":
+            self._buf += "".join(self._pending)
+            self._pending.clear()
+            self._carry = None
+            return False
+        self._pending.append(text)
+        self._resume, self._carry = (where, moved(scan, state.end + scan.end)), local[scan.end:]
+        return True
+
     def finish(self) -> DeltaMessage:
+        self._buf += "".join(self._pending)
         if self._obj is not None:   # never closed (max_tokens, a stop string): a call keeps what it has
             self._end_object()
         self._content(self._buf)
@@ -71,16 +99,39 @@ class Llama3JsonToolParser(ToolParser):
             return self._read_object()
         if self._after is not None:
             return self._read_after()
-        i = self._buf.find("{")
-        if i < 0:   # all but a possible start of the tag or of an opener is content
-            held = max(partial_suffix(self._buf, PYTHON_TAG), len(PARTIAL_OPENER.search(self._buf).group()))
-            self._content(self._buf[:len(self._buf) - held].replace(PYTHON_TAG, ""))
-            self._buf = self._buf[len(self._buf) - held:]
+        i, depth, held = self._first_object()
+        if i < 0:   # all but a list that may yet hold a call, or a possible start of the tag or of an opener
+            if not held:   # (a list held runs to the end: it holds those)
+                held = max(partial_suffix(self._buf, PYTHON_TAG), len(PARTIAL_OPENER.search(self._buf).group()))
+            cut = len(self._buf) - held
+            self._content(self._buf[:cut].replace(PYTHON_TAG, ""))
+            self._buf = self._buf[cut:]
+            if self._resume is not None:
+                self._resume = (self._resume[0] - cut, moved(self._resume[1], self._resume[1].end - cut))
             return False
-        prefix = OPENER.search(self._buf, 0, i).group()
+        prefix = FENCE_OPENER.search(self._buf, 0, i - held).group() + self._buf[i - held:i]
         self._content(self._buf[:i - len(prefix)].replace(PYTHON_TAG, ""))
-        self._open(prefix, ("[" in prefix, FENCE in prefix), i)
+        self._open(prefix, (depth, FENCE in prefix), i)
         return True
+
+    def _first_object(self) -> tuple[int, int, int]:
+        """(where the first object starts or -1, the lists open around it, how much before it is their
+        wrapping); with no object: (-1, 0, the length of a list at the end that may yet hold one).
+        A list wraps an object after any items that are no objects ([42, [1, 2], {...}), at any depth."""
+        at, resume, self._resume = 0, self._resume, None
+        while (m := OBJECT_OR_LIST.search(self._buf, at)) is not None:
+            start = m.start()
+            if m.group() == "{":
+                return start, 0, 0
+            scan = scan_list(self._buf, resume[1] if resume is not None and resume[0] == start else start_list(start))
+            if scan.kind == "object":
+                return scan.end, scan.depth, scan.end - start
+            if scan.kind == "more":   # nothing after it is read: it holds no object yet (held with its fence)
+                self._resume, self._carry = (start, scan), None
+                return -1, 0, len(self._buf) - start + len(FENCE_OPENER.search(self._buf, 0, start).group())
+            # a list that closed is text (a "{" in its strings too); one that broke off may hold a list that wraps
+            at = scan.end if scan.kind == "closed" else start + 1
+        return -1, 0, 0
 
     def _open(self, prefix: str, wraps: tuple[bool, bool], at: int):
         self._obj, self._calling, self._prefix, self._wraps = CallScanner(ARGS_KEYS), False, prefix, wraps
@@ -90,27 +141,15 @@ class Llama3JsonToolParser(ToolParser):
         """After a call: a ";" separates the next, and so does a "," before a "{"; in a list "]" ends it; a fence
         ends with ```, and the objects in it before that are its calls (separated as anywhere).
         After an item of a list (or fence) of calls that is no call, only the wrapping is read."""
-        rest = self._buf.lstrip()
-        if not rest:
+        first = NON_SPACE.search(self._buf)
+        if first is None:
             return False
-        if self._in_list and rest[0] == "," and not self._sep:
-            after = rest[1:].lstrip()
-            if not after:
-                return False
-            if after[0] == "{":   # the list's next item
-                self._after = None
-                self._open(rest[:len(rest) - len(after)], (True, self._fenced), len(self._buf) - len(after))
-                return True
-            scalar = SCALAR_ITEM.match(rest)
-            if scalar:   # wrapping too: vLLM reads the objects only, and answers [{call}, 42] with the call alone
-                self._buf = rest[scalar.end():]
-                return True
-            if PARTIAL_SCALAR_ITEM.match(rest):
-                return False
-        if self._in_list and rest[0] == "]":
-            self._in_list, self._buf = False, rest[1:]
-            return True
-        fenced = self._fenced and not self._in_list
+        if self._depth and self._buf[first.start()] in ",]":
+            placed = self._read_list(first.start())
+            if placed is not None:
+                return placed
+        rest = self._buf[first.start():]
+        fenced = self._fenced and not self._depth
         if fenced:
             if len(rest) < len(FENCE) and FENCE.startswith(rest):   # the fence's end may come next
                 return False
@@ -119,7 +158,7 @@ class Llama3JsonToolParser(ToolParser):
                 return True
             if rest[0] == "{":   # the fence's next object
                 self._after, self._sep = None, False
-                self._open("", (False, True), len(self._buf) - len(rest))
+                self._open("", (0, True), len(self._buf) - len(rest))
                 return True
         separator = rest[0] == ";" and not self._sep
         if rest[0] == "," and (self._after == "call" or fenced) and not self._sep:   # "{call}, {call}" (a list
@@ -131,10 +170,29 @@ class Llama3JsonToolParser(ToolParser):
         if separator and fenced:   # what follows tells whether the fence goes on
             self._buf, self._sep = rest[1:], True
             return True
-        self._after, self._sep, self._in_list, self._fenced = None, False, False, False
+        self._after, self._sep, self._depth, self._fenced = None, False, 0, False
         if separator:
             self._buf = rest[1:]
         return True
+
+    def _read_list(self, at: int) -> bool | None:
+        """The list of calls goes on at `at`: items that are no objects (42, [1, [2]]) and its brackets are
+        wrapping too, as vLLM reads the objects only; an object (at any depth) is the next item. None where text
+        breaks the list off (", 42 is it"): that is content from its comma on."""
+        resume, self._resume = self._resume, None
+        start = resume[1] if resume is not None and resume[0] == -1 - at else ListScan("more", at, self._depth, False)
+        scan = scan_list(self._buf, start)
+        if scan.kind == "more":
+            self._resume, self._carry = (-1 - at, scan), None
+            return False
+        if scan.kind == "object":
+            self._after = None
+            self._open(self._buf[at:scan.end], (scan.depth, self._fenced), scan.end)
+            return True
+        if scan.kind == "closed":
+            self._depth, self._buf = 0, self._buf[scan.end:]
+            return True
+        return None
 
     def _read_object(self) -> bool:
         obj = self._obj
@@ -143,7 +201,7 @@ class Llama3JsonToolParser(ToolParser):
         if not self._calling and obj.name is not None and any(k in ARGS_KEYS for k in obj.keys):
             self._start_call(obj.name)
             self._calling, self._prefix = True, ""
-            self._in_list, self._fenced = self._wraps
+            self._depth, self._fenced = self._wraps
         if self._calling:
             self._arguments(obj.take_arguments())
         if not obj.done:
@@ -153,7 +211,7 @@ class Llama3JsonToolParser(ToolParser):
 
     def _end_object(self):
         obj, self._obj = self._obj, None
-        if not self._calling and (self._in_list or self._fenced):
+        if not self._calling and (self._depth or self._fenced):
             # an item of a list of calls that is no call: it is content (text the model wrote), while the list's
             # "," before it and its "]" stay the calls' wrapping (vLLM answers such a list all as content, but only
             # when not streamed: a call that went out cannot be taken back, and its stream drops the object); so
@@ -163,7 +221,7 @@ class Llama3JsonToolParser(ToolParser):
             return
         if not self._calling:   # not a call: its wrapping is content too
             self._content(self._prefix + obj.text)
-            self._prefix, self._in_list, self._fenced = "", False, False
+            self._prefix, self._depth, self._fenced = "", 0, False
             return
         self._arguments(obj.take_arguments())
         self._end_call()
