@@ -43,8 +43,14 @@ CALLS = [
      "g(s=['a', \"b\", 'c' 'd', ], t={})]",
      [("f", '{"xs": [1, [2, {"a": [3, 4], "b": {}}], 5], "d": {"1": "x", "y": [null], "2.5": {"z": [[], [7]]}}, '
             '"n": -1}'), ("g", '{"s": ["a", "b", "cd"], "t": {}}')]),
-    # items the brackets cannot tell apart (a comment): the list is parsed whole
+    # comments and triple-quoted strings, read as Python reads them (they were parsed whole at each delta): a
+    # comment's brackets, commas and quotes; quotes in a triple-quoted string, "" before its end, a "\r\n" (one
+    # "\n"), an empty one, one opening with a quote
     ("[f(x=1),  # first, or 'one'\n g(y='a, b')]", [("f", '{"x": 1}'), ("g", '{"y": "a, b"}')]),
+    ('[f(code="""def f():\r\n    return "x" + ""\r"""),  # a \']\', or "(", f(y=1)\n'
+     " g(u='\'\'it\'s\'\'' \"\"\"\"\"\", v=r\"\"\"\\d\"\"\")]",
+     [("f", '{"code": "def f():\\n    return \\"x\\" + \\"\\"\\n"}'), ("g", '{"u": "it\'s", "v": "\\\\d"}')]),
+    ("[f(s=\"\"\"a\"\"\" 'b' \"\"\"\"c\"\"\")]", [("f", '{"s": "ab\\"c"}')]),
 ]
 
 # Not a list of calls with literal keyword arguments: all of it is content, streamed or not.
@@ -65,6 +71,18 @@ def test_calls_streamed_at_every_split_equal_non_streamed(text, calls):
         assert summary(stream(PythonicToolParser(), chunks)) == (None, calls), chunks
     for _, arguments in calls:
         assert isinstance(json.loads(arguments), dict)
+
+
+def test_a_triple_quoted_string_streams_as_it_is_written():
+    """Code in a triple-quoted string goes out as it comes (it waited for its closing quotes: the brackets read
+    '""' and '"' as two strings); quotes that may begin its end wait for the next character."""
+    parser = PythonicToolParser()
+    deltas = [parser.feed(t) for t in ('[f(code="""def f():\n', '    return "x', '"\n""', '"), g()]')]
+    deltas.append(parser.finish())
+    assert [(c.name, c.arguments) for c in deltas[0].tool_calls] == [("f", '{"code": "def f():\\n')]
+    assert [c.arguments for c in deltas[1].tool_calls] == ['    return \\"x']
+    assert [c.arguments for c in deltas[2].tool_calls] == ['\\"\\n']
+    assert [(c.name, c.arguments) for c in deltas[3].tool_calls] == [(None, '"}'), ("g", "{}")]
 
 
 @pytest.mark.parametrize("text", CONTENT)

@@ -1,7 +1,8 @@
 """Long argument values streamed a few characters a delta: each delta's work stays bounded by the delta, not by
 the text read so far. Parsers that copied what they held on each delta (`held += delta`), joined it or parsed it
 again were quadratic: ~0.4 s for a 50 KB value fed 4 characters at a time, pythonic's ast re-parse 16 s (a
-string; a long list, dict or run of strings was re-parsed from the call's start at each delta until later).
+string; a long list, dict or run of strings was re-parsed from the call's start at each delta until later; a
+list with a comment or a triple-quoted string, all of it, later still).
 
 The work is counted, not timed: a delta that copies, joins or re-parses the text so far allocates memory in
 proportion to it, so each delta's allocation peak (tracemalloc) is measured, and what the deltas allocate past a
@@ -35,6 +36,7 @@ P_NUMBERS = "[" + ", ".join(str(i % 1000 - 7) for i in range(SIZE // 5)) + "]"
 P_DICT = "{" + ", ".join(f"'k{i}': {i}.5" for i in range(SIZE // 11)) + "}"
 P_STRINGS = "[" + ", ".join(repr(f"s{i}") for i in range(SIZE // 8)) + "]"
 P_NESTED = "{" + ", ".join(f"{i}: [{i}, {{'v': [True, None]}}]" for i in range(SIZE // 32)) + "}"
+P_CALLS = "[" + ", ".join(f"f(x={i}, s='a, b')" for i in range(SIZE // 20)) + "]"
 QWEN_TOOLS = [{"type": "function", "function": {"name": "write", "parameters": {
     "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"},
                                      "n": {"type": "integer"}}}}}]
@@ -79,6 +81,9 @@ OUTPUTS = {
     "pythonic_dict": (parser("pythonic"), f"[f(d={P_DICT})]"),
     "pythonic_strings": (parser("pythonic"), f"[f(s={P_STRINGS}, t={P_NUMBERS})]"),
     "pythonic_nested": (parser("pythonic"), f"[f(x={{'a': {P_NESTED}, 'code': {P_CODE}}})]"),
+    # a comment or a triple-quoted string (code): the whole list was parsed again at each delta
+    "pythonic_comment": (parser("pythonic"), "[  # the calls, then ']'\n" + P_CALLS[1:]),
+    "pythonic_triple_quoted": (parser("pythonic"), f'[f(code="""{CODE}.""", n=1), g(a="""it\'s""")]'),
     "llama4_pythonic": (parser("llama4_pythonic"), f"<|python_start|>[f(code={P_CODE})]<|python_end|>"),
     "qwen3_coder": (qwen3_coder, qwen_call(CODE)),
     "qwen3_coder_plain": (qwen3_coder, qwen_call(PLAIN)),

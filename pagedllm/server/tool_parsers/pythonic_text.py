@@ -19,10 +19,10 @@ class Boundary:
 
 
 class OpenBrackets:
-    """The brackets and the string (its quote) open at the end of the list's text, innermost last, read as the
-    text grows (each character once); bad once they mismatch or text other than whitespace follows its "]".
-    Where the text is plain (no comment, no triple quote, no strings side by side without a space), the items
-    start where they saw them, else they may be wrong."""
+    """The brackets and the string (its quote: ' " \'\'\' or \"\"\") open at the end of the list's text, innermost
+    last, read as the text grows (each character once), as Python's tokenizer reads them: a comment runs to the
+    line's end, and an empty string right before its quote again opens a triple-quoted one; bad once they
+    mismatch or text other than whitespace follows its "]"."""
 
     def __init__(self):
         self.stack: list[str] = []
@@ -30,7 +30,8 @@ class OpenBrackets:
         self.starts: list[int] = []   # where each item of the list starts in its text (after its "[" or ",")
         self.changes = 0              # brackets and quotes opened or closed so far
         self.before_quote = ""        # the character before the last string's opening quote
-        self.plain = True
+        self.in_comment = False
+        self.quote_run = 0            # in a triple-quoted string: the quotes at its end (its end may have begun)
         self.boundary: Boundary | None = None   # the last one read
         self.low = 0                  # the fewest brackets open since the last mark
         self._since = 0               # the fewest brackets open since the last boundary
@@ -38,6 +39,8 @@ class OpenBrackets:
         self._escaped = False
         self._num_read = 0
         self._previous = ""
+        self._opened_at = -1          # where the last string's quote was
+        self._empty = ""              # the quote of an empty string that the last character closed
 
     def read(self, text: str):
         """text: the list's new text."""
@@ -50,20 +53,19 @@ class OpenBrackets:
 
     def _char(self, ch: str):
         stack = self.stack
-        if stack and stack[-1] in QUOTES:
-            if self._escaped:
-                self._escaped = False
-            elif ch == "\\":
-                self._escaped = True
-            elif ch == stack[-1]:
-                stack.pop()
-                self.changes += 1
+        empty, self._empty = self._empty, ""
+        if self.in_comment:
+            self.in_comment = ch not in "\r\n"
+        elif stack and stack[-1][0] in QUOTES:
+            self._in_string(ch)
         elif not stack and self._num_read:   # the list has closed
             self.bad = self.bad or not ch.isspace()
+        elif ch == empty:   # "" then ": a triple-quoted string (its prefix, before the first quote, stays)
+            stack.append(ch * 3)
+            self.changes += 1
         elif ch in QUOTES or ch in CLOSER:
             if ch in QUOTES:
-                self.before_quote = self._previous
-                self.plain = self.plain and self._previous not in QUOTES
+                self.before_quote, self._opened_at = self._previous, self._num_read
             stack.append(ch)
             self.changes += 1
             if len(stack) == 1:
@@ -84,9 +86,26 @@ class OpenBrackets:
         elif ch == "," and stack:
             self._boundary(True)
         elif ch == "#":
-            self.plain = False
+            self.in_comment = True
         self._previous = ch
         self._num_read += 1
+
+    def _in_string(self, ch: str):
+        quote = self.stack[-1]
+        if self._escaped:
+            self._escaped, self.quote_run = False, 0
+        elif ch == "\\":
+            self._escaped, self.quote_run = True, 0
+        elif ch == quote[0]:
+            self.quote_run += 1
+            if self.quote_run == len(quote):
+                self.stack.pop()
+                self.changes += 1
+                self.quote_run = 0
+                if len(quote) == 1 and self._opened_at == self._num_read - 1:
+                    self._empty = ch
+        else:
+            self.quote_run = 0
 
     def _boundary(self, has_elem: bool):
         if self._parens == 0 and self.stack[1] == "(":   # inside a call's arguments
