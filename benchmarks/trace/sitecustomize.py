@@ -9,7 +9,7 @@ process exits without running atexit):
     {"gc": ...}     every garbage collection over 0.5 ms (generation, start, ms)
     {"step": ...}   core: one per EngineCore.step (schedule, launch and wait times; the launched step's shape)
     {"req": ...}    core: a request's arrival (API clock), receipt by the core, first scheduling, first token
-    {"api": ...}    API: a request's first token handed to the output processor
+    {"api": ...}    API: a request's first token handed to the output processor (each of its n sequences')
 Nothing changes when the variable is unset.
 
 With PAGEDLLM_LOG_T0 (seconds since the epoch, the command's start) set instead or too, every log line of every
@@ -142,10 +142,10 @@ def _patch_api(log):
     op = sys.modules["pagedllm.engine.output_processor"]
     record = op._record_latencies
 
-    def traced(metrics, out, now, stats):
-        if out.new_token_ids and metrics.first_token_time is None:
-            log(api=out.req_id, arrival=metrics.arrival_time, first_token=now)
-        return record(metrics, out, now, stats)
+    def traced(arrival_time, seq, out, now, stats):   # each of a request's n sequences (its own req_id)
+        if out.new_token_ids and seq.first_token_time is None:
+            log(api=out.req_id, arrival=arrival_time, first_token=now)
+        return record(arrival_time, seq, out, now, stats)
     op._record_latencies = traced
 
 
