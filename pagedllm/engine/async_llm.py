@@ -449,6 +449,13 @@ class AsyncLLM:
 
     # ---- outputs from the core (CoreLink calls these) ----------------------------------------------------
     def _process_outputs(self, core_outputs: list[EngineCoreOutput], stats: StepStats):
+        try:
+            self._process_step(core_outputs, stats)
+        except Exception as e:   # a bug here: the step's outputs are lost, and its requests' state is unknown
+            logger.exception("processing a step's outputs failed: failing %d requests in flight", len(self._queues))
+            self._fail_requests(EngineGenerateError(f"the engine failed processing outputs: {e!r}"), abort=True)
+
+    def _process_step(self, core_outputs: list[EngineCoreOutput], stats: StepStats):
         self._unscheduled.difference_update(stats.first_scheduled_ids)
         outputs, stopped, errors = self.output_processor.process(core_outputs, stats)
         if stopped:   # a stop string ended them, or a sibling failed: the core must free them

@@ -165,3 +165,37 @@ def test_request_that_cannot_be_sent_fails_alone(tiny_model_dirs, reference):
             engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_output_processing_that_raises_fails_the_requests_in_flight(tiny_model_dirs, reference):
+    """A step's outputs that the API process fails to process (a bug there) end every request in flight with
+    an error (their outputs are lost: their state is unknown), and abort them in the core; new requests are
+    served. It was logged by the event loop only, and every open stream waited for ever."""
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.async_llm import AsyncLLM, EngineGenerateError
+
+    async def main():
+        engine = AsyncLLM(EngineConfig(tiny_model_dirs["llama"], num_gpu_blocks_override=64, max_model_len=256,
+                                       log_stats_interval=0, device="cpu"))
+        process, calls = engine.output_processor.process, []
+
+        def fail_the_third(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("a bug in output processing")
+            return process(*args)
+        engine.output_processor.process = fail_the_third
+        try:
+            tasks = [final_token_ids(engine, f"r{i}", p, _params(i)) for i, p in enumerate(PROMPTS[:2])]
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+            assert all(isinstance(r, EngineGenerateError) and r.status == 500 and "a bug in output processing"
+                       in str(r) for r in results), results
+            assert not engine._queues and not engine._unscheduled and not engine.output_processor.parents
+            assert await asyncio.wait_for(final_token_ids(engine, "after", PROMPTS[0], _params(0)), 60) == \
+                reference[0]
+            stats = await engine.get_stats()
+            assert stats.num_running == stats.num_waiting == 0 and stats.num_blocks_free == stats.num_blocks_total
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
