@@ -79,7 +79,13 @@ class PendingPayload:
         self.array, self._copy_done = array, copy_done
         self._filled.set()
 
-    def wait(self) -> np.ndarray:
+    def abandon(self):
+        """The copy failed (its step raised): the writer skips the block instead of waiting for it for ever."""
+        if not self._filled.is_set():
+            self._filled.set()
+
+    def wait(self) -> np.ndarray | None:
+        """The bytes, or None for an abandoned copy."""
         self._filled.wait()
         if self._copy_done is not None:
             self._copy_done.synchronize()
@@ -246,6 +252,8 @@ def _write_loop(jobs: queue.Queue, files: _Files):
             if isinstance(payload, PendingPayload):
                 payload = payload.wait()
                 start = time.perf_counter()
+                if payload is None:   # abandoned: not written, a read finds it missing (a file of it stays)
+                    continue
             if block_hash == _ALL:
                 for path in files.dir.glob("*" + _SUFFIX):
                     _remove(path)

@@ -117,9 +117,14 @@ class KVOffload:
         result = KVTransferResult()
         if self.stream is not None and (t.disk_ops or t.disk_reads):
             self.stream.synchronize()
-        to_disk = self._queue_disk_ops(t.disk_ops)
-        if t.swap_out or t.cpu_store or to_disk:
-            self._store(t, to_disk)
+        to_disk: list[tuple[int, PendingPayload]] = []
+        try:
+            self._queue_disk_ops(t.disk_ops, to_disk)
+            if t.swap_out or t.cpu_store or to_disk:
+                self._store(t, to_disk)
+        finally:   # a copy that raised (no pinned memory left): the writer thread must not wait for its bytes
+            for _, payload in to_disk:
+                payload.abandon()
         if t.disk_reads:
             start = time.perf_counter()
             result.failed_reads = self.disk.read_many([(h, self._slot_bytes(s)) for h, s in t.disk_reads])
@@ -144,9 +149,8 @@ class KVOffload:
         if self.disk is not None:
             self.disk.flush()
 
-    def _queue_disk_ops(self, ops: list[DiskOp]) -> list[tuple[int, PendingPayload]]:
-        """Phase 2; returns the writes whose bytes come from GPU blocks, for phase 3."""
-        to_disk = []
+    def _queue_disk_ops(self, ops: list[DiskOp], to_disk: list[tuple[int, PendingPayload]]):
+        """Phase 2; appends to to_disk the writes whose bytes come from GPU blocks, for phase 3."""
         for op in ops:
             if op.cpu_slot is not None:
                 self.disk.write(op.block_hash, self._slot_bytes(op.cpu_slot).copy())
@@ -155,7 +159,6 @@ class KVOffload:
                 self.disk.write(op.block_hash, to_disk[-1][1])
             else:
                 self.disk.delete(op.block_hash)
-        return to_disk
 
     def _slot_bytes(self, slot: int) -> np.ndarray:
         return self.pool[slot].view(-1).view(torch.uint8).numpy()

@@ -1,6 +1,7 @@
 """Block-level KV access and the runner's copies between the KV cache, the CPU pool and the disk tier (CPU).
 The same code runs on CUDA with a copy stream; tests/gpu/test_kv_offload_cuda.py checks it there."""
 import os
+import threading
 
 import pytest
 import torch
@@ -202,3 +203,27 @@ def test_model_identity_tells_dtype_block_size_and_weights_apart(model_dir):
 def test_consecutive_slots_are_copied_in_one_run():
     from pagedllm.runner.kv_offload import _runs
     assert _runs([4, 5, 6, 9, 10, 2]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1)]
+
+
+def test_a_store_that_raises_leaves_the_disk_writer_serving(model_dir, tmp_path, monkeypatch):
+    """A step whose copies out of the GPU raise (pinned host memory that cannot be allocated) has queued disk
+    writes whose bytes never come: the writer thread waited for them for ever, so every later write, read of a
+    queued block and flush waited too (the engine core's step hung). Those blocks are now not written (a read
+    finds them missing, and they are recomputed); the writer goes on."""
+    off, caches = make_offload(model_dir, str(tmp_path / "disk"))
+    get = kv_offload.get_kv_from_block
+
+    def no_host_memory(*args):
+        raise RuntimeError("CUDA error: out of memory (pinned host allocation)")
+    monkeypatch.setattr(kv_offload, "get_kv_from_block", no_host_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        off.execute(KVTransfers(disk_ops=[DiskOp(b"a" * 32, gpu_block=1)]))
+    monkeypatch.setattr(kv_offload, "get_kv_from_block", get)
+    off.execute(KVTransfers(disk_ops=[DiskOp(b"b" * 32, gpu_block=2)]))
+    flushed = threading.Thread(target=off.flush, daemon=True)
+    flushed.start()
+    flushed.join(timeout=10)
+    assert not flushed.is_alive(), "the disk writer waits for the failed step's bytes for ever"
+    result = off.execute(KVTransfers(disk_reads=[(b"a" * 32, 7), (b"b" * 32, 4)]))
+    assert result.failed_reads == {b"a" * 32: "missing"}
+    assert torch.equal(off.pool[4].view(-1), get_kv_from_block(caches, 2).reshape(-1))
