@@ -156,8 +156,8 @@ class LLM:
                 self.engine.add_request(ids[-1], prompt, p, OutputKind.FINAL, lora_request=lora,
                                         priority=prio)
                 bar.update(1)
-        except Exception:
-            self.engine.abort_request(ids)   # all or nothing: no half-added batch left in the engine
+        except BaseException:   # all or nothing, a Ctrl-C too: no half-added batch left in the engine
+            self.engine.abort_request(ids)
             raise
         finally:
             bar.close()

@@ -68,6 +68,27 @@ def test_bad_request_data_fails_alone_offline(llm, reference, monkeypatch):
     _assert_idle(llm)
 
 
+def test_interrupted_add_leaves_no_request_of_the_batch(llm, reference, monkeypatch):
+    """Ctrl-C while LLM.generate adds its prompts (tokenizing a large batch takes a while) lands in the adding
+    loop, which took back the requests added so far for an Exception only: they stayed in the engine, holding
+    their KV blocks, and the next generate() ran them to the end too (for nobody). None is left now."""
+    add, calls = llm.engine.add_request, []
+
+    def interrupted_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return add(*args, **kwargs)
+    monkeypatch.setattr(llm.engine, "add_request", interrupted_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, [_params(i) for i in range(4)], use_tqdm=False)
+    monkeypatch.undo()
+    assert not llm.engine.has_unfinished_requests()
+    _assert_idle(llm)
+    outs = llm.generate(PROMPTS, [_params(i) for i in range(4)], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+
+
 def test_failed_step_fails_its_requests_and_the_core_carries_on(llm, reference, monkeypatch):
     """The step that first schedules "poison" raises before its forward: the requests of that step fail,
     the step before it is still applied, the others run on unchanged. The poisoned step's blocks were
