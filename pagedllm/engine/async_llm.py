@@ -451,7 +451,10 @@ class AsyncLLM:
     def _process_outputs(self, core_outputs: list[EngineCoreOutput], stats: StepStats):
         try:
             self._process_step(core_outputs, stats)
-        except Exception as e:   # a bug here: the step's outputs are lost, and its requests' state is unknown
+        except (KeyboardInterrupt, SystemExit):   # not the step's: let through, as the event loop does
+            raise
+        except BaseException as e:   # a bug here, or the tokenizer's panic (pyo3's PanicException is no Exception):
+            # the step's outputs are lost, and its requests' state is unknown
             logger.exception("processing a step's outputs failed: failing %d requests in flight", len(self._queues))
             self._fail_requests(EngineGenerateError(f"the engine failed processing outputs: {e!r}"), abort=True)
 
