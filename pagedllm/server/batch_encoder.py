@@ -54,7 +54,7 @@ class BatchEncoder:
             try:
                 ids = tokenizer([batch[i][0] for i in rows], add_special_tokens=add_special,
                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-            except Exception:   # one bad text fails the whole call: encode each alone to blame the right one
+            except BaseException:   # one bad text fails the whole call: encode each alone to blame the right one
                 ids = [_encode_one(tokenizer, batch[i][0], add_special) for i in rows]
             for i, row_ids in zip(rows, ids):
                 results[i] = row_ids
@@ -62,7 +62,11 @@ class BatchEncoder:
 
 
 def _encode_one(tokenizer, text: str, add_special_tokens: bool):
+    """The ids, or the exception of this text. A Rust tokenizer's panic (pyo3's PanicException: no Exception, so
+    past the server's error handlers) becomes one, naming it. On the tokenizer thread: no Ctrl-C comes here."""
     try:
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
     except Exception as e:
         return e
+    except BaseException as e:
+        return RuntimeError(f"the tokenizer failed on this text: {type(e).__name__}: {e}")

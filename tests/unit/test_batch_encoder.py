@@ -80,3 +80,36 @@ def test_a_stopped_executor_fails_the_waiters():
         with pytest.raises(RuntimeError):
             await encoder.encode("x", True)
     asyncio.run(main())
+
+
+class PanicException(BaseException):
+    """As pyo3's: a Rust tokenizer's panic on a text (tiktoken on a long run of one character, openai/tiktoken#15)
+    reaches Python as a BaseException, not an Exception."""
+
+
+class _PanicsOn:
+    def __init__(self, tokenizer, text: str):
+        self.tokenizer, self.text = tokenizer, text
+
+    def __call__(self, texts, **kwargs):
+        if self.text in texts:
+            raise PanicException("no entry found for key")
+        return self.tokenizer(texts, **kwargs)
+
+    def encode(self, text, **kwargs):
+        if text == self.text:
+            raise PanicException("no entry found for key")
+        return self.tokenizer.encode(text, **kwargs)
+
+
+def test_a_text_the_tokenizer_panics_on_fails_alone_with_an_exception(tokenizer):
+    """The batch's call panics on one text: it was no Exception, so the texts were not encoded one by one to blame
+    it, and every request of the batch failed with the panic (past the server's error handlers, which take an
+    Exception: a bare 500 from uvicorn). That text alone fails now, with an error naming the panic."""
+    async def mixed(encoder):
+        return await asyncio.gather(*(encoder.encode(t, True) for t in ["fine", "^" * 100, "also fine"]),
+                                    return_exceptions=True)
+
+    got, _ = run(_PanicsOn(tokenizer, "^" * 100), mixed)
+    assert got[0] == tokenizer.encode("fine") and got[2] == tokenizer.encode("also fine")
+    assert isinstance(got[1], Exception) and "no entry found for key" in str(got[1]), got[1]
