@@ -259,11 +259,17 @@ class AsyncLLM:
             req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt,
                                                lora_request=lora_request, kv_parent=kv_parent, hold_kv=hold_kv,
                                                priority=priority)
-            # Sent (pickled) before anything is registered: one that cannot be pickled fails alone, here. Its
-            # outputs cannot overtake the registration: the pipe's reader runs on this loop, after this returns.
-            self.core.send(("add", req.core_requests))
+            # Its output state first (its detokenizer decodes the prompt's last tokens, which may raise): the
+            # core never runs a request that failed here. Then sent (pickled), the output state dropped if it
+            # cannot be: either failure is this request's alone. Its outputs cannot overtake the registration:
+            # the pipe's reader runs on this loop, after this returns.
             self.output_processor.add_request(request_id, req.prompt, req.prompt_token_ids, req.params, kind,
                                               req.arrival_time, lora_request)
+            try:
+                self.core.send(("add", req.core_requests))
+            except BaseException:
+                self.output_processor.abort(request_id)
+                raise
             q = self._queues[request_id] = OutputQueue()
             self._unscheduled.update(r.request_id for r in req.core_requests)
             if self.log_requests:

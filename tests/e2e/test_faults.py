@@ -188,6 +188,38 @@ def test_request_that_cannot_be_sent_fails_alone(tiny_model_dirs, reference):
     asyncio.run(main())
 
 
+def test_request_whose_output_state_cannot_be_built_is_not_left_in_the_core(tiny_model_dirs, reference):
+    """A request whose detokenizer fails to start (it decodes the prompt's last tokens: a tokenizer that raises,
+    or panics, on one of them) fails at its add. It had been sent to the core first, which ran it to its end for
+    nobody, its KV blocks held meanwhile (the test's core still had it running). The core never sees it now."""
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.async_llm import AsyncLLM
+
+    async def main():
+        engine = AsyncLLM(EngineConfig(tiny_model_dirs["llama"], num_gpu_blocks_override=64, max_model_len=256,
+                                       log_stats_interval=0, device="cpu"))
+        add = engine.output_processor.add_request
+
+        def undecodable_prompt(request_id, *args, **kwargs):
+            if request_id == "bad":
+                raise RuntimeError("decoding the prompt's last tokens failed")
+            return add(request_id, *args, **kwargs)
+        engine.output_processor.add_request = undecodable_prompt
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+            with pytest.raises(RuntimeError, match="prompt's last tokens"):
+                await asyncio.wait_for(final_token_ids(engine, "bad", PROMPTS[1], params), 60)
+            assert "bad" not in engine._queues and not engine._unscheduled and not engine.output_processor.parents
+            stats = await engine.get_stats()
+            assert stats.num_running == stats.num_waiting == 0 and stats.num_blocks_free == stats.num_blocks_total
+            assert await asyncio.wait_for(final_token_ids(engine, "after", PROMPTS[0], _params(0)), 60) == \
+                reference[0]
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
+
+
 class PanicException(BaseException):
     """As pyo3's: a Rust tokenizer's panic (tiktoken decoding an id it has no entry for, openai/tiktoken#47; an
     HF tokenizers component, huggingface/tokenizers#2151) reaches Python as a BaseException, not an Exception."""
