@@ -71,8 +71,8 @@ async def _answer_all(engine_config, server_config, checks, core, lines: list[st
     seen_ids: dict[str, int] = {}   # custom_id -> its first line (_answer checks before its first await: in order)
     progress = tqdm(total=len(todo), desc="requests", unit="req", disable=len(todo) < 2)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://run-batch", headers=headers,
-            timeout=None) as client:
+            transport=httpx.ASGITransport(app=_logging_errors(app), raise_app_exceptions=False),
+            base_url="http://run-batch", headers=headers, timeout=None) as client:
 
         async def answer(number: int, line: str) -> dict:
             async with slots:
@@ -89,6 +89,19 @@ async def _answer_all(engine_config, server_config, checks, core, lines: list[st
     if died.is_set():
         raise RuntimeError("the engine core process died during the batch: the lines after it are errors")
     return counts
+
+
+def _logging_errors(app):
+    """The app as uvicorn serves it: a request that meets a bug gets the server's 500, and the exception (which
+    Starlette raises again after that response, for the server's log) is logged, not raised on: that line's
+    answer is the 500, and the batch goes on."""
+    async def logged(scope, receive, send):
+        try:
+            await app(scope, receive, send)
+        except Exception:
+            logger.exception("Exception in ASGI application")
+            raise
+    return logged
 
 
 async def _answer(client, number: int, line: str, seen_ids: dict[str, int]) -> dict:

@@ -105,3 +105,36 @@ def test_a_line_nested_too_deeply_is_an_error_line():
     out = asyncio.run(_answer(None, 3, deep, {}))
     assert out["response"]["status_code"] == 400 and out["error"]["param"] == "line"
     assert "line 3" in out["error"]["message"] and "nested too deeply" in out["error"]["message"]
+
+
+def test_a_line_the_server_fails_on_is_a_500_line_not_the_end_of_the_batch(tmp_path, monkeypatch, caplog):
+    """A line whose request meets a bug of the server (its 500, in OpenAI's shape): the app's transport raised the
+    exception on to run-batch as well (Starlette raises it again after the 500, for the server's log), so the
+    whole batch ended there and wrote no output file, the other lines' answers lost. It is that line's 500 line,
+    and the exception is logged, as the server logs it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+
+    from pagedllm.server import api_server, run_batch
+    from pagedllm.server.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/v1/completions")
+    async def completions(body: dict):
+        if body["prompt"] == "boom":
+            raise RuntimeError("a bug met by this request")
+        return {"choices": [{"text": body["prompt"]}]}
+    monkeypatch.setattr(api_server, "serving_app", lambda *args: (app, None))
+    lines = [json.dumps({"custom_id": str(i), "url": "/v1/completions", "body": {"prompt": p}})
+             for i, p in enumerate(["fine", "boom", "also fine"])]
+    sink = tmp_path / "out.jsonl"
+    counts = asyncio.run(run_batch._answer_all(None, SimpleNamespace(api_key=[]), None, None, lines, str(sink)))
+    out = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert [o["response"]["status_code"] for o in out] == [200, 500, 200] and counts == {200: 2, 500: 1}
+    assert out[1]["error"]["code"] == "internal_error"
+    assert [o["response"]["body"]["choices"][0]["text"] for o in (out[0], out[2])] == ["fine", "also fine"]
+    assert "a bug met by this request" in caplog.text and "Traceback" in caplog.text
