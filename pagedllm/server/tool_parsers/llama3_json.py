@@ -51,9 +51,9 @@ class Llama3JsonToolParser(ToolParser):
         self._wraps = (0, False)                # (lists open, in a fence) if the object is a call
         self._depth = 0                         # lists open around the calls so far: their closers are dropped
         self._fenced = False                    # the calls so far are in a fence
-        # a list scan that stopped for more text: (where, the scan), where being the "[" of a list that may yet
-        # wrap a call, or -1 - the start of a list's text after a call; it goes on when the buffer has grown
-        self._resume: tuple[int, ListScan] | None = None
+        # a list scan that stopped for more text: (after a call, where, the scan), where being the "[" of a list
+        # that may yet wrap a call, or the start of a list's text after a call; it goes on when the buffer grew
+        self._resume: tuple[bool, int, ListScan] | None = None
         # while it waits, the text after the buffer (joined once the list shows what it is, so that a long one is
         # not copied at each delta), and the text from where the scan stopped (a number cut short) on
         self._pending: list[str] = []
@@ -70,7 +70,7 @@ class Llama3JsonToolParser(ToolParser):
     def _still_more(self, text: str) -> bool:
         """A list scan that waits reads the new text alone: True while it waits still (the text is kept aside);
         else the text kept is joined to the buffer, whose scan goes on where it stopped."""
-        where, state = self._resume
+        after_call, where, state = self._resume
         if self._carry is None:
             self._carry = self._buf[state.end:]
         local = self._carry + text
@@ -81,7 +81,7 @@ class Llama3JsonToolParser(ToolParser):
             self._carry = None
             return False
         self._pending.append(text)
-        self._resume, self._carry = (where, moved(scan, state.end + scan.end)), local[scan.end:]
+        self._resume, self._carry = (after_call, where, moved(scan, state.end + scan.end)), local[scan.end:]
         return True
 
     def finish(self) -> DeltaMessage:
@@ -106,8 +106,9 @@ class Llama3JsonToolParser(ToolParser):
             cut = len(self._buf) - held
             self._content(self._buf[:cut].replace(PYTHON_TAG, ""))
             self._buf = self._buf[cut:]
-            if self._resume is not None:
-                self._resume = (self._resume[0] - cut, moved(self._resume[1], self._resume[1].end - cut))
+            if self._resume is not None:   # (_first_object's: a list that may yet wrap a first call)
+                _, where, scan = self._resume
+                self._resume = (False, where - cut, moved(scan, scan.end - cut))
             return False
         prefix = FENCE_OPENER.search(self._buf, 0, i - held).group() + self._buf[i - held:i]
         self._content(self._buf[:i - len(prefix)].replace(PYTHON_TAG, ""))
@@ -123,11 +124,12 @@ class Llama3JsonToolParser(ToolParser):
             start = m.start()
             if m.group() == "{":
                 return start, 0, 0
-            scan = scan_list(self._buf, resume[1] if resume is not None and resume[0] == start else start_list(start))
+            resumed = resume is not None and resume[:2] == (False, start)
+            scan = scan_list(self._buf, resume[2] if resumed else start_list(start))
             if scan.kind == "object":
                 return scan.end, scan.depth, scan.end - start
             if scan.kind == "more":   # nothing after it is read: it holds no object yet (held with its fence)
-                self._resume, self._carry = (start, scan), None
+                self._resume, self._carry = (False, start, scan), None
                 return -1, 0, len(self._buf) - start + len(FENCE_OPENER.search(self._buf, 0, start).group())
             # a list that closed is text (a "{" in its strings too); one that broke off may hold a list that wraps
             at = scan.end if scan.kind == "closed" else start + 1
@@ -180,10 +182,10 @@ class Llama3JsonToolParser(ToolParser):
         wrapping too, as vLLM reads the objects only; an object (at any depth) is the next item. None where text
         breaks the list off (", 42 is it"): that is content from its comma on."""
         resume, self._resume = self._resume, None
-        start = resume[1] if resume is not None and resume[0] == -1 - at else ListScan("more", at, self._depth, False)
-        scan = scan_list(self._buf, start)
+        resumed = resume is not None and resume[:2] == (True, at)
+        scan = scan_list(self._buf, resume[2] if resumed else ListScan("more", at, self._depth, False))
         if scan.kind == "more":
-            self._resume, self._carry = (-1 - at, scan), None
+            self._resume, self._carry = (True, at, scan), None
             return False
         if scan.kind == "object":
             self._after = None
