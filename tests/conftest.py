@@ -106,3 +106,16 @@ async def assert_dies_within(engine, prompt, kill, seconds: float = 5.0):
         await asyncio.wait_for(task, 10)
     assert time.monotonic() - start < seconds
 
+
+
+def raising_at_call(fn, n: int, error: BaseException | type[BaseException]):
+    """fn, but its n-th call raises error (a fault injected at a chosen step); the other calls go through."""
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            raise error
+        return fn(*args, **kwargs)
+    return wrapper

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from conftest import final_token_ids
+from conftest import final_token_ids, raising_at_call
 from pagedllm import LLM, SamplingParams
 
 PROMPTS = [[1] + list(range(10 + 7 * i, 10 + 7 * i + 37)) for i in range(4)]   # 38 tokens: 2 full blocks
@@ -72,14 +72,7 @@ def test_interrupted_add_leaves_no_request_of_the_batch(llm, reference, monkeypa
     """Ctrl-C while LLM.generate adds its prompts (tokenizing a large batch takes a while) lands in the adding
     loop, which took back the requests added so far for an Exception only: they stayed in the engine, holding
     their KV blocks, and the next generate() ran them to the end too (for nobody). None is left now."""
-    add, calls = llm.engine.add_request, []
-
-    def interrupted_at_the_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return add(*args, **kwargs)
-    monkeypatch.setattr(llm.engine, "add_request", interrupted_at_the_third)
+    monkeypatch.setattr(llm.engine, "add_request", raising_at_call(llm.engine.add_request, 3, KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         llm.generate(PROMPTS, [_params(i) for i in range(4)], use_tqdm=False)
     monkeypatch.undo()
@@ -237,14 +230,8 @@ def test_output_processing_that_raises_fails_the_requests_in_flight(tiny_model_d
     async def main():
         engine = AsyncLLM(EngineConfig(tiny_model_dirs["llama"], num_gpu_blocks_override=64, max_model_len=256,
                                        log_stats_interval=0, device="cpu"))
-        process, calls = engine.output_processor.process, []
-
-        def fail_the_third(*args):
-            calls.append(1)
-            if len(calls) == 3:
-                raise error("a bug in output processing")
-            return process(*args)
-        engine.output_processor.process = fail_the_third
+        engine.output_processor.process = raising_at_call(engine.output_processor.process, 3,
+                                                          error("a bug in output processing"))
         try:
             tasks = [final_token_ids(engine, f"r{i}", p, _params(i)) for i, p in enumerate(PROMPTS[:2])]
             results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)

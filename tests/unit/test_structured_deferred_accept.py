@@ -7,6 +7,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 import xgrammar as xgr
+from conftest import raising_at_call
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.structured_output.manager import RequestGrammar, StructuredOutputManager
@@ -165,15 +166,9 @@ def test_the_first_token_is_the_reasoning_start_or_the_grammars(compiled, first)
 
 def test_a_constrained_sampling_failure_ends_that_steps_requests():
     llm = LLM(dtype="float32", log_stats_interval=0)
-    core, calls = llm.engine.core, []
+    core = llm.engine.core
     sample = core.runner.sample_constrained
-
-    def fail_once(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("bitmask kernel failed")
-        return sample(*args)
-    core.runner.sample_constrained = fail_once
+    core.runner.sample_constrained = raising_at_call(sample, 3, RuntimeError("bitmask kernel failed"))
     constrained = SamplingParams(temperature=1.0, seed=1, max_tokens=12, ignore_eos=True,
                                  structured_outputs={"regex": "[a-z ]+"})
     plain = SamplingParams(temperature=0.0, max_tokens=12)
