@@ -27,7 +27,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.parallel_state import destroy_tp, init_tp, rank_device
-from pagedllm.distributed.worker import pack_step, run_worker_process
+from pagedllm.distributed.worker import OUT_OF_STEP_EXIT_CODE, pack_step, run_worker_process
 
 logger = logging.getLogger("pagedllm")
 DEATH_GRACE_SECONDS = 10.0
@@ -119,8 +119,10 @@ class MultiprocExecutor:
         for rank, proc in enumerate(self.procs, start=1):
             if not proc.is_alive():
                 self.noticed = True
+                why = (": a step call failed on it and not on rank 0 (its log says which), so its collectives were "
+                       "out of step" if proc.exitcode == OUT_OF_STEP_EXIT_CODE else "")
                 raise WorkerDiedError(f"tensor-parallel worker rank {rank} (pid {proc.pid}) died with exit code "
-                                      f"{proc.exitcode}: the engine cannot run without its part of the model")
+                                      f"{proc.exitcode}{why}: the engine cannot run without its part of the model")
 
     def _monitor(self):
         """Waits for a worker's death; unless the engine notices and stops, ends this process after a grace."""

@@ -8,16 +8,27 @@ call for a Ray executor). Messages, in the driver's order:
 The worker's steps launch and read like the driver's (execute of N+1 before result of N), so its device keeps
 the next step queued too; its sampled ids equal the driver's (same all-gathered logits, same seeds) and
 stay here: only rank 0 reports outputs.
+
+A step call that raises here (execute, sample_constrained, result) must have raised on the driver too: its
+engine then fails the step's requests and its next message is ("reset_after_failed_step",). Any other next
+message, or none within RESET_WAIT_SECONDS (the driver waits in a collective this rank never joined), means
+the call failed here alone (an OOM on this GPU): this rank's collectives and state are out of step with the
+others', so it exits (OUT_OF_STEP_EXIT_CODE), and the engine ends as it does when a worker dies, naming why.
 """
 import dataclasses
 import logging
+import os
 import pickle
 import signal
+import threading
 from multiprocessing.connection import Connection
 
 from pagedllm.config import EngineConfig
 
 logger = logging.getLogger("pagedllm")
+RESET_WAIT_SECONDS = 10.0
+OUT_OF_STEP_EXIT_CODE = 3
+_STEP_CALLS = ("execute", "sample_constrained", "result")
 
 
 class Worker:
@@ -33,11 +44,19 @@ class Worker:
         self.tp = init_tp(rank, size, init_method, device)
         self.runner = ModelRunner(config, model.hf_config, device, model.dtype, model.max_model_len, self.tp)
         self.pending = {}   # step -> PendingOutput, launched and not read yet
+        self._failed: tuple[str, threading.Timer] | None = None   # a step call that raised, until the reset
 
     def handle(self, msg: tuple) -> None:
         """One call of the driver's runner. One that raises here raised there too (the same data, the same
-        code): the driver fails its requests, the worker logs it and goes on like the driver."""
+        code): the driver fails its requests, the worker logs it and goes on like the driver, once the driver's
+        reset confirms it (see the module doc)."""
         kind = msg[0]
+        if self._failed is not None:
+            what, timer = self._failed
+            timer.cancel()
+            self._failed = None
+            if kind != "reset_after_failed_step":
+                self._exit_out_of_step(f"{what}, and the driver's next call was {kind!r}, not the reset")
         try:
             if kind == "execute":
                 self.pending[msg[1]] = self.runner.execute_async(unpack_step(msg[2]))
@@ -54,11 +73,24 @@ class Worker:
                 self.runner.reset_after_failed_step()
             else:
                 raise ValueError(f"unknown worker message {kind!r}")
-        except Exception:
+        except Exception as e:
             if kind == "sample_constrained":
                 self.pending.pop(msg[1], None)
             logger.exception("tensor-parallel rank %d: %s failed (the driver fails the same call)", self.tp.rank,
                              kind)
+            if kind in _STEP_CALLS:
+                what = f"{kind} of step {msg[1]} raised here ({type(e).__name__}: {e})"
+                timer = threading.Timer(RESET_WAIT_SECONDS, self._exit_out_of_step,
+                                        (f"{what}, and no reset came from the driver in {RESET_WAIT_SECONDS:g} s",))
+                timer.daemon = True
+                timer.start()
+                self._failed = (what, timer)
+
+    def _exit_out_of_step(self, why: str) -> None:
+        logger.critical("tensor-parallel rank %d is out of step with rank 0: %s. Exiting: the engine cannot run "
+                        "without this rank", self.tp.rank, why)
+        logging.shutdown()
+        os._exit(OUT_OF_STEP_EXIT_CODE)
 
     def _drop_unread(self, step: int) -> None:
         """The driver reads steps in order: one before `step` still here failed there and is never read."""
@@ -67,6 +99,8 @@ class Worker:
 
     def shutdown(self) -> None:
         from pagedllm.distributed.parallel_state import destroy_tp
+        if self._failed is not None:
+            self._failed[1].cancel()
         destroy_tp(self.tp)
 
 

@@ -112,6 +112,28 @@ def _kill_a_worker_mid_run(engine):
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("call", ["execute", "result"])
+def test_a_step_call_failing_on_one_rank_alone_ends_the_engine(model_dirs, monkeypatch, call):
+    """A step call that raises on rank 1 and not on rank 0 (an OOM on one GPU) leaves the ranks' collectives and
+    state out of step: the worker exits, and the engine ends with WorkerDiedError saying so, within seconds,
+    where it hung in a collective (a launch: rank 0 waits for rank 1's all-reduce) or went on out of step (a
+    read: rank 1's next inputs lack its tokens)."""
+    import functools
+
+    import tp_faults
+
+    from pagedllm.distributed import executor
+    monkeypatch.setattr(executor, "run_worker_process", functools.partial(tp_faults.failing_worker_process, call, 6))
+    llm = LLM(model_dirs["qwen2_kv2"], tensor_parallel_size=2, **ENGINE)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="rank 1 .* exit code 3: a step call failed on it and not on rank 0"):
+            llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+        assert time.monotonic() - start < 20
+    finally:
+        llm.shutdown()
+
+
 def test_async_llm_tp2_and_a_killed_worker(model_dirs):
     """Through AsyncLLM (the core process starts the worker): TP=1's tokens; a killed worker ends the core
     process, and the request in flight fails with EngineDeadError within seconds."""
