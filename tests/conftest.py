@@ -107,7 +107,6 @@ async def assert_dies_within(engine, prompt, kill, seconds: float = 5.0):
     assert time.monotonic() - start < seconds
 
 
-
 def raising_at_call(fn, n: int, error: BaseException | type[BaseException]):
     """fn, but its n-th call raises error (a fault injected at a chosen step); the other calls go through."""
     calls = 0

@@ -80,9 +80,9 @@ class PendingPayload:
         self._filled.set()
 
     def abandon(self):
-        """The copy failed (its step raised): the writer skips the block instead of waiting for it for ever."""
-        if not self._filled.is_set():
-            self._filled.set()
+        """The copy failed (its step raised): the writer skips the block instead of waiting for it for ever (a
+        filled one, whose `array` is set, is written as before)."""
+        self._filled.set()
 
     def wait(self) -> np.ndarray | None:
         """The bytes, or None for an abandoned copy."""
