@@ -97,6 +97,15 @@ def test_required_makes_calls_streamed_as_not(client, parallel):
                                                       for c in message.tool_calls]
 
 
+def test_required_cut_short_before_a_name_says_nothing(client):
+    """max_tokens ends the output inside the constraint's JSON before a call's name: no call, and the JSON is not
+    content either (it was a content of '[{"name"'), streamed or not, as vLLM 0.26 answers."""
+    kw = {"tools": [WEATHER, NOW], "tool_choice": "required", "max_tokens": 3}
+    out = _create(client, **kw).choices[0]
+    assert out.finish_reason == "length" and out.message.content is None and not out.message.tool_calls
+    assert _streamed(client, **kw) == ("", {}, "length")
+
+
 def test_auto_on_text_without_calls_is_plain_content(client):
     """The tiny model writes no <tool_call>: its text is the content, as without tools."""
     plain = _create(client).choices[0]

@@ -61,22 +61,19 @@ class NamedCallParser(ToolParser):
 
 
 class RequiredCallsParser(ToolParser):
-    """[{"name": ..., "parameters": ...}, ...]: each item a call as soon as its name is complete. Output that
-    holds no call (cut short before a name) is returned as content."""
+    """[{"name": ..., "parameters": ...}, ...]: each item a call as soon as its name is complete. Output cut short
+    before a name holds no call and is no content either: it is the constraint's JSON, not text the model chose
+    to say (vLLM 0.26 answers content null under "required" whatever the output)."""
 
     def __init__(self, max_calls: int | None = None, call_id=new_call_id):
         super().__init__(max_calls)
         self.call_id = call_id
-        self._text: list[str] = []   # the output, in pieces: content if it holds no call
         self._opened = False
         self._closed = False
         self._call: CallScanner | None = None
         self._named = False
-        self._called = False   # a call went out
 
     def feed(self, text: str) -> DeltaMessage:
-        if not self._called:   # (once a call went out, the text is never content)
-            self._text.append(text)
         while text and not self._closed:
             text = self._read(text)
         return self._take()
@@ -84,9 +81,6 @@ class RequiredCallsParser(ToolParser):
     def finish(self) -> DeltaMessage:
         if self._call is not None and self._call.name is not None:
             self._end_item()
-        if not self.num_calls and not self._out.tool_calls:
-            self._content("".join(self._text))
-            self._flush_content()
         return self._take()
 
     def _read(self, text: str) -> str:
@@ -94,7 +88,7 @@ class RequiredCallsParser(ToolParser):
             n = self._call.feed(text)
             if self._call.name is not None and not self._named:
                 self._start_call(self._call.name)
-                self._named = self._called = True
+                self._named = True
             if self._named:
                 self._arguments(self._call.take_arguments())
             if self._call.done:
