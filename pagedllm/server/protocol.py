@@ -322,7 +322,7 @@ class CompletionRequest(_SamplingRequest):
         return self
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
-        return [*super().unsupported(), ("suffix", not self.suffix, "fill-in-the-middle"),
+        return [*super().unsupported(), ("suffix", self.suffix is None, "fill-in-the-middle"),
                 ("prompt_embeds", self.prompt_embeds is None, _EMBEDDINGS)]
 
 
