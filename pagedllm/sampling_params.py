@@ -22,9 +22,11 @@ _DEFAULT_WHEN_NONE = ("n", "presence_penalty", "frequency_penalty", "repetition_
 
 
 def clamped_logit_bias(bias: dict) -> dict:
-    """Each bias clamped into [-100, 100], as vLLM's server clamps them (SamplingParams.from_optional); +inf and
-    NaN are left for SamplingParams to refuse by name."""
-    return {k: min(100.0, max(-100.0, v)) if _finite(v) or v == -math.inf else v for k, v in bias.items()}
+    """Each bias clamped into [-100, 100], as vLLM's server clamps them (SamplingParams.from_optional): -inf and
+    +inf (JSON's 1e400) too. NaN is no bias: left for SamplingParams to refuse by name (vLLM's max/min made it
+    -100)."""
+    return {k: min(100.0, max(-100.0, v)) if _number(v) and v == v else v for k, v in bias.items()}
+
 
 
 class SamplingType(enum.IntEnum):
@@ -320,9 +322,13 @@ def _short(value) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+def _number(v) -> bool:   # an int or float, not a bool
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _finite(v) -> bool:
     """A real number that is not inf or NaN (bool and huge ints, which overflow float, are not)."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
+    if not _number(v):
         return False
     try:
         return math.isfinite(v)

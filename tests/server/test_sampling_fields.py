@@ -53,6 +53,19 @@ def test_logit_bias_and_allowed_token_ids(server, offline_llm):
         assert out["choices"][0]["text"] != _complete(server, PROMPTS[0])["choices"][0]["text"]
 
 
+def test_an_infinite_logit_bias_is_clamped_as_a_huge_one(server):
+    """JSON's 1e400 reads as +inf: clamped to 100 as 1e300 is (vLLM's server clamps both); it was a 400."""
+    def complete(bias: str) -> dict:
+        body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+        text = json.dumps(body)[:-1] + f', "logit_bias": {{"{TOKEN}": {bias}}}}}'
+        r = httpx.post(server.url + "/v1/completions", headers={**server.headers, "content-type": "application/json"},
+                       content=text, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    assert complete("1e400") == complete("1e300") == complete("100") != complete("0")
+    assert complete("-1e400") == complete("-100")
+
+
 def test_bad_words_ban_a_greedy_word(server, offline_llm):
     """A word that is one token (tokenized as vLLM does, with and without a leading space) is never sampled."""
     tokenizer = offline_llm.get_tokenizer()

@@ -197,6 +197,11 @@ def test_logit_bias_is_taken_as_given_and_clamped_by_from_optional_as_vllms():
     assert SamplingParams(logit_bias={5: -1e9, 6: 250, 7: float("-inf")}).logit_bias == {5: -1e9, 6: 250,
                                                                                          7: float("-inf")}
     assert SamplingParams.from_optional(logit_bias={"5": -1e9, 6: 250, 7: 3}).logit_bias == {5: -100, 6: 100, 7: 3}
+    # infinities clamp as any number (the server's JSON 1e400 is +inf: it was refused while 1e300 was clamped)
+    inf = float("inf")
+    assert SamplingParams.from_optional(logit_bias={5: inf, 6: -inf}).logit_bias == {5: 100, 6: -100}
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams.from_optional(logit_bias={5: float("nan")})
 
 
 def test_skip_clone_makes_clone_shallow_as_vllms():
