@@ -25,8 +25,8 @@ def clamped_logit_bias(bias: dict) -> dict:
     """Each bias clamped into [-100, 100], as vLLM's server clamps them (SamplingParams.from_optional): -inf and
     +inf (JSON's 1e400) too. NaN is no bias: left for SamplingParams to refuse by name (vLLM's max/min made it
     -100)."""
-    return {k: min(100.0, max(-100.0, v)) if _number(v) and v == v else v for k, v in bias.items()}
-
+    return {k: min(100.0, max(-100.0, v)) if _number(v) and v == v else v   # v == v: not NaN
+            for k, v in bias.items()}
 
 
 class SamplingType(enum.IntEnum):

@@ -55,7 +55,7 @@ def test_logit_bias_and_allowed_token_ids(server, offline_llm):
 
 def test_an_infinite_logit_bias_is_clamped_as_a_huge_one(server):
     """JSON's 1e400 reads as +inf: clamped to 100 as 1e300 is (vLLM's server clamps both); it was a 400."""
-    def complete(bias: str) -> dict:
+    def complete(bias: str) -> str:   # the bias as JSON text: json= cannot send 1e400
         body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
         text = json.dumps(body)[:-1] + f', "logit_bias": {{"{TOKEN}": {bias}}}}}'
         r = httpx.post(server.url + "/v1/completions", headers={**server.headers, "content-type": "application/json"},
