@@ -30,7 +30,9 @@ from pagedllm.distributed.parallel_state import destroy_tp, init_tp, rank_device
 from pagedllm.distributed.worker import OUT_OF_STEP_EXIT_CODE, pack_step, run_worker_process
 
 logger = logging.getLogger("pagedllm")
-DEATH_GRACE_SECONDS = 10.0
+# A dead rank ends the engine whichever way it is seen: the grace only lets a failed call (DEATH_CHECK_SECONDS
+# to see the death) end it in order; past that, a user's requests would just wait longer for their error
+DEATH_GRACE_SECONDS = 5.0
 DEATH_CHECK_SECONDS = 3.0   # after a failed call: how long Ray may take to report a dead actor
 
 
