@@ -22,7 +22,7 @@ from pagedllm.engine.engine_args import AsyncEngineArgs
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
-from pagedllm.engine.output_queue import ABORTED, Aborted, OutputQueue
+from pagedllm.engine.output_queue import ABORTED, Aborted, OutputQueue, OutputStream
 from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs, check_tokenization_kwargs
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.engine.vllm_config import ModelConfig, VllmConfig, vllm_config_of
@@ -182,16 +182,17 @@ class AsyncLLM:
     def add_request(self, request_id: str, prompt: str | list[int] | dict, sampling_params: SamplingParams,
                     output_kind: OutputKind | None = None,
                     cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
-                    hold_kv: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                    hold_kv: bool = False, priority: int = 0) -> OutputStream:
         """Validates and queues the request now: raises ValueError for an invalid request, QueueFullError at
         the waiting-queue bound. lora_request: its adapter, loaded in the core process if new (a bad one
-        fails the request there: finish_reason "error"). Returns the iterator of its outputs; leaving it early
-        (break, cancel, a closed client) aborts the request, which frees its KV blocks. A caller that never iterates it
-        must abort() the request itself. kv_parent, hold_kv, priority: as Engine.add_request's. output_kind:
-        None takes sampling_params.output_kind (vLLM's way to ask for deltas)."""
+        fails the request there: finish_reason "error"). Returns its outputs (OutputStream): iterated, or awaited
+        and read with get() as vLLM's coroutine gives a collector; leaving the iteration early (break, cancel, a
+        closed client) aborts the request, which frees its KV blocks. A caller that stops reading must abort() it.
+        kv_parent, hold_kv, priority: as Engine.add_request's. output_kind: None takes sampling_params.output_kind
+        (vLLM's way to ask for deltas)."""
         q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt, lora_request,
                               kv_parent, hold_kv, priority)
-        return self._outputs(request_id, q)
+        return OutputStream(self._outputs(request_id, q))
 
     async def generate(self, prompt: str | list[int] | dict, sampling_params: SamplingParams, request_id: str,
                        output_kind: OutputKind | None = None,

@@ -1,5 +1,5 @@
-"""What AsyncLLM hands its callers to wait on: a request's OutputQueue, read by its stream, and Aborted, what
-abort() returns."""
+"""What AsyncLLM hands its callers to wait on: a request's OutputQueue, read by its stream, OutputStream, what
+add_request returns, and Aborted, what abort() returns."""
 import asyncio
 from collections import deque
 
@@ -14,6 +14,33 @@ class Aborted:
 
 
 ABORTED = Aborted()
+
+
+class OutputStream:
+    """A request's outputs, as add_request returns them: iterated (`async for`; leaving early aborts the request),
+    or awaited first, as vLLM's add_request is a coroutine that gives a collector, then read with get() until an
+    output is finished (vLLM's RequestOutputCollector.get; its outputs here are never merged)."""
+    __slots__ = ("_outputs",)
+
+    def __init__(self, outputs):
+        self._outputs = outputs   # AsyncLLM._outputs' generator: its finally aborts a request left early
+
+    def __aiter__(self):
+        return self._outputs
+
+    def __anext__(self):
+        return self._outputs.__anext__()
+
+    def aclose(self):
+        return self._outputs.aclose()
+
+    def __await__(self):
+        return self
+        yield   # a generator: awaiting it returns the stream itself at once
+
+    async def get(self):
+        """The next output (vLLM's collector's call): StopAsyncIteration after the finished one."""
+        return await self._outputs.__anext__()
 
 
 class OutputQueue:

@@ -333,3 +333,23 @@ def test_an_engine_built_before_its_event_loop_is_healthy_when_first_asked(tiny_
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_add_request_may_be_awaited_and_read_with_get_as_vllms(tiny_model_dirs):
+    """vLLM 0.26's add_request is a coroutine that gives a collector read with get(): `await add_request(...)` was
+    a TypeError (an async generator is not awaitable). Awaited and read so, a request gives generate()'s outputs;
+    iterated as before, the same."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompt = list(range(3, 20))
+
+    async def body(engine):
+        want = [o.outputs[0].token_ids for o in [o async for o in engine.generate(prompt, params, "g")]]
+        collector = await engine.add_request("a", prompt, params)
+        got = [await collector.get()]
+        while not got[-1].finished:
+            got.append(await collector.get())
+        assert [o.outputs[0].token_ids for o in got] == want
+        with pytest.raises(StopAsyncIteration):
+            await collector.get()
+        assert [o.outputs[0].token_ids async for o in engine.add_request("b", prompt, params)] == want
+    run(tiny_model_dirs["llama"], body)
