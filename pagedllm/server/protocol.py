@@ -26,8 +26,7 @@ from pagedllm.server.structured_fields import constraint_field, structured_outpu
 #   user, metadata, store, service_tier, safety_identifier, prompt_cache_key: the client's labels;
 #   prompt_cache_retention: PromptCacheRetention's;
 #   request_id: vLLM's, here it names the response (its id) and nothing else;
-#   return_token_offsets: vLLM's, answered by its /render endpoints only (its generation endpoints ignore it);
-#   stream_options without stream.
+#   return_token_offsets: vLLM's, answered by its /render endpoints only (its generation endpoints ignore it).
 _NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
            "prompt_cache_retention", "request_id", "return_token_offsets")
 
@@ -202,6 +201,14 @@ class _SamplingRequest(_Request):
         if self.stream and self.prompt_logprobs is not None and (self.prompt_logprobs > 0
                                                                  or self.prompt_logprobs == -1):
             raise APIError(400, "prompt_logprobs are not available when stream is true", "prompt_logprobs",
+                           "invalid_value")
+        return self
+
+    @model_validator(mode="after")
+    def _check_stream_options(self):
+        # vLLM's rule and message: options of a stream need one (an empty object asks for nothing)
+        if not self.stream and self.stream_options is not None and self.stream_options.model_fields_set:
+            raise APIError(400, "Stream options can only be defined when `stream=True`.", "stream_options",
                            "invalid_value")
         return self
 

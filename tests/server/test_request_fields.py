@@ -45,10 +45,22 @@ NEUTRAL = {"response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1, 
            "length_penalty": 1.0, "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
            "priority": 0, "spaces_between_special_tokens": True, "guided_json": None, "structured_outputs": None,
            "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": None,
-           "stream_options": {"include_usage": False}, "user": "u1", "metadata": {"k": "v"}, "store": False,
+           "stream_options": {}, "user": "u1", "metadata": {"k": "v"}, "store": False,
            "service_tier": "auto", "safety_identifier": "s", "prompt_cache_key": "p",
            "prompt_cache_retention": "24h", "return_token_offsets": True, "vllm_xargs": {}, "kv_transfer_params": None,
            "ec_transfer_params": {}}
+
+
+@pytest.mark.parametrize("path,body", [(COMPLETIONS, {"prompt": PROMPT}), (CHAT, {"messages": MESSAGES})])
+@pytest.mark.parametrize("options", [{"include_usage": False}, {"include_usage": True, "continuous_usage_stats": True},
+                                     {"include_usage": None}])
+def test_stream_options_without_stream_are_400_as_vllms(server, path, body, options):
+    """vLLM 0.26 refuses them ("Stream options can only be defined when `stream=True`."); they were taken and
+    ignored. An empty object asks for nothing and is taken, as there."""
+    for stream in ({}, {"stream": False}):
+        error = _error(_post(server, path, {"model": MODEL_NAME, "max_tokens": 2, **body, **stream,
+                                            "stream_options": options}), "stream_options", "invalid_value")
+        assert "stream=True" in error["message"]
 
 
 def test_neutral_values_and_no_ops_are_accepted_and_change_nothing(server):
