@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import replace
+from itertools import islice
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -261,18 +262,19 @@ def _rank(p) -> float:
 
 
 def _prompt_entries(out: RequestOutput, num_top: int, as_ids: bool = False, first_token_text: str = "") -> list:
-    """num_top: the request's logprobs. Each position keeps its token and the top num_top, as a generated one
-    and vLLM's: a larger prompt_logprobs has more (they stay in the choice's prompt_logprobs).
+    """num_top: the request's logprobs. Each position shows the first num_top + 1 of its entries (its token, then
+    the top ones), as vLLM's: where the token is among the top num_top and prompt_logprobs ran more, that is one
+    more than a generated position shows (the rest stay in the choice's prompt_logprobs).
     first_token_text: the text of the first prompt token, which has no logprob entry to name it."""
     positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-    entries = [_entry(lp and _top(lp, tid, num_top), tid, as_ids) for tid, lp in zip(out.prompt_token_ids, positions)]
+    entries = [_entry(lp and _top(lp, num_top), tid, as_ids) for tid, lp in zip(out.prompt_token_ids, positions)]
     if entries and not as_ids:
         entries[0] = (first_token_text, None, None)
     return entries
 
 
-def _top(lp: PositionLogprobs, token_id: int, num_top: int) -> PositionLogprobs:
-    return {t: p for t, p in lp.items() if t == token_id or (p.rank is not None and p.rank <= num_top)}
+def _top(lp: PositionLogprobs, num_top: int) -> PositionLogprobs:
+    return dict(islice(lp.items(), num_top + 1))
 
 
 def prompt_logprobs_json(out: RequestOutput) -> list[dict | None]:

@@ -61,6 +61,26 @@ def test_echo_with_logprobs_gives_the_prompt_logprobs_it_ran(server):
     assert _ok(server, {"max_tokens": 2, "echo": True})["choices"][0]["prompt_logprobs"] is None
 
 
+def test_echoed_prompt_positions_show_logprobs_plus_one_entries_as_vllms(server):
+    """vLLM's completion logprobs show the first logprobs + 1 entries of each position (its token, then the top
+    ones): with a larger prompt_logprobs an echoed prompt token among the top logprobs shows one more than a
+    generated position would. Only the token and the top logprobs were shown."""
+    greedy = _ok(server, {"max_tokens": 6, "temperature": 0, "return_token_ids": True})["choices"][0]
+    ids = greedy["prompt_token_ids"] + greedy["token_ids"]   # its last 6 tokens are their positions' top ones
+    body = {"prompt": ids, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1, "prompt_logprobs": 5}
+    choice = _ok(server, {**body, "return_tokens_as_token_ids": True})["choices"][0]
+    prompt = choice["prompt_logprobs"]
+    shown = choice["logprobs"]["top_logprobs"][1:len(prompt)]
+    grew = 0
+    for position, top in zip(prompt[1:], shown):
+        ids = list(position)
+        ranks = [position[i]["rank"] for i in ids[1:]]
+        assert ranks == sorted(ranks) and len(ids) >= 5   # the token, then the top 5 (or 6 with it among them)
+        assert set(top) == {f"token_id:{i}" for i in ids[:2]}
+        grew += position[ids[0]]["rank"] == 1
+    assert grew >= 6   # the greedy tokens' positions show 2 entries, not 1
+
+
 def test_logprob_token_ids_with_echo_alone_is_400(server):
     """logprob_token_ids name logprobs of generated positions; echo with max_tokens 0 generates none: vLLM's 400
     naming the field (the ids were dropped without a word)."""
