@@ -423,12 +423,12 @@ def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
     if not req.logprobs:
         return None
     n = req.top_logprobs or 0
-    named = list(dict.fromkeys(req.logprob_token_ids or ()))
+    named = bool(req.logprob_token_ids)
     content = []
     as_ids = req.return_tokens_as_token_ids
     for token_id, position in zip(c.token_ids, c.logprobs or []):
-        if named:   # logprob_token_ids: those, in their order
-            top = [(tid, position[tid]) for tid in named]
+        if named:   # logprob_token_ids: the chosen token, then those in their order (vLLM's: all the entries)
+            top = list(position.items())
         else:
             # vLLM's: the position's first k entries as the engine lists them, the chosen token first, then the
             # top ones by rank (once each): a sampled token outside the top k is listed, ahead of the k-th

@@ -483,12 +483,9 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
 
     @model_validator(mode="after")
     def _check_logprob_token_ids(self):
-        named = dict.fromkeys(self.logprob_token_ids or ())
-        if named and not self.logprobs:
+        # a top_logprobs beside them is taken, as vLLM 0.26 documents: the named ids take precedence over it
+        if self.logprob_token_ids and not self.logprobs:
             raise APIError(400, "logprob_token_ids needs logprobs to be true", "logprob_token_ids", "invalid_value")
-        if named and self.top_logprobs not in (None, len(named)):
-            raise APIError(400, f"top_logprobs must be unset or the number of logprob_token_ids ({len(named)}): "
-                                f"their logprobs replace the top ones", "top_logprobs", "invalid_value")
         return self
 
     @model_validator(mode="after")

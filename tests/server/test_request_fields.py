@@ -406,8 +406,8 @@ def test_add_special_tokens_on_completions(server, offline_llm):
 
 
 def test_logprob_token_ids_on_both_endpoints_match_offline(server, offline_llm):
-    """vLLM's logprob_token_ids: the named ids' logprobs at each generated position, in their order (each once),
-    instead of the top ones; the chosen token's own logprob stays beside them; streamed as in one piece."""
+    """vLLM's logprob_token_ids: at each generated position the chosen token's logprob, then the named ids' in
+    their order (each once), instead of the top ones; streamed as in one piece. Chat left the chosen one out."""
     named = [5, 9, 5, 300]
     [ref] = offline_llm.generate(PROMPT, SamplingParams(max_tokens=4, temperature=0, logprob_token_ids=named),
                                  use_tqdm=False)
@@ -426,9 +426,12 @@ def test_logprob_token_ids_on_both_endpoints_match_offline(server, offline_llm):
     body = {**base, "messages": MESSAGES, "logprobs": True}
     content = _post(server, CHAT, body).json()["choices"][0]["logprobs"]["content"]
     assert [c["token"] for c in content] == [f"token_id:{t}" for t in comp.token_ids]
-    for c, pos in zip(content, comp.logprobs):
-        assert [t["token"] for t in c["top_logprobs"]] == ["token_id:5", "token_id:9", "token_id:300"]
-        assert all(abs(t["logprob"] - pos[tid].logprob) < 1e-4 for t, tid in zip(c["top_logprobs"], (5, 9, 300)))
+    for c, tid, pos in zip(content, comp.token_ids, comp.logprobs):   # as completions' and vLLM 0.26's (return_all)
+        ids = list(dict.fromkeys([tid, 5, 9, 300]))
+        assert [t["token"] for t in c["top_logprobs"]] == [f"token_id:{t}" for t in ids]   # chosen first
+        assert all(abs(t["logprob"] - pos[i].logprob) < 1e-4 for t, i in zip(c["top_logprobs"], ids))
+    # a top_logprobs beside them is taken and the named ids take precedence, as vLLM 0.26 documents
+    assert _post(server, CHAT, {**body, "top_logprobs": 1}).json()["choices"][0]["logprobs"]["content"] == content
     with httpx.stream("POST", server.url + CHAT, json={**body, "stream": True, "top_logprobs": 3},
                       headers=server.headers, timeout=60) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
@@ -439,7 +442,6 @@ def test_logprob_token_ids_on_both_endpoints_match_offline(server, offline_llm):
 
 @pytest.mark.parametrize("path,body,param", [
     (CHAT, {"logprob_token_ids": [5]}, "logprob_token_ids"),                                  # logprobs false
-    (CHAT, {"logprob_token_ids": [5, 6], "logprobs": True, "top_logprobs": 1}, "top_logprobs"),
     (CHAT, {"logprob_token_ids": [5], "logprobs": True, "use_beam_search": True, "n": 2}, "logprobs"),
     (CHAT, {"logprob_token_ids": [5, 10**6], "logprobs": True}, "logprob_token_ids"),        # beyond the vocab
     (COMPLETIONS, {"logprob_token_ids": [5]}, "logprob_token_ids"),                           # logprobs unset
