@@ -74,7 +74,19 @@ def _request_output(engine, request_id: str, inst: BeamSearchInstance, params: B
     n = len(inst.prompt_token_ids)
     decode = engine.tokenizer.decode
     completions = [CompletionOutput(i, finish_text(s, n, params, decode, with_prompt=False), s.tokens[n:],
-                                    s.cum_logprob, None, s.finish_reason, s.stop_reason)
+                                    s.cum_logprob, _decoded(s.logprobs, decode), s.finish_reason, s.stop_reason)
                    for i, s in enumerate(inst.results())]
     metrics = RequestMetrics(arrival, finished_time=time.time())
     return RequestOutput(request_id, None, inst.prompt_token_ids, None, completions, True, metrics)
+
+
+def _decoded(positions: list, decode) -> list:
+    """The returned beams' logprobs (each token's, then its step's top ones) with their tokens' text: the step
+    requests run without detokenizing, and a response that asks for logprobs names them by text."""
+    texts: dict[int, str] = {}
+
+    def text(token_id: int) -> str:
+        if token_id not in texts:
+            texts[token_id] = decode([token_id])
+        return texts[token_id]
+    return [{t: dataclasses.replace(p, decoded_token=text(t)) for t, p in position.items()} for position in positions]

@@ -218,7 +218,10 @@ def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOu
     if req.logprobs is not None:
         as_ids = req.return_tokens_as_token_ids
         entries = _prompt_entries(out, req.logprobs, as_ids, first_token_text) if echo else []
-        entries += [_entry(lp, tid, as_ids) for tid, lp in zip(c.token_ids, c.logprobs or [])]
+        # a beam search's positions hold its step's candidates: the first logprobs + 1 are shown, as vLLM's
+        keep, named = req.logprobs + 1, bool(req.logprob_token_ids)
+        entries += [_entry(lp if named or lp is None or len(lp) <= keep else _top(lp, req.logprobs), tid, as_ids)
+                    for tid, lp in zip(c.token_ids, c.logprobs or [])]
         logprobs = _completion_logprobs(entries, offset)
     return {"index": index, "text": (prompt_text if echo else "") + c.text, "logprobs": logprobs,
             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}

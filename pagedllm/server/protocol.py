@@ -219,14 +219,29 @@ class _SamplingRequest(_Request):
                 raise APIError(400, "length_penalty applies only with use_beam_search", "length_penalty",
                                "invalid_value")
             return self
-        unused = [*(f for f in _SAMPLING_FIELDS if f not in _BEAM_FIELDS), "logprobs", "top_logprobs",
-                  "prompt_logprobs", constraint_field(self)]
+        unused = [*(f for f in _SAMPLING_FIELDS if f not in _BEAM_FIELDS), "logprob_token_ids", "prompt_logprobs",
+                  constraint_field(self)]
         for name in filter(None, unused):
             if not _left_unset(name, getattr(self, name, None)):
                 raise APIError(400, f"{name} is not used by beam search (use_beam_search takes n as the beam "
-                                    f"width, max_tokens, temperature, ignore_eos, include_stop_str_in_output "
-                                    f"and length_penalty)", name, "invalid_value")
+                                    f"width, max_tokens, temperature, ignore_eos, include_stop_str_in_output, "
+                                    f"length_penalty and logprobs)", name, "invalid_value")
+        self._check_beam_logprobs()
         return self
+
+    def _check_beam_logprobs(self):
+        """The search's logprobs (vLLM's): each generated token's, and the top ones of its step. A step ranks at
+        least 2n tokens a beam (beam_search.candidates_per_step), the most a position can show."""
+        name = "top_logprobs" if hasattr(self, "top_logprobs") else "logprobs"
+        shown = (self.top_logprobs or 0) if name == "top_logprobs" else (self.logprobs or 0) + 1
+        asked = getattr(self, name)
+        if asked is not None and (asked == -1 or shown > 2 * self.n):
+            raise APIError(400, f"{name} must be at most {2 * self.n - (name == 'logprobs')} with use_beam_search "
+                                f"and n {self.n} (each step ranks 2n tokens a beam), got {asked}", name,
+                           "invalid_value")
+        if name == "logprobs" and asked is not None and self.echo:
+            raise APIError(400, "echo with logprobs is not available with use_beam_search: the search computes no "
+                                "prompt logprobs", "echo", "invalid_value")
 
     def to_beam_search_params(self, max_tokens: int | None, max_model_len: int):
         """max_tokens None: up to max_model_len (each prompt's search caps it at what its prompt leaves)."""

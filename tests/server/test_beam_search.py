@@ -53,6 +53,44 @@ def test_chat_beam_search_and_stream(client, server, offline_llm):
     assert [texts[0], texts[1]] == [t for t, _ in expected]
 
 
+def test_beam_search_logprobs_are_the_searchs(server, offline_llm):
+    """vLLM's beam search answers logprobs (it was a 400 here): each generated token's logprob and its step's top
+    ones, the chosen token first, as LLM.beam_search's sequences hold them; chat's top_logprobs alike."""
+    ids = offline_llm.get_tokenizer().encode(PROMPT)
+    ref = offline_llm.beam_search([ids], BeamSearchParams(beam_width=3, max_tokens=6))[0].sequences
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "n": 3, "max_tokens": 6, "use_beam_search": True,
+            "return_tokens_as_token_ids": True}
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60, json={**body, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    for choice, seq in zip(r.json()["choices"], ref):
+        generated = seq.tokens[len(ids):]
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [f"token_id:{t}" for t in generated]
+        assert all(abs(a - pos[t].logprob) < 1e-4 for a, t, pos in zip(lp["token_logprobs"], generated, seq.logprobs))
+        for top, t, pos in zip(lp["top_logprobs"], generated, seq.logprobs):
+            assert set(top) == {f"token_id:{i}" for i in list(pos)[:3]} and f"token_id:{t}" in top
+    assert abs(sum(r.json()["choices"][0]["logprobs"]["token_logprobs"]) - ref[0].cum_logprob) < 1e-4
+    too_many = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60,
+                          json={**body, "logprobs": 6})   # 2 x 3 tokens a beam: at most 5 beside the chosen one
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "logprobs", too_many.text
+
+    chat = {"model": MODEL_NAME, "messages": MESSAGES, "n": 2, "max_tokens": 5, "use_beam_search": True,
+            "logprobs": True, "top_logprobs": 2}
+    r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers, timeout=60, json=chat)
+    assert r.status_code == 200, r.text
+    chat_ids = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES},
+                          headers=server.headers).json()["tokens"]
+    ref = offline_llm.beam_search([chat_ids], BeamSearchParams(beam_width=2, max_tokens=5))[0].sequences
+    for choice, seq in zip(r.json()["choices"], ref):
+        content = choice["logprobs"]["content"]
+        assert len(content) == len(seq.tokens) - len(chat_ids)
+        for c, pos in zip(content, seq.logprobs):
+            chosen, second = list(pos.items())[:2]
+            assert [t["logprob"] for t in c["top_logprobs"]] == pytest.approx([chosen[1].logprob, second[1].logprob],
+                                                                              abs=1e-4)
+            assert c["token"] == c["top_logprobs"][0]["token"] != ""
+
+
 def test_best_of_returns_n_choices(client):
     r = client.completions.create(model=MODEL_NAME, prompt=[PROMPT, "Tom"], n=2, max_tokens=6, seed=3,
                                   extra_body={"best_of": 4})
@@ -65,8 +103,9 @@ def test_best_of_returns_n_choices(client):
 @pytest.mark.parametrize("body,param", [
     ({"length_penalty": 0.5}, "length_penalty"),                        # without use_beam_search
     ({"use_beam_search": True, "top_p": 0.5}, "top_p"),
-    ({"use_beam_search": True, "logprobs": 2}, "logprobs"),
-    ({"use_beam_search": True, "logprobs": 0}, "logprobs"),             # 0: the chosen tokens' logprobs
+    ({"use_beam_search": True, "logprobs": 2}, "logprobs"),             # n 1: a step ranks 2 tokens a beam
+    ({"use_beam_search": True, "n": 2, "logprobs": 1, "echo": True}, "echo"),   # no prompt logprobs
+    ({"use_beam_search": True, "n": 2, "logprob_token_ids": [5], "logprobs": 1}, "logprob_token_ids"),
     ({"use_beam_search": True, "prompt_logprobs": 0}, "prompt_logprobs"),
     ({"use_beam_search": True, "stop": ["x"]}, "stop"),
     ({"use_beam_search": True, "skip_special_tokens": False}, "skip_special_tokens"),   # not its default

@@ -442,7 +442,7 @@ def test_logprob_token_ids_on_both_endpoints_match_offline(server, offline_llm):
 
 @pytest.mark.parametrize("path,body,param", [
     (CHAT, {"logprob_token_ids": [5]}, "logprob_token_ids"),                                  # logprobs false
-    (CHAT, {"logprob_token_ids": [5], "logprobs": True, "use_beam_search": True, "n": 2}, "logprobs"),
+    (CHAT, {"logprob_token_ids": [5], "logprobs": True, "use_beam_search": True, "n": 2}, "logprob_token_ids"),
     (CHAT, {"logprob_token_ids": [5, 10**6], "logprobs": True}, "logprob_token_ids"),        # beyond the vocab
     (COMPLETIONS, {"logprob_token_ids": [5]}, "logprob_token_ids"),                           # logprobs unset
     (COMPLETIONS, {"logprob_token_ids": list(range(129)), "logprobs": 0}, "logprob_token_ids"),
