@@ -38,7 +38,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     if req.store and ctx.responses is None:
         raise APIError(400, "store true needs a server that keeps responses (pagedllm serve --responses-store N); "
                        "send the whole conversation as input, with store false", "store", "unsupported_parameter")
-    response_id = f"resp_{req.request_id or uuid.uuid4().hex}"
+    response_id = req.request_id or f"resp_{uuid.uuid4().hex}"   # vLLM's: the request_id as sent
     if req.store and req.request_id is not None and (ctx.responses.get(response_id) is not None
                                                      or response_id in ctx.responses.running):
         # kept under the same id, it would replace the one kept (a background one then ran on out of reach of
@@ -71,7 +71,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     # what a later previous_response_id continues: the conversation less this request's instructions (a system or
     # developer message among the input items is the conversation's, and carries over)
     conversation = messages[1:] if req.instructions else messages
-    head = _head(req, response_id, ctx.served_name(req.model))
+    head = _head(req, response_id, ctx.served_name(req.model), ctx.engine.default_sampling_params)
     encrypted = req.includes(_ENCRYPTED)
 
     def keep(response: dict) -> None:

@@ -20,8 +20,12 @@ from pagedllm.server.responses_request import AllowedTools, FunctionChoice, Resp
 from pagedllm.server.serving import SSEResponse, sse_event
 
 
-def _head(req: ResponsesRequest, response_id: str, model: str) -> dict:
-    """The Response's fields that the answer does not change: the request's settings, echoed."""
+def _head(req: ResponsesRequest, response_id: str, model: str, defaults: dict | None = None) -> dict:
+    """The Response's fields that the answer does not change: the request's settings, echoed. defaults: the
+    engine's sampling defaults (generation config): temperature and top_p say the values used, as vLLM's do."""
+    defaults = defaults or {}
+    temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
+    top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
     fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else None
     return {"id": response_id, "object": "response", "created_at": int(time.time()), "status": "in_progress",
             "error": None, "incomplete_details": None, "instructions": req.instructions,
@@ -29,10 +33,10 @@ def _head(req: ResponsesRequest, response_id: str, model: str) -> dict:
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id, "background": bool(req.background),
             "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
-            "store": bool(req.store), "temperature": req.temperature, "text": {"format": fmt or {"type": "text"}},
+            "store": bool(req.store), "temperature": temperature, "text": {"format": fmt or {"type": "text"}},
             "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, (FunctionChoice, AllowedTools))
                             else req.tool_choice or "auto"),
-            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []], "top_p": req.top_p,
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []], "top_p": top_p,
             "truncation": "disabled", "usage": None, "user": req.user, "metadata": req.metadata or {},
             "service_tier": req.service_tier or "auto"}   # vLLM's echo: the request's, auto by default
 

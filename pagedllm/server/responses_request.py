@@ -7,7 +7,7 @@ functions and input other than text. No-ops: metadata (echoed), user, service_ti
 safety_identifier, prompt_cache_key, prompt_cache_retention, stream_options (its include_obfuscation). vLLM's
 additions pass to the chat request as they are: top_k, seed, stop, logit_bias, presence / frequency / repetition
 penalties, ignore_eos, skip_special_tokens, include_stop_str_in_output, structured_outputs, include_reasoning,
-chat_template_kwargs, priority, cache_salt; request_id names the response (resp_<request_id>).
+chat_template_kwargs, priority, cache_salt; request_id names the response (its id, as sent: vLLM's).
 """
 import base64
 from typing import Any, Literal
@@ -143,7 +143,7 @@ class ResponsesRequest(_Request, _SameAsChat):
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     stream: bool | None = False   # null: false (vLLM's; clients that write every field send it)
-    request_id: str | None = None             # names the response: resp_<request_id>
+    request_id: str | None = None             # names the response: its id, as sent (vLLM's)
     store: bool | None = None                   # kept with --responses-store (responses.py)
     previous_response_id: str | None = None
     background: bool | None = None

@@ -271,7 +271,7 @@ def test_a_stored_request_id_is_not_reused(client, server):
     replaced the first, a background one then ran on past cancel and DELETE, and a deleted one came back)."""
     kw = dict(model=MODEL_NAME, input=STORY, max_output_tokens=400, temperature=0, background=True, store=True)
     first = client.responses.create(**kw, extra_body={"ignore_eos": True, "request_id": "twice"})
-    assert first.id == "resp_twice"
+    assert first.id == "twice"
     for extra in ({"background": True}, {"background": False}):
         with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(**{**kw, **extra}, extra_body={"ignore_eos": True, "request_id": "twice"})
@@ -323,7 +323,7 @@ def test_vllms_sampling_additions_pass_to_the_chat_request(client, server):
     chat = _chat(server, [{"role": "user", "content": STORY}], temperature=1.0, **extra)
     response = client.responses.create(model=MODEL_NAME, input=STORY, max_output_tokens=24, temperature=1.0,
                                        extra_body={**extra, "request_id": "abc"})
-    assert response.id == "resp_abc"
+    assert response.id == "abc"   # vLLM 0.26's: the request_id as sent
     assert response.output_text == (chat["choices"][0]["message"]["content"] or "")
     assert response.usage.output_tokens == chat["usage"]["completion_tokens"]
 
@@ -370,3 +370,12 @@ def test_tool_choice_allowed_tools(client, server):
         body = {"model": MODEL_NAME, "input": STORY, "max_output_tokens": 4, "tools": tools, "tool_choice": choice}
         r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_the_response_says_the_temperature_and_top_p_used(client):
+    """vLLM 0.26's Response carries the sampling values used (its protocol takes them from the SamplingParams):
+    left unset they were null here; set, they are echoed."""
+    plain = client.responses.create(model=MODEL_NAME, input=STORY, max_output_tokens=2)
+    assert isinstance(plain.temperature, float) and isinstance(plain.top_p, float)
+    asked = client.responses.create(model=MODEL_NAME, input=STORY, max_output_tokens=2, temperature=0.3, top_p=0.9)
+    assert (asked.temperature, asked.top_p) == (0.3, 0.9)
