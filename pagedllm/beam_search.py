@@ -158,9 +158,12 @@ def _chosen_first(position: PositionLogprobs, token: int) -> PositionLogprobs:
     return {token: position[token], **{t: p for t, p in position.items() if t != token}}
 
 
+MIN_CANDIDATES_PER_BEAM = 2   # a step ranks at least this many tokens a beam (the most a position's logprobs show)
+
+
 def candidates_per_step(params: BeamSearchParams, num_eos: int) -> int:
     """transformers' beams_to_keep: enough that k beams keep running even when every beam's EOS ids rank high."""
-    return max(2, 1 + (0 if params.ignore_eos else num_eos)) * params.beam_width
+    return max(MIN_CANDIDATES_PER_BEAM, 1 + (0 if params.ignore_eos else num_eos)) * params.beam_width
 
 
 def step_sampling_params(params: BeamSearchParams, num_eos: int, max_logprobs: int) -> SamplingParams:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pagedllm.beam_search import (BeamSearchInstance, BeamSearchParams, beam_cache_salt, finish_text,
                                   step_sampling_params)
 from pagedllm.engine.output_processor import OutputKind
-from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from pagedllm.server.errors import APIError
 
 
@@ -80,13 +80,8 @@ def _request_output(engine, request_id: str, inst: BeamSearchInstance, params: B
     return RequestOutput(request_id, None, inst.prompt_token_ids, None, completions, True, metrics)
 
 
-def _decoded(positions: list, decode) -> list:
+def _decoded(positions: list[PositionLogprobs], decode) -> list[PositionLogprobs]:
     """The returned beams' logprobs (each token's, then its step's top ones) with their tokens' text: the step
     requests run without detokenizing, and a response that asks for logprobs names them by text."""
-    texts: dict[int, str] = {}
-
-    def text(token_id: int) -> str:
-        if token_id not in texts:
-            texts[token_id] = decode([token_id])
-        return texts[token_id]
-    return [{t: dataclasses.replace(p, decoded_token=text(t)) for t, p in position.items()} for position in positions]
+    texts = {t: decode([t]) for t in {t for position in positions for t in position}}   # each token once
+    return [{t: Logprob(p.logprob, p.rank, texts[t]) for t, p in position.items()} for position in positions]

@@ -3,6 +3,7 @@ import json
 import time
 import uuid
 from dataclasses import replace
+from itertools import islice
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -422,21 +423,15 @@ def _parsed_chunk(req: ChatCompletionRequest, thinker: ReasoningParser | None, p
 def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
     if not req.logprobs:
         return None
-    n = req.top_logprobs or 0
-    named = bool(req.logprob_token_ids)
+    # vLLM's: the position's first k entries as the engine lists them, the chosen token first, then the top ones
+    # by rank (once each): a sampled token outside the top k is listed, ahead of the k-th. All of them with
+    # logprob_token_ids (the chosen token, then those ids: vLLM's return_all) or k -1 (the vocabulary)
+    k = None if req.logprob_token_ids or req.top_logprobs == -1 else req.top_logprobs or 0
     content = []
     as_ids = req.return_tokens_as_token_ids
     for token_id, position in zip(c.token_ids, c.logprobs or []):
-        if named:   # logprob_token_ids: the chosen token, then those in their order (vLLM's: all the entries)
-            top = list(position.items())
-        else:
-            # vLLM's: the position's first k entries as the engine lists them, the chosen token first, then the
-            # top ones by rank (once each): a sampled token outside the top k is listed, ahead of the k-th
-            # (-1: all of them, the vocabulary)
-            top = list(position.items())
-            top = top if n == -1 else top[:n]
         content.append({**_token(position[token_id], token_id, as_ids),
-                        "top_logprobs": [_token(p, tid, as_ids) for tid, p in top]})
+                        "top_logprobs": [_token(p, tid, as_ids) for tid, p in islice(position.items(), k)]})
     return {"content": content}
 
 

@@ -218,9 +218,8 @@ def _choice(req: CompletionRequest, index: int, prompt_text: str, out: RequestOu
     if req.logprobs is not None:
         as_ids = req.return_tokens_as_token_ids
         entries = _prompt_entries(out, req.logprobs, as_ids, first_token_text) if echo else []
-        # a beam search's positions hold its step's candidates: the first logprobs + 1 are shown, as vLLM's
-        keep, named = req.logprobs + 1, bool(req.logprob_token_ids)
-        entries += [_entry(lp if named or lp is None or len(lp) <= keep else _top(lp, req.logprobs), tid, as_ids)
+        named = bool(req.logprob_token_ids)   # the chosen token and those ids, all shown (vLLM's)
+        entries += [_entry(lp if named else lp and _top(lp, req.logprobs), tid, as_ids)
                     for tid, lp in zip(c.token_ids, c.logprobs or [])]
         logprobs = _completion_logprobs(entries, offset)
     return {"index": index, "text": (prompt_text if echo else "") + c.text, "logprobs": logprobs,
@@ -277,7 +276,9 @@ def _prompt_entries(out: RequestOutput, num_top: int, as_ids: bool = False, firs
 
 
 def _top(lp: PositionLogprobs, num_top: int) -> PositionLogprobs:
-    return dict(islice(lp.items(), num_top + 1))
+    """vLLM's: a position shows its first num_top + 1 entries (its token, then the top ones). A sampled position
+    holds no more; a prompt position run with a larger prompt_logprobs, or a beam search's, may."""
+    return lp if len(lp) <= num_top + 1 else dict(islice(lp.items(), num_top + 1))
 
 
 def prompt_logprobs_json(out: RequestOutput) -> list[dict | None]:

@@ -119,6 +119,17 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool | None = False   # vLLM's: with include_usage, each chunk its choice's usage so far
 
 
+def _check_beam_top(name: str, asked: int, n: int, beside: int = 0):
+    """A beam search's logprobs (vLLM's): each generated token's and the top ones of its step, which ranks
+    MIN_CANDIDATES_PER_BEAM * n tokens a beam at least: a position holds no more. beside: the entries shown
+    besides the asked ones (completions' chosen token)."""
+    from pagedllm.beam_search import MIN_CANDIDATES_PER_BEAM
+    most = MIN_CANDIDATES_PER_BEAM * n - beside
+    if asked == -1 or asked > most:
+        raise APIError(400, f"{name} must be at most {most} with use_beam_search and n {n} (each step ranks "
+                            f"{MIN_CANDIDATES_PER_BEAM * n} tokens a beam), got {asked}", name, "invalid_value")
+
+
 class _SamplingRequest(_Request):
     """Fields that completions and chat share (names and meanings as OpenAI's and vLLM's)."""
     model: str | None = None
@@ -226,22 +237,7 @@ class _SamplingRequest(_Request):
                 raise APIError(400, f"{name} is not used by beam search (use_beam_search takes n as the beam "
                                     f"width, max_tokens, temperature, ignore_eos, include_stop_str_in_output, "
                                     f"length_penalty and logprobs)", name, "invalid_value")
-        self._check_beam_logprobs()
         return self
-
-    def _check_beam_logprobs(self):
-        """The search's logprobs (vLLM's): each generated token's, and the top ones of its step. A step ranks at
-        least 2n tokens a beam (beam_search.candidates_per_step), the most a position can show."""
-        name = "top_logprobs" if hasattr(self, "top_logprobs") else "logprobs"
-        shown = (self.top_logprobs or 0) if name == "top_logprobs" else (self.logprobs or 0) + 1
-        asked = getattr(self, name)
-        if asked is not None and (asked == -1 or shown > 2 * self.n):
-            raise APIError(400, f"{name} must be at most {2 * self.n - (name == 'logprobs')} with use_beam_search "
-                                f"and n {self.n} (each step ranks 2n tokens a beam), got {asked}", name,
-                           "invalid_value")
-        if name == "logprobs" and asked is not None and self.echo:
-            raise APIError(400, "echo with logprobs is not available with use_beam_search: the search computes no "
-                                "prompt logprobs", "echo", "invalid_value")
 
     def to_beam_search_params(self, max_tokens: int | None, max_model_len: int):
         """max_tokens None: up to max_model_len (each prompt's search caps it at what its prompt leaves)."""
@@ -331,6 +327,15 @@ class CompletionRequest(_SamplingRequest):
     def _unlimited_budget(self):
         if self.thinking_token_budget == -1:
             self.thinking_token_budget = None
+        return self
+
+    @model_validator(mode="after")
+    def _check_beam_logprobs(self):
+        if self.use_beam_search and self.logprobs is not None:
+            _check_beam_top("logprobs", self.logprobs, self.n, beside=1)
+            if self.echo:
+                raise APIError(400, "echo with logprobs is not available with use_beam_search: the search computes "
+                                    "no prompt logprobs", "echo", "invalid_value")
         return self
 
     @model_validator(mode="after")
@@ -495,6 +500,12 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     thinking_token_budget: int | None = Field(None, ge=-1)
     # not a request field: set by /v1/responses, whose usage has cached and reasoning token counts
     _usage_details: bool = PrivateAttr(False)
+
+    @model_validator(mode="after")
+    def _check_beam_logprobs(self):
+        if self.use_beam_search and self.top_logprobs is not None:
+            _check_beam_top("top_logprobs", self.top_logprobs, self.n)
+        return self
 
     @model_validator(mode="after")
     def _check_logprob_token_ids(self):

@@ -20,10 +20,9 @@ from pagedllm.server.responses_request import AllowedTools, FunctionChoice, Resp
 from pagedllm.server.serving import SSEResponse, sse_event
 
 
-def _head(req: ResponsesRequest, response_id: str, model: str, defaults: dict | None = None) -> dict:
+def _head(req: ResponsesRequest, response_id: str, model: str, defaults: dict) -> dict:
     """The Response's fields that the answer does not change: the request's settings, echoed. defaults: the
     engine's sampling defaults (generation config): temperature and top_p say the values used, as vLLM's do."""
-    defaults = defaults or {}
     temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
     top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
     fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else None

@@ -183,7 +183,7 @@ def test_responses_echo_service_tier():
     """A Response has the request's service_tier, auto when unset, as vLLM's (it had none)."""
     for body, tier in (({}, "auto"), ({"service_tier": "flex"}, "flex"), ({"service_tier": None}, "auto")):
         req = responses_request.ResponsesRequest.model_validate({"input": "Hi", **body})
-        assert responses_output._head(req, "resp_1", "m")["service_tier"] == tier
+        assert responses_output._head(req, "resp_1", "m", {})["service_tier"] == tier
 
 
 def test_retrieving_a_response_with_encrypted_reasoning():
