@@ -10,6 +10,9 @@ exactly one kernel:
     rows with more (prefill chunks)    -> prefill_attention (launched only when max_query_len > 1)
     rows of LONG_QUERY_LEN+ new tokens -> cudnn_prefill, in eager steps on Hopper (prefill_attention skips them)
 
+Decode-only steps without shared segments may hand over the qkv projection's output instead (decode_qkv):
+decode_partition then norms and rotates q and k and stores K/V itself, one launch a layer less.
+
 An fp8 KV cache (attention/kv_quant.py): the kernels specialise on the cache's element type at compile time;
 k_scale is folded into scale_log2 here, v_scale goes to the kernels as a float (both fixed after load, so CUDA
 graphs capture them). cudnn_prefill widens an fp8 row's gathered K/V to q's dtype and takes the same scales.
@@ -80,7 +83,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     # The scales apply to fp8 caches only (floats: no int specialisation); k_scale multiplies the scores
     k_scale, v_scale = (float(k_scale), float(v_scale)) if fp8 else (1.0, 1.0)
     scale_log2 = scale * k_scale * 1.4426950408889634        # exp(x) = exp2(x * log2(e))
-    _decode(q, out, k_cache, v_cache, meta, scale_log2, v_scale)
+    _decode(q, out, k_cache, v_cache, meta, scale_log2, v_scale, _NO_ROPE)
     if meta.max_query_len > 1:
         long_query_len = cudnn_prefill.threshold(q, meta)
         _prefill(q, out, k_cache, v_cache, meta, scale_log2, v_scale, long_query_len)
@@ -89,9 +92,45 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     return out
 
 
-def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float, v_scale: float) -> None:
+def takes_qkv(meta: AttentionMetadata, head_dim: int) -> bool:
+    """Whether decode_qkv serves this step: decode only (max_query_len 1, a host int a CUDA graph's metadata
+    sets alike), no shared segments, head_dim a power of two (whole heads are decode_partition's tiles)."""
+    return meta.max_query_len == 1 and meta.shared is None and head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
+def decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, num_q_heads: int,
+               q_norm: tuple[torch.Tensor, float] | None, k_norm: tuple[torch.Tensor, float] | None,
+               kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
+               v_scale: float = 1.0) -> torch.Tensor:
+    """qk_norm_rope (with its cache write) then paged_attention, in a step where takes_qkv holds:
+    qkv (T, (Hq + 2*Hkv) * D) -> out (T, Hq, D)."""
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _check_cache(k_cache)
+    num_tokens, (num_kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
+    if not takes_qkv(meta, head_dim) or qkv.shape[1] != (num_q_heads + 2 * num_kv_heads) * head_dim \
+            or qkv.stride(1) != 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"decode_qkv: qkv {tuple(qkv.shape)} with {num_q_heads} q heads does not fit the KV cache "
+                         f"{tuple(kv_cache.shape)}, or the step is not decode-only")
+    out = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens == 0:
+        return out
+    fp8 = is_fp8(k_cache.dtype)
+    k_scale, v_scale = (float(k_scale), float(v_scale)) if fp8 else (1.0, 1.0)
+    (q_w, q_eps), (k_w, k_eps) = q_norm or (qkv, 0.0), k_norm or (qkv, 0.0)
+    rope = dict(pos_ptr=positions, cos_sin_ptr=cos_sin_cache, stride_cos_sin=cos_sin_cache.stride(0), q_w_ptr=q_w,
+                k_w_ptr=k_w, q_eps=q_eps, k_eps=k_eps, slot_ptr=meta.slot_mapping, k_inv=1.0 / k_scale,
+                v_inv=1.0 / v_scale, ROPE=True, HAS_NORM=q_norm is not None, NUM_Q_HEADS=num_q_heads,
+                NUM_KV_HEADS=num_kv_heads)
+    heads = qkv.view(num_tokens, num_q_heads + 2 * num_kv_heads, head_dim)
+    _decode(heads, out, k_cache, v_cache, meta, scale * k_scale * 1.4426950408889634, v_scale, rope)
+    return out
+
+
+def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float, v_scale: float,
+            rope: dict) -> None:
+    """q: (T, heads, D) rows the kernel reads its query heads from (with ROPE: all of qkv's heads)."""
     num_reqs = meta.seq_lens.shape[0]
-    num_q_heads, head_dim = q.shape[1:]
+    num_q_heads, head_dim = out.shape[1:]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_q_heads // num_kv_heads
     tile_n, num_warps, num_stages = _decode_config(q.dtype, k_cache.dtype, head_dim)
@@ -130,13 +169,19 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
         BLOCK_SIZE=block_size, TILE_N=tile_n, PARTITION=partition, MAX_SEGMENTS=MAX_SEGMENTS,
-        PRECISION=_precision(q), HAS_SHARED=shared is not None, num_warps=num_warps, num_stages=num_stages)
+        PRECISION=_precision(q), HAS_SHARED=shared is not None, num_warps=num_warps, num_stages=num_stages,
+        **rope)
     decode_reduce_kernel[(num_reqs, num_q_heads)](
         out, part_out, part_max, part_sum, meta.seq_lens, meta.query_start_loc,
         out.stride(0), out.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
         HEAD_DIM=head_dim, HEAD_PAD=head_pad, PARTITION=partition, MAX_SEGMENTS=MAX_SEGMENTS, TILE_N=tile_n,
         num_warps=1)
+
+
+# decode_partition's arguments when q is already normed, rotated and K/V stored (not read: any tensor, number)
+_NO_ROPE = dict(pos_ptr=None, cos_sin_ptr=None, stride_cos_sin=0, q_w_ptr=None, k_w_ptr=None, q_eps=0.0, k_eps=0.0,
+                slot_ptr=None, k_inv=1.0, v_inv=1.0, ROPE=False, HAS_NORM=False, NUM_Q_HEADS=0, NUM_KV_HEADS=0)
 
 
 def decode_partition(meta: AttentionMetadata) -> int:

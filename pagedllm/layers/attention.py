@@ -23,13 +23,32 @@ class Attention(nn.Module):
         return dict(kv_cache=ctx.kv_caches[self.layer_idx], slot_mapping=ctx.attn_metadata.slot_mapping,
                     k_scale=self.k_scale, v_scale=self.v_scale)
 
+    def takes_qkv(self) -> bool:
+        """Whether forward_qkv serves this step (the Triton backend's decode-only steps: triton_backend.takes_qkv)."""
+        ctx = get_forward_context()
+        backend = self._backend(ctx.kv_caches[self.layer_idx])
+        return hasattr(backend, "takes_qkv") and backend.takes_qkv(ctx.attn_metadata, self.head_dim)
+
+    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                    q_norm: tuple[torch.Tensor, float] | None, k_norm: tuple[torch.Tensor, float] | None):
+        """qkv (T, (Hq + 2*Hkv) * D) -> (T, Hq*D): qk_norm_rope, the K/V store and attention in the decode kernel."""
+        ctx = get_forward_context()
+        out = self._backend(ctx.kv_caches[self.layer_idx]).decode_qkv(
+            qkv, positions, cos_sin_cache, self.num_heads, q_norm, k_norm, ctx.kv_caches[self.layer_idx],
+            ctx.attn_metadata, self.scale, k_scale=self.k_scale, v_scale=self.v_scale)
+        return out.view(qkv.shape[0], self.num_heads * self.head_dim)
+
+    def _backend(self, kv_cache: torch.Tensor):
+        if self.backend is None:
+            self.backend = get_attention_backend(kv_cache.device)
+        return self.backend
+
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
         """q (T, Hq*D), k and v (T, Hkv*D), already rotated -> (T, Hq*D). k = v = None: already in the cache."""
         ctx = get_forward_context()
         kv_cache = ctx.kv_caches[self.layer_idx]
         meta = ctx.attn_metadata
-        if self.backend is None:
-            self.backend = get_attention_backend(kv_cache.device)
+        self._backend(kv_cache)
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         if k is not None:

@@ -91,20 +91,31 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        # on CUDA one kernel norms and rotates q / k and stores this step's K/V in the cache (k = v = None)
-        q, k, v = self.rotate_qk(positions, qkv, self.attn.kv_target() if qkv.is_cuda else None)
-        out = self.attn(q, k, v)                                    # (T, Hq*D)
-        return self.o_proj(out)
+        return self.o_proj(self.attend(positions, self.qkv_proj(x)))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv (T, (Hq + 2*Hkv) * D) -> attention output (T, Hq*D), this step's K/V stored in the cache. On CUDA
+        one kernel norms and rotates q / k and stores K/V (qk_norm_rope), or, in decode-only steps, the decode
+        kernel itself does (Attention.forward_qkv: one launch a layer less)."""
+        if not qkv.is_cuda:
+            q, k, v = self.rotate_qk_native(positions, qkv)
+            return self.attn(q, k, v)
+        if self.attn.takes_qkv():
+            return self.attn.forward_qkv(qkv, positions, self.rotary_emb.cos_sin_cache, *self._norms())
+        q, k, v = self.rotate_qk(positions, qkv, self.attn.kv_target())
+        return self.attn(q, k, v)
 
     def rotate_qk(self, positions: torch.Tensor, qkv: torch.Tensor, kv_target: dict | None = None):
         """qkv (T, (Hq + 2*Hkv) * D) -> q (T, Hq*D), k (T, Hkv*D) normed (qk_norm) and rotated, v (T, Hkv*D).
         kv_target (Attention.kv_target, CUDA only): K and V go into the cache instead, k = v = None."""
         if not qkv.is_cuda:
             return self.rotate_qk_native(positions, qkv)
-        norms = [(n.weight, n.variance_epsilon) for n in (self.q_norm, self.k_norm)] if self.qk_norm else [None, None]
         return qk_norm_rope(qkv, positions, self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads,
-                            self.head_dim, *norms, **(kv_target or {}))
+                            self.head_dim, *self._norms(), **(kv_target or {}))
+
+    def _norms(self) -> list:
+        """(weight, eps) of q_norm and k_norm for the kernels, or [None, None] without qk_norm."""
+        return [(n.weight, n.variance_epsilon) for n in (self.q_norm, self.k_norm)] if self.qk_norm else [None, None]
 
     def rotate_qk_native(self, positions: torch.Tensor, qkv: torch.Tensor):
         """The torch code: the CPU path and the oracle of the fused kernel."""
@@ -156,8 +167,7 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden, residual = _add_norm(self.input_layernorm, hidden, residual)
             qkv = attn.qkv_proj(hidden)
-        q, k, v = attn.rotate_qk(positions, qkv, attn.attn.kv_target())
-        hidden = attn.attn(q, k, v)
+        hidden = attn.attend(positions, qkv)
         hidden = _small_m_only(attn.o_proj.weight, hidden) if "o" in ops else attn.o_proj(hidden)
         if "gate_up" in ops:
             act, residual = _norm_linear(self.post_attention_layernorm, mlp.gate_up_proj.weight, hidden, residual,

@@ -148,8 +148,11 @@ def test_attention_kernels_compile_for_hopper():
     for q_dt in ("bf16", "fp16"):
         for cache_dt in (q_dt, "fp8e4nv"):
             tile_n, decode_warps, _ = _decode_config(dtypes[q_dt], dtypes[cache_dt], 128)
-            cases = [(decode_partition_kernel, dict(GROUP=2, BLOCK_M=16, TILE_N=tile_n, PARTITION=PARTITION,
-                                                    MAX_SEGMENTS=MAX_SEGMENTS, HAS_SHARED=False), decode_warps),
+            decode = dict(GROUP=2, BLOCK_M=16, TILE_N=tile_n, PARTITION=PARTITION, MAX_SEGMENTS=MAX_SEGMENTS,
+                          HAS_SHARED=False, ROPE=False, HAS_NORM=False, NUM_Q_HEADS=0, NUM_KV_HEADS=0)
+            cases = [(decode_partition_kernel, decode, decode_warps),
+                     (decode_partition_kernel, {**decode, "ROPE": True, "HAS_NORM": True, "NUM_Q_HEADS": 16,
+                                                "NUM_KV_HEADS": 8}, decode_warps),   # decode_qkv
                      (prefill_attention_kernel, dict(GROUP=2, GROUP_PAD=2, BLOCK_Q=32, TILE_N=64), 4),
                      (shared_prefix_kernel, dict(GROUP=2, GROUP_PAD=2, ROWS=32, TILE_N=tile_n,
                                                  PARTITION=PARTITION), 4)]
@@ -161,13 +164,15 @@ def test_attention_kernels_compile_for_hopper():
                         sig[name] = "constexpr"
                     elif name in ("k_cache_ptr", "v_cache_ptr"):
                         sig[name] = f"*{cache_dt}"
-                    elif name in ("q_ptr", "out_ptr"):
+                    elif name in ("q_ptr", "out_ptr", "q_w_ptr", "k_w_ptr"):
                         sig[name] = f"*{q_dt}"
-                    elif name.startswith(("part_out", "part_max", "part_sum")):
+                    elif name.startswith(("part_out", "part_max", "part_sum", "cos_sin")):
                         sig[name] = "*fp32"
+                    elif name in ("slot_ptr", "pos_ptr"):
+                        sig[name] = "*i64"
                     elif name.endswith("_ptr"):
                         sig[name] = "*i32"
-                    elif name in ("scale_log2", "v_scale"):
+                    elif name in ("scale_log2", "v_scale", "q_eps", "k_eps", "k_inv", "v_inv"):
                         sig[name] = "fp32"
                     else:
                         sig[name] = "i32"

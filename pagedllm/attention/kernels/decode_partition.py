@@ -7,6 +7,11 @@ decode_reduce merges the segments in order.
 
 With HAS_SHARED, segments below first_seg[r] are skipped: shared_prefix wrote them, once for many rows.
 
+With ROPE (decode-only steps without shared segments: triton_backend.decode_qkv), q_ptr is the qkv projection's
+output, (T, Hq + 2*Hkv heads, D): each program norms and rotates its query heads itself (qk_norm_rope's
+arithmetic), and the program of a row's last segment first stores the row's new K (normed, rotated) and V
+in its slot, then attends over it: the qk_norm_rope launch before is saved.
+
 A row's segments depend on its own seq_len and on PARTITION alone (segment_len below: PARTITION tokens up to
 MAX_SEGMENTS segments, longer beyond; triton_backend.decode_partition picks PARTITION per step: 512, or 128 for
 a decode-only step of at most 8 rows), never on num_splits or on the max_seq_len bound that sized the grid; so
@@ -19,6 +24,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.kernels.attend_tile import attend_tile, dot_q
+from pagedllm.layers.kernels.qk_norm_rope import cache_value, norm_rope_heads
 
 
 @triton.jit
@@ -37,9 +43,11 @@ def decode_partition_kernel(
     stride_q_tok, stride_q_head, stride_bt,
     stride_c_block, stride_c_slot, stride_c_head,
     stride_po_req, stride_po_head, stride_po_part, stride_pm_req, stride_pm_head,
+    pos_ptr, cos_sin_ptr, stride_cos_sin, q_w_ptr, k_w_ptr, q_eps, k_eps, slot_ptr, k_inv, v_inv,   # ROPE only
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr,
+    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
 ):
     req, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + req)
@@ -58,8 +66,19 @@ def decode_partition_kernel(
     dims = tl.arange(0, HEAD_PAD)
     row_ok, dim_ok = rows < GROUP, dims < HEAD_DIM
     q_head = kv_head * GROUP + rows
-    q = tl.load(q_ptr + q_start.to(tl.int64) * stride_q_tok + q_head[:, None] * stride_q_head + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if ROPE:   # HEAD_PAD == HEAD_DIM, a power of two; no shared segments (first == 0)
+        row_ptr = q_ptr + q_start.to(tl.int64) * stride_q_tok
+        cos_sin = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cos_sin
+        q = norm_rope_heads(row_ptr, q_head, row_ok, q_w_ptr, q_eps, cos_sin, HEAD_DIM, HAS_NORM)
+        q = q.to(q_ptr.dtype.element_ty)
+        if split == (num_segs - 1) % num_splits:     # this program reads the row's last segment: store first
+            _store_token_kv(row_ptr, cos_sin, kv_head, k_w_ptr, k_eps, tl.load(slot_ptr + q_start).to(tl.int64),
+                            k_inv, v_inv, k_cache_ptr, v_cache_ptr, stride_c_block, stride_c_slot, stride_c_head,
+                            HEAD_DIM, HAS_NORM, NUM_Q_HEADS, NUM_KV_HEADS, BLOCK_SIZE)
+            tl.debug_barrier()    # the block's stores before its loads (bar.sync orders memory within a block)
+    else:
+        q = tl.load(q_ptr + q_start.to(tl.int64) * stride_q_tok + q_head[:, None] * stride_q_head + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     q = dot_q(q, k_cache_ptr)
     table = block_tables_ptr + req.to(tl.int64) * stride_bt
     out_base = req.to(tl.int64) * stride_po_req + q_head * stride_po_head
@@ -83,3 +102,21 @@ def decode_partition_kernel(
         tl.store(part_out_ptr + out_off[:, None] + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
         tl.store(part_max_ptr + stat_base + seg, m_i, mask=row_ok)
         tl.store(part_sum_ptr + stat_base + seg, l_i, mask=row_ok)
+
+
+@triton.jit
+def _store_token_kv(row_ptr, cos_sin, kv_head, k_w_ptr, k_eps, slot, k_inv, v_inv, k_cache_ptr, v_cache_ptr,
+                    stride_c_block, stride_c_slot, stride_c_head, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr,
+                    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One token's K (normed, rotated) and V of kv head kv_head, from its qkv row into cache slot `slot`
+    (qk_norm_rope_kernel's bytes; slot -1 is padding: nothing stored)."""
+    dims = tl.arange(0, HEAD_DIM)
+    k_head = tl.full([1], NUM_Q_HEADS, tl.int32) + kv_head
+    k = norm_rope_heads(row_ptr, k_head, k_head >= 0, k_w_ptr, k_eps, cos_sin, HEAD_DIM, HAS_NORM)
+    v = tl.load(row_ptr + (NUM_Q_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM + dims).to(tl.float32)
+    dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head + dims
+    cache_dtype: tl.constexpr = k_cache_ptr.dtype.element_ty
+    ok = (slot + tl.zeros([HEAD_DIM], tl.int64)) >= 0     # a full tile: the interpreter rejects scalar masks
+    tl.store(k_cache_ptr + dst[None, :], cache_value(k.to(row_ptr.dtype.element_ty).to(tl.float32), k_inv,
+                                                        cache_dtype), mask=ok[None, :])
+    tl.store(v_cache_ptr + dst, cache_value(v, v_inv, cache_dtype), mask=ok)

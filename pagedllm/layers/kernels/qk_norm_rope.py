@@ -11,6 +11,9 @@ v stays a view of qkv, as in the torch path. Rounds where LlamaAttention.rotate_
 Given the layer's KV cache, it stores each token's rotated K and its V in the token's slot instead of returning
 k (the bytes reshape_and_cache writes, fp8 scaling included; slot -1 is padding): one launch a layer less
 (H200, 2026-12-05: W1 +0.9%; W5 with a draft model 4.10 -> 4.01 ms a token, its steps being small kernels).
+
+norm_rope_heads and cache_value are the same arithmetic for a kernel that takes whole heads (decode_partition
+in decode-only steps, where it replaces this kernel's launch).
 """
 import torch
 import triton
@@ -21,6 +24,40 @@ import triton.language as tl
 def _round(x, dtype: tl.constexpr):
     """What torch does to an elementwise result in a half dtype: round, then compute on in float32."""
     return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def cache_value(x, inv, cache_dtype: tl.constexpr):
+    """x (float32, already rounded to the model's dtype) as the KV cache stores it: an fp8 cache x / scale in
+    float32, clamped to e4m3's range (reshape_and_cache's arithmetic)."""
+    if cache_dtype == tl.float8e4nv:
+        x = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
+    return x.to(cache_dtype)
+
+
+@triton.jit
+def norm_rope_heads(row_ptr, heads, head_ok, w_ptr, eps, cos_sin_ptr, HEAD_DIM: tl.constexpr,
+                    HAS_NORM: tl.constexpr):
+    """Heads `heads` (R,) of one token's qkv row (row_ptr), whole: (R, HEAD_DIM) float32, normed (HAS_NORM:
+    weight w_ptr) and rotated by the token's [cos | sin] row (cos_sin_ptr), rounded where qk_norm_rope_kernel
+    rounds (its variance may sum in another order). Each value's rotate-half partner is loaded alongside
+    (d XOR HALF), so no tile is split or joined. HEAD_DIM a power of two."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    dtype: tl.constexpr = row_ptr.dtype.element_ty
+    dims = tl.arange(0, HEAD_DIM)
+    partner = dims ^ HALF
+    src = row_ptr + heads[:, None] * HEAD_DIM
+    x = tl.load(src + dims[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+    xp = tl.load(src + partner[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+    if HAS_NORM:
+        rstd = (1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / HEAD_DIM + eps))[:, None]
+        x = _round(tl.load(w_ptr + dims)[None, :].to(tl.float32) * _round(x * rstd, dtype), dtype)
+        xp = _round(tl.load(w_ptr + partner)[None, :].to(tl.float32) * _round(xp * rstd, dtype), dtype)
+    angle = dims % HALF
+    cos = _round(tl.load(cos_sin_ptr + angle), dtype)[None, :]
+    sin = _round(tl.load(cos_sin_ptr + HALF + angle), dtype)
+    sin = tl.where(dims < HALF, -sin, sin)[None, :]          # x1 * cos - x2 * sin | x2 * cos + x1 * sin
+    return _round(x * cos, dtype) + _round(xp * sin, dtype)
 
 
 @triton.jit
@@ -71,15 +108,10 @@ def qk_norm_rope_kernel(
         v1 = tl.load(v_src, mask=c_mask, other=0.0).to(tl.float32)
         v2 = tl.load(v_src + HALF, mask=c_mask, other=0.0).to(tl.float32)
         cache_dtype: tl.constexpr = k_cache_ptr.dtype.element_ty
-        if cache_dtype == tl.float8e4nv:   # as reshape_and_cache: x / scale in float32, clamped, rounded
-            out1 = tl.minimum(tl.maximum(_round(out1, dtype) * k_inv, -448.0), 448.0)
-            out2 = tl.minimum(tl.maximum(_round(out2, dtype) * k_inv, -448.0), 448.0)
-            v1 = tl.minimum(tl.maximum(v1 * v_inv, -448.0), 448.0)
-            v2 = tl.minimum(tl.maximum(v2 * v_inv, -448.0), 448.0)
-        tl.store(k_cache_ptr + c_dst, out1.to(cache_dtype), mask=c_mask)
-        tl.store(k_cache_ptr + c_dst + HALF, out2.to(cache_dtype), mask=c_mask)
-        tl.store(v_cache_ptr + c_dst, v1.to(cache_dtype), mask=c_mask)
-        tl.store(v_cache_ptr + c_dst + HALF, v2.to(cache_dtype), mask=c_mask)
+        tl.store(k_cache_ptr + c_dst, cache_value(_round(out1, dtype), k_inv, cache_dtype), mask=c_mask)
+        tl.store(k_cache_ptr + c_dst + HALF, cache_value(_round(out2, dtype), k_inv, cache_dtype), mask=c_mask)
+        tl.store(v_cache_ptr + c_dst, cache_value(v1, v_inv, cache_dtype), mask=c_mask)
+        tl.store(v_cache_ptr + c_dst + HALF, cache_value(v2, v_inv, cache_dtype), mask=c_mask)
     else:
         k_dst = k_ptr + token * stride_k + kv_head * HEAD_DIM + dims[None, :]
         tl.store(k_dst, out1.to(dtype), mask=mask & ~is_q)
