@@ -93,8 +93,15 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
 
 
 def takes_qkv(meta: AttentionMetadata, head_dim: int) -> bool:
-    """Whether decode_qkv serves this step: decode only (max_query_len 1, a host int a CUDA graph's metadata
-    sets alike), no shared segments, head_dim a power of two (whole heads are decode_partition's tiles)."""
+    """Whether decode_qkv serves this step: a small decode-only step (decode_partition's rule: max_query_len 1,
+    at most SMALL_BATCH_ROWS rows, no shared segments; host ints a CUDA graph's metadata sets alike), head_dim a
+    power of two (whole heads are decode_partition's tiles). The launch it saves weighs in batch-1 steps (issue
+    16: a draft's passes, the target's decode); larger steps keep qk_norm_rope until W1 measures otherwise."""
+    return decode_partition(meta) == SMALL_BATCH_PARTITION and _fits_qkv(meta, head_dim)
+
+
+def _fits_qkv(meta: AttentionMetadata, head_dim: int) -> bool:
+    """decode_qkv's own bounds: decode only, no shared segments, head_dim a power of two."""
     return meta.max_query_len == 1 and meta.shared is None and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
@@ -102,12 +109,12 @@ def decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
                q_norm: tuple[torch.Tensor, float] | None, k_norm: tuple[torch.Tensor, float] | None,
                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
                v_scale: float = 1.0) -> torch.Tensor:
-    """qk_norm_rope (with its cache write) then paged_attention, in a step where takes_qkv holds:
-    qkv (T, (Hq + 2*Hkv) * D) -> out (T, Hq, D)."""
+    """qk_norm_rope (with its cache write) then paged_attention, in a decode-only step without shared segments
+    (takes_qkv says where it is used): qkv (T, (Hq + 2*Hkv) * D) -> out (T, Hq, D)."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _check_cache(k_cache)
     num_tokens, (num_kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
-    if not takes_qkv(meta, head_dim) or qkv.shape[1] != (num_q_heads + 2 * num_kv_heads) * head_dim \
+    if not _fits_qkv(meta, head_dim) or qkv.shape[1] != (num_q_heads + 2 * num_kv_heads) * head_dim \
             or qkv.stride(1) != 1 or num_q_heads % num_kv_heads:
         raise ValueError(f"decode_qkv: qkv {tuple(qkv.shape)} with {num_q_heads} q heads does not fit the KV cache "
                          f"{tuple(kv_cache.shape)}, or the step is not decode-only")

@@ -27,7 +27,7 @@ def check_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtyp
     gen = torch.Generator().manual_seed(seed)
     batch = make_batch(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=seed)
     meta, num_tokens = batch.meta, batch.q.shape[0]
-    assert triton_backend.takes_qkv(meta, head_dim)
+    assert triton_backend.takes_qkv(meta, head_dim) == (len(rows) <= triton_backend.SMALL_BATCH_ROWS)
     if cache_dtype == torch.float8_e4m3fn:
         noise = batch.kv_cache.float()
         batch.kv_cache = torch.stack([quantize(noise[0] * kv_scales[0], kv_scales[0]),
@@ -113,7 +113,7 @@ def run_interpreter() -> None:
     triton_backend.PARTITION, triton_backend.MAX_SEGMENTS, triton_backend.SMALL_BATCH_PARTITION = 64, 4, 32
     for name, (rows, hq, hkv, dim, bs, dtype, qk_norm, seed) in interpreter_cases():
         err = check_decode_qkv(rows, hq, hkv, dim, bs, dtype, "cpu", qk_norm, seed=seed)
-        many = check_decode_qkv(rows * 2, hq, hkv, dim, bs, dtype, "cpu", qk_norm, seed=seed + 10)   # > 8 rows: PARTITION
+        many = check_decode_qkv(rows * 2, hq, hkv, dim, bs, dtype, "cpu", qk_norm, seed=seed + 10)   # > 8 rows
         print(f"ok {name} rel_err={max(err, many):.1e}", flush=True)
 
 
