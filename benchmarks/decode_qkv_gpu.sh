@@ -16,9 +16,9 @@ w5() { PAGEDLLM_LONG_PREFILL=cudnn timeout 110 $AB $1 benchmarks/spec_decode_gpu
 if [ "${PART:-1}" = 1 ]; then
   step tests
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_qkv.py 2>&1 | tail -4
-  for v in off on off on; do step "W5 $v"; w5 $v; done
+  for v in ${W5_RUNS:-off on off on}; do step "W5 $v"; w5 $v; done
   step engine-tests
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_engine_cuda.py tests/gpu/test_spec_decode_cuda.py 2>&1 | tail -4
+  [ "${ENGINE_TESTS:-1}" = 1 ] && timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_engine_cuda.py tests/gpu/test_spec_decode_cuda.py 2>&1 | tail -4
 else
   for v in on off; do step "W1 $v"; timeout 90 $AB $v $BT --workload W1 --model $Q | tail -1; done
   if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
