@@ -15,7 +15,7 @@ BT="-m pagedllm.cli bench throughput --load-format dummy --skip-tokenizer-init"
 w5() { PAGEDLLM_LONG_PREFILL=cudnn timeout 110 $AB $1 benchmarks/spec_decode_gpu.py $M/Qwen--Qwen3-8B $Q --no-sweep --runs off,0.8 2>&1 | grep -E '"W5"|Error|error' | tail -3; }
 if [ "${PART:-1}" = 1 ]; then
   step tests
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_qkv.py 2>&1 | tail -4
+  timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_qkv.py 2>&1 | tail -4
   for v in ${W5_RUNS:-off on off on}; do step "W5 $v"; w5 $v; done
   step engine-tests
   [ "${ENGINE_TESTS:-1}" = 1 ] && timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_engine_cuda.py tests/gpu/test_spec_decode_cuda.py 2>&1 | tail -4
