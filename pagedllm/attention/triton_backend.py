@@ -79,10 +79,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
-    fp8 = is_fp8(k_cache.dtype)
-    # The scales apply to fp8 caches only (floats: no int specialisation); k_scale multiplies the scores
-    k_scale, v_scale = (float(k_scale), float(v_scale)) if fp8 else (1.0, 1.0)
-    scale_log2 = scale * k_scale * 1.4426950408889634        # exp(x) = exp2(x * log2(e))
+    k_scale, v_scale, scale_log2 = _scales(k_cache, scale, k_scale, v_scale)
     _decode(q, out, k_cache, v_cache, meta, scale_log2, v_scale, _NO_ROPE)
     if meta.max_query_len > 1:
         long_query_len = cudnn_prefill.threshold(q, meta)
@@ -121,16 +118,22 @@ def decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
     out = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
         return out
-    fp8 = is_fp8(k_cache.dtype)
-    k_scale, v_scale = (float(k_scale), float(v_scale)) if fp8 else (1.0, 1.0)
+    k_scale, v_scale, scale_log2 = _scales(k_cache, scale, k_scale, v_scale)
     (q_w, q_eps), (k_w, k_eps) = q_norm or (qkv, 0.0), k_norm or (qkv, 0.0)
     rope = dict(pos_ptr=positions, cos_sin_ptr=cos_sin_cache, stride_cos_sin=cos_sin_cache.stride(0), q_w_ptr=q_w,
                 k_w_ptr=k_w, q_eps=q_eps, k_eps=k_eps, slot_ptr=meta.slot_mapping, k_inv=1.0 / k_scale,
                 v_inv=1.0 / v_scale, ROPE=True, HAS_NORM=q_norm is not None, NUM_Q_HEADS=num_q_heads,
                 NUM_KV_HEADS=num_kv_heads)
     heads = qkv.view(num_tokens, num_q_heads + 2 * num_kv_heads, head_dim)
-    _decode(heads, out, k_cache, v_cache, meta, scale * k_scale * 1.4426950408889634, v_scale, rope)
+    _decode(heads, out, k_cache, v_cache, meta, scale_log2, v_scale, rope)
     return out
+
+
+def _scales(k_cache: torch.Tensor, scale: float, k_scale: float, v_scale: float) -> tuple[float, float, float]:
+    """(k_scale, v_scale, scale_log2) as the kernels take them: the scales apply to fp8 caches only (floats: no
+    int specialisation); k_scale multiplies the scores, folded into scale_log2 (exp(x) = exp2(x * log2(e)))."""
+    k_scale, v_scale = (float(k_scale), float(v_scale)) if is_fp8(k_cache.dtype) else (1.0, 1.0)
+    return k_scale, v_scale, scale * k_scale * 1.4426950408889634
 
 
 def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float, v_scale: float,
