@@ -81,11 +81,12 @@ def check_silu_and_mul(num_tokens, inter, dtype, device, seed=0) -> float:
     return check_close("silu_and_mul", silu_and_mul(gate_up), half, ref)
 
 
-def make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device) -> LlamaAttention:
-    """A LlamaAttention whose projections go unused here (rotate_qk takes the qkv output)."""
+def make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device, max_position=MAX_POSITION) -> LlamaAttention:
+    """A LlamaAttention whose projections go unused here (rotate_qk takes the qkv output); its rotary table
+    covers positions below max_position."""
     config = SimpleNamespace(num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
                              hidden_size=64, rms_norm_eps=1e-6, attention_bias=False)
-    rotary = RotaryEmbedding(head_dim, MAX_POSITION, {"rope_type": "default", "rope_theta": 1e6})
+    rotary = RotaryEmbedding(head_dim, max_position, {"rope_type": "default", "rope_theta": 1e6})
     return LlamaAttention(config, 0, rotary, qkv_bias=False, qk_norm=qk_norm).to(device)
 
 
