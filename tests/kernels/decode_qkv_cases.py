@@ -53,6 +53,12 @@ def check_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtyp
     args = (positions, attn.rotary_emb.cos_sin_cache, num_q_heads, *attn._norms())
     out = triton_backend.decode_qkv(qkv, *args, cache, meta, scale, *kv_scales)
 
+    if cache_dtype == torch.float8_e4m3fn:
+        # the new token's K may be one e4m3 step from write_kv's (checked below): on 1 row of a few hundred
+        # tokens that alone moves the output by 3e-2-1.2e-1 (torch, one step on a quarter of the values), so the
+        # attention is checked over the cache decode_qkv wrote
+        ref = torch_backend.paged_attention(q.view(num_tokens, num_q_heads, head_dim), cache, batch.ref_meta,
+                                            scale, *kv_scales)
     assert out.shape == ref.shape and out.dtype == dtype and torch.isfinite(out).all()
     assert (out[batch.padding] == 0).all(), "padding rows must be zeros"
     real = ~batch.padding
@@ -93,8 +99,14 @@ def check_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtyp
         block_tables=pad(meta.block_tables, extra_rows, POISON_BLOCK), max_seq_len=2 * meta.max_seq_len,
         query_start_loc_cpu=meta.query_start_loc_cpu + [num_tokens] * extra_rows,
         seq_lens_cpu=meta.seq_lens_cpu + [0] * extra_rows)
+    # qkv padded with its row stride kept, as a graph's static buffer keeps the GEMM output's: a stride that
+    # is a multiple of 16 builds another specialisation, whose loads may give the norm's variance another
+    # summation order (the H100 failed here on qk_norm's 200-row cases only, where a last bit shows)
+    padded_qkv = torch.full((num_tokens + extra_tokens, qkv.stride(0)), 3.0, dtype=dtype, device=device)
+    padded_qkv = padded_qkv[:, :qkv.shape[1]]
+    padded_qkv[:num_tokens] = qkv
     again = batch.kv_cache.clone()
-    got = triton_backend.decode_qkv(pad(qkv, extra_tokens, 3.0), pad(positions, extra_tokens, 1), *args[1:], again,
+    got = triton_backend.decode_qkv(padded_qkv, pad(positions, extra_tokens, 1), *args[1:], again,
                                     padded, scale, *kv_scales)
     assert torch.equal(got[:num_tokens], out), "graph padding changed a real token's output"
     assert torch.equal(_bytes(again), _bytes(cache)), "graph padding changed the cache"
