@@ -153,7 +153,7 @@ class LLM:
         try:
             for prompt, p, lora, prio in zip(prompts, params, loras, priorities):
                 ids.append(str(next(self._ids)))
-                self.engine.add_request(ids[-1], prompt, p, OutputKind.FINAL, lora_request=lora,
+                self.engine.add_request(ids[-1], prompt, p, output_kind=OutputKind.FINAL, lora_request=lora,
                                         priority=prio)
                 bar.update(1)
         except BaseException:   # all or nothing, a Ctrl-C too: no half-added batch left in the engine
@@ -239,8 +239,8 @@ class LLM:
         ids = [f"{search_id}-{next(self._ids)}" for _ in beam_prompts]
         try:
             for rid, prompt, parent, lora, salt in zip(ids, beam_prompts, parents, loras, salts):
-                self.engine.add_request(rid, prompt, params, OutputKind.FINAL, cache_salt=salt, kv_parent=parent,
-                                        hold_kv=True, lora_request=lora)
+                self.engine.add_request(rid, prompt, params, output_kind=OutputKind.FINAL, cache_salt=salt,
+                                        kv_parent=parent, hold_kv=True, lora_request=lora)
             self.engine.release_kv_holds(held)
             finished = self._run(len(ids), use_tqdm=False)
         except BaseException:

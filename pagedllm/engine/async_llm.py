@@ -20,7 +20,7 @@ from pagedllm.engine.core_process import CoreClient
 from pagedllm.engine.engine import reset_answer, resolve_model
 from pagedllm.engine.engine_args import AsyncEngineArgs
 from pagedllm.engine.generation_config import load_default_sampling_params
-from pagedllm.engine.input_processor import InputProcessor, check_request_types
+from pagedllm.engine.input_processor import InputProcessor, check_arrival_time, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.output_queue import ABORTED, Aborted, OutputQueue, OutputStream
 from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs, check_tokenization_kwargs
@@ -29,12 +29,10 @@ from pagedllm.engine.vllm_config import ModelConfig, VllmConfig, vllm_config_of
 from pagedllm.metrics import SchedulerStats, StatsLogger, StepStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import SamplingParams
 from pagedllm.vllm_names import ASYNC_LLM_NAMES, check_no_stat_loggers, check_vllm_keywords, not_built, refusing
 
 logger = logging.getLogger("pagedllm")
-_OUTPUT_KINDS = {RequestOutputKind.CUMULATIVE: OutputKind.CUMULATIVE, RequestOutputKind.DELTA: OutputKind.DELTA,
-                 RequestOutputKind.FINAL_ONLY: OutputKind.FINAL}
 
 
 class QueueFullError(Exception):
@@ -179,18 +177,27 @@ class AsyncLLM:
         self.link.attach()
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int] | dict, sampling_params: SamplingParams,
-                    output_kind: OutputKind | None = None,
-                    cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
-                    hold_kv: bool = False, priority: int = 0) -> OutputStream:
-        """Validates and queues the request now: raises ValueError for an invalid request, QueueFullError at
-        the waiting-queue bound. lora_request: its adapter, loaded in the core process if new (a bad one
-        fails the request there: finish_reason "error"). Returns its outputs (OutputStream): iterated, or awaited
-        and read with get() as vLLM's coroutine gives a collector; leaving the iteration early (break, cancel, a
-        closed client) aborts the request, which frees its KV blocks. A caller that stops reading must abort() it.
-        kv_parent, hold_kv, priority: as Engine.add_request's. output_kind: None takes sampling_params.output_kind
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
+                    arrival_time: float | None = None, lora_request=None, tokenization_kwargs: dict | None = None,
+                    trace_headers=None, priority: int = 0, data_parallel_rank: int | None = None,
+                    prompt_text: str | None = None, reasoning_ended: bool | None = None,
+                    reasoning_parser_kwargs: dict | None = None, *, output_kind: OutputKind | None = None,
+                    cache_salt: str | None = None, kv_parent: str | None = None,
+                    hold_kv: bool = False) -> OutputStream:
+        """Validates and queues the request now (vLLM's parameters in vLLM's order; the rest as generate's):
+        raises ValueError for an invalid request, QueueFullError at the waiting-queue bound. lora_request: its
+        adapter, loaded in the core process if new (a bad one fails the request there: finish_reason "error").
+        Returns its outputs (OutputStream): iterated, or awaited and read with get() as vLLM's coroutine gives a
+        collector; leaving the iteration early (break, cancel, a closed client) aborts the request, which frees
+        its KV blocks. A caller that stops reading must abort() it.
+        kv_parent, hold_kv, priority: as Engine.add_request's. output_kind: None takes params.output_kind
         (vLLM's way to ask for deltas)."""
-        q = self._add_request(request_id, prompt, sampling_params, output_kind, cache_salt, lora_request,
+        check_vllm_keywords(data_parallel_rank, reasoning_ended, reasoning_parser_kwargs)
+        check_tokenization_kwargs(tokenization_kwargs)
+        if tokenization_kwargs:
+            check_request_types(request_id, prompt, params)
+            (prompt,), (params,) = apply_tokenization_kwargs(tokenization_kwargs, [prompt], [params], self.tokenizer)
+        q = self._add_request(request_id, prompt, params, output_kind, arrival_time, cache_salt, lora_request,
                               kv_parent, hold_kv, priority)
         return OutputStream(self._outputs(request_id, q))
 
@@ -220,8 +227,8 @@ class AsyncLLM:
         internal = self._free_id(request_id, sampling_params)
         outputs = None
         try:
-            outputs = self.add_request(internal, prompt, sampling_params, output_kind, lora_request=lora_request,
-                                       priority=priority)
+            outputs = self.add_request(internal, prompt, sampling_params, lora_request=lora_request,
+                                       priority=priority, output_kind=output_kind)
             async for out in outputs:
                 out.request_id = request_id   # the caller's, also under an alias
                 yield out
@@ -247,17 +254,18 @@ class AsyncLLM:
                 self._abort_one(request_id)
 
     def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind | None,
-                     cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
-                     hold_kv: bool = False, priority: int = 0) -> "OutputQueue":
+                     arrival_time: float | None = None, cache_salt: str | None = None, lora_request=None,
+                     kv_parent: str | None = None, hold_kv: bool = False, priority: int = 0) -> "OutputQueue":
         check_request_types(request_id, prompt, params)
-        kind = _OUTPUT_KINDS[params.output_kind] if kind is None else kind
+        check_arrival_time(arrival_time)
+        kind = OutputKind.of(params) if kind is None else kind
         self.link.attach()
         self.link.check_alive()
         if self._in_use(request_id, params.num_sequences):
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._check_queue_bound(params.num_sequences, "n" if params.best_of is None else "best_of")
         try:
-            req = self.input_processor.process(request_id, prompt, params, cache_salt=cache_salt,
+            req = self.input_processor.process(request_id, prompt, params, arrival_time, cache_salt=cache_salt,
                                                lora_request=lora_request, kv_parent=kv_parent, hold_kv=hold_kv,
                                                priority=priority)
             # Its output state first (its detokenizer decodes the prompt's last tokens, which may raise): the

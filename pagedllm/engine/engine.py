@@ -13,8 +13,9 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.hf_overrides import apply_hf_overrides
-from pagedllm.engine.input_processor import InputProcessor, check_request_types
+from pagedllm.engine.input_processor import InputProcessor, check_arrival_time, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
+from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs, check_tokenization_kwargs
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.engine.vllm_config import ModelConfig, engine_vllm_config
 from pagedllm.lora.request import LoRARequest
@@ -100,17 +101,27 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
-                    kind: OutputKind = OutputKind.FINAL, arrival_time: float | None = None,
-                    cache_salt: str | None = None, lora_request=None, kv_parent: str | None = None,
-                    hold_kv: bool = False, priority: int = 0):
-        """Validates and queues a request; a request that can never run is a ValueError here. priority: lower
-        runs first under scheduling_policy "priority" (else only 0 is accepted). lora_request:
+                    arrival_time: float | None = None, lora_request=None, tokenization_kwargs: dict | None = None,
+                    trace_headers=None, priority: int = 0, prompt_text: str | None = None, *,
+                    output_kind: OutputKind | None = None, cache_salt: str | None = None,
+                    kv_parent: str | None = None, hold_kv: bool = False) -> str:
+        """Validates and queues a request, vLLM's LLMEngine.add_request (its parameters in its order; returns the
+        request_id); a request that can never run is a ValueError here. output_kind: None takes params.output_kind
+        (vLLM's: an output every step, CUMULATIVE or DELTA, or FINAL_ONLY's one). priority: lower runs first
+        under scheduling_policy "priority" (else only 0 is accepted). tokenization_kwargs: as LLM.generate's;
+        trace_headers and prompt_text change nothing, as under vLLM for these prompts (no tracing endpoint is
+        built; it takes prompt_text for a prebuilt EngineCoreRequest only). lora_request:
         a LoRARequest (enable_lora); an adapter not on the host is read on a loader thread while steps go on (the
         request waits for it), and a bad one ends the request with finish_reason "error" (LLM.generate checks
         its adapters first, so there it is a ValueError).
         hold_kv: its blocks are kept when it ends (release_kv_holds frees them); kv_parent: a held request
         whose tokens this one's extend, whose KV it forks copy-on-write (core/kv_fork.py; beam search)."""
         check_request_types(request_id, prompt, params)
+        check_arrival_time(arrival_time)
+        check_tokenization_kwargs(tokenization_kwargs)
+        if tokenization_kwargs:
+            (prompt,), (params,) = apply_tokenization_kwargs(tokenization_kwargs, [prompt], [params], self.tokenizer)
+        kind = OutputKind.of(params) if output_kind is None else output_kind
         num_seqs = params.num_sequences
         child_ids = [child_request_id(request_id, i, num_seqs) for i in range(num_seqs)]
         if (request_id in self.output_processor.parents
@@ -127,6 +138,7 @@ class Engine:
                                           req.arrival_time, lora_request)
         for core_request in req.core_requests:
             self.core.add_request(core_request)
+        return request_id
 
     def abort_request(self, request_ids: list[str] | str):
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
@@ -139,6 +151,10 @@ class Engine:
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        """vLLM's: the sequences added and not yet finished (a request of n > 1 counts n until its sequences end)."""
+        return sum(s.finish_reason is None for _, s in self.output_processor.child_to_parent.values())
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -19,7 +19,11 @@ def apply_hf_overrides(config: PretrainedConfig, raw: dict, overrides: dict) -> 
     if "rope_theta" in overrides and isinstance(merged.get("rope_parameters"), dict) \
             and "rope_parameters" not in overrides:
         merged["rope_parameters"] = {**merged["rope_parameters"], "rope_theta": overrides["rope_theta"]}
-    return type(config).from_dict(merged)
+    try:
+        return type(config).from_dict(merged)
+    except Exception as e:   # transformers 5's strict config fields raise their own errors (not ValueError)
+        raise ValueError(f"--hf-overrides {overrides}: the model's config does not take it: "
+                         f"{' '.join(str(e).split())[:300]}") from e
 
 
 def _deep_merge(base: dict, update: dict) -> dict:

@@ -154,15 +154,25 @@ class InputProcessor:
         return words
 
     def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
-        if num_prompt + max_tokens > self.max_model_len or max_tokens < 1:
-            raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) must be at most "
-                             f"max_model_len ({self.max_model_len})")
+        """max_tokens, cut to what the prompt leaves of max_model_len: the output then ends there with
+        finish_reason "length", as vLLM's engine ends it (its server refuses such a request with a 400, as ours)."""
+        room = self.max_model_len - num_prompt
+        if room < 1:
+            raise ValueError(f"the prompt ({num_prompt} tokens) leaves no room for an output token in max_model_len "
+                             f"({self.max_model_len})")
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         if num_prompt + max_tokens > self.max_kv_tokens:
             raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) is more than the KV cache "
                              f"holds ({self.num_blocks} KV blocks, {self.max_kv_tokens} tokens): lower max_tokens "
                              f"or raise kv_cache_memory")
         return max_tokens
+
+
+def check_arrival_time(arrival_time):
+    """vLLM's arrival_time (a time.time() value): the 4th argument of its add_request, where one of another type
+    was taken here as the output kind."""
+    if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))):
+        raise TypeError(f"arrival_time must be a time.time() value or None, got {type(arrival_time).__name__}")
 
 
 def check_request_types(request_id, prompt, params):

@@ -15,13 +15,22 @@ from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import FinishedRequestStats, StepStats
 from pagedllm.outputs import (CompletionOutput, FlatLogprobs, Logprob, PositionLogprobs, RequestMetrics,
                               RequestOutput)
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class OutputKind(enum.Enum):
     FINAL = enum.auto()        # one RequestOutput when every sequence has finished (LLM.generate)
     CUMULATIVE = enum.auto()   # every step: the full text so far
     DELTA = enum.auto()        # every step: only what is new (streaming)
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> "OutputKind":
+        """What params.output_kind asks (vLLM's way to ask for deltas or only the final output)."""
+        return _KINDS[params.output_kind]
+
+
+_KINDS = {RequestOutputKind.CUMULATIVE: OutputKind.CUMULATIVE, RequestOutputKind.DELTA: OutputKind.DELTA,
+          RequestOutputKind.FINAL_ONLY: OutputKind.FINAL}
 
 
 @dataclass

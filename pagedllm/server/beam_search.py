@@ -41,8 +41,8 @@ async def beam_search_stream(engine, request_id: str, prompt_ids: list[int], par
             ids = [f"{request_id}-{inst.num_generated}-{j}" for j in range(len(inst.running))]
             streams, added = [], []
             for rid, beam, parent in zip(ids, inst.beam_prompts(), inst.beam_parents()):
-                streams.append(engine.add_request(rid, beam, step_params, OutputKind.FINAL, cache_salt=salt,
-                                                  kv_parent=parent, hold_kv=True,
+                streams.append(engine.add_request(rid, beam, step_params, output_kind=OutputKind.FINAL,
+                                                  cache_salt=salt, kv_parent=parent, hold_kv=True,
                                                   lora_request=lora_request, priority=priority))
                 added.append(rid)
             engine.release_kv_holds(held)   # after their children: the core reads its messages in order

@@ -225,7 +225,7 @@ def add_requests(engine: AsyncLLM, request_id: str, prompts: list[list[int]],
             if log is not None:
                 log.log(ids[-1], prompt_ids, params[i] if isinstance(params, list) else params, lora_request)
             streams.append(engine.add_request(ids[-1], prompt_ids, params[i] if isinstance(params, list) else params,
-                                              kind, cache_salt=cache_salt,
+                                              output_kind=kind, cache_salt=cache_salt,
                                               lora_request=lora_request, priority=priority))
     except BaseException:
         abort_all(engine, ids)

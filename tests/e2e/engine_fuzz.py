@@ -205,8 +205,8 @@ def _run_staggered(engine, trial: Trial, loras: list, priority: list[int] | None
     while step <= max(trial.arrivals) or engine.has_unfinished_requests():
         for i, at in enumerate(trial.arrivals):
             if at == step:
-                engine.add_request(str(i), trial.prompts[i], trial.params[i], kinds[i], lora_request=loras[i],
-                                   priority=priority[i] if priority else 0)
+                engine.add_request(str(i), trial.prompts[i], trial.params[i], output_kind=kinds[i],
+                                   lora_request=loras[i], priority=priority[i] if priority else 0)
         aborted = [str(i) for i, at in trial.aborts.items() if at == step and str(i) not in finished]
         if aborted:
             engine.abort_request(aborted)

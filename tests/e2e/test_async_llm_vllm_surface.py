@@ -352,4 +352,10 @@ def test_add_request_may_be_awaited_and_read_with_get_as_vllms(tiny_model_dirs):
         with pytest.raises(StopAsyncIteration):
             await collector.get()
         assert [o.outputs[0].token_ids async for o in engine.add_request("b", prompt, params)] == want
+        # vLLM's parameters in its order: arrival_time 4th (it was the output kind here), tokenization_kwargs
+        arrival = time.time() - 100
+        outs = [o async for o in engine.add_request("c", prompt, params, arrival, None, {"truncate_prompt_tokens": 4})]
+        assert outs[-1].metrics.arrival_time == arrival and len(outs[-1].prompt_token_ids) == 4
+        with pytest.raises(TypeError, match="arrival_time must be a time.time"):
+            engine.add_request("d", prompt, params, "final")
     run(tiny_model_dirs["llama"], body)

@@ -94,7 +94,7 @@ def test_stop_token_ids_max_tokens_min_tokens_ignore_eos(llm, hf):
 def test_streamed_deltas_concatenate_to_final_text(llm):
     engine = llm.engine
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=50, n=2)
-    engine.add_request("s", "Once upon a time", params, OutputKind.DELTA)
+    engine.add_request("s", "Once upon a time", params, output_kind=OutputKind.DELTA)
     texts, tokens, final = {0: "", 1: ""}, {0: [], 1: []}, None
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -111,7 +111,7 @@ def test_streamed_deltas_concatenate_to_final_text(llm):
 
 def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(llm):
     with pytest.raises(ValueError, match="max_model_len"):
-        llm.generate([1] * 500, SamplingParams(max_tokens=50), use_tqdm=False)
+        llm.generate([1] * 512, SamplingParams(max_tokens=1), use_tqdm=False)   # a prompt that leaves no room
     with pytest.raises(ValueError, match=r"prompt_token_ids must be integers in \[0, 512\)"):
         llm.generate([[1, 2, 3], [1, 9999]], use_tqdm=False)
     with pytest.raises(ValueError, match=r"prompt_token_ids must be integers .* got \[True\]"):

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.sampling_params import RequestOutputKind
 from pagedllm.runner import model_runner
 
 MAX_NEW = 20
@@ -147,7 +148,8 @@ def test_parallel_sampling_shares_prompt_blocks(tiny_model_dirs, prefix_caching)
     d = tiny_model_dirs["llama"]
     llm = LLM(d, dtype="float32", enable_prefix_caching=prefix_caching, log_stats_interval=0)
     prompt = PROMPTS[6][:40]                                     # 2 full blocks + 8 tokens
-    params = SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=8, ignore_eos=True)
+    params = SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=8, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     llm.engine.add_request("p", prompt, params)
     llm.engine.step()                                            # prefill all four, first tokens sampled
     stats = llm.engine.get_stats()

@@ -1,5 +1,7 @@
 """LLM's methods called as a script written for vLLM 0.26's LLM calls them: the same parameters, in the same
 positions, with the same meaning; or a clear error naming what is not built and why."""
+import dataclasses
+
 import pytest
 
 from pagedllm import LLM, SamplingParams
@@ -281,3 +283,55 @@ def test_a_dict_prompts_empty_multimodal_keys_are_taken(llm):
     assert out.outputs[0].text == " upon a time"
     with pytest.raises(ValueError, match=r"multi-modal inputs are not supported\), got \['multi_modal_data'\]"):
         llm.generate({"prompt": "Once", "multi_modal_data": {"image": object()}}, GREEDY, use_tqdm=False)
+
+
+def test_max_tokens_past_the_context_ends_the_output_at_max_model_len():
+    """vLLM's engine takes a prompt that leaves room for any output and ends it at max_model_len ("length"); a
+    max_tokens past that room failed the whole generate() call here, the other prompts' outputs too."""
+    llm = LLM(device="cpu", max_model_len=64)
+    ids = llm.get_tokenizer().encode("Once upon a time")
+    short, full = llm.generate([{"prompt_token_ids": ids}, {"prompt_token_ids": ids}],
+                               [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                                SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)], use_tqdm=False)
+    assert len(full.outputs[0].token_ids) == 64 - len(ids) and full.outputs[0].finish_reason == "length"
+    assert full.outputs[0].token_ids[:5] == short.outputs[0].token_ids
+    [last] = llm.generate({"prompt_token_ids": [1] + [7] * 62}, SamplingParams(max_tokens=6, ignore_eos=True),
+                          use_tqdm=False)
+    assert len(last.outputs[0].token_ids) == 1 and last.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match=r"prompt \(64 tokens\) leaves no room .* max_model_len \(64\)"):
+        llm.generate({"prompt_token_ids": [1] + [7] * 63}, use_tqdm=False)
+
+
+def test_llm_engine_add_request_takes_vllms_parameters_and_output_kind(llm):
+    """vLLM's LLMEngine.add_request(request_id, prompt, params, arrival_time, lora_request, tokenization_kwargs,
+    trace_headers, priority, prompt_text) returning the id; step() gives an output every step unless
+    params.output_kind is FINAL_ONLY. Here the 4th parameter was the output kind (a time.time() given there was
+    taken as one, the arrival time lost), params.output_kind was not read (one output, at the end), and
+    tokenization_kwargs / get_num_unfinished_requests() were a TypeError / an AttributeError."""
+    import time
+
+    from pagedllm.sampling_params import RequestOutputKind
+    engine, prompt = llm.llm_engine, "Once upon a time"
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    arrival = time.time() - 100
+    assert engine.add_request("c", prompt, params, arrival) == "c"
+    assert engine.add_request("d", prompt, dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)) == "d"
+    assert engine.add_request("f", prompt, dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY),
+                              None, None, {"truncate_prompt_tokens": 2}) == "f"
+    assert engine.get_num_unfinished_requests() == 3
+    seen = {"c": [], "d": [], "f": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert engine.get_num_unfinished_requests() == 0
+    assert [o.outputs[0].token_ids for o in seen["c"]] == [want.token_ids[:i] for i in range(1, 5)]
+    assert seen["c"][0].metrics.arrival_time == arrival
+    assert [t for o in seen["d"] for t in o.outputs[0].token_ids] == want.token_ids and len(seen["d"]) == 4
+    [final] = seen["f"]
+    assert final.finished and len(final.prompt_token_ids) == 2
+    with pytest.raises(TypeError, match="arrival_time must be a time.time"):
+        engine.add_request("k", prompt, params, "kind")
+    with pytest.raises(ValueError, match="tokenization_kwargs"):
+        engine.add_request("k", prompt, params, tokenization_kwargs={"padding": True})
+    assert not engine.has_unfinished_requests()

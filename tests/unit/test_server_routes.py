@@ -149,7 +149,7 @@ class ScoringEngine(FakeEngine):
         self.running, self.aborted = set(), []
         self.release = asyncio.Event()
 
-    def add_request(self, request_id, prompt, params, kind, **_):
+    def add_request(self, request_id, prompt, params, **_):
         if request_id in self.running:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.running.add(request_id)
