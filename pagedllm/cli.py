@@ -26,7 +26,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
         if ftype is bool or ftype == "bool":
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
             continue
-        if meta.get("nargs"):   # items after the flag, as vLLM's --lora-modules a=/p b=/q (repeatable)
+        if meta.get("nargs"):   # items after the flag, as vLLM's --lora-modules a=/p b=/q; given again on the
+            # command line, the last flag's items replace the earlier (vllm_argv.last_of_repeated); a config file's
+            # list comes as one --flag=item token an item, which add up
             group.add_argument(*flags, nargs=meta["nargs"], action="extend", default=default, help=meta["help"])
             continue
         if typing.get_origin(ftype) is list:   # a JSON list, as vLLM takes them: --allowed-origins '["*"]'

@@ -4,12 +4,39 @@
 typed in full, so a refusal names the flag as the user wrote it."""
 import argparse
 import json
+import logging
 import re
+
+logger = logging.getLogger("pagedllm")
 
 
 def vllm_argv(argv: list[str], several: frozenset[str]) -> list[str]:
     """several: the flags that take several values (`--api-key k1 k2`), which a file's list fills item by item."""
-    return json_keys(vllm_spelling(with_config_file(argv, several)))
+    return json_keys(vllm_spelling(with_config_file(last_of_repeated(argv, several), several)))
+
+
+def last_of_repeated(argv: list[str], several: frozenset[str]) -> list[str]:
+    """A flag of several values given more than once: the last one's values replace the earlier ones', as vLLM's
+    parser keeps them (and says so). argparse would add them up: a wrapper's `--api-key OLD "$@"` would keep OLD
+    working beside the user's --api-key NEW. A flag's values are the tokens after it up to the next option."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for i, arg in enumerate(argv):
+        name = _flag_name(arg)
+        if arg.startswith("--") and name in several:
+            end = i + 1
+            while "=" not in arg and end < len(argv) and not _is_option(argv[end]):
+                end += 1
+            spans.setdefault(name, []).append((i, end))
+    dropped = {i for name, found in spans.items() if len(found) > 1 for start, end in found[:-1]
+               for i in range(start, end)}
+    for name, found in spans.items():
+        if len(found) > 1:
+            logger.warning("%s was given %d times: the last one's values are taken (as vLLM's)", name, len(found))
+    return [arg for i, arg in enumerate(argv) if i not in dropped]
+
+
+def _is_option(arg: str) -> bool:
+    return arg.startswith("-") and len(arg) > 1 and not re.fullmatch(r"-\d[\d.e+-]*", arg)
 
 
 def with_config_file(argv: list[str], several: frozenset[str]) -> list[str]:

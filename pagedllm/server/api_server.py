@@ -275,7 +275,8 @@ class _CORSMiddleware(CORSMiddleware):
 def _key_matches(expected: list[bytes], authorization: str, x_api_key: str) -> bool:
     # Header values arrive decoded as latin-1 (Starlette's): encoded back, they are the bytes the client sent, which
     # for a non-ASCII key are its UTF-8 (as `expected` is); .encode() would encode it twice.
-    given = authorization.encode("latin-1")
+    scheme, _, param = authorization.encode("latin-1").partition(b" ")
+    given = b"Bearer " + param if scheme.lower() == b"bearer" else b""   # the scheme in any case, as vLLM's
     other = b"Bearer " + x_api_key.encode("latin-1")
     # constant time: no key prefix leaks by timing (every key compared, both headers, whichever was sent)
     found = False

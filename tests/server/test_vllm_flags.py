@@ -201,6 +201,17 @@ def test_the_command_line_wins_over_the_config_file(serve_args, tmp_path):
                                                                                                  False, 8)
 
 
+def test_a_list_flag_given_again_replaces_the_earlier_values(serve_args, caplog):
+    """vLLM keeps the last --api-key (and says so): argparse's extend kept both here, so a wrapper's
+    `--api-key OLD "$@"` left OLD working beside the user's NEW, and an old --served-model-name still served."""
+    _, server = serve_args("--api-key", "old", "older", "--served-model-name", "a", "--api_key", "new",
+                           "--served-model-name=b", "--port", "9000")
+    assert (server.api_key, server.served_model_name, server.port) == (["new"], ["b"], 9000)
+    assert "--api-key was given 2 times: the last one's values are taken" in caplog.text
+    _, server = serve_args("--api-key", "k1", "k2")
+    assert server.api_key == ["k1", "k2"]
+
+
 def test_config_file_model_and_the_positional_model(monkeypatch, tmp_path):
     started = []
     monkeypatch.setattr(launch, "serve", lambda engine, server: started.append(engine))

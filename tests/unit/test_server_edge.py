@@ -249,6 +249,9 @@ def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
     assert authorized({**path, "headers": [(b"x-api-key", "clé-ü".encode())]})
     assert not authorized({**path, "headers": [(b"authorization", "Bearer clé-ü".encode("latin-1"))]})
     assert not authorized({**path, "headers": [(b"authorization", b"Bearer cl")]})
+    # the scheme in any case, as vLLM's (RFC 9110: case-insensitive); another scheme or a second space is no key
+    for scheme, ok in ((b"bearer ", True), (b"BEARER ", True), (b"Basic ", False), (b"Bearer  ", False)):
+        assert bool(authorized({**path, "headers": [(b"authorization", scheme + key[7:])]})) == ok, scheme
     # keyed routes only: /tokenize (and under a root path) need it, /health does not
     assert not authorized({"path": "/api/tokenize", "root_path": "/api", "headers": []})
     assert authorized({"path": "/health", "headers": []})
