@@ -80,6 +80,18 @@ def test_what_is_not_an_object_is_refused_naming_the_field(value, words):
         EngineConfig(hf_overrides=value)
 
 
+@pytest.mark.parametrize("overrides, words", [
+    ({"num_hidden_layers": "x"}, "expected int, got str"),
+    ({"num_attention_heads": 3}, "not a multiple of the number of attention heads"),
+    ({"rope_scaling": 5}, "rope_parameters"),
+])
+def test_a_value_the_config_refuses_is_an_error_naming_the_flag(tiny_model_dirs, overrides, words):
+    """transformers 5's config checks raise their own errors (not ValueError): `pagedllm serve` ended in a
+    traceback instead of an error naming --hf-overrides."""
+    with pytest.raises(ValueError, match=f"--hf-overrides .*the model's config does not take it: .*{words}"):
+        _resolved(tiny_model_dirs["llama"], overrides)
+
+
 def test_an_architecture_override_is_checked_as_the_checkpoints(tiny_model_dirs):
     with pytest.raises(ValueError, match="NopeForCausalLM"):
         _resolved(tiny_model_dirs["llama"], {"architectures": ["NopeForCausalLM"]})
