@@ -134,6 +134,10 @@ class EngineConfig:
                                         "(ngram), model (draft_model), rejection_sample_method (standard or "
                                         "synthetic, with synthetic_acceptance_rate(s)), disable_by_batch_size, "
                                         "max_step_tokens; None = off", python_types=(str, dict))
+    spec_method: str | None = _f(None, "vLLM's short form of speculative_config's method (merged into it; naming "
+                                       "a key it has too is an error)")
+    spec_model: str | None = _f(None, "vLLM's short form of speculative_config's model (the draft checkpoint)")
+    spec_tokens: int | None = _f(None, "vLLM's short form of speculative_config's num_speculative_tokens")
     enable_lora: bool = _f(False, "serve LoRA adapters (PEFT) over the base model, several in one step (on CUDA: "
                                   "Triton kernels inside the CUDA graphs)")
     max_loras: int = _f(1, "most distinct LoRA adapters in one step (device slots)")
@@ -160,6 +164,7 @@ class EngineConfig:
         if type(self.lora_dtype).__name__ == "dtype":   # vLLM's LLM(lora_dtype=torch.float16), without torch here
             self.lora_dtype = str(self.lora_dtype).removeprefix("torch.")
         check_types(self)
+        self._merge_spec_aliases()
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
         _check(self.quantization in (None, *_QUANTIZATIONS), "quantization", f"None or one of {_QUANTIZATIONS}",
                self.quantization)
@@ -194,6 +199,23 @@ class EngineConfig:
         self._check_tensor_parallel()
         from pagedllm.spec_decode.config import SpeculativeConfig
         self.speculative = SpeculativeConfig.parse(self.speculative_config)   # None: off
+
+    def _merge_spec_aliases(self):
+        """vLLM's --spec-method / --spec-model / --spec-tokens (LLM's spec_* too) go into speculative_config, as
+        its create_speculative_config puts them; then they are cleared, so that a copy of the config
+        (dataclasses.replace) does not merge them twice."""
+        aliases = {"method": self.spec_method, "model": self.spec_model, "num_speculative_tokens": self.spec_tokens}
+        aliases = {key: value for key, value in aliases.items() if value is not None}
+        if not aliases:
+            return
+        merged = dict(_json_object(self.speculative_config, "speculative_config") or {})
+        for key, value in aliases.items():
+            flag = {"method": "spec_method", "model": "spec_model"}.get(key, "spec_tokens")
+            _check(key not in merged, flag, f"left out where speculative_config gives {key} (vLLM: mutually "
+                   f"exclusive)", value)
+            merged[key] = value
+        self.speculative_config = json.dumps(merged)
+        self.spec_method = self.spec_model = self.spec_tokens = None
 
     def _check_kv_tiers(self):
         _check(self.scheduling_policy in _SCHEDULING_POLICIES, "scheduling_policy",

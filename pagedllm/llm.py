@@ -12,6 +12,7 @@ from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSear
                                   check_length, finish_text, run_beam_search, step_sampling_params,
                                   unshared_blocks)
 from pagedllm.chat_template import render_chat
+from pagedllm.chat_template_arg import read_chat_template
 from pagedllm.config import DEMO_MODEL
 from pagedllm.engine.engine import Engine, reset_answer
 from pagedllm.engine.engine_args import engine_config
@@ -28,10 +29,12 @@ Prompt = str | list[int] | dict
 
 
 class LLM:
-    def __init__(self, model: str = DEMO_MODEL, **engine_args):
+    def __init__(self, model: str = DEMO_MODEL, *, chat_template: str | None = None, **engine_args):
         """engine_args: EngineConfig's fields, or vLLM's LLM arguments (vllm_flags.py: each is taken with vLLM's
         meaning or refused naming it and why). No statistics log lines unless asked for, as vLLM's LLM
-        (disable_log_stats=True)."""
+        (disable_log_stats=True). chat_template (a file or the text, as --chat-template): chat()'s template
+        where a call gives none, over the tokenizer's."""
+        self.chat_template = read_chat_template(chat_template, "chat_template")
         self.engine = Engine(engine_config(model, {"disable_log_stats": True, **engine_args}))
         self._ids = itertools.count()
         self._queued: dict[str, None] = {}             # enqueue()'s requests (ordered), until wait_for_completion()
@@ -303,8 +306,10 @@ class LLM:
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("chat() needs a tokenizer: skip_tokenizer_init is set (use generate() on token ids)")
+        chat_template = self.chat_template if chat_template is None else chat_template
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this tokenizer has no chat template: pass chat_template=... or use generate()")
+            raise ValueError("this tokenizer has no chat template: pass chat_template=... (here or to LLM()) or "
+                             "use generate()")
         prompts = [render_chat(tokenizer, c, chat_template, add_generation_prompt, continue_final_message,
                                chat_template_kwargs, tools, content_format=content_format)
                    for c in conversations]

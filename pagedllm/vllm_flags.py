@@ -71,6 +71,9 @@ _MULTIMODAL = "multimodal inputs are not built: pagedllm serves text-only models
 _NO_COMPILE = "pagedllm does not use torch.compile: it runs its own kernels, and replays CUDA graphs of the sizes " \
               "it picks (--enforce-eager turns them off)"
 
+_WEIGHT_OFFLOAD = "offloading model weights to CPU memory is not built (--cpu-offload-gb 0); the KV cache's CPU " \
+                  "tier is --kv-offloading-size"
+
 VLLM_FLAGS = (
     VllmFlag("trust-remote-code", "pagedllm runs no code from a model directory: its architectures are built in, "
              "and another is refused by name", _any, boolean=True),
@@ -163,6 +166,16 @@ VLLM_FLAGS = (
              + _MULTIMODAL, _is(False), boolean=True),
     VllmFlag("enable-mixed-moe-lora-format", "no mixture-of-experts model is built here", _is(False), boolean=True),
     VllmFlag("enable-moe-shared-loras", "no mixture-of-experts model is built here", _is(False), boolean=True),
+    VllmFlag("offload-backend", _WEIGHT_OFFLOAD + " (auto is taken)", _is("auto")),
+    VllmFlag("offload-group-size", _WEIGHT_OFFLOAD + " (0, off, is taken)", _is("0")),
+    VllmFlag("offload-num-in-group", _WEIGHT_OFFLOAD + " (1, vLLM's default, is taken)", _is("1")),
+    VllmFlag("offload-prefetch-step", _WEIGHT_OFFLOAD + " (1, vLLM's default, is taken)", _is("1")),
+    VllmFlag("offload-params", _WEIGHT_OFFLOAD + " (none is taken)", _is([]), nargs="*"),
+    VllmFlag("cpu-offload-params", _WEIGHT_OFFLOAD + " (none is taken)", _is([]), nargs="*"),
+    VllmFlag("profiler-config", "vLLM's torch profiler hooks are not built: benchmarks/step_profile.py profiles "
+             "steps", _never),
+    VllmFlag("quantization-config", "a quantization's settings come from the checkpoint's config.json "
+             "(quantization_config) or --quantization fp8 here; more are not built", _never),
     # flags vLLM has dropped (0.26 answers 'unrecognized arguments'), which older deployments still pass;
     # --rope-theta and --rope-scaling are --hf-overrides keys (vllm_argv.py), as vLLM said when it dropped them
     VllmFlag("num-scheduler-steps", "vLLM V0's multi-step scheduling, which vLLM removed with V0 (V1 schedules "
@@ -252,6 +265,6 @@ def _as_parsed(flag: VllmFlag, value):
         return value
     if isinstance(value, dict):
         return json.dumps(value)
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return [str(v) for v in value]
     return str(value)

@@ -16,8 +16,8 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
+from pagedllm.chat_template_arg import read_chat_template
 from pagedllm.config import EngineConfig, ServerConfig
 
 
@@ -70,7 +70,7 @@ def check_serve_config(engine_config: EngineConfig, server_config: ServerConfig,
     if engine_config.skip_tokenizer_init:
         raise ValueError("skip_tokenizer_init: pagedllm serve needs a tokenizer (text prompts, chat, /tokenize); "
                          "use it offline, LLM(..., skip_tokenizer_init=True) on token-id prompts")
-    chat_template = _read_chat_template(server_config.chat_template)
+    chat_template = read_chat_template(server_config.chat_template)
     _check_host(server_config.host)
     _check_tls(server_config)
     lora_modules = parse_lora_modules(server_config.lora_modules)
@@ -96,32 +96,6 @@ def _check_host(host: str):
             raise ValueError(f"--host {host!r} is not an IPv4 address: {e}") from None
 
 
-def _read_chat_template(value: str | None) -> str | None:
-    """--chat-template: a file, or the template text itself. A value that names no file is a typo, not a
-    template, when it has no Jinja tag and looks like a path (a .jinja name, a path separator), or has none of
-    the characters a template has ("{", "}", a newline), as vLLM takes it: a name such as "chatml" (vLLM then
-    looks among its built-in template files, which pagedllm does not ship) is refused, not used as the text."""
-    if value is None:
-        return None
-    if Path(value).is_file():
-        return _parsed(Path(value).read_text(), value)
-    is_template = "{{" in value or "{%" in value
-    looks_like_path = value.endswith((".jinja", ".jinja2", ".j2")) or "/" in value or os.sep in value
-    if (not is_template and looks_like_path) or not any(c in value for c in "{}\n"):
-        raise FileNotFoundError(f"--chat-template {value!r}: no such file (give a template file or the "
-                                f"template text)")
-    return _parsed(value, "its text")
-
-
-def _parsed(template: str, where: str) -> str:
-    """The template, checked to parse now (as transformers' sandbox reads it): a syntax error is the operator's,
-    at start-up, not a 400 blamed on every chat request."""
-    import jinja2.sandbox
-    try:
-        jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"--chat-template ({where}) does not parse: {e.message} (line {e.lineno})") from e
-    return template
 
 
 def _check_tls(config: ServerConfig):

@@ -201,6 +201,16 @@ def test_the_command_line_wins_over_the_config_file(serve_args, tmp_path):
                                                                                                  False, 8)
 
 
+def test_vllms_spec_flags_fill_the_speculative_config(serve_args):
+    """vLLM 0.26's --spec-method / --spec-model / --spec-tokens (aliases of --speculative-config's keys): were
+    'unrecognized arguments'. The weight-offload flags at their defaults are taken."""
+    engine, _ = serve_args("--spec-method", "ngram", "--spec-tokens", "3", "--offload-group-size", "0",
+                           "--offload-params")
+    assert json.loads(engine.speculative_config) == {"method": "ngram", "num_speculative_tokens": 3}
+    engine, _ = serve_args("--speculative-config", '{"method": "ngram"}', "--spec-tokens", "2")
+    assert json.loads(engine.speculative_config) == {"method": "ngram", "num_speculative_tokens": 2}
+
+
 def test_a_list_flag_given_again_replaces_the_earlier_values(serve_args, caplog):
     """vLLM keeps the last --api-key (and says so): argparse's extend kept both here, so a wrapper's
     `--api-key OLD "$@"` left OLD working beside the user's NEW, and an old --served-model-name still served."""

@@ -2,7 +2,7 @@
 import pytest
 
 from pagedllm.cli import main
-from pagedllm.server.launch import _read_chat_template
+from pagedllm.chat_template_arg import read_chat_template as _read_chat_template
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 

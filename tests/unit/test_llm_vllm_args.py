@@ -14,6 +14,34 @@ def test_vllms_usual_llm_arguments_are_taken():
     assert llm.engine.config.kv_cache_memory == 2**20
 
 
+def test_the_rest_of_vllms_named_llm_arguments_are_taken_or_refused_naming_them(tmp_path):
+    """vLLM 0.26's LLM(...) names these in its signature: each was an EngineConfig TypeError here, even at its
+    default. spec_method / spec_model / spec_tokens fill speculative_config (vLLM's aliases); chat_template is
+    chat()'s template where a call gives none (a file or the text)."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    llm = LLM(device="cpu", chat_template=str(template), offload_group_size=0, offload_num_in_group=1,
+              offload_prefetch_step=1, offload_params=set(), profiler_config=None, quantization_config=None,
+              spec_method="ngram", spec_tokens=2)
+    spec = llm.engine.config.speculative
+    assert (spec.method, spec.num_speculative_tokens) == ("ngram", 2)
+    [out] = llm.chat([{"role": "user", "content": "hi"}], use_tqdm=False)
+    assert out.prompt == "[hi]"
+    [out] = llm.chat([{"role": "user", "content": "hi"}], chat_template="<{{ messages[0]['content'] }}>",
+                     use_tqdm=False)
+    assert out.prompt == "<hi>"
+    with pytest.raises(ValueError, match="spec_tokens must be left out where speculative_config gives "
+                                         "num_speculative_tokens"):
+        LLM(device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": 2}, spec_tokens=3)
+    with pytest.raises(FileNotFoundError, match="chat_template 'chatml': no such file"):
+        LLM(device="cpu", chat_template="chatml")
+    for kwargs, words in (({"offload_group_size": 4}, "offloading model weights"),
+                          ({"profiler_config": {"profiler": "torch"}}, "profiler"),
+                          ({"quantization_config": {"x": 1}}, "quantization")):
+        with pytest.raises(ValueError, match=rf"LLM\({next(iter(kwargs))}=.*{words}"):
+            check_vllm_kwargs(kwargs)
+
+
 def test_statistics_log_lines_are_off_unless_asked_for_as_vllms_llm():
     assert LLM(device="cpu").engine.config.log_stats_interval == 0
     assert LLM(device="cpu", disable_log_stats=False).engine.config.log_stats_interval == 10.0
