@@ -3,6 +3,7 @@ fields of EngineConfig and ServerConfig (names as vLLM's)."""
 import argparse
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -159,6 +160,19 @@ def _several_values() -> frozenset[str]:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _vllm_logging_level(args: argparse.Namespace, argv: list[str]):
+    """vLLM's VLLM_LOGGING_LEVEL sets the log level where --log-level is not given (vLLM's request logger tells
+    users to set it to see prompts); the flag wins."""
+    env = os.environ.get("VLLM_LOGGING_LEVEL", "").strip()
+    if not env or not hasattr(args, "log_level") or any(a.partition("=")[0] in ("--log-level", "--log_level")
+                                                       for a in argv):
+        return
+    levels = [level for level in LOG_LEVELS if args.command in ("generate", "bench") or level != "CRITICAL"]
+    if env.upper() not in levels:
+        raise ValueError(f"VLLM_LOGGING_LEVEL={env!r}: expected one of {', '.join(levels)}")
+    args.log_level = env.upper() if args.command in ("generate", "bench") else env.lower()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: LLM inference with a paged KV cache")
     parser.add_argument("-v", "--version", action="version", version=f"pagedllm {__version__}")   # as vLLM's
@@ -191,6 +205,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    try:
+        _vllm_logging_level(args, argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     level = getattr(args, "log_level", "WARNING").upper()   # bench serve has no --log-level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -211,6 +211,16 @@ def test_vllms_spec_flags_fill_the_speculative_config(serve_args):
     assert json.loads(engine.speculative_config) == {"method": "ngram", "num_speculative_tokens": 2}
 
 
+def test_vllms_logging_level_variable_sets_the_log_level(serve_args, monkeypatch, capsys):
+    """VLLM_LOGGING_LEVEL (vLLM's request logger says to set it to see prompts) was ignored; --log-level wins."""
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    assert serve_args()[1].log_level == "debug"
+    assert serve_args("--log-level", "warning")[1].log_level == "warning"
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "LOUD")
+    assert main(["serve", DEMO_MODEL, "--device", "cpu"]) == 2
+    assert "VLLM_LOGGING_LEVEL='LOUD': expected one of DEBUG, INFO, WARNING, ERROR" in capsys.readouterr().err
+
+
 def test_a_list_flag_given_again_replaces_the_earlier_values(serve_args, caplog):
     """vLLM keeps the last --api-key (and says so): argparse's extend kept both here, so a wrapper's
     `--api-key OLD "$@"` left OLD working beside the user's NEW, and an old --served-model-name still served."""
