@@ -1,6 +1,7 @@
 """`pagedllm generate | serve | bench throughput | bench serve`: engine and server flags are generated from the
 fields of EngineConfig and ServerConfig (names as vLLM's)."""
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -110,8 +111,22 @@ def _serve(args):
     serve(*_server_configs(args))
 
 
+# serve's flags for its HTTP listener, which run-batch (requests answered in-process, no socket) has none of: vLLM's
+# run-batch parser lacks them too ("unrecognized arguments"), where ours took and ignored them
+_HTTP_ONLY = ("host", "port", "api_key", "api_server_count", "uvicorn_log_level", "disable_uvicorn_access_log",
+              "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials", "ssl_keyfile",
+              "ssl_certfile", "root_path", "disable_fastapi_docs", "enable_request_id_headers",
+              "max_request_body_bytes")
+
+
 def _run_batch(args):
     from pagedllm.server.run_batch import run_batch
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(ServerConfig)}
+    given = [name for name in _HTTP_ONLY if getattr(args, name) != defaults[name]]
+    if given:
+        raise ValueError(f"run-batch serves no HTTP: {', '.join('--' + n.replace('_', '-') for n in given)} "
+                         f"{'is' if len(given) == 1 else 'are'} serve's (vLLM's run-batch takes none of them)")
     counts = run_batch(*_server_configs(args), args.input_file, args.output_file)
     print(json.dumps({"output_file": args.output_file, "by_status": counts}))
 
