@@ -171,8 +171,9 @@ def step_sampling_params(params: BeamSearchParams, num_eos: int, max_logprobs: i
     num = candidates_per_step(params, num_eos)
     if num > max_logprobs:
         raise ValueError(f"BeamSearchParams.beam_width must be at most {max_logprobs // (num // params.beam_width)} "
-                         f"(each step asks for {num} top logprobs per beam, at most max_logprobs "
-                         f"({max_logprobs})), got {params.beam_width}")
+                         f"(each step asks each beam for {num} top logprobs, {num // params.beam_width} x "
+                         f"beam_width: 1 + the EOS ids, at least 2; at most max_logprobs ({max_logprobs}): "
+                         f"raise --max-logprobs for more), got {params.beam_width}")
     return SamplingParams(max_tokens=1, logprobs=num, temperature=0.0, ignore_eos=True,
                           detokenize=False)
 

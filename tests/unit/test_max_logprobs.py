@@ -24,7 +24,8 @@ def test_a_lower_bound_refuses_more_naming_the_field_and_the_limit(tiny_model_di
     for field in ("logprobs", "prompt_logprobs"):
         with pytest.raises(ValueError, match=rf"SamplingParams\.{field} must be <= max_logprobs \(5\), got 6"):
             llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2, **{field: 6}), use_tqdm=False)
-    with pytest.raises(ValueError, match=r"beam_width must be at most 2 .* at most max_logprobs \(5\)\), got 3"):
+    with pytest.raises(ValueError, match=r"beam_width must be at most 2 .* at most max_logprobs \(5\): "
+                                         r"raise --max-logprobs for more\), got 3"):
         llm.beam_search([[3, 4]], BeamSearchParams(beam_width=3, max_tokens=2))
 
 
