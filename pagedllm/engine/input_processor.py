@@ -26,14 +26,13 @@ class ProcessedRequest:
 
 class InputProcessor:
     def __init__(self, tokenizer, eos_token_ids: set[int], vocab_size: int, max_model_len: int,
-                 block_size: int, num_blocks: int, enable_prefix_caching: bool, max_num_seqs: int | None = None,
-                 scheduling_policy: str = "fcfs", *, max_logprobs: int):
-        """max_num_seqs: the engine's bound, and so the largest n (None: no bound). max_logprobs: the most
-        logprobs a request may ask for (EngineConfig.logprobs_bound)."""
+                 block_size: int, num_blocks: int, enable_prefix_caching: bool, scheduling_policy: str = "fcfs", *,
+                 max_logprobs: int):
+        """max_logprobs: the most logprobs a request may ask for (EngineConfig.logprobs_bound). n has no bound
+        but SamplingParams' (VLLM_MAX_N_SEQUENCES): sequences past max_num_seqs wait for a place, as vLLM's."""
         self.tokenizer = tokenizer
         self.max_logprobs = max_logprobs
         self.scheduling_policy = scheduling_policy
-        self.max_num_seqs = max_num_seqs
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -46,8 +45,8 @@ class InputProcessor:
     def for_engine(cls, config, tokenizer, vocab_size: int, max_model_len: int, num_blocks: int) -> "InputProcessor":
         """The offline Engine's and AsyncLLM's: the checkpoint's EOS ids, the config's limits."""
         return cls(tokenizer, load_eos_token_ids(config.model, tokenizer), vocab_size, max_model_len,
-                   config.block_size, num_blocks, config.enable_prefix_caching, config.max_num_seqs,
-                   config.scheduling_policy, max_logprobs=config.logprobs_bound(vocab_size))
+                   config.block_size, num_blocks, config.enable_prefix_caching, config.scheduling_policy,
+                   max_logprobs=config.logprobs_bound(vocab_size))
 
     def process(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
                 arrival_time: float | None = None, cache_salt: str | None = None,
@@ -67,10 +66,6 @@ class InputProcessor:
         self.check_priority(priority)
         if kv_parent is not None and not isinstance(kv_parent, str):
             raise ValueError(f"kv_parent must be a request id (str) or None, got {type(kv_parent).__name__}")
-        if self.max_num_seqs is not None and num_seqs > self.max_num_seqs:   # before any per-sequence work
-            name = "n" if params.best_of is None else "best_of"
-            raise ValueError(f"SamplingParams.{name} must be at most max_num_seqs ({self.max_num_seqs}), "
-                             f"got {num_seqs}")
         if self.tokenizer is None:
             params = _without_tokenizer(prompt, params)
         # A text's truncation keeps the BOS its encoding added where no side is given (vLLM's: the tokenizer

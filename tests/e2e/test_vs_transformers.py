@@ -102,6 +102,17 @@ def test_preemption_keeps_outputs_exact(tiny_model_dirs, prefix_caching):
     assert stats.num_blocks_free == stats.num_blocks_total
 
 
+def test_n_above_max_num_seqs_runs_as_with_room(tiny_model_dirs):
+    """vLLM bounds n by VLLM_MAX_N_SEQUENCES only: the sequences past max_num_seqs wait for a place. It was refused
+    here; each seeded sequence's tokens are those it gets with room for all, best_of's too."""
+    params = SamplingParams(n=8, seed=1, max_tokens=12, temperature=1.0, ignore_eos=True)
+    best = SamplingParams(n=2, best_of=9, seed=1, max_tokens=12, temperature=1.0, ignore_eos=True)
+    outs = [LLM(tiny_model_dirs["llama"], dtype="float32", max_num_seqs=seqs).generate(
+        [PROMPTS[0], PROMPTS[1], PROMPTS[2]], [params, params, best], use_tqdm=False) for seqs in (3, 64)]
+    tokens = [[[c.token_ids for c in o.outputs] for o in run] for run in outs]
+    assert tokens[0] == tokens[1] and [len(t) for t in tokens[0]] == [8, 8, 2]
+
+
 def test_seeded_sampling_survives_preemption(tiny_model_dirs):
     """A request preempted while its next token is still being sampled (steps overlap) keeps that token:
     seeded outputs equal those of an engine that never preempts."""
