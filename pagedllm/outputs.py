@@ -85,6 +85,8 @@ class CompletionOutput:
     finish_reason: str | None = None    # "stop", "length", "abort"; None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     kv_transfer_params: dict | None = None   # vLLM's: KV moved between engines is not built here, always None
+    lora_request: LoRARequest | None = None   # the adapter it ran under (vLLM's); None: the base model
+    routed_experts: None = None              # vLLM's, for mixture-of-experts models (none built here): always None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -111,7 +113,7 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: RequestMetrics
+    metrics: RequestMetrics | None = None   # every engine output has them; None only where a caller builds one
     num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
     lora_request: LoRARequest | None = None   # the adapter it ran under (vLLM's); None: the base model
     # vLLM's, for encoder-decoder models and KV transfer, neither built here: always None

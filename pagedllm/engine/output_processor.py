@@ -272,7 +272,7 @@ class OutputProcessor:
         if self.stream_interval > 1 and not any(self._due(s) for s in seqs):
             return None
         if kind is OutputKind.FINAL:
-            completions = [self._completion(s, False) for s in seqs]
+            completions = [self._completion(s, False, parent.lora_request) for s in seqs]
         else:
             # streamed (DELTA, CUMULATIVE): a sequence whose finish went out is in no later output, as vLLM's
             # ParentRequest.get_outputs; DELTA also leaves out those with nothing new
@@ -280,7 +280,7 @@ class OutputProcessor:
             for s in seqs:
                 if s.finish_sent or (self.stream_interval > 1 and not self._due(s)):
                     continue
-                c = self._completion(s, delta)
+                c = self._completion(s, delta, parent.lora_request)
                 if not delta or c.token_ids or c.text or c.finish_reason:
                     completions.append(c)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, self._prompt_logprobs(parent),
@@ -313,13 +313,13 @@ class OutputProcessor:
         if not any(s.finish_reason == "error" for s in seqs):
             seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)
         seqs = seqs[:parent.num_returned]
-        completions = [self._completion(s, delta=False) for s in seqs]
+        completions = [self._completion(s, False, parent.lora_request) for s in seqs]
         for i, c in enumerate(completions):
             c.index = i
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
                              completions, True, parent.metrics, parent.num_cached_tokens, parent.lora_request)
 
-    def _completion(self, seq: _Sequence, delta: bool) -> CompletionOutput:
+    def _completion(self, seq: _Sequence, delta: bool, lora_request: LoRARequest | None) -> CompletionOutput:
         finished = seq.finish_reason is not None
         text = seq.detokenizer.get_next_output_text(finished, delta)
         start = seq.num_sent_tokens if delta else 0
@@ -328,7 +328,7 @@ class OutputProcessor:
         # a copy (FlatLogprobs: of its flat lists), so that an output handed out does not grow with later tokens
         logprobs = seq.logprobs[start:] if seq.logprobs is not None else None
         return CompletionOutput(seq.index, text, seq.token_ids[start:], seq.cumulative_logprob, logprobs,
-                                seq.finish_reason, seq.stop_reason)
+                                seq.finish_reason, seq.stop_reason, lora_request=lora_request)
 
 
 def _record_latencies(arrival_time: float, seq: _Sequence, out: EngineCoreOutput, now: float, stats: StepStats):

@@ -168,6 +168,22 @@ def test_outputs_carry_vllms_encoder_and_kv_transfer_attributes_as_none():
     assert out.outputs[0].kv_transfer_params is None
 
 
+def test_completion_outputs_name_their_adapter_as_vllms():
+    """vLLM's CompletionOutput has lora_request and routed_experts, and RequestOutput's metrics default to None:
+    out.outputs[0].lora_request was an AttributeError, RequestOutput(...) without metrics a TypeError."""
+    from pagedllm.lora.request import LoRARequest
+    from pagedllm.outputs import RequestOutput
+    lora = LoRARequest("a", 1, "/nowhere")
+    op = OutputProcessor(None)
+    op.add_request("r", None, [1, 2], SamplingParams(max_tokens=1, detokenize=False), OutputKind.FINAL, 0.0, lora)
+    op.add_request("s", None, [1, 2], SamplingParams(max_tokens=1, detokenize=False), OutputKind.FINAL, 0.0)
+    outs = op.process([EngineCoreOutput("r", [5], finish_reason="length"),
+                       EngineCoreOutput("s", [5], finish_reason="length")])[0]
+    assert [(o.lora_request, o.outputs[0].lora_request) for o in outs] == [(lora, lora), (None, None)]
+    assert outs[0].outputs[0].routed_experts is None
+    assert RequestOutput("x", None, [1], None, [], True).metrics is None
+
+
 def test_cumulative_outputs_leave_out_a_sequence_whose_finish_was_sent():
     """n = 2, CUMULATIVE: once a sequence's finished output has gone out, later outputs of the request hold only
     the sequences still running, as vLLM 0.26's ParentRequest.get_outputs (a child finished and returned is not
