@@ -174,8 +174,8 @@ def step_sampling_params(params: BeamSearchParams, num_eos: int, max_logprobs: i
                          f"(each step asks each beam for {num} top logprobs, {num // params.beam_width} x "
                          f"beam_width: 1 + the EOS ids, at least 2; at most max_logprobs ({max_logprobs}): "
                          f"raise --max-logprobs for more), got {params.beam_width}")
-    return SamplingParams(max_tokens=1, logprobs=num, temperature=0.0, ignore_eos=True,
-                          detokenize=False)
+    # detokenized: its logprobs' token texts are the beams' (detokenize=False leaves them None, as vLLM's)
+    return SamplingParams(max_tokens=1, logprobs=num, temperature=0.0, ignore_eos=True)
 
 
 def check_length(prompt_len: int, params: BeamSearchParams, max_model_len: int, max_kv_tokens: int | None = None):

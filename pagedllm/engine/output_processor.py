@@ -218,7 +218,8 @@ class OutputProcessor:
         """Returns True when a stop string ended the sequence."""
         if out.prompt_logprobs is not None:   # position i + 1's logprobs: context, the prompt before it
             ids = parent.prompt_token_ids
-            parent.prompt_logprobs = [None] + [self._position(p, context=ids[max(i - 3, 0):i + 1])
+            parent.prompt_logprobs = [None] + [self._position(p, context=ids[max(i - 3, 0):i + 1],
+                                                              decode=parent.params.detokenize)
                                                for i, p in enumerate(out.prompt_logprobs)]
             if parent.params.flat_logprobs:   # once here, not again in each output that carries them
                 parent.prompt_logprobs = FlatLogprobs.from_positions(parent.prompt_logprobs)
@@ -243,20 +244,23 @@ class OutputProcessor:
                     seq.cumulative_logprob += position.logprobs[0]
                     if seq.logprobs is not None:   # context: the output before it, as vLLM's (not the prompt)
                         context = seq.token_ids[max(i - 4, 0):i]
-                        seq.logprobs.append(self._position(position, parent.named_logprobs, context))
+                        seq.logprobs.append(self._position(position, parent.named_logprobs, context,
+                                                           parent.params.detokenize))
         seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
         if stop_str is not None:   # as vLLM: also where the core ended it by length in the same step
             seq.finish_reason, seq.stop_reason = "stop", stop_str
             return out.finish_reason is None
         return False
 
-    def _position(self, lp: TokenLogprobs, named: bool = False, context: list[int] = ()) -> PositionLogprobs:
+    def _position(self, lp: TokenLogprobs, named: bool = False, context: list[int] = (),
+                  decode: bool = True) -> PositionLogprobs:
         """named: the ids after the chosen token are logprob_token_ids, whose ranks are unknown (None).
-        context: the sequence's tokens before this position (partial UTF-8 characters: partial_char_text)."""
+        context: the sequence's tokens before this position (partial UTF-8 characters: partial_char_text).
+        decode: False with detokenize=False, whose tokens' texts are None (vLLM's: no tokenizer then)."""
         entry = {}
         for rank, (tid, value) in enumerate(zip(lp.token_ids, lp.logprobs)):
             if tid not in entry:   # the chosen token comes first; it may also be among the top-N
-                text = self._decode_token([tid])
+                text = self._decode_token([tid]) if decode else None
                 if text is not None and text.endswith("\ufffd"):
                     text = partial_char_text(self.tokenizer.decode, tid, list(context))
                 entry[tid] = Logprob(value, lp.rank if rank == 0 else None if named else rank, text)

@@ -83,6 +83,8 @@ def check(models, name, k, lp, ignore_eos=False):
             assert abs(seq.score - ref_score) < TOL
             assert abs(seq.cum_logprob - ref_score * len(got) ** lp) < TOL * len(got) ** max(lp, 0) + 1e-6
             assert len(seq.logprobs) == len(got)
+            # the chosen tokens' texts, as vLLM's detokenized beam steps give them (they were None for a moment)
+            assert all(position[t].decoded_token is not None for position, t in zip(seq.logprobs, got))
             finished_by_eos += seq.finish_reason == "stop"
             assert (seq.finish_reason == "stop") == (got[-1] in (2, LIKELY_EOS) and not ignore_eos)
     return finished_by_eos

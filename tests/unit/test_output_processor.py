@@ -168,6 +168,21 @@ def test_outputs_carry_vllms_encoder_and_kv_transfer_attributes_as_none():
     assert out.outputs[0].kv_transfer_params is None
 
 
+def test_detokenize_false_leaves_the_logprobs_token_texts_none():
+    """vLLM reads no tokenizer for a request with detokenize=False, so its logprobs' decoded_token are None (prompt
+    logprobs too); they were decoded here, costing a decode per entry the caller said it did not want."""
+    from pagedllm import LLM
+    llm = LLM(device="cpu")
+    ids = llm.get_tokenizer().encode("Once upon a time")
+    [plain, raw] = llm.generate([ids, ids], [SamplingParams(max_tokens=3, logprobs=2, prompt_logprobs=1),
+                                             SamplingParams(max_tokens=3, logprobs=2, prompt_logprobs=1,
+                                                            detokenize=False)], use_tqdm=False)
+    for out, decoded in ((plain, True), (raw, False)):
+        entries = [e for p in out.outputs[0].logprobs + out.prompt_logprobs[1:] for e in p.values()]
+        assert all((e.decoded_token is not None) == decoded for e in entries)
+    assert raw.outputs[0].text == "" and raw.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
 def test_completion_outputs_name_their_adapter_as_vllms():
     """vLLM's CompletionOutput has lora_request and routed_experts, and RequestOutput's metrics default to None:
     out.outputs[0].lora_request was an AttributeError, RequestOutput(...) without metrics a TypeError."""
