@@ -43,6 +43,15 @@ def _f(default, help: str, **kw):
 class EngineConfig:
     model: str = _f(DEMO_MODEL, "model directory (HF layout: config.json, *.safetensors, tokenizer)")
     tokenizer: str | None = _f(None, "tokenizer directory (default: the model directory)")
+    # vLLM's Hub flags: the model is a local directory here, so they reach only a tokenizer given as a Hub id
+    revision: str | None = _f(None, "the Hub revision (branch, tag or commit) of a tokenizer given as a Hub id, "
+                                    "unless --tokenizer-revision (vLLM's flag; a local directory ignores it)")
+    tokenizer_revision: str | None = _f(None, "the Hub revision of a tokenizer given as a Hub id (vLLM's flag; "
+                                              "default: --revision)")
+    download_dir: str | None = _f(None, "where a tokenizer given as a Hub id is downloaded (vLLM's flag; default: "
+                                        "the Hugging Face cache)")
+    hf_token: str | None = _f(None, "the Hugging Face token for a tokenizer given as a Hub id (vLLM's flag; "
+                                    "LLM(hf_token=True): the one `hf auth login` stored)", python_types=(str, bool))
     skip_tokenizer_init: bool = _f(False, "load no tokenizer: prompts are token ids, outputs carry token ids "
                                           "and empty text (offline; not with serve)")
     dtype: str = _f("auto", "weights and activations dtype (half = float16, float = float32); auto = "

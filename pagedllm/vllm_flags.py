@@ -77,10 +77,7 @@ _WEIGHT_OFFLOAD = "offloading model weights to CPU memory is not built (--cpu-of
 VLLM_FLAGS = (
     VllmFlag("trust-remote-code", "pagedllm runs no code from a model directory: its architectures are built in, "
              "and another is refused by name", _any, boolean=True),
-    VllmFlag("revision", _HUB_ONLY, _any),
     VllmFlag("code-revision", _HUB_ONLY, _any),
-    VllmFlag("tokenizer-revision", _HUB_ONLY, _any),
-    VllmFlag("download-dir", _HUB_ONLY, _any),
     VllmFlag("tokenizer-mode", "pagedllm loads the model's Hugging Face tokenizer (auto, hf); mistral_common's, the "
              "slow and custom tokenizers are not built", _is("auto", "hf")),
     VllmFlag("config-format", "pagedllm reads the model's config.json (auto, hf); Mistral's params.json is not "
@@ -138,7 +135,6 @@ VLLM_FLAGS = (
     VllmFlag("ssl-ca-certs", "client certificates are not checked here (--ssl-keyfile and --ssl-certfile serve "
              "HTTPS)", _never),
     VllmFlag("ssl-cert-reqs", "client certificates are not checked here (0, none required, is taken)", _is("0")),
-    VllmFlag("hf-token", _HUB_ONLY, _any),
     VllmFlag("allowed-media-domains", _MULTIMODAL, _never, nargs="+"),
     VllmFlag("pooler-config", "pagedllm runs generative models only: pooling is not built", _never),
     VllmFlag("attention-config", "pagedllm picks its own attention kernels (torch on CPU, Triton or FlashAttention "

@@ -12,8 +12,9 @@ from pagedllm.engine.hub import hub_unreachable_reason
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
-def load_tokenizer(path: str, **kwargs):
-    """A transformers tokenizer from a local model directory (or a hub id, when one is reachable)."""
+def load_tokenizer(path: str, revision: str | None = None, **kwargs):
+    """A transformers tokenizer from a local model directory (or a hub id, when one is reachable, at revision;
+    kwargs: from_pretrained's, cache_dir and token for a hub id)."""
     if not os.path.exists(path) and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):   # a path, and no Hub id
         raise ValueError(f"tokenizer {path!r} is not a local directory: point --tokenizer at a directory with "
                          f"tokenizer files ({', '.join(_TOKENIZER_FILES)})")
@@ -21,7 +22,8 @@ def load_tokenizer(path: str, **kwargs):
         raise ValueError(f"no tokenizer in {path!r}: expected one of {', '.join(_TOKENIZER_FILES)}; "
                          f"point --tokenizer at a directory that has one")
     if not os.path.exists(path):   # a Hub id: downloaded while the hub answers, else only from the local cache
-        reason = hub_unreachable_reason(path, "tokenizer_config.json")
+        kwargs["revision"] = revision
+        reason = hub_unreachable_reason(path, "tokenizer_config.json", revision)
         if reason is not None:
             return _load_cached_tokenizer(path, reason, **kwargs)
     try:
@@ -42,7 +44,10 @@ def _load_cached_tokenizer(path: str, reason: str, **kwargs):
 
 def load_engine_tokenizer(config):
     """The engine's tokenizer (config.tokenizer, else the model's); None with skip_tokenizer_init."""
-    return None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
+    if config.skip_tokenizer_init:
+        return None
+    return load_tokenizer(config.tokenizer or config.model, config.tokenizer_revision or config.revision,
+                          cache_dir=config.download_dir, token=config.hf_token)
 
 
 def load_eos_token_ids(model_dir: str, tokenizer) -> set[int]:

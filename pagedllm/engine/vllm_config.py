@@ -4,7 +4,7 @@ speculative_config, the last two None when off, as vLLM's), for scripts written 
 
 Every value is the engine's own, resolved as vLLM resolves it (dtype a torch.dtype, tokenizer the model's when
 unset, max_model_len the length in use, lora_dtype the model's when auto). vLLM's attributes pagedllm keeps no
-value for (trust_remote_code, revision and download_dir are accepted and ignored; pipeline or data parallelism,
+value for (trust_remote_code and code_revision are accepted and ignored; pipeline or data parallelism,
 compilation_config... are not built) are left out: reading one is an AttributeError saying it is not built and
 where pagedllm's settings are, never a made-up value.
 """
@@ -43,6 +43,8 @@ class ModelConfig(_View):
     model: str
     tokenizer: str
     served_model_name: str      # an LLM's is its model (vLLM's default; pagedllm's LLM takes no other)
+    revision: str | None        # a Hub-id tokenizer's revision, as tokenizer_revision's default (vLLM's)
+    tokenizer_revision: str | None
     dtype: torch.dtype
     max_model_len: int
     seed: int
@@ -141,9 +143,8 @@ class DeviceConfig(_View):
 
 @dataclass(frozen=True)
 class LoadConfig(_View):
-    load_format: str   # auto, safetensors or dummy (random weights)
-    _why = {"download_dir": "pagedllm reads a local model directory and downloads nothing (download_dir is taken "
-                            "and ignored)"}
+    load_format: str             # auto, safetensors or dummy (random weights)
+    download_dir: str | None     # where a tokenizer given as a Hub id is downloaded (the model is a local directory)
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,13 +208,15 @@ def vllm_config_of(c, resolved, num_blocks: int, sampling_defaults: dict) -> Vll
     scheduler = SchedulerConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
                                 max_model_len=resolved.max_model_len, policy=c.scheduling_policy)
     return VllmConfig(model, cache, ParallelConfig(c.tensor_parallel_size), scheduler, DeviceConfig(resolved.device),
-                      LoadConfig(c.load_format), _lora_config(c, resolved.dtype), _speculative_config(c, model))
+                      LoadConfig(c.load_format, c.download_dir), _lora_config(c, resolved.dtype),
+                      _speculative_config(c, model))
 
 
 def _model_config(c, resolved, sampling_defaults: dict) -> ModelConfig:
     hf_config = resolved.hf_config
     return ModelConfig(
-        model=c.model, tokenizer=c.tokenizer or c.model, served_model_name=c.model, dtype=resolved.dtype,
+        model=c.model, tokenizer=c.tokenizer or c.model, served_model_name=c.model, revision=c.revision,
+        tokenizer_revision=c.tokenizer_revision or c.revision, dtype=resolved.dtype,
         max_model_len=resolved.max_model_len, seed=c.seed, hf_config=hf_config,
         quantization=_quantization(hf_config, c.quantization),
         max_logprobs=c.max_logprobs, skip_tokenizer_init=c.skip_tokenizer_init, enforce_eager=c.enforce_eager,

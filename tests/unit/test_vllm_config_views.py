@@ -66,7 +66,7 @@ def test_cache_and_scheduler_configs_are_the_engines(llm):
     assert sc.max_model_len == 128 and sc.policy == "fcfs" and sc.enable_chunked_prefill is True
 
 
-@pytest.mark.parametrize("owner, name", [("model_config", "trust_remote_code"), ("model_config", "revision"),
+@pytest.mark.parametrize("owner, name", [("model_config", "trust_remote_code"), ("model_config", "code_revision"),
                                          ("vllm_config", "compilation_config")])
 def test_what_pagedllm_keeps_no_value_for_is_left_out_saying_where_its_settings_are(llm, owner, name):
     with pytest.raises(AttributeError, match=rf"no attribute '{name}' \(not built: .*llm.engine.config"):
@@ -81,13 +81,13 @@ def test_device_and_load_configs_are_the_engines(llm):
 
 
 def test_load_format_dummy_is_the_one_the_weights_came_from():
-    """Random weights: the view says dummy. download_dir is taken and ignored (nothing is downloaded), so it
-    has no value: an AttributeError saying so, never vLLM's default None."""
-    llm = LLM(device="cpu", load_format="dummy", download_dir="/tmp/models", num_gpu_blocks_override=8)
-    lc = llm.llm_engine.vllm_config.load_config
-    assert lc.load_format == "dummy"
-    with pytest.raises(AttributeError, match=r"no attribute 'download_dir' \(not built: .*downloads nothing"):
-        lc.download_dir
+    """Random weights: the view says dummy. download_dir and the revisions are a Hub-id tokenizer's, as given
+    (tokenizer_revision defaults to revision, as vLLM's)."""
+    llm = LLM(device="cpu", load_format="dummy", download_dir="/tmp/models", revision="v1",
+              num_gpu_blocks_override=8)
+    lc, mc = llm.llm_engine.vllm_config.load_config, llm.llm_engine.model_config
+    assert (lc.load_format, lc.download_dir, mc.revision, mc.tokenizer_revision) == ("dummy", "/tmp/models", "v1",
+                                                                                      "v1")
 
 
 def test_lora_and_speculative_configs_are_none_when_off_as_vllms(llm):
