@@ -46,7 +46,6 @@ class RequestOutputKind(enum.Enum):
 @dataclass
 class SamplingParams:
     n: int = 1                       # independent completions of the same prompt (prompt KV shared)
-    best_of: int | None = None       # vLLM v0's: run best_of samples, return the n of highest cumulative logprob
     presence_penalty: float = 0.0    # subtracted once from each token already in the output
     frequency_penalty: float = 0.0   # subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # tokens in prompt or output: positive logits / p, negative * p
@@ -56,32 +55,47 @@ class SamplingParams:
     min_p: float = 0.0               # drop tokens with probability < min_p * max probability
     seed: int | None = None          # same seed, same output, whatever the batch (sampler.position_seed);
                                      # -1 = None (vLLM's: a random draw, as UIs send "no seed")
-    max_tokens: int | None = 16      # None = up to max_model_len
-    min_tokens: int = 0              # EOS and stop_token_ids are masked until this many tokens
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    max_tokens: int | None = 16      # None = up to max_model_len
+    min_tokens: int = 0              # EOS and stop_token_ids are masked until this many tokens
     logprobs: int | None = None      # top-N logprobs per generated token (plus the sampled one); -1 = the vocabulary
+    prompt_logprobs: int | None = None   # as logprobs, for each prompt token after the first
     # vLLM's: the logprobs of these ids (not the top-N) at each generated position, beside the sampled token's;
     # logprobs becomes their number. Their ranks are not computed (None).
     logprob_token_ids: list[int] | None = None
-    prompt_logprobs: int | None = None   # as logprobs, for each prompt token after the first
     flat_logprobs: bool = False      # vLLM's: logprobs and prompt_logprobs come as FlatLogprobs (outputs.py)
+    detokenize: bool = True
     skip_special_tokens: bool = True
     # vLLM's; taken and not used: fast tokenizers (AutoTokenizer's choice when there is one) join special tokens
     # as their decoder does, and vLLM's fast detokenizer ignores it too
     spaces_between_special_tokens: bool = True
-    detokenize: bool = True
+    include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    skip_clone: bool = False         # vLLM's: clone() makes a shallow copy (the caller vouches it is not shared)
+    structured_outputs: StructuredOutputsParams | None = None   # JSON schema, regex, choice, grammar, ...
     logit_bias: dict[int, float] | None = None   # token id -> added to its logit (str keys, as JSON sends them)
     allowed_token_ids: list[int] | None = None   # only these may be sampled
+    extra_args: dict | None = None   # vLLM's: for the caller's own code (plugins); nothing here reads it
+    # vLLM's: with --enable-return-routed-experts, the prompt tokens whose expert routing is left out; that flag
+    # is refused here (no mixture-of-experts model is built), so no routing is returned to trim
+    routed_experts_prompt_start: int = 0
     bad_words: list[str] | None = None           # never generated (tokenized by the engine)
+    # vLLM's: the request reads no cached prefix (its whole prompt is computed); None: True with prompt_logprobs,
+    # which need every prompt position (so they skip it whatever this says)
+    skip_reading_prefix_cache: bool | None = None
+    thinking_token_budget: int | None = None
+    # vLLM's: end (finish_reason "repetition") when the output ends with a pattern repeated (core/repetition.py)
+    repetition_detection: RepetitionDetectionParams | None = None
+    # vLLM's fields above, in vLLM 0.26's order (a positional SamplingParams(n, presence_penalty, ...) means the
+    # same); pagedllm's own below
+    best_of: int | None = None       # vLLM v0's: run best_of samples, return the n of highest cumulative logprob
     truncate_prompt_tokens: int | None = None    # keep k of the prompt's tokens; -1 = max_model_len
     # which end truncate_prompt_tokens cuts (vLLM's): left keeps the last k tokens, right the first k, of the
     # tokens a text encodes to, its BOS among them; None (vLLM's unset): the tokenizer's own truncation, left,
     # which keeps the special tokens it adds (BOS, then the text's last k - 1)
     truncation_side: str | None = None
-    structured_outputs: StructuredOutputsParams | None = None   # JSON schema, regex, choice, grammar, ...
     # Reasoning (the server sets these from --reasoning-parser): the token that ends the output's reasoning
     # (`</think>`): structured_outputs applies only after it. thinking_token_budget (vLLM's): once the open
     # reasoning block holds this many tokens, the end token is the next one. The block opens after the last
@@ -93,18 +107,6 @@ class SamplingParams:
     # the reasoning (the constraint waits for the end token), else it is the constraint's first token. vLLM's first
     # token is free there (its grammar starts after it), so its answer may open with a token the constraint refuses
     reasoning_first_token_decides: bool = False
-    thinking_token_budget: int | None = None
-    # vLLM's: end (finish_reason "repetition") when the output ends with a pattern repeated (core/repetition.py)
-    repetition_detection: RepetitionDetectionParams | None = None
-    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    extra_args: dict | None = None   # vLLM's: for the caller's own code (plugins); nothing here reads it
-    # vLLM's: with --enable-return-routed-experts, the prompt tokens whose expert routing is left out; that flag
-    # is refused here (no mixture-of-experts model is built), so no routing is returned to trim
-    routed_experts_prompt_start: int = 0
-    skip_clone: bool = False         # vLLM's: clone() makes a shallow copy (the caller vouches it is not shared)
-    # vLLM's: the request reads no cached prefix (its whole prompt is computed); None: True with prompt_logprobs,
-    # which need every prompt position (so they skip it whatever this says)
-    skip_reading_prefix_cache: bool | None = None
     # Filled by the engine from the tokenizer / generation config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)   # the ids that end the request
     # What min_tokens bans: the stop ids and the EOS ids, also with ignore_eos (vLLM's: ignore_eos only keeps

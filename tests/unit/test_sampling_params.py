@@ -285,3 +285,15 @@ def test_all_stop_token_ids_hold_the_stop_ids_from_the_start_as_vllms():
     until the engine filled it."""
     assert SamplingParams(stop_token_ids=[5, 9]).all_stop_token_ids == {5, 9}
     assert SamplingParams().all_stop_token_ids == set()
+
+
+def test_fields_come_in_vllms_order():
+    """vLLM's SamplingParams (a msgspec Struct) takes its fields by position too: SamplingParams(1, 0.5) is
+    presence_penalty 0.5 there; here it was best_of. vLLM 0.26's public fields in its order, ours after them."""
+    import dataclasses
+    vllm = ("n presence_penalty frequency_penalty repetition_penalty temperature top_p top_k min_p seed stop "
+            "stop_token_ids ignore_eos max_tokens min_tokens logprobs prompt_logprobs logprob_token_ids flat_logprobs "
+            "detokenize skip_special_tokens spaces_between_special_tokens include_stop_str_in_output output_kind "
+            "skip_clone").split()
+    assert [f.name for f in dataclasses.fields(SamplingParams)][:len(vllm)] == vllm
+    assert SamplingParams(1, 0.5).presence_penalty == 0.5
