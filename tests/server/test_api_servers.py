@@ -34,7 +34,8 @@ def multi(tmp_path_factory):
     adapter = make_adapter(base, root / "rs", 0, **ADAPTERS["rs"])
     (root / "metrics").mkdir()
     server = start_server(base, str(root / "serve.log"), None, "--api-server-count", str(NUM_API), *LORA_FLAGS,
-                          "--served-model-name", "tiny-alias",   # after MODEL_NAME: a second name (vLLM's)
+                          "--served-model-name", MODEL_NAME, "tiny-alias",   # a second name (the flag given again
+                          # replaces start_server's, as vLLM's)
                           "--chat-template", CHAT_TEMPLATE,
                           "--lora-modules", f"rs={adapter}", env={"PROMETHEUS_MULTIPROC_DIR": str(root / "metrics")})
     with serving({"multi": server}):
