@@ -5,6 +5,7 @@ At most one of them may carry a constraint; each is checked here (its shape) and
 an xgrammar grammar once (grammar_spec.validate), so a bad schema, regex or grammar is a 400 naming the field
 the client sent, before the request is queued.
 """
+import dataclasses
 import json
 from typing import Any
 
@@ -24,19 +25,33 @@ def structured_outputs(req) -> tuple[StructuredOutputsParams | None, str | None]
     Raises APIError(400) naming the field."""
     _check_options(req)
     given = list(_sources(req))
-    if len(given) > 1:
-        names = ", ".join(name for name, _ in given)
-        raise APIError(400, f"only one structured output constraint may be set per request; got {names}",
-                       given[0][0], "invalid_value")
     if not given:
         return None, None
-    name, builder = given[0]
+    built = [(name, _built(name, builder)) for name, builder in given]
+    if [name for name, _ in built] == ["response_format", "structured_outputs"] \
+            and built[0][1].kind == built[1][1].kind:
+        # vLLM's structured_outputs_from_response_format: response_format's constraint over structured_outputs'
+        # of the same kind, whose options (disable_any_whitespace, ...) stay
+        kind = built[0][1].kind
+        built = [("response_format", dataclasses.replace(built[1][1], **{kind: getattr(built[0][1], kind)}))]
+    if len(built) > 1:
+        names = ", ".join(name for name, _ in built)
+        raise APIError(400, f"only one structured output constraint may be set per request (response_format and "
+                            f"structured_outputs of one kind merge, as vLLM's); got {names}",
+                       built[0][0], "invalid_value")
+    name, params = built[0]
     try:
-        params = builder()
         validate(params)
     except ValueError as e:
         raise APIError(400, shorten(_rename(str(e), name), 1000), name, "invalid_value") from e
     return params, name
+
+
+def _built(name: str, builder) -> StructuredOutputsParams:
+    try:
+        return builder()
+    except ValueError as e:
+        raise APIError(400, shorten(_rename(str(e), name), 1000), name, "invalid_value") from e
 
 
 def checked_constraint(params):

@@ -56,6 +56,20 @@ def test_two_constraints_are_a_400_naming_both():
     assert "response_format" in e.message and "guided_regex" in e.message and e.param == "response_format"
     e = refused(structured_outputs={"regex": "a", "choice": ["b"]})
     assert e.param == "structured_outputs" and "regex, choice" in e.message
+    e = refused(response_format={"type": "json_object"}, structured_outputs={"regex": "a"})
+    assert "response_format, structured_outputs" in e.message and e.param == "response_format"
+
+
+@pytest.mark.parametrize("make", [params, chat_params])
+def test_response_format_and_structured_outputs_of_one_kind_merge_as_vllms(make):
+    """vLLM's structured_outputs_from_response_format: response_format's constraint replaces structured_outputs'
+    of the same kind, whose options stay. Both at once was a 400 here."""
+    rf = {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}
+    so = {"json": {"type": "boolean"}, "disable_any_whitespace": True}
+    assert make(response_format=rf, structured_outputs=so) == (P(json=SCHEMA, disable_any_whitespace=True),
+                                                               "response_format")
+    assert make(response_format={"type": "json_object"}, structured_outputs={"json_object": True}) == (
+        P(json_object=True), "response_format")
 
 
 @pytest.mark.parametrize("fields, param, words", [
