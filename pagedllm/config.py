@@ -138,6 +138,11 @@ class EngineConfig:
                                                    "regex, grammar) may take to compile; past it the requests "
                                                    "waiting for it fail with a 400, the engine runs on")
     structured_outputs_compile_workers: int = _f(4, "threads that compile constraints off the step loop")
+    structured_outputs_config: str | None = _f(None, "vLLM's JSON object: backend (xgrammar or auto: xgrammar is "
+                                               "the one here), disable_any_whitespace and "
+                                               "disable_additional_properties (every request's JSON constraint "
+                                               "gets them, beside its own), disable_fallback (no other backend to "
+                                               "fall back to)", python_types=(str, dict))
     speculative_config: str | None = _f(None, "speculative decoding, a JSON object with vLLM's keys: method "
                                         "(ngram or draft_model), num_speculative_tokens, prompt_lookup_min/max "
                                         "(ngram), model (draft_model), rejection_sample_method (standard or "
@@ -200,6 +205,7 @@ class EngineConfig:
                self.structured_outputs_compile_workers)
         self.override_generation_config = _json_object(self.override_generation_config, "override_generation_config")
         self.hf_overrides = _json_object(self.hf_overrides, "hf_overrides")
+        self.structured_outputs_config = _structured_outputs_config(self.structured_outputs_config)
         from pagedllm.engine.generation_config import DEFAULT_KEYS
         unknown = sorted(set(self.override_generation_config or ()) - set(DEFAULT_KEYS))
         _check(not unknown, "override_generation_config", f"made of the keys {list(DEFAULT_KEYS)}", unknown)
@@ -479,6 +485,27 @@ def host_memory_gib() -> float | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _structured_outputs_config(value: str | dict | None) -> dict | None:
+    """vLLM's --structured-outputs-config, checked: the keys whose values mean what pagedllm does or can do."""
+    config = _json_object(value, "structured_outputs_config")
+    if config is None:
+        return None
+    flags = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties", "enable_in_reasoning")
+    known = ("backend", "reasoning_parser", *flags)
+    unknown = sorted(set(config) - set(known))
+    _check(not unknown, "structured_outputs_config", f"made of the keys {list(known)}", unknown)
+    _check(config.get("backend", "auto") in ("auto", "xgrammar"), "structured_outputs_config.backend",
+           "auto or xgrammar (structured output runs on xgrammar here)", config.get("backend"))
+    for key in flags:
+        _check(isinstance(config.get(key, False), bool), f"structured_outputs_config.{key}", "a bool",
+               config.get(key))
+    _check(not config.get("enable_in_reasoning"), "structured_outputs_config.enable_in_reasoning",
+           "false: a constraint applies after the reasoning ends here", True)
+    _check(not config.get("reasoning_parser"), "structured_outputs_config.reasoning_parser",
+           "empty: the server's --reasoning-parser names the parser", config.get("reasoning_parser"))
+    return config
 
 
 def _json_object(value: str | dict | None, name: str) -> dict | None:

@@ -54,16 +54,6 @@ def _empty_json_object(value: str) -> bool:
         return False
 
 
-def _xgrammar_backend(value: str) -> bool:
-    """--structured-outputs-config naming only the backend, and the one used here."""
-    try:
-        config = json.loads(value)
-    except ValueError:
-        return False
-    return isinstance(config, dict) and set(config) <= {"backend"} and config.get("backend", "auto") in (
-        "auto", "xgrammar")
-
-
 _HUB_ONLY = "it picks what is downloaded from the Hugging Face Hub; pagedllm reads a local model directory, for " \
             "which vLLM ignores it too"
 _MULTIMODAL = "multimodal inputs are not built: pagedllm serves text-only models (a limit of 0 for every modality " \
@@ -115,8 +105,6 @@ VLLM_FLAGS = (
     VllmFlag("limit-mm-per-prompt", _MULTIMODAL, _zero_counts),
     VllmFlag("mm-processor-kwargs", _MULTIMODAL, _never),
     VllmFlag("allowed-local-media-path", _MULTIMODAL, _is("")),
-    VllmFlag("structured-outputs-config", "structured output runs on xgrammar here: '{\"backend\": \"xgrammar\"}' "
-             "(or auto) is taken, no other backend or setting", _xgrammar_backend),
     VllmFlag("guided-decoding-backend", "structured output runs on xgrammar here (xgrammar, auto are taken)",
              _is("xgrammar", "auto")),
     VllmFlag("tool-parser-plugin", "tool parser plugins are not loaded: --tool-call-parser names a built-in one",

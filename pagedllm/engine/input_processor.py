@@ -27,7 +27,7 @@ class ProcessedRequest:
 class InputProcessor:
     def __init__(self, tokenizer, eos_token_ids: set[int], vocab_size: int, max_model_len: int,
                  block_size: int, num_blocks: int, enable_prefix_caching: bool, scheduling_policy: str = "fcfs", *,
-                 max_logprobs: int):
+                 max_logprobs: int, structured_outputs_config: dict | None = None):
         """max_logprobs: the most logprobs a request may ask for (EngineConfig.logprobs_bound). n has no bound
         but SamplingParams' (VLLM_MAX_N_SEQUENCES): sequences past max_num_seqs wait for a place, as vLLM's."""
         self.tokenizer = tokenizer
@@ -40,13 +40,17 @@ class InputProcessor:
         self.block_size = block_size
         self.max_kv_tokens = num_blocks * block_size   # the most one sequence can hold in the KV cache
         self.enable_prefix_caching = enable_prefix_caching
+        # --structured-outputs-config's JSON options, which vLLM applies to every request's JSON constraint
+        self.json_options = {k: True for k in ("disable_any_whitespace", "disable_additional_properties")
+                             if (structured_outputs_config or {}).get(k)}
 
     @classmethod
     def for_engine(cls, config, tokenizer, vocab_size: int, max_model_len: int, num_blocks: int) -> "InputProcessor":
         """The offline Engine's and AsyncLLM's: the checkpoint's EOS ids, the config's limits."""
         return cls(tokenizer, load_eos_token_ids(config.model, tokenizer), vocab_size, max_model_len,
                    config.block_size, num_blocks, config.enable_prefix_caching, config.scheduling_policy,
-                   max_logprobs=config.logprobs_bound(vocab_size))
+                   max_logprobs=config.logprobs_bound(vocab_size),
+                   structured_outputs_config=config.structured_outputs_config)
 
     def process(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
                 arrival_time: float | None = None, cache_salt: str | None = None,
@@ -76,6 +80,9 @@ class InputProcessor:
                                      params.truncation_side or "left", added)
         params.validate_vocab(self.vocab_size, self.max_logprobs)
         if params.structured_outputs is not None:   # a bad schema, regex or grammar: refused now, offline too
+            so = params.structured_outputs
+            if self.json_options and so.kind in ("json", "json_object"):
+                params = dataclasses.replace(params, structured_outputs=dataclasses.replace(so, **self.json_options))
             validate_structured_outputs(params.structured_outputs)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
         eos = set() if params.ignore_eos else self.eos_token_ids

@@ -117,3 +117,25 @@ def test_bad_words_add_the_mid_text_form_when_a_space_changes_the_first_token():
     p = InputProcessor(_SpaceMergingTokenizer(), {2}, 512, 64, 16, 100, True, max_logprobs=20)
     params = p.process("r", PROMPT, SamplingParams(bad_words=["ab", "  c"], max_tokens=4)).params
     assert params.bad_words_token_ids == [[97, 98], [300 + 97, 98], [99], [300 + 99]]
+
+
+def test_structured_outputs_config_options_reach_every_json_constraint():
+    """vLLM's --structured-outputs-config '{"disable_any_whitespace": true}' (server-wide, as vLLM reads it) was
+    refused at start-up; every request's JSON constraint now gets it (and disable_additional_properties), beside
+    the request's own; other kinds are left as they are."""
+    from pagedllm.config import EngineConfig
+    from pagedllm.structured_output.params import StructuredOutputsParams
+    config = EngineConfig(structured_outputs_config='{"backend": "xgrammar", "disable_any_whitespace": true}')
+    assert config.structured_outputs_config == {"backend": "xgrammar", "disable_any_whitespace": True}
+    p = InputProcessor(load_tokenizer(str(DEMO)), {2}, 512, 64, 16, 100, True, max_logprobs=20,
+                       structured_outputs_config=config.structured_outputs_config)
+    for so, compact in ((StructuredOutputsParams(json={"type": "object"}), True),
+                        (StructuredOutputsParams(json_object=True), True),
+                        (StructuredOutputsParams(regex="[ab]+"), False)):
+        req = p.process("r", PROMPT, SamplingParams(max_tokens=4, structured_outputs=so))
+        assert req.core_requests[0].sampling_params.structured_outputs.disable_any_whitespace is compact
+    for bad, words in (({"backend": "guidance"}, "structured_outputs_config.backend must be auto or xgrammar"),
+                       ({"enable_in_reasoning": True}, "enable_in_reasoning must be false"),
+                       ({"whitespace": 1}, "made of the keys")):
+        with pytest.raises(ValueError, match=words):
+            EngineConfig(structured_outputs_config=bad)
