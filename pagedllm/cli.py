@@ -42,8 +42,19 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
             scalar = _not_built(scalar, meta["not_built"])
         if meta.get("why_not"):   # a value outside the choices is refused saying why, not only that it is
             scalar = _choice(scalar, meta["choices"], meta["why_not"])
-        group.add_argument(*flags, type=scalar, default=default, choices=meta.get("choices"),
+        choices = meta.get("choices")
+        if isinstance(ftype, types.UnionType) and type(None) in typing.get_args(ftype):
+            scalar = _or_none(scalar)   # vLLM's optional flags take "None" (and "") for unset: templates write it
+            choices = None if choices is None else [*choices, None]
+        group.add_argument(*flags, type=scalar, default=default, choices=choices,
                            help=f"{meta['help']} (default: {default})")
+
+
+def _or_none(scalar):
+    def parse(text: str):
+        return None if text in ("", "None") else scalar(text)
+    parse.__name__ = getattr(scalar, "__name__", "value")   # argparse names the type in its errors
+    return parse
 
 
 def _scalar_type(ftype):

@@ -221,6 +221,16 @@ def test_vllms_logging_level_variable_sets_the_log_level(serve_args, monkeypatch
     assert "VLLM_LOGGING_LEVEL='LOUD': expected one of DEBUG, INFO, WARNING, ERROR" in capsys.readouterr().err
 
 
+def test_an_optional_flag_takes_none_for_unset_as_vllms(serve_args):
+    """vLLM's optional flags take the text None (and "") for unset, which templated command lines write
+    (`--max-log-len None`); they were 'invalid int value' / 'invalid choice'."""
+    engine, server = serve_args("--max-log-len", "None", "--quantization", "None", "--tokenizer", "",
+                                "--tool-call-parser", "None")
+    assert (server.max_log_len, engine.quantization, engine.tokenizer, server.tool_call_parser) == (None,) * 4
+    with pytest.raises(SystemExit):
+        serve_args("--block-size", "None")   # not optional: an int
+
+
 def test_a_list_flag_given_again_replaces_the_earlier_values(serve_args, caplog):
     """vLLM keeps the last --api-key (and says so): argparse's extend kept both here, so a wrapper's
     `--api-key OLD "$@"` left OLD working beside the user's NEW, and an old --served-model-name still served."""
