@@ -9,7 +9,7 @@ import sys
 import types
 import typing
 
-from pagedllm import __version__
+from pagedllm import __version__, client
 from pagedllm.bench import serve as bench_serve
 from pagedllm.bench.workloads import WORKLOADS
 from pagedllm.config import EngineConfig, ServerConfig, config_fields
@@ -218,6 +218,9 @@ def main(argv=None):
     add_engine_args(gen)
     _add_serve_parser(sub)
     _add_run_batch_parser(sub)
+    for name, what in (("chat", "chat completions"), ("complete", "text completions")):
+        client.add_cli_args(sub.add_parser(name, help=f"{what} from a running server, streamed (vLLM's `vllm {name}`)"),
+                            name)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tput = bench.add_parser("throughput", help="offline throughput on a workload of shared/benchmarks.md; "
                                                "prints one JSON line")
@@ -245,6 +248,8 @@ def main(argv=None):
             _serve(args)
         elif args.command == "run-batch":
             _run_batch(args)
+        elif args.command in ("chat", "complete"):
+            return client.run(args)
         elif args.bench == "throughput":
             from pagedllm.bench import throughput   # torch and the engine: not imported for serve's start
             throughput.main(args, engine_kwargs(args))
