@@ -22,7 +22,8 @@ def add_cli_args(parser: argparse.ArgumentParser, command: str):
 
 
 def main(args: argparse.Namespace):
-    """Raises ConnectionError (the server cannot be reached) or ValueError (it refused a request, its message)."""
+    """Raises httpx.TransportError (the server cannot be reached) or ValueError (it refused a request: its
+    message)."""
     import httpx
     key = args.api_key or os.environ.get("OPENAI_API_KEY", "EMPTY")
     with httpx.Client(base_url=args.url.rstrip("/") + "/", headers={"Authorization": f"Bearer {key}"},

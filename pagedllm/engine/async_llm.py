@@ -218,17 +218,12 @@ class AsyncLLM:
         if isinstance(prompt, AsyncIterator):   # vLLM 0.26's streaming input: StreamingInput items, each a chunk
             raise NotImplementedError("generate() with an async generator of prompt chunks (vLLM's streaming "
                                       "input) is not built: pass the whole prompt (text, token ids or a dict)")
-        check_vllm_keywords(data_parallel_rank, reasoning_ended, reasoning_parser_kwargs)
-        check_tokenization_kwargs(tokenization_kwargs)
-        if tokenization_kwargs:
-            check_request_types(request_id, prompt, sampling_params)
-            (prompt,), (sampling_params,) = apply_tokenization_kwargs(tokenization_kwargs, [prompt],
-                                                                      [sampling_params], self.tokenizer)
         internal = self._free_id(request_id, sampling_params)
         outputs = None
         try:
-            outputs = self.add_request(internal, prompt, sampling_params, lora_request=lora_request,
-                                       priority=priority, output_kind=output_kind)
+            outputs = self.add_request(internal, prompt, sampling_params, None, lora_request, tokenization_kwargs,
+                                       trace_headers, priority, data_parallel_rank, prompt_text, reasoning_ended,
+                                       reasoning_parser_kwargs, output_kind=output_kind)
             async for out in outputs:
                 out.request_id = request_id   # the caller's, also under an alias
                 yield out
