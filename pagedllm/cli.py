@@ -218,6 +218,7 @@ def main(argv=None):
     add_engine_args(gen)
     _add_serve_parser(sub)
     _add_run_batch_parser(sub)
+    sub.add_parser("collect-env", help="print what a bug report needs about this machine (vLLM's collect-env)")
     for name, what in (("chat", "chat completions"), ("complete", "text completions")):
         client.add_cli_args(sub.add_parser(name, help=f"{what} from a running server, streamed (vLLM's `vllm {name}`)"),
                             name)
@@ -250,6 +251,9 @@ def main(argv=None):
             _run_batch(args)
         elif args.command in ("chat", "complete"):
             return client.run(args)
+        elif args.command == "collect-env":
+            from pagedllm.collect_env import report
+            print(report())
         elif args.bench == "throughput":
             from pagedllm.bench import throughput   # torch and the engine: not imported for serve's start
             throughput.main(args, engine_kwargs(args))

@@ -1,0 +1,27 @@
+"""`pagedllm collect-env` (vLLM's `vllm collect-env`): what a bug report needs about this machine. PyTorch's own
+report (OS, Python, CUDA, GPUs, drivers), then pagedllm's version, the versions of the libraries it runs on, and
+the PAGEDLLM_* / VLLM_* / HF_* variables set (a value that may be a secret shown as ***)."""
+import os
+import re
+from importlib import metadata
+
+from pagedllm import __version__
+
+PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "xgrammar", "triton", "fastapi", "uvicorn",
+            "pydantic", "httpx", "aiohttp", "prometheus-client", "nvidia-cudnn-frontend", "flash-attn-4", "ray")
+SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+
+
+def report() -> str:
+    import torch.utils.collect_env
+    lines = [torch.utils.collect_env.get_pretty_env_info(), "", f"pagedllm version: {__version__}", "",
+             "Versions of the libraries pagedllm runs on:"]
+    for name in PACKAGES:
+        try:
+            lines.append(f"  {name}: {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"  {name}: not installed")
+    lines += ["", "Environment variables:"]
+    names = sorted(n for n in os.environ if n.startswith(("PAGEDLLM_", "VLLM_", "HF_", "CUDA_VISIBLE_DEVICES")))
+    lines += [f"  {n}={'***' if SECRET.search(n) else os.environ[n]}" for n in names] or ["  (none set)"]
+    return "\n".join(lines)
