@@ -21,6 +21,7 @@ from attention_cases import make_batch, rel_error
 
 from pagedllm.attention.metadata import set_forward_context
 from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.attention import Attention
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.models.llama import LlamaAttention, LlamaDecoderLayer
@@ -34,13 +35,14 @@ DTYPE = torch.bfloat16
 @contextlib.contextmanager
 def torch_layers():
     """Route the layers to their torch code (forward_native), as on CPU; restored on exit."""
-    saved = RMSNorm.forward, SiluAndMul.forward, LlamaAttention.rotate_qk
+    saved = RMSNorm.forward, SiluAndMul.forward, LlamaAttention.rotate_qk, Attention.takes_qkv
     RMSNorm.forward, SiluAndMul.forward = RMSNorm.forward_native, SiluAndMul.forward_native
     LlamaAttention.rotate_qk = lambda self, positions, qkv, kv_target=None: self.rotate_qk_native(positions, qkv)
+    Attention.takes_qkv = lambda self: False   # small decode steps: not decode_qkv's fused norm and rotary either
     try:
         yield
     finally:
-        RMSNorm.forward, SiluAndMul.forward, LlamaAttention.rotate_qk = saved
+        RMSNorm.forward, SiluAndMul.forward, LlamaAttention.rotate_qk, Attention.takes_qkv = saved
 
 
 @contextlib.contextmanager

@@ -1,7 +1,6 @@
 """`pagedllm generate | serve | bench throughput | bench serve`: engine and server flags are generated from the
 fields of EngineConfig and ServerConfig (names as vLLM's)."""
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -132,8 +131,7 @@ _HTTP_ONLY = ("host", "port", "api_key", "api_server_count", "uvicorn_log_level"
 
 def _run_batch(args):
     from pagedllm.server.run_batch import run_batch
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(ServerConfig)}
+    defaults = {name: default for name, _, default, _ in config_fields(ServerConfig)}
     given = [name for name in _HTTP_ONLY if getattr(args, name) != defaults[name]]
     if given:
         raise ValueError(f"run-batch serves no HTTP: {', '.join('--' + n.replace('_', '-') for n in given)} "

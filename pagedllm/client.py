@@ -45,7 +45,7 @@ def main(args: argparse.Namespace):
 
 
 def _first_model(client) -> str:
-    models = _checked(client, client.get("models")).json()["data"]
+    models = _checked(client.get("models")).json()["data"]
     if not models:
         raise ValueError("the server lists no model (GET /v1/models)")
     return models[0]["id"]
@@ -65,7 +65,7 @@ def _stream(client, path: str, body: dict, stats: bool, piece) -> str:
     body = {**body, "stream": True, **({"stream_options": {"include_usage": True}} if stats else {})}
     start, first, tokens, text = time.perf_counter(), None, 0, []
     with client.stream("POST", path, json=body) as response:
-        _checked(client, response)
+        _checked(response)
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -86,7 +86,7 @@ def _stream(client, path: str, body: dict, stats: bool, piece) -> str:
     return "".join(text)
 
 
-def _checked(client, response):
+def _checked(response):
     """The response, or its error message as a ValueError."""
     if response.status_code >= 400:
         response.read()

@@ -219,13 +219,13 @@ class EngineConfig:
         """vLLM's --spec-method / --spec-model / --spec-tokens (LLM's spec_* too) go into speculative_config, as
         its create_speculative_config puts them; then they are cleared, so that a copy of the config
         (dataclasses.replace) does not merge them twice."""
-        aliases = {"method": self.spec_method, "model": self.spec_model, "num_speculative_tokens": self.spec_tokens}
-        aliases = {key: value for key, value in aliases.items() if value is not None}
+        aliases = [(key, flag, getattr(self, flag)) for key, flag in (
+            ("method", "spec_method"), ("model", "spec_model"), ("num_speculative_tokens", "spec_tokens"))]
+        aliases = [alias for alias in aliases if alias[2] is not None]
         if not aliases:
             return
         merged = dict(_json_object(self.speculative_config, "speculative_config") or {})
-        for key, value in aliases.items():
-            flag = {"method": "spec_method", "model": "spec_model"}.get(key, "spec_tokens")
+        for key, flag, value in aliases:
             _check(key not in merged, flag, f"left out where speculative_config gives {key} (vLLM: mutually "
                    f"exclusive)", value)
             merged[key] = value

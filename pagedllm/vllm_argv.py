@@ -27,11 +27,11 @@ def last_of_repeated(argv: list[str], several: frozenset[str]) -> list[str]:
             while "=" not in arg and end < len(argv) and not _is_option(argv[end]):
                 end += 1
             spans.setdefault(name, []).append((i, end))
-    dropped = {i for name, found in spans.items() if len(found) > 1 for start, end in found[:-1]
-               for i in range(start, end)}
+    dropped = set()
     for name, found in spans.items():
         if len(found) > 1:
             logger.warning("%s was given %d times: the last one's values are taken (as vLLM's)", name, len(found))
+            dropped.update(i for start, end in found[:-1] for i in range(start, end))
     return [arg for i, arg in enumerate(argv) if i not in dropped]
 
 

@@ -106,10 +106,9 @@ class LlamaAttention(nn.Module):
         return self.attn(q, k, v)
 
     def rotate_qk(self, positions: torch.Tensor, qkv: torch.Tensor, kv_target: dict | None = None):
-        """qkv (T, (Hq + 2*Hkv) * D) -> q (T, Hq*D), k (T, Hkv*D) normed (qk_norm) and rotated, v (T, Hkv*D).
-        kv_target (Attention.kv_target, CUDA only): K and V go into the cache instead, k = v = None."""
-        if not qkv.is_cuda:
-            return self.rotate_qk_native(positions, qkv)
+        """qkv (T, (Hq + 2*Hkv) * D) on CUDA -> q (T, Hq*D), k (T, Hkv*D) normed (qk_norm) and rotated, v (T, Hkv*D)
+        (one kernel; rotate_qk_native is the CPU path). kv_target (Attention.kv_target): K and V go into the cache
+        instead, k = v = None."""
         return qk_norm_rope(qkv, positions, self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads,
                             self.head_dim, *self._norms(), **(kv_target or {}))
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pagedllm.beam_search import (BeamSearchInstance, BeamSearchParams, beam_cache_salt, finish_text,
                                   step_sampling_params)
 from pagedllm.engine.output_processor import OutputKind
-from pagedllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedllm.server.errors import APIError
 
 
@@ -74,14 +74,7 @@ def _request_output(engine, request_id: str, inst: BeamSearchInstance, params: B
     n = len(inst.prompt_token_ids)
     decode = engine.tokenizer.decode
     completions = [CompletionOutput(i, finish_text(s, n, params, decode, with_prompt=False), s.tokens[n:],
-                                    s.cum_logprob, _decoded(s.logprobs, decode), s.finish_reason, s.stop_reason)
+                                    s.cum_logprob, s.logprobs, s.finish_reason, s.stop_reason)
                    for i, s in enumerate(inst.results())]
     metrics = RequestMetrics(arrival, finished_time=time.time())
     return RequestOutput(request_id, None, inst.prompt_token_ids, None, completions, True, metrics)
-
-
-def _decoded(positions: list[PositionLogprobs], decode) -> list[PositionLogprobs]:
-    """The returned beams' logprobs (each token's, then its step's top ones) with their tokens' text: the step
-    requests run without detokenizing, and a response that asks for logprobs names them by text."""
-    texts = {t: decode([t]) for t in {t for position in positions for t in position}}   # each token once
-    return [{t: Logprob(p.logprob, p.rank, texts[t]) for t, p in position.items()} for position in positions]

@@ -96,8 +96,6 @@ def _check_host(host: str):
             raise ValueError(f"--host {host!r} is not an IPv4 address: {e}") from None
 
 
-
-
 def _check_tls(config: ServerConfig):
     """Load the key and certificate once before the engine starts: a wrong path or file is a clear error
     here, not a uvicorn traceback after the model has loaded."""

@@ -89,6 +89,8 @@ def test_beam_search_logprobs_are_the_searchs(server, offline_llm):
             assert [t["logprob"] for t in c["top_logprobs"]] == pytest.approx([chosen[1].logprob, second[1].logprob],
                                                                               abs=1e-4)
             assert c["token"] == c["top_logprobs"][0]["token"] != ""
+        if choice["finish_reason"] == "length":   # the tokens' texts rebuild the answer, as a sampled one's do
+            assert "".join(c["token"] for c in content) == choice["message"]["content"]
 
 
 def test_best_of_returns_n_choices(client):
