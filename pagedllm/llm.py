@@ -139,8 +139,7 @@ class LLM:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
-        prompts, params = apply_tokenization_kwargs(tokenization_kwargs or {}, prompts, params,
-                                                    self.engine.tokenizer)
+        prompts, params = apply_tokenization_kwargs(tokenization_kwargs, prompts, params, self.engine.tokenizer)
         loras = _loras_per_prompt(lora_request, len(prompts))
         if priority is not None and not isinstance(priority, (list, tuple)):
             raise TypeError(f"priority must be a list of integers, one per prompt, got {type(priority).__name__}")

@@ -23,7 +23,7 @@ from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.input_processor import InputProcessor, check_arrival_time, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.output_queue import ABORTED, Aborted, OutputQueue, OutputStream
-from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs, check_tokenization_kwargs
+from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.engine.vllm_config import ModelConfig, VllmConfig, vllm_config_of
 from pagedllm.metrics import SchedulerStats, StatsLogger, StepStats
@@ -193,10 +193,8 @@ class AsyncLLM:
         kv_parent, hold_kv, priority: as Engine.add_request's. output_kind: None takes params.output_kind
         (vLLM's way to ask for deltas)."""
         check_vllm_keywords(data_parallel_rank, reasoning_ended, reasoning_parser_kwargs)
-        check_tokenization_kwargs(tokenization_kwargs)
-        if tokenization_kwargs:
-            check_request_types(request_id, prompt, params)
-            (prompt,), (params,) = apply_tokenization_kwargs(tokenization_kwargs, [prompt], [params], self.tokenizer)
+        check_request_types(request_id, prompt, params)
+        (prompt,), (params,) = apply_tokenization_kwargs(tokenization_kwargs, [prompt], [params], self.tokenizer)
         q = self._add_request(request_id, prompt, params, output_kind, arrival_time, cache_salt, lora_request,
                               kv_parent, hold_kv, priority)
         return OutputStream(self._outputs(request_id, q))

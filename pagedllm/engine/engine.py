@@ -15,7 +15,7 @@ from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.hf_overrides import apply_hf_overrides
 from pagedllm.engine.input_processor import InputProcessor, check_arrival_time, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
-from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs, check_tokenization_kwargs
+from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.engine.vllm_config import ModelConfig, engine_vllm_config
 from pagedllm.lora.request import LoRARequest
@@ -118,9 +118,7 @@ class Engine:
         whose tokens this one's extend, whose KV it forks copy-on-write (core/kv_fork.py; beam search)."""
         check_request_types(request_id, prompt, params)
         check_arrival_time(arrival_time)
-        check_tokenization_kwargs(tokenization_kwargs)
-        if tokenization_kwargs:
-            (prompt,), (params,) = apply_tokenization_kwargs(tokenization_kwargs, [prompt], [params], self.tokenizer)
+        (prompt,), (params,) = apply_tokenization_kwargs(tokenization_kwargs, [prompt], [params], self.tokenizer)
         kind = OutputKind.of(params) if output_kind is None else output_kind
         num_seqs = params.num_sequences
         child_ids = [child_request_id(request_id, i, num_seqs) for i in range(num_seqs)]

@@ -22,9 +22,12 @@ def check_tokenization_kwargs(kwargs: dict | None):
                          f"{', '.join(TOKENIZATION_KEYS)}; a TokensPrompt gives exact token ids")
 
 
-def apply_tokenization_kwargs(kwargs: dict, prompts: list, params: list[SamplingParams],
+def apply_tokenization_kwargs(kwargs: dict | None, prompts: list, params: list[SamplingParams],
                               tokenizer) -> tuple[list, list[SamplingParams]]:
-    """The prompts and their params as the (checked) tokenization_kwargs ask."""
+    """The prompts and their params as tokenization_kwargs ask (checked here; None or {}: as they are)."""
+    check_tokenization_kwargs(kwargs)
+    if not kwargs:
+        return prompts, params
     fields = {k: v for k, v in kwargs.items() if k in ("truncate_prompt_tokens", "truncation_side")
               and v is not None}
     fields.update(hf_truncation(kwargs))
