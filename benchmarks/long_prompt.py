@@ -26,13 +26,14 @@ def prompt_ids(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(1000, 100000, size=n).tolist()
 
 
-def run_prompt(engine_args: dict, prompt: list[int], max_tokens: int) -> dict:
-    """A fresh engine, a warm-up, then the prompt; frees the engine's GPU memory before returning."""
+def run_prompt(engine_args: dict, prompt: list[int], max_tokens: int, logprobs: int | None = None) -> dict:
+    """A fresh engine, a warm-up, then the prompt; frees the engine's GPU memory before returning. With logprobs,
+    "top" holds each output position's top logprobs ([token id, logprob] pairs, best first)."""
     start = time.perf_counter()
     llm = LLM(**engine_args)
     startup = time.perf_counter() - start
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)   # warm-up
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens, logprobs=logprobs)
     start = time.perf_counter()
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     seconds = time.perf_counter() - start
@@ -42,6 +43,9 @@ def run_prompt(engine_args: dict, prompt: list[int], max_tokens: int) -> dict:
               "decode_ms_per_token": round((seconds - ttft) / max(max_tokens - 1, 1) * 1e3, 2),
               "kv_blocks": llm.engine.runner.num_blocks, "startup_s": round(startup, 1),
               "output_ids": list(out.outputs[0].token_ids)}
+    if logprobs:
+        result["top"] = [sorted(([t, lp.logprob] for t, lp in pos.items()), key=lambda p: -p[1])[:logprobs]
+                         for pos in out.outputs[0].logprobs]
     del llm, out
     gc.collect()
     if torch.cuda.is_available():

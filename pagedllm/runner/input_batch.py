@@ -119,14 +119,19 @@ class _HostArrays:
         self.items_h, items = array(4 * max_items(max_reqs), torch.int32)
         self.items = items.reshape(-1, 4)
         self.shared_rows_h, self.shared_rows = array(max_reqs, torch.int32)
+        self.copied: torch.cuda.Event | None = None    # recorded after the last step's copies from these arrays
 
 
 class InputBuffers:
     """Pinned host arrays and device tensors for at most max_tokens tokens of max_reqs requests.
 
     The host arrays come in two sets, used by alternate steps: step N+1 is built while step N's copies may
-    still be queued behind step N-1 on the device; the set N+1 reuses was N-1's, whose copies are done once
-    N-1's sampled ids came back (which the engine waits for before building N+1)."""
+    still be queued behind step N-1 on the device. Before N+1 writes the set N-1 used, it waits for N-1's
+    copies to have run (an event recorded after them): usually long done, since the engine waits for N-1's
+    sampled ids first, but a step that samples nothing (a prompt's middle chunk) gives nothing to wait for, and
+    the host ran on ahead, rewriting arrays whose copies were still queued: a chunk read another's slots and
+    lengths (H100, a tiny model's 64k-token fp32 prompt in 16k chunks: its first token's logprob off by 0.02 to
+    0.47, another each run; 2.4 to 3.5 at 120k; exact since, 2e-4 from a torch reference)."""
 
     def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, device: torch.device,
                  shared_rows_per_item: int = 0):
@@ -179,6 +184,8 @@ class InputBuffers:
         of the graph replayed (the rest padded with empty items), else the plan's own.
         """
         h = self.h = self.hosts[1] if self.h is self.hosts[0] else self.hosts[0]
+        if h.copied is not None:
+            h.copied.synchronize()
         in_flight = in_flight or {}
         n = len(reqs)
         q = np.asarray(query_lens, dtype=np.int64)
@@ -246,6 +253,9 @@ class InputBuffers:
             max_query_len=int(q.max()),
             max_seq_len=int(seq_lens.max()) if max_seq_len_bound is None else max_seq_len_bound,
             query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=h.len[:rows].tolist(), shared=shared)
+        if self.device.type == "cuda":
+            h.copied = torch.cuda.Event()
+            h.copied.record()
         return StepInputs(self.input_ids[:num_tokens], self.positions[:num_tokens], meta, sample_rows,
                           self.sample_index[:len(sample_rows)], prompt_lp_rows)
 
