@@ -73,7 +73,6 @@ class DraftModel:
                                      [])
         self.kv_caches: list[torch.Tensor] = []
         self.valid: dict[str, int] = {}   # req_id -> leading positions whose draft KV is right
-        self._copies: list[torch.cuda.Event] = []   # the last builds' host -> device copies (CUDA)
         self.pre: PrePass | None = None    # launched behind the last step's verify, for the next step
 
     def allocate(self, num_blocks: int):
@@ -226,15 +225,10 @@ class DraftModel:
 
     def _forward(self, views: list[RowView], lens: list[int], tables: BlockTables, graph_size: int | None = None,
                  in_flight=None, in_flight_ids=None):
-        self._wait_for_host_arrays()
         pad = graph_size
         inputs = self.buffers.build(views, lens, tables, self.block_size, pad_tokens=pad, pad_rows=pad,
                                     max_seq_len_bound=None if pad is None else self.max_model_len,
                                     in_flight=in_flight, in_flight_ids=in_flight_ids)
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            self._copies = (self._copies + [event])[-2:]
         if pad is not None:
             return self.graphs.replay(pad, False), inputs
         with set_forward_context(inputs.attn_metadata, self.kv_caches):
@@ -245,12 +239,6 @@ class DraftModel:
         size = None if self.graphs is None else self.graphs.padded_size(len(views), False)
         hidden, inputs = self._forward(views, [1] * len(views), tables, size, in_flight, in_flight_ids)
         return self.model.compute_logits(hidden[inputs.sample_token_index]).argmax(dim=-1)
-
-    def _wait_for_host_arrays(self):
-        """InputBuffers alternates two pinned host sets: the one written next may still be copying (the
-        passes of a step are queued without waiting for the device)."""
-        if len(self._copies) == 2:
-            self._copies[0].synchronize()
 
     def _graph_forward(self, num_tokens: int, mixed: bool, shared: bool, lora: bool) -> torch.Tensor:
         b = self.buffers
