@@ -51,6 +51,9 @@ def add_cli_args(parser: argparse.ArgumentParser):
                         help="only the first N requests (quick runs); random: how many (default 1000)")
     parser.add_argument("--random-input-len", type=int, default=1024, help="random: prompt tokens")
     parser.add_argument("--random-output-len", type=int, default=128, help="random: output tokens")
+    parser.add_argument("--tokenizer", default=None,
+                        help="random: ids below this tokenizer's vocabulary size where it is under 10,000 "
+                             "(default: the model's, where its API name is a local folder)")
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="random: lengths uniform in len * [1 - r, 1 + r] (0: exactly len)")
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all")
@@ -104,13 +107,13 @@ def _json_safe(value):
 
 async def run(args: argparse.Namespace) -> dict:
     import aiohttp
-    w = _workload(args)
-    prompts, out_lens = w.prompts[:args.num_requests], w.output_lens[:args.num_requests]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(args.base_url, connector=connector, timeout=timeout, headers=headers) as s:
         model = args.model or await _first_model(s)
+        w = _workload(args, model)
+        prompts, out_lens = w.prompts[:args.num_requests], w.output_lens[:args.num_requests]
         await _request(s, args.endpoint, model, [1, 2, 3], 4)   # warm-up
         if args.prompt_format == "text":
             prompts = await asyncio.gather(*(_detokenize(s, model, p) for p in prompts))
@@ -120,11 +123,26 @@ async def run(args: argparse.Namespace) -> dict:
     return _report(args, w.name, model, prompts, results, duration)
 
 
-def _workload(args: argparse.Namespace):
+def _workload(args: argparse.Namespace, model: str):
     if args.workload != "random":
         return build(args.workload)
     return random_workload(args.num_requests or 1000, args.random_input_len, args.random_output_len,
-                           args.random_range_ratio, args.seed)
+                           args.random_range_ratio, args.seed, _vocab_size(args.tokenizer, model))
+
+
+def _vocab_size(tokenizer: str | None, model: str) -> int | None:
+    """The vocabulary of --tokenizer, else of the model where its API name is a local folder (pagedllm serve
+    DIR names it DIR); None: unknown."""
+    source = tokenizer or (model if os.path.isdir(model) else None)
+    if source is None:
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return len(AutoTokenizer.from_pretrained(source))
+    except (OSError, ValueError) as e:
+        if tokenizer is None:      # a folder without a tokenizer: the ids as before
+            return None
+        raise ValueError(f"--tokenizer {tokenizer!r} does not load: {e}") from e
 
 
 async def _detokenize(s, model: str, ids: list[int]) -> str:

@@ -33,20 +33,22 @@ def build(name: str) -> Workload:
 
 
 def random_workload(num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0,
-                    seed: int = 0) -> Workload:
+                    seed: int = 0, vocab_size: int | None = None) -> Workload:
     """vLLM's `--dataset-name random`: lengths uniform in [len * (1 - range_ratio), len * (1 + range_ratio)]
-    (exactly len by default), token ids uniform in [0, 10000) as W1-W3's (sent as ids, not text)."""
+    (exactly len by default), token ids uniform in [0, 10000) as W1-W3's (sent as ids, not text), or below
+    vocab_size where that is smaller (a small model's vocabulary: ids past it are refused)."""
     if not 0 <= range_ratio < 1:
         raise ValueError(f"random_range_ratio must be in [0, 1), got {range_ratio}")
 
     def bounds(n):
         return max(int(n * (1 - range_ratio)), 1), max(int(n * (1 + range_ratio)), 1)
-    return _random_lengths("random", "Qwen--Qwen3-0.6B", num_prompts, bounds(input_len), bounds(output_len), seed)
+    return _random_lengths("random", "Qwen--Qwen3-0.6B", num_prompts, bounds(input_len), bounds(output_len), seed,
+                           min(10000, vocab_size or 10000))
 
 
-def _random_lengths(name, model_config, n, in_range, out_range, seed: int = 0) -> Workload:
+def _random_lengths(name, model_config, n, in_range, out_range, seed: int = 0, id_bound: int = 10000) -> Workload:
     rng = np.random.default_rng(seed)
     input_lens = rng.integers(in_range[0], in_range[1] + 1, size=n)
     output_lens = rng.integers(out_range[0], out_range[1] + 1, size=n)
-    prompts = [rng.integers(0, 10000, size=int(k)).tolist() for k in input_lens]
+    prompts = [rng.integers(0, id_bound, size=int(k)).tolist() for k in input_lens]
     return Workload(name, model_config, prompts, [int(x) for x in output_lens])

@@ -38,9 +38,31 @@ def test_bench_serve_one_json_line(server, monkeypatch, capsys, rate, concurrenc
         assert p50 <= p99
 
 
+def test_random_workload_in_the_served_models_vocabulary(server, tiny_model_dirs, capsys):
+    """--workload random against a model of 512 tokens, its tokenizer named (vLLM's --tokenizer): the ids stay
+    below 512; they went to 10,000, and the server refused every request (completed 0)."""
+    argv = ["bench", "serve", "--base-url", server.url, "--workload", "random", "--num-requests", "4",
+            "--random-input-len", "12", "--random-output-len", "3", "--api-key", server.api_key,
+            "--tokenizer", tiny_model_dirs["llama"]]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["completed"] == 4 and report["failed"] == 0, report
+    assert report["output_tokens"] == 12
+
+
 def test_request_body_sends_sampling_fields_only_when_plain():
     plain = bench_serve.request_body("m", [1, 2], 8, bench_serve.PLAIN_SAMPLING)
     server_defaults = bench_serve.request_body("m", "text", 8, {})
     assert plain["temperature"] == 1.0 and plain["top_p"] == 1.0
     assert "temperature" not in server_defaults and "top_p" not in server_defaults and "top_k" not in server_defaults
     assert server_defaults["ignore_eos"] and server_defaults["stream"] and server_defaults["prompt"] == "text"
+
+
+def test_vocab_size_from_tokenizer_or_a_local_model_folder(tiny_model_dirs, tmp_path):
+    folder = tiny_model_dirs["llama"]
+    assert bench_serve._vocab_size(None, folder) == 512            # pagedllm serve DIR: the API name is DIR
+    assert bench_serve._vocab_size(folder, "tiny") == 512
+    assert bench_serve._vocab_size(None, "tiny") is None            # a name only: ids below 10,000 as before
+    assert bench_serve._vocab_size(None, str(tmp_path)) is None     # a folder without a tokenizer
+    with pytest.raises(ValueError, match="--tokenizer"):
+        bench_serve._vocab_size(str(tmp_path / "missing"), "tiny")
