@@ -131,7 +131,7 @@ class InputBuffers:
     sampled ids first, but a step that samples nothing (a prompt's middle chunk) gives nothing to wait for, and
     the host ran on ahead, rewriting arrays whose copies were still queued: a chunk read another's slots and
     lengths (H100, a tiny model's 64k-token fp32 prompt in 16k chunks: its first token's logprob off by 0.02 to
-    0.47, another each run; 2.4 to 3.5 at 120k; exact since, 2e-4 from a torch reference)."""
+    0.47, another each run; 2.4 to 3.5 at 120k; since, 2e-4 and 3e-4 from a torch reference, as in one chunk)."""
 
     def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, device: torch.device,
                  shared_rows_per_item: int = 0):
