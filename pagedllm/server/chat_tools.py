@@ -85,6 +85,8 @@ def message(plan: ToolPlan, c: CompletionOutput, text: str | None) -> tuple[dict
         return {"role": "assistant", "content": text}, c.finish_reason
     parser = plan.new_parser()
     content, calls = parser.parse_all(text or "")
+    if plan.choice in ("named", "required"):   # vLLM's message for a forced call: content or ""
+        content = content or ""
     return {"role": "assistant", "content": content, "tool_calls": calls}, finish_reason(parser, len(calls), c)
 
 

@@ -70,8 +70,9 @@ def test_named_function_is_called_with_valid_arguments(client, tool):
     choice = {"type": "function", "function": {"name": name}}
     out = _create(client, tools=[WEATHER, NOW], tool_choice=choice)
     message = out.choices[0].message
-    # "stop", not "tool_calls": the call was the request's, as OpenAI and vLLM answer a named function
-    assert out.choices[0].finish_reason == "stop" and message.content is None
+    # "stop", not "tool_calls": the call was the request's, as OpenAI and vLLM answer a named function; content
+    # "" (vLLM's `content or ""` for a forced call; it was null)
+    assert out.choices[0].finish_reason == "stop" and message.content == ""
     _check_calls(message.tool_calls, [name])
     assert len(message.tool_calls) == 1
     content, calls, finish = _streamed(client, tools=[WEATHER, NOW], tool_choice=choice)
@@ -87,7 +88,7 @@ def test_required_makes_calls_streamed_as_not(client, parallel):
     message, finish_reason = out.choices[0].message, out.choices[0].finish_reason
     # Any number of calls: the random model may go on adding calls until max_tokens.
     assert finish_reason == "tool_calls" or (parallel is None and finish_reason == "length")
-    assert message.content is None
+    assert message.content == ""
     _check_calls(message.tool_calls, ["get_weather", "now"], cut_short=finish_reason == "length")
     if parallel is False:
         assert len(message.tool_calls) == 1
@@ -99,10 +100,10 @@ def test_required_makes_calls_streamed_as_not(client, parallel):
 
 def test_required_cut_short_before_a_name_says_nothing(client):
     """max_tokens ends the output inside the constraint's JSON before a call's name: no call, and the JSON is not
-    content either (it was a content of '[{"name"'), streamed or not, as vLLM 0.26 answers."""
+    content either (it was a content of '[{"name"'), streamed or not: content "", as vLLM 0.26 answers."""
     kw = {"tools": [WEATHER, NOW], "tool_choice": "required", "max_tokens": 3}
     out = _create(client, **kw).choices[0]
-    assert out.finish_reason == "length" and out.message.content is None and not out.message.tool_calls
+    assert out.finish_reason == "length" and out.message.content == "" and not out.message.tool_calls
     assert _streamed(client, **kw) == ("", {}, "length")
 
 

@@ -104,6 +104,23 @@ def test_call_without_its_end_tag_ends_at_the_finish(text, arguments):
         assert parser.num_calls == 1
 
 
+@pytest.mark.parametrize("parser,text,arguments", [
+    ("hermes", '<tool_call>\n{"name": "f", "arguments":', ""),
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": ', ""),
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {"a"', '{"a"'),
+    ("llama3_json", '{"name": "f", "parameters":', ""),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments":', ""),
+    ("required", '[{"name": "f", "parameters":', ""),
+])
+def test_call_cut_short_before_its_arguments_gets_none_invented(parser, text, arguments):
+    """max_tokens ends the output right after a call's name or its arguments key: the call keeps what came, its
+    arguments "" (a partial call, as finish_reason length says), never a "{}" the model did not write (which
+    a client would run as a call without arguments). vLLM streams no argument fragment there either."""
+    make = (lambda: RequiredCallsParser()) if parser == "required" else (lambda: get_tool_parser(parser)(None, ("f",)))
+    for chunks in splits(text):
+        assert summary(stream(make(), chunks)) == (None, [("f", arguments)]), chunks
+
+
 def test_value_nested_past_the_decoders_depth_is_no_error():
     """A model looping on brackets: a value nested deeper than json.loads recurses was a RecursionError (a 500,
     or the stream's error event)."""

@@ -145,9 +145,10 @@ class ToolParser:
             self._args_len += len(text)
             self._out.add_call(ToolCallDelta(self.num_calls, arguments=text))
 
-    def _end_call(self):
-        """A call without arguments (none given, or null) has "{}" (vLLM #28806 lost them)."""
-        if not self._args_len:
+    def _end_call(self, cut: bool = False):
+        """A call without arguments (none given, or null) has "{}" (vLLM #28806 lost them). cut: the output ended
+        inside the call (max_tokens, a stop string): its arguments are what came, "" too, never an invented "{}"."""
+        if not self._args_len and not cut:
             self._arguments("{}")
         if not self._dropping:
             self.num_calls += 1

@@ -63,7 +63,7 @@ class NamedCallParser(ToolParser):
 class RequiredCallsParser(ToolParser):
     """[{"name": ..., "parameters": ...}, ...]: each item a call as soon as its name is complete. Output cut short
     before a name holds no call and is no content either: it is the constraint's JSON, not text the model chose
-    to say (vLLM 0.26 answers content null under "required" whatever the output)."""
+    to say (the message's content is "" then, as vLLM 0.26's `content or ""` under a forced choice)."""
 
     def __init__(self, max_calls: int | None = None, call_id=new_call_id):
         super().__init__(max_calls)
@@ -107,5 +107,5 @@ class RequiredCallsParser(ToolParser):
     def _end_item(self):
         if self._named:
             self._arguments(self._call.take_arguments())
-            self._end_call()
+            self._end_call(cut=not self._call.done)
         self._call = None

@@ -128,5 +128,5 @@ class HermesToolParser(ToolParser):
         if not self._named:
             self._start_call(call.name)
         self._arguments(call.take_arguments())
-        self._end_call()
+        self._end_call(cut=not end and not call.done)
         self._bare_ok = bool(self._tool_names)

@@ -226,5 +226,5 @@ class Llama3JsonToolParser(ToolParser):
             self._prefix, self._depth, self._fenced = "", 0, False
             return
         self._arguments(obj.take_arguments())
-        self._end_call()
+        self._end_call(cut=not obj.done)
         self._after = "call"

@@ -143,7 +143,7 @@ class MistralToolParser(ToolParser):
     def _end_item(self):
         if self._named:
             self._arguments(self._item.take_arguments())
-            self._end_call()
+            self._end_call(cut=not self._item.done)
         self._item = None
 
     def _end_section(self):
