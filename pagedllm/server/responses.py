@@ -35,6 +35,8 @@ from pagedllm.server.serving import SSEResponse, ServingContext
 
 
 async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_request: Request):
+    if req.store is None:   # OpenAI's and vLLM's default is true: kept where this server keeps responses
+        req = req.model_copy(update={"store": ctx.responses is not None})
     if req.store and ctx.responses is None:
         raise APIError(400, "store true needs a server that keeps responses (pagedllm serve --responses-store N); "
                        "send the whole conversation as input, with store false", "store", "unsupported_parameter")

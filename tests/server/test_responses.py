@@ -168,13 +168,13 @@ def test_stored_responses_continue_are_read_and_deleted(client):
     follow = client.responses.create(input="And then?", previous_response_id=first.id, store=True, **kw)
     whole = client.responses.create(input=[{"role": "user", "content": STORY},
                                            {"role": "assistant", "content": first.output_text},
-                                           {"role": "user", "content": "And then?"}], **kw)
+                                           {"role": "user", "content": "And then?"}], store=False, **kw)
     assert follow.previous_response_id == first.id and follow.output_text == whole.output_text
     assert follow.usage.input_tokens == whole.usage.input_tokens
     with client.responses.stream(input="More.", previous_response_id=follow.id, store=True, **kw) as stream:
         streamed = stream.get_final_response()    # incomplete: cut at max_output_tokens
     assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
-    unstored = client.responses.create(input="More.", previous_response_id=follow.id, **kw)
+    unstored = client.responses.create(input="More.", previous_response_id=follow.id, store=False, **kw)
     assert unstored.output_text == streamed.output_text and unstored.store is False
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
@@ -256,7 +256,8 @@ def test_background_responses_run_detached_and_cancel(client, server):
         client.responses.create(**kw, previous_response_id=long.id)
     assert e.value.body["param"] == "previous_response_id"
     assert wait_all_blocks_free(server)["pagedllm:kv_cache_usage_perc"] == 0.0
-    for body, param in (({"background": True, "store": True}, "response_id"), ({"background": True}, "background"),
+    for body, param in (({"background": True, "store": True}, "response_id"), ({"background": True, "store": False},
+                                                                               "background"),
                         ({"background": True, "store": True, "stream": True}, "stream")):
         if param == "response_id":
             r = httpx.post(f"{server.url}/v1/responses/{queued.id}/cancel", headers=server.headers, timeout=30)
@@ -280,6 +281,18 @@ def test_a_stored_request_id_is_not_reused(client, server):
     assert wait_all_blocks_free(server)["pagedllm:kv_cache_usage_perc"] == 0.0
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(first.id)
+
+
+def test_store_defaults_to_true_where_the_server_keeps_responses(client, edge):
+    """store unset: kept on a server with --responses-store, as OpenAI's and vLLM's default (a client chaining
+    previous_response_id without store got a 404); a server that keeps none answers, store false."""
+    kw = dict(model=MODEL_NAME, input=STORY, max_output_tokens=4, temperature=0)
+    kept = client.responses.create(**kw)
+    assert kept.store is True and client.responses.retrieve(kept.id).id == kept.id
+    follow = client.responses.create(**{**kw, "input": "And then?"}, previous_response_id=kept.id)
+    assert follow.previous_response_id == kept.id and follow.store is True
+    r = httpx.post(edge.url + "/v1/responses", json=kw, headers=edge.headers, verify=edge.verify, timeout=60)
+    assert r.status_code == 200 and r.json()["store"] is False, r.text
 
 
 @pytest.mark.parametrize("method,path,body,status,param", [
