@@ -7,7 +7,8 @@ the chat fields they mean.
                                        rendering merges it with the system ones, as vLLM's), function_call
                                        items as the assistant's tool_calls, function_call_output items as
                                        role "tool" messages,
-                                       reasoning items as the next assistant message's reasoning,
+                                       reasoning items as an assistant message's reasoning (the one before
+                                       it if it has none, else a new one that what follows joins: vLLM's),
                                        item_reference items as the stored output item they name (responses.py
                                        resolves them first); a last assistant message in_progress or
                                        incomplete is continued (vLLM's)
@@ -17,6 +18,7 @@ the chat fields they mean.
     text.format text / json_object / json_schema  ->  response_format
     reasoning.effort               ->  reasoning_effort
 """
+import json
 from typing import Any
 
 from pagedllm.server.errors import APIError
@@ -74,19 +76,25 @@ def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
         raise APIError(400, "input must not be empty", "input", "invalid_value")
     if isinstance(req.input, str):
         return messages + [{"role": "user", "content": req.input}]
-    thought = None   # a reasoning item's text, for the assistant message after it
     for i, item in enumerate(req.input):
         at = f"input.{i}"
         kind = item.type or "message"
+        last = messages[-1] if messages and messages[-1]["role"] == "assistant" else None
         if kind == "reasoning":
-            thought = (thought or "") + _reasoning_text(item, at)
+            # vLLM's: the assistant message before it takes it if it has none; else it opens one (which the
+            # message or calls after it join)
+            thought = _reasoning_text(item, at)
+            if last is not None and last.get("reasoning") is None:
+                last["reasoning"] = thought
+            else:
+                messages.append({"role": "assistant", "content": None, "reasoning": thought})
         elif kind == "function_call":
             if not item.call_id or not item.name:
                 raise APIError(400, f"{at}: a function_call needs call_id and name", at, "invalid_value")
+            _check_arguments(item.arguments, f"{at}.arguments")
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments or "{}"}}
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant":   # the turn's text and calls: one message
+            if last is not None:   # the turn's text and calls: one message
                 last.setdefault("tool_calls", []).append(call)
                 continue
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
@@ -105,12 +113,24 @@ def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
                 content = "\n".join(_texts(item.content, f"{at}.content"))
             else:
                 content = _text_parts(item.content, f"{at}.content")
+            if item.role == "assistant" and last is not None and last.get("content") is None:
+                last["content"] = content   # after its reasoning (or calls): one message, as vLLM's
+                continue
             # a developer message stays one, as vLLM's Responses path gives it to the renderer: the chat template
             # takes it, or (most) it becomes a system message merged with the others into one first one
             messages.append({"role": item.role, "content": content})
-        if thought is not None and messages and messages[-1]["role"] == "assistant":
-            messages[-1]["reasoning"], thought = thought, None
     return messages
+
+
+def _check_arguments(arguments: str | None, at: str) -> None:
+    """A function_call's arguments are a JSON text (the chat template is given them parsed): else a 400 naming
+    the item, not the chat message it becomes."""
+    if arguments:
+        try:
+            json.loads(arguments)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise APIError(400, f"{at} is not JSON ({str(e)[:100]}): a call's arguments are a JSON text", at,
+                           "invalid_value") from e
 
 
 

@@ -255,3 +255,36 @@ def test_cache_control_on_a_text_part_is_taken_and_reaches_only_openai_format_te
     messages = [r.model_dump(exclude_none=True)["messages"][0] for r in requests]
     assert template_message(messages[0]) == template_message(messages[1])
     assert template_message(messages[0], "openai")["content"] == [marked]
+
+
+def test_reasoning_items_take_their_places_as_vllms():
+    """A reasoning item goes to the assistant message before it when that one has none, else it opens a new one
+    that the message after it joins (vLLM's responses/utils.py). It was held for the next assistant message and
+    set at the end of every item: [A, R2, B] gave R2 to A, a second reasoning replaced the first, and a reasoning
+    item with no assistant message after it was dropped."""
+    def reasoning(text):
+        return {"type": "reasoning", "id": "rs", "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+    def said(text):
+        return {"role": "assistant", "content": text}
+    chat = _responses_chat({"input": [{"role": "user", "content": "q"}, reasoning("R1"), said("A"),
+                                      reasoning("R2"), said("B"), {"role": "user", "content": "q2"}, reasoning("R3")]})
+    assert [(m.role, m.content, m.reasoning) for m in chat.messages] == [
+        ("user", "q", None), ("assistant", "A", "R1"), ("assistant", "B", "R2"), ("user", "q2", None),
+        ("assistant", None, "R3")]
+    calls = _responses_chat({"input": [{"role": "user", "content": "q"}, reasoning("R"),
+                                       {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]})
+    assert [(m.role, m.reasoning, [c.id for c in m.tool_calls or []]) for m in calls.messages] == [
+        ("user", None, []), ("assistant", "R", ["c1"])]
+
+
+def test_a_function_call_items_arguments_that_are_no_json_name_the_item():
+    """It was a 400 naming messages.2.tool_calls.0.function.arguments (a field the client never sent, its index
+    moved by the instructions)."""
+    import pytest
+    from pagedllm.server.errors import APIError
+    with pytest.raises(APIError) as e:
+        _responses_chat({"instructions": "sys", "input": [
+            {"role": "user", "content": "hi"},
+            {"type": "function_call", "call_id": "c1", "name": "g", "arguments": "no"}]})
+    assert e.value.param == "input.1.arguments"
