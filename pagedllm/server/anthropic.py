@@ -26,8 +26,8 @@ thinking_delta then a signature_delta, input_json_delta) and _stop, then message
 and message_stop; no [DONE]. Errors are Anthropic's {"type": "error", "error": {"type", "message"}} (errors.py
 picks the shape by route), in a stream an `error` event. temperature, top_p and top_k are vLLM's (Anthropic's
 SDK now sends them only in extra_body). No-ops: metadata, service_tier, speed, inference_geo, user_profile_id,
-workspace_id, cache_control (top-level, on blocks and tools: the prefix cache is automatic), a tool's strict,
-a text block's citations.
+workspace_id, cache_control (top-level, on blocks and tools: the prefix cache is automatic), a text block's
+citations; a tool's strict and defer_loading reach the chat template only (vLLM's).
 Images and documents are a 400: the models served take text.
 """
 import json
@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pagedllm.server.chat import chunk_dicts, create_chat_completion, render_chat
 from pagedllm.engine.async_llm import EngineGenerateError
@@ -47,7 +47,8 @@ from pagedllm.server.serving import SSEResponse, ServingContext, client_error, s
 
 class ContentBlock(_Strict):
     """One block of a message's content; which fields a type takes is checked where it is read."""
-    type: Literal["text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking"]
+    type: Literal["text", "image", "document", "tool_use", "tool_result", "tool_reference", "thinking",
+                  "redacted_thinking"]
     text: str | None = None
     # a no-op: what a Claude answer's text cited (replayed, most often null); documents are a 400 here
     citations: list[dict[str, Any]] | None = None
@@ -57,6 +58,7 @@ class ContentBlock(_Strict):
     tool_use_id: str | None = None          # tool_result
     content: str | list["ContentBlock"] | None = None
     is_error: bool | None = None
+    tool_name: str | None = None            # tool_reference (in a tool_result: the tool it loads, tool search)
     thinking: str | None = None             # thinking
     signature: str | None = None
     data: str | None = None                 # redacted_thinking
@@ -68,6 +70,7 @@ class ContentBlock(_Strict):
         return fields_of_its_type(self, {t: (*f, "cache_control") for t, f in {
             "text": ("text", "citations"), "image": ("source",), "document": ("source",),
             "tool_use": ("id", "name", "input"), "tool_result": ("tool_use_id", "content", "is_error"),
+            "tool_reference": ("tool_name",),
             "thinking": ("thinking", "signature"),
             "redacted_thinking": ("data",)}.items()}, "a content block")
 
@@ -81,9 +84,15 @@ class ToolParam(_Strict):
     name: str = Field(min_length=1)
     description: str | None = None
     input_schema: dict[str, Any]
-    # a no-op, as in vLLM: a forced call (tool_choice any / tool) follows input_schema anyway, an auto one is the
-    # model's own, as with chat's function strict; the prompt stays the one vLLM renders (without it)
+    # for the template only, as in vLLM (which renders it): a forced call (tool_choice any / tool) follows
+    # input_schema anyway, an auto one is the model's own, as with chat's function strict
     strict: bool | None = None
+    defer_loading: bool | None = None       # for the template (tool search), as vLLM passes it
+
+    @field_validator("input_schema")
+    @classmethod
+    def _an_object(cls, schema: dict) -> dict:
+        return schema if "type" in schema else {**schema, "type": "object"}   # vLLM's default: the prompt shows it
     type: Literal["custom"] | None = None
     cache_control: dict[str, Any] | None = None   # a no-op
 
@@ -117,7 +126,7 @@ class OutputConfig(_Strict):
 
 
 class CountTokensRequest(_Request):
-    model: str
+    model: str = Field(min_length=1)
     messages: list[MessageParam] = Field(min_length=1)
     system: str | list[ContentBlock] | None = None
     tools: list[ToolParam] | None = None
@@ -186,7 +195,11 @@ async def count_tokens(ctx: ServingContext, req: CountTokensRequest) -> dict:
 
 def to_chat(ctx: ServingContext, req: CountTokensRequest) -> ChatCompletionRequest:
     body: dict[str, Any] = {"model": req.model, "messages": _chat_messages(req)}
-    if req.messages[-1].role == "assistant":   # Anthropic's prefill: the answer continues that message
+    last = req.messages[-1]
+    if last.role == "assistant" and not (isinstance(last.content, list) and any(b.type == "tool_use" for b in
+                                                                                 last.content)):
+        # Anthropic's prefill: the answer continues that message. One with calls is whole: continuing it cut them
+        # out of the prompt (the template's text ends at the content); it gets a new turn after it, as vLLM's.
         body.update(add_generation_prompt=False, continue_final_message=True)
     kwargs = dict(req.chat_template_kwargs or {})
     thinking = req.thinking
@@ -205,7 +218,8 @@ def to_chat(ctx: ServingContext, req: CountTokensRequest) -> ChatCompletionReque
         body["chat_template_kwargs"] = kwargs
     if req.tools:
         body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                           "parameters": t.input_schema}} for t in req.tools]
+                                                           "parameters": t.input_schema, "strict": t.strict,
+                                                           "defer_loading": t.defer_loading}} for t in req.tools]
     choice = req.tool_choice
     if choice is not None and (req.tools or choice.type != "auto"):   # auto with no tools is none; chat refuses it
         if choice.type == "tool" and not choice.name:
@@ -250,7 +264,8 @@ def _chat_messages(req: CountTokensRequest) -> list[dict]:
         for j, b in enumerate(m.content):
             at = f"{where}.{j}"
             if b.type == "text":
-                texts.append(_text(b, at))
+                if b.text:   # an empty one is left out of the join, as vLLM's
+                    texts.append(_text(b, at))
             elif b.type == "tool_use" and m.role == "assistant":
                 if not b.id or not b.name:
                     raise APIError(400, f"{at}: a tool_use block needs id and name", at, "invalid_value")
@@ -259,10 +274,14 @@ def _chat_messages(req: CountTokensRequest) -> list[dict]:
             elif b.type == "tool_result" and m.role == "user":
                 if not b.tool_use_id:
                     raise APIError(400, f"{at}: a tool_result block needs tool_use_id", at, "invalid_value")
+                parts = [] if isinstance(b.content, str) else b.content or []
                 result = b.content if isinstance(b.content, str) else "\n".join(
-                    _text(c, f"{at}.content") for c in b.content or [])
+                    _text(c, f"{at}.content.{k}") for k, c in enumerate(parts) if c.type != "tool_reference")
                 messages.append({"role": "tool", "tool_call_id": b.tool_use_id,
                                  "content": f"Error: {result}" if b.is_error else result})
+                refs = [{"type": "tool_reference", "name": c.tool_name} for c in parts if c.type == "tool_reference"]
+                if refs:   # the tools it loads (tool search), for the template: a tool message of their own (vLLM's)
+                    messages.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": refs})
             elif b.type == "thinking" and m.role == "assistant":
                 thoughts.append(b.thinking or "")
             elif b.type == "redacted_thinking" and m.role == "assistant":

@@ -399,6 +399,7 @@ class FunctionDefinition(_Strict):
     # OpenAI's: arguments follow the schema exactly. Enforced with tool_choice "required" or a named function
     # (always, strict or not); with "auto" the text is the model's own, as in vLLM.
     strict: bool | None = None
+    defer_loading: bool | None = None          # for the template (tool search: Claude Code's), as vLLM passes it
 
 
 class ChatTool(_Strict):
@@ -407,11 +408,12 @@ class ChatTool(_Strict):
 
     def as_template_input(self) -> dict:
         """The tool as vLLM gives it to the chat template (its pydantic dump): a function's description and
-        parameters are there as null when not given, strict only when given. Templates write tools with tojson,
-        so leaving the nulls out would change the prompt."""
+        parameters are there as null when not given, strict and defer_loading only when given. Templates write
+        tools with tojson, so leaving the nulls out would change the prompt."""
         tool = self.model_dump()
-        if tool["function"]["strict"] is None:
-            del tool["function"]["strict"]
+        for name in ("strict", "defer_loading"):
+            if tool["function"][name] is None:
+                del tool["function"][name]
         return tool
 
 

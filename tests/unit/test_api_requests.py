@@ -70,17 +70,47 @@ def test_redacted_thinking_blocks_are_taken_and_left_out():
 
 
 
-def test_a_tools_strict_is_taken_as_vllm_takes_it():
-    """Anthropic's tool strict (inputs that follow input_schema exactly) is taken, as vLLM takes it, and leaves
-    the prompt as vLLM renders it (without it): a forced call (tool_choice any / tool) follows the schema anyway,
-    an auto one is the model's own, as chat's function strict is (it was a 400: 'tools.0.strict: Extra inputs
-    are not permitted')."""
-    def chat(**strict) -> dict:
-        tool = {"name": "f", "input_schema": {"type": "object"}, **strict}
+def test_a_tools_strict_and_defer_loading_reach_the_template_as_vllms():
+    """Anthropic's tool strict and defer_loading (Claude Code's tool search) reach the chat template when given,
+    as vLLM passes them (FunctionDefinition's dump drops them only when null): strict was left out of the prompt
+    and defer_loading a 400. An input_schema without a type gets vLLM's "type": "object"."""
+    def tools(**fields) -> list:
+        tool = {"name": "f", "input_schema": {"properties": {}}, **fields}
         req = anthropic.MessagesRequest.model_validate({"model": "m", "max_tokens": 3, "tools": [tool],
                                                         "messages": [{"role": "user", "content": "Hi"}]})
-        return anthropic.to_chat(NO_PARSER, req).model_dump(exclude_none=True)
-    assert chat(strict=True) == chat(strict=False) == chat()
+        return [t.as_template_input()["function"] for t in anthropic.to_chat(NO_PARSER, req).tools]
+    assert tools() == [{"name": "f", "description": None, "parameters": {"properties": {}, "type": "object"}}]
+    assert tools(strict=True, defer_loading=True)[0] == {**tools()[0], "strict": True, "defer_loading": True}
+    assert tools(strict=False)[0]["strict"] is False
+
+
+def test_messages_blocks_as_vllm_converts_them():
+    """An empty text block is left out (it added a newline); a final assistant message with a tool_use is a
+    whole turn, not continued (continuing cut its call out of the prompt); a tool_result's tool_reference blocks
+    become a tool message of references after its text (vLLM's; they were a 400); a model must be named."""
+    import pytest
+    from pydantic import ValidationError
+
+    def chat(messages):
+        return anthropic.to_chat(NO_PARSER, anthropic.MessagesRequest.model_validate(
+            {"model": "m", "max_tokens": 3, "messages": messages}))
+    text = chat([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": ""}]}])
+    assert [m.content for m in text.messages] == ["a"]
+    call = {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}
+    ended = chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "Sure"}, call]}])
+    assert (ended.continue_final_message, ended.add_generation_prompt) == (False, True)
+    prefill = chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}])
+    assert (prefill.continue_final_message, prefill.add_generation_prompt) == (True, False)
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": [
+        {"type": "text", "text": "found"}, {"type": "tool_reference", "tool_name": "get_weather"}]}
+    refs = chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [call]},
+                 {"role": "user", "content": [result]}])
+    assert [(m.role, m.content) for m in refs.messages[2:]] == [
+        ("tool", "found"), ("tool", [{"type": "tool_reference", "name": "get_weather"}])]
+    with pytest.raises(ValidationError, match="model"):
+        anthropic.MessagesRequest.model_validate({"model": "", "max_tokens": 3,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
 
 
 def test_a_text_blocks_citations_are_taken_and_left_out():
