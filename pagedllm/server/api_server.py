@@ -373,12 +373,13 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
     run-batch` sends its requests to in process. on_dead: called when the core dies."""
     names = server_config.served_model_name
     names = [names] if isinstance(names, str) else list(names or [engine_config.model])
-    metrics = ServerMetrics(names[0], engine_config)
-    engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length, on_step_stats=metrics.record,
+    engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length,
+                      on_step_stats=lambda step: metrics.record(step),
                       heartbeat_timeout=server_config.engine_heartbeat_timeout,
                       step_timeout=server_config.engine_step_timeout,
                       on_dead=on_dead, stream_interval=server_config.stream_interval,
                       core=core, shared_waiting=shared_waiting)
+    metrics = ServerMetrics(names[0], engine_config, engine.max_model_len)
     ctx = ServingContext(engine, names[0], checks.chat_template, model_aliases=names[1:],
                          trust_request_chat_template=server_config.trust_request_chat_template,
                          return_tokens_as_token_ids=server_config.return_tokens_as_token_ids,

@@ -30,15 +30,22 @@ _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 80.0)
 _REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                             240.0, 480.0, 960.0, 1920.0, 7680.0)
-# Tokens, 1-2-5 apart as vLLM's (which stop at max_model_len): up to 5M.
-_TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(7) for m in (1, 2, 5))
+
+
+def token_buckets(max_model_len: int | None) -> tuple[int, ...]:
+    """Tokens, 1-2-5 apart up to max_model_len, as vLLM's build_1_2_5_buckets (unknown: up to 5M)."""
+    top = max_model_len or 5 * 10 ** 6
+    return tuple(b for b in (m * 10 ** e for e in range(10) for m in (1, 2, 5)) if b <= top)
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, config: EngineConfig | None = None):
-        """config: the engine's, for vLLM's info series (cache_config_info, lora_requests_info)."""
+    def __init__(self, model_name: str, config: EngineConfig | None = None, max_model_len: int | None = None):
+        """config: the engine's, for vLLM's info series (cache_config_info, lora_requests_info); max_model_len:
+        the engine's, where the token histograms' buckets stop and what a request without max_tokens may make."""
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        self.max_model_len = max_model_len
+        tokens = token_buckets(max_model_len)
         self.config = config
         self.stats: SchedulerStats | None = None
         self.registry.register(_EngineCollector(self))
@@ -73,18 +80,18 @@ class ServerMetrics:
         # vLLM's request length and parameter histograms (its dashboards' length panels), per finished sequence
         # but for request_params_n and request_max_num_generation_tokens, once per request
         self.prompt_tokens = histogram("pagedllm:request_prompt_tokens", "Prompt tokens of a finished sequence.",
-                                       _TOKEN_BUCKETS)
+                                       tokens)
         self.generation_tokens = histogram("pagedllm:request_generation_tokens",
                                            "Generated tokens of a finished sequence.",
-                                           _TOKEN_BUCKETS)
+                                           tokens)
         self.params_n = histogram("pagedllm:request_params_n", "The n request parameter.", (1, 2, 5, 10, 20))
         self.params_max_tokens = histogram("pagedllm:request_params_max_tokens", "The max_tokens request parameter.",
-                                           _TOKEN_BUCKETS)
+                                           tokens)
         self.max_generation_tokens = histogram("pagedllm:request_max_num_generation_tokens",
-                                               "Generated tokens of a request's longest sequence.", _TOKEN_BUCKETS)
+                                               "Generated tokens of a request's longest sequence.", tokens)
         self.prefill_kv_computed = histogram("pagedllm:request_prefill_kv_computed_tokens",
                                              "Prompt tokens a sequence computed (cached ones excluded).",
-                                             _TOKEN_BUCKETS)
+                                             tokens)
         self.success = Counter("pagedllm:request_success", "Finished sequences, by finish reason.",
                                labels + ["finished_reason"], registry=r)
         for reason in ("stop", "length", "abort", "error"):   # vLLM's FinishReason: each series exists from 0,
@@ -100,8 +107,10 @@ class ServerMetrics:
             self.prompt_tokens.observe(f.num_prompt_tokens)
             self.generation_tokens.observe(f.num_generation_tokens)
             self.prefill_kv_computed.observe(f.num_prompt_tokens - f.num_cached_tokens)
-            if f.max_tokens:
-                self.params_max_tokens.observe(f.max_tokens)
+            # without max_tokens: what the context leaves (vLLM's serving fills max_tokens so before it counts)
+            max_tokens = f.max_tokens or (self.max_model_len and self.max_model_len - f.num_prompt_tokens)
+            if max_tokens:
+                self.params_max_tokens.observe(max_tokens)
             self.queue.observe(f.queued_time)
             self.prefill.observe(f.prefill_time)
             self.decode.observe(f.decode_time)

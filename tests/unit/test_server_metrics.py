@@ -239,3 +239,19 @@ def test_lora_requests_info():
     assert labels == ('pagedllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",'
                       'waiting_lora_adapters=""}')
     assert start <= float(value) <= time.time()
+
+
+def test_token_histograms_stop_at_max_model_len_and_count_an_unset_max_tokens():
+    """vLLM's token-count histograms have 1-2-5 bounds up to max_model_len (build_1_2_5_buckets): they went to
+    5M whatever the context. A request without max_tokens is observed in request_params_max_tokens at what the
+    context leaves it, as vLLM's serving fills max_tokens before the engine counts it (it was not observed)."""
+    metrics = ServerMetrics("m", max_model_len=256)
+    metrics.record(StepStats(finished=[FinishedRequestStats("length", 0.5, 3, 253, max_tokens=None),
+                                       FinishedRequestStats("stop", 0.5, 6, 2, max_tokens=16)]))
+    text = exposed(metrics)
+    for name in ("request_prompt_tokens", "request_generation_tokens", "request_params_max_tokens",
+                 "request_max_num_generation_tokens", "request_prefill_kv_computed_tokens"):
+        assert bounds(text, f"pagedllm:{name}") == [1, 2, 5, 10, 20, 50, 100, 200], name
+    assert 'pagedllm:request_params_max_tokens_sum{engine="0",model_name="m"} 269.0' in text
+    assert 'pagedllm:request_params_max_tokens_count{engine="0",model_name="m"} 2.0' in text
+    assert 'le="5e+06"' in exposed(ServerMetrics("m"))   # max_model_len unknown: up to 5M
