@@ -177,6 +177,7 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
         return {"version": pagedllm.__version__}
 
     @app.get("/metrics")
+    @app.get("/metrics/", include_in_schema=False)   # vLLM's mount answers it too (no 307 to /metrics)
     async def prometheus_metrics():
         # Served whatever the core's state: the API process's own metrics (latencies, finished requests) always,
         # the core's counts when it answers (none, rather than stale ones, while /health is 503).

@@ -94,7 +94,7 @@ class ServerMetrics:
                                              tokens)
         self.success = Counter("pagedllm:request_success", "Finished sequences, by finish reason.",
                                labels + ["finished_reason"], registry=r)
-        for reason in ("stop", "length", "abort", "error"):   # vLLM's FinishReason: each series exists from 0,
+        for reason in ("stop", "length", "abort", "error", "repetition"):   # vLLM's FinishReason: from 0,
             self.success.labels(model_name, ENGINE, reason)    # so rate() and increase() read 0, not no data
 
     def record(self, step: StepStats):
@@ -157,7 +157,13 @@ class _EngineCollector:
                     # vLLM's: every prompt token of a request that produced its first token, prefix-cache hits
                     # included and a recompute after preemption not (rate() is the prompt throughput served)
                     ("prompt_tokens", "Prompt tokens of requests (cached ones included).", s.num_prompt_tokens_total),
-                    ("generation_tokens", "Generated tokens.", s.num_generation_tokens)]
+                    ("generation_tokens", "Generated tokens.", s.num_generation_tokens),
+                    # vLLM's always-on series, 0 here: no KV connector, no multimodal cache (dashboards show 0, not
+                    # no data)
+                    ("external_prefix_cache_queries", "Tokens looked up in an external KV cache (none here).", 0),
+                    ("external_prefix_cache_hits", "Tokens found in an external KV cache (none here).", 0),
+                    ("mm_cache_queries", "Multimodal cache lookups (text-only models here).", 0),
+                    ("mm_cache_hits", "Multimodal cache hits (text-only models here).", 0)]
         for metric, doc, value in gauges:
             family = GaugeMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
             family.add_metric([name, ENGINE], value)
@@ -166,6 +172,11 @@ class _EngineCollector:
             family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
             family.add_metric([name, ENGINE], value)
             yield family
+        family = GaugeMetricFamily("pagedllm:engine_sleep_state", "The engine's sleep state (no sleep mode here: "
+                                   "always awake).", labels=[*LABELS, "sleep_state"])
+        for state in ("awake", "weights_offloaded", "discard_all"):
+            family.add_metric([name, ENGINE, state], 1 if state == "awake" else 0)
+        yield family
         yield from _prompt_source_families(s, name)
         yield from _info_families(s, self.metrics.config)
         yield _histogram_family("iteration_tokens_total", "Tokens per engine step.", s.iteration_tokens, name)

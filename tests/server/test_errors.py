@@ -143,6 +143,8 @@ def test_api_key_is_required_on_v1(server, servers):
     assert httpx.get(small.url + "/v1/models", headers=small.headers).status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200     # health and metrics stay open
     assert httpx.get(server.url + "/metrics").status_code == 200
+    trailing = httpx.get(server.url + "/metrics/")   # vLLM's answers it, no 307 (it was one)
+    assert trailing.status_code == 200 and "pagedllm:num_requests_running" in trailing.text
 
 
 def test_refused_requests_leave_no_blocks(server):

@@ -255,3 +255,15 @@ def test_token_histograms_stop_at_max_model_len_and_count_an_unset_max_tokens():
     assert 'pagedllm:request_params_max_tokens_sum{engine="0",model_name="m"} 269.0' in text
     assert 'pagedllm:request_params_max_tokens_count{engine="0",model_name="m"} 2.0' in text
     assert 'le="5e+06"' in exposed(ServerMetrics("m"))   # max_model_len unknown: up to 5M
+
+
+def test_vllms_always_on_series_are_there():
+    """vLLM registers these whatever the engine does, each series from its start: a dashboard panel over them
+    showed no data. Their values here are what is true: no sleep mode (awake), no KV connector and no multimodal
+    cache (0), no repetition detection (0)."""
+    text = exposed(ServerMetrics("m"), scheduler_stats())
+    for name in ("external_prefix_cache_queries", "external_prefix_cache_hits", "mm_cache_queries", "mm_cache_hits"):
+        assert f'pagedllm:{name}_total{{engine="0",model_name="m"}} 0.0' in text, name
+    assert 'pagedllm:engine_sleep_state{engine="0",model_name="m",sleep_state="awake"} 1.0' in text
+    assert 'pagedllm:engine_sleep_state{engine="0",model_name="m",sleep_state="discard_all"} 0.0' in text
+    assert 'pagedllm:request_success_total{engine="0",finished_reason="repetition",model_name="m"} 0.0' in text
