@@ -116,6 +116,7 @@ class SchedulerStats:
     running_lora_adapters: dict[str, int] | None = None
     waiting_lora_adapters: dict[str, int] | None = None
     prompt_token_sources: PromptTokenSources = field(default_factory=PromptTokenSources)
+    num_waiting_deferred: int = 0  # of num_waiting, those on an adapter's load or a grammar's compile, not on room
     # vLLM's: per step, the computed prompt tokens of requests whose first token came in it, and the tokens sampled
     iteration_tokens: TokenHistogram = field(default_factory=TokenHistogram)
 

@@ -163,7 +163,7 @@ class Scheduler:
         i = 0   # the first waiting request not skipped
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[i]
-            if req.lora_loading or (req.grammar is not None and req.grammar.matcher is None):
+            if _deferred(req):
                 i += 1                                  # its adapter loads or its grammar compiles: the requests
                 continue                                # after it go first
             if loras is not None and req.lora_int_id and self._lora_waits(req, loras, lora_cutoff):
@@ -362,6 +362,7 @@ class Scheduler:
     def make_stats(self) -> SchedulerStats:
         return SchedulerStats(
             num_running=len(self.running), num_waiting=len(self.waiting),
+            num_waiting_deferred=sum(map(_deferred, self.waiting)),
             num_blocks_total=self.kv.pool.num_blocks, num_blocks_free=self.kv.num_free_blocks,
             kv_cache_usage=self.kv.usage(), prefix_cache_queries=self.kv.prefix_stats.queries,
             prefix_cache_hits=self.kv.prefix_stats.hits, num_preemptions=self.num_preemptions,
@@ -385,6 +386,12 @@ def _repeats(req: Request) -> bool:
         return False
     n = min(req.num_output_tokens, p.max_pattern_size * p.min_count)
     return n > 0 and ends_repeating(req.all_token_ids[-n:], p)
+
+
+def _deferred(req: Request) -> bool:
+    """Waiting on its adapter's load or its grammar's compile, not on room: scheduling passes it over (vLLM's
+    'deferred' waiting reason)."""
+    return bool(req.lora_loading) or (req.grammar is not None and req.grammar.matcher is None)
 
 
 def _grammar_conflict(params) -> str | None:

@@ -168,6 +168,12 @@ class _EngineCollector:
             family = GaugeMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
             family.add_metric([name, ENGINE], value)
             yield family
+        family = GaugeMetricFamily("pagedllm:num_requests_waiting_by_reason", "Waiting requests by reason: capacity "
+                                   "(room to run), deferred (an adapter's load, a grammar's compile); they sum to "
+                                   "num_requests_waiting.", labels=[*LABELS, "reason"])
+        family.add_metric([name, ENGINE, "capacity"], s.num_waiting - s.num_waiting_deferred)
+        family.add_metric([name, ENGINE, "deferred"], s.num_waiting_deferred)
+        yield family
         for metric, doc, value in counters:
             family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
             family.add_metric([name, ENGINE], value)

@@ -34,8 +34,10 @@ def test_a_request_waiting_for_its_grammar_lets_later_ones_run():
     sched.compiling.append(a)   # as add_request does for a request with a grammar
     add(sched, "b", 5)
     assert sched.check_grammars() == []
+    assert (sched.make_stats().num_waiting, sched.make_stats().num_waiting_deferred) == (2, 1)
     out, _ = step(sched)
     assert list(out.num_scheduled_tokens) == ["b"] and a.status == RequestStatus.WAITING
+    assert sched.make_stats().num_waiting_deferred == 1   # vLLM's "deferred" waiting reason (/metrics)
     a.grammar.ready = True
     assert sched.check_grammars() == [] and sched.compiling == []
     out, _ = step(sched)

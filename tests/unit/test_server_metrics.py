@@ -267,3 +267,11 @@ def test_vllms_always_on_series_are_there():
     assert 'pagedllm:engine_sleep_state{engine="0",model_name="m",sleep_state="awake"} 1.0' in text
     assert 'pagedllm:engine_sleep_state{engine="0",model_name="m",sleep_state="discard_all"} 0.0' in text
     assert 'pagedllm:request_success_total{engine="0",finished_reason="repetition",model_name="m"} 0.0' in text
+
+
+def test_waiting_requests_by_reason_sum_to_the_waiting():
+    """vLLM's num_requests_waiting_by_reason: capacity (room to run) and deferred (an adapter's load, a
+    grammar's compile), summing to num_requests_waiting; the series was missing."""
+    text = exposed(ServerMetrics("m"), scheduler_stats(num_waiting=3, num_waiting_deferred=1))
+    assert 'pagedllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 2.0' in text
+    assert 'pagedllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="deferred"} 1.0' in text
