@@ -239,7 +239,7 @@ def template_message(message: dict, content_format: str = "string", at: str = "m
                 and isinstance(c["function"].get("name"), str) for c in message["tool_calls"]):
             raise ChatTemplateError("tool_calls must be a list of {'type': 'function', 'function': {'name': ..., "
                                     "'arguments': ...}}", "messages")
-        calls = [{**c, "function": {**c["function"], "arguments": _arguments(
+        calls = [{**c, "function": {**c["function"], "arguments": tool_call_arguments(
             c["function"].get("arguments"), f"{at}.tool_calls.{j}.function.arguments")}}
             for j, c in enumerate(message["tool_calls"])]
         if calls:   # an empty list is left out: the template's plain assistant path, as vLLM
@@ -260,7 +260,7 @@ def template_message(message: dict, content_format: str = "string", at: str = "m
     return result
 
 
-def _arguments(value, param: str):
+def tool_call_arguments(value, param: str):
     """A call's arguments as vLLM gives them to the template: none (or "") as {}, a JSON text as its value
     (null as {}; an array or a number too, as vLLM keeps them), a mapping as given. Text that is not JSON is
     vLLM's 400 (its json.loads fails), here naming the field."""

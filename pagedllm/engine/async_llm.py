@@ -249,7 +249,7 @@ class AsyncLLM:
     def _add_request(self, request_id: str, prompt, params: SamplingParams, kind: OutputKind | None,
                      arrival_time: float | None = None, cache_salt: str | None = None, lora_request=None,
                      kv_parent: str | None = None, hold_kv: bool = False, priority: int = 0) -> "OutputQueue":
-        check_request_types(request_id, prompt, params)
+        """add_request's queueing, its types checked there (before tokenization_kwargs apply)."""
         check_arrival_time(arrival_time)
         kind = OutputKind.of(params) if kind is None else kind
         self.link.attach()

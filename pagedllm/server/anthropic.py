@@ -88,13 +88,13 @@ class ToolParam(_Strict):
     # input_schema anyway, an auto one is the model's own, as with chat's function strict
     strict: bool | None = None
     defer_loading: bool | None = None       # for the template (tool search), as vLLM passes it
+    type: Literal["custom"] | None = None
+    cache_control: dict[str, Any] | None = None   # a no-op
 
     @field_validator("input_schema")
     @classmethod
     def _an_object(cls, schema: dict) -> dict:
         return schema if "type" in schema else {**schema, "type": "object"}   # vLLM's default: the prompt shows it
-    type: Literal["custom"] | None = None
-    cache_control: dict[str, Any] | None = None   # a no-op
 
 
 class ToolChoiceParam(_Strict):
@@ -194,10 +194,9 @@ async def count_tokens(ctx: ServingContext, req: CountTokensRequest) -> dict:
 
 
 def to_chat(ctx: ServingContext, req: CountTokensRequest) -> ChatCompletionRequest:
-    body: dict[str, Any] = {"model": req.model, "messages": _chat_messages(req)}
-    last = req.messages[-1]
-    if last.role == "assistant" and not (isinstance(last.content, list) and any(b.type == "tool_use" for b in
-                                                                                 last.content)):
+    messages = _chat_messages(req)
+    body: dict[str, Any] = {"model": req.model, "messages": messages}
+    if messages[-1]["role"] == "assistant" and "tool_calls" not in messages[-1]:
         # Anthropic's prefill: the answer continues that message. One with calls is whole: continuing it cut them
         # out of the prompt (the template's text ends at the content); it gets a new turn after it, as vLLM's.
         body.update(add_generation_prompt=False, continue_final_message=True)
@@ -275,8 +274,8 @@ def _chat_messages(req: CountTokensRequest) -> list[dict]:
                 if not b.tool_use_id:
                     raise APIError(400, f"{at}: a tool_result block needs tool_use_id", at, "invalid_value")
                 parts = [] if isinstance(b.content, str) else b.content or []
-                result = b.content if isinstance(b.content, str) else "\n".join(
-                    _text(c, f"{at}.content.{k}") for k, c in enumerate(parts) if c.type != "tool_reference")
+                said = [_text(c, f"{at}.content.{k}") for k, c in enumerate(parts) if c.type != "tool_reference"]
+                result = b.content if isinstance(b.content, str) else "\n".join(said)
                 messages.append({"role": "tool", "tool_call_id": b.tool_use_id,
                                  "content": f"Error: {result}" if b.is_error else result})
                 refs = [{"type": "tool_reference", "name": c.tool_name} for c in parts if c.type == "tool_reference"]

@@ -374,6 +374,7 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
     run-batch` sends its requests to in process. on_dead: called when the core dies."""
     names = server_config.served_model_name
     names = [names] if isinstance(names, str) else list(names or [engine_config.model])
+    # metrics' token buckets need the engine's max_model_len: built right after it, before any step (late-bound)
     engine = AsyncLLM(engine_config, server_config.max_waiting_queue_length,
                       on_step_stats=lambda step: metrics.record(step),
                       heartbeat_timeout=server_config.engine_heartbeat_timeout,

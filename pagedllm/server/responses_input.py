@@ -18,9 +18,9 @@ the chat fields they mean.
     text.format text / json_object / json_schema  ->  response_format
     reasoning.effort               ->  reasoning_effort
 """
-import json
 from typing import Any
 
+from pagedllm.chat_template import ChatTemplateError, tool_call_arguments
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import ChatCompletionRequest, validated
 from pagedllm.server.responses_request import (_LOGPROBS, AllowedTools, ContentPart, InputItem, ResponsesRequest,
@@ -91,7 +91,10 @@ def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
         elif kind == "function_call":
             if not item.call_id or not item.name:
                 raise APIError(400, f"{at}: a function_call needs call_id and name", at, "invalid_value")
-            _check_arguments(item.arguments, f"{at}.arguments")
+            try:   # refused here, naming the item: rendering would name the chat message it becomes
+                tool_call_arguments(item.arguments, f"{at}.arguments")
+            except ChatTemplateError as e:
+                raise APIError(400, str(e), e.param, "invalid_value") from e
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments or "{}"}}
             if last is not None:   # the turn's text and calls: one message
@@ -120,17 +123,6 @@ def _messages(req: ResponsesRequest, history: list[dict]) -> list[dict]:
             # takes it, or (most) it becomes a system message merged with the others into one first one
             messages.append({"role": item.role, "content": content})
     return messages
-
-
-def _check_arguments(arguments: str | None, at: str) -> None:
-    """A function_call's arguments are a JSON text (the chat template is given them parsed): else a 400 naming
-    the item, not the chat message it becomes."""
-    if arguments:
-        try:
-            json.loads(arguments)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise APIError(400, f"{at} is not JSON ({str(e)[:100]}): a call's arguments are a JSON text", at,
-                           "invalid_value") from e
 
 
 

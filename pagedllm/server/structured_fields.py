@@ -43,7 +43,7 @@ def structured_outputs(req) -> tuple[StructuredOutputsParams | None, str | None]
     try:
         validate(params)
     except ValueError as e:
-        raise APIError(400, shorten(_rename(str(e), name), 1000), name, "invalid_value") from e
+        raise _refused(e, name) from e
     return params, name
 
 
@@ -51,7 +51,7 @@ def _built(name: str, builder) -> StructuredOutputsParams:
     try:
         return builder()
     except ValueError as e:
-        raise APIError(400, shorten(_rename(str(e), name), 1000), name, "invalid_value") from e
+        raise _refused(e, name) from e
 
 
 def checked_constraint(params):
@@ -65,6 +65,10 @@ def checked_constraint(params):
 def constraint_field(req) -> str | None:
     """The field that set the request's constraint (the param of a 400 from the engine's compile)."""
     return next((name for name, _ in _sources(req)), None)
+
+
+def _refused(e: ValueError, name: str) -> APIError:
+    return APIError(400, shorten(_rename(str(e), name), 1000), name, "invalid_value")
 
 
 def _rename(message: str, name: str) -> str:
