@@ -194,9 +194,10 @@ async def count_tokens(ctx: ServingContext, req: CountTokensRequest) -> dict:
 
 
 def to_chat(ctx: ServingContext, req: CountTokensRequest) -> ChatCompletionRequest:
-    messages = _chat_messages(req)
-    body: dict[str, Any] = {"model": req.model, "messages": messages}
-    if messages[-1]["role"] == "assistant" and "tool_calls" not in messages[-1]:
+    body: dict[str, Any] = {"model": req.model, "messages": _chat_messages(req)}
+    last = req.messages[-1]   # (its converted message may be none: a user's empty content)
+    calls = isinstance(last.content, list) and any(b.type == "tool_use" for b in last.content)
+    if last.role == "assistant" and not calls:
         # Anthropic's prefill: the answer continues that message. One with calls is whole: continuing it cut them
         # out of the prompt (the template's text ends at the content); it gets a new turn after it, as vLLM's.
         body.update(add_generation_prompt=False, continue_final_message=True)

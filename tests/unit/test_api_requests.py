@@ -318,3 +318,20 @@ def test_a_function_call_items_arguments_that_are_no_json_name_the_item():
             {"role": "user", "content": "hi"},
             {"type": "function_call", "call_id": "c1", "name": "g", "arguments": "no"}]})
     assert e.value.param == "input.1.arguments"
+
+
+def test_a_last_user_message_of_no_blocks_is_not_an_assistants_prefill():
+    """[user, assistant, user with an empty content list]: the last message converts to none, which is no reason
+    to continue the assistant's (a review's refactor read the last converted message: continued it, or an
+    IndexError, a 500, where none came before; the schema fuzz found it)."""
+    import pytest
+    from fastapi.exceptions import RequestValidationError
+
+    def chat(messages):
+        return anthropic.to_chat(NO_PARSER, anthropic.MessagesRequest.model_validate(
+            {"model": "m", "max_tokens": 3, "messages": messages}))
+    after = chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"},
+                  {"role": "user", "content": []}])
+    assert (after.continue_final_message, after.add_generation_prompt) == (False, True)
+    with pytest.raises(RequestValidationError):   # no message at all: a 400 (messages too short)
+        chat([{"role": "user", "content": []}])
