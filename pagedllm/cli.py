@@ -136,7 +136,7 @@ def _run_batch(args):
     if given:
         raise ValueError(f"run-batch serves no HTTP: {', '.join('--' + n.replace('_', '-') for n in given)} "
                          f"{'is' if len(given) == 1 else 'are'} serve's (vLLM's run-batch takes none of them)")
-    counts = run_batch(*_server_configs(args), args.input_file, args.output_file)
+    counts = run_batch(*_server_configs(args), args.input_file, args.output_file, args.output_tmp_dir)
     print(json.dumps({"output_file": args.output_file, "by_status": counts}))
 
 
@@ -151,9 +151,13 @@ def _add_server_args(parser: argparse.ArgumentParser):
 def _add_run_batch_parser(sub):
     run = sub.add_parser("run-batch", help="answer a JSONL file of requests in OpenAI's Batch format offline "
                                            "(vLLM's run-batch): one output line per input line")
-    run.add_argument("-i", "--input-file", required=True, help="the requests: a JSONL file, a line each: "
-                     "custom_id, method POST, url (/v1/chat/completions, /v1/completions, /v1/responses), body")
-    run.add_argument("-o", "--output-file", required=True, help="the answers: a JSONL file, in the input's order")
+    run.add_argument("-i", "--input-file", required=True, help="the requests: a JSONL file or an http(s) URL to GET, "
+                     "a line each: custom_id, method POST, url (/v1/chat/completions, /v1/completions, "
+                     "/v1/responses), body")
+    run.add_argument("-o", "--output-file", required=True, help="the answers: a JSONL file, in the input's order, "
+                     "or an http(s) URL to PUT it to")
+    run.add_argument("--output-tmp-dir", default=None, help="with a URL --output-file: the directory the output "
+                     "is written to before its upload (kept there if the upload fails); default: in memory")
     _add_server_args(run)
 
 

@@ -10,7 +10,7 @@ it means to the server and the engine batches them. Each line gets one output li
 body is the answer, or the error body for a status other than 200; error is then that body's error object (vLLM
 puts its error there, OpenAI's Batch API in the body: both readers find it). A line that is not a request (bad
 JSON, no custom_id, another method or url, a streamed body) gets a 400 line naming what is wrong; nothing is
-dropped. Engine and server flags are serve's.
+dropped. Engine and server flags are serve's. The input and output may be http(s) URLs (batch_files.py).
 """
 import asyncio
 import json
@@ -29,14 +29,41 @@ LINE_FIELDS = {"custom_id", "method", "url", "body"}
 MAX_IN_FLIGHT = 4096   # requests handed to the app at once; the engine's own limits queue the rest
 
 
-def run_batch(engine_config: EngineConfig, server_config: ServerConfig, input_file: str, output_file: str) -> dict:
-    """Answers every line of input_file into output_file; returns the count of lines by status code."""
+def run_batch(engine_config: EngineConfig, server_config: ServerConfig, input_file: str, output_file: str,
+              output_tmp_dir: str | None = None) -> dict:
+    """Answers every line of input_file into output_file (each a local path or an http(s) URL, batch_files.py);
+    returns the count of lines by status code."""
+    from pagedllm.server.batch_files import check_output_tmp_dir, is_url, read_input, upload_output
     from pagedllm.server.launch import check_serve_config
-    for flag, path in (("--input-file", input_file), ("--output-file", output_file)):
-        if "://" in path:
-            raise ValueError(f"{flag} {path!r}: a local file is used here, not a URL")
-    if Path(input_file).is_dir():
+    if not is_url(input_file) and Path(input_file).is_dir():
         raise ValueError(f"--input-file {input_file!r} is a directory, not a JSONL file")
+    if is_url(output_file):
+        check_output_tmp_dir(output_tmp_dir)
+    else:
+        _check_local_output(output_file)
+    # JSONL lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085, \x0c... which JSON strings
+    # may hold raw (json.dumps(ensure_ascii=False)), and would cut a request in two
+    lines = read_input(input_file).split("\n")   # a missing file or URL fails before the model
+    checks = check_serve_config(engine_config, server_config, time.monotonic())
+    from pagedllm.engine.core_process import CoreClient
+    core = CoreClient(engine_config)
+    try:
+        outputs, counts, died = asyncio.run(_answer_all(engine_config, server_config, checks, core, lines))
+    finally:
+        core.shutdown()
+    text = "".join(json.dumps(out, separators=(",", ":")) + "\n" for out in outputs)
+    if is_url(output_file):
+        upload_output(output_file, text, output_tmp_dir)
+    else:
+        with open(output_file, "w") as f:
+            f.write(text)
+    logger.info("run-batch: %d requests answered into %s, by status %s", len(outputs), output_file, counts)
+    if died:
+        raise RuntimeError("the engine core process died during the batch: the lines after it are errors")
+    return counts
+
+
+def _check_local_output(output_file: str):
     out = Path(output_file)
     if out.is_dir() or not out.parent.is_dir():   # found now, not after every request has run
         raise ValueError(f"--output-file {output_file!r}: " + ("a directory, not a file" if out.is_dir() else
@@ -45,19 +72,10 @@ def run_batch(engine_config: EngineConfig, server_config: ServerConfig, input_fi
         open(output_file, "a").close()
     except OSError as e:
         raise ValueError(f"--output-file {output_file!r} cannot be written: {e}") from None
-    # JSONL lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085, \x0c... which JSON strings
-    # may hold raw (json.dumps(ensure_ascii=False)), and would cut a request in two
-    lines = Path(input_file).read_text(encoding="utf-8").split("\n")   # a missing file fails before the model
-    checks = check_serve_config(engine_config, server_config, time.monotonic())
-    from pagedllm.engine.core_process import CoreClient
-    core = CoreClient(engine_config)
-    try:
-        return asyncio.run(_answer_all(engine_config, server_config, checks, core, lines, output_file))
-    finally:
-        core.shutdown()
 
 
-async def _answer_all(engine_config, server_config, checks, core, lines: list[str], output_file: str) -> dict:
+async def _answer_all(engine_config, server_config, checks, core, lines: list[str]) -> tuple[list, dict, bool]:
+    """Every line's output line, in order; the count by status; whether the core died meanwhile."""
     import httpx
     from tqdm import tqdm
 
@@ -81,14 +99,8 @@ async def _answer_all(engine_config, server_config, checks, core, lines: list[st
             return out
         outputs = await asyncio.gather(*(answer(i + 1, line) for i, line in todo))
     progress.close()
-    with open(output_file, "w") as f:
-        for out in outputs:
-            f.write(json.dumps(out, separators=(",", ":")) + "\n")
     counts = dict(Counter(out["response"]["status_code"] for out in outputs))
-    logger.info("run-batch: %d requests answered into %s, by status %s", len(outputs), output_file, counts)
-    if died.is_set():
-        raise RuntimeError("the engine core process died during the batch: the lines after it are errors")
-    return counts
+    return outputs, counts, died.is_set()
 
 
 def _logging_errors(app):

@@ -136,10 +136,90 @@ def test_a_line_the_server_fails_on_is_a_500_line_not_the_end_of_the_batch(tmp_p
     monkeypatch.setattr(api_server, "serving_app", lambda *args: (app, None))
     lines = [json.dumps({"custom_id": str(i), "url": "/v1/completions", "body": {"prompt": p}})
              for i, p in enumerate(["fine", "boom", "also fine"])]
-    sink = tmp_path / "out.jsonl"
-    counts = asyncio.run(run_batch._answer_all(None, SimpleNamespace(api_key=[]), None, None, lines, str(sink)))
-    out = [json.loads(line) for line in sink.read_text().splitlines()]
+    out, counts, _ = asyncio.run(run_batch._answer_all(None, SimpleNamespace(api_key=[]), None, None, lines))
     assert [o["response"]["status_code"] for o in out] == [200, 500, 200] and counts == {200: 2, 500: 1}
     assert out[1]["error"]["code"] == "internal_error"
     assert [o["response"]["body"]["choices"][0]["text"] for o in (out[0], out[2])] == ["fine", "also fine"]
     assert "a bug met by this request" in caplog.text and "Traceback" in caplog.text
+
+
+class _FileHost:
+    """A local HTTP host for run-batch's URLs: GET serves `files`, PUT stores the body in `files` (status
+    `put_status`, e.g. 503 to fail every upload)."""
+
+    def __init__(self, files: dict[str, bytes], put_status: int = 200):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        host = self
+        self.files, self.put_status, self.puts = files, put_status, 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = host.files.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def do_PUT(self):
+                host.puts += 1
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if host.put_status == 200:
+                    host.files[self.path] = body
+                self.send_response(host.put_status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_run_batch_reads_and_writes_http_urls(tiny_model_dirs, tmp_path):
+    """vLLM's run-batch takes an http(s) URL for -i (read with GET) and -o (sent with PUT, staged in
+    --output-tmp-dir when given); both were refused ("a local file is used here, not a URL"), and
+    --output-tmp-dir was an unknown flag."""
+    lines = [json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": COMPLETION}),
+             json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/completions",
+                         "body": {**COMPLETION, "max_tokens": -1}})]
+    host = _FileHost({"/in.jsonl": ("\n".join(lines) + "\n").encode()})
+    args = [sys.executable, "-m", "pagedllm.cli", "run-batch", tiny_model_dirs["llama"], "-i", host.url + "/in.jsonl",
+            "--served-model-name", MODEL_NAME, "--device", "cpu", "--num-gpu-blocks-override", str(NUM_BLOCKS),
+            "--max-model-len", str(MAX_MODEL_LEN), "--log-stats-interval", "0"]
+    env = {"OMP_NUM_THREADS": "1", **_env()}
+    try:
+        for out_path, extra in (("/out.jsonl", []), ("/staged.jsonl", ["--output-tmp-dir", str(tmp_path)])):
+            done = subprocess.run([*args, "-o", host.url + out_path, *extra], capture_output=True, text=True,
+                                  timeout=300, env=env)
+            assert done.returncode == 0, done.stderr[-3000:]
+            out = [json.loads(line) for line in host.files[out_path].decode().splitlines()]
+            assert [o["custom_id"] for o in out] == ["a", "b"]
+            assert [o["response"]["status_code"] for o in out] == [200, 400]
+        assert not list(tmp_path.iterdir())   # the staged file is removed once uploaded
+        done = subprocess.run([*args[:6], host.url + "/missing.jsonl", "-o", str(tmp_path / "o.jsonl")],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode != 0 and "could not be read" in done.stderr and "404" in done.stderr
+    finally:
+        host.close()
+
+
+def test_a_failed_upload_is_retried_and_keeps_the_staged_output(tmp_path, monkeypatch):
+    import pytest
+
+    from pagedllm.server import batch_files
+    monkeypatch.setattr(batch_files, "UPLOAD_DELAY_S", 0.0)
+    host = _FileHost({}, put_status=503)
+    try:
+        with pytest.raises(RuntimeError, match="the output is kept in") as e:
+            batch_files.upload_output(host.url + "/out.jsonl", '{"x":1}\n', str(tmp_path))
+        assert host.puts == batch_files.UPLOAD_TRIES and "status 503" in str(e.value)
+        [kept] = tmp_path.iterdir()
+        assert kept.read_text() == '{"x":1}\n'
+        with pytest.raises(ValueError, match="--output-tmp-dir"):
+            batch_files.check_output_tmp_dir(str(tmp_path / "none"))
+    finally:
+        host.close()
