@@ -7,9 +7,10 @@ it means to the server and the engine batches them. Each line gets one output li
 
     {"id": "batch_req_...", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
 
-body is the answer, or the error body for a status other than 200; error is then that body's error object (vLLM
-puts its error there, OpenAI's Batch API in the body: both readers find it). A line that is not a request (bad
-JSON, no custom_id, another method or url, a streamed body) gets a 400 line naming what is wrong; nothing is
+body is the answer, or the error body ({"error": {...}}) for a status other than 200; error is then that same
+error body (vLLM's run-batch puts its ErrorResponse there, OpenAI's Batch API in the body: both readers find it).
+A line that is not a request (bad JSON, no custom_id, another method or url, a streamed body) gets a 400 line
+naming what is wrong; nothing is
 dropped. Engine and server flags are serve's. The input and output may be http(s) URLs (batch_files.py).
 """
 import asyncio
@@ -149,13 +150,13 @@ async def _answer(client, number: int, line: str, seen_ids: dict[str, int]) -> d
                         "body.stream")
     response = await client.post(request["url"], json=body)
     answer = response.json()
-    error = answer.get("error") if response.status_code != 200 else None
-    return _line(custom_id, response.status_code, answer, error)
+    return _line(custom_id, response.status_code, answer, answer if response.status_code != 200 else None)
 
 
 def _refused(custom_id: str | None, message: str, param: str) -> dict:
-    error = {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_batch_line"}
-    return _line(custom_id, 400, {"error": error}, error)
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                      "code": "invalid_batch_line"}}
+    return _line(custom_id, 400, body, body)
 
 
 def _line(custom_id: str | None, status: int, body: dict, error: dict | None) -> dict:

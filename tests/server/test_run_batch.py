@@ -41,8 +41,10 @@ def test_run_batch_answers_every_line_as_the_server_would(tiny_model_dirs, tmp_p
     assert [o["custom_id"] for o in out] == ["chat", "completion", "response", None, "embed", "stream", "bad",
                                               None]
     assert [o["response"]["status_code"] for o in out] == [200, 200, 200, 400, 400, 400, 400, 400]
-    assert all(o["error"] is None for o in out[:3]) and all(o["error"]["message"] for o in out[3:])
-    assert [o["error"]["param"] for o in out[3:]] == ["line", "url", "body.stream", "max_tokens", "custom_id"]
+    assert all(o["error"] is None for o in out[:3]) and all(o["error"]["error"]["message"] for o in out[3:])
+    # vLLM's run-batch: error is the whole error body ({"error": {...}}, its ErrorResponse), not the inner object
+    assert all(o["error"] == o["response"]["body"] for o in out[3:])
+    assert [o["error"]["error"]["param"] for o in out[3:]] == ["line", "url", "body.stream", "max_tokens", "custom_id"]
     assert len({o["id"] for o in out}) == len(out)
     for o, url, body in ((out[0], "/v1/chat/completions", CHAT), (out[1], "/v1/completions", COMPLETION)):
         served = httpx.post(server.url + url, json=body, headers=server.headers, timeout=60).json()
@@ -95,7 +97,7 @@ def test_run_batch_lines_end_at_newline_only_and_refuse_unknown_fields_and_repea
     out = [json.loads(line) for line in sink.read_text(encoding="utf-8").split("\n") if line]
     assert [o["custom_id"] for o in out] == ["sep", "sep", "extra"]
     assert [o["response"]["status_code"] for o in out] == [200, 400, 400]
-    assert [o["error"]["param"] for o in out[1:]] == ["custom_id", "metadata"]
+    assert [o["error"]["error"]["param"] for o in out[1:]] == ["custom_id", "metadata"]
     done = subprocess.run([*args, "-o", "/proc/out.jsonl"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode != 0 and "cannot be written" in done.stderr
 
@@ -108,8 +110,9 @@ def test_a_line_nested_too_deeply_is_an_error_line():
     from pagedllm.server.run_batch import _answer
     deep = '{"custom_id": "deep", "body": ' + "[" * 100_000 + "]" * 100_000 + "}"
     out = asyncio.run(_answer(None, 3, deep, {}))
-    assert out["response"]["status_code"] == 400 and out["error"]["param"] == "line"
-    assert "line 3" in out["error"]["message"] and "nested too deeply" in out["error"]["message"]
+    assert out["response"]["status_code"] == 400 and out["error"]["error"]["param"] == "line"
+    message = out["error"]["error"]["message"]
+    assert "line 3" in message and "nested too deeply" in message
 
 
 def test_a_line_the_server_fails_on_is_a_500_line_not_the_end_of_the_batch(tmp_path, monkeypatch, caplog):
@@ -138,7 +141,7 @@ def test_a_line_the_server_fails_on_is_a_500_line_not_the_end_of_the_batch(tmp_p
              for i, p in enumerate(["fine", "boom", "also fine"])]
     out, counts, _ = asyncio.run(run_batch._answer_all(None, SimpleNamespace(api_key=[]), None, None, lines))
     assert [o["response"]["status_code"] for o in out] == [200, 500, 200] and counts == {200: 2, 500: 1}
-    assert out[1]["error"]["code"] == "internal_error"
+    assert out[1]["error"]["error"]["code"] == "internal_error"
     assert [o["response"]["body"]["choices"][0]["text"] for o in (out[0], out[2])] == ["fine", "also fine"]
     assert "a bug met by this request" in caplog.text and "Traceback" in caplog.text
 
