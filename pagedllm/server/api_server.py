@@ -142,12 +142,15 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
     @app.post("/invocations", dependencies=keyed)
     async def invocations(raw_request: Request):
         """SageMaker's one route (vLLM's): a body with messages is a chat completion, one with a prompt a
-        completion."""
+        completion; SageMaker's adapter header, when sent, is the body's model."""
         try:
             body = await raw_request.json()
         except ValueError as e:
             raise APIError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from e
         kind = next((k for k in ("messages", "prompt") if isinstance(body, dict) and k in body), None)
+        adapter = raw_request.headers.get(SAGEMAKER_ADAPTER_HEADER)
+        if kind is not None and adapter:   # vLLM's (SageMaker's inject_adapter_id): the header names the model
+            body["model"] = adapter
         if kind is None:
             raise APIError(400, "/invocations takes a chat completion (with messages) or a completion (with "
                                 "prompt)", None, "invalid_value")
@@ -285,6 +288,9 @@ def _key_matches(expected: list[bytes], authorization: str, x_api_key: str) -> b
         found |= secrets.compare_digest(given, key) | secrets.compare_digest(other, key)
     return found
 
+
+# SageMaker's LoRA header: on /invocations, the adapter (a served model name) that answers, as vLLM's
+SAGEMAKER_ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
 
 # The routes outside /v1/ that build_app guards with the key (`dependencies=keyed`)
 _KEYED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info", "/invocations", "/generative_scoring")

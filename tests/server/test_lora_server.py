@@ -81,6 +81,19 @@ def test_adapters_by_name_match_offline(client, offline):
     assert differ >= len(PROMPTS)   # the adapters change the answers: the test is not passed by the base alone
 
 
+def test_sagemaker_adapter_header_picks_the_adapter_on_invocations(lora_env, offline):
+    """vLLM's /invocations takes SageMaker's X-Amzn-SageMaker-Adapter-Identifier header as the body's model (its
+    inject_adapter_id); the header was ignored, so the base model answered a request sent to an adapter."""
+    url = lora_env[2].url + "/invocations"
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0.0,
+            "ignore_eos": True}
+    for headers, name in (({"X-Amzn-SageMaker-Adapter-Identifier": "rs"}, "rs"), ({}, None)):
+        out = httpx.post(url, json=body, headers=headers, timeout=60).json()
+        assert out["choices"][0]["text"] == offline[name, PROMPTS[0]] and out["model"] == (name or MODEL_NAME)
+    answer = httpx.post(url, json=body, headers={"X-Amzn-SageMaker-Adapter-Identifier": "nope"}, timeout=60)
+    assert answer.status_code == 404 and answer.json()["error"]["param"] == "model"
+
+
 def test_streaming_and_chat_under_an_adapter(client, offline):
     prompt = PROMPTS[1]
     chunks = list(_complete(client, "rs", prompt, stream=True))
