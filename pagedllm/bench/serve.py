@@ -7,8 +7,10 @@ Each request of the workload (shared/benchmarks.md) goes to /v1/completions as t
 temperature 1.0, top_p 1.0 and ignore_eos, so it generates exactly its output length. What vLLM's client
 sends instead: `--prompt-format text` (the ids made text through the server's /detokenize before the timer)
 and `--sampling server` (no sampling fields: the server's defaults, a model's generation config, apply).
-Arrivals are a Poisson process at --request-rate (inf: all at once); --max-concurrency bounds the requests in
-flight.
+Arrivals are a Poisson process at --request-rate (inf: all at once; --burstiness: gamma gaps, as vLLM's);
+--max-concurrency bounds the requests in flight. vLLM's own flags (--dataset-name random, --input-len, --host,
+--port, --temperature, ..., --save-result and its file) are bench/serve_args.py's; vLLM's summary block goes to
+stderr and its result file is bench/serve_result.py's.
 TTFT: send to the first chunk with a choice; ITL: gaps between consecutive such chunks of a request, as vLLM's
 client counts them (a chunk that carries several tokens is one gap); TPOT: (latency - TTFT) / (output tokens -
 1) per request; output tokens are the server's usage counts. Tokens per chunk: all output tokens / all chunks
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pagedllm.bench import serve_args, serve_result
 from pagedllm.bench.schemas import RUN_ON_SCHEMAS
 from pagedllm.bench.workloads import WORKLOADS, build, random_workload
 
@@ -39,14 +42,16 @@ class RequestResult:
     num_output_tokens: int = 0
     num_prompt_tokens: int = 0   # the server's usage count (0: none came)
     num_chunks: int = 0          # chunks with a choice
+    start_time: float = 0.0      # perf_counter at send
 
 
 def add_cli_args(parser: argparse.ArgumentParser):
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--base-url", default=None, help="the server (default: http://{--host}:{--port})")
     parser.add_argument("--endpoint", default="/v1/completions")
     parser.add_argument("--model", default=None, help="model name in the API (default: the server's first)")
-    parser.add_argument("--workload", default="W1", choices=(*WORKLOADS, "random"),
-                        help="a workload of shared/benchmarks.md, or random (vLLM's random dataset: --random-*)")
+    parser.add_argument("--workload", default=None, choices=(*WORKLOADS, "random"),
+                        help="a workload of shared/benchmarks.md, or random (vLLM's random dataset: --random-*; "
+                             "the default, as vLLM's --dataset-name)")
     parser.add_argument("--num-requests", "--num-prompts", type=int, default=None,
                         help="only the first N requests (quick runs); random: how many (default 1000)")
     parser.add_argument("--random-input-len", type=int, default=1024, help="random: prompt tokens")
@@ -69,12 +74,14 @@ def add_cli_args(parser: argparse.ArgumentParser):
                         help="text: each prompt's ids detokenized by the server before the timer, sent as text "
                              "(vLLM's client sends text); the server tokenizes them again")
     parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    serve_args.add_vllm_args(parser)
 
 
 def main(args: argparse.Namespace):
     """The CLI's bench serve: bad options and an unreachable server are errors naming them (ValueError, which
     the CLI prints), not tracebacks."""
     import aiohttp
+    serve_args.resolve(args)
     for name, ok, limit in (("num_requests", args.num_requests is None or args.num_requests >= 1, ">= 1"),
                             ("max_concurrency", args.max_concurrency is None or args.max_concurrency >= 1, ">= 1"),
                             ("request_rate", args.request_rate > 0, "> 0 requests/s (inf: all at once)"),
@@ -111,23 +118,34 @@ async def run(args: argparse.Namespace) -> dict:
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(args.base_url, connector=connector, timeout=timeout, headers=headers) as s:
-        model = args.model or await _first_model(s)
-        w = _workload(args, model)
+        model = args.served_model_name or args.model or await _first_model(s)
+        w = _workload(args, args.model or model)
         prompts, out_lens = w.prompts[:args.num_requests], w.output_lens[:args.num_requests]
+        input_lens = [len(p) for p in prompts]
         await _request(s, args.endpoint, model, [1, 2, 3], 4)   # warm-up
         if args.prompt_format == "text":
             prompts = await asyncio.gather(*(_detokenize(s, model, p) for p in prompts))
         start = time.perf_counter()
         results = await _send_all(s, args, model, prompts, out_lens)
         duration = time.perf_counter() - start
+    _vllm_result(args, args.model or model, input_lens, results, duration)
     return _report(args, w.name, model, prompts, results, duration)
+
+
+def _vllm_result(args, model_id: str, input_lens: list[int], results: list[RequestResult], duration: float):
+    """vLLM's summary block (stderr) and, with --save-result, its result file."""
+    input_lens = [r.num_prompt_tokens or n for n, r in zip(input_lens, results)]   # text: the server's count
+    result = serve_result.build(args, model_id, args.tokenizer or model_id, input_lens, results, duration)
+    serve_result.print_summary(result, args)
+    serve_result.save(result, args, model_id)
 
 
 def _workload(args: argparse.Namespace, model: str):
     if args.workload != "random":
         return build(args.workload)
     return random_workload(args.num_requests or 1000, args.random_input_len, args.random_output_len,
-                           args.random_range_ratio, args.seed, _vocab_size(args.tokenizer, model))
+                           args.random_range_ratio, args.seed, _vocab_size(args.tokenizer, model),
+                           args.random_prefix_len)
 
 
 def _vocab_size(tokenizer: str | None, model: str) -> int | None:
@@ -161,7 +179,7 @@ async def _send_all(s, args, model, prompts, out_lens) -> list[RequestResult]:
     rng = np.random.default_rng(args.seed)
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
-    sampling = PLAIN_SAMPLING if args.sampling == "plain" else {}
+    sampling = {**(PLAIN_SAMPLING if args.sampling == "plain" else {}), **args.sampling_overrides}
 
     async def one(prompt, out_len, extra):
         if limit is None:
@@ -172,10 +190,17 @@ async def _send_all(s, args, model, prompts, out_lens) -> list[RequestResult]:
     tasks = []
     for i, (prompt, out_len) in enumerate(zip(prompts, out_lens)):
         extra = {"structured_outputs": {"json": RUN_ON_SCHEMAS[i % len(RUN_ON_SCHEMAS)]}} if args.json_schemas else {}
-        tasks.append(asyncio.create_task(one(prompt, out_len, extra)))
+        tasks.append(asyncio.create_task(one(prompt, out_len, {**(args.extra_body or {}), **extra})))
         if args.request_rate != float("inf"):
-            await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
+            await asyncio.sleep(_gap(rng, args.request_rate, args.burstiness))
     return list(await asyncio.gather(*tasks))
+
+
+def _gap(rng, rate: float, burstiness: float) -> float:
+    """vLLM's arrivals: gamma gaps of shape burstiness and mean 1 / rate (burstiness 1: Poisson)."""
+    if burstiness == 1.0:
+        return rng.exponential(1.0 / rate)
+    return rng.gamma(burstiness, 1.0 / (rate * burstiness))
 
 
 PLAIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0}
@@ -185,7 +210,7 @@ async def _request(s, endpoint, model, prompt, max_tokens, extra: dict | None = 
                    sampling: dict = PLAIN_SAMPLING) -> RequestResult:
     body = request_body(model, prompt, max_tokens, sampling, extra)
     result, num_chunks = RequestResult(), 0
-    start = last = time.perf_counter()
+    start = last = result.start_time = time.perf_counter()
     try:
         async with s.post(endpoint, json=body) as r:
             if r.status != 200:
@@ -225,7 +250,9 @@ def _report(args, workload: str, model: str, prompts, results: list[RequestResul
     tpots = [(r.latency - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
     rate = "inf" if args.request_rate == float("inf") else args.request_rate   # JSON has no infinity
     report = {"workload": workload, "model": model, "json_schemas": args.json_schemas, "base_url": args.base_url,
-              "sampling": args.sampling, "prompt_format": args.prompt_format,
+              "sampling": args.sampling, **({"sampling_overrides": args.sampling_overrides}
+                                            if args.sampling_overrides else {}),
+              "prompt_format": args.prompt_format,
               "request_rate": rate, "max_concurrency": args.max_concurrency, "requests": len(results),
               "completed": len(ok),
               "failed": len(results) - len(ok), "duration_s": round(duration, 2),

@@ -33,17 +33,23 @@ def build(name: str) -> Workload:
 
 
 def random_workload(num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0,
-                    seed: int = 0, vocab_size: int | None = None) -> Workload:
+                    seed: int = 0, vocab_size: int | None = None, prefix_len: int = 0) -> Workload:
     """vLLM's `--dataset-name random`: lengths uniform in [len * (1 - range_ratio), len * (1 + range_ratio)]
     (exactly len by default), token ids uniform in [0, 10000) as W1-W3's (sent as ids, not text), or below
-    vocab_size where that is smaller (a small model's vocabulary: ids past it are refused)."""
+    vocab_size where that is smaller (a small model's vocabulary: ids past it are refused). prefix_len
+    (vLLM's --random-prefix-len): one run of random ids put before every prompt, on top of its length."""
     if not 0 <= range_ratio < 1:
         raise ValueError(f"random_range_ratio must be in [0, 1), got {range_ratio}")
 
     def bounds(n):
         return max(int(n * (1 - range_ratio)), 1), max(int(n * (1 + range_ratio)), 1)
-    return _random_lengths("random", "Qwen--Qwen3-0.6B", num_prompts, bounds(input_len), bounds(output_len), seed,
-                           min(10000, vocab_size or 10000))
+    id_bound = min(10000, vocab_size or 10000)
+    w = _random_lengths("random", "Qwen--Qwen3-0.6B", num_prompts, bounds(input_len), bounds(output_len), seed,
+                        id_bound)
+    if prefix_len > 0:   # a generator of its own: the prompts stay those of the same seed without a prefix
+        prefix = np.random.default_rng([seed, 1]).integers(0, id_bound, size=prefix_len).tolist()
+        w.prompts = [prefix + p for p in w.prompts]
+    return w
 
 
 def _random_lengths(name, model_config, n, in_range, out_range, seed: int = 0, id_bound: int = 10000) -> Workload:

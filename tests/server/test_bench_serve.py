@@ -66,3 +66,23 @@ def test_vocab_size_from_tokenizer_or_a_local_model_folder(tiny_model_dirs, tmp_
     assert bench_serve._vocab_size(None, str(tmp_path)) is None     # a folder without a tokenizer
     with pytest.raises(ValueError, match="--tokenizer"):
         bench_serve._vocab_size(str(tmp_path / "missing"), "tiny")
+
+
+def test_vllm_flags_save_vllms_result_file(server, tiny_model_dirs, capsys, tmp_path):
+    """A `vllm bench serve` command line: --dataset-name random with --input-len/--output-len, --temperature,
+    --save-result into --result-dir under vLLM's name, vLLM's summary block on stderr; stdout stays one line."""
+    argv = ["bench", "serve", "--base-url", server.url, "--api-key", server.api_key, "--dataset-name", "random",
+            "--input-len", "6", "--output-len", "3", "--num-prompts", "4", "--request-rate", "100",
+            "--burstiness", "0.5", "--tokenizer", tiny_model_dirs["llama"], "--temperature", "0", "--ignore-eos",
+            "--save-result", "--result-dir", str(tmp_path), "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", "50,99"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out.strip())
+    assert report["completed"] == 4 and report["sampling_overrides"] == {"temperature": 0.0}
+    [path] = tmp_path.iterdir()
+    assert path.name.startswith("openai-100.0qps-") and path.suffix == ".json"
+    saved = json.loads(path.read_text())
+    assert (saved["completed"], saved["total_input_tokens"], saved["total_output_tokens"]) == (4, 24, 12)
+    assert saved["burstiness"] == 0.5 and saved["p99_e2el_ms"] > 0 and saved["median_itl_ms"] > 0
+    assert "Serving Benchmark Result" in err and "P50 TPOT (ms):" in err
