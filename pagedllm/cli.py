@@ -10,6 +10,7 @@ import typing
 
 from pagedllm import __version__, client
 from pagedllm.bench import serve as bench_serve
+from pagedllm.bench import throughput_args
 from pagedllm.bench.workloads import WORKLOADS
 from pagedllm.config import EngineConfig, ServerConfig, config_fields
 from pagedllm.vllm_argv import human_readable_int, vllm_argv
@@ -162,7 +163,8 @@ def _add_run_batch_parser(sub):
 
 
 def _add_throughput_args(parser: argparse.ArgumentParser):
-    parser.add_argument("--workload", required=True, choices=WORKLOADS, help="a workload of shared/benchmarks.md")
+    parser.add_argument("--workload", default=None, choices=WORKLOADS,
+                        help="a workload of shared/benchmarks.md (default: vLLM's random dataset, --input-len ...)")
     parser.add_argument("--engine", choices=("pagedllm", "hf"), default="pagedllm",
                         help="pagedllm, or hf: transformers generate in static batches (the paper's baseline)")
     parser.add_argument("--num-requests", type=int, default=None, help="only the first N requests (quick runs)")
@@ -171,6 +173,7 @@ def _add_throughput_args(parser: argparse.ArgumentParser):
     parser.add_argument("--max-output-len-cap", type=int, default=None,
                         help="CPU smoke tests only: cap every request's output length; the run is then not the "
                              "workload, and the JSON says so")
+    throughput_args.add_vllm_args(parser)
 
 
 def _add_serve_parser(sub):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from pagedllm.bench import hf_baseline
+from pagedllm.bench import hf_baseline, throughput_args
 from pagedllm.bench.workloads import build
 from pagedllm.engine.engine import resolve_device, resolve_dtype
 from pagedllm.llm import LLM
@@ -24,10 +24,14 @@ WARMUP_TOKENS = 4
 
 
 def main(args: argparse.Namespace, engine_kwargs: dict) -> dict:
-    prompts, output_lens = select_requests(args)
+    throughput_args.check(args)
+    prompts, output_lens = select_requests(args, engine_kwargs)
     run = _run_pagedllm if args.engine == "pagedllm" else _run_hf
-    result = {"workload": args.workload, "engine": args.engine, "model": Path(engine_kwargs["model"]).name,
+    result = {"workload": args.workload or "random", "engine": args.engine,
+              "model": Path(engine_kwargs["model"]).name, "n": args.n,
               **run(prompts, output_lens, args, engine_kwargs), "max_output_len_cap": args.max_output_len_cap}
+    result.update(throughput_args.vllm_keys(result))
+    throughput_args.print_vllm_lines(result)
     line = json.dumps(result)
     print(line, flush=True)
     if args.output_json:
@@ -36,8 +40,8 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> dict:
     return result
 
 
-def select_requests(args: argparse.Namespace) -> tuple[list[list[int]], list[int]]:
-    w = build(args.workload)
+def select_requests(args: argparse.Namespace, engine_kwargs: dict) -> tuple[list[list[int]], list[int]]:
+    w = build(args.workload) if args.workload else throughput_args.random_requests(args, engine_kwargs)
     n = len(w.prompts) if args.num_requests is None else args.num_requests
     _check(1 <= n <= len(w.prompts), "--num-requests", f"in [1, {len(w.prompts)}] for {w.name}", n)
     _check(args.hf_batch_size >= 1, "--hf-batch-size", ">= 1", args.hf_batch_size)
@@ -52,8 +56,9 @@ def _check(ok: bool, name: str, limit: str, value):
         raise ValueError(f"{name} must be {limit}, got {value!r}")
 
 
-def _sampling(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=max_tokens)
+def _sampling(max_tokens: int, n: int = 1, detokenize: bool = True) -> SamplingParams:
+    return SamplingParams(n=n, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=max_tokens,
+                          detokenize=detokenize)
 
 
 def _run_pagedllm(prompts, output_lens, args, engine_kwargs) -> dict:
@@ -65,16 +70,17 @@ def _run_pagedllm(prompts, output_lens, args, engine_kwargs) -> dict:
     engine.reset_peak_stats()
     before = engine.get_stats()
     start = time.perf_counter()
-    outputs = llm.generate(prompts, [_sampling(k) for k in output_lens], use_tqdm=False)
+    params = [_sampling(k, args.n, not args.disable_detokenize) for k in output_lens]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     stats = engine.get_stats()
     llm.shutdown()   # tensor-parallel workers
-    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
-    if num_out != sum(output_lens):
-        raise RuntimeError(f"generated {num_out} tokens, the workload asks for {sum(output_lens)}")
+    num_out = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    if num_out != sum(output_lens) * args.n:
+        raise RuntimeError(f"generated {num_out} tokens, the workload asks for {sum(output_lens) * args.n}")
     queries = stats.prefix_cache_queries - before.prefix_cache_queries
     hits = stats.prefix_cache_hits - before.prefix_cache_hits
-    return {**_figures(prompts, output_lens, seconds, startup, engine.device, engine.dtype),
+    return {**_figures(prompts, output_lens, seconds, startup, engine.device, engine.dtype, args.n),
             "kv_blocks": stats.num_blocks_total, "preemptions": stats.num_preemptions - before.num_preemptions,
             "kv_waste_at_peak": round(stats.kv_waste_at_peak, 5), "peak_blocks": stats.peak_blocks,
             "peak_running": stats.peak_running, "enable_prefix_caching": engine.config.enable_prefix_caching,
@@ -103,12 +109,12 @@ def _run_hf(prompts, output_lens, args, engine_kwargs) -> dict:
             "counted": "requested", "hf_batch_size": args.hf_batch_size}
 
 
-def _figures(prompts, output_lens, seconds, startup, device: torch.device, dtype: torch.dtype) -> dict:
-    num_in, num_out = sum(map(len, prompts)), sum(output_lens)
+def _figures(prompts, output_lens, seconds, startup, device: torch.device, dtype: torch.dtype, n: int = 1) -> dict:
+    num_in, num_out = sum(map(len, prompts)), sum(output_lens) * n   # every one of a prompt's n outputs counts
     return {"num_requests": len(prompts), "num_input_tokens": num_in, "num_output_tokens": num_out,
             "output_tok_s": round(num_out / seconds, 1), "total_tok_s": round((num_in + num_out) / seconds, 1),
             "requests_s": round(len(prompts) / seconds, 3), "seconds": round(seconds, 3),
-            "startup_s": round(startup, 2), "device": _device_name(device),
+            "elapsed_time": seconds, "startup_s": round(startup, 2), "device": _device_name(device),
             "dtype": str(dtype).removeprefix("torch.")}
 
 

@@ -90,3 +90,27 @@ def test_hf_static_batch_ignores_eos_and_samples_the_full_vocabulary(model_dir):
     torch.manual_seed(0)
     new_ids = hf_baseline.generate_batch(model, [[5, 6, 7]], max_new_tokens=60)
     assert new_ids.shape == (1, 60) and len(set(new_ids.flatten().tolist())) > 50
+
+
+def test_vllm_command_line_random_prompts_n_and_output_json(model_dir, capsys, tmp_path):
+    """`vllm bench throughput --input-len --output-len --num-prompts --n --output-json` (no --workload): vLLM's
+    random dataset, all n outputs counted, vLLM's keys in the JSON and its lines on stderr; it was refused
+    (--workload required)."""
+    out = tmp_path / "r.json"
+    assert main(["bench", "throughput", "--model", model_dir, "--input-len", "12", "--output-len", "3",
+                 "--num-prompts", "5", "--n", "2", "--output-json", str(out), "--block-size", str(BS)]) == 0
+    stdout, stderr = capsys.readouterr()
+    result = json.loads(stdout.strip())
+    assert (result["workload"], result["num_requests"], result["num_input_tokens"]) == ("random", 5, 60)
+    assert result["num_output_tokens"] == 5 * 3 * 2 and result["total_num_tokens"] == 90
+    assert result["tokens_per_second"] == pytest.approx(90 / result["elapsed_time"])
+    assert json.loads(out.read_text())["requests_per_second"] == pytest.approx(5 / result["elapsed_time"])
+    assert "Throughput: " in stderr and "Total num output tokens:  30" in stderr
+
+
+@pytest.mark.parametrize("argv,flag", [([], "--input-len"), (["--input-len", "4", "--dataset-name", "sonnet"],
+                                       "--dataset-name sonnet"), (["--input-len", "4", "--backend", "mii"],
+                                       "--backend mii"), (["--workload", "W1", "--input-len", "4"], "--workload")])
+def test_what_is_not_built_is_refused_naming_the_flag(model_dir, capsys, argv, flag):
+    assert main(["bench", "throughput", "--model", model_dir, *argv]) != 0
+    assert flag in capsys.readouterr().err
