@@ -10,6 +10,7 @@ import typing
 
 from pagedllm import __version__, client
 from pagedllm.bench import serve as bench_serve
+from pagedllm.bench import latency as bench_latency
 from pagedllm.bench import throughput_args
 from pagedllm.bench.workloads import WORKLOADS
 from pagedllm.config import EngineConfig, ServerConfig, config_fields
@@ -234,6 +235,11 @@ def main(argv=None):
     _add_throughput_args(tput)
     add_engine_args(tput)
     bench_serve.add_cli_args(bench.add_parser("serve", help=bench_serve.__doc__.splitlines()[0]))
+    lat = bench.add_parser("latency", help="vLLM's bench latency: seconds per batch of random prompts")
+    lat.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
+    bench_latency.add_cli_args(lat)
+    add_engine_args(lat)
+    lat.set_defaults(enable_prefix_caching=False)   # as vLLM's: the same prompts every run would hit the cache
     try:
         argv = vllm_argv(sys.argv[1:] if argv is None else argv, _several_values())
     except (ValueError, OSError) as e:   # --config: its file, or its form
@@ -262,6 +268,8 @@ def main(argv=None):
         elif args.bench == "throughput":
             from pagedllm.bench import throughput   # torch and the engine: not imported for serve's start
             throughput.main(args, engine_kwargs(args))
+        elif args.bench == "latency":
+            bench_latency.main(args, engine_kwargs(args))
         else:
             bench_serve.main(args)
     except (ValueError, OSError, NotImplementedError, RuntimeError, OverflowError) as e:   # OSError: paths
