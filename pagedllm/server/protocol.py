@@ -13,6 +13,7 @@ A field not declared is a 400 naming it ("Unrecognized request argument supplied
 Types are checked here; values by SamplingParams and the engine, which name the field and the limit.
 Responses are plain dicts built in completions.py/chat.py.
 """
+import os
 from typing import Any, Literal, get_args
 
 from fastapi.exceptions import RequestValidationError
@@ -293,6 +294,16 @@ _EMBEDDINGS = "prompt embeddings as input"
 _PROMPT_FORMS = ((str, "strings"), (int, "token ids"), (list, "lists of token ids"))   # a list prompt's items
 
 
+def _check_prompt_count(prompt: list):
+    """vLLM's bound on the prompts of one request (a list of token ids is one prompt): each becomes a request in
+    the engine, so a client could fan one body out without end."""
+    most = int(os.environ.get("VLLM_MAX_COMPLETION_PROMPTS", "1024"))   # vLLM's bound, and its variable
+    if len(prompt) > most and not all(isinstance(item, int) for item in prompt):
+        raise APIError(400, f"prompt is a list of {len(prompt)} prompts, more than the {most} one request may carry "
+                            f"(raise the VLLM_MAX_COMPLETION_PROMPTS environment variable for more)", "prompt",
+                       "invalid_value")
+
+
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int = 16   # null too (vLLM 0.26's normalize_null_max_tokens): never "up to the context"
@@ -314,6 +325,7 @@ class CompletionRequest(_SamplingRequest):
             # vLLM's embeddings-only request: refused for its embeddings, not as a request without a prompt
             raise _unsupported("prompt_embeds", _EMBEDDINGS)
         if isinstance(prompt, list):
+            _check_prompt_count(prompt)
             forms = dict.fromkeys(next((name for kind, name in _PROMPT_FORMS if isinstance(item, kind)), None)
                                   for item in prompt)
             forms.pop(None, None)   # other values: pydantic's error names them

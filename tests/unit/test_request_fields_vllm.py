@@ -1,0 +1,22 @@
+"""Completions and chat request bodies as vLLM 0.26's protocol takes or refuses them, checked on the request models
+alone (server/protocol.py), without an engine."""
+import pytest
+
+from pagedllm.server.errors import APIError
+from pagedllm.server.protocol import CompletionRequest
+
+def test_a_prompt_list_is_bounded_as_vllms(monkeypatch):
+    """vLLM refuses more than VLLM_MAX_COMPLETION_PROMPTS (1024) prompts in one request; a list of token ids is one
+    prompt, whatever its length. Any number was taken here, each prompt a request in the engine."""
+    for prompt in (["a"] * 1024, [[1, 2]] * 1024, list(range(5000))):
+        CompletionRequest.model_validate({"prompt": prompt})
+    for prompt in (["a"] * 1025, [[1, 2]] * 1025):
+        with pytest.raises(APIError) as e:
+            CompletionRequest.model_validate({"prompt": prompt})
+        assert (e.value.status, e.value.param) == (400, "prompt")
+        assert "1025" in e.value.message and "VLLM_MAX_COMPLETION_PROMPTS" in e.value.message
+    monkeypatch.setenv("VLLM_MAX_COMPLETION_PROMPTS", "2")
+    CompletionRequest.model_validate({"prompt": ["a", "b"]})
+    with pytest.raises(APIError):
+        CompletionRequest.model_validate({"prompt": ["a", "b", "c"]})
+
