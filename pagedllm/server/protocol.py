@@ -510,6 +510,9 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     include_reasoning: bool = True   # false: the answer has no reasoning (a constraint then applies at once)
     return_prompt_text: bool = False   # vLLM's: the response carries the prompt the chat template wrote
+    # vLLM's: a no-op here as there (its /render endpoints answer the mask; chat completions take the field and
+    # leave it out of the answer)
+    return_assistant_tokens_mask: bool = False
     # vLLM's: at most this many tokens of reasoning, then `</think>` is forced (-1: no limit)
     thinking_token_budget: int | None = Field(None, ge=-1)
     # not a request field: set by /v1/responses, whose usage has cached and reasoning token counts

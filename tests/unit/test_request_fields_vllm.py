@@ -3,7 +3,10 @@ alone (server/protocol.py), without an engine."""
 import pytest
 
 from pagedllm.server.errors import APIError
-from pagedllm.server.protocol import CompletionRequest
+from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
 
 def test_a_prompt_list_is_bounded_as_vllms(monkeypatch):
     """vLLM refuses more than VLLM_MAX_COMPLETION_PROMPTS (1024) prompts in one request; a list of token ids is one
@@ -20,3 +23,9 @@ def test_a_prompt_list_is_bounded_as_vllms(monkeypatch):
     with pytest.raises(APIError):
         CompletionRequest.model_validate({"prompt": ["a", "b", "c"]})
 
+
+def test_chat_takes_return_assistant_tokens_mask_as_vllm_does():
+    """vLLM 0.26's chat request has the field (its /render endpoints answer the mask; chat completions leave it
+    out of the answer): it was a 400 "Unrecognized request argument" here."""
+    for value in (True, False, None):
+        ChatCompletionRequest.model_validate({"messages": MESSAGES, "return_assistant_tokens_mask": value})
