@@ -90,8 +90,11 @@ class InputProcessor:
         # ends a request is its stop_reason
         primary = getattr(self.tokenizer, "eos_token_id", None)   # None: no tokenizer, every EOS id is one
         more_stop_ids = sorted(eos - {primary} - set(params.stop_token_ids))
+        # vLLM checks the tokenizer's EOS before the stop ids: it ends a request with no stop_reason even where the
+        # request lists it in stop_token_ids (unless ignore_eos, where only the stop ids end it)
+        stop_ids = [t for t in params.stop_token_ids if t != primary or params.ignore_eos]
         params = dataclasses.replace(
-            params, stop_token_ids=params.stop_token_ids + more_stop_ids,
+            params, stop_token_ids=stop_ids + more_stop_ids,
             all_stop_token_ids=set(params.stop_token_ids) | eos,
             min_tokens_banned_ids=set(params.stop_token_ids) | self.eos_token_ids,
             top_k=0 if params.top_k >= self.vocab_size else params.top_k,   # all: no int64 overflow on the device
