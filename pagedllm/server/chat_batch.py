@@ -22,13 +22,15 @@ _PER_CONVERSATION = ("prompt_token_ids", "prompt_logprobs", "prompt_text")
 
 class BatchChatCompletionRequest(ChatCompletionRequest):
     messages: list[list[ChatMessage]] = Field(min_length=1)   # conversations, each of at least one message
+    early_stopping: bool = False   # vLLM's batch request declares it (a beam search's), and runs no beam search
 
     def conversations(self) -> list[ChatCompletionRequest]:
         for name, ok, limit in (("stream", not self.stream, "false"), ("tools", not self.tools, "unset"),
-                                ("use_beam_search", not self.use_beam_search, "false"), ("n", self.n == 1, "1")):
+                                ("use_beam_search", not self.use_beam_search, "false"), ("n", self.n == 1, "1"),
+                                ("early_stopping", not self.early_stopping, "false")):
             if not ok:
                 raise APIError(400, f"{name} must be {limit} in a batch of conversations", name, "invalid_value")
-        body = self.model_dump(exclude_unset=True, exclude={"messages"}, by_alias=True)
+        body = self.model_dump(exclude_unset=True, exclude={"messages", "early_stopping"}, by_alias=True)
         out = []
         for i, conversation in enumerate(self.messages):
             if not conversation:

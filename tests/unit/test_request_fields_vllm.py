@@ -29,3 +29,18 @@ def test_chat_takes_return_assistant_tokens_mask_as_vllm_does():
     out of the answer): it was a 400 "Unrecognized request argument" here."""
     for value in (True, False, None):
         ChatCompletionRequest.model_validate({"messages": MESSAGES, "return_assistant_tokens_mask": value})
+
+
+def test_a_batch_of_conversations_takes_early_stopping_false_as_vllms():
+    """vLLM 0.26's BatchChatCompletionRequest declares early_stopping (false by default), a beam search's field in
+    a request that runs none: false was a 400 "Unrecognized request argument" here; true asks for what the batch
+    cannot do, a 400 naming it (vLLM ignores it)."""
+    from pagedllm.server.chat_batch import BatchChatCompletionRequest
+    conversations = [MESSAGES, MESSAGES]
+    for value in (False, None):
+        req = BatchChatCompletionRequest.model_validate({"messages": conversations, "early_stopping": value})
+        assert len(req.conversations()) == 2
+    req = BatchChatCompletionRequest.model_validate({"messages": conversations, "early_stopping": True})
+    with pytest.raises(APIError) as e:
+        req.conversations()
+    assert (e.value.status, e.value.param) == (400, "early_stopping")
