@@ -123,8 +123,8 @@ def _serve(args):
     serve(*_server_configs(args))
 
 
-# serve's flags for its HTTP listener, which run-batch (requests answered in-process, no socket) has none of: vLLM's
-# run-batch parser lacks them too ("unrecognized arguments"), where ours took and ignored them
+# serve's flags for its HTTP listener, which run-batch (requests answered in-process, no socket) has none of; vLLM's
+# run-batch takes --host / --port only for its Prometheus listener (--enable-metrics), which is not built here
 _HTTP_ONLY = ("host", "port", "api_key", "api_server_count", "uvicorn_log_level", "disable_uvicorn_access_log",
               "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials", "ssl_keyfile",
               "ssl_certfile", "root_path", "disable_fastapi_docs", "enable_request_id_headers",
@@ -137,7 +137,8 @@ def _run_batch(args):
     given = [name for name in _HTTP_ONLY if getattr(args, name) != defaults[name]]
     if given:
         raise ValueError(f"run-batch serves no HTTP: {', '.join('--' + n.replace('_', '-') for n in given)} "
-                         f"{'is' if len(given) == 1 else 'are'} serve's (vLLM's run-batch takes none of them)")
+                         f"{'is' if len(given) == 1 else 'are'} serve's (vLLM's run-batch uses --host / --port only for "
+                         f"its metrics listener, --enable-metrics, not built here)")
     counts = run_batch(*_server_configs(args), args.input_file, args.output_file, args.output_tmp_dir)
     print(json.dumps({"output_file": args.output_file, "by_status": counts}))
 

@@ -71,7 +71,7 @@ def test_paths_that_cannot_work_are_refused_before_the_model_loads(tmp_path, cap
                         (["-i", str(good), "-o", str(tmp_path / "no" / "o.jsonl")], "does not exist")):
         assert main(["run-batch", "--device", "cpu", *args]) == 2
         assert words in capsys.readouterr().err
-    # serve's HTTP flags: run-batch has no listener (vLLM's run-batch parser has none of them); they were ignored
+    # serve's HTTP flags: run-batch has no listener (vLLM's uses --port only for its metrics); they were ignored
     io = ["-i", str(good), "-o", str(tmp_path / "o.jsonl")]
     assert main(["run-batch", "--device", "cpu", *io, "--port", "9000", "--api-key", "k", "--root-path", "/x"]) == 2
     assert ("run-batch serves no HTTP: --port, --api-key, --root-path are serve's"
