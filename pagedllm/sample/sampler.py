@@ -171,12 +171,12 @@ def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """In place: drop tokens with p < min_p * p_max over the full distribution.
-    p / p_max = exp(logit - max_logit), so the test runs in log space without a softmax; min_p = 0 gives
-    log(0) = -inf, which masks nothing."""
-    max_logit = logits.amax(dim=-1, keepdim=True)
-    threshold = max_logit + torch.log(min_p).unsqueeze(1)
-    return logits.masked_fill_(logits < threshold, -float("inf"))
+    """In place: drop tokens with p < min_p * p_max over the full distribution (min_p = 0 masks nothing).
+    On float32 probabilities, as vLLM compares them: the log-space test logit < max_logit + log(min_p), equal in
+    exact arithmetic, decides tokens within a rounding of the threshold the other way."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True).mul_(min_p.unsqueeze(1))
+    return logits.masked_fill_(probs < threshold, -float("inf"))
 
 
 def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None,

@@ -232,3 +232,19 @@ def test_rows_left_with_no_token_give_token_0_as_vllm():
     meta = SamplingMetadata.build(params, [None, 7], [[], []], "cpu", procs)
     out = Sampler()(torch.randn(2, 64) + 3, meta)
     assert out.sampled_token_ids.tolist() == [0, 0]
+
+
+def test_min_p_at_its_threshold_decides_as_vllm(monkeypatch):
+    """Tokens within float32 rounding of min_p * p_max: vLLM compares softmax probabilities (p < min_p * p_max),
+    and a log-space test (logit < max + log(min_p)) decides some of them the other way."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, n = 256, 24
+    min_ps = [0.05, 0.1, 0.2, 0.7] * (n // 4)
+    logits = torch.randn(n, vocab, generator=gen) * 2
+    logits[:, 0] = logits.amax(dim=1) + 0.01
+    top = logits[:, :1]
+    threshold = top + torch.log(torch.tensor(min_ps)).unsqueeze(1)
+    ulps = torch.randint(-4, 5, (n, 40), generator=gen).float() * 1e-7 * threshold.abs().clamp_min(1)
+    logits[:, 1:41] = threshold + ulps
+    base = random_request(random.Random(0), vocab, 0.0)
+    compare(logits, [dict(base, temp=1.0, min_p=m) for m in min_ps], monkeypatch)
