@@ -129,6 +129,10 @@ VLLM_FLAGS = (
              "on CUDA)", _never),
     VllmFlag("logits-processors", "custom logits processor classes are not loaded: SamplingParams' own (penalties, "
              "logit_bias, allowed_token_ids, bad_words) are built in", _never, nargs="+"),
+    VllmFlag("logprobs-mode", "logprobs and prompt logprobs are the model's raw log-softmax here (vLLM's default, "
+             "raw_logprobs, is taken); the raw logits and the processed modes are not built", _is("raw_logprobs")),
+    VllmFlag("use-fp64-gumbel", "the draw's random noise is float32 here; float64 noise is not built",
+             _is(False), boolean=True),
     VllmFlag("enable-return-routed-experts", "no mixture-of-experts model is built here", _is(False), boolean=True),
     VllmFlag("prefix-caching-hash-algo", "block hashes are sha256 here (sha256, sha256_cbor are taken: the CBOR "
              "form matters only to KV events' readers, not built); xxhash is not built", _is("sha256", "sha256_cbor")),

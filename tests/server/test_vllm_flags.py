@@ -352,3 +352,16 @@ def test_rare_vllm_flags_are_answered(serve_args, capsys):
                          (["--pooler-config", "{}"], "--pooler-config {}: pagedllm runs generative models only")]:
         assert main(["serve", DEMO_MODEL, "--device", "cpu", *flags]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_logprobs_mode_and_fp64_gumbel_take_what_pagedllm_does_and_refuse_the_rest(serve_args, capsys):
+    """vLLM 0.26's sampler flags: logprobs are always raw log-softmax here (vLLM's default raw_logprobs), the
+    draw's noise float32. Were 'unrecognized arguments', even at vLLM's defaults."""
+    serve_args("--logprobs-mode", "raw_logprobs", "--no-use-fp64-gumbel")
+    for flags, words in ((["--logprobs-mode", "processed_logprobs"], "--logprobs-mode processed_logprobs: "),
+                         (["--logprobs-mode", "raw_logits"], "--logprobs-mode raw_logits: "),
+                         (["--use-fp64-gumbel"], "--use-fp64-gumbel: ")):
+        assert main(["serve", DEMO_MODEL, "--device", "cpu", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + words), err
+        assert ("float32" if "gumbel" in words else "raw_logprobs") in err, err

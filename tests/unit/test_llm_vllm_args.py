@@ -121,3 +121,13 @@ def test_vllms_llm_methods_not_built_say_why(method, words):
     llm = LLM.__new__(LLM)   # no engine is needed to refuse
     with pytest.raises(NotImplementedError, match=rf"LLM\.{method}\(\), vLLM's: .*{words}"):
         getattr(llm, method)("x") if method == "collective_rpc" else getattr(llm, method)()
+
+
+def test_logprobs_mode_is_vllms_default_raw_logprobs_or_refused_naming_it():
+    """Was an EngineConfig TypeError; a processed or logits mode would have to change what logprobs hold."""
+    assert check_vllm_kwargs({"logprobs_mode": "raw_logprobs", "use_fp64_gumbel": False}) == ({}, {})
+    for mode in ("processed_logprobs", "raw_logits", "processed_logits"):
+        with pytest.raises(ValueError, match=rf"LLM\(logprobs_mode='{mode}'\): .*raw_logprobs"):
+            check_vllm_kwargs({"logprobs_mode": mode})
+    with pytest.raises(ValueError, match=r"LLM\(use_fp64_gumbel=True\): .*float32"):
+        check_vllm_kwargs({"use_fp64_gumbel": True})
