@@ -1,6 +1,6 @@
 """The per-request logits processors before sampling, in vLLM v1's order:
 
-    allowed_token_ids → bad_words → logit_bias → min_tokens bans → penalties → thinking budget → (sampler)
+    allowed_token_ids → bad_words → min_tokens bans → logit_bias → penalties → thinking budget → (sampler)
 
 Each is batched over only the rows that use it (a field is None when no row does), from flat index lists
 built once per batch; nothing loops over the vocabulary on the host. Raw logprobs are taken before all of it.
@@ -132,13 +132,13 @@ def apply_logits_processors(logits: torch.Tensor, procs: LogitsProcessors | None
         logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(disallowed, -float("inf")))
     if procs is not None:
         _apply_bad_words(logits, procs)
-        if procs.logit_bias is not None:
-            index, bias = procs.logit_bias
-            logits.index_put_((index[0], index[1]), bias, accumulate=True)
     if banned_token_ids is not None:
         rows = [i for i, ids in enumerate(banned_token_ids) for _ in ids]
         index = to_device([rows, [t for ids in banned_token_ids for t in ids]], torch.int64, logits.device)
         logits.index_put_((index[0], index[1]), _neg_inf(logits))
+    if procs is not None and procs.logit_bias is not None:   # after the bans, as vLLM's builtin processors run
+        index, bias = procs.logit_bias
+        logits.index_put_((index[0], index[1]), bias, accumulate=True)
     if procs is not None and procs.penalties is not None:
         apply_penalties(logits, procs.penalties)
     if procs is not None and procs.forced is not None:

@@ -5,8 +5,8 @@
                                   └─ / temperature → min_p → top-k → top-p
                                      → softmax → argmax(probs / q), q ~ Exp(1) ──► other rows
 
-processors (logits_processors.py, vLLM v1's order): allowed_token_ids, bad_words, logit_bias, the min_tokens
-bans, penalties; skipped when no row uses any.
+processors (logits_processors.py, vLLM v1's order): allowed_token_ids, bad_words, the min_tokens bans,
+logit_bias, penalties; skipped when no row uses any.
 
 Everything is batched tensor work. A seeded row's randomness comes from its own seed and the index of the
 token it samples (position_seed), so its tokens depend on nothing else: not its batch neighbours, not

@@ -65,16 +65,17 @@ def ref_bad_words(row, words, output):
 
 
 def ref_all(row, p: SamplingParams, prompt, output, banned):
-    """vLLM v1's order: allowed ids, bad words, logit bias, min_tokens bans, penalties."""
+    """vLLM v1's order: allowed ids, bad words, min_tokens bans, logit bias, penalties (a bias is finite or -inf,
+    so the bans and the bias commute)."""
     row = row.clone()
     if p.allowed_token_ids:
         keep = torch.full_like(row, -float("inf"))
         keep[p.allowed_token_ids] = row[p.allowed_token_ids]
         row = keep
     row = ref_bad_words(row, p.bad_words_token_ids, output)
+    row[banned] = -float("inf")
     for t, b in (p.logit_bias or {}).items():
         row[t] = row[t] + torch.tensor(b, dtype=F32)
-    row[banned] = -float("inf")
     return ref_penalties(row, p, prompt, output)
 
 
