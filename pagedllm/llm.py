@@ -146,10 +146,7 @@ class LLM:
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts: give one per prompt")
         priorities = priority or [0] * len(prompts)
-        for lora in dict.fromkeys(x for x in loras if x is not None):
-            if not isinstance(lora, LoRARequest):
-                raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora).__name__}")
-            self.engine.add_lora(lora)   # a bad adapter is a ValueError before anything is queued
+        _add_loras(self.engine, loras)   # a bad adapter is a ValueError before anything is queued
         ids = []
         bar = _progress_bar(use_tqdm, len(prompts), "Adding requests")
         try:
@@ -181,10 +178,7 @@ class LLM:
             raise ValueError(f"concurrency_limit must be an integer >= 1 or None, got {concurrency_limit!r}")
         engine = self.engine
         loras = _loras_per_prompt(lora_request, len(_as_prompt_list(prompts)))
-        for lora in dict.fromkeys(x for x in loras if x is not None):
-            if not isinstance(lora, LoRARequest):
-                raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora).__name__}")
-            engine.add_lora(lora)   # a bad adapter is a ValueError before anything runs
+        _add_loras(engine, loras)   # a bad adapter is a ValueError before anything runs
         eos = engine.input_processor.eos_token_ids
         step_params = step_sampling_params(params, len(eos), engine.input_processor.max_logprobs)
         instances, user_salts = [], []
@@ -420,6 +414,20 @@ def _params_per_prompt(params, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts: give one, or one per prompt")
     return list(params)
+
+
+def _add_loras(engine, loras: list):
+    """Loads each distinct adapter of a call once. Distinct by id, name and path, not by LoRARequest's equality
+    (vLLM's, by name alone): two requests of one name under other ids or paths are each loaded and checked here,
+    so a bad one is the caller's ValueError, not a request ending empty with finish_reason "error"."""
+    distinct = {}
+    for lora in loras:
+        if lora is not None and not isinstance(lora, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora).__name__}")
+        if lora is not None:
+            distinct.setdefault((lora.lora_int_id, lora.identity), lora)
+    for lora in distinct.values():
+        engine.add_lora(lora)
 
 
 def _loras_per_prompt(lora_request, n: int) -> list:

@@ -237,6 +237,26 @@ def test_lora_request_arguments(setup):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_adapters_of_one_name_are_each_checked_first(setup, tmp_path):
+    """LoRARequests equal by name (vLLM's equality) under other ids or paths are distinct adapters: each is loaded
+    and checked before anything is queued. The second's error was a request ending empty (finish_reason "error")."""
+    from pagedllm.beam_search import BeamSearchParams
+    base, loras, refs = setup
+    attn, rs = loras["attn"].lora_path, loras["rs"].lora_path
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True, max_loras=2)
+    outs = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False, lora_request=[LoRARequest("x", 11, attn),
+                                                                           LoRARequest("x", 12, rs)])
+    assert [o.outputs[0].token_ids for o in outs] == [refs["attn"][0][0], refs["rs"][1][0]]
+    for second, match in ((LoRARequest("y", 22, str(tmp_path / "nowhere")), "no adapter directory"),
+                          (LoRARequest("y", 21, rs), "lora_int_id 21 is already adapter 'y'")):
+        with pytest.raises(ValueError, match=match):
+            llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False, lora_request=[LoRARequest("y", 21, attn), second])
+        with pytest.raises(ValueError, match=match):
+            llm.beam_search(PROMPTS[:2], BeamSearchParams(beam_width=2, max_tokens=2),
+                            lora_request=[LoRARequest("y", 21, attn), second])
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_chat_takes_lora_request(setup):
     """vLLM's LLM.chat takes lora_request (one, or one per conversation), as generate does."""
     base, loras, _ = setup
