@@ -9,6 +9,7 @@ finish under it, as nothing of theirs changes mid-generation). Device slots are 
 step's adapters always fit; a slot keeps its adapter until another needs it (LRU).
 The step's token slots go to one persistent device buffer (LoRAStepState.meta) that CUDA graphs read at replay.
 """
+import hashlib
 import logging
 from collections import Counter, OrderedDict
 
@@ -67,7 +68,15 @@ class LoRAManager:
             logger.warning("LoRA adapter %r (%s): its weights on %s are not applied: --lora-target-modules %s",
                            req.lora_name, req.lora_path, outside, " ".join(self.target_modules))
             lora.modules = {name: shards for name, shards in lora.modules.items() if name in self.layers}
-        return self._staged(lora)
+        return self._keyed(self._staged(lora))
+
+    def _keyed(self, lora: LoRAModel) -> LoRAModel:
+        """Its block-hash identity also says how it applies here (the linears that take it, the slots' dtype):
+        the disk tier outlives this engine, and a restart under another --lora-target-modules or --lora-dtype
+        computes other KV from the same files."""
+        how = f"{next(iter(self.layers.values())).lora_a.dtype}|{sorted(lora.modules)}"
+        lora.fingerprint = hashlib.sha256(f"{lora.fingerprint}|{how}".encode()).hexdigest()
+        return lora
 
     def insert(self, lora: LoRAModel) -> LoRAModel:
         """Puts a loaded adapter in the host LRU (the step thread's work: prepare_step reads it); one loaded

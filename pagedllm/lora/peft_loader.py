@@ -43,7 +43,8 @@ class LoRAModel:
     request: LoRARequest
     rank: int
     scale: float
-    fingerprint: str = ""   # sha256 of the adapter's two files: its KV's identity in the prefix cache and on disk
+    fingerprint: str = ""   # sha256 of its two files (and, once staged, of how it applies): its KV's identity
+    #                         in the prefix cache and on disk
     modules: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 

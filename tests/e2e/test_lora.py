@@ -367,6 +367,28 @@ def test_disk_tier_keeps_adapters_apart(setup, tmp_path):
         assert out.outputs[0].token_ids == refs[name][6][0]
 
 
+@pytest.mark.parametrize("first, then", [(dict(lora_target_modules=["o_proj"]), {}),
+                                         (dict(lora_dtype="bfloat16"), {})])
+def test_disk_tier_keys_on_how_adapters_apply(setup, tmp_path, first, then):
+    """The disk tier outlives the engine: blocks an adapter computed under --lora-target-modules o_proj (its q/k/v
+    weights not applied) or --lora-dtype bfloat16 are other KV than the same adapter's under a restart without
+    them. They were taken (same adapter files, same model): the restart's answers were not the adapter's."""
+    from pagedllm.runner.kv_cache import bytes_per_block
+    base, loras, refs = setup
+    prompt = PROMPTS[6]   # 48 tokens: 3 full blocks
+    block_bytes = bytes_per_block(2, 16, 2, 16, torch.float32)
+    kw = dict(dtype="float32", log_stats_interval=0, enable_lora=True, num_gpu_blocks_override=8,
+              kv_offloading_size=4 * block_bytes / 2**30, kv_disk_dir=str(tmp_path / "kv"))
+    llm = LLM(base, **kw, **first)
+    llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=loras["attn"])
+    for p in np.random.default_rng(1).integers(3, 512, size=(6, 48)).tolist():   # its blocks pushed to disk
+        llm.generate([p], GREEDY, use_tqdm=False)
+    llm.engine.runner.kv_offload.flush()
+    out = LLM(base, **kw, **then).generate([prompt], GREEDY, use_tqdm=False, lora_request=loras["attn"])[0]
+    assert out.outputs[0].token_ids == refs["attn"][6][0]
+    assert out.num_cached_tokens == 0
+
+
 def test_load_inplace_reads_the_adapter_again(setup, tmp_path):
     """vLLM's LoRARequest(load_inplace=True): the adapter loaded under that id is read again (its files rewritten
     at the same path, or another path); without it the loaded one serves, as vLLM's. Was a TypeError."""
