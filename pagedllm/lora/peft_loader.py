@@ -138,9 +138,15 @@ def _check_config(cfg: dict, rank, alpha, max_lora_rank: int, where: str):
         value = cfg.get(key, implemented)
         if value != implemented and not (implemented is None and not value) and not (implemented == {} and not value):
             raise ValueError(f"{where}: {key} = {value!r} is not supported (only {implemented!r})")
-    targets = cfg.get("target_modules")   # its names are checked through the tensors' (_NAME, TARGETS)
-    if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
-        raise ValueError(f"{where}: target_modules must be a list of module names or a regex, got {targets!r}")
+    # its names are checked through the tensors' (_NAME, TARGETS), which say where the adapter is: so null is
+    # taken, as vLLM (which requires the key only)
+    if "target_modules" not in cfg:
+        raise ValueError(f"{where}: target_modules is missing from adapter_config.json (a list of module names, "
+                         f"a regex, or null)")
+    targets = cfg["target_modules"]
+    if not (targets is None or isinstance(targets, str)
+            or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{where}: target_modules must be a list of module names, a regex or null, got {targets!r}")
 
 
 def _fit(model, module_name: str, shard: int, ab: dict, rank: int, where: str):

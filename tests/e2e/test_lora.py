@@ -456,6 +456,21 @@ def test_adapter_placed_by_layers_and_exclusions_matches_peft(setup, tmp_path):
     assert differ   # the adapter changes the answers
 
 
+def test_target_modules_null_is_taken_as_vllms(setup, tmp_path):
+    """vLLM requires adapter_config.json's target_modules key but takes null (its tensors say where the adapter is):
+    it was refused here. A missing key is refused, as vLLM's, naming it."""
+    base, loras, refs = setup
+    src = __import__("pathlib").Path(loras["attn"].lora_path)
+    llm = LLM(base, dtype="float32", log_stats_interval=0, enable_lora=True)
+    null = _bad(tmp_path, src, lambda c: c.update(target_modules=None))
+    out = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("null", 1, null))
+    assert out[0].outputs[0].token_ids == refs["attn"][0][0]
+    (tmp_path / "m").mkdir()
+    missing = _bad(tmp_path / "m", src, lambda c: c.pop("target_modules"))
+    with pytest.raises(ValueError, match="target_modules is missing from adapter_config.json"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("missing", 2, missing))
+
+
 def test_adapter_saved_as_pytorch_bin(setup, tmp_path):
     """PEFT's save_pretrained(safe_serialization=False) writes adapter_model.bin, which vLLM reads (as
     adapter_model.pt); here 'adapter_model.safetensors not found'. Read with weights_only: tensors, no code."""
