@@ -137,8 +137,8 @@ def _run_batch(args):
     given = [name for name in _HTTP_ONLY if getattr(args, name) != defaults[name]]
     if given:
         raise ValueError(f"run-batch serves no HTTP: {', '.join('--' + n.replace('_', '-') for n in given)} "
-                         f"{'is' if len(given) == 1 else 'are'} serve's (vLLM's run-batch uses --host / --port only for "
-                         f"its metrics listener, --enable-metrics, not built here)")
+                         f"{'is' if len(given) == 1 else 'are'} serve's (vLLM's run-batch uses --host / --port only "
+                         f"for its metrics listener, --enable-metrics, not built here)")
     counts = run_batch(*_server_configs(args), args.input_file, args.output_file, args.output_tmp_dir)
     print(json.dumps({"output_file": args.output_file, "by_status": counts}))
 
