@@ -14,8 +14,25 @@ class AsyncEngineArgs:
     """AsyncEngineArgs(model, **engine_args): checked when the engine is built, as vLLM's are."""
 
     def __init__(self, model: str = DEMO_MODEL, **engine_args):
-        self.model = model
-        self.engine_args = engine_args
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "engine_args", engine_args)
+
+    def __setattr__(self, name: str, value):
+        """vLLM's scripts set arguments after construction (`engine_args.max_model_len = 4096`): each is an
+        engine argument, checked with the others when the engine is built (an instance attribute was ignored)."""
+        if name in ("model", "engine_args"):
+            object.__setattr__(self, name, value)
+        else:
+            self.engine_args[name] = value
+
+    def __getattr__(self, name: str):
+        """An argument given (at construction or set since); one not given has no value here (its default is
+        decided when the engine is built: create_engine_config())."""
+        engine_args = self.__dict__.get("engine_args", {})
+        if name in engine_args:
+            return engine_args[name]
+        raise AttributeError(f"AsyncEngineArgs has no {name!r}: not given (its default is decided when the engine "
+                             f"is built; create_engine_config() holds the values used)")
 
     def __repr__(self) -> str:
         return f"AsyncEngineArgs(model={self.model!r}, **{self.engine_args!r})"

@@ -26,3 +26,19 @@ def test_vllms_async_llm_engine_name_is_the_async_llm():
     from pagedllm.engine.async_llm import AsyncLLM
 
     assert pagedllm.AsyncLLMEngine is AsyncLLM and "AsyncLLMEngine" in pagedllm.__all__
+
+
+def test_an_argument_set_after_construction_is_taken_as_vllms():
+    """vLLM's scripts set engine arguments on the object (`engine_args.max_model_len = 64`): the attribute was
+    kept on the object and ignored, so the engine ran with the model's own max_model_len."""
+    args = AsyncEngineArgs("m")
+    args.max_model_len = 64
+    args.stream_interval = 3
+    assert args.max_model_len == 64
+    assert args.create_engine_config().max_model_len == 64
+    assert args.async_llm_kwargs() == {"stream_interval": 3}
+    args.not_an_engine_argument = 1   # judged with the others when the engine is built, not dropped
+    with pytest.raises((TypeError, ValueError), match="not_an_engine_argument"):
+        args.create_engine_config()
+    with pytest.raises(AttributeError, match="'enforce_eager': not given"):
+        AsyncEngineArgs("m").enforce_eager
