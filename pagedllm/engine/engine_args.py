@@ -37,8 +37,13 @@ class AsyncEngineArgs:
     def __repr__(self) -> str:
         return f"AsyncEngineArgs(model={self.model!r}, **{self.engine_args!r})"
 
-    def create_engine_config(self) -> EngineConfig:
-        """The EngineConfig of these arguments (vLLM's name; here EngineConfig, not vLLM's VllmConfig)."""
+    def create_engine_config(self, usage_context=None, headless: bool = False) -> EngineConfig:
+        """The EngineConfig of these arguments (vLLM's name; here EngineConfig, not vLLM's VllmConfig).
+        usage_context names vLLM's usage report (not built: it changes nothing); headless (data-parallel ranks
+        with no API server) is not built."""
+        if headless:
+            raise NotImplementedError("create_engine_config(headless=True): headless data-parallel engines are "
+                                      "not built (one engine core, with its API server)")
         rest = {k: v for k, v in self.engine_args.items() if k not in ASYNC_LLM_ARGS}
         return engine_config(self.model, rest)
 

@@ -42,3 +42,10 @@ def test_an_argument_set_after_construction_is_taken_as_vllms():
         args.create_engine_config()
     with pytest.raises(AttributeError, match="'enforce_eager': not given"):
         AsyncEngineArgs("m").enforce_eager
+
+
+def test_create_engine_config_takes_vllms_arguments():
+    """vLLM's create_engine_config(usage_context, headless) was a TypeError for either."""
+    assert AsyncEngineArgs("m", max_model_len=64).create_engine_config(usage_context=None).max_model_len == 64
+    with pytest.raises(NotImplementedError, match="headless=True"):
+        AsyncEngineArgs("m").create_engine_config(headless=True)
