@@ -147,7 +147,9 @@ class EngineConfig:
                                         "(ngram or draft_model), num_speculative_tokens, prompt_lookup_min/max "
                                         "(ngram), model (draft_model), rejection_sample_method (standard or "
                                         "synthetic, with synthetic_acceptance_rate(s)), disable_by_batch_size, "
-                                        "max_step_tokens; None = off", python_types=(str, dict))
+                                        "max_step_tokens; vLLM's other keys where they ask for what runs "
+                                        "here; None = off",
+                                        python_types=(str, dict))
     spec_method: str | None = _f(None, "vLLM's short form of speculative_config's method (merged into it; naming "
                                        "a key it has too is an error)")
     spec_model: str | None = _f(None, "vLLM's short form of speculative_config's model (the draft checkpoint)")

@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass, fields
 
 from pagedllm.field_types import check_types
+from pagedllm.spec_decode.vllm_keys import take_vllm_keys, vllm_method
 
 _METHODS = ("ngram", "draft_model")
 _REJECTION_METHODS = ("standard", "synthetic")   # vLLM 0.26's names; its "block" is not built here
@@ -76,6 +77,7 @@ class SpeculativeConfig:
             except ValueError as e:
                 raise ValueError(f"speculative_config must be a JSON object: {e}") from None
         _check(isinstance(value, dict), "speculative_config", "a JSON object", value)
+        value = take_vllm_keys(vllm_method(value))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         _check(not unknown, "speculative_config", f"made of the keys {sorted(known)}", unknown)

@@ -1,0 +1,58 @@
+"""--speculative-config as vLLM 0.26 reads it (vllm/config/speculative.py): its spellings of the method, its other
+keys taken where they ask for what runs here and refused naming them otherwise, its methods not built refused
+saying why."""
+import pytest
+
+from pagedllm.spec_decode.config import SpeculativeConfig
+
+
+def parse(**value) -> SpeculativeConfig:
+    return SpeculativeConfig.parse({"num_speculative_tokens": 3, **value})
+
+
+@pytest.mark.parametrize("value", [dict(model="[ngram]"), dict(model="ngram", prompt_lookup_max=4),
+                                   dict(method="[ngram]"), dict(method="ngram", model="ngram")])
+def test_vllms_spellings_of_ngram_are_ngram(value):
+    """vLLM infers the method from model ("ngram", "[ngram]") and takes "[ngram]" as a method: all were refused."""
+    spec = parse(**value)
+    assert spec.method == "ngram" and spec.model is None
+    assert spec.prompt_lookup_min == spec.prompt_lookup_max == value.get("prompt_lookup_max", 5)
+
+
+def test_a_model_without_method_is_a_draft_model_as_vllms(tmp_path):
+    spec = parse(model=str(tmp_path))
+    assert (spec.method, spec.model) == ("draft_model", str(tmp_path))
+
+
+@pytest.mark.parametrize("method, why", [("eagle", "hidden states"), ("eagle3", "hidden states"),
+                                         ("medusa", "Medusa"), ("mtp", "multi-token"), ("deepseek_mtp", "multi-token"),
+                                         ("suffix", "suffix decoding"), ("ngram_gpu", "GPU n-gram")])
+def test_vllms_methods_not_built_are_refused_saying_why(method, why):
+    with pytest.raises(ValueError, match=f"method '{method}' is not built \\(.*{why}"):
+        parse(method=method, model="m")
+
+
+@pytest.mark.parametrize("key, value", [("draft_tensor_parallel_size", 1), ("draft_tensor_parallel_size", None),
+                                        ("disable_padded_drafter_batch", True), ("quantization", None),
+                                        ("max_model_len", None), ("revision", None), ("code_revision", None),
+                                        ("draft_sample_method", "greedy"), ("parallel_drafting", False),
+                                        ("suffix_decoding_max_spec_factor", 1)])
+def test_vllms_keys_that_ask_for_what_runs_here_are_taken(key, value):
+    """They were refused as unknown keys."""
+    assert parse(method="ngram", **{key: value}).method == "ngram"
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("draft_tensor_parallel_size", 2, "one rank"), ("draft_tensor_parallel_size", True, "one rank"),
+    ("quantization", "fp8", "--quantization"), ("max_model_len", 64, "max_model_len"),
+    ("revision", "main", "local directory"), ("code_revision", "v1", "local directory"),
+    ("draft_sample_method", "probabilistic", "greedily"), ("use_heterogeneous_vocab", True, "vocabulary"),
+    ("tensor_parallel_size", 1, "draft_tensor_parallel_size"), ("enforce_eager", True, "enforce-eager")])
+def test_vllms_keys_asking_for_what_is_not_built_are_refused_naming_them(key, value, why):
+    with pytest.raises(ValueError, match=f"speculative_config: {key} must be one of .*, got {value!r}: .*{why}"):
+        parse(method="ngram", **{key: value})
+
+
+def test_an_unknown_key_is_still_refused():
+    with pytest.raises(ValueError, match="made of the keys .*got \\['bogus'\\]"):
+        parse(method="ngram", bogus=1)
