@@ -26,6 +26,7 @@ class SpeculativeConfig:
     rejection_sample_method: str = "standard"  # synthetic: accept with fixed rates (benchmarks on dummy weights)
     synthetic_acceptance_rate: float | None = None        # each position, given the one before accepted
     synthetic_acceptance_rates: list[float] | None = None  # per position, unconditional (vLLM's)
+    synthetic_acceptance_length: float | None = None      # mean accepted length (vLLM's): rates set from it
     disable_by_batch_size: int = DEFAULT_MAX_BATCH
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
 
@@ -52,6 +53,7 @@ class SpeculativeConfig:
         _check(self.rejection_sample_method in _REJECTION_METHODS, "rejection_sample_method",
                f"one of {_REJECTION_METHODS}", self.rejection_sample_method)
         synthetic = self.rejection_sample_method == "synthetic"
+        self._rates_of_length(synthetic)
         given = (self.synthetic_acceptance_rate is not None) + (self.synthetic_acceptance_rates is not None)
         _check(given == (1 if synthetic else 0), "synthetic_acceptance_rate",
                "given (or synthetic_acceptance_rates), exactly one, with rejection_sample_method synthetic only",
@@ -66,6 +68,19 @@ class SpeculativeConfig:
                    f"{k} non-increasing rates in [0, 1] (one per speculative position)", rates)
         _check(self.disable_by_batch_size >= 1, "disable_by_batch_size", ">= 1", self.disable_by_batch_size)
         _check(self.max_step_tokens >= 2, "max_step_tokens", ">= 2", self.max_step_tokens)
+
+    def _rates_of_length(self, synthetic: bool):
+        """vLLM's synthetic_acceptance_length L: per-position rates of mean L - 1 accepted drafts with the least
+        variance (1.0 while whole drafts remain, the fraction, then 0.0), in place of synthetic_acceptance_rates."""
+        length, k = self.synthetic_acceptance_length, self.num_speculative_tokens
+        if length is None:
+            return
+        _check(synthetic and self.synthetic_acceptance_rate is None and self.synthetic_acceptance_rates is None,
+               "synthetic_acceptance_length", "given with rejection_sample_method synthetic only, and not with "
+               "synthetic_acceptance_rate(s)", length)
+        _check(1 <= length <= k + 1, "synthetic_acceptance_length", f"in [1, {k + 1}]", length)
+        whole = int(length - 1)
+        self.synthetic_acceptance_rates = ([1.0] * whole + [length - 1 - whole] + [0.0] * k)[:k]
 
     @classmethod
     def parse(cls, value: "str | dict | SpeculativeConfig | None") -> "SpeculativeConfig | None":

@@ -56,3 +56,19 @@ def test_vllms_keys_asking_for_what_is_not_built_are_refused_naming_them(key, va
 def test_an_unknown_key_is_still_refused():
     with pytest.raises(ValueError, match="made of the keys .*got \\['bogus'\\]"):
         parse(method="ngram", bogus=1)
+
+
+@pytest.mark.parametrize("length, rates", [(2.5, [1.0, 0.5, 0.0]), (1, [0.0, 0.0, 0.0]), (4, [1.0, 1.0, 1.0])])
+def test_synthetic_acceptance_length_sets_vllms_rates(length, rates):
+    """vLLM's synthetic_acceptance_length (mean accepted length, least-variance rates) was an unknown key."""
+    spec = parse(method="ngram", rejection_sample_method="synthetic", synthetic_acceptance_length=length)
+    assert spec.synthetic_acceptance_rates == rates
+
+
+@pytest.mark.parametrize("extra", [dict(rejection_sample_method="synthetic", synthetic_acceptance_length=5),
+                                   dict(synthetic_acceptance_length=2),
+                                   dict(rejection_sample_method="synthetic", synthetic_acceptance_length=2,
+                                        synthetic_acceptance_rates=[1.0, 1.0, 0.0])])
+def test_a_synthetic_acceptance_length_out_of_place_is_refused_naming_it(extra):
+    with pytest.raises(ValueError, match="synthetic_acceptance_length must be"):
+        parse(method="ngram", **extra)
