@@ -149,7 +149,7 @@ class EngineConfig:
                                         "synthetic, with synthetic_acceptance_rate(s)), disable_by_batch_size, "
                                         "max_step_tokens; vLLM's other keys where they ask for what runs "
                                         "here; None = off",
-                                        python_types=(str, dict))
+                                        python_types=(str, dict), aliases=["-sc"])
     spec_method: str | None = _f(None, "vLLM's short form of speculative_config's method (merged into it; naming "
                                        "a key it has too is an error)")
     spec_model: str | None = _f(None, "vLLM's short form of speculative_config's model (the draft checkpoint)")

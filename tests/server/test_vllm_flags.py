@@ -42,6 +42,12 @@ def test_vllms_short_flags_tp_and_q(serve_args):
     assert (engine.tensor_parallel_size, engine.quantization) == (1, "fp8")
 
 
+def test_vllms_short_flag_sc_is_the_speculative_config(serve_args):
+    """vLLM's -sc (short for --speculative-config) was 'unrecognized arguments'."""
+    engine, _ = serve_args("-sc", '{"method": "ngram", "num_speculative_tokens": 2}')
+    assert json.loads(engine.speculative_config) == {"method": "ngram", "num_speculative_tokens": 2}
+
+
 def test_max_logprobs_is_an_engine_setting(serve_args):
     """Was refused past 20 (the bound was fixed)."""
     assert serve_args("--max-logprobs", "50")[0].max_logprobs == 50
