@@ -365,15 +365,17 @@ class CompletionRequest(_SamplingRequest):
                 ("prompt_embeds", self.prompt_embeds is None, _EMBEDDINGS)]
 
 
+# A call's fields are declared in the order vLLM's validated request holds them (its TypedDicts' order, whatever
+# the client's): templates that write `tool_call.function | tojson` (Mistral's) print the keys in that order.
 class FunctionCall(_Strict):
-    name: str
     arguments: str | dict[str, Any] | None = None    # OpenAI's: a JSON string
+    name: str
 
 
 class ToolCall(_Strict):
     id: str
-    type: Literal["function"] = "function"
     function: FunctionCall
+    type: Literal["function"] = "function"
 
 
 class ChatMessage(_Strict):

@@ -77,6 +77,18 @@ def test_tool_call_arguments_that_are_not_json_are_a_400_naming_them(qwen3, argu
     assert e.param == "messages.1.tool_calls.0.function.arguments" and "JSON" in e.message
 
 
+def test_a_tool_call_reaches_the_template_with_its_keys_in_vllms_order(qwen3):
+    """vLLM's request validation rebuilds each call in its TypedDicts' key order (id, function {arguments, name},
+    type), whatever the client's: Mistral's templates write `tool_call.function | tojson`, whose keys came out in
+    the client's order (name first) here."""
+    template = "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c | tojson }}{% endfor %}{% endfor %}"
+    call = {"type": "function", "function": {"name": "w", "arguments": '{"a": 1}'}, "id": "c1"}
+    body = {"chat_template": template, "add_generation_prompt": False,
+            "messages": [USER, {"role": "assistant", "content": None, "tool_calls": [call]}]}
+    assert render(qwen3, body, trust_request_chat_template=True) == \
+        '{"id": "c1", "function": {"arguments": {"a": 1}, "name": "w"}, "type": "function"}'
+
+
 # Shows each message's fields as the template gets them (undefined ones print empty).
 FIELDS_TEMPLATE = ("{% for m in messages %}{{ m.role }}|{{ m.tool_call_id }}|{{ m.tool_calls }}|"
                    "{{ m.reasoning_content }}|{{ m.content }};{% endfor %}")
