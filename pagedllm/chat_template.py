@@ -213,7 +213,7 @@ def template_message(message: dict, content_format: str = "string", at: str = "m
     text (all its parts joined) unless it holds a tool reference; then only the fields of its role, as vLLM's
     conversation has them: an assistant's tool_calls (each call's JSON `arguments` parsed, as tool-use templates
     write `arguments | tojson`; arguments that are not JSON are a ChatTemplateError naming them) and its reasoning
-    (under both names), a tool's tool_call_id, any message's name (a string), a developer's tools."""
+    (`reasoning`, under both names), a tool's tool_call_id, any message's name (a string), a developer's tools."""
     role = message.get("role")
     content = message.get("content")
     if isinstance(content, list):
@@ -244,10 +244,10 @@ def template_message(message: dict, content_format: str = "string", at: str = "m
             for j, c in enumerate(message["tool_calls"])]
         if calls:   # an empty list is left out: the template's plain assistant path, as vLLM
             result["tool_calls"] = calls
-    # An assistant's reasoning sent back (vLLM's `reasoning`, or the older `reasoning_content`) reaches the
-    # template under both names, as vLLM passes it: Qwen3's template reads reasoning_content.
+    # An assistant's reasoning sent back (vLLM's `reasoning`) reaches the template under both names, as vLLM
+    # passes it: Qwen3's template reads reasoning_content. A message's own reasoning_content is not read (vLLM's
+    # chat_utils reads `reasoning` only: LLM.chat's messages drop it; the server renames it to `reasoning`).
     reasoning = message.get("reasoning")
-    reasoning = message.get("reasoning_content") if reasoning is None else reasoning
     if role == "assistant" and reasoning is not None:
         result["reasoning"] = result["reasoning_content"] = reasoning
     if role == "tool" and "tool_call_id" in message:

@@ -402,8 +402,13 @@ class ChatMessage(_Strict):
         return self
 
     def as_template_input(self) -> dict:
-        """OpenAI's shape, as given (chat_template.template_message makes it what templates expect)."""
-        return self.model_dump(exclude_none=True, exclude={"annotations", "refusal", "audio", "function_call"})
+        """OpenAI's shape, as given (chat_template.template_message makes it what templates expect), the older
+        reasoning_content as `reasoning` unless that is set (vLLM's request renames it so)."""
+        message = self.model_dump(exclude_none=True, exclude={"annotations", "refusal", "audio", "function_call"})
+        reasoning = message.pop("reasoning_content", None)
+        if reasoning is not None and message.get("reasoning") is None:
+            message["reasoning"] = reasoning
+        return message
 
 
 class FunctionDefinition(_Strict):

@@ -53,13 +53,16 @@ def test_template_message_parses_arguments_as_vllm():
 
 
 def test_assistant_reasoning_reaches_the_template_under_both_names(tokenizer):
-    """As vLLM: an assistant message's `reasoning` (or the older `reasoning_content`) is passed as both, so
-    templates that read reasoning_content (Qwen3's) see what a client sends back from a `reasoning` answer."""
-    for field in ("reasoning", "reasoning_content"):
-        m = template_message({"role": "assistant", "content": "Hi", field: "thought"})
-        assert m["reasoning"] == m["reasoning_content"] == "thought"
+    """As vLLM: an assistant message's `reasoning` is passed as both, so templates that read reasoning_content
+    (Qwen3's) see what a client sends back from a `reasoning` answer. A message's own reasoning_content is not
+    read, as vLLM's chat_utils (LLM.chat's messages; the server renames it to reasoning first): it reached the
+    template here, a prompt LLM.chat in vLLM never renders."""
+    m = template_message({"role": "assistant", "content": "Hi", "reasoning": "thought"})
+    assert m["reasoning"] == m["reasoning_content"] == "thought"
     both = template_message({"role": "assistant", "content": "Hi", "reasoning": "new", "reasoning_content": "old"})
     assert both["reasoning_content"] == "new"
+    old = template_message({"role": "assistant", "content": "Hi", "reasoning_content": "old"})
+    assert "reasoning" not in old and "reasoning_content" not in old
     assert "reasoning_content" not in template_message({"role": "user", "content": "x", "reasoning": "r"})
     template = "{% for m in messages %}{{ m.reasoning_content }}|{{ m.content }};{% endfor %}"
     assert render_chat(tokenizer, [{"role": "assistant", "content": "Hi", "reasoning": "r"}], template,
