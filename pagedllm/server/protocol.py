@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from pagedllm import content_parts
 from pagedllm.sampling_params import SamplingParams, clamped_logit_bias
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.structured_fields import constraint_field, structured_outputs
@@ -405,10 +406,20 @@ class ChatMessage(_Strict):
         """OpenAI's shape, as given (chat_template.template_message makes it what templates expect), the older
         reasoning_content as `reasoning` unless that is set (vLLM's request renames it so)."""
         message = self.model_dump(exclude_none=True, exclude={"annotations", "refusal", "audio", "function_call"})
+        if isinstance(message.get("content"), list):   # vLLM's validation drops a part's own keys (its TypedDicts')
+            message["content"] = [_known_keys(p) for p in message["content"]]
         reasoning = message.pop("reasoning_content", None)
         if reasoning is not None and message.get("reasoning") is None:
             message["reasoning"] = reasoning
         return message
+
+
+def _known_keys(part):
+    """A content part as vLLM's request validation leaves it: only the keys its part types declare (a client's own,
+    such as cache_control, are dropped; LLM.chat's parts keep them, as vLLM's chat_utils does)."""
+    if not isinstance(part, dict):
+        return part
+    return {k: v for k, v in part.items() if k in content_parts.VLLM_PART_FIELDS or k in content_parts.MEDIA}
 
 
 class FunctionDefinition(_Strict):

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
+from pagedllm.chat_template import render_chat
 from pagedllm.server import chat
 from pagedllm.server.errors import APIError
 from pagedllm.server.protocol import ChatCompletionRequest
@@ -293,10 +294,10 @@ def test_media_parts_are_a_400_naming_the_part(qwen3, part):
     assert e.param == "messages.0.content.1.type" and "multimodal" in e.message
 
 
-def test_a_parts_own_keys_reach_the_openai_format_template_as_vllm_keeps_them(qwen3):
-    """vLLM reads parts as TypedDicts, which take any other key: it keeps a text-like part's own keys (those no
-    vLLM part type names) on the part the openai content format gives the template, and the string format writes
-    only the text (a key it did not know was a 400 here)."""
+def test_a_parts_own_keys_are_dropped_as_vllms_request_validation_drops_them(qwen3):
+    """vLLM's request validates parts as TypedDicts, which drop a key they do not declare (pydantic's default):
+    the part the openai content format gives the template has no cache_control (it had here, from chat_utils'
+    extra fields, which only LLM.chat's unvalidated parts keep), and the string format writes only the text."""
     content = [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}, "name": "n", "image_url": "u"},
                {"type": "refusal", "refusal": "r", "colour": "red"},
                {"type": "thinking", "thinking": "h", "closed": True, "signature": "s"},
@@ -305,6 +306,9 @@ def test_a_parts_own_keys_reach_the_openai_format_template_as_vllm_keeps_them(qw
     body = {"messages": [{"role": "user", "content": content}], "chat_template": template,
             "add_generation_prompt": False}
     assert render(qwen3, body, trust_request_chat_template=True) == (
+        "[('text', 'a'), ('type', 'text')];[('text', 'r'), ('type', 'text')];[('text', 'h'), ('type', 'text')];"
+        "[('name', 'f'), ('type', 'tool_reference')];")
+    assert render_chat(qwen3, [{"role": "user", "content": content}], template, add_generation_prompt=False) == (
         "[('cache_control', {'type': 'ephemeral'}), ('text', 'a'), ('type', 'text')];"
         "[('colour', 'red'), ('text', 'r'), ('type', 'text')];"
         "[('signature', 's'), ('text', 'h'), ('type', 'text')];[('name', 'f'), ('type', 'tool_reference')];")
