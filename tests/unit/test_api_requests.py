@@ -277,7 +277,8 @@ def test_an_empty_tools_is_no_tools_on_responses_and_messages():
 def test_cache_control_on_a_text_part_is_taken_and_reaches_only_openai_format_templates():
     """Anthropic's prompt-caching mark on an OpenAI text part (LiteLLM-style clients send it; vLLM takes it): the
     prefix cache is automatic; the string format's text is the same as without it, and the openai format's part
-    keeps it, as vLLM's does (it was a 400 naming the key, then dropped)."""
+    keeps it in LLM.chat's path, as vLLM's chat_utils (it was a 400 naming the key); the server's request drops
+    it, as vLLM's request validation does."""
     from pagedllm.server.protocol import ChatCompletionRequest
     marked = {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}
     requests = [ChatCompletionRequest(messages=[{"role": "user", "content": [part]}])
@@ -285,6 +286,8 @@ def test_cache_control_on_a_text_part_is_taken_and_reaches_only_openai_format_te
     messages = [r.model_dump(exclude_none=True)["messages"][0] for r in requests]
     assert template_message(messages[0]) == template_message(messages[1])
     assert template_message(messages[0], "openai")["content"] == [marked]
+    assert template_message(requests[0].messages[0].as_template_input(), "openai")["content"] == \
+        [{"type": "text", "text": "a"}]
 
 
 def test_reasoning_items_take_their_places_as_vllms():
