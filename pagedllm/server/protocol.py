@@ -46,6 +46,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "s
                     "repetition_detection")
 # What beam search uses besides n, max_tokens and length_penalty (vLLM's BeamSearchParams).
 _BEAM_FIELDS = ("temperature", "ignore_eos", "include_stop_str_in_output")
+# BeamSearchParams' fields under the request's names (the others are the same)
+_BEAM_PARAMS = {"beam_width": "n"}
 _DEFAULTS = SamplingParams()   # a sampling field at its default changes nothing, beam search or not
 
 
@@ -249,10 +251,17 @@ class _SamplingRequest(_Request):
                 "max_tokens"
             raise APIError(400, f"{param} must be at least 1 with use_beam_search, got {max_tokens}", param,
                            "invalid_value")
-        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens if max_tokens is not None else max_model_len,
-                                ignore_eos=bool(self.ignore_eos), temperature=self.temperature or 0.0,
-                                length_penalty=self.length_penalty,
-                                include_stop_str_in_output=bool(self.include_stop_str_in_output))
+        try:
+            return BeamSearchParams(beam_width=self.n,
+                                    max_tokens=max_tokens if max_tokens is not None else max_model_len,
+                                    ignore_eos=bool(self.ignore_eos), temperature=self.temperature or 0.0,
+                                    length_penalty=self.length_penalty,
+                                    include_stop_str_in_output=bool(self.include_stop_str_in_output))
+        except ValueError as e:   # its checks name BeamSearchParams' fields: the client sent the request's
+            field, _, rest = str(e).removeprefix("BeamSearchParams.").partition(" ")
+            param = _BEAM_PARAMS.get(field, field)
+            raise APIError(400, f"{param}{' (the beam width)' if field == 'beam_width' else ''} {rest}", param,
+                           "invalid_value") from None
 
     def unsupported(self) -> list[tuple[str, bool, str]]:
         return [*super().unsupported(),

@@ -44,3 +44,18 @@ def test_a_batch_of_conversations_takes_early_stopping_false_as_vllms():
     with pytest.raises(APIError) as e:
         req.conversations()
     assert (e.value.status, e.value.param) == (400, "early_stopping")
+
+
+@pytest.mark.parametrize("cls,extra", [(CompletionRequest, {"prompt": "a"}), (ChatCompletionRequest,
+                                                                           {"messages": MESSAGES})])
+@pytest.mark.parametrize("body,param", [({"temperature": 0.7}, "temperature"), ({"n": 0}, "n"),
+                                        ({"length_penalty": float("inf")}, "length_penalty")])
+def test_a_beam_search_value_is_refused_naming_the_request_field(cls, extra, body, param):
+    """The beam search's own checks (BeamSearchParams') reach the client naming the request's field: they were
+    400s with param null and a message naming BeamSearchParams.temperature / beam_width, which the request has
+    not."""
+    req = cls.model_validate({**extra, "use_beam_search": True, **body})
+    with pytest.raises(APIError) as e:
+        req.to_beam_search_params(4, 512)
+    assert (e.value.status, e.value.param) == (400, param)
+    assert e.value.message.startswith(param) and "BeamSearchParams" not in e.value.message
