@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pagedllm.engine.decode_after import CONTEXT_TOKENS, decode_after
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import PositionLogprobs
-from pagedllm.sampling_params import SamplingParams, _require
+from pagedllm.sampling_params import SamplingParams
 
 @dataclass
 class BeamSearchParams:
@@ -181,12 +181,13 @@ def step_sampling_params(params: BeamSearchParams, num_eos: int, max_logprobs: i
 def check_length(prompt_len: int, params: BeamSearchParams, max_model_len: int, max_kv_tokens: int | None = None):
     """Before the first step: a beam of prompt + max_tokens tokens fits the context and the KV cache (a step
     request past either was refused mid-search, naming its own lengths)."""
-    _require(prompt_len + params.max_tokens <= max_model_len, "max_tokens",
-             f"at most max_model_len ({max_model_len}) - prompt length ({prompt_len})", params.max_tokens)
+    limits = [(max_model_len, f"max_model_len ({max_model_len})")]
     if max_kv_tokens is not None:
-        _require(prompt_len + params.max_tokens <= max_kv_tokens, "max_tokens",
-                 f"at most what the KV cache holds ({max_kv_tokens} tokens) - prompt length ({prompt_len})",
-                 params.max_tokens)
+        limits.append((max_kv_tokens, f"what the KV cache holds ({max_kv_tokens} tokens)"))
+    for most, what in limits:
+        if prompt_len + params.max_tokens > most:   # named as the caller set it: BeamSearchParams'
+            raise ValueError(f"BeamSearchParams.max_tokens must be at most {what} - prompt length ({prompt_len}), "
+                             f"got {params.max_tokens}")
 
 
 def finish_text(seq: BeamSearchSequence, prompt_len: int, params: BeamSearchParams, decode: Callable,

@@ -335,3 +335,13 @@ def test_llm_engine_add_request_takes_vllms_parameters_and_output_kind(llm):
     with pytest.raises(ValueError, match="tokenization_kwargs"):
         engine.add_request("k", prompt, params, tokenization_kwargs={"padding": True})
     assert not engine.has_unfinished_requests()
+
+
+def test_beam_search_max_tokens_past_the_context_names_beam_search_params(llm):
+    """LLM.beam_search's max_tokens past the context is refused naming BeamSearchParams.max_tokens, the field the
+    caller set (it named SamplingParams.max_tokens, which the call has not)."""
+    from pagedllm.beam_search import BeamSearchParams
+    room = llm.engine.max_model_len - 3
+    with pytest.raises(ValueError, match=rf"^BeamSearchParams\.max_tokens must be at most max_model_len "
+                                         rf"\({llm.engine.max_model_len}\) - prompt length \(3\), got {room + 1}$"):
+        llm.beam_search([[1, 5, 6]], BeamSearchParams(beam_width=2, max_tokens=room + 1))
