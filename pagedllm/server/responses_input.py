@@ -15,6 +15,8 @@ the chat fields they mean.
     tools (function), tool_choice, parallel_tool_calls  ->  the same chat fields (tool_choice allowed_tools:
                                        only the tools it names, and its mode)
     max_output_tokens, temperature, top_p  ->  max_tokens, temperature, top_p
+    (none)                         ->  min_p 0: vLLM's Responses takes no min_p, not even the generation
+                                       config's default, which chat's unset min_p would take
     text.format text / json_object / json_schema  ->  response_format
     reasoning.effort               ->  reasoning_effort
 """
@@ -35,6 +37,7 @@ def to_chat(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionReques
             and last.status in ("in_progress", "incomplete")):
         # vLLM's partial message (Anthropic's prefill): the answer continues it, not a new assistant turn
         body.update(add_generation_prompt=False, continue_final_message=True)
+    body["min_p"] = 0.0   # vLLM's Responses never applies a min_p, the generation config's included
     for ours, theirs in (("max_tokens", "max_output_tokens"), *((f, f) for f in _SameAsChat.model_fields)):
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)

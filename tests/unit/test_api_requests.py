@@ -338,3 +338,11 @@ def test_a_last_user_message_of_no_blocks_is_not_an_assistants_prefill():
     assert (after.continue_final_message, after.add_generation_prompt) == (False, True)
     with pytest.raises(RequestValidationError):   # no message at all: a 400 (messages too short)
         chat([{"role": "user", "content": []}])
+
+
+def test_responses_take_no_min_p_from_the_generation_config():
+    # vLLM's Responses request builds its SamplingParams without min_p: a generation config's min_p (which chat
+    # and completions take for an unset field) does not apply, while its temperature, top_p and top_k do
+    defaults = {"min_p": 0.3, "temperature": 0.5, "top_p": 0.8, "top_k": 4}
+    params = _responses_chat({"input": "hi"}).to_sampling_params(8, None, defaults=defaults)
+    assert (params.min_p, params.temperature, params.top_p, params.top_k) == (0.0, 0.5, 0.8, 4)
