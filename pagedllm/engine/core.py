@@ -61,7 +61,7 @@ class EngineCore:
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepStats] | None = None   # launched, not read
         self.structured = StructuredOutputManager(GrammarCompilePool(
             lambda: load_engine_tokenizer(config), hf_config.vocab_size,
-            lambda tokenizer: load_eos_token_ids(config.model, tokenizer),
+            lambda tokenizer: load_eos_token_ids(config.model, tokenizer, config.generation_config),
             config.structured_outputs_compile_workers, config.structured_outputs_compile_timeout),
             hf_config.vocab_size, self.runner.config.max_num_seqs, self.runner.device)
         self._failed: list[EngineCoreOutput] = []   # error outputs of requests failed outside a step

@@ -47,8 +47,9 @@ class InputProcessor:
     @classmethod
     def for_engine(cls, config, tokenizer, vocab_size: int, max_model_len: int, num_blocks: int) -> "InputProcessor":
         """The offline Engine's and AsyncLLM's: the checkpoint's EOS ids, the config's limits."""
-        return cls(tokenizer, load_eos_token_ids(config.model, tokenizer), vocab_size, max_model_len,
-                   config.block_size, num_blocks, config.enable_prefix_caching, config.scheduling_policy,
+        eos = load_eos_token_ids(config.model, tokenizer, config.generation_config)
+        return cls(tokenizer, eos, vocab_size, max_model_len, config.block_size, num_blocks,
+                   config.enable_prefix_caching, config.scheduling_policy,
                    max_logprobs=config.logprobs_bound(vocab_size),
                    structured_outputs_config=config.structured_outputs_config)
 

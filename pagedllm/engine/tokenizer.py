@@ -50,23 +50,36 @@ def load_engine_tokenizer(config):
                           cache_dir=config.download_dir, token=config.hf_token)
 
 
-def load_eos_token_ids(model_dir: str, tokenizer) -> set[int]:
-    """tokenizer.eos_token_id (config.json's without a tokenizer: skip_tokenizer_init) plus
-    generation_config.json's eos_token_id, because chat models often end turns with a token (e.g.
-    <|eot_id|>) that only the generation config names."""
+def load_eos_token_ids(model_dir: str, tokenizer, generation_config: str = "auto") -> set[int]:
+    """tokenizer.eos_token_id (config.json's without a tokenizer: skip_tokenizer_init) plus the generation
+    config's eos_token_id, because chat models often end turns with a token (e.g. <|eot_id|>) that only the
+    generation config names. As vLLM's try_get_generation_config: the generation config is
+    generation_config.json of the model directory (auto, and vllm, which drops only its sampling defaults) or of
+    the directory --generation-config names; without that file, the same directory's config.json stands in for
+    it (transformers' GenerationConfig.from_model_config), so its eos_token_id ends an output too."""
     if tokenizer is None:
         eos = _eos_token_ids(os.path.join(model_dir, "config.json"))
     else:
         eos = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
-    return eos | _eos_token_ids(os.path.join(model_dir, "generation_config.json"))
+    source = model_dir if generation_config in ("auto", "vllm") else generation_config
+    path = os.path.join(source, "generation_config.json")
+    if os.path.isfile(path):
+        return eos | _eos_token_ids(path)
+    return eos | _eos_token_ids(os.path.join(source, "config.json"), decoder_fallback=True)
 
 
-def _eos_token_ids(path: str) -> set[int]:
-    """A JSON file's eos_token_id (an int or a list of them); none when the file or key is missing."""
+def _eos_token_ids(path: str, decoder_fallback: bool = False) -> set[int]:
+    """A JSON file's eos_token_id (an int or a list of them); none when the file or key is missing.
+    decoder_fallback: a config.json without one at the top takes its decoder's (text_config, decoder or
+    generator: from_model_config's)."""
     if not os.path.isfile(path):
         return set()
     with open(path) as f:
-        value = json.load(f).get("eos_token_id")
+        values = json.load(f)
+    value = values.get("eos_token_id")
+    if value is None and decoder_fallback:
+        inner = next((values[k] for k in ("decoder", "generator", "text_config") if values.get(k)), None)
+        value = inner.get("eos_token_id") if isinstance(inner, dict) else None
     return {int(t) for t in (value if isinstance(value, list) else [value]) if t is not None}
 
 

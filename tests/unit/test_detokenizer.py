@@ -262,6 +262,24 @@ def test_eos_ids_merge_tokenizer_and_generation_config(tmp_path):
         assert load_eos_token_ids(QWEN, load_tokenizer(QWEN)) == {151645, 151643}
 
 
+
+def test_eos_ids_of_the_generation_config_vllm_reads(tmp_path):
+    """vLLM's try_get_generation_config: without generation_config.json, config.json's eos_token_id (its
+    text_config's when it has none at the top) stands in for it; --generation-config DIR reads DIR's, where
+    auto and vllm read the model directory's."""
+    tok = load_tokenizer(DEMO)   # its EOS: 2
+    model, other = tmp_path / "model", tmp_path / "other"
+    model.mkdir(), other.mkdir()
+    (model / "config.json").write_text('{"eos_token_id": [2, 5]}')
+    assert load_eos_token_ids(str(model), tok) == {2, 5}
+    (model / "config.json").write_text('{"text_config": {"eos_token_id": 6}}')
+    assert load_eos_token_ids(str(model), tok) == {2, 6}
+    (model / "generation_config.json").write_text('{"eos_token_id": 7}')
+    assert load_eos_token_ids(str(model), tok) == {2, 7}   # the file wins over config.json
+    (other / "generation_config.json").write_text('{"eos_token_id": [8, 2]}')
+    assert load_eos_token_ids(str(model), tok, str(other)) == {2, 8}
+    assert load_eos_token_ids(str(model), tok, "vllm") == {2, 7}
+
 SHARED_CONFIGS = "/work/shared/model-configs"
 MORE_TOKENIZERS = [pytest.param(os.path.join(SHARED_CONFIGS, name), id=name,
                                 marks=pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_CONFIGS, name)),

@@ -119,3 +119,18 @@ def test_override_generation_config_flag(tmp_path, capsys):
     from pagedllm.cli import main
     assert main(["generate", "--override-generation-config", '{"max_new_tokens": 0}', "--max-model-len", "64"]) == 2
     assert "generation_config" in capsys.readouterr().err
+
+
+def test_generation_config_dir_names_the_eos_ids(tmp_path):
+    """vLLM takes the generation config's eos_token_id (stop ids past the tokenizer's EOS, each its output's
+    stop_reason) from the directory --generation-config names, not the model's."""
+    model = tmp_path / "demo"
+    shutil.copytree(DEMO_DIR, model)
+    greedy = SamplingParams(temperature=0.0, max_tokens=10)
+    llm = LLM(str(model), max_model_len=64, log_stats_interval=0)
+    ids = llm.generate(["Once upon a time"], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(ids) == 10 and 2 not in ids
+    other = _write(tmp_path / "other", {"eos_token_id": [2, ids[3]]})
+    out = LLM(str(model), max_model_len=64, log_stats_interval=0, generation_config=other).generate(
+        ["Once upon a time"], greedy, use_tqdm=False)[0].outputs[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == (ids[:4], "stop", ids[3])
