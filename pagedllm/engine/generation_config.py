@@ -44,9 +44,13 @@ def _read(model_dir: str, generation_config: str) -> tuple[dict, str]:
     directory = model_dir if generation_config == "auto" else generation_config
     path = os.path.join(directory, "generation_config.json")
     if not os.path.isfile(path):
-        if generation_config != "auto":
-            raise FileNotFoundError(f"generation_config {generation_config!r} has no generation_config.json")
-        return {}, "none (no generation_config.json in the model directory)"
+        # vLLM's: the directory's config.json stands in for the file (transformers' from_model_config, which takes
+        # no sampling parameter from it); a directory with neither is refused
+        if generation_config != "auto" and not os.path.isfile(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(f"generation_config {generation_config!r} has no generation_config.json "
+                                    "(nor a config.json)")
+        where = "the model directory" if generation_config == "auto" else repr(generation_config)
+        return {}, f"none (no generation_config.json in {where})"
     try:
         with open(path) as f:
             values = json.load(f)

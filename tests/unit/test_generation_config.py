@@ -33,6 +33,9 @@ def test_auto_vllm_and_dir(tmp_path, caplog):
     assert load_default_sampling_params(str(tmp_path), "auto") == {}   # no file: no defaults
     with pytest.raises(FileNotFoundError, match="generation_config .* has no generation_config.json"):
         load_default_sampling_params(model, str(tmp_path))
+    # vLLM's: a directory with a config.json but no generation_config.json gives no defaults, and no error
+    (tmp_path / "config.json").write_text('{"eos_token_id": 2, "temperature": 0.5}')
+    assert load_default_sampling_params(model, str(tmp_path)) == {}
 
 
 def test_demo_model_sets_no_sampling_defaults():
