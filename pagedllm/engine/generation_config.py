@@ -30,7 +30,10 @@ def load_default_sampling_params(model_dir: str, generation_config: str, overrid
         SamplingParams(**defaults)
     except ValueError as e:
         raise ValueError(f"generation_config: {source} sets a sampling default SamplingParams refuses: {e}") from e
-    if values or override:
+    if defaults and generation_config != "vllm":   # a warning, as vLLM's: the model changes what unset fields mean
+        logger.warning("sampling defaults from %s: %s (--generation-config vllm for SamplingParams' own)", source,
+                       defaults)
+    elif values or override:
         logger.info("sampling defaults from %s: %s", source, defaults or "none (it sets no sampling parameter)")
     else:
         logger.info("sampling defaults: %s", source)

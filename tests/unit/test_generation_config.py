@@ -28,6 +28,12 @@ def test_auto_vllm_and_dir(tmp_path, caplog):
         assert load_default_sampling_params(model, "auto") == {"temperature": 0.6, "top_p": 0.9, "top_k": 20,
                                                                "repetition_penalty": 1.1, "max_tokens": 7}
     assert "sampling defaults from" in caplog.text and "'temperature': 0.6" in caplog.text
+    # vLLM's is a warning where the defaults come from a file (not with --generation-config vllm)
+    assert [r.levelname for r in caplog.records if "sampling defaults from" in r.getMessage()] == ["WARNING"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pagedllm"):
+        assert load_default_sampling_params(model, "vllm", {"temperature": 0.3}) == {"temperature": 0.3}
+    assert [r.levelname for r in caplog.records if "sampling defaults from" in r.getMessage()] == ["INFO"]
     assert load_default_sampling_params(model, other) == {"temperature": 0.0, "min_p": 0.05}
     assert load_default_sampling_params(model, "vllm") == {}
     assert load_default_sampling_params(str(tmp_path), "auto") == {}   # no file: no defaults
