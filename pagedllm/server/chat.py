@@ -431,12 +431,14 @@ def _logprobs(req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
     as_ids = req.return_tokens_as_token_ids
     for token_id, position in zip(c.token_ids, c.logprobs or []):
         content.append({**_token(position[token_id], token_id, as_ids),
-                        "top_logprobs": [_token(p, tid, as_ids) for tid, p in islice(position.items(), k)]})
+                        "top_logprobs": [_token(p, tid, as_ids, True) for tid, p in islice(position.items(), k)]})
     return {"content": content}
 
 
-def _token(p: Logprob, token_id: int, as_ids: bool) -> dict:
-    """as_ids (return_tokens_as_token_ids, vLLM's): the token named "token_id:<id>"; bytes stay its text's."""
+def _token(p: Logprob, token_id: int, as_ids: bool, alternative: bool = False) -> dict:
+    """as_ids (return_tokens_as_token_ids, vLLM's): the token named "token_id:<id>"; the chosen token's bytes stay
+    its text's, an alternative's are its name's (vLLM 0.26 encodes the text there, the name here)."""
     text = p.decoded_token or ""
-    return {"token": f"token_id:{token_id}" if as_ids else text, "logprob": json_logprob(p.logprob),
-            "bytes": list(text.encode())}
+    token = f"token_id:{token_id}" if as_ids else text
+    return {"token": token, "logprob": json_logprob(p.logprob),
+            "bytes": list((token if alternative else text).encode())}

@@ -125,6 +125,23 @@ def test_top_logprobs_are_the_positions_first_entries_chosen_token_first():
         [["b", "a", "d"], ["z", "a", "b"]]
 
 
+def test_tokens_named_by_id_give_their_alternatives_the_names_bytes():
+    """return_tokens_as_token_ids, as vLLM 0.26's chat logprobs: the chosen token's bytes are its text's
+    (_create_chat_logprobs encodes decoded_token), each top_logprobs entry's those of the name it shows,
+    "token_id:<id>" (_get_top_logprobs encodes the token string it built)."""
+    position = {6: Logprob(-1.0, 1, "\u00e9"), 5: Logprob(-2.0, 2, "a")}
+    out = CompletionOutput(0, "\u00e9", [6], -1.0, [position], "length", None)
+    req = ChatCompletionRequest(messages=MESSAGES, stream=True, logprobs=True, top_logprobs=2,
+                                return_tokens_as_token_ids=True)
+    [entry] = chat._logprobs(req, out)["content"]
+    assert (entry["token"], entry["bytes"]) == ("token_id:6", [195, 169])
+    assert [(t["token"], t["bytes"]) for t in entry["top_logprobs"]] == \
+        [("token_id:6", list(b"token_id:6")), ("token_id:5", list(b"token_id:5"))]
+    req.return_tokens_as_token_ids = False   # by text: the text's bytes in both places
+    [entry] = chat._logprobs(req, out)["content"]
+    assert [t["bytes"] for t in entry["top_logprobs"]] == [[195, 169], [97]]
+
+
 def test_after_the_reasoning_each_step_is_content_even_empty():
     """vLLM's: once the reasoning ended (in an earlier step, or before the answer: thinking off), a step's text
     passes on as content without a tool parser, "" too: the EOS step that ends the answer is
