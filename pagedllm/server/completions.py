@@ -241,14 +241,16 @@ def _entry(lp: PositionLogprobs | None, token_id: int, as_ids: bool = False) -> 
     (a byte token); the text offsets then count those names, as vLLM's do."""
     if lp is None:   # the first prompt token has no logprob (_prompt_entries gives it its text)
         return f"token_id:{token_id}" if as_ids else "", None, None
+    # top: in the position's order (vLLM's): the chosen token, then the top ones by rank (or logprob_token_ids')
     if as_ids:
         return f"token_id:{token_id}", json_logprob(lp[token_id].logprob), {
-            f"token_id:{tid}": json_logprob(p.logprob)
-            for tid, p in sorted(lp.items(), key=lambda item: _rank(item[1]))}
+            f"token_id:{tid}": json_logprob(p.logprob) for tid, p in lp.items()}
     chosen = lp[token_id]
     top: dict[str, float] = {}
-    for p in sorted(lp.values(), key=_rank):   # tokens of the same text: the likeliest
-        top.setdefault(p.decoded_token, json_logprob(p.logprob))
+    for p in lp.values():   # tokens of the same text: the likeliest's logprob, where the first one stood
+        value = json_logprob(p.logprob)
+        if top.get(p.decoded_token, value) <= value:
+            top[p.decoded_token] = value
     return chosen.decoded_token, json_logprob(chosen.logprob), top
 
 
@@ -256,11 +258,6 @@ def json_logprob(logprob: float) -> float:
     """A logprob as JSON can carry it: -inf (a token a constraint, allowed_token_ids or bad_words ruled out, among
     the top-N) becomes -9999.0, as vLLM's; JSON has no infinity."""
     return max(logprob, -9999.0)
-
-
-def _rank(p) -> float:
-    """Unranked entries (logprob_token_ids') after the chosen token, in their order (a stable sort)."""
-    return p.rank if p.rank is not None else float("inf")
 
 
 def _prompt_entries(out: RequestOutput, num_top: int, as_ids: bool = False, first_token_text: str = "") -> list:

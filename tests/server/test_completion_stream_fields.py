@@ -3,6 +3,7 @@ which fields a chunk's choice carries, null or not, and its logprobs' text offse
 outputs of test_chunk_json (no server)."""
 import json
 
+from pagedllm.outputs import Logprob
 from pagedllm.server import completions
 from pagedllm.server.protocol import CompletionRequest
 from pagedllm.server.serving import merge
@@ -68,3 +69,17 @@ def test_an_echoed_choices_first_chunk_has_the_prompts_ids():
             assert choice["token_ids"] is None
         assert firsts == {index: [1, 2, 3] for index in range(2 * n)}   # the fake outputs' prompt
         assert sum(c["prompt_token_ids"] is not None for c in choices) == 2 * n
+
+
+def test_top_logprobs_keys_keep_the_positions_order_chosen_token_first():
+    """vLLM 0.26's completion top_logprobs dict is built in the order the engine lists a position: the chosen
+    token, then the top ones by rank. A sampled token ranked 3rd is the dict's first key (ours sorted by rank,
+    so it came last). Tokens of the same text keep the likeliest logprob, where vLLM's comprehension keeps
+    the last one written."""
+    position = {9: Logprob(-3.0, 3, "c"), 5: Logprob(-0.5, 1, "a"), 6: Logprob(-1.0, 2, "b")}
+    token, logprob, top = completions._entry(position, 9)
+    assert (token, logprob, list(top.items())) == ("c", -3.0, [("c", -3.0), ("a", -0.5), ("b", -1.0)])
+    _, _, top = completions._entry(position, 9, as_ids=True)
+    assert list(top) == ["token_id:9", "token_id:5", "token_id:6"]
+    same_text = {9: Logprob(-3.0, 3, "\ufffd"), 5: Logprob(-0.5, 1, "a"), 6: Logprob(-1.0, 2, "\ufffd")}
+    assert list(completions._entry(same_text, 9)[2].items()) == [("\ufffd", -1.0), ("a", -0.5)]
