@@ -244,4 +244,3 @@ def reasoning_opened_in(prompt_ids: list[int], start_id: int | None, end_id: int
     """The prompt leaves a thinking block open: the last of the two tags in it is the start tag, within the last
     turn (after the last turn_id: a tag the user wrote is not the answer's)."""
     return start_id is not None and _last_tag(prompt_ids, start_id, end_id, turn_id) == start_id
-    return False
