@@ -10,7 +10,6 @@ import numpy as np
 
 HEADERS = {"ttft": ("TTFT", "Time to First Token"), "tpot": ("TPOT", "Time per Output Token (excl. 1st token)"),
            "itl": ("ITL", "Inter-token Latency"), "e2el": ("E2EL", "End-to-end Latency")}
-DETAILED = ("input_lens", "output_lens", "ttfts", "itls", "start_times", "errors")
 
 
 def build(args: argparse.Namespace, model_id: str, tokenizer_id: str | None, input_lens: list[int],
