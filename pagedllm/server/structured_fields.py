@@ -15,9 +15,6 @@ from pagedllm.structured_output.params import StructuredOutputsParams
 
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 BACKENDS = ("xgrammar", "auto")   # xgrammar is the one grammar engine; "auto" chooses it
-# vLLM's structured_outputs keys that are not constraints: disable_fallback (there is no other backend to fall
-# back to: always honoured), whitespace_pattern (only null: xgrammar takes no whitespace pattern).
-_SO_OPTIONS = ("disable_fallback", "whitespace_pattern")
 
 
 def structured_outputs(req) -> tuple[StructuredOutputsParams | None, str | None]:
@@ -149,7 +146,7 @@ def _from_structured_outputs(value: dict[str, Any]) -> StructuredOutputsParams:
     if value.pop("whitespace_pattern", None) is not None:
         raise ValueError("SamplingParams.structured_outputs.whitespace_pattern must be null (xgrammar takes no "
                          "whitespace pattern; disable_any_whitespace allows single spaces only), got a pattern")
-    fallback = value.pop("disable_fallback", None)
+    fallback = value.pop("disable_fallback", None)   # no other backend to fall back to: always honoured
     if fallback is not None and not isinstance(fallback, bool):
         raise ValueError(f"SamplingParams.structured_outputs.disable_fallback must be bool, "
                          f"got {type(fallback).__name__}")
