@@ -113,15 +113,16 @@ def _require(path: Path, what: str) -> Path:
 
 
 @torch.no_grad()
-def _init_dummy(model: nn.Module, seed: int = 0) -> None:
+def _init_dummy(model: nn.Module) -> None:
     """Random weights of the right shapes, like vLLM's dummy format: U(-1e-3, 1e-3), norms 1 + U(-1e-3, 1e-3).
-    One generator per tensor, seeded in order, so the values do not depend on what else ran."""
+    One generator per tensor, seeded with its index, so the values do not depend on what else ran (and
+    _dummy_tensors gives the same ones)."""
     norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     fp8_layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     fp8_params = {id(p) for m in fp8_layers for p in m.parameters()}
     by_weight = {id(m.weight): m for m in fp8_layers}
     for i, (_, param) in enumerate(model.named_parameters()):
-        gen = torch.Generator(device=param.device).manual_seed(seed + i)
+        gen = torch.Generator(device=param.device).manual_seed(i)
         if id(param) in by_weight:   # float weights quantized; the layer fills its scales and bias with them
             by_weight[id(param)].fill_dummy(gen)
         if id(param) in fp8_params:
