@@ -266,13 +266,13 @@ class EngineCore:
             self.speculator.observe(req_id, len(proposed), len(result.sampled_token_ids[req_id]) - 1)
         return outputs, stats
 
-    def _wait_for_workers(self, seconds: float = 0.05):
-        """Blocks until a grammar compiles or an adapter is read (or `seconds` pass: the core process reads its
-        pipe between steps)."""
+    def _wait_for_workers(self):
+        """Blocks until a grammar compiles or an adapter is read (or 50 ms pass: the core process reads its pipe
+        between steps)."""
         futures = [req.grammar.future for req in self.scheduler.compiling]
         if self._lora_loading:
             futures += [load.future for load in self.lora_loader.pending.values()]
-        concurrent.futures.wait(futures, timeout=seconds, return_when=concurrent.futures.FIRST_COMPLETED)
+        concurrent.futures.wait(futures, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _sample_constrained(self, sched_out: SchedulerOutput, pending: PendingOutput) -> list[EngineCoreOutput]:
         """A launched step with rows under a grammar: the step before it is applied now (its tokens are the
