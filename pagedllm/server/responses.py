@@ -82,8 +82,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     if req.background:
         queued = {**head, "status": "queued"}
         ctx.responses.put(StoredResponse(queued, conversation))
-        ctx.responses.running[head["id"]] = asyncio.ensure_future(_run_detached(ctx, chat, req, head, encrypted,
-                                                                                keep))
+        ctx.responses.running[head["id"]] = asyncio.ensure_future(_run_detached(ctx, chat, head, encrypted, keep))
         return queued
     answer = await _chat_completion(ctx, chat, raw_request)
     if isinstance(answer, SSEResponse):
@@ -95,8 +94,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
     return response
 
 
-async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, req: ResponsesRequest, head: dict,
-                        encrypted: bool, keep):
+async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, head: dict, encrypted: bool, keep):
     """A background response's work: the chat completion, then the response kept as it ended (completed,
     incomplete, failed with the error, or cancelled)."""
     response_id = head["id"]
