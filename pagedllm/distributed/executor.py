@@ -117,7 +117,10 @@ class MultiprocExecutor:
         close before its exit is reported, so the collective that failed on them can come first (seen in CI under
         load: rank 0 read "Connection reset by peer" while the worker still looked alive)."""
         if wait:
-            multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=wait)
+            ready = multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=wait)
+            for proc in self.procs:   # a sentinel is ready as the process's files close, before it can be reaped:
+                if proc.sentinel in ready:   # join reaps it (is_alive() alone could still say alive; seen in CI)
+                    proc.join(wait)
         for rank, proc in enumerate(self.procs, start=1):
             if not proc.is_alive():
                 self.noticed = True
