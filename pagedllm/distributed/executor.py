@@ -116,18 +116,17 @@ class MultiprocExecutor:
         """wait: how long to wait for a worker to be seen dead, after a failed call. A killed worker's sockets
         close before its exit is reported, so the collective that failed on them can come first (seen in CI under
         load: rank 0 read "Connection reset by peer" while the worker still looked alive)."""
-        if wait:
-            ready = multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=wait)
-            for proc in self.procs:   # a sentinel is ready as the process's files close, before it can be reaped:
-                if proc.sentinel in ready:   # join reaps it (is_alive() alone could still say alive; seen in CI)
-                    proc.join(wait)
+        # A ready sentinel is a worker that exited. is_alive() alone can still say alive then: the monitor thread
+        # may be reaping it, and this thread's waitpid finds no child until the monitor stores the exit code (CI)
+        ready = multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=wait)
         for rank, proc in enumerate(self.procs, start=1):
-            if not proc.is_alive():
+            if proc.sentinel in ready or not proc.is_alive():
                 self.noticed = True
+                code = _exit_code(proc)
                 why = (": a step call failed on it and not on rank 0 (its log says which), so its collectives were "
-                       "out of step" if proc.exitcode == OUT_OF_STEP_EXIT_CODE else "")
+                       "out of step" if code == OUT_OF_STEP_EXIT_CODE else "")
                 raise WorkerDiedError(f"tensor-parallel worker rank {rank} (pid {proc.pid}) died with exit code "
-                                      f"{proc.exitcode}{why}: the engine cannot run without its part of the model")
+                                      f"{code}{why}: the engine cannot run without its part of the model")
 
     def _monitor(self):
         """Waits for a worker's death; unless the engine notices and stops, ends this process after a grace."""
@@ -154,6 +153,14 @@ class MultiprocExecutor:
                 proc.kill()
         for conn in self.conns:
             conn.close()
+
+
+def _exit_code(proc: multiprocessing.Process, seconds: float = 1.0) -> int | None:
+    """A dead worker's exit code, once the thread reaping it (maybe the monitor's) has stored it."""
+    deadline = time.monotonic() + seconds
+    while proc.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return proc.exitcode
 
 
 class TPRunner:
