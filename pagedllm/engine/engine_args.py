@@ -3,8 +3,10 @@ for vLLM build their engine: the engine arguments LLM(...) takes (EngineConfig's
 each taken with vLLM's meaning or refused naming it: vllm_flags.py), and the ones of vLLM's AsyncLLM itself."""
 import dataclasses
 
-from pagedllm.config import DEMO_MODEL, EngineConfig
+from pagedllm.config import DEMO_MODEL, EngineConfig, config_fields
 from pagedllm.vllm_flags import check_vllm_kwargs
+
+_DEFAULTS = {name: default for name, _, default, _ in config_fields(EngineConfig)}
 
 # vLLM's engine arguments that this project gives the AsyncLLM, not its EngineConfig (the name there)
 ASYNC_LLM_ARGS = {"stream_interval": "stream_interval", "enable_log_requests": "log_requests"}
@@ -26,13 +28,15 @@ class AsyncEngineArgs:
             self.engine_args[name] = value
 
     def __getattr__(self, name: str):
-        """An argument given (at construction or set since); one not given has no value here (its default is
-        decided when the engine is built: create_engine_config())."""
+        """An argument given (at construction or set since), else EngineConfig's default for it, as vLLM's
+        dataclass reads (`engine_args.max_model_len` is None until set: the model's own, decided at build)."""
         engine_args = self.__dict__.get("engine_args", {})
         if name in engine_args:
             return engine_args[name]
-        raise AttributeError(f"AsyncEngineArgs has no {name!r}: not given (its default is decided when the engine "
-                             f"is built; create_engine_config() holds the values used)")
+        if name in _DEFAULTS:
+            return _DEFAULTS[name]
+        raise AttributeError(f"AsyncEngineArgs has no {name!r}: not given, and not an engine argument here "
+                             f"(create_engine_config() holds the values used)")
 
     def __repr__(self) -> str:
         return f"AsyncEngineArgs(model={self.model!r}, **{self.engine_args!r})"

@@ -40,8 +40,12 @@ def test_an_argument_set_after_construction_is_taken_as_vllms():
     args.not_an_engine_argument = 1   # judged with the others when the engine is built, not dropped
     with pytest.raises((TypeError, ValueError), match="not_an_engine_argument"):
         args.create_engine_config()
-    with pytest.raises(AttributeError, match="'enforce_eager': not given"):
-        AsyncEngineArgs("m").enforce_eager
+    # an argument not given reads as its default, as vLLM's dataclass fields do (it raised AttributeError)
+    unset = AsyncEngineArgs("m")
+    assert (unset.enforce_eager, unset.max_model_len) == (False, None)
+    assert unset.gpu_memory_utilization == unset.create_engine_config().gpu_memory_utilization
+    with pytest.raises(AttributeError, match="'not_an_engine_argument': not given, and not an engine argument"):
+        unset.not_an_engine_argument
 
 
 def test_create_engine_config_takes_vllms_arguments():
