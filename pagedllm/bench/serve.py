@@ -144,11 +144,11 @@ def _workload(args: argparse.Namespace, model: str):
     if args.workload != "random":
         return build(args.workload)
     return random_workload(args.num_requests or 1000, args.random_input_len, args.random_output_len,
-                           args.random_range_ratio, args.seed, _vocab_size(args.tokenizer, model),
+                           args.random_range_ratio, args.seed, vocab_size(args.tokenizer, model),
                            args.random_prefix_len)
 
 
-def _vocab_size(tokenizer: str | None, model: str) -> int | None:
+def vocab_size(tokenizer: str | None, model: str) -> int | None:
     """The vocabulary of --tokenizer, else of the model where its API name is a local folder (pagedllm serve
     DIR names it DIR); None: unknown."""
     source = tokenizer or (model if os.path.isdir(model) else None)
@@ -247,7 +247,7 @@ def _report(args, workload: str, model: str, prompts, results: list[RequestResul
     ok = [r for r in results if r.ok]
     num_out = sum(r.num_output_tokens for r in ok)
     num_in = sum(r.num_prompt_tokens or len(p) for p, r in zip(prompts, results) if r.ok)   # text: the server's
-    tpots = [(r.latency - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
+    values = serve_result.metric_values(ok)
     rate = "inf" if args.request_rate == float("inf") else args.request_rate   # JSON has no infinity
     report = {"workload": workload, "model": model, "json_schemas": args.json_schemas, "base_url": args.base_url,
               "sampling": args.sampling, **({"sampling_overrides": args.sampling_overrides}
@@ -258,13 +258,12 @@ def _report(args, workload: str, model: str, prompts, results: list[RequestResul
               "failed": len(results) - len(ok), "duration_s": round(duration, 2),
               "req_s": round(len(ok) / duration, 2), "output_tok_s": round(num_out / duration, 1),
               "total_tok_s": round((num_in + num_out) / duration, 1), "output_tokens": num_out}
-    for name, values in (("ttft", [r.ttft for r in ok]), ("tpot", tpots),
-                         ("itl", [x for r in ok for x in r.itls])):
-        ms = np.array(values) * 1000 if values else np.array([np.nan])
+    for name in ("ttft", "tpot", "itl"):
+        ms = np.array(values[name]) * 1000 if values[name] else np.array([np.nan])
         report.update({f"{name}_ms_mean": round(float(ms.mean()), 2),
                        f"{name}_ms_p50": round(float(np.percentile(ms, 50)), 2),
                        f"{name}_ms_p99": round(float(np.percentile(ms, 99)), 2)})
-    report["itl_ms_max"] = round(max((x for r in ok for x in r.itls), default=0.0) * 1000, 2)
+    report["itl_ms_max"] = round(max(values["itl"], default=0.0) * 1000, 2)
     report.update(_chunk_stats(ok))
     if len(ok) < len(results):
         report["first_error"] = next(r.error for r in results if not r.ok)

@@ -32,8 +32,7 @@ def build(args: argparse.Namespace, model_id: str, tokenizer_id: str | None, inp
         result.update(input_lens=input_lens, output_lens=[r.num_output_tokens for r in results],
                       ttfts=[r.ttft for r in results], itls=[r.itls for r in results],
                       start_times=[r.start_time for r in results], errors=[r.error for r in results])
-    values = {"ttft": [r.ttft for r in ok], "itl": [x for r in ok for x in r.itls], "e2el": [r.latency for r in ok],
-              "tpot": [(r.latency - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]}
+    values = metric_values(ok)
     for name in args.percentile_metrics:
         ms = np.array(values[name] or [0.0]) * 1000   # vLLM's figures of no value: 0
         result.update({f"mean_{name}_ms": float(ms.mean()), f"median_{name}_ms": float(np.median(ms)),
@@ -41,6 +40,13 @@ def build(args: argparse.Namespace, model_id: str, tokenizer_id: str | None, inp
         for p in args.metric_percentiles:
             result[f"p{_p_word(p)}_{name}_ms"] = float(np.percentile(ms, p))
     return result
+
+
+def metric_values(ok: list) -> dict[str, list[float]]:
+    """Seconds per metric over the requests that completed: bench serve's own report and vLLM's result read these.
+    TPOT: (latency - TTFT) / (output tokens - 1) a request; ITL: every gap between its chunks."""
+    return {"ttft": [r.ttft for r in ok], "itl": [x for r in ok for x in r.itls], "e2el": [r.latency for r in ok],
+            "tpot": [(r.latency - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]}
 
 
 def _p_word(p: float) -> str:

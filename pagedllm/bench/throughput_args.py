@@ -60,13 +60,10 @@ def check(args: argparse.Namespace):
 def random_requests(args: argparse.Namespace, engine_kwargs: dict) -> Workload:
     input_len = args.random_input_len or args.input_len
     output_len = args.random_output_len or args.output_len or 128
+    from pagedllm.bench.serve import vocab_size
+    vocab = vocab_size(engine_kwargs.get("tokenizer") or engine_kwargs["model"], "")
     return random_workload(args.num_prompts, input_len, output_len, args.random_range_ratio, engine_kwargs["seed"],
-                           _vocab_size(engine_kwargs), args.random_prefix_len)
-
-
-def _vocab_size(engine_kwargs: dict) -> int | None:
-    from pagedllm.bench.serve import _vocab_size
-    return _vocab_size(engine_kwargs.get("tokenizer") or engine_kwargs["model"], "")
+                           vocab, args.random_prefix_len)
 
 
 def print_vllm_lines(result: dict):

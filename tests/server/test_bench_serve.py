@@ -60,12 +60,12 @@ def test_request_body_sends_sampling_fields_only_when_plain():
 
 def test_vocab_size_from_tokenizer_or_a_local_model_folder(tiny_model_dirs, tmp_path):
     folder = tiny_model_dirs["llama"]
-    assert bench_serve._vocab_size(None, folder) == 512            # pagedllm serve DIR: the API name is DIR
-    assert bench_serve._vocab_size(folder, "tiny") == 512
-    assert bench_serve._vocab_size(None, "tiny") is None            # a name only: ids below 10,000 as before
-    assert bench_serve._vocab_size(None, str(tmp_path)) is None     # a folder without a tokenizer
+    assert bench_serve.vocab_size(None, folder) == 512            # pagedllm serve DIR: the API name is DIR
+    assert bench_serve.vocab_size(folder, "tiny") == 512
+    assert bench_serve.vocab_size(None, "tiny") is None            # a name only: ids below 10,000 as before
+    assert bench_serve.vocab_size(None, str(tmp_path)) is None     # a folder without a tokenizer
     with pytest.raises(ValueError, match="--tokenizer"):
-        bench_serve._vocab_size(str(tmp_path / "missing"), "tiny")
+        bench_serve.vocab_size(str(tmp_path / "missing"), "tiny")
 
 
 def test_vllm_flags_save_vllms_result_file(server, tiny_model_dirs, capsys, tmp_path):
