@@ -15,11 +15,28 @@ SAMPLING_FLAGS = (("temperature", float), ("top_p", float), ("top_k", int), ("mi
                   ("frequency_penalty", float), ("presence_penalty", float), ("repetition_penalty", float))
 
 
-def add_vllm_args(parser: argparse.ArgumentParser):
+def add_dataset_args(parser: argparse.ArgumentParser):
+    """vLLM's dataset flags, for bench serve and bench throughput alike (refuse_other_datasets checks them)."""
     parser.add_argument("--dataset-name", default=None, choices=VLLM_DATASETS,
                         help="vLLM's dataset; only random is built here (the default where --workload is not "
                              "given); the others are refused")
-    parser.add_argument("--dataset-path", default=None, help="refused: no file or hub dataset is read here")
+    parser.add_argument("--dataset-path", "--dataset", default=None,
+                        help="refused: no file or hub dataset is read here")
+
+
+def refuse_other_datasets(args: argparse.Namespace, command: str):
+    """Only random prompts (or --workload) are built: another dataset is refused, naming the flag, rather than
+    quietly replaced by random prompts."""
+    if args.dataset_name not in (None, "random"):
+        raise ValueError(f"--dataset-name {args.dataset_name} is not built in pagedllm bench {command}: use random "
+                         f"(vLLM's default) or --workload W1|W2|W3|W4")
+    if args.dataset_path is not None:
+        raise ValueError(f"--dataset-path {args.dataset_path}: no dataset file is read here (random prompts, or "
+                         f"--workload W1|W2|W3|W4)")
+
+
+def add_vllm_args(parser: argparse.ArgumentParser):
+    add_dataset_args(parser)
     parser.add_argument("--input-len", type=int, default=None, help="as --random-input-len (vLLM's general flag)")
     parser.add_argument("--output-len", type=int, default=None, help="as --random-output-len (vLLM's general flag)")
     parser.add_argument("--random-prefix-len", type=int, default=0,
@@ -61,11 +78,7 @@ def add_vllm_args(parser: argparse.ArgumentParser):
 def resolve(args: argparse.Namespace):
     """vLLM's flags folded into the ones bench serve runs by; a flag that cannot be honoured is a ValueError
     naming it."""
-    if args.dataset_name not in (None, "random"):
-        raise ValueError(f"--dataset-name {args.dataset_name} is not built in pagedllm bench serve: use random "
-                         f"(vLLM's default) or --workload W1|W2|W3|W4")
-    if args.dataset_path is not None:
-        raise ValueError(f"--dataset-path {args.dataset_path}: no dataset file is read here (random prompts only)")
+    refuse_other_datasets(args, "serve")
     if args.dataset_name == "random" and args.workload not in (None, "random"):
         raise ValueError(f"--dataset-name random and --workload {args.workload} name different prompts")
     args.workload = args.workload or "random"   # vLLM's default dataset

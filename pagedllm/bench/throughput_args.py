@@ -7,16 +7,14 @@ random ids, every request generating exactly its output length (ignore_eos, temp
 import argparse
 import sys
 
-from pagedllm.bench.serve_args import VLLM_DATASETS
+from pagedllm.bench.serve_args import add_dataset_args, refuse_other_datasets
 from pagedllm.bench.workloads import Workload, random_workload
 
 BACKENDS = ("vllm",)   # vLLM's hf, mii and vllm-chat backends are not built (--engine hf is the paper's baseline)
 
 
 def add_vllm_args(parser: argparse.ArgumentParser):
-    parser.add_argument("--dataset-name", default=None, choices=VLLM_DATASETS,
-                        help="only random is built (vLLM's default where no --dataset-path is given)")
-    parser.add_argument("--dataset-path", "--dataset", default=None, help="refused: no dataset file is read here")
+    add_dataset_args(parser)
     parser.add_argument("--backend", default="vllm", help="vllm (this engine); vLLM's others are refused")
     parser.add_argument("--input-len", type=int, default=None, help="random: prompt tokens")
     parser.add_argument("--output-len", type=int, default=None, help="random: output tokens (default 128)")
@@ -37,12 +35,7 @@ def check(args: argparse.Namespace):
     if args.backend not in BACKENDS:
         raise ValueError(f"--backend {args.backend} is not built: vllm (this engine); --engine hf times "
                          f"transformers generate instead")
-    if args.dataset_path is not None:
-        raise ValueError(f"--dataset-path {args.dataset_path}: no dataset file is read here (random prompts, or "
-                         f"--workload W1|W2|W3|W4)")
-    if args.dataset_name not in (None, "random"):
-        raise ValueError(f"--dataset-name {args.dataset_name} is not built in pagedllm bench throughput: random, "
-                         f"or --workload W1|W2|W3|W4")
+    refuse_other_datasets(args, "throughput")
     if args.n < 1 or (args.n > 1 and args.engine == "hf"):
         raise ValueError(f"--n must be >= 1 (1 with --engine hf), got {args.n}")
     if args.workload is not None:
