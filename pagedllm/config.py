@@ -19,7 +19,7 @@ _PREEMPTION_MODES = ("recompute", "swap", "offload")
 _SWAP_SPACE_GIB = 4.0   # vLLM V0's default for the same pool
 _KV_OFFLOADING_BACKENDS = ("native",)   # vLLM's other one, lmcache, is not built
 _SCHEDULING_POLICIES = ("fcfs", "priority")
-_QUANTIZATIONS = ("fp8",)
+QUANTIZATIONS = ("fp8",)
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _EXECUTOR_BACKENDS = ("mp", "ray")
 _LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")   # vLLM's CLI takes the first three, its Python any
@@ -62,7 +62,7 @@ class EngineConfig:
                                         "at load, or as a pre-quantized fp8 / compressed-tensors checkpoint "
                                         "stores them), activations per token, GEMMs on FP8 tensor cores "
                                         "(emulated on CPU); None = the checkpoint's own quantization_config "
-                                        "if any, else none", choices=_QUANTIZATIONS, aliases=["-q"])
+                                        "if any, else none", choices=QUANTIZATIONS, aliases=["-q"])
     kv_cache_dtype: str = _f("auto", "KV cache element type: auto = the model dtype; fp8 (= fp8_e4m3): "
                                      "float8_e4m3 with a scale per layer (the checkpoint's k_scale/v_scale, "
                                      "else 1.0), half the bytes of bf16", choices=_KV_CACHE_DTYPES)
@@ -145,7 +145,8 @@ class EngineConfig:
                                                "fall back to)", python_types=(str, dict))
     speculative_config: str | None = _f(None, "speculative decoding, a JSON object with vLLM's keys: method "
                                         "(ngram or draft_model), num_speculative_tokens, prompt_lookup_min/max "
-                                        "(ngram), model (draft_model), rejection_sample_method (standard or "
+                                        "(ngram), model and quantization (draft_model: the draft's own, not "
+                                        "--quantization), rejection_sample_method (standard or "
                                         "synthetic, with synthetic_acceptance_rate(s)), disable_by_batch_size, "
                                         "max_step_tokens; vLLM's other keys where they ask for what runs "
                                         "here; None = off",
@@ -182,7 +183,7 @@ class EngineConfig:
         check_types(self)
         self._merge_spec_aliases()
         _check(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
-        _check(self.quantization in (None, *_QUANTIZATIONS), "quantization", f"None or one of {_QUANTIZATIONS}",
+        _check(self.quantization in (None, *QUANTIZATIONS), "quantization", f"None or one of {QUANTIZATIONS}",
                self.quantization)
         _check(self.kv_cache_dtype in _KV_CACHE_DTYPES, "kv_cache_dtype", f"one of {_KV_CACHE_DTYPES}",
                self.kv_cache_dtype)

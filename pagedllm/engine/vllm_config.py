@@ -242,7 +242,7 @@ def _speculative_config(c, target: ModelConfig) -> SpeculativeConfig | None:
         return SpeculativeConfig(spec.method, spec.num_speculative_tokens, "ngram", spec.prompt_lookup_min,
                                  spec.prompt_lookup_max, target, target, spec.rejection_sample_method)
     return SpeculativeConfig(spec.method, spec.num_speculative_tokens, spec.model, 0, 0,
-                             _draft_model_config(target, spec.model, c.quantization), target,
+                             _draft_model_config(target, spec.model, spec.quantization), target,
                              spec.rejection_sample_method)
 
 

@@ -3,6 +3,7 @@ import json
 import os
 from dataclasses import dataclass, fields
 
+from pagedllm.config import QUANTIZATIONS
 from pagedllm.field_types import check_types
 from pagedllm.spec_decode.vllm_keys import take_vllm_keys, vllm_method
 
@@ -21,6 +22,9 @@ class SpeculativeConfig:
     method: str
     num_speculative_tokens: int
     model: str | None = None                 # draft_model: the draft checkpoint (same tokenizer and vocabulary)
+    # draft_model: the draft's own quantization (fp8: quantized at load); None: its checkpoint's quantization_config
+    # if any, else none. As vLLM's, the target's --quantization is not the draft's
+    quantization: str | None = None
     prompt_lookup_min: int | None = None     # ngram: shortest suffix matched
     prompt_lookup_max: int | None = None     # ngram: longest suffix matched (tried first)
     rejection_sample_method: str = "standard"  # synthetic: accept with fixed rates (benchmarks on dummy weights)
@@ -48,6 +52,9 @@ class SpeculativeConfig:
                    "the draft checkpoint's directory (an existing one) with method draft_model", self.model)
             for name in ("prompt_lookup_min", "prompt_lookup_max"):
                 _check(getattr(self, name) is None, name, "unset with method draft_model", getattr(self, name))
+        # vLLM ignores it without a draft model; here a key that changes nothing is refused
+        _check(self.quantization is None or (self.method == "draft_model" and self.quantization in QUANTIZATIONS),
+               "quantization", f"None, or one of {QUANTIZATIONS} with method draft_model", self.quantization)
         if self.rejection_sample_method == "strict":   # pagedllm's name for it before vLLM's
             self.rejection_sample_method = "standard"
         _check(self.rejection_sample_method in _REJECTION_METHODS, "rejection_sample_method",

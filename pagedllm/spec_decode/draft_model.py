@@ -54,7 +54,7 @@ class DraftModel:
             raise ValueError(f"speculative_config: model {spec.model!r} must have the target's vocabulary "
                              f"({target_hf_config.vocab_size} tokens), got {self.hf_config.vocab_size}")
         self.model = load_model(spec.model, self.hf_config, dtype, device, config.load_format,
-                                config.quantization)
+                                spec.quantization)   # its own, not the target's --quantization (as vLLM)
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(self.hf_config)
         if device.type == "cuda":   # batch-1 passes are launch-bound: all four linears fused (W5 -4% on an H100)
             use_small_m(self.model, SMALL_M_OPS)

@@ -19,7 +19,6 @@ NEUTRAL = {
     "draft_tensor_parallel_size": ((None, 1), _TP),
     "tensor_parallel_size": ((None,), "vLLM's spelling is draft_tensor_parallel_size (vLLM refuses this key too)"),
     "disable_padded_drafter_batch": ((False, True), ""),   # vLLM: only EAGLE's drafter pads; either runs the same
-    "quantization": ((None,), "the draft model loads as the target does (the engine's --quantization)"),
     "max_model_len": ((None,), "a draft max_model_len below the target's (skipping speculation past it) is not "
                                 "built: the draft runs to the target's max_model_len"),
     "revision": ((None,), "the draft model is a local directory (no hub revision to pick)"),

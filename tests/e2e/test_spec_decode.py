@@ -278,3 +278,30 @@ def test_abort_mid_speculation_frees_everything(tiny_model_dirs):
     assert all(len(o.outputs[0].token_ids) == 200 for o in finished.values())
     stats = engine.get_stats()
     assert stats.num_blocks_free == stats.num_blocks_total
+
+
+def _linear_kinds(model) -> set[str]:
+    from pagedllm.layers.quantization.fp8_linear import Fp8Linear
+    layer = model.model.layers[0]
+    return {"fp8" if isinstance(m, Fp8Linear) else str(m.weight.dtype) for m in (layer.mlp.down_proj,
+                                                                                   layer.self_attn.o_proj)}
+
+
+@pytest.mark.parametrize("draft_quantization, kinds", [(None, {"torch.float32"}), ("fp8", {"fp8"})])
+def test_the_drafts_quantization_is_its_own_not_the_targets(tiny_model_dirs, draft_quantization, kinds):
+    """As vLLM's: --quantization fp8 quantizes the target; the draft takes speculative_config's quantization (else
+    its checkpoint's). Under --quantization fp8 the draft was quantized too, and its quantization key refused."""
+    d = tiny_model_dirs["llama"]
+    spec = {**draft(d, k=2), "quantization": draft_quantization}
+    llm = LLM(d, dtype="float32", device="cpu", log_stats_interval=0, quantization="fp8", speculative_config=spec)
+    runner = llm.engine.runner
+    assert _linear_kinds(runner.model) == {"fp8"}
+    assert _linear_kinds(runner.draft.model) == kinds
+    assert llm.engine.vllm_config.speculative_config.draft_model_config.quantization == draft_quantization
+    out = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 6 for o in out)
+
+
+def test_a_draft_quantization_without_a_draft_model_is_refused():
+    with pytest.raises(ValueError, match="speculative_config: quantization must be None, or one of .*draft_model"):
+        LLM(dtype="float32", device="cpu", speculative_config={**NGRAM, "quantization": "fp8"})

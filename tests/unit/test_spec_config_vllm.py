@@ -44,7 +44,7 @@ def test_vllms_keys_that_ask_for_what_runs_here_are_taken(key, value):
 
 @pytest.mark.parametrize("key, value, why", [
     ("draft_tensor_parallel_size", 2, "one rank"), ("draft_tensor_parallel_size", True, "one rank"),
-    ("quantization", "fp8", "--quantization"), ("max_model_len", 64, "max_model_len"),
+    ("max_model_len", 64, "max_model_len"),
     ("revision", "main", "local directory"), ("code_revision", "v1", "local directory"),
     ("draft_sample_method", "probabilistic", "greedily"), ("use_heterogeneous_vocab", True, "vocabulary"),
     ("tensor_parallel_size", 1, "draft_tensor_parallel_size"), ("enforce_eager", True, "enforce-eager")])
