@@ -4,8 +4,9 @@ from pagedllm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "AsyncLLMEngine", "AsyncEngineArgs", "SamplingParams", "BeamSearchParams",
-           "RequestOutput", "CompletionOutput", "EngineConfig", "LoRARequest", "TextPrompt", "TokensPrompt"]
+__all__ = ["LLM", "AsyncLLM", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs", "FlexibleArgumentParser",
+           "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "EngineConfig", "LoRARequest",
+           "TextPrompt", "TokensPrompt"]
 
 
 def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free of import cycles
@@ -15,9 +16,12 @@ def __getattr__(name):  # lazy, so that `import pagedllm` stays light and free o
     if name in ("AsyncLLM", "AsyncLLMEngine"):   # vLLM's AsyncLLMEngine is its AsyncLLM, by another name
         from pagedllm.engine.async_llm import AsyncLLM
         return AsyncLLM
-    if name == "AsyncEngineArgs":
-        from pagedllm.engine.engine_args import AsyncEngineArgs
-        return AsyncEngineArgs
+    if name in ("EngineArgs", "AsyncEngineArgs"):
+        from pagedllm.engine import engine_args
+        return getattr(engine_args, name)
+    if name == "FlexibleArgumentParser":   # vLLM's is vllm.utils.argparse_utils'
+        from pagedllm.vllm_argv import FlexibleArgumentParser
+        return FlexibleArgumentParser
     if name in ("RequestOutput", "CompletionOutput"):
         from pagedllm import outputs
         return getattr(outputs, name)

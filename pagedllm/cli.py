@@ -22,9 +22,12 @@ def add_engine_args(parser: argparse.ArgumentParser):
     add_config_args(parser, EngineConfig, "engine")
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, title: str):
+def add_config_args(parser: argparse.ArgumentParser, cls, title: str, only: tuple[str, ...] | None = None):
+    """A flag for each field of cls (of `only`'s fields, where given)."""
     group = parser.add_argument_group(title)
     for name, ftype, default, meta in config_fields(cls):
+        if only is not None and name not in only:
+            continue
         flags = ["--" + name.replace("_", "-"), *meta.get("aliases", ())]   # aliases: vLLM's -tp, -q
         if ftype is bool or ftype == "bool":
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])

@@ -6,13 +6,32 @@ import argparse
 import json
 import logging
 import re
+import sys
 
 logger = logging.getLogger("pagedllm")
 
 
-def vllm_argv(argv: list[str], several: frozenset[str]) -> list[str]:
-    """several: the flags that take several values (`--api-key k1 k2`), which a file's list fills item by item."""
-    return json_keys(vllm_spelling(with_config_file(last_of_repeated(argv, several), several)))
+def vllm_argv(argv: list[str], several: frozenset[str], subcommand: bool = True) -> list[str]:
+    """several: the flags that take several values (`--api-key k1 k2`), which a file's list fills item by item;
+    subcommand: argv starts with one (`serve ...`), which a config file's flags go after."""
+    return json_keys(vllm_spelling(with_config_file(last_of_repeated(argv, several), several, subcommand)))
+
+
+class FlexibleArgumentParser(argparse.ArgumentParser):
+    """vLLM's FlexibleArgumentParser (vllm.utils.argparse_utils), for scripts that build their own parser
+    (`AsyncEngineArgs.add_cli_args(parser)`): an argparse parser that reads a command line as vLLM's does
+    (vllm_argv: --config FILE.yaml, --max_model_len, dotted keys of JSON flags, the last of a repeated
+    several-valued flag). A plain argparse.ArgumentParser works too, without these."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        several = frozenset(option for action in self._actions if action.nargs in ("+", "*")
+                            for option in action.option_strings if option.startswith("--"))
+        try:
+            argv = vllm_argv(argv, several, subcommand=self._subparsers is not None)
+        except (ValueError, OSError) as e:   # --config: its file, or its form
+            self.error(str(e))
+        return super().parse_known_args(argv, namespace)
 
 
 def last_of_repeated(argv: list[str], several: frozenset[str]) -> list[str]:
@@ -39,14 +58,14 @@ def _is_option(arg: str) -> bool:
     return arg.startswith("-") and len(arg) > 1 and not re.fullmatch(r"-\d[\d.e+-]*", arg)
 
 
-def with_config_file(argv: list[str], several: frozenset[str]) -> list[str]:
+def with_config_file(argv: list[str], several: frozenset[str], subcommand: bool = True) -> list[str]:
     """argv with `--config FILE.yaml` replaced by the file's flags, as vLLM's: a mapping of flag (dashes or
     underscores) to value, where true is --flag, false --no-flag, a list the flag's several values (else its
     JSON), a mapping the flag's JSON object; null leaves the flag out (its default, as vLLM reads "None").
-    The file's flags go right after the subcommand, so the command line's come later and win (vLLM's order:
-    command line, file, defaults); a flag given on the command line drops the file's own entirely, also for
-    the flags whose values add up (--api-key). Each flag is one `--flag=value` token, so none can take the
-    positional MODEL as a value."""
+    The file's flags go right after the subcommand (first, with none), so the command line's come later and win
+    (vLLM's order: command line, file, defaults); a flag given on the command line drops the file's own
+    entirely, also for the flags whose values add up (--api-key). Each flag is one `--flag=value` token, so none
+    can take the positional MODEL as a value."""
     at = [i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")]
     if not at:
         return argv
@@ -57,7 +76,7 @@ def with_config_file(argv: list[str], several: frozenset[str]) -> list[str]:
     if not path or path.startswith("-"):
         raise ValueError("--config: expected a YAML file (FILE.yaml or FILE.yml)")
     rest = argv[:i] + argv[i + taken:]
-    start = 2 if rest[:1] == ["bench"] else 1   # after the subcommand
+    start = (2 if rest[:1] == ["bench"] else 1) if subcommand else 0   # after the subcommand, if any
     given = {_flag_name(arg) for arg in rest if arg.startswith("--")}
     flags = [token for key, value in _read_yaml(path).items() if _flag_name("--" + str(key)) not in given
              for token in _file_flag("--" + str(key), value, several)]

@@ -177,14 +177,36 @@ VLLM_FLAGS = (
 )
 
 
-def add_vllm_flags(parser: argparse.ArgumentParser):
+def add_vllm_flags(parser: argparse.ArgumentParser, kwarg_dests: bool = False):
+    """kwarg_dests: each flag's value under vLLM's keyword name (trust_remote_code, as LLM(...) and
+    EngineArgs(...) take it: check_vllm_kwargs), else under flag.dest (check_vllm_flags)."""
     group = parser.add_argument_group("vLLM flags not built here", "each takes only the values that mean what "
                                       "pagedllm does anyway; any other value stops the start, saying why")
     for flag in VLLM_FLAGS:
         names = ["--" + flag.name, *flag.aliases]
         action = argparse.BooleanOptionalAction if flag.boolean else "store"
         more = {} if flag.boolean else {"nargs": flag.nargs, "metavar": "VALUE"}
-        group.add_argument(*names, dest=flag.dest, action=action, default=_UNSET, help=flag.why, **more)
+        if kwarg_dests and flag.sets:
+            action, more = _SetsFields, {**more, "sets": flag.sets}
+        dest = flag.name.replace("-", "_") if kwarg_dests else flag.dest
+        group.add_argument(*names, dest=dest, action=action, default=_UNSET, help=flag.why, **more)
+
+
+class _SetsFields(argparse.BooleanOptionalAction):
+    """A flag of kwarg_dests that sets config fields (--disable-log-stats: log_stats_interval 0) sets them in the
+    parsed namespace too, where the parser has them: a field's default there would otherwise win over the flag
+    in check_vllm_kwargs (a field given wins), which cannot tell a default from a value given."""
+
+    def __init__(self, *args, sets: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sets = sets
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        if getattr(namespace, self.dest):
+            for name, value in self.sets.items():
+                if hasattr(namespace, name):
+                    setattr(namespace, name, value)
 
 
 def check_vllm_flags(args: argparse.Namespace) -> dict:

@@ -1,10 +1,13 @@
-"""vLLM's AsyncEngineArgs, for `AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., ...))` as scripts written
-for vLLM build their engine: the engine arguments LLM(...) takes (EngineConfig's fields, or vLLM's spellings,
-each taken with vLLM's meaning or refused naming it: vllm_flags.py), and the ones of vLLM's AsyncLLM itself."""
+"""vLLM's EngineArgs and AsyncEngineArgs, for `AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., ...))` as
+scripts written for vLLM build their engine: the engine arguments LLM(...) takes (EngineConfig's fields, or vLLM's
+spellings, each taken with vLLM's meaning or refused naming it: vllm_flags.py), and the ones of vLLM's AsyncLLM
+itself. Their add_cli_args / from_cli_args give a script's own parser the flags of `pagedllm serve`'s engine."""
+import argparse
 import dataclasses
 
-from pagedllm.config import DEMO_MODEL, EngineConfig, config_fields
-from pagedllm.vllm_flags import check_vllm_kwargs
+from pagedllm.cli import add_config_args, add_engine_args
+from pagedllm.config import DEMO_MODEL, EngineConfig, ServerConfig, config_fields
+from pagedllm.vllm_flags import VLLM_FLAGS, add_vllm_flags, check_vllm_kwargs
 
 _DEFAULTS = {name: default for name, _, default, _ in config_fields(EngineConfig)}
 
@@ -12,8 +15,9 @@ _DEFAULTS = {name: default for name, _, default, _ in config_fields(EngineConfig
 ASYNC_LLM_ARGS = {"stream_interval": "stream_interval", "enable_log_requests": "log_requests"}
 
 
-class AsyncEngineArgs:
-    """AsyncEngineArgs(model, **engine_args): checked when the engine is built, as vLLM's are."""
+class EngineArgs:
+    """EngineArgs(model, **engine_args): checked when the engine is built, as vLLM's are."""
+    _OWN_ARGS: dict[str, str] = {}   # arguments that go elsewhere than EngineConfig (AsyncEngineArgs')
 
     def __init__(self, model: str = DEMO_MODEL, **engine_args):
         object.__setattr__(self, "model", model)
@@ -35,11 +39,11 @@ class AsyncEngineArgs:
             return engine_args[name]
         if name in _DEFAULTS:
             return _DEFAULTS[name]
-        raise AttributeError(f"AsyncEngineArgs has no {name!r}: not given, and not an engine argument here "
+        raise AttributeError(f"{type(self).__name__} has no {name!r}: not given, and not an engine argument here "
                              f"(create_engine_config() holds the values used)")
 
     def __repr__(self) -> str:
-        return f"AsyncEngineArgs(model={self.model!r}, **{self.engine_args!r})"
+        return f"{type(self).__name__}(model={self.model!r}, **{self.engine_args!r})"
 
     def create_engine_config(self, usage_context=None, headless: bool = False) -> EngineConfig:
         """The EngineConfig of these arguments (vLLM's name; here EngineConfig, not vLLM's VllmConfig).
@@ -48,8 +52,40 @@ class AsyncEngineArgs:
         if headless:
             raise NotImplementedError("create_engine_config(headless=True): headless data-parallel engines are "
                                       "not built (one engine core, with its API server)")
-        rest = {k: v for k, v in self.engine_args.items() if k not in ASYNC_LLM_ARGS}
+        rest = {k: v for k, v in self.engine_args.items() if k not in self._OWN_ARGS}
         return engine_config(self.model, rest)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """The engine's flags of `pagedllm serve` (EngineConfig's fields, vLLM's flags judged as there), as
+        vLLM's EngineArgs.add_cli_args; each flag's value is under the name EngineArgs(...) and LLM(...) take,
+        so `LLM(**vars(parser.parse_args()))` works too. Any argparse parser; FlexibleArgumentParser
+        (pagedllm.vllm_argv) also reads vLLM's --config FILE.yaml, --max_model_len and --json-flag.key forms."""
+        add_engine_args(parser)
+        add_vllm_flags(parser, kwarg_dests=True)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace):
+        """The arguments that add_cli_args's flags parsed into args (those the parser has), as vLLM's."""
+        names = [name for name, *_ in config_fields(EngineConfig)] + list(cls._OWN_ARGS)
+        names += [flag.name.replace("-", "_") for flag in VLLM_FLAGS]
+        given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+        return cls(**given)
+
+
+class AsyncEngineArgs(EngineArgs):
+    """AsyncEngineArgs(model, **engine_args): EngineArgs', and the AsyncLLM's own (ASYNC_LLM_ARGS)."""
+    _OWN_ARGS = ASYNC_LLM_ARGS
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, async_args_only: bool = False) -> argparse.ArgumentParser:
+        """EngineArgs' flags (unless async_args_only), and the AsyncLLM's own, serve's --enable-log-requests and
+        --stream-interval."""
+        if not async_args_only:
+            EngineArgs.add_cli_args(parser)
+        add_config_args(parser, ServerConfig, "AsyncLLM", only=tuple(ASYNC_LLM_ARGS))
+        return parser
 
     def async_llm_kwargs(self) -> dict:
         """AsyncLLM's own arguments among them (None: left out, as vLLM reads it), checked as the server's flags."""

@@ -1,0 +1,60 @@
+"""vLLM scripts' own parsers: `EngineArgs.add_cli_args(parser)`, `EngineArgs.from_cli_args(args)` (and
+AsyncEngineArgs'), with an argparse parser or vLLM's FlexibleArgumentParser. Neither method existed."""
+import argparse
+
+import pytest
+
+from pagedllm import AsyncEngineArgs, EngineArgs, FlexibleArgumentParser
+from pagedllm.engine.engine_args import engine_config
+
+
+def test_async_engine_args_from_a_scripts_own_parser():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-prompts", type=int, default=3)   # the script's own flag, left where it is
+    AsyncEngineArgs.add_cli_args(parser)
+    args = parser.parse_args(["--model", "m", "--max-model-len", "64", "-q", "fp8", "--trust-remote-code",
+                              "--enable-log-requests", "--stream-interval", "4", "--disable-log-stats"])
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    config = engine_args.create_engine_config()
+    assert (config.model, config.max_model_len, config.quantization, config.log_stats_interval) == ("m", 64,
+                                                                                                   "fp8", 0)
+    assert engine_args.async_llm_kwargs() == {"stream_interval": 4, "log_requests": True}
+    assert args.num_prompts == 3
+
+
+def test_a_vllm_flag_asking_for_what_is_not_built_is_refused_naming_it():
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    engine_args = EngineArgs.from_cli_args(parser.parse_args(["--model", "m", "-pp", "2"]))
+    with pytest.raises(ValueError, match="pipeline_parallel_size=.*pipeline parallelism is not built"):
+        engine_args.create_engine_config()
+
+
+def test_engine_args_flags_are_llms_keyword_arguments():
+    """vLLM's examples build LLM(**vars(parser.parse_args())) on EngineArgs.add_cli_args's parser; LLM's
+    arguments are engine_config's. The AsyncLLM's own flags are not EngineArgs'."""
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    kwargs = vars(parser.parse_args(["--model", "m", "--max-model-len", "64", "--trust-remote-code",
+                                     "--disable-log-stats"]))
+    config = engine_config(kwargs.pop("model"), kwargs)
+    assert (config.max_model_len, config.log_stats_interval) == (64, 0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--enable-log-requests"])
+    with pytest.raises(TypeError, match="stream_interval"):
+        EngineArgs("m", stream_interval=4).create_engine_config()
+
+
+def test_flexible_argument_parser_reads_vllms_forms(tmp_path):
+    config = tmp_path / "engine.yaml"
+    config.write_text("max_model_len: 128\nenforce_eager: true\n")
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--config", str(config), "--max_model_len", "64", "--speculative-config.method",
+                              "ngram", "--speculative-config.num_speculative_tokens", "2"])
+    config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
+    assert (config.max_model_len, config.enforce_eager) == (64, True)   # the command line's wins over the file's
+    assert (config.speculative.method, config.speculative.num_speculative_tokens) == ("ngram", 2)
+
+
+def test_flexible_argument_parser_refuses_a_bad_config_file_as_argparse_does(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        FlexibleArgumentParser().parse_args(["--config", str(tmp_path / "engine.json")])
+    assert "must be YAML" in capsys.readouterr().err
