@@ -105,6 +105,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         except ValueError as e:
             raise _as_sent(e, req, plan) from e
     sampling = isinstance(params, SamplingParams)   # not beam search
+    req._params, req._max_tokens = params, max_tokens or ctx.engine.max_model_len - len(kept)
     constrained = sampling and params.structured_outputs is not None
     thinks = _thinks(ctx, req, kept, constrained)
     if thinks is not None and sampling:

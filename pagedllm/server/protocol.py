@@ -544,6 +544,10 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     thinking_token_budget: int | None = Field(None, ge=-1)
     # not a request field: set by /v1/responses, whose usage has cached and reasoning token counts
     _usage_details: bool = PrivateAttr(False)
+    # set by create_chat_completion: the SamplingParams the answer ran under, and its max_tokens resolved (the
+    # room the prompt leaves where unset and unbounded); /v1/responses echoes them
+    _params: Any = PrivateAttr(None)
+    _max_tokens: int | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check_beam_logprobs(self):

@@ -29,7 +29,8 @@ from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest
 from pagedllm.server.response_store import StoredResponse
 from pagedllm.server.responses_input import _messages, to_chat
-from pagedllm.server.responses_output import ResponsesSSE, _events, _head, _reasoning_item, to_response
+from pagedllm.server.responses_output import (ResponsesSSE, _events, _head, _reasoning_item, ran_under,
+                                              to_response)
 from pagedllm.server.responses_request import _ENCRYPTED, _LOGPROBS, InputItem, ResponsesRequest
 from pagedllm.server.serving import SSEResponse, ServingContext
 
@@ -85,10 +86,11 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
         ctx.responses.running[head["id"]] = asyncio.ensure_future(_run_detached(ctx, chat, head, encrypted, keep))
         return queued
     answer = await _chat_completion(ctx, chat, raw_request)
+    if isinstance(answer, Response) and not isinstance(answer, SSEResponse):   # the client left
+        return answer
+    head = ran_under(head, chat)
     if isinstance(answer, SSEResponse):
         return ResponsesSSE(answer.engine, answer.request_ids, _events(answer.body_iterator, head, encrypted, keep))
-    if isinstance(answer, Response):   # the client left
-        return answer
     response = to_response(answer, head, encrypted)
     keep(response)
     return response
@@ -101,7 +103,7 @@ async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, head: 
     ctx.responses.set_status(response_id, "in_progress")
     try:
         answer = await _chat_completion(ctx, chat, _Detached())
-        keep(to_response(answer, head, encrypted))
+        keep(to_response(answer, ran_under(head, chat), encrypted))
     except asyncio.CancelledError:
         ctx.responses.set_status(response_id, "cancelled")
         raise

@@ -16,15 +16,20 @@ import time
 import uuid
 
 from pagedllm.server.chat import chunk_dicts
-from pagedllm.server.responses_request import AllowedTools, FunctionChoice, ResponsesRequest, _encode_reasoning
+from pagedllm.server.protocol import ChatCompletionRequest
+from pagedllm.server.responses_request import (_LOGPROBS, AllowedTools, FunctionChoice, ResponsesRequest,
+                                               _encode_reasoning)
 from pagedllm.server.serving import SSEResponse, sse_event
 
 
 def _head(req: ResponsesRequest, response_id: str, model: str, defaults: dict) -> dict:
     """The Response's fields that the answer does not change: the request's settings, echoed. defaults: the
-    engine's sampling defaults (generation config): temperature and top_p say the values used, as vLLM's do."""
+    engine's sampling defaults (generation config): temperature, top_p and the penalties say the values used, as
+    vLLM's do (ran_under() then puts in those the chat request resolved)."""
     temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
     top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
+    penalties = {name: getattr(req, name) if getattr(req, name) is not None else defaults.get(name, 0.0)
+                 for name in ("presence_penalty", "frequency_penalty")}
     fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else None
     return {"id": response_id, "object": "response", "created_at": int(time.time()), "status": "in_progress",
             "error": None, "incomplete_details": None, "instructions": req.instructions,
@@ -37,7 +42,20 @@ def _head(req: ResponsesRequest, response_id: str, model: str, defaults: dict) -
                             else req.tool_choice or "auto"),
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []], "top_p": top_p,
             "truncation": "disabled", "usage": None, "user": req.user, "metadata": req.metadata or {},
-            "service_tier": req.service_tier or "auto"}   # vLLM's echo: the request's, auto by default
+            "service_tier": req.service_tier or "auto",   # vLLM's echo: the request's, auto by default
+            # vLLM's echo: top_logprobs those the output text carries (null without include's logprobs);
+            # max_tool_calls and prompt are refused unless null (responses_request.py)
+            "top_logprobs": (req.top_logprobs or 0) if req.includes(_LOGPROBS) else None, "max_tool_calls": None,
+            "prompt": None, **penalties}
+
+
+def ran_under(head: dict, chat: ChatCompletionRequest) -> dict:
+    """head with the settings the answer ran under, which create_chat_completion resolved for chat (vLLM's echo:
+    its SamplingParams'): max_output_tokens the limit it ran to (unset: the room the prompt left, or the
+    generation config's max_new_tokens), temperature as the sampler took it, the penalties."""
+    params = chat._params
+    return {**head, "max_output_tokens": chat._max_tokens, "temperature": params.temperature,
+            "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty}
 
 
 def _finished(head: dict, output: list[dict], finish_reason: str | None, usage: dict) -> dict:

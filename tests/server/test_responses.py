@@ -11,7 +11,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from server.server_utils import MODEL_NAME, wait_all_blocks_free
+from server.server_utils import MAX_MODEL_LEN, MODEL_NAME, wait_all_blocks_free
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather of a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -392,3 +392,27 @@ def test_the_response_says_the_temperature_and_top_p_used(client):
     assert isinstance(plain.temperature, float) and isinstance(plain.top_p, float)
     asked = client.responses.create(model=MODEL_NAME, input=STORY, max_output_tokens=2, temperature=0.3, top_p=0.9)
     assert (asked.temperature, asked.top_p) == (0.3, 0.9)
+
+
+def test_the_response_says_the_limit_and_penalties_used(client, server):
+    """vLLM 0.26's Response echoes its SamplingParams': max_output_tokens the limit the answer ran to (unset: the
+    room the prompt leaves in max_model_len; it was null here), the penalties used, top_logprobs those the text
+    carries; every key of its Response is there (max_tool_calls and prompt null). Streamed, from
+    response.created on."""
+    body = {"model": MODEL_NAME, "input": STORY, "temperature": 0}
+    r = httpx.post(server.url + "/v1/responses", json=body, headers=server.headers, timeout=120)
+    assert r.status_code == 200, r.text
+    plain = r.json()
+    assert plain["max_output_tokens"] == MAX_MODEL_LEN - plain["usage"]["input_tokens"]
+    assert (plain["presence_penalty"], plain["frequency_penalty"]) == (0.0, 0.0)
+    assert plain["top_logprobs"] is None and plain["max_tool_calls"] is None and plain["prompt"] is None
+    asked = client.responses.create(model=MODEL_NAME, input=STORY, max_output_tokens=3,
+                                    include=["message.output_text.logprobs"], top_logprobs=2,
+                                    extra_body={"presence_penalty": 0.5, "frequency_penalty": 0.25})
+    assert asked.max_output_tokens == 3 and asked.top_logprobs == 2
+    assert (asked.model_extra["presence_penalty"], asked.model_extra["frequency_penalty"]) == (0.5, 0.25)
+    with client.responses.stream(model=MODEL_NAME, input=STORY, temperature=0) as stream:
+        events = list(stream)
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert events[0].response.max_output_tokens == events[-1].response.max_output_tokens == \
+        plain["max_output_tokens"]
