@@ -79,6 +79,12 @@ def template_text(tokenizer, chat_template: str | None, tools) -> str | None:
         return chat_template
 
 
+def content_format(tokenizer, chat_template: str | None, tools, given: str) -> str:
+    """The content format the messages reach the template in: the given one, "auto" resolved for the template
+    that renders (detect_content_format)."""
+    return detect_content_format(template_text(tokenizer, chat_template, tools)) if given == "auto" else given
+
+
 def takes_developer(template: str | None) -> bool:
     """Whether a template knows OpenAI's developer role: vLLM's test, the role's name quoted in it."""
     return template is not None and ('"developer"' in template or "'developer'" in template)

@@ -53,12 +53,15 @@ def _chat_text(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest
         if isinstance(req, ChatCompletionRequest) else req.tools
     if ctx.exclude_tools_when_tool_choice_none and getattr(req, "tool_choice", None) == "none":
         tools = None
+    tools = None if tools is None else [t.as_template_input() for t in tools]
+    if isinstance(req, ChatCompletionRequest) and req.echo:   # the echo joins the parts as that format holds them
+        req._content_format = chat_template.content_format(ctx.tokenizer, template, tools,
+                                                           ctx.chat_template_content_format)
     try:
         text = chat_template.render_chat(ctx.tokenizer, [m.as_template_input() for m in req.messages], template,
                                          req.add_generation_prompt, req.continue_final_message,
-                                         template_kwargs(ctx, req),
-                                         None if tools is None else [t.as_template_input() for t in tools],
-                                         req.documents, ctx.chat_template_content_format)
+                                         template_kwargs(ctx, req), tools, req.documents,
+                                         ctx.chat_template_content_format)
     except chat_template.ChatTemplateError as e:
         raise APIError(400, shorten(str(e), 1000), e.param, "invalid_value") from e
     return text
@@ -379,13 +382,16 @@ def _prompt_logprobs(req: ChatCompletionRequest) -> int | None:
 
 def _echo_text(ctx: ServingContext, req: ChatCompletionRequest) -> str:
     """echo (vLLM's): the last message's text, put before each choice's content when that message is in the
-    answer's role (an assistant message, or any continued one); "" otherwise."""
+    answer's role (an assistant message, or any continued one); "" otherwise. Its parts' texts joined by
+    newlines as the content format the template took them in holds them: "openai" keeps the empty ones, the
+    "string" format leaves them out (vLLM's; its stream sends the openai parts as they are, a 500)."""
     if not req.echo:
         return ""
     last = req.messages[-1].as_template_input()
     if last.get("role") != _role(ctx, req):
         return ""
-    return chat_template.template_message(last)["content"]
+    content = chat_template.template_message(last, req._content_format)["content"]
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content if p["type"] == "text")
 
 
 def _parsed_chunk(req: ChatCompletionRequest, thinker: ReasoningParser | None, parser, c: CompletionOutput,

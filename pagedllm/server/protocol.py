@@ -548,6 +548,8 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     # room the prompt leaves where unset and unbounded); /v1/responses echoes them
     _params: Any = PrivateAttr(None)
     _max_tokens: int | None = PrivateAttr(None)
+    # with echo: the content format the template took the messages in ("auto" resolved), which the echo follows
+    _content_format: str = PrivateAttr("string")
 
     @model_validator(mode="after")
     def _check_beam_logprobs(self):

@@ -248,6 +248,32 @@ def test_chat_echo_puts_the_last_assistant_message_first(server):
         _post(server, CHAT, user_last).json()["choices"]
 
 
+# A template that loops over a message's parts: "auto" takes the messages to it in the openai content format
+PARTS_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}:{% if m['content'] is string %}{{ m['content'] }}"
+                  "{% else %}{% for p in m['content'] %} {{ p['text'] }}{% endfor %}{% endif %}\n{% endfor %}")
+
+
+@pytest.mark.parametrize("template, echo", [(CHAT_TEMPLATE, "a\nb"), (PARTS_TEMPLATE, "a\n\nb")])
+def test_chat_echo_joins_the_parts_as_the_content_format_holds_them(server, template, echo):
+    """vLLM's echo joins the last message's parts as its conversation holds them: the string format left the
+    empty part out (as the template saw the text), the openai format keeps it (it was left out there too)."""
+    conversation = [*MESSAGES, {"role": "assistant", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": ""}, {"type": "text", "text": "b"}]}]
+    base = {"model": MODEL_NAME, "messages": conversation, "max_tokens": 2, "temperature": 0,
+            "add_generation_prompt": False, "continue_final_message": True, "chat_template": template}
+
+    def answer(**extra) -> str:
+        r = _post(server, CHAT, {**base, **extra})
+        assert r.status_code == 200, r.text
+        if not extra.get("stream"):
+            return r.json()["choices"][0]["message"]["content"]
+        return "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                       for line in r.text.splitlines() if line.startswith("data: {") and '"choices":[{' in line)
+    plain = answer()
+    assert answer(echo=True) == answer(echo=True, stream=True) == echo + plain
+
+
+
 def test_a_continued_message_is_answered_in_its_role_and_echoed(server):
     """Without a generation prompt the model goes on in the last message's turn: the answer's role is that
     message's and echo puts its text first, whoever's it is (vLLM's get_chat_request_role), here the user's."""
