@@ -31,7 +31,7 @@ from pagedllm.server.errors import MISSING_KEY, APIError, error_response, instal
 from pagedllm.server.generative_scoring import GenerativeScoringRequest, create_generative_scoring
 from pagedllm.server.launch import LoRAModulePath, ServeChecks
 from pagedllm.server.lora import ServingLoRAs, lora_routes, model_card
-from pagedllm.server.metrics import ServerMetrics
+from pagedllm.server.metrics import HttpMetrics, ServerMetrics
 from pagedllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                      validated)
 from pagedllm.server.response_store import ResponseStore
@@ -77,6 +77,9 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
                   **docs)
     install_error_handlers(app)
     _add_middleware(app, config, _authorized(api_keys))
+    # outermost: the guard's and CORS' refusals count too, as vLLM's instrumentator counts them
+    if metrics is not None:
+        app.add_middleware(HttpMetrics, metrics=metrics, routes_of=lambda: app.openapi()["paths"])
     # The key guards every route that runs the model or the tokenizer; /health, /version, /metrics stay open.
     keyed = [Depends(_api_key_check(api_keys))]
     v1 = APIRouter(prefix="/v1", dependencies=keyed)

@@ -1,4 +1,5 @@
-"""Prometheus metrics at /metrics, named as vLLM's with the `pagedllm:` prefix so its dashboards work.
+"""Prometheus metrics at /metrics, named as vLLM's with the `pagedllm:` prefix so its dashboards work, and the
+HTTP series vLLM's server has from prometheus-fastapi-instrumentator (http_requests_total, ..., unprefixed).
 
 Engine state (running/waiting, KV-cache usage, prefix-cache and token counters, preemptions, and per KV
 tier below the GPU: hits, misses, bytes and transfer time) is read from
@@ -10,7 +11,9 @@ import collections
 import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.routing import compile_path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -30,6 +33,14 @@ _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 80.0)
 _REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                             240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+# prometheus-fastapi-instrumentator's default series (vLLM's server adds them with its defaults): bounds, and the
+# handlers left uncounted (vLLM's list; it matches them as regexes anywhere in the route, so that its
+# /v1/load_lora_adapter goes uncounted too: here the routes themselves)
+_HTTP_HIGHR_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 7.5, 10,
+                       30, 60)
+_HTTP_LOWR_BUCKETS = (0.1, 0.5, 1)
+HTTP_UNCOUNTED = frozenset({"/metrics", "/metrics/", "/health", "/load", "/ping", "/version", "/server_info"})
 
 
 def token_buckets(max_model_len: int | None) -> tuple[int, ...]:
@@ -96,6 +107,27 @@ class ServerMetrics:
                                labels + ["finished_reason"], registry=r)
         for reason in ("stop", "length", "abort", "error", "repetition"):   # vLLM's FinishReason: from 0,
             self.success.labels(model_name, ENGINE, reason)    # so rate() and increase() read 0, not no data
+        # the instrumentator's: status grouped (2xx, 4xx, 5xx), handler the route's template ("none": no route)
+        self.http_requests = Counter("http_requests_total", "Total number of requests by method, status and handler.",
+                                     ["method", "status", "handler"], registry=r)
+        self.http_request_size = Summary("http_request_size_bytes", "Content length of incoming requests by "
+                                         "handler (its Content-Length header; 0 without one).", ["handler"],
+                                         registry=r)
+        self.http_response_size = Summary("http_response_size_bytes", "Content length of outgoing responses by "
+                                          "handler (its Content-Length header; 0 without one, as a stream).",
+                                          ["handler"], registry=r)
+        self.http_latency_highr = Histogram("http_request_duration_highr_seconds", "Latency with many buckets but "
+                                            "no API specific labels.", buckets=_HTTP_HIGHR_BUCKETS, registry=r)
+        self.http_latency = Histogram("http_request_duration_seconds", "Latency with only few buckets by handler.",
+                                      ["method", "handler"], buckets=_HTTP_LOWR_BUCKETS, registry=r)
+
+    def record_http(self, method: str, status: int, handler: str, request_bytes: int, response_bytes: int,
+                    seconds: float):
+        self.http_requests.labels(method, f"{str(status)[0]}xx", handler).inc()
+        self.http_request_size.labels(handler).observe(request_bytes)
+        self.http_response_size.labels(handler).observe(response_bytes)
+        self.http_latency_highr.observe(seconds)
+        self.http_latency.labels(method, handler).observe(seconds)
 
     def record(self, step: StepStats):
         observe_all(self.ttft, step.time_to_first_tokens)
@@ -275,3 +307,56 @@ def _spec_decode_families(s: SchedulerStats, model_name: str):
     for position, value in enumerate(sd.accepted_per_pos):
         family.add_metric([model_name, ENGINE, str(position)], value)
     yield family
+
+
+class HttpMetrics:
+    """Pure ASGI middleware, outermost: every request's http_* series (ServerMetrics.record_http), its handler the
+    route that answered it; one refused before routing (a missing key, a body too large) is matched against the
+    app's routes by path."""
+
+    def __init__(self, app, metrics: ServerMetrics, routes_of=None):
+        """routes_of: returns the app's route templates (its OpenAPI paths), read at the first refused request."""
+        self.app, self.metrics, self.routes_of, self.templates = app, metrics, routes_of, None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, length = time.perf_counter(), 500, 0   # no response started: the instrumentator's 500
+
+        async def send_counted(message):
+            nonlocal status, length
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                length = _content_length(message.get("headers", ()))
+            await send(message)
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")
+            handler = getattr(route, "path", None) or self._template(scope)
+            if handler not in HTTP_UNCOUNTED:
+                self.metrics.record_http(scope["method"], status, handler, _content_length(scope["headers"]),
+                                         length, time.perf_counter() - start)
+
+    def _template(self, scope) -> str:
+        if self.templates is None:
+            try:
+                paths = list(self.routes_of()) if self.routes_of is not None else []
+            except Exception:   # no schema: such requests count under "none"
+                paths = []
+            self.templates = [(compile_path(path)[0], path) for path in paths]
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return next((template for regex, template in self.templates if regex.match(path)), "none")
+
+
+def _content_length(headers) -> int:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0

@@ -275,3 +275,43 @@ def test_waiting_requests_by_reason_sum_to_the_waiting():
     text = exposed(ServerMetrics("m"), scheduler_stats(num_waiting=3, num_waiting_deferred=1))
     assert 'pagedllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 2.0' in text
     assert 'pagedllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="deferred"} 1.0' in text
+
+
+def test_http_series_of_vllms_instrumentator():
+    """vLLM's /metrics has prometheus-fastapi-instrumentator's series, read by HTTP dashboards and alerts (request
+    rate and error ratio by handler, latency): http_requests_total{method, status, handler} (status grouped, handler
+    the route's template, "none" for no route), http_request_duration_seconds{method, handler} (bounds 0.1, 0.5,
+    1), http_request_duration_highr_seconds, http_request/response_size_bytes{handler}. /metrics itself (and
+    /health, ...) is not counted. A request refused before routing (no API key) counts under its route."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+    from pagedllm.config import ServerConfig
+    from pagedllm.server.api_server import build_app
+    from pagedllm.server.serving import ServingContext
+
+    class Engine:
+        config, max_model_len = SimpleNamespace(model="m"), 64
+
+        async def get_stats(self):
+            return None
+    metrics = ServerMetrics("m")
+    client = TestClient(build_app(ServingContext(Engine(), "m", None), metrics, ServerConfig(), ["k"]))
+    assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/responses/resp_1").status_code == 401   # templated: counted under its template
+    assert client.get("/nowhere", headers={"Authorization": "Bearer k"}).status_code == 404
+    text = client.get("/metrics").text
+    assert samples(text, "http_requests_total") == [
+        'http_requests_total{handler="/v1/models",method="GET",status="2xx"} 1.0',
+        'http_requests_total{handler="/v1/models",method="GET",status="4xx"} 1.0',
+        'http_requests_total{handler="/v1/responses/{response_id}",method="GET",status="4xx"} 1.0',
+        'http_requests_total{handler="none",method="GET",status="4xx"} 1.0']
+    assert bounds(text, "http_request_duration_seconds")[:3] == [0.1, 0.5, 1.0]
+    assert 'http_request_duration_seconds_count{handler="/v1/models",method="GET"} 2.0' in text
+    assert 'http_request_duration_highr_seconds_count 4.0' in text
+    assert bounds(text, "http_request_duration_highr_seconds")[-3:] == [10.0, 30.0, 60.0]
+    assert 'http_request_size_bytes_count{handler="/v1/models"} 2.0' in text
+    size = re.search(r'http_response_size_bytes_sum\{handler="/v1/models"\} (\S+)', text)
+    assert size and float(size.group(1)) > 0   # the answers' Content-Length
+    assert "/metrics" not in "".join(samples(text, "http_requests_total"))
