@@ -126,23 +126,38 @@ def _serve(args):
     serve(*_server_configs(args))
 
 
-# serve's flags for its HTTP listener, which run-batch (requests answered in-process, no socket) has none of; vLLM's
-# run-batch takes --host / --port only for its Prometheus listener (--enable-metrics), which is not built here
+# serve's flags for its HTTP listener, which run-batch (requests answered in-process, no socket) has none of; but
+# --host / --port, with --enable-metrics (vLLM's), place its Prometheus listener
 _HTTP_ONLY = ("host", "port", "api_key", "api_server_count", "uvicorn_log_level", "disable_uvicorn_access_log",
               "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials", "ssl_keyfile",
               "ssl_certfile", "root_path", "disable_fastapi_docs", "enable_request_id_headers",
               "max_request_body_bytes")
+_METRICS_LISTENER = ("host", "port")
 
 
 def _run_batch(args):
     from pagedllm.server.run_batch import run_batch
     defaults = {name: default for name, _, default, _ in config_fields(ServerConfig)}
-    given = [name for name in _HTTP_ONLY if getattr(args, name) != defaults[name]]
+    given = [name for name in _HTTP_ONLY if getattr(args, name) != defaults[name]
+             and not (args.enable_metrics and name in _METRICS_LISTENER)]
+    if args.url is not None and not args.enable_metrics:
+        given.append("url")
     if given:
         raise ValueError(f"run-batch serves no HTTP: {', '.join('--' + n.replace('_', '-') for n in given)} "
-                         f"{'is' if len(given) == 1 else 'are'} serve's (vLLM's run-batch uses --host / --port only "
-                         f"for its metrics listener, --enable-metrics, not built here)")
-    counts = run_batch(*_server_configs(args), args.input_file, args.output_file, args.output_tmp_dir)
+                         f"{'is' if len(given) == 1 else 'are'} serve's (run-batch takes --host / --port, and "
+                         f"vLLM's --url, only with --enable-metrics, for its Prometheus listener)")
+    metrics_address = None
+    if args.enable_metrics:
+        host = args.host
+        if args.url is not None:   # vLLM's deprecated name of --host for this listener
+            if host != defaults["host"] and host != args.url:
+                raise ValueError(f"--url {args.url!r} and --host {host!r}: --url is vLLM's old name of --host "
+                                 f"(the metrics listener's address); give one")
+            logging.getLogger("pagedllm").warning("--url is deprecated (as in vLLM): use --host")
+            host = args.url
+        metrics_address = (host, args.port)
+    counts = run_batch(*_server_configs(args), args.input_file, args.output_file, args.output_tmp_dir,
+                       metrics_address)
     print(json.dumps({"output_file": args.output_file, "by_status": counts}))
 
 
@@ -164,6 +179,11 @@ def _add_run_batch_parser(sub):
                      "or an http(s) URL to PUT it to")
     run.add_argument("--output-tmp-dir", default=None, help="with a URL --output-file: the directory the output "
                      "is written to before its upload (kept there if the upload fails); default: in memory")
+    run.add_argument("--enable-metrics", action="store_true", help="while the batch runs, serve serve's /metrics "
+                     "(Prometheus) on --host (default 127.0.0.1) and --port (default 8000), at any GET path, as "
+                     "vLLM's run-batch")
+    run.add_argument("--url", default=None, help="vLLM's deprecated name of --host for the --enable-metrics "
+                     "listener")
     _add_server_args(run)
 
 

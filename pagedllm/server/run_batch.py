@@ -12,13 +12,17 @@ error body (vLLM's run-batch puts its ErrorResponse there, OpenAI's Batch API in
 A line that is not a request (bad JSON, no custom_id, another method or url, a streamed body) gets a 400 line
 naming what is wrong; nothing is
 dropped. Engine and server flags are serve's. The input and output may be http(s) URLs (batch_files.py).
+With --enable-metrics (vLLM's), serve's /metrics is served on --host:--port while the batch runs (_MetricsListener).
 """
 import asyncio
 import json
 import logging
+import socket
+import threading
 import time
 import uuid
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from pagedllm.config import EngineConfig, ServerConfig
@@ -31,9 +35,9 @@ MAX_IN_FLIGHT = 4096   # requests handed to the app at once; the engine's own li
 
 
 def run_batch(engine_config: EngineConfig, server_config: ServerConfig, input_file: str, output_file: str,
-              output_tmp_dir: str | None = None) -> dict:
+              output_tmp_dir: str | None = None, metrics_address: tuple[str, int] | None = None) -> dict:
     """Answers every line of input_file into output_file (each a local path or an http(s) URL, batch_files.py);
-    returns the count of lines by status code."""
+    returns the count of lines by status code. metrics_address: (host, port) of the Prometheus listener."""
     from pagedllm.server.batch_files import check_output_tmp_dir, is_url, read_input, upload_output
     from pagedllm.server.launch import check_serve_config
     if not is_url(input_file) and Path(input_file).is_dir():
@@ -46,12 +50,19 @@ def run_batch(engine_config: EngineConfig, server_config: ServerConfig, input_fi
     # may hold raw (json.dumps(ensure_ascii=False)), and would cut a request in two
     lines = read_input(input_file).split("\n")   # a missing file or URL fails before the model
     checks = check_serve_config(engine_config, server_config, time.monotonic())
-    from pagedllm.engine.core_process import CoreClient
-    core = CoreClient(engine_config)
+    # a port in use: found before the model loads
+    listener = _MetricsListener(*metrics_address) if metrics_address is not None else None
     try:
-        outputs, counts, died = asyncio.run(_answer_all(engine_config, server_config, checks, core, lines))
+        from pagedllm.engine.core_process import CoreClient
+        core = CoreClient(engine_config)
+        try:
+            outputs, counts, died = asyncio.run(_answer_all(engine_config, server_config, checks, core, lines,
+                                                            listener))
+        finally:
+            core.shutdown()
     finally:
-        core.shutdown()
+        if listener is not None:
+            listener.close()
     text = "".join(json.dumps(out, separators=(",", ":")) + "\n" for out in outputs)
     if is_url(output_file):
         upload_output(output_file, text, output_tmp_dir)
@@ -75,8 +86,10 @@ def _check_local_output(output_file: str):
         raise ValueError(f"--output-file {output_file!r} cannot be written: {e}") from None
 
 
-async def _answer_all(engine_config, server_config, checks, core, lines: list[str]) -> tuple[list, dict, bool]:
-    """Every line's output line, in order; the count by status; whether the core died meanwhile."""
+async def _answer_all(engine_config, server_config, checks, core, lines: list[str],
+                      listener: "_MetricsListener | None" = None) -> tuple[list, dict, bool]:
+    """Every line's output line, in order; the count by status; whether the core died meanwhile. listener: serves
+    the app's /metrics while the lines run."""
     import httpx
     from tqdm import tqdm
 
@@ -98,7 +111,13 @@ async def _answer_all(engine_config, server_config, checks, core, lines: list[st
                 out = await _answer(client, number, line, seen_ids)
             progress.update()
             return out
-        outputs = await asyncio.gather(*(answer(i + 1, line) for i, line in todo))
+        if listener is not None:
+            listener.source = (asyncio.get_running_loop(), client)
+        try:
+            outputs = await asyncio.gather(*(answer(i + 1, line) for i, line in todo))
+        finally:
+            if listener is not None:
+                listener.source = None
     progress.close()
     counts = dict(Counter(out["response"]["status_code"] for out in outputs))
     return outputs, counts, died.is_set()
@@ -163,3 +182,49 @@ def _line(custom_id: str | None, status: int, body: dict, error: dict | None) ->
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
             "response": {"status_code": status, "request_id": f"batch_{uuid.uuid4().hex}", "body": body},
             "error": error}
+
+
+class _MetricsListener:
+    """vLLM's run-batch --enable-metrics: Prometheus text on host:port at any GET path (as prometheus_client's
+    start_http_server, which vLLM's uses), from a thread. The text is the app's own GET /metrics (serve's series),
+    asked through the batch's client on the batch's loop; 503 while no batch runs (the model loading)."""
+
+    def __init__(self, host: str, port: int):
+        listener = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                listener._answer(self)
+
+            def log_message(self, *args):   # a scrape every few seconds: not the batch's log
+                pass
+
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            daemon_threads = True
+        try:
+            self.server = Server((host, port), Handler)
+        except OSError as e:
+            raise ValueError(f"--enable-metrics: cannot listen on --host {host!r} --port {port}: {e}") from None
+        self.source = None   # (loop, client) while the batch runs
+        threading.Thread(target=self.server.serve_forever, name="run-batch-metrics", daemon=True).start()
+
+    def _answer(self, request: BaseHTTPRequestHandler):
+        status, body, kind = 503, b"run-batch: no batch is running\n", "text/plain; charset=utf-8"
+        source = self.source
+        if source is not None:
+            loop, client = source
+            try:
+                response = asyncio.run_coroutine_threadsafe(client.get("/metrics"), loop).result(timeout=30)
+                status, body, kind = response.status_code, response.content, response.headers["content-type"]
+            except Exception as e:   # the batch ended meanwhile, or a scrape that took too long
+                body = f"run-batch: /metrics did not answer: {e!r}\n".encode()
+        request.send_response(status)
+        request.send_header("Content-Type", kind)
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -76,6 +76,9 @@ def test_paths_that_cannot_work_are_refused_before_the_model_loads(tmp_path, cap
     assert main(["run-batch", "--device", "cpu", *io, "--port", "9000", "--api-key", "k", "--root-path", "/x"]) == 2
     assert ("run-batch serves no HTTP: --port, --api-key, --root-path are serve's"
             in capsys.readouterr().err)
+    # vLLM's metrics listener's flags without --enable-metrics: they would place nothing
+    assert main(["run-batch", "--device", "cpu", *io, "--url", "0.0.0.0"]) == 2
+    assert "run-batch serves no HTTP: --url is serve's" in capsys.readouterr().err
 
 
 def test_run_batch_lines_end_at_newline_only_and_refuse_unknown_fields_and_repeated_ids(tiny_model_dirs, tmp_path):
@@ -226,3 +229,70 @@ def test_a_failed_upload_is_retried_and_keeps_the_staged_output(tmp_path, monkey
             batch_files.check_output_tmp_dir(str(tmp_path / "none"))
     finally:
         host.close()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_enable_metrics_flags_place_the_listener(tiny_model_dirs, tmp_path, monkeypatch, capsys):
+    """vLLM's run-batch --enable-metrics (and --host / --port, its deprecated --url) serves Prometheus metrics
+    while the batch runs; the flag was unknown (argparse's usage error). --url and another --host: refused."""
+    import pytest
+
+    from pagedllm.cli import main
+    from pagedllm.server import run_batch
+    seen = []
+    monkeypatch.setattr(run_batch, "run_batch", lambda *args: seen.append(args[-1]) or {})
+    source = tmp_path / "in.jsonl"
+    source.write_text("")
+    io = [tiny_model_dirs["llama"], "--device", "cpu", "-i", str(source), "-o", str(tmp_path / "o.jsonl")]
+    for flags, address in (([], ("127.0.0.1", 8000)), (["--host", "0.0.0.0", "--port", "9100"], ("0.0.0.0", 9100)),
+                           (["--url", "0.0.0.0"], ("0.0.0.0", 8000))):
+        assert main(["run-batch", *io, "--enable-metrics", *flags]) == 0
+        assert seen.pop() == address
+    assert main(["run-batch", *io]) == 0 and seen.pop() is None
+    assert main(["run-batch", *io, "--enable-metrics", "--url", "0.0.0.0", "--host", "10.0.0.1"]) == 2
+    assert "--url is vLLM's old name of --host" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--port"):   # a port in use: refused at once, not after the model loads
+        with __import__("socket").create_server(("127.0.0.1", 0)) as taken:
+            run_batch._MetricsListener("127.0.0.1", taken.getsockname()[1])
+
+
+def test_enable_metrics_serves_the_apps_metrics_while_the_batch_runs(monkeypatch):
+    """The listener answers any GET path with the app's own /metrics (serve's series, its content type), asked on
+    the batch's loop while the lines run; 503 before the batch starts."""
+    import asyncio
+
+    from fastapi import FastAPI, Response
+
+    from pagedllm.server import api_server, run_batch
+    from pagedllm.server.metrics import ServerMetrics
+
+    port = _free_port()
+    metrics = ServerMetrics("m")
+    app = FastAPI()
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(None), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/completions")
+    async def completions(body: dict):   # scrapes the listener mid-batch (from a thread: it asks this loop)
+        scraped = await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/any/path", timeout=30)
+        return {"status": scraped.status_code, "type": scraped.headers["content-type"], "text": scraped.text}
+    monkeypatch.setattr(api_server, "serving_app", lambda *args: (app, None))
+    listener = run_batch._MetricsListener("127.0.0.1", port)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 503   # no batch yet
+        line = json.dumps({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x"}})
+        out, _, _ = asyncio.run(run_batch._answer_all(None, type("C", (), {"api_key": []})(), None, None, [line],
+                                                      listener))
+    finally:
+        listener.close()
+    answer = out[0]["response"]["body"]
+    assert answer["status"] == 200 and answer["type"].startswith("text/plain"), answer
+    assert 'pagedllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 0.0' in answer["text"]
