@@ -13,7 +13,8 @@ import time
 
 from starlette.routing import compile_path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector,
+                               ProcessCollector, Summary, generate_latest)
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -66,6 +67,10 @@ class ServerMetrics:
             # (prometheus_client's multiprocess mode), and a scrape of any of them sums them all.
             MultiProcessCollector(self.registry)
             r = None
+        else:   # vLLM's default registry's: process_* (memory, CPU, open files), python_gc_*, python_info
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
 
         def histogram(name, doc, buckets):
             return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name, ENGINE)

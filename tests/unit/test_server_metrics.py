@@ -315,3 +315,13 @@ def test_http_series_of_vllms_instrumentator():
     size = re.search(r'http_response_size_bytes_sum\{handler="/v1/models"\} (\S+)', text)
     assert size and float(size.group(1)) > 0   # the answers' Content-Length
     assert "/metrics" not in "".join(samples(text, "http_requests_total"))
+
+
+def test_process_series_of_vllms_default_registry():
+    """vLLM's /metrics (one API process) is prometheus_client's default registry, with its process and Python
+    series: memory and CPU panels read process_resident_memory_bytes and process_cpu_seconds_total."""
+    import sys
+    text = exposed(ServerMetrics("m"))
+    assert samples(text, "python_info") and samples(text, "python_gc_objects_collected_total")
+    if sys.platform == "linux":   # read from /proc
+        assert samples(text, "process_resident_memory_bytes") and samples(text, "process_cpu_seconds_total")
