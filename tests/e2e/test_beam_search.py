@@ -228,3 +228,48 @@ def test_few_seqs_and_blocks_same_beams(models, eos_beams, max_num_seqs, num_blo
     assert forks.num_dropped_holds > 0 and forks.num_forks > 0
     assert max_num_seqs != 16 or stats.num_preemptions > 0
     _no_leak(llm)
+
+
+# ---- what vLLM's beam search shows of a beam ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("include_stop", [False, True])
+def test_server_beam_shows_its_eos_only_with_include_stop_str(models, include_stop):
+    """The server's beams (use_beam_search), as vLLM's: a beam ended by an EOS id (either of the model's two)
+    leaves it out of token_ids, and so out of usage and logprobs, unless include_stop_str_in_output; the text
+    never shows it without. Was: the EOS always in token_ids, one more completion token than vLLM counts."""
+    import asyncio
+
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.async_llm import AsyncLLM
+    from pagedllm.server.beam_search import beam_search_stream
+    d, _, llm = models["eos"]
+    params = BeamSearchParams(beam_width=4, max_tokens=MAX_NEW, include_stop_str_in_output=include_stop)
+    offline = llm.beam_search(PROMPTS, params)
+
+    async def main():
+        engine = AsyncLLM(EngineConfig(d, dtype="float32", log_stats_interval=0, device="cpu"))
+        try:
+            outs = []
+            for i, p in enumerate(PROMPTS):
+                outs.append([o async for o in beam_search_stream(engine, f"s{i}", p, params)][-1])
+            return outs
+        finally:
+            engine.shutdown()
+    num_stopped = 0
+    for prompt, want, got in zip(PROMPTS, offline, asyncio.run(main())):
+        assert len(got.outputs) == len(want.sequences) == 4
+        for seq, c in zip(want.sequences, got.outputs):
+            generated = seq.tokens[len(prompt):]
+            assert c.finish_reason == seq.finish_reason
+            if seq.finish_reason == "stop":
+                num_stopped += 1
+                assert generated[-1] in (2, LIKELY_EOS) and c.stop_reason == generated[-1]
+                shown = generated if include_stop else generated[:-1]
+            else:
+                assert not set(generated) & {2, LIKELY_EOS}
+                shown = generated
+            assert list(c.token_ids) == shown
+            assert len(c.logprobs) == len(shown) and all(t in pos for t, pos in zip(shown, c.logprobs))
+            assert abs(c.cumulative_logprob - sum(pos[t].logprob for t, pos in zip(generated, seq.logprobs))) < TOL
+    assert num_stopped >= 4
+
