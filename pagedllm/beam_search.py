@@ -57,17 +57,29 @@ class BeamSearchParams:
                              "(generate() with SamplingParams(structured_outputs=...) does)")
 
 
+def tokens_input(prompt_token_ids: list[int], prompt: str | None = None, cache_salt: str | None = None) -> dict:
+    """vLLM's TokensInput (the engine input of a prompt): its ids, and its text and cache salt where it has them."""
+    given = {"prompt": prompt, "cache_salt": cache_salt}
+    return {"type": "token", "prompt_token_ids": prompt_token_ids, **{k: v for k, v in given.items() if v is not None}}
+
+
 @dataclass
 class BeamSearchSequence:
-    """One returned beam: tokens include the prompt (vLLM's), text is set on the returned beams."""
+    """One returned beam, vLLM's fields in vLLM's order (score is this project's): tokens include the prompt, text
+    is set on the returned beams."""
+    orig_prompt: dict                         # vLLM's TokensInput: type, prompt_token_ids[, prompt, cache_salt]
     tokens: list[int]
     logprobs: list[PositionLogprobs]          # per generated token: its top logprobs, the chosen one first
+    lora_request: LoRARequest | None = None   # the adapter its prompt ran under (vLLM's); None: the base model
     cum_logprob: float = 0.0                  # sum of the generated tokens' logprobs
-    score: float = 0.0                        # cum_logprob / generated_len ** length_penalty (transformers')
     text: str | None = None
     finish_reason: str | None = None          # "stop" (an EOS id) or "length"
     stop_reason: int | None = None            # the EOS id that ended it
-    lora_request: LoRARequest | None = None   # the adapter its prompt ran under (vLLM's); None: the base model
+    score: float = 0.0                        # cum_logprob / generated_len ** length_penalty (transformers')
+
+    def get_prompt(self) -> dict:
+        """vLLM's: the beam as an engine input (its prompt's text and cache salt, all its tokens)."""
+        return tokens_input(self.tokens, self.orig_prompt.get("prompt"), self.orig_prompt.get("cache_salt"))
 
 
 @dataclass
@@ -95,8 +107,11 @@ class _Candidate:
 class BeamSearchInstance:
     """One prompt's search; `step` takes each running beam's top logprobs (token id -> logprob)."""
 
-    def __init__(self, prompt_token_ids: list[int], params: BeamSearchParams, eos_token_ids: set[int]):
+    def __init__(self, prompt_token_ids: list[int], params: BeamSearchParams, eos_token_ids: set[int],
+                 orig_prompt: dict | None = None):
+        """orig_prompt: the prompt as the returned beams show it (tokens_input); None: its token ids alone."""
         self.prompt_token_ids = list(prompt_token_ids)
+        self.orig_prompt = orig_prompt or tokens_input(self.prompt_token_ids)
         self.params = params
         self.eos_token_ids = set() if params.ignore_eos else set(eos_token_ids)
         self.num_candidates = candidates_per_step(params, len(eos_token_ids))
@@ -144,8 +159,8 @@ class BeamSearchInstance:
 
     def _sequence(self, score: float, beam: _Beam) -> BeamSearchSequence:
         eos = bool(beam.tokens) and beam.tokens[-1] in self.eos_token_ids
-        return BeamSearchSequence(self.prompt_token_ids + beam.tokens, beam.logprobs, beam.cum_logprob, score,
-                                  finish_reason="stop" if eos else "length",
+        return BeamSearchSequence(self.orig_prompt, self.prompt_token_ids + beam.tokens, beam.logprobs,
+                                  cum_logprob=beam.cum_logprob, score=score, finish_reason="stop" if eos else "length",
                                   stop_reason=beam.tokens[-1] if eos else None)
 
 

@@ -9,7 +9,7 @@ import time
 from tqdm.auto import tqdm
 
 from pagedllm.beam_search import (BeamSearchInstance, BeamSearchOutput, BeamSearchParams, beam_cache_salt,
-                                  check_length, finish_text, run_beam_search, step_sampling_params,
+                                  check_length, finish_text, run_beam_search, step_sampling_params, tokens_input,
                                   unshared_blocks)
 from pagedllm.chat_template import render_chat
 from pagedllm.chat_template_arg import read_chat_template
@@ -189,7 +189,9 @@ class LLM:
                 raise ValueError("prompt must be token ids when skip_tokenizer_init is set, got text")
             ids = engine.tokenizer.encode(value) if isinstance(value, str) else list(value)
             check_length(len(ids), params, engine.max_model_len, engine.input_processor.max_kv_tokens)
-            instances.append(BeamSearchInstance(ids, params, eos))
+            text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+            instances.append(BeamSearchInstance(ids, params, eos, tokens_input(ids, text, salt)))
             user_salts.append(prompt_cache_salt(prompt))
         search_id = f"beam-{next(self._ids)}"
         # each prompt's beams: the search's own salt (prefix caching off), else the prompt's cache_salt (vLLM's)

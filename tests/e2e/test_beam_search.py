@@ -273,3 +273,27 @@ def test_server_beam_shows_its_eos_only_with_include_stop_str(models, include_st
             assert abs(c.cumulative_logprob - sum(pos[t].logprob for t, pos in zip(generated, seq.logprobs))) < TOL
     assert num_stopped >= 4
 
+
+def test_beams_carry_their_prompt_as_vllms_orig_prompt(models):
+    """vLLM's BeamSearchSequence.orig_prompt (the prompt's engine input: its token ids, and its text and cache salt
+    where given) and get_prompt() (the beam's tokens under that text and salt), in vLLM's field order. Was: no
+    orig_prompt, no get_prompt, and a positional BeamSearchSequence(orig_prompt, tokens, logprobs, lora_request,
+    cum_logprob) of vLLM's read differently."""
+    from pagedllm.beam_search import BeamSearchSequence
+    llm = models["plain"][2]
+    text = "Once upon a time"
+    text_ids = llm.get_tokenizer().encode(text)
+    prompts = [text, {"prompt_token_ids": PROMPTS[0], "cache_salt": "salt-a"}, PROMPTS[1],
+               {"prompt": text, "cache_salt": "salt-b"}]
+    want = [{"type": "token", "prompt_token_ids": text_ids, "prompt": text},
+            {"type": "token", "prompt_token_ids": PROMPTS[0], "cache_salt": "salt-a"},
+            {"type": "token", "prompt_token_ids": PROMPTS[1]},
+            {"type": "token", "prompt_token_ids": text_ids, "prompt": text, "cache_salt": "salt-b"}]
+    outputs = llm.beam_search(prompts, BeamSearchParams(beam_width=2, max_tokens=3))
+    for orig, out in zip(want, outputs):
+        for seq in out.sequences:
+            assert seq.orig_prompt == orig
+            assert seq.tokens[:len(orig["prompt_token_ids"])] == orig["prompt_token_ids"]
+            assert seq.get_prompt() == {**orig, "prompt_token_ids": seq.tokens}
+    seq = BeamSearchSequence(want[2], PROMPTS[1] + [7], [{}], None, -1.5)   # vLLM's positional order
+    assert seq.lora_request is None and seq.cum_logprob == -1.5

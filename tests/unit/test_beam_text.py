@@ -12,7 +12,8 @@ def test_generated_text_keeps_its_leading_space():
     prompt = tok.encode("Once upon a time, Lily")
     out = tok.encode(" loved to play", add_special_tokens=False)
     assert tok.decode(out).startswith("loved")   # what decoding the tokens alone gives
-    seq = BeamSearchSequence(prompt + out + [tok.eos_token_id], [], finish_reason="stop")
+    seq = BeamSearchSequence({"type": "token", "prompt_token_ids": prompt}, prompt + out + [tok.eos_token_id], [],
+                             finish_reason="stop")
     params = BeamSearchParams(beam_width=2, max_tokens=8)
     assert finish_text(seq, len(prompt), params, tok.decode, with_prompt=False) == " loved to play"
     assert finish_text(seq, len(prompt), params, tok.decode, with_prompt=True) == tok.decode(prompt + out)
