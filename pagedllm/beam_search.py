@@ -206,11 +206,13 @@ def check_length(prompt_len: int, params: BeamSearchParams, max_model_len: int, 
 
 
 def finish_text(seq: BeamSearchSequence, prompt_len: int, params: BeamSearchParams, decode: Callable,
-                with_prompt: bool) -> str:
-    """vLLM's: offline the text of all tokens; the server's only the generated ones, the EOS left out unless
-    include_stop_str_in_output."""
+                with_prompt: bool, special_ids=()) -> str:
+    """vLLM's: offline the text of all tokens; the server's only the generated ones. The ending EOS is left out
+    unless include_stop_str_in_output; on the server a special one (special_ids) is left out even then, as the
+    text of a sampled answer skips special tokens (vLLM's beams never show it there)."""
     tokens = seq.tokens if with_prompt else seq.tokens[prompt_len:]
-    if seq.finish_reason == "stop" and not params.include_stop_str_in_output:
+    if seq.finish_reason == "stop" and (not params.include_stop_str_in_output
+                                        or (not with_prompt and tokens[-1] in special_ids)):
         tokens = tokens[:-1]
     if with_prompt:
         return decode(tokens)

@@ -73,12 +73,14 @@ def _request_output(engine, request_id: str, inst: BeamSearchInstance, params: B
                     arrival: float) -> RequestOutput:
     n = len(inst.prompt_token_ids)
     decode = engine.tokenizer.decode
+    special_ids = frozenset(getattr(engine.tokenizer, "all_special_ids", ()))
     completions = []
     for i, s in enumerate(inst.results()):
         # vLLM's: the EOS that ended a beam is one of its token_ids (so counted in usage, shown in logprobs) only
         # with include_stop_str_in_output, as a stop string is part of the text; cum_logprob keeps its logprob
         end = len(s.tokens) - (s.finish_reason == "stop" and not params.include_stop_str_in_output)
-        completions.append(CompletionOutput(i, finish_text(s, n, params, decode, with_prompt=False), s.tokens[n:end],
-                                            s.cum_logprob, s.logprobs[:end - n], s.finish_reason, s.stop_reason))
+        text = finish_text(s, n, params, decode, with_prompt=False, special_ids=special_ids)
+        completions.append(CompletionOutput(i, text, s.tokens[n:end], s.cum_logprob, s.logprobs[:end - n],
+                                            s.finish_reason, s.stop_reason))
     metrics = RequestMetrics(arrival, finished_time=time.time())
     return RequestOutput(request_id, None, inst.prompt_token_ids, None, completions, True, metrics)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedllm import LLM, BeamSearchParams, SamplingParams
 from pagedllm.bench.beam_blocks import beam_block_sharing
@@ -20,7 +20,7 @@ LIKELY_EOS = 111
 PROMPTS = [np.random.default_rng(1).integers(3, 512, size=n).tolist() for n in (3, 9, 20, 33)]
 
 
-def _make_eos_likely(d: str) -> str:
+def _make_eos_likely(d: str, token: int = LIKELY_EOS, eos_ids: tuple = (2, LIKELY_EOS)) -> str:
     """Raise token LIKELY_EOS's logit by ~2 on average (along the mean final hidden state) and make it an EOS id
     beside 2: beams then finish early, and both EOS ids count in transformers' candidates per step (3k)."""
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
@@ -29,11 +29,11 @@ def _make_eos_likely(d: str) -> str:
         h = model(x, output_hidden_states=True).hidden_states[-1].mean((0, 1))
     f = next(Path(d).glob("*.safetensors"))
     weights = load_file(f)
-    weights["lm_head.weight"][LIKELY_EOS] += 2.0 * h / h.dot(h)
+    weights["lm_head.weight"][token] += 2.0 * h / h.dot(h)
     save_file(weights, f, metadata={"format": "pt"})
     for name in ("config.json", "generation_config.json"):
         config = json.loads((Path(d) / name).read_text())
-        config["eos_token_id"] = [2, LIKELY_EOS]
+        config["eos_token_id"] = list(eos_ids)
         (Path(d) / name).write_text(json.dumps(config))
     return d
 
@@ -232,19 +232,13 @@ def test_few_seqs_and_blocks_same_beams(models, eos_beams, max_num_seqs, num_blo
 
 # ---- what vLLM's beam search shows of a beam ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("include_stop", [False, True])
-def test_server_beam_shows_its_eos_only_with_include_stop_str(models, include_stop):
-    """The server's beams (use_beam_search), as vLLM's: a beam ended by an EOS id (either of the model's two)
-    leaves it out of token_ids, and so out of usage and logprobs, unless include_stop_str_in_output; the text
-    never shows it without. Was: the EOS always in token_ids, one more completion token than vLLM counts."""
+def _server_beams(d: str, params: BeamSearchParams) -> list:
+    """Each prompt's beam search on AsyncLLM, as the server runs it (its one RequestOutput)."""
     import asyncio
 
     from pagedllm.config import EngineConfig
     from pagedllm.engine.async_llm import AsyncLLM
     from pagedllm.server.beam_search import beam_search_stream
-    d, _, llm = models["eos"]
-    params = BeamSearchParams(beam_width=4, max_tokens=MAX_NEW, include_stop_str_in_output=include_stop)
-    offline = llm.beam_search(PROMPTS, params)
 
     async def main():
         engine = AsyncLLM(EngineConfig(d, dtype="float32", log_stats_interval=0, device="cpu"))
@@ -255,8 +249,19 @@ def test_server_beam_shows_its_eos_only_with_include_stop_str(models, include_st
             return outs
         finally:
             engine.shutdown()
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("include_stop", [False, True])
+def test_server_beam_shows_its_eos_only_with_include_stop_str(models, include_stop):
+    """The server's beams (use_beam_search), as vLLM's: a beam ended by an EOS id (either of the model's two)
+    leaves it out of token_ids, and so out of usage and logprobs, unless include_stop_str_in_output; the text
+    never shows it without. Was: the EOS always in token_ids, one more completion token than vLLM counts."""
+    d, _, llm = models["eos"]
+    params = BeamSearchParams(beam_width=4, max_tokens=MAX_NEW, include_stop_str_in_output=include_stop)
+    offline = llm.beam_search(PROMPTS, params)
     num_stopped = 0
-    for prompt, want, got in zip(PROMPTS, offline, asyncio.run(main())):
+    for prompt, want, got in zip(PROMPTS, offline, _server_beams(d, params)):
         assert len(got.outputs) == len(want.sequences) == 4
         for seq, c in zip(want.sequences, got.outputs):
             generated = seq.tokens[len(prompt):]
@@ -297,3 +302,24 @@ def test_beams_carry_their_prompt_as_vllms_orig_prompt(models):
             assert seq.get_prompt() == {**orig, "prompt_token_ids": seq.tokens}
     seq = BeamSearchSequence(want[2], PROMPTS[1] + [7], [{}], None, -1.5)   # vLLM's positional order
     assert seq.lora_request is None and seq.cum_logprob == -1.5
+
+
+def test_server_beam_text_leaves_a_special_eos_out_with_include_stop_str(tmp_path):
+    """With include_stop_str_in_output the server's beams hold their EOS in token_ids (above), but the text of a
+    special EOS is none ("</s>" ended it), as a sampled answer's text skips special tokens and vLLM's beams
+    leave it out; a model whose likely token is its one EOS id, 2 ("</s>")."""
+    d = _make_eos_likely(make_tiny_model(tmp_path / "eos2", arch="llama", seed=5), token=2, eos_ids=(2,))
+    params = BeamSearchParams(beam_width=3, max_tokens=MAX_NEW, include_stop_str_in_output=True)
+    tok = AutoTokenizer.from_pretrained(d)
+    assert 2 in tok.all_special_ids
+    num_stopped = 0
+    for prompt, got in zip(PROMPTS, _server_beams(d, params)):
+        head = tok.decode(prompt)
+        for c in got.outputs:
+            ids = list(c.token_ids)
+            if c.finish_reason == "stop":
+                num_stopped += 1
+                assert ids[-1] == 2
+                ids = ids[:-1]
+            assert c.text == tok.decode(prompt + ids)[len(head):]
+    assert num_stopped >= 3
