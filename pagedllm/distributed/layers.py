@@ -10,6 +10,7 @@
 A rank's parameters are built with these local shapes, and the loader reads only its slice of each
 checkpoint tensor (safetensors get_slice), so no rank holds a whole tensor it does not need.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,27 +58,54 @@ def vocab_rows(vocab_size: int, tp: TPGroup) -> tuple[int, int, int]:
     return per, start, min(start + per, vocab_size)
 
 
-def checkpoint_slice(name: str, config, head_dim: int, tp: TPGroup) -> tuple[int, int, int] | None:
-    """(dim, start, stop) of HF tensor `name` that this rank loads; None: the whole tensor (norms, biases of
-    row-parallel layers, per-head q/k norms)."""
+def checkpoint_slice(name: str, shape, config, head_dim: int, tp: TPGroup,
+                     block: tuple[int, int] | None = None) -> tuple[int, int, int] | None:
+    """(dim, start, stop) of HF tensor `name` (of `shape`) that this rank loads; None: the whole tensor (norms,
+    biases of row-parallel layers, per-head q/k norms, scalar scales).
+
+    FP8 checkpoints (layers/quantization): a column-parallel layer's per-channel `weight_scale` is cut as its
+    rows; a row-parallel layer keeps every output channel, so its per-channel scales are whole, as are per-tensor
+    weight scales and static `input_scale`s (of the whole row: each rank's slice of it has the same scale).
+    Block scales (`weight_scale_inv`, `block` = quantization_config.weight_block_size) are cut by block: the
+    rank's rows / columns must be whole blocks (the last may be the tensor's partial one), else ValueError."""
     parts = name.split(".")
     leaf, attr = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", name)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         _, start, stop = vocab_rows(config.vocab_size, tp)
         return 0, start, stop
+    cut = _layer_cut(leaf, config, head_dim, tp)   # (dim of the weight, start, stop, whole extent) or None
+    if cut is None:
+        return None
+    dim, start, stop, extent = cut
+    if attr == "weight":
+        return dim, start, stop
+    if attr == "bias":
+        return (0, start, stop) if dim == 0 else None
+    if attr == "weight_scale":   # per tensor: one value; per channel: (N,) or (N, 1), cut only by rows
+        return (0, start, stop) if dim == 0 and math.prod(shape) > 1 else None
+    if attr == "weight_scale_inv" and block is not None:
+        size = block[dim]
+        if start % size or (stop % size and stop != extent):
+            raise ValueError(f"checkpoint tensor {name}: with tensor_parallel_size {tp.size}, rank {tp.rank} holds "
+                             f"{'rows' if dim == 0 else 'columns'} {start}:{stop} of {extent}, not whole blocks of "
+                             f"quantization_config.weight_block_size {list(block)}")
+        return dim, start // size, -(-stop // size)
+    return None   # input_scale, output_scale (KV), ...: scalars of the whole layer
+
+
+def _layer_cut(leaf: str, config, head_dim: int, tp: TPGroup) -> tuple[int, int, int, int] | None:
+    """A linear's split: (0: column-parallel rows / 1: row-parallel columns, start, stop, whole extent)."""
     if leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        heads = head_shard(config.num_attention_heads,
-                           getattr(config, "num_key_value_heads", None) or config.num_attention_heads, tp)
-        if leaf == "o_proj":
-            return None if attr == "bias" else (1, heads.q_start * head_dim, (heads.q_start + heads.num_heads)
-                                                * head_dim)
-        first, count = (heads.q_start, heads.num_heads) if leaf == "q_proj" else (heads.kv_start, heads.num_kv_heads)
-        return 0, first * head_dim, (first + count) * head_dim
+        num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        heads = head_shard(config.num_attention_heads, num_kv, tp)
+        if leaf in ("q_proj", "o_proj"):
+            start, stop = heads.q_start * head_dim, (heads.q_start + heads.num_heads) * head_dim
+            return int(leaf == "o_proj"), start, stop, config.num_attention_heads * head_dim
+        first, count = heads.kv_start, heads.num_kv_heads
+        return 0, first * head_dim, (first + count) * head_dim, num_kv * head_dim
     if leaf in ("gate_proj", "up_proj", "down_proj"):
         per = split_size(config.intermediate_size, tp, "intermediate_size")
-        if leaf == "down_proj":
-            return None if attr == "bias" else (1, tp.rank * per, (tp.rank + 1) * per)
-        return 0, tp.rank * per, (tp.rank + 1) * per
+        return int(leaf == "down_proj"), tp.rank * per, (tp.rank + 1) * per, config.intermediate_size
     return None
 
 

@@ -8,14 +8,15 @@ With an Fp8Config every decoder linear is an Fp8Linear (layers/quantization), wh
 tensors itself (quantizing float ones); the checkpoint's KV scales go to the Attention layers' floats.
 Qwen2 (qkv bias) and Qwen3 (per-head q/k norm) are this model with a class flag switched on.
 Tensor parallelism (tp.size > 1, distributed/layers.py): the same modules with this rank's heads and columns,
-o_proj / down_proj row-parallel, the embedding and LM head vocab-parallel; the loader hands in slices.
+o_proj / down_proj row-parallel, the embedding and LM head vocab-parallel; the loader hands in slices
+(also of FP8 checkpoints' scales); an Fp8Linear is column- or row-parallel the same way.
 """
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from pagedllm.distributed.layers import RowParallelLinear, VocabParallelEmbedding, head_shard, split_size, vocab_rows
+from pagedllm.distributed.layers import VocabParallelEmbedding, head_shard, split_size, vocab_rows
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
@@ -44,17 +45,16 @@ def head_dim(config) -> int:
 
 
 def _linear(in_features: int, shard_sizes: tuple[int, ...], bias: bool, quant: Fp8Config | None, prefix: str,
-            name: str) -> nn.Module:
+            name: str, row_parallel: TPGroup | None = None) -> nn.Module:
     """prefix.name: our module; a fused one's shards are the checkpoint's modules prefix.<shard name>."""
     shard_names = tuple(f"{prefix}.{s}" for s in _UNSTACKED.get(name, (name,)))
-    return make_linear(in_features, shard_sizes, bias, quant, shard_names)
+    return make_linear(in_features, shard_sizes, bias, quant, shard_names, row_parallel)
 
 
 def _row_linear(in_features: int, out_features: int, bias: bool, quant: Fp8Config | None, prefix: str,
                 name: str, tp: TPGroup) -> nn.Module:
-    if tp.enabled:
-        return RowParallelLinear(in_features, out_features, bias, tp)
-    return _linear(in_features, (out_features,), bias, quant, prefix, name)
+    """o_proj, down_proj: row-parallel under TP (a RowParallelLinear, or an Fp8Linear with the group)."""
+    return _linear(in_features, (out_features,), bias, quant, prefix, name, tp if tp.enabled else None)
 
 
 class LlamaMLP(nn.Module):

@@ -40,10 +40,11 @@ def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.devi
     where = None
     if tp.enabled:
         dim = head_dim(hf_config)
-        where = lambda name: checkpoint_slice(name, hf_config, dim, tp)   # noqa: E731
+        block = quant.block_size if quant is not None else None
+        where = lambda name, shape: checkpoint_slice(name, shape, hf_config, dim, tp, block)   # noqa: E731
     if load_format == "dummy" and where is not None:
-        model.load_weights((name, take_slice(t, where(name))) for name, t in _dummy_tensors(model_cls, hf_config,
-                                                                                             dtype, device))
+        model.load_weights((name, take_slice(t, where(name, t.shape)))
+                           for name, t in _dummy_tensors(model_cls, hf_config, dtype, device))
     elif load_format == "dummy":
         _init_dummy(model)
     else:
@@ -72,11 +73,15 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def _iter_safetensors(model_dir: Path, dtype: torch.dtype, device, where=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """where(name): the (dim, start, stop) of the tensor this rank holds, None: all of it (tp.size 1: no call)."""
+    """where(name, shape): the (dim, start, stop) of the tensor this rank holds, None: all of it (tp.size 1: no
+    call)."""
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                tensor = f.get_tensor(name) if where is None else take_slice(f.get_slice(name), where(name))
+                part = None if where is None else f.get_slice(name)
+                cut = None if part is None else where(name, part.get_shape())
+                # whole tensors read whole: a 0-d one (a per-tensor scale) has no slice to take
+                tensor = f.get_tensor(name) if cut is None else take_slice(part, cut)
                 yield name, tensor.to(device=device, dtype=_target_dtype(name, tensor.dtype, dtype))
 
 

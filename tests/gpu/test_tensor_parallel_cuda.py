@@ -1,5 +1,6 @@
 """Tensor parallelism on 2 GPUs (NCCL, CUDA graphs on): TP=2 float32 greedy tokens equal TP=1's on tiny Qwen3 /
-Llama checkpoints (1 and 2 KV heads, tied and untied), and bf16 TP=2 with dummy weights starts and runs.
+Llama checkpoints (1 and 2 KV heads, tied and untied), and bf16 TP=2 with dummy weights starts and runs; FP8 at
+TP=2 (float32: the CPU TP=2 run's logprobs; bf16 on _scaled_mm: starts and runs).
 Skipped unless torch sees 2 GPUs. Run: pytest -q tests/gpu/test_tensor_parallel_cuda.py"""
 import gc
 
@@ -46,3 +47,42 @@ def test_tp2_bf16_dummy_weights_start_and_run(tmp_path):
     d = make_tiny_model(tmp_path / "m", "qwen3", num_key_value_heads=2)
     out = _run(d, tensor_parallel_size=2, dtype="bfloat16", load_format="dummy")
     assert all(len(t) == 32 for t in out)
+
+
+def _prompt_logprobs(d: str, device: str, **kw) -> list[list[dict]]:
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
+    llm = LLM(d, device=device, log_stats_interval=0, **({"gpu_memory_utilization": 0.4} if device == "cuda" else {}),
+              **kw)
+    try:
+        return [o.prompt_logprobs[1:] for o in llm.generate(PROMPTS[:4], params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def test_tp2_fp8_float32_matches_cpu_tp2(tmp_path):
+    """--quantization fp8 at TP=2 over NCCL (float32: the emulated fp8 GEMM, the same per-rank quantization as on
+    CPU, tests/e2e/test_tensor_parallel_fp8.py) gives the CPU TP=2 run's prompt logprobs."""
+    d = make_tiny_model(tmp_path / "m", "qwen3", num_key_value_heads=2, seed=3)
+    kw = dict(dtype="float32", quantization="fp8", tensor_parallel_size=2)
+    for cuda, cpu in zip(_prompt_logprobs(d, "cuda", **kw), _prompt_logprobs(d, "cpu", **kw), strict=True):
+        for a, b in zip(cuda, cpu, strict=True):
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-3 for t in set(a) & set(b))
+
+
+@pytest.mark.parametrize("kind", ["ct_channel_dynamic", "fp8_block", None])
+def test_tp2_fp8_bf16_runs_on_scaled_mm(tmp_path, kind):
+    """bf16 (sizes multiples of 16: _scaled_mm and the Triton GEMM, the fused norm/activation quant, CUDA graphs):
+    --quantization fp8 and pre-quantized checkpoints at TP=2 start and run (tokens are not TP=1 fp8's: each rank
+    quantizes its own slices; the float32 test above checks the arithmetic)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
+    from fp8_checkpoints import write_quantized
+    d = make_tiny_model(tmp_path / "m", "qwen3", num_key_value_heads=2, seed=3)
+    ckpt = d if kind is None else write_quantized(d, tmp_path / kind, kind)
+    kw = dict(dtype="bfloat16", quantization="fp8" if kind is None else None)
+    out = _run(ckpt, tensor_parallel_size=2, **kw)
+    assert all(len(t) == 32 and all(0 <= i < 512 for i in t) for t in out)

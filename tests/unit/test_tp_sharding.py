@@ -71,6 +71,29 @@ def test_config_checks_tensor_parallel_size():
     from pagedllm.config import EngineConfig
     with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
         EngineConfig(tensor_parallel_size=0)
-    with pytest.raises(ValueError, match="quantization must be off"):
-        EngineConfig(tensor_parallel_size=2, quantization="fp8")
+    with pytest.raises(ValueError, match="enable_lora must be off"):
+        EngineConfig(tensor_parallel_size=2, enable_lora=True)
     assert EngineConfig(tensor_parallel_size=2).tensor_parallel_size == 2
+    assert EngineConfig(tensor_parallel_size=2, quantization="fp8").quantization == "fp8"
+
+
+def test_block_scales_split_by_whole_blocks_only():
+    """A rank whose rows or columns cut a block of a block-quantized checkpoint is refused, naming the block
+    size (vLLM refuses it too); the tensor's last, partial block may end a rank's share."""
+    from types import SimpleNamespace
+
+    from pagedllm.distributed.layers import checkpoint_slice
+    cfg = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, vocab_size=512)
+    name = "model.layers.0.self_attn.k_proj.weight_scale_inv"
+    assert checkpoint_slice(name, (1, 2), cfg, 32, TPGroup(1, 2), (32, 32)) == (0, 1, 2)
+    with pytest.raises(ValueError, match=r"rank 1 holds rows 16:32 of 32, not whole blocks of "
+                                         r"quantization_config.weight_block_size \[32, 32\]"):
+        checkpoint_slice(name, (1, 2), cfg, 16, TPGroup(1, 2), (32, 32))
+    down = "model.layers.0.mlp.down_proj.weight_scale_inv"   # columns 48:96 of 96, blocks of 32: 48 cuts one
+    with pytest.raises(ValueError, match="columns 48:96 of 96"):
+        checkpoint_slice(down, (2, 3), cfg, 32, TPGroup(1, 2), (32, 32))
+    assert checkpoint_slice(down, (2, 2), cfg, 32, TPGroup(1, 2), (32, 48)) == (1, 1, 2)   # 48:96, last partial
+    assert checkpoint_slice(down.replace("_inv", ""), (64,), cfg, 32, TPGroup(1, 2)) is None   # per channel: whole
+    assert checkpoint_slice("model.layers.0.mlp.up_proj.weight_scale", (96, 1), cfg, 32, TPGroup(1, 2)) == (0, 48, 96)
+    assert checkpoint_slice("model.layers.0.mlp.up_proj.weight_scale", (1,), cfg, 32, TPGroup(1, 2)) is None
+    assert checkpoint_slice("model.layers.0.self_attn.k_proj.input_scale", (), cfg, 32, TPGroup(1, 2)) is None

@@ -4,17 +4,29 @@ checkpoint tensors (float, fp8 with per-tensor / per-channel / per-block scales)
 Parameters: weight (N, K) fp8, weight_scale (N,) float32, bias (N,) in the model dtype (optional),
 input_scale () float32 (static activations only). A fused layer (qkv_proj, gate_up_proj) keeps `shard_sizes`:
 checkpoint shard i fills rows sum(sizes[:i]) .. + sizes[i] of weight, weight_scale and bias.
+
+Tensor parallelism (distributed/layers.py): a column-parallel layer is this class with the rank's rows; a
+row-parallel one (`tp` given: o_proj, down_proj) holds the rank's input columns, all-reduces its partial sums and
+adds the (whole) bias once after. Either way the rank's own input is quantized per token (a row-parallel rank:
+its slice of each row), as vLLM does. The loader hands in the rank's slices (checkpoint_slice); a float weight is
+quantized per output channel over the slice the rank loaded, so a row-parallel layer's weight scales are the
+amax of the rank's columns, one set per rank: vLLM's way too (each rank quantizes the weight it loaded).
 """
 import torch
 from torch import nn
 
+from pagedllm.distributed.layers import RowParallelLinear
+from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.quantization.fp8 import FP8, dequantize_blocks, fp8_linear, quantize_per_channel, scaled_mm
 from pagedllm.layers.quantization.fp8_config import FP8_BLOCK, FLOAT, Fp8Config
 
 
 class Fp8Linear(nn.Module):
-    def __init__(self, in_features: int, shard_sizes: tuple[int, ...], bias: bool, config: Fp8Config):
+    def __init__(self, in_features: int, shard_sizes: tuple[int, ...], bias: bool, config: Fp8Config,
+                 tp: TPGroup | None = None):
+        """tp: row-parallel over this group (in_features: the rank's columns); None: not row-parallel."""
         super().__init__()
+        self.tp = tp if tp is not None and tp.enabled else None
         out_features = sum(shard_sizes)
         self.in_features, self.out_features, self.shard_sizes = in_features, out_features, shard_sizes
         self.config = config
@@ -29,9 +41,15 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x in the model dtype, or (fp8 rows, (M, 1) scales) from a fused norm or activation (fuse.py)."""
+        bias = self.bias if self.tp is None else None   # row-parallel: added once, after the all-reduce
         if isinstance(x, tuple):
-            return scaled_mm(*x, self.weight, self.weight_scale, self.bias, self.out_dtype)
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
+            out = scaled_mm(*x, self.weight, self.weight_scale, bias, self.out_dtype)
+        else:
+            out = fp8_linear(x, self.weight, self.weight_scale, bias, self.input_scale)
+        if self.tp is None:
+            return out
+        out = self.tp.all_reduce(out)
+        return out if self.bias is None else out + self.bias
 
     def checkpoint_attrs(self) -> tuple[str, ...]:
         return self.config.checkpoint_attrs() + (("bias",) if self.bias is not None else ())
@@ -103,15 +121,18 @@ def _shaped(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Te
 
 
 def make_linear(in_features: int, shard_sizes: tuple[int, ...], bias: bool, quant: Fp8Config | None,
-                shard_names: tuple[str, ...]) -> nn.Module:
+                shard_names: tuple[str, ...], row_parallel: TPGroup | None = None) -> nn.Module:
     """An nn.Linear (with shard_sizes), or an Fp8Linear unless the checkpoint leaves these modules unquantized.
-    shard_names: the checkpoint's module names of the shards (q_proj, k_proj, v_proj of one layer)."""
+    shard_names: the checkpoint's module names of the shards (q_proj, k_proj, v_proj of one layer).
+    row_parallel: the TP group of a row-parallel layer (enabled), else None."""
     ignored = [quant is not None and quant.is_ignored(n) for n in shard_names]
     if any(ignored) != all(ignored):
         raise ValueError(f"quantization_config ignores some of the fused modules {shard_names}, not all: "
                          "not supported")
+    if (quant is None or all(ignored)) and row_parallel is not None:
+        return RowParallelLinear(in_features, sum(shard_sizes), bias, row_parallel)
     if quant is None or all(ignored):
         linear = nn.Linear(in_features, sum(shard_sizes), bias=bias)
         linear.shard_sizes = shard_sizes
         return linear
-    return Fp8Linear(in_features, shard_sizes, bias, quant)
+    return Fp8Linear(in_features, shard_sizes, bias, quant, row_parallel)
