@@ -300,8 +300,7 @@ class EngineConfig:
         _check(self.distributed_executor_backend != "ray" or importlib.util.find_spec("ray") is not None,
                "distributed_executor_backend", "mp, or ray with the ray package installed (pip install ray)",
                self.distributed_executor_backend)
-        for name, off in (("enable_lora", not self.enable_lora),
-                          ("speculative_config", self.speculative_config is None),
+        for name, off in (("speculative_config", self.speculative_config is None),
                           ("preemption_mode", self.preemption_mode == "recompute"),
                           ("kv_offloading_size", self.kv_offloading_size is None)):
             _check(off, name, f"off (its default) with tensor_parallel_size {n} (not built for several ranks yet)",

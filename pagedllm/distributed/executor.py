@@ -170,9 +170,22 @@ class TPRunner:
     def __init__(self, runner, executor, tp):
         self.runner, self.executor, self.tp = runner, executor, tp
         self._steps = 0
+        self.lora = None if runner.lora is None else MirroredLoRA(runner.lora, self._told)
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
+
+    def add_lora_request(self, req_id: str, lora_request):
+        """Rank 0 first (a bad adapter raises here and reaches no worker); each worker then holds its own slice
+        of the same adapter for the request (the weights' fingerprint says they are the same files)."""
+        self.runner.add_lora_request(req_id, lora_request)
+        fingerprint = self.runner.lora.cpu[lora_request.lora_int_id].fingerprint
+        self._told(("add_lora_request", req_id, lora_request, fingerprint))
+
+    def _told(self, msg: tuple) -> None:
+        """A change rank 0 made (and that cannot fail there now): the workers make it too."""
+        self.executor.check()
+        self.executor.send(msg)
 
     def drop_request(self, req_id: str):
         return self._mirrored(("drop_request", req_id), self.runner.drop_request, req_id)
@@ -203,6 +216,51 @@ class TPRunner:
     def shutdown(self):
         self.executor.shutdown()
         destroy_tp(self.tp)
+
+
+class MirroredLoRA:
+    """Rank 0's LoRAManager as the engine core sees it (TPRunner.lora): each change to its host adapters, once
+    made here, is sent to the workers, whose managers make it in the same order between the same steps, each
+    reading its slice of the adapter from disk (peft_loader). Reads (`load`, on the loader's threads) and
+    queries stay here. A worker whose change fails (its read of the files failed) exits: its slots would
+    serve other weights than rank 0's."""
+
+    def __init__(self, manager, tell):
+        self.manager, self._tell = manager, tell
+
+    def __getattr__(self, name):
+        return getattr(self.manager, name)
+
+    def cached(self, req):
+        lora = self.manager.cached(req)
+        if lora is not None:   # its place in the LRU changed: the ranks evict the same adapters
+            self._tell(("lora", "cached", req))
+        return lora
+
+    def get(self, req):
+        lora = self.manager.get(req)
+        self._tell(("lora", "get", req))
+        return lora
+
+    def add(self, req) -> bool:
+        self.get(req)
+        return True
+
+    def insert(self, lora):
+        have = self.manager.insert(lora)
+        self._tell(("lora", "get", lora.request))
+        return have
+
+    def remove(self, lora_int_id: int, in_use: bool | None = None) -> bool:
+        removed = self.manager.remove(lora_int_id, in_use)
+        if removed:
+            self._tell(("lora", "remove", lora_int_id, False))
+        return removed
+
+    def pin(self, lora_int_id: int) -> bool:
+        pinned = self.manager.pin(lora_int_id)
+        self._tell(("lora", "pin", lora_int_id))
+        return pinned
 
 
 class MirroredPending:

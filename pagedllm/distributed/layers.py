@@ -123,6 +123,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
         super().__init__()
         self.tp = tp
+        self.in_features, self.out_features = in_features, out_features   # this rank's inputs, all outputs
         self.shard_sizes = (out_features,)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None

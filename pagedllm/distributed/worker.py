@@ -5,6 +5,7 @@ call for a Ray executor). Messages, in the driver's order:
     ("execute", step, SchedulerOutput)    ("sample_constrained", step, bitmask rows, mask_rows)
     ("result", step)                      ("reset_after_failed_step",)
     ("drop_request", req_id)              ("shutdown",)
+    ("lora", manager method, *args)       ("add_lora_request", req_id, LoRARequest, fingerprint)
 The worker's steps launch and read like the driver's (execute of N+1 before result of N), so its device keeps
 the next step queued too; its sampled ids equal the driver's (same all-gathered logits, same seeds) and
 stay here: only rank 0 reports outputs.
@@ -14,6 +15,9 @@ engine then fails the step's requests and its next message is ("reset_after_fail
 message, or none within RESET_WAIT_SECONDS (the driver waits in a collective this rank never joined), means
 the call failed here alone (an OOM on this GPU): this rank's collectives and state are out of step with the
 others', so it exits (OUT_OF_STEP_EXIT_CODE), and the engine ends as it does when a worker dies, naming why.
+So does a LoRA call that fails here: it succeeded on the driver (executor.MirroredLoRA sends it after), and
+this rank's slots would hold other weights than the others' (its read of the adapter failed, or the files
+changed on disk since the driver read them: the fingerprints differ).
 """
 import dataclasses
 import logging
@@ -69,6 +73,8 @@ class Worker:
                 self.runner.sample_constrained(self.pending[msg[1]], msg[2], msg[3])
             elif kind == "drop_request":
                 self.runner.drop_request(msg[1])
+            elif kind in ("lora", "add_lora_request"):
+                self._lora_call(msg)
             elif kind == "reset_after_failed_step":   # the step in flight before it is still read next
                 self.runner.reset_after_failed_step()
             else:
@@ -85,6 +91,19 @@ class Worker:
                 timer.daemon = True
                 timer.start()
                 self._failed = (what, timer)
+
+    def _lora_call(self, msg: tuple) -> None:
+        try:
+            if msg[0] == "lora":
+                getattr(self.runner.lora, msg[1])(*msg[2:])
+                return
+            _, req_id, req, fingerprint = msg
+            self.runner.add_lora_request(req_id, req)
+            if self.runner.lora.cpu[req.lora_int_id].fingerprint != fingerprint:
+                raise ValueError(f"LoRA adapter {req.lora_name!r} ({req.lora_path}) is not the one rank 0 "
+                                 f"loaded (its files changed since)")
+        except Exception as e:
+            self._exit_out_of_step(f"a LoRA call that succeeded on rank 0 failed here: {type(e).__name__}: {e}")
 
     def _exit_out_of_step(self, why: str) -> None:
         logger.critical("tensor-parallel rank %d is out of step with rank 0: %s. Exiting: the engine cannot run "

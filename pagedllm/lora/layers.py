@@ -9,6 +9,10 @@ slots present in the step as a host list. On CUDA two Triton launches (lora/kern
 every slot at once and leave base rows untouched; the host list only says whether any token has an adapter:
 the runner replays a graph captured with the launches (every slot present) when one does, else one without.
 On CPU a torch loop over the step's slots, the reference. Neither reads a device value (no sync).
+Tensor parallelism: a rank's slots hold its part of each adapter (peft_loader.py), so the kernels see the
+shapes a TP=1 model of the rank's sizes gives them. Around a row-parallel base (o_proj, down_proj) the LoRA
+product, partial like the base's (A holds the rank's input columns), is added before the one all-reduce, and
+the bias after it: each added once.
 """
 import os
 from dataclasses import dataclass, field
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pagedllm.distributed.layers import RowParallelLinear
 from pagedllm.lazy_kernel import lazy_kernel
 from pagedllm.lora.peft_loader import TARGETS
 
@@ -96,6 +101,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.state = state
+        # a row-parallel base: its partial product and this layer's join before its all-reduce (`forward`)
+        self.row_parallel = isinstance(base, RowParallelLinear)
         self.shard_sizes = tuple(getattr(base, "shard_sizes", (base.out_features,)))
         self.in_features, self.out_features = base.in_features, base.out_features
         self.max_rank, self.max_shard = max_rank, max(self.shard_sizes)
@@ -126,13 +133,20 @@ class LoRALinear(nn.Module):
         self.base.weight = nn.Parameter(wide[:out], requires_grad=False)
         self.wide = wide
         self.register_buffer("lora_a", wide[out:].view(max_loras, n_rank, self.in_features), persistent=False)
-        if self.base.bias is not None:
+        if self.base.bias is not None and not self.row_parallel:   # a row-parallel bias is added after the reduce
             self.wide_bias = torch.cat([self.base.bias.detach(), wide.new_zeros(max_loras * n_rank)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.row_parallel:
+            return self._forward(x, self.base)
+        base = self.base
+        y = base.tp.all_reduce(self._forward(x, lambda x: torch.nn.functional.linear(x, base.weight)).contiguous())
+        return y if base.bias is None else y + base.bias
+
+    def _forward(self, x: torch.Tensor, base) -> torch.Tensor:
         if self.wide is not None and self.state.active_slots:
             return self._forward_wide(x)
-        y = self.base(x)
+        y = base(x)
         if not self.state.active_slots:
             return y
         meta = self.state.meta

@@ -2,6 +2,10 @@
 
 PEFT names: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight (r, in) and .lora_B.weight
 (out, r). q/k/v land in qkv_proj's shards 0/1/2 and gate/up in gate_up_proj's 0/1 (models/llama.py).
+Under tensor parallelism each rank keeps its part, cut where its base weight is (distributed/layers.py's
+checkpoint_slice of the HF weight): a column-parallel module's (q/k/v, gate/up) B by output rows, A whole; a
+row-parallel module's (o, down) A by input columns, B whole (lora/layers.py adds its partial product to the base's
+before the all-reduce).
 Everything we do not implement is a ValueError naming the adapter and the field, never a silent no-op.
 """
 import hashlib
@@ -87,9 +91,10 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
                              + ("which vLLM serves LoRA on but pagedllm does not yet" if _EMBEDDINGS.search(name)
                                 else "a module the model lacks or that LoRA serving does not support")
                              + f" (target_modules may be {sorted(TARGETS)})")
-        layer, _, hf_module, ab = m.groups()
+        layer, kind, hf_module, ab = m.groups()
         ours, shard = TARGETS[hf_module]
-        pairs.setdefault((f"model.layers.{layer}.{ours}", shard), {})[ab] = t.float()
+        pair = pairs.setdefault((f"model.layers.{layer}.{ours}", shard), {})
+        pair[ab], pair["hf"] = t.float(), f"model.layers.{layer}.{kind}.{hf_module}.weight"
     if not pairs:
         raise ValueError(f"{where}: {weights.name} holds no LoRA tensors")
     for (module_name, shard), ab in pairs.items():
@@ -150,7 +155,10 @@ def _check_config(cfg: dict, rank, alpha, max_lora_rank: int, where: str):
 
 
 def _fit(model, module_name: str, shard: int, ab: dict, rank: int, where: str):
-    """A (r, in) and B (out, r) of one shard, checked against the base module's shapes."""
+    """A (r, in) and B (out, r) of one shard, checked against the base module's shapes (the whole checkpoint's
+    along the dimension a tensor-parallel rank cuts), then this rank's part of them."""
+    ab = dict(ab)
+    hf_name = ab.pop("hf")
     if set(ab) != {"A", "B"}:
         raise ValueError(f"{where}: {module_name} shard {shard} has lora_{'A' if 'A' in ab else 'B'} without "
                          f"its pair")
@@ -159,9 +167,31 @@ def _fit(model, module_name: str, shard: int, ab: dict, rank: int, where: str):
     except AttributeError:
         raise ValueError(f"{where}: the model has no module {module_name} (a different base model?)") from None
     sizes = getattr(module, "shard_sizes", (module.out_features,))
-    expected = {"A": (rank, module.in_features), "B": (sizes[shard], rank)}
+    expected = {"A": [rank, module.in_features], "B": [sizes[shard], rank]}
+    cut = _rank_cut(model, hf_name)
+    if cut is not None:   # the weight's dim 0 (out) is B's, its dim 1 (in) is A's
+        dim, start, stop, whole = cut
+        expected["B" if dim == 0 else "A"][dim] = whole
     for k in "AB":
-        if tuple(ab[k].shape) != expected[k]:
+        if list(ab[k].shape) != expected[k]:
             raise ValueError(f"{where}: lora_{k} of {module_name} shard {shard} has shape {tuple(ab[k].shape)}, "
-                             f"the base model needs {expected[k]} (an adapter of another base model?)")
-    return ab["A"], ab["B"]
+                             f"the base model needs {tuple(expected[k])} (an adapter of another base model?)")
+    if cut is None:
+        return ab["A"], ab["B"]
+    if dim == 0:
+        return ab["A"], ab["B"][start:stop].clone()   # a copy: the whole tensor is not kept
+    return ab["A"][:, start:stop].clone(), ab["B"]
+
+
+def _rank_cut(model, hf_weight: str) -> tuple[int, int, int, int] | None:
+    """(dim, start, stop, whole length) of HF weight hf_weight that this tensor-parallel rank holds, dim in the
+    weight's (out, in); None: the whole (tensor parallelism off)."""
+    tp = getattr(model, "tp", None)
+    if tp is None or not tp.enabled:
+        return None
+    from pagedllm.distributed.layers import checkpoint_slice
+    from pagedllm.distributed.parallel_state import TPGroup
+    from pagedllm.models.llama import head_dim
+    dim, start, stop = checkpoint_slice(hf_weight, model.config, head_dim(model.config), tp)
+    whole = checkpoint_slice(hf_weight, model.config, head_dim(model.config), TPGroup(tp.size - 1, tp.size))[2]
+    return dim, start, stop, whole

@@ -144,13 +144,6 @@ class ModelRunner:
         self._drop(req_id)
         self._sampling_key = self._sampling_cache = None   # keyed by ids: it holds the old one's params
 
-    def lora_key(self, lora_request) -> tuple:
-        """The adapter's identity in the block hashes (read from disk if new: a bad adapter raises here)."""
-        if self.lora is None:
-            raise ValueError("a lora_request needs enable_lora=True (--enable-lora)")
-        from pagedllm.lora.peft_loader import lora_cache_key
-        return lora_cache_key(self.lora.get(lora_request))
-
     def add_lora_request(self, req_id: str, lora_request):
         """The request runs under this adapter: loaded now if new (a bad one raises here), held until it ends."""
         if self.lora is None:
