@@ -73,7 +73,7 @@ def checkpoint_slice(name: str, shape, config, head_dim: int, tp: TPGroup,
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         _, start, stop = vocab_rows(config.vocab_size, tp)
         return 0, start, stop
-    cut = _layer_cut(leaf, config, head_dim, tp)   # (dim of the weight, start, stop, whole extent) or None
+    cut = layer_cut(leaf, config, head_dim, tp)   # (dim of the weight, start, stop, whole extent) or None
     if cut is None:
         return None
     dim, start, stop, extent = cut
@@ -93,7 +93,7 @@ def checkpoint_slice(name: str, shape, config, head_dim: int, tp: TPGroup,
     return None   # input_scale, output_scale (KV), ...: scalars of the whole layer
 
 
-def _layer_cut(leaf: str, config, head_dim: int, tp: TPGroup) -> tuple[int, int, int, int] | None:
+def layer_cut(leaf: str, config, head_dim: int, tp: TPGroup) -> tuple[int, int, int, int] | None:
     """A linear's split: (0: column-parallel rows / 1: row-parallel columns, start, stop, whole extent)."""
     if leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
         num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -189,9 +189,6 @@ def _rank_cut(model, hf_weight: str) -> tuple[int, int, int, int] | None:
     tp = getattr(model, "tp", None)
     if tp is None or not tp.enabled:
         return None
-    from pagedllm.distributed.layers import checkpoint_slice
-    from pagedllm.distributed.parallel_state import TPGroup
+    from pagedllm.distributed.layers import layer_cut
     from pagedllm.models.llama import head_dim
-    dim, start, stop = checkpoint_slice(hf_weight, model.config, head_dim(model.config), tp)
-    whole = checkpoint_slice(hf_weight, model.config, head_dim(model.config), TPGroup(tp.size - 1, tp.size))[2]
-    return dim, start, stop, whole
+    return layer_cut(hf_weight.split(".")[-2], model.config, head_dim(model.config), tp)

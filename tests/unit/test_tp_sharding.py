@@ -71,8 +71,9 @@ def test_config_checks_tensor_parallel_size():
     from pagedllm.config import EngineConfig
     with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
         EngineConfig(tensor_parallel_size=0)
-    with pytest.raises(ValueError, match="enable_lora must be off"):
-        EngineConfig(tensor_parallel_size=2, enable_lora=True)
+    with pytest.raises(ValueError, match="kv_offloading_size must be off"):
+        EngineConfig(tensor_parallel_size=2, kv_offloading_size=1.0)
+    assert EngineConfig(tensor_parallel_size=2, enable_lora=True).enable_lora
     assert EngineConfig(tensor_parallel_size=2).tensor_parallel_size == 2
     assert EngineConfig(tensor_parallel_size=2, quantization="fp8").quantization == "fp8"
 
