@@ -122,10 +122,12 @@ class EngineConfig:
                                 choices=_SCHEDULING_POLICIES)
     swap_space: float | None = _f(None, "GiB of CPU memory for the blocks of swapped-out requests, only with "
                                         f"preemption_mode swap (default there: {_SWAP_SPACE_GIB:g}), as vLLM V0's "
-                                        "flag (vLLM V1 ignored it; 0.18 and later have none)")
+                                        "flag (vLLM V1 ignored it; 0.18 and later have none); under tensor "
+                                        "parallelism a rank's, as vLLM V0's (per GPU)")
     kv_offloading_size: float | None = _f(None, "GiB of CPU memory for the CPU tier of the prefix cache (vLLM's "
                                                 "flag): full blocks evicted from the GPU keep their KV there "
-                                                "(LRU) and prefix hits load it back; None = off")
+                                                "(LRU) and prefix hits load it back; None = off; under tensor "
+                                                "parallelism all ranks' together, as vLLM's")
     kv_offloading_backend: str = _f("native", "who runs the CPU tier (vLLM's flag): native, pagedllm's own; "
                                               "vLLM's lmcache is not built", choices=_KV_OFFLOADING_BACKENDS,
                                   why_not="vLLM's lmcache is not built: pagedllm's own CPU tier is native")
@@ -133,7 +135,8 @@ class EngineConfig:
                                     "so only 0 is taken (the KV cache's CPU tier is kv_offloading_size)")
     kv_disk_dir: str | None = _f(None, "directory of the disk tier of the prefix cache (below the CPU tier, LRU); "
                                        "it survives restarts; None = off")
-    kv_disk_gb: float = _f(16.0, "GiB the disk tier may use in kv_disk_dir (per model identity)")
+    kv_disk_gb: float = _f(16.0, "GiB the disk tier may use in kv_disk_dir (per model identity; under tensor "
+                                 "parallelism all ranks' files together)")
     structured_outputs_compile_timeout: float = _f(30.0, "seconds a structured-output constraint (JSON schema, "
                                                    "regex, grammar) may take to compile; past it the requests "
                                                    "waiting for it fail with a 400, the engine runs on")
@@ -254,9 +257,13 @@ class EngineConfig:
         _check(self.kv_offloading_backend in _KV_OFFLOADING_BACKENDS, "kv_offloading_backend",
                f"one of {_KV_OFFLOADING_BACKENDS} (vLLM's lmcache is not built)", self.kv_offloading_backend)
         memory = host_memory_gib()   # the CPU pools' sizes: past it, only the allocator's words would say so
-        for name, gib in (("swap_space", self.swap_space or 0),
-                          ("kv_offloading_size", self.kv_offloading_size or 0)):
-            _check(memory is None or gib <= memory, name, f"at most this machine's memory ({memory or 0:.1f} GiB)",
+        # swap_space is a rank's (vLLM V0's: per GPU), and the mp executor's ranks share this host
+        n = self.tensor_parallel_size if isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size > 1 \
+            and self.distributed_executor_backend != "ray" else 1
+        for name, gib, ranks in (("swap_space", self.swap_space or 0, n),
+                                 ("kv_offloading_size", self.kv_offloading_size or 0, 1)):
+            _check(memory is None or gib * ranks <= memory, name, f"at most this machine's memory ({memory or 0:.1f} "
+                   f"GiB)" + (f" over {ranks} ranks (each rank has a swap pool of this size)" if ranks > 1 else ""),
                    gib)
         _check(self.log_stats_interval >= 0, "log_stats_interval", ">= 0 seconds (0: off)", self.log_stats_interval)
         _check(-2**63 <= self.seed < 2**64, "seed", "in [-2**63, 2**64) (torch's generator seeds)", self.seed)
@@ -300,9 +307,7 @@ class EngineConfig:
         _check(self.distributed_executor_backend != "ray" or importlib.util.find_spec("ray") is not None,
                "distributed_executor_backend", "mp, or ray with the ray package installed (pip install ray)",
                self.distributed_executor_backend)
-        for name, off in (("speculative_config", self.speculative_config is None),
-                          ("preemption_mode", self.preemption_mode == "recompute"),
-                          ("kv_offloading_size", self.kv_offloading_size is None)):
+        for name, off in (("speculative_config", self.speculative_config is None),):
             _check(off, name, f"off (its default) with tensor_parallel_size {n} (not built for several ranks yet)",
                    getattr(self, name))
 

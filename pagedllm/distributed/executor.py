@@ -190,6 +190,11 @@ class TPRunner:
     def drop_request(self, req_id: str):
         return self._mirrored(("drop_request", req_id), self.runner.drop_request, req_id)
 
+    def clear_kv_disk(self):
+        """reset_prefix_cache: every rank deletes its own block files (each rank has a directory of its own)."""
+        self.runner.clear_kv_disk()
+        self._told(("clear_kv_disk",))
+
     def reset_after_failed_step(self):
         return self._mirrored(("reset_after_failed_step",), self.runner.reset_after_failed_step)
 

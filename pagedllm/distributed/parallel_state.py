@@ -2,7 +2,7 @@
 parallel layers call. TP=1 is `TPGroup()`: every collective is then the identity and no group exists.
 
 Two groups when size > 1: `group` (NCCL on CUDA, gloo on CPU) carries the activations; `cpu_group` (gloo)
-carries host integers (the KV block count every rank must agree on).
+carries host data (the KV block count every rank must agree on, the disk tier's files).
 """
 from dataclasses import dataclass
 from datetime import timedelta
@@ -51,6 +51,15 @@ class TPGroup:
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return int(t.item())
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's obj (picklable), in rank order, on every rank (over the gloo group: host data, such as
+        the KV tiers' disk files each rank found or failed to read)."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.cpu_group)
+        return out
 
 
 def init_tp(rank: int, size: int, init_method: str, device: torch.device) -> TPGroup:

@@ -6,6 +6,8 @@ call for a Ray executor). Messages, in the driver's order:
     ("result", step)                      ("reset_after_failed_step",)
     ("drop_request", req_id)              ("shutdown",)
     ("lora", manager method, *args)       ("add_lora_request", req_id, LoRARequest, fingerprint)
+    ("clear_kv_disk",)
+A step's SchedulerOutput carries its KV tier copies (runner/kv_offload.py): each rank moves its own share.
 The worker's steps launch and read like the driver's (execute of N+1 before result of N), so its device keeps
 the next step queued too; its sampled ids equal the driver's (same all-gathered logits, same seeds) and
 stay here: only rank 0 reports outputs.
@@ -73,6 +75,8 @@ class Worker:
                 self.runner.sample_constrained(self.pending[msg[1]], msg[2], msg[3])
             elif kind == "drop_request":
                 self.runner.drop_request(msg[1])
+            elif kind == "clear_kv_disk":
+                self.runner.clear_kv_disk()
             elif kind in ("lora", "add_lora_request"):
                 self._lora_call(msg)
             elif kind == "reset_after_failed_step":   # the step in flight before it is still read next

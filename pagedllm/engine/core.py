@@ -317,8 +317,7 @@ class EngineCore:
         if self.kv_cache_manager.num_used_blocks or not self.scheduler.offload.reset_prefix_cache():
             return False
         self.kv_cache_manager.reset_prefix_cache()   # no block in use: it succeeds
-        if self.runner.kv_offload is not None:
-            self.runner.kv_offload.clear_disk()
+        self.runner.clear_kv_disk()   # every rank's files
         return True
 
     def get_stats(self) -> SchedulerStats:

@@ -38,17 +38,22 @@ _ALL = b""                                # the "block hash" of a queued delete 
 
 
 def model_identity(model_dir: str, hf_config, dtype, block_size: int, load_format: str, device_type: str,
-                   quantization: str | None = None, model_dtype=None, hf_overrides: dict | None = None) -> bytes:
+                   quantization: str | None = None, model_dtype=None, hf_overrides: dict | None = None,
+                   tp_rank: int = 0, tp_size: int = 1) -> bytes:
     """Names whose KV a block file holds: same config, weights, quantization, KV dtype (an fp8 block is never
     read as bf16), the dtype the model computes in when it is not the KV dtype (an fp8 cache's blocks from a
     bf16 model hold other values than from a float32 one), block size and KV shape, same identity.
     Weight files are identified by name, size and three 1 MiB samples (start, middle, end): reading every
-    byte of a 16 GB checkpoint at start-up would cost more than the tier saves."""
+    byte of a 16 GB checkpoint at start-up would cost more than the tier saves. Under tensor parallelism a
+    rank's blocks hold its own KV heads: rank r of N has an identity (a directory) of its own, so no two ranks
+    ever share a file."""
     key = (_VERSION, str(dtype), block_size, model_dims(hf_config))
     if quantization is not None:
         key += (quantization,)
     if model_dtype is not None and model_dtype != dtype:
         key += (f"model dtype {model_dtype}",)
+    if tp_size > 1:   # TP=1's identity stays what it was: its files on disk stay hits
+        key += (f"tensor-parallel rank {tp_rank} of {tp_size}",)
     h = hashlib.sha256(repr(key).encode())
     config_path = Path(model_dir) / "config.json"
     h.update(json.dumps(json.loads(config_path.read_text()), sort_keys=True).encode())

@@ -21,6 +21,16 @@ One step's KVTransfers, in this order, so that every read sees the bytes the sch
 On CUDA, 3 and 5 run on a copy stream of their own, after the work already queued on the compute stream.
 3 and 5 go through a GPU scratch buffer of at most COPY_CHUNK_BLOCKS blocks, chunk after chunk on the copy
 stream, so the memory they take outside the profiled step is bounded (the memory profile reserves it).
+
+Tensor parallelism: every rank has a KVOffload of its own (its pool, its copy stream, its disk directory) and
+runs the same KVTransfers, which rank 0's scheduler decided, in the same step (they travel in the step's
+SchedulerOutput): each rank moves its own KV heads' share of the same block ids and slots. The slot counts are
+equal on every rank (the same bytes a block). Sizes, as vLLM's: swap_space is a rank's (vLLM V0's, per GPU);
+kv_offloading_size and kv_disk_gb are the whole tier's, over every rank (vLLM 0.26's kv_offloading_size is the
+sum over the ranks). The block bytes the tier stats count (TierSizes.block_bytes) are the whole block's, every
+rank's share summed, as vLLM sums its workers' transfer bytes; transfer seconds are rank 0's (the ranks copy at
+once). A disk block is one file a rank: only a block every rank holds is in the tier (start-up keeps the
+hashes found on every rank, and removes the others), and a read that fails on any rank fails on all.
 """
 import time
 from contextlib import contextmanager
@@ -32,6 +42,7 @@ from pagedllm.attention.kv_quant import raw
 from pagedllm.config import EngineConfig
 from pagedllm.core.messages import DiskOp, KVTransferResult, KVTransfers
 from pagedllm.core.offload import TierSizes
+from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.runner.kv_disk import DiskStore, PendingPayload, model_identity
 from pagedllm.sample.host_copy import to_device
 
@@ -92,24 +103,27 @@ class KVOffload:
     """The CPU pool, the disk store, and the copies of one step between them and the GPU KV cache."""
 
     def __init__(self, config: EngineConfig, hf_config, kv_caches: list[torch.Tensor], block_bytes: int,
-                 model_dtype: torch.dtype | None = None):
-        self.kv_caches = kv_caches
+                 model_dtype: torch.dtype | None = None, tp: TPGroup = TPGroup()):
+        """block_bytes: a block of this rank's KV cache (its KV heads); tp: this rank's group (see the module
+        doc)."""
+        self.kv_caches, self.tp = kv_caches, tp
         device = kv_caches[0].device
         num_swap = _num_blocks(config.swap_space, block_bytes, "swap_space") \
             if config.preemption_mode == "swap" else 0
-        num_cpu = _num_blocks(config.kv_offloading_size or 0, block_bytes, "kv_offloading_size")
+        num_cpu = _num_blocks(config.kv_offloading_size or 0, block_bytes * tp.size, "kv_offloading_size")
         two, _, *block_shape = kv_caches[0].shape
         self.pool = torch.empty((num_swap + num_cpu, len(kv_caches), two, *block_shape), dtype=kv_caches[0].dtype,
                                 pin_memory=device.type == "cuda")
-        self.sizes = TierSizes(block_bytes, num_swap, num_cpu)
+        self.sizes = TierSizes(block_bytes * tp.size, num_swap, num_cpu)
         self.disk = None
         if config.kv_disk_dir is not None:
             identity = model_identity(config.model, hf_config, kv_caches[0].dtype, config.block_size,
                                       config.load_format, device.type, config.quantization, model_dtype,
-                                      config.hf_overrides)
+                                      config.hf_overrides, tp.rank, tp.size)
             self.disk = DiskStore(config.kv_disk_dir, identity, block_bytes)
-            self.sizes.num_disk_blocks = _num_blocks(config.kv_disk_gb, self.disk.file_bytes, "kv_disk_gb")
-            self.sizes.disk_hashes, self.sizes.num_invalid_files = self.disk.scan()
+            self.sizes.num_disk_blocks = _num_blocks(config.kv_disk_gb, self.disk.file_bytes * tp.size,
+                                                     "kv_disk_gb")
+            self.sizes.disk_hashes, self.sizes.num_invalid_files = self._scan_disk()
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._timings: list = []   # (tier, "store" | "load", start event, end event) not yet read back
 
@@ -127,7 +141,8 @@ class KVOffload:
                 payload.abandon()
         if t.disk_reads:
             start = time.perf_counter()
-            result.failed_reads = self.disk.read_many([(h, self._slot_bytes(s)) for h, s in t.disk_reads])
+            failed = self.disk.read_many([(h, self._slot_bytes(s)) for h, s in t.disk_reads])
+            result.failed_reads = self._failed_on_any_rank(failed)
             result.load_seconds["disk"] = time.perf_counter() - start
         if t.block_copies:
             copy_blocks(self.kv_caches, t.block_copies)
@@ -137,6 +152,33 @@ class KVOffload:
             result.store_seconds["disk"] = self.disk.take_write_seconds()
         self._read_timings(result)
         return result
+
+    def _scan_disk(self) -> tuple[list[bytes], int]:
+        """The block hashes every rank's directory holds (rank 0's LRU order) and the files removed at start. A
+        block on some ranks only (a rank stopped before its write was done) is no block: its files go."""
+        hashes, num_removed = self.disk.scan()
+        if not self.tp.enabled:
+            return hashes, num_removed
+        found = self.tp.gather_objects((hashes, num_removed))
+        common = set(hashes).intersection(*(h for h, _ in found))
+        for h in hashes:
+            if h not in common:
+                self.disk.delete(h)
+        return [h for h in found[0][0] if h in common], sum(n for _, n in found)
+
+    def _failed_on_any_rank(self, failed: dict[bytes, str]) -> dict[bytes, str]:
+        """Disk reads that failed on some rank fail on all (the scheduler forgets the block): a rank that read
+        its share deletes its file, which would otherwise stay on disk outside the tier's index."""
+        if not self.tp.enabled:
+            return failed
+        merged: dict[bytes, str] = {}
+        for rank_failed in self.tp.gather_objects(failed):
+            for h, reason in rank_failed.items():
+                if merged.get(h, "missing") == "missing":   # a bad file's reason counts it invalid: kept
+                    merged[h] = reason
+        for h in merged.keys() - failed.keys():
+            self.disk.delete(h)
+        return merged
 
     def clear_disk(self):
         """reset_prefix_cache: delete this model's block files, after the disk ops already queued, so that a

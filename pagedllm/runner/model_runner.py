@@ -123,7 +123,7 @@ class ModelRunner:
                     self.num_blocks * block_bytes / 2**30,
                     self.num_blocks * self.block_size / max_model_len, max_model_len)
         # CPU pool and disk tier below the KV cache (None: preemption recomputes, no CPU tier)
-        self.kv_offload = KVOffload(config, hf_config, self.kv_caches, block_bytes, dtype) \
+        self.kv_offload = KVOffload(config, hf_config, self.kv_caches, block_bytes, dtype, tp) \
             if config.kv_tiers_enabled else None
         if device.type == "cuda":
             self._prebuild_cudnn_plans(hf_config)
@@ -149,6 +149,11 @@ class ModelRunner:
         if self.lora is None:
             raise ValueError("a lora_request needs enable_lora=True (--enable-lora)")
         self.lora.acquire(req_id, lora_request)
+
+    def clear_kv_disk(self):
+        """reset_prefix_cache: this rank's block files of the disk tier are deleted (after its queued writes)."""
+        if self.kv_offload is not None:
+            self.kv_offload.clear_disk()
 
     def reset_after_failed_step(self):
         """A launched step raised. Its requests are failed; the step before it is read next, so no input

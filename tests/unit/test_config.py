@@ -61,6 +61,12 @@ def test_sizes_intervals_and_the_disk_dir_are_checked(tmp_path):
         with pytest.raises(ValueError, match=r"must be at most this machine's memory .* got 1000000000.0"):
             EngineConfig(**kw)
     assert EngineConfig(kv_disk_gb=1e9).kv_disk_gb == 1e9   # a disk size: no memory bound
+    from pagedllm.config import host_memory_gib
+    if host_memory_gib() is not None:   # swap_space is a rank's pool: TP=2's two on this host must fit together
+        half = host_memory_gib() * 0.6
+        assert EngineConfig(swap_space=half, preemption_mode="swap").swap_space == half
+        with pytest.raises(ValueError, match=r"swap_space must be at most this machine's memory .* over 2 ranks"):
+            EngineConfig(swap_space=half, preemption_mode="swap", tensor_parallel_size=2)
 
 
 def test_vllms_cpu_offload_gb_is_weights_offload_and_is_refused_pointing_to_the_kv_tier():

@@ -2,12 +2,14 @@
 The same code runs on CUDA with a copy stream; tests/gpu/test_kv_offload_cuda.py checks it there."""
 import os
 import threading
+from dataclasses import dataclass
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
 from pagedllm.config import EngineConfig
+from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.core.messages import DiskOp, KVTransfers
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block
 from pagedllm.runner.kv_disk import DiskStore, model_identity
@@ -45,13 +47,13 @@ def model_dir(tmp_path):
     return str(tmp_path)
 
 
-def make_offload(model_dir, disk_dir=None):
+def make_offload(model_dir, disk_dir=None, tp: TPGroup = TPGroup()):
     caches = random_caches()
     block_bytes = bytes_per_block(LAYERS, BS, HEADS, DIM, torch.float32)
     config = EngineConfig(model=model_dir, block_size=BS, preemption_mode="swap", swap_space=4 * block_bytes / 2**30,
                           kv_offloading_size=4 * block_bytes / 2**30, kv_disk_dir=disk_dir, load_format="dummy")
     hf_config = LlamaConfig.from_pretrained(model_dir)
-    return KVOffload(config, hf_config, caches, block_bytes), caches
+    return KVOffload(config, hf_config, caches, block_bytes, tp=tp), caches
 
 
 def test_swap_and_cpu_tier_copies_move_exact_blocks(model_dir):
@@ -227,3 +229,42 @@ def test_a_store_that_raises_leaves_the_disk_writer_serving(model_dir, tmp_path,
     result = off.execute(KVTransfers(disk_reads=[(b"a" * 32, 7), (b"b" * 32, 4)]))
     assert result.failed_reads == {b"a" * 32: "missing"}
     assert torch.equal(off.pool[4].view(-1), get_kv_from_block(caches, 2).reshape(-1))
+
+
+@dataclass(frozen=True)
+class RankZeroOfTwo(TPGroup):
+    """Rank 0 of 2 in one process: rank 1's part of each gather is the next object in `theirs`."""
+    theirs: list = None
+
+    def gather_objects(self, obj) -> list:
+        return [obj, self.theirs.pop(0)]
+
+
+def test_under_tp_a_disk_block_is_one_only_while_every_rank_holds_it(model_dir, tmp_path):
+    """Rank r of N has a directory of its own. At start a block whose file rank 1 lacks (it stopped before its
+    write was done) is no block: its file here goes. A read that fails on rank 1 alone fails here too, and this
+    rank's good file goes with it (the scheduler forgets the block). Sizes: kv_offloading_size over both ranks,
+    swap_space a rank's; the stats' block bytes are both ranks' shares."""
+    a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
+    hf_config = LlamaConfig.from_pretrained(model_dir)
+    ids = {model_identity(model_dir, hf_config, torch.float32, BS, "dummy", "cpu", tp_rank=r, tp_size=n)
+           for r, n in ((0, 1), (0, 2), (1, 2))}
+    assert len(ids) == 3
+    block_bytes = bytes_per_block(LAYERS, BS, HEADS, DIM, torch.float32)
+    mine = DiskStore(str(tmp_path), model_identity(model_dir, hf_config, torch.float32, BS, "dummy", "cpu",
+                                                   tp_rank=0, tp_size=2), block_bytes)
+    for i, h in enumerate((a, b)):
+        mine.write(h, torch.full((block_bytes,), i + 1, dtype=torch.uint8).numpy())
+    mine.flush()
+    tp = RankZeroOfTwo(0, 2, theirs=[([b, c], 1)])     # rank 1 found b and c, and removed one bad file
+    off, caches = make_offload(model_dir, str(tmp_path), tp)
+    assert (off.sizes.disk_hashes, off.sizes.num_invalid_files) == ([b], 1)
+    assert (off.sizes.num_swap_slots, off.sizes.num_cpu_slots, off.sizes.block_bytes) == (4, 2, 2 * block_bytes)
+    off.flush()
+    assert not mine.files.path(a).exists() and mine.files.path(b).exists()
+
+    tp.theirs.append({b: "checksum mismatch"})
+    result = off.execute(KVTransfers(disk_reads=[(b, 4)]))
+    assert result.failed_reads == {b: "checksum mismatch"}
+    off.flush()
+    assert not mine.files.path(b).exists()
