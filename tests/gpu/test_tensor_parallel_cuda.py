@@ -1,6 +1,7 @@
 """Tensor parallelism on 2 GPUs (NCCL, CUDA graphs on): TP=2 float32 greedy tokens equal TP=1's on tiny Qwen3 /
 Llama checkpoints (1 and 2 KV heads, tied and untied), and bf16 TP=2 with dummy weights starts and runs; FP8 at
-TP=2 (float32: the CPU TP=2 run's logprobs; bf16 on _scaled_mm: starts and runs).
+TP=2 (float32: the CPU TP=2 run's logprobs; bf16 on _scaled_mm: starts and runs); the KV tiers at TP=2 (swap and
+offload preemption, the CPU tier: pinned pools and each rank's copy stream) give TP=1's tokens and counts.
 Skipped unless torch sees 2 GPUs. Run: pytest -q tests/gpu/test_tensor_parallel_cuda.py"""
 import gc
 
@@ -86,3 +87,36 @@ def test_tp2_fp8_bf16_runs_on_scaled_mm(tmp_path, kind):
     kw = dict(dtype="bfloat16", quantization="fp8" if kind is None else None)
     out = _run(ckpt, tensor_parallel_size=2, **kw)
     assert all(len(t) == 32 and all(0 <= i < 512 for i in t) for t in out)
+
+
+@pytest.mark.parametrize("tiers", [dict(preemption_mode="swap", swap_space=0.01),
+                                   dict(preemption_mode="offload", kv_offloading_size=0.01),
+                                   dict(kv_offloading_size=0.01)])
+def test_tp2_kv_tiers_on_cuda(tmp_path, tiers):
+    """A 24-block KV cache preempts (swap; offload, through the disk tier) or evicts cached prompts into the CPU
+    tier (prefix caching on, the prompts run twice: the second pass loads them back). Each rank copies its own
+    heads' share on its own copy stream: float32 greedy tokens and the tiers' counts equal TP=1's."""
+    d = make_tiny_model(tmp_path / "m", "qwen3", num_key_value_heads=2)
+    kw = dict(dtype="float32", num_gpu_blocks_override=24, **tiers,
+              enable_prefix_caching="preemption_mode" not in tiers)
+
+    def run(tp: int):
+        disk = {"kv_disk_dir": str(tmp_path / f"disk{tp}")} if tiers.get("preemption_mode") == "offload" else {}
+        llm = LLM(d, device="cuda", log_stats_interval=0, gpu_memory_utilization=0.4, tensor_parallel_size=tp,
+                  **kw, **disk)
+        try:
+            greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+            out = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+                   for _ in range(2)]
+            tiers_used = {name: (s.hits, s.misses, s.bytes_stored, s.bytes_loaded)
+                          for name, s in llm.engine.get_stats().kv_tiers.items()}
+            return out, tiers_used
+        finally:
+            llm.shutdown()
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    tp1, tp2 = run(1), run(2)
+    assert tp2 == tp1
+    assert sum(hits for hits, *_ in tp1[1].values()) > 0
