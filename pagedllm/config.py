@@ -220,6 +220,8 @@ class EngineConfig:
         self._check_tensor_parallel()
         from pagedllm.spec_decode.config import SpeculativeConfig
         self.speculative = SpeculativeConfig.parse(self.speculative_config)   # None: off
+        if self.speculative is not None:
+            self.speculative.check_ranks(self.tensor_parallel_size)
 
     def _merge_spec_aliases(self):
         """vLLM's --spec-method / --spec-model / --spec-tokens (LLM's spec_* too) go into speculative_config, as
@@ -307,9 +309,6 @@ class EngineConfig:
         _check(self.distributed_executor_backend != "ray" or importlib.util.find_spec("ray") is not None,
                "distributed_executor_backend", "mp, or ray with the ray package installed (pip install ray)",
                self.distributed_executor_backend)
-        for name, off in (("speculative_config", self.speculative_config is None),):
-            _check(off, name, f"off (its default) with tensor_parallel_size {n} (not built for several ranks yet)",
-                   getattr(self, name))
 
     def with_batch_defaults(self, large_gpu: bool, serving: bool) -> "EngineConfig":
         """max_num_seqs and max_num_batched_tokens left unset get defaults for the machine, as vLLM does:

@@ -293,6 +293,9 @@ def build_runner(config: EngineConfig, hf_config, device: torch.device, dtype: t
         raise ValueError(f"tensor_parallel_size ({size}) must be at most the number of GPUs "
                          f"({torch.cuda.device_count()}) (distributed_executor_backend ray: GPUs of a Ray cluster)")
     _check_shapes(hf_config, size)   # before any process starts: a model that does not split is a ValueError
+    if config.speculative is not None and config.speculative.method == "draft_model":   # sharded as the target
+        from pagedllm.spec_decode.draft_model import draft_hf_config
+        _check_shapes(draft_hf_config(config.speculative.model, hf_config), size, "speculative_config's model: ")
     from pagedllm.engine.engine import ResolvedModel
     model = ResolvedModel(hf_config, device, dtype, max_model_len)
     if ray:
@@ -315,13 +318,16 @@ def build_runner(config: EngineConfig, hf_config, device: torch.device, dtype: t
     return TPRunner(runner, executor, tp)
 
 
-def _check_shapes(hf_config, size: int) -> None:
+def _check_shapes(hf_config, size: int, whose: str = "") -> None:
     from pagedllm.distributed.layers import head_shard, split_size
     from pagedllm.distributed.parallel_state import TPGroup
     tp = TPGroup(0, size)
-    head_shard(hf_config.num_attention_heads,
-               getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads, tp)
-    split_size(hf_config.intermediate_size, tp, "intermediate_size")
+    try:
+        head_shard(hf_config.num_attention_heads,
+                   getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads, tp)
+        split_size(hf_config.intermediate_size, tp, "intermediate_size")
+    except ValueError as e:
+        raise ValueError(f"{whose}{e}") from None
 
 
 def destroy_tp_if_any():

@@ -168,8 +168,7 @@ class SpeculativeConfig(_View):
     draft_model_config: ModelConfig   # ngram: the target's, as vLLM's
     target_model_config: ModelConfig
     rejection_sample_method: str      # standard or synthetic, vLLM's names
-    _why = {"draft_tensor_parallel_size": "speculative decoding runs on one rank here (it is refused with "
-                                          "tensor_parallel_size > 1)"}
+    draft_tensor_parallel_size: int | None   # draft_model: the target's size, as vLLM resolves it; ngram: as given
 
     def uses_draft_model(self) -> bool:
         return self.method == "draft_model"
@@ -240,10 +239,11 @@ def _speculative_config(c, target: ModelConfig) -> SpeculativeConfig | None:
         return None
     if spec.method == "ngram":
         return SpeculativeConfig(spec.method, spec.num_speculative_tokens, "ngram", spec.prompt_lookup_min,
-                                 spec.prompt_lookup_max, target, target, spec.rejection_sample_method)
+                                 spec.prompt_lookup_max, target, target, spec.rejection_sample_method,
+                                 spec.draft_tensor_parallel_size)
     return SpeculativeConfig(spec.method, spec.num_speculative_tokens, spec.model, 0, 0,
                              _draft_model_config(target, spec.model, spec.quantization), target,
-                             spec.rejection_sample_method)
+                             spec.rejection_sample_method, c.tensor_parallel_size)
 
 
 def _draft_model_config(target: ModelConfig, path: str, asked_quantization: str | None) -> ModelConfig:

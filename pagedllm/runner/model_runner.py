@@ -98,7 +98,7 @@ class ModelRunner:
         self.spec_rates = config.speculative and config.speculative.conditional_rates()   # synthetic mode
         self.draft = None   # speculative decoding's draft model: loaded before memory is profiled
         if config.speculative is not None and config.speculative.method == "draft_model":
-            self.draft = DraftModel(config, hf_config, device, dtype, max_model_len)
+            self.draft = DraftModel(config, hf_config, device, dtype, max_model_len, tp)
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager:
             mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))

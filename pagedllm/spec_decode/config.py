@@ -33,6 +33,8 @@ class SpeculativeConfig:
     synthetic_acceptance_length: float | None = None      # mean accepted length (vLLM's): rates set from it
     disable_by_batch_size: int = DEFAULT_MAX_BATCH
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
+    # vLLM's: None is the target's tensor_parallel_size, the one value built (check_ranks)
+    draft_tensor_parallel_size: int | None = None
 
     def __post_init__(self):
         check_types(self, "speculative_config: ")   # JSON types before ranges
@@ -106,6 +108,13 @@ class SpeculativeConfig:
         _check("method" in value and "num_speculative_tokens" in value, "speculative_config",
                "given method and num_speculative_tokens", value)
         return cls(**value)
+
+    def check_ranks(self, tensor_parallel_size: int):
+        """draft_tensor_parallel_size: vLLM's default, the target's size (the draft sharded over the target's
+        ranks), is what runs; vLLM's other choice, 1 under a larger target, is not built."""
+        n, asked = tensor_parallel_size, self.draft_tensor_parallel_size
+        _check(asked in (None, n), "draft_tensor_parallel_size", f"None or {n} (the target's tensor_parallel_size: "
+               f"the draft is sharded over the target's ranks; a draft on one rank of several is not built)", asked)
 
     def conditional_rates(self) -> list[float] | None:
         """Synthetic mode: acceptance probability of each position given the one before accepted."""

@@ -21,6 +21,7 @@ import torch
 from pagedllm.attention.metadata import AttentionMetadata, set_forward_context
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.models import model_dims
 from pagedllm.models.llama import SMALL_M_OPS, use_small_m
 from pagedllm.models.loader import load_model
@@ -44,18 +45,27 @@ class PrePass:
     proposals: torch.Tensor   # (R, s) the draft's tokens after each row's last emitted one
 
 
+def draft_hf_config(model_dir: str, target_hf_config):
+    """The draft checkpoint's HF config; ValueError unless it has the target's vocabulary."""
+    from transformers import AutoConfig
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    if hf_config.vocab_size != target_hf_config.vocab_size:
+        raise ValueError(f"speculative_config: model {model_dir!r} must have the target's vocabulary "
+                         f"({target_hf_config.vocab_size} tokens), got {hf_config.vocab_size}")
+    return hf_config
+
+
 class DraftModel:
     def __init__(self, config: EngineConfig, target_hf_config, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int):
-        from transformers import AutoConfig
+                 max_model_len: int, tp: TPGroup = TPGroup()):
+        """tp: the target's group. As vLLM's default draft_tensor_parallel_size, the draft is sharded over the
+        target's ranks as the target is (each reads its slices); every rank runs its passes with the same inputs
+        and takes the same argmax of the all-gathered logits, so the proposals agree without being sent."""
         spec = config.speculative
-        self.hf_config = AutoConfig.from_pretrained(spec.model)
-        if self.hf_config.vocab_size != target_hf_config.vocab_size:
-            raise ValueError(f"speculative_config: model {spec.model!r} must have the target's vocabulary "
-                             f"({target_hf_config.vocab_size} tokens), got {self.hf_config.vocab_size}")
+        self.hf_config = draft_hf_config(spec.model, target_hf_config)
         self.model = load_model(spec.model, self.hf_config, dtype, device, config.load_format,
-                                spec.quantization)   # its own, not the target's --quantization (as vLLM)
-        self.num_layers, self.num_kv_heads, self.head_dim = model_dims(self.hf_config)
+                                spec.quantization, tp)   # its own, not the target's --quantization (as vLLM)
+        self.num_layers, self.num_kv_heads, self.head_dim = model_dims(self.hf_config, tp)   # this rank's heads
         if device.type == "cuda":   # batch-1 passes are launch-bound: all four linears fused (W5 -4% on an H100)
             use_small_m(self.model, SMALL_M_OPS)
         self.block_bytes = bytes_per_block(self.num_layers, config.block_size, self.num_kv_heads, self.head_dim,

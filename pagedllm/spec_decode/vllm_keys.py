@@ -13,10 +13,8 @@ METHODS_NOT_BUILT = {
     "built: method ngram proposes the same tokens on the host", "custom_class": "custom proposer classes are not built",
 }
 
-_TP = "the draft runs on the target's one rank (speculative decoding with tensor parallelism is not built)"
 # key -> (the values that ask for what runs here, why another is refused)
 NEUTRAL = {
-    "draft_tensor_parallel_size": ((None, 1), _TP),
     "tensor_parallel_size": ((None,), "vLLM's spelling is draft_tensor_parallel_size (vLLM refuses this key too)"),
     "disable_padded_drafter_batch": ((False, True), ""),   # vLLM: only EAGLE's drafter pads; either runs the same
     "max_model_len": ((None,), "a draft max_model_len below the target's (skipping speculation past it) is not "
@@ -27,7 +25,8 @@ NEUTRAL = {
     "moe_backend": ((None,), "the draft runs with the target's kernels"),
     "attention_backend": ((None,), "the draft runs with the target's kernels"),
     "kv_cache_dtype": ((None,), "the draft's KV cache has the target's --kv-cache-dtype"),
-    "use_local_argmax_reduction": ((False,), "the draft runs on one rank (no vocab-parallel argmax)"),
+    "use_local_argmax_reduction": ((False,), "the draft's argmax reads its all-gathered logits (a per-rank "
+                                             "argmax reduced across ranks is not built)"),
     "use_heterogeneous_vocab": ((False,), "the draft must have the target's vocabulary"),
     "parallel_drafting": ((False,), "the draft proposes one token a pass (parallel drafting is not built)"),
     "num_speculative_tokens_per_batch_size": ((None,), "a batch-size schedule of k is not built (see "

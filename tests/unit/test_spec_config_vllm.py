@@ -43,7 +43,6 @@ def test_vllms_keys_that_ask_for_what_runs_here_are_taken(key, value):
 
 
 @pytest.mark.parametrize("key, value, why", [
-    ("draft_tensor_parallel_size", 2, "one rank"), ("draft_tensor_parallel_size", True, "one rank"),
     ("max_model_len", 64, "max_model_len"),
     ("revision", "main", "local directory"), ("code_revision", "v1", "local directory"),
     ("draft_sample_method", "probabilistic", "greedily"), ("use_heterogeneous_vocab", True, "vocabulary"),
@@ -51,6 +50,23 @@ def test_vllms_keys_that_ask_for_what_runs_here_are_taken(key, value):
 def test_vllms_keys_asking_for_what_is_not_built_are_refused_naming_them(key, value, why):
     with pytest.raises(ValueError, match=f"speculative_config: {key} must be one of .*, got {value!r}: .*{why}"):
         parse(method="ngram", **{key: value})
+
+
+@pytest.mark.parametrize("tp, asked", [(1, 2), (2, 1), (2, 4)])
+def test_draft_tensor_parallel_size_other_than_the_targets_is_refused_naming_it(tp, asked):
+    """vLLM's default (the target's size: the draft sharded over its ranks) is what runs; 1 under a larger target
+    is not built. Was refused at any value but 1, and tensor_parallel_size > 1 refused speculation at all."""
+    spec = parse(method="ngram", draft_tensor_parallel_size=asked)
+    with pytest.raises(ValueError, match=f"speculative_config: draft_tensor_parallel_size must be None or {tp} "
+                                         f"\\(the target's tensor_parallel_size.*got {asked}"):
+        spec.check_ranks(tp)
+    parse(method="ngram", draft_tensor_parallel_size=tp).check_ranks(tp)
+    parse(method="ngram").check_ranks(tp)
+
+
+def test_draft_tensor_parallel_size_must_be_an_integer():
+    with pytest.raises(ValueError, match="draft_tensor_parallel_size must be an integer or None, got True"):
+        parse(method="ngram", draft_tensor_parallel_size=True)
 
 
 def test_an_unknown_key_is_still_refused():

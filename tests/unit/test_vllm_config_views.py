@@ -155,6 +155,7 @@ def test_speculative_config_draft_model_is_the_loaded_draft(tmp_path):
     assert dmc.get_total_num_hidden_layers() == runner.draft.num_layers == 1
     assert dmc.get_vocab_size() == runner.draft.hf_config.vocab_size == llm.model_config.get_vocab_size()
     assert dmc.dtype is runner.draft.dtype and dmc.max_model_len == runner.draft.max_model_len
+    assert sc.draft_tensor_parallel_size == 1   # the target's, as vLLM resolves it (was an AttributeError)
 
 
 def test_views_are_read_only(llm):
