@@ -1,7 +1,8 @@
 """Tensor parallelism on 2 GPUs (NCCL, CUDA graphs on): TP=2 float32 greedy tokens equal TP=1's on tiny Qwen3 /
 Llama checkpoints (1 and 2 KV heads, tied and untied), and bf16 TP=2 with dummy weights starts and runs; FP8 at
 TP=2 (float32: the CPU TP=2 run's logprobs; bf16 on _scaled_mm: starts and runs); the KV tiers at TP=2 (swap and
-offload preemption, the CPU tier: pinned pools and each rank's copy stream) give TP=1's tokens and counts.
+offload preemption, the CPU tier: pinned pools and each rank's copy stream) give TP=1's tokens and counts;
+speculative decoding at TP=2 (n-gram, a draft model) gives TP=1's tokens with the same speculation.
 Skipped unless torch sees 2 GPUs. Run: pytest -q tests/gpu/test_tensor_parallel_cuda.py"""
 import gc
 
@@ -120,3 +121,33 @@ def test_tp2_kv_tiers_on_cuda(tmp_path, tiers):
     tp1, tp2 = run(1), run(2)
     assert tp2 == tp1
     assert sum(hits for hits, *_ in tp1[1].values()) > 0
+
+
+def _run_spec(d: str, **kw):
+    """_run's prompts and rows (greedy, seeded sampled), and the speculative decoding counters."""
+    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=32, ignore_eos=True)] * (len(PROMPTS) // 2)
+    llm = LLM(d, device="cuda", log_stats_interval=0, gpu_memory_utilization=0.4, **kw)
+    try:
+        tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        return tokens, llm.engine.get_stats().spec_decode
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_tp2_speculative_decoding_equals_tp1_on_cuda(tmp_path, method):
+    """Speculative decoding at TP=2 over NCCL with CUDA graphs: the verify steps' graphs, and with a draft model its
+    decode graphs and its pre-pass behind the verify (on CUDA whenever every row speculated the full k), on each
+    rank. TP=1 with the same speculation gives the same tokens and accepts the same proposals (the model is its own
+    draft: its greedy rows accept every one)."""
+    d = make_tiny_model(tmp_path / "m", "qwen3", num_key_value_heads=1, vocab_size=510, seed=13)
+    spec = ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+            if method == "ngram" else {"method": "draft_model", "model": d, "num_speculative_tokens": 3})
+    tp2, tp2_stats = _run_spec(d, dtype="float32", tensor_parallel_size=2, speculative_config=spec)
+    tp1, tp1_stats = _run_spec(d, dtype="float32", speculative_config=spec)
+    assert tp2 == tp1
+    assert tp2_stats == tp1_stats and tp2_stats.num_accepted_tokens > 0
