@@ -144,8 +144,9 @@ VLLM_FLAGS = (
     VllmFlag("performance-mode", "pagedllm picks its own CUDA graph sizes and step defaults (balanced, vLLM's "
              "default, is taken): set --max-num-seqs and --max-num-batched-tokens for more throughput",
              _is("balanced")),
-    VllmFlag("fully-sharded-loras", "LoRA runs on one rank here (enable_lora is refused with tensor_parallel_size "
-             "> 1), where sharding its computation changes nothing", _any, boolean=True),
+    VllmFlag("fully-sharded-loras", "under tensor parallelism LoRA is split as vLLM's default (A whole on "
+             "column-parallel layers, B whole on row-parallel ones): vLLM's fully sharded layers compute the same "
+             "products split another way", _any, boolean=True),
     VllmFlag("specialize-active-lora", "pagedllm captures each CUDA graph with and without the LoRA kernels, whose "
              "grid does not depend on how many adapters a step has", _any, boolean=True),
     VllmFlag("default-mm-loras", _MULTIMODAL + "; vLLM refuses it for a text-only model too (an empty {} is "

@@ -154,8 +154,8 @@ class LoRAConfig(_View):
     max_cpu_loras: int               # None asked: max_loras (vLLM's, and the LoRA manager's)
     lora_dtype: torch.dtype          # auto: the model's, as vLLM resolves it
     target_modules: list[str] | None
-    _why = {"fully_sharded_loras": "LoRA runs on one rank here (enable_lora is refused with tensor_parallel_size "
-                                   "> 1), so nothing of it is sharded"}
+    _why = {"fully_sharded_loras": "under tensor parallelism LoRA is split as vLLM's default (A whole on "
+                                   "column-parallel layers, B whole on row-parallel ones) either way"}
 
 
 @dataclass(frozen=True, eq=False)

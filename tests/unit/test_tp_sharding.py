@@ -71,8 +71,8 @@ def test_config_checks_tensor_parallel_size():
     from pagedllm.config import EngineConfig
     with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
         EngineConfig(tensor_parallel_size=0)
-    with pytest.raises(ValueError, match="speculative_config must be off"):
-        EngineConfig(tensor_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    spec = EngineConfig(tensor_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    assert spec.speculative_config["method"] == "ngram"
     kv_tiers = EngineConfig(tensor_parallel_size=2, kv_offloading_size=1.0, preemption_mode="swap")
     assert (kv_tiers.kv_offloading_size, kv_tiers.preemption_mode) == (1.0, "swap")
     assert EngineConfig(tensor_parallel_size=2, enable_lora=True).enable_lora

@@ -104,7 +104,7 @@ def test_lora_config_is_the_lora_managers():
                                                                   lora.max_cpu_loras) == (2, 8, 3)
     assert lc.target_modules == lora.target_modules == ["o_proj", "down_proj"]
     assert lc.lora_dtype is torch.bfloat16 and {m.lora_b.dtype for m in lora.layers.values()} == {torch.bfloat16}
-    with pytest.raises(AttributeError, match=r"no attribute 'fully_sharded_loras' \(not built: LoRA runs on one"):
+    with pytest.raises(AttributeError, match=r"no attribute 'fully_sharded_loras' \(not built: under tensor"):
         lc.fully_sharded_loras
 
 
