@@ -23,6 +23,8 @@ _ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 128}),
     # head_dim != hidden / heads, as in real Qwen3 checkpoints
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    # checkpoints with fused qkv_proj / gate_up_proj; its pad_token_id default (32000) is past the tiny vocab
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
 }
 
 
@@ -56,6 +58,15 @@ def _perturb_ones_and_zeros(model, std: float) -> None:
             param.normal_(1.0, std)
 
 
+def longrope(partial_rotary_factor: float, head_dim: int = 16, original: int = 64) -> dict:
+    """Phi3Config overrides for longrope over int(head_dim * partial_rotary_factor) features, pretrained on
+    `original` positions: short and long factors far apart, so which one runs shows in the tokens."""
+    half = int(head_dim * partial_rotary_factor) // 2
+    return dict(original_max_position_embeddings=original, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": partial_rotary_factor,
+        "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [2.0 + 4.0 * i for i in range(half)]})
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
     llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -66,6 +77,10 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
         "qwen2": dict(arch="qwen2", seed=2),
         "qwen3": dict(arch="qwen3", seed=3),
         "llama3_rope": dict(arch="llama", seed=4, rope_parameters=llama3),
+        "phi3": dict(arch="phi3", seed=5),
+        # Phi-3.5-mini's rope (longrope, whole heads) and Phi-4-mini's (longrope over 3/4 of each head)
+        "phi3_longrope": dict(arch="phi3", seed=6, **longrope(1.0)),
+        "phi4_mini": dict(arch="phi3", seed=7, **longrope(0.75)),
     }
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: make_tiny_model(root / name, **spec) for name, spec in specs.items()}

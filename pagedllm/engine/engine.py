@@ -18,6 +18,7 @@ from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_
 from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.engine.vllm_config import ModelConfig, engine_vllm_config
+from pagedllm.layers.rotary import rope_parameters
 from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import SchedulerStats, StatsLogger
 from pagedllm.models import get_model_class, sliding_window
@@ -273,6 +274,9 @@ def _resolve_max_model_len(max_model_len: int | None, hf_config) -> int:
     if window is not None:   # sliding-window attention is not implemented: stay inside one window
         limit, what = window, "sliding_window (sliding-window attention is not supported beyond it)"
     if max_model_len is None:
+        rope = rope_parameters(hf_config)
+        if rope["rope_type"] == "longrope":   # as vLLM: short_factor's context unless a longer one is asked for
+            return min(limit, rope["original_max_position_embeddings"])
         return limit
     if max_model_len > limit:
         raise ValueError(f"max_model_len ({max_model_len}) must be at most the model's {what} ({limit})")

@@ -2,12 +2,14 @@
 from pagedllm.distributed.layers import head_shard
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.models.llama import LlamaForCausalLM, head_dim
+from pagedllm.models.phi3 import Phi3ForCausalLM
 from pagedllm.models.qwen2 import Qwen2ForCausalLM
 from pagedllm.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,   # same graph; the engine caps max_model_len at the sliding window
+    "Phi3ForCausalLM": Phi3ForCausalLM,       # fused checkpoint tensors (loader), longrope (layers/rotary.py)
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }

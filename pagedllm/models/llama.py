@@ -97,7 +97,7 @@ class LlamaAttention(nn.Module):
         """qkv (T, (Hq + 2*Hkv) * D) -> attention output (T, Hq*D), this step's K/V stored in the cache. On CUDA
         one kernel norms and rotates q / k and stores K/V (qk_norm_rope), or, in decode-only steps, the decode
         kernel itself does (Attention.forward_qkv: one launch a layer less)."""
-        if not qkv.is_cuda:
+        if not qkv.is_cuda or self.rotary_emb.partial:   # the kernels rotate whole heads only
             q, k, v = self.rotate_qk_native(positions, qkv)
             return self.attn(q, k, v)
         if self.attn.takes_qkv():

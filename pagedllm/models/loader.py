@@ -2,8 +2,12 @@
 
 Tensor parallelism (tp.size > 1): the model is built with this rank's shapes, and each checkpoint tensor is
 read as the slice this rank holds (safetensors get_slice: only those bytes), one tensor at a time.
+Checkpoints that store q/k/v or gate/up fused (Phi-3's qkv_proj, gate_up_proj) are read as their parts, each
+named as Llama's checkpoints name it (q_proj, ...), so the model, FP8 and TP see per-shard tensors only: a rank's
+slice of a fused tensor is its slice of each part, not one run of rows.
 """
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +19,7 @@ from torch import nn
 from pagedllm.distributed.layers import checkpoint_slice, take_slice
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.quantization.fp8 import FP8
 from pagedllm.layers.quantization.fp8_config import fp8_config
 from pagedllm.layers.quantization.fp8_linear import Fp8Linear
@@ -28,19 +33,24 @@ _SCALE_SUFFIXES = ("_scale", "_scale_inv")   # weight_scale, input_scale, k_scal
 
 
 def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.device,
-               load_format: str = "auto", quantization: str | None = None, tp: TPGroup = TPGroup()) -> nn.Module:
+               load_format: str = "auto", quantization: str | None = None, tp: TPGroup = TPGroup(),
+               max_model_len: int | None = None) -> nn.Module:
     """quantization: EngineConfig.quantization; a checkpoint's own quantization_config is used in any case.
-    Quantized layers are built in fp8 and quantize each checkpoint tensor as it streams in: no float copy."""
+    Quantized layers are built in fp8 and quantize each checkpoint tensor as it streams in: no float copy.
+    max_model_len: the engine's, for rotary tables that depend on it (longrope); None: max_position_embeddings."""
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be one of ('auto', 'safetensors', 'dummy'), got {load_format!r}")
     _require(Path(model_dir) / "config.json", "the model's HF config")
     quant = fp8_config(quantization, hf_config)
     model_cls = get_model_class(hf_config.architectures)
     model = _build(model_cls, hf_config, quant, dtype, torch.device(device), tp)
-    where = None
+    if max_model_len is not None:
+        for module in model.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.fit(max_model_len)
+    where, block = None, quant.block_size if quant is not None else None
     if tp.enabled:
         dim = head_dim(hf_config)
-        block = quant.block_size if quant is not None else None
         where = lambda name, shape: checkpoint_slice(name, shape, hf_config, dim, tp, block)   # noqa: E731
     if load_format == "dummy" and where is not None:
         model.load_weights((name, take_slice(t, where(name, t.shape)))
@@ -48,7 +58,7 @@ def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.devi
     elif load_format == "dummy":
         _init_dummy(model)
     else:
-        model.load_weights(_iter_safetensors(Path(model_dir), dtype, device, where))
+        model.load_weights(_iter_safetensors(Path(model_dir), dtype, device, where, _fused_parts(hf_config, block)))
     if quant is not None and torch.device(device).type == "cuda":
         fuse_fp8_inputs(model)
     return model.eval().requires_grad_(False)
@@ -72,17 +82,59 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(prev)
 
 
-def _iter_safetensors(model_dir: Path, dtype: torch.dtype, device, where=None) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(model_dir: Path, dtype: torch.dtype, device, where=None,
+                      fused=lambda name, shape: None) -> Iterator[tuple[str, torch.Tensor]]:
     """where(name, shape): the (dim, start, stop) of the tensor this rank holds, None: all of it (tp.size 1: no
-    call)."""
+    call). fused(name, shape): a fused tensor's parts [(part name, first row, end row) | (part name, None)], the
+    latter a scalar every part shares; None: not fused."""
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                part = None if where is None else f.get_slice(name)
-                cut = None if part is None else where(name, part.get_shape())
-                # whole tensors read whole: a 0-d one (a per-tensor scale) has no slice to take
-                tensor = f.get_tensor(name) if cut is None else take_slice(part, cut)
-                yield name, tensor.to(device=device, dtype=_target_dtype(name, tensor.dtype, dtype))
+                part = f.get_slice(name)
+                parts = fused(name, part.get_shape())
+                for part_name, rows in parts or [(name, None)]:
+                    source = part if rows is None else part[rows[0]:rows[1]]
+                    cut = None if where is None else where(part_name, tuple(source.shape if rows else
+                                                                             part.get_shape()))
+                    # whole tensors read whole: a 0-d one (a per-tensor scale) has no slice to take
+                    if rows is None:
+                        tensor = f.get_tensor(name) if cut is None else take_slice(part, cut)
+                    else:
+                        tensor = take_slice(source, cut)
+                    yield part_name, tensor.to(device=device, dtype=_target_dtype(name, tensor.dtype, dtype))
+
+
+# a fused checkpoint module -> its parts, as Llama's checkpoints name them
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _fused_parts(hf_config, block: tuple[int, int] | None):
+    """fused(name, shape) for _iter_safetensors: the rows of each part of a fused weight, bias or per-channel
+    scale; a per-tensor scale (one value) or input scale given to every part; block scales by whole blocks."""
+    dim = head_dim(hf_config)
+    num_kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    sizes = {"qkv_proj": (hf_config.num_attention_heads * dim, num_kv * dim, num_kv * dim),
+             "gate_up_proj": (getattr(hf_config, "intermediate_size", 0),) * 2}
+
+    def fused(name: str, shape) -> list | None:
+        module, _, attr = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        if leaf not in _FUSED:
+            return None
+        names = [f"{parent}.{part}.{attr}" for part in _FUSED[leaf]]
+        if math.prod(shape) == 1 or attr == "input_scale":
+            return [(n, None) for n in names]
+        rows = sizes[leaf]
+        if attr == "weight_scale_inv":
+            if block is None or any(r % block[0] for r in rows[:-1]):
+                raise ValueError(f"checkpoint tensor {name}: its parts' rows {list(rows)} are not whole blocks of "
+                                 f"quantization_config.weight_block_size {list(block or [])}")
+            rows = tuple(-(-r // block[0]) for r in rows)
+        if shape[0] != sum(rows):
+            raise ValueError(f"checkpoint tensor {name} has {shape[0]} rows, its parts {_FUSED[leaf]} {sum(rows)}")
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        return [(n, (start, start + r)) for n, start, r in zip(names, starts, rows)]
+    return fused
 
 
 def _target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:

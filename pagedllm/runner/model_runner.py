@@ -55,7 +55,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         start = time.perf_counter()
         self.model = load_model(config.model, hf_config, dtype, device, config.load_format, config.quantization,
-                                tp)
+                                tp, max_model_len)
         self.load_seconds = time.perf_counter() - start
         self.lora = None   # LoRA adapters: slots and host copies (lora/manager.py); None: off, the model untouched
         if config.enable_lora:

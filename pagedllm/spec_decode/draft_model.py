@@ -63,8 +63,9 @@ class DraftModel:
         and takes the same argmax of the all-gathered logits, so the proposals agree without being sent."""
         spec = config.speculative
         self.hf_config = draft_hf_config(spec.model, target_hf_config)
+        # its own quantization, not the target's --quantization (as vLLM)
         self.model = load_model(spec.model, self.hf_config, dtype, device, config.load_format,
-                                spec.quantization, tp)   # its own, not the target's --quantization (as vLLM)
+                                spec.quantization, tp, max_model_len)
         self.num_layers, self.num_kv_heads, self.head_dim = model_dims(self.hf_config, tp)   # this rank's heads
         if device.type == "cuda":   # batch-1 passes are launch-bound: all four linears fused (W5 -4% on an H100)
             use_small_m(self.model, SMALL_M_OPS)

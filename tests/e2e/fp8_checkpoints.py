@@ -10,10 +10,12 @@ from safetensors.torch import load_file, save_file
 
 from pagedllm.layers.quantization.fp8 import FP8, FP8_MAX, quantize, quantize_per_channel
 
-LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+# Phi-3's checkpoints store qkv_proj and gate_up_proj fused: quantized as one tensor each, as its FP8 releases are
+LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.([qkvo]|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)\.weight$")
 BLOCK = (32, 32)
 INPUT_SCALES = {"q_proj": 0.02, "k_proj": 0.03, "v_proj": 0.025, "o_proj": 0.01, "gate_proj": 0.02,
-                "up_proj": 0.02, "down_proj": 0.01}   # static activation scales per shard (q/k/v differ: max)
+                "up_proj": 0.02, "down_proj": 0.01, "qkv_proj": 0.03,
+                "gate_up_proj": 0.02}   # static activation scales per shard (q/k/v differ: max)
 
 # kind -> quantization_config
 CONFIGS = {

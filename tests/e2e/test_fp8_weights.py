@@ -17,7 +17,8 @@ from pagedllm.layers.quantization.fp8_linear import Fp8Linear
 from pagedllm.models import model_dims
 from pagedllm.models.loader import load_model
 
-SPECS = {"llama": dict(arch="llama", seed=0), "qwen3": dict(arch="qwen3", seed=3)}
+SPECS = {"llama": dict(arch="llama", seed=0), "qwen3": dict(arch="qwen3", seed=3),
+         "phi3": dict(arch="phi3", seed=5)}   # its checkpoint stores qkv_proj and gate_up_proj fused
 CPU = torch.device("cpu")
 # Measured (CPU): max |logit - reference| 0.0 for both (same float32 ops); logits up to ~7. The bound leaves
 # room for another summation order.
@@ -154,6 +155,24 @@ def test_checkpoint_kinds_load_as_stored(model_dirs, tmp_path, kind):
         expected = scales.get(kind)
         assert (a.k_scale, a.v_scale) == ((kv_scale(i, expected[0]), kv_scale(i, expected[1])) if expected
                                           else (1.0, 1.0))
+
+
+@pytest.mark.parametrize("kind", ["fp8_tensor_static", "fp8_block", "ct_channel_dynamic"])
+def test_fused_checkpoint_kinds_load_per_part(model_dirs, tmp_path, kind):
+    """Phi-3's fused qkv_proj / gate_up_proj quantized as one tensor: a per-tensor scale and input scale go to
+    each part, per-channel and block scales are cut with the part's rows; logits as the dequantized reference
+    (fp8_block: two roundings, so no bound against float32 here)."""
+    src = model_dirs["phi3"]
+    loaded = _load(write_quantized(src, tmp_path / kind, kind), "fp8")
+    qkv = loaded.model.layers[1].self_attn.qkv_proj
+    assert isinstance(qkv, Fp8Linear) and isinstance(loaded.model.layers[1].mlp.gate_up_proj, Fp8Linear)
+    if kind == "fp8_tensor_static":
+        assert len(set(qkv.weight_scale.tolist())) == 1 and qkv.input_scale.item() == pytest.approx(0.03)
+    tokens = _tokens()
+    ours = _logits(loaded, tokens)
+    assert (ours - _logits(dequantized_reference(src, loaded), tokens)).abs().max().item() < REF_TOLERANCE
+    if kind == "ct_channel_dynamic":   # per-channel: the same fp8 weights as quantize-at-load's
+        assert torch.equal(ours, _logits(_load(src, "fp8"), tokens))
 
 
 def test_block_checkpoint_is_requantized_per_channel(model_dirs, tmp_path):

@@ -61,7 +61,7 @@ def check_greedy_matches(outputs, ref, only=None):
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope"])
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3"])
 def test_greedy_matches_transformers(tiny_model_dirs, name):
     llm = LLM(tiny_model_dirs[name], dtype="float32", log_stats_interval=0)
     check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(tiny_model_dirs[name]))
@@ -247,6 +247,42 @@ def test_mistral_sliding_window_caps_max_model_len(tmp_path):
     llm = LLM(d, dtype="float32", log_stats_interval=0)
     assert llm.engine.max_model_len == 128          # inside one window, full attention is exact
     prompts = [p for p in PROMPTS if len(p) + MAX_NEW <= 128]
+    check_greedy_matches(llm.generate(prompts, GREEDY, use_tqdm=False), hf_greedy(d, prompts))
+    with pytest.raises(ValueError, match="sliding_window"):
+        LLM(d, dtype="float32", max_model_len=200)
+
+
+@pytest.mark.parametrize("name", ["phi3_longrope", "phi4_mini"])
+def test_longrope_matches_transformers_on_each_side_of_the_original_context(tiny_model_dirs, name):
+    """longrope (original_max_position_embeddings 64 of 512; phi4_mini also rotates 3/4 of each head): by default
+    max_model_len is the original context and short_factor runs (vLLM's default), as transformers' on sequences
+    within it; a longer max_model_len takes long_factor for every position (vLLM's choice), as transformers' on
+    prompts past the original context. Through the engine: chunked prefill, prefix caching."""
+    d = tiny_model_dirs[name]
+    short = [p for p in PROMPTS if len(p) + MAX_NEW <= 64]
+    llm = LLM(d, dtype="float32", max_num_batched_tokens=16, log_stats_interval=0)
+    assert llm.engine.max_model_len == 64
+    check_greedy_matches(llm.generate(short, GREEDY, use_tqdm=False), hf_greedy(d, short))
+    long = [p for p in PROMPTS if len(p) > 64]
+    llm = LLM(d, dtype="float32", max_model_len=256, max_num_batched_tokens=32, log_stats_interval=0)
+    check_greedy_matches(llm.generate(long, GREEDY, use_tqdm=False), hf_greedy(d, long))
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([long[-1]])).logits[0].float(), -1)
+    out = llm.generate([long[-1]], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    got = [out.prompt_logprobs[i][t].logprob for i, t in enumerate(long[-1]) if i > 0]
+    want = [ref[i - 1, t].item() for i, t in enumerate(long[-1]) if i > 0]
+    np.testing.assert_allclose(got, want, atol=LOGPROB_TOL, rtol=0)
+
+
+def test_phi3_sliding_window_caps_max_model_len(tmp_path):
+    """Phi-3-mini-4k's sliding_window (2047 of 4096) caps max_model_len as Mistral's does: within it,
+    transformers' sliding-window attention is full attention."""
+    from conftest import make_tiny_model
+    d = make_tiny_model(tmp_path / "phi3_window", arch="phi3", seed=8, sliding_window=96)
+    llm = LLM(d, dtype="float32", log_stats_interval=0)
+    assert llm.engine.max_model_len == 96
+    prompts = [p for p in PROMPTS if len(p) + MAX_NEW <= 96]
     check_greedy_matches(llm.generate(prompts, GREEDY, use_tqdm=False), hf_greedy(d, prompts))
     with pytest.raises(ValueError, match="sliding_window"):
         LLM(d, dtype="float32", max_model_len=200)

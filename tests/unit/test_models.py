@@ -11,7 +11,7 @@ from pagedllm.attention.metadata import AttentionMetadata, set_forward_context
 from pagedllm.models import get_model_class, model_dims
 from pagedllm.models.loader import load_model
 
-MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope"]
+MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3"]
 BLOCK_SIZE = 4
 NUM_BLOCKS = 160
 SEQ_LENS = [1, 7, 22, 100]         # a lone token, under one block, several blocks, past llama3's 64-token knee
@@ -95,7 +95,9 @@ def test_chunked_prefill_reads_earlier_kv_from_cache(tiny_model_dirs, name):
     _assert_close(second, [refs[i][cuts[i]:] for i in live])
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3_rope", "qwen3"])
+# phi3_longrope / phi4_mini: long_factor's table (max_position_embeddings past the original context), as
+# transformers' over positions past it; phi4_mini's table is 3/4 of a head wide
+@pytest.mark.parametrize("name", ["llama", "llama3_rope", "qwen3", "phi3_longrope", "phi4_mini"])
 def test_rotary_table_is_bit_exact_with_transformers(tiny_model_dirs, name):
     config = AutoConfig.from_pretrained(tiny_model_dirs[name])
     ours = _load(tiny_model_dirs[name]).model.rotary_emb
@@ -207,3 +209,17 @@ def test_load_weights_errors(tiny_model_dirs):
         model.load_weights([("model.norm.weight", torch.zeros(3))])
     with pytest.raises(ValueError, match="not found in the checkpoint.*embed_tokens"):
         model.load_weights([])
+
+
+def test_rope_parameters_phi3_refusals():
+    """What transformers and vLLM read differently, or a shape that cannot be, is refused naming the key."""
+    from pagedllm.layers.rotary import RotaryEmbedding
+    base = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 8,
+            "max_position_embeddings": 32, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+    RotaryEmbedding(8, 32, base)
+    with pytest.raises(ValueError, match="short_mscale"):
+        RotaryEmbedding(8, 32, {**base, "short_mscale": 1.2})
+    with pytest.raises(ValueError, match="long_factor has 4 values.*2"):
+        RotaryEmbedding(8, 32, {**base, "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        RotaryEmbedding(8, 32, {**base, "partial_rotary_factor": 0.0})
