@@ -25,6 +25,11 @@ _ARCHS = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
     # checkpoints with fused qkv_proj / gate_up_proj; its pad_token_id default (32000) is past the tiny vocab
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    # 8 experts, top 2, renormalized as Qwen3-30B-A3B; layer 1 dense (mlp_only_layers), as some checkpoints have
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "norm_topk_prob": True, "mlp_only_layers": [1]}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 
@@ -81,6 +86,8 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
         # Phi-3.5-mini's rope (longrope, whole heads) and Phi-4-mini's (longrope over 3/4 of each head)
         "phi3_longrope": dict(arch="phi3", seed=6, **longrope(1.0)),
         "phi4_mini": dict(arch="phi3", seed=7, **longrope(0.75)),
+        "qwen3_moe": dict(arch="qwen3_moe", seed=5),
+        "mixtral": dict(arch="mixtral", seed=6),
     }
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: make_tiny_model(root / name, **spec) for name, spec in specs.items()}

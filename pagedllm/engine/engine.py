@@ -21,7 +21,7 @@ from pagedllm.engine.vllm_config import ModelConfig, engine_vllm_config
 from pagedllm.layers.rotary import rope_parameters
 from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import SchedulerStats, StatsLogger
-from pagedllm.models import get_model_class, sliding_window
+from pagedllm.models import feature_refusal, get_model_class, sliding_window
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import SamplingParams
@@ -49,6 +49,9 @@ def is_large_gpu(device: torch.device) -> bool:
 
 def resolve_model(config: EngineConfig) -> ResolvedModel:
     hf_config = _load_hf_config(config.model, config.hf_overrides)
+    refusal = feature_refusal(hf_config, config.quantization, config.enable_lora, config.tensor_parallel_size)
+    if refusal:
+        raise ValueError(refusal)
     device = resolve_device(config.device)
     return ResolvedModel(hf_config, device, resolve_dtype(config.dtype, hf_config, device),
                          _resolve_max_model_len(config.max_model_len, hf_config))

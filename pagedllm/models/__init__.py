@@ -2,9 +2,12 @@
 from pagedllm.distributed.layers import head_shard
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.models.llama import LlamaForCausalLM, head_dim
+from pagedllm.models.mixtral import MixtralForCausalLM
+from pagedllm.models.moe_common import MoeForCausalLM, moe_refusal
 from pagedllm.models.phi3 import Phi3ForCausalLM
 from pagedllm.models.qwen2 import Qwen2ForCausalLM
 from pagedllm.models.qwen3 import Qwen3ForCausalLM
+from pagedllm.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -12,6 +15,8 @@ MODEL_REGISTRY = {
     "Phi3ForCausalLM": Phi3ForCausalLM,       # fused checkpoint tensors (loader), longrope (layers/rotary.py)
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 
@@ -20,6 +25,15 @@ def get_model_class(architectures: list[str] | None):
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     raise ValueError(f"unsupported model architectures {architectures}; supported: {sorted(MODEL_REGISTRY)}")
+
+
+def feature_refusal(hf_config, quantization: str | None, enable_lora: bool, tensor_parallel_size: int) -> str | None:
+    """Why the model cannot run with these engine features (naming the field), else None: checked before any
+    worker starts or weight is read."""
+    model_cls = get_model_class(hf_config.architectures)
+    if issubclass(model_cls, MoeForCausalLM):
+        return moe_refusal(model_cls.__name__, quantization, enable_lora, tensor_parallel_size)
+    return None
 
 
 def model_dims(hf_config, tp: TPGroup = TPGroup()) -> tuple[int, int, int]:

@@ -6,12 +6,15 @@ Parameter names are HF's except two fused projections, stacked along the output 
 Each fused nn.Linear carries `shard_sizes`; load_weights copies an HF shard into its row range.
 With an Fp8Config every decoder linear is an Fp8Linear (layers/quantization), which takes each shard's
 tensors itself (quantizing float ones); the checkpoint's KV scales go to the Attention layers' floats.
-Qwen2 (qkv bias) and Qwen3 (per-head q/k norm) are this model with a class flag switched on.
+Qwen2 (qkv bias) and Qwen3 (per-head q/k norm) are this model with a class flag switched on; mixture-of-experts
+models (Qwen3-MoE, Mixtral) with make_mlp giving some layers a SparseMoeBlock (layers/moe.py) for the MLP.
 Tensor parallelism (tp.size > 1, distributed/layers.py): the same modules with this rank's heads and columns,
 o_proj / down_proj row-parallel, the embedding and LM head vocab-parallel; the loader hands in slices
 (also of FP8 checkpoints' scales); an Fp8Linear is column- or row-parallel the same way.
 """
 from collections.abc import Iterable
+
+import re
 
 import torch
 from torch import nn
@@ -20,6 +23,7 @@ from pagedllm.distributed.layers import VocabParallelEmbedding, head_shard, spli
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
+from pagedllm.layers.moe import Experts, expert_shard
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization.fp8_config import Fp8Config
 from pagedllm.layers.quantization.fp8_linear import Fp8Linear, make_linear
@@ -128,14 +132,19 @@ class LlamaAttention(nn.Module):
         return q.flatten(1), k.flatten(1), v
 
 
+def dense_mlp(config, layer_idx: int, quant: Fp8Config | None, prefix: str, tp: TPGroup) -> nn.Module:
+    """LlamaForCausalLM.make_mlp: every layer's MLP is the dense one."""
+    return LlamaMLP(config, quant, prefix, tp)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool,
-                 quant: Fp8Config | None = None, tp: TPGroup = TPGroup()):
+                 quant: Fp8Config | None = None, tp: TPGroup = TPGroup(), make_mlp=dense_mlp):
         super().__init__()
         prefix = f"model.layers.{layer_idx}"
         self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm, quant, f"{prefix}.self_attn",
                                         tp)
-        self.mlp = LlamaMLP(config, quant, f"{prefix}.mlp", tp)
+        self.mlp = make_mlp(config, layer_idx, quant, f"{prefix}.mlp", tp)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.small_m: frozenset[str] = frozenset()   # ops of SMALL_M_OPS through small_m_linear (use_small_m)
@@ -150,7 +159,10 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
     def plain(self) -> bool:
-        """Plain bf16/fp16 nn.Linear weights without bias (not FP8, LoRA-wrapped or tensor-parallel), plain norms."""
+        """Plain bf16/fp16 nn.Linear weights without bias (not FP8, LoRA-wrapped or tensor-parallel), plain norms,
+        a dense MLP."""
+        if not isinstance(self.mlp, LlamaMLP):
+            return False
         linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
         return (all(type(m) is nn.Linear and m.bias is None and m.weight.dtype in (torch.bfloat16, torch.float16)
                     for m in linears)
@@ -220,13 +232,13 @@ def _small_m_tile(n: int, norm: bool) -> tuple[int, int, int, int]:
 
 class LlamaModel(nn.Module):
     def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant: Fp8Config | None = None,
-                 tp: TPGroup = TPGroup()):
+                 tp: TPGroup = TPGroup(), make_mlp=dense_mlp):
         super().__init__()
         self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp) if tp.enabled
                              else nn.Embedding(config.vocab_size, config.hidden_size))
         self.rotary_emb = RotaryEmbedding(head_dim(config), config.max_position_embeddings, rope_parameters(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, qk_norm, quant, tp)
+            LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, qk_norm, quant, tp, make_mlp)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -241,6 +253,9 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     qkv_bias: bool | None = None   # None: config.attention_bias
     qk_norm: bool = False
+    make_mlp = staticmethod(dense_mlp)   # (config, layer_idx, quant, prefix, tp) -> the layer's MLP
+    # (pattern, replacement) applied to each checkpoint name before loading: another family's names to ours
+    weight_renames: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, config, quant: Fp8Config | None = None, tp: TPGroup = TPGroup()):
         """quant: the linear layers' FP8 quantization (layers/quantization/fp8_config.py), None: none.
@@ -249,7 +264,7 @@ class LlamaForCausalLM(nn.Module):
         _check_supported(config)
         self.config, self.tp = config, tp
         qkv_bias = self.qkv_bias if self.qkv_bias is not None else getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, qkv_bias, self.qk_norm, quant, tp)
+        self.model = LlamaModel(config, qkv_bias, self.qk_norm, quant, tp, self.make_mlp)
         lm_rows = vocab_rows(config.vocab_size, tp)[0] if tp.enabled else config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, lm_rows, bias=False)
         if tp.enabled:   # the last rank's padding rows give logits that are cut off; zero, not garbage
@@ -286,11 +301,14 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into our (partly fused) parameters; every parameter must be hit."""
         params = dict(self.named_parameters())
+        fused_experts = self._fused_expert_names()
         loaded = set()
         for name, tensor in weights:
+            for pattern, replacement in self.weight_renames:
+                name = re.sub(pattern, replacement, name)
             if "rotary_emb." in name or (self.tied and name == "lm_head.weight"):
                 continue
-            if self._load_kv_scale(name, tensor):
+            if self._load_kv_scale(name, tensor) or self._load_expert_shard(name, tensor, loaded):
                 continue
             module, attr, shard = self._quantized_destination(name)
             if module is not None:
@@ -303,7 +321,7 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
                                      f"{type(self).__name__} expects {tuple(dest.shape)}")
                 dest.copy_(tensor)
-            loaded.add(name)
+            loaded.update(fused_experts.get(name, (name,)))   # a fused experts tensor: all of its experts
         missing = sorted(self._checkpoint_names() - loaded)
         if missing:
             raise ValueError(f"{len(missing)} parameters not found in the checkpoint: {missing[:8]}")
@@ -317,6 +335,28 @@ class LlamaForCausalLM(nn.Module):
         for attr in target[1]:
             setattr(attn, attr, float(tensor.float().reshape(-1)[0]))
         return True
+
+    def _load_expert_shard(self, name: str, tensor: torch.Tensor, loaded: set) -> bool:
+        """One expert's linear (Hub checkpoints' per-expert layout) copied into its rows of the stacked weights."""
+        shard = expert_shard(name)
+        if shard is None:
+            return False
+        experts_name, expert, proj = shard
+        try:
+            experts = self.get_submodule(experts_name)
+        except AttributeError:
+            experts = None
+        if not isinstance(experts, Experts) or expert >= experts.num_experts:
+            raise ValueError(f"unexpected weight {name!r} in the checkpoint of {type(self).__name__}")
+        experts.load_expert_shard(expert, proj, tensor)
+        loaded.add(name)
+        return True
+
+    def _fused_expert_names(self) -> dict[str, list[str]]:
+        """Stacked experts parameter name -> the per-expert checkpoint names it stands for."""
+        return {f"{module_name}.{attr}": names for module_name, module in self.named_modules()
+                if isinstance(module, Experts)
+                for attr, names in module.checkpoint_shard_names(module_name).items()}
 
     def _quantized_destination(self, name: str) -> tuple[Fp8Linear | None, str, int]:
         """The Fp8Linear (with attr and shard index) that HF tensor `name` goes to, else (None, "", 0)."""
@@ -347,6 +387,9 @@ class LlamaForCausalLM(nn.Module):
         (an Fp8Linear's: what its checkpoint kind stores, not its own parameters)."""
         names = set()
         for module_name, module in self.named_modules():
+            if isinstance(module, Experts):   # per expert, as Hub checkpoints hold them (or the stacked tensors)
+                names.update(n for shards in module.checkpoint_shard_names(module_name).values() for n in shards)
+                continue
             attrs = (module.checkpoint_attrs() if isinstance(module, Fp8Linear)
                      else [n for n, _ in module.named_parameters(recurse=False)])
             parent, _, leaf = module_name.rpartition(".")

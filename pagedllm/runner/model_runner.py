@@ -20,6 +20,7 @@ from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.core.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagedllm.models import model_dims
+from pagedllm.layers.moe import SparseMoeBlock, cuda_graph_blocker
 from pagedllm.models.llama import TARGET_SMALL_M_OPS, use_small_m
 from pagedllm.models.loader import load_model
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_graph_token_cap
@@ -100,7 +101,7 @@ class ModelRunner:
         if config.speculative is not None and config.speculative.method == "draft_model":
             self.draft = DraftModel(config, hf_config, device, dtype, max_model_len, tp)
         self.graphs = None
-        if device.type == "cuda" and not config.enforce_eager:
+        if device.type == "cuda" and not config.enforce_eager and not _graphs_blocked(self.model, device):
             mixed_top = min(config.max_num_batched_tokens, mixed_graph_token_cap(_num_layer_params(self.model)))
             self.graphs = CudaGraphs(capture_sizes(max_reqs), mixed_capture_sizes(mixed_top),
                                      shared=shared_rows_per_item > 0, lora=self.lora is not None)
@@ -598,10 +599,22 @@ def apply_bitmask(logits: torch.Tensor, bitmask_host: torch.Tensor, rows: list[i
                                         backend="cpu" if logits.dtype == torch.float32 else "torch_native")
 
 
+def _graphs_blocked(model: torch.nn.Module, device: torch.device) -> bool:
+    """True (and said in the log) where the model's steps cannot be captured: it runs eager, as enforce_eager."""
+    blocker = cuda_graph_blocker(model, device)
+    if blocker:
+        logger.warning("CUDA graphs off (running as with enforce_eager): %s", blocker)
+    return blocker is not None
+
+
 def _num_layer_params(model: torch.nn.Module) -> int:
-    """Parameters every token multiplies through: all but the embedding table (the logits are per sampled row)."""
-    return sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name
-               and "lm_head" not in name)
+    """Parameters every token multiplies through: all but the embedding table (the logits are per sampled row),
+    and of a mixture of experts' weights the top_k of E a token is routed through."""
+    total = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name
+                and "lm_head" not in name)
+    unused = sum((1 - m.active_fraction()) * sum(p.numel() for p in m.experts.parameters())
+                 for m in model.modules() if isinstance(m, SparseMoeBlock))
+    return int(total - unused)
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.models import model_dims
+from pagedllm.layers.moe import cuda_graph_blocker
 from pagedllm.models.llama import SMALL_M_OPS, use_small_m
 from pagedllm.models.loader import load_model
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
@@ -78,8 +79,8 @@ class DraftModel:
         max_rows = max_reqs + _GRAPH_CATCH_UP * min(max_reqs, spec.disable_by_batch_size)   # first pass's rows
         self.buffers = InputBuffers(max(config.max_num_batched_tokens, max_rows), max_rows,
                                     cdiv(max_model_len, config.block_size), device)
-        self.graphs = None
-        if device.type == "cuda" and not config.enforce_eager:   # the proposal passes: one token a row
+        self.graphs = None   # the proposal passes (one token a row) in graphs, unless a MoE draft cannot be captured
+        if device.type == "cuda" and not config.enforce_eager and cuda_graph_blocker(self.model, device) is None:
             self.graphs = CudaGraphs(capture_sizes(min(max_reqs, spec.disable_by_batch_size) * (1 + _GRAPH_CATCH_UP)),
                                      [])
         self.kv_caches: list[torch.Tensor] = []

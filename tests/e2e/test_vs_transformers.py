@@ -61,7 +61,10 @@ def check_greedy_matches(outputs, ref, only=None):
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3"])
+MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "qwen3_moe", "mixtral"]
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_greedy_matches_transformers(tiny_model_dirs, name):
     llm = LLM(tiny_model_dirs[name], dtype="float32", log_stats_interval=0)
     check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(tiny_model_dirs[name]))
@@ -77,6 +80,15 @@ def test_chunked_prefill_and_prefix_caching(tiny_model_dirs, budget, prefix_cach
     stats = llm.engine.get_stats()
     assert (stats.prefix_cache_hits > 0) == prefix_caching    # the shared 40-token prefix
     assert stats.num_blocks_free == stats.num_blocks_total
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_moe_chunked_prefill_and_prefix_caching(tiny_model_dirs, name):
+    """Mixture-of-experts models through 16-token chunks (prefill pieces beside decode rows) and prefix hits."""
+    d = tiny_model_dirs[name]
+    llm = LLM(d, dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=True, log_stats_interval=0)
+    check_greedy_matches(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference(d))
+    assert llm.engine.get_stats().prefix_cache_hits > 0
 
 
 def test_prefix_cache_hits_across_generate_calls(tiny_model_dirs):
@@ -178,11 +190,12 @@ def test_parallel_sampling_shares_prompt_blocks(tiny_model_dirs, prefix_caching)
     assert again.num_cached_tokens == (32 if prefix_caching else 0)
 
 
-@pytest.mark.parametrize("rows", [None, 5], ids=["whole-chunks", "logits-5-rows-at-a-time"])
-def test_prompt_logprobs_match_transformers(tiny_model_dirs, monkeypatch, rows):
+@pytest.mark.parametrize("rows,name", [(None, "qwen3"), (5, "qwen3"), (None, "qwen3_moe"), (None, "mixtral")],
+                         ids=["whole-chunks", "logits-5-rows-at-a-time", "qwen3_moe", "mixtral"])
+def test_prompt_logprobs_match_transformers(tiny_model_dirs, monkeypatch, rows, name):
     if rows is not None:
         monkeypatch.setattr(model_runner, "PROMPT_LOGPROBS_ROWS", rows)
-    d = tiny_model_dirs["qwen3"]
+    d = tiny_model_dirs[name]
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     prompt = PROMPTS[7]
     with torch.no_grad():

@@ -11,7 +11,7 @@ from pagedllm.attention.metadata import AttentionMetadata, set_forward_context
 from pagedllm.models import get_model_class, model_dims
 from pagedllm.models.loader import load_model
 
-MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3"]
+MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "qwen3_moe", "mixtral"]
 BLOCK_SIZE = 4
 NUM_BLOCKS = 160
 SEQ_LENS = [1, 7, 22, 100]         # a lone token, under one block, several blocks, past llama3's 64-token knee

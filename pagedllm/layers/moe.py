@@ -1,0 +1,142 @@
+"""Mixture of experts (Qwen3-MoE, Mixtral): a router picks top_k of E SwiGLU experts for each token, whose
+outputs are summed weighted by the router's probabilities.
+
+Weights, as transformers 5 holds them (and, so, as its fused checkpoints name them):
+    gate.weight                (E, C)       the router
+    experts.gate_up_proj       (E, 2I, C)   rows: gate | up, one (2I, C) matrix an expert
+    experts.down_proj          (E, C, I)
+Hub checkpoints store each expert's linears apart (experts.M.gate_proj.weight, ...): load_expert_shard copies
+one into its expert's rows.
+
+Compute: the T*K (token, expert) pairs sorted by expert, so that each expert's tokens are contiguous rows, one
+GEMM an expert over them, then the pairs put back in token order and summed. On CUDA in bf16 (sm90/sm100) the GEMMs
+are two torch._grouped_mm calls over all experts with device-side offsets: a fixed set of kernels for a given
+T, which a CUDA graph can capture. Elsewhere (CPU, float32/fp16 on CUDA) a loop over the experts reads each
+one's row count on the host: correct, but no graph can hold it (Experts.graph_safe says which).
+"""
+import re
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# model.layers.N.mlp.experts.M.{gate,up,down}_proj.weight: one expert's linear in a Hub checkpoint
+_EXPERT_SHARD = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>(gate|up|down)_proj)\.weight$")
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (T, E) -> (weights (T, K) float32, expert ids (T, K)): softmax over all E experts in float32,
+    the top_k largest, rescaled to sum to 1 where renormalize (Qwen3-MoE's norm_topk_prob; Mixtral always)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x (T, C), the router's weights and ids (T, K) -> sum over k of weights[:, k] * expert ids[:, k] (x)."""
+        num_tokens, top_k = ids.shape
+        flat = ids.flatten()                                    # (T*K,) pair p = token p // K, its k-th expert
+        order = torch.argsort(flat, stable=True)                # pairs by expert
+        rows = x.index_select(0, order // top_k)                # (T*K, C): each pair's token, grouped by expert
+        run = self._grouped if self.uses_grouped_mm(x) else self._looped
+        out_sorted = run(rows, flat.index_select(0, order))     # (T*K, C)
+        out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted).view(num_tokens, top_k, -1)
+        return (out.float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and self.graph_safe(x.device)
+
+    def graph_safe(self, device: torch.device) -> bool:
+        """The grouped path: CUDA, bf16 weights, rows 16-byte aligned, an sm90 or sm100 device: where torch runs
+        _grouped_mm's CUTLASS kernels; elsewhere its fallback copies the offsets to the host, as the loop does."""
+        return (device.type == "cuda" and hasattr(torch, "_grouped_mm")
+                and self.down_proj.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(device)[0] in (9, 10)
+                and self.down_proj.shape[1] % 8 == 0 and self.intermediate_size % 8 == 0)
+
+    def _grouped(self, rows: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+        """Two grouped GEMMs; offs[e] = the end row of expert e's run (experts with no rows: an empty run)."""
+        experts = torch.arange(self.num_experts, device=rows.device, dtype=sorted_ids.dtype)
+        offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)
+        gate_up = torch._grouped_mm(rows, self.gate_up_proj.transpose(-2, -1), offs=offs)    # (T*K, 2I)
+        return torch._grouped_mm(_silu_and_mul(gate_up), self.down_proj.transpose(-2, -1), offs=offs)
+
+    def _looped(self, rows: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+        """One pair of GEMMs an expert that has rows (the counts are read on the host)."""
+        counts = torch.bincount(sorted_ids, minlength=self.num_experts).tolist()
+        out = torch.empty_like(rows)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                part = rows[start:start + n]
+                out[start:start + n] = F.linear(_silu_and_mul(F.linear(part, self.gate_up_proj[e])),
+                                                self.down_proj[e])
+            start += n
+        return out
+
+    @torch.no_grad()
+    def load_expert_shard(self, expert: int, proj: str, tensor: torch.Tensor) -> None:
+        """One expert's gate_proj (I, C), up_proj (I, C) or down_proj (C, I) from a per-expert checkpoint."""
+        if proj == "down_proj":
+            dest = self.down_proj[expert]
+        else:
+            inter = self.intermediate_size
+            dest = self.gate_up_proj[expert].narrow(0, 0 if proj == "gate_proj" else inter, inter)
+        if dest.shape != tensor.shape:
+            raise ValueError(f"expert {expert}'s {proj} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+
+    def checkpoint_shard_names(self, prefix: str) -> dict[str, list[str]]:
+        """Our parameter -> the per-expert names that fill it (prefix: this module's name)."""
+        return {"gate_up_proj": [f"{prefix}.{e}.{p}.weight" for e in range(self.num_experts)
+                                 for p in ("gate_proj", "up_proj")],
+                "down_proj": [f"{prefix}.{e}.down_proj.weight" for e in range(self.num_experts)]}
+
+
+def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class SparseMoeBlock(nn.Module):
+    """The MLP of a sparse layer: router, top-k, experts."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool):
+        super().__init__()
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok ({top_k}) must be in 1..num_experts ({num_experts})")
+        self.top_k, self.renormalize = top_k, renormalize
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)    # (T, K), (T, K)
+        return self.experts(x, weights, ids)                                # (T, C)
+
+    def active_fraction(self) -> float:
+        """The share of the experts' weights a token multiplies through."""
+        return self.top_k / self.experts.num_experts
+
+
+def expert_shard(name: str) -> tuple[str, int, str] | None:
+    """'m.layers.0.mlp.experts.3.up_proj.weight' -> ('m.layers.0.mlp.experts', 3, 'up_proj'); else None."""
+    match = _EXPERT_SHARD.match(name)
+    return None if match is None else (match["experts"], int(match["expert"]), match["proj"])
+
+
+def cuda_graph_blocker(model: nn.Module, device: torch.device) -> str | None:
+    """Why no CUDA graph can hold this model's steps on `device` (experts on the host-synced loop), else None."""
+    for module in model.modules():
+        if isinstance(module, Experts) and not module.graph_safe(device):
+            return (f"its mixture-of-experts layers loop over the experts on this device and dtype "
+                    f"({module.down_proj.dtype}; the grouped GEMMs need bf16 on an sm90 or sm100 GPU)")
+    return None
