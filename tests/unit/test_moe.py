@@ -135,3 +135,15 @@ def test_graph_cap_counts_the_experts_a_token_uses(tiny_model_dirs):
     everything = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     assert _num_layer_params(model) == everything - experts.gate_up_proj.numel() * 6 // 8 \
         - experts.down_proj.numel() * 6 // 8     # top 2 of 8
+
+
+def test_experts_off_the_grouped_path_turn_cuda_graphs_off(tiny_model_dirs, caplog):
+    """float32 experts would loop on a GPU too (reading counts on the host): the runner must not capture them."""
+    from pagedllm.runner.model_runner import _graphs_blocked
+    d = tiny_model_dirs["qwen3_moe"]
+    model = load_model(d, AutoConfig.from_pretrained(d), torch.float32, CPU, load_format="dummy")
+    assert _graphs_blocked(model, torch.device("cuda"))
+    assert "CUDA graphs off" in caplog.text and "torch.float32" in caplog.text
+    dense = load_model(tiny_model_dirs["qwen3"], AutoConfig.from_pretrained(tiny_model_dirs["qwen3"]), torch.float32,
+                       CPU, load_format="dummy")
+    assert not _graphs_blocked(dense, torch.device("cuda"))
