@@ -30,6 +30,11 @@ _ARCHS = {
                   {"head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                    "norm_topk_prob": True, "mlp_only_layers": [1]}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # every multiplier away from Llama's: an ignored one changes the tokens (attention's: not head_dim ** -0.5)
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 6.0, "residual_multiplier": 0.3,
+                                                        "attention_multiplier": 0.6, "logits_scaling": 2.5}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"attention_bias": True}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 32, "hidden_act": "gelu_pytorch_tanh"}),
 }
 
 
@@ -55,12 +60,13 @@ def make_tiny_model(path, arch: str = "llama", tie_word_embeddings: bool = False
 
 @torch.no_grad()
 def _perturb_ones_and_zeros(model, std: float) -> None:
-    # HF inits norms to 1 and biases to 0: a loader that skipped them would still pass. Make them all distinct.
+    # HF inits norms to 1 (Gemma's (1 + weight) ones to 0) and biases to 0: a loader that skipped them would still
+    # pass. Make them all distinct, around their init.
     for name, param in model.named_parameters():
         if name.endswith("bias"):
             param.normal_(0.0, std)
         elif "norm" in name:
-            param.normal_(1.0, std)
+            param.normal_(param.mean().item(), std)
 
 
 def longrope(partial_rotary_factor: float, head_dim: int = 16, original: int = 64) -> dict:
@@ -88,6 +94,9 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
         "phi4_mini": dict(arch="phi3", seed=7, **longrope(0.75)),
         "qwen3_moe": dict(arch="qwen3_moe", seed=5),
         "mixtral": dict(arch="mixtral", seed=6),
+        "granite": dict(arch="granite", seed=6),
+        "olmo2": dict(arch="olmo2", seed=7),
+        "gemma": dict(arch="gemma", seed=8, tie_word_embeddings=True),
     }
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: make_tiny_model(root / name, **spec) for name, spec in specs.items()}

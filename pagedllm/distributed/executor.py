@@ -321,7 +321,11 @@ def build_runner(config: EngineConfig, hf_config, device: torch.device, dtype: t
 def _check_shapes(hf_config, size: int, whose: str = "") -> None:
     from pagedllm.distributed.layers import head_shard, split_size
     from pagedllm.distributed.parallel_state import TPGroup
+    from pagedllm.models import get_model_class
     tp = TPGroup(0, size)
+    refused = get_model_class(hf_config.architectures).tp_refused
+    if refused and size > 1:
+        raise ValueError(f"{whose}tensor_parallel_size {size}: {refused}")
     try:
         head_shard(hf_config.num_attention_heads,
                    getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads, tp)

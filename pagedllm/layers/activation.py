@@ -24,3 +24,14 @@ class SiluAndMul(nn.Module):
         """The torch code: the CPU path and the oracle of the fused kernel."""
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """Gemma's GeGLU: gelu(gate, tanh approximation) * up, the torch code on every device (no fused kernel: an
+    FP8 linear after it takes the unfused quantization, quantization/fuse.py never flags it)."""
+    quant_fp8 = False
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up (T, 2 * I), gate first -> gelu_tanh(gate) * up (T, I)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up

@@ -1,18 +1,24 @@
 """Model registry: HF architecture name -> our class."""
 from pagedllm.distributed.layers import head_shard
 from pagedllm.distributed.parallel_state import TPGroup
+from pagedllm.models.gemma import GemmaForCausalLM
+from pagedllm.models.granite import GraniteForCausalLM
 from pagedllm.models.llama import LlamaForCausalLM, head_dim
 from pagedllm.models.mixtral import MixtralForCausalLM
 from pagedllm.models.moe_common import MoeForCausalLM, moe_refusal
+from pagedllm.models.olmo2 import Olmo2ForCausalLM
 from pagedllm.models.phi3 import Phi3ForCausalLM
 from pagedllm.models.qwen2 import Qwen2ForCausalLM
 from pagedllm.models.qwen3 import Qwen3ForCausalLM
 from pagedllm.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY = {
+    "GemmaForCausalLM": GemmaForCausalLM,
+    "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,   # same graph; the engine caps max_model_len at the sliding window
     "Phi3ForCausalLM": Phi3ForCausalLM,       # fused checkpoint tensors (loader), longrope (layers/rotary.py)
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,

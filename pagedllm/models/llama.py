@@ -7,7 +7,10 @@ Each fused nn.Linear carries `shard_sizes`; load_weights copies an HF shard into
 With an Fp8Config every decoder linear is an Fp8Linear (layers/quantization), which takes each shard's
 tensors itself (quantizing float ones); the checkpoint's KV scales go to the Attention layers' floats.
 Qwen2 (qkv bias) and Qwen3 (per-head q/k norm) are this model with a class flag switched on; mixture-of-experts
-models (Qwen3-MoE, Mixtral) with make_mlp giving some layers a SparseMoeBlock (layers/moe.py) for the MLP.
+models (Qwen3-MoE, Mixtral) with make_mlp giving some layers a SparseMoeBlock (layers/moe.py) for the MLP; Granite
+sets its scalar multipliers on the modules (embedding_multiplier, residual_multiplier, attn.scale, logits_scaling:
+neutral here); OLMo-2 and Gemma swap in their own decoder layers (LlamaForCausalLM.decoder_layer: models/olmo2.py,
+gemma.py).
 Tensor parallelism (tp.size > 1, distributed/layers.py): the same modules with this rank's heads and columns,
 o_proj / down_proj row-parallel, the embedding and LM head vocab-parallel; the loader hands in slices
 (also of FP8 checkpoints' scales); an Fp8Linear is column- or row-parallel the same way.
@@ -148,6 +151,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.small_m: frozenset[str] = frozenset()   # ops of SMALL_M_OPS through small_m_linear (use_small_m)
+        self.residual_multiplier = 1.0   # Granite: each sublayer's output times this before its residual add
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         """The residual stream rides along un-normed: each norm adds the previous sublayer's output to it."""
@@ -155,8 +159,17 @@ class LlamaDecoderLayer(nn.Module):
             return self._forward_small_m(positions, hidden, residual)
         hidden, residual = _add_norm(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden, residual = self.post_attention_layernorm(self._scaled(hidden), residual)
+        return self._scaled(self.mlp(hidden)), residual
+
+    def _scaled(self, sublayer_out: torch.Tensor) -> torch.Tensor:
+        m = self.residual_multiplier
+        return sublayer_out if m == 1.0 else sublayer_out * m
+
+    def fp8_input_producers(self) -> tuple:
+        """(op, the FP8 linear it feeds) pairs whose op may quantize its output (quantization/fuse.py)."""
+        return ((self.input_layernorm, self.self_attn.qkv_proj), (self.post_attention_layernorm, self.mlp.gate_up_proj),
+                (self.mlp.act_fn, self.mlp.down_proj))
 
     def plain(self) -> bool:
         """Plain bf16/fp16 nn.Linear weights without bias (not FP8, LoRA-wrapped or tensor-parallel), plain norms,
@@ -179,14 +192,15 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = _add_norm(self.input_layernorm, hidden, residual)
             qkv = attn.qkv_proj(hidden)
         hidden = attn.attend(positions, qkv)
-        hidden = _small_m_only(attn.o_proj.weight, hidden) if "o" in ops else attn.o_proj(hidden)
+        hidden = self._scaled(_small_m_only(attn.o_proj.weight, hidden) if "o" in ops else attn.o_proj(hidden))
         if "gate_up" in ops:
             act, residual = _norm_linear(self.post_attention_layernorm, mlp.gate_up_proj.weight, hidden, residual,
                                          True)
         else:
             hidden, residual = self.post_attention_layernorm(hidden, residual)
             act = mlp.act_fn(mlp.gate_up_proj(hidden))
-        return (_small_m_only(mlp.down_proj.weight, act) if "down" in ops else mlp.down_proj(act)), residual
+        out = _small_m_only(mlp.down_proj.weight, act) if "down" in ops else mlp.down_proj(act)
+        return self._scaled(out), residual
 
 
 def _add_norm(norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None):
@@ -232,22 +246,24 @@ def _small_m_tile(n: int, norm: bool) -> tuple[int, int, int, int]:
 
 class LlamaModel(nn.Module):
     def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant: Fp8Config | None = None,
-                 tp: TPGroup = TPGroup(), make_mlp=dense_mlp):
+                 tp: TPGroup = TPGroup(), make_mlp=dense_mlp, layer_cls: type[nn.Module] = LlamaDecoderLayer):
         super().__init__()
         self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp) if tp.enabled
                              else nn.Embedding(config.vocab_size, config.hidden_size))
         self.rotary_emb = RotaryEmbedding(head_dim(config), config.max_position_embeddings, rope_parameters(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, qk_norm, quant, tp, make_mlp)
+            layer_cls(config, i, self.rotary_emb, qkv_bias, qk_norm, quant, tp, make_mlp)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.embedding_multiplier = 1.0   # Granite: the embeddings times this (in the model dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None         # (T, C)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return _add_norm(self.norm, hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -256,15 +272,20 @@ class LlamaForCausalLM(nn.Module):
     make_mlp = staticmethod(dense_mlp)   # (config, layer_idx, quant, prefix, tp) -> the layer's MLP
     # (pattern, replacement) applied to each checkpoint name before loading: another family's names to ours
     weight_renames: tuple[tuple[str, str], ...] = ()
+    decoder_layer: type[nn.Module] = LlamaDecoderLayer
+    hidden_act = "silu"   # the MLP's activation: config.hidden_act must name it
+    tp_refused: str | None = None   # why this architecture cannot run tensor-parallel; None: it can
 
     def __init__(self, config, quant: Fp8Config | None = None, tp: TPGroup = TPGroup()):
         """quant: the linear layers' FP8 quantization (layers/quantization/fp8_config.py), None: none.
         tp: this rank's tensor-parallel group (size 1: the whole model)."""
         super().__init__()
-        _check_supported(config)
+        _check_supported(config, self.hidden_act)
+        if tp.enabled and self.tp_refused:
+            raise ValueError(f"tensor_parallel_size > 1: {self.tp_refused}")
         self.config, self.tp = config, tp
         qkv_bias = self.qkv_bias if self.qkv_bias is not None else getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, qkv_bias, self.qk_norm, quant, tp, self.make_mlp)
+        self.model = LlamaModel(config, qkv_bias, self.qk_norm, quant, tp, self.make_mlp, self.decoder_layer)
         lm_rows = vocab_rows(config.vocab_size, tp)[0] if tp.enabled else config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, lm_rows, bias=False)
         if tp.enabled:   # the last rank's padding rows give logits that are cut off; zero, not garbage
@@ -272,6 +293,7 @@ class LlamaForCausalLM(nn.Module):
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.logits_scaling = 1.0   # Granite: the logits divided by this
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions (T,): a flat batch of many requests' tokens -> hidden states (T, C)."""
@@ -284,6 +306,8 @@ class LlamaForCausalLM(nn.Module):
         bf16 greedy kept 82.8% of float32's first 32 tokens with bf16 logits and 89.0% with float32 ones
         (benchmarks/RESULTS.md). It costs one float32 write and read of (N, vocab) a step."""
         logits = self._local_logits(hidden_states)
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
         if not self.tp.enabled:
             return logits
         # every rank gets the whole (N, vocab): each samples the same ids from the same logits
@@ -407,7 +431,7 @@ def _split_name(name: str) -> tuple[str, str, str]:
     return parent, leaf, attr
 
 
-def _check_supported(config) -> None:
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise NotImplementedError(f"hidden_act {act!r} not supported (only 'silu')")
+def _check_supported(config, hidden_act: str) -> None:
+    act = getattr(config, "hidden_act", hidden_act)
+    if act != hidden_act:
+        raise NotImplementedError(f"hidden_act {act!r} not supported (only {hidden_act!r})")

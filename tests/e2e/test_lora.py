@@ -97,6 +97,17 @@ def test_mixed_adapters_match_peft(setup):
     assert llm.engine.list_loras() == {1, 2, 3}
 
 
+@pytest.mark.parametrize("arch", ["granite", "olmo2", "gemma"])
+def test_llama_variants_match_peft(tmp_path, arch):
+    """LoRA through the shared layers of the Llama variants: Granite's residual_multiplier scales the adapted
+    o_proj / down_proj outputs, OLMo-2's post-norms and whole-projection q_norm / k_norm read adapted ones."""
+    base = make_tiny_model(tmp_path / "base", arch, seed=3)
+    loras = {"all": LoRARequest("all", 1, make_adapter(base, tmp_path / "all", 0, **ADAPTERS["all"]))}
+    refs = _references(base, loras)
+    assert refs["all"] != refs[None]
+    run((base, loras, refs), names=[None, "all"] * 4, max_loras=1)
+
+
 @pytest.mark.parametrize("kw", [dict(num_gpu_blocks_override=20, block_size=4),   # preemption
                                 dict(max_num_batched_tokens=16),                    # chunked prefill
                                 dict(max_loras=1, max_cpu_loras=2)])                # one adapter a step, LRU

@@ -61,7 +61,8 @@ def check_greedy_matches(outputs, ref, only=None):
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0)
 
 
-MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "qwen3_moe", "mixtral"]
+MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "qwen3_moe", "mixtral", "granite",
+          "olmo2", "gemma"]
 
 
 @pytest.mark.parametrize("name", MODELS)

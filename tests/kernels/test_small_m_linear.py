@@ -81,10 +81,12 @@ def test_decoder_layers_with_and_without(dtype, ops):
             assert rel_error(f, r) <= 1.5 * rel_error(u, r) + 1e-5
 
 
+@pytest.mark.parametrize("residual_multiplier", [1.0, 0.3], ids=["llama", "granite"])
 @pytest.mark.parametrize("ops", [SMALL_M_OPS, TARGET_SMALL_M_OPS, ("qkv",), ("gate_up", "down")], ids=str)
-def test_decoder_layer_small_m_path_on_cpu(monkeypatch, ops):
+def test_decoder_layer_small_m_path_on_cpu(monkeypatch, ops, residual_multiplier):
     """LlamaDecoderLayer._forward_small_m's plumbing (which ops fold which norm, the residual stream, the first
-    layer without a residual) on CPU: the kernel replaced by the torch code it fuses, float32, equal to forward."""
+    layer without a residual, Granite's residual_multiplier) on CPU: the kernel replaced by the torch code it
+    fuses, float32, equal to forward."""
     from pagedllm.layers.norm import RMSNorm
     from pagedllm.models import llama
 
@@ -99,6 +101,7 @@ def test_decoder_layer_small_m_path_on_cpu(monkeypatch, ops):
     layer = _tiny_qwen3().model.layers[0]
     layer.self_attn.attn = _NoAttention()
     layer.small_m = frozenset(ops)
+    layer.residual_multiplier = residual_multiplier
     for m in (1, 5):
         g = torch.Generator().manual_seed(m)
         x, res, pos = torch.randn(m, 256, generator=g), torch.randn(m, 256, generator=g), torch.arange(m)

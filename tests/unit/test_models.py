@@ -11,7 +11,8 @@ from pagedllm.attention.metadata import AttentionMetadata, set_forward_context
 from pagedllm.models import get_model_class, model_dims
 from pagedllm.models.loader import load_model
 
-MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "qwen3_moe", "mixtral"]
+MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "qwen3_moe", "mixtral", "granite", "olmo2",
+          "gemma"]
 BLOCK_SIZE = 4
 NUM_BLOCKS = 160
 SEQ_LENS = [1, 7, 22, 100]         # a lone token, under one block, several blocks, past llama3's 64-token knee
@@ -173,6 +174,17 @@ def test_tied_lm_head_shares_embedding(tiny_model_dirs):
 def test_unsupported_architecture():
     with pytest.raises(ValueError, match="supported.*LlamaForCausalLM"):
         get_model_class(["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match="supported.*GemmaForCausalLM"):   # soft-capping, sliding windows
+        get_model_class(["Gemma2ForCausalLM"])
+
+
+def test_gemma_embedding_scale_is_rounded_to_the_model_dtype(tmp_path):
+    """transformers multiplies Gemma's embeddings by sqrt(hidden_size) cast to the weights' dtype (96: 9.798 in
+    float32, 9.8125 in bfloat16)."""
+    d = make_tiny_model(tmp_path / "gemma", "gemma", hidden_size=96)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _load(d, dtype)
+        assert model.model.embedding_multiplier == torch.tensor(96 ** 0.5).to(dtype).item()
 
 
 def test_unsupported_rope_type():

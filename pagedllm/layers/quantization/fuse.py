@@ -23,10 +23,7 @@ def fuse_fp8_inputs(model: nn.Module, on_cpu: bool = False) -> int:
         return 0
     fused = 0
     for layer in model.model.layers:
-        pairs = ((layer.input_layernorm, layer.self_attn.qkv_proj),
-                 (layer.post_attention_layernorm, layer.mlp.gate_up_proj),
-                 (layer.mlp.act_fn, layer.mlp.down_proj))
-        for producer, linear in pairs:
+        for producer, linear in layer.fp8_input_producers():
             if (isinstance(linear, Fp8Linear) and (linear.weight.is_cuda or on_cpu) and linear.input_scale is None
                     and scaled_mm_supported(linear.in_features, linear.out_features, linear.out_dtype)
                     and linear.in_features <= MAX_FUSED_COLS):

@@ -1,0 +1,52 @@
+"""Gemma (1): Llama with GeGLU (gelu_pytorch_tanh), RMSNorm scaled by (1 + weight) in float32, the embeddings
+times sqrt(hidden_size) rounded to the model dtype (as transformers does), and a tied LM head.
+
+Not Gemma 2 / 3 (their attention soft-capping and alternating sliding windows need kernel work: still refused).
+On CUDA the norms run their torch code (GemmaRMSNorm.forward): the Triton rms_norm kernels multiply the weight
+after rounding the normed row, and a (1 + weight) folded into a bf16 weight would lose the weight's low bits.
+So neither FP8 input fusion (quantization/fuse.py) nor the small-M path (which folds Llama's norm and SiLU)
+is taken. Tensor parallelism, FP8 linears and LoRA go through Llama's shared linears unchanged.
+"""
+import torch
+
+from pagedllm.distributed.parallel_state import TPGroup
+from pagedllm.layers.activation import GeluTanhAndMul
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization.fp8_config import Fp8Config
+from pagedllm.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+
+class GemmaRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return self.forward_native(x, residual)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GemmaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp.act_fn = GeluTanhAndMul()
+
+    def fp8_input_producers(self) -> tuple:
+        return ()   # the fused kernels compute Llama's norm and SiLU
+
+    def plain(self) -> bool:
+        return False   # small_m_linear folds Llama's norm and SiLU
+
+
+class GemmaForCausalLM(LlamaForCausalLM):
+    decoder_layer = GemmaDecoderLayer
+    hidden_act = "gelu_pytorch_tanh"   # transformers' GemmaConfig reads a legacy "gelu" as this
+
+    def __init__(self, config, quant: Fp8Config | None = None, tp: TPGroup = TPGroup()):
+        super().__init__(config, quant, tp)
+        self.model.norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # built under the model dtype (loader._build): sqrt(hidden_size) rounded to it, as transformers does
+        self.model.embedding_multiplier = torch.tensor(config.hidden_size ** 0.5).item()
+
