@@ -1,7 +1,9 @@
 """A PEFT LoRA adapter directory read into per-module A/B tensors that fit our (partly fused) base model.
 
 PEFT names: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight (r, in) and .lora_B.weight
-(out, r). q/k/v land in qkv_proj's shards 0/1/2 and gate/up in gate_up_proj's 0/1 (models/llama.py).
+(out, r). q/k/v land in qkv_proj's shards 0/1/2 and gate/up in gate_up_proj's 0/1 (models/llama.py). An adapter of
+a model whose HF modules are fused (Phi-3: qkv_proj, gate_up_proj) has one A and one B for the fused module: each
+shard gets that A and its rows of B, so the parts are read as if the adapter had targeted them one by one.
 Under tensor parallelism each rank keeps its part, cut where its base weight is (distributed/layers.py's
 checkpoint_slice of the HF weight): a column-parallel module's (q/k/v, gate/up) B by output rows, A whole; a
 row-parallel module's (o, down) A by input columns, B whole (lora/layers.py adds its partial product to the base's
@@ -24,6 +26,9 @@ from pagedllm.lora.request import LoRAAdapterNotFoundError, LoRARequest, adapter
 TARGETS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
            "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
            "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1), "down_proj": ("mlp.down_proj", 0)}
+# HF modules that are fused in the HF model itself (Phi-3's qkv_proj, gate_up_proj): PEFT gives them one A and one
+# B whose rows are the parts' rows in order, so each part is A with its rows of B (exact: one A times stacked Bs)
+FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # the adapter's weights, in vLLM's order of preference
 WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 _NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
@@ -83,18 +88,24 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
     tensors = _read_tensors(data, weights.name, where)
     lora = LoRAModel(req, rank, float(scale), hashlib.sha256(cfg_bytes + b"\0" + data).hexdigest())
     pairs: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    fused: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}   # (layer, kind, fused HF module) -> A, B
     # the embeddings' adapter first: PEFT saves the base embedding beside it (base_layer), whichever comes first
     for name, t in sorted(tensors.items(), key=lambda item: _EMBEDDINGS.search(item[0]) is None):
         m = _NAME.match(name)
-        if m is None or m.group(3) not in TARGETS:
+        if m is None or m.group(3) not in TARGETS and m.group(3) not in FUSED_TARGETS:
             raise ValueError(f"{where}: tensor {name!r} targets {_module_of(name)}, "
                              + ("which vLLM serves LoRA on but pagedllm does not yet" if _EMBEDDINGS.search(name)
                                 else "a module the model lacks or that LoRA serving does not support")
-                             + f" (target_modules may be {sorted(TARGETS)})")
+                             + f" (target_modules may be {sorted([*TARGETS, *FUSED_TARGETS])})")
         layer, kind, hf_module, ab = m.groups()
+        if hf_module in FUSED_TARGETS:
+            fused.setdefault((layer, kind, hf_module), {})[ab] = t.float()
+            continue
         ours, shard = TARGETS[hf_module]
         pair = pairs.setdefault((f"model.layers.{layer}.{ours}", shard), {})
         pair[ab], pair["hf"] = t.float(), f"model.layers.{layer}.{kind}.{hf_module}.weight"
+    for (layer, kind, hf_module), ab in fused.items():
+        _split_fused(model, layer, kind, hf_module, ab, rank, pairs, where)
     if not pairs:
         raise ValueError(f"{where}: {weights.name} holds no LoRA tensors")
     for (module_name, shard), ab in pairs.items():
@@ -181,6 +192,29 @@ def _fit(model, module_name: str, shard: int, ab: dict, rank: int, where: str):
     if dim == 0:
         return ab["A"], ab["B"][start:stop].clone()   # a copy: the whole tensor is not kept
     return ab["A"][:, start:stop].clone(), ab["B"]
+
+
+def _split_fused(model, layer: str, kind: str, hf_module: str, ab: dict, rank: int, pairs: dict, where: str):
+    """A fused HF module's A (r, in) and B (sum of its parts' rows, r) into pairs as its parts': each part that A
+    and its rows of B (the whole checkpoint's rows: _fit cuts a tensor-parallel rank's from them)."""
+    module_name = f"model.layers.{layer}.{kind}.{hf_module}"   # our fused linear of the same name
+    if set(ab) != {"A", "B"}:
+        raise ValueError(f"{where}: {module_name} has lora_{'A' if 'A' in ab else 'B'} without its pair")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise ValueError(f"{where}: the model has no module {module_name} (a different base model?)") from None
+    parts = FUSED_TARGETS[hf_module]
+    hf_names = [f"model.layers.{layer}.{kind}.{part}.weight" for part in parts]
+    local = getattr(module, "shard_sizes", (module.out_features,))
+    rows = [local[i] if (cut := _rank_cut(model, n)) is None else cut[3] for i, n in enumerate(hf_names)]
+    if ab["B"].dim() != 2 or ab["B"].shape[0] != sum(rows):
+        raise ValueError(f"{where}: lora_B of {module_name} has shape {tuple(ab['B'].shape)}, the base model needs "
+                         f"({sum(rows)}, {rank}) (an adapter of another base model?)")
+    for shard, (part, hf_name, b) in enumerate(zip(parts, hf_names, ab["B"].split(rows))):
+        if (module_name, shard) in pairs:
+            raise ValueError(f"{where}: the adapter targets both {hf_module} and {part} of layer {layer}")
+        pairs[(module_name, shard)] = {"A": ab["A"], "B": b, "hf": hf_name}
 
 
 def _rank_cut(model, hf_weight: str) -> tuple[int, int, int, int] | None:

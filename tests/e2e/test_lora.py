@@ -108,6 +108,28 @@ def test_llama_variants_match_peft(tmp_path, arch):
     run((base, loras, refs), names=[None, "all"] * 4, max_loras=1)
 
 
+def test_phi3_fused_adapter_matches_peft(tmp_path):
+    """Phi-3's HF modules are fused (qkv_proj, gate_up_proj), so PEFT trains one A and one B on each: every part
+    (q/k/v, gate/up: rows 64 | 32 | 32, 128 | 128) is served as that A with its rows of B (they were refused).
+    Both fused and part tensors for one module, or a B of other rows, are errors naming them."""
+    base = make_tiny_model(tmp_path / "base", "phi3", seed=5)
+    cfg = dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    loras = {"fused": LoRARequest("fused", 1, make_adapter(base, tmp_path / "fused", 0, **cfg))}
+    refs = _references(base, loras)
+    assert sum(a[0] != b[0] for a, b in zip(refs["fused"], refs[None])) >= len(PROMPTS) // 2
+    llm = run((base, loras, refs), names=[None, "fused"] * 4, max_loras=1)
+    from pathlib import Path
+    src, qkv = Path(loras["fused"].lora_path), "base_model.model.model.layers.1.self_attn.qkv_proj.lora_B.weight"
+    q = "base_model.model.model.layers.1.self_attn.q_proj.lora_"
+    both = _bad(tmp_path, src, edit_tensors=lambda t: {**t, q + "A.weight": torch.zeros(8, 64),
+                                                       q + "B.weight": torch.zeros(64, 8)})
+    with pytest.raises(ValueError, match="targets both qkv_proj and q_proj of layer 1"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("both", 2, both))
+    rows = _bad(tmp_path, src, edit_tensors=lambda t: {**t, qkv: torch.zeros(96, 8)})   # q/k/v of another model
+    with pytest.raises(ValueError, match=r"lora_B of model.layers.1.self_attn.qkv_proj has shape \(96, 8\)"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("rows", 3, rows))
+
+
 @pytest.mark.parametrize("kw", [dict(num_gpu_blocks_override=20, block_size=4),   # preemption
                                 dict(max_num_batched_tokens=16),                    # chunked prefill
                                 dict(max_loras=1, max_cpu_loras=2)])                # one adapter a step, LRU

@@ -103,6 +103,26 @@ def test_tp2_lora_equals_tp1(setup, tmp_path):
         llm.shutdown()
 
 
+def test_tp2_phi3_fused_adapter_equals_tp1(tmp_path):
+    """A Phi-3 adapter on the fused qkv_proj / gate_up_proj: each rank serves A with its rows of each part of B
+    (its q head rows, its KV head's k and v rows, its gate and up columns), as it holds the base's."""
+    base = make_tiny_model(tmp_path / "base", "phi3", seed=5)
+    cfg = dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    loras = {"fused": LoRARequest("fused", 1, make_adapter(base, tmp_path / "fused", 0, **cfg))}
+    rows = [(0, "fused"), (0, None), (1, "fused"), (2, "fused")]
+    reference = LLM(base, **ENGINE)
+    try:
+        ref = _run(reference, loras, rows)
+    finally:
+        reference.shutdown()
+    assert ref[0].outputs[0].token_ids != ref[1].outputs[0].token_ids   # the adapter changes the answer
+    llm = LLM(base, tensor_parallel_size=2, **ENGINE)
+    try:
+        _same(ref, _run(llm, loras, rows))
+    finally:
+        llm.shutdown()
+
+
 def test_tp_lora_config_accepted_fp8_still_refused():
     """enable_lora with tensor_parallel_size 2 starts (it was refused); LoRA over FP8 linears stays refused."""
     EngineConfig("m", tensor_parallel_size=2, enable_lora=True)
