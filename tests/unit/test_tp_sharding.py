@@ -100,16 +100,3 @@ def test_block_scales_split_by_whole_blocks_only():
     assert checkpoint_slice("model.layers.0.mlp.up_proj.weight_scale", (96, 1), cfg, 32, TPGroup(1, 2)) == (0, 48, 96)
     assert checkpoint_slice("model.layers.0.mlp.up_proj.weight_scale", (1,), cfg, 32, TPGroup(1, 2)) is None
     assert checkpoint_slice("model.layers.0.self_attn.k_proj.input_scale", (), cfg, 32, TPGroup(1, 2)) is None
-
-
-def test_olmo2_tensor_parallel_is_refused_before_any_worker_starts(tmp_path):
-    """OLMo-2's q_norm / k_norm span every head, which TP splits over ranks: refused, naming the field and why,
-    by the check the executor runs before it starts a process (and by the model itself)."""
-    from pagedllm.distributed.executor import _check_shapes
-    from pagedllm.models import Olmo2ForCausalLM
-    config = AutoConfig.from_pretrained(make_tiny_model(tmp_path / "m", "olmo2"))
-    with pytest.raises(ValueError, match="tensor_parallel_size 2: .*q_norm / k_norm"):
-        _check_shapes(config, 2)
-    with pytest.raises(ValueError, match="tensor_parallel_size > 1: .*q_norm / k_norm"):
-        Olmo2ForCausalLM(config, tp=TPGroup(0, 2))
-    _check_shapes(config, 1)
