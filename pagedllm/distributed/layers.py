@@ -5,12 +5,16 @@
         replicated on N/Hkv ranks; gate and up: the same I/N columns of both (SiLU(gate) * up stays local)
     row-parallel (o_proj, down_proj): each rank the input columns of its heads / its I/N; partial sums
         all-reduced, the bias (whole on every rank) added once after
+    experts (mixture of experts, layers/moe.py): every expert on every rank, each one's gate and up its I/N
+        rows, its down those I/N columns (I: moe_intermediate_size, Mixtral's intermediate_size); the router
+        whole; the block's output all-reduced once (a stacked-experts checkpoint tensor is read whole, then cut)
     vocab-parallel (embed_tokens, lm_head): each rank ceil(V/N) rows (the last one zero-padded); the
         embedding masks ids outside its rows and all-reduces, the LM head's logits are all-gathered
 A rank's parameters are built with these local shapes, and the loader reads only its slice of each
 checkpoint tensor (safetensors get_slice), so no rank holds a whole tensor it does not need.
 """
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +77,9 @@ def checkpoint_slice(name: str, shape, config, head_dim: int, tp: TPGroup,
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         _, start, stop = vocab_rows(config.vocab_size, tp)
         return 0, start, stop
-    cut = layer_cut(leaf, config, head_dim, tp)   # (dim of the weight, start, stop, whole extent) or None
+    expert = _EXPERT_LINEAR.search(name)
+    # (dim of the weight, start, stop, whole extent) or None
+    cut = expert_cut(expert["proj"], config, tp) if expert else layer_cut(leaf, config, head_dim, tp)
     if cut is None:
         return None
     dim, start, stop, extent = cut
@@ -107,6 +113,19 @@ def layer_cut(leaf: str, config, head_dim: int, tp: TPGroup) -> tuple[int, int, 
         per = split_size(config.intermediate_size, tp, "intermediate_size")
         return int(leaf == "down_proj"), tp.rank * per, (tp.rank + 1) * per, config.intermediate_size
     return None
+
+
+# one expert's linear in a Hub checkpoint: Qwen-MoE's names, Mixtral's (w1 gate, w3 up, w2 down)
+_EXPERT_LINEAR = re.compile(r"\.experts\.\d+\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.")
+
+
+def expert_cut(proj: str, config, tp: TPGroup) -> tuple[int, int, int, int]:
+    """An expert linear's split, as layer_cut's: gate / up (w1 / w3) rows, down (w2) columns, of the experts'
+    intermediate size (moe_intermediate_size; Mixtral's experts are intermediate_size wide)."""
+    field = "moe_intermediate_size" if getattr(config, "moe_intermediate_size", None) else "intermediate_size"
+    total = getattr(config, field)
+    per = split_size(total, tp, field)
+    return int(proj in ("down_proj", "w2")), tp.rank * per, (tp.rank + 1) * per, total
 
 
 def take_slice(tensor, where: tuple[int, int, int] | None):

@@ -49,7 +49,7 @@ def is_large_gpu(device: torch.device) -> bool:
 
 def resolve_model(config: EngineConfig) -> ResolvedModel:
     hf_config = _load_hf_config(config.model, config.hf_overrides)
-    refusal = feature_refusal(hf_config, config.quantization, config.enable_lora, config.tensor_parallel_size)
+    refusal = feature_refusal(hf_config, config.quantization, config.enable_lora)
     if refusal:
         raise ValueError(refusal)
     device = resolve_device(config.device)

@@ -8,6 +8,12 @@ Weights, as transformers 5 holds them (and, so, as its fused checkpoints name th
 Hub checkpoints store each expert's linears apart (experts.M.gate_proj.weight, ...): load_expert_shard copies
 one into its expert's rows.
 
+Tensor parallelism (vLLM's default, no expert parallelism): every rank holds every expert and the whole router,
+and I/N of each expert's intermediate dimension (gate and up rows, down columns), so SiLU(gate) * up stays local
+and the block's output is a partial sum, all-reduced once, as a row-parallel layer's. The loader hands in each
+per-expert tensor already cut (distributed/layers.py checkpoint_slice); a stacked tensor comes whole and
+load_stacked takes this rank's share of it.
+
 Compute: the T*K (token, expert) pairs sorted by expert, so that each expert's tokens are contiguous rows, one
 GEMM an expert over them, then the pairs put back in token order and summed. On CUDA in bf16 (sm90/sm100) the GEMMs
 are two torch._grouped_mm calls over all experts with device-side offsets: a fixed set of kernels for a given
@@ -19,6 +25,8 @@ import re
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from pagedllm.distributed.parallel_state import TPGroup
 
 # model.layers.N.mlp.experts.M.{gate,up,down}_proj.weight: one expert's linear in a Hub checkpoint
 _EXPERT_SHARD = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>(gate|up|down)_proj)\.weight$")
@@ -35,9 +43,10 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, tp: TPGroup = TPGroup()):
+        """intermediate_size: this rank's share of each expert's (I/N, tp: the group it is a share of)."""
         super().__init__()
-        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.num_experts, self.intermediate_size, self.tp = num_experts, intermediate_size, tp
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
@@ -95,6 +104,22 @@ class Experts(nn.Module):
             raise ValueError(f"expert {expert}'s {proj} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
         dest.copy_(tensor)
 
+    @torch.no_grad()
+    def load_stacked(self, attr: str, tensor: torch.Tensor) -> None:
+        """A whole stacked checkpoint tensor, gate_up_proj (E, 2I, C) or down_proj (E, C, I): this rank's share."""
+        inter, rank = self.intermediate_size, self.tp.rank
+        full = inter * self.tp.size
+        if attr == "down_proj":
+            parts = [(2, rank * inter)]
+        else:   # this rank's rows of the gate half, then of the up half
+            parts = [(1, rank * inter), (1, full + rank * inter)]
+        dest = getattr(self, attr)
+        expected = list(dest.shape)
+        expected[parts[0][0]] = full * len(parts)
+        if list(tensor.shape) != expected:
+            raise ValueError(f"stacked experts {attr} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
+        dest.copy_(torch.cat([tensor.narrow(dim, start, inter) for dim, start in parts], dim=parts[0][0]))
+
     def checkpoint_shard_names(self, prefix: str) -> dict[str, list[str]]:
         """Our parameter -> the per-expert names that fill it (prefix: this module's name)."""
         return {"gate_up_proj": [f"{prefix}.{e}.{p}.weight" for e in range(self.num_experts)
@@ -110,17 +135,19 @@ def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 class SparseMoeBlock(nn.Module):
     """The MLP of a sparse layer: router, top-k, experts."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool,
+                 tp: TPGroup = TPGroup()):
+        """intermediate_size: this rank's share of each expert's; the router is whole on every rank."""
         super().__init__()
         if not 0 < top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok ({top_k}) must be in 1..num_experts ({num_experts})")
-        self.top_k, self.renormalize = top_k, renormalize
+        self.top_k, self.renormalize, self.tp = top_k, renormalize, tp
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)    # (T, K), (T, K)
-        return self.experts(x, weights, ids)                                # (T, C)
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)    # (T, K), (T, K): the same on each rank
+        return self.tp.all_reduce(self.experts(x, weights, ids))            # (T, C): partial sums over I
 
     def active_fraction(self) -> float:
         """The share of the experts' weights a token multiplies through."""

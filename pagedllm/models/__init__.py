@@ -33,12 +33,12 @@ def get_model_class(architectures: list[str] | None):
     raise ValueError(f"unsupported model architectures {architectures}; supported: {sorted(MODEL_REGISTRY)}")
 
 
-def feature_refusal(hf_config, quantization: str | None, enable_lora: bool, tensor_parallel_size: int) -> str | None:
+def feature_refusal(hf_config, quantization: str | None, enable_lora: bool) -> str | None:
     """Why the model cannot run with these engine features (naming the field), else None: checked before any
     worker starts or weight is read."""
     model_cls = get_model_class(hf_config.architectures)
     if issubclass(model_cls, MoeForCausalLM):
-        return moe_refusal(model_cls.__name__, quantization, enable_lora, tensor_parallel_size)
+        return moe_refusal(model_cls.__name__, quantization, enable_lora)
     return None
 
 

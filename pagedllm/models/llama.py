@@ -361,20 +361,32 @@ class LlamaForCausalLM(nn.Module):
         return True
 
     def _load_expert_shard(self, name: str, tensor: torch.Tensor, loaded: set) -> bool:
-        """One expert's linear (Hub checkpoints' per-expert layout) copied into its rows of the stacked weights."""
+        """One expert's linear (Hub checkpoints' per-expert layout) copied into its rows of the stacked weights;
+        a stacked experts tensor (whole in the checkpoint) cut to this rank's share."""
+        module_name, _, attr = name.rpartition(".")
+        if attr in ("gate_up_proj", "down_proj") and module_name.endswith(".experts"):
+            experts = self._experts_at(module_name)
+            if experts is not None:
+                experts.load_stacked(attr, tensor)
+                loaded.update(experts.checkpoint_shard_names(module_name)[attr])
+                return True
         shard = expert_shard(name)
         if shard is None:
             return False
         experts_name, expert, proj = shard
-        try:
-            experts = self.get_submodule(experts_name)
-        except AttributeError:
-            experts = None
-        if not isinstance(experts, Experts) or expert >= experts.num_experts:
+        experts = self._experts_at(experts_name)
+        if experts is None or expert >= experts.num_experts:
             raise ValueError(f"unexpected weight {name!r} in the checkpoint of {type(self).__name__}")
         experts.load_expert_shard(expert, proj, tensor)
         loaded.add(name)
         return True
+
+    def _experts_at(self, module_name: str) -> Experts | None:
+        try:
+            module = self.get_submodule(module_name)
+        except AttributeError:
+            return None
+        return module if isinstance(module, Experts) else None
 
     def _fused_expert_names(self) -> dict[str, list[str]]:
         """Stacked experts parameter name -> the per-expert checkpoint names it stands for."""

@@ -1,8 +1,9 @@
 """Tensor parallelism on 2 GPUs (NCCL, CUDA graphs on): TP=2 float32 greedy tokens equal TP=1's on tiny Qwen3 /
-Llama checkpoints (1 and 2 KV heads, tied and untied), and bf16 TP=2 with dummy weights starts and runs; FP8 at
-TP=2 (float32: the CPU TP=2 run's logprobs; bf16 on _scaled_mm: starts and runs); the KV tiers at TP=2 (swap and
-offload preemption, the CPU tier: pinned pools and each rank's copy stream) give TP=1's tokens and counts;
-speculative decoding at TP=2 (n-gram, a draft model) gives TP=1's tokens with the same speculation.
+Llama checkpoints (1 and 2 KV heads, tied and untied) and mixture-of-experts ones (Qwen3-MoE, Mixtral), and bf16
+TP=2 with dummy weights starts and runs; FP8 at TP=2 (float32: the CPU TP=2 run's logprobs; bf16 on _scaled_mm:
+starts and runs); the KV tiers at TP=2 (swap and offload preemption, the CPU tier: pinned pools and each rank's
+copy stream) give TP=1's tokens and counts; speculative decoding at TP=2 (n-gram, a draft model) gives TP=1's
+tokens with the same speculation.
 Skipped unless torch sees 2 GPUs. Run: pytest -q tests/gpu/test_tensor_parallel_cuda.py"""
 import gc
 
@@ -47,6 +48,16 @@ def test_tp2_tokens_equal_tp1_on_cuda(tmp_path, arch, kv_heads, tied, max_num_ba
 
 def test_tp2_bf16_dummy_weights_start_and_run(tmp_path):
     d = make_tiny_model(tmp_path / "m", "qwen3", num_key_value_heads=2)
+    out = _run(d, tensor_parallel_size=2, dtype="bfloat16", load_format="dummy")
+    assert all(len(t) == 32 for t in out)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_tp2_moe_on_cuda(tmp_path, arch):
+    """Mixture of experts at TP=2 over NCCL: float32 (the experts' loop, eager) gives TP=1's greedy tokens; bf16
+    dummy weights (the grouped GEMMs over each rank's I/N, the MoE all-reduce inside CUDA graphs) start and run."""
+    d = make_tiny_model(tmp_path / "m", arch)
+    assert _run(d, tensor_parallel_size=2, dtype="float32") == _run(d, dtype="float32")
     out = _run(d, tensor_parallel_size=2, dtype="bfloat16", load_format="dummy")
     assert all(len(t) == 32 for t in out)
 

@@ -1,11 +1,13 @@
 """Mixture-of-experts layers (layers/moe.py) and models: routing, the grouped GEMM path against the per-expert
-loop, both checkpoint layouts of the experts, and the features refused for MoE models."""
+loop, both checkpoint layouts of the experts (whole, and each tensor-parallel rank's share), and the features
+refused for MoE models."""
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from pagedllm import LLM
+from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.moe import SparseMoeBlock, route
 from pagedllm.layers.quantization.fp8_config import Fp8Config
 from pagedllm.models.loader import load_model
@@ -100,6 +102,26 @@ def test_fused_and_per_expert_checkpoints_load_the_same(tiny_model_dirs, tmp_pat
     assert not isinstance(per_expert.model.layers[1].mlp, SparseMoeBlock)    # mlp_only_layers = [1]
 
 
+def test_tp_ranks_load_their_share_of_every_expert(tiny_model_dirs, tmp_path):
+    """At TP=2 each rank holds every expert's gate and up rows and down columns of its half of
+    moe_intermediate_size (not the dense layer's intermediate_size), from per-expert and stacked checkpoints
+    alike, and the whole router."""
+    d = tiny_model_dirs["qwen3_moe"]
+    config = AutoConfig.from_pretrained(d)
+    whole = load_model(d, config, torch.float32, CPU).model.layers[0].mlp
+    full = whole.experts.intermediate_size
+    stacked = _fuse_experts(d, tmp_path / "fused")
+    for rank in range(2):
+        rows = slice(rank * full // 2, (rank + 1) * full // 2)
+        gate_up = torch.cat([whole.experts.gate_up_proj[:, :full][:, rows],
+                             whole.experts.gate_up_proj[:, full:][:, rows]], dim=1)
+        for src in (d, stacked):
+            mlp = load_model(src, config, torch.float32, CPU, tp=TPGroup(rank=rank, size=2)).model.layers[0].mlp
+            assert torch.equal(mlp.experts.gate_up_proj, gate_up)
+            assert torch.equal(mlp.experts.down_proj, whole.experts.down_proj[:, :, rows])
+            assert torch.equal(mlp.gate.weight, whole.gate.weight)
+
+
 def test_missing_expert_is_named(tiny_model_dirs):
     d = tiny_model_dirs["mixtral"]
     model = load_model(d, AutoConfig.from_pretrained(d), torch.float32, CPU, load_format="dummy")
@@ -113,8 +135,7 @@ def test_missing_expert_is_named(tiny_model_dirs):
 
 
 @pytest.mark.parametrize("kwargs,field", [(dict(quantization="fp8"), "quantization='fp8'"),
-                                          (dict(enable_lora=True), "enable_lora=True"),
-                                          (dict(tensor_parallel_size=2), "tensor_parallel_size=2")])
+                                          (dict(enable_lora=True), "enable_lora=True")])
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
 def test_features_without_an_expert_path_are_refused(tiny_model_dirs, name, kwargs, field):
     with pytest.raises(ValueError, match=f"{field} is not supported for .*mixture of experts"):
