@@ -82,7 +82,8 @@ VLLM_FLAGS = (
              "GPUs with --tensor-parallel-size", _is("1"), aliases=("-pp",)),
     VllmFlag("data-parallel-size", "data parallelism is not built (1 is taken): run a server per GPU group "
              "behind a load balancer", _is("1"), aliases=("-dp",)),
-    VllmFlag("enable-expert-parallel", "no mixture-of-experts model is built here", _is(False), boolean=True),
+    VllmFlag("enable-expert-parallel", "expert parallelism is not built: under --tensor-parallel-size every rank "
+             "holds every expert (1/N of each), vLLM's default", _is(False), boolean=True),
     VllmFlag("disable-custom-all-reduce", "tensor-parallel ranks all-reduce through torch.distributed (NCCL) "
              "here, never a custom all-reduce", _any, boolean=True),
     VllmFlag("enable-chunked-prefill", "a prompt longer than a step's token budget (--max-num-batched-tokens) is "
@@ -133,7 +134,8 @@ VLLM_FLAGS = (
              "raw_logprobs, is taken); the raw logits and the processed modes are not built", _is("raw_logprobs")),
     VllmFlag("use-fp64-gumbel", "the draw's random noise is float32 here; float64 noise is not built",
              _is(False), boolean=True),
-    VllmFlag("enable-return-routed-experts", "no mixture-of-experts model is built here", _is(False), boolean=True),
+    VllmFlag("enable-return-routed-experts", "the experts a token was routed to are not returned", _is(False),
+             boolean=True),
     VllmFlag("prefix-caching-hash-algo", "block hashes are sha256 here (sha256, sha256_cbor are taken: the CBOR "
              "form matters only to KV events' readers, not built); xxhash is not built", _is("sha256", "sha256_cbor")),
     VllmFlag("max-parallel-loading-workers", "each rank reads the checkpoint a tensor at a time, so loading never "
@@ -153,8 +155,8 @@ VLLM_FLAGS = (
              "taken)", _empty_json_object),
     VllmFlag("enable-tower-connector-lora", "LoRA on a multimodal model's vision tower and connector: "
              + _MULTIMODAL, _is(False), boolean=True),
-    VllmFlag("enable-mixed-moe-lora-format", "no mixture-of-experts model is built here", _is(False), boolean=True),
-    VllmFlag("enable-moe-shared-loras", "no mixture-of-experts model is built here", _is(False), boolean=True),
+    VllmFlag("enable-mixed-moe-lora-format", "LoRA is refused for mixture-of-experts models", _is(False), boolean=True),
+    VllmFlag("enable-moe-shared-loras", "LoRA is refused for mixture-of-experts models", _is(False), boolean=True),
     VllmFlag("offload-backend", _WEIGHT_OFFLOAD + " (auto is taken)", _is("auto")),
     VllmFlag("offload-group-size", _WEIGHT_OFFLOAD + " (0, off, is taken)", _is("0")),
     VllmFlag("offload-num-in-group", _WEIGHT_OFFLOAD + " (1, vLLM's default, is taken)", _is("1")),

@@ -64,7 +64,7 @@ def test_vllm_lora_flags_not_built_are_taken_or_refused_saying_why(serve_args, c
             (["--default-mm-loras", '{"audio": "/adapters/speech"}'], "--default-mm-loras {\"audio\": "
              "\"/adapters/speech\"}: multimodal inputs are not built"),
             (["--enable-tower-connector-lora"], "--enable-tower-connector-lora: LoRA on a multimodal model's vision"),
-            (["--enable-moe-shared-loras"], "no mixture-of-experts model is built here")]:
+            (["--enable-moe-shared-loras"], "LoRA is refused for mixture-of-experts models")]:
         assert main(["serve", DEMO_MODEL, "--device", "cpu", "--enable-lora", *flags]) == 2
         assert words in capsys.readouterr().err
     with pytest.raises(ValueError, match="LLM\\(default_mm_loras=.*multimodal inputs are not built"):
