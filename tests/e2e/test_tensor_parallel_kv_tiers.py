@@ -1,7 +1,7 @@
 """The KV tiers at tensor_parallel_size 2 (CPU, gloo, float32, a tiny random Llama with 2 KV heads: one a rank).
 Rank 0's scheduler decides the copies; every rank moves its own heads' share of the same blocks, into a CPU pool
 and a disk directory of its own. Greedy tokens equal TP=1's with the same settings (itself checked against the
-plain engine in test_kv_tiers.py) and TP=2 recompute's; the tier stats count the whole block (both ranks' bytes),
+plain engine in test_kv_tiers.py); the tier stats count the whole block (both ranks' bytes),
 so they equal TP=1's."""
 import time
 from pathlib import Path
@@ -43,17 +43,8 @@ def wait_for(condition, seconds: float = 10.0):
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def recompute_tp2(tiny_model_dirs) -> list[list[int]]:
-    llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, **PREEMPTING)
-    try:
-        return tokens(llm, PROMPTS)
-    finally:
-        llm.shutdown()
-
-
 @pytest.mark.parametrize("mode", ["swap", "offload"])
-def test_swap_and_offload_preemption_at_tp2(tiny_model_dirs, tmp_path, recompute_tp2, mode):
+def test_swap_and_offload_preemption_at_tp2(tiny_model_dirs, tmp_path, mode):
     """A KV cache of 14 blocks preempts: swapped or offloaded requests come back with TP=1's tokens and stats.
     Offload: both ranks write the same blocks, each into its own directory; reset_prefix_cache deletes both."""
     d = tiny_model_dirs["llama"]
@@ -63,7 +54,6 @@ def test_swap_and_offload_preemption_at_tp2(tiny_model_dirs, tmp_path, recompute
     tp1_kw = dict(kw, kv_offloading_size=gib(4), kv_disk_dir=str(tmp_path / "tp1")) if mode == "offload" else kw
     tp1 = LLM(d, **tp1_kw)
     expected, expected_counts = tokens(tp1, PROMPTS), counts(tp1)
-    assert expected == recompute_tp2
 
     disk = tmp_path / "tp2"
     llm = LLM(d, tensor_parallel_size=2, **dict(tp1_kw, kv_disk_dir=str(disk)) if mode == "offload" else kw)
