@@ -23,7 +23,8 @@ PROMPTS = [rng.integers(3, 512, size=n).tolist() for n in (5, 17, 33, 40, 9, 26,
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0, ignore_eos=True)
 
 
-def make_adapter(base_dir, out_dir, seed, **kw):
+def make_adapter(base_dir, out_dir, seed, std: float = 0.15, **kw):
+    """A PEFT adapter of base_dir with random A and B (normal, std), saved to out_dir."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -32,7 +33,7 @@ def make_adapter(base_dir, out_dir, seed, **kw):
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:   # PEFT's B starts at zero: the adapter would change nothing
-                p.normal_(0.0, 0.15)
+                p.normal_(0.0, std)
     peft_model.save_pretrained(out_dir)
     return str(out_dir)
 

@@ -7,9 +7,9 @@ every rank, and so does one loaded again in place from rewritten files. TP=1 wit
 import shutil
 
 import pytest
-import torch
 
 from conftest import make_tiny_model
+from e2e.test_lora import make_adapter
 from pagedllm import LLM, LoRARequest, SamplingParams
 from pagedllm.config import EngineConfig
 
@@ -28,27 +28,13 @@ MIXED = [(0, "every"), (0, None), (1, "some"), (1, "every")]
 LATE = [(2, "late"), (1, None)]
 
 
-def make_adapter(base_dir: str, out_dir, seed: int, **kw) -> str:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **kw))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:   # PEFT's B starts at zero: the adapter would change nothing
-                p.normal_(0.0, 0.3)
-    peft_model.save_pretrained(out_dir)
-    return str(out_dir)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp_lora")
     # 1 KV head: its rows of k/v (and of their B) on both ranks; biases on every linear: o_proj's and down_proj's
     # (row-parallel) added once, after the all-reduce that the LoRA products join
     base = make_tiny_model(root / "base", "llama", num_key_value_heads=1, attention_bias=True, mlp_bias=True, seed=21)
-    loras = {name: LoRARequest(name, i + 1, make_adapter(base, root / name, i, **cfg))
+    loras = {name: LoRARequest(name, i + 1, make_adapter(base, root / name, i, std=0.3, **cfg))
              for i, (name, cfg) in enumerate(ADAPTERS.items())}
     return base, loras
 
@@ -108,7 +94,7 @@ def test_tp2_phi3_fused_adapter_equals_tp1(tmp_path):
     (its q head rows, its KV head's k and v rows, its gate and up columns), as it holds the base's."""
     base = make_tiny_model(tmp_path / "base", "phi3", seed=5)
     cfg = dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
-    loras = {"fused": LoRARequest("fused", 1, make_adapter(base, tmp_path / "fused", 0, **cfg))}
+    loras = {"fused": LoRARequest("fused", 1, make_adapter(base, tmp_path / "fused", 0, std=0.3, **cfg))}
     rows = [(0, "fused"), (0, None), (1, "fused"), (2, "fused")]
     reference = LLM(base, **ENGINE)
     try:

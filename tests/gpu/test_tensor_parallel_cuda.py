@@ -25,17 +25,29 @@ def _free_gpu_memory():
     torch.cuda.empty_cache()
 
 
-def _run(d: str, **kw) -> list[list[int]]:
-    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
-              SamplingParams(temperature=1.0, seed=5, max_tokens=32, ignore_eos=True)] * (len(PROMPTS) // 2)
-    llm = LLM(d, device="cuda", log_stats_interval=0, gpu_memory_utilization=0.4, **kw)
+def with_engine(d: str, use, device: str = "cuda", **kw):
+    """use(llm)'s result, from an engine built for it (on CUDA 0.4 of each GPU, so a TP=2 and a TP=1 engine never
+    compete), shut down and its memory freed before the next one starts."""
+    llm = LLM(d, device=device, log_stats_interval=0, **({"gpu_memory_utilization": 0.4} if device == "cuda" else {}),
+              **kw)
     try:
-        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        return use(llm)
     finally:
         llm.shutdown()
         del llm
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def _tokens(llm: LLM) -> list[list[int]]:
+    """PROMPTS' tokens, greedy and seeded sampled rows in turn."""
+    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=32, ignore_eos=True)] * (len(PROMPTS) // 2)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+def _run(d: str, **kw) -> list[list[int]]:
+    return with_engine(d, _tokens, **kw)
 
 
 @pytest.mark.parametrize("arch,kv_heads,tied", [("qwen3", 2, False), ("llama", 1, True)])
@@ -64,15 +76,8 @@ def test_tp2_moe_on_cuda(tmp_path, arch):
 
 def _prompt_logprobs(d: str, device: str, **kw) -> list[list[dict]]:
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
-    llm = LLM(d, device=device, log_stats_interval=0, **({"gpu_memory_utilization": 0.4} if device == "cuda" else {}),
-              **kw)
-    try:
-        return [o.prompt_logprobs[1:] for o in llm.generate(PROMPTS[:4], params, use_tqdm=False)]
-    finally:
-        llm.shutdown()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+    return with_engine(d, lambda llm: [o.prompt_logprobs[1:] for o in llm.generate(PROMPTS[:4], params,
+                                                                                  use_tqdm=False)], device, **kw)
 
 
 def test_tp2_fp8_float32_matches_cpu_tp2(tmp_path):
@@ -112,22 +117,15 @@ def test_tp2_kv_tiers_on_cuda(tmp_path, tiers):
     kw = dict(dtype="float32", num_gpu_blocks_override=24, **tiers,
               enable_prefix_caching="preemption_mode" not in tiers)
 
+    def use(llm: LLM):
+        greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+        out = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)] for _ in range(2)]
+        return out, {name: (s.hits, s.misses, s.bytes_stored, s.bytes_loaded)
+                     for name, s in llm.engine.get_stats().kv_tiers.items()}
+
     def run(tp: int):
         disk = {"kv_disk_dir": str(tmp_path / f"disk{tp}")} if tiers.get("preemption_mode") == "offload" else {}
-        llm = LLM(d, device="cuda", log_stats_interval=0, gpu_memory_utilization=0.4, tensor_parallel_size=tp,
-                  **kw, **disk)
-        try:
-            greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-            out = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
-                   for _ in range(2)]
-            tiers_used = {name: (s.hits, s.misses, s.bytes_stored, s.bytes_loaded)
-                          for name, s in llm.engine.get_stats().kv_tiers.items()}
-            return out, tiers_used
-        finally:
-            llm.shutdown()
-            del llm
-            gc.collect()
-            torch.cuda.empty_cache()
+        return with_engine(d, use, tensor_parallel_size=tp, **kw, **disk)
 
     tp1, tp2 = run(1), run(2)
     assert tp2 == tp1
@@ -135,18 +133,8 @@ def test_tp2_kv_tiers_on_cuda(tmp_path, tiers):
 
 
 def _run_spec(d: str, **kw):
-    """_run's prompts and rows (greedy, seeded sampled), and the speculative decoding counters."""
-    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
-              SamplingParams(temperature=1.0, seed=5, max_tokens=32, ignore_eos=True)] * (len(PROMPTS) // 2)
-    llm = LLM(d, device="cuda", log_stats_interval=0, gpu_memory_utilization=0.4, **kw)
-    try:
-        tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-        return tokens, llm.engine.get_stats().spec_decode
-    finally:
-        llm.shutdown()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+    """_run's tokens, and the speculative decoding counters."""
+    return with_engine(d, lambda llm: (_tokens(llm), llm.engine.get_stats().spec_decode), **kw)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])

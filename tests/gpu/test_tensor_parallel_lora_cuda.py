@@ -3,15 +3,14 @@ float32 TP=2 greedy tokens equal TP=1's with two adapters and the base in one ba
 time, under each kernel layout (fused; wide: a row-parallel layer's expand writes into the wide GEMM's output,
 made contiguous for the all-reduce). tests/e2e/test_tensor_parallel_lora.py is the CPU (torch loop) version.
 Skipped unless torch sees 2 GPUs. Run: pytest -q tests/gpu/test_tensor_parallel_lora_cuda.py"""
-import gc
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-from pagedllm import LLM
 from pagedllm.lora import layers
+from test_tensor_parallel_cuda import with_engine
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
@@ -23,16 +22,10 @@ setup = tp_lora.setup   # the module fixture: a tiny llama (1 KV head, biases) a
 
 
 def _run(base, loras, **kw) -> list[list[int]]:
-    llm = LLM(base, device="cuda", dtype="float32", log_stats_interval=0, gpu_memory_utilization=0.4,
-              enable_lora=True, max_loras=2, max_lora_rank=16, **kw)
-    try:
-        return [[o.outputs[0].token_ids for o in tp_lora._run(llm, loras, rows)] for rows in (tp_lora.MIXED,
-                                                                                                tp_lora.LATE)]
-    finally:
-        llm.shutdown()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+    def use(llm):
+        return [[o.outputs[0].token_ids for o in tp_lora._run(llm, loras, rows)]
+                for rows in (tp_lora.MIXED, tp_lora.LATE)]
+    return with_engine(base, use, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16, **kw)
 
 
 @pytest.mark.parametrize("kernel", ["fused", "wide"])
