@@ -16,7 +16,8 @@ ARCHS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "phi3_l
 
 
 def _tokens(d: str, prompts, **kwargs) -> list[list[int]]:
-    llm = LLM(d, log_stats_interval=0, **kwargs)
+    # max_model_len past longrope's original 64 positions (the default there, too short for the 130-token prompt)
+    llm = LLM(d, log_stats_interval=0, max_model_len=256, **kwargs)
     try:
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
