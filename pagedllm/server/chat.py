@@ -75,6 +75,27 @@ def template_kwargs(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRe
     return {**(ctx.default_chat_template_kwargs or {}), **given} or None
 
 
+def _kept_and_max_tokens(ctx: ServingContext, req: ChatCompletionRequest, prompt_ids: list[int]):
+    """The prompt ids kept (truncate_prompt_tokens) and the request's max_tokens resolved (unset: the generation
+    config's, None for up to max_model_len; within the server's cap), the context checked."""
+    max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(req, max_tokens_param)
+    kept = truncate_prompt(prompt_ids, req.truncate_prompt_tokens, ctx.engine.max_model_len,
+                           req.truncation_side or "left")
+    if max_tokens is None:
+        max_tokens = ctx.default_max_tokens(len(kept))
+    ctx.check_context_length(len(kept), max_tokens, "messages", max_tokens_param)
+    return kept, ctx.capped_max_tokens(max_tokens)
+
+
+async def run_limit(ctx: ServingContext, req: ChatCompletionRequest) -> int:
+    """The limit of output tokens the request will run to (create_chat_completion's req._max_tokens), before it
+    runs: its prompt rendered, the context checked (an APIError as create_chat_completion raises it)."""
+    _, prompt_ids = await render_chat(ctx, req)
+    kept, max_tokens = _kept_and_max_tokens(ctx, req, prompt_ids)
+    return max_tokens or ctx.engine.max_model_len - len(kept)
+
+
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw_request: Request):
     lora = await ctx.resolve_model(req.model)
     if req.return_tokens_as_token_ids is None:   # the server's --return-tokens-as-token-ids
@@ -85,14 +106,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if not prompt_ids:   # the engine's own refusal would name `prompt`, which a chat request has not
         raise APIError(400, "the chat template rendered these messages as an empty prompt", "messages",
                        "invalid_value")
-    max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = getattr(req, max_tokens_param)
-    kept = truncate_prompt(prompt_ids, req.truncate_prompt_tokens, ctx.engine.max_model_len,
-                           req.truncation_side or "left")
-    if max_tokens is None:
-        max_tokens = ctx.default_max_tokens(len(kept))
-    ctx.check_context_length(len(kept), max_tokens, "messages", max_tokens_param)
-    max_tokens = ctx.capped_max_tokens(max_tokens)
+    kept, max_tokens = _kept_and_max_tokens(ctx, req, prompt_ids)
     if req.top_logprobs and not req.logprobs:   # 0 asks for none: vLLM's default, accepted without logprobs
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
     if req.use_beam_search:

@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from pagedllm.server.chat import create_chat_completion
+from pagedllm.server.chat import create_chat_completion, run_limit
 from pagedllm.server.errors import APIError, shorten
 from pagedllm.server.protocol import ChatCompletionRequest
 from pagedllm.server.response_store import StoredResponse
@@ -81,7 +81,9 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, raw_reques
         if req.store:
             ctx.responses.put(StoredResponse(response, conversation + [_as_message(response["output"])]))
     if req.background:
-        queued = {**head, "status": "queued"}
+        # vLLM's queued copy says the limit the answer runs to, as the finished one: resolved (and the context
+        # checked, a 400) before it is queued
+        queued = {**head, "status": "queued", "max_output_tokens": await _their_errors(chat, run_limit(ctx, chat))}
         ctx.responses.put(StoredResponse(queued, conversation))
         ctx.responses.running[head["id"]] = asyncio.ensure_future(_run_detached(ctx, chat, head, encrypted, keep))
         return queued
@@ -116,10 +118,15 @@ async def _run_detached(ctx: ServingContext, chat: ChatCompletionRequest, head: 
 
 
 async def _chat_completion(ctx: ServingContext, chat: ChatCompletionRequest, raw_request):
-    """create_chat_completion of chat (the request's), its 400 about a chat field named as the client sent it: the
-    response_format that text.format became (the schema's: text.format.schema), and _their_field's."""
+    """create_chat_completion of chat (the request's), its errors as _their_errors names them."""
+    return await _their_errors(chat, create_chat_completion(ctx, chat, raw_request))
+
+
+async def _their_errors(chat: ChatCompletionRequest, work):
+    """work on chat (the request's), its 400 about a chat field named as the client sent it: the response_format
+    that text.format became (the schema's: text.format.schema), and _their_field's."""
     try:
-        return await create_chat_completion(ctx, chat, raw_request)
+        return await work
     except APIError as e:
         if e.param == "response_format":
             schema = chat.response_format.get("type") == "json_schema"

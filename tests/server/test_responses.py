@@ -416,3 +416,19 @@ def test_the_response_says_the_limit_and_penalties_used(client, server):
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     assert events[0].response.max_output_tokens == events[-1].response.max_output_tokens == \
         plain["max_output_tokens"]
+
+
+def test_a_background_response_says_the_limit_it_runs_to_from_the_start(client):
+    """vLLM 0.26 builds the queued copy from the request's SamplingParams, as the finished one: max_output_tokens
+    the limit resolved (unset: the room the prompt leaves). The queued copy showed it as sent (null unset), the
+    finished one the resolved value."""
+    queued = client.responses.create(model=MODEL_NAME, input=STORY, temperature=0, background=True, store=True)
+    deadline = time.monotonic() + 60
+    while (done := client.responses.retrieve(queued.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert done.max_output_tokens == MAX_MODEL_LEN - done.usage.input_tokens
+    assert queued.max_output_tokens == done.max_output_tokens
+    with pytest.raises(openai.BadRequestError) as e:   # checked before it is queued, as vLLM's (a 400, not failed)
+        client.responses.create(model=MODEL_NAME, input=STORY, max_output_tokens=10**6, background=True, store=True)
+    assert e.value.body["param"] == "max_output_tokens"
