@@ -250,13 +250,13 @@ def check_vllm_kwargs(kwargs: dict) -> tuple[dict, dict]:
 
 
 # vLLM's old LLM arguments for a config.json value, dropped for hf_overrides (vLLM said so while it took them)
-_HF_OVERRIDE_KWARGS = ("rope_theta", "rope_scaling")
+HF_OVERRIDE_KWARGS = ("rope_theta", "rope_scaling")
 
 
 def _hf_override_kwargs(kwargs: dict) -> dict:
     """kwargs with rope_theta / rope_scaling (None: left out) moved into hf_overrides (a dict or its JSON)."""
-    old = {name: kwargs[name] for name in _HF_OVERRIDE_KWARGS if kwargs.get(name) is not None}
-    rest = {name: value for name, value in kwargs.items() if name not in _HF_OVERRIDE_KWARGS}
+    old = {name: kwargs[name] for name in HF_OVERRIDE_KWARGS if kwargs.get(name) is not None}
+    rest = {name: value for name, value in kwargs.items() if name not in HF_OVERRIDE_KWARGS}
     if not old:
         return rest
     given = rest.get("hf_overrides")

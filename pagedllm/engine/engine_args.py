@@ -3,11 +3,12 @@ scripts written for vLLM build their engine: the engine arguments LLM(...) takes
 spellings, each taken with vLLM's meaning or refused naming it: vllm_flags.py), and the ones of vLLM's AsyncLLM
 itself. Their add_cli_args / from_cli_args give a script's own parser the flags of `pagedllm serve`'s engine."""
 import argparse
+import copy
 import dataclasses
 
 from pagedllm.cli import add_config_args, add_engine_args
 from pagedllm.config import DEMO_MODEL, EngineConfig, ServerConfig, config_fields
-from pagedllm.vllm_flags import VLLM_FLAGS, add_vllm_flags, check_vllm_kwargs
+from pagedllm.vllm_flags import HF_OVERRIDE_KWARGS, VLLM_FLAGS, add_vllm_flags, check_vllm_kwargs
 
 _DEFAULTS = {name: default for name, _, default, _ in config_fields(EngineConfig)}
 
@@ -15,35 +16,39 @@ _DEFAULTS = {name: default for name, _, default, _ in config_fields(EngineConfig
 ASYNC_LLM_ARGS = {"stream_interval": "stream_interval", "enable_log_requests": "log_requests"}
 
 
-class EngineArgs:
-    """EngineArgs(model, **engine_args): checked when the engine is built, as vLLM's are."""
-    _OWN_ARGS: dict[str, str] = {}   # arguments that go elsewhere than EngineConfig (AsyncEngineArgs')
+def _long_aliases() -> dict[str, str]:
+    """vLLM's long names of config fields (kv_cache_memory_bytes: the alias --kv-cache-memory-bytes): name -> field."""
+    return {alias[2:].replace("-", "_"): f.name for f in dataclasses.fields(EngineConfig)
+            for alias in f.metadata.get("aliases", ()) if alias.startswith("--")}
 
-    def __init__(self, model: str = DEMO_MODEL, **engine_args):
-        object.__setattr__(self, "model", model)
-        object.__setattr__(self, "engine_args", engine_args)
+
+def _engine_argument_fields() -> list[tuple]:
+    """make_dataclass's fields of EngineArgs: model first, EngineConfig's other fields at their defaults; vLLM's
+    long names of fields, its flags that have no field here (vllm_flags.py) and the old kwargs that become
+    hf_overrides at None (vLLM's "left out"). Mutable defaults are copied per object."""
+    entries = [("model", str, dataclasses.field(default=DEMO_MODEL))]
+    entries += [(name, object, dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d)))
+                for name, _, default, _ in config_fields(EngineConfig) if name != "model"]
+    entries += [(name, object, dataclasses.field(default=None)) for name in _long_aliases()]
+    entries += [(flag.name.replace("-", "_"), object, dataclasses.field(default=None)) for flag in VLLM_FLAGS]
+    return entries + [(name, object, dataclasses.field(default=None)) for name in HF_OVERRIDE_KWARGS]
+
+
+class _EngineArgs:
+    """EngineArgs(model, **engine_args): a dataclass, as vLLM's (`LLM(**dataclasses.asdict(engine_args))`), of
+    every argument LLM(...) takes, given or at its default; checked when the engine is built, as vLLM's are."""
 
     def __setattr__(self, name: str, value):
-        """vLLM's scripts set arguments after construction (`engine_args.max_model_len = 4096`): each is an
-        engine argument, checked with the others when the engine is built (an instance attribute was ignored)."""
-        if name in ("model", "engine_args"):
-            object.__setattr__(self, name, value)
-        else:
-            self.engine_args[name] = value
+        """vLLM's scripts set arguments after construction (`engine_args.max_model_len = 4096`): each is an engine
+        argument, checked with the others when the engine is built; a name that is none is refused at once."""
+        if name not in self.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__} has no engine argument {name!r}")
+        object.__setattr__(self, name, value)
 
-    def __getattr__(self, name: str):
-        """An argument given (at construction or set since), else EngineConfig's default for it, as vLLM's
-        dataclass reads (`engine_args.max_model_len` is None until set: the model's own, decided at build)."""
-        engine_args = self.__dict__.get("engine_args", {})
-        if name in engine_args:
-            return engine_args[name]
-        if name in _DEFAULTS:
-            return _DEFAULTS[name]
-        raise AttributeError(f"{type(self).__name__} has no {name!r}: not given, and not an engine argument here "
-                             f"(create_engine_config() holds the values used)")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={self.model!r}, **{self.engine_args!r})"
+    def __repr__(self) -> str:   # the arguments given: the others are their defaults
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)[1:]
+                 if getattr(self, f.name) != _default(f)}
+        return f"{type(self).__name__}(model={self.model!r}, **{given!r})"
 
     def create_engine_config(self, usage_context=None, headless: bool = False) -> EngineConfig:
         """The EngineConfig of these arguments (vLLM's name; here EngineConfig, not vLLM's VllmConfig).
@@ -52,7 +57,7 @@ class EngineArgs:
         if headless:
             raise NotImplementedError("create_engine_config(headless=True): headless data-parallel engines are "
                                       "not built (one engine core, with its API server)")
-        rest = {k: v for k, v in self.engine_args.items() if k not in self._OWN_ARGS}
+        rest = {k: v for k, v in dataclasses.asdict(self).items() if k != "model" and k not in self._OWN_ARGS}
         return engine_config(self.model, rest)
 
     @staticmethod
@@ -74,22 +79,20 @@ class EngineArgs:
         return cls(**given)
 
 
-class AsyncEngineArgs(EngineArgs):
-    """AsyncEngineArgs(model, **engine_args): EngineArgs', and the AsyncLLM's own (ASYNC_LLM_ARGS)."""
-    _OWN_ARGS = ASYNC_LLM_ARGS
+class _AsyncEngineArgs(_EngineArgs):
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, async_args_only: bool = False) -> argparse.ArgumentParser:
         """EngineArgs' flags (unless async_args_only), and the AsyncLLM's own, serve's --enable-log-requests and
         --stream-interval."""
         if not async_args_only:
-            EngineArgs.add_cli_args(parser)
+            _EngineArgs.add_cli_args(parser)
         add_config_args(parser, ServerConfig, "AsyncLLM", only=tuple(ASYNC_LLM_ARGS))
         return parser
 
     def async_llm_kwargs(self) -> dict:
         """AsyncLLM's own arguments among them (None: left out, as vLLM reads it), checked as the server's flags."""
-        kwargs = {ASYNC_LLM_ARGS[k]: v for k, v in self.engine_args.items() if k in ASYNC_LLM_ARGS and v is not None}
+        kwargs = {ASYNC_LLM_ARGS[k]: getattr(self, k) for k in ASYNC_LLM_ARGS if getattr(self, k) is not None}
         interval = kwargs.get("stream_interval", 1)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"stream_interval must be an integer >= 1 (tokens per streamed output), got "
@@ -97,10 +100,28 @@ class AsyncEngineArgs(EngineArgs):
         return kwargs
 
 
+EngineArgs = dataclasses.make_dataclass(
+    "EngineArgs", _engine_argument_fields(), bases=(_EngineArgs,), repr=False,
+    namespace={"_OWN_ARGS": {}, "__doc__": _EngineArgs.__doc__, "__module__": __name__})
+AsyncEngineArgs = dataclasses.make_dataclass(
+    "AsyncEngineArgs", [(name, object, dataclasses.field(default=None)) for name in ASYNC_LLM_ARGS],
+    bases=(_AsyncEngineArgs, EngineArgs), repr=False,
+    namespace={"_OWN_ARGS": ASYNC_LLM_ARGS, "__module__": __name__,
+               "__doc__": "AsyncEngineArgs(model, **engine_args): EngineArgs', and the AsyncLLM's own "
+                          "(ASYNC_LLM_ARGS; None: left out)."})
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def engine_config(model: str, engine_args: dict) -> EngineConfig:
     """EngineConfig(model, ...) of LLM-style arguments: vLLM's flags judged (vllm_flags.py), vLLM's long names of
     config fields (kv_cache_memory_bytes: the alias --kv-cache-memory-bytes) read as the fields'."""
     sets, fields = check_vllm_kwargs(engine_args)
-    names = {alias[2:].replace("-", "_"): f.name for f in dataclasses.fields(EngineConfig)
-             for alias in f.metadata.get("aliases", ()) if alias.startswith("--")}
-    return EngineConfig(model=model, **{**sets, **{names.get(k, k): v for k, v in fields.items()}})   # a field wins
+    names = _long_aliases()   # one at None is left out (asdict(EngineArgs) gives it beside its field)
+    fields = {names.get(k, k): v for k, v in fields.items() if not (k in names and v is None)}
+    # a field given wins over a flag's setting, unless at its default (asdict(EngineArgs) gives every field: its
+    # log_stats_interval 10 would undo disable_log_stats)
+    fields = {k: v for k, v in fields.items() if not (k in sets and v == _DEFAULTS.get(k, sets[k]))}
+    return EngineConfig(model=model, **{**sets, **fields})

@@ -1,7 +1,7 @@
 """AsyncEngineArgs (vLLM's, for AsyncLLM.from_engine_args): checked before any process starts."""
 import pytest
 
-from pagedllm import AsyncEngineArgs
+from pagedllm import AsyncEngineArgs, EngineArgs
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
@@ -37,14 +37,13 @@ def test_an_argument_set_after_construction_is_taken_as_vllms():
     assert args.max_model_len == 64
     assert args.create_engine_config().max_model_len == 64
     assert args.async_llm_kwargs() == {"stream_interval": 3}
-    args.not_an_engine_argument = 1   # judged with the others when the engine is built, not dropped
-    with pytest.raises((TypeError, ValueError), match="not_an_engine_argument"):
-        args.create_engine_config()
+    with pytest.raises(AttributeError, match="not_an_engine_argument"):   # refused, not dropped
+        args.not_an_engine_argument = 1
     # an argument not given reads as its default, as vLLM's dataclass fields do (it raised AttributeError)
     unset = AsyncEngineArgs("m")
     assert (unset.enforce_eager, unset.max_model_len) == (False, None)
     assert unset.gpu_memory_utilization == unset.create_engine_config().gpu_memory_utilization
-    with pytest.raises(AttributeError, match="'not_an_engine_argument': not given, and not an engine argument"):
+    with pytest.raises(AttributeError, match="not_an_engine_argument"):
         unset.not_an_engine_argument
 
 
@@ -53,3 +52,27 @@ def test_create_engine_config_takes_vllms_arguments():
     assert AsyncEngineArgs("m", max_model_len=64).create_engine_config(usage_context=None).max_model_len == 64
     with pytest.raises(NotImplementedError, match="headless=True"):
         AsyncEngineArgs("m").create_engine_config(headless=True)
+
+
+def test_asdict_of_engine_args_is_llm_s_keyword_arguments(monkeypatch):
+    """vLLM's scripts build `LLM(**dataclasses.asdict(engine_args))`: asdict raised TypeError (EngineArgs was no
+    dataclass). Every argument is there, given or at its default, and LLM takes them all: a flag that sets a field
+    (disable_log_stats) is not undone by that field at its default."""
+    import dataclasses
+
+    import pagedllm.llm
+
+    args = EngineArgs("m", max_model_len=64, disable_log_stats=True, trust_remote_code=True)
+    args.enforce_eager = True
+    kwargs = dataclasses.asdict(args)
+    assert (kwargs["model"], kwargs["max_model_len"], kwargs["enforce_eager"]) == ("m", 64, True)
+    assert kwargs["block_size"] == 16 and kwargs["pipeline_parallel_size"] is None   # defaults: vLLM's left out
+    built = []
+    monkeypatch.setattr(pagedllm.llm, "Engine", lambda config: built.append(config))
+    pagedllm.llm.LLM(**kwargs)
+    config = built[0]
+    assert (config.model, config.max_model_len, config.enforce_eager, config.log_stats_interval) == ("m", 64, True,
+                                                                                                     0)
+    assert dataclasses.asdict(AsyncEngineArgs("m", stream_interval=2))["stream_interval"] == 2
+    with pytest.raises(TypeError, match="not_an_engine_argument"):   # as vLLM's dataclass: at construction
+        EngineArgs("m", not_an_engine_argument=1)
