@@ -320,6 +320,29 @@ class EngineConfig:
         return replace(self, max_num_seqs=self.max_num_seqs or seqs,
                        max_num_batched_tokens=self.max_num_batched_tokens or tokens)
 
+    # vLLM's create_engine_config() returns a VllmConfig that scripts read (`.model_config.max_model_len`,
+    # `.cache_config.block_size`): the same read-only views here (engine/vllm_config.py), of what an AsyncLLM
+    # built on this config runs with, resolved at each read (the model's config.json read, as vLLM's does)
+    @property
+    def model_config(self):
+        return self._planned().model_config
+
+    @property
+    def cache_config(self):
+        return self._planned().cache_config
+
+    @property
+    def parallel_config(self):
+        return self._planned().parallel_config
+
+    @property
+    def scheduler_config(self):
+        return self._planned().scheduler_config
+
+    def _planned(self):
+        from pagedllm.engine.vllm_config import planned_vllm_config
+        return planned_vllm_config(self)
+
     def logprobs_bound(self, vocab_size: int) -> int:
         """The most logprobs a request may ask for: max_logprobs, -1 read as the vocabulary size (vLLM's), and
         never past it (the sampler's top-k of more than the vocabulary would fail mid-step)."""

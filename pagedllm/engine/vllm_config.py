@@ -115,7 +115,8 @@ class CacheConfig(_View):
     gpu_memory_utilization: float
     cache_dtype: str
     enable_prefix_caching: bool
-    num_gpu_blocks: int                   # the KV blocks allocated (on the CPU too: the device's cache)
+    num_gpu_blocks: int | None            # the KV blocks allocated (on the CPU too: the device's cache); None
+                                          # until an engine sized the cache (create_engine_config's, as vLLM's)
     num_gpu_blocks_override: int | None
     kv_cache_memory_bytes: int | None
     kv_offloading_size: float | None
@@ -194,7 +195,19 @@ def engine_vllm_config(engine) -> VllmConfig:
     return vllm_config_of(engine.config, engine, engine.core.runner.num_blocks, engine.default_sampling_params)
 
 
-def vllm_config_of(c, resolved, num_blocks: int, sampling_defaults: dict) -> VllmConfig:
+def planned_vllm_config(c) -> VllmConfig:
+    """The views of an EngineConfig before any engine runs it (EngineConfig.model_config... of vLLM's
+    create_engine_config()): what an AsyncLLM built on it runs with, the model's config read and device, dtype and
+    max_model_len resolved now, as vLLM's, with the batch defaults of its core (a server's); the KV blocks None."""
+    from pagedllm.engine.engine import is_large_gpu, resolve_model   # engine.py imports this module
+    from pagedllm.engine.generation_config import load_default_sampling_params
+    model = resolve_model(c)
+    c = c.with_batch_defaults(is_large_gpu(model.device), serving=True)
+    defaults = load_default_sampling_params(c.model, c.generation_config, c.override_generation_config)
+    return vllm_config_of(c, model, None, defaults)
+
+
+def vllm_config_of(c, resolved, num_blocks: int | None, sampling_defaults: dict) -> VllmConfig:
     """The views of an engine's config after defaults (c), what it resolved (hf_config, device, dtype,
     max_model_len: the Engine itself or a ResolvedModel) and its KV cache's size: an Engine's, or an AsyncLLM's
     (whose core process reports its config and block count when ready)."""

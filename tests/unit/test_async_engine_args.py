@@ -76,3 +76,20 @@ def test_asdict_of_engine_args_is_llm_s_keyword_arguments(monkeypatch):
     assert dataclasses.asdict(AsyncEngineArgs("m", stream_interval=2))["stream_interval"] == 2
     with pytest.raises(TypeError, match="not_an_engine_argument"):   # as vLLM's dataclass: at construction
         EngineArgs("m", not_an_engine_argument=1)
+
+
+def test_create_engine_configs_vllm_config_paths():
+    """vLLM's scripts read create_engine_config()'s VllmConfig: `.model_config.max_model_len`,
+    `.cache_config.block_size`, `.parallel_config`, `.scheduler_config`; each was an AttributeError on the
+    EngineConfig returned. They say what an AsyncLLM built on it runs with: max_model_len the model's unless
+    given (read from its config, as vLLM's), the KV blocks None until an engine sizes the cache (vLLM's too)."""
+    from pagedllm.config import DEMO_MODEL
+
+    config = AsyncEngineArgs(DEMO_MODEL, block_size=32, device="cpu").create_engine_config()
+    assert config.model_config.max_model_len == config.scheduler_config.max_model_len == 512   # the demo's
+    assert config.model_config.model == DEMO_MODEL
+    assert (config.cache_config.block_size, config.cache_config.num_gpu_blocks) == (32, None)
+    assert config.parallel_config.tensor_parallel_size == 1
+    assert (config.scheduler_config.max_num_seqs, config.scheduler_config.max_num_batched_tokens) == (256, 8192)
+    given = AsyncEngineArgs(DEMO_MODEL, max_model_len=64, max_num_seqs=4, device="cpu").create_engine_config()
+    assert (given.model_config.max_model_len, given.scheduler_config.max_num_seqs) == (64, 4)
