@@ -1,5 +1,6 @@
 """LLM: the offline, batch entry point."""
 import contextlib
+import dataclasses
 import functools
 import gc
 import itertools
@@ -15,7 +16,7 @@ from pagedllm.chat_template import render_chat
 from pagedllm.chat_template_arg import read_chat_template
 from pagedllm.config import DEMO_MODEL
 from pagedllm.engine.engine import Engine, reset_answer
-from pagedllm.engine.engine_args import engine_config
+from pagedllm.engine.engine_args import ASYNC_LLM_ARGS, EngineArgs, async_llm_kwargs, engine_config
 from pagedllm.engine.input_processor import check_prompt_type, prompt_cache_salt, prompt_value
 from pagedllm.engine.output_processor import OutputKind
 from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs, check_tokenization_kwargs, encoded
@@ -33,12 +34,24 @@ class LLM:
         """engine_args: EngineConfig's fields, or vLLM's LLM arguments (vllm_flags.py: each is taken with vLLM's
         meaning or refused naming it and why). No statistics log lines unless asked for, as vLLM's LLM
         (disable_log_stats=True). chat_template (a file or the text, as --chat-template): chat()'s template
-        where a call gives none, over the tokenizer's."""
+        where a call gives none, over the tokenizer's. stream_interval and enable_log_requests (AsyncEngineArgs',
+        so `LLM(**dataclasses.asdict(AsyncEngineArgs(...)))` works): the engine's, as the AsyncLLM's: llm_engine's
+        streamed (DELTA, CUMULATIVE) outputs every this many tokens, an info line per request added and aborted."""
         self.chat_template = read_chat_template(chat_template, "chat_template")
-        self.engine = Engine(engine_config(model, {"disable_log_stats": True, **engine_args}))
+        own = async_llm_kwargs({k: engine_args.pop(k, None) for k in ASYNC_LLM_ARGS})
+        self.engine = Engine(engine_config(model, {"disable_log_stats": True, **engine_args}), **own)
         self._ids = itertools.count()
         self._queued: dict[str, None] = {}             # enqueue()'s requests (ordered), until wait_for_completion()
         self._done: dict[str, RequestOutput] = {}      # those of them that finished in another call's run
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLM":
+        """vLLM's: the LLM of an EngineArgs (or AsyncEngineArgs), every argument as LLM(...) takes it (so
+        `LLM(**dataclasses.asdict(engine_args))`)."""
+        if not isinstance(engine_args, EngineArgs):
+            raise TypeError(f"LLM.from_engine_args() takes an EngineArgs or AsyncEngineArgs, got "
+                            f"{type(engine_args).__name__}")
+        return cls(**{f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args)})
 
     def shutdown(self):
         """Stops the tensor-parallel worker processes (they also end with this process)."""

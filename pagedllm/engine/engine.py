@@ -58,7 +58,8 @@ def resolve_model(config: EngineConfig) -> ResolvedModel:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, stream_interval: int = 1, log_requests: bool = False):
+        """stream_interval and log_requests (vLLM's stream_interval, enable_log_requests) as the AsyncLLM's."""
         start = time.perf_counter()
         model = resolve_model(config)
         self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=False)
@@ -69,7 +70,8 @@ class Engine:
         self.core = EngineCore(config, self.hf_config, self.device, self.dtype, self.max_model_len)
         self.input_processor = InputProcessor.for_engine(config, self.tokenizer, self.vocab_size, self.max_model_len,
                                                          self.core.runner.num_blocks)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer, stream_interval)
+        self.log_requests = log_requests
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config,
                                                             config.override_generation_config)
         self.stats_logger = StatsLogger(config.log_stats_interval)
@@ -140,12 +142,16 @@ class Engine:
                                           req.arrival_time, lora_request)
         for core_request in req.core_requests:
             self.core.add_request(core_request)
+        if self.log_requests:
+            logger.info("Added request %s.", request_id)
         return request_id
 
     def abort_request(self, request_ids: list[str] | str):
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             self.core.finish_requests(self.output_processor.child_ids(request_id), RequestStatus.FINISHED_ABORTED)
             self.output_processor.abort(request_id)
+            if self.log_requests:
+                logger.info("Aborted request %s.", request_id)
 
     def release_kv_holds(self, request_ids: list[str]):
         """Requests added with hold_kv get no more children: their blocks are freed once those have forked."""

@@ -51,9 +51,12 @@ class _EngineArgs:
         return f"{type(self).__name__}(model={self.model!r}, **{given!r})"
 
     def create_engine_config(self, usage_context=None, headless: bool = False) -> EngineConfig:
-        """The EngineConfig of these arguments (vLLM's name; here EngineConfig, not vLLM's VllmConfig).
-        usage_context names vLLM's usage report (not built: it changes nothing); headless (data-parallel ranks
-        with no API server) is not built."""
+        """vLLM's: the config of these arguments, which AsyncLLM.from_vllm_config builds on. Here an
+        EngineConfig, which also has VllmConfig's paths scripts read (.model_config.max_model_len,
+        .cache_config.block_size, .parallel_config, .scheduler_config: read-only views of what an AsyncLLM built
+        on it runs with; config.py). The AsyncLLM's own arguments (ASYNC_LLM_ARGS) are not in it. usage_context
+        names vLLM's usage report (not built: it changes nothing); headless (data-parallel ranks with no API
+        server) is not built."""
         if headless:
             raise NotImplementedError("create_engine_config(headless=True): headless data-parallel engines are "
                                       "not built (one engine core, with its API server)")
@@ -92,12 +95,7 @@ class _AsyncEngineArgs(_EngineArgs):
 
     def async_llm_kwargs(self) -> dict:
         """AsyncLLM's own arguments among them (None: left out, as vLLM reads it), checked as the server's flags."""
-        kwargs = {ASYNC_LLM_ARGS[k]: getattr(self, k) for k in ASYNC_LLM_ARGS if getattr(self, k) is not None}
-        interval = kwargs.get("stream_interval", 1)
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"stream_interval must be an integer >= 1 (tokens per streamed output), got "
-                             f"{interval!r:.50}")
-        return kwargs
+        return async_llm_kwargs({k: getattr(self, k) for k in ASYNC_LLM_ARGS})
 
 
 EngineArgs = dataclasses.make_dataclass(
@@ -109,6 +107,19 @@ AsyncEngineArgs = dataclasses.make_dataclass(
     namespace={"_OWN_ARGS": ASYNC_LLM_ARGS, "__module__": __name__,
                "__doc__": "AsyncEngineArgs(model, **engine_args): EngineArgs', and the AsyncLLM's own "
                           "(ASYNC_LLM_ARGS; None: left out)."})
+
+
+def async_llm_kwargs(values: dict) -> dict:
+    """The engine's own arguments (ASYNC_LLM_ARGS: not EngineConfig's) among values, under the engine's names
+    (None: left out, as vLLM reads it), checked as the server's flags. The AsyncLLM and LLM's engine take both."""
+    kwargs = {ASYNC_LLM_ARGS[k]: values[k] for k in ASYNC_LLM_ARGS if values.get(k) is not None}
+    interval = kwargs.get("stream_interval", 1)
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"stream_interval must be an integer >= 1 (tokens per streamed output), got "
+                         f"{interval!r:.50}")
+    if not isinstance(kwargs.get("log_requests", False), bool):
+        raise ValueError(f"enable_log_requests must be a bool, got {kwargs['log_requests']!r:.50}")
+    return kwargs
 
 
 def _default(f: dataclasses.Field):

@@ -68,7 +68,7 @@ def test_asdict_of_engine_args_is_llm_s_keyword_arguments(monkeypatch):
     assert (kwargs["model"], kwargs["max_model_len"], kwargs["enforce_eager"]) == ("m", 64, True)
     assert kwargs["block_size"] == 16 and kwargs["pipeline_parallel_size"] is None   # defaults: vLLM's left out
     built = []
-    monkeypatch.setattr(pagedllm.llm, "Engine", lambda config: built.append(config))
+    monkeypatch.setattr(pagedllm.llm, "Engine", lambda config, **own: built.append(config))
     pagedllm.llm.LLM(**kwargs)
     config = built[0]
     assert (config.model, config.max_model_len, config.enforce_eager, config.log_stats_interval) == ("m", 64, True,
@@ -93,3 +93,67 @@ def test_create_engine_configs_vllm_config_paths():
     assert (config.scheduler_config.max_num_seqs, config.scheduler_config.max_num_batched_tokens) == (256, 8192)
     given = AsyncEngineArgs(DEMO_MODEL, max_model_len=64, max_num_seqs=4, device="cpu").create_engine_config()
     assert (given.model_config.max_model_len, given.scheduler_config.max_num_seqs) == (64, 4)
+
+
+def _built_engines(monkeypatch) -> list:
+    import pagedllm.llm
+
+    built = []
+    monkeypatch.setattr(pagedllm.llm, "Engine", lambda config, **own: built.append((config, own)))
+    return built
+
+
+def test_llm_from_engine_args_builds_the_llm_of_its_arguments(monkeypatch):
+    """vLLM's benchmarks (latency.py, throughput.py) build `LLM.from_engine_args(EngineArgs.from_cli_args(args))`:
+    it was an AttributeError."""
+    from pagedllm import LLM
+
+    built = _built_engines(monkeypatch)
+    args = EngineArgs("m", max_model_len=64, disable_log_stats=True)
+    args.enforce_eager = True
+    LLM.from_engine_args(args)
+    LLM.from_engine_args(AsyncEngineArgs("m", stream_interval=3, enable_log_requests=True))
+    (config, own), (_, async_own) = built
+    assert (config.model, config.max_model_len, config.enforce_eager, config.log_stats_interval) == ("m", 64, True,
+                                                                                                     0)
+    assert own == {} and async_own == {"stream_interval": 3, "log_requests": True}
+    with pytest.raises(TypeError, match="takes an EngineArgs or AsyncEngineArgs, got dict"):
+        LLM.from_engine_args({"model": "m"})
+
+
+def test_llm_takes_the_async_engine_args_own_arguments(monkeypatch):
+    """`LLM(**dataclasses.asdict(AsyncEngineArgs(...)))` was a TypeError for stream_interval and
+    enable_log_requests; LLM's engine takes both as the AsyncLLM does (stream_interval is vLLM's EngineArgs' too,
+    which its LLMEngine's streamed outputs honour); a value that means neither is refused naming it."""
+    import dataclasses
+
+    from pagedllm import LLM
+
+    built = _built_engines(monkeypatch)
+    LLM(**dataclasses.asdict(AsyncEngineArgs("m")))
+    LLM("m", stream_interval=2, enable_log_requests=False)
+    assert [own for _, own in built] == [{}, {"stream_interval": 2, "log_requests": False}]
+    with pytest.raises(ValueError, match="stream_interval must be an integer >= 1"):
+        LLM("m", stream_interval=0)
+    with pytest.raises(ValueError, match="enable_log_requests must be a bool"):
+        LLM("m", enable_log_requests="yes")
+
+
+def test_llm_engine_streams_every_stream_interval_tokens_and_logs_requests(tiny_model_dirs, caplog):
+    """LLM(stream_interval=3): llm.llm_engine's DELTA outputs come at the first token, every 3 tokens and the
+    finish, as vLLM's LLMEngine's; enable_log_requests logs each request added and aborted."""
+    import logging
+
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.sampling_params import RequestOutputKind
+
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", stream_interval=3, enable_log_requests=True)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    engine = llm.llm_engine
+    with caplog.at_level(logging.INFO, logger="pagedllm"):
+        engine.add_request("a", [3, 4, 5], params)
+        engine.add_request("b", [3, 4, 5], params)
+        engine.abort_request("b")
+        outputs = [o for _ in range(30) if engine.has_unfinished_requests() for o in engine.step()]
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 3, 3, 1]
+    assert "Added request a." in caplog.text and "Aborted request b." in caplog.text
