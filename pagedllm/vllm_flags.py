@@ -20,6 +20,9 @@ class VllmFlag:
     aliases: tuple[str, ...] = ()     # vLLM's short forms (-pp)
     nargs: str | None = None          # "+": several values after the flag (--cuda-graph-sizes 1 2 4)
     sets: dict | None = None          # config fields it sets when taken (--disable-log-stats)
+    default: object = None            # vLLM's default where scripts compare it (args.data_parallel_size > 1):
+                                      # EngineArgs' and its parser's (kwarg_dests), a value it takes; else None
+    type: Callable | None = None      # argparse's type, where scripts compare the value (an int: -dp)
 
     @property
     def dest(self) -> str:
@@ -66,10 +69,10 @@ _WEIGHT_OFFLOAD = "offloading model weights to CPU memory is not built (--cpu-of
 
 VLLM_FLAGS = (
     VllmFlag("trust-remote-code", "pagedllm runs no code from a model directory: its architectures are built in, "
-             "and another is refused by name", _any, boolean=True),
+             "and another is refused by name", _any, boolean=True, default=False),
     VllmFlag("code-revision", _HUB_ONLY, _any),
     VllmFlag("tokenizer-mode", "pagedllm loads the model's Hugging Face tokenizer (auto, hf); mistral_common's, the "
-             "slow and custom tokenizers are not built", _is("auto", "hf")),
+             "slow and custom tokenizers are not built", _is("auto", "hf"), default="auto"),
     VllmFlag("config-format", "pagedllm reads the model's config.json (auto, hf); Mistral's params.json is not "
              "read", _is("auto", "hf")),
     VllmFlag("model-impl", "pagedllm runs its own model implementations (auto, vllm), not transformers' or "
@@ -81,7 +84,7 @@ VLLM_FLAGS = (
     VllmFlag("pipeline-parallel-size", "pipeline parallelism is not built (1 is taken): split the model over "
              "GPUs with --tensor-parallel-size", _is("1"), aliases=("-pp",)),
     VllmFlag("data-parallel-size", "data parallelism is not built (1 is taken): run a server per GPU group "
-             "behind a load balancer", _is("1"), aliases=("-dp",)),
+             "behind a load balancer", lambda v: str(v) == "1", aliases=("-dp",), default=1, type=int),
     VllmFlag("enable-expert-parallel", "expert parallelism is not built: under --tensor-parallel-size every rank "
              "holds every expert (1/N of each), vLLM's default", _is(False), boolean=True),
     VllmFlag("disable-custom-all-reduce", "tensor-parallel ranks all-reduce through torch.distributed (NCCL) "
@@ -188,11 +191,12 @@ def add_vllm_flags(parser: argparse.ArgumentParser, kwarg_dests: bool = False):
     for flag in VLLM_FLAGS:
         names = ["--" + flag.name, *flag.aliases]
         action = argparse.BooleanOptionalAction if flag.boolean else "store"
-        more = {} if flag.boolean else {"nargs": flag.nargs, "metavar": "VALUE"}
+        more = {} if flag.boolean else {"nargs": flag.nargs, "metavar": "VALUE", "type": flag.type}
         if kwarg_dests and flag.sets:
             action, more = _SetsFields, {**more, "sets": flag.sets}
         dest = flag.name.replace("-", "_") if kwarg_dests else flag.dest
-        group.add_argument(*names, dest=dest, action=action, default=_UNSET, help=flag.why, **more)
+        group.add_argument(*names, dest=dest, action=action, default=flag.default if kwarg_dests else _UNSET,
+                           help=flag.why, **more)
 
 
 class _SetsFields(argparse.BooleanOptionalAction):

@@ -25,12 +25,13 @@ def _long_aliases() -> dict[str, str]:
 def _engine_argument_fields() -> list[tuple]:
     """make_dataclass's fields of EngineArgs: model first, EngineConfig's other fields at their defaults; vLLM's
     long names of fields, its flags that have no field here (vllm_flags.py) and the old kwargs that become
-    hf_overrides at None (vLLM's "left out"). Mutable defaults are copied per object."""
+    hf_overrides at None (vLLM's "left out"; a flag at vLLM's default where scripts compare it: VllmFlag.default).
+    Mutable defaults are copied per object."""
     entries = [("model", str, dataclasses.field(default=DEMO_MODEL))]
     entries += [(name, object, dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d)))
                 for name, _, default, _ in config_fields(EngineConfig) if name != "model"]
     entries += [(name, object, dataclasses.field(default=None)) for name in _long_aliases()]
-    entries += [(flag.name.replace("-", "_"), object, dataclasses.field(default=None)) for flag in VLLM_FLAGS]
+    entries += [(flag.name.replace("-", "_"), object, dataclasses.field(default=flag.default)) for flag in VLLM_FLAGS]
     return entries + [(name, object, dataclasses.field(default=None)) for name in HF_OVERRIDE_KWARGS]
 
 

@@ -58,3 +58,19 @@ def test_flexible_argument_parser_refuses_a_bad_config_file_as_argparse_does(tmp
     with pytest.raises(SystemExit):
         FlexibleArgumentParser().parse_args(["--config", str(tmp_path / "engine.json")])
     assert "must be YAML" in capsys.readouterr().err
+
+
+def test_vllm_flags_that_scripts_compare_read_as_vllms_defaults():
+    """vLLM's benchmarks/throughput.py checks `args.data_parallel_size > 1` on EngineArgs.add_cli_args's parser:
+    None there made it a TypeError before any engine was built. data_parallel_size, tokenizer_mode and
+    trust_remote_code read as vLLM's defaults (1, auto, False) in the parser and EngineArgs, and an LLM takes them."""
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--model", "m"])
+    assert (args.data_parallel_size, args.tokenizer_mode, args.trust_remote_code) == (1, "auto", False)
+    assert parser.parse_args(["-dp", "1"]).data_parallel_size == 1
+    engine_args = EngineArgs("m")
+    assert (engine_args.data_parallel_size, engine_args.tokenizer_mode, engine_args.trust_remote_code) == (1, "auto",
+                                                                                                       False)
+    EngineArgs.from_cli_args(args).create_engine_config()
+    with pytest.raises(ValueError, match="data parallelism is not built"):
+        EngineArgs.from_cli_args(parser.parse_args(["--model", "m", "-dp", "2"])).create_engine_config()
