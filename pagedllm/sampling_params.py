@@ -350,3 +350,12 @@ def _int_keys(bias) -> dict:
         _require(t is not None and t >= 0, "logit_bias", "keyed by non-negative token ids", k)
         out[t] = v
     return out
+
+
+def __getattr__(name: str):
+    """vLLM's module holds BeamSearchParams too (its benchmarks' `from vllm.sampling_params import
+    BeamSearchParams`); it lives in beam_search.py, which imports this module, so it is read on first use."""
+    if name == "BeamSearchParams":
+        from pagedllm.beam_search import BeamSearchParams
+        return BeamSearchParams
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

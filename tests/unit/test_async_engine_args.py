@@ -157,3 +157,14 @@ def test_llm_engine_streams_every_stream_interval_tokens_and_logs_requests(tiny_
         outputs = [o for _ in range(30) if engine.has_unfinished_requests() for o in engine.step()]
     assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 3, 3, 1]
     assert "Added request a." in caplog.text and "Aborted request b." in caplog.text
+
+
+def test_beam_search_params_import_from_vllms_module():
+    """vLLM's benchmarks/latency.py imports `from vllm.sampling_params import BeamSearchParams`: an ImportError
+    from pagedllm.sampling_params."""
+    from pagedllm import BeamSearchParams as top
+    from pagedllm.sampling_params import BeamSearchParams
+
+    assert BeamSearchParams is top
+    with pytest.raises(ImportError):
+        from pagedllm.sampling_params import NotAName  # noqa: F401
