@@ -330,6 +330,8 @@ def _check_shapes(hf_config, size: int, whose: str = "") -> None:
         head_shard(hf_config.num_attention_heads,
                    getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads, tp)
         split_size(hf_config.intermediate_size, tp, "intermediate_size")
+        if getattr(hf_config, "moe_intermediate_size", None):   # Qwen-MoE's experts (Mixtral's: intermediate_size)
+            split_size(hf_config.moe_intermediate_size, tp, "moe_intermediate_size")
     except ValueError as e:
         raise ValueError(f"{whose}{e}") from None
 

@@ -169,3 +169,18 @@ def test_async_llm_tp2_and_a_killed_worker(model_dirs):
             engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_experts_that_do_not_split_are_refused_before_any_worker_starts(tmp_path, monkeypatch):
+    """Qwen3-MoE's experts are split by moe_intermediate_size (not intermediate_size): one that does not divide
+    by the ranks is the config's ValueError naming it, as the heads' are, not a worker's RuntimeError after
+    the workers started (each rank's model build failed the same way)."""
+    from pagedllm.distributed import executor
+
+    def no_workers(*args):
+        raise AssertionError("a worker process was started")
+    monkeypatch.setattr(executor, "MultiprocExecutor", no_workers)
+    d = make_tiny_model(tmp_path / "moe", "qwen3_moe", moe_intermediate_size=33)
+    with pytest.raises(ValueError, match=r"moe_intermediate_size \(33\) must be divisible by tensor_parallel_size "
+                                         r"\(2\)"):
+        LLM(d, tensor_parallel_size=2, **ENGINE)
