@@ -296,7 +296,7 @@ def build_runner(config: EngineConfig, hf_config, device: torch.device, dtype: t
     if config.speculative is not None and config.speculative.method == "draft_model":   # sharded as the target
         from pagedllm.spec_decode.draft_model import draft_hf_config
         _check_shapes(draft_hf_config(config.speculative.model, hf_config), size, "speculative_config's model: ")
-    from pagedllm.engine.engine import ResolvedModel
+    from pagedllm.engine.resolved_model import ResolvedModel
     model = ResolvedModel(hf_config, device, dtype, max_model_len)
     if ray:
         from pagedllm.distributed.ray_executor import RayExecutor

@@ -3,7 +3,6 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.hf_overrides import apply_hf_overrides
 from pagedllm.engine.input_processor import InputProcessor, check_arrival_time, check_request_types
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
+from pagedllm.engine.resolved_model import ResolvedModel
 from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs
 from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.engine.vllm_config import ModelConfig, engine_vllm_config
@@ -28,15 +28,6 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.vllm_names import missing
 
 logger = logging.getLogger("pagedllm")
-
-
-@dataclass
-class ResolvedModel:
-    """What the config leaves to the checkpoint and the machine."""
-    hf_config: object
-    device: torch.device
-    dtype: torch.dtype
-    max_model_len: int
 
 
 def is_large_gpu(device: torch.device) -> bool:
