@@ -20,6 +20,7 @@ are two torch._grouped_mm calls over all experts with device-side offsets: a fix
 T, which a CUDA graph can capture. Elsewhere (CPU, float32/fp16 on CUDA) a loop over the experts reads each
 one's row count on the host: correct, but no graph can hold it (Experts.graph_safe says which).
 """
+import functools
 import re
 
 import torch
@@ -49,6 +50,9 @@ class Experts(nn.Module):
         self.num_experts, self.intermediate_size, self.tp = num_experts, intermediate_size, tp
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # 0..E-1 (int64, as the router's ids), the grouped path's searchsorted keys: made once, so a captured
+        # graph reads a static tensor and an eager step launches no arange
+        self.register_buffer("expert_ids", torch.arange(num_experts), persistent=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (T, C), the router's weights and ids (T, K) -> sum over k of weights[:, k] * expert ids[:, k] (x)."""
@@ -69,13 +73,12 @@ class Experts(nn.Module):
         _grouped_mm's CUTLASS kernels; elsewhere its fallback copies the offsets to the host, as the loop does."""
         return (device.type == "cuda" and hasattr(torch, "_grouped_mm")
                 and self.down_proj.dtype == torch.bfloat16
-                and torch.cuda.get_device_capability(device)[0] in (9, 10)
+                and _has_grouped_gemm_kernels(device)
                 and self.down_proj.shape[1] % 8 == 0 and self.intermediate_size % 8 == 0)
 
     def _grouped(self, rows: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
         """Two grouped GEMMs; offs[e] = the end row of expert e's run (experts with no rows: an empty run)."""
-        experts = torch.arange(self.num_experts, device=rows.device, dtype=sorted_ids.dtype)
-        offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)
+        offs = torch.searchsorted(sorted_ids, self.expert_ids, right=True, out_int32=True)
         gate_up = torch._grouped_mm(rows, self.gate_up_proj.transpose(-2, -1), offs=offs)    # (T*K, 2I)
         return torch._grouped_mm(_silu_and_mul(gate_up), self.down_proj.transpose(-2, -1), offs=offs)
 
@@ -125,6 +128,16 @@ class Experts(nn.Module):
         return {"gate_up_proj": [f"{prefix}.{e}.{p}.weight" for e in range(self.num_experts)
                                  for p in ("gate_proj", "up_proj")],
                 "down_proj": [f"{prefix}.{e}.down_proj.weight" for e in range(self.num_experts)]}
+
+
+def _has_grouped_gemm_kernels(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_major(index) in (9, 10)
+
+
+@functools.cache   # a device's capability never changes, and each MoE layer asks for it every step
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:

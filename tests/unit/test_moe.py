@@ -69,6 +69,22 @@ def test_experts_take_the_loop_on_cpu():
     assert not experts.uses_grouped_mm(torch.zeros(1, 16)) and not experts.graph_safe(CPU)
 
 
+def test_grouped_path_asks_the_device_once(monkeypatch):
+    """Each MoE layer checks graph_safe every step: the device's capability is read once, and the expert ids the
+    offsets are searched with are a buffer made with the layer (no arange a step; static inside a graph), not
+    saved with the weights."""
+    from pagedllm.layers import moe
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: calls.append(index) or (9, 0))
+    moe._capability_major.cache_clear()
+    experts = _block(hidden=16, inter=8).experts.to(torch.bfloat16)
+    try:
+        assert all(experts.graph_safe(torch.device("cuda", 0)) for _ in range(3)) and calls == [0]
+    finally:
+        moe._capability_major.cache_clear()
+    assert experts.expert_ids.tolist() == list(range(6)) and "expert_ids" not in experts.state_dict()
+
+
 def test_top_k_out_of_range_is_refused():
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         SparseMoeBlock(16, 4, 5, 8, True)
