@@ -3,6 +3,9 @@
 Adapters sit in `max_loras` slots of stacked tensors, zero-padded to max_lora_rank (exact: padded columns add
 products with zero). A fused layer's shards are one block-diagonal product: A stacks each shard's (R, in) on
 the rank axis, B puts each shard's (out_i, R) in its rows and its rank columns (zeros elsewhere add nothing).
+A module the HF model itself holds fused (Phi-3's qkv_proj, gate_up_proj: `shared_a`) has one A for all its
+shards: the layer holds it once, one rank block whose B columns span every shard's rows, so the kernels see a
+layer of one shard and compute x A^T once a token, not once a shard.
 The scale is folded into B at load. Each step the runner sets LoRAStepState (lora/manager.py): every token's
 slot (-1: none) and the tokens in slot order, in one persistent device buffer that CUDA graphs read, and the
 slots present in the step as a host list. On CUDA two Triton launches (lora/kernels.py: shrink, expand) serve
@@ -96,8 +99,9 @@ class LoRALinear(nn.Module):
     kernels_on_cpu = False   # tests: the Triton kernels on CPU tensors, under TRITON_INTERPRET=1
 
     def __init__(self, base: nn.Module, max_loras: int, max_rank: int, state: LoRAStepState,
-                 lora_dtype: torch.dtype | None = None):
-        """lora_dtype: the slots' (vLLM's --lora-dtype); None: the base weight's (bfloat16 under 8-bit weights)."""
+                 lora_dtype: torch.dtype | None = None, shared_a: bool = False):
+        """lora_dtype: the slots' (vLLM's --lora-dtype); None: the base weight's (bfloat16 under 8-bit weights).
+        shared_a: every adapter has one A for all the base's shards (the loader checks it), held once."""
         super().__init__()
         self.base = base
         self.state = state
@@ -105,11 +109,13 @@ class LoRALinear(nn.Module):
         self.row_parallel = isinstance(base, RowParallelLinear)
         self.shard_sizes = tuple(getattr(base, "shard_sizes", (base.out_features,)))
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.max_rank, self.max_shard = max_rank, max(self.shard_sizes)
+        self.shared_a = shared_a
+        lora_shards = (self.out_features,) if shared_a else self.shard_sizes   # a rank block each
+        self.max_rank, self.max_shard = max_rank, max(lora_shards)
         weight = base.weight
         dtype = weight.dtype if weight.dtype.is_floating_point and weight.element_size() > 1 else torch.bfloat16
         dtype = lora_dtype or dtype
-        n = len(self.shard_sizes)
+        n = len(lora_shards)
         self.wide = None   # wide: (out + max_loras * n * R, in), the base weight's rows, then each slot's A rows
         self.wide_bias = None
         if (uses_wide(self.out_features, max_loras * n * max_rank) and (weight.is_cuda or self.kernels_on_cpu)
@@ -120,7 +126,7 @@ class LoRALinear(nn.Module):
                                                        device=weight.device), persistent=False)
         self.register_buffer("lora_b", torch.zeros(max_loras, self.out_features, n * max_rank, dtype=dtype,
                                                    device=weight.device), persistent=False)
-        bounds = [sum(self.shard_sizes[:i]) for i in range(n + 1)]   # the shards' first output columns, then out
+        bounds = [sum(lora_shards[:i]) for i in range(n + 1)]   # the shards' first output columns, then out
         self.register_buffer("shard_bounds", torch.tensor(bounds, dtype=torch.int32, device=weight.device),
                              persistent=False)
 
@@ -173,14 +179,16 @@ class LoRALinear(nn.Module):
                            self.shard_bounds, self.max_shard, self.max_rank, slot_stride=n_rank)
 
     def set_slot(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor]] | None):
-        """Writes an adapter's shards (A (r, in), B*scale (out_i, r)) into a slot; None or missing shards: zeros."""
+        """Writes an adapter's shards (A (r, in), B*scale (out_i, r)) into a slot; None or missing shards: zeros.
+        shared_a: the shards' A are one, written in the one rank block each time."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         R = self.max_rank
         for shard, (a, b) in (shards or {}).items():
             r, row = a.shape[0], sum(self.shard_sizes[:shard])
-            self.lora_a[slot, shard * R:shard * R + r].copy_(a, non_blocking=True)
-            self.lora_b[slot, row:row + b.shape[0], shard * R:shard * R + r].copy_(b, non_blocking=True)
+            col = 0 if self.shared_a else shard * R   # the shard's rank block
+            self.lora_a[slot, col:col + r].copy_(a, non_blocking=True)
+            self.lora_b[slot, row:row + b.shape[0], col:col + r].copy_(b, non_blocking=True)
 
 
 # the decoder linears LoRA may target, each with the HF modules fused in it, in shard order: TARGETS read the
@@ -204,11 +212,13 @@ def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int, lora_dtype
     device = next(model.parameters()).device
     state, wrapped = LoRAStepState(torch.full((3, 0), -1, dtype=torch.int32, device=device)), {}
     targets = selected_modules(target_modules)
+    hf_fused = getattr(model, "hf_fused_modules", ())
     for i, _ in enumerate(model.model.layers):
         for t in targets:
             name = f"model.layers.{i}.{t}"
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            wrapped[name] = LoRALinear(getattr(parent, leaf), max_loras, max_rank, state, lora_dtype)
+            wrapped[name] = LoRALinear(getattr(parent, leaf), max_loras, max_rank, state, lora_dtype,
+                                       shared_a=leaf in hf_fused)
             setattr(parent, leaf, wrapped[name])
     return state, wrapped

@@ -3,7 +3,8 @@
 PEFT names: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight (r, in) and .lora_B.weight
 (out, r). q/k/v land in qkv_proj's shards 0/1/2 and gate/up in gate_up_proj's 0/1 (models/llama.py). An adapter of
 a model whose HF modules are fused (Phi-3: qkv_proj, gate_up_proj) has one A and one B for the fused module: each
-shard gets that A and its rows of B, so the parts are read as if the adapter had targeted them one by one.
+shard gets that A and its rows of B, so the parts are read as if the adapter had targeted them one by one (the
+layer holds that A once: lora/layers.py's shared_a; tensors on the parts of such a module are refused).
 Under tensor parallelism each rank keeps its part, cut where its base weight is (distributed/layers.py's
 checkpoint_slice of the HF weight): a column-parallel module's (q/k/v, gate/up) B by output rows, A whole; a
 row-parallel module's (o, down) A by input columns, B whole (lora/layers.py adds its partial product to the base's
@@ -106,6 +107,7 @@ def load_peft_adapter(req: LoRARequest, model: torch.nn.Module, max_lora_rank: i
         pair[ab], pair["hf"] = t.float(), f"model.layers.{layer}.{kind}.{hf_module}.weight"
     for (layer, kind, hf_module), ab in fused.items():
         _split_fused(model, layer, kind, hf_module, ab, rank, pairs, where)
+    _check_one_a(model, pairs, {f"model.layers.{layer}.{kind}.{m}" for layer, kind, m in fused}, where)
     if not pairs:
         raise ValueError(f"{where}: {weights.name} holds no LoRA tensors")
     for (module_name, shard), ab in pairs.items():
@@ -215,6 +217,20 @@ def _split_fused(model, layer: str, kind: str, hf_module: str, ab: dict, rank: i
         if (module_name, shard) in pairs:
             raise ValueError(f"{where}: the adapter targets both {hf_module} and {part} of layer {layer}")
         pairs[(module_name, shard)] = {"A": ab["A"], "B": b, "hf": hf_name}
+
+
+def _check_one_a(model, pairs: dict, from_fused: set[str], where: str):
+    """A module the HF model holds fused (model.hf_fused_modules: Phi-3's qkv_proj, gate_up_proj) takes one A for
+    all its parts (lora/layers.py holds it once), as PEFT saves an adapter of that model; tensors on its parts
+    (q_proj, ...) each bring their own A. from_fused: our modules filled from a fused module's tensors."""
+    hf_fused = getattr(model, "hf_fused_modules", ())
+    for (module_name, _), ab in pairs.items():
+        fused_name = module_name.rsplit(".", 1)[1]
+        if fused_name in hf_fused and module_name not in from_fused:
+            layer, part = ab["hf"].split(".")[2], ab["hf"].split(".")[-2]
+            raise ValueError(f"{where}: it targets {part} of layer {layer}, a part of {fused_name}, which "
+                             f"{type(model).__name__} holds as one module: its adapters have one lora_A and one "
+                             f"lora_B on {fused_name}, as PEFT saves them")
 
 
 def _rank_cut(model, hf_weight: str) -> tuple[int, int, int, int] | None:

@@ -7,3 +7,6 @@ from pagedllm.models.llama import LlamaForCausalLM
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     qkv_bias = False   # Phi-3's projections have no bias, whatever config.attention_bias says
+    # one module each in the HF model: PEFT gives an adapter one lora_A for all their parts (lora/layers.py holds it
+    # once; lora/peft_loader.py refuses adapters with an A a part)
+    hf_fused_modules = ("qkv_proj", "gate_up_proj")

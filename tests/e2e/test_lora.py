@@ -112,7 +112,7 @@ def test_llama_variants_match_peft(tmp_path, arch):
 def test_phi3_fused_adapter_matches_peft(tmp_path):
     """Phi-3's HF modules are fused (qkv_proj, gate_up_proj), so PEFT trains one A and one B on each: every part
     (q/k/v, gate/up: rows 64 | 32 | 32, 128 | 128) is served as that A with its rows of B (they were refused).
-    Both fused and part tensors for one module, or a B of other rows, are errors naming them."""
+    Both fused and part tensors for one module, a B of other rows, or part tensors alone are errors naming them."""
     base = make_tiny_model(tmp_path / "base", "phi3", seed=5)
     cfg = dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     loras = {"fused": LoRARequest("fused", 1, make_adapter(base, tmp_path / "fused", 0, **cfg))}
@@ -129,6 +129,15 @@ def test_phi3_fused_adapter_matches_peft(tmp_path):
     rows = _bad(tmp_path, src, edit_tensors=lambda t: {**t, qkv: torch.zeros(96, 8)})   # q/k/v of another model
     with pytest.raises(ValueError, match=r"lora_B of model.layers.1.self_attn.qkv_proj has shape \(96, 8\)"):
         llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("rows", 3, rows))
+    # the layer holds the one A once (one rank block over all of q/k/v's rows), so tensors on a part, each with
+    # its own A, cannot be served: refused, naming the part (they were taken)
+    layer = llm.engine.runner.lora.layers["model.layers.1.self_attn.qkv_proj"]
+    assert layer.lora_a.shape[1] == layer.max_rank and layer.shard_bounds.tolist() == [0, 128]
+    parts = _bad(tmp_path, src, edit_tensors=lambda t: {**{k: v for k, v in t.items() if ".1.self_attn.qkv" not in k},
+                                                        q + "A.weight": torch.zeros(8, 64),
+                                                        q + "B.weight": torch.zeros(64, 8)})
+    with pytest.raises(ValueError, match="targets q_proj of layer 1, a part of qkv_proj, which Phi3ForCausalLM"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("parts", 4, parts))
 
 
 @pytest.mark.parametrize("kw", [dict(num_gpu_blocks_override=20, block_size=4),   # preemption
