@@ -107,6 +107,44 @@ def wide_gemm(y, x, lora_a, lora_b, order, sorted_slots, bounds, max_shard, rank
     return y
 
 
+def check_shared_a_layer(path: str, seed: int = 40) -> float:
+    """LoRALinear with shared_a (Phi-3's fused modules: one A for all shards, held once, B spanning them) through
+    `path`'s kernels (the layer's own call, CPU tensors) against the float64 oracle, and the same layer holding
+    that A once a shard (the block-diagonal layout) too."""
+    from pagedllm.lora import layers
+    from pagedllm.lora.layers import LoRALinear, LoRAStepState
+    gen = torch.Generator().manual_seed(seed)
+    sizes, num_tokens, num_loras, rank = (32, 16, 16), 37, 3, 8
+    base = torch.nn.Linear(64, sum(sizes), bias=False)
+    base.shard_sizes = sizes
+    x = torch.randn(num_tokens, 64, generator=gen)
+    shards = [[(a, torch.randn(n, rank, generator=gen)) for n in sizes]
+              for a in (torch.randn(rank, 64, generator=gen) / 8 for _ in range(num_loras))]
+    slots = request_slots(num_tokens, num_loras, gen, False)
+    order, sorted_slots = slot_metadata(slots, num_loras)
+    meta = torch.full((3, len(order)), -1, dtype=torch.int32)
+    meta[0, :num_tokens], meta[1], meta[2] = slots, order, sorted_slots
+    state = LoRAStepState(meta, sorted(set(slots[slots >= 0].tolist())))
+    ref = _reference(x, base(x).detach(), shards, slots, sizes)
+    kernel, layers.LORA_KERNEL, LoRALinear.kernels_on_cpu = layers.LORA_KERNEL, path, True
+    try:
+        err = 0.0
+        for shared in (True, False):
+            layer = LoRALinear(base, num_loras, rank, state, shared_a=shared)
+            assert layer.lora_a.shape[1] == (1 if shared else len(sizes)) * rank and (layer.wide is None) == (
+                path != "wide")
+            for s, per_shard in enumerate(shards):
+                layer.set_slot(s, dict(enumerate(per_shard)))
+            with torch.no_grad():
+                got = layer(x).double()
+            delta = (ref - x.double() @ base.weight.double().t()).norm(dim=1).clamp_min(1e-30)
+            err = max(err, ((got - ref).norm(dim=1) / delta)[slots >= 0].max().item())
+    finally:
+        layers.LORA_KERNEL, LoRALinear.kernels_on_cpu = kernel, False
+    assert err <= TOLERANCE[torch.float32], f"relative error {err:.2e}"
+    return err
+
+
 def interpreter_cases():
     """Through add_lora (the fused kernel for ranks <= 64, the split path above), then each path by name."""
     # not bfloat16: the interpreter's tl.dot multiplies bfloat16 bit patterns as integers (Triton 3.9); float16
@@ -126,6 +164,8 @@ def interpreter_cases():
                                                   kernel=wide_gemm)
     yield "wide-gemm-decode-8loras", lambda: check_lora(16, 64, (48,), 8, 8, torch.float32, "cpu", 14, True,
                                                         kernel=wide_gemm)
+    for path in ("fused", "split", "wide"):
+        yield f"shared-a-layer-{path}", lambda p=path: check_shared_a_layer(p)
 
 
 def fused_cases():
