@@ -275,6 +275,7 @@ class LlamaForCausalLM(nn.Module):
     decoder_layer: type[nn.Module] = LlamaDecoderLayer
     hidden_act = "silu"   # the MLP's activation: config.hidden_act must name it
     tp_refused: str | None = None   # why this architecture cannot run tensor-parallel; None: it can
+    hf_fused_modules: tuple[str, ...] = ()   # of qkv_proj / gate_up_proj, those the HF model holds as one (Phi-3)
 
     def __init__(self, config, quant: Fp8Config | None = None, tp: TPGroup = TPGroup()):
         """quant: the linear layers' FP8 quantization (layers/quantization/fp8_config.py), None: none.
