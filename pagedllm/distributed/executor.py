@@ -332,8 +332,25 @@ def _check_shapes(hf_config, size: int, whose: str = "") -> None:
         split_size(hf_config.intermediate_size, tp, "intermediate_size")
         if getattr(hf_config, "moe_intermediate_size", None):   # Qwen-MoE's experts (Mixtral's: intermediate_size)
             split_size(hf_config.moe_intermediate_size, tp, "moe_intermediate_size")
+        _check_block_split(hf_config, size)
     except ValueError as e:
         raise ValueError(f"{whose}{e}") from None
+
+
+def _check_block_split(hf_config, size: int) -> None:
+    """A block-quantized checkpoint: every rank's share of each linear is whole blocks, the check each rank's
+    loader makes (checkpoint_slice), made here for all ranks before any starts."""
+    from pagedllm.distributed.layers import checkpoint_slice
+    from pagedllm.distributed.parallel_state import TPGroup
+    from pagedllm.layers.quantization.fp8_config import fp8_config
+    from pagedllm.models.llama import head_dim
+    quant = fp8_config(None, hf_config)
+    if quant is None or quant.block_size is None:
+        return
+    for rank in range(size):
+        for leaf in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            checkpoint_slice(f"model.layers.0.{leaf}.weight_scale_inv", (), hf_config, head_dim(hf_config),
+                             TPGroup(rank, size), quant.block_size)
 
 
 def destroy_tp_if_any():

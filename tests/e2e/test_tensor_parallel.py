@@ -184,3 +184,23 @@ def test_experts_that_do_not_split_are_refused_before_any_worker_starts(tmp_path
     with pytest.raises(ValueError, match=r"moe_intermediate_size \(33\) must be divisible by tensor_parallel_size "
                                          r"\(2\)"):
         LLM(d, tensor_parallel_size=2, **ENGINE)
+
+
+def test_a_block_checkpoint_that_does_not_split_is_refused_before_any_worker_starts(tmp_path, monkeypatch):
+    """A block-quantized FP8 checkpoint whose blocks a rank's share would cut (32-row blocks over 16-row KV heads
+    at TP=2: rank 0 holds k rows 0:16) is the config's ValueError naming the block size, not each worker's
+    RuntimeError after they start."""
+    import json
+
+    from pagedllm.distributed import executor
+
+    def no_workers(*args):
+        raise AssertionError("a worker process was started")
+    monkeypatch.setattr(executor, "MultiprocExecutor", no_workers)
+    d = make_tiny_model(tmp_path / "block", "llama")   # head_dim 16, 2 KV heads
+    cfg = json.loads((tmp_path / "block" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
+    (tmp_path / "block" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"rank 0 holds rows 0:16 of 32, not whole blocks of "
+                                         r"quantization_config.weight_block_size \[32, 32\]"):
+        LLM(d, tensor_parallel_size=2, **ENGINE)
