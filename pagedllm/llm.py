@@ -327,12 +327,27 @@ class LLM:
             return [{"prompt": p} for p in prompts]
         return [encoded(p, tokenizer, add_special_tokens=False) for p in prompts]
 
+    def sleep(self, level: int = 1, mode: str = "abort"):
+        """vLLM's; level 0 only: scheduling pauses until wake_up(). Requests enqueue()d meanwhile wait; mode says
+        what becomes of those already enqueued: abort (they end, finish_reason "abort"), wait (those running run
+        to their end now), keep (they stay, and go on once woken). Their outputs come from wait_for_completion().
+        Levels 1 and 2 (the weights offloaded or discarded) are not built: refused naming the level."""
+        self.engine.sleep(level, mode)
+
+    def wake_up(self, tags: list[str] | None = None):
+        """vLLM's: resumes scheduling (tags ["scheduling"], vLLM's for level 0, or any of its tags, or None)."""
+        self.engine.wake_up(tags)
+
     def _run(self, total: int, use_tqdm) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = _progress_bar(use_tqdm, total, "Processed prompts")
         start, num_in, num_out = time.perf_counter(), 0, 0
         with _frozen_gc():
             while self.engine.has_unfinished_requests():
+                if self.engine.held_by_pause():
+                    # vLLM's LLM would step forever here: nothing runs until wake_up(), which this thread makes
+                    raise RuntimeError("the engine is asleep (sleep(level=0)): its requests are not scheduled "
+                                       "until wake_up(); call it first")
                 for out in self.engine.step():
                     if not out.finished:
                         continue
@@ -385,7 +400,7 @@ def _no_pooling(name: str) -> ValueError:
 for _name in ("encode", "embed", "classify", "score", "reward"):
     setattr(LLM, _name, refusing(_name, _no_pooling))
 # vLLM's other LLM methods not built here: a NotImplementedError saying why and what instead
-for _name in ("get_metrics", "sleep", "wake_up", "collective_rpc", "start_profile", "stop_profile", *LLM_NAMES):
+for _name in ("get_metrics", "collective_rpc", "start_profile", "stop_profile", *LLM_NAMES):
     setattr(LLM, _name, refusing(_name, functools.partial(not_built, "LLM")))
 
 

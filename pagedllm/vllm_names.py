@@ -4,7 +4,6 @@ The same for AsyncLLM's methods and the arguments of its that ask for what is no
 
 _METRICS = ("vLLM's snapshot of Prometheus metrics is not built: llm.engine.get_stats() gives the scheduler's "
             "counts (SchedulerStats: running, waiting, KV cache usage, prefix cache hits, preemptions)")
-_SLEEP = "vLLM's sleep mode (enable_sleep_mode) is not built: the weights and the KV cache stay on the device"
 _RPC = ("calls on every worker are not built: llm.engine.runner is rank 0's model runner (its model: "
         "llm.engine.runner.model)")
 _PROFILE = ("vLLM's built-in torch profiler is not built: wrap the calls in torch.profiler.profile() (the model "
@@ -13,7 +12,7 @@ _PROFILE = ("vLLM's built-in torch profiler is not built: wrap the calls in torc
 # a name of vLLM's LLMEngine (the methods also of its LLM) -> why not, and what instead
 ENGINE_NAMES = {
     "get_metrics": _METRICS, "get_num_unfinished_requests": "has_unfinished_requests() is built; " + _METRICS,
-    "sleep": _SLEEP, "wake_up": _SLEEP, "is_sleeping": _SLEEP, "collective_rpc": _RPC, "apply_model": _RPC,
+    "collective_rpc": _RPC, "apply_model": _RPC,
     "start_profile": _PROFILE, "stop_profile": _PROFILE,
 }
 
@@ -30,14 +29,12 @@ _CORE_RPC = ("calls on the engine core's workers are not built: the model runs i
              "takes requests, LoRA adapters and statistics calls only")
 _CORE_PROFILE = ("vLLM's built-in torch profiler is not built: the model runs in the engine core process; profile "
                  "offline (LLM, whose model runs in its caller's process) under torch.profiler.profile()")
-_PAUSE = ("pausing the scheduler is not built: abort() the requests in flight, or stop taking new ones, instead")
 _DATA_PARALLEL = "data parallelism is not built: one engine core serves every request"
 
 # a method of vLLM's AsyncLLM (EngineClient) -> why not, and what instead
 ASYNC_LLM_NAMES = {
-    **dict.fromkeys(("sleep", "wake_up"), _SLEEP), "collective_rpc": _CORE_RPC,
+    "collective_rpc": _CORE_RPC,
     "start_profile": _CORE_PROFILE, "stop_profile": _CORE_PROFILE,
-    **dict.fromkeys(("pause_generation", "resume_generation"), _PAUSE),
     **dict.fromkeys(("scale_elastic_ep", "wait_for_requests_to_drain"), _DATA_PARALLEL),
     "notify_kv_transfer_request_rejected": "KV transfer connectors (disaggregated prefill) are not built",
     **LLM_NAMES,

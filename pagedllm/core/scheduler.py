@@ -12,6 +12,9 @@ scheduling_policy "priority" (vLLM's): both queues are kept in (priority, arriva
 same loops admit the most urgent waiting request first and preempt the least urgent running one (the last),
 which has not been scheduled in this step yet; a preempted request goes back to its place, not to the front.
 
+Pausing (vLLM's pause states, set by EngineCore.pause): PAUSED_NEW schedules the running requests only (new and
+preempted ones wait), PAUSED_ALL schedules none; added requests queue either way, and run once resumed.
+
 Steps overlap (async scheduling): step N+1 is scheduled while step N runs, before N's sampled tokens are
 known. So num_computed_tokens advances when a step is scheduled, and a token being sampled is counted in
 num_output_placeholders until update_from_output appends it: a decode request's next step computes the
@@ -20,6 +23,7 @@ request whose in-flight tokens already reach max_tokens or max_model_len is not 
 """
 import bisect
 import collections
+import enum
 import logging
 import time
 from collections import deque
@@ -35,6 +39,12 @@ from pagedllm.metrics import PromptTokenSources, SchedulerStats, TokenHistogram
 from pagedllm.request import Request, RequestStatus
 
 logger = logging.getLogger("pagedllm")
+
+
+class PauseState(enum.IntEnum):
+    UNPAUSED = 0
+    PAUSED_NEW = 1   # running requests go on; waiting ones (new, preempted) are not admitted
+    PAUSED_ALL = 2   # nothing is scheduled
 
 
 
@@ -60,6 +70,7 @@ class Scheduler:
         self.num_generation_tokens = 0
         self.iteration_tokens = TokenHistogram()
         self.kv_peak = KVUsagePeak(kv_cache_manager.block_size)
+        self.pause_state = PauseState.UNPAUSED
 
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request):
@@ -123,13 +134,19 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_schedulable_requests(self) -> bool:
+        """Whether schedule() may schedule anything under the pause state (vLLM's get_num_unfinished_requests)."""
+        if self.pause_state == PauseState.PAUSED_ALL:
+            return False
+        return bool(self.running or (self.waiting and self.pause_state == PauseState.UNPAUSED))
+
     # ---- one step ------------------------------------------------------------------------------------
     def schedule(self, spec: dict[str, list[int]] | None = None) -> SchedulerOutput:
         """spec: proposed tokens of running requests (speculative decoding, a synchronous step: nothing in
         flight); a request's are verified after its last token when they fit in the budget."""
         spec = spec or {}
         scheduled_spec: dict[str, list[int]] = {}
-        budget = self.max_num_batched_tokens
+        budget = 0 if self.pause_state == PauseState.PAUSED_ALL else self.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
@@ -156,12 +173,12 @@ class Scheduler:
                                                  req.num_computed_tokens))
             budget -= self._advance(req, num_new, num_scheduled, len(proposed))
 
-        # Admitting new work right after preempting would only preempt again.
-        preempted = self.num_preemptions > num_preemptions_before
+        # Admitting new work right after preempting would only preempt again; paused, none is admitted.
+        no_admit = self.num_preemptions > num_preemptions_before or self.pause_state != PauseState.UNPAUSED
         loras = None if self.max_loras is None else {r.lora_int_id for r in self.running if r.lora_int_id}
         lora_cutoff = None   # once an adapter request waits for a slot: when it began to wait
         i = 0   # the first waiting request not skipped
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not no_admit:
             req = self.waiting[i]
             if _deferred(req):
                 i += 1                                  # its adapter loads or its grammar compiles: the requests

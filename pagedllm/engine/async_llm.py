@@ -30,6 +30,7 @@ from pagedllm.metrics import SchedulerStats, StatsLogger, StepStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.engine.pause import check_mode, check_sleep_level, check_wake_up_tags
 from pagedllm.vllm_names import ASYNC_LLM_NAMES, check_no_stat_loggers, check_vllm_keywords, not_built, refusing
 
 logger = logging.getLogger("pagedllm")
@@ -153,11 +154,36 @@ class AsyncLLM:
         raise ValueError("AsyncLLM.encode() needs a pooling model (embedding, classification, scoring, reward), "
                          "which pagedllm does not build: it runs generative models only (generate)")
 
-    async def is_sleeping(self) -> bool:   # vLLM's sleep mode is not built: never asleep
-        return False
+    # ---- pausing the scheduler (vLLM's EngineClient names; engine/pause.py) -------------------------------
+    async def pause_generation(self, *, mode: str = "abort", wait_for_inflight_requests: bool | None = None,
+                               clear_cache: bool = True) -> None:
+        """vLLM's: new requests queue, unscheduled, until resume_generation(); mode: abort the requests in the
+        engine (their streams end with finish_reason "abort"), wait for the running ones to end (this returns
+        then), or keep them frozen. wait_for_inflight_requests (vLLM's deprecated spelling): mode "wait".
+        clear_cache: the prefix cache is emptied once idle (under "keep" only with no request holding blocks)."""
+        if wait_for_inflight_requests:
+            mode = "wait"
+        await self.link.call("pause", check_mode(mode), bool(clear_cache))
 
-    async def is_paused(self) -> bool:     # pausing the scheduler is not built: never paused
-        return False
+    async def resume_generation(self) -> None:
+        await self.link.call("resume")
+
+    async def is_paused(self) -> bool:
+        return await self.link.call("is_paused")
+
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """vLLM's; level 0 only: pause_generation(mode=mode) keeping the prefix cache. Levels 1 and 2 (the weights
+        offloaded or discarded) are not built, refused naming the level."""
+        check_sleep_level(level)
+        await self.link.call("pause", check_mode(mode), False)
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        """vLLM's: resumes scheduling (tags: ["scheduling"], any of vLLM's, or None)."""
+        check_wake_up_tags(tags)
+        await self.link.call("resume")
+
+    async def is_sleeping(self) -> bool:
+        return await self.link.call("is_paused")
 
     async def is_tracing_enabled(self) -> bool:   # no OpenTelemetry tracing is built
         return False

@@ -15,11 +15,12 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.messages import EngineCoreOutput, SchedulerOutput
 from pagedllm.core.offload import KVOffloadManager
-from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler import PauseState, Scheduler
 from pagedllm.metrics import SchedulerStats, StepStats
 from pagedllm.request import Request, RequestStatus
 from pagedllm.distributed.executor import WorkerDiedError, build_runner
 from pagedllm.runner.model_runner import PendingOutput
+from pagedllm.engine.pause import check_mode
 from pagedllm.engine.tokenizer import load_engine_tokenizer, load_eos_token_ids
 from pagedllm.lora.loader import LoRALoader
 from pagedllm.lora.request import LoRARequest
@@ -69,6 +70,7 @@ class EngineCore:
         self.speculator = None   # speculative decoding: which steps and rows propose (spec_decode/speculator.py)
         if config.speculative is not None:
             self.speculator = Speculator(config.speculative, max_model_len)
+        self._pause_waiters: list[tuple[concurrent.futures.Future, bool]] = []   # (its call, clear_cache)
 
     def add_request(self, r: EngineCoreRequest):
         """A request whose own data raises here (hashing its blocks, its grammar) ends with an error
@@ -197,7 +199,64 @@ class EngineCore:
         return (self.scheduler.has_unfinished_requests() or self._in_flight is not None or bool(self._failed)
                 or self._lora_loading)
 
+    def has_work(self) -> bool:
+        """Whether step() has anything to do now: as has_unfinished_requests, less the requests a pause holds."""
+        return (self.scheduler.has_schedulable_requests() or self._in_flight is not None or bool(self._failed)
+                or self._lora_loading)
+
+    # ---- pausing (vLLM's pause_scheduler; engine/pause.py) --------------------------------------------------
+    def pause(self, mode: str, clear_cache: bool) -> concurrent.futures.Future | None:
+        """Pauses scheduling (mode: engine/pause.py). None when the pause is complete at once, else a Future
+        that step() completes once nothing runs (the aborts' outputs, and the running requests' last ones
+        under "wait", are returned by step() first). clear_cache: the prefix cache is reset then; refused under
+        "keep" while requests hold KV blocks (preempting them to reset it is not built)."""
+        check_mode(mode)
+        if mode == "keep" and clear_cache and self.kv_cache_manager.num_used_blocks:
+            raise ValueError("pause mode 'keep' with clear_cache: the kept requests hold KV blocks, and preempting "
+                             "them to clear the prefix cache is not built; pass clear_cache=False")
+        if mode == "abort":
+            ids = [r.request_id for r in (*self.scheduler.running, *self.scheduler.waiting)]
+            self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+            self._failed += [EngineCoreOutput(i, [], finish_reason="abort") for i in ids]
+        self.scheduler.pause_state = PauseState.PAUSED_ALL if mode == "keep" else PauseState.PAUSED_NEW
+        future = concurrent.futures.Future()
+        self._pause_waiters.append((future, clear_cache))
+        self._settle_pause()
+        if not future.done():
+            return future
+        future.result()   # a cache that could not be cleared raises here
+        return None
+
+    def resume(self):
+        """Scheduling goes on; the requests queued while paused run. A pause still draining ("wait") completes."""
+        self.scheduler.pause_state = PauseState.UNPAUSED
+        for future, _ in self._pause_waiters:
+            future.set_result(None)
+        self._pause_waiters = []
+
+    def is_paused(self) -> bool:
+        return self.scheduler.pause_state != PauseState.UNPAUSED
+
+    def _settle_pause(self):
+        """Completes the pauses waiting for the engine to be idle."""
+        if not self._pause_waiters or self.has_work():
+            return
+        waiters, self._pause_waiters = self._pause_waiters, []
+        cleared = not any(clear for _, clear in waiters) or self.reset_prefix_cache()
+        for future, clear in waiters:
+            if clear and not cleared:
+                future.set_exception(RuntimeError("paused, but the prefix cache was not cleared: requests hold KV "
+                                                  "blocks"))
+            else:
+                future.set_result(None)
+
     def step(self) -> tuple[list[EngineCoreOutput], StepStats] | None:
+        """See _step; then a pause waiting for the engine to be idle completes if it is."""
+        done = self._step()
+        self._settle_pause()
+        return done
+
+    def _step(self) -> tuple[list[EngineCoreOutput], StepStats] | None:
         """Schedules and launches step N+1 (when there is work), then waits for step N and applies it to the
         requests; returns N's outputs and timings (None when there was nothing to report). The caller's
         work on them overlaps N+1 on the device: the device never waits for the host between steps.
@@ -210,11 +269,12 @@ class EngineCore:
             outputs += self._poll_lora_loads()
         if self.scheduler.compiling:
             outputs += self.scheduler.check_grammars()
-        if self.speculator is not None and self.speculator.wants_step(self.scheduler.running,
-                                                                      len(self.scheduler.waiting)):
+        schedulable = self.scheduler.has_schedulable_requests()
+        if schedulable and self.speculator is not None and self.speculator.wants_step(self.scheduler.running,
+                                                                                      len(self.scheduler.waiting)):
             return self._spec_step(outputs)
         launched = None
-        if self.scheduler.has_unfinished_requests():
+        if schedulable:
             launched, failed = self._launch()
             outputs += failed
         done, self._in_flight = self._in_flight, launched

@@ -31,6 +31,7 @@ request's outputs (and its first-scheduled times) down that pipe alone; a stats 
 pipe it came by; heartbeats go to all. An API process that leaves ("shutdown", or its pipe's EOF) takes its
 requests with it (aborted); the core returns when the last one has left.
 """
+import concurrent.futures
 import gc
 import logging
 import multiprocessing
@@ -75,7 +76,7 @@ def run_engine_core(config: EngineConfig, conns: list[Connection], log_level: in
     try:
         while clients.live:
             # Idle: wait for a message (a heartbeat's time at most). Busy: take what has arrived, then step.
-            for conn, msg in clients.receive(0 if core.has_unfinished_requests() else HEARTBEAT_INTERVAL, core):
+            for conn, msg in clients.receive(0 if core.has_work() else HEARTBEAT_INTERVAL, core):
                 _handle(core, conn, msg, lora_calls, clients)
             if not clients.live:
                 return
@@ -249,7 +250,7 @@ def _handle(core, conn: _SharedConn, msg: tuple, lora_calls: "_LoRACalls", clien
     elif kind == "stats":
         clients.send(conn, ("stats", core.get_stats()))
     elif kind == "lora":   # ("lora", call id, add_lora | remove_lora | list_loras | pin_lora, *args), and
-        # reset_prefix_cache: the calls answered by call id
+        # reset_prefix_cache, pause, resume, is_paused: the calls answered by call id
         lora_calls.start(conn, msg[1], msg[2], msg[3:])
     elif kind == "shutdown":
         clients.leave(conn, core)
@@ -257,11 +258,16 @@ def _handle(core, conn: _SharedConn, msg: tuple, lora_calls: "_LoRACalls", clien
         raise ValueError(f"unknown engine core message {kind!r}")
 
 
+# the engine core's methods a call may name, besides add_lora
+_CALLS = ("remove_lora", "list_loras", "pin_lora", "reset_prefix_cache", "pause", "resume", "is_paused")
+
+
 class _LoRACalls:
     """add_lora / remove_lora / list_loras / pin_lora, answered ("lora_reply", call id, result or exception).
     add_lora reads a new adapter on a loader thread (EngineCore.add_lora_async): its caller waits for the read,
     steps of other requests do not; it is answered after the step that puts the adapter on the host, so any later
-    call or request finds it there. The others are answered at once."""
+    call or request finds it there. A pause (engine/pause.py) is answered after the step that leaves the engine
+    idle, its aborts' outputs sent before the answer. The others are answered at once."""
 
     def __init__(self, core, clients: _Clients):
         self.core, self.clients = core, clients
@@ -273,9 +279,12 @@ class _LoRACalls:
             if name == "add_lora":
                 self.pending.append((conn, call_id, self.core.add_lora_async(*args)))
                 return self.answer_done()
-            if name not in ("remove_lora", "list_loras", "pin_lora", "reset_prefix_cache"):
+            if name not in _CALLS:
                 raise ValueError(f"unknown engine core call {name!r}")
             result = getattr(self.core, name)(*args)
+            if isinstance(result, concurrent.futures.Future):   # a pause waiting for the running requests
+                self.pending.append((conn, call_id, result))
+                return None
         except Exception as e:  # noqa: BLE001 - a bad adapter, LoRA off: the caller's error, not the core's
             result = e
         self._reply(conn, call_id, result)

@@ -13,6 +13,7 @@ from pagedllm.engine.core import EngineCore
 from pagedllm.engine.generation_config import load_default_sampling_params
 from pagedllm.engine.hf_overrides import apply_hf_overrides
 from pagedllm.engine.input_processor import InputProcessor, check_arrival_time, check_request_types
+from pagedllm.engine.pause import check_mode, check_sleep_level, check_wake_up_tags
 from pagedllm.engine.output_processor import OutputKind, OutputProcessor, child_request_id
 from pagedllm.engine.resolved_model import ResolvedModel
 from pagedllm.engine.tokenization_kwargs import apply_tokenization_kwargs
@@ -66,6 +67,7 @@ class Engine:
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config,
                                                             config.override_generation_config)
         self.stats_logger = StatsLogger(config.log_stats_interval)
+        self._drained: list[RequestOutput] = []   # outputs of steps sleep() ran, for the next step() to return
         self.vllm_config = engine_vllm_config(self)   # vLLM's LLMEngine.vllm_config: read-only views of the above
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s: %s on %s (%s), max_model_len %d", self.startup_seconds,
@@ -149,7 +151,7 @@ class Engine:
         self.core.release_kv_holds(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests()
+        return self.core.has_unfinished_requests() or bool(self._drained)
 
     def get_num_unfinished_requests(self) -> int:
         """vLLM's: the sequences added and not yet finished (a request of n > 1 counts n until its sequences end)."""
@@ -164,12 +166,37 @@ class Engine:
         A request the engine core failed (its data raised there, or its step did; the core logs why)
         finishes here with finish_reason "error" on its sequences; the others are unaffected."""
         done = self.core.step()
-        outputs = []
+        outputs, self._drained = self._drained, []
         if done is not None:
-            outputs, stopped, _ = self.output_processor.process(done[0])
+            processed, stopped, _ = self.output_processor.process(done[0])
+            outputs += processed
             self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         self.stats_logger.maybe_log(self.get_stats)
         return outputs
+
+    # ---- sleep level 0: pausing the scheduler (vLLM's LLMEngine names; engine/pause.py) --------------------
+    def sleep(self, level: int = 1, mode: str = "abort"):
+        """Level 0: requests added from now on queue and are not scheduled until wake_up(); mode says what
+        becomes of those in the engine (abort, wait: their steps run here until they end, keep). The outputs
+        of the steps this runs come with the next step(). Levels 1 and 2 are not built (refused)."""
+        check_sleep_level(level)
+        future = self.core.pause(check_mode(mode), clear_cache=False)
+        while future is not None and not future.done():
+            self._drained = self.step()   # step() returns the earlier drained outputs with its own
+        if future is not None:
+            future.result()
+
+    def wake_up(self, tags: list[str] | None = None):
+        """Resumes scheduling (tags: vLLM's; any of them, or None, resumes: no level 1 or 2 sleep is built)."""
+        check_wake_up_tags(tags)
+        self.core.resume()
+
+    def is_sleeping(self) -> bool:
+        return self.core.is_paused()
+
+    def held_by_pause(self) -> bool:
+        """Requests are left, and a pause keeps any step from running them."""
+        return not self._drained and self.core.is_paused() and not self.core.has_work()
 
     # ---- LoRA adapters (vLLM's LLMEngine names; see EngineCore) -------------------------------------------
     def add_lora(self, lora_request) -> bool:

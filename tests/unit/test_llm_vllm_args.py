@@ -114,8 +114,7 @@ def test_vllms_llm_engine_attribute_is_the_engine_with_vllms_names_or_says_what_
         llm.engine.no_such_name
 
 
-@pytest.mark.parametrize("method, words", [("sleep", "sleep mode"), ("wake_up", "sleep mode"),
-                                           ("collective_rpc", "llm.engine.runner"), ("start_profile", "profiler"),
+@pytest.mark.parametrize("method, words", [("collective_rpc", "llm.engine.runner"), ("start_profile", "profiler"),
                                            ("stop_profile", "profiler"), ("get_metrics", "llm.engine.get_stats")])
 def test_vllms_llm_methods_not_built_say_why(method, words):
     llm = LLM.__new__(LLM)   # no engine is needed to refuse
