@@ -32,6 +32,7 @@ from pagedllm.server.generative_scoring import GenerativeScoringRequest, create_
 from pagedllm.server.launch import LoRAModulePath, ServeChecks
 from pagedllm.server.lora import ServingLoRAs, lora_routes, model_card
 from pagedllm.server.metrics import HttpMetrics, ServerMetrics
+from pagedllm.server.pause_routes import dev_mode, pause_routes
 from pagedllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                      validated)
 from pagedllm.server.response_store import ResponseStore
@@ -161,6 +162,8 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
         return await (create_chat_completion if kind == "messages" else create_completion)(ctx, req, raw_request)
     app.include_router(lora_routes(ctx.loras, keyed))
     app.include_router(_tokenizer_routes(ctx, keyed, config.enable_tokenizer_info_endpoint))
+    if dev_mode():
+        app.include_router(pause_routes(ctx.engine, keyed))
 
     @app.get("/health")
     @app.get("/ping")    # SageMaker's name for it (vLLM's), GET or POST

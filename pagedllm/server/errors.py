@@ -140,7 +140,9 @@ def install_error_handlers(app: FastAPI):
         path = request.scope.get("path", "")
         path = path.removeprefix(request.scope.get("root_path", "")) or path
         message = _http_error_message(e)
-        if e.status_code == 404 and path in VLLM_ROUTES_NOT_BUILT:
+        if e.status_code == 404 and path in VLLM_DEV_ROUTES:
+            message = f"{path} is a development route: {VLLM_DEV_ROUTES[path]}"
+        elif e.status_code == 404 and path in VLLM_ROUTES_NOT_BUILT:
             message = f"{path} is vLLM's, not built here: {VLLM_ROUTES_NOT_BUILT[path]}"
         return _shaped(request, e.status_code, message, None, code, headers=e.headers)
 
@@ -185,10 +187,12 @@ def _union_error(errors: list[dict]) -> tuple[list[str], str]:
 
 
 _DEV = "vLLM serves it with VLLM_SERVER_DEV_MODE=1 only; "
-_SLEEP = "sleep mode (--enable-sleep-mode) is not built: the weights and the KV cache stay on the device"
+# vLLM's development routes built here, served with VLLM_SERVER_DEV_MODE=1 (server/pause_routes.py) -> a 404's words
+VLLM_DEV_ROUTES = dict.fromkeys(("/sleep", "/wake_up", "/is_sleeping", "/pause", "/resume", "/is_paused"),
+                                "served (as by vLLM) with VLLM_SERVER_DEV_MODE=1 only: pausing the scheduler, "
+                                "sleep level 0")
 _WEIGHTS = "weight transfer (weights updated in place, for RL training) is not built: start a server on the " \
            "updated checkpoint"
-_PAUSE = "pausing the engine is not built: stop sending requests, and watch pagedllm:num_requests_running in /metrics"
 # vLLM 0.26's routes that pagedllm does not serve -> why, and what instead: a 404 that names it (not "no such route")
 VLLM_ROUTES_NOT_BUILT = {
     "/server_info": _DEV + "vLLM's config objects are not built here: /v1/models has the model and its "
@@ -198,9 +202,6 @@ VLLM_ROUTES_NOT_BUILT = {
     "/reset_mm_cache": _DEV + "no multimodal model is built here, so there is no such cache",
     "/reset_encoder_cache": _DEV + "no encoder model is built here, so there is no such cache",
     "/collective_rpc": _DEV + "calls on every worker are not built here",
-    "/sleep": _DEV + _SLEEP, "/wake_up": _DEV + _SLEEP,
-    "/is_sleeping": _DEV + _SLEEP + " (the server never sleeps)",
-    "/pause": _DEV + _PAUSE, "/resume": _DEV + _PAUSE, "/is_paused": _DEV + _PAUSE,
     "/abort_requests": _DEV + "aborting requests from outside is not built: a client that closes its connection "
                               "aborts its request",
     "/get_world_size": _DEV + "the world size is --tensor-parallel-size",

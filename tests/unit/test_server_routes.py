@@ -247,11 +247,14 @@ def test_vllms_routes_not_built_are_404s_naming_why(client):
     ...) and its other routes not built: a 404 saying so and why, not the plain 'no such route'."""
     for method, path, words in [("GET", "/server_info", "VLLM_SERVER_DEV_MODE"),
                                 ("POST", "/reset_prefix_cache", "prefix cache"),
-                                ("GET", "/is_sleeping", "sleep mode"), ("POST", "/sleep", "sleep mode"),
+                                
                                 ("POST", "/start_profile", "profiler")]:
         r = client.request(method, path)
         assert r.status_code == 404, r.text
         error = r.json()["error"]
         assert error["message"].startswith(f"{path} is vLLM's, not built here") and words in error["message"], error
+    for path in ("/is_sleeping", "/sleep", "/pause"):   # built, served as vLLM does in its development mode
+        r = client.request("GET" if path.startswith("/is") else "POST", path)
+        assert r.status_code == 404 and "VLLM_SERVER_DEV_MODE=1" in r.json()["error"]["message"], r.text
     r = client.get("/no_such_thing")
     assert r.status_code == 404 and "no such route" in r.json()["error"]["message"], r.text
