@@ -59,8 +59,9 @@ def test_pause_abort_ends_the_streams_in_flight_and_keep_freezes_them(tiny_model
         await engine.resume_generation()
         assert not await engine.is_paused()
 
-        expected = (await _last(engine, "ref")).outputs[0].token_ids
-        task = asyncio.ensure_future(_last(engine, "k"))
+        # long enough not to end before the pause lands (6 tokens ended first under load)
+        expected = (await _last(engine, "ref", long)).outputs[0].token_ids
+        task = asyncio.ensure_future(_last(engine, "k", long))
         while (await engine.get_stats()).num_running == 0:
             await asyncio.sleep(0.01)
         await engine.pause_generation(mode="keep", clear_cache=False)
