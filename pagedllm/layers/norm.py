@@ -41,3 +41,8 @@ class RMSNorm(nn.Module):
         variance = x.pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * x.to(input_dtype)
+
+
+def add_norm(norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None):
+    """norm(hidden + residual) and that sum, the next residual; the first layer has none: norm(hidden), hidden."""
+    return (norm(hidden), hidden) if residual is None else norm(hidden, residual)

@@ -4,8 +4,9 @@ times sqrt(hidden_size) rounded to the model dtype (as transformers does), and a
 Not Gemma 2 / 3 (their attention soft-capping and alternating sliding windows need kernel work: still refused).
 On CUDA the norms run their torch code (GemmaRMSNorm.forward): the Triton rms_norm kernels multiply the weight
 after rounding the normed row, and a (1 + weight) folded into a bf16 weight would lose the weight's low bits.
-So neither FP8 input fusion (quantization/fuse.py) nor the small-M path (which folds Llama's norm and SiLU)
-is taken. Tensor parallelism, FP8 linears and LoRA go through Llama's shared linears unchanged.
+So neither FP8 input fusion (quantization/fuse.py) nor the small-M path (which folds Llama's norm and SiLU:
+small_m.plain refuses other norms and activations) is taken. Tensor parallelism, FP8 linears and LoRA go through
+Llama's shared linears unchanged.
 """
 import torch
 
@@ -35,9 +36,6 @@ class GemmaDecoderLayer(LlamaDecoderLayer):
 
     def fp8_input_producers(self) -> tuple:
         return ()   # the fused kernels compute Llama's norm and SiLU
-
-    def plain(self) -> bool:
-        return False   # small_m_linear folds Llama's norm and SiLU
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

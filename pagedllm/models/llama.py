@@ -3,7 +3,7 @@
 Parameter names are HF's except two fused projections, stacked along the output dim:
     qkv_proj.weight     = [q_proj; k_proj; v_proj]     rows: Hq*D | Hkv*D | Hkv*D
     gate_up_proj.weight = [gate_proj; up_proj]         rows: I | I
-Each fused nn.Linear carries `shard_sizes`; load_weights copies an HF shard into its row range.
+Each fused nn.Linear carries `shard_sizes`; load_weights copies an HF shard into its row range (models/weights.py).
 With an Fp8Config every decoder linear is an Fp8Linear (layers/quantization), which takes each shard's
 tensors itself (quantizing float ones); the checkpoint's KV scales go to the Attention layers' floats.
 Qwen2 (qkv bias) and Qwen3 (per-head q/k norm) are this model with a class flag switched on; mixture-of-experts
@@ -14,10 +14,9 @@ gemma.py).
 Tensor parallelism (tp.size > 1, distributed/layers.py): the same modules with this rank's heads and columns,
 o_proj / down_proj row-parallel, the embedding and LM head vocab-parallel; the loader hands in slices
 (also of FP8 checkpoints' scales); an Fp8Linear is column- or row-parallel the same way.
+Decode steps of a few tokens on CUDA may run a layer's linears through the fused small-M kernels (models/small_m.py).
 """
 from collections.abc import Iterable
-
-import re
 
 import torch
 from torch import nn
@@ -26,25 +25,15 @@ from pagedllm.distributed.layers import VocabParallelEmbedding, head_shard, spli
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
-from pagedllm.layers.moe import Experts, expert_shard
-from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.norm import RMSNorm, add_norm
 from pagedllm.layers.quantization.fp8_config import Fp8Config
-from pagedllm.layers.quantization.fp8_linear import Fp8Linear, make_linear
-from pagedllm.layers.quantization.kv_scales import kv_scale_target
+from pagedllm.layers.quantization.fp8_linear import make_linear
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.lazy_kernel import lazy_kernel
+from pagedllm.models.small_m import SMALL_M_ROWS, forward_small_m
+from pagedllm.models.weights import UNSTACKED, load_weights as load_checkpoint
 
 qk_norm_rope = lazy_kernel(globals(), "pagedllm.layers.kernels.qk_norm_rope", "qk_norm_rope")   # Triton, CUDA only
-small_m_linear = lazy_kernel(globals(), "pagedllm.layers.kernels.small_m_linear", "small_m_linear")
-# Steps of at most SMALL_M_ROWS tokens on CUDA run some of a layer's linears through the fused small-M kernels
-# (LlamaDecoderLayer.small_m, set by use_small_m): at batch 1 they are launch- and latency-bound.
-SMALL_M_ROWS = 16
-
-# HF shard name -> (our fused module, shard index)
-_STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-_VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")
-_UNSTACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def head_dim(config) -> int:
@@ -54,7 +43,7 @@ def head_dim(config) -> int:
 def _linear(in_features: int, shard_sizes: tuple[int, ...], bias: bool, quant: Fp8Config | None, prefix: str,
             name: str, row_parallel: TPGroup | None = None) -> nn.Module:
     """prefix.name: our module; a fused one's shards are the checkpoint's modules prefix.<shard name>."""
-    shard_names = tuple(f"{prefix}.{s}" for s in _UNSTACKED.get(name, (name,)))
+    shard_names = tuple(f"{prefix}.{s}" for s in UNSTACKED.get(name, (name,)))
     return make_linear(in_features, shard_sizes, bias, quant, shard_names, row_parallel)
 
 
@@ -156,13 +145,13 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         """The residual stream rides along un-normed: each norm adds the previous sublayer's output to it."""
         if self.small_m and hidden.shape[0] <= SMALL_M_ROWS and hidden.is_cuda:
-            return self._forward_small_m(positions, hidden, residual)
-        hidden, residual = _add_norm(self.input_layernorm, hidden, residual)
+            return forward_small_m(self, positions, hidden, residual)
+        hidden, residual = add_norm(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(self._scaled(hidden), residual)
-        return self._scaled(self.mlp(hidden)), residual
+        hidden, residual = self.post_attention_layernorm(self.scaled(hidden), residual)
+        return self.scaled(self.mlp(hidden)), residual
 
-    def _scaled(self, sublayer_out: torch.Tensor) -> torch.Tensor:
+    def scaled(self, sublayer_out: torch.Tensor) -> torch.Tensor:
         m = self.residual_multiplier
         return sublayer_out if m == 1.0 else sublayer_out * m
 
@@ -170,78 +159,6 @@ class LlamaDecoderLayer(nn.Module):
         """(op, the FP8 linear it feeds) pairs whose op may quantize its output (quantization/fuse.py)."""
         return ((self.input_layernorm, self.self_attn.qkv_proj), (self.post_attention_layernorm, self.mlp.gate_up_proj),
                 (self.mlp.act_fn, self.mlp.down_proj))
-
-    def plain(self) -> bool:
-        """Plain bf16/fp16 nn.Linear weights without bias (not FP8, LoRA-wrapped or tensor-parallel), plain norms,
-        a dense MLP."""
-        if not isinstance(self.mlp, LlamaMLP):
-            return False
-        linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
-        return (all(type(m) is nn.Linear and m.bias is None and m.weight.dtype in (torch.bfloat16, torch.float16)
-                    for m in linears)
-                and all(not n.quant_fp8 and n.weight.dtype == self.mlp.down_proj.weight.dtype
-                        for n in (self.input_layernorm, self.post_attention_layernorm)))
-
-    def _forward_small_m(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        """forward's arithmetic with the ops in self.small_m through small_m_linear: "qkv" and "gate_up" with the
-        norm before them (and SiLU-and-mul after gate_up) folded in, "o" and "down" alone."""
-        ops, attn, mlp = self.small_m, self.self_attn, self.mlp
-        if "qkv" in ops:
-            qkv, residual = _norm_linear(self.input_layernorm, attn.qkv_proj.weight, hidden, residual, False)
-        else:
-            hidden, residual = _add_norm(self.input_layernorm, hidden, residual)
-            qkv = attn.qkv_proj(hidden)
-        hidden = attn.attend(positions, qkv)
-        hidden = self._scaled(_small_m_only(attn.o_proj.weight, hidden) if "o" in ops else attn.o_proj(hidden))
-        if "gate_up" in ops:
-            act, residual = _norm_linear(self.post_attention_layernorm, mlp.gate_up_proj.weight, hidden, residual,
-                                         True)
-        else:
-            hidden, residual = self.post_attention_layernorm(hidden, residual)
-            act = mlp.act_fn(mlp.gate_up_proj(hidden))
-        out = _small_m_only(mlp.down_proj.weight, act) if "down" in ops else mlp.down_proj(act)
-        return self._scaled(out), residual
-
-
-def _add_norm(norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None):
-    """norm(hidden + residual) and that sum, the next residual; the first layer has none: norm(hidden), hidden."""
-    return (norm(hidden), hidden) if residual is None else norm(hidden, residual)
-
-
-def _norm_linear(norm: RMSNorm, weight: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                 silu: bool):
-    """_add_norm then the linear layer (and SiLU-and-mul: weight is [gate; up]) in one small_m_linear launch."""
-    tile = _small_m_tile(weight.shape[0] // 2 if silu else weight.shape[0], True)
-    out = small_m_linear(hidden, weight, norm.weight, norm.variance_epsilon, residual, silu=silu, tile=tile)
-    return (out, hidden) if residual is None else out    # with a residual: (out, hidden + residual)
-
-
-def _small_m_only(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The linear layer alone through small_m_linear."""
-    return small_m_linear(x, weight, tile=_small_m_tile(weight.shape[0], False))
-
-
-# A draft model's: all four (Qwen3-0.6B shape, 1 row, H100: a layer 31.0 -> 27.2 us, though norm+qkv alone
-# was 7.55 us against the norm kernel + cuBLAS's 7.13)
-SMALL_M_OPS = ("qkv", "o", "gate_up", "down")
-# A target's: on the Qwen3-8B shape at 1 and 5 rows (H100) the kernel beat cuBLAS on o and down, not on the others
-TARGET_SMALL_M_OPS = ("o", "down")
-
-
-def use_small_m(model: nn.Module, ops: tuple[str, ...]):
-    """Turns the fused small-M path on for `ops` in each of the model's decoder layers whose linears are plain
-    (LlamaDecoderLayer.plain; call it after anything that wraps them, LoRA)."""
-    assert set(ops) <= set(SMALL_M_OPS), ops
-    for layer in getattr(getattr(model, "model", None), "layers", []):
-        if isinstance(layer, LlamaDecoderLayer) and layer.plain():
-            layer.small_m = frozenset(ops)
-
-
-def _small_m_tile(n: int, norm: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps, stages) for small_m_linear to n output features, a norm folded in or not: the
-    best tiles of sweeps on the Qwen3-0.6B and -8B shapes at 1 row on an H100 (benchmarks/small_m_layers.py,
-    session 40): narrow column tiles where N is small, so that there are still ~64 programs to read the weight."""
-    return (16 if n <= 2048 else 32, 256 if norm else 512, 4, 3)
 
 
 class LlamaModel(nn.Module):
@@ -263,7 +180,7 @@ class LlamaModel(nn.Module):
             hidden = hidden * self.embedding_multiplier
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
-        return _add_norm(self.norm, hidden, residual)[0]
+        return add_norm(self.norm, hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -322,126 +239,9 @@ class LlamaForCausalLM(nn.Module):
             return torch.mm(hidden_states, weight.t(), out_dtype=torch.float32)
         return torch.nn.functional.linear(hidden_states.float(), weight.float())   # CPU has no mm out_dtype
 
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named checkpoint tensors into our (partly fused) parameters; every parameter must be hit."""
-        params = dict(self.named_parameters())
-        fused_experts = self._fused_expert_names()
-        loaded = set()
-        for name, tensor in weights:
-            for pattern, replacement in self.weight_renames:
-                name = re.sub(pattern, replacement, name)
-            if "rotary_emb." in name or (self.tied and name == "lm_head.weight"):
-                continue
-            if self._load_kv_scale(name, tensor) or self._load_expert_shard(name, tensor, loaded):
-                continue
-            module, attr, shard = self._quantized_destination(name)
-            if module is not None:
-                module.load_shard(name, attr, tensor, shard)
-            else:
-                dest = self._destination(name, params)
-                if self.tp.enabled and name in _VOCAB_PARALLEL:   # the last rank: real rows, then padding
-                    dest = dest.narrow(0, 0, min(tensor.shape[0], dest.shape[0]))
-                if dest.shape != tensor.shape:
-                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                                     f"{type(self).__name__} expects {tuple(dest.shape)}")
-                dest.copy_(tensor)
-            loaded.update(fused_experts.get(name, (name,)))   # a fused experts tensor: all of its experts
-        missing = sorted(self._checkpoint_names() - loaded)
-        if missing:
-            raise ValueError(f"{len(missing)} parameters not found in the checkpoint: {missing[:8]}")
-
-    def _load_kv_scale(self, name: str, tensor: torch.Tensor) -> bool:
-        """A KV cache scale: set as a python float on its Attention layer (read once, at load)."""
-        target = kv_scale_target(name)
-        if target is None:
-            return False
-        attn = self.get_submodule(target[0])
-        for attr in target[1]:
-            setattr(attn, attr, float(tensor.float().reshape(-1)[0]))
-        return True
-
-    def _load_expert_shard(self, name: str, tensor: torch.Tensor, loaded: set) -> bool:
-        """One expert's linear (Hub checkpoints' per-expert layout) copied into its rows of the stacked weights;
-        a stacked experts tensor (whole in the checkpoint) cut to this rank's share."""
-        module_name, _, attr = name.rpartition(".")
-        if attr in ("gate_up_proj", "down_proj") and module_name.endswith(".experts"):
-            experts = self._experts_at(module_name)
-            if experts is not None:
-                experts.load_stacked(attr, tensor)
-                loaded.update(experts.checkpoint_shard_names(module_name)[attr])
-                return True
-        shard = expert_shard(name)
-        if shard is None:
-            return False
-        experts_name, expert, proj = shard
-        experts = self._experts_at(experts_name)
-        if experts is None or expert >= experts.num_experts:
-            raise ValueError(f"unexpected weight {name!r} in the checkpoint of {type(self).__name__}")
-        experts.load_expert_shard(expert, proj, tensor)
-        loaded.add(name)
-        return True
-
-    def _experts_at(self, module_name: str) -> Experts | None:
-        try:
-            module = self.get_submodule(module_name)
-        except AttributeError:
-            return None
-        return module if isinstance(module, Experts) else None
-
-    def _fused_expert_names(self) -> dict[str, list[str]]:
-        """Stacked experts parameter name -> the per-expert checkpoint names it stands for."""
-        return {f"{module_name}.{attr}": names for module_name, module in self.named_modules()
-                if isinstance(module, Experts)
-                for attr, names in module.checkpoint_shard_names(module_name).items()}
-
-    def _quantized_destination(self, name: str) -> tuple[Fp8Linear | None, str, int]:
-        """The Fp8Linear (with attr and shard index) that HF tensor `name` goes to, else (None, "", 0)."""
-        module_name, shard, attr = _split_name(name)
-        fused, index = _STACKED.get(shard, (shard, 0))
-        try:
-            module = self.get_submodule(".".join(filter(None, (module_name, fused))))
-        except AttributeError:
-            return None, "", 0
-        return (module, attr, index) if isinstance(module, Fp8Linear) else (None, "", 0)
-
-    def _destination(self, name: str, params: dict) -> torch.Tensor:
-        """The parameter (or row range of a fused one) that HF tensor `name` fills."""
-        module_name, shard, attr = _split_name(name)
-        if shard not in _STACKED:
-            if name not in params:
-                raise ValueError(f"unexpected weight {name!r} in the checkpoint of {type(self).__name__}")
-            return params[name]
-        fused, index = _STACKED[shard]
-        target = f"{module_name}.{fused}.{attr}"
-        if target not in params:
-            raise ValueError(f"unexpected weight {name!r} in the checkpoint of {type(self).__name__}")
-        sizes = self.get_submodule(f"{module_name}.{fused}").shard_sizes
-        return params[target].narrow(0, sum(sizes[:index]), sizes[index])
-
-    def _checkpoint_names(self) -> set[str]:
-        """HF names the checkpoint must provide: our names, fused ones expanded into their shards
-        (an Fp8Linear's: what its checkpoint kind stores, not its own parameters)."""
-        names = set()
-        for module_name, module in self.named_modules():
-            if isinstance(module, Experts):   # per expert, as Hub checkpoints hold them (or the stacked tensors)
-                names.update(n for shards in module.checkpoint_shard_names(module_name).values() for n in shards)
-                continue
-            attrs = (module.checkpoint_attrs() if isinstance(module, Fp8Linear)
-                     else [n for n, _ in module.named_parameters(recurse=False)])
-            parent, _, leaf = module_name.rpartition(".")
-            for shard in _UNSTACKED.get(leaf, (leaf,)):
-                names.update(".".join(filter(None, (parent, shard, attr))) for attr in attrs)
-        if self.tied:
-            names.discard("lm_head.weight")
-        return names
-
-
-def _split_name(name: str) -> tuple[str, str, str]:
-    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn', 'q_proj', 'weight')."""
-    module_path, _, attr = name.rpartition(".")
-    parent, _, leaf = module_path.rpartition(".")
-    return parent, leaf, attr
+        """Copy HF-named checkpoint tensors into our (partly fused) parameters (models/weights.py)."""
+        load_checkpoint(self, weights)
 
 
 def _check_supported(config, hidden_act: str) -> None:

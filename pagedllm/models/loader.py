@@ -25,7 +25,7 @@ from pagedllm.layers.quantization.fp8_config import fp8_config
 from pagedllm.layers.quantization.fp8_linear import Fp8Linear
 from pagedllm.layers.quantization.fuse import fuse_fp8_inputs
 from pagedllm.models import get_model_class, head_dim
-from pagedllm.models.llama import _UNSTACKED
+from pagedllm.models.weights import UNSTACKED
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -203,9 +203,9 @@ def _dummy_tensors(model_cls, hf_config, dtype: torch.dtype, device) -> Iterator
             tensor.add_(1.0)
         module_path, _, attr = name.rpartition(".")
         parent, _, leaf = module_path.rpartition(".")
-        if leaf not in _UNSTACKED:
+        if leaf not in UNSTACKED:
             yield name, tensor
             continue
         sizes = full.get_submodule(module_path).shard_sizes
-        for shard, part in zip(_UNSTACKED[leaf], tensor.split(list(sizes), dim=0)):
+        for shard, part in zip(UNSTACKED[leaf], tensor.split(list(sizes), dim=0)):
             yield f"{parent}.{shard}.{attr}", part

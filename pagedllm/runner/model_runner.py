@@ -21,8 +21,8 @@ from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.core.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagedllm.models import model_dims
 from pagedllm.layers.moe import SparseMoeBlock, cuda_graph_blocker
-from pagedllm.models.llama import TARGET_SMALL_M_OPS, use_small_m
 from pagedllm.models.loader import load_model
+from pagedllm.models.small_m import TARGET_SMALL_M_OPS, use_small_m
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_graph_token_cap
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RowView, RunnerRequestState, StepInputs
 from pagedllm.runner.kv_cache import (allocate_kv_caches, bytes_per_block, check_asked_size_fits,

@@ -24,8 +24,8 @@ from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.models import model_dims
 from pagedllm.layers.moe import cuda_graph_blocker
-from pagedllm.models.llama import SMALL_M_OPS, use_small_m
 from pagedllm.models.loader import load_model
+from pagedllm.models.small_m import SMALL_M_OPS, use_small_m
 from pagedllm.runner.cuda_graph import CudaGraphs, capture_sizes
 from pagedllm.runner.input_batch import BlockTables, InputBuffers, RowView, RunnerRequestState
 from pagedllm.runner.kv_cache import allocate_kv_caches, bytes_per_block

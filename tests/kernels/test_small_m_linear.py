@@ -7,7 +7,7 @@ import torch
 from kernel_checks import rel_error, run_under_interpreter
 from small_m_cases import MODES, check, interpreter_cases, torch_path
 
-from pagedllm.models.llama import SMALL_M_OPS, TARGET_SMALL_M_OPS, use_small_m
+from pagedllm.models.small_m import SMALL_M_OPS, TARGET_SMALL_M_OPS, forward_small_m, use_small_m
 
 gpu = pytest.mark.gpu
 
@@ -56,6 +56,19 @@ def test_use_small_m_only_on_plain_half_layers():
         use_small_m(model, ("lm_head",))
 
 
+def test_use_small_m_leaves_gemma_off():
+    """Gemma's layer is Llama's with (1 + weight) norms and GeGLU, which small_m_linear's folded RMSNorm and SiLU
+    do not compute: plain layers otherwise (bf16, plain linears), its path stays off."""
+    from transformers import GemmaConfig
+
+    from pagedllm.models.gemma import GemmaForCausalLM
+    cfg = GemmaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+    model = GemmaForCausalLM(cfg).to(torch.bfloat16)
+    use_small_m(model, SMALL_M_OPS)
+    assert all(not layer.small_m for layer in model.model.layers)
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("ops", [SMALL_M_OPS, TARGET_SMALL_M_OPS], ids=str)
@@ -84,11 +97,11 @@ def test_decoder_layers_with_and_without(dtype, ops):
 @pytest.mark.parametrize("residual_multiplier", [1.0, 0.3], ids=["llama", "granite"])
 @pytest.mark.parametrize("ops", [SMALL_M_OPS, TARGET_SMALL_M_OPS, ("qkv",), ("gate_up", "down")], ids=str)
 def test_decoder_layer_small_m_path_on_cpu(monkeypatch, ops, residual_multiplier):
-    """LlamaDecoderLayer._forward_small_m's plumbing (which ops fold which norm, the residual stream, the first
+    """small_m.forward_small_m's plumbing (which ops fold which norm, the residual stream, the first
     layer without a residual, Granite's residual_multiplier) on CPU: the kernel replaced by the torch code it
     fuses, float32, equal to forward."""
     from pagedllm.layers.norm import RMSNorm
-    from pagedllm.models import llama
+    from pagedllm.models import small_m
 
     def torch_small_m(x, weight, norm_weight=None, eps=0.0, residual=None, silu=False, tile=None):
         norm = None
@@ -97,7 +110,7 @@ def test_decoder_layer_small_m_path_on_cpu(monkeypatch, ops, residual_multiplier
             norm.weight.data = norm_weight
         out, new_res = torch_path(x, weight, norm, residual, silu)
         return out if residual is None else (out, new_res)
-    monkeypatch.setattr(llama, "small_m_linear", torch_small_m)
+    monkeypatch.setattr(small_m, "small_m_linear", torch_small_m)
     layer = _tiny_qwen3().model.layers[0]
     layer.self_attn.attn = _NoAttention()
     layer.small_m = frozenset(ops)
@@ -106,7 +119,7 @@ def test_decoder_layer_small_m_path_on_cpu(monkeypatch, ops, residual_multiplier
         g = torch.Generator().manual_seed(m)
         x, res, pos = torch.randn(m, 256, generator=g), torch.randn(m, 256, generator=g), torch.arange(m)
         for r in (res, None):
-            got, want = layer._forward_small_m(pos, x, r), layer(pos, x, r)   # forward: CPU, the unfused code
+            got, want = forward_small_m(layer, pos, x, r), layer(pos, x, r)   # forward: CPU, the unfused code
             for a, b in zip(got, want):
                 assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (ops, m, r is None, (a - b).abs().max())
 
