@@ -10,6 +10,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from pagedllm.field_types import check_types
+from pagedllm.profiler import ProfilerConfig
 
 DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
 
@@ -171,6 +172,15 @@ class EngineConfig:
                                                      "fused linear), o_proj, gate_proj, up_proj (or gate_up_proj), "
                                                      "down_proj; an adapter's weights elsewhere are not applied "
                                                      "(logged); None = all", nargs="+")
+    profiler_config: str | None = _f(None, "vLLM's torch profiler, a JSON object or --profiler-config.KEY VALUE: "
+                                           "profiler torch with torch_profiler_dir (both needed) traces each "
+                                           "rank's steps between LLM.start_profile() and stop_profile() (the "
+                                           "server: POST /start_profile, /stop_profile, served only then) into "
+                                           "that directory, a gzipped file per rank; keys torch_profiler_"
+                                           "with_stack, _with_flops, _use_gzip, _record_shapes, _with_memory, "
+                                           "_dump_cuda_time_total, ignore_frontend, delay_iterations, "
+                                           "max_iterations; profiler cuda: cudaProfilerStart/Stop (nsys)",
+                                     python_types=(str, dict, ProfilerConfig))
     tensor_parallel_size: int = _f(1, "GPUs (ranks) the model is split over: each holds its share of the heads, "
                                       "MLP columns and vocabulary, and their KV cache; ranks 1..N-1 run in worker "
                                       "processes (on CPU: gloo, for tests)", aliases=["-tp"])
@@ -212,6 +222,7 @@ class EngineConfig:
         self.override_generation_config = _json_object(self.override_generation_config, "override_generation_config")
         self.hf_overrides = _json_object(self.hf_overrides, "hf_overrides")
         self.structured_outputs_config = _structured_outputs_config(self.structured_outputs_config)
+        self.profiler_config = ProfilerConfig.parse(self.profiler_config)   # always one: .profiler None is off
         from pagedllm.engine.generation_config import DEFAULT_KEYS
         unknown = sorted(set(self.override_generation_config or ()) - set(DEFAULT_KEYS))
         _check(not unknown, "override_generation_config", f"made of the keys {list(DEFAULT_KEYS)}", unknown)

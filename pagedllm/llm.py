@@ -273,6 +273,16 @@ class LLM:
         offloading connector, are always reset."""
         return reset_answer(self.engine.reset_prefix_cache(), reset_running_requests)
 
+    def start_profile(self, profile_prefix: str | None = None) -> None:
+        """vLLM's: the torch profiler of profiler_config (--profiler-config) starts, in this process (the model
+        runs here) and in each tensor-parallel worker; without one, a RuntimeError naming --profiler-config.
+        profile_prefix: the trace files' names start with it."""
+        self.engine.start_profile(profile_prefix)
+
+    def stop_profile(self) -> None:
+        """The profiler stops: each rank's trace goes into torch_profiler_dir."""
+        self.engine.stop_profile()
+
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
              lora_request=None, chat_template: str | None = None, chat_template_content_format: str = "auto",
@@ -400,7 +410,7 @@ def _no_pooling(name: str) -> ValueError:
 for _name in ("encode", "embed", "classify", "score", "reward"):
     setattr(LLM, _name, refusing(_name, _no_pooling))
 # vLLM's other LLM methods not built here: a NotImplementedError saying why and what instead
-for _name in ("get_metrics", "collective_rpc", "start_profile", "stop_profile", *LLM_NAMES):
+for _name in ("get_metrics", "collective_rpc", *LLM_NAMES):
     setattr(LLM, _name, refusing(_name, functools.partial(not_built, "LLM")))
 
 

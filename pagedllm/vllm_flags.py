@@ -166,8 +166,6 @@ VLLM_FLAGS = (
     VllmFlag("offload-prefetch-step", _WEIGHT_OFFLOAD + " (1, vLLM's default, is taken)", _is("1")),
     VllmFlag("offload-params", _WEIGHT_OFFLOAD + " (none is taken)", _is([]), nargs="*"),
     VllmFlag("cpu-offload-params", _WEIGHT_OFFLOAD + " (none is taken)", _is([]), nargs="*"),
-    VllmFlag("profiler-config", "vLLM's torch profiler hooks are not built: benchmarks/step_profile.py profiles "
-             "steps", _never),
     VllmFlag("quantization-config", "a quantization's settings come from the checkpoint's config.json "
              "(quantization_config) or --quantization fp8 here; more are not built", _never),
     # flags vLLM has dropped (0.26 answers 'unrecognized arguments'), which older deployments still pass;

@@ -6,14 +6,11 @@ _METRICS = ("vLLM's snapshot of Prometheus metrics is not built: llm.engine.get_
             "counts (SchedulerStats: running, waiting, KV cache usage, prefix cache hits, preemptions)")
 _RPC = ("calls on every worker are not built: llm.engine.runner is rank 0's model runner (its model: "
         "llm.engine.runner.model)")
-_PROFILE = ("vLLM's built-in torch profiler is not built: wrap the calls in torch.profiler.profile() (the model "
-            "runs in this process at tensor_parallel_size 1)")
 
 # a name of vLLM's LLMEngine (the methods also of its LLM) -> why not, and what instead
 ENGINE_NAMES = {
     "get_metrics": _METRICS, "get_num_unfinished_requests": "has_unfinished_requests() is built; " + _METRICS,
     "collective_rpc": _RPC, "apply_model": _RPC,
-    "start_profile": _PROFILE, "stop_profile": _PROFILE,
 }
 
 
@@ -27,14 +24,11 @@ LLM_NAMES = dict.fromkeys(("init_weight_transfer_engine", "start_weight_update",
 
 _CORE_RPC = ("calls on the engine core's workers are not built: the model runs in the engine core process, which "
              "takes requests, LoRA adapters and statistics calls only")
-_CORE_PROFILE = ("vLLM's built-in torch profiler is not built: the model runs in the engine core process; profile "
-                 "offline (LLM, whose model runs in its caller's process) under torch.profiler.profile()")
 _DATA_PARALLEL = "data parallelism is not built: one engine core serves every request"
 
 # a method of vLLM's AsyncLLM (EngineClient) -> why not, and what instead
 ASYNC_LLM_NAMES = {
     "collective_rpc": _CORE_RPC,
-    "start_profile": _CORE_PROFILE, "stop_profile": _CORE_PROFILE,
     **dict.fromkeys(("scale_elastic_ep", "wait_for_requests_to_drain"), _DATA_PARALLEL),
     "notify_kv_transfer_request_rejected": "KV transfer connectors (disaggregated prefill) are not built",
     **LLM_NAMES,

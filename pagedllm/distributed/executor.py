@@ -195,6 +195,10 @@ class TPRunner:
         self.runner.clear_kv_disk()
         self._told(("clear_kv_disk",))
 
+    def profile(self, is_start: bool, prefix: str | None = None):
+        """Every rank's profiler starts or stops, each writing its own trace file (vLLM's: each worker's)."""
+        return self._mirrored(("profile", is_start, prefix), self.runner.profile, is_start, prefix)
+
     def reset_after_failed_step(self):
         return self._mirrored(("reset_after_failed_step",), self.runner.reset_after_failed_step)
 

@@ -6,7 +6,7 @@ call for a Ray executor). Messages, in the driver's order:
     ("result", step)                      ("reset_after_failed_step",)
     ("drop_request", req_id)              ("shutdown",)
     ("lora", manager method, *args)       ("add_lora_request", req_id, LoRARequest, fingerprint)
-    ("clear_kv_disk",)
+    ("clear_kv_disk",)                    ("profile", is_start, prefix)
 A step's SchedulerOutput carries its KV tier copies (runner/kv_offload.py): each rank moves its own share.
 The worker's steps launch and read like the driver's (execute of N+1 before result of N), so its device keeps
 the next step queued too; its sampled ids equal the driver's (same all-gathered logits, same seeds) and
@@ -79,6 +79,8 @@ class Worker:
                 self.runner.drop_request(msg[1])
             elif kind == "clear_kv_disk":
                 self.runner.clear_kv_disk()
+            elif kind == "profile":   # this rank's trace: a failure here is logged, the steps go on
+                self.runner.profile(msg[1], msg[2])
             elif kind in ("lora", "add_lora_request"):
                 self._lora_call(msg)
             elif kind == "reset_after_failed_step":   # the step in flight before it is still read next
@@ -126,6 +128,7 @@ class Worker:
         from pagedllm.distributed.parallel_state import destroy_tp
         if self._failed is not None:
             self._failed[1].cancel()
+        self.runner.profiler.shutdown()   # a profile still running writes its trace
         destroy_tp(self.tp)
 
 

@@ -28,6 +28,7 @@ from pagedllm.engine.tokenizer import load_engine_tokenizer
 from pagedllm.engine.vllm_config import ModelConfig, VllmConfig, vllm_config_of
 from pagedllm.metrics import SchedulerStats, StatsLogger, StepStats
 from pagedllm.outputs import RequestOutput
+from pagedllm.profiler import frontend_profiler
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.engine.pause import check_mode, check_sleep_level, check_wake_up_tags
@@ -90,6 +91,7 @@ class AsyncLLM:
         self.vllm_config: VllmConfig = vllm_config_of(config, model, num_blocks, self.default_sampling_params)
         self.max_waiting_queue_length = max_waiting_queue_length
         self.log_requests = log_requests
+        self._frontend_profiler = frontend_profiler(config.profiler_config)   # vLLM's trace of the API process
         self._stats_logger = StatsLogger(0)           # do_log_stats()' lines (their rates since the last)
         self.shared_waiting = shared_waiting
         self._num_published = 0                       # this process's part of shared_waiting
@@ -184,6 +186,20 @@ class AsyncLLM:
 
     async def is_sleeping(self) -> bool:
         return await self.link.call("is_paused")
+
+    # ---- vLLM's profiler (--profiler-config; profiler.py) ---------------------------------------------------
+    async def start_profile(self, profile_prefix: str | None = None) -> None:
+        """vLLM's: the torch profiler starts in the engine core (each tensor-parallel rank's) and, unless
+        ignore_frontend, in this process (its CPU work); a RuntimeError naming --profiler-config without one."""
+        await self.link.call("profile", True, profile_prefix)
+        if self._frontend_profiler is not None:
+            await asyncio.to_thread(self._frontend_profiler.start)
+
+    async def stop_profile(self) -> None:
+        """The profilers stop, each writing its trace into torch_profiler_dir."""
+        await self.link.call("profile", False)
+        if self._frontend_profiler is not None:
+            await asyncio.to_thread(self._frontend_profiler.stop)
 
     async def is_tracing_enabled(self) -> bool:   # no OpenTelemetry tracing is built
         return False

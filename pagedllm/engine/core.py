@@ -17,6 +17,7 @@ from pagedllm.core.messages import EngineCoreOutput, SchedulerOutput
 from pagedllm.core.offload import KVOffloadManager
 from pagedllm.core.scheduler import PauseState, Scheduler
 from pagedllm.metrics import SchedulerStats, StepStats
+from pagedllm.profiler import not_enabled
 from pagedllm.request import Request, RequestStatus
 from pagedllm.distributed.executor import WorkerDiedError, build_runner
 from pagedllm.runner.model_runner import PendingOutput
@@ -380,6 +381,13 @@ class EngineCore:
         self.runner.clear_kv_disk()   # every rank's files
         return True
 
+    def profile(self, is_start: bool, prefix: str | None = None):
+        """vLLM's: every rank's torch profiler starts (prefix: its trace files' names start with it) or stops,
+        writing the traces (profiler.py). A RuntimeError when no --profiler-config enabled it."""
+        if not self.runner.config.profiler_config.enabled:
+            raise not_enabled()
+        self.runner.profile(is_start, prefix)
+
     def get_stats(self) -> SchedulerStats:
         stats = self.scheduler.make_stats()
         if self.speculator is not None:
@@ -391,6 +399,7 @@ class EngineCore:
 
     def shutdown(self):
         """Stops the tensor-parallel workers (none at tensor_parallel_size 1)."""
+        self.runner.profiler.shutdown()   # a profile still running writes its trace
         shutdown = getattr(self.runner, "shutdown", None)
         if shutdown is not None:
             shutdown()

@@ -250,7 +250,7 @@ def _handle(core, conn: _SharedConn, msg: tuple, lora_calls: "_LoRACalls", clien
     elif kind == "stats":
         clients.send(conn, ("stats", core.get_stats()))
     elif kind == "lora":   # ("lora", call id, add_lora | remove_lora | list_loras | pin_lora, *args), and
-        # reset_prefix_cache, pause, resume, is_paused: the calls answered by call id
+        # reset_prefix_cache, pause, resume, is_paused, profile: the calls answered by call id
         lora_calls.start(conn, msg[1], msg[2], msg[3:])
     elif kind == "shutdown":
         clients.leave(conn, core)
@@ -259,7 +259,7 @@ def _handle(core, conn: _SharedConn, msg: tuple, lora_calls: "_LoRACalls", clien
 
 
 # the engine core's methods a call may name, besides add_lora
-_CALLS = ("remove_lora", "list_loras", "pin_lora", "reset_prefix_cache", "pause", "resume", "is_paused")
+_CALLS = ("remove_lora", "list_loras", "pin_lora", "reset_prefix_cache", "pause", "resume", "is_paused", "profile")
 
 
 class _LoRACalls:

@@ -217,6 +217,15 @@ class Engine:
         """See EngineCore.reset_prefix_cache: the GPU prefix cache and the CPU and disk tiers."""
         return self.core.reset_prefix_cache()
 
+    def start_profile(self, profile_prefix: str | None = None):
+        """vLLM's: the torch profiler of --profiler-config starts on every rank (RuntimeError without one);
+        profile_prefix starts the trace files' names."""
+        self.core.profile(True, profile_prefix)
+
+    def stop_profile(self):
+        """The profiler stops; each rank writes its trace into the config's torch_profiler_dir."""
+        self.core.profile(False)
+
     def get_stats(self) -> SchedulerStats:
         return self.core.get_stats()
 

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 
 from pagedllm.cli import add_config_args, add_engine_args
+from pagedllm.profiler import ProfilerConfig
 from pagedllm.config import DEMO_MODEL, EngineConfig, ServerConfig, config_fields
 from pagedllm.vllm_flags import HF_OVERRIDE_KWARGS, VLLM_FLAGS, add_vllm_flags, check_vllm_kwargs
 
@@ -44,6 +45,8 @@ class _EngineArgs:
         argument, checked with the others when the engine is built; a name that is none is refused at once."""
         if name not in self.__dataclass_fields__:
             raise AttributeError(f"{type(self).__name__} has no engine argument {name!r}")
+        if name == "profiler_config":   # vLLM's is a ProfilerConfig (scripts read .profiler): checked at once
+            value = ProfilerConfig.parse(value)
         object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:   # the arguments given: the others are their defaults

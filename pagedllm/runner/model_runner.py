@@ -28,6 +28,7 @@ from pagedllm.runner.input_batch import BlockTables, InputBuffers, RowView, Runn
 from pagedllm.runner.kv_cache import (allocate_kv_caches, bytes_per_block, check_asked_size_fits,
                                       determine_num_blocks)
 from pagedllm.runner.kv_offload import KVOffload, copy_blocks, copy_scratch_bytes
+from pagedllm.profiler import RankProfiler
 from pagedllm.runner.memory_profile import profile_free_kv_bytes
 from pagedllm.sample.logits_processors import build_logits_processors, uses_processors
 from pagedllm.sample.penalties import Penalties, PenaltyTable
@@ -52,6 +53,7 @@ class ModelRunner:
         self.config = config
         self.tp = tp
         self.device = device
+        self.profiler = RankProfiler(config.profiler_config, tp.rank, device)   # --profiler-config (profiler.py)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         start = time.perf_counter()
@@ -156,6 +158,13 @@ class ModelRunner:
         if self.kv_offload is not None:
             self.kv_offload.clear_disk()
 
+    def profile(self, is_start: bool, prefix: str | None = None):
+        """vLLM's worker profile(): this rank's torch profiler starts or stops (its trace file written)."""
+        if is_start:
+            self.profiler.start(prefix)
+        else:
+            self.profiler.stop()
+
     def reset_after_failed_step(self):
         """A launched step raised. Its requests are failed; the step before it is read next, so no input
         id of a later step is taken from the device, and the sampling metadata is rebuilt."""
@@ -167,6 +176,10 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute_async(self, sched: SchedulerOutput) -> "PendingOutput":
+        with self.profiler.step(sched):   # nothing unless a profile is started
+            return self._execute_async(sched)
+
+    def _execute_async(self, sched: SchedulerOutput) -> "PendingOutput":
         # Block copies between the KV tiers first, queued before the forward that reads the blocks: a
         # failure of the per-request work below cannot leave a preempted request's swap-out undone.
         transfer = self.kv_offload.execute(sched.kv_transfers) if self.kv_offload is not None else None

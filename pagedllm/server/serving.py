@@ -175,7 +175,9 @@ def system_fingerprint(engine_config, mode: str = "full", value: str | None = No
     import dataclasses
     import hashlib
     from pagedllm import __version__
-    fields = json.dumps(dataclasses.asdict(engine_config), sort_keys=True, default=str)
+    values = dataclasses.asdict(engine_config)
+    values.pop("profiler_config", None)   # changes no answer (vLLM's compute_hash leaves it out too)
+    fields = json.dumps(values, sort_keys=True, default=str)
     parts = [f"pagedllm-{__version__}"]
     tp = getattr(engine_config, "tensor_parallel_size", 1)
     if mode == "full" and tp > 1:

@@ -213,7 +213,7 @@ def test_from_engine_args_builds_the_engine_as_vllms(tiny_model_dirs, caplog):
         AsyncLLM.from_engine_args(args, stat_loggers=[object])
 
 
-VLLM_NOT_BUILT = ["collective_rpc", "start_profile", "stop_profile", "scale_elastic_ep", "wait_for_requests_to_drain",
+VLLM_NOT_BUILT = ["collective_rpc", "scale_elastic_ep", "wait_for_requests_to_drain",
                   "notify_kv_transfer_request_rejected", "init_weight_transfer_engine", "update_weights"]
 
 

@@ -36,7 +36,6 @@ def test_the_rest_of_vllms_named_llm_arguments_are_taken_or_refused_naming_them(
     with pytest.raises(FileNotFoundError, match="chat_template 'chatml': no such file"):
         LLM(device="cpu", chat_template="chatml")
     for kwargs, words in (({"offload_group_size": 4}, "offloading model weights"),
-                          ({"profiler_config": {"profiler": "torch"}}, "profiler"),
                           ({"quantization_config": {"x": 1}}, "quantization")):
         with pytest.raises(ValueError, match=rf"LLM\({next(iter(kwargs))}=.*{words}"):
             check_vllm_kwargs(kwargs)
@@ -114,8 +113,8 @@ def test_vllms_llm_engine_attribute_is_the_engine_with_vllms_names_or_says_what_
         llm.engine.no_such_name
 
 
-@pytest.mark.parametrize("method, words", [("collective_rpc", "llm.engine.runner"), ("start_profile", "profiler"),
-                                           ("stop_profile", "profiler"), ("get_metrics", "llm.engine.get_stats")])
+@pytest.mark.parametrize("method, words", [("collective_rpc", "llm.engine.runner"),
+                                           ("get_metrics", "llm.engine.get_stats")])
 def test_vllms_llm_methods_not_built_say_why(method, words):
     llm = LLM.__new__(LLM)   # no engine is needed to refuse
     with pytest.raises(NotImplementedError, match=rf"LLM\.{method}\(\), vLLM's: .*{words}"):
