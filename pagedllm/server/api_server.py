@@ -33,6 +33,7 @@ from pagedllm.server.launch import LoRAModulePath, ServeChecks
 from pagedllm.server.lora import ServingLoRAs, lora_routes, model_card
 from pagedllm.server.metrics import HttpMetrics, ServerMetrics
 from pagedllm.server.pause_routes import dev_mode, pause_routes
+from pagedllm.server.profile_routes import profile_routes
 from pagedllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                      validated)
 from pagedllm.server.response_store import ResponseStore
@@ -56,8 +57,9 @@ API_GC_THRESHOLD = 20_000
 
 
 def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig, api_keys: list[str],
-              lora_modules: list[LoRAModulePath] = ()) -> FastAPI:
-    """api_keys: any of them opens a keyed route (resolved_api_keys); []: no key."""
+              lora_modules: list[LoRAModulePath] = (), profiling: bool = False) -> FastAPI:
+    """api_keys: any of them opens a keyed route (resolved_api_keys); []: no key. profiling: --profiler-config
+    set a profiler, so /start_profile and /stop_profile are served."""
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         ctx.engine.attach()   # watch the core from the start, not from the first request
@@ -164,6 +166,10 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, config: ServerConfig,
     app.include_router(_tokenizer_routes(ctx, keyed, config.enable_tokenizer_info_endpoint))
     if dev_mode():
         app.include_router(pause_routes(ctx.engine, keyed))
+    if profiling:   # vLLM's: served only with a profiler configured
+        logger.warning("a profiler is enabled: /start_profile and /stop_profile are served (for local development "
+                       "only, as vLLM says)")
+        app.include_router(profile_routes(ctx.engine, keyed))
 
     @app.get("/health")
     @app.get("/ping")    # SageMaker's name for it (vLLM's), GET or POST
@@ -415,7 +421,8 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
                          if server_config.enable_log_requests else None)
     if engine_config.enable_lora:
         ctx.loras = ServingLoRAs(engine, ctx.model_name, ctx.model_aliases)
-    app = build_app(ctx, metrics, server_config, resolved_api_keys(server_config), checks.lora_modules)
+    app = build_app(ctx, metrics, server_config, resolved_api_keys(server_config), checks.lora_modules,
+                    profiling=engine_config.profiler_config.enabled)
     return app, ctx
 
 

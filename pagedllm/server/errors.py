@@ -191,6 +191,9 @@ _DEV = "vLLM serves it with VLLM_SERVER_DEV_MODE=1 only; "
 VLLM_DEV_ROUTES = dict.fromkeys(("/sleep", "/wake_up", "/is_sleeping", "/pause", "/resume", "/is_paused"),
                                 "served (as by vLLM) with VLLM_SERVER_DEV_MODE=1 only: pausing the scheduler, "
                                 "sleep level 0")
+VLLM_DEV_ROUTES.update(dict.fromkeys(("/start_profile", "/stop_profile"), "served (as by vLLM) only with "
+                                     "--profiler-config, e.g. '--profiler-config.profiler=torch "
+                                     "--profiler-config.torch_profiler_dir=DIR'"))
 _WEIGHTS = "weight transfer (weights updated in place, for RL training) is not built: start a server on the " \
            "updated checkpoint"
 # vLLM 0.26's routes that pagedllm does not serve -> why, and what instead: a 404 that names it (not "no such route")
@@ -207,8 +210,6 @@ VLLM_ROUTES_NOT_BUILT = {
     "/get_world_size": _DEV + "the world size is --tensor-parallel-size",
     **dict.fromkeys(("/init_weight_transfer_engine", "/start_weight_update", "/start_draft_weight_update",
                      "/update_weights", "/finish_weight_update"), _DEV + _WEIGHTS),
-    "/start_profile": "vLLM's built-in torch profiler (--profiler-config) is not built here",
-    "/stop_profile": "vLLM's built-in torch profiler (--profiler-config) is not built here",
     "/scale_elastic_ep": "elastic expert parallelism is not built: no mixture-of-experts model is built here",
     "/is_scaling_elastic_ep": "elastic expert parallelism is not built: no mixture-of-experts model is built here",
 }

@@ -246,9 +246,7 @@ def test_vllms_routes_not_built_are_404s_naming_why(client):
     """vLLM 0.26's development routes (VLLM_SERVER_DEV_MODE=1: /server_info, /reset_prefix_cache, /is_sleeping,
     ...) and its other routes not built: a 404 saying so and why, not the plain 'no such route'."""
     for method, path, words in [("GET", "/server_info", "VLLM_SERVER_DEV_MODE"),
-                                ("POST", "/reset_prefix_cache", "prefix cache"),
-                                
-                                ("POST", "/start_profile", "profiler")]:
+                                ("POST", "/reset_prefix_cache", "prefix cache")]:
         r = client.request(method, path)
         assert r.status_code == 404, r.text
         error = r.json()["error"]
@@ -256,5 +254,10 @@ def test_vllms_routes_not_built_are_404s_naming_why(client):
     for path in ("/is_sleeping", "/sleep", "/pause"):   # built, served as vLLM does in its development mode
         r = client.request("GET" if path.startswith("/is") else "POST", path)
         assert r.status_code == 404 and "VLLM_SERVER_DEV_MODE=1" in r.json()["error"]["message"], r.text
+    for path in ("/start_profile", "/stop_profile"):   # built, served as vLLM does with a --profiler-config
+        r = client.post(path)
+        assert r.status_code == 404 and r.json()["error"]["message"] == (
+            f"{path} is a development route: served (as by vLLM) only with --profiler-config, e.g. "
+            f"'--profiler-config.profiler=torch --profiler-config.torch_profiler_dir=DIR'"), r.text
     r = client.get("/no_such_thing")
     assert r.status_code == 404 and "no such route" in r.json()["error"]["message"], r.text
