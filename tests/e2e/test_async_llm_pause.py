@@ -6,23 +6,11 @@ import asyncio
 
 import pytest
 
+from e2e.test_async_llm_api import run   # body(engine) on a fresh AsyncLLM, shut down after
 from pagedllm import SamplingParams
-from pagedllm.config import EngineConfig
-from pagedllm.engine.async_llm import AsyncLLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 PROMPT = list(range(3, 20))
-
-
-def run(model_dir: str, body):
-    async def main():
-        engine = AsyncLLM(EngineConfig(model_dir, num_gpu_blocks_override=64, max_model_len=256,
-                                       log_stats_interval=0, device="cpu"))
-        try:
-            await body(engine)
-        finally:
-            engine.shutdown()
-    asyncio.run(main())
 
 
 async def _last(engine, request_id, params=GREEDY):
