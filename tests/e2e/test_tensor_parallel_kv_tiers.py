@@ -12,6 +12,8 @@ from pagedllm import LLM
 from pagedllm.request import Request
 from test_kv_tiers import BLOCK_BYTES, BS, GREEDY, gib, prompts_of, tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_rank")
+
 PREEMPTING = dict(dtype="float32", device="cpu", log_stats_interval=0, block_size=BS, num_gpu_blocks_override=14,
                   enable_prefix_caching=False)   # off: a resumed request loads its blocks, no prefix hit
 PROMPTS = prompts_of([30, 45, 20, 60, 33, 50])
