@@ -22,6 +22,8 @@ from pagedllm.layers.quantization.fp8 import dequantize_blocks, quantize_per_cha
 from pagedllm.layers.quantization.fp8_linear import Fp8Linear
 from pagedllm.models.loader import load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_rank")
+
 CPU = torch.device("cpu")
 PROMPTS = [[1] + [5 + (7 * i + j) % 400 for j in range(n)] for i, n in enumerate((3, 17, 40))]
 ENGINE = dict(device="cpu", dtype="float32", log_stats_interval=0, max_num_batched_tokens=32, max_model_len=256)

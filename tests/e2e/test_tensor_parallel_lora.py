@@ -13,6 +13,8 @@ from e2e.test_lora import make_adapter
 from pagedllm import LLM, LoRARequest, SamplingParams
 from pagedllm.config import EngineConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_rank")
+
 ADAPTERS = {   # name: LoraConfig kwargs
     "every": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                        "up_proj", "down_proj"]),

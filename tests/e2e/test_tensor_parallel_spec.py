@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from conftest import make_tiny_model
 from pagedllm import LLM, SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_rank")
+
 ENGINE = dict(device="cpu", log_stats_interval=0, max_num_batched_tokens=32, max_model_len=256)   # chunked
 PROMPTS = [[1] + [5 + (7 * i + j) % 400 for j in range(n)] for i, n in enumerate((0, 6, 40))]
 PROMPTS.append([1] + [5 + (3 * j) % 11 for j in range(8)] * 3)   # repeats: n-gram proposes from the prompt too
