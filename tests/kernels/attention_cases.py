@@ -9,6 +9,7 @@ block tables are shuffled block ids, and table entries a row must not read point
 (the oracle gets a clean copy), so a stray read faults or shows up as a wrong answer.
 """
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,13 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 def check_attention(batch: Batch, backend, scale=None, kv_scales=(1.0, 1.0)) -> float:
     """triton vs torch on the cache after this step's write; padding rows must come out as zeros."""
+    return checked_attention(batch, backend, scale, kv_scales)[0]
+
+
+def checked_attention(batch: Batch, backend, scale=None, kv_scales=(1.0, 1.0)) -> tuple[float, torch.Tensor]:
+    """check_attention's check; -> (its relative error, the backend's output), the output that
+    check_row_independent_of_batch and check_graph_padding compare with (`out`): the interpreter need not
+    compute it again for them."""
     scale = scale or batch.q.shape[-1] ** -0.5
     torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
     ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale, *kv_scales)
@@ -122,17 +130,18 @@ def check_attention(batch: Batch, backend, scale=None, kv_scales=(1.0, 1.0)) -> 
     real = ~batch.padding
     err = rel_error(out[real], ref[real])
     assert err <= TOLERANCE[batch.q.dtype], f"relative error {err:.2e} > {TOLERANCE[batch.q.dtype]:.0e}"
-    return err
+    return err, out
 
 
-def check_row_independent_of_batch(batch: Batch, backend, row: int, kv_scales=(1.0, 1.0)) -> None:
+def check_row_independent_of_batch(batch: Batch, backend, row: int, kv_scales=(1.0, 1.0), out=None) -> None:
     """A decode row alone (with a looser max_seq_len) gives bit-identical output to the same row in the batch,
     when both steps cut rows into the same segments (triton_backend.decode_partition: a small decode-only step
-    uses shorter ones; max_query_len 2, as a mixed step has, keeps the alone row on the batch's)."""
+    uses shorter ones; max_query_len 2, as a mixed step has, keeps the alone row on the batch's). out: the
+    batch's output, if checked_attention computed it already."""
     from pagedllm.attention import triton_backend
     scale = batch.q.shape[-1] ** -0.5
     torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
-    full = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
+    full = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales) if out is None else out
     m = batch.meta
     start = m.query_start_loc_cpu[row]
     assert m.query_start_loc_cpu[row + 1] - start == 1
@@ -147,13 +156,14 @@ def check_row_independent_of_batch(batch: Batch, backend, row: int, kv_scales=(1
 
 
 def check_graph_padding(batch: Batch, backend, extra_rows: int = 3, extra_tokens: int = 5,
-                        kv_scales=(1.0, 1.0)) -> None:
+                        kv_scales=(1.0, 1.0), out=None) -> None:
     """Padded as the runner pads a step for a CUDA graph (rows with no tokens after the real ones, tokens of
     no row with slot -1 after the real tokens, upper bounds for max_query_len and max_seq_len): every real
-    token's output is bit-identical, and the cache is unchanged past the real tokens' slots."""
+    token's output is bit-identical, and the cache is unchanged past the real tokens' slots. out: the unpadded
+    step's output, if checked_attention computed it already."""
     scale = batch.q.shape[-1] ** -0.5
     backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
-    want = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
+    want = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales) if out is None else out
     m, num_tokens, dev = batch.meta, batch.q.shape[0], batch.q.device
 
     def pad(t, n, value):
@@ -272,30 +282,35 @@ def _patch_interpreter() -> None:
     interpreter.InterpreterBuilder.create_dot = patched_dot
 
 
-def run_interpreter() -> None:
+def run_interpreter(cases: list[int] | None = None) -> None:
+    """cases: the indices of interpreter_cases() to run (all by default)."""
     from pagedllm.attention import triton_backend
     _patch_interpreter()
     # Tiny segments, so that a 300-token row exercises many segments and the "longer segments" regime; small
     # decode-only steps' segments shorter than a tile
     triton_backend.PARTITION, triton_backend.MAX_SEGMENTS, triton_backend.SMALL_BATCH_PARTITION = 64, 4, 32
-    for name, rows, (hq, hkv, dim, bs, dtype), seed in interpreter_cases():
+    for i, (name, rows, (hq, hkv, dim, bs, dtype), seed) in enumerate(interpreter_cases()):
+        if cases is not None and i not in cases:   # drawn all the same: a case's rows do not depend on the others
+            continue
         batch = make_batch(rows, hq, hkv, dim, bs, dtype, "cpu", seed=seed)
         check_write_kv(batch, triton_backend)
-        err = check_attention(batch, triton_backend)
+        # the batch's output once, for all three checks (each kernel call is seconds in the interpreter)
+        err, out = checked_attention(batch, triton_backend)
         decode_row = next(i for i, (s, q) in enumerate(rows) if q == 1 and s > 0)
-        check_row_independent_of_batch(batch, triton_backend, decode_row)
-        check_graph_padding(batch, triton_backend)
+        check_row_independent_of_batch(batch, triton_backend, decode_row, out=out)
+        check_graph_padding(batch, triton_backend, out=out)
         rows, shared = shared_prefix_rows(random.Random(seed), 2 * 64, groups=2, per_group=3, block_size=bs)
         check_shared_prefix(make_batch(rows, hq, hkv, dim, bs, dtype, "cpu", seed=seed, shared=shared),
                             triton_backend, bs)
         # a small decode-only step (batch-1 decode, a speculative verify): its own, shorter segments
         small = make_batch([(300, 1), (1, 1), (0, 1), (77, 1), (150, 1)], hq, hkv, dim, bs, dtype, "cpu", seed=seed)
         assert triton_backend.decode_partition(small.meta) == triton_backend.SMALL_BATCH_PARTITION
-        err = max(err, check_attention(small, triton_backend))
-        check_row_independent_of_batch(small, triton_backend, 0)
-        check_graph_padding(small, triton_backend)
+        small_err, out = checked_attention(small, triton_backend)
+        err = max(err, small_err)
+        check_row_independent_of_batch(small, triton_backend, 0, out=out)
+        check_graph_padding(small, triton_backend, out=out)
         print(f"ok {name} rel_err={err:.1e}", flush=True)
 
 
 if __name__ == "__main__":
-    run_interpreter()
+    run_interpreter([int(a) for a in sys.argv[1:]] or None)

@@ -18,13 +18,19 @@ def test_kernels_under_triton_interpreter():
     assert stdout.count("ok ") == len(list(interpreter_cases())), stdout
 
 
-@pytest.mark.parametrize("path", ["fused", "wide"])
-def test_engine_through_kernels_under_triton_interpreter(path):
-    """The engine's LoRA steps through the kernels (on CPU tensors) give transformers + PEFT's tokens (~25 s);
-    wide: PAGEDLLM_LORA_KERNEL=wide's layers (the slots' A rows in the base GEMM, then the expand)."""
+@pytest.fixture(scope="module")
+def engine_paths_output() -> str:
+    """Both paths' engines in one interpreter process: the model, adapters and PEFT references made once."""
     pytest.importorskip("triton")
     pytest.importorskip("peft")
-    assert "ok engine" in run_under_interpreter("lora_engine_cases.py", 600, *([path] if path == "wide" else []))
+    return run_under_interpreter("lora_engine_cases.py", 600, "fused", "wide", check=False)
+
+
+@pytest.mark.parametrize("path", ["fused", "wide"])
+def test_engine_through_kernels_under_triton_interpreter(engine_paths_output, path):
+    """The engine's LoRA steps through the kernels (on CPU tensors) give transformers + PEFT's tokens (~20 s
+    both); wide: PAGEDLLM_LORA_KERNEL=wide's layers (the slots' A rows in the base GEMM, then the expand)."""
+    assert f"ok engine {path}\n" in engine_paths_output, engine_paths_output
 
 
 def test_kernels_compile_for_hopper():

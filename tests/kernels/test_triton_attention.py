@@ -15,7 +15,7 @@ from attention_cases import (
     random_rows,
     shared_prefix_rows,
 )
-from kernel_checks import run_under_interpreter
+from kernel_checks import run_under_interpreter_side_by_side
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEADS = [(16, 8), (32, 8), (8, 8), (12, 4), (8, 1)]    # Qwen3-0.6B, Llama-3.1-8B, MHA, group 3, MQA
@@ -23,7 +23,7 @@ HEADS = [(16, 8), (32, 8), (8, 8), (12, 4), (8, 1)]    # Qwen3-0.6B, Llama-3.1-8
 
 def test_kernels_under_triton_interpreter():
     pytest.importorskip("triton")
-    stdout = run_under_interpreter("attention_cases.py", timeout=600)
+    stdout = run_under_interpreter_side_by_side("attention_cases.py", 600, [["0", "1"], ["2", "3"]])
     assert stdout.count("ok ") == 4, stdout
 
 
