@@ -15,6 +15,8 @@ from conftest import assert_dies_within, final_token_ids, longrope, make_tiny_mo
 from pagedllm import LLM, SamplingParams
 from pagedllm.distributed.executor import WorkerDiedError
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_rank")
+
 MODELS = {   # name: (arch, overrides)
     # biases on every linear: a row-parallel layer's (o_proj, down_proj) is added once, after the all-reduce
     "llama_kv1_tied_bias": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True, seed=11,
