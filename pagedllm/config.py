@@ -121,6 +121,9 @@ class EngineConfig:
                                         "preempted: fcfs (arrival order; the newest is preempted) or priority "
                                         "(a request's priority, lower first, then arrival: vLLM's)",
                                 choices=_SCHEDULING_POLICIES)
+    stream_interval: int = _f(1, "streamed outputs (the server's chunks, DELTA and CUMULATIVE outputs) come every "
+                                 "this many tokens (the first token and the last at once); 1: one for each engine "
+                                 "step, as it ends (vLLM's; its EngineArgs' and scheduler_config's)")
     swap_space: float | None = _f(None, "GiB of CPU memory for the blocks of swapped-out requests, only with "
                                         f"preemption_mode swap (default there: {_SWAP_SPACE_GIB:g}), as vLLM V0's "
                                         "flag (vLLM V1 ignored it; 0.18 and later have none); under tensor "
@@ -200,6 +203,8 @@ class EngineConfig:
                self.quantization)
         _check(self.kv_cache_dtype in _KV_CACHE_DTYPES, "kv_cache_dtype", f"one of {_KV_CACHE_DTYPES}",
                self.kv_cache_dtype)
+        _check(type(self.stream_interval) is int and self.stream_interval >= 1, "stream_interval",
+               "an integer >= 1 (tokens per streamed output)", self.stream_interval)
         _check(self.load_format in _LOAD_FORMATS, "load_format", f"one of {_LOAD_FORMATS}", self.load_format)
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
                "a power of two from 1 to 128", self.block_size)
@@ -392,8 +397,6 @@ class ServerConfig:
     engine_step_timeout: float = _f(60.0, "seconds one pass of the engine core's step loop may take (a long "
                                           "prefill, a kernel compiling) before the core counts as hung, as "
                                           "vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S: /health 503, requests fail")
-    stream_interval: int = _f(1, "streamed responses send a chunk every this many tokens (the first token and the "
-                                 "last at once); 1: a chunk for each engine step, as it ends (vLLM's)")
     responses_store: int = _f(0, "how many /v1/responses answers to keep for requests with store: true (the last "
                                  "N, in memory): previous_response_id continues one, GET and DELETE "
                                  "/v1/responses/{id} read and remove one; 0: store true is a 400 (vLLM: "
@@ -509,8 +512,6 @@ class ServerConfig:
         _check(self.fingerprint_mode in FINGERPRINT_MODES, "fingerprint_mode", f"one of {FINGERPRINT_MODES}",
                self.fingerprint_mode)
         _check(self.engine_step_timeout >= 2, "engine_step_timeout", ">= 2 seconds", self.engine_step_timeout)
-        _check(isinstance(self.stream_interval, int) and self.stream_interval >= 1, "stream_interval",
-               "an integer >= 1 (tokens per streamed chunk)", self.stream_interval)
         _check(isinstance(self.api_server_count, int) and 1 <= self.api_server_count <= 64, "api_server_count",
                "an integer in [1, 64]", self.api_server_count)
         _check(isinstance(self.responses_store, int) and self.responses_store >= 0, "responses_store",

@@ -34,9 +34,9 @@ class LLM:
         """engine_args: EngineConfig's fields, or vLLM's LLM arguments (vllm_flags.py: each is taken with vLLM's
         meaning or refused naming it and why). No statistics log lines unless asked for, as vLLM's LLM
         (disable_log_stats=True). chat_template (a file or the text, as --chat-template): chat()'s template
-        where a call gives none, over the tokenizer's. stream_interval and enable_log_requests (AsyncEngineArgs',
-        so `LLM(**dataclasses.asdict(AsyncEngineArgs(...)))` works): the engine's, as the AsyncLLM's: llm_engine's
-        streamed (DELTA, CUMULATIVE) outputs every this many tokens, an info line per request added and aborted."""
+        where a call gives none, over the tokenizer's. stream_interval (a field, as vLLM's EngineArgs'): llm_engine's
+        streamed (DELTA, CUMULATIVE) outputs every this many tokens. enable_log_requests (AsyncEngineArgs', so
+        `LLM(**dataclasses.asdict(AsyncEngineArgs(...)))` works): an info line per request added and aborted."""
         self.chat_template = read_chat_template(chat_template, "chat_template")
         own = async_llm_kwargs({k: engine_args.pop(k, None) for k in ASYNC_LLM_ARGS})
         self.engine = Engine(engine_config(model, {"disable_log_stats": True, **engine_args}), **own)

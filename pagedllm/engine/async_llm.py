@@ -53,7 +53,7 @@ class EngineGenerateError(RuntimeError):
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_queue_length: int | None = None,
                  on_step_stats: Callable[[StepStats], None] | None = None, heartbeat_timeout: float = 5.0,
-                 step_timeout: float = 60.0, on_dead: Callable[[], None] | None = None, stream_interval: int = 1,
+                 step_timeout: float = 60.0, on_dead: Callable[[], None] | None = None,
                  core: CoreClient | None = None, shared_waiting=None, log_requests: bool = False):
         """max_waiting_queue_length: refuse new requests (QueueFullError) while this many sequences wait
         for their first step (None = no bound). on_step_stats: called with each step's request timings.
@@ -62,8 +62,6 @@ class AsyncLLM:
         may take (a long prefill, a kernel compiling) before it counts as hung. Either way: not healthy,
         requests in flight fail.
         on_dead: called once when the core process has exited (the server exits then).
-        stream_interval: a streamed (DELTA or CUMULATIVE) request's outputs come every this many tokens (the
-        first token and the finish at once); 1: one output per step.
         core: a client of a core process started already (by server/launch.py before the server's imports, or
         one of several API processes' in server/api_servers.py; default: start one); it is shut down with this
         engine, or if this constructor fails. shared_waiting: with several, the multiprocessing.Value of
@@ -84,7 +82,7 @@ class AsyncLLM:
         config = self.config
         self.input_processor = InputProcessor.for_engine(config, self.tokenizer, model.hf_config.vocab_size,
                                                          self.max_model_len, num_blocks)
-        self.output_processor = OutputProcessor(self.tokenizer, stream_interval)
+        self.output_processor = OutputProcessor(self.tokenizer, config.stream_interval)   # vLLM's: its config's
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config,
                                                             config.override_generation_config)
         # vLLM's AsyncLLM.vllm_config / .model_config: views of the core's config and its KV cache's size

@@ -50,8 +50,9 @@ def resolve_model(config: EngineConfig) -> ResolvedModel:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, stream_interval: int = 1, log_requests: bool = False):
-        """stream_interval and log_requests (vLLM's stream_interval, enable_log_requests) as the AsyncLLM's."""
+    def __init__(self, config: EngineConfig, log_requests: bool = False):
+        """log_requests (vLLM's enable_log_requests) as the AsyncLLM's; streamed outputs come every
+        config.stream_interval tokens, as vLLM's LLMEngine's (its scheduler_config's)."""
         start = time.perf_counter()
         model = resolve_model(config)
         self.config = config = config.with_batch_defaults(is_large_gpu(model.device), serving=False)
@@ -62,7 +63,7 @@ class Engine:
         self.core = EngineCore(config, self.hf_config, self.device, self.dtype, self.max_model_len)
         self.input_processor = InputProcessor.for_engine(config, self.tokenizer, self.vocab_size, self.max_model_len,
                                                          self.core.runner.num_blocks)
-        self.output_processor = OutputProcessor(self.tokenizer, stream_interval)
+        self.output_processor = OutputProcessor(self.tokenizer, config.stream_interval)
         self.log_requests = log_requests
         self.default_sampling_params = load_default_sampling_params(config.model, config.generation_config,
                                                             config.override_generation_config)

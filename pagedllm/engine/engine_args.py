@@ -14,7 +14,7 @@ from pagedllm.vllm_flags import HF_OVERRIDE_KWARGS, VLLM_FLAGS, add_vllm_flags, 
 _DEFAULTS = {name: default for name, _, default, _ in config_fields(EngineConfig)}
 
 # vLLM's engine arguments that this project gives the AsyncLLM, not its EngineConfig (the name there)
-ASYNC_LLM_ARGS = {"stream_interval": "stream_interval", "enable_log_requests": "log_requests"}
+ASYNC_LLM_ARGS = {"enable_log_requests": "log_requests"}
 
 
 def _long_aliases() -> dict[str, str]:
@@ -90,8 +90,7 @@ class _AsyncEngineArgs(_EngineArgs):
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, async_args_only: bool = False) -> argparse.ArgumentParser:
-        """EngineArgs' flags (unless async_args_only), and the AsyncLLM's own, serve's --enable-log-requests and
-        --stream-interval."""
+        """EngineArgs' flags (unless async_args_only), and the AsyncLLM's own, serve's --enable-log-requests."""
         if not async_args_only:
             _EngineArgs.add_cli_args(parser)
         add_config_args(parser, ServerConfig, "AsyncLLM", only=tuple(ASYNC_LLM_ARGS))
@@ -117,10 +116,6 @@ def async_llm_kwargs(values: dict) -> dict:
     """The engine's own arguments (ASYNC_LLM_ARGS: not EngineConfig's) among values, under the engine's names
     (None: left out, as vLLM reads it), checked as the server's flags. The AsyncLLM and LLM's engine take both."""
     kwargs = {ASYNC_LLM_ARGS[k]: values[k] for k in ASYNC_LLM_ARGS if values.get(k) is not None}
-    interval = kwargs.get("stream_interval", 1)
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"stream_interval must be an integer >= 1 (tokens per streamed output), got "
-                         f"{interval!r:.50}")
     if not isinstance(kwargs.get("log_requests", False), bool):
         raise ValueError(f"enable_log_requests must be a bool, got {kwargs['log_requests']!r:.50}")
     return kwargs

@@ -131,6 +131,7 @@ class SchedulerConfig(_View):
     enable_chunked_prefill: bool = True   # a prompt over the step budget is always prefilled in chunks
     async_scheduling: bool = True         # step N+1 is always scheduled while N runs
     runner_type: str = "generate"
+    stream_interval: int = 1              # vLLM keeps it here: AsyncLLM.from_vllm_config streams at it
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,8 @@ def vllm_config_of(c, resolved, num_blocks: int | None, sampling_defaults: dict)
         num_gpu_blocks_override=c.num_gpu_blocks_override, kv_cache_memory_bytes=c.kv_cache_memory,
         kv_offloading_size=c.kv_offloading_size)
     scheduler = SchedulerConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-                                max_model_len=resolved.max_model_len, policy=c.scheduling_policy)
+                                max_model_len=resolved.max_model_len, policy=c.scheduling_policy,
+                                stream_interval=c.stream_interval)
     return VllmConfig(model, cache, ParallelConfig(c.tensor_parallel_size), scheduler, DeviceConfig(resolved.device),
                       LoadConfig(c.load_format, c.download_dir), _lora_config(c, resolved.dtype),
                       _speculative_config(c, model))

@@ -397,7 +397,7 @@ def serving_app(engine_config: EngineConfig, server_config: ServerConfig, checks
                       on_step_stats=lambda step: metrics.record(step),
                       heartbeat_timeout=server_config.engine_heartbeat_timeout,
                       step_timeout=server_config.engine_step_timeout,
-                      on_dead=on_dead, stream_interval=server_config.stream_interval,
+                      on_dead=on_dead,
                       core=core, shared_waiting=shared_waiting)
     metrics = ServerMetrics(names[0], engine_config, engine.max_model_len)
     ctx = ServingContext(engine, names[0], checks.chat_template, model_aliases=names[1:],

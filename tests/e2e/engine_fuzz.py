@@ -37,7 +37,7 @@ class Trial:
     arrivals: list[int] | None = None   # the step each request is added at (None: all at once, LLM.generate)
     aborts: dict[int, int] = dataclasses.field(default_factory=dict)   # request -> the step it is aborted at
     beam: BeamSearchParams | None = None   # LLM.beam_search of the prompts instead of generate
-    stream_interval: int = 1   # --async: AsyncLLM's (the server's --stream-interval)
+    stream_interval: int = 1   # --async: its config's (the server's --stream-interval)
     priorities: list[int] | None = None   # scheduling_policy priority: each request's (the reference: fcfs)
 
 
@@ -251,8 +251,8 @@ def run_async(model: str, trial: Trial, config: dict, models: dict):
         task.cancel()
 
     async def main():
-        engine = AsyncLLM(EngineConfig(model, dtype="float32", log_stats_interval=0, **config),
-                          stream_interval=trial.stream_interval)
+        engine = AsyncLLM(EngineConfig(model, dtype="float32", log_stats_interval=0,
+                                       stream_interval=trial.stream_interval, **config))
         try:
             tasks = [asyncio.ensure_future(one(engine, i)) for i in range(len(trial.prompts))]
             leaving = [asyncio.ensure_future(leave(tasks[i], i)) for i in trial.aborts]

@@ -314,6 +314,27 @@ def test_from_vllm_config_takes_the_config_that_create_engine_config_returns(tin
         AsyncLLM.from_vllm_config(config, client_count=2)
 
 
+def test_from_vllm_config_streams_at_the_engine_args_stream_interval(tiny_model_dirs):
+    """vLLM's EngineArgs carries stream_interval onto its scheduler_config, so
+    `AsyncLLM.from_vllm_config(EngineArgs(..., stream_interval=3).create_engine_config())` streams every 3 tokens.
+    Here it was the AsyncLLM's own argument, which create_engine_config() dropped: one output per token."""
+    from pagedllm import EngineArgs
+
+    config = EngineArgs(tiny_model_dirs["llama"], device="cpu", max_model_len=128, num_gpu_blocks_override=32,
+                        stream_interval=3).create_engine_config()
+
+    async def main():
+        engine = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
+        try:
+            assert engine.vllm_config.scheduler_config.stream_interval == 3
+            params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+            outs = [o async for o in engine.generate([1, 5, 6, 7], params, "r")]
+            assert [len(o.outputs[0].token_ids) for o in outs] == [1, 4, 7]   # every 3 tokens, the first at once
+        finally:
+            engine.shutdown()
+    asyncio.run(main())
+
+
 def test_an_engine_built_before_its_event_loop_is_healthy_when_first_asked(tiny_model_dirs):
     """vLLM's pattern: the engine built outside any event loop, then used in asyncio.run(). Its heartbeats wait in
     the pipe until a loop reads them: errored and check_health() called first, after heartbeat_timeout, said

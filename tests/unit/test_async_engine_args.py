@@ -7,8 +7,8 @@ from pagedllm import AsyncEngineArgs, EngineArgs
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
 def test_a_stream_interval_that_is_no_count_of_tokens_is_refused_naming_it(value):
     """It reached the output processor as it was: 0 streamed nothing until the finish (no error)."""
-    with pytest.raises(ValueError, match="stream_interval must be an integer >= 1"):
-        AsyncEngineArgs(stream_interval=value).async_llm_kwargs()
+    with pytest.raises(ValueError, match="stream_interval must be an integer"):
+        AsyncEngineArgs(stream_interval=value).create_engine_config()
 
 
 def test_engine_arguments_go_to_the_config_and_the_async_llm_s_to_it():
@@ -16,8 +16,8 @@ def test_engine_arguments_go_to_the_config_and_the_async_llm_s_to_it():
                            enable_log_requests=True, disable_log_stats=True)
     config = args.create_engine_config()
     assert (config.model, config.max_model_len, config.kv_cache_memory) == ("m", 64, 2**20)
-    assert config.log_stats_interval == 0
-    assert args.async_llm_kwargs() == {"stream_interval": 4, "log_requests": True}
+    assert (config.log_stats_interval, config.stream_interval) == (0, 4)   # vLLM's EngineArgs' (scheduler_config)
+    assert args.async_llm_kwargs() == {"log_requests": True}
 
 
 def test_vllms_async_llm_engine_name_is_the_async_llm():
@@ -35,8 +35,8 @@ def test_an_argument_set_after_construction_is_taken_as_vllms():
     args.max_model_len = 64
     args.stream_interval = 3
     assert args.max_model_len == 64
-    assert args.create_engine_config().max_model_len == 64
-    assert args.async_llm_kwargs() == {"stream_interval": 3}
+    assert (args.create_engine_config().max_model_len, args.create_engine_config().stream_interval) == (64, 3)
+    assert args.async_llm_kwargs() == {}
     with pytest.raises(AttributeError, match="not_an_engine_argument"):   # refused, not dropped
         args.not_an_engine_argument = 1
     # an argument not given reads as its default, as vLLM's dataclass fields do (it raised AttributeError)
@@ -113,10 +113,10 @@ def test_llm_from_engine_args_builds_the_llm_of_its_arguments(monkeypatch):
     args.enforce_eager = True
     LLM.from_engine_args(args)
     LLM.from_engine_args(AsyncEngineArgs("m", stream_interval=3, enable_log_requests=True))
-    (config, own), (_, async_own) = built
+    (config, own), (async_config, async_own) = built
     assert (config.model, config.max_model_len, config.enforce_eager, config.log_stats_interval) == ("m", 64, True,
                                                                                                      0)
-    assert own == {} and async_own == {"stream_interval": 3, "log_requests": True}
+    assert own == {} and async_own == {"log_requests": True} and async_config.stream_interval == 3
     with pytest.raises(TypeError, match="takes an EngineArgs or AsyncEngineArgs, got dict"):
         LLM.from_engine_args({"model": "m"})
 
@@ -132,8 +132,8 @@ def test_llm_takes_the_async_engine_args_own_arguments(monkeypatch):
     built = _built_engines(monkeypatch)
     LLM(**dataclasses.asdict(AsyncEngineArgs("m")))
     LLM("m", stream_interval=2, enable_log_requests=False)
-    assert [own for _, own in built] == [{}, {"stream_interval": 2, "log_requests": False}]
-    with pytest.raises(ValueError, match="stream_interval must be an integer >= 1"):
+    assert [(config.stream_interval, own) for config, own in built] == [(1, {}), (2, {"log_requests": False})]
+    with pytest.raises(ValueError, match="stream_interval must be an integer"):
         LLM("m", stream_interval=0)
     with pytest.raises(ValueError, match="enable_log_requests must be a bool"):
         LLM("m", enable_log_requests="yes")

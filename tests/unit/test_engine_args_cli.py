@@ -16,9 +16,9 @@ def test_async_engine_args_from_a_scripts_own_parser():
                               "--enable-log-requests", "--stream-interval", "4", "--disable-log-stats"])
     engine_args = AsyncEngineArgs.from_cli_args(args)
     config = engine_args.create_engine_config()
-    assert (config.model, config.max_model_len, config.quantization, config.log_stats_interval) == ("m", 64,
-                                                                                                   "fp8", 0)
-    assert engine_args.async_llm_kwargs() == {"stream_interval": 4, "log_requests": True}
+    assert (config.model, config.max_model_len, config.quantization, config.log_stats_interval,
+            config.stream_interval) == ("m", 64, "fp8", 0, 4)
+    assert engine_args.async_llm_kwargs() == {"log_requests": True}
     assert args.num_prompts == 3
 
 
@@ -31,16 +31,18 @@ def test_a_vllm_flag_asking_for_what_is_not_built_is_refused_naming_it():
 
 def test_engine_args_flags_are_llms_keyword_arguments():
     """vLLM's examples build LLM(**vars(parser.parse_args())) on EngineArgs.add_cli_args's parser; LLM's
-    arguments are engine_config's. The AsyncLLM's own flags are not EngineArgs'."""
+    arguments are engine_config's. The AsyncLLM's own flags are not EngineArgs'; --stream-interval is (vLLM's
+    EngineArgs', kept on the config: create_engine_config() dropped it)."""
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
     kwargs = vars(parser.parse_args(["--model", "m", "--max-model-len", "64", "--trust-remote-code",
-                                     "--disable-log-stats"]))
+                                     "--disable-log-stats", "--stream-interval", "4"]))
     config = engine_config(kwargs.pop("model"), kwargs)
-    assert (config.max_model_len, config.log_stats_interval) == (64, 0)
+    assert (config.max_model_len, config.log_stats_interval, config.stream_interval) == (64, 0, 4)
     with pytest.raises(SystemExit):
         parser.parse_args(["--enable-log-requests"])
-    with pytest.raises(TypeError, match="stream_interval"):
-        EngineArgs("m", stream_interval=4).create_engine_config()
+    assert EngineArgs("m", stream_interval=4).create_engine_config().stream_interval == 4
+    with pytest.raises(ValueError, match="stream_interval must be an integer >= 1"):
+        EngineArgs("m", stream_interval=0).create_engine_config()
 
 
 def test_flexible_argument_parser_reads_vllms_forms(tmp_path):
