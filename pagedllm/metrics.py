@@ -119,6 +119,7 @@ class SchedulerStats:
     num_waiting_deferred: int = 0  # of num_waiting, those on an adapter's load or a grammar's compile, not on room
     # vLLM's: per step, the computed prompt tokens of requests whose first token came in it, and the tokens sampled
     iteration_tokens: TokenHistogram = field(default_factory=TokenHistogram)
+    sleep_level: int | None = None  # the engine sleeps at this level (sleep(0) until resumed); None: awake
 
     @property
     def num_prompt_tokens_total(self) -> int:

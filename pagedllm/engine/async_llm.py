@@ -174,8 +174,8 @@ class AsyncLLM:
     async def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """vLLM's; level 0 only: pause_generation(mode=mode) keeping the prefix cache. Levels 1 and 2 (the weights
         offloaded or discarded) are not built, refused naming the level."""
-        check_sleep_level(level)
-        await self.link.call("pause", check_mode(mode), False)
+        level = check_sleep_level(level)
+        await self.link.call("pause", check_mode(mode), False, level)
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
         """vLLM's: resumes scheduling (tags: ["scheduling"], any of vLLM's, or None)."""

@@ -72,6 +72,7 @@ class EngineCore:
         if config.speculative is not None:
             self.speculator = Speculator(config.speculative, max_model_len)
         self._pause_waiters: list[tuple[concurrent.futures.Future, bool]] = []   # (its call, clear_cache)
+        self._sleep_level: int | None = None   # sleep(level 0)'s pause, until resumed: the metrics' sleep state
 
     def add_request(self, r: EngineCoreRequest):
         """A request whose own data raises here (hashing its blocks, its grammar) ends with an error
@@ -206,11 +207,13 @@ class EngineCore:
                 or self._lora_loading)
 
     # ---- pausing (vLLM's pause_scheduler; engine/pause.py) --------------------------------------------------
-    def pause(self, mode: str, clear_cache: bool) -> concurrent.futures.Future | None:
+    def pause(self, mode: str, clear_cache: bool, sleep_level: int | None = None
+              ) -> concurrent.futures.Future | None:
         """Pauses scheduling (mode: engine/pause.py). None when the pause is complete at once, else a Future
         that step() completes once nothing runs (the aborts' outputs, and the running requests' last ones
         under "wait", are returned by step() first). clear_cache: the prefix cache is reset then; refused under
-        "keep" while requests hold KV blocks (preempting them to reset it is not built)."""
+        "keep" while requests hold KV blocks (preempting them to reset it is not built). sleep_level: the pause
+        is sleep(level)'s, which the stats report until resumed (pause_generation's is not a sleep, as vLLM's)."""
         check_mode(mode)
         if mode == "keep" and clear_cache and self.kv_cache_manager.num_used_blocks:
             raise ValueError("pause mode 'keep' with clear_cache: the kept requests hold KV blocks, and preempting "
@@ -220,6 +223,8 @@ class EngineCore:
             self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
             self._failed += [EngineCoreOutput(i, [], finish_reason="abort") for i in ids]
         self.scheduler.pause_state = PauseState.PAUSED_ALL if mode == "keep" else PauseState.PAUSED_NEW
+        if sleep_level is not None:
+            self._sleep_level = sleep_level
         future = concurrent.futures.Future()
         self._pause_waiters.append((future, clear_cache))
         self._settle_pause()
@@ -231,6 +236,7 @@ class EngineCore:
     def resume(self):
         """Scheduling goes on; the requests queued while paused run. A pause still draining ("wait") completes."""
         self.scheduler.pause_state = PauseState.UNPAUSED
+        self._sleep_level = None
         for future, _ in self._pause_waiters:
             future.set_result(None)
         self._pause_waiters = []
@@ -390,6 +396,7 @@ class EngineCore:
 
     def get_stats(self) -> SchedulerStats:
         stats = self.scheduler.make_stats()
+        stats.sleep_level = self._sleep_level
         if self.speculator is not None:
             stats.spec_decode = self.speculator.stats.snapshot()
         return stats

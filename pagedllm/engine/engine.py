@@ -181,7 +181,7 @@ class Engine:
         becomes of those in the engine (abort, wait: their steps run here until they end, keep). The outputs
         of the steps this runs come with the next step(). Levels 1 and 2 are not built (refused)."""
         check_sleep_level(level)
-        future = self.core.pause(check_mode(mode), clear_cache=False)
+        future = self.core.pause(check_mode(mode), clear_cache=False, sleep_level=level)
         while future is not None and not future.done():
             self._drained = self.step()   # step() returns the earlier drained outputs with its own
         if future is not None:

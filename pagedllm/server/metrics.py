@@ -215,10 +215,15 @@ class _EngineCollector:
             family = CounterMetricFamily(f"pagedllm:{metric}", doc, labels=LABELS)
             family.add_metric([name, ENGINE], value)
             yield family
-        family = GaugeMetricFamily("pagedllm:engine_sleep_state", "The engine's sleep state (no sleep mode here: "
-                                   "always awake).", labels=[*LABELS, "sleep_state"])
-        for state in ("awake", "weights_offloaded", "discard_all"):
-            family.add_metric([name, ENGINE, state], 1 if state == "awake" else 0)
+        # vLLM's: awake 0 from sleep(level) until resumed, weights_offloaded 1 at level 1, discard_all at level 2
+        # (not built); pause_generation is no sleep, awake stays 1
+        family = GaugeMetricFamily("pagedllm:engine_sleep_state", "The engine's sleep state: awake 0 while it "
+                                   "sleeps (sleep level 0: scheduling paused until wake_up); weights_offloaded 1 "
+                                   "at sleep level 1, discard_all 1 at level 2 (not built: always 0).",
+                                   labels=[*LABELS, "sleep_state"])
+        level = s.sleep_level
+        for state, value in (("awake", level is None), ("weights_offloaded", level == 1), ("discard_all", level == 2)):
+            family.add_metric([name, ENGINE, state], int(value))
         yield family
         yield from _prompt_source_families(s, name)
         yield from _info_families(s, self.metrics.config)

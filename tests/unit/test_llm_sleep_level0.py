@@ -100,3 +100,27 @@ def test_bad_mode_level_and_tags_are_refused(llm):
     with pytest.raises(ValueError, match=r"wake_up tags \['all'\]"):
         llm.wake_up(["all"])
     assert not llm.llm_engine.is_sleeping()
+
+
+def test_engine_sleep_state_reports_sleep_level_0_as_vllm_and_pause_generation_as_awake(llm):
+    """vLLM's /metrics engine_sleep_state: awake 0 (weights_offloaded and discard_all 0) after sleep(level=0)
+    until wake_up; pause_generation is no sleep (awake stays 1). It said "always awake", 1, while asleep."""
+    from pagedllm.server.metrics import ServerMetrics
+
+    def state():
+        text = ServerMetrics("m").render(llm.llm_engine.get_stats()).decode()
+        return {s: float(text.split(f'engine_sleep_state{{engine="0",model_name="m",sleep_state="{s}"}} ')[1]
+                         .split()[0]) for s in ("awake", "weights_offloaded", "discard_all")}
+
+    awake = {"awake": 1.0, "weights_offloaded": 0.0, "discard_all": 0.0}
+    assert state() == awake
+    llm.sleep(level=0, mode="keep")
+    assert state() == {"awake": 0.0, "weights_offloaded": 0.0, "discard_all": 0.0}
+    llm.wake_up()
+    assert state() == awake
+    llm.llm_engine.core.pause("abort", False)   # AsyncLLM.pause_generation's core call
+    assert llm.llm_engine.is_sleeping() and state() == awake
+    llm.llm_engine.sleep(level=0)   # asleep while paused, until resumed
+    assert state()["awake"] == 0.0
+    llm.llm_engine.core.resume()   # resume_generation wakes it too (vLLM's gauge stays at 0 then)
+    assert state() == awake and not llm.llm_engine.is_sleeping()

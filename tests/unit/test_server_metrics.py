@@ -259,7 +259,7 @@ def test_token_histograms_stop_at_max_model_len_and_count_an_unset_max_tokens():
 
 def test_vllms_always_on_series_are_there():
     """vLLM registers these whatever the engine does, each series from its start: a dashboard panel over them
-    showed no data. Their values here are what is true: no sleep mode (awake), no KV connector and no multimodal
+    showed no data. Their values here are what is true: awake (not asleep), no KV connector and no multimodal
     cache (0), no repetition detection (0)."""
     text = exposed(ServerMetrics("m"), scheduler_stats())
     for name in ("external_prefix_cache_queries", "external_prefix_cache_hits", "mm_cache_queries", "mm_cache_hits"):

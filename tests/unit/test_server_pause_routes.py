@@ -49,7 +49,7 @@ def test_sleep_level_0_and_wake_up_pause_and_resume_the_scheduler(client):
     assert client.get("/is_paused").json() == {"is_paused": True}
     assert client.post("/resume").json() == {"status": "resumed"}
     assert client.post("/pause?wait_for_inflight_requests=true").status_code == 200
-    assert [c for c in client.link.calls if c[0] == "pause"] == [("pause", "keep", False), ("pause", "wait", False),
+    assert [c for c in client.link.calls if c[0] == "pause"] == [("pause", "keep", False, 0), ("pause", "wait", False),
                                                                   ("pause", "wait", True)]
 
 
