@@ -4,12 +4,15 @@ of --input-len tokens takes to generate --output-len tokens each, over --num-ite
 As vLLM: temperature 1.0, top_p 1.0, ignore_eos, prefix caching off by default (repeated prompts would hit it),
 its printed lines and its --output-json keys (avg_latency, latencies, percentiles). Prompt ids are drawn below
 10,000, or below a smaller model's vocabulary (vLLM's ids past it would be refused), seeded by --seed.
+--profile (with --profiler-config, as vLLM's) traces one batch after the warm-up instead of timing any.
 """
 import argparse
 import json
 import time
 
 import numpy as np
+
+from pagedllm.profiler import ENABLE_HINT, ProfilerConfig
 
 PERCENTAGES = (10, 25, 50, 75, 90, 99)
 
@@ -22,22 +25,25 @@ def add_cli_args(parser: argparse.ArgumentParser):
     parser.add_argument("--use-beam-search", action="store_true")
     parser.add_argument("--num-iters-warmup", type=int, default=10)
     parser.add_argument("--num-iters", type=int, default=30)
-    parser.add_argument("--profile", action="store_true", help="refused: profiling is not built")
+    parser.add_argument("--profile", action="store_true", help="profile one batch after the warm-up (no latencies) "
+                        "with the profiler that --profiler-config sets up, as vLLM's")
     parser.add_argument("--output-json", default=None, help="write vLLM's result JSON to this file")
     parser.add_argument("--disable-detokenize", action="store_true", help="outputs are token ids only")
 
 
-def _check(args: argparse.Namespace):
-    if args.profile:
-        raise ValueError("--profile is not built in pagedllm (no profiler hooks)")
+def _check(args: argparse.Namespace, profiler: ProfilerConfig):
+    if args.profile and not profiler.enabled:   # vLLM's fails at start_profile, after the warm-up
+        raise ValueError(f"--profile needs a profiler: {ENABLE_HINT}")
     for name, low in (("input_len", 1), ("output_len", 1), ("batch_size", 1), ("n", 1), ("num_iters_warmup", 0),
                       ("num_iters", 1)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
-def main(args: argparse.Namespace, engine_kwargs: dict) -> dict:
-    _check(args)
+def main(args: argparse.Namespace, engine_kwargs: dict) -> dict | None:
+    """The latencies' report, or None with --profile (vLLM's: the profiled batch is not timed)."""
+    profiler = ProfilerConfig.parse(engine_kwargs.get("profiler_config"))
+    _check(args, profiler)
     from pagedllm.beam_search import BeamSearchParams
     from pagedllm.llm import LLM
     from pagedllm.sampling_params import SamplingParams
@@ -63,6 +69,17 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> dict:
     print("Warming up...", flush=True)
     for _ in range(args.num_iters_warmup):
         one_run()
+    if args.profile:
+        if profiler.profiler == "torch":
+            print(f"Profiling with torch profiler (results will be saved to {profiler.torch_profiler_dir})...",
+                  flush=True)
+        else:
+            print("Profiling with cuda profiler ...", flush=True)
+        llm.start_profile()
+        one_run()
+        llm.stop_profile()
+        llm.shutdown()
+        return None
     latencies = np.array([one_run() for _ in range(args.num_iters)])
     llm.shutdown()
     return report(latencies, args.output_json)

@@ -1,6 +1,7 @@
 """`pagedllm bench latency`, vLLM's `vllm bench latency`: its flags, defaults, printed lines and --output-json keys.
 It did not exist (argparse: invalid choice 'latency')."""
 import json
+import os
 
 import pytest
 
@@ -33,7 +34,19 @@ def test_defaults_are_vllms(monkeypatch, tiny_model_dirs):
     assert seen["kwargs"]["enable_prefix_caching"] is True
 
 
-@pytest.mark.parametrize("argv,flag", [(["--profile"], "--profile"), (["--input-len", "500"], "--input-len"),
+def test_profile_traces_one_batch_with_the_profiler_config(tiny_model_dirs, capsys, tmp_path):
+    """vLLM's --profile: after the warm-up, one batch between start_profile and stop_profile (the
+    --profiler-config's profiler), no latencies. It was refused ("profiling is not built")."""
+    argv = ["bench", "latency", "--model", tiny_model_dirs["llama"], "--input-len", "6", "--output-len", "3",
+            "--batch-size", "2", "--num-iters-warmup", "1", "--profile", "--profiler-config.profiler=torch",
+            f"--profiler-config.torch_profiler_dir={tmp_path}"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["Warming up...", f"Profiling with torch profiler (results will be saved to {tmp_path})..."]
+    assert any(f.endswith(".pt.trace.json.gz") for f in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("argv,flag", [(["--profile"], "--profiler-config"), (["--input-len", "500"], "--input-len"),
                                        (["--num-iters", "0"], "--num-iters")])
 def test_refused_naming_the_flag(tiny_model_dirs, capsys, argv, flag):
     assert main(["bench", "latency", "--model", tiny_model_dirs["llama"], "--num-iters-warmup", "0", *argv]) != 0
