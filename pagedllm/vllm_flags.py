@@ -105,7 +105,8 @@ VLLM_FLAGS = (
     VllmFlag("kv-transfer-config", "moving KV between engines (disaggregated prefill, LMCache) is not built; the "
              "KV cache's own CPU and disk tiers: --kv-offloading-size, --kv-disk-dir", _never),
     VllmFlag("kv-events-config", "KV cache events are not published here", _never),
-    VllmFlag("enable-sleep-mode", "sleep mode is not built", _is(False), boolean=True),
+    VllmFlag("enable-sleep-mode", "sleep levels 1 and 2 (weights offloaded or discarded, KV cache freed) are not "
+             "built; sleep(level=0), which pauses scheduling, needs no flag", _is(False), boolean=True),
     VllmFlag("limit-mm-per-prompt", _MULTIMODAL, _zero_counts),
     VllmFlag("mm-processor-kwargs", _MULTIMODAL, _never),
     VllmFlag("allowed-local-media-path", _MULTIMODAL, _is("")),
