@@ -26,7 +26,7 @@ from multiprocessing.connection import wait
 import torch
 
 from pagedllm.config import EngineConfig
-from pagedllm.distributed.parallel_state import destroy_tp, init_tp, rank_device
+from pagedllm.distributed.parallel_state import cpu_threads_per_rank, destroy_tp, init_tp, rank_device
 from pagedllm.distributed.worker import OUT_OF_STEP_EXIT_CODE, pack_step, run_worker_process
 
 logger = logging.getLogger("pagedllm")
@@ -167,8 +167,9 @@ class TPRunner:
     """Rank 0's ModelRunner, each call repeated on the workers first (sent, not waited for): the engine core
     uses it as its runner. Attributes (num_blocks, kv_offload, ...) are the local runner's."""
 
-    def __init__(self, runner, executor, tp):
+    def __init__(self, runner, executor, tp, threads: int):
         self.runner, self.executor, self.tp = runner, executor, tp
+        self.threads = threads   # this process's torch threads before the engine (restored at shutdown)
         self._steps = 0
         self.lora = None if runner.lora is None else MirroredLoRA(runner.lora, self._told)
 
@@ -225,6 +226,7 @@ class TPRunner:
     def shutdown(self):
         self.executor.shutdown()
         destroy_tp(self.tp)
+        torch.set_num_threads(self.threads)
 
 
 class MirroredLoRA:
@@ -307,19 +309,23 @@ def build_runner(config: EngineConfig, hf_config, device: torch.device, dtype: t
         executor = RayExecutor(config, model, size)
     else:
         executor = MultiprocExecutor(config, model, size)
+    threads = torch.get_num_threads()   # rank 0's share of the cores while the engine runs (the workers' own)
+    if (share := cpu_threads_per_rank(device, size)) is not None:
+        torch.set_num_threads(share)
     try:
         device = executor.driver_device(rank_device(device, 0))
         tp = init_tp(0, size, executor.init_method, device)
         runner = ModelRunner(config, hf_config, device, dtype, max_model_len, tp)
         executor.wait_ready()
     except BaseException as e:
+        torch.set_num_threads(threads)
         why = executor.startup_failure()   # a worker's own error explains a collective that broke here
         executor.shutdown()
         destroy_tp_if_any()
         if why is None or not isinstance(e, Exception):
             raise
         raise RuntimeError(why) from e
-    return TPRunner(runner, executor, tp)
+    return TPRunner(runner, executor, tp, threads)
 
 
 def _check_shapes(hf_config, size: int, whose: str = "") -> None:

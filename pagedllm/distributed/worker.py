@@ -138,6 +138,10 @@ def run_worker_process(config: EngineConfig, model, rank: int, size: int, init_m
     driver says shutdown or is gone (EOF)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the driver stops the workers
     logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s (TP rank {rank}): %(message)s")
+    from pagedllm.distributed.parallel_state import cpu_threads_per_rank
+    if (threads := cpu_threads_per_rank(model.device, size)) is not None:
+        import torch
+        torch.set_num_threads(threads)
     try:
         worker = Worker(config, model, rank, size, init_method)
     except Exception as e:

@@ -206,3 +206,27 @@ def test_a_block_checkpoint_that_does_not_split_is_refused_before_any_worker_sta
     with pytest.raises(ValueError, match=r"rank 0 holds rows 0:16 of 32, not whole blocks of "
                                          r"quantization_config.weight_block_size \[32, 32\]"):
         LLM(d, tensor_parallel_size=2, **ENGINE)
+
+
+def test_ranks_on_cpu_share_the_cores_and_the_threads_come_back(tiny_model_dirs, monkeypatch):
+    """Without OMP_NUM_THREADS each rank on CPU takes its share of the cores (torch's default, a thread a core in
+    every rank, made their OpenMP threads contend: a TP=2 step of a tiny model took 106 ms for 12 on 2 cores);
+    this process's own count comes back at shutdown. With OMP_NUM_THREADS set, the user's choice stands."""
+    import os
+
+    import torch
+
+    from pagedllm.distributed.parallel_state import cpu_threads_per_rank
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert cpu_threads_per_rank(torch.device("cpu"), 2) == 3 and cpu_threads_per_rank(torch.device("cpu"), 8) == 1
+    assert cpu_threads_per_rank(torch.device("cuda"), 2) is None
+    before = torch.get_num_threads()
+    llm = LLM(tiny_model_dirs["llama"], tensor_parallel_size=2, **ENGINE)
+    try:
+        assert torch.get_num_threads() == 3
+    finally:
+        llm.shutdown()
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads_per_rank(torch.device("cpu"), 2) is None
