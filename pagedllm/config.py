@@ -9,7 +9,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
-from pagedllm.field_types import check_types
+from pagedllm.field_types import check_types, json_object
 from pagedllm.profiler import ProfilerConfig
 
 DEMO_MODEL = str(Path(__file__).parent / "demo" / "stories260k")
@@ -224,8 +224,8 @@ class EngineConfig:
                self.structured_outputs_compile_timeout)
         _check(self.structured_outputs_compile_workers >= 1, "structured_outputs_compile_workers", ">= 1",
                self.structured_outputs_compile_workers)
-        self.override_generation_config = _json_object(self.override_generation_config, "override_generation_config")
-        self.hf_overrides = _json_object(self.hf_overrides, "hf_overrides")
+        self.override_generation_config = json_object(self.override_generation_config, "override_generation_config")
+        self.hf_overrides = json_object(self.hf_overrides, "hf_overrides")
         self.structured_outputs_config = _structured_outputs_config(self.structured_outputs_config)
         self.profiler_config = ProfilerConfig.parse(self.profiler_config)   # always one: .profiler None is off
         from pagedllm.engine.generation_config import DEFAULT_KEYS
@@ -248,7 +248,7 @@ class EngineConfig:
         aliases = [alias for alias in aliases if alias[2] is not None]
         if not aliases:
             return
-        merged = dict(_json_object(self.speculative_config, "speculative_config") or {})
+        merged = dict(json_object(self.speculative_config, "speculative_config") or {})
         for key, flag, value in aliases:
             _check(key not in merged, flag, f"left out where speculative_config gives {key} (vLLM: mutually "
                    f"exclusive)", value)
@@ -487,7 +487,7 @@ class ServerConfig:
             self.api_key = [self.api_key] if self.api_key else []
         _check(isinstance(self.api_key, list) and all(isinstance(k, str) and k for k in self.api_key), "api_key",
                "non-empty strings", self.api_key)
-        self.default_chat_template_kwargs = _json_object(self.default_chat_template_kwargs,
+        self.default_chat_template_kwargs = json_object(self.default_chat_template_kwargs,
                                                          "default_chat_template_kwargs")
         _check(self.chat_template_content_format in CONTENT_FORMATS, "chat_template_content_format",
                f"one of {CONTENT_FORMATS}", self.chat_template_content_format)
@@ -530,7 +530,7 @@ def host_memory_gib() -> float | None:
 
 def _structured_outputs_config(value: str | dict | None) -> dict | None:
     """vLLM's --structured-outputs-config, checked: the keys whose values mean what pagedllm does or can do."""
-    config = _json_object(value, "structured_outputs_config")
+    config = json_object(value, "structured_outputs_config")
     if config is None:
         return None
     flags = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties", "enable_in_reasoning")
@@ -547,17 +547,6 @@ def _structured_outputs_config(value: str | dict | None) -> dict | None:
     _check(not config.get("reasoning_parser"), "structured_outputs_config.reasoning_parser",
            "empty: the server's --reasoning-parser names the parser", config.get("reasoning_parser"))
     return config
-
-
-def _json_object(value: str | dict | None, name: str) -> dict | None:
-    """A flag given as JSON text (the CLI) or a dict (Python callers), as a dict."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise ValueError(f"{name} must be a JSON object: {e}") from None
-    _check(value is None or isinstance(value, dict), name, "a JSON object", value)
-    return value
 
 
 def _check(ok: bool, name: str, limit: str, value):

@@ -1,6 +1,7 @@
 """A dataclass's field values checked against their annotations, for configs that Python callers fill directly
 (LLM(...), a speculative_config dict) with no argparse in between: a wrong type is a ValueError naming the field,
 not a TypeError from a comparison deep inside, nor a value taken as something else ('yes' for True)."""
+import json
 import math
 import os
 import typing
@@ -8,6 +9,18 @@ from dataclasses import fields
 
 _NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string", dict: "a dict",
           type(None): "None"}
+
+
+def json_object(value, name: str) -> dict | None:
+    """A config given as JSON text (the CLI) or a dict (Python callers), as a dict (None stays None)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"{name} must be a JSON object: {e}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r:.100}")
+    return value
 
 
 def is_int(value) -> bool:

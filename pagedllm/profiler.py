@@ -10,13 +10,12 @@ also traces its own process's CPU work (`<host>_<pid>.async_llm...`), unless ign
 No torch import at module level: config.py imports ProfilerConfig.
 """
 import dataclasses
-import json
 import logging
 import os
 import socket
 from dataclasses import dataclass
 
-from pagedllm.field_types import check_types
+from pagedllm.field_types import check_types, json_object
 
 logger = logging.getLogger("pagedllm")
 
@@ -24,12 +23,12 @@ _KINDS = ("torch", "cuda")
 ENABLE_HINT = ("set --profiler-config to enable profiling, e.g. '--profiler-config.profiler=torch "
                "--profiler-config.torch_profiler_dir=DIR' (LLM(profiler_config={'profiler': 'torch', "
                "'torch_profiler_dir': DIR}))")
+_NO_SCHEDULE = ("the profiler schedule (wait/warmup/active iterations) is not built: use delay_iterations and "
+                "max_iterations")
 # vLLM's keys whose non-default values ask for what is not built -> why (the default is taken)
 _NOT_BUILT = {
-    "warmup_iterations": (0, "the profiler schedule (wait/warmup/active iterations) is not built: use "
-                             "delay_iterations and max_iterations"),
-    "wait_iterations": (0, "the profiler schedule (wait/warmup/active iterations) is not built: use "
-                           "delay_iterations and max_iterations"),
+    "warmup_iterations": (0, _NO_SCHEDULE),
+    "wait_iterations": (0, _NO_SCHEDULE),
     "capture_torch_profiler": (False, "tracing CUDA graph capture is not built"),
     "detailed_trace_annotation": (False, "the roofline annotations (sq, sk, sqsq, sqsk) of each step are not "
                                          "built: a step is annotated with its requests and tokens"),
@@ -57,14 +56,8 @@ class ProfilerConfig:
         """A JSON object (text, as --profiler-config gives it), a dict, a ProfilerConfig or None (off)."""
         if value is None or isinstance(value, cls):
             return value or cls()
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as e:
-                raise ValueError(f"profiler_config must be a JSON object: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"profiler_config must be a JSON object, got {value!r:.100}")
-        value = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in value.items()}
+        value = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                 for k, v in json_object(value, "profiler_config").items()}
         for key, (default, why) in _NOT_BUILT.items():
             if key in value and value.pop(key) != default:
                 raise ValueError(f"profiler_config.{key}: {why} (only {default!r} is taken)")
