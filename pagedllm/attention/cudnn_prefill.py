@@ -76,11 +76,14 @@ KERNEL = read_kernel(os.environ.get("PAGEDLLM_LONG_PREFILL"))   # prebuild_plans
 _limits: list[int] = [0, 0]   # (queries, keys) of the plans prebuild_plans built: the engine's limits
 
 
-def threshold(q: torch.Tensor, meta: AttentionMetadata) -> int:
+def threshold(q: torch.Tensor, meta: AttentionMetadata, sliding_window: int | None = None,
+              soft_cap: float | None = None) -> int:
     """The query length from which rows of this step go to cuDNN (NEVER: none do): the shortest row of
-    LONG_QUERY_LEN+ new tokens and MIN_PAIRS+ pairs, when there is one (rows as long sharing its step go too)."""
-    if meta.max_query_len < LONG_QUERY_LEN or not _usable(q.dtype, q.shape[-1], q.device) \
-            or torch.cuda.is_current_stream_capturing():
+    LONG_QUERY_LEN+ new tokens and MIN_PAIRS+ pairs, when there is one (rows as long sharing its step go too).
+    Never for a layer with a sliding window or a soft cap: the calls here are plain causal attention (FA4 takes
+    both, cuDNN's graph a band; neither wired nor measured yet), so its rows stay on the Triton kernel."""
+    if meta.max_query_len < LONG_QUERY_LEN or sliding_window or soft_cap \
+            or not _usable(q.dtype, q.shape[-1], q.device) or torch.cuda.is_current_stream_capturing():
         return NEVER
     return _route(meta).threshold
 

@@ -16,6 +16,12 @@ decode_partition then norms and rotates q and k and stores K/V itself, one launc
 An fp8 KV cache (attention/kv_quant.py): the kernels specialise on the cache's element type at compile time;
 k_scale is folded into scale_log2 here, v_scale goes to the kernels as a float (both fixed after load, so CUDA
 graphs capture them). cudnn_prefill widens an fp8 row's gathered K/V to q's dtype and takes the same scales.
+
+A layer's sliding window and attention-logit soft cap (Gemma 2/3, Mistral): the query at position p sees keys
+p - sliding_window + 1 .. p, and a score x = q . k * scale becomes soft_cap * tanh(x / soft_cap). Both are
+compile-time constants of the kernels (WINDOW 0 and SOFT_CAP 0.0 compile today's kernels), fixed per layer at
+load, so CUDA graphs capture them. A windowed layer's decode rows read their windows alone (no shared segments,
+which cut whole contexts); cudnn_prefill keeps such layers' long rows on the Triton kernel.
 """
 import functools
 
@@ -68,7 +74,8 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                    k_scale: float = 1.0, v_scale: float = 1.0, sliding_window: int | None = None,
+                    soft_cap: float | None = None) -> torch.Tensor:
     """q (num_tokens, num_q_heads, head_dim) -> out of the same shape and dtype."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _check_cache(k_cache)
@@ -80,10 +87,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     if q.shape[0] == 0:
         return out
     k_scale, v_scale, scale_log2 = _scales(k_cache, scale, k_scale, v_scale)
-    _decode(q, out, k_cache, v_cache, meta, scale_log2, v_scale, _NO_ROPE)
+    layer = _layer(sliding_window, soft_cap)
+    _decode(q, out, k_cache, v_cache, meta, scale_log2, v_scale, _NO_ROPE, layer)
     if meta.max_query_len > 1:
-        long_query_len = cudnn_prefill.threshold(q, meta)
-        _prefill(q, out, k_cache, v_cache, meta, scale_log2, v_scale, long_query_len)
+        long_query_len = cudnn_prefill.threshold(q, meta, sliding_window, soft_cap)
+        _prefill(q, out, k_cache, v_cache, meta, scale_log2, v_scale, long_query_len, layer)
         if long_query_len < cudnn_prefill.NEVER:
             cudnn_prefill.attend(q, out, kv_cache, meta, scale, long_query_len, k_scale, v_scale)
     return out
@@ -105,7 +113,7 @@ def _fits_qkv(meta: AttentionMetadata, head_dim: int) -> bool:
 def decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, num_q_heads: int,
                q_norm: tuple[torch.Tensor, float] | None, k_norm: tuple[torch.Tensor, float] | None,
                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
-               v_scale: float = 1.0) -> torch.Tensor:
+               v_scale: float = 1.0, sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
     """qk_norm_rope (with its cache write) then paged_attention, in a decode-only step without shared segments
     (takes_qkv says where it is used): qkv (T, (Hq + 2*Hkv) * D) -> out (T, Hq, D)."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
@@ -125,7 +133,7 @@ def decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
                 v_inv=1.0 / v_scale, ROPE=True, HAS_NORM=q_norm is not None, NUM_Q_HEADS=num_q_heads,
                 NUM_KV_HEADS=num_kv_heads)
     heads = qkv.view(num_tokens, num_q_heads + 2 * num_kv_heads, head_dim)
-    _decode(heads, out, k_cache, v_cache, meta, scale_log2, v_scale, rope)
+    _decode(heads, out, k_cache, v_cache, meta, scale_log2, v_scale, rope, _layer(sliding_window, soft_cap))
     return out
 
 
@@ -136,18 +144,31 @@ def _scales(k_cache: torch.Tensor, scale: float, k_scale: float, v_scale: float)
     return k_scale, v_scale, scale * k_scale * 1.4426950408889634
 
 
+def _layer(sliding_window: int | None, soft_cap: float | None) -> dict:
+    """The kernels' WINDOW and SOFT_CAP constants (0: off) for a layer's sliding window and soft cap."""
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be positive or None, got {soft_cap!r}")
+    return dict(WINDOW=sliding_window or 0, SOFT_CAP=float(soft_cap or 0.0))
+
+
 def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float, v_scale: float,
-            rope: dict) -> None:
-    """q: (T, heads, D) rows the kernel reads its query heads from (with ROPE: all of qkv's heads)."""
+            rope: dict, layer: dict) -> None:
+    """q: (T, heads, D) rows the kernel reads its query heads from (with ROPE: all of qkv's heads). layer: _layer's
+    constants; a windowed layer reads only its rows' windows and no shared segments."""
     num_reqs = meta.seq_lens.shape[0]
     num_q_heads, head_dim = out.shape[1:]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_q_heads // num_kv_heads
     tile_n, num_warps, num_stages = _decode_config(q.dtype, k_cache.dtype, head_dim)
     partition = decode_partition(meta)
-    # Scratch holds every segment a row up to max_seq_len can have; num_splits only spreads them over
-    # programs (enough of them to fill the GPU), so neither changes any row's result.
-    max_segments = min(MAX_SEGMENTS, triton.cdiv(max(meta.max_seq_len, 1), partition))
+    # Scratch holds every segment a row up to max_seq_len can have (a windowed layer's rows: their windows);
+    # num_splits only spreads them over programs (enough of them to fill the GPU), so neither changes any
+    # row's result.
+    window = layer["WINDOW"]
+    span = min(meta.max_seq_len, window) if window else meta.max_seq_len
+    max_segments = min(MAX_SEGMENTS, triton.cdiv(max(span, 1), partition))
     num_splits = max(1, min(max_segments, triton.cdiv(_target_programs(q.device), num_reqs * num_kv_heads)))
     # Scratch widths 1 or a multiple of 16 only: Triton specialises the strides they make on 1 and on 16 | n,
     # so any other width built a kernel in the middle of a run (H200: 0.49 s in a process's first W1 run)
@@ -156,7 +177,7 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
     part_max = torch.empty(num_reqs, num_q_heads, width, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     head_pad = _head_pad(head_dim)
-    shared = meta.shared
+    shared = meta.shared if not window else None
     if shared is not None:
         if PARTITION % tile_n:
             raise ValueError(f"shared_prefix: PARTITION {PARTITION} is not a multiple of the tile {tile_n}")
@@ -169,7 +190,7 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
             GROUP=group, GROUP_PAD=group_pad, ROWS=shared.rows_per_item, HEAD_DIM=head_dim, HEAD_PAD=head_pad,
             BLOCK_SIZE=block_size, TILE_N=tile_n, PARTITION=PARTITION, PRECISION=_precision(q),
-            num_warps=4, num_stages=2)
+            SOFT_CAP=layer["SOFT_CAP"], num_warps=4, num_stages=2)
     decode_partition_kernel[(num_reqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         meta.seq_lens if shared is None else shared.first_seg,   # not read without HAS_SHARED
@@ -180,13 +201,13 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
         BLOCK_SIZE=block_size, TILE_N=tile_n, PARTITION=partition, MAX_SEGMENTS=MAX_SEGMENTS,
         PRECISION=_precision(q), HAS_SHARED=shared is not None, num_warps=num_warps, num_stages=num_stages,
-        **rope)
+        **layer, **rope)
     decode_reduce_kernel[(num_reqs, num_q_heads)](
         out, part_out, part_max, part_sum, meta.seq_lens, meta.query_start_loc,
         out.stride(0), out.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_max.stride(0), part_max.stride(1),
         HEAD_DIM=head_dim, HEAD_PAD=head_pad, PARTITION=partition, MAX_SEGMENTS=MAX_SEGMENTS, TILE_N=tile_n,
-        num_warps=1)
+        WINDOW=window, num_warps=1)
 
 
 # decode_partition's arguments when q is already normed, rotated and K/V stored (not read: any tensor, number)
@@ -206,7 +227,7 @@ def decode_partition(meta: AttentionMetadata) -> int:
 
 
 def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float, v_scale: float,
-             long_query_len: int) -> None:
+             long_query_len: int, layer: dict) -> None:
     num_tokens, num_q_heads, head_dim = q.shape
     num_reqs = meta.seq_lens.shape[0]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -225,7 +246,8 @@ def _prefill(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: floa
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim, HEAD_PAD=_head_pad(head_dim),
-        BLOCK_SIZE=block_size, TILE_N=tile_n, PRECISION=_precision(q), num_warps=num_warps, num_stages=num_stages)
+        BLOCK_SIZE=block_size, TILE_N=tile_n, PRECISION=_precision(q), num_warps=num_warps, num_stages=num_stages,
+        **layer)
 
 
 # Tile shapes, checked by compiling for sm_90 (no register spills) and by the benchmark on an H200.

@@ -7,12 +7,17 @@ decode_reduce merges the segments in order.
 
 With HAS_SHARED, segments below first_seg[r] are skipped: shared_prefix wrote them, once for many rows.
 
+With a sliding WINDOW (a compile-time constant; 0: off) a row reads only its last WINDOW keys: its segments cut
+those, from the window's first key (row_segments), so no program touches a block wholly before the window and
+no key in a segment needs a window mask. Shared segments cut the whole context: a windowed layer runs without
+them (HAS_SHARED off). SOFT_CAP caps the scores (attend_tile).
+
 With ROPE (decode-only steps without shared segments: triton_backend.decode_qkv), q_ptr is the qkv projection's
 output, (T, Hq + 2*Hkv heads, D): each program norms and rotates its query heads itself (qk_norm_rope's
 arithmetic), and the program of a row's last segment first stores the row's new K (normed, rotated) and V
 in its slot, then attends over it: the qk_norm_rope launch before is saved.
 
-A row's segments depend on its own seq_len and on PARTITION alone (segment_len below: PARTITION tokens up to
+A row's segments depend on its own seq_len and on PARTITION alone (row_segments below: PARTITION tokens up to
 MAX_SEGMENTS segments, longer beyond; triton_backend.decode_partition picks PARTITION per step: 512, or 128 for
 a decode-only step of at most 8 rows), never on num_splits or on the max_seq_len bound that sized the grid; so
 a row's output is bit-identical in any step of the same PARTITION, eager or replayed from a CUDA graph.
@@ -34,6 +39,22 @@ def segment_len(seq_len, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr, TI
     return tl.maximum(spread, PARTITION)
 
 
+@triton.jit
+def row_segments(seq_len, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr, TILE_N: tl.constexpr,
+                 WINDOW: tl.constexpr):
+    """(first key, segment length, number of segments) of a decode row: the keys it sees, first key on, in
+    segments of segment_len. Without WINDOW all seq_len keys; with it the last min(seq_len, WINDOW).
+
+        keys  0 .......... first ......... seq_len - 1
+                           | seg 0 | seg 1 | seg 2 |      (the last one may be short)
+    """
+    first = 0
+    if WINDOW:
+        first = tl.maximum(seq_len - WINDOW, 0)
+    seg_len = segment_len(seq_len - first, PARTITION, MAX_SEGMENTS, TILE_N)
+    return first, seg_len, tl.cdiv(seq_len - first, seg_len)
+
+
 # num_splits unspecialised: one binary for every split count, so the count cannot change a result.
 @triton.jit(do_not_specialize=["num_splits"])
 def decode_partition_kernel(
@@ -46,7 +67,7 @@ def decode_partition_kernel(
     pos_ptr, cos_sin_ptr, stride_cos_sin, q_w_ptr, k_w_ptr, q_eps, k_eps, slot_ptr, k_inv, v_inv,   # ROPE only
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
     ROPE: tl.constexpr, HAS_NORM: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
 ):
     req, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -54,10 +75,10 @@ def decode_partition_kernel(
     if tl.load(query_start_loc_ptr + req + 1) - q_start != 1:
         return
     seq_len = tl.load(seq_lens_ptr + req)
-    seg_len = segment_len(seq_len, PARTITION, MAX_SEGMENTS, TILE_N)
-    num_segs = tl.cdiv(seq_len, seg_len)
+    kv_first, seg_len, num_segs = row_segments(seq_len, PARTITION, MAX_SEGMENTS, TILE_N, WINDOW)
     first = 0
     if HAS_SHARED:
+        tl.static_assert(WINDOW == 0, "shared segments cut the whole context: a windowed layer reads its own")
         first = tl.load(first_seg_ptr + req)
     if first + split >= num_segs:
         return
@@ -85,7 +106,7 @@ def decode_partition_kernel(
     stat_base = req.to(tl.int64) * stride_pm_req + q_head * stride_pm_head
 
     for seg in range(first + split, num_segs, num_splits):
-        kv_start = seg * seg_len
+        kv_start = kv_first + seg * seg_len
         kv_end = tl.minimum(kv_start + seg_len, seq_len)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -95,7 +116,7 @@ def decode_partition_kernel(
             acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, tile_start, kv_end, seg_end, table, kv_head,
                                         k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
                                         stride_c_block, stride_c_slot, stride_c_head,
-                                        BLOCK_SIZE, TILE_N, True, PRECISION)
+                                        BLOCK_SIZE, TILE_N, True, PRECISION, 0, SOFT_CAP)   # no key before the window
         if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
             acc = acc * v_scale                           # fp8 V: its scale, once per segment
         out_off = out_base + seg * stride_po_part

@@ -6,11 +6,12 @@ Segments are merged one at a time, in order, with the online-softmax rule
     M' = max(M, m_s)    L' = L * 2^(M - M') + l_s * 2^(m_s - M')    acc' = acc * 2^(M - M') + acc_s * 2^(m_s - M')
 
 so the sum order is fixed by the row alone. A row with seq_len 0 (padding) has no segments and gets zeros.
+With a sliding WINDOW the row's segments cut its window alone (decode_partition.row_segments).
 """
 import triton
 import triton.language as tl
 
-from pagedllm.attention.kernels.decode_partition import segment_len
+from pagedllm.attention.kernels.decode_partition import row_segments
 
 
 @triton.jit
@@ -19,14 +20,14 @@ def decode_reduce_kernel(
     stride_o_tok, stride_o_head,
     stride_po_req, stride_po_head, stride_po_part, stride_pm_req, stride_pm_head,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr,
-    TILE_N: tl.constexpr,
+    TILE_N: tl.constexpr, WINDOW: tl.constexpr,
 ):
     req, head = tl.program_id(0), tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + req)
     if tl.load(query_start_loc_ptr + req + 1) - q_start != 1:
         return
     seq_len = tl.load(seq_lens_ptr + req)
-    num_segs = tl.cdiv(seq_len, segment_len(seq_len, PARTITION, MAX_SEGMENTS, TILE_N))
+    _, _, num_segs = row_segments(seq_len, PARTITION, MAX_SEGMENTS, TILE_N, WINDOW)
     dims = tl.arange(0, HEAD_PAD)
     dim_ok = dims < HEAD_DIM
     part_out = part_out_ptr + req.to(tl.int64) * stride_po_req + head * stride_po_head

@@ -14,6 +14,15 @@ the query heads of one kv head, so each K/V tile is loaded once for the whole gr
 Causal with offset: token j of a request with seq_len S and query_len L sees keys 0 .. S - L + j. Key
 tiles every row may see run unmasked; the tiles past the block's first token are masked; tiles past its
 last token are never loaded.
+
+With a sliding WINDOW (a compile-time constant; 0: off) token j sees keys S - L + j - WINDOW + 1 .. S - L + j
+only. The block starts at the tile of its first token's first key (no tile wholly before it is loaded), and
+the tiles that hold a key some row's window leaves out are masked too:
+
+    keys   lo ...... win_end ......... unmasked_end ..... kv_stop
+           | window-masked | unmasked  | causal-masked    |      (tiles; win_end past unmasked_end: all masked)
+
+SOFT_CAP caps the scores (attend_tile).
 """
 import triton
 import triton.language as tl
@@ -43,6 +52,7 @@ def prefill_attention_kernel(
     stride_c_block, stride_c_slot, stride_c_head,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     # Highest q block first: the last blocks of a request see the most keys, so they start early and
     # the short ones fill the tail.
@@ -74,16 +84,31 @@ def prefill_attention_kernel(
     last = tl.minimum(first + BLOCK_Q, query_len) - 1
     kv_stop = context_len + last + 1                  # no row of the block sees a key past this
     unmasked_end = (context_len + first + 1) // TILE_N * TILE_N   # every row sees all keys before this
-    for tile_start in range(0, unmasked_end, TILE_N):     # key 0 is in the first tile: every row sees it
+    unmasked_start = 0
+    masked_start = unmasked_end
+    if WINDOW:
+        # the first token's first key: no row sees a key before it; the last token's: every row sees the keys
+        # from it on (up to its own causal bound)
+        lo = tl.maximum(context_len + first + 1 - WINDOW, 0) // TILE_N * TILE_N
+        win_end = tl.cdiv(tl.maximum(kv_stop - WINDOW, 0), TILE_N) * TILE_N
+        for tile_start in range(lo, win_end, TILE_N):
+            acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head,
+                                         k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
+                                         stride_c_block, stride_c_slot, stride_c_head,
+                                         BLOCK_SIZE, TILE_N, True, PRECISION, WINDOW, SOFT_CAP)
+        unmasked_start = win_end           # >= lo: the last token's first key is past the first token's
+        masked_start = tl.maximum(unmasked_end, win_end)
+    # every row sees every key of these tiles (without WINDOW key 0 is in the first): no mask, the max finite
+    for tile_start in range(unmasked_start, unmasked_end, TILE_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head,
                                      k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head,
-                                     BLOCK_SIZE, TILE_N, False, PRECISION)
-    for tile_start in range(unmasked_end, kv_stop, TILE_N):
+                                     BLOCK_SIZE, TILE_N, False, PRECISION, 0, SOFT_CAP)
+    for tile_start in range(masked_start, kv_stop, TILE_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, tile_start, kv_stop, causal_end, table, kv_head,
                                      k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head,
-                                     BLOCK_SIZE, TILE_N, True, PRECISION)
+                                     BLOCK_SIZE, TILE_N, True, PRECISION, WINDOW, SOFT_CAP)
 
     out = acc / l_i[:, None]
     if k_cache_ptr.dtype.element_ty == tl.float8e4nv:

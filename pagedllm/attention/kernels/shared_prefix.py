@@ -12,7 +12,8 @@ it with the row's other segments, in order, as before. decode_partition skips a 
 Grid (num_items, num_kv_heads); item i = (segment, start, count, table row) from the host plan
 (shared_prefix.plan_shared_prefix); items with count 0 are padding (a CUDA graph's grid) and return.
 A shared segment is whole (PARTITION tokens, every row's seq_len at most PARTITION * MAX_SEGMENTS) and lies
-before every row's last token, so no key is masked.
+before every row's last token, so no key is masked. SOFT_CAP caps the scores (attend_tile); a layer with a
+sliding window does not run here (its rows read their windows alone: decode_partition).
 """
 import triton
 import triton.language as tl
@@ -30,7 +31,7 @@ def shared_prefix_kernel(
     stride_po_req, stride_po_head, stride_po_part, stride_pm_req, stride_pm_head,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     item, kv_head = tl.program_id(0), tl.program_id(1)
     seg = tl.load(items_ptr + item * 4)
@@ -63,7 +64,7 @@ def shared_prefix_kernel(
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, tile_start, kv_end, m_i, table, kv_head,
                                     k_cache_ptr, v_cache_ptr, dims, dim_ok, scale_log2,
                                     stride_c_block, stride_c_slot, stride_c_head,
-                                    BLOCK_SIZE, TILE_N, False, PRECISION)
+                                    BLOCK_SIZE, TILE_N, False, PRECISION, 0, SOFT_CAP)
     if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
         acc = acc * v_scale                               # fp8 V: its scale
     out_off = req * stride_po_req + q_head * stride_po_head + seg * stride_po_part
