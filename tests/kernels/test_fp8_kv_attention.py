@@ -134,7 +134,9 @@ def test_engine_cuda_graphs_equal_eager_fp8_kv(tmp_path, monkeypatch, arch):
 def test_attention_kernels_compile_for_hopper():
     """Without a GPU: the decode, prefill and shared-prefix kernels through Triton's compiler and ptxas for sm_90
     (the interpreter checks the math only), bf16 and fp16 queries over their own cache and over an fp8 one
-    (attend_tile's load_kv_tile, dot_q's fp16 dots), at the tiles triton_backend launches; no register spills."""
+    (attend_tile's load_kv_tile, dot_q's fp16 dots), at the tiles triton_backend launches; no register spills.
+    bf16 queries also with a sliding window and a soft cap (Gemma 2's 4,096 and 50; the compiler refuses what the
+    interpreter lets pass, e.g. an `if` on a float)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -145,21 +147,23 @@ def test_attention_kernels_compile_for_hopper():
     from pagedllm.attention.triton_backend import MAX_SEGMENTS, PARTITION, _decode_config
     common = dict(HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, PRECISION="tf32")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8e4nv": torch.float8_e4m3fn}
-    for q_dt in ("bf16", "fp16"):
+    for q_dt, layer in (("bf16", dict(WINDOW=0, SOFT_CAP=0.0)), ("fp16", dict(WINDOW=0, SOFT_CAP=0.0)),
+                        ("bf16", dict(WINDOW=4096, SOFT_CAP=50.0))):
         for cache_dt in (q_dt, "fp8e4nv"):
             tile_n, decode_warps, _ = _decode_config(dtypes[q_dt], dtypes[cache_dt], 128)
             decode = dict(GROUP=2, BLOCK_M=16, TILE_N=tile_n, PARTITION=PARTITION, MAX_SEGMENTS=MAX_SEGMENTS,
-                          HAS_SHARED=False, ROPE=False, HAS_NORM=False, NUM_Q_HEADS=0, NUM_KV_HEADS=0)
+                          HAS_SHARED=False, ROPE=False, HAS_NORM=False, NUM_Q_HEADS=0, NUM_KV_HEADS=0, **layer)
             cases = [(decode_partition_kernel, decode, decode_warps),
                      (decode_partition_kernel, {**decode, "ROPE": True, "HAS_NORM": True, "NUM_Q_HEADS": 16,
                                                 "NUM_KV_HEADS": 8}, decode_warps),   # decode_qkv
-                     (prefill_attention_kernel, dict(GROUP=2, GROUP_PAD=2, BLOCK_Q=32, TILE_N=64), 4),
+                     (prefill_attention_kernel, dict(GROUP=2, GROUP_PAD=2, BLOCK_Q=32, TILE_N=64, **layer), 4),
                      (shared_prefix_kernel, dict(GROUP=2, GROUP_PAD=2, ROWS=32, TILE_N=tile_n,
-                                                 PARTITION=PARTITION), 4)]
+                                                 PARTITION=PARTITION, SOFT_CAP=layer["SOFT_CAP"]), 4)]
             for fn, consts, warps in cases:
                 consts = {**common, **consts}
                 sig = {}
                 for name in fn.arg_names:
+                    assert not name.isupper() or name in consts, f"{fn.__name__}: constant {name} not given"
                     if name in consts:
                         sig[name] = "constexpr"
                     elif name in ("k_cache_ptr", "v_cache_ptr"):
