@@ -2,10 +2,13 @@
 vs F.scaled_dot_product_attention on contiguous K/V: a non-paged lower bound), with a correctness line each.
 
     PYTHONPATH=$PWD python3 benchmarks/attention_kernels.py [--sweep] [--kv-cache-dtype fp8] [--only decode]
+        [--sliding-window 4096] [--soft-cap 50]
 
 Times are medians of triton.testing.do_bench (CUDA events). Decode reports the KV bytes read per second,
 prefill the attention TFLOP/s (causal: only the visible half of QK^T and PV is counted). --sweep also
-times other tile configs of the Triton kernels and prints the fastest per shape.
+times other tile configs of the Triton kernels and prints the fastest per shape. --sliding-window / --soft-cap
+also time the Triton kernels as such a layer runs them (Gemma 2: 4096, 50), checked against window_cases'
+dense reference; the figures stay those of the full context.
 """
 import argparse
 import dataclasses
@@ -20,6 +23,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
 from attention_cases import make_batch, rel_error
+from window_cases import reference
 
 from pagedllm.attention import torch_backend, triton_backend
 
@@ -63,7 +67,8 @@ def sdpa_contiguous(batch, rows, hq):
     return run
 
 
-def bench_shape(name, rows, hq, hkv, kind, sweep: bool, head_dim=128, dtype=torch.bfloat16, kv_fp8=False):
+def bench_shape(name, rows, hq, hkv, kind, sweep: bool, head_dim=128, dtype=torch.bfloat16, kv_fp8=False,
+                layer=None):
     batch = make_batch(rows, hq, hkv, head_dim, 16, dtype, "cuda", seed=0)
     if kv_fp8:   # the same cache in float8_e4m3 (scales 1.0): half the bytes to read
         batch = dataclasses.replace(batch, kv_cache=batch.kv_cache.float().clamp(-448, 448).to(torch.float8_e4m3fn))
@@ -84,6 +89,8 @@ def bench_shape(name, rows, hq, hkv, kind, sweep: bool, head_dim=128, dtype=torc
     ms = do_bench(lambda: triton_backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale),
                   return_mode="median")
     print(f"  triton       {ms * 1e3:9.1f} us  {fig(ms)}")
+    if layer:
+        bench_layer(batch, scale, layer)
     ms_torch = do_bench(lambda: torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale),
                         warmup=5, rep=50, return_mode="median")
     print(f"  torch        {ms_torch * 1e3:9.1f} us  {fig(ms_torch)}  (triton {ms_torch / ms:.1f}x faster)")
@@ -96,6 +103,18 @@ def bench_shape(name, rows, hq, hkv, kind, sweep: bool, head_dim=128, dtype=torc
         print(f"  write_kv     {ms_w * 1e3:9.1f} us  ({batch.q.shape[0]} tokens)")
     if sweep:
         sweep_configs(batch, kind, scale, fig)
+
+
+def bench_layer(batch, scale, layer):
+    """The same step through a layer with a sliding window and / or a soft cap."""
+    out = triton_backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, **layer)
+    ref = reference(batch.q, batch.kv_cache, batch.ref_meta, scale, layer["sliding_window"], layer["soft_cap"])
+    err = rel_error(out, ref)
+    ms = do_bench(lambda: triton_backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, **layer),
+                  return_mode="median")
+    ok = "OK" if err <= 1e-2 and torch.isfinite(out).all() else "FAIL"
+    print(f"  triton layer {ms * 1e3:9.1f} us  window {layer['sliding_window']}, cap {layer['soft_cap']} "
+          f"(rel err vs dense reference {err:.2e}, {ok})")
 
 
 def sweep_configs(batch, kind, scale, fig):
@@ -134,12 +153,17 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also time other tile configs")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="fp8: an fp8 cache")
     parser.add_argument("--only", choices=("decode", "prefill"), default=None, help="only these shapes")
+    parser.add_argument("--sliding-window", type=int, default=None, help="also time a layer with this window")
+    parser.add_argument("--soft-cap", type=float, default=None, help="also time a layer with this logit cap")
     args = parser.parse_args()
+    layer = None
+    if args.sliding_window or args.soft_cap:
+        layer = dict(sliding_window=args.sliding_window, soft_cap=args.soft_cap)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rng = random.Random(0)
     for name, rows, hq, hkv, kind in shapes(rng):
         if args.only in (None, kind):
-            bench_shape(name, rows, hq, hkv, kind, args.sweep, kv_fp8=args.kv_cache_dtype == "fp8")
+            bench_shape(name, rows, hq, hkv, kind, args.sweep, kv_fp8=args.kv_cache_dtype == "fp8", layer=layer)
 
 
 if __name__ == "__main__":
