@@ -1,4 +1,9 @@
-"""The attention layer: store this step's K/V in the paged cache, then attend through it."""
+"""The attention layer: store this step's K/V in the paged cache, then attend through it.
+
+A layer may attend within a sliding window (the query at position p sees keys p - sliding_window < t <= p) and
+soft-cap its scores (logits_soft_cap * tanh(s / logits_soft_cap)); both reach the backend as the keyword arguments
+sliding_window and soft_cap, passed only when set, so a plain layer's calls are those of a backend without them.
+"""
 import torch
 from torch import nn
 
@@ -7,11 +12,16 @@ from pagedllm.attention.metadata import get_forward_context
 
 
 class Attention(nn.Module):
-    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.sliding_window, self.logits_soft_cap = sliding_window, logits_soft_cap
+        # the backend's keyword arguments for them, those set (built once: read every call)
+        self.masking = {name: value for name, value in (("sliding_window", sliding_window),
+                                                        ("soft_cap", logits_soft_cap)) if value is not None}
         # An fp8 KV cache stores K / k_scale and V / v_scale: 1.0 unless the checkpoint gives scales
         self.k_scale, self.v_scale = 1.0, 1.0
         self.backend = None   # picked on first call, from the device the KV cache lives on
@@ -35,7 +45,7 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         out = self._backend(ctx.kv_caches[self.layer_idx]).decode_qkv(
             qkv, positions, cos_sin_cache, self.num_heads, q_norm, k_norm, ctx.kv_caches[self.layer_idx],
-            ctx.attn_metadata, self.scale, k_scale=self.k_scale, v_scale=self.v_scale)
+            ctx.attn_metadata, self.scale, k_scale=self.k_scale, v_scale=self.v_scale, **self.masking)
         return out.view(qkv.shape[0], self.num_heads * self.head_dim)
 
     def _backend(self, kv_cache: torch.Tensor):
@@ -57,5 +67,5 @@ class Attention(nn.Module):
             # the scales matter only to an fp8 cache (a model-dtype cache ignores them)
             self.backend.write_kv(kv_cache, k, v, meta.slot_mapping, k_scale=self.k_scale, v_scale=self.v_scale)
         out = self.backend.paged_attention(q, kv_cache, meta, self.scale, k_scale=self.k_scale,
-                                           v_scale=self.v_scale)
+                                           v_scale=self.v_scale, **self.masking)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
