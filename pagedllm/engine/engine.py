@@ -22,7 +22,7 @@ from pagedllm.engine.vllm_config import ModelConfig, engine_vllm_config
 from pagedllm.layers.rotary import rope_parameters
 from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import SchedulerStats, StatsLogger
-from pagedllm.models import feature_refusal, get_model_class, sliding_window
+from pagedllm.models import feature_refusal, get_model_class
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import SamplingParams
@@ -306,15 +306,13 @@ def resolve_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
 
 
 def _resolve_max_model_len(max_model_len: int | None, hf_config) -> int:
-    limit, what = hf_config.max_position_embeddings, "max_position_embeddings"
-    window = sliding_window(hf_config)
-    if window is not None:   # sliding-window attention is not implemented: stay inside one window
-        limit, what = window, "sliding_window (sliding-window attention is not supported beyond it)"
+    limit = hf_config.max_position_embeddings
     if max_model_len is None:
         rope = rope_parameters(hf_config)
         if rope["rope_type"] == "longrope":   # as vLLM: short_factor's context unless a longer one is asked for
             return min(limit, rope["original_max_position_embeddings"])
         return limit
     if max_model_len > limit:
-        raise ValueError(f"max_model_len ({max_model_len}) must be at most the model's {what} ({limit})")
+        raise ValueError(f"max_model_len ({max_model_len}) must be at most the model's max_position_embeddings "
+                         f"({limit})")
     return max_model_len

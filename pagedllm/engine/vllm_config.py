@@ -14,7 +14,7 @@ import torch
 
 from pagedllm.distributed.layers import head_shard
 from pagedllm.distributed.parallel_state import TPGroup
-from pagedllm.models import MODEL_REGISTRY, head_dim, sliding_window
+from pagedllm.models import MODEL_REGISTRY, head_dim
 
 
 class _View:
@@ -97,8 +97,8 @@ class ModelConfig(_View):
     def get_num_layers(self, parallel_config: ParallelConfig) -> int:   # one pipeline stage holds them all
         return self.hf_config.num_hidden_layers
 
-    def get_sliding_window(self) -> int | None:   # only a window shorter than the context; max_model_len is in it
-        return sliding_window(self.hf_config)
+    def get_sliding_window(self) -> int | None:   # as vLLM's: the config's (models/llama.py: the layers it is of)
+        return getattr(self.hf_config, "sliding_window", None)
 
     def get_diff_sampling_param(self) -> dict:
         """The generation config's sampling defaults (max_new_tokens as max_tokens), as LLM.generate uses them."""

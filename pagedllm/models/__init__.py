@@ -16,7 +16,7 @@ MODEL_REGISTRY = {
     "GemmaForCausalLM": GemmaForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,   # same graph; the engine caps max_model_len at the sliding window
+    "MistralForCausalLM": LlamaForCausalLM,   # same graph, its layers attending within config.sliding_window
     "Phi3ForCausalLM": Phi3ForCausalLM,       # fused checkpoint tensors (loader), longrope (layers/rotary.py)
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -50,11 +50,3 @@ def model_dims(hf_config, tp: TPGroup = TPGroup()) -> tuple[int, int, int]:
         num_kv_heads = head_shard(hf_config.num_attention_heads, num_kv_heads, tp).num_kv_heads
     return hf_config.num_hidden_layers, num_kv_heads, head_dim(hf_config)
 
-
-def sliding_window(hf_config) -> int | None:
-    """The attention window when it is shorter than the model's context, else None. Within the window,
-    sliding-window attention equals full attention, so the engine caps max_model_len there."""
-    window = getattr(hf_config, "sliding_window", None)
-    if window is None or not getattr(hf_config, "use_sliding_window", True):
-        return None
-    return window if window < hf_config.max_position_embeddings else None

@@ -1,4 +1,5 @@
-"""Llama (also Mistral), over a flat batch of tokens from many requests and the paged KV cache.
+"""Llama (also Mistral: sliding-window attention, layer_sliding_window), over a flat batch of tokens from many
+requests and the paged KV cache.
 
 Parameter names are HF's except two fused projections, stacked along the output dim:
     qkv_proj.weight     = [q_proj; k_proj; v_proj]     rows: Hq*D | Hkv*D | Hkv*D
@@ -38,6 +39,18 @@ qk_norm_rope = lazy_kernel(globals(), "pagedllm.layers.kernels.qk_norm_rope", "q
 
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_sliding_window(config, layer_idx: int) -> int | None:
+    """The window layer layer_idx attends within, as transformers: config.sliding_window on the layers
+    config.layer_types calls "sliding_attention" (Gemma 2, Qwen2/3), on every layer where there are no layer_types
+    (Mistral, Phi-3, Mixtral); None (full attention) otherwise, with use_sliding_window false, or where the window
+    spans the whole context (max_model_len is at most max_position_embeddings: sliding changes nothing)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or not getattr(config, "use_sliding_window", True) or window >= config.max_position_embeddings:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    return window if layer_types is None or layer_types[layer_idx] == "sliding_attention" else None
 
 
 def _linear(in_features: int, shard_sizes: tuple[int, ...], bias: bool, quant: Fp8Config | None, prefix: str,
@@ -84,7 +97,8 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.rotary_emb = rotary_emb   # one table shared by all layers
-        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
+                              sliding_window=layer_sliding_window(config, layer_idx))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(self.attend(positions, self.qkv_proj(x)))

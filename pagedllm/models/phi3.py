@@ -1,7 +1,7 @@
 """Phi-3 (Phi-3-mini/medium, Phi-3.5-mini, Phi-4, Phi-4-mini): Llama's graph. What differs is read elsewhere:
 its checkpoints store q/k/v and gate/up fused (qkv_proj, gate_up_proj), which the loader reads as their parts;
-longrope and partial_rotary_factor are layers/rotary.py's; a sliding_window below the context caps max_model_len,
-as Mistral's does."""
+longrope and partial_rotary_factor are layers/rotary.py's; its sliding_window (Phi-3-mini-4k: 2047 of 4096) windows
+every layer, as Mistral's (llama.layer_sliding_window)."""
 from pagedllm.models.llama import LlamaForCausalLM
 
 

@@ -20,6 +20,7 @@ from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.core.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagedllm.models import model_dims
+from pagedllm.layers.attention import Attention
 from pagedllm.layers.moe import SparseMoeBlock, cuda_graph_blocker
 from pagedllm.models.loader import load_model
 from pagedllm.models.small_m import TARGET_SMALL_M_OPS, use_small_m
@@ -80,7 +81,7 @@ class ModelRunner:
         self.tables = BlockTables(cdiv(max_model_len, self.block_size))
         max_reqs = config.max_num_seqs
         shared_rows_per_item = 0
-        if device.type == "cuda" and not config.disable_cascade_attn:
+        if device.type == "cuda" and not config.disable_cascade_attn and not _cascade_blocked(self.model):
             # the Triton backend reads segments many decode rows share once for all (attention/shared_prefix.py)
             from pagedllm.attention.triton_backend import shared_rows_per_item as rows_per_item
             q_heads = hf_config.num_attention_heads // tp.size   # per KV head of this rank
@@ -610,6 +611,17 @@ def apply_bitmask(logits: torch.Tensor, bitmask_host: torch.Tensor, rows: list[i
     else:   # xgrammar's C++ CPU kernel takes float32 only
         xgr.apply_token_bitmask_inplace(logits, bitmask_host, indices=rows,
                                         backend="cpu" if logits.dtype == torch.float32 else "torch_native")
+
+
+def _cascade_blocked(model: torch.nn.Module) -> bool:
+    """True (and said in the log) where a layer attends within a sliding window or soft-caps its scores: the
+    shared-prefix plan (attention/shared_prefix.py) is one a step for every layer, made for full, uncapped attention
+    (vLLM also runs no cascade attention with a sliding window)."""
+    masked = [m for m in model.modules() if isinstance(m, Attention) and m.masking]
+    if masked:
+        logger.info("cascade attention off: %d attention layers slide or soft-cap (as --disable-cascade-attn)",
+                    len(masked))
+    return bool(masked)
 
 
 def _graphs_blocked(model: torch.nn.Module, device: torch.device) -> bool:

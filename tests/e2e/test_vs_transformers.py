@@ -25,9 +25,9 @@ def make_prompts():
 PROMPTS = make_prompts()
 
 
-def hf_greedy(model_dir, prompts, max_new=MAX_NEW):
+def hf_greedy(model_dir, prompts, max_new=MAX_NEW, **model_kwargs):
     """Per prompt (no padding): generated ids and the log-softmax of each chosen token."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **model_kwargs)
     results = []
     for p in prompts:
         g = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False, output_logits=True,
@@ -255,17 +255,6 @@ def test_logprob_token_ids_match_transformers(tiny_model_dirs):
         assert set(top_pos) - {ids[step]} <= set(ref.topk(3).indices.tolist())
 
 
-def test_mistral_sliding_window_caps_max_model_len(tmp_path):
-    from conftest import make_tiny_model
-    d = make_tiny_model(tmp_path / "mistral", arch="mistral", seed=5)
-    llm = LLM(d, dtype="float32", log_stats_interval=0)
-    assert llm.engine.max_model_len == 128          # inside one window, full attention is exact
-    prompts = [p for p in PROMPTS if len(p) + MAX_NEW <= 128]
-    check_greedy_matches(llm.generate(prompts, GREEDY, use_tqdm=False), hf_greedy(d, prompts))
-    with pytest.raises(ValueError, match="sliding_window"):
-        LLM(d, dtype="float32", max_model_len=200)
-
-
 @pytest.mark.parametrize("name", ["phi3_longrope", "phi4_mini"])
 def test_longrope_matches_transformers_on_each_side_of_the_original_context(tiny_model_dirs, name):
     """longrope (original_max_position_embeddings 64 of 512; phi4_mini also rotates 3/4 of each head): by default
@@ -289,14 +278,32 @@ def test_longrope_matches_transformers_on_each_side_of_the_original_context(tiny
     np.testing.assert_allclose(got, want, atol=LOGPROB_TOL, rtol=0)
 
 
-def test_phi3_sliding_window_caps_max_model_len(tmp_path):
-    """Phi-3-mini-4k's sliding_window (2047 of 4096) caps max_model_len as Mistral's does: within it,
-    transformers' sliding-window attention is full attention."""
+def window_prompts() -> list[list[int]]:
+    """Prompts and outputs past a 32-token window: two sharing 64 tokens (prefix hits mid-window), one of 80, one
+    whose 40 outputs alone pass it."""
+    rng = np.random.default_rng(1)
+    shared = rng.integers(3, 512, size=64).tolist()
+    return [shared + rng.integers(3, 512, size=16).tolist(), shared + rng.integers(3, 512, size=20).tolist(),
+            rng.integers(3, 512, size=80).tolist(), rng.integers(3, 512, size=5).tolist()]
+
+
+@pytest.mark.parametrize("arch,seed", [("mistral", 5), ("phi3", 8)])
+def test_sliding_window_matches_transformers_past_the_window(tmp_path, arch, seed):
+    """Mistral-7B-v0.1's sliding_window (4096 of 32768) and Phi-3-mini-4k's (2047 of 4096) as transformers applies
+    them (each query sees its last `window` positions): max_model_len stays max_position_embeddings, and greedy
+    tokens match transformers' eager attention (its sdpa one gives the same) on sequences 3x the window long,
+    through 16-token chunks and prefix-cache hits."""
     from conftest import make_tiny_model
-    d = make_tiny_model(tmp_path / "phi3_window", arch="phi3", seed=8, sliding_window=96)
-    llm = LLM(d, dtype="float32", log_stats_interval=0)
-    assert llm.engine.max_model_len == 96
-    prompts = [p for p in PROMPTS if len(p) + MAX_NEW <= 96]
-    check_greedy_matches(llm.generate(prompts, GREEDY, use_tqdm=False), hf_greedy(d, prompts))
-    with pytest.raises(ValueError, match="sliding_window"):
-        LLM(d, dtype="float32", max_model_len=200)
+    d = make_tiny_model(tmp_path / arch, arch=arch, seed=seed, sliding_window=32)
+    prompts = window_prompts()
+    ref = hf_greedy(d, prompts, max_new=40, attn_implementation="eager")
+    params = SamplingParams(temperature=0.0, max_tokens=40, logprobs=0)
+    for budget in (None, 16):
+        llm = LLM(d, dtype="float32", max_num_batched_tokens=budget, enable_prefix_caching=True,
+                  log_stats_interval=0)
+        assert llm.engine.max_model_len == 512   # no longer capped at the window
+        check_greedy_matches(llm.generate(prompts, params, use_tqdm=False), ref)
+        hits = llm.engine.get_stats().prefix_cache_hits
+        assert hits > 0   # the shared 64 tokens
+        check_greedy_matches(llm.generate(prompts, params, use_tqdm=False), ref)   # now every prompt hits
+        assert llm.engine.get_stats().prefix_cache_hits - hits >= sum((len(p) - 1) // 16 * 16 for p in prompts)

@@ -235,3 +235,33 @@ def test_rope_parameters_phi3_refusals():
         RotaryEmbedding(8, 32, {**base, "partial_rotary_factor": 0.5})
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         RotaryEmbedding(8, 32, {**base, "partial_rotary_factor": 0.0})
+
+
+def test_layer_sliding_window_follows_transformers_layer_types():
+    """config.sliding_window on the layers transformers slides: all of Mistral's, Qwen2's from max_window_layers on
+    (with use_sliding_window), Gemma 2's even ones; none where the window spans max_position_embeddings."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from pagedllm.models.llama import layer_sliding_window
+    base = dict(num_hidden_layers=4, max_position_embeddings=512)
+
+    def windows(config):
+        return [layer_sliding_window(config, i) for i in range(4)]
+    assert windows(MistralConfig(sliding_window=32, **base)) == [32] * 4
+    assert windows(MistralConfig(sliding_window=512, **base)) == [None] * 4
+    assert windows(MistralConfig(sliding_window=None, **base)) == [None] * 4
+    assert windows(Qwen2Config(sliding_window=32, use_sliding_window=True, max_window_layers=2, **base)) == \
+        [None, None, 32, 32]
+    assert windows(Qwen2Config(sliding_window=32, **base)) == [None] * 4   # use_sliding_window false
+    assert windows(Gemma2Config(sliding_window=32, **base)) == [32, None, 32, None]
+    assert windows(Gemma2Config(sliding_window=32, layer_types=["full_attention", "sliding_attention"] * 2,
+                                **base)) == [None, 32, None, 32]
+    assert windows(LlamaConfig(**base)) == [None] * 4
+
+
+def test_sliding_window_models_plan_no_shared_prefix(tmp_path, tiny_model_dirs):
+    """Cascade attention (one shared-prefix plan a step, for every layer) is for full attention: off where a
+    layer slides, as vLLM's."""
+    from pagedllm.runner.model_runner import _cascade_blocked
+    assert _cascade_blocked(_load(make_tiny_model(tmp_path / "mistral", "mistral", sliding_window=32)))
+    assert not _cascade_blocked(_load(make_tiny_model(tmp_path / "whole", "mistral", sliding_window=512)))
+    assert not _cascade_blocked(_load(tiny_model_dirs["llama"]))
