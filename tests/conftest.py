@@ -35,6 +35,10 @@ _ARCHS = {
                                                         "attention_multiplier": 0.6, "logits_scaling": 2.5}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"attention_bias": True}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 32, "hidden_act": "gelu_pytorch_tanh"}),
+    # each Gemma 2 setting away from a neutral one, so an ignored one changes the tokens: the scale's scalar is not
+    # head_dim, the window (layer 0; layer 1 is full) shorter than most test sequences, caps that bite
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 32, "query_pre_attn_scalar": 20, "sliding_window": 24,
+                                                     "attn_logit_softcapping": 3.0, "final_logit_softcapping": 4.0}),
 }
 
 
@@ -97,6 +101,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
         "granite": dict(arch="granite", seed=6),
         "olmo2": dict(arch="olmo2", seed=7),
         "gemma": dict(arch="gemma", seed=8, tie_word_embeddings=True),
+        "gemma2": dict(arch="gemma2", seed=9, tie_word_embeddings=True),
     }
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: make_tiny_model(root / name, **spec) for name, spec in specs.items()}

@@ -2,6 +2,7 @@
 from pagedllm.distributed.layers import head_shard
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.models.gemma import GemmaForCausalLM
+from pagedllm.models.gemma2 import Gemma2ForCausalLM
 from pagedllm.models.granite import GraniteForCausalLM
 from pagedllm.models.llama import LlamaForCausalLM, head_dim
 from pagedllm.models.mixtral import MixtralForCausalLM
@@ -14,6 +15,7 @@ from pagedllm.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY = {
     "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,   # sliding windows on alternate layers, soft-capped scores and logits
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,   # same graph, its layers attending within config.sliding_window

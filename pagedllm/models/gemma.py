@@ -1,7 +1,7 @@
 """Gemma (1): Llama with GeGLU (gelu_pytorch_tanh), RMSNorm scaled by (1 + weight) in float32, the embeddings
 times sqrt(hidden_size) rounded to the model dtype (as transformers does), and a tied LM head.
 
-Not Gemma 2 / 3 (their attention soft-capping and alternating sliding windows need kernel work: still refused).
+Gemma 2 is this model with two more norms a layer and windowed, soft-capped attention (gemma2.py); not Gemma 3.
 On CUDA the norms run their torch code (GemmaRMSNorm.forward): the Triton rms_norm kernels multiply the weight
 after rounding the normed row, and a (1 + weight) folded into a bf16 weight would lose the weight's low bits.
 So neither FP8 input fusion (quantization/fuse.py) nor the small-M path (which folds Llama's norm and SiLU:

@@ -62,7 +62,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0)
 
 
 MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "qwen3_moe", "mixtral", "granite",
-          "olmo2", "gemma"]
+          "olmo2", "gemma", "gemma2"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -287,14 +287,16 @@ def window_prompts() -> list[list[int]]:
             rng.integers(3, 512, size=80).tolist(), rng.integers(3, 512, size=5).tolist()]
 
 
-@pytest.mark.parametrize("arch,seed", [("mistral", 5), ("phi3", 8)])
-def test_sliding_window_matches_transformers_past_the_window(tmp_path, arch, seed):
+@pytest.mark.parametrize("arch,kw", [("mistral", dict(seed=5)), ("phi3", dict(seed=8)),
+                                     ("gemma2", dict(seed=9, tie_word_embeddings=True))])
+def test_sliding_window_matches_transformers_past_the_window(tmp_path, arch, kw):
     """Mistral-7B-v0.1's sliding_window (4096 of 32768) and Phi-3-mini-4k's (2047 of 4096) as transformers applies
-    them (each query sees its last `window` positions): max_model_len stays max_position_embeddings, and greedy
-    tokens match transformers' eager attention (its sdpa one gives the same) on sequences 3x the window long,
-    through 16-token chunks and prefix-cache hits."""
+    them (each query sees its last `window` positions), and Gemma 2's on alternate layers with its soft caps:
+    max_model_len stays max_position_embeddings, and greedy tokens and logprobs match transformers' eager attention
+    (Mistral's and Phi-3's sdpa gives the same) on sequences 3x the window long, through 16-token chunks and
+    prefix-cache hits."""
     from conftest import make_tiny_model
-    d = make_tiny_model(tmp_path / arch, arch=arch, seed=seed, sliding_window=32)
+    d = make_tiny_model(tmp_path / arch, arch=arch, sliding_window=32, **kw)
     prompts = window_prompts()
     ref = hf_greedy(d, prompts, max_new=40, attn_implementation="eager")
     params = SamplingParams(temperature=0.0, max_tokens=40, logprobs=0)

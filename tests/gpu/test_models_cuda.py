@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 PROMPTS = [[5 + (7 * i + j) % 400 for j in range(n)] for i, n in enumerate((1, 7, 33, 90, 130, 3))]
 ARCHS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "phi3_longrope", "phi4_mini", "qwen3_moe",
-         "mixtral", "granite", "olmo2", "gemma"]
+         "mixtral", "granite", "olmo2", "gemma", "gemma2"]   # gemma2: sliding windows and soft caps in the kernels
 
 
 def _tokens(d: str, prompts, **kwargs) -> list[list[int]]:
