@@ -47,6 +47,22 @@ def test_draft_model_greedy_matches_transformers(tiny_model_dirs, draft_name):
         assert sd.num_accepted_tokens < sd.num_draft_tokens
 
 
+
+@pytest.mark.parametrize("prepass", [False, True])
+def test_sliding_window_and_soft_caps_through_speculation(tiny_model_dirs, monkeypatch, prepass):
+    """Gemma 2 (a 24-token window on layer 0, soft caps) as its own draft: its one-token verify rows and the
+    draft's passes (behind the verify too: prepass) each attend within their own position's window, so every
+    proposal is accepted and the tokens are transformers'; n-gram proposals too."""
+    from pagedllm.runner import model_runner
+    monkeypatch.setattr(model_runner, "PREPASS_ON_CPU", prepass)
+    d = tiny_model_dirs["gemma2"]
+    outputs, stats = run(d, draft(d), max_num_seqs=16)
+    check_greedy_matches(outputs, reference(d))
+    assert stats.spec_decode.num_accepted_tokens == stats.spec_decode.num_draft_tokens > 0
+    outputs, stats = run(d, NGRAM, max_num_seqs=16)
+    check_greedy_matches(outputs, reference(d))
+    assert stats.spec_decode.num_accepted_tokens > 0
+
 @pytest.mark.parametrize("synthetic,kernel", [(False, False), (True, False), (False, True), (True, True)])
 def test_passes_behind_the_verify(tiny_model_dirs, monkeypatch, synthetic, kernel):
     """DraftModel.prepass runs a step's proposal passes behind the previous verify, from the device's emitted
