@@ -130,5 +130,8 @@ class _NoAttention(torch.nn.Module):
     def kv_target(self):
         return {}
 
+    def takes_qkv(self):   # the attention layer's decode_qkv question (LlamaAttention.attend asks it on CUDA)
+        return False
+
     def forward(self, q, k, v):
         return q
