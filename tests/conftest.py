@@ -39,6 +39,13 @@ _ARCHS = {
     # head_dim, the window (layer 0; layer 1 is full) shorter than most test sequences, caps that bite
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 32, "query_pre_attn_scalar": 20, "sliding_window": 24,
                                                      "attn_logit_softcapping": 3.0, "final_logit_softcapping": 4.0}),
+    # Gemma 3: a 24-token window on layers 0 and 2 (1 is full), each type rotating with its own theta (the full
+    # layers' linearly scaled, as 4B and up), per-head q/k norms, no soft caps (as every Gemma 3 checkpoint)
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               {"head_dim": 32, "query_pre_attn_scalar": 20, "sliding_window": 24, "num_hidden_layers": 3,
+                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                    "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}}),
 }
 
 
@@ -102,6 +109,9 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
         "olmo2": dict(arch="olmo2", seed=7),
         "gemma": dict(arch="gemma", seed=8, tie_word_embeddings=True),
         "gemma2": dict(arch="gemma2", seed=9, tie_word_embeddings=True),
+        # untied, unlike the checkpoints: a tied tiny Gemma repeats its last token (its sqrt(hidden)-scaled embedding
+        # dominates the logits), so greedy tokens would show little; the multimodal fixture is tied
+        "gemma3": dict(arch="gemma3", seed=15),
     }
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: make_tiny_model(root / name, **spec) for name, spec in specs.items()}

@@ -8,19 +8,30 @@ longrope (Phi-3-128k, Phi-3.5, Phi-4-mini): transformers picks short_factor or l
 the longest position in it, so a sequence that grows past original_max_position_embeddings mixes keys of both in
 its cache. We take vLLM's choice instead, one set per engine: long_factor when max_model_len is above
 original_max_position_embeddings (fit), else short_factor; both scaled by the same attention factor.
+linear (Gemma 3's global layers on 4B and up): every frequency divided by factor.
 """
 import math
 
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
-def rope_parameters(config) -> dict:
+def rope_parameters(config, layer_type: str | None = None) -> dict:
     """rope_theta and scaling of an HF config: transformers 5 keeps both in config.rope_parameters;
-    older configs have config.rope_theta and config.rope_scaling."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    older configs have config.rope_theta and config.rope_scaling.
+
+    Gemma 3 rotates its layer types differently: transformers 5 keeps one set per type, keyed by it
+    ({"sliding_attention": ..., "full_attention": ...}); transformers 4 kept the global layers' in rope_theta /
+    rope_scaling and the sliding ones' theta in rope_local_base_freq (no scaling). layer_type picks one (None:
+    full_attention's, the set that decides the context: max_model_len's default)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if params and set(params) <= set(getattr(config, "layer_types", None) or ()):   # one set per layer type
+        params = params[layer_type or "full_attention"]
+    elif layer_type == "sliding_attention" and getattr(config, "rope_local_base_freq", None) is not None:
+        params = {"rope_type": "default", "rope_theta": config.rope_local_base_freq}
+    params = dict(params)
     params.setdefault("rope_theta", getattr(config, "rope_theta", None) or getattr(config, "default_theta", 10000.0))
     params.setdefault("rope_type", params.pop("type", "default"))   # "type": the pre-4.45 key
     if params["rope_type"] in ("su", "yarn") and getattr(config, "model_type", None) == "phi3":
@@ -63,7 +74,9 @@ class RotaryEmbedding(nn.Module):
         dim = self.rotary_dim
         inv_freq = 1.0 / (self.params["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
         scale = 1.0
-        if self.params["rope_type"] == "llama3":
+        if self.params["rope_type"] == "linear":
+            inv_freq = inv_freq / self.params["factor"]
+        elif self.params["rope_type"] == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, self.params)
         elif self.params["rope_type"] == "longrope":
             self.long = self._longrope_long(max_model_len)

@@ -3,6 +3,7 @@ from pagedllm.distributed.layers import head_shard
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.models.gemma import GemmaForCausalLM
 from pagedllm.models.gemma2 import Gemma2ForCausalLM
+from pagedllm.models.gemma3 import Gemma3ForCausalLM
 from pagedllm.models.granite import GraniteForCausalLM
 from pagedllm.models.llama import LlamaForCausalLM, head_dim
 from pagedllm.models.mixtral import MixtralForCausalLM
@@ -16,6 +17,7 @@ from pagedllm.models.qwen3_moe import Qwen3MoeForCausalLM
 MODEL_REGISTRY = {
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,   # sliding windows on alternate layers, soft-capped scores and logits
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,   # Gemma 2 with per-head q/k norms and a RoPE per layer type
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,   # same graph, its layers attending within config.sliding_window

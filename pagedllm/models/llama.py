@@ -96,7 +96,8 @@ class LlamaAttention(nn.Module):
         if qk_norm:   # Qwen3: RMSNorm over each head's D features, before RoPE
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.rotary_emb = rotary_emb   # one table shared by all layers
+        self.rotary_emb = rotary_emb   # one table shared by all layers (Gemma 3: by the layers of a type)
+        self.fused_qk = True   # CUDA: the kernels norm (Llama's RMSNorm) and rotate q / k; off: the torch code
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
                               sliding_window=layer_sliding_window(config, layer_idx))
 
@@ -107,7 +108,7 @@ class LlamaAttention(nn.Module):
         """qkv (T, (Hq + 2*Hkv) * D) -> attention output (T, Hq*D), this step's K/V stored in the cache. On CUDA
         one kernel norms and rotates q / k and stores K/V (qk_norm_rope), or, in decode-only steps, the decode
         kernel itself does (Attention.forward_qkv: one launch a layer less)."""
-        if not qkv.is_cuda or self.rotary_emb.partial:   # the kernels rotate whole heads only
+        if not qkv.is_cuda or self.rotary_emb.partial or not self.fused_qk:   # the kernels rotate whole heads only
             q, k, v = self.rotate_qk_native(positions, qkv)
             return self.attn(q, k, v)
         if self.attn.takes_qkv():

@@ -98,7 +98,7 @@ def test_mixed_adapters_match_peft(setup):
     assert llm.engine.list_loras() == {1, 2, 3}
 
 
-@pytest.mark.parametrize("arch", ["granite", "olmo2", "gemma", "gemma2"])
+@pytest.mark.parametrize("arch", ["granite", "olmo2", "gemma", "gemma2", "gemma3"])
 def test_llama_variants_match_peft(tmp_path, arch):
     """LoRA through the shared layers of the Llama variants: Granite's residual_multiplier scales the adapted
     o_proj / down_proj outputs, OLMo-2's post-norms and whole-projection q_norm / k_norm read adapted ones."""

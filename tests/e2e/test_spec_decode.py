@@ -48,14 +48,16 @@ def test_draft_model_greedy_matches_transformers(tiny_model_dirs, draft_name):
 
 
 
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
 @pytest.mark.parametrize("prepass", [False, True])
-def test_sliding_window_and_soft_caps_through_speculation(tiny_model_dirs, monkeypatch, prepass):
-    """Gemma 2 (a 24-token window on layer 0, soft caps) as its own draft: its one-token verify rows and the
-    draft's passes (behind the verify too: prepass) each attend within their own position's window, so every
-    proposal is accepted and the tokens are transformers'; n-gram proposals too."""
+def test_sliding_window_and_soft_caps_through_speculation(tiny_model_dirs, monkeypatch, prepass, name):
+    """Gemma 2 (a 24-token window on layer 0, soft caps) and Gemma 3 (the window on layers 0 and 2, a RoPE per
+    layer type) as their own draft: the one-token verify rows and the draft's passes (behind the verify too:
+    prepass) each attend within their own position's window, so every proposal is accepted and the tokens are
+    transformers'; n-gram proposals too."""
     from pagedllm.runner import model_runner
     monkeypatch.setattr(model_runner, "PREPASS_ON_CPU", prepass)
-    d = tiny_model_dirs["gemma2"]
+    d = tiny_model_dirs[name]
     outputs, stats = run(d, draft(d), max_num_seqs=16)
     check_greedy_matches(outputs, reference(d))
     assert stats.spec_decode.num_accepted_tokens == stats.spec_decode.num_draft_tokens > 0

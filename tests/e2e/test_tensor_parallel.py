@@ -1,8 +1,9 @@
 """Tensor parallelism on CPU (gloo, float32): TP=2 gives TP=1's tokens and logprobs on tiny Llama, Qwen2,
-Phi-3, OLMo-2, Gemma 2, Qwen3 and mixture-of-experts (Qwen3-MoE, Mixtral) checkpoints (GQA with 1 KV head, replicated on
-both ranks, and 2, one a rank; tied and untied embeddings; biases on row-parallel layers; a vocabulary that does
-not split evenly); a step failing on every rank fails its requests alone; a killed worker ends the engine with a
-clear error within seconds. TP=1 is the independent reference: the same checkpoint through the unsplit model."""
+Phi-3, OLMo-2, Gemma 2 / 3, Qwen3 and mixture-of-experts (Qwen3-MoE, Mixtral) checkpoints (GQA with 1 KV head,
+replicated on both ranks, and 2, one a rank; tied and untied embeddings; biases on row-parallel layers; a
+vocabulary that does not split evenly); a step failing on every rank fails its requests alone; a killed worker
+ends the engine with a clear error within seconds. TP=1 is the independent reference: the same checkpoint through
+the unsplit model."""
 import asyncio
 import os
 import signal
@@ -29,6 +30,8 @@ MODELS = {   # name: (arch, overrides)
     "olmo2_kv1": ("olmo2", dict(num_key_value_heads=1, seed=15)),
     # Gemma 2: each rank's heads windowed (layer 0) and soft-capped, the final cap on the gathered logits
     "gemma2_kv2": ("gemma2", dict(seed=17, tie_word_embeddings=True)),
+    # Gemma 3: each rank's heads q/k-normed (the per-head norms whole on both ranks), rotated by their layer's type
+    "gemma3_kv2": ("gemma3", dict(seed=18)),
     # mixture of experts (every expert on both ranks, its I/N; the router whole): Qwen3-MoE's experts are
     # moe_intermediate_size (32) wide beside a dense layer of intermediate_size (128); Mixtral's w1/w2/w3 names
     "qwen3_moe": ("qwen3_moe", dict(seed=15)),

@@ -62,7 +62,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0)
 
 
 MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "qwen3_moe", "mixtral", "granite",
-          "olmo2", "gemma", "gemma2"]
+          "olmo2", "gemma", "gemma2", "gemma3"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -288,7 +288,7 @@ def window_prompts() -> list[list[int]]:
 
 
 @pytest.mark.parametrize("arch,kw", [("mistral", dict(seed=5)), ("phi3", dict(seed=8)),
-                                     ("gemma2", dict(seed=9, tie_word_embeddings=True))])
+                                     ("gemma2", dict(seed=9, tie_word_embeddings=True)), ("gemma3", dict(seed=15))])
 def test_sliding_window_matches_transformers_past_the_window(tmp_path, arch, kw):
     """Mistral-7B-v0.1's sliding_window (4096 of 32768) and Phi-3-mini-4k's (2047 of 4096) as transformers applies
     them (each query sees its last `window` positions), and Gemma 2's on alternate layers with its soft caps:

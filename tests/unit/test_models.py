@@ -12,7 +12,7 @@ from pagedllm.models import get_model_class, model_dims
 from pagedllm.models.loader import load_model
 
 MODELS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "qwen3_moe", "mixtral", "granite", "olmo2",
-          "gemma", "gemma2"]
+          "gemma", "gemma2", "gemma3"]
 BLOCK_SIZE = 4
 NUM_BLOCKS = 160
 SEQ_LENS = [1, 7, 22, 100]         # a lone token, under one block, several blocks, past llama3's 64-token knee
@@ -174,8 +174,8 @@ def test_tied_lm_head_shares_embedding(tiny_model_dirs):
 def test_unsupported_architecture():
     with pytest.raises(ValueError, match="supported.*LlamaForCausalLM"):
         get_model_class(["GPT2LMHeadModel"])
-    with pytest.raises(ValueError, match="supported.*Gemma2ForCausalLM"):   # not yet
-        get_model_class(["Gemma3ForCausalLM"])
+    with pytest.raises(ValueError, match="supported.*Gemma3ForCausalLM"):   # Gemma 3n: not yet
+        get_model_class(["Gemma3nForConditionalGeneration"])
 
 
 def test_gemma_embedding_scale_is_rounded_to_the_model_dtype(tmp_path):
@@ -190,8 +190,8 @@ def test_gemma_embedding_scale_is_rounded_to_the_model_dtype(tmp_path):
 def test_unsupported_rope_type():
     from transformers import LlamaConfig
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=512, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
-    with pytest.raises(ValueError, match="rope_type 'linear'.*default.*llama3"):
+                         vocab_size=512, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="rope_type 'dynamic'.*default.*linear.*llama3"):
         get_model_class(["LlamaForCausalLM"])(config)
 
 
@@ -267,11 +267,12 @@ def test_sliding_window_models_plan_no_shared_prefix(tmp_path, tiny_model_dirs):
     assert not _cascade_blocked(_load(tiny_model_dirs["llama"]))
 
 
-def test_use_small_m_leaves_gemma2_off(tiny_model_dirs):
-    """Gemma 2's layer has Gemma's (1 + weight) norms and GeGLU, which small_m_linear does not fold: plain bf16
-    linears otherwise, its path stays off (its own forward would skip it anyway)."""
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_use_small_m_leaves_gemma2_off(tiny_model_dirs, name):
+    """Gemma 2's and 3's layer has Gemma's (1 + weight) norms and GeGLU, which small_m_linear does not fold: plain
+    bf16 linears otherwise, its path stays off (its own forward would skip it anyway)."""
     from pagedllm.models.small_m import SMALL_M_OPS, use_small_m
-    model = _load(tiny_model_dirs["gemma2"], torch.bfloat16)
+    model = _load(tiny_model_dirs[name], torch.bfloat16)
     use_small_m(model, SMALL_M_OPS)
     assert all(not layer.small_m for layer in model.model.layers)
 
