@@ -15,10 +15,14 @@ def apply_hf_overrides(config: PretrainedConfig, raw: dict, overrides: dict) -> 
         nested = isinstance(getattr(config, key, None), PretrainedConfig) and isinstance(value, dict)
         merged[key] = _deep_merge(merged.get(key) or {}, value) if nested else value
     # A config.json of transformers 5's form keeps the theta in rope_parameters, which wins over a top-level
-    # rope_theta: the override goes where it is read (it was silently ignored)
-    if "rope_theta" in overrides and isinstance(merged.get("rope_parameters"), dict) \
-            and "rope_parameters" not in overrides:
-        merged["rope_parameters"] = {**merged["rope_parameters"], "rope_theta": overrides["rope_theta"]}
+    # rope_theta: the override goes where it is read (it was silently ignored). Gemma 3's holds one set per layer
+    # type: the theta is the full layers', as transformers reads a top-level rope_theta (it was every layer's)
+    rope = merged.get("rope_parameters")
+    if "rope_theta" in overrides and isinstance(rope, dict) and "rope_parameters" not in overrides:
+        theta = {"rope_theta": overrides["rope_theta"]}
+        full = rope.get("full_attention")
+        merged["rope_parameters"] = {**rope, "full_attention": {**full, **theta}} if isinstance(full, dict) \
+            else {**rope, **theta}
     try:
         return type(config).from_dict(merged)
     except Exception as e:   # transformers 5's strict config fields raise their own errors (not ValueError)

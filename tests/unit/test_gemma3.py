@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import make_tiny_model
+from pagedllm.engine.engine import _load_hf_config
 from pagedllm.layers.rotary import rope_parameters
 from pagedllm.models.loader import load_model
 
@@ -54,6 +55,14 @@ def test_rope_of_each_layer_type_from_every_config_form(tmp_path):
     for config in (loaded, AutoConfig.from_pretrained(tmp_path / "v5"), v4):
         assert {t: _rope(config, t) for t in WANT} == WANT
         assert _rope(config, None) == WANT["full_attention"]   # max_model_len's default reads the global layers'
+
+
+def test_rope_theta_override_is_the_full_layers(tiny_model_dirs):
+    """--hf-overrides rope_theta (vLLM's --rope-theta) on a config.json of transformers 5's form: the full
+    layers' theta, as transformers reads a top-level rope_theta; it became every layer's, sliding ones too."""
+    config = _load_hf_config(tiny_model_dirs["gemma3"], {"rope_theta": 5e5})
+    assert _rope(config, "full_attention") == ("linear", 5e5, 4.0)
+    assert _rope(config, "sliding_attention") == ("default", 100.0, None)
 
 
 @pytest.mark.parametrize("field,value", [("use_bidirectional_attention", True), ("hidden_activation", "gelu")])
