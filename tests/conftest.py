@@ -47,15 +47,25 @@ _ARCHS = {
                 "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                                     "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}}),
 }
+# Gemma 3 4B and up: gemma3's text model (its overrides go to text_config) beside a one-layer SigLIP tower
+_VISION_LANGUAGE = {"gemma3_vl": ("gemma3", "Gemma3Config", "Gemma3ForConditionalGeneration", dict(
+    vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, image_size=28, patch_size=14),
+    mm_tokens_per_image=4, boi_token_index=509, eoi_token_index=510, image_token_index=511))}
 
 
 def make_tiny_model(path, arch: str = "llama", tie_word_embeddings: bool = False, seed: int = 0,
                     max_shard_size: str | None = None, **overrides) -> str:
     """Save a tiny random float32 transformers model, with the demo tokenizer, as a complete HF model dir."""
     import transformers
-    config_name, model_name, arch_defaults = _ARCHS[arch]
-    config = getattr(transformers, config_name)(
-        **{**_BASE, **arch_defaults, **overrides}, tie_word_embeddings=tie_word_embeddings)
+    if arch in _VISION_LANGUAGE:   # tie_word_embeddings at the top: transformers ties by that one
+        text_arch, config_name, model_name, top = _VISION_LANGUAGE[arch]
+        config = getattr(transformers, config_name)(text_config={**_BASE, **_ARCHS[text_arch][2], **overrides},
+                                                    tie_word_embeddings=tie_word_embeddings, **top)
+    else:
+        config_name, model_name, arch_defaults = _ARCHS[arch]
+        config = getattr(transformers, config_name)(
+            **{**_BASE, **arch_defaults, **overrides}, tie_word_embeddings=tie_word_embeddings)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = getattr(transformers, model_name)(config).float()

@@ -18,6 +18,7 @@ from pagedllm.bench.workloads import build
 from pagedllm.engine.engine import resolve_device, resolve_dtype
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.models import served_config
 
 WARMUP_PROMPT = list(range(1, 9))   # 8 tokens + 4 generated: less than a block, so nothing is prefix-cached
 WARMUP_TOKENS = 4
@@ -91,7 +92,7 @@ def _run_pagedllm(prompts, output_lens, args, engine_kwargs) -> dict:
 
 
 def _run_hf(prompts, output_lens, args, engine_kwargs) -> dict:
-    hf_config = AutoConfig.from_pretrained(engine_kwargs["model"])
+    hf_config = served_config(AutoConfig.from_pretrained(engine_kwargs["model"]))
     max_id = max(max(p) for p in prompts)
     _check(hf_config.vocab_size > max_id, "the model's vocab_size", f"> {max_id} (the workload's largest token "
            f"id)", hf_config.vocab_size)

@@ -22,7 +22,7 @@ from pagedllm.engine.vllm_config import ModelConfig, engine_vllm_config
 from pagedllm.layers.rotary import rope_parameters
 from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import SchedulerStats, StatsLogger
-from pagedllm.models import feature_refusal, get_model_class
+from pagedllm.models import feature_refusal, get_model_class, served_config
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import SamplingParams
@@ -269,7 +269,7 @@ def _load_hf_config(model: str, overrides: dict | None):
     if isinstance(raw, dict):   # before transformers, whose words for a model type it lacks are "upgrade me"
         get_model_class({**raw, **(overrides or {})}.get("architectures"))
     hf_config = AutoConfig.from_pretrained(model)
-    return apply_hf_overrides(hf_config, raw, overrides) if overrides else hf_config
+    return served_config(apply_hf_overrides(hf_config, raw, overrides) if overrides else hf_config)
 
 
 def resolve_device(device: str) -> torch.device:

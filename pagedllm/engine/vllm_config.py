@@ -14,7 +14,7 @@ import torch
 
 from pagedllm.distributed.layers import head_shard
 from pagedllm.distributed.parallel_state import TPGroup
-from pagedllm.models import MODEL_REGISTRY, head_dim
+from pagedllm.models import MODEL_REGISTRY, head_dim, served_config
 
 
 class _View:
@@ -265,7 +265,7 @@ def _draft_model_config(target: ModelConfig, path: str, asked_quantization: str 
     """The draft's checkpoint config, read as DraftModel reads it (no hf_overrides); the target's dtype, length,
     tokenizer and the rest, which the draft runs with too."""
     from transformers import AutoConfig
-    hf_config = AutoConfig.from_pretrained(path)
+    hf_config = served_config(AutoConfig.from_pretrained(path))
     return replace(target, model=path, served_model_name=path, hf_config=hf_config, hf_overrides={},
                    quantization=_quantization(hf_config, asked_quantization))
 

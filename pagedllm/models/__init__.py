@@ -1,9 +1,11 @@
 """Model registry: HF architecture name -> our class."""
+import copy
+
 from pagedllm.distributed.layers import head_shard
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.models.gemma import GemmaForCausalLM
 from pagedllm.models.gemma2 import Gemma2ForCausalLM
-from pagedllm.models.gemma3 import Gemma3ForCausalLM
+from pagedllm.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from pagedllm.models.granite import GraniteForCausalLM
 from pagedllm.models.llama import LlamaForCausalLM, head_dim
 from pagedllm.models.mixtral import MixtralForCausalLM
@@ -18,6 +20,7 @@ MODEL_REGISTRY = {
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,   # sliding windows on alternate layers, soft-capped scores and logits
     "Gemma3ForCausalLM": Gemma3ForCausalLM,   # Gemma 2 with per-head q/k norms and a RoPE per layer type
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,   # its text part; images refused at the API
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,   # same graph, its layers attending within config.sliding_window
@@ -35,6 +38,23 @@ def get_model_class(architectures: list[str] | None):
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     raise ValueError(f"unsupported model architectures {architectures}; supported: {sorted(MODEL_REGISTRY)}")
+
+
+def served_config(hf_config):
+    """The config a model is built and sized from: the checkpoint's, or, for a vision-language checkpoint served
+    text-only (reads_text_config: Gemma 3 4B and up), its text_config with the checkpoint's architectures (which
+    pick the class that reads its tensor names), and the dtype, quantization_config and tie_word_embeddings kept
+    at its top."""
+    model_cls = next((MODEL_REGISTRY[a] for a in hf_config.architectures or [] if a in MODEL_REGISTRY), None)
+    if model_cls is None or not model_cls.reads_text_config:   # unknown ones are refused where they are built
+        return hf_config
+    text = copy.deepcopy(hf_config.get_text_config())
+    text.architectures = list(hf_config.architectures)
+    for key in ("dtype", "quantization_config"):
+        if getattr(text, key, None) is None and getattr(hf_config, key, None) is not None:
+            setattr(text, key, getattr(hf_config, key))
+    text.tie_word_embeddings = hf_config.tie_word_embeddings   # transformers ties the head by the top's
+    return text
 
 
 def feature_refusal(hf_config, quantization: str | None, enable_lora: bool) -> str | None:

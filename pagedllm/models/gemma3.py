@@ -8,6 +8,10 @@ transformers 5's per-type sets and transformers 4's rope_local_base_freq).
 
 On CUDA q_norm / k_norm run as torch code, as the other Gemma norms (gemma.py): the fused qk_norm_rope kernel and
 the decode kernel that takes qkv compute Llama's RMSNorm, which rounds the normed row before the weight.
+
+Gemma3ForConditionalGeneration (gemma-3-4b/12b/27b-it) is served as this text model: its config's text_config
+(models.served_config), its language model's tensors, its vision tower and projector left unread. Images are
+refused at the API (content_parts.py), as for every model here.
 """
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.quantization.fp8_config import Fp8Config
@@ -37,3 +41,13 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
         for layer, layer_type in zip(self.model.layers, config.layer_types):
             if layer_type == "sliding_attention":
                 layer.self_attn.rotary_emb = self.model.rotary_emb_local
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """The text part of a vision-language checkpoint. Its language model is named language_model.model.* in the
+    files (the Hub's, and what transformers 5 saves) and model.language_model.* in transformers 5's modules (so in
+    files some tools save from them)."""
+    reads_text_config = True
+    weight_renames = ((r"^language_model\.model\.", "model."), (r"^model\.language_model\.", "model."),
+                      (r"^language_model\.lm_head\.", "lm_head."))
+    skipped_weights = (r"(model\.)?vision_tower\.", r"(model\.)?multi_modal_projector\.")

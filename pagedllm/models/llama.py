@@ -204,6 +204,8 @@ class LlamaForCausalLM(nn.Module):
     make_mlp = staticmethod(dense_mlp)   # (config, layer_idx, quant, prefix, tp) -> the layer's MLP
     # (pattern, replacement) applied to each checkpoint name before loading: another family's names to ours
     weight_renames: tuple[tuple[str, str], ...] = ()
+    skipped_weights: tuple[str, ...] = ()   # patterns of checkpoint names not read (a vision tower)
+    reads_text_config = False   # a vision-language checkpoint's text part: built from its text_config (served_config)
     decoder_layer: type[nn.Module] = LlamaDecoderLayer
     hidden_act = "silu"   # the MLP's activation: config.hidden_act must name it
     tp_refused: str | None = None   # why this architecture cannot run tensor-parallel; None: it can

@@ -25,7 +25,7 @@ from pagedllm.layers.quantization.fp8_config import fp8_config
 from pagedllm.layers.quantization.fp8_linear import Fp8Linear
 from pagedllm.layers.quantization.fuse import fuse_fp8_inputs
 from pagedllm.models import get_model_class, head_dim
-from pagedllm.models.weights import UNSTACKED
+from pagedllm.models.weights import UNSTACKED, checkpoint_name
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -51,14 +51,17 @@ def load_model(model_dir: str, hf_config, dtype: torch.dtype, device: torch.devi
     where, block = None, quant.block_size if quant is not None else None
     if tp.enabled:
         dim = head_dim(hf_config)
-        where = lambda name, shape: checkpoint_slice(name, shape, hf_config, dim, tp, block)   # noqa: E731
+
+        def where(name: str, shape) -> tuple[int, int, int] | None:   # cut by the model's name (its vocab rows)
+            return checkpoint_slice(checkpoint_name(model_cls, name), shape, hf_config, dim, tp, block)
     if load_format == "dummy" and where is not None:
         model.load_weights((name, take_slice(t, where(name, t.shape)))
                            for name, t in _dummy_tensors(model_cls, hf_config, dtype, device))
     elif load_format == "dummy":
         _init_dummy(model)
     else:
-        model.load_weights(_iter_safetensors(Path(model_dir), dtype, device, where, _fused_parts(hf_config, block)))
+        model.load_weights(_iter_safetensors(Path(model_dir), dtype, device, where, _fused_parts(hf_config, block),
+                                             read=lambda name: checkpoint_name(model_cls, name) is not None))
     if quant is not None and torch.device(device).type == "cuda":
         fuse_fp8_inputs(model)
     return model.eval().requires_grad_(False)
@@ -82,14 +85,15 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(prev)
 
 
-def _iter_safetensors(model_dir: Path, dtype: torch.dtype, device, where=None,
-                      fused=lambda name, shape: None) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(model_dir: Path, dtype: torch.dtype, device, where=None, fused=lambda name, shape: None,
+                      read=lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
     """where(name, shape): the (dim, start, stop) of the tensor this rank holds, None: all of it (tp.size 1: no
     call). fused(name, shape): a fused tensor's parts [(part name, first row, end row) | (part name, None)], the
-    latter a scalar every part shares; None: not fused."""
+    latter a scalar every part shares; None: not fused. read(name): False for a tensor left unread (a vision
+    tower's, where only the text part is served)."""
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in filter(read, f.keys()):
                 part = f.get_slice(name)
                 parts = fused(name, part.get_shape())
                 for part_name, rows in parts or [(name, None)]:

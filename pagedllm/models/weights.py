@@ -33,9 +33,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     fused_experts = _fused_expert_names(model)
     loaded = set()
     for name, tensor in weights:
-        for pattern, replacement in model.weight_renames:
-            name = re.sub(pattern, replacement, name)
-        if "rotary_emb." in name or (model.tied and name == "lm_head.weight"):
+        name = checkpoint_name(type(model), name)
+        if name is None or "rotary_emb." in name or (model.tied and name == "lm_head.weight"):
             continue
         if _load_kv_scale(model, name, tensor) or _load_expert_shard(model, name, tensor, loaded):
             continue
@@ -54,6 +53,17 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     missing = sorted(_checkpoint_names(model) - loaded)
     if missing:
         raise ValueError(f"{len(missing)} parameters not found in the checkpoint: {missing[:8]}")
+
+
+def checkpoint_name(model_cls: type, name: str) -> str | None:
+    """A checkpoint tensor's name as model_cls's own modules would be named in transformers (its weight_renames
+    applied: Mixtral's MLP, a vision-language checkpoint's language model); None: one it does not read
+    (skipped_weights: a vision tower)."""
+    if any(re.match(pattern, name) for pattern in model_cls.skipped_weights):
+        return None
+    for pattern, replacement in model_cls.weight_renames:
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def _load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ from pagedllm.attention.metadata import AttentionMetadata, set_forward_context
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.distributed.parallel_state import TPGroup
-from pagedllm.models import model_dims
+from pagedllm.models import model_dims, served_config
 from pagedllm.layers.moe import cuda_graph_blocker
 from pagedllm.models.loader import load_model
 from pagedllm.models.small_m import SMALL_M_OPS, use_small_m
@@ -49,7 +49,7 @@ class PrePass:
 def draft_hf_config(model_dir: str, target_hf_config):
     """The draft checkpoint's HF config; ValueError unless it has the target's vocabulary."""
     from transformers import AutoConfig
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = served_config(AutoConfig.from_pretrained(model_dir))
     if hf_config.vocab_size != target_hf_config.vocab_size:
         raise ValueError(f"speculative_config: model {model_dir!r} must have the target's vocabulary "
                          f"({target_hf_config.vocab_size} tokens), got {hf_config.vocab_size}")
