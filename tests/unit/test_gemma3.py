@@ -70,3 +70,14 @@ def test_refuses_what_it_does_not_compute(tmp_path, field, value):
     d = make_tiny_model(tmp_path / field, "gemma3", **{field: value})
     with pytest.raises(NotImplementedError, match=field):
         load_model(d, AutoConfig.from_pretrained(d), torch.float32, torch.device("cpu"))
+
+
+def test_embedding_scale_is_transformers_in_each_dtype(tmp_path):
+    """transformers multiplies the embeddings by sqrt(hidden_size) in the weights' dtype (96: 9.798 in float32,
+    9.8125 in bfloat16), as Gemma 1's; the same factor here."""
+    d = make_tiny_model(tmp_path / "g3", "gemma3", hidden_size=96)
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).model.embed_tokens
+        ours = load_model(d, AutoConfig.from_pretrained(d), dtype, torch.device("cpu")).model.embedding_multiplier
+        assert ours == hf.embed_scale.to(hf.weight.dtype).item()
+    assert ours != 96 ** 0.5
