@@ -44,8 +44,8 @@ def test_an_architecture_transformers_does_not_know_is_unsupported_listing_ours(
     (tmp_path / "config.json").write_text('{"architectures": ["FoobarForCausalLM"], "model_type": "foobar"}')
     assert main(["generate", "--device", "cpu", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert ("unsupported model architectures ['FoobarForCausalLM']; supported: ['GemmaForCausalLM', "
-            "'GraniteForCausalLM', 'LlamaForCausalLM'") in err, err
+    assert ("unsupported model architectures ['FoobarForCausalLM']; supported: ['Gemma2ForCausalLM', "
+            "'Gemma3ForCausalLM', 'Gemma3ForConditionalGeneration', 'GemmaForCausalLM', 'GraniteForCausalLM'") in err, err
     assert "upgrade" not in err
 
 
