@@ -9,6 +9,8 @@ rms_norm_quant_fp8 = lazy_kernel(globals(), "pagedllm.layers.kernels.fused_quant
 
 
 class RMSNorm(nn.Module):
+    unit_offset = False   # Gemma's norms scale by (1 + weight) in float32 (models/gemma.py); a flag of the kernels
+
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))

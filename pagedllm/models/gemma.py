@@ -2,10 +2,10 @@
 times sqrt(hidden_size) rounded to the model dtype (as transformers does), and a tied LM head.
 
 Gemma 2 is this model with two more norms a layer and windowed, soft-capped attention (gemma2.py); not Gemma 3.
-On CUDA the norms run their torch code (GemmaRMSNorm.forward): the Triton rms_norm kernels multiply the weight
-after rounding the normed row, and a (1 + weight) folded into a bf16 weight would lose the weight's low bits.
-So neither FP8 input fusion (quantization/fuse.py) nor the small-M path (which folds Llama's norm and SiLU:
-small_m.plain refuses other norms and activations) is taken. Tensor parallelism, FP8 linears and LoRA go through
+On CUDA the norms are the rms_norm kernel with its unit_offset flag (Gemma's arithmetic: the normed row times
+(1 + weight) in float32, rounded once; a (1 + weight) folded into a bf16 weight would lose the weight's low bits).
+The FP8 input fusion (quantization/fuse.py) and the small-M path (small_m.plain refuses other norms and
+activations) fold Llama's norm and SiLU, so neither is taken. Tensor parallelism, FP8 linears and LoRA go through
 Llama's shared linears unchanged.
 """
 import torch
@@ -14,11 +14,19 @@ from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.activation import GeluTanhAndMul
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization.fp8_config import Fp8Config
+from pagedllm.lazy_kernel import lazy_kernel
 from pagedllm.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+rms_norm = lazy_kernel(globals(), "pagedllm.layers.kernels.rms_norm", "rms_norm")   # Triton, CUDA only
 
 
 class GemmaRMSNorm(RMSNorm):
+    unit_offset = True
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm.forward with Gemma's arithmetic: the rms_norm kernel's unit_offset on CUDA (never FP8-fused)."""
+        if x.is_cuda:
+            return rms_norm(x, self.weight, self.variance_epsilon, residual, unit_offset=True)
         return self.forward_native(x, residual)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,13 +29,45 @@ def test_kernels_under_triton_interpreter():
     assert stdout.count("ok ") == len(list(interpreter_cases())), stdout
 
 
+def _arg_type(name: str) -> str:
+    """A norm kernel argument's Triton type for a bf16 model: tensors bf16 but positions, slots and the rotary
+    table; scalars int32 but the float ones."""
+    if name in ("pos_ptr", "slot_ptr"):
+        return "*i64"
+    if name == "cos_sin_ptr":
+        return "*fp32"
+    if name.endswith("_ptr"):
+        return "*bf16"
+    return "fp32" if name in ("eps", "q_eps", "k_eps", "k_inv", "v_inv") else "i32"
+
+
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+def test_norm_kernels_compile_for_hopper(unit_offset):
+    """Without a GPU: rms_norm through Triton's compiler and ptxas for sm_90, with Llama's and Gemma's norm (the
+    interpreter lets pass what the compiler may refuse); every constant given, no register spills."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pagedllm.layers.kernels.rms_norm import rms_norm_kernel
+    cases = [(rms_norm_kernel, dict(HAS_RESIDUAL=True, UNIT_OFFSET=unit_offset, BLOCK=2048), 8)]
+    for fn, consts, warps in cases:
+        for name in fn.arg_names:
+            assert not name.isupper() or name in consts, f"{fn.__name__}: constant {name} not given"
+        sig = {name: "constexpr" if name in consts else _arg_type(name) for name in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert "ld.local" not in compiled.asm["ptx"], f"{fn.__name__}: registers spill"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [1024, 4096, 896, 5120])
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_rms_norm(dtype, hidden, num_tokens, with_residual):
-    check_rms_norm(num_tokens, hidden, dtype, with_residual, "cuda", seed=hidden + num_tokens)
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_rms_norm(dtype, hidden, num_tokens, with_residual, gemma):
+    check_rms_norm(num_tokens, hidden, dtype, with_residual, "cuda", seed=hidden + num_tokens, gemma=gemma)
 
 
 @pytest.mark.gpu
@@ -78,6 +110,21 @@ def test_layers_dispatch_to_kernels_on_cuda():
     for got, want in zip(norm(x, res), rms_norm(x, norm.weight, norm.variance_epsilon, res), strict=True):
         assert torch.equal(got, want)
     assert torch.equal(SiluAndMul()(x), silu_and_mul(x))
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gemma_norms_dispatch_to_kernels_on_cuda():
+    """GemmaRMSNorm's forward on CUDA is rms_norm with unit_offset (the torch code: CPU only)."""
+    from pagedllm.models.gemma import GemmaRMSNorm
+    x, res = torch.randn(2, 33, 1152, device="cuda", dtype=torch.bfloat16).unbind(0)
+    norm = GemmaRMSNorm(1152).to("cuda", torch.bfloat16)
+    norm.weight.data.normal_(0, 0.3)
+    assert torch.equal(norm(x), rms_norm(x, norm.weight, norm.variance_epsilon, unit_offset=True))
+    for got, want in zip(norm(x, res), rms_norm(x, norm.weight, norm.variance_epsilon, res, unit_offset=True),
+                         strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(norm(x), rms_norm(x, norm.weight, norm.variance_epsilon))   # Llama's is another norm
 
 
 @pytest.mark.gpu

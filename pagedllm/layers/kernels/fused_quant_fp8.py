@@ -23,7 +23,7 @@ def rms_norm_quant_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     out = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, cols, mask, stride_x, stride_res, stride_res_out,
-                       n_cols, eps, HAS_RESIDUAL)
+                       n_cols, eps, HAS_RESIDUAL, False)   # Llama's norm (Gemma's layers are not fused)
     out = out.to(x_ptr.dtype.element_ty).to(tl.float32)   # rounded as rms_norm's output is, then quantized
     quantize_row(out, q_ptr + row * stride_q + cols, mask, scale_ptr + row, FP8_MAX, EPS)
 
