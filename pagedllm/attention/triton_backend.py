@@ -11,7 +11,8 @@ exactly one kernel:
     rows of LONG_QUERY_LEN+ new tokens -> cudnn_prefill, in eager steps on Hopper (prefill_attention skips them)
 
 Decode-only steps without shared segments may hand over the qkv projection's output instead (decode_qkv):
-decode_partition then norms and rotates q and k and stores K/V itself, one launch a layer less.
+decode_partition then norms and rotates q and k and stores K/V itself, one launch a layer less (unit_offset: the
+norms are Gemma's, qk_norm_rope's flag).
 
 An fp8 KV cache (attention/kv_quant.py): the kernels specialise on the cache's element type at compile time;
 k_scale is folded into scale_log2 here, v_scale goes to the kernels as a float (both fixed after load, so CUDA
@@ -113,9 +114,10 @@ def _fits_qkv(meta: AttentionMetadata, head_dim: int) -> bool:
 def decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, num_q_heads: int,
                q_norm: tuple[torch.Tensor, float] | None, k_norm: tuple[torch.Tensor, float] | None,
                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
-               v_scale: float = 1.0, sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
-    """qk_norm_rope (with its cache write) then paged_attention, in a decode-only step without shared segments
-    (takes_qkv says where it is used): qkv (T, (Hq + 2*Hkv) * D) -> out (T, Hq, D)."""
+               v_scale: float = 1.0, sliding_window: int | None = None, soft_cap: float | None = None,
+               unit_offset: bool = False) -> torch.Tensor:
+    """qk_norm_rope (with its cache write; unit_offset: Gemma's norms) then paged_attention, in a decode-only step
+    without shared segments (takes_qkv says where it is used): qkv (T, (Hq + 2*Hkv) * D) -> out (T, Hq, D)."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _check_cache(k_cache)
     num_tokens, (num_kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
@@ -130,8 +132,8 @@ def decode_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
     (q_w, q_eps), (k_w, k_eps) = q_norm or (qkv, 0.0), k_norm or (qkv, 0.0)
     rope = dict(pos_ptr=positions, cos_sin_ptr=cos_sin_cache, stride_cos_sin=cos_sin_cache.stride(0), q_w_ptr=q_w,
                 k_w_ptr=k_w, q_eps=q_eps, k_eps=k_eps, slot_ptr=meta.slot_mapping, k_inv=1.0 / k_scale,
-                v_inv=1.0 / v_scale, ROPE=True, HAS_NORM=q_norm is not None, NUM_Q_HEADS=num_q_heads,
-                NUM_KV_HEADS=num_kv_heads)
+                v_inv=1.0 / v_scale, ROPE=True, HAS_NORM=q_norm is not None, UNIT_OFFSET=unit_offset,
+                NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads)
     heads = qkv.view(num_tokens, num_q_heads + 2 * num_kv_heads, head_dim)
     _decode(heads, out, k_cache, v_cache, meta, scale_log2, v_scale, rope, _layer(sliding_window, soft_cap))
     return out
@@ -212,7 +214,8 @@ def _decode(q, out, k_cache, v_cache, meta: AttentionMetadata, scale_log2: float
 
 # decode_partition's arguments when q is already normed, rotated and K/V stored (not read: any tensor, number)
 _NO_ROPE = dict(pos_ptr=None, cos_sin_ptr=None, stride_cos_sin=0, q_w_ptr=None, k_w_ptr=None, q_eps=0.0, k_eps=0.0,
-                slot_ptr=None, k_inv=1.0, v_inv=1.0, ROPE=False, HAS_NORM=False, NUM_Q_HEADS=0, NUM_KV_HEADS=0)
+                slot_ptr=None, k_inv=1.0, v_inv=1.0, ROPE=False, HAS_NORM=False, UNIT_OFFSET=False, NUM_Q_HEADS=0,
+                NUM_KV_HEADS=0)
 
 
 def decode_partition(meta: AttentionMetadata) -> int:

@@ -40,12 +40,15 @@ class Attention(nn.Module):
         return hasattr(backend, "takes_qkv") and backend.takes_qkv(ctx.attn_metadata, self.head_dim)
 
     def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                    q_norm: tuple[torch.Tensor, float] | None, k_norm: tuple[torch.Tensor, float] | None):
-        """qkv (T, (Hq + 2*Hkv) * D) -> (T, Hq*D): qk_norm_rope, the K/V store and attention in the decode kernel."""
+                    q_norm: tuple[torch.Tensor, float] | None, k_norm: tuple[torch.Tensor, float] | None,
+                    unit_offset: bool = False):
+        """qkv (T, (Hq + 2*Hkv) * D) -> (T, Hq*D): qk_norm_rope, the K/V store and attention in the decode kernel.
+        unit_offset: the norms are Gemma's (passed on only when set, as the masking)."""
         ctx = get_forward_context()
+        gemma = {"unit_offset": True} if unit_offset else {}
         out = self._backend(ctx.kv_caches[self.layer_idx]).decode_qkv(
             qkv, positions, cos_sin_cache, self.num_heads, q_norm, k_norm, ctx.kv_caches[self.layer_idx],
-            ctx.attn_metadata, self.scale, k_scale=self.k_scale, v_scale=self.v_scale, **self.masking)
+            ctx.attn_metadata, self.scale, k_scale=self.k_scale, v_scale=self.v_scale, **self.masking, **gemma)
         return out.view(qkv.shape[0], self.num_heads * self.head_dim)
 
     def _backend(self, kv_cache: torch.Tensor):

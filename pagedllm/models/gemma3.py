@@ -6,8 +6,8 @@ transformers 5's per-type sets and transformers 4's rope_local_base_freq).
 
     q, k = rope_t(q_norm(q_proj(x)), positions), rope_t(k_norm(k_proj(x)), positions)   t = config.layer_types[i]
 
-On CUDA q_norm / k_norm run as torch code, as the other Gemma norms (gemma.py): the fused qk_norm_rope kernel and
-the decode kernel that takes qkv compute Llama's RMSNorm, which rounds the normed row before the weight.
+On CUDA q_norm / k_norm are normed and rotated by the fused kernels (qk_norm_rope, and the decode kernel that takes
+qkv) with their unit_offset flag (LlamaAttention.unit_offset): Gemma's arithmetic, as the other norms (gemma.py).
 
 Gemma3ForConditionalGeneration (gemma-3-4b/12b/27b-it) is served as this text model: its config's text_config
 (models.served_config), its language model's tensors, its vision tower and projector left unread. Images are
@@ -25,7 +25,7 @@ class Gemma3DecoderLayer(Gemma2DecoderLayer):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         attn = self.self_attn
-        attn.qk_norm, attn.fused_qk = True, False
+        attn.qk_norm = True
         attn.q_norm = GemmaRMSNorm(attn.head_dim, eps=config.rms_norm_eps)
         attn.k_norm = GemmaRMSNorm(attn.head_dim, eps=config.rms_norm_eps)
 

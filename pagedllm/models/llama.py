@@ -97,7 +97,6 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.rotary_emb = rotary_emb   # one table shared by all layers (Gemma 3: by the layers of a type)
-        self.fused_qk = True   # CUDA: the kernels norm (Llama's RMSNorm) and rotate q / k; off: the torch code
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
                               sliding_window=layer_sliding_window(config, layer_idx))
 
@@ -108,11 +107,12 @@ class LlamaAttention(nn.Module):
         """qkv (T, (Hq + 2*Hkv) * D) -> attention output (T, Hq*D), this step's K/V stored in the cache. On CUDA
         one kernel norms and rotates q / k and stores K/V (qk_norm_rope), or, in decode-only steps, the decode
         kernel itself does (Attention.forward_qkv: one launch a layer less)."""
-        if not qkv.is_cuda or self.rotary_emb.partial or not self.fused_qk:   # the kernels rotate whole heads only
+        if not qkv.is_cuda or self.rotary_emb.partial:   # the kernels rotate whole heads only
             q, k, v = self.rotate_qk_native(positions, qkv)
             return self.attn(q, k, v)
         if self.attn.takes_qkv():
-            return self.attn.forward_qkv(qkv, positions, self.rotary_emb.cos_sin_cache, *self._norms())
+            return self.attn.forward_qkv(qkv, positions, self.rotary_emb.cos_sin_cache, *self._norms(),
+                                         unit_offset=self.unit_offset)
         q, k, v = self.rotate_qk(positions, qkv, self.attn.kv_target())
         return self.attn(q, k, v)
 
@@ -121,11 +121,16 @@ class LlamaAttention(nn.Module):
         (one kernel; rotate_qk_native is the CPU path). kv_target (Attention.kv_target): K and V go into the cache
         instead, k = v = None."""
         return qk_norm_rope(qkv, positions, self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads,
-                            self.head_dim, *self._norms(), **(kv_target or {}))
+                            self.head_dim, *self._norms(), unit_offset=self.unit_offset, **(kv_target or {}))
 
     def _norms(self) -> list:
         """(weight, eps) of q_norm and k_norm for the kernels, or [None, None] without qk_norm."""
         return [(n.weight, n.variance_epsilon) for n in (self.q_norm, self.k_norm)] if self.qk_norm else [None, None]
+
+    @property
+    def unit_offset(self) -> bool:
+        """The kernels' flag for q_norm / k_norm: Gemma's (1 + weight) norms (Gemma 3) rather than Llama's."""
+        return self.qk_norm and self.q_norm.unit_offset
 
     def rotate_qk_native(self, positions: torch.Tensor, qkv: torch.Tensor):
         """The torch code: the CPU path and the oracle of the fused kernel."""

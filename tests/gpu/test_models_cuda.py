@@ -11,7 +11,7 @@ from pagedllm import LLM, SamplingParams
 pytestmark = pytest.mark.gpu
 
 PROMPTS = [[5 + (7 * i + j) % 400 for j in range(n)] for i, n in enumerate((1, 7, 33, 90, 130, 3))]
-# gemma2: sliding windows and soft caps in the kernels; gemma3: its q/k norms as torch code beside them
+# gemma2: sliding windows and soft caps in the kernels; gemma3: its (1 + weight) q/k norms in the fused kernels
 ARCHS = ["llama", "llama_tied", "qwen2", "qwen3", "llama3_rope", "phi3", "phi3_longrope", "phi4_mini", "qwen3_moe",
          "mixtral", "granite", "olmo2", "gemma", "gemma2", "gemma3"]
 

@@ -10,7 +10,7 @@ import random
 
 import torch
 from attention_cases import POISON_BLOCK, TOLERANCE, _bytes, make_batch, random_rows
-from fused_cases import make_attention
+from fused_cases import check_same_rounding, make_attention
 from kernel_checks import rel_error
 
 from pagedllm.attention import torch_backend
@@ -19,11 +19,12 @@ from pagedllm.attention.kv_quant import quantize
 
 @torch.no_grad()
 def check_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, qk_norm=True,
-                     cache_dtype=None, kv_scales=(1.0, 1.0), seed=0) -> float:
+                     cache_dtype=None, kv_scales=(1.0, 1.0), seed=0, gemma=False) -> float:
     """rows: decode rows (ctx + 1, 1) and padding rows (0, 1). The output matches the torch code's; the new
     tokens' V bytes are its bytes and their K within the dtype's tolerance (the variance may sum in another
     order; an fp8 cache: each value within one e4m3 step of it and of where a cancelling rotation moves it); no
-    other byte of the cache changes; rows padded as a CUDA graph pads them change nothing."""
+    other byte of the cache changes; rows padded as a CUDA graph pads them change nothing. gemma: Gemma 3's q/k
+    norms (the layer's unit_offset)."""
     from pagedllm.attention import triton_backend
     gen = torch.Generator().manual_seed(seed)
     batch = make_batch(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=seed)
@@ -34,10 +35,11 @@ def check_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtyp
         batch.kv_cache = torch.stack([quantize(noise[0] * kv_scales[0], kv_scales[0]),
                                       quantize(noise[1] * kv_scales[1], kv_scales[1])])
     # the rotary table (float32) covers every row's position: a gather past its end is a device-side assert
-    attn = make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device, max(s for s, _ in rows) + 1)
-    if qk_norm:
+    attn = make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device, max(s for s, _ in rows) + 1, gemma)
+    if qk_norm or gemma:
         for n in (attn.q_norm, attn.k_norm):
-            n.weight.data = (torch.randn(head_dim, generator=gen) * 0.2 + 1).to(device, dtype)
+            # about 1 (Llama's), or Gemma's offset from 1 about 0
+            n.weight.data = (torch.randn(head_dim, generator=gen) * 0.2 + (0 if gemma else 1)).to(device, dtype)
     width = (num_q_heads + 2 * num_kv_heads) * head_dim
     qkv = (torch.randn(num_tokens, width + 7, generator=gen) * 2).to(device, dtype)[:, :width]   # rows strided
     positions = torch.tensor([s - 1 for s, q in rows for _ in range(q)], device=device).clamp_min(0)
@@ -51,7 +53,8 @@ def check_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtyp
                                         *kv_scales)
     cache = batch.kv_cache.clone()
     args = (positions, attn.rotary_emb.cos_sin_cache, num_q_heads, *attn._norms())
-    out = triton_backend.decode_qkv(qkv, *args, cache, meta, scale, *kv_scales)
+    kw = {"unit_offset": True} if attn.unit_offset else {}
+    out = triton_backend.decode_qkv(qkv, *args, cache, meta, scale, *kv_scales, **kw)
 
     if cache_dtype == torch.float8_e4m3fn:
         # the new token's K may be one e4m3 step from write_kv's (checked below): on 1 row of a few hundred
@@ -84,6 +87,8 @@ def check_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtyp
         assert ((k - ref_k).abs() <= step).all(), "decode_qkv: a stored fp8 K more than one e4m3 step off"
     else:
         assert k_err <= TOLERANCE[dtype], f"decode_qkv: stored K off by {k_err:.2e}"
+        if gemma:   # Gemma's norm rounds once (a check the error bound alone would not make)
+            check_same_rounding("decode_qkv K", flat[0, written], ref_flat[0, written])
 
     # padded as the runner pads a small decode graph: rows with no tokens, tokens of no row (slot -1)
     extra_rows, extra_tokens = 2, 3
@@ -107,7 +112,7 @@ def check_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtyp
     padded_qkv[:num_tokens] = qkv
     again = batch.kv_cache.clone()
     got = triton_backend.decode_qkv(padded_qkv, pad(positions, extra_tokens, 1), *args[1:], again,
-                                    padded, scale, *kv_scales)
+                                    padded, scale, *kv_scales, **kw)
     assert torch.equal(got[:num_tokens], out), "graph padding changed a real token's output"
     assert torch.equal(_bytes(again), _bytes(cache)), "graph padding changed the cache"
     return max(err, k_err)
@@ -122,11 +127,12 @@ def decode_rows(rng: random.Random, num_rows: int, max_context: int) -> list[tup
 # Small shapes for the interpreter (head_dim a power of two: decode_qkv's tiles are whole heads)
 def interpreter_cases():
     rng = random.Random(5)
-    for i, (hq, hkv, dim, bs, dtype, qk_norm) in enumerate([
-            (4, 2, 16, 16, torch.float32, True), (4, 4, 32, 32, torch.float16, False),
-            (6, 2, 16, 16, torch.bfloat16, True), (8, 1, 32, 16, torch.float32, False)]):
-        yield f"hq{hq}-hkv{hkv}-d{dim}-{str(dtype)[6:]}-norm{int(qk_norm)}", (
-            decode_rows(rng, 4, 60), hq, hkv, dim, bs, dtype, qk_norm, i)
+    for i, (hq, hkv, dim, bs, dtype, norm) in enumerate([
+            (4, 2, 16, 16, torch.float32, "llama"), (4, 4, 32, 32, torch.float16, None),
+            (6, 2, 16, 16, torch.bfloat16, "llama"), (8, 1, 32, 16, torch.float32, None),
+            (4, 2, 16, 16, torch.bfloat16, "gemma")]):   # bf16: check_same_rounding bites
+        yield f"hq{hq}-hkv{hkv}-d{dim}-{str(dtype)[6:]}-norm_{norm}", (
+            decode_rows(rng, 4, 60), hq, hkv, dim, bs, dtype, norm, i)
 
 
 def run_interpreter() -> None:
@@ -137,9 +143,10 @@ def run_interpreter() -> None:
     patch_attention()
     patch_casts()
     triton_backend.PARTITION, triton_backend.MAX_SEGMENTS, triton_backend.SMALL_BATCH_PARTITION = 64, 4, 32
-    for name, (rows, hq, hkv, dim, bs, dtype, qk_norm, seed) in interpreter_cases():
-        err = check_decode_qkv(rows, hq, hkv, dim, bs, dtype, "cpu", qk_norm, seed=seed)
-        many = check_decode_qkv(rows * 2, hq, hkv, dim, bs, dtype, "cpu", qk_norm, seed=seed + 10)   # > 8 rows
+    for name, (rows, hq, hkv, dim, bs, dtype, norm, seed) in interpreter_cases():
+        kw = dict(qk_norm=norm is not None, gemma=norm == "gemma")
+        err = check_decode_qkv(rows, hq, hkv, dim, bs, dtype, "cpu", seed=seed, **kw)
+        many = check_decode_qkv(rows * 2, hq, hkv, dim, bs, dtype, "cpu", seed=seed + 10, **kw)   # > 8 rows
         print(f"ok {name} rel_err={max(err, many):.1e}", flush=True)
 
 

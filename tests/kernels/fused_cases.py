@@ -98,22 +98,33 @@ def check_silu_and_mul(num_tokens, inter, dtype, device, seed=0) -> float:
     return check_close("silu_and_mul", silu_and_mul(gate_up), half, ref)
 
 
-def make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device, max_position=MAX_POSITION) -> LlamaAttention:
+def make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device, max_position=MAX_POSITION,
+                   gemma=False) -> LlamaAttention:
     """A LlamaAttention whose projections go unused here (rotate_qk takes the qkv output); its rotary table
-    covers positions below max_position."""
+    covers positions below max_position. gemma: its q/k norms are Gemma 3's (GemmaRMSNorm, as gemma3.py sets)."""
     config = SimpleNamespace(num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
                              hidden_size=64, rms_norm_eps=1e-6, attention_bias=False)
     rotary = RotaryEmbedding(head_dim, max_position, {"rope_type": "default", "rope_theta": 1e6})
-    return LlamaAttention(config, 0, rotary, qkv_bias=False, qk_norm=qk_norm).to(device)
+    attn = LlamaAttention(config, 0, rotary, qkv_bias=False, qk_norm=qk_norm or gemma)
+    if gemma:
+        attn.q_norm, attn.k_norm = GemmaRMSNorm(head_dim, eps=1e-6), GemmaRMSNorm(head_dim, eps=1e-6)
+    return attn.to(device)
+
+
+def norm_weight(head_dim, dtype, device, gen, gemma=False) -> torch.Tensor:
+    """A q/k norm's weight: about 1 (Llama's), or Gemma's offset from 1 about 0."""
+    return _randn((head_dim,), dtype, device, gen, 0.2) + (0 if gemma else 1)
 
 
 @torch.no_grad()
-def check_qk_norm_rope(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, qk_norm, device, seed=0):
+def check_qk_norm_rope(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, qk_norm, device, seed=0, gemma=False):
+    """gemma: Gemma 3's q/k norms, through the layer's own kernel call (LlamaAttention.rotate_qk sets the flag)."""
     gen = torch.Generator().manual_seed(seed)
-    attn, ref_attn = (make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device) for _ in range(2))
-    if qk_norm:
+    attn, ref_attn = (make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device, gemma=gemma)
+                      for _ in range(2))
+    if qk_norm or gemma:
         for name in ("q_norm", "k_norm"):
-            weight = _randn((head_dim,), dtype, device, gen, 0.2) + 1
+            weight = norm_weight(head_dim, dtype, device, gen, gemma)
             getattr(attn, name).weight.data, getattr(ref_attn, name).weight.data = weight, weight.float()
     width = (num_q_heads + 2 * num_kv_heads) * head_dim
     qkv = poisoned_rows(_randn((num_tokens, width), dtype, device, gen, 2.0))
@@ -121,22 +132,27 @@ def check_qk_norm_rope(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, q
     half = attn.rotate_qk_native(positions, qkv)
     ref = ref_attn.rotate_qk_native(positions, qkv.float())
     poison_allocator(device, qkv.numel() * qkv.element_size())
-    norms = [(n.weight, n.variance_epsilon) for n in (attn.q_norm, attn.k_norm)] if qk_norm else [None, None]
-    q, k, v = qk_norm_rope(qkv, positions, attn.rotary_emb.cos_sin_cache, num_q_heads, num_kv_heads, head_dim,
-                           *norms)
+    if gemma:
+        q, k, v = attn.rotate_qk(positions, qkv)
+        check_same_rounding("q", q, half[0])
+        check_same_rounding("k", k, half[1])
+    else:
+        norms = [(n.weight, n.variance_epsilon) for n in (attn.q_norm, attn.k_norm)] if qk_norm else [None, None]
+        q, k, v = qk_norm_rope(qkv, positions, attn.rotary_emb.cos_sin_cache, num_q_heads, num_kv_heads, head_dim,
+                               *norms)
     assert torch.equal(v, half[2]), "qk_norm_rope: v must be qkv's v columns"
     return max(check_close("q", q, half[0], ref[0]), check_close("k", k, half[1], ref[1]))
 
 
 @torch.no_grad()
 def check_qk_norm_rope_cache(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, cache_dtype, device,
-                             scales=(1.0, 1.0), block_size=4, seed=0) -> float:
+                             scales=(1.0, 1.0), block_size=4, seed=0, gemma=False) -> float:
     """The cache-writing kernel: q as without the cache, and the cache's bytes those reshape_and_cache writes from
-    the k and v the kernel returns without it (slot -1 rows and other slots untouched)."""
+    the k and v the kernel returns without it (slot -1 rows and other slots untouched). gemma: Gemma 3's norms."""
     gen = torch.Generator().manual_seed(seed)
-    attn = make_attention(num_q_heads, num_kv_heads, head_dim, True, device)
+    attn = make_attention(num_q_heads, num_kv_heads, head_dim, True, device, gemma=gemma)
     for name in ("q_norm", "k_norm"):
-        getattr(attn, name).weight.data = _randn((head_dim,), dtype, device, gen, 0.2) + 1
+        getattr(attn, name).weight.data = norm_weight(head_dim, dtype, device, gen, gemma)
     norms = [(n.weight, n.variance_epsilon) for n in (attn.q_norm, attn.k_norm)]
     width = (num_q_heads + 2 * num_kv_heads) * head_dim
     qkv = poisoned_rows(_randn((num_tokens, width), dtype, device, gen, 2.0))
@@ -148,11 +164,12 @@ def check_qk_norm_rope_cache(num_tokens, num_q_heads, num_kv_heads, head_dim, dt
     cache = _randn((2, num_blocks, block_size, num_kv_heads, head_dim), torch.float32, device, gen).to(cache_dtype)
     expected = cache.clone()
     args = (qkv, positions, attn.rotary_emb.cos_sin_cache, num_q_heads, num_kv_heads, head_dim, *norms)
-    q_ref, k, v = qk_norm_rope(*args)
+    kw = {"unit_offset": True} if gemma else {}
+    q_ref, k, v = qk_norm_rope(*args, **kw)
     write_kv(expected, k.view(num_tokens, num_kv_heads, head_dim), v.reshape(num_tokens, num_kv_heads, head_dim),
              slots, k_scale=scales[0], v_scale=scales[1])
     q, k_none, v_none = qk_norm_rope(*args, kv_cache=cache, slot_mapping=slots, k_scale=scales[0],
-                                     v_scale=scales[1])
+                                     v_scale=scales[1], **kw)
     assert k_none is None and v_none is None, "qk_norm_rope: with a cache, k and v are not returned"
     assert torch.equal(q, q_ref), "qk_norm_rope: q differs when the cache is written"
     differ = (cache.view(torch.uint8) != expected.view(torch.uint8)).sum().item()
@@ -171,6 +188,10 @@ def interpreter_cases():
     for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16]):   # Gemma's (1 + weight) norms
         yield f"gemma_rms_norm-{dtype}", lambda d=dtype, i=i: check_rms_norm(7, 96, d, False, "cpu", i, gemma=True)
         yield f"gemma_rms_norm+res-{dtype}", lambda d=dtype, i=i: check_rms_norm(5, 80, d, True, "cpu", i, gemma=True)
+        yield f"gemma_qk_norm_rope-{dtype}", lambda d=dtype, i=i: check_qk_norm_rope(5, 4, 2, 32, d, True, "cpu", i,
+                                                                                       gemma=True)
+    yield "gemma_qk_norm_rope+cache-bf16", lambda: check_qk_norm_rope_cache(9, 6, 2, 16, torch.bfloat16,
+                                                                            torch.bfloat16, "cpu", seed=30, gemma=True)
     yield "qk_norm_rope-d24", lambda: check_qk_norm_rope(2, 3, 1, 24, torch.float32, True, "cpu", seed=9)
     yield "qk_norm_rope-d80-bf16", lambda: check_qk_norm_rope(3, 12, 4, 80, torch.bfloat16, True, "cpu", seed=10)
     for i, (dtype, cache_dtype, scales) in enumerate([

@@ -20,9 +20,9 @@ def test_kernels_under_triton_interpreter():
     (torch.bfloat16, torch.float8_e4m3fn, (1.0, 1.0)), (torch.float16, torch.float8_e4m3fn, (0.43, 2.7))], ids=str)
 @pytest.mark.parametrize("heads,head_dim", [((16, 8), 128), ((32, 8), 128), ((14, 2), 64), ((8, 8), 128)], ids=str)
 @pytest.mark.parametrize("num_rows", [1, 5, 20])   # 20: more rows than a small step (PARTITION)
-@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "rope_only"])
-def test_decode_qkv_matches_torch(dtype, cache_dtype, kv_scales, heads, head_dim, num_rows, qk_norm):
+@pytest.mark.parametrize("norm", ["qk_norm", "rope_only", "gemma_qk_norm"])   # gemma: Gemma 3's (1 + weight)
+def test_decode_qkv_matches_torch(dtype, cache_dtype, kv_scales, heads, head_dim, num_rows, norm):
     rng = random.Random(num_rows * 1000 + head_dim + heads[0])
     rows = [(rng.randint(2, 3000), 1) for _ in range(num_rows)] if num_rows < 5 else decode_rows(rng, num_rows, 2000)
-    check_decode_qkv(rows, *heads, head_dim, 16, dtype, "cuda", qk_norm, cache_dtype, kv_scales,
-                     seed=rng.randrange(1 << 16))
+    check_decode_qkv(rows, *heads, head_dim, 16, dtype, "cuda", norm == "qk_norm", cache_dtype, kv_scales,
+                     seed=rng.randrange(1 << 16), gemma=norm == "gemma_qk_norm")

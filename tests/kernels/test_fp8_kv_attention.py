@@ -136,7 +136,7 @@ def test_attention_kernels_compile_for_hopper():
     (the interpreter checks the math only), bf16 and fp16 queries over their own cache and over an fp8 one
     (attend_tile's load_kv_tile, dot_q's fp16 dots), at the tiles triton_backend launches; no register spills.
     bf16 queries also with a sliding window and a soft cap (Gemma 2's 4,096 and 50; the compiler refuses what the
-    interpreter lets pass, e.g. an `if` on a float)."""
+    interpreter lets pass, e.g. an `if` on a float), and there decode_qkv with Gemma 3's (1 + weight) q/k norms."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -152,10 +152,12 @@ def test_attention_kernels_compile_for_hopper():
         for cache_dt in (q_dt, "fp8e4nv"):
             tile_n, decode_warps, _ = _decode_config(dtypes[q_dt], dtypes[cache_dt], 128)
             decode = dict(GROUP=2, BLOCK_M=16, TILE_N=tile_n, PARTITION=PARTITION, MAX_SEGMENTS=MAX_SEGMENTS,
-                          HAS_SHARED=False, ROPE=False, HAS_NORM=False, NUM_Q_HEADS=0, NUM_KV_HEADS=0, **layer)
+                          HAS_SHARED=False, ROPE=False, HAS_NORM=False, UNIT_OFFSET=False, NUM_Q_HEADS=0,
+                          NUM_KV_HEADS=0, **layer)
+            gemma = layer["WINDOW"] > 0   # the Gemma-like layer's q/k norms are Gemma's
             cases = [(decode_partition_kernel, decode, decode_warps),
-                     (decode_partition_kernel, {**decode, "ROPE": True, "HAS_NORM": True, "NUM_Q_HEADS": 16,
-                                                "NUM_KV_HEADS": 8}, decode_warps),   # decode_qkv
+                     (decode_partition_kernel, {**decode, "ROPE": True, "HAS_NORM": True, "UNIT_OFFSET": gemma,
+                                                "NUM_Q_HEADS": 16, "NUM_KV_HEADS": 8}, decode_warps),   # decode_qkv
                      (prefill_attention_kernel, dict(GROUP=2, GROUP_PAD=2, BLOCK_Q=32, TILE_N=64, **layer), 4),
                      (shared_prefix_kernel, dict(GROUP=2, GROUP_PAD=2, ROWS=32, TILE_N=tile_n,
                                                  PARTITION=PARTITION, SOFT_CAP=layer["SOFT_CAP"]), 4)]

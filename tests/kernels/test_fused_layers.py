@@ -43,14 +43,18 @@ def _arg_type(name: str) -> str:
 
 @pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
 def test_norm_kernels_compile_for_hopper(unit_offset):
-    """Without a GPU: rms_norm through Triton's compiler and ptxas for sm_90, with Llama's and Gemma's norm (the
-    interpreter lets pass what the compiler may refuse); every constant given, no register spills."""
+    """Without a GPU: rms_norm and qk_norm_rope (with its cache write) through Triton's compiler and ptxas for
+    sm_90, with Llama's and Gemma's norm (the interpreter lets pass what the compiler may refuse); every
+    constant given, no register spills."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from pagedllm.layers.kernels.qk_norm_rope import qk_norm_rope_kernel
     from pagedllm.layers.kernels.rms_norm import rms_norm_kernel
-    cases = [(rms_norm_kernel, dict(HAS_RESIDUAL=True, UNIT_OFFSET=unit_offset, BLOCK=2048), 8)]
+    cases = [(rms_norm_kernel, dict(HAS_RESIDUAL=True, UNIT_OFFSET=unit_offset, BLOCK=2048), 8),
+             (qk_norm_rope_kernel, dict(NUM_Q_HEADS=4, NUM_HEADS=5, HEAD_DIM=256, HALF_PAD=128, BLOCK_H=4,
+                                        HAS_NORM=True, UNIT_OFFSET=unit_offset, WRITE_CACHE=True, BLOCK_SIZE=16), 4)]
     for fn, consts, warps in cases:
         for name in fn.arg_names:
             assert not name.isupper() or name in consts, f"{fn.__name__}: constant {name} not given"
@@ -82,9 +86,10 @@ def test_silu_and_mul(dtype, inter, num_tokens):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads,head_dim", [((16, 8), 128), ((32, 8), 128), ((14, 2), 64), ((12, 4), 80)], ids=str)
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
-@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "rope_only"])
-def test_qk_norm_rope(dtype, heads, head_dim, num_tokens, qk_norm):
-    check_qk_norm_rope(num_tokens, *heads, head_dim, dtype, qk_norm, "cuda", seed=head_dim + num_tokens)
+@pytest.mark.parametrize("norm", ["qk_norm", "rope_only", "gemma_qk_norm"])
+def test_qk_norm_rope(dtype, heads, head_dim, num_tokens, norm):
+    check_qk_norm_rope(num_tokens, *heads, head_dim, dtype, norm != "rope_only", "cuda", seed=head_dim + num_tokens,
+                       gemma=norm == "gemma_qk_norm")
 
 
 @pytest.mark.gpu
@@ -94,10 +99,11 @@ def test_qk_norm_rope(dtype, heads, head_dim, num_tokens, qk_norm):
     (torch.bfloat16, torch.float8_e4m3fn, (0.43, 2.7)), (torch.float16, torch.float8_e4m3fn, (0.02, 0.05))], ids=str)
 @pytest.mark.parametrize("heads,head_dim", [((16, 8), 128), ((14, 2), 64), ((12, 4), 80)], ids=str)
 @pytest.mark.parametrize("num_tokens", [1, 7, 256, 3000])
-def test_qk_norm_rope_writes_cache(dtype, cache_dtype, scales, heads, head_dim, num_tokens):
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama_norm", "gemma_norm"])
+def test_qk_norm_rope_writes_cache(dtype, cache_dtype, scales, heads, head_dim, num_tokens, gemma):
     """The K/V the fused kernel stores are the bytes reshape_and_cache stores (small scales: the fp8 clamp)."""
     check_qk_norm_rope_cache(num_tokens, *heads, head_dim, dtype, cache_dtype, "cuda", scales, block_size=16,
-                             seed=head_dim + num_tokens)
+                             seed=head_dim + num_tokens, gemma=gemma)
 
 
 @pytest.mark.gpu
@@ -115,7 +121,8 @@ def test_layers_dispatch_to_kernels_on_cuda():
 @pytest.mark.gpu
 @torch.no_grad()
 def test_gemma_norms_dispatch_to_kernels_on_cuda():
-    """GemmaRMSNorm's forward on CUDA is rms_norm with unit_offset (the torch code: CPU only)."""
+    """GemmaRMSNorm's forward on CUDA is rms_norm with unit_offset (the torch code: CPU only); Gemma 3's attention
+    takes the fused q/k path with the flag set (LlamaAttention.unit_offset)."""
     from pagedllm.models.gemma import GemmaRMSNorm
     x, res = torch.randn(2, 33, 1152, device="cuda", dtype=torch.bfloat16).unbind(0)
     norm = GemmaRMSNorm(1152).to("cuda", torch.bfloat16)
@@ -125,6 +132,15 @@ def test_gemma_norms_dispatch_to_kernels_on_cuda():
                          strict=True):
         assert torch.equal(got, want)
     assert not torch.equal(norm(x), rms_norm(x, norm.weight, norm.variance_epsilon))   # Llama's is another norm
+    attn = make_attention(4, 1, 256, True, "cuda", gemma=True)   # Gemma 3 1B's heads: 4 q, 1 kv, D 256
+    assert attn.unit_offset and not make_attention(4, 1, 256, True, "cuda").unit_offset
+    for n in (attn.q_norm, attn.k_norm):
+        n.weight.data = torch.randn(256, device="cuda", dtype=torch.bfloat16) * 0.3
+    qkv, pos = torch.randn(9, 6 * 256, device="cuda", dtype=torch.bfloat16), torch.arange(9, device="cuda")
+    norms = [(n.weight, n.variance_epsilon) for n in (attn.q_norm, attn.k_norm)]
+    want = qk_norm_rope(qkv, pos, attn.rotary_emb.cos_sin_cache, 4, 1, 256, *norms, unit_offset=True)
+    for got, w in zip(attn.rotate_qk(pos, qkv), want, strict=True):
+        assert torch.equal(got, w)
 
 
 @pytest.mark.gpu

@@ -81,10 +81,12 @@ def test_shared_prefix_plan(window, soft_cap, dtype, heads, head_dim):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("heads,head_dim", [((16, 8), 128), ((14, 2), 64), ((8, 1), 128)], ids=str)
 @pytest.mark.parametrize("num_rows", [1, 6])
-def test_decode_qkv(window, soft_cap, dtype, heads, head_dim, num_rows):
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama_norm", "gemma_norm"])   # Gemma 3: all three together
+def test_decode_qkv(window, soft_cap, dtype, heads, head_dim, num_rows, gemma):
     rng = random.Random(num_rows * 1000 + head_dim + heads[0])
     rows = [(rng.randint(2, 9000), 1) for _ in range(num_rows - 1)] + [(0, 1) if num_rows > 1 else (7000, 1)]
-    check_windowed_decode_qkv(rows, *heads, head_dim, 16, dtype, "cuda", window, soft_cap, seed=num_rows)
+    check_windowed_decode_qkv(rows, *heads, head_dim, 16, dtype, "cuda", window, soft_cap, seed=num_rows,
+                              gemma=gemma)
 
 
 @pytest.mark.gpu

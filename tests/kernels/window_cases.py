@@ -144,9 +144,10 @@ def check_windowed_shared(batch: Batch, backend, window, soft_cap, kv_scales=(1.
 
 @torch.no_grad()
 def check_windowed_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, window,
-                              soft_cap, seed=0) -> float:
+                              soft_cap, seed=0, gemma=False) -> float:
     """decode_qkv (norm, rotary and the K/V store inside the decode kernel) with the layer's window and cap:
-    its output matches the reference over the cache the torch code writes; graph padding changes nothing."""
+    its output matches the reference over the cache the torch code writes; graph padding changes nothing.
+    gemma: Gemma 3's q/k norms (windows, caps and (1 + weight) norms together)."""
     from fused_cases import make_attention
 
     from pagedllm.attention import triton_backend
@@ -154,9 +155,9 @@ def check_windowed_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_s
     batch = make_batch(rows, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=seed)
     meta, num_tokens = batch.meta, batch.q.shape[0]
     assert triton_backend.takes_qkv(meta, head_dim)
-    attn = make_attention(num_q_heads, num_kv_heads, head_dim, True, device, max(s for s, _ in rows) + 1)
+    attn = make_attention(num_q_heads, num_kv_heads, head_dim, True, device, max(s for s, _ in rows) + 1, gemma)
     for n in (attn.q_norm, attn.k_norm):
-        n.weight.data = (torch.randn(head_dim, generator=gen) * 0.2 + 1).to(device, dtype)
+        n.weight.data = (torch.randn(head_dim, generator=gen) * 0.2 + (0 if gemma else 1)).to(device, dtype)
     width = (num_q_heads + 2 * num_kv_heads) * head_dim
     qkv = (torch.randn(num_tokens, width, generator=gen) * 2).to(device, dtype)
     positions = torch.tensor([s - 1 for s, q in rows for _ in range(q)], device=device).clamp_min(0)
@@ -169,7 +170,7 @@ def check_windowed_decode_qkv(rows, num_q_heads, num_kv_heads, head_dim, block_s
     ref = reference(q.view(num_tokens, num_q_heads, head_dim), batch.kv_cache, batch.ref_meta, scale, window,
                     soft_cap)
     args = (positions, attn.rotary_emb.cos_sin_cache, num_q_heads, *attn._norms())
-    kw = dict(sliding_window=window, soft_cap=soft_cap)
+    kw = dict(sliding_window=window, soft_cap=soft_cap, **({"unit_offset": True} if gemma else {}))
     again = cache.clone()
     out = triton_backend.decode_qkv(qkv, *args, cache, meta, scale, **kw)
     assert torch.isfinite(out).all() and (out[batch.padding] == 0).all()

@@ -190,3 +190,20 @@ def test_attention_layer_passes_window_and_cap_only_when_set(window, cap, passed
         layer(torch.zeros(3, 4 * HEAD_DIM), torch.zeros(3, 2 * HEAD_DIM), torch.zeros(3, 2 * HEAD_DIM))
         layer.forward_qkv(torch.zeros(3, 8 * HEAD_DIM), torch.zeros(3), torch.zeros(1), None, None)
     assert calls == [{"k_scale": 1.0, "v_scale": 1.0, **passed}] * 2
+
+
+@pytest.mark.parametrize("unit_offset,passed", [(False, {}), (True, {"unit_offset": True})])
+def test_attention_layer_passes_gemma_norms_only_when_set(unit_offset, passed):
+    """forward_qkv hands the backend's decode_qkv the q/k norms' unit_offset (Gemma 3's (1 + weight) norms) only
+    when set: every other model's calls stay those of a backend without it."""
+    from types import SimpleNamespace
+    from pagedllm.attention.metadata import set_forward_context
+    from pagedllm.layers.attention import Attention
+    calls = []
+    backend = SimpleNamespace(decode_qkv=lambda qkv, *a, **kw: calls.append(kw) or torch.zeros(3, 4, HEAD_DIM))
+    layer = Attention(0, 4, 2, HEAD_DIM, 0.25, sliding_window=8)
+    layer.backend = backend
+    norms = [(torch.ones(HEAD_DIM), 1e-6)] * 2
+    with set_forward_context(SimpleNamespace(), [torch.zeros(2, 1, BLOCK_SIZE, 2, HEAD_DIM)]):
+        layer.forward_qkv(torch.zeros(3, 8 * HEAD_DIM), torch.zeros(3), torch.zeros(1), *norms, unit_offset=unit_offset)
+    assert calls == [{"k_scale": 1.0, "v_scale": 1.0, "sliding_window": 8, **passed}]

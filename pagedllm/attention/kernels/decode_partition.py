@@ -14,8 +14,8 @@ them (HAS_SHARED off). SOFT_CAP caps the scores (attend_tile).
 
 With ROPE (decode-only steps without shared segments: triton_backend.decode_qkv), q_ptr is the qkv projection's
 output, (T, Hq + 2*Hkv heads, D): each program norms and rotates its query heads itself (qk_norm_rope's
-arithmetic), and the program of a row's last segment first stores the row's new K (normed, rotated) and V
-in its slot, then attends over it: the qk_norm_rope launch before is saved.
+arithmetic; UNIT_OFFSET: Gemma's norm), and the program of a row's last segment first stores the row's new K
+(normed, rotated) and V in its slot, then attends over it: the qk_norm_rope launch before is saved.
 
 A row's segments depend on its own seq_len and on PARTITION alone (row_segments below: PARTITION tokens up to
 MAX_SEGMENTS segments, longer beyond; triton_backend.decode_partition picks PARTITION per step: 512, or 128 for
@@ -68,7 +68,8 @@ def decode_partition_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION: tl.constexpr, MAX_SEGMENTS: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
-    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
 ):
     req, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + req)
@@ -90,12 +91,12 @@ def decode_partition_kernel(
     if ROPE:   # HEAD_PAD == HEAD_DIM, a power of two; no shared segments (first == 0)
         row_ptr = q_ptr + q_start.to(tl.int64) * stride_q_tok
         cos_sin = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cos_sin
-        q = norm_rope_heads(row_ptr, q_head, row_ok, q_w_ptr, q_eps, cos_sin, HEAD_DIM, HAS_NORM)
+        q = norm_rope_heads(row_ptr, q_head, row_ok, q_w_ptr, q_eps, cos_sin, HEAD_DIM, HAS_NORM, UNIT_OFFSET)
         q = q.to(q_ptr.dtype.element_ty)
         if split == (num_segs - 1) % num_splits:     # this program reads the row's last segment: store first
             _store_token_kv(row_ptr, cos_sin, kv_head, k_w_ptr, k_eps, tl.load(slot_ptr + q_start).to(tl.int64),
                             k_inv, v_inv, k_cache_ptr, v_cache_ptr, stride_c_block, stride_c_slot, stride_c_head,
-                            HEAD_DIM, HAS_NORM, NUM_Q_HEADS, NUM_KV_HEADS, BLOCK_SIZE)
+                            HEAD_DIM, HAS_NORM, UNIT_OFFSET, NUM_Q_HEADS, NUM_KV_HEADS, BLOCK_SIZE)
             tl.debug_barrier()    # the block's stores before its loads (bar.sync orders memory within a block)
     else:
         q = tl.load(q_ptr + q_start.to(tl.int64) * stride_q_tok + q_head[:, None] * stride_q_head + dims[None, :],
@@ -128,12 +129,13 @@ def decode_partition_kernel(
 @triton.jit
 def _store_token_kv(row_ptr, cos_sin, kv_head, k_w_ptr, k_eps, slot, k_inv, v_inv, k_cache_ptr, v_cache_ptr,
                     stride_c_block, stride_c_slot, stride_c_head, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr,
-                    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                    UNIT_OFFSET: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr):
     """One token's K (normed, rotated) and V of kv head kv_head, from its qkv row into cache slot `slot`
     (qk_norm_rope_kernel's bytes; slot -1 is padding: nothing stored)."""
     dims = tl.arange(0, HEAD_DIM)
     k_head = tl.full([1], NUM_Q_HEADS, tl.int32) + kv_head
-    k = norm_rope_heads(row_ptr, k_head, k_head >= 0, k_w_ptr, k_eps, cos_sin, HEAD_DIM, HAS_NORM)
+    k = norm_rope_heads(row_ptr, k_head, k_head >= 0, k_w_ptr, k_eps, cos_sin, HEAD_DIM, HAS_NORM, UNIT_OFFSET)
     v = tl.load(row_ptr + (NUM_Q_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM + dims).to(tl.float32)
     dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head + dims
     cache_dtype: tl.constexpr = k_cache_ptr.dtype.element_ty

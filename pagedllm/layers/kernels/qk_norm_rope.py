@@ -12,6 +12,10 @@ Given the layer's KV cache, it stores each token's rotated K and its V in the to
 k (the bytes reshape_and_cache writes, fp8 scaling included; slot -1 is padding): one launch a layer less
 (H200, 2026-12-05: W1 +0.9%; W5 with a draft model 4.10 -> 4.01 ms a token, its steps being small kernels).
 
+With UNIT_OFFSET (Gemma 3's q_norm / k_norm, GemmaRMSNorm) each head is normed with Gemma's arithmetic: the
+normed head stays float32, times (1 + weight) in float32, rounded once (rms_norm.py's flag). A compile-time
+constant: off, the kernels are Llama's.
+
 norm_rope_heads and cache_value are the same arithmetic for a kernel that takes whole heads (decode_partition
 in decode-only steps, where it replaces this kernel's launch).
 """
@@ -27,6 +31,15 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _norm_scale(x, rstd, w, dtype: tl.constexpr, UNIT_OFFSET: tl.constexpr):
+    """A normed value x * rstd scaled by its weight w, rounded where torch rounds: Llama's (RMSNorm._norm) rounds
+    the normed value, then the product; Gemma's (UNIT_OFFSET) multiplies by (1 + w) in float32, one rounding."""
+    if UNIT_OFFSET:
+        return _round(x * rstd * (1.0 + w.to(tl.float32)), dtype)
+    return _round(w.to(tl.float32) * _round(x * rstd, dtype), dtype)
+
+
+@triton.jit
 def cache_value(x, inv, cache_dtype: tl.constexpr):
     """x (float32, already rounded to the model's dtype) as the KV cache stores it: an fp8 cache x / scale in
     float32, clamped to e4m3's range (reshape_and_cache's arithmetic)."""
@@ -37,11 +50,11 @@ def cache_value(x, inv, cache_dtype: tl.constexpr):
 
 @triton.jit
 def norm_rope_heads(row_ptr, heads, head_ok, w_ptr, eps, cos_sin_ptr, HEAD_DIM: tl.constexpr,
-                    HAS_NORM: tl.constexpr):
+                    HAS_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr):
     """Heads `heads` (R,) of one token's qkv row (row_ptr), whole: (R, HEAD_DIM) float32, normed (HAS_NORM:
-    weight w_ptr) and rotated by the token's [cos | sin] row (cos_sin_ptr), rounded where qk_norm_rope_kernel
-    rounds (its variance may sum in another order). Each value's rotate-half partner is loaded alongside
-    (d XOR HALF), so no tile is split or joined. HEAD_DIM a power of two."""
+    weight w_ptr; UNIT_OFFSET: Gemma's norm) and rotated by the token's [cos | sin] row (cos_sin_ptr), rounded
+    where qk_norm_rope_kernel rounds (its variance may sum in another order). Each value's rotate-half partner is
+    loaded alongside (d XOR HALF), so no tile is split or joined. HEAD_DIM a power of two."""
     HALF: tl.constexpr = HEAD_DIM // 2
     dtype: tl.constexpr = row_ptr.dtype.element_ty
     dims = tl.arange(0, HEAD_DIM)
@@ -51,8 +64,8 @@ def norm_rope_heads(row_ptr, heads, head_ok, w_ptr, eps, cos_sin_ptr, HEAD_DIM: 
     xp = tl.load(src + partner[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
     if HAS_NORM:
         rstd = (1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / HEAD_DIM + eps))[:, None]
-        x = _round(tl.load(w_ptr + dims)[None, :].to(tl.float32) * _round(x * rstd, dtype), dtype)
-        xp = _round(tl.load(w_ptr + partner)[None, :].to(tl.float32) * _round(xp * rstd, dtype), dtype)
+        x = _norm_scale(x, rstd, tl.load(w_ptr + dims)[None, :], dtype, UNIT_OFFSET)
+        xp = _norm_scale(xp, rstd, tl.load(w_ptr + partner)[None, :], dtype, UNIT_OFFSET)
     angle = dims % HALF
     cos = _round(tl.load(cos_sin_ptr + angle), dtype)[None, :]
     sin = _round(tl.load(cos_sin_ptr + HALF + angle), dtype)
@@ -66,7 +79,8 @@ def qk_norm_rope_kernel(
     stride_qkv, stride_cos_sin, stride_q, stride_k, q_eps, k_eps,
     k_cache_ptr, v_cache_ptr, slot_ptr, k_inv, v_inv, stride_c_block, stride_c_slot, stride_c_head,
     NUM_Q_HEADS: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_CACHE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr, WRITE_CACHE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     dtype: tl.constexpr = qkv_ptr.dtype.element_ty
@@ -86,8 +100,8 @@ def qk_norm_rope_kernel(
         w1 = tl.where(is_q, tl.load(q_w_ptr + dims, mask=dmask)[None, :], tl.load(k_w_ptr + dims, mask=dmask)[None, :])
         w2 = tl.where(is_q, tl.load(q_w_ptr + HALF + dims, mask=dmask)[None, :],
                       tl.load(k_w_ptr + HALF + dims, mask=dmask)[None, :])
-        x1 = _round(w1.to(tl.float32) * _round(x1 * rstd, dtype), dtype)
-        x2 = _round(w2.to(tl.float32) * _round(x2 * rstd, dtype), dtype)
+        x1 = _norm_scale(x1, rstd, w1, dtype, UNIT_OFFSET)
+        x2 = _norm_scale(x2, rstd, w2, dtype, UNIT_OFFSET)
     pos = tl.load(pos_ptr + token).to(tl.int64)
     cos = _round(tl.load(cos_sin_ptr + pos * stride_cos_sin + dims, mask=dims < HALF, other=0.0), dtype)[None, :]
     sin = _round(tl.load(cos_sin_ptr + pos * stride_cos_sin + HALF + dims, mask=dims < HALF, other=0.0),
@@ -122,9 +136,10 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
                  num_q_heads: int, num_kv_heads: int, head_dim: int,
                  q_norm: tuple[torch.Tensor, float] | None = None, k_norm: tuple[torch.Tensor, float] | None = None,
                  kv_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
-                 k_scale: float = 1.0, v_scale: float = 1.0):
+                 k_scale: float = 1.0, v_scale: float = 1.0, unit_offset: bool = False):
     """qkv (T, (Hq + 2*Hkv) * D), positions (T,), cos_sin_cache (max_pos, D) float32 [cos | sin];
-    q_norm / k_norm: (weight (D,), eps), both or neither -> q (T, Hq*D), k (T, Hkv*D), v (T, Hkv*D) view.
+    q_norm / k_norm: (weight (D,), eps), both or neither -> q (T, Hq*D), k (T, Hkv*D), v (T, Hkv*D) view;
+    unit_offset: the norms are Gemma's, (1 + weight) in float32 (the module docstring).
     Given kv_cache (2, blocks, block_size, Hkv, D) and slot_mapping (T,): K and V go into token i's slot
     (as triton_backend.write_kv with k_scale / v_scale) and k, v are returned as None."""
     num_tokens = qkv.shape[0]
@@ -161,6 +176,6 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
             qkv.stride(0), cos_sin_cache.stride(0), q.stride(0), kv_size, q_eps, k_eps,
             k_cache, v_cache, slots, k_inv, v_inv, *c_strides,
             NUM_Q_HEADS=num_q_heads, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-            HALF_PAD=half_pad, BLOCK_H=block_h, HAS_NORM=q_norm is not None,
+            HALF_PAD=half_pad, BLOCK_H=block_h, HAS_NORM=q_norm is not None, UNIT_OFFSET=unit_offset,
             WRITE_CACHE=kv_cache is not None, BLOCK_SIZE=block_size, num_warps=4)
     return q, k, v
