@@ -45,7 +45,8 @@ def test_an_architecture_transformers_does_not_know_is_unsupported_listing_ours(
     assert main(["generate", "--device", "cpu", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert ("unsupported model architectures ['FoobarForCausalLM']; supported: ['Gemma2ForCausalLM', "
-            "'Gemma3ForCausalLM', 'Gemma3ForConditionalGeneration', 'GemmaForCausalLM', 'GraniteForCausalLM'") in err, err
+            "'Gemma3ForCausalLM', 'Gemma3ForConditionalGeneration', 'GemmaForCausalLM', "
+            "'GraniteForCausalLM'") in err, err
     assert "upgrade" not in err
 
 
