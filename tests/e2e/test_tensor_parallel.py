@@ -30,10 +30,9 @@ MODELS = {   # name: (arch, overrides)
     "olmo2_kv1": ("olmo2", dict(num_key_value_heads=1, seed=15)),
     # Gemma 2: each rank's heads windowed (layer 0) and soft-capped, the final cap on the gathered logits
     "gemma2_kv2": ("gemma2", dict(seed=17, tie_word_embeddings=True)),
-    # Gemma 3: each rank's heads q/k-normed (the per-head norms whole on both ranks), rotated by their layer's type
-    "gemma3_kv2": ("gemma3", dict(seed=18)),
     # Gemma 3 4B and up: the language model of a vision-language checkpoint (language_model.model.*), each rank's
-    # vocabulary rows of its tied embedding cut by the name the model gives it
+    # vocabulary rows of its tied embedding cut by the name the model gives it; each rank's heads q/k-normed (the
+    # per-head norms whole on both ranks), rotated by their layer's type (Gemma 3's text layers, as gemma-3-1b's)
     "gemma3_vl_tied": ("gemma3_vl", dict(seed=19, tie_word_embeddings=True)),
     # mixture of experts (every expert on both ranks, its I/N; the router whole): Qwen3-MoE's experts are
     # moe_intermediate_size (32) wide beside a dense layer of intermediate_size (128); Mixtral's w1/w2/w3 names

@@ -205,12 +205,11 @@ def rows_around(rng: random.Random, window: int | None) -> list[tuple[int, int]]
 
 # (q heads, kv heads, head_dim, block_size, dtype, window, soft cap, fp8 kv scales or None): every kernel path,
 # windows shorter and longer than the rows, not multiples of a block or a tile, smaller than a prefill q block
+# (four cases, two a process: the CPU suite's budget; the GPU tests run the wider grid)
 CASES = [
-    (4, 2, 16, 16, torch.float32, 37, None, None),
     (4, 4, 32, 32, torch.float16, 5, 3.0, None),
     (6, 2, 16, 16, torch.bfloat16, None, 2.5, None),
-    (8, 1, 32, 16, torch.float32, 100, 5.0, None),
-    (4, 2, 16, 16, torch.float32, 1000, None, None),
+    (8, 1, 32, 16, torch.float32, 100, None, None),
     (6, 2, 32, 32, torch.bfloat16, 50, 3.0, (0.43, 2.7)),
 ]
 
