@@ -10,7 +10,7 @@ block tables are shuffled block ids, and table entries a row must not read point
 """
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from kernel_checks import rel_error
@@ -211,14 +211,13 @@ def shared_prefix_plan(batch: Batch, block_size: int, grid: int | None = None):
 def check_shared_prefix(batch: Batch, backend, block_size: int, kv_scales=(1.0, 1.0)) -> float:
     """Rows sharing prefix blocks: with the plan (segments read once for a group) the output matches the
     oracle, is close to the per-row path, and padding the items (a graph's grid) changes nothing."""
-    import dataclasses
     scale = batch.q.shape[-1] ** -0.5
     torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
     ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale, *kv_scales)
     per_row = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
     plan, num_items = shared_prefix_plan(batch, block_size)
     assert num_items > 0, "no shared segment found"
-    got = backend.paged_attention(batch.q, batch.kv_cache, dataclasses.replace(batch.meta, shared=plan), scale,
+    got = backend.paged_attention(batch.q, batch.kv_cache, replace(batch.meta, shared=plan), scale,
                                   *kv_scales)
     assert torch.isfinite(got).all() and (got[batch.padding] == 0).all()
     real = ~batch.padding
@@ -226,7 +225,7 @@ def check_shared_prefix(batch: Batch, backend, block_size: int, kv_scales=(1.0, 
     assert err <= TOLERANCE[batch.q.dtype], f"shared prefix: relative error {err:.2e}"
     assert rel_error(got[real], per_row[real]) <= TOLERANCE[batch.q.dtype]
     padded, _ = shared_prefix_plan(batch, block_size, grid=num_items + 5)
-    again = backend.paged_attention(batch.q, batch.kv_cache, dataclasses.replace(batch.meta, shared=padded), scale,
+    again = backend.paged_attention(batch.q, batch.kv_cache, replace(batch.meta, shared=padded), scale,
                                     *kv_scales)
     assert torch.equal(again, got), "count-0 items changed the output"
     return err
@@ -314,3 +313,40 @@ def run_interpreter(cases: list[int] | None = None) -> None:
 
 if __name__ == "__main__":
     run_interpreter([int(a) for a in sys.argv[1:]] or None)
+
+
+def check_graph_replay_equals_eager(backend, num_rows: int, max_context: int, **layer) -> None:
+    """A decode batch captured once with max_seq_len = max_model_len (an upper bound), replayed on new data,
+    equals eager with the exact max_seq_len, bit for bit; padding rows included. layer: paged_attention's
+    keyword arguments (a sliding window sizes the scratch: it must not change a row's segments)."""
+    rng, scale = random.Random(num_rows), 128 ** -0.5
+    max_model_len, block_size = 8192, 16
+    batches_rows = []
+    for _ in range(3):
+        rows = random_rows(rng, num_rows, max_context=max_context, max_query=1,
+                           kinds=("decode", "decode", "padding"))
+        rows[0] = (rng.randint(2, max_model_len), 1)
+        batches_rows.append(rows)
+    sizes = {"num_blocks": max(sum(-(-s // block_size) for s, _ in r) for r in batches_rows) + 3,
+             "max_blocks": max_model_len // block_size, "max_seq_len_bound": max_model_len}
+    batches = [make_batch(r, 16, 8, 128, block_size, torch.bfloat16, "cuda", seed=i, **sizes)
+               for i, r in enumerate(batches_rows)]
+    static = batches[0]
+    backend.write_kv(static.kv_cache, static.k, static.v, static.meta.slot_mapping)
+    backend.paged_attention(static.q, static.kv_cache, static.meta, scale, **layer)   # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        backend.write_kv(static.kv_cache, static.k, static.v, static.meta.slot_mapping)
+        graph_out = backend.paged_attention(static.q, static.kv_cache, static.meta, scale, **layer)
+    for new in batches[1:]:
+        for name in ("q", "k", "v", "kv_cache"):
+            getattr(static, name).copy_(getattr(new, name))
+        for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables"):
+            getattr(static.meta, name).copy_(getattr(new.meta, name))
+        graph.replay()
+        exact = replace(new.meta, max_seq_len=max(new.meta.seq_lens_cpu))
+        eager = backend.paged_attention(new.q, static.kv_cache, exact, scale, **layer)
+        assert torch.isfinite(graph_out).all()
+        assert (graph_out[new.padding] == 0).all()
+        assert torch.equal(graph_out, eager), "graph replay differs from eager"

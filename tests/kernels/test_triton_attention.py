@@ -1,6 +1,5 @@
 """triton_backend against torch_backend: on CUDA (fresh random batches of every kind), and on CPU through
 the Triton interpreter in a subprocess (TRITON_INTERPRET is read when the kernels are decorated)."""
-import dataclasses
 import random
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 from attention_cases import (
     check_attention,
     check_graph_padding,
+    check_graph_replay_equals_eager,
     check_row_independent_of_batch,
     check_shared_prefix,
     check_write_kv,
@@ -88,38 +88,7 @@ def test_decode_row_does_not_depend_on_batch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_rows", [1, 4, 64, 256])
 def test_cuda_graph_replay_is_bit_identical_to_eager(num_rows):
-    """A decode batch captured once with max_seq_len = max_model_len (an upper bound), replayed on new
-    data, equals eager with the exact max_seq_len, bit for bit; padding rows included."""
-    backend, rng, scale = _triton(), random.Random(num_rows), 128 ** -0.5
-    max_model_len, block_size = 8192, 16
-    batches_rows = []
-    for _ in range(3):
-        rows = random_rows(rng, num_rows, max_context=2000, max_query=1, kinds=("decode", "decode", "padding"))
-        rows[0] = (rng.randint(2, max_model_len), 1)
-        batches_rows.append(rows)
-    sizes = {"num_blocks": max(sum(-(-s // block_size) for s, _ in r) for r in batches_rows) + 3,
-             "max_blocks": max_model_len // block_size, "max_seq_len_bound": max_model_len}
-    batches = [make_batch(r, 16, 8, 128, block_size, torch.bfloat16, "cuda", seed=i, **sizes)
-               for i, r in enumerate(batches_rows)]
-    static = batches[0]
-    backend.write_kv(static.kv_cache, static.k, static.v, static.meta.slot_mapping)
-    backend.paged_attention(static.q, static.kv_cache, static.meta, scale)     # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        backend.write_kv(static.kv_cache, static.k, static.v, static.meta.slot_mapping)
-        graph_out = backend.paged_attention(static.q, static.kv_cache, static.meta, scale)
-    for new in batches[1:]:
-        for name in ("q", "k", "v", "kv_cache"):
-            getattr(static, name).copy_(getattr(new, name))
-        for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables"):
-            getattr(static.meta, name).copy_(getattr(new.meta, name))
-        graph.replay()
-        exact = dataclasses.replace(new.meta, max_seq_len=max(new.meta.seq_lens_cpu))
-        eager = backend.paged_attention(new.q, static.kv_cache, exact, scale)
-        assert torch.isfinite(graph_out).all()
-        assert (graph_out[new.padding] == 0).all()
-        assert torch.equal(graph_out, eager), "graph replay differs from eager"
+    check_graph_replay_equals_eager(_triton(), num_rows, max_context=2000)
 
 
 @pytest.mark.gpu

@@ -1,11 +1,10 @@
 """Sliding-window attention and attention-logit soft-capping in triton_backend (window_cases.py), against a
 dense reference: on CPU through the Triton interpreter in a subprocess, and on CUDA at model sizes."""
-import dataclasses
 import random
 
 import pytest
 import torch
-from attention_cases import make_batch, random_rows, shared_prefix_rows
+from attention_cases import check_graph_replay_equals_eager, make_batch, random_rows, shared_prefix_rows
 from kernel_checks import run_under_interpreter_side_by_side
 from window_cases import CASES, as_fp8, check_windowed, check_windowed_decode_qkv, check_windowed_shared
 
@@ -123,36 +122,5 @@ def test_long_prompt_rows_stay_on_triton(window, soft_cap, monkeypatch):
 @pytest.mark.parametrize("window,soft_cap", [(700, 30.0), (4096, None)], ids=str)
 @pytest.mark.parametrize("num_rows", [1, 64])
 def test_cuda_graph_replay_is_bit_identical_to_eager(window, soft_cap, num_rows):
-    """A decode batch captured once with max_seq_len an upper bound, replayed on new data, equals eager with the
-    exact max_seq_len, bit for bit (the window sizes the scratch: it must not change a row's segments)."""
-    backend, rng, scale = _triton(), random.Random(num_rows), 128 ** -0.5
-    kw = dict(sliding_window=window, soft_cap=soft_cap)
-    max_model_len, block_size = 8192, 16
-    batches_rows = []
-    for _ in range(3):
-        rows = random_rows(rng, num_rows, max_context=6000, max_query=1, kinds=("decode", "decode", "padding"))
-        rows[0] = (rng.randint(2, max_model_len), 1)
-        batches_rows.append(rows)
-    sizes = {"num_blocks": max(sum(-(-s // block_size) for s, _ in r) for r in batches_rows) + 3,
-             "max_blocks": max_model_len // block_size, "max_seq_len_bound": max_model_len}
-    batches = [make_batch(r, 16, 8, 128, block_size, torch.bfloat16, "cuda", seed=i, **sizes)
-               for i, r in enumerate(batches_rows)]
-    static = batches[0]
-    backend.write_kv(static.kv_cache, static.k, static.v, static.meta.slot_mapping)
-    backend.paged_attention(static.q, static.kv_cache, static.meta, scale, **kw)     # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        backend.write_kv(static.kv_cache, static.k, static.v, static.meta.slot_mapping)
-        graph_out = backend.paged_attention(static.q, static.kv_cache, static.meta, scale, **kw)
-    for new in batches[1:]:
-        for name in ("q", "k", "v", "kv_cache"):
-            getattr(static, name).copy_(getattr(new, name))
-        for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables"):
-            getattr(static.meta, name).copy_(getattr(new.meta, name))
-        graph.replay()
-        exact = dataclasses.replace(new.meta, max_seq_len=max(new.meta.seq_lens_cpu))
-        eager = backend.paged_attention(new.q, static.kv_cache, exact, scale, **kw)
-        assert torch.isfinite(graph_out).all()
-        assert (graph_out[new.padding] == 0).all()
-        assert torch.equal(graph_out, eager), "graph replay differs from eager"
+    """The window sizes the scratch: it must not change a row's segments (graph replay equals eager)."""
+    check_graph_replay_equals_eager(_triton(), num_rows, max_context=6000, sliding_window=window, soft_cap=soft_cap)
