@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
+from pagedllm.field_types import json_object
+
 # "the value was left out": a flag given on the command line is never this
 _UNSET = None
 
@@ -264,10 +266,7 @@ def _hf_override_kwargs(kwargs: dict) -> dict:
         return rest
     given = rest.get("hf_overrides")
     if isinstance(given, str):
-        try:
-            given = json.loads(given)
-        except ValueError as e:
-            raise ValueError(f"hf_overrides must be a JSON object: {e}") from None
+        given = json_object(given, "hf_overrides")
     if given is not None and not isinstance(given, dict):
         raise ValueError(f"LLM({next(iter(old))}=...) merges into hf_overrides, which must then be a JSON object "
                          f"(a dict), got {type(given).__name__}")

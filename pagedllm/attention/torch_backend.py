@@ -41,8 +41,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     starts, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
     block_size = kv_cache.shape[2]
     # each row's first block that can hold a key its queries see (0 without a window)
-    first = [_first_block(seq_lens[i], starts[i + 1] - starts[i], sliding_window, block_size)
-             for i in range(meta.num_reqs)]
+    first = [0] * meta.num_reqs if sliding_window is None else \
+        [_first_block(seq_lens[i], starts[i + 1] - starts[i], sliding_window, block_size) for i in range(meta.num_reqs)]
     spans = [seq_lens[i] - first[i] * block_size for i in range(meta.num_reqs)]   # tokens gathered
     decode = [i for i in range(meta.num_reqs) if starts[i + 1] - starts[i] == 1]
     for group in _bounded_groups(decode, spans):
@@ -59,10 +59,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     return out
 
 
-def _first_block(seq_len: int, query_len: int, window: int | None, block_size: int) -> int:
+def _first_block(seq_len: int, query_len: int, window: int, block_size: int) -> int:
     """The block of the first key the earliest of the row's queries (position seq_len - query_len) sees."""
-    if window is None:
-        return 0
     return max(0, seq_len - query_len - window + 1) // block_size
 
 

@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
         if self.quant_fp8:   # set on CUDA only (quantization/fuse.py)
             return rms_norm_quant_fp8(x, self.weight, self.variance_epsilon, residual)
         if x.is_cuda:
-            return rms_norm(x, self.weight, self.variance_epsilon, residual)
+            return rms_norm(x, self.weight, self.variance_epsilon, residual, unit_offset=self.unit_offset)
         return self.forward_native(x, residual)
 
     def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):

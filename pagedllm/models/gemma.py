@@ -14,20 +14,11 @@ from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.activation import GeluTanhAndMul
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization.fp8_config import Fp8Config
-from pagedllm.lazy_kernel import lazy_kernel
 from pagedllm.models.llama import LlamaDecoderLayer, LlamaForCausalLM
-
-rms_norm = lazy_kernel(globals(), "pagedllm.layers.kernels.rms_norm", "rms_norm")   # Triton, CUDA only
 
 
 class GemmaRMSNorm(RMSNorm):
-    unit_offset = True
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """RMSNorm.forward with Gemma's arithmetic: the rms_norm kernel's unit_offset on CUDA (never FP8-fused)."""
-        if x.is_cuda:
-            return rms_norm(x, self.weight, self.variance_epsilon, residual, unit_offset=True)
-        return self.forward_native(x, residual)
+    unit_offset = True   # RMSNorm.forward: the rms_norm kernel's Gemma arithmetic on CUDA; _norm below on CPU
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

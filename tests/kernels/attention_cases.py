@@ -124,13 +124,19 @@ def checked_attention(batch: Batch, backend, scale=None, kv_scales=(1.0, 1.0)) -
     torch_backend.write_kv(batch.kv_cache, batch.k, batch.v, batch.meta.slot_mapping, *kv_scales)
     ref = torch_backend.paged_attention(batch.q, batch.kv_cache, batch.ref_meta, scale, *kv_scales)
     out = backend.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
+    return check_output(batch, out, ref), out
+
+
+def check_output(batch: Batch, out: torch.Tensor, ref: torch.Tensor, what: str = "") -> float:
+    """A backend's output for the batch against the reference's: q's shape and dtype, finite, padding rows zeros,
+    the real rows within TOLERANCE; -> the relative error."""
     assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
     assert torch.isfinite(out).all(), "non-finite attention output"
     assert (out[batch.padding] == 0).all(), "padding rows must be zeros"
     real = ~batch.padding
     err = rel_error(out[real], ref[real])
-    assert err <= TOLERANCE[batch.q.dtype], f"relative error {err:.2e} > {TOLERANCE[batch.q.dtype]:.0e}"
-    return err, out
+    assert err <= TOLERANCE[batch.q.dtype], f"{what}relative error {err:.2e} > {TOLERANCE[batch.q.dtype]:.0e}"
+    return err
 
 
 def check_row_independent_of_batch(batch: Batch, backend, row: int, kv_scales=(1.0, 1.0), out=None) -> None:

@@ -20,6 +20,7 @@ from attention_cases import (
     TOLERANCE,
     Batch,
     check_graph_padding,
+    check_output,
     check_row_independent_of_batch,
     make_batch,
     random_rows,
@@ -107,12 +108,7 @@ def check_windowed(batch: Batch, backend, window, soft_cap, kv_scales=(1.0, 1.0)
     poison_before_window(batch, window)
     ref = reference(batch.q, batch.kv_cache, batch.ref_meta, scale, window, soft_cap, kv_scales)
     out = layer.paged_attention(batch.q, batch.kv_cache, batch.meta, scale, *kv_scales)
-    assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
-    assert torch.isfinite(out).all(), "non-finite attention output"
-    assert (out[batch.padding] == 0).all(), "padding rows must be zeros"
-    real = ~batch.padding
-    err = rel_error(out[real], ref[real])
-    assert err <= TOLERANCE[batch.q.dtype], f"window {window} cap {soft_cap}: relative error {err:.2e}"
+    err = check_output(batch, out, ref, f"window {window} cap {soft_cap}: ")
     starts = batch.meta.query_start_loc_cpu
     decode = [i for i, s in enumerate(batch.meta.seq_lens_cpu) if s > 0 and starts[i + 1] - starts[i] == 1]
     if decode:
