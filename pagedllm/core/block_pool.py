@@ -30,6 +30,11 @@ class KVCacheBlock:
         return f"KVCacheBlock(id={self.block_id}, ref_cnt={self.ref_cnt}, cached={self.block_hash is not None})"
 
 
+# Stands in a request's block list for a block it no longer needs (it fell out of every layer's sliding window,
+# KVCacheManager): the pool skips it. Its id 0 is what block tables then hold there, an entry no kernel reads.
+NULL_BLOCK = KVCacheBlock(0)
+
+
 class FreeBlockQueue:
     """Intrusive doubly-linked list: O(1) append at either end, pop from the front, removal from the middle
     (a prefix-cache hit takes a free cached block back out of the queue)."""
@@ -107,6 +112,8 @@ class BlockPool:
     def touch(self, blocks: list[KVCacheBlock]):
         """Take a reference on blocks found in the prefix cache; free ones leave the free queue."""
         for b in blocks:
+            if b is NULL_BLOCK:
+                continue
             if b.ref_cnt == 0:
                 self.free_queue.remove(b)
             b.ref_cnt += 1
@@ -117,6 +124,8 @@ class BlockPool:
         blocks reaching 0 also lose their hash, unseen by on_evict (a failed step may not have written
         them: their KV must never be found or stored)."""
         for b in ordered_blocks:
+            if b is NULL_BLOCK:
+                continue
             b.ref_cnt -= 1
             assert b.ref_cnt >= 0, b
             if b.ref_cnt == 0:
@@ -129,7 +138,7 @@ class BlockPool:
         """Name full blocks by their hashes. If another block already holds the same prefix, keep that one
         in the map; this block stays private to its request and is freed as uncached."""
         for b, h in zip(blocks, block_hashes):
-            if b.block_hash is not None:
+            if b.block_hash is not None or b is NULL_BLOCK:
                 continue
             if h not in self.cached_blocks:
                 b.block_hash = h

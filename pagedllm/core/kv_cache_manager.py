@@ -1,9 +1,14 @@
 """KVCacheManager: the one allocation path for prefill, chunked prefill and decode, plus prefix caching."""
 from dataclasses import dataclass
 
-from pagedllm.core.block_pool import BlockPool, KVCacheBlock, cdiv
+from pagedllm.core.block_pool import NULL_BLOCK, BlockPool, KVCacheBlock, cdiv
 from pagedllm.core.kv_fork import KVForks
 from pagedllm.request import Request
+
+
+# Keys an attention kernel may read before a window's first: its key tiles are aligned (Triton's widest, the fp8
+# decode tile, is 128 keys), so the tile that holds the window's first key can start up to 127 keys before it.
+WINDOW_READ_SLACK = 128
 
 
 @dataclass
@@ -14,10 +19,19 @@ class PrefixCacheStats:
 
 class KVCacheManager:
     """Every full block is hashed. Prefix caching "off" is a per-request salt in the hashes (see Request),
-    so this class has no off switch."""
+    so this class has no off switch.
 
-    def __init__(self, num_blocks: int, block_size: int, on_evict=None):
+    sliding_window: every layer of the model attends within it (Mistral-7B-v0.1, Phi-3-mini-4k). A request's
+    blocks wholly before what its next step can read are then freed (NULL_BLOCK takes their place in its list):
+    it holds about window / block_size blocks however long it runs. Freed full blocks stay in the prefix cache
+    until evicted, as any freed block."""
+
+    def __init__(self, num_blocks: int, block_size: int, on_evict=None, sliding_window: int | None = None):
         self.block_size = block_size
+        self.sliding_window = sliding_window
+        # The earliest query position of each request's last scheduled step, and its blocks freed so far.
+        self.last_query_start: dict[str, int] = {}
+        self.num_freed_blocks: dict[str, int] = {}
         self.pool = BlockPool(num_blocks, on_evict)   # on_evict: the CPU tier keeps evicted blocks' KV
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}   # leading blocks of a request already named by hash
@@ -83,6 +97,8 @@ class KVCacheManager:
         (a sibling of n > 1) may already share them.
         """
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        if self.sliding_window is not None:
+            self._free_out_of_window(request, blocks, request.num_computed_tokens + num_new_computed_tokens)
         num_total = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
         num_new_blocks = cdiv(num_total, self.block_size) - len(blocks) - len(new_computed_blocks)
         # Hit blocks that sit in the free queue stop being free once touched.
@@ -100,6 +116,25 @@ class KVCacheManager:
         self.req_to_empty_slots[request.request_id] = num_empty
         return new_blocks
 
+    def _free_out_of_window(self, request: Request, blocks: list[KVCacheBlock], query_start: int):
+        """Free the blocks that neither this step nor the last one reads. The last step may still be running
+        (asynchronous scheduling) and, with speculation, this step's queries may start a few positions later
+        than its tokens' rollback allows; the last step's first query is the lower bound of both."""
+        rid = request.request_id
+        last = self.last_query_start.get(rid)
+        self.last_query_start[rid] = query_start
+        if last is None:
+            return
+        first_read = min(last, query_start) - self.sliding_window + 1 - WINDOW_READ_SLACK
+        start, end = self.num_freed_blocks.get(rid, 0), min(max(first_read, 0) // self.block_size, len(blocks))
+        if end <= start:
+            return
+        self.pool.free_blocks(reversed(blocks[start:end]))
+        blocks[start:end] = [NULL_BLOCK] * (end - start)
+        self.num_freed_blocks[rid] = end
+        # never hashed now: a block not yet named (its hash not known then) is gone
+        self.num_cached_blocks[rid] = max(self.num_cached_blocks.get(rid, 0), end)
+
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int):
         start = self.num_cached_blocks.get(request.request_id, 0)
         end = min(num_tokens // self.block_size, len(request.block_hashes))
@@ -107,10 +142,16 @@ class KVCacheManager:
             self.pool.cache_full_blocks(blocks[start:end], request.block_hashes[start:end])
             self.num_cached_blocks[request.request_id] = end
 
+    def take_blocks(self, rid: str) -> list[KVCacheBlock]:
+        """The request's blocks, its bookkeeping gone (free, or a hold keeping them)."""
+        self.num_cached_blocks.pop(rid, None)
+        self.last_query_start.pop(rid, None)
+        self.num_freed_blocks.pop(rid, None)
+        return self.req_to_blocks.pop(rid, [])
+
     def free(self, request: Request, uncache: bool = False):
         """uncache: the blocks no other request holds leave the prefix cache (see BlockPool.free_blocks)."""
-        blocks = self.req_to_blocks.pop(request.request_id, [])
-        self.num_cached_blocks.pop(request.request_id, None)
+        blocks = self.take_blocks(request.request_id)
         self.num_empty_slots -= self.req_to_empty_slots.pop(request.request_id, 0)
         self.pool.free_blocks(reversed(blocks), uncache)
 

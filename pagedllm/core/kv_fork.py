@@ -57,8 +57,7 @@ class KVForks:
         kv, rid = self.kv, request.request_id
         if rid in self.holds:                             # an id used again: the older hold ends
             self._end(rid, self.holds[rid])
-        blocks = kv.req_to_blocks.pop(rid, [])
-        kv.num_cached_blocks.pop(rid, None)
+        blocks = kv.take_blocks(rid)
         num_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
         keep = cdiv(num_tokens, kv.block_size)
         kv.pool.free_blocks(reversed(blocks[keep:]))

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pagedllm.core.block_hash import BlockHash
-from pagedllm.core.block_pool import BlockPool, KVCacheBlock
+from pagedllm.core.block_pool import NULL_BLOCK, BlockPool, KVCacheBlock
 from pagedllm.core.messages import DiskOp, KVTransferResult, KVTransfers
 from pagedllm.metrics import KVTierStats
 from pagedllm.request import Request
@@ -125,10 +125,14 @@ class KVOffloadManager:
         """Called before the request's GPU blocks are freed; its computed tokens' KV is still in them."""
         num_computed = req.num_computed_tokens
         if self.preemption_mode == "swap" and num_computed > 0:
+            if blocks and blocks[0] is NULL_BLOCK:   # its first blocks left the sliding window: not on the GPU
+                self.stats["swap"].misses += 1
+                self._log_fallback(f"request {req.request_id} has freed the blocks before its sliding window")
+                return
             self._swap_out(req, blocks[:-(-num_computed // self.block_size)], num_computed)
         elif self.preemption_mode == "offload":   # full blocks only: the partial one is recomputed
             for block, h in zip(blocks[:num_computed // self.block_size], req.block_hashes):
-                if h not in self.disk:
+                if h not in self.disk and block is not NULL_BLOCK:
                     self._write_to_disk(h, gpu_block=block.block_id)
 
     def _swap_out(self, req: Request, blocks: list[KVCacheBlock], num_computed: int):

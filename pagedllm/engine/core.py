@@ -56,7 +56,7 @@ class EngineCore:
         offload = self.runner.kv_offload and KVOffloadManager(
             config.block_size, config.preemption_mode, config.enable_prefix_caching, self.runner.kv_offload.sizes)
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
-                                               offload and offload.on_gpu_evict)
+                                               offload and offload.on_gpu_evict, self.runner.kv_window)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_model_len, offload, config.max_loras if config.enable_lora else None,
                                    config.scheduling_policy)

@@ -18,7 +18,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
-        self.sliding_window = sliding_window   # read by a model that rebuilds the layer (gemma2.py)
+        self.sliding_window = sliding_window   # read by gemma2.py (it rebuilds the layer) and the runner (_kv_window)
         # the backend's keyword arguments for them, those set (built once: read every call)
         self.masking = {name: value for name, value in (("sliding_window", sliding_window),
                                                         ("soft_cap", logits_soft_cap)) if value is not None}

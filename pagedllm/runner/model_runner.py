@@ -140,6 +140,7 @@ class ModelRunner:
                 self.lora.clear_step()
         if self.draft is not None:
             self.draft.allocate(self.num_blocks)
+        self.kv_window = _kv_window(self.model, self.draft)   # the scheduler frees blocks before it
 
     # ---- requests ----------------------------------------------------------------------------------------
     def drop_request(self, req_id: str):
@@ -622,6 +623,17 @@ def _cascade_blocked(model: torch.nn.Module) -> bool:
         logger.info("cascade attention off: %d attention layers slide or soft-cap (as --disable-cascade-attn)",
                     len(masked))
     return bool(masked)
+
+
+def _kv_window(model: torch.nn.Module, draft) -> int | None:
+    """The window every attention layer attends within (the widest), or None where some layer sees all its
+    context. Not with a draft model: its catch-up passes write its KV at positions the target has moved past."""
+    windows = [m.sliding_window for m in model.modules() if isinstance(m, Attention)]
+    if draft is not None or not windows or None in windows:
+        return None
+    logger.info("every attention layer slides within at most %d tokens: a request's blocks before it are freed",
+                max(windows))
+    return max(windows)
 
 
 def _graphs_blocked(model: torch.nn.Module, device: torch.device) -> bool:
