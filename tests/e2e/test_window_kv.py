@@ -88,3 +88,19 @@ def test_ngram_speculation_rolls_back_inside_the_kept_blocks(mistral):
                                       use_tqdm=False), ref)
     sd = llm.engine.get_stats().spec_decode
     assert sd.num_draft_tokens > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", [None, 48])
+def test_freed_blocks_on_cuda_change_no_token(mistral, budget):
+    """The Triton kernels (their key tiles may start before the window: WINDOW_READ_SLACK) with blocks freed
+    and handed to other requests: float32 greedy tokens on CUDA, graphs on, equal the CPU path's."""
+    params = SamplingParams(temperature=0.0, max_tokens=60)
+    outs = []
+    for device in ("cpu", "cuda"):
+        llm = LLM(mistral, dtype="float32", device=device, num_gpu_blocks_override=40, max_num_batched_tokens=budget,
+                  log_stats_interval=0)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts(), params, use_tqdm=False)])
+        assert llm.engine.get_stats().num_preemptions == 0
+        del llm
+    assert outs[0] == outs[1]
