@@ -36,7 +36,8 @@ DTYPE = torch.bfloat16
 def torch_layers():
     """Route the layers to their torch code (forward_native), as on CPU; restored on exit."""
     saved = RMSNorm.forward, SiluAndMul.forward, LlamaAttention.rotate_qk, Attention.takes_qkv
-    RMSNorm.forward, SiluAndMul.forward = RMSNorm.forward_native, SiluAndMul.forward_native
+    RMSNorm.forward = RMSNorm.forward_native
+    SiluAndMul.forward = lambda self, gate_up: self.forward_native(gate_up)   # GeluTanhAndMul's own too
     LlamaAttention.rotate_qk = lambda self, positions, qkv, kv_target=None: self.rotate_qk_native(positions, qkv)
     Attention.takes_qkv = lambda self: False   # small decode steps: not decode_qkv's fused norm and rotary either
     try:

@@ -1,4 +1,4 @@
-"""SiLU-and-multiply over a fused gate_up projection; one Triton launch on CUDA."""
+"""SiLU- and GeLU(tanh)-and-multiply over a fused gate_up projection; one Triton launch on CUDA."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,14 +10,15 @@ silu_and_mul_quant_fp8 = lazy_kernel(globals(), "pagedllm.layers.kernels.fused_q
 
 
 class SiluAndMul(nn.Module):
+    act = "silu"        # the kernels' ACT
     quant_fp8 = False   # CUDA: output (fp8 rows, scales) for the next FP8 linear (quantization/fuse.py)
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """gate_up (T, 2 * I), gate first -> silu(gate) * up (T, I)."""
+        """gate_up (T, 2 * I), gate first -> act(gate) * up (T, I)."""
         if self.quant_fp8:   # set on CUDA only (quantization/fuse.py)
-            return silu_and_mul_quant_fp8(gate_up)
+            return silu_and_mul_quant_fp8(gate_up, self.act)
         if gate_up.is_cuda:
-            return silu_and_mul(gate_up)
+            return silu_and_mul(gate_up, self.act)
         return self.forward_native(gate_up)
 
     def forward_native(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -26,12 +27,10 @@ class SiluAndMul(nn.Module):
         return F.silu(gate) * up
 
 
-class GeluTanhAndMul(nn.Module):
-    """Gemma's GeGLU: gelu(gate, tanh approximation) * up, the torch code on every device (no fused kernel: an
-    FP8 linear after it takes the unfused quantization, quantization/fuse.py never flags it)."""
-    quant_fp8 = False
+class GeluTanhAndMul(SiluAndMul):
+    """Gemma's GeGLU: gelu(gate, tanh approximation) * up; on CUDA the same kernels with their gelu_tanh ACT."""
+    act = "gelu_tanh"
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """gate_up (T, 2 * I), gate first -> gelu_tanh(gate) * up (T, I)."""
+    def forward_native(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up

@@ -4,9 +4,10 @@ times sqrt(hidden_size) rounded to the model dtype (as transformers does), and a
 Gemma 2 is this model with two more norms a layer and windowed, soft-capped attention (gemma2.py); not Gemma 3.
 On CUDA the norms are the rms_norm kernel with its unit_offset flag (Gemma's arithmetic: the normed row times
 (1 + weight) in float32, rounded once; a (1 + weight) folded into a bf16 weight would lose the weight's low bits).
-The FP8 input fusion (quantization/fuse.py) and the small-M path (small_m.plain refuses other norms and
-activations) fold Llama's norm and SiLU, so neither is taken. Tensor parallelism, FP8 linears and LoRA go through
-Llama's shared linears unchanged.
+GeGLU is the silu_and_mul kernels with their gelu_tanh ACT, so the FP8 input fusion (quantization/fuse.py) hands
+down_proj's quantization to it; not the norms' (the fused kernel computes Llama's norm), nor the small-M path
+(small_m.plain refuses other norms and activations). Tensor parallelism, FP8 linears and LoRA go through Llama's
+shared linears unchanged.
 """
 import torch
 
@@ -34,7 +35,7 @@ class GemmaDecoderLayer(LlamaDecoderLayer):
         self.mlp.act_fn = GeluTanhAndMul()
 
     def fp8_input_producers(self) -> tuple:
-        return ()   # the fused kernels compute Llama's norm and SiLU
+        return ((self.mlp.act_fn, self.mlp.down_proj),)   # not the norms: rms_norm_quant_fp8 computes Llama's
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

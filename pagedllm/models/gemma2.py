@@ -9,9 +9,9 @@ alternating sliding-window and full attention, and soft-capped attention scores 
 
 The residual stream rides along un-normed as in Llama's layer: input_layernorm and pre_feedforward_layernorm add
 the previous sublayer's (post-normed) output to it. Features as Gemma 1's (gemma.py): on CUDA the norms are the
-rms_norm kernel with Gemma's arithmetic, GeGLU is torch code; neither FP8 input fusion nor the small-M path is
-taken; tensor parallelism (the caps and the window are per head; the final cap applies to the gathered logits),
-FP8 linears and LoRA go through Llama's shared linears.
+rms_norm kernel with Gemma's arithmetic, GeGLU the silu_and_mul kernels' (FP8 input fusion: GeGLU's only); the
+small-M path is not taken; tensor parallelism (the caps and the window are per head; the final cap applies to the
+gathered logits), FP8 linears and LoRA go through Llama's shared linears.
 """
 import torch
 

@@ -10,6 +10,8 @@ are also held to the torch code's rounding: a half-dtype output equals the torch
 the variance's summation order moves a value across a rounding boundary (check_same_rounding).
 Inputs are rows of wider NaN-filled buffers (a stray read shows up as NaN) and the allocator is filled with NaN
 before each call (best effort: an unwritten output shows up as NaN).
+GeGLU (silu_and_mul's gelu_tanh) is held to the torch code's bits on CUDA (the same tanhf); under the interpreter
+tanh is numpy's, an ulp off torch's CPU one at times (check_gelu_and_mul's bound).
 """
 from types import SimpleNamespace
 
@@ -17,8 +19,10 @@ import torch
 from kernel_checks import rel_error
 
 from pagedllm.attention.triton_backend import write_kv
-from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.activation import GeluTanhAndMul, SiluAndMul
+from pagedllm.layers.kernels.fused_quant_fp8 import silu_and_mul_quant_fp8
 from pagedllm.layers.kernels.qk_norm_rope import qk_norm_rope
+from pagedllm.layers.kernels.quant_fp8 import per_token_quant_fp8
 from pagedllm.layers.kernels.rms_norm import rms_norm
 from pagedllm.layers.kernels.silu_and_mul import silu_and_mul
 from pagedllm.layers.norm import RMSNorm
@@ -96,6 +100,46 @@ def check_silu_and_mul(num_tokens, inter, dtype, device, seed=0) -> float:
     half, ref = SiluAndMul().forward_native(gate_up), SiluAndMul().forward_native(gate_up.float())
     poison_allocator(device, half.numel() * half.element_size())
     return check_close("silu_and_mul", silu_and_mul(gate_up), half, ref)
+
+
+@torch.no_grad()
+def check_gelu_and_mul(num_tokens, inter, dtype, device, seed=0) -> float:
+    """On CUDA the torch code's bits (its formula, fma and tanhf). Elsewhere tanh may be an ulp (<= 2^-24) off,
+    which 1 + tanh's cancellation for gate < ~-3 passes on whole: the value may be off by |gate * up| * 2^-22
+    (the ulp and the float32 roundings after it), each of the two roundings to dtype may go the other way
+    (2 eps |half|), and fp16's tail is subnormal (a step there, after the gelu and after the product).
+    Above gate -2 such an ulp seldom moves a rounding: a half dtype's values are the torch code's but <= 0.1%
+    (one rounding instead of two: 13% differ there, the erf GeLU 4-17%)."""
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = poisoned_rows(_randn((num_tokens, 2 * inter), dtype, device, gen, 4.0))
+    half, ref = GeluTanhAndMul().forward_native(gate_up), GeluTanhAndMul().forward_native(gate_up.float())
+    poison_allocator(device, half.numel() * half.element_size())
+    out = silu_and_mul(gate_up, "gelu_tanh")
+    if device == "cuda":
+        assert torch.equal(out, half), f"gelu_and_mul: {(out != half).float().mean():.2%} differ from torch's bits"
+    else:
+        gate, up = (t.double() for t in gate_up.chunk(2, dim=-1))
+        info = torch.finfo(dtype)
+        bound = 2 ** -22 * (gate * up).abs() + 2 * info.eps * half.double().abs() + \
+            info.smallest_normal * info.eps * (up.abs() + 1)
+        over = ((out.double() - half.double()).abs() > bound).sum().item()
+        assert over == 0, f"gelu_and_mul: {over} values beyond tanh's ulp and the roundings"
+        no_cancel = gate > -2
+        check_same_rounding("gelu_and_mul", out[no_cancel], half[no_cancel], max_share=1e-3)
+    return check_close("gelu_and_mul", out, half, ref)
+
+
+@torch.no_grad()
+def check_act_and_mul_quant(num_tokens, inter, dtype, act, device, seed=0) -> float:
+    """The fused fp8 kernel's bytes are those of silu_and_mul then the quant kernel (the interpreter's fp8 cast
+    is no oracle, but both sides take the same one)."""
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = poisoned_rows(_randn((num_tokens, 2 * inter), dtype, device, gen, 4.0))
+    q, scale = silu_and_mul_quant_fp8(gate_up, act)
+    ref_q, ref_scale = per_token_quant_fp8(silu_and_mul(gate_up, act))
+    assert torch.equal(scale, ref_scale), f"{act}_and_mul_quant: scales differ"
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), f"{act}_and_mul_quant: fp8 bytes differ"
+    return 0.0
 
 
 def make_attention(num_q_heads, num_kv_heads, head_dim, qk_norm, device, max_position=MAX_POSITION,
@@ -183,6 +227,10 @@ def interpreter_cases():
         yield f"rms_norm-{dtype}", lambda d=dtype, i=i: check_rms_norm(7, 96, d, False, "cpu", seed=i)
         yield f"rms_norm+res-{dtype}", lambda d=dtype, i=i: check_rms_norm(5, 80, d, True, "cpu", seed=i)
         yield f"silu_and_mul-{dtype}", lambda d=dtype, i=i: check_silu_and_mul(3, 1100, d, "cpu", seed=i)
+        yield f"gelu_and_mul-{dtype}", lambda d=dtype, i=i: check_gelu_and_mul(16, 1100, d, "cpu", seed=i)
+        for act in ("silu", "gelu_tanh"):
+            yield f"{act}_and_mul_quant-{dtype}", lambda d=dtype, a=act, i=i: check_act_and_mul_quant(3, 1100, d, a,
+                                                                                                   "cpu", seed=i)
         yield f"qk_norm_rope-{dtype}", lambda d=dtype, i=i: check_qk_norm_rope(5, 4, 2, 32, d, True, "cpu", seed=i)
         yield f"rope-{dtype}", lambda d=dtype, i=i: check_qk_norm_rope(3, 6, 2, 16, d, False, "cpu", seed=i)
     for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16]):   # Gemma's (1 + weight) norms
@@ -204,9 +252,10 @@ def interpreter_cases():
 
 def _patch_interpreter() -> None:
     """A bug of Triton 3.6's interpreter (not of compiled kernels, where fptrunc rounds to nearest even), fixed
-    here for this process only: float32 -> bfloat16 casts truncate. Round to nearest even instead."""
+    here for this process only: float32 -> bfloat16 casts truncate. Round to nearest even instead. And a tanh."""
     import numpy as np
     import triton.language as tl
+    from triton.language.extra.cuda import libdevice
     from triton.runtime import interpreter
     cast_impl = interpreter.InterpreterBuilder.cast_impl
 
@@ -219,6 +268,8 @@ def _patch_interpreter() -> None:
         return interpreter.TensorHandle(rounded, tl.bfloat16)
 
     interpreter.InterpreterBuilder.cast_impl = patched_cast
+    # No libdevice under the interpreter: GeGLU's tanhf is numpy's here (check_gelu_and_mul's bound)
+    libdevice.tanh = lambda x: tl.tensor(interpreter.TensorHandle(np.tanh(x.handle.data), tl.float32), x.type)
 
 
 def run_interpreter() -> None:

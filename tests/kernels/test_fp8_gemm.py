@@ -165,35 +165,40 @@ def test_fused_rms_norm_quant_equals_the_pair(m, n, dtype, residual):
     assert torch.equal(scale, ref_scale) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [3072, 14336, 28672])
 @pytest.mark.parametrize("m", [1, 7, 300])
-def test_fused_silu_and_mul_quant_equals_the_pair(m, n, dtype):
+def test_fused_silu_and_mul_quant_equals_the_pair(m, n, dtype, act):
     from pagedllm.layers.kernels.fused_quant_fp8 import silu_and_mul_quant_fp8
     from pagedllm.layers.kernels.quant_fp8 import per_token_quant_fp8
     from pagedllm.layers.kernels.silu_and_mul import silu_and_mul
     gate_up = _randn((m, 2 * n), dtype, seed=m + n)
-    q, scale = silu_and_mul_quant_fp8(gate_up)
-    ref_q, ref_scale = per_token_quant_fp8(silu_and_mul(gate_up))
+    q, scale = silu_and_mul_quant_fp8(gate_up, act)
+    ref_q, ref_scale = per_token_quant_fp8(silu_and_mul(gate_up, act))
     assert torch.equal(scale, ref_scale) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
 
 
-def test_fused_model_equals_unfused(monkeypatch):
-    """A tiny fp8 Llama of _scaled_mm-able widths: fusion flags its norms and activations, same logits."""
-    from transformers import LlamaConfig
+@pytest.mark.parametrize("arch,num_fused", [("llama", 6), ("gemma", 2)])
+def test_fused_model_equals_unfused(monkeypatch, arch, num_fused):
+    """A tiny fp8 Llama (Gemma) of _scaled_mm-able widths: fusion flags its norms and activations (its GeGLU
+    only), same MLP output."""
+    from transformers import GemmaConfig, LlamaConfig
 
     from pagedllm.distributed.parallel_state import TPGroup
     from pagedllm.layers.quantization.fp8_config import Fp8Config
     from pagedllm.layers.quantization.fuse import fuse_fp8_inputs
+    from pagedllm.models.gemma import GemmaForCausalLM
     from pagedllm.models.llama import LlamaForCausalLM
     from pagedllm.models.loader import _build, _init_dummy
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512)
-    model = _build(LlamaForCausalLM, cfg, Fp8Config(), torch.bfloat16, torch.device("cuda"), TPGroup())
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (GemmaConfig, GemmaForCausalLM)
+    cfg = config_cls(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, vocab_size=512)
+    model = _build(model_cls, cfg, Fp8Config(), torch.bfloat16, torch.device("cuda"), TPGroup())
     _init_dummy(model)
     layer = model.model.layers[0]
     x, res = _randn((33, 256), torch.bfloat16, 1), _randn((33, 256), torch.bfloat16, 2)
     want = layer.mlp(layer.post_attention_layernorm(x, res)[0])
-    assert fuse_fp8_inputs(model) == 6
+    assert fuse_fp8_inputs(model) == num_fused
     got = layer.mlp(layer.post_attention_layernorm(x, res)[0])
     assert torch.equal(got, want)

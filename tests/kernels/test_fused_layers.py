@@ -1,4 +1,4 @@
-"""Fused RMSNorm(+residual), q/k norm + rotary, SiLU-and-mul against the torch code they replace: on CUDA,
+"""Fused RMSNorm(+residual), q/k norm + rotary, SiLU- and GeGLU-and-mul against the torch code they replace: on CUDA,
 and on CPU through the Triton interpreter in a subprocess (TRITON_INTERPRET is read when kernels are decorated)."""
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 from fused_cases import (
     check_qk_norm_rope,
     check_qk_norm_rope_cache,
+    check_gelu_and_mul,
     check_rms_norm,
     check_silu_and_mul,
     interpreter_cases,
@@ -13,7 +14,7 @@ from fused_cases import (
 )
 from kernel_checks import run_under_interpreter
 
-from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.activation import GeluTanhAndMul, SiluAndMul
 from pagedllm.layers.kernels.qk_norm_rope import qk_norm_rope
 from pagedllm.layers.kernels.rms_norm import rms_norm
 from pagedllm.layers.kernels.silu_and_mul import silu_and_mul
@@ -64,6 +65,32 @@ def test_norm_kernels_compile_for_hopper(unit_offset):
         assert "ld.local" not in compiled.asm["ptx"], f"{fn.__name__}: registers spill"
 
 
+def test_act_kernels_compile_for_hopper():
+    """silu_and_mul's kernel and the fused fp8 one with each ACT through Triton's compiler and ptxas for sm_90
+    (the interpreter takes a numpy tanh for libdevice's): no register spills, and gelu_tanh is another kernel."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pagedllm.layers.kernels.fused_quant_fp8 import silu_and_mul_quant_kernel
+    from pagedllm.layers.kernels.silu_and_mul import silu_and_mul_kernel
+    cases = [(silu_and_mul_kernel, dict(BLOCK=1024), 4),   # the fused one: the widest row fuse.py hands it
+             (silu_and_mul_quant_kernel, dict(FP8_MAX=448.0, EPS=1e-12, BLOCK=32768), 16)]
+    for fn, consts, warps in cases:
+        ptx = {}
+        for act in ("silu", "gelu_tanh"):
+            given = dict(consts, ACT=act)
+            for name in fn.arg_names:
+                assert not name.isupper() or name in given, f"{fn.__name__}: constant {name} not given"
+            sig = {name: "constexpr" if name in given else {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}.get(
+                name, _arg_type(name)) for name in fn.arg_names}
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=given),
+                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            ptx[act] = compiled.asm["ptx"]
+            assert "ld.local" not in ptx[act], f"{fn.__name__} {act}: registers spill"
+        assert ptx["silu"] != ptx["gelu_tanh"], f"{fn.__name__}: ACT changed nothing"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [1024, 4096, 896, 5120])
@@ -80,6 +107,14 @@ def test_rms_norm(dtype, hidden, num_tokens, with_residual, gemma):
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
 def test_silu_and_mul(dtype, inter, num_tokens):
     check_silu_and_mul(num_tokens, inter, dtype, "cuda", seed=inter + num_tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("inter", [16384, 6912, 10240, 1000])   # Gemma 2B's, Gemma 3 1B's and 4B's
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+def test_gelu_and_mul(dtype, inter, num_tokens):
+    check_gelu_and_mul(num_tokens, inter, dtype, "cuda", seed=inter + num_tokens)
 
 
 @pytest.mark.gpu
@@ -116,6 +151,8 @@ def test_layers_dispatch_to_kernels_on_cuda():
     for got, want in zip(norm(x, res), rms_norm(x, norm.weight, norm.variance_epsilon, res), strict=True):
         assert torch.equal(got, want)
     assert torch.equal(SiluAndMul()(x), silu_and_mul(x))
+    assert torch.equal(GeluTanhAndMul()(x), silu_and_mul(x, "gelu_tanh"))
+    assert not torch.equal(GeluTanhAndMul()(x), SiluAndMul()(x))
 
 
 @pytest.mark.gpu

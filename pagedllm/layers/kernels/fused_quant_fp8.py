@@ -1,4 +1,4 @@
-"""RMSNorm and SiLU-and-mul with the next FP8 linear's per-token quantization in the same launch.
+"""RMSNorm and SiLU- or GeLU(tanh)-and-mul with the next FP8 linear's per-token quantization in the same launch.
 
 The unfused path writes the op's output in the model dtype, then the quant kernel reads it back: for W2's
 16k-token steps that is ~0.5 GB of traffic per MLP for the activation alone. Here one program holds a whole
@@ -11,6 +11,7 @@ import triton.language as tl
 
 from pagedllm.layers.kernels.quant_fp8 import quantize_row
 from pagedllm.layers.kernels.rms_norm import rms_norm_row
+from pagedllm.layers.kernels.silu_and_mul import activation
 from pagedllm.layers.quantization.fp8 import FP8, FP8_MAX, SCALE_EPS
 
 @triton.jit
@@ -29,15 +30,15 @@ def rms_norm_quant_kernel(
 
 
 @triton.jit
-def silu_and_mul_quant_kernel(gate_up_ptr, q_ptr, scale_ptr, stride_in, stride_q, n_cols,
+def silu_and_mul_quant_kernel(gate_up_ptr, q_ptr, scale_ptr, stride_in, stride_q, n_cols, ACT: tl.constexpr,
                               FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_in + n_cols + cols, mask=mask, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    out = (silu.to(tl.float32) * up.to(tl.float32)).to(up.dtype).to(tl.float32)
+    act = activation(gate, ACT).to(up.dtype)   # silu_and_mul's roundings
+    out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype).to(tl.float32)
     quantize_row(out, q_ptr + row * stride_q + cols, mask, scale_ptr + row, FP8_MAX, EPS)
 
 
@@ -62,8 +63,9 @@ def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
     return (q, scale) if residual is None else ((q, scale), res_out.view(x.shape))
 
 
-def silu_and_mul_quant_fp8(gate_up: torch.Tensor):
-    """gate_up (T, 2I), gate first -> (q (T, I) fp8, scale (T, 1) float32) of silu(gate) * up in its dtype."""
+def silu_and_mul_quant_fp8(gate_up: torch.Tensor, act: str = "silu"):
+    """gate_up (T, 2I), gate first -> (q (T, I) fp8, scale (T, 1) float32) of act(gate) * up in its dtype;
+    act "silu" or "gelu_tanh" (silu_and_mul's)."""
     n_cols = gate_up.shape[-1] // 2
     x = gate_up.reshape(-1, 2 * n_cols)
     if x.stride(-1) != 1:
@@ -73,7 +75,7 @@ def silu_and_mul_quant_fp8(gate_up: torch.Tensor):
     if x.shape[0] > 0:
         block = triton.next_power_of_2(n_cols)
         silu_and_mul_quant_kernel[(x.shape[0],)](
-            x, q, scale, x.stride(0), q.stride(0), n_cols, FP8_MAX=FP8_MAX, EPS=SCALE_EPS, BLOCK=block,
+            x, q, scale, x.stride(0), q.stride(0), n_cols, ACT=act, FP8_MAX=FP8_MAX, EPS=SCALE_EPS, BLOCK=block,
             num_warps=_num_warps(block))
     return q, scale
 

@@ -1,4 +1,4 @@
-"""Hand each FP8 linear's per-token quantization to the op before it (RMSNorm, SiLU-and-mul), on CUDA.
+"""Hand each FP8 linear's per-token quantization to the op before it (RMSNorm, SiLU- or GeGLU-and-mul), on CUDA.
 
 Fused, the op writes fp8 rows and their scales instead of a model-dtype output that the quant kernel then reads
 again (kernels/fused_quant_fp8.py; the same bytes as the unfused pair). Only where the consumer runs on
