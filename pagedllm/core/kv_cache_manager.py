@@ -64,6 +64,8 @@ class KVCacheManager:
         if not request.sampling_params.reads_prefix_cache:
             return [], 0   # prompt logprobs need every prompt position computed; skip_reading_prefix_cache
         max_blocks = (request.num_tokens - 1) // self.block_size
+        if self.sliding_window is not None:
+            return self._window_hit(request.block_hashes[:max_blocks])
         blocks = []
         for h in request.block_hashes[:max_blocks]:
             block = self.pool.get_cached_block(h)
@@ -71,6 +73,22 @@ class KVCacheManager:
                 break
             blocks.append(block)
         return blocks, len(blocks) * self.block_size
+
+    def _window_hit(self, hashes) -> tuple[list[KVCacheBlock], int]:
+        """With every layer sliding, a hit of h blocks needs only the blocks its next query reads (a block's hash
+        names its whole prefix, so a cached block is right without those before it): the longest such h, with
+        NULL_BLOCK before them. Freed first, a long request's first blocks are evicted first."""
+        found = [self.pool.get_cached_block(h) for h in hashes]
+        missing = -1   # the last uncached block at or before each h - 1
+        last_missing = []
+        for i, block in enumerate(found):
+            missing = i if block is None else missing
+            last_missing.append(missing)
+        for h in range(len(found), 0, -1):
+            first = max(h * self.block_size - self.sliding_window + 1 - WINDOW_READ_SLACK, 0) // self.block_size
+            if last_missing[h - 1] < first:
+                return [NULL_BLOCK] * first + found[first:h], h * self.block_size
+        return [], 0
 
     def record_prefix_lookup(self, request: Request, num_hit_tokens: int):
         """Counted once per admission (a request that waits is looked up again next step). As vLLM's counters:
@@ -102,7 +120,7 @@ class KVCacheManager:
         num_total = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
         num_new_blocks = cdiv(num_total, self.block_size) - len(blocks) - len(new_computed_blocks)
         # Hit blocks that sit in the free queue stop being free once touched.
-        num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0 and b is not NULL_BLOCK)
         if num_new_blocks > self.pool.num_free_blocks - num_free_hits:
             return None
 

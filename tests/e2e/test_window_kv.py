@@ -39,6 +39,23 @@ def test_freed_blocks_change_no_token_and_save_preemptions(mistral, budget):
     assert llm.engine.get_stats().prefix_cache_hits > stats.prefix_cache_hits
 
 
+def test_a_returning_prompt_hits_its_window_after_its_first_blocks_were_evicted(mistral):
+    """A 400-token prompt, then two others that evict its first blocks (freed first while it ran): asked again,
+    it finds its last blocks (the lookup needs only what its next query reads) and gives the same tokens."""
+    rng = np.random.default_rng(5)
+    again, others = rng.integers(3, 512, size=400).tolist(), [rng.integers(3, 512, size=200).tolist() for _ in "ab"]
+    ref = hf_greedy(mistral, [again], max_new=20, attn_implementation="eager")
+    params = SamplingParams(temperature=0.0, max_tokens=20, logprobs=0)
+    llm = LLM(mistral, dtype="float32", num_gpu_blocks_override=40, max_num_batched_tokens=48,
+              enable_prefix_caching=True, log_stats_interval=0)
+    check_greedy_matches(llm.generate([again], params, use_tqdm=False), ref)
+    for prompt in others:
+        llm.generate([prompt], params, use_tqdm=False)
+    hits = llm.engine.get_stats().prefix_cache_hits
+    check_greedy_matches(llm.generate([again], params, use_tqdm=False), ref)
+    assert llm.engine.get_stats().prefix_cache_hits - hits == 384   # all but the last block's 16 tokens
+
+
 def test_a_model_with_full_attention_layers_keeps_every_block(tmp_path):
     """Gemma 2 alternates windowed and full layers: the full ones read every block (a hybrid allocator, as
     vLLM's, would keep two block lists)."""

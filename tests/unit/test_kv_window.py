@@ -113,3 +113,23 @@ def test_preemption_stores_no_freed_block():
             assert [op.gpu_block for op in ops.disk_ops if op.gpu_block is not None] == live
         else:
             assert not ops.swap_out and offload.stats["swap"].misses == 1
+
+
+def test_a_prompt_whose_first_blocks_were_evicted_still_hits_its_window():
+    """Freed first, a finished request's first blocks are evicted first: the lookup finds the last blocks whose
+    reads the next query needs (NULL_BLOCK before them), not a chain from the first block."""
+    sched = make(num_blocks=120, budget=32)
+    add(sched, "a", 300, 2)
+    while sched.has_unfinished_requests():
+        step(sched)
+    sched.kv.pool.get_new_blocks(sched.kv.num_free_blocks - 40)   # the free queue's head: a's first blocks
+    b = add(sched, "b", 300, 2)
+    hit, num_hit = sched.kv.get_computed_blocks(b)
+    first = (296 - WINDOW + 1 - WINDOW_READ_SLACK) // BS
+    assert num_hit == 296 and len(hit) == 74 and hit[:first] == [NULL_BLOCK] * first
+    assert all(blk is not NULL_BLOCK and blk.block_hash == h for blk, h in zip(hit[first:], b.block_hashes[first:]))
+    kv = KVCacheManager(120, BS)   # without a window: the chain stops at the first evicted block
+    kv.pool = sched.kv.pool
+    assert kv.get_computed_blocks(b) == ([], 0)
+    out, _ = step(sched)   # admitted on the hit: only its last token is computed
+    assert out.num_scheduled_tokens == {"b": 4} and b.num_computed_tokens == 300
