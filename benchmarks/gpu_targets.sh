@@ -4,7 +4,8 @@
 #   there: bash benchmarks/gpu_targets.sh            (carry [".fa4", ".device"]; ~8 minutes on an H200)
 # W5 (issue 16), W4 / W4-prefill with FA4 (the default where it imports) and W4 with cuDNN (issue 17), the 8B
 # verify's GEMV bandwidth (gemv_bandwidth.py) and the speculative step's profile, then W2 bf16 / fp8 (issue 18). On an H100 the H200
-# targets do not apply: it runs the GPU tests of the sampler and speculation, W5 and W2's fp8 ratio.
+# targets do not apply: it runs the GPU tests of the newest CUDA paths, of the sampler and speculation, W5 and W2's
+# fp8 ratio.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
@@ -39,8 +40,12 @@ if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
     step W4-cudnn; PAGEDLLM_LONG_PREFILL=cudnn timeout 100 $BT --workload W4 --model $Q --max-model-len 32768 | tail -1
     step spec-profile; PAGEDLLM_LONG_PREFILL=cudnn timeout 80 python3 benchmarks/spec_step_profile.py $M/Qwen--Qwen3-8B $Q | tail -60
 else
-    step gpu-tests
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_spec_decode_cuda.py \
+    step gpu-tests   # sessions 60-61's CUDA paths not yet run on a GPU first: Gemma's norm / GeGLU kernels, freed windows
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_window_kv.py \
+        tests/kernels/test_fused_layers.py tests/gpu/test_models_cuda.py | tail -4
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_fp8_gemm.py \
+        -k "fused_silu_and_mul_quant or fused_model_equals" | tail -4
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_spec_decode_cuda.py \
         tests/kernels/test_gumbel_sampling.py tests/gpu/test_engine_cuda.py | tail -4
     step W5; w5
 fi
