@@ -311,9 +311,6 @@ class EngineConfig:
                f"None or >= max_loras ({self.max_loras})", self.max_cpu_loras)
         _check(not (self.enable_lora and self.quantization), "quantization",
                "None with enable_lora (LoRA over FP8 linears is not built yet)", self.quantization)
-        _check(not (self.enable_lora and self.speculative_config), "speculative_config",
-               "None with enable_lora (the draft model and verify steps do not apply adapters yet)",
-               self.speculative_config)
 
     def _check_tensor_parallel(self):
         n = self.tensor_parallel_size

@@ -228,7 +228,9 @@ class ModelRunner:
         prev_in_flight, self._in_flight = self._in_flight, {r.req_id: j for j, r in enumerate(rows)}
         # Sampling metadata first: its small host -> device copies then need not wait for the forward.
         meta = self._sampling_metadata(rows, sched.num_scheduled_tokens, prev_in_flight) if rows else None
-        if self.lora is not None:   # a graph's padded tokens too: inputs.input_ids has its size
+        # a graph's padded tokens too: inputs.input_ids has its size. A verify's one-token rows (RowViews) carry
+        # their request's id: its last token and every proposal run under its adapter
+        if self.lora is not None:
             self.lora.prepare_step([r.req_id for r in step_rows], query_lens, inputs.input_ids.shape[0])
         if graph is not None:
             hidden = self.graphs.replay(*graph, inputs.attn_metadata.shared is not None,

@@ -61,7 +61,9 @@ class DraftModel:
                  max_model_len: int, tp: TPGroup = TPGroup()):
         """tp: the target's group. As vLLM's default draft_tensor_parallel_size, the draft is sharded over the
         target's ranks as the target is (each reads its slices); every rank runs its passes with the same inputs
-        and takes the same argmax of the all-gathered logits, so the proposals agree without being sent."""
+        and takes the same argmax of the all-gathered logits, so the proposals agree without being sent.
+        With enable_lora the draft runs without adapters (as vLLM's; its model is not wrapped): a request under an
+        adapter gets the base draft's proposals, and the target's verify applies the adapter to each of them."""
         spec = config.speculative
         self.hf_config = draft_hf_config(spec.model, target_hf_config)
         # its own quantization, not the target's --quantization (as vLLM)

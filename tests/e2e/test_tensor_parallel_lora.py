@@ -111,6 +111,28 @@ def test_tp2_phi3_fused_adapter_equals_tp1(tmp_path):
         llm.shutdown()
 
 
+def test_tp2_lora_with_draft_speculation_equals_tp1(setup, tmp_path):
+    """TP=2 with a draft model (sharded over both ranks, no adapters: the base with "every" merged in, so that the
+    requests under "every" get proposals accepted) gives TP=1's tokens without speculation: every rank's verify
+    rows apply each request's adapter, its shards of A and B, to the request's last token and proposals alike."""
+    from e2e.test_lora_spec_decode import _merged
+    base, loras = setup
+    reference = LLM(base, **ENGINE)
+    try:
+        ref = _run(reference, loras, MIXED)
+    finally:
+        reference.shutdown()
+    spec = {"method": "draft_model", "model": _merged(base, loras["every"].lora_path, tmp_path / "draft"),
+            "num_speculative_tokens": 3}
+    llm = LLM(base, tensor_parallel_size=2, speculative_config=spec, **ENGINE)
+    try:
+        _same(ref, _run(llm, loras, MIXED))
+        sd = llm.engine.get_stats().spec_decode
+        assert 0 < sd.num_accepted_tokens <= sd.num_draft_tokens
+    finally:
+        llm.shutdown()
+
+
 def test_tp_lora_config_accepted_fp8_still_refused():
     """enable_lora with tensor_parallel_size 2 starts (it was refused); LoRA over FP8 linears stays refused."""
     EngineConfig("m", tensor_parallel_size=2, enable_lora=True)
