@@ -85,7 +85,7 @@ class KVCacheManager:
             missing = i if block is None else missing
             last_missing.append(missing)
         for h in range(len(found), 0, -1):
-            first = max(h * self.block_size - self.sliding_window + 1 - WINDOW_READ_SLACK, 0) // self.block_size
+            first = self._first_read_block(h * self.block_size)
             if last_missing[h - 1] < first:
                 return [NULL_BLOCK] * first + found[first:h], h * self.block_size
         return [], 0
@@ -143,8 +143,7 @@ class KVCacheManager:
         self.last_query_start[rid] = query_start
         if last is None:
             return
-        first_read = min(last, query_start) - self.sliding_window + 1 - WINDOW_READ_SLACK
-        start, end = self.num_freed_blocks.get(rid, 0), min(max(first_read, 0) // self.block_size, len(blocks))
+        start, end = self.num_freed_blocks.get(rid, 0), min(self._first_read_block(min(last, query_start)), len(blocks))
         if end <= start:
             return
         self.pool.free_blocks(reversed(blocks[start:end]))
@@ -152,6 +151,10 @@ class KVCacheManager:
         self.num_freed_blocks[rid] = end
         # never hashed now: a block not yet named (its hash not known then) is gone
         self.num_cached_blocks[rid] = max(self.num_cached_blocks.get(rid, 0), end)
+
+    def _first_read_block(self, query_start: int) -> int:
+        """The first block a query at query_start (or later) may read: its window and a kernel tile before it."""
+        return max(query_start - self.sliding_window + 1 - WINDOW_READ_SLACK, 0) // self.block_size
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int):
         start = self.num_cached_blocks.get(request.request_id, 0)
